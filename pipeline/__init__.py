@@ -1,0 +1,5 @@
+"""Apache Beam pipeline: raw interaction logs to TFRecord session sequences."""
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

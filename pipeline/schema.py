@@ -1,0 +1,232 @@
+"""The data contract shared by pipeline/, model/ and serving/ (DESIGN.md §4).
+
+One record per user per split, a `tf.train.SequenceExample`:
+
+* context `user_id` (bytes) and `num_context_sessions` (int64): the number of leading
+  sessions that are history only (0 in train; in valid/test the user's earlier sessions).
+* feature list `items`: one Int64List per session (vocabulary indices).
+* feature list `times`: one Int64List per session (unix seconds per event).
+
+Shards are gzipped TFRecord files under `<data>/<split>/`. `items.tsv` maps indices to raw
+item ids: index 0 is padding, 1 the unknown item, real items start at 2 in descending
+train count. Everything here is the single source of these names; the Beam writer, the
+tf.data parser and the serving signatures all derive from it.
+
+TensorFlow is imported lazily so the Beam workers and pure-Python helpers stay light.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+USER_ID = "user_id"
+NUM_CONTEXT_SESSIONS = "num_context_sessions"
+ITEMS = "items"
+TIMES = "times"
+
+PAD_INDEX = 0
+UNKNOWN_INDEX = 1
+NUM_RESERVED = 2
+PAD_TOKEN = "[PAD]"
+UNKNOWN_TOKEN = "[UNK]"
+# Serving pads string inputs with the empty string.
+SERVING_PAD_ID = ""
+
+SPLITS = ("train", "valid", "test")
+ITEMS_FILE = "items.tsv"
+STATS_FILE = "stats.json"
+MALFORMED_DIR = "malformed"
+SHARD_SUFFIX = ".tfrecord.gz"
+COMPRESSION = "GZIP"
+ITEMS_HEADER = ("index", "item_id", "count")
+
+
+class DataError(ValueError):
+    """A data folder or file that does not follow this contract."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """Item vocabulary read from `items.tsv`.
+
+    Attributes:
+      ids: raw item ids by index; ids[0] = PAD_TOKEN, ids[1] = UNKNOWN_TOKEN.
+      counts: int64 [size] train event counts by index (0 for the reserved rows).
+    """
+
+    ids: tuple[str, ...]
+    counts: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Number of indices including the two reserved ones (the model's output width)."""
+        return len(self.ids)
+
+    @property
+    def num_items(self) -> int:
+        """Number of real items (without the reserved indices)."""
+        return len(self.ids) - NUM_RESERVED
+
+    def index_of(self) -> dict[str, int]:
+        """Raw id → index for real items."""
+        return {item: i for i, item in enumerate(self.ids) if i >= NUM_RESERVED}
+
+
+def write_vocabulary(path: str, items: Sequence[tuple[str, int]]) -> None:
+    """Writes `items.tsv` from (item_id, count) pairs already in index order from 2."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        w.writerow(ITEMS_HEADER)
+        w.writerow((PAD_INDEX, PAD_TOKEN, 0))
+        w.writerow((UNKNOWN_INDEX, UNKNOWN_TOKEN, 0))
+        for i, (item, count) in enumerate(items, start=NUM_RESERVED):
+            w.writerow((i, item, int(count)))
+
+
+def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
+    """Reads `items.tsv` (a data folder or the file itself).
+
+    Raises:
+      DataError: the file is missing or does not follow the contract.
+    """
+    path = data_dir_or_file
+    if os.path.isdir(path):
+        path = os.path.join(path, ITEMS_FILE)
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
+    ids, counts = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")
+        header = next(rows, None)
+        if tuple(header or ()) != ITEMS_HEADER:
+            raise DataError(f"{path}: header must be {ITEMS_HEADER!r} (tab-separated), got {header!r}")
+        for n, row in enumerate(rows):
+            if len(row) != 3 or int(row[0]) != n:
+                raise DataError(f"{path}: line {n + 2} must be '{n}<TAB>item<TAB>count', got {row!r}")
+            ids.append(row[1])
+            counts.append(int(row[2]))
+    if len(ids) < NUM_RESERVED or ids[PAD_INDEX] != PAD_TOKEN or ids[UNKNOWN_INDEX] != UNKNOWN_TOKEN:
+        raise DataError(f"{path}: rows 0 and 1 must be {PAD_TOKEN} and {UNKNOWN_TOKEN}")
+    return Vocabulary(ids=tuple(ids), counts=np.asarray(counts, dtype=np.int64))
+
+
+def read_stats(data_dir: str) -> dict:
+    """Reads `stats.json` of a data folder."""
+    path = os.path.join(data_dir, STATS_FILE)
+    if not os.path.exists(path):
+        raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def shard_files(data_dir: str, split: str) -> list[str]:
+    """Sorted TFRecord shards of one split.
+
+    Raises:
+      DataError: unknown split or no shard found.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    files = sorted(glob.glob(os.path.join(data_dir, split, "*" + SHARD_SUFFIX)))
+    if not files:
+        raise DataError(
+            f"no {split} shards in {os.path.join(data_dir, split)}: "
+            "is this a folder written by `python -m pipeline`?")
+    return files
+
+
+def make_sequence_example(user_id: str, num_context_sessions: int,
+                          sessions: Sequence[Sequence[int]],
+                          times: Sequence[Sequence[int]]) -> bytes:
+    """Serializes one user's record (pure protobuf, used by the Beam writer).
+
+    Args:
+      user_id: raw user id.
+      num_context_sessions: leading sessions that are history only.
+      sessions: item indices per session.
+      times: unix seconds per event, same shape as `sessions`.
+
+    Returns:
+      The serialized `tf.train.SequenceExample`.
+    """
+    from tensorflow.core.example import example_pb2  # protobuf only, no TF runtime
+
+    ex = example_pb2.SequenceExample()
+    ctx = ex.context.feature
+    ctx[USER_ID].bytes_list.value.append(user_id.encode("utf-8"))
+    ctx[NUM_CONTEXT_SESSIONS].int64_list.value.append(int(num_context_sessions))
+    items_fl = ex.feature_lists.feature_list[ITEMS].feature
+    times_fl = ex.feature_lists.feature_list[TIMES].feature
+    for s_items, s_times in zip(sessions, times):
+        items_fl.add().int64_list.value.extend(int(i) for i in s_items)
+        times_fl.add().int64_list.value.extend(int(t) for t in s_times)
+    return ex.SerializeToString()
+
+
+def parse_sequence_example(serialized):
+    """tf.data parser for one serialized record.
+
+    Args:
+      serialized: string scalar tensor.
+
+    Returns:
+      dict with `user_id` string [], `num_context_sessions` int64 [],
+      `items` and `times` int64 RaggedTensor [sessions, (events)].
+    """
+    import tensorflow as tf
+
+    context, sequence = tf.io.parse_single_sequence_example(
+        serialized,
+        context_features={
+            USER_ID: tf.io.FixedLenFeature([], tf.string),
+            NUM_CONTEXT_SESSIONS: tf.io.FixedLenFeature([], tf.int64),
+        },
+        sequence_features={
+            ITEMS: tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64),
+            TIMES: tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64),
+        })
+    return {USER_ID: context[USER_ID], NUM_CONTEXT_SESSIONS: context[NUM_CONTEXT_SESSIONS],
+            ITEMS: sequence[ITEMS], TIMES: sequence[TIMES]}
+
+
+def make_dataset(data_dir: str, split: str):
+    """`tf.data.Dataset` of parsed user records of one split, in shard then file order."""
+    import tensorflow as tf
+
+    files = shard_files(data_dir, split)
+    ds = tf.data.TFRecordDataset(files, compression_type=COMPRESSION)
+    return ds.map(parse_sequence_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+@dataclasses.dataclass
+class UserRecord:
+    """One user's record as numpy (what the batchers and the evaluator consume).
+
+    Attributes:
+      user_id: raw user id.
+      num_context_sessions: leading sessions that are history only.
+      sessions: item indices per session, each int64 [events].
+      times: unix seconds per session, each int64 [events].
+    """
+
+    user_id: str
+    num_context_sessions: int
+    sessions: list[np.ndarray]
+    times: list[np.ndarray]
+
+
+def iter_users(data_dir: str, split: str) -> Iterator[UserRecord]:
+    """Streams the user records of a split through the tf.data parser (bounded memory)."""
+    for rec in make_dataset(data_dir, split).prefetch(64).as_numpy_iterator():
+        items, times = rec[ITEMS], rec[TIMES]
+        yield UserRecord(
+            user_id=rec[USER_ID].decode("utf-8"),
+            num_context_sessions=int(rec[NUM_CONTEXT_SESSIONS]),
+            sessions=[np.asarray(s, dtype=np.int64) for s in items],
+            times=[np.asarray(t, dtype=np.int64) for t in times])
