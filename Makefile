@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test bench clean
+.PHONY: demo test clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m scripts_demo --output $(DEMO_DIR)
+	$(PY) -m serving.demo --output $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,307 @@
+"""Trains and evaluates several models on equal budgets and writes a comparison report.
+
+    python -m model.compare --data DIR --models hiertcn,hrnn,gru4rec,tcn,sknn,popularity \
+        --output FOLDER [--budget-steps N | --budget-minutes M] [--seeds 3]
+
+Each neural model is trained with `python -m model.train` (one run folder per model and
+seed under FOLDER/runs, so rerunning resumes and finished runs are reused) and evaluated
+once on the test split with `python -m model.evaluate`; the models that need no training
+are fitted inside `model.evaluate`. Model selection inside training uses the valid split
+only. Outputs: `results.json` = {"models": {NAME: METRICS + std + train_seconds +
+events_per_s + parameters}}, `results.md` (a table, best value per column in bold, HierTCN's
+relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
+FITTED = ("popularity", "sknn", "spop", "upop", "mv")
+CUTOFFS = (1, 5, 10, 20)
+METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "mrr") for k in CUTOFFS)
+GROUPS = ("first_item", "repeat", "new")
+HEADLINE = ("recall@20", "mrr@20")
+
+
+class CompareError(ValueError):
+    """A bad option or a failed run, reported in one line."""
+
+
+def parse_model_names(text: str) -> list[str]:
+    """Splits and validates `--models` (neural names may carry a variant suffix)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CompareError("--models is empty: name at least one model")
+    for n in names:
+        base = n.split(":", 1)[0]
+        if base not in NEURAL + FITTED:
+            raise CompareError(
+                f"unknown model {n!r} in --models: choose from {', '.join(NEURAL + FITTED)}")
+    if len(set(names)) != len(names):
+        raise CompareError(f"--models names a model twice: {text!r}")
+    return names
+
+
+def aggregate(runs: Sequence[dict]) -> dict:
+    """Mean of the metrics JSON of several seeds, plus `std` with the same keys.
+
+    Args:
+      runs: metrics dicts of DESIGN §6 (numbers at top level and in GROUPS objects).
+
+    Returns:
+      The mean metrics, `std` (population std over seeds, same nesting) and `seeds`.
+    """
+    if not runs:
+        raise CompareError("no run to aggregate")
+
+    def numeric_keys(d: dict) -> list[str]:
+        return [k for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    out: dict = {k: v for k, v in runs[0].items() if not isinstance(v, (int, float, dict))}
+    std: dict = {}
+    for k in numeric_keys(runs[0]):
+        vals = np.array([r[k] for r in runs], dtype=np.float64)
+        out[k], std[k] = float(vals.mean()), float(vals.std())
+    for g in GROUPS:
+        if isinstance(runs[0].get(g), dict):
+            out[g], std[g] = {}, {}
+            for k in numeric_keys(runs[0][g]):
+                vals = np.array([r[g][k] for r in runs], dtype=np.float64)
+                out[g][k], std[g][k] = float(vals.mean()), float(vals.std())
+    out["std"] = std
+    out["seeds"] = len(runs)
+    return out
+
+
+def relative_gain(results: dict, ours: str = "hiertcn") -> dict:
+    """HierTCN's relative gain over the best other model on the headline metrics."""
+    models = results["models"]
+    if ours not in models or len(models) < 2:
+        return {}
+    gains = {}
+    for key in HEADLINE:
+        best_name = max((n for n in models if n != ours), key=lambda n: models[n][key])
+        best = models[best_name][key]
+        gains[key] = {"best_baseline": best_name, "baseline": best, "hiertcn": models[ours][key],
+                      "relative_gain": (models[ours][key] - best) / best if best > 0 else None}
+    return gains
+
+
+def _columns() -> list[tuple[str, str, bool]]:
+    """(title, dotted key, higher is better) of the Markdown table."""
+    cols = [(k.replace("recall", "R").replace("mrr", "MRR"), k, True) for k in METRIC_KEYS]
+    for g, title in (("first_item", "first"), ("repeat", "repeat"), ("new", "new")):
+        cols += [(f"{title} R@20", f"{g}.recall@20", True), (f"{title} MRR@20", f"{g}.mrr@20", True)]
+    cols += [("train s", "train_seconds", False), ("events/s", "events_per_s", True),
+             ("params", "parameters", False)]
+    return cols
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def markdown_table(results: dict) -> str:
+    """The `results.md` text: one row per model, the best value per column in bold."""
+    models = results["models"]
+    cols = _columns()
+    best = {}
+    for _, key, higher in cols[:len(METRIC_KEYS) + 2 * len(GROUPS)]:
+        vals = [v for v in (_get(m, key) for m in models.values()) if v is not None]
+        if vals:
+            best[key] = max(vals) if higher else min(vals)
+    lines = ["| model | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for name, m in models.items():
+        cells = []
+        for _, key, _ in cols:
+            v = _get(m, key)
+            if v is None:
+                cells.append("–")
+                continue
+            if key in ("train_seconds", "events_per_s", "parameters"):
+                cells.append(f"{v:,.0f}")
+                continue
+            s = f"{v:.4f}"
+            sd = _get(m.get("std", {}), key)
+            if sd and m.get("seeds", 1) > 1:
+                s += f" ± {sd:.4f}"
+            cells.append(f"**{s}**" if best.get(key) is not None and np.isclose(v, best[key]) else s)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gains = relative_gain(results)
+    if gains:
+        lines.append("")
+        for key, g in gains.items():
+            rel = "n/a" if g["relative_gain"] is None else f"{100 * g['relative_gain']:+.1f}%"
+            lines.append(f"HierTCN vs best baseline ({g['best_baseline']}) on {key}: "
+                         f"{g['hiertcn']:.4f} vs {g['baseline']:.4f} ({rel})")
+    events = next(iter(models.values())).get("events")
+    lines.append("")
+    lines.append(f"Split `{results.get('split', 'test')}`, {events} scored events (positions >= 2), "
+                 "full-catalogue ranking, conservative ties (DESIGN §6).")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict, path: str) -> None:
+    """Writes a PNG bar chart of Recall@20 and MRR@20 per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
+    for i, key in enumerate(HEADLINE):
+        vals = [results["models"][n][key] for n in names]
+        errs = [results["models"][n].get("std", {}).get(key, 0.0) for n in names]
+        ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, yerr=errs, label=key)
+    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylabel("test")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _run(cmd: list[str], log_path: str) -> None:
+    """Runs one command, its output appended to a log; a failure raises CompareError."""
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        raise CompareError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}: see {log_path}")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
+    """Trains (neural) and evaluates one model over the seeds; returns its aggregated entry."""
+    py = sys.executable
+    base = name.split(":", 1)[0]
+    if base in FITTED:
+        out = os.path.join(args.output, "runs", name, "test.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        if not os.path.exists(out):
+            _run([py, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
+                  "--model", base, "--output", out], log_path)
+        with open(out, encoding="utf-8") as f:
+            entry = aggregate([json.load(f)])
+        entry.update(train_seconds=0.0, events_per_s=None, parameters=0)
+        return entry
+    runs, summaries = [], []
+    for seed in range(args.seeds):
+        run_dir = os.path.join(args.output, "runs", name, f"seed{seed}")
+        out = os.path.join(run_dir, "test.json")
+        if not os.path.exists(out):
+            cmd = [py, "-m", "model.train", "--data", args.data, "--model", base,
+                   "--model-dir", run_dir, "--seed", str(seed)]
+            if args.budget_steps:
+                cmd += ["--steps", str(args.budget_steps)]
+            if args.budget_minutes:
+                cmd += ["--max-minutes", str(args.budget_minutes)]
+            config = args.config.get(name) or args.config.get(base)
+            if config:
+                cmd += ["--config", config]
+            cmd += args.train_args.get(name, [])
+            _run(cmd, log_path)
+            _run([py, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
+                  "--model-dir", run_dir, "--output", out], log_path)
+        with open(out, encoding="utf-8") as f:
+            runs.append(json.load(f))
+        with open(os.path.join(run_dir, "train_summary.json"), encoding="utf-8") as f:
+            summaries.append(json.load(f))
+    entry = aggregate(runs)
+    entry["train_seconds"] = float(np.mean([s["seconds"] for s in summaries]))
+    entry["events_per_s"] = float(np.mean([s["events_per_s"] for s in summaries]))
+    entry["parameters"] = int(summaries[0]["parameters"])
+    return entry
+
+
+def _parse_pairs(values: Sequence[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for v in values:
+        if "=" not in v:
+            raise CompareError(f"{what} takes MODEL=VALUE, got {v!r}")
+        k, val = v.split("=", 1)
+        pairs[k] = val
+    return pairs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="pipeline output folder")
+    p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
+                   help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep")
+    p.add_argument("--output", required=True, help="folder for runs/, results.json, results.md")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-steps", type=int, help="training steps per neural model")
+    budget.add_argument("--budget-minutes", type=float, help="training minutes per neural model")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per neural model")
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
+                   help="a config JSON for one model (repeatable)")
+    p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
+                   help="extra model.train arguments for one model, e.g. 'hiertcn:solo=--no-high-level'")
+    args = p.parse_args(argv)
+    try:
+        names = parse_model_names(args.models)
+        if args.seeds < 1:
+            raise CompareError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.budget_steps is not None and args.budget_steps < 1:
+            raise CompareError(f"--budget-steps must be >= 1, got {args.budget_steps}")
+        if args.budget_minutes is not None and args.budget_minutes <= 0:
+            raise CompareError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
+        if not os.path.isdir(args.data):
+            raise CompareError(f"--data {args.data} is not a folder: run `python -m pipeline` first")
+        args.config = _parse_pairs(args.config, "--config")
+        args.train_args = {k: v.split() for k, v in _parse_pairs(args.train_args, "--train-args").items()}
+        os.makedirs(args.output, exist_ok=True)
+        log_path = os.path.join(args.output, "compare.log")
+        results = {"data": os.path.abspath(args.data), "split": args.split, "models": {},
+                   "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
+                              "seeds": args.seeds}}
+        for i, name in enumerate(names, 1):
+            t0 = time.time()
+            print(f"[{i}/{len(names)}] {name} ...", flush=True)
+            results["models"][name] = run_model(name, args, log_path)
+            m = results["models"][name]
+            print(f"[{i}/{len(names)}] {name}: recall@20 {m['recall@20']:.4f}  "
+                  f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+        results["relative_gain"] = relative_gain(results)
+        _write_json(os.path.join(args.output, "results.json"), results)
+        md = markdown_table(results)
+        tmp = os.path.join(args.output, "results.md.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(md)
+        os.replace(tmp, os.path.join(args.output, "results.md"))
+        bar_chart(results, os.path.join(args.output, "results.png"))
+        print(md)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The data contract: vocabulary file and SequenceExample round trips."""
+import numpy as np
+import pytest
+
+from pipeline import schema
+
+
+def test_vocabulary_round_trip_reserves_pad_and_unknown(tmp_path):
+    path = tmp_path / schema.ITEMS_FILE
+    schema.write_vocabulary(str(path), [("b", 7), ("a\tb", 3)])
+    vocab = schema.read_vocabulary(str(tmp_path))
+    assert vocab.ids == (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN, "b", "a\tb")
+    assert vocab.counts.tolist() == [0, 0, 7, 3]
+    assert vocab.size == 4 and vocab.num_items == 2
+    assert vocab.index_of() == {"b": 2, "a\tb": 3}
+
+
+def test_read_vocabulary_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(schema.DataError, match="not found"):
+        schema.read_vocabulary(str(tmp_path))
+    (tmp_path / schema.ITEMS_FILE).write_text("id\titem\n0\tx\n")
+    with pytest.raises(schema.DataError, match="header"):
+        schema.read_vocabulary(str(tmp_path))
+
+
+def test_sequence_example_round_trip_through_the_tf_data_parser(tmp_path):
+    import tensorflow as tf
+
+    (tmp_path / "valid").mkdir()
+    path = tmp_path / "valid" / ("part-00000" + schema.SHARD_SUFFIX)
+    with tf.io.TFRecordWriter(str(path), options=schema.COMPRESSION) as w:
+        w.write(schema.make_sequence_example("u1", 1, [[2, 3, 4], [5, 1]], [[10, 20, 30], [99, 100]]))
+        w.write(schema.make_sequence_example("ü2", 0, [[6, 7]], [[5, 6]]))
+    users = list(schema.iter_users(str(tmp_path), "valid"))
+    assert [u.user_id for u in users] == ["u1", "ü2"]
+    assert users[0].num_context_sessions == 1
+    assert [s.tolist() for s in users[0].sessions] == [[2, 3, 4], [5, 1]]
+    assert [t.tolist() for t in users[0].times] == [[10, 20, 30], [99, 100]]
+    assert users[1].sessions[0].dtype == np.int64
+
+
+def test_shard_files_names_the_problem(tmp_path):
+    with pytest.raises(schema.DataError, match="unknown split 'dev'"):
+        schema.shard_files(str(tmp_path), "dev")
+    with pytest.raises(schema.DataError, match="no train shards"):
+        schema.shard_files(str(tmp_path), "train")
