@@ -23,11 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
+from model.baselines import NAMES as FITTED
+from model.metrics import GROUPS, METRIC_KEYS
+
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
-FITTED = ("popularity", "sknn", "spop", "upop", "mv")
-CUTOFFS = (1, 5, 10, 20)
-METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "mrr") for k in CUTOFFS)
-GROUPS = ("first_item", "repeat", "new")
 HEADLINE = ("recall@20", "mrr@20")
 
 

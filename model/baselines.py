@@ -1,0 +1,360 @@
+"""Non-neural baselines as `Scorer`s, fitted on the train split only (DESIGN.md §5-§6).
+
+* `popularity`: train event counts (`items.tsv`).
+* `sknn`: V-SKNN, vector-multiplication session kNN (Ludewig & Jannach 2018).
+* `spop`: items of the current session by their count in it.
+* `upop`: items of the user's recent history and current session by recency-weighted count.
+* `mv`: the authors' moving average: frequency among the user's last 10 events.
+
+Ordering rule shared by all: a baseline's own score decides first; ties and every item it
+does not score are ordered by global popularity. The popularity part is an additive term
+`0.5 * count / (max_count + 1)`, in [0, 0.5): strictly smaller than the smallest step of
+the integer primary scores (`sknn`, `spop`, `mv`), and added only to unscored items by
+`upop`, whose scored items all exceed 1. Items with equal counts keep equal terms, and the
+conservative rank of `model.metrics` counts such ties against the target. Scores are
+float32 (the `Scorer` contract), exact while primary scores stay below 2**22.
+
+All are vectorized over rows, positions and items (numpy and scipy.sparse); the Python
+loops run over positions or sessions, never over items.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from model.base import Scorer, State
+from pipeline import schema
+
+NAMES = ("popularity", "sknn", "spop", "upop", "mv")
+# V-SKNN computes its similarities for at most about this many (prefix, session) pairs at once.
+CHUNK_PAIRS = 1 << 22
+
+
+def popularity_term(counts: np.ndarray) -> np.ndarray:
+    """float32 [V] in [0, 0.5): `0.5 * count / (max_count + 1)`, reserved indices 0."""
+    counts = np.asarray(counts, dtype=np.float64).copy()
+    counts[:schema.NUM_RESERVED] = 0
+    return (0.5 * counts / (counts.max(initial=0.0) + 1.0)).astype(np.float32)
+
+
+def _scores_with_popularity(pop: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """float32 [rows, steps, V] filled with the popularity term."""
+    out = np.empty(shape + pop.shape, dtype=np.float32)
+    out[...] = pop
+    return out
+
+
+def _push(buffer: np.ndarray, sessions: np.ndarray) -> np.ndarray:
+    """The last `buffer.shape[1]` events of buffer + sessions, left-padded with 0.
+
+    Args:
+      buffer: int64 [rows, width] earlier events, oldest first, padding 0 on the left.
+      sessions: int64 [rows, steps] new events, padding 0 on the right.
+
+    Returns:
+      int64 [rows, width].
+    """
+    seq = np.concatenate([buffer, sessions], axis=1)
+    order = np.argsort(seq != schema.PAD_INDEX, axis=1, kind="stable")
+    return np.take_along_axis(seq, order, axis=1)[:, seq.shape[1] - buffer.shape[1]:]
+
+
+class Popularity(Scorer):
+    """Every position scores items by their train count."""
+
+    name = "popularity"
+
+    def __init__(self, counts: np.ndarray):
+        """Args: counts: int [V] train event counts by vocabulary index."""
+        self.counts = np.asarray(counts, dtype=np.float32).copy()
+        self.counts[:schema.NUM_RESERVED] = 0
+
+    @classmethod
+    def fit(cls, data_dir: str) -> "Popularity":
+        """Counts from `items.tsv` (train events of each item)."""
+        return cls(schema.read_vocabulary(data_dir).counts)
+
+    def initial_state(self, user_ids: list[str]) -> State:
+        return None
+
+    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        return _scores_with_popularity(self.counts, np.shape(sessions))
+
+    def update(self, state: State, sessions: np.ndarray) -> State:
+        return state
+
+
+class SessionPop(Scorer):
+    """`spop`: count of the item in the current session so far, then popularity."""
+
+    name = "spop"
+
+    def __init__(self, counts: np.ndarray):
+        """Args: counts: int [V] train event counts by vocabulary index."""
+        self.pop = popularity_term(counts)
+
+    @classmethod
+    def fit(cls, data_dir: str) -> "SessionPop":
+        return cls(schema.read_vocabulary(data_dir).counts)
+
+    def initial_state(self, user_ids: list[str]) -> State:
+        return None
+
+    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        sessions = np.asarray(sessions, dtype=np.int64)
+        out = _scores_with_popularity(self.pop, sessions.shape)
+        rows = np.arange(sessions.shape[0])
+        for t in range(1, sessions.shape[1]):
+            out[:, t] = out[:, t - 1]
+            out[rows, t, sessions[:, t - 1]] += 1.0
+        return out
+
+    def update(self, state: State, sessions: np.ndarray) -> State:
+        return state
+
+
+class MovingAverage(Scorer):
+    """`mv`: frequency among the user's last `window` events, across sessions.
+
+    The window slides over the user's history and the current session alike (an unknown
+    item takes a slot too, though it is never a candidate); ties and the rest by
+    popularity. State: int64 [rows, window], the last events, oldest first.
+    """
+
+    name = "mv"
+
+    def __init__(self, counts: np.ndarray, window: int = 10):
+        """Args: counts: int [V] train counts; window: events counted (the authors' 10)."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.pop = popularity_term(counts)
+        self.window = window
+
+    @classmethod
+    def fit(cls, data_dir: str) -> "MovingAverage":
+        return cls(schema.read_vocabulary(data_dir).counts)
+
+    def initial_state(self, user_ids: list[str]) -> State:
+        return np.zeros((len(user_ids), self.window), dtype=np.int64)
+
+    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        sessions = np.asarray(sessions, dtype=np.int64)
+        rows, steps = sessions.shape
+        out = _scores_with_popularity(self.pop, (rows, steps))
+        seq = np.concatenate([state, sessions], axis=1)
+        r = np.arange(rows)[:, None]
+        t = np.arange(steps)[None, :]
+        # Position t sees seq[:, t : t + window]: the `window` events before it.
+        for k in range(self.window):
+            out[r, t, seq[:, k:k + steps]] += 1.0
+        return out
+
+    def update(self, state: State, sessions: np.ndarray) -> State:
+        return _push(state, np.asarray(sessions, dtype=np.int64))
+
+
+class UserPop(Scorer):
+    """`upop`: the user's recent items by recency-weighted count, then popularity.
+
+    Each of the user's last `history` events (across sessions) weighs `decay ** age`, age
+    0 for the latest event before the scored position; events of the current session
+    weigh `session_weight` times more. An item's weight r is the sum over its events; items
+    with r > 0 score 1 + r, every other item its popularity term (< 0.5), so the user's
+    items come first. State: int64 [rows, history], the last events, oldest first.
+    """
+
+    name = "upop"
+
+    def __init__(self, counts: np.ndarray, decay: float = 0.95, session_weight: float = 2.0,
+                 history: int = 200):
+        """Args:
+          counts: int [V] train event counts.
+          decay: weight ratio between an event and the next newer one, in (0, 1].
+          session_weight: extra factor for events of the current session, >= 1.
+          history: events of earlier sessions kept per user.
+        """
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay must lie in (0, 1], got {decay}")
+        if session_weight < 1.0:
+            raise ValueError(f"session_weight must be >= 1, got {session_weight}")
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self.pop = popularity_term(counts)
+        self.decay, self.session_weight, self.history = decay, session_weight, history
+
+    @classmethod
+    def fit(cls, data_dir: str) -> "UserPop":
+        return cls(schema.read_vocabulary(data_dir).counts)
+
+    def initial_state(self, user_ids: list[str]) -> State:
+        return np.zeros((len(user_ids), self.history), dtype=np.int64)
+
+    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        sessions = np.asarray(sessions, dtype=np.int64)
+        rows, steps = sessions.shape
+        vocab = len(self.pop)
+        out = np.empty((rows, steps, vocab), dtype=np.float32)
+        age = np.arange(self.history - 1, -1, -1)
+        flat = (np.arange(rows)[:, None] * vocab + state).ravel()
+        weights = np.broadcast_to(self.decay ** age, state.shape).ravel()
+        r = np.bincount(flat, weights=weights, minlength=rows * vocab).reshape(rows, vocab)
+        r[:, schema.PAD_INDEX] = 0.0
+        idx = np.arange(rows)
+        for t in range(steps):
+            if t:
+                r *= self.decay
+                r[idx, sessions[:, t - 1]] += self.session_weight
+            out[:, t] = np.where(r > 0, 1.0 + r, self.pop)
+        return out
+
+    def update(self, state: State, sessions: np.ndarray) -> State:
+        return _push(state, np.asarray(sessions, dtype=np.int64))
+
+
+class SessionKNN(Scorer):
+    """`sknn`: V-SKNN (Ludewig & Jannach 2018, "Evaluation of session-based recommendation
+    algorithms"), as in their session-rec `VMContextKNN` with `weighting="div"`.
+
+    * Current session (prefix of length t) as a vector: the item at 1-based position j
+      weighs j / t (linear decay, most recent item 1); a repeated item takes the weight
+      of its latest occurrence.
+    * Past sessions: the train sessions only, binary item vectors, ordered by the time of
+      their last event. Sessions scored during evaluation are not added (session-rec's
+      default `extend=False`): the evaluator walks users, not time, so adding them would
+      let a later session of one user help an earlier one of another.
+    * Candidates: the `sample_size` most recent past sessions sharing an item with the
+      current one; neighbours: the `k` of those with the highest similarity = dot product
+      of the weighted current vector with the neighbour's binary vector, not normalised
+      (session-rec divides by the number of distinct current items, a constant per prefix
+      that changes no ranking). Equal similarities prefer the more recent session.
+    * Item score: the sum of the similarities of the neighbours that contain the item.
+    * Position 0 (empty session) and items no neighbour contains fall back to popularity.
+
+    Scores are computed as t × the above (integer weights j), which keeps them exact
+    integers and changes no ranking; then the popularity term is added.
+    """
+
+    name = "sknn"
+
+    def __init__(self, sessions: sp.csr_matrix, counts: np.ndarray, k: int = 100,
+                 sample_size: int = 500):
+        """Args:
+          sessions: [past sessions, V] binary item matrix, rows oldest to newest.
+          counts: int [V] train event counts.
+          k: neighbours per prediction.
+          sample_size: most recent sessions sharing an item considered as candidates.
+        """
+        if k < 1 or sample_size < 1:
+            raise ValueError(f"k and sample_size must be >= 1, got k={k}, sample_size={sample_size}")
+        self.pop = popularity_term(counts)
+        m = sp.csr_matrix(sessions, dtype=np.float64)
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        self.sessions = m
+        self.sessions_t = m.T.tocsr()
+        self.k, self.sample_size = k, sample_size
+
+    @classmethod
+    def fit(cls, data_dir: str, k: int = 100, sample_size: int = 500) -> "SessionKNN":
+        """Reads the train sessions, ordered by the time of their last event."""
+        vocab = schema.read_vocabulary(data_dir)
+        items, lengths, ends = [], [], []
+        for user in schema.iter_users(data_dir, "train"):
+            for s, t in zip(user.sessions, user.times):
+                items.append(s)
+                lengths.append(len(s))
+                ends.append(t[-1] if len(t) else 0)
+        order = np.argsort(np.asarray(ends, dtype=np.int64), kind="stable")
+        items = [items[i] for i in order]
+        lengths = np.asarray(lengths, dtype=np.int64)[order]
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        indices = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
+        matrix = sp.csr_matrix((np.ones(len(indices)), indices, indptr),
+                               shape=(len(items), vocab.size))
+        return cls(matrix, vocab.counts, k=k, sample_size=sample_size)
+
+    def initial_state(self, user_ids: list[str]) -> State:
+        return None
+
+    def update(self, state: State, sessions: np.ndarray) -> State:
+        return state
+
+    def _queries(self, sessions: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Weighted prefix vectors of every position t >= 1 that has an item to predict.
+
+        Returns:
+          flat int64 [N] positions (row * steps + t) and csr [N, V] with weight j (1-based
+          position of the item's latest occurrence in the prefix).
+        """
+        rows, steps = sessions.shape
+        lengths = (sessions != schema.PAD_INDEX).sum(axis=1)
+        # next_j[r, j]: position of the next occurrence of sessions[r, j] in its row.
+        order = np.lexsort((np.tile(np.arange(steps), rows), sessions.ravel(),
+                            np.repeat(np.arange(rows), steps)))
+        flat = sessions.ravel()[order]
+        same = (flat[1:] == flat[:-1]) & (order[1:] // steps == order[:-1] // steps)
+        next_j = np.full(rows * steps, steps, dtype=np.int64)
+        next_j[order[:-1][same]] = order[1:][same] % steps
+        # The item at j is in the vectors of prefixes t = j+1 .. min(next_j, length - 1):
+        # one entry per (prefix, distinct item), at most [rows, steps, min(steps, V)].
+        r = np.repeat(np.arange(rows), steps)
+        j = np.tile(np.arange(steps), rows)
+        count = np.clip(np.minimum(next_j, lengths[r] - 1) - j, 0, None)
+        r, j = np.repeat(r, count), np.repeat(j, count)
+        t = j + 1 + np.arange(len(j)) - np.repeat(np.cumsum(count) - count, count)
+        positions, query_row = np.unique(r * steps + t, return_inverse=True)
+        query = sp.csr_matrix(((j + 1).astype(np.float64), (query_row, sessions[r, j])),
+                              shape=(len(positions), self.sessions.shape[1]))
+        return positions, query
+
+    def _neighbour_scores(self, query: sp.csr_matrix) -> sp.csr_matrix:
+        """Item scores [N, V] of a chunk of prefix vectors [N, V]."""
+        sim = (query @ self.sessions_t).tocsr()
+        sim.sort_indices()
+        n = sim.shape[0]
+        per_row = np.diff(sim.indptr)
+        row = np.repeat(np.arange(n), per_row)
+        rank_from_end = sim.indptr[1:][row] - 1 - np.arange(sim.nnz)
+        keep = rank_from_end < self.sample_size  # the most recent sessions of each row
+        row, col, val = row[keep], sim.indices[keep], sim.data[keep]
+        order = np.lexsort((-col, -val, row))
+        row, col, val = row[order], col[order], val[order]
+        start = np.searchsorted(row, np.arange(n))
+        top = np.arange(len(row)) - start[row] < self.k
+        weights = sp.csr_matrix((val[top], (row[top], col[top])), shape=sim.shape)
+        return (weights @ self.sessions).tocsr()
+
+    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        sessions = np.asarray(sessions, dtype=np.int64)
+        rows, steps = sessions.shape
+        vocab = len(self.pop)
+        out = _scores_with_popularity(self.pop, (rows, steps))
+        positions, query = self._queries(sessions)
+        flat_out = out.reshape(rows * steps, vocab)
+        # Chunks of prefixes with at most ~CHUNK_PAIRS (prefix, past session) products.
+        doc_freq = np.diff(self.sessions_t.indptr)
+        cost = np.cumsum(query.sign() @ doc_freq)
+        start = 0
+        while start < len(positions):
+            done = cost[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(cost, done + CHUNK_PAIRS, side="right")))
+            scores = self._neighbour_scores(query[start:stop]).tocoo()
+            flat_out[positions[start:stop][scores.row], scores.col] += scores.data.astype(np.float32)
+            start = stop
+        return out
+
+
+_CLASSES = {"popularity": Popularity, "sknn": SessionKNN, "spop": SessionPop,
+            "upop": UserPop, "mv": MovingAverage}
+
+
+def fit(name: str, data_dir: str) -> Scorer:
+    """Fits the baseline `name` (one of NAMES) on the train split of `data_dir`.
+
+    Raises:
+      ValueError: unknown name.
+      schema.DataError: the folder is not a pipeline output.
+    """
+    if name not in _CLASSES:
+        raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(NAMES)}")
+    return _CLASSES[name].fit(data_dir)

@@ -1,0 +1,238 @@
+"""Online next-item evaluation of any `Scorer` (DESIGN.md §6), and its command line.
+
+For each batch of users (one row per user) the evaluator first feeds the history sessions
+(`num_context_sessions`) through `Scorer.update`, in lock-step over the rows (a row with
+no session at a step gets an all-padding row). Then, one target session per step, it asks
+`Scorer.score` for every position, ranks each target against the full catalogue
+(`model.metrics`), and feeds the session through `Scorer.update`: a scored session becomes
+history for the user's next one. Position 0 of a session (predicted from history alone) is
+reported as `first_item`; positions >= 1 give the headline metrics, split into `repeat`
+(target seen earlier in the user's history, context included, or earlier in the session)
+and `new`. An unknown target (index 1) is never a repeat.
+
+Usage:
+  python -m model.evaluate --data DIR --split test --model sknn --output sknn.json
+  python -m model.evaluate --data DIR --split valid --model-dir runs/hiertcn
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from model import metrics
+from model.base import Scorer
+from pipeline import schema
+
+# At most this many score floats ([rows, steps, vocab]) are held at once: a batch whose
+# longest target session is long gets fewer rows (the result is the same).
+SCORE_BUDGET = 1 << 25
+EVAL_SPLITS = ("valid", "test")
+
+
+def _pad(sessions: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 [rows, max length] with padding 0 at the end (at least one column)."""
+    width = max([len(s) for s in sessions] + [1])
+    out = np.zeros((len(sessions), width), dtype=np.int64)
+    for r, s in enumerate(sessions):
+        out[r, :len(s)] = s
+    return out
+
+
+def _user_batches(users: Iterable[schema.UserRecord], batch_size: int,
+                  vocab_size: int) -> Iterator[list[schema.UserRecord]]:
+    """Groups users into batches of at most `batch_size` rows whose scores fit the budget.
+
+    A batch's scores are [rows, longest target session, vocab]; a user whose sessions would
+    push that over `SCORE_BUDGET` starts the next batch (a batch always has one user).
+    """
+    batch: list[schema.UserRecord] = []
+    longest = 0
+    for user in users:
+        length = max((len(s) for s in user.sessions[user.num_context_sessions:]), default=0)
+        need = max(longest, length)
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * need * vocab_size > SCORE_BUDGET):
+            yield batch
+            batch, need = [], length
+        batch.append(user)
+        longest = need
+    if batch:
+        yield batch
+
+
+def _repeat_flags(session: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """bool [len]: the item was seen before (in `seen` or earlier in the session), known."""
+    _, first = np.unique(session, return_index=True)
+    earlier = np.ones(len(session), dtype=bool)
+    earlier[first] = False
+    return (np.isin(session, seen) | earlier) & (session != schema.UNKNOWN_INDEX)
+
+
+def _seen_after(seen: np.ndarray, session: np.ndarray) -> np.ndarray:
+    """Sorted known items of `seen` and `session`."""
+    return np.union1d(seen, session[session >= schema.NUM_RESERVED])
+
+
+def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: int,
+                    acc: metrics.MetricsAccumulator) -> None:
+    """History first, then target sessions in lock-step: score, accumulate, update."""
+    state = scorer.initial_state([u.user_id for u in users])
+    seen = [np.zeros(0, dtype=np.int64) for _ in users]
+    empty = np.zeros(0, dtype=np.int64)
+    for step in range(max(u.num_context_sessions for u in users)):
+        rows = [u.sessions[step] if step < u.num_context_sessions else empty for u in users]
+        seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
+        state = scorer.update(state, _pad(rows))
+    targets = [u.sessions[u.num_context_sessions:] for u in users]
+    for step in range(max(len(t) for t in targets)):
+        rows = [t[step] if step < len(t) else empty for t in targets]
+        sessions = _pad(rows)
+        repeat = np.zeros(sessions.shape, dtype=bool)
+        for r, row in enumerate(rows):
+            repeat[r, :len(row)] = _repeat_flags(row, seen[r])
+        seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
+        scores = np.asarray(scorer.score(state, sessions))
+        if scores.shape != sessions.shape + (vocab_size,):
+            raise ValueError(f"{scorer.name}.score returned shape {scores.shape} for sessions "
+                             f"{sessions.shape}: expected [batch, steps, {vocab_size}] "
+                             "(the data's vocabulary size)")
+        first = np.zeros(sessions.shape, dtype=bool)
+        first[:, 0] = True
+        acc.add(scores.reshape(-1, scores.shape[-1]), sessions.reshape(-1),
+                repeat.reshape(-1), first.reshape(-1))
+        del scores
+        state = scorer.update(state, sessions)
+
+
+def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
+             max_users: int | None = None, progress: bool = True) -> dict:
+    """Evaluates a scorer online on the target sessions of a split.
+
+    Args:
+      scorer: the model (neural or baseline), already fitted.
+      data_dir: a folder written by `python -m pipeline`.
+      split: `valid` or `test`.
+      batch_size: users evaluated side by side (fewer when long sessions would make the
+        [rows, steps, vocab] scores exceed `SCORE_BUDGET` floats).
+      max_users: evaluate only the first N users of the split (all when None).
+      progress: show a progress bar over users.
+
+    Returns:
+      The §6 metrics dict: `recall@K`, `mrr@K` (K in 1, 5, 10, 20), `events`,
+      `unknown_targets`, objects `first_item`, `repeat`, `new` with the same keys, and
+      `model`, `split`, `data`.
+
+    Raises:
+      schema.DataError: the folder is not a pipeline output or the split is unknown.
+      ValueError: bad `batch_size`/`max_users`, or the scorer returned a bad shape.
+    """
+    if split not in EVAL_SPLITS:
+        raise schema.DataError(f"cannot evaluate on split {split!r}: choose valid or test")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_users is not None and max_users < 1:
+        raise ValueError(f"max_users must be >= 1, got {max_users}")
+    vocab = schema.read_vocabulary(data_dir)
+    schema.shard_files(data_dir, split)  # fails early with a clear message
+    total = schema.read_stats(data_dir).get("splits", {}).get(split, {}).get("users")
+    if max_users is not None:
+        total = max_users if total is None else min(total, max_users)
+
+    from tqdm import tqdm
+
+    users = itertools.islice(schema.iter_users(data_dir, split), max_users)
+    acc = metrics.MetricsAccumulator()
+    with tqdm(total=total, unit="user", desc=f"evaluate {scorer.name} on {split}",
+              disable=not progress) as bar:
+        for batch in _user_batches(users, batch_size, vocab.size):
+            _evaluate_batch(scorer, batch, vocab.size, acc)
+            bar.update(len(batch))
+    out = acc.result()
+    out.update(model=scorer.name, split=split, data=data_dir)
+    return out
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Writes JSON atomically (a temporary file in the same folder, then a rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: evaluate a trained run or a baseline; prints the metrics JSON."""
+    from model import baselines
+
+    parser = _Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="folder written by `python -m pipeline`")
+    parser.add_argument("--split", required=True, choices=EVAL_SPLITS)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-dir", help="a training run folder (python -m model.train)")
+    which.add_argument("--model", choices=baselines.NAMES,
+                       help="a baseline, fitted here on the train split only")
+    parser.add_argument("--output", help="write the metrics JSON here (atomically)")
+    parser.add_argument("--batch-size", type=_positive, default=64, help="users side by side")
+    parser.add_argument("--max-users", type=_positive, help="evaluate only the first N users")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
+    try:
+        if not os.path.isdir(args.data):
+            raise schema.DataError(f"--data {args.data}: no such folder")
+        schema.read_vocabulary(args.data)
+        schema.shard_files(args.data, args.split)
+        if args.model_dir is not None:
+            if not os.path.isdir(args.model_dir):
+                raise schema.DataError(f"--model-dir {args.model_dir}: no such folder; "
+                                       "train one with `python -m model.train`")
+            from model import registry
+
+            user_errors += (registry.RunError,)
+            scorer = registry.load_scorer(args.model_dir, args.data)
+        else:
+            scorer = baselines.fit(args.model, args.data)
+        result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
+                          max_users=args.max_users, progress=not args.no_progress)
+        if args.output:
+            write_json(args.output, result)
+    except user_errors as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Ranking metrics of the evaluation protocol (DESIGN.md §6), in pure numpy.
+
+Every scored event ranks its target against the full catalogue: all vocabulary items with
+index >= 2 (padding 0 and unknown 1 are not candidates; items the user has seen are not
+removed). The rank is conservative: 1 + the number of *other* candidates scoring >= the
+target, so a model that gives many items the same score gains nothing from the tie. An
+unknown target (index 1) cannot be ranked and counts as a miss. Recall@K is the share of
+events with rank <= K, MRR@K the mean of 1/rank over events with rank <= K (0 otherwise),
+both micro-averaged over events.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import schema
+
+KS = (1, 5, 10, 20)
+METRIC_KEYS = tuple(f"recall@{k}" for k in KS) + tuple(f"mrr@{k}" for k in KS)
+COUNT_KEYS = ("events", "unknown_targets")
+GROUPS = ("first_item", "repeat", "new")
+# Upper bound on the elements of one [rows, vocab] comparison (bounds temporary memory).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Conservative full-catalogue ranks.
+
+    Args:
+      scores: float [N, V] scores over the whole vocabulary (columns 0 and 1 ignored).
+      targets: int [N] target indices, each >= 1 (1 = unknown).
+
+    Returns:
+      float64 [N]: 1 + the number of other candidates (indices >= 2) scoring >= the
+      target; `inf` for an unknown target.
+
+    Raises:
+      ValueError: shapes disagree, a target is out of range, or a score is NaN.
+    """
+    scores = np.asarray(scores)
+    targets = np.asarray(targets, dtype=np.int64)
+    if scores.ndim != 2 or targets.shape != scores.shape[:1]:
+        raise ValueError(f"scores must be [N, V] and targets [N], got {scores.shape} and {targets.shape}")
+    if targets.size and (targets.min() < schema.UNKNOWN_INDEX or targets.max() >= scores.shape[1]):
+        raise ValueError(f"targets must lie in [1, {scores.shape[1]}), got "
+                         f"[{targets.min()}, {targets.max()}]")
+    out = np.full(targets.shape, np.inf)
+    rows = max(1, CHUNK_ELEMENTS // max(scores.shape[1], 1))
+    for start in range(0, len(targets), rows):
+        s = scores[start:start + rows]
+        t = targets[start:start + rows]
+        if np.isnan(s).any():
+            raise ValueError("scores contain NaN: the model produced an invalid output")
+        known = t != schema.UNKNOWN_INDEX
+        target_scores = s[np.arange(len(t)), t][:, None]
+        # The target itself is a candidate and counts once in ">=": that is the "1 +".
+        ge = (s[:, schema.NUM_RESERVED:] >= target_scores).sum(axis=1)
+        out[start:start + rows][known] = ge[known]
+    return out
+
+
+def _summary(rank: np.ndarray, unknown: np.ndarray) -> dict:
+    """Metrics of one group of events (0.0 for an empty group)."""
+    n = len(rank)
+    out = {}
+    for k in KS:
+        hit = rank <= k
+        out[f"recall@{k}"] = float(hit.sum() / n) if n else 0.0
+    for k in KS:
+        rr = np.where(rank <= k, 1.0 / rank, 0.0)
+        out[f"mrr@{k}"] = float(rr.sum() / n) if n else 0.0
+    out["events"] = int(n)
+    out["unknown_targets"] = int(unknown.sum())
+    return out
+
+
+class MetricsAccumulator:
+    """Collects ranks batch by batch and summarises them as the §6 metrics JSON.
+
+    Only the ranks of the events are kept (8 bytes per event), never the scores.
+    """
+
+    def __init__(self):
+        self._rank: list[np.ndarray] = []
+        self._repeat: list[np.ndarray] = []
+        self._first: list[np.ndarray] = []
+
+    def add(self, scores: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
+            is_first: np.ndarray) -> None:
+        """Adds a batch of events.
+
+        Args:
+          scores: float [N, V] next-item scores (a view of a larger array is fine: only the
+            rows with a target are read, a chunk at a time).
+          targets: int [N] target indices; 0 (padding) marks a row that is not an event.
+          is_repeat: bool [N] the target was seen earlier in the user's history or session.
+          is_first: bool [N] the target is the first item of its session.
+        """
+        targets = np.asarray(targets, dtype=np.int64)
+        keep = np.flatnonzero(targets != schema.PAD_INDEX)
+        rows = max(1, CHUNK_ELEMENTS // max(np.shape(scores)[1], 1))
+        for start in range(0, len(keep), rows):
+            idx = keep[start:start + rows]
+            self._rank.append(ranks(scores[idx], targets[idx]))
+        self._repeat.append(np.asarray(is_repeat, dtype=bool)[keep])
+        self._first.append(np.asarray(is_first, dtype=bool)[keep])
+
+    def result(self) -> dict:
+        """The metrics JSON: headline keys over non-first events plus `first_item`,
+        `repeat` and `new` objects with the same keys."""
+        rank = np.concatenate(self._rank) if self._rank else np.zeros(0)
+        repeat = np.concatenate(self._repeat) if self._repeat else np.zeros(0, bool)
+        first = np.concatenate(self._first) if self._first else np.zeros(0, bool)
+        unknown = np.isinf(rank)
+        later = ~first
+        out = _summary(rank[later], unknown[later])
+        for name, mask in (("first_item", first), ("repeat", later & repeat),
+                           ("new", later & ~repeat)):
+            out[name] = _summary(rank[mask], unknown[mask])
+        return out

@@ -1,0 +1,172 @@
+"""model.baselines on hand-made sessions: hand-computed neighbours, scores and rankings."""
+import numpy as np
+import pytest
+
+from model import baselines
+from model import evaluate as ev
+from test_evaluate import write_data
+
+V = 12
+COUNTS = np.arange(V, 0, -1)  # item 2 most popular, then 3, 4, ...
+REST = list(range(2, V))
+
+
+def ranking(scores):
+    """Items 2.. ordered by descending score (stable: equal scores keep index order)."""
+    return list(np.argsort(-scores[2:], kind="stable") + 2)
+
+
+def then_rest(*items):
+    return list(items) + [i for i in REST if i not in items]
+
+
+@pytest.fixture(scope="module")
+def knn_data(tmp_path_factory):
+    # Train sessions in read order u1: s0 [2,3] @0, s2 [2,4] @10000; u2: s1 [3,4,5] @5000,
+    # s3 [6,7] @15000. By time of the last event: s0, s1, s2, s3 (oldest first).
+    train = {"u1": ([], [[2, 3], [2, 4]], 0), "u2": ([], [[3, 4, 5], [6, 7]], 5000)}
+    return write_data(tmp_path_factory.mktemp("knn"), {"train": train}, vocab_size=V,
+                      counts=list(COUNTS))
+
+
+def test_sknn_fit_orders_sessions_by_time(knn_data):
+    knn = baselines.SessionKNN.fit(knn_data)
+    rows = [list(knn.sessions[i].indices) for i in range(4)]
+    assert rows == [[2, 3], [3, 4, 5], [2, 4], [6, 7]]
+
+
+@pytest.mark.parametrize("k, sample_size, expected", [
+    # Prefix [2, 4]: weights 1/2 and 1 (stored x2: 1 and 2). Similarities x2: s0 {2} 1,
+    # s1 {4} 2, s2 {2,4} 3, s3 0 (not a candidate).
+    # k=2: neighbours s2 (3), s1 (2): item 2: 3, 3: 2, 4: 3+2, 5: 2.
+    (2, 500, {2: 3, 3: 2, 4: 5, 5: 2}),
+    # The 2 most recent sessions sharing an item are s2 and s1: the same neighbours.
+    (100, 2, {2: 3, 3: 2, 4: 5, 5: 2}),
+    # All three candidates: s0 adds 1 to items 2 and 3.
+    (100, 500, {2: 4, 3: 3, 4: 5, 5: 2}),
+    # k=1: s2 only.
+    (1, 500, {2: 3, 4: 3}),
+])
+def test_sknn_neighbours_and_scores(knn_data, k, sample_size, expected):
+    knn = baselines.SessionKNN.fit(knn_data, k=k, sample_size=sample_size)
+    scores = knn.score(None, np.array([[2, 4, 9]]))
+    want = np.zeros(V)
+    for item, s in expected.items():
+        want[item] = s
+    np.testing.assert_allclose(scores[0, 2] - knn.pop, want, atol=1e-5)
+    # Position 0 is popularity; ties in the kNN score go to the more popular item.
+    assert ranking(scores[0, 0]) == REST
+    assert ranking(scores[0, 2]) == then_rest(*sorted(expected, key=lambda i: (-expected[i], i)))
+
+
+def test_sknn_equal_similarity_prefers_the_recent_session(knn_data):
+    # Prefix [3]: s0 and s1 both have similarity 1; k=1 keeps s1 (more recent): 3, 4, 5.
+    knn = baselines.SessionKNN.fit(knn_data, k=1)
+    scores = knn.score(None, np.array([[3, 2], [2, 0]]))
+    np.testing.assert_allclose(scores[0, 1] - knn.pop, [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0], atol=1e-5)
+    np.testing.assert_allclose(scores[1], np.broadcast_to(knn.pop, (2, V)))  # nothing to predict
+
+
+def test_sknn_repeated_item_takes_its_latest_weight(knn_data):
+    # Prefix [2, 4, 2]: 2 weighs 3 (not 1 + 3), 4 weighs 2: s2 {2,4} 5, s0 {2} 3, s1 {4} 2.
+    knn = baselines.SessionKNN.fit(knn_data)
+    scores = knn.score(None, np.array([[2, 4, 2, 5]]))
+    np.testing.assert_allclose(scores[0, 3, 2:6] - knn.pop[2:6], [5 + 3, 3 + 2, 5 + 2, 2], atol=1e-5)
+
+
+def test_sknn_chunking_gives_the_same_scores(knn_data, monkeypatch):
+    knn = baselines.SessionKNN.fit(knn_data)
+    sessions = np.array([[2, 4, 3, 5, 6], [7, 6, 2, 0, 0]])
+    full = knn.score(None, sessions)
+    monkeypatch.setattr(baselines, "CHUNK_PAIRS", 1)
+    np.testing.assert_array_equal(knn.score(None, sessions), full)
+
+
+def test_popularity():
+    pop = baselines.Popularity(COUNTS)
+    scores = pop.score(None, np.array([[5, 3]]))
+    assert scores.shape == (1, 2, V) and ranking(scores[0, 1]) == REST
+    assert scores[0, 0, 2] == COUNTS[2]
+
+
+def test_spop_ranks_session_counts_then_popularity():
+    spop = baselines.SessionPop(COUNTS)
+    scores = spop.score(None, np.array([[5, 7, 5, 3]]))
+    assert ranking(scores[0, 0]) == REST
+    assert ranking(scores[0, 1]) == then_rest(5)
+    assert ranking(scores[0, 2]) == then_rest(5, 7)  # 1 each: the more popular 5 first
+    assert ranking(scores[0, 3]) == then_rest(5, 7)  # 5 twice
+
+
+def test_mv_window_crosses_sessions_and_padding_keeps_state():
+    mv = baselines.MovingAverage(COUNTS, window=3)
+    state = mv.update(mv.initial_state(["u", "v"]), np.array([[4, 5, 6, 7], [0, 0, 0, 0]]))
+    np.testing.assert_array_equal(state, [[5, 6, 7], [0, 0, 0]])
+    np.testing.assert_array_equal(mv.update(state, np.zeros((2, 1), np.int64)), state)
+    scores = mv.score(state, np.array([[7, 2, 9], [3, 8, 0]]))
+    assert ranking(scores[0, 0]) == then_rest(5, 6, 7)  # 1 each, by popularity
+    assert ranking(scores[0, 1]) == then_rest(7, 6)  # window [6, 7, 7]
+    assert ranking(scores[0, 2]) == then_rest(7, 2)  # window [7, 7, 2]
+    assert ranking(scores[1, 1]) == then_rest(3)
+
+
+def test_mv_default_window_is_ten():
+    mv = baselines.MovingAverage(COUNTS)
+    state = mv.update(mv.initial_state(["u"]), np.array([[9] + [2, 3] * 5]))
+    assert ranking(mv.score(state, np.array([[4]]))[0, 0]) == then_rest(2, 3)  # 9 fell out
+
+
+def test_upop_recency_weighted_with_session_boost():
+    upop = baselines.UserPop(COUNTS, decay=0.5, session_weight=2.0, history=3)
+    state = upop.update(upop.initial_state(["u"]), np.array([[2, 3, 4, 5]]))
+    np.testing.assert_array_equal(state, [[3, 4, 5]])
+    scores = upop.score(state, np.array([[5, 3, 2]]))
+    # Position 0: 3, 4, 5 weigh 1/4, 1/2, 1 -> scores 1 + r.
+    np.testing.assert_allclose(scores[0, 0, 3:6], [1.25, 1.5, 2.0])
+    assert ranking(scores[0, 0]) == then_rest(5, 4, 3)
+    # Position 1: history halves, the session's 5 adds 2: 3 1/8, 4 1/4, 5 1/2 + 2.
+    np.testing.assert_allclose(scores[0, 1, 3:6], [1.125, 1.25, 3.5])
+    # Position 2: 3 1/16 + 2, 4 1/8, 5 5/4: the newest session item leads.
+    np.testing.assert_allclose(scores[0, 2, 3:6], [3.0625, 1.125, 2.25])
+    assert ranking(scores[0, 2]) == then_rest(3, 5, 4)
+    assert scores[0, 2].max() > 1 > 0.5 > scores[0, 2, 6:].max()
+
+
+def test_fit_rejects_unknown_name(knn_data):
+    with pytest.raises(ValueError, match="unknown baseline 'bpr'"):
+        baselines.fit("bpr", knn_data)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    train = {"a": ([], [[5, 6], [7, 8], [2, 3, 4]]), "b": ([], [[2, 3], [3, 4, 5]])}
+    test = {"a": ([[5, 6], [7, 8], [2, 3, 4], [9, 10]], [[2, 3, 5]]), "b": ([[2, 3]], [[4, 5, 4, 2]])}
+    return write_data(tmp_path_factory.mktemp("small"), {"train": train, "test": test}, vocab_size=V,
+                      counts=list(COUNTS))
+
+
+def test_popularity_end_to_end_hand_computed(small_data):
+    out = ev.evaluate(baselines.fit("popularity", small_data), small_data, "test", progress=False)
+    # Rank of item i is i - 1. Positions >= 1: a 3 (2), 5 (4); b 5 (4), 4 (3), 2 (1).
+    assert out["events"] == 5 and out["recall@1"] == pytest.approx(1 / 5)
+    assert out["recall@5"] == pytest.approx(1.0)
+    assert out["mrr@5"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 4 + 1 / 3 + 1) / 5)
+    # First items: a 2 (1), b 4 (3).
+    assert out["first_item"]["mrr@20"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_spop_end_to_end_hand_computed(small_data):
+    out = ev.evaluate(baselines.fit("spop", small_data), small_data, "test", progress=False)
+    # a [2,3,5]: after {2} the order is 2, 3, ...: 3 ranks 2; after {2,3}: 2, 3, 4, 5: 4.
+    # b [4,5,4,2]: after {4}: 4, 2, 3, 5: 5 ranks 4; after {4,5}: 4 ranks 1; after
+    # {4: 2, 5: 1}: 4, 5, 2: 2 ranks 3.
+    assert out["recall@1"] == pytest.approx(1 / 5)
+    assert out["mrr@20"] == pytest.approx((1 / 2 + 1 / 4 + 1 / 4 + 1 + 1 / 3) / 5)
+
+
+@pytest.mark.parametrize("name", baselines.NAMES)
+def test_every_baseline_fits_and_evaluates(small_data, name):
+    out = ev.evaluate(baselines.fit(name, small_data), small_data, "test", batch_size=1, progress=False)
+    assert out["model"] == name and out["events"] == 5 and out["first_item"]["events"] == 2
+    recalls = [out[f"recall@{k}"] for k in (1, 5, 10, 20)]
+    assert recalls == sorted(recalls) and 0 <= recalls[0] and recalls[-1] <= 1

@@ -1,0 +1,208 @@
+"""model.evaluate on hand-made TFRecords: lock-step order, online updates, the CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from model import evaluate as ev
+from model import metrics
+from model.base import Scorer
+from pipeline import schema
+
+VOCAB = 30  # items 2..29: a miss of the scorer below ranks 28, outside every cut-off
+
+# user: (history sessions, target sessions)
+VALID = {
+    "a": ([[5, 6], [7, 8]], [[9, 10, 12], [13, 14]]),
+    "b": ([], [[3, 4], [20, 1]]),
+    "c": ([[21, 22]], [[23, 22, 23]]),
+}
+
+
+def write_data(root, splits: dict, vocab_size: int = VOCAB, counts=None) -> str:
+    """Writes a tiny pipeline-style data folder.
+
+    Args:
+      root: folder to write into.
+      splits: split -> {user: (history sessions, target sessions[, first time])}; events
+        are one second apart, sessions 10000 s apart, each user's first session at its
+        first time (default: after the previous user's last session).
+      vocab_size: indices 0..vocab_size-1.
+      counts: train counts by index (defaults to descending counts).
+    """
+    import tensorflow as tf
+
+    root = str(root)
+    if counts is None:
+        counts = list(range(vocab_size, 0, -1))
+    schema.write_vocabulary(os.path.join(root, schema.ITEMS_FILE),
+                            [(f"i{i}", counts[i]) for i in range(2, vocab_size)])
+    stats = {"splits": {}}
+    for split, users in splits.items():
+        os.makedirs(os.path.join(root, split))
+        path = os.path.join(root, split, "part-00000" + schema.SHARD_SUFFIX)
+        clock = 0
+        with tf.io.TFRecordWriter(path, options=schema.COMPRESSION) as w:
+            for user, (history, targets, *start) in users.items():
+                sessions = history + targets
+                clock = start[0] if start else clock
+                times = []
+                for s in sessions:
+                    times.append(list(range(clock, clock + len(s))))
+                    clock += 10_000
+                w.write(schema.make_sequence_example(user, len(history), sessions, times))
+        stats["splits"][split] = {"users": len(users)}
+    with open(os.path.join(root, schema.STATS_FILE), "w") as f:
+        json.dump(stats, f)
+    return root
+
+
+class NextIndex(Scorer):
+    """Scores 1 for (the user's last item + 1), 0 elsewhere; records every call.
+
+    State: int64 [rows], the last item of the user's latest session (0 before any).
+    """
+
+    name = "next-index"
+
+    def __init__(self):
+        self.calls = []
+
+    def initial_state(self, user_ids):
+        self.calls.append(("init", list(user_ids)))
+        return np.zeros(len(user_ids), dtype=np.int64)
+
+    def score(self, state, sessions):
+        self.calls.append(("score", sessions.tolist()))
+        rows, steps = sessions.shape
+        last = np.concatenate([state[:, None], sessions[:, :-1]], axis=1)
+        out = np.zeros((rows, steps, VOCAB), dtype=np.float32)
+        r, t = np.nonzero(last + 1 < VOCAB)
+        out[r, t, last[r, t] + 1] = 1.0
+        return out
+
+    def update(self, state, sessions):
+        self.calls.append(("update", sessions.tolist()))
+        lengths = (sessions != 0).sum(axis=1)
+        ends = sessions[np.arange(len(sessions)), np.maximum(lengths - 1, 0)]
+        return np.where(lengths > 0, ends, state)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), {"valid": VALID})
+
+
+def _expected():
+    # Hits (the item is last + 1): a: 9 (first), 10, 13 (first, after the online update),
+    # 14; misses 12. b: 4; misses 3 (first, state 0), 20 (first), unknown 1.
+    # c: 23 (first, from history), 23 (repeat in session); miss 22 (repeat of history).
+    def group(events, hits, unknown):
+        return {**{f"recall@{k}": hits / events for k in metrics.KS},
+                **{f"mrr@{k}": hits / events for k in metrics.KS},
+                "events": events, "unknown_targets": unknown}
+
+    out = group(7, 4, 1)
+    out.update(first_item=group(5, 3, 0), repeat=group(2, 1, 0), new=group(5, 3, 1))
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_metrics_match_hand_computed_for_any_batch_size(data, batch_size):
+    out = ev.evaluate(NextIndex(), data, "valid", batch_size=batch_size, progress=False)
+    expected = dict(_expected(), model="next-index", split="valid", data=data)
+    assert out.keys() == expected.keys()
+    for key, value in expected.items():
+        assert out[key] == (pytest.approx(value) if not isinstance(value, str) else value), key
+
+
+def test_history_first_then_targets_in_lock_step_with_padding_rows(data):
+    scorer = NextIndex()
+    ev.evaluate(scorer, data, "valid", batch_size=3, progress=False)
+    assert scorer.calls == [
+        ("init", ["a", "b", "c"]),
+        ("update", [[5, 6], [0, 0], [21, 22]]),
+        ("update", [[7, 8], [0, 0], [0, 0]]),
+        ("score", [[9, 10, 12], [3, 4, 0], [23, 22, 23]]),
+        ("update", [[9, 10, 12], [3, 4, 0], [23, 22, 23]]),
+        ("score", [[13, 14], [20, 1], [0, 0]]),
+        ("update", [[13, 14], [20, 1], [0, 0]]),
+    ]
+
+
+def test_score_budget_splits_batches_without_changing_metrics(data, monkeypatch):
+    monkeypatch.setattr(ev, "SCORE_BUDGET", 2 * 3 * VOCAB)  # two rows of 3 steps at most
+    scorer = NextIndex()
+    out = ev.evaluate(scorer, data, "valid", batch_size=3, progress=False)
+    assert [c[1] for c in scorer.calls if c[0] == "init"] == [["a", "b"], ["c"]]
+    assert out["recall@20"] == pytest.approx(4 / 7) and out["first_item"]["events"] == 5
+
+
+def test_max_users(data):
+    out = ev.evaluate(NextIndex(), data, "valid", max_users=1, progress=False)
+    assert out["events"] == 3 and out["first_item"]["events"] == 2 and out["recall@1"] == pytest.approx(2 / 3)
+
+
+def test_bad_arguments_raise(data, tmp_path):
+    with pytest.raises(schema.DataError, match="choose valid or test"):
+        ev.evaluate(NextIndex(), data, "train")
+    with pytest.raises(schema.DataError, match="items.tsv not found"):
+        ev.evaluate(NextIndex(), str(tmp_path), "valid")
+    with pytest.raises(ValueError, match="batch_size"):
+        ev.evaluate(NextIndex(), data, "valid", batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def full_data(tmp_path_factory):
+    train = {"a": ([], [[5, 6], [7, 8], [2, 3, 4]]), "b": ([], [[2, 3], [3, 4, 5]])}
+    test = {"a": ([[5, 6], [7, 8], [2, 3, 4], [9, 10]], [[2, 3, 5]]), "b": ([[2, 3]], [[4, 5, 4, 2]])}
+    return write_data(tmp_path_factory.mktemp("full"), {"train": train, "valid": VALID, "test": test})
+
+
+def test_cli_writes_every_key(full_data, tmp_path, capsys):
+    path = tmp_path / "out" / "m.json"
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "popularity",
+                    "--output", str(path), "--no-progress"]) == 0
+    written = json.loads(path.read_text())
+    assert json.loads(capsys.readouterr().out) == written
+    keys = set(metrics.METRIC_KEYS) | set(metrics.COUNT_KEYS)
+    assert set(written) == keys | set(metrics.GROUPS) | {"model", "split", "data"}
+    for group in metrics.GROUPS:
+        assert set(written[group]) == keys
+    assert (written["model"], written["split"], written["data"]) == ("popularity", "test", full_data)
+    # Positions >= 1: a's 3 and 5 (both in a's history: repeat); b's 5 (new), 4 (earlier
+    # in the session: repeat) and 2 (in b's history: repeat).
+    assert written["events"] == 5 and written["repeat"]["events"] == 4 and written["new"]["events"] == 1
+    assert not [p for p in os.listdir(path.parent) if p != "m.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--split", "valid", "--model", "popularity"], "the following arguments are required: --data"),
+    (["--data", "DATA", "--split", "train", "--model", "popularity"], "invalid choice: 'train'"),
+    (["--data", "DATA", "--split", "test", "--model", "bert"], "invalid choice: 'bert'"),
+    (["--data", "DATA", "--split", "test", "--model", "mv", "--batch-size", "0"], "positive integer"),
+    (["--data", "DATA", "--split", "test"], "one of the arguments --model-dir --model is required"),
+])
+def test_cli_bad_options_give_one_line_errors(full_data, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        ev.main([full_data if a == "DATA" else a for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_missing_or_foreign_folders_give_one_line_errors(full_data, tmp_path, capsys):
+    assert ev.main(["--data", str(tmp_path / "nope"), "--split", "test", "--model", "mv"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert ev.main(["--data", str(tmp_path), "--split", "test", "--model", "mv"]) == 2
+    err = capsys.readouterr().err
+    assert "items.tsv not found" in err and err.count("\n") == 1
+    assert ev.main(["--data", full_data, "--split", "test", "--model-dir", str(tmp_path / "run")]) == 2
+    assert "python -m model.train" in capsys.readouterr().err
+
+
+def test_scores_of_the_wrong_vocabulary_size_are_rejected(tmp_path):
+    other = write_data(tmp_path, {"valid": VALID}, vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match=r"expected \[batch, steps, 31\]"):
+        ev.evaluate(NextIndex(), other, "valid", progress=False)

@@ -1,0 +1,74 @@
+"""model.metrics: conservative ranks, unknown targets, repeat/new and first-item groups."""
+import numpy as np
+import pytest
+
+from model import metrics
+
+# Columns: 0 pad, 1 unknown, then items 2..5. The reserved columns score highest on
+# purpose: they must never count as candidates.
+SCORES = np.array([
+    [9.0, 9.0, 0.5, 0.9, 0.5, 0.1],
+    [9.0, 9.0, 0.5, 0.9, 0.5, 0.1],
+    [9.0, 9.0, 0.5, 0.9, 0.5, 0.1],
+    [9.0, 9.0, 0.5, 0.9, 0.5, 0.1],
+    [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+], dtype=np.float32)
+
+
+def test_rank_is_conservative_on_ties_and_ignores_reserved_columns():
+    # target 3 (0.9): nothing else >= 0.9 -> 1; target 2 (0.5): items 3 (0.9) and 4 (0.5,
+    # the tie) -> 3; target 4 likewise 3; target 5 (0.1): all three others -> 4;
+    # all-equal scores: the three others tie -> 4; unknown target -> inf.
+    r = metrics.ranks(SCORES[[0, 1, 2, 3, 4, 4]], np.array([3, 2, 4, 5, 2, 1]))
+    np.testing.assert_array_equal(r, [1, 3, 3, 4, 4, np.inf])
+
+
+def test_rank_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.ranks(np.array([[0, 0, np.nan, 1.0]]), np.array([3]))
+    with pytest.raises(ValueError, match="targets must lie"):
+        metrics.ranks(np.zeros((1, 4)), np.array([4]))
+
+
+def test_accumulator_groups_and_micro_averages():
+    acc = metrics.MetricsAccumulator()
+    # Ranks 1 (first item), 3 (repeat), 4 (new), unknown (new), padding row (skipped).
+    acc.add(SCORES[[0, 1, 3, 2, 4]], np.array([3, 2, 5, 1, 0]),
+            np.array([True, True, False, True, True]), np.array([True, False, False, False, False]))
+    # Split across calls on purpose: a second batch with rank 1 (new).
+    acc.add(SCORES[:1], np.array([3]), np.array([False]), np.array([False]))
+    out = acc.result()
+    assert set(out) == set(metrics.METRIC_KEYS) | set(metrics.COUNT_KEYS) | set(metrics.GROUPS)
+    # Headline: ranks 3, 4, inf, 1 over 4 events.
+    assert out["events"] == 4 and out["unknown_targets"] == 1
+    assert out["recall@1"] == pytest.approx(1 / 4)
+    assert out["recall@5"] == pytest.approx(3 / 4)
+    assert out["recall@20"] == pytest.approx(3 / 4)
+    assert out["mrr@1"] == pytest.approx(1 / 4)
+    assert out["mrr@5"] == pytest.approx((1 / 3 + 1 / 4 + 1) / 4)
+    assert out["first_item"] == {**{k: 1.0 for k in metrics.METRIC_KEYS},
+                                 "events": 1, "unknown_targets": 0}
+    # The unknown target is flagged repeat=True by the caller, yet counts where flagged.
+    rep = out["repeat"]
+    assert rep["events"] == 2 and rep["unknown_targets"] == 1
+    assert rep["recall@5"] == pytest.approx(1 / 2) and rep["mrr@5"] == pytest.approx(1 / 6)
+    new = out["new"]
+    assert new["events"] == 2 and new["unknown_targets"] == 0
+    assert new["recall@1"] == pytest.approx(1 / 2) and new["mrr@5"] == pytest.approx((1 / 4 + 1) / 2)
+
+
+def test_empty_accumulator_reports_zero_events():
+    out = metrics.MetricsAccumulator().result()
+    assert out["events"] == 0 and out["recall@20"] == 0.0 and out["new"]["events"] == 0
+
+
+def test_chunked_ranks_match_unchunked(monkeypatch):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(50, 12)).astype(np.float32)
+    targets = rng.integers(1, 12, size=50)
+    full = metrics.ranks(scores, targets)
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 24)  # two rows at a time
+    np.testing.assert_array_equal(metrics.ranks(scores, targets), full)
+    brute = [np.inf if t == 1 else 1 + sum(scores[i, c] >= scores[i, t] for c in range(2, 12) if c != t)
+             for i, t in enumerate(targets)]
+    np.testing.assert_array_equal(full, brute)
