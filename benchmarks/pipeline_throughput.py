@@ -1,0 +1,89 @@
+"""Throughput of `python -m pipeline` on a synthetic log (issue 2).
+
+Workload: `pipeline.synthetic` log of N events (default 1,000,000; `--quick`: 50,000) in
+one CSV file, run through the pipeline CLI with its default local runner (FnApiRunner,
+one worker process per core) and default options. Wall time includes interpreter and
+Beam start-up; peak RSS sums the command and all its worker processes, sampled every
+50 ms. Target on 2 cores: >= 50,000 events/s, peak < 2 GiB.
+
+The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Runs a command; returns (seconds, peak RSS MiB of it and its children, stderr)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = root.memory_info().rss + sum(
+                c.memory_info().rss for c in root.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"pipeline failed ({proc.returncode}):\n{err[-3000:]}")
+    return seconds, peak / 2 ** 20, out
+
+
+def main(argv=None) -> int:
+    """Generates the log, runs the pipeline, prints the JSON line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--quick", action="store_true", help="50,000 events")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after --")
+    args = p.parse_args(argv)
+    n = 50_000 if args.quick else args.events
+    sys.path.insert(0, REPO)
+    from pipeline import synthetic
+
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        log = os.path.join(tmp, "log.csv")
+        t0 = time.perf_counter()
+        rows = synthetic.generate(users=10 ** 9, seed=args.seed, max_events=n)
+        synthetic.write_csv(log, rows)
+        gen_s = time.perf_counter() - t0
+        cmd = [sys.executable, "-m", "pipeline", "--input", log, "--output",
+               os.path.join(tmp, "out"), *args.pipeline_args]
+        seconds, peak_mb, out = _run_measured(cmd)
+        print(out.strip())
+        with open(os.path.join(tmp, "out", "stats.json"), encoding="utf-8") as f:
+            stats = json.load(f)
+    events = stats["rows_read"]
+    print(json.dumps({
+        "benchmark": "pipeline_throughput",
+        "events": events,
+        "seconds": round(seconds, 2),
+        "events_per_s": round(events / seconds),
+        "peak_rss_mb": round(peak_mb),
+        "runner": " ".join([stats["options"]["runner"], *args.pipeline_args]),
+        "cpus": os.cpu_count(),
+        "rows_written": stats["rows_written"],
+        "generate_seconds": round(gen_s, 2),
+        "workload": f"synthetic log, {events} events, {len({r.user for r in rows})} users, "
+                    "1 CSV file, default pipeline options; wall time of the CLI incl. start-up",
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""`python -m pipeline --input GLOB --output DIR [options] [beam options]` (DESIGN.md §4).
+
+Raw interaction logs (CSV, TSV or JSON lines) → one `tf.train.SequenceExample` per user per
+split under DIR/{train,valid,test}/, plus `items.tsv`, `stats.json` and `malformed/`.
+Options this command does not know are handed to Beam's `PipelineOptions`, so the same
+command runs on Dataflow, Flink or Spark (`--runner DataflowRunner --project ...`). Without
+`--runner` it runs locally on Beam's FnApiRunner with one worker process per CPU core.
+
+The output is built in a temporary folder beside DIR and renamed into place when the
+job has succeeded. Errors a user can fix (bad option, missing or unreadable input, an
+existing DIR) stop the command with a one-line message and exit code 2 before anything
+is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+
+from pipeline import parse, schema, split
+
+DEFAULT_MAX_EVENTS_PER_USER = 100_000
+WORK_DIR = "_work"
+
+
+class _DropBeamImportNotice(logging.Filter):
+    """Hides Beam's import-time notice about optional GCP libraries (not used here)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or the inputs (one-line message, exit code 2)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see python -m pipeline --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's own options (Beam's options are parsed by Beam)."""
+    p = _Parser(
+        prog="python -m pipeline",
+        description="Raw interaction logs → TFRecord session sequences (HierTCN).",
+        epilog="Other --options go to Apache Beam, e.g. --runner DataflowRunner --project P "
+               "--region R --temp_location gs://B/tmp; --direct_num_workers N locally.")
+    p.add_argument("--input", action="append", required=True, metavar="GLOB",
+                   help="input files (glob; repeat the flag for several)")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.add_argument("--format", choices=parse.FORMATS, default="csv")
+    cols = p.add_mutually_exclusive_group()
+    cols.add_argument("--header", dest="header", action="store_true", default=True,
+                      help="each file's first line names the columns (default)")
+    cols.add_argument("--columns", metavar="a,b,c",
+                      help="column names in order, for files without a header (csv/tsv)")
+    p.add_argument("--user-col", default="user")
+    p.add_argument("--item-col", default="item")
+    p.add_argument("--time-col", default="time")
+    p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s")
+    p.add_argument("--session-gap", type=_non_negative_int, default=1800, metavar="SECONDS",
+                   help="a gap strictly greater starts a new session (default 1800)")
+    p.add_argument("--min-item-count", type=_positive_int, default=5,
+                   help="vocabulary threshold on train events (default 5)")
+    p.add_argument("--min-session-length", type=_positive_int, default=2,
+                   help="after collapsing immediate repeats (default 2)")
+    p.add_argument("--split", choices=split.SPLIT_METHODS, default="time")
+    p.add_argument("--valid-fraction", type=_fraction, default=0.1)
+    p.add_argument("--test-fraction", type=_fraction, default=0.1)
+    p.add_argument("--max-events-per-user", type=_positive_int,
+                   default=DEFAULT_MAX_EVENTS_PER_USER,
+                   help="keep each user's most recent events only (counted in stats)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --split users hash")
+    return p
+
+
+def _row_formats(args, files) -> dict:
+    """Per-file `RowFormat`, from each file's header or from --columns."""
+    from pipeline import sources
+
+    wanted = (args.user_col, args.item_col, args.time_col)
+    if len(set(wanted)) < 3:
+        raise UsageError(f"--user-col, --item-col and --time-col must differ, got {wanted}")
+    formats = {}
+    for rank, (path, _) in enumerate(files):
+        first = sources.read_first_line(path)
+        columns: tuple[str, ...] = ()
+        if args.format != "jsonl":
+            if args.columns:
+                columns = tuple(c.strip() for c in args.columns.split(","))
+                where = "--columns"
+            else:
+                try:
+                    columns = parse.parse_header(first.decode("utf-8"), args.format)
+                except UnicodeDecodeError:
+                    raise UsageError(f"{path}: the header line is not UTF-8") from None
+                where = f"the header of {path}"
+            missing = [c for c in wanted if c not in columns]
+            if missing:
+                raise UsageError(
+                    f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
+                    "set --user-col/--item-col/--time-col, or --columns for files without a header")
+            if len(set(columns)) != len(columns):
+                raise UsageError(f"duplicate column names in {where}: {list(columns)}")
+        formats[rank] = parse.RowFormat(args.format, args.time_unit, args.user_col,
+                                        args.item_col, args.time_col, columns)
+    return formats
+
+
+def _beam_options(beam_args: list[str], own_flags: list[str]):
+    """Beam options; local FnApiRunner with a worker process per core unless --runner.
+
+    Raises:
+      UsageError: a bad Beam option value, or an unknown option that looks like a
+        misspelling of this command's own (Beam ignores unknown options otherwise, so
+        runner plug-ins can define their own).
+    """
+    import difflib
+
+    from apache_beam.options import pipeline_options as po
+
+    def fail(message):
+        raise UsageError(f"bad Beam option: {message}")
+
+    parser = po._BeamArgumentParser(allow_abbrev=False)  # the parser Beam itself builds
+    parser.error = fail
+    for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(beam_args)
+    for arg in unknown:
+        name = arg.split("=")[0]
+        hint = difflib.get_close_matches(name, own_flags, n=1, cutoff=0.8)
+        if arg.startswith("--") and ("-" in name[2:] or hint):
+            raise UsageError(f"unknown option {name}" + (f": did you mean {hint[0]}?" if hint else
+                                                         " (see python -m pipeline --help)"))
+
+    def given(flag):
+        return any(a == flag or a.startswith(flag + "=") for a in beam_args)
+
+    args = list(beam_args)
+    if not given("--runner"):
+        args += ["--runner", "FnApiRunner"]
+        if not given("--direct_running_mode"):
+            args += ["--direct_running_mode", "multi_processing"]
+        if not given("--direct_num_workers"):
+            args += ["--direct_num_workers", str(os.cpu_count() or 1)]
+    if not given("--default_sdk_harness_log_level"):
+        args += ["--default_sdk_harness_log_level", "ERROR"]
+    return po.PipelineOptions(args)
+
+
+def _resolve(argv):
+    from pipeline import sources
+    from pipeline.transforms import Config
+
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    options = _beam_options(beam_args, [o for a in parser._actions for o in a.option_strings])
+    if args.valid_fraction + args.test_fraction >= 1.0:
+        raise UsageError(
+            f"--valid-fraction + --test-fraction must be < 1, got "
+            f"{args.valid_fraction} + {args.test_fraction}")
+    if args.format == "jsonl" and args.columns:
+        raise UsageError("--columns is for csv/tsv; JSON lines name their keys")
+    output = args.output.rstrip("/") or args.output
+    if os.path.exists(output) and not args.overwrite:
+        raise UsageError(f"output {output} exists: pass --overwrite to replace it")
+    try:
+        files = sources.match_inputs(args.input)
+        formats = _row_formats(args, files)
+    except sources.InputError as e:
+        raise UsageError(str(e)) from None
+    config = Config(
+        formats=formats, header=args.format != "jsonl" and not args.columns,
+        session_gap=args.session_gap, min_item_count=args.min_item_count,
+        min_session_length=args.min_session_length, split=args.split,
+        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
+        max_events_per_user=args.max_events_per_user, seed=args.seed)
+    return args, output, files, config, options
+
+
+def _nest(flat: dict) -> tuple[dict, dict]:
+    """Flat 'rows_filtered/reason' and 'splits/name/key' counts → nested objects."""
+    filtered, splits = {}, {s: {"users": 0, "sessions": 0, "events": 0} for s in schema.SPLITS}
+    for key, n in flat.items():
+        parts = key.split("/")
+        if parts[0] == "rows_filtered":
+            filtered[parts[1]] = n
+        elif parts[0] == "splits":
+            splits[parts[1]][parts[2]] = n
+    return dict(sorted(filtered.items())), splits
+
+
+def _read_single(path_prefix: str):
+    with open(path_prefix, encoding="utf-8") as f:
+        return json.loads(f.read())
+
+
+def run(args, output: str, files, config, options) -> dict:
+    """Builds and runs the pipeline into a temporary folder, then renames it to `output`.
+
+    Returns:
+      The stats written to `stats.json`.
+    """
+    import shutil
+
+    import apache_beam as beam
+
+    from pipeline import sources
+    from pipeline.transforms import SessionRecords
+
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    try:
+        work = os.path.join(tmp, WORK_DIR)
+        with beam.Pipeline(options=options) as p:
+            out = (p
+                   | "Ranges" >> beam.Create(sources.plan_ranges(files))
+                   | "Records" >> SessionRecords(config))
+            for name in schema.SPLITS:
+                _ = out[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
+                    os.path.join(tmp, name, "part"), file_name_suffix=schema.SHARD_SUFFIX,
+                    compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+            _ = out["malformed"] | "WriteMalformed" >> beam.io.WriteToText(
+                os.path.join(tmp, schema.MALFORMED_DIR, "part"), file_name_suffix=".jsonl")
+            for name in ("stats", "vocabulary", "cutoffs"):
+                _ = (out[name]
+                     | f"{name.title()}Json" >> beam.Map(json.dumps)
+                     | f"Write{name.title()}" >> beam.io.WriteToText(
+                         os.path.join(work, name), num_shards=1, shard_name_template=""))
+        counts = _read_single(os.path.join(work, "stats"))
+        vocab = _read_single(os.path.join(work, "vocabulary"))
+        cutoffs = _read_single(os.path.join(work, "cutoffs"))
+        schema.write_vocabulary(os.path.join(tmp, schema.ITEMS_FILE), vocab)
+        filtered, splits = _nest(counts)
+        options_out = {k: v for k, v in vars(args).items() if k not in ("overwrite",)}
+        options_out["header"] = config.header
+        options_out["runner"] = options.get_all_options()["runner"]
+        stats = {
+            "rows_read": counts.get("rows_read", 0),
+            "rows_malformed": counts.get("rows_malformed", 0),
+            "rows_filtered": filtered,
+            "rows_written": counts.get("rows_written", 0),
+            "splits": splits,
+            "items": len(vocab),
+            "cutoffs": cutoffs,
+            "options": options_out,
+        }
+        with open(os.path.join(tmp, schema.STATS_FILE), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2)
+            f.write("\n")
+        shutil.rmtree(work)
+        if os.path.exists(output):
+            trash = f"{tmp}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output, trash)
+            os.rename(tmp, output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+def _summary(stats: dict, output: str, seconds: float) -> str:
+    s = stats["splits"]
+    lines = [f"pipeline: {stats['rows_read']:,} rows read in {seconds:.1f} s → {output}",
+             f"  written {stats['rows_written']:,}, malformed {stats['rows_malformed']:,}, "
+             f"filtered {sum(stats['rows_filtered'].values()):,} {stats['rows_filtered']}",
+             f"  items {stats['items']:,}; cutoffs {stats['cutoffs']}"]
+    lines += [f"  {name:5s}: {s[name]['users']:,} users, {s[name]['sessions']:,} sessions, "
+              f"{s[name]['events']:,} events" for name in schema.SPLITS]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit code (2 for a usage error)."""
+    start = time.perf_counter()
+    logging.getLogger().addFilter(_DropBeamImportNotice())
+    try:
+        args, output, files, config, options = _resolve(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
+          f"runner {options.get_all_options()['runner']}", file=sys.stderr)
+    stats = run(args, output, files, config, options)
+    print(_summary(stats, output, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Sessionization of one user's events (pure functions, DESIGN.md §6 steps 1-4).
+
+Events are `(time_ms, order, item)` tuples: `order` is the input order (file rank, then
+line), so sorting the tuples orders by (time, input order) deterministically.
+"""
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple, Sequence
+
+# rows_filtered reasons counted by this module.
+CAPPED = "max_events_per_user"
+REPEAT = "immediate_repeat"
+SHORT = "short_session"
+
+RawEvent = tuple[int, int, str]
+
+
+class Session(NamedTuple):
+    """One session after collapsing.
+
+    Attributes:
+      items: raw item ids in order.
+      times: unix seconds per event (floor of the milliseconds).
+    """
+
+    items: list[str]
+    times: list[int]
+
+    @property
+    def start(self) -> int:
+        """Unix seconds of the first event."""
+        return self.times[0]
+
+
+def keep_most_recent(events: list[RawEvent], max_events: int) -> tuple[list[RawEvent], int]:
+    """Orders events by (time, input order) and keeps the `max_events` most recent.
+
+    Returns:
+      (kept events in order, number dropped).
+    """
+    events = sorted(events)
+    dropped = max(0, len(events) - max_events)
+    return events[dropped:], dropped
+
+
+def split_at_gaps(events: Sequence[RawEvent], gap_seconds: int) -> list[list[RawEvent]]:
+    """Splits ordered events where the gap to the previous event is strictly > the gap."""
+    gap_ms = gap_seconds * 1000
+    sessions: list[list[RawEvent]] = []
+    previous = None
+    for event in events:
+        if previous is None or event[0] - previous > gap_ms:
+            sessions.append([])
+        sessions[-1].append(event)
+        previous = event[0]
+    return sessions
+
+
+def collapse_repeats(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
+    """Drops every event whose item equals the previous event's item.
+
+    Returns:
+      (remaining events, number dropped).
+    """
+    kept = [e for k, e in enumerate(events) if k == 0 or e[2] != events[k - 1][2]]
+    return kept, len(events) - len(kept)
+
+
+def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
+               max_events: int) -> tuple[list[Session], collections.Counter]:
+    """One user's events → sessions (DESIGN.md §6 steps 1-4).
+
+    Args:
+      events: the user's (time_ms, order, item) events in any order.
+      gap_seconds: a gap strictly greater starts a new session.
+      min_length: sessions shorter than this after collapsing are dropped.
+      max_events: only the most recent events are kept (bounded per-user state).
+
+    Returns:
+      (sessions in time order, rows_filtered counts by reason).
+    """
+    filtered: collections.Counter = collections.Counter()
+    events, filtered[CAPPED] = keep_most_recent(events, max_events)
+    sessions = []
+    for raw in split_at_gaps(events, gap_seconds):
+        kept, repeats = collapse_repeats(raw)
+        filtered[REPEAT] += repeats
+        if len(kept) < min_length:
+            filtered[SHORT] += len(kept)
+            continue
+        sessions.append(Session([e[2] for e in kept], [e[0] // 1000 for e in kept]))
+    return sessions, +filtered

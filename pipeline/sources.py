@@ -1,0 +1,149 @@
+"""Input files: matching, headers, byte ranges and line numbers.
+
+Large files are read in parallel as byte ranges. A range owns the lines that start inside
+it (the standard split rule: a range after the first skips the partial line it starts
+in, and the line running past its end is read to completion). The input-order key of a
+line is (file rank, range index, line index within the range), packed into one int; the
+absolute line number, needed only for malformed rows, comes from the newline counts of
+the earlier ranges of the same file (`first_line_numbers`).
+
+Paths go through Beam's `FileSystems`, so `gs://`, `s3://` or `hdfs://` inputs work where
+the matching Beam extra is installed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+MAX_FILES = 1 << 20
+MAX_RANGES = 1 << 19
+MAX_LINES_PER_RANGE = 1 << 24
+MIN_RANGE_BYTES = 1 << 20
+MAX_RANGE_BYTES = 64 << 20
+
+
+class InputError(ValueError):
+    """An input that cannot be read (one-line message for the user)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteRange:
+    """A slice of one input file.
+
+    Attributes:
+      path: the file.
+      rank: index of the file in sorted path order.
+      index: index of the range within the file.
+      start, end: byte offsets, [start, end).
+    """
+
+    path: str
+    rank: int
+    index: int
+    start: int
+    end: int
+
+    def first_order(self) -> int:
+        """Input-order key of the range's first line."""
+        return (self.rank * MAX_RANGES + self.index) * MAX_LINES_PER_RANGE
+
+
+def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
+    """(path, size) of every file matching the globs, sorted by path, duplicates once.
+
+    Raises:
+      InputError: a pattern matches nothing.
+    """
+    files = {}
+    for pattern in patterns:
+        try:
+            found = FileSystems.match([pattern])[0].metadata_list
+        except Exception as e:  # Beam raises BeamIOError/ValueError subclasses per scheme.
+            raise InputError(f"cannot list --input {pattern!r}: {e}") from None
+        found = [m for m in found if not m.path.endswith("/")]
+        if not found:
+            raise InputError(f"--input {pattern!r} matches no file: check the path or glob")
+        for m in found:
+            files[m.path] = m.size_in_bytes
+    if len(files) >= MAX_FILES:
+        raise InputError(f"--input matches {len(files)} files; at most {MAX_FILES - 1} are supported")
+    return sorted(files.items())
+
+
+def read_first_line(path: str) -> bytes:
+    """The first line of a file (its header); also proves the file is readable.
+
+    Raises:
+      InputError: the file cannot be opened or read.
+    """
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            return f.readline().rstrip(b"\r\n")
+    except Exception as e:  # any I/O failure of any filesystem is the user's to fix
+        raise InputError(f"cannot read input file {path!r}: {e}") from None
+
+
+def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8) -> list[ByteRange]:
+    """Cuts the files into byte ranges for parallel reading.
+
+    Range size is the total size / `target_ranges`, clamped to [1 MiB, 64 MiB], so small
+    inputs still spread over a few workers and big ones are read in bounded pieces.
+    """
+    total = sum(size for _, size in files)
+    size = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, -(-total // max(1, target_ranges))))
+    ranges = []
+    for rank, (path, file_size) in enumerate(files):
+        starts = range(0, max(file_size, 1), size)
+        if len(starts) >= MAX_RANGES:
+            raise InputError(f"{path} is too large ({file_size} bytes)")
+        ranges.extend(ByteRange(path, rank, k, s, min(s + size, file_size))
+                      for k, s in enumerate(starts))
+    return ranges
+
+
+def read_range(r: ByteRange) -> tuple[list[bytes], int]:
+    """Reads the lines a range owns.
+
+    Returns:
+      (lines without their newline, newlines counted in [start − 1, end − 1) — or
+      [0, end − 1) for the first range — which `first_line_numbers` sums up).
+    """
+    with FileSystems.open(r.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        offset = max(r.start - 1, 0)
+        f.seek(offset)
+        data = f.read(r.end - offset)
+        newlines = data.count(b"\n", 0, max(len(data) - 1, 0))
+        if r.start > 0:
+            cut = data.find(b"\n")
+            data = b"" if cut < 0 else data[cut + 1:]
+        if data and not data.endswith(b"\n"):
+            data += f.readline()
+    if not data:
+        return [], newlines
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    if len(lines) >= MAX_LINES_PER_RANGE:
+        raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} lines in one range")
+    return lines, newlines
+
+
+def first_line_numbers(newlines: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:
+    """1-based line number of the first line of each range.
+
+    Args:
+      newlines: (file rank, range index) → count from `read_range`.
+    """
+    first = {}
+    by_file: dict[int, list[int]] = {}
+    for rank, index in newlines:
+        by_file.setdefault(rank, []).append(index)
+    for rank, indices in by_file.items():
+        before = 0
+        for index in sorted(indices):
+            first[(rank, index)] = 1 if index == 0 else 2 + before
+            before += newlines[(rank, index)]
+    return first

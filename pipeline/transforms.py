@@ -1,0 +1,265 @@
+"""Beam composite transforms around the pure functions of this package.
+
+Per-element Python work is kept to one element per (byte range), per (user, range) chunk
+and per user: rows are parsed a range at a time, grouped by user inside the range, and
+the per-user steps run once per user after one `GroupByKey`. Counts that feed
+`stats.json` are summed per bundle and emitted in `finish_bundle`, and mirrored in Beam
+`Metrics` counters for runner UIs.
+
+Memory: a worker holds one byte range (≤ 32 MiB) or one user's events (bounded by
+`max_events_per_user`). Two global aggregates are gathered on one worker by design: the
+vocabulary (items with ≥ `min_item_count` train events) and the list of session start
+times, which the exact percentile cut-offs of the `time` split need (8 bytes per session).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from typing import Iterable
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+
+from pipeline import parse, records, schema, sessions, sources, split, vocabulary
+
+STATS = "stats"
+MALFORMED = "malformed"
+NEWLINES = "newlines"
+STARTS = "starts"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Options of the pipeline (DESIGN.md §4), resolved and validated by the CLI.
+
+    Attributes:
+      formats: file rank → `parse.RowFormat` of that file.
+      header: each file's first line is a header.
+      session_gap: seconds; a strictly greater gap starts a new session.
+      min_item_count: vocabulary threshold on train events.
+      min_session_length: minimum events per session after collapsing repeats.
+      split: `time` or `users`.
+      valid_fraction, test_fraction: split sizes.
+      max_events_per_user: most recent events kept per user.
+      seed: seed of the `users` split hash.
+    """
+
+    formats: dict
+    header: bool = True
+    session_gap: int = 1800
+    min_item_count: int = 5
+    min_session_length: int = 2
+    split: str = "time"
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_events_per_user: int = 100_000
+    seed: int = 0
+
+
+def _global(value):
+    return GlobalWindows.windowed_value(value)
+
+
+def _count(namespace: str, counts: dict) -> None:
+    for name, n in counts.items():
+        Metrics.counter(namespace, name.replace("/", "_")).inc(n)
+
+
+class _ParseRanges(beam.DoFn):
+    """Byte range → (user, (items, times_ms, orders)) chunks; malformed rows tagged aside."""
+
+    def __init__(self, config: Config):
+        self._config = config
+
+    def process(self, r: sources.ByteRange):
+        lines, newlines = sources.read_range(r)
+        yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), newlines))
+        block = parse.parse_block(lines, self._config.formats[r.rank], r.first_order(),
+                                  skip_first=self._config.header and r.index == 0)
+        for local, reason, raw in block.malformed:
+            yield pvalue.TaggedOutput(MALFORMED, (r.path, r.rank, r.index, local, reason, raw))
+        counts = {"rows_read": block.rows, "rows_malformed": len(block.malformed)}
+        _count("parse", counts)
+        yield pvalue.TaggedOutput(STATS, counts)
+        yield from block.by_user.items()
+
+
+class _Sessionize(beam.DoFn):
+    """(user, chunks) → (user, [Session]); session start times tagged aside per bundle."""
+
+    def __init__(self, config: Config):
+        self._config = config
+
+    def start_bundle(self):
+        self._filtered = collections.Counter()
+        self._starts = []
+
+    def process(self, element):
+        user, chunks = element
+        cap = self._config.max_events_per_user
+        events, capped = [], 0
+        for items, times, orders in chunks:
+            events.extend(zip(times, orders, items))
+            if len(events) > 2 * cap:
+                events, dropped = sessions.keep_most_recent(events, cap)
+                capped += dropped
+        user_sessions, filtered = sessions.sessionize(
+            events, self._config.session_gap, self._config.min_session_length, cap)
+        filtered[sessions.CAPPED] += capped
+        self._filtered.update(filtered)
+        if user_sessions:
+            self._starts.extend(s.start for s in user_sessions)
+            yield user, [tuple(s) for s in user_sessions]
+
+    def finish_bundle(self):
+        counts = {f"rows_filtered/{k}": v for k, v in self._filtered.items() if v}
+        _count("sessionize", counts)
+        yield pvalue.TaggedOutput(STATS, _global(counts))
+        yield pvalue.TaggedOutput(STARTS, _global(self._starts))
+
+
+def _splits_of(config: Config, user: str, user_sessions, cutoffs: dict) -> list[str]:
+    if config.split == "users":
+        one = split.user_split_of(user, config.valid_fraction, config.test_fraction, config.seed)
+        return [one] * len(user_sessions)
+    return [split.time_split_of(s[1][0], cutoffs) for s in user_sessions]
+
+
+class _CountTrainItems(beam.DoFn):
+    """(user, sessions) → (item, train count) pairs, summed per bundle."""
+
+    def __init__(self, config: Config):
+        self._config = config
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+
+    def process(self, element, cutoffs):
+        user, user_sessions = element
+        for s, name in zip(user_sessions, _splits_of(self._config, user, user_sessions, cutoffs)):
+            if name == schema.SPLITS[0]:
+                self._counts.update(s[0])
+        return ()
+
+    def finish_bundle(self):
+        for item, n in self._counts.items():
+            yield _global((item, n))
+
+
+class _BuildRecords(beam.DoFn):
+    """(user, sessions) → serialized records tagged by split, plus per-bundle counts."""
+
+    def __init__(self, config: Config):
+        self._config = config
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+
+    def process(self, element, cutoffs, index):
+        user, user_sessions = element
+        out = records.build_user_records(
+            user, [sessions.Session(*s) for s in user_sessions],
+            _splits_of(self._config, user, user_sessions, cutoffs), index,
+            self._config.min_session_length)
+        for name, record in out.records.items():
+            yield pvalue.TaggedOutput(name, record)
+            self._counts[f"splits/{name}/users"] += 1
+            self._counts[f"splits/{name}/sessions"] += out.sessions[name]
+            self._counts[f"splits/{name}/events"] += out.events[name]
+            self._counts["rows_written"] += out.events[name]
+        for reason, n in out.filtered.items():
+            self._counts[f"rows_filtered/{reason}"] += n
+
+    def finish_bundle(self):
+        counts = dict(self._counts)
+        _count("records", counts)
+        yield pvalue.TaggedOutput(STATS, _global(counts))
+
+
+class _ConcatStarts(beam.CombineFn):
+    """Session start lists → the split cut-offs (exact percentiles need every start)."""
+
+    def __init__(self, valid_fraction: float, test_fraction: float):
+        self._fractions = (valid_fraction, test_fraction)
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, starts):
+        acc.extend(starts)
+        return acc
+
+    def merge_accumulators(self, accs):
+        merged = []
+        for acc in accs:
+            merged.extend(acc)
+        return merged
+
+    def extract_output(self, acc):
+        return split.time_cutoffs(acc, *self._fractions)
+
+
+def _sum_counts(dicts: Iterable[dict]) -> dict:
+    total = collections.Counter()
+    for d in dicts:
+        total.update(d)
+    return dict(total)
+
+
+def _malformed_json(row, first_lines: dict) -> str:
+    path, rank, index, local, reason, raw = row
+    return json.dumps(parse.malformed_record(path, first_lines[(rank, index)] + local, reason, raw),
+                      ensure_ascii=False)
+
+
+class SessionRecords(beam.PTransform):
+    """Byte ranges → user records per split, malformed rows, counts and vocabulary.
+
+    Returns a dict of PCollections: `train`, `valid`, `test` (serialized
+    SequenceExamples), `malformed` (JSON lines), `stats` (one dict of summed counts),
+    `vocabulary` (one list of (item id, count) in index order) and `cutoffs` (one dict).
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self._config = config
+
+    def expand(self, ranges):
+        c = self._config
+        parsed = ranges | "Parse" >> beam.ParDo(_ParseRanges(c)).with_outputs(
+            STATS, MALFORMED, NEWLINES, main="events")
+        user_sessions = (
+            parsed.events
+            | "GroupByUser" >> beam.GroupByKey()
+            | "Sessionize" >> beam.ParDo(_Sessionize(c)).with_outputs(STATS, STARTS, main="users"))
+        if c.split == "time":
+            cutoffs = user_sessions[STARTS] | "Cutoffs" >> beam.CombineGlobally(
+                _ConcatStarts(c.valid_fraction, c.test_fraction))
+        else:
+            cutoffs = ranges.pipeline | "Cutoffs" >> beam.Create([{"split": "users", "seed": c.seed}])
+        cutoffs_side = beam.pvalue.AsSingleton(cutoffs)
+        vocab = (
+            user_sessions.users
+            | "CountTrainItems" >> beam.ParDo(_CountTrainItems(c), cutoffs_side)
+            | "SumCounts" >> beam.CombinePerKey(sum)
+            | "MinCount" >> beam.Filter(lambda kv, m: kv[1] >= m, c.min_item_count)
+            | "Collect" >> beam.combiners.ToList()
+            | "Sort" >> beam.Map(vocabulary.build_vocabulary, c.min_item_count))
+        index = vocab | "Index" >> beam.Map(vocabulary.index_of)
+        built = user_sessions.users | "BuildRecords" >> beam.ParDo(
+            _BuildRecords(c), cutoffs_side, beam.pvalue.AsSingleton(index)).with_outputs(
+                STATS, *schema.SPLITS)
+        first_lines = (parsed[NEWLINES]
+                       | "CollectNewlines" >> beam.combiners.ToDict()
+                       | "FirstLines" >> beam.Map(sources.first_line_numbers))
+        malformed = parsed[MALFORMED] | "MalformedJson" >> beam.Map(
+            _malformed_json, beam.pvalue.AsSingleton(first_lines))
+        stats = ((parsed[STATS], user_sessions[STATS], built[STATS])
+                 | "FlattenStats" >> beam.Flatten()
+                 | "SumStats" >> beam.CombineGlobally(_sum_counts))
+        out = {name: built[name] for name in schema.SPLITS}
+        out.update(malformed=malformed, stats=stats, vocabulary=vocab, cutoffs=cutoffs)
+        return out

@@ -1,0 +1,79 @@
+"""The composite transform on a handful of hand-written events (Beam TestPipeline)."""
+import json
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from tensorflow.core.example import example_pb2
+
+from pipeline import parse, schema, sources
+from pipeline.transforms import Config, SessionRecords
+
+# Two files; in sorted order b.csv comes after a.csv, so the tie at t=100 for user u1
+# puts a.csv's item "x" before b.csv's "y", and x@105 is then no immediate repeat.
+A = """user,item,time
+u1,x,100
+u1,x,105
+u2,y,0
+u2,x,60
+u2,x,61
+u2,y,5000
+u2,x,5100
+bad row
+u1,y,99999
+u1,x,99999
+"""
+B = """user,item,time
+u1,y,100
+u2,y,-3
+u3,x,7000
+u3,y,7001
+"""
+
+
+def _decode(record):
+    ex = example_pb2.SequenceExample()
+    ex.ParseFromString(record)
+    fl = ex.feature_lists.feature_list
+    return (ex.context.feature[schema.USER_ID].bytes_list.value[0].decode(),
+            ex.context.feature[schema.NUM_CONTEXT_SESSIONS].int64_list.value[0],
+            tuple(tuple(f.int64_list.value) for f in fl[schema.ITEMS].feature),
+            tuple(tuple(f.int64_list.value) for f in fl[schema.TIMES].feature))
+
+
+def test_session_records_on_hand_written_events(tmp_path):
+    (tmp_path / "a.csv").write_text(A)
+    (tmp_path / "b.csv").write_text(B)
+    files = sources.match_inputs([str(tmp_path / "*.csv")])
+    fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"))
+    config = Config(formats={0: fmt, 1: fmt}, min_item_count=2, valid_fraction=0.25,
+                    test_fraction=0.25)
+    # Sessions (gap 1800 s, after collapsing): u1 [x@100, y@100, x@105], u1 [y, x]@99999
+    # (tie: line order); u2 [y@0, x@60] (x@61 collapsed), u2 [y@5000, x@5100]; u3 [x, y]@7000.
+    # Starts 0, 100, 5000, 7000, 99999: p50 lower = 5000, p75 lower = 7000.
+    # Train = u2's first and u1's first session: x 3, y 2 → x=2, y=3.
+    # Rows: 14 read = 2 malformed + 1 repeat + 11 written (train 5, valid 2, test 4).
+    with BeamTestPipeline(runner="FnApiRunner") as p:
+        ranges = p | beam.Create(sources.plan_ranges(files))
+        out = ranges | SessionRecords(config)
+        assert_that(out["train"] | "dt" >> beam.Map(_decode), equal_to([
+            ("u1", 0, ((2, 3, 2),), ((100, 100, 105),)),
+            ("u2", 0, ((3, 2),), ((0, 60),))]), label="train")
+        assert_that(out["valid"] | "dv" >> beam.Map(_decode), equal_to([
+            ("u2", 1, ((3, 2), (3, 2)), ((0, 60), (5000, 5100)))]), label="valid")
+        assert_that(out["test"] | "ds" >> beam.Map(_decode), equal_to([
+            ("u1", 1, ((2, 3, 2), (3, 2)), ((100, 100, 105), (99999, 99999))),
+            ("u3", 0, ((2, 3),), ((7000, 7001),))]), label="test")
+        assert_that(out["cutoffs"], equal_to([{"t_valid": 5000, "t_test": 7000}]), label="cut")
+        assert_that(out["vocabulary"], equal_to([[("x", 3), ("y", 2)]]), label="vocab")
+        assert_that(out["stats"], equal_to([{
+            "rows_read": 14, "rows_malformed": 2, "rows_filtered/immediate_repeat": 1,
+            "rows_written": 11, "splits/train/users": 2, "splits/train/sessions": 2,
+            "splits/train/events": 5, "splits/valid/users": 1, "splits/valid/sessions": 1,
+            "splits/valid/events": 2, "splits/test/users": 2, "splits/test/sessions": 2,
+            "splits/test/events": 4}]), label="stats")
+        assert_that(out["malformed"] | beam.Map(json.loads), equal_to([
+            {"source": files[0][0], "line": 9, "reason": "wrong column count: expected 3, got 1",
+             "raw": "bad row"},
+            {"source": files[1][0], "line": 3, "reason": "negative time '-3'", "raw": "u2,y,-3"}]),
+            label="malformed")

@@ -1,0 +1,198 @@
+"""End-to-end runs of `python -m pipeline` on real and corrupted logs."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import __main__ as cli
+from pipeline import schema
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "..", "shared", "data")
+IN_MEMORY = ["--direct_running_mode", "in_memory", "--direct_num_workers", "1"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def check_output(out):
+    """Checks stats.json against the records and the record contract; returns the records."""
+    stats = schema.read_stats(out)
+    assert stats["rows_read"] == (stats["rows_malformed"] + sum(stats["rows_filtered"].values())
+                                  + stats["rows_written"])
+    vocab = schema.read_vocabulary(out)
+    assert vocab.num_items == stats["items"]
+    assert list(vocab.counts[2:]) == sorted(vocab.counts[2:], reverse=True)
+    recs = {split: {r.user_id: r for r in schema.iter_users(out, split)} for split in schema.SPLITS}
+    written = 0
+    for split in schema.SPLITS:
+        users = recs[split].values()
+        targets = [s for r in users for s in r.sessions[r.num_context_sessions:]]
+        assert stats["splits"][split] == {"users": len(users), "sessions": len(targets),
+                                          "events": sum(len(s) for s in targets)}
+        written += stats["splits"][split]["events"]
+        for r in users:
+            assert r.num_context_sessions < len(r.sessions)
+            for s, t in zip(r.sessions, r.times):
+                assert len(s) == len(t) >= 1 and ((s >= 1) & (s < vocab.size)).all()
+                assert (t[1:] >= t[:-1]).all()
+    assert written == stats["rows_written"]
+    cut = stats["cutoffs"]
+    for user, r in recs["train"].items():
+        assert r.num_context_sessions == 0
+        assert all((s >= 2).all() for s in r.sessions)  # no unknown item in train
+        if stats["options"]["split"] == "time" and cut["t_valid"] is not None:
+            assert all(t[0] < cut["t_valid"] for t in r.times)  # no valid/test event
+    for later, earlier in (("valid", ["train"]), ("test", ["train", "valid"])):
+        for user, r in recs[later].items():
+            context = [(s.tolist(), t.tolist()) for split in earlier if user in recs[split]
+                       for s, t in zip(recs[split][user].sessions[recs[split][user].num_context_sessions:],
+                                       recs[split][user].times[recs[split][user].num_context_sessions:])]
+            got = [(s.tolist(), t.tolist()) for s, t in
+                   zip(r.sessions[:r.num_context_sessions], r.times[:r.num_context_sessions])]
+            assert got == context
+    return stats, recs
+
+
+def test_retailrocket_two_files_default_runner(tmp_path):
+    out = str(tmp_path / "rr")
+    d = os.path.join(DATA, "retailrocket-hgru4rec-subset")
+    res = run_cli("--input", os.path.join(d, "train.csv"), "--input", os.path.join(d, "test.csv"),
+                  "--output", out, "--user-col", "visitorid", "--item-col", "itemid",
+                  "--time-col", "timestamp", "--time-unit", "ms")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rows read" in res.stdout
+    stats, recs = check_output(out)
+    assert stats["rows_read"] == 8177 and stats["rows_malformed"] == 0
+    assert stats["options"]["runner"] == "FnApiRunner"
+    assert all(stats["splits"][s]["users"] > 50 for s in schema.SPLITS)
+    assert sorted(os.listdir(out)) == ["items.tsv", "malformed", "stats.json", "test", "train", "valid"]
+    assert not [f for f in os.listdir(tmp_path) if f != "rr"]  # the temp folder is gone
+
+
+def test_movielens_tsv_with_columns_users_split(tmp_path):
+    out = str(tmp_path / "ml")
+    res = run_cli("--input", os.path.join(DATA, "ml-100k", "ml-100k.rating"), "--output", out,
+                  "--format", "tsv", "--columns", "user,item,rating,time", "--split", "users",
+                  "--min-session-length", "3", *IN_MEMORY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats, recs = check_output(out)
+    assert stats["rows_read"] == 100_000
+    assert not set(recs["train"]) & (set(recs["valid"]) | set(recs["test"]))  # cold users
+    assert all(r.num_context_sessions == 0 for split in schema.SPLITS for r in recs[split].values())
+    assert all(len(s) >= 3 for r in recs["train"].values() for s in r.sessions)
+
+
+GOOD = [("u1", "a", 100), ("u1", "b", 200), ("u1", "a", 300), ("u2", "b", 100),
+        ("u2", "a", 150), ("u1", "b", 10_000), ("u1", "a", 10_100)] * 3
+
+
+def test_corrupted_file_goes_to_malformed_and_reconciles(tmp_path):
+    bad = [(b"u1,a", "wrong column count: expected 3, got 2"),
+           (b"u1,a,1,2", "wrong column count: expected 3, got 4"),
+           (b",a,100", "empty user"), (b"u1,,100", "empty item"),
+           (b"u1,a,yesterday", "unparseable time 'yesterday' (--time-unit s)"),
+           (b"u1,a,-7", "negative time '-7'"), (b"u1,\xe9t\xe9,100", "bad UTF-8"),
+           (b'u1,"a,100', "wrong column count: expected 3, got 2")]
+    lines = [b"user,item,time"]
+    expected = []
+    for k, (u, i, t) in enumerate(GOOD):
+        lines.append(f"{u},{i},{t}".encode())
+        if k < len(bad):
+            lines.append(bad[k][0])
+            expected.append((len(lines), bad[k][1]))
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    out.mkdir()  # an existing DIR is replaced only with --overwrite
+    res = run_cli("--input", str(path), "--output", str(out), "--overwrite",
+                  "--min-item-count", "1", *IN_MEMORY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats, _ = check_output(str(out))
+    assert stats["rows_read"] == len(GOOD) + len(bad)
+    assert stats["rows_malformed"] == len(bad)
+    rows = [json.loads(line) for f in sorted(os.listdir(out / "malformed"))
+            for line in open(out / "malformed" / f, encoding="utf-8")]
+    assert sorted((r["line"], r["reason"]) for r in rows) == expected
+    assert {r["source"] for r in rows} == {str(path)}
+
+
+def test_jsonl_with_iso_times(tmp_path):
+    path = tmp_path / "events.jsonl"
+    rows = [{"uid": u, "item_id": i, "ts": f"2024-01-01T00:{t // 60:02d}:{t % 60:02d}Z"}
+            for u, i, t in GOOD[:5]] + ["not json", {"uid": "u9", "ts": "2024-01-01T00:00:00"}]
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    res = run_cli("--input", str(path), "--output", str(out), "--format", "jsonl",
+                  "--user-col", "uid", "--item-col", "item_id", "--time-col", "ts",
+                  "--time-unit", "iso", "--min-item-count", "1", "--test-fraction", "0",
+                  "--valid-fraction", "0", *IN_MEMORY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats, recs = check_output(str(out))
+    assert (stats["rows_read"], stats["rows_malformed"], stats["rows_written"]) == (7, 2, 5)
+    assert recs["train"]["u1"].times[0].tolist() == [1704067300, 1704067400, 1704067500]
+
+
+def test_usage_error_is_one_line_without_output(tmp_path):
+    out = tmp_path / "never"
+    res = run_cli("--input", str(tmp_path / "missing-*.csv"), "--output", str(out))
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "matches no file" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--time-unit", "hours"], "invalid choice: 'hours'"),
+    (["--sesion-gap", "60"], "did you mean --session-gap"),
+    (["--valid-fraction", "0.6", "--test-fraction", "0.5"], "must be < 1"),
+    (["--min-item-count", "0"], "must be >= 1"),
+    (["--user-col", "visitor"], "column(s) visitor not in the header"),
+    (["--format", "jsonl", "--columns", "a,b,c"], "--columns is for csv/tsv"),
+    (["--direct_num_workers", "two"], "bad Beam option"),
+])
+def test_bad_options_stop_before_output(tmp_path, capsys, args, message):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists() and os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_existing_output_refused_without_overwrite(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert cli.main(["--input", str(log), "--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep"]
+
+
+def test_unreadable_input_is_a_usage_error(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n")
+    log.chmod(0)
+    if os.access(log, os.R_OK):
+        pytest.skip("running as a user who can read any file")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out")]) == 2
+    assert "cannot read input file" in capsys.readouterr().err
+
+
+def test_gzip_shards_are_named_by_contract(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in GOOD))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    shards = schema.shard_files(str(out), "train")
+    assert all(f.endswith(schema.SHARD_SUFFIX) for f in shards)
+    with gzip.open(shards[0], "rb") as f:
+        assert f.read(1) is not None  # really gzip

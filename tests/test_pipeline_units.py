@@ -1,0 +1,188 @@
+"""Pure functions of the pipeline: parsing, sessionization, split, vocabulary, records."""
+import numpy as np
+import pytest
+from tensorflow.core.example import example_pb2
+
+from pipeline import parse, records, schema, sessions, sources, split, vocabulary
+from pipeline.sessions import Session
+
+CSV = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"))
+
+
+def ev(t_s, order, item):
+    return (t_s * 1000, order, item)
+
+
+# --- parsing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,unit,ms", [
+    ("10", "s", 10_000), ("1.5", "s", 1500), ("1441864236661", "ms", 1441864236661),
+    ("1970-01-01T00:00:01Z", "iso", 1000), ("1970-01-01 00:00:02.5", "iso", 2500),
+    ("1970-01-01T01:00:00+01:00", "iso", 0), (7, "s", 7000), ("0", "s", 0)])
+def test_parse_time_ms(value, unit, ms):
+    assert parse.parse_time_ms(value, unit) == ms
+
+
+@pytest.mark.parametrize("value,unit", [("-1", "s"), ("abc", "s"), ("nan", "ms"),
+                                        ("inf", "s"), ("2020-13-01", "iso"), (None, "s")])
+def test_parse_time_ms_rejects(value, unit):
+    with pytest.raises(ValueError):
+        parse.parse_time_ms(value, unit)
+
+
+def test_parse_block_groups_by_user_and_routes_bad_rows():
+    lines = [b"user,item,time", b"u1,a,10", b"u2,b,11", b"", b"u1,c,12",
+             b"u1,,13", b"u1,a", b"u1,a,-5", b"u1,a,x", b'"u 3","it,em",14', b"u1,\xff,15\r"]
+    block = parse.parse_block(lines, CSV, first_order=100, skip_first=True)
+    assert block.rows == 9  # header and the blank line are not rows
+    assert block.by_user == {"u1": (["a", "c"], [10_000, 12_000], [101, 104]),
+                             "u2": (["b"], [11_000], [102]),
+                             "u 3": (["it,em"], [14_000], [109])}
+    reasons = {k: r for k, r, _ in block.malformed}
+    assert reasons == {5: "empty item", 6: "wrong column count: expected 3, got 2",
+                       7: "negative time '-5'", 8: "unparseable time 'x' (--time-unit s)",
+                       10: "bad UTF-8"}
+
+
+def test_parse_line_jsonl():
+    fmt = parse.RowFormat("jsonl", "ms", "u", "i", "t")
+    assert parse.parse_line('{"u": 5, "i": "x", "t": 1500}', fmt) == ("5", "x", 1500)
+    for line, reason in [("{bad", "bad JSON"), ("[1]", "not an object"),
+                         ('{"u": 1, "i": 2}', "missing key 't'"), ('{"u": "", "i": 2, "t": 1}', "empty user"),
+                         ('{"u": {}, "i": 2, "t": 1}', "not a string or number")]:
+        with pytest.raises(ValueError, match=reason):
+            parse.parse_line(line, fmt)
+
+
+# --- byte ranges ---------------------------------------------------------------------
+
+def test_ranges_own_each_line_once_and_number_lines(tmp_path):
+    path = tmp_path / "f.csv"
+    lines = [f"line{k:03d}".encode() * (k % 7 + 1) for k in range(200)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    size = path.stat().st_size
+    for width in (1, 5, 64, 1000, size):
+        ranges = [sources.ByteRange(str(path), 0, k, s, min(s + width, size))
+                  for k, s in enumerate(range(0, size, width))]
+        got, newlines = [], {}
+        for r in ranges:
+            owned, newlines[(0, r.index)] = sources.read_range(r)
+            got.append((r.index, owned))
+        first = sources.first_line_numbers(newlines)
+        numbered = [(first[(0, idx)] + k, line) for idx, owned in got for k, line in enumerate(owned)]
+        assert numbered == list(enumerate(lines, start=1)), width
+
+
+# --- sessionization ------------------------------------------------------------------
+
+def test_gap_boundary_is_strict():
+    # 0 →1800 s: same session (gap equal); →3601 s: 1801 s gap, new session.
+    out = sessions.split_at_gaps([ev(0, 0, "a"), ev(1800, 1, "b"), ev(3601, 2, "c")], 1800)
+    assert [[e[2] for e in s] for s in out] == [["a", "b"], ["c"]]
+
+
+def test_ties_in_time_follow_input_order_and_out_of_order_input_is_sorted():
+    events = [ev(50, 3, "d"), ev(10, 2, "c"), ev(10, 1, "b"), ev(0, 0, "a")]
+    out, filtered = sessions.sessionize(events, 1800, 1, 100)
+    assert out == [Session(["a", "b", "c", "d"], [0, 10, 10, 50])]
+    assert filtered == {}
+
+
+def test_immediate_repeats_collapse_and_short_sessions_drop():
+    events = [ev(0, 0, "a"), ev(1, 1, "a"), ev(2, 2, "b"), ev(3, 3, "a"),  # a a b a → a b a
+              ev(5000, 4, "x"), ev(5001, 5, "x"),                          # x x → x (too short)
+              ev(9000, 6, "y")]                                            # single event
+    out, filtered = sessions.sessionize(events, 1800, 2, 100)
+    assert out == [Session(["a", "b", "a"], [0, 2, 3])]
+    assert filtered == {sessions.REPEAT: 2, sessions.SHORT: 2}
+
+
+def test_cap_keeps_most_recent():
+    events = [ev(t, t, f"i{t}") for t in (5, 1, 4, 2, 3)]
+    out, filtered = sessions.sessionize(events, 1800, 1, 3)
+    assert out == [Session(["i3", "i4", "i5"], [3, 4, 5])]
+    assert filtered == {sessions.CAPPED: 2}
+
+
+def test_times_are_floored_to_seconds():
+    out, _ = sessions.sessionize([(1999, 0, "a"), (2000, 1, "b")], 1800, 1, 10)
+    assert out[0].times == [1, 2]
+
+
+# --- split ---------------------------------------------------------------------------
+
+def test_time_cutoffs_are_lower_percentiles_and_boundaries_go_later():
+    starts = list(range(100, 110))  # 10 sessions: p80 lower = 107, p90 lower = 108
+    cut = split.time_cutoffs(starts, 0.1, 0.1)
+    assert cut == {"t_valid": 107, "t_test": 108}
+    assert [split.time_split_of(s, cut) for s in (106, 107, 108, 109)] == [
+        "train", "valid", "test", "test"]
+    assert cut["t_valid"] == int(np.percentile(starts, 80, method="lower"))
+
+
+def test_time_cutoffs_edge_cases():
+    assert split.time_cutoffs([], 0.1, 0.1) == {"t_valid": None, "t_test": None}
+    none = split.time_cutoffs([1, 2, 3], 0.0, 0.0)
+    assert [split.time_split_of(s, none) for s in (1, 3)] == ["train", "train"]
+    no_valid = split.time_cutoffs(list(range(10)), 0.0, 0.1)
+    assert [split.time_split_of(s, no_valid) for s in (7, 8, 9)] == ["train", "test", "test"]
+
+
+def test_user_split_is_deterministic_and_proportional():
+    names = [split.user_split_of(f"u{k}", 0.2, 0.1, seed=3) for k in range(4000)]
+    assert names == [split.user_split_of(f"u{k}", 0.2, 0.1, seed=3) for k in range(4000)]
+    assert 0.08 < names.count("test") / 4000 < 0.12
+    assert 0.17 < names.count("valid") / 4000 < 0.23
+
+
+# --- vocabulary and records ------------------------------------------------------------
+
+def test_vocabulary_order_and_indices():
+    vocab = vocabulary.build_vocabulary([("b", 5), ("a", 5), ("c", 9), ("rare", 4)], 5)
+    assert vocab == [("c", 9), ("a", 5), ("b", 5)]
+    assert vocabulary.index_of(vocab) == {"c": 2, "a": 3, "b": 4}
+
+
+def _decode(record):
+    ex = example_pb2.SequenceExample()
+    ex.ParseFromString(record)
+    fl = ex.feature_lists.feature_list
+    return (ex.context.feature[schema.NUM_CONTEXT_SESSIONS].int64_list.value[0],
+            [list(f.int64_list.value) for f in fl[schema.ITEMS].feature],
+            [list(f.int64_list.value) for f in fl[schema.TIMES].feature])
+
+
+def test_build_user_records_context_and_unknown_items():
+    user_sessions = [Session(["a", "z", "b"], [1, 2, 3]),    # train: z is OOV → [a, b]
+                     Session(["z", "a"], [10, 11]),          # train: only a left → dropped
+                     Session(["b", "z"], [20, 21]),          # valid: z → unknown
+                     Session(["a", "b"], [30, 31])]          # test
+    out = records.build_user_records("u", user_sessions, ["train", "train", "valid", "test"],
+                                     {"a": 2, "b": 3}, min_length=2)
+    assert out.filtered == {records.OOV_IN_TRAIN: 2, records.SHORT_AFTER_VOCABULARY: 1}
+    assert _decode(out.records["train"]) == (0, [[2, 3]], [[1, 3]])
+    assert _decode(out.records["valid"]) == (1, [[2, 3], [3, 1]], [[1, 3], [20, 21]])
+    assert _decode(out.records["test"]) == (2, [[2, 3], [3, 1], [2, 3]],
+                                            [[1, 3], [20, 21], [30, 31]])
+    assert out.sessions == {"train": 1, "valid": 1, "test": 1}
+    assert out.events == {"train": 2, "valid": 2, "test": 2}
+
+
+def test_user_without_target_gets_no_record():
+    out = records.build_user_records("u", [Session(["a", "b"], [1, 2])], ["test"], {}, 2)
+    assert set(out.records) == {"test"}
+    assert _decode(out.records["test"]) == (0, [[1, 1]], [[1, 2]])
+
+
+def test_encoder_matches_protobuf():
+    sess = [[2, 3, 2 ** 40], [], [1], list(range(2, 200))]
+    times = [[0, 1, 1_700_000_000], [], [-1], list(range(198))]
+    ex = example_pb2.SequenceExample()
+    ex.ParseFromString(schema.make_sequence_example("üser", 3, sess, times))
+    ref = example_pb2.SequenceExample()
+    ref.context.feature[schema.USER_ID].bytes_list.value.append("üser".encode())
+    ref.context.feature[schema.NUM_CONTEXT_SESSIONS].int64_list.value.append(3)
+    for name, lists in ((schema.ITEMS, sess), (schema.TIMES, times)):
+        for values in lists:
+            ref.feature_lists.feature_list[name].feature.add().int64_list.value.extend(values)
+    assert ex == ref
