@@ -1,0 +1,228 @@
+"""The paper's queue-based mini-batch generator (pure Python/numpy) and its tf.data wrapper.
+
+B rows, each a FIFO of session slots. Users stream in (shuffled per epoch within a bounded
+buffer); all of a user's slots are appended to the currently shortest row (ties: the lowest
+row). Each batch takes the next S slots of every row; a row with fewer pending slots is
+padded with empty slots. A slot holds at most L items:
+
+* A session longer than L is split into consecutive chunks of L items, in order. Only the
+  session's last chunk has `session_end` set, and the model's state cache accumulates the
+  AGG sums over the chunks, so the high-level state is updated once per session with
+  exactly the aggregate of the whole session (as evaluation and serving do). The TCN of a
+  later chunk restarts from the start vector (its first positions see only the chunk).
+* `reset` marks the first slot of a new user in that row: the state is zeroed before it.
+* `valid` marks non-empty slots.
+
+Within a slot the model's inputs are [start, a1..a(m-1)] and its targets [a1..am] (the
+first item is predicted from the state alone); the batch holds only `items` = targets.
+
+Memory is O(B*S*L) for the batch plus the pending slots of one user per row; it does not
+grow with the number of users. The position (epoch, users consumed from the epoch's
+shuffled stream, the rows' pending slots, batch counter) is a JSON-able dict: a batcher
+restored from the position after batch n yields exactly batch n + 1.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+UsersFactory = Callable[[], Iterable[Sequence[np.ndarray]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One chunk of a session: up to L item indices and its flags."""
+
+    items: tuple[int, ...]
+    reset: bool
+    session_end: bool
+
+
+def user_slots(sessions: Sequence[Sequence[int]], max_session_length: int) -> list[Slot]:
+    """Splits a user's sessions into slots of at most `max_session_length` items.
+
+    Args:
+      sessions: item indices per session, in time order (empty sessions are skipped).
+      max_session_length: L.
+
+    Returns:
+      The slots; the first has `reset`, the last chunk of each session `session_end`.
+    """
+    slots = []
+    for session in sessions:
+        items = [int(i) for i in session]
+        starts = range(0, len(items), max_session_length)
+        for j, k in enumerate(starts):
+            slots.append(Slot(tuple(items[k:k + max_session_length]), reset=not slots,
+                              session_end=j == len(starts) - 1))
+    return slots
+
+
+def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Iterator:
+    """Bounded-buffer shuffle: fills `buffer_size` items, then emits a random one per new item."""
+    buf = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(len(buf)))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class QueueBatcher:
+    """Yields training batches as dicts of numpy arrays.
+
+    `items` int64 [B, S, L], `reset`, `session_end`, `valid` bool [B, S], `batch_index`
+    int64 [] (0-based count of batches produced).
+    """
+
+    def __init__(self, users: UsersFactory, batch_size: int, sessions_per_batch: int,
+                 max_session_length: int, *, seed: int = 0, shuffle_buffer: int = 1000,
+                 epochs: int | None = None, keep_positions: int = 64):
+        """Creates the generator at the start of epoch 0.
+
+        Args:
+          users: called once per epoch; returns the users' sessions in a fixed order.
+          batch_size: B rows.
+          sessions_per_batch: S slots per row per batch.
+          max_session_length: L items per slot.
+          seed: shuffle seed (epoch e uses the stream seeded by (seed, e)).
+          shuffle_buffer: users held by the shuffle buffer (1 = no shuffle).
+          epochs: stop after this many passes (None: forever).
+          keep_positions: positions remembered for `position_after` (>= prefetch depth).
+        """
+        for name, v in (("batch_size", batch_size), ("sessions_per_batch", sessions_per_batch),
+                        ("max_session_length", max_session_length), ("shuffle_buffer", shuffle_buffer)):
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        self.users = users
+        self.b, self.s, self.l = batch_size, sessions_per_batch, max_session_length
+        self.seed, self.shuffle_buffer, self.epochs = seed, shuffle_buffer, epochs
+        self.rows = [collections.deque() for _ in range(batch_size)]
+        self.epoch, self.consumed, self.batch_index, self.finished = 0, 0, 0, False
+        self._stream = None
+        self._positions = collections.OrderedDict()
+        self._keep = keep_positions
+        self._lock = threading.Lock()
+
+    # --- position -----------------------------------------------------------------------
+    def position(self) -> dict:
+        """The current position as a JSON-able dict."""
+        return self._to_dict(self._snapshot())
+
+    def _snapshot(self) -> tuple:
+        return (self.epoch, self.consumed, self.finished, self.batch_index,
+                [tuple(row) for row in self.rows])
+
+    @staticmethod
+    def _to_dict(snapshot: tuple) -> dict:
+        epoch, consumed, finished, batch_index, rows = snapshot
+        return {"epoch": epoch, "consumed": consumed, "finished": finished,
+                "batch_index": batch_index,
+                "rows": [[[list(s.items), s.reset, s.session_end] for s in row] for row in rows]}
+
+    def position_after(self, batch_index: int) -> dict:
+        """The position right after batch `batch_index` was produced (for checkpoints taken
+        while later batches are already prefetched)."""
+        with self._lock:
+            if batch_index not in self._positions:
+                raise KeyError(f"position after batch {batch_index} is no longer kept")
+            return self._to_dict(self._positions[batch_index])
+
+    def restore(self, position: dict) -> None:
+        """Continues from a `position()` dict."""
+        if len(position["rows"]) != self.b:
+            raise ValueError(f"position has {len(position['rows'])} rows, the batcher {self.b}: "
+                             "the batch size changed since the checkpoint")
+        self.epoch, self.consumed = position["epoch"], position["consumed"]
+        self.finished, self.batch_index = position["finished"], position["batch_index"]
+        self.rows = [collections.deque(Slot(tuple(i), bool(r), bool(e)) for i, r, e in row)
+                     for row in position["rows"]]
+        self._stream = None
+
+    # --- generation ---------------------------------------------------------------------
+    def _next_user(self):
+        """Next user's sessions from the current epoch, moving to the next epoch at the end."""
+        while not self.finished:
+            if self._stream is None:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._stream = shuffled(self.users(), self.shuffle_buffer, rng)
+                for _ in range(self.consumed):
+                    next(self._stream)
+            user = next(self._stream, None)
+            if user is not None:
+                self.consumed += 1
+                return user
+            empty_epoch = self.consumed == 0
+            self.epoch, self.consumed, self._stream = self.epoch + 1, 0, None
+            if empty_epoch or (self.epochs is not None and self.epoch >= self.epochs):
+                self.finished = True
+        return None
+
+    def _fill(self) -> None:
+        while min(len(r) for r in self.rows) < self.s:
+            user = self._next_user()
+            if user is None:
+                return
+            slots = user_slots(user, self.l)
+            if slots:
+                row = min(range(self.b), key=lambda i: len(self.rows[i]))
+                self.rows[row].extend(slots)
+
+    def next_batch(self) -> dict | None:
+        """The next batch, or None when the last epoch is exhausted."""
+        self._fill()
+        if self.finished and not any(self.rows):
+            return None
+        items = np.zeros([self.b, self.s, self.l], np.int64)
+        flags = {k: np.zeros([self.b, self.s], bool) for k in ("reset", "session_end", "valid")}
+        for r, row in enumerate(self.rows):
+            for k in range(min(self.s, len(row))):
+                slot = row.popleft()
+                items[r, k, :len(slot.items)] = slot.items
+                flags["reset"][r, k], flags["session_end"][r, k] = slot.reset, slot.session_end
+                flags["valid"][r, k] = True
+        batch = {"items": items, **flags, "batch_index": np.int64(self.batch_index)}
+        self.batch_index += 1
+        with self._lock:
+            self._positions[int(batch["batch_index"])] = self._snapshot()
+            while len(self._positions) > self._keep:
+                self._positions.popitem(last=False)
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+
+def make_dataset(batcher: QueueBatcher, prefetch: int = 4):
+    """Wraps a batcher in `tf.data` with fixed shapes and prefetch."""
+    import tensorflow as tf
+
+    b, s, l = batcher.b, batcher.s, batcher.l
+    signature = {
+        "items": tf.TensorSpec([b, s, l], tf.int64),
+        "reset": tf.TensorSpec([b, s], tf.bool),
+        "session_end": tf.TensorSpec([b, s], tf.bool),
+        "valid": tf.TensorSpec([b, s], tf.bool),
+        "batch_index": tf.TensorSpec([], tf.int64),
+    }
+    return tf.data.Dataset.from_generator(lambda: iter(batcher),
+                                          output_signature=signature).prefetch(prefetch)
+
+
+def train_users(data_dir: str) -> UsersFactory:
+    """Users factory over the train split of a pipeline folder (streamed, bounded memory)."""
+    from pipeline import schema
+
+    return lambda: (u.sessions for u in schema.iter_users(data_dir, "train"))

@@ -1,0 +1,283 @@
+"""Typed, nested configuration of a training run: model hyper-parameters and training.
+
+A run's configuration is a `RunConfig` = model name + that model's config dataclass +
+`TrainConfig`. Overrides are strict: an unknown key is an error, so a typo in a JSON file
+or on the command line never passes silently. The resolved configuration is written to
+`RUN/config.json` and read back by `model.registry.load_model`.
+
+JSON layout (`--config FILE`; every key optional):
+
+    {"model_name": "hiertcn",
+     "model": {"embedding_dim": 128, "num_blocks": 2, ...},
+     "train": {"batch_size": 32, "learning_rate": 0.01, ...}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """An unknown key or an out-of-range value in a configuration."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+class ConfigBase:
+    """Strict dict conversion and validation shared by every config dataclass."""
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Builds the config from defaults updated by `values` (strict: unknown keys fail)."""
+        return cls().replace(values)
+
+    def replace(self, values: Mapping[str, Any]):
+        """Returns a copy with `values` applied; nested configs take nested dicts.
+
+        Raises:
+          ConfigError: unknown key, wrong type or value out of range.
+        """
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        hints = typing.get_type_hints(type(self))
+        updates = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown {type(self).__name__} key {key!r}: choose from {', '.join(fields)}")
+            current = getattr(self, key)
+            if isinstance(current, ConfigBase):
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{key!r} must be an object, got {value!r}")
+                updates[key] = current.replace(value)
+            else:
+                updates[key] = _coerce(key, value, hints[key])
+        new = dataclasses.replace(self, **updates)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Raises ConfigError for a value out of range (overridden per config)."""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks a JSON value against a field's type (ints are accepted for floats)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key!r} must be a list, got {value!r}")
+        return tuple(_coerce(key, v, typing.get_args(hint)[0]) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+            not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key!r} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class HierTCNConfig(ConfigBase):
+    """HierTCN hyper-parameters; defaults follow the authors' XING code.
+
+    Attributes:
+      embedding_dim: item embedding width E (must equal the width of
+        `pretrained_item_vectors` when set).
+      gru_units: units per high-level GRU layer.
+      gru_layers: stacked high-level GRU layers; the state H = gru_units * gru_layers
+        (all layers' states concatenated).
+      channels: TCN channel width C = user embedding width D.
+      kernel_size: causal convolution kernel width.
+      num_blocks: residual TCN blocks; block i uses dilation 2**i.
+      convs_per_block: causal convolutions per block (authors: 1; Bai et al.: 2).
+      dropout: dropout rate after each convolution (training only).
+      high_level: False disables the high-level state (session-only ablation: the state
+        stays zero).
+      loss: `softmax` (full softmax cross-entropy over the catalogue) or `sampled`
+        (sampled softmax with log-Q correction, popularity-sampled negatives).
+      num_negatives: negatives per batch for the sampled loss.
+      tied_output: score items with the input item embeddings (needs
+        embedding_dim == channels) instead of a separate output matrix.
+      output_bias: a per-item bias in the scores.
+      pretrained_item_vectors: optional `.npy` [vocab, E] aligned with items.tsv; used as
+        a frozen input embedding (the paper's Pinterest mode).
+    """
+
+    embedding_dim: int = 128
+    gru_units: int = 128
+    gru_layers: int = 2
+    channels: int = 128
+    kernel_size: int = 5
+    num_blocks: int = 2
+    convs_per_block: int = 1
+    dropout: float = 0.0
+    high_level: bool = True
+    loss: str = "softmax"
+    num_negatives: int = 256
+    tied_output: bool = False
+    output_bias: bool = True
+    pretrained_item_vectors: str = ""
+
+    def validate(self) -> None:
+        for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",
+                    "num_blocks", "convs_per_block", "num_negatives"):
+            _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.loss in ("softmax", "sampled"),
+               f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+        _check(not self.tied_output or self.embedding_dim == self.channels,
+               f"model.tied_output needs embedding_dim == channels, got "
+               f"{self.embedding_dim} and {self.channels}")
+
+    @property
+    def receptive_field(self) -> int:
+        """Positions one TCN output sees: 1 + (k - 1) * convs * sum of dilations."""
+        return 1 + (self.kernel_size - 1) * self.convs_per_block * (2 ** self.num_blocks - 1)
+
+
+# A deeper TCN whose receptive field (25) covers the default session cap L = 20
+# (the authors' default, 2 blocks x 1 conv, sees 13 positions).
+DEEP_PRESET = {"num_blocks": 2, "convs_per_block": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ConfigBase):
+    """Training options.
+
+    Attributes:
+      batch_size: B, rows of the queue generator.
+      sessions_per_batch: S, sessions (chunks) per row per batch.
+      max_session_length: L, items per chunk; longer sessions are split into chunks.
+      learning_rate: Adam's initial learning rate (the authors' 1e-2; best of 1e-3 and 1e-2 on
+        synthetic valid).
+      lr_schedule: `step` (authors: divide by `lr_decay_factor` at each fraction of the
+        run in `lr_decay_at`; their run: 1e-2, /5 at epochs 60 and 120 of 200) or
+        `constant`.
+      lr_decay_at: fractions of the total steps where the step schedule decays.
+      lr_decay_factor: divisor applied at each decay point.
+      clipnorm: gradient clipping by global norm (0 = off).
+      steps: training steps (0 = use `epochs`).
+      epochs: passes over the training users (used when steps == 0).
+      max_minutes: stop after this wall time (0 = no limit); a checkpoint is written.
+      seed: seeds the weights, the shuffle and dropout.
+      shuffle_buffer: users in the bounded shuffle buffer.
+      checkpoint_every: steps between checkpoints.
+      keep_checkpoints: checkpoints kept by the CheckpointManager.
+      eval_every: steps between valid evaluations (0 = only at the end).
+      eval_users: valid users evaluated at each interval (0 = all).
+      mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
+      jit_compile: XLA-compile the model's encoder part of the train step.
+      strategy: `default`, `mirrored` or `one_device:DEVICE` (tf.distribute).
+      prefetch: batches prepared ahead of the training step.
+    """
+
+    batch_size: int = 32
+    sessions_per_batch: int = 10
+    max_session_length: int = 20
+    learning_rate: float = 1e-2
+    lr_schedule: str = "step"
+    lr_decay_at: tuple[float, ...] = (0.3, 0.6)
+    lr_decay_factor: float = 5.0
+    clipnorm: float = 0.0
+    steps: int = 0
+    epochs: int = 0
+    max_minutes: float = 0.0
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    eval_users: int = 1000
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    strategy: str = "default"
+    prefetch: int = 4
+
+    def validate(self) -> None:
+        for key in ("batch_size", "sessions_per_batch", "max_session_length", "shuffle_buffer",
+                    "checkpoint_every", "keep_checkpoints", "prefetch"):
+            _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("steps", "epochs", "eval_every", "eval_users", "seed"):
+            _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
+        _check(self.clipnorm >= 0, f"train.clipnorm must be >= 0, got {self.clipnorm}")
+        _check(self.lr_schedule in ("step", "constant"),
+               f"train.lr_schedule must be 'step' or 'constant', got {self.lr_schedule!r}")
+        _check(all(0 < f < 1 for f in self.lr_decay_at),
+               f"train.lr_decay_at must be fractions in (0, 1), got {list(self.lr_decay_at)}")
+        _check(self.lr_decay_factor >= 1, f"train.lr_decay_factor must be >= 1, got {self.lr_decay_factor}")
+        _check(self.strategy in ("default", "mirrored") or self.strategy.startswith("one_device:"),
+               f"train.strategy must be 'default', 'mirrored' or 'one_device:DEVICE', got {self.strategy!r}")
+
+
+DEFAULT_STEPS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run: which model, its config, and the training options."""
+
+    model_name: str
+    model: Any
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict:
+        return {"model_name": self.model_name, "model": self.model.to_dict(),
+                "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], config_classes: Mapping[str, type]) -> "RunConfig":
+        """Builds a run config; `config_classes` maps model names to their config class.
+
+        Raises:
+          ConfigError: unknown model name or key, or a value out of range.
+        """
+        unknown = set(values) - {"model_name", "model", "train"}
+        _check(not unknown, f"unknown config key(s) {sorted(unknown)}: choose from model_name, model, train")
+        name = values.get("model_name", "hiertcn")
+        _check(name in config_classes, f"unknown model {name!r}: choose from {', '.join(config_classes)}")
+        return cls(model_name=name,
+                   model=config_classes[name]().replace(values.get("model", {})),
+                   train=TrainConfig().replace(values.get("train", {})))
+
+    def replace(self, values: Mapping[str, Any]) -> "RunConfig":
+        """Applies nested overrides {"model": {...}, "train": {...}} strictly."""
+        unknown = set(values) - {"model", "train"}
+        _check(not unknown, f"unknown config key(s) {sorted(unknown)}: choose from model, train")
+        return dataclasses.replace(self, model=self.model.replace(values.get("model", {})),
+                                   train=self.train.replace(values.get("train", {})))
+
+
+def load_json(path: str) -> dict:
+    """Reads a JSON config file.
+
+    Raises:
+      ConfigError: missing file or invalid JSON.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    _check(isinstance(values, dict), f"config file {path} must hold a JSON object")
+    return values
+
+
+def save_json(config: RunConfig, path: str) -> None:
+    """Writes the resolved config (atomically)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,156 @@
+"""HRNN (Quadrana et al., RecSys 2017, "HRNN Init"): a session GRU started from the user
+state, and a user GRU updated once per session with the session GRU's final state.
+
+    s_0 = tanh(c_{n-1} W_init + b_init),  s_t = GRU_ses(x_t, s_{t-1})  (x_0 = start vector)
+    c_n = GRU_usr(s_last, c_{n-1}),  c_0 = 0,  p(item | s_t) = softmax(s_t W^T + b)
+
+Same batching and state cache as HierTCN: the user state is carried from batch to batch
+without gradient and zeroed at a user boundary. Unlike HierTCN, the user state before a
+session depends on the previous session's recurrent run, so the S slots of a batch are
+processed one after the other. A session that the generator split into chunks continues
+exactly: the cache carries the session GRU's hidden state before the chunk's last item and
+that item, so the next chunk resumes as if the session had been seen at once (as
+evaluation and serving do).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from model import layers
+from model.config import ConfigBase, _check
+from model.gru4rec import SessionGRU
+from model.sequence_model import SequenceModel
+
+
+@dataclasses.dataclass(frozen=True)
+class HRNNConfig(ConfigBase):
+    """HRNN hyper-parameters (Quadrana et al. use one layer at each level).
+
+    Attributes:
+      embedding_dim: item embedding width E (the session GRU input).
+      session_units: session GRU width = user embedding width D.
+      user_units: units per user GRU layer.
+      user_layers: stacked user GRU layers; the state H = user_units * user_layers
+        (2 x 128 matches HierTCN's high-level GRU).
+      dropout: dropout on the session GRU outputs before scoring (training only).
+      loss: `softmax` or `sampled` (see `model.losses`).
+      num_negatives: negatives per batch for the sampled loss.
+      output_bias: a per-item bias in the scores.
+    """
+
+    embedding_dim: int = 128
+    session_units: int = 128
+    user_units: int = 128
+    user_layers: int = 1
+    dropout: float = 0.0
+    loss: str = "softmax"
+    num_negatives: int = 256
+    output_bias: bool = True
+
+    def validate(self) -> None:
+        for key in ("embedding_dim", "session_units", "user_units", "user_layers", "num_negatives"):
+            _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.loss in ("softmax", "sampled"),
+               f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+
+
+def _at(sequence: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """[B, T, ...], int [B] -> [B, ...]: each row's entry at its own index."""
+    return tf.gather(sequence, index, axis=1, batch_dims=1)
+
+
+class HRNN(SequenceModel):
+    """The hierarchical RNN; see the module docstring and `SequenceModel` for the API."""
+
+    config_class = HRNNConfig
+
+    def __init__(self, config: HRNNConfig, vocab_size: int,
+                 item_counts: np.ndarray | None = None, load_pretrained: bool = True, **kwargs):
+        """Creates the layers.
+
+        Args:
+          config: the hyper-parameters.
+          vocab_size: V from items.tsv (including the reserved indices 0 and 1).
+          item_counts: int [V] train counts, needed by the sampled loss.
+          load_pretrained: accepted for the registry's common signature (no pretrained
+            vectors here).
+        """
+        del load_pretrained
+        super().__init__(config, vocab_size, item_counts, **kwargs)
+        c = config
+        self.item_embedding = tf.keras.layers.Embedding(
+            vocab_size, c.embedding_dim, name="item_embedding",
+            embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+        self.session_gru = SessionGRU(c.session_units, name="session_gru")
+        self.init = tf.keras.layers.Dense(c.session_units, activation="tanh", name="session_init")
+        self.user_gru = layers.StackedGRU(c.user_units, c.user_layers, name="user_gru")
+        self.drop = tf.keras.layers.Dropout(c.dropout)
+        self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, name="item_scorer")
+
+    @property
+    def state_size(self) -> int:
+        return self.config.user_units * self.config.user_layers
+
+    def _user_step(self, state, final):
+        return tf.cast(self.user_gru(final, state), tf.float32)
+
+    def update_state(self, state, session_items):
+        state = tf.convert_to_tensor(state, tf.float32)
+        items = tf.convert_to_tensor(session_items, tf.int64)
+        h = self.session_gru(self.item_embedding(items), self.init(state))
+        length = tf.reduce_sum(tf.cast(items > 0, tf.int32), axis=1)
+        new = self._user_step(state, _at(h, length))
+        return tf.where((length > 0)[:, None], new, state)
+
+    def user_embeddings(self, state, prefix, training=False):
+        state = tf.convert_to_tensor(state, tf.float32)
+        h = self.session_gru(self.item_embedding(tf.convert_to_tensor(prefix, tf.int64)),
+                             self.init(state))
+        return tf.cast(self.drop(h, training=training), tf.float32)
+
+    def output_weights(self):
+        return self.scorer.item_vectors(), self.scorer.bias
+
+    def item_logits(self, user):
+        return self.scorer(user)
+
+    def train_cache(self, batch_size: int):
+        """(user state [B, H], session hidden state before the last item [B, D], that last
+        item [B], the row's last slot ended inside a session [B] bool)."""
+        return (self.initial_state(batch_size),
+                tf.zeros([batch_size, self.config.session_units], tf.float32),
+                tf.zeros([batch_size], tf.int64), tf.zeros([batch_size], tf.bool))
+
+    def encode(self, batch, cache, training):
+        """Slot by slot: the user state, zeroed at `reset`, starts each new session; a
+        continuing chunk resumes from the cache; the user GRU steps at `session_end`.
+
+        Returns:
+          (user vectors [B * S, L, D], the cache after the batch).
+        """
+        items = tf.cast(batch["items"], tf.int64)
+        reset, end, valid = batch["reset"], batch["session_end"], batch["valid"]
+        state, hidden, last, open_ = cache
+        emb = self.item_embedding(items)
+        outputs = []
+        for s in range(items.shape[1]):
+            state = tf.where(reset[:, s, None], 0.0, state)
+            new = reset[:, s] | ~open_
+            initial = tf.where(new[:, None], tf.cast(self.init(state), tf.float32), hidden)
+            start = tf.broadcast_to(tf.cast(self.session_gru.start, emb.dtype), tf.shape(emb[:, s, 0]))
+            first = tf.where(new[:, None], start, self.item_embedding(last))
+            h = tf.cast(self.session_gru(emb[:, s], initial, first), tf.float32)
+            outputs.append(h[:, :-1])
+            length = tf.reduce_sum(tf.cast(items[:, s] > 0, tf.int32), axis=1)
+            v, e = valid[:, s], valid[:, s] & end[:, s]
+            state = tf.where(e[:, None], self._user_step(state, _at(h, length)), state)
+            hidden = tf.where(v[:, None], _at(h, tf.maximum(length - 1, 0)), hidden)
+            last = tf.where(v, _at(items[:, s], tf.maximum(length - 1, 0)), last)
+            open_ = tf.where(v, ~end[:, s], open_)
+        u = tf.stack(outputs, axis=1)
+        u = tf.reshape(u, tf.concat([[-1], tf.shape(u)[2:]], 0))
+        return self.drop(u, training=training), (state, hidden, last, open_)

@@ -1,0 +1,222 @@
+"""HierTCN's layers: session aggregation, stacked high-level GRU, stateful input projection,
+causal TCN block and the item scorer.
+
+Each layer validates its arguments in `__init__` (ValueError naming the bad value), creates
+its weights in `build` and returns every argument from `get_config`. All call paths use
+core TensorFlow ops only, so the serving signatures can reuse them unchanged.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _rate(name: str, value: float) -> float:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+class SessionAggregator(tf.keras.layers.Layer):
+    """AGG(session) = mean of the session's non-padding item embeddings + bias.
+
+    The mean is taken from running sums so that a session split over several chunks (or
+    batches) aggregates exactly as if it had been seen at once.
+    """
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(name="bias", shape=[int(input_shape[-1])],
+                                    initializer="zeros", trainable=True)
+        super().build(input_shape)
+
+    def call(self, sums: tf.Tensor, counts: tf.Tensor) -> tf.Tensor:
+        """Aggregates from sums.
+
+        Args:
+          sums: [..., E] sum of the session's item embeddings.
+          counts: [...] number of non-padding items (0 gives just the bias).
+
+        Returns:
+          [..., E] the session aggregate.
+        """
+        denom = tf.maximum(tf.cast(counts, sums.dtype), 1.0)[..., None]
+        return sums / denom + tf.cast(self.bias, sums.dtype)
+
+
+class StackedGRU(tf.keras.layers.Layer):
+    """The high-level GRU: `num_layers` stacked cells, one step per session.
+
+    The state is all layers' states concatenated, [batch, units * num_layers].
+    """
+
+    def __init__(self, units: int, num_layers: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = _positive("units", units)
+        self.num_layers = _positive("num_layers", num_layers)
+        self.cells = [tf.keras.layers.GRUCell(units, name=f"cell_{i}") for i in range(num_layers)]
+
+    @property
+    def state_size(self) -> int:
+        return self.units * self.num_layers
+
+    def build(self, input_shape):
+        dim = int(input_shape[-1])
+        for cell in self.cells:
+            cell.build(tf.TensorShape([None, dim]))
+            dim = self.units
+        super().build(input_shape)
+
+    def call(self, inputs: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
+        """One step.
+
+        Args:
+          inputs: [batch, E] the session aggregate.
+          state: [batch, units * num_layers].
+
+        Returns:
+          [batch, units * num_layers] the new state.
+        """
+        x, new = inputs, []
+        for i, cell in enumerate(self.cells):
+            h = state[:, i * self.units:(i + 1) * self.units]
+            x, _ = cell(x, [tf.cast(h, x.dtype)])
+            new.append(x)
+        return tf.concat(new, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "num_layers": self.num_layers}
+
+
+class StatefulInput(tf.keras.layers.Layer):
+    """Builds the TCN input: [start, item embeddings] each concatenated with the state and
+    projected to the channel width without bias.
+
+    concat(x_t, h) @ W = x_t @ W_x + h @ W_h, so the state is projected once per row
+    instead of being tiled over the steps.
+    """
+
+    def __init__(self, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = _positive("channels", channels)
+
+    def build(self, input_shape):
+        item_shape, state_shape = input_shape
+        e, h = int(item_shape[-1]), int(state_shape[-1])
+        self.start = self.add_weight(name="start", shape=[e],
+                                     initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+        self.kernel = self.add_weight(name="kernel", shape=[e + h, self.channels],
+                                      initializer="glorot_uniform")
+        super().build(input_shape)
+
+    def call(self, inputs) -> tf.Tensor:
+        """Projects.
+
+        Args:
+          inputs: (item_embeddings [batch, T, E], state [batch, H]).
+
+        Returns:
+          [batch, T + 1, channels]: position 0 is the start vector.
+        """
+        items, state = inputs
+        e = items.shape[-1]
+        start = tf.broadcast_to(tf.cast(self.start, items.dtype), tf.stack([tf.shape(items)[0], 1, e]))
+        x = tf.concat([start, items], axis=1)
+        kernel = tf.cast(self.kernel, items.dtype)
+        return (tf.einsum("bte,ec->btc", x, kernel[:e])
+                + tf.matmul(tf.cast(state, items.dtype), kernel[e:])[:, None, :])
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+class TemporalBlock(tf.keras.layers.Layer):
+    """Residual block of causal dilated convolutions: relu(x + F(x)), F = (conv, ReLU,
+    dropout) x convs (Bai et al. 2018; the HierTCN authors used one conv per block).
+
+    Output at step t depends only on inputs at steps <= t.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 5, dilation: int = 1, convs: int = 1,
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = _positive("channels", channels)
+        self.kernel_size = _positive("kernel_size", kernel_size)
+        self.dilation = _positive("dilation", dilation)
+        self.convs = _positive("convs", convs)
+        self.dropout = _rate("dropout", dropout)
+        self.conv_layers = [
+            tf.keras.layers.Conv1D(channels, kernel_size, dilation_rate=dilation, padding="causal",
+                                   activation="relu", name=f"conv_{i}") for i in range(convs)]
+        self.drop = tf.keras.layers.Dropout(dropout)
+        self.shortcut = None
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + (self.kernel_size - 1) * self.dilation * self.convs
+
+    def build(self, input_shape):
+        shape = tf.TensorShape(input_shape)
+        for conv in self.conv_layers:
+            conv.build(shape)
+            shape = shape[:-1].concatenate([self.channels])
+        if int(input_shape[-1]) != self.channels:
+            self.shortcut = tf.keras.layers.Conv1D(self.channels, 1, name="shortcut")
+            self.shortcut.build(input_shape)
+        super().build(input_shape)
+
+    def call(self, inputs: tf.Tensor, training=None) -> tf.Tensor:
+        """[batch, T, in_channels] -> [batch, T, channels]."""
+        x = inputs
+        for conv in self.conv_layers:
+            x = self.drop(conv(x), training=training)
+        res = inputs if self.shortcut is None else self.shortcut(inputs)
+        return tf.nn.relu(x + res)
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels, "kernel_size": self.kernel_size,
+                "dilation": self.dilation, "convs": self.convs, "dropout": self.dropout}
+
+
+class ItemScorer(tf.keras.layers.Layer):
+    """Scores user embeddings against every item: u @ W^T + b, W [vocab, D].
+
+    With `tied=True` there is no own matrix: the caller passes the item vectors.
+    """
+
+    def __init__(self, vocab_size: int, use_bias: bool = True, tied: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = _positive("vocab_size", vocab_size)
+        self.use_bias = bool(use_bias)
+        self.tied = bool(tied)
+
+    def build(self, input_shape):
+        d = int(input_shape[-1])
+        self.kernel = None if self.tied else self.add_weight(
+            name="kernel", shape=[self.vocab_size, d], initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=[self.vocab_size], initializer="zeros",
+                                    trainable=self.use_bias)
+        super().build(input_shape)
+
+    def item_vectors(self, tied_vectors: tf.Tensor | None = None) -> tf.Tensor:
+        """[vocab, D] output item vectors."""
+        if self.tied:
+            if tied_vectors is None:
+                raise ValueError("a tied ItemScorer needs the item vectors")
+            return tied_vectors
+        return self.kernel
+
+    def call(self, user: tf.Tensor, tied_vectors: tf.Tensor | None = None) -> tf.Tensor:
+        """[..., D] -> [..., vocab] float32 scores."""
+        w = tf.cast(self.item_vectors(tied_vectors), user.dtype)
+        logits = tf.linalg.matmul(tf.reshape(user, [-1, tf.shape(user)[-1]]), w, transpose_b=True)
+        logits = tf.cast(logits, tf.float32) + self.bias
+        return tf.reshape(logits, tf.concat([tf.shape(user)[:-1], [self.vocab_size]], 0))
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size, "use_bias": self.use_bias,
+                "tied": self.tied}

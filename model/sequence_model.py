@@ -1,0 +1,151 @@
+"""The base class every trainable model derives from: the hooks that `model.train`,
+`model.keras_scorer` and `serving/` use, so one training loop serves every model.
+
+How to add a model (e.g. a baseline):
+
+1. Write `model/NAME.py` with a frozen config dataclass deriving from
+   `model.config.ConfigBase` (strict overrides and dict/JSON round trips for free) and a
+   `SequenceModel` subclass that sets `config_class`, takes
+   `(config, vocab_size, item_counts=None, load_pretrained=True)` in `__init__`, builds
+   its layers there, and implements `state_size`, `update_state`, `user_embeddings`,
+   `item_logits`, `output_weights` and `session_states` (the state before each slot of
+   a batch; `train_cache` if it carries more than the state). A model whose training
+   does not follow "state before each slot + per-step user vectors" (e.g. a flat TCN
+   over the whole history) overrides `encode` or `train_loss` instead. A session-only
+   model returns zeros from `session_states` and its state unchanged from
+   `update_state`.
+2. Register the class in `model.registry.MODELS`.
+3. `python -m model.train --model NAME`, `model.evaluate --model-dir RUN` and the serving
+   export then work unchanged.
+
+Training batches come from `model.batching.QueueBatcher`: a dict with `items` int64
+[B, S, L] (chunks of sessions, padded with 0), `reset`, `session_end` and `valid` bool
+[B, S]. The loop keeps the model's `train_cache` (tuple of tensors with leading dim B)
+from batch to batch without gradient.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from model import losses
+
+
+class SequenceModel(tf.keras.Model):
+    """A next-item model with a per-user state carried across sessions.
+
+    Subclasses keep these signatures; all methods accept any batch and length and use
+    core TF ops only, so serving can wrap them in signatures.
+    """
+
+    config_class: type = None
+
+    def __init__(self, config: Any, vocab_size: int, item_counts: np.ndarray | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                             f"got {type(config).__name__}")
+        if vocab_size < 3:
+            raise ValueError(f"vocab_size must be >= 3 (2 reserved + 1 item), got {vocab_size}")
+        self.config = config
+        self.vocab_size = int(vocab_size)
+        self.loss_fn = losses.make_loss(getattr(config, "loss", "softmax"), self.vocab_size,
+                                        getattr(config, "num_negatives", 256), item_counts)
+
+    # --- the serving / evaluation API -------------------------------------------------
+    @property
+    def state_size(self) -> int:
+        """H, the width of the per-user state."""
+        raise NotImplementedError
+
+    def initial_state(self, batch_size) -> tf.Tensor:
+        """float32 [batch, H] zeros: a new user's state."""
+        return tf.zeros([batch_size, self.state_size], tf.float32)
+
+    def update_state(self, state: tf.Tensor, session_items: tf.Tensor) -> tf.Tensor:
+        """[B, H], int64 [B, T] -> [B, H] after the session; all-padding rows unchanged."""
+        raise NotImplementedError
+
+    def user_embeddings(self, state: tf.Tensor, prefix: tf.Tensor, training=False) -> tf.Tensor:
+        """[B, H], int64 [B, T] -> float32 [B, T + 1, D]; position t = after prefix[:, :t]."""
+        raise NotImplementedError
+
+    def item_logits(self, user: tf.Tensor) -> tf.Tensor:
+        """float32 [..., D] -> [..., V] scores over the whole vocabulary."""
+        raise NotImplementedError
+
+    def output_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """(item vectors [V, D], bias [V]) of the output layer, for the training loss."""
+        raise NotImplementedError
+
+    def last_user_embedding(self, state: tf.Tensor, session_items: tf.Tensor) -> tf.Tensor:
+        """[B, H], int64 [B, T] (padded at the end) -> [B, D]: the user after the session's
+        last item (the start position for an empty session)."""
+        session_items = tf.convert_to_tensor(session_items, tf.int64)
+        u = self.user_embeddings(state, session_items)
+        length = tf.reduce_sum(tf.cast(session_items > 0, tf.int32), axis=1)
+        return tf.gather(u, length, axis=1, batch_dims=1)
+
+    def build_weights(self) -> None:
+        """Creates every variable with a one-row dummy call (before a restore)."""
+        state = self.initial_state(1)
+        items = tf.ones([1, 2], tf.int64) * 2
+        self.item_logits(self.user_embeddings(self.update_state(state, items), items))
+
+    # --- the training hooks -----------------------------------------------------------
+    def train_cache(self, batch_size: int) -> tuple[tf.Tensor, ...]:
+        """Zeros of what is carried per row from batch to batch (default: the state)."""
+        return (self.initial_state(batch_size),)
+
+    def session_states(self, batch: dict, cache: tuple, training: bool):
+        """Returns (state before each slot [B, S, H], the cache after the batch)."""
+        raise NotImplementedError
+
+    def encode(self, batch: dict, cache: tuple, training: bool):
+        """User vectors at every slot position: ([B * S, L, D], the cache after the batch)."""
+        items = tf.cast(batch["items"], tf.int64)
+        b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
+        before, new_cache = self.session_states(batch, cache, training)
+        flat_items = tf.reshape(items, [b * s, l])
+        u = self.user_embeddings(tf.reshape(before, [b * s, self.state_size]),
+                                 flat_items[:, :-1], training=training)
+        return u, new_cache
+
+    def train_loss(self, batch: dict, cache: tuple, training: bool = True, encode=None):
+        """Mean loss over the batch's non-padding targets.
+
+        Inputs of a slot are [start, a1..a(m-1)], targets [a1..am]: the first item is
+        predicted from the state alone. Targets are gathered before the output layer,
+        so padding costs no output compute.
+
+        Args:
+          batch: a generator batch (see the module docstring).
+          cache: the rows' carried tensors (`train_cache`).
+          training: dropout and sampled loss on.
+          encode: replaces `self.encode`, e.g. its XLA-compiled `tf.function` (the target
+            gather after it has a dynamic shape, so it stays outside XLA).
+
+        Returns:
+          (loss scalar, new cache tuple, number of target events int32).
+        """
+        u, new_cache = (encode or self.encode)(batch, cache, training)
+        items = tf.cast(batch["items"], tf.int64)
+        flat_items = tf.reshape(items, [-1, tf.shape(items)[2]])
+        where = tf.where(flat_items > 0)
+        user = tf.gather_nd(u, where)
+        targets = tf.gather_nd(flat_items, where)
+        item_vectors, bias = self.output_weights()
+        per_event = self.loss_fn(user, targets, item_vectors, bias, training)
+        n = tf.shape(targets)[0]
+        loss = tf.reduce_sum(per_event) / tf.maximum(tf.cast(n, tf.float32), 1.0)
+        return loss, new_cache, n
+
+    def get_config(self):
+        return {"config": self.config.to_dict(), "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(cls.config_class.from_dict(config["config"]), config["vocab_size"])

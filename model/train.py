@@ -1,0 +1,358 @@
+"""Trains a model on a pipeline data folder: `python -m model.train --data DIR --model-dir RUN`.
+
+Batches come from the queue-based generator (`model.batching`), the per-row state cache is
+carried from batch to batch without gradient, and everything needed to continue is in the
+checkpoint: model, optimizer, step, state cache and the generator's position. Rerunning
+the same command resumes where the last checkpoint left off.
+
+RUN/ gets `config.json` (resolved config), `items.tsv` (the vocabulary), `checkpoints/`,
+`logs/` (TensorBoard) and, at the end, `train_summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from model import batching
+from model import config as config_lib
+from model import registry
+from model.keras_scorer import KerasScorer
+from pipeline import schema
+
+SUMMARY_FILE = "train_summary.json"
+LOG_EVERY = 10
+
+
+def _scalar(name: str, value: float, step: int) -> None:
+    """A TensorBoard scalar with the core `tf.summary.write` (no tensorboard package needed)."""
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=metadata)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example a NaN loss)."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="pipeline output folder")
+    p.add_argument("--model", default="hiertcn", help=f"model name ({', '.join(registry.MODELS)})")
+    p.add_argument("--model-dir", required=True, help="run folder (created; reused to resume)")
+    p.add_argument("--config", help="JSON config file (see model/config.py)")
+    p.add_argument("--preset", choices=["deep"],
+                   help="deep: 2 blocks x 2 convs, receptive field 25 >= L = 20")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help=f"training steps (default {config_lib.DEFAULT_STEPS})")
+    budget.add_argument("--epochs", type=int, help="passes over the training users")
+    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this wall time")
+    p.add_argument("--batch-size", type=int, help="B rows")
+    p.add_argument("--sessions-per-batch", type=int, help="S sessions per row per batch")
+    p.add_argument("--max-session-length", type=int, help="L items per session chunk")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--loss", choices=["softmax", "sampled"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
+    p.add_argument("--eval-users", type=int, help="valid users per evaluation (0: all)")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--no-high-level", action="store_true",
+                   help="session-only ablation: the high-level state stays zero")
+    p.add_argument("--mixed-precision", action="store_true")
+    p.add_argument("--jit-compile", action="store_true", help="XLA-compile the model's encoder")
+    p.add_argument("--strategy", help="default, mirrored or one_device:DEVICE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
+    """Defaults <- --config FILE <- --preset <- command-line options (all strict)."""
+    values = config_lib.load_json(args.config) if args.config else {}
+    if "model_name" in values and values["model_name"] != args.model:
+        raise config_lib.ConfigError(
+            f"{args.config} is for model {values['model_name']!r}, but --model is {args.model!r}")
+    values = {**values, "model_name": args.model}
+    config = config_lib.RunConfig.from_dict(values, registry.config_classes())
+    model, train = {}, {}
+    if args.preset == "deep":
+        model.update(config_lib.DEEP_PRESET)
+    if args.loss:
+        model["loss"] = args.loss
+    if args.no_high_level:
+        model["high_level"] = False
+    flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
+             "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
+             "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
+             "seed": args.seed, "eval_every": args.eval_every, "eval_users": args.eval_users,
+             "checkpoint_every": args.checkpoint_every, "strategy": args.strategy}
+    train.update({k: v for k, v in flags.items() if v is not None})
+    if args.epochs is not None:
+        train["steps"] = 0
+    if args.mixed_precision:
+        train["mixed_precision"] = True
+    if args.jit_compile:
+        train["jit_compile"] = True
+    config = config.replace({"model": model, "train": train})
+    if config.train.steps == 0 and config.train.epochs == 0:
+        config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
+    return config
+
+
+def check_data(data_dir: str) -> schema.Vocabulary:
+    """Checks a pipeline folder; returns its vocabulary (DataError with one line if not)."""
+    if not os.path.isdir(data_dir):
+        raise schema.DataError(f"data folder {data_dir} not found: run `python -m pipeline` first")
+    vocab = schema.read_vocabulary(data_dir)
+    schema.read_stats(data_dir)
+    schema.shard_files(data_dir, "train")
+    return vocab
+
+
+def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
+                    vocab: schema.Vocabulary) -> None:
+    """Creates RUN or checks that a resumed RUN matches this data and model config."""
+    os.makedirs(run_dir, exist_ok=True)
+    items_path = os.path.join(run_dir, schema.ITEMS_FILE)
+    if os.path.exists(items_path):
+        registry.check_vocabulary(schema.read_vocabulary(run_dir), vocab, run_dir, data_dir)
+    else:
+        shutil.copyfile(os.path.join(data_dir, schema.ITEMS_FILE), items_path + ".tmp")
+        os.replace(items_path + ".tmp", items_path)
+    config_path = os.path.join(run_dir, registry.CONFIG_FILE)
+    if os.path.exists(config_path):
+        saved = config_lib.load_json(config_path)
+        fixed = ("batch_size", "sessions_per_batch", "max_session_length")
+        now = config.to_dict()
+        if (saved.get("model_name") != now["model_name"] or saved.get("model") != now["model"]
+                or any(saved.get("train", {}).get(k) != now["train"][k] for k in fixed)):
+            raise registry.RunError(
+                f"{run_dir} holds a run with another model config or batch geometry "
+                f"(see its {registry.CONFIG_FILE}): use a new --model-dir or the same options")
+    config_lib.save_json(config, config_path)
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy named in the config.
+
+    The per-row state cache lives with the rows of one replica's batch, so training runs
+    on one replica (one GPU or the CPU); `mirrored` is accepted when it has one replica.
+    """
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name.startswith("one_device:"):
+        return tf.distribute.OneDeviceStrategy(name.split(":", 1)[1])
+    strategy = tf.distribute.MirroredStrategy()
+    if strategy.num_replicas_in_sync > 1:
+        raise config_lib.ConfigError(
+            f"strategy 'mirrored' has {strategy.num_replicas_in_sync} replicas; the state cache "
+            "needs one replica: use 'one_device:/gpu:0'")
+    return strategy
+
+
+def estimate_steps(data_dir: str, train: config_lib.TrainConfig) -> int:
+    """Approximate steps for `train.epochs` passes (for the learning-rate schedule)."""
+    split = schema.read_stats(data_dir)["splits"]["train"]
+    slots = max(split["sessions"], math.ceil(split["events"] / train.max_session_length))
+    return max(1, train.epochs * math.ceil(slots / (train.batch_size * train.sessions_per_batch)))
+
+
+def learning_rate(train: config_lib.TrainConfig, total_steps: int):
+    """Adam's learning rate: constant, or the authors' step decay at fractions of the run."""
+    if train.lr_schedule == "constant" or not train.lr_decay_at:
+        return train.learning_rate
+    bounds = sorted({max(1, int(f * total_steps)) for f in train.lr_decay_at})
+    values = [train.learning_rate / train.lr_decay_factor ** i for i in range(len(bounds) + 1)]
+    return tf.keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
+
+
+class TrainState(tf.Module):
+    """What a checkpoint holds besides model and optimizer: step, state cache, data position."""
+
+    def __init__(self, cache: Sequence[tf.Tensor]):
+        super().__init__(name="train_state")
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.cache = [tf.Variable(c, trainable=False, name=f"cache_{i}") for i, c in enumerate(cache)]
+        self.position = tf.Variable("", dtype=tf.string, trainable=False, name="position")
+
+
+def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16: bool,
+                    jit_compile: bool = False):
+    """A compiled step: loss, gradients, Adam update, state cache carried without gradient."""
+    encode = tf.function(model.encode, jit_compile=True) if jit_compile else None
+
+    def step_fn(batch):
+        with tf.GradientTape() as tape:
+            loss, new_cache, n = model.train_loss(batch, tuple(c.value() for c in state.cache),
+                                                  training=True, encode=encode)
+            scaled = optimizer.get_scaled_loss(loss) if mixed_float16 else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
+        if mixed_float16:
+            grads = optimizer.get_unscaled_gradients(grads)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        for var, value in zip(state.cache, new_cache):
+            var.assign(tf.stop_gradient(value))
+        state.step.assign_add(1)
+        return loss, n
+
+    @tf.function
+    def train_step(batch):
+        return strategy.run(step_fn, args=(batch,))
+
+    return train_step
+
+
+def evaluate_valid(model, data_dir: str, max_users: int) -> dict:
+    """Valid metrics of the in-memory model through `model.evaluate` (imported lazily)."""
+    from model import evaluate
+
+    scorer = KerasScorer(model, name=type(model).__name__.lower())
+    return evaluate.evaluate(scorer, data_dir, "valid", max_users=max_users or None, progress=False)
+
+
+def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool = True) -> dict:
+    """Trains (or resumes) a run; returns the summary written to RUN/train_summary.json.
+
+    Raises:
+      DataError, ConfigError, RunError: bad data folder, option or run folder.
+      TrainingError: the loss became NaN (the last good checkpoint is kept).
+    """
+    vocab = check_data(data_dir)
+    prepare_run_dir(run_dir, config, data_dir, vocab)
+    tc = config.train
+    tf.keras.utils.set_random_seed(tc.seed)
+    mixed_float16 = False
+    if tc.mixed_precision:
+        mixed_float16 = bool(tf.config.list_physical_devices("GPU"))
+        tf.keras.mixed_precision.set_global_policy("mixed_float16" if mixed_float16 else "mixed_bfloat16")
+    total_steps = tc.steps or estimate_steps(data_dir, tc)
+    strategy = make_strategy(tc.strategy)
+    with strategy.scope():
+        model = registry.build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts)
+        optimizer = tf.keras.optimizers.Adam(learning_rate(tc, total_steps),
+                                             **({"clipnorm": tc.clipnorm} if tc.clipnorm else {}))
+        if mixed_float16:
+            optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+        state = TrainState(model.train_cache(tc.batch_size))
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, train_state=state)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, registry.CHECKPOINT_DIR),
+                                         max_to_keep=tc.keep_checkpoints)
+    batcher = batching.QueueBatcher(
+        batching.train_users(data_dir), tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
+        seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
+        keep_positions=4 * tc.prefetch + 16)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        batcher.restore(json.loads(state.position.numpy().decode("utf-8")))
+    start_step = int(state.step.numpy())
+    if tc.steps and start_step >= tc.steps:
+        print(f"{run_dir} already holds {start_step} steps; nothing to do", file=sys.stderr)
+        return _read_summary(run_dir)
+
+    train_step = make_train_step(model, optimizer, state, strategy, mixed_float16, tc.jit_compile)
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
+    bar = tf.keras.utils.Progbar(tc.steps or total_steps, stateful_metrics=["loss", "events/s"],
+                                 verbose=1 if progress else 0, unit_name="step")
+    dataset = batching.make_dataset(batcher, tc.prefetch)
+    events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
+    wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
+    last_index, last_saved = None, start_step
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if last_index is not None:
+            state.position.assign(json.dumps(batcher.position_after(last_index)))
+        manager.save(checkpoint_number=step)
+        last_saved = step
+
+    with writer.as_default():
+        for batch in dataset:
+            t0 = time.perf_counter()
+            loss, n = train_step(batch)
+            last_loss = float(loss.numpy())
+            step = int(state.step.numpy())
+            if step > start_step + 1:  # the first step of a process includes tracing
+                step_seconds += time.perf_counter() - t0
+                events += int(n.numpy())
+            if not math.isfinite(last_loss):
+                raise TrainingError(
+                    f"loss is {last_loss} at step {step}: stopped; the last good checkpoint in "
+                    f"{manager.directory} is kept (try a lower --learning-rate)")
+            last_index = int(batch["batch_index"].numpy())
+            rate = events / max(step_seconds, 1e-9)
+            bar.update(step, values=[("loss", last_loss), ("events/s", round(rate))])
+            if step % LOG_EVERY == 0:
+                _scalar("loss", last_loss, step=step)
+                _scalar("events_per_s", rate, step=step)
+            if step % tc.checkpoint_every == 0:
+                save(step)
+            if tc.eval_every and step % tc.eval_every == 0:
+                t1 = time.perf_counter()
+                valid = _log_valid(model, data_dir, tc.eval_users, step)
+                eval_seconds += time.perf_counter() - t1
+            if tc.steps and step >= tc.steps:
+                stop_reason = "steps"
+                break
+            if tc.max_minutes and time.perf_counter() - wall_start - eval_seconds > 60 * tc.max_minutes:
+                stop_reason = "time"
+                break
+        step = int(state.step.numpy())
+        if step > last_saved:
+            save(step)
+        seconds = time.perf_counter() - wall_start - eval_seconds
+        if tc.eval_every and step % tc.eval_every:
+            valid = _log_valid(model, data_dir, tc.eval_users, step)
+    summary = {
+        "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
+        "stopped_by": stop_reason, "seconds": round(seconds, 3),
+        "step_seconds": round(step_seconds, 3), "events": events,
+        "events_per_s": round(events / max(step_seconds, 1e-9), 1),
+        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+        "final_loss": last_loss, "valid": valid}
+    tmp = os.path.join(run_dir, SUMMARY_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, SUMMARY_FILE))
+    return summary
+
+
+def _log_valid(model, data_dir: str, max_users: int, step: int) -> dict:
+    metrics = evaluate_valid(model, data_dir, max_users)
+    for key in ("recall@20", "mrr@20"):
+        _scalar(f"valid/{key}", metrics[key], step=step)
+    print(f"\nstep {step}: valid recall@20 {metrics['recall@20']:.4f} mrr@20 {metrics['mrr@20']:.4f}",
+          file=sys.stderr)
+    return {k: metrics[k] for k in ("recall@20", "mrr@20", "events")}
+
+
+def _read_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = resolve_config(args)
+        summary = train(args.data, args.model_dir, config, progress=not args.no_progress)
+    except (schema.DataError, config_lib.ConfigError, registry.RunError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The queue-based mini-batch generator on hand-made users (pure Python) and its tf.data wrapper."""
+import json
+
+import numpy as np
+import pytest
+
+from model import batching
+
+# user A: sessions [2 3 4 5] and [6 7]; user B: [8 9 10]; user C: [2 2 3], [4 5 6 7 8], [9 10]
+USERS = [[[2, 3, 4, 5], [6, 7]], [[8, 9, 10]], [[2, 2, 3], [4, 5, 6, 7, 8], [9, 10]]]
+
+
+def _batcher(**kw):
+    args = dict(shuffle_buffer=1, epochs=1)
+    args.update(kw)
+    return batching.QueueBatcher(lambda: iter(USERS), 2, 2, 3, **args)
+
+
+def test_user_slots_split_long_sessions_into_chunks():
+    slots = batching.user_slots([[2, 3, 4, 5], [6, 7]], 3)
+    assert slots == [batching.Slot((2, 3, 4), True, False), batching.Slot((5,), False, True),
+                     batching.Slot((6, 7), False, True)]
+
+
+def test_batches_on_hand_made_log():
+    # B=2 rows, S=2 slots, L=3. A's 3 slots -> row 0 (both empty, lowest wins); B's slot -> row 1
+    # (row 1 has 0 < 3); C's 4 slots -> row 1 (1 < 3). Row 0: A1a A1b A2; row 1: B1 C1 C2a C2b C3.
+    batches = list(_batcher())
+    assert len(batches) == 3
+    items = [b["items"].tolist() for b in batches]
+    assert items[0] == [[[2, 3, 4], [5, 0, 0]], [[8, 9, 10], [2, 2, 3]]]
+    assert items[1] == [[[6, 7, 0], [0, 0, 0]], [[4, 5, 6], [7, 8, 0]]]
+    assert items[2] == [[[0, 0, 0], [0, 0, 0]], [[9, 10, 0], [0, 0, 0]]]
+    assert batches[0]["reset"].tolist() == [[True, False], [True, True]]
+    assert batches[0]["session_end"].tolist() == [[False, True], [True, True]]
+    assert batches[1]["reset"].tolist() == [[False, False], [False, False]]
+    assert batches[1]["session_end"].tolist() == [[True, False], [False, True]]
+    assert batches[1]["valid"].tolist() == [[True, False], [True, True]]
+    assert batches[2]["session_end"].tolist() == [[False, False], [True, False]]
+    assert batches[2]["valid"].tolist() == [[False, False], [True, False]]
+    assert [int(b["batch_index"]) for b in batches] == [0, 1, 2]
+
+
+def test_two_epochs_continue_the_stream():
+    batches = list(_batcher(epochs=2))
+    flat = [tuple(x) for b in batches for row in b["items"] for x in row if x.any()]
+    assert len(flat) == 2 * 8  # every slot of both epochs, none lost
+
+
+def test_shuffle_is_deterministic_per_seed():
+    users = [[[i + 2, i + 3]] for i in range(50)]
+    def firsts(seed):
+        b = batching.QueueBatcher(lambda: iter(users), 4, 1, 2, seed=seed, shuffle_buffer=8, epochs=1)
+        return [int(x["items"][0, 0, 0]) for x in b]
+    assert firsts(1) == firsts(1)
+    assert firsts(1) != firsts(2)
+    out = batching.shuffled(range(20), 5, np.random.default_rng(0))
+    assert sorted(out) == list(range(20))
+
+
+def test_restored_position_gives_the_same_next_batch():
+    users = [[[i + 2, i + 3, i + 4], [i + 5] * 1 + [i + 6]] for i in range(30)]
+    make = lambda: batching.QueueBatcher(lambda: iter(users), 3, 2, 2, seed=7, shuffle_buffer=5,
+                                         epochs=3)
+    full = list(make())
+    first = make()
+    for _ in range(5):
+        first.next_batch()
+    pos = json.loads(json.dumps(first.position_after(4)))  # JSON round trip, as in checkpoints
+    resumed = make()
+    resumed.restore(pos)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 5
+    for a, b in zip(rest, full[5:]):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_bad_arguments_and_batch_size_change():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        batching.QueueBatcher(lambda: iter(USERS), 0, 2, 3)
+    pos = _batcher().position()
+    with pytest.raises(ValueError, match="batch size changed"):
+        batching.QueueBatcher(lambda: iter(USERS), 3, 2, 3).restore(pos)
+
+
+def test_tf_dataset_has_fixed_shapes():
+    ds = batching.make_dataset(_batcher(), prefetch=2)
+    assert ds.element_spec["items"].shape.as_list() == [2, 2, 3]
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == 3
+    assert batches[1]["items"].tolist() == [[[6, 7, 0], [0, 0, 0]], [[4, 5, 6], [7, 8, 0]]]

@@ -1,0 +1,151 @@
+"""HierTCN's model API on a tiny config: state semantics, training structure, save/reload."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import config as config_lib
+from model import registry
+from model.hiertcn import HierTCN
+from model.keras_scorer import KerasScorer
+
+V = 12
+TINY = config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, gru_layers=2, channels=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    tf.keras.utils.set_random_seed(0)
+    return registry.build_model("hiertcn", TINY, V)
+
+
+def test_shapes(model):
+    state = tf.random.normal([3, model.state_size])
+    items = tf.constant([[2, 3, 4, 0], [5, 0, 0, 0], [0, 0, 0, 0]], tf.int64)
+    assert model.state_size == 8
+    assert model.update_state(state, items).shape == (3, 8)
+    u = model.user_embeddings(state, items)
+    assert u.shape == (3, 5, 8)
+    assert model.item_logits(u).shape == (3, 5, V)
+    last = model.last_user_embedding(state, items).numpy()
+    np.testing.assert_allclose(last[0], u[0, 3].numpy(), atol=1e-6)  # after item 3 of 3
+    np.testing.assert_allclose(last[2], u[2, 0].numpy(), atol=1e-6)  # empty: start position
+
+
+def test_update_state_keeps_all_padding_rows(model):
+    state = tf.random.normal([2, 8])
+    new = model.update_state(state, tf.constant([[2, 3], [0, 0]], tf.int64)).numpy()
+    np.testing.assert_array_equal(new[1], state.numpy()[1])
+    assert np.abs(new[0] - state.numpy()[0]).max() > 1e-6
+
+
+def test_update_ignores_padding_inside_row(model):
+    state = tf.random.normal([1, 8])
+    a = model.update_state(state, tf.constant([[2, 3]], tf.int64))
+    b = model.update_state(state, tf.constant([[2, 3, 0, 0, 0]], tf.int64))
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+
+
+def test_user_embedding_depends_on_state_and_is_causal(model):
+    items = tf.constant([[2, 3, 4, 5]], tf.int64)
+    s1, s2 = tf.zeros([1, 8]), tf.ones([1, 8])
+    assert np.abs(model.user_embeddings(s1, items) - model.user_embeddings(s2, items)).max() > 1e-4
+    other = tf.constant([[2, 3, 9, 9]], tf.int64)
+    np.testing.assert_allclose(model.user_embeddings(s1, items)[:, :3].numpy(),
+                               model.user_embeddings(s1, other)[:, :3].numpy(), atol=1e-6)
+
+
+def _batch(items, reset, end):
+    items = tf.constant(items, tf.int64)
+    return {"items": items, "reset": tf.constant(reset), "session_end": tf.constant(end),
+            "valid": tf.reduce_any(items > 0, axis=-1)}
+
+
+def test_session_states_match_update_state_and_reset_at_user_boundaries(model):
+    # Row 0: one user's session [2 3 4 5 6] split into chunks of 3, then a session [7 8];
+    # row 1: user X's session [9 10], then a new user (reset) with [3 4].
+    batch = _batch([[[2, 3, 4], [5, 6, 0], [7, 8, 0]], [[9, 10, 0], [3, 4, 0], [0, 0, 0]]],
+                   [[True, False, False], [True, True, False]],
+                   [[False, True, True], [True, True, False]])
+    start = tf.random.normal([2, 8])  # stale state from a previous user
+    cache = (start, tf.zeros([2, 8]), tf.zeros([2]))
+    before, (after, acc, cnt) = model.session_states(batch, cache, training=False)
+    zero = np.zeros(8, np.float32)
+    s1 = model.update_state(tf.zeros([1, 8]), tf.constant([[2, 3, 4, 5, 6]], tf.int64))
+    s2 = model.update_state(s1, tf.constant([[7, 8]], tf.int64))
+    np.testing.assert_allclose(before[0, 0], zero)            # reset before the first chunk
+    np.testing.assert_allclose(before[0, 1], zero)            # second chunk: same session
+    np.testing.assert_allclose(before[0, 2], s1[0], atol=1e-5)  # AGG over both chunks exactly
+    np.testing.assert_allclose(after[0], s2[0], atol=1e-5)
+    np.testing.assert_allclose(before[1, 1], zero)            # new user in row 1: zeroed
+    t = model.update_state(tf.zeros([1, 8]), tf.constant([[3, 4]], tf.int64))
+    np.testing.assert_allclose(before[1, 2], t[0], atol=1e-5)  # empty slot keeps the state
+    np.testing.assert_allclose(after[1], t[0], atol=1e-5)
+    np.testing.assert_allclose(cnt.numpy(), [0, 0])
+
+
+def test_session_split_over_batches_carries_the_running_sum(model):
+    first = _batch([[[2, 3, 4]]], [[True]], [[False]])
+    second = _batch([[[5, 6, 0]]], [[False]], [[True]])
+    _, cache = model.session_states(first, model.train_cache(1), training=False)
+    _, (state, _, _) = model.session_states(second, cache, training=False)
+    whole = model.update_state(tf.zeros([1, 8]), tf.constant([[2, 3, 4, 5, 6]], tf.int64))
+    np.testing.assert_allclose(state.numpy(), whole.numpy(), atol=1e-5)
+
+
+def test_train_loss_counts_only_real_targets(model):
+    batch = _batch([[[2, 3, 0], [0, 0, 0]]], [[True, False]], [[True, False]])
+    loss, _, n = model.train_loss(batch, model.train_cache(1), training=False)
+    assert int(n) == 2
+    u = model.user_embeddings(tf.zeros([1, 8]), tf.constant([[2]], tf.int64))
+    logp = tf.nn.log_softmax(model.item_logits(u))[0].numpy()
+    np.testing.assert_allclose(float(loss), -(logp[0, 2] + logp[1, 3]) / 2, rtol=1e-5)
+
+
+def test_no_high_level_ignores_state():
+    m = registry.build_model("hiertcn", TINY.replace({"high_level": False}), V)
+    items = tf.constant([[2, 3]], tf.int64)
+    s = tf.ones([1, 8])
+    np.testing.assert_array_equal(m.update_state(s, items).numpy(), s.numpy())
+    np.testing.assert_allclose(m.user_embeddings(s, items).numpy(),
+                               m.user_embeddings(tf.zeros([1, 8]), items).numpy())
+
+
+def test_sampled_loss_and_tied_output():
+    counts = np.array([0, 0] + [5] * (V - 2))
+    m = registry.build_model("hiertcn", TINY.replace({"loss": "sampled", "num_negatives": 4,
+                                                      "tied_output": True}), V, item_counts=counts)
+    batch = _batch([[[2, 3, 4]]], [[True]], [[True]])
+    loss, _, n = m.train_loss(batch, m.train_cache(1), training=True)
+    assert np.isfinite(float(loss)) and int(n) == 3
+    with pytest.raises(ValueError, match="needs item counts"):
+        registry.build_model("hiertcn", TINY.replace({"loss": "sampled"}), V)
+
+
+def test_pretrained_item_vectors_are_frozen(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=[V, 8]).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    m = registry.build_model("hiertcn", TINY.replace({"pretrained_item_vectors": str(tmp_path / "v.npy")}), V)
+    np.testing.assert_array_equal(m.item_embedding.embeddings.numpy(), vectors)
+    assert m.item_embedding.embeddings.ref() not in {v.ref() for v in m.trainable_variables}
+    np.save(tmp_path / "bad.npy", vectors[:5])
+    with pytest.raises(ValueError, match=r"shape \(5, 8\), expected \[12, 8\]"):
+        registry.build_model("hiertcn", TINY.replace({"pretrained_item_vectors": str(tmp_path / "bad.npy")}), V)
+
+
+def test_get_config_round_trip(model):
+    again = HierTCN.from_config(model.get_config())
+    assert again.get_config() == model.get_config()
+
+
+def test_checkpoint_reload_and_scorer(model, tmp_path):
+    state = tf.random.normal([2, 8])
+    items = np.array([[2, 3, 4], [5, 6, 0]], np.int64)
+    tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    again = registry.build_model("hiertcn", TINY, V)
+    tf.train.Checkpoint(model=again).read(str(tmp_path / "ckpt")).assert_existing_objects_matched()
+    scorer = KerasScorer(again)
+    expected = model.item_logits(model.user_embeddings(state, items[:, :-1])).numpy()
+    np.testing.assert_allclose(scorer.score(state.numpy(), items), expected, atol=1e-5)
+    np.testing.assert_allclose(scorer.update(state.numpy(), items),
+                               model.update_state(state, items).numpy(), atol=1e-5)
+    assert scorer.initial_state(["a", "b", "c"]).shape == (3, 8)

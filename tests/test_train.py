@@ -1,0 +1,119 @@
+"""`python -m model.train` on tiny logs written with the schema module: learning, resume,
+errors, the config contract."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from model import config as config_lib
+from model import registry
+from model import train as train_lib
+from tiny_logs import planted_users, write_data
+
+TINY = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16},
+        "train": {"batch_size": 4, "sessions_per_batch": 3, "max_session_length": 4,
+                  "learning_rate": 0.01, "checkpoint_every": 10, "shuffle_buffer": 16}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny") / "data")
+    users = planted_users(40)
+    return write_data(path, 20, users, valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(6, seed=2)])
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    path = str(tmp_path / "tiny.json")
+    with open(path, "w") as f:
+        json.dump(TINY, f)
+    return path
+
+
+def _args(data, run, config_file, *extra):
+    return ["--data", data, "--model-dir", run, "--config", config_file, "--no-progress", *extra]
+
+
+def _weights(run):
+    model, _, _ = registry.load_model(run)
+    return [v.numpy() for v in model.variables]
+
+
+def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "60", "--eval-every", "60")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 60 and summary["events"] > 0 and summary["parameters"] > 0
+    assert summary["final_loss"] < np.log(20) - 0.5  # well below uniform over 20 items
+    assert 0.0 <= summary["valid"]["recall@20"] <= 1.0
+    for name in ("config.json", "items.tsv", "train_summary.json", "checkpoints", "logs"):
+        assert os.path.exists(os.path.join(run, name))
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["model"]["embedding_dim"] == 16 and saved["train"]["steps"] == 60
+    scorer = registry.load_scorer(run, data)
+    state = scorer.update(scorer.initial_state(["u"]), np.array([[2, 3, 4]]))
+    assert scorer.score(state, np.array([[2, 3, 4]])).shape == (1, 3, 22)
+
+
+def test_resume_equals_uninterrupted_run(data, config_file, tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert train_lib.main(_args(data, straight, config_file, "--steps", "25")) == 0
+    # an interrupted run (stopped by the time limit right after its first steps) ...
+    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", "--max-minutes", "0.0001")) == 0
+    with open(os.path.join(resumed, "train_summary.json")) as f:
+        assert json.load(f)["steps"] < 25
+    # ... rerun with the same command continues with the next batch, cache and Adam state.
+    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25")) == 0
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "nan")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "10")) == 0
+    before = _weights(run)
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "40", "--learning-rate", "1e30")) == 2
+    assert "loss is nan" in capsys.readouterr().err
+    for a, b in zip(before, _weights(run)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_one_line_errors(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "err")
+    cases = [
+        (["--data", str(tmp_path / "missing"), "--model-dir", run], "data folder"),
+        (_args(data, run, config_file, "--batch-size", "0"), "train.batch_size must be >= 1, got 0"),
+        (_args(data, run, config_file, "--model", "nope"), "unknown model 'nope'"),
+    ]
+    for argv, message in cases:
+        assert train_lib.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert train_lib.main(_args(data, run, config_file, "--steps", "2")) == 0
+    other = write_data(str(tmp_path / "other"), 21, planted_users(8, num_items=21))
+    capsys.readouterr()
+    assert train_lib.main(_args(other, run, config_file, "--steps", "4")) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert train_lib.main(_args(data, run, config_file, "--steps", "4", "--no-high-level")) == 2
+    assert "another model config" in capsys.readouterr().err
+
+
+def test_config_is_strict_and_round_trips(tmp_path):
+    classes = registry.config_classes()
+    cfg = config_lib.RunConfig.from_dict(TINY, classes)
+    assert config_lib.RunConfig.from_dict(cfg.to_dict(), classes) == cfg
+    with pytest.raises(config_lib.ConfigError, match="unknown HierTCNConfig key 'embeding_dim'"):
+        cfg.replace({"model": {"embeding_dim": 3}})
+    with pytest.raises(config_lib.ConfigError, match="'batch_size' must be int, got 'x'"):
+        cfg.replace({"train": {"batch_size": "x"}})
+    with pytest.raises(config_lib.ConfigError, match="tied_output needs embedding_dim == channels"):
+        cfg.replace({"model": {"tied_output": True, "channels": 8}})
+    assert config_lib.HierTCNConfig().receptive_field == 13
+    assert config_lib.HierTCNConfig().replace(config_lib.DEEP_PRESET).receptive_field == 25
+    path = str(tmp_path / "c.json")
+    config_lib.save_json(cfg, path)
+    assert config_lib.load_json(path) == cfg.to_dict()
