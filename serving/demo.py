@@ -77,7 +77,8 @@ def pick_sessions(data_dir: str, users: int) -> list[tuple[str, list[str], list[
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0])
     p.add_argument("--output", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--users", type=int, default=3000, help="synthetic users")
+    p.add_argument("--users", type=int, default=None,
+                   help="synthetic users (default: the generator's demo size)")
     p.add_argument("--steps", type=int, default=600, help="training steps (a short CPU run)")
     p.add_argument("--model-name", default="hiertcn")
     args = p.parse_args(argv)
@@ -88,10 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw, data, run_dir = f"{out}/raw/log.csv", f"{out}/data", f"{out}/run"
     export, db = f"{out}/export", f"{out}/state.db"
 
-    say(f"1/7 Generating a synthetic interaction log ({args.users} users with long-term "
-        "interests, session intents, popularity skew and repeat visits)")
+    say("1/7 Generating a synthetic interaction log (users with long-term interests that "
+        "drift, session intents, popularity skew and repeat visits)")
     os.makedirs(os.path.dirname(raw))
-    run([PY, "-m", "pipeline.synthetic", "--output", raw, "--users", str(args.users), "--seed", "0"])
+    users = [] if args.users is None else ["--users", str(args.users)]
+    run([PY, "-m", "pipeline.synthetic", "--output", raw, "--seed", "0", *users])
 
     say("2/7 Beam pipeline: sessionize (30 min gap), split by time (80/10/10), build the "
         "vocabulary, write TFRecord session sequences")
