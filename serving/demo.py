@@ -45,17 +45,22 @@ def free_port() -> int:
 
 
 def wait_for_server(proc: subprocess.Popen, target: str, model: str, timeout: float = 120) -> None:
-    """Polls `serving.client status` until the model is AVAILABLE."""
+    """Polls GetModelStatus until a version is AVAILABLE."""
+    from serving.client import HierTCNClient, ServingError
+
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"demo stopped: the server exited with code {proc.returncode}")
-        status = subprocess.run([PY, "-m", "serving.client", "--target", target, "--model-name",
-                                 model, "status"], capture_output=True, text=True, check=False)
-        if status.returncode == 0 and "AVAILABLE" in status.stdout:
-            print(status.stdout.strip())
-            return
-        time.sleep(1)
+    with HierTCNClient(target, model, timeout=2) as client:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"demo stopped: the server exited with code {proc.returncode}")
+            try:
+                status = client.status()
+            except ServingError:
+                status = []
+            if any(s["state"] == "AVAILABLE" for s in status):
+                print("server ready:", status)
+                return
+            time.sleep(0.5)
     raise SystemExit(f"demo stopped: the server did not become ready within {timeout:.0f} s")
 
 

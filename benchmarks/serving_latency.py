@@ -1,0 +1,185 @@
+"""Serving latency and throughput of `next_items` over gRPC (issue 5).
+
+Workload: a HierTCN with the default dims (E = C = 128, state H = 256, random weights) and
+a 50,000-item catalogue, exported with serving.export and served by serving.server with
+batching on; requests are single users with a 10-item session, k = 20.
+
+Measures, in one run: the in-process SavedModel call time at batch 1; p50/p99 latency over
+gRPC at batch 1 from one client; requests/s with 8 concurrent clients; and
+grpc_overhead_ratio = gRPC p50 / in-process p50. The last line is one JSON object.
+
+    python benchmarks/serving_latency.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import serving  # noqa: E402,F401 - sets the Keras mode before TensorFlow is imported
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
+
+from model import registry  # noqa: E402
+from model.config import HierTCNConfig  # noqa: E402
+from pipeline import schema  # noqa: E402
+from serving import export, protos  # noqa: E402
+
+ITEMS = 50_000
+SESSION_LENGTH = 10
+K = 20
+CLIENTS = 8
+BATCH_TIMEOUT_MICROS = 5000  # only waited for while other clients' requests are in flight
+NAME = "hiertcn"
+READY = re.compile(r"^serving \S+ version \d+ on (\S+)$")
+
+
+def build_export(base: str) -> tuple[str, schema.Vocabulary]:
+    """Exports a randomly initialised default HierTCN over a synthetic catalogue."""
+    ids = (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN) + tuple(f"item{i}" for i in range(ITEMS))
+    vocab = schema.Vocabulary(ids=ids, counts=np.zeros(len(ids), np.int64))
+    tf.keras.utils.set_random_seed(0)
+    model = registry.build_model("hiertcn", HierTCNConfig(), vocab.size)
+    return export.export_model(model, vocab, base), vocab
+
+
+def make_inputs(vocab: schema.Vocabulary, n: int, state_size: int) -> list[dict[str, np.ndarray]]:
+    """n single-user requests: random states and 10-item sessions of random items."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        items = rng.integers(schema.NUM_RESERVED, vocab.size, size=SESSION_LENGTH)
+        out.append({
+            "user_state": rng.normal(size=[1, state_size]).astype(np.float32),
+            "session_items": np.array([[vocab.ids[i] for i in items]], dtype=object),
+            "history_items": np.array([[""]], dtype=object),
+            "k": np.int32(K)})
+    return out
+
+
+def to_request(inputs: dict[str, np.ndarray]) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = NAME
+    request.model_spec.signature_name = "next_items"
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(protos.to_proto(value))
+    return request
+
+
+def start_server(base: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--model-base-path", base, "--model-name", NAME,
+         "--port", "0", "--enable-batching", "--max-batch-size", "32",
+         "--batch-timeout-micros", str(BATCH_TIMEOUT_MICROS)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        m = READY.match(line.strip())
+        if m:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
+            return proc, m.group(1)
+    raise RuntimeError(f"serving.server exited with {proc.wait()} before it was ready")
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(seconds) * 1e3, q)), 3)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
+    args = parser.parse_args(argv)
+    n_latency, qps_seconds = (300, 5.0) if args.quick else (2000, 20.0)
+
+    with tempfile.TemporaryDirectory() as base:
+        path, vocab = build_export(base)
+        fn = tf.saved_model.load(path).signatures["next_items"]
+        h = int(fn.structured_input_signature[1]["user_state"].shape[1])
+        inputs = make_inputs(vocab, 64, h)
+        tensors = [{k: tf.constant(v) for k, v in x.items()} for x in inputs]
+        requests = [to_request(x) for x in inputs]
+        proc, target = start_server(base)
+        errors = 0
+        try:
+            channel = grpc.insecure_channel(target)
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for t, r in zip(tensors[:20], requests[:20]):
+                fn(**t)
+                stub.Predict(r, timeout=30)
+            # Interleaved, so both see the same machine load: the ratio is what counts.
+            local, remote = [], []
+            for i in range(n_latency):
+                t0 = time.perf_counter()
+                fn(**tensors[i % len(tensors)])
+                t1 = time.perf_counter()
+                try:
+                    stub.Predict(requests[i % len(requests)], timeout=30)
+                except grpc.RpcError:
+                    errors += 1
+                t2 = time.perf_counter()
+                local.append(t1 - t0)
+                remote.append(t2 - t1)
+            del fn
+
+            stop = time.perf_counter() + qps_seconds
+            counts = [0] * CLIENTS
+            failures = [0] * CLIENTS
+
+            def worker(c: int) -> None:
+                own = grpc.insecure_channel(target)
+                own_stub = prediction_service_pb2_grpc.PredictionServiceStub(own)
+                i = c
+                while time.perf_counter() < stop:
+                    try:
+                        own_stub.Predict(requests[i % len(requests)], timeout=30)
+                        counts[c] += 1
+                    except grpc.RpcError:
+                        failures[c] += 1
+                    i += CLIENTS
+                own.close()
+
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+                list(pool.map(worker, range(CLIENTS)))
+            qps = sum(counts) / (time.perf_counter() - t0)
+            errors += sum(failures)
+            channel.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    in_process_p50 = percentile_ms(local, 50)
+    result = {
+        "p50_ms": percentile_ms(remote, 50),
+        "p99_ms": percentile_ms(remote, 99),
+        "qps_8_clients": round(qps, 1),
+        "grpc_overhead_ratio": round(percentile_ms(remote, 50) / in_process_p50, 3),
+        "in_process_p50_ms": in_process_p50,
+        "in_process_p99_ms": percentile_ms(local, 99),
+        "errors": errors,
+        "workload": {"items": ITEMS, "session_length": SESSION_LENGTH, "k": K, "batch": 1,
+                     "clients": CLIENTS, "latency_requests": n_latency, "qps_seconds": qps_seconds,
+                     "model": "hiertcn default dims (E=C=128, H=256), random weights",
+                     "server": "serving.server --enable-batching --max-batch-size 32 "
+                               f"--batch-timeout-micros {BATCH_TIMEOUT_MICROS}",
+                     "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+                     "quick": args.quick},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""gRPC client for a HierTCN export served by TF Serving or serving.server (DESIGN.md §7).
+
+    client = HierTCNClient("127.0.0.1:8500", "hiertcn", timeout=5.0)
+    version = client.pin()                       # latest version, used by every call
+    states = client.zero_states(1)               # a new user
+    ids, scores = client.next_items(states, [["a", "b"]], k=10)
+    states = client.update_state(states, [["a", "b", "c"]])   # the session ended
+
+A user's state belongs to the version that computed it, so a client pins one version
+(`pin()`) and uses it for both the recommendation and the state update of a user.
+
+CLI (state kept in SQLite by serving.state_store):
+
+    python -m serving.client --target HOST:PORT --model-name NAME [--state-db FILE] \\
+        {recommend --user U [--items a,b,c] [-k 10] | end-session --user U --items a,b,c | status}
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+from serving import protos, state_store
+
+SIG_UPDATE_STATE = "update_state"
+SIG_NEXT_ITEMS = "next_items"
+SIG_USER_EMBEDDING = "user_embedding"
+PAD = ""
+
+
+class ServingError(Exception):
+    """A failed call; `code` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class ModelNotFound(ServingError):
+    """The server has no such model or version (NOT_FOUND)."""
+
+
+class InvalidRequest(ServingError):
+    """The server rejected the inputs (INVALID_ARGUMENT, FAILED_PRECONDITION, too large)."""
+
+
+class ServerUnavailable(ServingError):
+    """No answer in time or no server at the target (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+
+
+_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidRequest,
+    grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What GetModelMetadata says about one version.
+
+    Attributes:
+      version: the version number.
+      state_size: H, the width of `user_state`.
+      signatures: signature name → SignatureDef.
+    """
+
+    version: int
+    state_size: int
+    signatures: dict
+
+
+def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None,
+             truncate: bool = False) -> np.ndarray:
+    """Ragged id lists → object array [B, W] padded with "" at the end.
+
+    Args:
+      rows: B lists of item ids.
+      width: None: W = the longest row (at least 1). Else W = width, or, for rows longer
+        than `width`, the next multiple of it (or the last `width` ids when `truncate`).
+      truncate: keep only the newest `width` ids of a longer row.
+
+    Returns:
+      object [B, W].
+    """
+    longest = max([len(r) for r in rows] + [1])
+    if width is None:
+        cols = longest
+    elif truncate:
+        cols = width
+        rows = [list(r)[-width:] for r in rows]
+    else:
+        cols = -(-longest // width) * width
+    out = np.full([len(rows), cols], PAD, dtype=object)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = list(row)
+    return out
+
+
+def _decode_ids(arr: np.ndarray) -> list[list[str]]:
+    return [[v.decode("utf-8") for v in row] for row in arr.tolist()]
+
+
+class HierTCNClient:
+    """One channel and its stubs to a TF Serving–compatible server."""
+
+    def __init__(self, target: str, model_name: str, timeout: float = 10.0,
+                 max_message_mb: int = 16, session_width: int | None = None,
+                 history_width: int | None = None):
+        """Creates the channel (lazily connected).
+
+        Args:
+          target: HOST:PORT.
+          model_name: the served model's name (TF Serving's --model_name).
+          timeout: seconds per call.
+          max_message_mb: cap on request and response size.
+          session_width: fixed width of `session_items`, for TF Serving's batching, which
+            only merges equal shapes: next_items/user_embedding keep the newest
+            `session_width` items (exact when it is at least the TCN's receptive field);
+            update_state pads to a multiple of it (the session mean needs every item).
+            None: the longest session of the call.
+          history_width: fixed width of `history_items` (newest kept); None: the longest.
+        """
+        self.target = target
+        self.model_name = model_name
+        self.timeout = timeout
+        self.session_width = session_width
+        self.history_width = history_width
+        self.pinned_version: int | None = None
+        limit = max_message_mb * 1024 * 1024
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._info: dict[int, ModelInfo] = {}
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "HierTCNClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            code = e.code()
+            cls = _ERRORS.get(code, ServingError)
+            raise cls(f"{code.name}: {e.details()} (model {self.model_name!r} at {self.target})",
+                      code) from None
+
+    def _spec(self, spec, version: int | None, signature: str | None = None) -> None:
+        spec.name = self.model_name
+        version = self.pinned_version if version is None else version
+        if version is not None:
+            spec.version.value = int(version)
+        if signature:
+            spec.signature_name = signature
+
+    def status(self) -> list[dict]:
+        """Every version the server knows: [{"version", "state", "error"}], ascending.
+
+        Raises:
+          ModelNotFound, ServerUnavailable: see the class docs.
+        """
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = self.model_name
+        response = self._call(self._models.GetModelStatus, request)
+        states = get_model_status_pb2.ModelVersionStatus.State
+        return [{"version": s.version, "state": states.Name(s.state),
+                 "error": s.status.error_message} for s in response.model_version_status]
+
+    def metadata(self, version: int | None = None) -> ModelInfo:
+        """The signatures and state size of a version (pinned, or latest when None)."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        self._spec(request.model_spec, version)
+        response = self._call(self._predict.GetModelMetadata, request)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(sig_map)
+        signatures = dict(sig_map.signature_def)
+        dims = signatures[SIG_UPDATE_STATE].inputs["user_state"].tensor_shape.dim
+        info = ModelInfo(int(response.model_spec.version.value), int(dims[-1].size), signatures)
+        self._info[info.version] = info
+        return info
+
+    def pin(self, version: int | None = None) -> int:
+        """Pins `version` (default: the server's latest) for every later call; returns it."""
+        self.pinned_version = None
+        self.pinned_version = self.metadata(version).version
+        return self.pinned_version
+
+    def state_size(self, version: int | None = None) -> int:
+        """H of a version (pinned, or latest)."""
+        key = self.pinned_version if version is None else version
+        if key in self._info:
+            return self._info[key].state_size
+        return self.metadata(version).state_size
+
+    def zero_states(self, batch: int, version: int | None = None) -> np.ndarray:
+        """float32 [batch, H] zeros: the state of new users."""
+        return np.zeros([batch, self.state_size(version)], np.float32)
+
+    def predict(self, signature: str, inputs: dict[str, Any],
+                version: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """One Predict call; returns (outputs, the version that ran).
+
+        Raises:
+          ModelNotFound, InvalidRequest, ServerUnavailable, ServingError.
+        """
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec, version, signature)
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(protos.to_proto(value))
+        response = self._call(self._predict.Predict, request)
+        outputs = {k: protos.from_proto(v) for k, v in response.outputs.items()}
+        return outputs, int(response.model_spec.version.value)
+
+    def update_state(self, states: Any, sessions: Sequence[Sequence[str]],
+                     version: int | None = None) -> np.ndarray:
+        """States after the sessions ended.
+
+        Args:
+          states: float32 [B, H].
+          sessions: B lists of item ids (the whole session each).
+          version: overrides the pinned version.
+
+        Returns:
+          float32 [B, H].
+        """
+        out, _ = self.predict(SIG_UPDATE_STATE, {
+            "user_state": np.asarray(states, np.float32),
+            "session_items": pad_rows(sessions, self.session_width)}, version)
+        return out["user_state"]
+
+    def next_items(self, states: Any, sessions: Sequence[Sequence[str]], k: int = 10,
+                   history: Sequence[Sequence[str]] | None = None,
+                   version: int | None = None) -> tuple[list[list[str]], np.ndarray]:
+        """Top-k next items.
+
+        Args:
+          states: float32 [B, H].
+          sessions: B lists of the current session's item ids so far (may be empty).
+          k: items per user (the server clamps to the catalogue size).
+          history: B lists of the users' recent item ids, newest last (optional).
+          version: overrides the pinned version.
+
+        Returns:
+          (item ids [B][k'], scores float32 [B, k']), best first.
+        """
+        out, _ = self.predict(SIG_NEXT_ITEMS, {
+            **self._scoring_inputs(states, sessions, history), "k": np.int32(k)}, version)
+        return _decode_ids(out["item_ids"]), out["scores"]
+
+    def user_embedding(self, states: Any, sessions: Sequence[Sequence[str]],
+                       history: Sequence[Sequence[str]] | None = None,
+                       version: int | None = None) -> np.ndarray:
+        """User embeddings float32 [B, D] for an external nearest-neighbour index."""
+        out, _ = self.predict(SIG_USER_EMBEDDING, self._scoring_inputs(states, sessions, history),
+                              version)
+        return out["embedding"]
+
+    def _scoring_inputs(self, states: Any, sessions: Sequence[Sequence[str]],
+                        history: Sequence[Sequence[str]] | None) -> dict[str, np.ndarray]:
+        history = history if history is not None else [[] for _ in sessions]
+        return {"user_state": np.asarray(states, np.float32),
+                "session_items": pad_rows(sessions, self.session_width, truncate=True),
+                "history_items": pad_rows(history, self.history_width, truncate=True)}
+
+
+def _resolve(client: HierTCNClient, store: state_store.StateStore,
+             user: str) -> state_store.ResolvedState:
+    version = client.pin()
+    return state_store.resolve_state(
+        store, user, version, client.state_size(),
+        update_state=lambda state, session: client.update_state(state[None], [session])[0])
+
+
+def _items(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m serving.client",
+                                     description="Query a served HierTCN model over gRPC.")
+    parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
+    parser.add_argument("--model-name", required=True, help="the served model's name")
+    parser.add_argument("--state-db", default="user_states.sqlite",
+                        help="SQLite file of user states (created when missing)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--session-width", type=int, default=None,
+                        help="fixed session_items width (for TF Serving with --enable_batching)")
+    parser.add_argument("--history-width", type=int, default=None,
+                        help="fixed history_items width (for TF Serving with --enable_batching)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    rec = commands.add_parser("recommend", help="next items for a user's current session")
+    rec.add_argument("--user", required=True)
+    rec.add_argument("--items", default="", help="the current session so far: a,b,c")
+    rec.add_argument("-k", type=int, default=10, help="how many items")
+    end = commands.add_parser("end-session", help="fold a finished session into the user's state")
+    end.add_argument("--user", required=True)
+    end.add_argument("--items", required=True, help="the finished session: a,b,c")
+    commands.add_parser("status", help="versions the server has loaded")
+    args = parser.parse_args(argv)
+    if args.command == "end-session" and not _items(args.items):
+        parser.error("end-session needs --items a,b,c")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        with HierTCNClient(args.target, args.model_name, args.timeout,
+                           session_width=args.session_width,
+                           history_width=args.history_width) as client:
+            if args.command == "status":
+                result, text = _status(client)
+            else:
+                with state_store.SQLiteStateStore(args.state_db) as store:
+                    command = _recommend if args.command == "recommend" else _end_session
+                    result, text = command(client, store, args)
+    except (ServingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def _status(client: HierTCNClient) -> tuple[dict, str]:
+    versions = client.status()
+    text = "\n".join(f"{client.model_name} version {v['version']}: {v['state']}"
+                     + (f" ({v['error']})" if v["error"] else "") for v in versions)
+    return {"model": client.model_name, "versions": versions}, text
+
+
+def _recommend(client: HierTCNClient, store: state_store.StateStore,
+               args: argparse.Namespace) -> tuple[dict, str]:
+    """Top-k for the user's current session, from the stored state of the pinned version."""
+    resolved = _resolve(client, store, args.user)
+    items = _items(args.items)
+    ids, scores = client.next_items(resolved.state[None], [items], args.k, [resolved.history])
+    ranked = [{"item": i, "score": float(s)} for i, s in zip(ids[0], scores[0])]
+    result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
+              "session": items, "items": ranked}
+    lines = [f"{resolved.message}; model {client.model_name} version {client.pinned_version}"]
+    lines += [f"{r + 1:3d}. {e['item']}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
+    return result, "\n".join(lines)
+
+
+def _end_session(client: HierTCNClient, store: state_store.StateStore,
+                 args: argparse.Namespace) -> tuple[dict, str]:
+    """Folds the finished session into the user's state and stores it with the history."""
+    resolved = _resolve(client, store, args.user)
+    items = _items(args.items)
+    state = client.update_state(resolved.state[None], [items])[0]
+    record = store.put(args.user, client.pinned_version, state, list(resolved.sessions) + [items])
+    result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
+              "sessions": len(record.sessions), "history": record.history}
+    text = (f"{resolved.message}; stored the state after {len(items)} items for version "
+            f"{client.pinned_version} ({len(record.history)} recent items kept)")
+    return result, text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

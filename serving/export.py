@@ -1,0 +1,294 @@
+"""Exports a trained model as a TF Serving SavedModel version (DESIGN.md §7).
+
+`python -m serving.export --model-dir RUN --export-base EXPORT [--version N]` writes
+`EXPORT/<version>/` with three signatures over raw string item ids:
+
+* `update_state`: `user_state` float32 [B, H], `session_items` string [B, T]
+  → `user_state` float32 [B, H] (the high-level GRU step after a session).
+* `next_items` (also `serving_default`): `user_state`, `session_items`,
+  `history_items` string [B, N], `k` int32 [] → `item_ids` string [B, k'],
+  `scores` float32 [B, k'] with k' = min(k, catalogue size).
+* `user_embedding`: `user_state`, `session_items`, `history_items`
+  → `embedding` float32 [B, D].
+
+The vocabulary travels as an asset (`assets/item_ids.txt`, line n = index n); the empty
+string pads and an unknown id maps to the unknown index. The export is written to a hidden
+temporary folder and renamed into place, so TF Serving never sees a half-written version.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import schema
+
+VOCAB_ASSET = "item_ids.txt"
+WARMUP_FILE = "tf_serving_warmup_requests"
+CONFIG_FILE = "export_config.json"
+ASSETS_EXTRA = "assets.extra"
+
+SIG_UPDATE_STATE = "update_state"
+SIG_NEXT_ITEMS = "next_items"
+SIG_USER_EMBEDDING = "user_embedding"
+SIG_DEFAULT = "serving_default"
+
+USER_STATE = "user_state"
+SESSION_ITEMS = "session_items"
+HISTORY_ITEMS = "history_items"
+K = "k"
+ITEM_IDS = "item_ids"
+SCORES = "scores"
+EMBEDDING = "embedding"
+
+# Name of the optional model method that scores with the user's history (repeat head).
+HISTORY_SCORER = "item_scores_with_history"
+
+
+class ExportError(ValueError):
+    """An export that cannot be written (bad folder, version clash, bad vocabulary)."""
+
+
+class ServingModule(tf.Module):
+    """The serving graph: string ids ↔ indices around the model's own methods.
+
+    Only the model's variables are tracked (not the Keras object), so the SavedModel holds
+    exactly the weights and the three signature functions; nothing writes a variable.
+    """
+
+    def __init__(self, model: Any, vocab_file: str, vocab_size: int):
+        """Builds the lookup tables and the signature functions.
+
+        Args:
+          model: a built `model.sequence_model.SequenceModel` (`state_size`,
+            `update_state`, `last_user_embedding`, `item_logits`; optionally
+            `item_scores_with_history(user [B, D], history int64 [B, N]) -> [B, V]`,
+            which `next_items` then uses with the `history_items` input, followed by the
+            session so far when the model's `history_size` > 0).
+          vocab_file: one raw id per line, line n = index n (rows 0 and 1 reserved).
+          vocab_size: number of lines of `vocab_file` (the model's output width).
+        """
+        super().__init__(name="hiertcn_serving")
+        self.model_variables = list(model.variables)
+        self.vocab_asset = tf.saved_model.Asset(vocab_file)
+        self.id_to_index = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                self.vocab_asset, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, vocab_size=vocab_size),
+            default_value=schema.UNKNOWN_INDEX)
+        self.index_to_id = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(
+                self.vocab_asset, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, vocab_size=vocab_size),
+            default_value=schema.SERVING_PAD_ID)
+        h = int(model.state_size)
+        state_spec = tf.TensorSpec([None, h], tf.float32, name=USER_STATE)
+        session_spec = tf.TensorSpec([None, None], tf.string, name=SESSION_ITEMS)
+        history_spec = tf.TensorSpec([None, None], tf.string, name=HISTORY_ITEMS)
+        k_spec = tf.TensorSpec([], tf.int32, name=K)
+        use_history = callable(getattr(model, HISTORY_SCORER, None))
+
+        def lookup(ids):
+            index = self.id_to_index.lookup(ids)
+            return tf.where(tf.equal(ids, schema.SERVING_PAD_ID),
+                            tf.constant(schema.PAD_INDEX, tf.int64), index)
+
+        def check_batch(user_state, items, name):
+            return tf.debugging.assert_equal(
+                tf.shape(user_state)[0], tf.shape(items)[0],
+                message=f"{USER_STATE} and {name} must have the same batch size")
+
+        def update_state(user_state, session_items):
+            with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
+                items = lookup(session_items)
+            return {USER_STATE: tf.cast(model.update_state(user_state, items), tf.float32)}
+
+        def user_embedding(user_state, session_items, history_items):
+            del history_items  # accepted by every export; the embedding does not use it
+            with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
+                items = lookup(session_items)
+            return {EMBEDDING: tf.cast(model.last_user_embedding(user_state, items), tf.float32)}
+
+        def next_items(user_state, session_items, history_items, k):
+            checks = [check_batch(user_state, session_items, SESSION_ITEMS),
+                      check_batch(user_state, history_items, HISTORY_ITEMS),
+                      tf.debugging.assert_non_negative(k, message=f"{K} must be >= 0")]
+            with tf.control_dependencies(checks):
+                items = lookup(session_items)
+            u = model.last_user_embedding(user_state, items)
+            if use_history:
+                history = lookup(history_items)
+                if getattr(model, "history_size", 0):  # a repeat head also points at the session
+                    history = tf.concat([history, items], axis=1)
+                scores = getattr(model, HISTORY_SCORER)(u, history)
+            else:
+                scores = model.item_logits(u)
+            # Columns 0 (padding) and 1 (unknown) are cut off, so they are never returned.
+            real = tf.cast(scores, tf.float32)[:, schema.NUM_RESERVED:]
+            top = tf.math.top_k(real, k=tf.minimum(k, tf.shape(real)[1]))
+            ids = self.index_to_id.lookup(tf.cast(top.indices, tf.int64) + schema.NUM_RESERVED)
+            return {ITEM_IDS: ids, SCORES: top.values}
+
+        self.update_state = tf.function(update_state, input_signature=[state_spec, session_spec])
+        self.user_embedding = tf.function(
+            user_embedding, input_signature=[state_spec, session_spec, history_spec])
+        self.next_items = tf.function(
+            next_items, input_signature=[state_spec, session_spec, history_spec, k_spec])
+
+    def signatures(self) -> dict[str, Any]:
+        """The signature map for `tf.saved_model.save`."""
+        next_items = self.next_items.get_concrete_function()
+        return {
+            SIG_DEFAULT: next_items,
+            SIG_NEXT_ITEMS: next_items,
+            SIG_UPDATE_STATE: self.update_state.get_concrete_function(),
+            SIG_USER_EMBEDDING: self.user_embedding.get_concrete_function(),
+        }
+
+
+def next_version(export_base: str) -> int:
+    """1 + the largest integer version folder under `export_base` (1 when none)."""
+    if not os.path.isdir(export_base):
+        return 1
+    versions = [int(n) for n in os.listdir(export_base) if n.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def write_vocabulary_asset(path: str, vocabulary: schema.Vocabulary) -> None:
+    """Writes the raw ids one per line (line n = index n).
+
+    Raises:
+      ExportError: an id contains a line break or is empty (it could not round-trip).
+    """
+    for i, item in enumerate(vocabulary.ids):
+        if not item or "\n" in item or "\r" in item:
+            raise ExportError(f"vocabulary index {i}: item id {item!r} is empty or has a line "
+                              "break; fix the raw ids before running the pipeline")
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(vocabulary.ids) + "\n")
+
+
+def warmup_requests(vocabulary: schema.Vocabulary, state_size: int,
+                    model_name: str = "hiertcn") -> list[bytes]:
+    """One serialized `PredictionLog` per signature, batch 1, for TF Serving's warm-up."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    item = vocabulary.ids[schema.NUM_RESERVED] if vocabulary.num_items else schema.SERVING_PAD_ID
+    state = tf.make_tensor_proto(np.zeros([1, state_size], np.float32))
+    session = tf.make_tensor_proto(np.array([[item, schema.SERVING_PAD_ID]], dtype=object))
+    history = tf.make_tensor_proto(np.array([[item]], dtype=object))
+    k = tf.make_tensor_proto(np.int32(min(10, vocabulary.num_items)))
+    inputs = {
+        SIG_UPDATE_STATE: {USER_STATE: state, SESSION_ITEMS: session},
+        SIG_NEXT_ITEMS: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history, K: k},
+        SIG_USER_EMBEDDING: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history},
+    }
+    records = []
+    for signature, tensors in inputs.items():
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = signature
+        for key, proto in tensors.items():
+            request.inputs[key].CopyFrom(proto)
+        log = prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request))
+        records.append(log.SerializeToString())
+    return records
+
+
+def _config_dict(config: Any) -> Any:
+    if callable(getattr(config, "to_dict", None)):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return config if isinstance(config, (dict, list, str, int, float, type(None))) else repr(config)
+
+
+def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
+                 version: int | None = None, config: Any = None) -> str:
+    """Writes one SavedModel version atomically.
+
+    Args:
+      model: a built model with the serving methods (see `ServingModule`).
+      vocabulary: the model's vocabulary (`items.tsv`).
+      export_base: the folder TF Serving watches (`--model_base_path`).
+      version: the version number; default 1 + the largest existing one.
+      config: the model's resolved config, stored in `assets.extra/export_config.json`.
+
+    Returns:
+      The path of the version folder.
+
+    Raises:
+      ExportError: the version exists already, is not positive, or the vocabulary does
+        not match the model.
+    """
+    version = next_version(export_base) if version is None else int(version)
+    if version < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    final = os.path.join(export_base, str(version))
+    if os.path.exists(final):
+        raise ExportError(f"{final} already exists: pass another --version or omit it to "
+                          f"use the next one ({next_version(export_base)})")
+    os.makedirs(export_base, exist_ok=True)
+    # Hidden, non-integer name: TF Serving and serving.server ignore it until the rename.
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_base)
+    try:
+        scratch = os.path.join(tmp, "_scratch")
+        os.makedirs(scratch)
+        vocab_file = os.path.join(scratch, VOCAB_ASSET)
+        write_vocabulary_asset(vocab_file, vocabulary)
+        module = ServingModule(model, vocab_file, vocabulary.size)
+        out = os.path.join(tmp, "model")
+        tf.saved_model.save(module, out, signatures=module.signatures())
+        extra = os.path.join(out, ASSETS_EXTRA)
+        os.makedirs(extra)
+        with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:
+            for record in warmup_requests(vocabulary, int(model.state_size)):
+                writer.write(record)
+        with open(os.path.join(extra, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump({"version": version, "state_size": int(model.state_size),
+                       "vocabulary_size": vocabulary.size, "config": _config_dict(config)},
+                      f, indent=2, default=str)
+        os.rename(out, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m serving.export",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", required=True,
+                        help="training run folder (model.train --model-dir)")
+    parser.add_argument("--export-base", required=True,
+                        help="folder of versions, TF Serving's model_base_path")
+    parser.add_argument("--version", type=int, default=None,
+                        help="version number (default: next integer)")
+    args = parser.parse_args(argv)
+    from model import registry  # the model package owns how a run folder is restored
+
+    if not os.path.isdir(args.model_dir):
+        print(f"error: --model-dir {args.model_dir} is not a folder: "
+              "pass a model.train --model-dir", file=sys.stderr)
+        return 2
+    try:
+        model, config, vocabulary = registry.load_model(args.model_dir)
+        path = export_model(model, vocabulary, args.export_base, args.version, config)
+    except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.model_dir} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,683 @@
+"""A TF Serving–compatible gRPC server for local use and tests (DESIGN.md §7).
+
+`python -m serving.server --model-base-path EXPORT --model-name NAME [--port 8500]`
+serves the versions under EXPORT the way `tensorflow_model_server` does: PredictionService
+(`Predict`, `GetModelMetadata`) and ModelService (`GetModelStatus`), the latest version by
+default, new version folders picked up by polling (the old version keeps serving until
+the new one has loaded and warmed up), and TF Serving's status codes for bad requests:
+unknown model or version NOT_FOUND, unknown signature FAILED_PRECONDITION, missing,
+extra, mis-typed or mis-shaped inputs INVALID_ARGUMENT, each message naming the input.
+
+With `--enable-batching`, concurrent requests to the same version and signature (same
+scalar inputs such as k; item-id inputs of any length, padded with "") are concatenated
+along the batch dimension, run once and split again, as TF Serving's `--enable_batching`
+does: scoring reads the whole item matrix, so one batch of 8 costs little more than one
+request. `--batch-timeout-micros` lets a batch wait for the other clients' requests.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_log_pb2, prediction_service_pb2_grpc, status_pb2)
+
+from serving import export, protos
+
+log = logging.getLogger("serving.server")
+
+DEFAULT_SIGNATURE = "serving_default"
+INIT_OP_SIGNATURE = "__saved_model_init_op"
+SIGNATURE_DEF_FIELD = "signature_def"
+WORKER_THREADS = 32
+
+
+class RequestError(Exception):
+    """A request that cannot be served; carries the gRPC status code to return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _dims(tensor_info: meta_graph_pb2.TensorInfo) -> list[int] | None:
+    shape = tensor_info.tensor_shape
+    return None if shape.unknown_rank else [int(d.size) for d in shape.dim]
+
+
+def _fmt_shape(dims: Sequence[int] | None) -> str:
+    if dims is None:
+        return "unknown"
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in dims) + "]"
+
+
+def graph_error_line(message: str) -> str:
+    """The informative line of a TF runtime error (not its 'Graph execution error' frame)."""
+    skip = ("Graph execution error", "Detected at node", "<stack traces", "\t", " ")
+    lines = [line for line in message.split("\n") if line.strip() and not line.startswith(skip)]
+    return lines[0] if lines else message.strip()
+
+
+class Servable:
+    """One loaded SavedModel version with its signatures as TF Serving reads them."""
+
+    def __init__(self, name: str, version: int, path: str):
+        """Loads `path` (the SavedModel loader of TF2; same graph TF Serving runs).
+
+        Raises:
+          OSError, ValueError: the folder is not a loadable SavedModel.
+        """
+        self.name = name
+        self.version = version
+        self.path = path
+        saved_model = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            saved_model.ParseFromString(f.read())
+        meta_graph = next(m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags)
+        self.signature_defs = dict(meta_graph.signature_def)
+        self._loaded = tf.saved_model.load(path, tags=["serve"])
+        self._functions = {k: self._loaded.signatures[k] for k in self.signature_defs
+                           if k != INIT_OP_SIGNATURE}
+        # Per signature: input name → (dtype enum, dims); names with a batch dimension.
+        self._inputs = {k: {n: (t.dtype, _dims(t))
+                            for n, t in self.signature_defs[k].inputs.items()}
+                        for k in self._functions}
+        self._batched = {k: ({n for n, (_, d) in self._inputs[k].items() if d and d[0] < 0},
+                             {n for n, t in self.signature_defs[k].outputs.items()
+                              if (_dims(t) or [0])[0] < 0})
+                         for k in self._functions}
+
+    def signature(self, name: str) -> meta_graph_pb2.SignatureDef:
+        """The SignatureDef for `name` ('' = serving_default).
+
+        Raises:
+          RequestError: FAILED_PRECONDITION for an unknown signature (as TF Serving).
+        """
+        name = name or DEFAULT_SIGNATURE
+        if name not in self._functions:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f'Serving signature key "{name}" not found. Available: '
+                               f"{', '.join(sorted(self._functions))}")
+        return self.signature_defs[name]
+
+    def parse_inputs(self, signature_name: str, inputs: Any) -> dict[str, np.ndarray]:
+        """Checks a request's inputs against the signature and decodes them.
+
+        Args:
+          signature_name: the resolved signature name.
+          inputs: the request's `map<string, TensorProto>`.
+
+        Returns:
+          name → numpy array.
+
+        Raises:
+          RequestError: INVALID_ARGUMENT naming the missing, extra, mis-typed or
+            mis-shaped input, or inputs whose batch sizes differ.
+        """
+        self.signature(signature_name)
+        specs = self._inputs[signature_name or DEFAULT_SIGNATURE]
+        sent, expected = set(inputs.keys()), set(specs)
+        if sent != expected:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input size does not match signature {signature_name!r}: "
+                f"{len(sent)}!={len(expected)} "
+                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
+        arrays, batch = {}, None
+        for key in sorted(expected):
+            (dtype, dims), proto = specs[key], inputs[key]
+            if proto.dtype != dtype:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {key!r} of signature {signature_name!r} expects "
+                    f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
+                    "is provided")
+            try:
+                arr = protos.from_proto(proto)
+            except ValueError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input {key!r}: {e}") from None
+            if dims is not None and (arr.ndim != len(dims) or any(
+                    d >= 0 and d != s for d, s in zip(dims, arr.shape))):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {key!r} of signature {signature_name!r} has shape "
+                    f"{list(arr.shape)} but the signature expects {_fmt_shape(dims)}")
+            if dims and dims[0] < 0:
+                if batch is not None and arr.shape[0] != batch[1]:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"inputs {batch[0]!r} and {key!r} have different batch sizes "
+                        f"({batch[1]} and {arr.shape[0]}): send one row per user in each")
+                batch = (key, arr.shape[0])
+            arrays[key] = arr
+        return arrays
+
+    def is_batched(self, signature_name: str, key: str, output: bool = False) -> bool:
+        """Whether an input (or output) has a variable batch dimension 0."""
+        return key in self._batched[signature_name or DEFAULT_SIGNATURE][1 if output else 0]
+
+    def run(self, signature_name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs a signature in process.
+
+        Raises:
+          RequestError: INVALID_ARGUMENT when the graph rejects the values (its message).
+        """
+        self.signature(signature_name)
+        fn = self._functions[signature_name or DEFAULT_SIGNATURE]
+        try:
+            out = fn(**{k: tf.constant(v) for k, v in arrays.items()})
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               graph_error_line(getattr(e, "message", None) or str(e))) from None
+        return {k: v.numpy() for k, v in out.items()}
+
+    def warm_up(self) -> int:
+        """Runs the export's `assets.extra/tf_serving_warmup_requests`; returns the count."""
+        path = os.path.join(self.path, export.ASSETS_EXTRA, export.WARMUP_FILE)
+        if not os.path.exists(path):
+            return 0
+        n = 0
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            entry = prediction_log_pb2.PredictionLog.FromString(record)
+            request = entry.predict_log.request
+            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            self.run(name, self.parse_inputs(name, request.inputs))
+            n += 1
+        return n
+
+
+class _Task:
+    __slots__ = ("key", "arrays", "rows", "done", "result", "error")
+
+    def __init__(self, key: tuple, arrays: dict[str, np.ndarray], rows: int):
+        self.key, self.arrays, self.rows = key, arrays, rows
+        self.done = False
+        self.result: dict[str, np.ndarray] | None = None
+        self.error: Exception | None = None
+
+
+def _pad_strings(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenates [rows, T_i] string arrays, padding each to the longest T with ""."""
+    width = max(a.shape[1] for a in arrays)
+    out = np.full([sum(a.shape[0] for a in arrays), width], b"", dtype=object)
+    row = 0
+    for a in arrays:
+        out[row:row + a.shape[0], :a.shape[1]] = a
+        row += a.shape[0]
+    return out
+
+
+class Batcher:
+    """Merges concurrent requests to the same version and signature into one model call.
+
+    The request threads run the batches themselves (leader/follower): a thread that
+    queues a request becomes the runner when fewer than `num_threads` batches are
+    running, so a lone request runs at once on its own thread with no hand-off.
+
+    A batch takes every waiting request with the same key (version, signature, non-batch
+    shapes, scalar inputs such as k) up to `max_batch_size` rows. String inputs of rank 2
+    (item ids) join whatever their length: they are padded at the end with "" (the
+    serving pad id), which the signatures ignore. With `timeout_s` > 0 a batch waits up
+    to that long while it has fewer rows than were in the server at once (queued or
+    running, same key) since the previous batch formed: a lone client never waits, and
+    N steady clients are served N at a time instead of in two alternating halves. A
+    failing batch is rerun request by request so one bad request fails alone.
+    """
+
+    def __init__(self, max_batch_size: int, timeout_s: float, num_threads: int = 1):
+        self._max_rows = max_batch_size
+        self._timeout = timeout_s
+        self._num_threads = num_threads
+        self._running = 0
+        self._queue: collections.deque[tuple[_Task, Servable, str]] = collections.deque()
+        self._in_server: collections.Counter[tuple] = collections.Counter()  # rows per key
+        self._peak: dict[tuple, int] = {}
+        self._cv = threading.Condition()
+        self._stopped = False
+
+    @staticmethod
+    def _padded(arr: np.ndarray) -> bool:
+        return arr.dtype == object and arr.ndim == 2
+
+    def submit(self, servable: Servable, signature_name: str,
+               arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Queues one request and returns its slice of the batch result.
+
+        Raises:
+          RequestError: the server is stopping, or the request's own error.
+        """
+        batched = {k for k in arrays if servable.is_batched(signature_name, k)}
+        rows = next((arrays[k].shape[0] for k in batched), 0)
+        key = (id(servable), signature_name,
+               tuple(sorted((k, arrays[k].dtype.str, arrays[k].ndim if self._padded(arrays[k])
+                             else arrays[k].shape[1:]) for k in batched)),
+               tuple(sorted((k, arrays[k].tobytes()) for k in arrays if k not in batched)))
+        task = _Task(key, arrays, rows)
+        with self._cv:
+            if self._stopped:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            self._queue.append((task, servable, signature_name))
+            self._in_server[key] += rows
+            self._peak[key] = max(self._peak.get(key, 0), self._in_server[key])
+            self._cv.notify_all()
+            while not task.done:
+                if self._queue and self._running < self._num_threads:
+                    self._running += 1
+                    batch = self._form_batch()
+                    self._cv.release()
+                    try:
+                        self._run(batch)
+                    finally:
+                        self._cv.acquire()
+                        self._running -= 1
+                        self._cv.notify_all()
+                else:
+                    self._cv.wait()
+            self._in_server[key] -= rows
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def stop(self) -> None:
+        """Refuses new requests; those already queued still run."""
+        with self._cv:
+            self._stopped = True
+
+    def _take(self, key: tuple, rows: int) -> list[tuple[_Task, Servable, str]]:
+        taken = []
+        for entry in list(self._queue):
+            if entry[0].key == key and rows + entry[0].rows <= self._max_rows:
+                self._queue.remove(entry)
+                taken.append(entry)
+                rows += entry[0].rows
+        return taken
+
+    def _form_batch(self) -> list[tuple[_Task, Servable, str]]:
+        """Pops the oldest request and its companions (called holding the lock)."""
+        first = self._queue.popleft()
+        key, batch, rows = first[0].key, [first], first[0].rows
+        expected = min(self._max_rows, self._peak.get(key, 1))
+        deadline = time.monotonic() + self._timeout
+        while True:
+            more = self._take(key, rows)
+            batch += more
+            rows += sum(t.rows for t, _, _ in more)
+            left = deadline - time.monotonic()
+            if rows >= expected or left <= 0:
+                break
+            self._cv.wait(left)
+        self._peak[key] = self._in_server[key]
+        return batch
+
+    @staticmethod
+    def _run_one(task: _Task, servable: Servable, signature_name: str) -> None:
+        try:
+            task.result = servable.run(signature_name, task.arrays)
+        except Exception as e:  # noqa: BLE001 - handed to the request's own thread
+            task.error = e
+        task.done = True
+
+    def _run(self, batch: list[tuple[_Task, Servable, str]]) -> None:
+        first, servable, signature_name = batch[0]
+        if len(batch) == 1:
+            self._run_one(first, servable, signature_name)
+            return
+        tasks = [t for t, _, _ in batch]
+        try:
+            merged = {}
+            for k, value in first.arrays.items():
+                parts = [t.arrays[k] for t in tasks]
+                if not servable.is_batched(signature_name, k):
+                    merged[k] = value
+                elif self._padded(value):
+                    merged[k] = _pad_strings(parts)
+                else:
+                    merged[k] = np.concatenate(parts)
+            out = servable.run(signature_name, merged)
+        except Exception:  # noqa: BLE001 - rerun alone so only the bad request fails
+            for t in tasks:
+                self._run_one(t, servable, signature_name)
+            return
+        offsets = np.cumsum([0] + [t.rows for t in tasks])
+        for t, lo, hi in zip(tasks, offsets[:-1], offsets[1:]):
+            t.result = {k: (v[lo:hi] if servable.is_batched(signature_name, k, output=True) else v)
+                        for k, v in out.items()}
+            t.done = True
+
+
+def list_versions(base_path: str) -> list[int]:
+    """Integer version folders that hold a complete SavedModel, ascending."""
+    try:
+        names = os.listdir(base_path)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names
+                  if n.isdigit() and os.path.exists(os.path.join(base_path, n, "saved_model.pb")))
+
+
+class ModelManager:
+    """The versions of one model under TF Serving's `latest {num_versions: N}` policy.
+
+    Availability first: a new version is loaded and warmed up while the old ones keep
+    serving; old versions are unloaded only once a wanted version is available, and a
+    version that fails to load is reported in the status and never retried.
+    """
+
+    def __init__(self, name: str, base_path: str, num_versions: int = 1,
+                 on_ready: Callable[[int], None] | None = None):
+        self.name = name
+        self.base_path = base_path
+        self.num_versions = num_versions
+        self._servables: dict[int, Servable] = {}
+        self._failed: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._on_ready = on_ready
+
+    def _load(self, version: int) -> None:
+        try:
+            servable = Servable(self.name, version, os.path.join(self.base_path, str(version)))
+            warmed = servable.warm_up()
+        except Exception as e:  # noqa: BLE001 - a bad export must not stop serving
+            log.error("version %d of %s failed to load: %s", version, self.name, e)
+            with self._lock:
+                self._failed[version] = f"{type(e).__name__}: {e}".split("\n")[0]
+            return
+        log.info("loaded %s version %d (%d warm-up requests)", self.name, version, warmed)
+        with self._lock:
+            self._servables[version] = servable
+
+    def poll(self) -> None:
+        """One scan of the base path: load wanted versions (newest first), unload the rest.
+
+        Calls `on_ready(version)` once the scan has made a new version the newest served.
+        """
+        with self._lock:
+            newest_before = max(self._servables, default=None)
+        wanted = list_versions(self.base_path)[-self.num_versions:]
+        for version in reversed(wanted):
+            with self._lock:
+                known = version in self._servables or version in self._failed
+            if not known:
+                self._load(version)
+        with self._lock:
+            if any(v in self._servables for v in wanted):
+                for v in [v for v in self._servables if v not in wanted]:
+                    del self._servables[v]  # requests already holding it finish on it
+                    log.info("unloaded %s version %d", self.name, v)
+            # else: keep serving what we have until a wanted version is available
+            newest = max(self._servables, default=None)
+        if newest is not None and newest != newest_before and self._on_ready:
+            self._on_ready(newest)
+
+    def get(self, version: int | None) -> Servable:
+        """The servable for a version (None = latest loaded).
+
+        Raises:
+          RequestError: NOT_FOUND when that version is not loaded.
+        """
+        with self._lock:
+            if version is None and self._servables:
+                return self._servables[max(self._servables)]
+            if version is not None and version in self._servables:
+                return self._servables[version]
+        what = f"Latest({self.name})" if version is None else f"Specific({self.name}, {version})"
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}")
+
+    def statuses(self, version: int | None) -> list[get_model_status_pb2.ModelVersionStatus]:
+        """ModelVersionStatus entries (AVAILABLE, or END with the load error).
+
+        Raises:
+          RequestError: NOT_FOUND when nothing matches.
+        """
+        state = get_model_status_pb2.ModelVersionStatus.State
+        with self._lock:
+            entries = [(v, state.AVAILABLE, None) for v in self._servables]
+            entries += [(v, state.END, m) for v, m in self._failed.items()
+                        if v not in self._servables]
+        entries = sorted(e for e in entries if version is None or e[0] == version)
+        if not entries:
+            what = self.name if version is None else f"{self.name} version {version}"
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"Could not find any versions of model {what}")
+        out = []
+        for v, s, message in entries:
+            status = status_pb2.StatusProto(error_code=2 if message else 0,  # 2 = UNKNOWN
+                                            error_message=message or "")
+            out.append(get_model_status_pb2.ModelVersionStatus(version=v, state=s, status=status))
+        return out
+
+
+def _version_of(spec: model_pb2.ModelSpec) -> int | None:
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return int(spec.version.value)
+    if choice == "version_label":
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"Unrecognized servable version label: {spec.version_label} "
+                           "(this server has no labels; pin a version number)")
+    return None
+
+
+class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
+                model_service_pb2_grpc.ModelServiceServicer):
+    """gRPC methods: thin wrappers that map RequestError to status codes."""
+
+    def __init__(self, manager: ModelManager, batcher: Batcher | None):
+        self._manager = manager
+        self._batcher = batcher
+
+    def _servable(self, spec: model_pb2.ModelSpec) -> Servable:
+        if spec.name != self._manager.name:
+            what = (f"Latest({spec.name})" if spec.WhichOneof("version_choice") is None
+                    else f"Specific({spec.name}, {spec.version.value})")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}")
+        return self._manager.get(_version_of(spec))
+
+    @staticmethod
+    def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except RequestError as e:
+            context.abort(e.code, e.message)
+        except Exception as e:  # noqa: BLE001 - a bug answers INTERNAL, the server lives on
+            log.exception("internal error")
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}".split("\n")[0])
+
+    def Predict(self, request, context):  # noqa: N802 - gRPC method name
+        def predict():
+            servable = self._servable(request.model_spec)
+            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+            sig = servable.signature(name)
+            for key in request.output_filter:
+                if key not in sig.outputs:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"output tensor alias not found in signature: {key} "
+                                       f"(outputs: {', '.join(sorted(sig.outputs))})")
+            arrays = servable.parse_inputs(name, request.inputs)
+            if self._batcher is not None:
+                out = self._batcher.submit(servable, name, arrays)
+            else:
+                out = servable.run(name, arrays)
+            response = predict_pb2.PredictResponse()
+            response.model_spec.name = servable.name
+            response.model_spec.version.value = servable.version
+            response.model_spec.signature_name = name
+            keys = list(request.output_filter) or list(out)
+            for key in keys:
+                response.outputs[key].CopyFrom(protos.to_proto(out[key]))
+            return response
+        return self._guard(context, predict)
+
+    def GetModelMetadata(self, request, context):  # noqa: N802 - gRPC method name
+        def metadata():
+            if not request.metadata_field:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "GetModelMetadataRequest must specify at least one metadata_field")
+            for field in request.metadata_field:
+                if field != SIGNATURE_DEF_FIELD:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Metadata field {field} is not supported")
+            servable = self._servable(request.model_spec)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = servable.name
+            response.model_spec.version.value = servable.version
+            sig_map = get_model_metadata_pb2.SignatureDefMap()
+            for key, value in servable.signature_defs.items():
+                sig_map.signature_def[key].CopyFrom(value)
+            response.metadata[SIGNATURE_DEF_FIELD].Pack(sig_map)
+            return response
+        return self._guard(context, metadata)
+
+    def GetModelStatus(self, request, context):  # noqa: N802 - gRPC method name
+        def status():
+            spec = request.model_spec
+            if spec.name != self._manager.name:
+                raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                   f"Could not find any versions of model {spec.name}")
+            response = get_model_status_pb2.GetModelStatusResponse()
+            response.model_version_status.extend(self._manager.statuses(_version_of(spec)))
+            return response
+        return self._guard(context, status)
+
+    def HandleReloadConfigRequest(self, request, context):  # noqa: N802 - gRPC method name
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this local server serves one model; "
+                      "restart it with another --model-base-path")
+
+
+class ModelServer:
+    """The gRPC server, its version poller and (optionally) its batcher."""
+
+    def __init__(self, model_name: str, model_base_path: str, host: str = "127.0.0.1",
+                 port: int = 8500, enable_batching: bool = False, max_batch_size: int = 64,
+                 batch_timeout_micros: int = 0, poll_seconds: float = 1.0,
+                 max_message_mb: int = 16, num_versions: int = 1, num_batch_threads: int = 1):
+        """Binds the port; call `start()` to load versions and serve.
+
+        Raises:
+          ValueError: bad options (missing base path, port in use, non-positive sizes).
+        """
+        if not os.path.isdir(model_base_path):
+            raise ValueError(f"--model-base-path {model_base_path} is not a folder: "
+                             "pass the --export-base of serving.export")
+        if min(max_batch_size, max_message_mb, num_versions, num_batch_threads) < 1 \
+                or poll_seconds <= 0 or batch_timeout_micros < 0:
+            raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb and "
+                             "--num-versions must be >= 1, "
+                             "--poll-seconds > 0 and --batch-timeout-micros >= 0")
+        self.ready = threading.Event()
+        self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready)
+        self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads)
+                        if enable_batching else None)
+        self._poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        limit = max_message_mb * 1024 * 1024
+        self._grpc = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=WORKER_THREADS),
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        handlers = _Handlers(self.manager, self.batcher)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handlers, self._grpc)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(handlers, self._grpc)
+        try:
+            self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise ValueError(f"cannot bind {host}:{port} ({e}): pick a free --port") from None
+        if not self.port:
+            raise ValueError(f"cannot bind {host}:{port}: pick a free --port")
+        self.host = host
+        self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
+
+    def _on_ready(self, version: int) -> None:
+        print(f"serving {self.manager.name} version {version} on {self.host}:{self.port}",
+              flush=True)
+        self.ready.set()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.manager.poll()
+            except Exception:  # noqa: BLE001 - keep polling whatever happens on disk
+                log.exception("poll failed")
+            self._stop.wait(self._poll_seconds)
+
+    def start(self) -> None:
+        """Starts serving and polling (the first version loads in the background)."""
+        self._grpc.start()
+        self._poller.start()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops accepting requests, finishes those in flight, stops the threads."""
+        self._stop.set()
+        self._grpc.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.stop()
+        self._poller.join(timeout=grace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m serving.server",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
+    parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
+    parser.add_argument("--enable-batching", action="store_true",
+                        help="merge concurrent requests into one model call")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="rows per merged call")
+    parser.add_argument("--batch-timeout-micros", type=int, default=0,
+                        help="how long a batch waits for more requests (0 = take what is queued)")
+    parser.add_argument("--num-batch-threads", type=int, default=1,
+                        help="merged calls that may run at the same time")
+    parser.add_argument("--poll-seconds", type=float, default=1.0,
+                        help="how often the base path is scanned for new versions")
+    parser.add_argument("--max-message-mb", type=int, default=16,
+                        help="request and response size cap")
+    parser.add_argument("--num-versions", type=int, default=1,
+                        help="how many of the newest versions stay loaded (TF Serving's "
+                             "latest{num_versions}); >1 lets pinned clients finish on the old one")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = ModelServer(args.model_name, args.model_base_path, args.host, args.port,
+                             args.enable_batching, args.max_batch_size,
+                             args.batch_timeout_micros, args.poll_seconds, args.max_message_mb,
+                             args.num_versions, args.num_batch_threads)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    if not list_versions(args.model_base_path):
+        log.warning("no version under %s yet; waiting for one", args.model_base_path)
+    while not stop.wait(1.0):
+        pass
+    log.info("shutting down")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

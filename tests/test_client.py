@@ -1,0 +1,165 @@
+"""serving.client against a real server process: calls, version pinning, errors, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+import serving_testlib as lib
+import tensorflow as tf
+
+from serving import client as client_lib
+from serving import export
+from serving.client import HierTCNClient, InvalidRequest, ModelNotFound, ServerUnavailable
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path_factory.mktemp("models"))
+    for version in (1, 2):
+        export.export_model(lib.tiny_model(vocab, seed=version), vocab, base)
+    server = lib.ServerProcess(base, NAME, "--num-versions", "2", "--enable-batching",
+                               "--num-batch-threads", "2")
+    try:
+        server.wait_version(2)
+        yield {"server": server, "base": base, "vocab": vocab}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(served):
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c:
+        yield c
+
+
+def in_process(base, version, signature, **inputs):
+    fn = tf.saved_model.load(os.path.join(base, str(version))).signatures[signature]
+    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
+
+
+def test_status_metadata_and_pinning(client, served):
+    assert client.status() == [{"version": 1, "state": "AVAILABLE", "error": ""},
+                               {"version": 2, "state": "AVAILABLE", "error": ""}]
+    assert client.metadata().version == 2 and client.state_size() == 8
+    assert client.pinned_version is None
+    assert client.pin() == 2 and client.pinned_version == 2
+    assert client.pin(1) == 1
+    states = client.zero_states(1)
+    ids, scores = client.next_items(states, [["item3"]], k=4)
+    want = in_process(served["base"], 1, "next_items", user_state=states,
+                      session_items=np.array([["item3"]], dtype=object),
+                      history_items=np.array([[""]], dtype=object), k=np.int32(4))
+    assert ids == [[i.decode() for i in want["item_ids"][0]]]
+    np.testing.assert_allclose(scores, want["scores"], rtol=1e-5)
+    _, version = client.predict("user_embedding", {
+        "user_state": states, "session_items": np.array([["item3"]], dtype=object),
+        "history_items": np.array([[""]], dtype=object)})
+    assert version == 1  # pinned: every call of this user runs on version 1
+
+
+def test_ragged_batches_equal_one_user_at_a_time(client):
+    client.pin(2)
+    states = np.random.default_rng(0).normal(size=[3, 8]).astype(np.float32)
+    sessions = [["item1", "item2", "item3"], [], ["nope", "item7"]]
+    history = [["item9"], [], ["item1", "item2"]]
+    ids, scores = client.next_items(states, sessions, k=3, history=history)
+    updated = client.update_state(states, sessions)
+    emb = client.user_embedding(states, sessions, history)
+    assert emb.shape == (3, 8) and updated.shape == (3, 8) and scores.shape == (3, 3)
+    np.testing.assert_array_equal(updated[1], states[1])  # empty session: state unchanged
+    for i in range(3):
+        one_ids, one_scores = client.next_items(states[i:i + 1], [sessions[i]], k=3,
+                                                history=[history[i]])
+        assert one_ids[0] == ids[i]
+        np.testing.assert_allclose(one_scores[0], scores[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(client.update_state(states[i:i + 1], [sessions[i]])[0],
+                                   updated[i], rtol=1e-5, atol=1e-6)
+
+
+def test_pad_rows():
+    assert client_lib.pad_rows([["a", "b"], []]).tolist() == [["a", "b"], ["", ""]]
+    assert client_lib.pad_rows([[], []]).tolist() == [[""], [""]]
+    assert client_lib.pad_rows([["a", "b", "c"]], 2).tolist() == [["a", "b", "c", ""]]
+    assert client_lib.pad_rows([["a", "b", "c"], ["d"]], 2, truncate=True).tolist() == [
+        ["b", "c"], ["d", ""]]
+
+
+def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):
+    """Keeping the newest `receptive field` items gives the same scores (TINY: 4 positions)."""
+    assert lib.TINY.receptive_field == 4
+    client.pin(2)
+    with HierTCNClient(served["server"].target, NAME, timeout=30, session_width=4,
+                       history_width=3) as fixed:
+        fixed.pin(2)
+        state = np.random.default_rng(3).normal(size=[1, 8]).astype(np.float32)
+        session = [f"item{i}" for i in (3, 1, 4, 1, 5, 9, 2, 6)]
+        ids, scores = fixed.next_items(state, [session], k=5, history=[["item1"]])
+        want_ids, want_scores = client.next_items(state, [session], k=5, history=[["item1"]])
+        assert ids == want_ids
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fixed.update_state(state, [session]),
+                                   client.update_state(state, [session]), rtol=1e-5, atol=1e-6)
+
+
+def test_k_larger_than_catalogue_clamps(client, served):
+    ids, _ = client.next_items(client.zero_states(1), [[]], k=1000)
+    assert sorted(ids[0]) == sorted(served["vocab"].ids[2:])
+
+
+def test_errors_are_mapped(client, served):
+    with pytest.raises(ModelNotFound, match="Specific"):
+        client.metadata(9)
+    with HierTCNClient(served["server"].target, "nope", timeout=30) as other:
+        with pytest.raises(ModelNotFound, match="nope"):
+            other.status()
+    with pytest.raises(InvalidRequest, match="user_state"):
+        client.update_state(np.zeros([1, 5], np.float32), [["item1"]])
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with HierTCNClient(f"127.0.0.1:{port}", NAME, timeout=2) as dead:
+        with pytest.raises(ServerUnavailable, match="UNAVAILABLE|DEADLINE"):
+            dead.status()
+
+
+def cli(served, db, *args):
+    return ["--target", served["server"].target, "--model-name", NAME, "--state-db", str(db),
+            "--json", *args]
+
+
+def run_cli(capsys, served, db, *args):
+    assert client_lib.main(cli(served, db, *args)) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp_path):
+    db = tmp_path / "states.sqlite"
+    first = run_cli(capsys, served, db, "recommend", "--user", "ann", "--items", "item1,item2",
+                    "-k", "3")
+    assert first["state"] == "new" and first["version"] == 2 and len(first["items"]) == 3
+    ended = run_cli(capsys, served, db, "end-session", "--user", "ann", "--items",
+                    "item1,item2,item5")
+    assert ended["history"] == ["item1", "item2", "item5"]
+    second = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
+    assert second["state"] == "stored"
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c:
+        c.pin(2)
+        state = c.update_state(c.zero_states(1), [["item1", "item2", "item5"]])
+        ids, _ = c.next_items(state, [[]], k=3, history=[["item1", "item2", "item5"]])
+    assert [e["item"] for e in second["items"]] == ids[0]
+
+    export.export_model(lib.tiny_model(served["vocab"], seed=3), served["vocab"], served["base"])
+    served["server"].wait_version(3)
+    third = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
+    assert third["version"] == 3 and third["state"] == "rebuilt"
+    assert run_cli(capsys, served, db, "status")["versions"][-1]["version"] == 3
+
+    assert client_lib.main(cli(served, db, "recommend", "--user", "ann", "-k", "-1")) == 1
+    assert "k must be >= 0" in capsys.readouterr().err

@@ -1,0 +1,194 @@
+"""serving.export: the SavedModel loads as TF Serving loads it and equals the eager model."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import serving_testlib as lib  # noqa: F401 - sets the Keras mode before TensorFlow
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from model import registry
+from serving import export
+
+STATE = np.random.default_rng(0).normal(size=[3, 8]).astype(np.float32)
+# Row 0: two known items; row 1: an unknown id, then two known; row 2: an empty session.
+SESSIONS = np.array([["item0", "item3", ""], ["nope", "item5", "item1"], ["", "", ""]],
+                    dtype=object)
+INDICES = np.array([[2, 5, 0], [1, 7, 3], [0, 0, 0]], dtype=np.int64)
+HISTORY = np.array([["item2"], ["item4"], [""]], dtype=object)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    vocab = lib.tiny_vocabulary()
+    model = lib.tiny_model(vocab)
+    base = str(tmp_path_factory.mktemp("export"))
+    path = export.export_model(model, vocab, base)
+    return model, vocab, base, path
+
+
+def eager(model, vocab, k):
+    """The model's own outputs on INDICES: state, top-k ids/scores (real items), embedding."""
+    state = model.update_state(STATE, INDICES).numpy()
+    u = model.last_user_embedding(STATE, INDICES)
+    logits = model.item_logits(u).numpy()[:, 2:]
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    ids = np.array(vocab.ids[2:], dtype=object)[order]
+    return state, ids, np.take_along_axis(logits, order, axis=1), u.numpy()
+
+
+def run_tf1(path, signature, feeds):
+    """Runs a signature the way tensorflow_model_server does: TF1 session, tensor names."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
+        sig = meta.signature_def[signature]
+        assert set(sig.inputs) == set(feeds)
+        out = sess.run({k: v.name for k, v in sig.outputs.items()},
+                       {sig.inputs[k].name: v for k, v in feeds.items()})
+    return out
+
+
+def test_layout_and_signature_shapes(exported):
+    model, vocab, base, path = exported
+    assert path == os.path.join(base, "1")
+    assert os.listdir(base) == ["1"]  # no temporary folder left behind
+    with open(os.path.join(path, "assets", export.VOCAB_ASSET), encoding="utf-8") as f:
+        assert f.read().split("\n")[:3] == ["[PAD]", "[UNK]", "item0"]
+    loaded = tf.saved_model.load(path)
+    assert set(loaded.signatures) == {
+        "serving_default", "next_items", "update_state", "user_embedding"}
+    spec = loaded.signatures["update_state"].structured_input_signature[1]["user_state"]
+    assert spec.shape.as_list() == [None, model.state_size] and spec.dtype == tf.float32
+    assert set(loaded.signatures["next_items"].structured_input_signature[1]) == {
+        "user_state", "session_items", "history_items", "k"}
+
+
+def test_tf1_session_loader_equals_eager_model(exported):
+    model, vocab, _, path = exported
+    state, ids, scores, emb = eager(model, vocab, k=4)
+    got = run_tf1(path, "update_state", {"user_state": STATE, "session_items": SESSIONS})
+    np.testing.assert_allclose(got["user_state"], state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["user_state"][2], STATE[2])  # empty session: unchanged
+    for signature in ("next_items", "serving_default"):
+        got = run_tf1(path, signature, {"user_state": STATE, "session_items": SESSIONS,
+                                        "history_items": HISTORY, "k": np.int32(4)})
+        assert got["item_ids"].astype(str).tolist() == ids.tolist()
+        np.testing.assert_allclose(got["scores"], scores, rtol=1e-5, atol=1e-6)
+    got = run_tf1(path, "user_embedding", {"user_state": STATE, "session_items": SESSIONS,
+                                           "history_items": HISTORY})
+    np.testing.assert_allclose(got["embedding"], emb, rtol=1e-5, atol=1e-6)
+
+
+def test_successive_update_state_equals_model_and_evaluation_state(exported):
+    model, vocab, _, path = exported
+    from model.keras_scorer import KerasScorer
+
+    update = tf.saved_model.load(path).signatures["update_state"]
+    sessions = [[["item0", "item1"], ["item2"]], [["item3", "item4", "item5"], ["item6", "item7"]]]
+    served = np.zeros([2, model.state_size], np.float32)
+    scorer = KerasScorer(model)
+    evaluated = scorer.initial_state(["a", "b"])
+    index = vocab.index_of()
+    for step in range(2):
+        rows = [s[step] for s in sessions]
+        width = max(len(r) for r in rows)
+        padded = np.array([r + [""] * (width - len(r)) for r in rows], dtype=object)
+        served = update(user_state=tf.constant(served),
+                        session_items=tf.constant(padded))["user_state"].numpy()
+        evaluated = scorer.update(evaluated, np.array(
+            [[index[i] for i in r] + [0] * (width - len(r)) for r in rows], np.int64))
+    np.testing.assert_allclose(served, evaluated, rtol=1e-5, atol=1e-6)
+    assert np.abs(served).sum() > 0
+
+
+def test_k_clamps_and_reserved_ids_never_returned(exported):
+    model, vocab, _, path = exported
+    fn = tf.saved_model.load(path).signatures["next_items"]
+    inputs = dict(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
+                  history_items=tf.constant(HISTORY))
+    everything = fn(k=tf.constant(1000), **inputs)
+    ids = everything["item_ids"].numpy().astype(str)
+    assert ids.shape == (3, vocab.num_items)
+    for row in ids:
+        assert sorted(row) == sorted(vocab.ids[2:])  # every real item once, never "", [PAD], [UNK]
+    assert np.all(np.diff(everything["scores"].numpy(), axis=1) <= 0)
+    assert fn(k=tf.constant(0), **inputs)["item_ids"].shape == (3, 0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="k must be >= 0"):
+        fn(k=tf.constant(-1), **inputs)
+
+
+def test_warmup_records_cover_every_signature(exported):
+    _, _, _, path = exported
+    records = tf.data.TFRecordDataset(
+        os.path.join(path, export.ASSETS_EXTRA, export.WARMUP_FILE)).as_numpy_iterator()
+    logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
+    assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == [
+        "next_items", "update_state", "user_embedding"]
+
+
+def test_saved_model_cli_show_and_run(exported):
+    _, _, _, path = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    show = subprocess.run([cli, "show", "--all", "--dir", path], capture_output=True, text=True,
+                          env=env, check=True).stdout
+    assert "signature_def['next_items']" in show and "shape: (-1, 8)" in show
+    run = subprocess.run(
+        [cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "next_items",
+         "--input_exprs", f"user_state=[{[0.0] * 8}];session_items=[['item0','']];"
+         "history_items=[['']];k=3"],
+        capture_output=True, text=True, env=env, check=True).stdout
+    assert "item_ids" in run and "scores" in run and "[PAD]" not in run
+
+
+def test_export_is_atomic_and_refuses_to_overwrite(exported, monkeypatch):
+    model, vocab, base, _ = exported
+    with pytest.raises(export.ExportError, match="already exists"):
+        export.export_model(model, vocab, base, version=1)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the export")
+
+    monkeypatch.setattr(export, "warmup_requests", crash)  # after the SavedModel is written
+    with pytest.raises(KeyboardInterrupt):
+        export.export_model(model, vocab, base)
+    assert os.listdir(base) == ["1"]
+    assert export.next_version(base) == 2
+
+
+def test_bad_vocabulary_id_is_rejected(tmp_path):
+    vocab = lib.tiny_vocabulary(3)
+    bad = vocab.__class__(ids=vocab.ids[:-1] + ("two\nlines",), counts=vocab.counts)
+    with pytest.raises(export.ExportError, match="line break"):
+        export.export_model(lib.tiny_model(vocab), bad, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_repeat_head_model_gets_history_then_session(tmp_path):
+    """With a repeat head, next_items equals the eager model scoring history + session."""
+    vocab = lib.tiny_vocabulary()
+    tf.keras.utils.set_random_seed(0)
+    config = lib.TINY.replace({"repeat_head": True, "history_size": 4})
+    model = registry.build_model("hiertcn", config, vocab.size)
+    assert model.history_size == 4
+    path = export.export_model(model, vocab, str(tmp_path))
+    fn = tf.saved_model.load(path).signatures["next_items"]
+    history = np.array([["item6", "item9"], ["item2", ""], ["", ""]], dtype=object)
+    history_idx = np.array([[8, 11], [4, 0], [0, 0]], np.int64)
+    out = fn(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
+             history_items=tf.constant(history), k=tf.constant(3))
+    u = model.last_user_embedding(STATE, INDICES)
+    scores = model.item_scores_with_history(u, np.concatenate([history_idx, INDICES], 1)).numpy()
+    order = np.argsort(-scores[:, 2:], axis=1, kind="stable")[:, :3]
+    assert out["item_ids"].numpy().astype(str).tolist() == np.array(
+        vocab.ids[2:], dtype=object)[order].tolist()
+    np.testing.assert_allclose(out["scores"], np.take_along_axis(scores[:, 2:], order, 1),
+                               rtol=1e-5, atol=1e-5)
+    plain = fn(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
+               history_items=tf.constant([[""], [""], [""]]), k=tf.constant(3))
+    assert plain["scores"].numpy().tolist() != out["scores"].numpy().tolist()

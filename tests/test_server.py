@@ -1,0 +1,230 @@
+"""serving.server over real gRPC: TF Serving's requests, answers and status codes."""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import serving_testlib as lib
+import tensorflow as tf
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+from serving import export, protos
+
+NAME = "tiny"
+H = 8
+STATE = np.random.default_rng(1).normal(size=[2, H]).astype(np.float32)
+SESSIONS = np.array([["item0", "item4"], ["nope", ""]], dtype=object)
+HISTORY = np.array([["item1"], [""]], dtype=object)
+INPUTS = {
+    "next_items": {"user_state": STATE, "session_items": SESSIONS, "history_items": HISTORY,
+                   "k": np.int32(5)},
+    "update_state": {"user_state": STATE, "session_items": SESSIONS},
+    "user_embedding": {"user_state": STATE, "session_items": SESSIONS, "history_items": HISTORY},
+}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path_factory.mktemp("models"))
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
+    server = lib.ServerProcess(base, NAME, "--enable-batching", "--batch-timeout-micros", "20000",
+                               "--max-message-mb", "1")
+    try:
+        server.wait_version(1)
+        channel = grpc.insecure_channel(server.target)
+        yield {"server": server, "base": base, "vocab": vocab, "channel": channel,
+               "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
+               "models": model_service_pb2_grpc.ModelServiceStub(channel)}
+        channel.close()
+    finally:
+        server.stop()
+
+
+def request(signature, inputs, name=NAME, version=None):
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = name
+    req.model_spec.signature_name = signature
+    if version is not None:
+        req.model_spec.version.value = version
+    for key, value in inputs.items():
+        req.inputs[key].CopyFrom(protos.to_proto(value))
+    return req
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(path):
+    return tf.saved_model.load(path)
+
+
+def in_process(base, version, signature, inputs):
+    fn = _loaded(os.path.join(base, str(version))).signatures[signature]
+    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
+
+
+def assert_outputs_equal(got, want):
+    assert set(got) == set(want)
+    for key in want:
+        if want[key].dtype == object:
+            assert got[key].tolist() == want[key].tolist()
+        else:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "signature", ["next_items", "serving_default", "update_state", "user_embedding"])
+def test_predict_equals_in_process_savedmodel(served, signature):
+    inputs = INPUTS["next_items" if signature == "serving_default" else signature]
+    response = served["predict"].Predict(request(signature, inputs), timeout=30)
+    assert (response.model_spec.name, response.model_spec.version.value,
+            response.model_spec.signature_name) == (NAME, 1, signature)
+    got = {k: protos.from_proto(v) for k, v in response.outputs.items()}
+    assert_outputs_equal(got, in_process(served["base"], 1, signature, inputs))
+
+
+def test_default_signature_and_output_filter(served):
+    req = request("", INPUTS["next_items"])
+    req.output_filter.append("item_ids")
+    response = served["predict"].Predict(req, timeout=30)
+    assert response.model_spec.signature_name == "serving_default"
+    assert list(response.outputs) == ["item_ids"]
+    assert protos.from_proto(response.outputs["item_ids"]).shape == (2, 5)
+
+
+def test_metadata_and_status(served):
+    req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    req.model_spec.name = NAME
+    response = served["predict"].GetModelMetadata(req, timeout=30)
+    assert response.model_spec.version.value == 1
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(sig_map)
+    assert {"serving_default", "next_items", "update_state", "user_embedding"} <= set(
+        sig_map.signature_def)
+    dims = sig_map.signature_def["update_state"].inputs["user_state"].tensor_shape.dim
+    assert [d.size for d in dims] == [-1, H]
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = NAME
+    versions = served["models"].GetModelStatus(status, timeout=30).model_version_status
+    state = get_model_status_pb2.ModelVersionStatus.State
+    assert [(v.version, state.Name(v.state)) for v in versions] == [(1, "AVAILABLE")]
+
+
+def _without(key):
+    return {k: v for k, v in INPUTS["next_items"].items() if k != key}
+
+
+def _with(**changes):
+    return {**INPUTS["next_items"], **changes}
+
+
+BAD_REQUESTS = {
+    "unknown model": (request("next_items", INPUTS["next_items"], name="nope"),
+                      grpc.StatusCode.NOT_FOUND, "Latest(nope)"),
+    "unknown version": (request("next_items", INPUTS["next_items"], version=7),
+                        grpc.StatusCode.NOT_FOUND, "Specific(tiny, 7)"),
+    "unknown signature": (request("bogus", INPUTS["next_items"]),
+                          grpc.StatusCode.FAILED_PRECONDITION, '"bogus" not found'),
+    "missing input": (request("next_items", _without("history_items")),
+                      grpc.StatusCode.INVALID_ARGUMENT, "Missing but required: {history_items}"),
+    "extra input": (request("next_items", _with(foo=np.int32(1))),
+                    grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {foo}"),
+    "wrong dtype": (request("next_items", _with(user_state=STATE.astype(np.int32))),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "'user_state' of signature 'next_items' expects float32"),
+    "wrong width": (request("next_items", _with(user_state=STATE[:, :5])),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "'user_state' of signature 'next_items' has shape [2, 5]"),
+    "wrong rank": (request("next_items", _with(session_items=SESSIONS[0])),
+                   grpc.StatusCode.INVALID_ARGUMENT, "'session_items'"),
+    "batch mismatch": (request("next_items", _with(session_items=SESSIONS[:1])),
+                       grpc.StatusCode.INVALID_ARGUMENT, "different batch sizes"),
+    "negative k": (request("next_items", _with(k=np.int32(-1))),
+                   grpc.StatusCode.INVALID_ARGUMENT, "k must be >= 0"),
+    "too large": (request("update_state", {"user_state": np.zeros([40000, H], np.float32),
+                                           "session_items": np.full([40000, 1], "", dtype=object)}),
+                  grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_get_tf_serving_codes_and_server_keeps_serving(served, case):
+    req, code, message = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as err:
+        served["predict"].Predict(req, timeout=30)
+    assert err.value.code() == code
+    assert message in err.value.details()
+    ok = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
+    assert ok.model_spec.version.value == 1
+
+
+def test_metadata_needs_signature_def_field(served):
+    req = get_model_metadata_pb2.GetModelMetadataRequest()
+    req.model_spec.name = NAME
+    with pytest.raises(grpc.RpcError) as err:
+        served["predict"].GetModelMetadata(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_concurrent_requests_are_batched_and_split_correctly(served):
+    """Sessions of different lengths share batches (padded with ""); each answer is its own."""
+    rng = np.random.default_rng(2)
+    rows = [{"user_state": rng.normal(size=[1, H]).astype(np.float32),
+             "session_items": np.array([[f"item{(i * j) % 12}" for j in range(1 + i % 4)]],
+                                       dtype=object),
+             "history_items": np.array([[""] * (1 + i % 2)], dtype=object), "k": np.int32(3)}
+            for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(
+            lambda r: served["predict"].Predict(request("next_items", r), timeout=30), rows))
+    for r, response in zip(rows, responses):
+        got = {k: protos.from_proto(v) for k, v in response.outputs.items()}
+        assert_outputs_equal(got, in_process(served["base"], 1, "next_items", r))
+
+
+def test_new_version_is_picked_up_without_dropping_requests(served):
+    base, vocab, stub = served["base"], served["vocab"], served["predict"]
+    good = request("next_items", INPUTS["next_items"])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(stub.Predict, good, timeout=60) for _ in range(2)]
+        export.export_model(lib.tiny_model(vocab, seed=2), vocab, base, version=2)
+        served["server"].wait_version(2)
+        calls += [pool.submit(stub.Predict, good, timeout=60) for _ in range(2)]
+        versions = [c.result().model_spec.version.value for c in calls]  # none failed
+    assert set(versions) <= {1, 2} and versions[-1] == 2
+    response = stub.Predict(good, timeout=30)
+    got = {k: protos.from_proto(v) for k, v in response.outputs.items()}
+    assert_outputs_equal(got, in_process(base, 2, "next_items", INPUTS["next_items"]))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(request("next_items", INPUTS["next_items"], version=1), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_broken_version_is_reported_and_old_one_keeps_serving(served):
+    broken = os.path.join(served["base"], "3")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
+        f.write(b"not a saved model")
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = NAME
+    state = get_model_status_pb2.ModelVersionStatus.State
+    for _ in range(200):
+        versions = served["models"].GetModelStatus(status, timeout=30).model_version_status
+        if any(v.version == 3 for v in versions):
+            break
+        time.sleep(0.1)
+    assert [(v.version, state.Name(v.state)) for v in versions] == [(2, "AVAILABLE"), (3, "END")]
+    assert versions[1].status.error_message
+    response = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
+    assert response.model_spec.version.value == 2
+
+
+def test_sigterm_stops_cleanly(served):
+    assert served["server"].stop() == 0

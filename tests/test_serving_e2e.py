@@ -1,0 +1,59 @@
+"""The real commands end to end: synthetic log, pipeline, train, export, serve, query."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import serving_testlib as lib
+
+from pipeline import schema
+
+TINY_RUN = {"model": {"embedding_dim": 8, "gru_units": 4, "gru_layers": 1, "channels": 8,
+                      "kernel_size": 2, "num_blocks": 1},
+            "train": {"batch_size": 4, "sessions_per_batch": 2, "max_session_length": 8}}
+
+
+def run(*args: str, cwd: str) -> str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=lib.REPO)
+    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_two_sessions_through_the_served_model(tmp_path):
+    work = str(tmp_path)
+    with open(os.path.join(work, "tiny.json"), "w", encoding="utf-8") as f:
+        json.dump(TINY_RUN, f)
+    run("pipeline.synthetic", "--output", "log.csv", "--users", "40", "--items", "100",
+        "--topics", "5", cwd=work)
+    run("pipeline", "--input", "log.csv", "--output", "data", cwd=work)
+    run("model.train", "--data", "data", "--model", "hiertcn", "--model-dir", "run", "--steps", "3",
+        "--config", "tiny.json", "--no-progress", cwd=work)
+    exported = run("serving.export", "--model-dir", "run", "--export-base", "export", cwd=work)
+    assert "export/1" in exported
+
+    items = schema.read_vocabulary(os.path.join(work, "data")).ids[2:]
+    server = lib.ServerProcess(os.path.join(work, "export"), "hiertcn")
+    try:
+        server.wait_version(1)
+        cli = ("serving.client", "--target", server.target, "--model-name", "hiertcn",
+               "--state-db", "states.sqlite", "--json")
+        first = json.loads(run(*cli, "recommend", "--user", "u1", "-k", "5", cwd=work))
+        session = ",".join(items[:3])
+        stored = json.loads(run(*cli, "end-session", "--user", "u1", "--items", session, cwd=work))
+        second = json.loads(run(*cli, "recommend", "--user", "u1", "--items", items[3], "-k", "5",
+                                cwd=work))
+        human = run(*cli[:-1], "recommend", "--user", "u1", "-k", "3", cwd=work)
+    finally:
+        assert server.stop() == 0
+    assert first["state"] == "new" and first["version"] == 1 and len(first["items"]) == 5
+    assert stored["history"] == list(items[:3])
+    assert second["state"] == "stored" and second["session"] == [items[3]]
+    assert [e["score"] for e in second["items"]] != [e["score"] for e in first["items"]]
+    for ranked in (first["items"], second["items"]):
+        assert all(e["item"] in items for e in ranked)  # never "", [PAD] or [UNK]
+        assert [e["score"] for e in ranked] == sorted((e["score"] for e in ranked), reverse=True)
+    assert "stored state of version 1" in human and "  1. " in human

@@ -1,0 +1,123 @@
+"""serving.state_store on a real SQLite file: upserts, WAL, version-keyed states."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from serving import state_store
+from serving.state_store import SQLiteStateStore, resolve_state, trim_sessions
+
+
+@pytest.fixture
+def store(tmp_path):
+    with SQLiteStateStore(str(tmp_path / "states.sqlite"), history_items=5) as s:
+        yield s
+
+
+def test_trim_sessions_keeps_newest_items_and_boundaries():
+    assert trim_sessions([["a", "b", "c"], [], ["d", "e"]], 3) == (("c",), ("d", "e"))
+    assert trim_sessions([["a"], ["b"]], 10) == (("a",), ("b",))
+    assert trim_sessions([], 3) == ()
+
+
+def test_put_get_upsert_and_persistence(store, tmp_path):
+    assert store.get("u", 1) is None and store.latest("u") is None
+    store.put("u", 1, np.array([1, 2], np.float32), [["a", "b"]])
+    store.put("u", 1, np.array([3, 4], np.float32), [["a", "b"], ["c", "d", "e", "f"]])
+    rec = store.get("u", 1)
+    np.testing.assert_array_equal(rec.state, [3, 4])
+    assert rec.state.dtype == np.float32
+    assert rec.sessions == (("b",), ("c", "d", "e", "f"))  # history_items=5
+    assert rec.history == ["b", "c", "d", "e", "f"]
+    with SQLiteStateStore(store.path) as again:  # a second connection sees the commit
+        np.testing.assert_array_equal(again.get("u", 1).state, [3, 4])
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT COUNT(*) FROM user_states").fetchone()[0] == 1
+    assert store.delete("u") == 1 and store.get("u", 1) is None
+
+
+def test_wal_journal(store):
+    store.put("u", 1, np.zeros(2, np.float32), [["a"]])
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert os.path.exists(store.path + "-wal")
+
+
+def test_a_new_version_replaces_the_old_record(store):
+    store.put("u", 1, np.zeros(2, np.float32), [["a"]])
+    store.put("u", 2, np.ones(2, np.float32), [["a"], ["b"]])
+    assert store.get("u", 1) is None
+    assert store.latest("u").version == 2
+
+
+def test_concurrent_writers_never_lose_a_row(tmp_path):
+    path = str(tmp_path / "states.sqlite")
+    stores = [SQLiteStateStore(path) for _ in range(2)]
+
+    def write(s, offset):
+        for i in range(50):
+            s.put(f"user{offset + i}", 1, np.full(4, i, np.float32), [[f"item{i}"]])
+
+    threads = [threading.Thread(target=write, args=(s, 100 * n)) for n, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM user_states").fetchone()[0] == 100
+    np.testing.assert_array_equal(stores[0].get("user149", 1).state, np.full(4, 49, np.float32))
+    for s in stores:
+        s.close()
+
+
+def test_resolve_state_new_and_stored(store):
+    new = resolve_state(store, "u", 1, 3)
+    assert new.source == "new" and new.state.tolist() == [0, 0, 0] and new.history == []
+    store.put("u", 1, np.array([1, 2, 3], np.float32), [["a", "b"]])
+    stored = resolve_state(store, "u", 1, 3)
+    assert stored.source == "stored" and stored.state.tolist() == [1, 2, 3]
+    assert stored.history == ["a", "b"]
+    with pytest.raises(ValueError, match="has 3 numbers, the model has 4"):
+        resolve_state(store, "u", 1, 4)
+
+
+def test_state_of_another_version_is_rebuilt_from_recent_sessions(store):
+    store.put("u", 1, np.array([9, 9], np.float32), [["a", "b"], ["c"]])
+    calls = []
+
+    def update(state, session):  # stands in for version 2's update_state: count items
+        calls.append(list(session))
+        return state + len(session)
+
+    resolved = resolve_state(store, "u", 2, 2, update_state=update)
+    assert resolved.source == "rebuilt" and "version 1" in resolved.message
+    assert calls == [["a", "b"], ["c"]]  # replayed oldest first, from zeros, never [9, 9]
+    assert resolved.state.tolist() == [3, 3]
+    assert store.get("u", 2).state.tolist() == [3, 3] and store.get("u", 1) is None
+    assert resolve_state(store, "other", 2, 2, update_state=update).source == "new"
+
+
+def test_state_of_another_version_without_sessions_starts_from_zeros(store):
+    store.put("u", 1, np.array([9, 9], np.float32), [["a"]])
+    resolved = resolve_state(store, "u", 2, 2)  # no update function: cannot rebuild
+    assert resolved.source == "reset" and resolved.state.tolist() == [0, 0]
+    assert "starting from zeros" in resolved.message
+    supplied = resolve_state(store, "u", 2, 2, update_state=lambda s, x: s + 1, recent_sessions=[])
+    assert supplied.source == "reset"
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="history_items"):
+        SQLiteStateStore(str(tmp_path / "x.sqlite"), history_items=0)
+    bad = tmp_path / "not_a_db.sqlite"
+    bad.write_bytes(b"garbage" * 100)
+    with pytest.raises(ValueError, match="cannot open state database"):
+        SQLiteStateStore(str(bad))
+    with SQLiteStateStore(str(tmp_path / "y.sqlite")) as s:
+        with pytest.raises(ValueError, match="one user's vector"):
+            s.put("u", 1, np.zeros([1, 2], np.float32), [])
+    assert state_store.DEFAULT_HISTORY_ITEMS == 50
