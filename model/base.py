@@ -13,7 +13,24 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import schema
+
 State = Any
+
+
+def push_history(buffer: np.ndarray, sessions: np.ndarray) -> np.ndarray:
+    """The last N items of buffer + sessions: a user's bounded recent-item buffer.
+
+    Args:
+      buffer: int64 [rows, N] earlier items, newest last, left-padded with 0.
+      sessions: int64 [rows, steps] new items, padded with 0 at the end.
+
+    Returns:
+      int64 [rows, N], the same layout (an all-padding session leaves its row unchanged).
+    """
+    seq = np.concatenate([buffer, sessions], axis=1)
+    order = np.argsort(seq != schema.PAD_INDEX, axis=1, kind="stable")
+    return np.take_along_axis(seq, order, axis=1)[:, seq.shape[1] - buffer.shape[1]:]
 
 
 class Scorer(abc.ABC):

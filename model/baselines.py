@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from model.base import Scorer, State
+from model.base import Scorer, State, push_history
 from pipeline import schema
 
 NAMES = ("popularity", "sknn", "spop", "upop", "mv")
@@ -42,21 +42,6 @@ def _scores_with_popularity(pop: np.ndarray, shape: tuple[int, int]) -> np.ndarr
     out = np.empty(shape + pop.shape, dtype=np.float32)
     out[...] = pop
     return out
-
-
-def _push(buffer: np.ndarray, sessions: np.ndarray) -> np.ndarray:
-    """The last `buffer.shape[1]` events of buffer + sessions, left-padded with 0.
-
-    Args:
-      buffer: int64 [rows, width] earlier events, oldest first, padding 0 on the left.
-      sessions: int64 [rows, steps] new events, padding 0 on the right.
-
-    Returns:
-      int64 [rows, width].
-    """
-    seq = np.concatenate([buffer, sessions], axis=1)
-    order = np.argsort(seq != schema.PAD_INDEX, axis=1, kind="stable")
-    return np.take_along_axis(seq, order, axis=1)[:, seq.shape[1] - buffer.shape[1]:]
 
 
 class Popularity(Scorer):
@@ -150,7 +135,7 @@ class MovingAverage(Scorer):
         return out
 
     def update(self, state: State, sessions: np.ndarray) -> State:
-        return _push(state, np.asarray(sessions, dtype=np.int64))
+        return push_history(state, np.asarray(sessions, dtype=np.int64))
 
 
 class UserPop(Scorer):
@@ -208,7 +193,7 @@ class UserPop(Scorer):
         return out
 
     def update(self, state: State, sessions: np.ndarray) -> State:
-        return _push(state, np.asarray(sessions, dtype=np.int64))
+        return push_history(state, np.asarray(sessions, dtype=np.int64))
 
 
 class SessionKNN(Scorer):

@@ -12,13 +12,18 @@ padded with empty slots. A slot holds at most L items:
   later chunk restarts from the start vector (its first positions see only the chunk).
 * `reset` marks the first slot of a new user in that row: the state is zeroed before it.
 * `valid` marks non-empty slots.
+* `history` (only with `history_size` N > 0, for a repeat-aware model): the user's last
+  N items before the slot (earlier sessions and earlier chunks of this one), newest last,
+  left-padded with 0. Each row carries a bounded buffer of its current user's last N
+  items, emptied at `reset`, like the model's state cache.
 
 Within a slot the model's inputs are [start, a1..a(m-1)] and its targets [a1..am] (the
 first item is predicted from the state alone); the batch holds only `items` = targets.
 
-Memory is O(B*S*L) for the batch plus the pending slots of one user per row; it does not
-grow with the number of users. The position (epoch, users consumed from the epoch's
-shuffled stream, the rows' pending slots, batch counter) is a JSON-able dict: a batcher
+Memory is O(B*S*(L+N)) for the batch plus the pending slots of one user per row; it does
+not grow with the number of users. The position (epoch, users consumed from the epoch's
+shuffled stream, the rows' pending slots and history buffers, batch counter) is a
+JSON-able dict: a batcher
 restored from the position after batch n yields exactly batch n + 1.
 """
 from __future__ import annotations
@@ -80,12 +85,13 @@ class QueueBatcher:
     """Yields training batches as dicts of numpy arrays.
 
     `items` int64 [B, S, L], `reset`, `session_end`, `valid` bool [B, S], `batch_index`
-    int64 [] (0-based count of batches produced).
+    int64 [] (0-based count of batches produced) and, when `history_size` > 0, `history`
+    int64 [B, S, N].
     """
 
     def __init__(self, users: UsersFactory, batch_size: int, sessions_per_batch: int,
                  max_session_length: int, *, seed: int = 0, shuffle_buffer: int = 1000,
-                 epochs: int | None = None, keep_positions: int = 64):
+                 epochs: int | None = None, keep_positions: int = 64, history_size: int = 0):
         """Creates the generator at the start of epoch 0.
 
         Args:
@@ -97,15 +103,20 @@ class QueueBatcher:
           shuffle_buffer: users held by the shuffle buffer (1 = no shuffle).
           epochs: stop after this many passes (None: forever).
           keep_positions: positions remembered for `position_after` (>= prefetch depth).
+          history_size: N, recent items per slot in `history` (0: no `history`).
         """
         for name, v in (("batch_size", batch_size), ("sessions_per_batch", sessions_per_batch),
                         ("max_session_length", max_session_length), ("shuffle_buffer", shuffle_buffer)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if history_size < 0:
+            raise ValueError(f"history_size must be >= 0, got {history_size}")
         self.users = users
         self.b, self.s, self.l = batch_size, sessions_per_batch, max_session_length
         self.seed, self.shuffle_buffer, self.epochs = seed, shuffle_buffer, epochs
         self.rows = [collections.deque() for _ in range(batch_size)]
+        self.n = history_size
+        self.histories = [collections.deque(maxlen=history_size) for _ in range(batch_size)]
         self.epoch, self.consumed, self.batch_index, self.finished = 0, 0, 0, False
         self._stream = None
         self._positions = collections.OrderedDict()
@@ -119,14 +130,15 @@ class QueueBatcher:
 
     def _snapshot(self) -> tuple:
         return (self.epoch, self.consumed, self.finished, self.batch_index,
-                [tuple(row) for row in self.rows])
+                [tuple(row) for row in self.rows], [list(h) for h in self.histories])
 
     @staticmethod
     def _to_dict(snapshot: tuple) -> dict:
-        epoch, consumed, finished, batch_index, rows = snapshot
+        epoch, consumed, finished, batch_index, rows, histories = snapshot
         return {"epoch": epoch, "consumed": consumed, "finished": finished,
                 "batch_index": batch_index,
-                "rows": [[[list(s.items), s.reset, s.session_end] for s in row] for row in rows]}
+                "rows": [[[list(s.items), s.reset, s.session_end] for s in row] for row in rows],
+                "histories": histories}
 
     def position_after(self, batch_index: int) -> dict:
         """The position right after batch `batch_index` was produced (for checkpoints taken
@@ -145,6 +157,8 @@ class QueueBatcher:
         self.finished, self.batch_index = position["finished"], position["batch_index"]
         self.rows = [collections.deque(Slot(tuple(i), bool(r), bool(e)) for i, r, e in row)
                      for row in position["rows"]]
+        histories = position.get("histories") or [[] for _ in range(self.b)]
+        self.histories = [collections.deque(h, maxlen=self.n) for h in histories]
         self._stream = None
 
     # --- generation ---------------------------------------------------------------------
@@ -183,13 +197,23 @@ class QueueBatcher:
             return None
         items = np.zeros([self.b, self.s, self.l], np.int64)
         flags = {k: np.zeros([self.b, self.s], bool) for k in ("reset", "session_end", "valid")}
+        history = np.zeros([self.b, self.s, self.n], np.int64)
         for r, row in enumerate(self.rows):
             for k in range(min(self.s, len(row))):
                 slot = row.popleft()
                 items[r, k, :len(slot.items)] = slot.items
+                if self.n:
+                    buffer = self.histories[r]
+                    if slot.reset:
+                        buffer.clear()
+                    if buffer:
+                        history[r, k, self.n - len(buffer):] = buffer
+                    buffer.extend(slot.items)
                 flags["reset"][r, k], flags["session_end"][r, k] = slot.reset, slot.session_end
                 flags["valid"][r, k] = True
         batch = {"items": items, **flags, "batch_index": np.int64(self.batch_index)}
+        if self.n:
+            batch["history"] = history
         self.batch_index += 1
         with self._lock:
             self._positions[int(batch["batch_index"])] = self._snapshot()
@@ -217,6 +241,8 @@ def make_dataset(batcher: QueueBatcher, prefetch: int = 4):
         "valid": tf.TensorSpec([b, s], tf.bool),
         "batch_index": tf.TensorSpec([], tf.int64),
     }
+    if batcher.n:
+        signature["history"] = tf.TensorSpec([b, s, batcher.n], tf.int64)
     return tf.data.Dataset.from_generator(lambda: iter(batcher),
                                           output_signature=signature).prefetch(prefetch)
 

@@ -6,8 +6,9 @@
 Each neural model is trained with `python -m model.train` (one run folder per model and
 seed under FOLDER/runs, so rerunning resumes and finished runs are reused) and evaluated
 once on the test split with `python -m model.evaluate`; the models that need no training
-are fitted inside `model.evaluate`. Model selection inside training uses the valid split
-only. Outputs: `results.json` = {"models": {NAME: METRICS + std + train_seconds +
+are fitted inside `model.evaluate`. Model selection uses the valid split only: training
+evaluates on valid every `--eval-every` steps and at the end, and the checkpoint with the
+best valid Recall@20 (`RUN/best/`) is the one tested. Outputs: `results.json` = {"models": {NAME: METRICS + std + train_seconds +
 events_per_s + parameters}}, `results.md` (a table, best value per column in bold, HierTCN's
 relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per model).
 """
@@ -148,7 +149,7 @@ def markdown_table(results: dict) -> str:
                          f"{g['hiertcn']:.4f} vs {g['baseline']:.4f} ({rel})")
     events = next(iter(models.values())).get("events")
     lines.append("")
-    lines.append(f"Split `{results.get('split', 'test')}`, {events} scored events (positions >= 2), "
+    lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2), "
                  "full-catalogue ranking, conservative ties (DESIGN §6).")
     return "\n".join(lines) + "\n"
 
@@ -214,7 +215,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
         out = os.path.join(run_dir, "test.json")
         if not os.path.exists(out):
             cmd = [py, "-m", "model.train", "--data", args.data, "--model", base,
-                   "--model-dir", run_dir, "--seed", str(seed)]
+                   "--model-dir", run_dir, "--seed", str(seed), "--eval-every", str(args.eval_every)]
             if args.budget_steps:
                 cmd += ["--steps", str(args.budget_steps)]
             if args.budget_minutes:
@@ -234,6 +235,8 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     entry["train_seconds"] = float(np.mean([s["seconds"] for s in summaries]))
     entry["events_per_s"] = float(np.mean([s["events_per_s"] for s in summaries]))
     entry["parameters"] = int(summaries[0]["parameters"])
+    entry["steps"] = [s["steps"] for s in summaries]
+    entry["best_steps"] = [(s.get("best") or {}).get("step") for s in summaries]
     return entry
 
 
@@ -257,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget.add_argument("--budget-steps", type=int, help="training steps per neural model")
     budget.add_argument("--budget-minutes", type=float, help="training minutes per neural model")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per neural model")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="training steps between valid evaluations; the best-on-valid checkpoint "
+                        "is the one tested (0: the last one)")
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
                    help="a config JSON for one model (repeatable)")
@@ -269,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CompareError(f"--seeds must be >= 1, got {args.seeds}")
         if args.budget_steps is not None and args.budget_steps < 1:
             raise CompareError(f"--budget-steps must be >= 1, got {args.budget_steps}")
+        if args.eval_every < 0:
+            raise CompareError(f"--eval-every must be >= 0, got {args.eval_every}")
         if args.budget_minutes is not None and args.budget_minutes <= 0:
             raise CompareError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
         if not os.path.isdir(args.data):
@@ -279,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_path = os.path.join(args.output, "compare.log")
         results = {"data": os.path.abspath(args.data), "split": args.split, "models": {},
                    "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
+                              "eval_every": args.eval_every,
                               "seeds": args.seeds}}
         for i, name in enumerate(names, 1):
             t0 = time.time()

@@ -109,6 +109,11 @@ class HierTCNConfig(ConfigBase):
       output_bias: a per-item bias in the scores.
       pretrained_item_vectors: optional `.npy` [vocab, E] aligned with items.tsv; used as
         a frozen input embedding (the paper's Pinterest mode).
+      repeat_head: the repeat-aware head (RepeatNet-style, `layers.RepeatHead`): the
+        next-item distribution mixes the catalogue softmax with attention over the
+        user's last `history_size` items and the session so far; needs `loss` softmax.
+      history_size: N, the user's recent items the repeat head points at (the bounded
+        buffer carried with the state).
     """
 
     embedding_dim: int = 128
@@ -125,14 +130,19 @@ class HierTCNConfig(ConfigBase):
     tied_output: bool = False
     output_bias: bool = True
     pretrained_item_vectors: str = ""
+    repeat_head: bool = False
+    history_size: int = 50
 
     def validate(self) -> None:
         for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",
-                    "num_blocks", "convs_per_block", "num_negatives"):
+                    "num_blocks", "convs_per_block", "num_negatives", "history_size"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.loss in ("softmax", "sampled"),
                f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+        _check(not self.repeat_head or self.loss == "softmax",
+               "model.repeat_head needs the full softmax (its mixture is normalised over the "
+               f"whole catalogue): set model.loss to 'softmax', got {self.loss!r}")
         _check(not self.tied_output or self.embedding_dim == self.channels,
                f"model.tied_output needs embedding_dim == channels, got "
                f"{self.embedding_dim} and {self.channels}")

@@ -202,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--model-dir", help="a training run folder (python -m model.train)")
     which.add_argument("--model", choices=baselines.NAMES,
                        help="a baseline, fitted here on the train split only")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                        help="with --model-dir: the best-on-valid weights (default; the latest "
+                             "when the run never evaluated on valid) or the latest")
     parser.add_argument("--output", help="write the metrics JSON here (atomically)")
     parser.add_argument("--batch-size", type=_positive, default=64, help="users side by side")
     parser.add_argument("--max-users", type=_positive, help="evaluate only the first N users")
@@ -220,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from model import registry
 
             user_errors += (registry.RunError,)
-            scorer = registry.load_scorer(args.model_dir, args.data)
+            scorer = registry.load_scorer(args.model_dir, args.data, args.checkpoint)
         else:
             scorer = baselines.fit(args.model, args.data)
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,

@@ -4,6 +4,12 @@ TCN inside the session, conditioned on the high-level state at every step.
     h_0 = 0,  h_{n+1} = GRU(AGG(session_n), h_n),  AGG = mean item embedding + bias
     u_t = TCN([start, x_1 .. x_{t}] each concat h_n, projected to C)_t
     p(item | u_t) = softmax(u_t W^T + b)
+
+With `repeat_head` (RepeatNet-style, off by default), the next item is a mixture
+    p(item | u_t) = (1 - w_t) softmax(u_t W^T + b) + w_t p_rep(item | u_t, recent items),
+w_t = sigmoid(u_t . g + b_g), p_rep = attention of u_t over the user's last N items and the
+session so far (`layers.RepeatHead`), summed per item. The reserved indices get
+probability 0, and everything is computed in log space.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import tensorflow as tf
 from model import layers
 from model.config import ConfigError, HierTCNConfig
 from model.sequence_model import SequenceModel
+from pipeline import schema
 
 
 def load_item_vectors(path: str, vocab_size: int, dim: int) -> np.ndarray:
@@ -69,6 +76,11 @@ class HierTCN(SequenceModel):
                        for i in range(c.num_blocks)]
         self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, tied=c.tied_output,
                                         dtype="float32", name="item_scorer")
+        self.repeat_head = (layers.RepeatHead(c.history_size, dtype="float32", name="repeat_head")
+                            if c.repeat_head else None)
+        # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
+        self.reserved_mask = tf.constant(
+            [layers.NEG_LOGIT] * schema.NUM_RESERVED + [0.0] * (vocab_size - schema.NUM_RESERVED))
 
     @property
     def state_size(self) -> int:
@@ -112,6 +124,78 @@ class HierTCN(SequenceModel):
         tied = self.item_embedding.embeddings if self.config.tied_output else None
         return self.scorer(user, tied)
 
+    @property
+    def history_size(self) -> int:
+        return self.config.history_size if self.config.repeat_head else 0
+
+    def _repeat_parts(self, user, history, prefix):
+        """The repeat head at every position.
+
+        Args:
+          user: [B, P, D]; history int64 [B, N'] (newest last, 0 pads anywhere); prefix
+            int64 [B, T] (0 pads at the end); position p sees prefix[:, :p].
+
+        Returns:
+          (context int64 [B, M = N' + T], log w [B, P], log (1 - w) [B, P],
+          log p_rep over the context positions [B, P, M]). Position p points at the newest
+          `history_size` known items of history + prefix[:, :p]. With nothing to point at
+          (no known item visible) w is 0: log w = NEG_LOGIT, log (1 - w) = 0.
+        """
+        history = tf.cast(history, tf.int64)
+        prefix = tf.cast(prefix, tf.int64)
+        b, p = tf.shape(user)[0], tf.shape(user)[1]
+        in_history = (history >= schema.NUM_RESERVED)[:, None, :]
+        causal = tf.range(tf.shape(prefix)[1])[None, :] < tf.range(p)[:, None]    # [P, T]
+        in_prefix = (prefix >= schema.NUM_RESERVED)[:, None, :] & causal[None]
+        known = tf.concat([tf.broadcast_to(in_history, [b, p, tf.shape(history)[1]]),
+                           in_prefix], axis=2)
+        # age = known items newer than this one; the head sees the newest history_size.
+        age = tf.cumsum(tf.cast(known, tf.int32), axis=2, exclusive=True, reverse=True)
+        visible = known & (age < self.config.history_size)
+        context = tf.concat([history, prefix], axis=1)
+        gate, log_att = self.repeat_head((user, self.item_embedding(context), visible, age))
+        has = tf.reduce_any(visible, axis=2)
+        log_w = tf.where(has, tf.math.log_sigmoid(gate), layers.NEG_LOGIT)
+        log_keep = tf.where(has, tf.math.log_sigmoid(-gate), 0.0)
+        return context, log_w, log_keep, log_att
+
+    def _catalogue_log_probs(self, user):
+        """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
+        return tf.nn.log_softmax(self.item_logits(user) + self.reserved_mask, axis=-1)
+
+    def item_log_probs(self, user, history, prefix):
+        if self.repeat_head is None:
+            raise ValueError("item_log_probs needs a model with model.repeat_head on; "
+                             "use item_logits")
+        user = tf.cast(user, tf.float32)
+        context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix)
+        b, p = tf.shape(log_att)[0], tf.shape(log_att)[1]
+        v = self.vocab_size
+        # p_rep per item: the attention of every context position summed onto its item.
+        row = tf.reshape(tf.range(b * p, dtype=tf.int64), [b, p, 1]) * v
+        ids = row + context[:, None, :]
+        p_rep = tf.math.unsorted_segment_sum(tf.reshape(tf.exp(log_att), [-1]),
+                                             tf.reshape(ids, [-1]), b * p * v)
+        log_rep = tf.math.log(tf.reshape(p_rep, [b, p, v]))  # -inf off the context
+        return tf.reduce_logsumexp(tf.stack([
+            log_keep[..., None] + self._catalogue_log_probs(user),
+            log_w[..., None] + log_rep]), axis=0)
+
+    def repeat_losses(self, user, targets, where, flat_items, history):
+        user = tf.cast(user, tf.float32)
+        shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
+        slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
+        history = tf.reshape(tf.cast(history, tf.int64), [tf.shape(flat_items)[0], -1])
+        context, log_w, log_keep, log_att = self._repeat_parts(slots_user, history, flat_items)
+        at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
+        log_rep = tf.reduce_logsumexp(
+            tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
+        log_cat = -tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=targets, logits=self.item_logits(user) + self.reserved_mask)
+        return -tf.reduce_logsumexp(tf.stack([
+            tf.gather_nd(log_keep, where) + log_cat,
+            tf.gather_nd(log_w, where) + log_rep]), axis=0)
+
     def train_cache(self, batch_size: int):
         """(state [B, H], running AGG sum [B, E], running count [B]) per row.
 
@@ -126,13 +210,16 @@ class HierTCN(SequenceModel):
         """Runs the high-level GRU over the S slots first (AGG does not depend on the state),
         zeroing the state at `reset` and stepping it at `session_end`."""
         items = tf.cast(batch["items"], tf.int64)
-        reset, end = batch["reset"], batch["session_end"]
-        state, acc, cnt = cache
         if not self.config.high_level:
             return tf.zeros(tf.concat([tf.shape(items)[:2], [self.state_size]], 0)), cache
         sums, counts = self._sums(items)
+        return self._states_from_sums(sums, counts, batch["reset"], batch["session_end"], cache)
+
+    def _states_from_sums(self, sums, counts, reset, end, cache):
+        """`session_states` from the slots' embedding sums [B, S, E] and counts [B, S]."""
+        state, acc, cnt = cache
         before = []
-        for s in range(items.shape[1]):
+        for s in range(reset.shape[1]):
             r = reset[:, s]
             state = tf.where(r[:, None], 0.0, state)
             acc = tf.where(r[:, None], 0.0, acc)
@@ -144,3 +231,84 @@ class HierTCN(SequenceModel):
             acc = tf.where(e[:, None], 0.0, acc)
             cnt = tf.where(e, 0.0, cnt)
         return tf.stack(before, axis=1), (state, acc, cnt)
+
+    def encode_events(self, batch, cache, training):
+        """The training encoder on the packed events: no compute on padding.
+
+        The [B, S, L] slots hold on average far fewer than L items, so instead of running
+        the TCN over B * S rows of L positions, the N real positions of all slots are
+        packed into one [N, C] sequence (row-major, as `tf.where(items > 0)`), and each
+        causal convolution tap is a shift of that sequence masked where it would cross
+        into the previous slot (position in slot < shift): exactly the zero left-padding
+        of the per-slot causal convolution. Needs the batcher's layout (each slot's
+        items left-aligned). Equal to gathering `encode`'s output at the targets.
+
+        Returns:
+          (user vectors [N, C] at the non-padding targets, the cache after the batch).
+        """
+        items = tf.cast(batch["items"], tf.int64)
+        b, s, l = tf.shape(items)[0], items.shape[1], tf.shape(items)[2]
+        flat = tf.reshape(items, [-1, l])
+        where = tf.where(flat > 0)
+        slot, pos = where[:, 0], where[:, 1]
+        emb = self.item_embedding(tf.gather_nd(flat, where))          # targets [N, E]
+        state_dim = self.state_size
+        if self.config.high_level:
+            sums = tf.math.unsorted_segment_sum(tf.cast(emb, tf.float32), slot, b * s)
+            counts = tf.math.unsorted_segment_sum(tf.ones_like(slot, tf.float32), slot, b * s)
+            before, new_cache = self._states_from_sums(
+                tf.reshape(sums, [b, s, -1]), tf.reshape(counts, [b, s]),
+                batch["reset"], batch["session_end"], cache)
+            before = tf.reshape(before, [-1, state_dim])
+        else:
+            before, new_cache = tf.zeros([b * s, state_dim]), cache
+        proj = self.input_projection
+        kernel = tf.cast(proj.kernel, emb.dtype)
+        e = emb.shape[-1]
+        first = pos == 0
+        inputs = tf.where(first[:, None], tf.cast(proj.start, emb.dtype)[None],
+                          tf.roll(emb, 1, axis=0))    # [start, a1 .. a(m-1)] per slot
+        x = (tf.matmul(inputs, kernel[:e])
+             + tf.gather(tf.matmul(tf.cast(before, emb.dtype), kernel[e:]), slot))
+        for block in self.blocks:
+            x = packed_block(block, x, pos, training)
+        return tf.cast(x, tf.float32), new_cache
+
+
+def packed_causal_conv(x: tf.Tensor, pos: tf.Tensor, conv: tf.keras.layers.Conv1D) -> tf.Tensor:
+    """A causal dilated Conv1D layer applied to packed sequences.
+
+    Args:
+      x: [N, C_in] the positions of many sequences, each sequence's in order.
+      pos: int [N] each position's index inside its own sequence.
+      conv: a built causal `Conv1D` (kernel [k, C_in, C_out]); its weights are used.
+
+    Returns:
+      [N, C_out] = conv over each sequence alone (zero left padding), activation included.
+    """
+    k, d = conv.kernel_size[0], conv.dilation_rate[0]
+    taps = []
+    for i in range(k):
+        shift = (k - 1 - i) * d  # Conv1D "causal": tap i reads x[t - (k - 1 - i) d]
+        if shift == 0:
+            taps.append(x)
+        else:  # the rows rolled in from the end have pos < shift: masked (cheap gradient)
+            taps.append(tf.roll(x, shift, axis=0) * tf.cast(pos >= shift, x.dtype)[:, None])
+    kernel = tf.cast(conv.kernel, x.dtype)
+    y = tf.matmul(tf.concat(taps, axis=1), tf.reshape(kernel, [-1, kernel.shape[-1]]))
+    if conv.use_bias:
+        y = tf.nn.bias_add(y, tf.cast(conv.bias, x.dtype))
+    return conv.activation(y)
+
+
+def packed_block(block: layers.TemporalBlock, x: tf.Tensor, pos: tf.Tensor, training) -> tf.Tensor:
+    """`TemporalBlock.call` on packed sequences ([N, C_in], int [N] -> [N, C]); see
+    `packed_causal_conv`."""
+    y = x
+    for conv in block.conv_layers:
+        y = block.drop(packed_causal_conv(y, pos, conv), training=training)
+    res = x
+    if block.shortcut is not None:
+        kernel = tf.cast(block.shortcut.kernel[0], x.dtype)
+        res = tf.nn.bias_add(tf.matmul(x, kernel), tf.cast(block.shortcut.bias, x.dtype))
+    return tf.nn.relu(y + res)

@@ -220,3 +220,59 @@ class ItemScorer(tf.keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size, "use_bias": self.use_bias,
                 "tied": self.tied}
+
+
+class RepeatHead(tf.keras.layers.Layer):
+    """The repeat head (in the spirit of RepeatNet, Ren et al. 2019): how much the next
+    item is a revisit, and which of the user's recent items it revisits.
+
+        w_p = sigmoid(u_p . g + b)                                    (repeat weight)
+        a_pj = (u_p W_q) . e_j / sqrt(E) + r[min(age_pj, max_age - 1)]
+        p_rep(j | p) = softmax over the context positions j visible at p
+
+    age_pj counts the visible context items newer than j (0 = the latest), so the learned
+    recency bias r works for any context length. The model scatters p_rep onto item
+    indices and mixes it with its catalogue softmax.
+    """
+
+    def __init__(self, max_age: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_age = _positive("max_age", max_age)
+
+    def build(self, input_shape):
+        user_shape, key_shape = input_shape[0], input_shape[1]
+        d, e = int(user_shape[-1]), int(key_shape[-1])
+        self.query = self.add_weight(name="query", shape=[d, e], initializer="glorot_uniform")
+        self.gate = self.add_weight(name="gate", shape=[d], initializer="zeros")
+        self.gate_bias = self.add_weight(name="gate_bias", shape=[], initializer="zeros")
+        self.recency = self.add_weight(name="recency", shape=[self.max_age], initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
+        """Gate logits and attention log-probabilities.
+
+        Args:
+          inputs: (user [B, P, D], context item embeddings [B, M, E], visible bool
+            [B, P, M], age int32 [B, P, M]).
+
+        Returns:
+          (gate logit [B, P] (w = sigmoid), log p_rep [B, P, M]: `NEG_LOGIT`-like values
+          where not visible; a row with nothing visible must be discarded by the caller).
+        """
+        user, keys, visible, age = inputs
+        user = tf.cast(user, tf.float32)
+        keys = tf.cast(keys, tf.float32)
+        query = tf.einsum("bpd,de->bpe", user, self.query) / tf.sqrt(float(keys.shape[-1]))
+        logits = tf.einsum("bpe,bme->bpm", query, keys)
+        logits += tf.gather(self.recency, tf.minimum(age, self.max_age - 1))
+        logits = tf.where(visible, logits, NEG_LOGIT)
+        gate = tf.einsum("bpd,d->bp", user, self.gate) + self.gate_bias
+        return gate, tf.nn.log_softmax(logits, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "max_age": self.max_age}
+
+
+# A finite "minus infinity" for masked logits: exp() of it is exactly 0 in float32 and,
+# unlike -inf, it keeps gradients and log-sum-exps finite.
+NEG_LOGIT = -1e9

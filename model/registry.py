@@ -1,10 +1,13 @@
 """Model names → classes, and loading a trained run folder.
 
 A run folder (`--model-dir RUN`) holds `config.json` (the resolved `RunConfig`),
-`items.tsv` (the vocabulary it was trained on), `checkpoints/` and `train_summary.json`.
+`items.tsv` (the vocabulary it was trained on), `checkpoints/` (the latest ones, with the
+optimizer and data position, for resuming), `best/` (the model weights with the best valid
+Recall@20 so far and `best/best.json` naming them) and `train_summary.json`.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -24,6 +27,9 @@ MODELS: dict[str, type[SequenceModel]] = {"hiertcn": HierTCN, "hrnn": HRNN, "gru
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+CHECKPOINT_CHOICES = ("best", "latest")
 
 
 class RunError(ValueError):
@@ -58,31 +64,71 @@ def check_vocabulary(run_vocab: schema.Vocabulary, data_vocab: schema.Vocabulary
             "trained on, or a new --model-dir")
 
 
-def load_model(run_dir: str) -> tuple[SequenceModel, config_lib.RunConfig, schema.Vocabulary]:
-    """Restores the latest checkpoint of a run folder.
+def read_best(run_dir: str) -> dict | None:
+    """The record of a run's best-on-valid checkpoint (`RUN/best/best.json`), or None.
+
+    Returns:
+      {"step", "checkpoint" (path prefix inside RUN/best), "recall@20", "mrr@20", "events"}.
+    """
+    path = os.path.join(run_dir, BEST_DIR, BEST_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_path(run_dir: str, which: str = "best") -> str:
+    """The checkpoint prefix to load: the best on valid when recorded, else the latest.
+
+    Args:
+      run_dir: a run folder.
+      which: `best` (falls back to `latest` for a run without a valid evaluation) or
+        `latest`.
+
+    Raises:
+      RunError: unknown `which`, or no checkpoint.
+    """
+    if which not in CHECKPOINT_CHOICES:
+        raise RunError(f"unknown checkpoint {which!r}: choose from {', '.join(CHECKPOINT_CHOICES)}")
+    best = read_best(run_dir) if which == "best" else None
+    if best is not None:
+        return os.path.join(run_dir, BEST_DIR, os.path.basename(best["checkpoint"]))
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
+    if latest is None:
+        raise RunError(f"no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}: train first")
+    return latest
+
+
+def load_model(run_dir: str, which: str = "best"
+               ) -> tuple[SequenceModel, config_lib.RunConfig, schema.Vocabulary]:
+    """Restores a run folder's model.
+
+    Args:
+      run_dir: a folder written by `python -m model.train`.
+      which: `best` = the checkpoint with the best valid Recall@20 seen during training
+        (the latest when the run never evaluated on valid), or `latest`.
 
     Returns:
       (model, resolved config, vocabulary of the run).
 
     Raises:
-      RunError: no run folder, config or checkpoint.
+      RunError: no run folder, config or checkpoint, or an unknown `which`.
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunError(f"{path} not found: is {run_dir} a folder written by `python -m model.train`?")
     config = config_lib.RunConfig.from_dict(config_lib.load_json(path), config_classes())
     vocab = schema.read_vocabulary(run_dir)
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
-    if latest is None:
-        raise RunError(f"no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}: train first")
+    checkpoint = checkpoint_path(run_dir, which)
     model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,
                         load_pretrained=False)
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
     return model, config, vocab
 
 
-def load_scorer(run_dir: str, data_dir: str) -> KerasScorer:
-    """A `Scorer` for a trained run, after checking it matches the data's vocabulary."""
-    model, config, vocab = load_model(run_dir)
+def load_scorer(run_dir: str, data_dir: str, which: str = "best") -> KerasScorer:
+    """A `Scorer` for a trained run (`which` checkpoint, see `load_model`), after checking
+    it matches the data's vocabulary."""
+    model, config, vocab = load_model(run_dir, which)
     check_vocabulary(vocab, schema.read_vocabulary(data_dir), run_dir, data_dir)
     return KerasScorer(model, name=config.model_name)

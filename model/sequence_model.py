@@ -20,7 +20,7 @@ How to add a model (e.g. a baseline):
 
 Training batches come from `model.batching.QueueBatcher`: a dict with `items` int64
 [B, S, L] (chunks of sessions, padded with 0), `reset`, `session_end` and `valid` bool
-[B, S]. The loop keeps the model's `train_cache` (tuple of tensors with leading dim B)
+[B, S], and for a model with `history_size` N > 0 `history` int64 [B, S, N]. The loop keeps the model's `train_cache` (tuple of tensors with leading dim B)
 from batch to batch without gradient.
 """
 from __future__ import annotations
@@ -81,6 +81,46 @@ class SequenceModel(tf.keras.Model):
         """(item vectors [V, D], bias [V]) of the output layer, for the training loss."""
         raise NotImplementedError
 
+    @property
+    def history_size(self) -> int:
+        """N, the user's recent items the scores also depend on (a repeat head); 0 when
+        `item_logits` alone scores the next item."""
+        return 0
+
+    def item_log_probs(self, user: tf.Tensor, history: tf.Tensor, prefix: tf.Tensor) -> tf.Tensor:
+        """Next-item log-probabilities of a model with `history_size` > 0.
+
+        Args:
+          user: float32 [B, P, D], position p after prefix[:, :p].
+          history: int64 [B, N'] the user's items before the session, newest last, 0 pads
+            anywhere.
+          prefix: int64 [B, T] the session so far, padded with 0 at the end.
+
+        Returns:
+          float32 [B, P, V]: position p depends on the newest `history_size` known items of
+          history + prefix[:, :p] (so the scores are the same however they are split).
+        """
+        raise NotImplementedError
+
+    def item_scores_with_history(self, user: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+        """Serving scores of the user after a session: float32 [B, D], int64 [B, N'] (the
+        user's recent items, the session so far included, newest last) -> [B, V]."""
+        if not self.history_size:
+            return self.item_logits(user)
+        no_prefix = tf.zeros([tf.shape(user)[0], 0], tf.int64)
+        return self.item_log_probs(user[:, None], history, no_prefix)[:, 0]
+
+    def repeat_losses(self, user: tf.Tensor, targets: tf.Tensor, where: tf.Tensor,
+                      flat_items: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+        """Per-target negative log-likelihood of a model with `history_size` > 0.
+
+        Args:
+          user: [N, D] user vectors at the targets; targets: int64 [N].
+          where: int64 [N, 2] (slot, position) of each target in `flat_items` [B * S, L].
+          history: int64 [B, S, history_size], the batch's `history`.
+        """
+        raise NotImplementedError
+
     def last_user_embedding(self, state: tf.Tensor, session_items: tf.Tensor) -> tf.Tensor:
         """[B, H], int64 [B, T] (padded at the end) -> [B, D]: the user after the session's
         last item (the start position for an empty session)."""
@@ -93,7 +133,10 @@ class SequenceModel(tf.keras.Model):
         """Creates every variable with a one-row dummy call (before a restore)."""
         state = self.initial_state(1)
         items = tf.ones([1, 2], tf.int64) * 2
-        self.item_logits(self.user_embeddings(self.update_state(state, items), items))
+        user = self.user_embeddings(self.update_state(state, items), items)
+        self.item_logits(user)
+        if self.history_size:
+            self.item_log_probs(user, items, items)
 
     # --- the training hooks -----------------------------------------------------------
     def train_cache(self, batch_size: int) -> tuple[tf.Tensor, ...]:
@@ -114,6 +157,17 @@ class SequenceModel(tf.keras.Model):
                                  flat_items[:, :-1], training=training)
         return u, new_cache
 
+    def encode_events(self, batch: dict, cache: tuple, training: bool):
+        """User vectors at the non-padding targets only: ([N, D] in the row-major order of
+        `tf.where(items > 0)`, the cache after the batch).
+
+        The default gathers them from `encode`; a model may compute them directly on the
+        packed events so that no compute is spent on padding (HierTCN does).
+        """
+        u, new_cache = self.encode(batch, cache, training)
+        items = tf.cast(batch["items"], tf.int64)
+        return tf.gather_nd(u, tf.where(tf.reshape(items, [-1, tf.shape(items)[2]]) > 0)), new_cache
+
     def train_loss(self, batch: dict, cache: tuple, training: bool = True, encode=None):
         """Mean loss over the batch's non-padding targets.
 
@@ -125,20 +179,27 @@ class SequenceModel(tf.keras.Model):
           batch: a generator batch (see the module docstring).
           cache: the rows' carried tensors (`train_cache`).
           training: dropout and sampled loss on.
-          encode: replaces `self.encode`, e.g. its XLA-compiled `tf.function` (the target
-            gather after it has a dynamic shape, so it stays outside XLA).
+          encode: replaces `self.encode_events` by this padded encoder and a gather, e.g.
+            the XLA-compiled `tf.function` of `self.encode` (the target gather after it
+            has a dynamic shape, so it stays outside XLA).
 
         Returns:
           (loss scalar, new cache tuple, number of target events int32).
         """
-        u, new_cache = (encode or self.encode)(batch, cache, training)
         items = tf.cast(batch["items"], tf.int64)
         flat_items = tf.reshape(items, [-1, tf.shape(items)[2]])
         where = tf.where(flat_items > 0)
-        user = tf.gather_nd(u, where)
+        if encode is None:
+            user, new_cache = self.encode_events(batch, cache, training)
+        else:
+            u, new_cache = encode(batch, cache, training)
+            user = tf.gather_nd(u, where)
         targets = tf.gather_nd(flat_items, where)
-        item_vectors, bias = self.output_weights()
-        per_event = self.loss_fn(user, targets, item_vectors, bias, training)
+        if self.history_size:
+            per_event = self.repeat_losses(user, targets, where, flat_items, batch["history"])
+        else:
+            item_vectors, bias = self.output_weights()
+            per_event = self.loss_fn(user, targets, item_vectors, bias, training)
         n = tf.shape(targets)[0]
         loss = tf.reduce_sum(per_event) / tf.maximum(tf.cast(n, tf.float32), 1.0)
         return loss, new_cache, n

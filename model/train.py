@@ -6,7 +6,11 @@ checkpoint: model, optimizer, step, state cache and the generator's position. Re
 the same command resumes where the last checkpoint left off.
 
 RUN/ gets `config.json` (resolved config), `items.tsv` (the vocabulary), `checkpoints/`,
-`logs/` (TensorBoard) and, at the end, `train_summary.json`.
+`logs/` (TensorBoard) and, at the end, `train_summary.json`. Model selection: at every valid
+evaluation (`--eval-every`, and once at the end) the weights with the best valid Recall@20
+so far (MRR@20 breaks ties; the earlier step wins a full tie) are kept in `best/`, recorded
+in `best/best.json` (written after the checkpoint, atomically, so it always names a complete
+checkpoint) and in the summary's `best`; `model.registry.load_model` loads them.
 """
 from __future__ import annotations
 
@@ -66,6 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
     p.add_argument("--eval-users", type=int, help="valid users per evaluation (0: all)")
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--repeat-head", action="store_true",
+                   help="hiertcn: mix in attention over the user's last items (RepeatNet-style)")
     p.add_argument("--no-high-level", action="store_true",
                    help="session-only ablation: the high-level state stays zero")
     p.add_argument("--mixed-precision", action="store_true")
@@ -88,6 +94,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model.update(config_lib.DEEP_PRESET)
     if args.loss:
         model["loss"] = args.loss
+    if args.repeat_head:
+        model["repeat_head"] = True
     if args.no_high_level:
         model["high_level"] = False
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
@@ -246,10 +254,14 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, train_state=state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, registry.CHECKPOINT_DIR),
                                          max_to_keep=tc.keep_checkpoints)
+    # Two kept: the one best.json names survives until best.json names the next.
+    best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                              os.path.join(run_dir, registry.BEST_DIR), max_to_keep=2)
+    best = registry.read_best(run_dir)
     batcher = batching.QueueBatcher(
         batching.train_users(data_dir), tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
-        keep_positions=4 * tc.prefetch + 16)
+        keep_positions=4 * tc.prefetch + 16, history_size=model.history_size)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         batcher.restore(json.loads(state.position.numpy().decode("utf-8")))
@@ -274,6 +286,15 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         manager.save(checkpoint_number=step)
         last_saved = step
 
+    def evaluate_and_select(step: int) -> dict:
+        nonlocal best
+        metrics = _log_valid(model, data_dir, tc.eval_users, step)
+        if is_better(metrics, best):
+            path = best_manager.save(checkpoint_number=step)
+            best = {"step": step, "checkpoint": os.path.basename(path), **metrics}
+            _write_json(os.path.join(run_dir, registry.BEST_DIR, registry.BEST_FILE), best)
+        return metrics
+
     with writer.as_default():
         for batch in dataset:
             t0 = time.perf_counter()
@@ -297,7 +318,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
                 save(step)
             if tc.eval_every and step % tc.eval_every == 0:
                 t1 = time.perf_counter()
-                valid = _log_valid(model, data_dir, tc.eval_users, step)
+                valid = evaluate_and_select(step)
                 eval_seconds += time.perf_counter() - t1
             if tc.steps and step >= tc.steps:
                 stop_reason = "steps"
@@ -310,19 +331,31 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
             save(step)
         seconds = time.perf_counter() - wall_start - eval_seconds
         if tc.eval_every and step % tc.eval_every:
-            valid = _log_valid(model, data_dir, tc.eval_users, step)
+            valid = evaluate_and_select(step)
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
         "stopped_by": stop_reason, "seconds": round(seconds, 3),
         "step_seconds": round(step_seconds, 3), "events": events,
         "events_per_s": round(events / max(step_seconds, 1e-9), 1),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
-        "final_loss": last_loss, "valid": valid}
-    tmp = os.path.join(run_dir, SUMMARY_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(run_dir, SUMMARY_FILE))
+        "final_loss": last_loss, "valid": valid, "best": best}
+    _write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
+
+
+def is_better(metrics: dict, best: dict | None) -> bool:
+    """Whether valid `metrics` beat the `best` record: Recall@20, then MRR@20, strictly."""
+    if best is None:
+        return True
+    return (metrics["recall@20"], metrics["mrr@20"]) > (best["recall@20"], best["mrr@20"])
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Writes JSON atomically (temporary file, then rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _log_valid(model, data_dir: str, max_users: int, step: int) -> dict:

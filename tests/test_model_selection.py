@@ -1,0 +1,122 @@
+"""Best-on-valid model selection in `python -m model.train`: the `best/` checkpoint, its
+record, resume, and what `model.registry.load_model` / `model.evaluate` load."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from model import evaluate as evaluate_lib
+from model import registry
+from model import train as train_lib
+from tiny_logs import planted_users, write_data
+
+TINY = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16},
+        "train": {"batch_size": 4, "sessions_per_batch": 3, "max_session_length": 4,
+                  "learning_rate": 0.05, "lr_schedule": "constant", "checkpoint_every": 5,
+                  "shuffle_buffer": 16, "eval_users": 0}}
+STEP_LINE = re.compile(r"step (\d+): valid recall@20 ([0-9.]+) mrr@20 ([0-9.]+)")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sel") / "data")
+    return write_data(path, 20, planted_users(40),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(6, seed=2)])
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("selcfg") / "tiny.json")
+    with open(path, "w") as f:
+        json.dump(TINY, f)
+    return path
+
+
+def _train(data, run, config_file, *extra):
+    return train_lib.main(["--data", data, "--model-dir", run, "--config", config_file,
+                           "--no-progress", *extra])
+
+
+def _weights(run, which):
+    model, _, _ = registry.load_model(run, which)
+    return [v.numpy() for v in model.variables]
+
+
+def _valid_recall(run, data, which):
+    scorer = registry.load_scorer(run, data, which)
+    return evaluate_lib.evaluate(scorer, data, "valid", progress=False)
+
+
+def test_is_better_orders_by_recall_then_mrr():
+    best = {"recall@20": 0.5, "mrr@20": 0.2}
+    assert train_lib.is_better({"recall@20": 0.1, "mrr@20": 0.0}, None)
+    assert train_lib.is_better({"recall@20": 0.6, "mrr@20": 0.0}, best)
+    assert train_lib.is_better({"recall@20": 0.5, "mrr@20": 0.3}, best)
+    assert not train_lib.is_better({"recall@20": 0.5, "mrr@20": 0.2}, best)  # a tie keeps the earlier
+    assert not train_lib.is_better({"recall@20": 0.4, "mrr@20": 0.9}, best)
+
+
+def test_best_checkpoint_is_the_argmax_of_valid_and_is_loaded(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert _train(data, run, config_file, "--steps", "23", "--eval-every", "5") == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    evals = [(int(s), float(r), float(m)) for s, r, m in STEP_LINE.findall(out.err)]
+    assert [e[0] for e in evals] == [5, 10, 15, 20, 23]  # every interval and the end
+    record = registry.read_best(run)
+    assert record == summary["best"]
+    # the printed values are rounded to 4 digits: the record holds the best of them
+    assert record["recall@20"] == pytest.approx(max(e[1] for e in evals), abs=1e-4)
+    assert record["step"] in [e[0] for e in evals if abs(e[1] - record["recall@20"]) <= 1e-4]
+    assert all(e[1] < record["recall@20"] + 1e-4 for e in evals if e[0] < record["step"])
+    assert record["checkpoint"] == f"ckpt-{record['step']}"
+    assert os.path.exists(os.path.join(run, "best", record["checkpoint"] + ".index"))
+    # The loaded best weights reproduce the recorded valid metrics; latest = the final ones.
+    best = _valid_recall(run, data, "best")
+    assert best["recall@20"] == pytest.approx(record["recall@20"], abs=1e-9)
+    assert best["mrr@20"] == pytest.approx(record["mrr@20"], abs=1e-9)
+    latest = _valid_recall(run, data, "latest")
+    assert latest["recall@20"] == pytest.approx(evals[-1][1], abs=1e-4)
+    assert latest["recall@20"] == pytest.approx(summary["valid"]["recall@20"], abs=1e-9)
+
+
+def test_resume_keeps_an_unbeaten_best_and_latest_is_an_option(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "resume")
+    assert _train(data, run, config_file, "--steps", "10", "--eval-every", "5") == 0
+    record = registry.read_best(run)
+    # A best that no evaluation can beat (recall > 1) must survive the resumed process.
+    unbeatable = {**record, "recall@20": 2.0}
+    with open(os.path.join(run, "best", "best.json"), "w") as f:
+        json.dump(unbeatable, f)
+    before = _weights(run, "best")
+    assert _train(data, run, config_file, "--steps", "20", "--eval-every", "5") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 20 and summary["best"] == unbeatable
+    for a, b in zip(before, _weights(run, "best")):
+        np.testing.assert_array_equal(a, b)
+    latest = _weights(run, "latest")
+    assert any(not np.array_equal(a, b) for a, b in zip(before, latest))
+    # model.evaluate's --checkpoint chooses between them.
+    outs = {}
+    for which in ("best", "latest"):
+        path = str(tmp_path / f"{which}.json")
+        assert evaluate_lib.main(["--data", data, "--split", "valid", "--model-dir", run,
+                                  "--checkpoint", which, "--output", path, "--no-progress"]) == 0
+        with open(path) as f:
+            outs[which] = json.load(f)
+    capsys.readouterr()
+    assert outs["latest"]["recall@20"] == pytest.approx(summary["valid"]["recall@20"], abs=1e-9)
+    assert outs["best"]["recall@20"] == pytest.approx(record["recall@20"], abs=1e-9)
+
+
+def test_without_valid_evaluation_the_latest_is_loaded(data, config_file, tmp_path):
+    run = str(tmp_path / "noeval")
+    assert _train(data, run, config_file, "--steps", "5") == 0
+    assert registry.read_best(run) is None and not os.path.exists(os.path.join(run, "best"))
+    assert registry.checkpoint_path(run) == registry.checkpoint_path(run, "latest")
+    assert registry.checkpoint_path(run).endswith("ckpt-5")
+    with pytest.raises(registry.RunError, match="unknown checkpoint 'newest'"):
+        registry.load_model(run, "newest")

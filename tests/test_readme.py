@@ -1,0 +1,68 @@
+"""The README's commands stay true to the code: every `python -m MODULE ...` line it shows
+names a real entry point, and every --flag it uses is one that entry point (or the
+subcommand it names) accepts. The commands themselves run in `make demo`, the notebook
+test and the end-to-end tests."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+README = os.path.join(ROOT, "README.md")
+# Beam's own options pass through the pipeline CLI to PipelineOptions.
+BEAM_FLAGS = {"--runner", "--project", "--region", "--temp_location", "--setup_file",
+              "--flink_master", "--environment_type", "--spark_master_url"}
+
+
+def _commands():
+    text = open(README, encoding="utf-8").read()
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+    lines = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("python -m ") or line.startswith("python benchmarks/"):
+                lines.append(line)
+    return lines
+
+
+COMMANDS = _commands()
+
+
+def test_readme_shows_the_front_door_and_every_stage():
+    text = open(README, encoding="utf-8").read()
+    assert "make demo" in text and "make test" in text
+    modules = {shlex.split(c)[2] for c in COMMANDS if c.startswith("python -m")}
+    assert {"pipeline", "pipeline.synthetic", "model.train", "model.evaluate", "model.compare",
+            "serving.export", "serving.server", "serving.client"} <= modules
+
+
+def _help(argv):
+    out = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("module", sorted({shlex.split(c)[2] for c in COMMANDS
+                                           if c.startswith("python -m")}))
+def test_readme_flags_exist(module):
+    lines = [shlex.split(c.replace("...", "")) for c in COMMANDS if shlex.split(c)[2] == module]
+    helps = {None: _help(["-m", module])}
+    for argv in lines:
+        words = argv[3:]
+        sub = next((w for w in words if not w.startswith("-") and w in helps[None]
+                    and re.search(r"\{[^}]*\b%s\b" % re.escape(w), helps[None])), None)
+        if sub and sub not in helps:
+            helps[sub] = _help(["-m", module, sub])
+        for w in words:
+            flag = w.split("=")[0]
+            if not flag.startswith("--") or flag in BEAM_FLAGS:
+                continue
+            assert flag in helps[None] or (sub and flag in helps[sub]), (
+                f"README uses {flag} with `python -m {module}`, which does not accept it")

@@ -1,0 +1,221 @@
+"""The repeat-aware HierTCN head: a proper mixture distribution, history buffers that reset at
+user boundaries (generator and online scorer alike), training and evaluation end to end."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import batching
+from model import config as config_lib
+from model import registry
+from model import train as train_lib
+from model.base import push_history
+from model.keras_scorer import KerasScorer
+from tiny_logs import planted_users, write_data
+
+V = 12
+HEAD = config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, gru_layers=2, channels=8,
+                                repeat_head=True, history_size=4)
+
+
+def _model(config=HEAD, seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    return registry.build_model("hiertcn", config, V)
+
+
+def _set_head(model, gate_bias=0.0, recency=None):
+    """Query and gate kernels zero: p_rep depends on the recency bias only, w = sigmoid(gate_bias)."""
+    head = model.repeat_head
+    head.query.assign(tf.zeros_like(head.query))
+    head.gate.assign(tf.zeros_like(head.gate))
+    head.gate_bias.assign(gate_bias)
+    head.recency.assign(np.zeros(4, np.float32) if recency is None else recency)
+
+
+def test_config_needs_the_full_softmax():
+    with pytest.raises(config_lib.ConfigError, match="repeat_head needs the full softmax"):
+        HEAD.replace({"loss": "sampled"})
+    with pytest.raises(config_lib.ConfigError, match="history_size must be >= 1"):
+        HEAD.replace({"history_size": 0})
+
+
+def test_mixture_is_a_distribution_and_respects_padding():
+    model = _model()
+    state = tf.random.normal([3, model.state_size])
+    history = tf.constant([[0, 7, 1, 7], [9, 0, 0, 10], [0, 0, 0, 0]], tf.int64)
+    prefix = tf.constant([[2, 3, 4, 0], [5, 1, 0, 0], [0, 0, 0, 0]], tf.int64)
+    p = np.exp(model.item_log_probs(model.user_embeddings(state, prefix), history, prefix).numpy())
+    assert p.shape == (3, 5, V)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    assert p[..., :2].max() == 0.0  # padding and unknown get exactly zero
+
+
+def test_mixture_by_hand():
+    # w = sigmoid(0) = 1/2. history [pad 7 unk 7], prefix [2 3]; known items newest last:
+    # position 0: 7 7 -> p_rep(7) = 1; position 1: 7 7 2 -> 7: 2/3, 2: 1/3;
+    # position 2: 7 7 2 3 -> 7: 1/2, 2: 1/4, 3: 1/4.
+    model = _model()
+    _set_head(model)
+    state = tf.random.normal([1, model.state_size])
+    history = tf.constant([[0, 7, 1, 7]], tf.int64)
+    prefix = tf.constant([[2, 3]], tf.int64)
+    u = model.user_embeddings(state, prefix)
+    logits = model.item_logits(u).numpy()[0]
+    cat = np.exp(logits[:, 2:] - logits[:, 2:].max(-1, keepdims=True))
+    cat = np.concatenate([np.zeros([3, 2]), cat / cat.sum(-1, keepdims=True)], axis=1)
+    rep = np.zeros([3, V])
+    rep[0, 7] = 1
+    rep[1, [7, 2]] = [2 / 3, 1 / 3]
+    rep[2, [7, 2, 3]] = [1 / 2, 1 / 4, 1 / 4]
+    got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
+    np.testing.assert_allclose(got, 0.5 * cat + 0.5 * rep, atol=1e-6)
+    # Recency bias log 2 on the newest item (age 0): position 1 weighs 2 twice -> 7: 1/2, 2: 1/2.
+    # history_size 4 keeps only the newest four known items: at position 2 the oldest 7 drops.
+    _set_head(model, recency=[np.log(2.0), 0, 0, 0])
+    got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
+    np.testing.assert_allclose(got[1, [7, 2]] - 0.5 * cat[1, [7, 2]], [0.25, 0.25], atol=1e-6)
+    longer = tf.constant([[2, 3, 4]], tf.int64)
+    u3 = model.user_embeddings(state, longer)
+    got = np.exp(model.item_log_probs(u3, history, longer).numpy()[0, 3])
+    cat3 = np.exp(model.item_log_probs(u3, tf.zeros([1, 0], tf.int64), tf.zeros([1, 0], tf.int64)
+                                       ).numpy()[0, 3])  # nothing to point at: catalogue only
+    # known items newest first: 4 (age 0, weight 2), 3, 2, 7 -> 4: 2/5, 3, 2, 7: 1/5 each.
+    np.testing.assert_allclose(got[[4, 3, 2, 7]] - 0.5 * cat3[[4, 3, 2, 7]],
+                               [0.2, 0.1, 0.1, 0.1], atol=1e-6)
+
+
+def test_no_context_gives_the_catalogue_softmax():
+    model = _model()
+    _set_head(model, gate_bias=3.0)
+    u = tf.random.normal([2, 1, 8])
+    empty = tf.zeros([2, 3], tf.int64)
+    got = model.item_log_probs(u, empty, tf.zeros([2, 0], tf.int64)).numpy()
+    logits = model.item_logits(u).numpy()[..., 2:]
+    expected = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(got[..., 2:], expected, atol=1e-5)
+
+
+def _batch(items, reset, end, history):
+    items = tf.constant(items, tf.int64)
+    return {"items": items, "reset": tf.constant(reset), "session_end": tf.constant(end),
+            "valid": tf.reduce_any(items > 0, axis=-1), "history": tf.constant(history, tf.int64)}
+
+
+def test_train_loss_is_the_mixture_log_likelihood():
+    model = _model()
+    # One row: a chunk [5 6 7] of a user whose last items were [0 0 7 9].
+    batch = _batch([[[5, 6, 7]]], [[True]], [[True]], [[[0, 0, 7, 9]]])
+    loss, _, n = model.train_loss(batch, model.train_cache(1), training=False)
+    assert int(n) == 3
+    prefix = tf.constant([[5, 6]], tf.int64)
+    u = model.user_embeddings(tf.zeros([1, model.state_size]), prefix)
+    logp = model.item_log_probs(u, tf.constant([[0, 0, 7, 9]], tf.int64), prefix).numpy()[0]
+    np.testing.assert_allclose(float(loss), -(logp[0, 5] + logp[1, 6] + logp[2, 7]) / 3, rtol=1e-5)
+
+
+# user A: sessions [2 3 4 5] and [6 7]; user B: [8 9 10]; user C: [2 2 3], [4 5 6 7 8], [9 10]
+USERS = [[[2, 3, 4, 5], [6, 7]], [[8, 9, 10]], [[2, 2, 3], [4, 5, 6, 7, 8], [9, 10]]]
+
+
+def test_generator_history_resets_at_user_boundaries():
+    # B=2, S=2, L=3, N=4 (layout as in test_batching): row 0: A1a A1b A2; row 1: B1 C1 C2a C2b C3.
+    make = lambda: batching.QueueBatcher(lambda: iter(USERS), 2, 2, 3, shuffle_buffer=1,
+                                         epochs=1, history_size=4)
+    batches = list(make())
+    history = [b["history"].tolist() for b in batches]
+    assert history[0] == [[[0, 0, 0, 0], [0, 2, 3, 4]],   # A1a; A1b after A's first chunk
+                          [[0, 0, 0, 0], [0, 0, 0, 0]]]   # B1; C1: a new user, buffer emptied
+    assert history[1] == [[[2, 3, 4, 5], [0, 0, 0, 0]],   # A2; (empty slot)
+                          [[0, 2, 2, 3], [3, 4, 5, 6]]]   # C2a; C2b: last 4 incl. C2a
+    assert history[2][1][0] == [5, 6, 7, 8]               # C3
+    # A restored position carries the buffers: the next batch is the same.
+    first = make()
+    first.next_batch()
+    resumed = make()
+    resumed.restore(json.loads(json.dumps(first.position_after(0))))
+    np.testing.assert_array_equal(resumed.next_batch()["history"], batches[1]["history"])
+    assert "history" not in next(iter(batching.QueueBatcher(lambda: iter(USERS), 2, 2, 3)))
+
+
+def test_online_scorer_buffer_equals_the_generator_history():
+    # With L large enough that no session is split, the generator's history at a user's
+    # session equals the scorer's buffer after the user's earlier sessions.
+    batcher = batching.QueueBatcher(lambda: iter(USERS), 1, 1, 8, shuffle_buffer=1, epochs=1,
+                                    history_size=4)
+    generated = [b["history"][0, 0].tolist() for b in batcher]
+    scorer = KerasScorer(_model())
+    online = []
+    for user in USERS:
+        state = scorer.initial_state(["u"])
+        for session in user:
+            online.append(state[1][0].tolist())
+            state = scorer.update(state, np.array([session + [0]], np.int64))
+    assert online == generated
+    np.testing.assert_array_equal(  # all-padding rows keep their buffer
+        push_history(np.array([[0, 5, 6]]), np.array([[0, 0]])), [[0, 5, 6]])
+
+
+def test_scorer_scores_are_the_mixture():
+    model = _model()
+    scorer = KerasScorer(model)
+    state = scorer.update(scorer.initial_state(["a", "b"]), np.array([[2, 3, 4], [5, 0, 0]]))
+    sessions = np.array([[3, 6, 7], [8, 5, 0]])
+    prefix = sessions[:, :-1]
+    expected = model.item_log_probs(model.user_embeddings(state[0], prefix), state[1], prefix)
+    np.testing.assert_allclose(scorer.score(state, sessions), expected.numpy(), atol=1e-5)
+
+
+def test_training_with_the_head_learns_and_evaluates(tmp_path):
+    users = planted_users(30)
+    data = write_data(str(tmp_path / "data"), 20, users,
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)])
+    config = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16, "history_size": 8},
+              "train": {"batch_size": 4, "sessions_per_batch": 3, "max_session_length": 4,
+                        "checkpoint_every": 100, "shuffle_buffer": 16, "seed": 0}}
+    path = str(tmp_path / "head.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    run = str(tmp_path / "run")
+    args = ["--data", data, "--model-dir", run, "--config", path, "--repeat-head", "--no-progress"]
+    assert train_lib.main(args + ["--steps", "40", "--eval-every", "40", "--eval-users", "6"]) == 0
+    with open(f"{run}/train_summary.json") as f:
+        summary = json.load(f)
+    assert summary["final_loss"] < np.log(20) - 0.5  # well below uniform over 20 items
+    assert summary["valid"]["recall@20"] > 0
+    scorer = registry.load_scorer(run, data)
+    state = scorer.update(scorer.initial_state(["u"]), np.array([[2, 3, 4]]))
+    assert state[1].tolist() == [[0, 0, 0, 0, 0, 2, 3, 4]]
+    p = np.exp(scorer.score(state, np.array([[5, 6, 7]])))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+
+
+def test_exported_next_items_with_history_equals_eager(tmp_path):
+    import serving_testlib as lib
+    from serving import export
+
+    vocab = lib.tiny_vocabulary()  # [PAD], [UNK], item0 .. item11 -> indices 0 .. 13
+    tf.keras.utils.set_random_seed(0)
+    model = registry.build_model("hiertcn", lib.TINY.replace({"repeat_head": True,
+                                                              "history_size": 3}), vocab.size)
+    model.repeat_head.gate_bias.assign(1.0)  # w ~ 0.73: the history decides the top items
+    path = export.export_model(model, vocab, str(tmp_path))
+    fn = tf.saved_model.load(path).signatures["next_items"]
+    state = np.random.default_rng(0).normal(size=[3, model.state_size]).astype(np.float32)
+    sessions = np.array([["item0", "item3", ""], ["nope", "item5", "item1"], ["", "", ""]], object)
+    indices = np.array([[2, 5, 0], [1, 7, 3], [0, 0, 0]], np.int64)
+    history = np.array([["item6", "item9", ""], ["item2", "", "item8"], ["", "", ""]], object)
+    history_indices = np.array([[8, 11, 0], [4, 0, 10], [0, 0, 0]], np.int64)
+    out = fn(user_state=tf.constant(state), session_items=tf.constant(sessions),
+             history_items=tf.constant(history), k=tf.constant(4))
+    # Eager, as the evaluator scores: position len(session) of the session's positions.
+    u = model.user_embeddings(state, indices)
+    logp = model.item_log_probs(u, history_indices, indices).numpy()
+    logp = logp[np.arange(3), (indices > 0).sum(1), 2:]
+    order = np.argsort(-logp, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(out["item_ids"].numpy().astype(str),
+                                  np.array(vocab.ids[2:])[order])
+    np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(logp, order, 1), atol=1e-5)
+    # Row 0 points at item6, item9 and its session (item0, item3; history_size 3 keeps the
+    # newest three known: item9 item0 item3); they lead the ranking.
+    assert set(out["item_ids"].numpy().astype(str)[0, :3]) == {"item9", "item0", "item3"}
