@@ -1,0 +1,223 @@
+"""Shared parts of the training benchmarks (`train_speed`, `data_memory`, `scale`): the
+synthetic data, the models at equal sizes, the real training step timed, FLOPs per event
+from the layer shapes and the peak matmul rate of this machine.
+
+Import after `sys.path` holds the repository root (the scripts do this in `main`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")
+HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """Progress on stderr with the seconds since start (stdout ends with the JSON line)."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed: int = 0) -> dict:
+    """Writes a `pipeline.synthetic` log and runs `python -m pipeline` on it.
+
+    Args:
+      out_dir: the pipeline output folder (created; the raw log goes beside it).
+      users: synthetic users.
+      max_events: stop the log after this many raw events.
+      seed: generator seed.
+
+    Returns:
+      The pipeline's stats.json.
+    """
+    import json
+
+    from pipeline import synthetic
+
+    log = out_dir.rstrip("/") + ".csv"
+    synthetic.write_csv(log, synthetic.generate(users=users, seed=seed, max_events=max_events))
+    cmd = [sys.executable, "-m", "pipeline", "--input", log, "--output", out_dir, "--overwrite"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"pipeline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    os.remove(log)
+    with open(os.path.join(out_dir, "stats.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_users(data_dir: str, split: str = "train") -> list[list[np.ndarray]]:
+    """All users' sessions of a split, in memory (the benchmarks' data is small)."""
+    from pipeline import schema
+
+    return [u.sessions for u in schema.iter_users(data_dir, split)]
+
+
+def model_config(name: str, loss: str, num_negatives: int):
+    """The model's config at the benchmarks' common sizes: width 128 everywhere, a
+    256-wide cross-session state for both hierarchical models (2 x 128 GRU layers), the
+    flat TCN with 6 blocks of 128 channels (receptive field 125) over the last 256 tokens."""
+    from model import registry
+
+    common = {"embedding_dim": HIDDEN, "loss": loss, "num_negatives": num_negatives}
+    extra = {"hiertcn": {"gru_units": HIDDEN, "gru_layers": 2, "channels": HIDDEN},
+             "hrnn": {"session_units": HIDDEN, "user_units": HIDDEN, "user_layers": 2},
+             "gru4rec": {"units": HIDDEN},
+             "tcn": {"channels": [HIDDEN] * 6, "history_length": 256}}[name]
+    return registry.config_classes()[name]().replace({**common, **extra})
+
+
+def gru_flops(inputs: int, units: int) -> int:
+    """Forward multiply-add FLOPs of one Keras GRU step (3 gates, input and recurrent
+    kernels): 2 * 3 * (inputs + units) * units."""
+    return 6 * (inputs + units) * units
+
+
+def output_flops(d: int, vocab: int, loss: str, num_negatives: int) -> int:
+    """Forward FLOPs of the output layer per event: full softmax 2 D V; sampled softmax
+    2 D (negatives + 1) (the negatives are shared by the batch)."""
+    return 2 * d * (vocab if loss == "softmax" else num_negatives + 1)
+
+
+def flops_per_event(name: str, config, vocab: int, sessions_per_event: float) -> float:
+    """Training FLOPs per event from the layer shapes: 3 x the forward matmul FLOPs
+    (backward = 2 x forward), useful work only (padding positions are not counted).
+
+    Per event (one position of a session): HierTCN 2 E C (input projection) + sum over
+    convs 2 k C_in C_out; GRU4Rec and HRNN one GRU step 6 (E + D) D; flat TCN per token
+    the conv stack, with (1 + sessions/event) tokens per event (a separator per session);
+    all plus the output layer. Per session (times `sessions_per_event`): HierTCN the
+    high-level GRU (6 (in + units) units per layer) and the state projection 2 H C;
+    HRNN the user GRU and the session init 2 H D.
+    """
+    c = config
+    out = output_flops(HIDDEN, vocab, c.loss, c.num_negatives)
+    if name == "hiertcn":
+        per_event = 2 * c.embedding_dim * c.channels + c.num_blocks * c.convs_per_block * (
+            2 * c.kernel_size * c.channels * c.channels)
+        state = c.gru_units * c.gru_layers
+        per_session = (gru_flops(c.embedding_dim, c.gru_units)
+                       + (c.gru_layers - 1) * gru_flops(c.gru_units, c.gru_units)
+                       + 2 * state * c.channels)
+    elif name == "hrnn":
+        per_event = gru_flops(c.embedding_dim, c.session_units)
+        state = c.user_units * c.user_layers
+        per_session = (gru_flops(c.session_units, c.user_units)
+                       + (c.user_layers - 1) * gru_flops(c.user_units, c.user_units)
+                       + 2 * state * c.session_units)
+    elif name == "gru4rec":
+        per_event, per_session = gru_flops(c.embedding_dim, c.units), 0
+    else:
+        widths = [c.embedding_dim, *c.channels]
+        per_token = sum(2 * c.kernel_size * widths[i] * widths[i + 1] * c.convs_per_block
+                        + (2 * widths[i] * widths[i + 1] if widths[i] != widths[i + 1] else 0)
+                        for i in range(len(c.channels)))
+        per_event, per_session = per_token, per_token
+    return 3.0 * (per_event + out + sessions_per_event * per_session)
+
+
+def peak_matmul_flops(size: int = 2048, seconds: float = 3.0) -> float:
+    """Measured float32 matmul FLOP/s of this machine: the best of repeated
+    [size, size] x [size, size] `tf.matmul`s (all cores, oneDNN as configured)."""
+    import tensorflow as tf
+
+    a = tf.random.normal([size, size])
+    b = tf.random.normal([size, size])
+
+    @tf.function
+    def mm(x, y):
+        return tf.reduce_sum(tf.matmul(x, y))
+
+    mm(a, b).numpy()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        mm(a, b).numpy()
+        best = max(best, 2.0 * size ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    """One model and its real training step (`model.train.make_train_step`: loss, Adam
+    update, state cache carried without gradient), timed step by step."""
+
+    def __init__(self, name: str, config, vocab: int, item_counts: np.ndarray, batch_size: int,
+                 jit_compile: bool = False, packed: bool = True):
+        import tensorflow as tf
+
+        from model import registry
+        from model import train as train_lib
+
+        self.name = name
+        cls = registry.MODELS[name] if packed else _padded_models()[name]
+        self.model = cls(config, vocab, item_counts=item_counts)
+        self.model.build_weights()
+        optimizer = tf.keras.optimizers.Adam(1e-3)
+        self.state = train_lib.TrainState(self.model.train_cache(batch_size))
+        self.step_fn = train_lib.make_train_step(self.model, optimizer, self.state,
+                                                 tf.distribute.get_strategy(), False, jit_compile)
+        self.seconds, self.events, self.steps = 0.0, 0, 0
+
+    def step(self, batch, timed: bool = True) -> int:
+        """Runs one training step; returns its number of target events."""
+        t0 = time.perf_counter()
+        loss, n = self.step_fn(batch)
+        n = int(n.numpy())
+        float(loss.numpy())
+        if timed:
+            self.seconds += time.perf_counter() - t0
+            self.events += n
+            self.steps += 1
+        return n
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / max(self.seconds, 1e-9)
+
+
+@functools.lru_cache(maxsize=None)
+def _padded_models() -> dict:
+    """HierTCN with the base class's training encoder (`encode` on [B * S, L], then the
+    gather at the targets): the padded computation the packed one replaces."""
+    from model.hiertcn import HierTCN
+    from model.sequence_model import SequenceModel
+
+    class PaddedHierTCN(HierTCN):
+        encode_events = SequenceModel.encode_events
+
+    return {"hiertcn": PaddedHierTCN}
+
+
+def prebuilt_batches(users, batch_size: int, sessions: int, length: int, count: int, seed: int = 0):
+    """The first `count` batches of the queue generator as TF tensors (for timing the
+    model without the input pipeline)."""
+    import tensorflow as tf
+
+    from model import batching
+
+    batcher = batching.QueueBatcher(lambda: users, batch_size, sessions, length, seed=seed)
+    out = []
+    for _ in range(count):
+        out.append({k: tf.constant(v) for k, v in batcher.next_batch().items()})
+    return out
+
+
+def batch_stats(batches) -> dict:
+    """Events, non-empty slots and padding share of a list of batches."""
+    events = sum(int(np.count_nonzero(b["items"].numpy())) for b in batches)
+    slots = sum(int(np.count_nonzero(b["valid"].numpy())) for b in batches)
+    cells = sum(int(np.prod(b["items"].shape)) for b in batches)
+    return {"events": events, "slots": slots, "sessions_per_event": slots / max(events, 1),
+            "padding_fraction": 1.0 - events / max(cells, 1)}

@@ -1,0 +1,222 @@
+"""Training speed of HierTCN vs HRNN, GRU4Rec and the flat TCN, side by side (issue 6).
+
+Workload: the train split of a pipeline folder (`--data DIR`, default: a fresh
+`pipeline.synthetic` log of 2,300 users, ~210k train events, through `python -m pipeline`;
+100 users and B = 16, S = 4 with `--quick`). Every model trains on the same queue-generator
+batches (B = 32 rows, S = 10 sessions, L = 20 items by default), at width 128 everywhere (see
+`bench_lib.model_config`), with the real training step of `model.train` (Adam, state cache
+carried), in two output settings: full softmax over the catalogue and sampled softmax
+with 256 popularity-sampled negatives. After warm-up (tracing) steps, the models take
+turns in rounds over the same pre-built batches, so machine noise hits all of them alike.
+
+Reported per setting and model: training events/s (target events per second of step
+time), FLOPs per event (3 x forward matmul FLOPs from the layer shapes, padding not
+counted; formula in `bench_lib.flops_per_event`) and MFU = events/s x FLOPs per event /
+the peak float32 matmul FLOP/s measured in the same run (a large `tf.matmul`). The speed
+choices are measured on HierTCN in the sampled setting: packed events vs the padded
+[B * S, L] encoder, XLA (`jit_compile`, padded fixed shapes), bfloat16 mixed precision,
+oneDNN off (a subprocess with TF_ENABLE_ONEDNN_OPTS=0), and input from the tf.data queue
+generator vs from pre-built batches on the same batches.
+
+The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import bench_lib
+
+SETTINGS = ("softmax", "sampled")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="pipeline output folder (default: a fresh synthetic log)")
+    p.add_argument("--quick", action="store_true", help="small data and few steps (< 2 min)")
+    p.add_argument("--users", type=int, default=2300, help="synthetic users without --data")
+    p.add_argument("--steps", type=int, help="timed steps per model and setting (default 60)")
+    p.add_argument("--rounds", type=int, help="turns the timed steps are split into (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sessions-per-batch", type=int, default=10)
+    p.add_argument("--max-session-length", type=int, default=20)
+    p.add_argument("--num-negatives", type=int, default=256)
+    p.add_argument("--probe", action="store_true",
+                   help="only HierTCN, sampled: print its events/s (used for the oneDNN run)")
+    args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 6 if args.quick else 60
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.quick:  # small geometry: the point is that the script runs, not the figures
+        args.users, args.warmup, args.batch_size, args.sessions_per_batch = 100, 1, 16, 4
+    return args
+
+
+class Bench:
+    """The data and geometry one run measures on."""
+
+    def __init__(self, args, data_dir: str):
+        from pipeline import schema
+
+        self.args = args
+        vocab = schema.read_vocabulary(data_dir)
+        self.vocab_size, self.counts = vocab.size, vocab.counts
+        self.train_events = schema.read_stats(data_dir)["splits"]["train"]["events"]
+        users = bench_lib.load_users(data_dir)
+        self.users = users
+        self.batches = bench_lib.prebuilt_batches(
+            users, args.batch_size, args.sessions_per_batch, args.max_session_length,
+            args.warmup + args.steps)
+        self.stats = bench_lib.batch_stats(self.batches[args.warmup:])
+
+    def trainer(self, name: str, loss: str, **kwargs) -> bench_lib.Trainer:
+        config = bench_lib.model_config(name, loss, self.args.num_negatives)
+        return bench_lib.Trainer(name, config, self.vocab_size, self.counts,
+                                 self.args.batch_size, **kwargs)
+
+    def run(self, trainers: dict) -> dict:
+        """Warm-up, then the timed steps in rounds of turns; returns events/s per name."""
+        w, steps, rounds = self.args.warmup, self.args.steps, self.args.rounds
+        bench_lib.log(f"warm-up of {', '.join(trainers)}")
+        for t in trainers.values():
+            for batch in self.batches[:w]:
+                t.step(batch, timed=False)
+        per_round = max(1, steps // rounds)
+        bench_lib.log(f"{rounds} round(s) of {per_round} timed steps each")
+        for r in range(rounds):
+            for t in trainers.values():
+                for batch in self.batches[w + r * per_round:w + (r + 1) * per_round]:
+                    t.step(batch)
+        return {name: t.events_per_s for name, t in trainers.items()}
+
+
+def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
+    """Step time per event from pre-built batches vs from the tf.data queue generator (the
+    training loop's input), on the same batches, alternating twice."""
+    from model import batching
+
+    a = bench.args
+    k = min(a.steps, len(bench.batches))
+    times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
+    for _ in range(2):
+        for batch in bench.batches[:k]:
+            t0 = time.perf_counter()
+            n = trainer.step(batch, timed=False)
+            times["prebuilt"][0] += time.perf_counter() - t0
+            times["prebuilt"][1] += n
+        batcher = batching.QueueBatcher(lambda: bench.users, a.batch_size, a.sessions_per_batch,
+                                        a.max_session_length, seed=0)
+        it = iter(batching.make_dataset(batcher))
+        next(it)  # the generator thread starts and fills its prefetch buffer
+        time.sleep(0.5)
+        for _ in range(k):
+            t0 = time.perf_counter()
+            n = trainer.step(next(it), timed=False)
+            times["generator"][0] += time.perf_counter() - t0
+            times["generator"][1] += n
+    per_event = {key: s / max(n, 1) for key, (s, n) in times.items()}
+    return {"prebuilt_us_per_event": round(1e6 * per_event["prebuilt"], 2),
+            "generator_us_per_event": round(1e6 * per_event["generator"], 2),
+            "generator_overhead": round(per_event["generator"] / per_event["prebuilt"] - 1, 4)}
+
+
+def speed_choices(bench: Bench, data_dir: str) -> dict:
+    """HierTCN (sampled) events/s under each speed choice, measured in turns."""
+    import tensorflow as tf
+
+    quick = bench.args.quick
+    variants = {"packed": bench.trainer("hiertcn", "sampled"),
+                "padded": bench.trainer("hiertcn", "sampled", packed=False)}
+    if not quick:
+        variants["padded_xla"] = bench.trainer("hiertcn", "sampled", jit_compile=True)
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            variants["packed_bfloat16"] = bench.trainer("hiertcn", "sampled")
+        finally:
+            tf.keras.mixed_precision.set_global_policy("float32")
+    out = {k: round(v) for k, v in bench.run(variants).items()}
+    bench_lib.log("input: generator vs pre-built")
+    out["input"] = generator_overhead(bench, variants["packed"])
+    for key in ("padded_xla", "packed_bfloat16", "onednn_off", "onednn_on"):
+        out.setdefault(key, None)  # skipped by --quick (each costs a trace or a process)
+    if not quick:
+        bench_lib.log("oneDNN probes")
+        out["onednn_off"] = _probe(bench.args, data_dir, {"TF_ENABLE_ONEDNN_OPTS": "0"})
+        out["onednn_on"] = _probe(bench.args, data_dir, {"TF_ENABLE_ONEDNN_OPTS": "1"})
+    return out
+
+
+def _probe(args, data_dir: str, env: dict) -> float:
+    """HierTCN sampled events/s in a fresh process with `env` (for process-wide switches)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe", "--data", data_dir,
+           "--steps", str(args.steps), "--rounds", "1", "--warmup", str(args.warmup),
+           "--batch-size", str(args.batch_size), "--sessions-per-batch", str(args.sessions_per_batch),
+           "--max-session-length", str(args.max_session_length),
+           "--num-negatives", str(args.num_negatives)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if proc.returncode:
+        raise SystemExit(f"probe failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["events_per_s"]
+
+
+def measure(args, data_dir: str) -> dict:
+    bench = Bench(args, data_dir)
+    bench_lib.log(f"{len(bench.batches)} batches ready")
+    if args.probe:
+        rate = bench.run({"hiertcn": bench.trainer("hiertcn", "sampled")})["hiertcn"]
+        return {"events_per_s": round(rate)}
+    peak = bench_lib.peak_matmul_flops(seconds=1.0 if args.quick else 3.0)
+    result = {"benchmark": "train_speed"}
+    for loss in SETTINGS:
+        trainers = {name: bench.trainer(name, loss) for name in bench_lib.MODEL_NAMES}
+        rates = bench.run(trainers)
+        models = {}
+        for name, t in trainers.items():
+            fpe = bench_lib.flops_per_event(name, t.model.config, bench.vocab_size,
+                                            bench.stats["sessions_per_event"])
+            models[name] = {"events_per_s": round(rates[name]), "flops_per_event": round(fpe),
+                            "mfu": round(rates[name] * fpe / peak, 4)}
+        result[loss] = {"hiertcn_vs_hrnn": round(rates["hiertcn"] / rates["hrnn"], 2),
+                        "hiertcn_vs_gru4rec": round(rates["hiertcn"] / rates["gru4rec"], 2),
+                        "hiertcn_vs_tcn": round(rates["hiertcn"] / rates["tcn"], 2),
+                        "mfu": models["hiertcn"]["mfu"], "models": models}
+    result["choices_sampled_hiertcn_events_per_s"] = speed_choices(bench, data_dir)
+    result["peak_matmul_gflops"] = round(peak / 1e9, 1)
+    a = args
+    result["workload"] = {
+        "data": data_dir if a.data else f"pipeline.synthetic --users {a.users} through the pipeline",
+        "train_events": bench.train_events, "vocab_size": bench.vocab_size,
+        "batch": [a.batch_size, a.sessions_per_batch, a.max_session_length],
+        "timed_steps_per_model": (a.steps // a.rounds) * a.rounds, "warmup_steps": a.warmup,
+        "padding_fraction": round(bench.stats["padding_fraction"], 3),
+        "sessions_per_event": round(bench.stats["sessions_per_event"], 4),
+        "num_negatives": a.num_negatives, "width": bench_lib.HIDDEN, "cpus": os.cpu_count()}
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, bench_lib.REPO)
+    import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+
+    if args.data:
+        result = measure(args, args.data)
+    else:
+        with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
+            data = os.path.join(tmp, "data")
+            bench_lib.log(f"synthetic log of {args.users} users through the pipeline")
+            bench_lib.make_synthetic(data, args.users)
+            result = measure(args, data)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The training benchmarks run end to end with --quick and print their JSON line (issue 6),
+so the scripts never rot. Figures are not asserted (the machine is shared and noisy);
+the keys and their basic sanity are."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ML1M = os.path.join(os.path.dirname(ROOT), "shared", "data", "ml-1m")
+
+
+def run_quick(name: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_speed_quick():
+    result = run_quick("train_speed")
+    for setting in ("softmax", "sampled"):
+        r = result[setting]
+        assert {"hiertcn_vs_hrnn", "hiertcn_vs_gru4rec", "hiertcn_vs_tcn", "mfu", "models"} <= set(r)
+        assert set(r["models"]) == {"hiertcn", "hrnn", "gru4rec", "tcn"}
+        for m in r["models"].values():
+            assert m["events_per_s"] > 0 and m["flops_per_event"] > 0 and 0 < m["mfu"]
+    choices = result["choices_sampled_hiertcn_events_per_s"]
+    assert choices["packed"] > 0 and choices["padded"] > 0
+    assert {"prebuilt_us_per_event", "generator_us_per_event", "generator_overhead"} <= set(choices["input"])
+    assert result["peak_matmul_gflops"] > 0
+    assert 0 < result["workload"]["padding_fraction"] < 1
+
+
+@pytest.mark.skipif(not os.path.isdir(ML1M), reason="../shared/data/ml-1m is not available")
+def test_data_memory_quick():
+    result = run_quick("data_memory")
+    for name in ("ml1m", "synthetic"):
+        r = result[name]
+        assert r["hiertcn_bytes"] > 0 and r["tcn_whole_history_bytes"] > 0
+        assert r["data_memory_reduction"] == pytest.approx(
+            1 - r["hiertcn_bytes"] / r["tcn_whole_history_bytes"], abs=1e-3)
+    assert result["data_memory_reduction"] == result["ml1m"]["data_memory_reduction"]
+    assert set(result["peak_memory"]) == {"hiertcn", "tcn_streaming", "tcn_whole_history"}
+    assert all(p["peak_rss_mb"] >= p["rss_before_steps_mb"] > 0 for p in result["peak_memory"].values())
+
+
+def test_scale_quick():
+    result = run_quick("scale")
+    assert set(result["sizes"]) == {"1000", "10000"}
+    assert all(s["events_per_s"] > 0 and s["peak_rss_mb"] > 0 for s in result["sizes"].values())
+    assert result["memory_growth"] > 0
