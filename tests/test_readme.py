@@ -34,6 +34,11 @@ def _commands():
 COMMANDS = _commands()
 
 
+def test_readme_benchmarks_exist():
+    scripts = {shlex.split(c)[1] for c in COMMANDS if c.startswith("python benchmarks/")}
+    assert scripts and all(os.path.exists(os.path.join(ROOT, s)) for s in scripts), scripts
+
+
 def test_readme_shows_the_front_door_and_every_stage():
     text = open(README, encoding="utf-8").read()
     assert "make demo" in text and "make test" in text
@@ -52,7 +57,8 @@ def _help(argv):
 @pytest.mark.parametrize("module", sorted({shlex.split(c)[2] for c in COMMANDS
                                            if c.startswith("python -m")}))
 def test_readme_flags_exist(module):
-    lines = [shlex.split(c.replace("...", "")) for c in COMMANDS if shlex.split(c)[2] == module]
+    lines = [shlex.split(c.replace("...", "")) for c in COMMANDS
+             if c.startswith("python -m") and shlex.split(c)[2] == module]
     helps = {None: _help(["-m", module])}
     for argv in lines:
         words = argv[3:]
