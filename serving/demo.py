@@ -107,9 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({k: stats[k] for k in ("rows_read", "rows_malformed", "rows_filtered",
                                             "rows_written", "splits", "items")}, indent=1))
 
-    say(f"3/7 Training HierTCN for {args.steps} steps on CPU (queue-based batches, state cache)")
+    say(f"3/7 Training HierTCN for {args.steps} steps on CPU (queue-based batches, state cache; "
+        "the weights with the best valid Recall@20 are kept)")
     run([PY, "-m", "model.train", "--data", data, "--model", "hiertcn", "--model-dir", run_dir,
-         "--steps", str(args.steps)])
+         "--steps", str(args.steps), "--eval-every", "100"])
 
     say("4/7 Evaluating on the test split: full-catalogue ranking of every next item, "
         "online over each user's sessions")
