@@ -82,13 +82,17 @@ def aggregate(runs: Sequence[dict]) -> dict:
 
 
 def relative_gain(results: dict, ours: str = "hiertcn") -> dict:
-    """HierTCN's relative gain over the best other model on the headline metrics."""
+    """HierTCN's relative gain over the best other model on the headline metrics.
+
+    Variants of `ours` (`hiertcn:LABEL`, e.g. the session-only ablation) are not baselines.
+    """
     models = results["models"]
-    if ours not in models or len(models) < 2:
+    baselines = [n for n in models if n.split(":", 1)[0] != ours]
+    if ours not in models or not baselines:
         return {}
     gains = {}
     for key in HEADLINE:
-        best_name = max((n for n in models if n != ours), key=lambda n: models[n][key])
+        best_name = max(baselines, key=lambda n: models[n][key])
         best = models[best_name][key]
         gains[key] = {"best_baseline": best_name, "baseline": best, "hiertcn": models[ours][key],
                       "relative_gain": (models[ours][key] - best) / best if best > 0 else None}

@@ -120,3 +120,15 @@ def test_without_valid_evaluation_the_latest_is_loaded(data, config_file, tmp_pa
     assert registry.checkpoint_path(run).endswith("ckpt-5")
     with pytest.raises(registry.RunError, match="unknown checkpoint 'newest'"):
         registry.load_model(run, "newest")
+
+
+def test_hiertcn_variants_are_not_baselines_in_the_relative_gain():
+    from model import compare
+
+    models = {"hiertcn": {"recall@20": 0.30, "mrr@20": 0.10},
+              "hiertcn:solo": {"recall@20": 0.40, "mrr@20": 0.20},
+              "sknn": {"recall@20": 0.25, "mrr@20": 0.05}}
+    gains = compare.relative_gain({"models": models})
+    assert gains["recall@20"]["best_baseline"] == "sknn"
+    assert gains["recall@20"]["relative_gain"] == pytest.approx(0.2)
+    assert gains["mrr@20"]["relative_gain"] == pytest.approx(1.0)
