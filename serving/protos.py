@@ -6,10 +6,11 @@ Decoding also accepts the `*_val` forms other clients send.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 
 _NUMERIC = {
     np.dtype(np.float32): types_pb2.DT_FLOAT,
@@ -36,27 +37,37 @@ def dtype_name(dtype: int) -> str:
     return DTYPE_NAMES.get(dtype, types_pb2.DataType.Name(dtype))
 
 
-def _shape(shape: tuple[int, ...]) -> tensor_shape_pb2.TensorShapeProto:
-    return tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape])
-
-
 def to_proto(value: Any) -> tensor_pb2.TensorProto:
     """Encodes an array (numbers, or str/bytes for strings) as a TensorProto.
 
     Raises:
       TypeError: an unsupported dtype.
     """
+    proto = tensor_pb2.TensorProto()
+    fill_proto(proto, value)
+    return proto
+
+
+def fill_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
+    """Encodes an array into a TensorProto in place (e.g. a response's output entry).
+
+    Raises:
+      TypeError: an unsupported dtype.
+    """
     arr = np.asarray(value)
+    proto.Clear()
     if arr.dtype.kind in "USO":
-        flat = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in arr.ravel().tolist()]
-        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=_shape(arr.shape))
-        proto.string_val.extend(flat)
-        return proto
-    if arr.dtype not in _NUMERIC:
+        proto.dtype = types_pb2.DT_STRING
+        proto.string_val.extend(
+            [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in arr.ravel().tolist()])
+    elif arr.dtype in _NUMERIC:
+        proto.dtype = _NUMERIC[arr.dtype]
+        proto.tensor_content = np.ascontiguousarray(arr).tobytes()
+    else:
         raise TypeError(f"cannot send a {arr.dtype} tensor: use float32, int32, int64 or strings")
-    return tensor_pb2.TensorProto(dtype=_NUMERIC[arr.dtype], tensor_shape=_shape(arr.shape),
-                                  tensor_content=np.ascontiguousarray(arr).tobytes())
+    dims = proto.tensor_shape.dim
+    for d in arr.shape:
+        dims.add().size = d
 
 
 def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
@@ -67,12 +78,12 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
     """
     if proto.tensor_shape.unknown_rank:
         raise ValueError("tensor has unknown rank: send a fully defined shape")
-    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
-    if any(d < 0 for d in shape):
+    shape = tuple([d.size for d in proto.tensor_shape.dim])
+    if shape and min(shape) < 0:
         raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     if proto.dtype == types_pb2.DT_STRING:
-        values = list(proto.string_val)
+        values = proto.string_val
         if len(values) != n:
             raise ValueError(f"{len(values)} string values do not fill shape {list(shape)}")
         arr = np.empty(n, dtype=object)
@@ -81,11 +92,12 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
     if proto.dtype not in _FROM_DTYPE:
         raise ValueError(f"unsupported dtype {dtype_name(proto.dtype)}")
     dtype = _FROM_DTYPE[proto.dtype]
-    if proto.tensor_content:
-        if len(proto.tensor_content) != n * dtype.itemsize:
-            raise ValueError(f"{len(proto.tensor_content)} content bytes do not fill shape "
+    content = proto.tensor_content
+    if content:
+        if len(content) != n * dtype.itemsize:
+            raise ValueError(f"{len(content)} content bytes do not fill shape "
                              f"{list(shape)} of {dtype_name(proto.dtype)}")
-        return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape).copy()
+        return np.frombuffer(content, dtype=dtype).reshape(shape).copy()
     values = np.asarray(getattr(proto, _VAL_FIELD[proto.dtype]), dtype=dtype)
     if values.size == n:
         return values.reshape(shape)

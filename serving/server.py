@@ -72,6 +72,59 @@ def graph_error_line(message: str) -> str:
     return lines[0] if lines else message.strip()
 
 
+def _param_name(key: str) -> str:
+    """The parameter name tf.function gives a signature input (its `sanitize_arg_name`)."""
+    swapped = "".join(c if c.isalnum() else "_" for c in key)
+    return swapped if swapped[:1].isalpha() else "arg_" + swapped
+
+
+class Signature:
+    """One signature of a loaded version, with everything a request needs worked out at load.
+
+    Attributes:
+      name: the signature key.
+      inputs: input name → (dtype enum, dims or None for unknown rank), sorted by name.
+      outputs: the output names.
+      batched_inputs, batched_outputs: the names with a variable batch dimension 0.
+    """
+
+    def __init__(self, name: str, signature_def: meta_graph_pb2.SignatureDef, function: Any):
+        """Binds the loaded signature function for flat calls.
+
+        Raises:
+          ValueError: the function does not take exactly one tensor per named input.
+        """
+        self.name = name
+        self.inputs = {n: (t.dtype, _dims(t)) for n, t in sorted(signature_def.inputs.items())}
+        self.outputs = frozenset(signature_def.outputs)
+        self.batched_inputs = frozenset(n for n, (_, d) in self.inputs.items() if d and d[0] < 0)
+        self.batched_outputs = frozenset(n for n, t in signature_def.outputs.items()
+                                         if (_dims(t) or [0])[0] < 0)
+        params = function.function_type.parameters
+        if {_param_name(k) for k in self.inputs} != set(params) or not all(
+                p.kind is p.KEYWORD_ONLY and isinstance(p.type_constraint, tf.TensorSpec)
+                for p in params.values()):
+            raise ValueError(f"signature {name!r} does not take one tensor per input "
+                             f"({function.function_type}): re-export it with serving.export")
+        # The function's flat inputs are its keyword-only tensors sorted by parameter name,
+        # then the captured variables and tables (checked above). Calling `_call_flat`, where
+        # the public keyword call ends up once it has bound the arguments, skips that binding
+        # on every request (a quarter of a millisecond on 2 cores).
+        self._flat_order = sorted(self.inputs, key=_param_name)
+        self._function = function
+        self._captured = list(function.captured_inputs)
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs the signature on validated inputs (`Servable.parse_inputs`).
+
+        Raises:
+          tf.errors.InvalidArgumentError: the graph rejects the values.
+        """
+        flat = [tf.constant(arrays[key]) for key in self._flat_order]
+        out = self._function._call_flat(flat, self._captured)  # noqa: SLF001 - see __init__
+        return {key: value.numpy() for key, value in out.items()}
+
+
 class Servable:
     """One loaded SavedModel version with its signatures as TF Serving reads them."""
 
@@ -90,62 +143,56 @@ class Servable:
         meta_graph = next(m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags)
         self.signature_defs = dict(meta_graph.signature_def)
         self._loaded = tf.saved_model.load(path, tags=["serve"])
-        self._functions = {k: self._loaded.signatures[k] for k in self.signature_defs
-                           if k != INIT_OP_SIGNATURE}
-        # Per signature: input name → (dtype enum, dims); names with a batch dimension.
-        self._inputs = {k: {n: (t.dtype, _dims(t))
-                            for n, t in self.signature_defs[k].inputs.items()}
-                        for k in self._functions}
-        self._batched = {k: ({n for n, (_, d) in self._inputs[k].items() if d and d[0] < 0},
-                             {n for n, t in self.signature_defs[k].outputs.items()
-                              if (_dims(t) or [0])[0] < 0})
-                         for k in self._functions}
+        self._signatures = {k: Signature(k, self.signature_defs[k], self._loaded.signatures[k])
+                            for k in self.signature_defs if k != INIT_OP_SIGNATURE}
+        self._available = ", ".join(sorted(self._signatures))
 
-    def signature(self, name: str) -> meta_graph_pb2.SignatureDef:
-        """The SignatureDef for `name` ('' = serving_default).
+    def signature(self, name: str) -> Signature:
+        """The signature called `name` ('' = serving_default).
 
         Raises:
           RequestError: FAILED_PRECONDITION for an unknown signature (as TF Serving).
         """
         name = name or DEFAULT_SIGNATURE
-        if name not in self._functions:
+        try:
+            return self._signatures[name]
+        except KeyError:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f'Serving signature key "{name}" not found. Available: '
-                               f"{', '.join(sorted(self._functions))}")
-        return self.signature_defs[name]
+                               f'Serving signature key "{name}" not found. '
+                               f"Available: {self._available}") from None
 
-    def parse_inputs(self, signature_name: str, inputs: Any) -> dict[str, np.ndarray]:
+    @staticmethod
+    def parse_inputs(sig: Signature, inputs: Any) -> dict[str, np.ndarray]:
         """Checks a request's inputs against the signature and decodes them.
 
         Args:
-          signature_name: the resolved signature name.
+          sig: the signature (`signature()`).
           inputs: the request's `map<string, TensorProto>`.
 
         Returns:
-          name → numpy array.
+          name → numpy array, in the signature's (sorted) input order.
 
         Raises:
           RequestError: INVALID_ARGUMENT naming the missing, extra, mis-typed or
             mis-shaped input, or inputs whose batch sizes differ.
         """
-        self.signature(signature_name)
-        specs = self._inputs[signature_name or DEFAULT_SIGNATURE]
-        sent, expected = set(inputs.keys()), set(specs)
-        if sent != expected:
+        specs = sig.inputs
+        if len(inputs) != len(specs) or any(key not in inputs for key in specs):
+            sent, expected = set(inputs.keys()), set(specs)
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"input size does not match signature {signature_name!r}: "
+                f"input size does not match signature {sig.name!r}: "
                 f"{len(sent)}!={len(expected)} "
                 f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
                 f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
                 f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
         arrays, batch = {}, None
-        for key in sorted(expected):
-            (dtype, dims), proto = specs[key], inputs[key]
+        for key, (dtype, dims) in specs.items():
+            proto = inputs[key]
             if proto.dtype != dtype:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {key!r} of signature {signature_name!r} expects "
+                    f"input {key!r} of signature {sig.name!r} expects "
                     f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
                     "is provided")
             try:
@@ -157,9 +204,9 @@ class Servable:
                     d >= 0 and d != s for d, s in zip(dims, arr.shape))):
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {key!r} of signature {signature_name!r} has shape "
+                    f"input {key!r} of signature {sig.name!r} has shape "
                     f"{list(arr.shape)} but the signature expects {_fmt_shape(dims)}")
-            if dims and dims[0] < 0:
+            if key in sig.batched_inputs:
                 if batch is not None and arr.shape[0] != batch[1]:
                     raise RequestError(
                         grpc.StatusCode.INVALID_ARGUMENT,
@@ -169,24 +216,18 @@ class Servable:
             arrays[key] = arr
         return arrays
 
-    def is_batched(self, signature_name: str, key: str, output: bool = False) -> bool:
-        """Whether an input (or output) has a variable batch dimension 0."""
-        return key in self._batched[signature_name or DEFAULT_SIGNATURE][1 if output else 0]
-
-    def run(self, signature_name: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs a signature in process.
+    @staticmethod
+    def run(sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs a signature in process on inputs from `parse_inputs`.
 
         Raises:
           RequestError: INVALID_ARGUMENT when the graph rejects the values (its message).
         """
-        self.signature(signature_name)
-        fn = self._functions[signature_name or DEFAULT_SIGNATURE]
         try:
-            out = fn(**{k: tf.constant(v) for k, v in arrays.items()})
+            return sig(arrays)
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                graph_error_line(getattr(e, "message", None) or str(e))) from None
-        return {k: v.numpy() for k, v in out.items()}
 
     def warm_up(self) -> int:
         """Runs the export's `assets.extra/tf_serving_warmup_requests`; returns the count."""
@@ -196,18 +237,17 @@ class Servable:
         n = 0
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             entry = prediction_log_pb2.PredictionLog.FromString(record)
-            request = entry.predict_log.request
-            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            self.run(name, self.parse_inputs(name, request.inputs))
+            sig = self.signature(entry.predict_log.request.model_spec.signature_name)
+            self.run(sig, self.parse_inputs(sig, entry.predict_log.request.inputs))
             n += 1
         return n
 
 
 class _Task:
-    __slots__ = ("key", "arrays", "rows", "done", "result", "error")
+    __slots__ = ("sig", "key", "arrays", "rows", "done", "result", "error")
 
-    def __init__(self, key: tuple, arrays: dict[str, np.ndarray], rows: int):
-        self.key, self.arrays, self.rows = key, arrays, rows
+    def __init__(self, sig: Signature, key: tuple, arrays: dict[str, np.ndarray], rows: int):
+        self.sig, self.key, self.arrays, self.rows = sig, key, arrays, rows
         self.done = False
         self.result: dict[str, np.ndarray] | None = None
         self.error: Exception | None = None
@@ -246,7 +286,7 @@ class Batcher:
         self._timeout = timeout_s
         self._num_threads = num_threads
         self._running = 0
-        self._queue: collections.deque[tuple[_Task, Servable, str]] = collections.deque()
+        self._queue: collections.deque[_Task] = collections.deque()
         self._in_server: collections.Counter[tuple] = collections.Counter()  # rows per key
         self._peak: dict[tuple, int] = {}
         self._cv = threading.Condition()
@@ -256,24 +296,25 @@ class Batcher:
     def _padded(arr: np.ndarray) -> bool:
         return arr.dtype == object and arr.ndim == 2
 
-    def submit(self, servable: Servable, signature_name: str,
-               arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queues one request and returns its slice of the batch result.
+    def submit(self, sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Queues one request (inputs from `Servable.parse_inputs`); returns its result rows.
 
         Raises:
           RequestError: the server is stopping, or the request's own error.
         """
-        batched = {k for k in arrays if servable.is_batched(signature_name, k)}
-        rows = next((arrays[k].shape[0] for k in batched), 0)
-        key = (id(servable), signature_name,
-               tuple(sorted((k, arrays[k].dtype.str, arrays[k].ndim if self._padded(arrays[k])
-                             else arrays[k].shape[1:]) for k in batched)),
-               tuple(sorted((k, arrays[k].tobytes()) for k in arrays if k not in batched)))
-        task = _Task(key, arrays, rows)
+        rows, shapes, scalars = 0, [], []
+        for k, arr in arrays.items():  # sorted by name
+            if k in sig.batched_inputs:
+                rows = arr.shape[0]
+                shapes.append((k, arr.dtype.str, arr.ndim if self._padded(arr) else arr.shape[1:]))
+            else:
+                scalars.append((k, arr.tobytes()))
+        key = (id(sig), tuple(shapes), tuple(scalars))
+        task = _Task(sig, key, arrays, rows)
         with self._cv:
             if self._stopped:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            self._queue.append((task, servable, signature_name))
+            self._queue.append(task)
             self._in_server[key] += rows
             self._peak[key] = max(self._peak.get(key, 0), self._in_server[key])
             self._cv.notify_all()
@@ -300,25 +341,25 @@ class Batcher:
         with self._cv:
             self._stopped = True
 
-    def _take(self, key: tuple, rows: int) -> list[tuple[_Task, Servable, str]]:
+    def _take(self, key: tuple, rows: int) -> list[_Task]:
         taken = []
-        for entry in list(self._queue):
-            if entry[0].key == key and rows + entry[0].rows <= self._max_rows:
-                self._queue.remove(entry)
-                taken.append(entry)
-                rows += entry[0].rows
+        for task in list(self._queue):
+            if task.key == key and rows + task.rows <= self._max_rows:
+                self._queue.remove(task)
+                taken.append(task)
+                rows += task.rows
         return taken
 
-    def _form_batch(self) -> list[tuple[_Task, Servable, str]]:
+    def _form_batch(self) -> list[_Task]:
         """Pops the oldest request and its companions (called holding the lock)."""
         first = self._queue.popleft()
-        key, batch, rows = first[0].key, [first], first[0].rows
+        key, batch, rows = first.key, [first], first.rows
         expected = min(self._max_rows, self._peak.get(key, 1))
         deadline = time.monotonic() + self._timeout
         while True:
             more = self._take(key, rows)
             batch += more
-            rows += sum(t.rows for t, _, _ in more)
+            rows += sum(t.rows for t in more)
             left = deadline - time.monotonic()
             if rows >= expected or left <= 0:
                 break
@@ -327,38 +368,37 @@ class Batcher:
         return batch
 
     @staticmethod
-    def _run_one(task: _Task, servable: Servable, signature_name: str) -> None:
+    def _run_one(task: _Task) -> None:
         try:
-            task.result = servable.run(signature_name, task.arrays)
+            task.result = Servable.run(task.sig, task.arrays)
         except Exception as e:  # noqa: BLE001 - handed to the request's own thread
             task.error = e
         task.done = True
 
-    def _run(self, batch: list[tuple[_Task, Servable, str]]) -> None:
-        first, servable, signature_name = batch[0]
+    def _run(self, batch: list[_Task]) -> None:
+        first = batch[0]
         if len(batch) == 1:
-            self._run_one(first, servable, signature_name)
+            self._run_one(first)
             return
-        tasks = [t for t, _, _ in batch]
+        sig = first.sig
         try:
             merged = {}
             for k, value in first.arrays.items():
-                parts = [t.arrays[k] for t in tasks]
-                if not servable.is_batched(signature_name, k):
+                parts = [t.arrays[k] for t in batch]
+                if k not in sig.batched_inputs:
                     merged[k] = value
                 elif self._padded(value):
                     merged[k] = _pad_strings(parts)
                 else:
                     merged[k] = np.concatenate(parts)
-            out = servable.run(signature_name, merged)
+            out = Servable.run(sig, merged)
         except Exception:  # noqa: BLE001 - rerun alone so only the bad request fails
-            for t in tasks:
-                self._run_one(t, servable, signature_name)
+            for t in batch:
+                self._run_one(t)
             return
-        offsets = np.cumsum([0] + [t.rows for t in tasks])
-        for t, lo, hi in zip(tasks, offsets[:-1], offsets[1:]):
-            t.result = {k: (v[lo:hi] if servable.is_batched(signature_name, k, output=True) else v)
-                        for k, v in out.items()}
+        offsets = np.cumsum([0] + [t.rows for t in batch])
+        for t, lo, hi in zip(batch, offsets[:-1], offsets[1:]):
+            t.result = {k: (v[lo:hi] if k in sig.batched_outputs else v) for k, v in out.items()}
             t.done = True
 
 
@@ -503,25 +543,23 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
     def Predict(self, request, context):  # noqa: N802 - gRPC method name
         def predict():
             servable = self._servable(request.model_spec)
-            name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            sig = servable.signature(name)
+            sig = servable.signature(request.model_spec.signature_name)
             for key in request.output_filter:
                 if key not in sig.outputs:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"output tensor alias not found in signature: {key} "
                                        f"(outputs: {', '.join(sorted(sig.outputs))})")
-            arrays = servable.parse_inputs(name, request.inputs)
+            arrays = servable.parse_inputs(sig, request.inputs)
             if self._batcher is not None:
-                out = self._batcher.submit(servable, name, arrays)
+                out = self._batcher.submit(sig, arrays)
             else:
-                out = servable.run(name, arrays)
+                out = servable.run(sig, arrays)
             response = predict_pb2.PredictResponse()
             response.model_spec.name = servable.name
             response.model_spec.version.value = servable.version
-            response.model_spec.signature_name = name
-            keys = list(request.output_filter) or list(out)
-            for key in keys:
-                response.outputs[key].CopyFrom(protos.to_proto(out[key]))
+            response.model_spec.signature_name = sig.name
+            for key in request.output_filter or out:
+                protos.fill_proto(response.outputs[key], out[key])
             return response
         return self._guard(context, predict)
 

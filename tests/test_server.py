@@ -16,7 +16,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from serving import export, protos
+from serving import export, protos, server
 
 NAME = "tiny"
 H = 8
@@ -228,3 +228,31 @@ def test_broken_version_is_reported_and_old_one_keeps_serving(served):
 
 def test_sigterm_stops_cleanly(served):
     assert served["server"].stop() == 0
+
+
+class _OddNames(tf.Module):
+    """Input names that tf.function rewrites ("b-x" → b_x, "9lives" → arg_9lives), so the
+    function's flat (parameter-name) order differs from the names' own sorted order."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="userState"),
+                                  tf.TensorSpec([None], tf.float32, name="b-x"),
+                                  tf.TensorSpec([None], tf.float32, name="9lives"),
+                                  tf.TensorSpec([], tf.int32, name="Bonus")])
+    def run(self, user_state, b_x, lives, bonus):
+        return {"out": user_state * 10.0 + b_x + lives * 1000.0
+                + tf.cast(bonus, tf.float32) * 100.0}
+
+
+def test_servable_calls_signatures_with_any_input_names_in_process(tmp_path):
+    module = _OddNames()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    servable = server.Servable("odd", 1, str(tmp_path / "1"))
+    sig = servable.signature("")
+    inputs = {"userState": np.float32([1, 2]), "b-x": np.float32([3, 4]),
+              "9lives": np.float32([0, 1]), "Bonus": np.int32(5)}
+    req = request("serving_default", inputs)
+    out = servable.run(sig, servable.parse_inputs(sig, req.inputs))
+    # 10 * userState + b-x + 1000 * 9lives + 100 * Bonus
+    np.testing.assert_array_equal(out["out"], [513, 1524])
+    assert sig.batched_inputs == {"userState", "b-x", "9lives"}
+    assert sig.batched_outputs == {"out"}

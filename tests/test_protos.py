@@ -1,0 +1,80 @@
+"""serving.protos: numpy ↔ TensorProto on hand-made values, as TF Serving encodes them."""
+import numpy as np
+import pytest
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.apis import predict_pb2
+
+from serving import protos
+
+
+@pytest.mark.parametrize("value", [
+    np.arange(6, dtype=np.float32).reshape(2, 3),
+    np.array([[1.5], [-2.0]], dtype=np.float64),
+    np.int32(7),
+    np.arange(4, dtype=np.int64),
+    np.zeros([0, 3], np.float32),
+])
+def test_numbers_round_trip_through_tensor_content(value):
+    proto = protos.to_proto(value)
+    assert proto.tensor_content == np.ascontiguousarray(value).tobytes()
+    assert [d.size for d in proto.tensor_shape.dim] == list(np.shape(value))
+    back = protos.from_proto(proto)
+    assert back.dtype == np.asarray(value).dtype and back.shape == np.shape(value)
+    np.testing.assert_array_equal(back, value)
+    assert back.flags.writeable  # the caller's own copy, not a view of the message
+
+
+def test_strings_go_to_string_val_and_come_back_as_bytes():
+    proto = protos.to_proto(np.array([["a", "bé"], ["", "c"]], dtype=object))
+    assert proto.dtype == types_pb2.DT_STRING
+    assert list(proto.string_val) == [b"a", "bé".encode(), b"", b"c"]
+    back = protos.from_proto(proto)
+    assert back.dtype == object and back.tolist() == [[b"a", "bé".encode()], [b"", b"c"]]
+
+
+def test_fill_proto_writes_a_response_entry_in_place():
+    response = predict_pb2.PredictResponse()
+    protos.fill_proto(response.outputs["item_ids"], np.array([[b"x", b"y"]], dtype=object))
+    protos.fill_proto(response.outputs["scores"], np.array([[0.5, 0.25]], np.float32))
+    protos.fill_proto(response.outputs["scores"], np.array([[0.5, 0.25]], np.float32))  # again
+    again = predict_pb2.PredictResponse.FromString(response.SerializeToString())
+    assert protos.from_proto(again.outputs["item_ids"]).tolist() == [[b"x", b"y"]]
+    assert protos.from_proto(again.outputs["scores"]).tolist() == [[0.5, 0.25]]
+
+
+def test_val_fields_from_other_clients_including_one_value_broadcast():
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_INT32, int_val=[1, 2, 3, 4])
+    proto.tensor_shape.dim.add().size = 2
+    proto.tensor_shape.dim.add().size = 2
+    assert protos.from_proto(proto).tolist() == [[1, 2], [3, 4]]
+    fill = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.5])
+    fill.tensor_shape.dim.add().size = 3
+    assert protos.from_proto(fill).tolist() == [0.5, 0.5, 0.5]
+
+
+def _with_shape(proto, *dims):
+    for d in dims:
+        proto.tensor_shape.dim.add().size = d
+    return proto
+
+
+@pytest.mark.parametrize("proto, message", [
+    (_with_shape(tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[b"a"]), 2),
+     "1 string values do not fill shape [2]"),
+    (_with_shape(tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_content=b"\0" * 6), 2),
+     "6 content bytes do not fill shape [2] of float32"),
+    (_with_shape(tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64, int64_val=[1, 2]), 3),
+     "2 values do not fill shape [3]"),
+    (_with_shape(tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT), -1), "negative dimension"),
+    (tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT,
+                            tensor_shape={"unknown_rank": True}), "unknown rank"),
+    (_with_shape(tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF), 1), "unsupported dtype"),
+])
+def test_malformed_tensors_are_named(proto, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        protos.from_proto(proto)
+
+
+def test_unsupported_dtype_is_refused_when_sending():
+    with pytest.raises(TypeError, match="complex128"):
+        protos.to_proto(np.array([1 + 2j]))
