@@ -11,7 +11,8 @@ turns in rounds over the same pre-built batches, so machine noise hits all of th
 
 Reported per setting and model: training events/s (target events per second of step
 time), FLOPs per event (3 x forward matmul FLOPs from the layer shapes, padding not
-counted; formula in `bench_lib.flops_per_event`) and MFU = events/s x FLOPs per event /
+counted, nor HierTCN's causal-conv taps that would read the zero left padding of a slot
+(its packed encoder skips them); formula in `bench_lib.flops_per_event`) and MFU = events/s x FLOPs per event /
 the peak float32 matmul FLOP/s measured in the same run (a large `tf.matmul`). The speed
 choices are measured on HierTCN in the sampled setting: packed events vs the padded
 [B * S, L] encoder, XLA (`jit_compile`, padded fixed shapes), bfloat16 mixed precision,
@@ -180,7 +181,8 @@ def measure(args, data_dir: str) -> dict:
         models = {}
         for name, t in trainers.items():
             fpe = bench_lib.flops_per_event(name, t.model.config, bench.vocab_size,
-                                            bench.stats["sessions_per_event"])
+                                            bench.stats["sessions_per_event"],
+                                            bench.stats["reach"] if name == "hiertcn" else None)
             models[name] = {"events_per_s": round(rates[name]), "flops_per_event": round(fpe),
                             "mfu": round(rates[name] * fpe / peak, 4)}
         result[loss] = {"hiertcn_vs_hrnn": round(rates["hiertcn"] / rates["hrnn"], 2),
@@ -197,6 +199,8 @@ def measure(args, data_dir: str) -> dict:
         "timed_steps_per_model": (a.steps // a.rounds) * a.rounds, "warmup_steps": a.warmup,
         "padding_fraction": round(bench.stats["padding_fraction"], 3),
         "sessions_per_event": round(bench.stats["sessions_per_event"], 4),
+        "hiertcn_conv_taps_reached": round(bench_lib.conv_taps_reached(
+            bench_lib.model_config("hiertcn", "sampled", a.num_negatives), bench.stats["reach"]), 3),
         "num_negatives": a.num_negatives, "width": bench_lib.HIDDEN, "cpus": os.cpu_count()}
     return result
 

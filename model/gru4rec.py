@@ -109,9 +109,7 @@ class GRU4Rec(SequenceModel):
         """
         del load_pretrained
         super().__init__(config, vocab_size, item_counts, **kwargs)
-        self.item_embedding = tf.keras.layers.Embedding(
-            vocab_size, config.embedding_dim, name="item_embedding",
-            embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+        self.item_embedding = layers.item_embedding(vocab_size, config.embedding_dim)
         self.session_gru = SessionGRU(config.units, name="session_gru")
         self.drop = tf.keras.layers.Dropout(config.dropout)
         self.scorer = layers.ItemScorer(vocab_size, use_bias=config.output_bias, name="item_scorer")

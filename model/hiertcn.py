@@ -56,18 +56,11 @@ class HierTCN(SequenceModel):
         """
         super().__init__(config, vocab_size, item_counts, **kwargs)
         c = config
-        if c.pretrained_item_vectors:
-            init = "zeros"
-            if load_pretrained:
-                init = tf.keras.initializers.Constant(
-                    load_item_vectors(c.pretrained_item_vectors, vocab_size, c.embedding_dim))
-            self.item_embedding = tf.keras.layers.Embedding(
-                vocab_size, c.embedding_dim, embeddings_initializer=init, trainable=False,
-                name="item_embedding")
-        else:
-            self.item_embedding = tf.keras.layers.Embedding(
-                vocab_size, c.embedding_dim, name="item_embedding",
-                embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+        pretrained = None
+        if c.pretrained_item_vectors and load_pretrained:
+            pretrained = load_item_vectors(c.pretrained_item_vectors, vocab_size, c.embedding_dim)
+        self.item_embedding = layers.item_embedding(vocab_size, c.embedding_dim, pretrained,
+                                                    frozen=bool(c.pretrained_item_vectors))
         self.aggregator = layers.SessionAggregator(name="agg")
         self.gru = layers.StackedGRU(c.gru_units, c.gru_layers, name="high_gru")
         self.input_projection = layers.StatefulInput(c.channels, name="input_projection")
@@ -216,20 +209,35 @@ class HierTCN(SequenceModel):
         return self._states_from_sums(sums, counts, batch["reset"], batch["session_end"], cache)
 
     def _states_from_sums(self, sums, counts, reset, end, cache):
-        """`session_states` from the slots' embedding sums [B, S, E] and counts [B, S]."""
+        """`session_states` from the slots' embedding sums [B, S, E] and counts [B, S].
+
+        The session aggregates do not depend on the state, so they come first, for all S
+        slots at once: slot s sums the slots t <= s of its session (a session starts at
+        `reset` or after `session_end`; one that started before the batch adds the
+        cache's running sum). Then the first GRU layer's input projection of all of them
+        is one matmul, and only the recurrence runs slot by slot.
+        """
         state, acc, cnt = cache
+        num = reset.shape[1]
+        starts = reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])                # [B, S]
+        session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
+        same = tf.equal(session[:, :, None], session[:, None, :])            # [B, S, S]
+        causal = tf.range(num)[None, :] <= tf.range(num)[:, None]            # t <= s
+        within = tf.cast(same & causal[None], tf.float32)
+        carried = tf.cast(tf.equal(session, 0), tf.float32)                  # [B, S]
+        accs = tf.einsum("bst,bte->bse", within, sums) + carried[..., None] * acc[:, None]
+        cnts = tf.einsum("bst,bt->bs", within, counts) + carried * cnt[:, None]
+        ended = end[:, -1]
+        acc = tf.where(ended[:, None], 0.0, accs[:, -1])
+        cnt = tf.where(ended, 0.0, cnts[:, -1])
+        projected = self.gru.project_inputs(self.aggregator(accs, cnts))     # [B, S, 3U]
+        weights = self.gru.step_weights(projected.dtype)
         before = []
-        for s in range(reset.shape[1]):
-            r = reset[:, s]
-            state = tf.where(r[:, None], 0.0, state)
-            acc = tf.where(r[:, None], 0.0, acc)
-            cnt = tf.where(r, 0.0, cnt)
+        for s, x in enumerate(tf.unstack(projected, axis=1)):
+            state = tf.where(reset[:, s, None], 0.0, state)
             before.append(state)
-            acc, cnt = acc + sums[:, s], cnt + counts[:, s]
-            e = end[:, s]
-            state = tf.where(e[:, None], self._gru_step(state, acc, cnt), state)
-            acc = tf.where(e[:, None], 0.0, acc)
-            cnt = tf.where(e, 0.0, cnt)
+            new = tf.cast(self.gru.step(x, state, weights), tf.float32)
+            state = tf.where(end[:, s, None], new, state)
         return tf.stack(before, axis=1), (state, acc, cnt)
 
     def encode_events(self, batch, cache, training):
@@ -237,25 +245,26 @@ class HierTCN(SequenceModel):
 
         The [B, S, L] slots hold on average far fewer than L items, so instead of running
         the TCN over B * S rows of L positions, the N real positions of all slots are
-        packed into one [N, C] sequence (row-major, as `tf.where(items > 0)`), and each
-        causal convolution tap is a shift of that sequence masked where it would cross
-        into the previous slot (position in slot < shift): exactly the zero left-padding
-        of the per-slot causal convolution. Needs the batcher's layout (each slot's
-        items left-aligned). Equal to gathering `encode`'s output at the targets.
+        packed into one [N, C] sequence, position-major (`PackedSlots`), and each causal
+        convolution tap of shift s is computed only for the rows at position >= s, on
+        their inputs s positions earlier in the same slot: exactly the per-slot causal
+        convolution with zero left padding, without multiplying the padding zeros.
+        Needs the batcher's layout (each slot's items left-aligned). Equal to gathering
+        `encode`'s output at the targets.
 
         Returns:
-          (user vectors [N, C] at the non-padding targets, the cache after the batch).
+          (user vectors [N, C] at the non-padding targets in the row-major order of
+          `tf.where(items > 0)`, the cache after the batch).
         """
         items = tf.cast(batch["items"], tf.int64)
-        b, s, l = tf.shape(items)[0], items.shape[1], tf.shape(items)[2]
-        flat = tf.reshape(items, [-1, l])
-        where = tf.where(flat > 0)
-        slot, pos = where[:, 0], where[:, 1]
-        emb = self.item_embedding(tf.gather_nd(flat, where))          # targets [N, E]
+        b, s = tf.shape(items)[0], items.shape[1]
+        packed = PackedSlots(tf.reshape(items, [b * s, -1]))
+        emb = self.item_embedding(packed.items)                      # targets [N, E]
         state_dim = self.state_size
         if self.config.high_level:
-            sums = tf.math.unsorted_segment_sum(tf.cast(emb, tf.float32), slot, b * s)
-            counts = tf.math.unsorted_segment_sum(tf.ones_like(slot, tf.float32), slot, b * s)
+            sums = tf.math.unsorted_segment_sum(tf.cast(emb, tf.float32), packed.slot, b * s)
+            counts = tf.math.unsorted_segment_sum(tf.ones_like(packed.slot, tf.float32),
+                                                  packed.slot, b * s)
             before, new_cache = self._states_from_sums(
                 tf.reshape(sums, [b, s, -1]), tf.reshape(counts, [b, s]),
                 batch["reset"], batch["session_end"], cache)
@@ -265,48 +274,122 @@ class HierTCN(SequenceModel):
         proj = self.input_projection
         kernel = tf.cast(proj.kernel, emb.dtype)
         e = emb.shape[-1]
-        first = pos == 0
-        inputs = tf.where(first[:, None], tf.cast(proj.start, emb.dtype)[None],
-                          tf.roll(emb, 1, axis=0))    # [start, a1 .. a(m-1)] per slot
+        # Inputs [start, a1 .. a(m-1)] per slot: the position-0 rows come first.
+        first = tf.broadcast_to(tf.cast(proj.start, emb.dtype), tf.stack([packed.start(1), e]))
+        inputs = tf.concat([first, packed.shift(emb, 1)], axis=0)
         x = (tf.matmul(inputs, kernel[:e])
-             + tf.gather(tf.matmul(tf.cast(before, emb.dtype), kernel[e:]), slot))
+             + tf.gather(tf.matmul(tf.cast(before, emb.dtype), kernel[e:]), packed.slot))
         for block in self.blocks:
-            x = packed_block(block, x, pos, training)
-        return tf.cast(x, tf.float32), new_cache
+            x = packed_block(block, x, packed, training)
+        return packed.to_row_major(tf.cast(x, tf.float32)), new_cache
 
 
-def packed_causal_conv(x: tf.Tensor, pos: tf.Tensor, conv: tf.keras.layers.Conv1D) -> tf.Tensor:
-    """A causal dilated Conv1D layer applied to packed sequences.
+def _take_rows(x: tf.Tensor, src: tf.Tensor, dst: tf.Tensor) -> tf.Tensor:
+    """x[src] for an injective `src`, with the transposed gather as its gradient.
 
     Args:
-      x: [N, C_in] the positions of many sequences, each sequence's in order.
-      pos: int [N] each position's index inside its own sequence.
+      x: [N, C].
+      src: int [M] distinct rows of x.
+      dst: int [N] for each row q of x the output row that reads it (q == src[dst[q]]),
+        or M where none does.
+
+    Returns:
+      [M, C] x[src]; its gradient g [M, C] flows back as [g; 0][dst] (a gather instead of
+      the scatter-add of `tf.gather`'s gradient).
+    """
+    @tf.custom_gradient
+    def take(x):
+        def grad(g):
+            return tf.gather(tf.concat([g, tf.zeros([1, tf.shape(g)[1]], g.dtype)], 0), dst)
+        return tf.gather(x, src), grad
+
+    return take(x)
+
+
+class PackedSlots:
+    """The real events of [R, L] left-aligned slots, packed position-major.
+
+    Row order: all position-0 events (slots in order), then all position-1 events, and so
+    on, so the rows at position >= s are a suffix of the N rows. Attributes: `items`,
+    `slot`, `pos` int64 [N] per packed row.
+    """
+
+    def __init__(self, flat_items: tf.Tensor):
+        """Packs.
+
+        Args:
+          flat_items: int64 [R, L], each row's items left-aligned, 0 pads at the end.
+        """
+        flat = tf.convert_to_tensor(flat_items, tf.int64)
+        where = tf.where(tf.transpose(flat) > 0)                     # (pos, slot) [N, 2]
+        self.pos, self.slot = where[:, 0], where[:, 1]
+        self.size = tf.shape(where, out_type=tf.int64)[0]
+        self.items = tf.gather_nd(flat, tf.reverse(where, [1]))
+        # packed row of (pos, slot), for finding each row's input s positions earlier
+        self._row = tf.scatter_nd(where, tf.range(self.size),
+                                  tf.shape(tf.transpose(flat), out_type=tf.int64))
+        self._per_pos = tf.reduce_sum(tf.cast(flat > 0, tf.int64), axis=0)     # [L]
+        row_major = tf.where(flat > 0)
+        self._order = tf.gather_nd(self._row, tf.reverse(row_major, [1]))
+        self._inverse = tf.math.invert_permutation(self._order)
+        self._shifts = {}
+
+    def start(self, shift: int) -> tf.Tensor:
+        """int64 scalar: the first packed row at position >= shift."""
+        return tf.reduce_sum(self._per_pos[:shift])
+
+    def shift(self, x: tf.Tensor, shift: int) -> tf.Tensor:
+        """[N, C] -> [N - start(shift), C]: for each row at position >= shift, the row
+        `shift` positions earlier in the same slot."""
+        if shift not in self._shifts:
+            a = self.start(shift)
+            src = tf.gather_nd(self._row, tf.stack([self.pos[a:] - shift, self.slot[a:]], 1))
+            dst = tf.tensor_scatter_nd_update(tf.fill([self.size], self.size - a), src[:, None],
+                                              tf.range(self.size - a))
+            self._shifts[shift] = (src, dst)
+        return _take_rows(x, *self._shifts[shift])
+
+    def to_row_major(self, x: tf.Tensor) -> tf.Tensor:
+        """[N, C] packed rows -> [N, C] in the row-major order of `tf.where(flat_items > 0)`."""
+        return _take_rows(x, self._order, self._inverse)
+
+
+def packed_causal_conv(x: tf.Tensor, packed: PackedSlots,
+                       conv: tf.keras.layers.Conv1D) -> tf.Tensor:
+    """A causal dilated Conv1D layer applied to packed slots.
+
+    Tap i of the kernel reads the input (k - 1 - i) d positions back; a row at an earlier
+    position would read the zero left padding, so each tap is one matmul over only the
+    rows it reaches (a suffix of the packed rows) and its product is added there.
+
+    Args:
+      x: [N, C_in] packed rows (`PackedSlots` order).
+      packed: the layout of x.
       conv: a built causal `Conv1D` (kernel [k, C_in, C_out]); its weights are used.
 
     Returns:
-      [N, C_out] = conv over each sequence alone (zero left padding), activation included.
+      [N, C_out] = conv over each slot alone (zero left padding), activation included.
     """
     k, d = conv.kernel_size[0], conv.dilation_rate[0]
-    taps = []
-    for i in range(k):
-        shift = (k - 1 - i) * d  # Conv1D "causal": tap i reads x[t - (k - 1 - i) d]
-        if shift == 0:
-            taps.append(x)
-        else:  # the rows rolled in from the end have pos < shift: masked (cheap gradient)
-            taps.append(tf.roll(x, shift, axis=0) * tf.cast(pos >= shift, x.dtype)[:, None])
-    kernel = tf.cast(conv.kernel, x.dtype)
-    y = tf.matmul(tf.concat(taps, axis=1), tf.reshape(kernel, [-1, kernel.shape[-1]]))
+    kernel = tf.unstack(tf.cast(conv.kernel, x.dtype))
+    parts = [tf.matmul(x, kernel[k - 1])]
+    for i in range(k - 1):
+        shift = (k - 1 - i) * d
+        part = tf.matmul(packed.shift(x, shift), kernel[i])
+        parts.append(tf.pad(part, [[packed.start(shift), 0], [0, 0]]))
+    y = tf.add_n(parts)
     if conv.use_bias:
         y = tf.nn.bias_add(y, tf.cast(conv.bias, x.dtype))
     return conv.activation(y)
 
 
-def packed_block(block: layers.TemporalBlock, x: tf.Tensor, pos: tf.Tensor, training) -> tf.Tensor:
-    """`TemporalBlock.call` on packed sequences ([N, C_in], int [N] -> [N, C]); see
+def packed_block(block: layers.TemporalBlock, x: tf.Tensor, packed: PackedSlots,
+                 training) -> tf.Tensor:
+    """`TemporalBlock.call` on packed slots ([N, C_in] -> [N, C]); see
     `packed_causal_conv`."""
     y = x
     for conv in block.conv_layers:
-        y = block.drop(packed_causal_conv(y, pos, conv), training=training)
+        y = block.drop(packed_causal_conv(y, packed, conv), training=training)
     res = x
     if block.shortcut is not None:
         kernel = tf.cast(block.shortcut.kernel[0], x.dtype)

@@ -82,9 +82,7 @@ class HRNN(SequenceModel):
         del load_pretrained
         super().__init__(config, vocab_size, item_counts, **kwargs)
         c = config
-        self.item_embedding = tf.keras.layers.Embedding(
-            vocab_size, c.embedding_dim, name="item_embedding",
-            embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+        self.item_embedding = layers.item_embedding(vocab_size, c.embedding_dim)
         self.session_gru = SessionGRU(c.session_units, name="session_gru")
         self.init = tf.keras.layers.Dense(c.session_units, activation="tanh", name="session_init")
         self.user_gru = layers.StackedGRU(c.user_units, c.user_layers, name="user_gru")

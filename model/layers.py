@@ -1,5 +1,5 @@
-"""HierTCN's layers: session aggregation, stacked high-level GRU, stateful input projection,
-causal TCN block and the item scorer.
+"""HierTCN's layers: the item embedding (shared by every model), session aggregation,
+stacked high-level GRU, stateful input projection, causal TCN block and the item scorer.
 
 Each layer validates its arguments in `__init__` (ValueError naming the bad value), creates
 its weights in `build` and returns every argument from `get_config`. All call paths use
@@ -7,7 +7,37 @@ core TensorFlow ops only, so the serving signatures can reuse them unchanged.
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
+
+
+def item_embedding(vocab_size: int, dim: int, pretrained: np.ndarray | None = None,
+                   frozen: bool = False) -> tf.keras.layers.Embedding:
+    """The item embedding of every model: [vocab_size, dim], named "item_embedding" (the
+    checkpoints' variable names rely on it).
+
+    Args:
+      vocab_size: rows (items.tsv rows, plus any extra token of the model).
+      dim: the embedding width.
+      pretrained: fixed vectors [vocab_size, dim] to use (frozen).
+      frozen: not trained; without `pretrained` the vectors start at zero and are meant
+        to be restored from a checkpoint. Trainable embeddings start at N(0, 0.05^2).
+
+    Raises:
+      ValueError: `pretrained` of another shape.
+    """
+    if pretrained is not None:
+        if tuple(pretrained.shape) != (vocab_size, dim):
+            raise ValueError(f"pretrained item vectors have shape {tuple(pretrained.shape)}, "
+                             f"expected ({vocab_size}, {dim})")
+        init = tf.keras.initializers.Constant(pretrained)
+    elif frozen:
+        init = "zeros"
+    else:
+        init = tf.keras.initializers.RandomNormal(stddev=0.05)
+    return tf.keras.layers.Embedding(vocab_size, dim, embeddings_initializer=init,
+                                     trainable=not (frozen or pretrained is not None),
+                                     name="item_embedding")
 
 
 def _positive(name: str, value: int) -> int:
@@ -51,7 +81,11 @@ class SessionAggregator(tf.keras.layers.Layer):
 class StackedGRU(tf.keras.layers.Layer):
     """The high-level GRU: `num_layers` stacked cells, one step per session.
 
-    The state is all layers' states concatenated, [batch, units * num_layers].
+    The state is all layers' states concatenated, [batch, units * num_layers]. The Keras
+    `GRUCell`s hold the weights (and their names); the step computes their equations
+    (reset gate applied after the recurrent matmul, the Keras default) itself, so that the
+    first layer's input projection, which does not depend on the state, can be done for
+    many steps in one matmul: `step(project_inputs(x), state)` == `call(x, state)`.
     """
 
     def __init__(self, units: int, num_layers: int, **kwargs):
@@ -71,6 +105,45 @@ class StackedGRU(tf.keras.layers.Layer):
             dim = self.units
         super().build(input_shape)
 
+    def project_inputs(self, inputs: tf.Tensor) -> tf.Tensor:
+        """[..., E] -> [..., 3 units]: the first layer's x W + b (any number of steps)."""
+        cell = self.cells[0]
+        x = tf.reshape(inputs, [-1, inputs.shape[-1]])
+        y = tf.nn.bias_add(tf.matmul(x, tf.cast(cell.kernel, x.dtype)),
+                           tf.cast(cell.bias[0], x.dtype))
+        return tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [3 * self.units]], 0))
+
+    def step_weights(self, dtype=tf.float32) -> list[tuple[tf.Tensor, ...]]:
+        """Per cell (kernel, recurrent kernel, input bias, recurrent bias) in `dtype`:
+        read once for many `step`s."""
+        return [(tf.cast(c.kernel, dtype), tf.cast(c.recurrent_kernel, dtype),
+                 *tf.unstack(tf.cast(c.bias, dtype))) for c in self.cells]
+
+    def step(self, projected: tf.Tensor, state: tf.Tensor, weights=None) -> tf.Tensor:
+        """One step from the projected input.
+
+        Args:
+          projected: [batch, 3 units] `project_inputs` of the session aggregate.
+          state: [batch, units * num_layers].
+          weights: `step_weights(projected.dtype)` (default: read now).
+
+        Returns:
+          [batch, units * num_layers] the new state.
+        """
+        weights = weights or self.step_weights(projected.dtype)
+        x, new, u = projected, [], self.units
+        states = tf.split(tf.cast(state, x.dtype), self.num_layers, axis=-1)
+        for i, (h, (kernel, recurrent, bias, recurrent_bias)) in enumerate(zip(states, weights)):
+            if i:
+                x = tf.nn.bias_add(tf.matmul(x, kernel), bias)
+            inner = tf.nn.bias_add(tf.matmul(h, recurrent), recurrent_bias)
+            x_zr, x_h = tf.split(x, [2 * u, u], axis=-1)
+            inner_zr, inner_h = tf.split(inner, [2 * u, u], axis=-1)
+            z, r = tf.split(tf.sigmoid(x_zr + inner_zr), 2, axis=-1)
+            x = z * h + (1 - z) * tf.tanh(x_h + r * inner_h)
+            new.append(x)
+        return tf.concat(new, axis=-1)
+
     def call(self, inputs: tf.Tensor, state: tf.Tensor) -> tf.Tensor:
         """One step.
 
@@ -81,12 +154,7 @@ class StackedGRU(tf.keras.layers.Layer):
         Returns:
           [batch, units * num_layers] the new state.
         """
-        x, new = inputs, []
-        for i, cell in enumerate(self.cells):
-            h = state[:, i * self.units:(i + 1) * self.units]
-            x, _ = cell(x, [tf.cast(h, x.dtype)])
-            new.append(x)
-        return tf.concat(new, axis=-1)
+        return self.step(self.project_inputs(inputs), state)
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "num_layers": self.num_layers}

@@ -126,9 +126,7 @@ class FlatTCN(SequenceModel):
                              f"{vocab_size} must be below {MAX_EXACT_INDEX - 1}")
         c = config
         self.sep = vocab_size
-        self.item_embedding = tf.keras.layers.Embedding(
-            vocab_size + 1, c.embedding_dim, name="item_embedding",
-            embeddings_initializer=tf.keras.initializers.RandomNormal(stddev=0.05))
+        self.item_embedding = layers.item_embedding(vocab_size + 1, c.embedding_dim)
         self.blocks = [layers.TemporalBlock(width, c.kernel_size, 2 ** i, c.convs_per_block,
                                             c.dropout, name=f"tcn_block_{i}")
                        for i, width in enumerate(c.channels)]

@@ -77,6 +77,21 @@ def test_stacked_gru_state_is_layers_concatenated():
     np.testing.assert_allclose(out[:, 3:].numpy(), h1.numpy(), atol=1e-6)
 
 
+def test_stacked_gru_step_is_the_keras_cells_and_projects_many_steps_at_once():
+    tf.keras.utils.set_random_seed(0)
+    gru = layers.StackedGRU(3, 2)
+    x, state = tf.random.normal([2, 5, 4]), tf.random.normal([2, 6])
+    gru(x[:, 0], state)
+    for cell in gru.cells:  # non-zero biases, so both bias rows are checked
+        cell.bias.assign(tf.random.normal(cell.bias.shape))
+    projected = gru.project_inputs(x)                        # [2, 5, 9], all steps at once
+    for t in range(5):
+        h0, _ = gru.cells[0](x[:, t], [state[:, :3]])
+        h1, _ = gru.cells[1](h0, [state[:, 3:]])
+        np.testing.assert_allclose(gru.step(projected[:, t], state).numpy(),
+                                   tf.concat([h0, h1], 1).numpy(), atol=1e-6)
+
+
 def test_item_scorer_and_tied():
     sc = layers.ItemScorer(5)
     u = tf.random.normal([2, 3, 4])
@@ -121,3 +136,19 @@ def test_block_save_reload_gives_same_output(tmp_path):
     tf.train.Checkpoint(layer=again).read(path).assert_consumed()
     np.testing.assert_allclose(again(x).numpy(), y, atol=1e-6)
     assert again.shortcut is not None  # 3 -> 4 channels needs the 1x1 shortcut
+
+
+def test_item_embedding_trainable_pretrained_and_frozen():
+    trained = layers.item_embedding(6, 3)
+    trained.build([None])
+    assert trained.name == "item_embedding" and trained.trainable
+    assert trained.embeddings.shape == (6, 3) and 0 < np.std(trained.embeddings.numpy()) < 0.1
+    vectors = np.arange(18, dtype=np.float32).reshape(6, 3)
+    fixed = layers.item_embedding(6, 3, vectors)
+    np.testing.assert_array_equal(fixed(tf.constant([2, 5])).numpy(), vectors[[2, 5]])
+    assert not fixed.trainable_weights
+    frozen = layers.item_embedding(6, 3, frozen=True)  # to be restored from a checkpoint
+    frozen.build([None])
+    assert not frozen.trainable_weights and not frozen.embeddings.numpy().any()
+    with pytest.raises(ValueError, match=r"shape \(5, 3\), expected \(6, 3\)"):
+        layers.item_embedding(6, 3, vectors[:5])

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from model import batching
 from model import config as config_lib
-from model.hiertcn import HierTCN, packed_causal_conv
+from model.hiertcn import HierTCN, PackedSlots, packed_causal_conv
 
 CONFIGS = {
     "default_shape": config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, channels=8),
@@ -17,16 +17,41 @@ CONFIGS = {
 }
 
 
-def test_packed_conv_equals_per_sequence_causal_conv():
-    # Two sequences [x0 x1 x2] and [y0 y1] packed as 5 rows; kernel 2, dilation 1, no bias,
-    # all weights 1 and 1-d inputs: out_t = x_t + x_(t-1), x_(-1) = 0 in each sequence.
-    conv = tf.keras.layers.Conv1D(1, 2, padding="causal", use_bias=False,
-                                  kernel_initializer="ones")
+def test_packed_slots_layout_is_position_major():
+    # Slots [5 6 7] and [8 9]: position 0 of both, then position 1 of both, then 7.
+    packed = PackedSlots(tf.constant([[5, 6, 7], [8, 9, 0]], tf.int64))
+    assert packed.items.numpy().tolist() == [5, 8, 6, 9, 7]
+    assert packed.slot.numpy().tolist() == [0, 1, 0, 1, 0]
+    assert packed.pos.numpy().tolist() == [0, 0, 1, 1, 2]
+    assert [int(packed.start(s)) for s in (1, 2, 3, 9)] == [2, 4, 5, 5]
+    x = tf.constant([[5.0], [8.0], [6.0], [9.0], [7.0]])
+    assert packed.shift(x, 1).numpy()[:, 0].tolist() == [5.0, 8.0, 6.0]   # rows 6, 9, 7
+    assert packed.to_row_major(x).numpy()[:, 0].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+
+
+@pytest.mark.parametrize("dilation, expected", [
+    (1, [1.0, 3.0, 6.0, 10.0, 30.0]),   # out_t = x_t + x_(t-1): no 4 + 10 across the border
+    (2, [1.0, 2.0, 5.0, 10.0, 20.0]),   # out_t = x_t + x_(t-2)
+])
+def test_packed_conv_equals_per_sequence_causal_conv(dilation, expected):
+    # Two sequences [x0 x1 x2] = [1 2 4] and [y0 y1] = [10 20]; kernel 2, no bias, all
+    # weights 1 and 1-d inputs, x_(-1) = x_(-2) = 0 in each sequence.
+    conv = tf.keras.layers.Conv1D(1, 2, dilation_rate=dilation, padding="causal",
+                                  use_bias=False, kernel_initializer="ones")
     conv.build([None, None, 1])
-    x = tf.constant([[1.0], [2.0], [4.0], [10.0], [20.0]])
-    pos = tf.constant([0, 1, 2, 0, 1], tf.int64)
-    out = packed_causal_conv(x, pos, conv).numpy()[:, 0]
-    np.testing.assert_allclose(out, [1.0, 3.0, 6.0, 10.0, 30.0])  # no 4 + 10 across the border
+    packed = PackedSlots(tf.constant([[5, 6, 7], [8, 9, 0]], tf.int64))
+    x = tf.constant([[1.0], [10.0], [2.0], [20.0], [4.0]])   # position-major
+    out = packed.to_row_major(packed_causal_conv(x, packed, conv)).numpy()[:, 0]
+    np.testing.assert_allclose(out, expected)
+    # Same gradient as the padded Keras conv: d sum(out) / d x_t = taps that read x_t.
+    padded = tf.constant([[[1.0], [2.0], [4.0]], [[10.0], [20.0], [0.0]]])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, padded])
+        ours = tf.reduce_sum(packed_causal_conv(x, packed, conv))
+        ref = tf.reduce_sum(conv(padded)[:, :, 0] * tf.constant([[1.0, 1, 1], [1, 1, 0]]))
+    ref_grad = tape.gradient(ref, padded).numpy()[:, :, 0]
+    np.testing.assert_allclose(packed.to_row_major(tape.gradient(ours, x)).numpy()[:, 0],
+                               [*ref_grad[0], *ref_grad[1, :2]])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
