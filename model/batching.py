@@ -29,18 +29,17 @@ restored from the position after batch n yields exactly batch n + 1.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 UsersFactory = Callable[[], Iterable[Sequence[np.ndarray]]]
 
 
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """One chunk of a session: up to L item indices and its flags."""
+class Slot(NamedTuple):
+    """One chunk of a session: up to L item indices and its flags (a named tuple: the
+    generator makes one per chunk, so construction must be cheap)."""
 
     items: tuple[int, ...]
     reset: bool
@@ -59,7 +58,7 @@ def user_slots(sessions: Sequence[Sequence[int]], max_session_length: int) -> li
     """
     slots = []
     for session in sessions:
-        items = [int(i) for i in session]
+        items = session.tolist() if isinstance(session, np.ndarray) else [int(i) for i in session]
         starts = range(0, len(items), max_session_length)
         for j, k in enumerate(starts):
             slots.append(Slot(tuple(items[k:k + max_session_length]), reset=not slots,
