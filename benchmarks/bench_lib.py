@@ -26,7 +26,8 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed: int = 0) -> dict:
+def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed: int = 0,
+                   sessions: tuple[int, int] = (5, 30)) -> dict:
     """Writes a `pipeline.synthetic` log and runs `python -m pipeline` on it.
 
     Args:
@@ -34,6 +35,7 @@ def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed
       users: synthetic users.
       max_events: stop the log after this many raw events.
       seed: generator seed.
+      sessions: (fewest, most) sessions per user.
 
     Returns:
       The pipeline's stats.json.
@@ -43,7 +45,8 @@ def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed
     from pipeline import synthetic
 
     log = out_dir.rstrip("/") + ".csv"
-    synthetic.write_csv(log, synthetic.generate(users=users, seed=seed, max_events=max_events))
+    synthetic.write_csv(log, synthetic.generate(users=users, seed=seed, max_events=max_events,
+                                                 sessions=sessions))
     cmd = [sys.executable, "-m", "pipeline", "--input", log, "--output", out_dir, "--overwrite"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
@@ -86,12 +89,16 @@ def output_flops(d: int, vocab: int, loss: str, num_negatives: int) -> int:
     return 2 * d * (vocab if loss == "softmax" else num_negatives + 1)
 
 
-def flops_per_event(name: str, config, vocab: int, sessions_per_event: float) -> float:
+def flops_per_event(name: str, config, vocab: int, sessions_per_event: float,
+                    reach: list[float] | None = None) -> float:
     """Training FLOPs per event from the layer shapes: 3 x the forward matmul FLOPs
     (backward = 2 x forward), useful work only (padding positions are not counted).
 
     Per event (one position of a session): HierTCN 2 E C (input projection) + sum over
-    convs 2 k C_in C_out; GRU4Rec and HRNN one GRU step 6 (E + D) D; flat TCN per token
+    convs and taps 2 C_in C_out x the share of events the tap reaches (`reach`: a tap
+    reading s positions back of an event at position < s reads the zero left padding, is
+    not computed by the packed encoder and is not counted; all k taps without `reach`);
+    GRU4Rec and HRNN one GRU step 6 (E + D) D; flat TCN per token
     the conv stack, with (1 + sessions/event) tokens per event (a separator per session);
     all plus the output layer. Per session (times `sessions_per_event`): HierTCN the
     high-level GRU (6 (in + units) units per layer) and the state projection 2 H C;
@@ -100,8 +107,9 @@ def flops_per_event(name: str, config, vocab: int, sessions_per_event: float) ->
     c = config
     out = output_flops(HIDDEN, vocab, c.loss, c.num_negatives)
     if name == "hiertcn":
-        per_event = 2 * c.embedding_dim * c.channels + c.num_blocks * c.convs_per_block * (
-            2 * c.kernel_size * c.channels * c.channels)
+        taps = c.num_blocks * c.kernel_size * conv_taps_reached(c, reach)
+        per_event = 2 * c.embedding_dim * c.channels + c.convs_per_block * taps * (
+            2 * c.channels * c.channels)
         state = c.gru_units * c.gru_layers
         per_session = (gru_flops(c.embedding_dim, c.gru_units)
                        + (c.gru_layers - 1) * gru_flops(c.gru_units, c.gru_units)
@@ -121,6 +129,16 @@ def flops_per_event(name: str, config, vocab: int, sessions_per_event: float) ->
                         for i in range(len(c.channels)))
         per_event, per_session = per_token, per_token
     return 3.0 * (per_event + out + sessions_per_event * per_session)
+
+
+def conv_taps_reached(config, reach: list[float] | None) -> float:
+    """HierTCN: the mean over its causal-conv taps (block i reads j 2^i positions back,
+    j < k) of the share of events the tap reaches, from `batch_stats`' `reach`; 1.0
+    without `reach` (every tap counted)."""
+    if reach is None:
+        return 1.0
+    shifts = [j * 2 ** i for i in range(config.num_blocks) for j in range(config.kernel_size)]
+    return sum(reach[s] if s < len(reach) else 0.0 for s in shifts) / len(shifts)
 
 
 def peak_matmul_flops(size: int = 2048, seconds: float = 3.0) -> float:
@@ -215,9 +233,16 @@ def prebuilt_batches(users, batch_size: int, sessions: int, length: int, count: 
 
 
 def batch_stats(batches) -> dict:
-    """Events, non-empty slots and padding share of a list of batches."""
+    """Events, non-empty slots, padding share and `reach` of a list of batches.
+
+    `reach[s]` is the share of events at position >= s of their slot (s = 0 .. L - 1):
+    the events that a causal convolution tap reading s positions back reaches.
+    """
     events = sum(int(np.count_nonzero(b["items"].numpy())) for b in batches)
     slots = sum(int(np.count_nonzero(b["valid"].numpy())) for b in batches)
     cells = sum(int(np.prod(b["items"].shape)) for b in batches)
+    at_position = sum(np.count_nonzero(b["items"].numpy() > 0, axis=(0, 1)) for b in batches)
+    at_least = np.cumsum(np.asarray(at_position)[::-1])[::-1] if batches else []
     return {"events": events, "slots": slots, "sessions_per_event": slots / max(events, 1),
-            "padding_fraction": 1.0 - events / max(cells, 1)}
+            "padding_fraction": 1.0 - events / max(cells, 1),
+            "reach": [float(x) / max(events, 1) for x in at_least]}

@@ -18,7 +18,9 @@ B = 32 at a time:
   whole-history input for recomputing the cached history every step.
 
 `data_memory_reduction` = 1 - HierTCN / whole-history flat TCN, per data set (the headline
-figure: the ml-1m pipeline output; the synthetic log is reported beside it), and
+figure: the ml-1m pipeline output; beside it the default synthetic log and a long-history
+synthetic log, the same generator with `--sessions 400,600` (about 3,500 events per user,
+the scale of the paper's XING and Pinterest histories)), and
 `width_for_90_percent`: the mean whole-history batch width N at which the reduction
 reaches 90% (HierTCN bytes / (0.1 x 8 B)). Peak process
 memory: a fresh process per model runs a fixed number of training steps (HierTCN and the
@@ -52,6 +54,10 @@ def parse_args(argv):
     p.add_argument("--synthetic", help="pipeline output of a synthetic log (default: built)")
     p.add_argument("--quick", action="store_true", help="small data, few steps (< 2 min)")
     p.add_argument("--users", type=int, default=2000, help="synthetic users when built")
+    p.add_argument("--long-users", type=int, default=200,
+                   help="users of the long-history synthetic log when built")
+    p.add_argument("--long-sessions", default="400,600", metavar="MIN,MAX",
+                   help="sessions per user of the long-history synthetic log")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sessions-per-batch", type=int, default=10)
     p.add_argument("--max-session-length", type=int, default=20)
@@ -64,7 +70,13 @@ def parse_args(argv):
     if args.steps is None:
         args.steps = 3 if args.quick else 20
     if args.quick:
-        args.users = 150
+        args.users, args.long_users = 150, 8
+    try:
+        args.long_sessions = tuple(int(v) for v in args.long_sessions.split(","))
+    except ValueError:
+        args.long_sessions = ()
+    if len(args.long_sessions) != 2:
+        p.error(f"--long-sessions must be MIN,MAX, got {args.long_sessions!r}")
     return args
 
 
@@ -212,6 +224,10 @@ def main(argv=None) -> int:
         else:
             sets["synthetic"] = os.path.join(tmp, "syn")
             bench_lib.make_synthetic(sets["synthetic"], args.users)
+        sets["synthetic_long"] = os.path.join(tmp, "syn-long")
+        bench_lib.log("data: long-history synthetic log")
+        bench_lib.make_synthetic(sets["synthetic_long"], args.long_users,
+                                 sessions=args.long_sessions)
         for name, data_dir in sets.items():
             result[name] = data_memory(bench_lib.load_users(data_dir), args)
         for name in PROBES:
@@ -222,6 +238,8 @@ def main(argv=None) -> int:
         "ml1m": args.ml1m or ("pipeline on ../shared/data/ml-1m" +
                               (", first 30,000 train rows" if args.quick else "")),
         "synthetic": args.synthetic or f"pipeline.synthetic --users {args.users} through the pipeline",
+        "synthetic_long": (f"pipeline.synthetic --users {args.long_users} --sessions "
+                           f"{','.join(map(str, args.long_sessions))} through the pipeline"),
         "split": "train", "batch": [args.batch_size, args.sessions_per_batch, args.max_session_length],
         "truncation": args.truncation or "whole history", "index_bytes": 8, "state_bytes": 4,
         "peak_memory_data": "ml1m", "peak_memory_steps": args.steps, "loss": "softmax"}

@@ -14,7 +14,7 @@ Generative story:
 2. Users. Each user has long-term interests: 1-3 favourite topics with Dirichlet weights,
    and 3 favourite items per favourite topic. Interests drift slowly: before each session,
    with probability `drift`, one favourite topic is replaced by a random other topic (with new
-   favourite items). A user has 5-30 sessions.
+   favourite items). A user has 5-30 sessions (`sessions`).
 3. Sessions. A session's intent is one of the user's current favourite topics (with
    probability 0.9, by weight; otherwise a random topic). The first item is one of the
    user's favourite items of that topic with probability 0.6 (this is the cross-session
@@ -63,7 +63,7 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 def generate(users: int = DEFAULT_USERS, *, seed: int = 0, items: int = 5000, topics: int = 50,
              repeat_prob: float = 0.3, drift: float = 0.1, zipf: float = 1.0,
-             max_events: int | None = None) -> list[Row]:
+             sessions: tuple[int, int] = (5, 30), max_events: int | None = None) -> list[Row]:
     """Generates the log (see the module docstring for the story).
 
     Args:
@@ -74,6 +74,7 @@ def generate(users: int = DEFAULT_USERS, *, seed: int = 0, items: int = 5000, to
       repeat_prob: probability that an event revisits an item of the user's history.
       drift: per-session probability that one long-term interest is replaced.
       zipf: exponent of the global popularity law.
+      sessions: (fewest, most) sessions per user, drawn uniformly.
       max_events: stop after this many events (users are generated in turn), if given.
 
     Returns:
@@ -86,6 +87,8 @@ def generate(users: int = DEFAULT_USERS, *, seed: int = 0, items: int = 5000, to
         raise ValueError(f"need users >= 1 and items >= topics >= 2, got {users}, {items}, {topics}")
     if not 0 <= repeat_prob <= 1 or not 0 <= drift <= 1:
         raise ValueError(f"repeat_prob and drift must be in [0, 1], got {repeat_prob}, {drift}")
+    if not 1 <= sessions[0] <= sessions[1]:
+        raise ValueError(f"sessions must be (fewest, most) with 1 <= fewest <= most, got {sessions}")
     rng = np.random.default_rng(seed)
     popularity = 1.0 / np.arange(1, items + 1) ** zipf
     popularity = popularity[rng.permutation(items)]
@@ -113,7 +116,7 @@ def generate(users: int = DEFAULT_USERS, *, seed: int = 0, items: int = 5000, to
         fav_items = {t: favourites_of(t) for t in fav_topics}
         history: list[int] = []
         t = START_TIME + rng.uniform(0, 30 * 86400)
-        for _ in range(int(rng.integers(5, 31))):
+        for _ in range(int(rng.integers(sessions[0], sessions[1] + 1))):
             if rng.random() < drift:
                 k = int(rng.integers(n_fav))
                 del fav_items[fav_topics[k]]
@@ -173,13 +176,21 @@ def main(argv=None) -> int:
     p.add_argument("--repeat-prob", type=float, default=0.3)
     p.add_argument("--drift", type=float, default=0.1)
     p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--sessions", default="5,30", metavar="MIN,MAX",
+                   help="sessions per user, drawn uniformly from MIN..MAX (default 5,30)")
     p.add_argument("--max-events", type=int, default=None,
                    help="stop after this many events (for sizing benchmarks)")
     args = p.parse_args(argv)
     try:
+        sessions = tuple(int(v) for v in args.sessions.split(","))
+    except ValueError:
+        sessions = ()
+    if len(sessions) != 2:
+        p.error(f"--sessions must be MIN,MAX (two integers), got {args.sessions!r}")
+    try:
         rows = generate(args.users, seed=args.seed, items=args.items, topics=args.topics,
                         repeat_prob=args.repeat_prob, drift=args.drift, zipf=args.zipf,
-                        max_events=args.max_events)
+                        sessions=sessions, max_events=args.max_events)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

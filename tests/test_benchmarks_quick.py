@@ -37,12 +37,17 @@ def test_train_speed_quick():
 @pytest.mark.skipif(not os.path.isdir(ML1M), reason="../shared/data/ml-1m is not available")
 def test_data_memory_quick():
     result = run_quick("data_memory")
-    for name in ("ml1m", "synthetic"):
+    for name in ("ml1m", "synthetic", "synthetic_long"):
         r = result[name]
         assert r["hiertcn_bytes"] > 0 and r["tcn_whole_history_bytes"] > 0
         assert r["data_memory_reduction"] == pytest.approx(
             1 - r["hiertcn_bytes"] / r["tcn_whole_history_bytes"], abs=1e-3)
     assert result["data_memory_reduction"] == result["ml1m"]["data_memory_reduction"]
+    # The same HierTCN batch; only the flat TCN's whole-history batch grows with history.
+    assert (result["synthetic_long"]["history_tokens_mean"]
+            > 10 * result["synthetic"]["history_tokens_mean"])
+    assert (result["synthetic_long"]["data_memory_reduction"]
+            > result["synthetic"]["data_memory_reduction"])
     assert set(result["peak_memory"]) == {"hiertcn", "tcn_streaming", "tcn_whole_history"}
     assert all(p["peak_rss_mb"] >= p["rss_before_steps_mb"] > 0 for p in result["peak_memory"].values())
 

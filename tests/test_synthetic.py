@@ -67,3 +67,13 @@ def test_repeat_knob():
         return hits / len(rows)
 
     assert repeat_share(0.6) > repeat_share(0.3) > repeat_share(0.0) + 0.1
+
+
+def test_sessions_knob_and_its_errors(tmp_path):
+    counts = [len(s) for s in _sessions(synthetic.generate(20, seed=4, sessions=(40, 50))).values()]
+    assert 40 <= min(counts) and max(counts) <= 51
+    res = subprocess.run([sys.executable, "-m", "pipeline.synthetic", "--output",
+                          str(tmp_path / "x.csv"), "--sessions", "9"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--sessions must be MIN,MAX" in res.stderr
+    assert not (tmp_path / "x.csv").exists()
