@@ -26,6 +26,25 @@ def log(message: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
+def start(args, probe=None) -> bool:
+    """The common start of a benchmark's `main`: makes the repository importable, imports
+    `model` first (it sets TF_USE_LEGACY_KERAS before TensorFlow loads) and, in a
+    `--probe` child process (`args.probe` set), prints `probe(args)` as its JSON line.
+
+    Returns:
+      True when this process was a probe and its work is done.
+    """
+    import json
+
+    sys.path.insert(0, REPO)
+    import model  # noqa: F401
+
+    if probe is not None and args.probe:
+        print(json.dumps(probe(args)))
+        return True
+    return False
+
+
 def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed: int = 0,
                    sessions: tuple[int, int] = (5, 30)) -> dict:
     """Writes a `pipeline.synthetic` log and runs `python -m pipeline` on it.

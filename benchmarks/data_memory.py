@@ -209,11 +209,7 @@ def ml1m_data(tmp: str, quick: bool) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, bench_lib.REPO)
-    import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-
-    if args.probe:
-        print(json.dumps(probe(args)))
+    if bench_lib.start(args, probe):
         return 0
     result = {"benchmark": "data_memory"}
     with tempfile.TemporaryDirectory(prefix="data-memory-") as tmp:

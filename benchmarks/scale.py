@@ -94,11 +94,7 @@ def probe(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, bench_lib.REPO)
-    import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
-
-    if args.probe:
-        print(json.dumps(probe(args)))
+    if bench_lib.start(args, probe):
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:

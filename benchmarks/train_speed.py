@@ -207,8 +207,7 @@ def measure(args, data_dir: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, bench_lib.REPO)
-    import model  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+    bench_lib.start(args)
 
     if args.data:
         result = measure(args, args.data)
