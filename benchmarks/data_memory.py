@@ -71,12 +71,6 @@ def parse_args(argv):
         args.steps = 3 if args.quick else 20
     if args.quick:
         args.users, args.long_users = 150, 8
-    try:
-        args.long_sessions = tuple(int(v) for v in args.long_sessions.split(","))
-    except ValueError:
-        args.long_sessions = ()
-    if len(args.long_sessions) != 2:
-        p.error(f"--long-sessions must be MIN,MAX, got {args.long_sessions!r}")
     return args
 
 
@@ -211,6 +205,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if bench_lib.start(args, probe):
         return 0
+    from pipeline import synthetic
+
+    try:
+        args.long_sessions = synthetic.parse_range(args.long_sessions)
+    except ValueError as e:
+        print(f"error: --long-sessions {e}", file=sys.stderr)
+        return 2
     result = {"benchmark": "data_memory"}
     with tempfile.TemporaryDirectory(prefix="data-memory-") as tmp:
         bench_lib.log("data")

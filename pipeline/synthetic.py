@@ -165,6 +165,19 @@ def write_csv(path: str, rows: list[Row]) -> None:
         f.write("".join(f"{r.user},{r.item},{r.time}\n" for r in rows))
 
 
+def parse_range(text: str) -> tuple[int, int]:
+    """"MIN,MAX" -> (MIN, MAX), e.g. a `--sessions` option.
+
+    Raises:
+      ValueError: not two comma-separated integers.
+    """
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"must be MIN,MAX (two integers), got {text!r}") from None
+    return low, high
+
+
 def main(argv=None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__.split("\n")[0])
@@ -182,11 +195,9 @@ def main(argv=None) -> int:
                    help="stop after this many events (for sizing benchmarks)")
     args = p.parse_args(argv)
     try:
-        sessions = tuple(int(v) for v in args.sessions.split(","))
-    except ValueError:
-        sessions = ()
-    if len(sessions) != 2:
-        p.error(f"--sessions must be MIN,MAX (two integers), got {args.sessions!r}")
+        sessions = parse_range(args.sessions)
+    except ValueError as e:
+        p.error(f"--sessions {e}")
     try:
         rows = generate(args.users, seed=args.seed, items=args.items, topics=args.topics,
                         repeat_prob=args.repeat_prob, drift=args.drift, zipf=args.zipf,

@@ -114,14 +114,71 @@ class Signature:
         self._function = function
         self._captured = list(function.captured_inputs)
 
-    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs the signature on validated inputs (`Servable.parse_inputs`).
+    def parse_inputs(self, inputs: Any) -> dict[str, np.ndarray]:
+        """Checks a request's inputs against the signature and decodes them.
+
+        Args:
+          inputs: the request's `map<string, TensorProto>`.
+
+        Returns:
+          name → numpy array, in the signature's (sorted) input order.
 
         Raises:
-          tf.errors.InvalidArgumentError: the graph rejects the values.
+          RequestError: INVALID_ARGUMENT naming the missing, extra, mis-typed or
+            mis-shaped input, or inputs whose batch sizes differ.
         """
-        flat = [tf.constant(arrays[key]) for key in self._flat_order]
-        out = self._function._call_flat(flat, self._captured)  # noqa: SLF001 - see __init__
+        specs = self.inputs
+        if len(inputs) != len(specs) or any(key not in inputs for key in specs):
+            sent, expected = set(inputs.keys()), set(specs)
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input size does not match signature {self.name!r}: "
+                f"{len(sent)}!={len(expected)} "
+                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
+        arrays, batch = {}, None
+        for key, (dtype, dims) in specs.items():
+            proto = inputs[key]
+            if proto.dtype != dtype:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {key!r} of signature {self.name!r} expects "
+                    f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
+                    "is provided")
+            try:
+                arr = protos.from_proto(proto)
+            except ValueError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input {key!r}: {e}") from None
+            if dims is not None and (arr.ndim != len(dims) or any(
+                    d >= 0 and d != s for d, s in zip(dims, arr.shape))):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"input {key!r} of signature {self.name!r} has shape "
+                    f"{list(arr.shape)} but the signature expects {_fmt_shape(dims)}")
+            if key in self.batched_inputs:
+                if batch is not None and arr.shape[0] != batch[1]:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"inputs {batch[0]!r} and {key!r} have different batch sizes "
+                        f"({batch[1]} and {arr.shape[0]}): send one row per user in each")
+                batch = (key, arr.shape[0])
+            arrays[key] = arr
+        return arrays
+
+    def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs the signature in process on inputs from `parse_inputs`.
+
+        Raises:
+          RequestError: INVALID_ARGUMENT when the graph rejects the values (its message).
+        """
+        try:
+            flat = [tf.constant(arrays[key]) for key in self._flat_order]
+            out = self._function._call_flat(flat, self._captured)  # noqa: SLF001 - see __init__
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               graph_error_line(getattr(e, "message", None) or str(e))) from None
         return {key: value.numpy() for key, value in out.items()}
 
 
@@ -161,74 +218,6 @@ class Servable:
                                f'Serving signature key "{name}" not found. '
                                f"Available: {self._available}") from None
 
-    @staticmethod
-    def parse_inputs(sig: Signature, inputs: Any) -> dict[str, np.ndarray]:
-        """Checks a request's inputs against the signature and decodes them.
-
-        Args:
-          sig: the signature (`signature()`).
-          inputs: the request's `map<string, TensorProto>`.
-
-        Returns:
-          name → numpy array, in the signature's (sorted) input order.
-
-        Raises:
-          RequestError: INVALID_ARGUMENT naming the missing, extra, mis-typed or
-            mis-shaped input, or inputs whose batch sizes differ.
-        """
-        specs = sig.inputs
-        if len(inputs) != len(specs) or any(key not in inputs for key in specs):
-            sent, expected = set(inputs.keys()), set(specs)
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input size does not match signature {sig.name!r}: "
-                f"{len(sent)}!={len(expected)} "
-                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
-                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
-        arrays, batch = {}, None
-        for key, (dtype, dims) in specs.items():
-            proto = inputs[key]
-            if proto.dtype != dtype:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {key!r} of signature {sig.name!r} expects "
-                    f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
-                    "is provided")
-            try:
-                arr = protos.from_proto(proto)
-            except ValueError as e:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"input {key!r}: {e}") from None
-            if dims is not None and (arr.ndim != len(dims) or any(
-                    d >= 0 and d != s for d, s in zip(dims, arr.shape))):
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"input {key!r} of signature {sig.name!r} has shape "
-                    f"{list(arr.shape)} but the signature expects {_fmt_shape(dims)}")
-            if key in sig.batched_inputs:
-                if batch is not None and arr.shape[0] != batch[1]:
-                    raise RequestError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"inputs {batch[0]!r} and {key!r} have different batch sizes "
-                        f"({batch[1]} and {arr.shape[0]}): send one row per user in each")
-                batch = (key, arr.shape[0])
-            arrays[key] = arr
-        return arrays
-
-    @staticmethod
-    def run(sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs a signature in process on inputs from `parse_inputs`.
-
-        Raises:
-          RequestError: INVALID_ARGUMENT when the graph rejects the values (its message).
-        """
-        try:
-            return sig(arrays)
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               graph_error_line(getattr(e, "message", None) or str(e))) from None
-
     def warm_up(self) -> int:
         """Runs the export's `assets.extra/tf_serving_warmup_requests`; returns the count."""
         path = os.path.join(self.path, export.ASSETS_EXTRA, export.WARMUP_FILE)
@@ -238,7 +227,7 @@ class Servable:
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             entry = prediction_log_pb2.PredictionLog.FromString(record)
             sig = self.signature(entry.predict_log.request.model_spec.signature_name)
-            self.run(sig, self.parse_inputs(sig, entry.predict_log.request.inputs))
+            sig.run(sig.parse_inputs(entry.predict_log.request.inputs))
             n += 1
         return n
 
@@ -297,7 +286,7 @@ class Batcher:
         return arr.dtype == object and arr.ndim == 2
 
     def submit(self, sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Queues one request (inputs from `Servable.parse_inputs`); returns its result rows.
+        """Queues one request (inputs from `Signature.parse_inputs`); returns its result rows.
 
         Raises:
           RequestError: the server is stopping, or the request's own error.
@@ -370,7 +359,7 @@ class Batcher:
     @staticmethod
     def _run_one(task: _Task) -> None:
         try:
-            task.result = Servable.run(task.sig, task.arrays)
+            task.result = task.sig.run(task.arrays)
         except Exception as e:  # noqa: BLE001 - handed to the request's own thread
             task.error = e
         task.done = True
@@ -391,7 +380,7 @@ class Batcher:
                     merged[k] = _pad_strings(parts)
                 else:
                     merged[k] = np.concatenate(parts)
-            out = Servable.run(sig, merged)
+            out = sig.run(merged)
         except Exception:  # noqa: BLE001 - rerun alone so only the bad request fails
             for t in batch:
                 self._run_one(t)
@@ -549,11 +538,11 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"output tensor alias not found in signature: {key} "
                                        f"(outputs: {', '.join(sorted(sig.outputs))})")
-            arrays = servable.parse_inputs(sig, request.inputs)
+            arrays = sig.parse_inputs(request.inputs)
             if self._batcher is not None:
                 out = self._batcher.submit(sig, arrays)
             else:
-                out = servable.run(sig, arrays)
+                out = sig.run(arrays)
             response = predict_pb2.PredictResponse()
             response.model_spec.name = servable.name
             response.model_spec.version.value = servable.version

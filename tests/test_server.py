@@ -251,7 +251,7 @@ def test_servable_calls_signatures_with_any_input_names_in_process(tmp_path):
     inputs = {"userState": np.float32([1, 2]), "b-x": np.float32([3, 4]),
               "9lives": np.float32([0, 1]), "Bonus": np.int32(5)}
     req = request("serving_default", inputs)
-    out = servable.run(sig, servable.parse_inputs(sig, req.inputs))
+    out = sig.run(sig.parse_inputs(req.inputs))
     # 10 * userState + b-x + 1000 * 9lives + 100 * Bonus
     np.testing.assert_array_equal(out["out"], [513, 1524])
     assert sig.batched_inputs == {"userState", "b-x", "9lives"}
