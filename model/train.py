@@ -261,7 +261,8 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     batcher = batching.QueueBatcher(
         batching.train_users(data_dir), tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
-        keep_positions=4 * tc.prefetch + 16, history_size=model.history_size)
+        keep_positions=4 * batching.dataset_lead(tc.prefetch) + 16,
+        history_size=model.history_size)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         batcher.restore(json.loads(state.position.numpy().decode("utf-8")))

@@ -90,3 +90,48 @@ def test_tf_dataset_has_fixed_shapes():
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == 3
     assert batches[1]["items"].tolist() == [[[6, 7, 0], [0, 0, 0]], [[4, 5, 6], [7, 8, 0]]]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_tf_dataset_chunks_hand_over_the_same_batches(chunk):
+    direct = list(_batcher())
+    batches = list(batching.make_dataset(_batcher(), prefetch=1, chunk=chunk).as_numpy_iterator())
+    assert len(batches) == len(direct) == 3  # chunk 2: one full chunk and a partial one
+    for got, want in zip(batches, direct):
+        assert sorted(got) == sorted(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_random_log_every_user_once_in_order_with_its_history():
+    rng = np.random.default_rng(3)
+    users = [[rng.integers(2, 50, size=rng.integers(1, 12)) for _ in range(rng.integers(1, 6))]
+             for _ in range(40)]
+    n = 5
+    batcher = batching.QueueBatcher(lambda: iter(users), 4, 3, 4, epochs=1, history_size=n)
+    rows = [[] for _ in range(4)]  # per row: (items, reset, end, history) of its valid slots
+    for batch in batcher:
+        for r in range(4):
+            for k in range(3):
+                if not batch["valid"][r, k]:
+                    assert not batch["items"][r, k].any()
+                    continue
+                items = batch["items"][r, k]
+                m = int(np.count_nonzero(items))
+                assert not items[m:].any(), "items are left-aligned"
+                rows[r].append((items[:m].tolist(), bool(batch["reset"][r, k]),
+                                bool(batch["session_end"][r, k]), batch["history"][r, k].tolist()))
+    seen = []
+    for row in rows:
+        past = []
+        for items, reset, end, history in row:
+            if reset:
+                seen.append([])
+                past = []
+            seen[-1].append((tuple(items), end))
+            want = past[-n:]
+            assert history == [0] * (n - len(want)) + want
+            past += items
+    expected = sorted(tuple((s.items, s.session_end) for s in batching.user_slots(u, 4))
+                      for u in users)
+    assert sorted(tuple(x) for x in seen) == expected
