@@ -42,10 +42,11 @@ UsersFactory = Callable[[], Iterable[Sequence[np.ndarray]]]
 
 
 class Slot(NamedTuple):
-    """One chunk of a session: up to L item indices and its flags (a named tuple: the
-    generator makes one per chunk, so construction must be cheap)."""
+    """One chunk of a session: up to L item indices (int64, a view of the session's array)
+    and its flags (a named tuple: the generator makes one per chunk, so construction must
+    be cheap)."""
 
-    items: tuple[int, ...]
+    items: np.ndarray
     reset: bool
     session_end: bool
 
@@ -62,14 +63,14 @@ def user_slots(sessions: Sequence[Sequence[int]], max_session_length: int) -> li
     """
     slots = []
     for session in sessions:
-        items = session.tolist() if isinstance(session, np.ndarray) else [int(i) for i in session]
+        items = np.asarray(session, np.int64)
         if len(items) <= max_session_length:  # the common case: one chunk
-            if items:
-                slots.append(Slot(tuple(items), not slots, True))
+            if len(items):
+                slots.append(Slot(items, not slots, True))
             continue
         starts = range(0, len(items), max_session_length)
         for j, k in enumerate(starts):
-            slots.append(Slot(tuple(items[k:k + max_session_length]), reset=not slots,
+            slots.append(Slot(items[k:k + max_session_length], reset=not slots,
                               session_end=j == len(starts) - 1))
     return slots
 
@@ -144,7 +145,7 @@ class QueueBatcher:
         epoch, consumed, finished, batch_index, rows, histories = snapshot
         return {"epoch": epoch, "consumed": consumed, "finished": finished,
                 "batch_index": batch_index,
-                "rows": [[[list(s.items), s.reset, s.session_end] for s in row] for row in rows],
+                "rows": [[[s.items.tolist(), s.reset, s.session_end] for s in row] for row in rows],
                 "histories": histories}
 
     def position_after(self, batch_index: int) -> dict:
@@ -162,7 +163,8 @@ class QueueBatcher:
                              "the batch size changed since the checkpoint")
         self.epoch, self.consumed = position["epoch"], position["consumed"]
         self.finished, self.batch_index = position["finished"], position["batch_index"]
-        self.rows = [collections.deque(Slot(tuple(i), bool(r), bool(e)) for i, r, e in row)
+        self.rows = [collections.deque(Slot(np.asarray(i, np.int64), bool(r), bool(e))
+                                       for i, r, e in row)
                      for row in position["rows"]]
         histories = position.get("histories") or [[] for _ in range(self.b)]
         self.histories = [collections.deque(h, maxlen=self.n) for h in histories]
@@ -211,14 +213,15 @@ class QueueBatcher:
             taken.extend([row.popleft() for _ in range(m)])
             where.extend(range(r * s, r * s + m))
         where = np.asarray(where, np.int64)
-        lengths = np.fromiter(map(len, (t.items for t in taken)), np.int64, len(taken))
+        chunks = [t.items for t in taken]
+        lengths = np.fromiter(map(len, chunks), np.int64, len(chunks))
         total = int(lengths.sum())
         # Each item's flat position in [B * S * L]: its slot's start plus its offset.
         first = np.cumsum(lengths) - lengths
         offsets = np.repeat(where * l - first, lengths) + np.arange(total)
         items = np.zeros(b * s * l, np.int64)
-        items[offsets] = np.fromiter(itertools.chain.from_iterable(t.items for t in taken),
-                                     np.int64, total)
+        if chunks:
+            items[offsets] = np.concatenate(chunks)
         items = items.reshape(b, s, l)
         flags = {k: np.zeros(b * s, bool) for k in ("reset", "session_end", "valid")}
         flags["reset"][where] = [t.reset for t in taken]
@@ -233,7 +236,7 @@ class QueueBatcher:
                     buffer.clear()
                 if buffer:
                     history[i, n - len(buffer):] = buffer
-                buffer.extend(slot.items)
+                buffer.extend(slot.items.tolist())
             history = history.reshape(b, s, n)
         batch = {"items": items, **flags, "batch_index": np.int64(self.batch_index)}
         if self.n:

@@ -114,6 +114,10 @@ class HierTCNConfig(ConfigBase):
         user's last `history_size` items and the session so far; needs `loss` softmax.
       history_size: N, the user's recent items the repeat head points at (the bounded
         buffer carried with the state).
+      session_summary: every TCN input also gets the mean embedding of all the session's
+        items before it, projected to C (the convolutions see the last `receptive_field`
+        items; the summary the whole session, across the chunks the generator splits a
+        long session into).
     """
 
     embedding_dim: int = 128
@@ -132,6 +136,7 @@ class HierTCNConfig(ConfigBase):
     pretrained_item_vectors: str = ""
     repeat_head: bool = False
     history_size: int = 50
+    session_summary: bool = False
 
     def validate(self) -> None:
         for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",

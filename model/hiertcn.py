@@ -69,6 +69,9 @@ class HierTCN(SequenceModel):
                        for i in range(c.num_blocks)]
         self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, tied=c.tied_output,
                                         dtype="float32", name="item_scorer")
+        self.summary_projection = (
+            tf.keras.layers.Dense(c.channels, use_bias=False, name="summary_projection")
+            if c.session_summary else None)
         self.repeat_head = (layers.RepeatHead(c.history_size, dtype="float32", name="repeat_head")
                             if c.repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
@@ -99,15 +102,33 @@ class HierTCN(SequenceModel):
         sums, counts = self._sums(tf.convert_to_tensor(session_items, tf.int64))
         return tf.where((counts > 0)[:, None], self._gru_step(state, sums, counts), state)
 
-    def user_embeddings(self, state, prefix, training=False):
+    def user_embeddings(self, state, prefix, training=False, carried=None):
+        """See `SequenceModel.user_embeddings`; `carried` (sum of embeddings [B, E], count
+        [B]) is the part of the session before `prefix` (a later chunk in training)."""
         state = tf.convert_to_tensor(state, tf.float32)
         if not self.config.high_level:
             state = tf.zeros_like(state)
-        emb = self.item_embedding(tf.convert_to_tensor(prefix, tf.int64))
+        prefix = tf.convert_to_tensor(prefix, tf.int64)
+        emb = self.item_embedding(prefix)
         x = self.input_projection((emb, tf.cast(state, emb.dtype)))
+        if self.summary_projection is not None:
+            mask = tf.cast(prefix > 0, tf.float32)
+            sums = tf.cumsum(tf.cast(emb, tf.float32) * mask[..., None], axis=1)
+            counts = tf.cumsum(mask, axis=1)
+            # position p sees prefix[:, :p]
+            sums = tf.pad(sums, [[0, 0], [1, 0], [0, 0]])
+            counts = tf.pad(counts, [[0, 0], [1, 0]])
+            if carried is not None:
+                sums += carried[0][:, None]
+                counts += carried[1][:, None]
+            x += self._summary(sums, counts, emb.dtype)
         for block in self.blocks:
             x = block(x, training=training)
         return tf.cast(x, tf.float32)
+
+    def _summary(self, sums, counts, dtype):
+        """The session-summary input: projected mean embedding (0 before any item)."""
+        return self.summary_projection(tf.cast(sums / tf.maximum(counts, 1.0)[..., None], dtype))
 
     def output_weights(self):
         tied = self.item_embedding.embeddings if self.config.tied_output else None
@@ -202,14 +223,34 @@ class HierTCN(SequenceModel):
     def session_states(self, batch, cache, training):
         """Runs the high-level GRU over the S slots first (AGG does not depend on the state),
         zeroing the state at `reset` and stepping it at `session_end`."""
-        items = tf.cast(batch["items"], tf.int64)
-        if not self.config.high_level:
-            return tf.zeros(tf.concat([tf.shape(items)[:2], [self.state_size]], 0)), cache
+        before, _, _, new_cache = self._slot_states(tf.cast(batch["items"], tf.int64), batch, cache)
+        return before, new_cache
+
+    def _slot_states(self, items, batch, cache):
+        """(state before each slot [B, S, H], the session's embedding sum [B, S, E] and
+        count [B, S] before each slot, the cache after the batch)."""
+        if not (self.config.high_level or self.config.session_summary):
+            b, s = tf.shape(items)[0], tf.shape(items)[1]
+            e = self.item_embedding.output_dim
+            return (tf.zeros(tf.stack([b, s, self.state_size])), tf.zeros(tf.stack([b, s, e])),
+                    tf.zeros(tf.stack([b, s])), cache)
         sums, counts = self._sums(items)
         return self._states_from_sums(sums, counts, batch["reset"], batch["session_end"], cache)
 
+    def encode(self, batch, cache, training):
+        """The padded encoder (`SequenceModel.encode`), with the session summary carried
+        into later chunks."""
+        items = tf.cast(batch["items"], tf.int64)
+        b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
+        before, sums, counts, new_cache = self._slot_states(items, batch, cache)
+        carried = (tf.reshape(sums, [b * s, -1]), tf.reshape(counts, [-1]))
+        u = self.user_embeddings(tf.reshape(before, [b * s, self.state_size]),
+                                 tf.reshape(items, [b * s, l])[:, :-1], training=training,
+                                 carried=carried)
+        return u, new_cache
+
     def _states_from_sums(self, sums, counts, reset, end, cache):
-        """`session_states` from the slots' embedding sums [B, S, E] and counts [B, S].
+        """`_slot_states` from the slots' embedding sums [B, S, E] and counts [B, S].
 
         The session aggregates do not depend on the state, so they come first, for all S
         slots at once: slot s sums the slots t <= s of its session (a session starts at
@@ -230,6 +271,9 @@ class HierTCN(SequenceModel):
         ended = end[:, -1]
         acc = tf.where(ended[:, None], 0.0, accs[:, -1])
         cnt = tf.where(ended, 0.0, cnts[:, -1])
+        if not self.config.high_level:
+            before = tf.zeros(tf.concat([tf.shape(counts), [self.state_size]], 0))
+            return before, accs - sums, cnts - counts, (state, acc, cnt)
         projected = self.gru.project_inputs(self.aggregator(accs, cnts))     # [B, S, 3U]
         weights = self.gru.step_weights(projected.dtype)
         before = []
@@ -238,7 +282,7 @@ class HierTCN(SequenceModel):
             before.append(state)
             new = tf.cast(self.gru.step(x, state, weights), tf.float32)
             state = tf.where(end[:, s, None], new, state)
-        return tf.stack(before, axis=1), (state, acc, cnt)
+        return tf.stack(before, axis=1), accs - sums, cnts - counts, (state, acc, cnt)
 
     def encode_events(self, batch, cache, training):
         """The training encoder on the packed events: no compute on padding.
@@ -261,11 +305,11 @@ class HierTCN(SequenceModel):
         packed = PackedSlots(tf.reshape(items, [b * s, -1]))
         emb = self.item_embedding(packed.items)                      # targets [N, E]
         state_dim = self.state_size
-        if self.config.high_level:
+        if self.config.high_level or self.config.session_summary:
             sums = tf.math.unsorted_segment_sum(tf.cast(emb, tf.float32), packed.slot, b * s)
             counts = tf.math.unsorted_segment_sum(tf.ones_like(packed.slot, tf.float32),
                                                   packed.slot, b * s)
-            before, new_cache = self._states_from_sums(
+            before, carried_sums, carried_counts, new_cache = self._states_from_sums(
                 tf.reshape(sums, [b, s, -1]), tf.reshape(counts, [b, s]),
                 batch["reset"], batch["session_end"], cache)
             before = tf.reshape(before, [-1, state_dim])
@@ -279,6 +323,13 @@ class HierTCN(SequenceModel):
         inputs = tf.concat([first, packed.shift(emb, 1)], axis=0)
         x = (tf.matmul(inputs, kernel[:e])
              + tf.gather(tf.matmul(tf.cast(before, emb.dtype), kernel[e:]), packed.slot))
+        if self.summary_projection is not None:
+            # the mean of the session's items before each event: earlier chunks (carried)
+            # and this slot's earlier positions
+            slot_sums = tf.gather(tf.reshape(carried_sums, [b * s, -1]), packed.slot)
+            slot_counts = tf.gather(tf.reshape(carried_counts, [-1]), packed.slot)
+            x += self._summary(slot_sums + packed.exclusive_sum(tf.cast(emb, tf.float32)),
+                               slot_counts + tf.cast(packed.pos, tf.float32), emb.dtype)
         for block in self.blocks:
             x = packed_block(block, x, packed, training)
         return packed.to_row_major(tf.cast(x, tf.float32)), new_cache
@@ -348,6 +399,18 @@ class PackedSlots:
                                               tf.range(self.size - a))
             self._shifts[shift] = (src, dst)
         return _take_rows(x, *self._shifts[shift])
+
+    def exclusive_sum(self, x: tf.Tensor) -> tf.Tensor:
+        """[N, C] -> [N, C]: for each row, the sum of x over its slot's earlier positions.
+
+        In row-major order a slot's rows are consecutive, so this is one cumulative sum
+        minus its value at the slot's first row.
+        """
+        rows = self.to_row_major(x)
+        total = tf.cumsum(rows, axis=0, exclusive=True)
+        slot = tf.gather(self.slot, self._order)                     # row-major, ascending
+        first = tf.gather(tf.math.segment_min(tf.range(self.size), slot), slot)
+        return tf.gather(total - tf.gather(total, first), self._inverse)
 
     def to_row_major(self, x: tf.Tensor) -> tf.Tensor:
         """[N, C] packed rows -> [N, C] in the row-major order of `tf.where(flat_items > 0)`."""

@@ -128,7 +128,8 @@ class HierTCNClient:
           max_message_mb: cap on request and response size.
           session_width: fixed width of `session_items`, for TF Serving's batching, which
             only merges equal shapes: next_items/user_embedding keep the newest
-            `session_width` items (exact when it is at least the TCN's receptive field);
+            `session_width` items (exact when it is at least the TCN's receptive field
+            and the model has no `session_summary`, which averages the whole session);
             update_state pads to a multiple of it (the session mean needs every item).
             None: the longest session of the call.
           history_width: fixed width of `history_items` (newest kept); None: the longest.

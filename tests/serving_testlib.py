@@ -31,10 +31,11 @@ def tiny_vocabulary(num_items: int = 12) -> schema.Vocabulary:
     return schema.Vocabulary(ids=ids, counts=np.zeros(len(ids), np.int64))
 
 
-def tiny_model(vocabulary: schema.Vocabulary, seed: int = 0):
-    """A randomly initialised HierTCN with tiny dims (state H = 8, D = 8)."""
+def tiny_model(vocabulary: schema.Vocabulary, seed: int = 0, **config):
+    """A randomly initialised HierTCN with tiny dims (state H = 8, D = 8); `config`
+    overrides TINY's fields."""
     tf.keras.utils.set_random_seed(seed)
-    return registry.build_model("hiertcn", TINY, vocabulary.size)
+    return registry.build_model("hiertcn", TINY.replace(config), vocabulary.size)
 
 
 class ServerProcess:

@@ -17,9 +17,10 @@ def _batcher(**kw):
 
 
 def test_user_slots_split_long_sessions_into_chunks():
-    slots = batching.user_slots([[2, 3, 4, 5], [6, 7]], 3)
-    assert slots == [batching.Slot((2, 3, 4), True, False), batching.Slot((5,), False, True),
-                     batching.Slot((6, 7), False, True)]
+    slots = batching.user_slots([[2, 3, 4, 5], [], np.array([6, 7], np.int32)], 3)
+    assert [(s.items.tolist(), s.reset, s.session_end) for s in slots] == [
+        ([2, 3, 4], True, False), ([5], False, True), ([6, 7], False, True)]
+    assert all(s.items.dtype == np.int64 for s in slots)
 
 
 def test_batches_on_hand_made_log():
@@ -132,6 +133,7 @@ def test_random_log_every_user_once_in_order_with_its_history():
             want = past[-n:]
             assert history == [0] * (n - len(want)) + want
             past += items
-    expected = sorted(tuple((s.items, s.session_end) for s in batching.user_slots(u, 4))
+    expected = sorted(tuple((tuple(s.items.tolist()), s.session_end)
+                            for s in batching.user_slots(u, 4))
                       for u in users)
     assert sorted(tuple(x) for x in seen) == expected

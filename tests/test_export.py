@@ -23,10 +23,10 @@ INDICES = np.array([[2, 5, 0], [1, 7, 3], [0, 0, 0]], dtype=np.int64)
 HISTORY = np.array([["item2"], ["item4"], [""]], dtype=object)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["plain", "session_summary"])
+def exported(tmp_path_factory, request):
     vocab = lib.tiny_vocabulary()
-    model = lib.tiny_model(vocab)
+    model = lib.tiny_model(vocab, session_summary=request.param == "session_summary")
     base = str(tmp_path_factory.mktemp("export"))
     path = export.export_model(model, vocab, base)
     return model, vocab, base, path

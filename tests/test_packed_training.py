@@ -14,6 +14,10 @@ CONFIGS = {
                                                    num_blocks=3, convs_per_block=2),
     "session_only": config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, channels=8,
                                              high_level=False),
+    "session_summary": config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, channels=8,
+                                                session_summary=True),
+    "summary_session_only": config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, channels=8,
+                                                     high_level=False, session_summary=True),
 }
 
 
@@ -27,6 +31,8 @@ def test_packed_slots_layout_is_position_major():
     x = tf.constant([[5.0], [8.0], [6.0], [9.0], [7.0]])
     assert packed.shift(x, 1).numpy()[:, 0].tolist() == [5.0, 8.0, 6.0]   # rows 6, 9, 7
     assert packed.to_row_major(x).numpy()[:, 0].tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+    # per slot, the sum over its earlier positions: [0 5 11] and [0 8]
+    assert packed.exclusive_sum(x).numpy()[:, 0].tolist() == [0.0, 0.0, 5.0, 8.0, 11.0]
 
 
 @pytest.mark.parametrize("dilation, expected", [
@@ -78,3 +84,31 @@ def test_packed_training_matches_padded(name):
         for var, a, b in zip(model.trainable_variables, grads_a, grads_b):
             np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
                                        atol=1e-5, err_msg=var.name)
+
+
+def test_session_summary_carries_across_chunks():
+    # Kernel 1, one block: a position sees only its input item, the state and the summary,
+    # so a session split into chunks of 2 gives the whole-session vectors except at each
+    # chunk's first position (whose input is the start vector, not the previous item).
+    tf.keras.utils.set_random_seed(0)
+    config = config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, channels=8, kernel_size=1,
+                                      num_blocks=1, session_summary=True)
+    model = HierTCN(config, 30)
+    model.build_weights()
+    sessions = [np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10])]
+    batch = next(iter(batching.QueueBatcher(lambda: [sessions], 1, 5, 2)))
+    batch = {k: tf.constant(v) for k, v in batch.items()}
+    u, _ = model.encode(batch, model.train_cache(1), False)            # [5 slots, 2, D]
+    state = model.update_state(model.initial_state(1), sessions[0][None])
+    whole = model.user_embeddings(state, sessions[1][None, :-1])[0]     # [5, D]
+    chunked = u.numpy()[2:5].reshape(6, -1)[:5]                         # slots [6 7] [8 9] [10]
+    for p in (1, 3):
+        np.testing.assert_allclose(chunked[p], whole[p].numpy(), atol=1e-5)
+    assert not np.allclose(chunked[2], whole[2].numpy(), atol=1e-3)     # chunk start
+    # without the summary, position 3 would not see items 6 and 7
+    summary_off = HierTCN(config.replace({"session_summary": False}), 30)
+    summary_off.build_weights()
+    summary_off.set_weights([w for w, v in zip(model.get_weights(), model.weights)
+                             if "summary_projection" not in v.name])
+    off = summary_off.user_embeddings(state, sessions[1][None, :-1])[0]
+    assert not np.allclose(off[3].numpy(), whole[3].numpy(), atol=1e-3)
