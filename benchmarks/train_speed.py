@@ -17,7 +17,9 @@ the peak float32 matmul FLOP/s measured in the same run (a large `tf.matmul`). T
 choices are measured on HierTCN in the sampled setting: packed events vs the padded
 [B * S, L] encoder, XLA (`jit_compile`, padded fixed shapes), bfloat16 mixed precision,
 oneDNN off (a subprocess with TF_ENABLE_ONEDNN_OPTS=0), and input from the tf.data queue
-generator vs from pre-built batches on the same batches.
+generator vs from pre-built batches on the same batches (alternating blocks of 10 steps;
+`generator_overhead` is the median of the blocks' ratios, `generator_overhead_total` the
+ratio of the sums).
 
 The last line printed is one JSON object.
 """
@@ -100,32 +102,53 @@ class Bench:
 
 def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     """Step time per event from pre-built batches vs from the tf.data queue generator (the
-    training loop's input), on the same batches, alternating twice."""
+    training loop's input), on the same batches, in alternating blocks of 10 steps (a
+    fresh generator per block, started and prefetched before its block is timed), so that
+    the machine's drift hits both alike; the overhead is the median over blocks of the
+    generator block's time per event over the pre-built block's just before it."""
+    import numpy as np
+
     from model import batching
 
     a = bench.args
-    k = min(a.steps, len(bench.batches))
+    w = a.warmup
+    k = min(a.steps, len(bench.batches) - w)
+    per = min(10, k)
+    blocks = max(1, k // per) * 2
     times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
-    for _ in range(2):
-        for batch in bench.batches[:k]:
+    ratios = []
+    for i in range(blocks):
+        start = w + (i % max(1, k // per)) * per
+        block = {}
+        for batch in bench.batches[start:start + per]:
             t0 = time.perf_counter()
             n = trainer.step(batch, timed=False)
-            times["prebuilt"][0] += time.perf_counter() - t0
-            times["prebuilt"][1] += n
+            block.setdefault("prebuilt", [0.0, 0])
+            block["prebuilt"][0] += time.perf_counter() - t0
+            block["prebuilt"][1] += n
         batcher = batching.QueueBatcher(lambda: bench.users, a.batch_size, a.sessions_per_batch,
                                         a.max_session_length, seed=0)
         it = iter(batching.make_dataset(batcher))
-        next(it)  # the generator thread starts and fills its prefetch buffer
-        time.sleep(0.5)
-        for _ in range(k):
+        for _ in range(start):  # the same batches as the pre-built block
+            next(it)
+        time.sleep(0.2)  # the generator thread refills its prefetch buffer
+        for _ in range(per):
             t0 = time.perf_counter()
             n = trainer.step(next(it), timed=False)
-            times["generator"][0] += time.perf_counter() - t0
-            times["generator"][1] += n
-    per_event = {key: s / max(n, 1) for key, (s, n) in times.items()}
+            block.setdefault("generator", [0.0, 0])
+            block["generator"][0] += time.perf_counter() - t0
+            block["generator"][1] += n
+        for key, (sec, n) in block.items():
+            times[key][0] += sec
+            times[key][1] += n
+        ratios.append((block["generator"][0] / block["generator"][1])
+                      / (block["prebuilt"][0] / block["prebuilt"][1]))
+    per_event = {key: sec / max(n, 1) for key, (sec, n) in times.items()}
     return {"prebuilt_us_per_event": round(1e6 * per_event["prebuilt"], 2),
             "generator_us_per_event": round(1e6 * per_event["generator"], 2),
-            "generator_overhead": round(per_event["generator"] / per_event["prebuilt"] - 1, 4)}
+            "generator_overhead": round(float(np.median(ratios)) - 1, 4),
+            "generator_overhead_total": round(per_event["generator"] / per_event["prebuilt"] - 1, 4),
+            "generator_overhead_blocks": [round(r - 1, 3) for r in ratios]}
 
 
 def speed_choices(bench: Bench, data_dir: str) -> dict:
