@@ -114,16 +114,15 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     w = a.warmup
     k = min(a.steps, len(bench.batches) - w)
     per = min(10, k)
-    blocks = max(1, k // per) * 2
+    spans = max(1, k // per)  # distinct spans of `per` batches, each timed twice
     times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
     ratios = []
-    for i in range(blocks):
-        start = w + (i % max(1, k // per)) * per
-        block = {}
+    for i in range(2 * spans):
+        start = w + (i % spans) * per
+        block = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
         for batch in bench.batches[start:start + per]:
             t0 = time.perf_counter()
             n = trainer.step(batch, timed=False)
-            block.setdefault("prebuilt", [0.0, 0])
             block["prebuilt"][0] += time.perf_counter() - t0
             block["prebuilt"][1] += n
         batcher = batching.QueueBatcher(lambda: bench.users, a.batch_size, a.sessions_per_batch,
@@ -135,7 +134,6 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
         for _ in range(per):
             t0 = time.perf_counter()
             n = trainer.step(next(it), timed=False)
-            block.setdefault("generator", [0.0, 0])
             block["generator"][0] += time.perf_counter() - t0
             block["generator"][1] += n
         for key, (sec, n) in block.items():

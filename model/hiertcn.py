@@ -381,6 +381,7 @@ class PackedSlots:
                                   tf.shape(tf.transpose(flat), out_type=tf.int64))
         self._per_pos = tf.reduce_sum(tf.cast(flat > 0, tf.int64), axis=0)     # [L]
         row_major = tf.where(flat > 0)
+        self._row_major_slot = row_major[:, 0]                           # ascending
         self._order = tf.gather_nd(self._row, tf.reverse(row_major, [1]))
         self._inverse = tf.math.invert_permutation(self._order)
         self._shifts = {}
@@ -406,9 +407,8 @@ class PackedSlots:
         In row-major order a slot's rows are consecutive, so this is one cumulative sum
         minus its value at the slot's first row.
         """
-        rows = self.to_row_major(x)
-        total = tf.cumsum(rows, axis=0, exclusive=True)
-        slot = tf.gather(self.slot, self._order)                     # row-major, ascending
+        total = tf.cumsum(self.to_row_major(x), axis=0, exclusive=True)
+        slot = self._row_major_slot
         first = tf.gather(tf.math.segment_min(tf.range(self.size), slot), slot)
         return tf.gather(total - tf.gather(total, first), self._inverse)
 
