@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import grpc
@@ -277,7 +278,9 @@ class Batcher:
         self._running = 0
         self._queue: collections.deque[_Task] = collections.deque()
         self._in_server: collections.Counter[tuple] = collections.Counter()  # rows per key
-        self._peak: dict[tuple, int] = {}
+        # Per signature object, dropped with it when its version is unloaded: peak rows per key.
+        self._peak: weakref.WeakKeyDictionary[Signature, dict[tuple, int]] = (
+            weakref.WeakKeyDictionary())
         self._cv = threading.Condition()
         self._stopped = False
 
@@ -305,7 +308,8 @@ class Batcher:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
             self._queue.append(task)
             self._in_server[key] += rows
-            self._peak[key] = max(self._peak.get(key, 0), self._in_server[key])
+            peaks = self._peak.setdefault(sig, {})
+            peaks[key] = max(peaks.get(key, 0), self._in_server[key])
             self._cv.notify_all()
             while not task.done:
                 if self._queue and self._running < self._num_threads:
@@ -321,6 +325,8 @@ class Batcher:
                 else:
                     self._cv.wait()
             self._in_server[key] -= rows
+            if not self._in_server[key]:
+                del self._in_server[key]
         if task.error is not None:
             raise task.error
         return task.result
@@ -343,7 +349,8 @@ class Batcher:
         """Pops the oldest request and its companions (called holding the lock)."""
         first = self._queue.popleft()
         key, batch, rows = first.key, [first], first.rows
-        expected = min(self._max_rows, self._peak.get(key, 1))
+        peaks = self._peak.setdefault(first.sig, {})
+        expected = min(self._max_rows, peaks.get(key, 1))
         deadline = time.monotonic() + self._timeout
         while True:
             more = self._take(key, rows)
@@ -353,7 +360,7 @@ class Batcher:
             if rows >= expected or left <= 0:
                 break
             self._cv.wait(left)
-        self._peak[key] = self._in_server[key]
+        peaks[key] = self._in_server[key]
         return batch
 
     @staticmethod

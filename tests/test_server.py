@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import gc
 import os
 import time
 
@@ -256,3 +257,21 @@ def test_servable_calls_signatures_with_any_input_names_in_process(tmp_path):
     np.testing.assert_array_equal(out["out"], [513, 1524])
     assert sig.batched_inputs == {"userState", "b-x", "9lives"}
     assert sig.batched_outputs == {"out"}
+
+
+def test_batcher_forgets_an_unloaded_version(tmp_path):
+    """The batcher's per-signature bookkeeping goes with the signature: nothing accumulates
+    over version reloads and a new signature never inherits an old one's batch size."""
+    module = _OddNames()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    batcher = server.Batcher(max_batch_size=8, timeout_s=0.0)
+    servable = server.Servable("odd", 1, str(tmp_path / "1"))
+    sig = servable.signature("")
+    inputs = {"userState": np.float32([1, 2]), "b-x": np.float32([3, 4]),
+              "9lives": np.float32([0, 1]), "Bonus": np.int32(5)}
+    out = batcher.submit(sig, sig.parse_inputs(request("serving_default", inputs).inputs))
+    np.testing.assert_array_equal(out["out"], [513, 1524])
+    assert len(batcher._peak) == 1 and not batcher._in_server
+    del sig, servable
+    gc.collect()
+    assert len(batcher._peak) == 0
