@@ -179,6 +179,8 @@ class TrainConfig(ConfigBase):
       lr_decay_at: fractions of the total steps where the step schedule decays.
       lr_decay_factor: divisor applied at each decay point.
       clipnorm: gradient clipping by global norm (0 = off).
+      weight_decay: decoupled weight decay (AdamW; 0 = plain Adam): every step multiplies
+        the weights by 1 - learning rate * weight_decay.
       steps: training steps (0 = use `epochs`).
       epochs: passes over the training users (used when steps == 0).
       max_minutes: stop after this wall time (0 = no limit); a checkpoint is written.
@@ -202,6 +204,7 @@ class TrainConfig(ConfigBase):
     lr_decay_at: tuple[float, ...] = (0.3, 0.6)
     lr_decay_factor: float = 5.0
     clipnorm: float = 0.0
+    weight_decay: float = 0.0
     steps: int = 0
     epochs: int = 0
     max_minutes: float = 0.0
@@ -225,6 +228,7 @@ class TrainConfig(ConfigBase):
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
         _check(self.clipnorm >= 0, f"train.clipnorm must be >= 0, got {self.clipnorm}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.lr_schedule in ("step", "constant"),
                f"train.lr_schedule must be 'step' or 'constant', got {self.lr_schedule!r}")
         _check(all(0 < f < 1 for f in self.lr_decay_at),

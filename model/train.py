@@ -183,6 +183,15 @@ def learning_rate(train: config_lib.TrainConfig, total_steps: int):
     return tf.keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
 
 
+def make_optimizer(train: config_lib.TrainConfig, total_steps: int):
+    """Adam, or AdamW (decoupled weight decay, Loshchilov & Hutter) with `weight_decay`."""
+    options = {"clipnorm": train.clipnorm} if train.clipnorm else {}
+    if train.weight_decay:
+        return tf.keras.optimizers.AdamW(learning_rate(train, total_steps),
+                                         weight_decay=train.weight_decay, **options)
+    return tf.keras.optimizers.Adam(learning_rate(train, total_steps), **options)
+
+
 class TrainState(tf.Module):
     """What a checkpoint holds besides model and optimizer: step, state cache, data position."""
 
@@ -246,8 +255,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     strategy = make_strategy(tc.strategy)
     with strategy.scope():
         model = registry.build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts)
-        optimizer = tf.keras.optimizers.Adam(learning_rate(tc, total_steps),
-                                             **({"clipnorm": tc.clipnorm} if tc.clipnorm else {}))
+        optimizer = make_optimizer(tc, total_steps)
         if mixed_float16:
             optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         state = TrainState(model.train_cache(tc.batch_size))

@@ -117,3 +117,16 @@ def test_config_is_strict_and_round_trips(tmp_path):
     path = str(tmp_path / "c.json")
     config_lib.save_json(cfg, path)
     assert config_lib.load_json(path) == cfg.to_dict()
+
+
+def test_weight_decay_is_decoupled_and_validated():
+    import tensorflow as tf
+
+    base = config_lib.TrainConfig().replace({"learning_rate": 0.1, "lr_schedule": "constant"})
+    for decay, expected in ((0.0, 2.0), (0.5, 2.0 * (1 - 0.1 * 0.5))):
+        weight = tf.Variable([2.0])
+        optimizer = train_lib.make_optimizer(base.replace({"weight_decay": decay}), 10)
+        optimizer.apply_gradients([(tf.zeros([1]), weight)])  # a zero gradient: only the decay acts
+        np.testing.assert_allclose(weight.numpy(), [expected], rtol=1e-6)
+    with pytest.raises(config_lib.ConfigError, match="train.weight_decay must be >= 0"):
+        base.replace({"weight_decay": -0.1})
