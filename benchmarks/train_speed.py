@@ -66,14 +66,19 @@ class Bench:
     """The data and geometry one run measures on."""
 
     def __init__(self, args, data_dir: str):
+        from model import batching
+        from model import config as config_lib
         from pipeline import schema
 
         self.args = args
         vocab = schema.read_vocabulary(data_dir)
         self.vocab_size, self.counts = vocab.size, vocab.counts
         self.train_events = schema.read_stats(data_dir)["splits"]["train"]["events"]
-        users = bench_lib.load_users(data_dir)
-        self.users = users
+        # The training loop's users factory (`model.train` builds the same): one pass here
+        # reads the users and, for a split within train.cache_events, fills its cache.
+        self.train_users = batching.CachedUsers(data_dir, "train",
+                                                config_lib.TrainConfig().cache_events)
+        users = list(self.train_users())
         self.batches = bench_lib.prebuilt_batches(
             users, args.batch_size, args.sessions_per_batch, args.max_session_length,
             args.warmup + args.steps)
@@ -101,8 +106,8 @@ class Bench:
 
 
 def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
-    """Step time per event from pre-built batches vs from the tf.data queue generator (the
-    training loop's input), on the same batches, in alternating blocks of 10 steps (a
+    """Step time per event from pre-built batches vs from the tf.data queue generator over
+    the training loop's users factory (`model.train`'s input), on the same batches, in alternating blocks of 10 steps (a
     fresh generator per block, started and prefetched before its block is timed), so that
     the machine's drift hits both alike; the overhead is the median over blocks of the
     generator block's time per event over the pre-built block's just before it."""
@@ -125,7 +130,7 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
             n = trainer.step(batch, timed=False)
             block["prebuilt"][0] += time.perf_counter() - t0
             block["prebuilt"][1] += n
-        batcher = batching.QueueBatcher(lambda: bench.users, a.batch_size, a.sessions_per_batch,
+        batcher = batching.QueueBatcher(bench.train_users, a.batch_size, a.sessions_per_batch,
                                         a.max_session_length, seed=0)
         it = iter(batching.make_dataset(batcher))
         for _ in range(start):  # the same batches as the pre-built block

@@ -21,7 +21,8 @@ Within a slot the model's inputs are [start, a1..a(m-1)] and its targets [a1..am
 first item is predicted from the state alone); the batch holds only `items` = targets.
 
 Memory is O(B*S*(L+N)) for the batch plus the pending slots of one user per row; it does
-not grow with the number of users. The position (epoch, users consumed from the epoch's
+not grow with the number of users (the users factory may add a bounded copy of the split:
+`CachedUsers`). The position (epoch, users consumed from the epoch's
 shuffled stream, the rows' pending slots and history buffers, batch counter) is a
 JSON-able dict: a batcher
 restored from the position after batch n yields exactly batch n + 1.
@@ -297,8 +298,34 @@ def dataset_lead(prefetch: int, chunk: int = CHUNK) -> int:
     return prefetch + 2 * chunk
 
 
-def train_users(data_dir: str) -> UsersFactory:
-    """Users factory over the train split of a pipeline folder (streamed, bounded memory)."""
-    from pipeline import schema
+class CachedUsers:
+    """A users factory over a split: streams it from the pipeline files, keeping the
+    sessions of a pass in memory while they total at most `max_events` events; once a
+    pass has completed within that bound, later passes replay the memory copy (a split
+    over the bound streams every time, in bounded memory)."""
 
-    return lambda: (u.sessions for u in schema.iter_users(data_dir, "train"))
+    def __init__(self, data_dir: str, split: str, max_events: int):
+        from pipeline import schema
+
+        self._read = schema.user_reader(data_dir, split)
+        self.max_events = max_events
+        self.cached: list[list[np.ndarray]] | None = None
+
+    def __call__(self) -> Iterator[list[np.ndarray]]:
+        if self.cached is not None:
+            return iter(self.cached)
+        return self._stream()
+
+    def _stream(self) -> Iterator[list[np.ndarray]]:
+        kept: list[list[np.ndarray]] | None = []
+        events = 0
+        for user in self._read():
+            if kept is not None:
+                events += sum(map(len, user.sessions))
+                kept.append(user.sessions)
+                if events > self.max_events:
+                    kept = None
+            yield user.sessions
+        if kept is not None and self.cached is None:
+            self.cached = kept
+

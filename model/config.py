@@ -186,6 +186,10 @@ class TrainConfig(ConfigBase):
       max_minutes: stop after this wall time (0 = no limit); a checkpoint is written.
       seed: seeds the weights, the shuffle and dropout.
       shuffle_buffer: users in the bounded shuffle buffer.
+      cache_events: keep the train split in memory after the first epoch when it has at
+        most this many events (about 8 bytes per event and 150 per session), so later
+        epochs skip parsing; a larger split is streamed from its files every epoch in
+        bounded memory. 0 = always stream.
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: checkpoints kept by the CheckpointManager.
       eval_every: steps between valid evaluations (0 = only at the end).
@@ -210,6 +214,7 @@ class TrainConfig(ConfigBase):
     max_minutes: float = 0.0
     seed: int = 0
     shuffle_buffer: int = 1000
+    cache_events: int = 20_000_000
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     eval_every: int = 0
@@ -223,7 +228,7 @@ class TrainConfig(ConfigBase):
         for key in ("batch_size", "sessions_per_batch", "max_session_length", "shuffle_buffer",
                     "checkpoint_every", "keep_checkpoints", "prefetch"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "epochs", "eval_every", "eval_users", "seed"):
+        for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")

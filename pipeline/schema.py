@@ -21,7 +21,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -293,12 +293,56 @@ class UserRecord:
     times: list[np.ndarray]
 
 
+# Users parsed per tf.data batch by `user_reader`: converting one parsed element to numpy
+# costs ~0.5 ms of Python whatever its size, so it is paid once per this many users.
+USERS_PER_READ = 256
+
+
+def _flatten_batch(rec):
+    """A batch of parsed records -> dense tensors only (cheap to hand to numpy): the flat
+    values of `items`/`times` and their user -> session and session -> event row splits."""
+    out = {USER_ID: rec[USER_ID], NUM_CONTEXT_SESSIONS: rec[NUM_CONTEXT_SESSIONS]}
+    for key in (ITEMS, TIMES):
+        out[key + "/values"] = rec[key].flat_values
+        out[key + "/users"] = rec[key].row_splits
+        out[key + "/sessions"] = rec[key].values.row_splits
+    return out
+
+
+def _split_user(rec: dict, key: str, user: int) -> list[np.ndarray]:
+    """User `user`'s sessions of `key` from a flattened batch (views of its values)."""
+    first, last = rec[key + "/users"][user:user + 2]
+    bounds = rec[key + "/sessions"][first:last + 1].tolist()
+    values = rec[key + "/values"]
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def user_reader(data_dir: str, split: str) -> Callable[[], Iterator[UserRecord]]:
+    """A function that streams the user records of a split, in file order, each time it
+    is called (the tf.data pipeline is built once, here).
+
+    Memory is bounded: `USERS_PER_READ` users are parsed at a time; the session arrays
+    are read-only views of one buffer per read.
+
+    Raises:
+      DataError: the folder has no files for the split.
+    """
+    ds = make_dataset(data_dir, split).batch(USERS_PER_READ).map(_flatten_batch).prefetch(2)
+
+    def users() -> Iterator[UserRecord]:
+        for rec in ds.as_numpy_iterator():
+            for key in (ITEMS, TIMES):
+                rec[key + "/values"].setflags(write=False)
+            contexts = rec[NUM_CONTEXT_SESSIONS].tolist()
+            for u, user_id in enumerate(rec[USER_ID]):
+                yield UserRecord(user_id=user_id.decode("utf-8"),
+                                 num_context_sessions=contexts[u],
+                                 sessions=_split_user(rec, ITEMS, u),
+                                 times=_split_user(rec, TIMES, u))
+
+    return users
+
+
 def iter_users(data_dir: str, split: str) -> Iterator[UserRecord]:
-    """Streams the user records of a split through the tf.data parser (bounded memory)."""
-    for rec in make_dataset(data_dir, split).prefetch(64).as_numpy_iterator():
-        items, times = rec[ITEMS], rec[TIMES]
-        yield UserRecord(
-            user_id=rec[USER_ID].decode("utf-8"),
-            num_context_sessions=int(rec[NUM_CONTEXT_SESSIONS]),
-            sessions=[np.asarray(s, dtype=np.int64) for s in items],
-            times=[np.asarray(t, dtype=np.int64) for t in times])
+    """Streams the user records of a split (`user_reader`)."""
+    return user_reader(data_dir, split)()

@@ -137,3 +137,44 @@ def test_random_log_every_user_once_in_order_with_its_history():
                             for s in batching.user_slots(u, 4))
                       for u in users)
     assert sorted(tuple(x) for x in seen) == expected
+
+
+def _as_lists(users):
+    return [[s.tolist() for s in u] for u in users]
+
+
+def test_cached_users_replay_the_split_after_one_complete_pass(tmp_path):
+    import shutil
+
+    from tiny_logs import write_data
+
+    data = write_data(str(tmp_path / "d"), 12, USERS)
+    factory = batching.CachedUsers(data, "train", max_events=100)
+    first = iter(factory())
+    next(first)  # an abandoned pass caches nothing
+    assert factory.cached is None
+    assert _as_lists(factory()) == USERS and factory.cached is not None
+    shutil.rmtree(tmp_path / "d" / "train")  # later passes no longer read the files
+    assert _as_lists(factory()) == USERS
+    batches = list(batching.QueueBatcher(factory, 2, 2, 3, shuffle_buffer=1, epochs=1))
+    expected = list(_batcher())
+    assert len(batches) == len(expected)
+    for got, want in zip(batches, expected):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_cached_users_stream_a_split_over_the_bound(tmp_path):
+    import shutil
+
+    import tensorflow as tf
+
+    from tiny_logs import write_data
+
+    data = write_data(str(tmp_path / "d"), 12, USERS)
+    factory = batching.CachedUsers(data, "train", max_events=10)  # USERS have 19 events
+    assert _as_lists(factory()) == USERS and factory.cached is None
+    assert _as_lists(factory()) == USERS
+    shutil.rmtree(tmp_path / "d" / "train")
+    with pytest.raises(tf.errors.NotFoundError):  # streamed again: the files are needed
+        list(factory())

@@ -44,3 +44,31 @@ def test_shard_files_names_the_problem(tmp_path):
         schema.shard_files(str(tmp_path), "dev")
     with pytest.raises(schema.DataError, match="no train shards"):
         schema.shard_files(str(tmp_path), "train")
+
+
+def test_users_parsed_in_reads_keep_every_user_and_session(tmp_path, monkeypatch):
+    """Users are parsed several at a time and split back by their row splits: across read
+    boundaries, with users of one or many sessions and sessions of any length, every user
+    comes back whole, in file order, and the arrays cannot be written through."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(schema, "USERS_PER_READ", 4)
+    rng = np.random.default_rng(0)
+    written = []
+    (tmp_path / "train").mkdir()
+    for shard in range(2):
+        path = tmp_path / "train" / (f"part-0000{shard}" + schema.SHARD_SUFFIX)
+        with tf.io.TFRecordWriter(str(path), options=schema.COMPRESSION) as w:
+            for n in range(7):
+                sessions = [rng.integers(2, 50, int(rng.integers(1, 30))).tolist()
+                            for _ in range(int(rng.integers(1, 5)))]
+                times = [list(range(len(s))) for s in sessions]
+                written.append((f"u{shard}-{n}", n % 3, sessions, times))
+                w.write(schema.make_sequence_example(*written[-1]))
+    read = schema.user_reader(str(tmp_path), "train")
+    for _ in range(2):  # the reader can be called again: the same stream
+        users = list(read())
+        assert [(u.user_id, u.num_context_sessions, [s.tolist() for s in u.sessions],
+                 [t.tolist() for t in u.times]) for u in users] == written
+    with pytest.raises(ValueError, match="read-only"):
+        users[0].sessions[0][0] = 5
