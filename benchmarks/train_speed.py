@@ -107,10 +107,11 @@ class Bench:
 
 def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     """Step time per event from pre-built batches vs from the tf.data queue generator over
-    the training loop's users factory (`model.train`'s input), on the same batches, in alternating blocks of 10 steps (a
-    fresh generator per block, started and prefetched before its block is timed), so that
-    the machine's drift hits both alike; the overhead is the median over blocks of the
-    generator block's time per event over the pre-built block's just before it."""
+    the training loop's users factory (`model.train`'s input), on the same batches, in
+    alternating blocks of 10 steps (a fresh generator per block, started and prefetched
+    before its block is timed), so that the machine's drift hits both alike; the overhead
+    is the median over blocks of the generator block's time per event over the pre-built
+    block's just before it."""
     import numpy as np
 
     from model import batching

@@ -266,8 +266,9 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                               os.path.join(run_dir, registry.BEST_DIR), max_to_keep=2)
     best = registry.read_best(run_dir)
+    users = batching.CachedUsers(data_dir, "train", tc.cache_events)
     batcher = batching.QueueBatcher(
-        batching.CachedUsers(data_dir, "train", tc.cache_events), tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
+        users, tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
         keep_positions=4 * batching.dataset_lead(tc.prefetch) + 16,
         history_size=model.history_size)
