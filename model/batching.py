@@ -310,10 +310,13 @@ class CachedUsers:
         self._read = schema.user_reader(data_dir, split)
         self.max_events = max_events
         self.cached: list[list[np.ndarray]] | None = None
+        self._too_big = False  # a pass went over the bound: stream without keeping
 
     def __call__(self) -> Iterator[list[np.ndarray]]:
         if self.cached is not None:
             return iter(self.cached)
+        if self._too_big:
+            return (user.sessions for user in self._read())
         return self._stream()
 
     def _stream(self) -> Iterator[list[np.ndarray]]:
@@ -324,7 +327,7 @@ class CachedUsers:
                 events += sum(map(len, user.sessions))
                 kept.append(user.sessions)
                 if events > self.max_events:
-                    kept = None
+                    kept, self._too_big = None, True
             yield user.sessions
         if kept is not None and self.cached is None:
             self.cached = kept
