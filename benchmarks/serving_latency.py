@@ -47,11 +47,12 @@ READY = re.compile(r"^serving \S+ version \d+ on (\S+)$")
 
 
 def build_export(base: str) -> tuple[str, schema.Vocabulary]:
-    """Exports a randomly initialised default HierTCN over a synthetic catalogue."""
+    """Exports a randomly initialised HierTCN (default sizes, as published: no repeat head)
+    over a synthetic catalogue."""
     ids = (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN) + tuple(f"item{i}" for i in range(ITEMS))
     vocab = schema.Vocabulary(ids=ids, counts=np.zeros(len(ids), np.int64))
     tf.keras.utils.set_random_seed(0)
-    model = registry.build_model("hiertcn", HierTCNConfig(), vocab.size)
+    model = registry.build_model("hiertcn", HierTCNConfig(repeat_head=False), vocab.size)
     return export.export_model(model, vocab, base), vocab
 
 

@@ -5,7 +5,7 @@ TCN inside the session, conditioned on the high-level state at every step.
     u_t = TCN([start, x_1 .. x_{t}] each concat h_n, projected to C)_t
     p(item | u_t) = softmax(u_t W^T + b)
 
-With `repeat_head` (RepeatNet-style, off by default), the next item is a mixture
+With the repeat head (RepeatNet-style; on by default with the full softmax), the next item is a mixture
     p(item | u_t) = (1 - w_t) softmax(u_t W^T + b) + w_t p_rep(item | u_t, recent items),
 w_t = sigmoid(u_t . g + b_g), p_rep = attention of u_t over the user's last N items and the
 session so far (`layers.RepeatHead`), summed per item. The reserved indices get
@@ -73,7 +73,7 @@ class HierTCN(SequenceModel):
             tf.keras.layers.Dense(c.channels, use_bias=False, name="summary_projection")
             if c.session_summary else None)
         self.repeat_head = (layers.RepeatHead(c.history_size, dtype="float32", name="repeat_head")
-                            if c.repeat_head else None)
+                            if c.uses_repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         self.reserved_mask = tf.constant(
             [layers.NEG_LOGIT] * schema.NUM_RESERVED + [0.0] * (vocab_size - schema.NUM_RESERVED))
@@ -140,7 +140,7 @@ class HierTCN(SequenceModel):
 
     @property
     def history_size(self) -> int:
-        return self.config.history_size if self.config.repeat_head else 0
+        return self.config.history_size if self.config.uses_repeat_head else 0
 
     def _repeat_parts(self, user, history, prefix):
         """The repeat head at every position.

@@ -70,8 +70,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
     p.add_argument("--eval-users", type=int, help="valid users per evaluation (0: all)")
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--repeat-head", action="store_true",
-                   help="hiertcn: mix in attention over the user's last items (RepeatNet-style)")
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--repeat-head", action="store_true",
+                      help="hiertcn: mix in attention over the user's last items (RepeatNet-style; "
+                           "default: on with the full softmax, off with --loss sampled)")
+    head.add_argument("--no-repeat-head", action="store_true",
+                      help="hiertcn: the published model, without the repeat head")
     p.add_argument("--no-high-level", action="store_true",
                    help="session-only ablation: the high-level state stays zero")
     p.add_argument("--mixed-precision", action="store_true")
@@ -94,8 +98,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model.update(config_lib.DEEP_PRESET)
     if args.loss:
         model["loss"] = args.loss
-    if args.repeat_head:
-        model["repeat_head"] = True
+    if args.repeat_head or args.no_repeat_head:
+        model["repeat_head"] = bool(args.repeat_head)
     if args.no_high_level:
         model["high_level"] = False
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,

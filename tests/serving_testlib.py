@@ -20,8 +20,9 @@ from model.config import HierTCNConfig
 from pipeline import schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The published model (exports with the repeat head are tested with TINY.replace(...)).
 TINY = HierTCNConfig(embedding_dim=8, gru_units=4, gru_layers=2, channels=8, kernel_size=2,
-                     num_blocks=2)
+                     num_blocks=2, repeat_head=False)
 READY = re.compile(r"^serving (\S+) version (\d+) on (\S+):(\d+)$")
 
 

@@ -40,6 +40,29 @@ def test_config_needs_the_full_softmax():
         HEAD.replace({"history_size": 0})
 
 
+def test_default_head_follows_the_loss_and_flags_override_it():
+    default = config_lib.HierTCNConfig()
+    assert default.repeat_head is None and default.uses_repeat_head
+    assert not default.replace({"loss": "sampled"}).uses_repeat_head
+    assert not default.replace({"repeat_head": False}).uses_repeat_head
+    assert config_lib.HierTCNConfig.from_dict(default.to_dict()) == default  # null round-trips
+    with pytest.raises(config_lib.ConfigError, match="'repeat_head' must be bool, got 'yes'"):
+        default.replace({"repeat_head": "yes"})
+    assert _model(default.replace({"embedding_dim": 8, "gru_units": 4, "channels": 8})).repeat_head
+    assert _model(HEAD.replace({"repeat_head": False})).repeat_head is None
+
+    def resolved(*flags):
+        return train_lib.resolve_config(train_lib.parse_args(
+            ["--data", "d", "--model-dir", "r", *flags])).model.uses_repeat_head
+
+    assert resolved() and resolved("--repeat-head")
+    assert not resolved("--no-repeat-head") and not resolved("--loss", "sampled")
+    with pytest.raises(config_lib.ConfigError, match="repeat_head needs the full softmax"):
+        resolved("--loss", "sampled", "--repeat-head")
+    with pytest.raises(SystemExit):
+        resolved("--repeat-head", "--no-repeat-head")
+
+
 def test_mixture_is_a_distribution_and_respects_padding():
     model = _model()
     state = tf.random.normal([3, model.state_size])
