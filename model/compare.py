@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
                    help="a config JSON for one model (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
-                   help="extra model.train arguments for one model, e.g. 'hiertcn:solo=--no-high-level'")
+                   help="extra model.train arguments for one model, e.g. 'hiertcn:plain=--no-repeat-head'")
     args = p.parse_args(argv)
     try:
         names = parse_model_names(args.models)
