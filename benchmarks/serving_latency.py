@@ -2,13 +2,15 @@
 
 Workload: a HierTCN with the default dims (E = C = 128, state H = 256, random weights) and
 a 50,000-item catalogue, exported with serving.export and served by serving.server with
-batching on; requests are single users with a 10-item session, k = 20.
+batching on; requests are single users with a 10-item session, k = 20. The published model
+by default; `--repeat-head` exports the default model with the repeat head, and each
+request then carries 50 history items.
 
 Measures, in one run: the in-process SavedModel call time at batch 1; p50/p99 latency over
 gRPC at batch 1 from one client; requests/s with 8 concurrent clients; and
 grpc_overhead_ratio = gRPC p50 / in-process p50. The last line is one JSON object.
 
-    python benchmarks/serving_latency.py [--quick]
+    python benchmarks/serving_latency.py [--quick] [--repeat-head]
 """
 from __future__ import annotations
 
@@ -46,26 +48,29 @@ NAME = "hiertcn"
 READY = re.compile(r"^serving \S+ version \d+ on (\S+)$")
 
 
-def build_export(base: str) -> tuple[str, schema.Vocabulary]:
-    """Exports a randomly initialised HierTCN (default sizes, as published: no repeat head)
-    over a synthetic catalogue."""
+def build_export(base: str, repeat_head: bool) -> tuple[str, schema.Vocabulary]:
+    """Exports a randomly initialised HierTCN (default sizes; the repeat head or the
+    published model) over a synthetic catalogue."""
     ids = (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN) + tuple(f"item{i}" for i in range(ITEMS))
     vocab = schema.Vocabulary(ids=ids, counts=np.zeros(len(ids), np.int64))
     tf.keras.utils.set_random_seed(0)
-    model = registry.build_model("hiertcn", HierTCNConfig(repeat_head=False), vocab.size)
+    model = registry.build_model("hiertcn", HierTCNConfig(repeat_head=repeat_head), vocab.size)
     return export.export_model(model, vocab, base), vocab
 
 
-def make_inputs(vocab: schema.Vocabulary, n: int, state_size: int) -> list[dict[str, np.ndarray]]:
-    """n single-user requests: random states and 10-item sessions of random items."""
+def make_inputs(vocab: schema.Vocabulary, n: int, state_size: int,
+                history: int) -> list[dict[str, np.ndarray]]:
+    """n single-user requests: random states, 10-item sessions of random items and
+    `history` random history items (an empty one when 0)."""
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
         items = rng.integers(schema.NUM_RESERVED, vocab.size, size=SESSION_LENGTH)
+        past = rng.integers(schema.NUM_RESERVED, vocab.size, size=history)
         out.append({
             "user_state": rng.normal(size=[1, state_size]).astype(np.float32),
             "session_items": np.array([[vocab.ids[i] for i in items]], dtype=object),
-            "history_items": np.array([[""]], dtype=object),
+            "history_items": np.array([[vocab.ids[i] for i in past] or [""]], dtype=object),
             "k": np.int32(K)})
     return out
 
@@ -101,14 +106,17 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
+    parser.add_argument("--repeat-head", action="store_true",
+                        help="the default model with the repeat head (requests carry 50 history items)")
     args = parser.parse_args(argv)
+    history = HierTCNConfig().history_size if args.repeat_head else 0
     n_latency, qps_seconds = (300, 5.0) if args.quick else (2000, 20.0)
 
     with tempfile.TemporaryDirectory() as base:
-        path, vocab = build_export(base)
+        path, vocab = build_export(base, args.repeat_head)
         fn = tf.saved_model.load(path).signatures["next_items"]
         h = int(fn.structured_input_signature[1]["user_state"].shape[1])
-        inputs = make_inputs(vocab, 64, h)
+        inputs = make_inputs(vocab, 64, h, history)
         tensors = [{k: tf.constant(v) for k, v in x.items()} for x in inputs]
         requests = [to_request(x) for x in inputs]
         proc, target = start_server(base)
@@ -173,6 +181,7 @@ def main(argv=None) -> int:
         "workload": {"items": ITEMS, "session_length": SESSION_LENGTH, "k": K, "batch": 1,
                      "clients": CLIENTS, "latency_requests": n_latency, "qps_seconds": qps_seconds,
                      "model": "hiertcn default dims (E=C=128, H=256), random weights",
+                     "repeat_head": args.repeat_head, "history_items": history,
                      "server": "serving.server --enable-batching --max-batch-size 32 "
                                f"--batch-timeout-micros {BATCH_TIMEOUT_MICROS}",
                      "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),

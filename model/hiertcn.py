@@ -183,17 +183,22 @@ class HierTCN(SequenceModel):
                              "use item_logits")
         user = tf.cast(user, tf.float32)
         context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix)
-        b, p = tf.shape(log_att)[0], tf.shape(log_att)[1]
-        v = self.vocab_size
-        # p_rep per item: the attention of every context position summed onto its item.
-        row = tf.reshape(tf.range(b * p, dtype=tf.int64), [b, p, 1]) * v
-        ids = row + context[:, None, :]
-        p_rep = tf.math.unsorted_segment_sum(tf.reshape(tf.exp(log_att), [-1]),
-                                             tf.reshape(ids, [-1]), b * p * v)
-        log_rep = tf.math.log(tf.reshape(p_rep, [b, p, v]))  # -inf off the context
-        return tf.reduce_logsumexp(tf.stack([
-            log_keep[..., None] + self._catalogue_log_probs(user),
-            log_w[..., None] + log_rep]), axis=0)
+        log_cat = self._catalogue_log_probs(user)                                   # [B, P, V]
+        b, p, m = tf.shape(log_att)[0], tf.shape(log_att)[1], tf.shape(log_att)[2]
+        # Only the M context items get a repeat part, so the mixture is the scaled catalogue
+        # with those few entries replaced (no [B, P, V] repeat tensor): p_rep of the item
+        # at each context position is the attention summed over every position holding it.
+        same = tf.cast(tf.equal(context[:, :, None], context[:, None, :]), tf.float32)
+        p_item = tf.einsum("bpm,bmn->bpn", tf.exp(log_att), same)                  # [B, P, M]
+        items = tf.broadcast_to(context[:, None, :], [b, p, m])
+        mixed = tf.reduce_logsumexp(tf.stack([
+            log_keep[..., None] + tf.gather(log_cat, items, batch_dims=2),
+            log_w[..., None] + tf.math.log(p_item)]), axis=0)  # log 0 = -inf: catalogue only
+        where = tf.stack([tf.broadcast_to(tf.range(b, dtype=tf.int64)[:, None, None], [b, p, m]),
+                          tf.broadcast_to(tf.range(p, dtype=tf.int64)[None, :, None], [b, p, m]),
+                          items], axis=-1)
+        # An item held at several positions gets the same value from each of them.
+        return tf.tensor_scatter_nd_update(log_keep[..., None] + log_cat, where, mixed)
 
     def repeat_losses(self, user, targets, where, flat_items, history):
         user = tf.cast(user, tf.float32)
