@@ -330,11 +330,14 @@ class RepeatHead(tf.keras.layers.Layer):
         user, keys, visible, age = inputs
         user = tf.cast(user, tf.float32)
         keys = tf.cast(keys, tf.float32)
-        query = tf.einsum("bpd,de->bpe", user, self.query) / tf.sqrt(float(keys.shape[-1]))
-        logits = tf.einsum("bpe,bme->bpm", query, keys)
+        # Plain (batched) matmuls: oneDNN's einsum kernels took several times as long here.
+        lead = tf.shape(user)[:-1]
+        flat = tf.reshape(user, [-1, tf.shape(user)[-1]])
+        query = tf.reshape(tf.matmul(flat, self.query), tf.concat([lead, [-1]], 0))
+        gate = tf.reduce_sum(user * self.gate, axis=-1) + self.gate_bias  # (a [.., 1] matmul is slow)
+        logits = tf.matmul(query, keys, transpose_b=True) / tf.sqrt(float(keys.shape[-1]))
         logits += tf.gather(self.recency, tf.minimum(age, self.max_age - 1))
         logits = tf.where(visible, logits, NEG_LOGIT)
-        gate = tf.einsum("bpd,d->bp", user, self.gate) + self.gate_bias
         return gate, tf.nn.log_softmax(logits, axis=-1)
 
     def get_config(self):
