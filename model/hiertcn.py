@@ -5,7 +5,8 @@ TCN inside the session, conditioned on the high-level state at every step.
     u_t = TCN([start, x_1 .. x_{t}] each concat h_n, projected to C)_t
     p(item | u_t) = softmax(u_t W^T + b)
 
-With the repeat head (RepeatNet-style; on by default with the full softmax), the next item is a mixture
+With the repeat head (RepeatNet-style; on by default with the full softmax), the next
+item is a mixture
     p(item | u_t) = (1 - w_t) softmax(u_t W^T + b) + w_t p_rep(item | u_t, recent items),
 w_t = sigmoid(u_t . g + b_g), p_rep = attention of u_t over the user's last N items and the
 session so far (`layers.RepeatHead`), summed per item. The reserved indices get
@@ -194,7 +195,7 @@ class HierTCN(SequenceModel):
         # with those few entries replaced (no [B, P, V] repeat tensor): p_rep of the item
         # at each context position is the attention summed over every position holding it.
         same = tf.cast(tf.equal(context[:, :, None], context[:, None, :]), tf.float32)
-        p_item = tf.einsum("bpm,bmn->bpn", tf.exp(log_att), same)                  # [B, P, M]
+        p_item = tf.matmul(tf.exp(log_att), same)                                   # [B, P, M]
         items = tf.broadcast_to(context[:, None, :], [b, p, m])
         mixed = tf.reduce_logsumexp(tf.stack([
             log_keep[..., None] + tf.gather(log_cat, items, batch_dims=2),

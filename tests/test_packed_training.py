@@ -9,16 +9,15 @@ from model import config as config_lib
 from model.hiertcn import HierTCN, PackedSlots, packed_causal_conv
 
 # The published model (no repeat head: its batches carry no `history`).
+SMALL = {"embedding_dim": 8, "gru_units": 4, "repeat_head": False}
 CONFIGS = {
-    "default_shape": config_lib.HierTCNConfig(repeat_head=False, embedding_dim=8, gru_units=4, channels=8),
-    "deep_with_shortcut": config_lib.HierTCNConfig(repeat_head=False, embedding_dim=8, gru_units=4, channels=6,
-                                                   num_blocks=3, convs_per_block=2),
-    "session_only": config_lib.HierTCNConfig(repeat_head=False, embedding_dim=8, gru_units=4, channels=8,
-                                             high_level=False),
-    "session_summary": config_lib.HierTCNConfig(repeat_head=False, embedding_dim=8, gru_units=4, channels=8,
-                                                session_summary=True),
-    "summary_session_only": config_lib.HierTCNConfig(repeat_head=False, embedding_dim=8, gru_units=4, channels=8,
-                                                     high_level=False, session_summary=True),
+    "default_shape": config_lib.HierTCNConfig(**SMALL, channels=8),
+    "deep_with_shortcut": config_lib.HierTCNConfig(**SMALL, channels=6, num_blocks=3,
+                                                   convs_per_block=2),
+    "session_only": config_lib.HierTCNConfig(**SMALL, channels=8, high_level=False),
+    "session_summary": config_lib.HierTCNConfig(**SMALL, channels=8, session_summary=True),
+    "summary_session_only": config_lib.HierTCNConfig(**SMALL, channels=8, high_level=False,
+                                                     session_summary=True),
 }
 
 
@@ -92,8 +91,8 @@ def test_session_summary_carries_across_chunks():
     # so a session split into chunks of 2 gives the whole-session vectors except at each
     # chunk's first position (whose input is the start vector, not the previous item).
     tf.keras.utils.set_random_seed(0)
-    config = config_lib.HierTCNConfig(repeat_head=False, embedding_dim=8, gru_units=4, channels=8, kernel_size=1,
-                                      num_blocks=1, session_summary=True)
+    config = config_lib.HierTCNConfig(**SMALL, channels=8, kernel_size=1, num_blocks=1,
+                                      session_summary=True)
     model = HierTCN(config, 30)
     model.build_weights()
     sessions = [np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10])]
