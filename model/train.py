@@ -285,6 +285,12 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         return _read_summary(run_dir)
 
     train_step = make_train_step(model, optimizer, state, strategy, mixed_float16, tc.jit_compile)
+    if progress:
+        head = (f", repeat head over the user's last {model.history_size} items"
+                if model.history_size else "")
+        print(f"training {config.model_name}{head}: steps {start_step + 1}-{tc.steps or total_steps}, "
+              f"batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
+              f"{data_dir} -> {run_dir}", file=sys.stderr)
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
     bar = tf.keras.utils.Progbar(tc.steps or total_steps, stateful_metrics=["loss", "events/s"],
                                  verbose=1 if progress else 0, unit_name="step")
