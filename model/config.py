@@ -128,6 +128,12 @@ class HierTCNConfig(ConfigBase):
         items before it, projected to C (the convolutions see the last `receptive_field`
         items; the summary the whole session, across the chunks the generator splits a
         long session into).
+      start_items: R, the first items of the user's last R sessions, which the repeat head
+        also points at (how the user's sessions tend to start, however long ago; weighted
+        by a learned bias per session age and by the position in the session): carried as
+        item indices after the GRU state (H grows by R; like the GRU state, updated when
+        a session ends). 0: off. Only with the repeat head and the high level; chosen on
+        synthetic valid data (first items R@20 0.556 vs 0.522 without, overall level).
     """
 
     embedding_dim: int = 128
@@ -147,12 +153,14 @@ class HierTCNConfig(ConfigBase):
     repeat_head: bool | None = None
     history_size: int = 50
     session_summary: bool = False
+    start_items: int = 20
 
     def validate(self) -> None:
         for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",
                     "num_blocks", "convs_per_block", "num_negatives", "history_size"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.start_items >= 0, f"model.start_items must be >= 0, got {self.start_items}")
         _check(self.loss in ("softmax", "sampled"),
                f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
         _check(self.repeat_head is not True or self.loss == "softmax",

@@ -60,6 +60,10 @@ class HierTCN(SequenceModel):
         pretrained = None
         if c.pretrained_item_vectors and load_pretrained:
             pretrained = load_item_vectors(c.pretrained_item_vectors, vocab_size, c.embedding_dim)
+        if self.memory_size and vocab_size > 2 ** 24:
+            raise ValueError(f"model.start_items keeps item indices in the float32 state, exact up "
+                             f"to {2 ** 24:,} items; this vocabulary has {vocab_size:,}: set "
+                             "model.start_items to 0")
         self.item_embedding = layers.item_embedding(vocab_size, c.embedding_dim, pretrained,
                                                     frozen=bool(c.pretrained_item_vectors))
         self.aggregator = layers.SessionAggregator(name="agg")
@@ -73,7 +77,8 @@ class HierTCN(SequenceModel):
         self.summary_projection = (
             tf.keras.layers.Dense(c.channels, use_bias=False, name="summary_projection")
             if c.session_summary else None)
-        self.repeat_head = (layers.RepeatHead(c.history_size, dtype="float32", name="repeat_head")
+        self.repeat_head = (layers.RepeatHead(c.history_size, num_starts=self.memory_size,
+                                              dtype="float32", name="repeat_head")
                             if c.uses_repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         self.reserved_mask = tf.constant(
@@ -81,7 +86,27 @@ class HierTCN(SequenceModel):
 
     @property
     def state_size(self) -> int:
+        return self.gru_size + self.memory_size
+
+    @property
+    def gru_size(self) -> int:
+        """The GRU part of the state (all layers' states): the state's first numbers."""
         return self.config.gru_units * self.config.gru_layers
+
+    @property
+    def memory_size(self) -> int:
+        """The start items part of the state (`config.start_items` R with the repeat head
+        and the high level, else 0): the first items' indices of the user's last R
+        sessions, oldest first, 0 for none (exact as float32 up to 2**24 items)."""
+        c = self.config
+        return c.start_items if c.uses_repeat_head and c.high_level else 0
+
+    @staticmethod
+    def _push_start(memory, first):
+        """The start items [B, R] after a session whose first item is `first` float32 [B]
+        (0: no session, unchanged)."""
+        pushed = tf.concat([memory[:, 1:], first[:, None]], axis=1)
+        return tf.where((first > 0)[:, None], pushed, memory)
 
     @property
     def receptive_field(self) -> int:
@@ -100,8 +125,13 @@ class HierTCN(SequenceModel):
         state = tf.convert_to_tensor(state, tf.float32)
         if not self.config.high_level:
             return state
-        sums, counts = self._sums(tf.convert_to_tensor(session_items, tf.int64))
-        return tf.where((counts > 0)[:, None], self._gru_step(state, sums, counts), state)
+        items = tf.convert_to_tensor(session_items, tf.int64)
+        sums, counts = self._sums(items)
+        new = self._gru_step(state[:, :self.gru_size], sums, counts)
+        if self.memory_size:
+            first = tf.cast(items[:, 0], tf.float32)
+            new = tf.concat([new, self._push_start(state[:, self.gru_size:], first)], axis=1)
+        return tf.where((counts > 0)[:, None], new, state)
 
     def user_embeddings(self, state, prefix, training=False, carried=None):
         """See `SequenceModel.user_embeddings`; `carried` (sum of embeddings [B, E], count
@@ -111,7 +141,8 @@ class HierTCN(SequenceModel):
             state = tf.zeros_like(state)
         prefix = tf.convert_to_tensor(prefix, tf.int64)
         emb = self.item_embedding(prefix)
-        x = self.input_projection((emb, tf.cast(state, emb.dtype)))
+        # the TCN sees the GRU state (the start memory is read by the repeat head only)
+        x = self.input_projection((emb, tf.cast(state[:, :self.gru_size], emb.dtype)))
         if self.summary_projection is not None:
             mask = tf.cast(prefix > 0, tf.float32)
             sums = tf.cumsum(tf.cast(emb, tf.float32) * mask[..., None], axis=1)
@@ -143,18 +174,21 @@ class HierTCN(SequenceModel):
     def history_size(self) -> int:
         return self.config.history_size if self.config.uses_repeat_head else 0
 
-    def _repeat_parts(self, user, history, prefix):
+    def _repeat_parts(self, user, history, prefix, state=None):
         """The repeat head at every position.
 
         Args:
           user: [B, P, D]; history int64 [B, N'] (newest last, 0 pads anywhere); prefix
-            int64 [B, T] (0 pads at the end); position p sees prefix[:, :p].
+            int64 [B, T] (0 pads at the end); position p sees prefix[:, :p]; state [B, H]
+            the state before the session (read with `start_items`).
 
         Returns:
-          (context int64 [B, M = N' + T], log w [B, P], log (1 - w) [B, P],
+          (context int64 [B, M = N' + T (+ R)], log w [B, P], log (1 - w) [B, P],
           log p_rep over the context positions [B, P, M]). Position p points at the newest
-          `history_size` known items of history + prefix[:, :p]. With nothing to point at
-          (no known item visible) w is 0: log w = NEG_LOGIT, log (1 - w) = 0.
+          `history_size` known items of history + prefix[:, :p] and, with `start_items`,
+          at the first items of the user's last R sessions (read from the state). With
+          nothing to point at (no known item visible) w is 0: log w = NEG_LOGIT,
+          log (1 - w) = 0.
         """
         history = tf.cast(history, tf.int64)
         prefix = tf.cast(prefix, tf.int64)
@@ -173,6 +207,18 @@ class HierTCN(SequenceModel):
         age = tf.reshape(age, tf.shape(known))
         visible = known & (age < self.config.history_size)
         context = tf.concat([history, prefix], axis=1)
+        if self.memory_size:
+            if state is None:
+                raise ValueError("a model with model.start_items needs the user state here")
+            starts = tf.cast(tf.round(tf.convert_to_tensor(state, tf.float32)[:, self.gru_size:]),
+                             tf.int64)                                             # [B, R]
+            # anything but a known item index (a state from elsewhere) points at nothing
+            in_starts = (starts >= schema.NUM_RESERVED) & (starts < self.vocab_size)
+            starts = tf.where(in_starts, starts, 0)
+            in_starts = in_starts[:, None, :]
+            visible = tf.concat([visible, tf.broadcast_to(in_starts, [b, p, self.memory_size])],
+                                axis=2)
+            context = tf.concat([context, starts], axis=1)
         gate, log_att = self.repeat_head((user, self.item_embedding(context), visible, age))
         has = tf.reduce_any(visible, axis=2)
         log_w = tf.where(has, tf.math.log_sigmoid(gate), layers.NEG_LOGIT)
@@ -183,12 +229,12 @@ class HierTCN(SequenceModel):
         """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
         return tf.nn.log_softmax(self.item_logits(user) + self.reserved_mask, axis=-1)
 
-    def item_log_probs(self, user, history, prefix):
+    def item_log_probs(self, user, history, prefix, state=None):
         if self.repeat_head is None:
             raise ValueError("item_log_probs needs a model with model.repeat_head on; "
                              "use item_logits")
         user = tf.cast(user, tf.float32)
-        context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix)
+        context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix, state)
         log_cat = self._catalogue_log_probs(user)                                   # [B, P, V]
         b, p, m = tf.shape(log_att)[0], tf.shape(log_att)[1], tf.shape(log_att)[2]
         # Only the M context items get a repeat part, so the mixture is the scaled catalogue
@@ -211,7 +257,8 @@ class HierTCN(SequenceModel):
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
         history = tf.reshape(tf.cast(history, tf.int64), [tf.shape(flat_items)[0], -1])
-        context, log_w, log_keep, log_att = self._repeat_parts(slots_user, history, flat_items)
+        context, log_w, log_keep, log_att = self._repeat_parts(slots_user, history, flat_items,
+                                                               self._head_states)
         at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
         log_rep = tf.reduce_logsumexp(
             tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
@@ -228,8 +275,11 @@ class HierTCN(SequenceModel):
         `update_state` does on the whole session.
         """
         e = self.item_embedding.output_dim
-        return (self.initial_state(batch_size), tf.zeros([batch_size, e], tf.float32),
-                tf.zeros([batch_size], tf.float32))
+        cache = (self.initial_state(batch_size), tf.zeros([batch_size, e], tf.float32),
+                 tf.zeros([batch_size], tf.float32))
+        if self.memory_size:  # each row's unfinished session: its first item, under way
+            cache += (tf.zeros([batch_size, 2], tf.float32),)
+        return cache
 
     def session_states(self, batch, cache, training):
         """Runs the high-level GRU over the S slots first (AGG does not depend on the state),
@@ -246,7 +296,8 @@ class HierTCN(SequenceModel):
             return (tf.zeros(tf.stack([b, s, self.state_size])), tf.zeros(tf.stack([b, s, e])),
                     tf.zeros(tf.stack([b, s])), cache)
         sums, counts = self._sums(items)
-        return self._states_from_sums(sums, counts, batch["reset"], batch["session_end"], cache)
+        return self._states_from_sums(sums, counts, batch["reset"], batch["session_end"], cache,
+                                      items[:, :, 0])
 
     def encode(self, batch, cache, training):
         """The padded encoder (`SequenceModel.encode`), with the session summary carried
@@ -255,21 +306,23 @@ class HierTCN(SequenceModel):
         b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
         before, sums, counts, new_cache = self._slot_states(items, batch, cache)
         carried = (tf.reshape(sums, [b * s, -1]), tf.reshape(counts, [-1]))
+        self._head_states = tf.reshape(before, [b * s, self.state_size])
         u = self.user_embeddings(tf.reshape(before, [b * s, self.state_size]),
                                  tf.reshape(items, [b * s, l])[:, :-1], training=training,
                                  carried=carried)
         return u, new_cache
 
-    def _states_from_sums(self, sums, counts, reset, end, cache):
+    def _states_from_sums(self, sums, counts, reset, end, cache, first_items):
         """`_slot_states` from the slots' embedding sums [B, S, E] and counts [B, S].
 
         The session aggregates do not depend on the state, so they come first, for all S
         slots at once: slot s sums the slots t <= s of its session (a session starts at
         `reset` or after `session_end`; one that started before the batch adds the
         cache's running sum). Then the first GRU layer's input projection of all of them
-        is one matmul, and only the recurrence runs slot by slot.
+        is one matmul, and only the recurrence runs slot by slot. `first_items` int64
+        [B, S] (each slot's position 0) gives the start memory its sessions' first items.
         """
-        state, acc, cnt = cache
+        state, acc, cnt = cache[:3]
         num = reset.shape[1]
         starts = reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])                # [B, S]
         session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
@@ -284,16 +337,41 @@ class HierTCN(SequenceModel):
         cnt = tf.where(ended, 0.0, cnts[:, -1])
         if not self.config.high_level:
             before = tf.zeros(tf.concat([tf.shape(counts), [self.state_size]], 0))
-            return before, accs - sums, cnts - counts, (state, acc, cnt)
+            return before, accs - sums, cnts - counts, (state, acc, cnt, *cache[3:])
+        firsts, rest = None, ()
+        if self.memory_size:
+            # each slot's session's first item: at position 0 of the slot where the session
+            # started in this batch, or the cache's for a session already under way (its
+            # last column 1; 0 when the row's last session ended with the previous batch,
+            # so that slot 0 starts one)
+            pending, under_way = cache[3][:, :1], cache[3][:, 1] > 0.5
+            new_at = tf.concat([starts[:, :1] | ~under_way[:, None], starts[:, 1:]], axis=1)
+            ids = tf.cumsum(tf.cast(new_at, tf.int32), axis=1)
+            known = tf.cast(new_at & (first_items > 0), tf.float32)            # [B, S]
+            first_ids = tf.cast(first_items, tf.float32) * known
+            started_at = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]) & new_at[:, None, :],
+                                 tf.float32)                                   # [B, S, S]
+            carried_m = tf.cast(tf.equal(ids, 0), tf.float32)
+            # (one nonzero term per sum: exact)
+            firsts = (tf.einsum("bst,bt->bs", started_at, first_ids)
+                      + carried_m * pending)                                   # [B, S]
+            # under way after the batch: the last slot's session has its first item
+            has = (tf.einsum("bt,bt->b", started_at[:, -1], known)
+                   + carried_m[:, -1] * tf.cast(under_way, tf.float32))
+            last = tf.stack([firsts[:, -1], has], axis=1)
+            rest = (tf.where(ended[:, None], 0.0, last),)
         projected = self.gru.project_inputs(self.aggregator(accs, cnts))     # [B, S, 3U]
         weights = self.gru.step_weights(projected.dtype)
         before = []
+        g = self.gru_size
         for s, x in enumerate(tf.unstack(projected, axis=1)):
             state = tf.where(reset[:, s, None], 0.0, state)
             before.append(state)
-            new = tf.cast(self.gru.step(x, state, weights), tf.float32)
+            new = tf.cast(self.gru.step(x, state[:, :g], weights), tf.float32)
+            if firsts is not None:
+                new = tf.concat([new, self._push_start(state[:, g:], firsts[:, s])], axis=1)
             state = tf.where(end[:, s, None], new, state)
-        return tf.stack(before, axis=1), accs - sums, cnts - counts, (state, acc, cnt)
+        return tf.stack(before, axis=1), accs - sums, cnts - counts, (state, acc, cnt, *rest)
 
     def encode_events(self, batch, cache, training):
         """The training encoder on the packed events: no compute on padding.
@@ -322,10 +400,11 @@ class HierTCN(SequenceModel):
                                                   packed.slot, b * s)
             before, carried_sums, carried_counts, new_cache = self._states_from_sums(
                 tf.reshape(sums, [b, s, -1]), tf.reshape(counts, [b, s]),
-                batch["reset"], batch["session_end"], cache)
+                batch["reset"], batch["session_end"], cache, items[:, :, 0])
             before = tf.reshape(before, [-1, state_dim])
         else:
             before, new_cache = tf.zeros([b * s, state_dim]), cache
+        self._head_states = before
         proj = self.input_projection
         kernel = tf.cast(proj.kernel, emb.dtype)
         e = emb.shape[-1]
@@ -333,7 +412,8 @@ class HierTCN(SequenceModel):
         first = tf.broadcast_to(tf.cast(proj.start, emb.dtype), tf.stack([packed.start(1), e]))
         inputs = tf.concat([first, packed.shift(emb, 1)], axis=0)
         x = (tf.matmul(inputs, kernel[:e])
-             + tf.gather(tf.matmul(tf.cast(before, emb.dtype), kernel[e:]), packed.slot))
+             + tf.gather(tf.matmul(tf.cast(before[:, :self.gru_size], emb.dtype), kernel[e:]),
+                         packed.slot))
         if self.summary_projection is not None:
             # the mean of the session's items before each event: earlier chunks (carried)
             # and this slot's earlier positions

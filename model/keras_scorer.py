@@ -27,7 +27,8 @@ class KerasScorer(Scorer):
         if model.history_size:
             def score(state, history, sessions):
                 prefix = sessions[:, :-1]
-                return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix)
+                return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix,
+                                            state)
 
             self._score = tf.function(score, input_signature=[state_spec, items_spec, items_spec])
         else:

@@ -299,13 +299,18 @@ class RepeatHead(tf.keras.layers.Layer):
         p_rep(j | p) = softmax over the context positions j visible at p
 
     age_pj counts the visible context items newer than j (0 = the latest), so the learned
-    recency bias r works for any context length. The model scatters p_rep onto item
-    indices and mixes it with its catalogue softmax.
+    recency bias r works for any context length. With `num_starts` R > 0 the context ends
+    with R more entries, the first items of the user's last R sessions (oldest first),
+    whose bias is their own learned s[k] in place of r. The model scatters p_rep onto
+    item indices and mixes it with its catalogue softmax.
     """
 
-    def __init__(self, max_age: int, **kwargs):
+    def __init__(self, max_age: int, num_starts: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.max_age = _positive("max_age", max_age)
+        if num_starts < 0:
+            raise ValueError(f"num_starts must be >= 0, got {num_starts}")
+        self.num_starts = int(num_starts)
 
     def build(self, input_shape):
         user_shape, key_shape = input_shape[0], input_shape[1]
@@ -314,6 +319,10 @@ class RepeatHead(tf.keras.layers.Layer):
         self.gate = self.add_weight(name="gate", shape=[d], initializer="zeros")
         self.gate_bias = self.add_weight(name="gate_bias", shape=[], initializer="zeros")
         self.recency = self.add_weight(name="recency", shape=[self.max_age], initializer="zeros")
+        if self.num_starts:
+            self.start_recency = self.add_weight(name="start_recency", shape=[self.num_starts],
+                                                 initializer="zeros")
+            self.start_query = self.add_weight(name="start_query", shape=[d], initializer="zeros")
         super().build(input_shape)
 
     def call(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
@@ -321,7 +330,7 @@ class RepeatHead(tf.keras.layers.Layer):
 
         Args:
           inputs: (user [B, P, D], context item embeddings [B, M, E], visible bool
-            [B, P, M], age int32 [B, P, M]).
+            [B, P, M], age int32 [B, P, M - num_starts]: of the entries before the starts).
 
         Returns:
           (gate logit [B, P] (w = sigmoid), log p_rep [B, P, M]: `NEG_LOGIT`-like values
@@ -336,12 +345,18 @@ class RepeatHead(tf.keras.layers.Layer):
         query = tf.reshape(tf.matmul(flat, self.query), tf.concat([lead, [-1]], 0))
         gate = tf.reduce_sum(user * self.gate, axis=-1) + self.gate_bias  # (a [.., 1] matmul is slow)
         logits = tf.matmul(query, keys, transpose_b=True) / tf.sqrt(float(keys.shape[-1]))
-        logits += tf.gather(self.recency, tf.minimum(age, self.max_age - 1))
+        bias = tf.gather(self.recency, tf.minimum(age, self.max_age - 1))
+        if self.num_starts:
+            # the starts' weight also depends on the position (the user vector): how a session
+            # starts matters most before its first item
+            per_position = tf.reduce_sum(user * self.start_query, axis=-1)[..., None]
+            bias = tf.concat([bias, self.start_recency + per_position], axis=-1)
+        logits += bias
         logits = tf.where(visible, logits, NEG_LOGIT)
         return gate, tf.nn.log_softmax(logits, axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "max_age": self.max_age}
+        return {**super().get_config(), "max_age": self.max_age, "num_starts": self.num_starts}
 
 
 # A finite "minus infinity" for masked logits: exp() of it is exactly 0 in float32 and,

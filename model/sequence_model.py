@@ -87,7 +87,8 @@ class SequenceModel(tf.keras.Model):
         `item_logits` alone scores the next item."""
         return 0
 
-    def item_log_probs(self, user: tf.Tensor, history: tf.Tensor, prefix: tf.Tensor) -> tf.Tensor:
+    def item_log_probs(self, user: tf.Tensor, history: tf.Tensor, prefix: tf.Tensor,
+                       state: tf.Tensor | None = None) -> tf.Tensor:
         """Next-item log-probabilities of a model with `history_size` > 0.
 
         Args:
@@ -95,6 +96,8 @@ class SequenceModel(tf.keras.Model):
           history: int64 [B, N'] the user's items before the session, newest last, 0 pads
             anywhere.
           prefix: int64 [B, T] the session so far, padded with 0 at the end.
+          state: float32 [B, H] the user state the scores start from (a model whose
+            mixture reads it, e.g. HierTCN's start memory).
 
         Returns:
           float32 [B, P, V]: position p depends on the newest `history_size` known items of
@@ -102,13 +105,15 @@ class SequenceModel(tf.keras.Model):
         """
         raise NotImplementedError
 
-    def item_scores_with_history(self, user: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+    def item_scores_with_history(self, user: tf.Tensor, history: tf.Tensor,
+                                 state: tf.Tensor | None = None) -> tf.Tensor:
         """Serving scores of the user after a session: float32 [B, D], int64 [B, N'] (the
-        user's recent items, the session so far included, newest last) -> [B, V]."""
+        user's recent items, the session so far included, newest last), the state [B, H]
+        before the session -> [B, V]."""
         if not self.history_size:
             return self.item_logits(user)
         no_prefix = tf.zeros([tf.shape(user)[0], 0], tf.int64)
-        return self.item_log_probs(user[:, None], history, no_prefix)[:, 0]
+        return self.item_log_probs(user[:, None], history, no_prefix, state)[:, 0]
 
     def repeat_losses(self, user: tf.Tensor, targets: tf.Tensor, where: tf.Tensor,
                       flat_items: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
@@ -136,7 +141,7 @@ class SequenceModel(tf.keras.Model):
         user = self.user_embeddings(self.update_state(state, items), items)
         self.item_logits(user)
         if self.history_size:
-            self.item_log_probs(user, items, items)
+            self.item_log_probs(user, items, items, state)
 
     # --- the training hooks -----------------------------------------------------------
     def train_cache(self, batch_size: int) -> tuple[tf.Tensor, ...]:

@@ -128,7 +128,7 @@ class ServingModule(tf.Module):
                 history = lookup(history_items)
                 if getattr(model, "history_size", 0):  # a repeat head also points at the session
                     history = tf.concat([history, items], axis=1)
-                scores = getattr(model, HISTORY_SCORER)(u, history)
+                scores = getattr(model, HISTORY_SCORER)(u, history, user_state)
             else:
                 scores = model.item_logits(u)
             # Columns 0 (padding) and 1 (unknown) are cut off, so they are never returned.

@@ -173,7 +173,7 @@ def test_repeat_head_model_gets_history_then_session(tmp_path):
     """With a repeat head, next_items equals the eager model scoring history + session."""
     vocab = lib.tiny_vocabulary()
     tf.keras.utils.set_random_seed(0)
-    config = lib.TINY.replace({"repeat_head": True, "history_size": 4})
+    config = lib.TINY.replace({"repeat_head": True, "history_size": 4, "start_items": 0})
     model = registry.build_model("hiertcn", config, vocab.size)
     assert model.history_size == 4
     path = export.export_model(model, vocab, str(tmp_path))

@@ -7,6 +7,7 @@ from model import config as config_lib
 from model import registry
 from model.hiertcn import HierTCN
 from model.keras_scorer import KerasScorer
+from model.sequence_model import SequenceModel
 
 V = 12
 # The published model; the repeat head (on by default) has its own tests.
@@ -151,3 +152,45 @@ def test_checkpoint_reload_and_scorer(model, tmp_path):
     np.testing.assert_allclose(scorer.update(state.numpy(), items),
                                model.update_state(state, items).numpy(), atol=1e-5)
     assert scorer.initial_state(["a", "b", "c"]).shape == (3, 8)
+
+
+def test_start_items_in_training_equal_update_state_across_chunks_and_batches():
+    tf.keras.utils.set_random_seed(1)
+    config = TINY.replace({"repeat_head": True, "history_size": 4, "start_items": 3})
+    m = registry.build_model("hiertcn", config, V)
+    assert (m.state_size, m.gru_size, m.memory_size) == (11, 8, 3)
+    assert registry.build_model("hiertcn", config.replace({"repeat_head": False}), V).memory_size == 0
+    # Row 0 (one user): [2 3 4 5 6] over two chunks, [7 8] ending with the batch, then in the
+    # next batch [9 10 11 3] (starting at slot 0 without a reset) and [4 5].
+    # Row 1: [9 10], a new user with [3 4], an empty slot; next batch: [2] left unfinished.
+    b1 = _batch([[[2, 3, 4], [5, 6, 0], [7, 8, 0]], [[9, 10, 0], [3, 4, 0], [0, 0, 0]]],
+                [[True, False, False], [True, True, False]],
+                [[False, True, True], [True, True, False]])
+    b2 = _batch([[[9, 10, 11], [3, 0, 0], [4, 5, 0]], [[2, 0, 0], [0, 0, 0], [0, 0, 0]]],
+                [[False, False, False], [False, False, False]],
+                [[False, True, True], [False, False, False]])
+    before1, cache = m.session_states(b1, m.train_cache(2), training=False)
+    before2, cache = m.session_states(b2, cache, training=False)
+
+    def after(state, items):
+        return m.update_state(state, tf.constant([items], tf.int64))[0]
+
+    s1 = after(tf.zeros([1, 11]), [2, 3, 4, 5, 6])
+    s2 = after(s1[None], [7, 8])
+    s3 = after(s2[None], [9, 10, 11, 3])
+    s4 = after(s3[None], [4, 5])
+    for got, want in [(before1[0, 2], s1), (before2[0, 0], s2), (before2[0, 1], s2),
+                      (before2[0, 2], s3), (cache[0][0], s4)]:
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(before1[1, 2].numpy(), after(tf.zeros([1, 11]), [3, 4]).numpy(),
+                               atol=1e-5)
+    # the first items of the last 3 sessions, oldest first (0: none yet)
+    assert [s.numpy()[8:].tolist() for s in (s1, s2, s4)] == [[0, 0, 2], [0, 2, 7], [7, 9, 4]]
+    # the unfinished session's first item waits in the cache (with "under way"); none in row 0
+    np.testing.assert_array_equal(cache[3].numpy(), [[0, 0], [2, 1]])
+    # the packed training encoder equals the padded one
+    u_packed, _ = m.encode_events(b2, cache, False)
+    u_padded, _ = SequenceModel.encode_events(m, b2, cache, False)
+    np.testing.assert_allclose(u_packed.numpy(), u_padded.numpy(), atol=1e-5)
+    with pytest.raises(config_lib.ConfigError, match="start_items must be >= 0"):
+        TINY.replace({"start_items": -1})

@@ -15,8 +15,9 @@ from model.keras_scorer import KerasScorer
 from tiny_logs import planted_users, write_data
 
 V = 12
+# The head over the user's last items only (the start items have their own tests).
 HEAD = config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, gru_layers=2, channels=8,
-                                repeat_head=True, history_size=4)
+                                repeat_head=True, history_size=4, start_items=0)
 
 
 def _model(config=HEAD, seed=0):
@@ -213,18 +214,22 @@ def test_training_with_the_head_learns_and_evaluates(tmp_path):
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
 
 
-def test_exported_next_items_with_history_equals_eager(tmp_path):
+@pytest.mark.parametrize("start_items", [False, True])
+def test_exported_next_items_with_history_equals_eager(tmp_path, start_items):
     import serving_testlib as lib
     from serving import export
 
     vocab = lib.tiny_vocabulary()  # [PAD], [UNK], item0 .. item11 -> indices 0 .. 13
     tf.keras.utils.set_random_seed(0)
-    model = registry.build_model("hiertcn", lib.TINY.replace({"repeat_head": True,
-                                                              "history_size": 3}), vocab.size)
+    model = registry.build_model("hiertcn", lib.TINY.replace(
+        {"repeat_head": True, "history_size": 3, "start_items": 4 if start_items else 0}),
+        vocab.size)
     model.repeat_head.gate_bias.assign(1.0)  # w ~ 0.73: the history decides the top items
+    state = np.random.default_rng(0).normal(size=[3, model.state_size]).astype(np.float32)
+    if start_items:  # row 0's sessions started with item9 and item5, row 1's with item2
+        state[:, model.gru_size:] = [[0, 0, 11, 7], [0, 0, 0, 4], [0, 0, 0, 0]]
     path = export.export_model(model, vocab, str(tmp_path))
     fn = tf.saved_model.load(path).signatures["next_items"]
-    state = np.random.default_rng(0).normal(size=[3, model.state_size]).astype(np.float32)
     sessions = np.array([["item0", "item3", ""], ["nope", "item5", "item1"], ["", "", ""]], object)
     indices = np.array([[2, 5, 0], [1, 7, 3], [0, 0, 0]], np.int64)
     history = np.array([["item6", "item9", ""], ["item2", "", "item8"], ["", "", ""]], object)
@@ -233,7 +238,7 @@ def test_exported_next_items_with_history_equals_eager(tmp_path):
              history_items=tf.constant(history), k=tf.constant(4))
     # Eager, as the evaluator scores: position len(session) of the session's positions.
     u = model.user_embeddings(state, indices)
-    logp = model.item_log_probs(u, history_indices, indices).numpy()
+    logp = model.item_log_probs(u, history_indices, indices, state).numpy()
     logp = logp[np.arange(3), (indices > 0).sum(1), 2:]
     order = np.argsort(-logp, axis=1, kind="stable")[:, :4]
     np.testing.assert_array_equal(out["item_ids"].numpy().astype(str),
@@ -242,3 +247,59 @@ def test_exported_next_items_with_history_equals_eager(tmp_path):
     # Row 0 points at item6, item9 and its session (item0, item3; history_size 3 keeps the
     # newest three known: item9 item0 item3); they lead the ranking.
     assert set(out["item_ids"].numpy().astype(str)[0, :3]) == {"item9", "item0", "item3"}
+
+
+STARTS = HEAD.replace({"start_items": 3})
+
+
+def test_start_items_point_at_how_the_users_sessions_start():
+    # Query, gate and recency zero: p_rep is uniform over the visible context entries;
+    # the first items of the last 3 sessions (7, 9, 7; read from the state) are 3 more
+    # entries, so 7 gets two more shares. start_recency log 2 on the newest start doubles it.
+    model = _model(STARTS)
+    _set_head(model)
+    state = tf.zeros([1, model.state_size])
+    for session in ([2, 3], [7, 3], [9, 4], [7, 5]):
+        state = model.update_state(state, tf.constant([session], tf.int64))
+    assert state.numpy()[0, model.gru_size:].tolist() == [7, 9, 7]
+    history = tf.constant([[7, 3, 9, 4]], tf.int64)  # history_size 4: all visible
+    empty = tf.zeros([1, 0], tf.int64)
+    u = model.user_embeddings(state, empty)
+    logits = model.item_logits(u).numpy()[0, 0]
+    cat = np.concatenate([[0, 0], np.exp(logits[2:]) / np.exp(logits[2:]).sum()])
+    for start_recency, shares in [([0, 0, 0], {7: 3, 3: 1, 9: 2, 4: 1}),
+                                  ([0, 0, np.log(2.0)], {7: 4, 3: 1, 9: 2, 4: 1})]:
+        model.repeat_head.start_recency.assign(start_recency)
+        got = np.exp(model.item_log_probs(u, history, empty, state).numpy()[0, 0])
+        total = sum(shares.values())
+        for item, share in shares.items():
+            np.testing.assert_allclose(got[item], 0.5 * cat[item] + 0.5 * share / total, atol=1e-6)
+        np.testing.assert_allclose(got.sum(), 1.0, atol=1e-5)
+    # a new user after one session started by 5: 5 is pointed at with no history given
+    fresh = model.update_state(tf.zeros([1, model.state_size]), tf.constant([[5, 6]], tf.int64))
+    got = np.exp(model.item_log_probs(model.user_embeddings(fresh, empty), empty, empty,
+                                      fresh).numpy()[0, 0])
+    assert got[5] > 0.5 and got[2] < 0.5
+    with pytest.raises(ValueError, match="needs the user state"):
+        model.item_log_probs(u, history, empty)
+
+
+def test_train_loss_with_start_items_is_the_mixture_log_likelihood():
+    # Batch 1 ends the user's sessions [7 3] and [9 4]; batch 2's session [7 5] is scored
+    # with the state (GRU and start items) they left in the cache.
+    model = _model(STARTS)
+    model.repeat_head.start_recency.assign([0.5, 1.0, 1.5])
+    first = _batch([[[7, 3], [9, 4]]], [[True, False]], [[True, True]],
+                   [[[0, 0, 0, 0], [0, 0, 7, 3]]])
+    second = _batch([[[7, 5]]], [[False]], [[True]], [[[7, 3, 9, 4]]])
+    _, cache, _ = model.train_loss(first, model.train_cache(1), training=False)
+    loss, _, n = model.train_loss(second, cache, training=False)
+    state = model.update_state(model.update_state(tf.zeros([1, model.state_size]),
+                                                  tf.constant([[7, 3]], tf.int64)),
+                               tf.constant([[9, 4]], tf.int64))
+    np.testing.assert_allclose(cache[0].numpy(), state.numpy(), atol=1e-5)
+    prefix = tf.constant([[7]], tf.int64)
+    u = model.user_embeddings(state, prefix)
+    logp = model.item_log_probs(u, tf.constant([[7, 3, 9, 4]], tf.int64), prefix, state).numpy()[0]
+    assert int(n) == 2
+    np.testing.assert_allclose(float(loss), -(logp[0, 7] + logp[1, 5]) / 2, rtol=1e-5)
