@@ -174,19 +174,19 @@ class HierTCN(SequenceModel):
     def history_size(self) -> int:
         return self.config.history_size if self.config.uses_repeat_head else 0
 
-    def _repeat_parts(self, user, history, prefix, state=None):
+    def _repeat_parts(self, user, history, prefix, start_items=None):
         """The repeat head at every position.
 
         Args:
           user: [B, P, D]; history int64 [B, N'] (newest last, 0 pads anywhere); prefix
-            int64 [B, T] (0 pads at the end); position p sees prefix[:, :p]; state [B, H]
-            the state before the session (read with `start_items`).
+            int64 [B, T] (0 pads at the end); position p sees prefix[:, :p]; start_items
+            float32 [B, R] the state's start items before the session (`config.start_items`).
 
         Returns:
           (context int64 [B, M = N' + T (+ R)], log w [B, P], log (1 - w) [B, P],
           log p_rep over the context positions [B, P, M]). Position p points at the newest
           `history_size` known items of history + prefix[:, :p] and, with `start_items`,
-          at the first items of the user's last R sessions (read from the state). With
+          at the first items of the user's last R sessions. With
           nothing to point at (no known item visible) w is 0: log w = NEG_LOGIT,
           log (1 - w) = 0.
         """
@@ -208,10 +208,7 @@ class HierTCN(SequenceModel):
         visible = known & (age < self.config.history_size)
         context = tf.concat([history, prefix], axis=1)
         if self.memory_size:
-            if state is None:
-                raise ValueError("a model with model.start_items needs the user state here")
-            starts = tf.cast(tf.round(tf.convert_to_tensor(state, tf.float32)[:, self.gru_size:]),
-                             tf.int64)                                             # [B, R]
+            starts = tf.cast(tf.round(start_items), tf.int64)                      # [B, R]
             # anything but a known item index (a state from elsewhere) points at nothing
             in_starts = (starts >= schema.NUM_RESERVED) & (starts < self.vocab_size)
             starts = tf.where(in_starts, starts, 0)
@@ -234,7 +231,12 @@ class HierTCN(SequenceModel):
             raise ValueError("item_log_probs needs a model with model.repeat_head on; "
                              "use item_logits")
         user = tf.cast(user, tf.float32)
-        context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix, state)
+        start_items = None
+        if self.memory_size:
+            if state is None:
+                raise ValueError("a model with model.start_items needs the user state here")
+            start_items = tf.convert_to_tensor(state, tf.float32)[:, self.gru_size:]
+        context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix, start_items)
         log_cat = self._catalogue_log_probs(user)                                   # [B, P, V]
         b, p, m = tf.shape(log_att)[0], tf.shape(log_att)[1], tf.shape(log_att)[2]
         # Only the M context items get a repeat part, so the mixture is the scaled catalogue
@@ -252,13 +254,19 @@ class HierTCN(SequenceModel):
         # An item held at several positions gets the same value from each of them.
         return tf.tensor_scatter_nd_update(log_keep[..., None] + log_cat, where, mixed)
 
-    def repeat_losses(self, user, targets, where, flat_items, history):
+    def repeat_losses(self, user, targets, where, flat_items, batch, cache):
         user = tf.cast(user, tf.float32)
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
-        history = tf.reshape(tf.cast(history, tf.int64), [tf.shape(flat_items)[0], -1])
+        history = tf.reshape(tf.cast(batch["history"], tf.int64), [tf.shape(flat_items)[0], -1])
+        start_items = None
+        if self.memory_size:  # before each slot (cheap to recompute: no GRU)
+            start_items, _, _ = self._slot_start_items(
+                tf.cast(batch["items"], tf.int64)[:, :, 0], batch["reset"], batch["session_end"],
+                cache)
+            start_items = tf.reshape(start_items, [tf.shape(flat_items)[0], self.memory_size])
         context, log_w, log_keep, log_att = self._repeat_parts(slots_user, history, flat_items,
-                                                               self._head_states)
+                                                               start_items)
         at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
         log_rep = tf.reduce_logsumexp(
             tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
@@ -306,7 +314,6 @@ class HierTCN(SequenceModel):
         b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
         before, sums, counts, new_cache = self._slot_states(items, batch, cache)
         carried = (tf.reshape(sums, [b * s, -1]), tf.reshape(counts, [-1]))
-        self._head_states = tf.reshape(before, [b * s, self.state_size])
         u = self.user_embeddings(tf.reshape(before, [b * s, self.state_size]),
                                  tf.reshape(items, [b * s, l])[:, :-1], training=training,
                                  carried=carried)
@@ -320,7 +327,7 @@ class HierTCN(SequenceModel):
         `reset` or after `session_end`; one that started before the batch adds the
         cache's running sum). Then the first GRU layer's input projection of all of them
         is one matmul, and only the recurrence runs slot by slot. `first_items` int64
-        [B, S] (each slot's position 0) gives the start memory its sessions' first items.
+        [B, S] (each slot's position 0) feeds the start items (`_slot_start_items`).
         """
         state, acc, cnt = cache[:3]
         num = reset.shape[1]
@@ -338,40 +345,61 @@ class HierTCN(SequenceModel):
         if not self.config.high_level:
             before = tf.zeros(tf.concat([tf.shape(counts), [self.state_size]], 0))
             return before, accs - sums, cnts - counts, (state, acc, cnt, *cache[3:])
-        firsts, rest = None, ()
-        if self.memory_size:
-            # each slot's session's first item: at position 0 of the slot where the session
-            # started in this batch, or the cache's for a session already under way (its
-            # last column 1; 0 when the row's last session ended with the previous batch,
-            # so that slot 0 starts one)
-            pending, under_way = cache[3][:, :1], cache[3][:, 1] > 0.5
-            new_at = tf.concat([starts[:, :1] | ~under_way[:, None], starts[:, 1:]], axis=1)
-            ids = tf.cumsum(tf.cast(new_at, tf.int32), axis=1)
-            known = tf.cast(new_at & (first_items > 0), tf.float32)            # [B, S]
-            first_ids = tf.cast(first_items, tf.float32) * known
-            started_at = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]) & new_at[:, None, :],
-                                 tf.float32)                                   # [B, S, S]
-            carried_m = tf.cast(tf.equal(ids, 0), tf.float32)
-            # (one nonzero term per sum: exact)
-            firsts = (tf.einsum("bst,bt->bs", started_at, first_ids)
-                      + carried_m * pending)                                   # [B, S]
-            # under way after the batch: the last slot's session has its first item
-            has = (tf.einsum("bt,bt->b", started_at[:, -1], known)
-                   + carried_m[:, -1] * tf.cast(under_way, tf.float32))
-            last = tf.stack([firsts[:, -1], has], axis=1)
-            rest = (tf.where(ended[:, None], 0.0, last),)
         projected = self.gru.project_inputs(self.aggregator(accs, cnts))     # [B, S, 3U]
         weights = self.gru.step_weights(projected.dtype)
         before = []
-        g = self.gru_size
+        state = state[:, :self.gru_size]
         for s, x in enumerate(tf.unstack(projected, axis=1)):
             state = tf.where(reset[:, s, None], 0.0, state)
             before.append(state)
-            new = tf.cast(self.gru.step(x, state[:, :g], weights), tf.float32)
-            if firsts is not None:
-                new = tf.concat([new, self._push_start(state[:, g:], firsts[:, s])], axis=1)
+            new = tf.cast(self.gru.step(x, state, weights), tf.float32)
             state = tf.where(end[:, s, None], new, state)
-        return tf.stack(before, axis=1), accs - sums, cnts - counts, (state, acc, cnt, *rest)
+        before, rest = tf.stack(before, axis=1), ()
+        if self.memory_size:
+            starts_before, starts_after, pending = self._slot_start_items(first_items, reset,
+                                                                          end, cache)
+            before = tf.concat([before, starts_before], axis=2)
+            state = tf.concat([state, starts_after], axis=1)
+            rest = (pending,)
+        return before, accs - sums, cnts - counts, (state, acc, cnt, *rest)
+
+    def _slot_start_items(self, first_items, reset, end, cache):
+        """The start items through a batch (`config.start_items`).
+
+        Args:
+          first_items: int64 [B, S] each slot's position 0; reset, end: bool [B, S];
+          cache: `train_cache` before the batch.
+
+        Returns:
+          (start items before each slot [B, S, R], after the batch [B, R], the cache's
+          unfinished-session entry after the batch [B, 2]).
+        """
+        # Each slot's session's first item: at position 0 of the slot where the session
+        # started in this batch, or the cache's for a session already under way (its second
+        # column 1; 0 when the row's last session ended with the previous batch, so that
+        # slot 0 starts one).
+        memory = cache[0][:, self.gru_size:]
+        pending, under_way = cache[3][:, :1], cache[3][:, 1] > 0.5
+        starts = reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])
+        new_at = tf.concat([starts[:, :1] | ~under_way[:, None], starts[:, 1:]], axis=1)
+        ids = tf.cumsum(tf.cast(new_at, tf.int32), axis=1)
+        known = tf.cast(new_at & (first_items > 0), tf.float32)                # [B, S]
+        started_at = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]) & new_at[:, None, :],
+                             tf.float32)                                       # [B, S, S]
+        carried = tf.cast(tf.equal(ids, 0), tf.float32)
+        # (one nonzero term per sum: exact)
+        firsts = (tf.einsum("bst,bt->bs", started_at, tf.cast(first_items, tf.float32) * known)
+                  + carried * pending)                                         # [B, S]
+        # under way after the batch: the last slot's session has its first item
+        has = (tf.einsum("bt,bt->b", started_at[:, -1], known)
+               + carried[:, -1] * tf.cast(under_way, tf.float32))
+        pending = tf.where(end[:, -1, None], 0.0, tf.stack([firsts[:, -1], has], axis=1))
+        before = []
+        for s in range(reset.shape[1]):
+            memory = tf.where(reset[:, s, None], 0.0, memory)
+            before.append(memory)
+            memory = tf.where(end[:, s, None], self._push_start(memory, firsts[:, s]), memory)
+        return tf.stack(before, axis=1), memory, pending
 
     def encode_events(self, batch, cache, training):
         """The training encoder on the packed events: no compute on padding.
@@ -404,7 +432,6 @@ class HierTCN(SequenceModel):
             before = tf.reshape(before, [-1, state_dim])
         else:
             before, new_cache = tf.zeros([b * s, state_dim]), cache
-        self._head_states = before
         proj = self.input_projection
         kernel = tf.cast(proj.kernel, emb.dtype)
         e = emb.shape[-1]

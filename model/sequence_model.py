@@ -116,13 +116,14 @@ class SequenceModel(tf.keras.Model):
         return self.item_log_probs(user[:, None], history, no_prefix, state)[:, 0]
 
     def repeat_losses(self, user: tf.Tensor, targets: tf.Tensor, where: tf.Tensor,
-                      flat_items: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+                      flat_items: tf.Tensor, batch: dict, cache: tuple) -> tf.Tensor:
         """Per-target negative log-likelihood of a model with `history_size` > 0.
 
         Args:
           user: [N, D] user vectors at the targets; targets: int64 [N].
           where: int64 [N, 2] (slot, position) of each target in `flat_items` [B * S, L].
-          history: int64 [B, S, history_size], the batch's `history`.
+          batch: the generator batch (its `history` int64 [B, S, history_size]).
+          cache: the rows' carried tensors before the batch (`train_cache`).
         """
         raise NotImplementedError
 
@@ -201,7 +202,7 @@ class SequenceModel(tf.keras.Model):
             user = tf.gather_nd(u, where)
         targets = tf.gather_nd(flat_items, where)
         if self.history_size:
-            per_event = self.repeat_losses(user, targets, where, flat_items, batch["history"])
+            per_event = self.repeat_losses(user, targets, where, flat_items, batch, cache)
         else:
             item_vectors, bias = self.output_weights()
             per_event = self.loss_fn(user, targets, item_vectors, bias, training)
