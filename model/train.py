@@ -76,6 +76,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "default: on with the full softmax, off with --loss sampled)")
     head.add_argument("--no-repeat-head", action="store_true",
                       help="hiertcn: the published model, without the repeat head")
+    p.add_argument("--start-items", type=int,
+                   help="hiertcn: first items of the user's last N sessions the repeat head also "
+                        "points at (default 20; 0: off)")
     p.add_argument("--no-high-level", action="store_true",
                    help="session-only ablation: the high-level state stays zero")
     p.add_argument("--mixed-precision", action="store_true")
@@ -100,6 +103,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model["loss"] = args.loss
     if args.repeat_head or args.no_repeat_head:
         model["repeat_head"] = bool(args.repeat_head)
+    if args.start_items is not None:
+        model["start_items"] = args.start_items
     if args.no_high_level:
         model["high_level"] = False
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
