@@ -58,17 +58,21 @@ def build_export(base: str, repeat_head: bool) -> tuple[str, schema.Vocabulary]:
     return export.export_model(model, vocab, base), vocab
 
 
-def make_inputs(vocab: schema.Vocabulary, n: int, state_size: int,
-                history: int) -> list[dict[str, np.ndarray]]:
-    """n single-user requests: random states, 10-item sessions of random items and
-    `history` random history items (an empty one when 0)."""
+def make_inputs(vocab: schema.Vocabulary, n: int, state_size: int, history: int,
+                start_items: int = 0) -> list[dict[str, np.ndarray]]:
+    """n single-user requests: random states (their last `start_items` numbers random item
+    indices, the head's start items), 10-item sessions of random items and `history`
+    random history items (an empty one when 0)."""
     rng = np.random.default_rng(0)
     out = []
     for _ in range(n):
         items = rng.integers(schema.NUM_RESERVED, vocab.size, size=SESSION_LENGTH)
         past = rng.integers(schema.NUM_RESERVED, vocab.size, size=history)
+        state = rng.normal(size=[1, state_size]).astype(np.float32)
+        if start_items:
+            state[0, -start_items:] = rng.integers(schema.NUM_RESERVED, vocab.size, start_items)
         out.append({
-            "user_state": rng.normal(size=[1, state_size]).astype(np.float32),
+            "user_state": state,
             "session_items": np.array([[vocab.ids[i] for i in items]], dtype=object),
             "history_items": np.array([[vocab.ids[i] for i in past] or [""]], dtype=object),
             "k": np.int32(K)})
@@ -110,13 +114,14 @@ def main(argv=None) -> int:
                         help="the default model with the repeat head (requests carry 50 history items)")
     args = parser.parse_args(argv)
     history = HierTCNConfig().history_size if args.repeat_head else 0
+    starts = HierTCNConfig().start_items if args.repeat_head else 0
     n_latency, qps_seconds = (300, 5.0) if args.quick else (2000, 20.0)
 
     with tempfile.TemporaryDirectory() as base:
         path, vocab = build_export(base, args.repeat_head)
         fn = tf.saved_model.load(path).signatures["next_items"]
         h = int(fn.structured_input_signature[1]["user_state"].shape[1])
-        inputs = make_inputs(vocab, 64, h, history)
+        inputs = make_inputs(vocab, 64, h, history, starts)
         tensors = [{k: tf.constant(v) for k, v in x.items()} for x in inputs]
         requests = [to_request(x) for x in inputs]
         proc, target = start_server(base)
@@ -180,8 +185,8 @@ def main(argv=None) -> int:
         "errors": errors,
         "workload": {"items": ITEMS, "session_length": SESSION_LENGTH, "k": K, "batch": 1,
                      "clients": CLIENTS, "latency_requests": n_latency, "qps_seconds": qps_seconds,
-                     "model": "hiertcn default dims (E=C=128, H=256), random weights",
-                     "repeat_head": args.repeat_head, "history_items": history,
+                     "model": f"hiertcn default dims (E=C=128, H={h}), random weights",
+                     "repeat_head": args.repeat_head, "history_items": history, "start_items": starts,
                      "server": "serving.server --enable-batching --max-batch-size 32 "
                                f"--batch-timeout-micros {BATCH_TIMEOUT_MICROS}",
                      "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),

@@ -301,8 +301,9 @@ class RepeatHead(tf.keras.layers.Layer):
     age_pj counts the visible context items newer than j (0 = the latest), so the learned
     recency bias r works for any context length. With `num_starts` R > 0 the context ends
     with R more entries, the first items of the user's last R sessions (oldest first),
-    whose bias is their own learned s[k] in place of r. The model scatters p_rep onto
-    item indices and mixes it with its catalogue softmax.
+    whose bias is s[k] + u_p . v in place of r (a learned bias per session age plus a
+    weight that depends on the position). The model scatters p_rep onto item indices and
+    mixes it with its catalogue softmax.
     """
 
     def __init__(self, max_age: int, num_starts: int = 0, **kwargs):
