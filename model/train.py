@@ -295,11 +295,11 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
                 if model.history_size else "")
         starts = getattr(model, "memory_size", 0)
         head += f" and the first items of their last {starts} sessions" if starts else ""
-        print(f"training {config.model_name}{head}: steps {start_step + 1}-{tc.steps or total_steps}, "
+        print(f"training {config.model_name}{head}: steps {start_step + 1}-{total_steps}, "
               f"batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
               f"{data_dir} -> {run_dir}", file=sys.stderr)
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
-    bar = tf.keras.utils.Progbar(tc.steps or total_steps, stateful_metrics=["loss", "events/s"],
+    bar = tf.keras.utils.Progbar(total_steps, stateful_metrics=["loss", "events/s"],
                                  verbose=1 if progress else 0, unit_name="step")
     dataset = batching.make_dataset(batcher, tc.prefetch)
     events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
