@@ -3,8 +3,8 @@
 Workload: a HierTCN with the default dims (E = C = 128, state H = 256, random weights) and
 a 50,000-item catalogue, exported with serving.export and served by serving.server with
 batching on; requests are single users with a 10-item session, k = 20. The published model
-by default; `--repeat-head` exports the default model with the repeat head, and each
-request then carries 50 history items.
+by default; `--repeat-head` exports the default model with the repeat head (H = 276 with
+its start items), and each request then carries 50 history items and 20 start items.
 
 Measures, in one run: the in-process SavedModel call time at batch 1; p50/p99 latency over
 gRPC at batch 1 from one client; requests/s with 8 concurrent clients; and

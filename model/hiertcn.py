@@ -60,7 +60,7 @@ class HierTCN(SequenceModel):
         pretrained = None
         if c.pretrained_item_vectors and load_pretrained:
             pretrained = load_item_vectors(c.pretrained_item_vectors, vocab_size, c.embedding_dim)
-        if self.memory_size and vocab_size > 2 ** 24:
+        if self.num_start_items and vocab_size > 2 ** 24:
             raise ValueError(f"model.start_items keeps item indices in the float32 state, exact up "
                              f"to {2 ** 24:,} items; this vocabulary has {vocab_size:,}: set "
                              "model.start_items to 0")
@@ -77,7 +77,7 @@ class HierTCN(SequenceModel):
         self.summary_projection = (
             tf.keras.layers.Dense(c.channels, use_bias=False, name="summary_projection")
             if c.session_summary else None)
-        self.repeat_head = (layers.RepeatHead(c.history_size, num_starts=self.memory_size,
+        self.repeat_head = (layers.RepeatHead(c.history_size, num_starts=self.num_start_items,
                                               dtype="float32", name="repeat_head")
                             if c.uses_repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
@@ -86,7 +86,7 @@ class HierTCN(SequenceModel):
 
     @property
     def state_size(self) -> int:
-        return self.gru_size + self.memory_size
+        return self.gru_size + self.num_start_items
 
     @property
     def gru_size(self) -> int:
@@ -94,7 +94,7 @@ class HierTCN(SequenceModel):
         return self.config.gru_units * self.config.gru_layers
 
     @property
-    def memory_size(self) -> int:
+    def num_start_items(self) -> int:
         """The start items part of the state (`config.start_items` R with the repeat head
         and the high level, else 0): the first items' indices of the user's last R
         sessions, oldest first, 0 for none (exact as float32 up to 2**24 items)."""
@@ -128,7 +128,7 @@ class HierTCN(SequenceModel):
         items = tf.convert_to_tensor(session_items, tf.int64)
         sums, counts = self._sums(items)
         new = self._gru_step(state[:, :self.gru_size], sums, counts)
-        if self.memory_size:
+        if self.num_start_items:
             first = tf.cast(items[:, 0], tf.float32)
             new = tf.concat([new, self._push_start(state[:, self.gru_size:], first)], axis=1)
         return tf.where((counts > 0)[:, None], new, state)
@@ -141,7 +141,7 @@ class HierTCN(SequenceModel):
             state = tf.zeros_like(state)
         prefix = tf.convert_to_tensor(prefix, tf.int64)
         emb = self.item_embedding(prefix)
-        # the TCN sees the GRU state (the start memory is read by the repeat head only)
+        # the TCN sees the GRU state (the start items are read by the repeat head only)
         x = self.input_projection((emb, tf.cast(state[:, :self.gru_size], emb.dtype)))
         if self.summary_projection is not None:
             mask = tf.cast(prefix > 0, tf.float32)
@@ -186,9 +186,8 @@ class HierTCN(SequenceModel):
           (context int64 [B, M = N' + T (+ R)], log w [B, P], log (1 - w) [B, P],
           log p_rep over the context positions [B, P, M]). Position p points at the newest
           `history_size` known items of history + prefix[:, :p] and, with `start_items`,
-          at the first items of the user's last R sessions. With
-          nothing to point at (no known item visible) w is 0: log w = NEG_LOGIT,
-          log (1 - w) = 0.
+          at the first items of the user's last R sessions. With nothing to point at (no
+          known item visible) w is 0: log w = NEG_LOGIT, log (1 - w) = 0.
         """
         history = tf.cast(history, tf.int64)
         prefix = tf.cast(prefix, tf.int64)
@@ -207,13 +206,13 @@ class HierTCN(SequenceModel):
         age = tf.reshape(age, tf.shape(known))
         visible = known & (age < self.config.history_size)
         context = tf.concat([history, prefix], axis=1)
-        if self.memory_size:
+        if self.num_start_items:
             starts = tf.cast(tf.round(start_items), tf.int64)                      # [B, R]
             # anything but a known item index (a state from elsewhere) points at nothing
             in_starts = (starts >= schema.NUM_RESERVED) & (starts < self.vocab_size)
             starts = tf.where(in_starts, starts, 0)
             in_starts = in_starts[:, None, :]
-            visible = tf.concat([visible, tf.broadcast_to(in_starts, [b, p, self.memory_size])],
+            visible = tf.concat([visible, tf.broadcast_to(in_starts, [b, p, self.num_start_items])],
                                 axis=2)
             context = tf.concat([context, starts], axis=1)
         gate, log_att = self.repeat_head((user, self.item_embedding(context), visible, age))
@@ -232,7 +231,7 @@ class HierTCN(SequenceModel):
                              "use item_logits")
         user = tf.cast(user, tf.float32)
         start_items = None
-        if self.memory_size:
+        if self.num_start_items:
             if state is None:
                 raise ValueError("a model with model.start_items needs the user state here")
             start_items = tf.convert_to_tensor(state, tf.float32)[:, self.gru_size:]
@@ -260,11 +259,11 @@ class HierTCN(SequenceModel):
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
         history = tf.reshape(tf.cast(batch["history"], tf.int64), [tf.shape(flat_items)[0], -1])
         start_items = None
-        if self.memory_size:  # before each slot (cheap to recompute: no GRU)
+        if self.num_start_items:  # before each slot (cheap to recompute: no GRU)
             start_items, _, _ = self._slot_start_items(
                 tf.cast(batch["items"], tf.int64)[:, :, 0], batch["reset"], batch["session_end"],
                 cache)
-            start_items = tf.reshape(start_items, [tf.shape(flat_items)[0], self.memory_size])
+            start_items = tf.reshape(start_items, [tf.shape(flat_items)[0], self.num_start_items])
         context, log_w, log_keep, log_att = self._repeat_parts(slots_user, history, flat_items,
                                                                start_items)
         at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
@@ -285,7 +284,7 @@ class HierTCN(SequenceModel):
         e = self.item_embedding.output_dim
         cache = (self.initial_state(batch_size), tf.zeros([batch_size, e], tf.float32),
                  tf.zeros([batch_size], tf.float32))
-        if self.memory_size:  # each row's unfinished session: its first item, under way
+        if self.num_start_items:  # each row's unfinished session: its first item, under way
             cache += (tf.zeros([batch_size, 2], tf.float32),)
         return cache
 
@@ -331,7 +330,7 @@ class HierTCN(SequenceModel):
         """
         state, acc, cnt = cache[:3]
         num = reset.shape[1]
-        starts = reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])                # [B, S]
+        starts = _session_starts(reset, end)                                 # [B, S]
         session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
         same = tf.equal(session[:, :, None], session[:, None, :])            # [B, S, S]
         causal = tf.range(num)[None, :] <= tf.range(num)[:, None]            # t <= s
@@ -355,7 +354,7 @@ class HierTCN(SequenceModel):
             new = tf.cast(self.gru.step(x, state, weights), tf.float32)
             state = tf.where(end[:, s, None], new, state)
         before, rest = tf.stack(before, axis=1), ()
-        if self.memory_size:
+        if self.num_start_items:
             starts_before, starts_after, pending = self._slot_start_items(first_items, reset,
                                                                           end, cache)
             before = tf.concat([before, starts_before], axis=2)
@@ -380,7 +379,7 @@ class HierTCN(SequenceModel):
         # slot 0 starts one).
         memory = cache[0][:, self.gru_size:]
         pending, under_way = cache[3][:, :1], cache[3][:, 1] > 0.5
-        starts = reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])
+        starts = _session_starts(reset, end)
         new_at = tf.concat([starts[:, :1] | ~under_way[:, None], starts[:, 1:]], axis=1)
         ids = tf.cumsum(tf.cast(new_at, tf.int32), axis=1)
         known = tf.cast(new_at & (first_items > 0), tf.float32)                # [B, S]
@@ -451,6 +450,12 @@ class HierTCN(SequenceModel):
         for block in self.blocks:
             x = packed_block(block, x, packed, training)
         return packed.to_row_major(tf.cast(x, tf.float32)), new_cache
+
+
+def _session_starts(reset: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
+    """bool [B, S]: the slots that start a session within the batch (at a user boundary
+    or after a slot that ended one); slot 0 only at a reset (the cache knows the rest)."""
+    return reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])
 
 
 def _take_rows(x: tf.Tensor, src: tf.Tensor, dst: tf.Tensor) -> tf.Tensor:

@@ -97,7 +97,7 @@ class SequenceModel(tf.keras.Model):
             anywhere.
           prefix: int64 [B, T] the session so far, padded with 0 at the end.
           state: float32 [B, H] the user state the scores start from (a model whose
-            mixture reads it, e.g. HierTCN's start memory).
+            mixture reads it, e.g. HierTCN's start items).
 
         Returns:
           float32 [B, P, V]: position p depends on the newest `history_size` known items of

@@ -293,7 +293,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     if progress:
         head = (f", repeat head over the user's last {model.history_size} items"
                 if model.history_size else "")
-        starts = getattr(model, "memory_size", 0)
+        starts = getattr(model, "num_start_items", 0)
         head += f" and the first items of their last {starts} sessions" if starts else ""
         print(f"training {config.model_name}{head}: steps {start_step + 1}-{total_steps}, "
               f"batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "

@@ -158,8 +158,8 @@ def test_start_items_in_training_equal_update_state_across_chunks_and_batches():
     tf.keras.utils.set_random_seed(1)
     config = TINY.replace({"repeat_head": True, "history_size": 4, "start_items": 3})
     m = registry.build_model("hiertcn", config, V)
-    assert (m.state_size, m.gru_size, m.memory_size) == (11, 8, 3)
-    assert registry.build_model("hiertcn", config.replace({"repeat_head": False}), V).memory_size == 0
+    assert (m.state_size, m.gru_size, m.num_start_items) == (11, 8, 3)
+    assert registry.build_model("hiertcn", config.replace({"repeat_head": False}), V).num_start_items == 0
     # Row 0 (one user): [2 3 4 5 6] over two chunks, [7 8] ending with the batch, then in the
     # next batch [9 10 11 3] (starting at slot 0 without a reset) and [4 5].
     # Row 1: [9 10], a new user with [3 4], an empty slot; next batch: [2] left unfinished.
