@@ -4,7 +4,8 @@ Workload: a HierTCN with the default dims (E = C = 128, state H = 256, random we
 a 50,000-item catalogue, exported with serving.export and served by serving.server with
 batching on; requests are single users with a 10-item session, k = 20. The published model
 by default; `--repeat-head` exports the default model with the repeat head (H = 276 with
-its start items), and each request then carries 50 history items and 20 start items.
+its start items), and each request then carries 200 history items (the model's `history_size`)
+and 20 start items.
 
 Measures, in one run: the in-process SavedModel call time at batch 1; p50/p99 latency over
 gRPC at batch 1 from one client; requests/s with 8 concurrent clients; and
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
     parser.add_argument("--repeat-head", action="store_true",
-                        help="the default model with the repeat head (requests carry 50 history items)")
+                        help="the default model with the repeat head (requests carry its history_size items)")
     args = parser.parse_args(argv)
     history = HierTCNConfig().history_size if args.repeat_head else 0
     starts = HierTCNConfig().start_items if args.repeat_head else 0

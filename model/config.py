@@ -122,8 +122,14 @@ class HierTCNConfig(ConfigBase):
         on valid data, where it led on the synthetic log (many repeats) and did not hurt
         on MovieLens-1M (none); False gives the published HierTCN (`uses_repeat_head`
         is the resolved value).
-      history_size: N, the user's recent items the repeat head points at (the bounded
-        buffer carried with the state).
+      history_size: N, the user's recent items the repeat head sees (the bounded buffer
+        carried with the state): the seen bias covers all N, the attention the newest
+        `repeat_window`.
+      repeat_window: A, the newest known items of the history and the session so far that
+        the repeat head's attention points at (at most N: `attention_size`).
+      seen_bias: the repeat head's learned bias on the catalogue logits of the items
+        already seen (the newest N of the history and the session so far): lets the model
+        learn how often consumed items come back (never, on MovieLens).
       session_summary: every TCN input also gets the mean embedding of all the session's
         items before it, projected to C (the convolutions see the last `receptive_field`
         items; the summary the whole session, across the chunks the generator splits a
@@ -151,13 +157,16 @@ class HierTCNConfig(ConfigBase):
     output_bias: bool = True
     pretrained_item_vectors: str = ""
     repeat_head: bool | None = None
-    history_size: int = 50
+    history_size: int = 200
+    repeat_window: int = 50
+    seen_bias: bool = True
     session_summary: bool = False
     start_items: int = 20
 
     def validate(self) -> None:
         for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",
-                    "num_blocks", "convs_per_block", "num_negatives", "history_size"):
+                    "num_blocks", "convs_per_block", "num_negatives", "history_size",
+                    "repeat_window"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.start_items >= 0, f"model.start_items must be >= 0, got {self.start_items}")
@@ -170,6 +179,11 @@ class HierTCNConfig(ConfigBase):
         _check(not self.tied_output or self.embedding_dim == self.channels,
                f"model.tied_output needs embedding_dim == channels, got "
                f"{self.embedding_dim} and {self.channels}")
+
+    @property
+    def attention_size(self) -> int:
+        """The repeat head's attention window: min(repeat_window, history_size)."""
+        return min(self.repeat_window, self.history_size)
 
     @property
     def uses_repeat_head(self) -> bool:

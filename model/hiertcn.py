@@ -77,8 +77,9 @@ class HierTCN(SequenceModel):
         self.summary_projection = (
             tf.keras.layers.Dense(c.channels, use_bias=False, name="summary_projection")
             if c.session_summary else None)
-        self.repeat_head = (layers.RepeatHead(c.history_size, num_starts=self.num_start_items,
-                                              dtype="float32", name="repeat_head")
+        self.repeat_head = (layers.RepeatHead(c.attention_size, num_starts=self.num_start_items,
+                                              seen_bias=c.seen_bias, dtype="float32",
+                                              name="repeat_head")
                             if c.uses_repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         self.reserved_mask = tf.constant(
@@ -183,29 +184,36 @@ class HierTCN(SequenceModel):
             float32 [B, R] the state's start items before the session (`config.start_items`).
 
         Returns:
-          (context int64 [B, M = N' + T (+ R)], log w [B, P], log (1 - w) [B, P],
-          log p_rep over the context positions [B, P, M]). Position p points at the newest
-          `history_size` known items of history + prefix[:, :p] and, with `start_items`,
-          at the first items of the user's last R sessions. With nothing to point at (no
-          known item visible) w is 0: log w = NEG_LOGIT, log (1 - w) = 0.
+          (context int64 [B, M = A + T (+ R)], log w [B, P], log (1 - w) [B, P],
+          log p_rep over the context positions [B, P, M], seen). Position p points at the
+          newest A = `attention_size` known items of history + prefix[:, :p] (the context
+          holds the newest A known items of the history, then the prefix) and, with
+          `start_items`, at the first items of the user's last R sessions. With nothing to
+          point at (no known item visible) w is 0: log w = NEG_LOGIT, log (1 - w) = 0.
+          `seen` is None without `config.seen_bias`, else (items int64 [B, N + T], once
+          float32 [B, P, N + T]): the newest N = `history_size` known items of the history,
+          then the prefix; `once` is 1 at one entry (the newest) of each distinct item
+          among the newest N known items of history + prefix[:, :p], else 0.
         """
-        history = tf.cast(history, tf.int64)
+        history = _right_aligned(tf.cast(history, tf.int64))
         prefix = tf.cast(prefix, tf.int64)
-        b, p = tf.shape(user)[0], tf.shape(user)[1]
-        in_history = (history >= schema.NUM_RESERVED)[:, None, :]
-        causal = tf.range(tf.shape(prefix)[1])[None, :] < tf.range(p)[:, None]    # [P, T]
-        in_prefix = (prefix >= schema.NUM_RESERVED)[:, None, :] & causal[None]
-        known = tf.concat([tf.broadcast_to(in_history, [b, p, tf.shape(history)[1]]),
-                           in_prefix], axis=2)
-        # age = known items newer than this one; the head sees the newest history_size.
+        b, p, t = tf.shape(user)[0], tf.shape(user)[1], tf.shape(prefix)[1]
+        causal = tf.range(t)[None, :] < tf.range(p)[:, None]                       # [P, T]
+        prefix_known = prefix >= schema.NUM_RESERVED
+        in_prefix = prefix_known[:, None, :] & causal[None]                        # [B, P, T]
+        recent = _last_columns(history, self.config.attention_size)
+        in_history = (recent >= schema.NUM_RESERVED)[:, None, :]
+        known = tf.concat([tf.broadcast_to(in_history, [b, p, tf.shape(recent)[1]]), in_prefix],
+                          axis=2)
+        # age = known items newer than this one; the head sees the newest attention_size.
         # (A matmul with a strictly lower-triangular 0/1 matrix: exact counts, and much
         # faster than an int32 cumsum on CPU.)
         m = tf.shape(known)[2]
         newer = tf.cast(tf.range(m)[:, None] > tf.range(m)[None, :], tf.float32)  # [M', M]
         age = tf.cast(tf.matmul(tf.reshape(tf.cast(known, tf.float32), [-1, m]), newer), tf.int32)
         age = tf.reshape(age, tf.shape(known))
-        visible = known & (age < self.config.history_size)
-        context = tf.concat([history, prefix], axis=1)
+        visible = known & (age < self.config.attention_size)
+        context = tf.concat([recent, prefix], axis=1)
         if self.num_start_items:
             starts = tf.cast(tf.round(start_items), tf.int64)                      # [B, R]
             # anything but a known item index (a state from elsewhere) points at nothing
@@ -219,7 +227,56 @@ class HierTCN(SequenceModel):
         has = tf.reduce_any(visible, axis=2)
         log_w = tf.where(has, tf.math.log_sigmoid(gate), layers.NEG_LOGIT)
         log_keep = tf.where(has, tf.math.log_sigmoid(-gate), 0.0)
-        return context, log_w, log_keep, log_att
+        seen = None
+        if self.config.seen_bias:
+            seen = self._seen_once(_last_columns(history, self.config.history_size), prefix,
+                                   in_prefix)
+        return context, log_w, log_keep, log_att, seen
+
+    def _seen_once(self, history, prefix, in_prefix):
+        """(items [B, N + T], once float32 [B, P, N + T]) of `_repeat_parts`.
+
+        Args:
+          history: int64 [B, N] known items right-aligned (newest last, pads first);
+          prefix: int64 [B, T]; in_prefix: bool [B, P, T], prefix[t] is known and t < p.
+        """
+        n = self.config.history_size
+        t = tf.shape(prefix)[1]
+        known_prefix = tf.cast(in_prefix, tf.float32)
+        # k[p] = known prefix items before p; a history item j (rank n - 1 - j from the
+        # newest) is then at age n - 1 - j + k[p]: in the window when j >= k[p].
+        k = tf.reduce_sum(known_prefix, axis=2)                                    # [B, P]
+        column = tf.cast(tf.range(n), tf.float32)
+        in_window = column[None, None, :] >= k[:, :, None]                         # [B, P, N]
+        known_history = history >= schema.NUM_RESERVED
+        # the newest occurrence in the history only
+        later = tf.range(n)[:, None] < tf.range(n)[None, :]                        # [N, N] j < j'
+        repeated = tf.reduce_any((history[:, :, None] == history[:, None, :]) & later[None],
+                                 axis=2)
+        # ... and not in prefix[:p]: p <= the item's first position in the prefix
+        in_session = tf.equal(history[:, :, None], prefix[:, None, :])           # [B, N, T]
+        first_in_prefix = _first_true(in_session, t)                               # [B, N]
+        position = tf.range(tf.shape(in_prefix)[1])
+        history_once = (in_window & (known_history & ~repeated)[:, None, :]
+                        & (position[None, :, None] <= first_in_prefix[:, None, :]))
+        # A prefix item t counts at p while no later copy is before p, and while fewer than
+        # n known items are newer: p <= next_t and k[p] - (known items up to t) < n.
+        later_t = tf.range(t)[:, None] < tf.range(t)[None, :]                      # [T, T]
+        copy = tf.equal(prefix[:, :, None], prefix[:, None, :]) & later_t[None]
+        next_copy = _first_true(copy, t)                                           # [B, T]
+        up_to = tf.cumsum(tf.cast(prefix >= schema.NUM_RESERVED, tf.float32), axis=1)  # [B, T]
+        prefix_once = (in_prefix & (position[None, :, None] <= next_copy[:, None, :])
+                       & (k[:, :, None] - up_to[:, None, :] < n))
+        once = tf.cast(tf.concat([history_once, prefix_once], axis=2), tf.float32)
+        return tf.concat([history, prefix], axis=1), once
+
+    def _seen_shift(self, once, log_cat_seen):
+        """log of the biased catalogue's normaliser, log(1 + (e^beta - 1) q) [...], with q
+        the catalogue probability of the seen items (`once` [..., N + T], their log
+        probabilities `log_cat_seen`). The biased catalogue is log_cat + beta [seen] - shift."""
+        beta = self.repeat_head.seen_bias
+        q = tf.reduce_sum(once * tf.exp(tf.minimum(log_cat_seen, 0.0)), axis=-1)
+        return tf.math.log1p(tf.maximum(tf.math.expm1(beta) * q, -1.0 + 1e-6))
 
     def _catalogue_log_probs(self, user):
         """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
@@ -235,9 +292,19 @@ class HierTCN(SequenceModel):
             if state is None:
                 raise ValueError("a model with model.start_items needs the user state here")
             start_items = tf.convert_to_tensor(state, tf.float32)[:, self.gru_size:]
-        context, log_w, log_keep, log_att = self._repeat_parts(user, history, prefix, start_items)
+        context, log_w, log_keep, log_att, seen = self._repeat_parts(user, history, prefix,
+                                                                     start_items)
         log_cat = self._catalogue_log_probs(user)                                   # [B, P, V]
         b, p, m = tf.shape(log_att)[0], tf.shape(log_att)[1], tf.shape(log_att)[2]
+        log_base = log_keep[..., None] + log_cat
+        if seen is not None:  # the seen bias: beta on each seen item once, a new normaliser
+            seen_items, once = seen
+            s = tf.shape(seen_items)[1]
+            seen_items = tf.broadcast_to(seen_items[:, None, :], [b, p, s])
+            shift = self._seen_shift(once, tf.gather(log_cat, seen_items, batch_dims=2))
+            log_base = tf.tensor_scatter_nd_add(
+                log_base - shift[..., None], _scatter_index(seen_items),
+                once * self.repeat_head.seen_bias)
         # Only the M context items get a repeat part, so the mixture is the scaled catalogue
         # with those few entries replaced (no [B, P, V] repeat tensor): p_rep of the item
         # at each context position is the attention summed over every position holding it.
@@ -245,13 +312,10 @@ class HierTCN(SequenceModel):
         p_item = tf.matmul(tf.exp(log_att), same)                                   # [B, P, M]
         items = tf.broadcast_to(context[:, None, :], [b, p, m])
         mixed = tf.reduce_logsumexp(tf.stack([
-            log_keep[..., None] + tf.gather(log_cat, items, batch_dims=2),
+            tf.gather(log_base, items, batch_dims=2),
             log_w[..., None] + tf.math.log(p_item)]), axis=0)  # log 0 = -inf: catalogue only
-        where = tf.stack([tf.broadcast_to(tf.range(b, dtype=tf.int64)[:, None, None], [b, p, m]),
-                          tf.broadcast_to(tf.range(p, dtype=tf.int64)[None, :, None], [b, p, m]),
-                          items], axis=-1)
         # An item held at several positions gets the same value from each of them.
-        return tf.tensor_scatter_nd_update(log_keep[..., None] + log_cat, where, mixed)
+        return tf.tensor_scatter_nd_update(log_base, _scatter_index(items), mixed)
 
     def repeat_losses(self, user, targets, where, flat_items, batch, cache):
         user = tf.cast(user, tf.float32)
@@ -264,16 +328,33 @@ class HierTCN(SequenceModel):
                 tf.cast(batch["items"], tf.int64)[:, :, 0], batch["reset"], batch["session_end"],
                 cache)
             start_items = tf.reshape(start_items, [tf.shape(flat_items)[0], self.num_start_items])
-        context, log_w, log_keep, log_att = self._repeat_parts(slots_user, history, flat_items,
-                                                               start_items)
+        context, log_w, log_keep, log_att, seen = self._repeat_parts(
+            slots_user, history, flat_items, start_items)
         at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
         log_rep = tf.reduce_logsumexp(
             tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
         log_cat = -tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=targets, logits=self.item_logits(user) + self.reserved_mask)
+        log_keep = tf.gather_nd(log_keep, where)
+        if seen is not None:
+            # The catalogue log-probabilities of the seen items, from the output layer's
+            # rows (no gather from the [N, V] logits, whose gradient would be dense):
+            # log-normaliser = the target's logit - its log-probability.
+            seen_items, once = seen
+            vectors, bias = self.output_weights()
+            vectors, bias = tf.cast(vectors, tf.float32), tf.cast(bias, tf.float32)
+            log_norm = (tf.reduce_sum(user * tf.gather(vectors, targets), axis=-1)
+                        + tf.gather(bias, targets) - log_cat)
+            seen_logits = (tf.matmul(slots_user, tf.gather(vectors, seen_items), transpose_b=True)
+                           + tf.gather(bias, seen_items)[:, None, :])          # [B * S, L, N + T]
+            once = tf.gather_nd(once, where)                                    # [N_events, N + T]
+            log_keep -= self._seen_shift(once, tf.gather_nd(seen_logits, where) - log_norm[:, None])
+            target_seen = tf.reduce_sum(
+                once * tf.cast(tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32),
+                axis=1)
+            log_cat += target_seen * self.repeat_head.seen_bias
         return -tf.reduce_logsumexp(tf.stack([
-            tf.gather_nd(log_keep, where) + log_cat,
-            tf.gather_nd(log_w, where) + log_rep]), axis=0)
+            log_keep + log_cat, tf.gather_nd(log_w, where) + log_rep]), axis=0)
 
     def train_cache(self, batch_size: int):
         """(state [B, H], running AGG sum [B, E], running count [B]) per row.
@@ -450,6 +531,37 @@ class HierTCN(SequenceModel):
         for block in self.blocks:
             x = packed_block(block, x, packed, training)
         return packed.to_row_major(tf.cast(x, tf.float32)), new_cache
+
+
+def _right_aligned(history: tf.Tensor) -> tf.Tensor:
+    """int64 [B, N']: the known items of each row moved to the end in their order, pads
+    (and unknown items) as 0 before them."""
+    known = history >= schema.NUM_RESERVED
+    n = tf.shape(history)[1]
+    order = tf.argsort(tf.where(known, n, 0) + tf.range(n)[None, :], axis=1, stable=True)
+    return tf.where(tf.gather(known, order, batch_dims=1), tf.gather(history, order, batch_dims=1),
+                    tf.zeros_like(history))
+
+
+def _last_columns(x: tf.Tensor, width: int) -> tf.Tensor:
+    """[B, width]: the last `width` columns of x [B, N'], zeros in front when N' < width."""
+    missing = tf.maximum(width - tf.shape(x)[1], 0)
+    return tf.pad(x, [[0, 0], [missing, 0]])[:, -width:]
+
+
+def _first_true(mask: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+    """int32 [B, K]: the first index along the last axis (of length t) where mask [B, K, t]
+    holds, t where it never does."""
+    index = tf.where(mask, tf.range(t)[None, None, :], t)
+    return tf.minimum(tf.reduce_min(index, axis=2), t)
+
+
+def _scatter_index(items: tf.Tensor) -> tf.Tensor:
+    """[B, P, M, 3] (b, p, items[b, p, m]) for a scatter into [B, P, V]."""
+    b, p, m = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
+    return tf.stack([tf.broadcast_to(tf.range(b, dtype=tf.int64)[:, None, None], [b, p, m]),
+                     tf.broadcast_to(tf.range(p, dtype=tf.int64)[None, :, None], [b, p, m]),
+                     tf.cast(items, tf.int64)], axis=-1)
 
 
 def _session_starts(reset: tf.Tensor, end: tf.Tensor) -> tf.Tensor:

@@ -304,14 +304,20 @@ class RepeatHead(tf.keras.layers.Layer):
     whose bias is s[k] + u_p . v in place of r (a learned bias per session age plus a
     weight that depends on the position). The model scatters p_rep onto item indices and
     mixes it with its catalogue softmax.
+
+    With `seen_bias`, the layer also holds a learned scalar beta (initially 0) that the
+    model adds to the catalogue logits of the items the user has already seen (the
+    history and the session so far), before the catalogue softmax: negative where
+    consumed items do not come back (a rated movie), positive where they do.
     """
 
-    def __init__(self, max_age: int, num_starts: int = 0, **kwargs):
+    def __init__(self, max_age: int, num_starts: int = 0, seen_bias: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.max_age = _positive("max_age", max_age)
         if num_starts < 0:
             raise ValueError(f"num_starts must be >= 0, got {num_starts}")
         self.num_starts = int(num_starts)
+        self.use_seen_bias = bool(seen_bias)
 
     def build(self, input_shape):
         user_shape, key_shape = input_shape[0], input_shape[1]
@@ -324,7 +330,19 @@ class RepeatHead(tf.keras.layers.Layer):
             self.start_recency = self.add_weight(name="start_recency", shape=[self.num_starts],
                                                  initializer="zeros")
             self.start_query = self.add_weight(name="start_query", shape=[d], initializer="zeros")
+        if self.use_seen_bias:
+            self.seen_bias_unscaled = self.add_weight(name="seen_bias", shape=[],
+                                                      initializer="zeros")
         super().build(input_shape)
+
+    @property
+    def seen_bias(self) -> tf.Tensor:
+        """beta = SEEN_BIAS_SCALE x the variable: one scalar that must travel several units
+        (about -4 where seen items never return) learns as fast as the other weights."""
+        return SEEN_BIAS_SCALE * self.seen_bias_unscaled
+
+    def set_seen_bias(self, beta: float) -> None:
+        self.seen_bias_unscaled.assign(beta / SEEN_BIAS_SCALE)
 
     def call(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
         """Gate logits and attention log-probabilities.
@@ -357,8 +375,15 @@ class RepeatHead(tf.keras.layers.Layer):
         return gate, tf.nn.log_softmax(logits, axis=-1)
 
     def get_config(self):
-        return {**super().get_config(), "max_age": self.max_age, "num_starts": self.num_starts}
+        return {**super().get_config(), "max_age": self.max_age, "num_starts": self.num_starts,
+                "seen_bias": self.use_seen_bias}
 
+
+# The seen bias's scale (`RepeatHead.seen_bias`): with Adam each step moves a weight by
+# about the learning rate whatever its gradient, so a 10x scale lets beta move 10x faster
+# (measured on MovieLens-1M valid: beta reached -1.75 in 450 steps, and -4 set by hand
+# scored R@20 0.261 instead of 0.256).
+SEEN_BIAS_SCALE = 10.0
 
 # A finite "minus infinity" for masked logits: exp() of it is exactly 0 in float32 and,
 # unlike -inf, it keeps gradients and log-sum-exps finite.

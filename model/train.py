@@ -291,10 +291,15 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
 
     train_step = make_train_step(model, optimizer, state, strategy, mixed_float16, tc.jit_compile)
     if progress:
-        head = (f", repeat head over the user's last {model.history_size} items"
-                if model.history_size else "")
-        starts = getattr(model, "num_start_items", 0)
-        head += f" and the first items of their last {starts} sessions" if starts else ""
+        head = ""
+        if model.history_size:
+            mc = config.model
+            window = getattr(mc, "attention_size", model.history_size)
+            head = f", repeat head over the user's last {window} items"
+            starts = getattr(model, "num_start_items", 0)
+            head += f" and the first items of their last {starts} sessions" if starts else ""
+            if getattr(mc, "seen_bias", False):
+                head += f", seen bias over the last {model.history_size}"
         print(f"training {config.model_name}{head}: steps {start_step + 1}-{total_steps}, "
               f"batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
               f"{data_dir} -> {run_dir}", file=sys.stderr)

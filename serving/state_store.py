@@ -25,7 +25,9 @@ import numpy as np
 
 log = logging.getLogger("serving.state_store")
 
-DEFAULT_HISTORY_ITEMS = 50
+# The recent items kept per user: the default HierTCN's `model.history_size` (its repeat
+# head's seen bias covers that many; the attention the newest 50).
+DEFAULT_HISTORY_ITEMS = 200
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ def _set_head(model, gate_bias=0.0, recency=None):
     head.query.assign(tf.zeros_like(head.query))
     head.gate.assign(tf.zeros_like(head.gate))
     head.gate_bias.assign(gate_bias)
-    head.recency.assign(np.zeros(4, np.float32) if recency is None else recency)
+    head.recency.assign(np.zeros(head.max_age, np.float32) if recency is None else recency)
 
 
 def test_config_needs_the_full_softmax():
@@ -112,6 +112,72 @@ def test_mixture_by_hand():
                                [0.2, 0.1, 0.1, 0.1], atol=1e-6)
 
 
+def test_seen_bias_by_hand():
+    # The seen bias beta = log 1/4 weighs the catalogue probability of every item seen
+    # (the newest history_size = 4 known items of history + session so far, each counted
+    # once) by 1/4 before normalising; the attention sees only the newest repeat_window = 2.
+    model = _model(HEAD.replace({"repeat_window": 2}))
+    _set_head(model, gate_bias=-40.0)  # w = 0: the biased catalogue alone
+    model.repeat_head.set_seen_bias(np.log(0.25))
+    state = tf.random.normal([1, model.state_size])
+    history = tf.constant([[0, 7, 1, 7]], tf.int64)
+    prefix = tf.constant([[2, 3]], tf.int64)
+    u = model.user_embeddings(state, prefix)
+    logits = model.item_logits(u).numpy()[0]
+    weight = np.exp(logits - logits.max(-1, keepdims=True))
+    weight[:, :2] = 0
+    seen = [[7], [7, 2], [7, 2, 3]]
+    for p, items in enumerate(seen):
+        weight[p, items] *= 0.25
+    cat = weight / weight.sum(-1, keepdims=True)
+    got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
+    np.testing.assert_allclose(got, cat, rtol=1e-5, atol=1e-7)
+    # w = 1/2; the attention over the newest two known items: 7 7 | 7 2 | 2 3.
+    model.repeat_head.gate_bias.assign(0.0)
+    rep = np.zeros([3, V])
+    rep[0, 7] = 1
+    rep[1, [7, 2]] = [1 / 2, 1 / 2]
+    rep[2, [2, 3]] = [1 / 2, 1 / 2]
+    got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
+    np.testing.assert_allclose(got, 0.5 * cat + 0.5 * rep, rtol=1e-5, atol=1e-7)
+    # Only the newest history_size known items count as seen: with N = 2 the 7 in the
+    # history is no longer seen at position 2 (2 and 3 are newer).
+    small = _model(HEAD.replace({"history_size": 2}))
+    small.set_weights(model.get_weights())
+    u2 = small.user_embeddings(state, prefix)
+    _set_head(small, gate_bias=-40.0)
+    small.repeat_head.set_seen_bias(np.log(0.25))
+    got = np.exp(small.item_log_probs(u2, history, prefix).numpy()[0, 2])
+    weight = np.exp(small.item_logits(u2).numpy()[0, 2])
+    weight[:2] = 0
+    weight[[2, 3]] *= 0.25
+    np.testing.assert_allclose(got, weight / weight.sum(), rtol=1e-5, atol=1e-7)
+
+
+def test_seen_items_are_the_newest_known_items_once_each():
+    # Brute force against `_repeat_parts`' seen entries: at position p, the distinct items
+    # among the newest history_size known items of history + prefix[:p], each counted once
+    # (pads and unknown items anywhere, duplicates in both, a session longer than N).
+    rng = np.random.default_rng(0)
+    for n, width, t in [(4, 6, 3), (4, 3, 9), (6, 8, 5)]:
+        model = _model(HEAD.replace({"history_size": n, "repeat_window": 2}))
+        history = rng.integers(0, 7, size=[5, width])
+        prefix = rng.integers(1, 7, size=[5, t])
+        prefix[0, t - 1:] = 0  # padding at the end
+        user = tf.zeros([5, t + 1, 8])
+        *_, (items, once) = model._repeat_parts(user, tf.constant(history), tf.constant(prefix))
+        items, once = items.numpy(), once.numpy()
+        for row in range(5):
+            for pos in range(t + 1):
+                seq = [i for i in list(history[row]) + list(prefix[row, :pos]) if i >= 2]
+                newest = set(seq[::-1][:n])
+                counted = {}
+                for item, c in zip(items[row], once[row, pos]):
+                    if c:
+                        counted[item] = counted.get(item, 0) + c
+                assert counted == {i: 1.0 for i in newest}, (n, row, pos)
+
+
 def test_no_context_gives_the_catalogue_softmax():
     model = _model()
     _set_head(model, gate_bias=3.0)
@@ -129,16 +195,21 @@ def _batch(items, reset, end, history):
             "valid": tf.reduce_any(items > 0, axis=-1), "history": tf.constant(history, tf.int64)}
 
 
-def test_train_loss_is_the_mixture_log_likelihood():
-    model = _model()
-    # One row: a chunk [5 6 7] of a user whose last items were [0 0 7 9].
-    batch = _batch([[[5, 6, 7]]], [[True]], [[True]], [[[0, 0, 7, 9]]])
+@pytest.mark.parametrize("seen_bias,window", [(0.0, 4), (-1.5, 4), (0.8, 2)])
+def test_train_loss_is_the_mixture_log_likelihood(seen_bias, window):
+    model = _model(HEAD.replace({"repeat_window": window}))
+    model.repeat_head.set_seen_bias(seen_bias)
+    # One row: a chunk [5 7 5 9] of a user whose last items were [9 0 7 9]: targets new,
+    # seen in the history, seen in the session, seen in both.
+    batch = _batch([[[5, 7, 5, 9]]], [[True]], [[True]], [[[9, 0, 7, 9]]])
     loss, _, n = model.train_loss(batch, model.train_cache(1), training=False)
-    assert int(n) == 3
-    prefix = tf.constant([[5, 6]], tf.int64)
+    assert int(n) == 4
+    prefix = tf.constant([[5, 7, 5]], tf.int64)
     u = model.user_embeddings(tf.zeros([1, model.state_size]), prefix)
-    logp = model.item_log_probs(u, tf.constant([[0, 0, 7, 9]], tf.int64), prefix).numpy()[0]
-    np.testing.assert_allclose(float(loss), -(logp[0, 5] + logp[1, 6] + logp[2, 7]) / 3, rtol=1e-5)
+    logp = model.item_log_probs(u, tf.constant([[9, 0, 7, 9]], tf.int64), prefix).numpy()[0]
+    np.testing.assert_allclose(p := np.exp(logp).sum(-1), np.ones_like(p), atol=1e-5)
+    expected = -(logp[0, 5] + logp[1, 7] + logp[2, 5] + logp[3, 9]) / 4
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
 # user A: sessions [2 3 4 5] and [6 7]; user B: [8 9 10]; user C: [2 2 3], [4 5 6 7 8], [9 10]
@@ -228,6 +299,7 @@ def test_exported_next_items_with_history_equals_eager(tmp_path, start_items):
         {"repeat_head": True, "history_size": 3, "start_items": 4 if start_items else 0}),
         vocab.size)
     model.repeat_head.gate_bias.assign(1.0)  # w ~ 0.73: the history decides the top items
+    model.repeat_head.set_seen_bias(-0.5)      # and the seen items' catalogue part is lowered
     state = np.random.default_rng(0).normal(size=[3, model.state_size]).astype(np.float32)
     if start_items:  # row 0's sessions started with item9 and item5, row 1's with item2
         state[:, model.gru_size:] = [[0, 0, 11, 7], [0, 0, 0, 4], [0, 0, 0, 0]]
@@ -248,8 +320,11 @@ def test_exported_next_items_with_history_equals_eager(tmp_path, start_items):
                                   np.array(vocab.ids[2:])[order])
     np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(logp, order, 1), atol=1e-5)
     # Row 0 points at item6, item9 and its session (item0, item3; history_size 3 keeps the
-    # newest three known: item9 item0 item3); they lead the ranking.
-    assert set(out["item_ids"].numpy().astype(str)[0, :3]) == {"item9", "item0", "item3"}
+    # newest three known: item9 item0 item3) and at its start items (item9, item5): these
+    # lead the ranking.
+    pointed = {"item9", "item0", "item3"} | ({"item5"} if start_items else set())
+    top = set(out["item_ids"].numpy().astype(str)[0, :3])
+    assert top == pointed if not start_items else top < pointed
 
 
 STARTS = HEAD.replace({"start_items": 3})
