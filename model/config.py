@@ -129,7 +129,9 @@ class HierTCNConfig(ConfigBase):
         the repeat head's attention points at (at most N: `attention_size`).
       seen_bias: the repeat head's learned bias on the catalogue logits of the items
         already seen (the newest N of the history and the session so far): lets the model
-        learn how often consumed items come back (never, on MovieLens).
+        learn how often consumed items come back (never, on MovieLens). Chosen on valid
+        data: MovieLens-1M R@20 0.261 vs 0.206 without, synthetic level (0.526 / 0.522 vs
+        0.530 / 0.531 on two seeds).
       session_summary: every TCN input also gets the mean embedding of all the session's
         items before it, projected to C (the convolutions see the last `receptive_field`
         items; the summary the whole session, across the chunks the generator splits a

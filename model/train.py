@@ -79,6 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--start-items", type=int,
                    help="hiertcn: first items of the user's last N sessions the repeat head also "
                         "points at (default 20; 0: off)")
+    p.add_argument("--no-seen-bias", action="store_true",
+                   help="hiertcn: no learned bias on the catalogue scores of the items the user "
+                        "has already seen (the repeat head's seen bias)")
     p.add_argument("--no-high-level", action="store_true",
                    help="session-only ablation: the high-level state stays zero")
     p.add_argument("--mixed-precision", action="store_true")
@@ -105,6 +108,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model["repeat_head"] = bool(args.repeat_head)
     if args.start_items is not None:
         model["start_items"] = args.start_items
+    if args.no_seen_bias:
+        model["seen_bias"] = False
     if args.no_high_level:
         model["high_level"] = False
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,

@@ -65,6 +65,9 @@ def test_default_head_follows_the_loss_and_flags_override_it():
     starts = lambda *flags: train_lib.resolve_config(train_lib.parse_args(
         ["--data", "d", "--model-dir", "r", *flags])).model.start_items
     assert (starts(), starts("--start-items", "0"), starts("--start-items", "5")) == (20, 0, 5)
+    seen = lambda *flags: train_lib.resolve_config(train_lib.parse_args(
+        ["--data", "d", "--model-dir", "r", *flags])).model.seen_bias
+    assert seen() and not seen("--no-seen-bias")
 
 
 def test_mixture_is_a_distribution_and_respects_padding():

@@ -120,4 +120,7 @@ def test_bad_arguments(tmp_path):
     with SQLiteStateStore(str(tmp_path / "y.sqlite")) as s:
         with pytest.raises(ValueError, match="one user's vector"):
             s.put("u", 1, np.zeros([1, 2], np.float32), [])
-    assert state_store.DEFAULT_HISTORY_ITEMS == 50
+    # the store keeps what the default model's repeat head reads
+    from model.config import HierTCNConfig
+    assert state_store.DEFAULT_HISTORY_ITEMS == HierTCNConfig().history_size
+    assert s.history_items == state_store.DEFAULT_HISTORY_ITEMS
