@@ -113,8 +113,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
     parser.add_argument("--repeat-head", action="store_true",
                         help="the default model with the repeat head (requests carry its history_size items)")
+    parser.add_argument("--history-items", type=int,
+                        help="with --repeat-head: history items per request (default: the "
+                             "model's history_size)")
     args = parser.parse_args(argv)
+    if args.history_items is not None and (args.history_items < 0 or not args.repeat_head):
+        parser.error("--history-items needs --repeat-head and a count >= 0")
     history = HierTCNConfig().history_size if args.repeat_head else 0
+    if args.history_items is not None:
+        history = args.history_items
     starts = HierTCNConfig().start_items if args.repeat_head else 0
     n_latency, qps_seconds = (300, 5.0) if args.quick else (2000, 20.0)
 
