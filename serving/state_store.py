@@ -23,11 +23,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from model.config import HierTCNConfig
+
 log = logging.getLogger("serving.state_store")
 
-# The recent items kept per user: the default HierTCN's `model.history_size` (its repeat
-# head's seen bias covers that many; the attention the newest 50).
-DEFAULT_HISTORY_ITEMS = 200
+# The recent items kept per user: what the default HierTCN's repeat head reads
+# (`model.history_size`).
+DEFAULT_HISTORY_ITEMS = HierTCNConfig().history_size
 
 
 @dataclasses.dataclass(frozen=True)
