@@ -8,6 +8,9 @@ B = 32 at a time:
   [B, S]) plus the state cache carried between batches (`HierTCN.train_cache`: state
   [B, H] float32, the running AGG sum [B, E] and count [B]); the same for every batch,
   whatever the users' history lengths.
+* HierTCN with the repeat head (the default model; `hiertcn_repeat_head_bytes`, beside
+  the headline): also each row's last N = 200 items (`history` int64 [B, N]) and the
+  start items in the state and cache (float32 [B, R + 2]).
 * Flat TCN as the paper's baseline trains it: each batch of B users is one int64
   [B, N] tensor of their whole train histories (items plus one separator per session),
   N = the longest history in the batch, truncated at `--truncation` (default: none, i.e.
@@ -90,6 +93,8 @@ def whole_history_batches(users, batch_size: int, truncation: int) -> list[int]:
 
 def data_memory(users, args) -> dict:
     """Bytes per batch of each model's resident input tensors (see the module docstring)."""
+    from model.config import HierTCNConfig
+
     b, s, l = args.batch_size, args.sessions_per_batch, args.max_session_length
     cfg = bench_lib.model_config("hiertcn", "softmax", 256)
     state_floats = cfg.gru_units * cfg.gru_layers + cfg.embedding_dim + 1
@@ -99,9 +104,16 @@ def data_memory(users, args) -> dict:
     tcn_cfg = bench_lib.model_config("tcn", "softmax", 256)
     streaming = 8 * b * (tcn_cfg.history_length + s * (l + 1)) + 3 * b * s + b
     lengths = [history_tokens(u) for u in users]
+    # The default model (repeat head) also carries each row's last N items (`history`
+    # [B, N] int64) and its start items in the state, plus the unfinished session's first
+    # item in the cache ([B, 2] float32).
+    head = HierTCNConfig()
+    head_bytes = hier + b * head.history_size * 8 + b * (head.start_items + 2) * 4
     return {"hiertcn_bytes": hier, "tcn_whole_history_bytes": round(flat),
             "tcn_streaming_bytes": streaming,
             "data_memory_reduction": round(1 - hier / flat, 4),
+            "hiertcn_repeat_head_bytes": head_bytes,
+            "reduction_repeat_head": round(1 - head_bytes / flat, 4),
             "reduction_vs_streaming_tcn": round(1 - hier / streaming, 4),
             "users": len(users), "history_tokens_mean": round(float(np.mean(lengths)), 1),
             "history_tokens_max": int(max(lengths)), "whole_history_width_mean": round(float(np.mean(widths)), 1),

@@ -12,15 +12,17 @@ padded with empty slots. A slot holds at most L items:
   later chunk restarts from the start vector (its first positions see only the chunk).
 * `reset` marks the first slot of a new user in that row: the state is zeroed before it.
 * `valid` marks non-empty slots.
-* `history` (only with `history_size` N > 0, for a repeat-aware model): the user's last
-  N items before the slot (earlier sessions and earlier chunks of this one), newest last,
-  left-padded with 0. Each row carries a bounded buffer of its current user's last N
-  items, emptied at `reset`, like the model's state cache.
+* `history` (only with `history_size` N > 0, for a repeat-aware model): per row, the last
+  N items of its current user before the batch, newest last, left-padded with 0. Each row
+  carries this bounded buffer (emptied at `reset`, like the model's state cache), so the
+  batch holds B x N history items, not one buffer per slot; `slot_histories` derives in
+  the graph each slot's last N items before it (earlier sessions and earlier chunks of
+  this one).
 
 Within a slot the model's inputs are [start, a1..a(m-1)] and its targets [a1..am] (the
 first item is predicted from the state alone); the batch holds only `items` = targets.
 
-Memory is O(B*S*(L+N)) for the batch plus the pending slots of one user per row; it does
+Memory is O(B*(S*L+N)) for the batch plus the pending slots of one user per row; it does
 not grow with the number of users (the users factory may add a bounded copy of the split:
 `CachedUsers`). The position (epoch, users consumed from the epoch's
 shuffled stream, the rows' pending slots and history buffers, batch counter) is a
@@ -95,7 +97,7 @@ class QueueBatcher:
 
     `items` int64 [B, S, L], `reset`, `session_end`, `valid` bool [B, S], `batch_index`
     int64 [] (0-based count of batches produced) and, when `history_size` > 0, `history`
-    int64 [B, S, N].
+    int64 [B, N] (each row's buffer before the batch; per slot: `slot_histories`).
     """
 
     def __init__(self, users: UsersFactory, batch_size: int, sessions_per_batch: int,
@@ -112,7 +114,7 @@ class QueueBatcher:
           shuffle_buffer: users held by the shuffle buffer (1 = no shuffle).
           epochs: stop after this many passes (None: forever).
           keep_positions: positions remembered for `position_after` (>= prefetch depth).
-          history_size: N, recent items per slot in `history` (0: no `history`).
+          history_size: N, recent items per row in `history` (0: no `history`).
         """
         for name, v in (("batch_size", batch_size), ("sessions_per_batch", sessions_per_batch),
                         ("max_session_length", max_session_length), ("shuffle_buffer", shuffle_buffer)):
@@ -230,15 +232,15 @@ class QueueBatcher:
         flags["valid"][where] = True
         flags = {k: v.reshape(b, s) for k, v in flags.items()}
         if n:
-            history = np.zeros([b * s, n], np.int64)
+            history = np.zeros([b, n], np.int64)
+            for r, buffer in enumerate(self.histories):
+                if buffer:
+                    history[r, n - len(buffer):] = np.fromiter(buffer, np.int64, len(buffer))
             for slot, i in zip(taken, where.tolist()):
                 buffer = self.histories[i // s]
                 if slot.reset:
                     buffer.clear()
-                if buffer:
-                    history[i, n - len(buffer):] = buffer
                 buffer.extend(slot.items.tolist())
-            history = history.reshape(b, s, n)
         batch = {"items": items, **flags, "batch_index": np.int64(self.batch_index)}
         if self.n:
             batch["history"] = history
@@ -279,7 +281,7 @@ def make_dataset(batcher: QueueBatcher, prefetch: int = 4, chunk: int = CHUNK):
         "batch_index": tf.TensorSpec([None], tf.int64),
     }
     if batcher.n:
-        signature["history"] = tf.TensorSpec([None, b, s, batcher.n], tf.int64)
+        signature["history"] = tf.TensorSpec([None, b, batcher.n], tf.int64)
 
     def chunks():
         it = iter(batcher)
@@ -291,6 +293,48 @@ def make_dataset(batcher: QueueBatcher, prefetch: int = 4, chunk: int = CHUNK):
 
     return (tf.data.Dataset.from_generator(chunks, output_signature=signature)
             .unbatch().prefetch(prefetch))
+
+
+def slot_histories(history, items, reset):
+    """Each slot's history from a batch's per-row buffers (TensorFlow ops, for the step).
+
+    Per row, the buffer and then the items of its slots in order form one stream; slot k's
+    history is the window of the N stream entries just before its first item, with the
+    entries from before the row's last `reset` at or before k blanked: exactly the last N
+    items of the slot's user before it, as a per-slot buffer would hold them.
+
+    Args:
+      history: int [B, N] the batch's `history` (newest last, left-padded with 0).
+      items: int [B, S, L] the batch's `items` (each slot left-aligned).
+      reset: bool [B, S] the batch's `reset`.
+
+    Returns:
+      int64 [B, S, N]: newest last, left-padded with 0 (all 0 for an empty slot).
+    """
+    import tensorflow as tf
+
+    history = tf.cast(history, tf.int64)
+    items = tf.cast(items, tf.int64)
+    b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
+    n = tf.shape(history, out_type=tf.int64)[1]
+    flat = tf.reshape(items, [b, s * l])
+    present = flat > 0
+    lengths = tf.reduce_sum(tf.cast(items > 0, tf.int64), axis=2)               # [B, S]
+    offsets = tf.cumsum(lengths, axis=1, exclusive=True)                        # [B, S]
+    # the stream [B, N + S L]: the buffer, then the row's items packed to the left
+    cell = tf.where(present)                                                    # (row, col)
+    packed_col = tf.gather_nd(tf.cumsum(tf.cast(present, tf.int64), axis=1) - 1, cell)
+    stream = tf.tensor_scatter_nd_update(
+        tf.concat([history, tf.zeros(tf.stack([b, s * l]), tf.int64)], axis=1),
+        tf.stack([cell[:, 0], n + packed_col], axis=1), tf.gather_nd(flat, cell))
+    window = offsets[:, :, None] + tf.range(n)[None, None, :]                   # [B, S, N]
+    # the stream position where slot k's user starts in this batch (0: before it)
+    causal = tf.range(s)[None, :] <= tf.range(s)[:, None]                       # [S, S] j <= k
+    starts = tf.where(reset[:, None, :] & causal[None], (n + offsets)[:, None, :],
+                      tf.constant(0, tf.int64))
+    boundary = tf.reduce_max(starts, axis=2)                                    # [B, S]
+    keep = (window >= boundary[:, :, None]) & (lengths > 0)[:, :, None]
+    return tf.where(keep, tf.gather(stream, window, batch_dims=1), tf.zeros_like(window))
 
 
 def dataset_lead(prefetch: int, chunk: int = CHUNK) -> int:

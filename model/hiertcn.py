@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from model import layers
+from model import batching, layers
 from model.config import ConfigError, HierTCNConfig
 from model.sequence_model import SequenceModel
 from pipeline import schema
@@ -321,7 +321,8 @@ class HierTCN(SequenceModel):
         user = tf.cast(user, tf.float32)
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
-        history = tf.reshape(tf.cast(batch["history"], tf.int64), [tf.shape(flat_items)[0], -1])
+        history = tf.reshape(batching.slot_histories(batch["history"], batch["items"], batch["reset"]),
+                             [tf.shape(flat_items)[0], -1])
         start_items = None
         if self.num_start_items:  # before each slot (cheap to recompute: no GRU)
             start_items, _, _ = self._slot_start_items(

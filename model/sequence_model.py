@@ -20,8 +20,10 @@ How to add a model (e.g. a baseline):
 
 Training batches come from `model.batching.QueueBatcher`: a dict with `items` int64
 [B, S, L] (chunks of sessions, padded with 0), `reset`, `session_end` and `valid` bool
-[B, S], and for a model with `history_size` N > 0 `history` int64 [B, S, N]. The loop keeps the model's `train_cache` (tuple of tensors with leading dim B)
-from batch to batch without gradient.
+[B, S], and for a model with `history_size` N > 0 `history` int64 [B, N] (each row's
+recent items before the batch; `batching.slot_histories` gives each slot's). The loop
+keeps the model's `train_cache` (tuple of tensors with leading dim B) from batch to batch
+without gradient.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ class SequenceModel(tf.keras.Model):
         Args:
           user: [N, D] user vectors at the targets; targets: int64 [N].
           where: int64 [N, 2] (slot, position) of each target in `flat_items` [B * S, L].
-          batch: the generator batch (its `history` int64 [B, S, history_size]).
+          batch: the generator batch (its `history` int64 [B, history_size], per row).
           cache: the rows' carried tensors before the batch (`train_cache`).
         """
         raise NotImplementedError

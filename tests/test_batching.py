@@ -112,6 +112,9 @@ def test_random_log_every_user_once_in_order_with_its_history():
     batcher = batching.QueueBatcher(lambda: iter(users), 4, 3, 4, epochs=1, history_size=n)
     rows = [[] for _ in range(4)]  # per row: (items, reset, end, history) of its valid slots
     for batch in batcher:
+        assert batch["history"].shape == (4, n)  # one buffer per row
+        slot_history = batching.slot_histories(batch["history"], batch["items"],
+                                               batch["reset"]).numpy()
         for r in range(4):
             for k in range(3):
                 if not batch["valid"][r, k]:
@@ -121,7 +124,7 @@ def test_random_log_every_user_once_in_order_with_its_history():
                 m = int(np.count_nonzero(items))
                 assert not items[m:].any(), "items are left-aligned"
                 rows[r].append((items[:m].tolist(), bool(batch["reset"][r, k]),
-                                bool(batch["session_end"][r, k]), batch["history"][r, k].tolist()))
+                                bool(batch["session_end"][r, k]), slot_history[r, k].tolist()))
     seen = []
     for row in rows:
         past = []

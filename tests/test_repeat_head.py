@@ -202,9 +202,9 @@ def _batch(items, reset, end, history):
 def test_train_loss_is_the_mixture_log_likelihood(seen_bias, window):
     model = _model(HEAD.replace({"repeat_window": window}))
     model.repeat_head.set_seen_bias(seen_bias)
-    # One row: a chunk [5 7 5 9] of a user whose last items were [9 0 7 9]: targets new,
-    # seen in the history, seen in the session, seen in both.
-    batch = _batch([[[5, 7, 5, 9]]], [[True]], [[True]], [[[9, 0, 7, 9]]])
+    # One row: a session [5 7 5 9] of a user under way (no reset; zero state) whose last
+    # items were [9 0 7 9]: targets new, seen in the history, seen in the session, in both.
+    batch = _batch([[[5, 7, 5, 9]]], [[False]], [[True]], [[9, 0, 7, 9]])
     loss, _, n = model.train_loss(batch, model.train_cache(1), training=False)
     assert int(n) == 4
     prefix = tf.constant([[5, 7, 5]], tf.int64)
@@ -224,7 +224,10 @@ def test_generator_history_resets_at_user_boundaries():
     make = lambda: batching.QueueBatcher(lambda: iter(USERS), 2, 2, 3, shuffle_buffer=1,
                                          epochs=1, history_size=4)
     batches = list(make())
-    history = [b["history"].tolist() for b in batches]
+    assert [b["history"].tolist() for b in batches[:2]] == [[[0, 0, 0, 0], [0, 0, 0, 0]],
+                                                            [[2, 3, 4, 5], [0, 2, 2, 3]]]
+    history = [batching.slot_histories(b["history"], b["items"], b["reset"]).numpy().tolist()
+               for b in batches]
     assert history[0] == [[[0, 0, 0, 0], [0, 2, 3, 4]],   # A1a; A1b after A's first chunk
                           [[0, 0, 0, 0], [0, 0, 0, 0]]]   # B1; C1: a new user, buffer emptied
     assert history[1] == [[[2, 3, 4, 5], [0, 0, 0, 0]],   # A2; (empty slot)
@@ -244,7 +247,8 @@ def test_online_scorer_buffer_equals_the_generator_history():
     # session equals the scorer's buffer after the user's earlier sessions.
     batcher = batching.QueueBatcher(lambda: iter(USERS), 1, 1, 8, shuffle_buffer=1, epochs=1,
                                     history_size=4)
-    generated = [b["history"][0, 0].tolist() for b in batcher]
+    generated = [batching.slot_histories(b["history"], b["items"], b["reset"]).numpy()[0, 0].tolist()
+                 for b in batcher]
     scorer = KerasScorer(_model())
     online = []
     for user in USERS:
@@ -370,9 +374,8 @@ def test_train_loss_with_start_items_is_the_mixture_log_likelihood():
     # with the state (GRU and start items) they left in the cache.
     model = _model(STARTS)
     model.repeat_head.start_recency.assign([0.5, 1.0, 1.5])
-    first = _batch([[[7, 3], [9, 4]]], [[True, False]], [[True, True]],
-                   [[[0, 0, 0, 0], [0, 0, 7, 3]]])
-    second = _batch([[[7, 5]]], [[False]], [[True]], [[[7, 3, 9, 4]]])
+    first = _batch([[[7, 3], [9, 4]]], [[True, False]], [[True, True]], [[0, 0, 0, 0]])
+    second = _batch([[[7, 5]]], [[False]], [[True]], [[7, 3, 9, 4]])
     _, cache, _ = model.train_loss(first, model.train_cache(1), training=False)
     loss, _, n = model.train_loss(second, cache, training=False)
     state = model.update_state(model.update_state(tf.zeros([1, model.state_size]),
