@@ -16,7 +16,8 @@ counted, nor HierTCN's causal-conv taps that would read the zero left padding of
 the peak float32 matmul FLOP/s measured in the same run (a large `tf.matmul`). The speed
 choices are measured on HierTCN in the sampled setting: packed events vs the padded
 [B * S, L] encoder, XLA (`jit_compile`, padded fixed shapes), bfloat16 mixed precision,
-oneDNN off (a subprocess with TF_ENABLE_ONEDNN_OPTS=0), and input from the tf.data queue
+oneDNN off and on (subprocesses with TF_ENABLE_ONEDNN_OPTS=0 / 1), one thread per op
+(a subprocess with TF_NUM_INTRAOP_THREADS=1), and input from the tf.data queue
 generator vs from pre-built batches on the same batches (alternating blocks of 10 steps;
 `generator_overhead` is the median of the blocks' ratios, `generator_overhead_total` the
 ratio of the sums).
@@ -172,12 +173,14 @@ def speed_choices(bench: Bench, data_dir: str) -> dict:
     out = {k: round(v) for k, v in bench.run(variants).items()}
     bench_lib.log("input: generator vs pre-built")
     out["input"] = generator_overhead(bench, variants["packed"])
-    for key in ("padded_xla", "packed_bfloat16", "onednn_off", "onednn_on"):
+    for key in ("padded_xla", "packed_bfloat16", "onednn_off", "onednn_on", "intra_op_1"):
         out.setdefault(key, None)  # skipped by --quick (each costs a trace or a process)
     if not quick:
-        bench_lib.log("oneDNN probes")
+        bench_lib.log("oneDNN and thread-pool probes")
         out["onednn_off"] = _probe(bench.args, data_dir, {"TF_ENABLE_ONEDNN_OPTS": "0"})
         out["onednn_on"] = _probe(bench.args, data_dir, {"TF_ENABLE_ONEDNN_OPTS": "1"})
+        # one thread per op (TensorFlow's default: all cores), ops still run side by side
+        out["intra_op_1"] = _probe(bench.args, data_dir, {"TF_NUM_INTRAOP_THREADS": "1"})
     return out
 
 

@@ -321,8 +321,8 @@ class HierTCN(SequenceModel):
         user = tf.cast(user, tf.float32)
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
-        history = tf.reshape(batching.slot_histories(batch["history"], batch["items"], batch["reset"]),
-                             [tf.shape(flat_items)[0], -1])
+        history = batching.slot_histories(batch["history"], batch["items"], batch["reset"])
+        history = tf.reshape(history, [tf.shape(flat_items)[0], -1])            # [B * S, N]
         start_items = None
         if self.num_start_items:  # before each slot (cheap to recompute: no GRU)
             start_items, _, _ = self._slot_start_items(

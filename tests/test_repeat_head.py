@@ -247,8 +247,8 @@ def test_online_scorer_buffer_equals_the_generator_history():
     # session equals the scorer's buffer after the user's earlier sessions.
     batcher = batching.QueueBatcher(lambda: iter(USERS), 1, 1, 8, shuffle_buffer=1, epochs=1,
                                     history_size=4)
-    generated = [batching.slot_histories(b["history"], b["items"], b["reset"]).numpy()[0, 0].tolist()
-                 for b in batcher]
+    generated = [batching.slot_histories(b["history"], b["items"], b["reset"]).numpy()[0, 0]
+                 .tolist() for b in batcher]
     scorer = KerasScorer(_model())
     online = []
     for user in USERS:
