@@ -24,16 +24,17 @@ first item is predicted from the state alone); the batch holds only `items` = ta
 
 Memory is O(B*(S*L+N)) for the batch plus the pending slots of one user per row; it does
 not grow with the number of users (the users factory may add a bounded copy of the split:
-`CachedUsers`). The position (epoch, users consumed from the epoch's
-shuffled stream, the rows' pending slots and history buffers, batch counter) is a
-JSON-able dict: a batcher
-restored from the position after batch n yields exactly batch n + 1.
+`CachedUsers`, which also fixes the users' order). The position (epoch, users consumed
+from the epoch's shuffled stream, the rows' pending slots and history buffers, batch
+counter) is a JSON-able dict: a batcher restored from the position after batch n yields
+exactly batch n + 1.
 """
 from __future__ import annotations
 
 import collections
 import itertools
 import threading
+import zlib
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -343,10 +344,15 @@ def dataset_lead(prefetch: int, chunk: int = CHUNK) -> int:
 
 
 class CachedUsers:
-    """A users factory over a split: streams it from the pipeline files, keeping the
-    sessions of a pass in memory while they total at most `max_events` events; once a
-    pass has completed within that bound, later passes replay the memory copy (a split
-    over the bound streams every time, in bounded memory)."""
+    """A users factory over a split that keeps it in memory when it totals at most
+    `max_events` events, in an order that does not depend on the pipeline's files.
+
+    The first pass reads the split before yielding: within the bound, the users are
+    ordered by a hash of their id (`user_order_key`) and every pass replays that memory
+    copy, so two pipeline runs that put the same users in differently numbered or ordered
+    shard files train identically. A split over the bound streams in file order, every
+    pass, in bounded memory (the users read up to the bound go first, then the rest).
+    """
 
     def __init__(self, data_dir: str, split: str, max_events: int):
         from pipeline import schema
@@ -361,18 +367,28 @@ class CachedUsers:
             return iter(self.cached)
         if self._too_big:
             return (user.sessions for user in self._read())
-        return self._stream()
+        return self._first_pass()
 
-    def _stream(self) -> Iterator[list[np.ndarray]]:
-        kept: list[list[np.ndarray]] | None = []
+    def _first_pass(self) -> Iterator[list[np.ndarray]]:
+        kept: list[tuple[tuple[int, str], list[np.ndarray]]] = []
         events = 0
-        for user in self._read():
-            if kept is not None:
-                events += sum(map(len, user.sessions))
-                kept.append(user.sessions)
-                if events > self.max_events:
-                    kept, self._too_big = None, True
-            yield user.sessions
-        if kept is not None and self.cached is None:
-            self.cached = kept
+        users = self._read()
+        for user in users:
+            kept.append((user_order_key(user.user_id), user.sessions))
+            events += sum(map(len, user.sessions))
+            if events > self.max_events:
+                self._too_big = True
+                yield from (sessions for _, sessions in kept)
+                del kept
+                yield from (u.sessions for u in users)
+                return
+        kept.sort(key=lambda pair: pair[0])
+        if self.cached is None:
+            self.cached = [sessions for _, sessions in kept]
+        yield from self.cached
 
+
+def user_order_key(user_id: str) -> tuple[int, str]:
+    """The users' training order within a cached split: a stable hash of the id (the same
+    in every process and run; Python's `hash` of a string is not), then the id."""
+    return zlib.crc32(user_id.encode("utf-8")), user_id

@@ -146,25 +146,70 @@ def _as_lists(users):
     return [[s.tolist() for s in u] for u in users]
 
 
+def _hash_order(users, ids):
+    """users (file order) in the cached order: by `user_order_key` of their ids."""
+    order = sorted(range(len(users)), key=lambda k: batching.user_order_key(ids[k]))
+    return [users[k] for k in order]
+
+
 def test_cached_users_replay_the_split_after_one_complete_pass(tmp_path):
     import shutil
 
     from tiny_logs import write_data
 
     data = write_data(str(tmp_path / "d"), 12, USERS)
+    ordered = _hash_order(USERS, ["train0", "train1", "train2"])
+    assert ordered != USERS  # (the order below is the hash order, not the file order)
     factory = batching.CachedUsers(data, "train", max_events=100)
     first = iter(factory())
-    next(first)  # an abandoned pass caches nothing
-    assert factory.cached is None
-    assert _as_lists(factory()) == USERS and factory.cached is not None
+    next(first)  # the first pass reads the whole split before its first user
+    assert factory.cached is not None
+    assert _as_lists(factory()) == ordered
     shutil.rmtree(tmp_path / "d" / "train")  # later passes no longer read the files
-    assert _as_lists(factory()) == USERS
+    assert _as_lists(factory()) == ordered
     batches = list(batching.QueueBatcher(factory, 2, 2, 3, shuffle_buffer=1, epochs=1))
-    expected = list(_batcher())
+    expected = list(batching.QueueBatcher(lambda: iter(ordered), 2, 2, 3, shuffle_buffer=1,
+                                          epochs=1))
     assert len(batches) == len(expected)
     for got, want in zip(batches, expected):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_cached_users_order_does_not_depend_on_the_shard_files(tmp_path):
+    # The same users written as one file in one order, or as two files in another (as two
+    # pipeline runs may write them), train on identical batches.
+    import os
+
+    import tensorflow as tf
+
+    from pipeline import schema
+    from tiny_logs import write_data
+
+    rng = np.random.default_rng(0)
+    users = [[rng.integers(2, 14, size=rng.integers(1, 6)).tolist()
+              for _ in range(rng.integers(1, 4))] for _ in range(30)]
+    one = write_data(str(tmp_path / "one"), 12, users)
+    two = write_data(str(tmp_path / "two"), 12, users)
+    os.remove(os.path.join(two, "train", "part-00000" + schema.SHARD_SUFFIX))
+    records = [(f"train{n}", u) for n, u in enumerate(users)]
+    opts = tf.io.TFRecordOptions(compression_type=schema.COMPRESSION)
+    for shard, part in enumerate([records[::-2], records[-2::-2]]):
+        with tf.io.TFRecordWriter(os.path.join(two, "train", f"part-0000{shard}"
+                                               + schema.SHARD_SUFFIX), opts) as w:
+            for user_id, sessions in part:
+                times = [[1000 * k + j for j in range(len(x))] for k, x in enumerate(sessions)]
+                w.write(schema.make_sequence_example(user_id, 0, sessions, times))
+    assert [u.user_id for u in schema.iter_users(one, "train")] != \
+        [u.user_id for u in schema.iter_users(two, "train")]
+    got = {}
+    for name, data in (("one", one), ("two", two)):
+        factory = batching.CachedUsers(data, "train", max_events=10_000)
+        got[name] = list(batching.QueueBatcher(factory, 3, 2, 4, seed=5, epochs=2))
+    assert len(got["one"]) == len(got["two"]) > 0
+    for a, b in zip(got["one"], got["two"]):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_cached_users_stream_a_split_over_the_bound(tmp_path):
@@ -176,7 +221,7 @@ def test_cached_users_stream_a_split_over_the_bound(tmp_path):
 
     data = write_data(str(tmp_path / "d"), 12, USERS)
     factory = batching.CachedUsers(data, "train", max_events=10)  # USERS have 19 events
-    assert _as_lists(factory()) == USERS and factory.cached is None
+    assert _as_lists(factory()) == USERS and factory.cached is None  # file order
     assert _as_lists(factory()) == USERS
     shutil.rmtree(tmp_path / "d" / "train")
     with pytest.raises(tf.errors.NotFoundError):  # streamed again: the files are needed
