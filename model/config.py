@@ -233,7 +233,8 @@ class TrainConfig(ConfigBase):
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: checkpoints kept by the CheckpointManager.
       eval_every: steps between valid evaluations (0 = only at the end).
-      eval_users: valid users evaluated at each interval (0 = all).
+      eval_users: valid users evaluated at each interval (0 = all): the same users each
+        time, chosen by a hash of their ids (`evaluate.sample_users`).
       mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
       jit_compile: XLA-compile the model's encoder part of the train step.
       strategy: `default`, `mirrored` or `one_device:DEVICE` (tf.distribute).

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -111,7 +111,8 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
 
 
 def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
-             max_users: int | None = None, progress: bool = True) -> dict:
+             max_users: int | None = None, user_ids: Collection[str] | None = None,
+             progress: bool = True) -> dict:
     """Evaluates a scorer online on the target sessions of a split.
 
     Args:
@@ -121,6 +122,7 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
       batch_size: users evaluated side by side (fewer when long sessions would make the
         [rows, steps, vocab] scores exceed `SCORE_BUDGET` floats).
       max_users: evaluate only the first N users of the split (all when None).
+      user_ids: evaluate only these users (all when None; see `sample_users`).
       progress: show a progress bar over users.
 
     Returns:
@@ -141,12 +143,17 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     vocab = schema.read_vocabulary(data_dir)
     schema.shard_files(data_dir, split)  # fails early with a clear message
     total = schema.read_stats(data_dir).get("splits", {}).get(split, {}).get("users")
+    if user_ids is not None:
+        total = len(user_ids) if total is None else min(total, len(user_ids))
     if max_users is not None:
         total = max_users if total is None else min(total, max_users)
 
     from tqdm import tqdm
 
-    users = itertools.islice(schema.iter_users(data_dir, split), max_users)
+    users = schema.iter_users(data_dir, split)
+    if user_ids is not None:
+        users = (u for u in users if u.user_id in user_ids)
+    users = itertools.islice(users, max_users)
     acc = metrics.MetricsAccumulator()
     with tqdm(total=total, unit="user", desc=f"evaluate {scorer.name} on {split}",
               disable=not progress) as bar:
@@ -156,6 +163,18 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
     return out
+
+
+def sample_users(data_dir: str, split: str, count: int) -> frozenset[str] | None:
+    """The ids of `count` users of a split chosen by a hash of their ids
+    (`batching.user_order_key`): the same users whatever order the pipeline wrote them in.
+    None when the split has at most `count` users (evaluate them all)."""
+    from model.batching import user_order_key
+
+    ids = [u.user_id for u in schema.iter_users(data_dir, split)]
+    if len(ids) <= count:
+        return None
+    return frozenset(sorted(ids, key=user_order_key)[:count])
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -68,7 +68,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", choices=["softmax", "sampled"])
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
-    p.add_argument("--eval-users", type=int, help="valid users per evaluation (0: all)")
+    p.add_argument("--eval-users", type=int,
+                   help="valid users per evaluation, the same each time, chosen by a hash of "
+                        "their ids (0: all)")
     p.add_argument("--checkpoint-every", type=int)
     head = p.add_mutually_exclusive_group()
     head.add_argument("--repeat-head", action="store_true",
@@ -242,12 +244,13 @@ def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16
     return train_step
 
 
-def evaluate_valid(model, data_dir: str, max_users: int) -> dict:
-    """Valid metrics of the in-memory model through `model.evaluate` (imported lazily)."""
+def evaluate_valid(model, data_dir: str, user_ids=None) -> dict:
+    """Valid metrics of the in-memory model through `model.evaluate` (imported lazily), on
+    the users `user_ids` (all when None)."""
     from model import evaluate
 
     scorer = KerasScorer(model, name=type(model).__name__.lower())
-    return evaluate.evaluate(scorer, data_dir, "valid", max_users=max_users or None, progress=False)
+    return evaluate.evaluate(scorer, data_dir, "valid", user_ids=user_ids, progress=False)
 
 
 def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool = True) -> dict:
@@ -315,6 +318,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
     last_index, last_saved = None, start_step
+    valid_users = False  # the valid users evaluated during training: set at the first evaluation
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -324,8 +328,12 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         last_saved = step
 
     def evaluate_and_select(step: int) -> dict:
-        nonlocal best
-        metrics = _log_valid(model, data_dir, tc.eval_users, step)
+        nonlocal best, valid_users
+        if valid_users is False:  # chosen once: `eval_users` users by a hash of their ids
+            from model import evaluate
+            valid_users = (evaluate.sample_users(data_dir, "valid", tc.eval_users)
+                           if tc.eval_users else None)
+        metrics = _log_valid(model, data_dir, valid_users, step)
         if is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)
             best = {"step": step, "checkpoint": os.path.basename(path), **metrics}
@@ -395,8 +403,8 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _log_valid(model, data_dir: str, max_users: int, step: int) -> dict:
-    metrics = evaluate_valid(model, data_dir, max_users)
+def _log_valid(model, data_dir: str, user_ids, step: int) -> dict:
+    metrics = evaluate_valid(model, data_dir, user_ids)
     for key in ("recall@20", "mrr@20"):
         _scalar(f"valid/{key}", metrics[key], step=step)
     print(f"\nstep {step}: valid recall@20 {metrics['recall@20']:.4f} mrr@20 {metrics['mrr@20']:.4f}",

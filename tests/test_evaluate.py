@@ -144,6 +144,24 @@ def test_max_users(data):
     assert out["events"] == 3 and out["first_item"]["events"] == 2 and out["recall@1"] == pytest.approx(2 / 3)
 
 
+def test_sample_users_are_the_same_whatever_the_file_order(tmp_path):
+    # 12 users: u_k's target session [k + 2, 4]; NextIndex hits 4 only after 3 (u1).
+    users = {f"u{k}": ([[2, 3]], [[k + 2, 4]]) for k in range(12)}
+    os.makedirs(tmp_path / "a"), os.makedirs(tmp_path / "b")
+    a = write_data(tmp_path / "a", {"valid": users})
+    b = write_data(tmp_path / "b", {"valid": dict(reversed(list(users.items())))})
+    chosen = ev.sample_users(a, "valid", 5)
+    assert len(chosen) == 5 and chosen == ev.sample_users(b, "valid", 5)
+    assert ev.sample_users(a, "valid", 12) is None  # all of them: no filter
+    scorer = NextIndex()
+    out_a = ev.evaluate(scorer, a, "valid", user_ids=chosen, progress=False)
+    evaluated = {u for call, ids in scorer.calls if call == "init" for u in ids}
+    assert evaluated == chosen
+    out_b = ev.evaluate(NextIndex(), b, "valid", user_ids=chosen, progress=False)
+    assert out_a["events"] == out_b["events"] == 5
+    assert out_a["recall@1"] == out_b["recall@1"] == (0.2 if "u1" in chosen else 0.0)
+
+
 def test_bad_arguments_raise(data, tmp_path):
     with pytest.raises(schema.DataError, match="choose valid or test"):
         ev.evaluate(NextIndex(), data, "train")
