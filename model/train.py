@@ -318,7 +318,11 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
     last_index, last_saved = None, start_step
-    valid_users = False  # the valid users evaluated during training: set at the first evaluation
+    valid_users = None  # the users of every valid evaluation (None: all)
+    if tc.eval_every and tc.eval_users:
+        from model import evaluate  # (lazily, as in `evaluate_valid`)
+
+        valid_users = evaluate.sample_users(data_dir, "valid", tc.eval_users)
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -328,11 +332,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         last_saved = step
 
     def evaluate_and_select(step: int) -> dict:
-        nonlocal best, valid_users
-        if valid_users is False:  # chosen once: `eval_users` users by a hash of their ids
-            from model import evaluate
-            valid_users = (evaluate.sample_users(data_dir, "valid", tc.eval_users)
-                           if tc.eval_users else None)
+        nonlocal best
         metrics = _log_valid(model, data_dir, valid_users, step)
         if is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)
