@@ -189,13 +189,15 @@ def peak_rss_mb() -> float:
 
 
 class Trainer:
-    """One model and its real training step (`model.train.make_train_step`: loss, Adam
-    update, state cache carried without gradient), timed step by step."""
+    """One model and its real training step (`model.train.make_train_step`: loss, the
+    optimizer's update (`model.train.make_optimizer`: the default lazy Adam, or `optimizer`),
+    state cache carried without gradient), timed step by step."""
 
     def __init__(self, name: str, config, vocab: int, item_counts: np.ndarray, batch_size: int,
-                 jit_compile: bool = False, packed: bool = True):
+                 jit_compile: bool = False, packed: bool = True, optimizer: str | None = None):
         import tensorflow as tf
 
+        from model import config as config_lib
         from model import registry
         from model import train as train_lib
 
@@ -203,7 +205,10 @@ class Trainer:
         cls = registry.MODELS[name] if packed else _padded_models()[name]
         self.model = cls(config, vocab, item_counts=item_counts)
         self.model.build_weights()
-        optimizer = tf.keras.optimizers.Adam(1e-3)
+        options = {"learning_rate": 1e-3, "lr_schedule": "constant"}
+        if optimizer:
+            options["optimizer"] = optimizer
+        optimizer = train_lib.make_optimizer(config_lib.TrainConfig().replace(options), 1)
         self.state = train_lib.TrainState(self.model.train_cache(batch_size))
         self.step_fn = train_lib.make_train_step(self.model, optimizer, self.state,
                                                  tf.distribute.get_strategy(), False, jit_compile)

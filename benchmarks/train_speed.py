@@ -22,6 +22,13 @@ generator vs from pre-built batches on the same batches (alternating blocks of 1
 `generator_overhead` is the median of the blocks' ratios, `generator_overhead_total` the
 ratio of the sums).
 
+Large catalogue (`large_catalogue`): HierTCN and HRNN in the sampled setting with the
+item tables grown to `--catalogue` items (default 500,000; the vocabulary padded with
+unseen long-tail items of train count 1, so the batches and the sequence models are the
+same and only the embedding and output tables grow), with the default optimizer (lazy
+Adam: a table's rows are updated only when in the step's sparse gradient) and with
+Keras's Adam (`train.optimizer` = `adam`: every row and both moments every step).
+
 The last line printed is one JSON object.
 """
 from __future__ import annotations
@@ -51,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--sessions-per-batch", type=int, default=10)
     p.add_argument("--max-session-length", type=int, default=20)
     p.add_argument("--num-negatives", type=int, default=256)
+    p.add_argument("--catalogue", type=int,
+                   help="items of the large-catalogue setting (default 500,000; 20,000 with --quick)")
     p.add_argument("--probe", action="store_true",
                    help="only HierTCN, sampled: print its events/s (used for the oneDNN run)")
     args = p.parse_args(argv)
@@ -58,6 +67,8 @@ def parse_args(argv):
         args.steps = 6 if args.quick else 60
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.catalogue is None:
+        args.catalogue = 20_000 if args.quick else 500_000
     if args.quick:  # small geometry: the point is that the script runs, not the figures
         args.users, args.warmup, args.batch_size, args.sessions_per_batch = 100, 1, 16, 4
     return args
@@ -85,10 +96,18 @@ class Bench:
             args.warmup + args.steps)
         self.stats = bench_lib.batch_stats(self.batches[args.warmup:])
 
-    def trainer(self, name: str, loss: str, **kwargs) -> bench_lib.Trainer:
+    def trainer(self, name: str, loss: str, vocab_size: int | None = None,
+                **kwargs) -> bench_lib.Trainer:
+        """`name` at the common sizes; `vocab_size` > the data's pads the vocabulary with
+        unseen items of count 1."""
+        import numpy as np
+
         config = bench_lib.model_config(name, loss, self.args.num_negatives)
-        return bench_lib.Trainer(name, config, self.vocab_size, self.counts,
-                                 self.args.batch_size, **kwargs)
+        vocab, counts = self.vocab_size, self.counts
+        if vocab_size and vocab_size > vocab:
+            vocab, counts = vocab_size, np.concatenate(
+                [counts, np.ones(vocab_size - len(counts), counts.dtype)])
+        return bench_lib.Trainer(name, config, vocab, counts, self.args.batch_size, **kwargs)
 
     def run(self, trainers: dict) -> dict:
         """Warm-up, then the timed steps in rounds of turns; returns events/s per name."""
@@ -156,6 +175,24 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
             "generator_overhead_blocks": [round(r - 1, 3) for r in ratios]}
 
 
+def large_catalogue(bench: Bench) -> dict:
+    """HierTCN vs HRNN (sampled) with `--catalogue` items, per optimizer."""
+    v = max(bench.args.catalogue, bench.vocab_size)
+    out = {"vocab_size": v}
+    for optimizer in ("lazy_adam", "adam"):
+        bench_lib.log(f"large catalogue ({v} items), {optimizer}")
+        trainers = {name: bench.trainer(name, "sampled", v, optimizer=optimizer)
+                    for name in ("hiertcn", "hrnn")}
+        rates = bench.run(trainers)
+        out[optimizer] = {"hiertcn_events_per_s": round(rates["hiertcn"]),
+                          "hrnn_events_per_s": round(rates["hrnn"]),
+                          "hiertcn_vs_hrnn": round(rates["hiertcn"] / rates["hrnn"], 2)}
+        del trainers  # the tables of one pair at a time
+    out["hiertcn_lazy_vs_adam"] = round(out["lazy_adam"]["hiertcn_events_per_s"]
+                                        / out["adam"]["hiertcn_events_per_s"], 2)
+    return out
+
+
 def speed_choices(bench: Bench, data_dir: str) -> dict:
     """HierTCN (sampled) events/s under each speed choice, measured in turns."""
     import tensorflow as tf
@@ -219,6 +256,7 @@ def measure(args, data_dir: str) -> dict:
                         "hiertcn_vs_gru4rec": round(rates["hiertcn"] / rates["gru4rec"], 2),
                         "hiertcn_vs_tcn": round(rates["hiertcn"] / rates["tcn"], 2),
                         "mfu": models["hiertcn"]["mfu"], "models": models}
+    result["large_catalogue"] = large_catalogue(bench)
     result["choices_sampled_hiertcn_events_per_s"] = speed_choices(bench, data_dir)
     result["peak_matmul_gflops"] = round(peak / 1e9, 1)
     a = args

@@ -219,8 +219,12 @@ class TrainConfig(ConfigBase):
       lr_decay_at: fractions of the total steps where the step schedule decays.
       lr_decay_factor: divisor applied at each decay point.
       clipnorm: gradient clipping by global norm (0 = off).
+      optimizer: `lazy_adam` (Adam whose embedding-table updates touch only the rows in
+        the batch's gradient; `model.train.LazyAdam`) or `adam` (Keras's Adam, which also
+        decays and moves every other row of the tables, every step).
       weight_decay: decoupled weight decay (AdamW; 0 = plain Adam): every step multiplies
-        the weights by 1 - learning rate * weight_decay.
+        the weights by 1 - learning rate * weight_decay (with `lazy_adam`, the rows of a
+        table that are in the step's sparse gradient).
       steps: training steps (0 = use `epochs`).
       epochs: passes over the training users (used when steps == 0).
       max_minutes: stop after this wall time (0 = no limit); a checkpoint is written.
@@ -249,6 +253,7 @@ class TrainConfig(ConfigBase):
     lr_decay_at: tuple[float, ...] = (0.3, 0.6)
     lr_decay_factor: float = 5.0
     clipnorm: float = 0.0
+    optimizer: str = "lazy_adam"
     weight_decay: float = 0.0
     steps: int = 0
     epochs: int = 0
@@ -275,6 +280,8 @@ class TrainConfig(ConfigBase):
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
         _check(self.clipnorm >= 0, f"train.clipnorm must be >= 0, got {self.clipnorm}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.optimizer in ("lazy_adam", "adam"),
+               f"train.optimizer must be 'lazy_adam' or 'adam', got {self.optimizer!r}")
         _check(self.lr_schedule in ("step", "constant"),
                f"train.lr_schedule must be 'step' or 'constant', got {self.lr_schedule!r}")
         _check(all(0 < f < 1 for f in self.lr_decay_at),

@@ -65,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions-per-batch", type=int, help="S sessions per row per batch")
     p.add_argument("--max-session-length", type=int, help="L items per session chunk")
     p.add_argument("--learning-rate", type=float)
+    p.add_argument("--optimizer", choices=["lazy_adam", "adam"],
+                   help="lazy_adam (default: embedding rows updated only when in the batch) or adam")
     p.add_argument("--loss", choices=["softmax", "sampled"])
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
@@ -117,8 +119,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
              "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
              "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
-             "seed": args.seed, "eval_every": args.eval_every, "eval_users": args.eval_users,
-             "checkpoint_every": args.checkpoint_every, "strategy": args.strategy}
+             "optimizer": args.optimizer, "seed": args.seed, "eval_every": args.eval_every,
+             "eval_users": args.eval_users, "checkpoint_every": args.checkpoint_every, "strategy": args.strategy}
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.epochs is not None:
         train["steps"] = 0
@@ -200,12 +202,65 @@ def learning_rate(train: config_lib.TrainConfig, total_steps: int):
 
 
 def make_optimizer(train: config_lib.TrainConfig, total_steps: int):
-    """Adam, or AdamW (decoupled weight decay, Loshchilov & Hutter) with `weight_decay`."""
+    """Adam (`train.optimizer`: `lazy_adam`, the default, or `adam`), with decoupled weight
+    decay (AdamW, Loshchilov & Hutter) when `train.weight_decay` > 0."""
     options = {"clipnorm": train.clipnorm} if train.clipnorm else {}
     if train.weight_decay:
-        return tf.keras.optimizers.AdamW(learning_rate(train, total_steps),
-                                         weight_decay=train.weight_decay, **options)
-    return tf.keras.optimizers.Adam(learning_rate(train, total_steps), **options)
+        options["weight_decay"] = train.weight_decay
+    cls = LazyAdam if train.optimizer == "lazy_adam" else tf.keras.optimizers.Adam
+    return cls(learning_rate(train, total_steps), **options)
+
+
+class LazyAdam(tf.keras.optimizers.Adam):
+    """Adam whose sparse updates touch only the rows in the gradient.
+
+    An embedding table's gradient is `tf.IndexedSlices` over the items of the batch (and,
+    with the sampled softmax, the sampled negatives). Keras's Adam then still decays the
+    moments of every row and moves every row with its momentum: about ten passes over each
+    [V, D] table per step, whatever the batch; with a 500,000-item catalogue that is 95% of
+    a HierTCN step (`benchmarks/train_speed.py --catalogue`). Here the rows in the gradient
+    get exactly Adam's update from their own moments, and the other rows (and their
+    moments) stay as they are until their items appear again: the "lazy" Adam of TF
+    Addons and `tf.compat.v1`'s LazyAdamOptimizer. Dense gradients get Keras's Adam.
+    With `weight_decay`, the decoupled decay of a sparse-gradient table applies to the
+    same rows only (as TF Addons' AdamW does for sparse gradients).
+    """
+
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        grads_and_vars = list(grads_and_vars)
+        # the tables with sparse gradients this step: decayed in `update_step`, row-wise
+        self._sparse_keys = {self._var_key(v) for g, v in grads_and_vars
+                             if isinstance(g, tf.IndexedSlices)}
+        return super().apply_gradients(grads_and_vars, *args, **kwargs)
+
+    def _use_weight_decay(self, variable):
+        if self._var_key(variable) in getattr(self, "_sparse_keys", ()):
+            return False
+        return super()._use_weight_decay(variable)
+
+    def update_step(self, gradient, variable):
+        if not isinstance(gradient, tf.IndexedSlices) or self.amsgrad:
+            return super().update_step(gradient, variable)
+        dtype = variable.dtype
+        lr = tf.cast(self.learning_rate, dtype)
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+        epsilon = self.epsilon * tf.sqrt(1 - tf.pow(beta_2, step)) if self.adaptive_epsilon \
+            else self.epsilon
+        key = self._var_key(variable)
+        m = self._momentums[self._index_dict[key]]
+        v = self._velocities[self._index_dict[key]]
+        # (`apply_gradients` has summed duplicate indices)
+        rows, g = gradient.indices, tf.cast(gradient.values, dtype)
+        m_rows = tf.gather(m, rows) * beta_1 + g * (1 - beta_1)
+        v_rows = tf.gather(v, rows) * beta_2 + tf.square(g) * (1 - beta_2)
+        m.scatter_update(tf.IndexedSlices(m_rows, rows))
+        v.scatter_update(tf.IndexedSlices(v_rows, rows))
+        delta = m_rows * alpha / (tf.sqrt(v_rows) + epsilon)
+        if self.weight_decay and super()._use_weight_decay(variable):
+            delta += tf.gather(variable, rows) * (lr * tf.cast(self.weight_decay, dtype))
+        variable.scatter_sub(tf.IndexedSlices(delta, rows))
 
 
 class TrainState(tf.Module):

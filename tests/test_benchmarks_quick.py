@@ -32,6 +32,10 @@ def test_train_speed_quick():
     assert {"prebuilt_us_per_event", "generator_us_per_event", "generator_overhead"} <= set(choices["input"])
     assert result["peak_matmul_gflops"] > 0
     assert 0 < result["workload"]["padding_fraction"] < 1
+    large = result["large_catalogue"]
+    assert large["vocab_size"] == 20_000
+    for optimizer in ("lazy_adam", "adam"):
+        assert large[optimizer]["hiertcn_events_per_s"] > 0 and large[optimizer]["hrnn_events_per_s"] > 0
 
 
 @pytest.mark.skipif(not os.path.isdir(ML1M), reason="../shared/data/ml-1m is not available")

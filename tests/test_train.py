@@ -119,6 +119,64 @@ def test_config_is_strict_and_round_trips(tmp_path):
     assert config_lib.load_json(path) == cfg.to_dict()
 
 
+def test_lazy_adam_updates_only_the_rows_in_the_gradient():
+    """The default optimizer: a table's sparse gradient moves exactly its rows, each by
+    Adam's update from its own moments (a NumPy replay over two steps); the other rows and
+    their moments stay; dense variables get Keras's Adam; `adam` is Keras's Adam."""
+    import tensorflow as tf
+
+    base = config_lib.TrainConfig().replace({"learning_rate": 0.1, "lr_schedule": "constant"})
+    steps = [([1, 3], [[1.0, 2.0], [3.0, 4.0]], [0.5, -0.5]),
+             ([3, 4], [[-1.0, 0.5], [2.0, 2.0]], [0.25, 1.0])]
+
+    def run(optimizer):
+        opt = train_lib.make_optimizer(base.replace({"optimizer": optimizer}), 10)
+        table, dense = tf.Variable(np.ones([5, 2], np.float32)), tf.Variable([1.0, 2.0])
+        for rows, g, d in steps:
+            sparse = tf.IndexedSlices(tf.constant(g), tf.constant(rows), tf.constant([5, 2]))
+            opt.apply_gradients([(sparse, table), (tf.constant(d), dense)])
+        return opt, table.numpy(), dense.numpy()
+
+    opt, table, dense = run("lazy_adam")
+    assert isinstance(opt, train_lib.LazyAdam)
+    b1, b2, eps, lr = 0.9, 0.999, 1e-7, 0.1
+    want, m, v = np.ones([5, 2]), np.zeros([5, 2]), np.zeros([5, 2])
+    want_dense, md, vd = np.array([1.0, 2.0]), np.zeros(2), np.zeros(2)
+    for t, (rows, g, d) in enumerate(steps, 1):
+        alpha = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        m[rows] = b1 * m[rows] + (1 - b1) * np.array(g)
+        v[rows] = b2 * v[rows] + (1 - b2) * np.square(g)
+        want[rows] -= alpha * m[rows] / (np.sqrt(v[rows]) + eps)
+        md, vd = b1 * md + (1 - b1) * np.array(d), b2 * vd + (1 - b2) * np.square(d)
+        want_dense -= alpha * md / (np.sqrt(vd) + eps)
+    np.testing.assert_allclose(table, want, rtol=1e-5)
+    np.testing.assert_allclose(dense, want_dense, rtol=1e-5)
+    assert table[0].tolist() == [1.0, 1.0] and table[2].tolist() == [1.0, 1.0]
+    assert table[1].tolist() == pytest.approx(want[1]) and want[1][0] < 1.0  # step 1 only
+    # Keras's Adam also moves row 1 at step 2 (its decayed momentum); dense: the same
+    _, keras_table, keras_dense = run("adam")
+    assert keras_table[1][0] < table[1][0] - 1e-3
+    np.testing.assert_allclose(keras_table[[0, 2]], 1.0)
+    np.testing.assert_allclose(keras_dense, dense, rtol=1e-6)
+    with pytest.raises(config_lib.ConfigError, match="train.optimizer must be 'lazy_adam' or 'adam'"):
+        base.replace({"optimizer": "sgd"})
+
+
+def test_lazy_adam_decays_only_the_rows_in_the_gradient():
+    import tensorflow as tf
+
+    base = config_lib.TrainConfig().replace({"learning_rate": 0.1, "lr_schedule": "constant",
+                                             "weight_decay": 0.5})
+    for optimizer, untouched in (("lazy_adam", 2.0), ("adam", 2.0 * (1 - 0.1 * 0.5))):
+        opt = train_lib.make_optimizer(base.replace({"optimizer": optimizer}), 10)
+        table, dense = tf.Variable(np.full([3, 1], 2.0, np.float32)), tf.Variable([2.0])
+        zero = tf.IndexedSlices(tf.zeros([1, 1]), tf.constant([1]), tf.constant([3, 1]))
+        opt.apply_gradients([(zero, table), (tf.zeros([1]), dense)])  # only the decay acts
+        np.testing.assert_allclose(table.numpy()[:, 0], [untouched, 2.0 * (1 - 0.05), untouched],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(dense.numpy(), [2.0 * (1 - 0.05)], rtol=1e-6)
+
+
 def test_weight_decay_is_decoupled_and_validated():
     import tensorflow as tf
 
