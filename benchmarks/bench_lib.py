@@ -188,6 +188,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def make_optimizer(name: str | None = None):
+    """The training loop's optimizer (`model.train.make_optimizer`; `name`: its
+    `train.optimizer`, default the default) at a constant learning rate of 1e-3."""
+    from model import config as config_lib
+    from model import train as train_lib
+
+    options = {"learning_rate": 1e-3, "lr_schedule": "constant"}
+    if name:
+        options["optimizer"] = name
+    return train_lib.make_optimizer(config_lib.TrainConfig().replace(options), 1)
+
+
 class Trainer:
     """One model and its real training step (`model.train.make_train_step`: loss, the
     optimizer's update (`model.train.make_optimizer`: the default lazy Adam, or `optimizer`),
@@ -197,7 +209,6 @@ class Trainer:
                  jit_compile: bool = False, packed: bool = True, optimizer: str | None = None):
         import tensorflow as tf
 
-        from model import config as config_lib
         from model import registry
         from model import train as train_lib
 
@@ -205,10 +216,7 @@ class Trainer:
         cls = registry.MODELS[name] if packed else _padded_models()[name]
         self.model = cls(config, vocab, item_counts=item_counts)
         self.model.build_weights()
-        options = {"learning_rate": 1e-3, "lr_schedule": "constant"}
-        if optimizer:
-            options["optimizer"] = optimizer
-        optimizer = train_lib.make_optimizer(config_lib.TrainConfig().replace(options), 1)
+        optimizer = make_optimizer(optimizer)
         self.state = train_lib.TrainState(self.model.train_cache(batch_size))
         self.step_fn = train_lib.make_train_step(self.model, optimizer, self.state,
                                                  tf.distribute.get_strategy(), False, jit_compile)

@@ -133,7 +133,7 @@ def probe(args) -> dict:
     if args.probe == "tcn_whole_history":
         config = bench_lib.model_config("tcn", "softmax", 256)
         trainer = bench_lib.Trainer("tcn", config, vocab.size, vocab.counts, b)
-        step = whole_history_step(trainer.model, tf.keras.optimizers.Adam(1e-3))
+        step = whole_history_step(trainer.model, bench_lib.make_optimizer())
         batches = []
         for k in range(0, min(len(users), b * args.steps), b):
             tokens = [np.concatenate([[trainer.model.sep, *s] for s in u]) for u in users[k:k + b]]
