@@ -126,7 +126,8 @@ def test_lazy_adam_updates_only_the_rows_in_the_gradient():
     import tensorflow as tf
 
     base = config_lib.TrainConfig().replace({"learning_rate": 0.1, "lr_schedule": "constant"})
-    steps = [([1, 3], [[1.0, 2.0], [3.0, 4.0]], [0.5, -0.5]),
+    # (row 1 twice in step 1: an item that occurs twice in the batch; Keras sums them)
+    steps = [([1, 3, 1], [[1.0, 2.0], [3.0, 4.0], [0.5, 0.5]], [0.5, -0.5]),
              ([3, 4], [[-1.0, 0.5], [2.0, 2.0]], [0.25, 1.0])]
 
     def run(optimizer):
@@ -144,8 +145,11 @@ def test_lazy_adam_updates_only_the_rows_in_the_gradient():
     want_dense, md, vd = np.array([1.0, 2.0]), np.zeros(2), np.zeros(2)
     for t, (rows, g, d) in enumerate(steps, 1):
         alpha = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        m[rows] = b1 * m[rows] + (1 - b1) * np.array(g)
-        v[rows] = b2 * v[rows] + (1 - b2) * np.square(g)
+        summed = np.zeros([5, 2])
+        np.add.at(summed, rows, np.array(g))
+        rows = sorted(set(rows))
+        m[rows] = b1 * m[rows] + (1 - b1) * summed[rows]
+        v[rows] = b2 * v[rows] + (1 - b2) * np.square(summed[rows])
         want[rows] -= alpha * m[rows] / (np.sqrt(v[rows]) + eps)
         md, vd = b1 * md + (1 - b1) * np.array(d), b2 * vd + (1 - b2) * np.square(d)
         want_dense -= alpha * md / (np.sqrt(vd) + eps)
