@@ -120,7 +120,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
              "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
              "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
              "optimizer": args.optimizer, "seed": args.seed, "eval_every": args.eval_every,
-             "eval_users": args.eval_users, "checkpoint_every": args.checkpoint_every, "strategy": args.strategy}
+             "eval_users": args.eval_users, "checkpoint_every": args.checkpoint_every,
+             "strategy": args.strategy}
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.epochs is not None:
         train["steps"] = 0
