@@ -174,10 +174,6 @@ class HierTCNConfig(ConfigBase):
         _check(self.start_items >= 0, f"model.start_items must be >= 0, got {self.start_items}")
         _check(self.loss in ("softmax", "sampled"),
                f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
-        _check(self.repeat_head is not True or self.loss == "softmax",
-               "model.repeat_head needs the full softmax (its mixture is normalised over the "
-               f"whole catalogue): set model.loss to 'softmax' or model.repeat_head to false, "
-               f"got {self.loss!r}")
         _check(not self.tied_output or self.embedding_dim == self.channels,
                f"model.tied_output needs embedding_dim == channels, got "
                f"{self.embedding_dim} and {self.channels}")

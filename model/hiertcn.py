@@ -317,7 +317,7 @@ class HierTCN(SequenceModel):
         # An item held at several positions gets the same value from each of them.
         return tf.tensor_scatter_nd_update(log_base, _scatter_index(items), mixed)
 
-    def repeat_losses(self, user, targets, where, flat_items, batch, cache):
+    def repeat_losses(self, user, targets, where, flat_items, batch, cache, training=True):
         user = tf.cast(user, tf.float32)
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
@@ -334,28 +334,71 @@ class HierTCN(SequenceModel):
         at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
         log_rep = tf.reduce_logsumexp(
             tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
-        log_cat = -tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=targets, logits=self.item_logits(user) + self.reserved_mask)
         log_keep = tf.gather_nd(log_keep, where)
-        if seen is not None:
-            # The catalogue log-probabilities of the seen items, from the output layer's
-            # rows (no gather from the [N, V] logits, whose gradient would be dense):
-            # log-normaliser = the target's logit - its log-probability.
-            seen_items, once = seen
+        sampled = training and self.sampler is not None
+        if seen is None and not sampled:
+            log_cat = -tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=targets, logits=self.item_logits(user) + self.reserved_mask)
+        else:
+            # The catalogue log-probabilities from the output layer's rows (no gather from
+            # the [N, V] logits, whose gradient would be dense): log p = logit - log Z.
             vectors, bias = self.output_weights()
             vectors, bias = tf.cast(vectors, tf.float32), tf.cast(bias, tf.float32)
-            log_norm = (tf.reduce_sum(user * tf.gather(vectors, targets), axis=-1)
-                        + tf.gather(bias, targets) - log_cat)
-            seen_logits = (tf.matmul(slots_user, tf.gather(vectors, seen_items), transpose_b=True)
-                           + tf.gather(bias, seen_items)[:, None, :])          # [B * S, L, N + T]
-            once = tf.gather_nd(once, where)                                    # [N_events, N + T]
-            log_keep -= self._seen_shift(once, tf.gather_nd(seen_logits, where) - log_norm[:, None])
-            target_seen = tf.reduce_sum(
-                once * tf.cast(tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32),
-                axis=1)
-            log_cat += target_seen * self.repeat_head.seen_bias
+            target_logit = (tf.reduce_sum(user * tf.gather(vectors, targets), axis=-1)
+                            + tf.gather(bias, targets))
+            seen_logits = once = target_seen = None
+            if seen is not None:
+                seen_items, once = seen
+                seen_logits = (tf.matmul(slots_user, tf.gather(vectors, seen_items),
+                                         transpose_b=True)
+                               + tf.gather(bias, seen_items)[:, None, :])      # [B * S, L, N + T]
+                seen_logits = tf.gather_nd(seen_logits, where)                  # [N, N + T]
+                once = tf.gather_nd(once, where)
+                target_seen = tf.reduce_sum(once * tf.cast(
+                    tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32), axis=1)
+            if sampled:
+                log_norm = self._sampled_log_norm(user, targets, target_logit, vectors, bias,
+                                                  where, seen, seen_logits, once, target_seen)
+            else:
+                log_norm = tf.reduce_logsumexp(self.item_logits(user) + self.reserved_mask,
+                                               axis=-1)
+            log_cat = target_logit - log_norm
+            if seen is not None:
+                log_keep -= self._seen_shift(once, seen_logits - log_norm[:, None])
+                log_cat += target_seen * self.repeat_head.seen_bias
         return -tf.reduce_logsumexp(tf.stack([
             log_keep + log_cat, tf.gather_nd(log_w, where) + log_rep]), axis=0)
+
+    def _sampled_log_norm(self, user, targets, target_logit, vectors, bias, where, seen,
+                          seen_logits, once, target_seen):
+        """log Z of the catalogue softmax at each target, estimated for the sampled loss.
+
+        Z = the exact terms of the target and of the distinct items the event has seen (so
+        the seen bias's q is exact given Z) + an importance-sampling estimate of the rest:
+        each of the batch's negatives that is neither, weighted by 1 / its inclusion
+        probability (unbiased for the sum over the other items). Args as in
+        `repeat_losses`; `seen_logits`, `once` [N, N + T] and `target_seen` [N] at the
+        targets, None without the seen bias.
+        """
+        ids, log_inclusion = self.sampler(targets)                                  # [k]
+        sample_logits = (tf.matmul(user, tf.gather(vectors, ids), transpose_b=True)
+                         + tf.gather(bias, ids) - log_inclusion)                     # [N, k]
+        exact = ids[None, :] == targets[:, None]         # the target, counted exactly
+        terms = [target_logit[:, None]]
+        if seen is not None:
+            seen_items, _ = seen
+            k = tf.shape(ids)[0]
+            # each seen item's column in the sample (-1: not sampled), per event
+            column = tf.scatter_nd(ids[:, None], tf.range(1, k + 1), [self.vocab_size]) - 1
+            seen_column = tf.gather(tf.gather(column, seen_items), where[:, 0])     # [N, N + T]
+            hits = tf.where((once > 0) & (seen_column >= 0))                        # [H, 2]
+            exact |= tf.scatter_nd(
+                tf.stack([hits[:, 0], tf.cast(tf.gather_nd(seen_column, hits), tf.int64)], 1),
+                tf.ones(tf.shape(hits)[:1], tf.float32), tf.shape(sample_logits, tf.int64)) > 0
+            terms = [tf.where(target_seen > 0, layers.NEG_LOGIT, target_logit)[:, None],
+                     tf.where(once > 0, seen_logits, layers.NEG_LOGIT)]
+        terms.append(tf.where(exact, layers.NEG_LOGIT, sample_logits))
+        return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1)
 
     def train_cache(self, batch_size: int):
         """(state [B, H], running AGG sum [B, E], running count [B]) per row.

@@ -20,7 +20,8 @@ LossFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, bool], tf.Tensor]
 
 def make_loss(kind: str, vocab_size: int, num_negatives: int = 256,
               item_counts: np.ndarray | None = None) -> LossFn:
-    """Returns loss(user [N, D], targets [N], item_vectors [V, D], bias [V], training) -> [N].
+    """Returns loss(user [N, D], targets [N], item_vectors [V, D], bias [V], training) -> [N]
+    (for `sampled`, with its `Sampler` as the attribute `sampler`).
 
     Args:
       kind: `softmax` or `sampled`.
@@ -35,28 +36,61 @@ def make_loss(kind: str, vocab_size: int, num_negatives: int = 256,
         return _softmax_loss
     if kind != "sampled":
         raise ValueError(f"unknown loss {kind!r}: choose 'softmax' or 'sampled'")
+    sampler = make_sampler(vocab_size, num_negatives, item_counts)
+
+    def loss(user, targets, item_vectors, bias, training):
+        if not training:
+            return _softmax_loss(user, targets, item_vectors, bias, training)
+        labels = tf.cast(targets, tf.int64)[:, None]
+        sampled = sampler.candidates(labels)
+        return tf.nn.sampled_softmax_loss(
+            weights=tf.cast(item_vectors, tf.float32), biases=bias, labels=labels,
+            inputs=tf.cast(user, tf.float32), num_sampled=sampler.num_sampled,
+            num_classes=vocab_size, sampled_values=sampled, remove_accidental_hits=True)
+
+    loss.sampler = sampler
+    return loss
+
+
+class Sampler:
+    """Negatives for a batch: `num_sampled` distinct items drawn from the train popularity
+    (never the reserved indices), shared by every target of the batch."""
+
+    def __init__(self, vocab_size: int, num_sampled: int, unigrams: list[float]):
+        self.vocab_size = vocab_size
+        self.num_sampled = num_sampled
+        self._unigrams = unigrams
+
+    def candidates(self, labels: tf.Tensor):
+        """`tf.random.fixed_unigram_candidate_sampler`'s triple for int64 [N, 1] labels:
+        (sampled int64 [k], true expected counts [N, 1], sampled expected counts [k])."""
+        return tf.random.fixed_unigram_candidate_sampler(
+            true_classes=labels, num_true=1, num_sampled=self.num_sampled, unique=True,
+            range_max=self.vocab_size, unigrams=self._unigrams)
+
+    def __call__(self, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(sampled items int64 [k], log of each one's inclusion probability float32 [k]):
+        exp(logit - log inclusion) summed over the sample estimates the sum over the
+        catalogue without bias (importance sampling)."""
+        sampled, _, expected = self.candidates(tf.cast(targets, tf.int64)[:, None])
+        return sampled, tf.math.log(tf.cast(expected, tf.float32))
+
+
+def make_sampler(vocab_size: int, num_negatives: int,
+                 item_counts: np.ndarray | None) -> Sampler:
+    """The sampled loss's negatives: `num_negatives` clamped below the number of items with
+    a train count.
+
+    Raises:
+      ValueError: no counts, or counts of another length.
+    """
     if item_counts is None or len(item_counts) != vocab_size:
         raise ValueError(f"the sampled loss needs item counts of length {vocab_size}")
     unigrams = np.asarray(item_counts, dtype=np.float64).copy()
     unigrams[:schema.NUM_RESERVED] = 0.0
     unigrams = np.maximum(unigrams, 0.0)
     num_items = int((unigrams > 0).sum())
-    num_sampled = max(1, min(int(num_negatives), num_items - 1))
-    unigram_list = unigrams.tolist()
-
-    def loss(user, targets, item_vectors, bias, training):
-        if not training:
-            return _softmax_loss(user, targets, item_vectors, bias, training)
-        labels = tf.cast(targets, tf.int64)[:, None]
-        sampled = tf.random.fixed_unigram_candidate_sampler(
-            true_classes=labels, num_true=1, num_sampled=num_sampled, unique=True,
-            range_max=vocab_size, unigrams=unigram_list)
-        return tf.nn.sampled_softmax_loss(
-            weights=tf.cast(item_vectors, tf.float32), biases=bias, labels=labels,
-            inputs=tf.cast(user, tf.float32), num_sampled=num_sampled, num_classes=vocab_size,
-            sampled_values=sampled, remove_accidental_hits=True)
-
-    return loss
+    return Sampler(vocab_size, max(1, min(int(num_negatives), num_items - 1)), unigrams.tolist())
 
 
 def _softmax_loss(user, targets, item_vectors, bias, training):

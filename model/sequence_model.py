@@ -56,6 +56,8 @@ class SequenceModel(tf.keras.Model):
         self.vocab_size = int(vocab_size)
         self.loss_fn = losses.make_loss(getattr(config, "loss", "softmax"), self.vocab_size,
                                         getattr(config, "num_negatives", 256), item_counts)
+        # the sampled loss's negatives, for a model that computes its own loss (a repeat head)
+        self.sampler = getattr(self.loss_fn, "sampler", None)
 
     # --- the serving / evaluation API -------------------------------------------------
     @property
@@ -118,7 +120,8 @@ class SequenceModel(tf.keras.Model):
         return self.item_log_probs(user[:, None], history, no_prefix, state)[:, 0]
 
     def repeat_losses(self, user: tf.Tensor, targets: tf.Tensor, where: tf.Tensor,
-                      flat_items: tf.Tensor, batch: dict, cache: tuple) -> tf.Tensor:
+                      flat_items: tf.Tensor, batch: dict, cache: tuple,
+                      training: bool = True) -> tf.Tensor:
         """Per-target negative log-likelihood of a model with `history_size` > 0.
 
         Args:
@@ -126,6 +129,8 @@ class SequenceModel(tf.keras.Model):
           where: int64 [N, 2] (slot, position) of each target in `flat_items` [B * S, L].
           batch: the generator batch (its `history` int64 [B, history_size], per row).
           cache: the rows' carried tensors before the batch (`train_cache`).
+          training: with the sampled loss, estimate the catalogue's normaliser from the
+            negatives (else the exact full softmax).
         """
         raise NotImplementedError
 
@@ -204,7 +209,8 @@ class SequenceModel(tf.keras.Model):
             user = tf.gather_nd(u, where)
         targets = tf.gather_nd(flat_items, where)
         if self.history_size:
-            per_event = self.repeat_losses(user, targets, where, flat_items, batch, cache)
+            per_event = self.repeat_losses(user, targets, where, flat_items, batch, cache,
+                                            training)
         else:
             item_vectors, bias = self.output_weights()
             per_event = self.loss_fn(user, targets, item_vectors, bias, training)
