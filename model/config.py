@@ -30,6 +30,14 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+LOSSES = ("auto", "softmax", "sampled")
+
+
+def check_loss(loss: str) -> None:
+    """The `loss` of every neural model's config (`model.losses`)."""
+    _check(loss in LOSSES, f"model.loss must be 'auto', 'softmax' or 'sampled', got {loss!r}")
+
+
 class ConfigBase:
     """Strict dict conversion and validation shared by every config dataclass."""
 
@@ -107,8 +115,10 @@ class HierTCNConfig(ConfigBase):
       dropout: dropout rate after each convolution (training only).
       high_level: False disables the high-level state (session-only ablation: the state
         stays zero).
-      loss: `softmax` (full softmax cross-entropy over the catalogue) or `sampled`
-        (sampled softmax with log-Q correction, popularity-sampled negatives).
+      loss: `softmax` (full softmax cross-entropy over the catalogue), `sampled`
+        (sampled softmax with log-Q correction, popularity-sampled negatives) or `auto`
+        (the full softmax up to `model.losses.AUTO_SOFTMAX_MAX_ITEMS` items, sampled above;
+        `python -m model.train` saves what it chose).
       num_negatives: negatives per batch for the sampled loss.
       tied_output: score items with the input item embeddings (needs
         embedding_dim == channels) instead of a separate output matrix.
@@ -117,11 +127,12 @@ class HierTCNConfig(ConfigBase):
         a frozen input embedding (the paper's Pinterest mode).
       repeat_head: the repeat-aware head (RepeatNet-style, `layers.RepeatHead`): the
         next-item distribution mixes the catalogue softmax with attention over the
-        user's last `history_size` items and the session so far; needs `loss` softmax.
-        None (the default) = on with the full softmax, off with the sampled loss: chosen
-        on valid data, where it led on the synthetic log (many repeats) and did not hurt
-        on MovieLens-1M (none); False gives the published HierTCN (`uses_repeat_head`
-        is the resolved value).
+        user's last `history_size` items and the session so far. On by default: chosen on
+        valid data, where it led on the synthetic log (many repeats) and, with its seen
+        bias, on MovieLens-1M (none), with either loss (the sampled loss estimates the
+        mixture's catalogue normaliser, `HierTCN._sampled_log_norm`). False gives the
+        published HierTCN. None (run folders of older versions) = on with the full
+        softmax, off with the sampled loss; `uses_repeat_head` is the resolved value.
       history_size: N, the user's recent items the repeat head sees (the bounded buffer
         carried with the state): the seen bias covers all N, the attention the newest
         `repeat_window`.
@@ -153,12 +164,12 @@ class HierTCNConfig(ConfigBase):
     convs_per_block: int = 1
     dropout: float = 0.0
     high_level: bool = True
-    loss: str = "softmax"
+    loss: str = "auto"
     num_negatives: int = 256
     tied_output: bool = False
     output_bias: bool = True
     pretrained_item_vectors: str = ""
-    repeat_head: bool | None = None
+    repeat_head: bool | None = True
     history_size: int = 200
     repeat_window: int = 50
     seen_bias: bool = True
@@ -172,8 +183,7 @@ class HierTCNConfig(ConfigBase):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.start_items >= 0, f"model.start_items must be >= 0, got {self.start_items}")
-        _check(self.loss in ("softmax", "sampled"),
-               f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+        check_loss(self.loss)
         _check(not self.tied_output or self.embedding_dim == self.channels,
                f"model.tied_output needs embedding_dim == channels, got "
                f"{self.embedding_dim} and {self.channels}")
@@ -185,8 +195,8 @@ class HierTCNConfig(ConfigBase):
 
     @property
     def uses_repeat_head(self) -> bool:
-        """Whether the model has the repeat head (`repeat_head`, or by default the loss)."""
-        return self.loss == "softmax" if self.repeat_head is None else self.repeat_head
+        """Whether the model has the repeat head (`repeat_head`; None: not with `sampled`)."""
+        return self.loss != "sampled" if self.repeat_head is None else self.repeat_head
 
     @property
     def receptive_field(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import layers
-from model.config import ConfigBase, _check
+from model.config import ConfigBase, _check, check_loss
 from model.sequence_model import SequenceModel
 
 
@@ -33,7 +33,7 @@ class GRU4RecConfig(ConfigBase):
       embedding_dim: item embedding width E (the GRU input).
       units: GRU hidden width = user embedding width D.
       dropout: dropout on the GRU outputs before scoring (training only).
-      loss: `softmax` or `sampled` (see `model.losses`).
+      loss: `auto`, `softmax` or `sampled` (see `model.losses`).
       num_negatives: negatives per batch for the sampled loss.
       output_bias: a per-item bias in the scores.
     """
@@ -41,7 +41,7 @@ class GRU4RecConfig(ConfigBase):
     embedding_dim: int = 128
     units: int = 128
     dropout: float = 0.0
-    loss: str = "softmax"
+    loss: str = "auto"
     num_negatives: int = 256
     output_bias: bool = True
 
@@ -49,8 +49,7 @@ class GRU4RecConfig(ConfigBase):
         for key in ("embedding_dim", "units", "num_negatives"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check(self.loss in ("softmax", "sampled"),
-               f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+        check_loss(self.loss)
 
 
 class SessionGRU(tf.keras.layers.Layer):

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import layers
-from model.config import ConfigBase, _check
+from model.config import ConfigBase, _check, check_loss
 from model.gru4rec import SessionGRU
 from model.sequence_model import SequenceModel
 
@@ -36,7 +36,7 @@ class HRNNConfig(ConfigBase):
       user_layers: stacked user GRU layers; the state H = user_units * user_layers
         (2 x 128 matches HierTCN's high-level GRU).
       dropout: dropout on the session GRU outputs before scoring (training only).
-      loss: `softmax` or `sampled` (see `model.losses`).
+      loss: `auto`, `softmax` or `sampled` (see `model.losses`).
       num_negatives: negatives per batch for the sampled loss.
       output_bias: a per-item bias in the scores.
     """
@@ -46,7 +46,7 @@ class HRNNConfig(ConfigBase):
     user_units: int = 128
     user_layers: int = 1
     dropout: float = 0.0
-    loss: str = "softmax"
+    loss: str = "auto"
     num_negatives: int = 256
     output_bias: bool = True
 
@@ -54,8 +54,7 @@ class HRNNConfig(ConfigBase):
         for key in ("embedding_dim", "session_units", "user_units", "user_layers", "num_negatives"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check(self.loss in ("softmax", "sampled"),
-               f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+        check_loss(self.loss)
 
 
 def _at(sequence: tf.Tensor, index: tf.Tensor) -> tf.Tensor:

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import layers
-from model.config import ConfigBase, _check
+from model.config import ConfigBase, _check, check_loss
 from model.sequence_model import SequenceModel
 
 MAX_EXACT_INDEX = 2 ** 24  # float32 holds every integer below this exactly
@@ -51,7 +51,7 @@ class TCNConfig(ConfigBase):
       dropout: dropout rate after each convolution (training only).
       history_length: N, tokens of history kept (the state width); the default covers the
         receptive field of the default blocks (253).
-      loss: `softmax` or `sampled` (see `model.losses`).
+      loss: `auto`, `softmax` or `sampled` (see `model.losses`).
       num_negatives: negatives per batch for the sampled loss.
       output_bias: a per-item bias in the scores.
     """
@@ -62,7 +62,7 @@ class TCNConfig(ConfigBase):
     convs_per_block: int = 1
     dropout: float = 0.0
     history_length: int = 256
-    loss: str = "softmax"
+    loss: str = "auto"
     num_negatives: int = 256
     output_bias: bool = True
 
@@ -73,8 +73,7 @@ class TCNConfig(ConfigBase):
         _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
                f"model.channels must be a non-empty list of positive widths, got {list(self.channels)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check(self.loss in ("softmax", "sampled"),
-               f"model.loss must be 'softmax' or 'sampled', got {self.loss!r}")
+        check_loss(self.loss)
 
     @property
     def receptive_field(self) -> int:

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from model import batching
 from model import config as config_lib
+from model import losses
 from model import registry
 from model.keras_scorer import KerasScorer
 from pipeline import schema
@@ -67,7 +68,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--optimizer", choices=["lazy_adam", "adam"],
                    help="lazy_adam (default: embedding rows updated only when in the batch) or adam")
-    p.add_argument("--loss", choices=["softmax", "sampled"])
+    p.add_argument("--loss", choices=list(config_lib.LOSSES),
+                   help="softmax (full), sampled (256 popularity-sampled negatives) or auto "
+                        f"(default: full up to {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
     p.add_argument("--eval-users", type=int,
@@ -77,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     head = p.add_mutually_exclusive_group()
     head.add_argument("--repeat-head", action="store_true",
                       help="hiertcn: mix in attention over the user's last items (RepeatNet-style; "
-                           "default: on with the full softmax, off with --loss sampled)")
+                           "the default)")
     head.add_argument("--no-repeat-head", action="store_true",
                       help="hiertcn: the published model, without the repeat head")
     p.add_argument("--start-items", type=int,
@@ -133,6 +136,15 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     if config.train.steps == 0 and config.train.epochs == 0:
         config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
     return config
+
+
+def resolve_loss(config: config_lib.RunConfig, vocab_size: int) -> config_lib.RunConfig:
+    """The config with `model.loss` `auto` replaced by the loss it means for this
+    vocabulary (`model.losses.resolve_loss`), so that the run folder records it."""
+    loss = getattr(config.model, "loss", None)
+    if loss is None:
+        return config
+    return config.replace({"model": {"loss": losses.resolve_loss(loss, vocab_size)}})
 
 
 def check_data(data_dir: str) -> schema.Vocabulary:
@@ -317,6 +329,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
       TrainingError: the loss became NaN (the last good checkpoint is kept).
     """
     vocab = check_data(data_dir)
+    config = resolve_loss(config, vocab.size)
     prepare_run_dir(run_dir, config, data_dir, vocab)
     tc = config.train
     tf.keras.utils.set_random_seed(tc.seed)
@@ -364,8 +377,11 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
             head += f" and the first items of their last {starts} sessions" if starts else ""
             if getattr(mc, "seen_bias", False):
                 head += f", seen bias over the last {model.history_size}"
-        print(f"training {config.model_name}{head}: steps {start_step + 1}-{total_steps}, "
-              f"batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
+        items = vocab.size - schema.NUM_RESERVED
+        output = (f"full softmax over {items:,} items" if model.sampler is None else
+                  f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items")
+        print(f"training {config.model_name} ({output}){head}: "
+              f"steps {start_step + 1}-{total_steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
               f"{data_dir} -> {run_dir}", file=sys.stderr)
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
     bar = tf.keras.utils.Progbar(total_steps, stateful_metrics=["loss", "events/s"],

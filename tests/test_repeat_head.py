@@ -39,12 +39,16 @@ def test_config_checks_the_history_size():
         HEAD.replace({"history_size": 0})
 
 
-def test_default_head_follows_the_loss_and_flags_override_it():
+def test_head_is_on_by_default_with_either_loss_and_flags_override_it():
     default = config_lib.HierTCNConfig()
-    assert default.repeat_head is None and default.uses_repeat_head
-    assert not default.replace({"loss": "sampled"}).uses_repeat_head
+    assert default.repeat_head is True and default.loss == "auto"
+    assert default.uses_repeat_head and default.replace({"loss": "sampled"}).uses_repeat_head
     assert not default.replace({"repeat_head": False}).uses_repeat_head
-    assert config_lib.HierTCNConfig.from_dict(default.to_dict()) == default  # null round-trips
+    # null, in the run folders of older versions: on with the full softmax only
+    legacy = default.replace({"repeat_head": None})
+    assert legacy.uses_repeat_head and legacy.replace({"loss": "softmax"}).uses_repeat_head
+    assert not legacy.replace({"loss": "sampled"}).uses_repeat_head
+    assert config_lib.HierTCNConfig.from_dict(legacy.to_dict()) == legacy  # null round-trips
     with pytest.raises(config_lib.ConfigError, match="'repeat_head' must be bool, got 'yes'"):
         default.replace({"repeat_head": "yes"})
     assert _model(default.replace({"embedding_dim": 8, "gru_units": 4, "channels": 8})).repeat_head
@@ -54,9 +58,8 @@ def test_default_head_follows_the_loss_and_flags_override_it():
         return train_lib.resolve_config(train_lib.parse_args(
             ["--data", "d", "--model-dir", "r", *flags])).model.uses_repeat_head
 
-    assert resolved() and resolved("--repeat-head")
-    assert not resolved("--no-repeat-head") and not resolved("--loss", "sampled")
-    assert resolved("--loss", "sampled", "--repeat-head")
+    assert resolved() and resolved("--repeat-head") and resolved("--loss", "sampled")
+    assert not resolved("--no-repeat-head")
     with pytest.raises(SystemExit):
         resolved("--repeat-head", "--no-repeat-head")
     starts = lambda *flags: train_lib.resolve_config(train_lib.parse_args(

@@ -53,6 +53,7 @@ def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, 
     with open(os.path.join(run, "config.json")) as f:
         saved = json.load(f)
     assert saved["model"]["embedding_dim"] == 16 and saved["train"]["steps"] == 60
+    assert saved["model"]["loss"] == "softmax"  # what `auto` means for 20 items, recorded
     scorer = registry.load_scorer(run, data)
     state = scorer.update(scorer.initial_state(["u"]), np.array([[2, 3, 4]]))
     assert scorer.score(state, np.array([[2, 3, 4]])).shape == (1, 3, 22)
@@ -192,3 +193,27 @@ def test_weight_decay_is_decoupled_and_validated():
         np.testing.assert_allclose(weight.numpy(), [expected], rtol=1e-6)
     with pytest.raises(config_lib.ConfigError, match="train.weight_decay must be >= 0"):
         base.replace({"weight_decay": -0.1})
+
+
+def test_auto_loss_is_the_full_softmax_up_to_the_threshold(monkeypatch):
+    from model import losses
+
+    top = losses.AUTO_SOFTMAX_MAX_ITEMS + 2  # V with the two reserved indices
+    assert losses.resolve_loss("auto", top) == "softmax"
+    assert losses.resolve_loss("auto", top + 1) == "sampled"
+    assert losses.resolve_loss("softmax", top + 1) == "softmax"
+    assert losses.resolve_loss("sampled", 3) == "sampled"
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        losses.resolve_loss("hinge", 3)
+    with pytest.raises(config_lib.ConfigError, match="'auto', 'softmax' or 'sampled'"):
+        config_lib.HierTCNConfig(loss="hinge").validate()
+    # a model built with `auto` over a large catalogue samples (and needs the counts)
+    monkeypatch.setattr(losses, "AUTO_SOFTMAX_MAX_ITEMS", 10)
+    tiny = {"embedding_dim": 8, "gru_units": 4, "channels": 8}
+    config = config_lib.HierTCNConfig().replace(tiny)
+    assert registry.build_model("hiertcn", config, 12).sampler is None
+    big = registry.build_model("hiertcn", config, 13, item_counts=np.ones(13, np.int64))
+    assert big.sampler is not None and big.sampler.num_sampled == 10
+    run = config_lib.RunConfig("gru4rec", registry.config_classes()["gru4rec"]())
+    assert train_lib.resolve_loss(run, 13).model.loss == "sampled"
+    assert train_lib.resolve_loss(run, 12).model.loss == "softmax"
