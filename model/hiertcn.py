@@ -249,10 +249,14 @@ class HierTCN(SequenceModel):
         column = tf.cast(tf.range(n), tf.float32)
         in_window = column[None, None, :] >= k[:, :, None]                         # [B, P, N]
         known_history = history >= schema.NUM_RESERVED
-        # the newest occurrence in the history only
-        later = tf.range(n)[:, None] < tf.range(n)[None, :]                        # [N, N] j < j'
-        repeated = tf.reduce_any((history[:, :, None] == history[:, None, :]) & later[None],
-                                 axis=2)
+        # the newest occurrence in the history only: sorted by item (a stable sort keeps
+        # equal items in their order), an entry followed by the same item is repeated later
+        order = tf.argsort(history, axis=1, stable=True)
+        ordered = tf.gather(history, order, batch_dims=1)
+        repeated = tf.scatter_nd(
+            tf.stack([tf.broadcast_to(tf.range(tf.shape(history)[0])[:, None], tf.shape(order)),
+                      order], axis=-1),
+            tf.pad(tf.equal(ordered[:, :-1], ordered[:, 1:]), [[0, 0], [0, 1]]), tf.shape(order))
         # ... and not in prefix[:p]: p <= the item's first position in the prefix
         in_session = tf.equal(history[:, :, None], prefix[:, None, :])           # [B, N, T]
         first_in_prefix = _first_true(in_session, t)                               # [B, N]
@@ -321,8 +325,7 @@ class HierTCN(SequenceModel):
         user = tf.cast(user, tf.float32)
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
         slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
-        history = batching.slot_histories(batch["history"], batch["items"], batch["reset"])
-        history = tf.reshape(history, [tf.shape(flat_items)[0], -1])            # [B * S, N]
+        history, columns, stream = self._slot_history_columns(batch)            # [B * S, N]
         start_items = None
         if self.num_start_items:  # before each slot (cheap to recompute: no GRU)
             start_items, _, _ = self._slot_start_items(
@@ -349,10 +352,8 @@ class HierTCN(SequenceModel):
             seen_logits = once = target_seen = None
             if seen is not None:
                 seen_items, once = seen
-                seen_logits = (tf.matmul(slots_user, tf.gather(vectors, seen_items),
-                                         transpose_b=True)
-                               + tf.gather(bias, seen_items)[:, None, :])      # [B * S, L, N + T]
-                seen_logits = tf.gather_nd(seen_logits, where)                  # [N, N + T]
+                seen_logits = self._seen_logits(user, where, stream, columns, vectors, bias,
+                                                tf.shape(batch["items"], tf.int64)[1])
                 once = tf.gather_nd(once, where)
                 target_seen = tf.reduce_sum(once * tf.cast(
                     tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32), axis=1)
@@ -368,6 +369,65 @@ class HierTCN(SequenceModel):
                 log_cat += target_seen * self.repeat_head.seen_bias
         return -tf.reduce_logsumexp(tf.stack([
             log_keep + log_cat, tf.gather_nd(log_w, where) + log_rep]), axis=0)
+
+    def _slot_history_columns(self, batch):
+        """(each slot's history int64 [B * S, N] as `batching.slot_histories` gives it, the
+        columns of its seen items [B * S, N + T] in its row's stream, the streams
+        [B, N + E], E the most events of a row).
+
+        A row's stream is its `history` [N] then its slots' items packed in order (the
+        row's events): the seen items of every slot of the row are among them (the newest
+        N known items of the slot's history, then its own items), so their catalogue
+        logits can be computed once per row (`_seen_logits`). The columns come from the
+        same ops as the items, run on each known entry's column instead of its item
+        (unknown and padding entries kept as 1 and 0, so the same entries move).
+        """
+        items = tf.cast(batch["items"], tf.int64)
+        b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
+        row_history = tf.cast(batch["history"], tf.int64)
+        n = tf.shape(row_history, out_type=tf.int64)[1]
+        flat = tf.reshape(items, [b, s * l])
+        packed = n + tf.cumsum(tf.cast(flat > 0, tf.int64), axis=1) - 1          # stream column
+        cells = tf.where(flat > 0)
+        longest = tf.reduce_max(tf.reduce_sum(tf.cast(flat > 0, tf.int64), axis=1))
+        stream = tf.concat([row_history, tf.scatter_nd(
+            tf.stack([cells[:, 0], tf.gather_nd(packed, cells) - n], 1),
+            tf.gather_nd(flat, cells), tf.stack([tf.cast(b, tf.int64), longest]))], axis=1)
+        known = flat >= schema.NUM_RESERVED
+        code_history = tf.where(row_history >= schema.NUM_RESERVED,
+                                tf.range(n)[None, :] + schema.NUM_RESERVED, row_history)
+        code_items = tf.where(known, packed + schema.NUM_RESERVED, flat)
+        coded = batching.slot_histories(code_history, tf.reshape(code_items, [b, s, l]),
+                                        batch["reset"])                       # [B, S, N]
+        coded = tf.reshape(coded, [b * s, -1])
+        history = tf.where(coded >= schema.NUM_RESERVED,
+                           tf.gather(tf.repeat(stream, s, axis=0),
+                                     tf.maximum(coded - schema.NUM_RESERVED, 0), batch_dims=1),
+                           coded)
+        columns = tf.maximum(_last_columns(_right_aligned(coded), self.config.history_size)
+                             - schema.NUM_RESERVED, 0)
+        own = tf.reshape(tf.where(known, packed, 0), [b * s, l])
+        return history, tf.concat([columns, own], axis=1), stream
+
+    def _seen_logits(self, user, where, stream, columns, vectors, bias, slots_per_row):
+        """Catalogue logits [N, N + T] of the seen items of each target's slot (at
+        `columns` of its row's `stream`, `_slot_history_columns`) for the target's user
+        vector [N, D]: one matmul per row of its events by its stream, so that each stream
+        item's output row is gathered (and its gradient summed) once per row rather than
+        once per slot, and no padding is multiplied."""
+        row = where[:, 0] // slots_per_row
+        b = tf.cast(tf.shape(stream)[0], tf.int64)
+        count = tf.math.bincount(tf.cast(row, tf.int32), minlength=tf.cast(b, tf.int32),
+                                 dtype=tf.int64)
+        # the targets are in (row, slot, position) order: their rank within the row
+        rank = tf.range(tf.shape(row, out_type=tf.int64)[0]) - tf.gather(
+            tf.cumsum(count, exclusive=True), row)
+        at = tf.stack([row, rank], axis=1)
+        row_user = tf.scatter_nd(at, user, tf.stack([b, tf.reduce_max(count),
+                                                     tf.shape(user, out_type=tf.int64)[1]]))
+        logits = (tf.matmul(row_user, tf.gather(vectors, stream), transpose_b=True)
+                  + tf.gather(bias, stream)[:, None, :])                       # [B, E, N + E]
+        return tf.gather(tf.gather_nd(logits, at), tf.gather(columns, where[:, 0]), batch_dims=1)
 
     def _sampled_log_norm(self, user, targets, target_logit, vectors, bias, where, seen,
                           seen_logits, once, target_seen):

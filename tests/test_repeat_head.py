@@ -11,6 +11,7 @@ from model import config as config_lib
 from model import registry
 from model import train as train_lib
 from model.base import push_history
+from model.hiertcn import _last_columns, _right_aligned
 from model.keras_scorer import KerasScorer
 from tiny_logs import planted_users, write_data
 
@@ -291,6 +292,38 @@ def test_generator_history_resets_at_user_boundaries():
     resumed.restore(json.loads(json.dumps(first.position_after(0))))
     np.testing.assert_array_equal(resumed.next_batch()["history"], batches[1]["history"])
     assert "history" not in next(iter(batching.QueueBatcher(lambda: iter(USERS), 2, 2, 3)))
+
+
+def test_seen_logits_per_row_equal_the_per_slot_computation():
+    """The training step computes the seen items' logits once per row's stream; on generator
+    batches (several rows and slots, user boundaries, unknown items, repeats) they equal the
+    direct per-slot computation, and the slots' histories equal `slot_histories`."""
+    rng = np.random.default_rng(0)
+    users = [[list(rng.integers(1, V, size=rng.integers(1, 7))) for _ in range(rng.integers(1, 5))]
+             for _ in range(12)]
+    model = _model(HEAD.replace({"history_size": 5}))
+    batcher = batching.QueueBatcher(lambda: iter(users), 3, 2, 4, shuffle_buffer=1, epochs=1,
+                                    history_size=5)
+    vectors, bias = model.output_weights()
+    checked = 0
+    for raw in batcher:
+        batch = {k: tf.constant(v) for k, v in raw.items()}
+        flat = tf.reshape(tf.cast(batch["items"], tf.int64), [-1, 4])
+        history, columns, stream = model._slot_history_columns(batch)
+        expected = batching.slot_histories(batch["history"], batch["items"], batch["reset"])
+        np.testing.assert_array_equal(history.numpy(), tf.reshape(expected, [-1, 5]).numpy())
+        in_prefix = (flat >= 2)[:, None, :] & (tf.range(4)[None, :, None] > tf.range(4)[None, None, :])
+        seen_items, _ = model._seen_once(_last_columns(_right_aligned(history), 5), flat, in_prefix)
+        where = tf.where(flat > 0)
+        user = tf.random.normal([where.shape[0], 8])
+        seen_at = tf.gather(seen_items, where[:, 0])                          # [events, N + T]
+        direct = (tf.einsum("ed,ejd->ej", user, tf.gather(vectors, seen_at))
+                  + tf.gather(bias, seen_at))
+        per_row = model._seen_logits(user, where, stream, columns, vectors, bias, 2)
+        known = (seen_at >= 2).numpy()  # the other entries get no bias
+        np.testing.assert_allclose(per_row.numpy()[known], direct.numpy()[known], rtol=1e-5, atol=1e-5)
+        checked += int(known.sum())
+    assert checked > 100
 
 
 def test_online_scorer_buffer_equals_the_generator_history():
