@@ -33,9 +33,11 @@ def _check(cond: bool, message: str) -> None:
 LOSSES = ("auto", "softmax", "sampled")
 
 
-def check_loss(loss: str) -> None:
-    """The `loss` of every neural model's config (`model.losses`)."""
+def check_loss(loss: str, negative_exponent: float) -> None:
+    """The loss options of every neural model's config (`model.losses`)."""
     _check(loss in LOSSES, f"model.loss must be 'auto', 'softmax' or 'sampled', got {loss!r}")
+    _check(0.0 < negative_exponent <= 1.0,
+           f"model.negative_exponent must be in (0, 1], got {negative_exponent}")
 
 
 class ConfigBase:
@@ -120,6 +122,9 @@ class HierTCNConfig(ConfigBase):
         (the full softmax up to `model.losses.AUTO_SOFTMAX_MAX_ITEMS` items, sampled above;
         `python -m model.train` saves what it chose).
       num_negatives: negatives per batch for the sampled loss.
+      negative_exponent: the sampled loss draws its negatives with probability
+        proportional to train count ** this (1: popularity, towards 0: uniform over the
+        items with a count; word2vec's negative sampling uses 0.75).
       tied_output: score items with the input item embeddings (needs
         embedding_dim == channels) instead of a separate output matrix.
       output_bias: a per-item bias in the scores.
@@ -166,6 +171,7 @@ class HierTCNConfig(ConfigBase):
     high_level: bool = True
     loss: str = "auto"
     num_negatives: int = 256
+    negative_exponent: float = 0.5
     tied_output: bool = False
     output_bias: bool = True
     pretrained_item_vectors: str = ""
@@ -183,7 +189,7 @@ class HierTCNConfig(ConfigBase):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.start_items >= 0, f"model.start_items must be >= 0, got {self.start_items}")
-        check_loss(self.loss)
+        check_loss(self.loss, self.negative_exponent)
         _check(not self.tied_output or self.embedding_dim == self.channels,
                f"model.tied_output needs embedding_dim == channels, got "
                f"{self.embedding_dim} and {self.channels}")

@@ -35,6 +35,9 @@ class GRU4RecConfig(ConfigBase):
       dropout: dropout on the GRU outputs before scoring (training only).
       loss: `auto`, `softmax` or `sampled` (see `model.losses`).
       num_negatives: negatives per batch for the sampled loss.
+      negative_exponent: the sampled loss draws its negatives with probability
+        proportional to train count ** this (1: popularity, towards 0: uniform over the
+        items with a count; word2vec's negative sampling uses 0.75).
       output_bias: a per-item bias in the scores.
     """
 
@@ -43,13 +46,14 @@ class GRU4RecConfig(ConfigBase):
     dropout: float = 0.0
     loss: str = "auto"
     num_negatives: int = 256
+    negative_exponent: float = 0.5
     output_bias: bool = True
 
     def validate(self) -> None:
         for key in ("embedding_dim", "units", "num_negatives"):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        check_loss(self.loss)
+        check_loss(self.loss, self.negative_exponent)
 
 
 class SessionGRU(tf.keras.layers.Layer):

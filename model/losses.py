@@ -1,10 +1,11 @@
 """Output losses over the item catalogue, on user vectors gathered at non-padding targets.
 
 * `softmax`: full softmax cross-entropy over every item (the authors' choice).
-* `sampled`: sampled softmax for large catalogues: negatives drawn from the train
-  popularity (unigram counts of items.tsv), the logits corrected by log Q (the expected
-  count of each candidate, done by `tf.nn.sampled_softmax_loss`), accidental hits of the
-  target removed. The reserved indices 0 and 1 are never sampled.
+* `sampled`: sampled softmax for large catalogues: negatives drawn with probability
+  proportional to train count ** `negative_exponent` (unigram counts of items.tsv), the
+  logits corrected by log Q (the expected count of each candidate, done by
+  `tf.nn.sampled_softmax_loss`), accidental hits of the target removed. The reserved
+  indices 0 and 1 are never sampled.
 * `auto` (the models' default): `softmax` for a catalogue of at most
   `AUTO_SOFTMAX_MAX_ITEMS` items, `sampled` above (`resolve_loss`).
 """
@@ -40,7 +41,7 @@ def resolve_loss(kind: str, vocab_size: int) -> str:
 
 
 def make_loss(kind: str, vocab_size: int, num_negatives: int = 256,
-              item_counts: np.ndarray | None = None) -> LossFn:
+              item_counts: np.ndarray | None = None, negative_exponent: float = 1.0) -> LossFn:
     """Returns loss(user [N, D], targets [N], item_vectors [V, D], bias [V], training) -> [N]
     (for `sampled`, with its `Sampler` as the attribute `sampler`).
 
@@ -49,13 +50,16 @@ def make_loss(kind: str, vocab_size: int, num_negatives: int = 256,
       vocab_size: V, including the reserved indices.
       num_negatives: sampled negatives per batch (clamped below the number of items).
       item_counts: int [V] train counts (items.tsv); required for `sampled`.
+      negative_exponent: negatives are drawn with probability proportional to
+        count ** this (1: popularity, towards 0: uniform over the items with a
+        count).
 
     Raises:
       ValueError: unknown kind, or `sampled` without counts.
     """
     if resolve_loss(kind, vocab_size) == "softmax":
         return _softmax_loss
-    sampler = make_sampler(vocab_size, num_negatives, item_counts)
+    sampler = make_sampler(vocab_size, num_negatives, item_counts, negative_exponent)
 
     def loss(user, targets, item_vectors, bias, training):
         if not training:
@@ -72,12 +76,15 @@ def make_loss(kind: str, vocab_size: int, num_negatives: int = 256,
 
 
 class Sampler:
-    """Negatives for a batch: `num_sampled` distinct items drawn from the train popularity
-    (never the reserved indices), shared by every target of the batch."""
+    """Negatives for a batch: `num_sampled` distinct items drawn with probability
+    proportional to train count ** `exponent` (never the reserved indices), shared by every
+    target of the batch."""
 
-    def __init__(self, vocab_size: int, num_sampled: int, unigrams: list[float]):
+    def __init__(self, vocab_size: int, num_sampled: int, unigrams: list[float],
+                 exponent: float = 1.0):
         self.vocab_size = vocab_size
         self.num_sampled = num_sampled
+        self.exponent = float(exponent)
         self._unigrams = unigrams
 
     def candidates(self, labels: tf.Tensor):
@@ -85,7 +92,7 @@ class Sampler:
         (sampled int64 [k], true expected counts [N, 1], sampled expected counts [k])."""
         return tf.random.fixed_unigram_candidate_sampler(
             true_classes=labels, num_true=1, num_sampled=self.num_sampled, unique=True,
-            range_max=self.vocab_size, unigrams=self._unigrams)
+            range_max=self.vocab_size, unigrams=self._unigrams, distortion=self.exponent)
 
     def __call__(self, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(sampled items int64 [k], log of each one's inclusion probability float32 [k]):
@@ -95,10 +102,10 @@ class Sampler:
         return sampled, tf.math.log(tf.cast(expected, tf.float32))
 
 
-def make_sampler(vocab_size: int, num_negatives: int,
-                 item_counts: np.ndarray | None) -> Sampler:
+def make_sampler(vocab_size: int, num_negatives: int, item_counts: np.ndarray | None,
+                 exponent: float = 1.0) -> Sampler:
     """The sampled loss's negatives: `num_negatives` clamped below the number of items with
-    a train count.
+    a train count, drawn with probability proportional to count ** `exponent`.
 
     Raises:
       ValueError: no counts, or counts of another length.
@@ -109,7 +116,8 @@ def make_sampler(vocab_size: int, num_negatives: int,
     unigrams[:schema.NUM_RESERVED] = 0.0
     unigrams = np.maximum(unigrams, 0.0)
     num_items = int((unigrams > 0).sum())
-    return Sampler(vocab_size, max(1, min(int(num_negatives), num_items - 1)), unigrams.tolist())
+    return Sampler(vocab_size, max(1, min(int(num_negatives), num_items - 1)), unigrams.tolist(),
+                   exponent)
 
 
 def _softmax_loss(user, targets, item_vectors, bias, training):

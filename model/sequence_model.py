@@ -55,7 +55,8 @@ class SequenceModel(tf.keras.Model):
         self.config = config
         self.vocab_size = int(vocab_size)
         self.loss_fn = losses.make_loss(getattr(config, "loss", "softmax"), self.vocab_size,
-                                        getattr(config, "num_negatives", 256), item_counts)
+                                        getattr(config, "num_negatives", 256), item_counts,
+                                        getattr(config, "negative_exponent", 1.0))
         # the sampled loss's negatives, for a model that computes its own loss (a repeat head)
         self.sampler = getattr(self.loss_fn, "sampler", None)
 

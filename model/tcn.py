@@ -53,6 +53,9 @@ class TCNConfig(ConfigBase):
         receptive field of the default blocks (253).
       loss: `auto`, `softmax` or `sampled` (see `model.losses`).
       num_negatives: negatives per batch for the sampled loss.
+      negative_exponent: the sampled loss draws its negatives with probability
+        proportional to train count ** this (1: popularity, towards 0: uniform over the
+        items with a count; word2vec's negative sampling uses 0.75).
       output_bias: a per-item bias in the scores.
     """
 
@@ -64,6 +67,7 @@ class TCNConfig(ConfigBase):
     history_length: int = 256
     loss: str = "auto"
     num_negatives: int = 256
+    negative_exponent: float = 0.5
     output_bias: bool = True
 
     def validate(self) -> None:
@@ -73,7 +77,7 @@ class TCNConfig(ConfigBase):
         _check(len(self.channels) >= 1 and all(c >= 1 for c in self.channels),
                f"model.channels must be a non-empty list of positive widths, got {list(self.channels)}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        check_loss(self.loss)
+        check_loss(self.loss, self.negative_exponent)
 
     @property
     def receptive_field(self) -> int:

@@ -124,6 +124,25 @@ def test_sampled_loss_and_tied_output():
         registry.build_model("hiertcn", TINY.replace({"loss": "sampled"}), V)
 
 
+def test_negative_exponent_flattens_the_sampling():
+    counts = np.array([0, 0] + [1] + [100] * (V - 3))
+    rare = {}
+    for exponent in (1.0, 0.5):
+        m = registry.build_model("hiertcn", TINY.replace({"loss": "sampled", "num_negatives": 2,
+                                                          "negative_exponent": exponent}),
+                                 V, item_counts=counts)
+        tf.random.set_seed(0)
+        drawn = np.concatenate([m.sampler(tf.constant([3], tf.int64))[0].numpy()
+                                for _ in range(1000)])
+        assert drawn.min() >= 2  # never a reserved index
+        rare[exponent] = np.mean(drawn == 2)
+    # item 2 (count 1) vs the others (100 each): 1 / 901 of the mass by popularity,
+    # 1 / 91 by its square root (about 0.0011 and 0.011 of the drawn items)
+    assert rare[1.0] < 0.004 < rare[0.5]
+    with pytest.raises(config_lib.ConfigError, match=r"negative_exponent must be in \(0, 1\]"):
+        TINY.replace({"negative_exponent": 0.0})
+
+
 def test_pretrained_item_vectors_are_frozen(tmp_path):
     vectors = np.random.default_rng(0).normal(size=[V, 8]).astype(np.float32)
     np.save(tmp_path / "v.npy", vectors)

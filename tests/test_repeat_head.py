@@ -244,10 +244,13 @@ def test_sampled_head_loss_is_exact_when_the_sample_is_the_whole_catalogue(seen_
     np.testing.assert_allclose(float(estimate), float(exact), rtol=1e-5)
 
 
-def test_sampled_head_normaliser_is_unbiased():
+@pytest.mark.parametrize("exponent", [1.0, 0.5])
+def test_sampled_head_normaliser_is_unbiased(exponent):
     """E[Z estimate] = Z: the mean over draws of the real sampler's exp(log Z) is the exact
-    normaliser, for each target (a wrong inclusion weight would be off by its factor)."""
-    model = registry.build_model("hiertcn", SAMPLED_HEAD, V, item_counts=COUNTS)
+    normaliser, for each target (a wrong inclusion weight would be off by its factor), with
+    negatives drawn by popularity or by its square root."""
+    model = registry.build_model("hiertcn", SAMPLED_HEAD.replace({"negative_exponent": exponent}),
+                                 V, item_counts=COUNTS)
     model.repeat_head.set_seen_bias(-1.5)
     vectors, bias = model.output_weights()
     user = tf.random.stateless_normal([3, 8], seed=[1, 2]) * 3.0
