@@ -323,9 +323,13 @@ class HierTCN(SequenceModel):
 
     def repeat_losses(self, user, targets, where, flat_items, batch, cache, training=True):
         user = tf.cast(user, tf.float32)
+        # the head works on the slots' positions up to the batch's longest slot T <= L
+        longest = tf.reduce_max(tf.reduce_sum(tf.cast(flat_items > 0, tf.int32), axis=1))
+        flat_items = flat_items[:, :longest]
         shape = tf.concat([tf.shape(flat_items, out_type=tf.int64), [user.shape[-1]]], 0)
-        slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, L, D]
+        slots_user = tf.scatter_nd(where, user, shape)                     # [B * S, T, D]
         history, columns, stream = self._slot_history_columns(batch)            # [B * S, N]
+        columns = columns[:, :self.config.history_size + longest]
         start_items = None
         if self.num_start_items:  # before each slot (cheap to recompute: no GRU)
             start_items, _, _ = self._slot_start_items(
