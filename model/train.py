@@ -71,6 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
                    help="softmax (full), sampled (256 popularity-sampled negatives) or auto "
                         f"(default: full up to {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
+    p.add_argument("--num-negatives", type=int, help="negatives per batch of the sampled loss (256)")
+    p.add_argument("--negative-exponent", type=float,
+                   help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
     p.add_argument("--eval-users", type=int,
@@ -111,6 +114,10 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model.update(config_lib.DEEP_PRESET)
     if args.loss:
         model["loss"] = args.loss
+    if args.num_negatives is not None:
+        model["num_negatives"] = args.num_negatives
+    if args.negative_exponent is not None:
+        model["negative_exponent"] = args.negative_exponent
     if args.repeat_head or args.no_repeat_head:
         model["repeat_head"] = bool(args.repeat_head)
     if args.start_items is not None:

@@ -214,6 +214,13 @@ def test_auto_loss_is_the_full_softmax_up_to_the_threshold(monkeypatch):
     assert registry.build_model("hiertcn", config, 12).sampler is None
     big = registry.build_model("hiertcn", config, 13, item_counts=np.ones(13, np.int64))
     assert big.sampler is not None and big.sampler.num_sampled == 10
+    flags = train_lib.resolve_config(train_lib.parse_args(
+        ["--data", "d", "--model-dir", "r", "--model", "hrnn", "--loss", "sampled",
+         "--num-negatives", "64", "--negative-exponent", "0.75"])).model
+    assert (flags.loss, flags.num_negatives, flags.negative_exponent) == ("sampled", 64, 0.75)
+    with pytest.raises(config_lib.ConfigError, match="negative_exponent must be in"):
+        train_lib.resolve_config(train_lib.parse_args(
+            ["--data", "d", "--model-dir", "r", "--negative-exponent", "2"]))
     run = config_lib.RunConfig("gru4rec", registry.config_classes()["gru4rec"]())
     assert train_lib.resolve_loss(run, 13).model.loss == "sampled"
     assert train_lib.resolve_loss(run, 12).model.loss == "softmax"
