@@ -69,8 +69,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["lazy_adam", "adam"],
                    help="lazy_adam (default: embedding rows updated only when in the batch) or adam")
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
-                   help="softmax (full), sampled (256 popularity-sampled negatives) or auto "
-                        f"(default: full up to {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
+                   help="softmax (full), sampled (sampled softmax over --num-negatives) or "
+                        f"auto (default: full up to {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
     p.add_argument("--num-negatives", type=int, help="negatives per batch of the sampled loss (256)")
     p.add_argument("--negative-exponent", type=float,
                    help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
