@@ -342,35 +342,29 @@ class HierTCN(SequenceModel):
         log_rep = tf.reduce_logsumexp(
             tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
         log_keep = tf.gather_nd(log_keep, where)
-        sampled = training and self.sampler is not None
-        if seen is None and not sampled:
-            log_cat = -tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=targets, logits=self.item_logits(user) + self.reserved_mask)
+        # The catalogue log-probabilities from the output layer's rows (no gather from the
+        # [N, V] logits, whose gradient would be dense): log p = logit - log Z.
+        vectors, bias = self.output_weights()
+        vectors, bias = tf.cast(vectors, tf.float32), tf.cast(bias, tf.float32)
+        target_logit = (tf.reduce_sum(user * tf.gather(vectors, targets), axis=-1)
+                        + tf.gather(bias, targets))
+        seen_logits = once = target_seen = None
+        if seen is not None:
+            seen_items, once = seen
+            seen_logits = self._seen_logits(user, where, stream, columns, vectors, bias,
+                                            tf.shape(batch["items"], tf.int64)[1])
+            once = tf.gather_nd(once, where)
+            target_seen = tf.reduce_sum(once * tf.cast(
+                tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32), axis=1)
+        if training and self.sampler is not None:
+            log_norm = self._sampled_log_norm(user, targets, target_logit, vectors, bias,
+                                              where, seen, seen_logits, once, target_seen)
         else:
-            # The catalogue log-probabilities from the output layer's rows (no gather from
-            # the [N, V] logits, whose gradient would be dense): log p = logit - log Z.
-            vectors, bias = self.output_weights()
-            vectors, bias = tf.cast(vectors, tf.float32), tf.cast(bias, tf.float32)
-            target_logit = (tf.reduce_sum(user * tf.gather(vectors, targets), axis=-1)
-                            + tf.gather(bias, targets))
-            seen_logits = once = target_seen = None
-            if seen is not None:
-                seen_items, once = seen
-                seen_logits = self._seen_logits(user, where, stream, columns, vectors, bias,
-                                                tf.shape(batch["items"], tf.int64)[1])
-                once = tf.gather_nd(once, where)
-                target_seen = tf.reduce_sum(once * tf.cast(
-                    tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32), axis=1)
-            if sampled:
-                log_norm = self._sampled_log_norm(user, targets, target_logit, vectors, bias,
-                                                  where, seen, seen_logits, once, target_seen)
-            else:
-                log_norm = tf.reduce_logsumexp(self.item_logits(user) + self.reserved_mask,
-                                               axis=-1)
-            log_cat = target_logit - log_norm
-            if seen is not None:
-                log_keep -= self._seen_shift(once, seen_logits - log_norm[:, None])
-                log_cat += target_seen * self.repeat_head.seen_bias
+            log_norm = tf.reduce_logsumexp(self.item_logits(user) + self.reserved_mask, axis=-1)
+        log_cat = target_logit - log_norm
+        if seen is not None:
+            log_keep -= self._seen_shift(once, seen_logits - log_norm[:, None])
+            log_cat += target_seen * self.repeat_head.seen_bias
         return -tf.reduce_logsumexp(tf.stack([
             log_keep + log_cat, tf.gather_nd(log_w, where) + log_rep]), axis=0)
 
@@ -404,10 +398,10 @@ class HierTCN(SequenceModel):
         coded = batching.slot_histories(code_history, tf.reshape(code_items, [b, s, l]),
                                         batch["reset"])                       # [B, S, N]
         coded = tf.reshape(coded, [b * s, -1])
-        history = tf.where(coded >= schema.NUM_RESERVED,
-                           tf.gather(tf.repeat(stream, s, axis=0),
-                                     tf.maximum(coded - schema.NUM_RESERVED, 0), batch_dims=1),
-                           coded)
+        slot_row = tf.range(b * s, dtype=tf.int64)[:, None] // tf.cast(s, tf.int64)
+        at = tf.stack([tf.broadcast_to(slot_row, tf.shape(coded, out_type=tf.int64)),
+                       tf.maximum(coded - schema.NUM_RESERVED, 0)], axis=-1)
+        history = tf.where(coded >= schema.NUM_RESERVED, tf.gather_nd(stream, at), coded)
         columns = tf.maximum(_last_columns(_right_aligned(coded), self.config.history_size)
                              - schema.NUM_RESERVED, 0)
         own = tf.reshape(tf.where(known, packed, 0), [b * s, l])
