@@ -248,7 +248,9 @@ class TrainConfig(ConfigBase):
         bounded memory. 0 = always stream.
       checkpoint_every: steps between checkpoints.
       keep_checkpoints: checkpoints kept by the CheckpointManager.
-      eval_every: steps between valid evaluations (0 = only at the end).
+      eval_every: steps between valid evaluations, with one more at the end of the run;
+        the weights with the best valid Recall@20 are kept and used (0 = no evaluation: the
+        last weights are used, even where they overfit a small log).
       eval_users: valid users evaluated at each interval (0 = all): the same users each
         time, chosen by a hash of their ids (`evaluate.sample_users`).
       mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
@@ -275,7 +277,7 @@ class TrainConfig(ConfigBase):
     cache_events: int = 20_000_000
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    eval_every: int = 0
+    eval_every: int = 200
     eval_users: int = 1000
     mixed_precision: bool = False
     jit_compile: bool = False

@@ -75,7 +75,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--negative-exponent", type=float,
                    help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--eval-every", type=int, help="steps between valid evaluations (0: off)")
+    p.add_argument("--eval-every", type=int,
+                   help="steps between valid evaluations, and one at the end; the best valid "
+                        "weights are kept (default 200; 0: off, the last weights are used)")
     p.add_argument("--eval-users", type=int,
                    help="valid users per evaluation, the same each time, chosen by a hash of "
                         "their ids (0: all)")
@@ -398,6 +400,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
     last_index, last_saved = None, start_step
     valid_users = None  # the users of every valid evaluation (None: all)
+    told_no_targets = False
     if tc.eval_every and tc.eval_users:
         from model import evaluate  # (lazily, as in `evaluate_valid`)
 
@@ -411,8 +414,15 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         last_saved = step
 
     def evaluate_and_select(step: int) -> dict:
-        nonlocal best
+        nonlocal best, told_no_targets
         metrics = _log_valid(model, data_dir, valid_users, step)
+        if metrics["events"] <= metrics["unknown_targets"]:
+            # nothing to select on: keep no best, so the last weights are the ones used
+            if not told_no_targets:
+                print(f"no known valid targets in {data_dir}: no model selection, the last "
+                      "weights are used", file=sys.stderr)
+                told_no_targets = True
+            return metrics
         if is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)
             best = {"step": step, "checkpoint": os.path.basename(path), **metrics}
@@ -488,7 +498,7 @@ def _log_valid(model, data_dir: str, user_ids, step: int) -> dict:
         _scalar(f"valid/{key}", metrics[key], step=step)
     print(f"\nstep {step}: valid recall@20 {metrics['recall@20']:.4f} mrr@20 {metrics['mrr@20']:.4f}",
           file=sys.stderr)
-    return {k: metrics[k] for k in ("recall@20", "mrr@20", "events")}
+    return {k: metrics[k] for k in ("recall@20", "mrr@20", "events", "unknown_targets")}
 
 
 def _read_summary(run_dir: str) -> dict:

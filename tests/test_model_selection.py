@@ -114,7 +114,7 @@ def test_resume_keeps_an_unbeaten_best_and_latest_is_an_option(data, config_file
 
 def test_without_valid_evaluation_the_latest_is_loaded(data, config_file, tmp_path):
     run = str(tmp_path / "noeval")
-    assert _train(data, run, config_file, "--steps", "5") == 0
+    assert _train(data, run, config_file, "--steps", "5", "--eval-every", "0") == 0
     assert registry.read_best(run) is None and not os.path.exists(os.path.join(run, "best"))
     assert registry.checkpoint_path(run) == registry.checkpoint_path(run, "latest")
     assert registry.checkpoint_path(run).endswith("ckpt-5")
@@ -132,3 +132,34 @@ def test_hiertcn_variants_are_not_baselines_in_the_relative_gain():
     assert gains["recall@20"]["best_baseline"] == "sknn"
     assert gains["recall@20"]["relative_gain"] == pytest.approx(0.2)
     assert gains["mrr@20"]["relative_gain"] == pytest.approx(1.0)
+
+
+def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
+    """Without --eval-every, training evaluates on valid every 200 steps and at the end, and
+    keeps the best: on a small log the last weights can be far behind the best ones."""
+    run = str(tmp_path / "default")
+    assert _train(data, run, config_file, "--steps", "7") == 0
+    out = capsys.readouterr()
+    assert [int(s) for s, _, _ in STEP_LINE.findall(out.err)] == [7]  # the end of the run
+    record = registry.read_best(run)
+    assert record["step"] == 7 and record["events"] > record["unknown_targets"]
+    assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["train"]["eval_every"] == 200
+
+
+def test_no_selection_on_a_valid_split_without_known_targets(config_file, tmp_path, capsys):
+    """Valid targets that are all unknown carry no information: every evaluation ties, and
+    the first one must not be kept as the best; the last weights are used."""
+    unknown = [[[1, 1, 1, 1]] * 2] * 3  # sessions of unknown items only (index 1)
+    data = write_data(str(tmp_path / "data"), 20, planted_users(20), valid=[(1, u) for u in unknown])
+    run = str(tmp_path / "run")
+    assert _train(data, run, config_file, "--steps", "10", "--eval-every", "5") == 0
+    out = capsys.readouterr()
+    assert [int(s) for s, _, _ in STEP_LINE.findall(out.err)] == [5, 10]
+    assert "no known valid targets" in out.err
+    assert registry.read_best(run) is None and not os.path.exists(os.path.join(run, "best"))
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    assert summary["best"] is None and summary["valid"]["events"] > 0
+    assert summary["valid"]["events"] == summary["valid"]["unknown_targets"]
+    assert registry.checkpoint_path(run).endswith("ckpt-10")
