@@ -1,6 +1,8 @@
 """Online next-item evaluation of any `Scorer` (DESIGN.md §6), and its command line.
 
-For each batch of users (one row per user) the evaluator first feeds the history sessions
+Users are read in windows of `SORT_WINDOW`, each reordered by target events (most first)
+so that the rows scored together have sessions of similar lengths (less padding). For each
+batch of users (one row per user) the evaluator first feeds the history sessions
 (`num_context_sessions`) through `Scorer.update`, in lock-step over the rows (a row with
 no session at a step gets an all-padding row). Then, one target session per step, it asks
 `Scorer.score` for every position, ranks each target against the full catalogue
@@ -34,6 +36,8 @@ from pipeline import schema
 # longest target session is long gets fewer rows (the result is the same).
 SCORE_BUDGET = 1 << 25
 EVAL_SPLITS = ("valid", "test")
+# Users read ahead and reordered at once (`_most_events_first`).
+SORT_WINDOW = 1024
 
 
 def _pad(sessions: Sequence[np.ndarray]) -> np.ndarray:
@@ -43,6 +47,19 @@ def _pad(sessions: Sequence[np.ndarray]) -> np.ndarray:
     for r, s in enumerate(sessions):
         out[r, :len(s)] = s
     return out
+
+
+def _most_events_first(users: Iterable[schema.UserRecord], window: int
+                       ) -> Iterator[schema.UserRecord]:
+    """The users in windows of `window`, each ordered by its users' target events, most
+    first (stable), so that the rows scored side by side have sessions of similar lengths
+    and less of each [rows, steps] batch is padding (MovieLens-1M valid: 182k scored
+    positions instead of 458k for 26k events). The metrics are sums over events: the
+    order does not change them."""
+    it = iter(users)
+    while chunk := list(itertools.islice(it, window)):
+        chunk.sort(key=lambda u: -sum(len(s) for s in u.sessions[u.num_context_sessions:]))
+        yield from chunk
 
 
 def _user_batches(users: Iterable[schema.UserRecord], batch_size: int,
@@ -112,7 +129,7 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
 
 def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
              max_users: int | None = None, user_ids: Collection[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, users: Sequence[schema.UserRecord] | None = None) -> dict:
     """Evaluates a scorer online on the target sessions of a split.
 
     Args:
@@ -124,6 +141,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
       max_users: evaluate only the first N users of the split (all when None).
       user_ids: evaluate only these users (all when None; see `sample_users`).
       progress: show a progress bar over users.
+      users: the split's user records, already read (`load_users`), instead of reading
+        them from `data_dir` (`max_users` and `user_ids` still apply).
 
     Returns:
       The §6 metrics dict: `recall@K`, `mrr@K` (K in 1, 5, 10, 20), `events`,
@@ -143,6 +162,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     vocab = schema.read_vocabulary(data_dir)
     schema.shard_files(data_dir, split)  # fails early with a clear message
     total = schema.read_stats(data_dir).get("splits", {}).get(split, {}).get("users")
+    if users is not None:
+        total = len(users)
     if user_ids is not None:
         total = len(user_ids) if total is None else min(total, len(user_ids))
     if max_users is not None:
@@ -150,19 +171,36 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
 
     from tqdm import tqdm
 
-    users = schema.iter_users(data_dir, split)
+    users = schema.iter_users(data_dir, split) if users is None else iter(users)
     if user_ids is not None:
         users = (u for u in users if u.user_id in user_ids)
     users = itertools.islice(users, max_users)
     acc = metrics.MetricsAccumulator()
     with tqdm(total=total, unit="user", desc=f"evaluate {scorer.name} on {split}",
               disable=not progress) as bar:
-        for batch in _user_batches(users, batch_size, vocab.size):
+        for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
+                                   vocab.size):
             _evaluate_batch(scorer, batch, vocab.size, acc)
             bar.update(len(batch))
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
     return out
+
+
+def load_users(data_dir: str, split: str, user_ids: Collection[str] | None = None,
+               max_events: int | None = None) -> list[schema.UserRecord] | None:
+    """The records of a split's users (only `user_ids` when given), in file order, for
+    repeated evaluations (`evaluate(users=...)`); None when they hold more than
+    `max_events` events (then stream the split each time)."""
+    kept, events = [], 0
+    for user in schema.iter_users(data_dir, split):
+        if user_ids is not None and user.user_id not in user_ids:
+            continue
+        events += sum(len(s) for s in user.sessions)
+        if max_events is not None and events > max_events:
+            return None
+        kept.append(user)
+    return kept
 
 
 def sample_users(data_dir: str, split: str, count: int) -> frozenset[str] | None:

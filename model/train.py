@@ -321,13 +321,16 @@ def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16
     return train_step
 
 
-def evaluate_valid(model, data_dir: str, user_ids=None) -> dict:
+def evaluate_valid(model, data_dir: str, user_ids=None, scorer=None, users=None) -> dict:
     """Valid metrics of the in-memory model through `model.evaluate` (imported lazily), on
-    the users `user_ids` (all when None)."""
+    the users `user_ids` (all when None); `scorer` (a `KerasScorer` of `model`, whose
+    compiled functions read the current weights) and `users` (their records,
+    `evaluate.load_users`) can be kept from one evaluation to the next."""
     from model import evaluate
 
-    scorer = KerasScorer(model, name=type(model).__name__.lower())
-    return evaluate.evaluate(scorer, data_dir, "valid", user_ids=user_ids, progress=False)
+    scorer = scorer or KerasScorer(model, name=type(model).__name__.lower())
+    return evaluate.evaluate(scorer, data_dir, "valid", user_ids=user_ids, progress=False,
+                             users=users)
 
 
 def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool = True) -> dict:
@@ -401,10 +404,16 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     last_index, last_saved = None, start_step
     valid_users = None  # the users of every valid evaluation (None: all)
     told_no_targets = False
-    if tc.eval_every and tc.eval_users:
+    # Kept from one evaluation to the next: the scorer (traced once) and, within
+    # train.cache_events events, the evaluated users' records (read once).
+    valid_scorer = valid_records = None
+    if tc.eval_every:
         from model import evaluate  # (lazily, as in `evaluate_valid`)
 
-        valid_users = evaluate.sample_users(data_dir, "valid", tc.eval_users)
+        if tc.eval_users:
+            valid_users = evaluate.sample_users(data_dir, "valid", tc.eval_users)
+        valid_scorer = KerasScorer(model, name=config.model_name)
+        valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -415,7 +424,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
 
     def evaluate_and_select(step: int) -> dict:
         nonlocal best, told_no_targets
-        metrics = _log_valid(model, data_dir, valid_users, step)
+        metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records)
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
@@ -492,8 +501,8 @@ def _write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _log_valid(model, data_dir: str, user_ids, step: int) -> dict:
-    metrics = evaluate_valid(model, data_dir, user_ids)
+def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=None) -> dict:
+    metrics = evaluate_valid(model, data_dir, user_ids, scorer, users)
     for key in ("recall@20", "mrr@20"):
         _scalar(f"valid/{key}", metrics[key], step=step)
     print(f"\nstep {step}: valid recall@20 {metrics['recall@20']:.4f} mrr@20 {metrics['mrr@20']:.4f}",

@@ -139,6 +139,26 @@ def test_score_budget_splits_batches_without_changing_metrics(data, monkeypatch)
     assert out["recall@20"] == pytest.approx(4 / 7) and out["first_item"]["events"] == 5
 
 
+def test_users_read_once_evaluate_as_the_split(data):
+    """`load_users` keeps the records for repeated evaluations (training's valid runs):
+    evaluating them gives the same calls and metrics as reading the split."""
+    users = ev.load_users(data, "valid")
+    assert [u.user_id for u in users] == ["a", "b", "c"]
+    assert [[s.tolist() for s in u.sessions] for u in users][0] == [[5, 6], [7, 8], [9, 10, 12], [13, 14]]
+    fresh, kept = NextIndex(), NextIndex()
+    expected = ev.evaluate(fresh, data, "valid", batch_size=2, progress=False)
+    for _ in range(2):  # the same list twice: nothing is consumed
+        assert ev.evaluate(kept, data, "valid", batch_size=2, progress=False, users=users) == expected
+    assert kept.calls == fresh.calls * 2
+    chosen = ev.load_users(data, "valid", user_ids={"c", "a"})
+    assert [u.user_id for u in chosen] == ["a", "c"]
+    assert (ev.evaluate(NextIndex(), data, "valid", progress=False, users=chosen)
+            == ev.evaluate(NextIndex(), data, "valid", progress=False, user_ids={"a", "c"}))
+    # a and b hold 9 + 4 events: over the bound, nothing is kept (the split streams)
+    assert ev.load_users(data, "valid", max_events=12) is None
+    assert len(ev.load_users(data, "valid", user_ids={"a", "b"}, max_events=13)) == 2
+
+
 def test_max_users(data):
     out = ev.evaluate(NextIndex(), data, "valid", max_users=1, progress=False)
     assert out["events"] == 3 and out["first_item"]["events"] == 2 and out["recall@1"] == pytest.approx(2 / 3)
@@ -224,3 +244,18 @@ def test_scores_of_the_wrong_vocabulary_size_are_rejected(tmp_path):
     other = write_data(tmp_path, {"valid": VALID}, vocab_size=VOCAB + 1)
     with pytest.raises(ValueError, match=r"expected \[batch, steps, 31\]"):
         ev.evaluate(NextIndex(), other, "valid", progress=False)
+
+
+def test_users_are_batched_most_events_first_within_a_window(tmp_path, monkeypatch):
+    """Rows scored side by side have similar session lengths (less padding); the order
+    within a window changes no metric, and no user crosses a window."""
+    users = {f"u{k}": ([], [[2 + j % 20 for j in range(n)], [3, 4]])
+             for k, n in enumerate([2, 7, 3, 7, 5, 2])}
+    data = write_data(tmp_path, {"valid": users})
+    by_row = ev.evaluate(NextIndex(), data, "valid", batch_size=1, progress=False)
+    scorer = NextIndex()
+    monkeypatch.setattr(ev, "SORT_WINDOW", 4)
+    out = ev.evaluate(scorer, data, "valid", batch_size=2, progress=False)
+    # windows [u0 u1 u2 u3] [u4 u5]; most target events first, ties in file order
+    assert [c[1] for c in scorer.calls if c[0] == "init"] == [["u1", "u3"], ["u2", "u0"], ["u4", "u5"]]
+    assert out == by_row
