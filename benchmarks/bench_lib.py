@@ -85,13 +85,13 @@ def load_users(data_dir: str, split: str = "train") -> list[list[np.ndarray]]:
 def model_config(name: str, loss: str, num_negatives: int):
     """The model's config at the benchmarks' common sizes: width 128 everywhere, a
     256-wide cross-session state for both hierarchical models (2 x 128 GRU layers; HierTCN
-    as published, without the repeat head, in both loss settings alike), the
+    as published, without the repeat head or dropout, in both loss settings alike), the
     flat TCN with 6 blocks of 128 channels (receptive field 125) over the last 256 tokens."""
     from model import registry
 
     common = {"embedding_dim": HIDDEN, "loss": loss, "num_negatives": num_negatives}
     extra = {"hiertcn": {"gru_units": HIDDEN, "gru_layers": 2, "channels": HIDDEN,
-                         "repeat_head": False},
+                         "repeat_head": False, "dropout": 0.0},
              "hrnn": {"session_units": HIDDEN, "user_units": HIDDEN, "user_layers": 2},
              "gru4rec": {"units": HIDDEN},
              "tcn": {"channels": [HIDDEN] * 6, "history_length": 256}}[name]

@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-negatives", type=int, help="negatives per batch of the sampled loss (256)")
     p.add_argument("--negative-exponent", type=float,
                    help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
+    p.add_argument("--dropout", type=float,
+                   help="dropout rate of the model (hiertcn: after each convolution, default "
+                        "0.3; hrnn, gru4rec: on the GRU outputs, default 0; tcn: 0)")
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int,
                    help="steps between valid evaluations, and one at the end; the best valid "
@@ -120,6 +123,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model["num_negatives"] = args.num_negatives
     if args.negative_exponent is not None:
         model["negative_exponent"] = args.negative_exponent
+    if args.dropout is not None:
+        model["dropout"] = args.dropout
     if args.repeat_head or args.no_repeat_head:
         model["repeat_head"] = bool(args.repeat_head)
     if args.start_items is not None:

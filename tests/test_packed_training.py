@@ -9,7 +9,7 @@ from model import config as config_lib
 from model.hiertcn import HierTCN, PackedSlots, packed_causal_conv
 
 # The published model (no repeat head: its batches carry no `history`).
-SMALL = {"embedding_dim": 8, "gru_units": 4, "repeat_head": False}
+SMALL = {"embedding_dim": 8, "gru_units": 4, "repeat_head": False, "dropout": 0.0}  # same masks
 CONFIGS = {
     "default_shape": config_lib.HierTCNConfig(**SMALL, channels=8),
     "deep_with_shortcut": config_lib.HierTCNConfig(**SMALL, channels=6, num_blocks=3,

@@ -18,7 +18,7 @@ from tiny_logs import planted_users, write_data
 V = 12
 # The head over the user's last items only (the start items have their own tests).
 HEAD = config_lib.HierTCNConfig(embedding_dim=8, gru_units=4, gru_layers=2, channels=8,
-                                repeat_head=True, history_size=4, start_items=0)
+                                repeat_head=True, history_size=4, start_items=0, dropout=0.0)
 
 
 def _model(config=HEAD, seed=0):

@@ -224,3 +224,16 @@ def test_auto_loss_is_the_full_softmax_up_to_the_threshold(monkeypatch):
     run = config_lib.RunConfig("gru4rec", registry.config_classes()["gru4rec"]())
     assert train_lib.resolve_loss(run, 13).model.loss == "sampled"
     assert train_lib.resolve_loss(run, 12).model.loss == "softmax"
+
+
+def test_dropout_flag_reaches_every_model_and_is_checked():
+    def model_config(*argv):
+        return train_lib.resolve_config(train_lib.parse_args(
+            ["--data", "d", "--model-dir", "r", *argv])).model
+
+    assert model_config().dropout == 0.3  # hiertcn's default
+    assert model_config("--model", "hrnn").dropout == 0.0
+    assert model_config("--dropout", "0").dropout == 0.0
+    assert model_config("--model", "gru4rec", "--dropout", "0.25").dropout == 0.25
+    with pytest.raises(config_lib.ConfigError, match=r"model.dropout must be in \[0, 1\), got 1.0"):
+        model_config("--model", "tcn", "--dropout", "1")
