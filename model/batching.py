@@ -55,6 +55,9 @@ class Slot(NamedTuple):
     session_end: bool
 
 
+_new_slot = tuple.__new__
+
+
 def user_slots(sessions: Sequence[Sequence[int]], max_session_length: int) -> list[Slot]:
     """Splits a user's sessions into slots of at most `max_session_length` items.
 
@@ -65,17 +68,21 @@ def user_slots(sessions: Sequence[Sequence[int]], max_session_length: int) -> li
     Returns:
       The slots; the first has `reset`, the last chunk of each session `session_end`.
     """
+    # The generator's hot loop (a few slots per user, ~20 users per batch): tuples are made
+    # with `tuple.__new__` (a named tuple's own constructor is a Python-level call).
     slots = []
+    append = slots.append
+    length = max_session_length
     for session in sessions:
         items = np.asarray(session, np.int64)
-        if len(items) <= max_session_length:  # the common case: one chunk
-            if len(items):
-                slots.append(Slot(items, not slots, True))
+        n = len(items)
+        if n <= length:  # the common case: one chunk
+            if n:
+                append(_new_slot(Slot, (items, not slots, True)))
             continue
-        starts = range(0, len(items), max_session_length)
-        for j, k in enumerate(starts):
-            slots.append(Slot(items[k:k + max_session_length], reset=not slots,
-                              session_end=j == len(starts) - 1))
+        last = n - 1 - (n - 1) % length  # the start of the last chunk
+        for k in range(0, n, length):
+            append(_new_slot(Slot, (items[k:k + length], not slots, k == last)))
     return slots
 
 
