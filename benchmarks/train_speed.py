@@ -51,8 +51,8 @@ def parse_args(argv):
     p.add_argument("--data", help="pipeline output folder (default: a fresh synthetic log)")
     p.add_argument("--quick", action="store_true", help="small data and few steps (< 2 min)")
     p.add_argument("--users", type=int, default=2300, help="synthetic users without --data")
-    p.add_argument("--steps", type=int, help="timed steps per model and setting (default 60)")
-    p.add_argument("--rounds", type=int, help="turns the timed steps are split into (default 3)")
+    p.add_argument("--steps", type=int, help="timed steps per model and setting (default 120)")
+    p.add_argument("--rounds", type=int, help="turns the timed steps are split into (default 6)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (tracing)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--sessions-per-batch", type=int, default=10)
@@ -64,9 +64,9 @@ def parse_args(argv):
                    help="only HierTCN, sampled: print its events/s (used for the oneDNN run)")
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 6 if args.quick else 60
+        args.steps = 6 if args.quick else 120
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
+        args.rounds = 1 if args.quick else 6
     if args.catalogue is None:
         args.catalogue = 20_000 if args.quick else 500_000
     if args.quick:  # small geometry: the point is that the script runs, not the figures
