@@ -1,9 +1,10 @@
 """The one interface that `model.evaluate` needs from every model, neural or not.
 
 The evaluator (DESIGN.md §6) walks users in batches of rows. For each batch it first feeds
-the users' history sessions through `update`, then, session by session, asks `score` for
-the scores of every position of the target sessions and feeds them through `update` too
-(online evaluation: a scored session becomes history). A row whose user has no session at
+the users' history sessions through `update`, then, session by session, asks `ranks` for
+the full-catalogue rank of every position's target (by default computed from `score`'s
+scores) and feeds the sessions through `update` too (online evaluation: a scored session
+becomes history). A row whose user has no session at
 that step gets an all-padding row, which must leave its state unchanged.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from model import metrics
 from pipeline import schema
 
 State = Any
@@ -62,3 +64,31 @@ class Scorer(abc.ABC):
     @abc.abstractmethod
     def update(self, state: State, sessions: np.ndarray) -> State:
         """State after the sessions have ended; all-padding rows keep their state."""
+
+    def ranks(self, state: State, sessions: np.ndarray, vocab_size: int) -> np.ndarray:
+        """Conservative full-catalogue rank of the item at every position (`model.metrics`).
+
+        The evaluator asks for ranks, not scores. This ranks `score`'s output; a model may
+        compute the same ranks without handing [batch, steps, vocab] scores over (see
+        `KerasScorer`).
+
+        Args:
+          state: the rows' state before these sessions.
+          sessions: int64 [batch, steps], item indices padded with 0 at the end.
+          vocab_size: V, the data's vocabulary size (the width the scores must have).
+
+        Returns:
+          float64 [batch, steps]: the rank of sessions[:, t] among the candidates scored
+          from the state and sessions[:, :t]; `inf` for an unknown target, 0 at padding.
+
+        Raises:
+          ValueError: the scores have the wrong shape or contain NaN.
+        """
+        sessions = np.asarray(sessions, dtype=np.int64)
+        scores = np.asarray(self.score(state, sessions))
+        if scores.shape != sessions.shape + (vocab_size,):
+            raise ValueError(f"{self.name}.score returned shape {scores.shape} for sessions "
+                             f"{sessions.shape}: expected [batch, steps, {vocab_size}] "
+                             "(the data's vocabulary size)")
+        return metrics.event_ranks(scores.reshape(-1, vocab_size),
+                                   sessions.reshape(-1)).reshape(sessions.shape)

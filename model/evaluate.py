@@ -5,9 +5,10 @@ so that the rows scored together have sessions of similar lengths (less padding)
 batch of users (one row per user) the evaluator first feeds the history sessions
 (`num_context_sessions`) through `Scorer.update`, in lock-step over the rows (a row with
 no session at a step gets an all-padding row). Then, one target session per step, it asks
-`Scorer.score` for every position, ranks each target against the full catalogue
-(`model.metrics`), and feeds the session through `Scorer.update`: a scored session becomes
-history for the user's next one. Position 0 of a session (predicted from history alone) is
+`Scorer.ranks` for the rank of every position's target against the full catalogue
+(`model.metrics`; by default from `Scorer.score`, inside TensorFlow for a neural model), and
+feeds the session through `Scorer.update`: a scored session becomes history for the user's
+next one. Position 0 of a session (predicted from history alone) is
 reported as `first_item`; positions >= 1 give the headline metrics, split into `repeat`
 (target seen earlier in the user's history, context included, or earlier in the session)
 and `new`. An unknown target (index 1) is never a repeat.
@@ -32,7 +33,7 @@ from model import metrics
 from model.base import Scorer
 from pipeline import schema
 
-# At most this many score floats ([rows, steps, vocab]) are held at once: a batch whose
+# At most this many score floats ([rows, steps, vocab]) are computed at once: a batch whose
 # longest target session is long gets fewer rows (the result is the same).
 SCORE_BUDGET = 1 << 25
 EVAL_SPLITS = ("valid", "test")
@@ -114,16 +115,11 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         for r, row in enumerate(rows):
             repeat[r, :len(row)] = _repeat_flags(row, seen[r])
         seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
-        scores = np.asarray(scorer.score(state, sessions))
-        if scores.shape != sessions.shape + (vocab_size,):
-            raise ValueError(f"{scorer.name}.score returned shape {scores.shape} for sessions "
-                             f"{sessions.shape}: expected [batch, steps, {vocab_size}] "
-                             "(the data's vocabulary size)")
+        rank = scorer.ranks(state, sessions, vocab_size)
         first = np.zeros(sessions.shape, dtype=bool)
         first[:, 0] = True
-        acc.add(scores.reshape(-1, scores.shape[-1]), sessions.reshape(-1),
-                repeat.reshape(-1), first.reshape(-1))
-        del scores
+        acc.add_ranks(rank.reshape(-1), sessions.reshape(-1), repeat.reshape(-1),
+                      first.reshape(-1))
         state = scorer.update(state, sessions)
 
 

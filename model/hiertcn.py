@@ -286,7 +286,7 @@ class HierTCN(SequenceModel):
         """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
         return tf.nn.log_softmax(self.item_logits(user) + self.reserved_mask, axis=-1)
 
-    def item_log_probs(self, user, history, prefix, state=None):
+    def item_log_probs(self, user, history, prefix, state=None, positions=None):
         if self.repeat_head is None:
             raise ValueError("item_log_probs needs a model with model.repeat_head on; "
                              "use item_logits")
@@ -298,28 +298,38 @@ class HierTCN(SequenceModel):
             start_items = tf.convert_to_tensor(state, tf.float32)[:, self.gru_size:]
         context, log_w, log_keep, log_att, seen = self._repeat_parts(user, history, prefix,
                                                                      start_items)
+        # Only the M context items get a repeat part, so the mixture is the scaled catalogue
+        # with those few entries replaced (no [B, P, V] repeat tensor): p_rep of the item
+        # at each context position is the attention summed over every position holding it.
+        same = tf.cast(tf.equal(context[:, :, None], context[:, None, :]), tf.float32)
+        log_rep = log_w[..., None] + tf.math.log(tf.matmul(tf.exp(log_att), same))  # [B, P, M]
+        seen_items, once = seen if seen is not None else (None, None)
+        if positions is not None:
+            # Each chosen position becomes a row of its own ([n, 1, ...]): the [.., V]
+            # catalogue part below is computed for those positions only.
+            rows = positions[:, 0]
+            user, log_keep, log_rep = (tf.gather_nd(x, positions)[:, None]
+                                       for x in (user, log_keep, log_rep))
+            context = tf.gather(context, rows)
+            if seen is not None:
+                seen_items = tf.gather(seen_items, rows)
+                once = tf.gather_nd(once, positions)[:, None]
         log_cat = self._catalogue_log_probs(user)                                   # [B, P, V]
-        b, p, m = tf.shape(log_att)[0], tf.shape(log_att)[1], tf.shape(log_att)[2]
+        b, p, m = tf.shape(log_rep)[0], tf.shape(log_rep)[1], tf.shape(log_rep)[2]
         log_base = log_keep[..., None] + log_cat
         if seen is not None:  # the seen bias: beta on each seen item once, a new normaliser
-            seen_items, once = seen
             s = tf.shape(seen_items)[1]
             seen_items = tf.broadcast_to(seen_items[:, None, :], [b, p, s])
             shift = self._seen_shift(once, tf.gather(log_cat, seen_items, batch_dims=2))
             log_base = tf.tensor_scatter_nd_add(
                 log_base - shift[..., None], _scatter_index(seen_items),
                 once * self.repeat_head.seen_bias)
-        # Only the M context items get a repeat part, so the mixture is the scaled catalogue
-        # with those few entries replaced (no [B, P, V] repeat tensor): p_rep of the item
-        # at each context position is the attention summed over every position holding it.
-        same = tf.cast(tf.equal(context[:, :, None], context[:, None, :]), tf.float32)
-        p_item = tf.matmul(tf.exp(log_att), same)                                   # [B, P, M]
         items = tf.broadcast_to(context[:, None, :], [b, p, m])
         mixed = tf.reduce_logsumexp(tf.stack([
-            tf.gather(log_base, items, batch_dims=2),
-            log_w[..., None] + tf.math.log(p_item)]), axis=0)  # log 0 = -inf: catalogue only
+            tf.gather(log_base, items, batch_dims=2), log_rep]), axis=0)  # log 0 = -inf
         # An item held at several positions gets the same value from each of them.
-        return tf.tensor_scatter_nd_update(log_base, _scatter_index(items), mixed)
+        out = tf.tensor_scatter_nd_update(log_base, _scatter_index(items), mixed)
+        return out if positions is None else out[:, 0]
 
     def repeat_losses(self, user, targets, where, flat_items, batch, cache, training=True):
         user = tf.cast(user, tf.float32)

@@ -6,6 +6,20 @@ import tensorflow as tf
 
 from model.base import Scorer, push_history
 from model.sequence_model import SequenceModel
+from pipeline import schema
+
+
+def target_ranks(scores: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`model.metrics.ranks` in TensorFlow: float32 [n, V], int64 [n] -> (float64 [n]
+    conservative ranks among the candidates (indices >= 2), `inf` for an unknown target;
+    bool: some score is NaN)."""
+    target = tf.gather(scores, targets, batch_dims=1)[:, None]
+    # counted over the whole row, then the reserved columns' share taken off (no slice copy)
+    ge = tf.reduce_sum(tf.cast(scores >= target, tf.int32), axis=1)
+    ge -= tf.reduce_sum(tf.cast(scores[:, :schema.NUM_RESERVED] >= target, tf.int32), axis=1)
+    rank = tf.where(targets == schema.UNKNOWN_INDEX, tf.constant(np.inf, tf.float64),
+                    tf.cast(ge, tf.float64))
+    return rank, tf.reduce_any(tf.math.is_nan(scores))
 
 
 class KerasScorer(Scorer):
@@ -16,6 +30,10 @@ class KerasScorer(Scorer):
     is (float32 [B, H], int64 [B, N] the user's last N items, newest last) and the scores
     are the mixture's log-probabilities `item_log_probs`. Batch and length are dynamic
     dimensions (one trace each).
+
+    `ranks` computes the evaluator's ranks inside TensorFlow from the scores of the
+    non-padding positions only: neither the padding's [.., V] scores nor the scores
+    themselves leave the compiled function (the same numbers as ranking `score`'s output).
     """
 
     def __init__(self, model: SequenceModel, name: str = "hiertcn"):
@@ -30,11 +48,27 @@ class KerasScorer(Scorer):
                 return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix,
                                             state)
 
-            self._score = tf.function(score, input_signature=[state_spec, items_spec, items_spec])
+            def ranks(state, history, sessions):
+                prefix = sessions[:, :-1]
+                positions = tf.where(sessions != schema.PAD_INDEX)
+                scores = model.item_log_probs(model.user_embeddings(state, prefix), history,
+                                              prefix, state, positions=positions)
+                return (positions,) + target_ranks(scores, tf.gather_nd(sessions, positions))
+
+            signature = [state_spec, items_spec, items_spec]
         else:
-            self._score = tf.function(
-                lambda state, sessions: model.item_logits(model.user_embeddings(state, sessions[:, :-1])),
-                input_signature=[state_spec, items_spec])
+            def score(state, sessions):
+                return model.item_logits(model.user_embeddings(state, sessions[:, :-1]))
+
+            def ranks(state, sessions):
+                positions = tf.where(sessions != schema.PAD_INDEX)
+                user = tf.gather_nd(model.user_embeddings(state, sessions[:, :-1]), positions)
+                return (positions,) + target_ranks(model.item_logits(user),
+                                                   tf.gather_nd(sessions, positions))
+
+            signature = [state_spec, items_spec]
+        self._score = tf.function(score, input_signature=signature)
+        self._ranks = tf.function(ranks, input_signature=signature)
         self._update = tf.function(model.update_state, input_signature=[state_spec, items_spec])
 
     def initial_state(self, user_ids: list[str]):
@@ -43,12 +77,32 @@ class KerasScorer(Scorer):
             return state, np.zeros([len(user_ids), self.model.history_size], np.int64)
         return state
 
-    def score(self, state, sessions: np.ndarray) -> np.ndarray:
+    def _inputs(self, state, sessions):
         sessions = np.asarray(sessions, np.int64)
         if self.model.history_size:
             high, history = state
-            return self._score(np.asarray(high, np.float32), history, sessions).numpy()
-        return self._score(np.asarray(state, np.float32), sessions).numpy()
+            return np.asarray(high, np.float32), history, sessions
+        return np.asarray(state, np.float32), sessions
+
+    def score(self, state, sessions: np.ndarray) -> np.ndarray:
+        return self._score(*self._inputs(state, sessions)).numpy()
+
+    def ranks(self, state, sessions: np.ndarray, vocab_size: int) -> np.ndarray:
+        sessions = np.asarray(sessions, np.int64)
+        if vocab_size != self.model.vocab_size:
+            raise ValueError(f"{self.name} scores {self.model.vocab_size} items but the data's "
+                             f"vocabulary has {vocab_size}: evaluate it on the data it was "
+                             "trained on")
+        if sessions.size and (sessions.min() < 0 or sessions.max() >= vocab_size):
+            raise ValueError(f"item indices must lie in [0, {vocab_size}), got "
+                             f"[{sessions.min()}, {sessions.max()}]")
+        positions, rank, nan = self._ranks(*self._inputs(state, sessions))
+        if nan.numpy():
+            raise ValueError("scores contain NaN: the model produced an invalid output")
+        out = np.zeros(sessions.shape)
+        positions = positions.numpy()
+        out[positions[:, 0], positions[:, 1]] = rank.numpy()
+        return out
 
     def update(self, state, sessions: np.ndarray):
         sessions = np.asarray(sessions, np.int64)

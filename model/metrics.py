@@ -58,6 +58,20 @@ def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return out
 
 
+def event_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`ranks` of the rows of `scores` [N, V] whose target is not padding (0), read a chunk
+    of rows at a time (`scores` may be a view of a larger array); float64 [N], 0 at the
+    padding rows."""
+    targets = np.asarray(targets, dtype=np.int64)
+    out = np.zeros(targets.shape)
+    keep = np.flatnonzero(targets != schema.PAD_INDEX)
+    rows = max(1, CHUNK_ELEMENTS // max(np.shape(scores)[1], 1))
+    for start in range(0, len(keep), rows):
+        idx = keep[start:start + rows]
+        out[idx] = ranks(scores[idx], targets[idx])
+    return out
+
+
 def _summary(rank: np.ndarray, unknown: np.ndarray) -> dict:
     """Metrics of one group of events (0.0 for an empty group)."""
     n = len(rank)
@@ -86,7 +100,7 @@ class MetricsAccumulator:
 
     def add(self, scores: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
             is_first: np.ndarray) -> None:
-        """Adds a batch of events.
+        """Adds a batch of events from their scores.
 
         Args:
           scores: float [N, V] next-item scores (a view of a larger array is fine: only the
@@ -95,12 +109,14 @@ class MetricsAccumulator:
           is_repeat: bool [N] the target was seen earlier in the user's history or session.
           is_first: bool [N] the target is the first item of its session.
         """
-        targets = np.asarray(targets, dtype=np.int64)
-        keep = np.flatnonzero(targets != schema.PAD_INDEX)
-        rows = max(1, CHUNK_ELEMENTS // max(np.shape(scores)[1], 1))
-        for start in range(0, len(keep), rows):
-            idx = keep[start:start + rows]
-            self._rank.append(ranks(scores[idx], targets[idx]))
+        self.add_ranks(event_ranks(scores, targets), targets, is_repeat, is_first)
+
+    def add_ranks(self, rank: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
+                  is_first: np.ndarray) -> None:
+        """Adds a batch of events from their ranks (as `ranks` computes them: `inf` for an
+        unknown target); the other arguments as in `add`."""
+        keep = np.flatnonzero(np.asarray(targets, dtype=np.int64) != schema.PAD_INDEX)
+        self._rank.append(np.asarray(rank, dtype=np.float64)[keep])
         self._repeat.append(np.asarray(is_repeat, dtype=bool)[keep])
         self._first.append(np.asarray(is_first, dtype=bool)[keep])
 

@@ -93,7 +93,8 @@ class SequenceModel(tf.keras.Model):
         return 0
 
     def item_log_probs(self, user: tf.Tensor, history: tf.Tensor, prefix: tf.Tensor,
-                       state: tf.Tensor | None = None) -> tf.Tensor:
+                       state: tf.Tensor | None = None,
+                       positions: tf.Tensor | None = None) -> tf.Tensor:
         """Next-item log-probabilities of a model with `history_size` > 0.
 
         Args:
@@ -103,10 +104,13 @@ class SequenceModel(tf.keras.Model):
           prefix: int64 [B, T] the session so far, padded with 0 at the end.
           state: float32 [B, H] the user state the scores start from (a model whose
             mixture reads it, e.g. HierTCN's start items).
+          positions: int64 [n, 2] (row, position) pairs: score only these positions (the
+            [.., V] part is computed for them alone), or None for all of them.
 
         Returns:
-          float32 [B, P, V]: position p depends on the newest `history_size` known items of
-          history + prefix[:, :p] (so the scores are the same however they are split).
+          float32 [B, P, V], or [n, V] with `positions`: position p depends on the newest
+          `history_size` known items of history + prefix[:, :p] (so the scores are the same
+          however they are split).
         """
         raise NotImplementedError
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from model import batching
 from model import config as config_lib
+from model import metrics
 from model import registry
 from model import train as train_lib
 from model.base import push_history
@@ -478,3 +479,57 @@ def test_train_loss_with_start_items_is_the_mixture_log_likelihood():
     logp = model.item_log_probs(u, tf.constant([[7, 3, 9, 4]], tf.int64), prefix, state).numpy()[0]
     assert int(n) == 2
     np.testing.assert_allclose(float(loss), -(logp[0, 7] + logp[1, 5]) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    HEAD,
+    HEAD.replace({"seen_bias": False}),
+    HEAD.replace({"start_items": 3}),
+    HEAD.replace({"repeat_head": False}),
+], ids=["head", "no-seen-bias", "start-items", "no-head"])
+def test_scorer_ranks_are_the_ranks_of_its_scores(config):
+    """`KerasScorer.ranks` (in TensorFlow, non-padding positions only) gives the ranks that
+    `model.metrics` gives on `score`'s full output: unknown targets inf, padding 0."""
+    model = _model(config, seed=3)
+    scorer = KerasScorer(model)
+    state = scorer.update(scorer.initial_state(["a", "b", "c"]),
+                          np.array([[2, 3, 4, 2], [5, 0, 0, 0], [0, 0, 0, 0]]))
+    sessions = np.array([[3, 6, 1, 3, 9], [8, 5, 0, 0, 0], [11, 0, 0, 0, 0]])
+    scores = scorer.score(state, sessions)
+    expected = metrics.event_ranks(scores.reshape(-1, V), sessions.reshape(-1)).reshape(3, 5)
+    ranks = scorer.ranks(state, sessions, V)
+    np.testing.assert_array_equal(ranks, expected)
+    assert np.isinf(ranks[0, 2]) and (ranks[sessions == 0] == 0).all()
+    assert ((ranks >= 1) & (ranks <= V - 2))[(sessions > 1)].all()
+    if model.history_size:  # the chosen positions' log-probabilities are the full ones
+        prefix = sessions[:, :-1]
+        user = model.user_embeddings(state[0], prefix)
+        positions = tf.where(sessions != 0)
+        full = model.item_log_probs(user, state[1], prefix, state[0])
+        np.testing.assert_allclose(
+            model.item_log_probs(user, state[1], prefix, state[0], positions=positions),
+            tf.gather_nd(full, positions), atol=1e-5)
+
+
+def test_scorer_ranks_count_ties_against_the_target():
+    """A model that scores every item the same ranks each target last (V - 2 candidates)."""
+    model = _model(HEAD.replace({"repeat_head": False}))
+    for v in model.trainable_variables:
+        v.assign(tf.zeros_like(v))
+    scorer = KerasScorer(model)
+    sessions = np.array([[3, 6, 7]])
+    np.testing.assert_array_equal(scorer.ranks(scorer.initial_state(["a"]), sessions, V),
+                                  [[V - 2] * 3])
+
+
+def test_scorer_ranks_reject_nan_and_a_foreign_vocabulary():
+    model = _model()
+    scorer = KerasScorer(model)
+    state = scorer.initial_state(["a"])
+    with pytest.raises(ValueError, match=f"scores {V} items but the data's vocabulary has {V + 1}"):
+        scorer.ranks(state, np.array([[3, 4]]), V + 1)
+    with pytest.raises(ValueError, match=r"item indices must lie in \[0, 12\), got \[3, 12\]"):
+        scorer.ranks(state, np.array([[3, 12]]), V)
+    model.scorer.bias.assign(tf.fill(model.scorer.bias.shape, np.nan))
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        scorer.ranks(state, np.array([[3, 4]]), V)
