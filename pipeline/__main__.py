@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Other --options go to Apache Beam, e.g. --runner DataflowRunner --project P "
                "--region R --temp_location gs://B/tmp; --direct_num_workers N locally.")
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
-                   help="input files (glob; repeat the flag for several)")
+                   help="input files (glob; repeat the flag for several; .gz, .bz2 and .xz "
+                        "files are decompressed)")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     p.add_argument("--format", choices=parse.FORMATS, default="csv")
@@ -314,7 +315,20 @@ def main(argv=None) -> int:
         return 2
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
           f"runner {options.get_all_options()['runner']}", file=sys.stderr)
-    stats = run(args, output, files, config, options)
+    from pipeline import sources
+
+    try:
+        stats = run(args, output, files, config, options)
+    except (sources.InputError, RuntimeError) as e:
+        # An input found damaged while reading (a truncated compressed file): a portable
+        # runner hands the workers' InputError back as the text of a RuntimeError.
+        marker = f"{sources.InputError.__module__}.InputError: "
+        found = [line.split(marker, 1)[1] for line in str(e).splitlines() if marker in line]
+        if not isinstance(e, sources.InputError) and not found:
+            raise
+        print(f"error: {e if isinstance(e, sources.InputError) else found[-1]}; nothing was "
+              f"written to {output}", file=sys.stderr)
+        return 1
     print(_summary(stats, output, time.perf_counter() - start))
     return 0
 

@@ -7,13 +7,25 @@ line is (file rank, range index, line index within the range), packed into one i
 absolute line number, needed only for malformed rows, comes from the newline counts of
 the earlier ranges of the same file (`first_line_numbers`).
 
+A compressed file (`.gz`, `.bz2`, `.xz`/`.lzma`, by extension, as Beam detects it) cannot be
+cut at byte offsets: it is one range, read by one worker as a stream of blocks of about
+`COMPRESSED_BLOCK_BYTES` decompressed bytes, each block of whole lines numbered like a
+range of its own (`read_compressed`), so memory stays bounded. Python's own decompressors
+read it (concatenated members too), because they fail on a truncated or corrupt file,
+where Beam's `CompressedFile` stops quietly at the damage; `.zst` and `.deflate`, whose
+readers here cannot tell a truncated file from a complete one, are refused.
+
 Paths go through Beam's `FileSystems`, so `gs://`, `s3://` or `hdfs://` inputs work where
 the matching Beam extra is installed.
 """
 from __future__ import annotations
 
+import bz2
+import contextlib
 import dataclasses
-from typing import Sequence
+import gzip
+import lzma
+from typing import BinaryIO, Iterator, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -23,6 +35,8 @@ MAX_RANGES = 1 << 19
 MAX_LINES_PER_RANGE = 1 << 24
 MIN_RANGE_BYTES = 1 << 20
 MAX_RANGE_BYTES = 64 << 20
+# Decompressed bytes read at a time from a compressed input (`read_compressed`).
+COMPRESSED_BLOCK_BYTES = 16 << 20
 
 
 class InputError(ValueError):
@@ -48,7 +62,45 @@ class ByteRange:
 
     def first_order(self) -> int:
         """Input-order key of the range's first line."""
-        return (self.rank * MAX_RANGES + self.index) * MAX_LINES_PER_RANGE
+        return first_order(self.rank, self.index)
+
+
+def first_order(rank: int, index: int) -> int:
+    """Input-order key of the first line of range (or compressed block) `index` of the
+    file of rank `rank`."""
+    return (rank * MAX_RANGES + index) * MAX_LINES_PER_RANGE
+
+
+# Compressed formats read here: their Python readers raise on a truncated stream.
+_DECOMPRESSORS = {
+    CompressionTypes.GZIP: lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    CompressionTypes.BZIP2: lambda raw: bz2.BZ2File(raw, "rb"),
+    CompressionTypes.LZMA: lambda raw: lzma.LZMAFile(raw, "rb"),
+}
+
+
+def is_compressed(path: str) -> bool:
+    """The file is compressed (by its extension, as Beam's `FileSystems` detect it)."""
+    return CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
+
+
+@contextlib.contextmanager
+def open_input(path: str) -> Iterator[BinaryIO]:
+    """A binary stream of the file's contents, decompressed when its extension says so.
+
+    Raises:
+      InputError: a compression that is not supported.
+    """
+    kind = CompressionTypes.detect_compression_type(path)
+    if kind != CompressionTypes.UNCOMPRESSED and kind not in _DECOMPRESSORS:
+        raise InputError(f"{path}: {kind} input is not supported (a truncated file would "
+                         "go unnoticed): decompress it, or use gzip, bzip2 or xz")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        if kind == CompressionTypes.UNCOMPRESSED:
+            yield raw
+        else:
+            with _DECOMPRESSORS[kind](raw) as f:
+                yield f
 
 
 def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
@@ -67,6 +119,10 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
         if not found:
             raise InputError(f"--input {pattern!r} matches no file: check the path or glob")
         for m in found:
+            kind = CompressionTypes.detect_compression_type(m.path)
+            if kind != CompressionTypes.UNCOMPRESSED and kind not in _DECOMPRESSORS:
+                raise InputError(f"{m.path}: {kind} input is not supported (a truncated file "
+                                 "would go unnoticed): decompress it, or use gzip, bzip2 or xz")
             files[m.path] = m.size_in_bytes
     if len(files) >= MAX_FILES:
         raise InputError(f"--input matches {len(files)} files; at most {MAX_FILES - 1} are supported")
@@ -80,7 +136,7 @@ def read_first_line(path: str) -> bytes:
       InputError: the file cannot be opened or read.
     """
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        with open_input(path) as f:
             return f.readline().rstrip(b"\r\n")
     except Exception as e:  # any I/O failure of any filesystem is the user's to fix
         raise InputError(f"cannot read input file {path!r}: {e}") from None
@@ -90,12 +146,16 @@ def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8) -> lis
     """Cuts the files into byte ranges for parallel reading.
 
     Range size is the total size / `target_ranges`, clamped to [1 MiB, 64 MiB], so small
-    inputs still spread over a few workers and big ones are read in bounded pieces.
+    inputs still spread over a few workers and big ones are read in bounded pieces. A
+    compressed file is one range (`read_compressed` streams it).
     """
     total = sum(size for _, size in files)
     size = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, -(-total // max(1, target_ranges))))
     ranges = []
     for rank, (path, file_size) in enumerate(files):
+        if is_compressed(path):
+            ranges.append(ByteRange(path, rank, 0, 0, file_size))
+            continue
         starts = range(0, max(file_size, 1), size)
         if len(starts) >= MAX_RANGES:
             raise InputError(f"{path} is too large ({file_size} bytes)")
@@ -129,6 +189,53 @@ def read_range(r: ByteRange) -> tuple[list[bytes], int]:
     if len(lines) >= MAX_LINES_PER_RANGE:
         raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} lines in one range")
     return lines, newlines
+
+
+def read_compressed(r: ByteRange, block_bytes: int | None = None
+                    ) -> Iterator[tuple[int, list[bytes], int]]:
+    """Streams a compressed file (one range) as blocks of whole lines.
+
+    Yields:
+      (block index, lines without their newline, the block's newline count as
+      `first_line_numbers` expects it for a range of that index: lines − 1 for block 0,
+      lines after it), about `block_bytes` (default `COMPRESSED_BLOCK_BYTES`) decompressed
+      bytes at a time.
+
+    Raises:
+      InputError: the file cannot be opened or decompressed (a truncated or corrupt file
+        stops the run: its other lines would be lost silently otherwise).
+    """
+    block_bytes = COMPRESSED_BLOCK_BYTES if block_bytes is None else block_bytes
+    if block_bytes < 1:
+        raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+    index, rest = 0, b""
+
+    def block(lines):
+        if len(lines) >= MAX_LINES_PER_RANGE:
+            raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} lines in one block")
+        if index >= MAX_RANGES:
+            raise InputError(f"{r.path} is too large (more than {MAX_RANGES} blocks of "
+                             f"{block_bytes} bytes)")
+        return index, lines, len(lines) - (1 if index == 0 else 0)
+
+    try:
+        with open_input(r.path) as f:
+            while data := f.read(block_bytes):
+                data = rest + data
+                cut = data.rfind(b"\n")
+                if cut < 0:  # a line longer than a block: keep reading
+                    rest = data
+                    continue
+                rest = data[cut + 1:]
+                yield block(data[:cut].split(b"\n"))
+                index += 1
+    except InputError:
+        raise
+    except Exception as e:  # zlib/bz2/lzma errors, EOFError of a truncated stream, I/O
+        raise InputError(f"cannot decompress input file {r.path!r} after {index} block(s) "
+                         f"of {block_bytes} bytes: {type(e).__name__}: {e}") from None
+    if rest:
+        yield block([rest])
 
 
 def first_line_numbers(newlines: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:

@@ -75,16 +75,21 @@ class _ParseRanges(beam.DoFn):
         self._config = config
 
     def process(self, r: sources.ByteRange):
-        lines, newlines = sources.read_range(r)
-        yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), newlines))
-        block = parse.parse_block(lines, self._config.formats[r.rank], r.first_order(),
-                                  skip_first=self._config.header and r.index == 0)
-        for local, reason, raw in block.malformed:
-            yield pvalue.TaggedOutput(MALFORMED, (r.path, r.rank, r.index, local, reason, raw))
-        counts = {"rows_read": block.rows, "rows_malformed": len(block.malformed)}
-        _count("parse", counts)
-        yield pvalue.TaggedOutput(STATS, counts)
-        yield from block.by_user.items()
+        if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
+            blocks = sources.read_compressed(r)
+        else:
+            blocks = [(r.index, *sources.read_range(r))]
+        for index, lines, newlines in blocks:
+            yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), newlines))
+            block = parse.parse_block(lines, self._config.formats[r.rank],
+                                      sources.first_order(r.rank, index),
+                                      skip_first=self._config.header and index == 0)
+            for local, reason, raw in block.malformed:
+                yield pvalue.TaggedOutput(MALFORMED, (r.path, r.rank, index, local, reason, raw))
+            counts = {"rows_read": block.rows, "rows_malformed": len(block.malformed)}
+            _count("parse", counts)
+            yield pvalue.TaggedOutput(STATS, counts)
+            yield from block.by_user.items()
 
 
 class _Sessionize(beam.DoFn):

@@ -1,4 +1,5 @@
 """End-to-end runs of `python -m pipeline` on real and corrupted logs."""
+import bz2
 import gzip
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import schema
+from pipeline import schema, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
@@ -196,3 +197,60 @@ def test_gzip_shards_are_named_by_contract(tmp_path):
     assert all(f.endswith(schema.SHARD_SUFFIX) for f in shards)
     with gzip.open(shards[0], "rb") as f:
         assert f.read(1) is not None  # really gzip
+
+
+def _records(out):
+    return {split: sorted((r.user_id, r.num_context_sessions, [x.tolist() for x in r.sessions],
+                           [t.tolist() for t in r.times]) for r in schema.iter_users(out, split))
+            for split in schema.SPLITS}
+
+
+def _malformed(out):
+    return sorted((r["line"], r["reason"], r["raw"]) for f in sorted(os.listdir(out / "malformed"))
+                  for r in map(json.loads, open(out / "malformed" / f, encoding="utf-8")))
+
+
+def test_compressed_inputs_give_the_plain_files_output(tmp_path, monkeypatch):
+    """A gzip and a bzip2 copy (read in many small blocks) give the same records, stats and
+    malformed rows, with the same line numbers, as the plain files."""
+    monkeypatch.setattr(sources, "COMPRESSED_BLOCK_BYTES", 40)  # in-process runner
+    lines = [b"user,item,time"]
+    for k in range(300):
+        lines.append(f"u{k % 4},i{k % 7},{100 * k + 3000 * (k // 20)}".encode())
+        if k % 25 == 2:
+            lines.append(b"u1,broken")
+    data = b"\n".join(lines) + b"\n"
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    other = data.replace(b"\nu", b"\nv")  # other users
+    for name, part in (("a", data), ("b", other)):
+        (plain / f"{name}.csv").write_bytes(part)
+    (packed / "a.csv.gz").write_bytes(gzip.compress(data))
+    (packed / "b.csv.bz2").write_bytes(bz2.compress(other))
+    outs = []
+    for folder, pattern in ((plain, "*.csv"), (packed, "*.csv.*")):
+        out = tmp_path / f"out-{folder.name}"
+        assert cli.main(["--input", str(folder / pattern), "--output", str(out),
+                         "--min-item-count", "1", *IN_MEMORY]) == 0
+        outs.append(out)
+    stats = [check_output(str(out))[0] for out in outs]
+    for s in stats:
+        del s["options"]["input"], s["options"]["output"]
+    assert stats[0] == stats[1] and stats[0]["rows_malformed"] == 2 * 12
+    assert stats[0]["rows_written"] == 600 and stats[0]["splits"]["valid"]["users"] == 8
+    assert _records(str(outs[0])) == _records(str(outs[1]))
+    assert [m[:2] for m in _malformed(outs[0])] == [m[:2] for m in _malformed(outs[1])]
+
+
+def test_damaged_compressed_input_fails_with_one_line_and_no_output(tmp_path, capsys):
+    data = gzip.compress(b"user,item,time\n" + b"".join(f"u{k % 7},i{k % 5},{k}\n".encode()
+                                                          for k in range(5000)))
+    log = tmp_path / "log.csv.gz"
+    log.write_bytes(data[:-50])
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cannot decompress input file") and "EOFError" in err
+    assert f"nothing was written to {out}" in err
+    assert os.listdir(tmp_path) == ["log.csv.gz"]

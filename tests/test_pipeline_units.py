@@ -1,4 +1,8 @@
 """Pure functions of the pipeline: parsing, sessionization, split, vocabulary, records."""
+import bz2
+import gzip
+import lzma
+
 import numpy as np
 import pytest
 from tensorflow.core.example import example_pb2
@@ -71,6 +75,48 @@ def test_ranges_own_each_line_once_and_number_lines(tmp_path):
         first = sources.first_line_numbers(newlines)
         numbered = [(first[(0, idx)] + k, line) for idx, owned in got for k, line in enumerate(owned)]
         assert numbered == list(enumerate(lines, start=1)), width
+
+
+COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+
+
+@pytest.mark.parametrize("suffix", sorted(COMPRESS))
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_compressed_blocks_number_lines_like_the_plain_file(tmp_path, suffix, trailing_newline):
+    lines = [f"line{k:03d}".encode() * (k % 7 + 1) for k in range(200)]
+    data = b"\n".join(lines) + (b"\n" if trailing_newline else b"")
+    path = tmp_path / f"f.csv{suffix}"
+    # two concatenated members/streams, as `cat a.gz b.gz` makes them
+    half = len(data) // 2
+    path.write_bytes(COMPRESS[suffix](data[:half]) + COMPRESS[suffix](data[half:]))
+    assert sources.is_compressed(str(path)) and not sources.is_compressed("f.csv")
+    [r] = sources.plan_ranges([(str(path), path.stat().st_size)])
+    assert sources.read_first_line(str(path)) == lines[0]
+    for block in (1, 5, 64, 1000, 10 * len(data)):
+        got = list(sources.read_compressed(r, block))
+        assert [index for index, _, _ in got] == list(range(len(got)))
+        first = sources.first_line_numbers({(0, index): n for index, _, n in got})
+        numbered = [(first[(0, index)] + k, line) for index, owned, _ in got
+                    for k, line in enumerate(owned)]
+        assert numbered == list(enumerate(lines, start=1)), block
+        assert len(got) > 1 or block >= len(data)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_compressed_input_raises(tmp_path, damage):
+    data = gzip.compress(b"".join(f"u{k},i{k % 9},{k}\n".encode() for k in range(20000)))
+    data = data[:-100] if damage == "truncated" else data[:200] + b"x" * 64 + data[264:]
+    path = tmp_path / "log.csv.gz"
+    path.write_bytes(data)
+    [r] = sources.plan_ranges([(str(path), len(data))])
+    with pytest.raises(sources.InputError, match="cannot decompress input file .*log.csv.gz"):
+        list(sources.read_compressed(r, 4096))
+
+
+def test_compressions_that_hide_truncation_are_refused(tmp_path):
+    (tmp_path / "log.csv.zst").write_bytes(b"anything")
+    with pytest.raises(sources.InputError, match="zstd input is not supported"):
+        sources.match_inputs([str(tmp_path / "*.zst")])
 
 
 # --- sessionization ------------------------------------------------------------------
