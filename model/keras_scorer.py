@@ -8,6 +8,12 @@ from model.base import Scorer, push_history
 from model.sequence_model import SequenceModel
 from pipeline import schema
 
+# `KerasScorer.ranks` scores at most this many positions of a session per call, and at most
+# SCORES_PER_CALL floats ([rows, positions, V]): a very long session (a crawler's thousands
+# of clicks) costs memory linear in its length, not quadratic.
+MAX_POSITIONS = 512
+SCORES_PER_CALL = 1 << 25
+
 
 def target_ranks(scores: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """`model.metrics.ranks` in TensorFlow: float32 [n, V], int64 [n] -> (float64 [n]
@@ -22,6 +28,11 @@ def target_ranks(scores: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.T
     return rank, tf.reduce_any(tf.math.is_nan(scores))
 
 
+def _known(items: np.ndarray) -> np.ndarray:
+    """The known items (index >= 2) of `items`; padding and unknown items as 0."""
+    return np.where(items >= schema.NUM_RESERVED, items, schema.PAD_INDEX)
+
+
 class KerasScorer(Scorer):
     """Scores with compiled `tf.function`s of the model's own methods.
 
@@ -34,6 +45,8 @@ class KerasScorer(Scorer):
     `ranks` computes the evaluator's ranks inside TensorFlow from the scores of the
     non-padding positions only: neither the padding's [.., V] scores nor the scores
     themselves leave the compiled function (the same numbers as ranking `score`'s output).
+    The user vectors of the whole sessions come first (`user_embeddings`, linear in the
+    length); the ranks then follow window by window of `MAX_POSITIONS` positions.
     """
 
     def __init__(self, model: SequenceModel, name: str = "hiertcn"):
@@ -42,33 +55,35 @@ class KerasScorer(Scorer):
         h = model.state_size
         state_spec = tf.TensorSpec([None, h], tf.float32)
         items_spec = tf.TensorSpec([None, None], tf.int64)
+        user_spec = tf.TensorSpec([None, None, None], tf.float32)
         if model.history_size:
             def score(state, history, sessions):
                 prefix = sessions[:, :-1]
                 return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix,
                                             state)
 
-            def ranks(state, history, sessions):
-                prefix = sessions[:, :-1]
-                positions = tf.where(sessions != schema.PAD_INDEX)
-                scores = model.item_log_probs(model.user_embeddings(state, prefix), history,
-                                              prefix, state, positions=positions)
-                return (positions,) + target_ranks(scores, tf.gather_nd(sessions, positions))
+            def ranks(state, history, user, window):
+                positions = tf.where(window != schema.PAD_INDEX)
+                scores = model.item_log_probs(user, history, window[:, :-1], state,
+                                              positions=positions)
+                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
 
-            signature = [state_spec, items_spec, items_spec]
+            self._score = tf.function(score, input_signature=[state_spec, items_spec, items_spec])
+            self._ranks = tf.function(ranks, input_signature=[state_spec, items_spec, user_spec,
+                                                              items_spec])
         else:
             def score(state, sessions):
                 return model.item_logits(model.user_embeddings(state, sessions[:, :-1]))
 
-            def ranks(state, sessions):
-                positions = tf.where(sessions != schema.PAD_INDEX)
-                user = tf.gather_nd(model.user_embeddings(state, sessions[:, :-1]), positions)
-                return (positions,) + target_ranks(model.item_logits(user),
-                                                   tf.gather_nd(sessions, positions))
+            def ranks(user, window):
+                positions = tf.where(window != schema.PAD_INDEX)
+                return (positions,) + target_ranks(model.item_logits(tf.gather_nd(user, positions)),
+                                                   tf.gather_nd(window, positions))
 
-            signature = [state_spec, items_spec]
-        self._score = tf.function(score, input_signature=signature)
-        self._ranks = tf.function(ranks, input_signature=signature)
+            self._score = tf.function(score, input_signature=[state_spec, items_spec])
+            self._ranks = tf.function(ranks, input_signature=[user_spec, items_spec])
+        self._user = tf.function(lambda state, sessions: model.user_embeddings(state, sessions[:, :-1]),
+                                 input_signature=[state_spec, items_spec])
         self._update = tf.function(model.update_state, input_signature=[state_spec, items_spec])
 
     def initial_state(self, user_ids: list[str]):
@@ -96,12 +111,33 @@ class KerasScorer(Scorer):
         if sessions.size and (sessions.min() < 0 or sessions.max() >= vocab_size):
             raise ValueError(f"item indices must lie in [0, {vocab_size}), got "
                              f"[{sessions.min()}, {sessions.max()}]")
-        positions, rank, nan = self._ranks(*self._inputs(state, sessions))
-        if nan.numpy():
-            raise ValueError("scores contain NaN: the model produced an invalid output")
+        high, history = state if self.model.history_size else (state, None)
+        high = np.asarray(high, np.float32)
+        user = self._user(high, sessions)  # [rows, steps, D]: linear in the session length
+        rows, steps = sessions.shape
+        # Positions ranked per call: [rows, width, V] scores at most (and the repeat head's
+        # [rows, width, width] tensors), however long a session is.
+        width = max(1, min(MAX_POSITIONS, SCORES_PER_CALL // max(1, rows * vocab_size)))
         out = np.zeros(sessions.shape)
-        positions = positions.numpy()
-        out[positions[:, 0], positions[:, 1]] = rank.numpy()
+        for start in range(0, steps, width):
+            window = sessions[:, start:start + width]
+            if not window.any():
+                continue
+            part = user[:, start:start + width]
+            if self.model.history_size:
+                # the window's positions see the history with the session before it pushed
+                # on (`item_log_probs` reads the newest known items of both, so the scores
+                # are the same however a session is split; unknown items must not take a
+                # place in the pushed buffer)
+                before = history if not start else push_history(
+                    _known(history), _known(sessions[:, :start]))
+                positions, rank, nan = self._ranks(high, before, part, window)
+            else:
+                positions, rank, nan = self._ranks(part, window)
+            if nan.numpy():
+                raise ValueError("scores contain NaN: the model produced an invalid output")
+            positions = positions.numpy()
+            out[positions[:, 0], start + positions[:, 1]] = rank.numpy()
         return out
 
     def update(self, state, sessions: np.ndarray):

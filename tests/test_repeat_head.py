@@ -13,6 +13,7 @@ from model import registry
 from model import train as train_lib
 from model.base import push_history
 from model.hiertcn import _last_columns, _right_aligned
+from model import keras_scorer
 from model.keras_scorer import KerasScorer
 from tiny_logs import planted_users, write_data
 
@@ -533,3 +534,26 @@ def test_scorer_ranks_reject_nan_and_a_foreign_vocabulary():
     model.scorer.bias.assign(tf.fill(model.scorer.bias.shape, np.nan))
     with pytest.raises(ValueError, match="scores contain NaN"):
         scorer.ranks(state, np.array([[3, 4]]), V)
+
+
+@pytest.mark.parametrize("config", [
+    HEAD.replace({"history_size": 6}),
+    HEAD.replace({"start_items": 3, "repeat_window": 2}),
+    HEAD.replace({"repeat_head": False}),
+], ids=["head", "start-items", "no-head"])
+def test_scorer_ranks_long_sessions_window_by_window(config, monkeypatch):
+    """A long session is ranked in windows of positions (bounded memory); the ranks are those
+    of the whole session at once, with repeats and unknown items across the windows."""
+    model = _model(config, seed=5)
+    scorer = KerasScorer(model)
+    state = scorer.update(scorer.initial_state(["a", "b"]),
+                          np.array([[2, 1, 4, 2, 9], [5, 0, 0, 0, 0]]))
+    sessions = np.array([[3, 6, 1, 3, 9, 9, 2, 7, 6, 1, 3, 11, 4, 4],
+                         [8, 5, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    whole = scorer.ranks(state, sessions, V)
+    for width in (1, 3, 5):
+        monkeypatch.setattr(keras_scorer, "MAX_POSITIONS", width)
+        np.testing.assert_array_equal(scorer.ranks(state, sessions, V), whole)
+    scores = scorer.score(state, sessions)
+    np.testing.assert_array_equal(
+        whole, metrics.event_ranks(scores.reshape(-1, V), sessions.reshape(-1)).reshape(2, 14))
