@@ -84,6 +84,15 @@ def is_compressed(path: str) -> bool:
     return CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
 
 
+def _compression(path: str) -> str:
+    """The file's compression (by extension); InputError for one that is not supported."""
+    kind = CompressionTypes.detect_compression_type(path)
+    if kind != CompressionTypes.UNCOMPRESSED and kind not in _DECOMPRESSORS:
+        raise InputError(f"{path}: {kind} input is not supported (a truncated file would "
+                         "go unnoticed): decompress it, or use gzip, bzip2 or xz")
+    return kind
+
+
 @contextlib.contextmanager
 def open_input(path: str) -> Iterator[BinaryIO]:
     """A binary stream of the file's contents, decompressed when its extension says so.
@@ -91,10 +100,7 @@ def open_input(path: str) -> Iterator[BinaryIO]:
     Raises:
       InputError: a compression that is not supported.
     """
-    kind = CompressionTypes.detect_compression_type(path)
-    if kind != CompressionTypes.UNCOMPRESSED and kind not in _DECOMPRESSORS:
-        raise InputError(f"{path}: {kind} input is not supported (a truncated file would "
-                         "go unnoticed): decompress it, or use gzip, bzip2 or xz")
+    kind = _compression(path)
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
         if kind == CompressionTypes.UNCOMPRESSED:
             yield raw
@@ -119,10 +125,7 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
         if not found:
             raise InputError(f"--input {pattern!r} matches no file: check the path or glob")
         for m in found:
-            kind = CompressionTypes.detect_compression_type(m.path)
-            if kind != CompressionTypes.UNCOMPRESSED and kind not in _DECOMPRESSORS:
-                raise InputError(f"{m.path}: {kind} input is not supported (a truncated file "
-                                 "would go unnoticed): decompress it, or use gzip, bzip2 or xz")
+            _compression(m.path)  # refuses an unsupported one before anything runs
             files[m.path] = m.size_in_bytes
     if len(files) >= MAX_FILES:
         raise InputError(f"--input matches {len(files)} files; at most {MAX_FILES - 1} are supported")
