@@ -4,15 +4,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from model import evaluate
 from model.base import Scorer, push_history
 from model.sequence_model import SequenceModel
 from pipeline import schema
 
 # `KerasScorer.ranks` scores at most this many positions of a session per call, and at most
-# SCORES_PER_CALL floats ([rows, positions, V]): a very long session (a crawler's thousands
-# of clicks) costs memory linear in its length, not quadratic.
+# `evaluate.SCORE_BUDGET` floats ([rows, positions, V]): a very long session (a crawler's
+# thousands of clicks) costs memory linear in its length, not quadratic.
 MAX_POSITIONS = 512
-SCORES_PER_CALL = 1 << 25
 
 
 def target_ranks(scores: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -117,20 +117,21 @@ class KerasScorer(Scorer):
         rows, steps = sessions.shape
         # Positions ranked per call: [rows, width, V] scores at most (and the repeat head's
         # [rows, width, width] tensors), however long a session is.
-        width = max(1, min(MAX_POSITIONS, SCORES_PER_CALL // max(1, rows * vocab_size)))
+        width = max(1, min(MAX_POSITIONS, evaluate.SCORE_BUDGET // max(1, rows * vocab_size)))
         out = np.zeros(sessions.shape)
+        before = history
         for start in range(0, steps, width):
             window = sessions[:, start:start + width]
+            if start and self.model.history_size:
+                # the next window's positions see the history with the session before it
+                # pushed on (`item_log_probs` reads the newest known items of both, so the
+                # scores are the same however a session is split; unknown items must not
+                # take a place in the pushed buffer)
+                before = push_history(_known(before), _known(sessions[:, start - width:start]))
             if not window.any():
                 continue
             part = user[:, start:start + width]
             if self.model.history_size:
-                # the window's positions see the history with the session before it pushed
-                # on (`item_log_probs` reads the newest known items of both, so the scores
-                # are the same however a session is split; unknown items must not take a
-                # place in the pushed buffer)
-                before = history if not start else push_history(
-                    _known(history), _known(sessions[:, :start]))
                 positions, rank, nan = self._ranks(high, before, part, window)
             else:
                 positions, rank, nan = self._ranks(part, window)
