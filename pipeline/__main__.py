@@ -6,8 +6,9 @@ Options this command does not know are handed to Beam's `PipelineOptions`, so th
 command runs on Dataflow, Flink or Spark (`--runner DataflowRunner --project ...`). Without
 `--runner` it runs locally on Beam's FnApiRunner with one worker process per CPU core.
 
-The output is built in a temporary folder beside DIR and renamed into place when the
-job has succeeded. Errors a user can fix (bad option, missing or unreadable input, an
+The output is built in a temporary folder beside DIR and put in place when the job has
+succeeded (`pipeline.outputs`: renamed locally; on gs:// or s3:// moved file by file with
+`stats.json` last). Errors a user can fix (bad option, missing or unreadable input, an
 existing DIR) stop the command with a one-line message and exit code 2 before anything
 is written.
 """
@@ -18,11 +19,9 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
-import uuid
 
-from pipeline import parse, schema, split
+from pipeline import outputs, parse, schema, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 WORK_DIR = "_work"
@@ -75,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
                    help="input files (glob; repeat the flag for several; .gz, .bz2 and .xz "
                         "files are decompressed)")
-    p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output folder (local, or gs://, s3://... through Beam's file systems)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     p.add_argument("--format", choices=parse.FORMATS, default="csv")
     cols = p.add_mutually_exclusive_group()
@@ -192,7 +192,11 @@ def _resolve(argv):
     if args.format == "jsonl" and args.columns:
         raise UsageError("--columns is for csv/tsv; JSON lines name their keys")
     output = args.output.rstrip("/") or args.output
-    if os.path.exists(output) and not args.overwrite:
+    try:
+        outputs.check_writable_scheme(output)
+    except ValueError as e:
+        raise UsageError(f"--output: {e}") from None
+    if outputs.exists(output) and not args.overwrite:
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
     try:
         files = sources.match_inputs(args.input)
@@ -220,9 +224,8 @@ def _nest(flat: dict) -> tuple[dict, dict]:
     return dict(sorted(filtered.items())), splits
 
 
-def _read_single(path_prefix: str):
-    with open(path_prefix, encoding="utf-8") as f:
-        return json.loads(f.read())
+def _read_single(path: str):
+    return json.loads(outputs.read_text(path))
 
 
 def run(args, output: str, files, config, options) -> dict:
@@ -231,37 +234,33 @@ def run(args, output: str, files, config, options) -> dict:
     Returns:
       The stats written to `stats.json`.
     """
-    import shutil
-
     import apache_beam as beam
 
     from pipeline import sources
     from pipeline.transforms import SessionRecords
 
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    tmp = outputs.make_temp(output)
     try:
-        work = os.path.join(tmp, WORK_DIR)
+        work = outputs.join(tmp, WORK_DIR)
         with beam.Pipeline(options=options) as p:
             out = (p
                    | "Ranges" >> beam.Create(sources.plan_ranges(files))
                    | "Records" >> SessionRecords(config))
             for name in schema.SPLITS:
                 _ = out[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(
-                    os.path.join(tmp, name, "part"), file_name_suffix=schema.SHARD_SUFFIX,
+                    outputs.join(tmp, name, "part"), file_name_suffix=schema.SHARD_SUFFIX,
                     compression_type=beam.io.filesystem.CompressionTypes.GZIP)
             _ = out["malformed"] | "WriteMalformed" >> beam.io.WriteToText(
-                os.path.join(tmp, schema.MALFORMED_DIR, "part"), file_name_suffix=".jsonl")
+                outputs.join(tmp, schema.MALFORMED_DIR, "part"), file_name_suffix=".jsonl")
             for name in ("stats", "vocabulary", "cutoffs"):
                 _ = (out[name]
                      | f"{name.title()}Json" >> beam.Map(json.dumps)
                      | f"Write{name.title()}" >> beam.io.WriteToText(
-                         os.path.join(work, name), num_shards=1, shard_name_template=""))
-        counts = _read_single(os.path.join(work, "stats"))
-        vocab = _read_single(os.path.join(work, "vocabulary"))
-        cutoffs = _read_single(os.path.join(work, "cutoffs"))
-        schema.write_vocabulary(os.path.join(tmp, schema.ITEMS_FILE), vocab)
+                         outputs.join(work, name), num_shards=1, shard_name_template=""))
+        counts = _read_single(outputs.join(work, "stats"))
+        vocab = _read_single(outputs.join(work, "vocabulary"))
+        cutoffs = _read_single(outputs.join(work, "cutoffs"))
+        outputs.write_text(outputs.join(tmp, schema.ITEMS_FILE), schema.vocabulary_text(vocab))
         filtered, splits = _nest(counts)
         options_out = {k: v for k, v in vars(args).items() if k not in ("overwrite",)}
         options_out["header"] = config.header
@@ -276,19 +275,12 @@ def run(args, output: str, files, config, options) -> dict:
             "cutoffs": cutoffs,
             "options": options_out,
         }
-        with open(os.path.join(tmp, schema.STATS_FILE), "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=2)
-            f.write("\n")
-        shutil.rmtree(work)
-        if os.path.exists(output):
-            trash = f"{tmp}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output, trash)
-            os.rename(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        outputs.remove(work)
+        outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
+                           json.dumps(stats, indent=2) + "\n")
+        outputs.commit(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove(tmp)
         raise
     return stats
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 from typing import Callable, Iterator, Sequence
@@ -78,15 +79,22 @@ class Vocabulary:
         return {item: i for i, item in enumerate(self.ids) if i >= NUM_RESERVED}
 
 
+def vocabulary_text(items: Sequence[tuple[str, int]]) -> str:
+    """`items.tsv`'s text from (item_id, count) pairs already in index order from 2."""
+    out = io.StringIO()
+    w = csv.writer(out, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    w.writerow(ITEMS_HEADER)
+    w.writerow((PAD_INDEX, PAD_TOKEN, 0))
+    w.writerow((UNKNOWN_INDEX, UNKNOWN_TOKEN, 0))
+    for i, (item, count) in enumerate(items, start=NUM_RESERVED):
+        w.writerow((i, item, int(count)))
+    return out.getvalue()
+
+
 def write_vocabulary(path: str, items: Sequence[tuple[str, int]]) -> None:
     """Writes `items.tsv` from (item_id, count) pairs already in index order from 2."""
     with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-        w.writerow(ITEMS_HEADER)
-        w.writerow((PAD_INDEX, PAD_TOKEN, 0))
-        w.writerow((UNKNOWN_INDEX, UNKNOWN_TOKEN, 0))
-        for i, (item, count) in enumerate(items, start=NUM_RESERVED):
-            w.writerow((i, item, int(count)))
+        f.write(vocabulary_text(items))
 
 
 def read_vocabulary(data_dir_or_file: str) -> Vocabulary:

@@ -254,3 +254,148 @@ def test_damaged_compressed_input_fails_with_one_line_and_no_output(tmp_path, ca
     assert err.startswith("error: cannot decompress input file") and "EOFError" in err
     assert f"nothing was written to {out}" in err
     assert os.listdir(tmp_path) == ["log.csv.gz"]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An object store (`tests/object_store.py`) under tmp_path/store; yields its root."""
+    import object_store
+
+    root = tmp_path / "store"
+    (root / "bucket").mkdir(parents=True)
+    monkeypatch.setattr(object_store.ObjectStoreFileSystem, "root", str(root))
+    monkeypatch.setattr(object_store.ObjectStoreFileSystem, "moved", [], raising=False)
+    real = object_store.ObjectStoreFileSystem.rename
+
+    def rename(self, sources_, destinations):
+        real(self, sources_, destinations)
+        object_store.ObjectStoreFileSystem.moved.extend(destinations)
+
+    monkeypatch.setattr(object_store.ObjectStoreFileSystem, "rename", rename)
+    return root
+
+
+def _object_keys(root):
+    import object_store
+
+    return object_store.objects(str(root))
+
+
+def _log_with_bad_rows(tmp_path):
+    log = tmp_path / "log.csv"
+    rows = [f"u{k % 5},i{k % 9},{100 * k + 4000 * (k // 15)}" for k in range(400)]
+    rows[7] = "u1,broken"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    return log
+
+
+def test_object_store_output_equals_the_local_one(tmp_path, store):
+    """--output on a file system without folders (GCS-like): the same files and records as
+    a local run, no temporary objects left, and stats.json put in place last."""
+    import object_store
+
+    log = _log_with_bad_rows(tmp_path)
+    local = tmp_path / "local"
+    args = ["--input", str(log), "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main([*args, "--output", str(local)]) == 0
+    assert cli.main([*args, "--output", "objstore://bucket/data/out"]) == 0
+    keys = _object_keys(store)
+    expect = sorted("bucket/data/out/" + os.path.relpath(os.path.join(d, f), local)
+                    for d, _, files in os.walk(local) for f in files)
+    assert keys == expect  # nothing else: the temporary prefix and Beam's are gone
+    assert object_store.ObjectStoreFileSystem.moved[-1] == "objstore://bucket/data/out/stats.json"
+    remote = store / "bucket" / "data" / "out"
+    stats = [check_output(str(out))[0] for out in (local, remote)]
+    assert stats[1]["options"]["output"] == "objstore://bucket/data/out"
+    for s in stats:
+        del s["options"]["output"]
+    assert stats[0] == stats[1] and stats[0]["rows_malformed"] == 1
+    assert _records(str(local)) == _records(str(remote))
+    assert _malformed(local) == _malformed(remote)
+    assert (local / "items.tsv").read_bytes() == (remote / "items.tsv").read_bytes()
+
+
+def test_object_store_output_is_refused_replaced_and_never_half_complete(tmp_path, store,
+                                                                         monkeypatch, capsys):
+    import object_store
+
+    log = _log_with_bad_rows(tmp_path)
+    out = "objstore://bucket/out"
+    args = ["--input", str(log), "--output", out, *IN_MEMORY]
+    assert cli.main(args) == 0
+    first = {k: (store / k).read_bytes() for k in _object_keys(store)}
+    # exists: refused without --overwrite, nothing touched
+    assert cli.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {k: (store / k).read_bytes() for k in _object_keys(store)} == first
+    # --overwrite replaces every file, a stale shard of an older run included
+    stale = store / "bucket" / "out" / "train" / "part-00003-of-00004.tfrecord.gz"
+    stale.write_bytes(b"old")
+    assert cli.main([*args, "--overwrite", "--min-item-count", "1"]) == 0
+    assert not stale.exists()
+    assert schema.read_stats(str(store / "bucket" / "out"))["options"]["min_item_count"] == 1
+    assert sorted(_object_keys(store)) == sorted(first)  # the same file names
+    # a run stopped while moving its files leaves an output without stats.json, which every
+    # reader refuses, and no temporary objects
+    real = object_store.ObjectStoreFileSystem.rename
+
+    def rename_then_fail(self, sources_, destinations):
+        if not destinations[0].startswith(out + "/"):  # Beam's own, inside the temporary prefix
+            return real(self, sources_, destinations)
+        real(self, sources_[:1], destinations[:1])
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(object_store.ObjectStoreFileSystem, "rename", rename_then_fail)
+    with pytest.raises(OSError, match="connection reset"):
+        cli.main([*args, "--overwrite"])
+    assert all(k.startswith("bucket/out/") for k in _object_keys(store))
+    assert "bucket/out/stats.json" not in _object_keys(store)
+    with pytest.raises(schema.DataError, match="stats.json not found"):
+        schema.read_stats(str(store / "bucket" / "out"))
+
+
+def test_object_store_output_damaged_input_writes_nothing(tmp_path, store, capsys):
+    data = gzip.compress(b"user,item,time\n" + b"".join(f"u{k % 7},i{k % 5},{k}\n".encode()
+                                                          for k in range(5000)))
+    log = tmp_path / "log.csv.gz"
+    log.write_bytes(data[:-50])
+    assert cli.main(["--input", str(log), "--output", "objstore://bucket/out",
+                     "--min-item-count", "1", *IN_MEMORY]) == 1
+    assert "nothing was written to objstore://bucket/out" in capsys.readouterr().err
+    assert _object_keys(store) == []
+
+
+def test_output_on_a_file_system_beam_lacks_is_a_usage_error(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\n")
+    assert cli.main(["--input", str(log), "--output", "nosuchfs://bucket/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output: no file system for nosuchfs://bucket/out")
+    assert err.count("\n") == 1
+
+
+def test_setup_file_packages_the_pipeline_for_remote_workers(tmp_path):
+    """`--setup_file ./setup.py` (README § 1, Dataflow): the package Beam builds from it, and
+    installs on each worker, runs the pipeline without this checkout on the path."""
+    from apache_beam.runners.portability.stager import Stager
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    tarball = Stager._build_setup_package(os.path.join(REPO, "setup.py"), str(dist))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(site), tarball],
+                   check=True, capture_output=True, timeout=300)
+    assert set(os.listdir(site / "pipeline")) >= {
+        f for f in os.listdir(os.path.join(REPO, "pipeline")) if f.endswith(".py")}
+    assert not (site / "model").exists()
+    log = _log_with_bad_rows(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-c", "import pipeline, sys; print(pipeline.__file__); "
+                          "from pipeline import __main__ as m; sys.exit(m.main(sys.argv[1:]))",
+                          "--input", str(log), "--output", str(tmp_path / "out"),
+                          "--min-item-count", "1", *IN_MEMORY],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(site))
+    assert check_output(str(tmp_path / "out"))[0]["rows_malformed"] == 1

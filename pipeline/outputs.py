@@ -1,0 +1,139 @@
+"""The pipeline's output folder, local or on a remote file system (gs://, s3://, ...).
+
+The output is built in a temporary folder beside DIR and put in place at the end, so a
+failed run never leaves a DIR that looks complete:
+
+- a local DIR is renamed into place (atomic);
+- on a file system reached through Beam's `FileSystems` (object stores have no folders:
+  a folder is a key prefix and a rename is a copy per file), the files are moved one by one
+  with `stats.json` last, after the old output's `stats.json` is gone. Every reader of a
+  data folder needs `stats.json`, so a DIR without it is incomplete (a run stopped while
+  moving, or a partial copy).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+
+from pipeline import schema
+
+
+def is_local(path: str) -> bool:
+    """True for a path on this machine (no `scheme://`)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.get_scheme(path) is None
+
+
+def check_writable_scheme(path: str) -> None:
+    """Raises ValueError (one line) when Beam has no file system for `path`'s scheme
+    (`gs://` without `apache-beam[gcp]`, say)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if is_local(path):
+        return
+    try:
+        FileSystems.get_filesystem(path)
+    except Exception as e:  # ValueError or BeamIOError, by scheme
+        raise ValueError(f"no file system for {path}: {str(e).splitlines()[0]}") from None
+
+
+def join(folder: str, *parts: str) -> str:
+    if is_local(folder):
+        return os.path.join(folder, *parts)
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.join(folder, *parts)
+
+
+def files_under(folder: str) -> list[str]:
+    """Every file below `folder` (any depth), sorted."""
+    if is_local(folder):
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(folder, "**")
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def exists(folder: str) -> bool:
+    """A local path, or a remote folder holding at least one file."""
+    return os.path.exists(folder) if is_local(folder) else bool(files_under(folder))
+
+
+def make_temp(output: str) -> str:
+    """A new, empty temporary folder beside `output` (remote: a fresh unique prefix)."""
+    if is_local(output):
+        parent = os.path.dirname(os.path.abspath(output))
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    from apache_beam.io.filesystems import FileSystems
+
+    parent, base = FileSystems.split(output)
+    return FileSystems.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+
+
+def read_text(path: str) -> str:
+    if is_local(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    if is_local(path):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        return
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path, mime_type="text/plain",
+                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(text.encode("utf-8"))
+
+
+def remove(folder: str) -> None:
+    """Deletes `folder` and everything below it (nothing if it does not exist)."""
+    if is_local(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    files = files_under(folder)
+    if files:
+        FileSystems.delete(files)
+
+
+def commit(tmp: str, output: str) -> None:
+    """Puts the finished folder `tmp` in place as `output`, replacing an existing one."""
+    if is_local(output):
+        if os.path.exists(output):
+            trash = f"{tmp}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output, trash)
+            os.rename(tmp, output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    new, old = files_under(tmp), files_under(output)
+    stats_new, stats_old = join(tmp, schema.STATS_FILE), join(output, schema.STATS_FILE)
+    if stats_new not in new:
+        raise RuntimeError(f"{tmp} has no {schema.STATS_FILE}: not a finished output")
+    if stats_old in old:  # from here on the old output is incomplete
+        FileSystems.delete([stats_old])
+    moves = {f: output + f[len(tmp):] for f in new if f != stats_new}
+    if moves:
+        FileSystems.rename(list(moves), list(moves.values()))
+    stale = sorted(set(old) - set(moves.values()) - {stats_old})
+    if stale:
+        FileSystems.delete(stale)
+    FileSystems.rename([stats_new], [stats_old])  # last: the output is complete
