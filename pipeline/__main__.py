@@ -24,6 +24,8 @@ import time
 from pipeline import outputs, parse, schema, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
+TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
+MAX_PLAUSIBLE_UNIX_SECONDS = 10**11  # the year 5138
 WORK_DIR = "_work"
 
 
@@ -112,7 +114,8 @@ def _row_formats(args, files) -> dict:
         raise UsageError(f"--user-col, --item-col and --time-col must differ, got {wanted}")
     formats = {}
     for rank, (path, _) in enumerate(files):
-        first = sources.read_first_line(path)
+        head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS)
+        first = head[0] if head else b""
         columns: tuple[str, ...] = ()
         if args.format != "jsonl":
             if args.columns:
@@ -133,7 +136,33 @@ def _row_formats(args, files) -> dict:
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
         formats[rank] = parse.RowFormat(args.format, args.time_unit, args.user_col,
                                         args.item_col, args.time_col, columns)
+        has_header = args.format != "jsonl" and not args.columns
+        _check_time_unit(path, head[1:] if has_header else head, formats[rank])
     return formats
+
+
+def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
+    """Stops a run whose times are in a finer unit than --time-unit says.
+
+    Millisecond times read as seconds land in the year 47,000: every gap between two clicks
+    exceeds --session-gap, every session is one event long and the run writes nothing.
+    Unix seconds pass 1e11 only in the year 5138, so a median of the first rows' times
+    above that is a unit mistake, not data.
+    """
+    if fmt.time_unit != "s":
+        return
+    times = []
+    for line in lines:
+        try:
+            times.append(parse.parse_line(line.decode("utf-8"), fmt)[2] // 1000)
+        except (UnicodeDecodeError, ValueError):
+            continue  # a bad row goes to malformed/ in the run
+    median = sorted(times)[len(times) // 2] if times else 0
+    if median > MAX_PLAUSIBLE_UNIX_SECONDS:
+        hint = ("they look like milliseconds: pass --time-unit ms" if median < 10**14 else
+                "they look like microseconds: convert them to seconds or milliseconds")
+        raise UsageError(f"{path}: times like {median} are not unix seconds (that is after "
+                         f"the year 5000); {hint}")
 
 
 def _beam_options(beam_args: list[str], own_flags: list[str]):

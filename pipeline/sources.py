@@ -132,17 +132,29 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
     return sorted(files.items())
 
 
-def read_first_line(path: str) -> bytes:
-    """The first line of a file (its header); also proves the file is readable.
+def read_first_lines(path: str, n: int) -> list[bytes]:
+    """The first `n` lines of a file (fewer if it is shorter), without line ends; also
+    proves the file is readable.
 
     Raises:
       InputError: the file cannot be opened or read.
     """
     try:
+        lines = []
         with open_input(path) as f:
-            return f.readline().rstrip(b"\r\n")
+            for _ in range(n):
+                line = f.readline()
+                if not line:
+                    break
+                lines.append(line.rstrip(b"\r\n"))
+        return lines
     except Exception as e:  # any I/O failure of any filesystem is the user's to fix
         raise InputError(f"cannot read input file {path!r}: {e}") from None
+
+
+def read_first_line(path: str) -> bytes:
+    """The first line of a file (its header); see `read_first_lines`."""
+    return (read_first_lines(path, 1) or [b""])[0]
 
 
 def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8) -> list[ByteRange]:

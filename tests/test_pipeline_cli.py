@@ -399,3 +399,26 @@ def test_setup_file_packages_the_pipeline_for_remote_workers(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(str(site))
     assert check_output(str(tmp_path / "out"))[0]["rows_malformed"] == 1
+
+
+@pytest.mark.parametrize("times, hint", [
+    ([1441864236661 + 9000 * k for k in range(30)], "pass --time-unit ms"),
+    ([1441864236661000 + 9000 * k for k in range(30)], "look like microseconds")])
+def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times, hint):
+    """Millisecond times read as seconds would make every event its own session (and the
+    run write nothing): the first rows give it away before anything is written."""
+    log = tmp_path / "log.csv"
+    rows = [f"u{k % 3},i{k % 4},{t}" for k, t in enumerate(times)]
+    rows[0] = "u1,broken"  # a malformed row among the sample is not counted
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    # the median of the 19 good rows of the first 20
+    assert err.count("\n") == 1 and hint in err and f"times like {times[10]} " in err
+    assert os.listdir(tmp_path) == ["log.csv"]
+    jsonl = tmp_path / "log.jsonl"
+    jsonl.write_text("".join(json.dumps({"user": "u", "item": "a", "time": t}) + "\n"
+                             for t in times))
+    assert cli.main(["--input", str(jsonl), "--output", str(tmp_path / "out"),
+                     "--format", "jsonl"]) == 2
+    assert hint in capsys.readouterr().err
