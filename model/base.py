@@ -10,7 +10,8 @@ that step gets an all-padding row, which must leave its state unchanged.
 from __future__ import annotations
 
 import abc
-from typing import Any
+import itertools
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -18,6 +19,24 @@ from model import metrics
 from pipeline import schema
 
 State = Any
+
+# At most this many score floats ([rows, positions, vocab]) are computed at once: the
+# evaluator gives a batch whose longest target session is long fewer rows, and `ranks`
+# scores a session longer than that allows in blocks of positions (a crawler's thousands
+# of clicks cost memory for one block, not for the whole session).
+SCORE_BUDGET = 1 << 25
+
+
+def block_width(rows: int, vocab_size: int) -> int:
+    """Positions of a batch of `rows` sessions scored per block within `SCORE_BUDGET`."""
+    return max(1, SCORE_BUDGET // max(1, rows * vocab_size))
+
+
+def blocks(steps: int, width: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of the blocks of `width` positions of `steps` (one empty block when
+    steps == 0)."""
+    for start in range(0, max(steps, 1), width):
+        yield start, min(start + width, steps)
 
 
 def push_history(buffer: np.ndarray, sessions: np.ndarray) -> np.ndarray:
@@ -65,12 +84,25 @@ class Scorer(abc.ABC):
     def update(self, state: State, sessions: np.ndarray) -> State:
         """State after the sessions have ended; all-padding rows keep their state."""
 
+    def score_blocks(self, state: State, sessions: np.ndarray,
+                     width: int) -> Iterator[np.ndarray]:
+        """`score`'s output block by block: float32 [batch, stop - start, vocab] for the
+        positions [start, stop) of `blocks(steps, width)`, in order.
+
+        By default `score` is computed whole and sliced. A model whose scores at a position
+        follow from a running summary of the positions before (the baselines) overrides
+        this to hold one block at a time.
+        """
+        scores = self.score(state, sessions)
+        for start, stop in blocks(np.shape(sessions)[1], width):
+            yield scores[:, start:stop]
+
     def ranks(self, state: State, sessions: np.ndarray, vocab_size: int) -> np.ndarray:
         """Conservative full-catalogue rank of the item at every position (`model.metrics`).
 
-        The evaluator asks for ranks, not scores. This ranks `score`'s output; a model may
-        compute the same ranks without handing [batch, steps, vocab] scores over (see
-        `KerasScorer`).
+        The evaluator asks for ranks, not scores. This ranks `score_blocks`'s blocks of
+        `block_width` positions; a model may compute the same ranks without handing
+        [batch, steps, vocab] scores over (see `KerasScorer`).
 
         Args:
           state: the rows' state before these sessions.
@@ -85,10 +117,29 @@ class Scorer(abc.ABC):
           ValueError: the scores have the wrong shape or contain NaN.
         """
         sessions = np.asarray(sessions, dtype=np.int64)
-        scores = np.asarray(self.score(state, sessions))
-        if scores.shape != sessions.shape + (vocab_size,):
-            raise ValueError(f"{self.name}.score returned shape {scores.shape} for sessions "
-                             f"{sessions.shape}: expected [batch, steps, {vocab_size}] "
-                             "(the data's vocabulary size)")
-        return metrics.event_ranks(scores.reshape(-1, vocab_size),
-                                   sessions.reshape(-1)).reshape(sessions.shape)
+        rows, steps = sessions.shape
+        out = np.zeros(sessions.shape)
+        width = block_width(rows, vocab_size)
+        for span, part in itertools.zip_longest(blocks(steps, width),
+                                                self.score_blocks(state, sessions, width)):
+            if span is None or part is None:
+                raise ValueError(f"{self.name}.score_blocks gave another number of blocks "
+                                 f"than blocks({steps}, {width})")
+            start, stop = span
+            part = np.asarray(part)
+            window = sessions[:, start:stop]
+            if part.shape != window.shape + (vocab_size,):
+                raise ValueError(
+                    f"{self.name}.score returned shape {part.shape} for positions "
+                    f"[{start}, {stop}) of sessions {sessions.shape}: expected "
+                    f"[batch, steps, {vocab_size}] (the data's vocabulary size)")
+            out[:, start:stop] = metrics.event_ranks(
+                part.reshape(-1, vocab_size), window.reshape(-1)).reshape(window.shape)
+            del part  # one block at a time
+        return out
+
+
+def whole_scores(scorer: Scorer, state: State, sessions: np.ndarray) -> np.ndarray:
+    """`scorer.score` as the one block of `score_blocks` (for a scorer that implements
+    `score_blocks`)."""
+    return next(iter(scorer.score_blocks(state, sessions, max(1, np.shape(sessions)[1]))))

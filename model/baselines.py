@@ -15,14 +15,16 @@ conservative rank of `model.metrics` counts such ties against the target. Scores
 float32 (the `Scorer` contract), exact while primary scores stay below 2**22.
 
 All are vectorized over rows, positions and items (numpy and scipy.sparse); the Python
-loops run over positions or sessions, never over items.
+loops run over positions or sessions, never over items. Each computes its scores block by
+block of positions (`Scorer.score_blocks`), carrying what the next block needs, so that a
+very long session costs memory for one block (`model.base.SCORE_BUDGET`).
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
 
-from model.base import Scorer, State, push_history
+from model.base import Scorer, State, blocks, push_history, whole_scores
 from pipeline import schema
 
 NAMES = ("popularity", "sknn", "spop", "upop", "mv")
@@ -63,7 +65,12 @@ class Popularity(Scorer):
         return None
 
     def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
-        return _scores_with_popularity(self.counts, np.shape(sessions))
+        return whole_scores(self, state, sessions)
+
+    def score_blocks(self, state, sessions, width):
+        rows, steps = np.shape(sessions)
+        for start, stop in blocks(steps, width):
+            yield _scores_with_popularity(self.counts, (rows, stop - start))
 
     def update(self, state: State, sessions: np.ndarray) -> State:
         return state
@@ -86,13 +93,21 @@ class SessionPop(Scorer):
         return None
 
     def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        return whole_scores(self, state, sessions)
+
+    def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
-        out = _scores_with_popularity(self.pop, sessions.shape)
-        rows = np.arange(sessions.shape[0])
-        for t in range(1, sessions.shape[1]):
-            out[:, t] = out[:, t - 1]
-            out[rows, t, sessions[:, t - 1]] += 1.0
-        return out
+        rows, steps = sessions.shape
+        running = np.array(np.broadcast_to(self.pop, (rows, len(self.pop))))  # position t
+        idx = np.arange(rows)
+        for start, stop in blocks(steps, width):
+            out = np.empty((rows, stop - start, len(self.pop)), dtype=np.float32)
+            for t in range(start, stop):
+                if t:
+                    running[idx, sessions[:, t - 1]] += 1.0
+                out[:, t - start] = running
+            yield out
+            del out  # before the next block is allocated
 
     def update(self, state: State, sessions: np.ndarray) -> State:
         return state
@@ -123,16 +138,21 @@ class MovingAverage(Scorer):
         return np.zeros((len(user_ids), self.window), dtype=np.int64)
 
     def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        return whole_scores(self, state, sessions)
+
+    def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
-        out = _scores_with_popularity(self.pop, (rows, steps))
         seq = np.concatenate([state, sessions], axis=1)
         r = np.arange(rows)[:, None]
-        t = np.arange(steps)[None, :]
-        # Position t sees seq[:, t : t + window]: the `window` events before it.
-        for k in range(self.window):
-            out[r, t, seq[:, k:k + steps]] += 1.0
-        return out
+        for start, stop in blocks(steps, width):
+            out = _scores_with_popularity(self.pop, (rows, stop - start))
+            t = np.arange(stop - start)[None, :]
+            # Position t sees seq[:, t : t + window]: the `window` events before it.
+            for k in range(self.window):
+                out[r, t, seq[:, start + k:stop + k]] += 1.0
+            yield out
+            del out  # before the next block is allocated
 
     def update(self, state: State, sessions: np.ndarray) -> State:
         return push_history(state, np.asarray(sessions, dtype=np.int64))
@@ -175,22 +195,27 @@ class UserPop(Scorer):
         return np.zeros((len(user_ids), self.history), dtype=np.int64)
 
     def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        return whole_scores(self, state, sessions)
+
+    def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
         vocab = len(self.pop)
-        out = np.empty((rows, steps, vocab), dtype=np.float32)
         age = np.arange(self.history - 1, -1, -1)
         flat = (np.arange(rows)[:, None] * vocab + state).ravel()
         weights = np.broadcast_to(self.decay ** age, state.shape).ravel()
         r = np.bincount(flat, weights=weights, minlength=rows * vocab).reshape(rows, vocab)
         r[:, schema.PAD_INDEX] = 0.0
         idx = np.arange(rows)
-        for t in range(steps):
-            if t:
-                r *= self.decay
-                r[idx, sessions[:, t - 1]] += self.session_weight
-            out[:, t] = np.where(r > 0, 1.0 + r, self.pop)
-        return out
+        for start, stop in blocks(steps, width):
+            out = np.empty((rows, stop - start, vocab), dtype=np.float32)
+            for t in range(start, stop):
+                if t:
+                    r *= self.decay
+                    r[idx, sessions[:, t - 1]] += self.session_weight
+                out[:, t - start] = np.where(r > 0, 1.0 + r, self.pop)
+            yield out
+            del out  # before the next block is allocated
 
     def update(self, state: State, sessions: np.ndarray) -> State:
         return push_history(state, np.asarray(sessions, dtype=np.int64))
@@ -264,12 +289,15 @@ class SessionKNN(Scorer):
     def update(self, state: State, sessions: np.ndarray) -> State:
         return state
 
-    def _queries(self, sessions: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
-        """Weighted prefix vectors of every position t >= 1 that has an item to predict.
+    def _queries(self, sessions: np.ndarray, start: int, stop: int
+                 ) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Weighted prefix vectors of every position t in [start, stop), t >= 1, that has an
+        item to predict.
 
         Returns:
-          flat int64 [N] positions (row * steps + t) and csr [N, V] with weight j (1-based
-          position of the item's latest occurrence in the prefix).
+          flat int64 [N] positions in the block (row * (stop - start) + t - start) and csr
+          [N, V] with weight j (1-based position of the item's latest occurrence in the
+          prefix).
         """
         rows, steps = sessions.shape
         lengths = (sessions != schema.PAD_INDEX).sum(axis=1)
@@ -281,13 +309,16 @@ class SessionKNN(Scorer):
         next_j = np.full(rows * steps, steps, dtype=np.int64)
         next_j[order[:-1][same]] = order[1:][same] % steps
         # The item at j is in the vectors of prefixes t = j+1 .. min(next_j, length - 1):
-        # one entry per (prefix, distinct item), at most [rows, steps, min(steps, V)].
+        # one entry per (prefix, distinct item), at most [rows, stop - start, min(steps, V)]
+        # for the prefixes of the block.
         r = np.repeat(np.arange(rows), steps)
         j = np.tile(np.arange(steps), rows)
-        count = np.clip(np.minimum(next_j, lengths[r] - 1) - j, 0, None)
-        r, j = np.repeat(r, count), np.repeat(j, count)
-        t = j + 1 + np.arange(len(j)) - np.repeat(np.cumsum(count) - count, count)
-        positions, query_row = np.unique(r * steps + t, return_inverse=True)
+        first = np.maximum(j + 1, start)
+        last = np.minimum(np.minimum(next_j, lengths[r] - 1), stop - 1)
+        count = np.clip(last - first + 1, 0, None)
+        r, j, first = np.repeat(r, count), np.repeat(j, count), np.repeat(first, count)
+        t = first + np.arange(len(j)) - np.repeat(np.cumsum(count) - count, count)
+        positions, query_row = np.unique(r * (stop - start) + t - start, return_inverse=True)
         query = sp.csr_matrix(((j + 1).astype(np.float64), (query_row, sessions[r, j])),
                               shape=(len(positions), self.sessions.shape[1]))
         return positions, query
@@ -310,23 +341,29 @@ class SessionKNN(Scorer):
         return (weights @ self.sessions).tocsr()
 
     def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        return whole_scores(self, state, sessions)
+
+    def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
         vocab = len(self.pop)
-        out = _scores_with_popularity(self.pop, (rows, steps))
-        positions, query = self._queries(sessions)
-        flat_out = out.reshape(rows * steps, vocab)
-        # Chunks of prefixes with at most ~CHUNK_PAIRS (prefix, past session) products.
         doc_freq = np.diff(self.sessions_t.indptr)
-        cost = np.cumsum(query.sign() @ doc_freq)
-        start = 0
-        while start < len(positions):
-            done = cost[start - 1] if start else 0
-            stop = max(start + 1, int(np.searchsorted(cost, done + CHUNK_PAIRS, side="right")))
-            scores = self._neighbour_scores(query[start:stop]).tocoo()
-            flat_out[positions[start:stop][scores.row], scores.col] += scores.data.astype(np.float32)
-            start = stop
-        return out
+        for first, last in blocks(steps, width):
+            out = _scores_with_popularity(self.pop, (rows, last - first))
+            positions, query = self._queries(sessions, first, last)
+            flat_out = out.reshape(-1, vocab)
+            # Chunks of prefixes with at most ~CHUNK_PAIRS (prefix, past session) products.
+            cost = np.cumsum(query.sign() @ doc_freq)
+            start = 0
+            while start < len(positions):
+                done = cost[start - 1] if start else 0
+                stop = max(start + 1, int(np.searchsorted(cost, done + CHUNK_PAIRS, side="right")))
+                scores = self._neighbour_scores(query[start:stop]).tocoo()
+                flat_out[positions[start:stop][scores.row], scores.col] += \
+                    scores.data.astype(np.float32)
+                start = stop
+            yield out
+            del out  # before the next block is allocated
 
 
 _CLASSES = {"popularity": Popularity, "sknn": SessionKNN, "spop": SessionPop,

@@ -30,12 +30,10 @@ from typing import Collection, Iterable, Iterator, Sequence
 import numpy as np
 
 from model import metrics
+from model import base
 from model.base import Scorer
 from pipeline import schema
 
-# At most this many score floats ([rows, steps, vocab]) are computed at once: a batch whose
-# longest target session is long gets fewer rows (the result is the same).
-SCORE_BUDGET = 1 << 25
 EVAL_SPLITS = ("valid", "test")
 # Users read ahead and reordered at once (`_most_events_first`).
 SORT_WINDOW = 1024
@@ -68,14 +66,15 @@ def _user_batches(users: Iterable[schema.UserRecord], batch_size: int,
     """Groups users into batches of at most `batch_size` rows whose scores fit the budget.
 
     A batch's scores are [rows, longest target session, vocab]; a user whose sessions would
-    push that over `SCORE_BUDGET` starts the next batch (a batch always has one user).
+    push that over `base.SCORE_BUDGET` starts the next batch (a batch always has one user,
+    whose long sessions `Scorer.ranks` scores in blocks of positions).
     """
     batch: list[schema.UserRecord] = []
     longest = 0
     for user in users:
         length = max((len(s) for s in user.sessions[user.num_context_sessions:]), default=0)
         need = max(longest, length)
-        if batch and (len(batch) == batch_size or (len(batch) + 1) * need * vocab_size > SCORE_BUDGET):
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * need * vocab_size > base.SCORE_BUDGET):
             yield batch
             batch, need = [], length
         batch.append(user)
@@ -133,7 +132,7 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
       data_dir: a folder written by `python -m pipeline`.
       split: `valid` or `test`.
       batch_size: users evaluated side by side (fewer when long sessions would make the
-        [rows, steps, vocab] scores exceed `SCORE_BUDGET` floats).
+        [rows, steps, vocab] scores exceed `base.SCORE_BUDGET` floats).
       max_users: evaluate only the first N users of the split (all when None).
       user_ids: evaluate only these users (all when None; see `sample_users`).
       progress: show a progress bar over users.

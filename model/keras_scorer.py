@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from model import evaluate
+from model import base
 from model.base import Scorer, push_history
 from model.sequence_model import SequenceModel
 from pipeline import schema
 
 # `KerasScorer.ranks` scores at most this many positions of a session per call, and at most
-# `evaluate.SCORE_BUDGET` floats ([rows, positions, V]): a very long session (a crawler's
+# `base.SCORE_BUDGET` floats ([rows, positions, V]): a very long session (a crawler's
 # thousands of clicks) costs memory linear in its length, not quadratic.
 MAX_POSITIONS = 512
 
@@ -117,7 +117,7 @@ class KerasScorer(Scorer):
         rows, steps = sessions.shape
         # Positions ranked per call: [rows, width, V] scores at most (and the repeat head's
         # [rows, width, width] tensors), however long a session is.
-        width = max(1, min(MAX_POSITIONS, evaluate.SCORE_BUDGET // max(1, rows * vocab_size)))
+        width = min(MAX_POSITIONS, base.block_width(rows, vocab_size))
         out = np.zeros(sessions.shape)
         before = history
         for start in range(0, steps, width):

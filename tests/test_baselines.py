@@ -170,3 +170,67 @@ def test_every_baseline_fits_and_evaluates(small_data, name):
     assert out["model"] == name and out["events"] == 5 and out["first_item"]["events"] == 2
     recalls = [out[f"recall@{k}"] for k in (1, 5, 10, 20)]
     assert recalls == sorted(recalls) and 0 <= recalls[0] and recalls[-1] <= 1
+
+
+def _random_sessions(rng, rows, steps, vocab):
+    """int64 [rows, steps] with repeats, unknown items (1) and end padding."""
+    sessions = rng.integers(1, vocab, size=(rows, steps))
+    sessions[rng.random((rows, steps)) < 0.3] = rng.integers(2, 5)  # repeats
+    for r, length in enumerate(rng.integers(1, steps + 1, size=rows)):
+        sessions[r, length:] = 0
+    return sessions
+
+
+@pytest.mark.parametrize("name", baselines.NAMES)
+def test_blocks_of_positions_give_the_whole_scores_and_ranks(knn_data, monkeypatch, name):
+    """Each baseline scores a session block by block, carrying its running summary; any
+    block width gives the scores and ranks of the whole session."""
+    from model import base, metrics
+
+    scorer = baselines.fit(name, knn_data)
+    rng = np.random.default_rng(3)
+    state = scorer.initial_state(["a", "b", "c"])
+    for _ in range(2):  # some history
+        state = scorer.update(state, _random_sessions(rng, 3, 6, V))
+    sessions = _random_sessions(rng, 3, 23, V)
+    sessions[0, :] = rng.integers(2, V, size=23)  # one full row
+    whole = scorer.score(state, sessions)
+    assert whole.shape == (3, 23, V) and whole.dtype == np.float32
+    expected_ranks = metrics.event_ranks(whole.reshape(-1, V), sessions.reshape(-1)).reshape(3, 23)
+    for width in (1, 4, 7, 23, 40):
+        parts = list(scorer.score_blocks(state, sessions, width))
+        assert [p.shape[1] for p in parts] == [b - a for a, b in base.blocks(23, width)]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+        monkeypatch.setattr(base, "SCORE_BUDGET", 3 * width * V)  # blocks of `width`
+        np.testing.assert_array_equal(scorer.ranks(state, sessions, V), expected_ranks)
+
+
+@pytest.mark.parametrize("name", baselines.NAMES)
+def test_a_long_session_is_ranked_in_bounded_memory(tmp_path, monkeypatch, name):
+    """A crawler's session of 3,000 events over 20,000 items: ranking it whole would hold
+    [3000, 20000] float32 scores (240 MB); in blocks of the score budget (here 8 MB) the
+    peak stays within a few blocks."""
+    import tracemalloc
+
+    from model import base
+
+    vocab, steps = 20_000, 3_000
+    rng = np.random.default_rng(0)
+    train = {f"u{k}": ([], [list(rng.integers(2, vocab, size=5)) for _ in range(4)])
+             for k in range(50)}
+    data = write_data(tmp_path, {"train": train}, vocab_size=vocab,
+                      counts=list(rng.integers(1, 100, size=vocab)))
+    scorer = baselines.fit(name, data)
+    session = rng.integers(2, 200, size=(1, steps))  # many repeats: V-SKNN's prefixes stay small
+    state = scorer.initial_state(["crawler"])
+    monkeypatch.setattr(base, "SCORE_BUDGET", 1 << 21)
+    expected = scorer.ranks(state, session[:, :200], vocab)  # a prefix, for the values
+    tracemalloc.start()
+    try:
+        rank = scorer.ranks(state, session, vocab)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rank.shape == (1, steps) and np.isfinite(rank).all() and (rank >= 1).all()
+    np.testing.assert_array_equal(rank[:, :200], expected)
+    assert peak < 3 * 4 * (1 << 21), peak  # 24 MB, a tenth of the whole scores

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from model import evaluate as ev
-from model import metrics
+from model import base, metrics
 from model.base import Scorer
 from pipeline import schema
 
@@ -132,7 +132,7 @@ def test_history_first_then_targets_in_lock_step_with_padding_rows(data):
 
 
 def test_score_budget_splits_batches_without_changing_metrics(data, monkeypatch):
-    monkeypatch.setattr(ev, "SCORE_BUDGET", 2 * 3 * VOCAB)  # two rows of 3 steps at most
+    monkeypatch.setattr(base, "SCORE_BUDGET", 2 * 3 * VOCAB)  # two rows of 3 steps at most
     scorer = NextIndex()
     out = ev.evaluate(scorer, data, "valid", batch_size=3, progress=False)
     assert [c[1] for c in scorer.calls if c[0] == "init"] == [["a", "b"], ["c"]]
