@@ -29,8 +29,7 @@ from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from model import metrics
-from model import base
+from model import base, metrics
 from model.base import Scorer
 from pipeline import schema
 
