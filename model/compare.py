@@ -26,6 +26,7 @@ import numpy as np
 
 from model.baselines import NAMES as FITTED
 from model.metrics import GROUPS, METRIC_KEYS
+from pipeline import schema
 
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HEADLINE = ("recall@20", "mrr@20")
@@ -283,13 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CompareError(f"--eval-every must be >= 0, got {args.eval_every}")
         if args.budget_minutes is not None and args.budget_minutes <= 0:
             raise CompareError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
-        if not os.path.isdir(args.data):
+        if not schema.is_folder(args.data):
             raise CompareError(f"--data {args.data} is not a folder: run `python -m pipeline` first")
         args.config = _parse_pairs(args.config, "--config")
         args.train_args = {k: v.split() for k, v in _parse_pairs(args.train_args, "--train-args").items()}
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")
-        results = {"data": os.path.abspath(args.data), "split": args.split, "models": {},
+        data = args.data if schema.is_remote(args.data) else os.path.abspath(args.data)
+        results = {"data": data, "split": args.split, "models": {},
                    "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
                               "eval_every": args.eval_every,
                               "seeds": args.seeds}}

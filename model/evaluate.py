@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
     try:
-        if not os.path.isdir(args.data):
+        if not schema.is_folder(args.data):
             raise schema.DataError(f"--data {args.data}: no such folder")
         schema.read_vocabulary(args.data)
         schema.shard_files(args.data, args.split)

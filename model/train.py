@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Sequence
@@ -163,7 +162,7 @@ def resolve_loss(config: config_lib.RunConfig, vocab_size: int) -> config_lib.Ru
 
 def check_data(data_dir: str) -> schema.Vocabulary:
     """Checks a pipeline folder; returns its vocabulary (DataError with one line if not)."""
-    if not os.path.isdir(data_dir):
+    if not schema.is_folder(data_dir):
         raise schema.DataError(f"data folder {data_dir} not found: run `python -m pipeline` first")
     vocab = schema.read_vocabulary(data_dir)
     schema.read_stats(data_dir)
@@ -179,7 +178,10 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
     if os.path.exists(items_path):
         registry.check_vocabulary(schema.read_vocabulary(run_dir), vocab, run_dir, data_dir)
     else:
-        shutil.copyfile(os.path.join(data_dir, schema.ITEMS_FILE), items_path + ".tmp")
+        with schema.open_text(os.path.join(data_dir, schema.ITEMS_FILE)) as f:
+            text = f.read()
+        with open(items_path + ".tmp", "w", encoding="utf-8", newline="") as f:
+            f.write(text)
         os.replace(items_path + ".tmp", items_path)
     config_path = os.path.join(run_dir, registry.CONFIG_FILE)
     if os.path.exists(config_path):

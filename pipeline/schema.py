@@ -79,6 +79,49 @@ class Vocabulary:
         return {item: i for i, item in enumerate(self.ids) if i >= NUM_RESERVED}
 
 
+def is_remote(path: str) -> bool:
+    """A `scheme://` path (gs://, s3://, ram://...), read through TensorFlow's file systems."""
+    return "://" in path
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _remote(call, path: str):
+    """`call(path)` through TensorFlow's file systems, its errors as one-line DataErrors."""
+    import tensorflow as tf
+
+    try:
+        return call(path)
+    except tf.errors.UnimplementedError:
+        raise DataError(f"{path}: TensorFlow has no file system for this scheme (gs:// is "
+                        "built in; s3:// and hdfs:// need `pip install tensorflow-io`)") from None
+    except tf.errors.OpError as e:
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def is_folder(path: str) -> bool:
+    """A local folder, or a remote one TensorFlow can list (`is_remote`)."""
+    if not is_remote(path):
+        return os.path.isdir(path)
+    # (`isdir` answers False for a scheme TensorFlow lacks; `exists` says why)
+    return _remote(lambda p: _gfile().exists(p) and _gfile().isdir(p), path)
+
+
+def file_exists(path: str) -> bool:
+    return _remote(_gfile().exists, path) if is_remote(path) else os.path.exists(path)
+
+
+def open_text(path: str, mode: str = "r"):
+    """A text file, local or remote (newlines untranslated, UTF-8)."""
+    if is_remote(path):
+        return _gfile().GFile(path, mode)
+    return open(path, mode, encoding="utf-8", newline="")
+
+
 def vocabulary_text(items: Sequence[tuple[str, int]]) -> str:
     """`items.tsv`'s text from (item_id, count) pairs already in index order from 2."""
     out = io.StringIO()
@@ -104,12 +147,12 @@ def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
       DataError: the file is missing or does not follow the contract.
     """
     path = data_dir_or_file
-    if os.path.isdir(path):
+    if is_folder(path):
         path = os.path.join(path, ITEMS_FILE)
-    if not os.path.exists(path):
+    if not file_exists(path):
         raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
     ids, counts = [], []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open_text(path) as f:
         rows = csv.reader(f, delimiter="\t")
         header = next(rows, None)
         if tuple(header or ()) != ITEMS_HEADER:
@@ -127,10 +170,10 @@ def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
 def read_stats(data_dir: str) -> dict:
     """Reads `stats.json` of a data folder."""
     path = os.path.join(data_dir, STATS_FILE)
-    if not os.path.exists(path):
+    if not file_exists(path):
         raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    with open_text(path) as f:
+        return json.loads(f.read())
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
@@ -141,7 +184,8 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    files = sorted(glob.glob(os.path.join(data_dir, split, "*" + SHARD_SUFFIX)))
+    pattern = os.path.join(data_dir, split, "*" + SHARD_SUFFIX)
+    files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(pattern))
     if not files:
         raise DataError(
             f"no {split} shards in {os.path.join(data_dir, split)}: "

@@ -240,3 +240,41 @@ def test_dropout_flag_reaches_every_model_and_is_checked():
     assert model_config("--model", "gru4rec", "--dropout", "0.25").dropout == 0.25
     with pytest.raises(config_lib.ConfigError, match=r"model.dropout must be in \[0, 1\), got 1.0"):
         model_config("--model", "tcn", "--dropout", "1")
+
+
+def test_a_remote_data_folder_trains_and_evaluates_like_the_local_one(data, config_file,
+                                                                       tmp_path, capsys):
+    """--data on a TensorFlow file system (gs://, s3://...: here `ram://`, TensorFlow's
+    in-memory one): the same training and evaluation as from the local copy."""
+    import tensorflow as tf
+
+    from model import evaluate
+
+    remote = f"ram://bucket-{os.getpid()}/data"
+    for folder, _, files in os.walk(data):
+        for name in files:
+            dst = remote + "/" + os.path.relpath(os.path.join(folder, name), data)
+            tf.io.gfile.makedirs(dst.rsplit("/", 1)[0])
+            tf.io.gfile.copy(os.path.join(folder, name), dst)
+    exact = ("--steps", "15", "--dropout", "0", "--eval-every", "0")
+    local_run, remote_run = str(tmp_path / "local"), str(tmp_path / "remote")
+    assert train_lib.main(_args(data, local_run, config_file, *exact)) == 0
+    assert train_lib.main(_args(remote, remote_run, config_file, *exact)) == 0
+    for a, b in zip(_weights(local_run), _weights(remote_run)):
+        np.testing.assert_array_equal(a, b)
+    with open(os.path.join(remote_run, "items.tsv")) as f, open(os.path.join(data, "items.tsv")) as g:
+        assert f.read() == g.read()
+    results = []
+    for folder in (data, remote):
+        out = str(tmp_path / f"sknn-{len(results)}.json")
+        assert evaluate.main(["--data", folder, "--split", "test", "--model", "sknn",
+                              "--output", out, "--no-progress"]) == 0
+        with open(out) as f:
+            results.append({k: v for k, v in json.load(f).items() if k != "data"})
+    assert results[0] == results[1] and results[0]["events"] > 0
+    assert train_lib.main(_args(remote + "-missing", str(tmp_path / "x"), config_file)) == 2
+    assert "data folder ram://" in capsys.readouterr().err
+    assert train_lib.main(_args("nosuchfs://b/data", str(tmp_path / "y"), config_file)) == 2
+    err = capsys.readouterr().err
+    assert "TensorFlow has no file system for this scheme" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
