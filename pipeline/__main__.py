@@ -15,10 +15,14 @@ is written.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 
 from pipeline import outputs, parse, schema, split
@@ -27,6 +31,9 @@ DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
 MAX_PLAUSIBLE_UNIX_SECONDS = 10**11  # the year 5138
 WORK_DIR = "_work"
+# Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+STDERR_KEPT_BYTES = 1 << 20  # the last 1 MB of a run's held-back stderr is shown
 
 
 class _DropBeamImportNotice(logging.Filter):
@@ -34,6 +41,74 @@ class _DropBeamImportNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "apitools not found" not in record.getMessage()
+
+
+# Lines of Python's default log format at these levels ("INFO:apache_beam...:...") are Beam's
+# chatter: the local worker processes write them to the inherited stderr at INFO whatever
+# --default_sdk_harness_log_level says (their pipeline options arrive empty).
+_CHATTER = re.compile(rb"^(DEBUG|INFO|WARNING):[\w.]+:")
+
+
+@contextlib.contextmanager
+def _quiet_beam_stderr(enabled: bool):
+    """While the pipeline runs, holds back stderr (this process's and its local workers',
+    which share the file descriptor) and drops Beam's INFO/WARNING lines from it. The rest
+    (errors, tracebacks, warnings of other libraries) is shown when the run ends, unless the
+    run failed on a damaged input, which `main` reports in one line."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    kept: collections.deque[bytes] = collections.deque()
+    size = [0]
+
+    def collect():
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if _CHATTER.match(line):
+                    continue
+                kept.append(line)
+                size[0] += len(line)
+                while size[0] > STDERR_KEPT_BYTES and len(kept) > 1:
+                    size[0] -= len(kept.popleft())
+
+    thread = threading.Thread(target=collect, name="beam-stderr", daemon=True)
+    thread.start()
+
+    def restore():
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe ends when the workers, holding it too, have exited
+        thread.join(timeout=10)
+        os.close(saved)
+
+    try:
+        yield
+    except BaseException as e:
+        restore()
+        if _input_error(e) is None:
+            sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
+        raise
+    restore()
+    sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
+
+
+def _input_error(e: BaseException) -> str | None:
+    """The message of an input found damaged while reading (a truncated compressed file),
+    else None. A portable runner hands a worker's InputError back as the text of a
+    RuntimeError."""
+    from pipeline import sources
+
+    if isinstance(e, sources.InputError):
+        return str(e)
+    if isinstance(e, RuntimeError):
+        marker = f"{sources.InputError.__module__}.InputError: "
+        found = [line.split(marker, 1)[1] for line in str(e).splitlines() if marker in line]
+        return found[-1] if found else None
+    return None
 
 
 class UsageError(ValueError):
@@ -102,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_MAX_EVENTS_PER_USER,
                    help="keep each user's most recent events only (counted in stats)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --split users hash")
+    p.add_argument("--beam-logs", action="store_true",
+                   help="show Apache Beam's own INFO and WARNING log lines of a local run "
+                        "(hidden by default; errors always show)")
     return p
 
 
@@ -271,7 +349,9 @@ def run(args, output: str, files, config, options) -> dict:
     tmp = outputs.make_temp(output)
     try:
         work = outputs.join(tmp, WORK_DIR)
-        with beam.Pipeline(options=options) as p:
+        runner = options.get_all_options()["runner"]
+        with _quiet_beam_stderr(runner in LOCAL_RUNNERS and not args.beam_logs), \
+                beam.Pipeline(options=options) as p:
             out = (p
                    | "Ranges" >> beam.Create(sources.plan_ranges(files))
                    | "Records" >> SessionRecords(config))
@@ -341,14 +421,10 @@ def main(argv=None) -> int:
     try:
         stats = run(args, output, files, config, options)
     except (sources.InputError, RuntimeError) as e:
-        # An input found damaged while reading (a truncated compressed file): a portable
-        # runner hands the workers' InputError back as the text of a RuntimeError.
-        marker = f"{sources.InputError.__module__}.InputError: "
-        found = [line.split(marker, 1)[1] for line in str(e).splitlines() if marker in line]
-        if not isinstance(e, sources.InputError) and not found:
+        message = _input_error(e)
+        if message is None:
             raise
-        print(f"error: {e if isinstance(e, sources.InputError) else found[-1]}; nothing was "
-              f"written to {output}", file=sys.stderr)
+        print(f"error: {message}; nothing was written to {output}", file=sys.stderr)
         return 1
     print(_summary(stats, output, time.perf_counter() - start))
     return 0

@@ -74,6 +74,8 @@ def test_retailrocket_two_files_default_runner(tmp_path):
     assert all(stats["splits"][s]["users"] > 50 for s in schema.SPLITS)
     assert sorted(os.listdir(out)) == ["items.tsv", "malformed", "stats.json", "test", "train", "valid"]
     assert not [f for f in os.listdir(tmp_path) if f != "rr"]  # the temp folder is gone
+    # Beam's worker processes log at INFO to the shared stderr: held back and dropped
+    assert res.stderr.splitlines() == ["pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"]
 
 
 def test_movielens_tsv_with_columns_users_split(tmp_path):
@@ -422,3 +424,40 @@ def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times
     assert cli.main(["--input", str(jsonl), "--output", str(tmp_path / "out"),
                      "--format", "jsonl"]) == 2
     assert hint in capsys.readouterr().err
+
+
+def test_a_damaged_input_with_the_default_runner_is_one_line(tmp_path):
+    """With worker processes, Beam prints the workers' tracebacks to stderr; the run still
+    ends with the one line that names the file, and nothing else."""
+    log = tmp_path / "log.csv.gz"
+    log.write_bytes(gzip.compress(b"user,item,time\n" + b"u,a,1\n" * 3000)[:-30])
+    res = run_cli("--input", str(log), "--output", str(tmp_path / "out"))
+    assert res.returncode == 1
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("pipeline: 1 input file(s)"), lines[:5]
+    assert lines[1].startswith("error: cannot decompress input file") and "EOFError" in lines[1]
+    assert os.listdir(tmp_path) == ["log.csv.gz"]
+    verbose = run_cli("--input", str(log), "--output", str(tmp_path / "out"), "--beam-logs")
+    assert verbose.returncode == 1 and "INFO:" in verbose.stderr
+
+
+def test_held_back_stderr_shows_errors_of_a_failed_run_and_drops_chatter(capfd):
+    """`_quiet_beam_stderr` on the real file descriptor, with a child process writing to it
+    as Beam's workers do."""
+    child = ("import sys; sys.stderr.write('INFO:apache_beam.worker:chatter\\n"
+             "ERROR:apache_beam.worker:it broke\\nTraceback: detail\\n')")
+    with pytest.raises(RuntimeError, match="boom"):
+        with cli._quiet_beam_stderr(True):
+            subprocess.run([sys.executable, "-c", child], check=True)
+            raise RuntimeError("boom")
+    err = capfd.readouterr().err
+    assert "it broke" in err and "Traceback: detail" in err and "chatter" not in err
+    # a damaged input is reported by `main` in one line: its workers' errors stay hidden
+    with pytest.raises(sources.InputError):
+        with cli._quiet_beam_stderr(True):
+            subprocess.run([sys.executable, "-c", child], check=True)
+            raise sources.InputError("cannot decompress input file 'x.gz'")
+    assert capfd.readouterr().err == ""
+    with cli._quiet_beam_stderr(True):  # a run that succeeds shows what is not chatter
+        subprocess.run([sys.executable, "-c", child], check=True)
+    assert capfd.readouterr().err == "ERROR:apache_beam.worker:it broke\nTraceback: detail\n"
