@@ -303,7 +303,11 @@ def _resolve(argv):
         outputs.check_writable_scheme(output)
     except ValueError as e:
         raise UsageError(f"--output: {e}") from None
-    if outputs.exists(output) and not args.overwrite:
+    try:
+        exists = outputs.exists(output)
+    except Exception as e:  # a remote file system's own error (credentials, network)
+        raise UsageError(f"--output: cannot look at {output}: {str(e).splitlines()[0]}") from None
+    if exists and not args.overwrite:
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
     try:
         files = sources.match_inputs(args.input)

@@ -376,6 +376,18 @@ def test_output_on_a_file_system_beam_lacks_is_a_usage_error(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+def test_output_the_file_system_cannot_list_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    import object_store  # registered, but unreachable (like a bucket without credentials)
+
+    monkeypatch.setattr(object_store.ObjectStoreFileSystem, "root", None)
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\n")
+    assert cli.main(["--input", str(log), "--output", "objstore://bucket/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output: cannot look at objstore://bucket/out: ")
+    assert err.count("\n") == 1
+
+
 def test_setup_file_packages_the_pipeline_for_remote_workers(tmp_path):
     """`--setup_file ./setup.py` (README § 1, Dataflow): the package Beam builds from it, and
     installs on each worker, runs the pipeline without this checkout on the path."""
