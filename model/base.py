@@ -139,7 +139,14 @@ class Scorer(abc.ABC):
         return out
 
 
-def whole_scores(scorer: Scorer, state: State, sessions: np.ndarray) -> np.ndarray:
-    """`scorer.score` as the one block of `score_blocks` (for a scorer that implements
-    `score_blocks`)."""
-    return next(iter(scorer.score_blocks(state, sessions, max(1, np.shape(sessions)[1]))))
+class BlockScorer(Scorer):
+    """A scorer that computes its scores block by block (`score_blocks`, abstract here);
+    `score` is the one block of the whole sessions."""
+
+    @abc.abstractmethod
+    def score_blocks(self, state: State, sessions: np.ndarray,
+                     width: int) -> Iterator[np.ndarray]:
+        """See `Scorer.score_blocks`."""
+
+    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
+        return next(iter(self.score_blocks(state, sessions, max(1, np.shape(sessions)[1]))))

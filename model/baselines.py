@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from model.base import Scorer, State, blocks, push_history, whole_scores
+from model.base import BlockScorer, Scorer, State, blocks, push_history
 from pipeline import schema
 
 NAMES = ("popularity", "sknn", "spop", "upop", "mv")
@@ -46,7 +46,7 @@ def _scores_with_popularity(pop: np.ndarray, shape: tuple[int, int]) -> np.ndarr
     return out
 
 
-class Popularity(Scorer):
+class Popularity(BlockScorer):
     """Every position scores items by their train count."""
 
     name = "popularity"
@@ -64,9 +64,6 @@ class Popularity(Scorer):
     def initial_state(self, user_ids: list[str]) -> State:
         return None
 
-    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
-        return whole_scores(self, state, sessions)
-
     def score_blocks(self, state, sessions, width):
         rows, steps = np.shape(sessions)
         for start, stop in blocks(steps, width):
@@ -76,7 +73,7 @@ class Popularity(Scorer):
         return state
 
 
-class SessionPop(Scorer):
+class SessionPop(BlockScorer):
     """`spop`: count of the item in the current session so far, then popularity."""
 
     name = "spop"
@@ -91,9 +88,6 @@ class SessionPop(Scorer):
 
     def initial_state(self, user_ids: list[str]) -> State:
         return None
-
-    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
-        return whole_scores(self, state, sessions)
 
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
@@ -113,7 +107,7 @@ class SessionPop(Scorer):
         return state
 
 
-class MovingAverage(Scorer):
+class MovingAverage(BlockScorer):
     """`mv`: frequency among the user's last `window` events, across sessions.
 
     The window slides over the user's history and the current session alike (an unknown
@@ -137,9 +131,6 @@ class MovingAverage(Scorer):
     def initial_state(self, user_ids: list[str]) -> State:
         return np.zeros((len(user_ids), self.window), dtype=np.int64)
 
-    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
-        return whole_scores(self, state, sessions)
-
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
@@ -158,7 +149,7 @@ class MovingAverage(Scorer):
         return push_history(state, np.asarray(sessions, dtype=np.int64))
 
 
-class UserPop(Scorer):
+class UserPop(BlockScorer):
     """`upop`: the user's recent items by recency-weighted count, then popularity.
 
     Each of the user's last `history` events (across sessions) weighs `decay ** age`, age
@@ -194,9 +185,6 @@ class UserPop(Scorer):
     def initial_state(self, user_ids: list[str]) -> State:
         return np.zeros((len(user_ids), self.history), dtype=np.int64)
 
-    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
-        return whole_scores(self, state, sessions)
-
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
@@ -221,7 +209,7 @@ class UserPop(Scorer):
         return push_history(state, np.asarray(sessions, dtype=np.int64))
 
 
-class SessionKNN(Scorer):
+class SessionKNN(BlockScorer):
     """`sknn`: V-SKNN (Ludewig & Jannach 2018, "Evaluation of session-based recommendation
     algorithms"), as in their session-rec `VMContextKNN` with `weighting="div"`.
 
@@ -339,9 +327,6 @@ class SessionKNN(Scorer):
         top = np.arange(len(row)) - start[row] < self.k
         weights = sp.csr_matrix((val[top], (row[top], col[top])), shape=sim.shape)
         return (weights @ self.sessions).tocsr()
-
-    def score(self, state: State, sessions: np.ndarray) -> np.ndarray:
-        return whole_scores(self, state, sessions)
 
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
