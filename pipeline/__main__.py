@@ -420,6 +420,12 @@ def main(argv=None) -> int:
         return 2
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
           f"runner {options.get_all_options()['runner']}", file=sys.stderr)
+    stale = outputs.leftovers(output)
+    if stale:
+        size = sum(outputs.folder_bytes(f) for f in stale)
+        print(f"note: {len(stale)} temporary folder(s) of runs that did not finish lie beside "
+              f"{output} ({size / 1e6:,.1f} MB): {', '.join(os.path.basename(f) for f in stale)}"
+              "; delete them unless another run is writing this output now", file=sys.stderr)
     from pipeline import sources
 
     try:

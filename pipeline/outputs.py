@@ -75,6 +75,26 @@ def make_temp(output: str) -> str:
     return FileSystems.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
 
 
+def leftovers(output: str) -> list[str]:
+    """Temporary folders of earlier runs beside a local `output` that never finished (a
+    killed process cannot remove its own): `.NAME.tmp-*` and their `.old-*` twins. A run
+    writing the same output right now has one too. Remote outputs: [] (not listed)."""
+    if not is_local(output):
+        return []
+    parent = os.path.dirname(os.path.abspath(output))
+    prefix = f".{os.path.basename(output)}.tmp-"
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    return sorted(os.path.join(parent, n) for n in names
+                  if n.startswith(prefix) and os.path.isdir(os.path.join(parent, n)))
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(f) for f in files_under(folder) if os.path.isfile(f))
+
+
 def read_text(path: str) -> str:
     if is_local(path):
         with open(path, encoding="utf-8") as f:

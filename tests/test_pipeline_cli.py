@@ -473,3 +473,34 @@ def test_held_back_stderr_shows_errors_of_a_failed_run_and_drops_chatter(capfd):
     with cli._quiet_beam_stderr(True):  # a run that succeeds shows what is not chatter
         subprocess.run([sys.executable, "-c", child], check=True)
     assert capfd.readouterr().err == "ERROR:apache_beam.worker:it broke\nTraceback: detail\n"
+
+
+def test_a_killed_run_leaves_no_output_and_the_next_run_names_its_leftovers(tmp_path):
+    """kill -9 in the middle of a run: no DIR appears (the temporary folder is all that is
+    left); the next run says where that folder is, and writes DIR."""
+    import signal
+    import time
+
+    log = tmp_path / "log.csv"
+    rows = [f"u{k % 997},i{k % 301},{1_600_000_000 + 7 * k}" for k in range(200_000)]
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
+                             str(out)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]:
+            assert proc.poll() is None and time.time() < deadline, "the run ended too early"
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside the run (about 4 s here)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and its Beam workers
+        proc.wait()
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
+    assert not out.exists() and len(left) == 1
+    res = run_cli("--input", str(log), "--output", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    note = res.stderr.splitlines()[1]
+    assert note.startswith("note: 1 temporary folder(s) of runs that did not finish") and left[0] in note
+    assert check_output(str(out))[0]["rows_read"] == 200_000
