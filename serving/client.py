@@ -118,7 +118,8 @@ class HierTCNClient:
 
     def __init__(self, target: str, model_name: str, timeout: float = 10.0,
                  max_message_mb: int = 16, session_width: int | None = None,
-                 history_width: int | None = None):
+                 history_width: int | None = None, tls: bool = False,
+                 tls_ca: str | None = None, tls_server_name: str | None = None):
         """Creates the channel (lazily connected).
 
         Args:
@@ -133,6 +134,14 @@ class HierTCNClient:
             update_state pads to a multiple of it (the session mean needs every item).
             None: the longest session of the call.
           history_width: fixed width of `history_items` (newest kept); None: the longest.
+          tls: connect with TLS (a server behind TLS: TF Serving's --ssl_config_file, a
+            load balancer), checking the server's certificate against `tls_ca` (a PEM
+            file of root certificates) or the system's roots.
+          tls_server_name: the name the certificate must carry when it is not the target's
+            host (an IP address, a tunnel).
+
+        Raises:
+          ValueError: `tls_ca` cannot be read, or TLS options without `tls`.
         """
         self.target = target
         self.model_name = model_name
@@ -141,8 +150,24 @@ class HierTCNClient:
         self.history_width = history_width
         self.pinned_version: int | None = None
         limit = max_message_mb * 1024 * 1024
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        options = [("grpc.max_receive_message_length", limit),
+                   ("grpc.max_send_message_length", limit)]
+        if not tls and (tls_ca or tls_server_name):
+            raise ValueError("--tls-ca and --tls-server-name need --tls")
+        if tls:
+            roots = None
+            if tls_ca:
+                try:
+                    with open(tls_ca, "rb") as f:
+                        roots = f.read()
+                except OSError as e:
+                    raise ValueError(f"cannot read --tls-ca: {e}") from None
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(
+                target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._info: dict[int, ModelInfo] = {}
@@ -310,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fixed session_items width (for TF Serving with --enable_batching)")
     parser.add_argument("--history-width", type=int, default=None,
                         help="fixed history_items width (for TF Serving with --enable_batching)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="root certificates to check the server with (default: the system's)")
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name in the server's certificate, when not the target's host")
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("recommend", help="next items for a user's current session")
     rec.add_argument("--user", required=True)
@@ -326,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with HierTCNClient(args.target, args.model_name, args.timeout,
                            session_width=args.session_width,
-                           history_width=args.history_width) as client:
+                           history_width=args.history_width, tls=args.tls,
+                           tls_ca=args.tls_ca, tls_server_name=args.tls_server_name) as client:
             if args.command == "status":
                 result, text = _status(client)
             else:

@@ -602,12 +602,26 @@ class ModelServer:
     def __init__(self, model_name: str, model_base_path: str, host: str = "127.0.0.1",
                  port: int = 8500, enable_batching: bool = False, max_batch_size: int = 64,
                  batch_timeout_micros: int = 0, poll_seconds: float = 1.0,
-                 max_message_mb: int = 16, num_versions: int = 1, num_batch_threads: int = 1):
+                 max_message_mb: int = 16, num_versions: int = 1, num_batch_threads: int = 1,
+                 tls_cert: str | None = None, tls_key: str | None = None):
         """Binds the port; call `start()` to load versions and serve.
 
+        With `tls_cert` and `tls_key` (PEM files: the server's certificate chain and private
+        key) the port speaks TLS, as TF Serving's `--ssl_config_file` makes it.
+
         Raises:
-          ValueError: bad options (missing base path, port in use, non-positive sizes).
+          ValueError: bad options (missing base path, port in use, non-positive sizes, only
+            one of the TLS files, an unreadable TLS file).
         """
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        credentials = None
+        if tls_cert is not None:
+            try:
+                with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
+                    credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            except OSError as e:
+                raise ValueError(f"cannot read the TLS files: {e}") from None
         if not os.path.isdir(model_base_path):
             raise ValueError(f"--model-base-path {model_base_path} is not a folder: "
                              "pass the --export-base of serving.export")
@@ -632,7 +646,9 @@ class ModelServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handlers, self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(handlers, self._grpc)
         try:
-            self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+            address = f"{host}:{port}"
+            self.port = (self._grpc.add_insecure_port(address) if credentials is None
+                         else self._grpc.add_secure_port(address, credentials))
         except RuntimeError as e:
             raise ValueError(f"cannot bind {host}:{port} ({e}): pick a free --port") from None
         if not self.port:
@@ -690,13 +706,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-versions", type=int, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = ModelServer(args.model_name, args.model_base_path, args.host, args.port,
                              args.enable_batching, args.max_batch_size,
                              args.batch_timeout_micros, args.poll_seconds, args.max_message_mb,
-                             args.num_versions, args.num_batch_threads)
+                             args.num_versions, args.num_batch_threads, args.tls_cert,
+                             args.tls_key)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

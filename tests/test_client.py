@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -163,3 +164,71 @@ def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp
 
     assert client_lib.main(cli(served, db, "recommend", "--user", "ann", "-k", "-1")) == 1
     assert "k must be >= 0" in capsys.readouterr().err
+
+
+def _self_signed(folder, name):
+    """A PEM certificate for DNS name `name` and its key (what a TLS deployment holds)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "server.pem", folder / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_tls_server_and_client(served, tmp_path, capsys):
+    """A server behind TLS (as TF Serving with --ssl_config_file): the client checks its
+    certificate (here self-signed for a name that is not the target's host) and gets the
+    same answers as over plain gRPC; a plain or unchecked client is refused."""
+    cert, key = _self_signed(tmp_path, "hiertcn.test")
+    server = lib.ServerProcess(served["base"], NAME, "--tls-cert", cert, "--tls-key", key)
+    newest = max(int(n) for n in os.listdir(served["base"]) if n.isdigit())  # other tests add
+    try:
+        server.wait_version(newest)
+        target = server.target
+        state = np.zeros([1, 8], np.float32)
+        with HierTCNClient(target, NAME, timeout=30, tls=True, tls_ca=cert,
+                           tls_server_name="hiertcn.test") as secure, \
+                HierTCNClient(served["server"].target, NAME, timeout=30) as plain:
+            secure.pinned_version = plain.pinned_version = newest
+            got = secure.next_items(state, [["item1", "item2"]], 5)
+            want = plain.next_items(state, [["item1", "item2"]], 5)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+        for kwargs in ({}, {"tls": True, "tls_ca": cert},  # plain; the wrong name
+                       {"tls": True, "tls_server_name": "hiertcn.test"}):  # system roots
+            with HierTCNClient(target, NAME, timeout=5, **kwargs) as refused:
+                with pytest.raises(ServerUnavailable):
+                    refused.status()
+        assert client_lib.main(["--target", target, "--model-name", NAME, "--tls", "--tls-ca",
+                                cert, "--tls-server-name", "hiertcn.test", "status"]) == 0
+        assert f"{NAME} version {newest}: AVAILABLE" in capsys.readouterr().out
+        with pytest.raises(ValueError, match="need --tls"):
+            HierTCNClient(target, NAME, tls_ca=cert)
+    finally:
+        assert server.stop() == 0
+    half = lib.ServerProcess(served["base"], NAME, "--tls-cert", cert)
+    assert half.proc.wait(timeout=120) == 2
+    for _ in range(100):  # the reader thread takes the last lines after the exit
+        if any("--tls-cert and --tls-key go together" in line for line in half.lines):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("\n".join(half.lines))
