@@ -367,25 +367,20 @@ def test_object_store_output_damaged_input_writes_nothing(tmp_path, store, capsy
     assert _object_keys(store) == []
 
 
-def test_output_on_a_file_system_beam_lacks_is_a_usage_error(tmp_path, capsys):
-    log = tmp_path / "log.csv"
-    log.write_text("user,item,time\nu,a,1\n")
-    assert cli.main(["--input", str(log), "--output", "nosuchfs://bucket/out"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: --output: no file system for nosuchfs://bucket/out")
-    assert err.count("\n") == 1
-
-
-def test_output_the_file_system_cannot_list_is_a_usage_error(tmp_path, monkeypatch, capsys):
-    import object_store  # registered, but unreachable (like a bucket without credentials)
+@pytest.mark.parametrize("output, message", [
+    ("nosuchfs://bucket/out", "no file system for nosuchfs://bucket/out"),
+    # registered, but unreachable (like a bucket without credentials)
+    ("objstore://bucket/out", "cannot look at objstore://bucket/out: ")])
+def test_an_output_beam_cannot_reach_is_a_usage_error(tmp_path, monkeypatch, capsys, output,
+                                                      message):
+    import object_store
 
     monkeypatch.setattr(object_store.ObjectStoreFileSystem, "root", None)
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\nu,a,1\n")
-    assert cli.main(["--input", str(log), "--output", "objstore://bucket/out"]) == 2
+    assert cli.main(["--input", str(log), "--output", output]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --output: cannot look at objstore://bucket/out: ")
-    assert err.count("\n") == 1
+    assert err.startswith(f"error: --output: {message}") and err.count("\n") == 1
 
 
 def test_setup_file_packages_the_pipeline_for_remote_workers(tmp_path):
