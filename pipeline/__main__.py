@@ -34,6 +34,7 @@ WORK_DIR = "_work"
 # Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 STDERR_KEPT_BYTES = 1 << 20  # the last 1 MB of a run's held-back stderr is shown
+PROGRESS_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
 
 
 class _DropBeamImportNotice(logging.Filter):
@@ -49,15 +50,59 @@ class _DropBeamImportNotice(logging.Filter):
 _CHATTER = re.compile(rb"^(DEBUG|INFO|WARNING):[\w.]+:")
 
 
+class _Progress:
+    """The run's progress from the workers' `transforms.report_progress` lines: input bytes
+    read and user records built, drawn on one line on a terminal (at most twice a second)
+    or printed as a line every `PROGRESS_EVERY_S` seconds otherwise."""
+
+    def __init__(self, fd: int, total_bytes: int, mark: bytes):
+        self.fd, self.total, self.mark = fd, max(total_bytes, 1), mark
+        self.read = self.users = 0
+        self.start = self.shown = time.monotonic()
+        self.tty = os.isatty(fd)
+        self.width = 0
+
+    def add(self, line: bytes) -> None:
+        kind, _, n = line[len(self.mark):].decode("ascii", "replace").partition(" ")
+        if kind == "read":
+            self.read += int(n)
+        elif kind == "users":
+            self.users += int(n)
+        now = time.monotonic()
+        if now - self.shown >= (0.5 if self.tty else PROGRESS_EVERY_S):
+            self.shown = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        seconds = int(now - self.start)
+        size = (f"{self.total / 1e9:,.2f} GB" if self.total >= 1e9 else
+                f"{self.total / 1e6:,.1f} MB" if self.total >= 1e6 else f"{self.total / 1e3:,.1f} KB")
+        text = (f"pipeline: input read {min(100.0, 100 * self.read / self.total):.0f}% of "
+                f"{size}, {self.users:,} users' records built, "
+                f"{seconds // 60}:{seconds % 60:02d}")
+        if self.tty:
+            os.write(self.fd, ("\r" + text.ljust(self.width)).encode())
+            self.width = len(text)
+        else:
+            os.write(self.fd, (text + "\n").encode())
+
+    def close(self) -> None:
+        if self.tty and self.width:  # clear the line
+            os.write(self.fd, ("\r" + " " * self.width + "\r").encode())
+
+
 @contextlib.contextmanager
-def _quiet_beam_stderr(enabled: bool):
+def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
     """While the pipeline runs, holds back stderr (this process's and its local workers',
     which share the file descriptor) and drops Beam's INFO/WARNING lines from it. The rest
     (errors, tracebacks, warnings of other libraries) is shown when the run ends, unless the
-    run failed on a damaged input, which `main` reports in one line."""
+    run failed on a damaged input, which `main` reports in one line. The workers' progress
+    lines (`transforms.report_progress`) become a progress display (`_Progress`)."""
     if not enabled:
         yield
         return
+    from pipeline import transforms
+
     sys.stderr.flush()
     saved = os.dup(2)
     read_end, write_end = os.pipe()
@@ -65,10 +110,16 @@ def _quiet_beam_stderr(enabled: bool):
     os.close(write_end)
     kept: collections.deque[bytes] = collections.deque()
     size = [0]
+    mark = transforms.PROGRESS_MARK
+    progress = _Progress(saved, total_bytes, mark)
+    os.environ[transforms.PROGRESS_ENV] = "1"
 
     def collect():
         with os.fdopen(read_end, "rb") as lines:
             for line in lines:
+                if line.startswith(mark):
+                    progress.add(line)
+                    continue
                 if _CHATTER.match(line):
                     continue
                 kept.append(line)
@@ -80,9 +131,11 @@ def _quiet_beam_stderr(enabled: bool):
     thread.start()
 
     def restore():
+        os.environ.pop(transforms.PROGRESS_ENV, None)
         sys.stderr.flush()
         os.dup2(saved, 2)  # the pipe ends when the workers, holding it too, have exited
         thread.join(timeout=10)
+        progress.close()
         os.close(saved)
 
     try:
@@ -354,7 +407,8 @@ def run(args, output: str, files, config, options) -> dict:
     try:
         work = outputs.join(tmp, WORK_DIR)
         runner = options.get_all_options()["runner"]
-        with _quiet_beam_stderr(runner in LOCAL_RUNNERS and not args.beam_logs), \
+        with _quiet_beam_stderr(runner in LOCAL_RUNNERS and not args.beam_logs,
+                                sum(size for _, size in files)), \
                 beam.Pipeline(options=options) as p:
             out = (p
                    | "Ranges" >> beam.Create(sources.plan_ranges(files))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 from typing import Iterable
 
 import apache_beam as beam
@@ -29,6 +30,21 @@ STATS = "stats"
 MALFORMED = "malformed"
 NEWLINES = "newlines"
 STARTS = "starts"
+# Progress lines for a local launcher that reads our stderr (`pipeline.__main__`): written
+# only when it sets PROGRESS_ENV, so that remote workers' logs stay clean.
+PROGRESS_ENV = "HIERTCN_PIPELINE_PROGRESS"
+PROGRESS_MARK = b"\x1ehiertcn-progress "
+USERS_PER_REPORT = 1000
+
+
+def report_progress(kind: str, n: int) -> None:
+    """Tells the launcher that `n` more input bytes were read (`read`) or user records
+    built (`users`): one short line (atomic on a pipe) on file descriptor 2."""
+    if n and os.environ.get(PROGRESS_ENV):
+        try:
+            os.write(2, PROGRESS_MARK + f"{kind} {n}\n".encode())
+        except OSError:
+            pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +106,7 @@ class _ParseRanges(beam.DoFn):
             _count("parse", counts)
             yield pvalue.TaggedOutput(STATS, counts)
             yield from block.by_user.items()
+        report_progress("read", r.end - r.start)
 
 
 class _Sessionize(beam.DoFn):
@@ -162,9 +179,14 @@ class _BuildRecords(beam.DoFn):
 
     def start_bundle(self):
         self._counts = collections.Counter()
+        self._unreported = 0
 
     def process(self, element, cutoffs, index):
         user, user_sessions = element
+        self._unreported += 1
+        if self._unreported >= USERS_PER_REPORT:
+            report_progress("users", self._unreported)
+            self._unreported = 0
         out = records.build_user_records(
             user, [sessions.Session(*s) for s in user_sessions],
             _splits_of(self._config, user, user_sessions, cutoffs), index,
@@ -179,6 +201,7 @@ class _BuildRecords(beam.DoFn):
             self._counts[f"rows_filtered/{reason}"] += n
 
     def finish_bundle(self):
+        report_progress("users", self._unreported)
         counts = dict(self._counts)
         _count("records", counts)
         yield pvalue.TaggedOutput(STATS, _global(counts))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import schema, sources
+from pipeline import schema, sources, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
@@ -499,3 +499,23 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_names_its_leftovers(tmp_
     note = res.stderr.splitlines()[1]
     assert note.startswith("note: 1 temporary folder(s) of runs that did not finish") and left[0] in note
     assert check_output(str(out))[0]["rows_read"] == 200_000
+
+
+def test_progress_of_a_local_run(tmp_path, monkeypatch, capfd):
+    """The workers report input bytes read and user records built on the shared stderr;
+    the command turns them into progress lines (every PROGRESS_EVERY_S seconds when stderr
+    is not a terminal, here every report) and nothing else reaches stderr."""
+    monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(transforms, "USERS_PER_REPORT", 10)
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"u{k % 37},i{k % 11},{10 * k}\n"
+                                                for k in range(3000)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capfd.readouterr().err.splitlines()
+    progress = [line for line in err if line.startswith("pipeline: input read")]
+    assert err[0].startswith("pipeline: 1 input file(s)") and len(err) == 1 + len(progress)
+    size = log.stat().st_size / 1e3
+    assert progress[-1].startswith(f"pipeline: input read 100% of {size:,.1f} KB, 37 users'")
+    users = [int(line.split(", ")[1].split()[0]) for line in progress]
+    assert users == sorted(users) and os.environ.get(transforms.PROGRESS_ENV) is None
