@@ -115,10 +115,15 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
     os.environ[transforms.PROGRESS_ENV] = "1"
 
     def collect():
+        # (this thread must keep draining the pipe whatever it reads: a full pipe would
+        # block every writer, the workers included)
         with os.fdopen(read_end, "rb") as lines:
             for line in lines:
                 if line.startswith(mark):
-                    progress.add(line)
+                    try:
+                        progress.add(line)
+                    except (ValueError, OSError):
+                        pass
                     continue
                 if _CHATTER.match(line):
                     continue

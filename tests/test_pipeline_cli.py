@@ -451,7 +451,9 @@ def test_a_damaged_input_with_the_default_runner_is_one_line(tmp_path):
 def test_held_back_stderr_shows_errors_of_a_failed_run_and_drops_chatter(capfd):
     """`_quiet_beam_stderr` on the real file descriptor, with a child process writing to it
     as Beam's workers do."""
-    child = ("import sys; sys.stderr.write('INFO:apache_beam.worker:chatter\\n"
+    # (a garbled progress line first: skipped, and the lines after it still arrive)
+    child = ("import sys; sys.stderr.write('\\x1ehiertcn-progress read many\\n"
+             "INFO:apache_beam.worker:chatter\\n"
              "ERROR:apache_beam.worker:it broke\\nTraceback: detail\\n')")
     with pytest.raises(RuntimeError, match="boom"):
         with cli._quiet_beam_stderr(True):
