@@ -619,9 +619,13 @@ class ModelServer:
         if tls_cert is not None:
             try:
                 with open(tls_key, "rb") as k, open(tls_cert, "rb") as c:
-                    credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+                    key, cert = k.read(), c.read()
             except OSError as e:
                 raise ValueError(f"cannot read the TLS files: {e}") from None
+            if b"-----BEGIN CERTIFICATE-----" not in cert or b"PRIVATE KEY-----" not in key:
+                raise ValueError(f"--tls-cert {tls_cert} must hold a PEM certificate chain and "
+                                 f"--tls-key {tls_key} its PEM private key")
+            credentials = grpc.ssl_server_credentials([(key, cert)])
         if not os.path.isdir(model_base_path):
             raise ValueError(f"--model-base-path {model_base_path} is not a folder: "
                              "pass the --export-base of serving.export")
@@ -650,6 +654,9 @@ class ModelServer:
             self.port = (self._grpc.add_insecure_port(address) if credentials is None
                          else self._grpc.add_secure_port(address, credentials))
         except RuntimeError as e:
+            if credentials is not None:
+                raise ValueError(f"cannot serve TLS on {host}:{port} ({e}): check that --tls-key "
+                                 "is the private key of --tls-cert, or pick a free --port") from None
             raise ValueError(f"cannot bind {host}:{port} ({e}): pick a free --port") from None
         if not self.port:
             raise ValueError(f"cannot bind {host}:{port}: pick a free --port")

@@ -224,11 +224,13 @@ def test_tls_server_and_client(served, tmp_path, capsys):
             HierTCNClient(target, NAME, tls_ca=cert)
     finally:
         assert server.stop() == 0
-    half = lib.ServerProcess(served["base"], NAME, "--tls-cert", cert)
-    assert half.proc.wait(timeout=120) == 2
-    for _ in range(100):  # the reader thread takes the last lines after the exit
-        if any("--tls-cert and --tls-key go together" in line for line in half.lines):
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("\n".join(half.lines))
+    for args, message in ((["--tls-cert", cert], "--tls-cert and --tls-key go together"),
+                          (["--tls-cert", key, "--tls-key", cert], "must hold a PEM certificate")):
+        bad = lib.ServerProcess(served["base"], NAME, *args)
+        assert bad.proc.wait(timeout=120) == 2
+        for _ in range(100):  # the reader thread takes the last lines after the exit
+            if any(message in line for line in bad.lines):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("\n".join(bad.lines))
