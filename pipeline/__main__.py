@@ -143,15 +143,16 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
         progress.close()
         os.close(saved)
 
+    failure = None
     try:
         yield
     except BaseException as e:
-        restore()
-        if _input_error(e) is None:
-            sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
+        failure = e
         raise
-    restore()
-    sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
+    finally:
+        restore()
+        if failure is None or _input_error(failure) is None:
+            sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
 
 
 def _input_error(e: BaseException) -> str | None:

@@ -152,11 +152,6 @@ def read_first_lines(path: str, n: int) -> list[bytes]:
         raise InputError(f"cannot read input file {path!r}: {e}") from None
 
 
-def read_first_line(path: str) -> bytes:
-    """The first line of a file (its header); see `read_first_lines`."""
-    return (read_first_lines(path, 1) or [b""])[0]
-
-
 def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8) -> list[ByteRange]:
     """Cuts the files into byte ranges for parallel reading.
 

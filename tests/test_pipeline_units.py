@@ -91,7 +91,7 @@ def test_compressed_blocks_number_lines_like_the_plain_file(tmp_path, suffix, tr
     path.write_bytes(COMPRESS[suffix](data[:half]) + COMPRESS[suffix](data[half:]))
     assert sources.is_compressed(str(path)) and not sources.is_compressed("f.csv")
     [r] = sources.plan_ranges([(str(path), path.stat().st_size)])
-    assert sources.read_first_line(str(path)) == lines[0]
+    assert sources.read_first_lines(str(path), 1) == [lines[0]]
     for block in (1, 5, 64, 1000, 10 * len(data)):
         got = list(sources.read_compressed(r, block))
         assert [index for index, _, _ in got] == list(range(len(got)))
