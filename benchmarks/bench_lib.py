@@ -183,6 +183,25 @@ def peak_matmul_flops(size: int = 2048, seconds: float = 3.0) -> float:
     return best
 
 
+def machine() -> dict:
+    """What a figure was measured on: the CPU count, the CPU's model name and its widest
+    vector instructions (matmul and GRU speeds, and so the models' ratios, differ between
+    an AVX-512 and an AVX2 machine of the same core count)."""
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux: the count alone
+        pass
+    isa = next((x for x in ("amx_tile", "avx512f", "avx2", "avx") if x in flags), None)
+    return {"cpus": os.cpu_count(), "cpu": name, "vector_isa": isa}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -251,7 +251,8 @@ def main(argv=None) -> int:
                            f"{','.join(map(str, args.long_sessions))} through the pipeline"),
         "split": "train", "batch": [args.batch_size, args.sessions_per_batch, args.max_session_length],
         "truncation": args.truncation or "whole history", "index_bytes": 8, "state_bytes": 4,
-        "peak_memory_data": "ml1m", "peak_memory_steps": args.steps, "loss": "softmax"}
+        "peak_memory_data": "ml1m", "peak_memory_steps": args.steps, "loss": "softmax",
+        **bench_lib.machine()}
     print(json.dumps(result))
     return 0
 

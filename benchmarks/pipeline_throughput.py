@@ -20,6 +20,8 @@ import time
 
 import psutil
 
+import bench_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
         "events_per_s": round(events / seconds),
         "peak_rss_mb": round(peak_mb),
         "runner": " ".join([stats["options"]["runner"], *args.pipeline_args]),
-        "cpus": os.cpu_count(),
+        **bench_lib.machine(),
         "rows_written": stats["rows_written"],
         "generate_seconds": round(gen_s, 2),
         "workload": f"synthetic log, {events} events, {len({r.user for r in rows})} users, "

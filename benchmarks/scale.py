@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             "model": "hiertcn default (B=32, S=10, L=20, softmax)", "timed_steps": args.steps,
             "warmup_steps": args.warmup, "start": "user U/2 of the stream",
             "processes_per_size": args.repeats,
-            "cpus": os.cpu_count()}}))
+            **bench_lib.machine()}}))
     return 0
 
 

@@ -40,6 +40,8 @@ from model.config import HierTCNConfig  # noqa: E402
 from pipeline import schema  # noqa: E402
 from serving import export, protos  # noqa: E402
 
+import bench_lib  # noqa: E402 - this folder
+
 ITEMS = 50_000
 SESSION_LENGTH = 10
 K = 20
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
                      "repeat_head": args.repeat_head, "history_items": history, "start_items": starts,
                      "server": "serving.server --enable-batching --max-batch-size 32 "
                                f"--batch-timeout-micros {BATCH_TIMEOUT_MICROS}",
-                     "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+                     **bench_lib.machine(), "load_average_1m": round(os.getloadavg()[0], 2),
                      "quick": args.quick},
     }
     print(json.dumps(result))

@@ -269,7 +269,7 @@ def measure(args, data_dir: str) -> dict:
         "sessions_per_event": round(bench.stats["sessions_per_event"], 4),
         "hiertcn_conv_taps_reached": round(bench_lib.conv_taps_reached(
             bench_lib.model_config("hiertcn", "sampled", a.num_negatives), bench.stats["reach"]), 3),
-        "num_negatives": a.num_negatives, "width": bench_lib.HIDDEN, "cpus": os.cpu_count()}
+        "num_negatives": a.num_negatives, "width": bench_lib.HIDDEN, **bench_lib.machine()}
     return result
 
 

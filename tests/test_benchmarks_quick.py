@@ -32,6 +32,8 @@ def test_train_speed_quick():
     assert {"prebuilt_us_per_event", "generator_us_per_event", "generator_overhead"} <= set(choices["input"])
     assert result["peak_matmul_gflops"] > 0
     assert 0 < result["workload"]["padding_fraction"] < 1
+    # the machine the figures come from (ratios differ between AVX2 and AVX-512 machines)
+    assert result["workload"]["cpus"] == os.cpu_count() and result["workload"]["cpu"]
     large = result["large_catalogue"]
     assert large["vocab_size"] == 20_000
     for optimizer in ("lazy_adam", "adam"):
