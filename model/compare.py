@@ -11,6 +11,9 @@ evaluates on valid every `--eval-every` steps and at the end, and the checkpoint
 best valid Recall@20 (`RUN/best/`) is the one tested. Outputs: `results.json` = {"models": {NAME: METRICS + std + train_seconds +
 events_per_s + parameters}}, `results.md` (a table, best value per column in bold, HierTCN's
 relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per model).
+Each test evaluation also writes the users' metric sums (`test_users.npz`), so that
+HierTCN's difference from the best baseline comes with a 95% confidence interval and a
+p-value from a paired bootstrap over the test users (`relative_gain.KEY.paired`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from model.baselines import NAMES as FITTED
-from model.metrics import GROUPS, METRIC_KEYS
+from model.evaluate import read_per_user
+from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
 from pipeline import schema
 
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
@@ -82,8 +86,11 @@ def aggregate(runs: Sequence[dict]) -> dict:
     return out
 
 
-def relative_gain(results: dict, ours: str = "hiertcn") -> dict:
-    """HierTCN's relative gain over the best other model on the headline metrics.
+def relative_gain(results: dict, ours: str = "hiertcn",
+                  per_user: dict[str, dict[str, np.ndarray]] | None = None) -> dict:
+    """HierTCN's relative gain over the best other model on the headline metrics and,
+    with both models' `per_user` sums (`seeds_per_user`), how sure the difference is
+    (`paired`: `metrics.paired_bootstrap` over the test users).
 
     Variants of `ours` (`hiertcn:LABEL`, e.g. the session-only ablation) are not baselines.
     """
@@ -91,13 +98,47 @@ def relative_gain(results: dict, ours: str = "hiertcn") -> dict:
     baselines = [n for n in models if n.split(":", 1)[0] != ours]
     if ours not in models or not baselines:
         return {}
+    per_user = per_user or {}
     gains = {}
     for key in HEADLINE:
         best_name = max(baselines, key=lambda n: models[n][key])
         best = models[best_name][key]
         gains[key] = {"best_baseline": best_name, "baseline": best, "hiertcn": models[ours][key],
                       "relative_gain": (models[ours][key] - best) / best if best > 0 else None}
+        a, b = per_user.get(ours), per_user.get(best_name)
+        if a is not None and b is not None and _same_events(a, b):
+            gains[key]["paired"] = paired_bootstrap(a[key], b[key], a["events"])
     return gains
+
+
+def _same_events(a: dict, b: dict) -> bool:
+    """Two models' per-user sums cover the same users with the same events."""
+    return (a["user_id"].shape == b["user_id"].shape and bool(np.all(a["user_id"] == b["user_id"]))
+            and bool(np.all(a["events"] == b["events"])) and a["events"].sum() > 0)
+
+
+def seeds_per_user(paths: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The per-user sums (`model.evaluate --per-user-output`) of a model's seeds, averaged
+    over the seeds (so that they sum to the mean over seeds of each metric); None when a
+    file is missing or the seeds did not see the same users and events."""
+    if not paths or not all(os.path.exists(p) for p in paths):
+        return None
+    runs = [read_per_user(p) for p in paths]
+    if not all(_same_events(runs[0], r) for r in runs[1:]):
+        return None
+    out = {"user_id": runs[0]["user_id"], "events": runs[0]["events"]}
+    for key in METRIC_KEYS:
+        out[key] = np.mean([r[key] for r in runs], axis=0)
+    return out
+
+
+def _significance(g: dict) -> str:
+    """`relative_gain`'s `paired` entry in words, for `results.md`."""
+    p = g["paired"]
+    verdict = "significant" if p["p_value"] < 0.05 else "not significant"
+    return (f"; difference {p['difference']:+.4f}, 95% CI [{p['ci95'][0]:+.4f}, "
+            f"{p['ci95'][1]:+.4f}], p = {p['p_value']:.3f} by a paired bootstrap over "
+            f"{p['users']:,} users: {verdict}")
 
 
 def _columns() -> list[tuple[str, str, bool]]:
@@ -145,13 +186,14 @@ def markdown_table(results: dict) -> str:
                 s += f" ± {sd:.4f}"
             cells.append(f"**{s}**" if best.get(key) is not None and np.isclose(v, best[key]) else s)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    gains = relative_gain(results)
+    gains = results["relative_gain"] if "relative_gain" in results else relative_gain(results)
     if gains:
         lines.append("")
         for key, g in gains.items():
             rel = "n/a" if g["relative_gain"] is None else f"{100 * g['relative_gain']:+.1f}%"
+            sig = _significance(g) if "paired" in g else ""
             lines.append(f"HierTCN vs best baseline ({g['best_baseline']}) on {key}: "
-                         f"{g['hiertcn']:.4f} vs {g['baseline']:.4f} ({rel})")
+                         f"{g['hiertcn']:.4f} vs {g['baseline']:.4f} ({rel}{sig})")
     events = next(iter(models.values())).get("events")
     lines.append("")
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2), "
@@ -207,9 +249,8 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     if base in FITTED:
         out = os.path.join(args.output, "runs", name, "test.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        if not os.path.exists(out):
-            _run([py, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
-                  "--model", base, "--output", out], log_path)
+        if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+            _evaluate(args, log_path, out, "--model", base)
         with open(out, encoding="utf-8") as f:
             entry = aggregate([json.load(f)])
         entry.update(train_seconds=0.0, events_per_s=None, parameters=0)
@@ -218,6 +259,9 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     for seed in range(args.seeds):
         run_dir = os.path.join(args.output, "runs", name, f"seed{seed}")
         out = os.path.join(run_dir, "test.json")
+        if os.path.exists(out) and not os.path.exists(_users_file(out)):
+            # a run of a version without per-user sums: the same checkpoint, evaluated again
+            _evaluate(args, log_path, out, "--model-dir", run_dir)
         if not os.path.exists(out):
             cmd = [py, "-m", "model.train", "--data", args.data, "--model", base,
                    "--model-dir", run_dir, "--seed", str(seed), "--eval-every", str(args.eval_every)]
@@ -230,8 +274,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
                 cmd += ["--config", config]
             cmd += args.train_args.get(name, [])
             _run(cmd, log_path)
-            _run([py, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
-                  "--model-dir", run_dir, "--output", out], log_path)
+            _evaluate(args, log_path, out, "--model-dir", run_dir)
         with open(out, encoding="utf-8") as f:
             runs.append(json.load(f))
         with open(os.path.join(run_dir, "train_summary.json"), encoding="utf-8") as f:
@@ -243,6 +286,27 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     entry["steps"] = [s["steps"] for s in summaries]
     entry["best_steps"] = [(s.get("best") or {}).get("step") for s in summaries]
     return entry
+
+
+def _evaluate(args: argparse.Namespace, log_path: str, out: str, *which: str) -> None:
+    """`model.evaluate` of one run (`which`: --model-dir RUN or --model NAME) on the
+    compared split: metrics JSON to `out`, the per-user sums beside it."""
+    _run([sys.executable, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
+          *which, "--output", out, "--per-user-output", _users_file(out)], log_path)
+
+
+def _users_file(test_json: str) -> str:
+    """The per-user sums written beside a run's `test.json`."""
+    return os.path.join(os.path.dirname(test_json), "test_users.npz")
+
+
+def model_per_user(name: str, args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    """`seeds_per_user` of one model's runs under `args.output`."""
+    folder = os.path.join(args.output, "runs", name)
+    if name.split(":", 1)[0] in FITTED:
+        return seeds_per_user([os.path.join(folder, "test_users.npz")])
+    return seeds_per_user([os.path.join(folder, f"seed{s}", "test_users.npz")
+                           for s in range(args.seeds)])
 
 
 def _parse_pairs(values: Sequence[str], what: str) -> dict[str, str]:
@@ -302,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = results["models"][name]
             print(f"[{i}/{len(names)}] {name}: recall@20 {m['recall@20']:.4f}  "
                   f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
-        results["relative_gain"] = relative_gain(results)
+        results["relative_gain"] = relative_gain(
+            results, per_user={n: model_per_user(n, args) for n in names})
         _write_json(os.path.join(args.output, "results.json"), results)
         md = markdown_table(results)
         tmp = os.path.join(args.output, "results.md.tmp")

@@ -96,8 +96,9 @@ def _seen_after(seen: np.ndarray, session: np.ndarray) -> np.ndarray:
 
 
 def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: int,
-                    acc: metrics.MetricsAccumulator) -> None:
-    """History first, then target sessions in lock-step: score, accumulate, update."""
+                    acc: metrics.MetricsAccumulator, first_user: int = 0) -> None:
+    """History first, then target sessions in lock-step: score, accumulate, update (each
+    event tagged with its user's index, `first_user` + row)."""
     state = scorer.initial_state([u.user_id for u in users])
     seen = [np.zeros(0, dtype=np.int64) for _ in users]
     empty = np.zeros(0, dtype=np.int64)
@@ -116,14 +117,16 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         rank = scorer.ranks(state, sessions, vocab_size)
         first = np.zeros(sessions.shape, dtype=bool)
         first[:, 0] = True
+        user = np.repeat(np.arange(first_user, first_user + len(users)), sessions.shape[1])
         acc.add_ranks(rank.reshape(-1), sessions.reshape(-1), repeat.reshape(-1),
-                      first.reshape(-1))
+                      first.reshape(-1), user)
         state = scorer.update(state, sessions)
 
 
 def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
              max_users: int | None = None, user_ids: Collection[str] | None = None,
-             progress: bool = True, users: Sequence[schema.UserRecord] | None = None) -> dict:
+             progress: bool = True, users: Sequence[schema.UserRecord] | None = None,
+             per_user_output: str | None = None) -> dict:
     """Evaluates a scorer online on the target sessions of a split.
 
     Args:
@@ -137,6 +140,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
       progress: show a progress bar over users.
       users: the split's user records, already read (`load_users`), instead of reading
         them from `data_dir` (`max_users` and `user_ids` still apply).
+      per_user_output: also write each user's event count and metric sums here (an
+        `.npz`, `write_per_user`), for paired comparisons between models.
 
     Returns:
       The §6 metrics dict: `recall@K`, `mrr@K` (K in 1, 5, 10, 20), `events`,
@@ -170,15 +175,46 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
         users = (u for u in users if u.user_id in user_ids)
     users = itertools.islice(users, max_users)
     acc = metrics.MetricsAccumulator()
+    ids: list[str] = []
     with tqdm(total=total, unit="user", desc=f"evaluate {scorer.name} on {split}",
               disable=not progress) as bar:
         for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
                                    vocab.size):
-            _evaluate_batch(scorer, batch, vocab.size, acc)
+            _evaluate_batch(scorer, batch, vocab.size, acc, len(ids))
+            ids.extend(u.user_id for u in batch)
             bar.update(len(batch))
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
+    if per_user_output:
+        write_per_user(per_user_output, ids, acc.per_user(len(ids)))
     return out
+
+
+def write_per_user(path: str, user_ids: Sequence[str], sums: dict[str, np.ndarray]) -> None:
+    """Writes per-user sums (`MetricsAccumulator.per_user`) as an `.npz` (atomically), the
+    users sorted by id so that two models' files line up row by row; `user_id` holds the
+    ids."""
+    ids = np.asarray(list(user_ids), dtype=str)
+    order = np.argsort(ids, kind="stable")
+    arrays = {k: v[order] for k, v in sums.items()}
+    arrays["user_id"] = ids[order]
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_per_user(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a `write_per_user` file."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
 
 
 def load_users(data_dir: str, split: str, user_ids: Collection[str] | None = None,
@@ -257,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --model-dir: the best-on-valid weights (default; the latest "
                              "when the run never evaluated on valid) or the latest")
     parser.add_argument("--output", help="write the metrics JSON here (atomically)")
+    parser.add_argument("--per-user-output", metavar="FILE.npz",
+                        help="also write each user's events and metric sums here (for paired "
+                             "significance tests between models, as model.compare does)")
     parser.add_argument("--batch-size", type=_positive, default=64, help="users side by side")
     parser.add_argument("--max-users", type=_positive, help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -278,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             scorer = baselines.fit(args.model, args.data)
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
-                          max_users=args.max_users, progress=not args.no_progress)
+                          max_users=args.max_users, progress=not args.no_progress,
+                          per_user_output=args.per_user_output)
         if args.output:
             write_json(args.output, result)
     except user_errors as e:

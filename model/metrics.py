@@ -97,6 +97,7 @@ class MetricsAccumulator:
         self._rank: list[np.ndarray] = []
         self._repeat: list[np.ndarray] = []
         self._first: list[np.ndarray] = []
+        self._user: list[np.ndarray] = []
 
     def add(self, scores: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
             is_first: np.ndarray) -> None:
@@ -112,13 +113,16 @@ class MetricsAccumulator:
         self.add_ranks(event_ranks(scores, targets), targets, is_repeat, is_first)
 
     def add_ranks(self, rank: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
-                  is_first: np.ndarray) -> None:
+                  is_first: np.ndarray, user: np.ndarray | None = None) -> None:
         """Adds a batch of events from their ranks (as `ranks` computes them: `inf` for an
-        unknown target); the other arguments as in `add`."""
+        unknown target); the other arguments as in `add`. `user` int [N]: each event's
+        user as an index (0, 1, ...) for `per_user` (given for every batch or for none)."""
         keep = np.flatnonzero(np.asarray(targets, dtype=np.int64) != schema.PAD_INDEX)
         self._rank.append(np.asarray(rank, dtype=np.float64)[keep])
         self._repeat.append(np.asarray(is_repeat, dtype=bool)[keep])
         self._first.append(np.asarray(is_first, dtype=bool)[keep])
+        if user is not None:
+            self._user.append(np.asarray(user, dtype=np.int64)[keep])
 
     def result(self) -> dict:
         """The metrics JSON: headline keys over non-first events plus `first_item`,
@@ -133,3 +137,73 @@ class MetricsAccumulator:
                            ("new", later & ~repeat)):
             out[name] = _summary(rank[mask], unknown[mask])
         return out
+
+    def per_user(self, num_users: int) -> dict[str, np.ndarray]:
+        """Per-user sums of the headline events (positions >= 1), for paired comparisons
+        of two models over the same users (`paired_bootstrap`): `events` int64 [U] and,
+        per metric key, float64 [U] the sum over the user's events of the hit (recall@K)
+        or of the reciprocal rank within K (mrr@K). Summed over users and divided by the
+        events they give the headline metrics of `result`.
+
+        Raises:
+          ValueError: the events were added without `user`.
+        """
+        if len(self._user) != len(self._rank):
+            raise ValueError("per_user needs the user of every event (add_ranks(user=...))")
+        rank = np.concatenate(self._rank) if self._rank else np.zeros(0)
+        user = np.concatenate(self._user) if self._user else np.zeros(0, np.int64)
+        later = ~(np.concatenate(self._first) if self._first else np.zeros(0, bool))
+        rank, user = rank[later], user[later]
+        out = {"events": np.bincount(user, minlength=num_users).astype(np.int64)}
+        for k in KS:
+            hit = rank <= k
+            out[f"recall@{k}"] = np.bincount(user, weights=hit.astype(np.float64),
+                                             minlength=num_users)
+            out[f"mrr@{k}"] = np.bincount(user, weights=np.where(hit, 1.0 / rank, 0.0),
+                                          minlength=num_users)
+        return out
+
+
+def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, events: np.ndarray,
+                     rounds: int = 2000, seed: int = 0) -> dict:
+    """How sure a difference of a metric between two models on the same events is.
+
+    The users are resampled with replacement (a user's events are not independent of
+    each other, so the user is the unit); the metric of a resample is the sum of its
+    users' per-user sums over the sum of their events (`MetricsAccumulator.per_user`).
+
+    Args:
+      ours, theirs: float [U] per-user sums of one metric for the two models.
+      events: int [U] per-user events (the same for both: the same split).
+      rounds: bootstrap resamples.
+      seed: the resampling seed (the result is a function of the inputs and the seed).
+
+    Returns:
+      {"difference": ours - theirs on all events, "ci95": [low, high] (percentiles of the
+      resampled differences), "p_value": two-sided bootstrap p-value of a zero
+      difference, "users": U, "rounds": rounds}.
+    """
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    events = np.asarray(events, np.float64)
+    if not (ours.shape == theirs.shape == events.shape) or ours.ndim != 1:
+        raise ValueError(f"per-user arrays differ in shape: {ours.shape}, {theirs.shape}, "
+                         f"{events.shape}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    total = events.sum()
+    if total <= 0:
+        raise ValueError("no events to compare")
+    diff = ours - theirs
+    users = len(diff)
+    rng = np.random.default_rng(seed)
+    stats = []
+    chunk = max(1, (1 << 22) // users)  # resamples at a time: bounded memory
+    for start in range(0, rounds, chunk):
+        idx = rng.integers(0, users, size=(min(chunk, rounds - start), users))
+        n = events[idx].sum(axis=1)
+        stats.append(diff[idx].sum(axis=1) / np.maximum(n, 1.0))
+    stats = np.concatenate(stats)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    p = min(1.0, 2.0 * min(np.mean(stats <= 0.0), np.mean(stats >= 0.0)))
+    return {"difference": float(diff.sum() / total), "ci95": [float(low), float(high)],
+            "p_value": float(p), "users": int(users), "rounds": int(rounds)}

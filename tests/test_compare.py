@@ -1,9 +1,19 @@
-"""model.compare's pure parts: seed aggregation, relative gain, the Markdown table."""
+"""model.compare: seed aggregation, relative gain, the Markdown table, and a whole run
+with the paired significance test of HierTCN against the best baseline."""
 import json
+import os
 
+import numpy as np
 import pytest
 
 from model import compare
+from model import evaluate as evaluate_lib
+from tiny_logs import planted_users, write_data
+
+TINY = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16},
+        "train": {"batch_size": 4, "sessions_per_batch": 3, "max_session_length": 4,
+                  "learning_rate": 0.05, "lr_schedule": "constant", "checkpoint_every": 5,
+                  "shuffle_buffer": 16, "eval_users": 0}}
 
 
 def _metrics(r20, m20, first=0.1):
@@ -47,3 +57,62 @@ def test_model_names_are_validated():
         compare.parse_model_names("hiertcn,bert4rec")
     with pytest.raises(compare.CompareError, match="twice"):
         compare.parse_model_names("sknn,sknn")
+
+
+def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_path, capsys):
+    data = write_data(str(tmp_path / "data"), 20, planted_users(40),
+                      valid=[(3, u[:4]) for u in planted_users(8, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(12, seed=2)])
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "cmp"
+    argv = ["--data", data, "--models", "hiertcn,popularity,sknn", "--output", str(out),
+            "--budget-steps", "6", "--eval-every", "3", "--seeds", "2",
+            "--config", f"hiertcn={config}"]
+    assert compare.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    models = results["models"]
+    # each test evaluation wrote its users' sums, and they add up to its metrics
+    for run in ("hiertcn/seed0", "hiertcn/seed1", "popularity", "sknn"):
+        sums = evaluate_lib.read_per_user(str(out / "runs" / run / "test_users.npz"))
+        metrics = json.loads((out / "runs" / run / "test.json").read_text())
+        assert len(sums["user_id"]) == 12 and list(sums["user_id"]) == sorted(sums["user_id"])
+        assert sums["events"].sum() == metrics["events"]
+        for key in ("recall@20", "mrr@20", "recall@5"):
+            assert sums[key].sum() / sums["events"].sum() == pytest.approx(metrics[key])
+    for key in ("recall@20", "mrr@20"):
+        gain = results["relative_gain"][key]
+        paired = gain["paired"]
+        best = gain["best_baseline"]
+        # the difference of the means over seeds, on the same 12 users
+        assert paired["difference"] == pytest.approx(models["hiertcn"][key] - models[best][key])
+        assert paired["users"] == 12 and paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+        assert 0.0 <= paired["p_value"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert md.count("paired bootstrap over 12 users") == 2
+    # a run folder from before the per-user sums: its checkpoint is evaluated again
+    os.remove(out / "runs" / "hiertcn" / "seed1" / "test_users.npz")
+    os.remove(out / "runs" / "sknn" / "test_users.npz")
+    assert compare.main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["relative_gain"] == results["relative_gain"]
+    assert (out / "runs" / "hiertcn" / "seed1" / "test_users.npz").exists()
+    capsys.readouterr()
+
+
+def test_seeds_per_user_averages_the_seeds_and_refuses_other_users(tmp_path):
+    def write(name, ids, events, hits):
+        sums = {"events": np.array(events)}
+        for key in compare.METRIC_KEYS:
+            sums[key] = np.array(hits, dtype=float)
+        path = str(tmp_path / name)
+        evaluate_lib.write_per_user(path, ids, sums)
+        return path
+
+    a = write("a.npz", ["u2", "u1"], [3, 2], [1, 2])
+    b = write("b.npz", ["u1", "u2"], [2, 3], [0, 3])
+    avg = compare.seeds_per_user([a, b])
+    assert list(avg["user_id"]) == ["u1", "u2"]  # sorted by id when written
+    np.testing.assert_allclose(avg["recall@20"], [1.0, 2.0])
+    assert compare.seeds_per_user([a, write("c.npz", ["u1", "u3"], [2, 3], [0, 3])]) is None
+    assert compare.seeds_per_user([a, str(tmp_path / "missing.npz")]) is None

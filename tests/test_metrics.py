@@ -72,3 +72,55 @@ def test_chunked_ranks_match_unchunked(monkeypatch):
     brute = [np.inf if t == 1 else 1 + sum(scores[i, c] >= scores[i, t] for c in range(2, 12) if c != t)
              for i, t in enumerate(targets)]
     np.testing.assert_array_equal(full, brute)
+
+
+def test_per_user_sums_add_up_to_the_headline_metrics():
+    rng = np.random.default_rng(3)
+    acc = metrics.MetricsAccumulator()
+    for start in (0, 4):  # two batches of users, as the evaluator adds them
+        n = 40
+        rank = rng.integers(1, 30, size=n).astype(np.float64)
+        rank[rng.random(n) < 0.1] = np.inf  # unknown targets: misses
+        targets = np.where(rng.random(n) < 0.1, 0, 5)  # some padding rows
+        user = start + rng.integers(0, 4, size=n)
+        acc.add_ranks(rank, targets, rng.random(n) < 0.5, rng.random(n) < 0.2, user)
+    out = acc.result()
+    sums = acc.per_user(9)  # user 8 has no event
+    assert sums["events"].sum() == out["events"] and sums["events"][8] == 0
+    for key in metrics.METRIC_KEYS:
+        assert sums[key].shape == (9,)
+        assert sums[key].sum() / sums["events"].sum() == pytest.approx(out[key])
+
+
+def test_per_user_needs_the_users():
+    acc = metrics.MetricsAccumulator()
+    acc.add_ranks(np.array([1.0]), np.array([3]), np.array([False]), np.array([False]))
+    with pytest.raises(ValueError, match="user"):
+        acc.per_user(1)
+
+
+def test_paired_bootstrap_difference_interval_and_p_value():
+    events = np.full(60, 10)
+    theirs = np.random.default_rng(0).integers(0, 6, size=60).astype(float)
+    # the same model: no difference, an interval of width 0, p = 1
+    same = metrics.paired_bootstrap(theirs, theirs, events)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and same["p_value"] == 1.0
+    # better by one hit in ten events for every user: +0.1, sure
+    better = metrics.paired_bootstrap(theirs + 1, theirs, events)
+    assert better["difference"] == pytest.approx(0.1)
+    assert better["ci95"] == pytest.approx([0.1, 0.1]) and better["p_value"] == 0.0
+    assert better["users"] == 60 and better["rounds"] == 2000
+    # the same total gain from one user's habit: a third of the resamples leave that user
+    # out, so the interval reaches 0 and the difference is not significant
+    one = theirs.copy()
+    one[7] += 60
+    habit = metrics.paired_bootstrap(one, theirs, events)
+    assert habit["difference"] == pytest.approx(0.1)
+    assert habit["ci95"][0] == 0.0 and habit["ci95"][1] > 0.1 and habit["p_value"] > 0.5
+    # a function of the inputs and the seed
+    assert metrics.paired_bootstrap(one, theirs, events, seed=5) == \
+        metrics.paired_bootstrap(one, theirs, events, seed=5)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.paired_bootstrap(one[:5], theirs, events)
+    with pytest.raises(ValueError, match="no events"):
+        metrics.paired_bootstrap(one, theirs, np.zeros(60))
