@@ -90,7 +90,8 @@ def _summary(rank: np.ndarray, unknown: np.ndarray) -> dict:
 class MetricsAccumulator:
     """Collects ranks batch by batch and summarises them as the §6 metrics JSON.
 
-    Only the ranks of the events are kept (8 bytes per event), never the scores.
+    Only the ranks of the events are kept (8 bytes per event, and 4 for its user when
+    given), never the scores.
     """
 
     def __init__(self):
@@ -122,7 +123,7 @@ class MetricsAccumulator:
         self._repeat.append(np.asarray(is_repeat, dtype=bool)[keep])
         self._first.append(np.asarray(is_first, dtype=bool)[keep])
         if user is not None:
-            self._user.append(np.asarray(user, dtype=np.int64)[keep])
+            self._user.append(np.asarray(user, dtype=np.int32)[keep])
 
     def result(self) -> dict:
         """The metrics JSON: headline keys over non-first events plus `first_item`,
@@ -151,7 +152,7 @@ class MetricsAccumulator:
         if len(self._user) != len(self._rank):
             raise ValueError("per_user needs the user of every event (add_ranks(user=...))")
         rank = np.concatenate(self._rank) if self._rank else np.zeros(0)
-        user = np.concatenate(self._user) if self._user else np.zeros(0, np.int64)
+        user = np.concatenate(self._user) if self._user else np.zeros(0, np.int32)
         later = ~(np.concatenate(self._first) if self._first else np.zeros(0, bool))
         rank, user = rank[later], user[later]
         out = {"events": np.bincount(user, minlength=num_users).astype(np.int64)}
