@@ -136,8 +136,11 @@ def _significance(g: dict) -> str:
     """`relative_gain`'s `paired` entry in words, for `results.md`."""
     p = g["paired"]
     verdict = "significant" if p["p_value"] < 0.05 else "not significant"
+    # no resample crossed 0: the p-value is below what the resamples can resolve
+    p_text = (f"p < {2 / p['rounds']:.2g}" if p["p_value"] == 0
+              else f"p = {p['p_value']:.3f}")
     return (f"; difference {p['difference']:+.4f}, 95% CI [{p['ci95'][0]:+.4f}, "
-            f"{p['ci95'][1]:+.4f}], p = {p['p_value']:.3f} by a paired bootstrap over "
+            f"{p['ci95'][1]:+.4f}], {p_text} by a paired bootstrap over "
             f"{p['users']:,} users: {verdict}")
 
 

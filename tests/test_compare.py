@@ -116,3 +116,12 @@ def test_seeds_per_user_averages_the_seeds_and_refuses_other_users(tmp_path):
     np.testing.assert_allclose(avg["recall@20"], [1.0, 2.0])
     assert compare.seeds_per_user([a, write("c.npz", ["u1", "u3"], [2, 3], [0, 3])]) is None
     assert compare.seeds_per_user([a, str(tmp_path / "missing.npz")]) is None
+
+
+def test_significance_in_words():
+    paired = {"difference": 0.0613, "ci95": [0.0494, 0.0734], "p_value": 0.0, "users": 187,
+              "rounds": 2000}
+    text = compare._significance({"paired": paired})
+    assert "95% CI [+0.0494, +0.0734], p < 0.001 " in text and text.endswith(": significant")
+    text = compare._significance({"paired": dict(paired, ci95=[-0.01, 0.02], p_value=0.31)})
+    assert "p = 0.310" in text and text.endswith(": not significant")
