@@ -525,6 +525,32 @@ def _read_summary(run_dir: str) -> dict:
         return json.load(f)
 
 
+def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps int64 [n], values float64 [n]) of a scalar the training loop logged to
+    RUN/logs for TensorBoard, in step order: `loss` and `events_per_s` every `LOG_EVERY`
+    steps, `valid/<metric>` at each valid evaluation. A step logged by more than one process
+    (a resumed run repeats the steps after its last checkpoint) keeps its latest value.
+
+    Raises:
+      FileNotFoundError: RUN/logs holds no event file.
+    """
+    files = tf.io.gfile.glob(os.path.join(run_dir, "logs", "events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event file in {os.path.join(run_dir, 'logs')}")
+    latest: dict[int, tuple[float, float]] = {}  # step -> (wall time, value)
+    for path in files:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag != tag:
+                    continue
+                number = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
+                          else float(value.simple_value))
+                if event.wall_time >= latest.get(event.step, (-math.inf, 0.0))[0]:
+                    latest[event.step] = (event.wall_time, number)
+    steps = np.array(sorted(latest), np.int64)
+    return steps, np.array([latest[s][1] for s in steps], np.float64)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -2,9 +2,11 @@
 errors, the config contract."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from model import config as config_lib
 from model import registry
@@ -48,6 +50,12 @@ def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, 
     assert summary["steps"] == 60 and summary["events"] > 0 and summary["parameters"] > 0
     assert summary["final_loss"] < np.log(20) - 0.5  # well below uniform over 20 items
     assert 0.0 <= summary["valid"]["recall@20"] <= 1.0
+    # the TensorBoard logs hold the loss every 10 steps and the valid evaluation
+    steps, losses = train_lib.read_scalars(run, "loss")
+    assert steps.tolist() == list(range(10, 61, 10))
+    assert losses[-1] == pytest.approx(summary["final_loss"], rel=1e-6) and losses[-1] < losses[0]
+    steps, recall = train_lib.read_scalars(run, "valid/recall@20")
+    assert steps.tolist() == [60] and recall[0] == pytest.approx(summary["valid"]["recall@20"])
     for name in ("config.json", "items.tsv", "train_summary.json", "checkpoints", "logs"):
         assert os.path.exists(os.path.join(run, name))
     with open(os.path.join(run, "config.json")) as f:
@@ -73,6 +81,27 @@ def test_resume_equals_uninterrupted_run(data, config_file, tmp_path):
     assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 0
     for a, b in zip(_weights(straight), _weights(resumed)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    # and the two processes' logs read as the one curve of the uninterrupted run
+    for x, y in zip(train_lib.read_scalars(straight, "loss"), train_lib.read_scalars(resumed, "loss")):
+        np.testing.assert_allclose(x, y, rtol=1e-5)
+
+
+def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
+    # A process that died after logging steps it had not checkpointed: the resumed
+    # process logs them again (another event file), and its values are the ones read.
+    logs = str(tmp_path / "run" / "logs")
+    for i, values in enumerate(({10: 3.0, 20: 2.5}, {20: 2.0, 30: 1.5})):
+        writer = tf.summary.create_file_writer(logs, filename_suffix=f".process{i}")
+        with writer.as_default():
+            for step, value in values.items():
+                train_lib._scalar("loss", value, step=step)
+        writer.close()
+        time.sleep(0.01)
+    steps, losses = train_lib.read_scalars(str(tmp_path / "run"), "loss")
+    assert steps.tolist() == [10, 20, 30] and losses.tolist() == [3.0, 2.0, 1.5]
+    assert train_lib.read_scalars(str(tmp_path / "run"), "valid/mrr@20")[0].size == 0
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event file"):
+        train_lib.read_scalars(str(tmp_path / "elsewhere"), "loss")
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(data, config_file, tmp_path, capsys):
