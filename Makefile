@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+# pytest-xdist workers of `make test` (each a TensorFlow process of ~1-2 GB)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test clean
 
@@ -17,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m serving.demo --output $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
