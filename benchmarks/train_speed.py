@@ -19,9 +19,9 @@ choices are measured on HierTCN in the sampled setting: packed events vs the pad
 [B * S, L] encoder, XLA (`jit_compile`, padded fixed shapes), bfloat16 mixed precision,
 oneDNN off and on (subprocesses with TF_ENABLE_ONEDNN_OPTS=0 / 1), one thread per op
 (a subprocess with TF_NUM_INTRAOP_THREADS=1), and input from the tf.data queue
-generator vs from pre-built batches on the same batches (alternating blocks of 10 steps;
-`generator_overhead` is the median of the blocks' ratios, `generator_overhead_total` the
-ratio of the sums).
+generator vs from pre-built batches on the same batches (pairs of blocks of 10 steps,
+the pre-built block first in every other pair; `generator_overhead` is the median of the
+pairs' ratios, `generator_overhead_total` the ratio of the sums).
 
 Large catalogue (`large_catalogue`): HierTCN and HRNN in the sampled setting with the
 item tables grown to `--catalogue` items (default 500,000; the vocabulary padded with
@@ -129,10 +129,10 @@ class Bench:
 def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     """Step time per event from pre-built batches vs from the tf.data queue generator over
     the training loop's users factory (`model.train`'s input), on the same batches, in
-    alternating blocks of 10 steps (a fresh generator per block, started and prefetched
-    before its block is timed), so that the machine's drift hits both alike; the overhead
-    is the median over blocks of the generator block's time per event over the pre-built
-    block's just before it."""
+    alternating blocks of 10 steps (a fresh generator per pair of blocks, its buffer full
+    before each block is timed; the pre-built block first in every other pair), so that the
+    machine's drift and an order effect hit both alike; the overhead is the median over
+    pairs of the generator block's time per event over the pre-built block's."""
     import numpy as np
 
     from model import batching
@@ -144,25 +144,33 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     spans = max(1, k // per)  # distinct spans of `per` batches, each timed twice
     times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
     ratios = []
+
+    def timed(batches, key, block):
+        for batch in batches:
+            t0 = time.perf_counter()
+            n = trainer.step(batch, timed=False)
+            block[key][0] += time.perf_counter() - t0
+            block[key][1] += n
+
     for i in range(2 * spans):
         start = w + (i % spans) * per
         block = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
-        for batch in bench.batches[start:start + per]:
-            t0 = time.perf_counter()
-            n = trainer.step(batch, timed=False)
-            block["prebuilt"][0] += time.perf_counter() - t0
-            block["prebuilt"][1] += n
         batcher = batching.QueueBatcher(bench.train_users, a.batch_size, a.sessions_per_batch,
                                         a.max_session_length, seed=0)
         it = iter(batching.make_dataset(batcher))
         for _ in range(start):  # the same batches as the pre-built block
             next(it)
-        time.sleep(0.2)  # the generator thread refills its prefetch buffer
-        for _ in range(per):
-            t0 = time.perf_counter()
-            n = trainer.step(next(it), timed=False)
-            block["generator"][0] += time.perf_counter() - t0
-            block["generator"][1] += n
+        prebuilt = bench.batches[start:start + per]
+        generated = (next(it) for _ in range(per))
+        # which goes first alternates (and differs between a span's two pairs), so that an
+        # order effect cancels out
+        pair = [("prebuilt", prebuilt), ("generator", generated)]
+        for key, batches in (pair if (i + i // spans) % 2 == 0 else pair[::-1]):
+            # the generator thread refills its prefetch buffer (before the pre-built block
+            # too, so that no refill of the generator block runs into it)
+            time.sleep(0.2)
+            timed(batches, key, block)
+        del generated, it
         for key, (sec, n) in block.items():
             times[key][0] += sec
             times[key][1] += n

@@ -1,5 +1,10 @@
 """The queue-based mini-batch generator on hand-made users (pure Python) and its tf.data wrapper."""
+import gc
 import json
+import os
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +107,42 @@ def test_tf_dataset_chunks_hand_over_the_same_batches(chunk):
         assert sorted(got) == sorted(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def _producers():
+    return [t for t in threading.enumerate() if t.name == "hiertcn-batches"]
+
+
+def test_tf_dataset_batches_come_from_a_low_priority_thread_that_stops_with_the_iterator():
+    users = [[[2 + (u + k) % 9 for k in range(3)]] for u in range(400)]  # many batches
+    batcher = batching.QueueBatcher(lambda: iter(users), 2, 2, 3, shuffle_buffer=1)
+    it = iter(batching.make_dataset(batcher, prefetch=1, chunk=2))
+    first = next(it)
+    assert first["items"].numpy().tolist() == next(iter(batching.QueueBatcher(
+        lambda: iter(users), 2, 2, 3, shuffle_buffer=1)))["items"].tolist()
+    (producer,) = _producers()
+    if sys.platform.startswith("linux"):
+        assert os.getpriority(os.PRIO_PROCESS, producer.native_id) == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19  # not this one
+    # it runs at most dataset_lead batches ahead of the consumer, then waits
+    time.sleep(0.5)
+    assert batcher.batch_index <= 1 + batching.dataset_lead(1, 2)
+    del it
+    gc.collect()
+    producer.join(timeout=5)
+    assert not producer.is_alive()
+
+
+def test_tf_dataset_raises_the_generators_error():
+    def users():
+        yield [[2, 3, 4]]
+        raise OSError("shard 7 is unreadable")
+
+    ds = batching.make_dataset(batching.QueueBatcher(users, 1, 1, 3, epochs=1), prefetch=1, chunk=1)
+    with pytest.raises(Exception, match="shard 7 is unreadable"):
+        list(ds.as_numpy_iterator())
+    time.sleep(0.2)
+    assert not _producers()
 
 
 def test_random_log_every_user_once_in_order_with_its_history():
