@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import read_per_user
 from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
@@ -222,10 +223,8 @@ def bar_chart(results: dict, path: str) -> None:
     ax.set_ylabel("test")
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _run(cmd: list[str], log_path: str) -> None:
@@ -236,13 +235,6 @@ def _run(cmd: list[str], log_path: str) -> None:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         raise CompareError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}: see {log_path}")
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
@@ -371,12 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
         results["relative_gain"] = relative_gain(
             results, per_user={n: model_per_user(n, args) for n in names})
-        _write_json(os.path.join(args.output, "results.json"), results)
+        write_json(os.path.join(args.output, "results.json"), results, sort_keys=True)
         md = markdown_table(results)
-        tmp = os.path.join(args.output, "results.md.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(md)
-        os.replace(tmp, os.path.join(args.output, "results.md"))
+        write_text(os.path.join(args.output, "results.md"), md)
         bar_chart(results, os.path.join(args.output, "results.png"))
         print(md)
     except CompareError as e:

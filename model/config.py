@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from typing import Any, Mapping
+
+from model import atomic
 
 
 class ConfigError(ValueError):
@@ -365,8 +366,4 @@ def load_json(path: str) -> dict:
 
 def save_json(config: RunConfig, path: str) -> None:
     """Writes the resolved config (atomically)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, config.to_dict(), sort_keys=True)

@@ -24,12 +24,12 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from model import base, metrics
+from model.atomic import write_atomically, write_json
 from model.base import Scorer
 from pipeline import schema
 
@@ -198,7 +198,7 @@ def write_per_user(path: str, user_ids: Sequence[str], sums: dict[str, np.ndarra
     order = np.argsort(ids, kind="stable")
     arrays = {k: v[order] for k, v in sums.items()}
     arrays["user_id"] = ids[order]
-    _write_atomically(path, ".npz", "wb", lambda f: np.savez(f, **arrays))
+    write_atomically(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
 def read_per_user(path: str) -> dict[str, np.ndarray]:
@@ -233,31 +233,6 @@ def sample_users(data_dir: str, split: str, count: int) -> frozenset[str] | None
     if len(ids) <= count:
         return None
     return frozenset(sorted(ids, key=user_order_key)[:count])
-
-
-def write_json(path: str, obj: dict) -> None:
-    """Writes JSON atomically (a temporary file in the same folder, then a rename)."""
-    def dump(f):
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-    _write_atomically(path, ".json", "w", dump)
-
-
-def _write_atomically(path: str, suffix: str, mode: str, write) -> None:
-    """Calls `write(file)` on a temporary file beside `path` (opened with `mode`), then
-    renames it to `path`; on any failure the temporary file is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class _Parser(argparse.ArgumentParser):

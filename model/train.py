@@ -29,6 +29,7 @@ from model import batching
 from model import config as config_lib
 from model import losses
 from model import registry
+from model.atomic import write_json, write_text
 from model.keras_scorer import KerasScorer
 from pipeline import schema
 
@@ -179,10 +180,7 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
         registry.check_vocabulary(schema.read_vocabulary(run_dir), vocab, run_dir, data_dir)
     else:
         with schema.open_text(os.path.join(data_dir, schema.ITEMS_FILE)) as f:
-            text = f.read()
-        with open(items_path + ".tmp", "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(items_path + ".tmp", items_path)
+            write_text(items_path, f.read())
     config_path = os.path.join(run_dir, registry.CONFIG_FILE)
     if os.path.exists(config_path):
         saved = config_lib.load_json(config_path)
@@ -442,7 +440,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         if is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)
             best = {"step": step, "checkpoint": os.path.basename(path), **metrics}
-            _write_json(os.path.join(run_dir, registry.BEST_DIR, registry.BEST_FILE), best)
+            write_json(os.path.join(run_dir, registry.BEST_DIR, registry.BEST_FILE), best)
         return metrics
 
     with writer.as_default():
@@ -489,7 +487,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         "events_per_s": round(events / max(step_seconds, 1e-9), 1),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "final_loss": last_loss, "valid": valid, "best": best}
-    _write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
+    write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -498,14 +496,6 @@ def is_better(metrics: dict, best: dict | None) -> bool:
     if best is None:
         return True
     return (metrics["recall@20"], metrics["mrr@20"]) > (best["recall@20"], best["mrr@20"])
-
-
-def _write_json(path: str, obj: dict) -> None:
-    """Writes JSON atomically (temporary file, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=None) -> dict:
