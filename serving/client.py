@@ -141,8 +141,15 @@ class HierTCNClient:
             host (an IP address, a tunnel).
 
         Raises:
-          ValueError: `tls_ca` cannot be read, or TLS options without `tls`.
+          ValueError: `tls_ca` cannot be read, TLS options without `tls`, or a width,
+            timeout or message size that is not positive.
         """
+        for name, value in (("session_width", session_width), ("history_width", history_width)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
+        if timeout <= 0 or max_message_mb <= 0:
+            raise ValueError(f"timeout and max_message_mb must be positive, got {timeout} "
+                             f"and {max_message_mb}")
         self.target = target
         self.model_name = model_name
         self.timeout = timeout
@@ -312,13 +319,32 @@ class HierTCNClient:
 def _resolve(client: HierTCNClient, store: state_store.StateStore,
              user: str) -> state_store.ResolvedState:
     version = client.pin()
-    return state_store.resolve_state(
-        store, user, version, client.state_size(),
-        update_state=lambda state, session: client.update_state(state[None], [session])[0])
+    update = lambda state, session: client.update_state(state[None], [session])[0]  # noqa: E731
+    try:
+        return state_store.resolve_state(store, user, version, client.state_size(), update)
+    except state_store.StateConflict:  # rebuilt while another process wrote the user
+        return state_store.resolve_state(store, user, version, client.state_size(), update)
 
 
 def _items(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _number(kind, low: float, strict: bool, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 0, True, "a positive integer")
+_non_negative_int = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0.0, True, "a positive number of seconds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,11 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", required=True, help="the served model's name")
     parser.add_argument("--state-db", default="user_states.sqlite",
                         help="SQLite file of user states (created when missing)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--session-width", type=int, default=None,
+    parser.add_argument("--session-width", type=_positive_int, default=None,
                         help="fixed session_items width (for TF Serving with --enable_batching)")
-    parser.add_argument("--history-width", type=int, default=None,
+    parser.add_argument("--history-width", type=_positive_int, default=None,
                         help="fixed history_items width (for TF Serving with --enable_batching)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--tls-ca", metavar="PEM",
@@ -344,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec = commands.add_parser("recommend", help="next items for a user's current session")
     rec.add_argument("--user", required=True)
     rec.add_argument("--items", default="", help="the current session so far: a,b,c")
-    rec.add_argument("-k", type=int, default=10, help="how many items")
+    rec.add_argument("-k", type=_non_negative_int, default=10, help="how many items")
     end = commands.add_parser("end-session", help="fold a finished session into the user's state")
     end.add_argument("--user", required=True)
     end.add_argument("--items", required=True, help="the finished session: a,b,c")
@@ -364,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with state_store.SQLiteStateStore(args.state_db) as store:
                     command = _recommend if args.command == "recommend" else _end_session
                     result, text = command(client, store, args)
-    except (ServingError, ValueError) as e:
+    except (ServingError, ValueError, state_store.StateConflict) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result) if args.json else text)
@@ -394,11 +420,12 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
 
 def _end_session(client: HierTCNClient, store: state_store.StateStore,
                  args: argparse.Namespace) -> tuple[dict, str]:
-    """Folds the finished session into the user's state and stores it with the history."""
-    resolved = _resolve(client, store, args.user)
+    """Folds the finished session into the user's state and stores it with the history
+    (`state_store.end_session`: a concurrent end-session of the same user is not lost)."""
     items = _items(args.items)
-    state = client.update_state(resolved.state[None], [items])[0]
-    record = store.put(args.user, client.pinned_version, state, list(resolved.sessions) + [items])
+    resolved, record = state_store.end_session(
+        store, args.user, client.pin(), client.state_size(),
+        lambda state, session: client.update_state(state[None], [session])[0], items)
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "sessions": len(record.sessions), "history": record.history}
     text = (f"{resolved.message}; stored the state after {len(items)} items for version "

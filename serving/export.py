@@ -97,9 +97,23 @@ class ServingModule(tf.Module):
         use_history = callable(getattr(model, HISTORY_SCORER, None))
 
         def lookup(ids):
+            # "" pads; any other id not in the catalogue (the reserved rows' tokens
+            # included) is unknown
             index = self.id_to_index.lookup(ids)
+            index = tf.where(index == schema.PAD_INDEX,
+                             tf.constant(schema.UNKNOWN_INDEX, tf.int64), index)
             return tf.where(tf.equal(ids, schema.SERVING_PAD_ID),
                             tf.constant(schema.PAD_INDEX, tf.int64), index)
+
+        def session(ids):
+            """A session's indices, its items moved to the front in order (padding may
+            be anywhere in the request; the model reads a session's items from the
+            start) and at least one column wide."""
+            items = lookup(ids)
+            order = tf.argsort(tf.cast(items == schema.PAD_INDEX, tf.int32), axis=1,
+                               stable=True)
+            items = tf.gather(items, order, batch_dims=1)
+            return tf.pad(items, [[0, 0], [0, tf.maximum(1 - tf.shape(items)[1], 0)]])
 
         def check_batch(user_state, items, name):
             return tf.debugging.assert_equal(
@@ -108,13 +122,13 @@ class ServingModule(tf.Module):
 
         def update_state(user_state, session_items):
             with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
-                items = lookup(session_items)
+                items = session(session_items)
             return {USER_STATE: tf.cast(model.update_state(user_state, items), tf.float32)}
 
         def user_embedding(user_state, session_items, history_items):
             del history_items  # accepted by every export; the embedding does not use it
             with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
-                items = lookup(session_items)
+                items = session(session_items)
             return {EMBEDDING: tf.cast(model.last_user_embedding(user_state, items), tf.float32)}
 
         def next_items(user_state, session_items, history_items, k):
@@ -122,7 +136,7 @@ class ServingModule(tf.Module):
                       check_batch(user_state, history_items, HISTORY_ITEMS),
                       tf.debugging.assert_non_negative(k, message=f"{K} must be >= 0")]
             with tf.control_dependencies(checks):
-                items = lookup(session_items)
+                items = session(session_items)
             u = model.last_user_embedding(user_state, items)
             if use_history:
                 history = lookup(history_items)
@@ -166,12 +180,19 @@ def write_vocabulary_asset(path: str, vocabulary: schema.Vocabulary) -> None:
     """Writes the raw ids one per line (line n = index n).
 
     Raises:
-      ExportError: an id contains a line break or is empty (it could not round-trip).
+      ExportError: an id contains a line break or is empty, is one of the reserved rows'
+        tokens or appears twice (it could not round-trip).
     """
+    seen: dict[str, int] = {}
     for i, item in enumerate(vocabulary.ids):
         if not item or "\n" in item or "\r" in item:
             raise ExportError(f"vocabulary index {i}: item id {item!r} is empty or has a line "
                               "break; fix the raw ids before running the pipeline")
+        if item in seen:
+            raise ExportError(f"vocabulary indices {seen[item]} and {i} have the same item id "
+                              f"{item!r} (ids {schema.PAD_TOKEN} and {schema.UNKNOWN_TOKEN} are "
+                              "reserved); rerun the pipeline, which rejects such ids")
+        seen[item] = i
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write("\n".join(vocabulary.ids) + "\n")
 
@@ -230,7 +251,8 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
       ExportError: the version exists already, is not positive, or the vocabulary does
         not match the model.
     """
-    version = next_version(export_base) if version is None else int(version)
+    chosen = version is None
+    version = next_version(export_base) if chosen else int(version)
     if version < 1:
         raise ExportError(f"--version must be a positive integer, got {version}")
     final = os.path.join(export_base, str(version))
@@ -257,10 +279,31 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
             json.dump({"version": version, "state_size": int(model.state_size),
                        "vocabulary_size": vocabulary.size, "config": _config_dict(config)},
                       f, indent=2, default=str)
-        os.rename(out, final)
+        while True:
+            try:
+                os.rename(out, final)
+                break
+            except OSError:
+                if not os.path.exists(final):
+                    raise
+                # another export took this version meanwhile
+                if not chosen:
+                    raise ExportError(f"{final} was written by another export meanwhile: pass "
+                                      "another --version or omit it") from None
+                version = next_version(export_base)
+                final = os.path.join(export_base, str(version))
+                _set_version(os.path.join(extra, CONFIG_FILE), version)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _set_version(config_file: str, version: int) -> None:
+    with open(config_file, encoding="utf-8") as f:
+        values = json.load(f)
+    values["version"] = version
+    with open(config_file, "w", encoding="utf-8") as f:
+        json.dump(values, f, indent=2, default=str)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,6 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder we may not write
+        print(f"error: cannot write the export under {args.export_base}: {e}", file=sys.stderr)
+        return 1
     print(f"exported {args.model_dir} to {path}")
     return 0
 

@@ -70,10 +70,25 @@ def fill_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
         dims.add().size = d
 
 
-def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
+class TensorTooLarge(ValueError):
+    """A tensor whose shape holds more elements than the caller allows."""
+
+
+def from_proto(proto: tensor_pb2.TensorProto, max_elements: int | None = None) -> np.ndarray:
     """Decodes a TensorProto; strings come back as an object array of bytes.
 
+    As TensorFlow's `Tensor::FromProto` (what TF Serving runs): `tensor_content` must fill
+    the shape exactly; a `*_val` / `string_val` list gives the first values of the shape
+    (extra values are ignored), the last value repeated to fill the rest, or zeros / empty
+    strings when the list is empty.
+
+    Args:
+      proto: the tensor.
+      max_elements: refuse shapes with more elements than this (None: no limit), before
+        anything is allocated.
+
     Raises:
+      TensorTooLarge: more than `max_elements` elements.
       ValueError: malformed (the content does not fit the shape) or unsupported dtype.
     """
     if proto.tensor_shape.unknown_rank:
@@ -82,13 +97,11 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
     if shape and min(shape) < 0:
         raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
     n = math.prod(shape)
+    if max_elements is not None and n > max_elements:
+        raise TensorTooLarge(f"tensor shape {list(shape)} has {n} elements, more than the "
+                             f"{max_elements} this server accepts in one tensor")
     if proto.dtype == types_pb2.DT_STRING:
-        values = proto.string_val
-        if len(values) != n:
-            raise ValueError(f"{len(values)} string values do not fill shape {list(shape)}")
-        arr = np.empty(n, dtype=object)
-        arr[:] = values
-        return arr.reshape(shape)
+        return _fill(list(proto.string_val), n, np.dtype(object), b"").reshape(shape)
     if proto.dtype not in _FROM_DTYPE:
         raise ValueError(f"unsupported dtype {dtype_name(proto.dtype)}")
     dtype = _FROM_DTYPE[proto.dtype]
@@ -98,9 +111,14 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
             raise ValueError(f"{len(content)} content bytes do not fill shape "
                              f"{list(shape)} of {dtype_name(proto.dtype)}")
         return np.frombuffer(content, dtype=dtype).reshape(shape).copy()
-    values = np.asarray(getattr(proto, _VAL_FIELD[proto.dtype]), dtype=dtype)
-    if values.size == n:
-        return values.reshape(shape)
-    if values.size == 1 or (values.size == 0 and n == 0):
-        return np.full(shape, values[0] if values.size else 0, dtype=dtype)
-    raise ValueError(f"{values.size} values do not fill shape {list(shape)}")
+    values = getattr(proto, _VAL_FIELD[proto.dtype])
+    return _fill(np.asarray(values[:n], dtype=dtype), n, dtype, 0).reshape(shape)
+
+
+def _fill(values, n: int, dtype: np.dtype, default) -> np.ndarray:
+    """The first `n` of `values`, then its last value (or `default`) up to `n`."""
+    arr = np.empty(n, dtype=dtype)
+    m = min(len(values), n)
+    arr[:m] = values[:m]
+    arr[m:] = values[m - 1] if m else default
+    return arr

@@ -115,11 +115,13 @@ class Signature:
         self._function = function
         self._captured = list(function.captured_inputs)
 
-    def parse_inputs(self, inputs: Any) -> dict[str, np.ndarray]:
+    def parse_inputs(self, inputs: Any, max_elements: int | None = None) -> dict[str, np.ndarray]:
         """Checks a request's inputs against the signature and decodes them.
 
         Args:
           inputs: the request's `map<string, TensorProto>`.
+          max_elements: the most elements one input may have (None: no limit); a larger
+            shape is RESOURCE_EXHAUSTED before anything is allocated.
 
         Returns:
           name → numpy array, in the signature's (sorted) input order.
@@ -148,7 +150,10 @@ class Signature:
                     f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
                     "is provided")
             try:
-                arr = protos.from_proto(proto)
+                arr = protos.from_proto(proto, max_elements)
+            except protos.TensorTooLarge as e:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"input {key!r}: {e}") from None
             except ValueError as e:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"input {key!r}: {e}") from None
@@ -408,12 +413,29 @@ def list_versions(base_path: str) -> list[int]:
                   if n.isdigit() and os.path.exists(os.path.join(base_path, n, "saved_model.pb")))
 
 
+def folder_state(path: str) -> tuple:
+    """(relative path, inode, size, mtime) of every file under `path`, sorted: changes when a file
+    is added, removed or rewritten (including the folder being replaced by a rename)."""
+    entries = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            entries.append((os.path.relpath(full, path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
 class ModelManager:
     """The versions of one model under TF Serving's `latest {num_versions: N}` policy.
 
     Availability first: a new version is loaded and warmed up while the old ones keep
-    serving; old versions are unloaded only once a wanted version is available, and a
-    version that fails to load is reported in the status and never retried.
+    serving; old versions are unloaded only once a wanted version is available. A version
+    that fails to load is reported in the status (END with the error) and loaded again
+    once its folder's files change (a copy that was still under way, a fixed export);
+    an unchanged folder is not retried.
     """
 
     def __init__(self, name: str, base_path: str, num_versions: int = 1,
@@ -422,22 +444,38 @@ class ModelManager:
         self.base_path = base_path
         self.num_versions = num_versions
         self._servables: dict[int, Servable] = {}
-        self._failed: dict[int, str] = {}
+        self._failed: dict[int, tuple[str, tuple]] = {}  # version: (error, folder_state)
         self._lock = threading.Lock()
         self._on_ready = on_ready
 
     def _load(self, version: int) -> None:
+        path = os.path.join(self.base_path, str(version))
+        before = folder_state(path)
         try:
-            servable = Servable(self.name, version, os.path.join(self.base_path, str(version)))
+            servable = Servable(self.name, version, path)
             warmed = servable.warm_up()
         except Exception as e:  # noqa: BLE001 - a bad export must not stop serving
             log.error("version %d of %s failed to load: %s", version, self.name, e)
             with self._lock:
-                self._failed[version] = f"{type(e).__name__}: {e}".split("\n")[0]
+                self._failed[version] = (f"{type(e).__name__}: {e}".split("\n")[0], before)
             return
         log.info("loaded %s version %d (%d warm-up requests)", self.name, version, warmed)
         with self._lock:
             self._servables[version] = servable
+            self._failed.pop(version, None)
+
+    def _should_load(self, version: int) -> bool:
+        with self._lock:
+            if version in self._servables:
+                return False
+            failed = self._failed.get(version)
+        if failed is None:
+            return True
+        if folder_state(os.path.join(self.base_path, str(version))) == failed[1]:
+            return False
+        log.info("version %d of %s changed since it failed to load: loading it again",
+                 version, self.name)
+        return True
 
     def poll(self) -> None:
         """One scan of the base path: load wanted versions (newest first), unload the rest.
@@ -448,9 +486,7 @@ class ModelManager:
             newest_before = max(self._servables, default=None)
         wanted = list_versions(self.base_path)[-self.num_versions:]
         for version in reversed(wanted):
-            with self._lock:
-                known = version in self._servables or version in self._failed
-            if not known:
+            if self._should_load(version):
                 self._load(version)
         with self._lock:
             if any(v in self._servables for v in wanted):
@@ -485,7 +521,7 @@ class ModelManager:
         state = get_model_status_pb2.ModelVersionStatus.State
         with self._lock:
             entries = [(v, state.AVAILABLE, None) for v in self._servables]
-            entries += [(v, state.END, m) for v, m in self._failed.items()
+            entries += [(v, state.END, m) for v, (m, _) in self._failed.items()
                         if v not in self._servables]
         entries = sorted(e for e in entries if version is None or e[0] == version)
         if not entries:
@@ -515,9 +551,11 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                 model_service_pb2_grpc.ModelServiceServicer):
     """gRPC methods: thin wrappers that map RequestError to status codes."""
 
-    def __init__(self, manager: ModelManager, batcher: Batcher | None):
+    def __init__(self, manager: ModelManager, batcher: Batcher | None,
+                 max_elements: int | None = None):
         self._manager = manager
         self._batcher = batcher
+        self._max_elements = max_elements
 
     def _servable(self, spec: model_pb2.ModelSpec) -> Servable:
         if spec.name != self._manager.name:
@@ -545,7 +583,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"output tensor alias not found in signature: {key} "
                                        f"(outputs: {', '.join(sorted(sig.outputs))})")
-            arrays = sig.parse_inputs(request.inputs)
+            arrays = sig.parse_inputs(request.inputs, self._max_elements)
             if self._batcher is not None:
                 out = self._batcher.submit(sig, arrays)
             else:
@@ -646,7 +684,9 @@ class ModelServer:
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
-        handlers = _Handlers(self.manager, self.batcher)
+        # A tensor of a request within the size cap has at most one element per byte (the
+        # *_val forms may ask for more by repeating their last value: refused beyond that).
+        handlers = _Handlers(self.manager, self.batcher, max_elements=limit)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handlers, self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(handlers, self._grpc)
         try:

@@ -6,9 +6,12 @@ used silently: `resolve_state` rebuilds it from the user's recent sessions with 
 version's `update_state` (or starts from zeros when there are none) and says which.
 
 `StateStore` is the small interface (get / latest / put / delete); `SQLiteStateStore` is
-the default (one file, WAL journal, one atomic upsert per write). A Redis backend would
-keep one hash per user (`version`, `state` bytes, `sessions` JSON, `updated`) written
-with one `HSET`, which gives the same semantics.
+the default (one file, WAL journal, one atomic upsert per write). A write can be made
+conditional on the record it was computed from (`put(..., expected=record)`), so that two
+processes ending sessions of one user at the same time never lose one of them:
+`end_session` reads, updates and writes in that way and starts again on a conflict. A
+Redis backend would keep one hash per user (`version`, `state` bytes, `sessions` JSON,
+`updated`) written with `WATCH`/`MULTI`/`HSET`, which gives the same semantics.
 """
 from __future__ import annotations
 
@@ -19,13 +22,22 @@ import logging
 import sqlite3
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from model.config import HierTCNConfig
 
 log = logging.getLogger("serving.state_store")
+
+# `put(..., expected=ANY)`: an unconditional write.
+ANY = object()
+# How many times `end_session` starts again after a concurrent write of the same user.
+MAX_ATTEMPTS = 20
+
+
+class StateConflict(RuntimeError):
+    """A conditional `put` found the user's record changed since it was read."""
 
 # The recent items kept per user: what the default HierTCN's repeat head reads
 # (`model.history_size`).
@@ -42,7 +54,8 @@ class UserState:
       state: float32 [H], the high-level state after the user's last session.
       sessions: the user's recent sessions, oldest first, item ids in order, at most
         the store's history size in total (the oldest kept session may be cut).
-      updated: unix seconds of the write.
+      updated: unix seconds of the write, strictly increasing from one write of a user
+        to the next (it identifies the record for conditional writes).
     """
 
     user_id: str
@@ -88,7 +101,7 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, user_id: str, version: int, state: np.ndarray,
-            sessions: Sequence[Sequence[str]]) -> UserState:
+            sessions: Sequence[Sequence[str]], expected: Any = ANY) -> UserState:
         """Atomically replaces the user's record (records of other versions are dropped).
 
         Args:
@@ -96,9 +109,15 @@ class StateStore(abc.ABC):
           version: the model version that computed `state`.
           state: float32 [H].
           sessions: the user's recent sessions, oldest first (trimmed to `history_items`).
+          expected: `ANY` (default): write whatever is stored; None: only if the user has
+            no record; a `UserState`: only if it is still the user's newest record
+            (same version and `updated`).
 
         Returns:
           The record as stored.
+
+        Raises:
+          StateConflict: `expected` is not what is stored (nothing was written).
         """
 
     @abc.abstractmethod
@@ -117,6 +136,7 @@ class SQLiteStateStore(StateStore):
             sessions TEXT NOT NULL,
             updated REAL NOT NULL,
             PRIMARY KEY (user_id, model_version))"""
+    _COLUMNS = ("user_id", "model_version", "state", "sessions", "updated")
 
     def __init__(self, path: str, history_items: int = DEFAULT_HISTORY_ITEMS):
         """Opens (or creates) the database.
@@ -135,9 +155,15 @@ class SQLiteStateStore(StateStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(self._SCHEMA)
+            columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cannot open state database {path}: {e}; "
                              "pass another --state-db") from None
+        if columns != list(self._COLUMNS):
+            self._db.close()
+            raise ValueError(f"state database {path} has a table user_states with columns "
+                             f"({', '.join(columns)}), not this store's "
+                             f"({', '.join(self._COLUMNS)}): pass another --state-db")
 
     def close(self) -> None:
         """Closes the connection."""
@@ -150,12 +176,21 @@ class SQLiteStateStore(StateStore):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @staticmethod
-    def _record(row) -> UserState:
+    def _record(self, row) -> UserState:
         user_id, version, blob, sessions, updated = row
-        return UserState(user_id=user_id, version=int(version),
-                         state=np.frombuffer(blob, dtype=np.float32).copy(),
-                         sessions=tuple(tuple(s) for s in json.loads(sessions)), updated=updated)
+        try:
+            state = np.frombuffer(blob, dtype=np.float32).copy()
+            sessions = json.loads(sessions)
+            if not (isinstance(sessions, list)
+                    and all(isinstance(s, list) and all(isinstance(i, str) for i in s)
+                            for s in sessions)):
+                raise ValueError("sessions is not a JSON list of lists of item ids")
+        except (TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"state database {self.path}: the record of user {user_id!r} "
+                             f"(version {version}) is corrupt ({e}); delete it or pass "
+                             "another --state-db") from None
+        return UserState(user_id=user_id, version=int(version), state=state,
+                         sessions=tuple(tuple(s) for s in sessions), updated=updated)
 
     def get(self, user_id: str, version: int) -> UserState | None:
         with self._lock:
@@ -173,15 +208,27 @@ class SQLiteStateStore(StateStore):
         return self._record(row) if row else None
 
     def put(self, user_id: str, version: int, state: np.ndarray,
-            sessions: Sequence[Sequence[str]]) -> UserState:
+            sessions: Sequence[Sequence[str]], expected: Any = ANY) -> UserState:
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise ValueError(f"state must be one user's vector [H], got shape {state.shape}")
         kept = trim_sessions(sessions, self.history_items)
-        record = UserState(user_id, int(version), state.copy(), kept, time.time())
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE")  # the write lock, until COMMIT / ROLLBACK
             try:
+                newest = self._db.execute(
+                    "SELECT model_version, updated FROM user_states WHERE user_id = ? "
+                    "ORDER BY updated DESC, model_version DESC LIMIT 1", (user_id,)).fetchone()
+                if expected is not ANY:
+                    want = None if expected is None else (expected.version, expected.updated)
+                    if (None if newest is None else (int(newest[0]), newest[1])) != want:
+                        raise StateConflict(f"user {user_id!r}: the stored record changed "
+                                            "while this write was computed")
+                # strictly after the record it replaces, even within one clock tick
+                updated = time.time()
+                if newest is not None and updated <= newest[1]:
+                    updated = float(np.nextafter(newest[1], np.inf))
+                record = UserState(user_id, int(version), state.copy(), kept, updated)
                 self._db.execute("DELETE FROM user_states WHERE user_id = ? AND model_version != ?",
                                  (user_id, record.version))
                 self._db.execute(
@@ -214,12 +261,15 @@ class ResolvedState:
         version's record, replayed through this version's update_state) or `reset`
         (another version's record and nothing to replay: zeros).
       message: one line for logs and the CLI.
+      record: the user's newest stored record when this was resolved (None: none), what
+        a write computed from this state expects (`put(..., expected=record)`).
     """
 
     state: np.ndarray
     sessions: tuple[tuple[str, ...], ...]
     source: str
     message: str
+    record: UserState | None = None
 
     @property
     def history(self) -> list[str]:
@@ -257,7 +307,7 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
             raise ValueError(f"stored state of user {user_id!r} for version {version} has "
                              f"{record.state.size} numbers, the model has {state_size}")
         return ResolvedState(record.state, record.sessions, "stored",
-                             f"user {user_id}: stored state of version {version}")
+                             f"user {user_id}: stored state of version {version}", record)
     zeros = np.zeros([state_size], np.float32)
     other = store.latest(user_id)
     if other is None:
@@ -268,13 +318,41 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
         message = (f"user {user_id}: stored state is from version {other.version}, the model is "
                    f"version {version}; no recent sessions to rebuild from, starting from zeros")
         log.info(message)
-        return ResolvedState(zeros, sessions, "reset", message)
+        return ResolvedState(zeros, sessions, "reset", message, other)
     state = zeros
     for session in sessions:
         state = np.asarray(update_state(state, session), dtype=np.float32)
-    store.put(user_id, version, state, sessions)
+    stored = store.put(user_id, version, state, sessions, expected=other)
     message = (f"user {user_id}: stored state is from version {other.version}, the model is "
                f"version {version}; rebuilt from {len(sessions)} recent sessions "
                f"({sum(len(s) for s in sessions)} items)")
     log.info(message)
-    return ResolvedState(state, sessions, "rebuilt", message)
+    return ResolvedState(state, sessions, "rebuilt", message, stored)
+
+
+def end_session(store: StateStore, user_id: str, version: int, state_size: int,
+                update_state: UpdateFn, items: Sequence[str]) -> tuple[ResolvedState, UserState]:
+    """Folds one finished session into the user's stored state: resolves the state
+    (`resolve_state`), runs `update_state` and writes the result with the session added
+    to the recent ones, on the condition that nobody wrote the user in between; after a
+    concurrent write it starts again from the new record, so no session is lost.
+
+    Returns:
+      (the state the session was folded into, the record written).
+
+    Raises:
+      StateConflict: still conflicting after `MAX_ATTEMPTS` attempts.
+      ValueError: as `resolve_state`.
+    """
+    items = list(items)
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            resolved = resolve_state(store, user_id, version, state_size, update_state)
+            state = np.asarray(update_state(resolved.state, items), dtype=np.float32)
+            record = store.put(user_id, version, state, list(resolved.sessions) + [items],
+                               expected=resolved.record)
+            return resolved, record
+        except StateConflict:
+            time.sleep(0.001 * (attempt + 1) * (1 + np.random.random()))
+    raise StateConflict(f"user {user_id!r}: the stored state changed {MAX_ATTEMPTS} times "
+                        "while this session was being folded in; try again")

@@ -162,8 +162,25 @@ def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp
     assert third["version"] == 3 and third["state"] == "rebuilt"
     assert run_cli(capsys, served, db, "status")["versions"][-1]["version"] == 3
 
-    assert client_lib.main(cli(served, db, "recommend", "--user", "ann", "-k", "-1")) == 1
-    assert "k must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recommend", "--user", "ann", "-k", "-1"], "-k: '-1' is not an integer >= 0"),
+    (["--session-width", "0", "end-session", "--user", "ann", "--items", "a"],
+     "--session-width: '0' is not a positive integer"),
+    (["--history-width", "-1", "recommend", "--user", "ann"],
+     "--history-width: '-1' is not a positive integer"),
+    (["--timeout", "0", "status"], "--timeout: '0' is not a positive number of seconds"),
+])
+def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        client_lib.main(cli(served, tmp_path / "states.sqlite", *args))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "states.sqlite").exists()  # refused before anything was opened
+    with pytest.raises(ValueError, match="session_width must be a positive integer"):
+        HierTCNClient(served["server"].target, NAME, session_width=0)
 
 
 def _self_signed(folder, name):

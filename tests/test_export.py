@@ -1,7 +1,9 @@
 """serving.export: the SavedModel loads as TF Serving loads it and equals the eager model."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -192,3 +194,77 @@ def test_repeat_head_model_gets_history_then_session(tmp_path):
     plain = fn(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
                history_items=tf.constant([[""], [""], [""]]), k=tf.constant(3))
     assert plain["scores"].numpy().tolist() != out["scores"].numpy().tolist()
+
+
+def _outputs(path, sessions, state=STATE):
+    sig = tf.saved_model.load(path).signatures
+    history = tf.constant(np.array([[""]] * len(state), dtype=object))
+    items = tf.constant(sessions, dtype=tf.string)
+    out = sig["next_items"](user_state=tf.constant(state), session_items=items,
+                            history_items=history, k=tf.constant(5))
+    return (sig["update_state"](user_state=tf.constant(state), session_items=items)["user_state"],
+            out["item_ids"], out["scores"],
+            sig["user_embedding"](user_state=tf.constant(state), session_items=items,
+                                  history_items=history)["embedding"])
+
+
+def test_padding_anywhere_in_a_session_reads_as_padding_at_the_end(exported):
+    _, _, _, path = exported
+    moved = np.array([["", "item0", "", "item3"], ["nope", "", "item5", "item1"],
+                      ["", "", "", ""]], dtype=object)
+    for got, want in zip(_outputs(path, moved), _outputs(path, SESSIONS)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_a_zero_width_session_is_an_empty_session(exported):
+    _, _, _, path = exported
+    empty = np.zeros([3, 0], dtype=object)
+    got, want = _outputs(path, empty), _outputs(path, np.full([3, 1], "", dtype=object))
+    np.testing.assert_array_equal(got[0].numpy(), STATE)  # no session: state unchanged
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+def test_reserved_tokens_sent_as_item_ids_are_unknown_items(exported):
+    _, _, _, path = exported
+    unknown = SESSIONS.copy()
+    tokens = unknown.copy()
+    tokens[1, 0] = "[PAD]"  # row 1 starts with the unknown id "nope"
+    for got, want in zip(_outputs(path, tokens), _outputs(path, unknown)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    tokens[1, 0] = "[UNK]"
+    np.testing.assert_array_equal(_outputs(path, tokens)[0].numpy(),
+                                  _outputs(path, unknown)[0].numpy())
+
+
+@pytest.mark.parametrize("item", ["[UNK]", "[PAD]", "item0"])
+def test_a_vocabulary_with_a_repeated_or_reserved_id_is_rejected(tmp_path, item):
+    vocab = lib.tiny_vocabulary(3)
+    bad = vocab.__class__(ids=vocab.ids[:-1] + (item,), counts=vocab.counts)
+    with pytest.raises(export.ExportError, match=f"same item id '{re.escape(item)}'"):
+        export.export_model(lib.tiny_model(vocab), bad, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_version_taken_by_another_export_meanwhile(exported, tmp_path, monkeypatch):
+    model, vocab, _, _ = exported
+    real = export.warmup_requests
+    base, taken = str(tmp_path), []
+
+    def another_export_finishes_first(*args, **kwargs):
+        # while this export writes its version, another one renames the same version
+        # into place
+        os.makedirs(os.path.join(base, taken[-1], "variables"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "warmup_requests", another_export_finishes_first)
+    taken.append("1")
+    path = export.export_model(model, vocab, base)  # the next free version instead
+    assert path == os.path.join(base, "2") and sorted(os.listdir(base)) == ["1", "2"]
+    with open(os.path.join(path, export.ASSETS_EXTRA, export.CONFIG_FILE)) as f:
+        assert json.load(f)["version"] == 2
+    taken.append("5")
+    with pytest.raises(export.ExportError, match="5 was written by another export meanwhile"):
+        export.export_model(model, vocab, base, version=5)  # asked for: not moved
+    assert sorted(os.listdir(base)) == ["1", "2", "5"]
+    assert os.listdir(os.path.join(base, "5")) == ["variables"]  # the other export's, untouched

@@ -5,6 +5,7 @@ import concurrent.futures
 import functools
 import gc
 import os
+import shutil
 import time
 
 import grpc
@@ -126,6 +127,18 @@ def _with(**changes):
     return {**INPUTS["next_items"], **changes}
 
 
+def _huge_shape_request():
+    """A few bytes that ask for a 64 GiB tensor (a float_val list repeats its last value)."""
+    req = request("update_state", INPUTS["update_state"])
+    state = req.inputs["user_state"]
+    state.Clear()
+    state.dtype = tf.float32.as_datatype_enum
+    state.float_val.append(0.0)
+    for d in (2 ** 31, H):
+        state.tensor_shape.dim.add().size = d
+    return req
+
+
 BAD_REQUESTS = {
     "unknown model": (request("next_items", INPUTS["next_items"], name="nope"),
                       grpc.StatusCode.NOT_FOUND, "Latest(nope)"),
@@ -149,6 +162,8 @@ BAD_REQUESTS = {
                        grpc.StatusCode.INVALID_ARGUMENT, "different batch sizes"),
     "negative k": (request("next_items", _with(k=np.int32(-1))),
                    grpc.StatusCode.INVALID_ARGUMENT, "k must be >= 0"),
+    "huge shape in a small message": (_huge_shape_request(), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      "'user_state': tensor shape [2147483648, 8] has"),
     "too large": (request("update_state", {"user_state": np.zeros([40000, H], np.float32),
                                            "session_items": np.full([40000, 1], "", dtype=object)}),
                   grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
@@ -225,6 +240,16 @@ def test_broken_version_is_reported_and_old_one_keeps_serving(served):
     assert versions[1].status.error_message
     response = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
     assert response.model_spec.version.value == 2
+    # the folder is then completed (a copy that was still under way): loaded on a later poll
+    shutil.copytree(os.path.join(served["base"], "2"), broken, dirs_exist_ok=True)
+    for _ in range(300):
+        versions = served["models"].GetModelStatus(status, timeout=30).model_version_status
+        if [(v.version, state.Name(v.state)) for v in versions] == [(3, "AVAILABLE")]:
+            break
+        time.sleep(0.1)
+    assert [(v.version, state.Name(v.state)) for v in versions] == [(3, "AVAILABLE")]
+    response = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
+    assert response.model_spec.version.value == 3
 
 
 def test_sigterm_stops_cleanly(served):

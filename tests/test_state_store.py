@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,3 +125,70 @@ def test_bad_arguments(tmp_path):
     from model.config import HierTCNConfig
     assert state_store.DEFAULT_HISTORY_ITEMS == HierTCNConfig().history_size
     assert s.history_items == state_store.DEFAULT_HISTORY_ITEMS
+
+
+def test_conditional_put_writes_only_over_the_record_it_was_computed_from(store):
+    first = store.put("u", 1, np.zeros(2, np.float32), [["a"]], expected=None)
+    with pytest.raises(state_store.StateConflict):
+        store.put("u", 1, np.ones(2, np.float32), [["x"]], expected=None)  # not new any more
+    second = store.put("u", 1, np.ones(2, np.float32), [["a"], ["b"]], expected=first)
+    assert second.updated > first.updated
+    with pytest.raises(state_store.StateConflict):  # computed from `first`, now stale
+        store.put("u", 2, np.full(2, 7, np.float32), [["c"]], expected=first)
+    kept = store.latest("u")
+    assert (kept.version, kept.sessions, kept.updated) == (1, (("a",), ("b",)), second.updated)
+    np.testing.assert_array_equal(kept.state, [1, 1])
+
+
+def test_concurrent_end_sessions_of_one_user_lose_nothing(tmp_path):
+    """Two connections (as two client processes) end 15 sessions each of the same user; the
+    update is slow enough that their read-update-write cycles overlap."""
+    path = str(tmp_path / "states.sqlite")
+    stores = [SQLiteStateStore(path, history_items=100) for _ in range(2)]
+    conflicts = []
+
+    def update(state, session):  # the state counts the sessions folded in
+        time.sleep(0.005)
+        return state + 1
+
+    def end_sessions(s, name):
+        put = s.put
+
+        def counting_put(*args, **kwargs):
+            try:
+                return put(*args, **kwargs)
+            except state_store.StateConflict:
+                conflicts.append(name)
+                raise
+
+        s.put = counting_put
+        for i in range(15):
+            state_store.end_session(s, "shared", 1, 3, update, [f"{name}{i}", "x"])
+
+    threads = [threading.Thread(target=end_sessions, args=(s, n)) for s, n in zip(stores, "ab")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    record = stores[0].get("shared", 1)
+    assert len(record.sessions) == 30
+    assert sorted(s[0] for s in record.sessions) == sorted(f"{n}{i}" for n in "ab" for i in range(15))
+    np.testing.assert_array_equal(record.state, [30, 30, 30])
+    assert conflicts  # the cycles did overlap, and were redone
+    for s in stores:
+        s.close()
+
+
+def test_a_foreign_table_or_a_corrupt_record_is_named(tmp_path):
+    foreign = str(tmp_path / "foreign.sqlite")
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE user_states (user_id TEXT, state BLOB, updated REAL)")
+    with pytest.raises(ValueError, match=r"columns \(user_id, state, updated\), not this store's"):
+        SQLiteStateStore(foreign)
+    with SQLiteStateStore(str(tmp_path / "s.sqlite")) as s:
+        s.put("u", 3, np.zeros(2, np.float32), [["a"]])
+        with sqlite3.connect(s.path) as db:
+            db.execute("UPDATE user_states SET sessions = 'not json'")
+        with pytest.raises(ValueError, match=r"s.sqlite: the record of user 'u' \(version 3\) "
+                                             r"is corrupt"):
+            s.get("u", 3)
