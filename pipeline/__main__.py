@@ -29,7 +29,6 @@ from pipeline import outputs, parse, schema, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
-MAX_PLAUSIBLE_UNIX_SECONDS = 10**11  # the year 5138
 WORK_DIR = "_work"
 # Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
@@ -242,17 +241,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _row_formats(args, files) -> dict:
-    """Per-file `RowFormat`, from each file's header or from --columns."""
+def _non_empty(files) -> tuple[list, dict, list]:
+    """(the files with at least one line, their first lines, the empty files' paths).
+
+    Empty files are skipped, not errors: exports from Spark, Hive or Beam itself hold
+    0-byte part files and `_SUCCESS` markers beside the data.
+
+    Raises:
+      UsageError: every file is empty.
+    """
     from pipeline import sources
 
+    kept, heads, empty = [], {}, []
+    for path, size in files:
+        head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS) if size else []
+        if head:
+            kept.append((path, size))
+            heads[path] = head
+        else:
+            empty.append(path)
+    if not kept:
+        raise UsageError(f"every --input file is empty ({len(empty)}: "
+                         f"{', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''})")
+    return kept, heads, empty
+
+
+def _row_formats(args, files, heads) -> dict:
+    """Per-file `RowFormat`, from each file's header or from --columns (`heads`: each
+    file's first lines)."""
     wanted = (args.user_col, args.item_col, args.time_col)
     if len(set(wanted)) < 3:
         raise UsageError(f"--user-col, --item-col and --time-col must differ, got {wanted}")
     formats = {}
     for rank, (path, _) in enumerate(files):
-        head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS)
-        first = head[0] if head else b""
+        head = heads[path]
+        first = head[0]
         columns: tuple[str, ...] = ()
         if args.format != "jsonl":
             if args.columns:
@@ -291,11 +314,12 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     times = []
     for line in lines:
         try:
-            times.append(parse.parse_line(line.decode("utf-8"), fmt)[2] // 1000)
+            times.append(parse.parse_line(line.decode("utf-8"), fmt, check_range=False)[2]
+                         // 1000)
         except (UnicodeDecodeError, ValueError):
             continue  # a bad row goes to malformed/ in the run
     median = sorted(times)[len(times) // 2] if times else 0
-    if median > MAX_PLAUSIBLE_UNIX_SECONDS:
+    if median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
         hint = ("they look like milliseconds: pass --time-unit ms" if median < 10**14 else
                 "they look like microseconds: convert them to seconds or milliseconds")
         raise UsageError(f"{path}: times like {median} are not unix seconds (that is after "
@@ -370,9 +394,15 @@ def _resolve(argv):
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
     try:
         files = sources.match_inputs(args.input)
-        formats = _row_formats(args, files)
+        if exists:
+            _check_replaceable(output, [path for path, _ in files])
+        files, heads, empty = _non_empty(files)
+        formats = _row_formats(args, files, heads)
     except sources.InputError as e:
         raise UsageError(str(e)) from None
+    if empty:
+        print(f"note: skipping {len(empty)} empty input file(s): {', '.join(empty[:3])}"
+              f"{', ...' if len(empty) > 3 else ''}", file=sys.stderr)
     config = Config(
         formats=formats, header=args.format != "jsonl" and not args.columns,
         session_gap=args.session_gap, min_item_count=args.min_item_count,
@@ -380,6 +410,30 @@ def _resolve(argv):
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
         max_events_per_user=args.max_events_per_user, seed=args.seed)
     return args, output, files, config, options
+
+
+def _check_replaceable(output: str, inputs: list[str]) -> None:
+    """Refuses an --overwrite that would delete something that is not an earlier output:
+    a file, a folder of other things, or a folder that holds an input.
+
+    Raises:
+      UsageError: `output` must not be replaced.
+    """
+    local = outputs.is_local(output)
+    if local and not os.path.isdir(output):
+        raise UsageError(f"output {output} is a file, not a pipeline output folder: "
+                         "pick another --output")
+    inside = [p for p in inputs if outputs.is_local(p) == local and (
+        os.path.realpath(p).startswith(os.path.realpath(output) + os.sep) if local
+        else p.startswith(output.rstrip("/") + "/"))]
+    if inside:
+        raise UsageError(f"--input {inside[0]} lies inside --output {output}, which "
+                         "--overwrite would delete: pick another --output")
+    names = {outputs.relative(f, output).split("/")[0] for f in outputs.files_under(output)}
+    if names and not names & {schema.STATS_FILE, schema.ITEMS_FILE, *schema.SPLITS}:
+        raise UsageError(f"output {output} is not a pipeline output (no {schema.STATS_FILE}, "
+                         f"{schema.ITEMS_FILE} or split folders): --overwrite only replaces "
+                         "an earlier run's output; pick another --output")
 
 
 def _nest(flat: dict) -> tuple[dict, dict]:
@@ -497,6 +551,11 @@ def main(argv=None) -> int:
         print(f"error: {message}; nothing was written to {output}", file=sys.stderr)
         return 1
     print(_summary(stats, output, time.perf_counter() - start))
+    if not stats["rows_written"]:
+        print(f"warning: no event was written ({stats['rows_malformed']:,} rows malformed, "
+              f"filtered {stats['rows_filtered']}): check the options against the log; "
+              f"{schema.MALFORMED_DIR}/ under {output} says why rows were rejected",
+              file=sys.stderr)
     return 0
 
 

@@ -58,6 +58,13 @@ def files_under(folder: str) -> list[str]:
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
+def relative(path: str, folder: str) -> str:
+    """`path` (a file under `folder`) relative to `folder`, with "/" separators."""
+    if is_local(folder):
+        return os.path.relpath(path, folder).replace(os.sep, "/")
+    return path[len(folder.rstrip("/")) + 1:]
+
+
 def exists(folder: str) -> bool:
     """A local path, or a remote folder holding at least one file."""
     return os.path.exists(folder) if is_local(folder) else bool(files_under(folder))

@@ -16,11 +16,24 @@ import json
 import math
 from typing import Iterable, NamedTuple, Sequence
 
+from pipeline.schema import PAD_TOKEN, UNKNOWN_TOKEN
+
+# items.tsv's rows 0 and 1: a raw item with one of these ids could not be told apart
+RESERVED_ITEM_IDS = frozenset((PAD_TOKEN, UNKNOWN_TOKEN))
+
 FORMATS = ("csv", "tsv", "jsonl")
 TIME_UNITS = ("s", "ms", "iso")
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _MAX_RAW = 1000
+# Unix seconds pass 1e11 only in the year 5138: a later time is a unit mistake (milli- or
+# microseconds read as seconds) or garbage, and goes to malformed/ with that reason.
+MAX_PLAUSIBLE_UNIX_SECONDS = 10**11
+MAX_TIME_MS = MAX_PLAUSIBLE_UNIX_SECONDS * 1000
+
+# A row is one line, read whole before it is split: csv's own 128 KiB cap on a field (a
+# big JSON "properties" column) would only turn good events into errors.
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +65,10 @@ def split_fields(line: str, fmt: str) -> list[str]:
     delimiter = _DELIMITERS[fmt]
     if '"' not in line:
         return line.split(delimiter)
-    return next(csv.reader([line], delimiter=delimiter), [])
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error as e:
+        raise ValueError(f"bad {fmt} quoting: {e}") from None
 
 
 def parse_header(line: str, fmt: str) -> tuple[str, ...]:
@@ -60,18 +76,20 @@ def parse_header(line: str, fmt: str) -> tuple[str, ...]:
     return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"), fmt))
 
 
-def parse_time_ms(value: object, unit: str) -> int:
+def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     """Unix milliseconds of a raw time value.
 
     Args:
       value: a string or (JSON) number.
       unit: `s`, `ms` or `iso`; naive ISO times are taken as UTC.
+      check_range: refuse times after MAX_TIME_MS (False: any non-negative time).
 
     Returns:
-      Non-negative integer milliseconds.
+      Integer milliseconds in [0, MAX_TIME_MS].
 
     Raises:
-      ValueError: unparseable, non-finite or negative time.
+      ValueError: unparseable, non-finite, negative or implausibly late (after the year
+        5000) time.
     """
     if unit == "iso":
         if not isinstance(value, str):
@@ -93,6 +111,10 @@ def parse_time_ms(value: object, unit: str) -> int:
             ms = math.floor(number * scale)
     if ms < 0:
         raise ValueError(f"negative time {value!r}")
+    if check_range and ms > MAX_TIME_MS:
+        hint = {"s": "; milli- or microseconds? see --time-unit", "ms": "; microseconds?"}
+        raise ValueError(f"time {value!r} is after the year 5000 (--time-unit {unit})"
+                         + hint.get(unit, ""))
     return ms
 
 
@@ -105,8 +127,9 @@ def _id(value: object, name: str) -> str:
     return text
 
 
-def parse_line(line: str, fmt: RowFormat) -> tuple[str, str, int]:
-    """Parses one non-blank line into (user, item, time_ms).
+def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple[str, str, int]:
+    """Parses one non-blank line into (user, item, time_ms) (`check_range` as in
+    `parse_time_ms`).
 
     Raises:
       ValueError: the row is malformed; the message is the reason.
@@ -116,6 +139,8 @@ def parse_line(line: str, fmt: RowFormat) -> tuple[str, str, int]:
             obj = json.loads(line)
         except ValueError as e:
             raise ValueError(f"bad JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("bad JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ValueError("JSON line is not an object")
         for key in (fmt.user_col, fmt.item_col, fmt.time_col):
@@ -130,8 +155,10 @@ def parse_line(line: str, fmt: RowFormat) -> tuple[str, str, int]:
         user, item, t = fields[u], fields[i], fields[t_]
     user = _id(user, "user")
     item = _id(item, "item")
+    if item in RESERVED_ITEM_IDS:
+        raise ValueError(f"item id {item!r} is reserved (items.tsv rows 0 and 1)")
     try:
-        ms = parse_time_ms(t, fmt.time_unit)
+        ms = parse_time_ms(t, fmt.time_unit, check_range)
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(("negative", "time")) else
@@ -193,6 +220,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             malformed.append((k, "bad UTF-8", lines[k].decode("utf-8", "replace")))
             continue
         line = line.rstrip("\r")
+        if line.startswith("\ufeff"):  # a byte-order mark (a file's first line)
+            line = line[1:]
         if not line.strip():
             continue
         rows += 1
@@ -205,6 +234,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
                     ms = int(fields[t_col]) * scale if user and item else -1
                 except ValueError:
                     pass
+                if ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS:
+                    ms = -1  # parse_line says why
         if ms < 0:
             try:
                 user, item, ms = parse_line(line, fmt)

@@ -1,7 +1,6 @@
 """The neural baselines GRU4Rec, HRNN and the flat TCN: training and evaluation through the
 real commands on a tiny log, their state semantics, and training = evaluation exactness."""
 import json
-import os
 
 import numpy as np
 import pytest

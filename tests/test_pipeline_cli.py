@@ -521,3 +521,53 @@ def test_progress_of_a_local_run(tmp_path, monkeypatch, capfd):
     assert progress[-1].startswith(f"pipeline: input read 100% of {size:,.1f} KB, 37 users'")
     users = [int(line.split(", ")[1].split()[0]) for line in progress]
     assert users == sorted(users) and os.environ.get(transforms.PROGRESS_ENV) is None
+
+
+def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
+    """A Spark-style export: 0-byte part files and a `_SUCCESS` marker beside the data are
+    skipped; rows whose time no parser can take (past the year 5000, a unit mix-up well
+    after the rows the start-up check samples) and a 200 KB quoted field do not stop the
+    run: the bad times go to malformed/, the big field is read."""
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    rows = [f"{u},{i},{t},p" for u, i, t in GOOD]
+    rows += ["u3,a,10000000000000000000,p", "u3,b,1600500000000,p",
+             f'u1,b,10200,"{{{"x" * 200_000}}}"']
+    (export_dir / "part-0.csv").write_text("user,item,time,props\n" + "\n".join(rows) + "\n")
+    (export_dir / "part-1.csv").write_text("")
+    (export_dir / "_SUCCESS").write_text("")
+    out = tmp_path / "out"
+    res = run_cli("--input", str(export_dir / "*"), "--output", str(out),
+                  "--min-item-count", "1", *IN_MEMORY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "note: skipping 2 empty input file(s)" in res.stderr
+    stats, recs = check_output(str(out))
+    assert (stats["rows_read"], stats["rows_malformed"]) == (len(GOOD) + 3, 2)
+    assert [(line, reason.split(" (")[0]) for line, reason, _ in _malformed(out)] == [
+        (len(GOOD) + 2, "time '10000000000000000000' is after the year 5000"),
+        (len(GOOD) + 3, "time '1600500000000' is after the year 5000")]
+    last = [s for r in recs.values() if "u1" in r for s in r["u1"].times if 10200 in s]
+    assert last  # the row with the big field is an event like any other
+
+    (export_dir / "part-0.csv").write_text("")
+    res = run_cli("--input", str(export_dir / "*"), "--output", str(tmp_path / "none"))
+    assert res.returncode == 2 and "every --input file is empty (3:" in res.stderr
+
+
+def test_overwrite_only_replaces_an_earlier_output(tmp_path, capsys):
+    log = tmp_path / "logs" / "log.csv"
+    log.parent.mkdir()
+    log.write_text("user,item,time\nu,a,1\n")
+    (tmp_path / "a_file").write_text("x")
+    cases = [(log.parent, "lies inside --output"), (tmp_path / "a_file", "is a file"),
+             (tmp_path, "lies inside --output")]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    cases.append((other, "is not a pipeline output"))
+    for output, message in cases:
+        assert cli.main(["--input", str(log), "--output", str(output), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert log.read_text() == "user,item,time\nu,a,1\n"
+    assert (other / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").exists()

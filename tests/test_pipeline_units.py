@@ -34,6 +34,36 @@ def test_parse_time_ms_rejects(value, unit):
         parse.parse_time_ms(value, unit)
 
 
+@pytest.mark.parametrize("value,unit", [
+    ("10000000000000000000", "s"), ("1e19", "s"), ("1600500000000", "s"),  # ms read as s
+    ("1600500000000000", "ms"), (2**70, "s"), ("9999-12-31T00:00:00Z", "iso")])
+def test_times_after_the_year_5000_are_rejected_with_the_reason(value, unit):
+    with pytest.raises(ValueError, match="after the year 5000"):
+        parse.parse_time_ms(value, unit)
+    assert parse.parse_time_ms(value, unit, check_range=False) > parse.MAX_TIME_MS
+    assert parse.parse_time_ms(str(parse.MAX_PLAUSIBLE_UNIX_SECONDS), "s") == parse.MAX_TIME_MS
+
+
+def test_rows_no_parser_could_take_become_malformed_rows():
+    big = "x" * 200_000  # over csv's default 128 KiB field limit
+    lines = ["\ufeffu1,a,10", f'u1,b,11,"{{{big}}}"', "u1,c,1600500000000", "u1,d,1e19",
+             "u1,e,12", "u1,[UNK],13", 'u1,"[PAD]",14']
+    fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time", "props"))
+    block = parse.parse_block([(l + ",p" if k != 1 else l).encode()
+                               for k, l in enumerate(lines)], fmt, first_order=0)
+    # the byte-order mark of a file without a header is not part of the first user id
+    assert block.by_user == {"u1": (["a", "b", "e"], [10_000, 11_000, 12_000], [0, 1, 4])}
+    assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
+        (2, "time '1600500000000' is after the year 5000"), (3, "time '1e19' is after the year 5000"),
+        (5, "item id '[UNK]' is reserved"), (6, "item id '[PAD]' is reserved")]
+    deep = parse.RowFormat("jsonl", "s", "u", "i", "t")
+    nested = "[" * 100_000 + "]" * 100_000
+    block = parse.parse_block([b'{"u": "v", "i": "a", "t": 1}', nested.encode(),
+                               '\ufeff{"u": "v", "i": "b", "t": 2}'.encode()], deep, 0)
+    assert block.by_user == {"v": (["a", "b"], [1000, 2000], [0, 2])}
+    assert [(k, r) for k, r, _ in block.malformed] == [(1, "bad JSON: nested too deeply")]
+
+
 def test_parse_block_groups_by_user_and_routes_bad_rows():
     lines = [b"user,item,time", b"u1,a,10", b"u2,b,11", b"", b"u1,c,12",
              b"u1,,13", b"u1,a", b"u1,a,-5", b"u1,a,x", b'"u 3","it,em",14', b"u1,\xff,15\r"]
