@@ -27,6 +27,15 @@ State = Any
 SCORE_BUDGET = 1 << 25
 
 
+def popularity_term(counts: np.ndarray) -> np.ndarray:
+    """float32 [V] in [0, 0.5): `0.5 * count / (max_count + 1)`, reserved indices 0: the
+    popularity scores (`popularity`), and where session-only models score a session's
+    first item (DESIGN §6)."""
+    counts = np.asarray(counts, dtype=np.float64).copy()
+    counts[:schema.NUM_RESERVED] = 0
+    return (0.5 * counts / (counts.max(initial=0.0) + 1.0)).astype(np.float32)
+
+
 def block_width(rows: int, vocab_size: int) -> int:
     """Positions of a batch of `rows` sessions scored per block within `SCORE_BUDGET`."""
     return max(1, SCORE_BUDGET // max(1, rows * vocab_size))

@@ -24,19 +24,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from model.base import BlockScorer, Scorer, State, blocks, push_history
+from model.base import BlockScorer, Scorer, State, blocks, popularity_term, push_history
 from pipeline import schema
 
 NAMES = ("popularity", "sknn", "spop", "upop", "mv")
 # V-SKNN computes its similarities for at most about this many (prefix, session) pairs at once.
 CHUNK_PAIRS = 1 << 22
-
-
-def popularity_term(counts: np.ndarray) -> np.ndarray:
-    """float32 [V] in [0, 0.5): `0.5 * count / (max_count + 1)`, reserved indices 0."""
-    counts = np.asarray(counts, dtype=np.float64).copy()
-    counts[:schema.NUM_RESERVED] = 0
-    return (0.5 * counts / (counts.max(initial=0.0) + 1.0)).astype(np.float32)
 
 
 def _scores_with_popularity(pop: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

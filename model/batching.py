@@ -146,6 +146,7 @@ class QueueBatcher:
         self._positions = collections.OrderedDict()
         self._keep = keep_positions
         self._lock = threading.Lock()
+        self.error: BaseException | None = None  # what stopped `make_dataset`'s producer
 
     # --- position -----------------------------------------------------------------------
     def position(self) -> dict:
@@ -385,7 +386,16 @@ def _produce(batcher: QueueBatcher, chunk: int, keys: list[str], handover: queue
             if not hand_over(item) or item is None:
                 return
     except BaseException as e:  # noqa: BLE001 -- re-raised by the dataset
+        batcher.error = e
         hand_over(e)
+
+
+def raise_producer_error(batcher: QueueBatcher) -> None:
+    """Raises the exception that stopped `batcher`'s producer thread, if one did: tf.data
+    hands it on as a `tf.errors` error with the Python traceback in its message; call this
+    where that error is caught to raise the original (a `DataError`, say) instead."""
+    if batcher.error is not None:
+        raise batcher.error
 
 
 def lower_thread_priority(niceness: int = 19) -> bool:

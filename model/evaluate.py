@@ -31,7 +31,7 @@ import numpy as np
 from model import base, metrics
 from model.atomic import write_atomically, write_json
 from model.base import Scorer
-from pipeline import schema
+from pipeline import argtypes, schema
 
 EVAL_SPLITS = ("valid", "test")
 # Users read ahead and reordered at once (`_most_events_first`).
@@ -242,16 +242,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate a trained run or a baseline; prints the metrics JSON."""
     from model import baselines
@@ -270,8 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-user-output", metavar="FILE.npz",
                         help="also write each user's events and metric sums here (for paired "
                              "significance tests between models, as model.compare does)")
-    parser.add_argument("--batch-size", type=_positive, default=64, help="users side by side")
-    parser.add_argument("--max-users", type=_positive, help="evaluate only the first N users")
+    parser.add_argument("--batch-size", type=argtypes.positive_int, default=64,
+                        help="users side by side")
+    parser.add_argument("--max-users", type=argtypes.positive_int,
+                        help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
@@ -280,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise schema.DataError(f"--data {args.data}: no such folder")
         schema.read_vocabulary(args.data)
         schema.shard_files(args.data, args.split)
+        users = schema.read_stats(args.data).get("splits", {}).get(args.split, {}).get("users")
+        if users == 0:
+            raise schema.DataError(f"the {args.split} split of {args.data} has no users (see "
+                                   f"its {schema.STATS_FILE}): nothing to evaluate")
         if args.model_dir is not None:
             if not os.path.isdir(args.model_dir):
                 raise schema.DataError(f"--model-dir {args.model_dir}: no such folder; "

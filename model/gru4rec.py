@@ -8,10 +8,12 @@ longer than L is split by the generator into chunks; each chunk restarts from th
 vector, as HierTCN's TCN does. The per-user state is not used: it has width 1 and
 `update_state` returns it unchanged.
 
-Position 0 (the first item of a session, before any item is seen): the start vector's
-output is a learned constant, so the first-item scores are the model's fit of the
-first-item distribution over the train sessions (popularity of first items, learned by
-the same loss) rather than the raw log counts.
+Position 0 (the first item of a session, before any item is seen): a session-only model
+has nothing to go on there, and DESIGN §6 has such models scored by popularity: the
+evaluator (`KerasScorer`) ranks first items by the train counts (`first_item_scores`,
+the `popularity` baseline's scores), so `first_item` metrics are popularity's. The start
+vector's output (a learned constant) still starts the GRU and is what serving returns
+for an empty session.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import layers
+from model.base import popularity_term
 from model.config import ConfigBase, _check, check_loss
 from model.sequence_model import SequenceModel
 
@@ -116,6 +119,8 @@ class GRU4Rec(SequenceModel):
         self.session_gru = SessionGRU(config.units, name="session_gru")
         self.drop = tf.keras.layers.Dropout(config.dropout)
         self.scorer = layers.ItemScorer(vocab_size, use_bias=config.output_bias, name="item_scorer")
+        if item_counts is not None:
+            self.first_item_scores = popularity_term(item_counts)
 
     @property
     def state_size(self) -> int:

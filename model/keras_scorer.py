@@ -36,8 +36,8 @@ def _known(items: np.ndarray) -> np.ndarray:
 class KerasScorer(Scorer):
     """Scores with compiled `tf.function`s of the model's own methods.
 
-    state = float32 [B, H]; score = item_logits(user_embeddings(state, sessions[:, :-1]));
-    update = update_state. For a model with a repeat head (`history_size` N > 0) the state
+    state = float32 [B, H]; score = item_logits(user_embeddings(state, sessions[:, :-1]))
+    (at position 0 the model's `first_item_scores` when it has them); update = update_state. For a model with a repeat head (`history_size` N > 0) the state
     is (float32 [B, H], int64 [B, N] the user's last N items, newest last) and the scores
     are the mixture's log-probabilities `item_log_probs`. Batch and length are dynamic
     dimensions (one trace each).
@@ -72,16 +72,27 @@ class KerasScorer(Scorer):
             self._ranks = tf.function(ranks, input_signature=[state_spec, items_spec, user_spec,
                                                               items_spec])
         else:
-            def score(state, sessions):
-                return model.item_logits(model.user_embeddings(state, sessions[:, :-1]))
+            first = model.first_item_scores
+            first = None if first is None else tf.constant(first, tf.float32)
 
-            def ranks(user, window):
+            def score(state, sessions):
+                scores = model.item_logits(model.user_embeddings(state, sessions[:, :-1]))
+                if first is None:
+                    return scores
+                return tf.concat([tf.broadcast_to(first, tf.shape(scores[:, :1])),
+                                  scores[:, 1:]], axis=1)
+
+            def ranks(user, window, at_start):
                 positions = tf.where(window != schema.PAD_INDEX)
-                return (positions,) + target_ranks(model.item_logits(tf.gather_nd(user, positions)),
-                                                   tf.gather_nd(window, positions))
+                scores = model.item_logits(tf.gather_nd(user, positions))
+                if first is not None:  # the session's first item: `first_item_scores`
+                    starts = at_start & (positions[:, 1] == 0)
+                    scores = tf.where(starts[:, None], first[None, :], scores)
+                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
 
             self._score = tf.function(score, input_signature=[state_spec, items_spec])
-            self._ranks = tf.function(ranks, input_signature=[user_spec, items_spec])
+            self._ranks = tf.function(ranks, input_signature=[user_spec, items_spec,
+                                                              tf.TensorSpec([], tf.bool)])
         self._user = tf.function(lambda state, sessions: model.user_embeddings(state, sessions[:, :-1]),
                                  input_signature=[state_spec, items_spec])
         self._update = tf.function(model.update_state, input_signature=[state_spec, items_spec])
@@ -134,7 +145,7 @@ class KerasScorer(Scorer):
             if self.model.history_size:
                 positions, rank, nan = self._ranks(high, before, part, window)
             else:
-                positions, rank, nan = self._ranks(part, window)
+                positions, rank, nan = self._ranks(part, window, tf.constant(start == 0))
             if nan.numpy():
                 raise ValueError("scores contain NaN: the model produced an invalid output")
             positions = positions.numpy()

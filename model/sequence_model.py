@@ -59,6 +59,9 @@ class SequenceModel(tf.keras.Model):
                                         getattr(config, "negative_exponent", 1.0))
         # the sampled loss's negatives, for a model that computes its own loss (a repeat head)
         self.sampler = getattr(self.loss_fn, "sampler", None)
+        # float32 [V] scores of a session's first item when evaluated, instead of the
+        # model's own (session-only models score it by popularity, DESIGN §6); None: its own
+        self.first_item_scores: np.ndarray | None = None
 
     # --- the serving / evaluation API -------------------------------------------------
     @property

@@ -18,7 +18,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -31,7 +33,7 @@ from model import losses
 from model import registry
 from model.atomic import write_json, write_text
 from model.keras_scorer import KerasScorer
-from pipeline import schema
+from pipeline import argtypes, schema
 
 SUMMARY_FILE = "train_summary.json"
 LOG_EVERY = 10
@@ -59,8 +61,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=["deep"],
                    help="deep: 2 blocks x 2 convs, receptive field 25 >= L = 20")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help=f"training steps (default {config_lib.DEFAULT_STEPS})")
-    budget.add_argument("--epochs", type=int, help="passes over the training users")
+    budget.add_argument("--steps", type=argtypes.positive_int,
+                        help=f"training steps (default {config_lib.DEFAULT_STEPS})")
+    budget.add_argument("--epochs", type=argtypes.positive_int,
+                        help="passes over the training users")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this wall time")
     p.add_argument("--batch-size", type=int, help="B rows")
     p.add_argument("--sessions-per-batch", type=int, help="S sessions per row per batch")
@@ -166,14 +170,22 @@ def check_data(data_dir: str) -> schema.Vocabulary:
     if not schema.is_folder(data_dir):
         raise schema.DataError(f"data folder {data_dir} not found: run `python -m pipeline` first")
     vocab = schema.read_vocabulary(data_dir)
-    schema.read_stats(data_dir)
+    stats = schema.read_stats(data_dir)
     schema.shard_files(data_dir, "train")
+    if not stats.get("splits", {}).get("train", {}).get("events", 1):
+        raise schema.DataError(f"the train split of {data_dir} has no events (see its "
+                               f"{schema.STATS_FILE}): nothing to train on")
     return vocab
 
 
+RESUMES_FILE = "resumes.jsonl"
+
+
 def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
-                    vocab: schema.Vocabulary) -> None:
-    """Creates RUN or checks that a resumed RUN matches this data and model config."""
+                    vocab: schema.Vocabulary) -> dict:
+    """Creates RUN or checks that a resumed RUN matches this data, model config and batch
+    geometry; returns the other training options this command changes
+    ({option: [was, now]}; e.g. a lower learning rate after a NaN loss)."""
     os.makedirs(run_dir, exist_ok=True)
     items_path = os.path.join(run_dir, schema.ITEMS_FILE)
     if os.path.exists(items_path):
@@ -191,7 +203,23 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
             raise registry.RunError(
                 f"{run_dir} holds a run with another model config or batch geometry "
                 f"(see its {registry.CONFIG_FILE}): use a new --model-dir or the same options")
-    config_lib.save_json(config, config_path)
+        return {k: [saved["train"][k], v] for k, v in now["train"].items()
+                if k in saved.get("train", {}) and saved["train"][k] != v}
+    return {}
+
+
+def save_config(run_dir: str, config: config_lib.RunConfig, step: int, changed: dict) -> None:
+    """Records the config of the run once it is known that this command trains: config.json
+    is the latest command's; training options changed on resuming are said on stderr and
+    kept in RUN/resumes.jsonl (`{"step": N, "changed": {option: [was, now]}}`), so that the
+    run's history stays readable."""
+    if changed:
+        told = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        print(f"resuming {run_dir} at step {step} with other training options: {told}",
+              file=sys.stderr)
+        with open(os.path.join(run_dir, RESUMES_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "changed": changed}) + "\n")
+    config_lib.save_json(config, os.path.join(run_dir, registry.CONFIG_FILE))
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -203,7 +231,13 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "default":
         return tf.distribute.get_strategy()
     if name.startswith("one_device:"):
-        return tf.distribute.OneDeviceStrategy(name.split(":", 1)[1])
+        device = name.split(":", 1)[1]
+        try:
+            return tf.distribute.OneDeviceStrategy(device)
+        except ValueError as e:
+            raise config_lib.ConfigError(f"strategy {name!r}: {device!r} is not a device "
+                                         f"({str(e).splitlines()[0]}); try one_device:/gpu:0 "
+                                         "or one_device:/cpu:0") from None
     strategy = tf.distribute.MirroredStrategy()
     if strategy.num_replicas_in_sync > 1:
         raise config_lib.ConfigError(
@@ -347,7 +381,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     """
     vocab = check_data(data_dir)
     config = resolve_loss(config, vocab.size)
-    prepare_run_dir(run_dir, config, data_dir, vocab)
+    changed = prepare_run_dir(run_dir, config, data_dir, vocab)
     tc = config.train
     tf.keras.utils.set_random_seed(tc.seed)
     mixed_float16 = False
@@ -406,7 +440,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     dataset = batching.make_dataset(batcher, tc.prefetch)
     events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
-    last_index, last_saved = None, start_step
+    first_index, last_saved = None, start_step  # the batch index of this process's first step
     valid_users = None  # the users of every valid evaluation (None: all)
     told_no_targets = False
     # Kept from one evaluation to the next: the scorer (traced once) and, within
@@ -422,7 +456,10 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
 
     def save(step: int) -> None:
         nonlocal last_saved
-        if last_index is not None:
+        if first_index is not None:
+            # each step consumed one batch, in order: exact even when an interrupt lands
+            # between a step and the bookkeeping after it
+            last_index = first_index + int(state.step.numpy()) - start_step - 1
             state.position.assign(json.dumps(batcher.position_after(last_index)))
         manager.save(checkpoint_number=step)
         last_saved = step
@@ -444,37 +481,52 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         return metrics
 
     with writer.as_default():
-        for batch in dataset:
-            t0 = time.perf_counter()
-            loss, n = train_step(batch)
-            last_loss = float(loss.numpy())
-            step = int(state.step.numpy())
-            if step > start_step + 1:  # the first step of a process includes tracing
-                step_seconds += time.perf_counter() - t0
-                events += int(n.numpy())
-            if not math.isfinite(last_loss):
-                raise TrainingError(
-                    f"loss is {last_loss} at step {step}: stopped; the last good checkpoint in "
-                    f"{manager.directory} is kept (try a lower --learning-rate)")
-            last_index = int(batch["batch_index"].numpy())
-            rate = events / max(step_seconds, 1e-9)
-            bar.update(step, values=[("loss", last_loss), ("events/s", round(rate))])
-            if step % LOG_EVERY == 0:
-                _scalar("loss", last_loss, step=step)
-                _scalar("events_per_s", rate, step=step)
-            if step % tc.checkpoint_every == 0:
-                save(step)
-            if tc.eval_every and step % tc.eval_every == 0:
-                t1 = time.perf_counter()
-                valid = evaluate_and_select(step)
-                eval_seconds += time.perf_counter() - t1
-            if tc.steps and step >= tc.steps:
-                stop_reason = "steps"
-                break
-            if tc.max_minutes and time.perf_counter() - wall_start - eval_seconds > 60 * tc.max_minutes:
-                stop_reason = "time"
-                break
+        try:
+            for batch in dataset:
+                if first_index is None:  # this command trains: record its config
+                    first_index = int(batch["batch_index"].numpy())
+                    save_config(run_dir, config, start_step, changed)
+                t0 = time.perf_counter()
+                loss, n = train_step(batch)
+                last_loss = float(loss.numpy())
+                step = int(state.step.numpy())
+                if step > start_step + 1:  # the first step of a process includes tracing
+                    step_seconds += time.perf_counter() - t0
+                    events += int(n.numpy())
+                if not math.isfinite(last_loss):
+                    raise TrainingError(
+                        f"loss is {last_loss} at step {step}: stopped; the last good checkpoint "
+                        f"in {manager.directory} is kept (try a lower --learning-rate)")
+                rate = events / max(step_seconds, 1e-9)
+                bar.update(step, values=[("loss", last_loss), ("events/s", round(rate))])
+                if step % LOG_EVERY == 0:
+                    _scalar("loss", last_loss, step=step)
+                    _scalar("events_per_s", rate, step=step)
+                if step % tc.checkpoint_every == 0:
+                    save(step)
+                if tc.eval_every and step % tc.eval_every == 0:
+                    t1 = time.perf_counter()
+                    valid = evaluate_and_select(step)
+                    eval_seconds += time.perf_counter() - t1
+                if tc.steps and step >= tc.steps:
+                    stop_reason = "steps"
+                    break
+                if (tc.max_minutes and time.perf_counter() - wall_start - eval_seconds
+                        > 60 * tc.max_minutes):
+                    stop_reason = "time"
+                    break
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`main`): keep what was trained
+            stop_reason = "interrupted"
+            print(f"\ninterrupted at step {int(state.step.numpy())}: saving a checkpoint; "
+                  "the same command resumes from it", file=sys.stderr)
+        except tf.errors.OpError:
+            batching.raise_producer_error(batcher)  # the batcher's own error, when it is one
+            raise
         step = int(state.step.numpy())
+        if step == start_step and start_step:
+            print(f"{run_dir} already holds {start_step} steps, all its epochs; nothing to do",
+                  file=sys.stderr)
+            return _read_summary(run_dir)
         if step > last_saved:
             save(step)
         seconds = time.perf_counter() - wall_start - eval_seconds
@@ -486,7 +538,8 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         "step_seconds": round(step_seconds, 3), "events": events,
         "events_per_s": round(events / max(step_seconds, 1e-9), 1),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
-        "final_loss": last_loss, "valid": valid, "best": best}
+        "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON
+        "valid": valid, "best": best}
     write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
 
@@ -541,8 +594,16 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([latest[s][1] for s in steps], np.float64)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2: a usage or data error, 130: interrupted by
+    Ctrl-C or SIGTERM, after a checkpoint of the steps done)."""
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
     try:
         config = resolve_config(args)
         summary = train(args.data, args.model_dir, config, progress=not args.no_progress)
@@ -550,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
-    return 0
+    return 130 if summary.get("stopped_by") == "interrupted" else 0
 
 
 if __name__ == "__main__":

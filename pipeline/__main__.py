@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from pipeline import outputs, parse, schema, split
+from pipeline import argtypes, outputs, parse, schema, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
@@ -173,20 +173,6 @@ class UsageError(ValueError):
     """A mistake in the command line or the inputs (one-line message, exit code 2)."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -222,16 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-col", default="item")
     p.add_argument("--time-col", default="time")
     p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s")
-    p.add_argument("--session-gap", type=_non_negative_int, default=1800, metavar="SECONDS",
+    p.add_argument("--session-gap", type=argtypes.non_negative_int, default=1800, metavar="SECONDS",
                    help="a gap strictly greater starts a new session (default 1800)")
-    p.add_argument("--min-item-count", type=_positive_int, default=5,
+    p.add_argument("--min-item-count", type=argtypes.positive_int, default=5,
                    help="vocabulary threshold on train events (default 5)")
-    p.add_argument("--min-session-length", type=_positive_int, default=2,
+    p.add_argument("--min-session-length", type=argtypes.positive_int, default=2,
                    help="after collapsing immediate repeats (default 2)")
     p.add_argument("--split", choices=split.SPLIT_METHODS, default="time")
     p.add_argument("--valid-fraction", type=_fraction, default=0.1)
     p.add_argument("--test-fraction", type=_fraction, default=0.1)
-    p.add_argument("--max-events-per-user", type=_positive_int,
+    p.add_argument("--max-events-per-user", type=argtypes.positive_int,
                    default=DEFAULT_MAX_EVENTS_PER_USER,
                    help="keep each user's most recent events only (counted in stats)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --split users hash")

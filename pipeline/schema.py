@@ -382,7 +382,7 @@ def user_reader(data_dir: str, split: str) -> Callable[[], Iterator[UserRecord]]
     ds = make_dataset(data_dir, split).batch(USERS_PER_READ).map(_flatten_batch).prefetch(2)
 
     def users() -> Iterator[UserRecord]:
-        for rec in ds.as_numpy_iterator():
+        for rec in _read_or_explain(ds.as_numpy_iterator(), data_dir, split):
             for key in (ITEMS, TIMES):
                 rec[key + "/values"].setflags(write=False)
             contexts = rec[NUM_CONTEXT_SESSIONS].tolist()
@@ -393,6 +393,22 @@ def user_reader(data_dir: str, split: str) -> Callable[[], Iterator[UserRecord]]
                                  times=_split_user(rec, TIMES, u))
 
     return users
+
+
+def _read_or_explain(batches, data_dir: str, split: str):
+    """`batches`, with a damaged file (truncated, corrupt, not a record of ours) raised as a
+    one-line DataError."""
+    import tensorflow as tf
+
+    try:
+        yield from batches
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        import re
+
+        message = re.sub(r"\{\{function_node[^}]*\}\}\s*|\s*\[Op:.*$", "",
+                         e.message.splitlines()[0])
+        raise DataError(f"cannot read the {split} split of {data_dir}: {message} (a damaged "
+                        "or truncated file: run the pipeline again)") from None
 
 
 def iter_users(data_dir: str, split: str) -> Iterator[UserRecord]:

@@ -29,6 +29,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
+from pipeline import argtypes
 from serving import protos, state_store
 
 SIG_UPDATE_STATE = "update_state"
@@ -330,23 +331,6 @@ def _items(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _number(kind, low: float, strict: bool, what: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, 0, True, "a positive integer")
-_non_negative_int = _number(int, 0, False, "an integer >= 0")
-_positive_float = _number(float, 0.0, True, "a positive number of seconds")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m serving.client",
@@ -355,11 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", required=True, help="the served model's name")
     parser.add_argument("--state-db", default="user_states.sqlite",
                         help="SQLite file of user states (created when missing)")
-    parser.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per call")
+    parser.add_argument("--timeout", type=argtypes.positive_float, default=10.0,
+                        help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--session-width", type=_positive_int, default=None,
+    parser.add_argument("--session-width", type=argtypes.positive_int, default=None,
                         help="fixed session_items width (for TF Serving with --enable_batching)")
-    parser.add_argument("--history-width", type=_positive_int, default=None,
+    parser.add_argument("--history-width", type=argtypes.positive_int, default=None,
                         help="fixed history_items width (for TF Serving with --enable_batching)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--tls-ca", metavar="PEM",
@@ -370,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rec = commands.add_parser("recommend", help="next items for a user's current session")
     rec.add_argument("--user", required=True)
     rec.add_argument("--items", default="", help="the current session so far: a,b,c")
-    rec.add_argument("-k", type=_non_negative_int, default=10, help="how many items")
+    rec.add_argument("-k", type=argtypes.non_negative_int, default=10, help="how many items")
     end = commands.add_parser("end-session", help="fold a finished session into the user's state")
     end.add_argument("--user", required=True)
     end.add_argument("--items", required=True, help="the finished session: a,b,c")

@@ -70,6 +70,11 @@ def test_trains_and_evaluates_with_the_commands(name, data, tmp_path, capsys):
         assert all(k in group for k in keys)
     assert metrics["model"] == name and metrics["events"] == 6 * 4  # 6 users, 1 session of 5
     assert 0.0 < metrics["recall@5"] <= metrics["recall@20"] <= 1.0
+    if name == "gru4rec":  # session-only: first items are scored by popularity (DESIGN §6)
+        assert evaluate_lib.main(["--data", data, "--split", "test", "--model", "popularity",
+                                  "--output", out, "--no-progress"]) == 0
+        with open(out) as f:
+            assert metrics["first_item"] == json.load(f)["first_item"]
 
 
 @pytest.mark.parametrize("name", ["gru4rec", "hrnn", "tcn"])

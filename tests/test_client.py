@@ -165,12 +165,13 @@ def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["recommend", "--user", "ann", "-k", "-1"], "-k: '-1' is not an integer >= 0"),
+    (["recommend", "--user", "ann", "-k", "-1"], "-k: must be >= 0, got -1"),
     (["--session-width", "0", "end-session", "--user", "ann", "--items", "a"],
-     "--session-width: '0' is not a positive integer"),
+     "--session-width: must be >= 1, got 0"),
     (["--history-width", "-1", "recommend", "--user", "ann"],
-     "--history-width: '-1' is not a positive integer"),
-    (["--timeout", "0", "status"], "--timeout: '0' is not a positive number of seconds"),
+     "--history-width: must be >= 1, got -1"),
+    (["--timeout", "nan", "status"], "--timeout: must be > 0.0, got nan"),
+    (["--timeout", "soon", "status"], "--timeout: 'soon' is not a number"),
 ])
 def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_:

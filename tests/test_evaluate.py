@@ -1,6 +1,7 @@
 """model.evaluate on hand-made TFRecords: lock-step order, online updates, the CLI."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -219,7 +220,9 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
     (["--split", "valid", "--model", "popularity"], "the following arguments are required: --data"),
     (["--data", "DATA", "--split", "train", "--model", "popularity"], "invalid choice: 'train'"),
     (["--data", "DATA", "--split", "test", "--model", "bert"], "invalid choice: 'bert'"),
-    (["--data", "DATA", "--split", "test", "--model", "mv", "--batch-size", "0"], "positive integer"),
+    (["--data", "DATA", "--split", "test", "--model", "mv", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["--data", "DATA", "--split", "test", "--model", "mv", "--max-users", "x"],
+     "--max-users: 'x' is not an integer"),
     (["--data", "DATA", "--split", "test"], "one of the arguments --model-dir --model is required"),
 ])
 def test_cli_bad_options_give_one_line_errors(full_data, capsys, argv, message):
@@ -259,3 +262,19 @@ def test_users_are_batched_most_events_first_within_a_window(tmp_path, monkeypat
     # windows [u0 u1 u2 u3] [u4 u5]; most target events first, ties in file order
     assert [c[1] for c in scorer.calls if c[0] == "init"] == [["u1", "u3"], ["u2", "u0"], ["u4", "u5"]]
     assert out == by_row
+
+
+def test_cli_empty_or_damaged_split_is_one_line(full_data, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    empty = write_data(tmp_path / "empty", {"train": {"a": ([], [[5, 6]])}, "test": {}})
+    assert ev.main(["--data", empty, "--split", "test", "--model", "popularity"]) == 2
+    err = capsys.readouterr().err
+    assert f"the test split of {empty} has no users" in err and err.count("\n") == 1
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full_data, damaged)
+    shard = damaged / "test" / "part-00000.tfrecord.gz"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    assert ev.main(["--data", str(damaged), "--split", "test", "--model", "popularity",
+                    "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the test split of {damaged}: " in err and err.count("\n") == 1, err

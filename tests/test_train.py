@@ -307,3 +307,92 @@ def test_a_remote_data_folder_trains_and_evaluates_like_the_local_one(data, conf
     err = capsys.readouterr().err
     assert "TensorFlow has no file system for this scheme" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_file, tmp_path,
+                                                                monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, which `main` turns into the same) lands at step 10 between the
+    step and its bookkeeping: the checkpoint still holds the position after batch 10."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    exact = ("--dropout", "0", "--eval-every", "0")
+    assert train_lib.main(_args(data, straight, config_file, "--steps", "25", *exact)) == 0
+    real = train_lib._scalar
+
+    def interrupted(name, value, step):
+        if step == 10:
+            raise KeyboardInterrupt
+        real(name, value, step)
+
+    monkeypatch.setattr(train_lib, "_scalar", interrupted)
+    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 130
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "interrupted"
+    assert "interrupted at step 10: saving a checkpoint" in err
+    assert tf.train.latest_checkpoint(os.path.join(resumed, "checkpoints")).endswith("ckpt-10")
+    monkeypatch.setattr(train_lib, "_scalar", real)
+    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 0
+    for a, b in zip(_weights(straight), _weights(resumed)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_changed_training_options_on_resume_are_said_and_recorded(data, config_file, tmp_path,
+                                                                  capsys):
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
+    capsys.readouterr()
+    # after a NaN loss, say: the same run with a lower learning rate
+    assert train_lib.main(_args(data, run, config_file, "--steps", "12", "--eval-every", "0",
+                                "--learning-rate", "0.005")) == 0
+    assert ("resuming " + run + " at step 10 with other training options: learning_rate 0.01 "
+            "-> 0.005, steps 10 -> 12") in capsys.readouterr().err
+    with open(os.path.join(run, train_lib.RESUMES_FILE)) as f:
+        assert [json.loads(line) for line in f] == [
+            {"step": 10, "changed": {"learning_rate": [0.01, 0.005], "steps": [10, 12]}}]
+    with open(os.path.join(run, registry.CONFIG_FILE)) as f:
+        config = f.read()
+    # a command that trains nothing changes nothing
+    assert train_lib.main(_args(data, run, config_file, "--steps", "12", "--seed", "7")) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    with open(os.path.join(run, registry.CONFIG_FILE)) as f:
+        assert f.read() == config
+    with open(os.path.join(run, train_lib.RESUMES_FILE)) as f:
+        assert len(f.readlines()) == 1
+
+
+def test_a_finished_epochs_run_rerun_keeps_its_summary(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "epochs")
+    assert train_lib.main(_args(data, run, config_file, "--epochs", "1", "--eval-every", "0")) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["steps"] > 0 and first["stopped_by"] == "epochs"
+    assert train_lib.main(_args(data, run, config_file, "--epochs", "1", "--eval-every", "0")) == 0
+    out, err = capsys.readouterr()
+    assert "all its epochs; nothing to do" in err
+    assert json.loads(out.strip().splitlines()[-1]) == first
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        assert json.load(f) == first
+
+
+def test_more_one_line_errors(data, config_file, tmp_path, capsys):
+    run = str(tmp_path / "err")
+    for flag in ("--steps", "--epochs"):
+        with pytest.raises(SystemExit) as exit_:
+            train_lib.main(_args(data, run, config_file, flag, "0"))
+        assert exit_.value.code == 2
+        assert f"{flag}: must be >= 1, got 0" in capsys.readouterr().err
+    empty = write_data(str(tmp_path / "empty"), 20, [], valid=[(1, [[2, 3], [4, 5]])])
+    damaged = str(tmp_path / "damaged")
+    write_data(damaged, 20, planted_users(40))
+    shard = os.path.join(damaged, "train", os.listdir(os.path.join(damaged, "train"))[0])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    cases = [
+        (_args(data, run, config_file, "--strategy", "one_device:bogus"),
+         "strategy 'one_device:bogus': 'bogus' is not a device"),
+        (_args(empty, run + "2", config_file), "the train split of " + empty + " has no events"),
+        (_args(damaged, run + "3", config_file, "--steps", "5"),
+         f"cannot read the train split of {damaged}: truncated record"),
+    ]
+    for argv, message in cases:
+        assert train_lib.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
