@@ -462,6 +462,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
             last_index = first_index + int(state.step.numpy()) - start_step - 1
             state.position.assign(json.dumps(batcher.position_after(last_index)))
         manager.save(checkpoint_number=step)
+        writer.flush()  # the curve up to a checkpoint survives a kill, as the checkpoint does
         last_saved = step
 
     def evaluate_and_select(step: int) -> dict:

@@ -396,3 +396,28 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         assert train_lib.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_file, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "killed")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model.train", *_args(data, run, config_file, "--steps", "100000",
+                                                     "--checkpoint-every", "20",
+                                                     "--eval-every", "0")],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        marker = os.path.join(run, "checkpoints", "ckpt-20.index")
+        deadline = time.time() + 240
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(marker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    steps, _ = train_lib.read_scalars(run, "loss")
+    assert {10, 20} <= set(steps.tolist())
