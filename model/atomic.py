@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from typing import Callable, IO
 
 
@@ -17,8 +17,10 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
     renames it to `path`; on any failure the temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{os.path.splitext(path)[1]}")
+    # as open() would create it: 0666 less the umask (mkstemp's 0600 would hide a run's
+    # files from a TensorBoard or export job running as another user)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb" if binary else "w",
                        **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:

@@ -411,6 +411,10 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         history_size=model.history_size)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        if isinstance(optimizer.learning_rate, tf.Variable):
+            # a constant rate is a variable the checkpoint restored: this command's rate
+            # applies (a resumed run may lower it, `save_config`)
+            optimizer.learning_rate.assign(tc.learning_rate)
         batcher.restore(json.loads(state.position.numpy().decode("utf-8")))
     start_step = int(state.step.numpy())
     if tc.steps and start_step >= tc.steps:
@@ -524,14 +528,19 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
             batching.raise_producer_error(batcher)  # the batcher's own error, when it is one
             raise
         step = int(state.step.numpy())
-        if step == start_step and start_step:
-            print(f"{run_dir} already holds {start_step} steps, all its epochs; nothing to do",
-                  file=sys.stderr)
-            return _read_summary(run_dir)
+        if step == start_step:  # no step in this process: nothing to save or to report
+            if stop_reason == "interrupted":
+                return {"model": config.model_name, "steps": step, "steps_this_run": 0,
+                        "stopped_by": stop_reason}
+            if start_step:
+                print(f"{run_dir} already holds {start_step} steps, all its epochs; nothing "
+                      "to do", file=sys.stderr)
+                return _read_summary(run_dir)
         if step > last_saved:
             save(step)
         seconds = time.perf_counter() - wall_start - eval_seconds
-        if tc.eval_every and step % tc.eval_every:
+        # the last evaluation, unless interrupted (a stop signal's grace period is short)
+        if tc.eval_every and step % tc.eval_every and stop_reason != "interrupted":
             valid = evaluate_and_select(step)
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,

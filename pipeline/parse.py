@@ -88,8 +88,8 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
       Integer milliseconds in [0, MAX_TIME_MS].
 
     Raises:
-      ValueError: unparseable, non-finite, negative or implausibly late (after the year
-        5000) time.
+      ValueError: unparseable, non-finite, negative or implausibly late (past 10^11 unix
+        seconds, the year 5138) time.
     """
     if unit == "iso":
         if not isinstance(value, str):
@@ -113,8 +113,8 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         raise ValueError(f"negative time {value!r}")
     if check_range and ms > MAX_TIME_MS:
         hint = {"s": "; milli- or microseconds? see --time-unit", "ms": "; microseconds?"}
-        raise ValueError(f"time {value!r} is after the year 5000 (--time-unit {unit})"
-                         + hint.get(unit, ""))
+        raise ValueError(f"time {value!r} is past 10^11 unix seconds, the year 5138 "
+                         f"(--time-unit {unit})" + hint.get(unit, ""))
     return ms
 
 

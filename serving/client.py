@@ -148,9 +148,9 @@ class HierTCNClient:
         for name, value in (("session_width", session_width), ("history_width", history_width)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}")
-        if timeout <= 0 or max_message_mb <= 0:
-            raise ValueError(f"timeout and max_message_mb must be positive, got {timeout} "
-                             f"and {max_message_mb}")
+        if not (timeout is None or timeout > 0) or not max_message_mb > 0:
+            raise ValueError(f"timeout (seconds, or None: no deadline) and max_message_mb "
+                             f"must be positive, got {timeout} and {max_message_mb}")
         self.target = target
         self.model_name = model_name
         self.timeout = timeout

@@ -78,7 +78,7 @@ def from_proto(proto: tensor_pb2.TensorProto, max_elements: int | None = None) -
     """Decodes a TensorProto; strings come back as an object array of bytes.
 
     As TensorFlow's `Tensor::FromProto` (what TF Serving runs): `tensor_content` must fill
-    the shape exactly; a `*_val` / `string_val` list gives the first values of the shape
+    the shape exactly (strings: their lengths as varints, then their bytes); a `*_val` / `string_val` list gives the first values of the shape
     (extra values are ignored), the last value repeated to fill the rest, or zeros / empty
     strings when the list is empty.
 
@@ -101,6 +101,8 @@ def from_proto(proto: tensor_pb2.TensorProto, max_elements: int | None = None) -
         raise TensorTooLarge(f"tensor shape {list(shape)} has {n} elements, more than the "
                              f"{max_elements} this server accepts in one tensor")
     if proto.dtype == types_pb2.DT_STRING:
+        if proto.tensor_content:
+            return _strings_from_content(proto.tensor_content, n).reshape(shape)
         return _fill(list(proto.string_val), n, np.dtype(object), b"").reshape(shape)
     if proto.dtype not in _FROM_DTYPE:
         raise ValueError(f"unsupported dtype {dtype_name(proto.dtype)}")
@@ -113,6 +115,32 @@ def from_proto(proto: tensor_pb2.TensorProto, max_elements: int | None = None) -
         return np.frombuffer(content, dtype=dtype).reshape(shape).copy()
     values = getattr(proto, _VAL_FIELD[proto.dtype])
     return _fill(np.asarray(values[:n], dtype=dtype), n, dtype, 0).reshape(shape)
+
+
+def _strings_from_content(content: bytes, n: int) -> np.ndarray:
+    """`n` strings from a string tensor's `tensor_content` as TensorFlow encodes it: the
+    `n` lengths as varints, then the bytes one after the other."""
+    lengths, at = [], 0
+    for _ in range(n):
+        value = shift = 0
+        while True:
+            if at >= len(content) or shift > 28:
+                raise ValueError(f"string tensor_content does not hold {n} lengths")
+            byte = content[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        lengths.append(value)
+    if at + sum(lengths) != len(content):
+        raise ValueError(f"string tensor_content holds {len(content) - at} bytes after its "
+                         f"lengths, the lengths say {sum(lengths)}")
+    out = np.empty(n, dtype=object)
+    for i, length in enumerate(lengths):
+        out[i] = content[at:at + length]
+        at += length
+    return out
 
 
 def _fill(values, n: int, dtype: np.dtype, default) -> np.ndarray:

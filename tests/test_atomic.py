@@ -41,3 +41,15 @@ def test_binary_and_text_writes(tmp_path):
     tsv = tmp_path / "items.tsv"
     atomic.write_text(str(tsv), "index\titem_id\r\n0\t<pad>\n")
     assert tsv.read_bytes() == b"index\titem_id\r\n0\t<pad>\n"  # line endings kept as given
+
+
+def test_files_get_the_mode_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic.write_json(str(tmp_path / "a.json"), {})
+        with open(tmp_path / "b.json", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == \
+        (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644

@@ -72,6 +72,22 @@ def test_short_and_long_val_lists_decode_as_tensorflow_does(proto, expected):
     assert tf.io.parse_tensor(proto.SerializeToString(), dtype).numpy().tolist() == expected
 
 
+def test_string_tensor_content_decodes_as_tensorflow_does():
+    strings = np.array([[b"item0", b""], ["\u00e9t\u00e9".encode(), b"x" * 300]], dtype=object)
+    encoded = tf.make_tensor_proto(tf.constant(strings))  # TensorFlow's own encoding ...
+    packed = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING,  # ... and the packed one:
+                                    tensor_shape=encoded.tensor_shape)
+    packed.tensor_content = bytes([5, 0, 5, 0xAC, 0x02]) + b"item0" + strings[1, 0] + b"x" * 300
+    assert tf.io.parse_tensor(packed.SerializeToString(), tf.string).numpy().tolist() == \
+        strings.tolist()
+    for proto in (encoded, packed):
+        assert protos.from_proto(proto).tolist() == strings.tolist()
+    bad = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_content=b"\x05ab")
+    bad.tensor_shape.dim.add().size = 1
+    with pytest.raises(ValueError, match="holds 2 bytes after its lengths, the lengths say 5"):
+        protos.from_proto(bad)
+
+
 def test_a_shape_past_the_element_limit_is_refused_before_allocating():
     huge = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[0.0])
     huge.tensor_shape.dim.add().size = 2 ** 31

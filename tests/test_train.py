@@ -421,3 +421,56 @@ def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_fil
         proc.wait()
     steps, _ = train_lib.read_scalars(run, "loss")
     assert {10, 20} <= set(steps.tolist())
+
+
+def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config_file, tmp_path,
+                                                                    monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        before = f.read()
+    capsys.readouterr()
+
+    def waiting_for_the_first_batch(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    real = train_lib.batching.make_dataset
+    monkeypatch.setattr(train_lib.batching, "make_dataset", waiting_for_the_first_batch)
+    assert train_lib.main(_args(data, run, config_file, "--steps", "20", "--eval-every", "0")) == 130
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "model": "hiertcn", "steps": 10, "steps_this_run": 0, "stopped_by": "interrupted"}
+    assert "nothing to do" not in err
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        assert f.read() == before  # nothing trained, nothing written
+    monkeypatch.setattr(train_lib.batching, "make_dataset", real)
+    # an interrupt with a valid evaluation due at the end: it is skipped (a stop signal's
+    # grace period is short), the checkpoint is not
+    scalar = train_lib._scalar
+
+    def interrupted(name, value, step):
+        if step == 20:
+            raise KeyboardInterrupt
+        scalar(name, value, step)
+
+    monkeypatch.setattr(train_lib, "_scalar", interrupted)
+    assert train_lib.main(_args(data, run, config_file, "--steps", "50", "--eval-every", "15")) == 130
+    err = capsys.readouterr().err
+    assert "step 15: valid recall@20" in err and "step 20: valid" not in err
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-20")
+
+
+def test_a_constant_learning_rate_changed_on_resume_is_the_one_used(data, tmp_path):
+    config = str(tmp_path / "constant.json")
+    with open(config, "w") as f:
+        json.dump({**TINY, "train": {**TINY["train"], "lr_schedule": "constant"}}, f)
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config, "--steps", "10", "--eval-every", "0")) == 0
+    assert train_lib.main(_args(data, run, config, "--steps", "11", "--eval-every", "0",
+                                "--learning-rate", "0.005")) == 0
+    checkpoints = os.path.join(run, "checkpoints")
+    rates = [tf.train.load_variable(os.path.join(checkpoints, f"ckpt-{n}"),
+                                    "optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE")
+             for n in (10, 11)]
+    assert rates == [pytest.approx(0.01), pytest.approx(0.005)]
