@@ -23,6 +23,12 @@ import logging
 import sys
 from typing import Any, Sequence
 
+if __name__ == "__main__":  # the command line: TensorFlow's CUDA notes are noise here
+    from serving.quiet import native_notes_dropped
+
+    with native_notes_dropped():
+        import tensorflow  # noqa: F401 - imported here, where its notes are dropped
+
 import grpc
 import numpy as np
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,

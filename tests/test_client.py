@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -252,3 +254,22 @@ def test_tls_server_and_client(served, tmp_path, capsys):
             time.sleep(0.05)
         else:
             raise AssertionError("\n".join(bad.lines))
+
+
+def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
+    from serving.quiet import native_notes_dropped
+
+    with native_notes_dropped():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                    b"written to STDERR\nI0000 cudart_stub.cc:31] Could not find cuda drivers on "
+                    b"your machine, GPU will not be used.\nE0000 a real error\n")
+    assert capfd.readouterr().err == "E0000 a real error\n"
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "serving.client", "--target", f"127.0.0.1:{port}",
+                           "--model-name", NAME, "--timeout", "2", "status"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
