@@ -20,6 +20,8 @@ from typing import Sequence
 from pipeline import schema
 
 PY = sys.executable
+# A demo folder holds this file: only such a folder is replaced by the next demo.
+MARKER = ".hiertcn-demo"
 
 
 def say(text: str) -> None:
@@ -65,18 +67,47 @@ def wait_for_server(proc: subprocess.Popen, target: str, model: str, timeout: fl
 
 
 def pick_sessions(data_dir: str, users: int) -> list[tuple[str, list[str], list[str]]]:
-    """Two consecutive test sessions of a few users, as raw item ids."""
+    """Two consecutive test sessions of a few users (the first by id, so every run shows
+    the same ones), as raw item ids."""
     vocab = schema.read_vocabulary(data_dir)
-    picked = []
+    picked = []  # (has no unknown item, user, first, second)
     for rec in schema.iter_users(data_dir, "test"):
         if len(rec.sessions) - rec.num_context_sessions >= 1 and rec.num_context_sessions >= 1:
-            first = [vocab.ids[i] for i in rec.sessions[rec.num_context_sessions - 1]]
-            second = [vocab.ids[i] for i in rec.sessions[rec.num_context_sessions]]
-            if schema.UNKNOWN_TOKEN not in first + second:
-                picked.append((rec.user_id, first, second))
-        if len(picked) == users:
-            break
-    return picked
+            sessions = rec.sessions[rec.num_context_sessions - 1:rec.num_context_sessions + 1]
+            first, second = ([vocab.ids[i] for i in s if i >= schema.NUM_RESERVED]
+                             for s in sessions)
+            if first and second:  # unknown items left out (a small log has many)
+                whole = len(first) + len(second) == sum(len(s) for s in sessions)
+                picked.append((not whole, len(rec.user_id), rec.user_id, first, second))
+    return [p[2:] for p in sorted(picked)[:users]]
+
+
+def prepare_output(out: str) -> None:
+    """Creates the demo folder, replacing an earlier demo's; refuses any other folder."""
+    if os.path.exists(out):
+        if os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
+            raise SystemExit(f"demo stopped: {out} exists and is not a demo's folder; pass "
+                             "another --output (make demo DEMO_DIR=...) or remove it yourself")
+        shutil.rmtree(out)
+    os.makedirs(out)
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
+        f.write("written by `python -m serving.demo`: the next demo replaces this folder\n")
+
+
+def _stop(signum, frame):
+    raise SystemExit(f"demo stopped by signal {signum}")
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it starts (Linux): SIGTERM when the demo dies, even
+    by SIGKILL, so that no server outlives it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,9 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-name", default="hiertcn")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    prepare_output(out)
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)  # a kill runs the `finally` that stops the server
     raw, data, run_dir = f"{out}/raw/log.csv", f"{out}/data", f"{out}/run"
     export, db = f"{out}/export", f"{out}/state.db"
 
@@ -133,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = f"127.0.0.1:{port}"
     say(f"6/7 Starting the local TF Serving-compatible gRPC server on {target}")
     server = subprocess.Popen([PY, "-m", "serving.server", "--model-base-path", export,
-                               "--model-name", args.model_name, "--port", str(port)])
+                               "--model-name", args.model_name, "--port", str(port)],
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
         wait_for_server(server, target, args.model_name)
         say("7/7 Asking for next items over gRPC, across two sessions per user "

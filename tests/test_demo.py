@@ -1,0 +1,92 @@
+"""`make demo` (`python -m serving.demo`) end to end on a small log: it runs every stage,
+replaces only its own folder, and leaves no server behind, even when killed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serving import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo(output: str) -> subprocess.Popen:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, "-m", "serving.demo", "--output", output,
+                             "--users", "60", "--steps", "3"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _servers_of(path: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serving.server" in cmd and any(path.encode() in part for part in cmd):
+            found.append(int(pid))
+    return found
+
+
+def test_prepare_output_replaces_only_a_demo_folder(tmp_path):
+    mine = tmp_path / "precious"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not a demo's folder"):
+        demo.prepare_output(str(mine))
+    assert (mine / "keep.txt").read_text() == "mine"
+    out = tmp_path / "demo_out"
+    demo.prepare_output(str(out))
+    (out / "old").write_text("from the last demo")
+    demo.prepare_output(str(out))  # an earlier demo's folder is replaced
+    assert os.listdir(out) == [demo.MARKER]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
+def test_the_demo_runs_end_to_end_and_leaves_no_server(tmp_path):
+    out = str(tmp_path / "demo_out")
+    proc = _demo(out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    for stage in range(1, 8):
+        assert f"=== {stage}/7 " in log
+    assert "server ready" in log and log.rstrip().endswith("export/, state.db")
+    assert "Recall@20" in log and "stored the state after" in log
+    assert sorted(os.listdir(out)) == sorted(
+        [demo.MARKER, "raw", "data", "run", "export", "state.db", "test_hiertcn.json",
+         "test_popularity.json"] + [n for n in os.listdir(out) if n.startswith("state.db-")])
+    assert not _servers_of(out)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_dies_with_a_killed_demo():
+    """What the demo starts its server with: SIGKILL the parent, the child goes too."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys, time; from serving import demo; "
+         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+         "preexec_fn=demo._die_with_parent); print(child.pid, flush=True); time.sleep(120)"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    break  # a zombie: dead, waiting for init to reap it
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")
