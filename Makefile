@@ -7,7 +7,13 @@ DEMO_DIR ?= demo_out
 # pytest-xdist workers of `make test` (each a TensorFlow process of ~1-2 GB)
 TEST_WORKERS ?= 2
 
-.PHONY: demo test clean
+.PHONY: help demo test clean
+
+help:
+	@echo "make demo   synthetic log -> pipeline -> train -> evaluate -> export -> gRPC server -> queries (DEMO_DIR=$(DEMO_DIR))"
+	@echo "make test   the test suite in TEST_WORKERS=$(TEST_WORKERS) processes (0: one process)"
+	@echo "make clean  remove $(DEMO_DIR) and pytest's cache"
+	@echo "Both demo and test create $(VENV) with requirements.txt when missing; then: source $(VENV)/bin/activate"
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,4 +28,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	@if [ -e "$(DEMO_DIR)" ] && [ ! -e "$(DEMO_DIR)/.hiertcn-demo" ]; then \
+		echo "$(DEMO_DIR) is not a demo's folder: not removed"; exit 1; fi
+	rm -rf "$(DEMO_DIR)" .pytest_cache

@@ -201,7 +201,7 @@ def markdown_table(results: dict) -> str:
     events = next(iter(models.values())).get("events")
     lines.append("")
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2), "
-                 "full-catalogue ranking, conservative ties (DESIGN §6).")
+                 "full-catalogue ranking, conservative ties (README § Evaluation protocol).")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""Online next-item evaluation of any `Scorer` (DESIGN.md §6), and its command line.
+"""Online next-item evaluation of any `Scorer` (README § Evaluation protocol), and its
+command line.
 
 Users are read in windows of `SORT_WINDOW`, each reordered by target events (most first)
 so that the rows scored together have sessions of similar lengths (less padding). For each

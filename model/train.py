@@ -48,6 +48,10 @@ def _scalar(name: str, value: float, step: int) -> None:
     tf.summary.write(name, tf.constant(value, tf.float32), step=step, metadata=metadata)
 
 
+# With stdout not a terminal, the progress bar writes one line this often.
+LOG_FILE_SECONDS = 30.0
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a NaN loss)."""
 
@@ -409,8 +413,10 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
         keep_positions=4 * batching.dataset_lead(tc.prefetch) + 16,
         history_size=model.history_size)
+    restored = None
     if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        restored = ckpt.restore(manager.latest_checkpoint)
+        restored.assert_existing_objects_matched()
         if isinstance(optimizer.learning_rate, tf.Variable):
             # a constant rate is a variable the checkpoint restored: this command's rate
             # applies (a resumed run may lower it, `save_config`)
@@ -419,6 +425,7 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     start_step = int(state.step.numpy())
     if tc.steps and start_step >= tc.steps:
         print(f"{run_dir} already holds {start_step} steps; nothing to do", file=sys.stderr)
+        restored.expect_partial()  # Adam's slots are made by a step: none was run
         return _read_summary(run_dir)
 
     train_step = make_train_step(model, optimizer, state, strategy, mixed_float16, tc.jit_compile)
@@ -441,6 +448,10 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
     bar = tf.keras.utils.Progbar(total_steps, stateful_metrics=["loss", "events/s"],
                                  verbose=1 if progress else 0, unit_name="step")
+    if not (sys.stdout.isatty() or "ipykernel" in sys.modules):
+        # a log file, not a terminal: a line every LOG_FILE_SECONDS instead of one
+        # line redrawn with \r and \b (Keras redraws on any POSIX system)
+        bar._dynamic_display, bar.interval = False, LOG_FILE_SECONDS
     dataset = batching.make_dataset(batcher, tc.prefetch)
     events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
@@ -465,8 +476,8 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
             # between a step and the bookkeeping after it
             last_index = first_index + int(state.step.numpy()) - start_step - 1
             state.position.assign(json.dumps(batcher.position_after(last_index)))
+        writer.flush()  # first: once a checkpoint exists, the curve up to it is on disk
         manager.save(checkpoint_number=step)
-        writer.flush()  # the curve up to a checkpoint survives a kill, as the checkpoint does
         last_saved = step
 
     def evaluate_and_select(step: int) -> dict:
@@ -529,6 +540,8 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
             raise
         step = int(state.step.numpy())
         if step == start_step:  # no step in this process: nothing to save or to report
+            if restored is not None:
+                restored.expect_partial()  # Adam's slots are made by a step: none was run
             if stop_reason == "interrupted":
                 return {"model": config.model_name, "steps": step, "steps_this_run": 0,
                         "stopped_by": stop_reason}
@@ -592,7 +605,7 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"no TensorBoard event file in {os.path.join(run_dir, 'logs')}")
     latest: dict[int, tuple[float, float]] = {}  # step -> (wall time, value)
     for path in files:
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for event in _events(path):
             for value in event.summary.value:
                 if value.tag != tag:
                     continue
@@ -606,6 +619,17 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _events(path: str):
+    """The `Event`s of one TensorBoard file; a record cut short by a killed writer ends it."""
+    from tensorflow.core.util import event_pb2
+
+    try:
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            yield event_pb2.Event.FromString(record)
+    except tf.errors.DataLossError:
+        return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

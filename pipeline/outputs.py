@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 
 from pipeline import schema
@@ -75,7 +74,9 @@ def make_temp(output: str) -> str:
     if is_local(output):
         parent = os.path.dirname(os.path.abspath(output))
         os.makedirs(parent, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+        tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex[:12]}")
+        os.mkdir(tmp)  # 0777 less the umask, as the output's own folders (mkdtemp: 0700)
+        return tmp
     from apache_beam.io.filesystems import FileSystems
 
     parent, base = FileSystems.split(output)

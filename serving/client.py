@@ -1,4 +1,4 @@
-"""gRPC client for a HierTCN export served by TF Serving or serving.server (DESIGN.md §7).
+"""gRPC client for a HierTCN export served by TF Serving or serving.server (README § 3).
 
     client = HierTCNClient("127.0.0.1:8500", "hiertcn", timeout=5.0)
     version = client.pin()                       # latest version, used by every call

@@ -1,4 +1,4 @@
-"""Exports a trained model as a TF Serving SavedModel version (DESIGN.md §7).
+"""Exports a trained model as a TF Serving SavedModel version (README § 3. Serving).
 
 `python -m serving.export --model-dir RUN --export-base EXPORT [--version N]` writes
 `EXPORT/<version>/` with three signatures over raw string item ids:

@@ -1,4 +1,4 @@
-"""A TF Serving–compatible gRPC server for local use and tests (DESIGN.md §7).
+"""A TF Serving–compatible gRPC server for local use and tests (README § 3. Serving).
 
 `python -m serving.server --model-base-path EXPORT --model-name NAME [--port 8500]`
 serves the versions under EXPORT the way `tensorflow_model_server` does: PredictionService

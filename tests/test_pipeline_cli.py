@@ -541,6 +541,9 @@ def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
                   "--min-item-count", "1", *IN_MEMORY)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "note: skipping 2 empty input file(s)" in res.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not 0700
     stats, recs = check_output(str(out))
     assert (stats["rows_read"], stats["rows_malformed"]) == (len(GOOD) + 3, 2)
     assert [(line, reason.split(" (")[0]) for line, reason, _ in _malformed(out)] == [
