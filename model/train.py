@@ -172,7 +172,9 @@ def resolve_loss(config: config_lib.RunConfig, vocab_size: int) -> config_lib.Ru
 def check_data(data_dir: str) -> schema.Vocabulary:
     """Checks a pipeline folder; returns its vocabulary (DataError with one line if not)."""
     if not schema.is_folder(data_dir):
-        raise schema.DataError(f"data folder {data_dir} not found: run `python -m pipeline` first")
+        what = "is a file, not a folder" if os.path.isfile(data_dir) else "not found"
+        raise schema.DataError(f"data folder {data_dir} {what}: pass the --output folder of "
+                               "`python -m pipeline`")
     vocab = schema.read_vocabulary(data_dir)
     stats = schema.read_stats(data_dir)
     schema.shard_files(data_dir, "train")

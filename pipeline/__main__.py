@@ -29,6 +29,9 @@ from pipeline import argtypes, outputs, parse, schema, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
+# --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
+# note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
+LIKELY_SECONDS_AS_MS = 10**7
 WORK_DIR = "_work"
 # Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
@@ -288,14 +291,15 @@ def _row_formats(args, files, heads) -> dict:
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
-    """Stops a run whose times are in a finer unit than --time-unit says.
+    """Stops a run whose times are in a finer unit than --time-unit says (and notes times
+    that look like seconds given as --time-unit ms).
 
     Millisecond times read as seconds land in the year 47,000: every gap between two clicks
     exceeds --session-gap, every session is one event long and the run writes nothing.
     Unix seconds pass 1e11 only in the year 5138, so a median of the first rows' times
     above that is a unit mistake, not data.
     """
-    if fmt.time_unit != "s":
+    if fmt.time_unit not in ("s", "ms"):
         return
     times = []
     for line in lines:
@@ -305,6 +309,15 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
         except (UnicodeDecodeError, ValueError):
             continue  # a bad row goes to malformed/ in the run
     median = sorted(times)[len(times) // 2] if times else 0
+    if fmt.time_unit == "ms":
+        # Seconds read as milliseconds fall in January 1970 and their gaps shrink 1000
+        # times (whole days become one session); relative times (since a log's start)
+        # look the same, so this is a note, not an error.
+        if times and 0 < median < LIKELY_SECONDS_AS_MS:
+            print(f"note: {path}: times like {median * 1000} read as milliseconds fall in "
+                  "early 1970; if they are unix seconds, pass --time-unit s",
+                  file=sys.stderr)
+        return
     if median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
         hint = ("they look like milliseconds: pass --time-unit ms" if median < 10**14 else
                 "they look like microseconds: convert them to seconds or milliseconds")

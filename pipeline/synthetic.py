@@ -180,7 +180,9 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", required=True, metavar="FILE")
     p.add_argument("--users", type=int, default=DEFAULT_USERS)
     p.add_argument("--seed", type=int, default=0)

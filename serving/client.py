@@ -340,7 +340,8 @@ def _items(text: str | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m serving.client",
-                                     description="Query a served HierTCN model over gRPC.")
+                                     description="Query a served HierTCN model over gRPC.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
     parser.add_argument("--model-name", required=True, help="the served model's name")
     parser.add_argument("--state-db", default="user_states.sqlite",

@@ -234,7 +234,8 @@ def _config_dict(config: Any) -> Any:
 
 
 def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
-                 version: int | None = None, config: Any = None) -> str:
+                 version: int | None = None, config: Any = None,
+                 source: dict | None = None) -> str:
     """Writes one SavedModel version atomically.
 
     Args:
@@ -243,6 +244,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
       export_base: the folder TF Serving watches (`--model_base_path`).
       version: the version number; default 1 + the largest existing one.
       config: the model's resolved config, stored in `assets.extra/export_config.json`.
+      source: where the weights come from (run folder, checkpoint), stored there too.
 
     Returns:
       The path of the version folder.
@@ -277,8 +279,8 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                 writer.write(record)
         with open(os.path.join(extra, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"version": version, "state_size": int(model.state_size),
-                       "vocabulary_size": vocabulary.size, "config": _config_dict(config)},
-                      f, indent=2, default=str)
+                       "vocabulary_size": vocabulary.size, "config": _config_dict(config),
+                       "source": source or {}}, f, indent=2, default=str)
         while True:
             try:
                 os.rename(out, final)
@@ -316,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder of versions, TF Serving's model_base_path")
     parser.add_argument("--version", type=int, default=None,
                         help="version number (default: next integer)")
+    parser.add_argument("--checkpoint", choices=["best", "latest"], default="best",
+                        help="the run's checkpoint with the best valid Recall@20 (default; the "
+                             "latest for a run that never evaluated) or its latest")
     args = parser.parse_args(argv)
     from model import registry  # the model package owns how a run folder is restored
 
@@ -324,15 +329,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               "pass a model.train --model-dir", file=sys.stderr)
         return 2
     try:
-        model, config, vocabulary = registry.load_model(args.model_dir)
-        path = export_model(model, vocabulary, args.export_base, args.version, config)
+        checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)
+        model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
+        step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint.rsplit("-", 1)[-1].isdigit() \
+            else None
+        source = {"model_dir": os.path.abspath(args.model_dir),
+                  "checkpoint": os.path.abspath(checkpoint),
+                  "step": step, "which": args.checkpoint}
+        path = export_model(model, vocabulary, args.export_base, args.version, config, source)
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a folder we may not write
         print(f"error: cannot write the export under {args.export_base}: {e}", file=sys.stderr)
         return 1
-    print(f"exported {args.model_dir} to {path}")
+    kind = ("the best on valid" if os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
+            else "the latest")
+    print(f"exported {args.model_dir} (step {step}, {kind} checkpoint) to {path}")
     return 0
 
 

@@ -667,6 +667,10 @@ class ModelServer:
         if not os.path.isdir(model_base_path):
             raise ValueError(f"--model-base-path {model_base_path} is not a folder: "
                              "pass the --export-base of serving.export")
+        if os.path.exists(os.path.join(model_base_path, "saved_model.pb")):
+            raise ValueError(f"--model-base-path {model_base_path} is one version's folder: "
+                             "pass the folder that holds the numbered versions (its parent, "
+                             "the --export-base of serving.export)")
         if min(max_batch_size, max_message_mb, num_versions, num_batch_threads) < 1 \
                 or poll_seconds <= 0 or batch_timeout_micros < 0:
             raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb and "
@@ -733,7 +737,8 @@ class ModelServer:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m serving.server",
-                                     description=__doc__.split("\n")[0])
+                                     description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
     parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
     parser.add_argument("--host", default="127.0.0.1",

@@ -575,3 +575,17 @@ def test_overwrite_only_replaces_an_earlier_output(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     assert log.read_text() == "user,item,time\nu,a,1\n"
     assert (other / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").exists()
+
+
+def test_seconds_given_as_milliseconds_get_a_note(capsys):
+    from pipeline import parse
+
+    fmt = parse.RowFormat("csv", "ms", "user", "item", "time", ("user", "item", "time"))
+    seconds = [f"u,a,{1441864236 + 60 * k}".encode() for k in range(20)]
+    cli._check_time_unit("log.csv", seconds, fmt)
+    assert capsys.readouterr().err == (
+        "note: log.csv: times like 1441864000 read as milliseconds fall in early 1970; if they "
+        "are unix seconds, pass --time-unit s\n")
+    millis = [f"u,a,{1441864236661 + 60 * k}".encode() for k in range(20)]
+    cli._check_time_unit("log.csv", millis, fmt)
+    assert capsys.readouterr().err == ""

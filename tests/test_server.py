@@ -300,3 +300,14 @@ def test_batcher_forgets_an_unloaded_version(tmp_path):
     del sig, servable
     gc.collect()
     assert len(batcher._peak) == 0
+
+
+def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
+    version = tmp_path / "exports" / "1"
+    version.mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    for path, message in ((tmp_path / "missing", "is not a folder"),
+                          (version, "is one version's folder: pass the folder that holds")):
+        assert server.main(["--model-base-path", str(path), "--model-name", NAME]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

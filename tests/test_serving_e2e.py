@@ -33,7 +33,11 @@ def test_two_sessions_through_the_served_model(tmp_path):
     run("model.train", "--data", "data", "--model", "hiertcn", "--model-dir", "run", "--steps", "3",
         "--config", "tiny.json", "--no-progress", cwd=work)
     exported = run("serving.export", "--model-dir", "run", "--export-base", "export", cwd=work)
-    assert "export/1" in exported
+    assert "export/1" in exported and "(step 3, the best on valid checkpoint)" in exported
+    with open(os.path.join(work, "export", "1", "assets.extra", "export_config.json")) as f:
+        source = json.load(f)["source"]
+    assert (source["step"], source["which"]) == (3, "best")
+    assert source["checkpoint"].startswith(os.path.join(work, "run", "best"))
 
     items = schema.read_vocabulary(os.path.join(work, "data")).ids[2:]
     server = lib.ServerProcess(os.path.join(work, "export"), "hiertcn")
