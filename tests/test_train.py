@@ -335,14 +335,21 @@ def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_fil
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_changed_training_options_on_resume_are_said_and_recorded(data, config_file, tmp_path,
-                                                                  capsys):
+def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp_path, capsys):
+    # a constant learning rate: a variable the checkpoint holds (the step schedule is not)
+    config_file = str(tmp_path / "constant.json")
+    with open(config_file, "w") as f:
+        json.dump({**TINY, "train": {**TINY["train"], "lr_schedule": "constant"}}, f)
     run = str(tmp_path / "run")
     assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
     capsys.readouterr()
     # after a NaN loss, say: the same run with a lower learning rate
     assert train_lib.main(_args(data, run, config_file, "--steps", "12", "--eval-every", "0",
                                 "--learning-rate", "0.005")) == 0
+    rates = [tf.train.load_variable(os.path.join(run, "checkpoints", f"ckpt-{n}"),
+                                    "optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE")
+             for n in (10, 12)]
+    assert rates == [pytest.approx(0.01), pytest.approx(0.005)]  # the new rate is the one used
     assert ("resuming " + run + " at step 10 with other training options: learning_rate 0.01 "
             "-> 0.005, steps 10 -> 12") in capsys.readouterr().err
     with open(os.path.join(run, train_lib.RESUMES_FILE)) as f:
@@ -459,18 +466,3 @@ def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config
     err = capsys.readouterr().err
     assert "step 15: valid recall@20" in err and "step 20: valid" not in err
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-20")
-
-
-def test_a_constant_learning_rate_changed_on_resume_is_the_one_used(data, tmp_path):
-    config = str(tmp_path / "constant.json")
-    with open(config, "w") as f:
-        json.dump({**TINY, "train": {**TINY["train"], "lr_schedule": "constant"}}, f)
-    run = str(tmp_path / "run")
-    assert train_lib.main(_args(data, run, config, "--steps", "10", "--eval-every", "0")) == 0
-    assert train_lib.main(_args(data, run, config, "--steps", "11", "--eval-every", "0",
-                                "--learning-rate", "0.005")) == 0
-    checkpoints = os.path.join(run, "checkpoints")
-    rates = [tf.train.load_variable(os.path.join(checkpoints, f"ckpt-{n}"),
-                                    "optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE")
-             for n in (10, 11)]
-    assert rates == [pytest.approx(0.01), pytest.approx(0.005)]
