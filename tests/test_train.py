@@ -67,25 +67,6 @@ def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, 
     assert scorer.score(state, np.array([[2, 3, 4]])).shape == (1, 3, 22)
 
 
-def test_resume_equals_uninterrupted_run(data, config_file, tmp_path):
-    # Without dropout (whose masks a new process draws afresh) a resumed run is exact.
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    exact = ("--dropout", "0")
-    assert train_lib.main(_args(data, straight, config_file, "--steps", "25", *exact)) == 0
-    # an interrupted run (stopped by the time limit right after its first steps) ...
-    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", "--max-minutes",
-                                "0.0001", *exact)) == 0
-    with open(os.path.join(resumed, "train_summary.json")) as f:
-        assert json.load(f)["steps"] < 25
-    # ... rerun with the same command continues with the next batch, cache and Adam state.
-    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 0
-    for a, b in zip(_weights(straight), _weights(resumed)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    # and the two processes' logs read as the one curve of the uninterrupted run
-    for x, y in zip(train_lib.read_scalars(straight, "loss"), train_lib.read_scalars(resumed, "loss")):
-        np.testing.assert_allclose(x, y, rtol=1e-5)
-
-
 def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
     # A process that died after logging steps it had not checkpointed: the resumed
     # process logs them again (another event file), and its values are the ones read.
@@ -102,17 +83,6 @@ def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
     assert train_lib.read_scalars(str(tmp_path / "run"), "valid/mrr@20")[0].size == 0
     with pytest.raises(FileNotFoundError, match="no TensorBoard event file"):
         train_lib.read_scalars(str(tmp_path / "elsewhere"), "loss")
-
-
-def test_nan_loss_stops_and_keeps_last_checkpoint(data, config_file, tmp_path, capsys):
-    run = str(tmp_path / "nan")
-    assert train_lib.main(_args(data, run, config_file, "--steps", "10")) == 0
-    before = _weights(run)
-    capsys.readouterr()
-    assert train_lib.main(_args(data, run, config_file, "--steps", "40", "--learning-rate", "1e30")) == 2
-    assert "loss is nan" in capsys.readouterr().err
-    for a, b in zip(before, _weights(run)):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_one_line_errors(data, config_file, tmp_path, capsys):
@@ -309,76 +279,6 @@ def test_a_remote_data_folder_trains_and_evaluates_like_the_local_one(data, conf
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 
-def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_file, tmp_path,
-                                                                monkeypatch, capsys):
-    """Ctrl-C (or SIGTERM, which `main` turns into the same) lands at step 10 between the
-    step and its bookkeeping: the checkpoint still holds the position after batch 10."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    exact = ("--dropout", "0", "--eval-every", "0")
-    assert train_lib.main(_args(data, straight, config_file, "--steps", "25", *exact)) == 0
-    real = train_lib._scalar
-
-    def interrupted(name, value, step):
-        if step == 10:
-            raise KeyboardInterrupt
-        real(name, value, step)
-
-    monkeypatch.setattr(train_lib, "_scalar", interrupted)
-    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 130
-    out, err = capsys.readouterr()
-    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "interrupted"
-    assert "interrupted at step 10: saving a checkpoint" in err
-    assert tf.train.latest_checkpoint(os.path.join(resumed, "checkpoints")).endswith("ckpt-10")
-    monkeypatch.setattr(train_lib, "_scalar", real)
-    assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 0
-    for a, b in zip(_weights(straight), _weights(resumed)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp_path, capsys):
-    # a constant learning rate: a variable the checkpoint holds (the step schedule is not)
-    config_file = str(tmp_path / "constant.json")
-    with open(config_file, "w") as f:
-        json.dump({**TINY, "train": {**TINY["train"], "lr_schedule": "constant"}}, f)
-    run = str(tmp_path / "run")
-    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
-    capsys.readouterr()
-    # after a NaN loss, say: the same run with a lower learning rate
-    assert train_lib.main(_args(data, run, config_file, "--steps", "12", "--eval-every", "0",
-                                "--learning-rate", "0.005")) == 0
-    rates = [tf.train.load_variable(os.path.join(run, "checkpoints", f"ckpt-{n}"),
-                                    "optimizer/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE")
-             for n in (10, 12)]
-    assert rates == [pytest.approx(0.01), pytest.approx(0.005)]  # the new rate is the one used
-    assert ("resuming " + run + " at step 10 with other training options: learning_rate 0.01 "
-            "-> 0.005, steps 10 -> 12") in capsys.readouterr().err
-    with open(os.path.join(run, train_lib.RESUMES_FILE)) as f:
-        assert [json.loads(line) for line in f] == [
-            {"step": 10, "changed": {"learning_rate": [0.01, 0.005], "steps": [10, 12]}}]
-    with open(os.path.join(run, registry.CONFIG_FILE)) as f:
-        config = f.read()
-    # a command that trains nothing changes nothing
-    assert train_lib.main(_args(data, run, config_file, "--steps", "12", "--seed", "7")) == 0
-    assert "nothing to do" in capsys.readouterr().err
-    with open(os.path.join(run, registry.CONFIG_FILE)) as f:
-        assert f.read() == config
-    with open(os.path.join(run, train_lib.RESUMES_FILE)) as f:
-        assert len(f.readlines()) == 1
-
-
-def test_a_finished_epochs_run_rerun_keeps_its_summary(data, config_file, tmp_path, capsys):
-    run = str(tmp_path / "epochs")
-    assert train_lib.main(_args(data, run, config_file, "--epochs", "1", "--eval-every", "0")) == 0
-    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert first["steps"] > 0 and first["stopped_by"] == "epochs"
-    assert train_lib.main(_args(data, run, config_file, "--epochs", "1", "--eval-every", "0")) == 0
-    out, err = capsys.readouterr()
-    assert "all its epochs; nothing to do" in err
-    assert json.loads(out.strip().splitlines()[-1]) == first
-    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
-        assert json.load(f) == first
-
-
 def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "err")
     for flag in ("--steps", "--epochs"):
@@ -403,66 +303,3 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         assert train_lib.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
-
-
-def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_file, tmp_path):
-    import signal
-    import subprocess
-    import sys
-
-    run = str(tmp_path / "killed")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model.train", *_args(data, run, config_file, "--steps", "100000",
-                                                     "--checkpoint-every", "20",
-                                                     "--eval-every", "0")],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        marker = os.path.join(run, "checkpoints", "ckpt-20.index")
-        deadline = time.time() + 240
-        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert os.path.exists(marker)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    steps, _ = train_lib.read_scalars(run, "loss")
-    assert {10, 20} <= set(steps.tolist())
-
-
-def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config_file, tmp_path,
-                                                                    monkeypatch, capsys):
-    run = str(tmp_path / "run")
-    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
-    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
-        before = f.read()
-    capsys.readouterr()
-
-    def waiting_for_the_first_batch(*args, **kwargs):
-        raise KeyboardInterrupt
-        yield
-
-    real = train_lib.batching.make_dataset
-    monkeypatch.setattr(train_lib.batching, "make_dataset", waiting_for_the_first_batch)
-    assert train_lib.main(_args(data, run, config_file, "--steps", "20", "--eval-every", "0")) == 130
-    out, err = capsys.readouterr()
-    assert json.loads(out.strip().splitlines()[-1]) == {
-        "model": "hiertcn", "steps": 10, "steps_this_run": 0, "stopped_by": "interrupted"}
-    assert "nothing to do" not in err
-    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
-        assert f.read() == before  # nothing trained, nothing written
-    monkeypatch.setattr(train_lib.batching, "make_dataset", real)
-    # an interrupt with a valid evaluation due at the end: it is skipped (a stop signal's
-    # grace period is short), the checkpoint is not
-    scalar = train_lib._scalar
-
-    def interrupted(name, value, step):
-        if step == 20:
-            raise KeyboardInterrupt
-        scalar(name, value, step)
-
-    monkeypatch.setattr(train_lib, "_scalar", interrupted)
-    assert train_lib.main(_args(data, run, config_file, "--steps", "50", "--eval-every", "15")) == 130
-    err = capsys.readouterr().err
-    assert "step 15: valid recall@20" in err and "step 20: valid" not in err
-    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-20")
