@@ -14,19 +14,27 @@ relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per 
 Each test evaluation also writes the users' metric sums (`test_users.npz`), so that
 HierTCN's difference from the best baseline comes with a 95% confidence interval and a
 p-value from a paired bootstrap over the test users (`relative_gain.KEY.paired`).
+
+A rerun reuses a run only when it was made with the same training options and the same
+data (`compare_run.json` in each run folder records them); a neural run trained with other
+options is refused with the difference, a fitted model is evaluated again. Evaluations are
+kept per split (`test.json`, `valid.json`).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import subprocess
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
 import numpy as np
 
+from model import processes
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import read_per_user
@@ -35,6 +43,7 @@ from pipeline import schema
 
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HEADLINE = ("recall@20", "mrr@20")
+RECORD = "compare_run.json"
 
 
 class CompareError(ValueError):
@@ -228,24 +237,30 @@ def bar_chart(results: dict, path: str) -> None:
 
 
 def _run(cmd: list[str], log_path: str) -> None:
-    """Runs one command, its output appended to a log; a failure raises CompareError."""
+    """Runs one command, its output appended to a log; a failure raises CompareError, an
+    interrupted command (exit 130: it saved a checkpoint) KeyboardInterrupt."""
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        raise CompareError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}: see {log_path}")
+        returncode = processes.run_stoppable(cmd, log)
+    if returncode in (130, -signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt
+    if returncode != 0:
+        raise CompareError(f"`{' '.join(cmd)}` failed with exit code {returncode}: see {log_path}")
 
 
 def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     """Trains (neural) and evaluates one model over the seeds; returns its aggregated entry."""
-    py = sys.executable
     base = name.split(":", 1)[0]
     if base in FITTED:
-        out = os.path.join(args.output, "runs", name, "test.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+        folder = os.path.join(args.output, "runs", name)
+        out = _split_file(folder, args.split)
+        record = {"data": args.data_fingerprint, "model": base}
+        os.makedirs(folder, exist_ok=True)
+        if _read_record(folder) != record or not (os.path.exists(out) and os.path.exists(_users_file(out))):
+            # fitted in seconds to minutes: evaluated again rather than refused
             _evaluate(args, log_path, out, "--model", base)
+            write_json(os.path.join(folder, RECORD), record, sort_keys=True)
         with open(out, encoding="utf-8") as f:
             entry = aggregate([json.load(f)])
         entry.update(train_seconds=0.0, events_per_s=None, parameters=0)
@@ -253,22 +268,17 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     runs, summaries = [], []
     for seed in range(args.seeds):
         run_dir = os.path.join(args.output, "runs", name, f"seed{seed}")
-        out = os.path.join(run_dir, "test.json")
+        out = _split_file(run_dir, args.split)
+        options = _train_options(name, seed, args)
+        record = {"data": args.data_fingerprint, "train": options,
+                  "config": _config_content(args.config.get(name) or args.config.get(base))}
+        _check_or_write_record(run_dir, record)
         if os.path.exists(out) and not os.path.exists(_users_file(out)):
             # a run of a version without per-user sums: the same checkpoint, evaluated again
             _evaluate(args, log_path, out, "--model-dir", run_dir)
         if not os.path.exists(out):
-            cmd = [py, "-m", "model.train", "--data", args.data, "--model", base,
-                   "--model-dir", run_dir, "--seed", str(seed), "--eval-every", str(args.eval_every)]
-            if args.budget_steps:
-                cmd += ["--steps", str(args.budget_steps)]
-            if args.budget_minutes:
-                cmd += ["--max-minutes", str(args.budget_minutes)]
-            config = args.config.get(name) or args.config.get(base)
-            if config:
-                cmd += ["--config", config]
-            cmd += args.train_args.get(name, [])
-            _run(cmd, log_path)
+            _run([sys.executable, "-m", "model.train", "--data", args.data,
+                  "--model-dir", run_dir, *options], log_path)
             _evaluate(args, log_path, out, "--model-dir", run_dir)
         with open(out, encoding="utf-8") as f:
             runs.append(json.load(f))
@@ -283,6 +293,100 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     return entry
 
 
+def _train_options(name: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The `model.train` options of one seed's run, without --data and --model-dir."""
+    base = name.split(":", 1)[0]
+    options = ["--model", base, "--seed", str(seed), "--eval-every", str(args.eval_every)]
+    if args.budget_steps:
+        options += ["--steps", str(args.budget_steps)]
+    if args.budget_minutes:
+        options += ["--max-minutes", str(args.budget_minutes)]
+    config = args.config.get(name) or args.config.get(base)
+    if config:
+        options += ["--config", config]
+    return options + args.train_args.get(name, [])
+
+
+def _config_content(path: str | None):
+    """A `--config` file's JSON (so that an edited file counts as other options)."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CompareError(f"--config {path}: {e}") from None
+
+
+def data_fingerprint(data: str) -> str:
+    """A digest of the data folder's `stats.json` (its options, cut-offs and counts): a
+    pipeline rerun into the same folder with other options or input changes it."""
+    try:
+        stats = schema.read_stats(data)
+    except schema.DataError as e:
+        raise CompareError(str(e)) from None
+    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _read_record(folder: str) -> dict | None:
+    path = os.path.join(folder, RECORD)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_or_write_record(run_dir: str, record: dict) -> None:
+    """Records a new run's options before it trains; refuses a run folder whose recorded
+    options or data differ from this command's (its checkpoints would be trained under
+    other options). A folder from a version without records is reused as it is."""
+    old = _read_record(run_dir)
+    if old is None:
+        if os.path.isdir(run_dir) and os.listdir(run_dir):
+            print(f"note: {run_dir} has no record of its training options (an older "
+                  "version's run); reusing it as it is", file=sys.stderr)
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, RECORD), record, sort_keys=True)
+        return
+    if old == record:
+        return
+    if old.get("data") != record["data"]:
+        why = "on other data (the data folder's stats.json differs)"
+    elif old.get("config") != record["config"] and old.get("train") == record["train"]:
+        why = "with another --config content"
+    else:
+        why = "with other options: " + _options_difference(old.get("train") or [], record["train"])
+    raise CompareError(f"{run_dir} was trained {why}; use another --output, or delete "
+                       f"{os.path.dirname(run_dir)} to train it again")
+
+
+def _options_difference(old: Sequence[str], new: Sequence[str]) -> str:
+    """`--steps 100 then, 500 now; --dropout 0.3 then, not given now` from two option lists."""
+    def as_dict(tokens: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        key = None
+        for t in tokens:
+            if t.startswith("--"):
+                key, _, value = t.partition("=")
+                out[key] = value
+            elif key is not None:
+                out[key] = (out[key] + " " + t).strip()
+        return out
+
+    a, b = as_dict(old), as_dict(new)
+    parts = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            then = "not given" if key not in a else (a[key] or "given")
+            now = "not given" if key not in b else (b[key] or "given")
+            parts.append(f"{key} {then} then, {now} now")
+    return "; ".join(parts) or f"{' '.join(old)} then, {' '.join(new)} now"
+
+
 def _evaluate(args: argparse.Namespace, log_path: str, out: str, *which: str) -> None:
     """`model.evaluate` of one run (`which`: --model-dir RUN or --model NAME) on the
     compared split: metrics JSON to `out`, the per-user sums beside it."""
@@ -290,17 +394,22 @@ def _evaluate(args: argparse.Namespace, log_path: str, out: str, *which: str) ->
           *which, "--output", out, "--per-user-output", _users_file(out)], log_path)
 
 
-def _users_file(test_json: str) -> str:
-    """The per-user sums written beside a run's `test.json`."""
-    return os.path.join(os.path.dirname(test_json), "test_users.npz")
+def _split_file(folder: str, split: str) -> str:
+    """A run's metrics JSON on one split (`test.json`, `valid.json`)."""
+    return os.path.join(folder, f"{split}.json")
+
+
+def _users_file(metrics_json: str) -> str:
+    """The per-user sums written beside a run's `SPLIT.json` (`SPLIT_users.npz`)."""
+    return metrics_json[:-len(".json")] + "_users.npz"
 
 
 def model_per_user(name: str, args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     """`seeds_per_user` of one model's runs under `args.output`."""
     folder = os.path.join(args.output, "runs", name)
     if name.split(":", 1)[0] in FITTED:
-        return seeds_per_user([os.path.join(folder, "test_users.npz")])
-    return seeds_per_user([os.path.join(folder, f"seed{s}", "test_users.npz")
+        return seeds_per_user([_users_file(_split_file(folder, args.split))])
+    return seeds_per_user([_users_file(_split_file(os.path.join(folder, f"seed{s}"), args.split))
                            for s in range(args.seeds)])
 
 
@@ -312,6 +421,10 @@ def _parse_pairs(values: Sequence[str], what: str) -> dict[str, str]:
         k, val = v.split("=", 1)
         pairs[k] = val
     return pairs
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,10 +442,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "is the one tested (0: the last one)")
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
-                   help="a config JSON for one model (repeatable)")
+                   help="a config JSON for one model, or for every variant of a base name (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
                    help="extra model.train arguments for one model, e.g. 'hiertcn:plain=--no-repeat-head'")
     args = p.parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _stop)  # a preempted job stops as on Ctrl-C
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         names = parse_model_names(args.models)
         if args.seeds < 1:
@@ -347,10 +470,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CompareError(f"--data {args.data} is not a folder: run `python -m pipeline` first")
         args.config = _parse_pairs(args.config, "--config")
         args.train_args = {k: v.split() for k, v in _parse_pairs(args.train_args, "--train-args").items()}
+        trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
+        bases = {n.split(":", 1)[0] for n in trained}
+        for what, keys, known in (("--config", args.config, set(trained) | bases),
+                                  ("--train-args", args.train_args, set(trained))):
+            for key in keys:
+                if key not in known:
+                    raise CompareError(f"{what} names {key!r}, which is not a trained model of "
+                                       f"--models ({', '.join(trained) or 'none'})")
+        if not schema.is_remote(args.data):
+            args.data = os.path.abspath(args.data)
+        args.data_fingerprint = data_fingerprint(args.data)
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")
-        data = args.data if schema.is_remote(args.data) else os.path.abspath(args.data)
-        results = {"data": data, "split": args.split, "models": {},
+        results = {"data": args.data, "split": args.split, "models": {},
                    "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
                               "eval_every": args.eval_every,
                               "seeds": args.seeds}}
@@ -371,6 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the finished runs are kept and an unfinished one has its last "
+              "checkpoint; the same command resumes", file=sys.stderr)
+        return 130
     return 0
 
 

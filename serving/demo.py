@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Sequence
 
+from model.processes import die_with_parent
 from pipeline import schema
 
 PY = sys.executable
@@ -98,18 +99,6 @@ def _stop(signum, frame):
     raise SystemExit(f"demo stopped by signal {signum}")
 
 
-def _die_with_parent() -> None:
-    """In the server's process, before it starts (Linux): SIGTERM when the demo dies, even
-    by SIGKILL, so that no server outlives it."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0])
     p.add_argument("--output", default="demo_out", help="folder for everything the demo writes")
@@ -166,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"6/7 Starting the local TF Serving-compatible gRPC server on {target}")
     server = subprocess.Popen([PY, "-m", "serving.server", "--model-base-path", export,
                                "--model-name", args.model_name, "--port", str(port)],
-                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
     try:
         wait_for_server(server, target, args.model_name)
         say("7/7 Asking for next items over gRPC, across two sessions per user "

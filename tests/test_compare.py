@@ -2,6 +2,10 @@
 with the paired significance test of HierTCN against the best baseline."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -51,6 +55,56 @@ def test_relative_gain_and_table_mark_the_best_value():
     json.dumps(results)
 
 
+def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, capsys):
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    out = tmp_path / "cmp"
+    for split, users in (("valid", 6), ("test", 9)):
+        assert compare.main(["--data", data, "--models", "popularity", "--output", str(out),
+                             "--split", split]) == 0
+        results = json.loads((out / "results.json").read_text())
+        metrics = json.loads((out / "runs" / "popularity" / f"{split}.json").read_text())
+        assert results["split"] == split == metrics["split"]
+        assert results["models"]["popularity"]["events"] == metrics["events"]
+        assert len(evaluate_lib.read_per_user(
+            str(out / "runs" / "popularity" / f"{split}_users.npz"))["user_id"]) == users
+    assert json.loads((out / "runs" / "popularity" / "valid.json").read_text())["split"] == "valid"
+    capsys.readouterr()
+    for option in (["--train-args", "hiertcn:plian=--no-repeat-head"], ["--config", "sknn=x.json"]):
+        assert compare.main(["--data", data, "--models", "hiertcn,hiertcn:plain,sknn",
+                             "--output", str(out), *option]) == 2
+        assert "which is not a trained model of --models (hiertcn, hiertcn:plain)" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_is_stopped_once_and_waited_for(tmp_path):
+    """Ctrl-C or SIGTERM to model.compare: the running child (a stand-in for model.train,
+    which saves a checkpoint on SIGINT) gets one SIGINT and is waited for."""
+    child = ("import signal, sys, time\n"
+             "def stop(signum, frame):\n"
+             "    open(sys.argv[1], 'a').write('signal\\n'); time.sleep(1.0)\n"
+             "    open(sys.argv[1], 'a').write('saved\\n'); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "open(sys.argv[1], 'a').write('started\\n'); time.sleep(60)\n")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        record = tmp_path / f"child{int(signum)}.txt"
+        parent = subprocess.Popen(
+            [sys.executable, "-c",
+             "import signal, sys; from model import compare; "
+             "signal.signal(signal.SIGTERM, compare._stop); "
+             f"compare._run([sys.executable, '-c', {child!r}, {str(record)!r}], {str(tmp_path / 'log')!r})"],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while not (record.exists() and "started" in record.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        parent.send_signal(signum)
+        _, err = parent.communicate(timeout=60)
+        assert record.read_text() == "started\nsignal\nsaved\n"
+        assert parent.returncode != 0 and "KeyboardInterrupt" in err
+        assert "waiting for the running command to save its work" in err
+
+
 def test_model_names_are_validated():
     assert compare.parse_model_names("hiertcn, sknn,hiertcn:solo") == ["hiertcn", "sknn", "hiertcn:solo"]
     with pytest.raises(compare.CompareError, match="unknown model 'bert4rec'"):
@@ -98,6 +152,15 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
     assert again["relative_gain"] == results["relative_gain"]
     assert (out / "runs" / "hiertcn" / "seed1" / "test_users.npz").exists()
     capsys.readouterr()
+    # a rerun with another budget or another config does not reuse the runs trained before
+    record = json.loads((out / "runs" / "hiertcn" / "seed0" / compare.RECORD).read_text())
+    assert record["config"] == TINY and "--steps" in record["train"]
+    assert compare.main([*argv[:-4], "--budget-steps", "7", *argv[-4:]]) == 2
+    err = capsys.readouterr().err
+    assert "seed0 was trained with other options: --steps 6 then, 7 now; use another --output" in err
+    config.write_text(json.dumps(dict(TINY, model=dict(TINY["model"], channels=8))))
+    assert compare.main(argv) == 2
+    assert "with another --config content" in capsys.readouterr().err
 
 
 def test_seeds_per_user_averages_the_seeds_and_refuses_other_users(tmp_path):

@@ -1,0 +1,46 @@
+"""Child processes of the commands that run other commands (`model.compare`, `serving.demo`)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import IO, Sequence
+
+
+def die_with_parent() -> None:
+    """In a child process, before it starts (Linux): SIGTERM when the parent dies, even by
+    SIGKILL, so that no child outlives the command that started it. A training run takes
+    SIGTERM as a stop: it saves a checkpoint and exits."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+
+
+def _preexec():
+    return die_with_parent if sys.platform == "linux" else None
+
+
+def run_stoppable(cmd: Sequence[str], log: IO) -> int:
+    """Runs `cmd` with its output to `log` and returns its exit status. Ctrl-C (or a
+    SIGTERM that the caller turns into KeyboardInterrupt) is passed on to the child exactly
+    once, as SIGINT, and the child is waited for, so that a training run can save its
+    checkpoint (the child runs in a session of its own, so the terminal's Ctrl-C reaches
+    only this process); then the KeyboardInterrupt goes on up."""
+    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=_preexec())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        print("\nstopping: waiting for the running command to save its work ...",
+              file=sys.stderr, flush=True)
+        while True:
+            try:
+                proc.wait()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C: the child is already stopping
+                continue
+        raise
