@@ -2,7 +2,7 @@
 synthetic data, the models at equal sizes, the real training step timed, FLOPs per event
 from the layer shapes and the peak matmul rate of this machine.
 
-Import after `sys.path` holds the repository root (the scripts do this in `main`).
+Importing it puts the repository root on `sys.path`; `start` imports `model` (TensorFlow).
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from pipeline.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402,F401
 MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width
 _START = time.perf_counter()

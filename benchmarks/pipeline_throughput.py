@@ -49,7 +49,7 @@ def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
 def main(argv=None) -> int:
     """Generates the log, runs the pipeline, prints the JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--events", type=bench_lib.positive_int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="50,000 events")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after --")

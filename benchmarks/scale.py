@@ -32,13 +32,24 @@ import time
 import bench_lib
 
 
+def user_counts(text: str) -> list[int]:
+    """`--sizes`: comma-separated user counts, each >= 1."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"every size must be >= 1, got {text!r}")
+    return sizes
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="10000,100000,1000000", help="users per size, comma-separated")
-    p.add_argument("--base-users", type=int, default=1000, help="synthetic users in the base population")
+    p.add_argument("--sizes", type=user_counts, default="10000,100000,1000000", help="users per size, comma-separated")
+    p.add_argument("--base-users", type=bench_lib.positive_int, default=1000, help="synthetic users in the base population")
     p.add_argument("--data", help="pipeline folder of the base population (default: built)")
-    p.add_argument("--steps", type=int, help="timed steps per size (default 40)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=bench_lib.positive_int, help="timed steps per size (default 40)")
+    p.add_argument("--warmup", type=bench_lib.non_negative_int, default=3)
     p.add_argument("--repeats", type=int, choices=[1, 2], default=2,
                    help="processes per size (2: sizes in order, then in reverse)")
     p.add_argument("--quick", action="store_true", help="sizes 1k, 10k; few steps (< 2 min)")
@@ -47,7 +58,7 @@ def parse_args(argv):
     if args.steps is None:
         args.steps = 5 if args.quick else 40
     if args.quick:
-        args.sizes, args.base_users, args.warmup, args.repeats = "1000,10000", 300, 1, 1
+        args.sizes, args.base_users, args.warmup, args.repeats = [1000, 10000], 300, 1, 1
     return args
 
 
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if bench_lib.start(args, probe):
         return 0
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         data = args.data
         if not data:

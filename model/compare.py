@@ -39,7 +39,7 @@ from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import read_per_user
 from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
-from pipeline import schema
+from pipeline import argtypes, schema
 
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HEADLINE = ("recall@20", "mrr@20")
@@ -434,10 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep")
     p.add_argument("--output", required=True, help="folder for runs/, results.json, results.md")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-steps", type=int, help="training steps per neural model")
-    budget.add_argument("--budget-minutes", type=float, help="training minutes per neural model")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per neural model")
-    p.add_argument("--eval-every", type=int, default=100,
+    budget.add_argument("--budget-steps", type=argtypes.positive_int, help="training steps per neural model")
+    budget.add_argument("--budget-minutes", type=argtypes.positive_float, help="training minutes per neural model")
+    p.add_argument("--seeds", type=argtypes.positive_int, default=3, help="training seeds per neural model")
+    p.add_argument("--eval-every", type=argtypes.non_negative_int, default=100,
                    help="training steps between valid evaluations; the best-on-valid checkpoint "
                         "is the one tested (0: the last one)")
     p.add_argument("--split", default="test", choices=("valid", "test"))
@@ -458,14 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     try:
         names = parse_model_names(args.models)
-        if args.seeds < 1:
-            raise CompareError(f"--seeds must be >= 1, got {args.seeds}")
-        if args.budget_steps is not None and args.budget_steps < 1:
-            raise CompareError(f"--budget-steps must be >= 1, got {args.budget_steps}")
-        if args.eval_every < 0:
-            raise CompareError(f"--eval-every must be >= 0, got {args.eval_every}")
-        if args.budget_minutes is not None and args.budget_minutes <= 0:
-            raise CompareError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
         if not schema.is_folder(args.data):
             raise CompareError(f"--data {args.data} is not a folder: run `python -m pipeline` first")
         args.config = _parse_pairs(args.config, "--config")

@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="each file's first line names the columns (default)")
     cols.add_argument("--columns", metavar="a,b,c",
                       help="column names in order, for files without a header (csv/tsv)")
+    p.add_argument("--delimiter", metavar="TEXT",
+                   help="field separator of csv/tsv files (default ',' for csv, a tab for tsv; "
+                        "'\\t' or tab: a tab); several characters, e.g. MovieLens' '::', "
+                        "split without quoting")
     p.add_argument("--user-col", default="user")
     p.add_argument("--item-col", default="item")
     p.add_argument("--time-col", default="time")
@@ -261,6 +265,7 @@ def _row_formats(args, files, heads) -> dict:
     wanted = (args.user_col, args.item_col, args.time_col)
     if len(set(wanted)) < 3:
         raise UsageError(f"--user-col, --item-col and --time-col must differ, got {wanted}")
+    separator = parse.separator_of(args.format, args.delimiter or "") if args.format != "jsonl" else ""
     formats = {}
     for rank, (path, _) in enumerate(files):
         head = heads[path]
@@ -272,7 +277,7 @@ def _row_formats(args, files, heads) -> dict:
                 where = "--columns"
             else:
                 try:
-                    columns = parse.parse_header(first.decode("utf-8"), args.format)
+                    columns = parse.parse_header(first.decode("utf-8"), separator)
                 except UnicodeDecodeError:
                     raise UsageError(f"{path}: the header line is not UTF-8") from None
                 where = f"the header of {path}"
@@ -280,14 +285,45 @@ def _row_formats(args, files, heads) -> dict:
             if missing:
                 raise UsageError(
                     f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
-                    "set --user-col/--item-col/--time-col, or --columns for files without a header")
+                    "set --user-col/--item-col/--time-col, or --columns for files without a header"
+                    + _delimiter_hint(first, separator))
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
         formats[rank] = parse.RowFormat(args.format, args.time_unit, args.user_col,
-                                        args.item_col, args.time_col, columns)
+                                        args.item_col, args.time_col, columns,
+                                        args.delimiter or "")
         has_header = args.format != "jsonl" and not args.columns
-        _check_time_unit(path, head[1:] if has_header else head, formats[rank])
+        rows = head[1:] if has_header else head
+        if args.format != "jsonl":
+            _check_column_count(path, rows, formats[rank])
+        _check_time_unit(path, rows, formats[rank])
     return formats
+
+
+def _delimiter_hint(line: bytes, separator: str, what: str = "the header looks") -> str:
+    """`; the header looks ';'-separated: pass --delimiter ';'` when it does."""
+    guess = parse.guess_delimiter(line.decode("utf-8", "replace"))
+    if guess is None or guess == separator:
+        return ""
+    return f"; {what} {guess!r}-separated: pass --delimiter {guess!r}"
+
+
+def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
+    """A note when none of a file's first rows splits into the expected columns (every row
+    would be malformed), with the separator they seem to use."""
+    texts = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        return
+    for text in texts:
+        try:
+            if len(parse.split_fields(text, fmt.separator)) == len(fmt.columns):
+                return
+        except ValueError:
+            continue
+    print(f"note: {path}: none of the first {len(texts)} rows has {len(fmt.columns)} "
+          f"{fmt.separator!r}-separated columns (they will be malformed rows)"
+          + _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, "they look"), file=sys.stderr)
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
@@ -380,6 +416,13 @@ def _resolve(argv):
             f"{args.valid_fraction} + {args.test_fraction}")
     if args.format == "jsonl" and args.columns:
         raise UsageError("--columns is for csv/tsv; JSON lines name their keys")
+    if args.delimiter is not None:
+        if args.format == "jsonl":
+            raise UsageError("--delimiter is for csv/tsv; JSON lines have none")
+        try:
+            args.delimiter = parse.parse_delimiter(args.delimiter)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     output = args.output.rstrip("/") or args.output
     try:
         outputs.check_writable_scheme(output)

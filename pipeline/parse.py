@@ -1,7 +1,7 @@
 """Parsing and validation of raw log rows (pure functions, no Beam).
 
-A raw log is CSV, TSV or JSON lines with one event per line: a user id, an item id and a
-time. Each line either becomes an `Event` or a malformed-row record naming the reason;
+A raw log is CSV, TSV (or another delimiter, e.g. MovieLens' `::`) or JSON lines with one
+event per line: a user id, an item id and a time. Each line either becomes an `Event` or a malformed-row record naming the reason;
 nothing here raises on bad data.
 
 Times are kept internally as integer unix milliseconds, so millisecond logs keep their
@@ -45,6 +45,8 @@ class RowFormat:
       time_unit: `s`, `ms` or `iso`.
       user_col, item_col, time_col: column names (JSON keys for `jsonl`).
       columns: column names in order (csv/tsv; empty for jsonl).
+      delimiter: the field separator of csv/tsv rows; "" is the format's own (`,` or a tab).
+        One character is split with csv quoting, several (`::`) by plain splitting.
     """
 
     format: str
@@ -53,6 +55,12 @@ class RowFormat:
     item_col: str
     time_col: str
     columns: tuple[str, ...] = ()
+    delimiter: str = ""
+
+    @property
+    def separator(self) -> str:
+        """The field separator of csv/tsv rows."""
+        return separator_of(self.format, self.delimiter)
 
     def indices(self) -> tuple[int, int, int]:
         """Positions of the user, item and time columns (csv/tsv)."""
@@ -60,20 +68,45 @@ class RowFormat:
                 self.columns.index(self.time_col))
 
 
-def split_fields(line: str, fmt: str) -> list[str]:
-    """Splits one csv/tsv line; quoted fields are honoured (one physical line per row)."""
-    delimiter = _DELIMITERS[fmt]
-    if '"' not in line:
+def separator_of(fmt: str, delimiter: str = "") -> str:
+    """The field separator of `fmt` (csv or tsv) rows: `delimiter`, or the format's own."""
+    return delimiter or _DELIMITERS[fmt]
+
+
+def split_fields(line: str, delimiter: str) -> list[str]:
+    """Splits one csv/tsv line at `delimiter`; with a one-character delimiter, quoted fields
+    are honoured (one physical line per row)."""
+    if '"' not in line or len(delimiter) > 1:
         return line.split(delimiter)
     try:
         return next(csv.reader([line], delimiter=delimiter), [])
     except csv.Error as e:
-        raise ValueError(f"bad {fmt} quoting: {e}") from None
+        raise ValueError(f"bad quoting: {e}") from None
 
 
-def parse_header(line: str, fmt: str) -> tuple[str, ...]:
+def parse_header(line: str, delimiter: str) -> tuple[str, ...]:
     """Column names from a header line (a UTF-8 byte-order mark is dropped)."""
-    return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"), fmt))
+    return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"), delimiter))
+
+
+def parse_delimiter(text: str) -> str:
+    """`--delimiter`: the text itself, with `\\t` or `tab` for a tab.
+
+    Raises:
+      ValueError: empty, or holding a quote, a newline or a carriage return.
+    """
+    value = {"\\t": "\t", "tab": "\t"}.get(text, text)
+    if not value or any(c in value for c in '"\r\n'):
+        raise ValueError(f"--delimiter must be a non-empty text without quotes or newlines, "
+                         f"got {text!r}")
+    return value
+
+
+def guess_delimiter(line: str) -> str | None:
+    """The separator a header line seems to use, among the common ones (for a hint)."""
+    counts = {d: line.count(d) for d in ("::", ";", "|", "\t", ",")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else None
 
 
 def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
@@ -148,7 +181,7 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple[str
                 raise ValueError(f"missing key {key!r}")
         user, item, t = obj[fmt.user_col], obj[fmt.item_col], obj[fmt.time_col]
     else:
-        fields = split_fields(line, fmt.format)
+        fields = split_fields(line, fmt.separator)
         if len(fields) != len(fmt.columns):
             raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
         u, i, t_ = fmt.indices()
@@ -209,7 +242,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     # what `parse_line` accepts; anything else goes through `parse_line` for the reason.
     fast = fmt.format in _DELIMITERS and fmt.time_unit != "iso"
     if fast:
-        delimiter, width = _DELIMITERS[fmt.format], len(fmt.columns)
+        delimiter, width = fmt.separator, len(fmt.columns)
         u_col, i_col, t_col = fmt.indices()
         scale = 1000 if fmt.time_unit == "s" else 1
     for k, line in enumerate(text_lines):
@@ -226,7 +259,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             continue
         rows += 1
         ms = -1
-        if fast and '"' not in line:
+        if fast and ('"' not in line or len(delimiter) > 1):
             fields = line.split(delimiter)
             if len(fields) == width:
                 user, item = fields[u_col].strip(), fields[i_col].strip()

@@ -23,11 +23,12 @@ import logging
 import sys
 from typing import Any, Sequence
 
-if __name__ == "__main__":  # the command line: TensorFlow's CUDA notes are noise here
-    from serving.quiet import native_notes_dropped
+if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
+    from serving import quiet
 
-    with native_notes_dropped():
-        import tensorflow  # noqa: F401 - imported here, where its notes are dropped
+    if not quiet.tensorflow_protos_only():
+        with quiet.native_notes_dropped():  # its import-time CUDA notes are noise here
+            import tensorflow  # noqa: F401
 
 import grpc
 import numpy as np
