@@ -91,6 +91,38 @@ def test_movielens_tsv_with_columns_users_split(tmp_path):
     assert all(len(s) >= 3 for r in recs["train"].values() for s in r.sessions)
 
 
+def test_other_delimiters_give_the_same_output(tmp_path):
+    """MovieLens' own `ratings.dat` separates with `::`, European exports with `;`: the
+    same events give the same output as the tab-separated file."""
+    with open(os.path.join(DATA, "ml-100k", "ml-100k.rating")) as f:
+        rows = [line.rstrip("\n").split("\t") for _, line in zip(range(20_000), f)]
+    variants = {"tsv": ("\t", ["--format", "tsv"]), "dat": ("::", ["--delimiter", "::"]),
+                "semi": (";", ["--delimiter", ";"])}
+    outputs = {}
+    for name, (sep, options) in variants.items():
+        path = tmp_path / f"ratings.{name}"
+        path.write_text("".join(sep.join(r) + "\n" for r in rows))
+        out = str(tmp_path / f"out-{name}")
+        res = run_cli("--input", str(path), "--output", out, "--columns", "user,item,rating,time",
+                      *options, *IN_MEMORY)
+        assert res.returncode == 0, res.stderr[-3000:]
+        stats, recs = check_output(out)
+        assert stats["rows_read"] == stats["rows_written"] + sum(stats["rows_filtered"].values())
+        outputs[name] = (stats["splits"], stats["cutoffs"],
+                         {split: {u: [s.tolist() for s in r.sessions] for u, r in recs[split].items()}
+                          for split in schema.SPLITS})
+    assert outputs["dat"] == outputs["tsv"] == outputs["semi"]
+    # without --delimiter: a one-line hint instead of a run of malformed rows
+    semi = tmp_path / "semi.csv"
+    semi.write_text("user;item;time\nu1;a;100\nu1;b;200\n")
+    res = run_cli("--input", str(semi), "--output", str(tmp_path / "x"), *IN_MEMORY)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "the header looks ';'-separated: pass --delimiter ';'" in res.stderr
+    res = run_cli("--input", str(tmp_path / "ratings.dat"), "--output", str(tmp_path / "y"),
+                  "--columns", "user,item,rating,time", "--delimiter", '"', *IN_MEMORY)
+    assert res.returncode == 2 and "--delimiter must be a non-empty text without quotes" in res.stderr
+
+
 GOOD = [("u1", "a", 100), ("u1", "b", 200), ("u1", "a", 300), ("u2", "b", 100),
         ("u2", "a", 150), ("u1", "b", 10_000), ("u1", "a", 10_100)] * 3
 

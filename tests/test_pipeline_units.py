@@ -263,3 +263,21 @@ def test_encoder_matches_protobuf():
         for values in lists:
             ref.feature_lists.feature_list[name].feature.add().int64_list.value.extend(values)
     assert ex == ref
+
+
+def test_delimiters_split_parse_and_guess():
+    dat = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "rating", "time"), "::")
+    assert parse.parse_line("1::1193::5::978300760", dat) == ("1", "1193", 978300760000)
+    # several characters split plainly: a quote is part of the field
+    assert parse.split_fields('a::"b::c"::d', "::") == ["a", '"b', 'c"', "d"]
+    assert parse.split_fields('a;"b;c";d', ";") == ["a", "b;c", "d"]
+    block = parse.parse_block([b"1::10::5::100", b"1::11::3::200", b"1::11::3"], dat, 0)
+    assert block.by_user == {"1": (["10", "11"], [100_000, 200_000], [0, 1])}
+    assert block.malformed == [(2, "wrong column count: expected 4, got 3", "1::11::3")]
+    assert [parse.parse_delimiter(t) for t in ("\\t", "tab", ";", "::")] == ["\t", "\t", ";", "::"]
+    for bad in ("", '"', "a\nb"):
+        with pytest.raises(ValueError, match="--delimiter must be"):
+            parse.parse_delimiter(bad)
+    assert parse.guess_delimiter("user::item::time") == "::"
+    assert parse.guess_delimiter("user;item;time") == ";"
+    assert parse.guess_delimiter("useritemtime") is None
