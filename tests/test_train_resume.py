@@ -13,11 +13,25 @@ from model import train as train_lib
 from test_train import TINY, _args, _weights, config_file, data  # noqa: F401 - fixtures
 
 
-def test_resume_equals_uninterrupted_run(data, config_file, tmp_path):
-    # Without dropout (whose masks a new process draws afresh) a resumed run is exact.
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    exact = ("--dropout", "0")
-    assert train_lib.main(_args(data, straight, config_file, "--steps", "25", *exact)) == 0
+# Without dropout (whose masks a new process draws afresh) a resumed run is exact.
+EXACT = ("--dropout", "0", "--eval-every", "0")
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """The uninterrupted 25-step run that the stopped-and-resumed runs must equal."""
+    folder = tmp_path_factory.mktemp("straight")
+    config = str(folder / "tiny.json")
+    with open(config, "w") as f:
+        json.dump(TINY, f)
+    run = str(folder / "run")
+    assert train_lib.main(_args(data, run, config, "--steps", "25", *EXACT)) == 0
+    return run
+
+
+def test_resume_equals_uninterrupted_run(data, config_file, straight, tmp_path):
+    resumed = str(tmp_path / "resumed")
+    exact = EXACT
     # an interrupted run (stopped by the time limit right after its first steps) ...
     assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", "--max-minutes",
                                 "0.0001", *exact)) == 0
@@ -57,13 +71,12 @@ def _interrupt_at(monkeypatch, at: int):
     return real
 
 
-def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_file, tmp_path,
-                                                                monkeypatch, capsys):
+def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_file, straight,
+                                                                tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM, which `main` turns into the same) lands at step 10 between the
     step and its bookkeeping: the checkpoint still holds the position after batch 10."""
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    exact = ("--dropout", "0", "--eval-every", "0")
-    assert train_lib.main(_args(data, straight, config_file, "--steps", "25", *exact)) == 0
+    resumed = str(tmp_path / "resumed")
+    exact = EXACT
     real = _interrupt_at(monkeypatch, 10)
     assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 130
     out, err = capsys.readouterr()
