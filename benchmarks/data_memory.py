@@ -56,7 +56,8 @@ def parse_args(argv):
                                   "../shared/data/ml-1m; --quick: its first 30,000 rows)")
     p.add_argument("--synthetic", help="pipeline output of a synthetic log (default: built)")
     p.add_argument("--quick", action="store_true", help="small data, few steps (< 2 min)")
-    p.add_argument("--users", type=bench_lib.positive_int, default=2000, help="synthetic users when built")
+    p.add_argument("--users", type=bench_lib.positive_int, default=2000,
+                   help="synthetic users when built")
     p.add_argument("--long-users", type=bench_lib.positive_int, default=200,
                    help="users of the long-history synthetic log when built")
     p.add_argument("--long-sessions", default="400,600", metavar="MIN,MAX",
@@ -66,7 +67,8 @@ def parse_args(argv):
     p.add_argument("--max-session-length", type=bench_lib.positive_int, default=20)
     p.add_argument("--truncation", type=bench_lib.non_negative_int, default=0,
                    help="flat TCN history cap in tokens (0: whole histories)")
-    p.add_argument("--steps", type=bench_lib.positive_int, help="training steps of each peak-memory probe (default 20)")
+    p.add_argument("--steps", type=bench_lib.positive_int,
+                   help="training steps of each peak-memory probe (default 20)")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

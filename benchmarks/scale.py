@@ -45,8 +45,10 @@ def user_counts(text: str) -> list[int]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=user_counts, default="10000,100000,1000000", help="users per size, comma-separated")
-    p.add_argument("--base-users", type=bench_lib.positive_int, default=1000, help="synthetic users in the base population")
+    p.add_argument("--sizes", type=user_counts, default="10000,100000,1000000",
+                   help="users per size, comma-separated")
+    p.add_argument("--base-users", type=bench_lib.positive_int, default=1000,
+                   help="synthetic users in the base population")
     p.add_argument("--data", help="pipeline folder of the base population (default: built)")
     p.add_argument("--steps", type=bench_lib.positive_int, help="timed steps per size (default 40)")
     p.add_argument("--warmup", type=bench_lib.non_negative_int, default=3)

@@ -51,10 +51,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", help="pipeline output folder (default: a fresh synthetic log)")
     p.add_argument("--quick", action="store_true", help="small data and few steps (< 2 min)")
-    p.add_argument("--users", type=bench_lib.positive_int, default=2300, help="synthetic users without --data")
-    p.add_argument("--steps", type=bench_lib.positive_int, help="timed steps per model and setting (default 120)")
-    p.add_argument("--rounds", type=bench_lib.positive_int, help="turns the timed steps are split into (default 6)")
-    p.add_argument("--warmup", type=bench_lib.non_negative_int, default=3, help="untimed steps first (tracing)")
+    p.add_argument("--users", type=bench_lib.positive_int, default=2300,
+                   help="synthetic users without --data")
+    p.add_argument("--steps", type=bench_lib.positive_int,
+                   help="timed steps per model and setting (default 120)")
+    p.add_argument("--rounds", type=bench_lib.positive_int,
+                   help="turns the timed steps are split into (default 6)")
+    p.add_argument("--warmup", type=bench_lib.non_negative_int, default=3,
+                   help="untimed steps first (tracing)")
     p.add_argument("--batch-size", type=bench_lib.positive_int, default=32)
     p.add_argument("--sessions-per-batch", type=bench_lib.positive_int, default=10)
     p.add_argument("--max-session-length", type=bench_lib.positive_int, default=20)

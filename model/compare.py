@@ -434,9 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep")
     p.add_argument("--output", required=True, help="folder for runs/, results.json, results.md")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--budget-steps", type=argtypes.positive_int, help="training steps per neural model")
-    budget.add_argument("--budget-minutes", type=argtypes.positive_float, help="training minutes per neural model")
-    p.add_argument("--seeds", type=argtypes.positive_int, default=3, help="training seeds per neural model")
+    budget.add_argument("--budget-steps", type=argtypes.positive_int,
+                        help="training steps per neural model")
+    budget.add_argument("--budget-minutes", type=argtypes.positive_float,
+                        help="training minutes per neural model")
+    p.add_argument("--seeds", type=argtypes.positive_int, default=3,
+                   help="training seeds per neural model")
     p.add_argument("--eval-every", type=argtypes.non_negative_int, default=100,
                    help="training steps between valid evaluations; the best-on-valid checkpoint "
                         "is the one tested (0: the last one)")

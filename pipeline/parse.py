@@ -1,8 +1,8 @@
 """Parsing and validation of raw log rows (pure functions, no Beam).
 
 A raw log is CSV, TSV (or another delimiter, e.g. MovieLens' `::`) or JSON lines with one
-event per line: a user id, an item id and a time. Each line either becomes an `Event` or a malformed-row record naming the reason;
-nothing here raises on bad data.
+event per line: a user id, an item id and a time. Each line either becomes an `Event` or a
+malformed-row record naming the reason; nothing here raises on bad data.
 
 Times are kept internally as integer unix milliseconds, so millisecond logs keep their
 order and the session gap is compared exactly; records store unix seconds (floor).
