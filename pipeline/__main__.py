@@ -215,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-col", default="item")
     p.add_argument("--time-col", default="time")
     p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s")
-    p.add_argument("--session-gap", type=argtypes.non_negative_int, default=1800, metavar="SECONDS",
+    p.add_argument("--session-gap", type=argtypes.non_negative_int, default=None, metavar="SECONDS",
                    help="a gap strictly greater starts a new session (default 1800)")
+    p.add_argument("--session-col", metavar="NAME",
+                   help="the log's own session ids: a session is a user's events with one id, "
+                        "in time order (instead of --session-gap)")
     p.add_argument("--min-item-count", type=argtypes.positive_int, default=5,
                    help="vocabulary threshold on train events (default 5)")
     p.add_argument("--min-session-length", type=argtypes.positive_int, default=2,
@@ -262,9 +265,11 @@ def _non_empty(files) -> tuple[list, dict, list]:
 def _row_formats(args, files, heads) -> dict:
     """Per-file `RowFormat`, from each file's header or from --columns (`heads`: each
     file's first lines)."""
-    wanted = (args.user_col, args.item_col, args.time_col)
-    if len(set(wanted)) < 3:
-        raise UsageError(f"--user-col, --item-col and --time-col must differ, got {wanted}")
+    wanted = (args.user_col, args.item_col, args.time_col) + (
+        (args.session_col,) if args.session_col else ())
+    if len(set(wanted)) < len(wanted):
+        raise UsageError(f"--user-col, --item-col, --time-col{' and --session-col' if args.session_col else ''} "
+                         f"must differ, got {wanted}")
     separator = parse.separator_of(args.format, args.delimiter or "") if args.format != "jsonl" else ""
     formats = {}
     for rank, (path, _) in enumerate(files):
@@ -285,13 +290,20 @@ def _row_formats(args, files, heads) -> dict:
             if missing:
                 raise UsageError(
                     f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
-                    "set --user-col/--item-col/--time-col, or --columns for files without a header"
+                    "set --user-col/--item-col/--time-col"
+                    + ("/--session-col" if args.session_col else "")
+                    + ", or --columns for files without a header"
                     + _delimiter_hint(first, separator))
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
+            sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")]
+            if not args.session_col and sessions_column and rank == 0:
+                print(f"note: the log has a column {sessions_column[0]!r}: sessions come from time "
+                      f"gaps (--session-gap) unless you pass --session-col {sessions_column[0]}",
+                      file=sys.stderr)
         formats[rank] = parse.RowFormat(args.format, args.time_unit, args.user_col,
                                         args.item_col, args.time_col, columns,
-                                        args.delimiter or "")
+                                        args.delimiter or "", args.session_col or "")
         has_header = args.format != "jsonl" and not args.columns
         rows = head[1:] if has_header else head
         if args.format != "jsonl":
@@ -416,6 +428,14 @@ def _resolve(argv):
             f"{args.valid_fraction} + {args.test_fraction}")
     if args.format == "jsonl" and args.columns:
         raise UsageError("--columns is for csv/tsv; JSON lines name their keys")
+    if args.session_col is not None:
+        if not args.session_col.strip():
+            raise UsageError("--session-col names no column")
+        if args.session_gap is not None:
+            raise UsageError("--session-gap and --session-col exclude each other: sessions come "
+                             "from time gaps or from the log's own ids")
+    elif args.session_gap is None:
+        args.session_gap = 1800
     if args.delimiter is not None:
         if args.format == "jsonl":
             raise UsageError("--delimiter is for csv/tsv; JSON lines have none")
@@ -447,7 +467,8 @@ def _resolve(argv):
               f"{', ...' if len(empty) > 3 else ''}", file=sys.stderr)
     config = Config(
         formats=formats, header=args.format != "jsonl" and not args.columns,
-        session_gap=args.session_gap, min_item_count=args.min_item_count,
+        session_gap=args.session_gap if args.session_gap is not None else 1800,
+        session_ids=bool(args.session_col), min_item_count=args.min_item_count,
         min_session_length=args.min_session_length, split=args.split,
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction,
         max_events_per_user=args.max_events_per_user, seed=args.seed)

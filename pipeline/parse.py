@@ -47,6 +47,8 @@ class RowFormat:
       columns: column names in order (csv/tsv; empty for jsonl).
       delimiter: the field separator of csv/tsv rows; "" is the format's own (`,` or a tab).
         One character is split with csv quoting, several (`::`) by plain splitting.
+      session_col: the column (JSON key) of the log's own session ids; "" when sessions
+        come from time gaps.
     """
 
     format: str
@@ -56,6 +58,7 @@ class RowFormat:
     time_col: str
     columns: tuple[str, ...] = ()
     delimiter: str = ""
+    session_col: str = ""
 
     @property
     def separator(self) -> str:
@@ -66,6 +69,12 @@ class RowFormat:
         """Positions of the user, item and time columns (csv/tsv)."""
         return (self.columns.index(self.user_col), self.columns.index(self.item_col),
                 self.columns.index(self.time_col))
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        """The columns (keys) a row must have: user, item, time and the session column."""
+        return (self.user_col, self.item_col, self.time_col) + (
+            (self.session_col,) if self.session_col else ())
 
 
 def separator_of(fmt: str, delimiter: str = "") -> str:
@@ -160,9 +169,9 @@ def _id(value: object, name: str) -> str:
     return text
 
 
-def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple[str, str, int]:
-    """Parses one non-blank line into (user, item, time_ms) (`check_range` as in
-    `parse_time_ms`).
+def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple:
+    """Parses one non-blank line into (user, item, time_ms), and the session id as a fourth
+    value with `fmt.session_col` (`check_range` as in `parse_time_ms`).
 
     Raises:
       ValueError: the row is malformed; the message is the reason.
@@ -176,17 +185,21 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple[str
             raise ValueError("bad JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ValueError("JSON line is not an object")
-        for key in (fmt.user_col, fmt.item_col, fmt.time_col):
+        for key in fmt.wanted:
             if key not in obj:
                 raise ValueError(f"missing key {key!r}")
         user, item, t = obj[fmt.user_col], obj[fmt.item_col], obj[fmt.time_col]
+        session = obj[fmt.session_col] if fmt.session_col else None
     else:
         fields = split_fields(line, fmt.separator)
         if len(fields) != len(fmt.columns):
             raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
         u, i, t_ = fmt.indices()
         user, item, t = fields[u], fields[i], fields[t_]
+        session = fields[fmt.columns.index(fmt.session_col)] if fmt.session_col else None
     user = _id(user, "user")
+    if fmt.session_col:
+        session = _id(session, "session")
     item = _id(item, "item")
     if item in RESERVED_ITEM_IDS:
         raise ValueError(f"item id {item!r} is reserved (items.tsv rows 0 and 1)")
@@ -196,7 +209,7 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple[str
         msg = str(e)
         raise ValueError(msg if msg.startswith(("negative", "time")) else
                          f"unparseable time {t!r} (--time-unit {fmt.time_unit})") from None
-    return user, item, ms
+    return (user, item, ms, session) if fmt.session_col else (user, item, ms)
 
 
 def malformed_record(source: str, line: int, reason: str, raw: str) -> dict:
@@ -208,12 +221,13 @@ class ParsedBlock(NamedTuple):
     """Result of parsing a block of lines.
 
     Attributes:
-      by_user: user → (items, times_ms, orders), three equal-length lists in line order.
+      by_user: user → (items, times_ms, orders), three equal-length lists in line order,
+        and the session ids as a fourth list with `fmt.session_col`.
       malformed: (local line index, reason, raw text) of rejected rows.
       rows: number of rows seen (non-blank lines, header excluded).
     """
 
-    by_user: dict[str, tuple[list[str], list[int], list[int]]]
+    by_user: dict[str, tuple[list, ...]]
     malformed: list[tuple[int, str, str]]
     rows: int
 
@@ -231,7 +245,9 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     Returns:
       A `ParsedBlock`; blank lines are not rows and are skipped.
     """
-    by_user: dict[str, tuple[list[str], list[int], list[int]]] = {}
+    by_user: dict[str, tuple[list, ...]] = {}
+    with_sessions = bool(fmt.session_col)
+    session = None
     malformed: list[tuple[int, str, str]] = []
     rows = 0
     try:
@@ -244,6 +260,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     if fast:
         delimiter, width = fmt.separator, len(fmt.columns)
         u_col, i_col, t_col = fmt.indices()
+        s_col = fmt.columns.index(fmt.session_col) if with_sessions else 0
         scale = 1000 if fmt.time_unit == "s" else 1
     for k, line in enumerate(text_lines):
         if k == 0 and skip_first:
@@ -263,24 +280,29 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             fields = line.split(delimiter)
             if len(fields) == width:
                 user, item = fields[u_col].strip(), fields[i_col].strip()
+                session = fields[s_col].strip() if with_sessions else True
                 try:
-                    ms = int(fields[t_col]) * scale if user and item else -1
+                    ms = int(fields[t_col]) * scale if user and item and session else -1
                 except ValueError:
                     pass
                 if ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS:
                     ms = -1  # parse_line says why
         if ms < 0:
             try:
-                user, item, ms = parse_line(line, fmt)
+                user, item, ms, *session_id = parse_line(line, fmt)
             except ValueError as e:
                 malformed.append((k, str(e), line))
                 continue
+            if with_sessions:
+                session = session_id[0]
         entry = by_user.get(user)
         if entry is None:
-            entry = by_user[user] = ([], [], [])
+            entry = by_user[user] = ([], [], [], []) if with_sessions else ([], [], [])
         entry[0].append(item)
         entry[1].append(ms)
         entry[2].append(first_order + k)
+        if with_sessions:
+            entry[3].append(session)
     return ParsedBlock(by_user, malformed, rows)
 
 

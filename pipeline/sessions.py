@@ -1,7 +1,8 @@
 """Sessionization of one user's events (pure functions, DESIGN.md §6 steps 1-4).
 
-Events are `(time_ms, order, item)` tuples: `order` is the input order (file rank, then
-line), so sorting the tuples orders by (time, input order) deterministically.
+Events are `(time_ms, order, item)` tuples, or `(time_ms, order, item, session_id)` for a
+log with its own session ids: `order` is the input order (file rank, then line), so
+sorting the tuples orders by (time, input order) deterministically.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ CAPPED = "max_events_per_user"
 REPEAT = "immediate_repeat"
 SHORT = "short_session"
 
-RawEvent = tuple[int, int, str]
+RawEvent = tuple  # (time_ms, order, item) or (time_ms, order, item, session_id)
 
 
 class Session(NamedTuple):
@@ -57,6 +58,15 @@ def split_at_gaps(events: Sequence[RawEvent], gap_seconds: int) -> list[list[Raw
     return sessions
 
 
+def group_by_session(events: Sequence[RawEvent]) -> list[list[RawEvent]]:
+    """The log's own sessions of ordered events: each session id's events in order, the
+    sessions ordered by their first event (ids that come back later stay one session)."""
+    groups: dict[str, list[RawEvent]] = {}
+    for event in events:
+        groups.setdefault(event[3], []).append(event)
+    return list(groups.values())  # insertion order: the order of the first events
+
+
 def collapse_repeats(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
     """Drops every event whose item equals the previous event's item.
 
@@ -68,12 +78,13 @@ def collapse_repeats(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
 
 
 def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
-               max_events: int) -> tuple[list[Session], collections.Counter]:
+               max_events: int, session_ids: bool = False) -> tuple[list[Session], collections.Counter]:
     """One user's events → sessions (DESIGN.md §6 steps 1-4).
 
     Args:
-      events: the user's (time_ms, order, item) events in any order.
-      gap_seconds: a gap strictly greater starts a new session.
+      events: the user's (time_ms, order, item[, session_id]) events in any order.
+      gap_seconds: a gap strictly greater starts a new session (not with `session_ids`).
+      session_ids: sessions are the log's own (`group_by_session`), not time gaps.
       min_length: sessions shorter than this after collapsing are dropped.
       max_events: only the most recent events are kept (bounded per-user state).
 
@@ -83,7 +94,7 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
     filtered: collections.Counter = collections.Counter()
     events, filtered[CAPPED] = keep_most_recent(events, max_events)
     sessions = []
-    for raw in split_at_gaps(events, gap_seconds):
+    for raw in group_by_session(events) if session_ids else split_at_gaps(events, gap_seconds):
         kept, repeats = collapse_repeats(raw)
         filtered[REPEAT] += repeats
         if len(kept) < min_length:

@@ -55,6 +55,7 @@ class Config:
       formats: file rank → `parse.RowFormat` of that file.
       header: each file's first line is a header.
       session_gap: seconds; a strictly greater gap starts a new session.
+      session_ids: sessions are the log's own ids (`--session-col`), not time gaps.
       min_item_count: vocabulary threshold on train events.
       min_session_length: minimum events per session after collapsing repeats.
       split: `time` or `users`.
@@ -66,6 +67,7 @@ class Config:
     formats: dict
     header: bool = True
     session_gap: int = 1800
+    session_ids: bool = False
     min_item_count: int = 5
     min_session_length: int = 2
     split: str = "time"
@@ -123,13 +125,14 @@ class _Sessionize(beam.DoFn):
         user, chunks = element
         cap = self._config.max_events_per_user
         events, capped = [], 0
-        for items, times, orders in chunks:
-            events.extend(zip(times, orders, items))
+        for items, times, orders, *session_ids in chunks:
+            events.extend(zip(times, orders, items, *session_ids))
             if len(events) > 2 * cap:
                 events, dropped = sessions.keep_most_recent(events, cap)
                 capped += dropped
         user_sessions, filtered = sessions.sessionize(
-            events, self._config.session_gap, self._config.min_session_length, cap)
+            events, self._config.session_gap, self._config.min_session_length, cap,
+            session_ids=self._config.session_ids)
         filtered[sessions.CAPPED] += capped
         self._filtered.update(filtered)
         if user_sessions:

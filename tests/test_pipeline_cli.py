@@ -123,6 +123,43 @@ def test_other_delimiters_give_the_same_output(tmp_path):
     assert res.returncode == 2 and "--delimiter must be a non-empty text without quotes" in res.stderr
 
 
+def test_the_logs_own_sessions_with_session_col(tmp_path):
+    """Sessions by id: minutes-long pauses inside a session and two sessions of one user at
+    once (two tabs) keep the log's sessions, where time gaps would cut and merge them."""
+    rows = ["user,sid,item,time"]
+    for u in range(30):
+        t = 1_600_000_000 + 100_000 * u
+        for k in range(6):  # sessions A and B interleaved, pauses of 40 minutes
+            rows.append(f"u{u},A{u},a{k},{t + 2400 * k}")
+            rows.append(f"u{u},B{u},b{k},{t + 2400 * k + 60}")
+        rows.append(f"u{u},C{u},c0,{t + 50_000}")
+        rows.append(f"u{u},C{u},c1,{t + 50_010}")
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    res = run_cli("--input", str(log), "--output", out, "--session-col", "sid",
+                  "--min-item-count", "1", *IN_MEMORY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats, recs = check_output(out)
+    assert stats["rows_written"] == 30 * 14 and stats["options"]["session_col"] == "sid"
+    vocab = schema.read_vocabulary(out)
+    for split in schema.SPLITS:
+        for r in recs[split].values():
+            for s in r.sessions:
+                items = [vocab.ids[i] for i in s]
+                assert items in ([f"a{k}" for k in range(6)], [f"b{k}" for k in range(6)], ["c0", "c1"])
+    res = run_cli("--input", str(log), "--output", str(tmp_path / "gaps"), "--min-item-count", "1",
+                  *IN_MEMORY)
+    assert "has a column 'sid'" not in res.stderr  # only names like session / session_id
+    gaps = schema.read_stats(str(tmp_path / "gaps"))
+    # by time gaps: every 40-minute pause cuts, and each piece mixes the two tabs' items
+    assert sum(v["sessions"] for v in gaps["splits"].values()) == 30 * 7
+    assert sum(v["sessions"] for v in stats["splits"].values()) == 30 * 3
+    res = run_cli("--input", str(log), "--output", str(tmp_path / "x"), "--session-col", "sid",
+                  "--session-gap", "60", *IN_MEMORY)
+    assert res.returncode == 2 and "--session-gap and --session-col exclude each other" in res.stderr
+
+
 GOOD = [("u1", "a", 100), ("u1", "b", 200), ("u1", "a", 300), ("u2", "b", 100),
         ("u2", "a", 150), ("u1", "b", 10_000), ("u1", "a", 10_100)] * 3
 

@@ -186,6 +186,32 @@ def test_times_are_floored_to_seconds():
     assert out[0].times == [1, 2]
 
 
+def test_the_logs_own_session_ids_group_events_whatever_the_gaps():
+    events = [(0, 0, "a", "s1"), (1000, 1, "x", "s2"),       # two sessions interleaved
+              (2000, 2, "b", "s1"), (2000, 3, "b", "s1"),    # an immediate repeat
+              (9_000_000, 4, "y", "s2"),                     # s2 comes back hours later
+              (9_500_000, 5, "z", "s3")]                     # one event: too short
+    out, filtered = sessions.sessionize(events[::-1], 1800, 2, 100, session_ids=True)
+    assert out == [Session(["a", "b"], [0, 2]), Session(["x", "y"], [1, 9000])]
+    assert filtered == {sessions.REPEAT: 1, sessions.SHORT: 1}
+    # the same events by time gaps
+    out, _ = sessions.sessionize([e[:3] for e in events], 1800, 1, 100)
+    assert [s.items for s in out] == [["a", "x", "b"], ["y", "z"]]
+
+
+def test_session_column_is_parsed_and_required():
+    fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "sid", "item", "time"),
+                          session_col="sid")
+    assert parse.parse_line("u1,s9,a,100", fmt) == ("u1", "a", 100_000, "s9")
+    block = parse.parse_block([b"u1,s9,a,100", b"u1, ,b,101", b"u1,s8,c,102"], fmt, 0)
+    assert block.by_user == {"u1": (["a", "c"], [100_000, 102_000], [0, 2], ["s9", "s8"])}
+    assert block.malformed == [(1, "empty session", "u1, ,b,101")]
+    jsonl = parse.RowFormat("jsonl", "s", "u", "i", "t", session_col="s")
+    assert parse.parse_line('{"u": 1, "i": "a", "t": 5, "s": 77}', jsonl) == ("1", "a", 5000, "77")
+    with pytest.raises(ValueError, match="missing key 's'"):
+        parse.parse_line('{"u": 1, "i": "a", "t": 5}', jsonl)
+
+
 # --- split ---------------------------------------------------------------------------
 
 def test_time_cutoffs_are_lower_percentiles_and_boundaries_go_later():
