@@ -26,7 +26,8 @@ def _preexec():
 def run_stoppable(cmd: Sequence[str], log: IO) -> int:
     """Runs `cmd` with its output to `log` and returns its exit status. Ctrl-C (or a
     SIGTERM that the caller turns into KeyboardInterrupt) is passed on to the child exactly
-    once, as SIGINT, and the child is waited for, so that a training run can save its
+    once, as SIGTERM (which `model.train` takes as a stop even where SIGINT is ignored, as
+    in a background job), and the child is waited for, so that a training run can save its
     checkpoint (the child runs in a session of its own, so the terminal's Ctrl-C reaches
     only this process); then the KeyboardInterrupt goes on up."""
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
@@ -34,7 +35,7 @@ def run_stoppable(cmd: Sequence[str], log: IO) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         print("\nstopping: waiting for the running command to save its work ...",
               file=sys.stderr, flush=True)
         while True:
