@@ -273,10 +273,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
         record = {"data": args.data_fingerprint, "train": options,
                   "config": _config_content(args.config.get(name) or args.config.get(base))}
         _check_or_write_record(run_dir, record)
-        if os.path.exists(out) and not os.path.exists(_users_file(out)):
-            # a run of a version without per-user sums: the same checkpoint, evaluated again
-            _evaluate(args, log_path, out, "--model-dir", run_dir)
-        if not os.path.exists(out):
+        if not (os.path.exists(out) and os.path.exists(_users_file(out))):
             _run([sys.executable, "-m", "model.train", "--data", args.data,
                   "--model-dir", run_dir, *options], log_path)
             _evaluate(args, log_path, out, "--model-dir", run_dir)

@@ -68,8 +68,8 @@ class KerasScorer(Scorer):
                                               positions=positions)
                 return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
 
-            self._score = tf.function(score, input_signature=[state_spec, items_spec, items_spec])
-            self._ranks = tf.function(ranks, input_signature=[state_spec, items_spec, user_spec,
+            self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec, items_spec])
+            self._ranks = tf.function(ranks, autograph=False, input_signature=[state_spec, items_spec, user_spec,
                                                               items_spec])
         else:
             first = model.first_item_scores
@@ -90,12 +90,12 @@ class KerasScorer(Scorer):
                     scores = tf.where(starts[:, None], first[None, :], scores)
                 return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
 
-            self._score = tf.function(score, input_signature=[state_spec, items_spec])
-            self._ranks = tf.function(ranks, input_signature=[user_spec, items_spec,
+            self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec])
+            self._ranks = tf.function(ranks, autograph=False, input_signature=[user_spec, items_spec,
                                                               tf.TensorSpec([], tf.bool)])
         self._user = tf.function(lambda state, sessions: model.user_embeddings(state, sessions[:, :-1]),
-                                 input_signature=[state_spec, items_spec])
-        self._update = tf.function(model.update_state, input_signature=[state_spec, items_spec])
+                                 autograph=False, input_signature=[state_spec, items_spec])
+        self._update = tf.function(model.update_state, autograph=False, input_signature=[state_spec, items_spec])
 
     def initial_state(self, user_ids: list[str]):
         state = np.zeros([len(user_ids), self.model.state_size], np.float32)

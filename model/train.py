@@ -359,7 +359,7 @@ def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16
         state.step.assign_add(1)
         return loss, n
 
-    @tf.function
+    @tf.function(autograph=False)  # plain TensorFlow code: tracing without conversion is ~2x faster
     def train_step(batch):
         return strategy.run(step_fn, args=(batch,))
 

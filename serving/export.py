@@ -151,11 +151,11 @@ class ServingModule(tf.Module):
             ids = self.index_to_id.lookup(tf.cast(top.indices, tf.int64) + schema.NUM_RESERVED)
             return {ITEM_IDS: ids, SCORES: top.values}
 
-        self.update_state = tf.function(update_state, input_signature=[state_spec, session_spec])
+        self.update_state = tf.function(update_state, autograph=False, input_signature=[state_spec, session_spec])
         self.user_embedding = tf.function(
-            user_embedding, input_signature=[state_spec, session_spec, history_spec])
+            user_embedding, autograph=False, input_signature=[state_spec, session_spec, history_spec])
         self.next_items = tf.function(
-            next_items, input_signature=[state_spec, session_spec, history_spec, k_spec])
+            next_items, autograph=False, input_signature=[state_spec, session_spec, history_spec, k_spec])
 
     def signatures(self) -> dict[str, Any]:
         """The signature map for `tf.saved_model.save`."""

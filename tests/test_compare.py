@@ -122,14 +122,14 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     out = tmp_path / "cmp"
-    argv = ["--data", data, "--models", "hiertcn,popularity,sknn", "--output", str(out),
+    argv = ["--data", data, "--models", "hiertcn,sknn", "--output", str(out),
             "--budget-steps", "6", "--eval-every", "3", "--seeds", "2",
             "--config", f"hiertcn={config}"]
     assert compare.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
     # each test evaluation wrote its users' sums, and they add up to its metrics
-    for run in ("hiertcn/seed0", "hiertcn/seed1", "popularity", "sknn"):
+    for run in ("hiertcn/seed0", "hiertcn/seed1", "sknn"):
         sums = evaluate_lib.read_per_user(str(out / "runs" / run / "test_users.npz"))
         metrics = json.loads((out / "runs" / run / "test.json").read_text())
         assert len(sums["user_id"]) == 12 and list(sums["user_id"]) == sorted(sums["user_id"])
@@ -146,13 +146,12 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
         assert 0.0 <= paired["p_value"] <= 1.0
     md = (out / "results.md").read_text()
     assert md.count("paired bootstrap over 12 users") == 2
-    # a run folder from before the per-user sums: its checkpoint is evaluated again
-    os.remove(out / "runs" / "hiertcn" / "seed1" / "test_users.npz")
-    os.remove(out / "runs" / "sknn" / "test_users.npz")
+    # the same command again reuses every run: no command is run, the same results
+    log = (out / "compare.log").read_text()
+    assert log.count("$ ") == 5  # two seeds trained and evaluated, V-SKNN evaluated
     assert compare.main(argv) == 0
-    again = json.loads((out / "results.json").read_text())
-    assert again["relative_gain"] == results["relative_gain"]
-    assert (out / "runs" / "hiertcn" / "seed1" / "test_users.npz").exists()
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "compare.log").read_text() == log
     capsys.readouterr()
     # a rerun with another budget or another config does not reuse the runs trained before
     record = json.loads((out / "runs" / "hiertcn" / "seed0" / compare.RECORD).read_text())

@@ -19,7 +19,7 @@ def test_notebook_is_committed_thin_and_without_outputs():
 
 def test_quickstart_notebook_executes(monkeypatch, tmp_path):
     monkeypatch.setenv("QUICKSTART_USERS", "150")
-    monkeypatch.setenv("QUICKSTART_STEPS", "40")
+    monkeypatch.setenv("QUICKSTART_STEPS", "20")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(NOTEBOOK, as_version=4)
