@@ -75,7 +75,10 @@ def test_retailrocket_two_files_default_runner(tmp_path):
     assert sorted(os.listdir(out)) == ["items.tsv", "malformed", "stats.json", "test", "train", "valid"]
     assert not [f for f in os.listdir(tmp_path) if f != "rr"]  # the temp folder is gone
     # Beam's worker processes log at INFO to the shared stderr: held back and dropped
-    assert res.stderr.splitlines() == ["pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"]
+    assert res.stderr.splitlines() == [
+        "note: the log has a column 'session_id': sessions come from time gaps (--session-gap) "
+        "unless you pass --session-col session_id",
+        "pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"]
 
 
 def test_movielens_tsv_with_columns_users_split(tmp_path):
