@@ -44,6 +44,9 @@ from pipeline import argtypes, schema
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HEADLINE = ("recall@20", "mrr@20")
 RECORD = "compare_run.json"
+SUMMARY = "train_summary.json"  # model.train's, written when a run ends (finished or stopped)
+# stats.json options that do not change the data written (where and how the pipeline ran)
+NOT_DATA = ("input", "output", "runner", "beam_logs")
 
 
 class CompareError(ValueError):
@@ -257,10 +260,15 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
         out = _split_file(folder, args.split)
         record = {"data": args.data_fingerprint, "model": base}
         os.makedirs(folder, exist_ok=True)
-        if _read_record(folder) != record or not (os.path.exists(out) and os.path.exists(_users_file(out))):
-            # fitted in seconds to minutes: evaluated again rather than refused
-            _evaluate(args, log_path, out, "--model", base)
+        if _read_record(folder) != record:
+            # fitted in seconds to minutes: evaluated again rather than refused, and the
+            # evaluations of the other split go too (they were made on the other data)
+            for stale in os.listdir(folder):
+                if stale.endswith((".json", "_users.npz")):
+                    os.remove(os.path.join(folder, stale))
             write_json(os.path.join(folder, RECORD), record, sort_keys=True)
+        if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+            _evaluate(args, log_path, out, "--model", base)
         with open(out, encoding="utf-8") as f:
             entry = aggregate([json.load(f)])
         entry.update(train_seconds=0.0, events_per_s=None, parameters=0)
@@ -274,12 +282,13 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
                   "config": _config_content(args.config.get(name) or args.config.get(base))}
         _check_or_write_record(run_dir, record)
         if not (os.path.exists(out) and os.path.exists(_users_file(out))):
-            _run([sys.executable, "-m", "model.train", "--data", args.data,
-                  "--model-dir", run_dir, *options], log_path)
+            if not _finished(run_dir):  # a finished run is evaluated as it is (--split valid)
+                _run([sys.executable, "-m", "model.train", "--data", args.data,
+                      "--model-dir", run_dir, *options], log_path)
             _evaluate(args, log_path, out, "--model-dir", run_dir)
         with open(out, encoding="utf-8") as f:
             runs.append(json.load(f))
-        with open(os.path.join(run_dir, "train_summary.json"), encoding="utf-8") as f:
+        with open(os.path.join(run_dir, SUMMARY), encoding="utf-8") as f:
             summaries.append(json.load(f))
     entry = aggregate(runs)
     entry["train_seconds"] = float(np.mean([s["seconds"] for s in summaries]))
@@ -288,6 +297,21 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     entry["steps"] = [s["steps"] for s in summaries]
     entry["best_steps"] = [(s.get("best") or {}).get("step") for s in summaries]
     return entry
+
+
+def _finished(run_dir: str) -> bool:
+    """The run ended by its budget (steps, epochs or minutes), not by an interrupt."""
+    try:
+        with open(os.path.join(run_dir, SUMMARY), encoding="utf-8") as f:
+            return json.load(f).get("stopped_by") not in (None, "interrupted")
+    except (OSError, ValueError):
+        return False
+
+
+def _trained(run_dir: str) -> bool:
+    """The run folder holds a checkpoint (model.train saved at least one step)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(folder) and any(n.endswith(".index") for n in os.listdir(folder))
 
 
 def _train_options(name: str, seed: int, args: argparse.Namespace) -> list[str]:
@@ -300,7 +324,7 @@ def _train_options(name: str, seed: int, args: argparse.Namespace) -> list[str]:
         options += ["--max-minutes", str(args.budget_minutes)]
     config = args.config.get(name) or args.config.get(base)
     if config:
-        options += ["--config", config]
+        options += ["--config", os.path.abspath(config)]
     return options + args.train_args.get(name, [])
 
 
@@ -316,12 +340,15 @@ def _config_content(path: str | None):
 
 
 def data_fingerprint(data: str) -> str:
-    """A digest of the data folder's `stats.json` (its options, cut-offs and counts): a
-    pipeline rerun into the same folder with other options or input changes it."""
+    """A digest of the data folder's `stats.json` (its counts, cut-offs and the options that
+    shape the data): a pipeline rerun into the same folder with other options or input
+    changes it; the same data rebuilt elsewhere or with another runner does not."""
     try:
         stats = schema.read_stats(data)
     except schema.DataError as e:
         raise CompareError(str(e)) from None
+    stats = dict(stats, options={k: v for k, v in stats.get("options", {}).items()
+                                 if k not in NOT_DATA})
     return hashlib.sha256(json.dumps(stats, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -337,19 +364,19 @@ def _read_record(folder: str) -> dict | None:
 
 
 def _check_or_write_record(run_dir: str, record: dict) -> None:
-    """Records a new run's options before it trains; refuses a run folder whose recorded
-    options or data differ from this command's (its checkpoints would be trained under
-    other options). A folder from a version without records is reused as it is."""
+    """Records a run's options before it trains; refuses a run folder whose recorded
+    options or data differ from this command's once it holds a checkpoint (trained under
+    those options). A folder from a version without records is reused as it is."""
     old = _read_record(run_dir)
-    if old is None:
-        if os.path.isdir(run_dir) and os.listdir(run_dir):
-            print(f"note: {run_dir} has no record of its training options (an older "
-                  "version's run); reusing it as it is", file=sys.stderr)
-            return
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(os.path.join(run_dir, RECORD), record, sort_keys=True)
+    if old is None and _trained(run_dir):
+        print(f"note: {run_dir} has no record of its training options (an older version's "
+              "run); reusing it as it is", file=sys.stderr)
         return
     if old == record:
+        return
+    if old is None or not _trained(run_dir):  # new, or an attempt that failed before a checkpoint
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(os.path.join(run_dir, RECORD), record, sort_keys=True)
         return
     if old.get("data") != record["data"]:
         why = "on other data (the data folder's stats.json differs)"

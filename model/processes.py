@@ -29,19 +29,18 @@ def run_stoppable(cmd: Sequence[str], log: IO) -> int:
     once, as SIGTERM (which `model.train` takes as a stop even where SIGINT is ignored, as
     in a background job), and the child is waited for, so that a training run can save its
     checkpoint (the child runs in a session of its own, so the terminal's Ctrl-C reaches
-    only this process); then the KeyboardInterrupt goes on up."""
+    only this process); a second Ctrl-C kills it. Then the KeyboardInterrupt goes on up."""
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, preexec_fn=_preexec())
     try:
         return proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGTERM)
-        print("\nstopping: waiting for the running command to save its work ...",
-              file=sys.stderr, flush=True)
-        while True:
-            try:
-                proc.wait()
-                break
-            except KeyboardInterrupt:  # a second Ctrl-C: the child is already stopping
-                continue
+        print("\nstopping: waiting for the running command to save its work (Ctrl-C again "
+              "kills it) ...", file=sys.stderr, flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
         raise

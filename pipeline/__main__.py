@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from pipeline import argtypes, outputs, parse, schema, split
+from pipeline import argtypes, outputs, parse, schema, sessions, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
@@ -565,6 +565,8 @@ def run(args, output: str, files, config, options) -> dict:
             "cutoffs": cutoffs,
             "options": options_out,
         }
+        if config.session_ids:
+            stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
         outputs.remove(work)
         outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
                            json.dumps(stats, indent=2) + "\n")
@@ -614,6 +616,11 @@ def main(argv=None) -> int:
         print(f"error: {message}; nothing was written to {output}", file=sys.stderr)
         return 1
     print(_summary(stats, output, time.perf_counter() - start))
+    if stats.get(sessions.OVERLAPPING):
+        print(f"note: {stats[sessions.OVERLAPPING]:,} session(s) start before an earlier session "
+              "of their user ends (--session-col): each sees that earlier session whole as its "
+              "history, events after its own start included; time gaps (--session-gap) have no "
+              "such overlap", file=sys.stderr)
     if not stats["rows_written"]:
         print(f"warning: no event was written ({stats['rows_malformed']:,} rows malformed, "
               f"filtered {stats['rows_filtered']}): check the options against the log; "

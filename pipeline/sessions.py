@@ -13,6 +13,8 @@ from typing import NamedTuple, Sequence
 CAPPED = "max_events_per_user"
 REPEAT = "immediate_repeat"
 SHORT = "short_session"
+# stats.json: sessions (by --session-col) that start before an earlier one of their user ended
+OVERLAPPING = "sessions_overlapping"
 
 RawEvent = tuple  # (time_ms, order, item) or (time_ms, order, item, session_id)
 
@@ -65,6 +67,18 @@ def group_by_session(events: Sequence[RawEvent]) -> list[list[RawEvent]]:
     for event in events:
         groups.setdefault(event[3], []).append(event)
     return list(groups.values())  # insertion order: the order of the first events
+
+
+def overlapping(user_sessions: Sequence[Session]) -> int:
+    """How many of a user's sessions (in order of their starts) start before an earlier one
+    has ended: with the log's own session ids, such a session sees that earlier one whole as
+    history, later events included (the model folds a session in when it ends)."""
+    count, end = 0, None
+    for s in user_sessions:
+        if end is not None and s.times[0] < end:
+            count += 1
+        end = s.times[-1] if end is None else max(end, s.times[-1])
+    return count
 
 
 def collapse_repeats(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:

@@ -120,6 +120,7 @@ class _Sessionize(beam.DoFn):
     def start_bundle(self):
         self._filtered = collections.Counter()
         self._starts = []
+        self._overlapping = 0
 
     def process(self, element):
         user, chunks = element
@@ -137,10 +138,14 @@ class _Sessionize(beam.DoFn):
         self._filtered.update(filtered)
         if user_sessions:
             self._starts.extend(s.start for s in user_sessions)
+            if self._config.session_ids:
+                self._overlapping += sessions.overlapping(user_sessions)
             yield user, [tuple(s) for s in user_sessions]
 
     def finish_bundle(self):
         counts = {f"rows_filtered/{k}": v for k, v in self._filtered.items() if v}
+        if self._overlapping:
+            counts[sessions.OVERLAPPING] = self._overlapping
         _count("sessionize", counts)
         yield pvalue.TaggedOutput(STATS, _global(counts))
         yield pvalue.TaggedOutput(STARTS, _global(self._starts))

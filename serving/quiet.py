@@ -61,5 +61,14 @@ def tensorflow_protos_only() -> bool:
     package = types.ModuleType("tensorflow", "TensorFlow's message modules only (serving.quiet)")
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
+    package.__getattr__ = _not_loaded  # PEP 562: a clear error for tf.anything in this process
     sys.modules["tensorflow"] = package
     return True
+
+
+def _not_loaded(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise AttributeError(f"tensorflow.{name}: this process loaded only TensorFlow's message "
+                         "modules (serving.quiet.tensorflow_protos_only, the client command "
+                         "line); import TensorFlow before serving.client runs as __main__")

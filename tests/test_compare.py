@@ -70,6 +70,16 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
         assert len(evaluate_lib.read_per_user(
             str(out / "runs" / "popularity" / f"{split}_users.npz"))["user_id"]) == users
     assert json.loads((out / "runs" / "popularity" / "valid.json").read_text())["split"] == "valid"
+    # other data in the same folder: the fitted model is evaluated again, and its
+    # evaluation of the other split, made on the old data, is gone
+    before = json.loads((out / "runs" / "popularity" / "test.json").read_text())
+    data = write_data(data, 20, planted_users(30, seed=5),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=6)],
+                      test=[(3, u[:4]) for u in planted_users(12, seed=7)])
+    assert compare.main(["--data", data, "--models", "popularity", "--output", str(out)]) == 0
+    after = json.loads((out / "runs" / "popularity" / "test.json").read_text())
+    assert after["events"] != before["events"]
+    assert not (out / "runs" / "popularity" / "valid.json").exists()
     capsys.readouterr()
     for option in (["--train-args", "hiertcn:plian=--no-repeat-head"], ["--config", "sknn=x.json"]):
         assert compare.main(["--data", data, "--models", "hiertcn,hiertcn:plain,sknn",
@@ -77,34 +87,69 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
         assert "which is not a trained model of --models (hiertcn, hiertcn:plain)" in capsys.readouterr().err
 
 
-def test_an_interrupted_command_is_stopped_once_and_waited_for(tmp_path):
-    """Ctrl-C or SIGTERM to model.compare: the running child (a stand-in for model.train,
-    which saves a checkpoint on SIGTERM) gets one SIGTERM and is waited for, also where
-    SIGINT is ignored (a background job: the child inherits that)."""
+def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):
+    """An attempt that failed before its first checkpoint (a mistyped option) does not block
+    the corrected command; once a checkpoint exists, other options are refused."""
+    run = tmp_path / "seed0"
+    first = {"data": "d", "train": ["--model", "hiertcn", "--dropuot", "0.1"], "config": None}
+    fixed = {"data": "d", "train": ["--model", "hiertcn", "--dropout", "0.1"], "config": None}
+    compare._check_or_write_record(str(run), first)
+    compare._check_or_write_record(str(run), fixed)
+    assert json.loads((run / compare.RECORD).read_text()) == fixed
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    compare._check_or_write_record(str(run), fixed)
+    with pytest.raises(compare.CompareError, match="--dropout 0.1 then, not given now; "
+                                                   "--dropuot not given then, 0.1 now"):
+        compare._check_or_write_record(str(run), first)
+
+
+def _stand_in(tmp_path, name: str, saving_seconds: float):
+    """A parent running `compare._run` on a stand-in for model.train (which saves a
+    checkpoint on SIGTERM, here taking `saving_seconds`), once the child has started."""
+    record = tmp_path / f"{name}.txt"
     child = ("import signal, sys, time\n"
              "def stop(signum, frame):\n"
-             "    open(sys.argv[1], 'a').write(f'signal {signum}\\n'); time.sleep(1.0)\n"
+             f"    open(sys.argv[1], 'a').write(f'signal {{signum}}\\n'); time.sleep({saving_seconds})\n"
              "    open(sys.argv[1], 'a').write('saved\\n'); sys.exit(130)\n"
              "signal.signal(signal.SIGTERM, stop)\n"
              "open(sys.argv[1], 'a').write('started\\n'); time.sleep(60)\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, sys; from model import compare; "
+         "signal.signal(signal.SIGTERM, compare._stop); "
+         "signal.signal(signal.SIGINT, signal.default_int_handler); "
+         f"compare._run([sys.executable, '-c', {child!r}, {str(record)!r}], {str(tmp_path / 'log')!r})"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stderr=subprocess.PIPE, text=True)
+    _wait_for(record, "started")
+    return parent, record
+
+
+def _wait_for(path, text):
+    deadline = time.time() + 60
+    while not (path.exists() and text in path.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def test_an_interrupted_command_is_stopped_once_and_waited_for(tmp_path):
+    """Ctrl-C or SIGTERM to model.compare: the running child gets one SIGTERM and is waited
+    for, also where SIGINT is ignored (a background job: the child inherits that); a second
+    Ctrl-C kills it."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        record = tmp_path / f"child{int(signum)}.txt"
-        parent = subprocess.Popen(
-            [sys.executable, "-c",
-             "import signal, sys; from model import compare; "
-             "signal.signal(signal.SIGTERM, compare._stop); "
-             "signal.signal(signal.SIGINT, signal.default_int_handler); "
-             f"compare._run([sys.executable, '-c', {child!r}, {str(record)!r}], {str(tmp_path / 'log')!r})"],
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while not (record.exists() and "started" in record.read_text()) and time.time() < deadline:
-            time.sleep(0.05)
+        parent, record = _stand_in(tmp_path, f"child{int(signum)}", 1.0)
         parent.send_signal(signum)
         _, err = parent.communicate(timeout=60)
         assert record.read_text() == f"started\nsignal {int(signal.SIGTERM)}\nsaved\n"
         assert parent.returncode != 0 and "KeyboardInterrupt" in err
         assert "waiting for the running command to save its work" in err
+    parent, record = _stand_in(tmp_path, "stuck", 30.0)
+    parent.send_signal(signal.SIGINT)
+    _wait_for(record, "signal")
+    started = time.time()
+    parent.send_signal(signal.SIGINT)
+    parent.communicate(timeout=60)
+    assert time.time() - started < 10 and "saved" not in record.read_text()
 
 
 def test_model_names_are_validated():
@@ -162,6 +207,13 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
     config.write_text(json.dumps(dict(TINY, model=dict(TINY["model"], channels=8))))
     assert compare.main(argv) == 2
     assert "with another --config content" in capsys.readouterr().err
+    config.write_text(json.dumps(TINY))
+    # the finished runs on valid: evaluated as they are, not trained further
+    assert compare.main([*argv[:3], "hiertcn", *argv[4:], "--split", "valid"]) == 0
+    new = (out / "compare.log").read_text()[len(log):]
+    assert new.count("$ ") == 2 and "model.train" not in new and new.count("--split valid") == 2
+    assert json.loads((out / "runs" / "hiertcn" / "seed0" / "valid.json").read_text())["split"] == "valid"
+    capsys.readouterr()
 
 
 def test_seeds_per_user_averages_the_seeds_and_refuses_other_users(tmp_path):

@@ -145,6 +145,9 @@ def test_the_logs_own_sessions_with_session_col(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     stats, recs = check_output(out)
     assert stats["rows_written"] == 30 * 14 and stats["options"]["session_col"] == "sid"
+    # B starts before A ends in every user: said, and counted
+    assert stats["sessions_overlapping"] == 30
+    assert "note: 30 session(s) start before an earlier session of their user ends" in res.stderr
     vocab = schema.read_vocabulary(out)
     for split in schema.SPLITS:
         for r in recs[split].values():

@@ -194,6 +194,8 @@ def test_the_logs_own_session_ids_group_events_whatever_the_gaps():
     out, filtered = sessions.sessionize(events[::-1], 1800, 2, 100, session_ids=True)
     assert out == [Session(["a", "b"], [0, 2]), Session(["x", "y"], [1, 9000])]
     assert filtered == {sessions.REPEAT: 1, sessions.SHORT: 1}
+    assert sessions.overlapping(out) == 1  # s2 starts (1 s) before s1 ends (2 s)
+    assert sessions.overlapping([Session(["a"], [0, 5]), Session(["b"], [5, 9])]) == 0
     # the same events by time gaps
     out, _ = sessions.sessionize([e[:3] for e in events], 1800, 1, 100)
     assert [s.items for s in out] == [["a", "x", "b"], ["y", "z"]]

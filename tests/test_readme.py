@@ -51,6 +51,7 @@ def test_readme_shows_the_front_door_and_every_stage():
 # code of each, run by runpy, for one TensorFlow import instead of one per command.
 _HELP_SCRIPT = """
 import contextlib, io, json, re, runpy, sys
+import model, tensorflow  # the real one, before serving.client's command line can stand in for it
 
 def help_of(argv):
     sys.argv = [argv[0], *argv[1:], "--help"]
