@@ -282,7 +282,7 @@ class ItemScorer(tf.keras.layers.Layer):
         """[..., D] -> [..., vocab] float32 scores."""
         w = tf.cast(self.item_vectors(tied_vectors), user.dtype)
         logits = tf.linalg.matmul(tf.reshape(user, [-1, tf.shape(user)[-1]]), w, transpose_b=True)
-        logits = tf.cast(logits, tf.float32) + self.bias
+        logits = tf.cast(logits, tf.float32) + tf.cast(self.bias, tf.float32)  # autocast: bfloat16
         return tf.reshape(logits, tf.concat([tf.shape(user)[:-1], [self.vocab_size]], 0))
 
     def get_config(self):

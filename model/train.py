@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
                    help="softmax (full), sampled (sampled softmax over --num-negatives) or "
                         f"auto (default: full up to {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
-    p.add_argument("--num-negatives", type=int, help="negatives per batch of the sampled loss (256)")
+    p.add_argument("--num-negatives", type=argtypes.positive_int, help="negatives per batch of the sampled loss (256)")
     p.add_argument("--negative-exponent", type=float,
                    help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
     p.add_argument("--dropout", type=float,
@@ -380,11 +380,20 @@ def evaluate_valid(model, data_dir: str, user_ids=None, scorer=None, users=None)
 
 def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool = True) -> dict:
     """Trains (or resumes) a run; returns the summary written to RUN/train_summary.json.
+    Keras's global dtype policy (set by `mixed_precision`) is the caller's again afterwards.
 
     Raises:
       DataError, ConfigError, RunError: bad data folder, option or run folder.
       TrainingError: the loss became NaN (the last good checkpoint is kept).
     """
+    policy = tf.keras.mixed_precision.global_policy()
+    try:
+        return _train(data_dir, run_dir, config, progress)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+
+
+def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool) -> dict:
     vocab = check_data(data_dir)
     config = resolve_loss(config, vocab.size)
     changed = prepare_run_dir(run_dir, config, data_dir, vocab)

@@ -49,6 +49,26 @@ def data(tmp_path_factory):
                       test=[(3, u[:4]) for u in planted_users(6, seed=2)])
 
 
+def test_mixed_precision_trains_every_model_with_either_loss(data, tmp_path, capsys):
+    """--mixed-precision (bfloat16 on a CPU) trains each model with the sampled loss too
+    (the output bias was added in bfloat16 to float32 logits), and the caller's float32
+    policy is back afterwards."""
+    for name in ("hiertcn", "gru4rec", "hrnn", "tcn"):
+        config = str(tmp_path / f"{name}.json")
+        with open(config, "w") as f:
+            json.dump({"model": TINY_MODELS.get(name, {"embedding_dim": 16, "gru_units": 8,
+                                                       "channels": 16}), "train": TRAIN}, f)
+        for loss in ("sampled",):
+            run = str(tmp_path / f"{name}-{loss}")
+            assert train_lib.main(["--data", data, "--model", name, "--model-dir", run,
+                                   "--config", config, "--steps", "3", "--eval-every", "0",
+                                   "--loss", loss, "--num-negatives", "8", "--mixed-precision",
+                                   "--no-progress"]) == 0, (name, loss)
+            assert tf.keras.mixed_precision.global_policy().name == "float32"
+            summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert np.isfinite(summary["final_loss"])
+
+
 @pytest.mark.parametrize("name", ["gru4rec", "hrnn", "tcn"])
 def test_trains_and_evaluates_with_the_commands(name, data, tmp_path, capsys):
     config = str(tmp_path / "c.json")
