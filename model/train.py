@@ -79,7 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
                    help="softmax (full), sampled (sampled softmax over --num-negatives) or "
                         f"auto (default: full up to {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
-    p.add_argument("--num-negatives", type=argtypes.positive_int, help="negatives per batch of the sampled loss (256)")
+    p.add_argument("--num-negatives", type=argtypes.positive_int,
+                   help="negatives per batch of the sampled loss (256)")
     p.add_argument("--negative-exponent", type=float,
                    help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
     p.add_argument("--dropout", type=float,
@@ -359,7 +360,7 @@ def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16
         state.step.assign_add(1)
         return loss, n
 
-    @tf.function(autograph=False)  # plain TensorFlow code: tracing without conversion is ~2x faster
+    @tf.function(autograph=False)  # plain TensorFlow code: traced faster without conversion
     def train_step(batch):
         return strategy.run(step_fn, args=(batch,))
 
