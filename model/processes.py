@@ -19,7 +19,8 @@ def die_with_parent() -> None:
         pass
 
 
-def _preexec():
+def preexec():
+    """`preexec_fn` for a child that must not outlive this process (None off Linux)."""
     return die_with_parent if sys.platform == "linux" else None
 
 
@@ -31,7 +32,7 @@ def run_stoppable(cmd: Sequence[str], log: IO) -> int:
     checkpoint (the child runs in a session of its own, so the terminal's Ctrl-C reaches
     only this process); a second Ctrl-C kills it. Then the KeyboardInterrupt goes on up."""
     proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_preexec())
+                            start_new_session=True, preexec_fn=preexec())
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Sequence
 
-from model.processes import die_with_parent
+from model import processes
 from pipeline import schema
 
 PY = sys.executable
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"6/7 Starting the local TF Serving-compatible gRPC server on {target}")
     server = subprocess.Popen([PY, "-m", "serving.server", "--model-base-path", export,
                                "--model-name", args.model_name, "--port", str(port)],
-                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                              preexec_fn=processes.preexec())
     try:
         wait_for_server(server, target, args.model_name)
         say("7/7 Asking for next items over gRPC, across two sessions per user "
