@@ -293,7 +293,7 @@ def _row_formats(args, files, heads) -> dict:
                     "set --user-col/--item-col/--time-col"
                     + ("/--session-col" if args.session_col else "")
                     + ", or --columns for files without a header"
-                    + _delimiter_hint(first, separator))
+                    + _delimiter_hint(first, separator, args.format))
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
             sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")]
@@ -312,12 +312,15 @@ def _row_formats(args, files, heads) -> dict:
     return formats
 
 
-def _delimiter_hint(line: bytes, separator: str, what: str = "the header looks") -> str:
-    """`; the header looks ';'-separated: pass --delimiter ';'` when it does."""
+def _delimiter_hint(line: bytes, separator: str, fmt: str, what: str = "the header looks") -> str:
+    """`; the header looks ';'-separated: pass --delimiter ';'` when it does (`--format
+    csv` or `--format tsv` when it is the other format's own separator)."""
     guess = parse.guess_delimiter(line.decode("utf-8", "replace"))
     if guess is None or guess == separator:
         return ""
-    return f"; {what} {guess!r}-separated: pass --delimiter {guess!r}"
+    own = {",": "csv", "\t": "tsv"}.get(guess)
+    advice = f"--format {own}" if own and own != fmt else f"--delimiter {guess!r}"
+    return f"; {what} {guess!r}-separated: pass {advice}"
 
 
 def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
@@ -335,7 +338,8 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
             continue
     print(f"note: {path}: none of the first {len(texts)} rows has {len(fmt.columns)} "
           f"{fmt.separator!r}-separated columns (they will be malformed rows)"
-          + _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, "they look"), file=sys.stderr)
+          + _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, fmt.format, "they look"),
+          file=sys.stderr)
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:

@@ -121,6 +121,10 @@ def test_other_delimiters_give_the_same_output(tmp_path):
     res = run_cli("--input", str(semi), "--output", str(tmp_path / "x"), *IN_MEMORY)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
     assert "the header looks ';'-separated: pass --delimiter ';'" in res.stderr
+    comma = tmp_path / "comma.csv"  # a CSV read as --format tsv: the format is the advice
+    comma.write_text("user,item,time\nu1,a,100\nu1,b,200\n")
+    res = run_cli("--input", str(comma), "--output", str(tmp_path / "z"), "--format", "tsv", *IN_MEMORY)
+    assert res.returncode == 2 and "the header looks ','-separated: pass --format csv" in res.stderr
     res = run_cli("--input", str(tmp_path / "ratings.dat"), "--output", str(tmp_path / "y"),
                   "--columns", "user,item,rating,time", "--delimiter", '"', *IN_MEMORY)
     assert res.returncode == 2 and "--delimiter must be a non-empty text without quotes" in res.stderr
