@@ -40,6 +40,7 @@ The default of 700 users yields ~88k raw events, ~79k after the pipeline: the de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NamedTuple
 
@@ -159,10 +160,20 @@ def generate(users: int = DEFAULT_USERS, *, seed: int = 0, items: int = 5000, to
 
 
 def write_csv(path: str, rows: list[Row]) -> None:
-    """Writes rows as CSV with header `user,item,time`."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("user,item,time\n")
-        f.write("".join(f"{r.user},{r.item},{r.time}\n" for r in rows))
+    """Writes rows as CSV with header `user,item,time` (its folder created when missing),
+    through a hidden file beside it and a rename: a kill never leaves a cut log."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("user,item,time\n")
+            f.write("".join(f"{r.user},{r.item},{r.time}\n" for r in rows))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -196,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-events", type=int, default=None,
                    help="stop after this many events (for sizing benchmarks)")
     args = p.parse_args(argv)
+    if os.path.isdir(args.output):
+        p.error(f"--output {args.output} is a folder: name the CSV file to write")
     try:
         sessions = parse_range(args.sessions)
     except ValueError as e:
@@ -207,7 +220,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_csv(args.output, rows)
+    try:
+        write_csv(args.output, rows)
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e}", file=sys.stderr)
+        return 1
     print(f"synthetic: {len(rows):,} events of {len({r.user for r in rows}):,} users → {args.output}")
     return 0
 

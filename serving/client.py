@@ -43,6 +43,10 @@ SIG_UPDATE_STATE = "update_state"
 SIG_NEXT_ITEMS = "next_items"
 SIG_USER_EMBEDDING = "user_embedding"
 PAD = ""
+# The fixed probe of `HierTCNClient.fingerprint`: an id no catalogue holds (the unknown
+# item's embedding) and the top scores of a new user.
+PROBE_ITEM = "\x00hiertcn-fingerprint-probe"
+PROBE_K = 16
 
 
 class ServingError(Exception):
@@ -186,6 +190,7 @@ class HierTCNClient:
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._info: dict[int, ModelInfo] = {}
+        self._fingerprints: dict[int, np.ndarray] = {}
 
     def close(self) -> None:
         """Closes the channel."""
@@ -244,7 +249,25 @@ class HierTCNClient:
         """Pins `version` (default: the server's latest) for every later call; returns it."""
         self.pinned_version = None
         self.pinned_version = self.metadata(version).version
+        self._fingerprints.pop(self.pinned_version, None)  # its folder may have been replaced
         return self.pinned_version
+
+    def fingerprint(self, version: int | None = None) -> np.ndarray:
+        """What tells this model from another one exported under the same version number
+        (a new export base numbers from 1 again): float32, the state after one session of
+        an unknown item from zeros, then a new user's top `PROBE_K` scores. Two calls on
+        the first use of a version (pinned, or latest), cached until it is pinned again.
+        """
+        version = self.pinned_version if version is None else int(version)
+        if version is None:
+            version = self.metadata().version
+        if version not in self._fingerprints:
+            zeros = self.zero_states(1, version)
+            state = self.update_state(zeros, [[PROBE_ITEM]], version)
+            _, scores = self.next_items(zeros, [[]], PROBE_K, [[]], version)
+            self._fingerprints[version] = np.concatenate(
+                [state[0], np.sort(scores[0])]).astype(np.float32)
+        return self._fingerprints[version]
 
     def state_size(self, version: int | None = None) -> int:
         """H of a version (pinned, or latest)."""
@@ -328,10 +351,11 @@ def _resolve(client: HierTCNClient, store: state_store.StateStore,
              user: str) -> state_store.ResolvedState:
     version = client.pin()
     update = lambda state, session: client.update_state(state[None], [session])[0]  # noqa: E731
+    args = (store, user, version, client.state_size(), update)
     try:
-        return state_store.resolve_state(store, user, version, client.state_size(), update)
+        return state_store.resolve_state(*args, fingerprint=client.fingerprint())
     except state_store.StateConflict:  # rebuilt while another process wrote the user
-        return state_store.resolve_state(store, user, version, client.state_size(), update)
+        return state_store.resolve_state(*args, fingerprint=client.fingerprint())
 
 
 def _items(text: str | None) -> list[str]:
@@ -371,6 +395,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "end-session" and not _items(args.items):
         parser.error("end-session needs --items a,b,c")
+    if (args.tls_ca or args.tls_server_name) and not args.tls:
+        parser.error("--tls-ca and --tls-server-name need --tls")
+    if args.command != "status":
+        if not args.user.strip():
+            parser.error("--user must not be empty")
+        for name in ("user", "items"):
+            try:
+                (getattr(args, name) or "").encode("utf-8")
+            except UnicodeEncodeError:
+                parser.error(f"--{name} is not UTF-8 text (check the terminal's encoding)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         with HierTCNClient(args.target, args.model_name, args.timeout,
@@ -418,7 +452,8 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     items = _items(args.items)
     resolved, record = state_store.end_session(
         store, args.user, client.pin(), client.state_size(),
-        lambda state, session: client.update_state(state[None], [session])[0], items)
+        lambda state, session: client.update_state(state[None], [session])[0], items,
+        fingerprint=client.fingerprint())
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "sessions": len(record.sessions), "history": record.history}
     text = (f"{resolved.message}; stored the state after {len(items)} items for version "

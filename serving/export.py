@@ -21,7 +21,10 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 from typing import Any, Sequence
@@ -262,8 +265,9 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         raise ExportError(f"{final} already exists: pass another --version or omit it to "
                           f"use the next one ({next_version(export_base)})")
     os.makedirs(export_base, exist_ok=True)
+    remove_abandoned_temporaries(export_base)
     # Hidden, non-integer name: TF Serving and serving.server ignore it until the rename.
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_base)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-{_HOST}-{os.getpid()}-", dir=export_base)
     try:
         scratch = os.path.join(tmp, "_scratch")
         os.makedirs(scratch)
@@ -298,6 +302,31 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+_TEMPORARY = re.compile(r"^\.tmp-\d+-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+$")
+
+
+def remove_abandoned_temporaries(export_base: str) -> list[str]:
+    """Removes the temporary folders of exports on this host whose process is gone (a
+    SIGKILL, a power cut: each would otherwise keep a whole model's copy); returns them.
+    Another host's, or a live process's, are left alone."""
+    removed = []
+    for name in os.listdir(export_base):
+        match = _TEMPORARY.match(name)
+        if not match or match["host"] != _HOST:
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)
+            continue  # alive (or reused by another process: left for later)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
+        removed.append(name)
+    return removed
 
 
 def _set_version(config_file: str, version: int) -> None:
@@ -350,4 +379,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: the temporary folder goes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

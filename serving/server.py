@@ -403,14 +403,21 @@ class Batcher:
             t.done = True
 
 
+def version_folders(base_path: str) -> dict[int, str]:
+    """{version: folder name} of the integer-named folders that hold a SavedModel (`007` is
+    version 7, as TF Serving reads it; `7` wins over `007`)."""
+    try:
+        names = sorted(os.listdir(base_path), key=lambda n: (len(n), n), reverse=True)
+    except OSError:
+        return {}
+    return {int(n): n for n in names
+            if n.isascii() and n.isdigit()
+            and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))}
+
+
 def list_versions(base_path: str) -> list[int]:
     """Integer version folders that hold a complete SavedModel, ascending."""
-    try:
-        names = os.listdir(base_path)
-    except OSError:
-        return []
-    return sorted(int(n) for n in names
-                  if n.isdigit() and os.path.exists(os.path.join(base_path, n, "saved_model.pb")))
+    return sorted(version_folders(base_path))
 
 
 def folder_state(path: str) -> tuple:
@@ -435,7 +442,9 @@ class ModelManager:
     serving; old versions are unloaded only once a wanted version is available. A version
     that fails to load is reported in the status (END with the error) and loaded again
     once its folder's files change (a copy that was still under way, a fixed export);
-    an unchanged folder is not retried.
+    an unchanged folder is not retried. A loaded version whose files change (copied in
+    place over the old files, or a folder replaced) is loaded again and replaces the one
+    served once it has loaded; a load during which the files changed does not count.
     """
 
     def __init__(self, name: str, base_path: str, num_versions: int = 1,
@@ -444,37 +453,52 @@ class ModelManager:
         self.base_path = base_path
         self.num_versions = num_versions
         self._servables: dict[int, Servable] = {}
+        self._loaded_state: dict[int, tuple] = {}  # version: folder_state when it loaded
         self._failed: dict[int, tuple[str, tuple]] = {}  # version: (error, folder_state)
+        self._folders: dict[int, str] = {}  # version: folder name, from the last scan
         self._lock = threading.Lock()
         self._on_ready = on_ready
 
+    def _path(self, version: int) -> str:
+        return os.path.join(self.base_path, self._folders.get(version, str(version)))
+
     def _load(self, version: int) -> None:
-        path = os.path.join(self.base_path, str(version))
+        path = self._path(version)
         before = folder_state(path)
         try:
             servable = Servable(self.name, version, path)
             warmed = servable.warm_up()
+            if folder_state(path) != before:
+                raise OSError(f"the files of {path} changed while it loaded (a copy under way?); "
+                              "it loads again once they stop changing")
         except Exception as e:  # noqa: BLE001 - a bad export must not stop serving
-            log.error("version %d of %s failed to load: %s", version, self.name, e)
+            error = f"{type(e).__name__}: {graph_error_line(str(e))}"
+            log.error("version %d of %s failed to load: %s", version, self.name, error)
             with self._lock:
-                self._failed[version] = (f"{type(e).__name__}: {e}".split("\n")[0], before)
+                # the state before the load: files that changed during it are retried
+                self._failed[version] = (error, before)
             return
         log.info("loaded %s version %d (%d warm-up requests)", self.name, version, warmed)
         with self._lock:
             self._servables[version] = servable
+            self._loaded_state[version] = before
             self._failed.pop(version, None)
 
     def _should_load(self, version: int) -> bool:
+        state = folder_state(self._path(version))
         with self._lock:
-            if version in self._servables:
-                return False
             failed = self._failed.get(version)
-        if failed is None:
-            return True
-        if folder_state(os.path.join(self.base_path, str(version))) == failed[1]:
-            return False
-        log.info("version %d of %s changed since it failed to load: loading it again",
-                 version, self.name)
+            loaded = self._loaded_state.get(version) if version in self._servables else None
+        if failed is not None and state == failed[1]:
+            return False  # not retried until its files change
+        if loaded is not None:
+            if state == loaded:
+                return False
+            log.info("version %d of %s changed on disk since it loaded: loading it again",
+                     version, self.name)
+        elif failed is not None:
+            log.info("version %d of %s changed since it failed to load: loading it again",
+                     version, self.name)
         return True
 
     def poll(self) -> None:
@@ -484,7 +508,11 @@ class ModelManager:
         """
         with self._lock:
             newest_before = max(self._servables, default=None)
-        wanted = list_versions(self.base_path)[-self.num_versions:]
+        self._folders = version_folders(self.base_path)
+        with self._lock:  # a version folder that is gone is no longer reported as failed
+            for v in [v for v in self._failed if v not in self._folders]:
+                del self._failed[v]
+        wanted = sorted(self._folders)[-self.num_versions:]
         for version in reversed(wanted):
             if self._should_load(version):
                 self._load(version)
@@ -492,6 +520,7 @@ class ModelManager:
             if any(v in self._servables for v in wanted):
                 for v in [v for v in self._servables if v not in wanted]:
                     del self._servables[v]  # requests already holding it finish on it
+                    self._loaded_state.pop(v, None)
                     log.info("unloaded %s version %d", self.name, v)
             # else: keep serving what we have until a wanted version is available
             newest = max(self._servables, default=None)

@@ -4,6 +4,10 @@ A state is a point in one model version's GRU space: version N+1 reads it as noi
 records are keyed by (user id, model version), and a state of another version is never
 used silently: `resolve_state` rebuilds it from the user's recent sessions with the new
 version's `update_state` (or starts from zeros when there are none) and says which.
+Version numbers can be reused (a new export base starts again at 1, a version folder
+replaced in place), so each record also keeps the model's fingerprint (its outputs on a
+fixed probe, `serving.client.HierTCNClient.fingerprint`): a record of the same version
+number from another model is rebuilt the same way.
 
 `StateStore` is the small interface (get / latest / put / delete); `SQLiteStateStore` is
 the default (one file, WAL journal, one atomic upsert per write). A write can be made
@@ -39,6 +43,17 @@ MAX_ATTEMPTS = 20
 class StateConflict(RuntimeError):
     """A conditional `put` found the user's record changed since it was read."""
 
+
+def same_model(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two fingerprints come from one model (None: unknown, taken as the same).
+
+    The tolerance absorbs float round-off between machines; two trained models differ
+    by orders of magnitude more.
+    """
+    if a is None or b is None:
+        return True
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-3, atol=1e-4))
+
 # The recent items kept per user: what the default HierTCN's repeat head reads
 # (`model.history_size`).
 DEFAULT_HISTORY_ITEMS = HierTCNConfig().history_size
@@ -56,6 +71,8 @@ class UserState:
         the store's history size in total (the oldest kept session may be cut).
       updated: unix seconds of the write, strictly increasing from one write of a user
         to the next (it identifies the record for conditional writes).
+      fingerprint: float32, the writing model's outputs on a fixed probe (None: not
+        recorded), which tells two models exported under one version number apart.
     """
 
     user_id: str
@@ -63,6 +80,7 @@ class UserState:
     state: np.ndarray
     sessions: tuple[tuple[str, ...], ...]
     updated: float
+    fingerprint: np.ndarray | None = None
 
     @property
     def history(self) -> list[str]:
@@ -101,7 +119,8 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def put(self, user_id: str, version: int, state: np.ndarray,
-            sessions: Sequence[Sequence[str]], expected: Any = ANY) -> UserState:
+            sessions: Sequence[Sequence[str]], expected: Any = ANY,
+            fingerprint: np.ndarray | None = None) -> UserState:
         """Atomically replaces the user's record (records of other versions are dropped).
 
         Args:
@@ -112,6 +131,7 @@ class StateStore(abc.ABC):
           expected: `ANY` (default): write whatever is stored; None: only if the user has
             no record; a `UserState`: only if it is still the user's newest record
             (same version and `updated`).
+          fingerprint: the model's fingerprint (`UserState.fingerprint`), or None.
 
         Returns:
           The record as stored.
@@ -135,8 +155,11 @@ class SQLiteStateStore(StateStore):
             state BLOB NOT NULL,
             sessions TEXT NOT NULL,
             updated REAL NOT NULL,
+            model_fingerprint BLOB,
             PRIMARY KEY (user_id, model_version))"""
-    _COLUMNS = ("user_id", "model_version", "state", "sessions", "updated")
+    _COLUMNS = ("user_id", "model_version", "state", "sessions", "updated", "model_fingerprint")
+    _SELECT = ("SELECT user_id, model_version, state, sessions, updated, model_fingerprint "
+               "FROM user_states ")
 
     def __init__(self, path: str, history_items: int = DEFAULT_HISTORY_ITEMS):
         """Opens (or creates) the database.
@@ -156,6 +179,9 @@ class SQLiteStateStore(StateStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(self._SCHEMA)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
+            if columns == list(self._COLUMNS[:-1]):  # a file of the store before fingerprints
+                self._db.execute("ALTER TABLE user_states ADD COLUMN model_fingerprint BLOB")
+                columns.append("model_fingerprint")
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cannot open state database {path}: {e}; "
                              "pass another --state-db") from None
@@ -177,9 +203,11 @@ class SQLiteStateStore(StateStore):
         self.close()
 
     def _record(self, row) -> UserState:
-        user_id, version, blob, sessions, updated = row
+        user_id, version, blob, sessions, updated, fingerprint = row
         try:
             state = np.frombuffer(blob, dtype=np.float32).copy()
+            if fingerprint is not None:
+                fingerprint = np.frombuffer(fingerprint, dtype=np.float32).copy()
             sessions = json.loads(sessions)
             if not (isinstance(sessions, list)
                     and all(isinstance(s, list) and all(isinstance(i, str) for i in s)
@@ -190,28 +218,30 @@ class SQLiteStateStore(StateStore):
                              f"(version {version}) is corrupt ({e}); delete it or pass "
                              "another --state-db") from None
         return UserState(user_id=user_id, version=int(version), state=state,
-                         sessions=tuple(tuple(s) for s in sessions), updated=updated)
+                         sessions=tuple(tuple(s) for s in sessions), updated=updated,
+                         fingerprint=fingerprint)
 
     def get(self, user_id: str, version: int) -> UserState | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT user_id, model_version, state, sessions, updated FROM user_states "
-                "WHERE user_id = ? AND model_version = ?", (user_id, int(version))).fetchone()
+            row = self._db.execute(self._SELECT + "WHERE user_id = ? AND model_version = ?",
+                                   (user_id, int(version))).fetchone()
         return self._record(row) if row else None
 
     def latest(self, user_id: str) -> UserState | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT user_id, model_version, state, sessions, updated FROM user_states "
-                "WHERE user_id = ? ORDER BY updated DESC, model_version DESC LIMIT 1",
+                self._SELECT + "WHERE user_id = ? ORDER BY updated DESC, model_version DESC LIMIT 1",
                 (user_id,)).fetchone()
         return self._record(row) if row else None
 
     def put(self, user_id: str, version: int, state: np.ndarray,
-            sessions: Sequence[Sequence[str]], expected: Any = ANY) -> UserState:
+            sessions: Sequence[Sequence[str]], expected: Any = ANY,
+            fingerprint: np.ndarray | None = None) -> UserState:
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise ValueError(f"state must be one user's vector [H], got shape {state.shape}")
+        if fingerprint is not None:
+            fingerprint = np.asarray(fingerprint, dtype=np.float32).ravel().copy()
         kept = trim_sessions(sessions, self.history_items)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")  # the write lock, until COMMIT / ROLLBACK
@@ -228,16 +258,18 @@ class SQLiteStateStore(StateStore):
                 updated = time.time()
                 if newest is not None and updated <= newest[1]:
                     updated = float(np.nextafter(newest[1], np.inf))
-                record = UserState(user_id, int(version), state.copy(), kept, updated)
+                record = UserState(user_id, int(version), state.copy(), kept, updated, fingerprint)
                 self._db.execute("DELETE FROM user_states WHERE user_id = ? AND model_version != ?",
                                  (user_id, record.version))
                 self._db.execute(
-                    "INSERT INTO user_states (user_id, model_version, state, sessions, updated) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, model_version) DO UPDATE SET "
+                    "INSERT INTO user_states (user_id, model_version, state, sessions, updated, "
+                    "model_fingerprint) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (user_id, model_version) DO UPDATE SET "
                     "state = excluded.state, sessions = excluded.sessions, "
-                    "updated = excluded.updated",
+                    "updated = excluded.updated, model_fingerprint = excluded.model_fingerprint",
                     (user_id, record.version, state.tobytes(),
-                     json.dumps([list(s) for s in kept]), record.updated))
+                     json.dumps([list(s) for s in kept]), record.updated,
+                     None if fingerprint is None else fingerprint.tobytes()))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -282,8 +314,9 @@ UpdateFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 def resolve_state(store: StateStore, user_id: str, version: int, state_size: int,
                   update_state: UpdateFn | None = None,
-                  recent_sessions: Sequence[Sequence[str]] | None = None) -> ResolvedState:
-    """Returns the user's state for `version`, never another version's state.
+                  recent_sessions: Sequence[Sequence[str]] | None = None,
+                  fingerprint: np.ndarray | None = None) -> ResolvedState:
+    """Returns the user's state for `version`, never another model's state.
 
     Args:
       store: the state store.
@@ -294,63 +327,68 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
         rebuild a state of another version.
       recent_sessions: the user's recent sessions, oldest first, to rebuild from; default
         the sessions stored with the other version's record.
+      fingerprint: the pinned model's fingerprint (None: version numbers alone decide); a
+        record of this version with another fingerprint or another state size came from
+        another model exported under the same number and is rebuilt like another version's.
 
     Returns:
-      The resolved state; a rebuilt one is also written to the store.
-
-    Raises:
-      ValueError: a stored state of this version does not have `state_size` numbers.
+      The resolved state; a rebuilt one is also written to the store (with `fingerprint`).
     """
-    record = store.get(user_id, version)
-    if record is not None:
-        if record.state.shape != (state_size,):
-            raise ValueError(f"stored state of user {user_id!r} for version {version} has "
-                             f"{record.state.size} numbers, the model has {state_size}")
-        return ResolvedState(record.state, record.sessions, "stored",
-                             f"user {user_id}: stored state of version {version}", record)
     zeros = np.zeros([state_size], np.float32)
-    other = store.latest(user_id)
-    if other is None:
-        return ResolvedState(zeros, (), "new", f"user {user_id}: new user, state starts at zeros")
+    other = store.get(user_id, version)
+    if other is not None:
+        if other.state.shape == (state_size,) and same_model(other.fingerprint, fingerprint):
+            return ResolvedState(other.state, other.sessions, "stored",
+                                 f"user {user_id}: stored state of version {version}", other)
+        what = (f"the stored state of version {version} has {other.state.size} numbers, the "
+                f"model has {state_size}" if other.state.shape != (state_size,) else
+                f"the stored state of version {version} is from another model exported under "
+                "that number (its fingerprint differs)")
+    else:
+        other = store.latest(user_id)
+        if other is None:
+            return ResolvedState(zeros, (), "new", f"user {user_id}: new user, state starts at zeros")
+        what = f"stored state is from version {other.version}, the model is version {version}"
     sessions = trim_sessions(other.sessions if recent_sessions is None else recent_sessions,
                              store.history_items)
     if update_state is None or not sessions:
-        message = (f"user {user_id}: stored state is from version {other.version}, the model is "
-                   f"version {version}; no recent sessions to rebuild from, starting from zeros")
+        message = f"user {user_id}: {what}; no recent sessions to rebuild from, starting from zeros"
         log.info(message)
         return ResolvedState(zeros, sessions, "reset", message, other)
     state = zeros
     for session in sessions:
         state = np.asarray(update_state(state, session), dtype=np.float32)
-    stored = store.put(user_id, version, state, sessions, expected=other)
-    message = (f"user {user_id}: stored state is from version {other.version}, the model is "
-               f"version {version}; rebuilt from {len(sessions)} recent sessions "
+    stored = store.put(user_id, version, state, sessions, expected=other, fingerprint=fingerprint)
+    message = (f"user {user_id}: {what}; rebuilt from {len(sessions)} recent sessions "
                f"({sum(len(s) for s in sessions)} items)")
     log.info(message)
     return ResolvedState(state, sessions, "rebuilt", message, stored)
 
 
 def end_session(store: StateStore, user_id: str, version: int, state_size: int,
-                update_state: UpdateFn, items: Sequence[str]) -> tuple[ResolvedState, UserState]:
+                update_state: UpdateFn, items: Sequence[str],
+                fingerprint: np.ndarray | None = None) -> tuple[ResolvedState, UserState]:
     """Folds one finished session into the user's stored state: resolves the state
     (`resolve_state`), runs `update_state` and writes the result with the session added
     to the recent ones, on the condition that nobody wrote the user in between; after a
     concurrent write it starts again from the new record, so no session is lost.
+
+    `fingerprint` is the pinned model's (`resolve_state`), stored with the record.
 
     Returns:
       (the state the session was folded into, the record written).
 
     Raises:
       StateConflict: still conflicting after `MAX_ATTEMPTS` attempts.
-      ValueError: as `resolve_state`.
     """
     items = list(items)
     for attempt in range(MAX_ATTEMPTS):
         try:
-            resolved = resolve_state(store, user_id, version, state_size, update_state)
+            resolved = resolve_state(store, user_id, version, state_size, update_state,
+                                     fingerprint=fingerprint)
             state = np.asarray(update_state(resolved.state, items), dtype=np.float32)
             record = store.put(user_id, version, state, list(resolved.sessions) + [items],
-                               expected=resolved.record)
+                               expected=resolved.record, fingerprint=fingerprint)
             return resolved, record
         except StateConflict:
             time.sleep(0.001 * (attempt + 1) * (1 + np.random.random()))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -165,6 +166,64 @@ def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp
     assert run_cli(capsys, served, db, "status")["versions"][-1]["version"] == 3
 
 
+def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, tmp_path):
+    """A new export base numbers from 1 again: a user's stored state of the old model's
+    version 1 is rebuilt for the new one (told apart by its fingerprint), and so is one of
+    another state size; neither is served as it is nor locks the user out."""
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path / "models")
+    export.export_model(lib.tiny_model(vocab, seed=11), vocab, base)
+    server = lib.ServerProcess(base, NAME, "--poll-seconds", "0.2")
+    served, db = {"server": server}, tmp_path / "states.sqlite"
+
+    def replace_version_1(model, wait_for):
+        staging = str(tmp_path / f"staging{model.state_size}-{len(os.listdir(tmp_path))}")
+        export.export_model(model, vocab, staging)
+        shutil.rmtree(os.path.join(base, "1"))
+        os.rename(os.path.join(staging, "1"), os.path.join(base, "1"))
+        deadline = time.time() + 120
+        with HierTCNClient(server.target, NAME, timeout=30) as c:
+            while not wait_for(c):
+                assert time.time() < deadline, "the replaced version was not loaded"
+                time.sleep(0.2)
+
+    def answer_from(sessions):
+        with HierTCNClient(server.target, NAME, timeout=30) as c:
+            c.pin()
+            state = c.zero_states(1)
+            for session in sessions:
+                state = c.update_state(state, [session])
+            ids, _ = c.next_items(state, [[]], k=3, history=[sum(sessions, [])])
+        return ids[0]
+
+    try:
+        server.wait_version(1)
+        run_cli(capsys, served, db, "end-session", "--user", "ann", "--items", "item1,item2")
+        stored = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
+        assert stored["state"] == "stored"
+        with HierTCNClient(server.target, NAME, timeout=30) as c:
+            old = c.fingerprint()
+        replace_version_1(lib.tiny_model(vocab, seed=12), lambda c: not np.allclose(
+            c.fingerprint(c.pin()), old))
+        rebuilt = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
+        assert rebuilt["version"] == 1 and rebuilt["state"] == "rebuilt"
+        assert [e["item"] for e in rebuilt["items"]] == answer_from([["item1", "item2"]])
+        assert run_cli(capsys, served, db, "recommend", "--user", "ann")["state"] == "stored"
+        replace_version_1(lib.tiny_model(vocab, seed=13, gru_units=3),
+                          lambda c: c.metadata().state_size == 6)
+        assert client_lib.main(["--target", server.target, "--model-name", NAME, "--state-db",
+                                str(db), "end-session", "--user", "ann", "--items",
+                                "item3,item4"]) == 0  # the text answer
+        out = capsys.readouterr().out
+        assert "has 8 numbers, the model has 6; rebuilt from 1 recent sessions" in out
+        again = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
+        assert again["state"] == "stored"
+        assert [e["item"] for e in again["items"]] == answer_from([["item1", "item2"],
+                                                                   ["item3", "item4"]])
+    finally:
+        server.stop()
+
+
 
 @pytest.mark.parametrize("args, message", [
     (["recommend", "--user", "ann", "-k", "-1"], "-k: must be >= 0, got -1"),
@@ -174,6 +233,10 @@ def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp
      "--history-width: must be >= 1, got -1"),
     (["--timeout", "nan", "status"], "--timeout: must be > 0.0, got nan"),
     (["--timeout", "soon", "status"], "--timeout: 'soon' is not a number"),
+    (["recommend", "--user", " "], "--user must not be empty"),
+    (["recommend", "--user", "caf\udce9"], "--user is not UTF-8 text"),
+    (["end-session", "--user", "ann", "--items", "a,\udcff"], "--items is not UTF-8 text"),
+    (["--tls-ca", "ca.pem", "status"], "--tls-ca and --tls-server-name need --tls"),
 ])
 def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_:

@@ -163,6 +163,22 @@ def test_export_is_atomic_and_refuses_to_overwrite(exported, monkeypatch):
     assert export.next_version(base) == 2
 
 
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(exported, tmp_path):
+    """A SIGKILL leaves the hidden folder with a whole model's copy: the next export on the
+    host removes it, never a live export's nor another host's."""
+    model, vocab, _, _ = exported
+    base = str(tmp_path / "base")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = export._HOST
+    left = {f".tmp-1-{host}-{dead}-abc_12": "gone", f".tmp-1-{host}-{os.getpid()}-xyz": "live",
+            f".tmp-1-otherhost-{dead}-abc": "other host", ".tmp-1-oldname": "unknown owner"}
+    for name in left:
+        os.makedirs(os.path.join(base, name, "model"))
+    export.export_model(model, vocab, base)
+    assert sorted(os.listdir(base)) == sorted(["1"] + [n for n, why in left.items() if why != "gone"])
+
+
 def test_bad_vocabulary_id_is_rejected(tmp_path):
     vocab = lib.tiny_vocabulary(3)
     bad = vocab.__class__(ids=vocab.ids[:-1] + ("two\nlines",), counts=vocab.counts)

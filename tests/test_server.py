@@ -311,3 +311,92 @@ def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
         assert server.main(["--model-base-path", str(path), "--model-name", NAME]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def _manager_outputs(manager, version=None):
+    sig = manager.get(version).signature("next_items")
+    return sig.run(sig.parse_inputs(request("next_items", INPUTS["next_items"]).inputs))
+
+
+def _statuses(manager):
+    state = get_model_status_pb2.ModelVersionStatus.State
+    return [(s.version, state.Name(s.state), s.status.error_message)
+            for s in manager.statuses(None)]
+
+
+def test_a_version_changed_on_disk_is_loaded_again(tmp_path):
+    """A version folder replaced (a new export base numbering from 1 again, a copy over the
+    old files) is loaded again: the server never keeps answering with the files it first
+    read. The vocabulary cut mid-line (a copy still under way) loads, as TF Serving would
+    load it, and is replaced once the copy completes."""
+    vocab = lib.tiny_vocabulary()
+    base, other = str(tmp_path / "base"), str(tmp_path / "other")
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
+    export.export_model(lib.tiny_model(vocab, seed=2), vocab, other)
+    manager = server.ModelManager(NAME, base)
+    manager.poll()
+    assert_outputs_equal(_manager_outputs(manager), in_process(base, 1, "next_items",
+                                                               INPUTS["next_items"]))
+    manager.poll()  # unchanged: the same servable, nothing loaded again
+    first = manager.get(1)
+    manager.poll()
+    assert manager.get(1) is first
+    shutil.rmtree(os.path.join(base, "1"))
+    shutil.copytree(os.path.join(other, "1"), os.path.join(base, "1"))
+    manager.poll()
+    assert manager.get(1) is not first
+    assert_outputs_equal(_manager_outputs(manager), in_process(other, 1, "next_items",
+                                                               INPUTS["next_items"]))
+    # version 5: every file complete but the vocabulary, cut inside its last id
+    shutil.copytree(os.path.join(other, "1"), os.path.join(base, "5"))
+    ids_file = os.path.join(base, "5", "assets", "item_ids.txt")
+    with open(ids_file) as f:
+        whole = f.read()
+    assert whole.rstrip("\n").endswith("item11")
+    with open(ids_file, "w") as f:
+        f.write(whole.rstrip("\n")[:-1])  # "item1" duplicates an id: fails to load
+    manager.poll()
+    (version, status, error), = [s for s in _statuses(manager) if s[0] == 5]
+    assert status == "END" and "Graph execution error" not in error and len(error) > 20
+    assert manager.get(None).version == 1
+    inputs = dict(INPUTS["next_items"], k=np.int32(len(vocab.ids)))
+
+    def served_ids():
+        sig = manager.get(5).signature("next_items")
+        got = sig.run(sig.parse_inputs(request("next_items", inputs).inputs))
+        return {i.decode() for i in got["item_ids"].ravel()}
+
+    with open(ids_file, "w") as f:  # cut to "item": a unique id, so it loads
+        f.write(whole.rstrip("\n")[:-2])
+    manager.poll()
+    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE")]
+    assert "item" in served_ids() and "item11" not in served_ids()
+    with open(ids_file, "w") as f:  # the copy completes
+        f.write(whole)
+    manager.poll()
+    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE")]
+    assert "item11" in served_ids() and "item" not in served_ids()
+    # a failed version's folder removed: no longer reported
+    broken = os.path.join(base, "6")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
+        f.write(b"not a saved model")
+    manager.poll()
+    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE"), (6, "END")]
+    shutil.rmtree(broken)
+    manager.poll()
+    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE")]
+
+
+def test_version_folders_with_leading_zeros(tmp_path):
+    """`007` is version 7, as TF Serving reads folder names; it loads from its own folder."""
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path / "base")
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base, version=7)
+    os.rename(os.path.join(base, "7"), os.path.join(base, "007"))
+    assert server.list_versions(base) == [7]
+    manager = server.ModelManager(NAME, base)
+    manager.poll()
+    assert [s[:2] for s in _statuses(manager)] == [(7, "AVAILABLE")]
+    assert_outputs_equal(_manager_outputs(manager, 7),
+                         in_process(base, "007", "next_items", INPUTS["next_items"]))

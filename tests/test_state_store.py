@@ -82,8 +82,50 @@ def test_resolve_state_new_and_stored(store):
     stored = resolve_state(store, "u", 1, 3)
     assert stored.source == "stored" and stored.state.tolist() == [1, 2, 3]
     assert stored.history == ["a", "b"]
-    with pytest.raises(ValueError, match="has 3 numbers, the model has 4"):
-        resolve_state(store, "u", 1, 4)
+    # a state of another size under the same number is another model's: never served
+    other = resolve_state(store, "u", 1, 4, update_state=lambda state, session: state + 1)
+    assert other.source == "rebuilt" and other.state.tolist() == [1, 1, 1, 1]
+    assert "the stored state of version 1 has 3 numbers, the model has 4" in other.message
+
+
+def test_another_model_under_the_same_version_number_is_rebuilt(store):
+    """A new export base numbers from 1 again: the record's fingerprint tells the models
+    apart; round-off between machines does not."""
+    mine, theirs = np.array([0.5, -2.0, 7.0], np.float32), np.array([0.1, 0.3, 2.0], np.float32)
+    store.put("u", 1, np.array([9, 9], np.float32), [["a", "b"], ["c"]], fingerprint=mine)
+    assert store.get("u", 1).fingerprint.tolist() == mine.tolist()
+    update = lambda state, session: state + len(session)  # noqa: E731
+    same = resolve_state(store, "u", 1, 2, update, fingerprint=mine * (1 + 1e-6))
+    assert same.source == "stored" and same.state.tolist() == [9, 9]
+    assert resolve_state(store, "u", 1, 2, update).source == "stored"  # no fingerprint: trusted
+    rebuilt = resolve_state(store, "u", 1, 2, update, fingerprint=theirs)
+    assert rebuilt.source == "rebuilt" and rebuilt.state.tolist() == [3, 3]
+    assert "from another model exported under that number" in rebuilt.message
+    record = store.get("u", 1)
+    assert record.state.tolist() == [3, 3] and record.fingerprint.tolist() == theirs.tolist()
+    assert resolve_state(store, "u", 1, 2, update, fingerprint=theirs).source == "stored"
+    # end_session writes the fingerprint it resolved with
+    _, written = state_store.end_session(store, "v", 1, 2, update, ["x"], fingerprint=mine)
+    assert store.get("v", 1).fingerprint.tolist() == mine.tolist() == written.fingerprint.tolist()
+    resolved, _ = state_store.end_session(store, "v", 1, 2, update, ["y"], fingerprint=theirs)
+    assert resolved.source == "rebuilt" and store.get("v", 1).state.tolist() == [2, 2]
+
+
+def test_a_file_of_the_store_before_fingerprints_is_upgraded(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("""CREATE TABLE user_states (user_id TEXT NOT NULL, model_version INTEGER NOT
+                      NULL, state BLOB NOT NULL, sessions TEXT NOT NULL, updated REAL NOT NULL,
+                      PRIMARY KEY (user_id, model_version))""")
+        db.execute("INSERT INTO user_states VALUES ('u', 2, ?, '[[\"a\"]]', 5.0)",
+                   (np.array([1, 2], np.float32).tobytes(),))
+    with SQLiteStateStore(path) as s:
+        record = s.get("u", 2)
+        assert record.state.tolist() == [1, 2] and record.fingerprint is None
+        assert resolve_state(s, "u", 2, 2, fingerprint=np.ones(3, np.float32)).source == "stored"
+        s.put("u", 2, np.zeros(2, np.float32), [["a"]], fingerprint=np.ones(3, np.float32))
+    with SQLiteStateStore(path) as s:
+        assert s.get("u", 2).fingerprint.tolist() == [1, 1, 1]
 
 
 def test_state_of_another_version_is_rebuilt_from_recent_sessions(store):

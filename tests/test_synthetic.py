@@ -33,7 +33,7 @@ def test_generate_is_deterministic_and_time_ordered():
 
 
 def test_cli_writes_identical_files_for_a_seed(tmp_path):
-    paths = [tmp_path / "a.csv", tmp_path / "b.csv"]
+    paths = [tmp_path / "a.csv", tmp_path / "raw" / "b.csv"]  # its folder is created
     for p in paths:
         res = subprocess.run([sys.executable, "-m", "pipeline.synthetic", "--output", str(p),
                               "--users", "30", "--seed", "3"], cwd=REPO, capture_output=True,
@@ -41,6 +41,11 @@ def test_cli_writes_identical_files_for_a_seed(tmp_path):
         assert res.returncode == 0, res.stderr
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[0].read_text().startswith("user,item,time\n")
+    assert sorted(os.listdir(tmp_path / "raw")) == ["b.csv"]  # no temporary left
+    res = subprocess.run([sys.executable, "-m", "pipeline.synthetic", "--output",
+                          str(tmp_path / "raw")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "--output" in res.stderr and "is a folder" in res.stderr
 
 
 def test_planted_structure():
