@@ -195,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Raw interaction logs → TFRecord session sequences (HierTCN).",
         epilog="Other --options go to Apache Beam, e.g. --runner DataflowRunner --project P "
                "--region R --temp_location gs://B/tmp; --direct_num_workers N locally.")
-    p.add_argument("--input", action="append", required=True, metavar="GLOB",
-                   help="input files (glob; repeat the flag for several; .gz, .bz2 and .xz "
-                        "files are decompressed)")
+    p.add_argument("--input", action="extend", nargs="+", required=True, metavar="GLOB",
+                   help="input files (globs or paths, several after one flag or the flag "
+                        "repeated; .gz, .bz2 and .xz files are decompressed)")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output folder (local, or gs://, s3://... through Beam's file systems)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
@@ -351,16 +351,27 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     Unix seconds pass 1e11 only in the year 5138, so a median of the first rows' times
     above that is a unit mistake, not data.
     """
-    if fmt.time_unit not in ("s", "ms"):
-        return
-    times = []
+    times, time_errors = [], []
     for line in lines:
         try:
             times.append(parse.parse_line(line.decode("utf-8"), fmt, check_range=False)[2]
                          // 1000)
-        except (UnicodeDecodeError, ValueError):
-            continue  # a bad row goes to malformed/ in the run
+        except (UnicodeDecodeError, ValueError) as e:  # a bad row goes to malformed/ in the run
+            if str(e).startswith(("unparseable time", "time ", "negative time")):
+                time_errors.append(str(e))
+    if time_errors and not times:  # every row would be malformed: say why now
+        hint = ("; ISO 8601 looks like 2021-03-02T15:08:11Z, 2021-03-02 15:08:11+01:00 or "
+                "2021-03-02 15:08:11.000000 UTC" if fmt.time_unit == "iso" else
+                "; text times need --time-unit iso")
+        raise UsageError(f"{path}: no time of its first {len(time_errors)} rows parses "
+                         f"({time_errors[0]}){hint}")
+    if fmt.time_unit == "iso":
+        return
     median = sorted(times)[len(times) // 2] if times else 0
+    if fmt.time_unit == "ms" and median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
+        raise UsageError(f"{path}: times like {median * 1000} read as milliseconds are after "
+                         "the year 5000; they look like microseconds: convert them to "
+                         "milliseconds or seconds")
     if fmt.time_unit == "ms":
         # Seconds read as milliseconds fall in January 1970 and their gaps shrink 1000
         # times (whole days become one session); relative times (since a log's start)
@@ -397,7 +408,10 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
     for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)
     _, unknown = parser.parse_known_args(beam_args)
-    for arg in unknown:
+    for k, arg in enumerate(unknown):
+        previous = unknown[k - 1] if k else ""
+        if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
+            raise UsageError(f"unexpected argument {arg!r} (not the value of an option)")
         name = arg.split("=")[0]
         hint = difflib.get_close_matches(name, own_flags, n=1, cutoff=0.8)
         if arg.startswith("--") and ("-" in name[2:] or hint):
@@ -625,6 +639,11 @@ def main(argv=None) -> int:
               "of their user ends (--session-col): each sees that earlier session whole as its "
               "history, events after its own start included; time gaps (--session-gap) have no "
               "such overlap", file=sys.stderr)
+    if stats["rows_written"] and not stats["splits"]["train"]["events"]:
+        print(f"warning: the train split is empty ({stats['items']:,} items in the "
+              f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train on; "
+              "check --min-item-count and that the sessions' start times spread out",
+              file=sys.stderr)
     if not stats["rows_written"]:
         print(f"warning: no event was written ({stats['rows_malformed']:,} rows malformed, "
               f"filtered {stats['rows_filtered']}): check the options against the log; "

@@ -136,7 +136,10 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     if unit == "iso":
         if not isinstance(value, str):
             raise ValueError(f"time {value!r} is not an ISO 8601 string")
-        dt = datetime.datetime.fromisoformat(value.strip())
+        text = value.strip()
+        if text[-4:].upper() == " UTC":  # BigQuery's and many databases' exports
+            text = text[:-4] + "+00:00"
+        dt = datetime.datetime.fromisoformat(text)
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=datetime.timezone.utc)
         ms = (dt - _EPOCH) // datetime.timedelta(milliseconds=1)
@@ -203,6 +206,9 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple:
     item = _id(item, "item")
     if item in RESERVED_ITEM_IDS:
         raise ValueError(f"item id {item!r} is reserved (items.tsv rows 0 and 1)")
+    if "\n" in item or "\r" in item:
+        raise ValueError(f"item id {item!r} has a line break (items.tsv and the export's "
+                         "vocabulary hold one id per line)")
     try:
         ms = parse_time_ms(t, fmt.time_unit, check_range)
     except ValueError as e:
@@ -285,7 +291,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
                     ms = int(fields[t_col]) * scale if user and item and session else -1
                 except ValueError:
                     pass
-                if ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS:
+                if ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS or "\r" in item:
                     ms = -1  # parse_line says why
         if ms < 0:
             try:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import glob
 import gzip
 import lzma
+import os
 from typing import BinaryIO, Iterator, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -115,18 +117,29 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
     Raises:
       InputError: a pattern matches nothing.
     """
-    files = {}
+    files, seen = {}, set()
     for pattern in patterns:
+        local = "://" not in pattern
+        # Beam's local glob needs a folder part: `*.csv` matches nothing, `./*.csv` does
+        bare = local and not os.path.dirname(pattern) and glob.has_magic(pattern)
         try:
-            found = FileSystems.match([pattern])[0].metadata_list
+            found = FileSystems.match(["./" + pattern if bare else pattern])[0].metadata_list
         except Exception as e:  # Beam raises BeamIOError/ValueError subclasses per scheme.
             raise InputError(f"cannot list --input {pattern!r}: {e}") from None
         found = [m for m in found if not m.path.endswith("/")]
+        if local and os.path.isdir(pattern):
+            raise InputError(f"--input {pattern!r} is a folder: pass its files, e.g. "
+                             f"--input '{os.path.join(pattern, '*')}'")
         if not found:
             raise InputError(f"--input {pattern!r} matches no file: check the path or glob")
         for m in found:
             _compression(m.path)  # refuses an unsupported one before anything runs
-            files[m.path] = m.size_in_bytes
+            path = m.path[2:] if bare and m.path.startswith("./") else m.path
+            # one file under two spellings (a.csv, ./a.csv, /abs/a.csv) is read once
+            key = os.path.realpath(path) if local else path
+            if key not in seen:
+                seen.add(key)
+                files[path] = m.size_in_bytes
     if len(files) >= MAX_FILES:
         raise InputError(f"--input matches {len(files)} files; at most {MAX_FILES - 1} are supported")
     return sorted(files.items())

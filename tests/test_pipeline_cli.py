@@ -236,6 +236,7 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["--user-col", "visitor"], "column(s) visitor not in the header"),
     (["--format", "jsonl", "--columns", "a,b,c"], "--columns is for csv/tsv"),
     (["--direct_num_workers", "two"], "bad Beam option"),
+    (["extra.csv"], "unexpected argument 'extra.csv'"),
 ])
 def test_bad_options_stop_before_output(tmp_path, capsys, args, message):
     log = tmp_path / "log.csv"
@@ -245,6 +246,26 @@ def test_bad_options_stop_before_output(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists() and os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_input_spellings_a_shell_or_a_user_would_type(tmp_path, capsys, monkeypatch):
+    """`--input '*.csv'` in the log's folder (Beam's glob alone matches nothing there), a
+    shell-expanded glob (`--input a.csv b.csv`), one file under three spellings (read once)
+    and a folder (one line saying what to pass)."""
+    for name, users in (("a.csv", "uv"), ("b.csv", "wx")):
+        (tmp_path / name).write_text("user,item,time\n" + "".join(
+            f"{u},i{k % 3},{100 + 10 * k}\n" for u in users for k in range(6)))
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for n, (inputs, rows) in enumerate([(["*.csv"], 24), (["a.csv", "b.csv"], 24),
+                                        (["a.csv", "./a.csv", str(tmp_path / "a.csv")], 12)]):
+        assert cli.main(["--input", *inputs, "--output", f"out{n}", *IN_MEMORY]) == 0
+        assert schema.read_stats(f"out{n}")["rows_read"] == rows, inputs
+    capsys.readouterr()
+    assert cli.main(["--input", "sub", "--output", "out9", *IN_MEMORY]) == 2
+    err = capsys.readouterr().err
+    assert "--input 'sub' is a folder: pass its files, e.g. --input 'sub/*'" in err
+    assert err.count("\n") == 1 and not os.path.exists("out9")
 
 
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):
@@ -510,6 +531,39 @@ def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times
     assert cli.main(["--input", str(jsonl), "--output", str(tmp_path / "out"),
                      "--format", "jsonl"]) == 2
     assert hint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("times, options, message", [
+    (["2021/03/02 15:08"] * 5, ["--time-unit", "iso"],
+     "no time of its first 5 rows parses (unparseable time '2021/03/02 15:08' (--time-unit "
+     "iso)); ISO 8601 looks like"),
+    (["2021-03-02T15:08:11"] * 5, [], "text times need --time-unit iso"),
+    ([1441864236661000 + 9000 * k for k in range(5)], ["--time-unit", "ms"],
+     "read as milliseconds are after the year 5000; they look like microseconds")])
+def test_times_that_cannot_be_right_stop_the_run_with_one_line(tmp_path, capsys, times,
+                                                                options, message):
+    """Every row would be malformed (a date format that is not ISO 8601, text times read as
+    numbers) or land after the year 5000 (microseconds read as milliseconds)."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"u,i{k},{t}\n" for k, t in enumerate(times)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_database_utc_times_and_an_empty_train_split(tmp_path, capsys):
+    """`2021-03-02 15:08:11.000000 UTC` (BigQuery's export) is ISO 8601 in UTC; sessions
+    that all start at one time leave train empty, which the run says."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{k},2021-03-02 15:0{k}:11.000000 UTC\n" for u in range(4) for k in range(3)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--time-unit",
+                     "iso", "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "out"))
+    assert stats["rows_written"] == 12 and stats["cutoffs"]["t_valid"] == 1614697211  # 15:00:11 UTC
+    assert stats["splits"]["train"]["events"] == 0
+    assert "warning: the train split is empty" in capsys.readouterr().err
 
 
 def test_a_damaged_input_with_the_default_runner_is_one_line(tmp_path):

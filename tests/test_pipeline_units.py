@@ -47,7 +47,7 @@ def test_times_past_the_year_5138_are_rejected_with_the_reason(value, unit):
 def test_rows_no_parser_could_take_become_malformed_rows():
     big = "x" * 200_000  # over csv's default 128 KiB field limit
     lines = ["\ufeffu1,a,10", f'u1,b,11,"{{{big}}}"', "u1,c,1600500000000", "u1,d,1e19",
-             "u1,e,12", "u1,[UNK],13", 'u1,"[PAD]",14']
+             "u1,e,12", "u1,[UNK],13", 'u1,"[PAD]",14', "u1,f\rg,15", 'u1,"h\ri",16']
     fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time", "props"))
     block = parse.parse_block([(l + ",p" if k != 1 else l).encode()
                                for k, l in enumerate(lines)], fmt, first_order=0)
@@ -56,13 +56,16 @@ def test_rows_no_parser_could_take_become_malformed_rows():
     assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
         (2, "time '1600500000000' is past 10^11 unix seconds, the year 5138"),
         (3, "time '1e19' is past 10^11 unix seconds, the year 5138"),
-        (5, "item id '[UNK]' is reserved"), (6, "item id '[PAD]' is reserved")]
+        (5, "item id '[UNK]' is reserved"), (6, "item id '[PAD]' is reserved"),
+        (7, "item id 'f\\rg' has a line break"), (8, "item id 'h\\ri' has a line break")]
     deep = parse.RowFormat("jsonl", "s", "u", "i", "t")
     nested = "[" * 100_000 + "]" * 100_000
     block = parse.parse_block([b'{"u": "v", "i": "a", "t": 1}', nested.encode(),
                                '\ufeff{"u": "v", "i": "b", "t": 2}'.encode()], deep, 0)
     assert block.by_user == {"v": (["a", "b"], [1000, 2000], [0, 2])}
     assert [(k, r) for k, r, _ in block.malformed] == [(1, "bad JSON: nested too deeply")]
+    block = parse.parse_block([b'{"u": "v", "i": "a\\nb", "t": 1}'], deep, 0)
+    assert [r.split(" (")[0] for _, r, _ in block.malformed] == ["item id 'a\\nb' has a line break"]
 
 
 def test_parse_block_groups_by_user_and_routes_bad_rows():
