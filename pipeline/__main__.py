@@ -98,7 +98,7 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
     """While the pipeline runs, holds back stderr (this process's and its local workers',
     which share the file descriptor) and drops Beam's INFO/WARNING lines from it. The rest
     (errors, tracebacks, warnings of other libraries) is shown when the run ends, unless the
-    run failed on a damaged input, which `main` reports in one line. The workers' progress
+    run failed on a damaged input or was interrupted, which `main` reports in one line. The workers' progress
     lines (`transforms.report_progress`) become a progress display (`_Progress`)."""
     if not enabled:
         yield
@@ -153,7 +153,9 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
         raise
     finally:
         restore()
-        if failure is None or _input_error(failure) is None:
+        # (an interrupt's are the workers' KeyboardInterrupt tracebacks: `main` says it)
+        if failure is None or (_input_error(failure) is None
+                               and not isinstance(failure, KeyboardInterrupt)):
             sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
 
 
@@ -627,6 +629,11 @@ def main(argv=None) -> int:
 
     try:
         stats = run(args, output, files, config, options)
+    except KeyboardInterrupt:  # Ctrl-C: Beam's traceback would say nothing more
+        print(f"\ninterrupted: nothing was written to {output}"
+              + (" (what was there is unchanged)" if outputs.exists(output) else ""),
+              file=sys.stderr)
+        return 130
     except (sources.InputError, RuntimeError) as e:
         message = _input_error(e)
         if message is None:

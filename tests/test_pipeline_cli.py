@@ -600,6 +600,11 @@ def test_held_back_stderr_shows_errors_of_a_failed_run_and_drops_chatter(capfd):
             subprocess.run([sys.executable, "-c", child], check=True)
             raise sources.InputError("cannot decompress input file 'x.gz'")
     assert capfd.readouterr().err == ""
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the workers' tracebacks stay hidden too
+        with cli._quiet_beam_stderr(True):
+            subprocess.run([sys.executable, "-c", child], check=True)
+            raise KeyboardInterrupt
+    assert capfd.readouterr().err == ""
     with cli._quiet_beam_stderr(True):  # a run that succeeds shows what is not chatter
         subprocess.run([sys.executable, "-c", child], check=True)
     assert capfd.readouterr().err == "ERROR:apache_beam.worker:it broke\nTraceback: detail\n"
