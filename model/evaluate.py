@@ -285,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             user_errors += (registry.RunError,)
             scorer = registry.load_scorer(args.model_dir, args.data, args.checkpoint)
+            note = registry.training_note(args.model_dir, args.checkpoint)
+            if note:
+                print(note, file=sys.stderr)
         else:
             scorer = baselines.fit(args.model, args.data)
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,

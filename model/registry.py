@@ -64,6 +64,9 @@ def check_vocabulary(run_vocab: schema.Vocabulary, data_vocab: schema.Vocabulary
             "trained on, or a new --model-dir")
 
 
+SUMMARY_FILE = "train_summary.json"  # written by model.train at the end of a run
+
+
 def read_best(run_dir: str) -> dict | None:
     """The record of a run's best-on-valid checkpoint (`RUN/best/best.json`), or None.
 
@@ -75,6 +78,27 @@ def read_best(run_dir: str) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def training_note(run_dir: str, which: str = "best") -> str | None:
+    """One line for a command about to use a run whose training did not finish (interrupted,
+    killed or still running) or that holds no best-on-valid checkpoint yet; None for a
+    finished run."""
+    notes = []
+    try:
+        with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        summary = None
+    if summary is None:
+        notes.append("its training has not finished (no train_summary.json: still running, "
+                     "or killed)")
+    elif summary.get("stopped_by") == "interrupted":
+        notes.append(f"its training was interrupted at step {summary.get('steps')} (the same "
+                     "model.train command resumes it)")
+    if which == "best" and read_best(run_dir) is None:
+        notes.append("it has no best-on-valid checkpoint yet, so the latest is used")
+    return f"note: {run_dir}: " + "; ".join(notes) if notes else None
 
 
 def checkpoint_path(run_dir: str, which: str = "best") -> str:

@@ -35,7 +35,7 @@ from model.atomic import write_json, write_text
 from model.keras_scorer import KerasScorer
 from pipeline import argtypes, schema
 
-SUMMARY_FILE = "train_summary.json"
+SUMMARY_FILE = registry.SUMMARY_FILE
 LOG_EVERY = 10
 
 
@@ -545,12 +545,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     break
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`main`): keep what was trained
             stop_reason = "interrupted"
-            print(f"\ninterrupted at step {int(state.step.numpy())}: saving a checkpoint; "
-                  "the same command resumes from it", file=sys.stderr)
         except tf.errors.OpError:
             batching.raise_producer_error(batcher)  # the batcher's own error, when it is one
             raise
         step = int(state.step.numpy())
+        if stop_reason == "interrupted":
+            print(f"\ninterrupted at step {step}: "
+                  + ("saving a checkpoint; the same command resumes from it" if step > last_saved
+                     else "no step since the last checkpoint, nothing to save; the same "
+                          "command resumes"), file=sys.stderr)
         if step == start_step:  # no step in this process: nothing to save or to report
             if restored is not None:
                 restored.expect_partial()  # Adam's slots are made by a step: none was run

@@ -365,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = {"model_dir": os.path.abspath(args.model_dir),
                   "checkpoint": os.path.abspath(checkpoint),
                   "step": step, "which": args.checkpoint}
+        note = registry.training_note(args.model_dir, args.checkpoint)
+        if note:
+            print(note, file=sys.stderr)
         path = export_model(model, vocabulary, args.export_base, args.version, config, source)
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
         print(f"error: {e}", file=sys.stderr)
