@@ -20,6 +20,11 @@ Usage:
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
+    from model import quiet
+
+    quiet.import_tensorflow()
+
 import argparse
 import itertools
 import json

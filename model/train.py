@@ -14,6 +14,11 @@ checkpoint) and in the summary's `best`; `model.registry.load_model` loads them.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
+    from model import quiet
+
+    quiet.import_tensorflow()
+
 import argparse
 import json
 import math

@@ -17,6 +17,11 @@ temporary folder and renamed into place, so TF Serving never sees a half-written
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
+    from model import quiet
+
+    quiet.import_tensorflow()
+
 import argparse
 import dataclasses
 import json

@@ -11,36 +11,12 @@ line needs the messages only: `tensorflow_protos_only` lets them import on their
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import sys
-import tempfile
 import types
 
-NOISE = ("All log messages before absl::InitializeLog() is called",
-         "Could not find cuda drivers on your machine")
-
-
-@contextlib.contextmanager
-def native_notes_dropped(noise=NOISE):
-    """Runs the block with file descriptor 2 captured, then writes the captured lines that
-    contain none of `noise` to stderr (also when the block raises)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
-                if not any(n in line for n in noise):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+from model.quiet import native_notes_dropped  # noqa: F401 - the client's import of it
 
 
 def tensorflow_protos_only() -> bool:

@@ -16,6 +16,11 @@ request. `--batch-timeout-micros` lets a batch wait for the other clients' reque
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
+    from model import quiet
+
+    quiet.import_tensorflow()
+
 import argparse
 import collections
 import concurrent.futures

@@ -183,6 +183,7 @@ def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config
     assert json.loads(out.strip().splitlines()[-1]) == {
         "model": "hiertcn", "steps": 10, "steps_this_run": 0, "stopped_by": "interrupted"}
     assert "nothing to do" not in err
+    assert "interrupted at step 10: no step since the last checkpoint, nothing to save" in err
     with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
         assert f.read() == before  # nothing trained, nothing written
     monkeypatch.setattr(train_lib.batching, "make_dataset", real)

@@ -1,0 +1,36 @@
+"""The command lines start without TensorFlow's native start-up lines (model.quiet)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from model import quiet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_command_line_error_is_its_one_line(tmp_path):
+    """`model.train` (which imports TensorFlow first) with a missing data folder: its error
+    and nothing before it (the absl notice, and on a machine without an NVIDIA GPU the CUDA
+    lines, are held back)."""
+    proc = subprocess.run([sys.executable, "-m", "model.train", "--data",
+                           str(tmp_path / "missing"), "--model-dir", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    if quiet.has_nvidia_device():  # there the CUDA lines say something and are kept
+        lines = [line for line in proc.stderr.splitlines()
+                 if not any(n in line for n in quiet.CUDA_NOISE)]
+    else:
+        lines = proc.stderr.splitlines()
+    assert lines == [f"error: data folder {tmp_path / 'missing'} not found: pass the --output "
+                     "folder of `python -m pipeline`"], proc.stderr
+
+
+def test_tensorflow_still_reports_its_own_errors(capfd):
+    """Only the known notices are dropped: any other line of the import reaches stderr."""
+    with quiet.native_notes_dropped(quiet.NOISE):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                    b"written to STDERR\nE0000 failed call to cuInit: a driver that does not "
+                    b"load\n")
+    assert capfd.readouterr().err == "E0000 failed call to cuInit: a driver that does not load\n"
