@@ -13,6 +13,7 @@ CLI (state kept in SQLite by serving.state_store):
 
     python -m serving.client --target HOST:PORT --model-name NAME [--state-db FILE] \\
         {recommend --user U [--items a,b,c] [-k 10] | end-session --user U --items a,b,c | status}
+    (--items-json '["a,b", "c"]' instead of --items for ids with commas in them)
 """
 from __future__ import annotations
 
@@ -358,8 +359,21 @@ def _resolve(client: HierTCNClient, store: state_store.StateStore,
         return state_store.resolve_state(*args, fingerprint=client.fingerprint())
 
 
-def _items(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+def _items(args: argparse.Namespace) -> list[str]:
+    """--items a,b,c, or --items-json '["a,b", "c"]' for ids with commas in them."""
+    if getattr(args, "items_json", None) is not None:
+        return list(args.items_json)
+    return [t.strip() for t in (args.items or "").split(",") if t.strip()]
+
+
+def _json_items(text: str) -> list[str]:
+    try:
+        items = json.loads(text)
+    except ValueError:
+        items = None
+    if not (isinstance(items, list) and all(isinstance(i, str) and i for i in items)):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of item ids, got {text!r}")
+    return items
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,23 +400,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("recommend", help="next items for a user's current session")
     rec.add_argument("--user", required=True)
-    rec.add_argument("--items", default="", help="the current session so far: a,b,c")
+    given = rec.add_mutually_exclusive_group()
+    given.add_argument("--items", default="", help="the current session so far: a,b,c")
+    given.add_argument("--items-json", type=_json_items, metavar="JSON",
+                       help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
     rec.add_argument("-k", type=argtypes.non_negative_int, default=10, help="how many items")
     end = commands.add_parser("end-session", help="fold a finished session into the user's state")
     end.add_argument("--user", required=True)
-    end.add_argument("--items", required=True, help="the finished session: a,b,c")
+    given = end.add_mutually_exclusive_group(required=True)
+    given.add_argument("--items", help="the finished session: a,b,c")
+    given.add_argument("--items-json", type=_json_items, metavar="JSON",
+                       help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
     commands.add_parser("status", help="versions the server has loaded")
     args = parser.parse_args(argv)
-    if args.command == "end-session" and not _items(args.items):
+    if args.command == "end-session" and not _items(args):
         parser.error("end-session needs --items a,b,c")
     if (args.tls_ca or args.tls_server_name) and not args.tls:
         parser.error("--tls-ca and --tls-server-name need --tls")
     if args.command != "status":
         if not args.user.strip():
             parser.error("--user must not be empty")
-        for name in ("user", "items"):
+        for name, text in (("user", args.user), ("items", ",".join(_items(args)))):
             try:
-                (getattr(args, name) or "").encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError:
                 parser.error(f"--{name} is not UTF-8 text (check the terminal's encoding)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -435,7 +455,7 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
                args: argparse.Namespace) -> tuple[dict, str]:
     """Top-k for the user's current session, from the stored state of the pinned version."""
     resolved = _resolve(client, store, args.user)
-    items = _items(args.items)
+    items = _items(args)
     ids, scores = client.next_items(resolved.state[None], [items], args.k, [resolved.history])
     ranked = [{"item": i, "score": float(s)} for i, s in zip(ids[0], scores[0])]
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
@@ -449,7 +469,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
                  args: argparse.Namespace) -> tuple[dict, str]:
     """Folds the finished session into the user's state and stores it with the history
     (`state_store.end_session`: a concurrent end-session of the same user is not lost)."""
-    items = _items(args.items)
+    items = _items(args)
     resolved, record = state_store.end_session(
         store, args.user, client.pin(), client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,

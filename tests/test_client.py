@@ -164,6 +164,10 @@ def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp
     third = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
     assert third["version"] == 3 and third["state"] == "rebuilt"
     assert run_cli(capsys, served, db, "status")["versions"][-1]["version"] == 3
+    # an id with a comma in it goes as one id with --items-json
+    ended = run_cli(capsys, served, db, "end-session", "--user", "bob", "--items-json",
+                    '["item1", "x,y"]')
+    assert ended["history"] == ["item1", "x,y"]
 
 
 def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, tmp_path):
@@ -237,6 +241,8 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
     (["recommend", "--user", "caf\udce9"], "--user is not UTF-8 text"),
     (["end-session", "--user", "ann", "--items", "a,\udcff"], "--items is not UTF-8 text"),
     (["--tls-ca", "ca.pem", "status"], "--tls-ca and --tls-server-name need --tls"),
+    (["end-session", "--user", "ann", "--items-json", "[1]"],
+     "--items-json: must be a JSON list of item ids, got '[1]'"),
 ])
 def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_:
