@@ -40,7 +40,9 @@ def start(args, probe=None) -> bool:
     import json
 
     sys.path.insert(0, REPO)
-    import model  # noqa: F401
+    from model import quiet  # (the `model` package sets TF_USE_LEGACY_KERAS first)
+
+    quiet.import_tensorflow()  # without its start-up notes
 
     if probe is not None and args.probe:
         print(json.dumps(probe(args)))

@@ -36,8 +36,8 @@ def test_train_speed_quick():
     assert result["workload"]["cpus"] == os.cpu_count() and result["workload"]["cpu"]
     large = result["large_catalogue"]
     assert large["vocab_size"] == 20_000
-    for optimizer in ("lazy_adam", "adam"):
-        assert large[optimizer]["hiertcn_events_per_s"] > 0 and large[optimizer]["hrnn_events_per_s"] > 0
+    assert large["lazy_adam"]["hiertcn_events_per_s"] > 0 and large["lazy_adam"]["hrnn_events_per_s"] > 0
+    assert large["adam"] is None and large["hiertcn_lazy_vs_adam"] is None  # full runs only
 
 
 @pytest.mark.skipif(not os.path.isdir(ML1M), reason="../shared/data/ml-1m is not available")
