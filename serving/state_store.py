@@ -15,7 +15,7 @@ conditional on the record it was computed from (`put(..., expected=record)`), so
 processes ending sessions of one user at the same time never lose one of them:
 `end_session` reads, updates and writes in that way and starts again on a conflict. A
 Redis backend would keep one hash per user (`version`, `state` bytes, `sessions` JSON,
-`updated`) written with `WATCH`/`MULTI`/`HSET`, which gives the same semantics.
+`updated`, `fingerprint` bytes) written with `WATCH`/`MULTI`/`HSET`, which gives the same semantics.
 """
 from __future__ import annotations
 
@@ -180,8 +180,11 @@ class SQLiteStateStore(StateStore):
             self._db.execute(self._SCHEMA)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
             if columns == list(self._COLUMNS[:-1]):  # a file of the store before fingerprints
-                self._db.execute("ALTER TABLE user_states ADD COLUMN model_fingerprint BLOB")
-                columns.append("model_fingerprint")
+                try:
+                    self._db.execute("ALTER TABLE user_states ADD COLUMN model_fingerprint BLOB")
+                except sqlite3.OperationalError:  # another process added it meanwhile
+                    pass
+                columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cannot open state database {path}: {e}; "
                              "pass another --state-db") from None
