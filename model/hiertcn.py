@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import batching, layers
+from model.base import popularity_term
 from model.config import ConfigError, HierTCNConfig
 from model.sequence_model import SequenceModel
 from pipeline import schema
@@ -57,6 +58,9 @@ class HierTCN(SequenceModel):
         """
         super().__init__(config, vocab_size, item_counts, **kwargs)
         c = config
+        if not (c.high_level or c.uses_repeat_head) and item_counts is not None:
+            # session-only (the ablation): first items by popularity, as DESIGN §6 has it
+            self.first_item_scores = popularity_term(item_counts)
         pretrained = None
         if c.pretrained_item_vectors and load_pretrained:
             pretrained = load_item_vectors(c.pretrained_item_vectors, vocab_size, c.embedding_dim)

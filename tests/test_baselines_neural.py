@@ -226,3 +226,24 @@ def test_tcn_rejects_a_vocabulary_too_large_for_float32_indices():
 def test_models_are_registered():
     assert {"gru4rec": GRU4Rec, "hrnn": HRNN, "tcn": FlatTCN}.items() <= registry.MODELS.items()
     assert TCNConfig().receptive_field == 253 and TCNConfig().history_length >= 252
+
+
+def test_session_only_hiertcn_scores_first_items_by_popularity(data):
+    """The ablation without the high level (and without the repeat head, which reads the
+    history) is session-only: DESIGN §6 scores its first items by popularity, as for
+    GRU4Rec; with either part the model's own first-item scores stay."""
+    from model import baselines, evaluate
+    from model.hiertcn import HierTCNConfig
+    from pipeline import schema
+
+    vocab = schema.read_vocabulary(data)
+    tiny = {"embedding_dim": 16, "gru_units": 8, "channels": 16}
+    popular = evaluate.evaluate(baselines.fit("popularity", data), data, "test", progress=False)
+    for overrides, session_only in (({"high_level": False, "repeat_head": False}, True),
+                                    ({"repeat_head": False}, False),
+                                    ({"high_level": False}, False)):
+        config = HierTCNConfig().replace({**tiny, **overrides})
+        model = registry.build_model("hiertcn", config, vocab.size, vocab.counts)
+        assert (model.first_item_scores is not None) == session_only, overrides
+        first = evaluate.evaluate(KerasScorer(model), data, "test", progress=False)["first_item"]
+        assert (first == popular["first_item"]) == session_only, overrides
