@@ -50,8 +50,12 @@ def start(args, probe=None) -> bool:
     return False
 
 
+# Beam's runner in this process, for --quick's small logs: no worker processes to start
+IN_MEMORY = ["--direct_running_mode", "in_memory", "--direct_num_workers", "1"]
+
+
 def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed: int = 0,
-                   sessions: tuple[int, int] = (5, 30)) -> dict:
+                   sessions: tuple[int, int] = (5, 30), in_memory: bool = False) -> dict:
     """Writes a `pipeline.synthetic` log and runs `python -m pipeline` on it.
 
     Args:
@@ -60,6 +64,7 @@ def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed
       max_events: stop the log after this many raw events.
       seed: generator seed.
       sessions: (fewest, most) sessions per user.
+      in_memory: run Beam in this process (`IN_MEMORY`; small logs, --quick).
 
     Returns:
       The pipeline's stats.json.
@@ -71,7 +76,8 @@ def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed
     log = out_dir.rstrip("/") + ".csv"
     synthetic.write_csv(log, synthetic.generate(users=users, seed=seed, max_events=max_events,
                                                  sessions=sessions))
-    cmd = [sys.executable, "-m", "pipeline", "--input", log, "--output", out_dir, "--overwrite"]
+    cmd = [sys.executable, "-m", "pipeline", "--input", log, "--output", out_dir, "--overwrite",
+           *(IN_MEMORY if in_memory else [])]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"pipeline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -206,7 +206,7 @@ def ml1m_data(tmp: str, quick: bool) -> str:
                 dst.write(line)
         inputs = [head]
     cmd = [sys.executable, "-m", "pipeline", "--output", out, "--format", "tsv",
-           "--columns", "user,item,rating,time"]
+           "--columns", "user,item,rating,time", *(bench_lib.IN_MEMORY if quick else [])]
     for path in inputs:
         cmd += ["--input", path]
     proc = subprocess.run(cmd, cwd=bench_lib.REPO, capture_output=True, text=True)
@@ -234,11 +234,11 @@ def main(argv=None) -> int:
             sets["synthetic"] = args.synthetic
         else:
             sets["synthetic"] = os.path.join(tmp, "syn")
-            bench_lib.make_synthetic(sets["synthetic"], args.users)
+            bench_lib.make_synthetic(sets["synthetic"], args.users, in_memory=args.quick)
         sets["synthetic_long"] = os.path.join(tmp, "syn-long")
         bench_lib.log("data: long-history synthetic log")
         bench_lib.make_synthetic(sets["synthetic_long"], args.long_users,
-                                 sessions=args.long_sessions)
+                                 sessions=args.long_sessions, in_memory=args.quick)
         for name, data_dir in sets.items():
             result[name] = data_memory(bench_lib.load_users(data_dir), args)
         for name in PROBES:

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         if not data:
             bench_lib.log(f"base population: {args.base_users} synthetic users through the pipeline")
             data = os.path.join(tmp, "base")
-            bench_lib.make_synthetic(data, args.base_users)
+            bench_lib.make_synthetic(data, args.base_users, in_memory=args.quick)
         runs = {}
         order = sizes + (sizes[::-1] if args.repeats == 2 else [])  # palindrome: drift cancels
         for users in order:

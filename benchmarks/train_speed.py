@@ -310,7 +310,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
             data = os.path.join(tmp, "data")
             bench_lib.log(f"synthetic log of {args.users} users through the pipeline")
-            bench_lib.make_synthetic(data, args.users)
+            bench_lib.make_synthetic(data, args.users, in_memory=args.quick)
             result = measure(args, data)
     print(json.dumps(result))
     return 0
