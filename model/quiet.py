@@ -6,40 +6,66 @@ are written to STDERR" (twice), and on a machine without an NVIDIA GPU "Could no
 drivers on your machine, GPU will not be used." (twice) and, at the first op, "failed call to
 cuInit: ... UNKNOWN ERROR (303)": five lines before every command's own output, the last one
 an ERROR that is none. The command lines import TensorFlow through `import_tensorflow`,
-which holds fd 2 while TensorFlow loads and finds its devices, then writes every other line
-through. On a machine with an NVIDIA device the CUDA lines are kept: there they mean
-something (a driver that does not load).
+which sends fd 2 through a filter while TensorFlow loads and finds its devices; every other
+line goes through as it comes. On a machine with an NVIDIA device the CUDA lines are kept:
+there they mean something (a driver that does not load).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
-import tempfile
 
 NOISE = ("All log messages before absl::InitializeLog() is called",)
 CUDA_NOISE = ("Could not find cuda drivers on your machine", "failed call to cuInit")
 
 
+# The filter process: copies its stdin to its stdout line by line, less the noise lines.
+_FILTER = """import sys
+noise = [n.encode() for n in sys.argv[1:]]
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not any(n in line for n in noise):
+        out.write(line)
+        out.flush()
+"""
+
+
 @contextlib.contextmanager
 def native_notes_dropped(noise=NOISE + CUDA_NOISE):
-    """Runs the block with file descriptor 2 captured, then writes the captured lines that
-    contain none of `noise` to stderr (also when the block raises)."""
+    """Runs the block with file descriptor 2 going through a small filter process that
+    writes every line containing none of `noise` to the real stderr as it comes. The filter
+    outlives this process: a native library's last words before an abort (TensorFlow's
+    "compiled to use AVX instructions, but these aren't available") still reach the
+    terminal. Without a usable fd 2 (closed, `2>&-`), the block just runs."""
+    if sys.stderr is None:  # Python's own view of a closed fd 2
+        yield
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
-                if not any(n in line for n in noise):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        read_end, write_end = os.pipe()
+        filt = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, *noise],
+                                stdin=read_end, stdout=saved, stderr=saved, close_fds=True)
+    except OSError:  # no process to spare: no filtering either
+        os.close(saved)
+        yield
+        return
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end here: the filter reads to its end
+        os.close(saved)
+        filt.wait()
 
 
 def has_nvidia_device() -> bool:

@@ -82,8 +82,9 @@ def read_best(run_dir: str) -> dict | None:
 
 def training_note(run_dir: str, which: str = "best") -> str | None:
     """One line for a command about to use a run whose training did not finish (interrupted,
-    killed or still running) or that holds no best-on-valid checkpoint yet; None for a
-    finished run."""
+    killed or still running), saying also when it holds no best-on-valid checkpoint yet;
+    None for a finished run (one that never evaluates on valid, `--eval-every 0`, uses
+    its last weights as documented)."""
     notes = []
     try:
         with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
@@ -96,7 +97,7 @@ def training_note(run_dir: str, which: str = "best") -> str | None:
     elif summary.get("stopped_by") == "interrupted":
         notes.append(f"its training was interrupted at step {summary.get('steps')} (the same "
                      "model.train command resumes it)")
-    if which == "best" and read_best(run_dir) is None:
+    if notes and which == "best" and read_best(run_dir) is None:
         notes.append("it has no best-on-valid checkpoint yet, so the latest is used")
     return f"note: {run_dir}: " + "; ".join(notes) if notes else None
 

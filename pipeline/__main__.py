@@ -353,20 +353,31 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     Unix seconds pass 1e11 only in the year 5138, so a median of the first rows' times
     above that is a unit mistake, not data.
     """
-    times, time_errors = [], []
+    times, bad_times = [], []
     for line in lines:
         try:
-            times.append(parse.parse_line(line.decode("utf-8"), fmt, check_range=False)[2]
-                         // 1000)
-        except (UnicodeDecodeError, ValueError) as e:  # a bad row goes to malformed/ in the run
-            if str(e).startswith(("unparseable time", "time ", "negative time")):
-                time_errors.append(str(e))
-    if time_errors and not times:  # every row would be malformed: say why now
-        hint = ("; ISO 8601 looks like 2021-03-02T15:08:11Z, 2021-03-02 15:08:11+01:00 or "
-                "2021-03-02 15:08:11.000000 UTC" if fmt.time_unit == "iso" else
-                "; text times need --time-unit iso")
-        raise UsageError(f"{path}: no time of its first {len(time_errors)} rows parses "
-                         f"({time_errors[0]}){hint}")
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a bad row goes to malformed/ in the run
+        try:
+            times.append(parse.parse_line(text, fmt, check_range=False)[2] // 1000)
+        except ValueError:
+            value = _raw_time(text, fmt)
+            if value is not None:
+                try:
+                    parse.parse_time_ms(value, fmt.time_unit, check_range=False)
+                except ValueError:
+                    bad_times.append(value)
+    if bad_times and not times:  # every row with a time would be malformed: say why now
+        if fmt.time_unit == "iso":
+            hint = ("; ISO 8601 looks like 2021-03-02T15:08:11Z, 2021-03-02 15:08:11+01:00 or "
+                    "2021-03-02 15:08:11.000000 UTC")
+        elif isinstance(bad_times[0], str) and re.search(r"\d[-/:T ]\d", bad_times[0]):
+            hint = "; text times need --time-unit iso"
+        else:
+            hint = ""
+        raise UsageError(f"{path}: none of the times of its first rows parses as --time-unit "
+                         f"{fmt.time_unit} ({len(bad_times)} like {bad_times[0]!r}){hint}")
     if fmt.time_unit == "iso":
         return
     median = sorted(times)[len(times) // 2] if times else 0
@@ -388,6 +399,23 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
                 "they look like microseconds: convert them to seconds or milliseconds")
         raise UsageError(f"{path}: times like {median} are not unix seconds (that is after "
                          f"the year 5000); {hint}")
+
+
+def _raw_time(line: str, fmt) -> object:
+    """A row's time value as written, or None where it has none to judge (a row that does
+    not split, an empty or NULL time: those rows are malformed for their own reason)."""
+    try:
+        if fmt.format == "jsonl":
+            value = json.loads(line).get(fmt.time_col)
+        else:
+            fields = parse.split_fields(line.rstrip("\r"), fmt.separator)
+            value = fields[fmt.columns.index(fmt.time_col)] if len(fields) == len(fmt.columns) \
+                else None
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(value, str) and value.strip().upper() in ("", "\\N", "NULL", "NONE", "NAN"):
+        return None
+    return value
 
 
 def _beam_options(beam_args: list[str], own_flags: list[str]):

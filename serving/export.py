@@ -23,6 +23,10 @@ if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they 
     quiet.import_tensorflow()
 
 import argparse
+try:
+    import fcntl
+except ImportError:  # Windows: abandoned temporaries are not removed
+    fcntl = None
 import dataclasses
 import json
 import os
@@ -32,6 +36,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -273,6 +278,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
     remove_abandoned_temporaries(export_base)
     # Hidden, non-integer name: TF Serving and serving.server ignore it until the rename.
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-{_HOST}-{os.getpid()}-", dir=export_base)
+    lock = _hold_lock(tmp)  # while held, no other export takes this folder for abandoned
     try:
         scratch = os.path.join(tmp, "_scratch")
         os.makedirs(scratch)
@@ -306,6 +312,8 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                 _set_version(os.path.join(extra, CONFIG_FILE), version)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return final
 
 
@@ -313,23 +321,51 @@ _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(r"^\.tmp-\d+-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+$")
 
 
+LOCK_FILE = ".lock"
+ABANDONED_AFTER_S = 60.0
+
+
+def _hold_lock(folder: str) -> int | None:
+    """Creates `folder`/.lock and holds an exclusive lock on it until the returned file
+    descriptor is closed (None where the platform has no flock)."""
+    if fcntl is None:
+        return None
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def remove_abandoned_temporaries(export_base: str) -> list[str]:
-    """Removes the temporary folders of exports on this host whose process is gone (a
+    """Removes the temporary folders of exports on this host that nobody holds any more (a
     SIGKILL, a power cut: each would otherwise keep a whole model's copy); returns them.
-    Another host's, or a live process's, are left alone."""
+
+    A live export holds a lock on its folder's `.lock` file for its whole run, whatever
+    its process id means here (another PID namespace: a container sharing the host name),
+    so only folders whose lock can be taken are removed; another host's, a folder without
+    a lock file and one changed in the last `ABANDONED_AFTER_S` seconds (an export between
+    creating its folder and taking the lock) are left alone.
+    """
     removed = []
+    if fcntl is None:
+        return removed
     for name in os.listdir(export_base):
         match = _TEMPORARY.match(name)
         if not match or match["host"] != _HOST:
             continue
+        folder = os.path.join(export_base, name)
         try:
-            os.kill(int(match["pid"]), 0)
-            continue  # alive (or reused by another process: left for later)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+            if time.time() - os.stat(folder).st_mtime < ABANDONED_AFTER_S:
+                continue
+            fd = os.open(os.path.join(folder, LOCK_FILE), os.O_WRONLY)
+        except OSError:
             continue
-        shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a live export
+        finally:
+            os.close(fd)  # (releases the lock taken, if any)
+        shutil.rmtree(folder, ignore_errors=True)
         removed.append(name)
     return removed
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,17 +166,28 @@ def test_export_is_atomic_and_refuses_to_overwrite(exported, monkeypatch):
 
 def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(exported, tmp_path):
     """A SIGKILL leaves the hidden folder with a whole model's copy: the next export on the
-    host removes it, never a live export's nor another host's."""
+    host removes it once nobody holds its lock, never a live export's (whatever its process
+    id: another PID namespace may share the host name), a fresh one's or another host's."""
     model, vocab, _, _ = exported
     base = str(tmp_path / "base")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    host = export._HOST
-    left = {f".tmp-1-{host}-{dead}-abc_12": "gone", f".tmp-1-{host}-{os.getpid()}-xyz": "live",
-            f".tmp-1-otherhost-{dead}-abc": "other host", ".tmp-1-oldname": "unknown owner"}
-    for name in left:
-        os.makedirs(os.path.join(base, name, "model"))
-    export.export_model(model, vocab, base)
+    host, old = export._HOST, time.time() - 2 * export.ABANDONED_AFTER_S
+    left = {f".tmp-1-{host}-1-abc_12": "gone", f".tmp-1-{host}-1-live": "live",
+            f".tmp-1-{host}-1-fresh": "fresh", f".tmp-1-otherhost-1-abc": "other host",
+            ".tmp-1-oldname": "no lock file"}
+    held = None
+    for name, why in left.items():
+        folder = os.path.join(base, name)
+        os.makedirs(os.path.join(folder, "model"))
+        if why == "live":
+            held = export._hold_lock(folder)  # as the live export holds it
+        elif why != "no lock file":
+            open(os.path.join(folder, export.LOCK_FILE), "w").close()
+        if why != "fresh":
+            os.utime(folder, (old, old))
+    try:
+        export.export_model(model, vocab, base)
+    finally:
+        os.close(held)
     assert sorted(os.listdir(base)) == sorted(["1"] + [n for n, why in left.items() if why != "gone"])
 
 

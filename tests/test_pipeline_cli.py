@@ -535,8 +535,8 @@ def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times
 
 @pytest.mark.parametrize("times, options, message", [
     (["2021/03/02 15:08"] * 5, ["--time-unit", "iso"],
-     "no time of its first 5 rows parses (unparseable time '2021/03/02 15:08' (--time-unit "
-     "iso)); ISO 8601 looks like"),
+     "none of the times of its first rows parses as --time-unit iso (5 like "
+     "'2021/03/02 15:08'); ISO 8601 looks like"),
     (["2021-03-02T15:08:11"] * 5, [], "text times need --time-unit iso"),
     ([1441864236661000 + 9000 * k for k in range(5)], ["--time-unit", "ms"],
      "read as milliseconds are after the year 5000; they look like microseconds")])
@@ -550,6 +550,19 @@ def test_times_that_cannot_be_right_stop_the_run_with_one_line(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert os.listdir(tmp_path) == ["log.csv"]
+
+
+def test_a_log_that_starts_with_missing_times_runs(tmp_path, capsys):
+    """SQL exports sorted by time put NULL times first: those rows are malformed, the rest
+    is the log (the start-up check judges only times that are there)."""
+    rows = [f"u{k % 5},i{k % 7},{null}" for k, null in enumerate(["", "\\N", "NULL"] * 8)]
+    rows += [f"u{k % 5},i{k % 7},{1_600_000_000 + 60 * k}" for k in range(60)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--min-item-count",
+                     "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "out"))
+    assert stats["rows_read"] == 84 and stats["rows_malformed"] == 24
 
 
 def test_database_utc_times_and_an_empty_train_split(tmp_path, capsys):

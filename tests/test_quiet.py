@@ -34,3 +34,19 @@ def test_tensorflow_still_reports_its_own_errors(capfd):
                     b"written to STDERR\nE0000 failed call to cuInit: a driver that does not "
                     b"load\n")
     assert capfd.readouterr().err == "E0000 failed call to cuInit: a driver that does not load\n"
+
+
+def test_a_fatal_line_before_an_abort_and_a_closed_stderr(tmp_path):
+    """A native library's last line before it aborts the process reaches stderr (the filter
+    is another process); with fd 2 closed (`2>&-`) a command still runs."""
+    code = ("import os\nfrom model import quiet\nwith quiet.native_notes_dropped():\n"
+            "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called\\n"
+            "The TensorFlow library was compiled to use AVX instructions\\n')\n"
+            "    os.abort()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr == "The TensorFlow library was compiled to use AVX instructions\n"
+    closed = subprocess.run(f"{sys.executable} -m model.train --help 2>&-", shell=True, cwd=REPO,
+                            capture_output=False, stdout=subprocess.PIPE, text=True, timeout=120)
+    assert closed.returncode == 0 and "--model-dir" in closed.stdout
