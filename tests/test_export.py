@@ -172,7 +172,7 @@ def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(exporte
     base = str(tmp_path / "base")
     host, old = export._HOST, time.time() - 2 * export.ABANDONED_AFTER_S
     left = {f".tmp-1-{host}-1-abc_12": "gone", f".tmp-1-{host}-1-live": "live",
-            f".tmp-1-{host}-1-fresh": "fresh", f".tmp-1-otherhost-1-abc": "other host",
+            f".tmp-1-{host}-1-fresh": "fresh", ".tmp-1-otherhost-1-abc": "other host",
             ".tmp-1-oldname": "no lock file"}
     held = None
     for name, why in left.items():
