@@ -98,8 +98,9 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
     """While the pipeline runs, holds back stderr (this process's and its local workers',
     which share the file descriptor) and drops Beam's INFO/WARNING lines from it. The rest
     (errors, tracebacks, warnings of other libraries) is shown when the run ends, unless the
-    run failed on a damaged input or was interrupted, which `main` reports in one line. The workers' progress
-    lines (`transforms.report_progress`) become a progress display (`_Progress`)."""
+    run failed on a damaged input or was interrupted, which `main` reports in one line. The
+    workers' progress lines (`transforms.report_progress`) become a progress display
+    (`_Progress`)."""
     if not enabled:
         yield
         return
@@ -345,8 +346,9 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
-    """Stops a run whose times are in a finer unit than --time-unit says (and notes times
-    that look like seconds given as --time-unit ms).
+    """Stops a run whose times are in a finer unit than --time-unit says, or none of whose
+    first rows' present times parse (every row would be malformed), and notes times that
+    look like seconds given as --time-unit ms.
 
     Millisecond times read as seconds land in the year 47,000: every gap between two clicks
     exceeds --session-gap, every session is one event long and the run writes nothing.

@@ -23,10 +23,6 @@ if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they 
     quiet.import_tensorflow()
 
 import argparse
-try:
-    import fcntl
-except ImportError:  # Windows: abandoned temporaries are not removed
-    fcntl = None
 import dataclasses
 import json
 import os
@@ -38,6 +34,11 @@ import sys
 import tempfile
 import time
 from typing import Any, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: abandoned temporaries are not removed
+    fcntl = None
 
 import numpy as np
 import tensorflow as tf
@@ -278,8 +279,9 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
     remove_abandoned_temporaries(export_base)
     # Hidden, non-integer name: TF Serving and serving.server ignore it until the rename.
     tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-{_HOST}-{os.getpid()}-", dir=export_base)
-    lock = _hold_lock(tmp)  # while held, no other export takes this folder for abandoned
+    lock = None
     try:
+        lock = _hold_lock(tmp)  # while held, no other export takes this folder for abandoned
         scratch = os.path.join(tmp, "_scratch")
         os.makedirs(scratch)
         vocab_file = os.path.join(scratch, VOCAB_ASSET)
