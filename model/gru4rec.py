@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow as tf
 
 from model import layers
-from model.base import popularity_term
 from model.config import ConfigBase, _check, check_loss
 from model.sequence_model import SequenceModel
 
@@ -119,8 +118,9 @@ class GRU4Rec(SequenceModel):
         self.session_gru = SessionGRU(config.units, name="session_gru")
         self.drop = tf.keras.layers.Dropout(config.dropout)
         self.scorer = layers.ItemScorer(vocab_size, use_bias=config.output_bias, name="item_scorer")
-        if item_counts is not None:
-            self.first_item_scores = popularity_term(item_counts)
+
+    def session_only(self) -> bool:
+        return True
 
     @property
     def state_size(self) -> int:

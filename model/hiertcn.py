@@ -18,7 +18,6 @@ import numpy as np
 import tensorflow as tf
 
 from model import batching, layers
-from model.base import popularity_term
 from model.config import ConfigError, HierTCNConfig
 from model.sequence_model import SequenceModel
 from pipeline import schema
@@ -58,9 +57,6 @@ class HierTCN(SequenceModel):
         """
         super().__init__(config, vocab_size, item_counts, **kwargs)
         c = config
-        if not (c.high_level or c.uses_repeat_head) and item_counts is not None:
-            # session-only (the ablation): first items by popularity, as DESIGN §6 has it
-            self.first_item_scores = popularity_term(item_counts)
         pretrained = None
         if c.pretrained_item_vectors and load_pretrained:
             pretrained = load_item_vectors(c.pretrained_item_vectors, vocab_size, c.embedding_dim)
@@ -88,6 +84,11 @@ class HierTCN(SequenceModel):
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         self.reserved_mask = tf.constant(
             [layers.NEG_LOGIT] * schema.NUM_RESERVED + [0.0] * (vocab_size - schema.NUM_RESERVED))
+
+    def session_only(self) -> bool:
+        """Without the high level and the repeat head (the ablation) nothing before the
+        session is read."""
+        return not (self.config.high_level or self.config.uses_repeat_head)
 
     @property
     def state_size(self) -> int:

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import losses
+from model.base import popularity_term
 
 
 class SequenceModel(tf.keras.Model):
@@ -61,7 +62,14 @@ class SequenceModel(tf.keras.Model):
         self.sampler = getattr(self.loss_fn, "sampler", None)
         # float32 [V] scores of a session's first item when evaluated, instead of the
         # model's own (session-only models score it by popularity, DESIGN §6); None: its own
-        self.first_item_scores: np.ndarray | None = None
+        self.first_item_scores: np.ndarray | None = (
+            popularity_term(item_counts) if item_counts is not None and self.session_only()
+            else None)
+
+    def session_only(self) -> bool:
+        """Whether the model reads nothing before the current session (from `self.config`;
+        then its first items are scored by popularity when evaluated)."""
+        return False
 
     # --- the serving / evaluation API -------------------------------------------------
     @property
