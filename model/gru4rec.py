@@ -2,11 +2,12 @@
 
     h_0 = GRU(start, 0),  h_t = GRU(x_t, h_{t-1}),  p(item | h_t) = softmax(h_t W^T + b)
 
-Trained on the same queue batches as HierTCN, with every slot independent (a
+Trained on the same queue batches as HierTCN, with every session independent (a
 session-parallel model: the hidden state starts from zeros in each session). A session
-longer than L is split by the generator into chunks; each chunk restarts from the start
-vector, as HierTCN's TCN does. The per-user state is not used: it has width 1 and
-`update_state` returns it unchanged.
+longer than L is split by the generator into chunks; like Hidasi et al.'s session-parallel
+mini-batches, the hidden state carries on from one chunk to the next, so training sees
+each session as evaluation and serving do (`SessionRNN`, shared with HRNN). The per-user
+state is not used: it has width 1 and `update_state` returns it unchanged.
 
 Position 0 (the first item of a session, before any item is seen): a session-only model
 has nothing to go on there, and DESIGN §6 has such models scored by popularity: the
@@ -96,7 +97,89 @@ class SessionGRU(tf.keras.layers.Layer):
         return {**super().get_config(), "units": self.units}
 
 
-class GRU4Rec(SequenceModel):
+def _at(sequence: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """[B, T, ...], int [B] -> [B, ...]: each row's entry at its own index."""
+    return tf.gather(sequence, index, axis=1, batch_dims=1)
+
+
+class SessionRNN(SequenceModel):
+    """A session GRU trained on the queue batches with exact chunk continuation (GRU4Rec,
+    HRNN).
+
+    The slots of a batch run one after the other: a session the generator split into
+    chunks resumes from the cache (the session GRU's hidden state before the chunk's last
+    item, and that item), so its next chunk is computed as if the session had been seen
+    at once. A new session starts from `session_initial(state)`; the user state moves at a
+    session's end by `session_step(state, final hidden state)` and is zeroed at `reset`.
+    Subclasses create `item_embedding`, `session_gru` (a `SessionGRU`) and `drop`.
+    """
+
+    @property
+    def session_units(self) -> int:
+        return self.session_gru.units
+
+    def session_initial(self, state: tf.Tensor) -> tf.Tensor:
+        """[B, H] user state -> [B, session_units] hidden state before a new session."""
+        raise NotImplementedError
+
+    def session_step(self, state: tf.Tensor, final: tf.Tensor) -> tf.Tensor:
+        """The user state after a session whose last hidden state is `final` [B, D]."""
+        raise NotImplementedError
+
+    def update_state(self, state, session_items):
+        state = tf.convert_to_tensor(state, tf.float32)
+        items = tf.convert_to_tensor(session_items, tf.int64)
+        h = self.session_gru(self.item_embedding(items), self.session_initial(state))
+        length = tf.reduce_sum(tf.cast(items > 0, tf.int32), axis=1)
+        new = self.session_step(state, _at(h, length))
+        return tf.where((length > 0)[:, None], new, state)
+
+    def user_embeddings(self, state, prefix, training=False):
+        state = tf.convert_to_tensor(state, tf.float32)
+        h = self.session_gru(self.item_embedding(tf.convert_to_tensor(prefix, tf.int64)),
+                             self.session_initial(state))
+        return tf.cast(self.drop(h, training=training), tf.float32)
+
+    def train_cache(self, batch_size: int):
+        """(user state [B, H], session hidden state before the last item [B, D], that last
+        item [B], the row's last slot ended inside a session [B] bool)."""
+        return (self.initial_state(batch_size),
+                tf.zeros([batch_size, self.session_units], tf.float32),
+                tf.zeros([batch_size], tf.int64), tf.zeros([batch_size], tf.bool))
+
+    def encode(self, batch, cache, training):
+        """Slot by slot: the user state, zeroed at `reset`, starts each new session; a
+        continuing chunk resumes from the cache; the user state steps at `session_end`.
+
+        Returns:
+          (user vectors [B * S, L, D], the cache after the batch).
+        """
+        items = tf.cast(batch["items"], tf.int64)
+        reset, end, valid = batch["reset"], batch["session_end"], batch["valid"]
+        state, hidden, last, open_ = cache
+        emb = self.item_embedding(items)
+        outputs = []
+        for s in range(items.shape[1]):
+            state = tf.where(reset[:, s, None], 0.0, state)
+            new = reset[:, s] | ~open_
+            initial = tf.where(new[:, None], tf.cast(self.session_initial(state), tf.float32),
+                               hidden)
+            start = tf.broadcast_to(tf.cast(self.session_gru.start, emb.dtype), tf.shape(emb[:, s, 0]))
+            first = tf.where(new[:, None], start, self.item_embedding(last))
+            h = tf.cast(self.session_gru(emb[:, s], initial, first), tf.float32)
+            outputs.append(h[:, :-1])
+            length = tf.reduce_sum(tf.cast(items[:, s] > 0, tf.int32), axis=1)
+            v, e = valid[:, s], valid[:, s] & end[:, s]
+            state = tf.where(e[:, None], self.session_step(state, _at(h, length)), state)
+            hidden = tf.where(v[:, None], _at(h, tf.maximum(length - 1, 0)), hidden)
+            last = tf.where(v, _at(items[:, s], tf.maximum(length - 1, 0)), last)
+            open_ = tf.where(v, ~end[:, s], open_)
+        u = tf.stack(outputs, axis=1)
+        u = tf.reshape(u, tf.concat([[-1], tf.shape(u)[2:]], 0))
+        return self.drop(u, training=training), (state, hidden, last, open_)
+
+
+class GRU4Rec(SessionRNN):
     """The session-only GRU; see the module docstring and `SequenceModel` for the API."""
 
     config_class = GRU4RecConfig
@@ -126,22 +209,17 @@ class GRU4Rec(SequenceModel):
     def state_size(self) -> int:
         return 1
 
+    def session_initial(self, state):
+        return tf.zeros([tf.shape(state)[0], self.config.units])
+
+    def session_step(self, state, final):
+        return state
+
     def update_state(self, state, session_items):
         return tf.convert_to_tensor(state, tf.float32)
-
-    def user_embeddings(self, state, prefix, training=False):
-        prefix = tf.convert_to_tensor(prefix, tf.int64)
-        zeros = tf.zeros([tf.shape(prefix)[0], self.config.units])
-        h = self.session_gru(self.item_embedding(prefix), zeros)
-        return tf.cast(self.drop(h, training=training), tf.float32)
 
     def output_weights(self):
         return self.scorer.item_vectors(), self.scorer.bias
 
     def item_logits(self, user):
         return self.scorer(user)
-
-    def session_states(self, batch, cache, training):
-        """No cross-session state: zeros before every slot, the cache unchanged."""
-        shape = tf.shape(batch["items"])
-        return tf.zeros([shape[0], shape[1], 1]), cache

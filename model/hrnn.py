@@ -10,7 +10,7 @@ session depends on the previous session's recurrent run, so the S slots of a bat
 processed one after the other. A session that the generator split into chunks continues
 exactly: the cache carries the session GRU's hidden state before the chunk's last item and
 that item, so the next chunk resumes as if the session had been seen at once (as
-evaluation and serving do).
+evaluation and serving do; `model.gru4rec.SessionRNN`, shared with GRU4Rec).
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import tensorflow as tf
 
 from model import layers
 from model.config import ConfigBase, _check, check_loss
-from model.gru4rec import SessionGRU
-from model.sequence_model import SequenceModel
+from model.gru4rec import SessionGRU, SessionRNN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +60,7 @@ class HRNNConfig(ConfigBase):
         check_loss(self.loss, self.negative_exponent)
 
 
-def _at(sequence: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-    """[B, T, ...], int [B] -> [B, ...]: each row's entry at its own index."""
-    return tf.gather(sequence, index, axis=1, batch_dims=1)
-
-
-class HRNN(SequenceModel):
+class HRNN(SessionRNN):
     """The hierarchical RNN; see the module docstring and `SequenceModel` for the API."""
 
     config_class = HRNNConfig
@@ -96,62 +90,14 @@ class HRNN(SequenceModel):
     def state_size(self) -> int:
         return self.config.user_units * self.config.user_layers
 
-    def _user_step(self, state, final):
+    def session_initial(self, state):
+        return self.init(state)
+
+    def session_step(self, state, final):
         return tf.cast(self.user_gru(final, state), tf.float32)
-
-    def update_state(self, state, session_items):
-        state = tf.convert_to_tensor(state, tf.float32)
-        items = tf.convert_to_tensor(session_items, tf.int64)
-        h = self.session_gru(self.item_embedding(items), self.init(state))
-        length = tf.reduce_sum(tf.cast(items > 0, tf.int32), axis=1)
-        new = self._user_step(state, _at(h, length))
-        return tf.where((length > 0)[:, None], new, state)
-
-    def user_embeddings(self, state, prefix, training=False):
-        state = tf.convert_to_tensor(state, tf.float32)
-        h = self.session_gru(self.item_embedding(tf.convert_to_tensor(prefix, tf.int64)),
-                             self.init(state))
-        return tf.cast(self.drop(h, training=training), tf.float32)
 
     def output_weights(self):
         return self.scorer.item_vectors(), self.scorer.bias
 
     def item_logits(self, user):
         return self.scorer(user)
-
-    def train_cache(self, batch_size: int):
-        """(user state [B, H], session hidden state before the last item [B, D], that last
-        item [B], the row's last slot ended inside a session [B] bool)."""
-        return (self.initial_state(batch_size),
-                tf.zeros([batch_size, self.config.session_units], tf.float32),
-                tf.zeros([batch_size], tf.int64), tf.zeros([batch_size], tf.bool))
-
-    def encode(self, batch, cache, training):
-        """Slot by slot: the user state, zeroed at `reset`, starts each new session; a
-        continuing chunk resumes from the cache; the user GRU steps at `session_end`.
-
-        Returns:
-          (user vectors [B * S, L, D], the cache after the batch).
-        """
-        items = tf.cast(batch["items"], tf.int64)
-        reset, end, valid = batch["reset"], batch["session_end"], batch["valid"]
-        state, hidden, last, open_ = cache
-        emb = self.item_embedding(items)
-        outputs = []
-        for s in range(items.shape[1]):
-            state = tf.where(reset[:, s, None], 0.0, state)
-            new = reset[:, s] | ~open_
-            initial = tf.where(new[:, None], tf.cast(self.init(state), tf.float32), hidden)
-            start = tf.broadcast_to(tf.cast(self.session_gru.start, emb.dtype), tf.shape(emb[:, s, 0]))
-            first = tf.where(new[:, None], start, self.item_embedding(last))
-            h = tf.cast(self.session_gru(emb[:, s], initial, first), tf.float32)
-            outputs.append(h[:, :-1])
-            length = tf.reduce_sum(tf.cast(items[:, s] > 0, tf.int32), axis=1)
-            v, e = valid[:, s], valid[:, s] & end[:, s]
-            state = tf.where(e[:, None], self._user_step(state, _at(h, length)), state)
-            hidden = tf.where(v[:, None], _at(h, tf.maximum(length - 1, 0)), hidden)
-            last = tf.where(v, _at(items[:, s], tf.maximum(length - 1, 0)), last)
-            open_ = tf.where(v, ~end[:, s], open_)
-        u = tf.stack(outputs, axis=1)
-        u = tf.reshape(u, tf.concat([[-1], tf.shape(u)[2:]], 0))
-        return self.drop(u, training=training), (state, hidden, last, open_)

@@ -432,8 +432,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         history_size=model.history_size)
     restored = None
     if manager.latest_checkpoint:
-        restored = ckpt.restore(manager.latest_checkpoint)
-        restored.assert_existing_objects_matched()
+        try:
+            restored = ckpt.restore(manager.latest_checkpoint)
+            restored.assert_existing_objects_matched()
+        except (AssertionError, ValueError) as e:
+            if restored is not None:
+                restored.expect_partial()  # no warning per unread value at exit
+            raise registry.RunError(
+                f"{run_dir}: its checkpoint does not match the {config.model_name} model this code "
+                f"builds (saved by another version?); train into another --model-dir") from e
         if isinstance(optimizer.learning_rate, tf.Variable):
             # a constant rate is a variable the checkpoint restored: this command's rate
             # applies (a resumed run may lower it, `save_config`)

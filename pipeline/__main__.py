@@ -420,6 +420,21 @@ def _raw_time(line: str, fmt) -> object:
     return value
 
 
+def _check_runner(name) -> None:
+    """Raises UsageError for a runner Beam cannot make (an unknown name, a runner whose
+    package is missing), which Beam would report as a traceback when the run starts."""
+    from apache_beam.runners import runner
+
+    if not isinstance(name, str):
+        return
+    try:
+        runner.create_runner(name)
+    except ValueError as e:
+        raise UsageError(f"--runner {name}: {str(e).splitlines()[0]}") from e
+    except ImportError as e:
+        raise UsageError(f"--runner {name} needs a package that is not installed ({e})") from e
+
+
 def _beam_options(beam_args: list[str], own_flags: list[str]):
     """Beam options; local FnApiRunner with a worker process per core unless --runner.
 
@@ -454,7 +469,9 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
         return any(a == flag or a.startswith(flag + "=") for a in beam_args)
 
     args = list(beam_args)
-    if not given("--runner"):
+    if given("--runner"):
+        _check_runner(po.PipelineOptions(beam_args).get_all_options()["runner"])
+    else:
         args += ["--runner", "FnApiRunner"]
         if not given("--direct_running_mode"):
             args += ["--direct_running_mode", "multi_processing"]

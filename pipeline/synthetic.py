@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--drift", type=float, default=0.1)
     p.add_argument("--zipf", type=float, default=1.0)
     p.add_argument("--sessions", default="5,30", metavar="MIN,MAX",
-                   help="sessions per user, drawn uniformly from MIN..MAX (default 5,30)")
+                   help="sessions per user, drawn uniformly from MIN..MAX")
     p.add_argument("--max-events", type=int, default=None,
                    help="stop after this many events (for sizing benchmarks)")
     args = p.parse_args(argv)

@@ -163,7 +163,7 @@ def _expected_user_vectors(model, users_per_row):
     return rows
 
 
-@pytest.mark.parametrize("name,overrides", [("hrnn", {}), ("tcn", {"history_length": 8})])
+@pytest.mark.parametrize("name,overrides", [("gru4rec", {}), ("hrnn", {}), ("tcn", {"history_length": 8})])
 def test_training_matches_evaluation_over_chunks_batches_and_user_switches(name, overrides):
     model = _model(name, **overrides)  # TCN: N >= receptive field - 1, so truncation is exact
     # row 0: user A [2 3 4 5 6] (chunks [2 3 4], [5 6]), [7 8], [9 10 11 12] (two chunks);

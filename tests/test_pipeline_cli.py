@@ -236,6 +236,7 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["--user-col", "visitor"], "column(s) visitor not in the header"),
     (["--format", "jsonl", "--columns", "a,b,c"], "--columns is for csv/tsv"),
     (["--direct_num_workers", "two"], "bad Beam option"),
+    (["--runner", "InMemoryRunner"], "--runner InMemoryRunner: Unexpected pipeline runner"),
     (["extra.csv"], "unexpected argument 'extra.csv'"),
 ])
 def test_bad_options_stop_before_output(tmp_path, capsys, args, message):

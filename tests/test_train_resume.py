@@ -195,3 +195,22 @@ def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config
     err = capsys.readouterr().err
     assert "step 15: valid recall@20" in err and "step 20: valid" not in err
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-20")
+
+
+def test_a_checkpoint_another_version_of_the_model_wrote_is_one_line(data, config_file, tmp_path,
+                                                                      capsys, monkeypatch):
+    """A run folder whose checkpoint holds other variables than this code's model (here:
+    the training cache grew a tensor, as GRU4Rec's did when it learned to continue a
+    chunked session) is refused with one line, not TensorFlow's assertion and a warning
+    per checkpoint value."""
+    run = str(tmp_path / "old")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "2", *EXACT)) == 0
+    capsys.readouterr()
+    model_class = registry.MODELS["hiertcn"]
+    grown = model_class.train_cache
+    monkeypatch.setattr(model_class, "train_cache",
+                        lambda self, b: (*grown(self, b), tf.zeros([b], tf.int64)))
+    assert train_lib.main(_args(data, run, config_file, "--steps", "4", *EXACT)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "its checkpoint does not match the hiertcn model this code builds" in err
