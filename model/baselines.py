@@ -204,7 +204,11 @@ class UserPop(BlockScorer):
 
 class SessionKNN(BlockScorer):
     """`sknn`: V-SKNN (Ludewig & Jannach 2018, "Evaluation of session-based recommendation
-    algorithms"), as in their session-rec `VMContextKNN` with `weighting="div"`.
+    algorithms") as that paper defines it. Their session-rec `VMContextKNN` (with
+    `weighting="div"`) computes the same similarities and neighbours; by default it also
+    divides each neighbour's contribution by the distance from the end of the current
+    session of the newest item the two share (`weighting_score="div_score"`), which is not
+    done here.
 
     * Current session (prefix of length t) as a vector: the item at 1-based position j
       weighs j / t (linear decay, most recent item 1); a repeated item takes the weight
