@@ -10,7 +10,8 @@ are fitted inside `model.evaluate`. Model selection uses the valid split only: t
 evaluates on valid every `--eval-every` steps and at the end, and the checkpoint with the
 best valid Recall@20 (`RUN/best/`) is the one tested. Outputs: `results.json` = {"models": {NAME: METRICS + std + train_seconds +
 events_per_s + parameters}}, `results.md` (a table, best value per column in bold, HierTCN's
-relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per model).
+relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per model);
+`results_valid.*` with `--split valid`.
 Each test evaluation also writes the users' metric sums (`test_users.npz`), so that
 HierTCN's difference from the best baseline comes with a 95% confidence interval and a
 p-value from a paired bootstrap over the test users (`relative_gain.KEY.paired`).
@@ -39,7 +40,7 @@ from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import read_per_user
 from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
-from pipeline import argtypes, schema
+from pipeline import argtypes, schema, storage
 
 NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HEADLINE = ("recall@20", "mrr@20")
@@ -245,11 +246,17 @@ def _run(cmd: list[str], log_path: str) -> None:
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
+        start = os.path.getsize(log_path)
         returncode = processes.run_stoppable(cmd, log)
     if returncode in (130, -signal.SIGINT, -signal.SIGTERM):
         raise KeyboardInterrupt
     if returncode != 0:
-        raise CompareError(f"`{' '.join(cmd)}` failed with exit code {returncode}: see {log_path}")
+        with open(log_path, "rb") as log:  # the command's own error line, when it has one
+            log.seek(max(start, os.path.getsize(log_path) - 65536))
+            said = [line for line in log.read().decode("utf-8", "replace").splitlines()
+                    if "error: " in line]
+        raise CompareError(f"`{' '.join(cmd)}` failed with exit code {returncode}"
+                           + (f" ({said[-1].strip()})" if said else "") + f": see {log_path}")
 
 
 def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
@@ -456,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="pipeline output folder")
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
                    help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep")
-    p.add_argument("--output", required=True, help="folder for runs/, results.json, results.md")
+    p.add_argument("--output", required=True,
+                   help="folder for runs/ and results.json, .md, .png (results_valid.* with "
+                        "--split valid)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-steps", type=argtypes.positive_int,
                         help="training steps per neural model")
@@ -480,6 +489,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def results_files(output: str, split: str) -> list[str]:
+    """OUTPUT/results.{md,png,json} of the test split; results_valid.* of --split valid
+    (so that looking at valid never replaces the test table)."""
+    stem = "results" if split == "test" else f"results_{split}"
+    return [os.path.join(output, f"{stem}.{kind}") for kind in ("md", "png", "json")]
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -515,14 +531,27 @@ def _main(args: argparse.Namespace) -> int:
                   f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
         results["relative_gain"] = relative_gain(
             results, per_user={n: model_per_user(n, args) for n in names})
-        write_json(os.path.join(args.output, "results.json"), results, sort_keys=True)
+        # the earlier results go first and results.json comes last, so a run that fails
+        # while writing them never leaves one run's table beside another's results
+        outputs = results_files(args.output, args.split)
+        for path in outputs:
+            if os.path.exists(path):
+                os.remove(path)
         md = markdown_table(results)
-        write_text(os.path.join(args.output, "results.md"), md)
-        bar_chart(results, os.path.join(args.output, "results.png"))
+        write_text(outputs[0], md)
+        bar_chart(results, outputs[1])
+        write_json(outputs[2], results, sort_keys=True)
         print(md)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        reason = storage.storage_error(e)
+        if reason is None:
+            raise
+        print(f"error: cannot write under {args.output}: {reason}; the finished runs are "
+              "kept: make room and rerun the same command", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the finished runs are kept and an unfinished one has its last "
               "checkpoint; the same command resumes", file=sys.stderr)

@@ -37,7 +37,7 @@ import numpy as np
 from model import base, metrics
 from model.atomic import write_atomically, write_json
 from model.base import Scorer
-from pipeline import argtypes, schema
+from pipeline import argtypes, schema, storage
 
 EVAL_SPLITS = ("valid", "test")
 # Users read ahead and reordered at once (`_most_events_first`).
@@ -295,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(note, file=sys.stderr)
         else:
             scorer = baselines.fit(args.model, args.data)
+        if args.output and args.per_user_output and os.path.exists(args.output):
+            # a pair: the old metrics go first, so a run that fails between writing the
+            # new per-user file and the new metrics never leaves two runs' files side by side
+            os.remove(args.output)
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
                           max_users=args.max_users, progress=not args.no_progress,
                           per_user_output=args.per_user_output)
@@ -303,6 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        reason = storage.storage_error(e)
+        if reason is None:
+            raise
+        written = " and ".join(p for p in (args.per_user_output, args.output) if p)
+        print(f"{parser.prog}: error: cannot write {written or 'the results'}: {reason}",
+              file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 

@@ -38,8 +38,9 @@ from model import losses
 from model import registry
 from model.atomic import write_json, write_text
 from model.keras_scorer import KerasScorer
-from pipeline import argtypes, schema
+from pipeline import argtypes, schema, storage
 
+EVALUATION_DUE = "evaluation_due_at"  # key of a checkpoint's position: see `save`
 SUMMARY_FILE = registry.SUMMARY_FILE
 LOG_EVERY = 10
 
@@ -112,7 +113,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="hiertcn: no learned bias on the catalogue scores of the items the user "
                         "has already seen (the repeat head's seen bias)")
     p.add_argument("--no-high-level", action="store_true",
-                   help="session-only ablation: the high-level state stays zero")
+                   help="the high-level state stays zero (with --no-repeat-head: the "
+                        "session-only ablation; the repeat head reads the user's history)")
     p.add_argument("--mixed-precision", action="store_true")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile the model's encoder")
     p.add_argument("--strategy", help="default, mirrored or one_device:DEVICE")
@@ -430,7 +432,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
         keep_positions=4 * batching.dataset_lead(tc.prefetch) + 16,
         history_size=model.history_size)
-    restored = None
+    restored, position = None, {}
     if manager.latest_checkpoint:
         try:
             restored = ckpt.restore(manager.latest_checkpoint)
@@ -445,30 +447,38 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             # a constant rate is a variable the checkpoint restored: this command's rate
             # applies (a resumed run may lower it, `save_config`)
             optimizer.learning_rate.assign(tc.learning_rate)
-        batcher.restore(json.loads(state.position.numpy().decode("utf-8")))
+        position = json.loads(state.position.numpy().decode("utf-8"))
+        batcher.restore(position)
     start_step = int(state.step.numpy())
-    if tc.steps and start_step >= tc.steps:
+    # The checkpoint was saved before an evaluation of its step, which may not have been
+    # done (killed, interrupted or failed in between; a summary of that step is written
+    # after every evaluation): done first, so no evaluation is skipped by a resume.
+    current = _summary_is_current(run_dir, start_step)
+    evaluation_due = bool(tc.eval_every and start_step and not current
+                          and position.get(EVALUATION_DUE) == start_step)
+    finished = bool(tc.steps and start_step >= tc.steps)
+    if finished and current:
         print(f"{run_dir} already holds {start_step} steps; nothing to do", file=sys.stderr)
         restored.expect_partial()  # Adam's slots are made by a step: none was run
         return _read_summary(run_dir)
 
     train_step = make_train_step(model, optimizer, state, strategy, mixed_float16, tc.jit_compile)
-    if progress:
-        head = ""
-        if model.history_size:
-            mc = config.model
-            window = getattr(mc, "attention_size", model.history_size)
-            head = f", repeat head over the user's last {window} items"
-            starts = getattr(model, "num_start_items", 0)
-            head += f" and the first items of their last {starts} sessions" if starts else ""
-            if getattr(mc, "seen_bias", False):
-                head += f", seen bias over the last {model.history_size}"
-        items = vocab.size - schema.NUM_RESERVED
-        output = (f"full softmax over {items:,} items" if model.sampler is None else
-                  f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items")
-        print(f"training {config.model_name} ({output}){head}: "
-              f"steps {start_step + 1}-{total_steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
-              f"{data_dir} -> {run_dir}", file=sys.stderr)
+    # the run's first line, with or without the progress bar
+    head = ""
+    if model.history_size:
+        mc = config.model
+        window = getattr(mc, "attention_size", model.history_size)
+        head = f", repeat head over the user's last {window} items"
+        starts = getattr(model, "num_start_items", 0)
+        head += f" and the first items of their last {starts} sessions" if starts else ""
+        if getattr(mc, "seen_bias", False):
+            head += f", seen bias over the last {model.history_size}"
+    items = vocab.size - schema.NUM_RESERVED
+    output = (f"full softmax over {items:,} items" if model.sampler is None else
+              f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items")
+    print(f"training {config.model_name} ({output}){head}: "
+          f"steps {start_step + 1}-{total_steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
+          f"{data_dir} -> {run_dir}", file=sys.stderr)
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
     bar = tf.keras.utils.Progbar(total_steps, stateful_metrics=["loss", "events/s"],
                                  verbose=1 if progress else 0, unit_name="step")
@@ -482,6 +492,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     first_index, last_saved = None, start_step  # the batch index of this process's first step
     valid_users = None  # the users of every valid evaluation (None: all)
     told_no_targets = False
+    evaluated_step = None  # the step of this process's last valid evaluation
     # Kept from one evaluation to the next: the scorer (traced once) and, within
     # train.cache_events events, the evaluated users' records (read once).
     valid_scorer = valid_records = None
@@ -493,20 +504,23 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 
-    def save(step: int) -> None:
+    def save(step: int, evaluation_follows: bool) -> None:
         nonlocal last_saved
         if first_index is not None:
             # each step consumed one batch, in order: exact even when an interrupt lands
             # between a step and the bookkeeping after it
             last_index = first_index + int(state.step.numpy()) - start_step - 1
-            state.position.assign(json.dumps(batcher.position_after(last_index)))
+            position = batcher.position_after(last_index)
+            position[EVALUATION_DUE] = step if evaluation_follows else None
+            state.position.assign(json.dumps(position))
         writer.flush()  # first: once a checkpoint exists, the curve up to it is on disk
         manager.save(checkpoint_number=step)
         last_saved = step
 
     def evaluate_and_select(step: int) -> dict:
-        nonlocal best, told_no_targets
+        nonlocal best, told_no_targets, evaluated_step
         metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records)
+        evaluated_step = step
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
@@ -522,7 +536,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
 
     with writer.as_default():
         try:
-            for batch in dataset:
+            if evaluation_due:
+                valid = evaluate_and_select(start_step)
+            for batch in dataset if not finished else ():
                 if first_index is None:  # this command trains: record its config
                     first_index = int(batch["batch_index"].numpy())
                     save_config(run_dir, config, start_step, changed)
@@ -543,7 +559,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)
                 if step % tc.checkpoint_every == 0:
-                    save(step)
+                    save(step, bool(tc.eval_every) and (step % tc.eval_every == 0 or
+                                                        bool(tc.steps and step >= tc.steps)))
                 if tc.eval_every and step % tc.eval_every == 0:
                     t1 = time.perf_counter()
                     valid = evaluate_and_select(step)
@@ -572,15 +589,18 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             if stop_reason == "interrupted":
                 return {"model": config.model_name, "steps": step, "steps_this_run": 0,
                         "stopped_by": stop_reason}
-            if start_step:
+            if start_step and evaluated_step is None and _summary_is_current(run_dir, step):
                 print(f"{run_dir} already holds {start_step} steps, all its epochs; nothing "
                       "to do", file=sys.stderr)
                 return _read_summary(run_dir)
+            if finished:
+                stop_reason = "steps"
         if step > last_saved:
-            save(step)
+            save(step, bool(tc.eval_every) and evaluated_step != step
+                 and (step % tc.eval_every == 0 or stop_reason != "interrupted"))
         seconds = time.perf_counter() - wall_start - eval_seconds
         # the last evaluation, unless interrupted (a stop signal's grace period is short)
-        if tc.eval_every and step % tc.eval_every and stop_reason != "interrupted":
+        if tc.eval_every and step and evaluated_step != step and stop_reason != "interrupted":
             valid = evaluate_and_select(step)
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
@@ -608,6 +628,13 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
     print(f"\nstep {step}: valid recall@20 {metrics['recall@20']:.4f} mrr@20 {metrics['mrr@20']:.4f}",
           file=sys.stderr)
     return {k: metrics[k] for k in ("recall@20", "mrr@20", "events", "unknown_targets")}
+
+
+def _summary_is_current(run_dir: str, step: int) -> bool:
+    """Whether RUN/train_summary.json is that of a run that ended at `step` (not one left
+    by an earlier, interrupted process when the last one failed before writing its own)."""
+    summary = _read_summary(run_dir)
+    return summary.get("steps") == step and summary.get("stopped_by") != "interrupted"
 
 
 def _read_summary(run_dir: str) -> dict:
@@ -671,6 +698,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (schema.DataError, config_lib.ConfigError, registry.RunError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, tf.errors.OpError) as e:
+        reason = storage.storage_error(e)
+        if reason is None:
+            raise
+        print(f"error: cannot write to {args.model_dir}: {reason}; it keeps its last complete "
+              "checkpoint: make room and rerun the same command to resume", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 130 if summary.get("stopped_by") == "interrupted" else 0
 

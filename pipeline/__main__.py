@@ -155,7 +155,7 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
     finally:
         restore()
         # (an interrupt's are the workers' KeyboardInterrupt tracebacks: `main` says it)
-        if failure is None or (_input_error(failure) is None
+        if failure is None or (_said_in_one_line(failure) is None
                                and not isinstance(failure, KeyboardInterrupt)):
             sys.stderr.write(b"".join(kept).decode("utf-8", "replace"))
 
@@ -173,6 +173,17 @@ def _input_error(e: BaseException) -> str | None:
         found = [line.split(marker, 1)[1] for line in str(e).splitlines() if marker in line]
         return found[-1] if found else None
     return None
+
+
+def _said_in_one_line(e: BaseException) -> str | None:
+    """What `main` says of a failed run in one line (a damaged input; a write that failed
+    for want of room, `storage.storage_error`), else None (the traceback is shown)."""
+    from pipeline import storage
+
+    message = _input_error(e)
+    if message is None and storage.storage_error(e):
+        message = f"cannot write: {storage.storage_error(e)}"
+    return message
 
 
 class UsageError(ValueError):
@@ -518,7 +529,12 @@ def _resolve(argv):
     try:
         exists = outputs.exists(output)
     except Exception as e:  # a remote file system's own error (credentials, network)
-        raise UsageError(f"--output: cannot look at {output}: {str(e).splitlines()[0]}") from None
+        import importlib.util
+
+        hint = ("; s3:// needs pip install 'apache-beam[aws]'" if output.startswith("s3://")
+                and importlib.util.find_spec("boto3") is None else "")
+        raise UsageError(f"--output: cannot look at {output}: {str(e).splitlines()[0]}{hint}"
+                         ) from None
     if exists and not args.overwrite:
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
     try:
@@ -681,11 +697,13 @@ def main(argv=None) -> int:
               + (" (what was there is unchanged)" if outputs.exists(output) else ""),
               file=sys.stderr)
         return 130
-    except (sources.InputError, RuntimeError) as e:
-        message = _input_error(e)
+    except (sources.InputError, RuntimeError, OSError) as e:
+        message = _said_in_one_line(e)
         if message is None:
             raise
-        print(f"error: {message}; nothing was written to {output}", file=sys.stderr)
+        print(f"error: {message}; nothing was written to {output}"
+              + (" (what was there is unchanged)" if outputs.exists(output) else ""),
+              file=sys.stderr)
         return 1
     print(_summary(stats, output, time.perf_counter() - start))
     if stats.get(sessions.OVERLAPPING):

@@ -195,13 +195,16 @@ def main(argv=None) -> int:
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", required=True, metavar="FILE")
-    p.add_argument("--users", type=int, default=DEFAULT_USERS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--items", type=int, default=5000)
-    p.add_argument("--topics", type=int, default=50)
-    p.add_argument("--repeat-prob", type=float, default=0.3)
-    p.add_argument("--drift", type=float, default=0.1)
-    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--users", type=int, default=DEFAULT_USERS, help="number of users")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same log)")
+    p.add_argument("--items", type=int, default=5000, help="catalogue size")
+    p.add_argument("--topics", type=int, default=50, help="number of latent topics")
+    p.add_argument("--repeat-prob", type=float, default=0.3,
+                   help="probability that an event revisits an item of the user's history")
+    p.add_argument("--drift", type=float, default=0.1,
+                   help="per-session probability that one long-term interest is replaced")
+    p.add_argument("--zipf", type=float, default=1.0,
+                   help="exponent of the global popularity law")
     p.add_argument("--sessions", default="5,30", metavar="MIN,MAX",
                    help="sessions per user, drawn uniformly from MIN..MAX")
     p.add_argument("--max-events", type=int, default=None,

@@ -43,7 +43,7 @@ except ImportError:  # Windows: abandoned temporaries are not removed
 import numpy as np
 import tensorflow as tf
 
-from pipeline import schema
+from pipeline import schema, storage
 
 VOCAB_ASSET = "item_ids.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -415,8 +415,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a folder we may not write
-        print(f"error: cannot write the export under {args.export_base}: {e}", file=sys.stderr)
+    except (OSError, tf.errors.OpError) as e:  # a full disk, a folder we may not write
+        reason = storage.storage_error(e)
+        if reason is None and not isinstance(e, OSError):
+            raise
+        print(f"error: cannot write the export under {args.export_base}: {reason or e}; no "
+              "version was published", file=sys.stderr)
         return 1
     kind = ("the best on valid" if os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
             else "the latest")

@@ -23,6 +23,8 @@ import abc
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -186,8 +188,9 @@ class SQLiteStateStore(StateStore):
                     pass
                 columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
-            raise ValueError(f"cannot open state database {path}: {e}; "
-                             "pass another --state-db") from None
+            advice = ("its disk is full: make room there" if _disk_full(path)
+                      else "pass another --state-db")
+            raise ValueError(f"cannot open state database {path}: {e}; {advice}") from None
         if columns != list(self._COLUMNS):
             self._db.close()
             raise ValueError(f"state database {path} has a table user_states with columns "
@@ -274,8 +277,12 @@ class SQLiteStateStore(StateStore):
                      json.dumps([list(s) for s in kept]), record.updated,
                      None if fingerprint is None else fingerprint.tobytes()))
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as e:
+                if self._db.in_transaction:  # (SQLite has rolled back itself on a full disk)
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.DatabaseError):
+                    raise ValueError(f"cannot write to state database {self.path}: {e}; the "
+                                     "records stored before are kept") from e
                 raise
         return record
 
@@ -283,6 +290,14 @@ class SQLiteStateStore(StateStore):
         with self._lock:
             return self._db.execute("DELETE FROM user_states WHERE user_id = ?",
                                     (user_id,)).rowcount
+
+
+def _disk_full(path: str) -> bool:
+    """Whether the file system holding `path` has (almost) no room left."""
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < (64 << 10)
+    except OSError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,13 +63,18 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
     for split, users in (("valid", 6), ("test", 9)):
         assert compare.main(["--data", data, "--models", "popularity", "--output", str(out),
                              "--split", split]) == 0
-        results = json.loads((out / "results.json").read_text())
+        name = "results.json" if split == "test" else f"results_{split}.json"
+        results = json.loads((out / name).read_text())
         metrics = json.loads((out / "runs" / "popularity" / f"{split}.json").read_text())
         assert results["split"] == split == metrics["split"]
         assert results["models"]["popularity"]["events"] == metrics["events"]
         assert len(evaluate_lib.read_per_user(
             str(out / "runs" / "popularity" / f"{split}_users.npz"))["user_id"]) == users
     assert json.loads((out / "runs" / "popularity" / "valid.json").read_text())["split"] == "valid"
+    # looking at valid never replaces the test table: each split has its own results files
+    assert json.loads((out / "results_valid.json").read_text())["split"] == "valid"
+    assert "Split `valid`" in (out / "results_valid.md").read_text()
+    assert "Split `test`" in (out / "results.md").read_text() and (out / "results_valid.png").exists()
     # other data in the same folder: the fitted model is evaluated again, and its
     # evaluation of the other split, made on the old data, is gone
     before = json.loads((out / "runs" / "popularity" / "test.json").read_text())

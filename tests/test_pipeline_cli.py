@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import __main__ as cli
 from pipeline import schema, sources, transforms
+from tiny_logs import file_size_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
@@ -237,6 +238,7 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["--format", "jsonl", "--columns", "a,b,c"], "--columns is for csv/tsv"),
     (["--direct_num_workers", "two"], "bad Beam option"),
     (["--runner", "InMemoryRunner"], "--runner InMemoryRunner: Unexpected pipeline runner"),
+    (["--output", "s3://bucket/data"], "; s3:// needs pip install 'apache-beam[aws]'"),
     (["extra.csv"], "unexpected argument 'extra.csv'"),
 ])
 def test_bad_options_stop_before_output(tmp_path, capsys, args, message):
@@ -741,3 +743,24 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
     millis = [f"u,a,{1441864236661 + 60 * k}".encode() for k in range(20)]
     cli._check_time_unit("log.csv", millis, fmt)
     assert capsys.readouterr().err == ""
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
+    """A write that fails for want of room (here a file-size limit: "File too large", as a
+    full disk fails with "No space left on device") while Beam writes the records: one
+    line, exit 1, no output and no temporary folder; the same command then succeeds."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 40},{1000 * u + 10 * k}\n" for u in range(60) for k in range(40)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out), *IN_MEMORY]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         preexec_fn=file_size_limit(4096))
+    assert res.returncode == 1, res.stderr
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("pipeline: ")]
+    assert lines == [f"error: cannot write: File too large; nothing was written to {out}"], \
+        res.stderr
+    assert os.listdir(tmp_path) == ["log.csv"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    check_output(str(out))

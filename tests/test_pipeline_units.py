@@ -312,3 +312,27 @@ def test_delimiters_split_parse_and_guess():
     assert parse.guess_delimiter("user::item::time") == "::"
     assert parse.guess_delimiter("user;item;time") == ";"
     assert parse.guess_delimiter("useritemtime") is None
+
+
+def test_storage_error_finds_a_full_disk_through_every_layer():
+    import errno
+    import sqlite3
+
+    from pipeline.storage import storage_error
+
+    assert storage_error(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+    assert storage_error(OSError(errno.EFBIG, "File too large", "x.tfrecord")) == "File too large"
+    # Beam hands a worker's error back as text; TensorFlow's file ops and SQLite say it so
+    beam = RuntimeError("OSError: [Errno 28] No space left on device [while running 'Write']")
+    assert storage_error(beam) == "No space left on device"
+    assert storage_error(sqlite3.OperationalError("database or disk is full")) == \
+        "database or disk is full"
+    try:  # found in the exception a write failure was raised from
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as e:
+            raise ValueError("could not save") from e
+    except ValueError as e:
+        assert storage_error(e) == "Disk quota exceeded"
+    assert storage_error(OSError(errno.ENOENT, "No such file or directory")) is None
+    assert storage_error(ValueError("bad value")) is None and storage_error(None) is None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import serving_testlib as lib
+from tiny_logs import file_size_limit
 
 from pipeline import schema
 
@@ -30,8 +31,25 @@ def test_two_sessions_through_the_served_model(tmp_path):
     run("pipeline.synthetic", "--output", "log.csv", "--users", "40", "--items", "100",
         "--topics", "5", cwd=work)
     run("pipeline", "--input", "log.csv", "--output", "data", cwd=work)
-    run("model.train", "--data", "data", "--model", "hiertcn", "--model-dir", "run", "--steps", "3",
-        "--config", "tiny.json", "--no-progress", cwd=work)
+    train = ("model.train", "--data", "data", "--model", "hiertcn", "--model-dir", "run",
+             "--steps", "3", "--config", "tiny.json", "--no-progress")
+    # a full disk (here a file-size limit) under training and export: one line each, no
+    # version published, and the same commands then succeed
+    for command, error in ((train, "error: cannot write to run: File too large; it keeps its "
+                                   "last complete checkpoint"),
+                           (("serving.export", "--model-dir", "run", "--export-base", "export"),
+                            "error: cannot write the export under export: File too large; no "
+                            "version was published")):
+        if command[0] == "serving.export":
+            run(*train, cwd=work)
+        failed = subprocess.run([sys.executable, "-m", *command], cwd=work, capture_output=True,
+                                text=True, timeout=300, env=dict(os.environ, PYTHONPATH=lib.REPO),
+                                preexec_fn=file_size_limit(16 << 10))
+        said = [line for line in failed.stderr.splitlines() if not line.startswith("training ")]
+        assert failed.returncode == 1 and len(said) == 1 and said[0].startswith(error), \
+            failed.stderr
+    assert not os.path.exists(os.path.join(work, "export")) or not os.listdir(
+        os.path.join(work, "export"))
     exported = run("serving.export", "--model-dir", "run", "--export-base", "export", cwd=work)
     assert "export/1" in exported and "(step 3, the best on valid checkpoint)" in exported
     with open(os.path.join(work, "export", "1", "assets.extra", "export_config.json")) as f:

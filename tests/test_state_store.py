@@ -234,3 +234,23 @@ def test_a_foreign_table_or_a_corrupt_record_is_named(tmp_path):
         with pytest.raises(ValueError, match=r"s.sqlite: the record of user 'u' \(version 3\) "
                                              r"is corrupt"):
             s.get("u", 3)
+
+
+def test_a_full_database_is_one_error_and_keeps_what_was_stored(store):
+    """SQLite's own "database or disk is full" (a page limit here, as a full disk gives):
+    a ValueError that says so (the client prints it in one line), not SQLite's second error
+    from a ROLLBACK after SQLite rolled back itself; earlier records are intact and the
+    store writes again once there is room."""
+    store.put("kept", 1, np.arange(4, dtype=np.float32), [["a", "b"]])
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    big = np.random.default_rng(0).random(20_000).astype(np.float32)  # 80 KB: new pages
+    with pytest.raises(ValueError, match="cannot write to state database .*database or disk "
+                                         "is full; the records stored before are kept"):
+        store.put("new", 1, big, [["c"]])
+    assert not store._db.in_transaction
+    np.testing.assert_array_equal(store.get("kept", 1).state, np.arange(4))
+    assert store.get("new", 1) is None
+    store._db.execute(f"PRAGMA max_page_count = {pages * 1000}")
+    store.put("new", 1, big, [["c"]])
+    np.testing.assert_array_equal(store.get("new", 1).state, big)

@@ -214,3 +214,65 @@ def test_a_checkpoint_another_version_of_the_model_wrote_is_one_line(data, confi
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert "its checkpoint does not match the hiertcn model this code builds" in err
+
+
+def test_an_evaluation_lost_after_its_checkpoint_is_done_on_resume(data, config_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The disk fills while the step-10 evaluation writes its best checkpoint, after the
+    step-10 checkpoint was saved: one line, exit 1; the rerun evaluates step 10 before
+    training on, so it selects the same best step as a run that never failed."""
+    import errno
+
+    args = ("--steps", "20", "--eval-every", "10", *EXACT[:2])
+    straight_run = str(tmp_path / "straight")
+    assert train_lib.main(_args(data, straight_run, config_file, *args)) == 0
+    run = str(tmp_path / "failed")
+    real = train_lib._log_valid
+
+    def full_disk_at_10(model, data_dir, user_ids, step, *rest):
+        if step == 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, data_dir, user_ids, step, *rest)
+
+    monkeypatch.setattr(train_lib, "_log_valid", full_disk_at_10)
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, *args)) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write to {run}: No space left on device; it keeps its last " \
+           "complete checkpoint" in err and "Traceback" not in err
+    monkeypatch.setattr(train_lib, "_log_valid", real)
+    assert train_lib.main(_args(data, run, config_file, *args)) == 0
+    assert "step 10: valid recall@20" in capsys.readouterr().err
+    assert train_lib.read_scalars(run, "valid/recall@20")[0].tolist() == [10, 20]
+    assert registry.read_best(run)["step"] == registry.read_best(straight_run)["step"]
+    assert registry.read_best(run)["recall@20"] == registry.read_best(straight_run)["recall@20"]
+
+
+def test_a_lost_or_stale_summary_of_a_finished_run_is_written_again(data, config_file, tmp_path,
+                                                                    capsys):
+    """A finished run whose train_summary.json was not written (a full disk, a kill right
+    before it) or is an earlier interrupted process's: the rerun writes the summary of the
+    finished run (model.compare reads it) instead of returning what is there."""
+    run = str(tmp_path / "run")
+    args = ("--steps", "20", "--eval-every", "10", *EXACT[:2])
+    assert train_lib.main(_args(data, run, config_file, *args)) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    path = os.path.join(run, train_lib.SUMMARY_FILE)
+    for damage in ("remove", "interrupted"):
+        if damage == "remove":
+            os.remove(path)
+        else:
+            with open(path, "w") as f:
+                json.dump({"model": "hiertcn", "steps": 5, "stopped_by": "interrupted"}, f)
+        assert train_lib.main(_args(data, run, config_file, *args)) == 0
+        out, err = capsys.readouterr()
+        assert "nothing to do" not in err
+        with open(path) as f:
+            summary = json.load(f)
+        assert summary == json.loads(out.strip().splitlines()[-1])
+        assert summary["steps"] == 20 and summary["stopped_by"] == "steps"
+        assert summary["steps_this_run"] == 0 and summary["best"] == first["best"]
+        assert summary["valid"] == first["valid"]  # the last evaluation, done again
+    # and now the run is whole: nothing to do
+    assert train_lib.main(_args(data, run, config_file, *args)) == 0
+    assert "already holds 20 steps; nothing to do" in capsys.readouterr().err

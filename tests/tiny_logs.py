@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 from typing import Sequence
 
 import tensorflow as tf
@@ -61,3 +63,13 @@ def planted_users(num_users: int, num_items: int = 20, sessions: int = 6, length
             user.append([2 + g * per + (start + k) % per for k in range(length)])
         users.append(user)
     return users
+
+
+def file_size_limit(max_bytes: int):
+    """A subprocess `preexec_fn` under which a write past `max_bytes` in any one file fails
+    with EFBIG ("File too large"), as writes on a full disk fail with ENOSPC: a real failed
+    write, without the mount a full disk would take."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (its default kills the process)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return limit
