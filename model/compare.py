@@ -546,11 +546,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        reason = storage.storage_error(e)
-        if reason is None:
-            raise
-        print(f"error: cannot write under {args.output}: {reason}; the finished runs are "
-              "kept: make room and rerun the same command", file=sys.stderr)
+        print(f"error: cannot write under {args.output}: {storage.reason_or_raise(e)}; the "
+              "finished runs are kept: make room and rerun the same command", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the finished runs are kept and an unfinished one has its last "

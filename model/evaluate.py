@@ -308,12 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        reason = storage.storage_error(e)
-        if reason is None:
-            raise
         written = " and ".join(p for p in (args.per_user_output, args.output) if p)
-        print(f"{parser.prog}: error: cannot write {written or 'the results'}: {reason}",
-              file=sys.stderr)
+        print(f"{parser.prog}: error: cannot write {written or 'the results'}: "
+              f"{storage.reason_or_raise(e)}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
     return 0

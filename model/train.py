@@ -699,11 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, tf.errors.OpError) as e:
-        reason = storage.storage_error(e)
-        if reason is None:
-            raise
-        print(f"error: cannot write to {args.model_dir}: {reason}; it keeps its last complete "
-              "checkpoint: make room and rerun the same command to resume", file=sys.stderr)
+        print(f"error: cannot write to {args.model_dir}: {storage.reason_or_raise(e)}; it keeps "
+              "its last complete checkpoint: make room and rerun the same command to resume",
+              file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 130 if summary.get("stopped_by") == "interrupted" else 0

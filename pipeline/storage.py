@@ -27,3 +27,12 @@ def storage_error(e: BaseException | None) -> str | None:
                 return phrase
         e = e.__cause__ or e.__context__
     return None
+
+
+def reason_or_raise(e: BaseException) -> str:
+    """`storage_error(e)` for an entry point's one-line message; any other error is raised
+    again (with its traceback), since the entry point has nothing better to say of it."""
+    reason = storage_error(e)
+    if reason is None:
+        raise e
+    return reason

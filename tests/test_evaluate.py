@@ -278,3 +278,29 @@ def test_cli_empty_or_damaged_split_is_one_line(full_data, tmp_path, capsys):
                     "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"cannot read the test split of {damaged}: " in err and err.count("\n") == 1, err
+
+
+def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_path):
+    """`--output` with `--per-user-output` over an earlier pair, the disk full (here a
+    file-size limit) when the new files are written: one line, exit 1, and no metrics file
+    is left beside a per-user file of another run."""
+    import subprocess
+    import sys
+
+    from tiny_logs import file_size_limit
+
+    out, users = tmp_path / "m.json", tmp_path / "m_users.npz"
+    cmd = [sys.executable, "-m", "model.evaluate", "--data", full_data, "--split", "test",
+           "--model", "popularity", "--output", str(out), "--per-user-output", str(users),
+           "--no-progress"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run(cmd, cwd=repo, capture_output=True, timeout=300).returncode == 0
+    res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,
+                         preexec_fn=file_size_limit(1024))
+    assert res.returncode == 1, res.stderr
+    # (the last line: TensorFlow's AutoGraph may warn that it cannot write its own files)
+    assert res.stderr.splitlines()[-1] == (
+        f"python -m model.evaluate: error: cannot write {users} and {out}: File too large")
+    assert "Traceback" not in res.stderr
+    assert not out.exists()  # the old metrics went before the new per-user file was written
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]

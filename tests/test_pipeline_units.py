@@ -336,3 +336,9 @@ def test_storage_error_finds_a_full_disk_through_every_layer():
         assert storage_error(e) == "Disk quota exceeded"
     assert storage_error(OSError(errno.ENOENT, "No such file or directory")) is None
     assert storage_error(ValueError("bad value")) is None and storage_error(None) is None
+    # an entry point's one line, or the error itself again
+    from pipeline.storage import reason_or_raise
+
+    assert reason_or_raise(beam) == "No space left on device"
+    with pytest.raises(ValueError, match="bad value"):
+        reason_or_raise(ValueError("bad value"))
