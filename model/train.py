@@ -476,8 +476,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     items = vocab.size - schema.NUM_RESERVED
     output = (f"full softmax over {items:,} items" if model.sampler is None else
               f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items")
+    steps = (f"steps {start_step + 1}-{total_steps}" if not finished else
+             f"its {start_step} steps are trained; writing the summary it lacks")
     print(f"training {config.model_name} ({output}){head}: "
-          f"steps {start_step + 1}-{total_steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
+          f"{steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
           f"{data_dir} -> {run_dir}", file=sys.stderr)
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
     bar = tf.keras.utils.Progbar(total_steps, stateful_metrics=["loss", "events/s"],
