@@ -512,9 +512,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             # each step consumed one batch, in order: exact even when an interrupt lands
             # between a step and the bookkeeping after it
             last_index = first_index + int(state.step.numpy()) - start_step - 1
-            position = batcher.position_after(last_index)
-            position[EVALUATION_DUE] = step if evaluation_follows else None
-            state.position.assign(json.dumps(position))
+            after = batcher.position_after(last_index)
+            after[EVALUATION_DUE] = step if evaluation_follows else None
+            state.position.assign(json.dumps(after))
         writer.flush()  # first: once a checkpoint exists, the curve up to it is on disk
         manager.save(checkpoint_number=step)
         last_saved = step

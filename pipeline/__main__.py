@@ -181,9 +181,8 @@ def _said_in_one_line(e: BaseException) -> str | None:
     from pipeline import storage
 
     message = _input_error(e)
-    if message is None and storage.storage_error(e):
-        message = f"cannot write: {storage.storage_error(e)}"
-    return message
+    reason = storage.storage_error(e) if message is None else None
+    return f"cannot write: {reason}" if reason else message
 
 
 class UsageError(ValueError):
