@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model import processes
+from model import config as config_lib, processes
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import read_per_user
@@ -462,21 +462,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.compare", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="pipeline output folder")
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
-                   help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep")
+                   help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep "
+                        "(default: %(default)s)")
     p.add_argument("--output", required=True,
                    help="folder for runs/ and results.json, .md, .png (results_valid.* with "
                         "--split valid)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget-steps", type=argtypes.positive_int,
-                        help="training steps per neural model")
+                        help="training steps per neural model (default: model.train's, "
+                             f"{config_lib.DEFAULT_STEPS} unless a --config sets train.steps "
+                             "or train.epochs)")
     budget.add_argument("--budget-minutes", type=argtypes.positive_float,
                         help="training minutes per neural model")
     p.add_argument("--seeds", type=argtypes.positive_int, default=3,
-                   help="training seeds per neural model")
+                   help="training seeds per neural model (default: %(default)s)")
     p.add_argument("--eval-every", type=argtypes.non_negative_int, default=100,
                    help="training steps between valid evaluations; the best-on-valid checkpoint "
-                        "is the one tested (0: the last one)")
-    p.add_argument("--split", default="test", choices=("valid", "test"))
+                        "is the one tested (0: the last one; default: %(default)s)")
+    p.add_argument("--split", default="test", choices=("valid", "test"),
+                   help="the split the models are tested on (default: %(default)s)")
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
                    help="a config JSON for one model, or for every variant of a base name (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",

@@ -1,5 +1,5 @@
 """argparse types shared by the commands (`python -m pipeline`, `model.train`,
-`model.evaluate`, `serving.client`): a bad number is one line naming the option."""
+`model.evaluate`, `serving.client`, `serving.server`): a bad number is one line naming the option."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,14 @@ def number(kind: type, low: float, strict: bool = False) -> Callable[[str], floa
 
     parse.__name__ = f"{kind.__name__} {bound}"
     return parse
+
+
+def port(text: str) -> int:
+    """An argparse `type` for a TCP port: 0 (any free port) to 65535."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return value
 
 
 positive_int = number(int, 1)

@@ -41,6 +41,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc, status_pb2)
 
+from pipeline import argtypes
 from serving import export, protos
 
 log = logging.getLogger("serving.server")
@@ -706,10 +707,10 @@ class ModelServer:
                              "pass the folder that holds the numbered versions (its parent, "
                              "the --export-base of serving.export)")
         if min(max_batch_size, max_message_mb, num_versions, num_batch_threads) < 1 \
-                or poll_seconds <= 0 or batch_timeout_micros < 0:
+                or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535:
             raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb and "
-                             "--num-versions must be >= 1, "
-                             "--poll-seconds > 0 and --batch-timeout-micros >= 0")
+                             "--num-versions must be >= 1, --poll-seconds > 0, "
+                             "--batch-timeout-micros >= 0 and --port from 0 to 65535")
         self.ready = threading.Event()
         self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready)
         self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads)
@@ -768,28 +769,38 @@ class ModelServer:
         self._poller.join(timeout=grace)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Says an option's default where it has one (not for required options and flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m serving.server",
                                      description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_DefaultsFormatter)
     parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
     parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0 = any free port)")
+                        help="address to bind (127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=argtypes.port, default=8500, help="gRPC port (0 = any free port)")
     parser.add_argument("--enable-batching", action="store_true",
                         help="merge concurrent requests into one model call")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="rows per merged call")
-    parser.add_argument("--batch-timeout-micros", type=int, default=0,
+    parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64, help="rows per merged call")
+    parser.add_argument("--batch-timeout-micros", type=argtypes.non_negative_int, default=0,
                         help="how long a batch waits for more requests (0 = take what is queued)")
-    parser.add_argument("--num-batch-threads", type=int, default=1,
+    parser.add_argument("--num-batch-threads", type=argtypes.positive_int, default=1,
                         help="merged calls that may run at the same time")
-    parser.add_argument("--poll-seconds", type=float, default=1.0,
+    parser.add_argument("--poll-seconds", type=argtypes.positive_float, default=1.0,
                         help="how often the base path is scanned for new versions")
-    parser.add_argument("--max-message-mb", type=int, default=16,
+    parser.add_argument("--max-message-mb", type=argtypes.positive_int, default=16,
                         help="request and response size cap")
-    parser.add_argument("--num-versions", type=int, default=1,
+    parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")

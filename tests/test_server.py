@@ -313,6 +313,20 @@ def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--port", "99999", "--port: must be a port number from 0 to 65535, got 99999"),
+    ("--port", "-5", "--port: must be >= 0, got -5"),
+    ("--max-batch-size", "0", "--max-batch-size: must be >= 1, got 0"),
+    ("--poll-seconds", "0", "--poll-seconds: must be > 0.0, got 0"),
+    ("--batch-timeout-micros", "x", "--batch-timeout-micros: 'x' is not an integer")])
+def test_bad_numbers_are_one_line_usage_errors(tmp_path, capsys, option, value, message):
+    """gRPC takes a port number modulo 65536 or binds any free port for one it cannot use
+    (-5 served on 65531): a bad number is refused before anything is loaded."""
+    with pytest.raises(SystemExit) as exit_:
+        server.main(["--model-base-path", str(tmp_path), "--model-name", NAME, option, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def _manager_outputs(manager, version=None):
     sig = manager.get(version).signature("next_items")
     return sig.run(sig.parse_inputs(request("next_items", INPUTS["next_items"]).inputs))
