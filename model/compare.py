@@ -27,6 +27,8 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
@@ -240,14 +242,60 @@ def bar_chart(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _run(cmd: list[str], log_path: str) -> None:
-    """Runs one command, its output appended to a log; a failure raises CompareError, an
-    interrupted command (exit 130: it saved a checkpoint) KeyboardInterrupt."""
+class Status:
+    """What the running command is doing, in one line: rewritten in place on a terminal
+    (its step or user count and its last valid evaluation); elsewhere (a log file, CI) each
+    valid evaluation of a training run, one line each."""
+
+    _PROGRESS = re.compile(r"(?:^|\| )\s*(\d+)/(\d+) \[")  # Keras' Progbar, tqdm
+    _VALID = re.compile(r"^step (\d+): valid recall@20 (\S+) mrr@20 (\S+)")
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.label, self.position, self.valid, self.shown = "", "", "", False
+
+    def start(self, label: str) -> None:
+        self.label, self.position, self.valid = label, "", ""
+
+    def on_line(self, line: str) -> None:
+        progress = self._PROGRESS.search(line)
+        valid = self._VALID.match(line)
+        if progress:
+            self.position = f"{progress[1]}/{progress[2]}"
+        elif valid:
+            self.valid = f"valid@{valid[1]} R@20 {valid[2]} MRR@20 {valid[3]}"
+            if not self.tty:
+                print(f"{self.label}: {line.strip()}", file=self.stream, flush=True)
+        else:
+            return
+        if self.tty:
+            text = ", ".join(t for t in (f"{self.label} {self.position}".strip(), self.valid) if t)
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r" + text[:width] + "\x1b[K")
+            self.stream.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _run(cmd: list[str], log_path: str, status: Status | None = None) -> None:
+    """Runs one command, its output appended to a log (and shown by `status`); a failure
+    raises CompareError, an interrupted command (exit 130: it saved a checkpoint)
+    KeyboardInterrupt."""
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         start = os.path.getsize(log_path)
-        returncode = processes.run_stoppable(cmd, log)
+        try:
+            returncode = processes.run_stoppable(cmd, log, status.on_line if status else None)
+        finally:
+            if status:
+                status.done()
     if returncode in (130, -signal.SIGINT, -signal.SIGTERM):
         raise KeyboardInterrupt
     if returncode != 0:
@@ -275,6 +323,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
                     os.remove(os.path.join(folder, stale))
             write_json(os.path.join(folder, RECORD), record, sort_keys=True)
         if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+            args.status.start(f"{args.label} fitting and evaluating on {args.split}")
             _evaluate(args, log_path, out, "--model", base)
         with open(out, encoding="utf-8") as f:
             entry = aggregate([json.load(f)])
@@ -289,9 +338,12 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
                   "config": _config_content(args.config.get(name) or args.config.get(base))}
         _check_or_write_record(run_dir, record)
         if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+            what = f"{args.label} seed {seed + 1}/{args.seeds}"
             if not _finished(run_dir):  # a finished run is evaluated as it is (--split valid)
+                args.status.start(f"{what} training")
                 _run([sys.executable, "-m", "model.train", "--data", args.data,
-                      "--model-dir", run_dir, *options], log_path)
+                      "--model-dir", run_dir, *options], log_path, args.status)
+            args.status.start(f"{what} evaluating on {args.split}")
             _evaluate(args, log_path, out, "--model-dir", run_dir)
         with open(out, encoding="utf-8") as f:
             runs.append(json.load(f))
@@ -422,7 +474,7 @@ def _evaluate(args: argparse.Namespace, log_path: str, out: str, *which: str) ->
     """`model.evaluate` of one run (`which`: --model-dir RUN or --model NAME) on the
     compared split: metrics JSON to `out`, the per-user sums beside it."""
     _run([sys.executable, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
-          *which, "--output", out, "--per-user-output", _users_file(out)], log_path)
+          *which, "--output", out, "--per-user-output", _users_file(out)], log_path, args.status)
 
 
 def _split_file(folder: str, split: str) -> str:
@@ -526,9 +578,11 @@ def _main(args: argparse.Namespace) -> int:
                    "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
                               "eval_every": args.eval_every,
                               "seeds": args.seeds}}
+        args.status = Status()
         for i, name in enumerate(names, 1):
             t0 = time.time()
-            print(f"[{i}/{len(names)}] {name} ...", flush=True)
+            args.label = f"[{i}/{len(names)}] {name}"
+            print(f"{args.label} ...", flush=True)
             results["models"][name] = run_model(name, args, log_path)
             m = results["models"][name]
             print(f"[{i}/{len(names)}] {name}: recall@20 {m['recall@20']:.4f}  "

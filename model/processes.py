@@ -1,10 +1,14 @@
 """Child processes of the commands that run other commands (`model.compare`, `serving.demo`)."""
 from __future__ import annotations
 
+import codecs
+import os
+import re
 import signal
 import subprocess
 import sys
-from typing import IO, Sequence
+import threading
+from typing import IO, Callable, Sequence
 
 
 def die_with_parent() -> None:
@@ -24,24 +28,82 @@ def preexec():
     return die_with_parent if sys.platform == "linux" else None
 
 
-def run_stoppable(cmd: Sequence[str], log: IO) -> int:
+class _Relay(threading.Thread):
+    """Copies a child's output to `log` as it comes and hands each line (ended by a newline
+    or by the carriage return of a progress bar) to `on_line`. The pipe is drained to the
+    end whatever happens, so the child never blocks on it; a failed write to the log (a
+    full disk) is kept in `error` for the caller."""
+
+    def __init__(self, pipe: IO[bytes], log: IO, on_line: Callable[[str], None]):
+        super().__init__(daemon=True)
+        self.pipe, self.log, self.on_line = pipe, log, on_line
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending = b""
+        while True:
+            chunk = os.read(self.pipe.fileno(), 65536)
+            if not chunk:
+                break
+            self._write(decoder.decode(chunk))
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for line in lines:
+                if line.strip():
+                    try:
+                        self.on_line(line.decode("utf-8", "replace"))
+                    except Exception:  # a display error never stops the child's output
+                        pass
+        self._write(decoder.decode(b"", final=True))
+
+    def _write(self, text: str) -> None:
+        if text and self.error is None:
+            try:
+                self.log.write(text)
+                self.log.flush()
+            except OSError as e:
+                self.error = e
+
+
+def run_stoppable(cmd: Sequence[str], log: IO,
+                  on_line: Callable[[str], None] | None = None) -> int:
     """Runs `cmd` with its output to `log` and returns its exit status. Ctrl-C (or a
     SIGTERM that the caller turns into KeyboardInterrupt) is passed on to the child exactly
     once, as SIGTERM (which `model.train` takes as a stop even where SIGINT is ignored, as
     in a background job), and the child is waited for, so that a training run can save its
     checkpoint (the child runs in a session of its own, so the terminal's Ctrl-C reaches
-    only this process); a second Ctrl-C kills it. Then the KeyboardInterrupt goes on up."""
-    proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=preexec())
+    only this process); a second Ctrl-C kills it. Then the KeyboardInterrupt goes on up.
+    With `on_line`, the output also goes line by line to it (for a progress display)."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE if on_line else log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=preexec())
+    relay = None
+    if on_line:
+        relay = _Relay(proc.stdout, log, on_line)
+        relay.start()
     try:
-        return proc.wait()
+        return _wait(proc, relay)
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGTERM)
         print("\nstopping: waiting for the running command to save its work (Ctrl-C again "
               "kills it) ...", file=sys.stderr, flush=True)
         try:
-            proc.wait()
+            _wait(proc, relay)
         except KeyboardInterrupt:
             proc.kill()
-            proc.wait()
+            _wait(proc, relay)
         raise
+
+
+def _wait(proc: subprocess.Popen, relay: _Relay | None) -> int:
+    """The child's exit status, once its output has all reached the log (a grandchild that
+    keeps the pipe open is not waited for beyond a few seconds); a failed write to the log
+    is raised here."""
+    returncode = proc.wait()
+    if relay is not None:
+        relay.join(timeout=5)
+        if not relay.is_alive():
+            proc.stdout.close()
+        if relay.error is not None:
+            raise relay.error
+    return returncode

@@ -1,16 +1,20 @@
 """model.compare: seed aggregation, relative gain, the Markdown table, and a whole run
 with the paired significance test of HierTCN against the best baseline."""
+import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from model import compare
+from model import compare, processes
 from model import evaluate as evaluate_lib
 from tiny_logs import planted_users, write_data
 
@@ -176,6 +180,11 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
             "--budget-steps", "6", "--eval-every", "3", "--seeds", "2",
             "--config", f"hiertcn={config}"]
     assert compare.main(argv) == 0
+    said = capsys.readouterr().out.splitlines()
+    # not a terminal: each valid evaluation of a training run, one line each
+    evaluations = [line.split(" recall@20 ")[0] for line in said if ": valid recall@20 " in line]
+    assert evaluations == [f"[1/2] hiertcn seed {seed}/2 training: step {step}: valid"
+                           for seed in (1, 2) for step in (3, 6)], said
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
     # each test evaluation wrote its users' sums, and they add up to its metrics
@@ -246,3 +255,60 @@ def test_significance_in_words():
     assert "95% CI [+0.0494, +0.0734], p < 0.001 " in text and text.endswith(": significant")
     text = compare._significance({"paired": dict(paired, ci95=[-0.01, 0.02], p_value=0.31)})
     assert "p = 0.310" in text and text.endswith(": not significant")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_status_line_follows_the_running_command_in_place_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: os.terminal_size((61, 24)))
+    out = _Terminal()
+    status = compare.Status(out)
+    status.start("[1/2] hiertcn seed 1/2 training")
+    for line in ("training hiertcn (...)", " 34/400 [=>....] - ETA: 5:41 - loss: 5.8780",
+                 "step 50: valid recall@20 0.2814 mrr@20 0.0717",
+                 "evaluate hiertcn on test:  45%|####5     | 64/141 [00:10<00:12, 6.1user/s]"):
+        status.on_line(line)
+    status.done()
+    # one line, rewritten: cut to the terminal's width, cleared at the end
+    assert out.getvalue().split("\r")[1:] == [
+        "[1/2] hiertcn seed 1/2 training 34/400\x1b[K",
+        "[1/2] hiertcn seed 1/2 training 34/400, valid@50 R@20 0.2814\x1b[K",
+        "[1/2] hiertcn seed 1/2 training 64/141, valid@50 R@20 0.2814\x1b[K",
+        "\x1b[K"]
+
+
+def test_a_childs_output_reaches_the_log_whole_and_the_display_line_by_line(tmp_path):
+    """Progress bars end their lines with a carriage return; a character cut between two
+    reads reaches the log whole; a log that cannot be written (a full disk) is raised
+    once the child has ended, and the child never blocks on its pipe meanwhile."""
+    script = ("import sys, time\n"
+              "out = sys.stdout.buffer\n"
+              "out.write(b'step 1\\rstep 2\\r'); out.flush(); time.sleep(0.2)\n"
+              "bar = '\\u2588'.encode(); out.write(bar[:1]); out.flush(); time.sleep(0.2)\n"
+              "out.write(bar[1:] + b' done\\n' + b'x' * 300000 + b'\\nlast'); out.flush()\n")
+    lines = []
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+        assert processes.run_stoppable([sys.executable, "-c", script], log, lines.append) == 0
+    assert (tmp_path / "log").read_bytes().decode("utf-8") == (
+        "step 1\rstep 2\r\u2588 done\n" + "x" * 300000 + "\nlast")
+    assert lines == ["step 1", "step 2", "\u2588 done", "x" * 300000]
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    raised = []
+
+    def run_on_a_full_disk():
+        try:
+            processes.run_stoppable([sys.executable, "-c", script], FullDisk(), lines.append)
+        except OSError as e:
+            raised.append(e)
+
+    runner = threading.Thread(target=run_on_a_full_disk, daemon=True)
+    runner.start()
+    runner.join(timeout=60)  # a relay that stopped reading would leave the child blocked
+    assert not runner.is_alive() and len(raised) == 1 and raised[0].errno == errno.ENOSPC
