@@ -156,6 +156,8 @@ class KerasScorer(Scorer):
         sessions = np.asarray(sessions, np.int64)
         if self.model.history_size:
             high, history = state
+            # the buffer holds the newest known items: an unknown item (evaluation data only;
+            # training has none) takes no place in it, as within a session in `ranks`
             return (self._update(np.asarray(high, np.float32), sessions).numpy(),
-                    push_history(history, sessions))
+                    push_history(_known(history), _known(sessions)))
         return self._update(np.asarray(state, np.float32), sessions).numpy()

@@ -348,6 +348,11 @@ def test_online_scorer_buffer_equals_the_generator_history():
     assert online == generated
     np.testing.assert_array_equal(  # all-padding rows keep their buffer
         push_history(np.array([[0, 5, 6]]), np.array([[0, 0]])), [[0, 5, 6]])
+    # unknown items (index 1: evaluation data only) take no place in the buffer, which
+    # holds the newest known items as within a session: N = 4 keeps 2, 4 and 5 here
+    state = scorer.update(scorer.initial_state(["u"]), np.array([[2, 1, 4, 1, 1, 0]], np.int64))
+    state = scorer.update(state, np.array([[5, 1, 0]], np.int64))
+    np.testing.assert_array_equal(state[1], [[0, 2, 4, 5]])
 
 
 def test_scorer_scores_are_the_mixture():
