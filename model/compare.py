@@ -235,7 +235,7 @@ def bar_chart(results: dict, path: str) -> None:
         errs = [results["models"][n].get("std", {}).get(key, 0.0) for n in names]
         ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, yerr=errs, label=key)
     ax.set_xticks(x, names, rotation=20)
-    ax.set_ylabel("test")
+    ax.set_ylabel(results.get("split", "test"))
     ax.legend()
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
@@ -572,6 +572,9 @@ def _main(args: argparse.Namespace) -> int:
         if not schema.is_remote(args.data):
             args.data = os.path.abspath(args.data)
         args.data_fingerprint = data_fingerprint(args.data)
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise CompareError(f"--output {args.output} is a file: pass a folder (created if "
+                               "missing)")
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")
         results = {"data": args.data, "split": args.split, "models": {},
@@ -604,6 +607,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if storage.path_error(e):
+            print(f"error: cannot write under {args.output}: {storage.path_error(e)}",
+                  file=sys.stderr)
+            return 2
         print(f"error: cannot write under {args.output}: {storage.reason_or_raise(e)}; the "
               "finished runs are kept: make room and rerun the same command", file=sys.stderr)
         return 1

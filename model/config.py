@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any, Mapping
@@ -358,8 +359,10 @@ def load_json(path: str) -> dict:
             values = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError of a non-UTF-8 file
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"cannot read config file {path}: {os.strerror(e.errno)}") from None
     _check(isinstance(values, dict), f"config file {path} must hold a JSON object")
     return values
 

@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not schema.is_folder(args.data):
             raise schema.DataError(f"--data {args.data}: no such folder")
+        for option, path in (("--output", args.output), ("--per-user-output", args.per_user_output)):
+            if path and os.path.isdir(path):  # said now, not after the whole evaluation
+                raise schema.DataError(f"{option} {path} is a folder: pass a file name")
         schema.read_vocabulary(args.data)
         schema.shard_files(args.data, args.split)
         users = schema.read_stats(args.data).get("splits", {}).get(args.split, {}).get("users")
@@ -286,9 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not os.path.isdir(args.model_dir):
                 raise schema.DataError(f"--model-dir {args.model_dir}: no such folder; "
                                        "train one with `python -m model.train`")
-            from model import registry
+            from model import config as config_lib, registry
 
-            user_errors += (registry.RunError,)
+            user_errors += (registry.RunError, config_lib.ConfigError)
             scorer = registry.load_scorer(args.model_dir, args.data, args.checkpoint)
             note = registry.training_note(args.model_dir, args.checkpoint)
             if note:
@@ -310,8 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         written = " and ".join(p for p in (args.per_user_output, args.output) if p)
         print(f"{parser.prog}: error: cannot write {written or 'the results'}: "
-              f"{storage.reason_or_raise(e)}", file=sys.stderr)
-        return 1
+              f"{storage.path_error(e) or storage.reason_or_raise(e)}", file=sys.stderr)
+        return 2 if storage.path_error(e) else 1
     print(json.dumps(result, indent=2))
     return 0
 

@@ -695,12 +695,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
     try:
+        if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
+            raise TrainingError(f"--model-dir {args.model_dir} is a file: pass a run folder "
+                                "(created if missing)")
         config = resolve_config(args)
         summary = train(args.data, args.model_dir, config, progress=not args.no_progress)
     except (schema.DataError, config_lib.ConfigError, registry.RunError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, tf.errors.OpError) as e:
+        if storage.path_error(e):
+            print(f"error: cannot write to {args.model_dir}: {storage.path_error(e)}",
+                  file=sys.stderr)
+            return 2
         print(f"error: cannot write to {args.model_dir}: {storage.reason_or_raise(e)}; it keeps "
               "its last complete checkpoint: make room and rerun the same command to resume",
               file=sys.stderr)

@@ -153,27 +153,51 @@ def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
         raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
     ids, counts = [], []
     with open_text(path) as f:
-        rows = csv.reader(f, delimiter="\t")
-        header = next(rows, None)
-        if tuple(header or ()) != ITEMS_HEADER:
-            raise DataError(f"{path}: header must be {ITEMS_HEADER!r} (tab-separated), got {header!r}")
-        for n, row in enumerate(rows):
-            if len(row) != 3 or int(row[0]) != n:
-                raise DataError(f"{path}: line {n + 2} must be '{n}<TAB>item<TAB>count', got {row!r}")
-            ids.append(row[1])
-            counts.append(int(row[2]))
+        try:
+            rows = csv.reader(f, delimiter="\t")
+            header = next(rows, None)
+            if tuple(header or ()) != ITEMS_HEADER:
+                raise DataError(f"{path}: header must be {ITEMS_HEADER!r} (tab-separated), "
+                                f"got {header!r}")
+            for n, row in enumerate(rows):
+                if len(row) != 3 or not _is_int(row[0]) or int(row[0]) != n or not _is_int(row[2]):
+                    raise DataError(f"{path}: line {n + 2} must be '{n}<TAB>item<TAB>count', "
+                                    f"got {row!r}")
+                ids.append(row[1])
+                counts.append(int(row[2]))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path} is not a UTF-8 tab-separated file ({e})") from None
     if len(ids) < NUM_RESERVED or ids[PAD_INDEX] != PAD_TOKEN or ids[UNKNOWN_INDEX] != UNKNOWN_TOKEN:
         raise DataError(f"{path}: rows 0 and 1 must be {PAD_TOKEN} and {UNKNOWN_TOKEN}")
     return Vocabulary(ids=tuple(ids), counts=np.asarray(counts, dtype=np.int64))
 
 
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_stats(data_dir: str) -> dict:
-    """Reads `stats.json` of a data folder."""
+    """Reads `stats.json` of a data folder.
+
+    Raises:
+      DataError: the file is missing or is not a JSON object.
+    """
     path = os.path.join(data_dir, STATS_FILE)
     if not file_exists(path):
         raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
-    with open_text(path) as f:
-        return json.loads(f.read())
+    try:
+        with open_text(path) as f:
+            stats = json.loads(f.read())
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+        raise DataError(f"{path} is not valid JSON ({e}): write the folder again with "
+                        "`python -m pipeline`") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path} must hold a JSON object, got {type(stats).__name__}")
+    return stats
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:

@@ -9,6 +9,8 @@ import errno
 import os
 
 ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+# a path the user named that cannot be written as asked: not a bug to show a traceback for
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 _PHRASES = tuple(os.strerror(n) for n in sorted(ROOM_ERRNOS)) + ("database or disk is full",)
 
 
@@ -36,3 +38,20 @@ def reason_or_raise(e: BaseException) -> str:
     if reason is None:
         raise e
     return reason
+
+
+_PATH_PHRASES = tuple(os.strerror(n) for n in sorted(PATH_ERRNOS)) + ("is not a directory",)
+
+
+def path_error(e: BaseException) -> str | None:
+    """"Permission denied: run/ckpt", "Is a directory: out.json", ... when `e` is an OSError
+    (or TensorFlow's error from its file ops) about a path that cannot be written as asked:
+    no permission, a file where a folder is needed or the other way round; else None."""
+    if isinstance(e, OSError) and e.errno in PATH_ERRNOS:
+        return f"{os.strerror(e.errno)}: {e.filename}" if e.filename else os.strerror(e.errno)
+    if type(e).__module__.startswith("tensorflow") and type(e).__name__ in (
+            "PermissionDeniedError", "FailedPreconditionError", "AlreadyExistsError"):
+        text = (str(getattr(e, "message", "")) or str(e)).strip().splitlines()
+        if text and any(phrase in text[0] for phrase in _PATH_PHRASES):
+            return text[0]
+    return None

@@ -94,6 +94,9 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
         assert compare.main(["--data", data, "--models", "hiertcn,hiertcn:plain,sknn",
                              "--output", str(out), *option]) == 2
         assert "which is not a trained model of --models (hiertcn, hiertcn:plain)" in capsys.readouterr().err
+    assert compare.main(["--data", data, "--models", "popularity", "--output",
+                         str(out / "results.json")]) == 2
+    assert f"--output {out}/results.json is a file: pass a folder" in capsys.readouterr().err
 
 
 def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):

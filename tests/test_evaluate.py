@@ -241,6 +241,12 @@ def test_cli_missing_or_foreign_folders_give_one_line_errors(full_data, tmp_path
     assert "items.tsv not found" in err and err.count("\n") == 1
     assert ev.main(["--data", full_data, "--split", "test", "--model-dir", str(tmp_path / "run")]) == 2
     assert "python -m model.train" in capsys.readouterr().err
+    # an output that cannot be written is said before the evaluation, in one line
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "mv",
+                    "--per-user-output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--per-user-output {tmp_path} is a folder: pass a file name" in err
+    assert err.count("\n") == 1
 
 
 def test_scores_of_the_wrong_vocabulary_size_are_rejected(tmp_path):

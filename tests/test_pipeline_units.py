@@ -342,3 +342,17 @@ def test_storage_error_finds_a_full_disk_through_every_layer():
     assert reason_or_raise(beam) == "No space left on device"
     with pytest.raises(ValueError, match="bad value"):
         reason_or_raise(ValueError("bad value"))
+
+
+def test_path_error_names_a_path_that_cannot_be_written_as_asked():
+    import errno
+
+    from pipeline.storage import path_error
+
+    assert path_error(PermissionError(errno.EACCES, "Permission denied", "run/ckpt")) == \
+        "Permission denied: run/ckpt"
+    assert path_error(IsADirectoryError(errno.EISDIR, "Is a directory", "out.json")) == \
+        "Is a directory: out.json"
+    assert path_error(OSError(errno.ENOSPC, "No space left on device")) is None  # room: storage_error
+    assert path_error(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
+    assert path_error(ValueError("Permission denied")) is None

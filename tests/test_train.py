@@ -294,9 +294,21 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     shard = os.path.join(damaged, "train", os.listdir(os.path.join(damaged, "train"))[0])
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "checkpoints").write_text("")  # a file where the run writes a folder
+    not_utf8 = tmp_path / "latin1.json"
+    not_utf8.write_bytes(b'{"train": "\xe9"}')
     cases = [
         (_args(data, run, config_file, "--strategy", "one_device:bogus"),
          "strategy 'one_device:bogus': 'bogus' is not a device"),
+        (_args(data, str(a_file), config_file), f"--model-dir {a_file} is a file: pass a run folder"),
+        (_args(data, str(blocked), config_file, "--steps", "2", "--eval-every", "0"),
+         f"cannot write to {blocked}: {blocked}/checkpoints is not a directory"),
+        (_args(data, run, str(tmp_path)), f"cannot read config file {tmp_path}: Is a directory"),
+        (_args(data, run, str(not_utf8)), f"config file {not_utf8} is not valid JSON: 'utf-8'"),
         (_args(empty, run + "2", config_file), "the train split of " + empty + " has no events"),
         (_args(damaged, run + "3", config_file, "--steps", "5"),
          f"cannot read the train split of {damaged}: truncated record"),
