@@ -7,17 +7,22 @@ import math
 from typing import Callable
 
 
-def number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
-    """An argparse `type` for `kind` (int or float) values >= `low` (> `low` if strict)."""
+def number(kind: type, low: float, strict: bool = False,
+           high: float | None = None) -> Callable[[str], float]:
+    """An argparse `type` for `kind` (int or float) values >= `low` (> `low` if strict) and,
+    with `high`, <= `high`."""
     what = {int: "an integer", float: "a number"}[kind]
     bound = f"> {low}" if strict else f">= {low}"
+    if high is not None:
+        bound = f"{bound} and <= {high}" if strict else f"from {low} to {high}"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        if not (math.isfinite(value) and (value > low if strict else value >= low)
+                and (high is None or value <= high)):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
@@ -25,14 +30,9 @@ def number(kind: type, low: float, strict: bool = False) -> Callable[[str], floa
     return parse
 
 
-def port(text: str) -> int:
-    """An argparse `type` for a TCP port: 0 (any free port) to 65535."""
-    value = non_negative_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
-    return value
-
-
 positive_int = number(int, 1)
 non_negative_int = number(int, 0)
 positive_float = number(float, 0.0, strict=True)
+port = number(int, 0, high=65535)  # 0: any free port
+count_int32 = number(int, 0, high=2**31 - 1)  # a count that goes into an int32 tensor
+message_mb = number(int, 1, high=2047)  # gRPC's message size limit is an int of bytes

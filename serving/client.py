@@ -404,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--items", default="", help="the current session so far: a,b,c")
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
-    rec.add_argument("-k", type=argtypes.non_negative_int, default=10, help="how many items")
+    rec.add_argument("-k", type=argtypes.count_int32, default=10, help="how many items")
     end = commands.add_parser("end-session", help="fold a finished session into the user's state")
     end.add_argument("--user", required=True)
     given = end.add_mutually_exclusive_group(required=True)

@@ -707,10 +707,12 @@ class ModelServer:
                              "pass the folder that holds the numbered versions (its parent, "
                              "the --export-base of serving.export)")
         if min(max_batch_size, max_message_mb, num_versions, num_batch_threads) < 1 \
-                or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535:
+                or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535 \
+                or max_message_mb > 2047:
             raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb and "
                              "--num-versions must be >= 1, --poll-seconds > 0, "
-                             "--batch-timeout-micros >= 0 and --port from 0 to 65535")
+                             "--batch-timeout-micros >= 0, --port from 0 to 65535 and "
+                             "--max-message-mb at most 2047")
         self.ready = threading.Event()
         self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready)
         self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads)
@@ -798,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="merged calls that may run at the same time")
     parser.add_argument("--poll-seconds", type=argtypes.positive_float, default=1.0,
                         help="how often the base path is scanned for new versions")
-    parser.add_argument("--max-message-mb", type=argtypes.positive_int, default=16,
+    parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,
                         help="request and response size cap")
     parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "

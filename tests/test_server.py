@@ -314,8 +314,9 @@ def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--port", "99999", "--port: must be a port number from 0 to 65535, got 99999"),
-    ("--port", "-5", "--port: must be >= 0, got -5"),
+    ("--port", "99999", "--port: must be from 0 to 65535, got 99999"),
+    ("--max-message-mb", "2048", "--max-message-mb: must be from 1 to 2047, got 2048"),
+    ("--port", "-5", "--port: must be from 0 to 65535, got -5"),
     ("--max-batch-size", "0", "--max-batch-size: must be >= 1, got 0"),
     ("--poll-seconds", "0", "--poll-seconds: must be > 0.0, got 0"),
     ("--batch-timeout-micros", "x", "--batch-timeout-micros: 'x' is not an integer")])
