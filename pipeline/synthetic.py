@@ -46,6 +46,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline import argtypes
+
 DEFAULT_USERS = 700
 START_TIME = 1_600_000_000
 
@@ -84,10 +86,16 @@ def generate(users: int = DEFAULT_USERS, *, seed: int = 0, items: int = 5000, to
     Raises:
       ValueError: an argument out of range.
     """
-    if users < 1 or items < topics or topics < 2:
-        raise ValueError(f"need users >= 1 and items >= topics >= 2, got {users}, {items}, {topics}")
     if not 0 <= repeat_prob <= 1 or not 0 <= drift <= 1:
         raise ValueError(f"repeat_prob and drift must be in [0, 1], got {repeat_prob}, {drift}")
+    # a user likes up to 3 topics (one more to drift to) and 3 favourite items of each
+    fewest_topics = 4 if drift > 0 else 3
+    if users < 1 or topics < fewest_topics or items < 3 * topics:
+        raise ValueError(f"need users >= 1, topics >= {fewest_topics}"
+                         f"{' (3 with drift 0)' if drift > 0 else ''} and items >= 3 x topics, "
+                         f"got {users} users, {topics} topics, {items} items")
+    if max_events is not None and max_events < 1:
+        raise ValueError(f"max_events must be >= 1, got {max_events}")
     if not 1 <= sessions[0] <= sessions[1]:
         raise ValueError(f"sessions must be (fewest, most) with 1 <= fewest <= most, got {sessions}")
     rng = np.random.default_rng(seed)
@@ -195,10 +203,10 @@ def main(argv=None) -> int:
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", required=True, metavar="FILE")
-    p.add_argument("--users", type=int, default=DEFAULT_USERS, help="number of users")
+    p.add_argument("--users", type=argtypes.positive_int, default=DEFAULT_USERS, help="number of users")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same log)")
-    p.add_argument("--items", type=int, default=5000, help="catalogue size")
-    p.add_argument("--topics", type=int, default=50, help="number of latent topics")
+    p.add_argument("--items", type=argtypes.positive_int, default=5000, help="catalogue size")
+    p.add_argument("--topics", type=argtypes.positive_int, default=50, help="number of latent topics")
     p.add_argument("--repeat-prob", type=float, default=0.3,
                    help="probability that an event revisits an item of the user's history")
     p.add_argument("--drift", type=float, default=0.1,
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
                    help="exponent of the global popularity law")
     p.add_argument("--sessions", default="5,30", metavar="MIN,MAX",
                    help="sessions per user, drawn uniformly from MIN..MAX")
-    p.add_argument("--max-events", type=int, default=None,
+    p.add_argument("--max-events", type=argtypes.positive_int, default=None,
                    help="stop after this many events (for sizing benchmarks)")
     args = p.parse_args(argv)
     if os.path.isdir(args.output):

@@ -1,8 +1,10 @@
 """The synthetic log generator: determinism and the planted structure."""
 import collections
+import os
 import subprocess
 import sys
-import os
+
+import pytest
 
 from pipeline import synthetic
 
@@ -82,3 +84,18 @@ def test_sessions_knob_and_its_errors(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--sessions must be MIN,MAX" in res.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(topics=3), "topics >= 4 (3 with drift 0)"),
+    (dict(topics=2, drift=0.0), "topics >= 3 and items >= 3 x topics"),
+    (dict(items=50, topics=50), "got 20 users, 50 topics, 50 items"),
+    (dict(max_events=0), "max_events must be >= 1"),
+])
+def test_out_of_range_options_are_said_not_numpy_errors(options, message):
+    """Each user likes up to three topics and three items of each, and may drift to a
+    fourth topic: fewer topics or items than that is refused up front (these were numpy's
+    "Cannot take a larger sample than population" and the like)."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        synthetic.generate(20, seed=0, **options)
+    assert len({r.item for r in synthetic.generate(20, seed=0, topics=3, drift=0.0, items=9)}) <= 9
