@@ -24,6 +24,18 @@ HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width
 _START = time.perf_counter()
 
 
+def quick_values(parser, argv, args, **values) -> None:
+    """--quick's small sizes, for the options the command line did not give (a value the
+    user passed is kept)."""
+    import argparse
+
+    unset = object()  # argparse leaves a namespace's value where the command line gives none
+    seen = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(values, unset)))
+    for key, value in values.items():
+        if getattr(seen, key) is unset:
+            setattr(args, key, value)
+
+
 def log(message: str) -> None:
     """Progress on stderr with the seconds since start (stdout ends with the JSON line)."""
     print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)

@@ -75,7 +75,7 @@ def parse_args(argv):
     if args.steps is None:
         args.steps = 3 if args.quick else 20
     if args.quick:
-        args.users, args.long_users = 150, 8
+        bench_lib.quick_values(p, argv, args, users=150, long_users=8)
     return args
 
 

@@ -50,11 +50,13 @@ def main(argv=None) -> int:
     """Generates the log, runs the pipeline, prints the JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--events", type=bench_lib.positive_int, default=1_000_000)
-    p.add_argument("--quick", action="store_true", help="50,000 events")
+    p.add_argument("--quick", action="store_true", help="50,000 events (unless --events)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after --")
     args = p.parse_args(argv)
-    n = 50_000 if args.quick else args.events
+    if args.quick:
+        bench_lib.quick_values(p, argv, args, events=50_000)
+    n = args.events
     sys.path.insert(0, REPO)
     from pipeline import synthetic
 

@@ -60,7 +60,8 @@ def parse_args(argv):
     if args.steps is None:
         args.steps = 5 if args.quick else 40
     if args.quick:
-        args.sizes, args.base_users, args.warmup, args.repeats = [1000, 10000], 300, 1, 1
+        bench_lib.quick_values(p, argv, args, sizes=[1000, 10000], base_users=300, warmup=1,
+                               repeats=1)
     return args
 
 

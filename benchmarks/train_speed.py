@@ -75,7 +75,8 @@ def parse_args(argv):
     if args.catalogue is None:
         args.catalogue = 20_000 if args.quick else 500_000
     if args.quick:  # small geometry: the point is that the script runs, not the figures
-        args.users, args.warmup, args.batch_size, args.sessions_per_batch = 100, 1, 16, 4
+        bench_lib.quick_values(p, argv, args, users=100, warmup=1, batch_size=16,
+                               sessions_per_batch=4)
     return args
 
 

@@ -63,3 +63,23 @@ def test_scale_quick():
     assert set(result["sizes"]) == {"1000", "10000"}
     assert all(s["events_per_s"] > 0 and s["peak_rss_mb"] > 0 for s in result["sizes"].values())
     assert result["memory_growth"] > 0
+
+
+def test_quick_keeps_the_sizes_the_command_line_gives():
+    import argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_lib
+    finally:
+        sys.path.pop(0)
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--users", type=int, default=2300)
+    p.add_argument("--sizes", type=lambda t: [int(v) for v in t.split(",")], default="10,20")
+    for argv, expected in ((["--quick"], (100, [1, 2])),
+                           (["--quick", "--users", "2300"], (2300, [1, 2])),  # given, kept
+                           (["--quick", "--sizes=5,6"], (100, [5, 6]))):
+        args = p.parse_args(argv)
+        bench_lib.quick_values(p, argv, args, users=100, sizes=[1, 2])
+        assert (args.users, args.sizes) == expected
