@@ -525,7 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{config_lib.DEFAULT_STEPS} unless a --config sets train.steps "
                              "or train.epochs)")
     budget.add_argument("--budget-minutes", type=argtypes.positive_float,
-                        help="training minutes per neural model")
+                        help="training minutes per neural model (a faster model still "
+                             f"stops at model.train's {config_lib.DEFAULT_STEPS} steps, which "
+                             "size its learning-rate decay; more with --train-args "
+                             "'NAME=--steps N')")
     p.add_argument("--seeds", type=argtypes.positive_int, default=3,
                    help="training seeds per neural model (default: %(default)s)")
     p.add_argument("--eval-every", type=argtypes.non_negative_int, default=100,

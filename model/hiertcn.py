@@ -5,12 +5,14 @@ TCN inside the session, conditioned on the high-level state at every step.
     u_t = TCN([start, x_1 .. x_{t}] each concat h_n, projected to C)_t
     p(item | u_t) = softmax(u_t W^T + b)
 
-With the repeat head (RepeatNet-style; on by default with the full softmax), the next
-item is a mixture
-    p(item | u_t) = (1 - w_t) softmax(u_t W^T + b) + w_t p_rep(item | u_t, recent items),
-w_t = sigmoid(u_t . g + b_g), p_rep = attention of u_t over the user's last N items and the
-session so far (`layers.RepeatHead`), summed per item. The reserved indices get
-probability 0, and everything is computed in log space.
+With the repeat head (RepeatNet-style; on by default, with either loss), the next item is
+a mixture
+    p(item | u_t) = (1 - w_t) softmax(u_t W^T + b + seen bias) + w_t p_rep(item | u_t, recent items),
+w_t = sigmoid(u_t . g + b_g), p_rep = attention of u_t over the newest `repeat_window`
+(50) items of the user's history and session so far, and over the first items of the
+user's last `start_items` sessions (`layers.RepeatHead`), summed per item; the seen bias is
+a learned bias on the catalogue scores of the newest `history_size` (200) known items.
+The reserved indices get probability 0, and everything is computed in log space.
 """
 from __future__ import annotations
 

@@ -75,7 +75,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"training steps (default {config_lib.DEFAULT_STEPS})")
     budget.add_argument("--epochs", type=argtypes.positive_int,
                         help="passes over the training users")
-    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this wall time")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop (with a checkpoint) after this wall time; the steps (default "
+                        f"{config_lib.DEFAULT_STEPS}) or epochs still end a faster run and size "
+                        "the learning-rate decay")
     p.add_argument("--batch-size", type=int, help="B rows")
     p.add_argument("--sessions-per-batch", type=int, help="S sessions per row per batch")
     p.add_argument("--max-session-length", type=int, help="L items per session chunk")

@@ -298,7 +298,8 @@ def assemble_sequence_example(user_id: str, num_context_sessions: int,
 def make_sequence_example(user_id: str, num_context_sessions: int,
                           sessions: Sequence[Sequence[int]],
                           times: Sequence[Sequence[int]]) -> bytes:
-    """Serializes one user's record (used by the Beam writer).
+    """Serializes one user's record (the Beam writer assembles the same bytes from
+    `encode_int64_features` pieces with `assemble_sequence_example`).
 
     The protobuf wire format of `tf.train.SequenceExample` is written directly, so Beam
     workers never import TensorFlow (seconds per process); `tf.io` and `example_pb2`

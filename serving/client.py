@@ -142,9 +142,12 @@ class HierTCNClient:
           max_message_mb: cap on request and response size.
           session_width: fixed width of `session_items`, for TF Serving's batching, which
             only merges equal shapes: next_items/user_embedding keep the newest
-            `session_width` items (exact when it is at least the TCN's receptive field
-            and the model has no `session_summary`, which averages the whole session);
-            update_state pads to a multiple of it (the session mean needs every item).
+            `session_width` items and put the older ones on the end of `history_items`,
+            where a repeat head reads them as before (exact when the width is at least
+            the TCN's receptive field, `history_width` at least the head's
+            `history_size`, and the model has no `session_summary`, which averages the
+            whole session); update_state pads to a multiple of it (the session mean
+            needs every item).
             None: the longest session of the call.
           history_width: fixed width of `history_items` (newest kept); None: the longest.
           tls: connect with TLS (a server behind TLS: TF Serving's --ssl_config_file, a
@@ -343,6 +346,11 @@ class HierTCNClient:
     def _scoring_inputs(self, states: Any, sessions: Sequence[Sequence[str]],
                         history: Sequence[Sequence[str]] | None) -> dict[str, np.ndarray]:
         history = history if history is not None else [[] for _ in sessions]
+        if self.session_width is not None:
+            # the session's items older than the fixed width go on the end of the history:
+            # a repeat head reads history + session, which is then the same sequence
+            cut = [max(len(s) - self.session_width, 0) for s in sessions]
+            history = [list(h) + list(s[:c]) for h, s, c in zip(history, sessions, cut)]
         return {"user_state": np.asarray(states, np.float32),
                 "session_items": pad_rows(sessions, self.session_width, truncate=True),
                 "history_items": pad_rows(history, self.history_width, truncate=True)}

@@ -63,7 +63,8 @@ ITEM_IDS = "item_ids"
 SCORES = "scores"
 EMBEDDING = "embedding"
 
-# Name of the optional model method that scores with the user's history (repeat head).
+# Name of the model method that scores with the user's history (every SequenceModel has
+# it; a model without a repeat head ignores the history).
 HISTORY_SCORER = "item_scores_with_history"
 
 
@@ -83,10 +84,11 @@ class ServingModule(tf.Module):
 
         Args:
           model: a built `model.sequence_model.SequenceModel` (`state_size`,
-            `update_state`, `last_user_embedding`, `item_logits`; optionally
-            `item_scores_with_history(user [B, D], history int64 [B, N]) -> [B, V]`,
-            which `next_items` then uses with the `history_items` input, followed by the
-            session so far when the model's `history_size` > 0).
+            `update_state`, `last_user_embedding`, `item_logits`, and
+            `item_scores_with_history(user [B, D], history int64 [B, N], state [B, H])
+            -> [B, V]`, which `next_items` uses with the `history_items` input, followed
+            by the session so far when the model's `history_size` > 0; a duck-typed
+            model without that method is scored with `item_logits`).
           vocab_file: one raw id per line, line n = index n (rows 0 and 1 reserved).
           vocab_size: number of lines of `vocab_file` (the model's output width).
         """

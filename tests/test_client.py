@@ -112,6 +112,35 @@ def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):
                                    client.update_state(state, [session]), rtol=1e-5, atol=1e-6)
 
 
+def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
+    """With a repeat head, the session's items older than the fixed width move onto the
+    end of the history (the head reads history + session): the export scores the fixed-width
+    request as the ragged one."""
+    from model import registry
+
+    vocab = lib.tiny_vocabulary()
+    tf.keras.utils.set_random_seed(0)
+    model = registry.build_model("hiertcn", lib.TINY.replace(
+        {"repeat_head": True, "history_size": 6, "start_items": 0}), vocab.size)
+    model.repeat_head.gate_bias.assign(1.0)  # the history weighs in the ranking
+    model.repeat_head.set_seen_bias(-0.5)
+    fn = tf.saved_model.load(export.export_model(model, vocab, str(tmp_path))).signatures[
+        "next_items"]
+    state = np.random.default_rng(3).normal(size=[2, model.state_size]).astype(np.float32)
+    sessions = [[f"item{i}" for i in (3, 1, 4, 1, 5, 9, 2, 6)], ["item7"]]
+    history = [["item0", "item8"], ["item2"]]
+    outputs = []
+    for widths in ({}, {"session_width": 4, "history_width": 6}):
+        with HierTCNClient("127.0.0.1:1", NAME, **widths) as c:  # no call goes out
+            inputs = c._scoring_inputs(state, sessions, history)
+        outputs.append(fn(**{k: tf.constant(v) for k, v in inputs.items()}, k=tf.constant(5)))
+    assert inputs["session_items"].shape == (2, 4) and inputs["history_items"].shape == (2, 6)
+    np.testing.assert_array_equal(outputs[1]["item_ids"], outputs[0]["item_ids"])
+    np.testing.assert_allclose(outputs[1]["scores"], outputs[0]["scores"], atol=1e-5)
+    assert inputs["history_items"][0].tolist() == ["item0", "item8", "item3", "item1", "item4",
+                                                   "item1"]
+
+
 def test_k_larger_than_catalogue_clamps(client, served):
     ids, _ = client.next_items(client.zero_states(1), [[]], k=1000)
     assert sorted(ids[0]) == sorted(served["vocab"].ids[2:])
