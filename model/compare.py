@@ -610,9 +610,9 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if storage.path_error(e):
-            print(f"error: cannot write under {args.output}: {storage.path_error(e)}",
-                  file=sys.stderr)
+        where = storage.path_error(e)
+        if where:
+            print(f"error: cannot write under {args.output}: {where}", file=sys.stderr)
             return 2
         print(f"error: cannot write under {args.output}: {storage.reason_or_raise(e)}; the "
               "finished runs are kept: make room and rerun the same command", file=sys.stderr)

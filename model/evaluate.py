@@ -276,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not schema.is_folder(args.data):
             raise schema.DataError(f"--data {args.data}: no such folder")
-        for option, path in (("--output", args.output), ("--per-user-output", args.per_user_output)):
+        for option, path in (("--output", args.output),
+                             ("--per-user-output", args.per_user_output)):
             if path and os.path.isdir(path):  # said now, not after the whole evaluation
                 raise schema.DataError(f"{option} {path} is a folder: pass a file name")
         schema.read_vocabulary(args.data)
@@ -312,9 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as e:
         written = " and ".join(p for p in (args.per_user_output, args.output) if p)
+        where = storage.path_error(e)
         print(f"{parser.prog}: error: cannot write {written or 'the results'}: "
-              f"{storage.path_error(e) or storage.reason_or_raise(e)}", file=sys.stderr)
-        return 2 if storage.path_error(e) else 1
+              f"{where or storage.reason_or_raise(e)}", file=sys.stderr)
+        return 2 if where else 1
     print(json.dumps(result, indent=2))
     return 0
 

@@ -707,9 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, tf.errors.OpError) as e:
-        if storage.path_error(e):
-            print(f"error: cannot write to {args.model_dir}: {storage.path_error(e)}",
-                  file=sys.stderr)
+        where = storage.path_error(e)
+        if where:
+            print(f"error: cannot write to {args.model_dir}: {where}", file=sys.stderr)
             return 2
         print(f"error: cannot write to {args.model_dir}: {storage.reason_or_raise(e)}; it keeps "
               "its last complete checkpoint: make room and rerun the same command to resume",

@@ -790,10 +790,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=argtypes.port, default=8500, help="gRPC port (0 = any free port)")
+    parser.add_argument("--port", type=argtypes.port, default=8500,
+                        help="gRPC port (0 = any free port)")
     parser.add_argument("--enable-batching", action="store_true",
                         help="merge concurrent requests into one model call")
-    parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64, help="rows per merged call")
+    parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64,
+                        help="rows per merged call")
     parser.add_argument("--batch-timeout-micros", type=argtypes.non_negative_int, default=0,
                         help="how long a batch waits for more requests (0 = take what is queued)")
     parser.add_argument("--num-batch-threads", type=argtypes.positive_int, default=1,
