@@ -23,22 +23,23 @@ def test_read_vocabulary_rejects_missing_and_foreign_files(tmp_path):
         schema.read_vocabulary(str(tmp_path))
     # damaged files are DataError (one line in every command), never ValueError
     head = "index\titem_id\tcount\n0\t[PAD]\t0\n"
-    for text, match in ((head + "1\t[UNK]\tx\n", "line 3 must be '1<TAB>item<TAB>count'"),
-                        (head + "z\t[UNK]\t0\n", "line 3 must be"),
-                        (b"\xff\xfe\x00", "not a UTF-8 tab-separated file")):
-        path = tmp_path / schema.ITEMS_FILE
-        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
-        with pytest.raises(schema.DataError, match=match):
-            schema.read_vocabulary(str(tmp_path))
+    _each_is_a_data_error(schema.read_vocabulary, tmp_path / schema.ITEMS_FILE, [
+        (head + "1\t[UNK]\tx\n", "line 3 must be '1<TAB>item<TAB>count'"),
+        (head + "z\t[UNK]\t0\n", "line 3 must be"),
+        (b"\xff\xfe\x00", "not a UTF-8 tab-separated file")])
 
 
 def test_read_stats_rejects_damaged_files(tmp_path):
-    for text, match in (("{cut", "is not valid JSON"), ("[1]", "must hold a JSON object"),
-                        (b"\xff", "is not valid JSON")):
-        path = tmp_path / schema.STATS_FILE
-        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    _each_is_a_data_error(schema.read_stats, tmp_path / schema.STATS_FILE, [
+        ("{cut", "is not valid JSON"), ("[1]", "must hold a JSON object"),
+        (b"\xff", "is not valid JSON")])
+
+
+def _each_is_a_data_error(read, path, cases):
+    for content, match in cases:
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         with pytest.raises(schema.DataError, match=match):
-            schema.read_stats(str(tmp_path))
+            read(str(path.parent))
 
 
 def test_sequence_example_round_trip_through_the_tf_data_parser(tmp_path):
