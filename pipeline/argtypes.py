@@ -1,10 +1,22 @@
 """argparse types shared by the commands (`python -m pipeline`, `model.train`,
-`model.evaluate`, `serving.client`, `serving.server`): a bad number is one line naming the option."""
+`model.evaluate`, `serving.client`, `serving.server`): a bad number is one line naming the
+option; and the help formatter that says the defaults there are."""
 from __future__ import annotations
 
 import argparse
 import math
 from typing import Callable
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter without "(default: None)" on options that
+    have no default (required ones, optional values) and "(default: False)" on flags."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def number(kind: type, low: float, strict: bool = False,

@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     """CLI entry point."""
     p = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
                                 description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argtypes.DefaultsHelpFormatter)
     p.add_argument("--output", required=True, metavar="FILE")
     p.add_argument("--users", type=argtypes.positive_int, default=DEFAULT_USERS, help="number of users")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same log)")

@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m serving.client",
                                      description="Query a served HierTCN model over gRPC.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
     parser.add_argument("--model-name", required=True, help="the served model's name")
     parser.add_argument("--state-db", default="user_states.sqlite",

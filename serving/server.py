@@ -771,21 +771,11 @@ class ModelServer:
         self._poller.join(timeout=grace)
 
 
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """Says an option's default where it has one (not for required options and flags)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m serving.server",
                                      description=__doc__.split("\n")[0],
-                                     formatter_class=_DefaultsFormatter)
+                                     formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
     parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
     parser.add_argument("--host", default="127.0.0.1",
