@@ -254,11 +254,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = _Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="folder written by `python -m pipeline`")
-    parser.add_argument("--split", required=True, choices=EVAL_SPLITS)
+    parser.add_argument("--split", required=True, choices=EVAL_SPLITS,
+                        help="valid to choose, test to report (once per model)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-dir", help="a training run folder (python -m model.train)")
     which.add_argument("--model", choices=baselines.NAMES,
-                       help="a baseline, fitted here on the train split only")
+                       help="a baseline, fitted here on the train split only: popularity (train "
+                            "counts), sknn (V-SKNN session kNN), spop (counts in the session), "
+                            "upop (the user's recency-weighted counts), mv (counts among the "
+                            "user's last 10 events)")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                         help="with --model-dir: the best-on-valid weights (default; the latest "
                              "when the run never evaluated on valid) or the latest")
@@ -267,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write each user's events and metric sums here (for paired "
                              "significance tests between models, as model.compare does)")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=64,
-                        help="users side by side")
+                        help="users side by side (default 64)")
     parser.add_argument("--max-users", type=argtypes.positive_int,
                         help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -58,6 +58,9 @@ def _scalar(name: str, value: float, step: int) -> None:
 LOG_FILE_SECONDS = 30.0
 
 
+TRAIN = config_lib.TrainConfig()  # the defaults --help names
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (for example a NaN loss)."""
 
@@ -65,7 +68,7 @@ class TrainingError(RuntimeError):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="pipeline output folder")
-    p.add_argument("--model", default="hiertcn", help=f"model name ({', '.join(registry.MODELS)})")
+    p.add_argument("--model", default="hiertcn", help=f"model name ({', '.join(registry.MODELS)}; default hiertcn)")
     p.add_argument("--model-dir", required=True, help="run folder (created; reused to resume)")
     p.add_argument("--config", help="JSON config file (see model/config.py)")
     p.add_argument("--preset", choices=["deep"],
@@ -79,10 +82,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="stop (with a checkpoint) after this wall time; the steps (default "
                         f"{config_lib.DEFAULT_STEPS}) or epochs still end a faster run and size "
                         "the learning-rate decay")
-    p.add_argument("--batch-size", type=int, help="B rows")
-    p.add_argument("--sessions-per-batch", type=int, help="S sessions per row per batch")
-    p.add_argument("--max-session-length", type=int, help="L items per session chunk")
-    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--batch-size", type=int, help=f"B rows (default {TRAIN.batch_size})")
+    p.add_argument("--sessions-per-batch", type=int,
+                   help=f"S sessions per row per batch (default {TRAIN.sessions_per_batch})")
+    p.add_argument("--max-session-length", type=int,
+                   help=f"L items per session chunk (default {TRAIN.max_session_length})")
+    p.add_argument("--learning-rate", type=float,
+                   help=f"Adam's initial rate, divided by {TRAIN.lr_decay_factor:g} at "
+                        + " and ".join(f"{x:.0%}%" for x in TRAIN.lr_decay_at)  # %% for argparse
+                        + f" of the steps (default {TRAIN.learning_rate:g})")
     p.add_argument("--optimizer", choices=["lazy_adam", "adam"],
                    help="lazy_adam (default: embedding rows updated only when in the batch) or adam")
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
@@ -95,14 +103,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float,
                    help="dropout rate of the model (hiertcn: after each convolution, default "
                         "0.3; hrnn, gru4rec: on the GRU outputs, default 0; tcn: 0)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=f"initial weights and batch order (default {TRAIN.seed})")
     p.add_argument("--eval-every", type=int,
                    help="steps between valid evaluations, and one at the end; the best valid "
-                        "weights are kept (default 200; 0: off, the last weights are used)")
+                        f"weights are kept (default {TRAIN.eval_every}; 0: off, the last weights are used)")
     p.add_argument("--eval-users", type=int,
                    help="valid users per evaluation, the same each time, chosen by a hash of "
-                        "their ids (0: all)")
-    p.add_argument("--checkpoint-every", type=int)
+                        f"their ids (0: all; default {TRAIN.eval_users:,})")
+    p.add_argument("--checkpoint-every", type=int,
+                   help=f"steps between checkpoints (default {TRAIN.checkpoint_every})")
     head = p.add_mutually_exclusive_group()
     head.add_argument("--repeat-head", action="store_true",
                       help="hiertcn: mix in attention over the user's last items (RepeatNet-style; "
@@ -118,9 +127,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-high-level", action="store_true",
                    help="the high-level state stays zero (with --no-repeat-head: the "
                         "session-only ablation; the repeat head reads the user's history)")
-    p.add_argument("--mixed-precision", action="store_true")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="float16 compute, float32 weights (for GPUs)")
     p.add_argument("--jit-compile", action="store_true", help="XLA-compile the model's encoder")
-    p.add_argument("--strategy", help="default, mirrored or one_device:DEVICE")
+    p.add_argument("--strategy", help="default (the default), mirrored or one_device:DEVICE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

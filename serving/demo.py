@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from model import processes
-from pipeline import schema
+from pipeline import argtypes, schema
 
 PY = sys.executable
 # A demo folder holds this file: only such a folder is replaced by the next demo.
@@ -100,12 +100,14 @@ def _stop(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0],
+                                formatter_class=argtypes.DefaultsHelpFormatter)
     p.add_argument("--output", default="demo_out", help="folder for everything the demo writes")
-    p.add_argument("--users", type=int, default=None,
+    p.add_argument("--users", type=argtypes.positive_int, default=None,
                    help="synthetic users (default: the generator's demo size)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (a short CPU run)")
-    p.add_argument("--model-name", default="hiertcn")
+    p.add_argument("--steps", type=argtypes.positive_int, default=600,
+                   help="training steps (a short CPU run)")
+    p.add_argument("--model-name", default="hiertcn", help="the served model's name")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     prepare_output(out)
