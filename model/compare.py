@@ -163,7 +163,9 @@ def _significance(g: dict) -> str:
 def _columns() -> list[tuple[str, str, bool]]:
     """(title, dotted key, higher is better) of the Markdown table."""
     cols = [(k.replace("recall", "R").replace("mrr", "MRR"), k, True) for k in METRIC_KEYS]
-    for g, title in (("first_item", "first"), ("repeat", "repeat"), ("new", "new")):
+    titles = {"first_item": "first", "returning_users": "returning", "cold_users": "cold"}
+    for g in GROUPS:
+        title = titles.get(g, g)
         cols += [(f"{title} R@20", f"{g}.recall@20", True), (f"{title} MRR@20", f"{g}.mrr@20", True)]
     cols += [("train s", "train_seconds", False), ("events/s", "events_per_s", True),
              ("params", "parameters", False)]
@@ -213,10 +215,13 @@ def markdown_table(results: dict) -> str:
             sig = _significance(g) if "paired" in g else ""
             lines.append(f"HierTCN vs best baseline ({g['best_baseline']}) on {key}: "
                          f"{g['hiertcn']:.4f} vs {g['baseline']:.4f} ({rel}{sig})")
-    events = next(iter(models.values())).get("events")
+    first = next(iter(models.values()))
+    events, cold = first.get("events"), _get(first, "cold_users.events")
+    cold_text = "" if cold is None else f", {cold:,.0f} of them of cold users (no earlier sessions)"
     lines.append("")
-    lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2), "
-                 "full-catalogue ranking, conservative ties (README § Evaluation protocol).")
+    lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2)"
+                 f"{cold_text}, full-catalogue ranking, conservative ties (README § Evaluation "
+                 "protocol).")
     return "\n".join(lines) + "\n"
 
 

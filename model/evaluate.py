@@ -12,7 +12,8 @@ feeds the session through `Scorer.update`: a scored session becomes history for 
 next one. Position 0 of a session (predicted from history alone) is
 reported as `first_item`; positions >= 1 give the headline metrics, split into `repeat`
 (target seen earlier in the user's history, context included, or earlier in the session)
-and `new`. An unknown target (index 1) is never a repeat.
+and `new`, and by user into `returning_users` (the record has context sessions) and
+`cold_users` (it has none). An unknown target (index 1) is never a repeat.
 
 Usage:
   python -m model.evaluate --data DIR --split test --model sknn --output sknn.json
@@ -113,6 +114,7 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
         state = scorer.update(state, _pad(rows))
     targets = [u.sessions[u.num_context_sessions:] for u in users]
+    cold = np.array([u.num_context_sessions == 0 for u in users])
     for step in range(max(len(t) for t in targets)):
         rows = [t[step] if step < len(t) else empty for t in targets]
         sessions = _pad(rows)
@@ -125,7 +127,7 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         first[:, 0] = True
         user = np.repeat(np.arange(first_user, first_user + len(users)), sessions.shape[1])
         acc.add_ranks(rank.reshape(-1), sessions.reshape(-1), repeat.reshape(-1),
-                      first.reshape(-1), user)
+                      first.reshape(-1), user, is_cold=np.repeat(cold, sessions.shape[1]))
         state = scorer.update(state, sessions)
 
 
@@ -151,8 +153,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
 
     Returns:
       The §6 metrics dict: `recall@K`, `mrr@K` (K in 1, 5, 10, 20), `events`,
-      `unknown_targets`, objects `first_item`, `repeat`, `new` with the same keys, and
-      `model`, `split`, `data`.
+      `unknown_targets`, objects `first_item`, `repeat`, `new`, `returning_users`,
+      `cold_users` with the same keys, and `model`, `split`, `data`.
 
     Raises:
       schema.DataError: the folder is not a pipeline output or the split is unknown.

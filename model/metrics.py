@@ -7,6 +7,11 @@ target, so a model that gives many items the same score gains nothing from the t
 unknown target (index 1) cannot be ranked and counts as a miss. Recall@K is the share of
 events with rank <= K, MRR@K the mean of 1/rank over events with rank <= K (0 otherwise),
 both micro-averaged over events.
+
+The headline events are also split two ways: by target (`repeat`: seen earlier in the
+user's history or session, `new`: not) and by user (`returning_users`: the user's record
+has earlier sessions, from train or an earlier split; `cold_users`: the split's sessions are
+all the user has, so only the user's own earlier target sessions are history).
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from pipeline import schema
 KS = (1, 5, 10, 20)
 METRIC_KEYS = tuple(f"recall@{k}" for k in KS) + tuple(f"mrr@{k}" for k in KS)
 COUNT_KEYS = ("events", "unknown_targets")
-GROUPS = ("first_item", "repeat", "new")
+ITEM_GROUPS = ("first_item", "repeat", "new")
+USER_GROUPS = ("returning_users", "cold_users")
+GROUPS = ITEM_GROUPS + USER_GROUPS
 # Upper bound on the elements of one [rows, vocab] comparison (bounds temporary memory).
 CHUNK_ELEMENTS = 1 << 22
 
@@ -99,9 +106,10 @@ class MetricsAccumulator:
         self._repeat: list[np.ndarray] = []
         self._first: list[np.ndarray] = []
         self._user: list[np.ndarray] = []
+        self._cold: list[np.ndarray] = []
 
     def add(self, scores: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
-            is_first: np.ndarray) -> None:
+            is_first: np.ndarray, is_cold: np.ndarray | None = None) -> None:
         """Adds a batch of events from their scores.
 
         Args:
@@ -110,11 +118,15 @@ class MetricsAccumulator:
           targets: int [N] target indices; 0 (padding) marks a row that is not an event.
           is_repeat: bool [N] the target was seen earlier in the user's history or session.
           is_first: bool [N] the target is the first item of its session.
+          is_cold: bool [N] the event's user has no sessions before the split (given for
+            every batch, or for none: then the user groups are not reported).
         """
-        self.add_ranks(event_ranks(scores, targets), targets, is_repeat, is_first)
+        self.add_ranks(event_ranks(scores, targets), targets, is_repeat, is_first,
+                       is_cold=is_cold)
 
     def add_ranks(self, rank: np.ndarray, targets: np.ndarray, is_repeat: np.ndarray,
-                  is_first: np.ndarray, user: np.ndarray | None = None) -> None:
+                  is_first: np.ndarray, user: np.ndarray | None = None,
+                  is_cold: np.ndarray | None = None) -> None:
         """Adds a batch of events from their ranks (as `ranks` computes them: `inf` for an
         unknown target); the other arguments as in `add`. `user` int [N]: each event's
         user as an index (0, 1, ...) for `per_user` (given for every batch or for none)."""
@@ -124,10 +136,17 @@ class MetricsAccumulator:
         self._first.append(np.asarray(is_first, dtype=bool)[keep])
         if user is not None:
             self._user.append(np.asarray(user, dtype=np.int32)[keep])
+        if is_cold is not None:
+            self._cold.append(np.asarray(is_cold, dtype=bool)[keep])
 
     def result(self) -> dict:
         """The metrics JSON: headline keys over non-first events plus `first_item`,
-        `repeat` and `new` objects with the same keys."""
+        `repeat` and `new` objects with the same keys, and `returning_users` and
+        `cold_users` when every batch gave `is_cold`.
+
+        Raises:
+          ValueError: `is_cold` was given for some batches but not all.
+        """
         rank = np.concatenate(self._rank) if self._rank else np.zeros(0)
         repeat = np.concatenate(self._repeat) if self._repeat else np.zeros(0, bool)
         first = np.concatenate(self._first) if self._first else np.zeros(0, bool)
@@ -137,6 +156,12 @@ class MetricsAccumulator:
         for name, mask in (("first_item", first), ("repeat", later & repeat),
                            ("new", later & ~repeat)):
             out[name] = _summary(rank[mask], unknown[mask])
+        if self._cold:
+            if len(self._cold) != len(self._rank):
+                raise ValueError("is_cold was given for some batches only")
+            cold = np.concatenate(self._cold)
+            for name, mask in (("returning_users", later & ~cold), ("cold_users", later & cold)):
+                out[name] = _summary(rank[mask], unknown[mask])
         return out
 
     def per_user(self, num_users: int) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import pytest
 
 from model import compare, processes
 from model import evaluate as evaluate_lib
+from model import metrics as metrics_lib
 from tiny_logs import planted_users, write_data
 
 TINY = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16},
@@ -57,6 +58,22 @@ def test_relative_gain_and_table_mark_the_best_value():
     assert "**0.3300**" in hier and "**0.1200**" in sknn and "0.1000 |" in hier
     assert "+10.0%" in md
     json.dumps(results)
+
+
+def test_table_has_user_group_columns_and_counts_cold_events():
+    ours, old = _metrics(0.33, 0.1), _metrics(0.30, 0.12)
+    ours["returning_users"]["recall@20"], ours["cold_users"]["events"] = 0.41, 60
+    for g in metrics_lib.USER_GROUPS:  # a run evaluated before the user groups existed
+        del old[g]
+    results = {"models": {"hiertcn": compare.aggregate([ours]), "sknn": compare.aggregate([old])}}
+    md = compare.markdown_table(results).splitlines()
+    header = [c.strip() for c in md[0].strip("|").split("|")]
+    at = header.index("returning R@20")
+    assert header[at:at + 4] == ["returning R@20", "returning MRR@20", "cold R@20", "cold MRR@20"]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in md[2:4]}
+    assert cells["hiertcn"][at] == "**0.4100**" and cells["sknn"][at:at + 4] == ["–"] * 4
+    assert "100 scored events (positions >= 2), 60 of them of cold users" in md[-1]
 
 
 def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, capsys):

@@ -106,6 +106,8 @@ def _expected():
 
     out = group(7, 4, 1)
     out.update(first_item=group(5, 3, 0), repeat=group(2, 1, 0), new=group(5, 3, 1))
+    # By user: b has no history sessions (cold: 4 hit, the unknown 1 missed); a and c have.
+    out.update(returning_users=group(5, 3, 0), cold_users=group(2, 1, 1))
     return out
 
 

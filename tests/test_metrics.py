@@ -33,10 +33,13 @@ def test_rank_rejects_bad_input():
 def test_accumulator_groups_and_micro_averages():
     acc = metrics.MetricsAccumulator()
     # Ranks 1 (first item), 3 (repeat), 4 (new), unknown (new), padding row (skipped).
+    # The first three events are a cold user's.
     acc.add(SCORES[[0, 1, 3, 2, 4]], np.array([3, 2, 5, 1, 0]),
-            np.array([True, True, False, True, True]), np.array([True, False, False, False, False]))
+            np.array([True, True, False, True, True]), np.array([True, False, False, False, False]),
+            is_cold=np.array([True, True, True, False, False]))
     # Split across calls on purpose: a second batch with rank 1 (new).
-    acc.add(SCORES[:1], np.array([3]), np.array([False]), np.array([False]))
+    acc.add(SCORES[:1], np.array([3]), np.array([False]), np.array([False]),
+            is_cold=np.array([False]))
     out = acc.result()
     assert set(out) == set(metrics.METRIC_KEYS) | set(metrics.COUNT_KEYS) | set(metrics.GROUPS)
     # Headline: ranks 3, 4, inf, 1 over 4 events.
@@ -55,6 +58,26 @@ def test_accumulator_groups_and_micro_averages():
     new = out["new"]
     assert new["events"] == 2 and new["unknown_targets"] == 0
     assert new["recall@1"] == pytest.approx(1 / 2) and new["mrr@5"] == pytest.approx((1 / 4 + 1) / 2)
+    # By user, headline events only: cold ranks 3, 4 (its first item is not headline);
+    # returning: the unknown target and rank 1.
+    cold, returning = out["cold_users"], out["returning_users"]
+    assert cold["events"] == 2 and cold["unknown_targets"] == 0
+    assert cold["recall@1"] == 0.0 and cold["recall@5"] == 1.0
+    assert cold["mrr@5"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert returning["events"] == 2 and returning["unknown_targets"] == 1
+    assert returning["recall@1"] == pytest.approx(1 / 2) and returning["mrr@20"] == pytest.approx(1 / 2)
+    for key in metrics.METRIC_KEYS:  # the two user groups partition the headline events
+        assert out[key] == pytest.approx((cold[key] * 2 + returning[key] * 2) / 4)
+
+
+def test_user_groups_need_the_cold_flag_of_every_batch():
+    acc = metrics.MetricsAccumulator()
+    acc.add(SCORES[:1], np.array([3]), np.array([False]), np.array([False]))
+    assert set(acc.result()) & set(metrics.USER_GROUPS) == set()  # not given: not reported
+    acc.add(SCORES[:1], np.array([3]), np.array([False]), np.array([False]),
+            is_cold=np.array([True]))
+    with pytest.raises(ValueError, match="some batches only"):
+        acc.result()
 
 
 def test_empty_accumulator_reports_zero_events():
