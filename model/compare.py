@@ -180,13 +180,24 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def _value(m: dict, key: str):
+    """A model's value of a dotted key; None when missing or when the key is a metric of a
+    group without events (a group's 0.0 then means nothing: no repeats in MovieLens, no
+    cold users in a log whose users are all active before the split)."""
+    group = key.split(".", 1)[0] if "." in key else None
+    if group is not None and _get(m, f"{group}.events") == 0:
+        return None
+    return _get(m, key)
+
+
 def markdown_table(results: dict) -> str:
-    """The `results.md` text: one row per model, the best value per column in bold."""
+    """The `results.md` text: one row per model, the best value per column in bold; "–"
+    where a model has no value (a baseline's training time, a group without events)."""
     models = results["models"]
     cols = _columns()
     best = {}
     for _, key, higher in cols[:len(METRIC_KEYS) + 2 * len(GROUPS)]:
-        vals = [v for v in (_get(m, key) for m in models.values()) if v is not None]
+        vals = [v for v in (_value(m, key) for m in models.values()) if v is not None]
         if vals:
             best[key] = max(vals) if higher else min(vals)
     lines = ["| model | " + " | ".join(c[0] for c in cols) + " |",
@@ -194,7 +205,7 @@ def markdown_table(results: dict) -> str:
     for name, m in models.items():
         cells = []
         for _, key, _ in cols:
-            v = _get(m, key)
+            v = _value(m, key)
             if v is None:
                 cells.append("–")
                 continue

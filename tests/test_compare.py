@@ -63,6 +63,7 @@ def test_relative_gain_and_table_mark_the_best_value():
 def test_table_has_user_group_columns_and_counts_cold_events():
     ours, old = _metrics(0.33, 0.1), _metrics(0.30, 0.12)
     ours["returning_users"]["recall@20"], ours["cold_users"]["events"] = 0.41, 60
+    ours["repeat"]["events"] = 0  # a group without events has no figures, not zeros
     for g in metrics_lib.USER_GROUPS:  # a run evaluated before the user groups existed
         del old[g]
     results = {"models": {"hiertcn": compare.aggregate([ours]), "sknn": compare.aggregate([old])}}
@@ -73,6 +74,8 @@ def test_table_has_user_group_columns_and_counts_cold_events():
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
              for line in md[2:4]}
     assert cells["hiertcn"][at] == "**0.4100**" and cells["sknn"][at:at + 4] == ["–"] * 4
+    rep = header.index("repeat R@20")
+    assert cells["hiertcn"][rep:rep + 2] == ["–", "–"] and cells["sknn"][rep] == "**0.3000**"
     assert "100 scored events (positions >= 2), 60 of them of cold users" in md[-1]
 
 
