@@ -254,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate a trained run or a baseline; prints the metrics JSON."""
     from model import baselines
 
-    parser = _Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0],
+                     formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="folder written by `python -m pipeline`")
     parser.add_argument("--split", required=True, choices=EVAL_SPLITS,
                         help="valid to choose, test to report (once per model)")
@@ -266,14 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "upop (the user's recency-weighted counts), mv (counts among the "
                             "user's last 10 events)")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                        help="with --model-dir: the best-on-valid weights (default; the latest "
-                             "when the run never evaluated on valid) or the latest")
+                        help="with --model-dir: the best-on-valid weights (the latest when the "
+                             "run never evaluated on valid) or the latest")
     parser.add_argument("--output", help="write the metrics JSON here (atomically)")
     parser.add_argument("--per-user-output", metavar="FILE.npz",
                         help="also write each user's events and metric sums here (for paired "
                              "significance tests between models, as model.compare does)")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=64,
-                        help="users side by side (default 64)")
+                        help="users side by side")
     parser.add_argument("--max-users", type=argtypes.positive_int,
                         help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -204,7 +204,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The command's own options (Beam's options are parsed by Beam)."""
     p = _Parser(
-        prog="python -m pipeline",
+        prog="python -m pipeline", formatter_class=argtypes.DefaultsHelpFormatter,
         description="Raw interaction logs → TFRecord session sequences (HierTCN).",
         epilog="Other --options go to Apache Beam, e.g. --runner DataflowRunner --project P "
                "--region R --temp_location gs://B/tmp; --direct_num_workers N locally.")
@@ -214,42 +214,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output folder (local, or gs://, s3://... through Beam's file systems)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
-    p.add_argument("--format", choices=parse.FORMATS, default="csv", help="(default csv)")
+    p.add_argument("--format", choices=parse.FORMATS, default="csv", help="input format")
     cols = p.add_mutually_exclusive_group()
     cols.add_argument("--header", dest="header", action="store_true", default=True,
-                      help="each file's first line names the columns (default)")
+                      help="each file's first line names the columns (the default)")
     cols.add_argument("--columns", metavar="a,b,c",
                       help="column names in order, for files without a header (csv/tsv)")
     p.add_argument("--delimiter", metavar="TEXT",
                    help="field separator of csv/tsv files (default ',' for csv, a tab for tsv; "
                         "'\\t' or tab: a tab); several characters, e.g. MovieLens' '::', "
                         "split without quoting")
-    p.add_argument("--user-col", default="user", help="(default user)")
-    p.add_argument("--item-col", default="item", help="(default item)")
-    p.add_argument("--time-col", default="time", help="(default time)")
+    p.add_argument("--user-col", default="user", help="user id column (jsonl: key)")
+    p.add_argument("--item-col", default="item", help="item id column (jsonl: key)")
+    p.add_argument("--time-col", default="time", help="timestamp column (jsonl: key)")
     p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s",
                    help="unix seconds, unix milliseconds or ISO 8601 text (naive times: "
-                        "UTC) (default s)")
+                        "UTC)")
     p.add_argument("--session-gap", type=argtypes.non_negative_int, default=None, metavar="SECONDS",
-                   help="a gap strictly greater starts a new session (default 1800)")
+                   help="a gap strictly greater starts a new session (default: 1800)")
     p.add_argument("--session-col", metavar="NAME",
                    help="the log's own session ids: a session is a user's events with one id, "
                         "in time order (instead of --session-gap)")
     p.add_argument("--min-item-count", type=argtypes.positive_int, default=5,
-                   help="vocabulary threshold on train events (default 5)")
+                   help="vocabulary threshold on train events")
     p.add_argument("--min-session-length", type=argtypes.positive_int, default=2,
-                   help="after collapsing immediate repeats (default 2)")
+                   help="after collapsing immediate repeats")
     p.add_argument("--split", choices=split.SPLIT_METHODS, default="time",
                    help="time: global cut-offs on session start times, the latest --test-fraction "
                         "of sessions is test and the --valid-fraction before them valid; users: "
-                        "whole users by a hash of their ids (default time)")
-    p.add_argument("--valid-fraction", type=_fraction, default=0.1, help="(default 0.1)")
-    p.add_argument("--test-fraction", type=_fraction, default=0.1, help="(default 0.1)")
+                        "whole users by a hash of their ids")
+    p.add_argument("--valid-fraction", type=_fraction, default=0.1,
+                   help="share of sessions (time) or users (users) for valid")
+    p.add_argument("--test-fraction", type=_fraction, default=0.1,
+                   help="share of sessions (time) or users (users) for test")
     p.add_argument("--max-events-per-user", type=argtypes.positive_int,
                    default=DEFAULT_MAX_EVENTS_PER_USER,
-                   help="keep each user's most recent events only (counted in stats; default "
-                        f"{DEFAULT_MAX_EVENTS_PER_USER:,})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --split users hash (default 0)")
+                   help="keep each user's most recent events only (counted in stats)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --split users hash")
     p.add_argument("--beam-logs", action="store_true",
                    help="show Apache Beam's own INFO and WARNING log lines of a local run "
                         "(hidden by default; errors always show)")

@@ -10,11 +10,14 @@ from typing import Callable
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """argparse's ArgumentDefaultsHelpFormatter without "(default: None)" on options that
-    have no default (required ones, optional values) and "(default: False)" on flags."""
+    have no default (required ones, optional values) and without a default on flags (their
+    help says what they change)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+        flag = action.nargs == 0
+        if (not flag and action.default not in (None, argparse.SUPPRESS)
+                and "%(default)" not in text):
             text += " (default: %(default)s)"
         return text
 
