@@ -55,6 +55,12 @@ def start(args, probe=None) -> bool:
     from model import quiet  # (the `model` package sets TF_USE_LEGACY_KERAS first)
 
     quiet.import_tensorflow()  # without its start-up notes
+    # Every `Trainer` traces a step function of its own from `model.train`'s one Python
+    # function, which TensorFlow's retracing detector reports as a retracing loop.
+    import tensorflow as tf
+
+    tf.get_logger().addFilter(
+        lambda record: "triggered tf.function retracing" not in record.getMessage())
 
     if probe is not None and args.probe:
         print(json.dumps(probe(args)))

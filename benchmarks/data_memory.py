@@ -164,6 +164,8 @@ def whole_history_step(model, optimizer):
     targets), Adam."""
     import tensorflow as tf
 
+    optimizer.build(model.trainable_variables)  # (as `model.train.make_train_step` does)
+
     @tf.function
     def step(tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]

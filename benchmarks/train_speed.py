@@ -3,7 +3,7 @@
 Workload: the train split of a pipeline folder (`--data DIR`, default: a fresh
 `pipeline.synthetic` log of 2,300 users, ~210k train events, through `python -m pipeline`;
 100 users and B = 16, S = 2 with `--quick`: HRNN's and GRU4Rec's first step traces one
-recurrent loop per slot, about 2.5 s each on 2 cores). Every model trains on the same
+recurrent loop per slot, over a second each on 2 cores). Every model trains on the same
 queue-generator batches (B = 32 rows, S = 10 sessions, L = 20 items by default), at width
 128 everywhere (see `bench_lib.model_config`), with the real training step of
 `model.train` (Adam, state cache carried), in two output settings: full softmax over the
@@ -77,7 +77,7 @@ def parse_args(argv):
     if args.catalogue is None:
         args.catalogue = 20_000 if args.quick else 500_000
     if args.quick:  # small geometry: the point is that the script runs, not the figures
-        # (S = 2: each slot of HRNN and GRU4Rec costs ~2.5 s of tracing per setting)
+        # (S = 2: each slot of HRNN and GRU4Rec costs over a second of tracing per setting)
         bench_lib.quick_values(p, argv, args, users=100, warmup=1, batch_size=16,
                                sessions_per_batch=2)
     return args

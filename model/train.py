@@ -365,6 +365,11 @@ def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16
                     jit_compile: bool = False):
     """A compiled step: loss, gradients, Adam update, state cache carried without gradient."""
     encode = tf.function(model.encode, jit_compile=True) if jit_compile else None
+    # Adam's moments made now: created by the first trace, they would make TensorFlow
+    # trace the step a second time (variables may only be created on a function's first
+    # trace, which it then repeats without them)
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
 
     def step_fn(batch):
         with tf.GradientTape() as tape:

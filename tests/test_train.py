@@ -124,6 +124,45 @@ def test_config_is_strict_and_round_trips(tmp_path):
     assert config_lib.load_json(path) == cfg.to_dict()
 
 
+@pytest.mark.parametrize("name", ["hiertcn", "hrnn"])
+def test_the_training_step_is_traced_once_and_equals_the_eager_step(name):
+    """Adam's moments exist before the first call, so the compiled step is traced once (a
+    variable made during a trace makes TensorFlow trace the function again: seconds of
+    start-up); batch after batch it updates the weights and the state cache as the same
+    step run eagerly does."""
+    from model import batching
+
+    rng = np.random.default_rng(0)
+    users = [[rng.integers(2, 20, size=rng.integers(1, 6)) for _ in range(3)] for _ in range(6)]
+    batches = [{k: tf.constant(v) for k, v in b.items()}
+               for b in batching.QueueBatcher(lambda: users, 2, 3, 4, epochs=1)][:3]
+    small = {"embedding_dim": 8, "dropout": 0.0}
+    if name == "hiertcn":
+        small.update(gru_units=4, channels=8, repeat_head=False)
+    tc = config_lib.TrainConfig().replace({"learning_rate": 0.05, "lr_schedule": "constant"})
+    runs = []
+    for _ in range(2):
+        tf.keras.utils.set_random_seed(0)
+        model = registry.build_model(name, registry.config_classes()[name]().replace(small), 20)
+        model.build_weights()
+        state = train_lib.TrainState(model.train_cache(2))
+        step = train_lib.make_train_step(model, train_lib.make_optimizer(tc, 10), state,
+                                         tf.distribute.get_strategy(), False)
+        runs.append((model, state, step))
+    (compiled_model, compiled_state, compiled), (eager_model, eager_state, eager) = runs
+    for batch in batches:
+        loss, n = compiled(batch)
+        eager_loss, eager_n = eager.python_function(batch)
+        assert int(n) == int(eager_n) > 0
+        np.testing.assert_allclose(loss.numpy(), eager_loss.numpy(), rtol=1e-5)
+    assert compiled.experimental_get_tracing_count() == 1
+    for a, b in zip(compiled_model.trainable_variables, eager_model.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4, err_msg=a.name)  # (Adam)
+    for a, b in zip(compiled_state.cache, eager_state.cache):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    assert int(compiled_state.step.numpy()) == int(eager_state.step.numpy()) == len(batches)
+
+
 def test_lazy_adam_updates_only_the_rows_in_the_gradient():
     """The default optimizer: a table's sparse gradient moves exactly its rows, each by
     Adam's update from its own moments (a NumPy replay over two steps); the other rows and
