@@ -21,11 +21,6 @@ Usage:
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
-    from model import quiet
-
-    quiet.import_tensorflow()
-
 import argparse
 import itertools
 import json
@@ -35,7 +30,7 @@ from typing import Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from model import base, metrics
+from model import base, metrics, quiet
 from model.atomic import write_atomically, write_json
 from model.base import Scorer
 from pipeline import argtypes, schema, storage
@@ -279,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+    # TensorFlow loads once the command line is read (a usage error is said at once), with
+    # its start-up notes held back where they are noise
+    quiet.import_tensorflow()
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
     try:
         if not schema.is_folder(args.data):

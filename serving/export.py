@@ -17,12 +17,15 @@ temporary folder and renamed into place, so TF Serving never sees a half-written
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
+if __name__ == "__main__":
+    import sys
+
     from model import quiet
+    from serving import cli
 
-    quiet.import_tensorflow()
+    cli.export_args(sys.argv[1:])  # a usage error or --help at once, before TensorFlow loads
+    quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
-import argparse
 import dataclasses
 import json
 import os
@@ -44,6 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import schema, storage
+from serving import cli
 
 VOCAB_ASSET = "item_ids.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -384,18 +388,7 @@ def _set_version(config_file: str, version: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m serving.export",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", required=True,
-                        help="training run folder (model.train --model-dir)")
-    parser.add_argument("--export-base", required=True,
-                        help="folder of versions, TF Serving's model_base_path")
-    parser.add_argument("--version", type=int, default=None,
-                        help="version number (default: next integer)")
-    parser.add_argument("--checkpoint", choices=["best", "latest"], default="best",
-                        help="the run's checkpoint with the best valid Recall@20 (default; the "
-                             "latest for a run that never evaluated) or its latest")
-    args = parser.parse_args(argv)
+    args = cli.export_args(argv)
     from model import registry  # the model package owns how a run folder is restored
 
     if not os.path.isdir(args.model_dir):

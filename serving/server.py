@@ -16,12 +16,15 @@ request. `--batch-timeout-micros` lets a batch wait for the other clients' reque
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # TensorFlow's start-up notes, held back where they are noise
+if __name__ == "__main__":
+    import sys
+
     from model import quiet
+    from serving import cli
 
-    quiet.import_tensorflow()
+    cli.server_args(sys.argv[1:])  # a usage error or --help at once, before TensorFlow loads
+    quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
-import argparse
 import collections
 import concurrent.futures
 import logging
@@ -41,8 +44,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc, status_pb2)
 
-from pipeline import argtypes
-from serving import export, protos
+from serving import cli, export, protos
 
 log = logging.getLogger("serving.server")
 
@@ -773,33 +775,7 @@ class ModelServer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m serving.server",
-                                     description=__doc__.split("\n")[0],
-                                     formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
-    parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=argtypes.port, default=8500,
-                        help="gRPC port (0 = any free port)")
-    parser.add_argument("--enable-batching", action="store_true",
-                        help="merge concurrent requests into one model call")
-    parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64,
-                        help="rows per merged call")
-    parser.add_argument("--batch-timeout-micros", type=argtypes.non_negative_int, default=0,
-                        help="how long a batch waits for more requests (0 = take what is queued)")
-    parser.add_argument("--num-batch-threads", type=argtypes.positive_int, default=1,
-                        help="merged calls that may run at the same time")
-    parser.add_argument("--poll-seconds", type=argtypes.positive_float, default=1.0,
-                        help="how often the base path is scanned for new versions")
-    parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,
-                        help="request and response size cap")
-    parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
-                        help="how many of the newest versions stay loaded (TF Serving's "
-                             "latest{num_versions}); >1 lets pinned clients finish on the old one")
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
-    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    args = parser.parse_args(argv)
+    args = cli.server_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = ModelServer(args.model_name, args.model_base_path, args.host, args.port,

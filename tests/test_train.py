@@ -163,6 +163,11 @@ def test_the_training_step_is_traced_once_and_equals_the_eager_step(name):
     assert int(compiled_state.step.numpy()) == int(eager_state.step.numpy()) == len(batches)
 
 
+def test_the_command_line_names_the_registered_models():
+    """`model.cli` reads --model's names without importing the models (TensorFlow)."""
+    assert tuple(registry.MODELS) == config_lib.MODEL_NAMES
+
+
 def test_lazy_adam_updates_only_the_rows_in_the_gradient():
     """The default optimizer: a table's sparse gradient moves exactly its rows, each by
     Adam's update from its own moments (a NumPy replay over two steps); the other rows and

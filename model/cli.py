@@ -1,0 +1,85 @@
+"""Command lines that are read before TensorFlow loads, so that a usage error or `--help`
+is answered at once rather than after TensorFlow's seconds of start-up: the module holds
+no TensorFlow import. `python -m model.train` reads its options here first."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from model import config as config_lib
+from pipeline import argtypes
+
+TRAIN = config_lib.TrainConfig()  # the defaults --help names
+TRAIN_DESCRIPTION = ("Trains a model on a pipeline data folder: `python -m model.train --data DIR "
+                     "--model-dir RUN`.")
+
+
+def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """`python -m model.train`'s options; exits with a usage error (status 2) or the help."""
+    p = argparse.ArgumentParser(prog="python -m model.train", description=TRAIN_DESCRIPTION)
+    p.add_argument("--data", required=True, help="pipeline output folder")
+    p.add_argument("--model", default="hiertcn", help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default hiertcn)")
+    p.add_argument("--model-dir", required=True, help="run folder (created; reused to resume)")
+    p.add_argument("--config", help="JSON config file (see model/config.py)")
+    p.add_argument("--preset", choices=["deep"],
+                   help="deep: 2 blocks x 2 convs, receptive field 25 >= L = 20")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=argtypes.positive_int,
+                        help=f"training steps (default {config_lib.DEFAULT_STEPS})")
+    budget.add_argument("--epochs", type=argtypes.positive_int,
+                        help="passes over the training users")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop (with a checkpoint) after this wall time; the steps (default "
+                        f"{config_lib.DEFAULT_STEPS}) or epochs still end a faster run and size "
+                        "the learning-rate decay")
+    p.add_argument("--batch-size", type=int, help=f"B rows (default {TRAIN.batch_size})")
+    p.add_argument("--sessions-per-batch", type=int,
+                   help=f"S sessions per row per batch (default {TRAIN.sessions_per_batch})")
+    p.add_argument("--max-session-length", type=int,
+                   help=f"L items per session chunk (default {TRAIN.max_session_length})")
+    p.add_argument("--learning-rate", type=float,
+                   help=f"Adam's initial rate, divided by {TRAIN.lr_decay_factor:g} at "
+                        + " and ".join(f"{x:.0%}%" for x in TRAIN.lr_decay_at)  # %% for argparse
+                        + f" of the steps (default {TRAIN.learning_rate:g})")
+    p.add_argument("--optimizer", choices=["lazy_adam", "adam"],
+                   help="lazy_adam (default: embedding rows updated only when in the batch) or adam")
+    p.add_argument("--loss", choices=list(config_lib.LOSSES),
+                   help="softmax (full), sampled (sampled softmax over --num-negatives) or "
+                        f"auto (default: full up to {config_lib.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
+    p.add_argument("--num-negatives", type=argtypes.positive_int,
+                   help="negatives per batch of the sampled loss (256)")
+    p.add_argument("--negative-exponent", type=float,
+                   help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
+    p.add_argument("--dropout", type=float,
+                   help="dropout rate of the model (hiertcn: after each convolution, default "
+                        "0.3; hrnn, gru4rec: on the GRU outputs, default 0; tcn: 0)")
+    p.add_argument("--seed", type=int, help=f"initial weights and batch order (default {TRAIN.seed})")
+    p.add_argument("--eval-every", type=int,
+                   help="steps between valid evaluations, and one at the end; the best valid "
+                        f"weights are kept (default {TRAIN.eval_every}; 0: off, the last weights are used)")
+    p.add_argument("--eval-users", type=int,
+                   help="valid users per evaluation, the same each time, chosen by a hash of "
+                        f"their ids (0: all; default {TRAIN.eval_users:,})")
+    p.add_argument("--checkpoint-every", type=int,
+                   help=f"steps between checkpoints (default {TRAIN.checkpoint_every})")
+    head = p.add_mutually_exclusive_group()
+    head.add_argument("--repeat-head", action="store_true",
+                      help="hiertcn: mix in attention over the user's last items (RepeatNet-style; "
+                           "the default)")
+    head.add_argument("--no-repeat-head", action="store_true",
+                      help="hiertcn: the published model, without the repeat head")
+    p.add_argument("--start-items", type=int,
+                   help="hiertcn: first items of the user's last N sessions the repeat head also "
+                        "points at (default 20; 0: off)")
+    p.add_argument("--no-seen-bias", action="store_true",
+                   help="hiertcn: no learned bias on the catalogue scores of the items the user "
+                        "has already seen (the repeat head's seen bias)")
+    p.add_argument("--no-high-level", action="store_true",
+                   help="the high-level state stays zero (with --no-repeat-head: the "
+                        "session-only ablation; the repeat head reads the user's history)")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="float16 compute, float32 weights (for GPUs)")
+    p.add_argument("--jit-compile", action="store_true", help="XLA-compile the model's encoder")
+    p.add_argument("--strategy", help="default (the default), mirrored or one_device:DEVICE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)

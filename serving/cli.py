@@ -1,0 +1,57 @@
+"""The serving command lines, read before TensorFlow loads (`model.cli` explains why)."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from pipeline import argtypes
+
+EXPORT_DESCRIPTION = "Exports a trained model as a TF Serving SavedModel version (README § 3. Serving)."
+SERVER_DESCRIPTION = "A TF Serving–compatible gRPC server for local use and tests (README § 3. Serving)."
+
+
+def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """`python -m serving.export`'s options; exits with a usage error (status 2) or the help."""
+    parser = argparse.ArgumentParser(prog="python -m serving.export",
+                                     description=EXPORT_DESCRIPTION)
+    parser.add_argument("--model-dir", required=True,
+                        help="training run folder (model.train --model-dir)")
+    parser.add_argument("--export-base", required=True,
+                        help="folder of versions, TF Serving's model_base_path")
+    parser.add_argument("--version", type=int, default=None,
+                        help="version number (default: next integer)")
+    parser.add_argument("--checkpoint", choices=["best", "latest"], default="best",
+                        help="the run's checkpoint with the best valid Recall@20 (default; the "
+                             "latest for a run that never evaluated) or its latest")
+    return parser.parse_args(argv)
+
+
+def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """`python -m serving.server`'s options; exits with a usage error (status 2) or the help."""
+    parser = argparse.ArgumentParser(prog="python -m serving.server",
+                                     description=SERVER_DESCRIPTION,
+                                     formatter_class=argtypes.DefaultsHelpFormatter)
+    parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
+    parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=argtypes.port, default=8500,
+                        help="gRPC port (0 = any free port)")
+    parser.add_argument("--enable-batching", action="store_true",
+                        help="merge concurrent requests into one model call")
+    parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64,
+                        help="rows per merged call")
+    parser.add_argument("--batch-timeout-micros", type=argtypes.non_negative_int, default=0,
+                        help="how long a batch waits for more requests (0 = take what is queued)")
+    parser.add_argument("--num-batch-threads", type=argtypes.positive_int, default=1,
+                        help="merged calls that may run at the same time")
+    parser.add_argument("--poll-seconds", type=argtypes.positive_float, default=1.0,
+                        help="how often the base path is scanned for new versions")
+    parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,
+                        help="request and response size cap")
+    parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
+                        help="how many of the newest versions stay loaded (TF Serving's "
+                             "latest{num_versions}); >1 lets pinned clients finish on the old one")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    return parser.parse_args(argv)
