@@ -18,7 +18,8 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m model.train`'s options; exits with a usage error (status 2) or the help."""
     p = argparse.ArgumentParser(prog="python -m model.train", description=TRAIN_DESCRIPTION)
     p.add_argument("--data", required=True, help="pipeline output folder")
-    p.add_argument("--model", default="hiertcn", help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default hiertcn)")
+    p.add_argument("--model", default="hiertcn",
+                   help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default hiertcn)")
     p.add_argument("--model-dir", required=True, help="run folder (created; reused to resume)")
     p.add_argument("--config", help="JSON config file (see model/config.py)")
     p.add_argument("--preset", choices=["deep"],
@@ -42,21 +43,25 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         + " and ".join(f"{x:.0%}%" for x in TRAIN.lr_decay_at)  # %% for argparse
                         + f" of the steps (default {TRAIN.learning_rate:g})")
     p.add_argument("--optimizer", choices=["lazy_adam", "adam"],
-                   help="lazy_adam (default: embedding rows updated only when in the batch) or adam")
+                   help="lazy_adam (default: embedding rows updated only when in the batch) "
+                        "or adam")
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
                    help="softmax (full), sampled (sampled softmax over --num-negatives) or "
                         f"auto (default: full up to {config_lib.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
     p.add_argument("--num-negatives", type=argtypes.positive_int,
                    help="negatives per batch of the sampled loss (256)")
     p.add_argument("--negative-exponent", type=float,
-                   help="the sampled loss draws negatives by train count ** this (0.5; 1: popularity)")
+                   help="the sampled loss draws negatives by train count ** this (0.5; "
+                        "1: popularity)")
     p.add_argument("--dropout", type=float,
                    help="dropout rate of the model (hiertcn: after each convolution, default "
                         "0.3; hrnn, gru4rec: on the GRU outputs, default 0; tcn: 0)")
-    p.add_argument("--seed", type=int, help=f"initial weights and batch order (default {TRAIN.seed})")
+    p.add_argument("--seed", type=int,
+                   help=f"initial weights and batch order (default {TRAIN.seed})")
     p.add_argument("--eval-every", type=int,
                    help="steps between valid evaluations, and one at the end; the best valid "
-                        f"weights are kept (default {TRAIN.eval_every}; 0: off, the last weights are used)")
+                        f"weights are kept (default {TRAIN.eval_every}; 0: off, the last "
+                        "weights are used)")
     p.add_argument("--eval-users", type=int,
                    help="valid users per evaluation, the same each time, chosen by a hash of "
                         f"their ids (0: all; default {TRAIN.eval_users:,})")

@@ -6,8 +6,10 @@ from typing import Sequence
 
 from pipeline import argtypes
 
-EXPORT_DESCRIPTION = "Exports a trained model as a TF Serving SavedModel version (README § 3. Serving)."
-SERVER_DESCRIPTION = "A TF Serving–compatible gRPC server for local use and tests (README § 3. Serving)."
+EXPORT_DESCRIPTION = ("Exports a trained model as a TF Serving SavedModel version "
+                      "(README § 3. Serving).")
+SERVER_DESCRIPTION = ("A TF Serving–compatible gRPC server for local use and tests "
+                      "(README § 3. Serving).")
 
 
 def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
