@@ -44,7 +44,7 @@ from model.evaluate import read_per_user
 from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
 from pipeline import argtypes, schema, storage
 
-NEURAL = ("hiertcn", "hrnn", "gru4rec", "tcn")
+NEURAL = config_lib.MODEL_NAMES  # trained with model.train; FITTED: fitted in model.evaluate
 HEADLINE = ("recall@20", "mrr@20")
 RECORD = "compare_run.json"
 SUMMARY = "train_summary.json"  # model.train's, written when a run ends (finished or stopped)

@@ -14,7 +14,8 @@ How to add a model (e.g. a baseline):
    over the whole history) overrides `encode` or `train_loss` instead. A session-only
    model returns zeros from `session_states` and its state unchanged from
    `update_state`.
-2. Register the class in `model.registry.MODELS`.
+2. Register the class in `model.registry.MODELS` and its name in `model.config.MODEL_NAMES`
+   (what `model.train --help` names before TensorFlow loads; a test checks they match).
 3. `python -m model.train --model NAME`, `model.evaluate --model-dir RUN` and the serving
    export then work unchanged.
 
