@@ -636,8 +636,13 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_names_its_leftovers(tmp_
     rows = [f"u{k % 997},i{k % 301},{1_600_000_000 + 7 * k}" for k in range(200_000)]
     log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
+    # Beam's own temporary folder (`Pipeline.local_tempdir`, under TMPDIR) dies with the
+    # process too: keep it out of the machine's /tmp.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
                              str(out)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(scratch)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
