@@ -190,7 +190,10 @@ class UsageError(ValueError):
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -432,7 +435,7 @@ def _raw_time(line: str, fmt) -> object:
                 else None
     except (ValueError, AttributeError):
         return None
-    if isinstance(value, str) and value.strip().upper() in ("", "\\N", "NULL", "NONE", "NAN"):
+    if isinstance(value, str) and value.strip().upper() in parse.MISSING_IDS | {""}:
         return None
     return value
 
@@ -543,6 +546,9 @@ def _resolve(argv):
                          ) from None
     if exists and not args.overwrite:
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
+    problem = outputs.local_folder_problem(output)
+    if problem:
+        raise UsageError(f"--output {output}: {problem}")
     try:
         files = sources.match_inputs(args.input)
         if exists:
@@ -615,7 +621,11 @@ def run(args, output: str, files, config, options) -> dict:
     from pipeline import sources
     from pipeline.transforms import SessionRecords
 
-    tmp = outputs.make_temp(output)
+    try:
+        tmp = outputs.make_temp(output)
+    except OSError as e:  # a file where a folder must be, no permission, ...
+        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        raise UsageError(f"--output {output}: cannot make a folder beside it ({reason})") from e
     try:
         work = outputs.join(tmp, WORK_DIR)
         runner = options.get_all_options()["runner"]
@@ -698,6 +708,9 @@ def main(argv=None) -> int:
 
     try:
         stats = run(args, output, files, config, options)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: Beam's traceback would say nothing more
         print(f"\ninterrupted: nothing was written to {output}"
               + (" (what was there is unchanged)" if outputs.exists(output) else ""),

@@ -69,6 +69,22 @@ def exists(folder: str) -> bool:
     return os.path.exists(folder) if is_local(folder) else bool(files_under(folder))
 
 
+def local_folder_problem(output: str) -> str | None:
+    """Why the folders of a local `output` (and the temporary folder beside it) cannot be
+    made, found before the run: the nearest existing folder above it is a file, or this
+    user may not write there; else None (remote outputs: None)."""
+    if not is_local(output):
+        return None
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"no permission to write in {parent}"
+    return None
+
+
 def make_temp(output: str) -> str:
     """A new, empty temporary folder beside `output` (remote: a fresh unique prefix)."""
     if is_local(output):

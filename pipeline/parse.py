@@ -148,12 +148,14 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"time {value!r} is not a number")
         try:
+            if isinstance(value, float):  # a JSON number with a fraction: keep the fraction
+                raise ValueError
             ms = int(value) * scale
         except ValueError:
-            number = float(value)
-            if not math.isfinite(number):
+            number = float(value) * scale
+            if not math.isfinite(number):  # inf, nan, or a huge number that overflows
                 raise ValueError(f"time {value!r} is not finite") from None
-            ms = math.floor(number * scale)
+            ms = math.floor(number)
     if ms < 0:
         raise ValueError(f"negative time {value!r}")
     if check_range and ms > MAX_TIME_MS:
@@ -163,12 +165,24 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     return ms
 
 
+# Ids that database and dataframe exports write for a missing value (case-insensitive):
+# such a row has no user (or item, or session), it is not one user or item called "NULL".
+MISSING_IDS = frozenset({"\\N", "NULL", "NONE", "NAN"})
+
+
 def _id(value: object, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{name} {value!r} is not a string or number")
     text = value.strip() if isinstance(value, str) else str(value)
     if not text:
         raise ValueError(f"empty {name}")
+    if len(text) <= 4 and text.upper() in MISSING_IDS:
+        raise ValueError(f"missing {name} ({text!r}, a missing-value marker)")
+    if isinstance(value, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud83d": half of a character, cut off
+            raise ValueError(f"{name} {text!r} is not valid Unicode (a lone surrogate)") from None
     return text
 
 
@@ -291,12 +305,16 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
                     ms = int(fields[t_col]) * scale if user and item and session else -1
                 except ValueError:
                     pass
-                if ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS or "\r" in item:
+                if (ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS or "\r" in item
+                        or (len(user) <= 4 and user.upper() in MISSING_IDS)
+                        or (len(item) <= 4 and item.upper() in MISSING_IDS)
+                        or (with_sessions and len(session) <= 4
+                            and session.upper() in MISSING_IDS)):
                     ms = -1  # parse_line says why
         if ms < 0:
             try:
                 user, item, ms, *session_id = parse_line(line, fmt)
-            except ValueError as e:
+            except (ValueError, OverflowError) as e:  # whatever the row, never the job
                 malformed.append((k, str(e), line))
                 continue
             if with_sessions:

@@ -240,15 +240,30 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["--runner", "InMemoryRunner"], "--runner InMemoryRunner: Unexpected pipeline runner"),
     (["--output", "s3://bucket/data"], "; s3:// needs pip install 'apache-beam[aws]'"),
     (["extra.csv"], "unexpected argument 'extra.csv'"),
+    (["--valid-fraction", "abc"], "argument --valid-fraction: 'abc' is not a number"),
+    (["--output", "{tmp}/log.csv/out"], "--output {tmp}/log.csv/out: {tmp}/log.csv is a file"),
 ])
 def test_bad_options_stop_before_output(tmp_path, capsys, args, message):
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\nu,a,1\n")
     out = tmp_path / "out"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert cli.main(["--input", str(log), "--output", str(out), *args]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert message.replace("{tmp}", str(tmp_path)) in err and err.count("\n") == 1
     assert not out.exists() and os.listdir(tmp_path) == ["log.csv"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_is_a_usage_error(tmp_path, capsys):
+    """/proc takes no new folders, whoever asks (root passes the permission check before
+    the run, and is told when the run's temporary folder cannot be made)."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\n")
+    assert cli.main(["--input", str(log), "--output", "/proc/hiertcn-out"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: --output /proc/hiertcn-out: ")
+    assert "Traceback" not in "\n".join(err) and not os.path.exists("/proc/hiertcn-out")
 
 
 def test_input_spellings_a_shell_or_a_user_would_type(tmp_path, capsys, monkeypatch):

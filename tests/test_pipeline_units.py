@@ -92,6 +92,55 @@ def test_parse_line_jsonl():
             parse.parse_line(line, fmt)
 
 
+def test_json_times_keep_their_fraction_and_overflowing_times_are_malformed_rows():
+    """A JSON float time keeps its milliseconds, as the same time written in a CSV does
+    (truncated to whole seconds, events of one second came out in input order); a time that
+    overflows (CSV 1e306 s, JSON Infinity or 1e999) is a malformed row, not a crash."""
+    for value in (1600000000.9, "1600000000.9"):
+        assert parse.parse_time_ms(value, "s") == 1600000000900
+    assert parse.parse_time_ms(1500.7, "ms") == 1500
+    with pytest.raises(ValueError, match="negative"):
+        parse.parse_time_ms(-0.5, "s")
+    for value in (1e306, "1e306", float("inf"), "1e999"):
+        with pytest.raises(ValueError):
+            parse.parse_time_ms(value, "s", check_range=False)
+    jsonl = parse.RowFormat("jsonl", "s", "u", "i", "t")
+    lines = [b'{"u": "v", "i": "b", "t": 1600000000.9}', b'{"u": "v", "i": "a", "t": 1600000000.1}',
+             b'{"u": "v", "i": "c", "t": Infinity}', b'{"u": "v", "i": "d", "t": 1e999}']
+    block = parse.parse_block(lines, jsonl, 0)
+    assert block.by_user == {"v": (["b", "a"], [1600000000900, 1600000000100], [0, 1])}
+    assert [(k, r) for k, r, _ in block.malformed] == [(2, "time inf is not finite"),
+                                                       (3, "time inf is not finite")]
+    block = parse.parse_block([b"u1,a,10", b"u1,b,1e306"], CSV, 0)
+    assert [(k, r) for k, r, _ in block.malformed] == [(1, "time '1e306' is not finite")]
+
+
+def test_missing_value_markers_and_broken_unicode_are_not_ids():
+    """`\\N`, NULL, None, NaN (any case) in an id column are a database's or a dataframe's
+    missing value, not one user or item that every such row would share; a JSON id with
+    half a character (a lone surrogate) cannot be written: both are malformed rows."""
+    lines = [b"\\N,a,1", b"NULL,b,2", b"u1,null,3", b"u1,NaN,4", b"none,c,5", b"u1,d,6",
+             b"NULLS,e,7", b"u1,\\Nx,8"]
+    block = parse.parse_block(lines, CSV, 0)
+    assert block.by_user == {"u1": (["d", "\\Nx"], [6000, 8000], [5, 7]),
+                             "NULLS": (["e"], [7000], [6])}
+    assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
+        (0, "missing user"), (1, "missing user"), (2, "missing item"), (3, "missing item"),
+        (4, "missing user")]
+    session_fmt = parse.RowFormat("csv", "s", "user", "item", "time",
+                                  ("user", "session", "item", "time"), session_col="session")
+    block = parse.parse_block([b"u1,\\N,a,1", b"u1,s1,a,1"], session_fmt, 0)
+    assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [(0, "missing session")]
+    jsonl = parse.RowFormat("jsonl", "s", "u", "i", "t")
+    block = parse.parse_block([b'{"u": "u\\ud83d", "i": "a", "t": 1}',
+                               b'{"u": "v", "i": "x\\udc00", "t": 1}',
+                               b'{"u": "v", "i": "\\ud83d\\ude00", "t": 2}'], jsonl, 0)
+    assert block.by_user == {"v": (["\U0001f600"], [2000], [2])}
+    assert [r for _, r, _ in block.malformed] == [
+        "user 'u\\ud83d' is not valid Unicode (a lone surrogate)",
+        "item 'x\\udc00' is not valid Unicode (a lone surrogate)"]
+
+
 # --- byte ranges ---------------------------------------------------------------------
 
 def test_ranges_own_each_line_once_and_number_lines(tmp_path):
