@@ -78,7 +78,7 @@ def make_inputs(vocab: schema.Vocabulary, n: int, state_size: int, history: int,
             "user_state": state,
             "session_items": np.array([[vocab.ids[i] for i in items]], dtype=object),
             "history_items": np.array([[vocab.ids[i] for i in past] or [""]], dtype=object),
-            "k": np.int32(K)})
+            "k": np.int32([K])})  # one per row: the server batches, as TF Serving would
     return out
 
 

@@ -88,11 +88,14 @@ class ModelInfo:
       version: the version number.
       state_size: H, the width of `user_state`.
       signatures: signature name → SignatureDef.
+      k_per_row: `next_items` takes `k` as one value per row ([B]; exports since
+        2026-12-02, which TF Serving's batching needs) besides a scalar.
     """
 
     version: int
     state_size: int
     signatures: dict
+    k_per_row: bool = False
 
 
 def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None,
@@ -244,8 +247,20 @@ class HierTCNClient:
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(sig_map)
         signatures = dict(sig_map.signature_def)
-        dims = signatures[SIG_UPDATE_STATE].inputs["user_state"].tensor_shape.dim
-        info = ModelInfo(int(response.model_spec.version.value), int(dims[-1].size), signatures)
+        version = int(response.model_spec.version.value)
+        state = signatures.get(SIG_UPDATE_STATE)
+        state = state.inputs.get("user_state") if state is not None else None
+        if (state is None or SIG_NEXT_ITEMS not in signatures or not state.tensor_shape.dim
+                or state.tensor_shape.dim[-1].size < 1):
+            names = ", ".join(sorted(n for n in signatures if not n.startswith("__"))) or "none"
+            raise InvalidRequest(
+                f"model {self.model_name!r} version {version} at {self.target} is not a HierTCN "
+                f"export (signatures {names}; expected "
+                f"{SIG_UPDATE_STATE} with a user_state [B, H] input and {SIG_NEXT_ITEMS}): "
+                "check --model-name, or export the run with serving.export")
+        k = signatures[SIG_NEXT_ITEMS].inputs.get("k")
+        k_per_row = k is not None and (k.tensor_shape.unknown_rank or len(k.tensor_shape.dim) == 1)
+        info = ModelInfo(version, int(state.tensor_shape.dim[-1].size), signatures, k_per_row)
         self._info[info.version] = info
         return info
 
@@ -311,6 +326,10 @@ class HierTCNClient:
         Returns:
           float32 [B, H].
         """
+        if self.session_width is not None:
+            # "" first: TF Serving's batching pads a narrower request with its first value
+            # (`pad_variable_length_inputs`), which is then the pad id the export ignores
+            sessions = [[PAD, *s] for s in sessions]
         out, _ = self.predict(SIG_UPDATE_STATE, {
             "user_state": np.asarray(states, np.float32),
             "session_items": pad_rows(sessions, self.session_width)}, version)
@@ -331,9 +350,18 @@ class HierTCNClient:
         Returns:
           (item ids [B][k'], scores float32 [B, k']), best first.
         """
-        out, _ = self.predict(SIG_NEXT_ITEMS, {
-            **self._scoring_inputs(states, sessions, history), "k": np.int32(k)}, version)
-        return _decode_ids(out["item_ids"]), out["scores"]
+        inputs = self._scoring_inputs(states, sessions, history)
+        key = self.pinned_version if version is None else version
+        info = self._info.get(key) if key is not None else None
+        if info is None:
+            info = self.metadata(version)
+            version = info.version  # the version whose signature says how to send k
+        # one k per row where the export takes it: TF Serving's batching needs it, and
+        # then answers each row with the batch's largest k (cut back to ours below)
+        inputs["k"] = (np.full([len(inputs["user_state"])], k, np.int32) if info.k_per_row
+                       else np.int32(k))
+        out, _ = self.predict(SIG_NEXT_ITEMS, inputs, version)
+        return _decode_ids(out["item_ids"][:, :k]), out["scores"][:, :k]
 
     def user_embedding(self, states: Any, sessions: Sequence[Sequence[str]],
                        history: Sequence[Sequence[str]] | None = None,

@@ -113,7 +113,9 @@ class ServingModule(tf.Module):
         state_spec = tf.TensorSpec([None, h], tf.float32, name=USER_STATE)
         session_spec = tf.TensorSpec([None, None], tf.string, name=SESSION_ITEMS)
         history_spec = tf.TensorSpec([None, None], tf.string, name=HISTORY_ITEMS)
-        k_spec = tf.TensorSpec([], tf.int32, name=K)
+        # k: a scalar, or one value per row ([B]: TF Serving's --enable_batching needs a
+        # batch dimension on every input and concatenates them); the rows get the largest.
+        k_spec = tf.TensorSpec(None, tf.int32, name=K)
         use_history = callable(getattr(model, HISTORY_SCORER, None))
 
         def lookup(ids):
@@ -152,11 +154,17 @@ class ServingModule(tf.Module):
             return {EMBEDDING: tf.cast(model.last_user_embedding(user_state, items), tf.float32)}
 
         def next_items(user_state, session_items, history_items, k):
+            ks = tf.reshape(k, [-1])
+            one_or_per_row = tf.logical_and(tf.rank(k) <= 1, tf.logical_or(
+                tf.equal(tf.size(k), 1), tf.equal(tf.size(k), tf.shape(user_state)[0])))
             checks = [check_batch(user_state, session_items, SESSION_ITEMS),
                       check_batch(user_state, history_items, HISTORY_ITEMS),
-                      tf.debugging.assert_non_negative(k, message=f"{K} must be >= 0")]
+                      tf.debugging.assert_equal(one_or_per_row, True, message=(
+                          f"{K} must be a scalar or one value per row of {USER_STATE} ([B])")),
+                      tf.debugging.assert_non_negative(ks, message=f"{K} must be >= 0")]
             with tf.control_dependencies(checks):
                 items = session(session_items)
+                k = tf.reduce_max(tf.concat([ks, [0]], axis=0))
             u = model.last_user_embedding(user_state, items)
             if use_history:
                 history = lookup(history_items)
@@ -226,7 +234,9 @@ def warmup_requests(vocabulary: schema.Vocabulary, state_size: int,
     state = tf.make_tensor_proto(np.zeros([1, state_size], np.float32))
     session = tf.make_tensor_proto(np.array([[item, schema.SERVING_PAD_ID]], dtype=object))
     history = tf.make_tensor_proto(np.array([[item]], dtype=object))
-    k = tf.make_tensor_proto(np.int32(min(10, vocabulary.num_items)))
+    # k with the batch dimension: TF Serving runs warm-up through its batching session when
+    # --enable_batching is on, which refuses a scalar input (the version would not load)
+    k = tf.make_tensor_proto(np.array([min(10, vocabulary.num_items)], np.int32))
     inputs = {
         SIG_UPDATE_STATE: {USER_STATE: state, SESSION_ITEMS: session},
         SIG_NEXT_ITEMS: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history, K: k},
@@ -304,9 +314,11 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
             json.dump({"version": version, "state_size": int(model.state_size),
                        "vocabulary_size": vocabulary.size, "config": _config_dict(config),
                        "source": source or {}}, f, indent=2, default=str)
+        _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
         while True:
             try:
                 os.rename(out, final)
+                _sync_dir(export_base)
                 break
             except OSError:
                 if not os.path.exists(final):
@@ -323,6 +335,32 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         if lock is not None:
             os.close(lock)
     return final
+
+
+def _sync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that does not sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: str) -> None:
+    """Flushes every file under `folder`, then each folder's entries, to the disk: a version
+    renamed into place must not be an empty `saved_model.pb` after a power cut."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(root)
 
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"

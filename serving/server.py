@@ -8,10 +8,10 @@ the new one has loaded and warmed up), and TF Serving's status codes for bad req
 unknown model or version NOT_FOUND, unknown signature FAILED_PRECONDITION, missing,
 extra, mis-typed or mis-shaped inputs INVALID_ARGUMENT, each message naming the input.
 
-With `--enable-batching`, concurrent requests to the same version and signature (same
-scalar inputs such as k; item-id inputs of any length, padded with "") are concatenated
-along the batch dimension, run once and split again, as TF Serving's `--enable_batching`
-does: scoring reads the whole item matrix, so one batch of 8 costs little more than one
+With `--enable-batching`, concurrent requests to the same version and signature (every
+input with the batch dimension, as TF Serving requires: `k` one value per row; item-id
+inputs of any length, padded with "") are concatenated along the batch dimension, run once
+and split again, as TF Serving's `--enable_batching` does: scoring reads the whole item matrix, so one batch of 8 costs little more than one
 request. `--batch-timeout-micros` lets a batch wait for the other clients' requests.
 """
 from __future__ import annotations
@@ -232,8 +232,11 @@ class Servable:
                                f'Serving signature key "{name}" not found. '
                                f"Available: {self._available}") from None
 
-    def warm_up(self) -> int:
-        """Runs the export's `assets.extra/tf_serving_warmup_requests`; returns the count."""
+    def warm_up(self, batching: bool = False) -> int:
+        """Runs the export's `assets.extra/tf_serving_warmup_requests`; returns the count.
+
+        With `batching` each request must pass the batching session's checks, as TF
+        Serving runs warm-up through it (a scalar input fails the load)."""
         path = os.path.join(self.path, export.ASSETS_EXTRA, export.WARMUP_FILE)
         if not os.path.exists(path):
             return 0
@@ -241,7 +244,10 @@ class Servable:
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             entry = prediction_log_pb2.PredictionLog.FromString(record)
             sig = self.signature(entry.predict_log.request.model_spec.signature_name)
-            sig.run(sig.parse_inputs(entry.predict_log.request.inputs))
+            arrays = sig.parse_inputs(entry.predict_log.request.inputs)
+            if batching:
+                Batcher.batch_rows(arrays)
+            sig.run(arrays)
             n += 1
         return n
 
@@ -274,10 +280,14 @@ class Batcher:
     queues a request becomes the runner when fewer than `num_threads` batches are
     running, so a lone request runs at once on its own thread with no hand-off.
 
-    A batch takes every waiting request with the same key (version, signature, non-batch
-    shapes, scalar inputs such as k) up to `max_batch_size` rows. String inputs of rank 2
-    (item ids) join whatever their length: they are padded at the end with "" (the
-    serving pad id), which the signatures ignore. With `timeout_s` > 0 a batch waits up
+    As in TF Serving's batching session, every input of a request needs the batch
+    dimension, the same number of rows in each (a scalar input such as a scalar `k` is
+    INVALID_ARGUMENT: send one value per row), and all of them are concatenated. A batch
+    takes every waiting request with the same key (version, signature, non-batch shapes)
+    up to `max_batch_size` rows. String inputs of rank 2 (item ids) join whatever their
+    length: they are padded at the end with "" (the serving pad id), which the signatures
+    ignore (TF Serving pads only with `pad_variable_length_inputs: true`, and with the
+    request's first value: the client's fixed widths put "" first). With `timeout_s` > 0 a batch waits up
     to that long while it has fewer rows than were in the server at once (queued or
     running, same key) since the previous batch formed: a lone client never waits, and
     N steady clients are served N at a time instead of in two alternating halves. A
@@ -298,6 +308,29 @@ class Batcher:
         self._stopped = False
 
     @staticmethod
+    def batch_rows(arrays: dict[str, np.ndarray]) -> int:
+        """The rows of a request, checked as TF Serving's batching session checks them.
+
+        Raises:
+          RequestError: INVALID_ARGUMENT for an input without the batch dimension (a scalar)
+            or with another number of rows than the others.
+        """
+        rows = None
+        for k, arr in arrays.items():
+            if arr.ndim == 0:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "Batching session Run() input tensors must have at least one dimension "
+                    f"(input {k!r}: with batching, send one value per row)")
+            if rows is not None and arr.shape[0] != rows:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "Batching Run() input tensors must have equal 0th-dimension size "
+                    f"(input {k!r} has {arr.shape[0]} rows, the others {rows})")
+            rows = arr.shape[0]
+        return rows or 0
+
+    @staticmethod
     def _padded(arr: np.ndarray) -> bool:
         return arr.dtype == object and arr.ndim == 2
 
@@ -307,14 +340,9 @@ class Batcher:
         Raises:
           RequestError: the server is stopping, or the request's own error.
         """
-        rows, shapes, scalars = 0, [], []
-        for k, arr in arrays.items():  # sorted by name
-            if k in sig.batched_inputs:
-                rows = arr.shape[0]
-                shapes.append((k, arr.dtype.str, arr.ndim if self._padded(arr) else arr.shape[1:]))
-            else:
-                scalars.append((k, arr.tobytes()))
-        key = (id(sig), tuple(shapes), tuple(scalars))
+        rows = self.batch_rows(arrays)
+        key = (id(sig), tuple((k, arr.dtype.str, arr.ndim if self._padded(arr) else arr.shape[1:])
+                              for k, arr in arrays.items()))  # sorted by name
         task = _Task(sig, key, arrays, rows)
         with self._cv:
             if self._stopped:
@@ -394,9 +422,7 @@ class Batcher:
             merged = {}
             for k, value in first.arrays.items():
                 parts = [t.arrays[k] for t in batch]
-                if k not in sig.batched_inputs:
-                    merged[k] = value
-                elif self._padded(value):
+                if self._padded(value):
                     merged[k] = _pad_strings(parts)
                 else:
                     merged[k] = np.concatenate(parts)
@@ -456,8 +482,9 @@ class ModelManager:
     """
 
     def __init__(self, name: str, base_path: str, num_versions: int = 1,
-                 on_ready: Callable[[int], None] | None = None):
+                 on_ready: Callable[[int], None] | None = None, batching: bool = False):
         self.name = name
+        self.batching = batching
         self.base_path = base_path
         self.num_versions = num_versions
         self._servables: dict[int, Servable] = {}
@@ -475,7 +502,7 @@ class ModelManager:
         before = folder_state(path)
         try:
             servable = Servable(self.name, version, path)
-            warmed = servable.warm_up()
+            warmed = servable.warm_up(self.batching)
             if folder_state(path) != before:
                 raise OSError(f"the files of {path} changed while it loaded (a copy under way?); "
                               "it loads again once they stop changing")
@@ -716,7 +743,8 @@ class ModelServer:
                              "--batch-timeout-micros >= 0, --port from 0 to 65535 and "
                              "--max-message-mb at most 2047")
         self.ready = threading.Event()
-        self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready)
+        self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready,
+                                    batching=enable_batching)
         self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads)
                         if enable_batching else None)
         self._poll_seconds = poll_seconds

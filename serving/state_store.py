@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import shutil
 import sqlite3
 import threading
@@ -177,7 +178,7 @@ class SQLiteStateStore(StateStore):
         try:
             self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                        check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._wal()
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(self._SCHEMA)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
@@ -189,6 +190,7 @@ class SQLiteStateStore(StateStore):
                 columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
             advice = ("its disk is full: make room there" if _disk_full(path)
+                      else "another process holds it locked: try again" if _locked(e)
                       else "pass another --state-db")
             raise ValueError(f"cannot open state database {path}: {e}; {advice}") from None
         if columns != list(self._COLUMNS):
@@ -196,6 +198,22 @@ class SQLiteStateStore(StateStore):
             raise ValueError(f"state database {path} has a table user_states with columns "
                              f"({', '.join(columns)}), not this store's "
                              f"({', '.join(self._COLUMNS)}): pass another --state-db")
+
+    def _wal(self, timeout_s: float = 30.0) -> None:
+        """Puts the file in WAL mode. Switching a new file needs it to itself, and SQLite
+        answers "database is locked" at once, busy timeout or not, when other processes
+        open the same new file at that moment: retried until `timeout_s`."""
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if not _locked(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     def close(self) -> None:
         """Closes the connection."""
@@ -290,6 +308,11 @@ class SQLiteStateStore(StateStore):
         with self._lock:
             return self._db.execute("DELETE FROM user_states WHERE user_id = ?",
                                     (user_id,)).rowcount
+
+
+def _locked(e: Exception) -> bool:
+    """SQLite's "database is locked" (SQLITE_BUSY)."""
+    return "database is locked" in str(e)
 
 
 def _disk_full(path: str) -> bool:

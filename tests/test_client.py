@@ -110,6 +110,19 @@ def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):
         np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(fixed.update_state(state, [session]),
                                    client.update_state(state, [session]), rtol=1e-5, atol=1e-6)
+        # what goes out: TF Serving's batching needs a batch dimension on k, and pads a
+        # narrower update_state request with its first value, which must be the pad id
+        sent = []
+        real = fixed.predict
+        fixed.predict = lambda sig, inputs, version=None: (sent.append((sig, inputs)),
+                                                           real(sig, inputs, version))[1]
+        fixed.update_state(np.repeat(state, 2, 0), [session, session[:2]])
+        fixed.next_items(np.repeat(state, 2, 0), [session, []], k=5)
+        (_, update), (_, scoring) = sent
+        assert update["session_items"].shape == (2, 12)  # "" + 8 items: a multiple of 4
+        assert update["session_items"][:, 0].tolist() == ["", ""]
+        assert scoring["k"].dtype == np.int32 and scoring["k"].tolist() == [5, 5]
+        assert scoring["session_items"].shape == (2, 4)
 
 
 def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
@@ -139,6 +152,24 @@ def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
     np.testing.assert_allclose(outputs[1]["scores"], outputs[0]["scores"], atol=1e-5)
     assert inputs["history_items"][0].tolist() == ["item0", "item8", "item3", "item1", "item4",
                                                    "item1"]
+
+
+def test_a_model_that_is_not_a_hiertcn_export_is_said_in_one_line(tmp_path):
+    """A wrong --model-name on a server with other models, or an export of something else:
+    InvalidRequest naming what the model has, not a KeyError."""
+    module = tf.Module()
+    module.run = tf.function(lambda x: {"y": x * 2.0},
+                             input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    server = lib.ServerProcess(str(tmp_path), "other")
+    try:
+        server.wait_version(1)
+        with HierTCNClient(server.target, "other", timeout=30) as c:
+            with pytest.raises(InvalidRequest, match="'other' version 1 at .* is not a HierTCN "
+                                                     "export \\(signatures serving_default;"):
+                c.next_items(np.zeros([1, 8], np.float32), [["item1"]], k=3)
+    finally:
+        server.stop()
 
 
 def test_k_larger_than_catalogue_clamps(client, served):

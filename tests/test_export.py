@@ -125,13 +125,37 @@ def test_k_clamps_and_reserved_ids_never_returned(exported):
         fn(k=tf.constant(-1), **inputs)
 
 
+def test_k_per_row_for_tf_servings_batching(exported):
+    """`k` may come as one value per row ([B]: TF Serving's batching needs a batch
+    dimension on every input and concatenates the requests'); every row then gets the
+    largest k, in the order a scalar k gives. Any other shape is refused."""
+    model, vocab, _, path = exported
+    _, ids, scores, _ = eager(model, vocab, k=4)
+    feeds = {"user_state": STATE, "session_items": SESSIONS, "history_items": HISTORY}
+    got = run_tf1(path, "next_items", dict(feeds, k=np.int32([2, 4, 3])))
+    assert got["item_ids"].astype(str).tolist() == ids.tolist()
+    np.testing.assert_allclose(got["scores"], scores, rtol=1e-5, atol=1e-6)
+    assert run_tf1(path, "next_items", dict(feeds, k=np.int32([4])))["item_ids"].shape == (3, 4)
+    for bad in (np.int32([4, 4]), np.int32([[4, 4, 4]])):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match="k must be a scalar or one value per row"):
+            run_tf1(path, "next_items", dict(feeds, k=bad))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="k must be >= 0"):
+        run_tf1(path, "next_items", dict(feeds, k=np.int32([4, -1, 4])))
+
+
 def test_warmup_records_cover_every_signature(exported):
+    """One request per signature, each input with the batch dimension (TF Serving runs
+    warm-up through its batching session, which refuses a scalar: the load would fail)."""
     _, _, _, path = exported
     records = tf.data.TFRecordDataset(
         os.path.join(path, export.ASSETS_EXTRA, export.WARMUP_FILE)).as_numpy_iterator()
     logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
     assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == [
         "next_items", "update_state", "user_embedding"]
+    for log in logs:
+        for name, proto in log.predict_log.request.inputs.items():
+            assert [d.size for d in proto.tensor_shape.dim][:1] == [1], name
 
 
 def test_saved_model_cli_show_and_run(exported):
@@ -162,6 +186,36 @@ def test_export_is_atomic_and_refuses_to_overwrite(exported, monkeypatch):
         export.export_model(model, vocab, base)
     assert os.listdir(base) == ["1"]
     assert export.next_version(base) == 2
+
+
+def test_every_file_is_on_disk_before_the_version_is_published(exported, tmp_path, monkeypatch):
+    """A power cut after the rename must not leave a version whose files never reached the
+    disk (an empty saved_model.pb in a folder TF Serving loads): each file and folder of the
+    export is fsync'ed before the rename, and the export base after it. os.fsync is the
+    real one, watched (a power cut cannot be made here)."""
+    model, vocab, _, _ = exported
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    base = tmp_path / "base"
+    path = export.export_model(model, vocab, str(base))
+    publish = events.index(("rename", path))
+    synced = {p for kind, p in events[:publish] if kind == "fsync"}
+    tmp_model = os.path.dirname(next(p for p in synced if p.endswith("saved_model.pb")))
+    written = {os.path.join(tmp_model, os.path.relpath(os.path.join(r, n), path))
+               for r, ds, fs in os.walk(path) for n in fs + ds}
+    assert len(written) > 5 and written <= synced and tmp_model in synced
+    assert ("fsync", str(base)) in events[publish:]
 
 
 def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(exported, tmp_path):

@@ -254,3 +254,34 @@ def test_a_full_database_is_one_error_and_keeps_what_was_stored(store):
     store._db.execute(f"PRAGMA max_page_count = {pages * 1000}")
     store.put("new", 1, big, [["c"]])
     np.testing.assert_array_equal(store.get("new", 1).state, big)
+
+
+def _open_and_put(path, barrier, results):
+    barrier.wait()
+    try:
+        with SQLiteStateStore(path) as s:
+            s.put("u", 1, [0.0], [["a"]])
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path):
+    """Switching a new file to WAL needs it alone, and SQLite answers "database is locked"
+    at once (no busy timeout) to the others: several workers starting on a new --state-db
+    failed now and then (10 of 160 opens with 4 processes), told to pass another file."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for trial in range(12):
+        path = str(tmp_path / f"new{trial}.sqlite")
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_and_put, args=(path, barrier, results))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        outcomes += [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+    assert outcomes == ["ok"] * 72
