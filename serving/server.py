@@ -11,8 +11,9 @@ extra, mis-typed or mis-shaped inputs INVALID_ARGUMENT, each message naming the 
 With `--enable-batching`, concurrent requests to the same version and signature (every
 input with the batch dimension, as TF Serving requires: `k` one value per row; item-id
 inputs of any length, padded with "") are concatenated along the batch dimension, run once
-and split again, as TF Serving's `--enable_batching` does: scoring reads the whole item matrix, so one batch of 8 costs little more than one
-request. `--batch-timeout-micros` lets a batch wait for the other clients' requests.
+and split again, as TF Serving's `--enable_batching` does: scoring reads the whole item
+matrix, so one batch of 8 costs little more than one request. `--batch-timeout-micros`
+lets a batch wait for the other clients' requests.
 """
 from __future__ import annotations
 
@@ -287,11 +288,11 @@ class Batcher:
     up to `max_batch_size` rows. String inputs of rank 2 (item ids) join whatever their
     length: they are padded at the end with "" (the serving pad id), which the signatures
     ignore (TF Serving pads only with `pad_variable_length_inputs: true`, and with the
-    request's first value: the client's fixed widths put "" first). With `timeout_s` > 0 a batch waits up
-    to that long while it has fewer rows than were in the server at once (queued or
-    running, same key) since the previous batch formed: a lone client never waits, and
-    N steady clients are served N at a time instead of in two alternating halves. A
-    failing batch is rerun request by request so one bad request fails alone.
+    request's first value: the client's fixed widths put "" first). With `timeout_s` > 0
+    a batch waits up to that long while it has fewer rows than were in the server at once
+    (queued or running, same key) since the previous batch formed: a lone client never
+    waits, and N steady clients are served N at a time instead of in two alternating
+    halves. A failing batch is rerun request by request so one bad request fails alone.
     """
 
     def __init__(self, max_batch_size: int, timeout_s: float, num_threads: int = 1):
