@@ -4,6 +4,8 @@ no TensorFlow import. `python -m model.train` reads its options here first."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Sequence
 
 from model import config as config_lib
@@ -88,3 +90,43 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--strategy", help="default (the default), mirrored or one_device:DEVICE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def check_data_folder(data_dir: str) -> None:
+    """Raises `schema.DataError` (one line) when `data_dir` is not a folder."""
+    from pipeline import schema
+
+    if not schema.is_folder(data_dir):
+        what = "is a file, not a folder" if os.path.isfile(data_dir) else "not found"
+        raise schema.DataError(f"data folder {data_dir} {what}: pass the --output folder of "
+                               "`python -m pipeline`")
+
+
+def check_data(data_dir: str):
+    """Checks a pipeline folder for training; returns its `schema.Vocabulary`
+    (`schema.DataError` with one line if not)."""
+    from pipeline import schema
+
+    check_data_folder(data_dir)
+    vocab = schema.read_vocabulary(data_dir)
+    stats = schema.read_stats(data_dir)
+    schema.shard_files(data_dir, "train")
+    if not stats.get("splits", {}).get("train", {}).get("events", 1):
+        raise schema.DataError(f"the train split of {data_dir} has no events (see its "
+                               f"{schema.STATS_FILE}): nothing to train on")
+    return vocab
+
+
+def exit_on_data_error(data: str) -> None:
+    """`python -m model.train`'s prelude: a local --data that is not a folder (a typo, the
+    wrong machine) is said (status 2) before TensorFlow loads; the rest of `check_data`,
+    and a remote folder (TensorFlow's file systems), are checked after."""
+    from pipeline import schema
+
+    if schema.is_remote(data):
+        return
+    try:
+        check_data_folder(data)
+    except schema.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

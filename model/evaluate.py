@@ -274,9 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    # TensorFlow loads once the command line is read (a usage error is said at once), with
-    # its start-up notes held back where they are noise
-    quiet.import_tensorflow()
+    # TensorFlow loads once the command line and a local data folder are checked (their
+    # errors are said at once), with its start-up notes held back where they are noise;
+    # a remote folder is read through TensorFlow's file systems
+    if schema.is_remote(args.data):
+        quiet.import_tensorflow()
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
     try:
         if not schema.is_folder(args.data):
@@ -291,10 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if users == 0:
             raise schema.DataError(f"the {args.split} split of {args.data} has no users (see "
                                    f"its {schema.STATS_FILE}): nothing to evaluate")
+        if args.model_dir is not None and not os.path.isdir(args.model_dir):
+            raise schema.DataError(f"--model-dir {args.model_dir}: no such folder; "
+                                   "train one with `python -m model.train`")
+        quiet.import_tensorflow()
         if args.model_dir is not None:
-            if not os.path.isdir(args.model_dir):
-                raise schema.DataError(f"--model-dir {args.model_dir}: no such folder; "
-                                       "train one with `python -m model.train`")
             from model import config as config_lib, registry
 
             user_errors += (registry.RunError, config_lib.ConfigError)

@@ -19,7 +19,8 @@ if __name__ == "__main__":
 
     from model import cli, quiet
 
-    cli.train_args(sys.argv[1:])  # a usage error or --help at once, before TensorFlow loads
+    # a usage error, --help or a missing local data folder at once, before TensorFlow loads
+    cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import argparse
@@ -124,19 +125,7 @@ def resolve_loss(config: config_lib.RunConfig, vocab_size: int) -> config_lib.Ru
     return config.replace({"model": {"loss": losses.resolve_loss(loss, vocab_size)}})
 
 
-def check_data(data_dir: str) -> schema.Vocabulary:
-    """Checks a pipeline folder; returns its vocabulary (DataError with one line if not)."""
-    if not schema.is_folder(data_dir):
-        what = "is a file, not a folder" if os.path.isfile(data_dir) else "not found"
-        raise schema.DataError(f"data folder {data_dir} {what}: pass the --output folder of "
-                               "`python -m pipeline`")
-    vocab = schema.read_vocabulary(data_dir)
-    stats = schema.read_stats(data_dir)
-    schema.shard_files(data_dir, "train")
-    if not stats.get("splits", {}).get("train", {}).get("events", 1):
-        raise schema.DataError(f"the train split of {data_dir} has no events (see its "
-                               f"{schema.STATS_FILE}): nothing to train on")
-    return vocab
+check_data = cli.check_data  # (in the light module with the prelude's folder check)
 
 
 RESUMES_FILE = "resumes.jsonl"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Sequence
 
 from pipeline import argtypes
@@ -26,6 +27,13 @@ def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the run's checkpoint with the best valid Recall@20 (default; the "
                              "latest for a run that never evaluated) or its latest")
     return parser.parse_args(argv)
+
+
+def model_dir_error(model_dir: str) -> str | None:
+    """Why `--model-dir` cannot be exported, when that is plain without TensorFlow."""
+    if not os.path.isdir(model_dir):
+        return f"--model-dir {model_dir} is not a folder: pass a model.train --model-dir"
+    return None
 
 
 def server_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -23,7 +23,11 @@ if __name__ == "__main__":
     from model import quiet
     from serving import cli
 
-    cli.export_args(sys.argv[1:])  # a usage error or --help at once, before TensorFlow loads
+    # a usage error, --help or a missing run folder at once, before TensorFlow loads
+    _error = cli.model_dir_error(cli.export_args(sys.argv[1:]).model_dir)
+    if _error:
+        print(f"error: {_error}", file=sys.stderr)
+        sys.exit(2)
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import dataclasses
@@ -429,9 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.export_args(argv)
     from model import registry  # the model package owns how a run folder is restored
 
-    if not os.path.isdir(args.model_dir):
-        print(f"error: --model-dir {args.model_dir} is not a folder: "
-              "pass a model.train --model-dir", file=sys.stderr)
+    error = cli.model_dir_error(args.model_dir)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)

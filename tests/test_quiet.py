@@ -27,15 +27,20 @@ def test_a_command_line_error_is_its_one_line(tmp_path):
                      "folder of `python -m pipeline`"], proc.stderr
 
 
+# Runs `python -m COMMAND ARGS...` and prints its exit status and whether TensorFlow loaded.
+RUN_AND_SAY_IF_TENSORFLOW_LOADED = (
+    "import runpy, sys\n"
+    "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+    "try:\n"
+    "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+    "except SystemExit as e:\n"
+    "    print('exit', e.code, 'tensorflow' in sys.modules)\n")
+
+
 def test_usage_errors_and_help_are_answered_before_tensorflow_loads():
     """A mistyped option or --help of the commands that use TensorFlow is answered from the
     command line alone (about 0.1 s, not TensorFlow's 5-7 s of start-up)."""
-    code = ("import runpy, sys\n"
-            "sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
-            "try:\n"
-            "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
-            "except SystemExit as e:\n"
-            "    print('exit', e.code, 'tensorflow' in sys.modules)\n")
+    code = RUN_AND_SAY_IF_TENSORFLOW_LOADED
     for command in ("model.train", "model.evaluate", "serving.export", "serving.server"):
         for option, status in (("--no-such-option", 2), ("--help", 0)):
             proc = subprocess.run([sys.executable, "-c", code, command, option], cwd=REPO,
@@ -45,6 +50,24 @@ def test_usage_errors_and_help_are_answered_before_tensorflow_loads():
                 assert proc.stderr.splitlines()[-1].startswith(f"python -m {command}: error: ")
             else:
                 assert proc.stdout.startswith(f"usage: python -m {command} ")
+
+
+def test_a_missing_local_folder_is_said_before_tensorflow_loads(tmp_path):
+    """A --data or --model-dir that is not there (a typo, the wrong machine) is said from
+    the file system alone, not after TensorFlow's seconds of start-up."""
+    missing = str(tmp_path / "missing")
+    for command, args, message in [
+            ("model.train", ["--data", missing, "--model-dir", str(tmp_path / "run")],
+             f"error: data folder {missing} not found"),
+            ("model.evaluate", ["--data", missing, "--model", "popularity", "--split", "test"],
+             f"python -m model.evaluate: error: --data {missing}: no such folder"),
+            ("serving.export", ["--model-dir", missing, "--export-base", str(tmp_path / "e")],
+             f"error: --model-dir {missing} is not a folder")]:
+        proc = subprocess.run([sys.executable, "-c", RUN_AND_SAY_IF_TENSORFLOW_LOADED, command,
+                               *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.stdout.splitlines()[-1] == "exit 2 False", (command, proc)
+        assert proc.stderr.splitlines()[-1].startswith(message), (command, proc.stderr)
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "e")
 
 
 def test_tensorflow_still_reports_its_own_errors(capfd):
