@@ -444,6 +444,18 @@ class CachedUsers:
             return (user.sessions for user in self._read())
         return self._first_pass()
 
+    def slot_count(self, max_session_length: int) -> int | None:
+        """The slots (session chunks of at most L items) of one pass, read now if the first
+        pass has not been (the split is then in memory for training); None for a split
+        over the bound, which streams (this does not read it)."""
+        if self.cached is None and not self._too_big:
+            for _ in self._first_pass():
+                pass
+        if self.cached is None:
+            return None
+        length = max_session_length
+        return sum(-(-len(s) // length) for sessions in self.cached for s in sessions)
+
     def _first_pass(self) -> Iterator[list[np.ndarray]]:
         kept: list[tuple[tuple[int, str], list[np.ndarray]]] = []
         events = 0

@@ -86,7 +86,9 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "session-only ablation; the repeat head reads the user's history)")
     p.add_argument("--mixed-precision", action="store_true",
                    help="float16 compute, float32 weights (for GPUs)")
-    p.add_argument("--jit-compile", action="store_true", help="XLA-compile the model's encoder")
+    p.add_argument("--jit-compile", action="store_true",
+                   help="XLA-compile the model's encoder (hiertcn only: the baselines' "
+                        "recurrent loops and ragged packing do not compile)")
     p.add_argument("--strategy", help="default (the default), mirrored or one_device:DEVICE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)

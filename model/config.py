@@ -241,7 +241,8 @@ class TrainConfig(ConfigBase):
         `constant`.
       lr_decay_at: fractions of the total steps where the step schedule decays.
       lr_decay_factor: divisor applied at each decay point.
-      clipnorm: gradient clipping by global norm (0 = off).
+      clipnorm: gradient clipping by global norm (0 = off), a sparse gradient's duplicate
+        rows summed first.
       optimizer: `lazy_adam` (Adam whose embedding-table updates touch only the rows in
         the batch's gradient; `model.train.LazyAdam`) or `adam` (Keras's Adam, which also
         decays and moves every other row of the tables, every step).
@@ -265,7 +266,8 @@ class TrainConfig(ConfigBase):
       eval_users: valid users evaluated at each interval (0 = all): the same users each
         time, chosen by a hash of their ids (`evaluate.sample_users`).
       mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
-      jit_compile: XLA-compile the model's encoder part of the train step.
+      jit_compile: XLA-compile the model's encoder part of the train step (a model whose
+        class says `xla_ready`: HierTCN; the others are refused).
       strategy: `default`, `mirrored` or `one_device:DEVICE` (tf.distribute).
       prefetch: batches prepared ahead of the training step.
     """

@@ -45,6 +45,7 @@ class HierTCN(SequenceModel):
     """The hierarchical model; see the module docstring and `SequenceModel` for the API."""
 
     config_class = HierTCNConfig
+    xla_ready = True
 
     def __init__(self, config: HierTCNConfig, vocab_size: int,
                  item_counts: np.ndarray | None = None, load_pretrained: bool = True, **kwargs):

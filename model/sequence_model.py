@@ -45,6 +45,9 @@ class SequenceModel(tf.keras.Model):
     """
 
     config_class: type = None
+    # whether `encode` compiles with XLA (`train.jit_compile`): the GRUs' recurrent loops and
+    # the flat TCN's ragged packing do not
+    xla_ready: bool = False
 
     def __init__(self, config: Any, vocab_size: int, item_counts: np.ndarray | None = None,
                  **kwargs):

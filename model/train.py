@@ -196,11 +196,27 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     return strategy
 
 
-def estimate_steps(data_dir: str, train: config_lib.TrainConfig) -> int:
-    """Approximate steps for `train.epochs` passes (for the learning-rate schedule)."""
+def estimate_steps(data_dir: str, train: config_lib.TrainConfig,
+                   users: batching.CachedUsers | None = None) -> int:
+    """Steps for `train.epochs` passes (where the learning rate decays; the progress bar's
+    end). When the split fits `train.cache_events` and `users` is given (its first pass is
+    then read now): the batches of one pass of the queue generator, counted by running it
+    (a user's slots all go to one row, so a heavy user's row drains last), plus the full
+    batches of the other passes, whose users follow without a gap (every session of n
+    items is ceil(n / L) slots). Else from `stats.json`: at least one slot per session, at
+    most L items each, over the B x S slots of a batch."""
     split = schema.read_stats(data_dir)["splits"]["train"]
-    slots = max(split["sessions"], math.ceil(split["events"] / train.max_session_length))
-    return max(1, train.epochs * math.ceil(slots / (train.batch_size * train.sessions_per_batch)))
+    per_batch = train.batch_size * train.sessions_per_batch
+    slots = None
+    if users is not None and split.get("events", 0) <= train.cache_events:
+        slots = users.slot_count(train.max_session_length)
+    if slots is None:
+        slots = max(split["sessions"], math.ceil(split["events"] / train.max_session_length))
+        return max(1, math.ceil(train.epochs * slots / per_batch))
+    one_pass = sum(1 for _ in batching.QueueBatcher(
+        users, train.batch_size, train.sessions_per_batch, train.max_session_length,
+        seed=train.seed, shuffle_buffer=train.shuffle_buffer, epochs=1))
+    return max(1, one_pass + math.ceil((train.epochs - 1) * slots / per_batch))
 
 
 def learning_rate(train: config_lib.TrainConfig, total_steps: int):
@@ -215,14 +231,30 @@ def learning_rate(train: config_lib.TrainConfig, total_steps: int):
 def make_optimizer(train: config_lib.TrainConfig, total_steps: int):
     """Adam (`train.optimizer`: `lazy_adam`, the default, or `adam`), with decoupled weight
     decay (AdamW, Loshchilov & Hutter) when `train.weight_decay` > 0."""
-    options = {"clipnorm": train.clipnorm} if train.clipnorm else {}
+    options = {"global_clipnorm": train.clipnorm} if train.clipnorm else {}
     if train.weight_decay:
         options["weight_decay"] = train.weight_decay
-    cls = LazyAdam if train.optimizer == "lazy_adam" else tf.keras.optimizers.Adam
+    cls = LazyAdam if train.optimizer == "lazy_adam" else Adam
     return cls(learning_rate(train, total_steps), **options)
 
 
-class LazyAdam(tf.keras.optimizers.Adam):
+class _ExactGlobalClip:
+    """`global_clipnorm` over the gradients as applied: a sparse gradient's duplicate rows
+    (an item twice in a batch) are summed before the norm is taken (Keras clips first and
+    sums after, so its norm counts ‖a‖² + ‖b‖² for a row whose gradient is a + b)."""
+
+    def _clip_gradients(self, grads):
+        if not self.global_clipnorm:
+            return super()._clip_gradients(grads)
+        grads = self._deduplicate_sparse_grad(grads)
+        return tf.clip_by_global_norm(grads, self.global_clipnorm)[0]
+
+
+class Adam(_ExactGlobalClip, tf.keras.optimizers.Adam):
+    """Keras's Adam (`train.optimizer` `adam`), with the exact global-norm clip."""
+
+
+class LazyAdam(_ExactGlobalClip, tf.keras.optimizers.Adam):
     """Adam whose sparse updates touch only the rows in the gradient.
 
     An embedding table's gradient is `tf.IndexedSlices` over the items of the batch (and,
@@ -343,6 +375,12 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
 
 
 def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool) -> dict:
+    cls = registry.MODELS.get(config.model_name)
+    if config.train.jit_compile and cls is not None and not cls.xla_ready:
+        raise config_lib.ConfigError(
+            f"train.jit_compile (--jit-compile): model {config.model_name!r} does not compile "
+            f"with XLA; only {', '.join(n for n, c in registry.MODELS.items() if c.xla_ready)} "
+            "does")
     vocab = check_data(data_dir)
     config = resolve_loss(config, vocab.size)
     changed = prepare_run_dir(run_dir, config, data_dir, vocab)
@@ -352,7 +390,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if tc.mixed_precision:
         mixed_float16 = bool(tf.config.list_physical_devices("GPU"))
         tf.keras.mixed_precision.set_global_policy("mixed_float16" if mixed_float16 else "mixed_bfloat16")
-    total_steps = tc.steps or estimate_steps(data_dir, tc)
+    users = batching.CachedUsers(data_dir, "train", tc.cache_events)
+    total_steps = tc.steps or estimate_steps(data_dir, tc, users)
     strategy = make_strategy(tc.strategy)
     with strategy.scope():
         model = registry.build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts)
@@ -367,7 +406,6 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                               os.path.join(run_dir, registry.BEST_DIR), max_to_keep=2)
     best = registry.read_best(run_dir)
-    users = batching.CachedUsers(data_dir, "train", tc.cache_events)
     batcher = batching.QueueBatcher(
         users, tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
