@@ -15,6 +15,9 @@ B = 32 at a time:
   [B, N] tensor of their whole train histories (items plus one separator per session),
   N = the longest history in the batch, truncated at `--truncation` (default: none, i.e.
   whole histories). Reported as the mean over the batches of those users.
+* The same whole-history batches with each history cut at the TCN baseline's last
+  `history_length` = 256 tokens (`tcn_truncated_bytes`; issue 6's "up to the same
+  truncation as the TCN baseline" read literally): a TCN that never sees further back.
 * Flat TCN as `model/tcn.py` trains it here (streaming, for comparison): the same
   queue batch with one separator per slot plus the cached last `history_length` = 256
   tokens per row: B x (N + S (L + 1)) int64. It is not the paper's setting: it trades the
@@ -105,6 +108,8 @@ def data_memory(users, args) -> dict:
     flat = 8 * b * float(np.mean(widths))
     tcn_cfg = bench_lib.model_config("tcn", "softmax", 256)
     streaming = 8 * b * (tcn_cfg.history_length + s * (l + 1)) + 3 * b * s + b
+    # the same batches with each history cut at the TCN baseline's last N tokens
+    truncated = 8 * b * float(np.mean(whole_history_batches(users, b, tcn_cfg.history_length)))
     lengths = [history_tokens(u) for u in users]
     # The default model (repeat head) also carries each row's last N items (`history`
     # [B, N] int64) and its start items in the state, plus the unfinished session's first
@@ -117,6 +122,8 @@ def data_memory(users, args) -> dict:
             "hiertcn_repeat_head_bytes": head_bytes,
             "reduction_repeat_head": round(1 - head_bytes / flat, 4),
             "reduction_vs_streaming_tcn": round(1 - hier / streaming, 4),
+            "tcn_truncated_bytes": round(truncated),
+            "reduction_vs_truncated_tcn": round(1 - hier / truncated, 4),
             "users": len(users), "history_tokens_mean": round(float(np.mean(lengths)), 1),
             "history_tokens_max": int(max(lengths)), "whole_history_width_mean": round(float(np.mean(widths)), 1),
             "width_for_90_percent": round(hier / (0.1 * 8 * b))}

@@ -6,8 +6,9 @@ user k = base user (k mod base), so every size has exactly the same per-user beh
 For each U (default 10k, 100k, 1M) a fresh process streams the U users lazily into the
 real queue generator and its `tf.data` wrapper (`model.batching`), skips to the middle of
 the stream (user U / 2, so the batches come from deep inside a U-user stream; the skip
-walks the stream without keeping it), and runs HierTCN's real training step (`model.train`,
-default sizes, full softmax) for a fixed number of steps after warm-up. Reported per size:
+walks the stream without keeping it), and runs HierTCN's real training step (`model.train`;
+the published model, without the repeat head, at the benchmarks' common sizes, full
+softmax) for a fixed number of steps after warm-up. Reported per size:
 training events/s (generator included) and the process's peak RSS, each the mean (peak:
 the max) of two processes run in the order small..large, large..small so that a drift in
 machine load cancels; `memory_growth` = peak RSS at the largest size / at the smallest.
@@ -138,7 +139,9 @@ def main(argv=None) -> int:
         "workload": {
             "users": sizes, "base": args.data or f"pipeline.synthetic --users {args.base_users} "
                                                "through the pipeline; user k = base user k mod base",
-            "model": "hiertcn default (B=32, S=10, L=20, softmax)", "timed_steps": args.steps,
+            "model": "hiertcn as published (no repeat head, dropout 0; the benchmarks' "
+                     "common sizes, bench_lib.model_config), B=32, S=10, L=20, softmax",
+            "timed_steps": args.steps,
             "warmup_steps": args.warmup, "start": "user U/2 of the stream",
             "processes_per_size": args.repeats,
             **bench_lib.machine()}}))

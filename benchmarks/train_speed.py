@@ -100,9 +100,11 @@ class Bench:
         self.train_users = batching.CachedUsers(data_dir, "train",
                                                 config_lib.TrainConfig().cache_events)
         users = list(self.train_users())
+        # (the input measurement runs the generator `lead` batches ahead of its timed ones)
+        self.lead = batching.dataset_lead(config_lib.TrainConfig().prefetch)
         self.batches = bench_lib.prebuilt_batches(
             users, args.batch_size, args.sessions_per_batch, args.max_session_length,
-            args.warmup + args.steps)
+            args.warmup + args.steps + self.lead)
         self.stats = bench_lib.batch_stats(self.batches[args.warmup:])
 
     def trainer(self, name: str, loss: str, vocab_size: int | None = None,
@@ -137,25 +139,34 @@ class Bench:
 def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     """Step time per event from pre-built batches vs from the tf.data queue generator over
     the training loop's users factory (`model.train`'s input), on the same batches, in
-    alternating blocks of 10 steps (a fresh generator per pair of blocks, its buffer full
-    before each block is timed; the pre-built block first in every other pair), so that the
-    machine's drift and an order effect hit both alike; the overhead is the median over
-    pairs of the generator block's time per event over the pre-built block's."""
+    pairs of blocks of 10 steps, each step timed from the fetch of its batch to the end of
+    the step (so a generator that cannot keep up shows as waiting for its batch). Before a
+    timed generator block, the generator has fed as many untimed steps as it can run ahead
+    (`batching.dataset_lead`): its buffer is then as full as in a long run, not filled
+    while the process idled; the pre-built block gets the same untimed run-in on the same
+    batches, so that both start equally warm. A fresh generator per pair; which block goes first alternates,
+    half of the pairs each way, so that the machine's drift and an order effect hit both
+    alike; the overhead is the median over pairs of the generator block's time per event
+    over the pre-built block's."""
     import numpy as np
 
     from model import batching
 
     a = bench.args
-    w = a.warmup
-    k = min(a.steps, len(bench.batches) - w)
+    w, lead = a.warmup, bench.lead
+    k = min(a.steps, len(bench.batches) - w - lead)
     per = min(10, k)
     spans = max(1, k // per)  # distinct spans of `per` batches, each timed twice
     times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
     ratios = []
 
     def timed(batches, key, block):
-        for batch in batches:
+        batches = iter(batches)
+        while True:
             t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
             n = trainer.step(batch, timed=False)
             block[key][0] += time.perf_counter() - t0
             block[key][1] += n
@@ -166,19 +177,24 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
         batcher = batching.QueueBatcher(bench.train_users, a.batch_size, a.sessions_per_batch,
                                         a.max_session_length, seed=0)
         it = iter(batching.make_dataset(batcher))
-        for _ in range(start):  # the same batches as the pre-built block
+        for _ in range(start):  # the batches before the run-in: fetched, not stepped
             next(it)
-        prebuilt = bench.batches[start:start + per]
-        generated = (next(it) for _ in range(per))
-        # which goes first alternates (and differs between a span's two pairs), so that an
-        # order effect cancels out
-        pair = [("prebuilt", prebuilt), ("generator", generated)]
-        for key, batches in (pair if (i + i // spans) % 2 == 0 else pair[::-1]):
-            # the generator thread refills its prefetch buffer (before the pre-built block
-            # too, so that no refill of the generator block runs into it)
+        # the first pass over the spans puts the pre-built block first in its even pairs,
+        # the second pass in its odd ones: each span once each way, half of the pairs each
+        order = ["prebuilt", "generator"]
+        for key in (order if (i % spans) % 2 == i // spans else order[::-1]):
+            # the generator's thread refills its buffer, so that none of it runs into the
+            # next block (the run-in below then sets the buffer to its steady state)
             time.sleep(0.2)
-            timed(batches, key, block)
-        del generated, it
+            if key == "prebuilt":  # the same run-in, so that both blocks start as warm
+                for batch in bench.batches[start:start + lead]:
+                    trainer.step(batch, timed=False)
+                timed(bench.batches[start + lead:start + lead + per], key, block)
+                continue
+            for _ in range(lead):
+                trainer.step(next(it), timed=False)
+            timed((next(it) for _ in range(per)), key, block)
+        del it
         for key, (sec, n) in block.items():
             times[key][0] += sec
             times[key][1] += n

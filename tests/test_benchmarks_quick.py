@@ -48,6 +48,11 @@ def test_data_memory_quick():
         assert r["hiertcn_bytes"] > 0 and r["tcn_whole_history_bytes"] > 0
         assert r["data_memory_reduction"] == pytest.approx(
             1 - r["hiertcn_bytes"] / r["tcn_whole_history_bytes"], abs=1e-3)
+        # cut at the TCN baseline's 256 tokens: never wider than the whole histories
+        assert 0 < r["tcn_truncated_bytes"] <= r["tcn_whole_history_bytes"]
+        assert r["tcn_truncated_bytes"] <= 8 * 32 * 256  # B x 256 int64 at most
+        assert r["reduction_vs_truncated_tcn"] == pytest.approx(
+            1 - r["hiertcn_bytes"] / r["tcn_truncated_bytes"], abs=1e-3)
     assert result["data_memory_reduction"] == result["ml1m"]["data_memory_reduction"]
     # The same HierTCN batch; only the flat TCN's whole-history batch grows with history.
     assert (result["synthetic_long"]["history_tokens_mean"]
