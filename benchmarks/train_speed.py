@@ -144,10 +144,10 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     timed generator block, the generator has fed as many untimed steps as it can run ahead
     (`batching.dataset_lead`): its buffer is then as full as in a long run, not filled
     while the process idled; the pre-built block gets the same untimed run-in on the same
-    batches, so that both start equally warm. A fresh generator per pair; which block goes first alternates,
-    half of the pairs each way, so that the machine's drift and an order effect hit both
-    alike; the overhead is the median over pairs of the generator block's time per event
-    over the pre-built block's."""
+    batches, so that both start equally warm. A fresh generator per pair; which block goes
+    first alternates, half of the pairs each way, so that the machine's drift and an order
+    effect hit both alike; the overhead is the median over pairs of the generator block's
+    time per event over the pre-built block's."""
     import numpy as np
 
     from model import batching
