@@ -288,12 +288,16 @@ class HierTCNClient:
                 [state[0], np.sort(scores[0])]).astype(np.float32)
         return self._fingerprints[version]
 
-    def state_size(self, version: int | None = None) -> int:
-        """H of a version (pinned, or latest)."""
+    def info(self, version: int | None = None) -> ModelInfo:
+        """A version's metadata (pinned, or latest), read once per version."""
         key = self.pinned_version if version is None else version
         if key in self._info:
-            return self._info[key].state_size
-        return self.metadata(version).state_size
+            return self._info[key]
+        return self.metadata(version)
+
+    def state_size(self, version: int | None = None) -> int:
+        """H of a version (pinned, or latest)."""
+        return self.info(version).state_size
 
     def zero_states(self, batch: int, version: int | None = None) -> np.ndarray:
         """float32 [batch, H] zeros: the state of new users."""
@@ -351,11 +355,8 @@ class HierTCNClient:
           (item ids [B][k'], scores float32 [B, k']), best first.
         """
         inputs = self._scoring_inputs(states, sessions, history)
-        key = self.pinned_version if version is None else version
-        info = self._info.get(key) if key is not None else None
-        if info is None:
-            info = self.metadata(version)
-            version = info.version  # the version whose signature says how to send k
+        info = self.info(version)
+        version = info.version  # the version whose signature says how to send k
         # one k per row where the export takes it: TF Serving's batching needs it, and
         # then answers each row with the batch's largest k (cut back to ours below)
         inputs["k"] = (np.full([len(inputs["user_state"])], k, np.int32) if info.k_per_row
