@@ -1,6 +1,7 @@
 """serving.client against a real server process: calls, version pinning, errors, CLI."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,10 +23,10 @@ from serving.client import HierTCNClient, InvalidRequest, ModelNotFound, ServerU
 NAME = "tiny"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def _serving(base):
+    """Versions 1 and 2 of the tiny model exported to `base`, served by a server process."""
     vocab = lib.tiny_vocabulary()
-    base = str(tmp_path_factory.mktemp("models"))
     for version in (1, 2):
         export.export_model(lib.tiny_model(vocab, seed=version), vocab, base)
     server = lib.ServerProcess(base, NAME, "--num-versions", "2", "--enable-batching",
@@ -35,6 +36,13 @@ def served(tmp_path_factory):
         yield {"server": server, "base": base, "vocab": vocab}
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Shared by the tests that leave the versions as they are (1 and 2)."""
+    with _serving(str(tmp_path_factory.mktemp("models"))) as s:
+        yield s
 
 
 @pytest.fixture
@@ -203,8 +211,12 @@ def run_cli(capsys, served, db, *args):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, served, tmp_path):
-    db = tmp_path / "states.sqlite"
+def test_cli_carries_state_and_rebuilds_it_for_a_new_version(capsys, tmp_path):
+    with _serving(str(tmp_path / "models")) as served:  # its own: it exports a version 3
+        _cli_carries_state_and_rebuilds_it(capsys, served, tmp_path / "states.sqlite")
+
+
+def _cli_carries_state_and_rebuilds_it(capsys, served, db):
     first = run_cli(capsys, served, db, "recommend", "--user", "ann", "--items", "item1,item2",
                     "-k", "3")
     assert first["state"] == "new" and first["version"] == 2 and len(first["items"]) == 3

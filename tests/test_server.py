@@ -6,6 +6,7 @@ import functools
 import gc
 import os
 import shutil
+import threading
 import time
 
 import grpc
@@ -218,16 +219,63 @@ def test_concurrent_requests_are_batched_and_split_correctly(served):
         assert_outputs_equal({k: v[:, :r["k"][0]] for k, v in got.items()}, want)
 
 
-def test_new_version_is_picked_up_without_dropping_requests(served):
-    base, vocab, stub = served["base"], served["vocab"], served["predict"]
+@pytest.fixture
+def lifecycle(tmp_path):
+    """A server of its own for the tests that add versions or stop it (the module's
+    `served` must stay on version 1 whatever order the tests run in)."""
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path / "models")
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
+    server = lib.ServerProcess(base, NAME, "--enable-batching", "--batch-timeout-micros", "20000")
+    try:
+        server.wait_version(1)
+        channel = grpc.insecure_channel(server.target)
+        yield {"server": server, "base": base, "vocab": vocab,
+               "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
+               "models": model_service_pb2_grpc.ModelServiceStub(channel)}
+        channel.close()
+    finally:
+        server.stop()
+
+
+def test_versions_come_and_go_without_dropping_requests_then_sigterm(lifecycle):
+    """A new version is picked up while requests keep coming (none fails, none goes back
+    to the old version once the new one answered); a broken version folder is reported and
+    the old version keeps serving until the folder is complete; SIGTERM exits 0."""
+    base, vocab, stub = lifecycle["base"], lifecycle["vocab"], lifecycle["predict"]
     good = request("next_items", INPUTS["next_items"])
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        calls = [pool.submit(stub.Predict, good, timeout=60) for _ in range(2)]
+    answered, errors, stop = ([], []), [], threading.Event()  # versions, per thread
+
+    def traffic(mine):
+        while not stop.is_set():
+            try:
+                mine.append(stub.Predict(good, timeout=60).model_spec.version.value)
+            except grpc.RpcError as e:
+                errors.append(e)
+                return
+
+    def count():
+        return sum(len(a) for a in answered)
+
+    threads = [threading.Thread(target=traffic, args=(mine,)) for mine in answered]
+    for t in threads:
+        t.start()
+    try:
+        while count() < 4 and not errors:
+            time.sleep(0.01)
         export.export_model(lib.tiny_model(vocab, seed=2), vocab, base, version=2)
-        served["server"].wait_version(2)
-        calls += [pool.submit(stub.Predict, good, timeout=60) for _ in range(2)]
-        versions = [c.result().model_spec.version.value for c in calls]  # none failed
-    assert set(versions) <= {1, 2} and versions[-1] == 2
+        lifecycle["server"].wait_version(2)
+        seen = count()
+        while count() < seen + 4 and not errors:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors
+    for mine in answered:  # each client's requests: version 1, then 2, never back
+        assert mine == sorted(mine)
+    assert set(answered[0] + answered[1]) == {1, 2}
     response = stub.Predict(good, timeout=30)
     got = {k: protos.from_proto(v) for k, v in response.outputs.items()}
     assert_outputs_equal(got, in_process(base, 2, "next_items", INPUTS["next_items"]))
@@ -235,9 +283,8 @@ def test_new_version_is_picked_up_without_dropping_requests(served):
         stub.Predict(request("next_items", INPUTS["next_items"], version=1), timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
-
-def test_broken_version_is_reported_and_old_one_keeps_serving(served):
-    broken = os.path.join(served["base"], "3")
+    # a broken version 3: reported, and version 2 keeps serving
+    broken = os.path.join(base, "3")
     os.makedirs(broken)
     with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
         f.write(b"not a saved model")
@@ -245,28 +292,23 @@ def test_broken_version_is_reported_and_old_one_keeps_serving(served):
     status.model_spec.name = NAME
     state = get_model_status_pb2.ModelVersionStatus.State
     for _ in range(200):
-        versions = served["models"].GetModelStatus(status, timeout=30).model_version_status
+        versions = lifecycle["models"].GetModelStatus(status, timeout=30).model_version_status
         if any(v.version == 3 for v in versions):
             break
         time.sleep(0.1)
     assert [(v.version, state.Name(v.state)) for v in versions] == [(2, "AVAILABLE"), (3, "END")]
     assert versions[1].status.error_message
-    response = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
-    assert response.model_spec.version.value == 2
+    assert stub.Predict(good, timeout=30).model_spec.version.value == 2
     # the folder is then completed (a copy that was still under way): loaded on a later poll
-    shutil.copytree(os.path.join(served["base"], "2"), broken, dirs_exist_ok=True)
+    shutil.copytree(os.path.join(base, "2"), broken, dirs_exist_ok=True)
     for _ in range(300):
-        versions = served["models"].GetModelStatus(status, timeout=30).model_version_status
+        versions = lifecycle["models"].GetModelStatus(status, timeout=30).model_version_status
         if [(v.version, state.Name(v.state)) for v in versions] == [(3, "AVAILABLE")]:
             break
         time.sleep(0.1)
     assert [(v.version, state.Name(v.state)) for v in versions] == [(3, "AVAILABLE")]
-    response = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
-    assert response.model_spec.version.value == 3
-
-
-def test_sigterm_stops_cleanly(served):
-    assert served["server"].stop() == 0
+    assert stub.Predict(good, timeout=30).model_spec.version.value == 3
+    assert lifecycle["server"].stop() == 0
 
 
 class _OddNames(tf.Module):
@@ -314,6 +356,41 @@ def test_batcher_forgets_an_unloaded_version(tmp_path):
     del sig, servable
     gc.collect()
     assert len(batcher._peak) == 0
+
+
+def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path):
+    """The Batcher runs concurrent requests as one model call: while a first call runs,
+    the requests that arrive queue up and go together in the next (each gets its rows)."""
+    module = tf.Module()
+    module.run = tf.function(lambda x: {"out": x * 10.0},
+                             input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    sig = server.Servable("rows", 1, str(tmp_path / "1")).signature("")
+    calls, first_running, release = [], threading.Event(), threading.Event()
+    real_run = sig.run
+
+    def spy(arrays):
+        calls.append(len(arrays["x"]))
+        if len(calls) == 1:  # hold the first call until every other request is queued
+            first_running.set()
+            release.wait(30)
+        return real_run(arrays)
+
+    sig.run = spy
+    batcher = server.Batcher(max_batch_size=16, timeout_s=0.0)
+    rows = [np.float32([i, i + 0.5][: 1 + i % 2]) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher.submit, sig, {"x": rows[0]})
+        assert first_running.wait(30)
+        rest = [pool.submit(batcher.submit, sig, {"x": r}) for r in rows[1:]]
+        deadline = time.monotonic() + 30
+        while len(batcher._queue) < 7 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        outs = [f.result(timeout=30)["out"] for f in [first] + rest]
+    assert calls == [1, sum(len(r) for r in rows[1:])]  # two calls for eight requests
+    for r, out in zip(rows, outs):
+        np.testing.assert_array_equal(out, r * 10.0)
 
 
 def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
