@@ -138,13 +138,15 @@ def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):
 
 def _stand_in(tmp_path, name: str, saving_seconds: float):
     """A parent running `compare._run` on a stand-in for model.train (which saves a
-    checkpoint on SIGTERM, here taking `saving_seconds`), once the child has started."""
+    checkpoint on SIGTERM, here taking `saving_seconds`), once the child has started and
+    written its pid to NAME.txt.pid."""
     record = tmp_path / f"{name}.txt"
-    child = ("import signal, sys, time\n"
+    child = ("import os, signal, sys, time\n"
              "def stop(signum, frame):\n"
              f"    open(sys.argv[1], 'a').write(f'signal {{signum}}\\n'); time.sleep({saving_seconds})\n"
              "    open(sys.argv[1], 'a').write('saved\\n'); sys.exit(130)\n"
              "signal.signal(signal.SIGTERM, stop)\n"
+             "open(sys.argv[1] + '.pid', 'w').write(str(os.getpid()))\n"
              "open(sys.argv[1], 'a').write('started\\n'); time.sleep(60)\n")
     parent = subprocess.Popen(
         [sys.executable, "-c",
@@ -159,8 +161,36 @@ def _stand_in(tmp_path, name: str, saving_seconds: float):
 
 
 def _wait_for(path, text):
-    deadline = time.time() + 60
-    while not (path.exists() and text in path.read_text()) and time.time() < deadline:
+    deadline = time.monotonic() + 60
+    while not (path.exists() and text in path.read_text()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} in {path} within 60 s")
+        time.sleep(0.05)
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` has exited: gone, or (Linux) a zombie not reaped yet."""
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(") ", 1)[1].startswith("Z")
+        except FileNotFoundError:
+            return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _assert_gone(pid: int) -> None:
+    """`pid` has exited, within a grace period for the exit to complete (well within the
+    stuck stand-in's 30 s of saving); otherwise it is killed and the test fails."""
+    deadline = time.monotonic() + 10
+    while not _exited(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the child {pid} is still running after its parent returned")
         time.sleep(0.05)
 
 
@@ -175,13 +205,15 @@ def test_an_interrupted_command_is_stopped_once_and_waited_for(tmp_path):
         assert record.read_text() == f"started\nsignal {int(signal.SIGTERM)}\nsaved\n"
         assert parent.returncode != 0 and "KeyboardInterrupt" in err
         assert "waiting for the running command to save its work" in err
+        _assert_gone(int((tmp_path / f"child{int(signum)}.txt.pid").read_text()))
+    # a child stuck saving: the second Ctrl-C kills it, before it saves
     parent, record = _stand_in(tmp_path, "stuck", 30.0)
     parent.send_signal(signal.SIGINT)
     _wait_for(record, "signal")
-    started = time.time()
     parent.send_signal(signal.SIGINT)
     parent.communicate(timeout=60)
-    assert time.time() - started < 10 and "saved" not in record.read_text()
+    _assert_gone(int((tmp_path / "stuck.txt.pid").read_text()))
+    assert "saved" not in record.read_text()
 
 
 def test_model_names_are_validated():

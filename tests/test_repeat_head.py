@@ -63,8 +63,9 @@ def test_head_is_on_by_default_with_either_loss_and_flags_override_it():
 
     assert resolved() and resolved("--repeat-head") and resolved("--loss", "sampled")
     assert not resolved("--no-repeat-head")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
         resolved("--repeat-head", "--no-repeat-head")
+    assert e.value.code == 2
     starts = lambda *flags: train_lib.resolve_config(train_lib.parse_args(
         ["--data", "d", "--model-dir", "r", *flags])).model.start_items
     assert (starts(), starts("--start-items", "0"), starts("--start-items", "5")) == (20, 0, 5)

@@ -2,6 +2,9 @@
 changed options, finished runs (the fixtures and helpers of test_train)."""
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,6 +18,7 @@ from test_train import TINY, _args, _weights, config_file, data  # noqa: F401 - 
 
 # Without dropout (whose masks a new process draws afresh) a resumed run is exact.
 EXACT = ("--dropout", "0", "--eval-every", "0")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,8 @@ def test_resume_equals_uninterrupted_run(data, config_file, straight, tmp_path):
     assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", "--max-minutes",
                                 "0.0001", *exact)) == 0
     with open(os.path.join(resumed, "train_summary.json")) as f:
-        assert json.load(f)["steps"] < 25
+        summary = json.load(f)
+    assert summary["stopped_by"] == "time" and 0 < summary["steps"] < 25
     # ... rerun with the same command continues with the next batch, cache and Adam state.
     assert train_lib.main(_args(data, resumed, config_file, "--steps", "25", *exact)) == 0
     for a, b in zip(_weights(straight), _weights(resumed)):
@@ -141,10 +146,6 @@ def test_a_finished_epochs_run_rerun_keeps_its_summary(data, config_file, tmp_pa
 
 
 def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_file, tmp_path):
-    import signal
-    import subprocess
-    import sys
-
     run = str(tmp_path / "killed")
     proc = subprocess.Popen(
         [sys.executable, "-m", "model.train", *_args(data, run, config_file, "--steps", "100000",
@@ -163,6 +164,64 @@ def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_fil
         proc.wait()
     steps, _ = train_lib.read_scalars(run, "loss")
     assert {10, 20} <= set(steps.tolist())
+
+
+def test_sigterm_to_a_training_process_checkpoints_exits_130_and_the_same_command_resumes(
+        data, config_file, tmp_path):
+    """What a preempted job gets: a real SIGTERM to `python -m model.train`. It saves a
+    checkpoint of the step it was at, says so, exits 130, and the same command trains the
+    remaining steps from there."""
+    run = str(tmp_path / "preempted")
+    checkpoints = os.path.join(run, "checkpoints")
+    # A checkpoint every 20 steps; the first valid evaluation, at step 25, writes the first
+    # best-on-valid checkpoint: the signal comes after that, between two periodic checkpoints.
+    cmd = [sys.executable, "-m", "model.train",
+           *_args(data, run, config_file, "--steps", "300", "--checkpoint-every", "20",
+                  "--eval-every", "25")]
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+    try:
+        marker = os.path.join(run, registry.BEST_DIR, "ckpt-25.index")
+        deadline = time.monotonic() + 240
+        while not os.path.exists(marker):
+            if proc.poll() is not None:
+                pytest.fail(f"model.train exited ({proc.returncode}) before step 25:\n"
+                            + err_path.read_text()[-3000:])
+            if time.monotonic() > deadline:
+                pytest.fail("model.train wrote no step-25 checkpoint within 240 s:\n"
+                            + err_path.read_text()[-3000:])
+            time.sleep(0.01)
+        assert os.path.exists(os.path.join(checkpoints, "ckpt-20.index"))  # the first one
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err_path.read_text()
+    assert returncode == 130, err[-3000:]
+    summary = json.loads(out_path.read_text().strip().splitlines()[-1])
+    step = summary["steps"]
+    assert summary["stopped_by"] == "interrupted" and summary["steps_this_run"] == step >= 25
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        assert json.load(f) == summary
+    assert f"interrupted at step {step}: " in err and "Traceback" not in err
+    # the checkpoint beyond the first holds the step it stopped at: saved by the stop
+    # (unless the signal landed right after a periodic checkpoint of that very step)
+    assert tf.train.latest_checkpoint(checkpoints).endswith(f"ckpt-{step}")
+    if step % 20:
+        assert "saving a checkpoint; the same command resumes from it" in err
+    assert f"its training was interrupted at step {step}" in registry.training_note(run)
+    # the same command again: the remaining steps, from the checkpoint
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"steps {step + 1}-300" in rerun.stderr  # resumed, not started over
+    final = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert final["stopped_by"] == "steps" and final["steps"] == 300
+    assert final["steps_this_run"] == 300 - step
+    assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-300")
+    assert registry.training_note(run) is None
 
 
 def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config_file, tmp_path,
