@@ -2,13 +2,14 @@
 
 Importing TensorFlow makes its native libraries write to the process's stderr before
 Python's logging exists: absl's "All log messages before absl::InitializeLog() is called
-are written to STDERR" (twice), and on a machine without an NVIDIA GPU "Could not find cuda
-drivers on your machine, GPU will not be used." (twice) and, at the first op, "failed call to
-cuInit: ... UNKNOWN ERROR (303)": five lines before every command's own output, the last one
-an ERROR that is none. The command lines import TensorFlow through `import_tensorflow`,
-which sends fd 2 through a filter while TensorFlow loads and finds its devices; every other
-line goes through as it comes. On a machine with an NVIDIA device the CUDA lines are kept:
-there they mean something (a driver that does not load).
+are written to STDERR" (twice), and on a machine without an NVIDIA GPU "Could not find
+cuda drivers on your machine, GPU will not be used." (twice) and, at the first op, "failed
+call to cuInit: ... UNKNOWN ERROR (303)": five lines before every command's own output,
+the last one an ERROR that is none; on CPUs with AVX-512 "oneDNN custom operations are on
+..." too. The command lines import TensorFlow through `import_tensorflow`, which sends fd
+2 through a filter while TensorFlow loads and finds its devices; every other line goes
+through as it comes. On a machine with an NVIDIA device the CUDA lines are kept: there
+they mean something (a driver that does not load).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import os
 import subprocess
 import sys
 
-NOISE = ("All log messages before absl::InitializeLog() is called",)
+NOISE = ("All log messages before absl::InitializeLog() is called",
+         # on CPUs where oneDNN's optimisations default to on (AVX-512, AMX): an INFO line
+         "oneDNN custom operations are on. You may see slightly different numerical results")
 CUDA_NOISE = ("Could not find cuda drivers on your machine", "failed call to cuInit")
 
 

@@ -29,6 +29,10 @@ from pipeline import argtypes, outputs, parse, schema, sessions, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
+# A note when one user holds more than this share of the valid or test events (of a split
+# with at least this many users): a crawler that would decide the metrics.
+HEAVY_USER_SHARE = 0.25
+HEAVY_USER_MIN_USERS = 20
 # --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
@@ -217,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output folder (local, or gs://, s3://... through Beam's file systems)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
-    p.add_argument("--format", choices=parse.FORMATS, default="csv", help="input format")
+    p.add_argument("--format", choices=parse.FORMATS, default="csv",
+                   help="input format: csv (CSV quoting), tsv (no quoting: a tab-separated "
+                        "file with quoting is csv with --delimiter tab) or jsonl (one JSON "
+                        "object per line)")
     cols = p.add_mutually_exclusive_group()
     cols.add_argument("--header", dest="header", action="store_true", default=True,
                       help="each file's first line names the columns (the default)")
@@ -305,7 +312,8 @@ def _row_formats(args, files, heads) -> dict:
                 where = "--columns"
             else:
                 try:
-                    columns = parse.parse_header(first.decode("utf-8"), separator)
+                    columns = parse.parse_header(first.decode("utf-8"), separator,
+                                                 parse.is_quoted(args.format, separator))
                 except UnicodeDecodeError:
                     raise UsageError(f"{path}: the header line is not UTF-8") from None
                 where = f"the header of {path}"
@@ -331,6 +339,8 @@ def _row_formats(args, files, heads) -> dict:
         rows = head[1:] if has_header else head
         if args.format != "jsonl":
             _check_column_count(path, rows, formats[rank])
+        else:
+            _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
     return formats
 
@@ -347,22 +357,55 @@ def _delimiter_hint(line: bytes, separator: str, fmt: str, what: str = "the head
 
 
 def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
-    """A note when none of a file's first rows splits into the expected columns (every row
-    would be malformed), with the separator they seem to use."""
+    """Stops the run when none of a file's first rows splits into the expected columns
+    (every row would be malformed), with the separator they seem to use."""
     texts = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
     texts = [t for t in texts if t.strip()]
     if not texts:
         return
     for text in texts:
         try:
-            if len(parse.split_fields(text, fmt.separator)) == len(fmt.columns):
+            if len(parse.split_fields(text, fmt.separator, fmt.quoted)) == len(fmt.columns):
                 return
         except ValueError:
             continue
-    print(f"note: {path}: none of the first {len(texts)} rows has {len(fmt.columns)} "
-          f"{fmt.separator!r}-separated columns (they will be malformed rows)"
-          + _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, fmt.format, "they look"),
-          file=sys.stderr)
+    raise UsageError(f"{path}: none of the first {len(texts)} rows has {len(fmt.columns)} "
+                     f"{fmt.separator!r}-separated columns (every row would be malformed)"
+                     + _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, fmt.format,
+                                       "they look"))
+
+
+def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
+    """Stops the run when none of a file's first lines is a JSON object with the wanted
+    keys (every row would be malformed), saying which keys the objects have."""
+    texts = [line.decode("utf-8", "replace").strip() for line in lines]
+    texts = [t for t in texts if t]
+    first_keys = None
+    objects = 0
+    for text in texts:
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            objects += 1
+            if all(k in obj for k in fmt.wanted):
+                return
+            first_keys = list(obj) if first_keys is None else first_keys
+    if not texts:
+        return
+    if not objects:
+        hint = ("; it looks like one JSON document (an array?): write one object per line, "
+                "e.g. jq -c '.[]'" if texts[0][:1] in "[{" else "")
+        raise UsageError(f"{path}: none of the first {len(texts)} lines is a JSON object "
+                         f"(--format jsonl reads one object per line){hint}")
+    missing = [k for k in fmt.wanted if k not in first_keys]
+    options = "--user-col/--item-col/--time-col" + ("/--session-col" if fmt.session_col else "")
+    nested = ("; nested keys are not read: flatten them first (e.g. jq -c)"
+              if any("." in k for k in missing) else "")
+    raise UsageError(f"{path}: none of the first {objects} JSON objects has the key(s) "
+                     f"{', '.join(missing)} (the first has {first_keys[:12]}"
+                     f"{'...' if len(first_keys) > 12 else ''}): set {options}{nested}")
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
@@ -430,12 +473,12 @@ def _raw_time(line: str, fmt) -> object:
         if fmt.format == "jsonl":
             value = json.loads(line).get(fmt.time_col)
         else:
-            fields = parse.split_fields(line.rstrip("\r"), fmt.separator)
+            fields = parse.split_fields(line.rstrip("\r"), fmt.separator, fmt.quoted)
             value = fields[fmt.columns.index(fmt.time_col)] if len(fields) == len(fmt.columns) \
                 else None
     except (ValueError, AttributeError):
         return None
-    if isinstance(value, str) and value.strip().upper() in parse.MISSING_IDS | {""}:
+    if isinstance(value, str) and (not value.strip() or parse.is_missing(value.strip())):
         return None
     return value
 
@@ -619,7 +662,7 @@ def run(args, output: str, files, config, options) -> dict:
     import apache_beam as beam
 
     from pipeline import sources
-    from pipeline.transforms import SessionRecords
+    from pipeline.transforms import MAX_PREFIX, SessionRecords
 
     try:
         tmp = outputs.make_temp(output)
@@ -664,6 +707,9 @@ def run(args, output: str, files, config, options) -> dict:
             "cutoffs": cutoffs,
             "options": options_out,
         }
+        # the most events one user has in each split (a crawler's share of the metrics)
+        stats["max_user_events"] = {name: counts.get(MAX_PREFIX + name, 0)
+                                    for name in schema.SPLITS}
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
         outputs.remove(work)
@@ -730,15 +776,24 @@ def main(argv=None) -> int:
               "of their user ends (--session-col): each sees that earlier session whole as its "
               "history, events after its own start included; time gaps (--session-gap) have no "
               "such overlap", file=sys.stderr)
+    for name in schema.SPLITS[1:]:
+        events, users = stats["splits"][name]["events"], stats["splits"][name]["users"]
+        heaviest = stats["max_user_events"][name]
+        if users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
+            print(f"note: one user holds {heaviest / events:.0%} of the {name} split's events "
+                  f"({heaviest:,} of {events:,}, {users:,} users): the metrics average over "
+                  "events, so that user decides them; a crawler? --max-events-per-user N "
+                  "keeps each user's N most recent events", file=sys.stderr)
     if stats["rows_written"] and not stats["splits"]["train"]["events"]:
         print(f"warning: the train split is empty ({stats['items']:,} items in the "
               f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train on; "
               "check --min-item-count and that the sessions' start times spread out",
               file=sys.stderr)
     if not stats["rows_written"]:
+        why = (f"; {schema.MALFORMED_DIR}/ under {output} says why rows were rejected"
+               if stats["rows_malformed"] else "")
         print(f"warning: no event was written ({stats['rows_malformed']:,} rows malformed, "
-              f"filtered {stats['rows_filtered']}): check the options against the log; "
-              f"{schema.MALFORMED_DIR}/ under {output} says why rows were rejected",
+              f"filtered {stats['rows_filtered']}): check the options against the log{why}",
               file=sys.stderr)
     return 0
 

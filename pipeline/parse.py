@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import math
+import re
 from typing import Iterable, NamedTuple, Sequence
 
 from pipeline.schema import PAD_TOKEN, UNKNOWN_TOKEN
@@ -46,7 +47,9 @@ class RowFormat:
       user_col, item_col, time_col: column names (JSON keys for `jsonl`).
       columns: column names in order (csv/tsv; empty for jsonl).
       delimiter: the field separator of csv/tsv rows; "" is the format's own (`,` or a tab).
-        One character is split with csv quoting, several (`::`) by plain splitting.
+        csv with a one-character separator is split with CSV quoting; tsv (IANA's
+        text/tab-separated-values: no quoting, a field holds no tab) and several-character
+        separators (`::`) by plain splitting, so a quote is part of the id.
       session_col: the column (JSON key) of the log's own session ids; "" when sessions
         come from time gaps.
     """
@@ -65,6 +68,11 @@ class RowFormat:
         """The field separator of csv/tsv rows."""
         return separator_of(self.format, self.delimiter)
 
+    @property
+    def quoted(self) -> bool:
+        """Whether rows are split with CSV quoting (csv with a one-character separator)."""
+        return is_quoted(self.format, self.separator)
+
     def indices(self) -> tuple[int, int, int]:
         """Positions of the user, item and time columns (csv/tsv)."""
         return (self.columns.index(self.user_col), self.columns.index(self.item_col),
@@ -82,10 +90,17 @@ def separator_of(fmt: str, delimiter: str = "") -> str:
     return delimiter or _DELIMITERS[fmt]
 
 
-def split_fields(line: str, delimiter: str) -> list[str]:
-    """Splits one csv/tsv line at `delimiter`; with a one-character delimiter, quoted fields
-    are honoured (one physical line per row)."""
-    if '"' not in line or len(delimiter) > 1:
+def is_quoted(fmt: str, separator: str) -> bool:
+    """Whether `fmt` rows with `separator` are split with CSV quoting: csv with a
+    one-character separator; tsv never (a tab-separated file with CSV quoting: csv with
+    `--delimiter tab`)."""
+    return fmt == "csv" and len(separator) == 1
+
+
+def split_fields(line: str, delimiter: str, quoted: bool = True) -> list[str]:
+    """Splits one csv/tsv line at `delimiter`; with `quoted` and a one-character delimiter,
+    quoted fields are honoured (one physical line per row)."""
+    if not quoted or '"' not in line or len(delimiter) > 1:
         return line.split(delimiter)
     try:
         return next(csv.reader([line], delimiter=delimiter), [])
@@ -93,9 +108,10 @@ def split_fields(line: str, delimiter: str) -> list[str]:
         raise ValueError(f"bad quoting: {e}") from None
 
 
-def parse_header(line: str, delimiter: str) -> tuple[str, ...]:
+def parse_header(line: str, delimiter: str, quoted: bool = True) -> tuple[str, ...]:
     """Column names from a header line (a UTF-8 byte-order mark is dropped)."""
-    return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"), delimiter))
+    return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"),
+                                                 delimiter, quoted))
 
 
 def parse_delimiter(text: str) -> str:
@@ -139,7 +155,7 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         text = value.strip()
         if text[-4:].upper() == " UTC":  # BigQuery's and many databases' exports
             text = text[:-4] + "+00:00"
-        dt = datetime.datetime.fromisoformat(text)
+        dt = datetime.datetime.fromisoformat(_iso_for_python(text))
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=datetime.timezone.utc)
         ms = (dt - _EPOCH) // datetime.timedelta(milliseconds=1)
@@ -165,18 +181,50 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     return ms
 
 
+# The common ISO 8601 forms that Python 3.10's fromisoformat refuses (3.11 takes them):
+# a "Z", a fraction of other than 3 or 6 digits (cut to microseconds), "+HHMM" or "+HH".
+_ISO = re.compile(r"(\d{4}-\d\d-\d\d(?:[T ]\d\d(?::\d\d(?::\d\d)?)?)?)(?:[.,](\d+))?"
+                  r"(?:([Zz])|([+-]\d\d)(?::?(\d\d))?)?")
+
+
+def _iso_for_python(text: str) -> str:
+    """`text` in the ISO 8601 form every supported Python's `fromisoformat` reads."""
+    m = _ISO.fullmatch(text)
+    if m is None:
+        return text  # fromisoformat says what is wrong
+    main, fraction, zulu, hours, minutes = m.groups()
+    out = main
+    if fraction is not None:
+        out += "." + fraction[:6].ljust(6, "0")
+    if zulu:
+        out += "+00:00"
+    elif hours:
+        out += f"{hours}:{minutes or '00'}"
+    return out
+
+
 # Ids that database and dataframe exports write for a missing value (case-insensitive):
 # such a row has no user (or item, or session), it is not one user or item called "NULL".
-MISSING_IDS = frozenset({"\\N", "NULL", "NONE", "NAN"})
+# (SQL's \N and NULL, Python's None, pandas' and R's NaN, NA and <NA>, spreadsheets' N/A and
+# #N/A, JavaScript's undefined.)
+MISSING_IDS = frozenset({"\\N", "NULL", "NONE", "NAN", "NA", "N/A", "#N/A", "<NA>", "UNDEFINED"})
+_MISSING_MAX = max(map(len, MISSING_IDS))
+
+
+def is_missing(text: str) -> bool:
+    """Whether an id (stripped) is a missing-value marker."""
+    return len(text) <= _MISSING_MAX and text.upper() in MISSING_IDS
 
 
 def _id(value: object, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{name} {value!r} is not a string or number")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a JSON 20.0 (pandas writes ints as floats beside a NaN) is 20
     text = value.strip() if isinstance(value, str) else str(value)
     if not text:
         raise ValueError(f"empty {name}")
-    if len(text) <= 4 and text.upper() in MISSING_IDS:
+    if is_missing(text):
         raise ValueError(f"missing {name} ({text!r}, a missing-value marker)")
     if isinstance(value, str):
         try:
@@ -208,7 +256,7 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple:
         user, item, t = obj[fmt.user_col], obj[fmt.item_col], obj[fmt.time_col]
         session = obj[fmt.session_col] if fmt.session_col else None
     else:
-        fields = split_fields(line, fmt.separator)
+        fields = split_fields(line, fmt.separator, fmt.quoted)
         if len(fields) != len(fmt.columns):
             raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
         u, i, t_ = fmt.indices()
@@ -278,7 +326,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     # what `parse_line` accepts; anything else goes through `parse_line` for the reason.
     fast = fmt.format in _DELIMITERS and fmt.time_unit != "iso"
     if fast:
-        delimiter, width = fmt.separator, len(fmt.columns)
+        delimiter, width, quoted = fmt.separator, len(fmt.columns), fmt.quoted
         u_col, i_col, t_col = fmt.indices()
         s_col = fmt.columns.index(fmt.session_col) if with_sessions else 0
         scale = 1000 if fmt.time_unit == "s" else 1
@@ -296,7 +344,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             continue
         rows += 1
         ms = -1
-        if fast and ('"' not in line or len(delimiter) > 1):
+        if fast and (not quoted or '"' not in line):
             fields = line.split(delimiter)
             if len(fields) == width:
                 user, item = fields[u_col].strip(), fields[i_col].strip()
@@ -306,9 +354,9 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
                 except ValueError:
                     pass
                 if (ms > MAX_TIME_MS or item in RESERVED_ITEM_IDS or "\r" in item
-                        or (len(user) <= 4 and user.upper() in MISSING_IDS)
-                        or (len(item) <= 4 and item.upper() in MISSING_IDS)
-                        or (with_sessions and len(session) <= 4
+                        or (len(user) <= _MISSING_MAX and user.upper() in MISSING_IDS)
+                        or (len(item) <= _MISSING_MAX and item.upper() in MISSING_IDS)
+                        or (with_sessions and len(session) <= _MISSING_MAX
                             and session.upper() in MISSING_IDS)):
                     ms = -1  # parse_line says why
         if ms < 0:

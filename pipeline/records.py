@@ -1,10 +1,11 @@
 """One user's sessions → the user's records of each split (pure function).
 
-Train sessions lose their out-of-vocabulary events and are dropped when left shorter than
-the minimum; valid/test sessions keep such events as `schema.UNKNOWN_INDEX`. A valid or
-test record holds, as context, the user's sessions of the earlier splits exactly as they
-were written there, then the user's target sessions of its own split; a training record
-holds training sessions only, so it never contains a valid or test event.
+Train sessions lose their out-of-vocabulary events (and the immediate repeats that leaves:
+A X A → A), and are dropped when left shorter than the minimum; valid/test sessions keep
+such events as `schema.UNKNOWN_INDEX`. A valid or test record holds, as context, the
+user's sessions of the earlier splits exactly as they were written there, then the user's
+target sessions of its own split; a training record holds training sessions only, so it
+never contains a valid or test event.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.sessions import Session
 
 OOV_IN_TRAIN = "unknown_item_in_train"
 SHORT_AFTER_VOCABULARY = "short_train_session_after_vocabulary"
+REPEAT_AFTER_VOCABULARY = "immediate_repeat_after_vocabulary"
 
 
 class UserRecords(NamedTuple):
@@ -54,6 +56,9 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
         if split == schema.SPLITS[0]:
             kept = [(index[i], t) for i, t in zip(session.items, session.times) if i in index]
             filtered[OOV_IN_TRAIN] += len(session.items) - len(kept)
+            collapsed = [k for j, k in enumerate(kept) if j == 0 or k[0] != kept[j - 1][0]]
+            filtered[REPEAT_AFTER_VOCABULARY] += len(kept) - len(collapsed)
+            kept = collapsed
             if len(kept) < min_length:
                 filtered[SHORT_AFTER_VOCABULARY] += len(kept)
                 continue

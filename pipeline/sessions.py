@@ -1,4 +1,5 @@
-"""Sessionization of one user's events (pure functions, DESIGN.md §6 steps 1-4).
+"""Sessionization of one user's events (pure functions, DESIGN.md §6 steps 1-4; and a
+duplicate row, the same time and item, read once).
 
 Events are `(time_ms, order, item)` tuples, or `(time_ms, order, item, session_id)` for a
 log with its own session ids: `order` is the input order (file rank, then line), so
@@ -11,6 +12,7 @@ from typing import NamedTuple, Sequence
 
 # rows_filtered reasons counted by this module.
 CAPPED = "max_events_per_user"
+DUPLICATE = "duplicate_event"
 REPEAT = "immediate_repeat"
 SHORT = "short_session"
 # stats.json: sessions (by --session-col) that start before an earlier one of their user ended
@@ -45,6 +47,24 @@ def keep_most_recent(events: list[RawEvent], max_events: int) -> tuple[list[RawE
     events = sorted(events)
     dropped = max(0, len(events) - max_events)
     return events[dropped:], dropped
+
+
+def drop_duplicates(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
+    """Drops an event that repeats an earlier one's time and item (and session id): the
+    same row read twice (overlapping exports, a file given twice under two names), which
+    at equal times the collapse of immediate repeats cannot catch (A B C A B C).
+
+    Returns:
+      (remaining events in their order, number dropped).
+    """
+    seen: set = set()
+    kept = []
+    for e in events:
+        key = (e[0], e[2]) if len(e) == 3 else (e[0], e[2], e[3])
+        if key not in seen:
+            seen.add(key)
+            kept.append(e)
+    return kept, len(events) - len(kept)
 
 
 def split_at_gaps(events: Sequence[RawEvent], gap_seconds: int) -> list[list[RawEvent]]:
@@ -100,12 +120,14 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
       gap_seconds: a gap strictly greater starts a new session (not with `session_ids`).
       session_ids: sessions are the log's own (`group_by_session`), not time gaps.
       min_length: sessions shorter than this after collapsing are dropped.
-      max_events: only the most recent events are kept (bounded per-user state).
+      max_events: only the most recent events are kept (bounded per-user state), after
+        dropping duplicates (`drop_duplicates`).
 
     Returns:
       (sessions in time order, rows_filtered counts by reason).
     """
     filtered: collections.Counter = collections.Counter()
+    events, filtered[DUPLICATE] = drop_duplicates(sorted(events))
     events, filtered[CAPPED] = keep_most_recent(events, max_events)
     sessions = []
     for raw in group_by_session(events) if session_ids else split_at_gaps(events, gap_seconds):

@@ -81,6 +81,10 @@ _DECOMPRESSORS = {
 }
 
 
+# Archives (many files in one), which no reader here streams as one log.
+_ARCHIVES = (".zip", ".7z", ".rar", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
 def is_compressed(path: str) -> bool:
     """The file is compressed (by its extension, as Beam's `FileSystems` detect it)."""
     return CompressionTypes.detect_compression_type(path) != CompressionTypes.UNCOMPRESSED
@@ -89,6 +93,10 @@ def is_compressed(path: str) -> bool:
 def _compression(path: str) -> str:
     """The file's compression (by extension); InputError for one that is not supported."""
     kind = CompressionTypes.detect_compression_type(path)
+    archive = next((e for e in _ARCHIVES if path.lower().endswith(e)), None)
+    if archive:
+        raise InputError(f"{path}: a {archive} archive is not read: extract it and pass its "
+                         "files (gzip, bzip2 or xz files are read as they are)")
     if kind != CompressionTypes.UNCOMPRESSED and kind not in _DECOMPRESSORS:
         raise InputError(f"{path}: {kind} input is not supported (a truncated file would "
                          "go unnoticed): decompress it, or use gzip, bzip2 or xz")
@@ -120,29 +128,52 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
     files, seen = {}, set()
     for pattern in patterns:
         local = "://" not in pattern
-        # Beam's local glob needs a folder part: `*.csv` matches nothing, `./*.csv` does
-        bare = local and not os.path.dirname(pattern) and glob.has_magic(pattern)
-        try:
-            found = FileSystems.match(["./" + pattern if bare else pattern])[0].metadata_list
-        except Exception as e:  # Beam raises BeamIOError/ValueError subclasses per scheme.
-            raise InputError(f"cannot list --input {pattern!r}: {e}") from None
-        found = [m for m in found if not m.path.endswith("/")]
         if local and os.path.isdir(pattern):
             raise InputError(f"--input {pattern!r} is a folder: pass its files, e.g. "
                              f"--input '{os.path.join(pattern, '*')}'")
-        if not found:
-            raise InputError(f"--input {pattern!r} matches no file: check the path or glob")
-        for m in found:
-            _compression(m.path)  # refuses an unsupported one before anything runs
-            path = m.path[2:] if bare and m.path.startswith("./") else m.path
+        if local and os.path.isfile(pattern):  # a name as it is, even with [ ] * ? in it
+            found = [(pattern, os.path.getsize(pattern))]
+        else:
+            found = _match(pattern)
+        for path, size in found:
+            _compression(path)  # refuses an unsupported one before anything runs
             # one file under two spellings (a.csv, ./a.csv, /abs/a.csv) is read once
             key = os.path.realpath(path) if local else path
             if key not in seen:
                 seen.add(key)
-                files[path] = m.size_in_bytes
+                files[path] = size
     if len(files) >= MAX_FILES:
         raise InputError(f"--input matches {len(files)} files; at most {MAX_FILES - 1} are supported")
     return sorted(files.items())
+
+
+def _match(pattern: str) -> list[tuple[str, int]]:
+    """(path, size) of the files a glob (or a remote path) matches. A glob skips the names
+    that start with `.` or `_` (`_SUCCESS`, `.part-0.crc`: Hadoop's and Spark's markers and
+    checksums, which their own readers skip too) unless the pattern's own name does.
+
+    Raises:
+      InputError: it cannot be listed, or matches no file.
+    """
+    local = "://" not in pattern
+    # Beam's local glob needs a folder part: `*.csv` matches nothing, `./*.csv` does
+    bare = local and not os.path.dirname(pattern) and glob.has_magic(pattern)
+    try:
+        found = FileSystems.match(["./" + pattern if bare else pattern])[0].metadata_list
+    except Exception as e:  # Beam raises BeamIOError/ValueError subclasses per scheme.
+        raise InputError(f"cannot list --input {pattern!r}: {e}") from None
+    found = [(m.path[2:] if bare and m.path.startswith("./") else m.path, m.size_in_bytes)
+             for m in found if not m.path.endswith("/")]
+    hidden = 0
+    if glob.has_magic(pattern) and not os.path.basename(pattern).startswith((".", "_")):
+        shown = [(p, n) for p, n in found if not os.path.basename(p).startswith((".", "_"))]
+        hidden, found = len(found) - len(shown), shown
+    if not found:
+        raise InputError(f"--input {pattern!r} matches no file"
+                         + (f" but {hidden} whose names start with '.' or '_' (markers and "
+                            "checksums, skipped)" if hidden else "")
+                         + ": check the path or glob")
+    return found
 
 
 def read_first_lines(path: str, n: int) -> list[bytes]:

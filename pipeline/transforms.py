@@ -27,6 +27,8 @@ from apache_beam.transforms.window import GlobalWindows
 from pipeline import parse, records, schema, sessions, sources, split, vocabulary
 
 STATS = "stats"
+# stats key prefix of a split's largest events of one user (max, not summed): MAX_PREFIX + split
+MAX_PREFIX = "max_user_events/"
 MALFORMED = "malformed"
 NEWLINES = "newlines"
 STARTS = "starts"
@@ -205,13 +207,15 @@ class _BuildRecords(beam.DoFn):
             self._counts[f"splits/{name}/sessions"] += out.sessions[name]
             self._counts[f"splits/{name}/events"] += out.events[name]
             self._counts["rows_written"] += out.events[name]
+            heaviest = f"{MAX_PREFIX}{name}"
+            self._counts[heaviest] = max(self._counts[heaviest], out.events[name])
         for reason, n in out.filtered.items():
             self._counts[f"rows_filtered/{reason}"] += n
 
     def finish_bundle(self):
         report_progress("users", self._unreported)
         counts = dict(self._counts)
-        _count("records", counts)
+        _count("records", {k: n for k, n in counts.items() if not k.startswith(MAX_PREFIX)})
         yield pvalue.TaggedOutput(STATS, _global(counts))
 
 
@@ -239,9 +243,11 @@ class _ConcatStarts(beam.CombineFn):
 
 
 def _sum_counts(dicts: Iterable[dict]) -> dict:
+    """Sums the counts; a key starting with MAX_PREFIX takes the largest value instead."""
     total = collections.Counter()
     for d in dicts:
-        total.update(d)
+        for key, n in d.items():
+            total[key] = max(total[key], n) if key.startswith(MAX_PREFIX) else total[key] + n
     return dict(total)
 
 

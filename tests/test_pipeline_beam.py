@@ -71,7 +71,11 @@ def test_session_records_on_hand_written_events(tmp_path):
             "rows_written": 11, "splits/train/users": 2, "splits/train/sessions": 2,
             "splits/train/events": 5, "splits/valid/users": 1, "splits/valid/sessions": 1,
             "splits/valid/events": 2, "splits/test/users": 2, "splits/test/sessions": 2,
-            "splits/test/events": 4}]), label="stats")
+            "splits/test/events": 4,
+            # the most events of one user per split: u1's 3 in train, u2's 2 in valid,
+            # 2 each in test
+            "max_user_events/train": 3, "max_user_events/valid": 2,
+            "max_user_events/test": 2}]), label="stats")
         assert_that(out["malformed"] | beam.Map(json.loads), equal_to([
             {"source": files[0][0], "line": 9, "reason": "wrong column count: expected 3, got 1",
              "raw": "bad row"},

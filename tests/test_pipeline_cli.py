@@ -286,6 +286,87 @@ def test_input_spellings_a_shell_or_a_user_would_type(tmp_path, capsys, monkeypa
     assert err.count("\n") == 1 and not os.path.exists("out9")
 
 
+@pytest.mark.parametrize("name,text,args,message", [
+    ("log.tsv", "u\ta\t1\nv\tb\t2\n", ["--columns", "user,item,time"],
+     "none of the first 2 rows has 3 ','-separated columns (every row would be malformed); "
+     "they look '\\t'-separated: pass --format tsv"),
+    ("log.jsonl", '{"user_id": "u", "item_id": "a", "ts": 1}\n', ["--format", "jsonl"],
+     "none of the first 1 JSON objects has the key(s) user, item, time (the first has "
+     "['user_id', 'item_id', 'ts']): set --user-col/--item-col/--time-col"),
+    ("log.json", json.dumps([{"user": "u", "item": "a", "time": 1}] * 2, indent=2),
+     ["--format", "jsonl"],
+     "none of the first 12 lines is a JSON object (--format jsonl reads one object per line); "
+     "it looks like one JSON document (an array?): write one object per line, e.g. jq -c '.[]'"),
+    ("log.jsonl", '{"user": {"id": "u"}, "item": "a", "time": 1}\n',
+     ["--format", "jsonl", "--user-col", "user.id"],
+     "has the key(s) user.id (the first has ['user', 'item', 'time']): set "
+     "--user-col/--item-col/--time-col; nested keys are not read: flatten them first"),
+    ("log.zip", "PK\x03\x04", [], "log.zip: a .zip archive is not read: extract it"),
+])
+def test_inputs_whose_every_row_would_be_malformed_stop_at_once(tmp_path, capsys, name, text,
+                                                                 args, message):
+    (tmp_path / name).write_text(text)
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_name_with_glob_characters_is_read_as_it_is(tmp_path, capsys):
+    log = tmp_path / "clicks[2024].csv"
+    log.write_text("user,item,time\nu,a,1\nu,b,2\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    assert schema.read_stats(str(out))["rows_read"] == 2
+
+
+def test_a_file_given_twice_under_two_names_counts_each_event_once(tmp_path):
+    """Minute-resolution times: a copy of the log read with it would make A B C A B C of
+    each session (not immediate repeats); each row's copy is a duplicate_event."""
+    rows = "".join(f"u{u},i{(u + k) % 7},{60 * (1000 * s + 1)}\n"
+                   for u in range(40) for s in range(12) for k in range(3))
+    for name in ("a.csv", "copy-of-a.csv"):
+        (tmp_path / name).write_text("user,item,time\n" + rows)
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    for inputs, out in (([tmp_path / "a.csv"], alone),
+                        ([tmp_path / "a.csv", tmp_path / "copy-of-a.csv"], both)):
+        res = run_cli(*[a for p in inputs for a in ("--input", str(p))], "--output", str(out),
+                      "--min-item-count", "1", *IN_MEMORY)
+        assert res.returncode == 0, res.stderr[-3000:]
+    (one, recs_one), (two, recs_two) = check_output(str(alone)), check_output(str(both))
+    assert two["rows_read"] == 2 * one["rows_read"] == 2 * 40 * 12 * 3
+    assert two["rows_filtered"]["duplicate_event"] == one["rows_read"]
+    assert "duplicate_event" not in one["rows_filtered"]
+    assert two["rows_written"] == one["rows_written"] > 0
+    assert {s: {u: [x.tolist() for x in r.sessions] for u, r in recs.items()}
+            for s, recs in recs_two.items()} == {
+        s: {u: [x.tolist() for x in r.sessions] for u, r in recs.items()}
+        for s, recs in recs_one.items()}
+
+
+def test_a_crawler_that_would_decide_the_test_metrics_gets_a_note(tmp_path, capsys):
+    day = 86_400
+    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
+            for k in range(3)]
+    rows += [f"bot,i{k % 9},{9 * day + 3600 + k}" for k in range(600)]  # one long last session
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), *IN_MEMORY]) == 0
+    stats, recs = check_output(str(out))
+    test = stats["splits"]["test"]
+    bot = recs["test"]["bot"]
+    bot_events = sum(len(s) for s in bot.sessions[bot.num_context_sessions:])
+    assert stats["max_user_events"]["test"] == bot_events == 600
+    assert bot_events > test["events"] / 4
+    err = capsys.readouterr().err
+    assert (f"note: one user holds {bot_events / test['events']:.0%} of the test split's events "
+            f"({bot_events:,} of {test['events']:,}, {test['users']:,} users)") in err
+    assert "of the valid split" not in err
+
+
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\nu,a,1\n")
@@ -698,10 +779,11 @@ def test_progress_of_a_local_run(tmp_path, monkeypatch, capfd):
 
 
 def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
-    """A Spark-style export: 0-byte part files and a `_SUCCESS` marker beside the data are
-    skipped; rows whose time no parser can take (past the year 5138, a unit mix-up well
-    after the rows the start-up check samples) and a 200 KB quoted field do not stop the
-    run: the bad times go to malformed/, the big field is read."""
+    """A Spark-style export: 0-byte part files are skipped, and so are the `_SUCCESS`
+    marker and `.crc` checksums a glob matches (names starting with `_` or `.`); rows
+    whose time no parser can take (past the year 5138, a unit mix-up well after the rows
+    the start-up check samples) and a 200 KB quoted field do not stop the run: the bad
+    times go to malformed/, the big field is read."""
     export_dir = tmp_path / "export"
     export_dir.mkdir()
     rows = [f"{u},{i},{t},p" for u, i, t in GOOD]
@@ -710,11 +792,12 @@ def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
     (export_dir / "part-0.csv").write_text("user,item,time,props\n" + "\n".join(rows) + "\n")
     (export_dir / "part-1.csv").write_text("")
     (export_dir / "_SUCCESS").write_text("")
+    (export_dir / ".part-0.csv.crc").write_bytes(b"crc\x00\xff\x13")
     out = tmp_path / "out"
     res = run_cli("--input", str(export_dir / "*"), "--output", str(out),
                   "--min-item-count", "1", *IN_MEMORY)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "note: skipping 2 empty input file(s)" in res.stderr
+    assert "note: skipping 1 empty input file(s)" in res.stderr
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not 0700
@@ -729,7 +812,14 @@ def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
 
     (export_dir / "part-0.csv").write_text("")
     res = run_cli("--input", str(export_dir / "*"), "--output", str(tmp_path / "none"))
-    assert res.returncode == 2 and "every --input file is empty (3:" in res.stderr
+    assert res.returncode == 2 and "every --input file is empty (2:" in res.stderr
+    res = run_cli("--input", str(export_dir / "_*"), "--output", str(tmp_path / "none"))
+    assert res.returncode == 2 and "every --input file is empty (1:" in res.stderr  # asked for
+    (export_dir / "part-0.csv").unlink()
+    (export_dir / "part-1.csv").unlink()
+    res = run_cli("--input", str(export_dir / "*"), "--output", str(tmp_path / "none"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "matches no file but 2 whose names start with '.' or '_'" in res.stderr
 
 
 def test_overwrite_only_replaces_an_earlier_output(tmp_path, capsys):

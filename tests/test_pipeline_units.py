@@ -2,6 +2,7 @@
 import bz2
 import gzip
 import lzma
+import re
 
 import numpy as np
 import pytest
@@ -240,7 +241,7 @@ def test_times_are_floored_to_seconds():
 
 def test_the_logs_own_session_ids_group_events_whatever_the_gaps():
     events = [(0, 0, "a", "s1"), (1000, 1, "x", "s2"),       # two sessions interleaved
-              (2000, 2, "b", "s1"), (2000, 3, "b", "s1"),    # an immediate repeat
+              (2000, 2, "b", "s1"), (2500, 3, "b", "s1"),    # an immediate repeat
               (9_000_000, 4, "y", "s2"),                     # s2 comes back hours later
               (9_500_000, 5, "z", "s3")]                     # one event: too short
     out, filtered = sessions.sessionize(events[::-1], 1800, 2, 100, session_ids=True)
@@ -251,6 +252,80 @@ def test_the_logs_own_session_ids_group_events_whatever_the_gaps():
     # the same events by time gaps
     out, _ = sessions.sessionize([e[:3] for e in events], 1800, 1, 100)
     assert [s.items for s in out] == [["a", "x", "b"], ["y", "z"]]
+
+
+def test_a_row_read_twice_is_one_event_even_between_others_at_the_same_time():
+    # minute-resolution times: A B C at one time, then the same rows again (a file given
+    # twice); the collapse of immediate repeats cannot see A B C A B C
+    rows = [(60_000, k, item) for k, item in enumerate("abc")]
+    again = [(60_000, 10 + k, item) for k, item in enumerate("abc")]
+    out, filtered = sessions.sessionize(rows + again + [(120_000, 20, "d")], 1800, 1, 100)
+    assert out == [Session(["a", "b", "c", "d"], [60, 60, 60, 120])]
+    assert filtered == {sessions.DUPLICATE: 3}
+    # the same item at another time, or in another session, is another event
+    out, filtered = sessions.sessionize([(0, 0, "a"), (1000, 1, "b"), (2000, 2, "a")], 1800, 1, 100)
+    assert [s.items for s in out] == [["a", "b", "a"]] and not filtered
+    out, filtered = sessions.sessionize([(0, 0, "a", "s1"), (0, 1, "a", "s2"), (0, 2, "b", "s2")],
+                                        1800, 1, 100, session_ids=True)
+    assert [s.items for s in out] == [["a"], ["a", "b"]] and not filtered
+    # duplicates go before the cap: the cap keeps the most recent distinct events
+    out, filtered = sessions.sessionize([(0, 0, "a"), (1000, 1, "b"), (1000, 2, "b")], 1800, 1, 2)
+    assert [s.items for s in out] == [["a", "b"]]
+    assert filtered == {sessions.DUPLICATE: 1}
+
+
+def test_missing_value_markers_of_every_common_export_are_missing_ids():
+    fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"))
+    for marker in ("NA", "na", "N/A", "#N/A", "<NA>", "undefined", "NULL", "\\N", "None", "NaN"):
+        for line in (f"{marker},i1,100", f"u1,{marker},100"):
+            with pytest.raises(ValueError, match="missing-value marker"):
+                parse.parse_line(line, fmt)
+            block = parse.parse_block([line.encode()], fmt, 0)  # the fast path agrees
+            assert not block.by_user and "missing-value marker" in block.malformed[0][1]
+    for kept in ("NAB", "N", "nan1", "ANA"):  # ids that only look alike
+        assert parse.parse_line(f"{kept},{kept},100", fmt)[:2] == (kept, kept)
+
+
+def test_tsv_is_split_as_it_is_and_csv_with_quoting():
+    tsv = parse.RowFormat("tsv", "s", "user", "item", "time", ("user", "item", "time"))
+    line = 'u1\t"Heroes" 5\t100'
+    assert parse.parse_line(line, tsv) == ("u1", '"Heroes" 5', 100_000)
+    assert parse.parse_block([line.encode(), b'u2\t"open\t200'], tsv, 0).by_user == {
+        "u1": (['"Heroes" 5'], [100_000], [0]), "u2": (['"open'], [200_000], [1])}
+    assert parse.parse_header('"user"\titem\ttime', "\t", quoted=False)[0] == '"user"'
+    # a tab-separated file with CSV quoting: csv with a tab delimiter
+    quoted = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"), "\t")
+    assert parse.parse_line('u1\t"a\tb"\t100', quoted) == ("u1", "a\tb", 100_000)
+    assert parse.is_quoted("csv", ";") and not parse.is_quoted("csv", "::")
+    assert not parse.is_quoted("tsv", "\t")
+
+
+def test_json_whole_number_floats_are_the_same_ids_as_ints():
+    fmt = parse.RowFormat("jsonl", "s", "user", "item", "time")
+    assert parse.parse_line('{"user": 7.0, "item": 20.0, "time": 1}', fmt) == ("7", "20", 1000)
+    assert parse.parse_line('{"user": 7, "item": 20.5, "time": 1}', fmt)[:2] == ("7", "20.5")
+    with pytest.raises(ValueError, match="missing-value marker"):  # pandas' NaN as a number
+        parse.parse_line('{"user": NaN, "item": 1, "time": 1}', fmt)
+    # a string keeps its text: "20.0" is not "20"
+    assert parse.parse_line('{"user": "u", "item": "20.0", "time": 1}', fmt)[1] == "20.0"
+
+
+@pytest.mark.parametrize("text, ms", [
+    ("2015-06-04T06:16:22.483Z", 1433398582483),          # YooChoose
+    ("2015-06-04T06:16:22.483123456Z", 1433398582483),    # nanoseconds (cut)
+    ("2015-06-04T06:16:22.4Z", 1433398582400),
+    ("2015-06-04T08:16:22+0200", 1433398582000),
+    ("2015-06-04T08:16:22+02", 1433398582000),
+    ("2015-06-04 06:16:22,5", 1433398582500),
+    ("2015-06-04", 1433376000000),
+    ("2015-06-04T06:16", 1433398560000),
+])
+def test_iso_times_in_the_forms_python_3_10_refuses_too(text, ms):
+    assert parse.parse_time_ms(text, "iso") == ms
+    import datetime
+    datetime.datetime.fromisoformat(parse._iso_for_python(text))  # what 3.10 reads
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d([T ]\d\d(:\d\d(:\d\d(\.\d{6})?)?)?)?"
+                        r"(\+\d\d:\d\d)?", parse._iso_for_python(text))
 
 
 def test_session_column_is_parsed_and_required():
@@ -298,6 +373,19 @@ def test_vocabulary_order_and_indices():
     vocab = vocabulary.build_vocabulary([("b", 5), ("a", 5), ("c", 9), ("rare", 4)], 5)
     assert vocab == [("c", 9), ("a", 5), ("b", 5)]
     assert vocabulary.index_of(vocab) == {"c": 2, "a": 3, "b": 4}
+
+
+def test_train_sessions_lose_the_repeats_that_unknown_items_leave():
+    user_sessions = [Session(["a", "z", "a", "b", "z", "z2", "b", "a"], [1, 2, 3, 4, 5, 6, 7, 8]),
+                     Session(["a", "z", "a"], [10, 11, 12])]   # → [a]: too short
+    out = records.build_user_records("u", user_sessions, ["train", "train"],
+                                     {"a": 2, "b": 3}, min_length=2)
+    assert _decode(out.records["train"]) == (0, [[2, 3, 2]], [[1, 4, 8]])
+    assert out.filtered == {records.OOV_IN_TRAIN: 4, records.REPEAT_AFTER_VOCABULARY: 3,
+                            records.SHORT_AFTER_VOCABULARY: 1}
+    assert out.events == {"train": 3}
+    # every event of the input is written or counted once
+    assert sum(out.filtered.values()) + 3 == 8 + 3
 
 
 def _decode(record):
