@@ -12,7 +12,10 @@ does not score are ordered by global popularity. The popularity part is an addit
 the integer primary scores (`sknn`, `spop`, `mv`), and added only to unscored items by
 `upop`, whose scored items all exceed 1. Items with equal counts keep equal terms, and the
 conservative rank of `model.metrics` counts such ties against the target. Scores are
-float32 (the `Scorer` contract), exact while primary scores stay below 2**22.
+float32 (the `Scorer` contract): the primary scores are exact below 2**22, but beside a
+primary score S the popularity terms resolve steps of about S * 2**-24 only, so two items
+of nearly equal counts can tie there (counted against the target: a metric can only come
+out slightly low, never high).
 
 All are vectorized over rows, positions and items (numpy and scipy.sparse); the Python
 loops run over positions or sessions, never over items. Each computes its scores block by

@@ -216,7 +216,9 @@ def markdown_table(results: dict) -> str:
             sd = _get(m.get("std", {}), key)
             if sd and m.get("seeds", 1) > 1:
                 s += f" ± {sd:.4f}"
-            cells.append(f"**{s}**" if best.get(key) is not None and np.isclose(v, best[key]) else s)
+            # bold what prints as the best (0.12344 and 0.12341 are both 0.1234)
+            top = best.get(key) is not None and f"{v:.4f}" == f"{best[key]:.4f}"
+            cells.append(f"**{s}**" if top else s)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gains = results["relative_gain"] if "relative_gain" in results else relative_gain(results)
     if gains:

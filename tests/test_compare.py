@@ -58,6 +58,19 @@ def test_relative_gain_and_table_mark_the_best_value():
     assert "**0.3300**" in hier and "**0.1200**" in sknn and "0.1000 |" in hier
     assert "+10.0%" in md
     json.dumps(results)
+    # what prints alike is bold alike; what prints apart is not
+
+    def column(name):
+        lines = compare.markdown_table(results).splitlines()
+        at = [c.strip() for c in lines[0].strip("|").split("|")].index(name)
+        return [[c.strip() for c in line.strip("|").split("|")][at] for line in lines[2:4]]
+
+    results["models"]["sknn"]["recall@20"] = 0.33004
+    results["models"]["hiertcn"]["mrr@20"] = 0.11996
+    assert column("R@20") == ["**0.3300**", "**0.3300**"]
+    assert column("MRR@20") == ["**0.1200**", "**0.1200**"]
+    results["models"]["sknn"]["recall@20"] = 0.32994
+    assert column("R@20") == ["**0.3300**", "0.3299"]
 
 
 def test_table_has_user_group_columns_and_counts_cold_events():
