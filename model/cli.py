@@ -64,6 +64,9 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="steps between valid evaluations, and one at the end; the best valid "
                         f"weights are kept (default {TRAIN.eval_every}; 0: off, the last "
                         "weights are used)")
+    p.add_argument("--patience", type=int,
+                   help="stop once the best valid evaluation is this many evaluations old "
+                        f"(default {TRAIN.patience}; 0: run every step)")
     p.add_argument("--eval-users", type=int,
                    help="valid users per evaluation, the same each time, chosen by a hash of "
                         f"their ids (0: all; default {TRAIN.eval_users:,})")

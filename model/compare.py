@@ -394,7 +394,9 @@ def _trained(run_dir: str) -> bool:
 def _train_options(name: str, seed: int, args: argparse.Namespace) -> list[str]:
     """The `model.train` options of one seed's run, without --data and --model-dir."""
     base = name.split(":", 1)[0]
-    options = ["--model", base, "--seed", str(seed), "--eval-every", str(args.eval_every)]
+    # every model runs the whole budget (--patience 0): the tables' runs are the same ones
+    options = ["--model", base, "--seed", str(seed), "--eval-every", str(args.eval_every),
+               "--patience", "0"]
     if args.budget_steps:
         options += ["--steps", str(args.budget_steps)]
     if args.budget_minutes:

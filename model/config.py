@@ -263,6 +263,9 @@ class TrainConfig(ConfigBase):
       eval_every: steps between valid evaluations, with one more at the end of the run;
         the weights with the best valid Recall@20 are kept and used (0 = no evaluation: the
         last weights are used, even where they overfit a small log).
+      patience: stop once the best valid evaluation is this many evaluations old (0 = run
+        all the steps): a small log is memorised within a few hundred steps, and the rest
+        of a fixed budget only makes valid worse.
       eval_users: valid users evaluated at each interval (0 = all): the same users each
         time, chosen by a hash of their ids (`evaluate.sample_users`).
       mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
@@ -290,7 +293,8 @@ class TrainConfig(ConfigBase):
     cache_events: int = 20_000_000
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    eval_every: int = 200
+    eval_every: int = 100
+    patience: int = 5
     eval_users: int = 1000
     mixed_precision: bool = False
     jit_compile: bool = False
@@ -301,7 +305,8 @@ class TrainConfig(ConfigBase):
         for key in ("batch_size", "sessions_per_batch", "max_session_length", "shuffle_buffer",
                     "checkpoint_every", "keep_checkpoints", "prefetch"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events"):
+        for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events",
+                    "patience"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")

@@ -22,6 +22,7 @@ NOISE = ("All log messages before absl::InitializeLog() is called",
          # on CPUs where oneDNN's optimisations default to on (AVX-512, AMX): an INFO line
          "oneDNN custom operations are on. You may see slightly different numerical results")
 CUDA_NOISE = ("Could not find cuda drivers on your machine", "failed call to cuInit")
+ONEDNN_NOISE = ("Falling back to the default Eigen-based implementation",)
 
 
 # The filter process: copies its stdin to its stdout line by line, less the noise lines.
@@ -81,8 +82,15 @@ def import_tensorflow() -> None:
     notes held back; nothing when TensorFlow is already imported."""
     if "tensorflow" in sys.modules:
         return
-    noise = NOISE + (() if has_nvidia_device() else CUDA_NOISE)
+    gpu = has_nvidia_device()
+    noise = NOISE + (() if gpu else CUDA_NOISE + ONEDNN_NOISE)
     with native_notes_dropped(noise):
         import tensorflow as tf
 
         tf.config.list_physical_devices("GPU")
+        if not gpu:  # (an op here would start a GPU's context before the command sets it up)
+            # On a CPU with AMX, oneDNN logs an ERROR line the first time it declines a
+            # dtype ("oneDNN supports DT_INT64 only on platforms with AVX-512. Falling back
+            # to the default Eigen-based implementation"), once per process: at the first
+            # training step, in the middle of the command's own output. Declined here.
+            tf.transpose(tf.zeros([1, 1], tf.int64))

@@ -24,6 +24,7 @@ if __name__ == "__main__":
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -102,7 +103,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
              "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
              "optimizer": args.optimizer, "seed": args.seed, "eval_every": args.eval_every,
              "eval_users": args.eval_users, "checkpoint_every": args.checkpoint_every,
-             "strategy": args.strategy}
+             "strategy": args.strategy, "patience": args.patience}
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.epochs is not None:
         train["steps"] = 0
@@ -435,9 +436,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     current = _summary_is_current(run_dir, start_step)
     evaluation_due = bool(tc.eval_every and start_step and not current
                           and position.get(EVALUATION_DUE) == start_step)
-    finished = bool(tc.steps and start_step >= tc.steps)
+    stalled = _stalled(tc, best, start_step)
+    finished = bool(tc.steps and start_step >= tc.steps) or stalled
     if finished and current:
-        print(f"{run_dir} already holds {start_step} steps; nothing to do", file=sys.stderr)
+        print(f"{run_dir} already holds {start_step} steps"
+              + (f", {_stall_text(tc, best)}" if stalled else "") + "; nothing to do",
+              file=sys.stderr)
         restored.expect_partial()  # Adam's slots are made by a step: none was run
         return _read_summary(run_dir)
 
@@ -461,9 +465,13 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
           f"{steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
           f"{data_dir} -> {run_dir}", file=sys.stderr)
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
-    bar = tf.keras.utils.Progbar(total_steps, stateful_metrics=["loss", "events/s"],
+    # The bar counts this process's steps (its time estimate assumes it started at 0) and
+    # goes to stderr with the rest of the progress: stdout holds the summary JSON alone.
+    bar = tf.keras.utils.Progbar(total_steps - start_step, stateful_metrics=["loss", "events/s"],
                                  verbose=1 if progress else 0, unit_name="step")
-    if not (sys.stdout.isatty() or "ipykernel" in sys.modules):
+    # the line a step or an interruption line starts with: ends the bar's line
+    after_bar = "\n" if progress else ""
+    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):
         # a log file, not a terminal: a line every LOG_FILE_SECONDS instead of one
         # line redrawn with \r and \b (Keras redraws on any POSIX system)
         bar._dynamic_display, bar.interval = False, LOG_FILE_SECONDS
@@ -500,7 +508,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
 
     def evaluate_and_select(step: int) -> dict:
         nonlocal best, told_no_targets, evaluated_step
-        metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records)
+        metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records,
+                             lead=after_bar)
         evaluated_step = step
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
@@ -531,11 +540,14 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     step_seconds += time.perf_counter() - t0
                     events += int(n.numpy())
                 if not math.isfinite(last_loss):
-                    raise TrainingError(
-                        f"loss is {last_loss} at step {step}: stopped; the last good checkpoint "
-                        f"in {manager.directory} is kept (try a lower --learning-rate)")
+                    kept = (f"the last good checkpoint in {manager.directory} is kept"
+                            if manager.latest_checkpoint else "no checkpoint was written yet")
+                    raise TrainingError(f"loss is {last_loss} at step {step}: stopped; {kept} "
+                                        "(try a lower --learning-rate)")
                 rate = events / max(step_seconds, 1e-9)
-                bar.update(step, values=[("loss", last_loss), ("events/s", round(rate))])
+                with contextlib.redirect_stdout(sys.stderr):
+                    bar.update(step - start_step,
+                               values=[("loss", last_loss), ("events/s", round(rate))])
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)
@@ -546,6 +558,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     t1 = time.perf_counter()
                     valid = evaluate_and_select(step)
                     eval_seconds += time.perf_counter() - t1
+                    if _stalled(tc, best, step) and not (tc.steps and step >= tc.steps):
+                        print(f"stopping at step {step}: {_stall_text(tc, best)}",
+                              file=sys.stderr)
+                        stop_reason = "no_improvement"
+                        break
                 if tc.steps and step >= tc.steps:
                     stop_reason = "steps"
                     break
@@ -560,7 +577,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             raise
         step = int(state.step.numpy())
         if stop_reason == "interrupted":
-            print(f"\ninterrupted at step {step}: "
+            print(f"{after_bar}interrupted at step {step}: "
                   + ("saving a checkpoint; the same command resumes from it" if step > last_saved
                      else "no step since the last checkpoint, nothing to save; the same "
                           "command resumes"), file=sys.stderr)
@@ -575,7 +592,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                       "to do", file=sys.stderr)
                 return _read_summary(run_dir)
             if finished:
-                stop_reason = "steps"
+                stop_reason = "no_improvement" if stalled else "steps"
         if step > last_saved:
             save(step, bool(tc.eval_every) and evaluated_step != step
                  and (step % tc.eval_every == 0 or stop_reason != "interrupted"))
@@ -595,6 +612,20 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     return summary
 
 
+def _stalled(tc: config_lib.TrainConfig, best: dict | None, step: int) -> bool:
+    """Whether the best valid evaluation is `patience` evaluations old at `step`."""
+    return bool(tc.patience and tc.eval_every and best
+                and step - best["step"] >= tc.patience * tc.eval_every)
+
+
+def _stall_text(tc: config_lib.TrainConfig, best: dict) -> str:
+    evaluations = "evaluation" if tc.patience == 1 else "evaluations"
+    return (f"valid has not improved (recall@20, then mrr@20) for {tc.patience} {evaluations} "
+            f"{tc.eval_every} steps apart since its best, at step {best['step']} (recall@20 "
+            f"{best['recall@20']:.4f}), whose weights are used (--patience 0 trains every "
+            "step)")
+
+
 def is_better(metrics: dict, best: dict | None) -> bool:
     """Whether valid `metrics` beat the `best` record: Recall@20, then MRR@20, strictly."""
     if best is None:
@@ -602,13 +633,26 @@ def is_better(metrics: dict, best: dict | None) -> bool:
     return (metrics["recall@20"], metrics["mrr@20"]) > (best["recall@20"], best["mrr@20"])
 
 
-def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=None) -> dict:
+def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=None,
+               lead: str = "") -> dict:
+    """Evaluates on valid and prints `step N: valid recall@20 R mrr@20 M` (after `lead`),
+    saying so when most targets are items outside the vocabulary (misses by the protocol)."""
     metrics = evaluate_valid(model, data_dir, user_ids, scorer, users)
     for key in ("recall@20", "mrr@20"):
         _scalar(f"valid/{key}", metrics[key], step=step)
-    print(f"\nstep {step}: valid recall@20 {metrics['recall@20']:.4f} mrr@20 {metrics['mrr@20']:.4f}",
-          file=sys.stderr)
+    events, unknown = metrics["events"], metrics["unknown_targets"]
+    note = ""
+    if events and unknown > UNKNOWN_NOTE_SHARE * events:
+        note = (f" ({unknown:,} of {events:,} targets are items outside the vocabulary, "
+                f"misses for every model: recall@20 can reach {1 - unknown / events:.4f} at "
+                "most; see the pipeline's --min-item-count)")
+    print(f"{lead}step {step}: valid recall@20 {metrics['recall@20']:.4f} "
+          f"mrr@20 {metrics['mrr@20']:.4f}{note}", file=sys.stderr)
     return {k: metrics[k] for k in ("recall@20", "mrr@20", "events", "unknown_targets")}
+
+
+# `_log_valid` notes the unknown targets when they are more than this share of the events.
+UNKNOWN_NOTE_SHARE = 0.25
 
 
 def _summary_is_current(run_dir: str, step: int) -> bool:

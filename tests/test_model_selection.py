@@ -141,7 +141,7 @@ def test_hiertcn_variants_are_not_baselines_in_the_relative_gain():
 
 
 def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
-    """Without --eval-every, training evaluates on valid every 200 steps and at the end, and
+    """Without --eval-every, training evaluates on valid every 100 steps and at the end, and
     keeps the best: on a small log the last weights can be far behind the best ones."""
     run = str(tmp_path / "default")
     assert _train(data, run, config_file, "--steps", "7") == 0
@@ -151,7 +151,39 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
     assert record["step"] == 7 and record["events"] > record["unknown_targets"]
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
     with open(os.path.join(run, "config.json")) as f:
-        assert json.load(f)["train"]["eval_every"] == 200
+        train = json.load(f)["train"]
+    assert (train["eval_every"], train["patience"]) == (100, 5)
+
+
+def test_training_stops_once_valid_has_not_improved_for_patience_evaluations(
+        data, config_file, tmp_path, capsys):
+    """--patience 1 with an evaluation every 2 steps: the run stops at the first evaluation
+    that does not beat the best (a tie does not: the valid MRR@20 reaches 1 within 30
+    steps here), and keeps the best. The same command then has nothing to do; --patience
+    0 trains on."""
+    run = str(tmp_path / "patience")
+    args = ("--steps", "30", "--eval-every", "2", "--patience", "1")
+    assert _train(data, run, config_file, *args) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out.strip().splitlines()[-1])
+    best = summary["best"]["step"]
+    evals = [(int(s), float(r), float(m)) for s, r, m in STEP_LINE.findall(out.err)]
+    assert summary["stopped_by"] == "no_improvement" and summary["steps"] == best + 2 < 30
+    assert [e[0] for e in evals] == list(range(2, best + 3, 2))
+    # every evaluation up to the best improved on the one before (as printed, to 4 digits:
+    # or kept its value); the last one did not
+    assert all((a[1], a[2]) <= (b[1], b[2]) for a, b in zip(evals[:-1], evals[1:-1]))
+    assert (evals[-1][1], evals[-1][2]) <= (evals[-2][1], evals[-2][2])
+    assert (f"stopping at step {best + 2}: valid has not improved (recall@20, then mrr@20) "
+            f"for 1 evaluation 2 steps apart since its best, at step {best} (recall@20 ") in out.err
+    assert registry.read_best(run)["step"] == best
+    assert _train(data, run, config_file, *args) == 0
+    err = capsys.readouterr().err
+    assert f"already holds {best + 2} steps, valid has not improved" in err
+    assert "nothing to do" in err
+    assert _train(data, run, config_file, "--steps", "30", "--eval-every", "2",
+                  "--patience", "0") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 30
 
 
 def test_no_selection_on_a_valid_split_without_known_targets(config_file, tmp_path, capsys):

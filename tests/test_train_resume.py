@@ -2,6 +2,7 @@
 changed options, finished runs (the fixtures and helpers of test_train)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,15 +52,39 @@ def test_resume_equals_uninterrupted_run(data, config_file, straight, tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5)
 
 
+def test_progress_goes_to_stderr_and_counts_this_processes_steps(data, config_file, tmp_path,
+                                                                 capsys):
+    """The bar (here a log file's: a line now and then) is on stderr, stdout holds the
+    summary JSON alone; a resumed run's bar counts its own steps, so its time estimate
+    (elapsed / steps done x steps left) is not diluted by the steps of earlier processes."""
+    run = str(tmp_path / "bar")
+    args = ["--data", data, "--model-dir", run, "--config", config_file, "--eval-every", "0"]
+    assert train_lib.main(args + ["--steps", "10"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and json.loads(out)["steps"] == 10
+    assert re.search(r"\b10/10 \[", err)
+    assert train_lib.main(args + ["--steps", "25"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and json.loads(out)["steps"] == 25
+    assert re.search(r"\b15/15 \[", err) and not re.search(r"/25 \[", err)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "nan")
     assert train_lib.main(_args(data, run, config_file, "--steps", "10")) == 0
     before = _weights(run)
     capsys.readouterr()
     assert train_lib.main(_args(data, run, config_file, "--steps", "40", "--learning-rate", "1e30")) == 2
-    assert "loss is nan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "the last good checkpoint in" in err
     for a, b in zip(before, _weights(run)):
         np.testing.assert_array_equal(a, b)
+    # a run that diverges before its first checkpoint does not claim one
+    fresh = str(tmp_path / "nan-fresh")
+    assert train_lib.main(_args(data, fresh, config_file, "--steps", "40", "--learning-rate",
+                                "1e30")) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "no checkpoint was written yet" in err
 
 
 def _interrupt_at(monkeypatch, at: int):
@@ -177,7 +202,7 @@ def test_sigterm_to_a_training_process_checkpoints_exits_130_and_the_same_comman
     # best-on-valid checkpoint: the signal comes after that, between two periodic checkpoints.
     cmd = [sys.executable, "-m", "model.train",
            *_args(data, run, config_file, "--steps", "300", "--checkpoint-every", "20",
-                  "--eval-every", "25")]
+                  "--eval-every", "25", "--patience", "0")]
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
@@ -288,10 +313,10 @@ def test_an_evaluation_lost_after_its_checkpoint_is_done_on_resume(data, config_
     run = str(tmp_path / "failed")
     real = train_lib._log_valid
 
-    def full_disk_at_10(model, data_dir, user_ids, step, *rest):
+    def full_disk_at_10(model, data_dir, user_ids, step, *rest, **named):
         if step == 10:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(model, data_dir, user_ids, step, *rest)
+        return real(model, data_dir, user_ids, step, *rest, **named)
 
     monkeypatch.setattr(train_lib, "_log_valid", full_disk_at_10)
     capsys.readouterr()
