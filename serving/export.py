@@ -31,6 +31,7 @@ if __name__ == "__main__":
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -198,6 +199,33 @@ class ServingModule(tf.Module):
             SIG_UPDATE_STATE: self.update_state.get_concrete_function(),
             SIG_USER_EMBEDDING: self.user_embedding.get_concrete_function(),
         }
+
+
+def checkpoint_digest(checkpoint: str) -> str | None:
+    """SHA-256 of a checkpoint's `.index` file (its tensors' shapes and checksums): the same
+    digest, the same weights. None where it cannot be read."""
+    try:
+        with open(checkpoint + ".index", "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def newest_with(export_base: str, source: dict) -> int | None:
+    """The newest version under `export_base` when it was exported from the same weights
+    as `source` (`checkpoint_digest`); None otherwise, or when that is not known."""
+    if not source.get("checkpoint_digest") or not os.path.isdir(export_base):
+        return None
+    versions = sorted((int(n) for n in os.listdir(export_base) if n.isdigit()), reverse=True)
+    if not versions:
+        return None
+    path = os.path.join(export_base, str(versions[0]), ASSETS_EXTRA, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f).get("source", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return versions[0] if old.get("checkpoint_digest") == source["checkpoint_digest"] else None
 
 
 def next_version(export_base: str) -> int:
@@ -439,15 +467,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)
-        model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
         step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint.rsplit("-", 1)[-1].isdigit() \
             else None
         source = {"model_dir": os.path.abspath(args.model_dir),
                   "checkpoint": os.path.abspath(checkpoint),
-                  "step": step, "which": args.checkpoint}
+                  "step": step, "which": args.checkpoint,
+                  "checkpoint_digest": checkpoint_digest(checkpoint)}
         note = registry.training_note(args.model_dir, args.checkpoint)
         if note:
             print(note, file=sys.stderr)
+        same = None if args.version is not None else newest_with(args.export_base, source)
+        if same is not None:
+            # a new version of the same weights would only make every client rebuild its
+            # users' states (from their recent items: longer histories are lost)
+            print(f"{args.model_dir}'s {args.checkpoint} checkpoint (step {step}) is version "
+                  f"{same} under {args.export_base} already: nothing exported (--version N "
+                  "exports it again)", file=sys.stderr)
+            return 0
+        model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
         path = export_model(model, vocabulary, args.export_base, args.version, config, source)
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
         print(f"error: {e}", file=sys.stderr)

@@ -802,10 +802,30 @@ class ModelServer:
         self._poller.join(timeout=grace)
 
 
+def _not_a_base_path(path: str) -> str | None:
+    """Why a local folder is plainly not a base path of versions (a training run folder, a
+    SavedModel itself), where waiting for a version to appear would wait forever."""
+    if not os.path.isdir(path) or list_versions(path):
+        return None
+    if (os.path.exists(os.path.join(path, "saved_model.pb"))
+            and not os.path.basename(os.path.normpath(path)).isdigit()):  # (said later)
+        return ("is a SavedModel itself: a base path holds numbered versions of it (move it "
+                f"to {os.path.join(path, '1')}, or export with serving.export)")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(
+            os.path.join(path, "config.json")):
+        return ("is a model.train run folder: export it first (python -m serving.export "
+                f"--model-dir {path} --export-base BASE) and serve BASE")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
     args = cli.server_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    wrong = _not_a_base_path(args.model_base_path)
+    if wrong:
+        print(f"error: --model-base-path {args.model_base_path} {wrong}", file=sys.stderr)
+        return 2
     try:
         server = ModelServer(args.model_name, args.model_base_path, args.host, args.port,
                              args.enable_batching, args.max_batch_size,

@@ -397,8 +397,16 @@ def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
     version = tmp_path / "exports" / "1"
     version.mkdir(parents=True)
     (version / "saved_model.pb").write_bytes(b"")
+    saved = tmp_path / "saved"  # a SavedModel itself, not under a version number
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"")
+    run = tmp_path / "run"  # a model.train run folder
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
     for path, message in ((tmp_path / "missing", "is not a folder"),
-                          (version, "is one version's folder: pass the folder that holds")):
+                          (version, "is one version's folder: pass the folder that holds"),
+                          (saved, "is a SavedModel itself: a base path holds numbered versions"),
+                          (run, "is a model.train run folder: export it first")):
         assert server.main(["--model-base-path", str(path), "--model-name", NAME]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

@@ -56,6 +56,14 @@ def test_two_sessions_through_the_served_model(tmp_path):
         source = json.load(f)["source"]
     assert (source["step"], source["which"]) == (3, "best")
     assert source["checkpoint"].startswith(os.path.join(work, "run", "best"))
+    # the same weights again: no second version (clients would rebuild every user's state)
+    again = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
+                            "--export-base", "export"], cwd=work, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONPATH=lib.REPO))
+    assert again.returncode == 0 and again.stdout == "", again.stderr
+    assert again.stderr.strip() == ("run's best checkpoint (step 3) is version 1 under export "
+                                    "already: nothing exported (--version N exports it again)")
+    assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
 
     items = schema.read_vocabulary(os.path.join(work, "data")).ids[2:]
     server = lib.ServerProcess(os.path.join(work, "export"), "hiertcn")
