@@ -33,6 +33,8 @@ TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at 
 # with at least this many users): a crawler that would decide the metrics.
 HEAVY_USER_SHARE = 0.25
 HEAVY_USER_MIN_USERS = 20
+# A note when more than this share of the valid or test events are unknown items.
+UNKNOWN_NOTE_SHARE = 0.25
 # --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
@@ -662,7 +664,7 @@ def run(args, output: str, files, config, options) -> dict:
     import apache_beam as beam
 
     from pipeline import sources
-    from pipeline.transforms import MAX_PREFIX, SessionRecords
+    from pipeline.transforms import MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords
 
     try:
         tmp = outputs.make_temp(output)
@@ -710,6 +712,9 @@ def run(args, output: str, files, config, options) -> dict:
         # the most events one user has in each split (a crawler's share of the metrics)
         stats["max_user_events"] = {name: counts.get(MAX_PREFIX + name, 0)
                                     for name in schema.SPLITS}
+        # valid and test events whose item is outside the vocabulary: misses for any model
+        stats["unknown_target_events"] = {name: counts.get(UNKNOWN_PREFIX + name, 0)
+                                          for name in schema.SPLITS[1:]}
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
         outputs.remove(work)
@@ -776,6 +781,13 @@ def main(argv=None) -> int:
               "of their user ends (--session-col): each sees that earlier session whole as its "
               "history, events after its own start included; time gaps (--session-gap) have no "
               "such overlap", file=sys.stderr)
+    for name in schema.SPLITS[1:]:
+        events, unknown = stats["splits"][name]["events"], stats["unknown_target_events"][name]
+        if events and unknown > UNKNOWN_NOTE_SHARE * events:
+            print(f"note: {unknown:,} of the {name} split's {events:,} events are items "
+                  f"outside the vocabulary (seen fewer than --min-item-count "
+                  f"{stats['options']['min_item_count']} times in train), misses for every "
+                  "model; a lower --min-item-count keeps more items", file=sys.stderr)
     for name in schema.SPLITS[1:]:
         events, users = stats["splits"][name]["events"], stats["splits"][name]["users"]
         heaviest = stats["max_user_events"][name]

@@ -28,12 +28,14 @@ class UserRecords(NamedTuple):
       sessions: split → number of target sessions written.
       events: split → number of target events written.
       filtered: rows_filtered counts by reason.
+      unknown: split → target events that are items outside the vocabulary (valid, test).
     """
 
     records: dict[str, bytes]
     sessions: dict[str, int]
     events: dict[str, int]
     filtered: collections.Counter
+    unknown: dict[str, int] = {}
 
 
 def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[str],
@@ -52,6 +54,7 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
     """
     filtered: collections.Counter = collections.Counter()
     targets: dict[str, list[tuple[list[int], list[int]]]] = {s: [] for s in schema.SPLITS}
+    unknown: collections.Counter = collections.Counter()
     for session, split in zip(sessions, splits):
         if split == schema.SPLITS[0]:
             kept = [(index[i], t) for i, t in zip(session.items, session.times) if i in index]
@@ -65,6 +68,7 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
             targets[split].append(([k[0] for k in kept], [k[1] for k in kept]))
         else:
             encoded = [index.get(i, schema.UNKNOWN_INDEX) for i in session.items]
+            unknown[split] += encoded.count(schema.UNKNOWN_INDEX)
             targets[split].append((encoded, list(session.times)))
     ordered = [s for split in schema.SPLITS for s in targets[split]]
     item_features = schema.encode_int64_features([s[0] for s in ordered])
@@ -80,4 +84,4 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
             n_sessions[split] = len(own)
             n_events[split] = sum(len(s[0]) for s in own)
         context += len(own)
-    return UserRecords(records, n_sessions, n_events, +filtered)
+    return UserRecords(records, n_sessions, n_events, +filtered, dict(+unknown))

@@ -29,6 +29,8 @@ from pipeline import parse, records, schema, sessions, sources, split, vocabular
 STATS = "stats"
 # stats key prefix of a split's largest events of one user (max, not summed): MAX_PREFIX + split
 MAX_PREFIX = "max_user_events/"
+# stats key prefix of a split's target events that are items outside the vocabulary
+UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
 NEWLINES = "newlines"
 STARTS = "starts"
@@ -207,6 +209,8 @@ class _BuildRecords(beam.DoFn):
             self._counts[f"splits/{name}/sessions"] += out.sessions[name]
             self._counts[f"splits/{name}/events"] += out.events[name]
             self._counts["rows_written"] += out.events[name]
+            if out.unknown.get(name):
+                self._counts[f"{UNKNOWN_PREFIX}{name}"] += out.unknown[name]
             heaviest = f"{MAX_PREFIX}{name}"
             self._counts[heaviest] = max(self._counts[heaviest], out.events[name])
         for reason, n in out.filtered.items():

@@ -37,6 +37,11 @@ def check_output(out):
         targets = [s for r in users for s in r.sessions[r.num_context_sessions:]]
         assert stats["splits"][split] == {"users": len(users), "sessions": len(targets),
                                           "events": sum(len(s) for s in targets)}
+        assert stats["max_user_events"][split] == max(
+            (sum(len(s) for s in r.sessions[r.num_context_sessions:]) for r in users), default=0)
+        if split != "train":
+            assert stats["unknown_target_events"][split] == sum(
+                int((s == schema.UNKNOWN_INDEX).sum()) for s in targets)
         written += stats["splits"][split]["events"]
         for r in users:
             assert r.num_context_sessions < len(r.sessions)
@@ -75,11 +80,18 @@ def test_retailrocket_two_files_default_runner(tmp_path):
     assert all(stats["splits"][s]["users"] > 50 for s in schema.SPLITS)
     assert sorted(os.listdir(out)) == ["items.tsv", "malformed", "stats.json", "test", "train", "valid"]
     assert not [f for f in os.listdir(tmp_path) if f != "rr"]  # the temp folder is gone
-    # Beam's worker processes log at INFO to the shared stderr: held back and dropped
+    # Beam's worker processes log at INFO to the shared stderr: held back and dropped; the
+    # run's notes: the session column, and (130 items kept) unknown items in valid and test
+    unknown = stats["unknown_target_events"]
+    assert unknown["test"] > stats["splits"]["test"]["events"] / 2
     assert res.stderr.splitlines() == [
         "note: the log has a column 'session_id': sessions come from time gaps (--session-gap) "
         "unless you pass --session-col session_id",
-        "pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"]
+        "pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"] + [
+        f"note: {unknown[s]:,} of the {s} split's {stats['splits'][s]['events']:,} events are "
+        "items outside the vocabulary (seen fewer than --min-item-count 5 times in train), "
+        "misses for every model; a lower --min-item-count keeps more items"
+        for s in ("valid", "test")]
 
 
 def test_movielens_tsv_with_columns_users_split(tmp_path):

@@ -411,6 +411,7 @@ def test_build_user_records_context_and_unknown_items():
                                             [[1, 3], [20, 21], [30, 31]])
     assert out.sessions == {"train": 1, "valid": 1, "test": 1}
     assert out.events == {"train": 2, "valid": 2, "test": 2}
+    assert out.unknown == {"valid": 1}  # valid's z
 
 
 def test_user_without_target_gets_no_record():
