@@ -34,7 +34,7 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float,
                    help="stop (with a checkpoint) after this wall time; the steps (default "
                         f"{config_lib.DEFAULT_STEPS}) or epochs still end a faster run and size "
-                        "the learning-rate decay")
+                        "the learning-rate decay (0: no time limit, the default)")
     p.add_argument("--batch-size", type=int, help=f"B rows (default {TRAIN.batch_size})")
     p.add_argument("--sessions-per-batch", type=int,
                    help=f"S sessions per row per batch (default {TRAIN.sessions_per_batch})")
