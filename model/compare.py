@@ -531,7 +531,7 @@ def _stop(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.compare", description=__doc__.split("\n")[0])
+    p = argtypes.Parser(prog="python -m model.compare", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="pipeline output folder")
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
                    help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep "

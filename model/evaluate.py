@@ -21,7 +21,6 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -238,18 +237,11 @@ def sample_users(data_dir: str, split: str, count: int) -> frozenset[str] | None
     return frozenset(sorted(ids, key=user_order_key)[:count])
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate a trained run or a baseline; prints the metrics JSON."""
     from model import baselines
 
-    parser = _Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0],
+    parser = argtypes.Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0],
                      formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="folder written by `python -m pipeline`")
     parser.add_argument("--split", required=True, choices=EVAL_SPLITS,

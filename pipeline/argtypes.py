@@ -1,11 +1,20 @@
 """argparse types shared by the commands (`python -m pipeline`, `model.train`,
 `model.evaluate`, `serving.client`, `serving.server`): a bad number is one line naming the
-option; and the help formatter that says the defaults there are."""
+option; the help formatter that says the defaults there are; and the parser whose usage
+errors are one line."""
 from __future__ import annotations
 
 import argparse
 import math
 from typing import Callable
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (`PROG: error: MESSAGE (see --help)`), not the
+    whole usage block before them; its subcommands' parsers are the same kind."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -39,7 +39,6 @@ The default of 700 users yields ~88k raw events, ~79k after the pipeline: the de
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import NamedTuple
@@ -199,7 +198,7 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     """CLI entry point."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.synthetic",
+    p = argtypes.Parser(prog="python -m pipeline.synthetic",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argtypes.DefaultsHelpFormatter)
     p.add_argument("--output", required=True, metavar="FILE")

@@ -15,7 +15,7 @@ SERVER_DESCRIPTION = ("A TF Serving–compatible gRPC server for local use and t
 
 def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m serving.export`'s options; exits with a usage error (status 2) or the help."""
-    parser = argparse.ArgumentParser(prog="python -m serving.export",
+    parser = argtypes.Parser(prog="python -m serving.export",
                                      description=EXPORT_DESCRIPTION)
     parser.add_argument("--model-dir", required=True,
                         help="training run folder (model.train --model-dir)")
@@ -38,7 +38,7 @@ def model_dir_error(model_dir: str) -> str | None:
 
 def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m serving.server`'s options; exits with a usage error (status 2) or the help."""
-    parser = argparse.ArgumentParser(prog="python -m serving.server",
+    parser = argtypes.Parser(prog="python -m serving.server",
                                      description=SERVER_DESCRIPTION,
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--model-base-path", required=True, help="folder of integer versions")

@@ -415,7 +415,7 @@ def _json_items(text: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m serving.client",
+    parser = argtypes.Parser(prog="python -m serving.client",
                                      description="Query a served HierTCN model over gRPC.",
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")

@@ -7,7 +7,6 @@ SQLite state store → stop the server. Every stage runs the same command a user
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -100,7 +99,7 @@ def _stop(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.demo", description=__doc__.split("\n")[0],
+    p = argtypes.Parser(prog="python -m serving.demo", description=__doc__.split("\n")[0],
                                 formatter_class=argtypes.DefaultsHelpFormatter)
     p.add_argument("--output", default="demo_out", help="folder for everything the demo writes")
     p.add_argument("--users", type=argtypes.positive_int, default=None,
