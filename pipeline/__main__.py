@@ -380,7 +380,7 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
 def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
     """Stops the run when none of a file's first lines is a JSON object with the wanted
     keys (every row would be malformed), saying which keys the objects have."""
-    texts = [line.decode("utf-8", "replace").strip() for line in lines]
+    texts = [line.decode("utf-8", "replace").strip().lstrip("\ufeff") for line in lines]
     texts = [t for t in texts if t]
     first_keys = None
     objects = 0

@@ -325,6 +325,15 @@ def test_inputs_whose_every_row_would_be_malformed_stop_at_once(tmp_path, capsys
     assert not out.exists()
 
 
+def test_a_one_line_json_lines_file_with_a_byte_order_mark(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'\xef\xbb\xbf{"user": "u", "item": "a", "time": 1}\r\n')
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--format", "jsonl",
+                     "--min-item-count", "1", "--min-session-length", "1", *IN_MEMORY]) == 0
+    assert schema.read_stats(str(out))["rows_malformed"] == 0
+
+
 def test_a_name_with_glob_characters_is_read_as_it_is(tmp_path, capsys):
     log = tmp_path / "clicks[2024].csv"
     log.write_text("user,item,time\nu,a,1\nu,b,2\n")
