@@ -595,13 +595,19 @@ def _resolve(argv):
     if problem:
         raise UsageError(f"--output {output}: {problem}")
     try:
-        files = sources.match_inputs(args.input)
+        hidden: list[str] = []
+        files = sources.match_inputs(args.input, hidden)
         if exists:
             _check_replaceable(output, [path for path, _ in files])
         files, heads, empty = _non_empty(files)
         formats = _row_formats(args, files, heads)
     except sources.InputError as e:
         raise UsageError(str(e)) from None
+    if hidden:
+        print(f"note: skipping {len(hidden)} file(s) the --input glob matched whose names start "
+              f"with '_' or '.' (Spark's and Hadoop's markers and checksums; name them to read "
+              f"them): {', '.join(sorted(hidden)[:3])}{', ...' if len(hidden) > 3 else ''}",
+              file=sys.stderr)
     if empty:
         print(f"note: skipping {len(empty)} empty input file(s): {', '.join(empty[:3])}"
               f"{', ...' if len(empty) > 3 else ''}", file=sys.stderr)

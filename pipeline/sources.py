@@ -119,8 +119,9 @@ def open_input(path: str) -> Iterator[BinaryIO]:
                 yield f
 
 
-def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, size) of every file matching the globs, sorted by path, duplicates once.
+def match_inputs(patterns: Sequence[str], hidden: list | None = None) -> list[tuple[str, int]]:
+    """(path, size) of every file matching the globs, sorted by path, duplicates once; the
+    names a glob skipped (`_match`) are appended to `hidden` when it is given.
 
     Raises:
       InputError: a pattern matches nothing.
@@ -134,7 +135,7 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
         if local and os.path.isfile(pattern):  # a name as it is, even with [ ] * ? in it
             found = [(pattern, os.path.getsize(pattern))]
         else:
-            found = _match(pattern)
+            found = _match(pattern, hidden)
         for path, size in found:
             _compression(path)  # refuses an unsupported one before anything runs
             # one file under two spellings (a.csv, ./a.csv, /abs/a.csv) is read once
@@ -147,7 +148,7 @@ def match_inputs(patterns: Sequence[str]) -> list[tuple[str, int]]:
     return sorted(files.items())
 
 
-def _match(pattern: str) -> list[tuple[str, int]]:
+def _match(pattern: str, hidden: list | None = None) -> list[tuple[str, int]]:
     """(path, size) of the files a glob (or a remote path) matches. A glob skips the names
     that start with `.` or `_` (`_SUCCESS`, `.part-0.crc`: Hadoop's and Spark's markers and
     checksums, which their own readers skip too) unless the pattern's own name does.
@@ -164,15 +165,17 @@ def _match(pattern: str) -> list[tuple[str, int]]:
         raise InputError(f"cannot list --input {pattern!r}: {e}") from None
     found = [(m.path[2:] if bare and m.path.startswith("./") else m.path, m.size_in_bytes)
              for m in found if not m.path.endswith("/")]
-    hidden = 0
+    skipped = []
     if glob.has_magic(pattern) and not os.path.basename(pattern).startswith((".", "_")):
-        shown = [(p, n) for p, n in found if not os.path.basename(p).startswith((".", "_"))]
-        hidden, found = len(found) - len(shown), shown
+        skipped = [p for p, _ in found if os.path.basename(p).startswith((".", "_"))]
+        found = [(p, n) for p, n in found if not os.path.basename(p).startswith((".", "_"))]
     if not found:
         raise InputError(f"--input {pattern!r} matches no file"
-                         + (f" but {hidden} whose names start with '.' or '_' (markers and "
-                            "checksums, skipped)" if hidden else "")
+                         + (f" but {len(skipped)} whose names start with '.' or '_' (markers "
+                            "and checksums, skipped)" if skipped else "")
                          + ": check the path or glob")
+    if hidden is not None:
+        hidden.extend(skipped)
     return found
 
 

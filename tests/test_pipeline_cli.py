@@ -819,6 +819,9 @@ def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
                   "--min-item-count", "1", *IN_MEMORY)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "note: skipping 1 empty input file(s)" in res.stderr
+    assert (f"note: skipping 2 file(s) the --input glob matched whose names start with '_' or "
+            f"'.' (Spark's and Hadoop's markers and checksums; name them to read them): "
+            f"{export_dir / '.part-0.csv.crc'}, {export_dir / '_SUCCESS'}") in res.stderr
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not 0700
