@@ -378,12 +378,15 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
 
 
 def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
-    """Stops the run when none of a file's first lines is a JSON object with the wanted
-    keys (every row would be malformed), saying which keys the objects have."""
+    """Stops the run when none of a file's first lines is a JSON object with any of the
+    wanted keys (every row would be malformed: misnamed keys, not JSON lines), saying which
+    keys the objects have; a note when some have some of them but none all (a log of mixed
+    event types whose first events carry no item: those rows are malformed)."""
     texts = [line.decode("utf-8", "replace").strip().lstrip("\ufeff") for line in lines]
     texts = [t for t in texts if t]
     first_keys = None
     objects = 0
+    some = False  # an object with some of the wanted keys
     for text in texts:
         try:
             obj = json.loads(text)
@@ -393,6 +396,7 @@ def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
             objects += 1
             if all(k in obj for k in fmt.wanted):
                 return
+            some = some or any(k in obj for k in fmt.wanted)
             first_keys = list(obj) if first_keys is None else first_keys
     if not texts:
         return
@@ -405,9 +409,13 @@ def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
     options = "--user-col/--item-col/--time-col" + ("/--session-col" if fmt.session_col else "")
     nested = ("; nested keys are not read: flatten them first (e.g. jq -c)"
               if any("." in k for k in missing) else "")
-    raise UsageError(f"{path}: none of the first {objects} JSON objects has the key(s) "
-                     f"{', '.join(missing)} (the first has {first_keys[:12]}"
-                     f"{'...' if len(first_keys) > 12 else ''}): set {options}{nested}")
+    said = (f"none of the first {objects} JSON objects has the key(s) {', '.join(missing)} "
+            f"(the first has {first_keys[:12]}{'...' if len(first_keys) > 12 else ''})")
+    if some and not nested:
+        print(f"note: {path}: {said}: rows without {', '.join(fmt.wanted)} are malformed",
+              file=sys.stderr)
+        return
+    raise UsageError(f"{path}: {said}: set {options}{nested}")
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:

@@ -325,6 +325,23 @@ def test_inputs_whose_every_row_would_be_malformed_stop_at_once(tmp_path, capsys
     assert not out.exists()
 
 
+def test_json_lines_of_mixed_events_whose_first_ones_have_no_item(tmp_path, capsys):
+    """An analytics export's first events (session starts, page views) may carry no item:
+    a note, not a refusal, and the events with an item are read."""
+    rows = [{"user": "u1", "time": 10 + k, "event": "pageview"} for k in range(25)]
+    rows += [{"user": f"u{k % 2}", "time": 100 + k, "item": f"i{k % 3}"} for k in range(12)]
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--format", "jsonl",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {log}: none of the first 21 JSON objects has the key(s) item (the first "
+            "has ['user', 'time', 'event']): rows without user, item, time are malformed") in err
+    stats = schema.read_stats(str(out))
+    assert (stats["rows_read"], stats["rows_malformed"]) == (37, 25)
+
+
 def test_a_one_line_json_lines_file_with_a_byte_order_mark(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_bytes(b'\xef\xbb\xbf{"user": "u", "item": "a", "time": 1}\r\n')
