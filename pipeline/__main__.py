@@ -359,8 +359,9 @@ def _delimiter_hint(line: bytes, separator: str, fmt: str, what: str = "the head
 
 
 def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
-    """Stops the run when none of a file's first rows splits into the expected columns
-    (every row would be malformed), with the separator they seem to use."""
+    """When none of a file's first rows splits into the expected columns: stops the run
+    where the rows look separated by another separator (every row would be malformed; the
+    error names the option), a note otherwise (later rows may split)."""
     texts = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
     texts = [t for t in texts if t.strip()]
     if not texts:
@@ -371,10 +372,12 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
                 return
         except ValueError:
             continue
-    raise UsageError(f"{path}: none of the first {len(texts)} rows has {len(fmt.columns)} "
-                     f"{fmt.separator!r}-separated columns (every row would be malformed)"
-                     + _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, fmt.format,
-                                       "they look"))
+    said = (f"{path}: none of the first {len(texts)} rows has {len(fmt.columns)} "
+            f"{fmt.separator!r}-separated columns")
+    hint = _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, fmt.format, "they look")
+    if hint:
+        raise UsageError(f"{said} (every row would be malformed){hint}")
+    print(f"note: {said} (they are malformed rows)", file=sys.stderr)
 
 
 def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:

@@ -342,6 +342,23 @@ def test_json_lines_of_mixed_events_whose_first_ones_have_no_item(tmp_path, caps
     assert (stats["rows_read"], stats["rows_malformed"]) == (37, 25)
 
 
+def test_first_rows_that_do_not_split_without_another_separator_in_sight_get_a_note(
+        tmp_path, capsys):
+    """A file whose first rows lack a column (a truncated export's head, say) but whose
+    later rows are whole: no separator to suggest, so a note, and the whole rows are read."""
+    log = tmp_path / "log.csv"
+    log.write_text("".join(f"u{k},i{k % 3}\n" for k in range(25))
+                   + "".join(f"u{k % 2},i{k % 3},{100 + k}\n" for k in range(12)))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--columns", "user,item,time",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {log}: none of the first 21 rows has 3 ','-separated columns (they are "
+            "malformed rows)") in err
+    stats = schema.read_stats(str(out))
+    assert (stats["rows_read"], stats["rows_malformed"]) == (37, 25)
+
+
 def test_a_one_line_json_lines_file_with_a_byte_order_mark(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_bytes(b'\xef\xbb\xbf{"user": "u", "item": "a", "time": 1}\r\n')
