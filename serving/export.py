@@ -214,18 +214,16 @@ def checkpoint_digest(checkpoint: str) -> str | None:
 def newest_with(export_base: str, source: dict) -> int | None:
     """The newest version under `export_base` when it was exported from the same weights
     as `source` (`checkpoint_digest`); None otherwise, or when that is not known."""
-    if not source.get("checkpoint_digest") or not os.path.isdir(export_base):
+    newest = next_version(export_base) - 1
+    if not source.get("checkpoint_digest") or not newest:
         return None
-    versions = sorted((int(n) for n in os.listdir(export_base) if n.isdigit()), reverse=True)
-    if not versions:
-        return None
-    path = os.path.join(export_base, str(versions[0]), ASSETS_EXTRA, CONFIG_FILE)
+    path = os.path.join(export_base, str(newest), ASSETS_EXTRA, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             old = json.load(f).get("source", {})
     except (OSError, ValueError, AttributeError):
         return None
-    return versions[0] if old.get("checkpoint_digest") == source["checkpoint_digest"] else None
+    return newest if old.get("checkpoint_digest") == source["checkpoint_digest"] else None
 
 
 def next_version(export_base: str) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import gc
 import os
@@ -35,13 +36,13 @@ INPUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def _serving(base, *extra):
+    """Version 1 of the tiny model exported to `base`, served with batching (and `extra`)."""
     vocab = lib.tiny_vocabulary()
-    base = str(tmp_path_factory.mktemp("models"))
     export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
     server = lib.ServerProcess(base, NAME, "--enable-batching", "--batch-timeout-micros", "20000",
-                               "--max-message-mb", "1")
+                               *extra)
     try:
         server.wait_version(1)
         channel = grpc.insecure_channel(server.target)
@@ -51,6 +52,12 @@ def served(tmp_path_factory):
         channel.close()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with _serving(str(tmp_path_factory.mktemp("models")), "--max-message-mb", "1") as s:
+        yield s
 
 
 def request(signature, inputs, name=NAME, version=None):
@@ -223,19 +230,8 @@ def test_concurrent_requests_are_batched_and_split_correctly(served):
 def lifecycle(tmp_path):
     """A server of its own for the tests that add versions or stop it (the module's
     `served` must stay on version 1 whatever order the tests run in)."""
-    vocab = lib.tiny_vocabulary()
-    base = str(tmp_path / "models")
-    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
-    server = lib.ServerProcess(base, NAME, "--enable-batching", "--batch-timeout-micros", "20000")
-    try:
-        server.wait_version(1)
-        channel = grpc.insecure_channel(server.target)
-        yield {"server": server, "base": base, "vocab": vocab,
-               "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
-               "models": model_service_pb2_grpc.ModelServiceStub(channel)}
-        channel.close()
-    finally:
-        server.stop()
+    with _serving(str(tmp_path / "models")) as s:
+        yield s
 
 
 def test_versions_come_and_go_without_dropping_requests_then_sigterm(lifecycle):
