@@ -70,6 +70,10 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-users", type=int,
                    help="valid users per evaluation, the same each time, chosen by a hash of "
                         f"their ids (0: all; default {TRAIN.eval_users:,})")
+    p.add_argument("--eval-events", type=int,
+                   help="and only as many of them as hold this many valid events (0: no limit; "
+                        f"default {TRAIN.eval_events:,}): each event is ranked against the "
+                        "whole catalogue")
     p.add_argument("--checkpoint-every", type=int,
                    help=f"steps between checkpoints (default {TRAIN.checkpoint_every})")
     head = p.add_mutually_exclusive_group()

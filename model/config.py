@@ -267,7 +267,10 @@ class TrainConfig(ConfigBase):
         all the steps): a small log is memorised within a few hundred steps, and the rest
         of a fixed budget only makes valid worse.
       eval_users: valid users evaluated at each interval (0 = all): the same users each
-        time, chosen by a hash of their ids (`evaluate.sample_users`).
+        time, taken in the order of a hash of their ids (`evaluate.sample_users`).
+      eval_events: and no more users than hold this many valid target events (0 = no
+        limit; at least one user): the cost of an evaluation grows with its events times
+        the catalogue, and a log of heavy users holds thousands of events per user.
       mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
       jit_compile: XLA-compile the model's encoder part of the train step (a model whose
         class says `xla_ready`: HierTCN; the others are refused).
@@ -296,6 +299,7 @@ class TrainConfig(ConfigBase):
     eval_every: int = 100
     patience: int = 5
     eval_users: int = 1000
+    eval_events: int = 50_000
     mixed_precision: bool = False
     jit_compile: bool = False
     strategy: str = "default"
@@ -305,8 +309,8 @@ class TrainConfig(ConfigBase):
         for key in ("batch_size", "sessions_per_batch", "max_session_length", "shuffle_buffer",
                     "checkpoint_every", "keep_checkpoints", "prefetch"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events",
-                    "patience"):
+        for key in ("steps", "epochs", "eval_every", "eval_users", "eval_events", "seed",
+                    "cache_events", "patience"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")

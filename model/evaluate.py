@@ -25,7 +25,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Collection, Iterable, Iterator, Sequence
+from typing import Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -225,16 +225,34 @@ def load_users(data_dir: str, split: str, user_ids: Collection[str] | None = Non
     return kept
 
 
-def sample_users(data_dir: str, split: str, count: int) -> frozenset[str] | None:
-    """The ids of `count` users of a split chosen by a hash of their ids
-    (`batching.user_order_key`): the same users whatever order the pipeline wrote them in.
-    None when the split has at most `count` users (evaluate them all)."""
+class UserSample(NamedTuple):
+    """`sample_users`' choice: `ids` (None: every user of the split) and the sizes of the
+    sample and of the split (users, target events)."""
+
+    ids: frozenset[str] | None
+    users: int
+    events: int
+    all_users: int
+    all_events: int
+
+
+def sample_users(data_dir: str, split: str, count: int, max_events: int = 0) -> UserSample:
+    """A split's users taken in the order of a hash of their ids
+    (`batching.user_order_key`: the same users whatever order the pipeline wrote them in)
+    until `count` users (0: no limit) or, before the user that would pass it, `max_events`
+    target events (0: no limit; the first user is always taken)."""
     from model.batching import user_order_key
 
-    ids = [u.user_id for u in schema.iter_users(data_dir, split)]
-    if len(ids) <= count:
-        return None
-    return frozenset(sorted(ids, key=user_order_key)[:count])
+    users = [(u.user_id, sum(len(s) for s in u.sessions[u.num_context_sessions:]))
+             for u in schema.iter_users(data_dir, split)]
+    chosen, events = [], 0
+    for user_id, n in sorted(users, key=lambda u: user_order_key(u[0])):
+        if (count and len(chosen) >= count) or (max_events and chosen and events + n > max_events):
+            break
+        chosen.append(user_id)
+        events += n
+    ids = None if len(chosen) == len(users) else frozenset(chosen)
+    return UserSample(ids, len(chosen), events, len(users), sum(n for _, n in users))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

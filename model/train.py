@@ -102,7 +102,8 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
              "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
              "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
              "optimizer": args.optimizer, "seed": args.seed, "eval_every": args.eval_every,
-             "eval_users": args.eval_users, "checkpoint_every": args.checkpoint_every,
+             "eval_users": args.eval_users, "eval_events": args.eval_events,
+             "checkpoint_every": args.checkpoint_every,
              "strategy": args.strategy, "patience": args.patience}
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.epochs is not None:
@@ -488,8 +489,14 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if tc.eval_every:
         from model import evaluate  # (lazily, as in `evaluate_valid`)
 
-        if tc.eval_users:
-            valid_users = evaluate.sample_users(data_dir, "valid", tc.eval_users)
+        if tc.eval_users or tc.eval_events:
+            sample = evaluate.sample_users(data_dir, "valid", tc.eval_users, tc.eval_events)
+            valid_users = sample.ids
+            if sample.ids is not None and not 0 < tc.eval_users <= sample.users:
+                print(f"valid evaluations: {sample.users:,} of {sample.all_users:,} users, "
+                      f"{sample.events:,} of {sample.all_events:,} events (--eval-events "
+                      f"{tc.eval_events:,}; each event is ranked against {items:,} items)",
+                      file=sys.stderr)
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 

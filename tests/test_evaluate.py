@@ -173,9 +173,12 @@ def test_sample_users_are_the_same_whatever_the_file_order(tmp_path):
     os.makedirs(tmp_path / "a"), os.makedirs(tmp_path / "b")
     a = write_data(tmp_path / "a", {"valid": users})
     b = write_data(tmp_path / "b", {"valid": dict(reversed(list(users.items())))})
-    chosen = ev.sample_users(a, "valid", 5)
-    assert len(chosen) == 5 and chosen == ev.sample_users(b, "valid", 5)
-    assert ev.sample_users(a, "valid", 12) is None  # all of them: no filter
+    sample = ev.sample_users(a, "valid", 5)
+    chosen = sample.ids
+    assert len(chosen) == 5 and sample == ev.sample_users(b, "valid", 5)
+    assert sample[1:] == (5, 10, 12, 24)  # 5 of 12 users, 10 of 24 target events
+    all_users = ev.sample_users(a, "valid", 12)
+    assert all_users.ids is None and all_users[1:] == (12, 24, 12, 24)  # all: no filter
     scorer = NextIndex()
     out_a = ev.evaluate(scorer, a, "valid", user_ids=chosen, progress=False)
     evaluated = {u for call, ids in scorer.calls if call == "init" for u in ids}
@@ -183,6 +186,26 @@ def test_sample_users_are_the_same_whatever_the_file_order(tmp_path):
     out_b = ev.evaluate(NextIndex(), b, "valid", user_ids=chosen, progress=False)
     assert out_a["events"] == out_b["events"] == 5
     assert out_a["recall@1"] == out_b["recall@1"] == (0.2 if "u1" in chosen else 0.0)
+
+
+def test_sample_users_stop_before_the_event_budget(tmp_path):
+    # u_k holds k + 1 target events (and a context session, not counted)
+    users = {f"u{k}": ([[2, 3]], [list(range(2, k + 3))]) for k in range(8)}
+    data = write_data(str(tmp_path), {"valid": users})
+    from model.batching import user_order_key
+    order = sorted(users, key=user_order_key)
+    sizes = [int(u[1:]) + 1 for u in order]
+    budget = sizes[0] + sizes[1] + sizes[2]
+    sample = ev.sample_users(data, "valid", 0, budget)  # no user limit: the events stop it
+    assert sample.ids == frozenset(order[:3]) and sample[1:] == (3, budget, 8, 36)
+    # one event short of the third user: two users; the user limit binds first when lower
+    assert ev.sample_users(data, "valid", 0, budget - 1).ids == frozenset(order[:2])
+    assert ev.sample_users(data, "valid", 1, budget).ids == frozenset(order[:1])
+    # a budget below the first user's events still evaluates that user
+    assert ev.sample_users(data, "valid", 0, 1).ids == frozenset(order[:1])
+    assert ev.sample_users(data, "valid", 0, 36).ids is None  # every event: every user
+    out = ev.evaluate(NextIndex(), data, "valid", user_ids=sample.ids, progress=False)
+    assert out["events"] + out["first_item"]["events"] == budget
 
 
 def test_bad_arguments_raise(data, tmp_path):

@@ -152,7 +152,27 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
     with open(os.path.join(run, "config.json")) as f:
         train = json.load(f)["train"]
-    assert (train["eval_every"], train["patience"]) == (100, 5)
+    assert (train["eval_every"], train["patience"], train["eval_events"]) == (100, 5, 50_000)
+    assert "valid evaluations:" not in out.err  # every valid user: nothing to say
+
+
+def test_eval_events_bounds_the_valid_users(data, config_file, tmp_path, capsys):
+    """--eval-events: users in hash order up to that many valid events, the same users at
+    every evaluation, and the run says so (a log of heavy users would otherwise spend
+    most of its time ranking valid events)."""
+    sample = evaluate_lib.sample_users(data, "valid", 0, 12)
+    assert (sample.users, sample.all_users, sample.all_events) == (2, 6, 30)  # 5 events each
+    run = str(tmp_path / "capped")
+    assert _train(data, run, config_file, "--steps", "4", "--eval-every", "2",
+                  "--eval-events", "12") == 0
+    out = capsys.readouterr()
+    assert "valid evaluations: 2 of 6 users, 10 of 30 events (--eval-events 12;" in out.err
+    record = registry.read_best(run)
+    scorer = registry.load_scorer(run, data, "best")
+    expected = evaluate_lib.evaluate(scorer, data, "valid", user_ids=sample.ids, progress=False)
+    assert record["events"] == expected["events"] == 8  # positions >= 2 of 2 users
+    assert record["recall@20"] == pytest.approx(expected["recall@20"])
+    assert record["mrr@20"] == pytest.approx(expected["mrr@20"])
 
 
 def test_training_stops_once_valid_has_not_improved_for_patience_evaluations(
