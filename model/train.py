@@ -221,6 +221,23 @@ def estimate_steps(data_dir: str, train: config_lib.TrainConfig,
     return max(1, one_pass + math.ceil((train.epochs - 1) * slots / per_batch))
 
 
+def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int) -> str:
+    """` (about N epochs)` for a run of `train.steps` steps (nothing for a run in epochs),
+    with a hint when that is less than one pass over the train split (a large log). The
+    slots of a pass, from `stats.json`: a session of n items takes ceil(n / L) slots, which
+    lies between max(sessions, events / L) and sessions + events / L; their midpoint."""
+    if not train.steps:
+        return ""
+    split = schema.read_stats(data_dir)["splits"]["train"]
+    sessions, chunks = split.get("sessions", 0), split.get("events", 0) / train.max_session_length
+    slots = (max(sessions, chunks) + sessions + chunks) / 2
+    if not slots:
+        return ""
+    passes = total_steps * train.batch_size * train.sessions_per_batch / slots
+    hint = "; --epochs 1 for one pass" if passes < 1 else ""
+    return f" (about {passes:.2g} epochs of the train split{hint})"
+
+
 def learning_rate(train: config_lib.TrainConfig, total_steps: int):
     """Adam's learning rate: constant, or the authors' step decay at fractions of the run."""
     if train.lr_schedule == "constant" or not train.lr_decay_at:
@@ -460,7 +477,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     items = vocab.size - schema.NUM_RESERVED
     output = (f"full softmax over {items:,} items" if model.sampler is None else
               f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items")
-    steps = (f"steps {start_step + 1}-{total_steps}" if not finished else
+    steps = (f"steps {start_step + 1}-{total_steps}{_passes_text(data_dir, tc, total_steps)}"
+             if not finished else
              f"its {start_step} steps are trained; writing the summary it lacks")
     print(f"training {config.model_name} ({output}){head}: "
           f"{steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "

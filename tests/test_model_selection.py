@@ -147,6 +147,9 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
     assert _train(data, run, config_file, "--steps", "7") == 0
     out = capsys.readouterr()
     assert [int(s) for s, _, _ in STEP_LINE.findall(out.err)] == [7]  # the end of the run
+    # 240 train sessions of 5 items, 4 per slot: 300 to 540 slots (midpoint 420), 84 per 7 steps
+    assert ("steps 1-7 (about 0.2 epochs of the train split; --epochs 1 for one pass), "
+            "batches of 4 x 3 x 4") in out.err
     record = registry.read_best(run)
     assert record["step"] == 7 and record["events"] > record["unknown_targets"]
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
