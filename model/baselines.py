@@ -228,6 +228,14 @@ class SessionKNN(BlockScorer):
     * Item score: the sum of the similarities of the neighbours that contain the item.
     * Position 0 (empty session) and items no neighbour contains fall back to popularity.
 
+    The similarities are computed against each item's `sample_size` most recent sessions
+    only (`_newest_per_row`), which gives the same candidates and similarities: a session
+    among the `sample_size` most recent sharing an item with the prefix is among the
+    `sample_size` most recent of every item it shares (else as many newer sessions would
+    share an item), so its similarity is whole; the others are not candidates. The cost
+    per prefix is then at most its distinct items x `sample_size`, whatever the items'
+    popularity (a hit song sits in a large share of a music log's sessions).
+
     Scores are computed as t × the above (integer weights j), which keeps them exact
     integers and changes no ranking; then the popularity term is added.
     """
@@ -249,7 +257,7 @@ class SessionKNN(BlockScorer):
         m.sum_duplicates()
         m.data[:] = 1.0
         self.sessions = m
-        self.sessions_t = m.T.tocsr()
+        self.sessions_t = _newest_per_row(m.T.tocsr(), sample_size)
         self.k, self.sample_size = k, sample_size
 
     @classmethod
@@ -349,6 +357,18 @@ class SessionKNN(BlockScorer):
                 start = stop
             yield out
             del out  # before the next block is allocated
+
+
+def _newest_per_row(m: sp.csr_matrix, count: int) -> sp.csr_matrix:
+    """`m` with each row's entries cut to its last `count` columns (for `SessionKNN`: the
+    rows are items, the columns their sessions from oldest to newest)."""
+    m = m.copy()
+    m.sort_indices()
+    per_row = np.diff(m.indptr)
+    from_end = np.repeat(m.indptr[1:], per_row) - 1 - np.arange(m.nnz)
+    keep = from_end < count
+    rows = np.repeat(np.arange(m.shape[0]), per_row)[keep]
+    return sp.csr_matrix((m.data[keep], (rows, m.indices[keep])), shape=m.shape)
 
 
 _CLASSES = {"popularity": Popularity, "sknn": SessionKNN, "spop": SessionPop,

@@ -1,9 +1,11 @@
 """model.baselines on hand-made sessions: hand-computed neighbours, scores and rankings."""
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from model import baselines
 from model import evaluate as ev
+from pipeline import schema
 from test_evaluate import write_data
 
 V = 12
@@ -80,6 +82,49 @@ def test_sknn_chunking_gives_the_same_scores(knn_data, monkeypatch):
     full = knn.score(None, sessions)
     monkeypatch.setattr(baselines, "CHUNK_PAIRS", 1)
     np.testing.assert_array_equal(knn.score(None, sessions), full)
+
+
+def _sknn_by_definition(sessions: list[set], prefix: list[int], k: int, sample_size: int,
+                        vocab: int) -> np.ndarray:
+    """V-SKNN's item scores (x t, as SessionKNN keeps them) for one prefix, straight from
+    its definition: sessions oldest first, weights j of each item's latest position."""
+    weight = {item: j + 1 for j, item in enumerate(prefix)}
+    sharing = [s for s in range(len(sessions)) if sessions[s] & weight.keys()]
+    candidates = sharing[-sample_size:]
+    sim = {s: sum(weight[i] for i in sessions[s] & weight.keys()) for s in candidates}
+    neighbours = sorted(candidates, key=lambda s: (-sim[s], -s))[:k]
+    out = np.zeros(vocab)
+    for s in neighbours:
+        for item in sessions[s]:
+            out[item] += sim[s]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sknn_equals_its_definition_on_random_sessions(seed):
+    """Random sessions over few items (some in most sessions) and small sample sizes,
+    where cutting each item's sessions to its most recent ones must change nothing."""
+    rng = np.random.default_rng(seed)
+    vocab = 14
+    popularity = 1.0 / np.arange(1, vocab - 1) ** 1.5
+    past = [set(rng.choice(np.arange(2, vocab), size=rng.integers(1, 6),
+                           p=popularity / popularity.sum()).tolist()) for _ in range(60)]
+    rows = [sorted(s) for s in past]
+    matrix = sp.csr_matrix((np.ones(sum(map(len, rows))), np.concatenate(rows),
+                            np.concatenate([[0], np.cumsum([len(r) for r in rows])])),
+                           shape=(len(rows), vocab))
+    counts = rng.integers(1, 50, vocab)
+    queries = rng.choice(np.arange(2, vocab), size=(5, 9), p=popularity / popularity.sum())
+    queries[1, 6:] = schema.PAD_INDEX  # a shorter session
+    for k, sample_size in [(100, 500), (3, 500), (100, 4), (2, 7), (1, 1)]:
+        knn = baselines.SessionKNN(matrix, counts, k=k, sample_size=sample_size)
+        scores = knn.score(None, queries)
+        for r, row in enumerate(queries):
+            length = int((row != schema.PAD_INDEX).sum())
+            for t in range(1, length):
+                want = _sknn_by_definition(past, row[:t].tolist(), k, sample_size, vocab)
+                np.testing.assert_allclose(scores[r, t] - knn.pop, want, atol=1e-3,
+                                           err_msg=f"k={k} sample_size={sample_size} {row[:t]}")
 
 
 def test_popularity():
