@@ -205,6 +205,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _filter(text: str) -> tuple[str, tuple[str, ...]]:
+    """`COLUMN=VALUE[,VALUE...]` -> (column, values), both stripped."""
+    column, sep, values = text.partition("=")
+    kept = tuple(v.strip() for v in values.split(","))
+    if not sep or not column.strip() or not all(kept):
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE[,VALUE...], got {text!r}")
+    return column.strip(), kept
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see python -m pipeline --help)")
@@ -247,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-col", metavar="NAME",
                    help="the log's own session ids: a session is a user's events with one id, "
                         "in time order (instead of --session-gap)")
+    p.add_argument("--filter", action="append", type=_filter, metavar="COLUMN=VALUE[,VALUE...]",
+                   help="keep only the rows whose COLUMN (jsonl: key) holds one of the values, "
+                        "e.g. --filter event=view,addtocart (repeatable: every filter must hold); "
+                        "the others are counted in stats.json's rows_filtered.filter")
     p.add_argument("--min-item-count", type=argtypes.positive_int, default=5,
                    help="vocabulary threshold on train events")
     p.add_argument("--min-session-length", type=argtypes.positive_int, default=2,
@@ -303,6 +316,7 @@ def _row_formats(args, files, heads) -> dict:
         raise UsageError(f"--user-col, --item-col, --time-col{' and --session-col' if args.session_col else ''} "
                          f"must differ, got {wanted}")
     separator = parse.separator_of(args.format, args.delimiter or "") if args.format != "jsonl" else ""
+    filters = tuple((column, frozenset(values)) for column, values in args.filter or ())
     formats = {}
     for rank, (path, _) in enumerate(files):
         head = heads[path]
@@ -327,6 +341,10 @@ def _row_formats(args, files, heads) -> dict:
                     + ("/--session-col" if args.session_col else "")
                     + ", or --columns for files without a header"
                     + _delimiter_hint(first, separator, args.format))
+            missing = [c for c, _ in filters if c not in columns]
+            if missing:
+                raise UsageError(f"--filter column(s) {', '.join(missing)} not in {where} "
+                                 f"{list(columns)}")
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
             sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")]
@@ -336,7 +354,7 @@ def _row_formats(args, files, heads) -> dict:
                       file=sys.stderr)
         formats[rank] = parse.RowFormat(args.format, args.time_unit, args.user_col,
                                         args.item_col, args.time_col, columns,
-                                        args.delimiter or "", args.session_col or "")
+                                        args.delimiter or "", args.session_col or "", filters)
         has_header = args.format != "jsonl" and not args.columns
         rows = head[1:] if has_header else head
         if args.format != "jsonl":
@@ -344,7 +362,42 @@ def _row_formats(args, files, heads) -> dict:
         else:
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
+        _check_filters(path, rows, formats[rank])
     return formats
+
+
+def _check_filters(path: str, lines: list[bytes], fmt) -> None:
+    """A note when none of a file's first rows passes --filter, with the values those rows
+    hold (a misspelt value would filter out every row)."""
+    if not fmt.filters:
+        return
+    seen: dict[str, collections.Counter] = {c: collections.Counter() for c, _ in fmt.filters}
+    rows = 0
+    for line in lines:
+        text = line.decode("utf-8", "replace").strip().lstrip("\ufeff")
+        if not text:
+            continue
+        try:
+            if fmt.format == "jsonl":
+                obj = json.loads(text)
+                values = {c: parse.filter_text(obj.get(c)) for c, _ in fmt.filters}
+            else:
+                fields = parse.split_fields(text, fmt.separator, fmt.quoted)
+                if len(fields) != len(fmt.columns):
+                    continue
+                values = {c: fields[fmt.columns.index(c)].strip() for c, _ in fmt.filters}
+        except (ValueError, RecursionError, AttributeError):  # malformed rows: said elsewhere
+            continue
+        rows += 1
+        if all(values[c] in kept for c, kept in fmt.filters):
+            return
+        for c in seen:
+            seen[c][values[c]] += 1
+    if rows:
+        held = "; ".join(f"{c}: {', '.join(repr(v) for v, _ in seen[c].most_common(5))}"
+                         for c in seen)
+        print(f"note: {path}: none of the first {rows} rows passes --filter (they hold {held}): "
+              "rows whose values are not listed are filtered out", file=sys.stderr)
 
 
 def _delimiter_hint(line: bytes, separator: str, fmt: str, what: str = "the header looks") -> str:

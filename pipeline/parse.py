@@ -52,6 +52,8 @@ class RowFormat:
         separators (`::`) by plain splitting, so a quote is part of the id.
       session_col: the column (JSON key) of the log's own session ids; "" when sessions
         come from time gaps.
+      filters: (column, values) pairs: only rows whose column (JSON key) holds one of the
+        values are events (`--filter`); the others are filtered rows, not malformed ones.
     """
 
     format: str
@@ -62,6 +64,7 @@ class RowFormat:
     columns: tuple[str, ...] = ()
     delimiter: str = ""
     session_col: str = ""
+    filters: tuple[tuple[str, frozenset[str]], ...] = ()
 
     @property
     def separator(self) -> str:
@@ -234,9 +237,24 @@ def _id(value: object, name: str) -> str:
     return text
 
 
-def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple:
+def filter_text(value: object) -> str | None:
+    """A JSON value as `--filter` compares it: text stripped, a number as written in a
+    CSV file (`1.0` is `1`), true/false in lower case; None for null, arrays and objects."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value.strip() if isinstance(value, str) else None
+
+
+def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
+               apply_filters: bool = False) -> tuple | None:
     """Parses one non-blank line into (user, item, time_ms), and the session id as a fourth
-    value with `fmt.session_col` (`check_range` as in `parse_time_ms`).
+    value with `fmt.session_col` (`check_range` as in `parse_time_ms`). With
+    `apply_filters`, None for a row that `fmt.filters` leave out (checked first: a row that
+    is not wanted is not malformed for lacking an item).
 
     Raises:
       ValueError: the row is malformed; the message is the reason.
@@ -250,6 +268,9 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple:
             raise ValueError("bad JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ValueError("JSON line is not an object")
+        if apply_filters and any(filter_text(obj.get(key)) not in values
+                                 for key, values in fmt.filters):
+            return None
         for key in fmt.wanted:
             if key not in obj:
                 raise ValueError(f"missing key {key!r}")
@@ -259,6 +280,9 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True) -> tuple:
         fields = split_fields(line, fmt.separator, fmt.quoted)
         if len(fields) != len(fmt.columns):
             raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
+        if apply_filters and any(fields[fmt.columns.index(key)].strip() not in values
+                                 for key, values in fmt.filters):
+            return None
         u, i, t_ = fmt.indices()
         user, item, t = fields[u], fields[i], fields[t_]
         session = fields[fmt.columns.index(fmt.session_col)] if fmt.session_col else None
@@ -293,11 +317,13 @@ class ParsedBlock(NamedTuple):
         and the session ids as a fourth list with `fmt.session_col`.
       malformed: (local line index, reason, raw text) of rejected rows.
       rows: number of rows seen (non-blank lines, header excluded).
+      filtered: rows that `fmt.filters` left out.
     """
 
     by_user: dict[str, tuple[list, ...]]
     malformed: list[tuple[int, str, str]]
     rows: int
+    filtered: int = 0
 
 
 def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
@@ -317,7 +343,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     with_sessions = bool(fmt.session_col)
     session = None
     malformed: list[tuple[int, str, str]] = []
-    rows = 0
+    rows = filtered = 0
+    filters = fmt.filters
     try:
         text_lines: Iterable[str | None] = b"\n".join(lines).decode("utf-8").split("\n")
     except UnicodeDecodeError:
@@ -330,6 +357,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         u_col, i_col, t_col = fmt.indices()
         s_col = fmt.columns.index(fmt.session_col) if with_sessions else 0
         scale = 1000 if fmt.time_unit == "s" else 1
+        f_cols = [(fmt.columns.index(key), values) for key, values in filters]
     for k, line in enumerate(text_lines):
         if k == 0 and skip_first:
             continue
@@ -347,6 +375,9 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         if fast and (not quoted or '"' not in line):
             fields = line.split(delimiter)
             if len(fields) == width:
+                if filters and any(fields[c].strip() not in values for c, values in f_cols):
+                    filtered += 1
+                    continue
                 user, item = fields[u_col].strip(), fields[i_col].strip()
                 session = fields[s_col].strip() if with_sessions else True
                 try:
@@ -361,10 +392,14 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
                     ms = -1  # parse_line says why
         if ms < 0:
             try:
-                user, item, ms, *session_id = parse_line(line, fmt)
+                parsed = parse_line(line, fmt, apply_filters=bool(filters))
             except (ValueError, OverflowError) as e:  # whatever the row, never the job
                 malformed.append((k, str(e), line))
                 continue
+            if parsed is None:
+                filtered += 1
+                continue
+            user, item, ms, *session_id = parsed
             if with_sessions:
                 session = session_id[0]
         entry = by_user.get(user)
@@ -375,7 +410,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         entry[2].append(first_order + k)
         if with_sessions:
             entry[3].append(session)
-    return ParsedBlock(by_user, malformed, rows)
+    return ParsedBlock(by_user, malformed, rows, filtered)
 
 
 def _decode_or_none(raw: bytes) -> str | None:

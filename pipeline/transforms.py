@@ -32,6 +32,8 @@ MAX_PREFIX = "max_user_events/"
 # stats key prefix of a split's target events that are items outside the vocabulary
 UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
+# rows_filtered reason of the rows that --filter leaves out
+FILTER = "filter"
 NEWLINES = "newlines"
 STARTS = "starts"
 # Progress lines for a local launcher that reads our stderr (`pipeline.__main__`): written
@@ -109,6 +111,8 @@ class _ParseRanges(beam.DoFn):
             for local, reason, raw in block.malformed:
                 yield pvalue.TaggedOutput(MALFORMED, (r.path, r.rank, index, local, reason, raw))
             counts = {"rows_read": block.rows, "rows_malformed": len(block.malformed)}
+            if block.filtered:
+                counts[f"rows_filtered/{FILTER}"] = block.filtered
             _count("parse", counts)
             yield pvalue.TaggedOutput(STATS, counts)
             yield from block.by_user.items()

@@ -342,6 +342,46 @@ def test_json_lines_of_mixed_events_whose_first_ones_have_no_item(tmp_path, caps
     assert (stats["rows_read"], stats["rows_malformed"]) == (37, 25)
 
 
+def test_filter_keeps_the_event_types_asked_for(tmp_path, capsys):
+    """Retailrocket's events.csv shape: views, carts and transactions in one log.
+    --filter event=view,addtocart reads those two only; the transactions are counted as
+    filtered rows, and the output is that of the log without them."""
+    header = "timestamp,visitorid,event,itemid,transactionid\n"
+    kinds = ["transaction"] * 25 + ["view", "addtocart", "view", "transaction"] * 30
+    rows = [(str(1_433_221_332_000 + 60_000 * k), f"v{k % 4}", kind, f"i{k % 7}",
+             str(k) if kind == "transaction" else "") for k, kind in enumerate(kinds)]
+    log, kept = tmp_path / "events.csv", tmp_path / "kept.csv"
+    log.write_text(header + "".join(",".join(r) + "\n" for r in rows))
+    kept.write_text(header + "".join(",".join(r) + "\n" for r in rows if r[2] != "transaction"))
+    options = ["--user-col", "visitorid", "--item-col", "itemid", "--time-col", "timestamp",
+               "--time-unit", "ms", "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
+                     "--filter", "event=view, addtocart", *options]) == 0
+    # the first 20 rows are all transactions: a note names the values they hold
+    assert (f"note: {log}: none of the first 20 rows passes --filter (they hold event: "
+            "'transaction'): rows whose values are not listed are filtered out"
+            in capsys.readouterr().err)
+    stats, recs = check_output(str(tmp_path / "out"))
+    assert stats["rows_read"] == 145 and stats["rows_filtered"]["filter"] == 55
+    assert stats["options"]["filter"] == [["event", ["view", "addtocart"]]]
+    assert cli.main(["--input", str(kept), "--output", str(tmp_path / "plain"), *options]) == 0
+    plain, plain_recs = check_output(str(tmp_path / "plain"))
+    capsys.readouterr()
+    assert stats["splits"] == plain["splits"] and stats["rows_written"] == plain["rows_written"]
+    assert ({u: [x.tolist() for x in r.sessions] for u, r in recs["train"].items()}
+            == {u: [x.tolist() for x in r.sessions] for u, r in plain_recs["train"].items()})
+    # a column the log lacks, and an option without values, stop the run with one line
+    for bad, message in [("kind=view", "--filter column(s) kind not in the header of"),
+                         ("event", "argument --filter: expected COLUMN=VALUE[,VALUE...], got "
+                                   "'event'"),
+                         ("event=view,", "expected COLUMN=VALUE[,VALUE...]")]:
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / "x"),
+                         "--filter", bad, *options]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_first_rows_that_do_not_split_without_another_separator_in_sight_get_a_note(
         tmp_path, capsys):
     """A file whose first rows lack a column (a truncated export's head, say) but whose

@@ -1,6 +1,7 @@
 """Pure functions of the pipeline: parsing, sessionization, split, vocabulary, records."""
 import bz2
 import gzip
+import json
 import lzma
 import re
 
@@ -81,6 +82,34 @@ def test_parse_block_groups_by_user_and_routes_bad_rows():
     assert reasons == {5: "empty item", 6: "wrong column count: expected 3, got 2",
                        7: "negative time '-5'", 8: "unparseable time 'x' (--time-unit s)",
                        10: "bad UTF-8"}
+
+
+def test_filters_keep_the_listed_values_before_any_other_check():
+    """--filter: a row whose column holds another value is a filtered row, also where it
+    would be malformed (an event type that carries no item); the fast csv path, quoted
+    rows and JSON lines agree; a row that cannot be split is malformed."""
+    fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "event", "item", "time"),
+                          filters=(("event", frozenset({"view", "1"})),))
+    lines = [b"u1,view,a,10", b"u1,cart,b,11", b'u1,"view",c,12', b'"u1",cart,"d",13',
+             b"u1, view ,e,14", b"u1,cart,,15", b"u1,view,,16", b"u1,view,f", b"u1,1,g,17"]
+    block = parse.parse_block(lines, fmt, first_order=0)
+    assert (block.rows, block.filtered) == (9, 3)
+    assert block.by_user == {"u1": (["a", "c", "e", "g"], [10_000, 12_000, 14_000, 17_000],
+                                    [0, 2, 4, 8])}
+    assert [(k, r) for k, r, _ in block.malformed] == [
+        (6, "empty item"), (7, "wrong column count: expected 4, got 3")]
+    # the checks at start-up parse rows without the filters
+    assert parse.parse_line("u1,cart,b,11", fmt) == ("u1", "b", 11_000)
+    assert parse.parse_line("u1,cart,b,11", fmt, apply_filters=True) is None
+    js = parse.RowFormat("jsonl", "s", "u", "i", "t", filters=(("type", frozenset({"1", "true"})),))
+    rows = [{"u": "v", "i": "a", "t": 1, "type": 1}, {"u": "v", "i": "b", "t": 2, "type": 1.0},
+            {"u": "v", "i": "c", "t": 3, "type": "1"}, {"u": "v", "i": "d", "t": 4, "type": 2},
+            {"u": "v", "t": 5, "type": 4}, {"u": "v", "i": "e", "t": 6},
+            {"u": "v", "i": "f", "t": 7, "type": None}, {"u": "v", "i": "g", "t": 8, "type": True},
+            {"u": "v", "i": "h", "t": 9, "type": [1]}, {"u": "v", "t": 10, "type": 1}]
+    block = parse.parse_block([json.dumps(r).encode() for r in rows], js, first_order=0)
+    assert block.by_user == {"v": (["a", "b", "c", "g"], [1000, 2000, 3000, 8000], [0, 1, 2, 7])}
+    assert (block.filtered, [(k, r) for k, r, _ in block.malformed]) == (5, [(9, "missing key 'i'")])
 
 
 def test_parse_line_jsonl():
