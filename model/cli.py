@@ -72,8 +72,11 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         f"their ids (0: all; default {TRAIN.eval_users:,})")
     p.add_argument("--eval-events", type=int,
                    help="and only as many of them as hold this many valid events (0: no limit; "
-                        f"default {TRAIN.eval_events:,}): each event is ranked against the "
-                        "whole catalogue")
+                        f"default {config_lib.EVAL_EVENTS:,}, fewer above "
+                        f"{config_lib.EVAL_SCORES // config_lib.EVAL_EVENTS:,} items: each event "
+                        f"is ranked against the whole catalogue, {config_lib.EVAL_SCORES:,} "
+                        f"event-item pairs at most, and at least {config_lib.EVAL_EVENTS_MIN:,} "
+                        "events)")
     p.add_argument("--checkpoint-every", type=int,
                    help=f"steps between checkpoints (default {TRAIN.checkpoint_every})")
     head = p.add_mutually_exclusive_group()

@@ -38,6 +38,19 @@ LOSSES = ("auto", "softmax", "sampled")
 # CPU: 0.11 s at 4,800 items, 0.6 s at 50,000), the sampled loss's does not (0.07 s); the
 # full softmax ranks better where it is affordable (MovieLens-1M valid R@20 0.27 vs 0.20).
 AUTO_SOFTMAX_MAX_ITEMS = 50_000
+# The default valid-evaluation budget during training (`eval_event_budget`): 50,000
+# target events, fewer above 25,000 items so that an evaluation ranks at most 1.25 billion
+# (event, item) pairs (about 8 s on a 2-core CPU), and never fewer than 1,000 events.
+EVAL_EVENTS, EVAL_SCORES, EVAL_EVENTS_MIN = 50_000, 1_250_000_000, 1_000
+
+
+def eval_event_budget(eval_events: int | None, items: int) -> int:
+    """`train.eval_events`, or for None the default for a catalogue of `items` items."""
+    if eval_events is not None:
+        return eval_events
+    return max(EVAL_EVENTS_MIN, min(EVAL_EVENTS, EVAL_SCORES // max(items, 1)))
+
+
 MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")  # model.registry.MODELS' names, in order
 
 
@@ -269,8 +282,9 @@ class TrainConfig(ConfigBase):
       eval_users: valid users evaluated at each interval (0 = all): the same users each
         time, taken in the order of a hash of their ids (`evaluate.sample_users`).
       eval_events: and no more users than hold this many valid target events (0 = no
-        limit; at least one user): the cost of an evaluation grows with its events times
-        the catalogue, and a log of heavy users holds thousands of events per user.
+        limit; at least one user; None: `eval_event_budget`'s default for the catalogue):
+        the cost of an evaluation grows with its events times the catalogue, and a log of
+        heavy users holds thousands of events per user.
       mixed_precision: float16 (GPU) / bfloat16 (CPU) compute with float32 variables.
       jit_compile: XLA-compile the model's encoder part of the train step (a model whose
         class says `xla_ready`: HierTCN; the others are refused).
@@ -299,7 +313,7 @@ class TrainConfig(ConfigBase):
     eval_every: int = 100
     patience: int = 5
     eval_users: int = 1000
-    eval_events: int = 50_000
+    eval_events: int | None = None
     mixed_precision: bool = False
     jit_compile: bool = False
     strategy: str = "default"
@@ -309,9 +323,11 @@ class TrainConfig(ConfigBase):
         for key in ("batch_size", "sessions_per_batch", "max_session_length", "shuffle_buffer",
                     "checkpoint_every", "keep_checkpoints", "prefetch"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "epochs", "eval_every", "eval_users", "eval_events", "seed",
-                    "cache_events", "patience"):
+        for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events",
+                    "patience"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _check(self.eval_events is None or self.eval_events >= 0,
+               f"train.eval_events must be >= 0 (or null: the default), got {self.eval_events}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
         _check(self.clipnorm >= 0, f"train.clipnorm must be >= 0, got {self.clipnorm}")

@@ -507,13 +507,14 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if tc.eval_every:
         from model import evaluate  # (lazily, as in `evaluate_valid`)
 
-        if tc.eval_users or tc.eval_events:
-            sample = evaluate.sample_users(data_dir, "valid", tc.eval_users, tc.eval_events)
+        budget = config_lib.eval_event_budget(tc.eval_events, items)
+        if tc.eval_users or budget:
+            sample = evaluate.sample_users(data_dir, "valid", tc.eval_users, budget)
             valid_users = sample.ids
             if sample.ids is not None and not 0 < tc.eval_users <= sample.users:
                 print(f"valid evaluations: {sample.users:,} of {sample.all_users:,} users, "
                       f"{sample.events:,} of {sample.all_events:,} events (--eval-events "
-                      f"{tc.eval_events:,}; each event is ranked against {items:,} items)",
+                      f"{budget:,}; each event is ranked against {items:,} items)",
                       file=sys.stderr)
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)

@@ -155,8 +155,19 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
     with open(os.path.join(run, "config.json")) as f:
         train = json.load(f)["train"]
-    assert (train["eval_every"], train["patience"], train["eval_events"]) == (100, 5, 50_000)
+    assert (train["eval_every"], train["patience"], train["eval_events"]) == (100, 5, None)
     assert "valid evaluations:" not in out.err  # every valid user: nothing to say
+
+
+def test_the_default_valid_event_budget_shrinks_with_the_catalogue():
+    """An evaluation ranks each event against every item: 50,000 events up to 25,000
+    items, then 1.25 billion (event, item) pairs, never fewer than 1,000 events."""
+    from model.config import eval_event_budget
+
+    assert [eval_event_budget(None, n) for n in (20, 25_000, 25_001, 100_000, 128_428,
+                                                 1_250_000, 5_000_000)] == [
+        50_000, 50_000, 49_998, 12_500, 9_733, 1_000, 1_000]
+    assert eval_event_budget(0, 100_000) == 0 and eval_event_budget(7, 5_000_000) == 7
 
 
 def test_eval_events_bounds_the_valid_users(data, config_file, tmp_path, capsys):
