@@ -356,48 +356,53 @@ def _row_formats(args, files, heads) -> dict:
                                         args.item_col, args.time_col, columns,
                                         args.delimiter or "", args.session_col or "", filters)
         has_header = args.format != "jsonl" and not args.columns
-        rows = head[1:] if has_header else head
+        rows = _check_filters(path, head[1:] if has_header else head, formats[rank])
         if args.format != "jsonl":
             _check_column_count(path, rows, formats[rank])
         else:
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
-        _check_filters(path, rows, formats[rank])
     return formats
 
 
-def _check_filters(path: str, lines: list[bytes], fmt) -> None:
-    """A note when none of a file's first rows passes --filter, with the values those rows
-    hold (a misspelt value would filter out every row)."""
+def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
+    """The first rows the other checks look at: without --filter all of them, with it those
+    that pass it or cannot be read (a row the filters leave out may lack an item or hold
+    another kind of time without being an error). A note when no readable row passes, with
+    the values those rows hold (a misspelt value would filter out every row)."""
     if not fmt.filters:
-        return
+        return lines
     seen: dict[str, collections.Counter] = {c: collections.Counter() for c, _ in fmt.filters}
-    rows = 0
+    kept, rows, passed = [], 0, False
     for line in lines:
         text = line.decode("utf-8", "replace").strip().lstrip("\ufeff")
-        if not text:
-            continue
         try:
+            if not text:
+                raise ValueError("a blank line")
             if fmt.format == "jsonl":
                 obj = json.loads(text)
                 values = {c: parse.filter_text(obj.get(c)) for c, _ in fmt.filters}
             else:
                 fields = parse.split_fields(text, fmt.separator, fmt.quoted)
                 if len(fields) != len(fmt.columns):
-                    continue
+                    raise ValueError("wrong column count")
                 values = {c: fields[fmt.columns.index(c)].strip() for c, _ in fmt.filters}
         except (ValueError, RecursionError, AttributeError):  # malformed rows: said elsewhere
+            kept.append(line)
             continue
         rows += 1
-        if all(values[c] in kept for c, kept in fmt.filters):
-            return
+        if all(values[c] in values_kept for c, values_kept in fmt.filters):
+            kept.append(line)
+            passed = True
+            continue
         for c in seen:
             seen[c][values[c]] += 1
-    if rows:
+    if rows and not passed:
         held = "; ".join(f"{c}: {', '.join(repr(v) for v, _ in seen[c].most_common(5))}"
                          for c in seen)
         print(f"note: {path}: none of the first {rows} rows passes --filter (they hold {held}): "
               "rows whose values are not listed are filtered out", file=sys.stderr)
+    return kept
 
 
 def _delimiter_hint(line: bytes, separator: str, fmt: str, what: str = "the header looks") -> str:

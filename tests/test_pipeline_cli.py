@@ -380,6 +380,19 @@ def test_filter_keeps_the_event_types_asked_for(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+    # JSON lines whose first events (app starts) have none of the wanted keys: a refusal
+    # without the filter, a run with it (the start-up checks see the rows it keeps)
+    events = [{"event": "app_start", "device": "d1"} for _ in range(25)]
+    events += [{"event": "click", "user": f"u{k % 2}", "item": f"i{k % 3}", "time": 100 + k}
+               for k in range(12)]
+    log = tmp_path / "app.jsonl"
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    json_options = ["--input", str(log), "--format", "jsonl", "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main([*json_options, "--output", str(tmp_path / "j0")]) == 2
+    assert "none of the first 21 JSON objects has the key(s) user, item, time" in capsys.readouterr().err
+    assert cli.main([*json_options, "--output", str(tmp_path / "j1"), "--filter", "event=click"]) == 0
+    stats, _ = check_output(str(tmp_path / "j1"))
+    assert (stats["rows_read"], stats["rows_malformed"], stats["rows_filtered"]["filter"]) == (37, 0, 25)
 
 
 def test_first_rows_that_do_not_split_without_another_separator_in_sight_get_a_note(
