@@ -380,23 +380,24 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
             if not text:
                 raise ValueError("a blank line")
             if fmt.format == "jsonl":
-                obj = json.loads(text)
-                values = {c: parse.filter_text(obj.get(c)) for c, _ in fmt.filters}
+                row = json.loads(text)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
             else:
-                fields = parse.split_fields(text, fmt.separator, fmt.quoted)
-                if len(fields) != len(fmt.columns):
+                row = parse.split_fields(text, fmt.separator, fmt.quoted)
+                if len(row) != len(fmt.columns):
                     raise ValueError("wrong column count")
-                values = {c: fields[fmt.columns.index(c)].strip() for c, _ in fmt.filters}
-        except (ValueError, RecursionError, AttributeError):  # malformed rows: said elsewhere
+        except (ValueError, RecursionError):  # malformed rows: said elsewhere
             kept.append(line)
             continue
         rows += 1
-        if all(values[c] in values_kept for c, values_kept in fmt.filters):
+        values = parse.filter_values(row, fmt)
+        if parse.passes_filters(values, fmt):
             kept.append(line)
             passed = True
             continue
-        for c in seen:
-            seen[c][values[c]] += 1
+        for (c, _), value in zip(fmt.filters, values):
+            seen[c][value] += 1
     if rows and not passed:
         held = "; ".join(f"{c}: {', '.join(repr(v) for v, _ in seen[c].most_common(5))}"
                          for c in seen)

@@ -249,6 +249,19 @@ def filter_text(value: object) -> str | None:
     return value.strip() if isinstance(value, str) else None
 
 
+def filter_values(row: list[str] | dict, fmt: RowFormat) -> list[str | None]:
+    """The values of `fmt.filters`' columns in a row, as `--filter` compares them: split
+    fields (csv/tsv) or a JSON object (`filter_text`)."""
+    if isinstance(row, dict):
+        return [filter_text(row.get(column)) for column, _ in fmt.filters]
+    return [row[fmt.columns.index(column)].strip() for column, _ in fmt.filters]
+
+
+def passes_filters(values: list[str | None], fmt: RowFormat) -> bool:
+    """Whether `filter_values` are among the values every filter keeps."""
+    return all(v in kept for v, (_, kept) in zip(values, fmt.filters))
+
+
 def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
                apply_filters: bool = False) -> tuple | None:
     """Parses one non-blank line into (user, item, time_ms), and the session id as a fourth
@@ -268,8 +281,7 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
             raise ValueError("bad JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ValueError("JSON line is not an object")
-        if apply_filters and any(filter_text(obj.get(key)) not in values
-                                 for key, values in fmt.filters):
+        if apply_filters and not passes_filters(filter_values(obj, fmt), fmt):
             return None
         for key in fmt.wanted:
             if key not in obj:
@@ -280,8 +292,7 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
         fields = split_fields(line, fmt.separator, fmt.quoted)
         if len(fields) != len(fmt.columns):
             raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
-        if apply_filters and any(fields[fmt.columns.index(key)].strip() not in values
-                                 for key, values in fmt.filters):
+        if apply_filters and not passes_filters(filter_values(fields, fmt), fmt):
             return None
         u, i, t_ = fmt.indices()
         user, item, t = fields[u], fields[i], fields[t_]
