@@ -213,7 +213,7 @@ def test_lazy_adam_updates_only_the_rows_in_the_gradient():
     _, keras_table, keras_dense = run("adam")
     assert keras_table[1][0] < table[1][0] - 1e-3
     np.testing.assert_allclose(keras_table[[0, 2]], 1.0)
-    np.testing.assert_allclose(keras_dense, dense, rtol=1e-6)
+    np.testing.assert_allclose(keras_dense, dense, rtol=1e-5)  # (float32 rounding order)
     with pytest.raises(config_lib.ConfigError, match="train.optimizer must be 'lazy_adam' or 'adam'"):
         base.replace({"optimizer": "sgd"})
 
