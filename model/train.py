@@ -533,11 +533,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         if tc.eval_users or budget:
             sample = evaluate.sample_users(data_dir, "valid", tc.eval_users, budget)
             valid_users = sample.ids
-            if sample.ids is not None and not 0 < tc.eval_users <= sample.users:
+            if sample.ids is not None:  # which limit bound, and what the evaluations skip
+                limit = (f"--eval-users {tc.eval_users:,}" if 0 < tc.eval_users <= sample.users
+                         else f"--eval-events {budget:,}")
                 print(f"valid evaluations: {sample.users:,} of {sample.all_users:,} users, "
-                      f"{sample.events:,} of {sample.all_events:,} events (--eval-events "
-                      f"{budget:,}; each event is ranked against {items:,} items)",
-                      file=sys.stderr)
+                      f"{sample.events:,} of {sample.all_events:,} events ({limit}; each "
+                      f"event is ranked against {items:,} items)", file=sys.stderr)
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 
