@@ -234,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     p.add_argument("--format", choices=parse.FORMATS, default="csv",
                    help="input format: csv (CSV quoting), tsv (no quoting: a tab-separated "
-                        "file with quoting is csv with --delimiter tab) or jsonl (one JSON "
-                        "object per line)")
+                        "file with quoting is csv with --delimiter tab), jsonl (one JSON "
+                        "object per line) or parquet (one event per row; timestamp and date "
+                        "columns are read as their instants, whatever --time-unit says)")
     cols = p.add_mutually_exclusive_group()
     cols.add_argument("--header", dest="header", action="store_true", default=True,
                       help="each file's first line names the columns (the default)")
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-col", default="time", help="timestamp column (jsonl: key)")
     p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s",
                    help="unix seconds, unix milliseconds or ISO 8601 text (naive times: "
-                        "UTC)")
+                        "UTC) (parquet: for a time column of numbers or text)")
     p.add_argument("--session-gap", type=argtypes.non_negative_int, default=None, metavar="SECONDS",
                    help="a gap strictly greater starts a new session (default: 1800)")
     p.add_argument("--session-col", metavar="NAME",
@@ -282,11 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _non_empty(files) -> tuple[list, dict, list]:
+def _non_empty(files, parquet: bool = False) -> tuple[list, dict, list]:
     """(the files with at least one line, their first lines, the empty files' paths).
 
     Empty files are skipped, not errors: exports from Spark, Hive or Beam itself hold
-    0-byte part files and `_SUCCESS` markers beside the data.
+    0-byte part files and `_SUCCESS` markers beside the data. A Parquet file's (`parquet`)
+    first rows come as JSON lines of what the run reads (`sources.parquet_head`).
 
     Raises:
       UsageError: every file is empty.
@@ -295,7 +297,11 @@ def _non_empty(files) -> tuple[list, dict, list]:
 
     kept, heads, empty = [], {}, []
     for path, size in files:
-        head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS) if size else []
+        if parquet:
+            head = [parse.row_text(row).encode("utf-8")
+                    for row in sources.parquet_head(path, 1 + TIME_SAMPLE_ROWS)] if size else []
+        else:
+            head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS) if size else []
         if head:
             kept.append((path, size))
             heads[path] = head
@@ -310,20 +316,30 @@ def _non_empty(files) -> tuple[list, dict, list]:
 def _row_formats(args, files, heads) -> dict:
     """Per-file `RowFormat`, from each file's header or from --columns (`heads`: each
     file's first lines)."""
+    from pipeline import sources
+
     wanted = (args.user_col, args.item_col, args.time_col) + (
         (args.session_col,) if args.session_col else ())
     if len(set(wanted)) < len(wanted):
         raise UsageError(f"--user-col, --item-col, --time-col{' and --session-col' if args.session_col else ''} "
                          f"must differ, got {wanted}")
-    separator = parse.separator_of(args.format, args.delimiter or "") if args.format != "jsonl" else ""
+    text = args.format in ("csv", "tsv")
+    separator = parse.separator_of(args.format, args.delimiter or "") if text else ""
     filters = tuple((column, frozenset(values)) for column, values in args.filter or ())
     formats = {}
     for rank, (path, _) in enumerate(files):
         head = heads[path]
         first = head[0]
         columns: tuple[str, ...] = ()
+        time_unit = args.time_unit
         if args.format != "jsonl":
-            if args.columns:
+            if args.format == "parquet":
+                types = sources.parquet_schema(path)
+                columns = tuple(types)
+                where = f"the schema of {path}"
+                if args.time_col in types and sources.is_instant(types[args.time_col]):
+                    time_unit = "ms"  # (read_parquet gives instants as milliseconds)
+            elif args.columns:
                 columns = tuple(c.strip() for c in args.columns.split(","))
                 where = "--columns"
             else:
@@ -339,8 +355,8 @@ def _row_formats(args, files, heads) -> dict:
                     f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
                     "set --user-col/--item-col/--time-col"
                     + ("/--session-col" if args.session_col else "")
-                    + ", or --columns for files without a header"
-                    + _delimiter_hint(first, separator, args.format))
+                    + (", or --columns for files without a header"
+                       + _delimiter_hint(first, separator, args.format) if text else ""))
             missing = [c for c, _ in filters if c not in columns]
             if missing:
                 raise UsageError(f"--filter column(s) {', '.join(missing)} not in {where} "
@@ -352,14 +368,14 @@ def _row_formats(args, files, heads) -> dict:
                 print(f"note: the log has a column {sessions_column[0]!r}: sessions come from time "
                       f"gaps (--session-gap) unless you pass --session-col {sessions_column[0]}",
                       file=sys.stderr)
-        formats[rank] = parse.RowFormat(args.format, args.time_unit, args.user_col,
+        formats[rank] = parse.RowFormat(args.format, time_unit, args.user_col,
                                         args.item_col, args.time_col, columns,
                                         args.delimiter or "", args.session_col or "", filters)
-        has_header = args.format != "jsonl" and not args.columns
+        has_header = text and not args.columns
         rows = _check_filters(path, head[1:] if has_header else head, formats[rank])
-        if args.format != "jsonl":
+        if text:
             _check_column_count(path, rows, formats[rank])
-        else:
+        elif args.format == "jsonl":  # (a Parquet file's columns are in its schema)
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
     return formats
@@ -379,7 +395,7 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
         try:
             if not text:
                 raise ValueError("a blank line")
-            if fmt.format == "jsonl":
+            if fmt.objects:
                 row = json.loads(text)
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
@@ -542,7 +558,7 @@ def _raw_time(line: str, fmt) -> object:
     """A row's time value as written, or None where it has none to judge (a row that does
     not split, an empty or NULL time: those rows are malformed for their own reason)."""
     try:
-        if fmt.format == "jsonl":
+        if fmt.objects:
             value = json.loads(line).get(fmt.time_col)
         else:
             fields = parse.split_fields(line.rstrip("\r"), fmt.separator, fmt.quoted)
@@ -628,8 +644,8 @@ def _resolve(argv):
         raise UsageError(
             f"--valid-fraction + --test-fraction must be < 1, got "
             f"{args.valid_fraction} + {args.test_fraction}")
-    if args.format == "jsonl" and args.columns:
-        raise UsageError("--columns is for csv/tsv; JSON lines name their keys")
+    if args.format in parse.OBJECT_FORMATS and args.columns:
+        raise UsageError(f"--columns is for csv/tsv; {'JSON lines name their keys' if args.format == 'jsonl' else 'a Parquet file names its columns'}")
     if args.session_col is not None:
         if not args.session_col.strip():
             raise UsageError("--session-col names no column")
@@ -639,8 +655,8 @@ def _resolve(argv):
     elif args.session_gap is None:
         args.session_gap = 1800
     if args.delimiter is not None:
-        if args.format == "jsonl":
-            raise UsageError("--delimiter is for csv/tsv; JSON lines have none")
+        if args.format in parse.OBJECT_FORMATS:
+            raise UsageError(f"--delimiter is for csv/tsv; {'JSON lines' if args.format == 'jsonl' else 'Parquet files'} have none")
         try:
             args.delimiter = parse.parse_delimiter(args.delimiter)
         except ValueError as e:
@@ -669,7 +685,7 @@ def _resolve(argv):
         files = sources.match_inputs(args.input, hidden)
         if exists:
             _check_replaceable(output, [path for path, _ in files])
-        files, heads, empty = _non_empty(files)
+        files, heads, empty = _non_empty(files, parquet=args.format == "parquet")
         formats = _row_formats(args, files, heads)
     except sources.InputError as e:
         raise UsageError(str(e)) from None
@@ -682,7 +698,7 @@ def _resolve(argv):
         print(f"note: skipping {len(empty)} empty input file(s): {', '.join(empty[:3])}"
               f"{', ...' if len(empty) > 3 else ''}", file=sys.stderr)
     config = Config(
-        formats=formats, header=args.format != "jsonl" and not args.columns,
+        formats=formats, header=args.format in ("csv", "tsv") and not args.columns,
         session_gap=args.session_gap if args.session_gap is not None else 1800,
         session_ids=bool(args.session_col), min_item_count=args.min_item_count,
         min_session_length=args.min_session_length, split=args.split,
@@ -754,7 +770,8 @@ def run(args, output: str, files, config, options) -> dict:
                                 sum(size for _, size in files)), \
                 beam.Pipeline(options=options) as p:
             out = (p
-                   | "Ranges" >> beam.Create(sources.plan_ranges(files))
+                   | "Ranges" >> beam.Create(sources.plan_ranges(
+                       files, parquet=args.format == "parquet"))
                    | "Records" >> SessionRecords(config))
             for name in schema.SPLITS:
                 _ = out[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(

@@ -1,8 +1,10 @@
 """Parsing and validation of raw log rows (pure functions, no Beam).
 
 A raw log is CSV, TSV (or another delimiter, e.g. MovieLens' `::`) or JSON lines with one
-event per line: a user id, an item id and a time. Each line either becomes an `Event` or a
-malformed-row record naming the reason; nothing here raises on bad data.
+event per line, or Parquet with one event per row (read by `sources.read_parquet` as one
+dict per row, like a JSON object): a user id, an item id and a time. Each row either
+becomes an event or a malformed-row record naming the reason; nothing here raises on bad
+data.
 
 Times are kept internally as integer unix milliseconds, so millisecond logs keep their
 order and the session gap is compared exactly; records store unix seconds (floor).
@@ -22,7 +24,9 @@ from pipeline.schema import PAD_TOKEN, UNKNOWN_TOKEN
 # items.tsv's rows 0 and 1: a raw item with one of these ids could not be told apart
 RESERVED_ITEM_IDS = frozenset((PAD_TOKEN, UNKNOWN_TOKEN))
 
-FORMATS = ("csv", "tsv", "jsonl")
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+# formats whose rows are objects keyed by column name (JSON lines, Parquet rows as dicts)
+OBJECT_FORMATS = ("jsonl", "parquet")
 TIME_UNITS = ("s", "ms", "iso")
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -42,10 +46,11 @@ class RowFormat:
     """How to read the rows of one input file.
 
     Attributes:
-      format: `csv`, `tsv` or `jsonl`.
-      time_unit: `s`, `ms` or `iso`.
+      format: `csv`, `tsv`, `jsonl` or `parquet`.
+      time_unit: `s`, `ms` or `iso` (`ms` for a Parquet file whose time column is a
+        timestamp or date: `sources.read_parquet` gives its instants as milliseconds).
       user_col, item_col, time_col: column names (JSON keys for `jsonl`).
-      columns: column names in order (csv/tsv; empty for jsonl).
+      columns: column names in order (csv/tsv; a Parquet file's schema; empty for jsonl).
       delimiter: the field separator of csv/tsv rows; "" is the format's own (`,` or a tab).
         csv with a one-character separator is split with CSV quoting; tsv (IANA's
         text/tab-separated-values: no quoting, a field holds no tab) and several-character
@@ -82,10 +87,20 @@ class RowFormat:
                 self.columns.index(self.time_col))
 
     @property
+    def objects(self) -> bool:
+        """Whether rows are objects keyed by column name (JSON lines, Parquet)."""
+        return self.format in OBJECT_FORMATS
+
+    @property
     def wanted(self) -> tuple[str, ...]:
         """The columns (keys) a row must have: user, item, time and the session column."""
         return (self.user_col, self.item_col, self.time_col) + (
             (self.session_col,) if self.session_col else ())
+
+    @property
+    def read(self) -> tuple[str, ...]:
+        """The columns a run reads: `wanted` and the `filters`' columns."""
+        return tuple(dict.fromkeys(self.wanted + tuple(c for c, _ in self.filters)))
 
 
 def separator_of(fmt: str, delimiter: str = "") -> str:
@@ -220,6 +235,13 @@ def is_missing(text: str) -> bool:
 
 
 def _id(value: object, name: str) -> str:
+    if value is None:  # JSON null, a Parquet null
+        raise ValueError(f"missing {name} (null)")
+    if isinstance(value, bytes):  # a Parquet binary column
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name} {value[:50]!r} is not UTF-8") from None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{name} {value!r} is not a string or number")
     if isinstance(value, float) and value.is_integer():
@@ -246,6 +268,8 @@ def filter_text(value: object) -> str | None:
         value = int(value)
     if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, bytes):  # a Parquet binary column
+        value = value.decode("utf-8", "replace")
     return value.strip() if isinstance(value, str) else None
 
 
@@ -272,7 +296,7 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
     Raises:
       ValueError: the row is malformed; the message is the reason.
     """
-    if fmt.format == "jsonl":
+    if fmt.objects:  # a JSON line (or a Parquet row written as one: start-up checks)
         try:
             obj = json.loads(line)
         except ValueError as e:
@@ -281,22 +305,34 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
             raise ValueError("bad JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise ValueError("JSON line is not an object")
-        if apply_filters and not passes_filters(filter_values(obj, fmt), fmt):
-            return None
-        for key in fmt.wanted:
-            if key not in obj:
-                raise ValueError(f"missing key {key!r}")
-        user, item, t = obj[fmt.user_col], obj[fmt.item_col], obj[fmt.time_col]
-        session = obj[fmt.session_col] if fmt.session_col else None
-    else:
-        fields = split_fields(line, fmt.separator, fmt.quoted)
-        if len(fields) != len(fmt.columns):
-            raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
-        if apply_filters and not passes_filters(filter_values(fields, fmt), fmt):
-            return None
-        u, i, t_ = fmt.indices()
-        user, item, t = fields[u], fields[i], fields[t_]
-        session = fields[fmt.columns.index(fmt.session_col)] if fmt.session_col else None
+        return parse_object(obj, fmt, check_range, apply_filters)
+    fields = split_fields(line, fmt.separator, fmt.quoted)
+    if len(fields) != len(fmt.columns):
+        raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
+    if apply_filters and not passes_filters(filter_values(fields, fmt), fmt):
+        return None
+    u, i, t_ = fmt.indices()
+    session = fields[fmt.columns.index(fmt.session_col)] if fmt.session_col else None
+    return _event(fields[u], fields[i], fields[t_], session, fmt, check_range)
+
+
+def parse_object(obj: dict, fmt: RowFormat, check_range: bool = True,
+                 apply_filters: bool = False) -> tuple | None:
+    """`parse_line` for a row that is already an object keyed by column name (a decoded
+    JSON line, a Parquet row)."""
+    if apply_filters and not passes_filters(filter_values(obj, fmt), fmt):
+        return None
+    for key in fmt.wanted:
+        if key not in obj:
+            raise ValueError(f"missing key {key!r}")
+    session = obj[fmt.session_col] if fmt.session_col else None
+    return _event(obj[fmt.user_col], obj[fmt.item_col], obj[fmt.time_col], session, fmt,
+                  check_range)
+
+
+def _event(user, item, t, session, fmt: RowFormat, check_range: bool) -> tuple:
+    """(user, item, time_ms[, session]) of a row's raw values; ValueError names what is
+    wrong."""
     user = _id(user, "user")
     if fmt.session_col:
         session = _id(session, "session")
@@ -422,6 +458,39 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         if with_sessions:
             entry[3].append(session)
     return ParsedBlock(by_user, malformed, rows, filtered)
+
+
+def parse_rows(rows: Sequence[dict], fmt: RowFormat, first_order: int) -> ParsedBlock:
+    """`parse_block` for rows that are objects (a batch of a Parquet file's rows): row k
+    gets the input-order key `first_order + k`; a malformed row's raw text is its JSON."""
+    by_user: dict[str, tuple[list, ...]] = {}
+    with_sessions = bool(fmt.session_col)
+    malformed: list[tuple[int, str, str]] = []
+    filtered = 0
+    for k, row in enumerate(rows):
+        try:
+            parsed = parse_object(row, fmt, apply_filters=bool(fmt.filters))
+        except (ValueError, OverflowError) as e:  # whatever the row, never the job
+            malformed.append((k, str(e), row_text(row)))
+            continue
+        if parsed is None:
+            filtered += 1
+            continue
+        entry = by_user.get(parsed[0])
+        if entry is None:
+            entry = by_user[parsed[0]] = ([], [], [], []) if with_sessions else ([], [], [])
+        entry[0].append(parsed[1])
+        entry[1].append(parsed[2])
+        entry[2].append(first_order + k)
+        if with_sessions:
+            entry[3].append(parsed[3])
+    return ParsedBlock(by_user, malformed, len(rows), filtered)
+
+
+def row_text(row: dict) -> str:
+    """An object row as one line of JSON (bytes as text, other values as `str` gives them)."""
+    return json.dumps({k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                       for k, v in row.items()}, ensure_ascii=False, default=str)
 
 
 def _decode_or_none(raw: bytes) -> str | None:

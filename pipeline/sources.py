@@ -15,6 +15,11 @@ read it (concatenated members too), because they fail on a truncated or corrupt 
 where Beam's `CompressedFile` stops quietly at the damage; `.zst` and `.deflate`, whose
 readers here cannot tell a truncated file from a complete one, are refused.
 
+A Parquet file (`--format parquet`) is cut at its row groups instead: a range is one row
+group (`rows` rows), read `PARQUET_BATCH_ROWS` rows at a time as one dict per row with only
+the columns the run needs (`read_parquet`), a row's "line" being its 1-based row number in
+the file; timestamp and date columns come as unix milliseconds.
+
 Paths go through Beam's `FileSystems`, so `gs://`, `s3://` or `hdfs://` inputs work where
 the matching Beam extra is installed.
 """
@@ -39,6 +44,8 @@ MIN_RANGE_BYTES = 1 << 20
 MAX_RANGE_BYTES = 64 << 20
 # Decompressed bytes read at a time from a compressed input (`read_compressed`).
 COMPRESSED_BLOCK_BYTES = 16 << 20
+# Rows of a Parquet row group converted to Python objects at a time (`read_parquet`).
+PARQUET_BATCH_ROWS = 1 << 16
 
 
 class InputError(ValueError):
@@ -52,8 +59,10 @@ class ByteRange:
     Attributes:
       path: the file.
       rank: index of the file in sorted path order.
-      index: index of the range within the file.
-      start, end: byte offsets, [start, end).
+      index: index of the range within the file (a Parquet file: its row group).
+      start, end: byte offsets, [start, end) (a Parquet row group: its share of the file's
+        bytes, for progress only).
+      rows: a Parquet row group's rows (0 for text).
     """
 
     path: str
@@ -61,6 +70,7 @@ class ByteRange:
     index: int
     start: int
     end: int
+    rows: int = 0
 
     def first_order(self) -> int:
         """Input-order key of the range's first line."""
@@ -199,17 +209,22 @@ def read_first_lines(path: str, n: int) -> list[bytes]:
         raise InputError(f"cannot read input file {path!r}: {e}") from None
 
 
-def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8) -> list[ByteRange]:
+def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,
+                parquet: bool = False) -> list[ByteRange]:
     """Cuts the files into byte ranges for parallel reading.
 
     Range size is the total size / `target_ranges`, clamped to [1 MiB, 64 MiB], so small
     inputs still spread over a few workers and big ones are read in bounded pieces. A
-    compressed file is one range (`read_compressed` streams it).
+    compressed file is one range (`read_compressed` streams it); a Parquet file
+    (`parquet`) one range per non-empty row group.
     """
     total = sum(size for _, size in files)
     size = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, -(-total // max(1, target_ranges))))
     ranges = []
     for rank, (path, file_size) in enumerate(files):
+        if parquet:
+            ranges.extend(_row_group_ranges(path, rank, file_size))
+            continue
         if is_compressed(path):
             ranges.append(ByteRange(path, rank, 0, 0, file_size))
             continue
@@ -311,3 +326,131 @@ def first_line_numbers(newlines: dict[tuple[int, int], int]) -> dict[tuple[int, 
             first[(rank, index)] = 1 if index == 0 else 2 + before
             before += newlines[(rank, index)]
     return first
+
+
+def _row_group_ranges(path: str, rank: int, file_size: int) -> list[ByteRange]:
+    """One range per non-empty row group of a Parquet file, its bytes a share of the
+    file's in proportion to its rows (for the progress bar)."""
+    counts = parquet_row_groups(path)
+    total, done, out = sum(counts), 0, []
+    if len(counts) >= MAX_RANGES:
+        raise InputError(f"{path} has {len(counts)} row groups; at most {MAX_RANGES - 1} are supported")
+    for index, n in enumerate(counts):
+        if n >= MAX_LINES_PER_RANGE:
+            raise InputError(f"{path}: row group {index} has {n} rows; at most "
+                             f"{MAX_LINES_PER_RANGE - 1} are supported (write smaller row groups)")
+        if n:
+            out.append(ByteRange(path, rank, index, file_size * done // total,
+                                 file_size * (done + n) // total, n))
+        done += n
+    return out
+
+
+@contextlib.contextmanager
+def _parquet_file(path: str):
+    """The file as a `pyarrow.parquet.ParquetFile`.
+
+    Raises:
+      InputError: it cannot be opened, or is not Parquet.
+    """
+    import pyarrow.parquet as pq
+
+    if is_compressed(path):
+        raise InputError(f"{path}: a compressed Parquet file is not read (Parquet compresses "
+                         "inside): pass the .parquet file itself")
+    try:
+        raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    except Exception as e:  # any file system's own error
+        raise InputError(f"cannot read input file {path!r}: {e}") from None
+    with raw:
+        try:
+            pf = pq.ParquetFile(raw)
+        except Exception as e:  # ArrowInvalid: no magic bytes, a damaged footer
+            raise InputError(f"{path}: not a Parquet file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else e}); --format parquet "
+                             "reads Parquet files only") from None
+        yield pf
+
+
+def parquet_row_groups(path: str) -> list[int]:
+    """Rows per row group of a Parquet file (from its footer)."""
+    with _parquet_file(path) as pf:
+        meta = pf.metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def parquet_schema(path: str) -> dict[str, str]:
+    """Column name → Arrow type (as text) of a Parquet file: only its top-level columns."""
+    with _parquet_file(path) as pf:
+        schema = pf.schema_arrow
+        return {name: str(schema.field(name).type) for name in schema.names}
+
+
+def is_instant(arrow_type: str) -> bool:
+    """Whether a Parquet column of this Arrow type (`parquet_schema`) holds instants
+    (timestamp or date), which `read_parquet` gives as unix milliseconds."""
+    return arrow_type.startswith(("timestamp", "date"))
+
+
+def parquet_head(path: str, n: int, columns: Sequence[str] | None = None) -> list[dict]:
+    """The first `n` rows of a Parquet file (`columns` only; None: all), as `read_parquet`
+    gives them."""
+    with _parquet_file(path) as pf:
+        for batch in pf.iter_batches(batch_size=max(n, 1),
+                                     columns=None if columns is None else list(columns)):
+            return _rows(batch)[:n]
+    return []
+
+
+def read_parquet(r: ByteRange, columns: Sequence[str],
+                 batch_rows: int | None = None) -> Iterator[tuple[int, list[dict]]]:
+    """Streams a Parquet range (one row group) as batches of rows.
+
+    Yields:
+      (the batch's first row's offset within the row group, its rows as dicts of
+      `columns`), `batch_rows` (default `PARQUET_BATCH_ROWS`) rows at a time.
+
+    Raises:
+      InputError: the row group cannot be read (a damaged or truncated file stops the run:
+        its rows would be lost silently otherwise).
+    """
+    batch_rows = PARQUET_BATCH_ROWS if batch_rows is None else batch_rows
+    offset = 0
+    try:
+        with _parquet_file(r.path) as pf:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[r.index],
+                                         columns=list(columns)):
+                yield offset, _rows(batch)
+                offset += batch.num_rows
+    except InputError:
+        raise
+    except Exception as e:  # ArrowInvalid / OSError of a damaged page
+        raise InputError(f"cannot read row group {r.index} of input file {r.path!r} after "
+                         f"{offset} rows: {type(e).__name__}: {e}") from None
+    if offset != r.rows:
+        raise InputError(f"{r.path}: row group {r.index} gave {offset} rows, its footer "
+                         f"says {r.rows}")
+
+
+def _rows(batch) -> list[dict]:
+    """An Arrow record batch as one dict per row; timestamp and date columns as integer
+    unix milliseconds (their instants: a time zone only changes how they print)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrays = []
+    for field, array in zip(batch.schema, batch.columns):
+        t = field.type
+        if pa.types.is_timestamp(t):
+            ints = array.cast(pa.int64())
+            if t.unit == "s":
+                ints = pc.multiply(ints, 1000)
+            elif t.unit != "ms":
+                ints = pc.divide(ints, 1000 if t.unit == "us" else 1_000_000)
+            array = ints
+        elif pa.types.is_date32(t):
+            array = pc.multiply(array.cast(pa.int32()).cast(pa.int64()), 86_400_000)
+        elif pa.types.is_date64(t):
+            array = array.cast(pa.int64())
+        arrays.append(array)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names).to_pylist()

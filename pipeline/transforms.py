@@ -99,24 +99,37 @@ class _ParseRanges(beam.DoFn):
         self._config = config
 
     def process(self, r: sources.ByteRange):
-        if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
-            blocks = sources.read_compressed(r)
+        fmt = self._config.formats[r.rank]
+        if fmt.format == "parquet":  # a row group, in batches of rows numbered from its start
+            # (rows numbered as lines: `first_line_numbers` counts a range 0's lines - 1)
+            yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), r.rows - (r.index == 0)))
+            for offset, rows in sources.read_parquet(r, fmt.read):
+                block = parse.parse_rows(rows, fmt, sources.first_order(r.rank, r.index) + offset)
+                yield from self._emit(r, r.index, block, offset)
         else:
-            blocks = [(r.index, *sources.read_range(r))]
-        for index, lines, newlines in blocks:
-            yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), newlines))
-            block = parse.parse_block(lines, self._config.formats[r.rank],
-                                      sources.first_order(r.rank, index),
-                                      skip_first=self._config.header and index == 0)
-            for local, reason, raw in block.malformed:
-                yield pvalue.TaggedOutput(MALFORMED, (r.path, r.rank, index, local, reason, raw))
-            counts = {"rows_read": block.rows, "rows_malformed": len(block.malformed)}
-            if block.filtered:
-                counts[f"rows_filtered/{FILTER}"] = block.filtered
-            _count("parse", counts)
-            yield pvalue.TaggedOutput(STATS, counts)
-            yield from block.by_user.items()
+            if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
+                blocks = sources.read_compressed(r)
+            else:
+                blocks = [(r.index, *sources.read_range(r))]
+            for index, lines, newlines in blocks:
+                yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), newlines))
+                block = parse.parse_block(lines, fmt, sources.first_order(r.rank, index),
+                                          skip_first=self._config.header and index == 0)
+                yield from self._emit(r, index, block)
         report_progress("read", r.end - r.start)
+
+    @staticmethod
+    def _emit(r: sources.ByteRange, index: int, block: parse.ParsedBlock, offset: int = 0):
+        """A parsed block's malformed rows (line `offset` + k of range `index`), counts and
+        per-user chunks."""
+        for local, reason, raw in block.malformed:
+            yield pvalue.TaggedOutput(MALFORMED, (r.path, r.rank, index, offset + local, reason, raw))
+        counts = {"rows_read": block.rows, "rows_malformed": len(block.malformed)}
+        if block.filtered:
+            counts[f"rows_filtered/{FILTER}"] = block.filtered
+        _count("parse", counts)
+        yield pvalue.TaggedOutput(STATS, counts)
+        yield from block.by_user.items()
 
 
 class _Sessionize(beam.DoFn):

@@ -985,3 +985,140 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     check_output(str(out))
+
+
+def _events_with_bad_rows():
+    """(user, item, unix seconds) rows of 9 users, with 4 bad ones among them: a missing
+    user, an empty item, a reserved item id and a negative time."""
+    rows = [(f"u{k % 9}", f"i{k % 11}", 1_600_000_000 + 60 * k + 5000 * (k // 30))
+            for k in range(600)]
+    rows[5] = (None, "i1", rows[5][2])
+    rows[77] = ("u2", "", rows[77][2])
+    rows[310] = ("u3", "[PAD]", rows[310][2])
+    rows[455] = ("u4", "i4", -3)
+    return rows
+
+
+def _write_parquet(path, rows, time_type=None, row_group_size=128, **extra):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    users, items, times = zip(*rows)
+    times = pa.array(list(times), pa.int64())
+    if time_type is not None:  # instants of the same seconds in another unit
+        scale = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}[time_type.unit]
+        times = pa.array([t * scale for t in times.to_pylist()], pa.int64()).cast(time_type)
+    table = pa.table({"user": pa.array(users, pa.string()), "item": list(items),
+                      "time": times, **extra})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_parquet_gives_the_csv_logs_output(tmp_path):
+    """--format parquet: the records and stats of the same events as CSV, read a row group
+    at a time in batches (several row groups, several batches per group), bad rows in
+    malformed/ with their row numbers (the CSV's line numbers less its header); a typed
+    timestamp column (any unit, with or without a time zone) gives the same output."""
+    import pyarrow as pa
+
+    rows = _events_with_bad_rows()
+    log = tmp_path / "log.csv"
+    text = ["user,item,time"] + [f"{'NULL' if u is None else u},{i},{t}" for u, i, t in rows]
+    log.write_text("\n".join(text) + "\n")
+    _write_parquet(tmp_path / "log.parquet", rows)
+    for unit, tz in (("s", None), ("ms", "UTC"), ("us", "Europe/Paris"), ("ns", None)):
+        good = [r for r in rows if r[2] >= 0]  # a timestamp before 1970 is another test
+        _write_parquet(tmp_path / f"ts-{unit}.parquet", good, pa.timestamp(unit, tz=tz),
+                       row_group_size=200)
+    base = ["--min-item-count", "1", *IN_MEMORY]
+    outs = {}
+    for name, extra in (("csv", []), ("parquet", ["--format", "parquet"])):
+        outs[name] = tmp_path / f"out-{name}"
+        assert cli.main(["--input", str(tmp_path / f"log.{name}"), "--output",
+                         str(outs[name]), *extra, *base]) == 0
+    from pipeline import sources
+
+    original = sources.PARQUET_BATCH_ROWS
+    sources.PARQUET_BATCH_ROWS = 50  # in-process runner: batches within each row group
+    try:
+        assert cli.main(["--input", str(tmp_path / "log.parquet"), "--output",
+                         str(tmp_path / "out-batches"), "--format", "parquet", *base]) == 0
+    finally:
+        sources.PARQUET_BATCH_ROWS = original
+    stats = {name: check_output(str(out))[0] for name, out in outs.items()}
+    for s in stats.values():
+        del s["options"]["input"], s["options"]["output"], s["options"]["format"]
+        del s["options"]["header"]
+    assert stats["csv"] == stats["parquet"] and stats["csv"]["rows_malformed"] == 4
+    assert stats["parquet"]["rows_read"] == 600
+    assert _records(str(outs["csv"])) == _records(str(outs["parquet"])) == _records(
+        str(tmp_path / "out-batches"))
+    csv_bad, parquet_bad = _malformed(outs["csv"]), _malformed(outs["parquet"])
+    assert [line - 1 for line, _, _ in csv_bad] == [line for line, _, _ in parquet_bad] \
+        == [6, 78, 311, 456]
+    assert [reason for _, reason, _ in parquet_bad] == [
+        "missing user (null)", "empty item", "item id '[PAD]' is reserved (items.tsv rows 0 and 1)",
+        "negative time -3"]
+    assert json.loads(parquet_bad[0][2]) == {"user": None, "item": "i1", "time": rows[5][2]}
+    # typed timestamps: the same instants, whatever their unit and zone (--time-unit unused)
+    want = None
+    for unit in ("s", "ms", "us", "ns"):
+        out = tmp_path / f"out-ts-{unit}"
+        assert cli.main(["--input", str(tmp_path / f"ts-{unit}.parquet"), "--output", str(out),
+                         "--format", "parquet", *base]) == 0
+        got = _records(str(out))
+        want = want or got
+        assert got == want and check_output(str(out))[0]["rows_malformed"] == 3
+    assert want == _records(str(outs["parquet"]))  # the negative time's row: malformed in both
+
+
+def test_parquet_filters_and_bad_parquet_inputs(tmp_path, capsys):
+    """--filter on a Parquet column, ids stored as integers or bytes, and one-line errors
+    for what is not a readable Parquet log (before anything is written)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r for r in _events_with_bad_rows() if r[0] is not None and r[1] and r[2] >= 0
+            and r[1] != "[PAD]"]
+    kinds = ["view" if k % 3 else "buy" for k in range(len(rows))]
+    _write_parquet(tmp_path / "events.parquet", rows, event=kinds)
+    plain = tmp_path / "plain.parquet"
+    _write_parquet(plain, [r for r, kind in zip(rows, kinds) if kind == "view"])
+    base = ["--format", "parquet", "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main(["--input", str(tmp_path / "events.parquet"), "--output",
+                     str(tmp_path / "filtered"), "--filter", "event=view", *base]) == 0
+    assert cli.main(["--input", str(plain), "--output", str(tmp_path / "plain"), *base]) == 0
+    stats = check_output(str(tmp_path / "filtered"))[0]
+    assert stats["rows_filtered"]["filter"] == kinds.count("buy") > 0
+    assert _records(str(tmp_path / "filtered")) == _records(str(tmp_path / "plain"))
+    # integer user ids and binary item ids read as the same text ids
+    table = pq.read_table(plain)
+    numbers = table.set_column(0, "user", pa.array([int(u[1:]) for u in
+                                                    table["user"].to_pylist()], pa.int64()))
+    numbers = numbers.set_column(1, "item", pa.array(
+        [i.encode() for i in table["item"].to_pylist()], pa.binary()))
+    pq.write_table(numbers, tmp_path / "numbers.parquet")
+    assert cli.main(["--input", str(tmp_path / "numbers.parquet"), "--output",
+                     str(tmp_path / "numbers"), *base]) == 0
+    renamed = {split: [(u[1:], *rest) for u, *rest in recs]
+               for split, recs in _records(str(tmp_path / "plain")).items()}
+    assert _records(str(tmp_path / "numbers")) == {s: sorted(r) for s, r in renamed.items()}
+    capsys.readouterr()
+    (tmp_path / "log.csv").write_text("user,item,time\nu1,i1,1\n")
+    data = plain.read_bytes()
+    (tmp_path / "half.parquet").write_bytes(data[:len(data) // 2])
+    (tmp_path / "packed.parquet.gz").write_bytes(gzip.compress(data))
+    for name, extra, message in (
+            ("log.csv", [], "log.csv: not a Parquet file (ArrowInvalid"),
+            ("half.parquet", [], "half.parquet: not a Parquet file"),
+            ("packed.parquet.gz", [], "a compressed Parquet file is not read"),
+            ("plain.parquet", ["--item-col", "sku"],
+             "column(s) sku not in the schema of " + str(plain) + " ['user', 'item', 'time']"),
+            ("plain.parquet", ["--columns", "user,item,time"],
+             "--columns is for csv/tsv; a Parquet file names its columns"),
+            ("plain.parquet", ["--filter", "kind=view"], "--filter column(s) kind not in")):
+        out = tmp_path / "never"
+        assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *base,
+                         *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()

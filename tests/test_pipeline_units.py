@@ -523,3 +523,35 @@ def test_path_error_names_a_path_that_cannot_be_written_as_asked():
     assert path_error(OSError(errno.ENOSPC, "No space left on device")) is None  # room: storage_error
     assert path_error(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
     assert path_error(ValueError("Permission denied")) is None
+
+
+def test_parquet_rows_give_instants_as_unix_milliseconds(tmp_path):
+    """`sources.read_parquet`'s rows: timestamps of every unit and zone, date32 and date64
+    columns as unix milliseconds; nulls as None; a range per row group, in its order."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    instant = datetime.datetime(2021, 3, 2, 15, 8, 11, 250000, tzinfo=datetime.timezone.utc)
+    ms = 1614697691250
+    table = pa.table({
+        "ns": pa.array([instant, None, instant], pa.timestamp("ns", tz="Asia/Tokyo")),
+        "s": pa.array([instant.replace(microsecond=0)] * 3, pa.timestamp("s")),
+        "d32": pa.array([instant.date()] * 3, pa.date32()),
+        "d64": pa.array([instant.date()] * 3, pa.date64()),
+        "other": ["a", "b", "c"]})
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(table, path, row_group_size=2)
+    assert sources.parquet_row_groups(path) == [2, 1]
+    types = sources.parquet_schema(path)
+    assert [sources.is_instant(types[c]) for c in table.column_names] == [True] * 4 + [False]
+    ranges = sources.plan_ranges([(path, 900)], parquet=True)
+    assert [(r.index, r.start, r.end, r.rows) for r in ranges] == [(0, 0, 600, 2), (1, 600, 900, 1)]
+    rows = [row for r in ranges for _, batch in sources.read_parquet(r, ["ns", "s", "d32", "d64"],
+                                                                     batch_rows=1) for row in batch]
+    day = 1614643200000  # 2021-03-02T00:00:00Z
+    assert rows == [{"ns": ms, "s": ms - 250, "d32": day, "d64": day},
+                    {"ns": None, "s": ms - 250, "d32": day, "d64": day},
+                    {"ns": ms, "s": ms - 250, "d32": day, "d64": day}]
+    assert sources.parquet_head(path, 2, ["other"]) == [{"other": "a"}, {"other": "b"}]
