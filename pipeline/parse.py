@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import decimal
 import json
 import math
 import re
@@ -242,6 +243,9 @@ def _id(value: object, name: str) -> str:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{name} {value[:50]!r} is not UTF-8") from None
+    elif isinstance(value, decimal.Decimal):  # a Parquet decimal column (a database NUMERIC)
+        value = int(value) if value.is_finite() and value == value.to_integral_value() \
+            else str(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{name} {value!r} is not a string or number")
     if isinstance(value, float) and value.is_integer():

@@ -1,5 +1,6 @@
 """Pure functions of the pipeline: parsing, sessionization, split, vocabulary, records."""
 import bz2
+import decimal
 import gzip
 import json
 import lzma
@@ -555,3 +556,7 @@ def test_parquet_rows_give_instants_as_unix_milliseconds(tmp_path):
                     {"ns": None, "s": ms - 250, "d32": day, "d64": day},
                     {"ns": ms, "s": ms - 250, "d32": day, "d64": day}]
     assert sources.parquet_head(path, 2, ["other"]) == [{"other": "a"}, {"other": "b"}]
+    # decimal ids (a database's NUMERIC column) are the integer's or the number's text
+    fmt = parse.RowFormat("parquet", "ms", "u", "i", "t", ("u", "i", "t"))
+    assert parse.parse_object({"u": decimal.Decimal("120.00"), "i": decimal.Decimal("2.50"),
+                               "t": ms}, fmt) == ("120", "2.50", ms)
