@@ -644,8 +644,9 @@ def _resolve(argv):
         raise UsageError(
             f"--valid-fraction + --test-fraction must be < 1, got "
             f"{args.valid_fraction} + {args.test_fraction}")
+    named = {"jsonl": "JSON lines name their keys", "parquet": "a Parquet file names its columns"}
     if args.format in parse.OBJECT_FORMATS and args.columns:
-        raise UsageError(f"--columns is for csv/tsv; {'JSON lines name their keys' if args.format == 'jsonl' else 'a Parquet file names its columns'}")
+        raise UsageError(f"--columns is for csv/tsv; {named[args.format]}")
     if args.session_col is not None:
         if not args.session_col.strip():
             raise UsageError("--session-col names no column")
@@ -656,7 +657,7 @@ def _resolve(argv):
         args.session_gap = 1800
     if args.delimiter is not None:
         if args.format in parse.OBJECT_FORMATS:
-            raise UsageError(f"--delimiter is for csv/tsv; {'JSON lines' if args.format == 'jsonl' else 'Parquet files'} have none")
+            raise UsageError(f"--delimiter is for csv/tsv, not {args.format} files")
         try:
             args.delimiter = parse.parse_delimiter(args.delimiter)
         except ValueError as e:
