@@ -28,6 +28,7 @@ import time
 from pipeline import argtypes, outputs, parse, schema, sessions, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
+PARQUET_MAGIC = b"PAR1"  # the first (and last) bytes of a Parquet file
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
 # A note when one user holds more than this share of the valid or test events (of a split
 # with at least this many users): a crawler that would decide the metrics.
@@ -330,6 +331,8 @@ def _row_formats(args, files, heads) -> dict:
     for rank, (path, _) in enumerate(files):
         head = heads[path]
         first = head[0]
+        if args.format != "parquet" and first.startswith(PARQUET_MAGIC):
+            raise UsageError(f"{path} is a Parquet file: pass --format parquet")
         columns: tuple[str, ...] = ()
         time_unit = args.time_unit
         if args.format != "jsonl":

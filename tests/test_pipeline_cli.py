@@ -1115,7 +1115,9 @@ def test_parquet_filters_and_bad_parquet_inputs(tmp_path, capsys):
              "column(s) sku not in the schema of " + str(plain) + " ['user', 'item', 'time']"),
             ("plain.parquet", ["--columns", "user,item,time"],
              "--columns is for csv/tsv; a Parquet file names its columns"),
-            ("plain.parquet", ["--filter", "kind=view"], "--filter column(s) kind not in")):
+            ("plain.parquet", ["--filter", "kind=view"], "--filter column(s) kind not in"),
+            ("plain.parquet", ["--format", "csv"], "plain.parquet is a Parquet file: pass --format parquet"),
+            ("plain.parquet", ["--format", "jsonl"], "is a Parquet file: pass --format parquet")):
         out = tmp_path / "never"
         assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *base,
                          *extra]) == 2
