@@ -366,7 +366,8 @@ def _row_formats(args, files, heads) -> dict:
                                  f"{list(columns)}")
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
-            sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")]
+            sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")
+                               and c not in wanted]  # (a session log's session id as the user)
             if not args.session_col and sessions_column and rank == 0:
                 print(f"note: the log has a column {sessions_column[0]!r}: sessions come from time "
                       f"gaps (--session-gap) unless you pass --session-col {sessions_column[0]}",

@@ -103,19 +103,23 @@ class _ParseRanges(beam.DoFn):
         if fmt.format == "parquet":  # a row group, in batches of rows numbered from its start
             # (rows numbered as lines: `first_line_numbers` counts a range 0's lines - 1)
             yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), r.rows - (r.index == 0)))
+            reported = 0  # the range's bytes, told a batch at a time (a row group can be big)
             for offset, rows in sources.read_parquet(r, fmt.read):
                 block = parse.parse_rows(rows, fmt, sources.first_order(r.rank, r.index) + offset)
                 yield from self._emit(r, r.index, block, offset)
+                done = (r.end - r.start) * (offset + len(rows)) // max(r.rows, 1)
+                report_progress("read", done - reported)
+                reported = done
+            return
+        if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
+            blocks = sources.read_compressed(r)
         else:
-            if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
-                blocks = sources.read_compressed(r)
-            else:
-                blocks = [(r.index, *sources.read_range(r))]
-            for index, lines, newlines in blocks:
-                yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), newlines))
-                block = parse.parse_block(lines, fmt, sources.first_order(r.rank, index),
-                                          skip_first=self._config.header and index == 0)
-                yield from self._emit(r, index, block)
+            blocks = [(r.index, *sources.read_range(r))]
+        for index, lines, newlines in blocks:
+            yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), newlines))
+            block = parse.parse_block(lines, fmt, sources.first_order(r.rank, index),
+                                      skip_first=self._config.header and index == 0)
+            yield from self._emit(r, index, block)
         report_progress("read", r.end - r.start)
 
     @staticmethod
