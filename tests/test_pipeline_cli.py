@@ -1124,3 +1124,17 @@ def test_parquet_filters_and_bad_parquet_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not out.exists()
+
+
+def test_the_session_column_note_only_where_sessions_come_from_gaps(tmp_path, capsys):
+    """A column named like a session id gets a note (its sessions are not used unless
+    --session-col names it), but not when it is the user: a session log (YooChoose's clicks,
+    whose session ids are the only ids) makes each session a user of its own."""
+    log = tmp_path / "clicks.csv"
+    log.write_text("session_id,visitor,item,time\n" + "".join(
+        f"s{k // 4},v{k // 12},i{k % 5},{1_600_000_000 + 30 * k}\n" for k in range(96)))
+    for user, noted in (("visitor", True), ("session_id", False)):
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / user), "--user-col",
+                         user, "--min-item-count", "1", *IN_MEMORY]) == 0
+        err = capsys.readouterr().err
+        assert ("note: the log has a column 'session_id'" in err) == noted, err
