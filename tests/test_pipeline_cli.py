@@ -1138,3 +1138,21 @@ def test_the_session_column_note_only_where_sessions_come_from_gaps(tmp_path, ca
                          user, "--min-item-count", "1", *IN_MEMORY]) == 0
         err = capsys.readouterr().err
         assert ("note: the log has a column 'session_id'" in err) == noted, err
+
+
+def test_parquet_input_on_an_object_store(tmp_path, store):
+    """Parquet files read through Beam's file systems (a GCS-like store: footers and row
+    groups read by seeking in the object) give the local files' output."""
+    rows = [r for r in _events_with_bad_rows() if r[0] is not None]
+    (store / "bucket" / "in").mkdir()
+    _write_parquet(store / "bucket" / "in" / "part-0.parquet", rows[:300])
+    _write_parquet(store / "bucket" / "in" / "part-1.parquet", rows[300:])
+    (store / "bucket" / "in" / "_SUCCESS").write_bytes(b"")
+    base = ["--format", "parquet", "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main(["--input", "objstore://bucket/in/*.parquet", "--output",
+                     str(tmp_path / "remote"), *base]) == 0
+    assert cli.main(["--input", str(store / "bucket" / "in" / "*.parquet"), "--output",
+                     str(tmp_path / "local"), *base]) == 0
+    assert _records(str(tmp_path / "remote")) == _records(str(tmp_path / "local"))
+    assert _malformed(tmp_path / "remote") == _malformed(tmp_path / "local")
+    assert check_output(str(tmp_path / "remote"))[0]["rows_read"] == 599
