@@ -1,4 +1,4 @@
-"""The training benchmarks run end to end with --quick and print their JSON line (issue 6),
+"""The benchmarks run end to end with --quick and print their JSON line (issue 6),
 so the scripts never rot. Figures are not asserted (the machine is shared and noisy);
 the keys and their basic sanity are."""
 import json
@@ -12,9 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ML1M = os.path.join(os.path.dirname(ROOT), "shared", "data", "ml-1m")
 
 
-def run_quick(name: str) -> dict:
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_quick(name: str, *extra: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"), "--quick",
+                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -88,3 +88,15 @@ def test_quick_keeps_the_sizes_the_command_line_gives():
         args = p.parse_args(argv)
         bench_lib.quick_values(p, argv, args, users=100, sizes=[1, 2])
         assert (args.users, args.sizes) == expected
+
+
+def test_pipeline_throughput_quick_in_both_formats():
+    """The pipeline benchmark on the same 50,000 synthetic events as CSV and as Parquet:
+    the same rows read and written."""
+    csv_run, parquet_run = (run_quick("pipeline_throughput", "--format", f)
+                            for f in ("csv", "parquet"))
+    for result, fmt in ((csv_run, "csv"), (parquet_run, "parquet")):
+        assert result["benchmark"] == "pipeline_throughput" and result["format"] == fmt
+        assert result["events"] == 50_000 and result["events_per_s"] > 0
+        assert 0 < result["peak_rss_mb"] < 4096 and result["input_bytes"] > 0
+    assert csv_run["rows_written"] == parquet_run["rows_written"] > 40_000
