@@ -1,8 +1,8 @@
 """Parsing and validation of raw log rows (pure functions, no Beam).
 
 A raw log is CSV, TSV (or another delimiter, e.g. MovieLens' `::`) or JSON lines with one
-event per line, or Parquet with one event per row (read by `sources.read_parquet` as one
-dict per row, like a JSON object): a user id, an item id and a time. Each row either
+event per line, or Parquet with one event per row (read by `sources.read_parquet` column
+by column; a row is an object, as a JSON line is): a user id, an item id and a time. Each row either
 becomes an event or a malformed-row record naming the reason; nothing here raises on bad
 data.
 
@@ -464,31 +464,61 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     return ParsedBlock(by_user, malformed, rows, filtered)
 
 
-def parse_rows(rows: Sequence[dict], fmt: RowFormat, first_order: int) -> ParsedBlock:
-    """`parse_block` for rows that are objects (a batch of a Parquet file's rows): row k
-    gets the input-order key `first_order + k`; a malformed row's raw text is its JSON."""
+def parse_columns(columns: dict[str, list], fmt: RowFormat, first_order: int) -> ParsedBlock:
+    """`parse_block` for a batch of rows given column by column (a Parquet file's, from
+    `sources.read_parquet`: one list per column in `fmt.read`, equal lengths): row k gets
+    the input-order key `first_order + k`; a malformed row's raw text is its JSON.
+
+    Rows of string or integer ids and an integer time (seconds or milliseconds) that
+    `parse_object` would accept as they are take a fast path; any other row goes through
+    `parse_object`, which says what is wrong with it.
+    """
     by_user: dict[str, tuple[list, ...]] = {}
     with_sessions = bool(fmt.session_col)
     malformed: list[tuple[int, str, str]] = []
     filtered = 0
-    for k, row in enumerate(rows):
-        try:
-            parsed = parse_object(row, fmt, apply_filters=bool(fmt.filters))
-        except (ValueError, OverflowError) as e:  # whatever the row, never the job
-            malformed.append((k, str(e), row_text(row)))
-            continue
-        if parsed is None:
+    users, items, times = columns[fmt.user_col], columns[fmt.item_col], columns[fmt.time_col]
+    sessions = columns[fmt.session_col] if with_sessions else items
+    filters = [(columns[c], kept) for c, kept in fmt.filters]
+    scale = {"s": 1000, "ms": 1}.get(fmt.time_unit)  # (None: iso, no fast path)
+    session = None
+    for k in range(len(users)):
+        if filters and not all(filter_text(col[k]) in kept for col, kept in filters):
             filtered += 1
             continue
-        entry = by_user.get(parsed[0])
+        user, item, t, session = users[k], items[k], times[k], sessions[k]
+        fast = scale is not None and type(t) is int
+        if fast:
+            user = str(user) if type(user) is int else user.strip() if type(user) is str else ""
+            item = str(item) if type(item) is int else item.strip() if type(item) is str else ""
+            if with_sessions:
+                session = (str(session) if type(session) is int else session.strip()
+                           if type(session) is str else "")
+            ms = t * scale
+            fast = (user and item and 0 <= ms <= MAX_TIME_MS and item not in RESERVED_ITEM_IDS
+                    and "\n" not in item and "\r" not in item
+                    and not (len(user) <= _MISSING_MAX and user.upper() in MISSING_IDS)
+                    and not (len(item) <= _MISSING_MAX and item.upper() in MISSING_IDS)
+                    and not (with_sessions and (not session or (
+                        len(session) <= _MISSING_MAX and session.upper() in MISSING_IDS))))
+        if not fast:
+            row = {c: columns[c][k] for c in fmt.read}
+            try:
+                user, item, ms, *session_id = parse_object(row, fmt)
+            except (ValueError, OverflowError) as e:  # whatever the row, never the job
+                malformed.append((k, str(e), row_text(row)))
+                continue
+            if with_sessions:
+                session = session_id[0]
+        entry = by_user.get(user)
         if entry is None:
-            entry = by_user[parsed[0]] = ([], [], [], []) if with_sessions else ([], [], [])
-        entry[0].append(parsed[1])
-        entry[1].append(parsed[2])
+            entry = by_user[user] = ([], [], [], []) if with_sessions else ([], [], [])
+        entry[0].append(item)
+        entry[1].append(ms)
         entry[2].append(first_order + k)
         if with_sessions:
-            entry[3].append(parsed[3])
-    return ParsedBlock(by_user, malformed, len(rows), filtered)
+            entry[3].append(session)
+    return ParsedBlock(by_user, malformed, len(users), filtered)
 
 
 def row_text(row: dict) -> str:

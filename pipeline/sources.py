@@ -403,12 +403,12 @@ def parquet_head(path: str, n: int, columns: Sequence[str] | None = None) -> lis
 
 
 def read_parquet(r: ByteRange, columns: Sequence[str],
-                 batch_rows: int | None = None) -> Iterator[tuple[int, list[dict]]]:
-    """Streams a Parquet range (one row group) as batches of rows.
+                 batch_rows: int | None = None) -> Iterator[tuple[int, dict[str, list]]]:
+    """Streams a Parquet range (one row group) as batches of rows, column by column.
 
     Yields:
-      (the batch's first row's offset within the row group, its rows as dicts of
-      `columns`), `batch_rows` (default `PARQUET_BATCH_ROWS`) rows at a time.
+      (the batch's first row's offset within the row group, {column: its values as a
+      list} for `columns`), `batch_rows` (default `PARQUET_BATCH_ROWS`) rows at a time.
 
     Raises:
       InputError: the row group cannot be read (a damaged or truncated file stops the run:
@@ -420,7 +420,7 @@ def read_parquet(r: ByteRange, columns: Sequence[str],
         with _parquet_file(r.path) as pf:
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[r.index],
                                          columns=list(columns)):
-                yield offset, _rows(batch)
+                yield offset, _columns(batch)
                 offset += batch.num_rows
     except InputError:
         raise
@@ -432,13 +432,13 @@ def read_parquet(r: ByteRange, columns: Sequence[str],
                          f"says {r.rows}")
 
 
-def _rows(batch) -> list[dict]:
-    """An Arrow record batch as one dict per row; timestamp and date columns as integer
-    unix milliseconds (their instants: a time zone only changes how they print)."""
+def _columns(batch) -> dict[str, list]:
+    """An Arrow record batch as {column: list of values}; timestamp and date columns as
+    integer unix milliseconds (their instants: a time zone only changes how they print)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    arrays = []
+    out = {}
     for field, array in zip(batch.schema, batch.columns):
         t = field.type
         if pa.types.is_timestamp(t):
@@ -452,5 +452,11 @@ def _rows(batch) -> list[dict]:
             array = pc.multiply(array.cast(pa.int32()).cast(pa.int64()), 86_400_000)
         elif pa.types.is_date64(t):
             array = array.cast(pa.int64())
-        arrays.append(array)
-    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names).to_pylist()
+        out[field.name] = array.to_pylist()
+    return out
+
+
+def _rows(batch) -> list[dict]:
+    """An Arrow record batch as one dict per row (`_columns`' values)."""
+    columns = _columns(batch)
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]

@@ -104,10 +104,11 @@ class _ParseRanges(beam.DoFn):
             # (rows numbered as lines: `first_line_numbers` counts a range 0's lines - 1)
             yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), r.rows - (r.index == 0)))
             reported = 0  # the range's bytes, told a batch at a time (a row group can be big)
-            for offset, rows in sources.read_parquet(r, fmt.read):
-                block = parse.parse_rows(rows, fmt, sources.first_order(r.rank, r.index) + offset)
+            for offset, columns in sources.read_parquet(r, fmt.read):
+                block = parse.parse_columns(columns, fmt,
+                                            sources.first_order(r.rank, r.index) + offset)
                 yield from self._emit(r, r.index, block, offset)
-                done = (r.end - r.start) * (offset + len(rows)) // max(r.rows, 1)
+                done = (r.end - r.start) * (offset + block.rows) // max(r.rows, 1)
                 report_progress("read", done - reported)
                 reported = done
             return

@@ -549,8 +549,9 @@ def test_parquet_rows_give_instants_as_unix_milliseconds(tmp_path):
     assert [sources.is_instant(types[c]) for c in table.column_names] == [True] * 4 + [False]
     ranges = sources.plan_ranges([(path, 900)], parquet=True)
     assert [(r.index, r.start, r.end, r.rows) for r in ranges] == [(0, 0, 600, 2), (1, 600, 900, 1)]
-    rows = [row for r in ranges for _, batch in sources.read_parquet(r, ["ns", "s", "d32", "d64"],
-                                                                     batch_rows=1) for row in batch]
+    rows = [dict(zip(batch, values)) for r in ranges
+            for _, batch in sources.read_parquet(r, ["ns", "s", "d32", "d64"], batch_rows=1)
+            for values in zip(*batch.values())]
     day = 1614643200000  # 2021-03-02T00:00:00Z
     assert rows == [{"ns": ms, "s": ms - 250, "d32": day, "d64": day},
                     {"ns": None, "s": ms - 250, "d32": day, "d64": day},
@@ -560,3 +561,47 @@ def test_parquet_rows_give_instants_as_unix_milliseconds(tmp_path):
     fmt = parse.RowFormat("parquet", "ms", "u", "i", "t", ("u", "i", "t"))
     assert parse.parse_object({"u": decimal.Decimal("120.00"), "i": decimal.Decimal("2.50"),
                                "t": ms}, fmt) == ("120", "2.50", ms)
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "iso"])
+@pytest.mark.parametrize("sessions", [False, True])
+def test_parquet_columns_parse_as_each_row_would(unit, sessions):
+    """`parse.parse_columns` (its fast path for plain rows) gives, row by row, what
+    `parse.parse_object` gives for the same row: the same events in order, the same
+    malformed rows with the same reasons, the same filtered rows."""
+    import random
+
+    rng = random.Random(7)
+    ids = ["u1", " u2 ", 17, 0, -3, "", "  ", None, "NULL", "nan", "n/a", "[PAD]", "[UNK]",
+           "a\nb", "a\rb", 2.0, 2.5, True, b"bytes", decimal.Decimal("120.00"), "é"]
+    times = [1_600_000_000, 1_600_000_000_123, 0, -1, 10**11, 10**11 + 1, 10**15, 1.5,
+             "1600000000", "2021-03-02T15:08:11Z", "", None, True, float("nan")]
+    n = 2000
+    cols = ["user", "item", "time"] + (["session"] if sessions else []) + ["kind"]
+    columns = {"user": [rng.choice(ids) for _ in range(n)],
+               "item": [rng.choice(ids) for _ in range(n)],
+               "time": [rng.choice(times) for _ in range(n)],
+               "kind": [rng.choice(["view", "buy", 1, None]) for _ in range(n)]}
+    if sessions:
+        columns["session"] = [rng.choice(ids) for _ in range(n)]
+    for filters in ((), (("kind", frozenset({"view", "1"})),)):
+        fmt = parse.RowFormat("parquet", unit, "user", "item", "time", tuple(cols),
+                              session_col="session" if sessions else "", filters=filters)
+        block = parse.parse_columns({c: columns[c] for c in fmt.read}, fmt, 100)
+        want_events, want_bad, want_filtered = {}, [], 0
+        for k in range(n):
+            row = {c: columns[c][k] for c in fmt.read}
+            try:
+                parsed = parse.parse_object(row, fmt, apply_filters=bool(filters))
+            except (ValueError, OverflowError) as e:
+                want_bad.append((k, str(e), parse.row_text(row)))
+                continue
+            if parsed is None:
+                want_filtered += 1
+                continue
+            entry = want_events.setdefault(parsed[0], ([], [], [], []) if sessions else ([], [], []))
+            for column, value in zip(entry, (parsed[1], parsed[2], 100 + k, *parsed[3:])):
+                column.append(value)
+        assert block.by_user == want_events and len(want_events) > 3
+        assert block.malformed == want_bad and block.filtered == want_filtered
+        assert block.rows == n
