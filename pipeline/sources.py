@@ -16,7 +16,7 @@ where Beam's `CompressedFile` stops quietly at the damage; `.zst` and `.deflate`
 readers here cannot tell a truncated file from a complete one, are refused.
 
 A Parquet file (`--format parquet`) is cut at its row groups instead: a range is one row
-group (`rows` rows), read `PARQUET_BATCH_ROWS` rows at a time as one dict per row with only
+group (`rows` rows), read `PARQUET_BATCH_ROWS` rows at a time, column by column and only
 the columns the run needs (`read_parquet`), a row's "line" being its 1-based row number in
 the file; timestamp and date columns come as unix milliseconds.
 
@@ -393,8 +393,8 @@ def is_instant(arrow_type: str) -> bool:
 
 
 def parquet_head(path: str, n: int, columns: Sequence[str] | None = None) -> list[dict]:
-    """The first `n` rows of a Parquet file (`columns` only; None: all), as `read_parquet`
-    gives them."""
+    """The first `n` rows of a Parquet file (`columns` only; None: all) as dicts, their
+    values as `read_parquet` gives them."""
     with _parquet_file(path) as pf:
         for batch in pf.iter_batches(batch_size=max(n, 1),
                                      columns=None if columns is None else list(columns)):
