@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=parse.FORMATS, default="csv",
                    help="input format: csv (CSV quoting), tsv (no quoting: a tab-separated "
                         "file with quoting is csv with --delimiter tab), jsonl (one JSON "
-                        "object per line) or parquet (one event per row; timestamp and date "
-                        "columns are read as their instants, whatever --time-unit says)")
+                        "object per line), parquet or avro (one event per row; timestamp and "
+                        "date columns are read as their instants, whatever --time-unit says)")
     cols = p.add_mutually_exclusive_group()
     cols.add_argument("--header", dest="header", action="store_true", default=True,
                       help="each file's first line names the columns (the default)")
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-col", default="time", help="timestamp column (jsonl: key)")
     p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s",
                    help="unix seconds, unix milliseconds or ISO 8601 text (naive times: "
-                        "UTC) (parquet: for a time column of numbers or text)")
+                        "UTC) (parquet, avro: for a time column of numbers or text)")
     p.add_argument("--session-gap", type=argtypes.non_negative_int, default=None, metavar="SECONDS",
                    help="a gap strictly greater starts a new session (default: 1800)")
     p.add_argument("--session-col", metavar="NAME",
@@ -284,12 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _non_empty(files, parquet: bool = False) -> tuple[list, dict, list]:
+def _non_empty(files, fmt: str = "csv") -> tuple[list, dict, list]:
     """(the files with at least one line, their first lines, the empty files' paths).
 
     Empty files are skipped, not errors: exports from Spark, Hive or Beam itself hold
-    0-byte part files and `_SUCCESS` markers beside the data. A Parquet file's (`parquet`)
-    first rows come as JSON lines of what the run reads (`sources.parquet_head`).
+    0-byte part files and `_SUCCESS` markers beside the data. A Parquet or Avro file's
+    (`fmt`) first rows come as JSON lines (`sources.parquet_head`, `sources.avro_head`).
 
     Raises:
       UsageError: every file is empty.
@@ -298,9 +298,10 @@ def _non_empty(files, parquet: bool = False) -> tuple[list, dict, list]:
 
     kept, heads, empty = [], {}, []
     for path, size in files:
-        if parquet:
+        if fmt in ("parquet", "avro"):
+            read = sources.parquet_head if fmt == "parquet" else sources.avro_head
             head = [parse.row_text(row).encode("utf-8")
-                    for row in sources.parquet_head(path, 1 + TIME_SAMPLE_ROWS)] if size else []
+                    for row in read(path, 1 + TIME_SAMPLE_ROWS)] if size else []
         else:
             head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS) if size else []
         if head:
@@ -331,17 +332,20 @@ def _row_formats(args, files, heads) -> dict:
     for rank, (path, _) in enumerate(files):
         head = heads[path]
         first = head[0]
-        if args.format != "parquet" and first.startswith(PARQUET_MAGIC):
-            raise UsageError(f"{path} is a Parquet file: pass --format parquet")
+        for magic, fmt in ((PARQUET_MAGIC, "parquet"), (sources.AVRO_MAGIC, "avro")):
+            if args.format != fmt and first.startswith(magic):
+                raise UsageError(f"{path} is {'a Parquet' if fmt == 'parquet' else 'an Avro'} "
+                                 f"file: pass --format {fmt}")
         columns: tuple[str, ...] = ()
         time_unit = args.time_unit
         if args.format != "jsonl":
-            if args.format == "parquet":
-                types = sources.parquet_schema(path)
+            if args.format in ("parquet", "avro"):
+                types = (sources.parquet_schema if args.format == "parquet"
+                         else sources.avro_schema)(path)
                 columns = tuple(types)
                 where = f"the schema of {path}"
                 if args.time_col in types and sources.is_instant(types[args.time_col]):
-                    time_unit = "ms"  # (read_parquet gives instants as milliseconds)
+                    time_unit = "ms"  # (sources gives instants as milliseconds)
             elif args.columns:
                 columns = tuple(c.strip() for c in args.columns.split(","))
                 where = "--columns"
@@ -379,7 +383,7 @@ def _row_formats(args, files, heads) -> dict:
         rows = _check_filters(path, head[1:] if has_header else head, formats[rank])
         if text:
             _check_column_count(path, rows, formats[rank])
-        elif args.format == "jsonl":  # (a Parquet file's columns are in its schema)
+        elif args.format == "jsonl":  # (a Parquet or Avro file's columns are in its schema)
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
     return formats
@@ -648,7 +652,8 @@ def _resolve(argv):
         raise UsageError(
             f"--valid-fraction + --test-fraction must be < 1, got "
             f"{args.valid_fraction} + {args.test_fraction}")
-    named = {"jsonl": "JSON lines name their keys", "parquet": "a Parquet file names its columns"}
+    named = {"jsonl": "JSON lines name their keys", "parquet": "a Parquet file names its columns",
+             "avro": "an Avro file names its fields"}
     if args.format in parse.OBJECT_FORMATS and args.columns:
         raise UsageError(f"--columns is for csv/tsv; {named[args.format]}")
     if args.session_col is not None:
@@ -690,7 +695,7 @@ def _resolve(argv):
         files = sources.match_inputs(args.input, hidden)
         if exists:
             _check_replaceable(output, [path for path, _ in files])
-        files, heads, empty = _non_empty(files, parquet=args.format == "parquet")
+        files, heads, empty = _non_empty(files, args.format)
         formats = _row_formats(args, files, heads)
     except sources.InputError as e:
         raise UsageError(str(e)) from None
@@ -776,7 +781,7 @@ def run(args, output: str, files, config, options) -> dict:
                 beam.Pipeline(options=options) as p:
             out = (p
                    | "Ranges" >> beam.Create(sources.plan_ranges(
-                       files, parquet=args.format == "parquet"))
+                       files, parquet=args.format == "parquet", avro=args.format == "avro"))
                    | "Records" >> SessionRecords(config))
             for name in schema.SPLITS:
                 _ = out[name] | f"Write{name.title()}" >> beam.io.WriteToTFRecord(

@@ -1,8 +1,9 @@
 """Parsing and validation of raw log rows (pure functions, no Beam).
 
 A raw log is CSV, TSV (or another delimiter, e.g. MovieLens' `::`) or JSON lines with one
-event per line, or Parquet with one event per row (read by `sources.read_parquet` column
-by column; a row is an object, as a JSON line is): a user id, an item id and a time. Each row either
+event per line, or Parquet or Avro with one event per row (read by `sources.read_parquet`
+and `sources.read_avro` column by column; a row is an object, as a JSON line is): a user
+id, an item id and a time. Each row either
 becomes an event or a malformed-row record naming the reason; nothing here raises on bad
 data.
 
@@ -25,9 +26,9 @@ from pipeline.schema import PAD_TOKEN, UNKNOWN_TOKEN
 # items.tsv's rows 0 and 1: a raw item with one of these ids could not be told apart
 RESERVED_ITEM_IDS = frozenset((PAD_TOKEN, UNKNOWN_TOKEN))
 
-FORMATS = ("csv", "tsv", "jsonl", "parquet")
-# formats whose rows are objects keyed by column name (JSON lines, Parquet rows as dicts)
-OBJECT_FORMATS = ("jsonl", "parquet")
+FORMATS = ("csv", "tsv", "jsonl", "parquet", "avro")
+# formats whose rows are objects keyed by column name (JSON lines, Parquet rows, Avro records)
+OBJECT_FORMATS = ("jsonl", "parquet", "avro")
 TIME_UNITS = ("s", "ms", "iso")
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -47,11 +48,12 @@ class RowFormat:
     """How to read the rows of one input file.
 
     Attributes:
-      format: `csv`, `tsv`, `jsonl` or `parquet`.
-      time_unit: `s`, `ms` or `iso` (`ms` for a Parquet file whose time column is a
-        timestamp or date: `sources.read_parquet` gives its instants as milliseconds).
+      format: `csv`, `tsv`, `jsonl`, `parquet` or `avro`.
+      time_unit: `s`, `ms` or `iso` (`ms` for a Parquet or Avro file whose time column is
+        a timestamp or date: `sources` gives their instants as milliseconds).
       user_col, item_col, time_col: column names (JSON keys for `jsonl`).
-      columns: column names in order (csv/tsv; a Parquet file's schema; empty for jsonl).
+      columns: column names in order (csv/tsv; a Parquet or Avro file's schema; empty for
+        jsonl).
       delimiter: the field separator of csv/tsv rows; "" is the format's own (`,` or a tab).
         csv with a one-character separator is split with CSV quoting; tsv (IANA's
         text/tab-separated-values: no quoting, a field holds no tab) and several-character
@@ -89,7 +91,7 @@ class RowFormat:
 
     @property
     def objects(self) -> bool:
-        """Whether rows are objects keyed by column name (JSON lines, Parquet)."""
+        """Whether rows are objects keyed by column name (JSON lines, Parquet, Avro)."""
         return self.format in OBJECT_FORMATS
 
     @property
@@ -465,8 +467,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
 
 
 def parse_columns(columns: dict[str, list], fmt: RowFormat, first_order: int) -> ParsedBlock:
-    """`parse_block` for a batch of rows given column by column (a Parquet file's, from
-    `sources.read_parquet`: one list per column in `fmt.read`, equal lengths): row k gets
+    """`parse_block` for a batch of rows given column by column (a Parquet or Avro file's,
+    from `sources`: one list per column in `fmt.read`, equal lengths): row k gets
     the input-order key `first_order + k`; a malformed row's raw text is its JSON.
 
     Rows of string or integer ids and an integer time (seconds or milliseconds) that

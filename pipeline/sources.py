@@ -16,9 +16,12 @@ where Beam's `CompressedFile` stops quietly at the damage; `.zst` and `.deflate`
 readers here cannot tell a truncated file from a complete one, are refused.
 
 A Parquet file (`--format parquet`) is cut at its row groups instead: a range is one row
-group (`rows` rows), read `PARQUET_BATCH_ROWS` rows at a time, column by column and only
+group (`rows` rows), read `BATCH_ROWS` rows at a time, column by column and only
 the columns the run needs (`read_parquet`), a row's "line" being its 1-based row number in
-the file; timestamp and date columns come as unix milliseconds.
+the file; timestamp and date columns come as unix milliseconds. An Avro container file
+(`--format avro`) is one range, read a record batch at a time (`read_avro`), each batch
+numbered like a compressed file's block; timestamp and date fields (logical types) come
+as unix milliseconds too.
 
 Paths go through Beam's `FileSystems`, so `gs://`, `s3://` or `hdfs://` inputs work where
 the matching Beam extra is installed.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import dataclasses
+import datetime
 import glob
 import gzip
 import lzma
@@ -44,8 +48,9 @@ MIN_RANGE_BYTES = 1 << 20
 MAX_RANGE_BYTES = 64 << 20
 # Decompressed bytes read at a time from a compressed input (`read_compressed`).
 COMPRESSED_BLOCK_BYTES = 16 << 20
-# Rows of a Parquet row group converted to Python objects at a time (`read_parquet`).
-PARQUET_BATCH_ROWS = 1 << 16
+# Rows of a Parquet row group or Avro records converted to Python lists at a time
+# (`read_parquet`, `read_avro`).
+BATCH_ROWS = 1 << 16
 
 
 class InputError(ValueError):
@@ -210,13 +215,13 @@ def read_first_lines(path: str, n: int) -> list[bytes]:
 
 
 def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,
-                parquet: bool = False) -> list[ByteRange]:
+                parquet: bool = False, avro: bool = False) -> list[ByteRange]:
     """Cuts the files into byte ranges for parallel reading.
 
     Range size is the total size / `target_ranges`, clamped to [1 MiB, 64 MiB], so small
     inputs still spread over a few workers and big ones are read in bounded pieces. A
-    compressed file is one range (`read_compressed` streams it); a Parquet file
-    (`parquet`) one range per non-empty row group.
+    compressed file is one range (`read_compressed` streams it), and so is an Avro file
+    (`avro`: `read_avro`); a Parquet file (`parquet`) is one range per non-empty row group.
     """
     total = sum(size for _, size in files)
     size = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, -(-total // max(1, target_ranges))))
@@ -225,7 +230,7 @@ def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,
         if parquet:
             ranges.extend(_row_group_ranges(path, rank, file_size))
             continue
-        if is_compressed(path):
+        if is_compressed(path) or avro:
             ranges.append(ByteRange(path, rank, 0, 0, file_size))
             continue
         starts = range(0, max(file_size, 1), size)
@@ -386,19 +391,24 @@ def parquet_schema(path: str) -> dict[str, str]:
         return {name: str(schema.field(name).type) for name in schema.names}
 
 
-def is_instant(arrow_type: str) -> bool:
-    """Whether a Parquet column of this Arrow type (`parquet_schema`) holds instants
-    (timestamp or date), which `read_parquet` gives as unix milliseconds."""
-    return arrow_type.startswith(("timestamp", "date"))
+def is_instant(type_text: str) -> bool:
+    """Whether a column of this type (`parquet_schema`'s Arrow type, `avro_schema`'s
+    logical type) holds instants (timestamp or date), which `read_parquet` and `read_avro`
+    give as unix milliseconds."""
+    return type_text.startswith(("timestamp", "date", "local-timestamp"))
 
 
 def parquet_head(path: str, n: int, columns: Sequence[str] | None = None) -> list[dict]:
     """The first `n` rows of a Parquet file (`columns` only; None: all) as dicts, their
     values as `read_parquet` gives them."""
     with _parquet_file(path) as pf:
-        for batch in pf.iter_batches(batch_size=max(n, 1),
-                                     columns=None if columns is None else list(columns)):
-            return _rows(batch)[:n]
+        try:
+            for batch in pf.iter_batches(batch_size=max(n, 1),
+                                         columns=None if columns is None else list(columns)):
+                return _rows(batch)[:n]
+        except Exception as e:  # a damaged first page
+            raise InputError(f"cannot read the first rows of input file {path!r}: "
+                             f"{type(e).__name__}: {e}") from None
     return []
 
 
@@ -408,13 +418,13 @@ def read_parquet(r: ByteRange, columns: Sequence[str],
 
     Yields:
       (the batch's first row's offset within the row group, {column: its values as a
-      list} for `columns`), `batch_rows` (default `PARQUET_BATCH_ROWS`) rows at a time.
+      list} for `columns`), `batch_rows` (default `BATCH_ROWS`) rows at a time.
 
     Raises:
       InputError: the row group cannot be read (a damaged or truncated file stops the run:
         its rows would be lost silently otherwise).
     """
-    batch_rows = PARQUET_BATCH_ROWS if batch_rows is None else batch_rows
+    batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
     offset = 0
     try:
         with _parquet_file(r.path) as pf:
@@ -460,3 +470,124 @@ def _rows(batch) -> list[dict]:
     """An Arrow record batch as one dict per row (`_columns`' values)."""
     columns = _columns(batch)
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+AVRO_MAGIC = b"Obj\x01"  # the first bytes of an Avro container file
+
+
+@contextlib.contextmanager
+def _avro_file(path: str):
+    """(a `fastavro.reader` of the file, the open file).
+
+    Raises:
+      InputError: it cannot be opened, or is not an Avro container file.
+    """
+    import fastavro
+
+    if is_compressed(path):
+        raise InputError(f"{path}: a compressed Avro file is not read (Avro compresses "
+                         "inside): pass the .avro file itself")
+    try:
+        raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    except Exception as e:  # any file system's own error
+        raise InputError(f"cannot read input file {path!r}: {e}") from None
+    with raw:
+        try:
+            magic = raw.read(len(AVRO_MAGIC))
+            raw.seek(0)
+            if magic != AVRO_MAGIC:
+                raise ValueError(f"it starts with {magic!r}, not Avro's {AVRO_MAGIC!r}")
+            reader = fastavro.reader(raw)
+        except Exception as e:  # no magic bytes, a damaged header, an unknown codec
+            raise InputError(f"{path}: not an Avro file ({type(e).__name__}: {e}); --format "
+                             "avro reads Avro container files only") from None
+        yield reader, raw
+
+
+def _avro_type_text(avro_type) -> str:
+    """A field's type as text: the logical type where it has one, the non-null branch of
+    a union."""
+    if isinstance(avro_type, list):
+        branches = [t for t in avro_type if t != "null"]
+        return _avro_type_text(branches[0]) if len(branches) == 1 else "union"
+    if isinstance(avro_type, dict):
+        return str(avro_type.get("logicalType") or avro_type.get("type"))
+    return str(avro_type)
+
+
+def avro_schema(path: str) -> dict[str, str]:
+    """Field name → type (`_avro_type_text`) of an Avro file's records."""
+    with _avro_file(path) as (reader, _):
+        schema = reader.writer_schema
+        fields = schema.get("fields", []) if isinstance(schema, dict) else []
+        return {f["name"]: _avro_type_text(f["type"]) for f in fields}
+
+
+def avro_head(path: str, n: int) -> list[dict]:
+    """The first `n` records of an Avro file, their instants as unix milliseconds."""
+    out = []
+    with _avro_file(path) as (reader, _):
+        try:
+            for record in reader:
+                if len(out) >= n:
+                    break
+                out.append({k: _instant_ms(v) for k, v in record.items()}
+                           if isinstance(record, dict) else {"": record})
+        except Exception as e:  # a damaged first block, a codec without its library
+            raise InputError(f"cannot read the first records of input file {path!r}: "
+                             f"{type(e).__name__}: {e}") from None
+    return out
+
+
+def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = None
+              ) -> Iterator[tuple[int, dict[str, list], int]]:
+    """Streams an Avro file (one range) as batches of records, column by column.
+
+    Yields:
+      (the batch's index, numbered like `read_compressed`'s blocks, {column: its values}
+      for `columns` (instants as unix milliseconds), the bytes read so far),
+      `batch_rows` (default `BATCH_ROWS`) records at a time.
+
+    Raises:
+      InputError: the file cannot be read to its end (a damaged block stops the run).
+    """
+    batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
+    index, done = 0, 0
+    try:
+        with _avro_file(r.path) as (reader, raw):
+            batch: list = []
+            for record in reader:
+                batch.append(record)
+                if len(batch) == batch_rows:
+                    yield index, _record_columns(batch, columns), raw.tell()
+                    index, done, batch = index + 1, done + len(batch), []
+                    if index >= MAX_RANGES:
+                        raise InputError(f"{r.path} is too large (more than {MAX_RANGES} "
+                                         f"batches of {batch_rows} records)")
+            if batch:
+                yield index, _record_columns(batch, columns), r.end
+    except InputError:
+        raise
+    except Exception as e:  # a damaged block, a truncated file, an unknown codec
+        raise InputError(f"cannot read input file {r.path!r} after {done} records: "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def _record_columns(records: list, columns: Sequence[str]) -> dict[str, list]:
+    return {c: [_instant_ms(rec.get(c)) if isinstance(rec, dict) else None for rec in records]
+            for c in columns}
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_MS = datetime.timedelta(milliseconds=1)
+
+
+def _instant_ms(value):
+    """A datetime (naive: UTC) or date as unix milliseconds; any other value as it is."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return (value - _EPOCH) // _MS
+    if isinstance(value, datetime.date):
+        return (value - datetime.date(1970, 1, 1)).days * 86_400_000
+    return value

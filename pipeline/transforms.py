@@ -112,6 +112,15 @@ class _ParseRanges(beam.DoFn):
                 report_progress("read", done - reported)
                 reported = done
             return
+        if fmt.format == "avro":  # batches of records, numbered like a compressed file's blocks
+            reported = 0
+            for index, columns, position in sources.read_avro(r, fmt.read):
+                block = parse.parse_columns(columns, fmt, sources.first_order(r.rank, index))
+                yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), block.rows - (index == 0)))
+                yield from self._emit(r, index, block)
+                report_progress("read", position - reported)
+                reported = position
+            return
         if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
             blocks = sources.read_compressed(r)
         else:

@@ -1037,13 +1037,13 @@ def test_parquet_gives_the_csv_logs_output(tmp_path):
                          str(outs[name]), *extra, *base]) == 0
     from pipeline import sources
 
-    original = sources.PARQUET_BATCH_ROWS
-    sources.PARQUET_BATCH_ROWS = 50  # in-process runner: batches within each row group
+    original = sources.BATCH_ROWS
+    sources.BATCH_ROWS = 50  # in-process runner: batches within each row group
     try:
         assert cli.main(["--input", str(tmp_path / "log.parquet"), "--output",
                          str(tmp_path / "out-batches"), "--format", "parquet", *base]) == 0
     finally:
-        sources.PARQUET_BATCH_ROWS = original
+        sources.BATCH_ROWS = original
     stats = {name: check_output(str(out))[0] for name, out in outs.items()}
     for s in stats.values():
         del s["options"]["input"], s["options"]["output"], s["options"]["format"]
@@ -1156,3 +1156,75 @@ def test_parquet_input_on_an_object_store(tmp_path, store):
     assert _records(str(tmp_path / "remote")) == _records(str(tmp_path / "local"))
     assert _malformed(tmp_path / "remote") == _malformed(tmp_path / "local")
     assert check_output(str(tmp_path / "remote"))[0]["rows_read"] == 599
+
+
+def _write_avro(path, rows, time_type="long", codec="deflate"):
+    """(user, item, time) rows as an Avro container file: a nullable user, the time as
+    unix seconds (`long`) or as a logical timestamp (`timestamp-millis`/`-micros`)."""
+    import fastavro
+
+    if time_type == "long":
+        time_schema, scale = "long", 1
+    else:
+        time_schema = {"type": "long", "logicalType": time_type}
+        scale = 1000 if time_type == "timestamp-millis" else 10**6
+    schema = fastavro.parse_schema({"type": "record", "name": "Event", "fields": [
+        {"name": "user", "type": ["null", "string"]}, {"name": "item", "type": "string"},
+        {"name": "time", "type": time_schema}]})
+    with open(path, "wb") as f:
+        fastavro.writer(f, schema, [{"user": u, "item": i, "time": t * scale} for u, i, t in rows],
+                        codec=codec, sync_interval=2000)
+
+
+def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
+    """--format avro: the records and stats of the same events as CSV, read in batches of
+    records numbered across the file; bad rows in malformed/ with their record numbers; a
+    logical timestamp time gives the same output; what is not an Avro file is one line."""
+    rows = _events_with_bad_rows()
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"{'NULL' if u is None else u},{i},{t}\n" for u, i, t in rows))
+    _write_avro(tmp_path / "log.avro", rows)
+    good = [r for r in rows if r[2] >= 0]  # (a timestamp before 1970 is another test)
+    for kind, codec in (("timestamp-millis", "null"), ("timestamp-micros", "snappy")):
+        _write_avro(tmp_path / f"{kind}.avro", good, kind, codec=codec)
+    base = ["--min-item-count", "1", *IN_MEMORY]
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "csv"), *base]) == 0
+    original = sources.BATCH_ROWS
+    sources.BATCH_ROWS = 70  # in-process runner: many batches, the last one short
+    try:
+        assert cli.main(["--input", str(tmp_path / "log.avro"), "--output",
+                         str(tmp_path / "avro"), "--format", "avro", *base]) == 0
+        for kind in ("timestamp-millis", "timestamp-micros"):
+            assert cli.main(["--input", str(tmp_path / f"{kind}.avro"), "--output",
+                             str(tmp_path / kind), "--format", "avro", *base]) == 0
+    finally:
+        sources.BATCH_ROWS = original
+    stats = [check_output(str(tmp_path / name))[0] for name in ("csv", "avro")]
+    for s in stats:
+        for key in ("input", "output", "format", "header"):
+            del s["options"][key]
+    assert stats[0] == stats[1] and stats[1]["rows_read"] == 600
+    assert _records(str(tmp_path / "csv")) == _records(str(tmp_path / "avro"))
+    bad = _malformed(tmp_path / "avro")
+    assert [line for line, _, _ in bad] == [line - 1 for line, _, _ in _malformed(tmp_path / "csv")] \
+        == [6, 78, 311, 456]
+    assert [reason for _, reason, _ in bad][:2] == ["missing user (null)", "empty item"]
+    for kind in ("timestamp-millis", "timestamp-micros"):
+        assert _records(str(tmp_path / kind)) == _records(str(tmp_path / "avro"))
+        assert check_output(str(tmp_path / kind))[0]["rows_malformed"] == 3
+    capsys.readouterr()
+    data = (tmp_path / "log.avro").read_bytes()
+    (tmp_path / "cut.avro").write_bytes(data[:len(data) // 2])
+    (tmp_path / "log.avro.gz").write_bytes(gzip.compress(data))
+    for name, fmt, message in (
+            ("log.csv", "avro", "log.csv: not an Avro file (ValueError: it starts with b'user'"),
+            ("log.avro.gz", "avro", "a compressed Avro file is not read"),
+            ("log.avro", "csv", "log.avro is an Avro file: pass --format avro"),
+            ("cut.avro", "avro", "cannot read input file")):
+        out = tmp_path / "never"
+        code = cli.main(["--input", str(tmp_path / name), "--output", str(out), "--format", fmt,
+                         *base])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code in (1, 2) and message in err[-1], err
+        assert not out.exists()
