@@ -455,15 +455,22 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             user, item, ms, *session_id = parsed
             if with_sessions:
                 session = session_id[0]
-        entry = by_user.get(user)
-        if entry is None:
-            entry = by_user[user] = ([], [], [], []) if with_sessions else ([], [], [])
-        entry[0].append(item)
-        entry[1].append(ms)
-        entry[2].append(first_order + k)
-        if with_sessions:
-            entry[3].append(session)
+        _add_event(by_user, user, item, ms, first_order + k, session if with_sessions else None)
     return ParsedBlock(by_user, malformed, rows, filtered)
+
+
+def _add_event(by_user: dict[str, tuple[list, ...]], user: str, item: str, ms: int, order: int,
+               session: str | None) -> None:
+    """Appends an event to its user's lists in `ParsedBlock.by_user` (the session id as a
+    fourth list where sessions are the log's own: `session` not None)."""
+    entry = by_user.get(user)
+    if entry is None:
+        entry = by_user[user] = ([], [], []) if session is None else ([], [], [], [])
+    entry[0].append(item)
+    entry[1].append(ms)
+    entry[2].append(order)
+    if session is not None:
+        entry[3].append(session)
 
 
 def parse_columns(columns: dict[str, list], fmt: RowFormat, first_order: int) -> ParsedBlock:
@@ -512,14 +519,7 @@ def parse_columns(columns: dict[str, list], fmt: RowFormat, first_order: int) ->
                 continue
             if with_sessions:
                 session = session_id[0]
-        entry = by_user.get(user)
-        if entry is None:
-            entry = by_user[user] = ([], [], [], []) if with_sessions else ([], [], [])
-        entry[0].append(item)
-        entry[1].append(ms)
-        entry[2].append(first_order + k)
-        if with_sessions:
-            entry[3].append(session)
+        _add_event(by_user, user, item, ms, first_order + k, session if with_sessions else None)
     return ParsedBlock(by_user, malformed, len(users), filtered)
 
 

@@ -352,6 +352,24 @@ def _row_group_ranges(path: str, rank: int, file_size: int) -> list[ByteRange]:
 
 
 @contextlib.contextmanager
+def _open_whole(path: str, kind: str) -> Iterator[BinaryIO]:
+    """The file of a format that compresses inside (`kind`: Parquet, Avro), opened as it is.
+
+    Raises:
+      InputError: it is compressed outside, or cannot be opened.
+    """
+    if is_compressed(path):
+        raise InputError(f"{path}: a compressed {kind} file is not read ({kind} compresses "
+                         f"inside): pass the .{kind.lower()} file itself")
+    try:
+        raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    except Exception as e:  # any file system's own error
+        raise InputError(f"cannot read input file {path!r}: {e}") from None
+    with raw:
+        yield raw
+
+
+@contextlib.contextmanager
 def _parquet_file(path: str):
     """The file as a `pyarrow.parquet.ParquetFile`.
 
@@ -360,14 +378,7 @@ def _parquet_file(path: str):
     """
     import pyarrow.parquet as pq
 
-    if is_compressed(path):
-        raise InputError(f"{path}: a compressed Parquet file is not read (Parquet compresses "
-                         "inside): pass the .parquet file itself")
-    try:
-        raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    except Exception as e:  # any file system's own error
-        raise InputError(f"cannot read input file {path!r}: {e}") from None
-    with raw:
+    with _open_whole(path, "Parquet") as raw:
         try:
             pf = pq.ParquetFile(raw)
         except Exception as e:  # ArrowInvalid: no magic bytes, a damaged footer
@@ -484,14 +495,7 @@ def _avro_file(path: str):
     """
     import fastavro
 
-    if is_compressed(path):
-        raise InputError(f"{path}: a compressed Avro file is not read (Avro compresses "
-                         "inside): pass the .avro file itself")
-    try:
-        raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    except Exception as e:  # any file system's own error
-        raise InputError(f"cannot read input file {path!r}: {e}") from None
-    with raw:
+    with _open_whole(path, "Avro") as raw:
         try:
             magic = raw.read(len(AVRO_MAGIC))
             raw.seek(0)
