@@ -283,9 +283,10 @@ class LazyAdam(_ExactGlobalClip, tf.keras.optimizers.Adam):
     a HierTCN step (`benchmarks/train_speed.py --catalogue`). Here the rows in the gradient
     get exactly Adam's update from their own moments, and the other rows (and their
     moments) stay as they are until their items appear again: the "lazy" Adam of TF
-    Addons and `tf.compat.v1`'s LazyAdamOptimizer. Dense gradients get Keras's Adam (its arithmetic in one fused op per variable).
-    With `weight_decay`, the decoupled decay of a sparse-gradient table applies to the
-    same rows only (as TF Addons' AdamW does for sparse gradients).
+    Addons and `tf.compat.v1`'s LazyAdamOptimizer. Dense gradients get Keras's Adam, its
+    arithmetic in one fused op per variable (`_dense_update`). With `weight_decay`, the
+    decoupled decay of a sparse-gradient table applies to the same rows only (as TF
+    Addons' AdamW does for sparse gradients).
     """
 
     def apply_gradients(self, grads_and_vars, *args, **kwargs):

@@ -188,10 +188,11 @@ def test_eval_events_bounds_the_valid_users(data, config_file, tmp_path, capsys)
     assert record["recall@20"] == pytest.approx(expected["recall@20"])
     assert record["mrr@20"] == pytest.approx(expected["mrr@20"])
     # the user limit binding says so too, naming it (a log of one-session users holds few
-    # events per user: 1,000 of them were 4,022 of a session log's 124,332 valid events)
+    # events per user: 1,000 of them held 5,022 of a session log's 124,332 valid events)
     assert _train(data, str(tmp_path / "users"), config_file, "--steps", "2", "--eval-every",
                   "2", "--eval-users", "3") == 0
-    assert "valid evaluations: 3 of 6 users, 15 of 30 events (--eval-users 3;" in capsys.readouterr().err
+    assert ("valid evaluations: 3 of 6 users, 15 of 30 events (--eval-users 3;"
+            in capsys.readouterr().err)
 
 
 def test_training_stops_once_valid_has_not_improved_for_patience_evaluations(
