@@ -28,7 +28,6 @@ import time
 from pipeline import argtypes, outputs, parse, schema, sessions, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
-PARQUET_MAGIC = b"PAR1"  # the first (and last) bytes of a Parquet file
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
 # A note when one user holds more than this share of the valid or test events (of a split
 # with at least this many users): a crawler that would decide the metrics.
@@ -332,7 +331,7 @@ def _row_formats(args, files, heads) -> dict:
     for rank, (path, _) in enumerate(files):
         head = heads[path]
         first = head[0]
-        for magic, fmt in ((PARQUET_MAGIC, "parquet"), (sources.AVRO_MAGIC, "avro")):
+        for magic, fmt in ((sources.PARQUET_MAGIC, "parquet"), (sources.AVRO_MAGIC, "avro")):
             if args.format != fmt and first.startswith(magic):
                 raise UsageError(f"{path} is {'a Parquet' if fmt == 'parquet' else 'an Avro'} "
                                  f"file: pass --format {fmt}")

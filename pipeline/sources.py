@@ -484,6 +484,7 @@ def _rows(batch) -> list[dict]:
 
 
 AVRO_MAGIC = b"Obj\x01"  # the first bytes of an Avro container file
+PARQUET_MAGIC = b"PAR1"  # the first (and last) bytes of a Parquet file
 
 
 @contextlib.contextmanager
@@ -515,8 +516,16 @@ def _avro_type_text(avro_type) -> str:
         branches = [t for t in avro_type if t != "null"]
         return _avro_type_text(branches[0]) if len(branches) == 1 else "union"
     if isinstance(avro_type, dict):
-        return str(avro_type.get("logicalType") or avro_type.get("type"))
+        logical = avro_type.get("logicalType")
+        if logical in _AVRO_INSTANTS:  # (fastavro gives datetimes; other logical types as
+            return logical             # their base type, e.g. timestamp-nanos as a long)
+        return _avro_type_text(avro_type.get("type"))
     return str(avro_type)
+
+
+# The logical types that fastavro reads as datetimes or dates (`_instant_ms` converts them).
+_AVRO_INSTANTS = ("timestamp-millis", "timestamp-micros", "local-timestamp-millis",
+                  "local-timestamp-micros", "date")
 
 
 def avro_schema(path: str) -> dict[str, str]:

@@ -605,3 +605,28 @@ def test_parquet_columns_parse_as_each_row_would(unit, sessions):
         assert block.by_user == want_events and len(want_events) > 3
         assert block.malformed == want_bad and block.filtered == want_filtered
         assert block.rows == n
+
+
+def test_avro_fields_and_instants(tmp_path):
+    """`sources.avro_schema`: a field's logical type where fastavro reads it as a datetime
+    or date (those are instants, given as unix milliseconds), else its base type (a union's
+    non-null branch); `avro_head` converts the instants."""
+    import fastavro
+
+    fields = [("ts", {"type": "long", "logicalType": "timestamp-micros"}),
+              ("local", ["null", {"type": "long", "logicalType": "local-timestamp-millis"}]),
+              ("day", {"type": "int", "logicalType": "date"}),
+              ("nanos", {"type": "long", "logicalType": "timestamp-nanos"}),
+              ("user", ["null", "string"])]
+    schema = fastavro.parse_schema({"type": "record", "name": "E",
+                                    "fields": [{"name": n, "type": t} for n, t in fields]})
+    path = str(tmp_path / "e.avro")
+    with open(path, "wb") as f:
+        fastavro.writer(f, schema, [{"ts": 1_614_697_691_250_000, "local": 1_614_697_691_250,
+                                     "day": 18_688, "nanos": 5, "user": None}])
+    types = sources.avro_schema(path)
+    assert types == {"ts": "timestamp-micros", "local": "local-timestamp-millis", "day": "date",
+                     "nanos": "long", "user": "string"}
+    assert [sources.is_instant(t) for t in types.values()] == [True, True, True, False, False]
+    assert sources.avro_head(path, 5) == [{"ts": 1614697691250, "local": 1614697691250,
+                                           "day": 1614643200000, "nanos": 5, "user": None}]
