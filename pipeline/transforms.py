@@ -120,6 +120,7 @@ class _ParseRanges(beam.DoFn):
                 yield from self._emit(r, index, block)
                 report_progress("read", position - reported)
                 reported = position
+            report_progress("read", r.end - reported)  # (the file's end: its last block)
             return
         if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
             blocks = sources.read_compressed(r)
