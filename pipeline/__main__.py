@@ -691,6 +691,7 @@ def _resolve(argv):
         raise UsageError(f"--output {output}: {problem}")
     try:
         hidden: list[str] = []
+        sources.forget_footers()  # (a file may have been rewritten since an earlier run)
         files = sources.match_inputs(args.input, hidden)
         if exists:
             _check_replaceable(output, [path for path, _ in files])

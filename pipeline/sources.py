@@ -32,6 +32,7 @@ import bz2
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import gzip
 import lzma
@@ -388,18 +389,32 @@ def _parquet_file(path: str):
         yield pf
 
 
+@functools.lru_cache(maxsize=None)
+def _parquet_footer(path: str) -> tuple[tuple[tuple[str, str], ...], tuple[int, ...]]:
+    """((column, Arrow type as text) of the top-level columns, rows per row group) of a
+    Parquet file, read once per file in a run (`forget_footers`): the start-up checks and
+    the range planning both need them, and each read of a remote file's footer is a round
+    trip."""
+    with _parquet_file(path) as pf:
+        schema, meta = pf.schema_arrow, pf.metadata
+        return (tuple((name, str(schema.field(name).type)) for name in schema.names),
+                tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
+
+
+def forget_footers() -> None:
+    """Drops the footers `_parquet_footer` keeps (a run starts with none: in a process
+    that runs the pipeline twice, a file may have been rewritten in between)."""
+    _parquet_footer.cache_clear()
+
+
 def parquet_row_groups(path: str) -> list[int]:
     """Rows per row group of a Parquet file (from its footer)."""
-    with _parquet_file(path) as pf:
-        meta = pf.metadata
-        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return list(_parquet_footer(path)[1])
 
 
 def parquet_schema(path: str) -> dict[str, str]:
     """Column name → Arrow type (as text) of a Parquet file: only its top-level columns."""
-    with _parquet_file(path) as pf:
-        schema = pf.schema_arrow
-        return {name: str(schema.field(name).type) for name in schema.names}
+    return dict(_parquet_footer(path)[0])
 
 
 def is_instant(type_text: str) -> bool:
