@@ -19,9 +19,10 @@ A Parquet file (`--format parquet`) is cut at its row groups instead: a range is
 group (`rows` rows), read `BATCH_ROWS` rows at a time, column by column and only
 the columns the run needs (`read_parquet`), a row's "line" being its 1-based row number in
 the file; timestamp and date columns come as unix milliseconds. An Avro container file
-(`--format avro`) is one range, read a record batch at a time (`read_avro`), each batch
-numbered like a compressed file's block; timestamp and date fields (logical types) come
-as unix milliseconds too.
+(`--format avro`) is cut into byte ranges like a text file, a range owning the blocks that
+start in it (after a sync marker, as a line starts after a newline), read a record batch
+at a time (`read_avro`), records numbered from the range's first as a row group's rows
+are; timestamp and date fields (logical types) come as unix milliseconds too.
 
 Paths go through Beam's `FileSystems`, so `gs://`, `s3://` or `hdfs://` inputs work where
 the matching Beam extra is installed.
@@ -47,6 +48,9 @@ MAX_RANGES = 1 << 19
 MAX_LINES_PER_RANGE = 1 << 24
 MIN_RANGE_BYTES = 1 << 20
 MAX_RANGE_BYTES = 64 << 20
+# An Avro file's ranges are smaller: its records are numbered within their range, fewer than
+# MAX_LINES_PER_RANGE (a record takes more than a byte, compressed blocks included).
+AVRO_MAX_RANGE_BYTES = 16 << 20
 # Decompressed bytes read at a time from a compressed input (`read_compressed`).
 COMPRESSED_BLOCK_BYTES = 16 << 20
 # Rows of a Parquet row group or Avro records converted to Python lists at a time
@@ -221,8 +225,9 @@ def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,
 
     Range size is the total size / `target_ranges`, clamped to [1 MiB, 64 MiB], so small
     inputs still spread over a few workers and big ones are read in bounded pieces. A
-    compressed file is one range (`read_compressed` streams it), and so is an Avro file
-    (`avro`: `read_avro`); a Parquet file (`parquet`) is one range per non-empty row group.
+    compressed file is one range (`read_compressed` streams it); an Avro file (`avro`) is cut
+    like a text file, at most `AVRO_MAX_RANGE_BYTES` a range (`read_avro` reads the blocks
+    that start in it); a Parquet file (`parquet`) is one range per non-empty row group.
     """
     total = sum(size for _, size in files)
     size = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, -(-total // max(1, target_ranges))))
@@ -231,13 +236,14 @@ def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,
         if parquet:
             ranges.extend(_row_group_ranges(path, rank, file_size))
             continue
-        if is_compressed(path) or avro:
+        if is_compressed(path):
             ranges.append(ByteRange(path, rank, 0, 0, file_size))
             continue
-        starts = range(0, max(file_size, 1), size)
+        step = min(size, AVRO_MAX_RANGE_BYTES) if avro else size
+        starts = range(0, max(file_size, 1), step)
         if len(starts) >= MAX_RANGES:
             raise InputError(f"{path} is too large ({file_size} bytes)")
-        ranges.extend(ByteRange(path, rank, k, s, min(s + size, file_size))
+        ranges.extend(ByteRange(path, rank, k, s, min(s + step, file_size))
                       for k, s in enumerate(starts))
     return ranges
 
@@ -439,12 +445,13 @@ def parquet_head(path: str, n: int, columns: Sequence[str] | None = None) -> lis
 
 
 def read_parquet(r: ByteRange, columns: Sequence[str],
-                 batch_rows: int | None = None) -> Iterator[tuple[int, dict[str, list]]]:
+                 batch_rows: int | None = None) -> Iterator[tuple[int, dict[str, list], int]]:
     """Streams a Parquet range (one row group) as batches of rows, column by column.
 
     Yields:
       (the batch's first row's offset within the row group, {column: its values as a
-      list} for `columns`), `batch_rows` (default `BATCH_ROWS`) rows at a time.
+      list} for `columns`, the range's bytes done: its share of `r.end - r.start` in
+      proportion to its rows), `batch_rows` (default `BATCH_ROWS`) rows at a time.
 
     Raises:
       InputError: the row group cannot be read (a damaged or truncated file stops the run:
@@ -456,7 +463,8 @@ def read_parquet(r: ByteRange, columns: Sequence[str],
         with _parquet_file(r.path) as pf:
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[r.index],
                                          columns=list(columns)):
-                yield offset, _columns(batch)
+                done = (r.end - r.start) * (offset + batch.num_rows) // max(r.rows, 1)
+                yield offset, _columns(batch), done
                 offset += batch.num_rows
     except InputError:
         raise
@@ -503,8 +511,9 @@ PARQUET_MAGIC = b"PAR1"  # the first (and last) bytes of a Parquet file
 
 
 @contextlib.contextmanager
-def _avro_file(path: str):
-    """(a `fastavro.reader` of the file, the open file).
+def _avro_file(path: str, blocks: bool = False):
+    """(a `fastavro.reader` of the file, or its `block_reader` with `blocks`, the open file
+    just after the header).
 
     Raises:
       InputError: it cannot be opened, or is not an Avro container file.
@@ -517,7 +526,7 @@ def _avro_file(path: str):
             raw.seek(0)
             if magic != AVRO_MAGIC:
                 raise ValueError(f"it starts with {magic!r}, not Avro's {AVRO_MAGIC!r}")
-            reader = fastavro.reader(raw)
+            reader = (fastavro.block_reader if blocks else fastavro.reader)(raw)
         except Exception as e:  # no magic bytes, a damaged header, an unknown codec
             raise InputError(f"{path}: not an Avro file ({type(e).__name__}: {e}); --format "
                              "avro reads Avro container files only") from None
@@ -569,36 +578,107 @@ def avro_head(path: str, n: int) -> list[dict]:
 
 def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = None
               ) -> Iterator[tuple[int, dict[str, list], int]]:
-    """Streams an Avro file (one range) as batches of records, column by column.
+    """Streams the records of the Avro blocks that start in a range, as batches.
+
+    A block starts right after a sync marker (the header's, or the block before's), so
+    the range's first block is the first one after a marker that ends at or after
+    `r.start` (or after the header), and the range reads blocks while the next one
+    starts before `r.end`: every block is read by exactly one range.
 
     Yields:
-      (the batch's index, numbered like `read_compressed`'s blocks, {column: its values}
-      for `columns` (instants as unix milliseconds), the bytes read so far),
-      `batch_rows` (default `BATCH_ROWS`) records at a time.
+      (the batch's first record's offset among the range's records, {column: its values}
+      for `columns` (instants as unix milliseconds), the range's bytes done: up to the
+      file position reached), `batch_rows` (default `BATCH_ROWS`) records at a time.
 
     Raises:
-      InputError: the file cannot be read to its end (a damaged block stops the run).
+      InputError: a block cannot be read (a damaged or truncated block stops the run), or
+        the range holds `MAX_LINES_PER_RANGE` records.
     """
+    import fastavro
+
     batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
-    index, done = 0, 0
+    done = 0
     try:
-        with _avro_file(r.path) as (reader, raw):
+        with _avro_file(r.path, blocks=True) as (_, raw):
+            header_end = raw.tell()
+            raw.seek(0)
+            header = raw.read(header_end)  # (it ends with the file's sync marker)
+            first = _avro_first_block(raw, header[-16:], max(r.start, header_end), r.end)
+            if first is None:
+                return
+            raw.seek(first)
+            stream = _Spliced(header, raw)
+
+            def progress():
+                return min(stream.tell(), r.end) - r.start
             batch: list = []
-            for record in reader:
-                batch.append(record)
-                if len(batch) == batch_rows:
-                    yield index, _record_columns(batch, columns), raw.tell()
-                    index, done, batch = index + 1, done + len(batch), []
-                    if index >= MAX_RANGES:
-                        raise InputError(f"{r.path} is too large (more than {MAX_RANGES} "
-                                         f"batches of {batch_rows} records)")
+            for block in fastavro.block_reader(stream):
+                for record in block:
+                    batch.append(record)
+                    if len(batch) == batch_rows:
+                        yield done, _record_columns(batch, columns), progress()
+                        done, batch = done + len(batch), []
+                if done + len(batch) >= MAX_LINES_PER_RANGE:
+                    raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} records in "
+                                     f"its {r.end - r.start} bytes from offset {r.start}")
+                if stream.tell() >= r.end:  # the next block starts in the next range
+                    break
             if batch:
-                yield index, _record_columns(batch, columns), r.end
+                yield done, _record_columns(batch, columns), progress()
     except InputError:
         raise
     except Exception as e:  # a damaged block, a truncated file, an unknown codec
-        raise InputError(f"cannot read input file {r.path!r} after {done} records: "
-                         f"{type(e).__name__}: {e}") from None
+        raise InputError(f"cannot read input file {r.path!r} after {done} records of the "
+                         f"blocks from offset {r.start}: {type(e).__name__}: {e}") from None
+
+
+def _avro_first_block(raw: BinaryIO, sync: bytes, begin: int, end: int) -> int | None:
+    """The position right after the first sync marker that ends at or after `begin`, if
+    it is before `end` (None: no block of the file starts in [begin, end))."""
+    pos = begin - len(sync)
+    raw.seek(pos)
+    window = b""
+    while pos < end:
+        chunk = raw.read(1 << 16)
+        if not chunk:
+            return None
+        window += chunk
+        found = window.find(sync)
+        if found >= 0:
+            first = pos + found + len(sync)
+            return first if first < end else None
+        keep = len(sync) - 1  # a marker may straddle two reads
+        pos += len(window) - keep
+        window = window[-keep:]
+    return None
+
+
+class _Spliced:
+    """An Avro file's header followed by its bytes from a block's start on, for
+    `fastavro.block_reader`; `tell` gives positions in the file."""
+
+    def __init__(self, header: bytes, raw: BinaryIO):
+        self._header, self._raw, self._pos = header, raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos < len(self._header):
+            if n is None or n < 0:
+                out = self._header[self._pos:] + self._raw.read()
+            else:
+                out = self._header[self._pos:self._pos + n]
+                if len(out) < n:
+                    out += self._raw.read(n - len(out))
+            self._pos += len(out)
+            return out
+        return self._raw.read(n)
+
+    def tell(self) -> int:
+        if self._pos < len(self._header):
+            return self._pos
+        return self._raw.tell()
 
 
 def _record_columns(records: list, columns: Sequence[str]) -> dict[str, list]:

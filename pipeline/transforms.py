@@ -100,27 +100,20 @@ class _ParseRanges(beam.DoFn):
 
     def process(self, r: sources.ByteRange):
         fmt = self._config.formats[r.rank]
-        if fmt.format == "parquet":  # a row group, in batches of rows numbered from its start
-            # (rows numbered as lines: `first_line_numbers` counts a range 0's lines - 1)
-            yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), r.rows - (r.index == 0)))
-            reported = 0  # the range's bytes, told a batch at a time (a row group can be big)
-            for offset, columns in sources.read_parquet(r, fmt.read):
+        if fmt.format in ("parquet", "avro"):  # a Parquet row group or the Avro blocks that
+            # start in the range, in batches of rows numbered from the range's first (as lines:
+            # `first_line_numbers` counts a range 0's lines - 1)
+            read = sources.read_parquet if fmt.format == "parquet" else sources.read_avro
+            rows = reported = 0
+            for offset, columns, done in read(r, fmt.read):
                 block = parse.parse_columns(columns, fmt,
                                             sources.first_order(r.rank, r.index) + offset)
                 yield from self._emit(r, r.index, block, offset)
-                done = (r.end - r.start) * (offset + block.rows) // max(r.rows, 1)
+                rows = offset + block.rows
                 report_progress("read", done - reported)
                 reported = done
-            return
-        if fmt.format == "avro":  # batches of records, numbered like a compressed file's blocks
-            reported = 0
-            for index, columns, position in sources.read_avro(r, fmt.read):
-                block = parse.parse_columns(columns, fmt, sources.first_order(r.rank, index))
-                yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), block.rows - (index == 0)))
-                yield from self._emit(r, index, block)
-                report_progress("read", position - reported)
-                reported = position
-            report_progress("read", r.end - reported)  # (the file's end: its last block)
+            yield pvalue.TaggedOutput(NEWLINES, ((r.rank, r.index), rows - (r.index == 0)))
+            report_progress("read", r.end - r.start - reported)
             return
         if sources.is_compressed(r.path):  # blocks of lines, numbered like ranges
             blocks = sources.read_compressed(r)

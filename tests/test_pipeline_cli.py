@@ -1177,9 +1177,10 @@ def _write_avro(path, rows, time_type="long", codec="deflate"):
 
 
 def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
-    """--format avro: the records and stats of the same events as CSV, read in batches of
-    records numbered across the file; bad rows in malformed/ with their record numbers; a
-    logical timestamp time gives the same output; what is not an Avro file is one line."""
+    """--format avro: the records and stats of the same events as CSV, read in byte ranges
+    and batches of records numbered across the file; bad rows in malformed/ with their
+    record numbers; a logical timestamp time gives the same output; what is not an Avro
+    file is one line."""
     rows = _events_with_bad_rows()
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "".join(
@@ -1190,16 +1191,19 @@ def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
         _write_avro(tmp_path / f"{kind}.avro", good, kind, codec=codec)
     base = ["--min-item-count", "1", *IN_MEMORY]
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "csv"), *base]) == 0
-    original = sources.BATCH_ROWS
-    sources.BATCH_ROWS = 70  # in-process runner: many batches, the last one short
+    original = sources.BATCH_ROWS, sources.MIN_RANGE_BYTES
+    # in-process runner: many batches, the last one short; ranges of 1,000 bytes
+    sources.BATCH_ROWS, sources.MIN_RANGE_BYTES = 70, 1000
     try:
-        assert cli.main(["--input", str(tmp_path / "log.avro"), "--output",
-                         str(tmp_path / "avro"), "--format", "avro", *base]) == 0
+        avro = tmp_path / "log.avro"
+        assert len(sources.plan_ranges([(str(avro), avro.stat().st_size)], avro=True)) >= 3
+        assert cli.main(["--input", str(avro), "--output", str(tmp_path / "avro"),
+                         "--format", "avro", *base]) == 0
         for kind in ("timestamp-millis", "timestamp-micros"):
             assert cli.main(["--input", str(tmp_path / f"{kind}.avro"), "--output",
                              str(tmp_path / kind), "--format", "avro", *base]) == 0
     finally:
-        sources.BATCH_ROWS = original
+        sources.BATCH_ROWS, sources.MIN_RANGE_BYTES = original
     stats = [check_output(str(tmp_path / name))[0] for name in ("csv", "avro")]
     for s in stats:
         for key in ("input", "output", "format", "header"):

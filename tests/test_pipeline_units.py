@@ -4,6 +4,7 @@ import decimal
 import gzip
 import json
 import lzma
+import os
 import re
 
 import numpy as np
@@ -550,7 +551,7 @@ def test_parquet_rows_give_instants_as_unix_milliseconds(tmp_path):
     ranges = sources.plan_ranges([(path, 900)], parquet=True)
     assert [(r.index, r.start, r.end, r.rows) for r in ranges] == [(0, 0, 600, 2), (1, 600, 900, 1)]
     rows = [dict(zip(batch, values)) for r in ranges
-            for _, batch in sources.read_parquet(r, ["ns", "s", "d32", "d64"], batch_rows=1)
+            for _, batch, _ in sources.read_parquet(r, ["ns", "s", "d32", "d64"], batch_rows=1)
             for values in zip(*batch.values())]
     day = 1614643200000  # 2021-03-02T00:00:00Z
     assert rows == [{"ns": ms, "s": ms - 250, "d32": day, "d64": day},
@@ -630,3 +631,47 @@ def test_avro_fields_and_instants(tmp_path):
     assert [sources.is_instant(t) for t in types.values()] == [True, True, True, False, False]
     assert sources.avro_head(path, 5) == [{"ts": 1614697691250, "local": 1614697691250,
                                            "day": 1614643200000, "nanos": 5, "user": None}]
+
+
+def test_avro_ranges_read_every_block_once(tmp_path, monkeypatch):
+    """An Avro file cut into byte ranges anywhere (inside the header, a block or a sync
+    marker, exactly at a block's start) reads every record once, in file order: a range
+    owns the blocks that start in it; its records are numbered from its first, and its
+    bytes done reach the range's size."""
+    import fastavro
+
+    schema = fastavro.parse_schema({"type": "record", "name": "E", "fields": [
+        {"name": "user", "type": "string"}, {"name": "time", "type": "long"}]})
+    rng = np.random.default_rng(0)
+    times = [int(t) for t in 1_600_000_000 + np.cumsum(rng.integers(0, 100, 3000))]
+    path = str(tmp_path / "e.avro")
+    with open(path, "wb") as f:
+        fastavro.writer(f, schema, [{"user": f"u{k % 37}", "time": t} for k, t in enumerate(times)],
+                        codec="deflate", sync_interval=400)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        starts = [b.offset for b in fastavro.block_reader(f)]
+    assert len(starts) > 50
+
+    def read(cuts):
+        got = []
+        for k, (start, end) in enumerate(zip([0, *cuts], [*cuts, size])):
+            r = sources.ByteRange(path, 0, k, start, end)
+            first, done = len(got), 0
+            for offset, columns, done in sources.read_avro(r, ["time"], batch_rows=7):
+                assert offset == len(got) - first
+                got.extend(columns["time"])
+            assert done in (0, end - start)
+        return got
+
+    for step in (17, 203, starts[0], 1000, 4096, size // 3):
+        assert read(list(range(step, size, step))) == times, step
+    for b in starts[:3] + starts[-3:]:
+        for cut in (b - 17, b - 16, b - 15, b - 1, b, b + 1):
+            assert read([cut]) == times, cut
+    # plan_ranges cuts an Avro file like a text file, at most AVRO_MAX_RANGE_BYTES a range
+    monkeypatch.setattr(sources, "MIN_RANGE_BYTES", 1000)
+    ranges = sources.plan_ranges([(path, size)], avro=True)
+    assert len(ranges) == 8 and ranges[-1].end == size  # (the default 8 ranges a log)
+    monkeypatch.setattr(sources, "AVRO_MAX_RANGE_BYTES", 700)
+    assert len(sources.plan_ranges([(path, size)], avro=True)) == -(-size // 700)
