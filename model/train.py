@@ -71,6 +71,17 @@ class TrainingError(RuntimeError):
 parse_args = cli.train_args  # (the command line is read before TensorFlow loads)
 
 
+def _update_bar(bar, current: int, values: list, texts: dict[str, str]) -> None:
+    """`bar.update(current, values)` of a Keras progress bar, with `texts` ({name: text})
+    shown after the values as they are (Keras prints any value with four decimals:
+    `events/s: 19194.0000`)."""
+    for name in [n for n, _ in values] + list(texts):
+        if name not in bar._values_order:
+            bar._values_order.append(name)
+    bar._values.update(texts)
+    bar.update(current, values=values)
+
+
 def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     """Defaults <- --config FILE <- --preset <- command-line options (all strict)."""
     values = config_lib.load_json(args.config) if args.config else {}
@@ -509,7 +520,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
     # The bar counts this process's steps (its time estimate assumes it started at 0) and
     # goes to stderr with the rest of the progress: stdout holds the summary JSON alone.
-    bar = tf.keras.utils.Progbar(total_steps - start_step, stateful_metrics=["loss", "events/s"],
+    bar = tf.keras.utils.Progbar(total_steps - start_step, stateful_metrics=["loss"],
                                  verbose=1 if progress else 0, unit_name="step")
     # the line a step or an interruption line starts with: ends the bar's line
     after_bar = "\n" if progress else ""
@@ -596,8 +607,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                                         "(try a lower --learning-rate)")
                 rate = events / max(step_seconds, 1e-9)
                 with contextlib.redirect_stdout(sys.stderr):
-                    bar.update(step - start_step,
-                               values=[("loss", last_loss), ("events/s", round(rate))])
+                    _update_bar(bar, step - start_step, [("loss", last_loss)],
+                                {"events/s": f"{rate:,.0f}"})
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)

@@ -2,6 +2,7 @@
 errors, the config contract."""
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -45,8 +46,15 @@ def _weights(run):
 
 def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "run")
-    assert train_lib.main(_args(data, run, config_file, "--steps", "60", "--eval-every", "60")) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    args = [a for a in _args(data, run, config_file, "--steps", "60", "--eval-every", "60")
+            if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    # the progress bar (a line, stderr not being a terminal) ends with the speed in events
+    bar = [line for line in err.splitlines() if line.startswith("60/60 [")]
+    assert len(bar) == 1 and re.search(r" - loss: \d+\.\d{4} - events/s: [\d,]+$",
+                                       bar[0].rstrip()), err
     assert summary["steps"] == 60 and summary["events"] > 0 and summary["parameters"] > 0
     assert summary["final_loss"] < np.log(20) - 0.5  # well below uniform over 20 items
     assert 0.0 <= summary["valid"]["recall@20"] <= 1.0
