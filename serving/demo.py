@@ -48,6 +48,9 @@ def free_port() -> int:
 
 def wait_for_server(proc: subprocess.Popen, target: str, model: str, timeout: float = 120) -> None:
     """Polls GetModelStatus until a version is AVAILABLE."""
+    from model import quiet
+
+    quiet.import_tensorflow()  # (the client's protos load it) its start-up notes held back
     from serving.client import HierTCNClient, ServingError
 
     deadline = time.time() + timeout
