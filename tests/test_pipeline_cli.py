@@ -1140,22 +1140,28 @@ def test_the_session_column_note_only_where_sessions_come_from_gaps(tmp_path, ca
         assert ("note: the log has a column 'session_id'" in err) == noted, err
 
 
-def test_parquet_input_on_an_object_store(tmp_path, store):
-    """Parquet files read through Beam's file systems (a GCS-like store: footers and row
-    groups read by seeking in the object) give the local files' output."""
+def test_parquet_and_avro_input_on_an_object_store(tmp_path, store, monkeypatch):
+    """Parquet and Avro files read through Beam's file systems (a GCS-like store: footers,
+    row groups and Avro blocks read by seeking in the object; Avro files in ranges of 1,000
+    bytes) give the local files' output."""
     rows = [r for r in _events_with_bad_rows() if r[0] is not None]
-    (store / "bucket" / "in").mkdir()
-    _write_parquet(store / "bucket" / "in" / "part-0.parquet", rows[:300])
-    _write_parquet(store / "bucket" / "in" / "part-1.parquet", rows[300:])
-    (store / "bucket" / "in" / "_SUCCESS").write_bytes(b"")
-    base = ["--format", "parquet", "--min-item-count", "1", *IN_MEMORY]
-    assert cli.main(["--input", "objstore://bucket/in/*.parquet", "--output",
-                     str(tmp_path / "remote"), *base]) == 0
-    assert cli.main(["--input", str(store / "bucket" / "in" / "*.parquet"), "--output",
-                     str(tmp_path / "local"), *base]) == 0
-    assert _records(str(tmp_path / "remote")) == _records(str(tmp_path / "local"))
-    assert _malformed(tmp_path / "remote") == _malformed(tmp_path / "local")
-    assert check_output(str(tmp_path / "remote"))[0]["rows_read"] == 599
+    monkeypatch.setattr(sources, "MIN_RANGE_BYTES", 1000)
+    for fmt, write in (("parquet", _write_parquet), ("avro", _write_avro)):
+        folder = store / "bucket" / fmt
+        folder.mkdir()
+        write(folder / f"part-0.{fmt}", rows[:300])
+        write(folder / f"part-1.{fmt}", rows[300:])
+        (folder / "_SUCCESS").write_bytes(b"")
+        base = ["--format", fmt, "--min-item-count", "1", *IN_MEMORY]
+        assert cli.main(["--input", f"objstore://bucket/{fmt}/*.{fmt}", "--output",
+                         str(tmp_path / f"remote_{fmt}"), *base]) == 0
+        assert cli.main(["--input", str(folder / f"*.{fmt}"), "--output",
+                         str(tmp_path / f"local_{fmt}"), *base]) == 0
+        remote, local = tmp_path / f"remote_{fmt}", tmp_path / f"local_{fmt}"
+        assert _records(str(remote)) == _records(str(local))
+        assert _malformed(remote) == _malformed(local)
+        assert check_output(str(remote))[0]["rows_read"] == 599
+    assert _records(str(tmp_path / "local_parquet")) == _records(str(tmp_path / "local_avro"))
 
 
 def _write_avro(path, rows, time_type="long", codec="deflate"):
