@@ -32,7 +32,8 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     budget.add_argument("--epochs", type=argtypes.positive_int,
                         help="passes over the training users")
     p.add_argument("--max-minutes", type=float,
-                   help="stop (with a checkpoint) after this wall time; the steps (default "
+                   help="stop (with a checkpoint) after this much wall time of training "
+                        "(valid evaluations not counted); the steps (default "
                         f"{config_lib.DEFAULT_STEPS}) or epochs still end a faster run and size "
                         "the learning-rate decay (0: no time limit, the default)")
     p.add_argument("--batch-size", type=int, help=f"B rows (default {TRAIN.batch_size})")
