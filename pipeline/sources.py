@@ -507,6 +507,7 @@ def _rows(batch) -> list[dict]:
 
 
 AVRO_MAGIC = b"Obj\x01"  # the first bytes of an Avro container file
+AVRO_SYNC_BYTES = 16  # the marker after the header and after each block
 PARQUET_MAGIC = b"PAR1"  # the first (and last) bytes of a Parquet file
 
 
@@ -594,25 +595,24 @@ def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = Non
       InputError: a block cannot be read (a damaged or truncated block stops the run), or
         the range holds `MAX_LINES_PER_RANGE` records.
     """
-    import fastavro
-
     batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
     done = 0
     try:
-        with _avro_file(r.path, blocks=True) as (_, raw):
+        # the block reader has read the header; it reads each next block from where the
+        # file stands, and gives its offset in the file
+        with _avro_file(r.path, blocks=True) as (blocks, raw):
             header_end = raw.tell()
-            raw.seek(0)
-            header = raw.read(header_end)  # (it ends with the file's sync marker)
-            first = _avro_first_block(raw, header[-16:], max(r.start, header_end), r.end)
+            raw.seek(header_end - AVRO_SYNC_BYTES)  # the header ends with the sync marker
+            sync = raw.read(AVRO_SYNC_BYTES)
+            first = _avro_first_block(raw, sync, max(r.start, header_end), r.end)
             if first is None:
                 return
             raw.seek(first)
-            stream = _Spliced(header, raw)
 
             def progress():
-                return min(stream.tell(), r.end) - r.start
+                return min(raw.tell(), r.end) - r.start
             batch: list = []
-            for block in fastavro.block_reader(stream):
+            for block in blocks:
                 for record in block:
                     batch.append(record)
                     if len(batch) == batch_rows:
@@ -621,7 +621,7 @@ def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = Non
                 if done + len(batch) >= MAX_LINES_PER_RANGE:
                     raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} records in "
                                      f"its {r.end - r.start} bytes from offset {r.start}")
-                if stream.tell() >= r.end:  # the next block starts in the next range
+                if raw.tell() >= r.end:  # the next block starts in the next range
                     break
             if batch:
                 yield done, _record_columns(batch, columns), progress()
@@ -651,34 +651,6 @@ def _avro_first_block(raw: BinaryIO, sync: bytes, begin: int, end: int) -> int |
         pos += len(window) - keep
         window = window[-keep:]
     return None
-
-
-class _Spliced:
-    """An Avro file's header followed by its bytes from a block's start on, for
-    `fastavro.block_reader`; `tell` gives positions in the file."""
-
-    def __init__(self, header: bytes, raw: BinaryIO):
-        self._header, self._raw, self._pos = header, raw, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if self._pos < len(self._header):
-            if n is None or n < 0:
-                out = self._header[self._pos:] + self._raw.read()
-            else:
-                out = self._header[self._pos:self._pos + n]
-                if len(out) < n:
-                    out += self._raw.read(n - len(out))
-            self._pos += len(out)
-            return out
-        return self._raw.read(n)
-
-    def tell(self) -> int:
-        if self._pos < len(self._header):
-            return self._pos
-        return self._raw.tell()
 
 
 def _record_columns(records: list, columns: Sequence[str]) -> dict[str, list]:
