@@ -67,6 +67,19 @@ def drop_duplicates(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
     return kept, len(events) - len(kept)
 
 
+def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEvent], int, int]:
+    """Orders events by (time, input order), drops duplicates (`drop_duplicates`), then
+    keeps the `max_events` most recent of the rest, in that order: a user's rows read
+    twice keep as many distinct events as read once.
+
+    Returns:
+      (kept events in order, duplicates dropped, events dropped by the cap).
+    """
+    events, duplicates = drop_duplicates(sorted(events))
+    events, capped = keep_most_recent(events, max_events)
+    return events, duplicates, capped
+
+
 def split_at_gaps(events: Sequence[RawEvent], gap_seconds: int) -> list[list[RawEvent]]:
     """Splits ordered events where the gap to the previous event is strictly > the gap."""
     gap_ms = gap_seconds * 1000
@@ -127,8 +140,7 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
       (sessions in time order, rows_filtered counts by reason).
     """
     filtered: collections.Counter = collections.Counter()
-    events, filtered[DUPLICATE] = drop_duplicates(sorted(events))
-    events, filtered[CAPPED] = keep_most_recent(events, max_events)
+    events, filtered[DUPLICATE], filtered[CAPPED] = bound_events(events, max_events)
     sessions = []
     for raw in group_by_session(events) if session_ids else split_at_gaps(events, gap_seconds):
         kept, repeats = collapse_repeats(raw)

@@ -154,15 +154,17 @@ class _Sessionize(beam.DoFn):
     def process(self, element):
         user, chunks = element
         cap = self._config.max_events_per_user
-        events, capped = [], 0
+        events, duplicates, capped = [], 0, 0
         for items, times, orders, *session_ids in chunks:
             events.extend(zip(times, orders, items, *session_ids))
-            if len(events) > 2 * cap:
-                events, dropped = sessions.keep_most_recent(events, cap)
+            if len(events) > 2 * cap:  # bounded state: duplicates out first, as at the end
+                events, dropped_duplicates, dropped = sessions.bound_events(events, cap)
+                duplicates += dropped_duplicates
                 capped += dropped
         user_sessions, filtered = sessions.sessionize(
             events, self._config.session_gap, self._config.min_session_length, cap,
             session_ids=self._config.session_ids)
+        filtered[sessions.DUPLICATE] += duplicates
         filtered[sessions.CAPPED] += capped
         self._filtered.update(filtered)
         if user_sessions:
