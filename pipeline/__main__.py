@@ -29,8 +29,9 @@ from pipeline import argtypes, outputs, parse, schema, sessions, split
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
-# A note when one user holds more than this share of the valid or test events (of a split
-# with at least this many users): a crawler that would decide the metrics.
+# A note when one user holds more than this share of the valid or test events (in a log
+# with at least this many users in one of its splits; a split may hold the crawler alone):
+# a crawler that would decide the metrics.
 HEAVY_USER_SHARE = 0.25
 HEAVY_USER_MIN_USERS = 20
 # A note when more than this share of the valid or test events are unknown items.
@@ -891,10 +892,11 @@ def main(argv=None) -> int:
                   f"outside the vocabulary (seen fewer than --min-item-count "
                   f"{stats['options']['min_item_count']} times in train), misses for every "
                   "model; a lower --min-item-count keeps more items", file=sys.stderr)
+    log_users = max(stats["splits"][name]["users"] for name in schema.SPLITS)
     for name in schema.SPLITS[1:]:
         events, users = stats["splits"][name]["events"], stats["splits"][name]["users"]
         heaviest = stats["max_user_events"][name]
-        if users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
+        if log_users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
             print(f"note: one user holds {heaviest / events:.0%} of the {name} split's events "
                   f"({heaviest:,} of {events:,}, {users:,} users): the metrics average over "
                   "events, so that user decides them; a crawler? --max-events-per-user N "

@@ -454,6 +454,34 @@ def test_a_file_given_twice_under_two_names_counts_each_event_once(tmp_path):
         for s, recs in recs_one.items()}
 
 
+def test_a_file_given_twice_keeps_a_capped_user_s_most_recent_distinct_events(tmp_path):
+    """The per-user cap counts distinct events: read twice, a heavy user keeps the same
+    `--max-events-per-user` most recent events as read once (the bounded state's early
+    cap, at twice the cap, drops duplicates before it cuts; it once cut first and kept
+    half the cap, each event twice)."""
+    rows = [f"bot,i{k % 40},{1_500_000_000 + 30 * k}" for k in range(700)]
+    rows += [f"u{u},i{(7 * k + u) % 40},{1_500_000_000 + 1000 * u + 30 * k}"
+             for u in range(30) for k in range(10)]
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    alone, both = tmp_path / "alone", tmp_path / "both"
+    for inputs, out in ((["a.csv"], alone), (["a.csv", "b.csv"], both)):
+        res = run_cli(*[a for p in inputs for a in ("--input", str(tmp_path / p))],
+                      "--output", str(out), "--min-item-count", "1",
+                      "--max-events-per-user", "200", *IN_MEMORY)
+        assert res.returncode == 0, res.stderr[-3000:]
+    (one, recs_one), (two, recs_two) = check_output(str(alone)), check_output(str(both))
+    assert one["rows_filtered"]["max_events_per_user"] == 500
+    assert two["rows_written"] == one["rows_written"] == 200 + 300
+    # every copy is dropped, as a duplicate or (a copy of an event past the cap) by the cap
+    assert (two["rows_filtered"]["duplicate_event"]
+            + two["rows_filtered"]["max_events_per_user"]) == 700 + 500 + 300
+    assert {s: {u: [x.tolist() for x in r.sessions] for u, r in recs.items()}
+            for s, recs in recs_two.items()} == {
+        s: {u: [x.tolist() for x in r.sessions] for u, r in recs.items()}
+        for s, recs in recs_one.items()}
+
+
 def test_a_crawler_that_would_decide_the_test_metrics_gets_a_note(tmp_path, capsys):
     day = 86_400
     rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
@@ -473,6 +501,28 @@ def test_a_crawler_that_would_decide_the_test_metrics_gets_a_note(tmp_path, caps
     assert (f"note: one user holds {bot_events / test['events']:.0%} of the test split's events "
             f"({bot_events:,} of {test['events']:,}, {test['users']:,} users)") in err
     assert "of the valid split" not in err
+
+
+def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, capsys):
+    """The note looks at the log's size, not the split's: a crawler active after everyone
+    else is the only user of valid and test (100% of their events), in a log of 41 users."""
+    day = 86_400
+    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
+            for k in range(3)]
+    rows += [f"bot,i{k % 9},{10 * day + 3600 * k}" for k in range(400)]  # sessions of 1 + ...
+    rows += [f"bot,i{(k + 1) % 9},{10 * day + 3600 * k + 5}" for k in range(400)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    err = capsys.readouterr().err
+    for name in ("valid", "test"):
+        split_stats = stats["splits"][name]
+        assert split_stats["users"] == 1 and split_stats["events"] > 0
+        assert (f"note: one user holds 100% of the {name} split's events "
+                f"({split_stats['events']:,} of {split_stats['events']:,}, 1 users)") in err
 
 
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):
