@@ -758,7 +758,22 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _interrupt(signum, frame):
+    """The first Ctrl-C or SIGTERM: stops training; the signals that follow while the
+    checkpoint is written are noted and ignored (a second Ctrl-C, or a scheduler's signal to
+    the process group and to the process, arrives within milliseconds: it used to land
+    between the stop and the save and lose every step since the last checkpoint)."""
+    for stop in _STOP_SIGNALS:
+        if signal.getsignal(stop) is _interrupt:
+            signal.signal(stop, _already_stopping)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _already_stopping(signum, frame):
+    print("already stopping: the checkpoint is being written (SIGKILL stops without it)",
+          file=sys.stderr)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _events(path: str):
@@ -778,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored
+            signal.signal(signal.SIGINT, _interrupt)
     try:
         if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
             raise TrainingError(f"--model-dir {args.model_dir} is a file: pass a run folder "

@@ -219,6 +219,9 @@ def test_sigterm_to_a_training_process_checkpoints_exits_130_and_the_same_comman
             time.sleep(0.01)
         assert os.path.exists(os.path.join(checkpoints, "ckpt-20.index"))  # the first one
         proc.send_signal(signal.SIGTERM)
+        for again in (signal.SIGINT, signal.SIGTERM):  # a scheduler's or an impatient user's
+            time.sleep(0.02)
+            proc.send_signal(again)
         returncode = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
@@ -360,3 +363,23 @@ def test_a_lost_or_stale_summary_of_a_finished_run_is_written_again(data, config
     # and now the run is whole: nothing to do
     assert train_lib.main(_args(data, run, config_file, *args)) == 0
     assert "already holds 20 steps; nothing to do" in capsys.readouterr().err
+
+
+def test_signals_after_the_first_stop_are_noted_and_ignored(capsys):
+    """The first Ctrl-C or SIGTERM stops training (KeyboardInterrupt); the ones that follow,
+    while the checkpoint is written, no longer raise (they used to abort the save)."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in previous:
+            signal.signal(s, train_lib._interrupt)
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handlers run here: nothing raises
+        assert capsys.readouterr().err.count("already stopping: the checkpoint is being "
+                                             "written") == 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
