@@ -340,4 +340,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    argtypes.interrupts_in_one_line("interrupted: no metrics were written")
     sys.exit(main())

@@ -18,9 +18,12 @@ if __name__ == "__main__":
     import sys
 
     from model import cli, quiet
+    from pipeline import argtypes
 
     # a usage error, --help or a missing local data folder at once, before TensorFlow loads
     cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
+    argtypes.interrupts_in_one_line("interrupted: the run folder keeps its last checkpoint, "
+                                    "if any; the same command resumes")
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import argparse

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Callable
 
 
@@ -60,3 +61,19 @@ positive_float = number(float, 0.0, strict=True)
 port = number(int, 0, high=65535)  # 0: any free port
 count_int32 = number(int, 0, high=2**31 - 1)  # a count that goes into an int32 tensor
 message_mb = number(int, 1, high=2047)  # gRPC's message size limit is an int of bytes
+
+
+def interrupts_in_one_line(message: str) -> None:
+    """A Ctrl-C that reaches the top of a command prints `message` (what it leaves behind),
+    not a traceback; the process still ends as interrupted (status 130 in a shell). For
+    the commands without a handler of their own (`model.train` outside its training loop,
+    `model.evaluate`, `serving.export`), installed before TensorFlow's import."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt):
+            print(message, file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook

@@ -21,6 +21,7 @@ if __name__ == "__main__":
     import sys
 
     from model import quiet
+    from pipeline import argtypes
     from serving import cli
 
     # a usage error, --help or a missing run folder at once, before TensorFlow loads
@@ -28,6 +29,7 @@ if __name__ == "__main__":
     if _error:
         print(f"error: {_error}", file=sys.stderr)
         sys.exit(2)
+    argtypes.interrupts_in_one_line("interrupted: no version was published")
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import dataclasses

@@ -675,3 +675,35 @@ def test_avro_ranges_read_every_block_once(tmp_path, monkeypatch):
     assert len(ranges) == 8 and ranges[-1].end == size  # (the default 8 ranges a log)
     monkeypatch.setattr(sources, "AVRO_MAX_RANGE_BYTES", 700)
     assert len(sources.plan_ranges([(path, size)], avro=True)) == -(-size // 700)
+
+
+@pytest.mark.parametrize("command, message", [
+    ("model.train", "interrupted: the run folder keeps its last checkpoint, if any; the same "
+                    "command resumes"),
+    ("model.evaluate", "interrupted: no metrics were written"),
+    ("serving.export", "interrupted: no version was published"),
+])
+def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
+    """Outside a handler of its own (model.train's start-up, model.evaluate, serving.export)
+    a Ctrl-C used to print a traceback of up to 93 lines; the process still ends as
+    interrupted by SIGINT (status 130 in a shell). The hook each command installs is in its
+    `__main__` block: the same call, made here."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(repo, *command.split(".")) + ".py"
+    with open(path) as f:
+        assert "argtypes.interrupts_in_one_line(" in f.read()
+    code = ("from pipeline import argtypes\n"
+            f"argtypes.interrupts_in_one_line({message!r})\n"
+            "def deep():\n    raise KeyboardInterrupt\n"
+            "deep()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stderr == message + "\n"
+    assert proc.returncode == -2  # killed by SIGINT, as an unhandled Ctrl-C ends
+    failing = subprocess.run([sys.executable, "-c", "from pipeline import argtypes\n"
+                              "argtypes.interrupts_in_one_line('x')\nraise ValueError('bad')"],
+                             cwd=repo, capture_output=True, text=True, timeout=60)
+    assert failing.returncode == 1 and "Traceback" in failing.stderr  # other errors as before
