@@ -249,7 +249,14 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
         return ""
     passes = total_steps * train.batch_size * train.sessions_per_batch / slots
     hint = "; --epochs 1 for one pass" if passes < 1 else ""
-    return f" (about {passes:.2g} epochs of the train split{hint})"
+    return f" (about {_about(passes)} epochs of the train split{hint})"
+
+
+def _about(number: float) -> str:
+    """Two significant figures in plain notation: 0.0042, 0.35, 4.2, 42, 420, 4,200."""
+    if number >= 10:
+        return f"{float(f'{number:.2g}'):,.0f}"
+    return f"{number:.2g}" if number >= 1e-4 else f"{number:.6f}".rstrip("0")
 
 
 def learning_rate(train: config_lib.TrainConfig, total_steps: int):

@@ -417,3 +417,9 @@ def test_epochs_are_counted_in_the_batches_the_generator_makes(tmp_path):
             assert train_lib.estimate_steps(data, train) <= actual / 2  # stats.json alone
         else:  # the passes follow each other without a gap: within a few steps
             assert abs(estimate - actual) <= 0.1 * actual, (estimate, actual)
+
+
+def test_the_epoch_estimate_is_in_plain_notation():
+    """A 1,000-step run said `(about 1e+02 epochs ...)`: `{:.2g}` of 104."""
+    assert [train_lib._about(x) for x in (0.00042, 0.35, 4.2, 9.96, 42.4, 104, 4249, 123456)] == [
+        "0.00042", "0.35", "4.2", "10", "42", "100", "4,200", "120,000"]
