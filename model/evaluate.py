@@ -271,9 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "counts), sknn (V-SKNN session kNN), spop (counts in the session), "
                             "upop (the user's recency-weighted counts), mv (counts among the "
                             "user's last 10 events)")
-    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+    parser.add_argument("--checkpoint", choices=("best", "latest"),
                         help="with --model-dir: the best-on-valid weights (the latest when the "
-                             "run never evaluated on valid) or the latest")
+                             "run never evaluated on valid; the default) or the latest")
     parser.add_argument("--output", help="write the metrics JSON here (atomically)")
     parser.add_argument("--per-user-output", metavar="FILE.npz",
                         help="also write each user's events and metric sums here (for paired "
@@ -284,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="evaluate only the first N users")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+    if args.checkpoint and args.model:
+        parser.error(f"--checkpoint applies to --model-dir, not to a baseline (--model "
+                     f"{args.model} is fitted here)")
+    args.checkpoint = args.checkpoint or "best"
     # TensorFlow loads once the command line and a local data folder are checked (their
     # errors are said at once), with its start-up notes held back where they are noise;
     # a remote folder is read through TensorFlow's file systems
@@ -292,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
     try:
         if not schema.is_folder(args.data):
-            raise schema.DataError(f"--data {args.data}: no such folder")
+            what = "is a file, not a folder" if os.path.isfile(args.data) else "no such folder"
+            raise schema.DataError(f"--data {args.data}: {what} (pass the --output folder of "
+                                   "`python -m pipeline`)")
         for option, path in (("--output", args.output),
                              ("--per-user-output", args.per_user_output)):
             if path and os.path.isdir(path):  # said now, not after the whole evaluation

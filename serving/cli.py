@@ -29,10 +29,20 @@ def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def model_dir_error(model_dir: str) -> str | None:
-    """Why `--model-dir` cannot be exported, when that is plain without TensorFlow."""
-    if not os.path.isdir(model_dir):
-        return f"--model-dir {model_dir} is not a folder: pass a model.train --model-dir"
+def export_error(args: argparse.Namespace) -> str | None:
+    """Why `--model-dir` cannot be exported to `--export-base`, when that is plain without
+    TensorFlow: a run folder that is not one, an export base that is a file or lies in the
+    run folder (whose versions `serving.server` would then refuse to serve from it)."""
+    if not os.path.isdir(args.model_dir):
+        return f"--model-dir {args.model_dir} is not a folder: pass a model.train --model-dir"
+    base = args.export_base
+    if os.path.exists(base) and not os.path.isdir(base):
+        return (f"--export-base {base} is a file, not a folder: pass the folder TF Serving "
+                "watches (--model_base_path), created if missing")
+    run, where = os.path.realpath(args.model_dir), os.path.realpath(base)
+    if where == run or where.startswith(run.rstrip(os.sep) + os.sep):
+        return (f"--export-base {base} is inside the run folder {args.model_dir}: pass a "
+                "folder of its own (TF Serving's --model_base_path)")
     return None
 
 

@@ -25,7 +25,7 @@ if __name__ == "__main__":
     from serving import cli
 
     # a usage error, --help or a missing run folder at once, before TensorFlow loads
-    _error = cli.model_dir_error(cli.export_args(sys.argv[1:]).model_dir)
+    _error = cli.export_error(cli.export_args(sys.argv[1:]))
     if _error:
         print(f"error: {_error}", file=sys.stderr)
         sys.exit(2)
@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.export_args(argv)
     from model import registry  # the model package owns how a run folder is restored
 
-    error = cli.model_dir_error(args.model_dir)
+    error = cli.export_error(args)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2

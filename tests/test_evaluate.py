@@ -249,6 +249,8 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
     (["--data", "DATA", "--split", "test", "--model", "mv", "--max-users", "x"],
      "--max-users: 'x' is not an integer"),
     (["--data", "DATA", "--split", "test"], "one of the arguments --model-dir --model is required"),
+    (["--data", "DATA", "--split", "test", "--model", "sknn", "--checkpoint", "latest"],
+     "--checkpoint applies to --model-dir, not to a baseline"),
 ])
 def test_cli_bad_options_give_one_line_errors(full_data, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -261,6 +263,9 @@ def test_cli_bad_options_give_one_line_errors(full_data, capsys, argv, message):
 def test_cli_missing_or_foreign_folders_give_one_line_errors(full_data, tmp_path, capsys):
     assert ev.main(["--data", str(tmp_path / "nope"), "--split", "test", "--model", "mv"]) == 2
     assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "log.csv").write_text("user,item,time\n")
+    assert ev.main(["--data", str(tmp_path / "log.csv"), "--split", "test", "--model", "mv"]) == 2
+    assert "log.csv: is a file, not a folder (pass the --output folder of" in capsys.readouterr().err
     assert ev.main(["--data", str(tmp_path), "--split", "test", "--model", "mv"]) == 2
     err = capsys.readouterr().err
     assert "items.tsv not found" in err and err.count("\n") == 1

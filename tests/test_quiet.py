@@ -56,18 +56,27 @@ def test_a_missing_local_folder_is_said_before_tensorflow_loads(tmp_path):
     """A --data or --model-dir that is not there (a typo, the wrong machine) is said from
     the file system alone, not after TensorFlow's seconds of start-up."""
     missing = str(tmp_path / "missing")
+    run_folder, a_file = tmp_path / "r", tmp_path / "log.csv"
+    run_folder.mkdir()
+    a_file.write_text("")
     for command, args, message in [
             ("model.train", ["--data", missing, "--model-dir", str(tmp_path / "run")],
              f"error: data folder {missing} not found"),
             ("model.evaluate", ["--data", missing, "--model", "popularity", "--split", "test"],
              f"python -m model.evaluate: error: --data {missing}: no such folder"),
             ("serving.export", ["--model-dir", missing, "--export-base", str(tmp_path / "e")],
-             f"error: --model-dir {missing} is not a folder")]:
+             f"error: --model-dir {missing} is not a folder"),
+            ("serving.export", ["--model-dir", str(run_folder), "--export-base",
+                                str(run_folder / "exports")],
+             f"error: --export-base {run_folder}/exports is inside the run folder {run_folder}"),
+            ("serving.export", ["--model-dir", str(run_folder), "--export-base", str(a_file)],
+             f"error: --export-base {a_file} is a file, not a folder")]:
         proc = subprocess.run([sys.executable, "-c", RUN_AND_SAY_IF_TENSORFLOW_LOADED, command,
                                *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.stdout.splitlines()[-1] == "exit 2 False", (command, proc)
         assert proc.stderr.splitlines()[-1].startswith(message), (command, proc.stderr)
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "e")
+    assert os.listdir(run_folder) == []
 
 
 def test_tensorflow_still_reports_its_own_errors(capfd):

@@ -379,6 +379,8 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         (_args(data, run, config_file, "--strategy", "one_device:bogus"),
          "strategy 'one_device:bogus': 'bogus' is not a device"),
         (_args(data, str(a_file), config_file), f"--model-dir {a_file} is a file: pass a run folder"),
+        (_args(data, data, config_file), f"--model-dir {data} is the --data folder or inside it"),
+        (_args(data, os.path.join(data, "run"), config_file), "is the --data folder or inside it"),
         (_args(data, str(blocked), config_file, "--steps", "2", "--eval-every", "0"),
          f"cannot write to {blocked}: {blocked}/checkpoints is not a directory"),
         (_args(data, run, str(tmp_path)), f"cannot read config file {tmp_path}: Is a directory"),
