@@ -213,11 +213,31 @@ def checkpoint_digest(checkpoint: str) -> str | None:
         return None
 
 
+def weights_digest(checkpoint: str) -> str | None:
+    """SHA-256 of the model's weights in a checkpoint (names, dtypes, shapes and values of
+    the `model/` variables; not the optimizer's slots or the training state, which only the
+    periodic checkpoints hold): a run's best and latest checkpoints of one step have the
+    same digest, where their `.index` files differ. None where it cannot be read."""
+    try:
+        reader = tf.train.load_checkpoint(checkpoint)
+        digest = hashlib.sha256()
+        for name in sorted(reader.get_variable_to_dtype_map()):
+            if not name.startswith("model/") or ".OPTIMIZER_SLOT" in name:
+                continue
+            value = np.ascontiguousarray(reader.get_tensor(name))
+            digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+            digest.update(value.tobytes())
+        return digest.hexdigest()
+    except (tf.errors.OpError, ValueError, OSError):
+        return None
+
+
 def newest_with(export_base: str, source: dict) -> int | None:
     """The newest version under `export_base` when it was exported from the same weights
-    as `source` (`checkpoint_digest`); None otherwise, or when that is not known."""
+    as `source` (`weights_digest`; `checkpoint_digest` for a version exported before that
+    was recorded); None otherwise, or when that is not known."""
     newest = next_version(export_base) - 1
-    if not source.get("checkpoint_digest") or not newest:
+    if not newest:
         return None
     path = os.path.join(export_base, str(newest), ASSETS_EXTRA, CONFIG_FILE)
     try:
@@ -225,7 +245,8 @@ def newest_with(export_base: str, source: dict) -> int | None:
             old = json.load(f).get("source", {})
     except (OSError, ValueError, AttributeError):
         return None
-    return newest if old.get("checkpoint_digest") == source["checkpoint_digest"] else None
+    key = "weights_digest" if old.get("weights_digest") else "checkpoint_digest"
+    return newest if source.get(key) and old.get(key) == source[key] else None
 
 
 def next_version(export_base: str) -> int:
@@ -472,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = {"model_dir": os.path.abspath(args.model_dir),
                   "checkpoint": os.path.abspath(checkpoint),
                   "step": step, "which": args.checkpoint,
-                  "checkpoint_digest": checkpoint_digest(checkpoint)}
+                  "checkpoint_digest": checkpoint_digest(checkpoint),
+                  "weights_digest": weights_digest(checkpoint)}
         note = registry.training_note(args.model_dir, args.checkpoint)
         if note:
             print(note, file=sys.stderr)

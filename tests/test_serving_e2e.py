@@ -63,6 +63,16 @@ def test_two_sessions_through_the_served_model(tmp_path):
     assert again.returncode == 0 and again.stdout == "", again.stderr
     assert again.stderr.strip() == ("run's best checkpoint (step 3) is version 1 under export "
                                     "already: nothing exported (--version N exports it again)")
+    # the latest checkpoint of the step the best one is of: the same weights (the index
+    # files differ: the latest also holds the optimizer's slots and the training state)
+    latest = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
+                             "--export-base", "export", "--checkpoint", "latest"], cwd=work,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=lib.REPO))
+    assert latest.returncode == 0 and latest.stdout == "", latest.stderr
+    assert latest.stderr.strip().endswith("run's latest checkpoint (step 3) is version 1 under "
+                                          "export already: nothing exported (--version N "
+                                          "exports it again)")
     assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
 
     items = schema.read_vocabulary(os.path.join(work, "data")).ids[2:]
