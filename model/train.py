@@ -164,14 +164,27 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
         saved = config_lib.load_json(config_path)
         fixed = ("batch_size", "sessions_per_batch", "max_session_length")
         now = config.to_dict()
-        if (saved.get("model_name") != now["model_name"] or saved.get("model") != now["model"]
-                or any(saved.get("train", {}).get(k) != now["train"][k] for k in fixed)):
+        differences = _differences({"model_name": saved.get("model_name"),
+                                    "model": saved.get("model"),
+                                    "train": {k: saved.get("train", {}).get(k) for k in fixed}},
+                                   {"model_name": now["model_name"], "model": now["model"],
+                                    "train": {k: now["train"][k] for k in fixed}})
+        if differences:
             raise registry.RunError(
                 f"{run_dir} holds a run with another model config or batch geometry "
-                f"(see its {registry.CONFIG_FILE}): use a new --model-dir or the same options")
+                f"({'; '.join(differences)}; see its {registry.CONFIG_FILE}): use a new "
+                "--model-dir or the same options")
         return {k: [saved["train"][k], v] for k, v in now["train"].items()
                 if k in saved.get("train", {}) and saved["train"][k] != v}
     return {}
+
+
+def _differences(was, now, where: str = "") -> list[str]:
+    """`key: was -> now` for each value that differs between two nested dicts."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(was) | set(now), key=str)
+                for d in _differences(was.get(k), now.get(k), f"{where}{k}.")]
+    return [] if was == now else [f"{where.rstrip('.')} {was!r} -> {now!r}"]
 
 
 def save_config(run_dir: str, config: config_lib.RunConfig, step: int, changed: dict) -> None:

@@ -115,7 +115,12 @@ def test_one_line_errors(data, config_file, tmp_path, capsys):
     assert train_lib.main(_args(other, run, config_file, "--steps", "4")) == 2
     assert "does not match" in capsys.readouterr().err
     assert train_lib.main(_args(data, run, config_file, "--steps", "4", "--no-high-level")) == 2
-    assert "another model config" in capsys.readouterr().err
+    assert ("another model config or batch geometry (model.high_level True -> False; see "
+            "its config.json)") in capsys.readouterr().err
+    assert train_lib.main(_args(data, run, config_file, "--steps", "4", "--batch-size", "3",
+                                "--dropout", "0.25")) == 2
+    err = capsys.readouterr().err
+    assert "(model.dropout 0.3 -> 0.25; train.batch_size 4 -> 3; see" in err, err
 
 
 def test_config_is_strict_and_round_trips(tmp_path):
