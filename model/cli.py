@@ -20,8 +20,9 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m model.train`'s options; exits with a usage error (status 2) or the help."""
     p = argtypes.Parser(prog="python -m model.train", description=TRAIN_DESCRIPTION)
     p.add_argument("--data", required=True, help="pipeline output folder")
-    p.add_argument("--model", default="hiertcn",
-                   help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default hiertcn)")
+    p.add_argument("--model",
+                   help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default: the "
+                        "--config file's model_name, else hiertcn)")
     p.add_argument("--model-dir", required=True, help="run folder (created; reused to resume)")
     p.add_argument("--config", help="JSON config file (see model/config.py)")
     p.add_argument("--preset", choices=["deep"],

@@ -28,6 +28,7 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -88,11 +89,12 @@ def _update_bar(bar, current: int, values: list, texts: dict[str, str]) -> None:
 def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     """Defaults <- --config FILE <- --preset <- command-line options (all strict)."""
     values = config_lib.load_json(args.config) if args.config else {}
-    if "model_name" in values and values["model_name"] != args.model:
+    if args.model and "model_name" in values and values["model_name"] != args.model:
         raise config_lib.ConfigError(
             f"{args.config} is for model {values['model_name']!r}, but --model is {args.model!r}")
-    values = {**values, "model_name": args.model}
-    config = config_lib.RunConfig.from_dict(values, registry.config_classes())
+    values = {**values, "model_name": args.model or values.get("model_name", "hiertcn")}
+    classes = registry.config_classes()
+    config = config_lib.RunConfig.from_dict(values, classes)
     model, train = {}, {}
     if args.preset == "deep":
         model.update(config_lib.DEEP_PRESET)
@@ -112,6 +114,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         model["seen_bias"] = False
     if args.no_high_level:
         model["high_level"] = False
+    _check_model_options(model, config.model_name, classes, "deep" if args.preset else None)
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
              "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
              "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
@@ -130,6 +133,29 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     if config.train.steps == 0 and config.train.epochs == 0:
         config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
     return config
+
+
+# The command-line options that set a model config key (`resolve_config`).
+_MODEL_OPTIONS = {"loss": "--loss", "num_negatives": "--num-negatives",
+                  "negative_exponent": "--negative-exponent", "dropout": "--dropout",
+                  "repeat_head": "--repeat-head/--no-repeat-head",
+                  "start_items": "--start-items", "seen_bias": "--no-seen-bias",
+                  "high_level": "--no-high-level"}
+
+
+def _check_model_options(model: dict, name: str, classes: dict, preset: str | None) -> None:
+    """A model option the chosen model does not have is named as the option, with the
+    models that have it (not as the config class's unknown key)."""
+    if name not in classes:
+        return  # said by the config's own check
+    have = {f.name for f in dataclasses.fields(classes[name])}
+    for key in model:
+        if key in have:
+            continue
+        option = _MODEL_OPTIONS.get(key) or (f"--preset {preset}" if preset else key)
+        owners = [m for m, c in classes.items() if key in {f.name for f in dataclasses.fields(c)}]
+        raise config_lib.ConfigError(f"{option} applies to {', '.join(owners)}, not to "
+                                     f"--model {name}")
 
 
 def resolve_loss(config: config_lib.RunConfig, vocab_size: int) -> config_lib.RunConfig:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from model import cli
 from model import config as config_lib
 from model import registry
 from model import train as train_lib
@@ -93,8 +94,17 @@ def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
         train_lib.read_scalars(str(tmp_path / "elsewhere"), "loss")
 
 
+def _gru4rec_file(tmp_path):
+    path = tmp_path / "gru4rec.json"
+    path.write_text(json.dumps({"model_name": "gru4rec",
+                                "model": {"embedding_dim": 16, "units": 8},
+                                "train": TINY["train"]}))
+    return str(path)
+
+
 def test_one_line_errors(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "err")
+    gru4rec_file = _gru4rec_file(tmp_path)
     cases = [
         (["--data", str(tmp_path / "missing"), "--model-dir", run], "data folder"),
         (_args(data, run, config_file, "--batch-size", "0"), "train.batch_size must be >= 1, got 0"),
@@ -102,6 +112,13 @@ def test_one_line_errors(data, config_file, tmp_path, capsys):
         # their recurrent loops (the flat TCN: its ragged packing) fail in XLA's conversion
         (["--data", data, "--model-dir", run, "--model", "hrnn", "--jit-compile"],
          "model 'hrnn' does not compile with XLA; only hiertcn does"),
+        # a model option the chosen model does not have: the option, not a config key
+        (["--data", data, "--model-dir", run, "--model", "gru4rec", "--no-repeat-head"],
+         "--repeat-head/--no-repeat-head applies to hiertcn, not to --model gru4rec"),
+        (["--data", data, "--model-dir", run, "--model", "hrnn", "--preset", "deep"],
+         "--preset deep applies to hiertcn, not to --model hrnn"),
+        (["--data", data, "--model-dir", run, "--config", gru4rec_file, "--model", "hrnn"],
+         f"{gru4rec_file} is for model 'gru4rec', but --model is 'hrnn'"),
     ]
     for argv, message in cases:
         assert train_lib.main(argv) == 2
@@ -430,3 +447,15 @@ def test_the_epoch_estimate_is_in_plain_notation():
     """A 1,000-step run said `(about 1e+02 epochs ...)`: `{:.2g}` of 104."""
     assert [train_lib._about(x) for x in (0.00042, 0.35, 4.2, 9.96, 42.4, 104, 4249, 123456)] == [
         "0.00042", "0.35", "4.2", "10", "42", "100", "4,200", "120,000"]
+
+
+def test_the_config_file_names_the_model_when_the_command_line_does_not(data, tmp_path):
+    """`--config FILE` with FILE's model_name (a run's config.json) and no --model: that
+    model (it used to be refused: "is for model 'gru4rec', but --model is 'hiertcn'")."""
+    run = str(tmp_path / "run")
+    summary = train_lib.train(data, run, train_lib.resolve_config(cli.train_args(
+        ["--data", data, "--model-dir", run, "--config", _gru4rec_file(tmp_path),
+         "--steps", "2", "--eval-every", "0"])), progress=False)
+    assert summary["model"] == "gru4rec" and summary["steps"] == 2
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["model"]["units"] == 8
