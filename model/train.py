@@ -538,10 +538,16 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     evaluation_due = bool(tc.eval_every and start_step and not current
                           and position.get(EVALUATION_DUE) == start_step)
     stalled = _stalled(tc, best, start_step)
-    finished = bool(tc.steps and start_step >= tc.steps) or stalled
+    # a run resumed with --epochs E whose generator is already into a pass after the E-th
+    # (trained in steps before, or with more epochs): nothing left to train
+    passes_done = bool(not tc.steps and tc.epochs and position and (
+        position["epoch"] > tc.epochs
+        or (position["epoch"] == tc.epochs and position["consumed"] > 0)))
+    finished = bool(tc.steps and start_step >= tc.steps) or stalled or passes_done
     if finished and current:
         print(f"{run_dir} already holds {start_step} steps"
-              + (f", {_stall_text(tc, best)}" if stalled else "") + "; nothing to do",
+              + (f", {_stall_text(tc, best)}" if stalled else "")
+              + (f", more than --epochs {tc.epochs}" if passes_done else "") + "; nothing to do",
               file=sys.stderr)
         restored.expect_partial()  # Adam's slots are made by a step: none was run
         return _read_summary(run_dir)
@@ -702,7 +708,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                       "to do", file=sys.stderr)
                 return _read_summary(run_dir)
             if finished:
-                stop_reason = "no_improvement" if stalled else "steps"
+                stop_reason = ("no_improvement" if stalled else "epochs" if passes_done else "steps")
         if step > last_saved:
             save(step, bool(tc.eval_every) and evaluated_step != step
                  and (step % tc.eval_every == 0 or stop_reason != "interrupted"))

@@ -383,3 +383,24 @@ def test_signals_after_the_first_stop_are_noted_and_ignored(capsys):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def test_a_run_resumed_with_fewer_epochs_than_it_has_done_trains_nothing(
+        data, config_file, tmp_path, capsys):
+    """A run of 200 steps (more than two passes over the tiny train split) resumed with
+    `--epochs 2`: nothing to do, nothing written (it used to train on to the end of the
+    pass under way, `steps 201-N` with N < 201, and rewrite the run)."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "200", "--eval-every", "0")) == 0
+    position = json.loads(tf.train.load_checkpoint(os.path.join(run, "checkpoints", "ckpt-200"))
+                          .get_tensor("train_state/position/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert position["epoch"] > 2 or (position["epoch"] == 2 and position["consumed"] > 0)
+    before = {name: os.path.getmtime(os.path.join(root, name))
+              for root, _, names in os.walk(run) for name in names}
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--epochs", "2", "--eval-every", "0")) == 0
+    out, err = capsys.readouterr()
+    assert "already holds 200 steps, more than --epochs 2; nothing to do" in err, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 200
+    assert {name: os.path.getmtime(os.path.join(root, name))
+            for root, _, names in os.walk(run) for name in names} == before
