@@ -840,7 +840,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     if not list_versions(args.model_base_path):
-        log.warning("no version under %s yet; waiting for one", args.model_base_path)
+        # (the port is said now: with --port 0 nothing else would say which one it is)
+        log.warning("no version under %s yet; waiting for one (listening on %s:%d)",
+                    args.model_base_path, server.host, server.port)
     while not stop.wait(1.0):
         pass
     log.info("shutting down")

@@ -510,3 +510,30 @@ def test_version_folders_with_leading_zeros(tmp_path):
     assert [s[:2] for s in _statuses(manager)] == [(7, "AVAILABLE")]
     assert_outputs_equal(_manager_outputs(manager, 7),
                          in_process(base, "007", "next_items", INPUTS["next_items"]))
+
+
+def test_a_server_waiting_for_its_first_version_says_where_it_listens(tmp_path):
+    """With `--port 0` and no version yet, the waiting line names the bound port (it only
+    appeared once a version loaded), and that port answers: NOT_FOUND until a version."""
+    import re
+
+    base = tmp_path / "models"
+    base.mkdir()
+    proc = lib.ServerProcess(str(base), NAME)
+    try:
+        deadline, match = time.monotonic() + 120, None
+        while match is None and time.monotonic() < deadline and proc.proc.poll() is None:
+            match = next((m for m in map(re.compile(
+                r"no version under .* yet; waiting for one \(listening on ([\d.]+:\d+)\)$").search,
+                list(proc.lines)) if m), None)
+            time.sleep(0.05)
+        assert match, proc.lines
+        with grpc.insecure_channel(match.group(1)) as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            req = get_model_status_pb2.GetModelStatusRequest()
+            req.model_spec.name = NAME
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetModelStatus(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        assert proc.stop() == 0
