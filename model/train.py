@@ -854,7 +854,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored
+        # Ctrl-C too, except where it is ignored (a background job); a second `main` in
+        # one process (a notebook) takes it back from an earlier stop's `_already_stopping`
+        if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,
+                                               _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
     try:
         if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):

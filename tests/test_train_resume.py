@@ -380,6 +380,10 @@ def test_signals_after_the_first_stop_are_noted_and_ignored(capsys):
         time.sleep(0.1)  # the handlers run here: nothing raises
         assert capsys.readouterr().err.count("already stopping: the checkpoint is being "
                                              "written") == 2
+        # a later run in the same process (a notebook) stops on a Ctrl-C again
+        assert train_lib.main(["--data", "/nonexistent", "--model-dir", "/nonexistent"]) == 2
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) \
+            is train_lib._interrupt
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
