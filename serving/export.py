@@ -144,6 +144,14 @@ class ServingModule(tf.Module):
             items = tf.gather(items, order, batch_dims=1)
             return tf.pad(items, [[0, 0], [0, tf.maximum(1 - tf.shape(items)[1], 0)]])
 
+        def one_row_at_least(*tensors):
+            """The tensors with a row of padding when the batch is empty (the model's
+            packed session layers need a row to shape their steps), and the batch size
+            to cut the outputs back to."""
+            rows = tf.shape(tensors[0])[0]
+            extra = tf.maximum(1 - rows, 0)
+            return rows, [tf.pad(t, [[0, extra], [0, 0]]) for t in tensors]
+
         def check_batch(user_state, items, name):
             return tf.debugging.assert_equal(
                 tf.shape(user_state)[0], tf.shape(items)[0],
@@ -158,7 +166,9 @@ class ServingModule(tf.Module):
             del history_items  # accepted by every export; the embedding does not use it
             with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
                 items = session(session_items)
-            return {EMBEDDING: tf.cast(model.last_user_embedding(user_state, items), tf.float32)}
+            rows, (user_state, items) = one_row_at_least(user_state, items)
+            return {EMBEDDING: tf.cast(model.last_user_embedding(user_state, items)[:rows],
+                                       tf.float32)}
 
         def next_items(user_state, session_items, history_items, k):
             ks = tf.reshape(k, [-1])
@@ -172,16 +182,18 @@ class ServingModule(tf.Module):
             with tf.control_dependencies(checks):
                 items = session(session_items)
                 k = tf.reduce_max(tf.concat([ks, [0]], axis=0))
+                history = [lookup(history_items)] if use_history else []
+            rows, (user_state, items, *history) = one_row_at_least(user_state, items, *history)
             u = model.last_user_embedding(user_state, items)
             if use_history:
-                history = lookup(history_items)
+                history = history[0]
                 if getattr(model, "history_size", 0):  # a repeat head also points at the session
                     history = tf.concat([history, items], axis=1)
                 scores = getattr(model, HISTORY_SCORER)(u, history, user_state)
             else:
                 scores = model.item_logits(u)
             # Columns 0 (padding) and 1 (unknown) are cut off, so they are never returned.
-            real = tf.cast(scores, tf.float32)[:, schema.NUM_RESERVED:]
+            real = tf.cast(scores, tf.float32)[:rows, schema.NUM_RESERVED:]
             top = tf.math.top_k(real, k=tf.minimum(k, tf.shape(real)[1]))
             ids = self.index_to_id.lookup(tf.cast(top.indices, tf.int64) + schema.NUM_RESERVED)
             return {ITEM_IDS: ids, SCORES: top.values}

@@ -276,6 +276,20 @@ def test_repeat_head_model_gets_history_then_session(tmp_path):
     plain = fn(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
                history_items=tf.constant([[""], [""], [""]]), k=tf.constant(3))
     assert plain["scores"].numpy().tolist() != out["scores"].numpy().tolist()
+    # an empty batch: empty answers (the packed session layers once failed on it)
+    none = fn(user_state=tf.constant(STATE[:0]), session_items=tf.zeros([0, 2], tf.string),
+              history_items=tf.zeros([0, 2], tf.string), k=tf.constant(3))
+    assert none["item_ids"].shape == none["scores"].shape == (0, 3)
+
+
+def test_an_empty_batch_gets_empty_answers(exported):
+    """B = 0 (a client's empty request): [0, H], [0, k] and [0, D], not INVALID_ARGUMENT
+    "Incompatible shapes: [0,2,128] vs. [0,6,128]" from inside the session layers."""
+    _, _, _, path = exported
+    state, ids, scores, embedding = _outputs(path, np.zeros([0, 3], dtype=object),
+                                             state=STATE[:0])
+    assert state.shape == (0, STATE.shape[1]) and ids.shape == scores.shape == (0, 5)
+    assert embedding.shape[0] == 0 and embedding.shape[1] > 0
 
 
 def _outputs(path, sessions, state=STATE):
