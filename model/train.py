@@ -842,12 +842,6 @@ def _events(path: str):
         return
 
 
-def _within(path: str, folder: str) -> bool:
-    """Whether local `path` is `folder` or lies inside it."""
-    path, folder = (os.path.realpath(p).rstrip(os.sep) + os.sep for p in (path, folder))
-    return path.startswith(folder)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2: a usage or data error, 130: interrupted by
     Ctrl-C or SIGTERM, after a checkpoint of the steps done)."""
@@ -863,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
             raise TrainingError(f"--model-dir {args.model_dir} is a file: pass a run folder "
                                 "(created if missing)")
-        if not schema.is_remote(args.data) and _within(args.model_dir, args.data):
+        if not schema.is_remote(args.data) and storage.within(args.model_dir, args.data):
             raise TrainingError(f"--model-dir {args.model_dir} is the --data folder or inside "
                                 "it: pass a run folder of its own (the run would write into "
                                 "the pipeline's output, which a rerun with --overwrite "

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from pipeline import argtypes, outputs, parse, schema, sessions, split
+from pipeline import argtypes, outputs, parse, schema, sessions, split, storage
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
@@ -185,8 +185,6 @@ def _input_error(e: BaseException) -> str | None:
 def _said_in_one_line(e: BaseException) -> str | None:
     """What `main` says of a failed run in one line (a damaged input; a write that failed
     for want of room, `storage.storage_error`), else None (the traceback is shown)."""
-    from pipeline import storage
-
     message = _input_error(e)
     reason = storage.storage_error(e) if message is None else None
     return f"cannot write: {reason}" if reason else message
@@ -730,7 +728,7 @@ def _check_replaceable(output: str, inputs: list[str]) -> None:
         raise UsageError(f"output {output} is a file, not a pipeline output folder: "
                          "pick another --output")
     inside = [p for p in inputs if outputs.is_local(p) == local and (
-        os.path.realpath(p).startswith(os.path.realpath(output) + os.sep) if local
+        storage.within(p, output) if local
         else p.startswith(output.rstrip("/") + "/"))]
     if inside:
         raise UsageError(f"--input {inside[0]} lies inside --output {output}, which "

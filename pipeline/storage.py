@@ -55,3 +55,9 @@ def path_error(e: BaseException) -> str | None:
         if text and any(phrase in text[0] for phrase in _PATH_PHRASES):
             return text[0]
     return None
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether local `path` is `folder` or lies inside it (links resolved)."""
+    path, folder = (os.path.realpath(p).rstrip(os.sep) + os.sep for p in (path, folder))
+    return path.startswith(folder)

@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Sequence
 
-from pipeline import argtypes
+from pipeline import argtypes, storage
 
 EXPORT_DESCRIPTION = ("Exports a trained model as a TF Serving SavedModel version "
                       "(README § 3. Serving).")
@@ -39,8 +39,7 @@ def export_error(args: argparse.Namespace) -> str | None:
     if os.path.exists(base) and not os.path.isdir(base):
         return (f"--export-base {base} is a file, not a folder: pass the folder TF Serving "
                 "watches (--model_base_path), created if missing")
-    run, where = os.path.realpath(args.model_dir), os.path.realpath(base)
-    if where == run or where.startswith(run.rstrip(os.sep) + os.sep):
+    if storage.within(base, args.model_dir):
         return (f"--export-base {base} is inside the run folder {args.model_dir}: pass a "
                 "folder of its own (TF Serving's --model_base_path)")
     return None
