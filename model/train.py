@@ -98,22 +98,9 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     model, train = {}, {}
     if args.preset == "deep":
         model.update(config_lib.DEEP_PRESET)
-    if args.loss:
-        model["loss"] = args.loss
-    if args.num_negatives is not None:
-        model["num_negatives"] = args.num_negatives
-    if args.negative_exponent is not None:
-        model["negative_exponent"] = args.negative_exponent
-    if args.dropout is not None:
-        model["dropout"] = args.dropout
-    if args.repeat_head or args.no_repeat_head:
-        model["repeat_head"] = bool(args.repeat_head)
-    if args.start_items is not None:
-        model["start_items"] = args.start_items
-    if args.no_seen_bias:
-        model["seen_bias"] = False
-    if args.no_high_level:
-        model["high_level"] = False
+    for key, _, value in _MODEL_OPTIONS:
+        if (given := value(args)) is not None:
+            model[key] = given
     _check_model_options(model, config.model_name, classes, "deep" if args.preset else None)
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
              "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
@@ -135,12 +122,19 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     return config
 
 
-# The command-line options that set a model config key (`resolve_config`).
-_MODEL_OPTIONS = {"loss": "--loss", "num_negatives": "--num-negatives",
-                  "negative_exponent": "--negative-exponent", "dropout": "--dropout",
-                  "repeat_head": "--repeat-head/--no-repeat-head",
-                  "start_items": "--start-items", "seen_bias": "--no-seen-bias",
-                  "high_level": "--no-high-level"}
+# The command-line options that set a model config key (`resolve_config`): (the key, the
+# option as said in an error, its value from the parsed arguments or None where not given).
+_MODEL_OPTIONS = (
+    ("loss", "--loss", lambda a: a.loss or None),
+    ("num_negatives", "--num-negatives", lambda a: a.num_negatives),
+    ("negative_exponent", "--negative-exponent", lambda a: a.negative_exponent),
+    ("dropout", "--dropout", lambda a: a.dropout),
+    ("repeat_head", "--repeat-head/--no-repeat-head",
+     lambda a: bool(a.repeat_head) if a.repeat_head or a.no_repeat_head else None),
+    ("start_items", "--start-items", lambda a: a.start_items),
+    ("seen_bias", "--no-seen-bias", lambda a: False if a.no_seen_bias else None),
+    ("high_level", "--no-high-level", lambda a: False if a.no_high_level else None),
+)
 
 
 def _check_model_options(model: dict, name: str, classes: dict, preset: str | None) -> None:
@@ -152,7 +146,8 @@ def _check_model_options(model: dict, name: str, classes: dict, preset: str | No
     for key in model:
         if key in have:
             continue
-        option = _MODEL_OPTIONS.get(key) or (f"--preset {preset}" if preset else key)
+        option = ({k: o for k, o, _ in _MODEL_OPTIONS}.get(key)
+                  or (f"--preset {preset}" if preset else key))
         owners = [m for m, c in classes.items() if key in {f.name for f in dataclasses.fields(c)}]
         raise config_lib.ConfigError(f"{option} applies to {', '.join(owners)}, not to "
                                      f"--model {name}")
