@@ -1,5 +1,5 @@
 """Sessionization of one user's events (pure functions, DESIGN.md §6 steps 1-4; and a
-duplicate row, the same time and item, read once).
+row read twice, from two input files, read once).
 
 Events are `(time_ms, order, item)` tuples, or `(time_ms, order, item, session_id)` for a
 log with its own session ids: `order` is the input order (file rank, then line), so
@@ -50,19 +50,37 @@ def keep_most_recent(events: list[RawEvent], max_events: int) -> tuple[list[RawE
 
 
 def drop_duplicates(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
-    """Drops an event that repeats an earlier one's time and item (and session id): the
-    same row read twice (overlapping exports, a file given twice under two names), which
-    at equal times the collapse of immediate repeats cannot catch (A B C A B C).
+    """Drops the copies of rows read twice: overlapping exports, a file given twice under
+    two names (`a.csv` and `a.csv.gz`), which at equal times the collapse of immediate
+    repeats cannot catch (A B C A B C).
+
+    Events are the same when their time, item (and session id) are; the input file (of
+    `order`) tells a copy from a repeat. The rows of one file are the log's own, each an
+    event however often it repeats one (a re-view in a log of whole-minute or whole-day
+    times), and another file adds only those it holds more often than the files before:
+    of each event, the most any one file holds of it is kept, the earliest of them.
 
     Returns:
       (remaining events in their order, number dropped).
     """
-    seen: set = set()
+    from pipeline.sources import ORDERS_PER_FILE  # (here: that module imports Beam)
+
+    first: dict = {}   # event -> order of its first row
+    repeated: dict = {}   # event seen again -> [rows per file, rows kept]
     kept = []
     for e in events:
         key = (e[0], e[2]) if len(e) == 3 else (e[0], e[2], e[3])
-        if key not in seen:
-            seen.add(key)
+        if key not in first:  # (nearly every row: kept as fast as a set would)
+            first[key] = e[1]
+            kept.append(e)
+            continue
+        entry = repeated.get(key)
+        if entry is None:
+            entry = repeated[key] = [collections.Counter({first[key] // ORDERS_PER_FILE: 1}), 1]
+        in_file, file = entry[0], e[1] // ORDERS_PER_FILE
+        in_file[file] += 1
+        if in_file[file] > entry[1]:
+            entry[1] = in_file[file]
             kept.append(e)
     return kept, len(events) - len(kept)
 

@@ -46,6 +46,8 @@ from apache_beam.io.filesystems import FileSystems
 MAX_FILES = 1 << 20
 MAX_RANGES = 1 << 19
 MAX_LINES_PER_RANGE = 1 << 24
+# Input-order keys of one file (`first_order`): a key // ORDERS_PER_FILE is its file's rank.
+ORDERS_PER_FILE = MAX_RANGES * MAX_LINES_PER_RANGE
 MIN_RANGE_BYTES = 1 << 20
 MAX_RANGE_BYTES = 64 << 20
 # An Avro file's ranges are smaller: its records are numbered within their range, fewer than

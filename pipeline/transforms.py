@@ -157,7 +157,10 @@ class _Sessionize(beam.DoFn):
         events, duplicates, capped = [], 0, 0
         for items, times, orders, *session_ids in chunks:
             events.extend(zip(times, orders, items, *session_ids))
-            if len(events) > 2 * cap:  # bounded state: duplicates out first, as at the end
+            # bounded state: duplicates out first, as at the end (exact, but for an
+            # event that two files each repeat, a different number of times, with
+            # its rows on both sides of this cut: it may keep fewer of them)
+            if len(events) > 2 * cap:
                 events, dropped_duplicates, dropped = sessions.bound_events(events, cap)
                 duplicates += dropped_duplicates
                 capped += dropped

@@ -286,10 +286,11 @@ def test_the_logs_own_session_ids_group_events_whatever_the_gaps():
 
 
 def test_a_row_read_twice_is_one_event_even_between_others_at_the_same_time():
-    # minute-resolution times: A B C at one time, then the same rows again (a file given
-    # twice); the collapse of immediate repeats cannot see A B C A B C
+    # minute-resolution times: A B C at one time, then the same rows again from another
+    # file (a file given twice); the collapse of immediate repeats cannot see A B C A B C
+    second = sources.first_order(1, 0)  # the input-order keys of the second file
     rows = [(60_000, k, item) for k, item in enumerate("abc")]
-    again = [(60_000, 10 + k, item) for k, item in enumerate("abc")]
+    again = [(60_000, second + k, item) for k, item in enumerate("abc")]
     out, filtered = sessions.sessionize(rows + again + [(120_000, 20, "d")], 1800, 1, 100)
     assert out == [Session(["a", "b", "c", "d"], [60, 60, 60, 120])]
     assert filtered == {sessions.DUPLICATE: 3}
@@ -300,9 +301,31 @@ def test_a_row_read_twice_is_one_event_even_between_others_at_the_same_time():
                                         1800, 1, 100, session_ids=True)
     assert [s.items for s in out] == [["a"], ["a", "b"]] and not filtered
     # duplicates go before the cap: the cap keeps the most recent distinct events
-    out, filtered = sessions.sessionize([(0, 0, "a"), (1000, 1, "b"), (1000, 2, "b")], 1800, 1, 2)
+    out, filtered = sessions.sessionize([(0, 0, "a"), (1000, 1, "b"), (1000, second, "b")],
+                                        1800, 1, 2)
     assert [s.items for s in out] == [["a", "b"]]
     assert filtered == {sessions.DUPLICATE: 1}
+
+
+def test_a_row_repeated_within_one_file_is_a_repeat_and_its_copy_elsewhere_is_not():
+    """Day-resolution times: a user views A, B, A on one day; all three are the log's
+    events (they once lost the second A as a duplicate). A copy of the file adds nothing;
+    an overlapping export adds only the events it holds more often than the first."""
+    day = 86_400_000
+    one = [(day, 0, "a"), (day, 1, "b"), (day, 2, "a"), (2 * day, 3, "c")]
+    out, filtered = sessions.sessionize(one, 3600, 1, 100)
+    assert out == [Session(["a", "b", "a"], [86_400] * 3), Session(["c"], [172_800])]
+    assert not filtered
+    copy = [(t, sources.first_order(1, 0) + k, item) for t, k, item in one]
+    for events in (one + copy, copy + one, copy[::-1] + one[::-1]):  # any input order
+        assert sessions.sessionize(events, 3600, 1, 100) == (out, {sessions.DUPLICATE: 4})
+    # a third file that holds A three times that day (and nothing else) adds one A
+    third = [(day, sources.first_order(2, 0) + k, "a") for k in range(3)]
+    assert sessions.drop_duplicates(sorted(one + copy + third)) == (
+        sorted(one + [third[2]]), 6)
+    # the earliest of each event's kept rows stay: those of the first file that has them
+    kept, dropped = sessions.drop_duplicates(sorted(copy + third))
+    assert kept == sorted(copy[:3] + [third[2]] + copy[3:]) and dropped == 2
 
 
 def test_missing_value_markers_of_every_common_export_are_missing_ids():
