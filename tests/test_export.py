@@ -39,7 +39,9 @@ def eager(model, vocab, k):
     """The model's own outputs on INDICES: state, top-k ids/scores (real items), embedding."""
     state = model.update_state(STATE, INDICES).numpy()
     u = model.last_user_embedding(STATE, INDICES)
-    logits = model.item_logits(u).numpy()[:, 2:]
+    # (the output layer as trained, W [V, D]; the export scores with its copy W^T)
+    vectors, bias = (x.numpy() for x in model.output_weights())
+    logits = (u.numpy() @ vectors.T + bias)[:, 2:]
     order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     ids = np.array(vocab.ids[2:], dtype=object)[order]
     return state, ids, np.take_along_axis(logits, order, axis=1), u.numpy()
@@ -69,6 +71,21 @@ def test_layout_and_signature_shapes(exported):
     assert spec.shape.as_list() == [None, model.state_size] and spec.dtype == tf.float32
     assert set(loaded.signatures["next_items"].structured_input_signature[1]) == {
         "user_state", "session_items", "history_items", "k"}
+
+
+def test_the_export_holds_the_output_layer_transposed_instead_of_twice(exported):
+    """The output layer's W [V, D] is saved as W^T [D, V] (read faster for a few rows of
+    users), not in both layouts: the SavedModel's variables are the model's, W turned."""
+    model, vocab, _, path = exported
+    saved = sorted(tuple(shape) for _, shape in
+                   tf.train.list_variables(os.path.join(path, "variables", "variables"))
+                   if shape)  # (the save counter is a scalar)
+    kernel = model.scorer.kernel
+    want = sorted([tuple(v.shape) for v in model.variables if v is not kernel]
+                  + [(kernel.shape[1], kernel.shape[0])])
+    assert saved == want and kernel.shape[0] != kernel.shape[1]
+    copy = model.scorer.serving_copy()
+    np.testing.assert_array_equal(copy.numpy(), kernel.numpy().T)
 
 
 def test_tf1_session_loader_equals_eager_model(exported):
