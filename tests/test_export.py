@@ -88,6 +88,36 @@ def test_the_export_holds_the_output_layer_transposed_instead_of_twice(exported)
     np.testing.assert_array_equal(copy.numpy(), kernel.numpy().T)
 
 
+@pytest.mark.parametrize("name,config", [
+    ("gru4rec", {"embedding_dim": 8, "units": 8}),
+    ("hrnn", {"embedding_dim": 8, "session_units": 8, "user_units": 4}),
+    ("tcn", {"embedding_dim": 8, "channels": (8, 8), "kernel_size": 2}),
+    ("hiertcn", {"tied_output": True}),  # W is the input embedding: not transposed
+])
+def test_the_baselines_and_a_tied_output_export_and_score_as_the_model(name, config, tmp_path):
+    vocab = lib.tiny_vocabulary()
+    tf.keras.utils.set_random_seed(0)
+    if name == "hiertcn":
+        model = lib.tiny_model(vocab, **config)
+    else:
+        cls = registry.config_classes()[name]
+        model = registry.build_model(name, cls().replace(config), vocab.size)
+    state = np.random.default_rng(1).normal(size=[3, model.state_size]).astype(np.float32)
+    u = model.last_user_embedding(state, INDICES).numpy()
+    vectors, bias = (x.numpy() for x in model.output_weights())
+    logits = (u @ vectors.T + bias)[:, 2:]
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :4]
+    path = export.export_model(model, vocab, str(tmp_path))
+    got = run_tf1(path, "next_items", {"user_state": state, "session_items": SESSIONS,
+                                       "history_items": HISTORY, "k": np.int32(4)})
+    assert (got["item_ids"].astype(str) == np.array(vocab.ids[2:])[order]).all()
+    np.testing.assert_allclose(got["scores"], np.take_along_axis(logits, order, 1),
+                               rtol=1e-5, atol=1e-6)
+    saved = {tuple(shape) for _, shape in
+             tf.train.list_variables(os.path.join(path, "variables", "variables"))}
+    assert (tuple(vectors.shape[::-1]) in saved) == (name != "hiertcn")
+
+
 def test_tf1_session_loader_equals_eager_model(exported):
     model, vocab, _, path = exported
     state, ids, scores, emb = eager(model, vocab, k=4)
