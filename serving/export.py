@@ -32,6 +32,7 @@ if __name__ == "__main__":
     argtypes.interrupts_in_one_line("interrupted: no version was published")
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,6 +44,7 @@ import socket
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Sequence
 
 try:
@@ -106,15 +108,37 @@ class ServingModule(tf.Module):
         super().__init__(name="hiertcn_serving")
         from model import layers
 
-        # The output layers score with their [D, V] copy (`ItemScorer.serving_copy`),
-        # which replaces W [V, D] in the SavedModel: the same bytes, read faster.
-        replaced, copies = set(), []
+        # The output layers score with a [D, V] copy of W (`ItemScorer.transposed_copy`),
+        # which replaces W [V, D] in the SavedModel (the same bytes, read faster); the
+        # functions are traced, and saved, in `serving_layout` (`save`).
+        layouts = []
         for layer in getattr(model, "submodules", ()):
-            copy = layer.serving_copy() if isinstance(layer, layers.ItemScorer) else None
+            copy = layer.transposed_copy() if isinstance(layer, layers.ItemScorer) else None
             if copy is not None:
-                replaced.add(layer.kernel.ref())
-                copies.append(copy)
-        self.model_variables = [v for v in model.variables if v.ref() not in replaced] + copies
+                layouts.append((layer, copy))
+        # (not a list attribute: the module would track the layers, and save W with them)
+        self._layouts = types.SimpleNamespace(pairs=tuple(layouts))
+        replaced = {layer.kernel.ref() for layer, _ in layouts}
+        self.model_variables = ([v for v in model.variables if v.ref() not in replaced]
+                                + [copy for _, copy in layouts])
+        self._build(model, vocab_file, vocab_size)
+
+    @contextlib.contextmanager
+    def serving_layout(self):
+        """The model's output layers score with the module's copies of their weights
+        (tracing the signatures inside reads those, not the model's own)."""
+        with contextlib.ExitStack() as stack:
+            for layer, copy in self._layouts.pairs:
+                stack.enter_context(layer.serving_layout(copy))
+            yield
+
+    def save(self, path: str) -> None:
+        """`tf.saved_model.save` with the signatures (which saving traces again)."""
+        with self.serving_layout():
+            tf.saved_model.save(self, path, signatures=self.signatures())
+
+    def _build(self, model: Any, vocab_file: str, vocab_size: int) -> None:
+        """The lookup tables and the signature functions (see `__init__`)."""
         self.vocab_asset = tf.saved_model.Asset(vocab_file)
         self.id_to_index = tf.lookup.StaticHashTable(
             tf.lookup.TextFileInitializer(
@@ -379,7 +403,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         write_vocabulary_asset(vocab_file, vocabulary)
         module = ServingModule(model, vocab_file, vocabulary.size)
         out = os.path.join(tmp, "model")
-        tf.saved_model.save(module, out, signatures=module.signatures())
+        module.save(out)
         extra = os.path.join(out, ASSETS_EXTRA)
         os.makedirs(extra)
         with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:

@@ -84,8 +84,11 @@ def test_the_export_holds_the_output_layer_transposed_instead_of_twice(exported)
     want = sorted([tuple(v.shape) for v in model.variables if v is not kernel]
                   + [(kernel.shape[1], kernel.shape[0])])
     assert saved == want and kernel.shape[0] != kernel.shape[1]
-    copy = model.scorer.serving_copy()
-    np.testing.assert_array_equal(copy.numpy(), kernel.numpy().T)
+    reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+    turned = [name for name, shape in reader.get_variable_to_shape_map().items()
+              if tuple(shape) == (kernel.shape[1], kernel.shape[0])]
+    assert len(turned) == 1
+    np.testing.assert_array_equal(reader.get_tensor(turned[0]), kernel.numpy().T)
 
 
 @pytest.mark.parametrize("name,config", [
@@ -116,6 +119,11 @@ def test_the_baselines_and_a_tied_output_export_and_score_as_the_model(name, con
     saved = {tuple(shape) for _, shape in
              tf.train.list_variables(os.path.join(path, "variables", "variables"))}
     assert (tuple(vectors.shape[::-1]) in saved) == (name != "hiertcn")
+    # the model is left scoring with its own W (not with the export's copy of it)
+    weights = model.output_weights()[0]
+    weights.assign_add(tf.ones_like(weights))
+    np.testing.assert_allclose(model.item_logits(tf.constant(u)).numpy(),
+                               u @ (vectors + 1).T + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_tf1_session_loader_equals_eager_model(exported):
