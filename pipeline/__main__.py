@@ -764,9 +764,10 @@ def run(args, output: str, files, config, options) -> dict:
     """
     import apache_beam as beam
 
-    from pipeline import sources
+    from pipeline import beam_fixes, sources
     from pipeline.transforms import MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords
 
+    beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     try:
         tmp = outputs.make_temp(output)
     except OSError as e:  # a file where a folder must be, no permission, ...

@@ -81,3 +81,31 @@ def test_session_records_on_hand_written_events(tmp_path):
              "raw": "bad row"},
             {"source": files[1][0], "line": 3, "reason": "negative time '-3'", "raw": "u2,y,-3"}]),
             label="malformed")
+
+
+def test_a_worker_that_opens_its_control_stream_after_the_run_ended_is_told_to_exit():
+    """`beam_fixes`: the local runner closes a worker's control connection at the end of a
+    run; a worker that opens it only then (it started late, the run failed early) used to
+    wait for instructions forever, and the runner for it to exit (a failed run that hung
+    under load). Beam's own servicer, as the worker's stream reaches it: the stream ends."""
+    import threading
+
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    from pipeline import beam_fixes
+
+    assert beam_fixes.apply() and beam_fixes.apply()  # idempotent
+    servicer = worker_handlers.BeamFnControlServicer(worker_manager=None)
+    servicer.get_conn_by_worker_id("late").close()  # the run ends before the worker connects
+
+    class StreamContext:  # what the servicer reads of gRPC's context: the worker's id
+        @staticmethod
+        def invocation_metadata():
+            return [("worker_id", "late")]
+
+    sent = []
+    stream = threading.Thread(target=lambda: sent.extend(servicer.Control(iter(()), StreamContext())),
+                              daemon=True)
+    stream.start()
+    stream.join(10)
+    assert not stream.is_alive() and sent == []  # no instruction, the stream over: it exits
