@@ -351,9 +351,8 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     for seed in range(args.seeds):
         run_dir = os.path.join(args.output, "runs", name, f"seed{seed}")
         out = _split_file(run_dir, args.split)
-        options = _train_options(name, seed, args)
-        record = {"data": args.data_fingerprint, "train": options,
-                  "config": _config_content(args.config.get(name) or args.config.get(base))}
+        record = _neural_record(name, seed, args)
+        options = record["train"]
         _check_or_write_record(run_dir, record)
         if not (os.path.exists(out) and os.path.exists(_users_file(out))):
             what = f"{args.label} seed {seed + 1}/{args.seeds}"
@@ -442,6 +441,22 @@ def _read_record(folder: str) -> dict | None:
         return {}
 
 
+def _record_conflict(run_dir: str, record: dict) -> str | None:
+    """Why this command must not use a run folder (its recorded options or data differ
+    from `record` and it holds a checkpoint, trained under them), else None."""
+    old = _read_record(run_dir)
+    if old is None or old == record or not _trained(run_dir):
+        return None
+    if old.get("data") != record["data"]:
+        why = "on other data (the data folder's stats.json differs)"
+    elif old.get("config") != record["config"] and old.get("train") == record["train"]:
+        why = "with another --config content"
+    else:
+        why = "with other options: " + _options_difference(old.get("train") or [], record["train"])
+    return (f"{run_dir} was trained {why}; use another --output, or delete "
+            f"{os.path.dirname(run_dir)} to train it again")
+
+
 def _check_or_write_record(run_dir: str, record: dict) -> None:
     """Records a run's options before it trains; refuses a run folder whose recorded
     options or data differ from this command's once it holds a checkpoint (trained under
@@ -451,20 +466,38 @@ def _check_or_write_record(run_dir: str, record: dict) -> None:
         print(f"note: {run_dir} has no record of its training options (an older version's "
               "run); reusing it as it is", file=sys.stderr)
         return
-    if old == record:
-        return
-    if old is None or not _trained(run_dir):  # new, or an attempt that failed before a checkpoint
+    conflict = _record_conflict(run_dir, record)
+    if conflict:
+        raise CompareError(conflict)
+    if old != record:  # new, or an attempt that failed before a checkpoint
         os.makedirs(run_dir, exist_ok=True)
         write_json(os.path.join(run_dir, RECORD), record, sort_keys=True)
-        return
-    if old.get("data") != record["data"]:
-        why = "on other data (the data folder's stats.json differs)"
-    elif old.get("config") != record["config"] and old.get("train") == record["train"]:
-        why = "with another --config content"
-    else:
-        why = "with other options: " + _options_difference(old.get("train") or [], record["train"])
-    raise CompareError(f"{run_dir} was trained {why}; use another --output, or delete "
-                       f"{os.path.dirname(run_dir)} to train it again")
+
+
+def _neural_record(name: str, seed: int, args: argparse.Namespace) -> dict:
+    """What a neural run folder records of the command (`_check_or_write_record`)."""
+    base = name.split(":", 1)[0]
+    return {"data": args.data_fingerprint, "train": _train_options(name, seed, args),
+            "config": _config_content(args.config.get(name) or args.config.get(base))}
+
+
+def _preflight(names: Sequence[str], args: argparse.Namespace) -> None:
+    """What would refuse the command, found before any model runs, so that a refused
+    command leaves --output as it was (it once refitted the baselines listed before the
+    refused run, on the other data)."""
+    users = schema.read_stats(args.data).get("splits", {}).get(args.split, {}).get("users")
+    if users == 0:
+        raise CompareError(f"the {args.split} split of {args.data} has no users (see its "
+                           f"{schema.STATS_FILE}): nothing to evaluate")
+    for name in names:
+        if name.split(":", 1)[0] in FITTED:
+            continue
+        for seed in range(args.seeds):
+            record = _neural_record(name, seed, args)  # (a missing --config file: said here)
+            conflict = _record_conflict(os.path.join(args.output, "runs", name, f"seed{seed}"),
+                                        record)
+            if conflict:
+                raise CompareError(conflict)
 
 
 def _options_difference(old: Sequence[str], new: Sequence[str]) -> str:
@@ -598,6 +631,7 @@ def _main(args: argparse.Namespace) -> int:
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise CompareError(f"--output {args.output} is a file: pass a folder (created if "
                                "missing)")
+        _preflight(names, args)
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")
         results = {"data": args.data, "split": args.split, "models": {},

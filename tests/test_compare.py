@@ -149,6 +149,41 @@ def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):
         compare._check_or_write_record(str(run), first)
 
 
+def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
+    """What refuses a command is found before any model runs: a neural run trained on
+    other data (listed after a baseline, which was refitted on the new data first), a
+    missing --config file, an empty split."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    out = tmp_path / "cmp"
+    assert compare.main(["--data", data, "--models", "popularity", "--output", str(out)]) == 0
+    run = out / "runs" / "hiertcn" / "seed0"  # a checkpoint trained on other data
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    (run / compare.RECORD).write_text(json.dumps({"data": "other", "train": [], "config": None}))
+
+    def snapshot():
+        return {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    capsys.readouterr()
+    new = write_data(str(tmp_path / "new"), 20, planted_users(30, seed=5),
+                     valid=[(3, u[:4]) for u in planted_users(6, seed=6)],
+                     test=[(3, u[:4]) for u in planted_users(12, seed=7)])
+    assert compare.main(["--data", new, "--models", "popularity,hiertcn", "--output", str(out),
+                         "--budget-steps", "5"]) == 2
+    assert "was trained on other data" in capsys.readouterr().err
+    assert compare.main(["--data", data, "--models", "popularity,hiertcn", "--output", str(out),
+                         "--config", f"hiertcn={tmp_path / 'nope.json'}"]) == 2
+    assert "nope.json: [Errno 2]" in capsys.readouterr().err
+    empty = write_data(str(tmp_path / "empty"), 20, planted_users(30),
+                       valid=[(3, u[:4]) for u in planted_users(6, seed=1)], test=[])
+    assert compare.main(["--data", empty, "--models", "popularity", "--output", str(out)]) == 2
+    assert "the test split of" in capsys.readouterr().err
+    assert snapshot() == before
+
+
 def _stand_in(tmp_path, name: str, saving_seconds: float):
     """A parent running `compare._run` on a stand-in for model.train (which saves a
     checkpoint on SIGTERM, here taking `saving_seconds`), once the child has started and
