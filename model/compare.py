@@ -214,7 +214,7 @@ def markdown_table(results: dict) -> str:
                 continue
             s = f"{v:.4f}"
             sd = _get(m.get("std", {}), key)
-            if sd and m.get("seeds", 1) > 1:
+            if sd is not None and m.get("seeds", 1) > 1:  # (± 0.0000: the seeds agree)
                 s += f" ± {sd:.4f}"
             # bold what prints as the best (0.12344 and 0.12341 are both 0.1234)
             top = best.get(key) is not None and f"{v:.4f}" == f"{best[key]:.4f}"

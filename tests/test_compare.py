@@ -41,6 +41,9 @@ def test_aggregate_means_and_population_std_over_seeds():
     assert agg["first_item"]["recall@20"] == pytest.approx(0.1)
     assert agg["std"]["first_item"]["recall@20"] == pytest.approx(0.0)
     assert agg["events"] == 100 and agg["seeds"] == 2 and agg["model"] == "x"
+    agg.update(train_seconds=1.0, events_per_s=10.0, parameters=5)
+    md = compare.markdown_table({"models": {"x": agg}})
+    assert "0.3000 ± 0.1000" in md and "0.1000 ± 0.0000" in md  # seeds that agree say so too
 
 
 def test_relative_gain_and_table_mark_the_best_value():
