@@ -51,6 +51,9 @@ from model.keras_scorer import KerasScorer
 from pipeline import schema, storage
 
 EVALUATION_DUE = "evaluation_due_at"  # key of a checkpoint's position: see `save`
+# key of a checkpoint's position: the run's training up to it, over every process that
+# trained it ({"seconds", "step_seconds", "events"}: see `save`)
+TRAINED = "trained"
 SUMMARY_FILE = registry.SUMMARY_FILE
 LOG_EVERY = 10
 
@@ -581,6 +584,14 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     dataset = batching.make_dataset(batcher, tc.prefetch)
     events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
+    # what the processes before this one trained, up to the checkpoint resumed from: a
+    # run's time limit and its reported time and rate are the whole run's
+    before = {"seconds": 0.0, "step_seconds": 0.0, "events": 0, **position.get(TRAINED, {})}
+
+    def trained() -> dict:
+        return {"seconds": before["seconds"] + time.perf_counter() - wall_start - eval_seconds,
+                "step_seconds": before["step_seconds"] + step_seconds,
+                "events": before["events"] + events}
     first_index, last_saved = None, start_step  # the batch index of this process's first step
     valid_users = None  # the users of every valid evaluation (None: all)
     told_no_targets = False
@@ -612,6 +623,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             last_index = first_index + int(state.step.numpy()) - start_step - 1
             after = batcher.position_after(last_index)
             after[EVALUATION_DUE] = step if evaluation_follows else None
+            after[TRAINED] = trained()
             state.position.assign(json.dumps(after))
         writer.flush()  # first: once a checkpoint exists, the curve up to it is on disk
         manager.save(checkpoint_number=step)
@@ -638,7 +650,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     with writer.as_default():
         try:
             if evaluation_due:
+                t1 = time.perf_counter()
                 valid = evaluate_and_select(start_step)
+                eval_seconds += time.perf_counter() - t1
             for batch in dataset if not finished else ():
                 if first_index is None:  # this command trains: record its config
                     first_index = int(batch["batch_index"].numpy())
@@ -677,8 +691,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 if tc.steps and step >= tc.steps:
                     stop_reason = "steps"
                     break
-                if (tc.max_minutes and time.perf_counter() - wall_start - eval_seconds
-                        > 60 * tc.max_minutes):
+                if tc.max_minutes and trained()["seconds"] > 60 * tc.max_minutes:
                     stop_reason = "time"
                     break
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`main`): keep what was trained
@@ -704,18 +717,22 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 return _read_summary(run_dir)
             if finished:
                 stop_reason = ("no_improvement" if stalled else "epochs" if passes_done else "steps")
+        # (taken before the last checkpoint, which records the same: a resumed run's
+        # time then adds up to its processes', however long that save takes)
+        seconds = time.perf_counter() - wall_start - eval_seconds
+        whole = trained()
         if step > last_saved:
             save(step, bool(tc.eval_every) and evaluated_step != step
                  and (step % tc.eval_every == 0 or stop_reason != "interrupted"))
-        seconds = time.perf_counter() - wall_start - eval_seconds
         # the last evaluation, unless interrupted (a stop signal's grace period is short)
         if tc.eval_every and step and evaluated_step != step and stop_reason != "interrupted":
             valid = evaluate_and_select(step)
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
-        "stopped_by": stop_reason, "seconds": round(seconds, 3),
-        "step_seconds": round(step_seconds, 3), "events": events,
-        "events_per_s": round(events / max(step_seconds, 1e-9), 1),
+        "stopped_by": stop_reason, "seconds": round(whole["seconds"], 3),
+        "seconds_this_run": round(seconds, 3), "step_seconds": round(whole["step_seconds"], 3),
+        "events": whole["events"],
+        "events_per_s": round(whole["events"] / max(whole["step_seconds"], 1e-9), 1),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON
         "valid": valid, "best": best}
