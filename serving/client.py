@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--items", help="the finished session: a,b,c")
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
-    commands.add_parser("status", help="versions the server has loaded")
+    commands.add_parser("status", help="the versions the server lists: AVAILABLE, or END (unloaded, or failed to load)")
     args = parser.parse_args(argv)
     if args.command == "end-session" and not _items(args):
         parser.error("end-session needs --items a,b,c")
@@ -484,7 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _status(client: HierTCNClient) -> tuple[dict, str]:
     versions = client.status()
     text = "\n".join(f"{client.model_name} version {v['version']}: {v['state']}"
-                     + (f" ({v['error']})" if v["error"] else "") for v in versions)
+                     + (f" ({v['error']})" if v["error"] else
+                        " (unloaded)" if v["state"] == "END" else "") for v in versions)
     return {"model": client.model_name, "versions": versions}, text
 
 
@@ -513,7 +514,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
         fingerprint=client.fingerprint())
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "sessions": len(record.sessions), "history": record.history}
-    text = (f"{resolved.message}; stored the state after {len(items)} items for version "
+    text = (f"{resolved.message}; stored the state after {len(items)} item{'s' * (len(items) != 1)} for version "
             f"{client.pinned_version} ({len(record.history)} recent items kept)")
     return result, text
 

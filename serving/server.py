@@ -492,6 +492,7 @@ class ModelManager:
         self._loaded_state: dict[int, tuple] = {}  # version: folder_state when it loaded
         self._failed: dict[int, tuple[str, tuple]] = {}  # version: (error, folder_state)
         self._folders: dict[int, str] = {}  # version: folder name, from the last scan
+        self._ended: set[int] = set()  # versions unloaded (END in the status, as TF Serving)
         self._lock = threading.Lock()
         self._on_ready = on_ready
 
@@ -519,6 +520,7 @@ class ModelManager:
             self._servables[version] = servable
             self._loaded_state[version] = before
             self._failed.pop(version, None)
+            self._ended.discard(version)
 
     def _should_load(self, version: int) -> bool:
         state = folder_state(self._path(version))
@@ -557,6 +559,7 @@ class ModelManager:
                 for v in [v for v in self._servables if v not in wanted]:
                     del self._servables[v]  # requests already holding it finish on it
                     self._loaded_state.pop(v, None)
+                    self._ended.add(v)
                     log.info("unloaded %s version %d", self.name, v)
             # else: keep serving what we have until a wanted version is available
             newest = max(self._servables, default=None)
@@ -578,7 +581,8 @@ class ModelManager:
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}")
 
     def statuses(self, version: int | None) -> list[get_model_status_pb2.ModelVersionStatus]:
-        """ModelVersionStatus entries (AVAILABLE, or END with the load error).
+        """ModelVersionStatus entries: AVAILABLE; END with the load error; END (OK) for a
+        version unloaded since it served, which TF Serving goes on listing too.
 
         Raises:
           RequestError: NOT_FOUND when nothing matches.
@@ -588,6 +592,8 @@ class ModelManager:
             entries = [(v, state.AVAILABLE, None) for v in self._servables]
             entries += [(v, state.END, m) for v, (m, _) in self._failed.items()
                         if v not in self._servables]
+            entries += [(v, state.END, None) for v in self._ended
+                        if v not in self._servables and v not in self._failed]
         entries = sorted(e for e in entries if version is None or e[0] == version)
         if not entries:
             what = self.name if version is None else f"{self.name} version {version}"

@@ -292,17 +292,19 @@ def test_versions_come_and_go_without_dropping_requests_then_sigterm(lifecycle):
         if any(v.version == 3 for v in versions):
             break
         time.sleep(0.1)
-    assert [(v.version, state.Name(v.state)) for v in versions] == [(2, "AVAILABLE"), (3, "END")]
-    assert versions[1].status.error_message
+    # (version 1, unloaded when 2 loaded, stays END with no error, as TF Serving lists it)
+    assert [(v.version, state.Name(v.state), bool(v.status.error_message)) for v in versions] == [
+        (1, "END", False), (2, "AVAILABLE", False), (3, "END", True)]
     assert stub.Predict(good, timeout=30).model_spec.version.value == 2
     # the folder is then completed (a copy that was still under way): loaded on a later poll
     shutil.copytree(os.path.join(base, "2"), broken, dirs_exist_ok=True)
     for _ in range(300):
         versions = lifecycle["models"].GetModelStatus(status, timeout=30).model_version_status
-        if [(v.version, state.Name(v.state)) for v in versions] == [(3, "AVAILABLE")]:
+        if [(v.version, state.Name(v.state)) for v in versions][-1] == (3, "AVAILABLE"):
             break
         time.sleep(0.1)
-    assert [(v.version, state.Name(v.state)) for v in versions] == [(3, "AVAILABLE")]
+    assert [(v.version, state.Name(v.state)) for v in versions] == [
+        (1, "END"), (2, "END"), (3, "AVAILABLE")]
     assert stub.Predict(good, timeout=30).model_spec.version.value == 3
     assert lifecycle["server"].stop() == 0
 
@@ -478,13 +480,13 @@ def test_a_version_changed_on_disk_is_loaded_again(tmp_path):
 
     with open(ids_file, "w") as f:  # cut to "item": a unique id, so it loads
         f.write(whole.rstrip("\n")[:-2])
-    manager.poll()
-    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE")]
+    manager.poll()  # version 1, unloaded, stays listed as END (as TF Serving lists it)
+    assert [s for s in _statuses(manager)] == [(1, "END", ""), (5, "AVAILABLE", "")]
     assert "item" in served_ids() and "item11" not in served_ids()
     with open(ids_file, "w") as f:  # the copy completes
         f.write(whole)
     manager.poll()
-    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE")]
+    assert [s[:2] for s in _statuses(manager)] == [(1, "END"), (5, "AVAILABLE")]
     assert "item11" in served_ids() and "item" not in served_ids()
     # a failed version's folder removed: no longer reported
     broken = os.path.join(base, "6")
@@ -492,10 +494,10 @@ def test_a_version_changed_on_disk_is_loaded_again(tmp_path):
     with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
         f.write(b"not a saved model")
     manager.poll()
-    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE"), (6, "END")]
+    assert [s[:2] for s in _statuses(manager)] == [(1, "END"), (5, "AVAILABLE"), (6, "END")]
     shutil.rmtree(broken)
     manager.poll()
-    assert [s[:2] for s in _statuses(manager)] == [(5, "AVAILABLE")]
+    assert [s[:2] for s in _statuses(manager)] == [(1, "END"), (5, "AVAILABLE")]
 
 
 def test_version_folders_with_leading_zeros(tmp_path):
