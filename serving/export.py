@@ -6,8 +6,10 @@
 * `update_state`: `user_state` float32 [B, H], `session_items` string [B, T]
   → `user_state` float32 [B, H] (the high-level GRU step after a session).
 * `next_items` (also `serving_default`): `user_state`, `session_items`,
-  `history_items` string [B, N], `k` int32 [] → `item_ids` string [B, k'],
-  `scores` float32 [B, k'] with k' = min(k, catalogue size).
+  `history_items` string [B, N], `k` int32 [] or [B] (every row gets the largest)
+  → `item_ids` string [B, k'], `scores` float32 [B, k'] with k' = min(k, catalogue size).
+
+Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT).
 * `user_embedding`: `user_state`, `session_items`, `history_items`
   → `embedding` float32 [B, D].
 
@@ -187,9 +189,14 @@ class ServingModule(tf.Module):
             return rows, [tf.pad(t, [[0, extra], [0, 0]]) for t in tensors]
 
         def check_batch(user_state, items, name):
-            return tf.debugging.assert_equal(
-                tf.shape(user_state)[0], tf.shape(items)[0],
-                message=f"{USER_STATE} and {name} must have the same batch size")
+            return tf.group(
+                tf.debugging.assert_equal(
+                    tf.shape(user_state)[0], tf.shape(items)[0],
+                    message=f"{USER_STATE} and {name} must have the same batch size"),
+                # a NaN state (a damaged store's) would answer NaN scores, and stay NaN
+                tf.debugging.assert_all_finite(
+                    user_state, f"{USER_STATE} holds NaN or infinite values: send the "
+                    "user's state again from its sessions, or a zero state"))
 
         def update_state(user_state, session_items):
             with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):

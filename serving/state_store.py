@@ -264,6 +264,8 @@ class SQLiteStateStore(StateStore):
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise ValueError(f"state must be one user's vector [H], got shape {state.shape}")
+        if not np.all(np.isfinite(state)):  # (a diverged model's): it would poison every answer
+            raise ValueError(f"state of user {user_id!r} holds NaN or infinite values: not stored")
         if fingerprint is not None:
             fingerprint = np.asarray(fingerprint, dtype=np.float32).ravel().copy()
         kept = trim_sessions(sessions, self.history_items)
@@ -400,8 +402,9 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
     for session in sessions:
         state = np.asarray(update_state(state, session), dtype=np.float32)
     stored = store.put(user_id, version, state, sessions, expected=other, fingerprint=fingerprint)
-    message = (f"user {user_id}: {what}; rebuilt from {len(sessions)} recent sessions "
-               f"({sum(len(s) for s in sessions)} items)")
+    items = sum(len(s) for s in sessions)
+    message = (f"user {user_id}: {what}; rebuilt from {len(sessions)} recent "
+               f"session{'s' * (len(sessions) != 1)} ({items} item{'s' * (items != 1)})")
     log.info(message)
     return ResolvedState(state, sessions, "rebuilt", message, stored)
 

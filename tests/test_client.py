@@ -291,7 +291,7 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
                                 str(db), "end-session", "--user", "ann", "--items",
                                 "item3,item4"]) == 0  # the text answer
         out = capsys.readouterr().out
-        assert "has 8 numbers, the model has 6; rebuilt from 1 recent sessions" in out
+        assert "has 8 numbers, the model has 6; rebuilt from 1 recent session (" in out
         again = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
         assert again["state"] == "stored"
         assert [e["item"] for e in again["items"]] == answer_from([["item1", "item2"],

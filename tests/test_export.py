@@ -164,6 +164,23 @@ def test_successive_update_state_equals_model_and_evaluation_state(exported):
     assert np.abs(served).sum() > 0
 
 
+def test_a_non_finite_user_state_is_refused_by_every_signature(exported):
+    """A NaN state (a damaged store's) answered NaN scores, and update_state kept it NaN."""
+    _, _, _, path = exported
+    loaded = tf.saved_model.load(path)
+    state = STATE.copy()
+    state[1, 0] = np.nan
+    feeds = {"user_state": tf.constant(state), "session_items": tf.constant(SESSIONS),
+             "history_items": tf.constant(HISTORY)}
+    for name, extra in (("next_items", {"k": tf.constant(2)}), ("user_embedding", {}),
+                        ("update_state", {})):
+        inputs = dict(feeds, **extra)
+        if name == "update_state":
+            del inputs["history_items"]
+        with pytest.raises(tf.errors.InvalidArgumentError, match="user_state holds NaN or inf"):
+            loaded.signatures[name](**inputs)
+
+
 def test_k_clamps_and_reserved_ids_never_returned(exported):
     model, vocab, _, path = exported
     fn = tf.saved_model.load(path).signatures["next_items"]

@@ -41,6 +41,14 @@ def test_put_get_upsert_and_persistence(store, tmp_path):
     assert store.delete("u") == 1 and store.get("u", 1) is None
 
 
+def test_a_non_finite_state_is_refused_and_the_stored_one_kept(store):
+    store.put("u", 1, np.array([1, 2], np.float32), [["a"]])
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite values: not stored"):
+            store.put("u", 1, np.array([bad, 2], np.float32), [["a"], ["b"]])
+    np.testing.assert_array_equal(store.get("u", 1).state, [1, 2])
+
+
 def test_wal_journal(store):
     store.put("u", 1, np.zeros(2, np.float32), [["a"]])
     with sqlite3.connect(store.path) as db:
