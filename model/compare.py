@@ -253,7 +253,7 @@ def bar_chart(results: dict, path: str) -> None:
         errs = [results["models"][n].get("std", {}).get(key, 0.0) for n in names]
         ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, yerr=errs, label=key)
     ax.set_xticks(x, names, rotation=20)
-    ax.set_ylabel(results.get("split", "test"))
+    ax.set_ylabel(f"Recall@20 / MRR@20 ({results.get('split', 'test')} split)")
     ax.legend()
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)

@@ -303,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("--per-user-output", args.per_user_output)):
             if path and os.path.isdir(path):  # said now, not after the whole evaluation
                 raise schema.DataError(f"{option} {path} is a folder: pass a file name")
+        if (args.output and args.per_user_output and not schema.is_remote(args.output)
+                and os.path.abspath(args.output) == os.path.abspath(args.per_user_output)):
+            raise schema.DataError(f"--per-user-output {args.per_user_output} is --output's "
+                                   "file too: the one would replace the other; pass two names")
         schema.read_vocabulary(args.data)
         schema.shard_files(args.data, args.split)
         users = schema.read_stats(args.data).get("splits", {}).get(args.split, {}).get("users")

@@ -704,6 +704,14 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "this local server serves one model; "
                       "restart it with another --model-base-path")
 
+    def _only_predict(self, request, context):
+        # (the generated servicer's default raises, which gRPC logs as a traceback)
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server answers Predict, "
+                      "GetModelMetadata and GetModelStatus; the signatures are not "
+                      "classification or regression ones")
+
+    Classify = Regress = MultiInference = _only_predict  # noqa: N815 - gRPC method names
+
 
 class ModelServer:
     """The gRPC server, its version poller and (optionally) its batcher."""

@@ -277,6 +277,10 @@ def test_cli_missing_or_foreign_folders_give_one_line_errors(full_data, tmp_path
     err = capsys.readouterr().err
     assert f"--per-user-output {tmp_path} is a folder: pass a file name" in err
     assert err.count("\n") == 1
+    same = str(tmp_path / "out.json")
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "mv", "--output", same,
+                    "--per-user-output", same]) == 2
+    assert "is --output's file too" in capsys.readouterr().err and not os.path.exists(same)
 
 
 def test_scores_of_the_wrong_vocabulary_size_are_rejected(tmp_path):

@@ -539,3 +539,19 @@ def test_a_server_waiting_for_its_first_version_says_where_it_listens(tmp_path):
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         assert proc.stop() == 0
+
+
+def test_the_methods_it_does_not_serve_are_unimplemented_without_a_logged_traceback(served):
+    from tensorflow_serving.apis import classification_pb2, inference_pb2, regression_pb2
+
+    stub = served["predict"]
+    for method, message in ((stub.Classify, classification_pb2.ClassificationRequest()),
+                            (stub.Regress, regression_pb2.RegressionRequest()),
+                            (stub.MultiInference, inference_pb2.MultiInferenceRequest())):
+        with pytest.raises(grpc.RpcError) as err:
+            method(message, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "answers Predict, GetModelMetadata and GetModelStatus" in err.value.details()
+    time.sleep(0.5)  # (the server's log lines arrive through a pipe)
+    assert not [line for line in served["server"].lines
+                if "Traceback" in line or "Exception calling application" in line]
