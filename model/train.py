@@ -593,6 +593,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 "step_seconds": before["step_seconds"] + step_seconds,
                 "events": before["events"] + events}
     first_index, last_saved = None, start_step  # the batch index of this process's first step
+    last_trained = None  # what the last checkpoint of this process recorded (`trained`)
     valid_users = None  # the users of every valid evaluation (None: all)
     told_no_targets = False
     evaluated_step = None  # the step of this process's last valid evaluation
@@ -615,15 +616,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 
-    def save(step: int, evaluation_follows: bool) -> None:
-        nonlocal last_saved
+    def save(step: int, evaluation_follows: bool, trained_now: dict | None = None) -> None:
+        nonlocal last_saved, last_trained
         if first_index is not None:
             # each step consumed one batch, in order: exact even when an interrupt lands
             # between a step and the bookkeeping after it
             last_index = first_index + int(state.step.numpy()) - start_step - 1
             after = batcher.position_after(last_index)
             after[EVALUATION_DUE] = step if evaluation_follows else None
-            after[TRAINED] = trained()
+            last_trained = after[TRAINED] = trained_now or trained()
             state.position.assign(json.dumps(after))
         writer.flush()  # first: once a checkpoint exists, the curve up to it is on disk
         manager.save(checkpoint_number=step)
@@ -717,13 +718,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 return _read_summary(run_dir)
             if finished:
                 stop_reason = ("no_improvement" if stalled else "epochs" if passes_done else "steps")
-        # (taken before the last checkpoint, which records the same: a resumed run's
-        # time then adds up to its processes', however long that save takes)
-        seconds = time.perf_counter() - wall_start - eval_seconds
-        whole = trained()
+        # The summary says what the last checkpoint records (its figures taken as it
+        # began), so a resumed run's figures add up to its processes' exactly.
         if step > last_saved:
+            whole = trained()
             save(step, bool(tc.eval_every) and evaluated_step != step
-                 and (step % tc.eval_every == 0 or stop_reason != "interrupted"))
+                 and (step % tc.eval_every == 0 or stop_reason != "interrupted"), whole)
+        else:
+            whole = last_trained or trained()
+        seconds = whole["seconds"] - before["seconds"]
         # the last evaluation, unless interrupted (a stop signal's grace period is short)
         if tc.eval_every and step and evaluated_step != step and stop_reason != "interrupted":
             valid = evaluate_and_select(step)
