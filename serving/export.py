@@ -8,10 +8,10 @@
 * `next_items` (also `serving_default`): `user_state`, `session_items`,
   `history_items` string [B, N], `k` int32 [] or [B] (every row gets the largest)
   → `item_ids` string [B, k'], `scores` float32 [B, k'] with k' = min(k, catalogue size).
-
-Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT).
 * `user_embedding`: `user_state`, `session_items`, `history_items`
   → `embedding` float32 [B, D].
+
+Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT).
 
 The vocabulary travels as an asset (`assets/item_ids.txt`, line n = index n); the empty
 string pads and an unknown id maps to the unknown index. The export is written to a hidden
@@ -181,31 +181,33 @@ class ServingModule(tf.Module):
             return tf.pad(items, [[0, 0], [0, tf.maximum(1 - tf.shape(items)[1], 0)]])
 
         def one_row_at_least(*tensors):
-            """The tensors with a row of padding when the batch is empty (the model's
-            packed session layers need a row to shape their steps), and the batch size
-            to cut the outputs back to."""
+            """The tensors with a row of padding when the batch is empty (TF's Conv1D,
+            in the model's TCN blocks, refuses a batch of 0 rows), and the batch size to
+            cut the outputs back to."""
             rows = tf.shape(tensors[0])[0]
             extra = tf.maximum(1 - rows, 0)
             return rows, [tf.pad(t, [[0, extra], [0, 0]]) for t in tensors]
 
-        def check_batch(user_state, items, name):
-            return tf.group(
-                tf.debugging.assert_equal(
-                    tf.shape(user_state)[0], tf.shape(items)[0],
-                    message=f"{USER_STATE} and {name} must have the same batch size"),
-                # a NaN state (a damaged store's) would answer NaN scores, and stay NaN
-                tf.debugging.assert_all_finite(
-                    user_state, f"{USER_STATE} holds NaN or infinite values: send the "
-                    "user's state again from its sessions, or a zero state"))
+        def input_checks(user_state, **items):
+            """The batch sizes agree (`items`: input name -> tensor), and the state is
+            finite (a NaN state, a damaged store's, would answer NaN scores and stay NaN)."""
+            return [tf.debugging.assert_equal(
+                        tf.shape(user_state)[0], tf.shape(x)[0],
+                        message=f"{USER_STATE} and {name} must have the same batch size")
+                    for name, x in items.items()] + [tf.debugging.assert_all_finite(
+                        user_state, f"{USER_STATE} holds NaN or infinite values: send the "
+                        "user's state again from its sessions, or a zero state")]
 
         def update_state(user_state, session_items):
-            with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
+            checks = input_checks(user_state, **{SESSION_ITEMS: session_items})
+            with tf.control_dependencies(checks):
                 items = session(session_items)
             return {USER_STATE: tf.cast(model.update_state(user_state, items), tf.float32)}
 
         def user_embedding(user_state, session_items, history_items):
             del history_items  # accepted by every export; the embedding does not use it
-            with tf.control_dependencies([check_batch(user_state, session_items, SESSION_ITEMS)]):
+            checks = input_checks(user_state, **{SESSION_ITEMS: session_items})
+            with tf.control_dependencies(checks):
                 items = session(session_items)
             rows, (user_state, items) = one_row_at_least(user_state, items)
             return {EMBEDDING: tf.cast(model.last_user_embedding(user_state, items)[:rows],
@@ -215,8 +217,8 @@ class ServingModule(tf.Module):
             ks = tf.reshape(k, [-1])
             one_or_per_row = tf.logical_and(tf.rank(k) <= 1, tf.logical_or(
                 tf.equal(tf.size(k), 1), tf.equal(tf.size(k), tf.shape(user_state)[0])))
-            checks = [check_batch(user_state, session_items, SESSION_ITEMS),
-                      check_batch(user_state, history_items, HISTORY_ITEMS),
+            checks = [*input_checks(user_state, **{SESSION_ITEMS: session_items,
+                                                    HISTORY_ITEMS: history_items}),
                       tf.debugging.assert_equal(one_or_per_row, True, message=(
                           f"{K} must be a scalar or one value per row of {USER_STATE} ([B])")),
                       tf.debugging.assert_non_negative(ks, message=f"{K} must be >= 0")]
