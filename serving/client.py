@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -400,7 +401,7 @@ def _items(args: argparse.Namespace) -> list[str]:
     """--items a,b,c, or --items-json '["a,b", "c"]' for ids with commas in them."""
     if getattr(args, "items_json", None) is not None:
         return list(args.items_json)
-    return [t.strip() for t in (args.items or "").split(",") if t.strip()]
+    return [t.strip() for t in (getattr(args, "items", None) or "").split(",") if t.strip()]
 
 
 def _json_items(text: str) -> list[str]:
@@ -419,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Query a served HierTCN model over gRPC.",
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
-    parser.add_argument("--model-name", required=True, help="the served model's name")
+    parser.add_argument("--model-name", help="the served model's name (required but for forget)")
     parser.add_argument("--state-db", default="user_states.sqlite",
                         help="SQLite file of user states (created when missing)")
     parser.add_argument("--timeout", type=argtypes.positive_float, default=10.0,
@@ -449,7 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
     commands.add_parser("status", help="the versions the server lists: AVAILABLE, or END (unloaded, or failed to load)")
+    forget = commands.add_parser("forget", help="delete a user's stored states and history "
+                                 "(in --state-db; no server needed)")
+    forget.add_argument("--user", required=True)
     args = parser.parse_args(argv)
+    if args.command != "forget" and not args.model_name:
+        parser.error(f"{args.command} needs --model-name")
     if args.command == "end-session" and not _items(args):
         parser.error("end-session needs --items a,b,c")
     if (args.tls_ca or args.tls_server_name) and not args.tls:
@@ -463,6 +469,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             except UnicodeEncodeError:
                 parser.error(f"--{name} is not UTF-8 text (check the terminal's encoding)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.command == "forget":
+        if not os.path.isfile(args.state_db):
+            print(f"error: state database {args.state_db} does not exist", file=sys.stderr)
+            return 1
+        try:
+            with state_store.SQLiteStateStore(args.state_db) as store:
+                deleted = store.delete(args.user)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        text = (f"user {args.user}: deleted {deleted} stored record{'s' * (deleted != 1)} "
+                f"from {args.state_db}")
+        print(json.dumps({"user": args.user, "deleted": deleted}) if args.json else text)
+        return 0
     try:
         with HierTCNClient(args.target, args.model_name, args.timeout,
                            session_width=args.session_width,

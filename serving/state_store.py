@@ -3,19 +3,25 @@
 A state is a point in one model version's GRU space: version N+1 reads it as noise. So
 records are keyed by (user id, model version), and a state of another version is never
 used silently: `resolve_state` rebuilds it from the user's recent sessions with the new
-version's `update_state` (or starts from zeros when there are none) and says which.
+version's `update_state` (or starts from zeros when there are none) and says which. A
+user keeps a record per version (the `versions_kept` most recently written), so clients
+of two versions at once (a rollout, pinned clients finishing on the old one, a rollback)
+do not rebuild each other's states: each record counts the sessions the user has ended
+in all (`sessions_total`), and a version's record that others have moved past takes only
+the sessions it missed.
 Version numbers can be reused (a new export base starts again at 1, a version folder
 replaced in place), so each record also keeps the model's fingerprint (its outputs on a
 fixed probe, `serving.client.HierTCNClient.fingerprint`): a record of the same version
 number from another model is rebuilt the same way.
 
 `StateStore` is the small interface (get / latest / put / delete); `SQLiteStateStore` is
-the default (one file, WAL journal, one atomic upsert per write). A write can be made
-conditional on the record it was computed from (`put(..., expected=record)`), so that two
+the default (one file, WAL journal, one atomic write per put). A write can be made
+conditional on the user's newest record (`put(..., expected=record)`), so that two
 processes ending sessions of one user at the same time never lose one of them:
 `end_session` reads, updates and writes in that way and starts again on a conflict. A
-Redis backend would keep one hash per user (`version`, `state` bytes, `sessions` JSON,
-`updated`, `fingerprint` bytes) written with `WATCH`/`MULTI`/`HSET`, which gives the same semantics.
+Redis backend would keep one hash per (user, version) (`state` bytes, `sessions` JSON,
+`updated`, `fingerprint` bytes, `sessions_total`) and a sorted set of the user's versions
+by `updated`, written with `WATCH`/`MULTI`, which gives the same semantics.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import shutil
 import sqlite3
 import threading
@@ -39,8 +46,10 @@ log = logging.getLogger("serving.state_store")
 
 # `put(..., expected=ANY)`: an unconditional write.
 ANY = object()
-# How many times `end_session` starts again after a concurrent write of the same user.
-MAX_ATTEMPTS = 20
+# How long `end_session` keeps starting again after concurrent writes of the same user.
+RETRY_SECONDS = 30.0
+# The records kept per user by default: its newest versions' (a rollout serves two).
+VERSIONS_KEPT = 3
 
 
 class StateConflict(RuntimeError):
@@ -76,6 +85,8 @@ class UserState:
         to the next (it identifies the record for conditional writes).
       fingerprint: float32, the writing model's outputs on a fixed probe (None: not
         recorded), which tells two models exported under one version number apart.
+      sessions_total: the sessions the user had ended in all, in any version, when this
+        record was written (None: not counted; such a record is its user's only one).
     """
 
     user_id: str
@@ -84,6 +95,7 @@ class UserState:
     sessions: tuple[tuple[str, ...], ...]
     updated: float
     fingerprint: np.ndarray | None = None
+    sessions_total: int | None = None
 
     @property
     def history(self) -> list[str]:
@@ -123,8 +135,14 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def put(self, user_id: str, version: int, state: np.ndarray,
             sessions: Sequence[Sequence[str]], expected: Any = ANY,
-            fingerprint: np.ndarray | None = None) -> UserState:
-        """Atomically replaces the user's record (records of other versions are dropped).
+            fingerprint: np.ndarray | None = None,
+            sessions_total: int | None = None) -> UserState:
+        """Atomically writes the user's record of `version`.
+
+        The user's counted records of other versions stay (the store's `versions_kept`
+        newest ones) when `sessions_total` is given; without it they are dropped, since
+        nothing would tell how far behind this one they are (an uncounted record is always
+        its user's only one).
 
         Args:
           user_id: raw user id.
@@ -135,6 +153,8 @@ class StateStore(abc.ABC):
             no record; a `UserState`: only if it is still the user's newest record
             (same version and `updated`).
           fingerprint: the model's fingerprint (`UserState.fingerprint`), or None.
+          sessions_total: the sessions the user has ended in all, `state` and `sessions`
+            included (`UserState.sessions_total`), or None.
 
         Returns:
           The record as stored.
@@ -159,21 +179,35 @@ class SQLiteStateStore(StateStore):
             sessions TEXT NOT NULL,
             updated REAL NOT NULL,
             model_fingerprint BLOB,
+            sessions_total INTEGER,
             PRIMARY KEY (user_id, model_version))"""
-    _COLUMNS = ("user_id", "model_version", "state", "sessions", "updated", "model_fingerprint")
-    _SELECT = ("SELECT user_id, model_version, state, sessions, updated, model_fingerprint "
-               "FROM user_states ")
+    _COLUMNS = ("user_id", "model_version", "state", "sessions", "updated", "model_fingerprint",
+                "sessions_total")
+    # columns added since the first files, with their types: such a file gets them
+    _ADDED = (("model_fingerprint", "BLOB"), ("sessions_total", "INTEGER"))
+    _SELECT = ("SELECT user_id, model_version, state, sessions, updated, model_fingerprint, "
+               "sessions_total FROM user_states ")
 
-    def __init__(self, path: str, history_items: int = DEFAULT_HISTORY_ITEMS):
+    def __init__(self, path: str, history_items: int = DEFAULT_HISTORY_ITEMS,
+                 versions_kept: int = VERSIONS_KEPT):
         """Opens (or creates) the database.
 
+        Args:
+          path: the SQLite file.
+          history_items: the recent item ids kept per user.
+          versions_kept: the records kept per user, its most recently written versions'.
+
         Raises:
-          ValueError: `history_items` < 1 or the file is not a usable SQLite database.
+          ValueError: `history_items` or `versions_kept` < 1, or the file is not a usable
+            SQLite database.
         """
         if history_items < 1:
             raise ValueError(f"history_items must be >= 1, got {history_items}")
+        if versions_kept < 1:
+            raise ValueError(f"versions_kept must be >= 1, got {versions_kept}")
         self.path = path
         self.history_items = history_items
+        self.versions_kept = versions_kept
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
@@ -182,11 +216,14 @@ class SQLiteStateStore(StateStore):
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(self._SCHEMA)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
-            if columns == list(self._COLUMNS[:-1]):  # a file of the store before fingerprints
-                try:
-                    self._db.execute("ALTER TABLE user_states ADD COLUMN model_fingerprint BLOB")
-                except sqlite3.OperationalError:  # another process added it meanwhile
-                    pass
+            first = len(self._COLUMNS) - len(self._ADDED)
+            if first <= len(columns) < len(self._COLUMNS) \
+                    and columns == list(self._COLUMNS[:len(columns)]):  # an earlier store's file
+                for name, kind in self._ADDED[len(columns) - first:]:
+                    try:
+                        self._db.execute(f"ALTER TABLE user_states ADD COLUMN {name} {kind}")
+                    except sqlite3.OperationalError:  # another process added it meanwhile
+                        pass
                 columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
             advice = ("its disk is full: make room there" if _disk_full(path)
@@ -227,7 +264,7 @@ class SQLiteStateStore(StateStore):
         self.close()
 
     def _record(self, row) -> UserState:
-        user_id, version, blob, sessions, updated, fingerprint = row
+        user_id, version, blob, sessions, updated, fingerprint, sessions_total = row
         try:
             state = np.frombuffer(blob, dtype=np.float32).copy()
             if fingerprint is not None:
@@ -239,28 +276,38 @@ class SQLiteStateStore(StateStore):
                 raise ValueError("sessions is not a JSON list of lists of item ids")
         except (TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             raise ValueError(f"state database {self.path}: the record of user {user_id!r} "
-                             f"(version {version}) is corrupt ({e}); delete it or pass "
-                             "another --state-db") from None
+                             f"(version {version}) is corrupt ({e}); delete the user's records "
+                             f"(python -m serving.client --state-db {shlex.quote(self.path)} "
+                             f"forget --user {shlex.quote(user_id)}) or pass another "
+                             "--state-db") from None
         return UserState(user_id=user_id, version=int(version), state=state,
                          sessions=tuple(tuple(s) for s in sessions), updated=updated,
-                         fingerprint=fingerprint)
+                         fingerprint=fingerprint,
+                         sessions_total=None if sessions_total is None else int(sessions_total))
+
+    def _read(self, sql: str, params: tuple) -> Any:
+        """The first row of a query, SQLite's errors as one ValueError that says what to do."""
+        try:
+            with self._lock:
+                return self._db.execute(sql, params).fetchone()
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"cannot read state database {self.path}: {e}; "
+                             f"{_advice(e)}") from None
 
     def get(self, user_id: str, version: int) -> UserState | None:
-        with self._lock:
-            row = self._db.execute(self._SELECT + "WHERE user_id = ? AND model_version = ?",
-                                   (user_id, int(version))).fetchone()
+        row = self._read(self._SELECT + "WHERE user_id = ? AND model_version = ?",
+                         (user_id, int(version)))
         return self._record(row) if row else None
 
     def latest(self, user_id: str) -> UserState | None:
-        with self._lock:
-            row = self._db.execute(
-                self._SELECT + "WHERE user_id = ? ORDER BY updated DESC, model_version DESC LIMIT 1",
-                (user_id,)).fetchone()
+        row = self._read(self._SELECT + "WHERE user_id = ? "
+                         "ORDER BY updated DESC, model_version DESC LIMIT 1", (user_id,))
         return self._record(row) if row else None
 
     def put(self, user_id: str, version: int, state: np.ndarray,
             sessions: Sequence[Sequence[str]], expected: Any = ANY,
-            fingerprint: np.ndarray | None = None) -> UserState:
+            fingerprint: np.ndarray | None = None,
+            sessions_total: int | None = None) -> UserState:
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise ValueError(f"state must be one user's vector [H], got shape {state.shape}")
@@ -284,18 +331,28 @@ class SQLiteStateStore(StateStore):
                 updated = time.time()
                 if newest is not None and updated <= newest[1]:
                     updated = float(np.nextafter(newest[1], np.inf))
-                record = UserState(user_id, int(version), state.copy(), kept, updated, fingerprint)
-                self._db.execute("DELETE FROM user_states WHERE user_id = ? AND model_version != ?",
-                                 (user_id, record.version))
+                record = UserState(user_id, int(version), state.copy(), kept, updated,
+                                   fingerprint, sessions_total)
                 self._db.execute(
                     "INSERT INTO user_states (user_id, model_version, state, sessions, updated, "
-                    "model_fingerprint) VALUES (?, ?, ?, ?, ?, ?) "
+                    "model_fingerprint, sessions_total) VALUES (?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (user_id, model_version) DO UPDATE SET "
                     "state = excluded.state, sessions = excluded.sessions, "
-                    "updated = excluded.updated, model_fingerprint = excluded.model_fingerprint",
+                    "updated = excluded.updated, model_fingerprint = excluded.model_fingerprint, "
+                    "sessions_total = excluded.sessions_total",
                     (user_id, record.version, state.tobytes(),
                      json.dumps([list(s) for s in kept]), record.updated,
-                     None if fingerprint is None else fingerprint.tobytes()))
+                     None if fingerprint is None else fingerprint.tobytes(), sessions_total))
+                # the newest `versions_kept` records stay; an uncounted one stays alone
+                if sessions_total is not None:
+                    self._db.execute("DELETE FROM user_states WHERE user_id = ? AND "
+                                     "model_version != ? AND sessions_total IS NULL",
+                                     (user_id, record.version))
+                self._db.execute(
+                    "DELETE FROM user_states WHERE user_id = ? AND model_version NOT IN ("
+                    "SELECT model_version FROM user_states WHERE user_id = ? "
+                    "ORDER BY updated DESC, model_version DESC LIMIT ?)",
+                    (user_id, user_id, self.versions_kept if sessions_total is not None else 1))
                 self._db.execute("COMMIT")
             except BaseException as e:
                 if self._db.in_transaction:  # (SQLite has rolled back itself on a full disk)
@@ -307,9 +364,23 @@ class SQLiteStateStore(StateStore):
         return record
 
     def delete(self, user_id: str) -> int:
-        with self._lock:
-            return self._db.execute("DELETE FROM user_states WHERE user_id = ?",
-                                    (user_id,)).rowcount
+        try:
+            with self._lock:
+                return self._db.execute("DELETE FROM user_states WHERE user_id = ?",
+                                        (user_id,)).rowcount
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"cannot write to state database {self.path}: {e}; "
+                             f"{_advice(e)}") from None
+
+
+def _advice(e: sqlite3.DatabaseError) -> str:
+    """What to do about an error of SQLite's on a file that opened."""
+    if _locked(e):
+        return "another process holds it locked: try again"
+    if "malformed" in str(e) or "not a database" in str(e):
+        return ("the file is damaged: restore it from a backup or pass another --state-db "
+                "(`sqlite3 FILE .recover` salvages what it can)")
+    return "pass another --state-db"
 
 
 def _locked(e: Exception) -> bool:
@@ -332,12 +403,15 @@ class ResolvedState:
     Attributes:
       state: float32 [H].
       sessions: the recent sessions (oldest first) that go with it.
-      source: `stored` (same version), `new` (no record: zeros), `rebuilt` (another
-        version's record, replayed through this version's update_state) or `reset`
-        (another version's record and nothing to replay: zeros).
+      source: `stored` (this version's record, up to date), `new` (no record: zeros),
+        `caught_up` (this version's record, behind another version's: the sessions it
+        missed folded in), `rebuilt` (another version's record, replayed through this
+        version's update_state) or `reset` (another version's record and nothing to
+        replay: zeros).
       message: one line for logs and the CLI.
       record: the user's newest stored record when this was resolved (None: none), what
         a write computed from this state expects (`put(..., expected=record)`).
+      sessions_total: the sessions the user has ended in all (None: not counted).
     """
 
     state: np.ndarray
@@ -345,6 +419,7 @@ class ResolvedState:
     source: str
     message: str
     record: UserState | None = None
+    sessions_total: int | None = 0
 
     @property
     def history(self) -> list[str]:
@@ -355,11 +430,21 @@ class ResolvedState:
 UpdateFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def resolve_state(store: StateStore, user_id: str, version: int, state_size: int,
                   update_state: UpdateFn | None = None,
                   recent_sessions: Sequence[Sequence[str]] | None = None,
                   fingerprint: np.ndarray | None = None) -> ResolvedState:
     """Returns the user's state for `version`, never another model's state.
+
+    The user's newest record (of any version) holds the recent sessions. This version's
+    own record is served when it is that record, or when the newer one counts no session
+    more (`UserState.sessions_total`); when it is behind by sessions the newest record
+    still holds, those are folded into it; otherwise the state is rebuilt from zeros over
+    the newest record's sessions.
 
     Args:
       store: the state store.
@@ -367,46 +452,74 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
       version: the model version the caller has pinned.
       state_size: H of that version (from its metadata).
       update_state: (state [H], one session's ids) → state [H] on `version`; used to
-        rebuild a state of another version.
+        rebuild a state of another version and to catch one up.
       recent_sessions: the user's recent sessions, oldest first, to rebuild from; default
-        the sessions stored with the other version's record.
+        the sessions stored with the newest record.
       fingerprint: the pinned model's fingerprint (None: version numbers alone decide); a
         record of this version with another fingerprint or another state size came from
         another model exported under the same number and is rebuilt like another version's.
 
     Returns:
-      The resolved state; a rebuilt one is also written to the store (with `fingerprint`).
+      The resolved state; a rebuilt or caught-up one is also written to the store (with
+      `fingerprint`).
     """
     zeros = np.zeros([state_size], np.float32)
-    other = store.get(user_id, version)
-    if other is not None:
-        if other.state.shape == (state_size,) and same_model(other.fingerprint, fingerprint):
-            return ResolvedState(other.state, other.sessions, "stored",
-                                 f"user {user_id}: stored state of version {version}", other)
-        what = (f"the stored state of version {version} has {other.state.size} numbers, the "
-                f"model has {state_size}" if other.state.shape != (state_size,) else
-                f"the stored state of version {version} is from another model exported under "
+    newest = store.latest(user_id)
+    if newest is None:
+        return ResolvedState(zeros, (), "new", f"user {user_id}: new user, state starts at zeros")
+    # an uncounted record (a file of an earlier store, a put without a count) is its
+    # user's only one: the count starts again from it
+    total = newest.sessions_total if newest.sessions_total is not None else 0
+    own = newest if newest.version == int(version) else store.get(user_id, version)
+    if own is None:
+        what = f"stored state is from version {newest.version}, the model is version {version}"
+    elif own.state.shape != (state_size,):
+        what = (f"the stored state of version {version} has {own.state.size} numbers, the "
+                f"model has {state_size}")
+    elif not same_model(own.fingerprint, fingerprint):
+        what = (f"the stored state of version {version} is from another model exported under "
                 "that number (its fingerprint differs)")
     else:
-        other = store.latest(user_id)
-        if other is None:
-            return ResolvedState(zeros, (), "new", f"user {user_id}: new user, state starts at zeros")
-        what = f"stored state is from version {other.version}, the model is version {version}"
-    sessions = trim_sessions(other.sessions if recent_sessions is None else recent_sessions,
+        behind = (0 if own is newest else None if own.sessions_total is None
+                  or newest.sessions_total is None else newest.sessions_total - own.sessions_total)
+        if behind == 0:
+            return ResolvedState(own.state, newest.sessions, "stored",
+                                 f"user {user_id}: stored state of version {version}", newest,
+                                 total)
+        if (behind is not None and 0 < behind <= len(newest.sessions)
+                and update_state is not None and recent_sessions is None):
+            state = own.state
+            for session in newest.sessions[-behind:]:
+                state = np.asarray(update_state(state, session), dtype=np.float32)
+            stored = store.put(user_id, version, state, newest.sessions, expected=newest,
+                               fingerprint=fingerprint, sessions_total=total)
+            message = (f"user {user_id}: the stored state of version {version} was "
+                       f"{_plural(behind, 'session')} behind version {newest.version}'s; "
+                       "caught up")
+            log.info(message)
+            return ResolvedState(state, stored.sessions, "caught_up", message, stored, total)
+        what = (f"the stored state of version {version} is older than version "
+                f"{newest.version}'s" + (f" by {_plural(behind, 'session')}, more than "
+                                         "its recent sessions hold" if behind and behind > 0
+                                         else ""))
+    sessions = trim_sessions(newest.sessions if recent_sessions is None else recent_sessions,
                              store.history_items)
+    if recent_sessions is not None:
+        total = None
     if update_state is None or not sessions:
         message = f"user {user_id}: {what}; no recent sessions to rebuild from, starting from zeros"
         log.info(message)
-        return ResolvedState(zeros, sessions, "reset", message, other)
+        return ResolvedState(zeros, sessions, "reset", message, newest, total)
     state = zeros
     for session in sessions:
         state = np.asarray(update_state(state, session), dtype=np.float32)
-    stored = store.put(user_id, version, state, sessions, expected=other, fingerprint=fingerprint)
+    stored = store.put(user_id, version, state, sessions, expected=newest,
+                       fingerprint=fingerprint, sessions_total=total)
     items = sum(len(s) for s in sessions)
-    message = (f"user {user_id}: {what}; rebuilt from {len(sessions)} recent "
-               f"session{'s' * (len(sessions) != 1)} ({items} item{'s' * (items != 1)})")
+    message = (f"user {user_id}: {what}; rebuilt from {_plural(len(sessions), 'recent session')}"
+               f" ({_plural(items, 'item')})")
     log.info(message)
-    return ResolvedState(state, sessions, "rebuilt", message, stored)
+    return ResolvedState(state, sessions, "rebuilt", message, stored, total)
 
 
 def end_session(store: StateStore, user_id: str, version: int, state_size: int,
@@ -415,7 +528,8 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
     """Folds one finished session into the user's stored state: resolves the state
     (`resolve_state`), runs `update_state` and writes the result with the session added
     to the recent ones, on the condition that nobody wrote the user in between; after a
-    concurrent write it starts again from the new record, so no session is lost.
+    concurrent write it starts again from the new record (for up to `RETRY_SECONDS`,
+    backing off), so no session is lost.
 
     `fingerprint` is the pinned model's (`resolve_state`), stored with the record.
 
@@ -423,18 +537,27 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
       (the state the session was folded into, the record written).
 
     Raises:
-      StateConflict: still conflicting after `MAX_ATTEMPTS` attempts.
+      StateConflict: still conflicting after `RETRY_SECONDS`.
     """
     items = list(items)
-    for attempt in range(MAX_ATTEMPTS):
+    deadline = time.monotonic() + RETRY_SECONDS
+    attempts = 0
+    while True:
         try:
             resolved = resolve_state(store, user_id, version, state_size, update_state,
                                      fingerprint=fingerprint)
             state = np.asarray(update_state(resolved.state, items), dtype=np.float32)
+            total = None if resolved.sessions_total is None else resolved.sessions_total + 1
             record = store.put(user_id, version, state, list(resolved.sessions) + [items],
-                               expected=resolved.record, fingerprint=fingerprint)
+                               expected=resolved.record, fingerprint=fingerprint,
+                               sessions_total=total)
             return resolved, record
         except StateConflict:
-            time.sleep(0.001 * (attempt + 1) * (1 + np.random.random()))
-    raise StateConflict(f"user {user_id!r}: the stored state changed {MAX_ATTEMPTS} times "
-                        "while this session was being folded in; try again")
+            attempts += 1
+            if time.monotonic() >= deadline:
+                raise StateConflict(
+                    f"user {user_id!r}: the stored state changed {attempts} times in "
+                    f"{RETRY_SECONDS:g} s while this session was being folded in (other "
+                    "processes keep writing this user); try again") from None
+            # exponential back-off with jitter, so that writers of one user spread out
+            time.sleep(min(0.05, 0.001 * 2 ** min(attempts, 6)) * random.uniform(0.5, 1.5))

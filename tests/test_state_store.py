@@ -56,8 +56,11 @@ def test_wal_journal(store):
     assert os.path.exists(store.path + "-wal")
 
 
-def test_a_new_version_replaces_the_old_record(store):
-    store.put("u", 1, np.zeros(2, np.float32), [["a"]])
+def test_an_uncounted_record_replaces_the_other_versions(store):
+    """A put without `sessions_total` (a file of an earlier store, a caller of its own):
+    nothing tells how far behind it another version's record is, so it stays alone."""
+    store.put("u", 1, np.zeros(2, np.float32), [["a"]], sessions_total=1)
+    store.put("u", 2, np.zeros(2, np.float32), [["a"]])
     store.put("u", 2, np.ones(2, np.float32), [["a"], ["b"]])
     assert store.get("u", 1) is None
     assert store.latest("u").version == 2
@@ -293,3 +296,120 @@ def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path):
         for p in procs:
             p.join()
     assert outcomes == ["ok"] * 72
+
+
+def test_clients_of_two_versions_take_turns_without_rebuilding_each_other(store):
+    """A rollout (or a pinned client finishing on the old version): version 1 and 2 both
+    write one user. Each keeps its record; a record another version has moved past folds
+    in only the sessions it missed, never the whole history again."""
+    calls = {1: [], 2: []}
+
+    def update(version):
+        def fn(state, session):
+            calls[version].append(list(session))
+            return state + (1 if version == 1 else 10) * len(session)
+        return fn
+
+    end = lambda version, items: state_store.end_session(store, "u", version, 2,  # noqa: E731
+                                                         update(version), items)
+    assert end(1, ["a"])[0].source == "new"
+    resolved, record = end(2, ["b"])  # version 2's first call: rebuilt from a
+    assert resolved.source == "rebuilt" and calls[2] == [["a"], ["b"]]
+    assert record.sessions_total == 2 and store.get("u", 1).sessions_total == 1
+    calls = {1: [], 2: []}
+    resolved, record = end(1, ["c", "d"])
+    assert resolved.source == "caught_up" and "1 session behind version 2's" in resolved.message
+    assert calls[1] == [["b"], ["c", "d"]]  # b (missed), then the new session
+    assert record.state.tolist() == [4, 4] and record.sessions_total == 3
+    resolved, record = end(2, ["e"])
+    assert resolved.source == "caught_up" and calls[2] == [["c", "d"], ["e"]]
+    assert record.state.tolist() == [50, 50] and record.sessions == (("a",), ("b",), ("c", "d"),
+                                                                     ("e",))
+    # no write in between: the own record is served as it is, with the newest history
+    again = resolve_state(store, "u", 2, 2, update(2))
+    assert again.source == "stored" and again.history == ["a", "b", "c", "d", "e"]
+    behind = resolve_state(store, "u", 1, 2, update(1))
+    assert behind.source == "caught_up" and behind.state.tolist() == [5, 5]
+    now = resolve_state(store, "u", 2, 2, update(2))  # version 1 wrote, but nothing new
+    assert now.source == "stored" and now.state.tolist() == [50, 50]
+
+
+def test_a_record_further_behind_than_the_history_is_rebuilt(tmp_path):
+    with SQLiteStateStore(str(tmp_path / "s.sqlite"), history_items=2) as store:
+        update = lambda state, session: state + len(session)  # noqa: E731
+        state_store.end_session(store, "u", 1, 1, update, ["a"])
+        for item in "bcd":  # three sessions on version 2; two items kept
+            state_store.end_session(store, "u", 2, 1, update, [item])
+        resolved = resolve_state(store, "u", 1, 1, update)
+        assert resolved.source == "rebuilt" and resolved.state.tolist() == [2]
+        assert "older than version 2's by 3 sessions, more than its recent sessions hold" \
+            in resolved.message
+
+
+def test_the_newest_versions_records_are_kept(tmp_path):
+    with SQLiteStateStore(str(tmp_path / "s.sqlite"), versions_kept=2) as store:
+        update = lambda state, session: state + 1  # noqa: E731
+        for version in (1, 2, 3):
+            state_store.end_session(store, "u", version, 1, update, [f"i{version}"])
+        assert store.get("u", 1) is None
+        assert [store.get("u", v).sessions_total for v in (2, 3)] == [2, 3]
+        assert store.delete("u") == 2
+    with pytest.raises(ValueError, match="versions_kept must be >= 1"):
+        SQLiteStateStore(str(tmp_path / "t.sqlite"), versions_kept=0)
+
+
+def test_a_file_of_the_store_before_session_counts_is_upgraded(tmp_path):
+    path = str(tmp_path / "old.sqlite")
+    with sqlite3.connect(path) as db:
+        db.execute("""CREATE TABLE user_states (user_id TEXT NOT NULL, model_version INTEGER NOT
+                      NULL, state BLOB NOT NULL, sessions TEXT NOT NULL, updated REAL NOT NULL,
+                      model_fingerprint BLOB, PRIMARY KEY (user_id, model_version))""")
+        db.execute("INSERT INTO user_states VALUES ('u', 2, ?, '[[\"a\"]]', 5.0, NULL)",
+                   (np.array([1, 2], np.float32).tobytes(),))
+    with SQLiteStateStore(path) as s:
+        assert s.get("u", 2).sessions_total is None
+        update = lambda state, session: state + 1  # noqa: E731
+        resolved, record = state_store.end_session(s, "u", 2, 2, update, ["b"])
+        assert resolved.source == "stored" and record.sessions_total == 1  # counted from here
+        assert record.state.tolist() == [2, 3]
+
+
+def test_a_damaged_file_is_one_error_that_says_so(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    with SQLiteStateStore(path) as s:
+        for i in range(300):
+            s.put(f"user{i}", 1, np.full(64, i, np.float32), [[f"item{i}"]])
+        s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(path, "r+b") as f:  # the table's pages, not the schema's (page 1)
+        f.seek(8192)
+        f.write(b"\xff" * 12288)
+    with SQLiteStateStore(path) as s:
+        with pytest.raises(ValueError, match=r"cannot read state database .*malformed; the file "
+                                             r"is damaged: restore it from a backup"):
+            for i in range(300):
+                s.get(f"user{i}", 1)
+
+
+def test_forget_deletes_a_users_records_without_a_server(tmp_path, capsys):
+    from serving import client
+    path = str(tmp_path / "s.sqlite")
+    with SQLiteStateStore(path) as s:
+        s.put("u", 1, np.zeros(2, np.float32), [["a"]], sessions_total=1)
+        s.put("u", 2, np.zeros(2, np.float32), [["a"]], sessions_total=1)
+        s.put("w", 2, np.zeros(2, np.float32), [["b"]])
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE user_states SET sessions = 'not json' WHERE user_id = 'u'")
+        with pytest.raises(ValueError, match=r"corrupt .*; delete the user's records \(python -m "
+                                             r"serving.client --state-db .*s.sqlite forget "
+                                             r"--user u\)"):
+            s.get("u", 2)
+    assert client.main(["--state-db", path, "forget", "--user", "u"]) == 0
+    assert capsys.readouterr().out.strip() == f"user u: deleted 2 stored records from {path}"
+    with SQLiteStateStore(path) as s:
+        assert s.latest("u") is None and s.latest("w") is not None
+    assert client.main(["--state-db", str(tmp_path / "none.sqlite"), "forget", "--user", "u"]) == 1
+    assert "none.sqlite does not exist" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "none.sqlite")
+    with pytest.raises(SystemExit):
+        client.main(["--state-db", path, "status"])
+    assert "status needs --model-name" in capsys.readouterr().err
