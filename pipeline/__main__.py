@@ -36,6 +36,20 @@ HEAVY_USER_SHARE = 0.25
 HEAVY_USER_MIN_USERS = 20
 # A note when more than this share of the valid or test events are unknown items.
 UNKNOWN_NOTE_SHARE = 0.25
+# A note when more than this share of the events are dropped in too short sessions, or of
+# the rows read are malformed.
+SHORT_NOTE_SHARE = 0.5
+MALFORMED_NOTE_SHARE = 0.1
+# The first bytes of a compressed file or an archive, and what it is: a file whose name
+# does not end in its compression's extension is read as text (`sources`).
+COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic, what, advice in (
+    (rb"\x1f\x8b", "gzip data", "rename it to end in .gz"),
+    (rb"BZh[1-9]1AY&SY", "bzip2 data", "rename it to end in .bz2"),
+    (rb"\xfd7zXZ\x00", "xz data", "rename it to end in .xz"),
+    (rb"\x28\xb5\x2f\xfd", "zstandard data", "decompress it"),
+    (rb"PK\x03\x04", "a zip archive", "unpack it")))
+# An item id a float column writes for an integer (`7.0`).
+FLOAT_ID = re.compile(r"-?\d+\.0+")
 # --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
@@ -205,9 +219,10 @@ def _fraction(text: str) -> float:
 
 
 def _filter(text: str) -> tuple[str, tuple[str, ...]]:
-    """`COLUMN=VALUE[,VALUE...]` -> (column, values), both stripped."""
+    """`COLUMN=VALUE[,VALUE...]` -> (column, values), both stripped (values as the rows'
+    are compared: `parse.whole_number_text`)."""
     column, sep, values = text.partition("=")
-    kept = tuple(v.strip() for v in values.split(","))
+    kept = tuple(parse.whole_number_text(v.strip()) for v in values.split(","))
     if not sep or not column.strip() or not all(kept):
         raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE[,VALUE...], got {text!r}")
     return column.strip(), kept
@@ -260,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the rows whose COLUMN (jsonl: key) holds one of the values, "
                         "e.g. --filter event=view,addtocart (repeatable: every filter must hold); "
                         "the others are counted in stats.json's rows_filtered.filter")
+    p.add_argument("--exclude", action="append", type=_filter, metavar="COLUMN=VALUE[,VALUE...]",
+                   help="leave out the rows whose COLUMN (jsonl: key) holds one of the values, "
+                        "e.g. --exclude user=crawler7 (repeatable; compared as --filter "
+                        "compares); counted in stats.json's rows_filtered.filter")
     p.add_argument("--min-item-count", type=argtypes.positive_int, default=5,
                    help="vocabulary threshold on train events")
     p.add_argument("--min-session-length", type=argtypes.positive_int, default=2,
@@ -325,7 +344,8 @@ def _row_formats(args, files, heads) -> dict:
                          f"must differ, got {wanted}")
     text = args.format in ("csv", "tsv")
     separator = parse.separator_of(args.format, args.delimiter or "") if text else ""
-    filters = tuple((column, frozenset(values)) for column, values in args.filter or ())
+    filters = (tuple((column, frozenset(values)) for column, values in args.filter or ())
+               + tuple((column, parse.AllBut(values)) for column, values in args.exclude or ()))
     formats = {}
     for rank, (path, _) in enumerate(files):
         head = heads[path]
@@ -334,6 +354,13 @@ def _row_formats(args, files, heads) -> dict:
             if args.format != fmt and first.startswith(magic):
                 raise UsageError(f"{path} is {'a Parquet' if fmt == 'parquet' else 'an Avro'} "
                                  f"file: pass --format {fmt}")
+        for magic, what, advice in COMPRESSED_MAGIC:
+            if magic.match(first):
+                raise UsageError(f"{path} holds {what}, but its name does not say so (the "
+                                 f"compression is read from the name): {advice}")
+        if args.format in ("csv", "tsv") and first.lstrip(b"\xef\xbb\xbf \t").startswith(b"{"):
+            raise UsageError(f"{path} holds JSON objects, not {args.format} rows: pass "
+                             "--format jsonl")
         columns: tuple[str, ...] = ()
         time_unit = args.time_unit
         if args.format != "jsonl":
@@ -362,10 +389,12 @@ def _row_formats(args, files, heads) -> dict:
                     + ("/--session-col" if args.session_col else "")
                     + (", or --columns for files without a header"
                        + _delimiter_hint(first, separator, args.format) if text else ""))
-            missing = [c for c, _ in filters if c not in columns]
-            if missing:
-                raise UsageError(f"--filter column(s) {', '.join(missing)} not in {where} "
-                                 f"{list(columns)}")
+            for option in ("--filter", "--exclude"):
+                missing = [c for c, values in filters if c not in columns
+                           and isinstance(values, parse.AllBut) == (option == "--exclude")]
+                if missing:
+                    raise UsageError(f"{option} column(s) {', '.join(missing)} not in {where} "
+                                     f"{list(columns)}")
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
             sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")
@@ -485,7 +514,10 @@ def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
     if not texts:
         return
     if not objects:
-        hint = ("; it looks like one JSON document (an array?): write one object per line, "
+        hint = ("; they look like Python dicts (quoted with '), not JSON: convert them, e.g. "
+                "python -c 'import ast, json, sys; [print(json.dumps(ast.literal_eval(l))) "
+                "for l in sys.stdin]'" if _python_dict(texts[0]) else
+                "; it looks like one JSON document (an array?): write one object per line, "
                 "e.g. jq -c '.[]'" if texts[0][:1] in "[{" else "")
         raise UsageError(f"{path}: none of the first {len(texts)} lines is a JSON object "
                          f"(--format jsonl reads one object per line){hint}")
@@ -500,6 +532,22 @@ def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
               file=sys.stderr)
         return
     raise UsageError(f"{path}: {said}: set {options}{nested}")
+
+
+def _python_dict(text: str) -> bool:
+    """Whether a line is a Python dict literal (as some published logs are written)."""
+    import ast
+
+    try:
+        return isinstance(ast.literal_eval(text), dict)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
+def _finer_unit(value: float) -> str:
+    """The unit unix times like `value` (now-ish) are in, among the finer ones."""
+    return ("milliseconds" if value < 10**14 else "microseconds" if value < 10**17
+            else "nanoseconds")
 
 
 def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
@@ -542,20 +590,22 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     median = sorted(times)[len(times) // 2] if times else 0
     if fmt.time_unit == "ms" and median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
         raise UsageError(f"{path}: times like {median * 1000} read as milliseconds are after "
-                         "the year 5000; they look like microseconds: convert them to "
-                         "milliseconds or seconds")
+                         f"the year 5000; they look like {_finer_unit(median * 1000)}: convert "
+                         "them to milliseconds or seconds")
     if fmt.time_unit == "ms":
         # Seconds read as milliseconds fall in January 1970 and their gaps shrink 1000
         # times (whole days become one session); relative times (since a log's start)
         # look the same, so this is a note, not an error.
         if times and 0 < median < LIKELY_SECONDS_AS_MS:
             print(f"note: {path}: times like {median * 1000} read as milliseconds fall in "
-                  "early 1970; if they are unix seconds, pass --time-unit s",
-                  file=sys.stderr)
+                  "early 1970: unix seconds? pass --time-unit s; times since a session's or "
+                  "the log's start? they cannot order a user's sessions or split by time: "
+                  "use the log's absolute times", file=sys.stderr)
         return
     if median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
-        hint = ("they look like milliseconds: pass --time-unit ms" if median < 10**14 else
-                "they look like microseconds: convert them to seconds or milliseconds")
+        unit = _finer_unit(median)
+        hint = ("they look like milliseconds: pass --time-unit ms" if unit == "milliseconds"
+                else f"they look like {unit}: convert them to seconds or milliseconds")
         raise UsageError(f"{path}: times like {median} are not unix seconds (that is after "
                          f"the year 5000); {hint}")
 
@@ -799,7 +849,9 @@ def run(args, output: str, files, config, options) -> dict:
         cutoffs = _read_single(outputs.join(work, "cutoffs"))
         outputs.write_text(outputs.join(tmp, schema.ITEMS_FILE), schema.vocabulary_text(vocab))
         filtered, splits = _nest(counts)
-        options_out = {k: v for k, v in vars(args).items() if k not in ("overwrite",)}
+        # (--exclude is absent when unused, so data made before the option digests the same)
+        options_out = {k: v for k, v in vars(args).items()
+                       if k != "overwrite" and not (k == "exclude" and v is None)}
         options_out["header"] = config.header
         options_out["runner"] = options.get_all_options()["runner"]
         stats = {
@@ -841,6 +893,103 @@ def _summary(stats: dict, output: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _notes(stats: dict, output: str) -> list[str]:
+    """Notes and warnings on a finished run's counts: what in the log or the options made
+    the output smaller or stranger than the user may think, and what to change."""
+    from pipeline import transforms  # (Beam: imported by the run already)
+
+    lines = []
+    options, splits, dropped = stats["options"], stats["splits"], stats["rows_filtered"]
+    if stats.get(sessions.OVERLAPPING):
+        lines.append(f"note: {stats[sessions.OVERLAPPING]:,} session(s) start before an earlier "
+                     "session of their user ends (--session-col): each sees that earlier session "
+                     "whole as its history, events after its own start included; time gaps "
+                     "(--session-gap) have no such overlap")
+    if stats["rows_read"] and stats["rows_malformed"] > MALFORMED_NOTE_SHARE * stats["rows_read"]:
+        lines.append(f"note: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows read "
+                     f"({stats['rows_malformed'] / stats['rows_read']:.0%}) are malformed: "
+                     f"{schema.MALFORMED_DIR}/ under {output} holds each with its reason")
+    # the events that reached the sessions (not malformed, not left out by --filter, not
+    # copies or past the per-user cap)
+    sessionized = (stats["rows_read"] - stats["rows_malformed"] - dropped.get(transforms.FILTER, 0)
+                   - dropped.get(sessions.DUPLICATE, 0) - dropped.get(sessions.CAPPED, 0))
+    short = dropped.get(sessions.SHORT, 0)
+    if sessionized and short > SHORT_NOTE_SHARE * sessionized:
+        length = options.get("min_session_length", 2)
+        how = (f"the log's sessions (--session-col {options['session_col']}) mostly hold fewer "
+               f"events: --min-session-length {length - 1} keeps more" if options.get("session_col")
+               else f"a gap over --session-gap {options.get('session_gap', 1800):g} s starts a new "
+               "session; for a log of sparse events (reviews, ratings, purchases) pass a longer "
+               "--session-gap (86400: a day, 604800: a week)"
+               + (", or --min-session-length 1 to keep one-event sessions" if length > 1 else ""))
+        lines.append(f"note: {short:,} of the {sessionized:,} events ({short / sessionized:.0%}) "
+                     f"were in sessions shorter than --min-session-length {length} (after "
+                     f"collapsing immediate repeats) and were dropped: {how}")
+    for name in schema.SPLITS[1:]:
+        events, unknown = splits[name]["events"], stats["unknown_target_events"][name]
+        if events and unknown > UNKNOWN_NOTE_SHARE * events:
+            count = options.get("min_item_count", 5)
+            lines.append(f"note: {unknown:,} of the {name} split's {events:,} events are items "
+                         f"outside the vocabulary (seen fewer than --min-item-count {count} "
+                         "times in train), misses for every model"
+                         + ("; a lower --min-item-count keeps more items" if count > 1 else
+                            ": items that train never holds (new items, or a time split "
+                            "after a catalogue change)"))
+    log_users = max(splits[name]["users"] for name in schema.SPLITS)
+    for name in schema.SPLITS[1:]:
+        events, users = splits[name]["events"], splits[name]["users"]
+        heaviest = stats["max_user_events"][name]
+        if log_users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
+            lines.append(f"note: one user holds {heaviest / events:.0%} of the {name} split's "
+                         f"events ({heaviest:,} of {events:,}, {users:,} "
+                         f"user{'s' * (users != 1)}): the metrics "
+                         "average over events, so that user decides them; a crawler? --exclude "
+                         "COLUMN=ID leaves a user out, --max-events-per-user N keeps each user's "
+                         "N most recent events")
+    if stats["rows_written"] and not splits["train"]["events"]:
+        lines.append(f"warning: the train split is empty ({stats['items']:,} items in the "
+                     f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train "
+                     "on; check --min-item-count and that the sessions' start times spread out")
+    elif splits["train"]["events"] and options.get("split", "time") == "time":
+        cutoffs = stats["cutoffs"]
+        for name, fraction in (("valid", "valid_fraction"), ("test", "test_fraction")):
+            if not splits[name]["events"] and options.get(fraction, 0.1) > 0:
+                tied = cutoffs.get("t_valid") == cutoffs.get("t_test")
+                lines.append(f"warning: the {name} split is empty (cut-offs {cutoffs}"
+                             + ("; equal: many sessions start at the same time, e.g. times "
+                                "of whole days" if tied else "") + "): "
+                             + ("model.train has no valid events to select a checkpoint on"
+                                if name == "valid" else "model.evaluate has nothing to score")
+                             + "; use times to the second, other --valid-fraction/"
+                             "--test-fraction, or --split users")
+    if stats["rows_written"]:
+        pairs = _float_id_pairs(output)
+        if pairs:
+            lines.append(f"note: the vocabulary holds items written both as integers and as "
+                         f"floats ({', '.join(f'{a!r} and {b!r}' for a, b in pairs[:3])}"
+                         f"{f' and {len(pairs) - 3:,} more pairs' if len(pairs) > 3 else ''}): "
+                         "two items each here; a file written from a float column (pandas "
+                         "writes an integer column with a missing value as floats)? Write "
+                         "the ids as integers")
+    if not stats["rows_written"]:
+        why = (f"; {schema.MALFORMED_DIR}/ under {output} says why rows were rejected"
+               if stats["rows_malformed"] else "")
+        lines.append(f"warning: no event was written ({stats['rows_malformed']:,} rows "
+                     f"malformed, filtered {dropped}): check the options against the log{why}")
+    return lines
+
+
+def _float_id_pairs(output: str) -> list[tuple[str, str]]:
+    """Item ids of the output's vocabulary held both as `N` and as `N.0` (the same item
+    written once from an integer, once from a float column)."""
+    try:
+        ids = set(schema.read_vocabulary(output).ids)
+    except (schema.DataError, OSError):
+        return []
+    return sorted((i[:i.index(".")], i) for i in ids
+                  if "." in i and FLOAT_ID.fullmatch(i) and i[:i.index(".")] in ids)
+
+
 def main(argv=None) -> int:
     """Entry point; returns the exit code (2 for a usage error)."""
     start = time.perf_counter()
@@ -879,38 +1028,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     print(_summary(stats, output, time.perf_counter() - start))
-    if stats.get(sessions.OVERLAPPING):
-        print(f"note: {stats[sessions.OVERLAPPING]:,} session(s) start before an earlier session "
-              "of their user ends (--session-col): each sees that earlier session whole as its "
-              "history, events after its own start included; time gaps (--session-gap) have no "
-              "such overlap", file=sys.stderr)
-    for name in schema.SPLITS[1:]:
-        events, unknown = stats["splits"][name]["events"], stats["unknown_target_events"][name]
-        if events and unknown > UNKNOWN_NOTE_SHARE * events:
-            print(f"note: {unknown:,} of the {name} split's {events:,} events are items "
-                  f"outside the vocabulary (seen fewer than --min-item-count "
-                  f"{stats['options']['min_item_count']} times in train), misses for every "
-                  "model; a lower --min-item-count keeps more items", file=sys.stderr)
-    log_users = max(stats["splits"][name]["users"] for name in schema.SPLITS)
-    for name in schema.SPLITS[1:]:
-        events, users = stats["splits"][name]["events"], stats["splits"][name]["users"]
-        heaviest = stats["max_user_events"][name]
-        if log_users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
-            print(f"note: one user holds {heaviest / events:.0%} of the {name} split's events "
-                  f"({heaviest:,} of {events:,}, {users:,} users): the metrics average over "
-                  "events, so that user decides them; a crawler? --max-events-per-user N "
-                  "keeps each user's N most recent events", file=sys.stderr)
-    if stats["rows_written"] and not stats["splits"]["train"]["events"]:
-        print(f"warning: the train split is empty ({stats['items']:,} items in the "
-              f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train on; "
-              "check --min-item-count and that the sessions' start times spread out",
-              file=sys.stderr)
-    if not stats["rows_written"]:
-        why = (f"; {schema.MALFORMED_DIR}/ under {output} says why rows were rejected"
-               if stats["rows_malformed"] else "")
-        print(f"warning: no event was written ({stats['rows_malformed']:,} rows malformed, "
-              f"filtered {stats['rows_filtered']}): check the options against the log{why}",
-              file=sys.stderr)
+    for line in _notes(stats, output):
+        print(line, file=sys.stderr)
     return 0
 
 

@@ -61,7 +61,8 @@ class RowFormat:
       session_col: the column (JSON key) of the log's own session ids; "" when sessions
         come from time gaps.
       filters: (column, values) pairs: only rows whose column (JSON key) holds one of the
-        values are events (`--filter`); the others are filtered rows, not malformed ones.
+        values are events (`--filter`; `AllBut(values)`: one of the others, `--exclude`);
+        the others are filtered rows, not malformed ones.
     """
 
     format: str
@@ -265,9 +266,35 @@ def _id(value: object, name: str) -> str:
     return text
 
 
+class AllBut(frozenset):
+    """The values a filter keeps when it names the ones it leaves out (`--exclude`):
+    `value in AllBut({"a"})` is True for every value but "a", so that a filter's check is
+    `value in kept` whichever way it was given."""
+
+    def __contains__(self, value: object) -> bool:
+        return not frozenset.__contains__(self, value)
+
+    def __repr__(self) -> str:
+        return f"AllBut({set(self)!r})"
+
+
+_WHOLE_NUMBER = re.compile(r"[+-]?\d+\.0*")
+
+
+def whole_number_text(text: str) -> str:
+    """Text as `--filter` compares it: a whole number's `.0` dropped (`5.0` and `5.` are
+    `5`, as a JSON 5.0 is), anything else as it is.
+
+    >>> whole_number_text("5.0"), whole_number_text("5.5"), whole_number_text("v1.0")
+    ('5', '5.5', 'v1.0')
+    """
+    return text[:text.index(".")] if "." in text and _WHOLE_NUMBER.fullmatch(text) else text
+
+
 def filter_text(value: object) -> str | None:
-    """A JSON value as `--filter` compares it: text stripped, a number as written in a
-    CSV file (`1.0` is `1`), true/false in lower case; None for null, arrays and objects."""
+    """A JSON value as `--filter` compares it: text stripped, a whole number without its
+    `.0` (`1.0` is `1`, in JSON as in text), true/false in lower case; None for null,
+    arrays and objects."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
@@ -276,7 +303,7 @@ def filter_text(value: object) -> str | None:
         return str(value)
     if isinstance(value, bytes):  # a Parquet binary column
         value = value.decode("utf-8", "replace")
-    return value.strip() if isinstance(value, str) else None
+    return whole_number_text(value.strip()) if isinstance(value, str) else None
 
 
 def filter_values(row: list[str] | dict, fmt: RowFormat) -> list[str | None]:
@@ -284,7 +311,8 @@ def filter_values(row: list[str] | dict, fmt: RowFormat) -> list[str | None]:
     fields (csv/tsv) or a JSON object (`filter_text`)."""
     if isinstance(row, dict):
         return [filter_text(row.get(column)) for column, _ in fmt.filters]
-    return [row[fmt.columns.index(column)].strip() for column, _ in fmt.filters]
+    return [whole_number_text(row[fmt.columns.index(column)].strip())
+            for column, _ in fmt.filters]
 
 
 def passes_filters(values: list[str | None], fmt: RowFormat) -> bool:
@@ -428,7 +456,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         if fast and (not quoted or '"' not in line):
             fields = line.split(delimiter)
             if len(fields) == width:
-                if filters and any(fields[c].strip() not in values for c, values in f_cols):
+                if filters and any(whole_number_text(fields[c].strip()) not in values
+                                   for c, values in f_cols):
                     filtered += 1
                     continue
                 user, item = fields[u_col].strip(), fields[i_col].strip()

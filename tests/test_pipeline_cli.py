@@ -523,7 +523,7 @@ def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, caps
         split_stats = stats["splits"][name]
         assert split_stats["users"] == 1 and split_stats["events"] > 0
         assert (f"note: one user holds 100% of the {name} split's events "
-                f"({split_stats['events']:,} of {split_stats['events']:,}, 1 users)") in err
+                f"({split_stats['events']:,} of {split_stats['events']:,}, 1 user)") in err
 
 
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):
@@ -1010,8 +1010,9 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
     seconds = [f"u,a,{1441864236 + 60 * k}".encode() for k in range(20)]
     cli._check_time_unit("log.csv", seconds, fmt)
     assert capsys.readouterr().err == (
-        "note: log.csv: times like 1441864000 read as milliseconds fall in early 1970; if they "
-        "are unix seconds, pass --time-unit s\n")
+        "note: log.csv: times like 1441864000 read as milliseconds fall in early 1970: unix "
+        "seconds? pass --time-unit s; times since a session's or the log's start? they cannot "
+        "order a user's sessions or split by time: use the log's absolute times\n")
     millis = [f"u,a,{1441864236661 + 60 * k}".encode() for k in range(20)]
     cli._check_time_unit("log.csv", millis, fmt)
     assert capsys.readouterr().err == ""
@@ -1289,3 +1290,106 @@ def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code in (1, 2) and message in err[-1], err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("name,content,args,message", [
+    ("log.csv", gzip.compress(b"user,item,time\nu,a,1\n"), [],
+     "log.csv holds gzip data, but its name does not say so (the compression is read from "
+     "the name): rename it to end in .gz"),
+    ("log.csv", bz2.compress(b"user,item,time\nu,a,1\n"), ["--columns", "user,item,time"],
+     "log.csv holds bzip2 data, but its name does not say so"),
+    ("log.txt", b"PK\x03\x04\x14\x00", [], "log.txt holds a zip archive, but its name does "
+     "not say so (the compression is read from the name): unpack it"),
+    ("log.jsonl", b'\xef\xbb\xbf{"user": "u", "item": "a", "time": 1}\n', [],
+     "log.jsonl holds JSON objects, not csv rows: pass --format jsonl"),
+    ("log.json", b"{'user': 'u', 'item': 'a', 'time': 1}\n", ["--format", "jsonl"],
+     "they look like Python dicts (quoted with '), not JSON: convert them, e.g. python -c"),
+], ids=["gzip", "bzip2", "zip", "jsonl-as-csv", "python-dicts"])
+def test_a_file_in_another_format_than_its_name_or_the_options_say_stops_at_once(
+        tmp_path, capsys, name, content, args, message):
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_filter_compares_whole_numbers_by_value_and_exclude_leaves_values_out(tmp_path, capsys):
+    """A rating written 5.0 in one export and 5 in another (pandas), a JSON 5.0, and
+    `--filter rating=4.0,5` all mean the same values; `--exclude user=bot` leaves a
+    crawler out and counts its rows as filtered."""
+    rows = [(f"u{k % 5}", f"i{k % 4}", 1_600_000_000 + 60 * k, ["5.0", "4", "3", "5"][k % 4])
+            for k in range(40)] + [("bot", f"i{k % 4}", 1_600_000_000 + 7 * k, "5") for k in range(9)]
+    log, jlog = tmp_path / "r.csv", tmp_path / "r.jsonl"
+    log.write_text("user,item,time,rating\n" + "".join(f"{u},{i},{t},{r}\n" for u, i, t, r in rows))
+    jlog.write_text("".join(json.dumps({"user": u, "item": i, "time": t, "rating": float(r)}) + "\n"
+                            for u, i, t, r in rows))
+    common = ["--filter", "rating=4.0,5", "--exclude", "user=bot", "--min-item-count", "1",
+              *IN_MEMORY]
+    for path, extra in ((log, []), (jlog, ["--format", "jsonl"])):
+        out = tmp_path / f"out_{path.suffix[1:]}"
+        assert cli.main(["--input", str(path), "--output", str(out), *common, *extra]) == 0
+        stats, recs = check_output(str(out))
+        assert stats["rows_filtered"]["filter"] == 10 + 9  # the 3s and the bot's rows
+        assert stats["options"]["exclude"] == [["user", ["bot"]]]
+        assert not any("bot" in recs[name] for name in recs)
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    assert cli.main(["--input", str(log), "--output", str(plain), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    assert "exclude" not in schema.read_stats(str(plain))["options"]  # digests as before
+
+
+def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsys):
+    """A log of reviews (one every few days per user) under the 30-minute gap: nearly all
+    sessions are one event long. Times of whole days: both cut-offs fall on one day."""
+    day = 86_400
+    reviews = tmp_path / "reviews.csv"
+    reviews.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 11},{1_600_000_000 + 3 * day * k + 3600 * u}\n"
+        for u in range(30) for k in range(8)))
+    out = tmp_path / "reviews_out"
+    assert cli.main(["--input", str(reviews), "--output", str(out), *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert ("note: 240 of the 240 events (100%) were in sessions shorter than "
+            "--min-session-length 2 (after collapsing immediate repeats) and were dropped: a gap "
+            "over --session-gap 1800 s starts a new session; for a log of sparse events "
+            "(reviews, ratings, purchases) pass a longer --session-gap (86400: a day, 604800: a "
+            "week), or --min-session-length 1 to keep one-event sessions") in err
+    assert "warning: no event was written" in err
+    dated = tmp_path / "dated.csv"  # whole days; the last day holds 40% of the sessions
+    dated.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + k) % 5},{(1_600_000_000 // day + (9 if u >= 30 else u % 9)) * day}\n"
+        for u in range(50) for k in range(3)))
+    out = tmp_path / "dated_out"
+    assert cli.main(["--input", str(dated), "--output", str(out), *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["cutoffs"]["t_valid"] == stats["cutoffs"]["t_test"]
+    assert stats["splits"]["valid"]["events"] == 0 and stats["splits"]["test"]["events"] > 0
+    assert ("warning: the valid split is empty (cut-offs " in capsys.readouterr().err)
+
+
+def test_notes_on_a_finished_runs_counts(tmp_path):
+    """`_notes` from stats.json's counts: malformed rows, unknown targets with
+    --min-item-count 1, and items written both as 7 and 7.0."""
+    schema.write_vocabulary(str(tmp_path / "items.tsv"),
+                            [("7", 5), ("7.0", 4), ("8", 3), ("x.0", 2), ("9.5", 1), ("9", 1)])
+    splits = {name: {"users": 30, "sessions": 40, "events": 100} for name in schema.SPLITS}
+    stats = {"rows_read": 1000, "rows_malformed": 200, "rows_written": 300,
+             "rows_filtered": {"short_session": 100, "filter": 400}, "splits": splits,
+             "items": 6, "cutoffs": {"t_valid": 5, "t_test": 9},
+             "options": {"min_item_count": 1, "session_gap": 1800, "min_session_length": 2,
+                         "split": "time", "valid_fraction": 0.1, "test_fraction": 0.1},
+             "max_user_events": {"train": 5, "valid": 5, "test": 5},
+             "unknown_target_events": {"valid": 10, "test": 60}}
+    notes = cli._notes(stats, str(tmp_path))
+    assert notes == [
+        f"note: 200 of the 1,000 rows read (20%) are malformed: malformed/ under {tmp_path} "
+        "holds each with its reason",
+        "note: 60 of the test split's 100 events are items outside the vocabulary (seen fewer "
+        "than --min-item-count 1 times in train), misses for every model: items that train "
+        "never holds (new items, or a time split after a catalogue change)",
+        "note: the vocabulary holds items written both as integers and as floats ('7' and "
+        "'7.0'): two items each here; a file written from a float column (pandas writes an "
+        "integer column with a missing value as floats)? Write the ids as integers"]
