@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 from typing import Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -255,6 +256,19 @@ def sample_users(data_dir: str, split: str, count: int, max_events: int = 0) -> 
     return UserSample(ids, len(chosen), events, len(users), sum(n for _, n in users))
 
 
+def _check_writable(path: str) -> None:
+    """Creates the folder of an output file and a file in it (removed at once), so that a
+    file that cannot be written is said before the evaluation, not after it.
+
+    Raises:
+      OSError: the folder cannot be made or written.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.probe-"):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: evaluate a trained run or a baseline; prints the metrics JSON."""
     from model import baselines
@@ -294,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if schema.is_remote(args.data):
         quiet.import_tensorflow()
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
+    result = None
     try:
         if not schema.is_folder(args.data):
             what = "is a file, not a folder" if os.path.isfile(args.data) else "no such folder"
@@ -303,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("--per-user-output", args.per_user_output)):
             if path and os.path.isdir(path):  # said now, not after the whole evaluation
                 raise schema.DataError(f"{option} {path} is a folder: pass a file name")
+            if path and not schema.is_remote(path):
+                _check_writable(path)
         if (args.output and args.per_user_output and not schema.is_remote(args.output)
                 and os.path.abspath(args.output) == os.path.abspath(args.per_user_output)):
             raise schema.DataError(f"--per-user-output {args.per_user_output} is --output's "
@@ -342,8 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         written = " and ".join(p for p in (args.per_user_output, args.output) if p)
         where = storage.path_error(e)
-        print(f"{parser.prog}: error: cannot write {written or 'the results'}: "
-              f"{where or storage.reason_or_raise(e)}", file=sys.stderr)
+        reason = where or storage.reason_or_raise(e)
+        if result is not None:  # the metrics are not lost with the file: printed
+            print(json.dumps(result, indent=2))
+        print(f"{parser.prog}: error: cannot write {written or 'the results'}: {reason}"
+              + ("; the metrics are printed above" if result is not None else ""),
+              file=sys.stderr)
         return 2 if where else 1
     print(json.dumps(result, indent=2))
     return 0

@@ -469,9 +469,63 @@ def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: b
     """
     policy = tf.keras.mixed_precision.global_policy()
     try:
-        return _train(data_dir, run_dir, config, progress)
+        with _run_lock(run_dir):
+            return _train(data_dir, run_dir, config, progress)
     finally:
         tf.keras.mixed_precision.set_global_policy(policy)
+
+
+LOCK_FILE = ".train.lock"
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: str):
+    """Holds the run folder for this process while it trains (an advisory lock on
+    RUN/.train.lock, released by the system however the process ends): a second
+    `model.train` into the same folder would train beside the first and overwrite its
+    checkpoints with its own.
+
+    Raises:
+      RunError: another process holds the folder.
+    """
+    import fcntl
+
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise registry.RunError(
+                f"{run_dir} is being trained by another process"
+                + (f" (pid {holder})" if holder else "") + ": wait for it to end, or pass "
+                "another --model-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
+def _remove_partial_saves(run_dir: str) -> list[str]:
+    """Removes what a save that did not finish left in the run's checkpoint folders (TF
+    writes a checkpoint into PREFIX_temp and moves it in place when complete; a full disk
+    or a kill leaves the folder); returns what was removed."""
+    import glob
+    import shutil
+
+    removed = []
+    for folder in (registry.CHECKPOINT_DIR, registry.BEST_DIR):
+        for path in glob.glob(os.path.join(glob.escape(run_dir), folder, "*_temp")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool) -> dict:
@@ -505,7 +559,18 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     # Two kept: the one best.json names survives until best.json names the next.
     best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                               os.path.join(run_dir, registry.BEST_DIR), max_to_keep=2)
+    _remove_partial_saves(run_dir)
     best = registry.read_best(run_dir)
+    if best is not None and not manager.latest_checkpoint:
+        # the training that chose it is gone (its first checkpoint never completed, or the
+        # checkpoints were deleted): this run starts from step 0 and chooses its own
+        import shutil
+
+        print(f"note: {run_dir} holds a best checkpoint of step {best['step']} but no training "
+              "checkpoint to resume: that training is lost, so its best is discarded and the "
+              "run starts from step 0", file=sys.stderr)
+        shutil.rmtree(os.path.join(run_dir, registry.BEST_DIR))
+        best = None
     batcher = batching.QueueBatcher(
         users, tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,
@@ -887,9 +952,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if where:
             print(f"error: cannot write to {args.model_dir}: {where}", file=sys.stderr)
             return 2
-        print(f"error: cannot write to {args.model_dir}: {storage.reason_or_raise(e)}; it keeps "
-              "its last complete checkpoint: make room and rerun the same command to resume",
-              file=sys.stderr)
+        reason = storage.reason_or_raise(e)
+        _remove_partial_saves(args.model_dir)
+        kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
+        print(f"error: cannot write to {args.model_dir}: {reason}; "
+              + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): make room "
+                 "and rerun the same command to resume" if kept else
+                 "no checkpoint was complete, so the steps trained are lost: make room and "
+                 "rerun the same command to start again"), file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 130 if summary.get("stopped_by") == "interrupted" else 0

@@ -344,3 +344,41 @@ def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_
     assert "Traceback" not in res.stderr
     assert not out.exists()  # the old metrics went before the new per-user file was written
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_an_output_that_cannot_be_written_is_said_before_the_evaluation(full_data, tmp_path,
+                                                                         capsys, monkeypatch):
+    """A folder that cannot be made (a parent is a file here; a read-only one alike) is
+    said before the evaluation, which can take many minutes, not after it."""
+    ran = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(1) or real(*a, **k))
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "m.json"
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "popularity",
+                              "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m model.evaluate: error: cannot write {out}: ") and not ran
+    ok = tmp_path / "new" / "m.json"  # a missing folder is made
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "popularity",
+                              "--output", str(ok), "--no-progress"]) == 0
+    assert ran and json.loads(ok.read_text())["events"] > 0
+    assert os.listdir(ok.parent) == ["m.json"]  # the probe left nothing
+
+
+def test_metrics_that_cannot_be_written_after_the_evaluation_are_printed(full_data, tmp_path):
+    import subprocess
+    import sys
+
+    from tiny_logs import file_size_limit
+
+    out = tmp_path / "m.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "model.evaluate", "--data", full_data, "--split",
+                          "test", "--model", "popularity", "--output", str(out), "--no-progress"],
+                         cwd=repo, capture_output=True, text=True, timeout=300,
+                         preexec_fn=file_size_limit(256))
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.splitlines()[-1] == (f"python -m model.evaluate: error: cannot write {out}: "
+                                           "File too large; the metrics are printed above")
+    assert json.loads(res.stdout)["events"] > 0 and not out.exists()

@@ -434,3 +434,65 @@ def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config
                                               abs=0.002)
     # (a process's first step, which traces, is not in the rate: the one step adds nothing)
     assert second["events"] == first["events"] and second["events_per_s"] == first["events_per_s"]
+
+
+def test_a_run_folder_another_process_trains_is_refused(data, config_file, tmp_path, capsys):
+    """A second `model.train` into a folder that one is training would train beside it and
+    overwrite its checkpoints: refused in one line while the first holds its lock."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / train_lib.LOCK_FILE, "w") as lock:  # as the first process holds it
+        lock.write("4242\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train_lib.main(_args(data, str(run), config_file, "--steps", "2", *EXACT)) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {run} is being trained by another process (pid 4242): wait "
+                       "for it to end, or pass another --model-dir\n")
+        assert sorted(os.listdir(run)) == [train_lib.LOCK_FILE]
+    assert train_lib.main(_args(data, str(run), config_file, "--steps", "2", *EXACT)) == 0
+
+
+def test_a_best_checkpoint_without_its_training_is_discarded(data, config_file, tmp_path, capsys):
+    """A run whose first training checkpoint never completed (a full disk at its save) or
+    whose checkpoints were deleted keeps a best/ of training that is gone: the rerun starts
+    from step 0, so that best is discarded, not shipped as this run's; a save's leftover
+    PREFIX_temp folder goes too."""
+    run = str(tmp_path / "run")
+    args = _args(data, run, config_file, "--steps", "4", "--eval-every", "2", "--dropout", "0")
+    assert train_lib.main(args) == 0
+    assert registry.read_best(run)["step"] in (2, 4)
+    ckpts = os.path.join(run, registry.CHECKPOINT_DIR)
+    for name in os.listdir(ckpts):
+        os.remove(os.path.join(ckpts, name))
+    os.makedirs(os.path.join(ckpts, "ckpt-9_temp"))
+    capsys.readouterr()
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err
+    assert "holds a best checkpoint of step" in err and "the run starts from step 0" in err
+    assert not os.path.exists(os.path.join(ckpts, "ckpt-9_temp"))
+    summary = json.load(open(os.path.join(run, "train_summary.json")))
+    assert summary["steps"] == 4 and registry.read_best(run)["step"] in (2, 4)
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_file, tmp_path):
+    """A write past the file size limit fails as on a full disk (EFBIG for ENOSPC): at the
+    first checkpoint no checkpoint is complete, and the message says so instead of
+    promising a resume; the half-written save is removed."""
+    from tiny_logs import file_size_limit
+
+    run = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "model.train",
+                           *_args(data, run, config_file, "--steps", "3", *EXACT)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(64 << 10))
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write to {run}: ") and last.endswith(
+        "no checkpoint was complete, so the steps trained are lost: make room and rerun the "
+        "same command to start again"), last
+    ckpts = os.path.join(run, registry.CHECKPOINT_DIR)
+    assert not [n for n in os.listdir(ckpts) if n.endswith("_temp")]
+    assert tf.train.latest_checkpoint(ckpts) is None
