@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -38,6 +39,8 @@ from pipeline import argtypes, schema, storage
 EVAL_SPLITS = ("valid", "test")
 # Users read ahead and reordered at once (`_most_events_first`).
 SORT_WINDOW = 1024
+# progress in a log file (not a terminal): a line this often, as `model.train`'s
+LOG_FILE_SECONDS = 30.0
 
 
 def _pad(sessions: Sequence[np.ndarray]) -> np.ndarray:
@@ -179,8 +182,10 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     users = itertools.islice(users, max_users)
     acc = metrics.MetricsAccumulator()
     ids: list[str] = []
-    with tqdm(total=total, unit="user", desc=f"evaluate {scorer.name} on {split}",
-              disable=not progress) as bar:
+    desc = f"evaluate {scorer.name} on {split}"
+    with (tqdm(total=total, unit="user", desc=desc, disable=not progress)
+          if not progress or sys.stderr.isatty() or "ipykernel" in sys.modules
+          else LineProgress(total, desc)) as bar:
         for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
                                    vocab.size):
             _evaluate_batch(scorer, batch, vocab.size, acc, len(ids))
@@ -191,6 +196,47 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     if per_user_output:
         write_per_user(per_user_output, ids, acc.per_user(len(ids)))
     return out
+
+
+class LineProgress:
+    """Progress for a log file, not a terminal: a line every `every` seconds (a bar
+    redrawn with carriage returns shows nothing to `tail -f` until it ends)."""
+
+    def __init__(self, total: int | None, desc: str, every: float = LOG_FILE_SECONDS,
+                 out=None):
+        self.total, self.desc, self.every = total, desc, every
+        self.out = out or sys.stderr
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self._line()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.every:
+            self._line()
+
+    def _line(self) -> None:
+        self.last = now = time.monotonic()
+        elapsed = now - self.start
+        of = ""
+        if self.total:
+            of = f" of {self.total:,} ({self.done / self.total:.0%})"
+            if 0 < self.done < self.total:
+                of += f", about {_clock(elapsed * (self.total - self.done) / self.done)} left"
+        print(f"{self.desc}: {self.done:,} users{of}, {_clock(elapsed)} elapsed",
+              file=self.out, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
+        else f"{minutes}:{seconds:02d}"
 
 
 def write_per_user(path: str, user_ids: Sequence[str], sums: dict[str, np.ndarray]) -> None:

@@ -1,6 +1,8 @@
 """model.evaluate on hand-made TFRecords: lock-step order, online updates, the CLI."""
+import io
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -375,10 +377,25 @@ def test_metrics_that_cannot_be_written_after_the_evaluation_are_printed(full_da
     out = tmp_path / "m.json"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-m", "model.evaluate", "--data", full_data, "--split",
-                          "test", "--model", "popularity", "--output", str(out), "--no-progress"],
+                          "test", "--model", "popularity", "--output", str(out)],
                          cwd=repo, capture_output=True, text=True, timeout=300,
                          preexec_fn=file_size_limit(256))
     assert res.returncode == 1, res.stderr
+    # progress into a pipe (a log file): lines, not a bar redrawn with carriage returns
+    assert "\r" not in res.stderr
+    assert re.search(r"^evaluate popularity on test: [\d,]+ users of [\d,]+ \(100%\), 0:\d\d "
+                     r"elapsed$", res.stderr, re.M), res.stderr
     assert res.stderr.splitlines()[-1] == (f"python -m model.evaluate: error: cannot write {out}: "
                                            "File too large; the metrics are printed above")
     assert json.loads(res.stdout)["events"] > 0 and not out.exists()
+
+
+def test_progress_in_a_log_file_is_a_line_at_a_time():
+    out = io.StringIO()
+    with ev.LineProgress(10, "evaluate m on test", every=0, out=out) as bar:
+        bar.update(4)
+        bar.update(6)
+    lines = out.getvalue().splitlines()
+    assert re.fullmatch(r"evaluate m on test: 4 users of 10 \(40%\), about 0:\d\d left, 0:\d\d "
+                        r"elapsed", lines[0]), lines
+    assert lines[1].startswith("evaluate m on test: 10 users of 10 (100%), 0:") and len(lines) == 3
