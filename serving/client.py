@@ -443,6 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
     rec.add_argument("-k", type=argtypes.count_int32, default=10, help="how many items")
+    rec.add_argument("--keep-last", action="store_true",
+                     help="keep the session's last item in the answer (left out by default: "
+                          "the pipeline collapses immediate repeats, so it is never the next "
+                          "item the model was trained to predict)")
     end = commands.add_parser("end-session", help="fold a finished session into the user's state")
     end.add_argument("--user", required=True)
     given = end.add_mutually_exclusive_group(required=True)
@@ -514,8 +518,13 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     """Top-k for the user's current session, from the stored state of the pinned version."""
     resolved = _resolve(client, store, args.user)
     items = _items(args)
-    ids, scores = client.next_items(resolved.state[None], [items], args.k, [resolved.history])
-    ranked = [{"item": i, "score": float(s)} for i, s in zip(ids[0], scores[0])]
+    # the item the user is on is never their next one (the pipeline collapses immediate
+    # repeats), yet a model may rank it first (a new user's only seen item): left out
+    left_out = items[-1] if items and not args.keep_last else None
+    k = min(args.k + (left_out is not None), 2**31 - 1)  # (an int32 input)
+    ids, scores = client.next_items(resolved.state[None], [items], k, [resolved.history])
+    ranked = [{"item": i, "score": float(s)} for i, s in zip(ids[0], scores[0])
+              if i != left_out][:args.k]
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "session": items, "items": ranked}
     lines = [f"{resolved.message}; model {client.model_name} version {client.pinned_version}"]

@@ -437,3 +437,24 @@ def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_recommend_leaves_out_the_item_the_session_is_on(capsys, served, tmp_path):
+    """The session's last item is never its next one (the pipeline collapses immediate
+    repeats), yet a model may rank it high (a new user's only seen item): `recommend`
+    leaves it out and still answers k items; `--keep-last` gives the model's own list."""
+    db = tmp_path / "s.sqlite"
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c:
+        c.pin()
+        zero = c.zero_states(1)
+        for item in served["vocab"].ids[2:]:  # an item the model ranks in its own top 3
+            ids, _ = c.next_items(zero, [[item]], k=4, history=[[]])
+            if item in ids[0][:3]:
+                break
+        else:
+            pytest.fail("no item ranks itself in the top 3 of this model")
+    kept = run_cli(capsys, served, db, "recommend", "--user", "new1", "--items", item, "-k", "3",
+                   "--keep-last")
+    assert [e["item"] for e in kept["items"]] == ids[0][:3]
+    left = run_cli(capsys, served, db, "recommend", "--user", "new2", "--items", item, "-k", "3")
+    assert [e["item"] for e in left["items"]] == [i for i in ids[0] if i != item][:3]
