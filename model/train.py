@@ -798,7 +798,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
         "stopped_by": stop_reason, "seconds": round(whole["seconds"], 3),
-        "seconds_this_run": round(seconds, 3), "step_seconds": round(whole["step_seconds"], 3),
+        "seconds_this_run": round(seconds, 3),
+        # this process's time from its first step, and its valid evaluations' (not
+        # in `seconds`)
+        "wall_seconds_this_run": round(time.perf_counter() - wall_start, 3),
+        "eval_seconds_this_run": round(eval_seconds, 3),
+        "step_seconds": round(whole["step_seconds"], 3),
         "events": whole["events"],
         "events_per_s": round(whole["events"] / max(whole["step_seconds"], 1e-9), 1),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),

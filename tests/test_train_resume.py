@@ -420,6 +420,8 @@ def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config
     with open(summary_file) as f:
         first = json.load(f)
     assert first["seconds"] == first["seconds_this_run"] and first["events"] > 0
+    assert first["eval_seconds_this_run"] == 0  # (--eval-every 0)
+    assert first["wall_seconds_this_run"] >= first["seconds_this_run"]
     # resumed for many more steps with a limit the first process alone has used up: it
     # trains one step (the limit is checked after each) and stops
     limit = f"{first['seconds'] * 0.9 / 60:.6f}"
@@ -475,6 +477,7 @@ def test_a_best_checkpoint_without_its_training_is_discarded(data, config_file, 
     assert not os.path.exists(os.path.join(ckpts, "ckpt-9_temp"))
     summary = json.load(open(os.path.join(run, "train_summary.json")))
     assert summary["steps"] == 4 and registry.read_best(run)["step"] in (2, 4)
+    assert 0 < summary["eval_seconds_this_run"] < summary["wall_seconds_this_run"]
 
 
 def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_file, tmp_path):
