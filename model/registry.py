@@ -49,9 +49,23 @@ def build_model(name: str, config, vocab_size: int, item_counts: np.ndarray | No
     """
     if name not in MODELS:
         raise RunError(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
+    check_keras()
     model = MODELS[name](config, vocab_size, item_counts=item_counts, load_pretrained=load_pretrained)
     model.build_weights()
     return model
+
+
+def check_keras() -> None:
+    """Raises RuntimeError when `tf.keras` is Keras 3 in this process: TensorFlow binds it
+    at its first use, so `TF_USE_LEGACY_KERAS=1` (set by `import model`) comes too late
+    in a notebook that used `tf.keras` before, and a checkpoint of these tf-keras models
+    would restore into a Keras 3 model only in part, without an error."""
+    if not tf.keras.layers.Layer.__module__.startswith("tf_keras"):
+        version = getattr(tf.keras, "__version__", "3")
+        raise RuntimeError(
+            f"tf.keras is Keras {version} in this process, and these models need tf-keras "
+            "(Keras 2): `import model` (or set TF_USE_LEGACY_KERAS=1) before tf.keras is first "
+            "used, e.g. in the notebook's first cell, and restart the process")
 
 
 def check_vocabulary(run_vocab: schema.Vocabulary, data_vocab: schema.Vocabulary,
@@ -147,7 +161,14 @@ def load_model(run_dir: str, which: str = "best"
     checkpoint = checkpoint_path(run_dir, which)
     model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,
                         load_pretrained=False)
-    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+    status = tf.train.Checkpoint(model=model).restore(checkpoint)
+    status.expect_partial()  # (a training checkpoint also holds the optimizer's slots)
+    try:  # every variable of the model, though: none may keep its initial value
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise RunError(f"{checkpoint} does not hold every variable of the "
+                       f"{config.model_name} model this code builds (saved by another "
+                       f"version?): {str(e).splitlines()[0][:200]}") from None
     return model, config, vocab
 
 

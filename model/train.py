@@ -461,56 +461,58 @@ def evaluate_valid(model, data_dir: str, user_ids=None, scorer=None, users=None)
 
 def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool = True) -> dict:
     """Trains (or resumes) a run; returns the summary written to RUN/train_summary.json.
-    Keras's global dtype policy (set by `mixed_precision`) is the caller's again afterwards.
+    Keras's global dtype policy (set by `mixed_precision`) is the caller's again afterwards;
+    the process's random generators (Python's, NumPy's and TensorFlow's global ones) are
+    seeded with `train.seed`, as `tf.keras.utils.set_random_seed` does. A config with
+    neither `steps` nor `epochs` trains `DEFAULT_STEPS` steps, as the command line does.
 
     Raises:
       DataError, ConfigError, RunError: bad data folder, option or run folder.
       TrainingError: the loss became NaN (the last good checkpoint is kept).
     """
+    if config.train.steps == 0 and config.train.epochs == 0:
+        config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
     policy = tf.keras.mixed_precision.global_policy()
+    lock = RunLock(run_dir)
     try:
-        with _run_lock(run_dir):
-            return _train(data_dir, run_dir, config, progress)
+        return _train(data_dir, run_dir, config, progress, lock)
     finally:
+        lock.release()
         tf.keras.mixed_precision.set_global_policy(policy)
 
 
-LOCK_FILE = ".train.lock"
+class RunLock:
+    """Holds a run folder for this process while it trains: an advisory lock (flock) on
+    the folder itself, released by the system however the process ends, and nothing
+    written into the folder. A second `model.train` into the same folder would train
+    beside the first and overwrite its checkpoints with its own."""
 
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self._fd = None
 
-@contextlib.contextmanager
-def _run_lock(run_dir: str):
-    """Holds the run folder for this process while it trains (an advisory lock on
-    RUN/.train.lock, released by the system however the process ends): a second
-    `model.train` into the same folder would train beside the first and overwrite its
-    checkpoints with its own.
+    def acquire(self) -> None:
+        """Creates the folder if missing and locks it.
 
-    Raises:
-      RunError: another process holds the folder.
-    """
-    import fcntl
+        Raises:
+          RunError: another process holds it.
+        """
+        import fcntl
 
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, LOCK_FILE)
-    with open(path, "a+", encoding="utf-8") as f:
+        os.makedirs(self.run_dir, exist_ok=True)
+        fd = os.open(self.run_dir, os.O_RDONLY)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
-            raise registry.RunError(
-                f"{run_dir} is being trained by another process"
-                + (f" (pid {holder})" if holder else "") + ": wait for it to end, or pass "
-                "another --model-dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
+            os.close(fd)
+            raise registry.RunError(f"{self.run_dir} is being trained by another process: wait "
+                                    "for it to end, or pass another --model-dir") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # (closing the last descriptor releases the lock)
+            self._fd = None
 
 
 def _remove_partial_saves(run_dir: str) -> list[str]:
@@ -528,7 +530,8 @@ def _remove_partial_saves(run_dir: str) -> list[str]:
     return removed
 
 
-def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool) -> dict:
+def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool,
+           lock: RunLock) -> dict:
     cls = registry.MODELS.get(config.model_name)
     if config.train.jit_compile and cls is not None and not cls.xla_ready:
         raise config_lib.ConfigError(
@@ -537,6 +540,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             "does")
     vocab = check_data(data_dir)
     config = resolve_loss(config, vocab.size)
+    lock.acquire()  # (after the checks of the data: a refused command makes no folder)
     changed = prepare_run_dir(run_dir, config, data_dir, vocab)
     tc = config.train
     tf.keras.utils.set_random_seed(tc.seed)
@@ -794,7 +798,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         seconds = whole["seconds"] - before["seconds"]
         # the last evaluation, unless interrupted (a stop signal's grace period is short)
         if tc.eval_every and step and evaluated_step != step and stop_reason != "interrupted":
+            t1 = time.perf_counter()
             valid = evaluate_and_select(step)
+            eval_seconds += time.perf_counter() - t1
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
         "stopped_by": stop_reason, "seconds": round(whole["seconds"], 3),
@@ -927,17 +933,34 @@ def _events(path: str):
         return
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int:
     """Entry point; returns the exit status (2: a usage or data error, 130: interrupted by
-    Ctrl-C or SIGTERM, after a checkpoint of the steps done)."""
+    Ctrl-C or SIGTERM, after a checkpoint of the steps done).
+
+    It takes SIGTERM and SIGINT while it runs and gives the caller's handlers back when it
+    returns (a notebook, a service); `restore_signals=False` (the command line) keeps its
+    own until the process ends, so that a second stop signal after the checkpoint is
+    still a note, not a traceback or a kill."""
     args = parse_args(argv)
+    handlers = {}  # the caller's, given back on return
     if threading.current_thread() is threading.main_thread():
+        if restore_signals:
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
         # Ctrl-C too, except where it is ignored (a background job); a second `main` in
         # one process (a notebook) takes it back from an earlier stop's `_already_stopping`
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,
                                                _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return _main(args)
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:  # (None: not set from Python; left as it is)
+                signal.signal(sig, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
             raise TrainingError(f"--model-dir {args.model_dir} is a file: pass a run folder "
@@ -971,4 +994,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restore_signals=False))

@@ -111,7 +111,20 @@ def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None,
 
     Returns:
       object [B, W].
+
+    Raises:
+      TypeError: a row that is a string rather than a list of ids (it would be read as its
+        characters), or an id that is not a string (an integer id is not the string the
+        vocabulary holds: it would be scored as an unknown item).
     """
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)):
+            raise TypeError(f"row {i} is the string {row[:40]!r}, not a list of item ids: "
+                            f"pass [[{row[:40]!r}]] for one user's one item")
+        bad = next((item for item in row if not isinstance(item, str)), None)
+        if bad is not None:
+            raise TypeError(f"row {i} holds the {type(bad).__name__} {bad!r}: item ids are "
+                            "strings, as in the pipeline's items.tsv (str(...) them)")
     longest = max([len(r) for r in rows] + [1])
     if width is None:
         cols = longest

@@ -427,6 +427,9 @@ class ResolvedState:
         return [item for session in self.sessions for item in session]
 
 
+# One user's state [H] and one session's ids → the state after it, on one model version;
+# from a `serving.client.HierTCNClient` (whose `update_state` takes batches):
+# `lambda state, session: client.update_state(state[None], [session])[0]`.
 UpdateFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
@@ -540,6 +543,8 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
       StateConflict: still conflicting after `RETRY_SECONDS`.
     """
     items = list(items)
+    if not items:
+        raise ValueError(f"user {user_id!r}: an empty session; nothing to fold in")
     deadline = time.monotonic() + RETRY_SECONDS
     attempts = 0
     while True:

@@ -101,6 +101,12 @@ def test_pad_rows():
     assert client_lib.pad_rows([["a", "b", "c"]], 2).tolist() == [["a", "b", "c", ""]]
     assert client_lib.pad_rows([["a", "b", "c"], ["d"]], 2, truncate=True).tolist() == [
         ["b", "c"], ["d", ""]]
+    # a string for a row would be read as its characters, an int id as an unknown item
+    with pytest.raises(TypeError, match=r"row 0 is the string '190', not a list of item ids"):
+        client_lib.pad_rows(["190"])
+    with pytest.raises(TypeError, match=r"row 1 holds the int 190: item ids are strings"):
+        client_lib.pad_rows([["a"], ["b", 190]])
+    assert client_lib.pad_rows([np.array(["a", "b"])]).tolist() == [["a", "b"]]  # numpy str
 
 
 def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):

@@ -413,3 +413,9 @@ def test_forget_deletes_a_users_records_without_a_server(tmp_path, capsys):
     with pytest.raises(SystemExit):
         client.main(["--state-db", path, "status"])
     assert "status needs --model-name" in capsys.readouterr().err
+
+
+def test_an_empty_session_is_refused(store):
+    with pytest.raises(ValueError, match="an empty session; nothing to fold in"):
+        state_store.end_session(store, "u", 1, 2, lambda s, x: s + 1, [])
+    assert store.latest("u") is None

@@ -459,3 +459,42 @@ def test_the_config_file_names_the_model_when_the_command_line_does_not(data, tm
     assert summary["model"] == "gru4rec" and summary["steps"] == 2
     with open(os.path.join(run, "config.json")) as f:
         assert json.load(f)["model"]["units"] == 8
+
+
+def test_the_python_api_trains_the_default_steps_and_gives_the_signal_handlers_back(
+        data, tmp_path, monkeypatch):
+    """`train.train` with neither steps nor epochs trains DEFAULT_STEPS steps as the
+    command line does (it sized its schedule for 2 steps and ran a whole pass); `main`
+    returns the caller's SIGTERM and SIGINT handlers (a notebook's first SIGTERM raised
+    KeyboardInterrupt and the next ones were ignored)."""
+    import signal
+
+    monkeypatch.setattr(config_lib, "DEFAULT_STEPS", 3)
+    classes = registry.config_classes()
+    config = config_lib.RunConfig.from_dict(
+        {**TINY, "train": {**TINY["train"], "eval_every": 0}}, classes)
+    assert (config.train.steps, config.train.epochs) == (0, 0)
+    summary = train_lib.train(data, str(tmp_path / "run"), config, progress=False)
+    assert summary["steps"] == 3 and summary["stopped_by"] == "steps"
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    assert train_lib.main(["--data", str(tmp_path / "none"), "--model-dir",
+                           str(tmp_path / "r2")]) == 2
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_tf_keras_bound_to_keras_3_before_the_import_is_refused():
+    """A notebook that used tf.keras before `import model` has Keras 3 there: a checkpoint
+    would restore into a Keras 3 model in part, leaving the item embeddings random."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import tensorflow as tf; tf.keras.layers; import model; "
+            "from model import config, registry; "
+            "registry.build_model('hiertcn', config.HierTCNConfig(), 10)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                         timeout=300, env={k: v for k, v in os.environ.items()
+                                           if k != "TF_USE_LEGACY_KERAS"})
+    assert res.returncode == 1
+    assert ("RuntimeError: tf.keras is Keras 3" in res.stderr and "`import model` (or set "
+            "TF_USE_LEGACY_KERAS=1) before tf.keras is first used" in res.stderr), res.stderr

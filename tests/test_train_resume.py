@@ -380,8 +380,13 @@ def test_signals_after_the_first_stop_are_noted_and_ignored(capsys):
         time.sleep(0.1)  # the handlers run here: nothing raises
         assert capsys.readouterr().err.count("already stopping: the checkpoint is being "
                                              "written") == 2
-        # a later run in the same process (a notebook) stops on a Ctrl-C again
-        assert train_lib.main(["--data", "/nonexistent", "--model-dir", "/nonexistent"]) == 2
+        # a later run in the same process takes them back from `_already_stopping` (it
+        # stops on a Ctrl-C again); as a library call it gives back what it found
+        args = ["--data", "/nonexistent", "--model-dir", "/nonexistent"]
+        assert train_lib.main(args) == 2
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) \
+            is train_lib._already_stopping
+        assert train_lib.main(args, restore_signals=False) == 2
         assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) \
             is train_lib._interrupt
     finally:
@@ -440,21 +445,26 @@ def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config
 
 def test_a_run_folder_another_process_trains_is_refused(data, config_file, tmp_path, capsys):
     """A second `model.train` into a folder that one is training would train beside it and
-    overwrite its checkpoints: refused in one line while the first holds its lock."""
+    overwrite its checkpoints: refused in one line while the first holds its lock (the
+    flock of another process's descriptor on the folder, as the first process holds it);
+    nothing is written into the folder for it."""
     import fcntl
 
     run = tmp_path / "run"
     run.mkdir()
-    with open(run / train_lib.LOCK_FILE, "w") as lock:  # as the first process holds it
-        lock.write("4242\n")
-        lock.flush()
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = os.open(run, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert train_lib.main(_args(data, str(run), config_file, "--steps", "2", *EXACT)) == 2
         err = capsys.readouterr().err
-        assert err == (f"error: {run} is being trained by another process (pid 4242): wait "
-                       "for it to end, or pass another --model-dir\n")
-        assert sorted(os.listdir(run)) == [train_lib.LOCK_FILE]
+        assert err == (f"error: {run} is being trained by another process: wait for it to end, "
+                       "or pass another --model-dir\n")
+        assert os.listdir(run) == []
+    finally:
+        os.close(fd)
     assert train_lib.main(_args(data, str(run), config_file, "--steps", "2", *EXACT)) == 0
+    # the lock goes with the run: a second run into the folder in this process trains
+    assert train_lib.main(_args(data, str(run), config_file, "--steps", "3", *EXACT)) == 0
 
 
 def test_a_best_checkpoint_without_its_training_is_discarded(data, config_file, tmp_path, capsys):
