@@ -29,9 +29,11 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -515,19 +517,13 @@ class RunLock:
             self._fd = None
 
 
-def _remove_partial_saves(run_dir: str) -> list[str]:
+def _remove_partial_saves(run_dir: str) -> None:
     """Removes what a save that did not finish left in the run's checkpoint folders (TF
     writes a checkpoint into PREFIX_temp and moves it in place when complete; a full disk
-    or a kill leaves the folder); returns what was removed."""
-    import glob
-    import shutil
-
-    removed = []
+    or a kill leaves the folder)."""
     for folder in (registry.CHECKPOINT_DIR, registry.BEST_DIR):
         for path in glob.glob(os.path.join(glob.escape(run_dir), folder, "*_temp")):
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool,
@@ -568,8 +564,6 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if best is not None and not manager.latest_checkpoint:
         # the training that chose it is gone (its first checkpoint never completed, or the
         # checkpoints were deleted): this run starts from step 0 and chooses its own
-        import shutil
-
         print(f"note: {run_dir} holds a best checkpoint of step {best['step']} but no training "
               "checkpoint to resume: that training is lost, so its best is discarded and the "
               "run starts from step 0", file=sys.stderr)

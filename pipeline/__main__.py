@@ -48,8 +48,6 @@ COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic,
     (rb"\xfd7zXZ\x00", "xz data", "rename it to end in .xz"),
     (rb"\x28\xb5\x2f\xfd", "zstandard data", "decompress it"),
     (rb"PK\x03\x04", "a zip archive", "unpack it")))
-# An item id a float column writes for an integer (`7.0`).
-FLOAT_ID = re.compile(r"-?\d+\.0+")
 # --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
@@ -986,8 +984,8 @@ def _float_id_pairs(output: str) -> list[tuple[str, str]]:
         ids = set(schema.read_vocabulary(output).ids)
     except (schema.DataError, OSError):
         return []
-    return sorted((i[:i.index(".")], i) for i in ids
-                  if "." in i and FLOAT_ID.fullmatch(i) and i[:i.index(".")] in ids)
+    whole = {i: parse.whole_number_text(i) for i in ids}
+    return sorted((w, i) for i, w in whole.items() if w != i and w in ids)
 
 
 def main(argv=None) -> int:
