@@ -198,6 +198,11 @@ def _said_in_one_line(e: BaseException) -> str | None:
     """What `main` says of a failed run in one line (a damaged input; a write that failed
     for want of room, `storage.storage_error`), else None (the traceback is shown)."""
     message = _input_error(e)
+    if message is None and isinstance(e, RuntimeError) and "prism binary" in str(e):
+        # PrismRunner fetches its binary from GitHub when it starts
+        return (f"{str(e).splitlines()[0]} (--runner PrismRunner downloads its binary when it "
+                "starts: pass --prism_location with a prism binary or its release zip, or "
+                "leave out --runner for the local FnApiRunner)")
     reason = storage.storage_error(e) if message is None else None
     return f"cannot write: {reason}" if reason else message
 
@@ -625,19 +630,30 @@ def _raw_time(line: str, fmt) -> object:
     return value
 
 
-def _check_runner(name) -> None:
+def _check_runner(name, beam_args: list[str]) -> None:
     """Raises UsageError for a runner Beam cannot make (an unknown name, a runner whose
-    package is missing), which Beam would report as a traceback when the run starts."""
+    package is missing) or whose required options are missing (Dataflow's project, region,
+    temp_location: Beam's own validator), which Beam would report as a traceback when the
+    run starts."""
+    from apache_beam.options import pipeline_options as po
+    from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
     from apache_beam.runners import runner
 
     if not isinstance(name, str):
         return
     try:
-        runner.create_runner(name)
+        made = runner.create_runner(name)
     except ValueError as e:
         raise UsageError(f"--runner {name}: {str(e).splitlines()[0]}") from e
     except ImportError as e:
         raise UsageError(f"--runner {name} needs a package that is not installed ({e})") from e
+    logging.disable(logging.WARNING)  # (its notes on GCS buckets it cannot make)
+    try:
+        errors = PipelineOptionsValidator(po.PipelineOptions(beam_args), made).validate()
+    finally:
+        logging.disable(logging.NOTSET)
+    if errors:
+        raise UsageError(f"--runner {name}: " + " ".join(e.strip() for e in errors))
 
 
 def _beam_options(beam_args: list[str], own_flags: list[str]):
@@ -675,7 +691,7 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
 
     args = list(beam_args)
     if given("--runner"):
-        _check_runner(po.PipelineOptions(beam_args).get_all_options()["runner"])
+        _check_runner(po.PipelineOptions(beam_args).get_all_options()["runner"], beam_args)
     else:
         args += ["--runner", "FnApiRunner"]
         if not given("--direct_running_mode"):
@@ -732,6 +748,7 @@ def _resolve(argv):
         raise UsageError(f"--output: cannot look at {output}: {str(e).splitlines()[0]}{hint}"
                          ) from None
     if exists and not args.overwrite:
+        _check_replaceable(output, [])  # (a file, a folder of other things: not replaceable)
         raise UsageError(f"output {output} exists: pass --overwrite to replace it")
     problem = outputs.local_folder_problem(output)
     if problem:

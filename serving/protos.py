@@ -1,8 +1,9 @@
 """numpy ↔ `tensorflow.TensorProto` for the dtypes of the serving signatures.
 
-Used by both ends of the gRPC link (serving.server, serving.client). Encoding follows what
-TF Serving sends: numeric tensors as `tensor_content` bytes, strings as `string_val`.
-Decoding also accepts the `*_val` forms other clients send.
+Used by both ends of the gRPC link (serving.server, serving.client). Encoding writes
+numeric tensors as `tensor_content` bytes (as `tf.make_tensor_proto` does), strings as
+`string_val`. Decoding also accepts the `*_val` forms: TF Serving's Predict replies carry
+numbers in `float_val` and the like.
 """
 from __future__ import annotations
 

@@ -649,11 +649,14 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         def predict():
             servable = self._servable(request.model_spec)
             sig = servable.signature(request.model_spec.signature_name)
-            for key in request.output_filter:
+            for i, key in enumerate(request.output_filter):
                 if key not in sig.outputs:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"output tensor alias not found in signature: {key} "
                                        f"(outputs: {', '.join(sorted(sig.outputs))})")
+                if key in request.output_filter[:i]:  # as TF Serving's predict_util
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"duplicate output tensor alias: {key}")
             arrays = sig.parse_inputs(request.inputs, self._max_elements)
             if self._batcher is not None:
                 out = self._batcher.submit(sig, arrays)

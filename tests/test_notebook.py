@@ -28,3 +28,6 @@ def test_quickstart_notebook_executes(monkeypatch, tmp_path):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "session 2 after 0 items" in outputs
     assert "'AVAILABLE'" in outputs
+    # TensorFlow's start-up notes are held back as in the commands (the kernel shows fd 2)
+    assert "InitializeLog" not in outputs and "cuInit" not in outputs, outputs[:2000]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("hiertcn-quickstart-")]

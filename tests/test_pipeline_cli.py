@@ -533,8 +533,12 @@ def test_existing_output_refused_without_overwrite(tmp_path, capsys):
     out.mkdir()
     (out / "keep").write_text("x")
     assert cli.main(["--input", str(log), "--output", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    # not an earlier output: --overwrite would be refused too, so it is not suggested
+    assert "is not a pipeline output" in capsys.readouterr().err
     assert os.listdir(out) == ["keep"]
+    (out / "stats.json").write_text("{}")  # an earlier run's output: --overwrite replaces it
+    assert cli.main(["--input", str(log), "--output", str(out)]) == 2
+    assert "exists: pass --overwrite to replace it" in capsys.readouterr().err
 
 
 def test_unreadable_input_is_a_usage_error(tmp_path, capsys):
@@ -837,6 +841,22 @@ def test_database_utc_times_and_an_empty_train_split(tmp_path, capsys):
     assert "warning: the train split is empty" in capsys.readouterr().err
 
 
+def test_a_runner_that_cannot_start_is_one_line(tmp_path, capsys):
+    """Dataflow without its required options (Beam's own validator, before the run), and
+    PrismRunner unable to fetch its binary (no network), are one line each, not tracebacks."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\nu,b,2\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "o"),
+                     "--runner", "DataflowRunner"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --runner DataflowRunner: ") and err.count("\n") == 1, err
+    assert "Missing required option: project." in err and not (tmp_path / "o").exists()
+    fetch = RuntimeError("Unable to fetch remote prism binary at https://github.com/apache/"
+                         "beam/releases/x.zip: <urlopen error [Errno -2] Name or service not "
+                         "known>")
+    assert "pass --prism_location" in cli._said_in_one_line(fetch)
+
+
 def test_a_damaged_input_with_the_default_runner_is_one_line(tmp_path):
     """With worker processes, Beam prints the workers' tracebacks to stderr; the run still
     ends with the one line that names the file, and nothing else."""
@@ -999,6 +1019,10 @@ def test_overwrite_only_replaces_an_earlier_output(tmp_path, capsys):
         assert cli.main(["--input", str(log), "--output", str(output), "--overwrite"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    for output, message in cases[1:2] + cases[3:]:  # without --overwrite: not suggested
+        assert cli.main(["--input", str(log), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "pass --overwrite" not in err, err
     assert log.read_text() == "user,item,time\nu,a,1\n"
     assert (other / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").exists()
 

@@ -108,6 +108,11 @@ def test_default_signature_and_output_filter(served):
     assert response.model_spec.signature_name == "serving_default"
     assert list(response.outputs) == ["item_ids"]
     assert protos.from_proto(response.outputs["item_ids"]).shape == (2, 5)
+    req.output_filter.append("item_ids")  # refused, as TF Serving refuses it
+    with pytest.raises(grpc.RpcError) as e:
+        served["predict"].Predict(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "duplicate output tensor alias: item_ids"
 
 
 def test_metadata_and_status(served):
