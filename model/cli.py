@@ -93,6 +93,10 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-seen-bias", action="store_true",
                    help="hiertcn: no learned bias on the catalogue scores of the items the user "
                         "has already seen (the repeat head's seen bias)")
+    p.add_argument("--keep-current", action="store_true",
+                   help="hiertcn: do not rule out the item a session is on as its next item "
+                        "(ruled out by default: the pipeline collapses immediate repeats; keep "
+                        "it for session records with them, made some other way)")
     p.add_argument("--no-high-level", action="store_true",
                    help="the high-level state stays zero (with --no-repeat-head: the "
                         "session-only ablation; the repeat head reads the user's history)")

@@ -182,6 +182,12 @@ class HierTCNConfig(ConfigBase):
         item indices after the GRU state (H grows by R; like the GRU state, updated when
         a session ends). 0: off. Only with the repeat head and the high level; chosen on
         synthetic valid data (first items R@20 0.556 vs 0.522 without, overall level).
+      exclude_current: with the repeat head, the next-item distribution is conditioned
+        on the next item not being the one the session is on (the pipeline collapses
+        immediate repeats, so it never is): that item gets probability 0, the others
+        p / (1 - p(current)), in training (the likelihood), evaluation and serving alike.
+        Without it the head points at the session's newest item most of all. False
+        (`--keep-current`) for session records with immediate repeats.
     """
 
     embedding_dim: int = 128
@@ -205,6 +211,7 @@ class HierTCNConfig(ConfigBase):
     seen_bias: bool = True
     session_summary: bool = False
     start_items: int = 20
+    exclude_current: bool = True
 
     def validate(self) -> None:
         for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",

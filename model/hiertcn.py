@@ -294,7 +294,7 @@ class HierTCN(SequenceModel):
         """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
         return tf.nn.log_softmax(self.item_logits(user) + self.reserved_mask, axis=-1)
 
-    def item_log_probs(self, user, history, prefix, state=None, positions=None):
+    def item_log_probs(self, user, history, prefix, state=None, positions=None, current=None):
         if self.repeat_head is None:
             raise ValueError("item_log_probs needs a model with model.repeat_head on; "
                              "use item_logits")
@@ -337,6 +337,20 @@ class HierTCN(SequenceModel):
             tf.gather(log_base, items, batch_dims=2), log_rep]), axis=0)  # log 0 = -inf
         # An item held at several positions gets the same value from each of them.
         out = tf.tensor_scatter_nd_update(log_base, _scatter_index(items), mixed)
+        if self.config.exclude_current:
+            # The item a position is on is never its target (the pipeline collapses
+            # immediate repeats): the distribution given that, p / (1 - p(current)) and 0
+            # for the current item (its score NEG_LOGIT), as `repeat_losses` trains it.
+            on = tf.zeros([tf.shape(prefix)[0], 1], tf.int64) if current is None else \
+                tf.reshape(tf.cast(current, tf.int64), [-1, 1])
+            on = tf.concat([on, prefix], axis=1)[:, :tf.shape(user)[1]] if positions is None \
+                else tf.gather_nd(tf.concat([on, prefix], axis=1), positions)[:, None]
+            on = on[..., None]                                                     # [B, P, 1]
+            known = on >= schema.NUM_RESERVED
+            log_on = tf.gather(out, on, batch_dims=2)
+            out -= tf.where(known, _log1m_exp(log_on), 0.0)
+            out = tf.tensor_scatter_nd_update(out, _scatter_index(on), tf.where(
+                known, layers.NEG_LOGIT, tf.gather(out, on, batch_dims=2)))
         return out if positions is None else out[:, 0]
 
     def repeat_losses(self, user, targets, where, flat_items, batch, cache, training=True):
@@ -356,35 +370,65 @@ class HierTCN(SequenceModel):
             start_items = tf.reshape(start_items, [tf.shape(flat_items)[0], self.num_start_items])
         context, log_w, log_keep, log_att, seen = self._repeat_parts(
             slots_user, history, flat_items, start_items)
-        at_target = tf.gather(context, where[:, 0]) == targets[:, None]      # [N, M]
-        log_rep = tf.reduce_logsumexp(
-            tf.where(at_target, tf.gather_nd(log_att, where), layers.NEG_LOGIT), axis=1)
+        slot_context = tf.gather(context, where[:, 0])                             # [N, M]
+        log_att = tf.gather_nd(log_att, where)
         log_keep = tf.gather_nd(log_keep, where)
+        log_w = tf.gather_nd(log_w, where)
         # The catalogue log-probabilities from the output layer's rows (no gather from the
         # [N, V] logits, whose gradient would be dense): log p = logit - log Z.
         vectors, bias = self.output_weights()
         vectors, bias = tf.cast(vectors, tf.float32), tf.cast(bias, tf.float32)
-        target_logit = (tf.reduce_sum(user * tf.gather(vectors, targets), axis=-1)
-                        + tf.gather(bias, targets))
-        seen_logits = once = target_seen = None
+
+        def logit(items):
+            return tf.reduce_sum(user * tf.gather(vectors, items), axis=-1) + tf.gather(bias, items)
+
+        target_logit = logit(targets)
+        seen_logits = once = seen_items = None
         if seen is not None:
             seen_items, once = seen
             seen_logits = self._seen_logits(user, where, stream, columns, vectors, bias,
                                             tf.shape(batch["items"], tf.int64)[1])
             once = tf.gather_nd(once, where)
-            target_seen = tf.reduce_sum(once * tf.cast(
-                tf.gather(seen_items, where[:, 0]) == targets[:, None], tf.float32), axis=1)
+            seen_items = tf.gather(seen_items, where[:, 0])
+
+        def seen_count(items):  # 1 where the item is among the event's seen items, else 0
+            return tf.reduce_sum(once * tf.cast(seen_items == items[:, None], tf.float32), axis=1)
+
+        target_seen = None if seen is None else seen_count(targets)
         if training and self.sampler is not None:
             log_norm = self._sampled_log_norm(user, targets, target_logit, vectors, bias,
                                               where, seen, seen_logits, once, target_seen)
         else:
             log_norm = tf.reduce_logsumexp(self.item_logits(user) + self.reserved_mask, axis=-1)
-        log_cat = target_logit - log_norm
         if seen is not None:
             log_keep -= self._seen_shift(once, seen_logits - log_norm[:, None])
-            log_cat += target_seen * self.repeat_head.seen_bias
-        return -tf.reduce_logsumexp(tf.stack([
-            log_keep + log_cat, tf.gather_nd(log_w, where) + log_rep]), axis=0)
+
+        def log_prob(items, items_logit, items_seen):
+            """log p of the mixture at each event for items [N]."""
+            log_cat = items_logit - log_norm
+            if seen is not None:
+                log_cat += items_seen * self.repeat_head.seen_bias
+            log_rep = tf.reduce_logsumexp(
+                tf.where(slot_context == items[:, None], log_att, layers.NEG_LOGIT), axis=1)
+            return tf.reduce_logsumexp(tf.stack([log_keep + log_cat, log_w + log_rep]), axis=0)
+
+        nll = -log_prob(targets, target_logit, target_seen)
+        if not self.config.exclude_current:
+            return nll
+        # The next item is known not to be the one the event is on (the previous position
+        # of the slot: the pipeline collapses immediate repeats), so the likelihood is
+        # conditioned on that: log p(target) - log(1 - p(current)). (A slot's first
+        # position is on the last item of the session's previous chunk, in another slot:
+        # left unconditioned, one position in L of a session longer than L.)
+        before = tf.maximum(where[:, 1] - 1, 0)
+        on = tf.gather(tf.gather(flat_items, where[:, 0]), before, batch_dims=1)
+        on = tf.where((where[:, 1] > 0) & (on >= schema.NUM_RESERVED) & (on != targets), on, 0)
+        if seen is None:
+            log_on = log_prob(on, logit(on), None)
+        else:  # its logit is a seen item's, the slot's own column before the event (seen once)
+            on_logit = tf.gather(seen_logits, self.config.history_size + before, batch_dims=1)
+            log_on = log_prob(on, on_logit, tf.ones_like(on_logit))
+        return nll + tf.where(on > 0, _log1m_exp(log_on), 0.0)
 
     def _slot_history_columns(self, batch):
         """(each slot's history int64 [B * S, N] as `batching.slot_histories` gives it, the
@@ -651,6 +695,11 @@ class HierTCN(SequenceModel):
         for block in self.blocks:
             x = packed_block(block, x, packed, training)
         return packed.to_row_major(tf.cast(x, tf.float32)), new_cache
+
+
+def _log1m_exp(log_p: tf.Tensor) -> tf.Tensor:
+    """log(1 - p) from log p, with p kept at most 1 - 1e-6 (finite however sure p is)."""
+    return tf.math.log1p(-tf.exp(tf.minimum(log_p, np.log1p(-1e-6))))
 
 
 def _right_aligned(history: tf.Tensor) -> tf.Tensor:

@@ -62,15 +62,15 @@ class KerasScorer(Scorer):
                 return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix,
                                             state)
 
-            def ranks(state, history, user, window):
+            def ranks(state, history, user, window, current):
                 positions = tf.where(window != schema.PAD_INDEX)
                 scores = model.item_log_probs(user, history, window[:, :-1], state,
-                                              positions=positions)
+                                              positions=positions, current=current)
                 return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
 
             self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec, items_spec])
-            self._ranks = tf.function(ranks, autograph=False, input_signature=[state_spec, items_spec, user_spec,
-                                                              items_spec])
+            self._ranks = tf.function(ranks, autograph=False, input_signature=[
+                state_spec, items_spec, user_spec, items_spec, tf.TensorSpec([None], tf.int64)])
         else:
             first = model.first_item_scores
             first = None if first is None else tf.constant(first, tf.float32)
@@ -143,7 +143,9 @@ class KerasScorer(Scorer):
                 continue
             part = user[:, start:start + width]
             if self.model.history_size:
-                positions, rank, nan = self._ranks(high, before, part, window)
+                # the item the window's first position is on (a later window of a session)
+                current = sessions[:, start - 1] if start else np.zeros(rows, np.int64)
+                positions, rank, nan = self._ranks(high, before, part, window, current)
             else:
                 positions, rank, nan = self._ranks(part, window, tf.constant(start == 0))
             if nan.numpy():

@@ -109,7 +109,8 @@ class SequenceModel(tf.keras.Model):
 
     def item_log_probs(self, user: tf.Tensor, history: tf.Tensor, prefix: tf.Tensor,
                        state: tf.Tensor | None = None,
-                       positions: tf.Tensor | None = None) -> tf.Tensor:
+                       positions: tf.Tensor | None = None,
+                       current: tf.Tensor | None = None) -> tf.Tensor:
         """Next-item log-probabilities of a model with `history_size` > 0.
 
         Args:
@@ -121,6 +122,9 @@ class SequenceModel(tf.keras.Model):
             mixture reads it, e.g. HierTCN's start items).
           positions: int64 [n, 2] (row, position) pairs: score only these positions (the
             [.., V] part is computed for them alone), or None for all of them.
+          current: int64 [B], the session's item just before prefix[:, 0] when the prefix
+            continues a session (a later window of a long one), else 0 or None: the item
+            position 0 is on (position p >= 1 is on prefix[:, p - 1]).
 
         Returns:
           float32 [B, P, V], or [n, V] with `positions`: position p depends on the newest
@@ -130,14 +134,17 @@ class SequenceModel(tf.keras.Model):
         raise NotImplementedError
 
     def item_scores_with_history(self, user: tf.Tensor, history: tf.Tensor,
-                                 state: tf.Tensor | None = None) -> tf.Tensor:
+                                 state: tf.Tensor | None = None,
+                                 current: tf.Tensor | None = None) -> tf.Tensor:
         """Serving scores of the user after a session: float32 [B, D], int64 [B, N'] (the
         user's recent items, the session so far included, newest last), the state [B, H]
-        before the session -> [B, V]."""
+        before the session, int64 [B] the session's last item (0: an empty session) ->
+        [B, V]."""
         if not self.history_size:
             return self.item_logits(user)
         no_prefix = tf.zeros([tf.shape(user)[0], 0], tf.int64)
-        return self.item_log_probs(user[:, None], history, no_prefix, state)[:, 0]
+        return self.item_log_probs(user[:, None], history, no_prefix, state,
+                                   current=current)[:, 0]
 
     def repeat_losses(self, user: tf.Tensor, targets: tf.Tensor, where: tf.Tensor,
                       flat_items: tf.Tensor, batch: dict, cache: tuple,

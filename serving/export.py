@@ -100,9 +100,10 @@ class ServingModule(tf.Module):
         Args:
           model: a built `model.sequence_model.SequenceModel` (`state_size`,
             `update_state`, `last_user_embedding`, `item_logits`, and
-            `item_scores_with_history(user [B, D], history int64 [B, N], state [B, H])
-            -> [B, V]`, which `next_items` uses with the `history_items` input, followed
-            by the session so far when the model's `history_size` > 0; a duck-typed
+            `item_scores_with_history(user [B, D], history int64 [B, N], state [B, H],
+            current int64 [B]) -> [B, V]`, which `next_items` uses with the
+            `history_items` input, followed by the session so far, and the session's last
+            item when the model's `history_size` > 0 (else None); a duck-typed
             model without that method is scored with `item_logits`).
           vocab_file: one raw id per line, line n = index n (rows 0 and 1 reserved).
           vocab_size: number of lines of `vocab_file` (the model's output width).
@@ -189,9 +190,17 @@ class ServingModule(tf.Module):
             return rows, [tf.pad(t, [[0, extra], [0, 0]]) for t in tensors]
 
         def input_checks(user_state, **items):
-            """The batch sizes agree (`items`: input name -> tensor), and the state is
-            finite (a NaN state, a damaged store's, would answer NaN scores and stay NaN)."""
+            """The state has this export's width (TF Serving does not check a request's
+            shapes against the signature: a state of another width would be read wrong or
+            fail deep in the model), the batch sizes agree (`items`: input name ->
+            tensor), and the state is finite (a NaN state, a damaged store's, would answer
+            NaN scores and stay NaN)."""
             return [tf.debugging.assert_equal(
+                        tf.shape(user_state)[1], h, message=(
+                            f"{USER_STATE} must have {h} columns, this export's state width "
+                            "(a state written by another model or version? start the user "
+                            "from a zero state, or rebuild it from the user's sessions)"))] + [
+                    tf.debugging.assert_equal(
                         tf.shape(user_state)[0], tf.shape(x)[0],
                         message=f"{USER_STATE} and {name} must have the same batch size")
                     for name, x in items.items()] + [tf.debugging.assert_all_finite(
@@ -230,9 +239,13 @@ class ServingModule(tf.Module):
             u = model.last_user_embedding(user_state, items)
             if use_history:
                 history = history[0]
+                current = None
                 if getattr(model, "history_size", 0):  # a repeat head also points at the session
                     history = tf.concat([history, items], axis=1)
-                scores = getattr(model, HISTORY_SCORER)(u, history, user_state)
+                    # the session's last item (padding after it; 0 for an empty session)
+                    length = tf.reduce_sum(tf.cast(items > 0, tf.int32), axis=1)
+                    current = tf.gather(tf.pad(items, [[0, 0], [1, 0]]), length, batch_dims=1)
+                scores = getattr(model, HISTORY_SCORER)(u, history, user_state, current)
             else:
                 scores = model.item_logits(u)
             # Columns 0 (padding) and 1 (unknown) are cut off, so they are never returned.

@@ -47,15 +47,23 @@ def eager(model, vocab, k):
     return state, ids, np.take_along_axis(logits, order, axis=1), u.numpy()
 
 
-def run_tf1(path, signature, feeds):
-    """Runs a signature the way tensorflow_model_server does: TF1 session, tensor names."""
-    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+def run_tf1(path, signature, feeds, check_shapes=True):
+    """Runs a signature the way tensorflow_model_server does: TF1 session, tensor names.
+    `check_shapes=False` feeds through the C API's Session::Run, as TF Serving does, without
+    the Python session's check of the fed shapes against the signature's."""
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session() as sess:
         meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path)
         sig = meta.signature_def[signature]
         assert set(sig.inputs) == set(feeds)
-        out = sess.run({k: v.name for k, v in sig.outputs.items()},
-                       {sig.inputs[k].name: v for k, v in feeds.items()})
-    return out
+        if check_shapes:
+            return sess.run({k: v.name for k, v in sig.outputs.items()},
+                            {sig.inputs[k].name: v for k, v in feeds.items()})
+        names = sorted(sig.outputs)
+        tensor = lambda name: graph.get_tensor_by_name(name)._as_tf_output()
+        out = sess._call_tf_sessionrun(
+            None, {tensor(sig.inputs[k].name): v for k, v in feeds.items()},
+            [tensor(sig.outputs[k].name) for k in names], [], None)
+        return dict(zip(names, out))
 
 
 def test_layout_and_signature_shapes(exported):
@@ -179,6 +187,24 @@ def test_a_non_finite_user_state_is_refused_by_every_signature(exported):
             del inputs["history_items"]
         with pytest.raises(tf.errors.InvalidArgumentError, match="user_state holds NaN or inf"):
             loaded.signatures[name](**inputs)
+
+
+def test_a_state_of_another_width_is_refused_as_tf_serving_runs_it(exported):
+    """TF Serving does not check a request's shapes against the signature: the graph must.
+    A state one column wider (another export's) was answered by update_state with that
+    width, and next_items failed deep in the model (`Incompatible shapes`)."""
+    _, _, _, path = exported
+    wide = np.concatenate([STATE, STATE[:, :1]], axis=1)
+    for signature, feeds in (("update_state", {}), ("next_items", {"history_items": HISTORY,
+                                                                   "k": np.int32(2)}),
+                             ("user_embedding", {"history_items": HISTORY})):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                               match=f"user_state must have {STATE.shape[1]} columns"):
+            run_tf1(path, signature, dict(feeds, user_state=wide, session_items=SESSIONS),
+                    check_shapes=False)
+    ok = run_tf1(path, "update_state", {"user_state": STATE, "session_items": SESSIONS},
+                 check_shapes=False)
+    assert ok["user_state"].shape == STATE.shape
 
 
 def test_k_clamps_and_reserved_ids_never_returned(exported):
@@ -339,7 +365,14 @@ def test_repeat_head_model_gets_history_then_session(tmp_path):
     out = fn(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
              history_items=tf.constant(history), k=tf.constant(3))
     u = model.last_user_embedding(STATE, INDICES)
-    scores = model.item_scores_with_history(u, np.concatenate([history_idx, INDICES], 1)).numpy()
+    last = np.array([5, 3, 0], np.int64)  # each session's last item (none for row 2)
+    scores = model.item_scores_with_history(u, np.concatenate([history_idx, INDICES], 1),
+                                            current=last).numpy()
+    # the item the session is on is ranked last (the pipeline collapses immediate repeats)
+    assert scores[0, 5] == scores[0].min() and scores[1, 3] == scores[1].min()
+    everything = fn(user_state=tf.constant(STATE), session_items=tf.constant(SESSIONS),
+                    history_items=tf.constant(history), k=tf.constant(vocab.size))
+    assert everything["item_ids"].numpy().astype(str)[:2, -1].tolist() == ["item3", "item1"]
     order = np.argsort(-scores[:, 2:], axis=1, kind="stable")[:, :3]
     assert out["item_ids"].numpy().astype(str).tolist() == np.array(
         vocab.ids[2:], dtype=object)[order].tolist()

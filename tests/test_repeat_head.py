@@ -72,6 +72,9 @@ def test_head_is_on_by_default_with_either_loss_and_flags_override_it():
     seen = lambda *flags: train_lib.resolve_config(train_lib.parse_args(
         ["--data", "d", "--model-dir", "r", *flags])).model.seen_bias
     assert seen() and not seen("--no-seen-bias")
+    current = lambda *flags: train_lib.resolve_config(train_lib.parse_args(
+        ["--data", "d", "--model-dir", "r", *flags])).model.exclude_current
+    assert current() and not current("--keep-current")
 
 
 def test_mixture_is_a_distribution_and_respects_padding():
@@ -85,11 +88,16 @@ def test_mixture_is_a_distribution_and_respects_padding():
     assert p[..., :2].max() == 0.0  # padding and unknown get exactly zero
 
 
+# The mixture itself, before it is conditioned on the next item not being the current one
+# (`test_current_item_is_excluded_and_the_rest_renormalised`).
+MIXTURE = HEAD.replace({"exclude_current": False})
+
+
 def test_mixture_by_hand():
     # w = sigmoid(0) = 1/2. history [pad 7 unk 7], prefix [2 3]; known items newest last:
     # position 0: 7 7 -> p_rep(7) = 1; position 1: 7 7 2 -> 7: 2/3, 2: 1/3;
     # position 2: 7 7 2 3 -> 7: 1/2, 2: 1/4, 3: 1/4.
-    model = _model()
+    model = _model(MIXTURE)
     _set_head(model)
     state = tf.random.normal([1, model.state_size])
     history = tf.constant([[0, 7, 1, 7]], tf.int64)
@@ -123,7 +131,7 @@ def test_seen_bias_by_hand():
     # The seen bias beta = log 1/4 weighs the catalogue probability of every item seen
     # (the newest history_size = 4 known items of history + session so far, each counted
     # once) by 1/4 before normalising; the attention sees only the newest repeat_window = 2.
-    model = _model(HEAD.replace({"repeat_window": 2}))
+    model = _model(MIXTURE.replace({"repeat_window": 2}))
     _set_head(model, gate_bias=-40.0)  # w = 0: the biased catalogue alone
     model.repeat_head.set_seen_bias(np.log(0.25))
     state = tf.random.normal([1, model.state_size])
@@ -149,7 +157,7 @@ def test_seen_bias_by_hand():
     np.testing.assert_allclose(got, 0.5 * cat + 0.5 * rep, rtol=1e-5, atol=1e-7)
     # Only the newest history_size known items count as seen: with N = 2 the 7 in the
     # history is no longer seen at position 2 (2 and 3 are newer).
-    small = _model(HEAD.replace({"history_size": 2}))
+    small = _model(MIXTURE.replace({"history_size": 2}))
     small.set_weights(model.get_weights())
     u2 = small.user_embeddings(state, prefix)
     _set_head(small, gate_bias=-40.0)
@@ -196,15 +204,53 @@ def test_no_context_gives_the_catalogue_softmax():
     np.testing.assert_allclose(got[..., 2:], expected, atol=1e-5)
 
 
+def test_current_item_is_excluded_and_the_rest_renormalised():
+    # The same weights with and without exclude_current: at position p >= 1 the item the
+    # session is on (prefix[p - 1]) gets probability 0 and the others p / (1 - p(current));
+    # position 0 is the session's start unless `current` names the item before the prefix.
+    state = tf.random.normal([2, _model().state_size])
+    history = tf.constant([[0, 7, 1, 7], [9, 0, 0, 10]], tf.int64)
+    prefix = tf.constant([[2, 3, 7, 0], [5, 1, 6, 0]], tf.int64)   # 1: an unknown item
+    mixture, excluding = _model(MIXTURE, seed=3), _model(HEAD, seed=3)
+    u = mixture.user_embeddings(state, prefix)
+    p = np.exp(mixture.item_log_probs(u, history, prefix).numpy())
+    q = np.exp(excluding.item_log_probs(u, history, prefix).numpy())
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-5)
+    on = np.array([[0, 2, 3, 7, 0], [0, 5, 1, 6, 0]])  # what each position is on
+    for row in range(2):
+        for pos in range(5):
+            item = on[row, pos]
+            if item >= 2:
+                assert q[row, pos, item] == 0.0 and p[row, pos, item] > 0
+                expected = p[row, pos] / (1.0 - p[row, pos, item])
+                expected[item] = 0.0
+            else:  # the start, an unknown item, padding: nothing to leave out
+                expected = p[row, pos]
+            np.testing.assert_allclose(q[row, pos], expected, rtol=1e-4, atol=1e-7)
+    # a window that continues a session: its position 0 is on the item before it
+    cont = excluding.item_log_probs(u, history, prefix, current=tf.constant([9, 0], tf.int64))
+    assert np.exp(cont[0, 0, 9].numpy()) == 0.0
+    np.testing.assert_allclose(np.exp(cont[0, 1:].numpy()), q[0, 1:], atol=1e-6)
+    np.testing.assert_allclose(np.exp(cont[1].numpy()), q[1], atol=1e-6)
+    # the evaluator's path (chosen positions only) gives the same numbers
+    positions = tf.constant([[0, 0], [0, 2], [1, 3]], tf.int64)
+    chosen = excluding.item_log_probs(u, history, prefix, positions=positions,
+                                      current=tf.constant([9, 0], tf.int64)).numpy()
+    np.testing.assert_allclose(np.exp(chosen), np.exp(cont.numpy()[[0, 0, 1], [0, 2, 3]]),
+                               atol=1e-6)
+
+
 def _batch(items, reset, end, history):
     items = tf.constant(items, tf.int64)
     return {"items": items, "reset": tf.constant(reset), "session_end": tf.constant(end),
             "valid": tf.reduce_any(items > 0, axis=-1), "history": tf.constant(history, tf.int64)}
 
 
-@pytest.mark.parametrize("seen_bias,window", [(0.0, 4), (-1.5, 4), (0.8, 2)])
-def test_train_loss_is_the_mixture_log_likelihood(seen_bias, window):
-    model = _model(HEAD.replace({"repeat_window": window}))
+@pytest.mark.parametrize("seen_bias,window,exclude", [(0.0, 4, True), (-1.5, 4, True),
+                                                     (0.8, 2, True), (-1.5, 4, False)])
+def test_train_loss_is_the_mixture_log_likelihood(seen_bias, window, exclude):
+    # (with exclude_current, of the mixture given that the next item is not the current one)
+    model = _model(HEAD.replace({"repeat_window": window, "exclude_current": exclude}))
     model.repeat_head.set_seen_bias(seen_bias)
     # One row: a session [5 7 5 9] of a user under way (no reset; zero state) whose last
     # items were [9 0 7 9]: targets new, seen in the history, seen in the session, in both.
@@ -427,10 +473,10 @@ def test_exported_next_items_with_history_equals_eager(tmp_path, start_items):
     np.testing.assert_allclose(out["scores"].numpy(), np.take_along_axis(logp, order, 1), atol=1e-5)
     # Row 0 points at item6, item9 and its session (item0, item3; history_size 3 keeps the
     # newest three known: item9 item0 item3) and at its start items (item9, item5): these
-    # lead the ranking.
-    pointed = {"item9", "item0", "item3"} | ({"item5"} if start_items else set())
-    top = set(out["item_ids"].numpy().astype(str)[0, :3])
-    assert top == pointed if not start_items else top < pointed
+    # lead the ranking, but for item3, which the session is on (never its next item).
+    pointed = {"item9", "item0"} | ({"item5"} if start_items else set())
+    assert set(out["item_ids"].numpy().astype(str)[0, :len(pointed)]) == pointed
+    assert "item3" not in out["item_ids"].numpy().astype(str)[0]
 
 
 STARTS = HEAD.replace({"start_items": 3})
