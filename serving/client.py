@@ -532,7 +532,8 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     resolved = _resolve(client, store, args.user)
     items = _items(args)
     # the item the user is on is never their next one (the pipeline collapses immediate
-    # repeats), yet a model may rank it first (a new user's only seen item): left out
+    # repeats): HierTCN's export already gives it probability 0, a baseline's may rank it
+    # first (a new user's only seen item); left out either way
     left_out = items[-1] if items and not args.keep_last else None
     k = min(args.k + (left_out is not None), 2**31 - 1)  # (an int32 input)
     ids, scores = client.next_items(resolved.state[None], [items], k, [resolved.history])
