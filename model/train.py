@@ -518,6 +518,37 @@ class RunLock:
             self._fd = None
 
 
+REPEAT_CHECK_USERS = 1000
+
+
+def check_current_rule(data_dir: str, model_config) -> None:
+    """Raises `ConfigError` (one line) when the model rules out the item a session is on
+    (`exclude_current`) but the first `REPEAT_CHECK_USERS` train users' sessions hold an
+    item twice in a row: records written by another tool, which the pipeline's would not
+    be (it collapses immediate repeats). Trained on, such targets would get probability 0
+    in evaluation and serving."""
+    if not (getattr(model_config, "exclude_current", False)
+            and getattr(model_config, "uses_repeat_head", False)):
+        return
+    users = repeats = 0
+    example = None
+    for user in schema.user_reader(data_dir, "train")():
+        for items in user.sessions:
+            same = (items[1:] == items[:-1]) & (items[1:] >= schema.NUM_RESERVED)
+            if same.any():
+                repeats += int(same.sum())
+                example = example or (user.user_id, int(items[1:][same][0]))
+        users += 1
+        if users >= REPEAT_CHECK_USERS:
+            break
+    if repeats:
+        raise config_lib.ConfigError(
+            f"{data_dir}: train events that repeat the item before them: {repeats:,} in the "
+            f"first {users:,} users (user {example[0]!r}, item index {example[1]}); the model "
+            "rules out the item a session is on as its next (the pipeline collapses immediate "
+            "repeats): pass --keep-current to train on such records")
+
+
 def _remove_partial_saves(run_dir: str) -> None:
     """Removes what a save that did not finish left in the run's checkpoint folders (TF
     writes a checkpoint into PREFIX_temp and moves it in place when complete; a full disk
@@ -537,6 +568,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             "does")
     vocab = check_data(data_dir)
     config = resolve_loss(config, vocab.size)
+    check_current_rule(data_dir, config.model)
     lock.acquire()  # (after the checks of the data: a refused command makes no folder)
     changed = prepare_run_dir(run_dir, config, data_dir, vocab)
     tc = config.train

@@ -11,6 +11,7 @@ from model import config as config_lib
 from model import metrics
 from model import registry
 from model import train as train_lib
+from model.hrnn import HRNNConfig
 from model.base import push_history
 from model.hiertcn import _last_columns, _right_aligned
 from model import keras_scorer
@@ -438,6 +439,34 @@ def test_training_with_the_head_learns_and_evaluates(tmp_path, loss):
     assert state[1].tolist() == [[0, 0, 0, 0, 0, 2, 3, 4]]
     p = np.exp(scorer.score(state, np.array([[5, 6, 7]])))
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+
+
+def test_records_with_immediate_repeats_are_refused_unless_kept(tmp_path, capsys):
+    # records written by another tool, with an item twice in a row: the default model
+    # would give such targets probability 0, so training says so before it starts
+    users = planted_users(12)
+    users[5][2] = [4, 7, 7, 3]
+    data = write_data(str(tmp_path / "data"), 20, users,
+                      valid=[(3, u[:4]) for u in planted_users(4, seed=1)])
+    with pytest.raises(config_lib.ConfigError, match=r"train events that repeat the item before "
+                       r"them: 1 in the first 12 users \(user 'train5', item index 7\).*--keep-current"):
+        train_lib.check_current_rule(data, config_lib.HierTCNConfig())
+    train_lib.check_current_rule(data, config_lib.HierTCNConfig(exclude_current=False))
+    train_lib.check_current_rule(data, config_lib.HierTCNConfig(repeat_head=False))
+    train_lib.check_current_rule(data, HRNNConfig())  # no such rule
+    # a repeat with an item between, and a session ending on the item the next starts with
+    fine = write_data(str(tmp_path / "fine"), 20, [[[2, 3, 2, 4], [4, 5]]])
+    train_lib.check_current_rule(fine, config_lib.HierTCNConfig())
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({"model": {"embedding_dim": 8, "gru_units": 4, "channels": 8},
+                                "train": {"batch_size": 2, "eval_every": 0}}))
+    run = tmp_path / "run"
+    args = ["--data", data, "--model-dir", str(run), "--config", str(path), "--steps", "1",
+            "--no-progress"]
+    assert train_lib.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --keep-current" in err and not run.exists()
+    assert train_lib.main(args + ["--keep-current"]) == 0
 
 
 @pytest.mark.parametrize("start_items", [False, True])
