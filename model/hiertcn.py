@@ -395,9 +395,27 @@ class HierTCN(SequenceModel):
             return tf.reduce_sum(once * tf.cast(seen_items == items[:, None], tf.float32), axis=1)
 
         target_seen = None if seen is None else seen_count(targets)
+        on = on_logit = None
+        if self.config.exclude_current:
+            # The item each event is on: the slot's previous position, or at a slot's first
+            # position, for a slot that continues a session (a later chunk of it), the
+            # newest item of the slot's history (the previous chunk's last); 0 for none
+            # and where it is the target (the likelihood below is then unconditioned).
+            before = where[:, 1] - 1
+            in_slot = tf.gather(tf.gather(flat_items, where[:, 0]), tf.maximum(before, 0),
+                                batch_dims=1)
+            continued = tf.gather(history[:, -1] * tf.cast(
+                self._continues_session(batch, cache), tf.int64), where[:, 0])
+            on = tf.where(before >= 0, in_slot, continued)
+            on = tf.where((on >= schema.NUM_RESERVED) & (on != targets), on, 0)
+            # its logit: without the seen bias from its output row; with it, a seen item's,
+            # the slot's own column before the event or its history's newest (column N - 1)
+            on_logit = (logit(on) if seen is None else tf.gather(
+                seen_logits, self.config.history_size + before, batch_dims=1))
         if training and self.sampler is not None:
             log_norm = self._sampled_log_norm(user, targets, target_logit, vectors, bias,
-                                              where, seen, seen_logits, once, target_seen)
+                                              where, seen, seen_logits, once, target_seen,
+                                              on, on_logit)
         else:
             log_norm = tf.reduce_logsumexp(self.item_logits(user) + self.reserved_mask, axis=-1)
         if seen is not None:
@@ -413,22 +431,25 @@ class HierTCN(SequenceModel):
             return tf.reduce_logsumexp(tf.stack([log_keep + log_cat, log_w + log_rep]), axis=0)
 
         nll = -log_prob(targets, target_logit, target_seen)
-        if not self.config.exclude_current:
+        if on is None:
             return nll
-        # The next item is known not to be the one the event is on (the previous position
-        # of the slot: the pipeline collapses immediate repeats), so the likelihood is
-        # conditioned on that: log p(target) - log(1 - p(current)). (A slot's first
-        # position is on the last item of the session's previous chunk, in another slot:
-        # left unconditioned, one position in L of a session longer than L.)
-        before = tf.maximum(where[:, 1] - 1, 0)
-        on = tf.gather(tf.gather(flat_items, where[:, 0]), before, batch_dims=1)
-        on = tf.where((where[:, 1] > 0) & (on >= schema.NUM_RESERVED) & (on != targets), on, 0)
-        if seen is None:
-            log_on = log_prob(on, logit(on), None)
-        else:  # its logit is a seen item's, the slot's own column before the event (seen once)
-            on_logit = tf.gather(seen_logits, self.config.history_size + before, batch_dims=1)
-            log_on = log_prob(on, on_logit, tf.ones_like(on_logit))
+        # The next item is known not to be the one the event is on (the pipeline collapses
+        # immediate repeats), so the likelihood is conditioned on that:
+        # log p(target) - log(1 - p(current)). (With the seen bias the item is seen once.)
+        log_on = log_prob(on, on_logit, None if seen is None else tf.ones_like(on_logit))
         return nll + tf.where(on > 0, _log1m_exp(log_on), 0.0)
+
+    def _continues_session(self, batch, cache) -> tf.Tensor:
+        """bool [B * S]: the slots that continue a session begun in an earlier slot (a
+        later chunk of a session longer than L), from the batch's flags and, for slot 0,
+        the cache's running count (kept with the high level or the session summary;
+        without them slot 0 counts as a start)."""
+        reset, end = batch["reset"], batch["session_end"]
+        carried = cache[2] > 0 if (self.config.high_level or self.config.session_summary) \
+            else tf.zeros_like(reset[:, 0])
+        continues = ~_session_starts(reset, end) & tf.concat(
+            [carried[:, None], tf.ones_like(reset[:, 1:])], axis=1)
+        return tf.reshape(continues, [-1])
 
     def _slot_history_columns(self, batch):
         """(each slot's history int64 [B * S, N] as `batching.slot_histories` gives it, the
@@ -490,7 +511,7 @@ class HierTCN(SequenceModel):
         return tf.gather(tf.gather_nd(logits, at), tf.gather(columns, where[:, 0]), batch_dims=1)
 
     def _sampled_log_norm(self, user, targets, target_logit, vectors, bias, where, seen,
-                          seen_logits, once, target_seen):
+                          seen_logits, once, target_seen, on=None, on_logit=None):
         """log Z of the catalogue softmax at each target, estimated for the sampled loss.
 
         Z = the exact terms of the target and of the distinct items the event has seen (so
@@ -498,7 +519,10 @@ class HierTCN(SequenceModel):
         each of the batch's negatives that is neither, weighted by 1 / its inclusion
         probability (unbiased for the sum over the other items). Args as in
         `repeat_losses`; `seen_logits`, `once` [N, N + T] and `target_seen` [N] at the
-        targets, None without the seen bias.
+        targets, None without the seen bias; `on` [N] the item each event is on (0: none)
+        and `on_logit` its logit, counted exactly too (without the seen bias; with it, it
+        is a seen item), so that p(current), which conditions the likelihood, is exact
+        given Z: estimated, it would mostly lack its own term and exceed 1.
         """
         ids, log_inclusion = self.sampler(targets)                                  # [k]
         sample_logits = (tf.matmul(user, tf.gather(vectors, ids), transpose_b=True)
@@ -517,6 +541,9 @@ class HierTCN(SequenceModel):
                 tf.ones(tf.shape(hits)[:1], tf.float32), tf.shape(sample_logits, tf.int64)) > 0
             terms = [tf.where(target_seen > 0, layers.NEG_LOGIT, target_logit)[:, None],
                      tf.where(once > 0, seen_logits, layers.NEG_LOGIT)]
+        elif on is not None:  # (0 where it is the target or there is none)
+            exact |= (ids[None, :] == on[:, None]) & (on > 0)[:, None]
+            terms.append(tf.where(on > 0, on_logit, layers.NEG_LOGIT)[:, None])
         terms.append(tf.where(exact, layers.NEG_LOGIT, sample_logits))
         return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1)
 
@@ -698,8 +725,13 @@ class HierTCN(SequenceModel):
 
 
 def _log1m_exp(log_p: tf.Tensor) -> tf.Tensor:
-    """log(1 - p) from log p, with p kept at most 1 - 1e-6 (finite however sure p is)."""
-    return tf.math.log1p(-tf.exp(tf.minimum(log_p, np.log1p(-1e-6))))
+    """log(1 - p) from log p, with p kept at most 1 - 1e-6 (finite however sure p is):
+    log(-expm1(x)) near p = 1, log1p(-exp(x)) below 1/2 (each exact where the other
+    cancels)."""
+    x = tf.minimum(log_p, np.log1p(-1e-6))
+    near_one = x > -np.log(2.0)
+    return tf.where(near_one, tf.math.log(-tf.math.expm1(tf.where(near_one, x, -1.0))),
+                    tf.math.log1p(-tf.exp(tf.where(near_one, -1.0, x))))
 
 
 def _right_aligned(history: tf.Tensor) -> tf.Tensor:

@@ -13,7 +13,7 @@ from model import registry
 from model import train as train_lib
 from model.hrnn import HRNNConfig
 from model.base import push_history
-from model.hiertcn import _last_columns, _right_aligned
+from model.hiertcn import _last_columns, _log1m_exp, _right_aligned
 from model import keras_scorer
 from model.keras_scorer import KerasScorer
 from tiny_logs import planted_users, write_data
@@ -266,6 +266,60 @@ def test_train_loss_is_the_mixture_log_likelihood(seen_bias, window, exclude):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seen_bias,under_way", [(-1.5, False), (None, False), (0.8, True)])
+def test_a_later_chunk_is_conditioned_on_the_item_before_it(seen_bias, under_way):
+    # A session [5 7 5 9 4] longer than L = 3: slot 0 holds [5 7 5], slot 1 continues it
+    # with [9 4], whose first position is on 5, the previous chunk's last item. With
+    # `under_way` the row's cache says a session was already under way before the batch
+    # (its last item the history's newest, 9), so slot 0's first position is on 9.
+    config = HEAD if seen_bias is not None else HEAD.replace({"seen_bias": False})
+    model = _model(config)
+    if seen_bias is not None:
+        model.repeat_head.set_seen_bias(seen_bias)
+    batch = _batch([[[5, 7, 5], [9, 4, 0]]], [[False, False]], [[False, True]], [[3, 0, 7, 9]])
+    cache = model.train_cache(1)
+    if under_way:
+        cache = (cache[0], cache[1], tf.constant([2.0]), *cache[3:])
+    loss, _, n = model.train_loss(batch, cache, training=False)
+    assert int(n) == 5
+    zero = tf.zeros([1, model.state_size])
+    first = tf.constant([9 if under_way else 0], tf.int64)
+    u0 = model.user_embeddings(zero, tf.constant([[5, 7]], tf.int64))
+    logp0 = model.item_log_probs(u0, tf.constant([[3, 0, 7, 9]], tf.int64),
+                                 tf.constant([[5, 7]], tf.int64), current=first).numpy()[0]
+    # slot 1: its history is the newest 4 of the user's items before it; the state is
+    # still the zero state (the session has not ended)
+    u1 = model.user_embeddings(zero, tf.constant([[9]], tf.int64))
+    logp1 = model.item_log_probs(u1, tf.constant([[9, 5, 7, 5]], tf.int64),
+                                 tf.constant([[9]], tf.int64),
+                                 current=tf.constant([5], tf.int64)).numpy()[0]
+    assert logp1[0, 5] < -1e8 and logp1[1, 9] < -1e8  # ruled out: what the loss conditions on
+    expected = -(logp0[0, 5] + logp0[1, 7] + logp0[2, 5] + logp1[0, 9] + logp1[1, 4]) / 5
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_log1m_exp_is_exact_near_one_and_bounded():
+    p = np.array([1e-9, 0.01, 0.4, 0.5, 0.6, 0.99, 1 - 1e-5, 1 - 1e-7, 1.0])
+    got = _log1m_exp(tf.constant(np.log(p), tf.float32)).numpy()
+    want = np.log1p(-np.minimum(p, 1 - 1e-6))
+    np.testing.assert_allclose(got[:7], want[:7], rtol=1e-5)
+    # p at most 1 - 1e-6: finite however sure p is
+    np.testing.assert_allclose(got[7:], np.log(1e-6), rtol=1e-3)
+
+
+class _CatalogueWithout:
+    """A 'sample' of every item but `left_out`, at inclusion probability 1: the normaliser
+    estimate lacks exactly their terms unless the loss counts them exactly."""
+
+    def __init__(self, left_out=()):
+        self.left_out = left_out
+
+    def __call__(self, targets):
+        ids = [i for i in np.random.default_rng(0).permutation(np.arange(2, V))
+               if i not in self.left_out]
+        return tf.constant(ids, tf.int64), tf.zeros([len(ids)])
+
+
 class _WholeCatalogue:
     """A 'sample' of every item at inclusion probability 1 (in a shuffled order)."""
 
@@ -291,6 +345,12 @@ def test_sampled_head_loss_is_exact_when_the_sample_is_the_whole_catalogue(seen_
     model.sampler = _WholeCatalogue()
     estimate, _, n = model.train_loss(batch, model.train_cache(1), training=True)
     assert int(n) == 4
+    np.testing.assert_allclose(float(estimate), float(exact), rtol=1e-5)
+    # 5, the item positions 1 and 3 are on (and position 0's and 2's target), left out of
+    # the sample: the conditioning needs p(5) exact (the seen bias makes it a seen item;
+    # without it, it is counted as the target is)
+    model.sampler = _CatalogueWithout({5})
+    estimate, _, _ = model.train_loss(batch, model.train_cache(1), training=True)
     np.testing.assert_allclose(float(estimate), float(exact), rtol=1e-5)
 
 
