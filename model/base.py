@@ -106,7 +106,8 @@ class Scorer(abc.ABC):
         for start, stop in blocks(np.shape(sessions)[1], width):
             yield scores[:, start:stop]
 
-    def ranks(self, state: State, sessions: np.ndarray, vocab_size: int) -> np.ndarray:
+    def ranks(self, state: State, sessions: np.ndarray, vocab_size: int,
+              excluded: np.ndarray | None = None) -> np.ndarray:
         """Conservative full-catalogue rank of the item at every position (`model.metrics`).
 
         The evaluator asks for ranks, not scores. This ranks `score_blocks`'s blocks of
@@ -117,6 +118,8 @@ class Scorer(abc.ABC):
           state: the rows' state before these sessions.
           sessions: int64 [batch, steps], item indices padded with 0 at the end.
           vocab_size: V, the data's vocabulary size (the width the scores must have).
+          excluded: int64 [batch, steps], an item per position that is not a candidate
+            there (0: none; `metrics.ranks`), or None.
 
         Returns:
           float64 [batch, steps]: the rank of sessions[:, t] among the candidates scored
@@ -143,7 +146,9 @@ class Scorer(abc.ABC):
                     f"[{start}, {stop}) of sessions {sessions.shape}: expected "
                     f"[batch, steps, {vocab_size}] (the data's vocabulary size)")
             out[:, start:stop] = metrics.event_ranks(
-                part.reshape(-1, vocab_size), window.reshape(-1)).reshape(window.shape)
+                part.reshape(-1, vocab_size), window.reshape(-1),
+                None if excluded is None else np.asarray(excluded)[:, start:stop].reshape(-1)
+            ).reshape(window.shape)
             del part  # one block at a time
         return out
 

@@ -232,9 +232,11 @@ def markdown_table(results: dict) -> str:
     events, cold = first.get("events"), _get(first, "cold_users.events")
     cold_text = "" if cold is None else f", {cold:,.0f} of them of cold users (no earlier sessions)"
     lines.append("")
+    ruled = (", every model without the item the session is on among the candidates "
+             "(--rule-out-current)") if results.get("rule_out_current") else ""
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2)"
-                 f"{cold_text}, full-catalogue ranking, conservative ties (README § Evaluation "
-                 "protocol).")
+                 f"{cold_text}, full-catalogue ranking, conservative ties{ruled} (README § "
+                 "Evaluation protocol).")
     return "\n".join(lines) + "\n"
 
 
@@ -330,7 +332,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     base = name.split(":", 1)[0]
     if base in FITTED:
         folder = os.path.join(args.output, "runs", name)
-        out = _split_file(folder, args.split)
+        out = _split_file(folder, _variant(args))
         record = {"data": args.data_fingerprint, "model": base}
         os.makedirs(folder, exist_ok=True)
         if _read_record(folder) != record:
@@ -350,7 +352,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     runs, summaries = [], []
     for seed in range(args.seeds):
         run_dir = os.path.join(args.output, "runs", name, f"seed{seed}")
-        out = _split_file(run_dir, args.split)
+        out = _split_file(run_dir, _variant(args))
         record = _neural_record(name, seed, args)
         options = record["train"]
         _check_or_write_record(run_dir, record)
@@ -527,12 +529,19 @@ def _evaluate(args: argparse.Namespace, log_path: str, out: str, *which: str) ->
     """`model.evaluate` of one run (`which`: --model-dir RUN or --model NAME) on the
     compared split: metrics JSON to `out`, the per-user sums beside it."""
     _run([sys.executable, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
-          *which, "--output", out, "--per-user-output", _users_file(out)], log_path, args.status)
+          *which, "--output", out, "--per-user-output", _users_file(out),
+          *(["--rule-out-current"] if args.rule_out_current else [])], log_path, args.status)
 
 
 def _split_file(folder: str, split: str) -> str:
-    """A run's metrics JSON on one split (`test.json`, `valid.json`)."""
+    """A run's metrics JSON on one split (`test.json`, `valid.json`; `_variant`)."""
     return os.path.join(folder, f"{split}.json")
+
+
+def _variant(args: argparse.Namespace) -> str:
+    """The evaluation's name in file names: the split, `_ruled_out` added with
+    --rule-out-current (its own files beside the plain evaluation's)."""
+    return args.split + ("_ruled_out" if args.rule_out_current else "")
 
 
 def _users_file(metrics_json: str) -> str:
@@ -544,8 +553,8 @@ def model_per_user(name: str, args: argparse.Namespace) -> dict[str, np.ndarray]
     """`seeds_per_user` of one model's runs under `args.output`."""
     folder = os.path.join(args.output, "runs", name)
     if name.split(":", 1)[0] in FITTED:
-        return seeds_per_user([_users_file(_split_file(folder, args.split))])
-    return seeds_per_user([_users_file(_split_file(os.path.join(folder, f"seed{s}"), args.split))
+        return seeds_per_user([_users_file(_split_file(folder, _variant(args)))])
+    return seeds_per_user([_users_file(_split_file(os.path.join(folder, f"seed{s}"), _variant(args)))
                            for s in range(args.seeds)])
 
 
@@ -589,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "is the one tested (0: the last one; default: %(default)s)")
     p.add_argument("--split", default="test", choices=("valid", "test"),
                    help="the split the models are tested on (default: %(default)s)")
+    p.add_argument("--rule-out-current", action="store_true",
+                   help="evaluate every model without the item each session is on among the "
+                        "candidates (model.evaluate --rule-out-current; HierTCN's default head "
+                        "does so itself): results_*_ruled_out.*, beside the plain ones")
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
                    help="a config JSON for one model, or for every variant of a base name (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
@@ -605,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def results_files(output: str, split: str) -> list[str]:
     """OUTPUT/results.{md,png,json} of the test split; results_valid.* of --split valid
-    (so that looking at valid never replaces the test table)."""
+    (so that looking at valid never replaces the test table), results_test_ruled_out.*
+    of --rule-out-current (`split` is `_variant`'s name)."""
     stem = "results" if split == "test" else f"results_{split}"
     return [os.path.join(output, f"{stem}.{kind}") for kind in ("md", "png", "json")]
 
@@ -634,7 +648,8 @@ def _main(args: argparse.Namespace) -> int:
         _preflight(names, args)
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")
-        results = {"data": args.data, "split": args.split, "models": {},
+        results = {"data": args.data, "split": args.split,
+                   "rule_out_current": args.rule_out_current, "models": {},
                    "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
                               "eval_every": args.eval_every,
                               "seeds": args.seeds}}
@@ -651,7 +666,7 @@ def _main(args: argparse.Namespace) -> int:
             results, per_user={n: model_per_user(n, args) for n in names})
         # the earlier results go first and results.json comes last, so a run that fails
         # while writing them never leaves one run's table beside another's results
-        outputs = results_files(args.output, args.split)
+        outputs = results_files(args.output, _variant(args))
         for path in outputs:
             if os.path.exists(path):
                 os.remove(path)

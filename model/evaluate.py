@@ -101,7 +101,8 @@ def _seen_after(seen: np.ndarray, session: np.ndarray) -> np.ndarray:
 
 
 def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: int,
-                    acc: metrics.MetricsAccumulator, first_user: int = 0) -> None:
+                    acc: metrics.MetricsAccumulator, first_user: int = 0,
+                    rule_out_current: bool = False) -> None:
     """History first, then target sessions in lock-step: score, accumulate, update (each
     event tagged with its user's index, `first_user` + row)."""
     state = scorer.initial_state([u.user_id for u in users])
@@ -120,7 +121,9 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         for r, row in enumerate(rows):
             repeat[r, :len(row)] = _repeat_flags(row, seen[r])
         seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
-        rank = scorer.ranks(state, sessions, vocab_size)
+        rank = (scorer.ranks(state, sessions, vocab_size) if not rule_out_current else
+                scorer.ranks(state, sessions, vocab_size,
+                             excluded=metrics.previous_items(sessions)))
         first = np.zeros(sessions.shape, dtype=bool)
         first[:, 0] = True
         user = np.repeat(np.arange(first_user, first_user + len(users)), sessions.shape[1])
@@ -132,7 +135,7 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
 def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
              max_users: int | None = None, user_ids: Collection[str] | None = None,
              progress: bool = True, users: Sequence[schema.UserRecord] | None = None,
-             per_user_output: str | None = None) -> dict:
+             per_user_output: str | None = None, rule_out_current: bool = False) -> dict:
     """Evaluates a scorer online on the target sessions of a split.
 
     Args:
@@ -148,6 +151,11 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
         them from `data_dir` (`max_users` and `user_ids` still apply).
       per_user_output: also write each user's event count and metric sums here (an
         `.npz`, `write_per_user`), for paired comparisons between models.
+      rule_out_current: rank each event without the item its session is on (the one
+        before it) among the candidates, for every model alike: the pipeline collapses
+        immediate repeats, so that item is never the next one (HierTCN's default head
+        rules it out itself; this gives every other model the same knowledge, for a
+        like-for-like comparison). A target equal to it would count as a miss.
 
     Returns:
       The §6 metrics dict: `recall@K`, `mrr@K` (K in 1, 5, 10, 20), `events`,
@@ -188,11 +196,13 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
           else LineProgress(total, desc)) as bar:
         for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
                                    vocab.size):
-            _evaluate_batch(scorer, batch, vocab.size, acc, len(ids))
+            _evaluate_batch(scorer, batch, vocab.size, acc, len(ids), rule_out_current)
             ids.extend(u.user_id for u in batch)
             bar.update(len(batch))
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
+    if rule_out_current:
+        out["rule_out_current"] = True
     if per_user_output:
         write_per_user(per_user_output, ids, acc.per_user(len(ids)))
     return out
@@ -342,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="users side by side")
     parser.add_argument("--max-users", type=argtypes.positive_int,
                         help="evaluate only the first N users")
+    parser.add_argument("--rule-out-current", action="store_true",
+                        help="rank each event without the item its session is on among the "
+                             "candidates, for any model (the pipeline collapses immediate "
+                             "repeats, so it is never the next; HierTCN's default head rules "
+                             "it out itself): a like-for-like comparison with it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.checkpoint and args.model:
@@ -396,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.remove(args.output)
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
                           max_users=args.max_users, progress=not args.no_progress,
-                          per_user_output=args.per_user_output)
+                          per_user_output=args.per_user_output,
+                          rule_out_current=args.rule_out_current)
         if args.output:
             write_json(args.output, result)
     except user_errors as e:

@@ -15,16 +15,23 @@ from pipeline import schema
 MAX_POSITIONS = 512
 
 
-def target_ranks(scores: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """`model.metrics.ranks` in TensorFlow: float32 [n, V], int64 [n] -> (float64 [n]
-    conservative ranks among the candidates (indices >= 2), `inf` for an unknown target;
+def target_ranks(scores: tf.Tensor, targets: tf.Tensor, excluded: tf.Tensor | None = None
+                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """`model.metrics.ranks` in TensorFlow: float32 [n, V], int64 [n] (and int64 [n] an
+    item per row that is not a candidate, 0: none) -> (float64 [n] conservative ranks
+    among the candidates (indices >= 2), `inf` for an unknown or an excluded target;
     bool: some score is NaN)."""
     target = tf.gather(scores, targets, batch_dims=1)[:, None]
     # counted over the whole row, then the reserved columns' share taken off (no slice copy)
     ge = tf.reduce_sum(tf.cast(scores >= target, tf.int32), axis=1)
     ge -= tf.reduce_sum(tf.cast(scores[:, :schema.NUM_RESERVED] >= target, tf.int32), axis=1)
-    rank = tf.where(targets == schema.UNKNOWN_INDEX, tf.constant(np.inf, tf.float64),
-                    tf.cast(ge, tf.float64))
+    missed = targets == schema.UNKNOWN_INDEX
+    if excluded is not None:
+        out_of = excluded >= schema.NUM_RESERVED
+        above = tf.gather(scores, excluded, batch_dims=1) >= target[:, 0]
+        ge -= tf.cast(out_of & (excluded != targets) & above, tf.int32)
+        missed |= out_of & (excluded == targets)
+    rank = tf.where(missed, tf.constant(np.inf, tf.float64), tf.cast(ge, tf.float64))
     return rank, tf.reduce_any(tf.math.is_nan(scores))
 
 
@@ -62,15 +69,17 @@ class KerasScorer(Scorer):
                 return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix,
                                             state)
 
-            def ranks(state, history, user, window, current):
+            def ranks(state, history, user, window, current, excluded):
                 positions = tf.where(window != schema.PAD_INDEX)
                 scores = model.item_log_probs(user, history, window[:, :-1], state,
                                               positions=positions, current=current)
-                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
+                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions),
+                                                   tf.gather_nd(excluded, positions))
 
             self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec, items_spec])
             self._ranks = tf.function(ranks, autograph=False, input_signature=[
-                state_spec, items_spec, user_spec, items_spec, tf.TensorSpec([None], tf.int64)])
+                state_spec, items_spec, user_spec, items_spec, tf.TensorSpec([None], tf.int64),
+                items_spec])
         else:
             first = model.first_item_scores
             first = None if first is None else tf.constant(first, tf.float32)
@@ -82,17 +91,18 @@ class KerasScorer(Scorer):
                 return tf.concat([tf.broadcast_to(first, tf.shape(scores[:, :1])),
                                   scores[:, 1:]], axis=1)
 
-            def ranks(user, window, at_start):
+            def ranks(user, window, at_start, excluded):
                 positions = tf.where(window != schema.PAD_INDEX)
                 scores = model.item_logits(tf.gather_nd(user, positions))
                 if first is not None:  # the session's first item: `first_item_scores`
                     starts = at_start & (positions[:, 1] == 0)
                     scores = tf.where(starts[:, None], first[None, :], scores)
-                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions))
+                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions),
+                                                   tf.gather_nd(excluded, positions))
 
             self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec])
-            self._ranks = tf.function(ranks, autograph=False, input_signature=[user_spec, items_spec,
-                                                              tf.TensorSpec([], tf.bool)])
+            self._ranks = tf.function(ranks, autograph=False, input_signature=[
+                user_spec, items_spec, tf.TensorSpec([], tf.bool), items_spec])
         self._user = tf.function(lambda state, sessions: model.user_embeddings(state, sessions[:, :-1]),
                                  autograph=False, input_signature=[state_spec, items_spec])
         self._update = tf.function(model.update_state, autograph=False, input_signature=[state_spec, items_spec])
@@ -113,8 +123,11 @@ class KerasScorer(Scorer):
     def score(self, state, sessions: np.ndarray) -> np.ndarray:
         return self._score(*self._inputs(state, sessions)).numpy()
 
-    def ranks(self, state, sessions: np.ndarray, vocab_size: int) -> np.ndarray:
+    def ranks(self, state, sessions: np.ndarray, vocab_size: int,
+              excluded: np.ndarray | None = None) -> np.ndarray:
         sessions = np.asarray(sessions, np.int64)
+        excluded = (np.zeros_like(sessions) if excluded is None
+                    else np.asarray(excluded, np.int64))
         if vocab_size != self.model.vocab_size:
             raise ValueError(f"{self.name} scores {self.model.vocab_size} items but the data's "
                              f"vocabulary has {vocab_size}: evaluate it on the data it was "
@@ -145,9 +158,11 @@ class KerasScorer(Scorer):
             if self.model.history_size:
                 # the item the window's first position is on (a later window of a session)
                 current = sessions[:, start - 1] if start else np.zeros(rows, np.int64)
-                positions, rank, nan = self._ranks(high, before, part, window, current)
+                positions, rank, nan = self._ranks(high, before, part, window, current,
+                                                   excluded[:, start:start + width])
             else:
-                positions, rank, nan = self._ranks(part, window, tf.constant(start == 0))
+                positions, rank, nan = self._ranks(part, window, tf.constant(start == 0),
+                                                   excluded[:, start:start + width])
             if nan.numpy():
                 raise ValueError("scores contain NaN: the model produced an invalid output")
             positions = positions.numpy()

@@ -29,16 +29,20 @@ GROUPS = ITEM_GROUPS + USER_GROUPS
 CHUNK_ELEMENTS = 1 << 22
 
 
-def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None
+          ) -> np.ndarray:
     """Conservative full-catalogue ranks.
 
     Args:
       scores: float [N, V] scores over the whole vocabulary (columns 0 and 1 ignored).
       targets: int [N] target indices, each >= 1 (1 = unknown).
+      excluded: int [N] an item per row that is not a candidate (0 or 1: none), e.g. the
+        item the session is on (`evaluate(..., rule_out_current=True)`).
 
     Returns:
       float64 [N]: 1 + the number of other candidates (indices >= 2) scoring >= the
-      target; `inf` for an unknown target.
+      target; `inf` for an unknown target (and for a target that is its row's excluded
+      item: ruled out, a miss).
 
     Raises:
       ValueError: shapes disagree, a target is out of range, or a score is NaN.
@@ -50,6 +54,10 @@ def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     if targets.size and (targets.min() < schema.UNKNOWN_INDEX or targets.max() >= scores.shape[1]):
         raise ValueError(f"targets must lie in [1, {scores.shape[1]}), got "
                          f"[{targets.min()}, {targets.max()}]")
+    if excluded is not None:
+        excluded = np.asarray(excluded, dtype=np.int64)
+        if excluded.shape != targets.shape:
+            raise ValueError(f"excluded must be [N] like targets, got {excluded.shape}")
     out = np.full(targets.shape, np.inf)
     rows = max(1, CHUNK_ELEMENTS // max(scores.shape[1], 1))
     for start in range(0, len(targets), rows):
@@ -58,24 +66,41 @@ def ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
         if np.isnan(s).any():
             raise ValueError("scores contain NaN: the model produced an invalid output")
         known = t != schema.UNKNOWN_INDEX
-        target_scores = s[np.arange(len(t)), t][:, None]
+        at = np.arange(len(t))
+        target_scores = s[at, t][:, None]
         # The target itself is a candidate and counts once in ">=": that is the "1 +".
         ge = (s[:, schema.NUM_RESERVED:] >= target_scores).sum(axis=1)
+        if excluded is not None:
+            e = excluded[start:start + rows]
+            out_of = e >= schema.NUM_RESERVED
+            ge -= out_of & (e != t) & (s[at, e] >= target_scores[:, 0])
+            known &= ~(out_of & (e == t))
         out[start:start + rows][known] = ge[known]
     return out
 
 
-def event_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def event_ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None
+                ) -> np.ndarray:
     """`ranks` of the rows of `scores` [N, V] whose target is not padding (0), read a chunk
     of rows at a time (`scores` may be a view of a larger array); float64 [N], 0 at the
-    padding rows."""
+    padding rows. `excluded` [N] as in `ranks`."""
     targets = np.asarray(targets, dtype=np.int64)
     out = np.zeros(targets.shape)
     keep = np.flatnonzero(targets != schema.PAD_INDEX)
     rows = max(1, CHUNK_ELEMENTS // max(np.shape(scores)[1], 1))
     for start in range(0, len(keep), rows):
         idx = keep[start:start + rows]
-        out[idx] = ranks(scores[idx], targets[idx])
+        out[idx] = ranks(scores[idx], targets[idx],
+                         None if excluded is None else np.asarray(excluded)[idx])
+    return out
+
+
+def previous_items(sessions: np.ndarray) -> np.ndarray:
+    """int64 [B, T]: the item each position of `sessions` [B, T] is on (the one before it
+    in the session; 0 at position 0): what `rule_out_current` leaves out of the candidates."""
+    sessions = np.asarray(sessions, dtype=np.int64)
+    out = np.zeros_like(sessions)
+    out[:, 1:] = sessions[:, :-1]
     return out
 
 

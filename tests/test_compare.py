@@ -135,6 +135,27 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
     assert f"--output {out}/results.json is a file: pass a folder" in capsys.readouterr().err
 
 
+def test_rule_out_current_has_its_own_files_beside_the_plain_evaluation(tmp_path):
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    out = tmp_path / "cmp"
+    argv = ["--data", data, "--models", "popularity,mv", "--output", str(out)]
+    assert compare.main(argv) == 0
+    plain = (out / "results.json").read_text()
+    assert compare.main(argv + ["--rule-out-current"]) == 0
+    assert (out / "results.json").read_text() == plain  # the plain table is kept
+    ruled = json.loads((out / "results_test_ruled_out.json").read_text())
+    assert ruled["rule_out_current"] is True and not json.loads(plain)["rule_out_current"]
+    run = json.loads((out / "runs" / "mv" / "test_ruled_out.json").read_text())
+    assert run["rule_out_current"] is True
+    assert (out / "runs" / "mv" / "test_ruled_out_users.npz").exists()
+    assert "without the item the session is on" in (out / "results_test_ruled_out.md").read_text()
+    # mv scores the user's recent items, the current one among them: ruled out, the
+    # targets it outranked move up
+    assert ruled["models"]["mv"]["mrr@20"] > json.loads(plain)["models"]["mv"]["mrr@20"]
+
+
 def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):
     """An attempt that failed before its first checkpoint (a mistyped option) does not block
     the corrected command; once a checkpoint exists, other options are refused."""

@@ -122,6 +122,32 @@ def test_metrics_match_hand_computed_for_any_batch_size(data, batch_size):
         assert out[key] == (pytest.approx(value) if not isinstance(value, str) else value), key
 
 
+class PreviousFirst(NextIndex):
+    """Scores the item the session is on highest, (the user's last item + 1) next."""
+
+    name = "previous-first"
+
+    def score(self, state, sessions):
+        out = super().score(state, sessions)
+        rows, steps = sessions.shape
+        r, t = np.nonzero(sessions[:, :-1] > 1)
+        out[r, t + 1, sessions[r, t]] = 2.0
+        return out
+
+
+def test_rule_out_current_ranks_without_the_item_the_session_is_on(data):
+    # NextIndex's hits are rank 1 either way; PreviousFirst puts the current item above
+    # them (rank 2 at positions >= 1): ruled out, the same ranks as NextIndex
+    plain = ev.evaluate(NextIndex(), data, "valid", progress=False)
+    ruled = ev.evaluate(NextIndex(), data, "valid", progress=False, rule_out_current=True)
+    assert ruled.pop("rule_out_current") is True and ruled == plain
+    shadowed = ev.evaluate(PreviousFirst(), data, "valid", progress=False)
+    assert shadowed["mrr@20"] < plain["mrr@20"] and shadowed["recall@1"] < plain["recall@1"]
+    fair = ev.evaluate(PreviousFirst(), data, "valid", progress=False, rule_out_current=True)
+    for key in ("recall@1", "mrr@20", "recall@20"):
+        assert fair[key] == pytest.approx(plain[key]), key
+
+
 def test_history_first_then_targets_in_lock_step_with_padding_rows(data):
     scorer = NextIndex()
     ev.evaluate(scorer, data, "valid", batch_size=3, progress=False)

@@ -23,6 +23,21 @@ def test_rank_is_conservative_on_ties_and_ignores_reserved_columns():
     np.testing.assert_array_equal(r, [1, 3, 3, 4, 4, np.inf])
 
 
+def test_an_excluded_item_leaves_the_candidates():
+    # row 0, target 2 (0.5): 3 (0.9) and 4 (the tie) above it -> 3; without 3 -> 2, without
+    # 4 -> 2, without 5 (below it) -> 3, without an unknown or padding item -> 3; target 3
+    # excluded -> a miss (inf); an unknown target stays inf
+    r = metrics.ranks(SCORES[[0, 0, 0, 0, 0, 0, 0, 0]], np.array([2, 2, 2, 2, 2, 2, 3, 1]),
+                      excluded=np.array([3, 4, 5, 1, 0, 2, 3, 4]))
+    np.testing.assert_array_equal(r[:5], [2, 2, 3, 3, 3])
+    assert r[5] == np.inf and r[6] == np.inf and r[7] == np.inf  # (2 is its own target)
+    # padding rows of event_ranks stay 0; the same as ranks on the other rows
+    e = metrics.event_ranks(SCORES[[0, 0, 0]], np.array([2, 0, 5]), excluded=np.array([3, 9, 2]))
+    np.testing.assert_array_equal(e, [2, 0, 3])
+    np.testing.assert_array_equal(metrics.previous_items(np.array([[4, 5, 6], [7, 0, 0]])),
+                                  [[0, 4, 5], [0, 7, 0]])
+
+
 def test_rank_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         metrics.ranks(np.array([[0, 0, np.nan, 1.0]]), np.array([3]))

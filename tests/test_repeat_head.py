@@ -698,3 +698,37 @@ def test_scorer_ranks_long_sessions_window_by_window(config, monkeypatch):
     scores = scorer.score(state, sessions)
     np.testing.assert_array_equal(
         whole, metrics.event_ranks(scores.reshape(-1, V), sessions.reshape(-1)).reshape(2, 14))
+
+
+@pytest.mark.parametrize("config", [
+    HEAD.replace({"history_size": 6}),
+    HEAD.replace({"history_size": 6, "exclude_current": False}),
+    HEAD.replace({"repeat_head": False}),
+], ids=["head", "keep-current", "no-head"])
+def test_scorer_ranks_rule_out_the_given_items_in_every_window(config, monkeypatch):
+    """`ranks(..., excluded=)` (model.evaluate --rule-out-current) in TensorFlow: the ranks
+    of `score`'s output with each position's excluded item left out (`metrics.ranks`), in
+    windows too; a target that is the item before it (9 9, 4 4) is a miss."""
+    model = _model(config, seed=5)
+    scorer = KerasScorer(model)
+    state = scorer.update(scorer.initial_state(["a", "b"]),
+                          np.array([[2, 1, 4, 2, 9], [5, 0, 0, 0, 0]]))
+    sessions = np.array([[3, 6, 1, 3, 9, 9, 2, 7, 6, 1, 3, 11, 4, 4],
+                         [8, 5, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    previous = metrics.previous_items(sessions)
+    scores = scorer.score(state, sessions)
+    expected = metrics.event_ranks(scores.reshape(-1, V), sessions.reshape(-1),
+                                   previous.reshape(-1)).reshape(2, 14)
+    assert expected[0, 5] == expected[0, 13] == np.inf
+    for width in (14, 1, 5):
+        monkeypatch.setattr(keras_scorer, "MAX_POSITIONS", width)
+        np.testing.assert_array_equal(scorer.ranks(state, sessions, V, excluded=previous),
+                                      expected)
+    plain = scorer.ranks(state, sessions, V)
+    known = (previous >= 2) & (previous != sessions)
+    assert np.all(expected[known] <= plain[known])  # leaving a candidate out never lowers a rank
+    if config.exclude_current and config.repeat_head:
+        # the model rules the item out itself: the same ranks but at the repeats
+        np.testing.assert_array_equal(expected[known], plain[known])
+    else:
+        assert np.any(expected[known] < plain[known])
