@@ -677,6 +677,17 @@ def test_scorer_ranks_reject_nan_and_a_foreign_vocabulary():
         scorer.ranks(state, np.array([[3, 4]]), V)
 
 
+def _long_sessions(config):
+    """A scorer of `config` (seed 5), two users' state after a history session with an
+    unknown item, and a 14-item session with repeats and unknown items beside a short one."""
+    scorer = KerasScorer(_model(config, seed=5))
+    state = scorer.update(scorer.initial_state(["a", "b"]),
+                          np.array([[2, 1, 4, 2, 9], [5, 0, 0, 0, 0]]))
+    sessions = np.array([[3, 6, 1, 3, 9, 9, 2, 7, 6, 1, 3, 11, 4, 4],
+                         [8, 5, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    return scorer, state, sessions
+
+
 @pytest.mark.parametrize("config", [
     HEAD.replace({"history_size": 6}),
     HEAD.replace({"start_items": 3, "repeat_window": 2}),
@@ -685,12 +696,7 @@ def test_scorer_ranks_reject_nan_and_a_foreign_vocabulary():
 def test_scorer_ranks_long_sessions_window_by_window(config, monkeypatch):
     """A long session is ranked in windows of positions (bounded memory); the ranks are those
     of the whole session at once, with repeats and unknown items across the windows."""
-    model = _model(config, seed=5)
-    scorer = KerasScorer(model)
-    state = scorer.update(scorer.initial_state(["a", "b"]),
-                          np.array([[2, 1, 4, 2, 9], [5, 0, 0, 0, 0]]))
-    sessions = np.array([[3, 6, 1, 3, 9, 9, 2, 7, 6, 1, 3, 11, 4, 4],
-                         [8, 5, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    scorer, state, sessions = _long_sessions(config)
     whole = scorer.ranks(state, sessions, V)
     for width in (1, 3, 5):
         monkeypatch.setattr(keras_scorer, "MAX_POSITIONS", width)
@@ -709,12 +715,7 @@ def test_scorer_ranks_rule_out_the_given_items_in_every_window(config, monkeypat
     """`ranks(..., excluded=)` (model.evaluate --rule-out-current) in TensorFlow: the ranks
     of `score`'s output with each position's excluded item left out (`metrics.ranks`), in
     windows too; a target that is the item before it (9 9, 4 4) is a miss."""
-    model = _model(config, seed=5)
-    scorer = KerasScorer(model)
-    state = scorer.update(scorer.initial_state(["a", "b"]),
-                          np.array([[2, 1, 4, 2, 9], [5, 0, 0, 0, 0]]))
-    sessions = np.array([[3, 6, 1, 3, 9, 9, 2, 7, 6, 1, 3, 11, 4, 4],
-                         [8, 5, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    scorer, state, sessions = _long_sessions(config)
     previous = metrics.previous_items(sessions)
     scores = scorer.score(state, sessions)
     expected = metrics.event_ranks(scores.reshape(-1, V), sessions.reshape(-1),
