@@ -317,12 +317,26 @@ def newest_with(export_base: str, source: dict) -> int | None:
     return newest if source.get(key) and old.get(key) == source[key] else None
 
 
+# TF Serving reads a version folder's name as an int64: a larger number is no version there
+# (its poller skips the folder) and does not fit the replies' `model_spec.version`.
+MAX_VERSION = 2**63 - 1
+
+
+def version_number(name: str) -> int | None:
+    """The version a folder name stands for, as TF Serving reads it: ASCII digits whose
+    value fits an int64 (`007` is 7); None for any other name."""
+    if not (name.isascii() and name.isdigit()):
+        return None
+    number = int(name)
+    return number if number <= MAX_VERSION else None
+
+
 def next_version(export_base: str) -> int:
     """1 + the largest integer version folder under `export_base` (1 when none)."""
     if not os.path.isdir(export_base):
         return 1
-    versions = [int(n) for n in os.listdir(export_base) if n.isdigit()]
-    return max(versions, default=0) + 1
+    versions = [version_number(n) for n in os.listdir(export_base)]
+    return max([v for v in versions if v is not None], default=0) + 1
 
 
 def write_vocabulary_asset(path: str, vocabulary: schema.Vocabulary) -> None:
@@ -406,8 +420,9 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
     """
     chosen = version is None
     version = next_version(export_base) if chosen else int(version)
-    if version < 1:
-        raise ExportError(f"--version must be a positive integer, got {version}")
+    if not 1 <= version <= MAX_VERSION:
+        raise ExportError(f"--version must be a positive integer up to {MAX_VERSION} (TF "
+                          f"Serving's versions are int64), got {version}")
     final = os.path.join(export_base, str(version))
     if os.path.exists(final):
         raise ExportError(f"{final} already exists: pass another --version or omit it to "

@@ -440,13 +440,14 @@ class Batcher:
 
 def version_folders(base_path: str) -> dict[int, str]:
     """{version: folder name} of the integer-named folders that hold a SavedModel (`007` is
-    version 7, as TF Serving reads it; `7` wins over `007`)."""
+    version 7, as TF Serving reads it; `7` wins over `007`; a number beyond int64 is not a
+    version, as TF Serving skips it)."""
     try:
         names = sorted(os.listdir(base_path), key=lambda n: (len(n), n), reverse=True)
     except OSError:
         return {}
-    return {int(n): n for n in names
-            if n.isascii() and n.isdigit()
+    return {export.version_number(n): n for n in names
+            if export.version_number(n) is not None
             and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))}
 
 

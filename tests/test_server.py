@@ -519,6 +519,27 @@ def test_version_folders_with_leading_zeros(tmp_path):
                          in_process(base, "007", "next_items", INPUTS["next_items"]))
 
 
+def test_a_version_number_beyond_int64_is_no_version(tmp_path):
+    """TF Serving reads version folder names as int64 and skips a larger number; served,
+    it answered INTERNAL to every call (it does not fit the replies' model_spec.version),
+    and the export wrote it."""
+    vocab = lib.tiny_vocabulary()
+    model = lib.tiny_model(vocab, seed=1)
+    base = str(tmp_path / "base")
+    export.export_model(model, vocab, base, version=7)
+    huge = str(2 ** 64)
+    shutil.copytree(os.path.join(base, "7"), os.path.join(base, huge))
+    assert server.list_versions(base) == [7]
+    assert export.next_version(base) == 8
+    manager = server.ModelManager(NAME, base)
+    manager.poll()
+    assert [s[:2] for s in _statuses(manager)] == [(7, "AVAILABLE")]
+    for version in (2 ** 63, 2 ** 64):
+        with pytest.raises(export.ExportError, match="int64"):
+            export.export_model(model, vocab, base, version=version)
+    assert sorted(os.listdir(base)) == sorted(["7", huge])  # nothing written
+
+
 def test_a_server_waiting_for_its_first_version_says_where_it_listens(tmp_path):
     """With `--port 0` and no version yet, the waiting line names the bound port (it only
     appeared once a version loaded), and that port answers: NOT_FOUND until a version."""
