@@ -59,7 +59,8 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--enable-batching", action="store_true",
                         help="merge concurrent requests into one model call")
     parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64,
-                        help="rows per merged call")
+                        help="rows per merged call (a request of more rows is "
+                             "INVALID_ARGUMENT, as TF Serving's)")
     parser.add_argument("--batch-timeout-micros", type=argtypes.non_negative_int, default=0,
                         help="how long a batch waits for more requests (0 = take what is queued)")
     parser.add_argument("--num-batch-threads", type=argtypes.positive_int, default=1,

@@ -285,7 +285,8 @@ class Batcher:
     dimension, the same number of rows in each (a scalar input such as a scalar `k` is
     INVALID_ARGUMENT: send one value per row), and all of them are concatenated. A batch
     takes every waiting request with the same key (version, signature, non-batch shapes)
-    up to `max_batch_size` rows. String inputs of rank 2 (item ids) join whatever their
+    up to `max_batch_size` rows; a request of more rows is INVALID_ARGUMENT, as TF Serving
+    refuses it without `enable_large_batch_splitting`. String inputs of rank 2 (item ids) join whatever their
     length: they are padded at the end with "" (the serving pad id), which the signatures
     ignore (TF Serving pads only with `pad_variable_length_inputs: true`, and with the
     request's first value: the client's fixed widths put "" first). With `timeout_s` > 0
@@ -342,6 +343,10 @@ class Batcher:
           RequestError: the server is stopping, or the request's own error.
         """
         rows = self.batch_rows(arrays)
+        if rows > self._max_rows:  # as TF Serving's batch scheduler (no large batch splitting)
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"Task size {rows} is larger than maximum input batch size "
+                               f"{self._max_rows} (--max-batch-size): send fewer rows per request")
         key = (id(sig), tuple((k, arr.dtype.str, arr.ndim if self._padded(arr) else arr.shape[1:])
                               for k, arr in arrays.items()))  # sorted by name
         task = _Task(sig, key, arrays, rows)

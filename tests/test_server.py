@@ -184,6 +184,11 @@ BAD_REQUESTS = {
     "k rows differ from the batch": (request("next_items", _with(k=np.int32([5, 5, 5]))),
                                      grpc.StatusCode.INVALID_ARGUMENT,
                                      "must have equal 0th-dimension size (input 'k' has 3 rows"),
+    # TF Serving's batch scheduler refuses a request of more rows than --max-batch-size (64)
+    "more rows than the max batch size": (
+        request("update_state", {"user_state": np.zeros([65, H], np.float32),
+                                 "session_items": np.full([65, 1], "item0", dtype=object)}),
+        grpc.StatusCode.INVALID_ARGUMENT, "Task size 65 is larger than maximum input batch size 64"),
     "huge shape in a small message": (_huge_shape_request(), grpc.StatusCode.RESOURCE_EXHAUSTED,
                                       "'user_state': tensor shape [2147483648, 8] has"),
     "too large": (request("update_state", {"user_state": np.zeros([40000, H], np.float32),
