@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--items", help="the finished session: a,b,c")
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
-    commands.add_parser("status", help="the versions the server lists: AVAILABLE, or END (unloaded, or failed to load)")
+    commands.add_parser("status", help="the versions the server lists: AVAILABLE, LOADING, or END (unloaded, or failed to load)")
     forget = commands.add_parser("forget", help="delete a user's stored states and history "
                                  "(in --state-db; no server needed)")
     forget.add_argument("--user", required=True)

@@ -499,6 +499,7 @@ class ModelManager:
         self._failed: dict[int, tuple[str, tuple]] = {}  # version: (error, folder_state)
         self._folders: dict[int, str] = {}  # version: folder name, from the last scan
         self._ended: set[int] = set()  # versions unloaded (END in the status, as TF Serving)
+        self._loading: set[int] = set()  # versions being loaded (LOADING, as TF Serving)
         self._lock = threading.Lock()
         self._on_ready = on_ready
 
@@ -508,6 +509,8 @@ class ModelManager:
     def _load(self, version: int) -> None:
         path = self._path(version)
         before = folder_state(path)
+        with self._lock:
+            self._loading.add(version)
         try:
             servable = Servable(self.name, version, path)
             warmed = servable.warm_up(self.batching)
@@ -520,9 +523,11 @@ class ModelManager:
             with self._lock:
                 # the state before the load: files that changed during it are retried
                 self._failed[version] = (error, before)
+                self._loading.discard(version)
             return
         log.info("loaded %s version %d (%d warm-up requests)", self.name, version, warmed)
         with self._lock:
+            self._loading.discard(version)
             self._servables[version] = servable
             self._loaded_state[version] = before
             self._failed.pop(version, None)
@@ -587,7 +592,9 @@ class ModelManager:
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}")
 
     def statuses(self, version: int | None) -> list[get_model_status_pb2.ModelVersionStatus]:
-        """ModelVersionStatus entries: AVAILABLE; END with the load error; END (OK) for a
+        """ModelVersionStatus entries: AVAILABLE; LOADING while a version that is not served
+        loads (its first load, or again after a failure: TF Serving's START/LOADING, where
+        NOT_FOUND would read as a wrong model name); END with the load error; END (OK) for a
         version unloaded since it served, which TF Serving goes on listing too.
 
         Raises:
@@ -596,10 +603,13 @@ class ModelManager:
         state = get_model_status_pb2.ModelVersionStatus.State
         with self._lock:
             entries = [(v, state.AVAILABLE, None) for v in self._servables]
-            entries += [(v, state.END, m) for v, (m, _) in self._failed.items()
+            entries += [(v, state.LOADING, None) for v in self._loading
                         if v not in self._servables]
+            entries += [(v, state.END, m) for v, (m, _) in self._failed.items()
+                        if v not in self._servables and v not in self._loading]
             entries += [(v, state.END, None) for v in self._ended
-                        if v not in self._servables and v not in self._failed]
+                        if v not in self._servables and v not in self._failed
+                        and v not in self._loading]
         entries = sorted(e for e in entries if version is None or e[0] == version)
         if not entries:
             what = self.name if version is None else f"{self.name} version {version}"

@@ -446,6 +446,42 @@ def _statuses(manager):
             for s in manager.statuses(None)]
 
 
+def test_a_version_being_loaded_is_loading_in_the_status(tmp_path):
+    """While a version loads, GetModelStatus lists it LOADING, as TF Serving does (it was
+    NOT_FOUND 'Could not find any versions', which reads as a wrong model name to a
+    readiness check); a newer version loading beside a served one is listed too."""
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path / "base")
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
+    manager = server.ModelManager(NAME, base, num_versions=2)
+    seen, done = [], threading.Event()
+
+    def watch():
+        while True:
+            last = done.is_set()  # (one more look once the polls are done)
+            try:
+                entries = tuple(s[:2] for s in _statuses(manager))
+            except server.RequestError as e:
+                entries = (e.code.name,)
+            if not seen or seen[-1] != entries:
+                seen.append(entries)
+            if last:
+                return
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        manager.poll()
+        export.export_model(lib.tiny_model(vocab, seed=2), vocab, base)
+        manager.poll()
+    finally:
+        done.set()
+        watcher.join()
+    assert seen == [("NOT_FOUND",), ((1, "LOADING"),), ((1, "AVAILABLE"),),
+                    ((1, "AVAILABLE"), (2, "LOADING")), ((1, "AVAILABLE"), (2, "AVAILABLE"))]
+
+
 def test_a_version_changed_on_disk_is_loaded_again(tmp_path):
     """A version folder replaced (a new export base numbering from 1 again, a copy over the
     old files) is loaded again: the server never keeps answering with the files it first
