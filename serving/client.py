@@ -477,6 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("end-session needs --items a,b,c")
     if (args.tls_ca or args.tls_server_name) and not args.tls:
         parser.error("--tls-ca and --tls-server-name need --tls")
+    if args.command != "forget":
+        # (gRPC writes lines of its own to stderr for an empty target; a URL fails to resolve)
+        if not args.target.strip():
+            parser.error("--target must be HOST:PORT of the server, got ''")
+        scheme = args.target.split("://", 1)[0].lower() if "://" in args.target else None
+        if scheme in ("http", "https", "grpc", "grpcs"):
+            parser.error(f"--target {args.target} is a URL: pass HOST:PORT of the gRPC port "
+                         "(e.g. localhost:8500; --tls for TLS)")
     if args.command != "status":
         if not args.user.strip():
             parser.error("--user must not be empty")
