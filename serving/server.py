@@ -31,6 +31,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -443,6 +444,23 @@ class Batcher:
             t.done = True
 
 
+def _bind_advice(host: str) -> str:
+    """What to change when gRPC cannot bind host:port: --host when no socket can be bound
+    to that host at all (not an address of this machine, or not one at all), else --port."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return f"--host {host} does not resolve: pass an address of this machine (0.0.0.0 for all)"
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+            return "pick a free --port"
+        except OSError:
+            continue
+    return f"--host {host} is not an address of this machine: pass one of its own (0.0.0.0 for all)"
+
+
 def version_folders(base_path: str) -> dict[int, str]:
     """{version: folder name} of the integer-named folders that hold a SavedModel (`007` is
     version 7, as TF Serving reads it; `7` wins over `007`; a number beyond int64 is not a
@@ -802,9 +820,9 @@ class ModelServer:
             if credentials is not None:
                 raise ValueError(f"cannot serve TLS on {host}:{port} ({e}): check that --tls-key "
                                  "is the private key of --tls-cert, or pick a free --port") from None
-            raise ValueError(f"cannot bind {host}:{port} ({e}): pick a free --port") from None
+            raise ValueError(f"cannot bind {host}:{port} ({e}): {_bind_advice(host)}") from None
         if not self.port:
-            raise ValueError(f"cannot bind {host}:{port}: pick a free --port")
+            raise ValueError(f"cannot bind {host}:{port}: {_bind_advice(host)}")
         self.host = host
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
 

@@ -7,6 +7,7 @@ import functools
 import gc
 import os
 import shutil
+import socket
 import threading
 import time
 
@@ -420,6 +421,24 @@ def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+def test_a_port_taken_or_a_host_not_of_this_machine_names_the_option_to_change(tmp_path, capsys):
+    """gRPC cannot bind either way; the one-line error says which option to change (it said
+    'pick a free --port' for an address that is not this machine's)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, message in (("127.0.0.1", "pick a free --port"),
+                              ("203.0.113.7", "--host 203.0.113.7 is not an address of this "
+                                              "machine"),
+                              ("no-such-host.invalid", "--host no-such-host.invalid does not "
+                                                       "resolve")):
+            assert server.main(["--model-base-path", str(tmp_path), "--model-name", NAME,
+                                "--host", host, "--port", str(port)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].startswith("error: cannot bind") and message in err[-1], err
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--port", "99999", "--port: must be from 0 to 65535, got 99999"),
     ("--max-message-mb", "2048", "--max-message-mb: must be from 1 to 2047, got 2048"),
@@ -454,7 +473,7 @@ def test_a_version_being_loaded_is_loading_in_the_status(tmp_path):
     base = str(tmp_path / "base")
     export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
     manager = server.ModelManager(NAME, base, num_versions=2)
-    seen, done = [], threading.Event()
+    seen, looked, done = [], threading.Event(), threading.Event()
 
     def watch():
         while True:
@@ -465,12 +484,14 @@ def test_a_version_being_loaded_is_loading_in_the_status(tmp_path):
                 entries = (e.code.name,)
             if not seen or seen[-1] != entries:
                 seen.append(entries)
+            looked.set()
             if last:
                 return
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
+    looked.wait(timeout=60)  # (the first look before the first poll, however busy the CPUs)
     try:
         manager.poll()
         export.export_model(lib.tiny_model(vocab, seed=2), vocab, base)
