@@ -305,10 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _non_empty(files, fmt: str = "csv") -> tuple[list, dict, list]:
-    """(the files with at least one line, their first lines, the empty files' paths).
+    """(the files with at least one non-blank line, their first lines, the empty files' paths).
 
     Empty files are skipped, not errors: exports from Spark, Hive or Beam itself hold
-    0-byte part files and `_SUCCESS` markers beside the data. A Parquet or Avro file's
+    0-byte part files and `_SUCCESS` markers beside the data; a text file of blank lines
+    only (an empty data frame's CSV is one newline) is empty too, not a header naming no
+    column. A Parquet or Avro file's
     (`fmt`) first rows come as JSON lines (`sources.parquet_head`, `sources.avro_head`).
 
     Raises:
@@ -324,6 +326,9 @@ def _non_empty(files, fmt: str = "csv") -> tuple[list, dict, list]:
                     for row in read(path, 1 + TIME_SAMPLE_ROWS)] if size else []
         else:
             head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS) if size else []
+            if len(head) < 1 + TIME_SAMPLE_ROWS and not any(
+                    line.lstrip(b"\xef\xbb\xbf").strip() for line in head):
+                head = []  # only blank lines (an empty frame's export, `echo > f`): no rows
         if head:
             kept.append((path, size))
             heads[path] = head

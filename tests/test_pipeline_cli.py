@@ -1004,6 +1004,30 @@ def test_export_folders_with_empty_parts_and_late_bad_times(tmp_path):
     assert "matches no file but 2 whose names start with '.' or '_'" in res.stderr
 
 
+def test_part_files_of_blank_lines_only_are_empty_files(tmp_path, capsys):
+    """A part file that holds only a newline (an empty data frame written as CSV, `echo >
+    f`) is an empty file like a 0-byte one: skipped with a note, not a header that names
+    no column, which stopped the whole run."""
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "part-0.csv").write_text(
+        "user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in GOOD))
+    (export_dir / "part-1.csv").write_text("\n")
+    (export_dir / "part-2.csv").write_bytes(b"\xef\xbb\xbf \r\n\r\n")
+    (export_dir / "part-3.csv.gz").write_bytes(gzip.compress(b"\n"))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(export_dir / "*"), "--output", str(out),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert "note: skipping 3 empty input file(s)" in capsys.readouterr().err
+    stats, _ = check_output(str(out))
+    assert (stats["rows_read"], stats["rows_malformed"]) == (len(GOOD), 0)
+
+    (export_dir / "part-0.csv").write_text("\n\n")
+    assert cli.main(["--input", str(export_dir / "*"), "--output", str(tmp_path / "none"),
+                     *IN_MEMORY]) == 2
+    assert "error: every --input file is empty (4:" in capsys.readouterr().err
+
+
 def test_overwrite_only_replaces_an_earlier_output(tmp_path, capsys):
     log = tmp_path / "logs" / "log.csv"
     log.parent.mkdir()
