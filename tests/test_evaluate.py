@@ -425,3 +425,53 @@ def test_progress_in_a_log_file_is_a_line_at_a_time():
     assert re.fullmatch(r"evaluate m on test: 4 users of 10 \(40%\), about 0:\d\d left, 0:\d\d "
                         r"elapsed", lines[0]), lines
     assert lines[1].startswith("evaluate m on test: 10 users of 10 (100%), 0:") and len(lines) == 3
+
+
+def test_progress_time_left_goes_by_target_events_not_users():
+    """Users are taken most events first and differ in size by orders of magnitude (a few
+    power users among many light ones): the share done and the time left are the target
+    events', where their count of users would say hours for a minute's work."""
+    import time
+
+    out = io.StringIO()
+    bar = ev.LineProgress(1_001, "evaluate m on valid", every=0, out=out, total_events=11_000)
+    bar.start -= 100.0  # 100 s into the evaluation: one power user of 10,000 events done
+    bar.update(1, 10_000)
+    line = out.getvalue().splitlines()[-1]
+    assert re.fullmatch(r"evaluate m on valid: 1 users of 1,001, 10,000 of 11,000 target "
+                        r"events \(91%\), about 0:1[01] left, 1:4\d elapsed", line), line
+    # without the events' total (a --max-users sample): the users', as before
+    out = io.StringIO()
+    bar = ev.LineProgress(10, "evaluate m on valid", every=0, out=out)
+    bar.start = time.monotonic() - 100.0
+    bar.update(5, 50)
+    assert re.fullmatch(r"evaluate m on valid: 5 users of 10 \(50%\), about 1:4\d left, "
+                        r"1:4\d elapsed", out.getvalue().strip())
+
+
+def test_evaluation_progress_counts_the_splits_target_events(tmp_path, capsys):
+    """The CLI's progress in a log file: the split's target events from stats.json, all
+    of them done at the end; a sample of the users (--max-users) falls back to users."""
+    heavy = {"power": ([[2, 3] * 50], [[2 + j % 20 for j in range(400)]])}
+    light = {f"u{k}": ([], [[3, 4], [5, 6, 7]]) for k in range(30)}
+    data = write_data(tmp_path, {"valid": {**heavy, **light}})
+    stats_path = os.path.join(data, schema.STATS_FILE)
+    with open(stats_path) as f:
+        stats = json.load(f)
+    stats["splits"]["valid"]["events"] = 400 + 30 * 5
+    with open(stats_path, "w") as f:
+        json.dump(stats, f)
+    ev.evaluate(NextIndex(), data, "valid")
+    err = capsys.readouterr().err
+    assert re.search(r"^evaluate next-index on valid: 31 users of 31, 550 of 550 target events "
+                     r"\(100%\), 0:\d\d elapsed$", err, re.M), err
+    ev.evaluate(NextIndex(), data, "valid", max_users=10)
+    err = capsys.readouterr().err
+    assert re.search(r"^evaluate next-index on valid: 10 users of 10 \(100%\), 0:\d\d elapsed$",
+                     err, re.M), err
+    # the users read once (as model.train's evaluations pass them): their events counted
+    users = ev.load_users(data, "valid")
+    ev.evaluate(NextIndex(), data, "valid", users=users[:5])
+    err = capsys.readouterr().err
+    assert re.search(r"^evaluate next-index on valid: 5 users of 5, (\d+) of \1 target events "
+                     r"\(100%\)", err, re.M), err
