@@ -767,9 +767,18 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     raise TrainingError(f"loss is {last_loss} at step {step}: stopped; {kept} "
                                         "(try a lower --learning-rate)")
                 rate = events / max(step_seconds, 1e-9)
-                with contextlib.redirect_stdout(sys.stderr):
-                    _update_bar(bar, step - start_step, [("loss", last_loss)],
-                                {"events/s": f"{rate:,.0f}"})
+                if (step - start_step == 1 and not bar._dynamic_display
+                        and total_steps - start_step > 1):
+                    # a log file: its first line waits for the second step, since Keras
+                    # estimates the time left at step 1 from that step, whose tracing
+                    # takes 100 times a step ("1/2000 ... ETA: 5:33:07" for a run of 3
+                    # minutes, in the log for the 30 s until the next line); from step 2
+                    # on it times the steps after the first, as a terminal's bar shows
+                    bar._time_after_first_step = time.time()
+                else:
+                    with contextlib.redirect_stdout(sys.stderr):
+                        _update_bar(bar, step - start_step, [("loss", last_loss)],
+                                    {"events/s": f"{rate:,.0f}"})
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)

@@ -76,6 +76,27 @@ def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, 
     assert scorer.score(state, np.array([[2, 3, 4]])).shape == (1, 3, 22)
 
 
+def test_progress_in_a_log_file_starts_after_the_traced_first_step(data, config_file, tmp_path,
+                                                                   capsys):
+    """stderr not a terminal: the first line is the second step's, whose time left comes
+    from the steps after the first (the first, traced, takes 100 times a step: a line "1/2000
+    ... ETA: 5:33:07" opened a log of a 3-minute run); a run of one step still ends with it."""
+    args = [a for a in _args(data, str(tmp_path / "run"), config_file, "--steps", "4",
+                             "--eval-every", "0") if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err
+    bars = [line.strip() for line in err.splitlines() if re.match(r"\s*\d+/4 \[", line)]
+    assert bars[0].startswith("2/4 [") and bars[-1].startswith("4/4 ["), err
+    eta = re.search(r"ETA: (\d+)s", bars[0])
+    assert eta and int(eta[1]) <= 10, bars[0]  # two steps left of a tiny model
+    args = [a for a in _args(data, str(tmp_path / "one"), config_file, "--steps", "1",
+                             "--eval-every", "0") if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err
+    assert [line.strip()[:6] for line in err.splitlines() if re.match(r"\s*\d+/1 \[", line)] \
+        == ["1/1 [="], err
+
+
 def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
     # A process that died after logging steps it had not checkpointed: the resumed
     # process logs them again (another event file), and its values are the ones read.
