@@ -806,6 +806,13 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             batching.raise_producer_error(batcher)  # the batcher's own error, when it is one
             raise
         step = int(state.step.numpy())
+        if stop_reason == "time" and step > start_step:
+            # said, as the other early stops are: the bar's last line (up to 30 s old in
+            # a log file) shows an earlier step and the time left to the steps' end
+            print(f"{after_bar}stopping at step {step}: --max-minutes {tc.max_minutes:g} "
+                  f"reached ({trained()['seconds']:.0f} s of training); the latest "
+                  "weights are checkpointed, a larger --max-minutes trains on",
+                  file=sys.stderr)
         if stop_reason == "interrupted":
             print(f"{after_bar}interrupted at step {step}: "
                   + ("saving a checkpoint; the same command resumes from it" if step > last_saved

@@ -415,7 +415,8 @@ def test_a_run_resumed_with_fewer_epochs_than_it_has_done_trains_nothing(
             for root, _, names in os.walk(run) for name in names} == before
 
 
-def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config_file, tmp_path):
+def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config_file, tmp_path,
+                                                                    capsys):
     """--max-minutes bounds the run, not each process (a `model.compare --budget-minutes`
     run interrupted and resumed got a whole new budget); `seconds`, `events` and
     `events_per_s` of train_summary.json are the run's, `seconds_this_run` this process's."""
@@ -435,6 +436,11 @@ def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config
     with open(summary_file) as f:
         second = json.load(f)
     assert second["stopped_by"] == "time" and second["steps"] == 101
+    # the stop is said on stderr, as an early stop is (the bar's last line in a log file
+    # can be 30 s old and shows the time left to --steps)
+    assert re.search(rf"^stopping at step 101: --max-minutes {float(limit):g} reached \(\d+ s of "
+                     r"training\); the latest weights are checkpointed, a larger "
+                     r"--max-minutes trains on$", capsys.readouterr().err, re.M)
     # (what a checkpoint records is what its process's summary said: exact, however long
     # the last save took; 3 decimals each)
     assert second["seconds"] == pytest.approx(first["seconds"] + second["seconds_this_run"],
