@@ -238,20 +238,29 @@ class SessionKNN(BlockScorer):
 
     Scores are computed as t × the above (integer weights j), which keeps them exact
     integers and changes no ranking; then the popularity term is added.
+
+    With `remind=False` (session-rec's `remind` option; `model.evaluate --no-remind`) the
+    items of the session so far get no neighbour score, only the popularity term, so they
+    rank below every item a neighbour holds: for logs where an item is consumed once (a
+    rated movie). The default, True, is the paper's and session-rec's.
     """
 
     name = "sknn"
 
     def __init__(self, sessions: sp.csr_matrix, counts: np.ndarray, k: int = 100,
-                 sample_size: int = 500):
+                 sample_size: int = 500, remind: bool = True):
         """Args:
           sessions: [past sessions, V] binary item matrix, rows oldest to newest.
           counts: int [V] train event counts.
           k: neighbours per prediction.
           sample_size: most recent sessions sharing an item considered as candidates.
+          remind: whether the session's own items keep their neighbour scores.
         """
         if k < 1 or sample_size < 1:
             raise ValueError(f"k and sample_size must be >= 1, got k={k}, sample_size={sample_size}")
+        self.remind = bool(remind)
+        if not self.remind:
+            self.name = "sknn:noremind"
         self.pop = popularity_term(counts)
         m = sp.csr_matrix(sessions, dtype=np.float64)
         m.sum_duplicates()
@@ -261,7 +270,8 @@ class SessionKNN(BlockScorer):
         self.k, self.sample_size = k, sample_size
 
     @classmethod
-    def fit(cls, data_dir: str, k: int = 100, sample_size: int = 500) -> "SessionKNN":
+    def fit(cls, data_dir: str, k: int = 100, sample_size: int = 500,
+            remind: bool = True) -> "SessionKNN":
         """Reads the train sessions, ordered by the time of their last event."""
         vocab = schema.read_vocabulary(data_dir)
         items, lengths, ends = [], [], []
@@ -277,7 +287,7 @@ class SessionKNN(BlockScorer):
         indices = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
         matrix = sp.csr_matrix((np.ones(len(indices)), indices, indptr),
                                shape=(len(items), vocab.size))
-        return cls(matrix, vocab.counts, k=k, sample_size=sample_size)
+        return cls(matrix, vocab.counts, k=k, sample_size=sample_size, remind=remind)
 
     def initial_state(self, user_ids: list[str]) -> State:
         return None
@@ -336,6 +346,23 @@ class SessionKNN(BlockScorer):
         weights = sp.csr_matrix((val[top], (row[top], col[top])), shape=sim.shape)
         return (weights @ self.sessions).tocsr()
 
+    def _popularity_only_for_the_prefix(self, out: np.ndarray, sessions: np.ndarray,
+                                        first: int, last: int) -> None:
+        """`remind=False`: each position t in [first, last) of `out` [rows, last - first, V]
+        scores the items of sessions[r, :t] by the popularity term alone."""
+        rows, steps = sessions.shape
+        lengths = (sessions != schema.PAD_INDEX).sum(axis=1)
+        r = np.repeat(np.arange(rows), steps)
+        j = np.tile(np.arange(steps), rows)
+        lo = np.maximum(j + 1, first)  # the item at j is in the prefixes t = j+1 .. length-1
+        hi = np.minimum(lengths[r] - 1, last - 1)
+        count = np.clip(hi - lo + 1, 0, None)
+        count[sessions.ravel() == schema.PAD_INDEX] = 0
+        r, j, lo = np.repeat(r, count), np.repeat(j, count), np.repeat(lo, count)
+        t = lo + np.arange(len(j)) - np.repeat(np.cumsum(count) - count, count)
+        items = sessions[r, j]
+        out[r, t - first, items] = self.pop[items]
+
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
@@ -355,6 +382,8 @@ class SessionKNN(BlockScorer):
                 flat_out[positions[start:stop][scores.row], scores.col] += \
                     scores.data.astype(np.float32)
                 start = stop
+            if not self.remind:
+                self._popularity_only_for_the_prefix(out, sessions, first, last)
             yield out
             del out  # before the next block is allocated
 
@@ -375,13 +404,18 @@ _CLASSES = {"popularity": Popularity, "sknn": SessionKNN, "spop": SessionPop,
             "upop": UserPop, "mv": MovingAverage}
 
 
-def fit(name: str, data_dir: str) -> Scorer:
-    """Fits the baseline `name` (one of NAMES) on the train split of `data_dir`.
+def fit(name: str, data_dir: str, remind: bool = True) -> Scorer:
+    """Fits the baseline `name` (one of NAMES) on the train split of `data_dir`; `remind`
+    is sknn's (`SessionKNN`).
 
     Raises:
-      ValueError: unknown name.
+      ValueError: unknown name, or remind=False for another baseline than sknn.
       schema.DataError: the folder is not a pipeline output.
     """
     if name not in _CLASSES:
         raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(NAMES)}")
+    if name == "sknn":
+        return SessionKNN.fit(data_dir, remind=remind)
+    if not remind:
+        raise ValueError(f"remind=False is an option of sknn, not of {name}")
     return _CLASSES[name].fit(data_dir)

@@ -394,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "counts), sknn (V-SKNN session kNN), spop (counts in the session), "
                             "upop (the user's recency-weighted counts), mv (counts among the "
                             "user's last 10 events)")
+    parser.add_argument("--no-remind", dest="remind", action="store_false",
+                        help="with --model sknn: the session's own items get no neighbour "
+                             "score (session-rec's remind=False), for logs where an item is "
+                             "consumed once; choose it on --split valid")
     parser.add_argument("--checkpoint", choices=("best", "latest"),
                         help="with --model-dir: the best-on-valid weights (the latest when the "
                              "run never evaluated on valid; the default) or the latest")
@@ -415,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.checkpoint and args.model:
         parser.error(f"--checkpoint applies to --model-dir, not to a baseline (--model "
                      f"{args.model} is fitted here)")
+    if not args.remind and args.model != "sknn":
+        parser.error("--no-remind is an option of --model sknn")
     args.checkpoint = args.checkpoint or "best"
     # TensorFlow loads once the command line and a local data folder are checked (their
     # errors are said at once), with its start-up notes held back where they are noise;
@@ -457,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if note:
                 print(note, file=sys.stderr)
         else:
-            scorer = baselines.fit(args.model, args.data)
+            scorer = baselines.fit(args.model, args.data, remind=args.remind)
         if args.output and args.per_user_output and os.path.exists(args.output):
             # a pair: the old metrics go first, so a run that fails between writing the
             # new per-user file and the new metrics never leaves two runs' files side by side

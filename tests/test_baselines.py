@@ -127,6 +127,49 @@ def test_sknn_equals_its_definition_on_random_sessions(seed):
                                            err_msg=f"k={k} sample_size={sample_size} {row[:t]}")
 
 
+def test_sknn_without_remind_scores_the_session_items_by_popularity_alone(knn_data):
+    """remind=False (session-rec's option): prefix [2, 4] as in the k=2 case above, whose
+    neighbour scores were {2: 3, 3: 2, 4: 5, 5: 2}; items 2 and 4 keep only the popularity
+    term, so they rank after every item a neighbour holds."""
+    knn = baselines.SessionKNN.fit(knn_data, k=2, remind=False)
+    assert knn.name == "sknn:noremind"
+    scores = knn.score(None, np.array([[2, 4, 9]]))
+    want = np.zeros(V)
+    want[[3, 5]] = 2
+    np.testing.assert_allclose(scores[0, 2] - knn.pop, want, atol=1e-5)
+    assert ranking(scores[0, 2])[:2] == [3, 5]
+    # position 1 (prefix [2]): s2, s0 are the neighbours; 2 loses its score, 4 and 3 keep theirs
+    np.testing.assert_allclose(scores[0, 1, [2, 3, 4]] - knn.pop[[2, 3, 4]], [0, 1, 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 9])
+def test_sknn_without_remind_equals_its_definition_in_blocks_of_any_width(width):
+    rng = np.random.default_rng(7)
+    vocab = 14
+    past = [set(rng.choice(np.arange(2, vocab), size=rng.integers(1, 6)).tolist())
+            for _ in range(40)]
+    rows = [sorted(s) for s in past]
+    matrix = sp.csr_matrix((np.ones(sum(map(len, rows))), np.concatenate(rows),
+                            np.concatenate([[0], np.cumsum([len(r) for r in rows])])),
+                           shape=(len(rows), vocab))
+    knn = baselines.SessionKNN(matrix, rng.integers(1, 50, vocab), k=3, remind=False)
+    queries = rng.choice(np.arange(2, vocab), size=(4, 9))
+    queries[2, 5:] = schema.PAD_INDEX
+    scores = np.concatenate(list(knn.score_blocks(None, queries, width)), axis=1)
+    for r, row in enumerate(queries):
+        for t in range(1, int((row != schema.PAD_INDEX).sum())):
+            want = _sknn_by_definition(past, row[:t].tolist(), 3, 500, vocab)
+            want[row[:t]] = 0.0  # the session's own items: the popularity term alone
+            np.testing.assert_allclose(scores[r, t] - knn.pop, want, atol=1e-3)
+
+
+def test_remind_is_an_option_of_sknn_only(knn_data):
+    with pytest.raises(ValueError, match="option of sknn"):
+        baselines.fit("upop", knn_data, remind=False)
+    with pytest.raises(SystemExit):
+        ev.main(["--data", knn_data, "--split", "valid", "--model", "upop", "--no-remind"])
+
+
 def test_popularity():
     pop = baselines.Popularity(COUNTS)
     scores = pop.score(None, np.array([[5, 3]]))
