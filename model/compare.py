@@ -333,7 +333,10 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     if base in FITTED:
         folder = os.path.join(args.output, "runs", name)
         out = _split_file(folder, _variant(args))
+        extra = args.eval_args.get(name, [])
         record = {"data": args.data_fingerprint, "model": base}
+        if extra:
+            record["eval_args"] = extra
         os.makedirs(folder, exist_ok=True)
         if _read_record(folder) != record:
             # fitted in seconds to minutes: evaluated again rather than refused, and the
@@ -344,7 +347,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
             write_json(os.path.join(folder, RECORD), record, sort_keys=True)
         if not (os.path.exists(out) and os.path.exists(_users_file(out))):
             args.status.start(f"{args.label} fitting and evaluating on {args.split}")
-            _evaluate(args, log_path, out, "--model", base)
+            _evaluate(args, log_path, out, "--model", base, *extra)
         with open(out, encoding="utf-8") as f:
             entry = aggregate([json.load(f)])
         entry.update(train_seconds=0.0, events_per_s=None, parameters=0)
@@ -606,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a config JSON for one model, or for every variant of a base name (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
                    help="extra model.train arguments for one model, e.g. 'hiertcn:plain=--no-repeat-head'")
+    p.add_argument("--eval-args", action="append", default=[], metavar="MODEL=ARGS",
+                   help="extra model.evaluate arguments for one fitted baseline, e.g. "
+                        "'sknn:noremind=--no-remind'")
     args = p.parse_args(argv)
     if threading.current_thread() is not threading.main_thread():
         return _main(args)
@@ -631,7 +637,9 @@ def _main(args: argparse.Namespace) -> int:
             raise CompareError(f"--data {args.data} is not a folder: run `python -m pipeline` first")
         args.config = _parse_pairs(args.config, "--config")
         args.train_args = {k: v.split() for k, v in _parse_pairs(args.train_args, "--train-args").items()}
+        args.eval_args = {k: v.split() for k, v in _parse_pairs(args.eval_args, "--eval-args").items()}
         trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
+        fitted = [n for n in names if n.split(":", 1)[0] in FITTED]
         bases = {n.split(":", 1)[0] for n in trained}
         for what, keys, known in (("--config", args.config, set(trained) | bases),
                                   ("--train-args", args.train_args, set(trained))):
@@ -639,6 +647,10 @@ def _main(args: argparse.Namespace) -> int:
                 if key not in known:
                     raise CompareError(f"{what} names {key!r}, which is not a trained model of "
                                        f"--models ({', '.join(trained) or 'none'})")
+        for key in args.eval_args:
+            if key not in fitted:
+                raise CompareError(f"--eval-args names {key!r}, which is not a fitted baseline "
+                                   f"of --models ({', '.join(fitted) or 'none'})")
         if not schema.is_remote(args.data):
             args.data = os.path.abspath(args.data)
         args.data_fingerprint = data_fingerprint(args.data)

@@ -135,6 +135,34 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
     assert f"--output {out}/results.json is a file: pass a folder" in capsys.readouterr().err
 
 
+def test_eval_args_make_a_fitted_variant_that_equals_model_evaluate(tmp_path, capsys):
+    """`--eval-args 'sknn:noremind=--no-remind'`: the variant is model.evaluate with that
+    option, beside the default sknn; a change of its arguments evaluates it again."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    out = tmp_path / "cmp"
+    argv = ["--data", data, "--models", "sknn,sknn:noremind", "--output", str(out)]
+    assert compare.main(argv + ["--eval-args", "sknn:noremind=--no-remind"]) == 0
+    results = json.loads((out / "results.json").read_text())["models"]
+    direct = tmp_path / "direct.json"
+    assert evaluate_lib.main(["--data", data, "--split", "test", "--model", "sknn",
+                              "--no-remind", "--output", str(direct), "--no-progress"]) == 0
+    direct = json.loads(direct.read_text())
+    assert results["sknn:noremind"]["mrr@20"] == pytest.approx(direct["mrr@20"])
+    assert json.loads((out / "runs" / "sknn:noremind" / "test.json").read_text())["model"] \
+        == "sknn:noremind"
+    assert results["sknn"]["mrr@20"] != pytest.approx(direct["mrr@20"])
+    # the same name without the option: evaluated again, now equal to sknn
+    assert compare.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["models"]
+    assert results["sknn:noremind"]["mrr@20"] == pytest.approx(results["sknn"]["mrr@20"])
+    capsys.readouterr()
+    assert compare.main(argv + ["--eval-args", "popularity=--no-remind"]) == 2
+    assert "which is not a fitted baseline of --models (sknn, sknn:noremind)" in \
+        capsys.readouterr().err
+
+
 def test_rule_out_current_has_its_own_files_beside_the_plain_evaluation(tmp_path):
     data = write_data(str(tmp_path / "data"), 20, planted_users(30),
                       valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
