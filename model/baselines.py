@@ -346,23 +346,6 @@ class SessionKNN(BlockScorer):
         weights = sp.csr_matrix((val[top], (row[top], col[top])), shape=sim.shape)
         return (weights @ self.sessions).tocsr()
 
-    def _popularity_only_for_the_prefix(self, out: np.ndarray, sessions: np.ndarray,
-                                        first: int, last: int) -> None:
-        """`remind=False`: each position t in [first, last) of `out` [rows, last - first, V]
-        scores the items of sessions[r, :t] by the popularity term alone."""
-        rows, steps = sessions.shape
-        lengths = (sessions != schema.PAD_INDEX).sum(axis=1)
-        r = np.repeat(np.arange(rows), steps)
-        j = np.tile(np.arange(steps), rows)
-        lo = np.maximum(j + 1, first)  # the item at j is in the prefixes t = j+1 .. length-1
-        hi = np.minimum(lengths[r] - 1, last - 1)
-        count = np.clip(hi - lo + 1, 0, None)
-        count[sessions.ravel() == schema.PAD_INDEX] = 0
-        r, j, lo = np.repeat(r, count), np.repeat(j, count), np.repeat(lo, count)
-        t = lo + np.arange(len(j)) - np.repeat(np.cumsum(count) - count, count)
-        items = sessions[r, j]
-        out[r, t - first, items] = self.pop[items]
-
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
@@ -382,8 +365,9 @@ class SessionKNN(BlockScorer):
                 flat_out[positions[start:stop][scores.row], scores.col] += \
                     scores.data.astype(np.float32)
                 start = stop
-            if not self.remind:
-                self._popularity_only_for_the_prefix(out, sessions, first, last)
+            if not self.remind:  # the prefixes' own items (the queries' entries): popularity
+                own = query.tocoo()
+                flat_out[positions[own.row], own.col] = self.pop[own.col]
             yield out
             del out  # before the next block is allocated
 

@@ -469,8 +469,7 @@ def version_folders(base_path: str) -> dict[int, str]:
         names = sorted(os.listdir(base_path), key=lambda n: (len(n), n), reverse=True)
     except OSError:
         return {}
-    return {export.version_number(n): n for n in names
-            if export.version_number(n) is not None
+    return {v: n for n in names if (v := export.version_number(n)) is not None
             and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))}
 
 
