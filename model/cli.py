@@ -93,6 +93,13 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-seen-bias", action="store_true",
                    help="hiertcn: no learned bias on the catalogue scores of the items the user "
                         "has already seen (the repeat head's seen bias)")
+    transition = p.add_mutually_exclusive_group()
+    transition.add_argument("--transition-bias", action="store_true",
+                            help="hiertcn: a learned bias of the repeat head toward the items that "
+                                 "came right after the current item earlier in the user's "
+                                 "history (the user's own transitions)")
+    transition.add_argument("--no-transition-bias", action="store_true",
+                            help="hiertcn: without that bias")
     p.add_argument("--keep-current", action="store_true",
                    help="hiertcn: do not rule out the item a session is on as its next item "
                         "(ruled out by default: the pipeline collapses immediate repeats; keep "

@@ -172,6 +172,11 @@ class HierTCNConfig(ConfigBase):
         learn how often consumed items come back (never, on MovieLens). Chosen on valid
         data: MovieLens-1M R@20 0.261 vs 0.206 without, synthetic level (0.526 / 0.522 vs
         0.530 / 0.531 on two seeds).
+      transition_bias: the repeat head's learned bias toward the items that came right
+        after an earlier occurrence of the item the session is on, in the user's history
+        and the session so far (the user's own transitions: back to B after A, as before).
+        Off by default: small and mixed on the synthetic and Retailrocket valid splits
+        (README § Repeat consumption).
       session_summary: every TCN input also gets the mean embedding of all the session's
         items before it, projected to C (the convolutions see the last `receptive_field`
         items; the summary the whole session, across the chunks the generator splits a
@@ -209,6 +214,7 @@ class HierTCNConfig(ConfigBase):
     history_size: int = 200
     repeat_window: int = 50
     seen_bias: bool = True
+    transition_bias: bool = False
     session_summary: bool = False
     start_items: int = 20
     exclude_current: bool = True

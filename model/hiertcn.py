@@ -81,8 +81,9 @@ class HierTCN(SequenceModel):
             tf.keras.layers.Dense(c.channels, use_bias=False, name="summary_projection")
             if c.session_summary else None)
         self.repeat_head = (layers.RepeatHead(c.attention_size, num_starts=self.num_start_items,
-                                              seen_bias=c.seen_bias, dtype="float32",
-                                              name="repeat_head")
+                                              seen_bias=c.seen_bias,
+                                              transition_bias=c.transition_bias,
+                                              dtype="float32", name="repeat_head")
                             if c.uses_repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         self.reserved_mask = tf.constant(
@@ -231,7 +232,10 @@ class HierTCN(SequenceModel):
             visible = tf.concat([visible, tf.broadcast_to(in_starts, [b, p, self.num_start_items])],
                                 axis=2)
             context = tf.concat([context, starts], axis=1)
-        gate, log_att = self.repeat_head((user, self.item_embedding(context), visible, age))
+        head_inputs = (user, self.item_embedding(context), visible, age)
+        if self.config.transition_bias:
+            head_inputs += (self._follows(recent, prefix, p),)
+        gate, log_att = self.repeat_head(head_inputs)
         has = tf.reduce_any(visible, axis=2)
         log_w = tf.where(has, tf.math.log_sigmoid(gate), layers.NEG_LOGIT)
         log_keep = tf.where(has, tf.math.log_sigmoid(-gate), 0.0)
@@ -240,6 +244,21 @@ class HierTCN(SequenceModel):
             seen = self._seen_once(_last_columns(history, self.config.history_size), prefix,
                                    in_prefix)
         return context, log_w, log_keep, log_att, seen
+
+    @staticmethod
+    def _follows(recent, prefix, p):
+        """float32 [B, P, A + T]: 1 where the entry of the context (`recent` [B, A], the
+        history's newest entries right-aligned, then `prefix` [B, T]) came right after an
+        earlier occurrence of the known item position p is on, else 0. Position p is on
+        prefix[p - 1], position 0 on the history's newest entry (the previous chunk's last
+        item, or the user's last item before the session): the same in training,
+        evaluation and serving. (The head masks what p may not see.)"""
+        sequence = tf.concat([recent, prefix], axis=1)                             # [B, A + T]
+        before = tf.pad(sequence[:, :-1], [[0, 0], [1, 0]])  # the entry before each one
+        on = sequence[:, tf.shape(recent)[1] - 1:][:, :p]                           # [B, P]
+        follows = tf.equal(before[:, None, :], on[:, :, None]) & (
+            on >= schema.NUM_RESERVED)[:, :, None]
+        return tf.cast(follows, tf.float32)
 
     def _seen_once(self, history, prefix, in_prefix):
         """(items [B, N + T], once float32 [B, P, N + T]) of `_repeat_parts`.

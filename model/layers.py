@@ -348,15 +348,22 @@ class RepeatHead(tf.keras.layers.Layer):
     model adds to the catalogue logits of the items the user has already seen (the
     history and the session so far), before the catalogue softmax: negative where
     consumed items do not come back (a rated movie), positive where they do.
+
+    With `transition_bias`, a learned scalar tau (initially 0) is added to a_pj where the
+    context entry j followed an earlier occurrence of the item position p is on (the
+    user's own transitions, as a personalised Markov chain has them: a shopper who went
+    from A to B before and is on A again); the caller passes that indicator.
     """
 
-    def __init__(self, max_age: int, num_starts: int = 0, seen_bias: bool = False, **kwargs):
+    def __init__(self, max_age: int, num_starts: int = 0, seen_bias: bool = False,
+                 transition_bias: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.max_age = _positive("max_age", max_age)
         if num_starts < 0:
             raise ValueError(f"num_starts must be >= 0, got {num_starts}")
         self.num_starts = int(num_starts)
         self.use_seen_bias = bool(seen_bias)
+        self.use_transition_bias = bool(transition_bias)
 
     def build(self, input_shape):
         user_shape, key_shape = input_shape[0], input_shape[1]
@@ -372,6 +379,9 @@ class RepeatHead(tf.keras.layers.Layer):
         if self.use_seen_bias:
             self.seen_bias_unscaled = self.add_weight(name="seen_bias", shape=[],
                                                       initializer="zeros")
+        if self.use_transition_bias:
+            self.transition_bias_unscaled = self.add_weight(name="transition_bias", shape=[],
+                                                            initializer="zeros")
         super().build(input_shape)
 
     @property
@@ -383,18 +393,28 @@ class RepeatHead(tf.keras.layers.Layer):
     def set_seen_bias(self, beta: float) -> None:
         self.seen_bias_unscaled.assign(beta / SEEN_BIAS_SCALE)
 
+    @property
+    def transition_bias(self) -> tf.Tensor:
+        """tau = SEEN_BIAS_SCALE x the variable (scaled as beta is, for the same reason)."""
+        return SEEN_BIAS_SCALE * self.transition_bias_unscaled
+
+    def set_transition_bias(self, tau: float) -> None:
+        self.transition_bias_unscaled.assign(tau / SEEN_BIAS_SCALE)
+
     def call(self, inputs) -> tuple[tf.Tensor, tf.Tensor]:
         """Gate logits and attention log-probabilities.
 
         Args:
           inputs: (user [B, P, D], context item embeddings [B, M, E], visible bool
-            [B, P, M], age int32 [B, P, M - num_starts]: of the entries before the starts).
+            [B, P, M], age int32 [B, P, M - num_starts]: of the entries before the starts),
+            and with `transition_bias` follows float32 [B, P, M - num_starts]: 1 where the
+            entry followed an earlier occurrence of the item position p is on, else 0.
 
         Returns:
           (gate logit [B, P] (w = sigmoid), log p_rep [B, P, M]: `NEG_LOGIT`-like values
           where not visible; a row with nothing visible must be discarded by the caller).
         """
-        user, keys, visible, age = inputs
+        user, keys, visible, age = inputs[:4]
         user = tf.cast(user, tf.float32)
         keys = tf.cast(keys, tf.float32)
         # Plain (batched) matmuls: oneDNN's einsum kernels took several times as long here.
@@ -404,6 +424,8 @@ class RepeatHead(tf.keras.layers.Layer):
         gate = tf.reduce_sum(user * self.gate, axis=-1) + self.gate_bias  # (a [.., 1] matmul is slow)
         logits = tf.matmul(query, keys, transpose_b=True) / tf.sqrt(float(keys.shape[-1]))
         bias = tf.gather(self.recency, tf.minimum(age, self.max_age - 1))
+        if self.use_transition_bias:
+            bias += self.transition_bias * inputs[4]
         if self.num_starts:
             # the starts' weight also depends on the position (the user vector): how a session
             # starts matters most before its first item
@@ -415,7 +437,7 @@ class RepeatHead(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "max_age": self.max_age, "num_starts": self.num_starts,
-                "seen_bias": self.use_seen_bias}
+                "seen_bias": self.use_seen_bias, "transition_bias": self.use_transition_bias}
 
 
 # The seen bias's scale (`RepeatHead.seen_bias`): with Adam each step moves a weight by

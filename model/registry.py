@@ -156,7 +156,12 @@ def load_model(run_dir: str, which: str = "best"
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunError(f"{path} not found: is {run_dir} a folder written by `python -m model.train`?")
-    config = config_lib.RunConfig.from_dict(config_lib.load_json(path), config_classes())
+    saved = config_lib.load_json(path)
+    model_keys = saved.get("model")
+    if saved.get("model_name") == "hiertcn" and isinstance(model_keys, dict):
+        # runs saved before the option existed were trained without it
+        model_keys.setdefault("transition_bias", False)
+    config = config_lib.RunConfig.from_dict(saved, config_classes())
     vocab = schema.read_vocabulary(run_dir)
     checkpoint = checkpoint_path(run_dir, which)
     model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,

@@ -138,6 +138,8 @@ _MODEL_OPTIONS = (
      lambda a: bool(a.repeat_head) if a.repeat_head or a.no_repeat_head else None),
     ("start_items", "--start-items", lambda a: a.start_items),
     ("seen_bias", "--no-seen-bias", lambda a: False if a.no_seen_bias else None),
+    ("transition_bias", "--transition-bias/--no-transition-bias",
+     lambda a: bool(a.transition_bias) if a.transition_bias or a.no_transition_bias else None),
     ("exclude_current", "--keep-current", lambda a: False if a.keep_current else None),
     ("high_level", "--no-high-level", lambda a: False if a.no_high_level else None),
 )
