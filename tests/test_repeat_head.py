@@ -183,7 +183,6 @@ def test_transition_bias_by_hand():
     # [5 7 5]; the attention sees the newest 4 known items.
     model = _model(MIXTURE.replace({"transition_bias": True, "seen_bias": False}))
     _set_head(model)  # w = 1/2, query and recency zero
-    model.repeat_head.set_transition_bias(np.log(3.0))
     state = tf.random.normal([1, model.state_size])
     history = tf.constant([[9, 0, 7, 9]], tf.int64)
     prefix = tf.constant([[5, 7, 5]], tf.int64)
@@ -191,27 +190,23 @@ def test_transition_bias_by_hand():
     logits = model.item_logits(u).numpy()[0]
     cat = np.exp(logits[:, 2:] - logits[:, 2:].max(-1, keepdims=True))
     cat = np.concatenate([np.zeros([4, 2]), cat / cat.sum(-1, keepdims=True)], axis=1)
-    rep = np.zeros([4, V])
     # p0 on 9: 9 7 9 visible, 7 followed 9 -> 9: 2/5, 7: 3/5
-    rep[0, [9, 7]] = [2 / 5, 3 / 5]
     # p1 on 5, seen nowhere before: 9 7 9 5 uniform -> 9: 1/2, 7: 1/4, 5: 1/4
-    rep[1, [9, 7, 5]] = [1 / 2, 1 / 4, 1 / 4]
     # p2 on 7: window 7 9 5 7; the 9 followed the history's 7 (the prefix's 7 is the
     # current entry, its follower not yet seen) -> 9: 3/6, 7: 2/6, 5: 1/6
-    rep[2, [9, 7, 5]] = [3 / 6, 2 / 6, 1 / 6]
     # p3 on 5: window 9 5 7 5; 7 followed the prefix's first 5 -> 7: 3/6, 9, 5: 1/6 + 2/6
-    rep[3, [9, 5, 7]] = [1 / 6, 2 / 6, 3 / 6]
-    got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
-    np.testing.assert_allclose(got, 0.5 * cat + 0.5 * rep, atol=1e-6)
-    # tau = 0 (its initial value): uniform over the visible entries, as without the bias
-    model.repeat_head.set_transition_bias(0.0)
-    rep = np.zeros([4, V])
-    rep[0, [9, 7]] = [2 / 3, 1 / 3]
-    rep[1, [9, 7, 5]] = [1 / 2, 1 / 4, 1 / 4]
-    rep[2, [9, 7, 5]] = [1 / 4, 2 / 4, 1 / 4]
-    rep[3, [9, 5, 7]] = [1 / 4, 2 / 4, 1 / 4]
-    got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
-    np.testing.assert_allclose(got, 0.5 * cat + 0.5 * rep, atol=1e-6)
+    # With tau = 0 (its initial value) each is uniform over the visible entries.
+    expected = {np.log(3.0): [{9: 2 / 5, 7: 3 / 5}, {9: 1 / 2, 7: 1 / 4, 5: 1 / 4},
+                              {9: 3 / 6, 7: 2 / 6, 5: 1 / 6}, {9: 1 / 6, 5: 2 / 6, 7: 3 / 6}],
+                0.0: [{9: 2 / 3, 7: 1 / 3}, {9: 1 / 2, 7: 1 / 4, 5: 1 / 4},
+                      {9: 1 / 4, 7: 2 / 4, 5: 1 / 4}, {9: 1 / 4, 5: 2 / 4, 7: 1 / 4}]}
+    for tau, positions in expected.items():
+        model.repeat_head.set_transition_bias(tau)
+        rep = np.zeros([4, V])
+        for p, weights in enumerate(positions):
+            rep[p, list(weights)] = list(weights.values())
+        got = np.exp(model.item_log_probs(u, history, prefix).numpy()[0])
+        np.testing.assert_allclose(got, 0.5 * cat + 0.5 * rep, atol=1e-6)
 
 
 def test_seen_items_are_the_newest_known_items_once_each():
