@@ -143,6 +143,14 @@ def _decode_ids(arr: np.ndarray) -> list[list[str]]:
     return [[v.decode("utf-8") for v in row] for row in arr.tolist()]
 
 
+def _version_value(version) -> int:
+    """A version number as TF Serving holds it (int64), or a one-line ValueError."""
+    if not 0 <= int(version) <= protos.MAX_VERSION:
+        raise ValueError(f"version must be an integer from 0 to {protos.MAX_VERSION} "
+                         f"(TF Serving's int64 version numbers), got {version}")
+    return int(version)
+
+
 class HierTCNClient:
     """One channel and its stubs to a TF Serving–compatible server."""
 
@@ -236,7 +244,7 @@ class HierTCNClient:
         spec.name = self.model_name
         version = self.pinned_version if version is None else version
         if version is not None:
-            spec.version.value = int(version)
+            spec.version.value = _version_value(version)
         if signature:
             spec.signature_name = signature
 
@@ -280,6 +288,8 @@ class HierTCNClient:
 
     def pin(self, version: int | None = None) -> int:
         """Pins `version` (default: the server's latest) for every later call; returns it."""
+        if version is not None:
+            _version_value(version)  # a bad number leaves the pin as it was
         self.pinned_version = None
         self.pinned_version = self.metadata(version).version
         self._fingerprints.pop(self.pinned_version, None)  # its folder may have been replaced

@@ -58,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import schema, storage
-from serving import cli
+from serving import cli, protos
 
 VOCAB_ASSET = "item_ids.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -317,9 +317,7 @@ def newest_with(export_base: str, source: dict) -> int | None:
     return newest if source.get(key) and old.get(key) == source[key] else None
 
 
-# TF Serving reads a version folder's name as an int64: a larger number is no version there
-# (its poller skips the folder) and does not fit the replies' `model_spec.version`.
-MAX_VERSION = 2**63 - 1
+MAX_VERSION = protos.MAX_VERSION  # (TF Serving's int64 version numbers)
 
 
 def version_number(name: str) -> int | None:

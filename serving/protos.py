@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
+# TF Serving reads a version folder's name as an int64: a larger number is no version there
+# (its poller skips the folder) and does not fit the replies' `model_spec.version`.
+MAX_VERSION = 2**63 - 1
+
 _NUMERIC = {
     np.dtype(np.float32): types_pb2.DT_FLOAT,
     np.dtype(np.float64): types_pb2.DT_DOUBLE,

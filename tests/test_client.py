@@ -63,6 +63,10 @@ def test_status_metadata_and_pinning(client, served):
     assert client.pinned_version is None
     assert client.pin() == 2 and client.pinned_version == 2
     assert client.pin(1) == 1
+    for bad in (2 ** 63, -1):  # not a version TF Serving can hold: said before any call,
+        with pytest.raises(ValueError, match=f"from 0 to {2 ** 63 - 1} .* got {bad}"):
+            client.pin(bad)
+    assert client.pinned_version == 1  # and the pin stays
     states = client.zero_states(1)
     ids, scores = client.next_items(states, [["item3"]], k=4)
     want = in_process(served["base"], 1, "next_items", user_state=states,
