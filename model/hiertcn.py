@@ -234,7 +234,10 @@ class HierTCN(SequenceModel):
             context = tf.concat([context, starts], axis=1)
         head_inputs = (user, self.item_embedding(context), visible, age)
         if self.config.transition_bias:
-            head_inputs += (self._follows(recent, prefix, p),)
+            # only where the entry before it is in the window too (age + 1 < A): what the
+            # window alone decides, however history and session are split or served
+            head_inputs += (self._follows(recent, prefix, p) * tf.cast(
+                age < self.config.attention_size - 1, tf.float32),)
         gate, log_att = self.repeat_head(head_inputs)
         has = tf.reduce_any(visible, axis=2)
         log_w = tf.where(has, tf.math.log_sigmoid(gate), layers.NEG_LOGIT)
@@ -249,14 +252,25 @@ class HierTCN(SequenceModel):
     def _follows(recent, prefix, p):
         """float32 [B, P, A + T]: 1 where the entry of the context (`recent` [B, A], the
         history's newest entries right-aligned, then `prefix` [B, T]) came right after an
-        earlier occurrence of the known item position p is on, else 0. Position p is on
-        prefix[p - 1], position 0 on the history's newest entry (the previous chunk's last
-        item, or the user's last item before the session): the same in training,
-        evaluation and serving. (The head masks what p may not see.)"""
-        sequence = tf.concat([recent, prefix], axis=1)                             # [B, A + T]
-        before = tf.pad(sequence[:, :-1], [[0, 0], [1, 0]])  # the entry before each one
-        on = sequence[:, tf.shape(recent)[1] - 1:][:, :p]                           # [B, P]
-        follows = tf.equal(before[:, None, :], on[:, :, None]) & (
+        earlier occurrence of the known item position p is on, else 0. As everywhere in
+        the head, the sequence is the user's known items (the history's unknown items are
+        gone once it is right-aligned, and the evaluator's buffer and the export's history
+        drop them too): an entry's predecessor is the known item before it, and position p
+        is on the newest known item before it, prefix[p - 1] when known, at position 0 the
+        history's newest (the previous chunk's last item, or the user's last item before
+        the session): the same in training, evaluation and serving. (The head masks what
+        p may not see; the caller keeps the entries whose predecessor it sees.)"""
+        sequence = tf.pad(tf.concat([recent, prefix], axis=1), [[0, 0], [0, 1]])  # [B, S]
+        known = sequence >= schema.NUM_RESERVED
+        s = tf.shape(sequence)[1]
+        # the known items in order, after a 0 (none); the newest known before each entry
+        order = tf.argsort(tf.where(known, 0, s) + tf.range(s)[None, :], axis=1, stable=True)
+        compact = tf.pad(tf.gather(sequence, order, batch_dims=1), [[0, 0], [1, 0]])
+        before = tf.gather(compact, tf.cumsum(tf.cast(known, tf.int32), axis=1, exclusive=True),
+                           batch_dims=1)                                           # [B, S]
+        a = tf.shape(recent)[1]
+        on = before[:, a:a + p]               # newest known of recent + prefix[:p]  [B, P]
+        follows = tf.equal(before[:, None, :-1], on[:, :, None]) & (
             on >= schema.NUM_RESERVED)[:, :, None]
         return tf.cast(follows, tf.float32)
 

@@ -347,6 +347,37 @@ def test_a_later_chunk_is_conditioned_on_the_item_before_it(seen_bias, under_way
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("history,session,split", [
+    ([0, 0, 0, 0, 0, 0], [6, 3, 8, 9, 6, 3, 4], 5),  # the window's oldest 3 came after a 6
+    ([0, 0, 6, 3, 8, 9], [6, 3, 4], 1),  # ... the history's: at every served position
+    ([0, 0, 0, 0, 0, 0], [6, 1, 3, 8, 6, 3, 4], 5),  # an unknown item between 6 and 3
+    ([0, 0, 0, 0, 0, 0], [6, 3, 8, 6, 1, 3, 4], 5),  # ... before a later window's first position
+    ([0, 6, 3, 1, 8, 9], [2, 6, 7, 4], 2)])
+def test_transition_bias_is_the_same_however_the_session_is_split_or_served(
+        history, session, split):
+    # The transition bias at each position is the same whether the session is scored whole
+    # (the evaluator's prefix), from a later window or chunk (the history then holds the
+    # session's first items, known ones only: `KerasScorer.ranks`, a later training slot)
+    # or served (`item_scores_with_history`: history and session so far in one buffer).
+    # So it is defined on the known items (an unknown one is skipped, before a follower or
+    # as the item a position is on) and on the window (repeat_window 4) alone: its oldest
+    # entry, whose predecessor has left it, gets no bias.
+    config = HEAD.replace({"history_size": 6, "repeat_window": 4, "transition_bias": True})
+    model = _model(config)
+    model.repeat_head.set_transition_bias(1.3)
+    history, session = np.array([history]), np.array([session])
+    u = tf.random.stateless_normal([1, session.shape[1], 8], seed=[1, 2])
+    whole = np.exp(model.item_log_probs(u, history, session[:, :-1]).numpy()[0])
+    pushed = push_history(keras_scorer._known(history), keras_scorer._known(session[:, :split]))
+    later = model.item_log_probs(u[:, split:], pushed, session[:, split:-1],
+                                 current=session[:, split - 1]).numpy()[0]
+    np.testing.assert_allclose(np.exp(later), whole[split:], atol=1e-6)
+    for p in range(1, session.shape[1]):
+        served = model.item_scores_with_history(
+            u[:, p], np.concatenate([history, session[:, :p]], axis=1), None, session[:, p - 1])
+        np.testing.assert_allclose(np.exp(served.numpy()[0]), whole[p], atol=1e-6)
+
+
 def test_log1m_exp_is_exact_near_one_and_bounded():
     p = np.array([1e-9, 0.01, 0.4, 0.5, 0.6, 0.99, 1 - 1e-5, 1 - 1e-7, 1.0])
     got = _log1m_exp(tf.constant(np.log(p), tf.float32)).numpy()
