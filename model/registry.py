@@ -138,6 +138,17 @@ def checkpoint_path(run_dir: str, which: str = "best") -> str:
     return latest
 
 
+def load_saved_config(path: str) -> dict:
+    """A run folder's config.json as a dict, with the keys of options added since (absent
+    from older run folders) set as those runs were trained: without them."""
+    saved = config_lib.load_json(path)
+    model_keys = saved.get("model")
+    if saved.get("model_name") == "hiertcn" and isinstance(model_keys, dict):
+        # runs saved before the option existed were trained without it
+        model_keys.setdefault("transition_bias", False)
+    return saved
+
+
 def load_model(run_dir: str, which: str = "best"
                ) -> tuple[SequenceModel, config_lib.RunConfig, schema.Vocabulary]:
     """Restores a run folder's model.
@@ -156,11 +167,7 @@ def load_model(run_dir: str, which: str = "best"
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise RunError(f"{path} not found: is {run_dir} a folder written by `python -m model.train`?")
-    saved = config_lib.load_json(path)
-    model_keys = saved.get("model")
-    if saved.get("model_name") == "hiertcn" and isinstance(model_keys, dict):
-        # runs saved before the option existed were trained without it
-        model_keys.setdefault("transition_bias", False)
+    saved = load_saved_config(path)
     config = config_lib.RunConfig.from_dict(saved, config_classes())
     vocab = schema.read_vocabulary(run_dir)
     checkpoint = checkpoint_path(run_dir, which)

@@ -190,7 +190,7 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
             write_text(items_path, f.read())
     config_path = os.path.join(run_dir, registry.CONFIG_FILE)
     if os.path.exists(config_path):
-        saved = config_lib.load_json(config_path)
+        saved = registry.load_saved_config(config_path)
         fixed = ("batch_size", "sessions_per_batch", "max_session_length")
         now = config.to_dict()
         differences = _differences({"model_name": saved.get("model_name"),

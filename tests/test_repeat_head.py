@@ -850,3 +850,6 @@ def test_runs_saved_before_the_transition_bias_load_without_it(tmp_path):
     model, config, _ = registry.load_model(run)
     assert config.model.transition_bias is False
     assert not model.repeat_head.use_transition_bias and model.repeat_head.seen_bias is not None
+    # ... and resumes with the same options (not refused as another model config)
+    assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "4",
+                           "--no-progress"]) == 0
