@@ -732,18 +732,19 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         nonlocal best, told_no_targets, evaluated_step
         metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records,
                              lead=after_bar)
-        evaluated_step = step
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
                 print(f"no known valid targets in {data_dir}: no model selection, the last "
                       "weights are used", file=sys.stderr)
                 told_no_targets = True
-            return metrics
-        if is_better(metrics, best):
+        elif is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)
             best = {"step": step, "checkpoint": os.path.basename(path), **metrics}
             write_json(os.path.join(run_dir, registry.BEST_DIR, registry.BEST_FILE), best)
+        # done once its selection is recorded: a stop signal before that leaves it due in
+        # the stop's checkpoint, so the rerun evaluates it again
+        evaluated_step = step
         return metrics
 
     with writer.as_default():

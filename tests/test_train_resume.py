@@ -515,3 +515,30 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_
     ckpts = os.path.join(run, registry.CHECKPOINT_DIR)
     assert not [n for n in os.listdir(ckpts) if n.endswith("_temp")]
     assert tf.train.latest_checkpoint(ckpts) is None
+
+
+def test_an_interrupt_while_the_best_is_recorded_leaves_that_evaluation_due(
+        data, config_file, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM lands while the step-15 evaluation (not a checkpoint step) records
+    its best (after its best checkpoint, before best.json): the stop's checkpoint leaves
+    that evaluation due, so the rerun evaluates step 15 again and its selection is not lost."""
+    args = ("--steps", "25", "--eval-every", "15", *EXACT[:2])
+    straight_run = str(tmp_path / "straight")
+    assert train_lib.main(_args(data, straight_run, config_file, *args)) == 0
+    run = str(tmp_path / "interrupted")
+    real = train_lib.write_json
+
+    def interrupted_at_best(path, obj, *rest, **named):
+        if path.endswith(registry.BEST_FILE) and obj["step"] == 15:
+            raise KeyboardInterrupt
+        real(path, obj, *rest, **named)
+
+    monkeypatch.setattr(train_lib, "write_json", interrupted_at_best)
+    assert train_lib.main(_args(data, run, config_file, *args)) == 130
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-15")
+    monkeypatch.setattr(train_lib, "write_json", real)
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, *args)) == 0
+    assert "step 15: valid recall@20" in capsys.readouterr().err
+    assert registry.read_best(run)["step"] == registry.read_best(straight_run)["step"]
+    assert registry.read_best(run)["recall@20"] == registry.read_best(straight_run)["recall@20"]
