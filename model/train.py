@@ -837,8 +837,16 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         # began), so a resumed run's figures add up to its processes' exactly.
         if step > last_saved:
             whole = trained()
-            save(step, bool(tc.eval_every) and evaluated_step != step
-                 and (step % tc.eval_every == 0 or stop_reason != "interrupted"), whole)
+            while True:
+                try:
+                    save(step, bool(tc.eval_every) and evaluated_step != step
+                         and (step % tc.eval_every == 0 or stop_reason != "interrupted"), whole)
+                    break
+                except KeyboardInterrupt:  # the first stop signal, during this save: it is
+                    # written all the same (the signals after it are noted and ignored)
+                    stop_reason = "interrupted"
+                    print(f"{after_bar}interrupted at step {step}: saving a checkpoint; the "
+                          "same command resumes from it", file=sys.stderr)
         else:
             whole = last_trained or trained()
         seconds = whole["seconds"] - before["seconds"]

@@ -542,3 +542,31 @@ def test_an_interrupt_while_the_best_is_recorded_leaves_that_evaluation_due(
     assert "step 15: valid recall@20" in capsys.readouterr().err
     assert registry.read_best(run)["step"] == registry.read_best(straight_run)["step"]
     assert registry.read_best(run)["recall@20"] == registry.read_best(straight_run)["recall@20"]
+
+
+def test_a_stop_signal_during_the_last_save_still_saves_it(data, config_file, tmp_path,
+                                                           monkeypatch, capsys):
+    """SIGTERM lands while the run's last checkpoint (step 25, after the loop: not a
+    periodic one) is written: it is written all the same, the run says it was interrupted
+    and exits 130, and the rerun has nothing left to train."""
+    run = str(tmp_path / "run")
+    real = tf.train.CheckpointManager.save
+    signals = []
+
+    def signal_during_save(self, checkpoint_number=None, **named):
+        if checkpoint_number == 25 and not signals:
+            signals.append(checkpoint_number)
+            train_lib._interrupt(signal.SIGTERM, None)  # what the handler does
+        return real(self, checkpoint_number=checkpoint_number, **named)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", signal_during_save)
+    args = ("--steps", "25", *EXACT)
+    assert train_lib.main(_args(data, run, config_file, *args)) == 130
+    assert signals == [25]
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-25")
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        assert json.load(f)["stopped_by"] == "interrupted"
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, *args)) == 0
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        assert json.load(f)["steps"] == 25
