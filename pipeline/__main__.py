@@ -1034,6 +1034,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except outputs.InterruptedAfterCommit as e:
+        print(f"\ninterrupted once {output} was in place: it is this run's complete output; "
+              f"the replaced output's files left in {e.leftover} can be deleted",
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # Ctrl-C: Beam's traceback would say nothing more
         print(f"\ninterrupted: nothing was written to {output}"
               + (" (what was there is unchanged)" if outputs.exists(output) else ""),

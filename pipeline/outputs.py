@@ -155,6 +155,15 @@ def remove(folder: str) -> None:
         FileSystems.delete(files)
 
 
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """A stop signal (Ctrl-C) while `commit` deleted the replaced output's files: the
+    new output is in place and complete; `leftover` holds what was not deleted."""
+
+    def __init__(self, leftover: str):
+        super().__init__(leftover)
+        self.leftover = leftover
+
+
 def commit(tmp: str, output: str) -> None:
     """Puts the finished folder `tmp` in place as `output`, replacing an existing one."""
     if is_local(output):
@@ -162,7 +171,10 @@ def commit(tmp: str, output: str) -> None:
             trash = f"{tmp}.old-{uuid.uuid4().hex[:8]}"
             os.rename(output, trash)
             os.rename(tmp, output)
-            shutil.rmtree(trash, ignore_errors=True)
+            try:
+                shutil.rmtree(trash, ignore_errors=True)
+            except KeyboardInterrupt:
+                raise InterruptedAfterCommit(trash) from None
         else:
             os.rename(tmp, output)
         return

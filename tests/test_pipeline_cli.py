@@ -3,13 +3,14 @@ import bz2
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import schema, sources, transforms
+from pipeline import outputs, schema, sources, transforms
 from tiny_logs import file_size_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -677,6 +678,31 @@ def test_object_store_output_equals_the_local_one(tmp_path, store):
     assert _records(str(local)) == _records(str(remote))
     assert _malformed(local) == _malformed(remote)
     assert (local / "items.tsv").read_bytes() == (remote / "items.tsv").read_bytes()
+
+
+def test_ctrl_c_while_the_replaced_output_is_deleted_says_the_new_one_is_complete(
+        tmp_path, monkeypatch, capsys):
+    # --overwrite renames the old output aside, the new one into place, then deletes the
+    # old one: a Ctrl-C during that deletion must not say "nothing was written"
+    log = _log_with_bad_rows(tmp_path)
+    out = tmp_path / "out"
+    args = ["--input", str(log), "--output", str(out), *IN_MEMORY]
+    assert cli.main(args) == 0
+    real = shutil.rmtree
+
+    def interrupted(path, *a, **k):
+        if ".old-" in os.path.basename(path):
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
+    capsys.readouterr()
+    assert cli.main([*args, "--overwrite", "--min-item-count", "1"]) == 130
+    err = capsys.readouterr().err
+    assert "it is this run's complete output" in err and "nothing was written" not in err
+    assert schema.read_stats(str(out))["options"]["min_item_count"] == 1  # the new one
+    leftover = outputs.leftovers(str(out))
+    assert len(leftover) == 1 and leftover[0] in err
 
 
 def test_object_store_output_is_refused_replaced_and_never_half_complete(tmp_path, store,
