@@ -152,7 +152,9 @@ def flops_per_event(name: str, config, vocab: int, sessions_per_event: float,
     the conv stack, with (1 + sessions/event) tokens per event (a separator per session);
     all plus the output layer. Per session (times `sessions_per_event`): HierTCN the
     high-level GRU (6 (in + units) units per layer) and the state projection 2 H C;
-    HRNN the user GRU and the session init 2 H D.
+    HRNN the user GRU, the session init 2 H D and the session GRU's step over the
+    session's last item (its output is no target's, but its state is the user GRU's
+    input: [start, a1 .. am] is m + 1 steps for m events).
     """
     c = config
     out = output_flops(HIDDEN, vocab, c.loss, c.num_negatives)
@@ -169,7 +171,8 @@ def flops_per_event(name: str, config, vocab: int, sessions_per_event: float,
         state = c.user_units * c.user_layers
         per_session = (gru_flops(c.session_units, c.user_units)
                        + (c.user_layers - 1) * gru_flops(c.user_units, c.user_units)
-                       + 2 * state * c.session_units)
+                       + 2 * state * c.session_units
+                       + gru_flops(c.embedding_dim, c.session_units))
     elif name == "gru4rec":
         per_event, per_session = gru_flops(c.embedding_dim, c.units), 0
     else:

@@ -100,3 +100,24 @@ def test_pipeline_throughput_quick_in_every_file_format():
         assert 0 < result["peak_rss_mb"] < 4096 and result["input_bytes"] > 0
     assert len({r["rows_written"] for r in runs.values()}) == 1
     assert runs["csv"]["rows_written"] > 40_000
+
+
+def _bench_lib():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_lib
+    finally:
+        sys.path.pop(0)
+    return bench_lib
+
+
+def test_flops_per_event_hrnn_counts_the_session_gru_step_over_the_last_item():
+    """HRNN runs its session GRU over [start, a1 .. am]: m steps give the m targets' user
+    vectors, the (m + 1)-th the final state that the user GRU takes at the session's end."""
+    bench_lib = _bench_lib()
+    config = bench_lib.model_config("hrnn", "sampled", 256)
+    gru, spe = (lambda inputs, units: 6 * (inputs + units) * units), 0.25
+    per_event = gru(128, 128) + 2 * 128 * 257
+    per_session = 2 * gru(128, 128) + 2 * 256 * 128 + gru(128, 128)
+    assert bench_lib.flops_per_event("hrnn", config, 1000, spe) == pytest.approx(
+        3 * (per_event + spe * per_session))
