@@ -149,7 +149,10 @@ def flops_per_event(name: str, config, vocab: int, sessions_per_event: float,
     reading s positions back of an event at position < s reads the zero left padding, is
     not computed by the packed encoder and is not counted; all k taps without `reach`);
     GRU4Rec and HRNN one GRU step 6 (E + D) D; flat TCN per token
-    the conv stack, with (1 + sessions/event) tokens per event (a separator per session);
+    the conv stack, with (1 + sessions/event) tokens per event (a separator per session),
+    each tap likewise x the share of tokens it reaches (`reach`, `batch_stats`'
+    `user_reach`: a tap reading s tokens back of a token among its user's first s reads
+    the zero left padding; Keras's causal Conv1D computes it, but on padding);
     all plus the output layer. Per session (times `sessions_per_event`): HierTCN the
     high-level GRU (6 (in + units) units per layer) and the state projection 2 H C;
     HRNN the user GRU, the session init 2 H D and the session GRU's step over the
@@ -177,20 +180,25 @@ def flops_per_event(name: str, config, vocab: int, sessions_per_event: float,
         per_event, per_session = gru_flops(c.embedding_dim, c.units), 0
     else:
         widths = [c.embedding_dim, *c.channels]
-        per_token = sum(2 * c.kernel_size * widths[i] * widths[i + 1] * c.convs_per_block
+        taps = [c.kernel_size * conv_taps_reached(c, reach, blocks=[i])
+                for i in range(len(c.channels))]
+        per_token = sum(2 * taps[i] * widths[i] * widths[i + 1] * c.convs_per_block
                         + (2 * widths[i] * widths[i + 1] if widths[i] != widths[i + 1] else 0)
                         for i in range(len(c.channels)))
         per_event, per_session = per_token, per_token
     return 3.0 * (per_event + out + sessions_per_event * per_session)
 
 
-def conv_taps_reached(config, reach: list[float] | None) -> float:
-    """HierTCN: the mean over its causal-conv taps (block i reads j 2^i positions back,
-    j < k) of the share of events the tap reaches, from `batch_stats`' `reach`; 1.0
-    without `reach` (every tap counted)."""
+def conv_taps_reached(config, reach: list[float] | None, blocks=None) -> float:
+    """HierTCN (flat TCN): the mean over its causal-conv taps (block i reads j 2^i
+    positions back, j < k) of the share of events (tokens) the tap reaches, from
+    `batch_stats`' `reach` (`user_reach`); 1.0 without `reach` (every tap counted).
+    `blocks`: these blocks' taps only (default all)."""
     if reach is None:
         return 1.0
-    shifts = [j * 2 ** i for i in range(config.num_blocks) for j in range(config.kernel_size)]
+    if blocks is None:
+        blocks = range(config.num_blocks if hasattr(config, "num_blocks") else len(config.channels))
+    shifts = [j * 2 ** i for i in blocks for j in range(config.kernel_size)]
     return sum(reach[s] if s < len(reach) else 0.0 for s in shifts) / len(shifts)
 
 
@@ -324,17 +332,40 @@ def prebuilt_batches(users, batch_size: int, sessions: int, length: int, count: 
     return out
 
 
-def batch_stats(batches) -> dict:
-    """Events, non-empty slots, padding share and `reach` of a list of batches.
+def batch_stats(batches, before=(), max_shift: int = 256) -> dict:
+    """Events, non-empty slots, padding share, `reach` and `user_reach` of a list of
+    batches.
 
     `reach[s]` is the share of events at position >= s of their slot (s = 0 .. L - 1):
     the events that a causal convolution tap reading s positions back reaches.
+    `user_reach[s]` (s = 0 .. `max_shift`) is the same for the flat TCN's new tokens (the
+    items, and a separator before each session's first chunk) over their user's token
+    sequence: the share at position >= s of it. The positions are tracked from the first
+    of `before` (the generator's batches before `batches`, from its first one, where each
+    row starts a user) on.
     """
     events = sum(int(np.count_nonzero(b["items"].numpy())) for b in batches)
     slots = sum(int(np.count_nonzero(b["valid"].numpy())) for b in batches)
     cells = sum(int(np.prod(b["items"].shape)) for b in batches)
     at_position = sum(np.count_nonzero(b["items"].numpy() > 0, axis=(0, 1)) for b in batches)
     at_least = np.cumsum(np.asarray(at_position)[::-1])[::-1] if batches else []
+    tokens_at_least = np.zeros(max_shift + 1)
+    shifts = np.arange(max_shift + 1)
+    done, opened = None, None  # the row's user's tokens so far; the row's session is open
+    for i, b in enumerate([*before, *batches]):
+        items, reset = b["items"].numpy(), b["reset"].numpy()
+        end, valid = b["session_end"].numpy(), b["valid"].numpy()
+        if done is None:
+            done, opened = np.zeros(len(items), np.int64), np.zeros(len(items), bool)
+        for s in range(items.shape[1]):  # as `model.tcn.FlatTCN.encode` builds the tokens
+            done[reset[:, s]] = 0
+            new = np.count_nonzero(items[:, s] > 0, axis=1) + (valid[:, s] & ~(opened & ~reset[:, s]))
+            if i >= len(before):
+                tokens_at_least += np.clip(done[:, None] + new[:, None] - shifts[None], 0,
+                                           new[:, None]).sum(axis=0)
+            done += new
+            opened = np.where(valid[:, s], ~end[:, s], opened)
     return {"events": events, "slots": slots, "sessions_per_event": slots / max(events, 1),
             "padding_fraction": 1.0 - events / max(cells, 1),
-            "reach": [float(x) / max(events, 1) for x in at_least]}
+            "reach": [float(x) / max(events, 1) for x in at_least],
+            "user_reach": [float(x) / max(tokens_at_least[0], 1) for x in tokens_at_least]}

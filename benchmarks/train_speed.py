@@ -13,8 +13,9 @@ batches, so machine noise hits all of them alike.
 
 Reported per setting and model: training events/s (target events per second of step
 time), FLOPs per event (3 x forward matmul FLOPs from the layer shapes, padding not
-counted, nor HierTCN's causal-conv taps that would read the zero left padding of a slot
-(its packed encoder skips them); formula in `bench_lib.flops_per_event`) and MFU = events/s x FLOPs per event /
+counted, nor the causal-conv taps that read the zero left padding: of a slot for
+HierTCN (its packed encoder skips them), of the user's token sequence for the flat TCN
+(computed, on padding); formula in `bench_lib.flops_per_event`) and MFU = events/s x FLOPs per event /
 the peak float32 matmul FLOP/s measured in the same run (the best square `tf.matmul`
 of three sizes, at the start and at the end of the run). The speed
 choices are measured on HierTCN in the sampled setting: packed events vs the padded
@@ -105,7 +106,8 @@ class Bench:
         self.batches = bench_lib.prebuilt_batches(
             users, args.batch_size, args.sessions_per_batch, args.max_session_length,
             args.warmup + args.steps + self.lead)
-        self.stats = bench_lib.batch_stats(self.batches[args.warmup:])
+        self.stats = bench_lib.batch_stats(self.batches[args.warmup:],
+                                           before=self.batches[:args.warmup])
 
     def trainer(self, name: str, loss: str, vocab_size: int | None = None,
                 **kwargs) -> bench_lib.Trainer:
@@ -288,7 +290,8 @@ def measure(args, data_dir: str) -> dict:
         rates[loss] = bench.run(trainers)
         flops[loss] = {name: bench_lib.flops_per_event(
             name, t.model.config, bench.vocab_size, bench.stats["sessions_per_event"],
-            bench.stats["reach"] if name == "hiertcn" else None) for name, t in trainers.items()}
+            {"hiertcn": bench.stats["reach"], "tcn": bench.stats["user_reach"]}.get(name))
+            for name, t in trainers.items()}
         del trainers
     result["large_catalogue"] = large_catalogue(bench)
     choices = speed_choices(bench, data_dir)
@@ -316,6 +319,8 @@ def measure(args, data_dir: str) -> dict:
         "sessions_per_event": round(bench.stats["sessions_per_event"], 4),
         "hiertcn_conv_taps_reached": round(bench_lib.conv_taps_reached(
             bench_lib.model_config("hiertcn", "sampled", a.num_negatives), bench.stats["reach"]), 3),
+        "tcn_conv_taps_reached": round(bench_lib.conv_taps_reached(
+            bench_lib.model_config("tcn", "sampled", a.num_negatives), bench.stats["user_reach"]), 3),
         "num_negatives": a.num_negatives, "width": bench_lib.HIDDEN, **bench_lib.machine()}
     return result
 

@@ -121,3 +121,43 @@ def test_flops_per_event_hrnn_counts_the_session_gru_step_over_the_last_item():
     per_session = 2 * gru(128, 128) + 2 * 256 * 128 + gru(128, 128)
     assert bench_lib.flops_per_event("hrnn", config, 1000, spe) == pytest.approx(
         3 * (per_event + spe * per_session))
+
+
+class _Array:
+    def __init__(self, value):
+        import numpy as np
+        self.value = np.asarray(value)
+
+    def numpy(self):
+        return self.value
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+
+def _batch(items, reset, end):
+    return {"items": _Array([items]), "reset": _Array([reset]), "session_end": _Array([end]),
+            "valid": _Array([[any(slot) for slot in items]])}
+
+
+def test_flat_tcn_taps_on_its_users_left_padding_are_not_counted():
+    """The flat TCN's tokens: a separator before each session's first chunk, then the
+    items; a tap reading s tokens back of one of its user's first s tokens reads the zero
+    left padding (Keras's causal Conv1D computes it, on padding): not work, as HierTCN's
+    taps before a slot's start are not."""
+    bench_lib = _bench_lib()
+    first = _batch([[5, 6, 0], [7, 0, 0]], [True, False], [True, True])      # tokens 0 .. 4
+    second = _batch([[8, 9, 10], [11, 0, 0]], [False, False], [False, True])  # 5 .. 9 (no SEP
+    stats = bench_lib.batch_stats([second], before=[first], max_shift=12)    # before 11)
+    assert stats["user_reach"] == pytest.approx([1] * 6 + [0.8, 0.6, 0.4, 0.2] + [0] * 3)
+    assert bench_lib.batch_stats([second], max_shift=3)["user_reach"] == pytest.approx(
+        [1, 0.8, 0.6, 0.4])
+    config = bench_lib.model_config("tcn", "sampled", 256)
+    reach = [1.0] * 16 + [0.5] * 200
+    taps = sum(sum(reach[j * 2 ** i] if j * 2 ** i < len(reach) else 0 for j in range(5))
+               for i in range(6))
+    assert bench_lib.flops_per_event("tcn", config, 1000, 0.25, reach) == pytest.approx(
+        3 * (1.25 * taps * 2 * 128 * 128 + 2 * 128 * 257))
+    assert bench_lib.flops_per_event("tcn", config, 1000, 0.25) == pytest.approx(
+        3 * (1.25 * 30 * 2 * 128 * 128 + 2 * 128 * 257))
