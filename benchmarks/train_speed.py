@@ -106,7 +106,9 @@ class Bench:
         self.batches = bench_lib.prebuilt_batches(
             users, args.batch_size, args.sessions_per_batch, args.max_session_length,
             args.warmup + args.steps + self.lead)
-        self.stats = bench_lib.batch_stats(self.batches[args.warmup:],
+        # (of the timed batches only: `lead` more are built for the input measurement)
+        timed = args.warmup + (args.steps // args.rounds) * args.rounds
+        self.stats = bench_lib.batch_stats(self.batches[args.warmup:timed],
                                            before=self.batches[:args.warmup])
 
     def trainer(self, name: str, loss: str, vocab_size: int | None = None,
