@@ -5,8 +5,9 @@ serves the versions under EXPORT the way `tensorflow_model_server` does: Predict
 (`Predict`, `GetModelMetadata`) and ModelService (`GetModelStatus`), the latest version by
 default, new version folders picked up by polling (the old version keeps serving until
 the new one has loaded and warmed up), and TF Serving's status codes for bad requests:
-unknown model or version NOT_FOUND, unknown signature FAILED_PRECONDITION, missing,
-extra, mis-typed or mis-shaped inputs INVALID_ARGUMENT, each message naming the input.
+no model_spec INVALID_ARGUMENT, unknown model or version NOT_FOUND, unknown signature
+FAILED_PRECONDITION, missing, extra, mis-typed or mis-shaped inputs INVALID_ARGUMENT, each
+message naming the input.
 
 With `--enable-batching`, concurrent requests to the same version and signature (every
 input with the batch dimension, as TF Serving requires: `k` one value per row; item-id
@@ -661,6 +662,14 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         self._batcher = batcher
         self._max_elements = max_elements
 
+    @staticmethod
+    def _model_spec(request) -> model_pb2.ModelSpec:
+        """The request's ModelSpec; INVALID_ARGUMENT "Missing ModelSpec" without one, the
+        first check of TF Serving's Predict, GetModelMetadata and GetModelStatus."""
+        if not request.HasField("model_spec"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        return request.model_spec
+
     def _servable(self, spec: model_pb2.ModelSpec) -> Servable:
         if spec.name != self._manager.name:
             what = (f"Latest({spec.name})" if spec.WhichOneof("version_choice") is None
@@ -680,7 +689,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     def Predict(self, request, context):  # noqa: N802 - gRPC method name
         def predict():
-            servable = self._servable(request.model_spec)
+            servable = self._servable(self._model_spec(request))
             sig = servable.signature(request.model_spec.signature_name)
             for i, key in enumerate(request.output_filter):
                 if key not in sig.outputs:
@@ -706,6 +715,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     def GetModelMetadata(self, request, context):  # noqa: N802 - gRPC method name
         def metadata():
+            spec = self._model_spec(request)
             if not request.metadata_field:
                 raise RequestError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -714,7 +724,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                 if field != SIGNATURE_DEF_FIELD:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"Metadata field {field} is not supported")
-            servable = self._servable(request.model_spec)
+            servable = self._servable(spec)
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = servable.name
             response.model_spec.version.value = servable.version
@@ -727,7 +737,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     def GetModelStatus(self, request, context):  # noqa: N802 - gRPC method name
         def status():
-            spec = request.model_spec
+            spec = self._model_spec(request)
             if spec.name != self._manager.name:
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"Could not find any versions of model {spec.name}")

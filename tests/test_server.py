@@ -217,6 +217,21 @@ def test_metadata_needs_signature_def_field(served):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_request_without_model_spec_is_invalid_argument_as_in_tf_serving(served):
+    # TF Serving checks `has_model_spec()` first in Predict, GetModelMetadata and
+    # GetModelStatus: INVALID_ARGUMENT "Missing ModelSpec" (not NOT_FOUND for a model "")
+    calls = [(served["predict"].Predict, predict_pb2.PredictRequest()),
+             (served["predict"].GetModelMetadata, get_model_metadata_pb2.GetModelMetadataRequest(
+                 metadata_field=["signature_def"])),
+             (served["predict"].GetModelMetadata, get_model_metadata_pb2.GetModelMetadataRequest()),
+             (served["models"].GetModelStatus, get_model_status_pb2.GetModelStatusRequest())]
+    for method, req in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            method(req, timeout=30)
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"), type(req).__name__
+
+
 def test_concurrent_requests_are_batched_and_split_correctly(served):
     """Sessions of different lengths share batches (padded with ""); each answer is its own."""
     rng = np.random.default_rng(2)
