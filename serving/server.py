@@ -742,7 +742,10 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                 raise RequestError(grpc.StatusCode.NOT_FOUND,
                                    f"Could not find any versions of model {spec.name}")
             response = get_model_status_pb2.GetModelStatusResponse()
-            response.model_version_status.extend(self._manager.statuses(_version_of(spec)))
+            # (TF Serving reads only `version` here: a `version_label` lists every version)
+            version = spec.version.value if spec.WhichOneof("version_choice") == "version" \
+                else None
+            response.model_version_status.extend(self._manager.statuses(version))
             return response
         return self._guard(context, status)
 

@@ -232,6 +232,15 @@ def test_a_request_without_model_spec_is_invalid_argument_as_in_tf_serving(serve
             grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"), type(req).__name__
 
 
+def test_status_with_a_version_label_lists_every_version_as_in_tf_serving(served):
+    # TF Serving's GetModelStatus reads only `model_spec.version`: a label asks for them all
+    req = get_model_status_pb2.GetModelStatusRequest()
+    req.model_spec.name = NAME
+    every = served["models"].GetModelStatus(req, timeout=30)
+    req.model_spec.version_label = "stable"
+    assert served["models"].GetModelStatus(req, timeout=30) == every
+
+
 def test_concurrent_requests_are_batched_and_split_correctly(served):
     """Sessions of different lengths share batches (padded with ""); each answer is its own."""
     rng = np.random.default_rng(2)
