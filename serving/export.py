@@ -317,16 +317,13 @@ def newest_with(export_base: str, source: dict) -> int | None:
     return newest if source.get(key) and old.get(key) == source[key] else None
 
 
-MAX_VERSION = protos.MAX_VERSION  # (TF Serving's int64 version numbers)
-
-
 def version_number(name: str) -> int | None:
     """The version a folder name stands for, as TF Serving reads it: ASCII digits whose
     value fits an int64 (`007` is 7); None for any other name."""
     if not (name.isascii() and name.isdigit()):
         return None
     number = int(name)
-    return number if number <= MAX_VERSION else None
+    return number if number <= protos.MAX_VERSION else None
 
 
 def next_version(export_base: str) -> int:
@@ -418,8 +415,8 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
     """
     chosen = version is None
     version = next_version(export_base) if chosen else int(version)
-    if not 1 <= version <= MAX_VERSION:
-        raise ExportError(f"--version must be a positive integer up to {MAX_VERSION} (TF "
+    if not 1 <= version <= protos.MAX_VERSION:
+        raise ExportError(f"--version must be a positive integer up to {protos.MAX_VERSION} (TF "
                           f"Serving's versions are int64), got {version}")
     final = os.path.join(export_base, str(version))
     if os.path.exists(final):
