@@ -31,12 +31,14 @@ exactly batch n + 1.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import os
 import queue
 import sys
 import threading
+import time
 import zlib
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -46,6 +48,9 @@ import numpy as np
 CHUNK = 8
 # Chunks `make_dataset`'s producer thread makes ahead of tf.data.
 PRODUCER_QUEUE = 1
+# How often a `make_dataset` generator waiting for its producer checks for the interpreter's
+# exit (seconds).
+EXIT_POLL = 0.05
 
 UsersFactory = Callable[[], Iterable[Sequence[np.ndarray]]]
 
@@ -301,22 +306,19 @@ def make_dataset(batcher: QueueBatcher, prefetch: int = 4, chunk: int = CHUNK):
         signature["history"] = tf.TensorSpec([None, b, batcher.n], tf.int64)
 
     def chunks():
-        handover: queue.Queue = queue.Queue(maxsize=PRODUCER_QUEUE)
-        stop = threading.Event()
-        producer = threading.Thread(target=_produce, args=(batcher, chunk, list(signature),
-                                                           handover, stop),
-                                    name="hiertcn-batches", daemon=True)
-        producer.start()
+        feed = _Feed(batcher, chunk, list(signature))
         try:
             while True:
-                item = handover.get()
+                item = feed.next_chunk()
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                feed.busy = False  # (tf.data now converts the chunk: `feed.last` says when)
                 yield item
+                feed.busy, feed.last = True, time.monotonic()
         finally:  # the dataset's iterator is gone (or done): the producer stops too
-            stop.set()
+            feed.close()
 
     return (tf.data.Dataset.from_generator(chunks, output_signature=signature)
             .unbatch().prefetch(prefetch))
@@ -362,6 +364,79 @@ def slot_histories(history, items, reset):
     boundary = tf.reduce_max(starts, axis=2)                                    # [B, S]
     keep = (window >= boundary[:, :, None]) & (lengths > 0)[:, :, None]
     return tf.where(keep, tf.gather(stream, window, batch_dims=1), tf.zeros_like(window))
+
+
+class _Feed:
+    """One `make_dataset` generator's producer thread and hand-over queue, registered
+    (in `_FEEDS`) while the generator lives, for `_end_feeds_at_exit`.
+
+    Why: a dataset iterator still alive when the interpreter exits is deleted during its
+    finalization, which waits for tf.data's prefetch thread; if that thread is then running
+    the generator (waiting for a chunk, or converting one), it needs the GIL, and a thread
+    that asks for the GIL once finalization has begun is ended on the spot: tf.data's
+    thread never returns and the process hangs for good (seen with a split streamed from
+    its files, whose producer is slower than the step). So at the exit, while threads still
+    run, every generator is ended and the exit waits until none is running.
+    """
+
+    def __init__(self, batcher: QueueBatcher, chunk: int, keys: list[str]):
+        self.handover: queue.Queue = queue.Queue(maxsize=PRODUCER_QUEUE)
+        self.stop = threading.Event()
+        # running (waiting for or taking a chunk) and the time it last handed one over
+        self.busy, self.last = True, time.monotonic()
+        self.pid = os.getpid()  # (a forked child inherits the registry, not the threads)
+        self.producer = threading.Thread(target=_produce, args=(batcher, chunk, keys,
+                                                                self.handover, self.stop),
+                                         name="hiertcn-batches", daemon=True)
+        with _FEEDS_LOCK:
+            _FEEDS.add(self)
+        self.producer.start()
+
+    def next_chunk(self):
+        """The producer's next item (a chunk, None at the end or an exception); None once
+        the interpreter is exiting."""
+        while not _EXITING.is_set():
+            try:
+                return self.handover.get(timeout=EXIT_POLL)
+            except queue.Empty:
+                pass
+        return None
+
+    def close(self) -> None:
+        self.stop.set()
+        self.busy, self.last = False, time.monotonic()
+        with _FEEDS_LOCK:
+            _FEEDS.discard(self)
+
+
+# Set at the interpreter's exit: every `make_dataset` generator then ends its dataset.
+_EXITING = threading.Event()
+_FEEDS: set = set()
+_FEEDS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _end_feeds_at_exit(timeout: float = 5.0, settle: float = 0.1) -> None:
+    """At the interpreter's exit (atexit runs while threads still run): stops every live
+    `make_dataset` producer and generator, then waits (at most `timeout` seconds) until the
+    producers have stopped and no generator has run for `settle` seconds, so that no
+    tf.data thread is inside Python when finalization deletes the iterators (`_Feed`)."""
+    _EXITING.set()
+    deadline = time.monotonic() + timeout
+    pid = os.getpid()
+    with _FEEDS_LOCK:
+        feeds = [f for f in _FEEDS if f.pid == pid]
+    for feed in feeds:
+        feed.stop.set()
+    for feed in feeds:
+        feed.producer.join(max(0.0, deadline - time.monotonic()))
+    while time.monotonic() < deadline:
+        with _FEEDS_LOCK:
+            feeds = [f for f in _FEEDS if f.pid == pid]
+        now = time.monotonic()
+        if not any(f.busy or now - f.last < settle for f in feeds):
+            return
+        time.sleep(0.01)
 
 
 def _produce(batcher: QueueBatcher, chunk: int, keys: list[str], handover: queue.Queue,
