@@ -23,8 +23,11 @@ choices are measured on HierTCN in the sampled setting: packed events vs the pad
 oneDNN off and on (subprocesses with TF_ENABLE_ONEDNN_OPTS=0 / 1), one thread per op
 (a subprocess with TF_NUM_INTRAOP_THREADS=1), and input from the tf.data queue
 generator vs from pre-built batches on the same batches (pairs of blocks of 10 steps,
-the pre-built block first in every other pair; `generator_overhead` is the median of the
-pairs' ratios, `generator_overhead_total` the ratio of the sums).
+the pre-built block first in half of them, `--input-pairs` pairs over the spans of the
+timed batches; `generator_overhead` is the median of the pairs' ratios, with a bootstrap
+95% interval, `generator_overhead_total` the ratio of the sums): `input` with the train
+split in memory (as `model.train` keeps one of up to train.cache_events events, this one),
+`input_streamed` with it read from its files on every pass (a larger split).
 
 Large catalogue (`large_catalogue`): HierTCN and HRNN in the sampled setting with the
 item tables grown to `--catalogue` items (default 500,000; the vocabulary padded with
@@ -68,6 +71,9 @@ def parse_args(argv):
     p.add_argument("--num-negatives", type=bench_lib.positive_int, default=256)
     p.add_argument("--catalogue", type=bench_lib.positive_int,
                    help="items of the large-catalogue setting (default 500,000; 20,000 with --quick)")
+    p.add_argument("--input-pairs", type=bench_lib.positive_int,
+                   help="pairs of 10-step blocks of the input measurement (default 48; "
+                        "2 with --quick)")
     p.add_argument("--probe", action="store_true",
                    help="only HierTCN, sampled: print its events/s (used for the oneDNN run)")
     args = p.parse_args(argv)
@@ -75,6 +81,8 @@ def parse_args(argv):
         args.steps = 6 if args.quick else 120
     if args.rounds is None:
         args.rounds = 1 if args.quick else 6
+    if args.input_pairs is None:
+        args.input_pairs = 2 if args.quick else 48
     if args.catalogue is None:
         args.catalogue = 20_000 if args.quick else 500_000
     if args.quick:  # small geometry: the point is that the script runs, not the figures
@@ -140,9 +148,9 @@ class Bench:
         return {name: t.events_per_s for name, t in trainers.items()}
 
 
-def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
-    """Step time per event from pre-built batches vs from the tf.data queue generator over
-    the training loop's users factory (`model.train`'s input), on the same batches, in
+def generator_overhead(bench: Bench, trainer: bench_lib.Trainer, users, batches) -> dict:
+    """Step time per event from pre-built `batches` vs from the tf.data queue generator over
+    the users factory `users` (`model.train`'s input), on the same batches, in
     pairs of blocks of 10 steps, each step timed from the fetch of its batch to the end of
     the step (so a generator that cannot keep up shows as waiting for its batch). Before a
     timed generator block, the generator has fed as many untimed steps as it can run ahead
@@ -151,16 +159,19 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
     batches, so that both start equally warm. A fresh generator per pair; which block goes
     first alternates, half of the pairs each way, so that the machine's drift and an order
     effect hit both alike; the overhead is the median over pairs of the generator block's
-    time per event over the pre-built block's."""
+    time per event over the pre-built block's (its 95% interval: the 2.5th and 97.5th
+    percentiles of the median over 2,000 resamples of the pairs). The pairs cycle over the
+    spans of `per` timed batches, each span as often first as second (with an even number
+    of spans and of passes)."""
     import numpy as np
 
     from model import batching
 
     a = bench.args
     w, lead = a.warmup, bench.lead
-    k = min(a.steps, len(bench.batches) - w - lead)
+    k = min(a.steps, len(batches) - w - lead)
     per = min(10, k)
-    spans = max(1, k // per)  # distinct spans of `per` batches, each timed twice
+    spans = max(1, k // per)  # distinct spans of `per` batches
     times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
     ratios = []
 
@@ -175,28 +186,33 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
             block[key][0] += time.perf_counter() - t0
             block[key][1] += n
 
-    for i in range(2 * spans):
-        start = w + (i % spans) * per
+    for i in range(max(a.input_pairs, 1)):
+        span, rep = i % spans, i // spans
+        start = w + span * per
         block = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
-        batcher = batching.QueueBatcher(bench.train_users, a.batch_size, a.sessions_per_batch,
+        batcher = batching.QueueBatcher(users, a.batch_size, a.sessions_per_batch,
                                         a.max_session_length, seed=0)
         it = iter(batching.make_dataset(batcher))
         for _ in range(start):  # the batches before the run-in: fetched, not stepped
             next(it)
-        # the first pass over the spans puts the pre-built block first in its even pairs,
-        # the second pass in its odd ones: each span once each way, half of the pairs each
+        # even passes over the spans put the pre-built block first in their even spans,
+        # odd passes in their odd ones: each span as often each way, half of the pairs each
         order = ["prebuilt", "generator"]
-        for key in (order if (i % spans) % 2 == i // spans else order[::-1]):
+        for key in (order if (span + rep) % 2 == 0 else order[::-1]):
             # the generator's thread refills its buffer, so that none of it runs into the
             # next block (the run-in below then sets the buffer to its steady state)
             time.sleep(0.2)
             if key == "prebuilt":  # the same run-in, so that both blocks start as warm
-                for batch in bench.batches[start:start + lead]:
+                for batch in batches[start:start + lead]:
                     trainer.step(batch, timed=False)
-                timed(bench.batches[start + lead:start + lead + per], key, block)
+                timed(batches[start + lead:start + lead + per], key, block)
                 continue
-            for _ in range(lead):
-                trainer.step(next(it), timed=False)
+            for j in range(lead):
+                batch = next(it)
+                if i == 0 and j == 0 and not np.array_equal(batch["items"].numpy(),
+                                                            batches[start]["items"].numpy()):
+                    raise SystemExit("the generator's batches are not the pre-built ones")
+                trainer.step(batch, timed=False)
             timed((next(it) for _ in range(per)), key, block)
         del it
         for key, (sec, n) in block.items():
@@ -205,9 +221,15 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer) -> dict:
         ratios.append((block["generator"][0] / block["generator"][1])
                       / (block["prebuilt"][0] / block["prebuilt"][1]))
     per_event = {key: sec / max(n, 1) for key, (sec, n) in times.items()}
+    rng = np.random.default_rng(0)
+    medians = np.median(np.asarray(ratios)[rng.integers(len(ratios), size=(2000, len(ratios)))],
+                        axis=1)
     return {"prebuilt_us_per_event": round(1e6 * per_event["prebuilt"], 2),
             "generator_us_per_event": round(1e6 * per_event["generator"], 2),
             "generator_overhead": round(float(np.median(ratios)) - 1, 4),
+            "generator_overhead_ci95": [round(float(q) - 1, 4)
+                                        for q in np.percentile(medians, [2.5, 97.5])],
+            "pairs": len(ratios),
             "generator_overhead_total": round(per_event["generator"] / per_event["prebuilt"] - 1, 4),
             "generator_overhead_blocks": [round(r - 1, 3) for r in ratios]}
 
@@ -238,6 +260,8 @@ def speed_choices(bench: Bench, data_dir: str) -> dict:
     """HierTCN (sampled) events/s under each speed choice, measured in turns."""
     import tensorflow as tf
 
+    from model import batching
+
     quick = bench.args.quick
     variants = {"packed": bench.trainer("hiertcn", "sampled"),
                 "padded": bench.trainer("hiertcn", "sampled", packed=False)}
@@ -250,7 +274,18 @@ def speed_choices(bench: Bench, data_dir: str) -> dict:
             tf.keras.mixed_precision.set_global_policy("float32")
     out = {k: round(v) for k, v in bench.run(variants).items()}
     bench_lib.log("input: generator vs pre-built")
-    out["input"] = generator_overhead(bench, variants["packed"])
+    out["input"] = generator_overhead(bench, variants["packed"], bench.train_users,
+                                      bench.batches)
+    # A split over train.cache_events is read from its files on every pass, in the
+    # generator's thread (in file order: the pre-built batches of this one are built from
+    # that order).
+    bench_lib.log("input: generator over the split streamed from its files vs pre-built")
+    streamed = batching.CachedUsers(data_dir, "train", 0)
+    a = bench.args
+    out["input_streamed"] = generator_overhead(
+        bench, variants["packed"], streamed, bench_lib.prebuilt_batches(
+            list(streamed()), a.batch_size, a.sessions_per_batch, a.max_session_length,
+            len(bench.batches)))
     for key in ("padded_xla", "packed_bfloat16", "onednn_off", "onednn_on", "intra_op_1"):
         out.setdefault(key, None)  # skipped by --quick (each costs a trace or a process)
     if not quick:

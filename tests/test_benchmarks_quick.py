@@ -29,7 +29,11 @@ def test_train_speed_quick():
             assert m["events_per_s"] > 0 and m["flops_per_event"] > 0 and 0 < m["mfu"]
     choices = result["choices_sampled_hiertcn_events_per_s"]
     assert choices["packed"] > 0 and choices["padded"] > 0
-    assert {"prebuilt_us_per_event", "generator_us_per_event", "generator_overhead"} <= set(choices["input"])
+    for inp in (choices["input"], choices["input_streamed"]):
+        assert {"prebuilt_us_per_event", "generator_us_per_event", "generator_overhead"} <= set(inp)
+        lo, hi = inp["generator_overhead_ci95"]
+        assert lo <= inp["generator_overhead"] <= hi and inp["pairs"] == 2
+        assert len(inp["generator_overhead_blocks"]) == 2
     assert result["peak_matmul_gflops"] == max(result["peak_matmul_gflops_start_end"]) > 0
     assert 0 < result["workload"]["padding_fraction"] < 1
     # the machine the figures come from (ratios differ between AVX2 and AVX-512 machines)
