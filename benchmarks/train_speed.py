@@ -22,7 +22,8 @@ choices are measured on HierTCN in the sampled setting: packed events vs the pad
 [B * S, L] encoder, XLA (`jit_compile`, padded fixed shapes), bfloat16 mixed precision,
 oneDNN off and on (subprocesses with TF_ENABLE_ONEDNN_OPTS=0 / 1), one thread per op
 (a subprocess with TF_NUM_INTRAOP_THREADS=1), and input from the tf.data queue
-generator vs from pre-built batches on the same batches (pairs of blocks of 10 steps,
+generator (each step fetching its batch from the dataset's iterator inside the compiled
+step, as `model.train`'s do) vs from pre-built batches on the same batches (pairs of blocks of 10 steps,
 the pre-built block first in half of them, `--input-pairs` pairs over the spans of the
 timed batches; `generator_overhead` is the median of the pairs' ratios, with a bootstrap
 95% interval, `generator_overhead_total` the ratio of the sums): `input` with the train
@@ -152,7 +153,9 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer, users, batches)
     """Step time per event from pre-built `batches` vs from the tf.data queue generator over
     the users factory `users` (`model.train`'s input), on the same batches, in
     pairs of blocks of 10 steps, each step timed from the fetch of its batch to the end of
-    the step (so a generator that cannot keep up shows as waiting for its batch). Before a
+    the step (so a generator that cannot keep up shows as waiting for its batch); the
+    generator's steps fetch their batch from the dataset's iterator inside the compiled
+    step, as `model.train`'s do (`model.train.make_train_step`). Before a
     timed generator block, the generator has fed as many untimed steps as it can run ahead
     (`batching.dataset_lead`): its buffer is then as full as in a long run, not filled
     while the process idled; the pre-built block gets the same untimed run-in on the same
@@ -175,14 +178,12 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer, users, batches)
     times = {"prebuilt": [0.0, 0], "generator": [0.0, 0]}
     ratios = []
 
-    def timed(batches, key, block):
-        batches = iter(batches)
-        while True:
+    def timed(source, key, block):
+        """`per` steps, on the batches of a list or of a dataset iterator (fetched by the step)."""
+        batches = iter(source) if isinstance(source, list) else None
+        for _ in range(per):
             t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                return
-            n = trainer.step(batch, timed=False)
+            n = trainer.step(next(batches) if batches is not None else source, timed=False)
             block[key][0] += time.perf_counter() - t0
             block[key][1] += n
 
@@ -208,12 +209,14 @@ def generator_overhead(bench: Bench, trainer: bench_lib.Trainer, users, batches)
                 timed(batches[start + lead:start + lead + per], key, block)
                 continue
             for j in range(lead):
-                batch = next(it)
-                if i == 0 and j == 0 and not np.array_equal(batch["items"].numpy(),
-                                                            batches[start]["items"].numpy()):
-                    raise SystemExit("the generator's batches are not the pre-built ones")
-                trainer.step(batch, timed=False)
-            timed((next(it) for _ in range(per)), key, block)
+                if i == 0 and j == 0:  # (one batch fetched here, to check it)
+                    batch = next(it)
+                    if not np.array_equal(batch["items"].numpy(), batches[start]["items"].numpy()):
+                        raise SystemExit("the generator's batches are not the pre-built ones")
+                    trainer.step(batch, timed=False)
+                    continue
+                trainer.step(it, timed=False)
+            timed(it, key, block)
         del it
         for key, (sec, n) in block.items():
             times[key][0] += sec

@@ -217,6 +217,48 @@ def test_the_training_step_is_traced_once_and_equals_the_eager_step(name):
     assert int(compiled_state.step.numpy()) == int(eager_state.step.numpy()) == len(batches)
 
 
+def test_the_step_fed_the_dataset_iterator_fetches_its_batch_and_stops_cleanly():
+    """`model.train` passes the dataset's iterator to the compiled step, which fetches the
+    batch itself: the same updates as the step fed the batches, and at the end of the data
+    OutOfRangeError with nothing changed (no step counted, no optimizer iteration)."""
+    from model import batching
+
+    rng = np.random.default_rng(1)
+    users = [[rng.integers(2, 20, size=rng.integers(1, 6)) for _ in range(3)] for _ in range(6)]
+    small = {"embedding_dim": 8, "dropout": 0.0, "gru_units": 4, "channels": 8,
+             "repeat_head": False}
+    tc = config_lib.TrainConfig().replace({"learning_rate": 0.05, "lr_schedule": "constant"})
+    runs = []
+    for _ in range(2):
+        tf.keras.utils.set_random_seed(0)
+        model = registry.build_model("hiertcn", registry.config_classes()["hiertcn"]().replace(small), 20)
+        model.build_weights()
+        state = train_lib.TrainState(model.train_cache(2))
+        optimizer = train_lib.make_optimizer(tc, 10)
+        step = train_lib.make_train_step(model, optimizer, state, tf.distribute.get_strategy(), False)
+        runs.append((model, state, optimizer, step))
+    batches = [{k: tf.constant(v) for k, v in b.items()}
+               for b in batching.QueueBatcher(lambda: users, 2, 3, 4, epochs=1)]
+    assert len(batches) >= 3
+    fed = runs[0]
+    for batch in batches:
+        fed[3](batch)
+    model, state, optimizer, step = runs[1]
+    iterator = iter(batching.make_dataset(batching.QueueBatcher(lambda: users, 2, 3, 4, epochs=1)))
+    for _ in batches:
+        step(iterator)
+    before = [v.numpy() for v in model.trainable_variables]
+    with pytest.raises(tf.errors.OutOfRangeError):
+        step(iterator)
+    assert int(state.step.numpy()) == int(optimizer.iterations.numpy()) == len(batches)
+    for a, b, c in zip(model.trainable_variables, before, fed[0].trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b)
+        np.testing.assert_allclose(a.numpy(), c.numpy(), atol=1e-6, err_msg=a.name)
+    for a, b in zip(state.cache, fed[1].cache):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    assert int(fed[2].iterations.numpy()) == len(batches)
+
+
 def test_the_command_line_names_the_registered_models():
     """`model.cli` reads --model's names without importing the models (TensorFlow)."""
     assert tuple(registry.MODELS) == config_lib.MODEL_NAMES
