@@ -93,13 +93,13 @@ def probe(args) -> dict:
                      "batch_index": 0, "rows": [[] for _ in range(tc.batch_size)]})
     trainer = bench_lib.Trainer("hiertcn", bench_lib.model_config("hiertcn", "softmax", 256),
                                 vocab.size, vocab.counts, tc.batch_size)
-    it = iter(batching.make_dataset(batcher, tc.prefetch))
-    t0 = time.perf_counter()
+    it = iter(batching.make_dataset(batcher, tc.prefetch))  # (each step fetches its batch,
+    t0 = time.perf_counter()                                  # as `model.train`'s do)
     for _ in range(args.warmup):
-        trainer.step(next(it), timed=False)
+        trainer.step(it, timed=False)
     skip_and_warmup = time.perf_counter() - t0
     start = time.perf_counter()
-    events = sum(trainer.step(next(it)) for _ in range(args.steps))
+    events = sum(trainer.step(it) for _ in range(args.steps))
     seconds = time.perf_counter() - start
     return {"events_per_s": round(events / seconds), "peak_rss_mb": round(bench_lib.peak_rss_mb()),
             "rss_end_mb": round(psutil.Process().memory_info().rss / 2 ** 20),
