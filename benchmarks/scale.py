@@ -77,7 +77,6 @@ def population(base, users: int):
 def probe(args) -> dict:
     """Trains HierTCN on the middle of a `args.probe`-user stream in this process."""
     import psutil
-    import tensorflow as tf
 
     from model import batching
     from model import config as config_lib
@@ -93,8 +92,9 @@ def probe(args) -> dict:
                      "batch_index": 0, "rows": [[] for _ in range(tc.batch_size)]})
     trainer = bench_lib.Trainer("hiertcn", bench_lib.model_config("hiertcn", "softmax", 256),
                                 vocab.size, vocab.counts, tc.batch_size)
-    it = iter(batching.make_dataset(batcher, tc.prefetch))  # (each step fetches its batch,
-    t0 = time.perf_counter()                                  # as `model.train`'s do)
+    # each step fetches its batch from the iterator, as `model.train`'s do
+    it = iter(batching.make_dataset(batcher, tc.prefetch))
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         trainer.step(it, timed=False)
     skip_and_warmup = time.perf_counter() - t0

@@ -733,11 +733,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
 
     def save(step: int, evaluation_follows: bool, trained_now: dict | None = None) -> None:
         nonlocal last_saved, last_trained
-        if int(state.step.numpy()) > start_step:
+        steps_done = int(state.step.numpy()) - start_step
+        if steps_done > 0:
             record_config()
             # each step consumed one batch, in order: exact even when an interrupt lands
             # between a step and the bookkeeping after it
-            last_index = first_index + int(state.step.numpy()) - start_step - 1
+            last_index = first_index + steps_done - 1
             after = batcher.position_after(last_index)
             after[EVALUATION_DUE] = step if evaluation_follows else None
             last_trained = after[TRAINED] = trained_now or trained()

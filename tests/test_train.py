@@ -178,6 +178,25 @@ def test_config_is_strict_and_round_trips(tmp_path):
     assert config_lib.load_json(path) == cfg.to_dict()
 
 
+def _small_steps(name: str, count: int = 2) -> list:
+    """`count` identical small models of `name` (20 items, 2 rows), each with its state,
+    optimizer and compiled training step (`make_train_step`)."""
+    small = {"embedding_dim": 8, "dropout": 0.0}
+    if name == "hiertcn":
+        small.update(gru_units=4, channels=8, repeat_head=False)
+    tc = config_lib.TrainConfig().replace({"learning_rate": 0.05, "lr_schedule": "constant"})
+    runs = []
+    for _ in range(count):
+        tf.keras.utils.set_random_seed(0)
+        model = registry.build_model(name, registry.config_classes()[name]().replace(small), 20)
+        model.build_weights()
+        state = train_lib.TrainState(model.train_cache(2))
+        optimizer = train_lib.make_optimizer(tc, 10)
+        step = train_lib.make_train_step(model, optimizer, state, tf.distribute.get_strategy(), False)
+        runs.append((model, state, optimizer, step))
+    return runs
+
+
 @pytest.mark.parametrize("name", ["hiertcn", "hrnn"])
 def test_the_training_step_is_traced_once_and_equals_the_eager_step(name):
     """Adam's moments exist before the first call, so the compiled step is traced once (a
@@ -190,20 +209,8 @@ def test_the_training_step_is_traced_once_and_equals_the_eager_step(name):
     users = [[rng.integers(2, 20, size=rng.integers(1, 6)) for _ in range(3)] for _ in range(6)]
     batches = [{k: tf.constant(v) for k, v in b.items()}
                for b in batching.QueueBatcher(lambda: users, 2, 3, 4, epochs=1)][:3]
-    small = {"embedding_dim": 8, "dropout": 0.0}
-    if name == "hiertcn":
-        small.update(gru_units=4, channels=8, repeat_head=False)
-    tc = config_lib.TrainConfig().replace({"learning_rate": 0.05, "lr_schedule": "constant"})
-    runs = []
-    for _ in range(2):
-        tf.keras.utils.set_random_seed(0)
-        model = registry.build_model(name, registry.config_classes()[name]().replace(small), 20)
-        model.build_weights()
-        state = train_lib.TrainState(model.train_cache(2))
-        step = train_lib.make_train_step(model, train_lib.make_optimizer(tc, 10), state,
-                                         tf.distribute.get_strategy(), False)
-        runs.append((model, state, step))
-    (compiled_model, compiled_state, compiled), (eager_model, eager_state, eager) = runs
+    ((compiled_model, compiled_state, _, compiled),
+     (eager_model, eager_state, _, eager)) = _small_steps(name)
     for batch in batches:
         loss, n = compiled(batch)
         eager_loss, eager_n = eager.python_function(batch)
@@ -225,18 +232,7 @@ def test_the_step_fed_the_dataset_iterator_fetches_its_batch_and_stops_cleanly()
 
     rng = np.random.default_rng(1)
     users = [[rng.integers(2, 20, size=rng.integers(1, 6)) for _ in range(3)] for _ in range(6)]
-    small = {"embedding_dim": 8, "dropout": 0.0, "gru_units": 4, "channels": 8,
-             "repeat_head": False}
-    tc = config_lib.TrainConfig().replace({"learning_rate": 0.05, "lr_schedule": "constant"})
-    runs = []
-    for _ in range(2):
-        tf.keras.utils.set_random_seed(0)
-        model = registry.build_model("hiertcn", registry.config_classes()["hiertcn"]().replace(small), 20)
-        model.build_weights()
-        state = train_lib.TrainState(model.train_cache(2))
-        optimizer = train_lib.make_optimizer(tc, 10)
-        step = train_lib.make_train_step(model, optimizer, state, tf.distribute.get_strategy(), False)
-        runs.append((model, state, optimizer, step))
+    runs = _small_steps("hiertcn")
     batches = [{k: tf.constant(v) for k, v in b.items()}
                for b in batching.QueueBatcher(lambda: users, 2, 3, 4, epochs=1)]
     assert len(batches) >= 3
