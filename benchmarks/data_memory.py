@@ -6,7 +6,8 @@ B = 32 at a time:
 
 * HierTCN: one queue-generator batch (`items` int64 [B, S, L] and the bool flags
   [B, S]) plus the state cache carried between batches (`HierTCN.train_cache`: state
-  [B, H] float32, the running AGG sum [B, E] and count [B]); the same for every batch,
+  [B, H] float32, the running AGG sum [B, E] and count [B], and the chunk context, each
+  row's last `receptive_field` session items, int64 [B, K]); the same for every batch,
   whatever the users' history lengths.
 * HierTCN with the repeat head (the default model; `hiertcn_repeat_head_bytes`, beside
   the headline): also each row's last N = 200 items (`history` int64 [B, N]) and the
@@ -103,7 +104,8 @@ def data_memory(users, args) -> dict:
     b, s, l = args.batch_size, args.sessions_per_batch, args.max_session_length
     cfg = bench_lib.model_config("hiertcn", "softmax", 256)
     state_floats = cfg.gru_units * cfg.gru_layers + cfg.embedding_dim + 1
-    hier = b * s * l * 8 + 3 * b * s + b * state_floats * 4
+    context = b * cfg.receptive_field * 8 if cfg.chunk_context else 0
+    hier = b * s * l * 8 + 3 * b * s + b * state_floats * 4 + context
     widths = whole_history_batches(users, b, args.truncation)
     flat = 8 * b * float(np.mean(widths))
     tcn_cfg = bench_lib.model_config("tcn", "softmax", 256)

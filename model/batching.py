@@ -8,8 +8,10 @@ padded with empty slots. A slot holds at most L items:
 * A session longer than L is split into consecutive chunks of L items, in order. Only the
   session's last chunk has `session_end` set, and the model's state cache accumulates the
   AGG sums over the chunks, so the high-level state is updated once per session with
-  exactly the aggregate of the whole session (as evaluation and serving do). The TCN of a
-  later chunk restarts from the start vector (its first positions see only the chunk).
+  exactly the aggregate of the whole session (as evaluation and serving do). HierTCN's
+  convolutions in a later chunk also read the session's items before it (its chunk
+  context, carried in the same cache: `HierTCN._slot_contexts`), so that they see what
+  they see in a whole session.
 * `reset` marks the first slot of a new user in that row: the state is zeroed before it.
 * `valid` marks non-empty slots.
 * `history` (only with `history_size` N > 0, for a repeat-aware model): per row, the last

@@ -104,6 +104,9 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="hiertcn: do not rule out the item a session is on as its next item "
                         "(ruled out by default: the pipeline collapses immediate repeats; keep "
                         "it for session records with them, made some other way)")
+    p.add_argument("--no-chunk-context", action="store_true",
+                   help="hiertcn: a later chunk of a session longer than L starts from the "
+                        "start vector in training, without the items before it")
     p.add_argument("--no-high-level", action="store_true",
                    help="the high-level state stays zero (with --no-repeat-head: the "
                         "session-only ablation; the repeat head reads the user's history)")

@@ -193,6 +193,13 @@ class HierTCNConfig(ConfigBase):
         p / (1 - p(current)), in training (the likelihood), evaluation and serving alike.
         Without it the head points at the session's newest item most of all. False
         (`--keep-current`) for session records with immediate repeats.
+      chunk_context: in training, a session longer than L is split into chunks of L
+        items (`model.batching`); each later chunk's convolutions then also read the
+        session's `receptive_field` items before it (carried per row in the state cache,
+        across batches), so that every training position sees what evaluation and
+        serving, which run whole sessions, show it. False (`--no-chunk-context`; run
+        folders of older versions): a later chunk starts from the start vector as if
+        the session began there.
     """
 
     embedding_dim: int = 128
@@ -218,6 +225,7 @@ class HierTCNConfig(ConfigBase):
     session_summary: bool = False
     start_items: int = 20
     exclude_current: bool = True
+    chunk_context: bool = True
 
     def validate(self) -> None:
         for key in ("embedding_dim", "gru_units", "gru_layers", "channels", "kernel_size",

@@ -591,12 +591,80 @@ class HierTCN(SequenceModel):
                  tf.zeros([batch_size], tf.float32))
         if self.num_start_items:  # each row's unfinished session: its first item, under way
             cache += (tf.zeros([batch_size, 2], tf.float32),)
+        if self.context_size:  # each row's unfinished session: its last K items (last entry)
+            cache += (tf.zeros([batch_size, self.context_size], tf.int64),)
         return cache
+
+    @property
+    def context_size(self) -> int:
+        """K, the session items before a chunk that training lets its convolutions read
+        (`config.chunk_context`): the TCN's receptive field, which is all that any of its
+        outputs reads; 0 when off."""
+        return self.config.receptive_field if self.config.chunk_context else 0
+
+    def _split_context(self, cache):
+        """(the cache without the chunk context, the context int64 [B, K] or None)."""
+        if self.context_size:
+            return tuple(cache[:-1]), cache[-1]
+        return tuple(cache), None
+
+    def _slot_contexts(self, items, batch, context):
+        """Each slot's chunk context and the rows' context after the batch.
+
+        Per row, the context from the cache and then the items of its slots in order form
+        one stream; slot k's context is the K stream entries just before its first item,
+        those from before the start of its session blanked (a session starts at `reset`
+        or after `session_end`; the cache holds zeros once a row's session has ended).
+        Static shapes (a sort, not `tf.where`), so that it compiles with XLA.
+
+        Args:
+          items: int64 [B, S, L] (each slot left-aligned); batch: its `reset` and
+            `session_end` [B, S]; context: int64 [B, K] the cache's (newest last, 0 in front).
+
+        Returns:
+          (int64 [B, S, K] each slot's context, newest last, 0 in front; int64 [B, K] the
+          rows' context after the batch: all 0 where the last slot ended its session).
+        """
+        k = self.context_size
+        b, s = tf.shape(items)[0], items.shape[1]
+        flat = tf.reshape(items, [b, -1])                                   # [B, S L]
+        # the row's items packed to the left, in order (a stable sort of present first)
+        order = tf.argsort(tf.cast(flat <= 0, tf.int32), axis=1, stable=True)
+        stream = tf.concat([context, tf.gather(flat, order, batch_dims=1)], axis=1)
+        lengths = tf.reduce_sum(tf.cast(items > 0, tf.int64), axis=2)        # [B, S]
+        offsets = tf.cumsum(lengths, axis=1, exclusive=True)                 # [B, S]
+        # slot k's first item is stream entry K + offsets[k]; and after the last slot's
+        ends = tf.concat([offsets, tf.reduce_sum(lengths, axis=1, keepdims=True)], axis=1)
+        starts = tf.concat([_session_starts(batch["reset"], batch["session_end"]),
+                            tf.zeros_like(batch["reset"][:, :1])], axis=1)   # [B, S + 1]
+        # the stream entry where each one's session starts in this batch (0: before it)
+        causal = tf.range(s + 1)[None, :] <= tf.range(s + 1)[:, None]       # [S+1, S+1]
+        begin = tf.reduce_max(tf.where(starts[:, None, :] & causal[None],
+                                       (k + ends)[:, None, :], tf.constant(0, tf.int64)), axis=2)
+        window = ends[:, :, None] + tf.range(k, dtype=tf.int64)[None, None, :]   # [B, S+1, K]
+        context = tf.where(window >= begin[:, :, None],
+                           tf.gather(stream, window, batch_dims=1), tf.zeros_like(window))
+        after = tf.where(batch["session_end"][:, -1:], tf.zeros_like(context[:, -1]),
+                         context[:, -1])
+        return context[:, :-1], after
+
+    def _chunk_inputs(self, items, batch, context):
+        """The slots with their chunk contexts in front: (int64 [B * S, K + L] each slot's
+        context items then its own, left-aligned; int64 [B * S] the context lengths; the
+        rows' context after the batch)."""
+        per_slot, after = self._slot_contexts(items, batch, context)
+        b, s = tf.shape(items)[0], items.shape[1]
+        return _with_context(tf.reshape(per_slot, [b * s, -1]),
+                             tf.reshape(items, [b * s, -1])) + (after,)
 
     def session_states(self, batch, cache, training):
         """Runs the high-level GRU over the S slots first (AGG does not depend on the state),
         zeroing the state at `reset` and stepping it at `session_end`."""
-        before, _, _, new_cache = self._slot_states(tf.cast(batch["items"], tf.int64), batch, cache)
+        items = tf.cast(batch["items"], tf.int64)
+        core, context = self._split_context(cache)
+        before, _, _, new_cache = self._slot_states(items, batch, core)
+        if context is not None:
+            new_cache += (self._slot_contexts(items, batch, context)[1],)
         return before, new_cache
 
     def _slot_states(self, items, batch, cache):
@@ -615,13 +683,25 @@ class HierTCN(SequenceModel):
         """The padded encoder (`SequenceModel.encode`), with the session summary carried
         into later chunks."""
         items = tf.cast(batch["items"], tf.int64)
-        b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
-        before, sums, counts, new_cache = self._slot_states(items, batch, cache)
+        b, s, l = tf.shape(items)[0], items.shape[1], tf.shape(items)[2]
+        core, context = self._split_context(cache)
+        before, sums, counts, new_cache = self._slot_states(items, batch, core)
         carried = (tf.reshape(sums, [b * s, -1]), tf.reshape(counts, [-1]))
-        u = self.user_embeddings(tf.reshape(before, [b * s, self.state_size]),
-                                 tf.reshape(items, [b * s, l])[:, :-1], training=training,
-                                 carried=carried)
-        return u, new_cache
+        before = tf.reshape(before, [b * s, self.state_size])
+        if context is None:
+            u = self.user_embeddings(before, tf.reshape(items, [b * s, l])[:, :-1],
+                                     training=training, carried=carried)
+            return u, new_cache
+        seq, lengths, after = self._chunk_inputs(items, batch, context)
+        if self.summary_projection is not None:  # the carried sums hold the context's items
+            ctx_sums, _ = self._sums(tf.where(
+                tf.range(tf.shape(seq, out_type=tf.int64)[1])[None, :] < lengths[:, None],
+                seq, tf.zeros_like(seq)))
+            carried = (carried[0] - ctx_sums, carried[1] - tf.cast(lengths, tf.float32))
+        u = self.user_embeddings(before, seq[:, :-1], training=training, carried=carried)
+        # the slot's own positions: its targets come after its context
+        u = tf.gather(u, lengths[:, None] + tf.range(l, dtype=tf.int64)[None, :], batch_dims=1)
+        return u, new_cache + (after,)
 
     def _states_from_sums(self, sums, counts, reset, end, cache, first_items):
         """`_slot_states` from the slots' embedding sums [B, S, E] and counts [B, S].
@@ -723,13 +803,23 @@ class HierTCN(SequenceModel):
         """
         items = tf.cast(batch["items"], tf.int64)
         b, s = tf.shape(items)[0], items.shape[1]
-        packed = PackedSlots(tf.reshape(items, [b * s, -1]))
+        cache, context = self._split_context(cache)
+        if context is None:
+            packed = PackedSlots(tf.reshape(items, [b * s, -1]))
+            target = None
+        else:
+            # each slot's context rows come first; only the rows after them are targets
+            seq, lengths, after = self._chunk_inputs(items, batch, context)
+            packed = PackedSlots(seq)
+            target = packed.pos >= tf.gather(lengths, packed.slot)   # [N]
         emb = self.item_embedding(packed.items)                      # targets [N, E]
         state_dim = self.state_size
         if self.config.high_level or self.config.session_summary:
-            sums = tf.math.unsorted_segment_sum(tf.cast(emb, tf.float32), packed.slot, b * s)
-            counts = tf.math.unsorted_segment_sum(tf.ones_like(packed.slot, tf.float32),
-                                                  packed.slot, b * s)
+            weight = (tf.ones_like(packed.slot, tf.float32) if target is None
+                      else tf.cast(target, tf.float32))
+            sums = tf.math.unsorted_segment_sum(tf.cast(emb, tf.float32) * weight[:, None],
+                                                packed.slot, b * s)
+            counts = tf.math.unsorted_segment_sum(weight, packed.slot, b * s)
             before, carried_sums, carried_counts, new_cache = self._states_from_sums(
                 tf.reshape(sums, [b, s, -1]), tf.reshape(counts, [b, s]),
                 batch["reset"], batch["session_end"], cache, items[:, :, 0])
@@ -748,13 +838,26 @@ class HierTCN(SequenceModel):
         if self.summary_projection is not None:
             # the mean of the session's items before each event: earlier chunks (carried)
             # and this slot's earlier positions
-            slot_sums = tf.gather(tf.reshape(carried_sums, [b * s, -1]), packed.slot)
-            slot_counts = tf.gather(tf.reshape(carried_counts, [-1]), packed.slot)
-            x += self._summary(slot_sums + packed.exclusive_sum(tf.cast(emb, tf.float32)),
-                               slot_counts + tf.cast(packed.pos, tf.float32), emb.dtype)
+            # (the carried part holds the slot's context rows, which come first: the
+            # sums before a row are the carried ones less the context's plus the rows'
+            # before it)
+            slot_sums = tf.reshape(carried_sums, [b * s, -1])
+            slot_counts = tf.reshape(carried_counts, [-1])
+            if target is not None:
+                slot_sums -= tf.math.unsorted_segment_sum(
+                    tf.cast(emb, tf.float32) * tf.cast(~target, tf.float32)[:, None],
+                    packed.slot, b * s)
+                slot_counts -= tf.cast(lengths, tf.float32)
+            x += self._summary(tf.gather(slot_sums, packed.slot)
+                               + packed.exclusive_sum(tf.cast(emb, tf.float32)),
+                               tf.gather(slot_counts, packed.slot)
+                               + tf.cast(packed.pos, tf.float32), emb.dtype)
         for block in self.blocks:
             x = packed_block(block, x, packed, training)
-        return packed.to_row_major(tf.cast(x, tf.float32)), new_cache
+        user = packed.to_row_major(tf.cast(x, tf.float32))
+        if target is None:
+            return user, new_cache
+        return tf.boolean_mask(user, tf.gather(target, packed.row_major_order)), new_cache + (after,)
 
 
 def _log1m_exp(log_p: tf.Tensor) -> tf.Tensor:
@@ -796,6 +899,20 @@ def _scatter_index(items: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.broadcast_to(tf.range(b, dtype=tf.int64)[:, None, None], [b, p, m]),
                      tf.broadcast_to(tf.range(p, dtype=tf.int64)[None, :, None], [b, p, m]),
                      tf.cast(items, tf.int64)], axis=-1)
+
+
+def _with_context(context: tf.Tensor, items: tf.Tensor):
+    """(int64 [R, K + L] each row's context items (`context` [R, K], newest last, 0 in
+    front) followed by its items (`items` [R, L], left-aligned), left-aligned; int64 [R] the
+    context lengths)."""
+    context = tf.cast(context, tf.int64)
+    lengths = tf.reduce_sum(tf.cast(context > 0, tf.int64), axis=1)
+    both = tf.concat([context, tf.cast(items, tf.int64)], axis=1)   # 0s, context, items, 0s
+    width = tf.shape(both, out_type=tf.int64)[1]
+    index = (tf.range(width)[None, :] + tf.shape(context, out_type=tf.int64)[1]
+             - lengths[:, None])
+    return (tf.where(index < width, tf.gather(both, tf.minimum(index, width - 1), batch_dims=1),
+                     tf.zeros_like(both)), lengths)
 
 
 def _session_starts(reset: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
@@ -880,6 +997,11 @@ class PackedSlots:
         slot = self._row_major_slot
         first = tf.gather(tf.math.segment_min(tf.range(self.size), slot), slot)
         return tf.gather(total - tf.gather(total, first), self._inverse)
+
+    @property
+    def row_major_order(self) -> tf.Tensor:
+        """int [N]: the packed row of each entry of `tf.where(flat_items > 0)`."""
+        return self._order
 
     def to_row_major(self, x: tf.Tensor) -> tf.Tensor:
         """[N, C] packed rows -> [N, C] in the row-major order of `tf.where(flat_items > 0)`."""

@@ -146,6 +146,7 @@ def load_saved_config(path: str) -> dict:
     if saved.get("model_name") == "hiertcn" and isinstance(model_keys, dict):
         # runs saved before the option existed were trained without it
         model_keys.setdefault("transition_bias", False)
+        model_keys.setdefault("chunk_context", False)
     return saved
 
 

@@ -142,6 +142,7 @@ _MODEL_OPTIONS = (
      lambda a: bool(a.transition_bias) if a.transition_bias or a.no_transition_bias else None),
     ("exclude_current", "--keep-current", lambda a: False if a.keep_current else None),
     ("high_level", "--no-high-level", lambda a: False if a.no_high_level else None),
+    ("chunk_context", "--no-chunk-context", lambda a: False if a.no_chunk_context else None),
 )
 
 

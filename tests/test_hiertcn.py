@@ -70,8 +70,8 @@ def test_session_states_match_update_state_and_reset_at_user_boundaries(model):
                    [[True, False, False], [True, True, False]],
                    [[False, True, True], [True, True, False]])
     start = tf.random.normal([2, 8])  # stale state from a previous user
-    cache = (start, tf.zeros([2, 8]), tf.zeros([2]))
-    before, (after, acc, cnt) = model.session_states(batch, cache, training=False)
+    cache = (start, tf.zeros([2, 8]), tf.zeros([2]), *model.train_cache(2)[3:])
+    before, (after, acc, cnt, *_) = model.session_states(batch, cache, training=False)
     zero = np.zeros(8, np.float32)
     s1 = model.update_state(tf.zeros([1, 8]), tf.constant([[2, 3, 4, 5, 6]], tf.int64))
     s2 = model.update_state(s1, tf.constant([[7, 8]], tf.int64))
@@ -90,7 +90,7 @@ def test_session_split_over_batches_carries_the_running_sum(model):
     first = _batch([[[2, 3, 4]]], [[True]], [[False]])
     second = _batch([[[5, 6, 0]]], [[False]], [[True]])
     _, cache = model.session_states(first, model.train_cache(1), training=False)
-    _, (state, _, _) = model.session_states(second, cache, training=False)
+    _, (state, *_) = model.session_states(second, cache, training=False)
     whole = model.update_state(tf.zeros([1, 8]), tf.constant([[2, 3, 4, 5, 6]], tf.int64))
     np.testing.assert_allclose(state.numpy(), whole.numpy(), atol=1e-5)
 

@@ -92,7 +92,7 @@ def test_session_summary_carries_across_chunks():
     # chunk's first position (whose input is the start vector, not the previous item).
     tf.keras.utils.set_random_seed(0)
     config = config_lib.HierTCNConfig(**SMALL, channels=8, kernel_size=1, num_blocks=1,
-                                      session_summary=True)
+                                      session_summary=True, chunk_context=False)
     model = HierTCN(config, 30)
     model.build_weights()
     sessions = [np.array([3, 4, 5]), np.array([6, 7, 8, 9, 10])]
@@ -112,3 +112,76 @@ def test_session_summary_carries_across_chunks():
                              if "summary_projection" not in v.name])
     off = summary_off.user_embeddings(state, sessions[1][None, :-1])[0]
     assert not np.allclose(off[3].numpy(), whole[3].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["default_shape", "deep_with_shortcut", "session_only",
+                                  "session_summary"])
+@pytest.mark.parametrize("encoder", ["packed", "padded"])
+def test_chunked_sessions_train_on_what_evaluation_sees(name, encoder):
+    # Sessions of up to 40 items in chunks of L = 6, S = 2 slots a batch: a session runs
+    # over several slots and batches. With the chunk context, the user vector at every
+    # training target is the whole-session one that evaluation and serving compute
+    # (`user_embeddings` over the session so far after `update_state` of the earlier
+    # ones); without it, a later chunk's first positions differ.
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    users = [[rng.integers(2, 30, size=n) for n in rng.integers(1, 41, size=rng.integers(1, 4))]
+             for _ in range(5)]
+    rows = 2
+    results = {}
+    for context in (True, False):
+        model = HierTCN(CONFIGS[name].replace({"chunk_context": context}), 30)
+        model.build_weights()
+        if context:
+            weights = model.get_weights()
+            assert model.context_size == model.receptive_field
+        else:
+            model.set_weights(weights)
+            assert model.context_size == 0
+        cache = model.train_cache(rows)
+        got = {}  # (user, session, position) -> the training view's vector
+        # which user and session each row's slots belong to, in the generator's order
+        owners = [[] for _ in range(rows)]
+        batcher = batching.QueueBatcher(lambda: users, rows, 2, 6, epochs=1, shuffle_buffer=1)
+        queue = [[(u, k) for k, session in enumerate(sessions) for _ in range(-(-len(session) // 6))]
+                 for u, sessions in enumerate(users)]
+        assigned = 0
+        for batch in batcher:
+            while assigned < batcher.consumed:  # users fed to rows: the shortest row, as the batcher
+                owners[min(range(rows), key=lambda r: len(owners[r]))].extend(queue[assigned])
+                assigned += 1
+            batch = {k: tf.constant(v) for k, v in batch.items()}
+            encode = model.encode_events if encoder == "packed" else model.encode
+            user, cache = encode(batch, cache, False)
+            user = user.numpy()
+            if encoder == "padded":
+                mask = batch["items"].numpy().reshape(rows * 2, -1) > 0
+                user = user[mask]
+            i = 0
+            for r in range(rows):
+                for slot in range(2):
+                    chunk = batch["items"].numpy()[r, slot]
+                    if not chunk.any():
+                        continue
+                    u, k = owners[r].pop(0)
+                    done = sum(1 for key in got if key[:2] == (u, k))
+                    for p in range(int((chunk > 0).sum())):
+                        got[(u, k, done + p)] = user[i]
+                        i += 1
+            assert i == len(user)
+        results[context] = got
+    for context, got in results.items():
+        differ = 0
+        state = model.initial_state(1)
+        for u, sessions in enumerate(users):
+            state = model.initial_state(1)
+            for k, session in enumerate(sessions):
+                whole = model.user_embeddings(state, session[None, :-1])[0].numpy()
+                for p in range(len(session)):
+                    same = np.allclose(got[(u, k, p)], whole[p], atol=1e-5)
+                    if context:
+                        assert same, (u, k, p)
+                    differ += not same
+                state = model.update_state(state, session[None])
+        if not context:
+            assert differ > 0

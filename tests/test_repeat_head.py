@@ -337,8 +337,9 @@ def test_a_later_chunk_is_conditioned_on_the_item_before_it(seen_bias, under_way
     logp0 = model.item_log_probs(u0, tf.constant([[3, 0, 7, 9]], tf.int64),
                                  tf.constant([[5, 7]], tf.int64), current=first).numpy()[0]
     # slot 1: its history is the newest 4 of the user's items before it; the state is
-    # still the zero state (the session has not ended)
-    u1 = model.user_embeddings(zero, tf.constant([[9]], tf.int64))
+    # still the zero state (the session has not ended); its convolutions read the
+    # session's items before it (the chunk context): the whole session's vectors
+    u1 = model.user_embeddings(zero, tf.constant([[5, 7, 5, 9]], tf.int64))[:, 3:]
     logp1 = model.item_log_probs(u1, tf.constant([[9, 5, 7, 5]], tf.int64),
                                  tf.constant([[9]], tf.int64),
                                  current=tf.constant([5], tf.int64)).numpy()[0]
@@ -853,3 +854,45 @@ def test_runs_saved_before_the_transition_bias_load_without_it(tmp_path):
     # ... and resumes with the same options (not refused as another model config)
     assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "4",
                            "--no-progress"]) == 0
+
+
+def test_runs_saved_before_the_chunk_context_resume_without_it(tmp_path, capsys):
+    # A run folder of a version before `model.chunk_context` has no such key in its
+    # config.json and no chunk context in its checkpoints' state cache: it loads and
+    # resumes as trained, without it (a cache with the context would not match them).
+    rng = np.random.default_rng(0)
+    users = [[list(rng.permutation(np.arange(2, 20))[:9])] for _ in range(6)]  # over L = 4
+    data = write_data(str(tmp_path / "data"), 20, users,
+                      valid=[(1, [u[0][:5], u[0][5:]]) for u in users[:3]])
+    path = str(tmp_path / "small.json")
+    with open(path, "w") as f:
+        json.dump({"model": {"embedding_dim": 8, "gru_units": 4, "channels": 8,
+                             "history_size": 4, "start_items": 2},
+                   "train": {"batch_size": 2, "sessions_per_batch": 2, "max_session_length": 4}},
+                  f)
+    run = str(tmp_path / "run")
+    assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "2",
+                           "--no-chunk-context", "--no-progress"]) == 0
+    with open(f"{run}/config.json") as f:
+        saved = json.load(f)
+    assert saved["model"].pop("chunk_context") is False
+    with open(f"{run}/config.json", "w") as f:
+        json.dump(saved, f)
+    _, config, _ = registry.load_model(run)
+    assert config.model.chunk_context is False
+    # resuming it with today's default is refused with the difference; with the option, it
+    # resumes
+    assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "4",
+                           "--no-progress"]) != 0
+    assert "model.chunk_context False -> True" in capsys.readouterr().err
+    assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "4",
+                           "--no-chunk-context", "--no-progress"]) == 0
+    with open(f"{run}/config.json") as f:
+        assert json.load(f)["model"]["chunk_context"] is False
+    # a new run has it: its cache carries each row's last receptive-field session items
+    fresh = str(tmp_path / "fresh")
+    assert train_lib.main(["--data", data, "--model-dir", fresh, "--config", path, "--steps", "2",
+                           "--no-progress"]) == 0
+    model, config, _ = registry.load_model(fresh)
+    assert config.model.chunk_context is True
+    assert model.train_cache(2)[-1].shape == (2, config.model.receptive_field)
