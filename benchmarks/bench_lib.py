@@ -272,7 +272,8 @@ class Trainer:
     state cache carried without gradient), timed step by step."""
 
     def __init__(self, name: str, config, vocab: int, item_counts: np.ndarray, batch_size: int,
-                 jit_compile: bool = False, packed: bool = True, optimizer: str | None = None):
+                 jit_compile: bool = False, packed: bool = True, optimizer: str | None = None,
+                 longest_session: int | None = None, max_session_length: int = 20):
         import tensorflow as tf
 
         from model import registry
@@ -282,6 +283,8 @@ class Trainer:
         cls = registry.MODELS[name] if packed else _padded_models()[name]
         self.model = cls(config, vocab, item_counts=item_counts)
         self.model.build_weights()
+        if hasattr(self.model, "skip_chunk_context"):  # as `model.train` does, from the data
+            self.model.skip_chunk_context(longest_session, max_session_length)
         optimizer = make_optimizer(optimizer)
         self.state = train_lib.TrainState(self.model.train_cache(batch_size))
         self.step_fn = train_lib.make_train_step(self.model, optimizer, self.state,

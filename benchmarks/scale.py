@@ -91,7 +91,9 @@ def probe(args) -> dict:
     batcher.restore({"epoch": 0, "consumed": args.probe // 2, "finished": False,
                      "batch_index": 0, "rows": [[] for _ in range(tc.batch_size)]})
     trainer = bench_lib.Trainer("hiertcn", bench_lib.model_config("hiertcn", "softmax", 256),
-                                vocab.size, vocab.counts, tc.batch_size)
+                                vocab.size, vocab.counts, tc.batch_size,
+                                longest_session=max((len(s) for u in base for s in u), default=0),
+                                max_session_length=tc.max_session_length)
     # each step fetches its batch from the iterator, as `model.train`'s do
     it = iter(batching.make_dataset(batcher, tc.prefetch))
     t0 = time.perf_counter()

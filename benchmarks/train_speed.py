@@ -131,7 +131,9 @@ class Bench:
         if vocab_size and vocab_size > vocab:
             vocab, counts = vocab_size, np.concatenate(
                 [counts, np.ones(vocab_size - len(counts), counts.dtype)])
-        return bench_lib.Trainer(name, config, vocab, counts, self.args.batch_size, **kwargs)
+        return bench_lib.Trainer(name, config, vocab, counts, self.args.batch_size,
+                                 longest_session=self.train_users.longest_session(),
+                                 max_session_length=self.args.max_session_length, **kwargs)
 
     def run(self, trainers: dict) -> dict:
         """Warm-up, then the timed steps in rounds of turns; returns events/s per name."""

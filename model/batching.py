@@ -533,6 +533,14 @@ class CachedUsers:
         length = max_session_length
         return sum(-(-len(s) // length) for sessions in self.cached for s in sessions)
 
+    def longest_session(self) -> int | None:
+        """The most items of one session in the split, read now if the first pass has not
+        been; None for a split over the bound, which streams (this does not read it)."""
+        self.slot_count(1)
+        if self.cached is None:
+            return None
+        return max((len(s) for sessions in self.cached for s in sessions), default=0)
+
     def _first_pass(self) -> Iterator[list[np.ndarray]]:
         kept: list[tuple[tuple[int, str], list[np.ndarray]]] = []
         events = 0

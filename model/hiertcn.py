@@ -86,6 +86,10 @@ class HierTCN(SequenceModel):
                                               dtype="float32", name="repeat_head")
                             if c.uses_repeat_head else None)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
+        # False where no training session is longer than L (`model.train` sets it from
+        # the data: `skip_chunk_context`): no slot then has a context, so the packed
+        # encoder skips the context's work (about 6% of a step), with the same results.
+        self.reads_chunk_context = bool(self.context_size)
         self.reserved_mask = tf.constant(
             [layers.NEG_LOGIT] * schema.NUM_RESERVED + [0.0] * (vocab_size - schema.NUM_RESERVED))
 
@@ -602,6 +606,13 @@ class HierTCN(SequenceModel):
         outputs reads; 0 when off."""
         return self.config.receptive_field if self.config.chunk_context else 0
 
+    def skip_chunk_context(self, longest_session: int | None, max_session_length: int) -> None:
+        """Before the first training step: when the training sessions are known to fit in
+        L (`longest_session` <= `max_session_length`; None: not known), no slot continues a
+        session, so none has a context to read; the cache keeps its (empty) context."""
+        if longest_session is not None and longest_session <= max_session_length:
+            self.reads_chunk_context = False
+
     def _split_context(self, cache):
         """(the cache without the chunk context, the context int64 [B, K] or None)."""
         if self.context_size:
@@ -801,9 +812,18 @@ class HierTCN(SequenceModel):
           (user vectors [N, C] at the non-padding targets in the row-major order of
           `tf.where(items > 0)`, the cache after the batch).
         """
+        core, context = self._split_context(cache)
+        if context is None:
+            return self._encode_packed(batch, core, None, training)
+        if not self.reads_chunk_context:  # (no session of the data is longer than L)
+            return self._encode_packed(batch, core, None, training, context)
+        return self._encode_packed(batch, core, context, training)
+
+    def _encode_packed(self, batch, cache, context, training, unchanged=None):
+        """`encode_events` on the cache without its context and the context (None: none
+        read; `unchanged` then goes on the cache after the batch, when not None)."""
         items = tf.cast(batch["items"], tf.int64)
         b, s = tf.shape(items)[0], items.shape[1]
-        cache, context = self._split_context(cache)
         if context is None:
             packed = PackedSlots(tf.reshape(items, [b * s, -1]))
             target = None
@@ -856,7 +876,7 @@ class HierTCN(SequenceModel):
             x = packed_block(block, x, packed, training)
         user = packed.to_row_major(tf.cast(x, tf.float32))
         if target is None:
-            return user, new_cache
+            return user, (new_cache if unchanged is None else new_cache + (unchanged,))
         return tf.boolean_mask(user, tf.gather(target, packed.row_major_order)), new_cache + (after,)
 
 

@@ -603,6 +603,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         if mixed_float16:
             optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         state = TrainState(model.train_cache(tc.batch_size))
+    if hasattr(model, "skip_chunk_context"):  # (HierTCN: no context work on short sessions)
+        model.skip_chunk_context(users.longest_session(), tc.max_session_length)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, train_state=state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, registry.CHECKPOINT_DIR),
                                          max_to_keep=tc.keep_checkpoints)

@@ -185,3 +185,32 @@ def test_chunked_sessions_train_on_what_evaluation_sees(name, encoder):
                 state = model.update_state(state, session[None])
         if not context:
             assert differ > 0
+
+
+def test_short_sessions_skip_the_chunk_context_with_the_same_results():
+    # Sessions of at most L items: no slot continues a session, so `model.train`'s
+    # `skip_chunk_context` (the step without the context's work) changes nothing; with a
+    # longer session it does not skip.
+    tf.keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(2)
+    users = [[rng.integers(2, 30, size=n) for n in rng.integers(1, 8, size=3)] for _ in range(6)]
+    model = HierTCN(CONFIGS["default_shape"], 30)
+    model.build_weights()
+    model.skip_chunk_context(25, 7)
+    assert model.reads_chunk_context and model.context_size
+    model.skip_chunk_context(None, 7)
+    assert model.reads_chunk_context
+    caches = {True: model.train_cache(2), False: model.train_cache(2)}
+    for batch in batching.QueueBatcher(lambda: users, 2, 2, 7, epochs=1):
+        batch = {k: tf.constant(v) for k, v in batch.items()}
+        out = {}
+        for reads in (True, False):
+            model.reads_chunk_context = reads
+            user, caches[reads] = model.encode_events(batch, caches[reads], False)
+            out[reads] = user.numpy()
+        np.testing.assert_allclose(out[True], out[False], atol=1e-6)
+        for a, b in zip(caches[True], caches[False]):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    model.reads_chunk_context = True
+    model.skip_chunk_context(7, 7)
+    assert not model.reads_chunk_context
