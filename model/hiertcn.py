@@ -85,11 +85,11 @@ class HierTCN(SequenceModel):
                                               transition_bias=c.transition_bias,
                                               dtype="float32", name="repeat_head")
                             if c.uses_repeat_head else None)
-        # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         # False where no training session is longer than L (`model.train` sets it from
         # the data: `skip_chunk_context`): no slot then has a context, so the packed
         # encoder skips the context's work (about 6% of a step), with the same results.
         self.reads_chunk_context = bool(self.context_size)
+        # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
         self.reserved_mask = tf.constant(
             [layers.NEG_LOGIT] * schema.NUM_RESERVED + [0.0] * (vocab_size - schema.NUM_RESERVED))
 

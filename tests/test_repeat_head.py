@@ -829,11 +829,9 @@ def test_scorer_ranks_rule_out_the_given_items_in_every_window(config, monkeypat
         assert np.any(expected[known] < plain[known])
 
 
-def test_runs_saved_before_the_transition_bias_load_without_it(tmp_path):
-    # A run folder of a version before `model.transition_bias` has no such key in its
-    # config.json and no such variable in its checkpoints: it loads as trained, without it.
-    data = write_data(str(tmp_path / "data"), 20, planted_users(8),
-                      valid=[(3, u[:4]) for u in planted_users(3, seed=1)])
+def _old_run(tmp_path, data: str, option: str, key: str) -> tuple[str, str]:
+    """A small run trained with `option`, its config.json then without `key`, as a version
+    from before the key saved it: (the run folder, the config file its command used)."""
     path = str(tmp_path / "small.json")
     with open(path, "w") as f:
         json.dump({"model": {"embedding_dim": 8, "gru_units": 4, "channels": 8,
@@ -842,12 +840,21 @@ def test_runs_saved_before_the_transition_bias_load_without_it(tmp_path):
                   f)
     run = str(tmp_path / "run")
     assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "2",
-                           "--no-transition-bias", "--no-progress"]) == 0
+                           option, "--no-progress"]) == 0
     with open(f"{run}/config.json") as f:
         saved = json.load(f)
-    assert saved["model"].pop("transition_bias") is False
+    assert saved["model"].pop(key) is False
     with open(f"{run}/config.json", "w") as f:
         json.dump(saved, f)
+    return run, path
+
+
+def test_runs_saved_before_the_transition_bias_load_without_it(tmp_path):
+    # A run folder of a version before `model.transition_bias` has no such key in its
+    # config.json and no such variable in its checkpoints: it loads as trained, without it.
+    data = write_data(str(tmp_path / "data"), 20, planted_users(8),
+                      valid=[(3, u[:4]) for u in planted_users(3, seed=1)])
+    run, path = _old_run(tmp_path, data, "--no-transition-bias", "transition_bias")
     model, config, _ = registry.load_model(run)
     assert config.model.transition_bias is False
     assert not model.repeat_head.use_transition_bias and model.repeat_head.seen_bias is not None
@@ -864,20 +871,7 @@ def test_runs_saved_before_the_chunk_context_resume_without_it(tmp_path, capsys)
     users = [[list(rng.permutation(np.arange(2, 20))[:9])] for _ in range(6)]  # over L = 4
     data = write_data(str(tmp_path / "data"), 20, users,
                       valid=[(1, [u[0][:5], u[0][5:]]) for u in users[:3]])
-    path = str(tmp_path / "small.json")
-    with open(path, "w") as f:
-        json.dump({"model": {"embedding_dim": 8, "gru_units": 4, "channels": 8,
-                             "history_size": 4, "start_items": 2},
-                   "train": {"batch_size": 2, "sessions_per_batch": 2, "max_session_length": 4}},
-                  f)
-    run = str(tmp_path / "run")
-    assert train_lib.main(["--data", data, "--model-dir", run, "--config", path, "--steps", "2",
-                           "--no-chunk-context", "--no-progress"]) == 0
-    with open(f"{run}/config.json") as f:
-        saved = json.load(f)
-    assert saved["model"].pop("chunk_context") is False
-    with open(f"{run}/config.json", "w") as f:
-        json.dump(saved, f)
+    run, path = _old_run(tmp_path, data, "--no-chunk-context", "chunk_context")
     _, config, _ = registry.load_model(run)
     assert config.model.chunk_context is False
     # resuming it with today's default is refused with the difference; with the option, it
