@@ -535,7 +535,8 @@ class CachedUsers:
 
     def longest_session(self) -> int | None:
         """The most items of one session in the split, read now if the first pass has not
-        been; None for a split over the bound, which streams (this does not read it)."""
+        been (a split over the bound is then read once to find out); None for a split over
+        the bound, which streams."""
         self.slot_count(1)
         if self.cached is None:
             return None

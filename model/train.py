@@ -604,7 +604,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         state = TrainState(model.train_cache(tc.batch_size))
     if hasattr(model, "skip_chunk_context"):  # (HierTCN: no context work on short sessions)
-        model.skip_chunk_context(users.longest_session(), tc.max_session_length)
+        # (only a split kept in memory is read for it: a larger one is not read twice)
+        cached = schema.read_stats(data_dir)["splits"]["train"].get("events", 0) <= tc.cache_events
+        model.skip_chunk_context(users.longest_session() if cached else None,
+                                 tc.max_session_length)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, train_state=state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, registry.CHECKPOINT_DIR),
                                          max_to_keep=tc.keep_checkpoints)
