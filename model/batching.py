@@ -326,46 +326,53 @@ def make_dataset(batcher: QueueBatcher, prefetch: int = 4, chunk: int = CHUNK):
             .unbatch().prefetch(prefetch))
 
 
-def slot_histories(history, items, reset):
+def slot_histories(history, items, reset, after: bool = False):
     """Each slot's history from a batch's per-row buffers (TensorFlow ops, for the step).
 
     Per row, the buffer and then the items of its slots in order form one stream; slot k's
     history is the window of the N stream entries just before its first item, with the
     entries from before the row's last `reset` at or before k blanked: exactly the last N
-    items of the slot's user before it, as a per-slot buffer would hold them.
+    items of the slot's user before it, as a per-slot buffer would hold them. Static shapes
+    (a sort, not `tf.where`), so that it also compiles with XLA.
 
     Args:
       history: int [B, N] the batch's `history` (newest last, left-padded with 0).
       items: int [B, S, L] the batch's `items` (each slot left-aligned).
-      reset: bool [B, S] the batch's `reset`.
+      reset: bool [B, S] the batch's `reset` (or any other starts: HierTCN's chunk context
+        passes the session starts).
+      after: also return the row's buffer after the batch (the window after its last item,
+        blanked before its last `reset`).
 
     Returns:
-      int64 [B, S, N]: newest last, left-padded with 0 (all 0 for an empty slot).
+      int64 [B, S, N]: newest last, left-padded with 0 (all 0 for an empty slot); with
+      `after`, (that, int64 [B, N]).
     """
     import tensorflow as tf
 
     history = tf.cast(history, tf.int64)
     items = tf.cast(items, tf.int64)
-    b, s, l = tf.shape(items)[0], tf.shape(items)[1], tf.shape(items)[2]
+    b, s = tf.shape(items)[0], tf.shape(items)[1]
     n = tf.shape(history, out_type=tf.int64)[1]
-    flat = tf.reshape(items, [b, s * l])
-    present = flat > 0
+    flat = tf.reshape(items, [b, -1])                                           # [B, S L]
+    # the stream [B, N + S L]: the buffer, then the row's items packed to the left (a stable
+    # sort of the present ones first)
+    order = tf.argsort(tf.cast(flat <= 0, tf.int32), axis=1, stable=True)
+    stream = tf.concat([history, tf.gather(flat, order, batch_dims=1)], axis=1)
     lengths = tf.reduce_sum(tf.cast(items > 0, tf.int64), axis=2)               # [B, S]
-    offsets = tf.cumsum(lengths, axis=1, exclusive=True)                        # [B, S]
-    # the stream [B, N + S L]: the buffer, then the row's items packed to the left
-    cell = tf.where(present)                                                    # (row, col)
-    packed_col = tf.gather_nd(tf.cumsum(tf.cast(present, tf.int64), axis=1) - 1, cell)
-    stream = tf.tensor_scatter_nd_update(
-        tf.concat([history, tf.zeros(tf.stack([b, s * l]), tf.int64)], axis=1),
-        tf.stack([cell[:, 0], n + packed_col], axis=1), tf.gather_nd(flat, cell))
-    window = offsets[:, :, None] + tf.range(n)[None, None, :]                   # [B, S, N]
-    # the stream position where slot k's user starts in this batch (0: before it)
-    causal = tf.range(s)[None, :] <= tf.range(s)[:, None]                       # [S, S] j <= k
-    starts = tf.where(reset[:, None, :] & causal[None], (n + offsets)[:, None, :],
-                      tf.constant(0, tf.int64))
-    boundary = tf.reduce_max(starts, axis=2)                                    # [B, S]
-    keep = (window >= boundary[:, :, None]) & (lengths > 0)[:, :, None]
-    return tf.where(keep, tf.gather(stream, window, batch_dims=1), tf.zeros_like(window))
+    # where each slot's first item is in the stream (less N), and where one after the
+    # last slot's would be
+    ends = tf.concat([tf.cumsum(lengths, axis=1, exclusive=True),
+                      tf.reduce_sum(lengths, axis=1, keepdims=True)], axis=1)   # [B, S + 1]
+    starts = tf.concat([reset, tf.zeros_like(reset[:, :1])], axis=1)
+    # the stream position where each one's user starts in this batch (0: before it)
+    causal = tf.range(s + 1)[None, :] <= tf.range(s + 1)[:, None]               # j <= k
+    boundary = tf.reduce_max(tf.where(starts[:, None, :] & causal[None], (n + ends)[:, None, :],
+                                      tf.constant(0, tf.int64)), axis=2)        # [B, S + 1]
+    window = ends[:, :, None] + tf.range(n)[None, None, :]                      # [B, S + 1, N]
+    out = tf.where(window >= boundary[:, :, None], tf.gather(stream, window, batch_dims=1),
+                   tf.zeros_like(window))
+    slots = tf.where((lengths > 0)[:, :, None], out[:, :-1], tf.zeros_like(out[:, :-1]))
+    return (slots, out[:, -1]) if after else slots
 
 
 class _Feed:
@@ -525,19 +532,23 @@ class CachedUsers:
         """The slots (session chunks of at most L items) of one pass, read now if the first
         pass has not been (the split is then in memory for training); None for a split
         over the bound, which streams (this does not read it)."""
-        if self.cached is None and not self._too_big:
-            for _ in self._first_pass():
-                pass
+        self._read_once()
         if self.cached is None:
             return None
         length = max_session_length
         return sum(-(-len(s) // length) for sessions in self.cached for s in sessions)
 
+    def _read_once(self) -> None:
+        """Runs the first pass now if none has run (it fills the cache within the bound)."""
+        if self.cached is None and not self._too_big:
+            for _ in self._first_pass():
+                pass
+
     def longest_session(self) -> int | None:
         """The most items of one session in the split, read now if the first pass has not
         been (a split over the bound is then read once to find out); None for a split over
         the bound, which streams."""
-        self.slot_count(1)
+        self._read_once()
         if self.cached is None:
             return None
         return max((len(s) for sessions in self.cached for s in sessions), default=0)

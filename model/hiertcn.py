@@ -620,44 +620,18 @@ class HierTCN(SequenceModel):
         return tuple(cache), None
 
     def _slot_contexts(self, items, batch, context):
-        """Each slot's chunk context and the rows' context after the batch.
-
-        Per row, the context from the cache and then the items of its slots in order form
-        one stream; slot k's context is the K stream entries just before its first item,
-        those from before the start of its session blanked (a session starts at `reset`
-        or after `session_end`; the cache holds zeros once a row's session has ended).
-        Static shapes (a sort, not `tf.where`), so that it compiles with XLA.
-
-        Args:
-          items: int64 [B, S, L] (each slot left-aligned); batch: its `reset` and
-            `session_end` [B, S]; context: int64 [B, K] the cache's (newest last, 0 in front).
+        """Each slot's chunk context and the rows' context after the batch: the
+        `batching.slot_histories` windows of the cache's context [B, K] and the row's
+        items, blanked before each slot's session start (a session starts at `reset` or
+        after `session_end`; the cache holds zeros once a row's session has ended).
 
         Returns:
           (int64 [B, S, K] each slot's context, newest last, 0 in front; int64 [B, K] the
           rows' context after the batch: all 0 where the last slot ended its session).
         """
-        k = self.context_size
-        b, s = tf.shape(items)[0], items.shape[1]
-        flat = tf.reshape(items, [b, -1])                                   # [B, S L]
-        # the row's items packed to the left, in order (a stable sort of present first)
-        order = tf.argsort(tf.cast(flat <= 0, tf.int32), axis=1, stable=True)
-        stream = tf.concat([context, tf.gather(flat, order, batch_dims=1)], axis=1)
-        lengths = tf.reduce_sum(tf.cast(items > 0, tf.int64), axis=2)        # [B, S]
-        offsets = tf.cumsum(lengths, axis=1, exclusive=True)                 # [B, S]
-        # slot k's first item is stream entry K + offsets[k]; and after the last slot's
-        ends = tf.concat([offsets, tf.reduce_sum(lengths, axis=1, keepdims=True)], axis=1)
-        starts = tf.concat([_session_starts(batch["reset"], batch["session_end"]),
-                            tf.zeros_like(batch["reset"][:, :1])], axis=1)   # [B, S + 1]
-        # the stream entry where each one's session starts in this batch (0: before it)
-        causal = tf.range(s + 1)[None, :] <= tf.range(s + 1)[:, None]       # [S+1, S+1]
-        begin = tf.reduce_max(tf.where(starts[:, None, :] & causal[None],
-                                       (k + ends)[:, None, :], tf.constant(0, tf.int64)), axis=2)
-        window = ends[:, :, None] + tf.range(k, dtype=tf.int64)[None, None, :]   # [B, S+1, K]
-        context = tf.where(window >= begin[:, :, None],
-                           tf.gather(stream, window, batch_dims=1), tf.zeros_like(window))
-        after = tf.where(batch["session_end"][:, -1:], tf.zeros_like(context[:, -1]),
-                         context[:, -1])
-        return context[:, :-1], after
+        per_slot, after = batching.slot_histories(
+            context, items, _session_starts(batch["reset"], batch["session_end"]), after=True)
+        return per_slot, tf.where(batch["session_end"][:, -1:], tf.zeros_like(after), after)
 
     def _chunk_inputs(self, items, batch, context):
         """The slots with their chunk contexts in front: (int64 [B * S, K + L] each slot's
