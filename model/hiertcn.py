@@ -780,7 +780,9 @@ class HierTCN(SequenceModel):
         their inputs s positions earlier in the same slot: exactly the per-slot causal
         convolution with zero left padding, without multiplying the padding zeros.
         Needs the batcher's layout (each slot's items left-aligned). Equal to gathering
-        `encode`'s output at the targets.
+        `encode`'s output at the targets. With the chunk context, each slot's context
+        rows come first, and each conv is computed only at the rows that a later one or
+        a target reads (`PackedSlots.rows_from`): the last conv at the chunk's rows only.
 
         Returns:
           (user vectors [N, C] at the non-padding targets in the row-major order of
@@ -846,12 +848,27 @@ class HierTCN(SequenceModel):
                                + packed.exclusive_sum(tf.cast(emb, tf.float32)),
                                tf.gather(slot_counts, packed.slot)
                                + tf.cast(packed.pos, tf.float32), emb.dtype)
-        for block in self.blocks:
-            x = packed_block(block, x, packed, training)
-        user = packed.to_row_major(tf.cast(x, tf.float32))
         if target is None:
+            for block in self.blocks:
+                x = packed_block(block, x, packed, training)
+            user = packed.to_row_major(tf.cast(x, tf.float32))
             return user, (new_cache if unchanged is None else new_cache + (unchanged,))
-        return tf.boolean_mask(user, tf.gather(target, packed.row_major_order)), new_cache + (after,)
+        # Only the chunk's rows are targets, and each conv needs its output only where a
+        # later one reads it: at positions >= the context's length less the positions the
+        # later convs look back (all rows where that reaches the context's front).
+        looks = [[(conv.kernel_size[0] - 1) * conv.dilation_rate[0]
+                  for conv in block.conv_layers] for block in self.blocks]
+        later = int(np.sum([sum(look) for look in looks]))   # the look-back after a conv
+        rows = None
+        for block, look in zip(self.blocks, looks):
+            outs = []
+            for back in look:
+                later -= back
+                outs.append(packed.rows_from(lengths - later) if later < self.context_size
+                            else None)
+            x = packed_block(block, x, packed, training, [rows, *outs])
+            rows = outs[-1]
+        return rows.to_row_major(tf.cast(x, tf.float32)), new_cache + (after,)
 
 
 def _log1m_exp(log_p: tf.Tensor) -> tf.Tensor:
@@ -970,16 +987,31 @@ class PackedSlots:
         """int64 scalar: the first packed row at position >= shift."""
         return tf.reduce_sum(self._per_pos[:shift])
 
-    def shift(self, x: tf.Tensor, shift: int) -> tf.Tensor:
+    def shift(self, x: tf.Tensor, shift: int, source: PackedRows | None = None,
+              target: PackedRows | None = None) -> tf.Tensor:
         """[N, C] -> [N - start(shift), C]: for each row at position >= shift, the row
-        `shift` positions earlier in the same slot."""
-        if shift not in self._shifts:
-            a = self.start(shift)
-            src = tf.gather_nd(self._row, tf.stack([self.pos[a:] - shift, self.slot[a:]], 1))
-            dst = tf.tensor_scatter_nd_update(tf.fill([self.size], self.size - a), src[:, None],
-                                              tf.range(self.size - a))
-            self._shifts[shift] = (src, dst)
-        return _take_rows(x, *self._shifts[shift])
+        `shift` positions earlier in the same slot.
+
+        With `source` and/or `target` (`rows_from`; None: all rows), x holds the source
+        rows and the result is for the target rows at position >= shift, [M -
+        target.start(shift), C]; the rows they read must be among the source rows.
+        """
+        key = (shift, id(source), id(target))
+        if key not in self._shifts:
+            into = self if target is None else target
+            a = into.start(shift)
+            src = tf.gather_nd(self._row, tf.stack([into.pos[a:] - shift, into.slot[a:]], 1))
+            size = self.size
+            if source is not None:
+                src, size = tf.gather(source.of, src), source.size
+            dst = tf.tensor_scatter_nd_update(tf.fill([size], into.size - a), src[:, None],
+                                              tf.range(into.size - a))
+            self._shifts[key] = (src, dst, source, target)   # (kept alive: ids are keys)
+        return _take_rows(x, *self._shifts[key][:2])
+
+    def rows_from(self, first: tf.Tensor) -> PackedRows:
+        """The rows of each slot r at positions >= first[r] (int64 [R])."""
+        return PackedRows(self, first)
 
     def exclusive_sum(self, x: tf.Tensor) -> tf.Tensor:
         """[N, C] -> [N, C]: for each row, the sum of x over its slot's earlier positions.
@@ -1002,8 +1034,37 @@ class PackedSlots:
         return _take_rows(x, self._order, self._inverse)
 
 
-def packed_causal_conv(x: tf.Tensor, packed: PackedSlots,
-                       conv: tf.keras.layers.Conv1D) -> tf.Tensor:
+class PackedRows:
+    """A subset of a `PackedSlots`' rows, in packed order (position-major): those of each
+    slot r at positions >= first[r]. Its rows at position >= s are again a suffix.
+    Attributes: `index` (the packed rows), `pos`, `slot` int64 [M]; `size` M; `of` int64
+    [N] each packed row's place among them (M where not one of them).
+    """
+
+    def __init__(self, packed: PackedSlots, first: tf.Tensor):
+        keep = packed.pos >= tf.gather(tf.cast(first, tf.int64), packed.slot)
+        self.index = tf.where(keep)[:, 0]
+        self.size = tf.shape(self.index, out_type=tf.int64)[0]
+        self.pos = tf.gather(packed.pos, self.index)
+        self.slot = tf.gather(packed.slot, self.index)
+        self.of = tf.tensor_scatter_nd_update(tf.fill([packed.size], self.size),
+                                              self.index[:, None], tf.range(self.size))
+        self._packed = packed
+
+    def start(self, shift: int) -> tf.Tensor:
+        """int64 scalar: the first of these rows at position >= shift."""
+        return tf.reduce_sum(tf.cast(self.pos < shift, tf.int64))
+
+    def to_row_major(self, x: tf.Tensor) -> tf.Tensor:
+        """[M, C] these rows -> [M, C] in the row-major order (slot, then position)."""
+        order = tf.gather(self.of, self._packed.row_major_order)    # M where not here
+        order = tf.boolean_mask(order, order < self.size)
+        return _take_rows(x, order, tf.math.invert_permutation(order))
+
+
+def packed_causal_conv(x: tf.Tensor, packed: PackedSlots, conv: tf.keras.layers.Conv1D,
+                       source: PackedRows | None = None,
+                       target: PackedRows | None = None) -> tf.Tensor:
     """A causal dilated Conv1D layer applied to packed slots.
 
     Tap i of the kernel reads the input (k - 1 - i) d positions back; a row at an earlier
@@ -1011,20 +1072,25 @@ def packed_causal_conv(x: tf.Tensor, packed: PackedSlots,
     rows it reaches (a suffix of the packed rows) and its product is added there.
 
     Args:
-      x: [N, C_in] packed rows (`PackedSlots` order).
+      x: [N, C_in] packed rows (`PackedSlots` order), or the `source` rows [M, C_in].
       packed: the layout of x.
       conv: a built causal `Conv1D` (kernel [k, C_in, C_out]); its weights are used.
+      source, target: None, or the rows x holds and the rows to compute the output at
+        (`PackedSlots.rows_from`; the rows that the target rows read must be source rows).
 
     Returns:
-      [N, C_out] = conv over each slot alone (zero left padding), activation included.
+      [N, C_out] (or [M_target, C_out]) = conv over each slot alone (zero left padding),
+      activation included.
     """
     k, d = conv.kernel_size[0], conv.dilation_rate[0]
     kernel = tf.unstack(tf.cast(conv.kernel, x.dtype))
-    parts = [tf.matmul(x, kernel[k - 1])]
+    into = packed if target is None else target
+    same = source is target
+    parts = [tf.matmul(x if same else packed.shift(x, 0, source, target), kernel[k - 1])]
     for i in range(k - 1):
         shift = (k - 1 - i) * d
-        part = tf.matmul(packed.shift(x, shift), kernel[i])
-        parts.append(tf.pad(part, [[packed.start(shift), 0], [0, 0]]))
+        part = tf.matmul(packed.shift(x, shift, source, target), kernel[i])
+        parts.append(tf.pad(part, [[into.start(shift), 0], [0, 0]]))
     y = tf.add_n(parts)
     if conv.use_bias:
         y = tf.nn.bias_add(y, tf.cast(conv.bias, x.dtype))
@@ -1032,14 +1098,17 @@ def packed_causal_conv(x: tf.Tensor, packed: PackedSlots,
 
 
 def packed_block(block: layers.TemporalBlock, x: tf.Tensor, packed: PackedSlots,
-                 training) -> tf.Tensor:
+                 training, rows=None) -> tf.Tensor:
     """`TemporalBlock.call` on packed slots ([N, C_in] -> [N, C]); see
-    `packed_causal_conv`."""
+    `packed_causal_conv`. `rows`: None (all rows throughout), or the rows x holds followed
+    by the rows to compute each conv's output at (`PackedSlots.rows_from`; None: all);
+    the block's output is then at the last ones."""
+    rows = rows or [None] * (len(block.conv_layers) + 1)
     y = x
-    for conv in block.conv_layers:
-        y = block.drop(packed_causal_conv(y, packed, conv), training=training)
-    res = x
+    for conv, source, target in zip(block.conv_layers, rows, rows[1:]):
+        y = block.drop(packed_causal_conv(y, packed, conv, source, target), training=training)
+    res = x if rows[0] is rows[-1] else packed.shift(x, 0, rows[0], rows[-1])
     if block.shortcut is not None:
         kernel = tf.cast(block.shortcut.kernel[0], x.dtype)
-        res = tf.nn.bias_add(tf.matmul(x, kernel), tf.cast(block.shortcut.bias, x.dtype))
+        res = tf.nn.bias_add(tf.matmul(res, kernel), tf.cast(block.shortcut.bias, x.dtype))
     return tf.nn.relu(y + res)

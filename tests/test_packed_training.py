@@ -60,6 +60,37 @@ def test_packed_conv_equals_per_sequence_causal_conv(dilation, expected):
                                [*ref_grad[0], *ref_grad[1, :2]])
 
 
+def test_packed_conv_on_a_subset_of_rows_equals_the_whole_conv_there():
+    # The chunk context's cone: a conv computed only at some rows (`target`) from only the
+    # rows they read (`source`) equals the whole conv at those rows, values and gradient.
+    # Slots [5 6 7] and [8 9], x = [1 2 4] and [10 20] (packed: 5 8 6 9 7), kernel 2,
+    # dilation 1, weights 1: the whole conv is [1 3 6] and [10 30].
+    conv = tf.keras.layers.Conv1D(1, 2, padding="causal", use_bias=False,
+                                  kernel_initializer="ones")
+    conv.build([None, None, 1])
+    packed = PackedSlots(tf.constant([[5, 6, 7], [8, 9, 0]], tf.int64))
+    x = tf.constant([[1.0], [10.0], [2.0], [20.0], [4.0]])
+    target = packed.rows_from(tf.constant([1, 0]))              # all but item 5
+    assert target.index.numpy().tolist() == [1, 2, 3, 4]
+    assert target.of.numpy().tolist() == [4, 0, 1, 2, 3]
+    out = packed_causal_conv(x, packed, conv, None, target)
+    assert out.numpy()[:, 0].tolist() == [10.0, 3.0, 30.0, 6.0]  # packed: 8 6 9 7
+    assert target.to_row_major(out).numpy()[:, 0].tolist() == [3.0, 6.0, 10.0, 30.0]
+    # from a subset: items 7 and 9 read 6 and 8, which are among the source rows
+    later = packed.rows_from(tf.constant([2, 1]))
+    source = tf.gather(x, target.index)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, source])
+        ours = packed_causal_conv(source, packed, conv, target, later)
+        whole = tf.gather(packed_causal_conv(x, packed, conv), later.index)
+        weights = tf.constant([[3.0], [5.0]])
+        loss_ours, loss_whole = (tf.reduce_sum(v * weights) for v in (ours, whole))
+    assert later.to_row_major(ours).numpy()[:, 0].tolist() == [6.0, 30.0]
+    np.testing.assert_allclose(ours.numpy(), whole.numpy())
+    np.testing.assert_allclose(tape.gradient(loss_ours, source).numpy(),
+                               tf.gather(tape.gradient(loss_whole, x), target.index).numpy())
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_packed_training_matches_padded(name):
     tf.keras.utils.set_random_seed(0)
