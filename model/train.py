@@ -422,6 +422,19 @@ class TrainState(tf.Module):
         self.position = tf.Variable("", dtype=tf.string, trainable=False, name="position")
 
 
+def longest_train_session(data_dir: str, tc, users: batching.CachedUsers) -> int | None:
+    """The most events of one train session: from `stats.json` (pipelines since
+    2026-12-04 write it), else read from a split kept in memory (within
+    `train.cache_events`; a larger one is not read one more time before training: None)."""
+    stats = schema.read_stats(data_dir)
+    longest = stats.get("max_session_events", {}).get("train")
+    if isinstance(longest, int):
+        return longest
+    if stats["splits"]["train"].get("events", 0) <= tc.cache_events:
+        return users.longest_session()
+    return None
+
+
 def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16: bool,
                     jit_compile: bool = False):
     """A compiled step: loss, gradients, Adam update, state cache carried without gradient.
@@ -604,9 +617,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         state = TrainState(model.train_cache(tc.batch_size))
     if hasattr(model, "skip_chunk_context"):  # (HierTCN: no context work on short sessions)
-        # (only a split kept in memory is read for it: a larger one is not read twice)
-        cached = schema.read_stats(data_dir)["splits"]["train"].get("events", 0) <= tc.cache_events
-        model.skip_chunk_context(users.longest_session() if cached else None,
+        model.skip_chunk_context(longest_train_session(data_dir, tc, users),
                                  tc.max_session_length)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, train_state=state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, registry.CHECKPOINT_DIR),

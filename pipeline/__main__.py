@@ -835,7 +835,7 @@ def run(args, output: str, files, config, options) -> dict:
     import apache_beam as beam
 
     from pipeline import beam_fixes, sources
-    from pipeline.transforms import MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords
+    from pipeline.transforms import LONGEST_PREFIX, MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     try:
@@ -887,6 +887,9 @@ def run(args, output: str, files, config, options) -> dict:
         # the most events one user has in each split (a crawler's share of the metrics)
         stats["max_user_events"] = {name: counts.get(MAX_PREFIX + name, 0)
                                     for name in schema.SPLITS}
+        # the most events of one session in each split (whether training cuts any in chunks)
+        stats["max_session_events"] = {name: counts.get(LONGEST_PREFIX + name, 0)
+                                       for name in schema.SPLITS}
         # valid and test events whose item is outside the vocabulary: misses for any model
         stats["unknown_target_events"] = {name: counts.get(UNKNOWN_PREFIX + name, 0)
                                           for name in schema.SPLITS[1:]}

@@ -29,6 +29,7 @@ class UserRecords(NamedTuple):
       events: split → number of target events written.
       filtered: rows_filtered counts by reason.
       unknown: split → target events that are items outside the vocabulary (valid, test).
+      longest: split → the most events of one target session written.
     """
 
     records: dict[str, bytes]
@@ -36,6 +37,7 @@ class UserRecords(NamedTuple):
     events: dict[str, int]
     filtered: collections.Counter
     unknown: dict[str, int] = {}
+    longest: dict[str, int] = {}
 
 
 def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[str],
@@ -73,7 +75,7 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
     ordered = [s for split in schema.SPLITS for s in targets[split]]
     item_features = schema.encode_int64_features([s[0] for s in ordered])
     time_features = schema.encode_int64_features([s[1] for s in ordered])
-    records, n_sessions, n_events = {}, {}, {}
+    records, n_sessions, n_events, longest = {}, {}, {}, {}
     context = 0
     for split in schema.SPLITS:
         own = targets[split]
@@ -83,5 +85,6 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
                 user, context, item_features[:end], time_features[:end])
             n_sessions[split] = len(own)
             n_events[split] = sum(len(s[0]) for s in own)
+            longest[split] = max(len(s[0]) for s in own)
         context += len(own)
-    return UserRecords(records, n_sessions, n_events, +filtered, dict(+unknown))
+    return UserRecords(records, n_sessions, n_events, +filtered, dict(+unknown), longest)

@@ -29,6 +29,9 @@ from pipeline import parse, records, schema, sessions, sources, split, vocabular
 STATS = "stats"
 # stats key prefix of a split's largest events of one user (max, not summed): MAX_PREFIX + split
 MAX_PREFIX = "max_user_events/"
+# ... and of a split's longest session (events; max, not summed): LONGEST_PREFIX + split
+LONGEST_PREFIX = "max_session_events/"
+MAXIMA = (MAX_PREFIX, LONGEST_PREFIX)
 # stats key prefix of a split's target events that are items outside the vocabulary
 UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
@@ -241,15 +244,16 @@ class _BuildRecords(beam.DoFn):
             self._counts["rows_written"] += out.events[name]
             if out.unknown.get(name):
                 self._counts[f"{UNKNOWN_PREFIX}{name}"] += out.unknown[name]
-            heaviest = f"{MAX_PREFIX}{name}"
-            self._counts[heaviest] = max(self._counts[heaviest], out.events[name])
+            for key, n in ((f"{MAX_PREFIX}{name}", out.events[name]),
+                           (f"{LONGEST_PREFIX}{name}", out.longest[name])):
+                self._counts[key] = max(self._counts[key], n)
         for reason, n in out.filtered.items():
             self._counts[f"rows_filtered/{reason}"] += n
 
     def finish_bundle(self):
         report_progress("users", self._unreported)
         counts = dict(self._counts)
-        _count("records", {k: n for k, n in counts.items() if not k.startswith(MAX_PREFIX)})
+        _count("records", {k: n for k, n in counts.items() if not k.startswith(MAXIMA)})
         yield pvalue.TaggedOutput(STATS, _global(counts))
 
 
@@ -277,11 +281,11 @@ class _ConcatStarts(beam.CombineFn):
 
 
 def _sum_counts(dicts: Iterable[dict]) -> dict:
-    """Sums the counts; a key starting with MAX_PREFIX takes the largest value instead."""
+    """Sums the counts; a key starting with one of MAXIMA takes the largest value instead."""
     total = collections.Counter()
     for d in dicts:
         for key, n in d.items():
-            total[key] = max(total[key], n) if key.startswith(MAX_PREFIX) else total[key] + n
+            total[key] = max(total[key], n) if key.startswith(MAXIMA) else total[key] + n
     return dict(total)
 
 

@@ -75,7 +75,10 @@ def test_session_records_on_hand_written_events(tmp_path):
             # the most events of one user per split: u1's 3 in train, u2's 2 in valid,
             # 2 each in test
             "max_user_events/train": 3, "max_user_events/valid": 2,
-            "max_user_events/test": 2}]), label="stats")
+            "max_user_events/test": 2,
+            # the longest session per split: u1's 3 in train, 2 in valid and test
+            "max_session_events/train": 3, "max_session_events/valid": 2,
+            "max_session_events/test": 2}]), label="stats")
         assert_that(out["malformed"] | beam.Map(json.loads), equal_to([
             {"source": files[0][0], "line": 9, "reason": "wrong column count: expected 3, got 1",
              "raw": "bad row"},

@@ -40,6 +40,7 @@ def check_output(out):
                                           "events": sum(len(s) for s in targets)}
         assert stats["max_user_events"][split] == max(
             (sum(len(s) for s in r.sessions[r.num_context_sessions:]) for r in users), default=0)
+        assert stats["max_session_events"][split] == max((len(s) for s in targets), default=0)
         if split != "train":
             assert stats["unknown_target_events"][split] == sum(
                 int((s == schema.UNKNOWN_INDEX).sum()) for s in targets)

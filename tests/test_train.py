@@ -502,6 +502,34 @@ def test_epochs_are_counted_in_the_batches_the_generator_makes(tmp_path):
             assert abs(estimate - actual) <= 0.1 * actual, (estimate, actual)
 
 
+def test_the_longest_train_session_comes_from_stats_json_else_from_a_split_in_memory(tmp_path):
+    """HierTCN skips the chunk context's work when no train session is longer than L:
+    `stats.json`'s `max_session_events` says so for a split of any size; a folder without
+    it (an older pipeline's) is read when the split is kept in memory, else not known."""
+    from model import batching
+
+    rng = np.random.default_rng(0)
+    users = [[list(rng.integers(2, 12, size=n)) for n in (3, 7, 5)] for _ in range(6)]
+    users.append([list(rng.integers(2, 12, size=n)) for n in (4, 23)])
+    data = write_data(str(tmp_path / "d"), 10, users)
+    stats_path = os.path.join(data, "stats.json")
+    with open(stats_path) as f:
+        stats = json.load(f)
+    assert "max_session_events" not in stats
+    big, small = config_lib.TrainConfig(), config_lib.TrainConfig(cache_events=10)
+    cached = batching.CachedUsers(data, "train", big.cache_events)
+    assert train_lib.longest_train_session(data, big, cached) == 23
+    streamed = batching.CachedUsers(data, "train", small.cache_events)
+    assert train_lib.longest_train_session(data, small, streamed) is None
+    assert streamed.cached is None and not streamed._too_big   # not read for it
+    stats["max_session_events"] = {"train": 23, "valid": 0, "test": 0}
+    with open(stats_path, "w") as f:
+        json.dump(stats, f)
+    streamed = batching.CachedUsers(data, "train", small.cache_events)
+    assert train_lib.longest_train_session(data, small, streamed) == 23
+    assert streamed.cached is None and not streamed._too_big   # not read for it
+
+
 def test_the_epoch_estimate_is_in_plain_notation():
     """A 1,000-step run said `(about 1e+02 epochs ...)`: `{:.2g}` of 104."""
     assert [train_lib._about(x) for x in (0.00042, 0.35, 4.2, 9.96, 42.4, 104, 4249, 123456)] == [
