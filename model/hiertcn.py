@@ -855,17 +855,16 @@ class HierTCN(SequenceModel):
             return user, (new_cache if unchanged is None else new_cache + (unchanged,))
         # Only the chunk's rows are targets, and each conv needs its output only where a
         # later one reads it: at positions >= the context's length less the positions the
-        # later convs look back (all rows where that reaches the context's front).
+        # later convs look back.
         looks = [[(conv.kernel_size[0] - 1) * conv.dilation_rate[0]
                   for conv in block.conv_layers] for block in self.blocks]
-        later = int(np.sum([sum(look) for look in looks]))   # the look-back after a conv
-        rows = None
+        later = sum(sum(look) for look in looks)   # the look-back after a conv
+        rows = None                                 # (the first conv reads every row)
         for block, look in zip(self.blocks, looks):
             outs = []
             for back in look:
                 later -= back
-                outs.append(packed.rows_from(lengths - later) if later < self.context_size
-                            else None)
+                outs.append(packed.rows_from(lengths - later))
             x = packed_block(block, x, packed, training, [rows, *outs])
             rows = outs[-1]
         return rows.to_row_major(tf.cast(x, tf.float32)), new_cache + (after,)
