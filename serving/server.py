@@ -53,6 +53,9 @@ log = logging.getLogger("serving.server")
 
 DEFAULT_SIGNATURE = "serving_default"
 INIT_OP_SIGNATURE = "__saved_model_init_op"
+# the method names of the signatures TF Serving's Classify and Regress APIs run
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
 SIGNATURE_DEF_FIELD = "signature_def"
 WORKER_THREADS = 32
 
@@ -753,13 +756,54 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "this local server serves one model; "
                       "restart it with another --model-base-path")
 
-    def _only_predict(self, request, context):
-        # (the generated servicer's default raises, which gRPC logs as a traceback)
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server answers Predict, "
-                      "GetModelMetadata and GetModelStatus; the signatures are not "
-                      "classification or regression ones")
+    def _signature_def(self, spec: model_pb2.ModelSpec, missing: str):
+        """(signature name, SignatureDef) of a Classify, Regress or MultiInference call:
+        NOT_FOUND for another model or version, INVALID_ARGUMENT `missing` + the name for a
+        signature the model lacks (TF Serving's checks, in its order)."""
+        servable = self._servable(spec)
+        name = spec.signature_name or DEFAULT_SIGNATURE
+        signature = servable.signature_defs.get(name) if name != INIT_OP_SIGNATURE else None
+        if signature is None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, missing + name)
+        return name, signature
 
-    Classify = Regress = MultiInference = _only_predict  # noqa: N815 - gRPC method names
+    @staticmethod
+    def _not_inference(name: str, signature, kind: str) -> RequestError:
+        """TF Serving's answer to Classify or Regress on a Predict signature: its default
+        check wants one input tensor of serialized Examples."""
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"Expected one input Tensor. (signature {name!r} is a Predict "
+                            f"signature ({signature.method_name}) with "
+                            f"{len(signature.inputs)} inputs, not a {kind} one: call Predict)")
+
+    def Classify(self, request, context):  # noqa: N802 - gRPC method name
+        def refuse():
+            name, signature = self._signature_def(self._model_spec(request),
+                                                  "No signature was found with the name: ")
+            raise self._not_inference(name, signature, "classification")
+        return self._guard(context, refuse)
+
+    def Regress(self, request, context):  # noqa: N802 - gRPC method name
+        def refuse():
+            name, signature = self._signature_def(self._model_spec(request),
+                                                  "No signature was found with the name: ")
+            raise self._not_inference(name, signature, "regression")
+        return self._guard(context, refuse)
+
+    def MultiInference(self, request, context):  # noqa: N802 - gRPC method name
+        def refuse():
+            if not request.tasks:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "Expected at least one task")
+            for task in request.tasks:
+                name, signature = self._signature_def(
+                    self._model_spec(task), "Requested signature not found in model graph: ")
+                if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                    raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
+                                       f"Unsupported signature method_name: {task.method_name}")
+                raise self._not_inference(name, signature, "classification"
+                                          if task.method_name == CLASSIFY_METHOD else "regression")
+        return self._guard(context, refuse)
 
 
 class ModelServer:

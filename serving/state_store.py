@@ -189,13 +189,15 @@ class SQLiteStateStore(StateStore):
                "sessions_total FROM user_states ")
 
     def __init__(self, path: str, history_items: int = DEFAULT_HISTORY_ITEMS,
-                 versions_kept: int = VERSIONS_KEPT):
+                 versions_kept: int = VERSIONS_KEPT, busy_timeout_s: float = 30.0):
         """Opens (or creates) the database.
 
         Args:
           path: the SQLite file.
           history_items: the recent item ids kept per user.
           versions_kept: the records kept per user, its most recently written versions'.
+          busy_timeout_s: how long a read or write waits for another process's write lock
+            before it gives up with "database is locked".
 
         Raises:
           ValueError: `history_items` or `versions_kept` < 1, or the file is not a usable
@@ -205,14 +207,16 @@ class SQLiteStateStore(StateStore):
             raise ValueError(f"history_items must be >= 1, got {history_items}")
         if versions_kept < 1:
             raise ValueError(f"versions_kept must be >= 1, got {versions_kept}")
+        if not busy_timeout_s >= 0:
+            raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s}")
         self.path = path
         self.history_items = history_items
         self.versions_kept = versions_kept
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
+            self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
-            self._wal()
+            self._wal(max(busy_timeout_s, 1.0))
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(self._SCHEMA)
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
@@ -317,8 +321,9 @@ class SQLiteStateStore(StateStore):
             fingerprint = np.asarray(fingerprint, dtype=np.float32).ravel().copy()
         kept = trim_sessions(sessions, self.history_items)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # the write lock, until COMMIT / ROLLBACK
             try:
+                # the write lock, until COMMIT / ROLLBACK (SQLITE_BUSY after the busy timeout)
+                self._db.execute("BEGIN IMMEDIATE")
                 newest = self._db.execute(
                     "SELECT model_version, updated FROM user_states WHERE user_id = ? "
                     "ORDER BY updated DESC, model_version DESC LIMIT 1", (user_id,)).fetchone()
@@ -359,7 +364,9 @@ class SQLiteStateStore(StateStore):
                     self._db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.DatabaseError):
                     raise ValueError(f"cannot write to state database {self.path}: {e}; the "
-                                     "records stored before are kept") from e
+                                     "records stored before are kept"
+                                     + ("; another process holds it locked: try again"
+                                        if _locked(e) else "")) from e
                 raise
         return record
 
@@ -496,9 +503,16 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
                 state = np.asarray(update_state(state, session), dtype=np.float32)
             stored = store.put(user_id, version, state, newest.sessions, expected=newest,
                                fingerprint=fingerprint, sessions_total=total)
+            # the store keeps whole sessions but the oldest one it holds, which `put` may
+            # have cut to `history_items`: folding that in is the nearest state there is
+            # (a rebuild from zeros would also lose every session before it), yet not exact
+            cut = (behind == len(newest.sessions)
+                   and sum(map(len, newest.sessions)) >= store.history_items)
             message = (f"user {user_id}: the stored state of version {version} was "
                        f"{_plural(behind, 'session')} behind version {newest.version}'s; "
-                       "caught up")
+                       "caught up" + (f" (approximately: the oldest of them holds only its "
+                                      f"last {len(newest.sessions[0])} items in the store)"
+                                      if cut else ""))
             log.info(message)
             return ResolvedState(state, stored.sessions, "caught_up", message, stored, total)
         what = (f"the stored state of version {version} is older than version "

@@ -653,17 +653,56 @@ def test_a_server_waiting_for_its_first_version_says_where_it_listens(tmp_path):
         assert proc.stop() == 0
 
 
-def test_the_methods_it_does_not_serve_are_unimplemented_without_a_logged_traceback(served):
+
+def test_classify_regress_and_multi_inference_answer_as_tf_serving_does(served):
+    """TF Serving answers these APIs on Predict signatures after the ModelSpec's checks:
+    INVALID_ARGUMENT (its default check wants one input tensor of Examples), NOT_FOUND
+    for another model, INVALID_ARGUMENT for a missing spec or signature, UNIMPLEMENTED for
+    a MultiInference task of another method; none logs a traceback."""
     from tensorflow_serving.apis import classification_pb2, inference_pb2, regression_pb2
 
     stub = served["predict"]
-    for method, message in ((stub.Classify, classification_pb2.ClassificationRequest()),
-                            (stub.Regress, regression_pb2.RegressionRequest()),
-                            (stub.MultiInference, inference_pb2.MultiInferenceRequest())):
+
+    def code_of(method, message):
         with pytest.raises(grpc.RpcError) as err:
             method(message, timeout=30)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "answers Predict, GetModelMetadata and GetModelStatus" in err.value.details()
+        return err.value.code(), err.value.details()
+
+    def task(method_name, name=NAME, signature=""):
+        t = inference_pb2.InferenceTask(method_name=method_name)
+        t.model_spec.name, t.model_spec.signature_name = name, signature
+        return t
+
+    for method, kind in ((stub.Classify, classification_pb2.ClassificationRequest),
+                         (stub.Regress, regression_pb2.RegressionRequest)):
+        assert code_of(method, kind()) == (grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+        req = kind()
+        req.model_spec.name = "other"
+        assert code_of(method, req) == (grpc.StatusCode.NOT_FOUND,
+                                        "Servable not found for request: Latest(other)")
+        req.model_spec.name, req.model_spec.signature_name = NAME, "nope"
+        assert code_of(method, req) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                        "No signature was found with the name: nope")
+        req.model_spec.signature_name = ""  # serving_default: next_items, four inputs
+        code, details = code_of(method, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.startswith("Expected one input Tensor.") and "4 inputs" in details
+        req.model_spec.signature_name = "update_state"
+        assert "'update_state' is a Predict signature (tensorflow/serving/predict) with 2 " \
+            "inputs" in code_of(method, req)[1]
+    multi = inference_pb2.MultiInferenceRequest
+    assert code_of(stub.MultiInference, multi()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                     "Expected at least one task")
+    assert code_of(stub.MultiInference, multi(tasks=[task(server.CLASSIFY_METHOD, "other")]))[0] \
+        == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.MultiInference, multi(tasks=[task(server.REGRESS_METHOD,
+                                                          signature="nope")])) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "Requested signature not found in model graph: nope")
+    assert code_of(stub.MultiInference, multi(tasks=[task("tensorflow/serving/predict")])) == (
+        grpc.StatusCode.UNIMPLEMENTED, "Unsupported signature method_name: "
+        "tensorflow/serving/predict")
+    code, details = code_of(stub.MultiInference, multi(tasks=[task(server.CLASSIFY_METHOD)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a classification one" in details
     time.sleep(0.5)  # (the server's log lines arrive through a pipe)
     assert not [line for line in served["server"].lines
                 if "Traceback" in line or "Exception calling application" in line]

@@ -346,6 +346,48 @@ def test_a_record_further_behind_than_the_history_is_rebuilt(tmp_path):
             in resolved.message
 
 
+def test_a_catch_up_over_a_session_the_store_cut_says_it_is_approximate(tmp_path):
+    """The store keeps the newest `history_items` ids, so the oldest session it holds may
+    be a cut one: folding it in is still the nearest state (a rebuild would also lose what
+    came before it), and the message says it is not exact."""
+    with SQLiteStateStore(str(tmp_path / "s.sqlite"), history_items=4) as store:
+        update = lambda state, session: state + len(session)  # noqa: E731
+        state_store.end_session(store, "u", 1, 1, update, ["a", "b", "c"])
+        for session in (["d", "e", "f"], ["g", "h", "i"]):
+            state_store.end_session(store, "u", 2, 1, update, session)
+        assert store.latest("u").sessions == (("f",), ("g", "h", "i"))
+        resolved = resolve_state(store, "u", 1, 1, update)
+        assert resolved.source == "caught_up" and resolved.state.tolist() == [3 + 1 + 3]
+        assert "approximately: the oldest of them holds only its last 1 items" \
+            in resolved.message
+        # one session behind, held whole: exact, and said without the caveat
+        state_store.end_session(store, "u", 2, 1, update, ["j"])
+        exact = resolve_state(store, "u", 1, 1, update)
+        assert exact.source == "caught_up" and exact.state.tolist() == [8]
+        assert "approximately" not in exact.message
+
+
+def test_a_write_that_waits_out_another_writers_lock_is_one_error(tmp_path):
+    """`BEGIN IMMEDIATE` gives up after the busy timeout with SQLite's "database is
+    locked": one ValueError that says to try again, and the stored record stays."""
+    path = str(tmp_path / "s.sqlite")
+    with SQLiteStateStore(path, busy_timeout_s=0.2) as store:
+        store.put("u", 1, np.ones(2, np.float32), [["a"]])
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(ValueError, match="database is locked.*try again"):
+                store.put("u", 1, np.zeros(2, np.float32), [["b"]])
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert store.get("u", 1).state.tolist() == [1, 1]
+        store.put("u", 1, np.zeros(2, np.float32), [["b"]])  # the lock gone, it writes
+        assert store.get("u", 1).history == ["b"]
+    with pytest.raises(ValueError, match="busy_timeout_s must be >= 0"):
+        SQLiteStateStore(path, busy_timeout_s=-1)
+
+
 def test_the_newest_versions_records_are_kept(tmp_path):
     with SQLiteStateStore(str(tmp_path / "s.sqlite"), versions_kept=2) as store:
         update = lambda state, session: state + 1  # noqa: E731
