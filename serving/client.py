@@ -44,6 +44,7 @@ from serving import protos, state_store
 SIG_UPDATE_STATE = "update_state"
 SIG_NEXT_ITEMS = "next_items"
 SIG_USER_EMBEDDING = "user_embedding"
+SIG_KNOWN_ITEMS = "known_items"
 PAD = ""
 # The fixed probe of `HierTCNClient.fingerprint`: an id no catalogue holds (the unknown
 # item's embedding) and the top scores of a new user.
@@ -396,6 +397,19 @@ class HierTCNClient:
                               version)
         return out["embedding"]
 
+    def known_ids(self, ids: Sequence[str], version: int | None = None) -> set[str] | None:
+        """The ids among `ids` that the version (pinned, or latest) knows; None for an
+        export without the `known_items` signature (before 2026-12-04). The state store
+        keeps the newest known ids a repeat head reads with this (`state_store.end_session`)."""
+        info = self.info(version)
+        if SIG_KNOWN_ITEMS not in info.signatures:
+            return None
+        ids = list(dict.fromkeys(ids))  # each distinct id once
+        if not ids:
+            return set()
+        out, _ = self.predict(SIG_KNOWN_ITEMS, {"items": pad_rows([ids], None)}, info.version)
+        return {i for i, known in zip(ids, np.asarray(out["known"])[0]) if known}
+
     def _scoring_inputs(self, states: Any, sessions: Sequence[Sequence[str]],
                         history: Sequence[Sequence[str]] | None) -> dict[str, np.ndarray]:
         history = history if history is not None else [[] for _ in sessions]
@@ -414,10 +428,18 @@ def _resolve(client: HierTCNClient, store: state_store.StateStore,
     version = client.pin()
     update = lambda state, session: client.update_state(state[None], [session])[0]  # noqa: E731
     args = (store, user, version, client.state_size(), update)
+    kwargs = dict(fingerprint=client.fingerprint(), known_items=_known_items(client))
     try:
-        return state_store.resolve_state(*args, fingerprint=client.fingerprint())
+        return state_store.resolve_state(*args, **kwargs)
     except state_store.StateConflict:  # rebuilt while another process wrote the user
-        return state_store.resolve_state(*args, fingerprint=client.fingerprint())
+        return state_store.resolve_state(*args, **kwargs)
+
+
+def _known_items(client: HierTCNClient) -> state_store.KnownFn | None:
+    """The pinned version's `known_ids`, or None where its export cannot say."""
+    if SIG_KNOWN_ITEMS not in client.info().signatures:
+        return None
+    return lambda ids: client.known_ids(ids)
 
 
 def _items(args: argparse.Namespace) -> list[str]:
@@ -572,7 +594,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     resolved, record = state_store.end_session(
         store, args.user, client.pin(), client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,
-        fingerprint=client.fingerprint())
+        fingerprint=client.fingerprint(), known_items=_known_items(client))
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "sessions": len(record.sessions), "history": record.history}
     text = (f"{resolved.message}; stored the state after {len(items)} item{'s' * (len(items) != 1)} for version "

@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{m['events']} scored events)")
 
     say("5/7 Exporting a SavedModel for TensorFlow Serving (signatures update_state, "
-        "next_items, user_embedding)")
+        "next_items, user_embedding, known_items)")
     run([PY, "-m", "serving.export", "--model-dir", run_dir, "--export-base", export])
     print("versions:", sorted(os.listdir(export)))
 

@@ -1,7 +1,7 @@
 """Exports a trained model as a TF Serving SavedModel version (README § 3. Serving).
 
 `python -m serving.export --model-dir RUN --export-base EXPORT [--version N]` writes
-`EXPORT/<version>/` with three signatures over raw string item ids:
+`EXPORT/<version>/` with four signatures over raw string item ids:
 
 * `update_state`: `user_state` float32 [B, H], `session_items` string [B, T]
   → `user_state` float32 [B, H] (the high-level GRU step after a session).
@@ -10,6 +10,10 @@
   → `item_ids` string [B, k'], `scores` float32 [B, k'] with k' = min(k, catalogue size).
 * `user_embedding`: `user_state`, `session_items`, `history_items`
   → `embedding` float32 [B, D].
+* `known_items`: `items` string [B, T] → `known` bool [B, T], whether each id is in this
+  version's catalogue (padding and unknown ids: false). The user-state store keeps the
+  newest `history_size` known ids with the unknown ones among them, as the repeat head
+  reads the history (`serving.state_store.trim_sessions`).
 
 Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT).
 
@@ -68,6 +72,7 @@ ASSETS_EXTRA = "assets.extra"
 SIG_UPDATE_STATE = "update_state"
 SIG_NEXT_ITEMS = "next_items"
 SIG_USER_EMBEDDING = "user_embedding"
+SIG_KNOWN_ITEMS = "known_items"
 SIG_DEFAULT = "serving_default"
 
 USER_STATE = "user_state"
@@ -77,6 +82,8 @@ K = "k"
 ITEM_IDS = "item_ids"
 SCORES = "scores"
 EMBEDDING = "embedding"
+ITEMS = "items"
+KNOWN = "known"
 
 # Name of the model method that scores with the user's history (every SequenceModel has
 # it; a model without a repeat head ignores the history).
@@ -254,6 +261,11 @@ class ServingModule(tf.Module):
             ids = self.index_to_id.lookup(tf.cast(top.indices, tf.int64) + schema.NUM_RESERVED)
             return {ITEM_IDS: ids, SCORES: top.values}
 
+        def known_items(items):
+            return {KNOWN: lookup(items) >= schema.NUM_RESERVED}
+
+        self.known_items = tf.function(known_items, autograph=False, input_signature=[
+            tf.TensorSpec([None, None], tf.string, name=ITEMS)])
         self.update_state = tf.function(update_state, autograph=False, input_signature=[state_spec, session_spec])
         self.user_embedding = tf.function(
             user_embedding, autograph=False, input_signature=[state_spec, session_spec, history_spec])
@@ -268,6 +280,7 @@ class ServingModule(tf.Module):
             SIG_NEXT_ITEMS: next_items,
             SIG_UPDATE_STATE: self.update_state.get_concrete_function(),
             SIG_USER_EMBEDDING: self.user_embedding.get_concrete_function(),
+            SIG_KNOWN_ITEMS: self.known_items.get_concrete_function(),
         }
 
 
@@ -371,6 +384,7 @@ def warmup_requests(vocabulary: schema.Vocabulary, state_size: int,
         SIG_UPDATE_STATE: {USER_STATE: state, SESSION_ITEMS: session},
         SIG_NEXT_ITEMS: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history, K: k},
         SIG_USER_EMBEDDING: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history},
+        SIG_KNOWN_ITEMS: {ITEMS: session},
     }
     records = []
     for signature, tensors in inputs.items():

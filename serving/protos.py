@@ -22,6 +22,7 @@ _NUMERIC = {
     np.dtype(np.float64): types_pb2.DT_DOUBLE,
     np.dtype(np.int32): types_pb2.DT_INT32,
     np.dtype(np.int64): types_pb2.DT_INT64,
+    np.dtype(np.bool_): types_pb2.DT_BOOL,  # one byte per value, as TensorFlow's
 }
 _FROM_DTYPE = {v: k for k, v in _NUMERIC.items()}
 _VAL_FIELD = {
@@ -29,11 +30,12 @@ _VAL_FIELD = {
     types_pb2.DT_DOUBLE: "double_val",
     types_pb2.DT_INT32: "int_val",
     types_pb2.DT_INT64: "int64_val",
+    types_pb2.DT_BOOL: "bool_val",
 }
 
 DTYPE_NAMES = {
     types_pb2.DT_FLOAT: "float32", types_pb2.DT_DOUBLE: "float64", types_pb2.DT_INT32: "int32",
-    types_pb2.DT_INT64: "int64", types_pb2.DT_STRING: "string",
+    types_pb2.DT_INT64: "int64", types_pb2.DT_STRING: "string", types_pb2.DT_BOOL: "bool",
 }
 
 
@@ -69,7 +71,8 @@ def fill_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
         proto.dtype = _NUMERIC[arr.dtype]
         proto.tensor_content = np.ascontiguousarray(arr).tobytes()
     else:
-        raise TypeError(f"cannot send a {arr.dtype} tensor: use float32, int32, int64 or strings")
+        raise TypeError(f"cannot send a {arr.dtype} tensor: use float32, int32, int64, bool or "
+                        "strings")
     dims = proto.tensor_shape.dim
     for d in arr.shape:
         dims.add().size = d

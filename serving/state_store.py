@@ -36,7 +36,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 
@@ -69,6 +69,10 @@ def same_model(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 # The recent items kept per user: what the default HierTCN's repeat head reads
 # (`model.history_size`).
 DEFAULT_HISTORY_ITEMS = HierTCNConfig().history_size
+# With the ids the model knows at hand, the store keeps the newest `history_items` known
+# ids and the unknown ones among them (the head reads the newest known items, so unknown
+# ones must not push known ones out), at most this many times `history_items` ids in all.
+RAW_HISTORY_FACTOR = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +107,44 @@ class UserState:
         return [item for session in self.sessions for item in session]
 
 
-def trim_sessions(sessions: Sequence[Sequence[str]], max_items: int) -> tuple[tuple[str, ...], ...]:
+def trim_sessions(sessions: Sequence[Sequence[str]], max_items: int,
+                  known: Collection[str] | None = None) -> tuple[tuple[str, ...], ...]:
     """Keeps the newest `max_items` ids, session boundaries kept, oldest first.
+
+    With `known` (the ids the model version knows), only known ids count: the newest
+    `max_items` known ids stay with the unknown ones among them, which a repeat head skips
+    (at most `RAW_HISTORY_FACTOR` x `max_items` ids in all).
 
     >>> trim_sessions([["a", "b", "c"], ["d", "e"]], 3)
     (('c',), ('d', 'e'))
+    >>> trim_sessions([["a", "b", "c"], ["d", "e"]], 3, known={"a", "b", "c"})
+    (('a', 'b', 'c'), ('d', 'e'))
     """
     out: list[tuple[str, ...]] = []
-    left = max_items
+    left = max_items  # known ids still wanted (every id counts without `known`)
+    room = max_items if known is None else RAW_HISTORY_FACTOR * max_items
     for session in reversed([tuple(s) for s in sessions if len(s)]):
-        if left <= 0:
+        if left <= 0 or room <= 0:
             break
-        out.append(session[-left:])
-        left -= len(out[-1])
+        start = len(session)
+        while start > 0 and left > 0 and room > 0:
+            start -= 1
+            room -= 1
+            if known is None or session[start] in known:
+                left -= 1
+        out.append(session[start:])
     return tuple(reversed(out))
+
+
+# The ids (of a list) that the pinned model version knows; from a
+# `serving.client.HierTCNClient`: `client.known_ids`.
+KnownFn = Callable[[Sequence[str]], Collection[str]]
+
+
+def _known(known_items: KnownFn | None, sessions: Sequence[Sequence[str]]) -> Collection[str] | None:
+    if known_items is None:
+        return None
+    return set(known_items([item for session in sessions for item in session]))
 
 
 class StateStore(abc.ABC):
@@ -136,7 +164,8 @@ class StateStore(abc.ABC):
     def put(self, user_id: str, version: int, state: np.ndarray,
             sessions: Sequence[Sequence[str]], expected: Any = ANY,
             fingerprint: np.ndarray | None = None,
-            sessions_total: int | None = None) -> UserState:
+            sessions_total: int | None = None,
+            known: Collection[str] | None = None) -> UserState:
         """Atomically writes the user's record of `version`.
 
         The user's counted records of other versions stay (the store's `versions_kept`
@@ -148,13 +177,16 @@ class StateStore(abc.ABC):
           user_id: raw user id.
           version: the model version that computed `state`.
           state: float32 [H].
-          sessions: the user's recent sessions, oldest first (trimmed to `history_items`).
+          sessions: the user's recent sessions, oldest first (trimmed to `history_items`,
+            `trim_sessions`).
           expected: `ANY` (default): write whatever is stored; None: only if the user has
             no record; a `UserState`: only if it is still the user's newest record
             (same version and `updated`).
           fingerprint: the model's fingerprint (`UserState.fingerprint`), or None.
           sessions_total: the sessions the user has ended in all, `state` and `sessions`
             included (`UserState.sessions_total`), or None.
+          known: the ids among `sessions` that the model knows (None: not known; every
+            id counts towards `history_items`).
 
         Returns:
           The record as stored.
@@ -311,7 +343,8 @@ class SQLiteStateStore(StateStore):
     def put(self, user_id: str, version: int, state: np.ndarray,
             sessions: Sequence[Sequence[str]], expected: Any = ANY,
             fingerprint: np.ndarray | None = None,
-            sessions_total: int | None = None) -> UserState:
+            sessions_total: int | None = None,
+            known: Collection[str] | None = None) -> UserState:
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise ValueError(f"state must be one user's vector [H], got shape {state.shape}")
@@ -319,7 +352,7 @@ class SQLiteStateStore(StateStore):
             raise ValueError(f"state of user {user_id!r} holds NaN or infinite values: not stored")
         if fingerprint is not None:
             fingerprint = np.asarray(fingerprint, dtype=np.float32).ravel().copy()
-        kept = trim_sessions(sessions, self.history_items)
+        kept = trim_sessions(sessions, self.history_items, known)
         with self._lock:
             try:
                 # the write lock, until COMMIT / ROLLBACK (SQLITE_BUSY after the busy timeout)
@@ -440,6 +473,17 @@ class ResolvedState:
 UpdateFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
+def _may_be_cut(sessions: Sequence[Sequence[str]], history_items: int,
+                known: Collection[str] | None) -> bool:
+    """Whether `put` may have cut the oldest of these stored sessions (`trim_sessions`):
+    they hold as many ids as it keeps."""
+    items = [item for session in sessions for item in session]
+    if known is None:
+        return len(items) >= history_items
+    return (sum(item in known for item in items) >= history_items
+            or len(items) >= RAW_HISTORY_FACTOR * history_items)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -447,7 +491,8 @@ def _plural(n: int, word: str) -> str:
 def resolve_state(store: StateStore, user_id: str, version: int, state_size: int,
                   update_state: UpdateFn | None = None,
                   recent_sessions: Sequence[Sequence[str]] | None = None,
-                  fingerprint: np.ndarray | None = None) -> ResolvedState:
+                  fingerprint: np.ndarray | None = None,
+                  known_items: KnownFn | None = None) -> ResolvedState:
     """Returns the user's state for `version`, never another model's state.
 
     The user's newest record (of any version) holds the recent sessions. This version's
@@ -468,6 +513,8 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
       fingerprint: the pinned model's fingerprint (None: version numbers alone decide); a
         record of this version with another fingerprint or another state size came from
         another model exported under the same number and is rebuilt like another version's.
+      known_items: the ids of a list that `version` knows (None: not known): a state
+        written here keeps the history as the model reads it (`trim_sessions`).
 
     Returns:
       The resolved state; a rebuilt or caught-up one is also written to the store (with
@@ -502,16 +549,17 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
             for session in newest.sessions[-behind:]:
                 state = np.asarray(update_state(state, session), dtype=np.float32)
             stored = store.put(user_id, version, state, newest.sessions, expected=newest,
-                               fingerprint=fingerprint, sessions_total=total)
+                               fingerprint=fingerprint, sessions_total=total,
+                               known=_known(known_items, newest.sessions))
             # the store keeps whole sessions but the oldest one it holds, which `put` may
             # have cut to `history_items`: folding that in is the nearest state there is
             # (a rebuild from zeros would also lose every session before it), yet not exact
-            cut = (behind == len(newest.sessions)
-                   and sum(map(len, newest.sessions)) >= store.history_items)
+            cut = behind == len(newest.sessions) and _may_be_cut(
+                newest.sessions, store.history_items, _known(known_items, newest.sessions))
             message = (f"user {user_id}: the stored state of version {version} was "
                        f"{_plural(behind, 'session')} behind version {newest.version}'s; "
-                       "caught up" + (f" (approximately: the oldest of them holds only its "
-                                      f"last {len(newest.sessions[0])} items in the store)"
+                       "caught up" + (f" (approximately: the store may hold only the last "
+                                      f"{len(newest.sessions[0])} items of the oldest of them)"
                                       if cut else ""))
             log.info(message)
             return ResolvedState(state, stored.sessions, "caught_up", message, stored, total)
@@ -519,8 +567,9 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
                 f"{newest.version}'s" + (f" by {_plural(behind, 'session')}, more than "
                                          "its recent sessions hold" if behind and behind > 0
                                          else ""))
-    sessions = trim_sessions(newest.sessions if recent_sessions is None else recent_sessions,
-                             store.history_items)
+    sessions = newest.sessions if recent_sessions is None else recent_sessions
+    known = _known(known_items, sessions)
+    sessions = trim_sessions(sessions, store.history_items, known)
     if recent_sessions is not None:
         total = None
     if update_state is None or not sessions:
@@ -531,7 +580,7 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
     for session in sessions:
         state = np.asarray(update_state(state, session), dtype=np.float32)
     stored = store.put(user_id, version, state, sessions, expected=newest,
-                       fingerprint=fingerprint, sessions_total=total)
+                       fingerprint=fingerprint, sessions_total=total, known=known)
     items = sum(len(s) for s in sessions)
     message = (f"user {user_id}: {what}; rebuilt from {_plural(len(sessions), 'recent session')}"
                f" ({_plural(items, 'item')})")
@@ -541,14 +590,17 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
 
 def end_session(store: StateStore, user_id: str, version: int, state_size: int,
                 update_state: UpdateFn, items: Sequence[str],
-                fingerprint: np.ndarray | None = None) -> tuple[ResolvedState, UserState]:
+                fingerprint: np.ndarray | None = None,
+                known_items: KnownFn | None = None) -> tuple[ResolvedState, UserState]:
     """Folds one finished session into the user's stored state: resolves the state
     (`resolve_state`), runs `update_state` and writes the result with the session added
     to the recent ones, on the condition that nobody wrote the user in between; after a
     concurrent write it starts again from the new record (for up to `RETRY_SECONDS`,
     backing off), so no session is lost.
 
-    `fingerprint` is the pinned model's (`resolve_state`), stored with the record.
+    `fingerprint` is the pinned model's (`resolve_state`), stored with the record;
+    `known_items` tells which ids it knows (`resolve_state`), so that the stored history
+    holds the newest `history_items` known ids however many unknown ones came between.
 
     Returns:
       (the state the session was folded into, the record written).
@@ -564,12 +616,13 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
     while True:
         try:
             resolved = resolve_state(store, user_id, version, state_size, update_state,
-                                     fingerprint=fingerprint)
+                                     fingerprint=fingerprint, known_items=known_items)
             state = np.asarray(update_state(resolved.state, items), dtype=np.float32)
             total = None if resolved.sessions_total is None else resolved.sessions_total + 1
-            record = store.put(user_id, version, state, list(resolved.sessions) + [items],
-                               expected=resolved.record, fingerprint=fingerprint,
-                               sessions_total=total)
+            sessions = list(resolved.sessions) + [items]
+            record = store.put(user_id, version, state, sessions, expected=resolved.record,
+                               fingerprint=fingerprint, sessions_total=total,
+                               known=_known(known_items, sessions))
             return resolved, record
         except StateConflict:
             attempts += 1

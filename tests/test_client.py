@@ -172,6 +172,58 @@ def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
                                                    "item1"]
 
 
+def test_known_ids_over_grpc_keep_the_stored_history_the_newest_known_items(client, tmp_path):
+    """`known_items` through the server, and what it is for: items newer than the model
+    (unknown ids) do not push the known ones a repeat head reads out of the store."""
+    from serving import state_store
+
+    client.pin(2)
+    assert client.known_ids(["item0", "nope", "item3", "", "[UNK]", "item0"]) == {"item0",
+                                                                                   "item3"}
+    assert client.known_ids([]) == set()
+    update = lambda state, session: client.update_state(state[None], [session])[0]  # noqa: E731
+    with state_store.SQLiteStateStore(str(tmp_path / "s.sqlite"), history_items=3) as store:
+        for session in (["item1", "item2"], ["item3", "new1", "new2"], ["new3", "new4"]):
+            _, record = state_store.end_session(store, "u", 2, client.state_size(), update,
+                                                session, known_items=client.known_ids)
+    assert record.history == ["item1", "item2", "item3", "new1", "new2", "new3", "new4"]
+
+
+def test_the_stored_history_scores_as_the_whole_history_where_unknown_ids_come_between(tmp_path):
+    """The repeat head reads the newest `history_size` known items: the history the store
+    keeps with the model's known ids scores as the user's whole history does; cut to the
+    newest ids alone it would not."""
+    from model import registry
+    from serving import state_store
+
+    vocab = lib.tiny_vocabulary()
+    tf.keras.utils.set_random_seed(0)
+    model = registry.build_model("hiertcn", lib.TINY.replace(
+        {"repeat_head": True, "history_size": 4, "start_items": 0}), vocab.size)
+    model.repeat_head.gate_bias.assign(1.0)  # the history weighs in the ranking
+    model.repeat_head.set_seen_bias(-0.5)
+    signatures = tf.saved_model.load(export.export_model(model, vocab, str(tmp_path))).signatures
+    sessions = [["item0", "item1", "item2"], ["item3", "new1", "new2"], ["item4", "new3"],
+                ["new4", "new5"]]
+    flat = [i for s in sessions for i in s]
+    known = signatures["known_items"](items=tf.constant([flat]))["known"].numpy()[0]
+    known = {i for i, k in zip(flat, known) if k}
+    assert known == {f"item{i}" for i in range(5)}
+    state = np.random.default_rng(3).normal(size=[1, model.state_size]).astype(np.float32)
+
+    def scores(history):
+        history = [i for s in history for i in s]
+        return signatures["next_items"](user_state=tf.constant(state),
+                                        session_items=tf.constant([["item5"]]),
+                                        history_items=tf.constant([history]),
+                                        k=tf.constant(len(vocab.ids) - 2))["scores"].numpy()
+
+    whole = scores(sessions)
+    np.testing.assert_allclose(scores(state_store.trim_sessions(sessions, 4, known)), whole,
+                               rtol=1e-6, atol=1e-6)
+    assert np.abs(scores(state_store.trim_sessions(sessions, 4)) - whole).max() > 1e-3
+
+
 def test_a_model_that_is_not_a_hiertcn_export_is_said_in_one_line(tmp_path):
     """A wrong --model-name on a server with other models, or an export of something else:
     InvalidRequest naming what the model has, not a KeyError."""

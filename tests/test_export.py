@@ -74,7 +74,7 @@ def test_layout_and_signature_shapes(exported):
         assert f.read().split("\n")[:3] == ["[PAD]", "[UNK]", "item0"]
     loaded = tf.saved_model.load(path)
     assert set(loaded.signatures) == {
-        "serving_default", "next_items", "update_state", "user_embedding"}
+        "serving_default", "next_items", "update_state", "user_embedding", "known_items"}
     spec = loaded.signatures["update_state"].structured_input_signature[1]["user_state"]
     assert spec.shape.as_list() == [None, model.state_size] and spec.dtype == tf.float32
     assert set(loaded.signatures["next_items"].structured_input_signature[1]) == {
@@ -250,7 +250,7 @@ def test_warmup_records_cover_every_signature(exported):
         os.path.join(path, export.ASSETS_EXTRA, export.WARMUP_FILE)).as_numpy_iterator()
     logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
     assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == [
-        "next_items", "update_state", "user_embedding"]
+        "known_items", "next_items", "update_state", "user_embedding"]
     for log in logs:
         for name, proto in log.predict_log.request.inputs.items():
             assert [d.size for d in proto.tensor_shape.dim][:1] == [1], name
@@ -436,6 +436,19 @@ def test_reserved_tokens_sent_as_item_ids_are_unknown_items(exported):
     tokens[1, 0] = "[UNK]"
     np.testing.assert_array_equal(_outputs(path, tokens)[0].numpy(),
                                   _outputs(path, unknown)[0].numpy())
+
+
+def test_known_items_says_which_ids_are_in_the_catalogue(exported):
+    """As TF Serving runs it: padding, ids outside the catalogue and the reserved rows'
+    tokens are not known; every catalogue id is."""
+    _, vocab, _, path = exported
+    items = np.array([["item0", "", "nope", "item11"], ["[PAD]", "[UNK]", "item5", ""]],
+                     dtype=object)
+    got = run_tf1(path, "known_items", {"items": items})["known"]
+    assert got.dtype == bool and got.tolist() == [[True, False, False, True],
+                                                  [False, False, True, False]]
+    everything = np.array([list(vocab.ids[2:])], dtype=object)
+    assert run_tf1(path, "known_items", {"items": everything})["known"].all()
 
 
 @pytest.mark.parametrize("item", ["[UNK]", "[PAD]", "item0"])

@@ -14,6 +14,7 @@ from serving import protos
     np.int32(7),
     np.arange(4, dtype=np.int64),
     np.zeros([0, 3], np.float32),
+    np.array([[True, False, True]]),
 ])
 def test_numbers_round_trip_through_tensor_content(value):
     proto = protos.to_proto(value)
@@ -113,6 +114,16 @@ def _with_shape(proto, *dims):
 def test_malformed_tensors_are_named(proto, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         protos.from_proto(proto)
+
+
+def test_bools_decode_as_tensorflow_encodes_them():
+    """`known_items`' output: TensorFlow's own encodings (tensor_content one byte per
+    value, or bool_val) read back as numpy bools."""
+    value = np.array([[True, False], [False, True]])
+    np.testing.assert_array_equal(protos.from_proto(tf.make_tensor_proto(value)), value)
+    proto = _with_shape(tensor_pb2.TensorProto(dtype=types_pb2.DT_BOOL, bool_val=[True, False]), 3)
+    assert protos.from_proto(proto).tolist() == [True, False, False]
+    assert tf.make_ndarray(protos.to_proto(value)).tolist() == value.tolist()
 
 
 def test_unsupported_dtype_is_refused_when_sending():

@@ -25,6 +25,39 @@ def test_trim_sessions_keeps_newest_items_and_boundaries():
     assert trim_sessions([], 3) == ()
 
 
+def test_trim_sessions_with_the_known_ids_keeps_the_newest_known_ones_and_those_between():
+    """A repeat head reads the newest known items: unknown ids (items newer than the
+    model) must not push known ones out of the store, yet stay (a later version may know
+    them), up to RAW_HISTORY_FACTOR x the history in all."""
+    known = {"a", "b", "c", "d"}
+    sessions = [["a", "x", "b"], ["y", "c", "z"], ["d", "w"]]
+    assert trim_sessions(sessions, 3) == (("z",), ("d", "w"))  # raw ids: only d is known
+    assert trim_sessions(sessions, 3, known) == (("b",), ("y", "c", "z"), ("d", "w"))
+    assert trim_sessions(sessions, 4, known) == tuple(map(tuple, sessions))
+    assert trim_sessions(sessions, 3, set()) == tuple(map(tuple, sessions))  # all 8 < 12
+    assert trim_sessions([["a"] + [f"u{i}" for i in range(20)]], 2, known) == (
+        tuple(f"u{i}" for i in range(12, 20)),)  # 2 x 4 ids at most
+    assert trim_sessions(sessions, 3, None) == trim_sessions(sessions, 3)
+
+
+def test_end_session_with_the_known_ids_stores_the_newest_known_history(tmp_path):
+    with SQLiteStateStore(str(tmp_path / "s.sqlite"), history_items=2) as store:
+        update = lambda state, session: state + len(session)  # noqa: E731
+        known_ids = lambda ids: {i for i in ids if i.startswith("k")}  # noqa: E731
+        for session in (["k1", "k2"], ["k3", "new1"], ["new2", "new3"]):
+            _, record = state_store.end_session(store, "u", 1, 1, update, session,
+                                                known_items=known_ids)
+        assert record.history == ["k2", "k3", "new1", "new2", "new3"]
+        assert record.state.tolist() == [6]
+        # version 2 rebuilds from that history and keeps it whole too
+        rebuilt = resolve_state(store, "u", 2, 1, update, known_items=known_ids)
+        assert rebuilt.source == "rebuilt" and rebuilt.history == record.history
+        assert store.get("u", 2).history == record.history
+        # without the known ids, the newest 2 ids
+        _, record = state_store.end_session(store, "u", 1, 1, update, ["k4"])
+        assert record.history == ["new3", "k4"]
+
+
 def test_put_get_upsert_and_persistence(store, tmp_path):
     assert store.get("u", 1) is None and store.latest("u") is None
     store.put("u", 1, np.array([1, 2], np.float32), [["a", "b"]])
@@ -358,7 +391,7 @@ def test_a_catch_up_over_a_session_the_store_cut_says_it_is_approximate(tmp_path
         assert store.latest("u").sessions == (("f",), ("g", "h", "i"))
         resolved = resolve_state(store, "u", 1, 1, update)
         assert resolved.source == "caught_up" and resolved.state.tolist() == [3 + 1 + 3]
-        assert "approximately: the oldest of them holds only its last 1 items" \
+        assert "approximately: the store may hold only the last 1 items of the oldest" \
             in resolved.message
         # one session behind, held whole: exact, and said without the caveat
         state_store.end_session(store, "u", 2, 1, update, ["j"])
