@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -743,6 +744,14 @@ def _resolve(argv):
         outputs.check_writable_scheme(output)
     except ValueError as e:
         raise UsageError(f"--output: {e}") from None
+    if outputs.is_local(output):
+        if os.path.islink(output):
+            # the run replaces the folder the link names (the link stays), not the link
+            output = os.path.realpath(output)
+        if glob.has_magic(os.path.abspath(output)):
+            # (Beam's file sinks read the path they finish writing in as a glob)
+            raise UsageError(f"--output {output}: a local path with *, ? or [ ] in it cannot "
+                             "be written by Beam's file sinks: choose a folder without them")
     try:
         exists = outputs.exists(output)
     except Exception as e:  # a remote file system's own error (credentials, network)

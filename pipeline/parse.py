@@ -183,6 +183,10 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         ms = (dt - _EPOCH) // datetime.timedelta(milliseconds=1)
     else:
         scale = 1000 if unit == "s" else 1
+        if isinstance(value, decimal.Decimal):  # a Parquet or Avro decimal column
+            if not value.is_finite():
+                raise ValueError(f"time {value!r} is not finite")
+            value = str(value)  # read exactly, as the text of a CSV file is
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"time {value!r} is not a number")
         try:

@@ -98,6 +98,29 @@ def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawE
     return events, duplicates, capped
 
 
+def bound_rows(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEvent], int, int]:
+    """Bounds a user's rows read so far, keeping what `bound_events` over all of them
+    needs: the time of the `max_events`-th most recent event (copies dropped) is a cut
+    before which no event can be among the user's `max_events` most recent, however many
+    rows come later; every row at or after it stays, copies included (a copy arriving
+    later must meet the row it copies). So the final `bound_events` keeps exactly the
+    events of one pass over all the rows, in whatever order they came.
+
+    Returns:
+      (the rows kept, in order; of the rows dropped, copies of another dropped row in
+      this call and the rest, which the cap would drop). A dropped row whose copy comes
+      in a later call is counted as capped, not as a duplicate (the total is the same).
+    """
+    ordered = sorted(events)
+    distinct, _ = drop_duplicates(ordered)
+    if len(distinct) <= max_events:
+        return ordered, 0, 0
+    cut = distinct[-max_events][0]
+    start = next(k for k, e in enumerate(ordered) if e[0] >= cut)
+    _, duplicates = drop_duplicates(ordered[:start])
+    return ordered[start:], duplicates, start - duplicates
+
+
 def split_at_gaps(events: Sequence[RawEvent], gap_seconds: int) -> list[list[RawEvent]]:
     """Splits ordered events where the gap to the previous event is strictly > the gap."""
     gap_ms = gap_seconds * 1000

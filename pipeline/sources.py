@@ -154,6 +154,10 @@ def match_inputs(patterns: Sequence[str], hidden: list | None = None) -> list[tu
         if local and os.path.isdir(pattern):
             raise InputError(f"--input {pattern!r} is a folder: pass its files, e.g. "
                              f"--input '{os.path.join(pattern, '*')}'")
+        if local and os.path.exists(pattern) and not os.path.isfile(pattern):
+            raise InputError(f"--input {pattern!r} is not a regular file (a pipe or a "
+                             "device: the pipeline reads its inputs in parallel ranges, more "
+                             "than once): write the log to a file and pass that")
         if local and os.path.isfile(pattern):  # a name as it is, even with [ ] * ? in it
             found = [(pattern, os.path.getsize(pattern))]
         else:
@@ -229,7 +233,8 @@ def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,
     inputs still spread over a few workers and big ones are read in bounded pieces. A
     compressed file is one range (`read_compressed` streams it); an Avro file (`avro`) is cut
     like a text file, at most `AVRO_MAX_RANGE_BYTES` a range (`read_avro` reads the blocks
-    that start in it); a Parquet file (`parquet`) is one range per non-empty row group.
+    that start in it); a Parquet file (`parquet`) is one range per non-empty row group (and
+    row group 0).
     """
     total = sum(size for _, size in files)
     size = min(MAX_RANGE_BYTES, max(MIN_RANGE_BYTES, -(-total // max(1, target_ranges))))
@@ -344,7 +349,8 @@ def first_line_numbers(newlines: dict[tuple[int, int], int]) -> dict[tuple[int, 
 
 def _row_group_ranges(path: str, rank: int, file_size: int) -> list[ByteRange]:
     """One range per non-empty row group of a Parquet file, its bytes a share of the
-    file's in proportion to its rows (for the progress bar)."""
+    file's in proportion to its rows (for the progress bar), and row group 0 even when
+    empty: `first_line_numbers` counts the rows of the others from it."""
     counts = parquet_row_groups(path)
     total, done, out = sum(counts), 0, []
     if len(counts) >= MAX_RANGES:
@@ -353,9 +359,9 @@ def _row_group_ranges(path: str, rank: int, file_size: int) -> list[ByteRange]:
         if n >= MAX_LINES_PER_RANGE:
             raise InputError(f"{path}: row group {index} has {n} rows; at most "
                              f"{MAX_LINES_PER_RANGE - 1} are supported (write smaller row groups)")
-        if n:
-            out.append(ByteRange(path, rank, index, file_size * done // total,
-                                 file_size * (done + n) // total, n))
+        if n or index == 0:
+            out.append(ByteRange(path, rank, index, file_size * done // max(total, 1),
+                                 file_size * (done + n) // max(total, 1), n))
         done += n
     return out
 

@@ -157,16 +157,17 @@ class _Sessionize(beam.DoFn):
     def process(self, element):
         user, chunks = element
         cap = self._config.max_events_per_user
-        events, duplicates, capped = [], 0, 0
+        events, duplicates, capped, bound = [], 0, 0, 2 * cap
         for items, times, orders, *session_ids in chunks:
             events.extend(zip(times, orders, items, *session_ids))
-            # bounded state: duplicates out first, as at the end (exact, but for an
-            # event that two files each repeat, a different number of times, with
-            # its rows on both sides of this cut: it may keep fewer of them)
-            if len(events) > 2 * cap:
-                events, dropped_duplicates, dropped = sessions.bound_events(events, cap)
+            # bounded state: the rows that can still be among the most recent `cap`
+            # events (all copies of them, whatever file or chunk holds them next), so
+            # the end keeps the events of one pass over every row, in any chunk order
+            if len(events) > bound:
+                events, dropped_duplicates, dropped = sessions.bound_rows(events, cap)
                 duplicates += dropped_duplicates
                 capped += dropped
+                bound = 2 * max(cap, len(events))  # (many rows at one time: no re-sorting per chunk)
         user_sessions, filtered = sessions.sessionize(
             events, self._config.session_gap, self._config.min_session_length, cap,
             session_ids=self._config.session_ids)

@@ -565,6 +565,32 @@ def test_gzip_shards_are_named_by_contract(tmp_path):
         assert f.read(1) is not None  # really gzip
 
 
+def test_glob_characters_in_a_local_output_are_refused_and_a_link_is_followed(tmp_path, capsys):
+    """Beam's sinks read the folder they finish writing in as a glob: a path with [ ]
+    failed after the whole job. A link to an earlier output is replaced in its target
+    (the link stays), not renamed away with the new output beside it."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in GOOD))
+    args = ["--input", str(log), "--min-item-count", "1", *IN_MEMORY]
+    for name in ("run [v2]", "run*", "run?"):
+        assert cli.main([*args, "--output", str(tmp_path / name / "data")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be written by Beam's file sinks" in err and err.count("\n") == 1, err
+        assert not (tmp_path / name).exists()
+    target = tmp_path / "disk2" / "data"
+    assert cli.main([*args, "--output", str(target)]) == 0
+    first = _records(target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    log.write_text("user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in GOOD[:5]))
+    assert cli.main([*args, "--output", str(link), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    assert _records(link) == _records(target) != first
+    assert sorted(os.listdir(tmp_path)) == ["disk2", "link", "log.csv"]
+    assert os.listdir(tmp_path / "disk2") == ["data"]
+
+
 def _records(out):
     return {split: sorted((r.user_id, r.num_context_sessions, [x.tolist() for x in r.sessions],
                            [t.tolist() for t in r.times]) for r in schema.iter_users(out, split))
@@ -1251,6 +1277,40 @@ def test_parquet_filters_and_bad_parquet_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not out.exists()
+
+
+def test_a_pipe_as_input_is_one_line_not_an_empty_file(tmp_path, capsys):
+    """`--input /dev/stdin` or `<(zcat log.gz)`: a pipe, which the ranges cannot read;
+    it was reported as an empty file."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    assert cli.main(["--input", str(fifo), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a regular file (a pipe or a device" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_parquet_rows_are_numbered_from_1_after_an_empty_first_row_group(tmp_path):
+    """`malformed/`'s `line` is a Parquet row's 1-based number in its file, also when the
+    writer left row group 0 empty (a streaming writer closed an empty batch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema_ = pa.schema([("user", pa.string()), ("item", pa.string()), ("time", pa.int64())])
+    path = tmp_path / "gap.parquet"
+    with pq.ParquetWriter(path, schema_) as writer:
+        writer.write_table(pa.Table.from_pylist([], schema_))
+        writer.write_table(pa.Table.from_pylist(
+            [{"user": "u1", "item": "a", "time": 100}, {"user": None, "item": "b", "time": 200},
+             {"user": "u1", "item": "c", "time": 300}], schema_))
+        writer.write_table(pa.Table.from_pylist(
+            [{"user": "u1", "item": "d", "time": 400}, {"user": "u2", "item": None, "time": 5}],
+            schema_))
+    assert pq.ParquetFile(path).metadata.row_group(0).num_rows == 0
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(path), "--output", str(out), "--format", "parquet",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert [line for line, _, _ in _malformed(out)] == [2, 5]
 
 
 def test_the_session_column_note_only_where_sessions_come_from_gaps(tmp_path, capsys):

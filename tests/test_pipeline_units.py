@@ -26,13 +26,18 @@ def ev(t_s, order, item):
 @pytest.mark.parametrize("value,unit,ms", [
     ("10", "s", 10_000), ("1.5", "s", 1500), ("1441864236661", "ms", 1441864236661),
     ("1970-01-01T00:00:01Z", "iso", 1000), ("1970-01-01 00:00:02.5", "iso", 2500),
-    ("1970-01-01T01:00:00+01:00", "iso", 0), (7, "s", 7000), ("0", "s", 0)])
+    ("1970-01-01T01:00:00+01:00", "iso", 0), (7, "s", 7000), ("0", "s", 0),
+    # a Parquet or Avro decimal column (a database's NUMERIC), read exactly
+    (decimal.Decimal("1600000000.0"), "s", 1_600_000_000_000),
+    (decimal.Decimal("1.5"), "s", 1500), (decimal.Decimal("1441864236661"), "ms", 1441864236661)])
 def test_parse_time_ms(value, unit, ms):
     assert parse.parse_time_ms(value, unit) == ms
 
 
 @pytest.mark.parametrize("value,unit", [("-1", "s"), ("abc", "s"), ("nan", "ms"),
-                                        ("inf", "s"), ("2020-13-01", "iso"), (None, "s")])
+                                        ("inf", "s"), ("2020-13-01", "iso"), (None, "s"),
+                                        (decimal.Decimal("NaN"), "s"),
+                                        (decimal.Decimal("-1"), "ms")])
 def test_parse_time_ms_rejects(value, unit):
     with pytest.raises(ValueError):
         parse.parse_time_ms(value, unit)
@@ -263,6 +268,37 @@ def test_cap_keeps_most_recent():
     out, filtered = sessions.sessionize(events, 1800, 1, 3)
     assert out == [Session(["i3", "i4", "i5"], [3, 4, 5])]
     assert filtered == {sessions.CAPPED: 2}
+
+
+@pytest.mark.parametrize("a, b, want", [
+    # B's copy of X (dropped by the cap in A) must not displace Y
+    ("a1 b2 c3 X100 Y100 Z200 W300", "X100", ["Y", "Z", "W"]),
+    # a re-view that B holds twice stays twice, whatever was bounded before it came
+    ("P10 Q20 X100", "R30 X100 S100 X100", ["X", "S", "X"]),
+])
+def test_a_heavy_users_rows_give_one_passs_events_in_any_chunk_order(a, b, want):
+    """The per-user state is bounded while chunks arrive (over 2 x the cap); the events
+    kept, and the rows dropped in all, are those of one pass over every row."""
+    import itertools
+
+    from pipeline import transforms
+
+    def chunks(text, rank):  # one chunk per row: the bound runs between them
+        for k, row in enumerate(text.split()):
+            yield ([row[0]], [int(row[1:]) * 1000], [sources.first_order(rank, 0) + k])
+
+    rows = list(chunks(a, 0)) + list(chunks(b, 1))
+    events = [(t[0], o[0], i[0]) for i, t, o in rows]
+    one_pass, filtered = sessions.sessionize(events, 10**6, 1, 3)
+    assert [x for s in one_pass for x in s.items] == want
+    config = transforms.Config(formats={}, session_gap=10**6, min_session_length=1,
+                               max_events_per_user=3)
+    for order in itertools.permutations(rows):
+        fn = transforms._Sessionize(config)
+        fn.start_bundle()
+        (user, got), = fn.process(("u", list(order)))
+        assert [x for s in got for x in s[0]] == want, order
+        assert sum(fn._filtered.values()) == sum(filtered.values()) == len(rows) - 3
 
 
 def test_times_are_floored_to_seconds():
