@@ -149,6 +149,10 @@ class QueueBatcher:
         self.n = history_size
         self.histories = [collections.deque(maxlen=history_size) for _ in range(batch_size)]
         self.epoch, self.consumed, self.batch_index, self.finished = 0, 0, 0, False
+        # (seed, shuffle buffer) of the epoch under way: a run resumed with other ones
+        # keeps the earlier ones until that epoch ends (the users it consumed are skipped
+        # by replaying the same stream)
+        self._epoch_order = (seed, shuffle_buffer)
         self._stream = None
         self._positions = collections.OrderedDict()
         self._keep = keep_positions
@@ -162,13 +166,15 @@ class QueueBatcher:
 
     def _snapshot(self) -> tuple:
         return (self.epoch, self.consumed, self.finished, self.batch_index,
-                [tuple(row) for row in self.rows], [list(h) for h in self.histories])
+                [tuple(row) for row in self.rows], [list(h) for h in self.histories],
+                self._epoch_order)
 
     @staticmethod
     def _to_dict(snapshot: tuple) -> dict:
-        epoch, consumed, finished, batch_index, rows, histories = snapshot
+        epoch, consumed, finished, batch_index, rows, histories, order = snapshot
         return {"epoch": epoch, "consumed": consumed, "finished": finished,
-                "batch_index": batch_index,
+                "batch_index": batch_index, "epoch_seed": order[0],
+                "epoch_shuffle_buffer": order[1],
                 "rows": [[[s.items.tolist(), s.reset, s.session_end] for s in row] for row in rows],
                 "histories": histories}
 
@@ -186,12 +192,18 @@ class QueueBatcher:
             raise ValueError(f"position has {len(position['rows'])} rows, the batcher {self.b}: "
                              "the batch size changed since the checkpoint")
         self.epoch, self.consumed = position["epoch"], position["consumed"]
-        self.finished, self.batch_index = position["finished"], position["batch_index"]
+        self.batch_index = position["batch_index"]
+        # finished by this batcher's epochs, not the saved ones: a run resumed with more
+        # epochs, or in steps, goes on into the next pass (an empty split ends again)
+        self.finished = self.epochs is not None and self.epoch >= self.epochs
         self.rows = [collections.deque(Slot(np.asarray(i, np.int64), bool(r), bool(e))
                                        for i, r, e in row)
                      for row in position["rows"]]
         histories = position.get("histories") or [[] for _ in range(self.b)]
         self.histories = [collections.deque(h, maxlen=self.n) for h in histories]
+        # (a position from before these keys: the batcher's own, as it was read then)
+        self._epoch_order = (position.get("epoch_seed", self.seed),
+                             position.get("epoch_shuffle_buffer", self.shuffle_buffer))
         self._stream = None
 
     # --- generation ---------------------------------------------------------------------
@@ -199,8 +211,11 @@ class QueueBatcher:
         """Next user's sessions from the current epoch, moving to the next epoch at the end."""
         while not self.finished:
             if self._stream is None:
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self._stream = shuffled(self.users(), self.shuffle_buffer, rng)
+                if self.consumed == 0:  # a new epoch: this batcher's seed and buffer
+                    self._epoch_order = (self.seed, self.shuffle_buffer)
+                seed, buffer = self._epoch_order
+                rng = np.random.default_rng([seed, self.epoch])
+                self._stream = shuffled(self.users(), buffer, rng)
                 for _ in range(self.consumed):
                     next(self._stream)
             user = next(self._stream, None)

@@ -139,7 +139,13 @@ def check_data(data_dir: str):
     vocab = schema.read_vocabulary(data_dir)
     stats = schema.read_stats(data_dir)
     schema.shard_files(data_dir, "train")
-    if not stats.get("splits", {}).get("train", {}).get("events", 1):
+    train = stats.get("splits", {}).get("train") if isinstance(stats.get("splits"), dict) else None
+    if not (isinstance(train, dict) and all(isinstance(train.get(k), int) and train[k] >= 0
+                                            for k in ("users", "sessions", "events"))):
+        raise schema.DataError(f"{data_dir}/{schema.STATS_FILE} has no counts of the train split "
+                               "(splits.train: users, sessions, events): not a pipeline's "
+                               "output, or edited; run `python -m pipeline` again")
+    if not train["events"]:
         raise schema.DataError(f"the train split of {data_dir} has no events (see its "
                                f"{schema.STATS_FILE}): nothing to train on")
     return vocab

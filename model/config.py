@@ -350,6 +350,8 @@ class TrainConfig(ConfigBase):
         for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events",
                     "patience"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        _check(self.seed < 2**32, f"train.seed must be < 2**32 (TensorFlow's and numpy's "
+               f"seeds are 32-bit), got {self.seed}")
         _check(self.eval_events is None or self.eval_events >= 0,
                f"train.eval_events must be >= 0 (or null: the default), got {self.eval_events}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")

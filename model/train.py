@@ -670,12 +670,18 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     passes_done = bool(not tc.steps and tc.epochs and position and (
         position["epoch"] > tc.epochs
         or (position["epoch"] == tc.epochs and position["consumed"] > 0)))
-    finished = bool(tc.steps and start_step >= tc.steps) or stalled or passes_done
+    # a run that stopped at its --max-minutes (the whole run's training time) and is
+    # resumed with the same limit: no time left (a larger --max-minutes trains on)
+    out_of_time = bool(tc.max_minutes and position.get(TRAINED, {}).get("seconds", 0)
+                       > 60 * tc.max_minutes)
+    finished = (bool(tc.steps and start_step >= tc.steps) or stalled or passes_done
+                or out_of_time)
     if finished and current:
         print(f"{run_dir} already holds {start_step} steps"
               + (f", {_stall_text(tc, best)}" if stalled else "")
-              + (f", more than --epochs {tc.epochs}" if passes_done else "") + "; nothing to do",
-              file=sys.stderr)
+              + (f", more than --epochs {tc.epochs}" if passes_done else "")
+              + (f", trained for its --max-minutes {tc.max_minutes:g}" if out_of_time else "")
+              + "; nothing to do", file=sys.stderr)
         restored.expect_partial()  # Adam's slots are made by a step: none was run
         return _read_summary(run_dir)
 
@@ -769,6 +775,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         nonlocal config_saved
         if not config_saved:
             save_config(run_dir, config, start_step, changed)
+            # an earlier process's summary no longer describes the run (its checkpoint is
+            # about to be replaced): gone until this one writes its own, so a kill from
+            # here on leaves a run that says it did not finish (`registry.training_note`)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, SUMMARY_FILE))
             config_saved = True
 
     def evaluate_and_select(step: int) -> dict:

@@ -82,6 +82,54 @@ def test_restored_position_gives_the_same_next_batch():
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_a_resume_with_another_seed_or_buffer_keeps_the_epoch_under_way():
+    """The users an epoch consumed are skipped by replaying its stream: with the seed or
+    shuffle buffer of a resumed command, it would skip some users and repeat others. The
+    epoch under way keeps its own; the next one takes the command's."""
+    users = [[[i + 2, i + 3, i + 4]] for i in range(40)]
+
+    def make(seed, buffer):
+        return batching.QueueBatcher(lambda: iter(users), 2, 2, 3, seed=seed,
+                                     shuffle_buffer=buffer, epochs=2)
+
+    def firsts(batches):
+        return [int(x) for b in batches for x in b["items"][:, :, 0].ravel() if x]
+
+    straight = make(7, 5)
+    head = [straight.next_batch() for _ in range(3)]
+    pos = json.loads(json.dumps(straight.position_after(2)))
+    assert (pos["epoch_seed"], pos["epoch_shuffle_buffer"]) == (7, 5)
+    resumed = make(8, 10)
+    resumed.restore(pos)
+    rest = list(resumed)
+    first_epoch = firsts(head + rest)[:40]
+    assert sorted(first_epoch) == [i + 2 for i in range(40)]  # each user once
+    second = make(8, 10)
+    second.epoch, second.consumed = 1, 0  # epoch 1 of a run started with the new options
+    assert firsts(head + rest)[40:] == firsts(list(second))
+    # a position from before these keys: the batcher's own options
+    del pos["epoch_seed"], pos["epoch_shuffle_buffer"]
+    old = make(7, 5)
+    old.restore(pos)
+    assert firsts(head + list(old)) == firsts(list(make(7, 5)))
+
+
+def test_a_finished_run_resumed_with_more_epochs_or_in_steps_goes_on():
+    done = _batcher(epochs=1)
+    assert len(list(done)) == 3
+    pos = json.loads(json.dumps(done.position()))
+    assert pos["finished"] and pos["epoch"] == 1
+    again = _batcher(epochs=1)
+    again.restore(pos)
+    assert list(again) == []
+    more = _batcher(epochs=2)
+    more.restore(pos)
+    assert len(list(more)) == 3  # the second pass
+    endless = _batcher(epochs=None)
+    endless.restore(pos)
+    assert endless.next_batch() is not None
+
+
 def test_bad_arguments_and_batch_size_change():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         batching.QueueBatcher(lambda: iter(USERS), 0, 2, 3)

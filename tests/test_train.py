@@ -454,11 +454,20 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / "checkpoints").write_text("")  # a file where the run writes a folder
+    no_counts = str(tmp_path / "no_counts")
+    write_data(no_counts, 20, planted_users(10))
+    with open(os.path.join(no_counts, "stats.json"), "w") as f:
+        json.dump({"items": 20}, f)  # an edited or foreign stats.json
     not_utf8 = tmp_path / "latin1.json"
     not_utf8.write_bytes(b'{"train": "\xe9"}')
     cases = [
         (_args(data, run, config_file, "--strategy", "one_device:bogus"),
          "strategy 'one_device:bogus': 'bogus' is not a device"),
+        (_args(no_counts, run + "5", config_file, "--steps", "2"),
+         f"{no_counts}/stats.json has no counts of the train split (splits.train: users, "
+         "sessions, events)"),
+        (_args(data, run + "4", config_file, "--seed", str(2**32)),
+         "train.seed must be < 2**32 (TensorFlow's and numpy's seeds are 32-bit), got 4294967296"),
         (_args(data, str(a_file), config_file), f"--model-dir {a_file} is a file: pass a run folder"),
         (_args(data, data, config_file), f"--model-dir {data} is the --data folder or inside it"),
         (_args(data, os.path.join(data, "run"), config_file), "is the --data folder or inside it"),
@@ -476,6 +485,7 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
                         if not line.startswith("training "))
         assert message in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(run + "4")  # a bad option leaves no run folder
 
 
 def test_epochs_are_counted_in_the_batches_the_generator_makes(tmp_path):

@@ -168,6 +168,36 @@ def test_a_finished_epochs_run_rerun_keeps_its_summary(data, config_file, tmp_pa
     assert json.loads(out.strip().splitlines()[-1]) == first
     with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
         assert json.load(f) == first
+    # a larger --epochs goes on into the next pass (the finished flag was the checkpoint's)
+    assert train_lib.main(_args(data, run, config_file, "--epochs", "2", "--eval-every", "0")) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["stopped_by"] == "epochs" and second["steps"] >= 2 * first["steps"] - 1
+
+
+def test_a_resumed_run_killed_after_its_first_checkpoint_does_not_look_finished(
+        data, config_file, tmp_path):
+    """The earlier process's train_summary.json said the run finished at its step: kept
+    beside a newer checkpoint, `model.evaluate` and `serving.export` took the killed run
+    for a finished one."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "5", "--eval-every", "0")) == 0
+    assert registry.training_note(run) is None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model.train", *_args(data, run, config_file, "--steps", "100000",
+                                                     "--checkpoint-every", "5",
+                                                     "--eval-every", "0")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        marker = os.path.join(run, "checkpoints", "ckpt-10.index")
+        deadline = time.time() + 240
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(marker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not os.path.exists(os.path.join(run, train_lib.SUMMARY_FILE))
+    assert "its training has not finished" in registry.training_note(run)
 
 
 def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_file, tmp_path):
@@ -428,9 +458,18 @@ def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config
     assert first["seconds"] == first["seconds_this_run"] and first["events"] > 0
     assert first["eval_seconds_this_run"] == 0  # (--eval-every 0)
     assert first["wall_seconds_this_run"] >= first["seconds_this_run"]
-    # resumed for many more steps with a limit the first process alone has used up: it
-    # trains one step (the limit is checked after each) and stops
-    limit = f"{first['seconds'] * 0.9 / 60:.6f}"
+    # resumed for many more steps with a limit the first process has used up: nothing to
+    # do (each rerun trained one more step), nothing written
+    spent = f"{first['seconds'] * 0.9 / 60:.6f}"
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "100000", "--max-minutes",
+                                spent, *EXACT)) == 0
+    assert (f"already holds 100 steps, trained for its --max-minutes {float(spent):g}; nothing "
+            "to do") in capsys.readouterr().err
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-100")
+    # with 2 ms of the limit left: it trains one step (the limit is checked after each)
+    # and stops
+    limit = f"{(first['seconds'] + 0.002) / 60:.6f}"
     assert train_lib.main(_args(data, run, config_file, "--steps", "100000", "--max-minutes",
                                 limit, *EXACT)) == 0
     with open(summary_file) as f:
