@@ -635,6 +635,16 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
               "run starts from step 0", file=sys.stderr)
         shutil.rmtree(os.path.join(run_dir, registry.BEST_DIR))
         best = None
+    elif best is not None and not tf.io.gfile.exists(os.path.join(
+            run_dir, registry.BEST_DIR, os.path.basename(best["checkpoint"]) + ".index")):
+        # best.json was not rewritten after a newer best's save, which deleted the one it
+        # names (two kills at those moments): its record goes, the next evaluation chooses
+        print(f"note: {run_dir}'s best.json names checkpoint {best['checkpoint']} of step "
+              f"{best['step']}, which is gone (a newer best was being recorded when the run "
+              "stopped): that record is discarded, and the next valid evaluation chooses "
+              "the best again", file=sys.stderr)
+        os.remove(os.path.join(run_dir, registry.BEST_DIR, registry.BEST_FILE))
+        best = None
     batcher = batching.QueueBatcher(
         users, tc.batch_size, tc.sessions_per_batch, tc.max_session_length,
         seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, epochs=tc.epochs if not tc.steps else None,

@@ -535,6 +535,27 @@ def test_a_best_checkpoint_without_its_training_is_discarded(data, config_file, 
     assert 0 < summary["eval_seconds_this_run"] < summary["wall_seconds_this_run"]
 
 
+def test_a_best_record_naming_a_deleted_checkpoint_is_discarded_and_chosen_again(
+        data, config_file, tmp_path, capsys):
+    """best/ keeps two checkpoints: a kill after a newer best's save (which deletes the
+    oldest) and before best.json names it, twice, leaves best.json naming a deleted one.
+    The rerun says so, drops the record and chooses again at its next evaluation."""
+    run = str(tmp_path / "run")
+    args = _args(data, run, config_file, "--eval-every", "2", "--dropout", "0")
+    assert train_lib.main([*args, "--steps", "4"]) == 0
+    best_file = os.path.join(run, registry.BEST_DIR, registry.BEST_FILE)
+    record = registry.read_best(run)
+    with open(best_file, "w") as f:
+        json.dump({**record, "checkpoint": "ckpt-1"}, f)
+    capsys.readouterr()
+    assert train_lib.main([*args, "--steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "best.json names checkpoint ckpt-1 of step" in err and "chooses the best again" in err
+    best = registry.read_best(run)
+    assert best["step"] == 6
+    assert os.path.exists(os.path.join(run, registry.BEST_DIR, best["checkpoint"] + ".index"))
+
+
 def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_file, tmp_path):
     """A write past the file size limit fails as on a full disk (EFBIG for ENOSPC): at the
     first checkpoint no checkpoint is complete, and the message says so instead of
