@@ -53,6 +53,8 @@ log = logging.getLogger("serving.server")
 
 DEFAULT_SIGNATURE = "serving_default"
 INIT_OP_SIGNATURE = "__saved_model_init_op"
+# TensorFlow's error codes are gRPC's (tensorflow/core/protobuf/error_codes.proto)
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 # the method names of the signatures TF Serving's Classify and Regress APIs run
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -199,6 +201,9 @@ class Signature:
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                graph_error_line(getattr(e, "message", None) or str(e))) from None
+        except tf.errors.OpError as e:  # TF Serving answers the runtime's own code
+            raise RequestError(_GRPC_CODES.get(e.error_code, grpc.StatusCode.INTERNAL),
+                               graph_error_line(e.message)) from None
         return {key: value.numpy() for key, value in out.items()}
 
 

@@ -372,6 +372,24 @@ def test_servable_calls_signatures_with_any_input_names_in_process(tmp_path):
     assert sig.batched_outputs == {"out"}
 
 
+def test_a_runtime_error_of_the_graph_answers_its_own_code_as_tf_serving_does(tmp_path):
+    """Not INTERNAL: TF Serving passes the runtime's status on (an out-of-memory
+    RESOURCE_EXHAUSTED, here a NOT_FOUND of a file the graph reads)."""
+    module = tf.Module()
+    module.run = tf.function(lambda path: {"out": tf.strings.length(tf.io.read_file(path[0]))},
+                             input_signature=[tf.TensorSpec([None], tf.string, name="path")])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    sig = server.Servable("files", 1, str(tmp_path / "1")).signature("")
+    missing = np.array([str(tmp_path / "missing.txt")], dtype=object)
+    with pytest.raises(server.RequestError) as err:
+        sig.run(sig.parse_inputs(request("serving_default", {"path": missing}).inputs))
+    assert err.value.code == grpc.StatusCode.NOT_FOUND and "missing.txt" in err.value.message
+    (tmp_path / "there.txt").write_text("four")
+    there = np.array([str(tmp_path / "there.txt")], dtype=object)
+    assert sig.run(sig.parse_inputs(request("serving_default", {"path": there}).inputs))[
+        "out"] == 4
+
+
 def test_batcher_forgets_an_unloaded_version(tmp_path):
     """The batcher's per-signature bookkeeping goes with the signature: nothing accumulates
     over version reloads and a new signature never inherits an old one's batch size."""
