@@ -562,11 +562,17 @@ def remove_abandoned_temporaries(export_base: str) -> list[str]:
 
 
 def _set_version(config_file: str, version: int) -> None:
+    """Rewrites the config's version, on disk before the next rename publishes the folder
+    (as `_sync_tree` makes the rest): a new file moved over the old one, then synced."""
     with open(config_file, encoding="utf-8") as f:
         values = json.load(f)
     values["version"] = version
-    with open(config_file, "w", encoding="utf-8") as f:
+    with open(config_file + ".tmp", "w", encoding="utf-8") as f:
         json.dump(values, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(config_file + ".tmp", config_file)
+    _sync_dir(os.path.dirname(config_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

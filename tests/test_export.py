@@ -477,6 +477,8 @@ def test_a_version_taken_by_another_export_meanwhile(exported, tmp_path, monkeyp
     assert path == os.path.join(base, "2") and sorted(os.listdir(base)) == ["1", "2"]
     with open(os.path.join(path, export.ASSETS_EXTRA, export.CONFIG_FILE)) as f:
         assert json.load(f)["version"] == 2
+    assert sorted(os.listdir(os.path.join(path, export.ASSETS_EXTRA))) == sorted(
+        [export.CONFIG_FILE, export.WARMUP_FILE])  # rewritten through a synced new file
     taken.append("5")
     with pytest.raises(export.ExportError, match="5 was written by another export meanwhile"):
         export.export_model(model, vocab, base, version=5)  # asked for: not moved
