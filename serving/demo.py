@@ -87,6 +87,9 @@ def pick_sessions(data_dir: str, users: int) -> list[tuple[str, list[str], list[
 
 def prepare_output(out: str) -> None:
     """Creates the demo folder, replacing an earlier demo's; refuses any other folder."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"demo stopped: {out} is a file; pass another --output (make demo "
+                         "DEMO_DIR=...)")
     if os.path.exists(out):
         if os.listdir(out) and not os.path.exists(os.path.join(out, MARKER)):
             raise SystemExit(f"demo stopped: {out} exists and is not a demo's folder; pass "
@@ -178,7 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"   (the item that came next in the log: {second[1] if len(second) > 1 else '-'})")
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # (its SIGTERM handler hung): not left running
+            server.kill()
+            server.wait()
     say(f"Done. Everything is in {out}: data/, run/ (checkpoints, TensorBoard), export/, state.db")
     return 0
 

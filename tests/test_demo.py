@@ -49,6 +49,11 @@ def test_prepare_output_replaces_only_a_demo_folder(tmp_path):
     (out / "old").write_text("from the last demo")
     demo.prepare_output(str(out))  # an earlier demo's folder is replaced
     assert os.listdir(out) == [demo.MARKER]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit, match="a_file is a file; pass another --output"):
+        demo.prepare_output(str(a_file))
+    assert a_file.read_text() == "mine"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
