@@ -415,7 +415,9 @@ class HierTCNClient:
         history = history if history is not None else [[] for _ in sessions]
         if self.session_width is not None:
             # the session's items older than the fixed width go on the end of the history:
-            # a repeat head reads history + session, which is then the same sequence
+            # a repeat head reads history + session, which is then the same sequence (its
+            # immediate repeats collapsed first, as the export does within a session)
+            sessions = [state_store.collapse_repeats(list(s)) for s in sessions]
             cut = [max(len(s) - self.session_width, 0) for s in sessions]
             history = [list(h) + list(s[:c]) for h, s, c in zip(history, sessions, cut)]
         return {"user_state": np.asarray(states, np.float32),

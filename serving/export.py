@@ -15,7 +15,9 @@
   newest `history_size` known ids with the unknown ones among them, as the repeat head
   reads the history (`serving.state_store.trim_sessions`).
 
-Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT).
+Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT),
+and reads `session_items` with immediate repeats collapsed, as the pipeline writes every
+split (`collapses_repeats`: not for a model trained with `--keep-current`).
 
 The vocabulary travels as an asset (`assets/item_ids.txt`, line n = index n); the empty
 string pads and an unknown id maps to the unknown index. The export is written to a hidden
@@ -178,10 +180,23 @@ class ServingModule(tf.Module):
             return tf.where(tf.equal(ids, schema.SERVING_PAD_ID),
                             tf.constant(schema.PAD_INDEX, tf.int64), index)
 
+        collapse = collapses_repeats(model)
+
         def session(ids):
             """A session's indices, its items moved to the front in order (padding may
             be anywhere in the request; the model reads a session's items from the
-            start) and at least one column wide."""
+            start), an id equal to the one before it left out as the pipeline does
+            (`collapses_repeats`; a reload, a double click), and at least one column
+            wide."""
+            if collapse:
+                # the raw ids (two unknown ones are two items), padding out of the way
+                order = tf.argsort(tf.cast(tf.equal(ids, schema.SERVING_PAD_ID), tf.int32),
+                                   axis=1, stable=True)
+                ids = tf.gather(ids, order, batch_dims=1)
+                repeat = tf.logical_and(tf.equal(ids[:, 1:], ids[:, :-1]),
+                                        tf.not_equal(ids[:, 1:], schema.SERVING_PAD_ID))
+                repeat = tf.concat([tf.zeros_like(ids[:, :1], tf.bool), repeat], axis=1)
+                ids = tf.where(repeat, tf.constant(schema.SERVING_PAD_ID), ids)
             items = lookup(ids)
             order = tf.argsort(tf.cast(items == schema.PAD_INDEX, tf.int32), axis=1,
                                stable=True)
@@ -282,6 +297,13 @@ class ServingModule(tf.Module):
             SIG_USER_EMBEDDING: self.user_embedding.get_concrete_function(),
             SIG_KNOWN_ITEMS: self.known_items.get_concrete_function(),
         }
+
+
+def collapses_repeats(model: Any) -> bool:
+    """Whether the export collapses immediate repeats in a session, as the pipeline does
+    for every split: yes, unless the model was trained on records that keep them
+    (HierTCN with `exclude_current` off, `model.train --keep-current`)."""
+    return bool(getattr(getattr(model, "config", None), "exclude_current", True))
 
 
 def checkpoint_digest(checkpoint: str) -> str | None:
@@ -457,7 +479,9 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                 writer.write(record)
         with open(os.path.join(extra, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"version": version, "state_size": int(model.state_size),
-                       "vocabulary_size": vocabulary.size, "config": _config_dict(config),
+                       "vocabulary_size": vocabulary.size,
+                       "collapses_repeats": collapses_repeats(model),
+                       "config": _config_dict(config),
                        "source": source or {}}, f, indent=2, default=str)
         _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
         while True:

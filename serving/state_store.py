@@ -107,6 +107,16 @@ class UserState:
         return [item for session in self.sessions for item in session]
 
 
+def collapse_repeats(items: Sequence[str]) -> list[str]:
+    """A session as the pipeline writes it: each id equal to the one before it left out
+    (a reload, a double click).
+
+    >>> collapse_repeats(["a", "a", "b", "a", "a"])
+    ['a', 'b', 'a']
+    """
+    return [item for k, item in enumerate(items) if k == 0 or item != items[k - 1]]
+
+
 def trim_sessions(sessions: Sequence[Sequence[str]], max_items: int,
                   known: Collection[str] | None = None) -> tuple[tuple[str, ...], ...]:
     """Keeps the newest `max_items` ids, session boundaries kept, oldest first.
@@ -591,7 +601,8 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
 def end_session(store: StateStore, user_id: str, version: int, state_size: int,
                 update_state: UpdateFn, items: Sequence[str],
                 fingerprint: np.ndarray | None = None,
-                known_items: KnownFn | None = None) -> tuple[ResolvedState, UserState]:
+                known_items: KnownFn | None = None,
+                collapse: bool = True) -> tuple[ResolvedState, UserState]:
     """Folds one finished session into the user's stored state: resolves the state
     (`resolve_state`), runs `update_state` and writes the result with the session added
     to the recent ones, on the condition that nobody wrote the user in between; after a
@@ -601,6 +612,8 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
     `fingerprint` is the pinned model's (`resolve_state`), stored with the record;
     `known_items` tells which ids it knows (`resolve_state`), so that the stored history
     holds the newest `history_items` known ids however many unknown ones came between.
+    With `collapse` (the default) the session's immediate repeats are left out first, as
+    the pipeline writes sessions and the export reads them (`collapse_repeats`).
 
     Returns:
       (the state the session was folded into, the record written).
@@ -608,7 +621,7 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
     Raises:
       StateConflict: still conflicting after `RETRY_SECONDS`.
     """
-    items = list(items)
+    items = collapse_repeats(list(items)) if collapse else list(items)
     if not items:
         raise ValueError(f"user {user_id!r}: an empty session; nothing to fold in")
     deadline = time.monotonic() + RETRY_SECONDS

@@ -417,6 +417,28 @@ def test_padding_anywhere_in_a_session_reads_as_padding_at_the_end(exported):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+def test_immediate_repeats_read_as_the_pipeline_writes_sessions(exported, tmp_path):
+    """A reload or a double click in a served session: read as the pipeline would have
+    written it (padding between the copies too). A model
+    trained on records that keep repeats (`--keep-current`) is exported without it."""
+    model, vocab, _, path = exported
+    repeated = np.array([["item0", "item0", "", "item0", "item3", "item3"],
+                         ["nope", "nope", "item5", "", "item5", "item1"],
+                         ["", "", "", "", "", ""]], dtype=object)
+    for got, want in zip(_outputs(path, repeated), _outputs(path, SESSIONS)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    with open(os.path.join(path, export.ASSETS_EXTRA, export.CONFIG_FILE)) as f:
+        assert json.load(f)["collapses_repeats"] is True
+    keep = lib.tiny_model(vocab, session_summary=model.config.session_summary,
+                          exclude_current=False)
+    keep.set_weights(model.get_weights())
+    kept = export.export_model(keep, vocab, str(tmp_path))
+    with open(os.path.join(kept, export.ASSETS_EXTRA, export.CONFIG_FILE)) as f:
+        assert json.load(f)["collapses_repeats"] is False
+    assert np.abs(_outputs(kept, repeated)[0].numpy()
+                  - _outputs(kept, SESSIONS)[0].numpy())[:2].max() > 1e-6
+
+
 def test_a_zero_width_session_is_an_empty_session(exported):
     _, _, _, path = exported
     empty = np.zeros([3, 0], dtype=object)

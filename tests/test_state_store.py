@@ -40,6 +40,19 @@ def test_trim_sessions_with_the_known_ids_keeps_the_newest_known_ones_and_those_
     assert trim_sessions(sessions, 3, None) == trim_sessions(sessions, 3)
 
 
+def test_end_session_folds_and_stores_the_session_as_the_pipeline_writes_it(store):
+    """A reload or a double click is not an event of the model's sessions: collapsed
+    before the update and in the stored history (`collapse=False` for records that keep
+    repeats)."""
+    seen = []
+    update = lambda state, session: seen.append(list(session)) or state + len(session)  # noqa: E731
+    _, record = state_store.end_session(store, "u", 1, 1, update, ["a", "a", "b", "a"])
+    assert seen == [["a", "b", "a"]] and record.history == ["a", "b", "a"]
+    _, record = state_store.end_session(store, "v", 1, 1, update, ["a", "a"], collapse=False)
+    assert record.history == ["a", "a"]
+    assert state_store.collapse_repeats([]) == []
+
+
 def test_end_session_with_the_known_ids_stores_the_newest_known_history(tmp_path):
     with SQLiteStateStore(str(tmp_path / "s.sqlite"), history_items=2) as store:
         update = lambda state, session: state + len(session)  # noqa: E731
