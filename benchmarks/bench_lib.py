@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from pipeline.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402,F401
+from pipeline.argtypes import Parser  # noqa: E402,F401 - one-line usage errors
 MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width
 _START = time.perf_counter()
@@ -372,3 +373,15 @@ def batch_stats(batches, before=(), max_shift: int = 256) -> dict:
             "padding_fraction": 1.0 - events / max(cells, 1),
             "reach": [float(x) / max(events, 1) for x in at_least],
             "user_reach": [float(x) / max(tokens_at_least[0], 1) for x in tokens_at_least]}
+
+
+def run(main) -> int:
+    """A benchmark's `main()`, its data errors (a --data that is not a pipeline's output, a
+    failed probe process) one `error:` line on stderr (status 2) instead of a traceback."""
+    from pipeline import schema
+
+    try:
+        return main()
+    except schema.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

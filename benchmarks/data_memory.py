@@ -55,7 +55,7 @@ PROBES = ("hiertcn", "tcn_streaming", "tcn_whole_history")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--ml1m", help="pipeline output of ml-1m (default: built from "
                                   "../shared/data/ml-1m; --quick: its first 30,000 rows)")
     p.add_argument("--synthetic", help="pipeline output of a synthetic log (default: built)")
@@ -271,4 +271,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_lib.run(main))

@@ -82,7 +82,7 @@ def _to_avro(csv_path: str, rows) -> str:
 
 def main(argv=None) -> int:
     """Generates the log, runs the pipeline, prints the JSON line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--events", type=bench_lib.positive_int, default=1_000_000)
     p.add_argument("--quick", action="store_true", help="50,000 events (unless --events)")
     p.add_argument("--seed", type=int, default=0)
@@ -134,4 +134,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_lib.run(main))

@@ -41,11 +41,13 @@ def user_counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"every size must be >= 1, got {text!r}")
-    return sizes
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"each size once, got {text!r}")
+    return sorted(sizes)  # memory_growth and the rate ratio: the largest over the smallest
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=user_counts, default="10000,100000,1000000",
                    help="users per size, comma-separated")
     p.add_argument("--base-users", type=bench_lib.positive_int, default=1000,
@@ -114,6 +116,11 @@ def main(argv=None) -> int:
     if bench_lib.start(args, probe):
         return 0
     sizes = args.sizes
+    if args.data:  # a bad folder is said here, not in each probe's traceback
+        from pipeline import schema
+
+        schema.read_stats(args.data)
+        schema.read_vocabulary(args.data)
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         data = args.data
         if not data:
@@ -151,4 +158,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_lib.run(main))

@@ -111,7 +111,7 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bench_lib.Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
     parser.add_argument("--repeat-head", action="store_true",
                         help="the default model with the repeat head (requests carry its history_size items)")
@@ -207,4 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_lib.run(main))

@@ -55,7 +55,7 @@ SETTINGS = ("softmax", "sampled")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--data", help="pipeline output folder (default: a fresh synthetic log)")
     p.add_argument("--quick", action="store_true", help="small data and few steps (< 2 min)")
     p.add_argument("--users", type=bench_lib.positive_int, default=2300,
@@ -82,6 +82,8 @@ def parse_args(argv):
         args.steps = 6 if args.quick else 120
     if args.rounds is None:
         args.rounds = 1 if args.quick else 6
+    if args.steps < args.rounds:  # (each round times steps // rounds of them)
+        p.error(f"--steps {args.steps} must be at least --rounds {args.rounds}")
     if args.input_pairs is None:
         args.input_pairs = 2 if args.quick else 48
     if args.catalogue is None:
@@ -384,4 +386,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_lib.run(main))

@@ -561,14 +561,26 @@ def model_per_user(name: str, args: argparse.Namespace) -> dict[str, np.ndarray]
                            for s in range(args.seeds)])
 
 
-def _parse_pairs(values: Sequence[str], what: str) -> dict[str, str]:
+def _parse_pairs(values: Sequence[str], what: str, join: bool = False) -> dict[str, str]:
+    """MODEL=VALUE options; a model named twice has its values joined (`join`: options
+    of a command) or is refused (one value, such as a file)."""
     pairs = {}
     for v in values:
         if "=" not in v:
             raise CompareError(f"{what} takes MODEL=VALUE, got {v!r}")
         k, val = v.split("=", 1)
-        pairs[k] = val
+        if k in pairs and not join:
+            raise CompareError(f"{what} names {k!r} twice ({pairs[k]!r} and {val!r}): give "
+                               "one")
+        pairs[k] = f"{pairs[k]} {val}" if k in pairs else val
     return pairs
+
+
+# `model.train` options that `model.compare` sets for every run alike: given in
+# --train-args, argparse's last value would win, silently (a --seed there makes every seed
+# the same run, a --patience stops a model before the budget)
+COMPARE_SETS = ("--model", "--seed", "--eval-every", "--patience", "--max-minutes",
+                "--data", "--model-dir", "--config")
 
 
 def _stop(signum, frame):
@@ -636,8 +648,17 @@ def _main(args: argparse.Namespace) -> int:
         if not schema.is_folder(args.data):
             raise CompareError(f"--data {args.data} is not a folder: run `python -m pipeline` first")
         args.config = _parse_pairs(args.config, "--config")
-        args.train_args = {k: v.split() for k, v in _parse_pairs(args.train_args, "--train-args").items()}
-        args.eval_args = {k: v.split() for k, v in _parse_pairs(args.eval_args, "--eval-args").items()}
+        args.train_args = {k: v.split() for k, v in
+                           _parse_pairs(args.train_args, "--train-args", join=True).items()}
+        args.eval_args = {k: v.split() for k, v in
+                          _parse_pairs(args.eval_args, "--eval-args", join=True).items()}
+        for key, options in args.train_args.items():
+            taken = [o for o in options if o.split("=", 1)[0] in COMPARE_SETS]
+            if taken:
+                raise CompareError(
+                    f"--train-args {key}: {taken[0].split('=', 1)[0]} is set by model.compare "
+                    "for every run alike (--seeds, --eval-every, --budget-minutes, --config "
+                    "MODEL=FILE; every model trains the whole budget)")
         trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
         fitted = [n for n in names if n.split(":", 1)[0] in FITTED]
         bases = {n.split(":", 1)[0] for n in trained}

@@ -130,6 +130,26 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
         assert compare.main(["--data", data, "--models", "hiertcn,hiertcn:plain,sknn",
                              "--output", str(out), *option]) == 2
         assert "which is not a trained model of --models (hiertcn, hiertcn:plain)" in capsys.readouterr().err
+    # an option compare sets for every run (argparse's last value would win, silently: a
+    # --seed there made every seed one run), and one file named twice: one line each
+    for option, message in (
+            (["--train-args", "hiertcn=--dropout 0.3 --seed 7"],
+             "--train-args hiertcn: --seed is set by model.compare for every run alike"),
+            (["--train-args", "hiertcn=--patience=2"], "--patience is set by model.compare"),
+            (["--config", "hiertcn=a.json", "--config", "hiertcn=b.json"],
+             "--config names 'hiertcn' twice ('a.json' and 'b.json'): give one")):
+        assert compare.main(["--data", data, "--models", "hiertcn", "--output",
+                             str(tmp_path / "never"), *option]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "never").exists()
+    # --train-args given twice for one model: both kept, in order
+    args = compare.argparse.Namespace(budget_steps=3, budget_minutes=None, eval_every=0,
+                                      config={}, train_args={"hiertcn": ["--dropout", "0.3",
+                                                                          "--lr", "1"]})
+    assert compare._parse_pairs(["hiertcn=--dropout 0.3", "hiertcn=--lr 1"], "--train-args",
+                                join=True) == {"hiertcn": "--dropout 0.3 --lr 1"}
+    assert compare._train_options("hiertcn", 1, args)[-4:] == ["--dropout", "0.3", "--lr", "1"]
     assert compare.main(["--data", data, "--models", "popularity", "--output",
                          str(out / "results.json")]) == 2
     assert f"--output {out}/results.json is a file: pass a folder" in capsys.readouterr().err
