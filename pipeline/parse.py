@@ -422,7 +422,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
       skip_first: the first line is the file's header.
 
     Returns:
-      A `ParsedBlock`; blank lines are not rows and are skipped.
+      A `ParsedBlock`; blank lines are not rows and are skipped (a line of separators,
+      a TSV line of tabs, is a row).
     """
     by_user: dict[str, tuple[list, ...]] = {}
     with_sessions = bool(fmt.session_col)
@@ -437,6 +438,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     # Fast path for the common csv/tsv row (no quotes, integer time): it accepts exactly
     # what `parse_line` accepts; anything else goes through `parse_line` for the reason.
     fast = fmt.format in _DELIMITERS and fmt.time_unit != "iso"
+    separator = fmt.separator if fmt.format in _DELIMITERS else None
     if fast:
         delimiter, width, quoted = fmt.separator, len(fmt.columns), fmt.quoted
         u_col, i_col, t_col = fmt.indices()
@@ -453,8 +455,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         line = line.rstrip("\r")
         if line.startswith("\ufeff"):  # a byte-order mark (a file's first line)
             line = line[1:]
-        if not line.strip():
-            continue
+        if not line.strip() and not (separator and separator in line):
+            continue  # (a TSV line of tabs is a row of empty fields: malformed, counted)
         rows += 1
         ms = -1
         if fast and (not quoted or '"' not in line):

@@ -91,6 +91,16 @@ def test_parse_block_groups_by_user_and_routes_bad_rows():
                        10: "bad UTF-8"}
 
 
+def test_a_line_of_separators_is_a_malformed_row_not_a_blank_line():
+    """Every input row is accounted for: a TSV line of tabs (an export's empty row) is a
+    row of empty fields, which strip() alone took for a blank line and never counted."""
+    tsv = parse.RowFormat("tsv", "s", "user", "item", "time", ("user", "item", "time"))
+    block = parse.parse_block([b"u\ta\t1", b"\t\t", b"", b"  ", b"u\tb\t2"], tsv, 0)
+    assert block.rows == 3 and block.malformed == [(1, "empty user", "\t\t")]
+    block = parse.parse_block([b"u,a,1", b",,", b" ", b"u,b,2"], CSV, 0)
+    assert block.rows == 3 and [k for k, _, _ in block.malformed] == [1]
+
+
 def test_filters_keep_the_listed_values_before_any_other_check():
     """--filter: a row whose column holds another value is a filtered row, also where it
     would be malformed (an event type that carries no item); the fast csv path, quoted
