@@ -781,19 +781,18 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                             f"signature ({signature.method_name}) with "
                             f"{len(signature.inputs)} inputs, not a {kind} one: call Predict)")
 
-    def Classify(self, request, context):  # noqa: N802 - gRPC method name
+    def _refuse(self, request, context, kind: str):
         def refuse():
             name, signature = self._signature_def(self._model_spec(request),
                                                   "No signature was found with the name: ")
-            raise self._not_inference(name, signature, "classification")
+            raise self._not_inference(name, signature, kind)
         return self._guard(context, refuse)
 
+    def Classify(self, request, context):  # noqa: N802 - gRPC method name
+        return self._refuse(request, context, "classification")
+
     def Regress(self, request, context):  # noqa: N802 - gRPC method name
-        def refuse():
-            name, signature = self._signature_def(self._model_spec(request),
-                                                  "No signature was found with the name: ")
-            raise self._not_inference(name, signature, "regression")
-        return self._guard(context, refuse)
+        return self._refuse(request, context, "regression")
 
     def MultiInference(self, request, context):  # noqa: N802 - gRPC method name
         def refuse():

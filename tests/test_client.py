@@ -143,20 +143,26 @@ def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):
         assert scoring["session_items"].shape == (2, 4)
 
 
+def _repeat_head_export(vocab, history_size, folder):
+    """A tiny HierTCN with the repeat head (its history weighing in the ranking), exported
+    to `folder` and loaded: (model, signatures)."""
+    from model import registry
+
+    tf.keras.utils.set_random_seed(0)
+    model = registry.build_model("hiertcn", lib.TINY.replace(
+        {"repeat_head": True, "history_size": history_size, "start_items": 0}), vocab.size)
+    model.repeat_head.gate_bias.assign(1.0)
+    model.repeat_head.set_seen_bias(-0.5)
+    return model, tf.saved_model.load(export.export_model(model, vocab, str(folder))).signatures
+
+
 def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
     """With a repeat head, the session's items older than the fixed width move onto the
     end of the history (the head reads history + session): the export scores the fixed-width
     request as the ragged one."""
-    from model import registry
-
     vocab = lib.tiny_vocabulary()
-    tf.keras.utils.set_random_seed(0)
-    model = registry.build_model("hiertcn", lib.TINY.replace(
-        {"repeat_head": True, "history_size": 6, "start_items": 0}), vocab.size)
-    model.repeat_head.gate_bias.assign(1.0)  # the history weighs in the ranking
-    model.repeat_head.set_seen_bias(-0.5)
-    fn = tf.saved_model.load(export.export_model(model, vocab, str(tmp_path))).signatures[
-        "next_items"]
+    model, signatures = _repeat_head_export(vocab, 6, tmp_path)
+    fn = signatures["next_items"]
     state = np.random.default_rng(3).normal(size=[2, model.state_size]).astype(np.float32)
     # (a repeat across the fixed width's cut: collapsed before the cut, as the export
     # collapses the ragged session)
@@ -195,16 +201,10 @@ def test_the_stored_history_scores_as_the_whole_history_where_unknown_ids_come_b
     """The repeat head reads the newest `history_size` known items: the history the store
     keeps with the model's known ids scores as the user's whole history does; cut to the
     newest ids alone it would not."""
-    from model import registry
     from serving import state_store
 
     vocab = lib.tiny_vocabulary()
-    tf.keras.utils.set_random_seed(0)
-    model = registry.build_model("hiertcn", lib.TINY.replace(
-        {"repeat_head": True, "history_size": 4, "start_items": 0}), vocab.size)
-    model.repeat_head.gate_bias.assign(1.0)  # the history weighs in the ranking
-    model.repeat_head.set_seen_bias(-0.5)
-    signatures = tf.saved_model.load(export.export_model(model, vocab, str(tmp_path))).signatures
+    model, signatures = _repeat_head_export(vocab, 4, tmp_path)
     sessions = [["item0", "item1", "item2"], ["item3", "new1", "new2"], ["item4", "new3"],
                 ["new4", "new5"]]
     flat = [i for s in sessions for i in s]

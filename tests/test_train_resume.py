@@ -182,34 +182,18 @@ def test_a_resumed_run_killed_after_its_first_checkpoint_does_not_look_finished(
     run = str(tmp_path / "run")
     assert train_lib.main(_args(data, run, config_file, "--steps", "5", "--eval-every", "0")) == 0
     assert registry.training_note(run) is None
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model.train", *_args(data, run, config_file, "--steps", "100000",
-                                                     "--checkpoint-every", "5",
-                                                     "--eval-every", "0")],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        marker = os.path.join(run, "checkpoints", "ckpt-10.index")
-        deadline = time.time() + 240
-        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert os.path.exists(marker)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    _kill_at_checkpoint(_args(data, run, config_file, "--steps", "100000",
+                              "--checkpoint-every", "5", "--eval-every", "0"), run, 10)
     assert not os.path.exists(os.path.join(run, train_lib.SUMMARY_FILE))
     assert "its training has not finished" in registry.training_note(run)
 
 
-def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_file, tmp_path):
-    run = str(tmp_path / "killed")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model.train", *_args(data, run, config_file, "--steps", "100000",
-                                                     "--checkpoint-every", "20",
-                                                     "--eval-every", "0")],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_at_checkpoint(argv, run, step):
+    """`python -m model.train ARGV` in a process, SIGKILLed once checkpoint `step` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "model.train", *argv], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        marker = os.path.join(run, "checkpoints", "ckpt-20.index")
+        marker = os.path.join(run, "checkpoints", f"ckpt-{step}.index")
         deadline = time.time() + 240
         while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -217,6 +201,12 @@ def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_fil
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_a_killed_run_keeps_its_curve_up_to_the_last_checkpoint(data, config_file, tmp_path):
+    run = str(tmp_path / "killed")
+    _kill_at_checkpoint(_args(data, run, config_file, "--steps", "100000",
+                              "--checkpoint-every", "20", "--eval-every", "0"), run, 20)
     steps, _ = train_lib.read_scalars(run, "loss")
     assert {10, 20} <= set(steps.tolist())
 
