@@ -479,11 +479,9 @@ class HierTCN(SequenceModel):
     def _continues_session(self, batch, cache) -> tf.Tensor:
         """bool [B * S]: the slots that continue a session begun in an earlier slot (a
         later chunk of a session longer than L), from the batch's flags and, for slot 0,
-        the cache's running count (kept with the high level or the session summary;
-        without them slot 0 counts as a start)."""
+        the cache's running count (`_carried_count`)."""
         reset, end = batch["reset"], batch["session_end"]
-        carried = cache[2] > 0 if (self.config.high_level or self.config.session_summary) \
-            else tf.zeros_like(reset[:, 0])
+        carried = cache[2] > 0
         continues = ~_session_starts(reset, end) & tf.concat(
             [carried[:, None], tf.ones_like(reset[:, 1:])], axis=1)
         return tf.reshape(continues, [-1])
@@ -659,7 +657,7 @@ class HierTCN(SequenceModel):
             b, s = tf.shape(items)[0], tf.shape(items)[1]
             e = self.item_embedding.output_dim
             return (tf.zeros(tf.stack([b, s, self.state_size])), tf.zeros(tf.stack([b, s, e])),
-                    tf.zeros(tf.stack([b, s])), cache)
+                    tf.zeros(tf.stack([b, s])), self._carried_count(items, batch, cache))
         sums, counts = self._sums(items)
         return self._states_from_sums(sums, counts, batch["reset"], batch["session_end"], cache,
                                       items[:, :, 0])
@@ -687,6 +685,21 @@ class HierTCN(SequenceModel):
         # the slot's own positions: its targets come after its context
         u = tf.gather(u, lengths[:, None] + tf.range(l, dtype=tf.int64)[None, :], batch_dims=1)
         return u, new_cache + (after,)
+
+    @staticmethod
+    def _carried_count(items, batch, cache):
+        """The cache with its running count (`cache[2]`, the items of each row's session
+        under way) carried through the batch, for a model without the high level or the
+        session summary, which keep it with their sums (`_states_from_sums`):
+        `_continues_session` reads it to tell a later chunk in slot 0."""
+        counts = tf.reduce_sum(tf.cast(items > 0, tf.float32), axis=2)       # [B, S]
+        starts = _session_starts(batch["reset"], batch["session_end"])
+        session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
+        last = tf.equal(session, session[:, -1:])                            # the last's session
+        count = (tf.reduce_sum(tf.where(last, counts, 0.0), axis=1)
+                 + tf.where(tf.equal(session[:, -1], 0), cache[2], 0.0))
+        return (cache[0], cache[1], tf.where(batch["session_end"][:, -1], 0.0, count),
+                *cache[3:])
 
     def _states_from_sums(self, sums, counts, reset, end, cache, first_items):
         """`_slot_states` from the slots' embedding sums [B, S, E] and counts [B, S].
@@ -821,7 +834,8 @@ class HierTCN(SequenceModel):
                 batch["reset"], batch["session_end"], cache, items[:, :, 0])
             before = tf.reshape(before, [-1, state_dim])
         else:
-            before, new_cache = tf.zeros([b * s, state_dim]), cache
+            before = tf.zeros([b * s, state_dim])
+            new_cache = self._carried_count(items, batch, cache)
         proj = self.input_projection
         kernel = tf.cast(proj.kernel, emb.dtype)
         e = emb.shape[-1]

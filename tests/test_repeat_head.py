@@ -348,6 +348,27 @@ def test_a_later_chunk_is_conditioned_on_the_item_before_it(seen_bias, under_way
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("high_level,summary", [(True, False), (False, False), (False, True)])
+def test_a_later_chunk_in_the_next_batch_is_conditioned_on_the_item_before_it(high_level, summary):
+    """A session [5 7 5 9 4] over two batches: its last chunk [9 4] in slot 0 of the
+    second is on 5 at its first position, which the cache's running count tells; without
+    the high level and the session summary that count was not kept, so the chunk counted
+    as a session's start (trained unconditioned there, evaluated conditioned)."""
+    model = _model(HEAD.replace({"high_level": high_level, "session_summary": summary}))
+    first = _batch([[[5, 7, 5]]], [[True]], [[False]], [[0, 0, 0, 0]])
+    _, cache, _ = model.train_loss(first, model.train_cache(1), training=False)
+    assert float(cache[2][0]) == 3  # the items of the session under way
+    second = _batch([[[9, 4, 0]]], [[False]], [[True]], [[0, 5, 7, 5]])
+    loss, cache, n = model.train_loss(second, cache, training=False)
+    assert int(n) == 2 and float(cache[2][0]) == 0
+    u = model.user_embeddings(tf.zeros([1, model.state_size]),
+                              tf.constant([[5, 7, 5, 9]], tf.int64))[:, 3:]
+    logp = model.item_log_probs(u, tf.constant([[0, 5, 7, 5]], tf.int64),
+                                tf.constant([[9]], tf.int64),
+                                current=tf.constant([5], tf.int64)).numpy()[0]
+    np.testing.assert_allclose(float(loss), -(logp[0, 9] + logp[1, 4]) / 2, rtol=1e-5)
+
+
 @pytest.mark.parametrize("history,session,split", [
     ([0, 0, 0, 0, 0, 0], [6, 3, 8, 9, 6, 3, 4], 5),  # the window's oldest 3 came after a 6
     ([0, 0, 6, 3, 8, 9], [6, 3, 4], 1),  # ... the history's: at every served position
