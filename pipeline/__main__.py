@@ -54,6 +54,8 @@ COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic,
 LIKELY_SECONDS_AS_MS = 10**7
 WORK_DIR = "_work"
 # Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
+# cgroup v2's CPU quota of this process's container ("max" or "QUOTA PERIOD")
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 STDERR_KEPT_BYTES = 1 << 20  # the last 1 MB of a run's held-back stderr is shown
 PROGRESS_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
@@ -662,6 +664,37 @@ def _check_runner(name, beam_args: list[str]) -> None:
         raise UsageError(f"--runner {name}: " + " ".join(e.strip() for e in errors))
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: `taskset`, a container's cpuset),
+    at most its cgroup's CPU quota (a container's --cpus), not the host's count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not on macOS or Windows)
+        cpus = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def _runs_elsewhere(options) -> str | None:
+    """The runner's name when its workers run on other machines (Dataflow, a Flink or
+    Spark cluster, a portable runner's Docker workers), else None (the local runners, and
+    any runner with --environment_type LOOPBACK, whose workers run in this process)."""
+    values = options.get_all_options()
+    runner = values.get("runner") or "FnApiRunner"
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    if name in LOCAL_RUNNERS or name in ("PrismRunner", "InteractiveRunner"):
+        return None
+    if str(values.get("environment_type") or "").upper() == "LOOPBACK":
+        return None
+    return name
+
+
 def _beam_options(beam_args: list[str], own_flags: list[str]):
     """Beam options; local FnApiRunner with a worker process per core unless --runner.
 
@@ -703,7 +736,7 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
         if not given("--direct_running_mode"):
             args += ["--direct_running_mode", "multi_processing"]
         if not given("--direct_num_workers"):
-            args += ["--direct_num_workers", str(os.cpu_count() or 1)]
+            args += ["--direct_num_workers", str(_usable_cpus())]
     if not given("--default_sdk_harness_log_level"):
         args += ["--default_sdk_harness_log_level", "ERROR"]
     return po.PipelineOptions(args)
@@ -744,6 +777,14 @@ def _resolve(argv):
         outputs.check_writable_scheme(output)
     except ValueError as e:
         raise UsageError(f"--output: {e}") from None
+    elsewhere = _runs_elsewhere(options)
+    local = [p for p in [*args.input, output] if outputs.is_local(p)]
+    if elsewhere and local:
+        raise UsageError(
+            f"--runner {elsewhere} runs the job's workers on other machines, which cannot read "
+            f"or write this machine's {local[0]}: pass --input and --output on a file system "
+            "they share (gs://, s3://, hdfs://), or --environment_type LOOPBACK to run the "
+            "workers here")
     if outputs.is_local(output):
         if os.path.islink(output):
             # the run replaces the folder the link names (the link stays), not the link

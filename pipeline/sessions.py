@@ -85,17 +85,33 @@ def drop_duplicates(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
     return kept, len(events) - len(kept)
 
 
+def _cut(ordered: list[RawEvent], max_events: int) -> int:
+    """Index of the first row at or after the cap's cut in rows ordered by (time, input
+    order): the time of the `max_events`-th most recent event, copies dropped (0: under
+    the cap). No row before it can be among the most recent events, however many more
+    rows come."""
+    distinct, _ = drop_duplicates(ordered)
+    if len(distinct) <= max_events:
+        return 0
+    cut = distinct[-max_events][0]
+    return next(k for k, e in enumerate(ordered) if e[0] >= cut)
+
+
 def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEvent], int, int]:
     """Orders events by (time, input order), drops duplicates (`drop_duplicates`), then
     keeps the `max_events` most recent of the rest, in that order: a user's rows read
     twice keep as many distinct events as read once.
 
     Returns:
-      (kept events in order, duplicates dropped, events dropped by the cap).
+      (kept events in order, duplicates dropped, events dropped by the cap). A row older
+      than the cap's cut counts as capped, a copy or not, so that the counts do not
+      depend on which rows `bound_rows` met first (the runner's chunk order).
     """
-    events, duplicates = drop_duplicates(sorted(events))
+    ordered = sorted(events)
+    start = _cut(ordered, max_events)
+    events, duplicates = drop_duplicates(ordered[start:])
     events, capped = keep_most_recent(events, max_events)
-    return events, duplicates, capped
+    return events, duplicates, start + capped
 
 
 def bound_rows(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEvent], int, int]:
@@ -107,18 +123,12 @@ def bound_rows(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEve
     events of one pass over all the rows, in whatever order they came.
 
     Returns:
-      (the rows kept, in order; of the rows dropped, copies of another dropped row in
-      this call and the rest, which the cap would drop). A dropped row whose copy comes
-      in a later call is counted as capped, not as a duplicate (the total is the same).
+      (the rows kept, in order; 0 duplicates; the rows dropped, all capped, as
+      `bound_events` counts every row before the cut).
     """
     ordered = sorted(events)
-    distinct, _ = drop_duplicates(ordered)
-    if len(distinct) <= max_events:
-        return ordered, 0, 0
-    cut = distinct[-max_events][0]
-    start = next(k for k, e in enumerate(ordered) if e[0] >= cut)
-    _, duplicates = drop_duplicates(ordered[:start])
-    return ordered[start:], duplicates, start - duplicates
+    start = _cut(ordered, max_events)
+    return ordered[start:], 0, start
 
 
 def split_at_gaps(events: Sequence[RawEvent], gap_seconds: int) -> list[list[RawEvent]]:

@@ -1279,6 +1279,43 @@ def test_parquet_filters_and_bad_parquet_inputs(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_the_local_workers_are_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """One worker process per CPU of the affinity and the container's quota, not of the
+    host (a 2-CPU container on a 64-core host started 64 workers of ~160 MB)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(cli, "CGROUP_CPU_MAX", str(quota))
+    quota.write_text("250000 100000\n")
+    assert cli._usable_cpus() == 2
+    quota.write_text("max 100000\n")
+    assert cli._usable_cpus() == 64
+    quota.write_text("50000 100000\n")  # half a CPU: one worker
+    assert cli._usable_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    quota.unlink()
+    assert cli._usable_cpus() == 1
+    options = cli._beam_options([], []).get_all_options()
+    assert options["direct_num_workers"] == 1
+
+
+def test_local_paths_with_a_runner_whose_workers_run_elsewhere_are_one_line(tmp_path, capsys):
+    """Dataflow, a Flink or Spark cluster: its workers cannot read this machine's input
+    nor write its output (the run failed after the whole job); refused at start, unless
+    the workers run here (--environment_type LOOPBACK) or the runner is a local one."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,a,1\nu,b,2\n")
+    base = ["--input", str(log), "--output", str(tmp_path / "out")]
+    for runner in ("FlinkRunner", "SparkRunner"):
+        assert cli.main([*base, "--runner", runner]) == 2
+        err = capsys.readouterr().err
+        assert (f"--runner {runner} runs the job's workers on other machines, which cannot "
+                f"read or write this machine's {log}") in err and err.count("\n") == 1, err
+    for extra in (["--runner", "FlinkRunner", "--environment_type", "LOOPBACK"],
+                  ["--runner", "DirectRunner"], []):
+        cli._resolve([*base, *extra])  # accepted (not run)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_pipe_as_input_is_one_line_not_an_empty_file(tmp_path, capsys):
     """`--input /dev/stdin` or `<(zcat log.gz)`: a pipe, which the ranges cannot read;
     it was reported as an empty file."""
