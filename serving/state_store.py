@@ -558,14 +558,14 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
             state = own.state
             for session in newest.sessions[-behind:]:
                 state = np.asarray(update_state(state, session), dtype=np.float32)
+            known = _known(known_items, newest.sessions)
             stored = store.put(user_id, version, state, newest.sessions, expected=newest,
-                               fingerprint=fingerprint, sessions_total=total,
-                               known=_known(known_items, newest.sessions))
+                               fingerprint=fingerprint, sessions_total=total, known=known)
             # the store keeps whole sessions but the oldest one it holds, which `put` may
             # have cut to `history_items`: folding that in is the nearest state there is
             # (a rebuild from zeros would also lose every session before it), yet not exact
             cut = behind == len(newest.sessions) and _may_be_cut(
-                newest.sessions, store.history_items, _known(known_items, newest.sessions))
+                newest.sessions, store.history_items, known)
             message = (f"user {user_id}: the stored state of version {version} was "
                        f"{_plural(behind, 'session')} behind version {newest.version}'s; "
                        "caught up" + (f" (approximately: the store may hold only the last "
