@@ -601,7 +601,7 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     median = sorted(times)[len(times) // 2] if times else 0
     if fmt.time_unit == "ms" and median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
         raise UsageError(f"{path}: times like {median * 1000} read as milliseconds are after "
-                         f"the year 5000; they look like {_finer_unit(median * 1000)}: convert "
+                         f"the year 5138; they look like {_finer_unit(median * 1000)}: convert "
                          "them to milliseconds or seconds")
     if fmt.time_unit == "ms":
         # Seconds read as milliseconds fall in January 1970 and their gaps shrink 1000
@@ -618,7 +618,7 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
         hint = ("they look like milliseconds: pass --time-unit ms" if unit == "milliseconds"
                 else f"they look like {unit}: convert them to seconds or milliseconds")
         raise UsageError(f"{path}: times like {median} are not unix seconds (that is after "
-                         f"the year 5000); {hint}")
+                         f"the year 5138); {hint}")
 
 
 def _raw_time(line: str, fmt) -> object:

@@ -469,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
     parser.add_argument("--model-name", help="the served model's name (required but for forget)")
     parser.add_argument("--state-db", default="user_states.sqlite",
-                        help="SQLite file of user states (created when missing)")
+                        help="SQLite file of user states (created when missing, but by "
+                             "forget)")
     parser.add_argument("--timeout", type=argtypes.positive_float, default=10.0,
                         help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -854,11 +854,11 @@ def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times
      "'2021/03/02 15:08'); ISO 8601 looks like"),
     (["2021-03-02T15:08:11"] * 5, [], "text times need --time-unit iso"),
     ([1441864236661000 + 9000 * k for k in range(5)], ["--time-unit", "ms"],
-     "read as milliseconds are after the year 5000; they look like microseconds")])
+     "read as milliseconds are after the year 5138; they look like microseconds")])
 def test_times_that_cannot_be_right_stop_the_run_with_one_line(tmp_path, capsys, times,
                                                                 options, message):
     """Every row would be malformed (a date format that is not ISO 8601, text times read as
-    numbers) or land after the year 5000 (microseconds read as milliseconds)."""
+    numbers) or land after the year 5138 (microseconds read as milliseconds)."""
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "".join(f"u,i{k},{t}\n" for k, t in enumerate(times)))
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), *options]) == 2
