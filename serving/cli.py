@@ -26,6 +26,10 @@ def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", choices=["best", "latest"], default="best",
                         help="the run's checkpoint with the best valid Recall@20 (default; the "
                              "latest for a run that never evaluated) or its latest")
+    parser.add_argument("--keep-repeats", action="store_true",
+                        help="read sessions' immediate repeats as events (a model trained on "
+                             "records that keep them, not the pipeline's, which collapses "
+                             "them; a HierTCN trained with --keep-current does so already)")
     return parser.parse_args(argv)
 
 

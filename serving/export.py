@@ -103,7 +103,8 @@ class ServingModule(tf.Module):
     exactly the weights and the three signature functions; nothing writes a variable.
     """
 
-    def __init__(self, model: Any, vocab_file: str, vocab_size: int):
+    def __init__(self, model: Any, vocab_file: str, vocab_size: int,
+                 collapse: bool | None = None):
         """Builds the lookup tables and the signature functions.
 
         Args:
@@ -116,6 +117,8 @@ class ServingModule(tf.Module):
             model without that method is scored with `item_logits`).
           vocab_file: one raw id per line, line n = index n (rows 0 and 1 reserved).
           vocab_size: number of lines of `vocab_file` (the model's output width).
+          collapse: whether sessions' immediate repeats are collapsed (None:
+            `collapses_repeats(model)`).
         """
         super().__init__(name="hiertcn_serving")
         from model import layers
@@ -133,7 +136,8 @@ class ServingModule(tf.Module):
         replaced = {layer.kernel.ref() for layer, _ in layouts}
         self.model_variables = ([v for v in model.variables if v.ref() not in replaced]
                                 + [copy for _, copy in layouts])
-        self._build(model, vocab_file, vocab_size)
+        self._build(model, vocab_file, vocab_size,
+                    collapses_repeats(model) if collapse is None else collapse)
 
     @contextlib.contextmanager
     def serving_layout(self):
@@ -149,7 +153,7 @@ class ServingModule(tf.Module):
         with self.serving_layout():
             tf.saved_model.save(self, path, signatures=self.signatures())
 
-    def _build(self, model: Any, vocab_file: str, vocab_size: int) -> None:
+    def _build(self, model: Any, vocab_file: str, vocab_size: int, collapse: bool) -> None:
         """The lookup tables and the signature functions (see `__init__`)."""
         self.vocab_asset = tf.saved_model.Asset(vocab_file)
         self.id_to_index = tf.lookup.StaticHashTable(
@@ -179,8 +183,6 @@ class ServingModule(tf.Module):
                              tf.constant(schema.UNKNOWN_INDEX, tf.int64), index)
             return tf.where(tf.equal(ids, schema.SERVING_PAD_ID),
                             tf.constant(schema.PAD_INDEX, tf.int64), index)
-
-        collapse = collapses_repeats(model)
 
         def session(ids):
             """A session's indices, its items moved to the front in order (padding may
@@ -302,7 +304,8 @@ class ServingModule(tf.Module):
 def collapses_repeats(model: Any) -> bool:
     """Whether the export collapses immediate repeats in a session, as the pipeline does
     for every split: yes, unless the model was trained on records that keep them
-    (HierTCN with `exclude_current` off, `model.train --keep-current`)."""
+    (HierTCN with `exclude_current` off, `model.train --keep-current`; any other model
+    trained on such records: `serving.export --keep-repeats`)."""
     return bool(getattr(getattr(model, "config", None), "exclude_current", True))
 
 
@@ -349,7 +352,9 @@ def newest_with(export_base: str, source: dict) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     key = "weights_digest" if old.get("weights_digest") else "checkpoint_digest"
-    return newest if source.get(key) and old.get(key) == source[key] else None
+    same = (source.get(key) and old.get(key) == source[key]
+            and bool(old.get("keep_repeats")) == bool(source.get("keep_repeats")))
+    return newest if same else None
 
 
 def version_number(name: str) -> int | None:
@@ -431,7 +436,7 @@ def _config_dict(config: Any) -> Any:
 
 def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                  version: int | None = None, config: Any = None,
-                 source: dict | None = None) -> str:
+                 source: dict | None = None, collapse: bool | None = None) -> str:
     """Writes one SavedModel version atomically.
 
     Args:
@@ -441,6 +446,8 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
       version: the version number; default 1 + the largest existing one.
       config: the model's resolved config, stored in `assets.extra/export_config.json`.
       source: where the weights come from (run folder, checkpoint), stored there too.
+      collapse: whether the signatures collapse a session's immediate repeats (None:
+        `collapses_repeats(model)`).
 
     Returns:
       The path of the version folder.
@@ -469,7 +476,8 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         os.makedirs(scratch)
         vocab_file = os.path.join(scratch, VOCAB_ASSET)
         write_vocabulary_asset(vocab_file, vocabulary)
-        module = ServingModule(model, vocab_file, vocabulary.size)
+        collapse = collapses_repeats(model) if collapse is None else collapse
+        module = ServingModule(model, vocab_file, vocabulary.size, collapse)
         out = os.path.join(tmp, "model")
         module.save(out)
         extra = os.path.join(out, ASSETS_EXTRA)
@@ -480,7 +488,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         with open(os.path.join(extra, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"version": version, "state_size": int(model.state_size),
                        "vocabulary_size": vocabulary.size,
-                       "collapses_repeats": collapses_repeats(model),
+                       "collapses_repeats": collapse,
                        "config": _config_dict(config),
                        "source": source or {}}, f, indent=2, default=str)
         _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
@@ -616,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "checkpoint": os.path.abspath(checkpoint),
                   "step": step, "which": args.checkpoint,
                   "checkpoint_digest": checkpoint_digest(checkpoint),
-                  "weights_digest": weights_digest(checkpoint)}
+                  "weights_digest": weights_digest(checkpoint),
+                  "keep_repeats": args.keep_repeats}
         note = registry.training_note(args.model_dir, args.checkpoint)
         if note:
             print(note, file=sys.stderr)
@@ -629,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "exports it again)", file=sys.stderr)
             return 0
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
-        path = export_model(model, vocabulary, args.export_base, args.version, config, source)
+        path = export_model(model, vocabulary, args.export_base, args.version, config, source,
+                            collapse=False if args.keep_repeats else None)
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2

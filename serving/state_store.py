@@ -108,12 +108,13 @@ class UserState:
 
 
 def collapse_repeats(items: Sequence[str]) -> list[str]:
-    """A session as the pipeline writes it: each id equal to the one before it left out
-    (a reload, a double click).
+    """A session as the pipeline writes it and the export reads it: padding ("") left out,
+    then each id equal to the one before it (a reload, a double click).
 
-    >>> collapse_repeats(["a", "a", "b", "a", "a"])
+    >>> collapse_repeats(["a", "a", "b", "", "b", "a"])
     ['a', 'b', 'a']
     """
+    items = [item for item in items if item != ""]
     return [item for k, item in enumerate(items) if k == 0 or item != items[k - 1]]
 
 

@@ -166,7 +166,9 @@ def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
     state = np.random.default_rng(3).normal(size=[2, model.state_size]).astype(np.float32)
     # (a repeat across the fixed width's cut: collapsed before the cut, as the export
     # collapses the ragged session)
-    sessions = [[f"item{i}" for i in (3, 1, 4, 4, 1, 5, 9, 2, 6)], ["item7"]]
+    # (row 1: padding between the copies, which the export skips too)
+    sessions = [[f"item{i}" for i in (3, 1, 4, 4, 1, 5, 9, 2, 6)],
+                ["item7", "item1", "", "item1", "item2", "item6"]]
     history = [["item0", "item8"], ["item2"]]
     outputs = []
     for widths in ({}, {"session_width": 4, "history_width": 6}):

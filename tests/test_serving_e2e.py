@@ -74,6 +74,15 @@ def test_two_sessions_through_the_served_model(tmp_path):
                                           "export already: nothing exported (--version N "
                                           "exports it again)")
     assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
+    # the same weights read with the sessions' immediate repeats (records not from the
+    # pipeline): another export, which says so in its config
+    run("serving.export", "--model-dir", "run", "--export-base", "export_keep", cwd=work)
+    run("serving.export", "--model-dir", "run", "--export-base", "export_keep",
+        "--keep-repeats", cwd=work)
+    for version, collapses in (("1", True), ("2", False)):
+        with open(os.path.join(work, "export_keep", version, "assets.extra",
+                               "export_config.json")) as f:
+            assert json.load(f)["collapses_repeats"] is collapses
 
     items = schema.read_vocabulary(os.path.join(work, "data")).ids[2:]
     server = lib.ServerProcess(os.path.join(work, "export"), "hiertcn")

@@ -46,8 +46,8 @@ def test_end_session_folds_and_stores_the_session_as_the_pipeline_writes_it(stor
     repeats)."""
     seen = []
     update = lambda state, session: seen.append(list(session)) or state + len(session)  # noqa: E731
-    _, record = state_store.end_session(store, "u", 1, 1, update, ["a", "a", "b", "a"])
-    assert seen == [["a", "b", "a"]] and record.history == ["a", "b", "a"]
+    _, record = state_store.end_session(store, "u", 1, 1, update, ["a", "a", "b", "", "b", "a"])
+    assert seen == [["a", "b", "a"]] and record.history == ["a", "b", "a"]  # ("" pads)
     _, record = state_store.end_session(store, "v", 1, 1, update, ["a", "a"], collapse=False)
     assert record.history == ["a", "a"]
     assert state_store.collapse_repeats([]) == []
