@@ -13,7 +13,6 @@ The last line printed is one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess

@@ -15,7 +15,6 @@ grpc_overhead_ratio = gRPC p50 / in-process p50. The last line is one JSON objec
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
