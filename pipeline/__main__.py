@@ -53,9 +53,9 @@ COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic,
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
 WORK_DIR = "_work"
-# Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 # cgroup v2's CPU quota of this process's container ("max" or "QUOTA PERIOD")
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+# Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 STDERR_KEPT_BYTES = 1 << 20  # the last 1 MB of a run's held-back stderr is shown
 PROGRESS_EVERY_S = 30.0  # a progress line this often when stderr is not a terminal
