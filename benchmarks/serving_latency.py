@@ -185,6 +185,7 @@ def main(argv=None) -> int:
 
     in_process_p50 = percentile_ms(local, 50)
     result = {
+        "benchmark": "serving_latency",
         "p50_ms": percentile_ms(remote, 50),
         "p99_ms": percentile_ms(remote, 99),
         "qps_8_clients": round(qps, 1),

@@ -74,6 +74,15 @@ def test_scale_quick():
     assert result["memory_growth"] > 0
 
 
+def test_serving_latency_quick():
+    """A real export behind `serving.server` on loopback, gRPC clients: the latency, rate
+    and overhead keys (the head's path with --repeat-head is the same script)."""
+    result = run_quick("serving_latency")
+    assert result["benchmark"] == "serving_latency" and result["errors"] == 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["qps_8_clients"] > 0
+    assert result["grpc_overhead_ratio"] > 0 and result["workload"]["quick"] is True
+
+
 def test_quick_keeps_the_sizes_the_command_line_gives():
     import argparse
 
