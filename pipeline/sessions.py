@@ -7,6 +7,7 @@ sorting the tuples orders by (time, input order) deterministically.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 from typing import NamedTuple, Sequence
 
@@ -85,16 +86,17 @@ def drop_duplicates(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
     return kept, len(events) - len(kept)
 
 
-def _cut(ordered: list[RawEvent], max_events: int) -> int:
-    """Index of the first row at or after the cap's cut in rows ordered by (time, input
-    order): the time of the `max_events`-th most recent event, copies dropped (0: under
-    the cap). No row before it can be among the most recent events, however many more
-    rows come."""
-    distinct, _ = drop_duplicates(ordered)
+def _cut(ordered: list[RawEvent], max_events: int) -> tuple[int, list[RawEvent] | None, int]:
+    """(index of the first row at or after the cap's cut in rows ordered by (time, input
+    order), and, under the cap (index 0), the rows without their copies and how many
+    copies went: `drop_duplicates`'s, done once). The cut is the time of the
+    `max_events`-th most recent event, copies dropped: no row before it can be among the
+    most recent events, however many more rows come."""
+    distinct, duplicates = drop_duplicates(ordered)
     if len(distinct) <= max_events:
-        return 0
+        return 0, distinct, duplicates
     cut = distinct[-max_events][0]
-    return next(k for k, e in enumerate(ordered) if e[0] >= cut)
+    return bisect.bisect_left([e[0] for e in ordered], cut), None, 0
 
 
 def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEvent], int, int]:
@@ -108,9 +110,10 @@ def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawE
       depend on which rows `bound_rows` met first (the runner's chunk order).
     """
     ordered = sorted(events)
-    start = _cut(ordered, max_events)
-    events, duplicates = drop_duplicates(ordered[start:])
-    events, capped = keep_most_recent(events, max_events)
+    start, distinct, duplicates = _cut(ordered, max_events)
+    if distinct is None:
+        distinct, duplicates = drop_duplicates(ordered[start:])
+    events, capped = keep_most_recent(distinct, max_events)
     return events, duplicates, start + capped
 
 
@@ -127,7 +130,7 @@ def bound_rows(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEve
       `bound_events` counts every row before the cut).
     """
     ordered = sorted(events)
-    start = _cut(ordered, max_events)
+    start, _, _ = _cut(ordered, max_events)
     return ordered[start:], 0, start
 
 
