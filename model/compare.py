@@ -593,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
                    help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep "
                         "(default: %(default)s)")
-    p.add_argument("--output", required=True,
+    p.add_argument("--output", required=True, type=argtypes.local_path,
                    help="folder for runs/ and results.json, .md, .png (results_valid.* with "
                         "--split valid)")
     budget = p.add_mutually_exclusive_group()

@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", required=True, choices=EVAL_SPLITS,
                         help="valid to choose, test to report (once per model)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model-dir", help="a training run folder (python -m model.train)")
+    which.add_argument("--model-dir", type=argtypes.local_path, help="a training run folder (python -m model.train)")
     which.add_argument("--model", choices=baselines.NAMES,
                        help="a baseline, fitted here on the train split only: popularity (train "
                             "counts), sknn (V-SKNN session kNN), spop (counts in the session), "
@@ -401,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", choices=("best", "latest"),
                         help="with --model-dir: the best-on-valid weights (the latest when the "
                              "run never evaluated on valid; the default) or the latest")
-    parser.add_argument("--output", help="write the metrics JSON here (atomically)")
-    parser.add_argument("--per-user-output", metavar="FILE.npz",
+    parser.add_argument("--output", type=argtypes.local_path, help="write the metrics JSON here (atomically)")
+    parser.add_argument("--per-user-output", metavar="FILE.npz", type=argtypes.local_path,
                         help="also write each user's events and metric sums here (for paired "
                              "significance tests between models, as model.compare does)")
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=64,
@@ -438,9 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("--per-user-output", args.per_user_output)):
             if path and os.path.isdir(path):  # said now, not after the whole evaluation
                 raise schema.DataError(f"{option} {path} is a folder: pass a file name")
-            if path and not schema.is_remote(path):
+            if path:
                 _check_writable(path)
-        if (args.output and args.per_user_output and not schema.is_remote(args.output)
+        if (args.output and args.per_user_output
                 and os.path.abspath(args.output) == os.path.abspath(args.per_user_output)):
             raise schema.DataError(f"--per-user-output {args.per_user_output} is --output's "
                                    "file too: the one would replace the other; pass two names")

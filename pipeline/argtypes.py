@@ -63,6 +63,21 @@ count_int32 = number(int, 0, high=2**31 - 1)  # a count that goes into an int32 
 message_mb = number(int, 1, high=2047)  # gRPC's message size limit is an int of bytes
 
 
+def local_path(text: str) -> str:
+    """An argparse `type` for a path this project writes or reads with Python's own file
+    calls (run folders, exports, reports, the state store): a `scheme://` path would become
+    a local folder named `gs:` (or an error deep inside TensorFlow), so it is refused."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text} is a remote path: this command writes and reads it on this machine "
+            "(remote file systems are for --data and the pipeline's --input and --output); "
+            "pass a local path and copy to or from the bucket with its own tool")
+    return text
+
+
+local_path.__name__ = "local path"
+
+
 def interrupts_in_one_line(message: str) -> None:
     """A Ctrl-C that reaches the top of a command prints `message` (what it leaves behind),
     not a traceback; the process still ends as interrupted (status 130 in a shell). For

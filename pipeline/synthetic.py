@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     p = argtypes.Parser(prog="python -m pipeline.synthetic",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argtypes.DefaultsHelpFormatter)
-    p.add_argument("--output", required=True, metavar="FILE")
+    p.add_argument("--output", required=True, metavar="FILE", type=argtypes.local_path)
     p.add_argument("--users", type=argtypes.positive_int, default=DEFAULT_USERS, help="number of users")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same log)")
     p.add_argument("--items", type=argtypes.positive_int, default=5000, help="catalogue size")

@@ -17,9 +17,9 @@ def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m serving.export`'s options; exits with a usage error (status 2) or the help."""
     parser = argtypes.Parser(prog="python -m serving.export",
                                      description=EXPORT_DESCRIPTION)
-    parser.add_argument("--model-dir", required=True,
+    parser.add_argument("--model-dir", required=True, type=argtypes.local_path,
                         help="training run folder (model.train --model-dir)")
-    parser.add_argument("--export-base", required=True,
+    parser.add_argument("--export-base", required=True, type=argtypes.local_path,
                         help="folder of versions, TF Serving's model_base_path")
     parser.add_argument("--version", type=int, default=None,
                         help="version number (default: next integer)")
@@ -54,7 +54,8 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argtypes.Parser(prog="python -m serving.server",
                                      description=SERVER_DESCRIPTION,
                                      formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--model-base-path", required=True, help="folder of integer versions")
+    parser.add_argument("--model-base-path", required=True, type=argtypes.local_path,
+                        help="folder of integer versions")
     parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (127.0.0.1: loopback only)")

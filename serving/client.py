@@ -468,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
     parser.add_argument("--model-name", help="the served model's name (required but for forget)")
-    parser.add_argument("--state-db", default="user_states.sqlite",
+    parser.add_argument("--state-db", default="user_states.sqlite", type=argtypes.local_path,
                         help="SQLite file of user states (created when missing, but by "
                              "forget)")
     parser.add_argument("--timeout", type=argtypes.positive_float, default=10.0,

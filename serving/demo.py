@@ -107,7 +107,8 @@ def _stop(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     p = argtypes.Parser(prog="python -m serving.demo", description=__doc__.split("\n")[0],
                                 formatter_class=argtypes.DefaultsHelpFormatter)
-    p.add_argument("--output", default="demo_out", help="folder for everything the demo writes")
+    p.add_argument("--output", default="demo_out", type=argtypes.local_path,
+                   help="folder for everything the demo writes")
     p.add_argument("--users", type=argtypes.positive_int, default=None,
                    help="synthetic users (default: the generator's demo size)")
     p.add_argument("--steps", type=argtypes.positive_int, default=600,

@@ -6,6 +6,8 @@ import json
 import lzma
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -760,8 +762,6 @@ def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
     a Ctrl-C used to print a traceback of up to 93 lines; the process still ends as
     interrupted by SIGINT (status 130 in a shell). The hook each command installs is in its
     `__main__` block: the same call, made here."""
-    import subprocess
-    import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(repo, *command.split(".")) + ".py"
@@ -779,3 +779,24 @@ def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
                               "argtypes.interrupts_in_one_line('x')\nraise ValueError('bad')"],
                              cwd=repo, capture_output=True, text=True, timeout=60)
     assert failing.returncode == 1 and "Traceback" in failing.stderr  # other errors as before
+
+
+@pytest.mark.parametrize("command", [
+    ["model.train", "--data", "DATA", "--model-dir", "gs://bucket/run"],
+    ["model.evaluate", "--data", "DATA", "--split", "test", "--model", "popularity",
+     "--output", "s3://bucket/metrics.json"],
+    ["model.compare", "--data", "DATA", "--models", "popularity", "--output", "gs://bucket/cmp"],
+    ["serving.export", "--model-dir", "RUN", "--export-base", "gs://bucket/models"],
+    ["serving.server", "--model-base-path", "gs://bucket/models", "--model-name", "m"],
+])
+def test_local_only_paths_refuse_a_remote_one_in_one_line(tmp_path, command):
+    """Run folders, reports and exports are written with Python's own file calls: a
+    `gs://` path was a local folder named `gs:` (or a TensorFlow traceback), now a usage
+    error that names the option, and nothing is written."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": repo})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a remote path" in lines[0], proc.stderr
+    assert os.listdir(tmp_path) == []
