@@ -22,6 +22,7 @@ import glob
 import io
 import json
 import os
+import re
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -214,7 +215,42 @@ def shard_files(data_dir: str, split: str) -> list[str]:
         raise DataError(
             f"no {split} shards in {os.path.join(data_dir, split)}: "
             "is this a folder written by `python -m pipeline`?")
+    _check_shard_set(files, os.path.join(data_dir, split))
     return files
+
+
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)" + re.escape(SHARD_SUFFIX) + "$")
+
+
+def _check_shard_set(files: list[str], folder: str) -> None:
+    """Beam names shards `part-SSSSS-of-NNNNN`: a folder whose names count N shards but
+    holds fewer (a copy stopped part-way, a file deleted) is refused instead of read as a
+    smaller split. Names of another form are not checked."""
+    names = [_SHARD_NAME.search(f) for f in files]
+    if not all(names):
+        return
+    totals = {int(m.group(2)) for m in names}
+    held = {int(m.group(1)) for m in names}
+    total = max(totals)
+    missing = sorted(set(range(total)) - held)
+    if len(totals) > 1:
+        raise DataError(f"{folder} mixes the shards of {len(totals)} writes (of "
+                        f"{' and '.join(map(str, sorted(totals)))} shards): copy the folder "
+                        "again or run the pipeline again")
+    if missing:
+        what = (f"shard {missing[0]:05d}-of-{total:05d}" if len(missing) == 1 else
+                f"{len(missing)} of its {total} shards")
+        raise DataError(f"{folder} lacks {what}: an incomplete copy of the folder? copy it "
+                        "again or run the pipeline again")
+
+
+def split_users(data_dir: str, split: str) -> int | None:
+    """The users `stats.json` counts in `split` (None where it does not say)."""
+    try:
+        count = read_stats(data_dir).get("splits", {}).get(split, {}).get("users")
+    except (DataError, AttributeError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _varint(value: int) -> bytes:
@@ -436,16 +472,27 @@ def user_reader(data_dir: str, split: str) -> Callable[[], Iterator[UserRecord]]
                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .prefetch(2))
 
+    expected = split_users(data_dir, split)
+
     def users() -> Iterator[UserRecord]:
+        read = 0
         for rec in _read_or_explain(ds.as_numpy_iterator(), data_dir, split):
             for key in (ITEMS, TIMES):
                 rec[key + "/values"].setflags(write=False)
             contexts = rec[NUM_CONTEXT_SESSIONS].tolist()
             for u, user_id in enumerate(rec[USER_ID]):
+                read += 1
                 yield UserRecord(user_id=user_id.decode("utf-8"),
                                  num_context_sessions=contexts[u],
                                  sessions=_split_user(rec, ITEMS, u),
                                  times=_split_user(rec, TIMES, u))
+        # a whole pass: the records must be the ones stats.json counts (an emptied shard
+        # reads as a smaller split without an error of its own)
+        if expected is not None and read != expected:
+            raise DataError(f"the {split} split of {data_dir} holds {read:,} users where its "
+                            f"{STATS_FILE} counts {expected:,}: an incomplete or altered copy "
+                            "of the folder (a shard emptied or replaced)? copy it again or run "
+                            "the pipeline again")
 
     return users
 

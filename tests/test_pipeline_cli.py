@@ -565,6 +565,51 @@ def test_gzip_shards_are_named_by_contract(tmp_path):
         assert f.read(1) is not None  # really gzip
 
 
+def test_a_copy_that_lost_or_emptied_a_shard_is_refused_not_read_as_a_smaller_split(
+        tmp_path, capsys):
+    """stats.json marks a folder complete; a copy of it that stopped part-way (`cp` on a
+    full disk leaves the later files at 0 bytes) or lost a file read as a smaller split
+    without an error: the metrics and the model selection were silently wrong."""
+    from model import evaluate
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 9},{1000 * u + 60 * k}\n" for u in range(30) for k in range(4)))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    expected = schema.read_stats(str(out))["splits"]["train"]["users"]
+    assert len(list(schema.iter_users(str(out), "train"))) == expected > 0
+    (shard,) = schema.shard_files(str(out), "train")
+    assert shard.endswith("-00000-of-00001" + schema.SHARD_SUFFIX)
+    capsys.readouterr()
+
+    emptied = tmp_path / "emptied"
+    shutil.copytree(out, emptied)
+    open(emptied / "train" / os.path.basename(shard), "wb").close()
+    with pytest.raises(schema.DataError, match=f"holds 0 users where its stats.json counts "
+                                               f"{expected}: an incomplete or altered copy"):
+        list(schema.iter_users(str(emptied), "train"))
+    # the commands say it in one line
+    open(emptied / "test" / os.listdir(emptied / "test")[0], "wb").close()
+    assert evaluate.main(["--data", str(emptied), "--split", "test", "--model", "popularity",
+                          "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "users where its stats.json counts" in err and err.count("\n") == 1, err
+
+    # a shard named as one of two whose sibling is missing, and shards of two writes
+    lost = tmp_path / "lost"
+    shutil.copytree(out, lost)
+    os.rename(lost / "train" / os.path.basename(shard),
+              lost / "train" / ("part-00000-of-00002" + schema.SHARD_SUFFIX))
+    with pytest.raises(schema.DataError, match="lacks shard 00001-of-00002: an incomplete copy"):
+        schema.shard_files(str(lost), "train")
+    shutil.copy(lost / "train" / ("part-00000-of-00002" + schema.SHARD_SUFFIX),
+                lost / "train" / ("part-00000-of-00001" + schema.SHARD_SUFFIX))
+    with pytest.raises(schema.DataError, match="mixes the shards of 2 writes"):
+        schema.shard_files(str(lost), "train")
+
+
 def test_glob_characters_in_a_local_output_are_refused_and_a_link_is_followed(tmp_path, capsys):
     """Beam's sinks read the folder they finish writing in as a glob: a path with [ ]
     failed after the whole job. A link to an earlier output is replaced in its target
