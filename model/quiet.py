@@ -82,6 +82,11 @@ def import_tensorflow() -> None:
     notes held back; nothing when TensorFlow is already imported."""
     if "tensorflow" in sys.modules:
         return
+    from pipeline import storage
+
+    reason = storage.temp_dir_error()  # else a traceback from absl's import
+    if reason:
+        raise SystemExit(f"error: {reason}")
     gpu = has_nvidia_device()
     noise = NOISE + (() if gpu else CUDA_NOISE + ONEDNN_NOISE)
     with native_notes_dropped(noise):

@@ -1072,6 +1072,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    reason = storage.temp_dir_error()  # Beam's pipeline makes one at its start
+    if reason:
+        print(f"error: {reason}; nothing was written to {output}", file=sys.stderr)
+        return 1
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
           f"runner {options.get_all_options()['runner']}", file=sys.stderr)
     stale = outputs.leftovers(output)

@@ -31,6 +31,22 @@ def storage_error(e: BaseException | None) -> str | None:
     return None
 
 
+def temp_dir_error() -> str | None:
+    """Why no temporary folder can be written, when none can: Beam's pipeline and
+    TensorFlow's import (absl) need one, and Python's `tempfile` then raises "No usable
+    temporary directory found" (ENOENT, the full disk's own error swallowed) from deep
+    inside them. Checked by the commands before either; None when one can be written."""
+    import tempfile
+
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        folders = ", ".join(tempfile._candidate_tempdir_list())
+        return (f"no temporary folder can be written ({folders}): a full or read-only "
+                "disk? make room, or set TMPDIR to a folder that has some")
+    return None
+
+
 def reason_or_raise(e: BaseException) -> str:
     """`storage_error(e)` for an entry point's one-line message; any other error is raised
     again (with its traceback), since the entry point has nothing better to say of it."""

@@ -1610,3 +1610,30 @@ def test_notes_on_a_finished_runs_counts(tmp_path):
         "note: the vocabulary holds items written both as integers and as floats ('7' and "
         "'7.0'): two items each here; a file written from a float column (pandas writes an "
         "integer column with a missing value as floats)? Write the ids as integers"]
+
+
+@pytest.mark.parametrize("command", [
+    ["pipeline", "--input", "LOG", "--output", "OUT"],
+    ["model.evaluate", "--data", "DATA", "--split", "test", "--model", "popularity"],
+    ["serving.server", "--model-base-path", "OUT", "--model-name", "m", "--port", "0"],
+])
+def test_a_disk_without_room_for_a_temporary_file_is_one_line(tmp_path, command):
+    """Beam's pipeline and TensorFlow's import each make a temporary file first; on a full
+    disk Python's tempfile raised "No usable temporary directory found" (the disk's own
+    error swallowed) as a traceback from deep inside them."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in GOOD))
+    out = tmp_path / "out"
+    data = tmp_path / "data"
+    if command[0] == "model.evaluate":
+        assert cli.main(["--input", str(log), "--output", str(data), "--min-item-count", "1",
+                         *IN_MEMORY]) == 0
+    argv = [{"LOG": str(log), "OUT": str(out), "DATA": str(data)}.get(a, a) for a in command]
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, preexec_fn=file_size_limit(0))
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no temporary folder can be written ("), \
+        proc.stderr
+    assert "a full or read-only disk? make room, or set TMPDIR" in lines[0]
+    assert not out.exists()
