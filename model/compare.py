@@ -53,7 +53,13 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 
 
 class CompareError(ValueError):
-    """A bad option or a failed run, reported in one line."""
+    """A bad option or a failed run, reported in one line; `exit_code` is compare's (2 for a
+    usage or data error, as the commands it runs use it; 1 for a run that failed otherwise,
+    e.g. for want of room)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def parse_model_names(text: str) -> list[str]:
@@ -324,7 +330,8 @@ def _run(cmd: list[str], log_path: str, status: Status | None = None) -> None:
             said = [line for line in log.read().decode("utf-8", "replace").splitlines()
                     if "error: " in line]
         raise CompareError(f"`{' '.join(cmd)}` failed with exit code {returncode}"
-                           + (f" ({said[-1].strip()})" if said else "") + f": see {log_path}")
+                           + (f" ({said[-1].strip()})" if said else "") + f": see {log_path}",
+                           exit_code=2 if returncode == 2 else 1)
 
 
 def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
@@ -710,7 +717,7 @@ def _main(args: argparse.Namespace) -> int:
         print(md)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except OSError as e:
         where = storage.path_error(e)
         if where:

@@ -1108,7 +1108,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: cannot write to {args.model_dir}: {reason}; "
               + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): make room "
                  "and rerun the same command to resume" if kept else
-                 "no checkpoint was complete, so the steps trained are lost: make room and "
+                 "no checkpoint was complete, so any steps trained are lost: make room and "
                  "rerun the same command to start again"), file=sys.stderr)
         return 1
     print(json.dumps(summary))

@@ -274,8 +274,7 @@ class SQLiteStateStore(StateStore):
                 columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
             advice = ("its disk is full: make room there" if _disk_full(path)
-                      else "another process holds it locked: try again" if _locked(e)
-                      else "pass another --state-db")
+                      else _advice(e))
             raise ValueError(f"cannot open state database {path}: {e}; {advice}") from None
         if columns != list(self._COLUMNS):
             self._db.close()
@@ -428,6 +427,10 @@ def _advice(e: sqlite3.DatabaseError) -> str:
     """What to do about an error of SQLite's on a file that opened."""
     if _locked(e):
         return "another process holds it locked: try again"
+    if "disk I/O error" in str(e):  # SQLite's word for a failed write other than ENOSPC
+        return ("a write to it or to its -wal or -shm file failed (a quota, a file-size limit, "
+                "a failing disk?): make room or fix the disk and try again; the records "
+                "written before are kept")
     if "malformed" in str(e) or "not a database" in str(e):
         return ("the file is damaged: restore it from a backup or pass another --state-db "
                 "(`sqlite3 FILE .recover` salvages what it can)")

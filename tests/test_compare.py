@@ -487,3 +487,17 @@ def test_a_childs_output_reaches_the_log_whole_and_the_display_line_by_line(tmp_
     runner.start()
     runner.join(timeout=60)  # a relay that stopped reading would leave the child blocked
     assert not runner.is_alive() and len(raised) == 1 and raised[0].errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("code", [1, 2])
+def test_a_failed_command_keeps_its_kind_of_exit_code(tmp_path, code):
+    """A command that failed for want of room (exit 1) made compare exit 2, its code for a
+    bad option; now 2 stays a usage or data error and anything else is 1."""
+    log = str(tmp_path / "compare.log")
+    cmd = [sys.executable, "-c",
+           f"import sys; print('error: cannot write to run: File too large', file=sys.stderr); "
+           f"sys.exit({code})"]
+    with pytest.raises(compare.CompareError, match=r"failed with exit code \d \(error: cannot "
+                                                   r"write to run: File too large\)") as e:
+        compare._run(cmd, log)
+    assert e.value.exit_code == code

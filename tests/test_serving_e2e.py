@@ -36,7 +36,7 @@ def test_two_sessions_through_the_served_model(tmp_path):
     # a full disk (here a file-size limit) under training and export: one line each, no
     # version published, and the same commands then succeed
     for command, error in ((train, "error: cannot write to run: File too large; no checkpoint "
-                                   "was complete, so the steps trained are lost"),
+                                   "was complete, so any steps trained are lost"),
                            (("serving.export", "--model-dir", "run", "--export-base", "export"),
                             "error: cannot write the export under export: File too large; no "
                             "version was published")):

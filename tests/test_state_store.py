@@ -507,3 +507,25 @@ def test_an_empty_session_is_refused(store):
     with pytest.raises(ValueError, match="an empty session; nothing to fold in"):
         state_store.end_session(store, "u", 1, 2, lambda s, x: s + 1, [])
     assert store.latest("u") is None
+
+
+def test_a_write_that_fails_below_sqlite_says_so_not_pass_another_file(tmp_path):
+    """Under a file-size limit or a quota SQLite reports "disk I/O error" (it maps only
+    ENOSPC to "database or disk is full"); the advice was "pass another --state-db", as if
+    the file were bad, though every record written before is intact."""
+    import subprocess
+    import sys
+
+    from tiny_logs import file_size_limit
+
+    path = tmp_path / "states.sqlite"
+    code = ("import sys\nfrom serving import state_store\n"
+            f"try:\n    state_store.SQLiteStateStore({str(path)!r})\n"
+            "except ValueError as e:\n    print(e)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          text=True, timeout=60, preexec_fn=file_size_limit(1024))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"cannot open state database {path}: disk I/O error; a "
+                                  "write to it or to its -wal or -shm file failed"), proc.stdout
+    assert "pass another --state-db" not in proc.stdout

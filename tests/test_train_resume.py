@@ -560,7 +560,7 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot write to {run}: ") and last.endswith(
-        "no checkpoint was complete, so the steps trained are lost: make room and rerun the "
+        "no checkpoint was complete, so any steps trained are lost: make room and rerun the "
         "same command to start again"), last
     ckpts = os.path.join(run, registry.CHECKPOINT_DIR)
     assert not [n for n in os.listdir(ckpts) if n.endswith("_temp")]
