@@ -124,7 +124,25 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     config = config.replace({"model": model, "train": train})
     if config.train.steps == 0 and config.train.epochs == 0:
         config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
+    _check_high_level_trains(config)
     return config
+
+
+def _check_high_level_trains(config: config_lib.RunConfig) -> None:
+    """The state cache carries each row's high-level state from batch to batch without
+    gradient, so a GRU over a user's sessions learns only where a batch holds a session
+    after the end of an earlier one: with one session per row per batch it never does (its
+    weights stayed at their initial values while the rest trained)."""
+    high_level = {"hiertcn": getattr(config.model, "high_level", False),
+                  "hrnn": True}.get(config.model_name, False)
+    if high_level and config.train.sessions_per_batch < 2:
+        ablation = (", or --no-high-level for the session-only ablation"
+                    if config.model_name == "hiertcn" else "")
+        raise config_lib.ConfigError(
+            f"--sessions-per-batch 1 never trains {config.model_name}'s GRU over sessions (its "
+            "state is carried between batches without gradient, so it learns only from a "
+            f"batch that holds a session after an earlier one): use 2 or more, the more the "
+            f"longer the sessions (the default is 10){ablation}")
 
 
 # The command-line options that set a model config key (`resolve_config`): (the key, the

@@ -595,3 +595,40 @@ def test_tf_keras_bound_to_keras_3_before_the_import_is_refused():
     assert res.returncode == 1
     assert ("RuntimeError: tf.keras is Keras 3" in res.stderr and "`import model` (or set "
             "TF_USE_LEGACY_KERAS=1) before tf.keras is first used" in res.stderr), res.stderr
+
+
+def test_one_session_per_row_is_refused_where_a_gru_over_sessions_would_not_train(
+        data, config_file, tmp_path, capsys):
+    """The state cache carries the high-level state between batches without gradient, so
+    with one session per row per batch the GRU over sessions never learned (its weights
+    stayed at their initial values while the rest trained). With two it learns."""
+    train_only = str(tmp_path / "train_only.json")  # (TINY's model keys are HierTCN's)
+    with open(train_only, "w") as f:
+        json.dump({"train": TINY["train"]}, f)
+    configs = {"hiertcn": config_file, "hrnn": train_only, "gru4rec": train_only}
+    for model, ablation in (("hiertcn", True), ("hrnn", False)):
+        run = str(tmp_path / f"s1-{model}")
+        assert train_lib.main(_args(data, run, configs[model], "--model", model,
+                                    "--sessions-per-batch", "1")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --sessions-per-batch 1 never trains {model}'s GRU over "
+                              "sessions") and len(err.splitlines()) == 1, err
+        assert ("--no-high-level" in err) == ablation
+        assert not os.path.exists(run)
+    # without a GRU over sessions one session per row is fine
+    for model, extra in (("gru4rec", ()), ("hiertcn", ("--no-high-level",))):
+        assert train_lib.main(_args(data, str(tmp_path / f"ok-{model}"), configs[model], "--model",
+                                    model, "--sessions-per-batch", "1", "--steps", "2",
+                                    "--eval-every", "0", *extra)) == 0
+    # and with more sessions per row than a session has chunks (L = 4 here) the
+    # high-level GRU's weights move
+    runs = {}
+    for steps in ("1", "8"):
+        runs[steps] = str(tmp_path / f"s2-{steps}")
+        assert train_lib.main(_args(data, runs[steps], config_file, "--sessions-per-batch", "3",
+                                    "--steps", steps, "--eval-every", "0")) == 0
+    model_1, _, _ = registry.load_model(runs["1"])
+    model_8, _, _ = registry.load_model(runs["8"])
+    gru = [(a.numpy(), b.numpy()) for a, b in zip(model_1.variables, model_8.variables)
+           if a.name.startswith("high_gru/")]
+    assert gru and all(np.abs(a - b).max() > 1e-4 for a, b in gru)
