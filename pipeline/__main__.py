@@ -1035,6 +1035,16 @@ def _notes(stats: dict, output: str) -> list[str]:
                                 if name == "valid" else "model.evaluate has nothing to score")
                              + "; use times to the second, other --valid-fraction/"
                              "--test-fraction, or --split users")
+    elif splits["train"]["events"]:  # --split users: whole users by a hash of their ids
+        for name, fraction in (("valid", "valid_fraction"), ("test", "test_fraction")):
+            if not splits[name]["events"] and options.get(fraction, 0.1) > 0:
+                users = sum(splits[n]["users"] for n in schema.SPLITS)
+                lines.append(f"warning: the {name} split is empty (--split users drew none of "
+                             f"the {users:,} user{'s' * (users != 1)} for it): "
+                             + ("model.train has no valid events to select a checkpoint on"
+                                if name == "valid" else "model.evaluate has nothing to score")
+                             + f"; with few users try another --seed or a larger "
+                             f"--{fraction.replace('_', '-')}, or --split time")
     if stats["rows_written"]:
         pairs = _float_id_pairs(output)
         if pairs:

@@ -1637,3 +1637,25 @@ def test_a_disk_without_room_for_a_temporary_file_is_one_line(tmp_path, command)
         proc.stderr
     assert "a full or read-only disk? make room, or set TMPDIR" in lines[0]
     assert not out.exists()
+
+
+def test_users_split_that_draws_no_user_for_valid_or_test_says_so(tmp_path, capsys):
+    """The time split warned of an empty valid or test split; --split users said nothing
+    until model.train ran without model selection and model.evaluate had no users."""
+    log = tmp_path / "three.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + s + k) % 6},{1_600_000_000 + 5000 * s + 10 * k}\n"
+        for u in range(3) for s in range(5) for k in range(4)))
+    said = {}
+    for seed in range(6):
+        out = tmp_path / f"out{seed}"
+        assert cli.main(["--input", str(log), "--output", str(out), "--split", "users",
+                         "--min-item-count", "1", "--seed", str(seed), *IN_MEMORY]) == 0
+        err = capsys.readouterr().err
+        splits = schema.read_stats(str(out))["splits"]
+        for name in ("valid", "test"):
+            warned = (f"warning: the {name} split is empty (--split users drew none of the 3 "
+                      "users for it)") in err
+            assert warned == (splits[name]["users"] == 0), err
+            said[name] = said.get(name, False) or warned
+    assert said["valid"] and said["test"]
