@@ -472,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           max_users=args.max_users, progress=not args.no_progress,
                           per_user_output=args.per_user_output,
                           rule_out_current=args.rule_out_current)
+        if not result["events"]:
+            print(f"note: the {args.split} split has no event at position >= 2 to score (every "
+                  "target session holds one item): the headline metrics are 0 by convention, "
+                  "not a score; see first_item", file=sys.stderr)
         if args.output:
             write_json(args.output, result)
     except user_errors as e:

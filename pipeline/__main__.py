@@ -351,8 +351,13 @@ def _row_formats(args, files, heads) -> dict:
     wanted = (args.user_col, args.item_col, args.time_col) + (
         (args.session_col,) if args.session_col else ())
     if len(set(wanted)) < len(wanted):
+        same_session = args.session_col is not None and args.session_col == args.user_col
         raise UsageError(f"--user-col, --item-col, --time-col{' and --session-col' if args.session_col else ''} "
-                         f"must differ, got {wanted}")
+                         f"must differ, got {wanted}"
+                         + (f"; for a log of sessions without users, leave out --session-col: "
+                            f"the {args.user_col} column's ids are then the users, each one's "
+                            "events split into sessions by --session-gap (a large one, e.g. --session-gap "
+                            "100000000, keeps them in one)" if same_session else ""))
     text = args.format in ("csv", "tsv")
     separator = parse.separator_of(args.format, args.delimiter or "") if text else ""
     filters = (tuple((column, frozenset(values)) for column, values in args.filter or ())
@@ -753,6 +758,11 @@ def _resolve(argv):
         raise UsageError(
             f"--valid-fraction + --test-fraction must be < 1, got "
             f"{args.valid_fraction} + {args.test_fraction}")
+    if args.max_events_per_user < args.min_session_length:
+        raise UsageError(
+            f"--max-events-per-user {args.max_events_per_user} keeps fewer events per user than "
+            f"a session needs (--min-session-length {args.min_session_length}): nothing would "
+            "be written")
     named = {"jsonl": "JSON lines name their keys", "parquet": "a Parquet file names its columns",
              "avro": "an Avro file names its fields"}
     if args.format in parse.OBJECT_FORMATS and args.columns:

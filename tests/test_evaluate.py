@@ -475,3 +475,22 @@ def test_evaluation_progress_counts_the_splits_target_events(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"^evaluate next-index on valid: 5 users of 5, (\d+) of \1 target events "
                      r"\(100%\)", err, re.M), err
+
+
+def test_a_split_without_a_position_to_score_says_its_zeros_are_no_score(tmp_path, capsys):
+    """A log of one-item sessions (--min-session-length 1) has nothing at position >= 2:
+    the headline metrics are 0 by convention, which read as a score without a note."""
+    train = {"a": ([], [[5, 6], [7, 8]]), "b": ([], [[2, 3]])}
+    test = {"a": ([[5, 6], [7, 8]], [[9], [5]]), "b": ([[2, 3]], [[4]])}
+    data = write_data(tmp_path, {"train": train, "valid": VALID, "test": test})
+    assert ev.main(["--data", data, "--split", "test", "--model", "popularity",
+                    "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["events"] == 0 and result["recall@20"] == 0.0
+    assert result["first_item"]["events"] == 3
+    assert ("note: the test split has no event at position >= 2 to score (every target "
+            "session holds one item): the headline metrics are 0 by convention") in captured.err
+    assert ev.main(["--data", data, "--split", "valid", "--model", "popularity",
+                    "--no-progress"]) == 0
+    assert "no event at position >= 2" not in capsys.readouterr().err

@@ -256,6 +256,11 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["extra.csv"], "unexpected argument 'extra.csv'"),
     (["--valid-fraction", "abc"], "argument --valid-fraction: 'abc' is not a number"),
     (["--output", "{tmp}/log.csv/out"], "--output {tmp}/log.csv/out: {tmp}/log.csv is a file"),
+    (["--max-events-per-user", "1"], "--max-events-per-user 1 keeps fewer events per user than "
+                                     "a session needs (--min-session-length 2)"),
+    (["--session-col", "user"], "must differ, got ('user', 'item', 'time', 'user'); for a log "
+                                "of sessions without users, leave out --session-col: the user "
+                                "column's ids are then the users"),
 ])
 def test_bad_options_stop_before_output(tmp_path, capsys, args, message):
     log = tmp_path / "log.csv"
