@@ -260,11 +260,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name.startswith("one_device:"):
         device = name.split(":", 1)[1]
         try:
-            return tf.distribute.OneDeviceStrategy(device)
+            strategy = tf.distribute.OneDeviceStrategy(device)
         except ValueError as e:
             raise config_lib.ConfigError(f"strategy {name!r}: {device!r} is not a device "
                                          f"({str(e).splitlines()[0]}); try one_device:/gpu:0 "
                                          "or one_device:/cpu:0") from None
+        # TensorFlow places ops on a device it lacks (a GPU CUDA cannot see) on the CPU
+        # without a word: a run meant for a GPU would train for hours on the CPU
+        spec = tf.DeviceSpec.from_string(strategy.extended.worker_devices[0])
+        have = [tf.DeviceSpec.from_string(d.name) for d in tf.config.list_logical_devices()]
+        if not any(d.device_type == spec.device_type and d.device_index == spec.device_index
+                   for d in have):
+            names = ", ".join(f"/{d.device_type.lower()}:{d.device_index}" for d in have)
+            raise config_lib.ConfigError(f"strategy {name!r}: this machine has no {device} "
+                                         f"(TensorFlow sees {names})")
+        return strategy
     strategy = tf.distribute.MirroredStrategy()
     if strategy.num_replicas_in_sync > 1:
         raise config_lib.ConfigError(
@@ -617,6 +627,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     vocab = check_data(data_dir)
     config = resolve_loss(config, vocab.size)
     check_current_rule(data_dir, config.model)
+    strategy = make_strategy(config.train.strategy)
     lock.acquire()  # (after the checks of the data: a refused command makes no folder)
     changed = prepare_run_dir(run_dir, config, data_dir, vocab)
     tc = config.train
@@ -627,7 +638,6 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         tf.keras.mixed_precision.set_global_policy("mixed_float16" if mixed_float16 else "mixed_bfloat16")
     users = batching.CachedUsers(data_dir, "train", tc.cache_events)
     total_steps = tc.steps or estimate_steps(data_dir, tc, users)
-    strategy = make_strategy(tc.strategy)
     with strategy.scope():
         model = registry.build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts)
         optimizer = make_optimizer(tc, total_steps)

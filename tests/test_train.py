@@ -463,6 +463,9 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     cases = [
         (_args(data, run, config_file, "--strategy", "one_device:bogus"),
          "strategy 'one_device:bogus': 'bogus' is not a device"),
+        # (a device it lacks was the CPU without a word)
+        (_args(data, run + "7", config_file, "--strategy", "one_device:/gpu:7"),
+         "strategy 'one_device:/gpu:7': this machine has no /gpu:7 (TensorFlow sees /cpu:0"),
         (_args(no_counts, run + "5", config_file, "--steps", "2"),
          f"{no_counts}/stats.json has no counts of the train split (splits.train: users, "
          "sessions, events)"),
@@ -486,6 +489,7 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
                         if not line.startswith("training "))
         assert message in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(run + "4")  # a bad option leaves no run folder
+    assert not os.path.exists(run + "7")
 
 
 def test_epochs_are_counted_in_the_batches_the_generator_makes(tmp_path):
