@@ -107,6 +107,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
         if (given := value(args)) is not None:
             model[key] = given
     _check_model_options(model, config.model_name, classes, "deep" if args.preset else None)
+    _check_options_take_effect(args, model)
     flags = {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
              "batch_size": args.batch_size, "sessions_per_batch": args.sessions_per_batch,
              "max_session_length": args.max_session_length, "learning_rate": args.learning_rate,
@@ -162,6 +163,33 @@ _MODEL_OPTIONS = (
     ("high_level", "--no-high-level", lambda a: False if a.no_high_level else None),
     ("chunk_context", "--no-chunk-context", lambda a: False if a.no_chunk_context else None),
 )
+
+
+def _check_options_take_effect(args: argparse.Namespace, model: dict) -> None:
+    """An option given on the command line that another one given with it switches off is
+    refused: the run trained exactly as without it while config.json recorded it."""
+    off = {"--no-repeat-head": model.get("repeat_head") is False,
+           "--no-high-level": model.get("high_level") is False}
+    needs = ((args.start_items is not None and args.start_items > 0, "--start-items",
+              ("--no-repeat-head", "--no-high-level"),
+              "the repeat head points at the first items of the user's sessions, which the "
+              "high-level state carries"),
+             (bool(args.transition_bias), "--transition-bias", ("--no-repeat-head",),
+              "a bias of the repeat head"),
+             (bool(args.no_seen_bias), "--no-seen-bias", ("--no-repeat-head",),
+              "the seen bias is the repeat head's"))
+    for given, option, switches, why in needs:
+        for switch in switches:
+            if given and off[switch]:
+                raise config_lib.ConfigError(f"{option} has no effect with {switch} ({why}): "
+                                             f"leave one of them out")
+    if model.get("loss") == "softmax":
+        for key, option in (("num_negatives", "--num-negatives"),
+                            ("negative_exponent", "--negative-exponent")):
+            if key in model:
+                raise config_lib.ConfigError(f"{option} has no effect with --loss softmax (the "
+                                             "full softmax has no negatives to draw): leave "
+                                             "one of them out")
 
 
 def _check_model_options(model: dict, name: str, classes: dict, preset: str | None) -> None:
@@ -625,7 +653,17 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             f"with XLA; only {', '.join(n for n, c in registry.MODELS.items() if c.xla_ready)} "
             "does")
     vocab = check_data(data_dir)
+    asked = getattr(config.model, "loss", None)
     config = resolve_loss(config, vocab.size)
+    if asked == "auto" and config.model.loss == "softmax":
+        defaults = type(config.model)()
+        unused = [o for k, o in (("num_negatives", "--num-negatives"),
+                                 ("negative_exponent", "--negative-exponent"))
+                  if getattr(config.model, k) != getattr(defaults, k)]
+        if unused:
+            print(f"note: {' and '.join(unused)} unused: the loss is the full softmax (--loss "
+                  f"auto samples above {losses.AUTO_SOFTMAX_MAX_ITEMS:,} items; this catalogue "
+                  f"has {vocab.num_items:,}); --loss sampled uses them", file=sys.stderr)
     check_current_rule(data_dir, config.model)
     strategy = make_strategy(config.train.strategy)
     lock.acquire()  # (after the checks of the data: a refused command makes no folder)

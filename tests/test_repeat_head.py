@@ -82,6 +82,24 @@ def test_head_is_on_by_default_with_either_loss_and_flags_override_it():
     current = lambda *flags: train_lib.resolve_config(train_lib.parse_args(
         ["--data", "d", "--model-dir", "r", *flags])).model.exclude_current
     assert current() and not current("--keep-current")
+    # an option that another one given with it switches off is refused (the run trained as
+    # without it while config.json recorded it)
+    for flags, message in ((("--no-repeat-head", "--start-items", "5"),
+                            "--start-items has no effect with --no-repeat-head"),
+                           (("--no-high-level", "--start-items", "5"),
+                            "--start-items has no effect with --no-high-level"),
+                           (("--no-repeat-head", "--transition-bias"),
+                            "--transition-bias has no effect with --no-repeat-head"),
+                           (("--no-repeat-head", "--no-seen-bias"),
+                            "--no-seen-bias has no effect with --no-repeat-head"),
+                           (("--loss", "softmax", "--num-negatives", "10"),
+                            "--num-negatives has no effect with --loss softmax"),
+                           (("--loss", "softmax", "--negative-exponent", "1"),
+                            "--negative-exponent has no effect with --loss softmax")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            starts(*flags)
+    assert starts("--no-high-level", "--start-items", "0") == 0  # (0 is "off": consistent)
+    assert starts("--no-repeat-head", "--loss", "sampled", "--num-negatives", "10") == 20
 
 
 def test_mixture_is_a_distribution_and_respects_padding():

@@ -636,3 +636,15 @@ def test_one_session_per_row_is_refused_where_a_gru_over_sessions_would_not_trai
     gru = [(a.numpy(), b.numpy()) for a, b in zip(model_1.variables, model_8.variables)
            if a.name.startswith("high_gru/")]
     assert gru and all(np.abs(a - b).max() > 1e-4 for a, b in gru)
+
+
+def test_negatives_under_an_auto_loss_that_chose_the_full_softmax_get_a_note(
+        data, config_file, tmp_path, capsys):
+    assert train_lib.main(_args(data, str(tmp_path / "run"), config_file, "--num-negatives", "10",
+                                "--steps", "1", "--eval-every", "0")) == 0
+    err = capsys.readouterr().err
+    assert ("note: --num-negatives unused: the loss is the full softmax (--loss auto samples "
+            "above 50,000 items; this catalogue has 20)") in err, err
+    assert train_lib.main(_args(data, str(tmp_path / "run2"), config_file, "--steps", "1",
+                                "--eval-every", "0")) == 0
+    assert "unused" not in capsys.readouterr().err
