@@ -848,9 +848,21 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
 
     def record_config() -> None:
         """Records this command's config once it has trained a step (`save_config`)."""
-        nonlocal config_saved
+        nonlocal config_saved, best
         if not config_saved:
             save_config(run_dir, config, start_step, changed)
+            if not tc.eval_every and best is not None:
+                # --eval-every 0 means the last weights are used: an earlier process's best
+                # would otherwise go on being what evaluate and export load, the steps
+                # trained from here on ignored; kept aside, not deleted
+                kept = os.path.join(run_dir, f"{registry.BEST_DIR}-until-step-{start_step}")
+                if os.path.exists(kept):
+                    shutil.rmtree(kept)
+                os.rename(os.path.join(run_dir, registry.BEST_DIR), kept)
+                print(f"note: --eval-every 0: the last weights are used from now on, not the "
+                      f"best on valid of the earlier steps (step {best['step']}), which is "
+                      f"kept in {kept}", file=sys.stderr)
+                best = None
             # an earlier process's summary no longer describes the run (its checkpoint is
             # about to be replaced): gone until this one writes its own, so a kill from
             # here on leaves a run that says it did not finish (`registry.training_note`)

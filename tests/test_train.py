@@ -648,3 +648,25 @@ def test_negatives_under_an_auto_loss_that_chose_the_full_softmax_get_a_note(
     assert train_lib.main(_args(data, str(tmp_path / "run2"), config_file, "--steps", "1",
                                 "--eval-every", "0")) == 0
     assert "unused" not in capsys.readouterr().err
+
+
+def test_a_run_resumed_with_eval_every_0_uses_its_last_weights_not_an_earlier_best(
+        data, config_file, tmp_path, capsys):
+    """--eval-every 0 says the last weights are used; resumed so, the run kept serving the
+    best of its earlier evaluations, the steps trained after it ignored by evaluate and
+    export. That best is now set aside (kept, not deleted)."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "6", "--eval-every", "3",
+                                "--checkpoint-every", "3")) == 0
+    best_step = registry.read_best(run)["step"]
+    assert registry.checkpoint_path(run, "best").endswith(f"best/ckpt-{best_step}")
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0",
+                                "--checkpoint-every", "3")) == 0
+    out, err = capsys.readouterr()
+    kept = os.path.join(run, "best-until-step-6")
+    assert (f"note: --eval-every 0: the last weights are used from now on, not the best on "
+            f"valid of the earlier steps (step {best_step}), which is kept in {kept}") in err
+    assert json.loads(out.strip().splitlines()[-1])["best"] is None
+    assert registry.read_best(run) is None and os.path.isfile(os.path.join(kept, "best.json"))
+    assert registry.checkpoint_path(run, "best").endswith("checkpoints/ckpt-10")
