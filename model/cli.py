@@ -111,7 +111,9 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the high-level state stays zero (with --no-repeat-head: the "
                         "session-only ablation; the repeat head reads the user's history)")
     p.add_argument("--mixed-precision", action="store_true",
-                   help="float16 compute, float32 weights (for GPUs)")
+                   help="float16 compute on a GPU (bfloat16 on a CPU), float32 weights; "
+                        "training's valid evaluations run so, model.evaluate and exports in "
+                        "float32 (their metrics can differ in the third digit)")
     p.add_argument("--jit-compile", action="store_true",
                    help="XLA-compile the model's encoder (hiertcn only: the baselines' "
                         "recurrent loops and ragged packing do not compile)")
