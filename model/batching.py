@@ -553,6 +553,31 @@ class CachedUsers:
         length = max_session_length
         return sum(-(-len(s) // length) for sessions in self.cached for s in sessions)
 
+    def high_level_share(self, sessions_per_batch: int, max_session_length: int,
+                         max_users: int = 20_000) -> float | None:
+        """About what share of the slots follow, in their batch, the end of an earlier
+        session of the same user: the only slots whose high-level state the batch computes
+        (the state cache carries it between batches without gradient), so the only ones a
+        GRU over sessions learns from. Estimated over the first `max_users` users as one
+        queue cut into batches of S slots (a row's queue is such a run of users); None
+        for a split that streams (not read here)."""
+        self._read_once()
+        if self.cached is None:
+            return None
+        s, length = sessions_per_batch, max_session_length
+        slot = learning = 0
+        for sessions in self.cached[:max_users]:
+            ended_in_batch = -1  # the batch (slot // S) in which this user's last session ended
+            for items in sessions:
+                chunks = -(-len(items) // length)
+                for c in range(chunks):
+                    if ended_in_batch == slot // s:
+                        learning += 1
+                    if c == chunks - 1:
+                        ended_in_batch = slot // s
+                    slot += 1
+        return learning / slot if slot else None
+
     def _read_once(self) -> None:
         """Runs the first pass now if none has run (it fills the cache within the bound)."""
         if self.cached is None and not self._too_big:

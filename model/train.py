@@ -129,14 +129,38 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     return config
 
 
+# Below this share of slots that train the GRU over sessions, model.train says so.
+HIGH_LEVEL_SHARE_NOTE = 0.1
+
+
+def _has_high_level(config: config_lib.RunConfig) -> bool:
+    """Whether the model has a GRU over sessions that training must reach."""
+    return {"hiertcn": getattr(config.model, "high_level", False),
+            "hrnn": True}.get(config.model_name, False)
+
+
+def _note_high_level_share(config: config_lib.RunConfig, users: batching.CachedUsers) -> None:
+    """Says when few slots train the GRU over sessions: sessions long against S x L leave
+    few batches that hold a session after an earlier one's end (none at all where every
+    session takes more than S slots)."""
+    tc = config.train
+    if not _has_high_level(config):
+        return
+    share = users.high_level_share(tc.sessions_per_batch, tc.max_session_length)
+    if share is not None and share < HIGH_LEVEL_SHARE_NOTE:
+        print(f"note: about {share:.1%} of the train split's session chunks follow a session "
+              f"end in their batch, the only ones the {config.model_name} GRU over sessions "
+              f"learns from (S = {tc.sessions_per_batch} chunks of L = "
+              f"{tc.max_session_length} items a row per batch): this log's sessions are "
+              "long for them; a larger --sessions-per-batch trains it more", file=sys.stderr)
+
+
 def _check_high_level_trains(config: config_lib.RunConfig) -> None:
     """The state cache carries each row's high-level state from batch to batch without
     gradient, so a GRU over a user's sessions learns only where a batch holds a session
     after the end of an earlier one: with one session per row per batch it never does (its
     weights stayed at their initial values while the rest trained)."""
-    high_level = {"hiertcn": getattr(config.model, "high_level", False),
-                  "hrnn": True}.get(config.model_name, False)
-    if high_level and config.train.sessions_per_batch < 2:
+    if _has_high_level(config) and config.train.sessions_per_batch < 2:
         ablation = (", or --no-high-level for the session-only ablation"
                     if config.model_name == "hiertcn" else "")
         raise config_lib.ConfigError(
@@ -676,6 +700,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         tf.keras.mixed_precision.set_global_policy("mixed_float16" if mixed_float16 else "mixed_bfloat16")
     users = batching.CachedUsers(data_dir, "train", tc.cache_events)
     total_steps = tc.steps or estimate_steps(data_dir, tc, users)
+    _note_high_level_share(config, users)
     with strategy.scope():
         model = registry.build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts)
         optimizer = make_optimizer(tc, total_steps)

@@ -353,3 +353,20 @@ def test_cached_users_stream_a_split_over_the_bound(tmp_path):
     shutil.rmtree(tmp_path / "d" / "train")
     with pytest.raises(tf.errors.NotFoundError):  # streamed again: the files are needed
         list(factory())
+
+
+def test_high_level_share_counts_the_chunks_after_a_session_end_in_their_batch():
+    """Hand-computed: user A has sessions of 5 and 3 items (chunks of L = 4: slots 0, 1 and
+    2), user B three of 2 (slots 3, 4, 5). With S = 2 (batches {0,1} {2,3} {4,5}) only slot
+    5 follows an end of its user in its batch; with S = 3 ({0,1,2} {3,4,5}) slots 2, 4 and
+    5 do; with S = 1 none."""
+    users = batching.CachedUsers.__new__(batching.CachedUsers)
+    users.cached = [[np.arange(5), np.arange(3)], [np.arange(2)] * 3]
+    users._too_big = False
+    assert users.high_level_share(2, 4) == pytest.approx(1 / 6)
+    assert users.high_level_share(3, 4) == pytest.approx(3 / 6)
+    assert users.high_level_share(1, 4) == 0.0
+    # every session exactly S chunks: each ends its batch, and the GRU never learns
+    users.cached = [[np.arange(40)] * 4]
+    assert users.high_level_share(2, 20) == 0.0
+    assert users.high_level_share(10, 20) == pytest.approx(6 / 8)  # sessions 2-4, both chunks

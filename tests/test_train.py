@@ -624,8 +624,16 @@ def test_one_session_per_row_is_refused_where_a_gru_over_sessions_would_not_trai
         assert train_lib.main(_args(data, str(tmp_path / f"ok-{model}"), configs[model], "--model",
                                     model, "--sessions-per-batch", "1", "--steps", "2",
                                     "--eval-every", "0", *extra)) == 0
-    # and with more sessions per row than a session has chunks (L = 4 here) the
-    # high-level GRU's weights move
+    # two sessions per row with sessions of two chunks (L = 4 here): each session ends its
+    # batch, few chunks train the GRU, and the run says so
+    capsys.readouterr()
+    assert train_lib.main(_args(data, str(tmp_path / "s2"), config_file, "--sessions-per-batch",
+                                "2", "--steps", "1", "--eval-every", "0")) == 0
+    assert ("of the train split's session chunks follow a session end in their batch, the "
+            "only ones the hiertcn GRU over sessions learns from (S = 2 chunks of L = 4 items"
+            ) in capsys.readouterr().err
+    # and with more sessions per row than a session has chunks the high-level GRU's
+    # weights move
     runs = {}
     for steps in ("1", "8"):
         runs[steps] = str(tmp_path / f"s2-{steps}")
