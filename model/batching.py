@@ -559,8 +559,9 @@ class CachedUsers:
         session of the same user: the only slots whose high-level state the batch computes
         (the state cache carries it between batches without gradient), so the only ones a
         GRU over sessions learns from. Estimated over the first `max_users` users as one
-        queue cut into batches of S slots (a row's queue is such a run of users); None
-        for a split that streams (not read here)."""
+        queue cut into batches of S slots (a row's queue is such a run of users). Reads
+        the split now if no pass has (as `slot_count`: callers check that it fits the
+        bound); None for a split over the bound."""
         self._read_once()
         if self.cached is None:
             return None

@@ -139,12 +139,15 @@ def _has_high_level(config: config_lib.RunConfig) -> bool:
             "hrnn": True}.get(config.model_name, False)
 
 
-def _note_high_level_share(config: config_lib.RunConfig, users: batching.CachedUsers) -> None:
+def _note_high_level_share(config: config_lib.RunConfig, users: batching.CachedUsers,
+                           data_dir: str) -> None:
     """Says when few slots train the GRU over sessions: sessions long against S x L leave
     few batches that hold a session after an earlier one's end (none at all where every
-    session takes more than S slots)."""
+    session takes exactly S slots). Only for a train split kept in memory (a larger one
+    is not read for it)."""
     tc = config.train
-    if not _has_high_level(config):
+    events = schema.read_stats(data_dir)["splits"]["train"].get("events", 0)
+    if not _has_high_level(config) or events > tc.cache_events:
         return
     share = users.high_level_share(tc.sessions_per_batch, tc.max_session_length)
     if share is not None and share < HIGH_LEVEL_SHARE_NOTE:
@@ -700,7 +703,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         tf.keras.mixed_precision.set_global_policy("mixed_float16" if mixed_float16 else "mixed_bfloat16")
     users = batching.CachedUsers(data_dir, "train", tc.cache_events)
     total_steps = tc.steps or estimate_steps(data_dir, tc, users)
-    _note_high_level_share(config, users)
+    _note_high_level_share(config, users, data_dir)
     with strategy.scope():
         model = registry.build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts)
         optimizer = make_optimizer(tc, total_steps)
