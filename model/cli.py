@@ -23,7 +23,8 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model",
                    help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default: the "
                         "--config file's model_name, else hiertcn)")
-    p.add_argument("--model-dir", required=True, type=argtypes.local_path, help="run folder (created; reused to resume)")
+    p.add_argument("--model-dir", required=True, type=argtypes.local_path,
+                   help="run folder (created; reused to resume)")
     p.add_argument("--config", help="JSON config file (see model/config.py)")
     p.add_argument("--preset", choices=["deep"],
                    help="deep: 2 blocks x 2 convs, receptive field 25 >= L = 20")

@@ -388,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", required=True, choices=EVAL_SPLITS,
                         help="valid to choose, test to report (once per model)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model-dir", type=argtypes.local_path, help="a training run folder (python -m model.train)")
+    which.add_argument("--model-dir", type=argtypes.local_path,
+                       help="a training run folder (python -m model.train)")
     which.add_argument("--model", choices=baselines.NAMES,
                        help="a baseline, fitted here on the train split only: popularity (train "
                             "counts), sknn (V-SKNN session kNN), spop (counts in the session), "
@@ -401,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", choices=("best", "latest"),
                         help="with --model-dir: the best-on-valid weights (the latest when the "
                              "run never evaluated on valid; the default) or the latest")
-    parser.add_argument("--output", type=argtypes.local_path, help="write the metrics JSON here (atomically)")
+    parser.add_argument("--output", type=argtypes.local_path,
+                        help="write the metrics JSON here (atomically)")
     parser.add_argument("--per-user-output", metavar="FILE.npz", type=argtypes.local_path,
                         help="also write each user's events and metric sums here (for paired "
                              "significance tests between models, as model.compare does)")

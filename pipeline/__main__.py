@@ -356,8 +356,9 @@ def _row_formats(args, files, heads) -> dict:
                          f"must differ, got {wanted}"
                          + (f"; for a log of sessions without users, leave out --session-col: "
                             f"the {args.user_col} column's ids are then the users, each one's "
-                            "events split into sessions by --session-gap (a large one, e.g. --session-gap "
-                            "100000000, keeps them in one)" if same_session else ""))
+                            "events split into sessions by --session-gap (a large one, "
+                            "e.g. --session-gap 100000000, keeps them in one)"
+                            if same_session else ""))
     text = args.format in ("csv", "tsv")
     separator = parse.separator_of(args.format, args.delimiter or "") if text else ""
     filters = (tuple((column, frozenset(values)) for column, values in args.filter or ())
