@@ -230,13 +230,12 @@ def _check_shard_set(files: list[str], folder: str) -> None:
     if not all(names):
         return
     totals = {int(m.group(2)) for m in names}
-    held = {int(m.group(1)) for m in names}
-    total = max(totals)
-    missing = sorted(set(range(total)) - held)
     if len(totals) > 1:
         raise DataError(f"{folder} mixes the shards of {len(totals)} writes (of "
                         f"{' and '.join(map(str, sorted(totals)))} shards): copy the folder "
                         "again or run the pipeline again")
+    (total,) = totals
+    missing = sorted(set(range(total)) - {int(m.group(1)) for m in names})
     if missing:
         what = (f"shard {missing[0]:05d}-of-{total:05d}" if len(missing) == 1 else
                 f"{len(missing)} of its {total} shards")

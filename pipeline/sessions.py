@@ -86,17 +86,20 @@ def drop_duplicates(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
     return kept, len(events) - len(kept)
 
 
-def _cut(ordered: list[RawEvent], max_events: int) -> tuple[int, list[RawEvent] | None, int]:
+def _cut(ordered: list[RawEvent], max_events: int) -> tuple[int, list[RawEvent], int]:
     """(index of the first row at or after the cap's cut in rows ordered by (time, input
-    order), and, under the cap (index 0), the rows without their copies and how many
-    copies went: `drop_duplicates`'s, done once). The cut is the time of the
-    `max_events`-th most recent event, copies dropped: no row before it can be among the
-    most recent events, however many more rows come."""
+    order); the rows from there without their copies; how many copies went among them:
+    `drop_duplicates`'s, done once). The cut is the time of the `max_events`-th most recent
+    event, copies dropped: no row before it can be among the most recent events, however
+    many more rows come. (A copy has its row's time, so the rows from the cut on lose the
+    same copies alone as with the rows before them.)"""
     distinct, duplicates = drop_duplicates(ordered)
     if len(distinct) <= max_events:
         return 0, distinct, duplicates
     cut = distinct[-max_events][0]
-    return bisect.bisect_left([e[0] for e in ordered], cut), None, 0
+    start = bisect.bisect_left(ordered, cut, key=lambda e: e[0])
+    tail = distinct[bisect.bisect_left(distinct, cut, key=lambda e: e[0]):]
+    return start, tail, len(ordered) - start - len(tail)
 
 
 def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawEvent], int, int]:
@@ -111,8 +114,6 @@ def bound_events(events: Sequence[RawEvent], max_events: int) -> tuple[list[RawE
     """
     ordered = sorted(events)
     start, distinct, duplicates = _cut(ordered, max_events)
-    if distinct is None:
-        distinct, duplicates = drop_duplicates(ordered[start:])
     events, capped = keep_most_recent(distinct, max_events)
     return events, duplicates, start + capped
 
