@@ -355,7 +355,7 @@ def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_
     import subprocess
     import sys
 
-    from tiny_logs import file_size_limit
+    from tiny_logs import file_size_limited
 
     out, users = tmp_path / "m.json", tmp_path / "m_users.npz"
     cmd = [sys.executable, "-m", "model.evaluate", "--data", full_data, "--split", "test",
@@ -363,8 +363,8 @@ def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_
            "--no-progress"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run(cmd, cwd=repo, capture_output=True, timeout=300).returncode == 0
-    res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300,
-                         preexec_fn=file_size_limit(1024))
+    res = subprocess.run(file_size_limited(1024, cmd), cwd=repo, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 1, res.stderr
     # (the last line: TensorFlow's AutoGraph may warn that it cannot write its own files)
     assert res.stderr.splitlines()[-1] == (
@@ -398,14 +398,14 @@ def test_metrics_that_cannot_be_written_after_the_evaluation_are_printed(full_da
     import subprocess
     import sys
 
-    from tiny_logs import file_size_limit
+    from tiny_logs import file_size_limited
 
     out = tmp_path / "m.json"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "model.evaluate", "--data", full_data, "--split",
-                          "test", "--model", "popularity", "--output", str(out)],
-                         cwd=repo, capture_output=True, text=True, timeout=300,
-                         preexec_fn=file_size_limit(256))
+    res = subprocess.run(file_size_limited(256, [
+                             sys.executable, "-m", "model.evaluate", "--data", full_data,
+                             "--split", "test", "--model", "popularity", "--output", str(out)]),
+                         cwd=repo, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     # progress into a pipe (a log file): lines, not a bar redrawn with carriage returns
     assert "\r" not in res.stderr

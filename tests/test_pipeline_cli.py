@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import __main__ as cli
 from pipeline import outputs, schema, sources, transforms
-from tiny_logs import file_size_limit
+from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
@@ -1178,8 +1178,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
         f"u{u},i{(u * 7 + k) % 40},{1000 * u + 10 * k}\n" for u in range(60) for k in range(40)))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out), *IN_MEMORY]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         preexec_fn=file_size_limit(4096))
+    res = subprocess.run(file_size_limited(4096, cmd), cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 1, res.stderr
     lines = [line for line in res.stderr.splitlines() if not line.startswith("pipeline: ")]
     assert lines == [f"error: cannot write: File too large; nothing was written to {out}"], \
@@ -1634,8 +1634,8 @@ def test_a_disk_without_room_for_a_temporary_file_is_one_line(tmp_path, command)
         assert cli.main(["--input", str(log), "--output", str(data), "--min-item-count", "1",
                          *IN_MEMORY]) == 0
     argv = [{"LOG": str(log), "OUT": str(out), "DATA": str(data)}.get(a, a) for a in command]
-    proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, preexec_fn=file_size_limit(0))
+    proc = subprocess.run(file_size_limited(0, [sys.executable, "-m", *argv]), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no temporary folder can be written ("), \

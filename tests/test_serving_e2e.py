@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import serving_testlib as lib
-from tiny_logs import file_size_limit
+from tiny_logs import file_size_limited
 
 from pipeline import schema
 
@@ -42,9 +42,9 @@ def test_two_sessions_through_the_served_model(tmp_path):
                             "version was published")):
         if command[0] == "serving.export":
             run(*train, cwd=work)
-        failed = subprocess.run([sys.executable, "-m", *command], cwd=work, capture_output=True,
-                                text=True, timeout=300, env=dict(os.environ, PYTHONPATH=lib.REPO),
-                                preexec_fn=file_size_limit(16 << 10))
+        failed = subprocess.run(file_size_limited(16 << 10, [sys.executable, "-m", *command]),
+                                cwd=work, capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, PYTHONPATH=lib.REPO))
         said = [line for line in failed.stderr.splitlines() if not line.startswith("training ")]
         assert failed.returncode == 1 and len(said) == 1 and said[0].startswith(error), \
             failed.stderr

@@ -516,15 +516,15 @@ def test_a_write_that_fails_below_sqlite_says_so_not_pass_another_file(tmp_path)
     import subprocess
     import sys
 
-    from tiny_logs import file_size_limit
+    from tiny_logs import file_size_limited
 
     path = tmp_path / "states.sqlite"
     code = ("import sys\nfrom serving import state_store\n"
             f"try:\n    state_store.SQLiteStateStore({str(path)!r})\n"
             "except ValueError as e:\n    print(e)\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
-                          text=True, timeout=60, preexec_fn=file_size_limit(1024))
+    proc = subprocess.run(file_size_limited(1024, [sys.executable, "-c", code]), cwd=repo,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"cannot open state database {path}: disk I/O error; a "
                                   "write to it or to its -wal or -shm file failed"), proc.stdout

@@ -550,13 +550,13 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_
     """A write past the file size limit fails as on a full disk (EFBIG for ENOSPC): at the
     first checkpoint no checkpoint is complete, and the message says so instead of
     promising a resume; the half-written save is removed."""
-    from tiny_logs import file_size_limit
+    from tiny_logs import file_size_limited
 
     run = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "model.train",
-                           *_args(data, run, config_file, "--steps", "3", *EXACT)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          preexec_fn=file_size_limit(64 << 10))
+    proc = subprocess.run(file_size_limited(64 << 10, [
+                              sys.executable, "-m", "model.train",
+                              *_args(data, run, config_file, "--steps", "3", *EXACT)]),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot write to {run}: ") and last.endswith(

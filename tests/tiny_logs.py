@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import signal
+import sys
 from typing import Sequence
 
 import tensorflow as tf
@@ -65,11 +64,21 @@ def planted_users(num_users: int, num_items: int = 20, sessions: int = 6, length
     return users
 
 
-def file_size_limit(max_bytes: int):
-    """A subprocess `preexec_fn` under which a write past `max_bytes` in any one file fails
-    with EFBIG ("File too large"), as writes on a full disk fail with ENOSPC: a real failed
-    write, without the mount a full disk would take."""
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (its default kills the process)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-    return limit
+# Run as `python -c _LIMITED N CMD...`: sets the limit, then becomes CMD.
+_LIMITED = ("import os, resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (its default kills the process)\n"
+            "n = int(sys.argv[1])\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))\n"
+            "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+def file_size_limited(max_bytes: int, cmd: Sequence[str]) -> list[str]:
+    """`cmd` (its program an absolute path) run under a limit past which a write in any one
+    file fails with EFBIG ("File too large"), as writes on a full disk fail with ENOSPC: a
+    real failed write, without the mount a full disk would take.
+
+    A command line, not a `preexec_fn`: a preexec_fn makes subprocess fork the test process
+    itself, and in a pytest worker whose earlier tests ran gRPC in-process the fork restarts
+    gRPC's poller thread in the child, which, when the child's descriptors are closed before
+    its exec, writes "epoll_wait error: Bad file descriptor" into the command's stderr."""
+    return [sys.executable, "-c", _LIMITED, str(max_bytes), *cmd]
