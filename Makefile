@@ -15,8 +15,13 @@ help:
 	@echo "make clean  remove $(DEMO_DIR) and pytest's cache"
 	@echo "Both demo and test create $(VENV) with requirements.txt when missing; then: source $(VENV)/bin/activate"
 
+# requirements.txt pins wheels (numpy, scipy, matplotlib, ...) that need Python 3.11 or later
+PYCHECK = import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 11) else "error: %s is Python %d.%d; requirements.txt needs 3.11 or later: %s" % (sys.argv[1], *v, sys.argv[2]))
+
 $(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -c '$(PYCHECK)' '$(PYTHON)' 'pass PYTHON=python3.11 (or a later one)'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c '$(PYCHECK)' '$(VENV)' 'rm -rf $(VENV), then pass PYTHON=python3.11 (or a later one)'
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)

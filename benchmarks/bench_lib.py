@@ -116,7 +116,7 @@ def model_config(name: str, loss: str, num_negatives: int):
     """The model's config at the benchmarks' common sizes: width 128 everywhere, a
     256-wide cross-session state for both hierarchical models (2 x 128 GRU layers; HierTCN
     as published, without the repeat head or dropout, in both loss settings alike), the
-    flat TCN with 6 blocks of 128 channels (receptive field 125) over the last 256 tokens."""
+    flat TCN with 6 blocks of 128 channels (receptive field 253) over the last 256 tokens."""
     from model import registry
 
     common = {"embedding_dim": HIDDEN, "loss": loss, "num_negatives": num_negatives}

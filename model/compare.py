@@ -598,8 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argtypes.Parser(prog="python -m model.compare", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="pipeline output folder")
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
-                   help="comma-separated; a neural name may carry a label, e.g. hiertcn:deep "
-                        "(default: %(default)s)")
+                   help="comma-separated; a name may carry a label, e.g. hiertcn:deep or "
+                        "sknn:noremind, to run one model twice with other --train-args or "
+                        "--eval-args (default: %(default)s)")
     p.add_argument("--output", required=True, type=argtypes.local_path,
                    help="folder for runs/ and results.json, .md, .png (results_valid.* with "
                         "--split valid)")
