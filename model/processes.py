@@ -11,21 +11,31 @@ import threading
 from typing import IO, Callable, Sequence
 
 
-def die_with_parent() -> None:
-    """In a child process, before it starts (Linux): SIGTERM when the parent dies, even by
-    SIGKILL, so that no child outlives the command that started it. A training run takes
-    SIGTERM as a stop: it saves a checkpoint and exits."""
-    import ctypes
+# Run as `python -c _DYING_WITH_PARENT PARENT_PID CMD...`: asks for SIGTERM when the parent
+# dies, then becomes CMD (the request survives the exec).
+_DYING_WITH_PARENT = """import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):  # the parent died before the request
+    sys.exit(128 + signal.SIGTERM)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as e:
+    sys.exit(f"error: cannot run {sys.argv[2]}: {e.strerror}")
+"""
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass
 
+def dying_with_parent(cmd: Sequence[str]) -> list[str]:
+    """`cmd` as a child that gets SIGTERM when this process dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG; `cmd` itself elsewhere), so that no child outlives the command that
+    started it. A training run takes SIGTERM as a stop: it saves a checkpoint and exits.
 
-def preexec():
-    """`preexec_fn` for a child that must not outlive this process (None off Linux)."""
-    return die_with_parent if sys.platform == "linux" else None
+    A command line rather than a `preexec_fn`: a preexec_fn makes subprocess fork this
+    process, and where gRPC runs in it (a client) gRPC's fork handlers restart its poller
+    thread in the child, which can write "epoll_wait error: Bad file descriptor" into the
+    child's output when subprocess closes the inherited descriptors before the exec."""
+    if sys.platform != "linux":
+        return list(cmd)
+    return [sys.executable, "-I", "-S", "-c", _DYING_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 class _Relay(threading.Thread):
@@ -74,9 +84,8 @@ def run_stoppable(cmd: Sequence[str], log: IO,
     checkpoint (the child runs in a session of its own, so the terminal's Ctrl-C reaches
     only this process); a second Ctrl-C kills it. Then the KeyboardInterrupt goes on up.
     With `on_line`, the output also goes line by line to it (for a progress display)."""
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE if on_line else log,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=preexec())
+    proc = subprocess.Popen(dying_with_parent(cmd), stdout=subprocess.PIPE if on_line else log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     relay = None
     if on_line:
         relay = _Relay(proc.stdout, log, on_line)

@@ -161,9 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = free_port()
     target = f"127.0.0.1:{port}"
     say(f"6/7 Starting the local TF Serving-compatible gRPC server on {target}")
-    server = subprocess.Popen([PY, "-m", "serving.server", "--model-base-path", export,
-                               "--model-name", args.model_name, "--port", str(port)],
-                              preexec_fn=processes.preexec())
+    server = subprocess.Popen(processes.dying_with_parent([
+        PY, "-m", "serving.server", "--model-base-path", export, "--model-name",
+        args.model_name, "--port", str(port)]))
     try:
         wait_for_server(server, target, args.model_name)
         say("7/7 Asking for next items over gRPC, across two sessions per user "

@@ -455,6 +455,27 @@ def test_status_line_follows_the_running_command_in_place_on_a_terminal(monkeypa
         "\x1b[K"]
 
 
+def test_children_start_without_forking_a_process_that_runs_grpc(tmp_path):
+    """`model.compare`'s and the demo's children start without a `preexec_fn`: one makes
+    subprocess fork this process, and with gRPC running in it (the demo's client) gRPC's
+    fork handlers write a line to its stderr at every child ("Other threads are currently
+    calling into gRPC, skipping fork() handlers") and can write "epoll_wait error: Bad file
+    descriptor" into the child's output. The children still die with the parent (test_demo)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import concurrent.futures, sys, grpc\n"
+            "from model import processes\n"
+            "server = grpc.server(concurrent.futures.ThreadPoolExecutor(2))\n"
+            "port = server.add_insecure_port('127.0.0.1:0')\n"
+            "server.start()\n"
+            "channel = grpc.insecure_channel(f'127.0.0.1:{port}')\n"
+            "grpc.channel_ready_future(channel).result(timeout=60)\n"
+            "for _ in range(5):\n"
+            "    assert processes.run_stoppable([sys.executable, '-c', 'print(1)'], sys.stdout) == 0\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=repo))
+    assert proc.returncode == 0 and proc.stdout == "1\n" * 5 and proc.stderr == "", proc.stderr
+
+
 def test_a_childs_output_reaches_the_log_whole_and_the_display_line_by_line(tmp_path):
     """Progress bars end their lines with a carriage return; a character cut between two
     reads reaches the log whole; a log that cannot be written (a full disk) is raised

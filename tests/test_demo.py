@@ -81,8 +81,9 @@ def test_the_server_dies_with_a_killed_demo():
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "import subprocess, sys, time; from model import processes; "
-         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
-         "preexec_fn=processes.die_with_parent); print(child.pid, flush=True); time.sleep(120)"],
+         "child = subprocess.Popen(processes.dying_with_parent("
+         "[sys.executable, '-c', 'import time; time.sleep(120)'])); "
+         "time.sleep(1); print(child.pid, flush=True); time.sleep(120)"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     os.kill(child, 0)  # running

@@ -86,7 +86,9 @@ def test_retailrocket_two_files_default_runner(tmp_path):
     # run's notes: the session column, and (130 items kept) unknown items in valid and test
     unknown = stats["unknown_target_events"]
     assert unknown["test"] > stats["splits"]["test"]["events"] / 2
-    assert res.stderr.splitlines() == [
+    # (a run past 30 s on a loaded machine adds a progress line, "pipeline: input read ...")
+    assert [line for line in res.stderr.splitlines()
+            if not line.startswith("pipeline: input read ")] == [
         "note: the log has a column 'session_id': sessions come from time gaps (--session-gap) "
         "unless you pass --session-col session_id",
         "pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"] + [

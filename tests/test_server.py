@@ -322,24 +322,28 @@ def test_versions_come_and_go_without_dropping_requests_then_sigterm(lifecycle):
     status = get_model_status_pb2.GetModelStatusRequest()
     status.model_spec.name = NAME
     state = get_model_status_pb2.ModelVersionStatus.State
+    listed = lambda vs: [(v.version, state.Name(v.state), bool(v.status.error_message))  # noqa: E731
+                         for v in vs]
+    # (version 1, unloaded when 2 loaded, stays END with no error, as TF Serving lists it;
+    # version 3 is LOADING for a moment first)
+    failed = [(1, "END", False), (2, "AVAILABLE", False), (3, "END", True)]
     for _ in range(200):
         versions = lifecycle["models"].GetModelStatus(status, timeout=30).model_version_status
-        if any(v.version == 3 for v in versions):
+        if listed(versions) == failed:
             break
+        assert listed(versions)[:2] == failed[:2] and listed(versions)[2:] in (
+            [], [(3, "LOADING", False)]), listed(versions)
         time.sleep(0.1)
-    # (version 1, unloaded when 2 loaded, stays END with no error, as TF Serving lists it)
-    assert [(v.version, state.Name(v.state), bool(v.status.error_message)) for v in versions] == [
-        (1, "END", False), (2, "AVAILABLE", False), (3, "END", True)]
+    assert listed(versions) == failed
     assert stub.Predict(good, timeout=30).model_spec.version.value == 2
     # the folder is then completed (a copy that was still under way): loaded on a later poll
     shutil.copytree(os.path.join(base, "2"), broken, dirs_exist_ok=True)
-    for _ in range(300):
+    for _ in range(300):  # (3 AVAILABLE a moment before 2 is unloaded)
         versions = lifecycle["models"].GetModelStatus(status, timeout=30).model_version_status
-        if [(v.version, state.Name(v.state)) for v in versions][-1] == (3, "AVAILABLE"):
+        if listed(versions) == [(1, "END", False), (2, "END", False), (3, "AVAILABLE", False)]:
             break
         time.sleep(0.1)
-    assert [(v.version, state.Name(v.state)) for v in versions] == [
-        (1, "END"), (2, "END"), (3, "AVAILABLE")]
+    assert listed(versions) == [(1, "END", False), (2, "END", False), (3, "AVAILABLE", False)]
     assert stub.Predict(good, timeout=30).model_spec.version.value == 3
     assert lifecycle["server"].stop() == 0
 
