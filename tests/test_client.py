@@ -259,12 +259,12 @@ def test_errors_are_mapped(client, served):
             other.status()
     with pytest.raises(InvalidRequest, match="user_state"):
         client.update_state(np.zeros([1, 5], np.float32), [["item1"]])
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on (held, not listening, meanwhile)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with HierTCNClient(f"127.0.0.1:{port}", NAME, timeout=2) as dead:
-        with pytest.raises(ServerUnavailable, match="UNAVAILABLE|DEADLINE"):
-            dead.status()
+        with HierTCNClient(f"127.0.0.1:{port}", NAME, timeout=2) as dead:
+            with pytest.raises(ServerUnavailable, match="UNAVAILABLE|DEADLINE"):
+                dead.status()
 
 
 def cli(served, db, *args):
@@ -497,13 +497,14 @@ def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
                     b"written to STDERR\nI0000 cudart_stub.cc:31] Could not find cuda drivers on "
                     b"your machine, GPU will not be used.\nE0000 a real error\n")
     assert capfd.readouterr().err == "E0000 a real error\n"
-    with socket.socket() as s:  # a port nobody listens on
+    with socket.socket() as s:  # a port nobody listens on (held, not listening, meanwhile)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "serving.client", "--target", f"127.0.0.1:{port}",
-                           "--model-name", NAME, "--timeout", "2", "status"],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, "-m", "serving.client", "--target",
+                               f"127.0.0.1:{port}", "--model-name", NAME, "--timeout", "2",
+                               "status"],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
 
