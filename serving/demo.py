@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -40,20 +41,46 @@ def run(cmd: Sequence[str], capture: bool = False) -> str:
     return proc.stdout or ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerOutput(threading.Thread):
+    """Echoes a server's stdout as it comes and keeps the address from its first "serving
+    NAME version V on HOST:PORT" line (the server binds --port 0 itself: a port picked here
+    and bound there later could be taken in between)."""
+
+    LINE = re.compile(r"^serving \S+ version \d+ on (\S+:\d+)$")
+
+    def __init__(self, pipe):
+        super().__init__(daemon=True)
+        self.pipe, self.target, self.ready = pipe, None, threading.Event()
+
+    def run(self) -> None:
+        for line in self.pipe:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            m = self.LINE.match(line.rstrip("\n"))
+            if m and self.target is None:
+                self.target = m[1]
+                self.ready.set()
+        self.ready.set()  # the server's output ended: no address to come
 
 
-def wait_for_server(proc: subprocess.Popen, target: str, model: str, timeout: float = 120) -> None:
-    """Polls GetModelStatus until a version is AVAILABLE."""
+def wait_for_server(proc: subprocess.Popen, output: ServerOutput, model: str,
+                    timeout: float = 120) -> str:
+    """Waits for the server's address, then polls GetModelStatus until a version is
+    AVAILABLE; returns the address."""
+    deadline = time.time() + timeout
+    while not output.ready.wait(0.5):
+        if proc.poll() is not None or time.time() > deadline:
+            break
+    target = output.target
+    if target is None:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo stopped: the server exited with code {proc.returncode}")
+        raise SystemExit(f"demo stopped: the server did not become ready within {timeout:.0f} s")
     from model import quiet
 
     quiet.import_tensorflow()  # (the client's protos load it) its start-up notes held back
     from serving.client import HierTCNClient, ServingError
 
-    deadline = time.time() + timeout
     with HierTCNClient(target, model, timeout=2) as client:
         while time.time() < deadline:
             if proc.poll() is not None:
@@ -64,7 +91,7 @@ def wait_for_server(proc: subprocess.Popen, target: str, model: str, timeout: fl
                 status = []
             if any(s["state"] == "AVAILABLE" for s in status):
                 print("server ready:", status)
-                return
+                return target
             time.sleep(0.5)
     raise SystemExit(f"demo stopped: the server did not become ready within {timeout:.0f} s")
 
@@ -158,14 +185,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run([PY, "-m", "serving.export", "--model-dir", run_dir, "--export-base", export])
     print("versions:", sorted(os.listdir(export)))
 
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    say(f"6/7 Starting the local TF Serving-compatible gRPC server on {target}")
+    say("6/7 Starting the local TF Serving-compatible gRPC server on a free loopback port")
     server = subprocess.Popen(processes.dying_with_parent([
         PY, "-m", "serving.server", "--model-base-path", export, "--model-name",
-        args.model_name, "--port", str(port)]))
+        args.model_name, "--port", "0"]), stdout=subprocess.PIPE, text=True)
+    output = ServerOutput(server.stdout)
+    output.start()
     try:
-        wait_for_server(server, target, args.model_name)
+        target = wait_for_server(server, output, args.model_name)
         say("7/7 Asking for next items over gRPC, across two sessions per user "
             f"(state kept in {os.path.basename(db)})")
         client = [PY, "-m", "serving.client", "--target", target, "--model-name",
@@ -187,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except subprocess.TimeoutExpired:  # (its SIGTERM handler hung): not left running
             server.kill()
             server.wait()
+        output.join(timeout=10)  # its last lines before the demo's own
     say(f"Done. Everything is in {out}: data/, run/ (checkpoints, TensorBoard), export/, state.db")
     return 0
 
