@@ -905,8 +905,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
-                print(f"no known valid targets in {data_dir}: no model selection, the last "
-                      "weights are used", file=sys.stderr)
+                why = (f"no known valid targets in {data_dir}" if metrics["events"] else
+                       f"no valid position to score in {data_dir} (every valid session holds "
+                       "one item: positions from a session's second item on are scored; the "
+                       "pipeline's --min-session-length 1 keeps such sessions)")
+                print(f"{why}: no model selection, the last weights are used", file=sys.stderr)
                 told_no_targets = True
         elif is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)

@@ -1000,12 +1000,17 @@ def _notes(stats: dict, output: str) -> list[str]:
     short = dropped.get(sessions.SHORT, 0)
     if sessionized and short > SHORT_NOTE_SHARE * sessionized:
         length = options.get("min_session_length", 2)
+        gap = options.get("session_gap", 1800)
+        longer = [f"{g}: a {unit}" for g, unit in ((86400, "day"), (604800, "week")) if g > gap]
         how = (f"the log's sessions (--session-col {options['session_col']}) mostly hold fewer "
                f"events: --min-session-length {length - 1} keeps more" if options.get("session_col")
-               else f"a gap over --session-gap {options.get('session_gap', 1800):g} s starts a new "
-               "session; for a log of sparse events (reviews, ratings, purchases) pass a longer "
-               "--session-gap (86400: a day, 604800: a week)"
-               + (", or --min-session-length 1 to keep one-event sessions" if length > 1 else ""))
+               else f"a gap over --session-gap {gap:g} s starts a new session; "
+               + (f"for a log of sparse events (reviews, ratings, purchases) pass a longer "
+                  f"--session-gap ({', '.join(longer)})" if longer else
+                  "even so most users' events stand alone")
+               + (", or --min-session-length 1 to keep one-event sessions (they join the users' "
+                  "histories and the first-item metrics; positions from a session's second "
+                  "event on are the ones scored)" if length > 1 else ""))
         lines.append(f"note: {short:,} of the {sessionized:,} events ({short / sessionized:.0%}) "
                      f"were in sessions shorter than --min-session-length {length} (after "
                      f"collapsing immediate repeats) and were dropped: {how}")

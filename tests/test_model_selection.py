@@ -241,3 +241,17 @@ def test_no_selection_on_a_valid_split_without_known_targets(config_file, tmp_pa
     assert summary["best"] is None and summary["valid"]["events"] > 0
     assert summary["valid"]["events"] == summary["valid"]["unknown_targets"]
     assert registry.checkpoint_path(run).endswith("ckpt-10")
+
+
+def test_a_valid_split_of_one_item_sessions_is_said_as_such(config_file, tmp_path, capsys):
+    """One-item valid sessions (a purchases log through --min-session-length 1) have no
+    position to score: said so, not blamed on unknown targets (there are none)."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(20),
+                      valid=[(1, [[3, 4, 5], [6]]), (1, [[2, 3], [7]])])
+    run = str(tmp_path / "run")
+    assert _train(data, run, config_file, "--steps", "5", "--eval-every", "5") == 0
+    out = capsys.readouterr()
+    assert f"no valid position to score in {data} (every valid session holds one item" in out.err
+    assert "no known valid targets" not in out.err
+    assert registry.read_best(run) is None
+    assert json.loads(out.out.strip().splitlines()[-1])["valid"]["events"] == 0

@@ -1580,8 +1580,23 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
             "--min-session-length 2 (after collapsing immediate repeats) and were dropped: a gap "
             "over --session-gap 1800 s starts a new session; for a log of sparse events "
             "(reviews, ratings, purchases) pass a longer --session-gap (86400: a day, 604800: a "
-            "week), or --min-session-length 1 to keep one-event sessions") in err
+            "week), or --min-session-length 1 to keep one-event sessions (they join the users' "
+            "histories and the first-item metrics; positions from a session's second event on "
+            "are the ones scored)") in err
     assert "warning: no event was written" in err
+    # a longer gap that is still too short: only longer ones are suggested, then none
+    sparse = tmp_path / "sparse.csv"  # one event every 10 days
+    sparse.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 11},{1_600_000_000 + 10 * day * k + 3600 * u}\n"
+        for u in range(30) for k in range(8)))
+    for log, gap, said in ((reviews, "86400", "for a log of sparse events (reviews, ratings, "
+                            "purchases) pass a longer --session-gap (604800: a week), or "),
+                           (sparse, "604800", "even so most users' events stand alone, or ")):
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / gap), "--session-gap",
+                         gap, *IN_MEMORY]) == 0
+        err = capsys.readouterr().err
+        assert f"a gap over --session-gap {gap} s starts a new session; {said}" in err, err
+        assert "86400: a day" not in err
     dated = tmp_path / "dated.csv"  # whole days; the last day holds 40% of the sessions
     dated.write_text("user,item,time\n" + "".join(
         f"u{u},i{(u + k) % 5},{(1_600_000_000 // day + (9 if u >= 30 else u % 9)) * day}\n"
