@@ -378,6 +378,8 @@ def _row_formats(args, files, heads) -> dict:
         if args.format in ("csv", "tsv") and first.lstrip(b"\xef\xbb\xbf \t").startswith(b"{"):
             raise UsageError(f"{path} holds JSON objects, not {args.format} rows: pass "
                              "--format jsonl")
+        if args.format in ("csv", "tsv", "jsonl"):
+            _check_encoding(path, head)
         columns: tuple[str, ...] = ()
         time_unit = args.time_unit
         if args.format != "jsonl":
@@ -396,7 +398,8 @@ def _row_formats(args, files, heads) -> dict:
                     columns = parse.parse_header(first.decode("utf-8"), separator,
                                                  parse.is_quoted(args.format, separator))
                 except UnicodeDecodeError:
-                    raise UsageError(f"{path}: the header line is not UTF-8") from None
+                    raise UsageError(f"{path}: the header line is not UTF-8; {_to_utf8(path)}"
+                                     ) from None
                 where = f"the header of {path}"
             missing = [c for c in wanted if c not in columns]
             if missing:
@@ -431,6 +434,34 @@ def _row_formats(args, files, heads) -> dict:
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
     return formats
+
+
+def _to_utf8(path: str, source: str = "cp1252") -> str:
+    return (f"the pipeline reads UTF-8 (ASCII is UTF-8): convert the file first, e.g. "
+            f"iconv -f {source} -t utf-8 {path} > {path}.utf8"
+            + (" (Windows-1252 or Latin-1 text)" if source == "cp1252" else ""))
+
+
+def _check_encoding(path: str, lines: list[bytes]) -> None:
+    """Stops a text input whose first lines are not UTF-8: UTF-16 (a byte-order mark or
+    NUL bytes), or lines of bytes beyond ASCII none of which decodes as UTF-8 (a Latin-1 or
+    Windows-1252 export: every row with an accent would go to malformed/ as "bad UTF-8",
+    after the whole run). A UTF-8 log with a damaged row or two among rows that decode
+    goes on: those rows are malformed, the rest are read."""
+    first = lines[0] if lines else b""
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or any(b"\x00" in line for line in lines):
+        raise UsageError(f"{path} is UTF-16 (or holds NUL bytes); {_to_utf8(path, 'utf-16')}")
+    bad, beyond_ascii = [], 0
+    for line in lines:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(line)
+            continue
+        beyond_ascii += not line.isascii()
+    if bad and not beyond_ascii and (len(bad) >= 3 or len(bad) == len(lines)):
+        raise UsageError(f"{path}: {len(bad)} of its first {len(lines)} lines are not UTF-8 "
+                         f"(like {bad[0][:60]!r}); {_to_utf8(path)}")
 
 
 def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:

@@ -221,6 +221,40 @@ def test_corrupted_file_goes_to_malformed_and_reconciles(tmp_path):
     assert {r["source"] for r in rows} == {str(path)}
 
 
+def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_path, capsys):
+    """A Latin-1 (Windows-1252) export: every row with an accent would be malformed ("bad
+    UTF-8") after the whole run, which then exits 0 having written little or nothing; a
+    UTF-16 one fails at its header. Both stop at once with the command that converts
+    them. A UTF-8 log with two damaged rows among good accented ones is read (the two
+    rows malformed)."""
+    rows = ["user,item,time"] + [f"u{u},{'café' if k % 4 == 0 else 'tea'}-{k},{1000 * u + 60 * k}"
+                                 for u in range(20) for k in range(10)]
+    text = "\n".join(rows) + "\n"
+    for name, data, said in (
+            ("latin1.csv", text.encode("cp1252"),
+             "latin1.csv: 6 of its first 21 lines are not UTF-8 (like b'u0,caf\\xe9-0,0'); the "
+             "pipeline reads UTF-8 (ASCII is UTF-8): convert the file first, e.g. iconv -f "
+             "cp1252 -t utf-8 LOG > LOG.utf8 (Windows-1252 or Latin-1 text)"),
+            ("utf16.csv", text.encode("utf-16"),
+             "utf16.csv is UTF-16 (or holds NUL bytes); the pipeline reads UTF-8 (ASCII is "
+             "UTF-8): convert the file first, e.g. iconv -f utf-16 -t utf-8 LOG > LOG.utf8")):
+        log = tmp_path / name
+        log.write_bytes(data)
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
+                         *IN_MEMORY]) == 2
+        err = capsys.readouterr().err
+        assert err.endswith(said.replace("LOG", str(log)).replace(name, str(log), 1) + "\n"), err
+        assert not (tmp_path / "out").exists()
+    damaged = tmp_path / "damaged.csv"
+    lines = text.encode("utf-8").split(b"\n")
+    for k in (1, 5):  # (rows with an accent)
+        lines[k] = lines[k].replace("é".encode(), b"\xe9")
+    damaged.write_bytes(b"\n".join(lines))
+    assert cli.main(["--input", str(damaged), "--output", str(tmp_path / "out"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert schema.read_stats(str(tmp_path / "out"))["rows_malformed"] == 2
+
+
 def test_jsonl_with_iso_times(tmp_path):
     path = tmp_path / "events.jsonl"
     rows = [{"uid": u, "item_id": i, "ts": f"2024-01-01T00:{t // 60:02d}:{t % 60:02d}Z"}
