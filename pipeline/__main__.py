@@ -1101,11 +1101,12 @@ def _notes(stats: dict, output: str) -> list[str]:
                          "two items each here; a file written from a float column (pandas "
                          "writes an integer column with a missing value as floats)? Write "
                          "the ids as integers")
-    if not stats["rows_written"]:
+    if not stats["rows_written"]:  # (the exit status is then 1)
         why = (f"; {schema.MALFORMED_DIR}/ under {output} says why rows were rejected"
                if stats["rows_malformed"] else "")
-        lines.append(f"warning: no event was written ({stats['rows_malformed']:,} rows "
-                     f"malformed, filtered {dropped}): check the options against the log{why}")
+        lines.append(f"error: no event was written ({stats['rows_malformed']:,} rows "
+                     f"malformed, filtered {dropped}): check the options against the log{why} "
+                     f"({output} holds its stats.json; a rerun into it needs --overwrite)")
     return lines
 
 
@@ -1169,7 +1170,9 @@ def main(argv=None) -> int:
     print(_summary(stats, output, time.perf_counter() - start))
     for line in _notes(stats, output):
         print(line, file=sys.stderr)
-    return 0
+    # a run that wrote no event failed at its task, whatever its output says: a scheduler
+    # must not start the training on it
+    return 0 if stats["rows_written"] else 1
 
 
 if __name__ == "__main__":

@@ -1047,7 +1047,7 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_names_its_leftovers(tmp_
     import time
 
     log = tmp_path / "log.csv"
-    rows = [f"u{k % 997},i{k % 301},{1_600_000_000 + 7 * k}" for k in range(200_000)]
+    rows = [f"u{k % 997},i{k % 301},{1_600_000_000 + k}" for k in range(200_000)]
     log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
     # Beam's own temporary folder (`Pipeline.local_tempdir`, under TMPDIR) dies with the
@@ -1608,7 +1608,7 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
         f"u{u},i{(u * 7 + k) % 11},{1_600_000_000 + 3 * day * k + 3600 * u}\n"
         for u in range(30) for k in range(8)))
     out = tmp_path / "reviews_out"
-    assert cli.main(["--input", str(reviews), "--output", str(out), *IN_MEMORY]) == 0
+    assert cli.main(["--input", str(reviews), "--output", str(out), *IN_MEMORY]) == 1
     err = capsys.readouterr().err
     assert ("note: 240 of the 240 events (100%) were in sessions shorter than "
             "--min-session-length 2 (after collapsing immediate repeats) and were dropped: a gap "
@@ -1617,7 +1617,10 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
             "week), or --min-session-length 1 to keep one-event sessions (they join the users' "
             "histories and the first-item metrics; positions from a session's second event on "
             "are the ones scored)") in err
-    assert "warning: no event was written" in err
+    assert err.endswith(f"error: no event was written (0 rows malformed, filtered "
+                        f"{{'short_session': 240}}): check the options against the log ({out} "
+                        "holds its stats.json; a rerun into it needs --overwrite)\n"), err
+    assert schema.read_stats(str(out))["rows_filtered"] == {"short_session": 240}
     # a longer gap that is still too short: only longer ones are suggested, then none
     sparse = tmp_path / "sparse.csv"  # one event every 10 days
     sparse.write_text("user,item,time\n" + "".join(
@@ -1627,7 +1630,7 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
                             "purchases) pass a longer --session-gap (604800: a week), or "),
                            (sparse, "604800", "even so most users' events stand alone, or ")):
         assert cli.main(["--input", str(log), "--output", str(tmp_path / gap), "--session-gap",
-                         gap, *IN_MEMORY]) == 0
+                         gap, *IN_MEMORY]) == 1  # (nothing written: an error)
         err = capsys.readouterr().err
         assert f"a gap over --session-gap {gap} s starts a new session; {said}" in err, err
         assert "86400: a day" not in err
