@@ -585,8 +585,27 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "session": items, "items": ranked}
     lines = [f"{resolved.message}; model {client.model_name} version {client.pinned_version}"]
+    lines += _unknown_note(client, items, result)
     lines += [f"{r + 1:3d}. {e['item']}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
+
+
+def _unknown_note(client: HierTCNClient, items: Sequence[str], result: dict) -> list[str]:
+    """A line naming the session's items the pinned version does not know (and the
+    result's `unknown_items`): they are read as the unknown item, so an id in the wrong
+    case or form gives a generic answer without a word. Nothing when the export cannot
+    say (no `known_items` signature)."""
+    known = client.known_ids(items, client.pinned_version) if items else set()
+    if known is None:
+        return []
+    unknown = list(dict.fromkeys(i for i in items if i not in known))
+    result["unknown_items"] = unknown
+    if not unknown:
+        return []
+    shown = ", ".join(repr(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    return [f"note: {len(unknown)} of the session's {len(set(items))} distinct items are not "
+            f"in version {client.pinned_version}'s catalogue ({shown}): each is read as the "
+            "unknown item; ids are matched exactly (case and form as in the training log)"]
 
 
 def _end_session(client: HierTCNClient, store: state_store.StateStore,
@@ -602,7 +621,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
               "sessions": len(record.sessions), "history": record.history}
     text = (f"{resolved.message}; stored the state after {len(items)} item{'s' * (len(items) != 1)} for version "
             f"{client.pinned_version} ({len(record.history)} recent items kept)")
-    return result, text
+    return result, "\n".join([text, *_unknown_note(client, items, result)])
 
 
 if __name__ == "__main__":

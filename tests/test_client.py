@@ -528,3 +528,23 @@ def test_recommend_leaves_out_the_item_the_session_is_on(capsys, served, tmp_pat
     assert [e["item"] for e in kept["items"]] == ids[0][:3]
     left = run_cli(capsys, served, db, "recommend", "--user", "new2", "--items", item, "-k", "3")
     assert [e["item"] for e in left["items"]] == [i for i in ids[0] if i != item][:3]
+
+
+def test_recommend_and_end_session_name_the_items_the_version_does_not_know(capsys, served,
+                                                                             tmp_path):
+    """An id the catalogue does not hold (another case, a typo, an item newer than the
+    export) is read as the unknown item: the answer is generic, so the CLI says which."""
+    db = tmp_path / "s.sqlite"
+    known = served["vocab"].ids[2]
+    args = ["--target", served["server"].target, "--model-name", NAME, "--state-db", str(db)]
+    assert client_lib.main([*args, "recommend", "--user", "u", "--items",
+                            f"{known},{known.upper()},nope,nope", "-k", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"note: 2 of the session's 3 distinct items are not in version 2's "
+                        f"catalogue ('{known.upper()}', 'nope'): each is read as the unknown "
+                        "item; ids are matched exactly (case and form as in the training log)")
+    assert len(lines) == 4  # the state line, the note, two items
+    answer = run_cli(capsys, served, db, "recommend", "--user", "u", "--items", known, "-k", "2")
+    assert answer["unknown_items"] == []
+    ended = run_cli(capsys, served, db, "end-session", "--user", "u", "--items", f"{known},nope")
+    assert ended["unknown_items"] == ["nope"]
