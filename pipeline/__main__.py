@@ -269,9 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-col", default="user", help="user id column (jsonl: key)")
     p.add_argument("--item-col", default="item", help="item id column (jsonl: key)")
     p.add_argument("--time-col", default="time", help="timestamp column (jsonl: key)")
-    p.add_argument("--time-unit", choices=parse.TIME_UNITS, default="s",
+    p.add_argument("--time-unit", choices=parse.TIME_UNITS, default=None,
                    help="unix seconds, unix milliseconds or ISO 8601 text (naive times: "
-                        "UTC) (parquet, avro: for a time column of numbers or text)")
+                        "UTC) (parquet, avro: for a time column of numbers or text) "
+                        "(default: s)")
+    p.add_argument("--time-format", metavar="FORMAT",
+                   help="text times in another layout, in Python's strptime directives, e.g. "
+                        "'%%m/%%d/%%Y %%H:%%M:%%S' or '%%d.%%m.%%Y %%H:%%M %%z' (naive times: "
+                        "UTC); instead of --time-unit")
     p.add_argument("--session-gap", type=argtypes.non_negative_int, default=None, metavar="SECONDS",
                    help="a gap strictly greater starts a new session (default: 1800)")
     p.add_argument("--session-col", metavar="NAME",
@@ -624,16 +629,21 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
                 except ValueError:
                     bad_times.append(value)
     if bad_times and not times:  # every row with a time would be malformed: say why now
-        if fmt.time_unit == "iso":
+        other = "; for another layout pass --time-format, e.g. '%m/%d/%Y %H:%M:%S'"
+        if parse.is_time_format(fmt.time_unit):
+            hint = ("; its directives are Python's strptime's (%Y year, %m month, %d day, %H "
+                    "hour, %M minute, %S second, %f fraction, %z offset)")
+        elif fmt.time_unit == "iso":
             hint = ("; ISO 8601 looks like 2021-03-02T15:08:11Z, 2021-03-02 15:08:11+01:00 or "
-                    "2021-03-02 15:08:11.000000 UTC")
+                    "2021-03-02 15:08:11.000000 UTC" + other)
         elif isinstance(bad_times[0], str) and re.search(r"\d[-/:T ]\d", bad_times[0]):
-            hint = "; text times need --time-unit iso"
+            hint = "; text times need --time-unit iso" + other
         else:
             hint = ""
-        raise UsageError(f"{path}: none of the times of its first rows parses as --time-unit "
-                         f"{fmt.time_unit} ({len(bad_times)} like {bad_times[0]!r}){hint}")
-    if fmt.time_unit == "iso":
+        raise UsageError(f"{path}: none of the times of its first rows parses as "
+                         f"{parse.time_option(fmt.time_unit)} ({len(bad_times)} like "
+                         f"{bad_times[0]!r}){hint}")
+    if fmt.time_unit not in ("s", "ms"):  # (text times: no unit to mistake)
         return
     median = sorted(times)[len(times) // 2] if times else 0
     if fmt.time_unit == "ms" and median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
@@ -807,6 +817,15 @@ def _resolve(argv):
                              "from time gaps or from the log's own ids")
     elif args.session_gap is None:
         args.session_gap = 1800
+    if args.time_format is not None:
+        if args.time_unit is not None:
+            raise UsageError("--time-format and --time-unit exclude each other: a format reads "
+                             "text times, --time-unit numbers or ISO 8601 text")
+        if not parse.is_time_format(args.time_format):
+            raise UsageError(f"--time-format {args.time_format!r} holds no strptime directive "
+                             "(%Y, %m, %d, %H, %M, %S, %z, ...), e.g. '%m/%d/%Y %H:%M:%S'")
+        args.time_unit = args.time_format
+    args.time_unit = args.time_unit or "s"
     if args.delimiter is not None:
         if args.format in parse.OBJECT_FORMATS:
             raise UsageError(f"--delimiter is for csv/tsv, not {args.format} files")

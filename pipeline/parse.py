@@ -49,7 +49,7 @@ class RowFormat:
 
     Attributes:
       format: `csv`, `tsv`, `jsonl`, `parquet` or `avro`.
-      time_unit: `s`, `ms` or `iso` (`ms` for a Parquet or Avro file whose time column is
+      time_unit: `s`, `ms`, `iso` or a `--time-format` (`ms` for a Parquet or Avro file whose time column is
         a timestamp or date: `sources` gives their instants as milliseconds).
       user_col, item_col, time_col: column names (JSON keys for `jsonl`).
       columns: column names in order (csv/tsv; a Parquet or Avro file's schema; empty for
@@ -156,12 +156,23 @@ def guess_delimiter(line: str) -> str | None:
     return best if counts[best] else None
 
 
+def is_time_format(unit: str) -> bool:
+    """Whether a `RowFormat.time_unit` is a `--time-format` (strptime directives)."""
+    return "%" in unit
+
+
+def time_option(unit: str) -> str:
+    """The option that set `unit`, as a user wrote it: `--time-unit s`, `--time-format '%d'`."""
+    return f"--time-format {unit!r}" if is_time_format(unit) else f"--time-unit {unit}"
+
+
 def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     """Unix milliseconds of a raw time value.
 
     Args:
       value: a string or (JSON) number.
-      unit: `s`, `ms` or `iso`; naive ISO times are taken as UTC.
+      unit: `s`, `ms`, `iso`, or a strptime format (`--time-format`); naive ISO and
+        formatted times are taken as UTC.
       check_range: refuse times after MAX_TIME_MS (False: any non-negative time).
 
     Returns:
@@ -171,7 +182,17 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
       ValueError: unparseable, non-finite, negative or implausibly late (past 10^11 unix
         seconds, the year 5138) time.
     """
-    if unit == "iso":
+    if is_time_format(unit):  # --time-format: Python's strptime directives
+        if not isinstance(value, str):
+            raise ValueError(f"time {value!r} is not text (--time-format {unit})")
+        try:
+            dt = datetime.datetime.strptime(value.strip(), unit)
+        except ValueError:  # ("time data ... does not match format ...")
+            raise ValueError(f"unparseable time {value!r} ({time_option(unit)})") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        ms = (dt - _EPOCH) // datetime.timedelta(milliseconds=1)
+    elif unit == "iso":
         if not isinstance(value, str):
             raise ValueError(f"time {value!r} is not an ISO 8601 string")
         text = value.strip()
@@ -385,7 +406,7 @@ def _event(user, item, t, session, fmt: RowFormat, check_range: bool) -> tuple:
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(("negative", "time")) else
-                         f"unparseable time {t!r} (--time-unit {fmt.time_unit})") from None
+                         f"unparseable time {t!r} ({time_option(fmt.time_unit)})") from None
     return (user, item, ms, session) if fmt.session_col else (user, item, ms)
 
 
@@ -437,7 +458,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         text_lines = [_decode_or_none(b) for b in lines]
     # Fast path for the common csv/tsv row (no quotes, integer time): it accepts exactly
     # what `parse_line` accepts; anything else goes through `parse_line` for the reason.
-    fast = fmt.format in _DELIMITERS and fmt.time_unit != "iso"
+    fast = fmt.format in _DELIMITERS and fmt.time_unit in ("s", "ms")
     separator = fmt.separator if fmt.format in _DELIMITERS else None
     if fast:
         delimiter, width, quoted = fmt.separator, len(fmt.columns), fmt.quoted

@@ -271,6 +271,34 @@ def test_jsonl_with_iso_times(tmp_path):
     assert recs["train"]["u1"].times[0].tolist() == [1704067300, 1704067400, 1704067500]
 
 
+def test_text_times_in_another_layout_with_time_format(tmp_path, capsys):
+    """US-style dates: --time-unit iso stops at once and points to --time-format, which
+    reads them (naive: UTC); a row in another layout is malformed with the option named."""
+    path = tmp_path / "log.csv"
+    rows = [f"{u},{i},01/0{1 + t // 86400}/2024 00:{t // 60 % 60:02d}:{t % 60:02d}"
+            for u, i, t in GOOD] + ["u1,a,2024-01-01 00:00:00"]
+    path.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(path), "--output", str(out), "--time-unit", "iso",
+                     *IN_MEMORY]) == 2
+    assert "for another layout pass --time-format, e.g. '%m/%d/%Y %H:%M:%S'" in \
+        capsys.readouterr().err
+    assert cli.main(["--input", str(path), "--output", str(out), "--time-format",
+                     "%m/%d/%Y %H:%M:%S", "--min-item-count", "1", "--test-fraction", "0",
+                     "--valid-fraction", "0", *IN_MEMORY]) == 0
+    stats, recs = check_output(str(out))
+    assert stats["rows_malformed"] == 1 and stats["options"]["time_unit"] == "%m/%d/%Y %H:%M:%S"
+    (line,) = [json.loads(r) for f in os.listdir(out / "malformed")
+               for r in open(out / "malformed" / f, encoding="utf-8")]
+    assert line["reason"] == "unparseable time '2024-01-01 00:00:00' (--time-format '%m/%d/%Y %H:%M:%S')"
+    assert recs["train"]["u2"].times[0].tolist() == [1704067300, 1704067350]
+    for extra, said in ((["--time-unit", "ms"], "--time-format and --time-unit exclude each other"),
+                        ([], "--time-format 'mm/dd' holds no strptime directive")):
+        assert cli.main(["--input", str(path), "--output", str(tmp_path / "x"), "--time-format",
+                         "mm/dd" if not extra else "%d", *extra, *IN_MEMORY]) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_usage_error_is_one_line_without_output(tmp_path):
     out = tmp_path / "never"
     res = run_cli("--input", str(tmp_path / "missing-*.csv"), "--output", str(out))

@@ -31,7 +31,11 @@ def ev(t_s, order, item):
     ("1970-01-01T01:00:00+01:00", "iso", 0), (7, "s", 7000), ("0", "s", 0),
     # a Parquet or Avro decimal column (a database's NUMERIC), read exactly
     (decimal.Decimal("1600000000.0"), "s", 1_600_000_000_000),
-    (decimal.Decimal("1.5"), "s", 1500), (decimal.Decimal("1441864236661"), "ms", 1441864236661)])
+    (decimal.Decimal("1.5"), "s", 1500), (decimal.Decimal("1441864236661"), "ms", 1441864236661),
+    # --time-format (strptime): naive times are UTC, an offset is kept
+    ("01/02/1970 00:00:01", "%m/%d/%Y %H:%M:%S", 86_401_000),
+    (" 02.01.1970 01:00 +0100 ", "%d.%m.%Y %H:%M %z", 86_400_000),
+    ("1970-01-01 00:00:00.250", "%Y-%m-%d %H:%M:%S.%f", 250)])
 def test_parse_time_ms(value, unit, ms):
     assert parse.parse_time_ms(value, unit) == ms
 
@@ -39,6 +43,7 @@ def test_parse_time_ms(value, unit, ms):
 @pytest.mark.parametrize("value,unit", [("-1", "s"), ("abc", "s"), ("nan", "ms"),
                                         ("inf", "s"), ("2020-13-01", "iso"), (None, "s"),
                                         (decimal.Decimal("NaN"), "s"),
+                                        ("1970-01-02", "%m/%d/%Y"), (86400, "%m/%d/%Y"),
                                         (decimal.Decimal("-1"), "ms")])
 def test_parse_time_ms_rejects(value, unit):
     with pytest.raises(ValueError):
