@@ -548,3 +548,61 @@ def test_recommend_and_end_session_name_the_items_the_version_does_not_know(caps
     assert answer["unknown_items"] == []
     ended = run_cli(capsys, served, db, "end-session", "--user", "u", "--items", f"{known},nope")
     assert ended["unknown_items"] == ["nope"]
+
+
+def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path):
+    """`serving.backfill` folds every user's sessions of a data folder (the last split
+    holding the user: its record carries the earlier ones) in batches, and stores the
+    same state and history as `end-session` after each session in turn; an item kept as
+    the unknown index goes in as [UNK]. Users already stored are kept unless --replace;
+    a folder of another catalogue is refused."""
+    from pipeline import schema
+    from serving import backfill, state_store
+    from tiny_logs import write_data
+
+    train = [[[2, 3, 4], [5, 6]], [[7, 8]], [[9, 10], [11, 2], [3, 4, 5]]]
+    data = write_data(str(tmp_path / "data"), 10, train)
+    own = [9, schema.UNKNOWN_INDEX, 10]  # train0's test session, after its two train ones
+    sessions = train[0] + [own]
+    opts = tf.io.TFRecordOptions(compression_type=schema.COMPRESSION)
+    with tf.io.TFRecordWriter(os.path.join(data, "test", "part-00000" + schema.SHARD_SUFFIX),
+                              opts) as w:
+        w.write(schema.make_sequence_example("train0", 2, sessions,
+                                             [[k] * len(s) for k, s in enumerate(sessions)]))
+    with open(os.path.join(data, schema.STATS_FILE), encoding="utf-8") as f:
+        stats = json.load(f)
+    stats["splits"]["test"] = {"users": 1, "sessions": 1, "events": 3}
+    with open(os.path.join(data, schema.STATS_FILE), "w", encoding="utf-8") as f:
+        json.dump(stats, f)
+    names = lambda s: ["[UNK]" if i == 1 else f"item{i}" for i in s]  # noqa: E731
+    db = tmp_path / "filled.sqlite"
+    argv = ["--data", data, "--target", served["server"].target, "--model-name", NAME,
+            "--state-db", str(db), "--batch-users", "2", "--no-progress", "--json"]
+    assert backfill.main(argv) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert (counts["version"], counts["users"], counts["kept"], counts["sessions"],
+            counts["events"]) == (2, 3, 0, 7, 17)
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c, \
+            state_store.SQLiteStateStore(str(db)) as filled, \
+            state_store.SQLiteStateStore(str(tmp_path / "live.sqlite")) as live:
+        version = c.pin()
+        update = lambda state, session: c.update_state(state[None], [session])[0]  # noqa: E731
+        for user, user_sessions in (("train0", sessions), ("train1", train[1]),
+                                    ("train2", train[2])):
+            for session in user_sessions:
+                state_store.end_session(live, user, version, c.state_size(), update,
+                                        names(session), fingerprint=c.fingerprint(),
+                                        known_items=c.known_ids)
+            want, got = live.get(user, version), filled.get(user, version)
+            np.testing.assert_allclose(got.state, want.state, rtol=1e-5, atol=1e-6)
+            assert got.sessions == want.sessions and got.sessions_total == want.sessions_total
+            np.testing.assert_array_equal(got.fingerprint, want.fingerprint)
+        assert filled.get("train0", version).sessions[-1] == ("item9", "[UNK]", "item10")
+    assert backfill.main(argv) == 0  # again: every user kept
+    assert json.loads(capsys.readouterr().out)["kept"] == 3
+    assert backfill.main([*argv, "--replace", "--max-users", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["users"] == 1
+    other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
+    assert backfill.main([*argv[:1], other, *argv[2:]]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: 20 of the 30 most frequent items of {other} are unknown to version 2")
