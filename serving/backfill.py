@@ -180,12 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving.client import HierTCNClient, ServingError
 
     try:
-        with HierTCNClient(args.target, args.model_name, args.timeout, tls=args.tls) as client, \
-                state_store.SQLiteStateStore(args.state_db) as store:
+        schema.read_vocabulary(args.data)  # a wrong folder: said before anything is made
+        with HierTCNClient(args.target, args.model_name, args.timeout, tls=args.tls) as client:
             version = client.pin(args.version)
-            with tqdm(desc=f"backfill version {version}", unit="user", file=sys.stderr,
-                      disable=args.no_progress or not sys.stderr.isatty(),
-                      mininterval=1.0) as bar:
+            bar = tqdm(desc=f"backfill version {version}", unit="user", file=sys.stderr,
+                       disable=args.no_progress or not sys.stderr.isatty(), mininterval=1.0)
+            with state_store.SQLiteStateStore(args.state_db) as store, bar:
                 counts = backfill(client, store, args.data, batch_users=args.batch_users,
                                   replace=args.replace, max_users=args.max_users,
                                   on_users=bar.update)
