@@ -448,14 +448,19 @@ def _to_utf8(path: str, source: str = "cp1252") -> str:
 
 
 def _check_encoding(path: str, lines: list[bytes]) -> None:
-    """Stops a text input whose first lines are not UTF-8: UTF-16 (a byte-order mark or
-    NUL bytes), or lines of bytes beyond ASCII none of which decodes as UTF-8 (a Latin-1 or
+    """Stops a text input whose first lines are not UTF-8: UTF-16 or UTF-32 (a byte-order
+    mark, or NULs between the characters), or lines of bytes beyond ASCII none of which decodes as UTF-8 (a Latin-1 or
     Windows-1252 export: every row with an accent would go to malformed/ as "bad UTF-8",
     after the whole run). A UTF-8 log with a damaged row or two among rows that decode
     goes on: those rows are malformed, the rest are read."""
     first = lines[0] if lines else b""
-    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or any(b"\x00" in line for line in lines):
-        raise UsageError(f"{path} is UTF-16 (or holds NUL bytes); {_to_utf8(path, 'utf-16')}")
+    if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32')}")
+    # UTF-16: a byte-order mark, or a NUL in every other byte of text (a lone NUL in a
+    # UTF-8 row is that row's damage, not the file's encoding)
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or any(
+            len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines):
+        raise UsageError(f"{path} is UTF-16; {_to_utf8(path, 'utf-16')}")
     bad, beyond_ascii = [], 0
     for line in lines:
         try:
@@ -821,9 +826,10 @@ def _resolve(argv):
         if args.time_unit is not None:
             raise UsageError("--time-format and --time-unit exclude each other: a format reads "
                              "text times, --time-unit numbers or ISO 8601 text")
-        if not parse.is_time_format(args.time_format):
-            raise UsageError(f"--time-format {args.time_format!r} holds no strptime directive "
-                             "(%Y, %m, %d, %H, %M, %S, %z, ...), e.g. '%m/%d/%Y %H:%M:%S'")
+        wrong = parse.time_format_error(args.time_format)
+        if wrong:
+            raise UsageError(f"--time-format {args.time_format!r} {wrong}; e.g. "
+                             "'%m/%d/%Y %H:%M:%S'")
         args.time_unit = args.time_format
     args.time_unit = args.time_unit or "s"
     if args.delimiter is not None:
@@ -980,9 +986,10 @@ def run(args, output: str, files, config, options) -> dict:
         cutoffs = _read_single(outputs.join(work, "cutoffs"))
         outputs.write_text(outputs.join(tmp, schema.ITEMS_FILE), schema.vocabulary_text(vocab))
         filtered, splits = _nest(counts)
-        # (--exclude is absent when unused, so data made before the option digests the same)
+        # (--exclude and --time-format are absent when unused, so data made before the
+        # options digests the same)
         options_out = {k: v for k, v in vars(args).items()
-                       if k != "overwrite" and not (k == "exclude" and v is None)}
+                       if k != "overwrite" and not (k in ("exclude", "time_format") and v is None)}
         options_out["header"] = config.header
         options_out["runner"] = options.get_all_options()["runner"]
         stats = {

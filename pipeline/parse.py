@@ -166,6 +166,26 @@ def time_option(unit: str) -> str:
     return f"--time-format {unit!r}" if is_time_format(unit) else f"--time-unit {unit}"
 
 
+def time_format_error(fmt: str) -> str | None:
+    """Why a `--time-format` cannot read times right, or None: no strptime directive, no
+    year (every time would fall in 1900), `%Z` (a zone name: strptime takes only the
+    machine's own and drops it, so the times would be read as UTC), or a directive
+    strptime does not know (checked by writing a fixed time with it and reading it back)."""
+    if not is_time_format(fmt):
+        return "holds no strptime directive (%Y, %m, %d, %H, %M, %S, %z, ...)"
+    if "%Z" in fmt:
+        return ("holds %Z, a zone name, which Python's strptime reads only for the machine's "
+                "own zone and then drops: use %z for offsets (+0100, +01:00, Z)")
+    if not re.search(r"%[Yy]", fmt):
+        return "holds no year (%Y or %y): every time would fall in 1900"
+    sample = datetime.datetime(2021, 3, 2, 15, 8, 11, 250000, tzinfo=datetime.timezone.utc)
+    try:
+        datetime.datetime.strptime(sample.strftime(fmt), fmt)
+    except ValueError as e:
+        return f"cannot read the times it writes ({e})"
+    return None
+
+
 def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     """Unix milliseconds of a raw time value.
 
@@ -224,7 +244,7 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     if check_range and ms > MAX_TIME_MS:
         hint = {"s": "; milli- or microseconds? see --time-unit", "ms": "; microseconds?"}
         raise ValueError(f"time {value!r} is past 10^11 unix seconds, the year 5138 "
-                         f"(--time-unit {unit})" + hint.get(unit, ""))
+                         f"({time_option(unit)})" + hint.get(unit, ""))
     return ms
 
 

@@ -236,19 +236,24 @@ def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_
              "pipeline reads UTF-8 (ASCII is UTF-8): convert the file first, e.g. iconv -f "
              "cp1252 -t utf-8 LOG > LOG.utf8 (Windows-1252 or Latin-1 text)"),
             ("utf16.csv", text.encode("utf-16"),
-             "utf16.csv is UTF-16 (or holds NUL bytes); the pipeline reads UTF-8 (ASCII is "
-             "UTF-8): convert the file first, e.g. iconv -f utf-16 -t utf-8 LOG > LOG.utf8")):
+             "utf16.csv is UTF-16; the pipeline reads UTF-8 (ASCII is UTF-8): convert the "
+             "file first, e.g. iconv -f utf-16 -t utf-8 LOG > LOG.utf8"),
+            ("utf16le.csv", text.encode("utf-16-le"),  # no byte-order mark
+             "utf16le.csv is UTF-16; the pipeline reads UTF-8"),
+            ("utf32.csv", text.encode("utf-32"), "utf32.csv is UTF-32; the pipeline reads UTF-8")):
         log = tmp_path / name
         log.write_bytes(data)
         assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
                          *IN_MEMORY]) == 2
         err = capsys.readouterr().err
-        assert err.endswith(said.replace("LOG", str(log)).replace(name, str(log), 1) + "\n"), err
+        said = said.replace("LOG", str(log)).replace(name, str(log), 1)
+        assert err.startswith("error: " + said) and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
     damaged = tmp_path / "damaged.csv"
     lines = text.encode("utf-8").split(b"\n")
     for k in (1, 5):  # (rows with an accent)
         lines[k] = lines[k].replace("é".encode(), b"\xe9")
+    lines[7] = lines[7].replace(b"-", b"\x00")  # and a NUL in a row: that row's damage
     damaged.write_bytes(b"\n".join(lines))
     assert cli.main(["--input", str(damaged), "--output", str(tmp_path / "out"),
                      "--min-item-count", "1", *IN_MEMORY]) == 0
@@ -292,10 +297,15 @@ def test_text_times_in_another_layout_with_time_format(tmp_path, capsys):
                for r in open(out / "malformed" / f, encoding="utf-8")]
     assert line["reason"] == "unparseable time '2024-01-01 00:00:00' (--time-format '%m/%d/%Y %H:%M:%S')"
     assert recs["train"]["u2"].times[0].tolist() == [1704067300, 1704067350]
-    for extra, said in ((["--time-unit", "ms"], "--time-format and --time-unit exclude each other"),
-                        ([], "--time-format 'mm/dd' holds no strptime directive")):
+    for fmt, extra, said in (
+            ("%Y", ["--time-unit", "ms"], "--time-format and --time-unit exclude each other"),
+            ("mm/dd", [], "--time-format 'mm/dd' holds no strptime directive"),
+            ("%m/%d %H:%M", [], "holds no year (%Y or %y): every time would fall in 1900"),
+            ("%Y-%m-%d %Z", [], "holds %Z, a zone name, which Python's strptime reads only for "
+                                "the machine's own zone and then drops: use %z"),
+            ("%s %Y", [], "cannot read the times it writes ('s' is a bad directive")):
         assert cli.main(["--input", str(path), "--output", str(tmp_path / "x"), "--time-format",
-                         "mm/dd" if not extra else "%d", *extra, *IN_MEMORY]) == 2
+                         fmt, *extra, *IN_MEMORY]) == 2
         assert said in capsys.readouterr().err
 
 
@@ -1624,7 +1634,8 @@ def test_filter_compares_whole_numbers_by_value_and_exclude_leaves_values_out(tm
     plain = tmp_path / "plain"
     assert cli.main(["--input", str(log), "--output", str(plain), "--min-item-count", "1",
                      *IN_MEMORY]) == 0
-    assert "exclude" not in schema.read_stats(str(plain))["options"]  # digests as before
+    options = schema.read_stats(str(plain))["options"]
+    assert "exclude" not in options and "time_format" not in options  # digests as before
 
 
 def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsys):
