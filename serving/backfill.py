@@ -9,9 +9,11 @@ with the recent sessions, so that returning users are served from their past at 
 
 Users are folded in batches (one `update_state` call per batch and session position). A
 user the store already holds is left as it is (its record may be newer than the log);
-`replace=True` overwrites it. Item ids come from the folder's `items.tsv`; an item the
-folder keeps as the unknown index (outside the vocabulary, in valid and test) has lost
-its raw id there and is stored as `[UNK]`, which every version reads as unknown.
+`replace=True` overwrites a record of the same version. Each record is one transaction:
+an interrupted run goes on where it stopped when run again. Item ids come from the
+folder's `items.tsv`; an item the folder keeps as the unknown index (outside the
+vocabulary, in valid and test) has lost its raw id there and is stored as `[UNK]`, which
+every version reads as unknown.
 """
 from __future__ import annotations
 
@@ -22,8 +24,12 @@ import numpy as np
 
 from serving import state_store
 
-# Users per update_state call.
-DEFAULT_BATCH_USERS = 256
+# Users per update_state call: TF Serving's batching configuration in the README takes up
+# to 32 rows a call (this project's server up to 64 with --enable-batching).
+DEFAULT_BATCH_USERS = 32
+# At most this many item slots (rows x the longest session) per update_state call: one
+# long session would otherwise pad every row of its call to its length.
+MAX_SLOTS_PER_CALL = 1 << 16
 # A data folder whose items the version mostly does not know is another model's.
 MIN_KNOWN_SHARE = 0.5
 
@@ -35,27 +41,56 @@ class BackfillError(ValueError):
 @dataclasses.dataclass
 class BackfillCounts:
     users: int = 0  # stored
-    kept: int = 0  # already in the store, left as they were
+    kept: int = 0  # already in the store (another version's newest record too), left as is
     sessions: int = 0  # folded in
     events: int = 0
+
+
+def item_names(data_dir: str) -> list[str]:
+    """The folder's raw item ids by index, the unknown index as `[UNK]`."""
+    from pipeline import schema
+
+    names = list(schema.read_vocabulary(data_dir).ids)
+    names[schema.UNKNOWN_INDEX] = schema.UNKNOWN_TOKEN
+    return names
+
+
+def check_catalogue(client, data_dir: str, names: Sequence[str] | None = None) -> None:
+    """Raises `BackfillError` when fewer than half of the folder's 1,000 most frequent
+    items are known to the client's pinned version (nothing when it cannot say)."""
+    sample = list((item_names(data_dir) if names is None else names)[2:1002])
+    if not sample:
+        return
+    known = client.known_ids(sample)
+    if known is not None and len(known) < MIN_KNOWN_SHARE * len(sample):
+        raise BackfillError(
+            f"{len(sample) - len(known):,} of the {len(sample):,} most frequent items of "
+            f"{data_dir} are unknown to version {client.pinned_version}: the folder is not the "
+            "data this version was trained on (its states would be noise)")
 
 
 def backfill(client, store: state_store.StateStore, data_dir: str, *,
              batch_users: int = DEFAULT_BATCH_USERS, replace: bool = False,
              max_users: int | None = None,
-             on_users: Callable[[int], None] | None = None) -> BackfillCounts:
+             on_users: Callable[[int], None] | None = None,
+             counts: BackfillCounts | None = None) -> BackfillCounts:
     """Stores the state and recent sessions of every user of `data_dir` for the client's
-    pinned version (`client.pin()` first).
+    pinned version (`client.pin()` first). Each user's record is one transaction: an
+    interrupted run leaves whole records, and the same run again (without `replace`) goes
+    on from where it stopped.
 
     Args:
       client: a pinned `serving.client.HierTCNClient`.
       store: the state store.
       data_dir: a pipeline output folder (the one the version was trained on, or a newer
         run of the pipeline over the same catalogue).
-      batch_users: users per `update_state` call.
-      replace: overwrite the records of users the store already holds.
+      batch_users: users per `update_state` call (fewer where sessions are long).
+      replace: overwrite the user's record when the newest one is this version's (a
+        user whose newest record is another version's is kept: its client has moved on,
+        and a record from the log would roll it back).
       max_users: stop after this many users (None: all).
-      on_users: called with the number of users handled (stored or kept) after each batch.
+      on_users: called with the number of users handled (stored or kept) as they are.
+      counts: the counts to add to (the caller's, to report an interrupted run).
 
     Raises:
       BackfillError: fewer than half of the folder's items are known to the version.
@@ -63,20 +98,18 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
     """
     from pipeline import schema
 
-    vocab = schema.read_vocabulary(data_dir)
-    names = list(vocab.ids)
-    names[schema.UNKNOWN_INDEX] = schema.UNKNOWN_TOKEN
+    names = item_names(data_dir)
     version = client.pinned_version
     state_size = client.state_size()
     fingerprint = client.fingerprint()
-    _check_catalogue(client, names[2:], data_dir, version)
-    counts = BackfillCounts()
+    check_catalogue(client, data_dir, names)
+    counts = BackfillCounts() if counts is None else counts
     seen: set[str] = set()
-    batch: list[tuple[str, list[list[str]]]] = []
+    batch: list[tuple[str, list[list[str]], object]] = []
 
     def flush() -> None:
         if batch:
-            _store(client, store, batch, version, state_size, fingerprint, replace, counts)
+            _store(client, store, batch, version, state_size, fingerprint, counts)
             if on_users:
                 on_users(len(batch))
             batch.clear()
@@ -88,48 +121,50 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
             if max_users is not None and len(seen) >= max_users:
                 break
             seen.add(record.user_id)
-            if not replace and store.latest(record.user_id) is not None:
+            stored = store.latest(record.user_id)
+            if stored is not None and not (replace and stored.version == version):
                 counts.kept += 1
                 if on_users:
                     on_users(1)
                 continue
             batch.append((record.user_id,
-                          [[names[i] for i in session] for session in record.sessions]))
+                          [[names[i] for i in session] for session in record.sessions], stored))
             if len(batch) >= batch_users:
                 flush()
         flush()
     return counts
 
 
-def _check_catalogue(client, items: Sequence[str], data_dir: str, version: int) -> None:
-    sample = list(items[:1000])
-    if not sample:
-        return
-    known = client.known_ids(sample)
-    if known is not None and len(known) < MIN_KNOWN_SHARE * len(sample):
-        raise BackfillError(
-            f"{len(sample) - len(known):,} of the {len(sample):,} most frequent items of "
-            f"{data_dir} are unknown to version {version}: the folder is not the data this "
-            "version was trained on (its states would be noise)")
+def _calls(rows: list[int], lengths: Sequence[int]) -> list[list[int]]:
+    """`rows` in groups of at most MAX_SLOTS_PER_CALL slots (rows x the longest), shortest
+    sessions first; a session longer than that goes alone."""
+    groups: list[list[int]] = []
+    for r in sorted(rows, key=lambda r: lengths[r]):
+        if groups and (len(groups[-1]) + 1) * lengths[r] <= MAX_SLOTS_PER_CALL:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
-def _store(client, store: state_store.StateStore, batch: list[tuple[str, list[list[str]]]],
-           version: int, state_size: int, fingerprint: np.ndarray, replace: bool,
-           counts: BackfillCounts) -> None:
-    """Folds the batch's sessions position by position and writes each user's record."""
+def _store(client, store: state_store.StateStore, batch: list, version: int, state_size: int,
+           fingerprint: np.ndarray, counts: BackfillCounts) -> None:
+    """Folds the batch's sessions position by position and writes each user's record, on
+    the condition that it is still the one read (a live end-session in between wins)."""
     states = np.zeros([len(batch), state_size], np.float32)
-    longest = max(len(sessions) for _, sessions in batch)
+    longest = max(len(sessions) for _, sessions, _ in batch)
     for position in range(longest):
-        rows = [r for r, (_, sessions) in enumerate(batch) if len(sessions) > position]
-        states[rows] = client.update_state(states[rows],
-                                           [batch[r][1][position] for r in rows])
-    ids = list(dict.fromkeys(item for _, sessions in batch for s in sessions for item in s))
+        rows = [r for r, (_, sessions, _) in enumerate(batch) if len(sessions) > position]
+        lengths = {r: max(len(batch[r][1][position]), 1) for r in rows}
+        for group in _calls(rows, lengths):
+            states[group] = client.update_state(states[group],
+                                                [batch[r][1][position] for r in group])
+    ids = list(dict.fromkeys(item for _, sessions, _ in batch for s in sessions for item in s))
     known = client.known_ids(ids)
-    for (user, sessions), state in zip(batch, states):
+    for (user, sessions, stored), state in zip(batch, states):
         try:
-            store.put(user, version, state, sessions, expected=state_store.ANY if replace else None,
-                      fingerprint=fingerprint, sessions_total=len(sessions),
-                      known=known)
+            store.put(user, version, state, sessions, expected=stored, fingerprint=fingerprint,
+                      sessions_total=len(sessions), known=known)
         except state_store.StateConflict:  # written meanwhile (a live end-session): newer
             counts.kept += 1
             continue
@@ -150,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "a pipeline output for the served version, so that "
                                          "returning users are served from their past at once.",
                              formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--data", required=True, type=argtypes.local_path,
+    parser.add_argument("--data", required=True,
                         help="the pipeline output the served version was trained on")
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
     parser.add_argument("--model-name", required=True, help="the served model's name")
@@ -159,18 +194,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--state-db", default="user_states.sqlite", type=argtypes.local_path,
                         help="SQLite file of user states (created when missing)")
     parser.add_argument("--replace", action="store_true",
-                        help="overwrite the users the store already holds (kept by default: "
-                             "their records may be newer than the log)")
+                        help="overwrite the users whose newest record is this version's (kept "
+                             "by default: their records may be newer than the log; another "
+                             "version's newest record is always kept)")
     parser.add_argument("--batch-users", type=argtypes.positive_int,
-                        default=DEFAULT_BATCH_USERS, help="users per update_state call")
+                        default=DEFAULT_BATCH_USERS,
+                        help="users per update_state call, at most the server's batch size "
+                             "(fewer where sessions are long)")
     parser.add_argument("--max-users", type=argtypes.positive_int, default=None,
                         help="stop after this many users (default: all)")
     parser.add_argument("--timeout", type=argtypes.positive_float, default=60.0,
                         help="seconds per call")
+    parser.add_argument("--session-width", type=argtypes.positive_int, default=None,
+                        help="fixed session_items width (for TF Serving with --enable_batching)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="root certificates to check the server with (default: the system's)")
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name in the server's certificate, when not the target's host")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if (args.tls_ca or args.tls_server_name) and not args.tls:
+        parser.error("--tls-ca and --tls-server-name need --tls")
     from model import quiet
 
     quiet.import_tensorflow()  # (the records are read with tf.data) its notes held back
@@ -179,18 +225,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline import schema
     from serving.client import HierTCNClient, ServingError
 
+    counts, version = BackfillCounts(), None
     try:
-        schema.read_vocabulary(args.data)  # a wrong folder: said before anything is made
-        with HierTCNClient(args.target, args.model_name, args.timeout, tls=args.tls) as client:
+        names = item_names(args.data)  # a wrong folder: said before anything is made
+        with HierTCNClient(args.target, args.model_name, args.timeout,
+                           session_width=args.session_width, tls=args.tls, tls_ca=args.tls_ca,
+                           tls_server_name=args.tls_server_name) as client:
             version = client.pin(args.version)
+            check_catalogue(client, args.data, names)
             bar = tqdm(desc=f"backfill version {version}", unit="user", file=sys.stderr,
                        disable=args.no_progress or not sys.stderr.isatty(), mininterval=1.0)
             with state_store.SQLiteStateStore(args.state_db) as store, bar:
-                counts = backfill(client, store, args.data, batch_users=args.batch_users,
-                                  replace=args.replace, max_users=args.max_users,
-                                  on_users=bar.update)
+                backfill(client, store, args.data, batch_users=args.batch_users,
+                         replace=args.replace, max_users=args.max_users, on_users=bar.update,
+                         counts=counts)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "
+              "whole); the same command goes on from there", file=sys.stderr)
+        return 130
     except (ServingError, schema.DataError, BackfillError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = ("; pass a smaller --batch-users" if "batch size" in str(e) else "")
+        print(f"error: {e}{hint}"
+              + (f" ({counts.users:,} users stored before it; the same command goes on from "
+                 "there)" if counts.users else ""), file=sys.stderr)
         return 1
     result = {"model": args.model_name, "version": version, "data": args.data,
               "state_db": args.state_db, **dataclasses.asdict(counts)}
@@ -198,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"stored {counts.users:,} users' states ({counts.sessions:,} sessions, "
           f"{counts.events:,} events) for {args.model_name} version {version} in "
           f"{args.state_db}" + (f"; {counts.kept:,} users already there were kept "
-                                "(--replace overwrites them)" if counts.kept else ""))
+                                "(--replace overwrites this version's)" if counts.kept else ""))
     return 0
 
 

@@ -584,22 +584,26 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
               if i != left_out][:args.k]
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "session": items, "items": ranked}
+    unknown = _unknown_ids(client, items)
+    result["unknown_items"] = unknown
     lines = [f"{resolved.message}; model {client.model_name} version {client.pinned_version}"]
-    lines += _unknown_note(client, items, result)
+    lines += _unknown_note(client, items, unknown)
     lines += [f"{r + 1:3d}. {e['item']}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
 
 
-def _unknown_note(client: HierTCNClient, items: Sequence[str], result: dict) -> list[str]:
-    """A line naming the session's items the pinned version does not know (and the
-    result's `unknown_items`): they are read as the unknown item, so an id in the wrong
-    case or form gives a generic answer without a word. Nothing when the export cannot
-    say (no `known_items` signature)."""
+def _unknown_ids(client: HierTCNClient, items: Sequence[str]) -> list[str] | None:
+    """The session's distinct ids the pinned version does not know, in order; None when
+    its export cannot say (no `known_items` signature)."""
     known = client.known_ids(items, client.pinned_version) if items else set()
-    if known is None:
-        return []
-    unknown = list(dict.fromkeys(i for i in items if i not in known))
-    result["unknown_items"] = unknown
+    return None if known is None else list(dict.fromkeys(i for i in items if i not in known))
+
+
+def _unknown_note(client: HierTCNClient, items: Sequence[str],
+                  unknown: list[str] | None) -> list[str]:
+    """A line naming the session's items the pinned version does not know: they are read
+    as the unknown item, so an id in the wrong case or form gives a generic answer without
+    a word."""
     if not unknown:
         return []
     shown = ", ".join(repr(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -613,15 +617,18 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     """Folds the finished session into the user's state and stores it with the history
     (`state_store.end_session`: a concurrent end-session of the same user is not lost)."""
     items = _items(args)
+    version = client.pin()
+    unknown = _unknown_ids(client, items)  # (before the write: a failure here stores nothing)
     resolved, record = state_store.end_session(
-        store, args.user, client.pin(), client.state_size(),
+        store, args.user, version, client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,
         fingerprint=client.fingerprint(), known_items=_known_items(client))
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
-              "sessions": len(record.sessions), "history": record.history}
+              "sessions": len(record.sessions), "history": record.history,
+              "unknown_items": unknown}
     text = (f"{resolved.message}; stored the state after {len(items)} item{'s' * (len(items) != 1)} for version "
             f"{client.pinned_version} ({len(record.history)} recent items kept)")
-    return result, "\n".join([text, *_unknown_note(client, items, result)])
+    return result, "\n".join([text, *_unknown_note(client, items, unknown)])
 
 
 if __name__ == "__main__":

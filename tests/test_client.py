@@ -550,7 +550,7 @@ def test_recommend_and_end_session_name_the_items_the_version_does_not_know(caps
     assert ended["unknown_items"] == ["nope"]
 
 
-def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path):
+def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path, monkeypatch):
     """`serving.backfill` folds every user's sessions of a data folder (the last split
     holding the user: its record carries the earlier ones) in batches, and stores the
     same state and history as `end-session` after each session in turn; an item kept as
@@ -575,6 +575,8 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     with open(os.path.join(data, schema.STATS_FILE), "w", encoding="utf-8") as f:
         json.dump(stats, f)
     names = lambda s: ["[UNK]" if i == 1 else f"item{i}" for i in s]  # noqa: E731
+    # calls of at most 5 item slots: the longer sessions go in calls of their own
+    monkeypatch.setattr(backfill, "MAX_SLOTS_PER_CALL", 5)
     db = tmp_path / "filled.sqlite"
     argv = ["--data", data, "--target", served["server"].target, "--model-name", NAME,
             "--state-db", str(db), "--batch-users", "2", "--no-progress", "--json"]
@@ -600,9 +602,21 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
         assert filled.get("train0", version).sessions[-1] == ("item9", "[UNK]", "item10")
     assert backfill.main(argv) == 0  # again: every user kept
     assert json.loads(capsys.readouterr().out)["kept"] == 3
-    assert backfill.main([*argv, "--replace", "--max-users", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["users"] == 1
+    # a user whose newest record is another version's is kept even with --replace (its
+    # client moved on; the log would roll it back), this version's are overwritten
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c, \
+            state_store.SQLiteStateStore(str(db)) as filled:
+        c.pin(1)
+        state_store.end_session(filled, "train1", 1, c.state_size(),
+                                lambda state, session: c.update_state(state[None], [session])[0],
+                                ["item3"], fingerprint=c.fingerprint())
+    assert backfill.main([*argv, "--replace"]) == 0
+    assert json.loads(capsys.readouterr().out)["users"] == 2
+    with state_store.SQLiteStateStore(str(db)) as filled:
+        assert filled.latest("train1").version == 1
     other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
-    assert backfill.main([*argv[:1], other, *argv[2:]]) == 1
+    fresh = tmp_path / "fresh.sqlite"
+    assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1
     assert capsys.readouterr().err.startswith(
         f"error: 20 of the 30 most frequent items of {other} are unknown to version 2")
+    assert not fresh.exists()  # nothing made
