@@ -17,10 +17,13 @@ _DYING_WITH_PARENT = """import ctypes, os, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):  # the parent died before the request
     sys.exit(128 + signal.SIGTERM)
+for s in (signal.SIGPIPE, signal.SIGXFSZ):  # (Python ignores them; an exec would keep that)
+    signal.signal(s, signal.SIG_DFL)
 try:
     os.execvp(sys.argv[2], sys.argv[2:])
 except OSError as e:
-    sys.exit(f"error: cannot run {sys.argv[2]}: {e.strerror}")
+    print(f"error: cannot run {sys.argv[2]}: {e.strerror}", file=sys.stderr)
+    sys.exit(127)
 """
 
 

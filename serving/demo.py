@@ -73,6 +73,10 @@ def wait_for_server(proc: subprocess.Popen, output: ServerOutput, model: str,
             break
     target = output.target
     if target is None:
+        try:  # its output ended: it is exiting (a failed start), or it hangs
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         if proc.poll() is not None:
             raise SystemExit(f"demo stopped: the server exited with code {proc.returncode}")
         raise SystemExit(f"demo stopped: the server did not become ready within {timeout:.0f} s")

@@ -476,6 +476,21 @@ def test_children_start_without_forking_a_process_that_runs_grpc(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "1\n" * 5 and proc.stderr == "", proc.stderr
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the wrapper is Linux's")
+def test_children_start_with_default_signals_and_a_missing_command_exits_127(tmp_path):
+    """The wrapper that asks for the parent-death signal is Python, which ignores SIGPIPE
+    and SIGXFSZ; an exec keeps ignored signals, so it restores them (`yes | head` would
+    otherwise end with an error instead of quietly)."""
+    done = subprocess.run(processes.dying_with_parent(
+        ["sh", "-c", "grep SigIgn /proc/self/status"]), capture_output=True, text=True)
+    ignored = int(done.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+    missing = subprocess.run(processes.dying_with_parent(["no-such-command-here"]),
+                             capture_output=True, text=True)
+    assert missing.returncode == 127
+    assert missing.stderr == "error: cannot run no-such-command-here: No such file or directory\n"
+
+
 def test_a_childs_output_reaches_the_log_whole_and_the_display_line_by_line(tmp_path):
     """Progress bars end their lines with a carriage return; a character cut between two
     reads reaches the log whole; a log that cannot be written (a full disk) is raised

@@ -101,3 +101,17 @@ def test_the_server_dies_with_a_killed_demo():
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the child outlived its killed parent")
+
+
+def test_a_server_that_fails_to_start_is_said_as_such():
+    """The demo reads the server's address from its output; a server whose output ends
+    (it failed to start) and then exits is reported with its exit code, not as a server
+    that did not become ready in time."""
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\nprint('starting', flush=True)\n"
+                               "os.close(1)\ntime.sleep(1)\nsys.exit(3)"],
+        stdout=subprocess.PIPE, text=True)
+    output = demo.ServerOutput(stand_in.stdout)
+    output.start()
+    with pytest.raises(SystemExit, match="the server exited with code 3"):
+        demo.wait_for_server(stand_in, output, "hiertcn", timeout=60)
