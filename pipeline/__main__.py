@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -952,7 +953,8 @@ def run(args, output: str, files, config, options) -> dict:
     import apache_beam as beam
 
     from pipeline import beam_fixes, sources
-    from pipeline.transforms import LONGEST_PREFIX, MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords
+    from pipeline.transforms import (HEAVIEST_PREFIX, LONGEST_PREFIX, MAX_PREFIX,
+                                     UNKNOWN_PREFIX, SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     try:
@@ -1005,6 +1007,9 @@ def run(args, output: str, files, config, options) -> dict:
         # the most events one user has in each split (a crawler's share of the metrics)
         stats["max_user_events"] = {name: counts.get(MAX_PREFIX + name, 0)
                                     for name in schema.SPLITS}
+        # who that is (the heavy-user note names them for --exclude); None without users
+        stats["heaviest_user"] = {name: (counts.get(HEAVIEST_PREFIX + name) or [0, None])[1]
+                                  for name in schema.SPLITS}
         # the most events of one session in each split (whether training cuts any in chunks)
         stats["max_session_events"] = {name: counts.get(LONGEST_PREFIX + name, 0)
                                        for name in schema.SPLITS}
@@ -1086,11 +1091,15 @@ def _notes(stats: dict, output: str) -> list[str]:
         events, users = splits[name]["events"], splits[name]["users"]
         heaviest = stats["max_user_events"][name]
         if log_users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
-            lines.append(f"note: one user holds {heaviest / events:.0%} of the {name} split's "
+            who = stats.get("heaviest_user", {}).get(name)
+            leave_out = (f"--exclude {shlex.quote(options.get('user_col', 'user') + '=' + who)}"
+                         if who is not None and "," not in who else "--exclude COLUMN=ID")
+            lines.append(f"note: one user{f' ({who})' if who is not None else ''} holds "
+                         f"{heaviest / events:.0%} of the {name} split's "
                          f"events ({heaviest:,} of {events:,}, {users:,} "
                          f"user{'s' * (users != 1)}): the metrics "
-                         "average over events, so that user decides them; a crawler? --exclude "
-                         "COLUMN=ID leaves a user out, --max-events-per-user N keeps each user's "
+                         f"average over events, so that user decides them; a crawler? {leave_out} "
+                         "leaves a user out, --max-events-per-user N keeps each user's "
                          "N most recent events")
     if stats["rows_written"] and not splits["train"]["events"]:
         lines.append(f"warning: the train split is empty ({stats['items']:,} items in the "

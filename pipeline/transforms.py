@@ -34,6 +34,8 @@ MAX_PREFIX = "max_user_events/"
 # ... and of a split's longest session (events; max, not summed): LONGEST_PREFIX + split
 LONGEST_PREFIX = "max_session_events/"
 MAXIMA = (MAX_PREFIX, LONGEST_PREFIX)
+# ... and of a split's user with the most events: [events, user id] (the larger pair wins)
+HEAVIEST_PREFIX = "heaviest_user/"
 # stats key prefix of a split's target events that are items outside the vocabulary
 UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
@@ -251,13 +253,17 @@ class _BuildRecords(beam.DoFn):
             for key, n in ((f"{MAX_PREFIX}{name}", out.events[name]),
                            (f"{LONGEST_PREFIX}{name}", out.longest[name])):
                 self._counts[key] = max(self._counts[key], n)
+            heaviest, pair = f"{HEAVIEST_PREFIX}{name}", (out.events[name], str(user))
+            if heaviest not in self._counts or pair > tuple(self._counts[heaviest]):
+                self._counts[heaviest] = pair
         for reason, n in out.filtered.items():
             self._counts[f"rows_filtered/{reason}"] += n
 
     def finish_bundle(self):
         report_progress("users", self._unreported)
         counts = dict(self._counts)
-        _count("records", {k: n for k, n in counts.items() if not k.startswith(MAXIMA)})
+        _count("records", {k: n for k, n in counts.items()
+                           if not k.startswith(MAXIMA + (HEAVIEST_PREFIX,))})
         yield pvalue.TaggedOutput(STATS, _global(counts))
 
 
@@ -289,11 +295,15 @@ class _ConcatStarts(beam.CombineFn):
 
 
 def _sum_counts(dicts: Iterable[dict]) -> dict:
-    """Sums the counts; a key starting with one of MAXIMA takes the largest value instead."""
+    """Sums the counts; a key starting with one of MAXIMA takes the largest value instead,
+    and one starting with HEAVIEST_PREFIX the largest [events, user id] pair."""
     total = collections.Counter()
     for d in dicts:
         for key, n in d.items():
-            total[key] = max(total[key], n) if key.startswith(MAXIMA) else total[key] + n
+            if key.startswith(HEAVIEST_PREFIX):
+                total[key] = (tuple(n) if key not in total else max(tuple(total[key]), tuple(n)))
+            else:
+                total[key] = max(total[key], n) if key.startswith(MAXIMA) else total[key] + n
     return dict(total)
 
 

@@ -78,7 +78,10 @@ def test_session_records_on_hand_written_events(tmp_path):
             "max_user_events/test": 2,
             # the longest session per split: u1's 3 in train, 2 in valid and test
             "max_session_events/train": 3, "max_session_events/valid": 2,
-            "max_session_events/test": 2}]), label="stats")
+            "max_session_events/test": 2,
+            # whose: u1, u2, and of test's tie the greater id, u3
+            "heaviest_user/train": (3, "u1"), "heaviest_user/valid": (2, "u2"),
+            "heaviest_user/test": (2, "u3")}]), label="stats")
         assert_that(out["malformed"] | beam.Map(json.loads), equal_to([
             {"source": files[0][0], "line": 9, "reason": "wrong column count: expected 3, got 1",
              "raw": "bad row"},

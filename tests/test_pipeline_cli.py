@@ -580,9 +580,13 @@ def test_a_crawler_that_would_decide_the_test_metrics_gets_a_note(tmp_path, caps
     assert stats["max_user_events"]["test"] == bot_events == 600
     assert bot_events > test["events"] / 4
     err = capsys.readouterr().err
-    assert (f"note: one user holds {bot_events / test['events']:.0%} of the test split's events "
-            f"({bot_events:,} of {test['events']:,}, {test['users']:,} users)") in err
+    assert (f"note: one user (bot) holds {bot_events / test['events']:.0%} of the test split's "
+            f"events ({bot_events:,} of {test['events']:,}, {test['users']:,} users): the "
+            "metrics average over events, so that user decides them; a crawler? --exclude "
+            "user=bot leaves a user out") in err
     assert "of the valid split" not in err
+    # train's users have 30 events each: the most events, then the greatest id
+    assert stats["heaviest_user"]["test"] == "bot" and stats["heaviest_user"]["train"] == "u9"
 
 
 def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, capsys):
@@ -603,8 +607,9 @@ def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, caps
     for name in ("valid", "test"):
         split_stats = stats["splits"][name]
         assert split_stats["users"] == 1 and split_stats["events"] > 0
-        assert (f"note: one user holds 100% of the {name} split's events "
+        assert (f"note: one user (bot) holds 100% of the {name} split's events "
                 f"({split_stats['events']:,} of {split_stats['events']:,}, 1 user)") in err
+    assert stats["heaviest_user"]["valid"] == stats["heaviest_user"]["test"] == "bot"
 
 
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):

@@ -805,3 +805,14 @@ def test_local_only_paths_refuse_a_remote_one_in_one_line(tmp_path, command):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is a remote path" in lines[0], proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
+    from pipeline import transforms
+
+    merged = transforms._sum_counts([
+        {"rows_read": 2, "max_user_events/test": 5, "heaviest_user/test": (5, "a")},
+        {"rows_read": 3, "max_user_events/test": 7, "heaviest_user/test": [7, "b"]},
+        {"max_user_events/test": 7, "heaviest_user/test": (7, "c"), "heaviest_user/train": (1, "z")}])
+    assert merged == {"rows_read": 5, "max_user_events/test": 7, "heaviest_user/test": (7, "c"),
+                      "heaviest_user/train": (1, "z")}
