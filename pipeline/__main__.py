@@ -1101,6 +1101,15 @@ def _notes(stats: dict, output: str) -> list[str]:
                          f"average over events, so that user decides them; a crawler? {leave_out} "
                          "leaves a user out, --max-events-per-user N keeps each user's "
                          "N most recent events")
+    train_users = splits["train"]["users"]
+    if (train_users >= HEAVY_USER_MIN_USERS and splits["train"]["sessions"] == train_users
+            and not options.get("session_col")):
+        lines.append(f"note: each of the {train_users:,} train users has one session: the "
+                     "GRU over sessions has no earlier session to carry in training; a "
+                     "--session-gap as long as the log, or times read in too coarse a unit "
+                     "(seconds as --time-unit ms shrink every gap 1000 times), makes each "
+                     "user's events one session; a log whose user column holds session ids "
+                     "is a session log (gru4rec and sknn suit it)")
     if stats["rows_written"] and not splits["train"]["events"]:
         lines.append(f"warning: the train split is empty ({stats['items']:,} items in the "
                      f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train "

@@ -1126,8 +1126,8 @@ def test_progress_of_a_local_run(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(cli, "PROGRESS_EVERY_S", 0.0)
     monkeypatch.setattr(transforms, "USERS_PER_REPORT", 10)
     log = tmp_path / "log.csv"
-    log.write_text("user,item,time\n" + "".join(f"u{k % 37},i{k % 11},{10 * k}\n"
-                                                for k in range(3000)))
+    log.write_text("user,item,time\n" + "".join(  # (a longer gap every 370 rows: sessions)
+        f"u{k % 37},i{k % 11},{10 * k + 2000 * (k // 370)}\n" for k in range(3000)))
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
                      "--min-item-count", "1", *IN_MEMORY]) == 0
     err = capfd.readouterr().err.splitlines()
@@ -1762,3 +1762,18 @@ def test_users_split_that_draws_no_user_for_valid_or_test_says_so(tmp_path, caps
             assert warned == (splits[name]["users"] == 0), err
             said[name] = said.get(name, False) or warned
     assert said["valid"] and said["test"]
+
+
+def test_a_log_whose_users_each_have_one_session_gets_a_note(tmp_path, capsys):
+    """Seconds read as milliseconds: every gap shrinks 1000 times and each user's clicks,
+    hours apart, make one session; the run notes it (the cross-session model has nothing to
+    carry). The same log in seconds has several sessions per user and no note."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + k) % 7},{1_600_000_000 + 7200 * (k // 3) + 60 * k}\n"
+        for u in range(30) for k in range(12)))
+    said = "train users has one session: the GRU over sessions has no earlier session"
+    for unit, noted in (("ms", True), ("s", False)):
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / unit), "--time-unit",
+                         unit, "--min-item-count", "1", "--split", "users", *IN_MEMORY]) == 0
+        assert (said in capsys.readouterr().err) == noted
