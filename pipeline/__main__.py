@@ -450,10 +450,10 @@ def _to_utf8(path: str, source: str = "cp1252") -> str:
 
 def _check_encoding(path: str, lines: list[bytes]) -> None:
     """Stops a text input whose first lines are not UTF-8: UTF-16 or UTF-32 (a byte-order
-    mark, or NULs between the characters), or lines of bytes beyond ASCII none of which decodes as UTF-8 (a Latin-1 or
-    Windows-1252 export: every row with an accent would go to malformed/ as "bad UTF-8",
-    after the whole run). A UTF-8 log with a damaged row or two among rows that decode
-    goes on: those rows are malformed, the rest are read."""
+    mark, or NULs between the characters), or lines of bytes beyond ASCII none of which
+    decodes as UTF-8 (a Latin-1 or Windows-1252 export: every row with an accent would go
+    to malformed/ as "bad UTF-8", after the whole run). A UTF-8 log with a damaged row or
+    two among rows that decode goes on: those rows are malformed, the rest are read."""
     first = lines[0] if lines else b""
     if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
         raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32')}")

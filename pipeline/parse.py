@@ -49,8 +49,9 @@ class RowFormat:
 
     Attributes:
       format: `csv`, `tsv`, `jsonl`, `parquet` or `avro`.
-      time_unit: `s`, `ms`, `iso` or a `--time-format` (`ms` for a Parquet or Avro file whose time column is
-        a timestamp or date: `sources` gives their instants as milliseconds).
+      time_unit: `s`, `ms`, `iso` or a `--time-format` (`ms` for a Parquet or Avro file
+        whose time column is a timestamp or date: `sources` gives their instants as
+        milliseconds).
       user_col, item_col, time_col: column names (JSON keys for `jsonl`).
       columns: column names in order (csv/tsv; a Parquet or Avro file's schema; empty for
         jsonl).
