@@ -173,6 +173,31 @@ def _store(client, store: state_store.StateStore, batch: list, version: int, sta
         counts.events += sum(len(s) for s in sessions)
 
 
+class _ProgressLines:
+    """Progress as a line every `every` seconds, for a stderr that is not a terminal (a
+    scheduler's log), where a bar redrawn with carriage returns would be one long line."""
+
+    def __init__(self, counts: BackfillCounts, disabled: bool, every: float = 30.0):
+        import time
+
+        self.counts, self.disabled, self.every = counts, disabled, every
+        self.clock = time.monotonic
+        self.start = self.shown = self.clock()
+        self.handled = 0
+
+    def update(self, n: int) -> None:
+        import sys
+
+        self.handled += n
+        now = self.clock()
+        if self.disabled or now - self.shown < self.every:
+            return
+        self.shown = now
+        print(f"backfill: {self.handled:,} users handled ({self.counts.users:,} stored, "
+              f"{self.counts.kept:,} kept) in {now - self.start:.0f} s", file=sys.stderr,
+              flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m serving.backfill`; returns the exit status."""
     import json
@@ -233,11 +258,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                            tls_server_name=args.tls_server_name) as client:
             version = client.pin(args.version)
             check_catalogue(client, args.data, names)
+            tty = sys.stderr.isatty()
             bar = tqdm(desc=f"backfill version {version}", unit="user", file=sys.stderr,
-                       disable=args.no_progress or not sys.stderr.isatty(), mininterval=1.0)
+                       disable=args.no_progress or not tty, mininterval=1.0)
+            lines = _ProgressLines(counts, args.no_progress or tty)  # (a log: a line a while)
+
+            def on_users(n: int) -> None:
+                bar.update(n)
+                lines.update(n)
+
             with state_store.SQLiteStateStore(args.state_db) as store, bar:
                 backfill(client, store, args.data, batch_users=args.batch_users,
-                         replace=args.replace, max_users=args.max_users, on_users=bar.update,
+                         replace=args.replace, max_users=args.max_users, on_users=on_users,
                          counts=counts)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "

@@ -620,3 +620,18 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert capsys.readouterr().err.startswith(
         f"error: 20 of the 30 most frequent items of {other} are unknown to version 2")
     assert not fresh.exists()  # nothing made
+
+
+def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):
+    """Not a terminal (a scheduler's log): a line every 30 s, not a redrawn bar."""
+    from serving import backfill
+
+    counts = backfill.BackfillCounts(users=40, kept=2)
+    lines = backfill._ProgressLines(counts, disabled=False, every=30.0)
+    clock = iter([10.0, 31.0, 45.0, 62.0])
+    lines.clock, lines.start, lines.shown = (lambda: next(clock)), 0.0, 0.0
+    for n in (10, 20, 12, 5):
+        lines.update(n)
+    assert capsys.readouterr().err.splitlines() == [
+        "backfill: 30 users handled (40 stored, 2 kept) in 31 s",
+        "backfill: 47 users handled (40 stored, 2 kept) in 62 s"]
