@@ -135,7 +135,7 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
     return counts
 
 
-def _calls(rows: list[int], lengths: Sequence[int]) -> list[list[int]]:
+def _calls(rows: list[int], lengths: dict[int, int]) -> list[list[int]]:
     """`rows` in groups of at most MAX_SLOTS_PER_CALL slots (rows x the longest), shortest
     sessions first; a session longer than that goes alone."""
     groups: list[list[int]] = []
@@ -160,7 +160,12 @@ def _store(client, store: state_store.StateStore, batch: list, version: int, sta
             states[group] = client.update_state(states[group],
                                                 [batch[r][1][position] for r in group])
     ids = list(dict.fromkeys(item for _, sessions, _ in batch for s in sessions for item in s))
-    known = client.known_ids(ids)
+    known: set[str] | None = set()
+    for start in range(0, len(ids), MAX_SLOTS_PER_CALL):  # (long histories: many ids)
+        part = client.known_ids(ids[start:start + MAX_SLOTS_PER_CALL])
+        known = None if part is None else known | part
+        if known is None:
+            break
     for (user, sessions, stored), state in zip(batch, states):
         try:
             store.put(user, version, state, sessions, expected=stored, fingerprint=fingerprint,
