@@ -73,7 +73,8 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
              batch_users: int = DEFAULT_BATCH_USERS, replace: bool = False,
              max_users: int | None = None,
              on_users: Callable[[int], None] | None = None,
-             counts: BackfillCounts | None = None) -> BackfillCounts:
+             counts: BackfillCounts | None = None,
+             names: Sequence[str] | None = None) -> BackfillCounts:
     """Stores the state and recent sessions of every user of `data_dir` for the client's
     pinned version (`client.pin()` first). Each user's record is one transaction: an
     interrupted run leaves whole records, and the same run again (without `replace`) goes
@@ -91,6 +92,8 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
       max_users: stop after this many users (None: all).
       on_users: called with the number of users handled (stored or kept) as they are.
       counts: the counts to add to (the caller's, to report an interrupted run).
+      names: `item_names(data_dir)` that the caller has read and checked
+        (`check_catalogue`); None: read and checked here.
 
     Raises:
       BackfillError: fewer than half of the folder's items are known to the version.
@@ -98,11 +101,12 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
     """
     from pipeline import schema
 
-    names = item_names(data_dir)
+    if names is None:
+        names = item_names(data_dir)
+        check_catalogue(client, data_dir, names)
     version = client.pinned_version
     state_size = client.state_size()
     fingerprint = client.fingerprint()
-    check_catalogue(client, data_dir, names)
     counts = BackfillCounts() if counts is None else counts
     seen: set[str] = set()
     batch: list[tuple[str, list[list[str]], object]] = []
@@ -209,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     from pipeline import argtypes
+    from serving import cli
 
     parser = argtypes.Parser(prog="python -m serving.backfill",
                              description="Store every user's state and recent sessions from "
@@ -217,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--data", required=True,
                         help="the pipeline output the served version was trained on")
-    parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
+    cli.add_connection_args(parser, timeout=60.0)
     parser.add_argument("--model-name", required=True, help="the served model's name")
     parser.add_argument("--version", type=argtypes.positive_int, default=None,
                         help="the version to store states for (default: the latest)")
@@ -233,20 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(fewer where sessions are long)")
     parser.add_argument("--max-users", type=argtypes.positive_int, default=None,
                         help="stop after this many users (default: all)")
-    parser.add_argument("--timeout", type=argtypes.positive_float, default=60.0,
-                        help="seconds per call")
-    parser.add_argument("--session-width", type=argtypes.positive_int, default=None,
-                        help="fixed session_items width (for TF Serving with --enable_batching)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--tls-ca", metavar="PEM",
-                        help="root certificates to check the server with (default: the system's)")
-    parser.add_argument("--tls-server-name", metavar="NAME",
-                        help="the name in the server's certificate, when not the target's host")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if (args.tls_ca or args.tls_server_name) and not args.tls:
-        parser.error("--tls-ca and --tls-server-name need --tls")
+    wrong = cli.connection_error(args)
+    if wrong:
+        parser.error(wrong)
     from model import quiet
 
     quiet.import_tensorflow()  # (the records are read with tf.data) its notes held back
@@ -275,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with state_store.SQLiteStateStore(args.state_db) as store, bar:
                 backfill(client, store, args.data, batch_users=args.batch_users,
                          replace=args.replace, max_users=args.max_users, on_users=on_users,
-                         counts=counts)
+                         counts=counts, names=names)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "
               "whole); the same command goes on from there", file=sys.stderr)

@@ -13,6 +13,28 @@ SERVER_DESCRIPTION = ("A TF Serving–compatible gRPC server for local use and t
                       "(README § 3. Serving).")
 
 
+def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """The options of a gRPC client command (`serving.client`, `serving.backfill`): the
+    server, the time per call, a fixed session width and TLS (`connection_error`)."""
+    parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
+    parser.add_argument("--timeout", type=argtypes.positive_float, default=timeout,
+                        help="seconds per call")
+    parser.add_argument("--session-width", type=argtypes.positive_int, default=None,
+                        help="fixed session_items width (for TF Serving with --enable_batching)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="root certificates to check the server with (default: the system's)")
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name in the server's certificate, when not the target's host")
+
+
+def connection_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with `add_connection_args`' options, or None."""
+    if (args.tls_ca or args.tls_server_name) and not args.tls:
+        return "--tls-ca and --tls-server-name need --tls"
+    return None
+
+
 def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m serving.export`'s options; exits with a usage error (status 2) or the help."""
     parser = argtypes.Parser(prog="python -m serving.export",

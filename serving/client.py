@@ -39,7 +39,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc)
 
 from pipeline import argtypes
-from serving import protos, state_store
+from serving import cli, protos, state_store
 
 SIG_UPDATE_STATE = "update_state"
 SIG_NEXT_ITEMS = "next_items"
@@ -466,23 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argtypes.Parser(prog="python -m serving.client",
                                      description="Query a served HierTCN model over gRPC.",
                                      formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
+    cli.add_connection_args(parser, timeout=10.0)
     parser.add_argument("--model-name", help="the served model's name (required but for forget)")
     parser.add_argument("--state-db", default="user_states.sqlite", type=argtypes.local_path,
                         help="SQLite file of user states (created when missing, but by "
                              "forget)")
-    parser.add_argument("--timeout", type=argtypes.positive_float, default=10.0,
-                        help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--session-width", type=argtypes.positive_int, default=None,
-                        help="fixed session_items width (for TF Serving with --enable_batching)")
     parser.add_argument("--history-width", type=argtypes.positive_int, default=None,
                         help="fixed history_items width (for TF Serving with --enable_batching)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument("--tls-ca", metavar="PEM",
-                        help="root certificates to check the server with (default: the system's)")
-    parser.add_argument("--tls-server-name", metavar="NAME",
-                        help="the name in the server's certificate, when not the target's host")
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("recommend", help="next items for a user's current session")
     rec.add_argument("--user", required=True)
@@ -510,8 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.command} needs --model-name")
     if args.command == "end-session" and not _items(args):
         parser.error("end-session needs --items a,b,c")
-    if (args.tls_ca or args.tls_server_name) and not args.tls:
-        parser.error("--tls-ca and --tls-server-name need --tls")
+    wrong = cli.connection_error(args)
+    if wrong:
+        parser.error(wrong)
     if args.command != "forget":
         # (gRPC writes lines of its own to stderr for an empty target; a URL fails to resolve)
         if not args.target.strip():
