@@ -107,7 +107,8 @@ class Scorer(abc.ABC):
             yield scores[:, start:stop]
 
     def ranks(self, state: State, sessions: np.ndarray, vocab_size: int,
-              excluded: np.ndarray | None = None) -> np.ndarray:
+              excluded: np.ndarray | None = None,
+              seen: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Conservative full-catalogue rank of the item at every position (`model.metrics`).
 
         The evaluator asks for ranks, not scores. This ranks `score_blocks`'s blocks of
@@ -120,6 +121,8 @@ class Scorer(abc.ABC):
           vocab_size: V, the data's vocabulary size (the width the scores must have).
           excluded: int64 [batch, steps], an item per position that is not a candidate
             there (0: none; `metrics.ranks`), or None.
+          seen: (items, since) int64 [batch, M] each (`metrics.seen_items`): items[b, m]
+            is not a candidate at the positions t > since[b, m] of row b; or None.
 
         Returns:
           float64 [batch, steps]: the rank of sessions[:, t] among the candidates scored
@@ -145,10 +148,12 @@ class Scorer(abc.ABC):
                     f"{self.name}.score returned shape {part.shape} for positions "
                     f"[{start}, {stop}) of sessions {sessions.shape}: expected "
                     f"[batch, steps, {vocab_size}] (the data's vocabulary size)")
+            masked = (None if seen is None else
+                      metrics.seen_mask(*seen, start, stop, vocab_size).reshape(-1, vocab_size))
             out[:, start:stop] = metrics.event_ranks(
                 part.reshape(-1, vocab_size), window.reshape(-1),
-                None if excluded is None else np.asarray(excluded)[:, start:stop].reshape(-1)
-            ).reshape(window.shape)
+                None if excluded is None else np.asarray(excluded)[:, start:stop].reshape(-1),
+                masked).reshape(window.shape)
             del part  # one block at a time
         return out
 

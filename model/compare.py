@@ -240,6 +240,9 @@ def markdown_table(results: dict) -> str:
     lines.append("")
     ruled = (", every model without the item the session is on among the candidates "
              "(--rule-out-current)") if results.get("rule_out_current") else ""
+    if results.get("rule_out_seen"):
+        ruled = (", every model without the items the user has had before among the "
+                 "candidates (--rule-out-seen: a repeat target is a miss)")
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2)"
                  f"{cold_text}, full-catalogue ranking, conservative ties{ruled} (README § "
                  "Evaluation protocol).")
@@ -540,7 +543,8 @@ def _evaluate(args: argparse.Namespace, log_path: str, out: str, *which: str) ->
     compared split: metrics JSON to `out`, the per-user sums beside it."""
     _run([sys.executable, "-m", "model.evaluate", "--data", args.data, "--split", args.split,
           *which, "--output", out, "--per-user-output", _users_file(out),
-          *(["--rule-out-current"] if args.rule_out_current else [])], log_path, args.status)
+          *(["--rule-out-current"] if args.rule_out_current else []),
+          *(["--rule-out-seen"] if args.rule_out_seen else [])], log_path, args.status)
 
 
 def _split_file(folder: str, split: str) -> str:
@@ -550,8 +554,10 @@ def _split_file(folder: str, split: str) -> str:
 
 def _variant(args: argparse.Namespace) -> str:
     """The evaluation's name in file names: the split, `_ruled_out` added with
-    --rule-out-current (its own files beside the plain evaluation's)."""
-    return args.split + ("_ruled_out" if args.rule_out_current else "")
+    --rule-out-current, `_seen_ruled_out` with --rule-out-seen (their own files beside the
+    plain evaluation's)."""
+    return args.split + ("_ruled_out" if args.rule_out_current else
+                         "_seen_ruled_out" if args.rule_out_seen else "")
 
 
 def _users_file(metrics_json: str) -> str:
@@ -625,6 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="evaluate every model without the item each session is on among the "
                         "candidates (model.evaluate --rule-out-current; HierTCN's default head "
                         "does so itself): results_*_ruled_out.*, beside the plain ones")
+    p.add_argument("--rule-out-seen", action="store_true",
+                   help="evaluate every model without the items each user has had before "
+                        "among the candidates (model.evaluate --rule-out-seen: the filter of "
+                        "already-rated items, for logs where an item is consumed once): "
+                        "results_*_seen_ruled_out.*, beside the plain ones")
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
                    help="a config JSON for one model, or for every variant of a base name (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",
@@ -633,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="extra model.evaluate arguments for one fitted baseline, e.g. "
                         "'sknn:noremind=--no-remind'")
     args = p.parse_args(argv)
+    if args.rule_out_seen and args.rule_out_current:
+        p.error("--rule-out-seen rules out the item the session is on as well: pass one of "
+                "--rule-out-seen and --rule-out-current")
     if threading.current_thread() is not threading.main_thread():
         return _main(args)
     previous = signal.signal(signal.SIGTERM, _stop)  # a preempted job stops as on Ctrl-C
@@ -645,7 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def results_files(output: str, split: str) -> list[str]:
     """OUTPUT/results.{md,png,json} of the test split; results_valid.* of --split valid
     (so that looking at valid never replaces the test table), results_test_ruled_out.*
-    of --rule-out-current (`split` is `_variant`'s name)."""
+    of --rule-out-current, results_test_seen_ruled_out.* of --rule-out-seen (`split` is
+    `_variant`'s name)."""
     stem = "results" if split == "test" else f"results_{split}"
     return [os.path.join(output, f"{stem}.{kind}") for kind in ("md", "png", "json")]
 
@@ -690,7 +705,8 @@ def _main(args: argparse.Namespace) -> int:
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")
         results = {"data": args.data, "split": args.split,
-                   "rule_out_current": args.rule_out_current, "models": {},
+                   "rule_out_current": args.rule_out_current,
+                   "rule_out_seen": args.rule_out_seen, "models": {},
                    "budget": {"steps": args.budget_steps, "minutes": args.budget_minutes,
                               "eval_every": args.eval_every,
                               "seeds": args.seeds}}

@@ -102,7 +102,7 @@ def _seen_after(seen: np.ndarray, session: np.ndarray) -> np.ndarray:
 
 def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: int,
                     acc: metrics.MetricsAccumulator, first_user: int = 0,
-                    rule_out_current: bool = False) -> None:
+                    rule_out_current: bool = False, rule_out_seen: bool = False) -> None:
     """History first, then target sessions in lock-step: score, accumulate, update (each
     event tagged with its user's index, `first_user` + row)."""
     state = scorer.initial_state([u.user_id for u in users])
@@ -120,10 +120,15 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         repeat = np.zeros(sessions.shape, dtype=bool)
         for r, row in enumerate(rows):
             repeat[r, :len(row)] = _repeat_flags(row, seen[r])
+        if rule_out_seen:  # (it holds the item the session is on: no `excluded` needed)
+            rank = scorer.ranks(state, sessions, vocab_size,
+                                seen=metrics.seen_items(seen, sessions))
+        elif rule_out_current:
+            rank = scorer.ranks(state, sessions, vocab_size,
+                                excluded=metrics.previous_items(sessions))
+        else:
+            rank = scorer.ranks(state, sessions, vocab_size)
         seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
-        rank = (scorer.ranks(state, sessions, vocab_size) if not rule_out_current else
-                scorer.ranks(state, sessions, vocab_size,
-                             excluded=metrics.previous_items(sessions)))
         first = np.zeros(sessions.shape, dtype=bool)
         first[:, 0] = True
         user = np.repeat(np.arange(first_user, first_user + len(users)), sessions.shape[1])
@@ -135,7 +140,8 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
 def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
              max_users: int | None = None, user_ids: Collection[str] | None = None,
              progress: bool = True, users: Sequence[schema.UserRecord] | None = None,
-             per_user_output: str | None = None, rule_out_current: bool = False) -> dict:
+             per_user_output: str | None = None, rule_out_current: bool = False,
+             rule_out_seen: bool = False) -> dict:
     """Evaluates a scorer online on the target sessions of a split.
 
     Args:
@@ -156,6 +162,11 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
         immediate repeats, so that item is never the next one (HierTCN's default head
         rules it out itself; this gives every other model the same knowledge, for a
         like-for-like comparison). A target equal to it would count as a miss.
+      rule_out_seen: rank each event without any item the user has had before (in the
+        user's earlier sessions, this split's included, and earlier in the session) among
+        the candidates, for every model alike: the filter of "already rated" items for
+        logs where an item is consumed once (MovieLens), which HierTCN's seen bias learns
+        and the other models do not. A repeat target counts as a miss.
 
     Returns:
       The §6 metrics dict: `recall@K`, `mrr@K` (K in 1, 5, 10, 20), `events`,
@@ -204,13 +215,16 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
           else LineProgress(total, desc, total_events=total_events)) as bar:
         for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
                                    vocab.size):
-            _evaluate_batch(scorer, batch, vocab.size, acc, len(ids), rule_out_current)
+            _evaluate_batch(scorer, batch, vocab.size, acc, len(ids), rule_out_current,
+                            rule_out_seen)
             ids.extend(u.user_id for u in batch)
             bar.update(len(batch), sum(_target_events(u) for u in batch))
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
     if rule_out_current:
         out["rule_out_current"] = True
+    if rule_out_seen:
+        out["rule_out_seen"] = True
     if per_user_output:
         write_per_user(per_user_output, ids, acc.per_user(len(ids)))
     return out
@@ -416,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "candidates, for any model (the pipeline collapses immediate "
                              "repeats, so it is never the next; HierTCN's default head rules "
                              "it out itself): a like-for-like comparison with it")
+    parser.add_argument("--rule-out-seen", action="store_true",
+                        help="rank each event without any item the user has had before "
+                             "(earlier sessions and earlier in the session, the current item "
+                             "included) among the candidates, for any model: the filter of "
+                             "already-rated items for logs where an item is consumed once "
+                             "(MovieLens); a repeat target counts as a miss")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.checkpoint and args.model:
@@ -423,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{args.model} is fitted here)")
     if not args.remind and args.model != "sknn":
         parser.error("--no-remind is an option of --model sknn")
+    if args.rule_out_seen and args.rule_out_current:
+        parser.error("--rule-out-seen rules out the item the session is on as well: pass "
+                     "one of --rule-out-seen and --rule-out-current")
     args.checkpoint = args.checkpoint or "best"
     # TensorFlow loads once the command line and a local data folder are checked (their
     # errors are said at once), with its start-up notes held back where they are noise;
@@ -473,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
                           max_users=args.max_users, progress=not args.no_progress,
                           per_user_output=args.per_user_output,
-                          rule_out_current=args.rule_out_current)
+                          rule_out_current=args.rule_out_current,
+                          rule_out_seen=args.rule_out_seen)
         if not result["events"]:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "

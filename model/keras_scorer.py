@@ -15,10 +15,12 @@ from pipeline import schema
 MAX_POSITIONS = 512
 
 
-def target_ranks(scores: tf.Tensor, targets: tf.Tensor, excluded: tf.Tensor | None = None
+def target_ranks(scores: tf.Tensor, targets: tf.Tensor, excluded: tf.Tensor | None = None,
+                 seen: tf.Tensor | None = None, active: tf.Tensor | None = None
                  ) -> tuple[tf.Tensor, tf.Tensor]:
     """`model.metrics.ranks` in TensorFlow: float32 [n, V], int64 [n] (and int64 [n] an
-    item per row that is not a candidate, 0: none) -> (float64 [n] conservative ranks
+    item per row that is not a candidate, 0: none; int64 [n, M] items per row, distinct,
+    that are not candidates where bool [n, M] `active`) -> (float64 [n] conservative ranks
     among the candidates (indices >= 2), `inf` for an unknown or an excluded target;
     bool: some score is NaN)."""
     target = tf.gather(scores, targets, batch_dims=1)[:, None]
@@ -31,8 +33,24 @@ def target_ranks(scores: tf.Tensor, targets: tf.Tensor, excluded: tf.Tensor | No
         above = tf.gather(scores, excluded, batch_dims=1) >= target[:, 0]
         ge -= tf.cast(out_of & (excluded != targets) & above, tf.int32)
         missed |= out_of & (excluded == targets)
+    if seen is not None:
+        out_of = active & (seen >= schema.NUM_RESERVED)
+        above = tf.gather(scores, seen, batch_dims=1) >= target
+        ge -= tf.reduce_sum(tf.cast(out_of & (seen != targets[:, None]) & above, tf.int32),
+                            axis=1)
+        missed |= tf.reduce_any(out_of & (seen == targets[:, None]), axis=1)
     rank = tf.where(missed, tf.constant(np.inf, tf.float64), tf.cast(ge, tf.float64))
     return rank, tf.reduce_any(tf.math.is_nan(scores))
+
+
+def _seen_at(positions: tf.Tensor, seen: tf.Tensor, since: tf.Tensor, start: tf.Tensor
+             ) -> tuple[tf.Tensor, tf.Tensor]:
+    """`metrics.seen_items`'s (items, since) [B, M] of the window beginning at position
+    `start`, per ranked position ([n, 2] (row, step in the window)): (int64 [n, M] the
+    row's items, bool [n, M] whether each is ruled out there)."""
+    rows = positions[:, 0]
+    at = positions[:, 1] + start
+    return tf.gather(seen, rows), tf.gather(since, rows) < at[:, None]
 
 
 def _known(items: np.ndarray) -> np.ndarray:
@@ -69,17 +87,18 @@ class KerasScorer(Scorer):
                 return model.item_log_probs(model.user_embeddings(state, prefix), history, prefix,
                                             state)
 
-            def ranks(state, history, user, window, current, excluded):
+            def ranks(state, history, user, window, current, excluded, seen, since, start):
                 positions = tf.where(window != schema.PAD_INDEX)
                 scores = model.item_log_probs(user, history, window[:, :-1], state,
                                               positions=positions, current=current)
-                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions),
-                                                   tf.gather_nd(excluded, positions))
+                return (positions,) + target_ranks(
+                    scores, tf.gather_nd(window, positions), tf.gather_nd(excluded, positions),
+                    *_seen_at(positions, seen, since, start))
 
             self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec, items_spec])
             self._ranks = tf.function(ranks, autograph=False, input_signature=[
                 state_spec, items_spec, user_spec, items_spec, tf.TensorSpec([None], tf.int64),
-                items_spec])
+                items_spec, items_spec, items_spec, tf.TensorSpec([], tf.int64)])
         else:
             first = model.first_item_scores
             first = None if first is None else tf.constant(first, tf.float32)
@@ -91,18 +110,20 @@ class KerasScorer(Scorer):
                 return tf.concat([tf.broadcast_to(first, tf.shape(scores[:, :1])),
                                   scores[:, 1:]], axis=1)
 
-            def ranks(user, window, at_start, excluded):
+            def ranks(user, window, at_start, excluded, seen, since, start):
                 positions = tf.where(window != schema.PAD_INDEX)
                 scores = model.item_logits(tf.gather_nd(user, positions))
                 if first is not None:  # the session's first item: `first_item_scores`
                     starts = at_start & (positions[:, 1] == 0)
                     scores = tf.where(starts[:, None], first[None, :], scores)
-                return (positions,) + target_ranks(scores, tf.gather_nd(window, positions),
-                                                   tf.gather_nd(excluded, positions))
+                return (positions,) + target_ranks(
+                    scores, tf.gather_nd(window, positions), tf.gather_nd(excluded, positions),
+                    *_seen_at(positions, seen, since, start))
 
             self._score = tf.function(score, autograph=False, input_signature=[state_spec, items_spec])
             self._ranks = tf.function(ranks, autograph=False, input_signature=[
-                user_spec, items_spec, tf.TensorSpec([], tf.bool), items_spec])
+                user_spec, items_spec, tf.TensorSpec([], tf.bool), items_spec, items_spec,
+                items_spec, tf.TensorSpec([], tf.int64)])
         self._user = tf.function(lambda state, sessions: model.user_embeddings(state, sessions[:, :-1]),
                                  autograph=False, input_signature=[state_spec, items_spec])
         self._update = tf.function(model.update_state, autograph=False, input_signature=[state_spec, items_spec])
@@ -124,10 +145,14 @@ class KerasScorer(Scorer):
         return self._score(*self._inputs(state, sessions)).numpy()
 
     def ranks(self, state, sessions: np.ndarray, vocab_size: int,
-              excluded: np.ndarray | None = None) -> np.ndarray:
+              excluded: np.ndarray | None = None,
+              seen: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         sessions = np.asarray(sessions, np.int64)
         excluded = (np.zeros_like(sessions) if excluded is None
                     else np.asarray(excluded, np.int64))
+        # (no exclusions: M = 0 columns)
+        seen_items, since = ((np.zeros((len(sessions), 0), np.int64),) * 2 if seen is None
+                             else (np.asarray(seen[0], np.int64), np.asarray(seen[1], np.int64)))
         if vocab_size != self.model.vocab_size:
             raise ValueError(f"{self.name} scores {self.model.vocab_size} items but the data's "
                              f"vocabulary has {vocab_size}: evaluate it on the data it was "
@@ -159,10 +184,12 @@ class KerasScorer(Scorer):
                 # the item the window's first position is on (a later window of a session)
                 current = sessions[:, start - 1] if start else np.zeros(rows, np.int64)
                 positions, rank, nan = self._ranks(high, before, part, window, current,
-                                                   excluded[:, start:start + width])
+                                                   excluded[:, start:start + width],
+                                                   seen_items, since, np.int64(start))
             else:
                 positions, rank, nan = self._ranks(part, window, tf.constant(start == 0),
-                                                   excluded[:, start:start + width])
+                                                   excluded[:, start:start + width],
+                                                   seen_items, since, np.int64(start))
             if nan.numpy():
                 raise ValueError("scores contain NaN: the model produced an invalid output")
             positions = positions.numpy()

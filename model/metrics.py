@@ -2,9 +2,10 @@
 
 Every scored event ranks its target against the full catalogue: all vocabulary items with
 index >= 2 (padding 0 and unknown 1 are not candidates; items the user has seen are not
-removed). The rank is conservative: 1 + the number of *other* candidates scoring >= the
-target, so a model that gives many items the same score gains nothing from the tie. An
-unknown target (index 1) cannot be ranked and counts as a miss. Recall@K is the share of
+removed, unless the evaluation rules them out for every model: `masked`, `seen_items`).
+The rank is conservative: 1 + the number of *other* candidates scoring >= the target, so
+a model that gives many items the same score gains nothing from the tie. An unknown
+target (index 1) cannot be ranked and counts as a miss. Recall@K is the share of
 events with rank <= K, MRR@K the mean of 1/rank over events with rank <= K (0 otherwise),
 both micro-averaged over events.
 
@@ -29,8 +30,8 @@ GROUPS = ITEM_GROUPS + USER_GROUPS
 CHUNK_ELEMENTS = 1 << 22
 
 
-def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None
-          ) -> np.ndarray:
+def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None,
+          masked: np.ndarray | None = None) -> np.ndarray:
     """Conservative full-catalogue ranks.
 
     Args:
@@ -38,11 +39,13 @@ def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None =
       targets: int [N] target indices, each >= 1 (1 = unknown).
       excluded: int [N] an item per row that is not a candidate (0 or 1: none), e.g. the
         item the session is on (`evaluate(..., rule_out_current=True)`).
+      masked: bool [N, V] items per row that are not candidates (True), e.g. the items the
+        user has had before (`evaluate(..., rule_out_seen=True)`).
 
     Returns:
       float64 [N]: 1 + the number of other candidates (indices >= 2) scoring >= the
       target; `inf` for an unknown target (and for a target that is its row's excluded
-      item: ruled out, a miss).
+      item or masked: ruled out, a miss).
 
     Raises:
       ValueError: shapes disagree, a target is out of range, or a score is NaN.
@@ -58,6 +61,8 @@ def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None =
         excluded = np.asarray(excluded, dtype=np.int64)
         if excluded.shape != targets.shape:
             raise ValueError(f"excluded must be [N] like targets, got {excluded.shape}")
+    if masked is not None and np.shape(masked) != scores.shape:
+        raise ValueError(f"masked must be [N, V] like scores, got {np.shape(masked)}")
     out = np.full(targets.shape, np.inf)
     rows = max(1, CHUNK_ELEMENTS // max(scores.shape[1], 1))
     for start in range(0, len(targets), rows):
@@ -69,7 +74,12 @@ def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None =
         at = np.arange(len(t))
         target_scores = s[at, t][:, None]
         # The target itself is a candidate and counts once in ">=": that is the "1 +".
-        ge = (s[:, schema.NUM_RESERVED:] >= target_scores).sum(axis=1)
+        above = s[:, schema.NUM_RESERVED:] >= target_scores
+        if masked is not None:
+            m = np.asarray(masked[start:start + rows], dtype=bool)
+            above &= ~m[:, schema.NUM_RESERVED:]
+            known &= ~m[at, t]
+        ge = above.sum(axis=1)
         if excluded is not None:
             e = excluded[start:start + rows]
             out_of = e >= schema.NUM_RESERVED
@@ -79,11 +89,11 @@ def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None =
     return out
 
 
-def event_ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None
-                ) -> np.ndarray:
+def event_ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None,
+                masked: np.ndarray | None = None) -> np.ndarray:
     """`ranks` of the rows of `scores` [N, V] whose target is not padding (0), read a chunk
     of rows at a time (`scores` may be a view of a larger array); float64 [N], 0 at the
-    padding rows. `excluded` [N] as in `ranks`."""
+    padding rows. `excluded` [N] and `masked` [N, V] as in `ranks`."""
     targets = np.asarray(targets, dtype=np.int64)
     out = np.zeros(targets.shape)
     keep = np.flatnonzero(targets != schema.PAD_INDEX)
@@ -91,7 +101,8 @@ def event_ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | 
     for start in range(0, len(keep), rows):
         idx = keep[start:start + rows]
         out[idx] = ranks(scores[idx], targets[idx],
-                         None if excluded is None else np.asarray(excluded)[idx])
+                         None if excluded is None else np.asarray(excluded)[idx],
+                         None if masked is None else masked[idx])
     return out
 
 
@@ -102,6 +113,44 @@ def previous_items(sessions: np.ndarray) -> np.ndarray:
     out = np.zeros_like(sessions)
     out[:, 1:] = sessions[:, :-1]
     return out
+
+
+def seen_items(seen: list[np.ndarray], sessions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What `rule_out_seen` leaves out of the candidates, per row, without a [B, T, M] array:
+    (items int64 [B, M], since int64 [B, M]), 0-padded; item items[b, m] is not a candidate
+    at the positions t > since[b, m] of row b. A row's items are distinct: its known items
+    before the session (`seen[b]`, since -1: every position), then each known item of the
+    session not among them at its first position j (since j: the positions after it).
+    """
+    sessions = np.asarray(sessions, dtype=np.int64)
+    rows = []
+    for b, before in enumerate(seen):
+        before = np.asarray(before, dtype=np.int64)
+        before = np.unique(before[before >= schema.NUM_RESERVED])
+        row = sessions[b]
+        item, first = np.unique(row, return_index=True)
+        new = (item >= schema.NUM_RESERVED) & ~np.isin(item, before)
+        rows.append((np.concatenate([before, item[new]]),
+                     np.concatenate([np.full(len(before), -1, np.int64), first[new]])))
+    width = max((len(i) for i, _ in rows), default=0)
+    items = np.zeros((len(rows), width), np.int64)
+    since = np.zeros((len(rows), width), np.int64)
+    for b, (i, s) in enumerate(rows):
+        items[b, :len(i)], since[b, :len(s)] = i, s
+    return items, since
+
+
+def seen_mask(items: np.ndarray, since: np.ndarray, start: int, stop: int,
+              vocab_size: int) -> np.ndarray:
+    """bool [B, stop - start, V]: `seen_items`'s exclusions at the positions [start, stop)."""
+    items, since = np.asarray(items), np.asarray(since)
+    mask = np.zeros((items.shape[0], stop - start, vocab_size), dtype=bool)
+    at = np.arange(start, stop)
+    for b in range(items.shape[0]):
+        keep = items[b] >= schema.NUM_RESERVED
+        if keep.any():
+            mask[b][:, items[b][keep]] = since[b][keep][None, :] < at[:, None]
+    return mask
 
 
 def _summary(rank: np.ndarray, unknown: np.ndarray) -> dict:
@@ -128,6 +177,7 @@ class MetricsAccumulator:
 
     def __init__(self):
         self._rank: list[np.ndarray] = []
+        self._unknown: list[np.ndarray] = []
         self._repeat: list[np.ndarray] = []
         self._first: list[np.ndarray] = []
         self._user: list[np.ndarray] = []
@@ -155,8 +205,11 @@ class MetricsAccumulator:
         """Adds a batch of events from their ranks (as `ranks` computes them: `inf` for an
         unknown target); the other arguments as in `add`. `user` int [N]: each event's
         user as an index (0, 1, ...) for `per_user` (given for every batch or for none)."""
-        keep = np.flatnonzero(np.asarray(targets, dtype=np.int64) != schema.PAD_INDEX)
+        targets = np.asarray(targets, dtype=np.int64)
+        keep = np.flatnonzero(targets != schema.PAD_INDEX)
         self._rank.append(np.asarray(rank, dtype=np.float64)[keep])
+        # (an unknown target, not every miss: a ruled-out target's rank is `inf` as well)
+        self._unknown.append(targets[keep] == schema.UNKNOWN_INDEX)
         self._repeat.append(np.asarray(is_repeat, dtype=bool)[keep])
         self._first.append(np.asarray(is_first, dtype=bool)[keep])
         if user is not None:
@@ -175,7 +228,7 @@ class MetricsAccumulator:
         rank = np.concatenate(self._rank) if self._rank else np.zeros(0)
         repeat = np.concatenate(self._repeat) if self._repeat else np.zeros(0, bool)
         first = np.concatenate(self._first) if self._first else np.zeros(0, bool)
-        unknown = np.isinf(rank)
+        unknown = np.concatenate(self._unknown) if self._unknown else np.zeros(0, bool)
         later = ~first
         out = _summary(rank[later], unknown[later])
         for name, mask in (("first_item", first), ("repeat", later & repeat),

@@ -170,6 +170,13 @@ def test_remind_is_an_option_of_sknn_only(knn_data):
         ev.main(["--data", knn_data, "--split", "valid", "--model", "upop", "--no-remind"])
 
 
+def test_rule_out_seen_and_rule_out_current_are_one_or_the_other(knn_data, capsys):
+    with pytest.raises(SystemExit):
+        ev.main(["--data", knn_data, "--split", "valid", "--model", "upop", "--rule-out-seen",
+                 "--rule-out-current"])
+    assert "pass one of --rule-out-seen and --rule-out-current" in capsys.readouterr().err
+
+
 def test_popularity():
     pop = baselines.Popularity(COUNTS)
     scores = pop.score(None, np.array([[5, 3]]))

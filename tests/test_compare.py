@@ -204,6 +204,27 @@ def test_rule_out_current_has_its_own_files_beside_the_plain_evaluation(tmp_path
     assert ruled["models"]["mv"]["mrr@20"] > json.loads(plain)["models"]["mv"]["mrr@20"]
 
 
+def test_rule_out_seen_has_its_own_files_and_excludes_the_other_rule(tmp_path, capsys):
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    out = tmp_path / "cmp"
+    argv = ["--data", data, "--models", "popularity,mv", "--output", str(out)]
+    with pytest.raises(SystemExit):
+        compare.main(argv + ["--rule-out-seen", "--rule-out-current"])
+    assert "pass one of --rule-out-seen and --rule-out-current" in capsys.readouterr().err
+    assert not out.exists()
+    assert compare.main(argv + ["--rule-out-seen"]) == 0
+    seen = json.loads((out / "results_test_seen_ruled_out.json").read_text())
+    assert seen["rule_out_seen"] is True and not (out / "results.json").exists()
+    run = json.loads((out / "runs" / "mv" / "test_seen_ruled_out.json").read_text())
+    assert run["rule_out_seen"] is True and run["unknown_targets"] == 0
+    assert "without the items the user has had before" in (
+        out / "results_test_seen_ruled_out.md").read_text()
+    # mv ranks the user's earlier items first: every repeat target a miss now
+    assert run["repeat"]["events"] > 0 and run["repeat"]["recall@20"] == 0
+
+
 def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):
     """An attempt that failed before its first checkpoint (a mistyped option) does not block
     the corrected command; once a checkpoint exists, other options are refused."""

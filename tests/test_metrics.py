@@ -38,6 +38,38 @@ def test_an_excluded_item_leaves_the_candidates():
                                   [[0, 4, 5], [0, 7, 0]])
 
 
+def test_masked_items_leave_the_candidates_and_a_masked_target_is_a_ruled_out_miss():
+    # row 0, target 2 (0.5): 3 (0.9) and 4 (the tie) above it; masked 3 -> 2, masked 3
+    # and 4 -> 1, masked reserved columns change nothing -> 3; a masked target -> inf
+    masked = np.zeros((4, 6), bool)
+    masked[0, 3] = masked[1, [3, 4]] = masked[2, [0, 1]] = masked[3, 2] = True
+    r = metrics.ranks(SCORES[[0, 0, 0, 0]], np.array([2, 2, 2, 2]), masked=masked)
+    np.testing.assert_array_equal(r, [2, 1, 3, np.inf])
+    with pytest.raises(ValueError, match="masked must be"):
+        metrics.ranks(SCORES[[0]], np.array([2]), masked=masked)
+    # the accumulator counts unknown targets by the target, not by the miss: a ruled-out
+    # target (a miss as well) is not an unknown one
+    acc = metrics.MetricsAccumulator()
+    acc.add_ranks(np.array([1.0, r[3], np.inf]), np.array([3, 2, 1]),
+                  np.zeros(3, bool), np.zeros(3, bool))
+    out = acc.result()
+    assert out["events"] == 3 and out["unknown_targets"] == 1
+    assert out["recall@20"] == pytest.approx(1 / 3)
+
+
+def test_seen_items_rule_out_earlier_items_from_the_position_after_them():
+    # row 0: 4 and 7 seen before (1 unknown, 0 padding, 4 twice: once), then the session
+    # 5 4 6 5: 5 from position 1 on, 6 from 3 on (4 was seen before; 5 again: once)
+    items, since = metrics.seen_items([np.array([4, 1, 0, 7, 4]), np.array([], np.int64)],
+                                      np.array([[5, 4, 6, 5], [3, 1, 0, 0]]))
+    assert [dict(zip(i[i > 0].tolist(), s[i > 0].tolist())) for i, s in zip(items, since)] == [
+        {4: -1, 7: -1, 5: 0, 6: 2}, {3: 0}]
+    mask = metrics.seen_mask(items, since, 1, 4, 8)  # positions 1, 2, 3
+    assert [sorted(np.flatnonzero(m).tolist()) for m in mask[0]] == [[4, 5, 7], [4, 5, 7],
+                                                                     [4, 5, 6, 7]]
+    assert [sorted(np.flatnonzero(m).tolist()) for m in mask[1]] == [[3], [3], [3]]
+
+
 def test_rank_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         metrics.ranks(np.array([[0, 0, np.nan, 1.0]]), np.array([3]))

@@ -116,8 +116,10 @@ def protocol(folder):
     return users, vocab, counts
 
 
-def brute_force(users, vocab, target_split, score, rule_out_current=False):
-    """The metrics JSON of §6 by looping over every event and every candidate."""
+def brute_force(users, vocab, target_split, score, rule_out=""):
+    """The metrics JSON of §6 by looping over every event and every candidate (`rule_out`
+    "current": without the item the session is on, "seen": without every item of the
+    user's history and of the session so far)."""
     sums = collections.defaultdict(lambda: collections.Counter())
 
     def add(group, rank, unknown):
@@ -140,12 +142,13 @@ def brute_force(users, vocab, target_split, score, rule_out_current=False):
             history = [i for s in record[:n] for i in s]
             for p, target in enumerate(record[n]):
                 prefix = record[n][:p]
-                excluded = prefix[-1] if rule_out_current and prefix else None
+                excluded = ({prefix[-1]} if rule_out == "current" and prefix else
+                            set(history) | set(prefix) if rule_out == "seen" else set())
                 rank = None
-                if target is not UNK and target != excluded:
+                if target is not UNK and target not in excluded:
                     s = score(history, prefix)
                     rank = 1 + sum(s[c] >= s[target] for c in vocab
-                                   if c != target and c != excluded)
+                                   if c != target and c not in excluded)
                 if p == 0:
                     add("first_item", rank, target is UNK)
                     continue
@@ -204,20 +207,24 @@ def test_the_log_has_what_the_protocol_turns_on(data):
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
-@pytest.mark.parametrize("rule_out", [False, True])
+@pytest.mark.parametrize("rule_out", ["", "current", "seen"])
 def test_popularity_equals_brute_force(data, tmp_path, split, rule_out):
     raw, out = data
     users, vocab, counts = protocol(raw)
     mine = brute_force(users, vocab, split, lambda history, prefix: counts, rule_out)
     theirs = model_evaluate(out, tmp_path, split, "popularity",
-                            *(["--rule-out-current"] if rule_out else []))
+                            *([f"--rule-out-{rule_out}"] if rule_out else []))
     assert mine["events"] > 0 and mine["cold_users"]["events"] + mine["returning_users"][
         "events"] == mine["events"]
     assert_same(mine, theirs)
+    if rule_out == "seen":  # every repeat target ruled out: a miss, not an unknown target
+        assert mine["repeat"]["events"] > 0 and mine["repeat"]["recall@20"] == 0
+        assert theirs["repeat"]["unknown_targets"] == 0 and theirs["rule_out_seen"] is True
 
 
 @pytest.mark.parametrize("split", ["valid", "test"])
-def test_upop_equals_brute_force(data, tmp_path, split):
+@pytest.mark.parametrize("rule_out", ["", "seen"])
+def test_upop_equals_brute_force(data, tmp_path, split, rule_out):
     """`upop` as model/baselines.py's docstring defines it: the user's last 200 events of
     earlier sessions and the session so far weigh 0.95 ** age (age 0: the latest), those of
     the session 2 × more; an item of weight r > 0 scores 1 + r, any other
@@ -235,4 +242,6 @@ def test_upop_equals_brute_force(data, tmp_path, split):
         return {i: float(np.float32(1.0 + r[i] if r[i] > 0 else 0.5 * counts[i] / (top + 1)))
                 for i in vocab}
 
-    assert_same(brute_force(users, vocab, split, score), model_evaluate(out, tmp_path, split, "upop"))
+    assert_same(brute_force(users, vocab, split, score, rule_out),
+                model_evaluate(out, tmp_path, split, "upop",
+                               *([f"--rule-out-{rule_out}"] if rule_out else [])))

@@ -868,6 +868,37 @@ def test_scorer_ranks_rule_out_the_given_items_in_every_window(config, monkeypat
         assert np.any(expected[known] < plain[known])
 
 
+@pytest.mark.parametrize("config", [
+    HEAD.replace({"history_size": 6}),
+    HEAD.replace({"repeat_head": False}),
+], ids=["head", "no-head"])
+def test_scorer_ranks_rule_out_seen_items_in_every_window(config, monkeypatch):
+    """`ranks(..., seen=)` (model.evaluate --rule-out-seen) in TensorFlow: the ranks of
+    `score`'s output without the items seen before each position (the rows' earlier items,
+    then the session's own), in windows too; a repeat target is a miss."""
+    scorer, state, sessions = _long_sessions(config)
+    before = [np.array([4, 7, 1, 4]), np.array([], np.int64)]  # (unknown and twice: once)
+    seen = metrics.seen_items(before, sessions)
+    steps = sessions.shape[1]
+    mask = np.zeros((2, steps, V), bool)  # the rule, spelled out position by position
+    for b in range(2):
+        for t in range(steps):
+            for item in set(before[b].tolist()) | set(sessions[b, :t].tolist()):
+                mask[b, t, item] = item >= 2
+    np.testing.assert_array_equal(metrics.seen_mask(*seen, 0, steps, V), mask)
+    scores = scorer.score(state, sessions)
+    expected = metrics.event_ranks(scores.reshape(-1, V), sessions.reshape(-1),
+                                   masked=mask.reshape(-1, V)).reshape(2, steps)
+    repeats = (sessions >= 2) & mask[np.arange(2)[:, None], np.arange(steps), sessions]
+    assert repeats.any() and np.all(expected[repeats] == np.inf)
+    for width in (steps, 1, 5):
+        monkeypatch.setattr(keras_scorer, "MAX_POSITIONS", width)
+        np.testing.assert_array_equal(scorer.ranks(state, sessions, V, seen=seen), expected)
+    plain = scorer.ranks(state, sessions, V)
+    fresh = (sessions >= 2) & ~repeats
+    assert np.all(expected[fresh] <= plain[fresh]) and np.any(expected[fresh] < plain[fresh])
+
+
 def _old_run(tmp_path, data: str, option: str, key: str) -> tuple[str, str]:
     """A small run trained with `option`, its config.json then without `key`, as a version
     from before the key saved it: (the run folder, the config file its command used)."""
