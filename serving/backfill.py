@@ -9,7 +9,10 @@ with the recent sessions, so that returning users are served from their past at 
 
 Users are folded in batches (one `update_state` call per batch and session position). A
 user the store already holds is left as it is (its record may be newer than the log);
-`replace=True` overwrites a record of the same version. Each record is one transaction:
+`replace=True` overwrites a record of the same version, and `refresh=True` gives a user
+whose newest record is an older version's (a model refresh) a record of this version:
+the log's sessions, then the sessions the store counts beyond the log's (ended since it
+was made), which its newest record holds. Each record is one transaction:
 an interrupted run goes on where it stopped when run again. Item ids come from the
 folder's `items.tsv`; an item the folder keeps as the unknown index (outside the
 vocabulary, in valid and test) has lost its raw id there and is stored as `[UNK]`, which
@@ -42,6 +45,8 @@ class BackfillError(ValueError):
 class BackfillCounts:
     users: int = 0  # stored
     kept: int = 0  # already in the store (another version's newest record too), left as is
+    kept_older: int = 0  # of `kept`: their newest record is an older version's (`refresh`)
+    refreshed: int = 0  # of `users`: stored over an older version's newest record
     sessions: int = 0  # folded in
     events: int = 0
 
@@ -74,7 +79,7 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
              max_users: int | None = None,
              on_users: Callable[[int], None] | None = None,
              counts: BackfillCounts | None = None,
-             names: Sequence[str] | None = None) -> BackfillCounts:
+             names: Sequence[str] | None = None, refresh: bool = False) -> BackfillCounts:
     """Stores the state and recent sessions of every user of `data_dir` for the client's
     pinned version (`client.pin()` first). Each user's record is one transaction: an
     interrupted run leaves whole records, and the same run again (without `replace`) goes
@@ -94,6 +99,14 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
       counts: the counts to add to (the caller's, to report an interrupted run).
       names: `item_names(data_dir)` that the caller has read and checked
         (`check_catalogue`); None: read and checked here.
+      refresh: store a record of this version for a user whose newest record is an older
+        version's (after a model refresh; kept by default, and this version then rebuilds
+        the user from the stored recent sessions on the first request): the log's sessions,
+        then those the store counts beyond the log's (`sessions_total` minus the log's
+        sessions: taken as ended after the log was made, so the store's count must include
+        the log's sessions, as it does where it was backfilled from this log or an earlier
+        run of the pipeline over the same history), as far as the newest record holds them.
+        A record without a count is kept.
 
     Raises:
       BackfillError: fewer than half of the folder's items are known to the version.
@@ -126,13 +139,22 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
                 break
             seen.add(record.user_id)
             stored = store.latest(record.user_id)
+            sessions = [[names[i] for i in session] for session in record.sessions]
+            total = len(sessions)
             if stored is not None and not (replace and stored.version == version):
-                counts.kept += 1
-                if on_users:
-                    on_users(1)
-                continue
-            batch.append((record.user_id,
-                          [[names[i] for i in session] for session in record.sessions], stored))
+                older = stored.version < version and stored.sessions_total is not None
+                if not (refresh and older):
+                    counts.kept += 1
+                    counts.kept_older += stored.version < version
+                    if on_users:
+                        on_users(1)
+                    continue
+                # the sessions ended since the log: the stored count beyond the log's (the
+                # newest record holds the last few; an older one cut to the history bound)
+                total = max(stored.sessions_total, total)
+                beyond = min(total - len(sessions), len(stored.sessions))
+                sessions += [list(s) for s in stored.sessions[len(stored.sessions) - beyond:]]
+            batch.append((record.user_id, sessions, stored, total))
             if len(batch) >= batch_users:
                 flush()
         flush()
@@ -156,28 +178,30 @@ def _store(client, store: state_store.StateStore, batch: list, version: int, sta
     """Folds the batch's sessions position by position and writes each user's record, on
     the condition that it is still the one read (a live end-session in between wins)."""
     states = np.zeros([len(batch), state_size], np.float32)
-    longest = max(len(sessions) for _, sessions, _ in batch)
+    longest = max(len(sessions) for _, sessions, _, _ in batch)
     for position in range(longest):
-        rows = [r for r, (_, sessions, _) in enumerate(batch) if len(sessions) > position]
+        rows = [r for r, (_, sessions, _, _) in enumerate(batch) if len(sessions) > position]
         lengths = {r: max(len(batch[r][1][position]), 1) for r in rows}
         for group in _calls(rows, lengths):
             states[group] = client.update_state(states[group],
                                                 [batch[r][1][position] for r in group])
-    ids = list(dict.fromkeys(item for _, sessions, _ in batch for s in sessions for item in s))
+    ids = list(dict.fromkeys(item for _, sessions, _, _ in batch for s in sessions
+                             for item in s))
     known: set[str] | None = set()
     for start in range(0, len(ids), MAX_SLOTS_PER_CALL):  # (long histories: many ids)
         part = client.known_ids(ids[start:start + MAX_SLOTS_PER_CALL])
         known = None if part is None else known | part
         if known is None:
             break
-    for (user, sessions, stored), state in zip(batch, states):
+    for (user, sessions, stored, total), state in zip(batch, states):
         try:
             store.put(user, version, state, sessions, expected=stored, fingerprint=fingerprint,
-                      sessions_total=len(sessions), known=known)
+                      sessions_total=total, known=known)
         except state_store.StateConflict:  # written meanwhile (a live end-session): newer
             counts.kept += 1
             continue
         counts.users += 1
+        counts.refreshed += stored is not None and stored.version < version
         counts.sessions += len(sessions)
         counts.events += sum(len(s) for s in sessions)
 
@@ -231,7 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--replace", action="store_true",
                         help="overwrite the users whose newest record is this version's (kept "
                              "by default: their records may be newer than the log; another "
-                             "version's newest record is always kept)")
+                             "version's newest record is kept but with --refresh)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="after a model refresh: give the users whose newest record is an "
+                             "older version's a record of this version, folded from the log "
+                             "and then from the sessions the store counts beyond the log's "
+                             "(ended since it was made; the store's count must include the "
+                             "log's sessions: a store backfilled from this log or an earlier "
+                             "run over the same history). Without it this version rebuilds "
+                             "each from the stored recent sessions on the first request")
     parser.add_argument("--batch-users", type=argtypes.positive_int,
                         default=DEFAULT_BATCH_USERS,
                         help="users per update_state call, at most the server's batch size "
@@ -272,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with state_store.SQLiteStateStore(args.state_db) as store, bar:
                 backfill(client, store, args.data, batch_users=args.batch_users,
                          replace=args.replace, max_users=args.max_users, on_users=on_users,
-                         counts=counts, names=names)
+                         counts=counts, names=names, refresh=args.refresh)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "
               "whole); the same command goes on from there", file=sys.stderr)
@@ -285,11 +317,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     result = {"model": args.model_name, "version": version, "data": args.data,
               "state_db": args.state_db, **dataclasses.asdict(counts)}
+    same = counts.kept - counts.kept_older
     print(json.dumps(result) if args.json else
           f"stored {counts.users:,} users' states ({counts.sessions:,} sessions, "
           f"{counts.events:,} events) for {args.model_name} version {version} in "
-          f"{args.state_db}" + (f"; {counts.kept:,} users already there were kept "
-                                "(--replace overwrites this version's)" if counts.kept else ""))
+          f"{args.state_db}"
+          + (f" ({counts.refreshed:,} over an older version's record)" if counts.refreshed
+             else "")
+          + (f"; {same:,} users already there were kept (a record of this version, which "
+             "--replace overwrites, or of a newer one)" if same else "")
+          + (f"; {counts.kept_older:,} users whose newest record is an older version's were "
+             "kept: this version rebuilds each from its stored recent sessions on its first "
+             "request (--refresh folds the log for them, then the sessions stored since)"
+             if counts.kept_older else ""))
     return 0
 
 

@@ -611,9 +611,33 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
                                 lambda state, session: c.update_state(state[None], [session])[0],
                                 ["item3"], fingerprint=c.fingerprint())
     assert backfill.main([*argv, "--replace"]) == 0
-    assert json.loads(capsys.readouterr().out)["users"] == 2
+    out = json.loads(capsys.readouterr().out)
+    assert (out["users"], out["kept"], out["kept_older"]) == (2, 1, 1)
     with state_store.SQLiteStateStore(str(db)) as filled:
         assert filled.latest("train1").version == 1
+    assert backfill.main([a for a in argv if a != "--json"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "; 2 users already there were kept (a record of this version, which --replace "
+        "overwrites, or of a newer one); 1 users whose newest record is an older version's "
+        "were kept: this version rebuilds each from its stored recent sessions on its first "
+        "request (--refresh folds the log for them, then the sessions stored since)")
+    # --refresh (a model refresh): the log's session, then the one the store ended since
+    # (its count beyond the log's): the record of ending both in turn on this version
+    assert backfill.main([*argv, "--refresh"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["users"], out["refreshed"], out["kept"], out["kept_older"]) == (1, 1, 2, 0)
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c, \
+            state_store.SQLiteStateStore(str(db)) as filled, \
+            state_store.SQLiteStateStore(str(tmp_path / "live2.sqlite")) as live:
+        version = c.pin()
+        for session in (["item7", "item8"], ["item3"]):
+            state_store.end_session(live, "train1", version, c.state_size(),
+                                    lambda state, s: c.update_state(state[None], [s])[0],
+                                    session, fingerprint=c.fingerprint(), known_items=c.known_ids)
+        want, got = live.get("train1", version), filled.latest("train1")
+        assert got.version == version and got.sessions == want.sessions == (
+            ("item7", "item8"), ("item3",)) and got.sessions_total == 2
+        np.testing.assert_allclose(got.state, want.state, rtol=1e-5, atol=1e-6)
     other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
     fresh = tmp_path / "fresh.sqlite"
     assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1
