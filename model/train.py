@@ -1081,9 +1081,11 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
     events, unknown = metrics["events"], metrics["unknown_targets"]
     note = ""
     if events and unknown > UNKNOWN_NOTE_SHARE * events:
+        count = schema.read_stats(data_dir).get("options", {}).get("min_item_count", 5)
         note = (f" ({unknown:,} of {events:,} targets are items outside the vocabulary, "
                 f"misses for every model: recall@20 can reach {1 - unknown / events:.4f} at "
-                "most; see the pipeline's --min-item-count)")
+                "most; " + ("see the pipeline's --min-item-count)" if count > 1 else
+                            "items that train never holds, --min-item-count is 1)"))
     print(f"{lead}step {step}: valid recall@20 {metrics['recall@20']:.4f} "
           f"mrr@20 {metrics['mrr@20']:.4f}{note}", file=sys.stderr)
     return {k: metrics[k] for k in ("recall@20", "mrr@20", "events", "unknown_targets")}

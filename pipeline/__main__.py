@@ -1081,11 +1081,11 @@ def _notes(stats: dict, output: str) -> list[str]:
         if events and unknown > UNKNOWN_NOTE_SHARE * events:
             count = options.get("min_item_count", 5)
             lines.append(f"note: {unknown:,} of the {name} split's {events:,} events are items "
-                         f"outside the vocabulary (seen fewer than --min-item-count {count} "
-                         "times in train), misses for every model"
-                         + ("; a lower --min-item-count keeps more items" if count > 1 else
-                            ": items that train never holds (new items, or a time split "
-                            "after a catalogue change)"))
+                         "outside the vocabulary, misses for every model: "
+                         + (f"seen fewer than --min-item-count {count} times in train (a lower "
+                            "--min-item-count keeps more items)" if count > 1 else
+                            "items that train never holds (new items, or a time split after "
+                            "a catalogue change)"))
     log_users = max(splits[name]["users"] for name in schema.SPLITS)
     for name in schema.SPLITS[1:]:
         events, users = splits[name]["events"], splits[name]["users"]

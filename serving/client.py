@@ -496,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     forget = commands.add_parser("forget", help="delete a user's stored states and history "
                                  "(in --state-db; no server needed)")
     forget.add_argument("--user", required=True)
+    for sub in commands.choices.values():  # --json after the command as well as before it
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print one JSON object")
     args = parser.parse_args(argv)
     if args.command != "forget" and not args.model_name:
         parser.error(f"{args.command} needs --model-name")

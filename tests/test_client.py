@@ -509,6 +509,22 @@ def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
     assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_json_goes_before_or_after_the_command(capsys, served, tmp_path):
+    """`--json` is an option of the command line as a whole: written after the command (as
+    the README's examples read) it is the same, and without it the answer is text."""
+    db = tmp_path / "s.sqlite"
+    base = ["--target", served["server"].target, "--model-name", NAME, "--state-db", str(db)]
+    for argv in ([*base, "--json", "status"], [*base, "status", "--json"]):
+        assert client_lib.main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["versions"]
+    assert client_lib.main([*base, "recommend", "--user", "u", "--items", "item2", "-k", "2",
+                            "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["items"]) == 2
+    assert client_lib.main([*base, "status"]) == 0
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(capsys.readouterr().out)
+
+
 def test_recommend_leaves_out_the_item_the_session_is_on(capsys, served, tmp_path):
     """The session's last item is never its next one (the pipeline collapses immediate
     repeats), yet a model may rank it high (a new user's only seen item): `recommend`

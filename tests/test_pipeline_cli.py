@@ -93,8 +93,8 @@ def test_retailrocket_two_files_default_runner(tmp_path):
         "unless you pass --session-col session_id",
         "pipeline: 2 input file(s), 353,057 bytes, runner FnApiRunner"] + [
         f"note: {unknown[s]:,} of the {s} split's {stats['splits'][s]['events']:,} events are "
-        "items outside the vocabulary (seen fewer than --min-item-count 5 times in train), "
-        "misses for every model; a lower --min-item-count keeps more items"
+        "items outside the vocabulary, misses for every model: seen fewer than "
+        "--min-item-count 5 times in train (a lower --min-item-count keeps more items)"
         for s in ("valid", "test")]
 
 
@@ -1707,9 +1707,9 @@ def test_notes_on_a_finished_runs_counts(tmp_path):
     assert notes == [
         f"note: 200 of the 1,000 rows read (20%) are malformed: malformed/ under {tmp_path} "
         "holds each with its reason",
-        "note: 60 of the test split's 100 events are items outside the vocabulary (seen fewer "
-        "than --min-item-count 1 times in train), misses for every model: items that train "
-        "never holds (new items, or a time split after a catalogue change)",
+        "note: 60 of the test split's 100 events are items outside the vocabulary, misses "
+        "for every model: items that train never holds (new items, or a time split after a "
+        "catalogue change)",
         "note: the vocabulary holds items written both as integers and as floats ('7' and "
         "'7.0'): two items each here; a file written from a float column (pandas writes an "
         "integer column with a missing value as floats)? Write the ids as integers"]

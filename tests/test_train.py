@@ -680,3 +680,27 @@ def test_a_run_resumed_with_eval_every_0_uses_its_last_weights_not_an_earlier_be
     assert json.loads(out.strip().splitlines()[-1])["best"] is None
     assert registry.read_best(run) is None and os.path.isfile(os.path.join(kept, "best.json"))
     assert registry.checkpoint_path(run, "best").endswith("checkpoints/ckpt-10")
+
+
+@pytest.mark.parametrize("min_count", [5, 1])
+def test_unknown_targets_note_names_the_threshold_only_where_it_can_help(
+        tmp_path, monkeypatch, capsys, min_count):
+    """Most valid targets outside the vocabulary: the note says how high recall@20 can
+    reach, and points at the pipeline's --min-item-count only when it is above 1 (at 1 the
+    unknown items are ones train never holds)."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(8))
+    path = os.path.join(data, "stats.json")
+    with open(path, encoding="utf-8") as f:
+        stats = json.load(f)
+    stats.setdefault("options", {})["min_item_count"] = min_count
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(stats, f)
+    monkeypatch.setattr(train_lib, "evaluate_valid", lambda *a: {
+        "recall@20": 0.1, "mrr@20": 0.05, "events": 1000, "unknown_targets": 600})
+    train_lib._log_valid(None, data, None, 50)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("step 50: valid recall@20 0.1000 mrr@20 0.0500 (600 of 1,000 targets "
+                           "are items outside the vocabulary, misses for every model: "
+                           "recall@20 can reach 0.4000 at most; ")
+    assert line.endswith("see the pipeline's --min-item-count)" if min_count > 1 else
+                         "items that train never holds, --min-item-count is 1)")
