@@ -424,7 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=argtypes.positive_int, default=64,
                         help="users side by side")
     parser.add_argument("--max-users", type=argtypes.positive_int,
-                        help="evaluate only the first N users")
+                        help="evaluate only the first N users (in the order of the files)")
+    parser.add_argument("--sample-users", type=argtypes.positive_int, metavar="N",
+                        help="evaluate N users chosen by a hash of their ids: the same users "
+                             "for every model and pipeline run, not the first ones the files "
+                             "hold (for a quicker figure on a large split)")
     parser.add_argument("--rule-out-current", action="store_true",
                         help="rank each event without the item its session is on among the "
                              "candidates, for any model (the pipeline collapses immediate "
@@ -443,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{args.model} is fitted here)")
     if not args.remind and args.model != "sknn":
         parser.error("--no-remind is an option of --model sknn")
+    if args.sample_users and args.max_users:
+        parser.error("pass one of --sample-users and --max-users")
     if args.rule_out_seen and args.rule_out_current:
         parser.error("--rule-out-seen rules out the item the session is on as well: pass "
                      "one of --rule-out-seen and --rule-out-current")
@@ -493,11 +499,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             # a pair: the old metrics go first, so a run that fails between writing the
             # new per-user file and the new metrics never leaves two runs' files side by side
             os.remove(args.output)
+        user_ids = None
+        if args.sample_users:
+            sample = sample_users(args.data, args.split, args.sample_users)
+            user_ids = sample.ids
+            print(f"evaluating {sample.users:,} of the {sample.all_users:,} {args.split} users "
+                  f"({sample.events:,} of {sample.all_events:,} target events), chosen by a "
+                  "hash of their ids", file=sys.stderr)
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
-                          max_users=args.max_users, progress=not args.no_progress,
+                          max_users=args.max_users, user_ids=user_ids,
+                          progress=not args.no_progress,
                           per_user_output=args.per_user_output,
                           rule_out_current=args.rule_out_current,
                           rule_out_seen=args.rule_out_seen)
+        if args.sample_users:
+            result["sample"] = {"users": sample.users, "of_users": sample.all_users,
+                                "target_events": sample.events,
+                                "of_target_events": sample.all_events}
         if not result["events"]:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "

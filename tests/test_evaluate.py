@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model import evaluate as ev
-from model import base, metrics
+from model import base, baselines, metrics
 from model.base import Scorer
 from pipeline import schema
 
@@ -269,6 +269,23 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
     assert not [p for p in os.listdir(path.parent) if p != "m.json"]  # no temporary left
 
 
+def test_cli_sample_users_evaluates_the_hash_chosen_users(full_data, tmp_path, capsys):
+    """--sample-users N: the users `sample_users` takes (by a hash of the ids, not the
+    files' first ones), said on stderr and recorded in the output."""
+    sample = ev.sample_users(full_data, "test", 1)
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "popularity",
+                    "--sample-users", "1", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    got = json.loads(out)
+    want = ev.evaluate(baselines.fit("popularity", full_data), full_data, "test",
+                       user_ids=sample.ids, progress=False)
+    assert got.pop("sample") == {"users": 1, "of_users": 2, "target_events": sample.events,
+                                 "of_target_events": 7}
+    assert got == want and got["events"] == sample.events - 1  # (positions >= 1)
+    assert err.splitlines() == [f"evaluating 1 of the 2 test users ({sample.events} of 7 target "
+                                "events), chosen by a hash of their ids"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--split", "valid", "--model", "popularity"], "the following arguments are required: --data"),
     (["--data", "DATA", "--split", "train", "--model", "popularity"], "invalid choice: 'train'"),
@@ -279,6 +296,8 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
     (["--data", "DATA", "--split", "test"], "one of the arguments --model-dir --model is required"),
     (["--data", "DATA", "--split", "test", "--model", "sknn", "--checkpoint", "latest"],
      "--checkpoint applies to --model-dir, not to a baseline"),
+    (["--data", "DATA", "--split", "test", "--model", "mv", "--max-users", "1",
+      "--sample-users", "1"], "pass one of --sample-users and --max-users"),
 ])
 def test_cli_bad_options_give_one_line_errors(full_data, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
