@@ -35,6 +35,12 @@ NAMES = ("popularity", "sknn", "spop", "upop", "mv")
 CHUNK_PAIRS = 1 << 22
 
 
+def _known(sessions: np.ndarray) -> np.ndarray:
+    """int64 `sessions` with unknown items as padding (which `push_history` leaves out)."""
+    sessions = np.asarray(sessions, dtype=np.int64)
+    return np.where(sessions >= schema.NUM_RESERVED, sessions, schema.PAD_INDEX)
+
+
 def _scores_with_popularity(pop: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """float32 [rows, steps, V] filled with the popularity term."""
     out = np.empty(shape + pop.shape, dtype=np.float32)
@@ -106,9 +112,10 @@ class SessionPop(BlockScorer):
 class MovingAverage(BlockScorer):
     """`mv`: frequency among the user's last `window` events, across sessions.
 
-    The window slides over the user's history and the current session alike (an unknown
-    item takes a slot too, though it is never a candidate); ties and the rest by
-    popularity. State: int64 [rows, window], the last events, oldest first.
+    The window slides over the user's history and the current session alike, over known
+    items only (an unknown item, never a candidate, takes no slot, as in HierTCN's repeat
+    head); ties and the rest by popularity. State: int64 [rows, window], the last known
+    events, oldest first.
     """
 
     name = "mv"
@@ -130,27 +137,34 @@ class MovingAverage(BlockScorer):
     def score_blocks(self, state, sessions, width):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
-        seq = np.concatenate([state, sessions], axis=1)
+        known = sessions >= schema.NUM_RESERVED
+        # the session's known items packed to the left (padding after them), after the state
+        packed = np.take_along_axis(np.where(known, sessions, schema.PAD_INDEX),
+                                    np.argsort(~known, axis=1, kind="stable"), axis=1)
+        seq = np.concatenate([state, packed], axis=1)
+        # known items before each position: position t sees seq[:, before : before + window]
+        before = np.concatenate([np.zeros((rows, 1), np.int64),
+                                 np.cumsum(known, axis=1)[:, :-1]], axis=1)
         r = np.arange(rows)[:, None]
         for start, stop in blocks(steps, width):
             out = _scores_with_popularity(self.pop, (rows, stop - start))
             t = np.arange(stop - start)[None, :]
-            # Position t sees seq[:, t : t + window]: the `window` events before it.
             for k in range(self.window):
-                out[r, t, seq[:, start + k:stop + k]] += 1.0
+                out[r, t, np.take_along_axis(seq, before[:, start:stop] + k, axis=1)] += 1.0
             yield out
             del out  # before the next block is allocated
 
     def update(self, state: State, sessions: np.ndarray) -> State:
-        return push_history(state, np.asarray(sessions, dtype=np.int64))
+        return push_history(state, _known(sessions))
 
 
 class UserPop(BlockScorer):
     """`upop`: the user's recent items by recency-weighted count, then popularity.
 
-    Each of the user's last `history` events (across sessions) weighs `decay ** age`, age
-    0 for the latest event before the scored position; events of the current session
-    weigh `session_weight` times more. An item's weight r is the sum over its events; items
+    Each of the user's last `history` known events (across sessions) weighs `decay **
+    age`, age 0 for the latest known event before the scored position (an unknown item,
+    never a candidate, takes no place and no age, as in HierTCN's repeat head); events of
+    the current session weigh `session_weight` times more. An item's weight r is the sum over its events; items
     with r > 0 score 1 + r, every other item its popularity term (< 0.5), so the user's
     items come first. State: int64 [rows, history], the last events, oldest first.
     """
@@ -194,15 +208,16 @@ class UserPop(BlockScorer):
         for start, stop in blocks(steps, width):
             out = np.empty((rows, stop - start, vocab), dtype=np.float32)
             for t in range(start, stop):
-                if t:
-                    r *= self.decay
-                    r[idx, sessions[:, t - 1]] += self.session_weight
+                if t:  # (a row whose item before t is unknown or padding: unchanged)
+                    known = sessions[:, t - 1] >= schema.NUM_RESERVED
+                    r[known] *= self.decay
+                    r[idx[known], sessions[known, t - 1]] += self.session_weight
                 out[:, t - start] = np.where(r > 0, 1.0 + r, self.pop)
             yield out
             del out  # before the next block is allocated
 
     def update(self, state: State, sessions: np.ndarray) -> State:
-        return push_history(state, np.asarray(sessions, dtype=np.int64))
+        return push_history(state, _known(sessions))
 
 
 class SessionKNN(BlockScorer):

@@ -205,6 +205,26 @@ def test_mv_window_crosses_sessions_and_padding_keeps_state():
     assert ranking(scores[1, 1]) == then_rest(3)
 
 
+def test_mv_and_upop_give_unknown_items_no_place():
+    """An unknown item (1: never a candidate) takes no slot of mv's window and no place or
+    age in upop's history, in the state and within the session (as HierTCN's head)."""
+    mv = baselines.MovingAverage(COUNTS, window=3)
+    state = mv.update(mv.initial_state(["u"]), np.array([[4, 5, 1, 6, 1]]))
+    np.testing.assert_array_equal(state, [[4, 5, 6]])
+    scores = mv.score(state, np.array([[1, 7, 1, 1, 2]]))
+    np.testing.assert_array_equal(scores[0, 0], scores[0, 1])  # window [4, 5, 6] at both
+    assert ranking(scores[0, 2]) == then_rest(5, 6, 7)  # window [5, 6, 7]: 1 each
+    np.testing.assert_array_equal(scores[0, 2], scores[0, 4])  # the unknowns moved nothing
+    upop = baselines.UserPop(COUNTS, decay=0.5, session_weight=2.0, history=3)
+    state = upop.update(upop.initial_state(["u"]), np.array([[2, 3, 1, 4, 1, 5]]))
+    np.testing.assert_array_equal(state, [[3, 4, 5]])
+    scores = upop.score(state, np.array([[5, 1, 3]]))
+    # position 1 after the session's 5: 3 1/8, 4 1/4, 5 1/2 + 2; the unknown item before
+    # position 2 changes nothing
+    np.testing.assert_allclose(scores[0, 1, 3:6], [1.125, 1.25, 3.5])
+    np.testing.assert_array_equal(scores[0, 2], scores[0, 1])
+
+
 def test_mv_default_window_is_ten():
     mv = baselines.MovingAverage(COUNTS)
     state = mv.update(mv.initial_state(["u"]), np.array([[9] + [2, 3] * 5]))

@@ -225,9 +225,9 @@ def test_popularity_equals_brute_force(data, tmp_path, split, rule_out):
 @pytest.mark.parametrize("split", ["valid", "test"])
 @pytest.mark.parametrize("rule_out", ["", "seen"])
 def test_upop_equals_brute_force(data, tmp_path, split, rule_out):
-    """`upop` as model/baselines.py's docstring defines it: the user's last 200 events of
-    earlier sessions and the session so far weigh 0.95 ** age (age 0: the latest), those of
-    the session 2 × more; an item of weight r > 0 scores 1 + r, any other
+    """`upop` as model/baselines.py's docstring defines it: the user's last 200 known
+    events of earlier sessions and the known events of the session so far weigh 0.95 ** age
+    (age 0: the latest; unknown items take no place), those of the session 2 × more; an item of weight r > 0 scores 1 + r, any other
     0.5 · count / (max count + 1). History walks every earlier session of the user in time
     order, the split's earlier target sessions included."""
     raw, out = data
@@ -235,7 +235,8 @@ def test_upop_equals_brute_force(data, tmp_path, split, rule_out):
     top = max(counts[i] for i in vocab)
 
     def score(history, prefix):
-        events = [(i, 1.0) for i in history[-200:]] + [(i, 2.0) for i in prefix]
+        events = ([(i, 1.0) for i in [i for i in history if i is not UNK][-200:]]
+                  + [(i, 2.0) for i in prefix if i is not UNK])
         r = collections.Counter()
         for age, (item, weight) in enumerate(reversed(events)):
             r[item] += weight * 0.95 ** age
