@@ -921,11 +921,22 @@ def _check_replaceable(output: str, inputs: list[str]) -> None:
     if inside:
         raise UsageError(f"--input {inside[0]} lies inside --output {output}, which "
                          "--overwrite would delete: pick another --output")
-    names = {outputs.relative(f, output).split("/")[0] for f in outputs.files_under(output)}
+    names = (set(os.listdir(output)) if local else  # (an empty folder of its own too)
+             {outputs.relative(f, output).split("/")[0] for f in outputs.files_under(output)})
+    ours = {schema.STATS_FILE, schema.ITEMS_FILE, schema.MALFORMED_DIR, *schema.SPLITS}
     if names and not names & {schema.STATS_FILE, schema.ITEMS_FILE, *schema.SPLITS}:
         raise UsageError(f"output {output} is not a pipeline output (no {schema.STATS_FILE}, "
                          f"{schema.ITEMS_FILE} or split folders): --overwrite only replaces "
                          "an earlier run's output; pick another --output")
+    others = sorted(names - ours)
+    if others:
+        # (a model.train run folder holds items.tsv too: replacing it would lose the run)
+        what = (" (a model.train run folder?)" if {"checkpoints", "config.json"} & set(others)
+                else "")
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UsageError(f"output {output} holds {shown}, which the pipeline does not write"
+                         f"{what}: --overwrite would delete them; pick another --output (or "
+                         "move them out first)")
 
 
 def _nest(flat: dict) -> tuple[dict, dict]:
@@ -1021,11 +1032,21 @@ def run(args, output: str, files, config, options) -> dict:
         outputs.remove(work)
         outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
                            json.dumps(stats, indent=2) + "\n")
+        if failed(stats) and outputs.exists(output):
+            # a failed run (a typo in --filter, a threshold above every item) never replaces
+            # a good earlier output: that stays, and this run's is left aside to be read
+            return dict(stats, left_aside=tmp)
         outputs.commit(tmp, output)
     except BaseException:
         outputs.remove(tmp)
         raise
     return stats
+
+
+def failed(stats: dict) -> bool:
+    """A run whose output nothing can train on: no event written, or an empty train split
+    (its exit status is 1, so that a scheduler does not go on to train)."""
+    return not stats["rows_written"] or not stats["splits"]["train"]["events"]
 
 
 def _summary(stats: dict, output: str, seconds: float) -> str:
@@ -1039,9 +1060,11 @@ def _summary(stats: dict, output: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def _notes(stats: dict, output: str) -> list[str]:
+def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     """Notes and warnings on a finished run's counts: what in the log or the options made
-    the output smaller or stranger than the user may think, and what to change."""
+    the output smaller or stranger than the user may think, and what to change (`aside`:
+    the run's output is in `output`, a folder beside the earlier output it did not
+    replace)."""
     from pipeline import transforms  # (Beam: imported by the run already)
 
     lines = []
@@ -1111,7 +1134,7 @@ def _notes(stats: dict, output: str) -> list[str]:
                      "user's events one session; a log whose user column holds session ids "
                      "is a session log (gru4rec and sknn suit it)")
     if stats["rows_written"] and not splits["train"]["events"]:
-        lines.append(f"warning: the train split is empty ({stats['items']:,} items in the "
+        lines.append(f"error: the train split is empty ({stats['items']:,} items in the "
                      f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train "
                      "on; check --min-item-count and that the sessions' start times spread out")
     elif splits["train"]["events"] and options.get("split", "time") == "time":
@@ -1150,7 +1173,8 @@ def _notes(stats: dict, output: str) -> list[str]:
                if stats["rows_malformed"] else "")
         lines.append(f"error: no event was written ({stats['rows_malformed']:,} rows "
                      f"malformed, filtered {dropped}): check the options against the log{why} "
-                     f"({output} holds its stats.json; a rerun into it needs --overwrite)")
+                     + (f"({output} holds its stats.json)" if aside else
+                        f"({output} holds its stats.json; a rerun into it needs --overwrite)"))
     return lines
 
 
@@ -1211,12 +1235,16 @@ def main(argv=None) -> int:
               + (" (what was there is unchanged)" if outputs.exists(output) else ""),
               file=sys.stderr)
         return 1
-    print(_summary(stats, output, time.perf_counter() - start))
-    for line in _notes(stats, output):
+    aside = stats.pop("left_aside", None)
+    print(_summary(stats, aside or output, time.perf_counter() - start))
+    for line in _notes(stats, aside or output, aside=aside is not None):
         print(line, file=sys.stderr)
-    # a run that wrote no event failed at its task, whatever its output says: a scheduler
-    # must not start the training on it
-    return 0 if stats["rows_written"] else 1
+    if aside:
+        print(f"error: this run failed, so it did not replace {output}, which is unchanged; "
+              f"its own output is in {aside} (delete it when done)", file=sys.stderr)
+    # a run that wrote no event or no train event failed at its task, whatever its output
+    # says: a scheduler must not start the training on it
+    return 1 if failed(stats) else 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import bz2
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -622,7 +623,10 @@ def test_existing_output_refused_without_overwrite(tmp_path, capsys):
     # not an earlier output: --overwrite would be refused too, so it is not suggested
     assert "is not a pipeline output" in capsys.readouterr().err
     assert os.listdir(out) == ["keep"]
-    (out / "stats.json").write_text("{}")  # an earlier run's output: --overwrite replaces it
+    (out / "stats.json").write_text("{}")  # with a file the pipeline does not write: kept
+    assert cli.main(["--input", str(log), "--output", str(out)]) == 2
+    assert "holds keep, which the pipeline does not write" in capsys.readouterr().err
+    (out / "keep").unlink()  # an earlier run's output: --overwrite replaces it
     assert cli.main(["--input", str(log), "--output", str(out)]) == 2
     assert "exists: pass --overwrite to replace it" in capsys.readouterr().err
 
@@ -1016,11 +1020,38 @@ def test_database_utc_times_and_an_empty_train_split(tmp_path, capsys):
     log.write_text("user,item,time\n" + "".join(
         f"u{u},i{k},2021-03-02 15:0{k}:11.000000 UTC\n" for u in range(4) for k in range(3)))
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--time-unit",
-                     "iso", "--min-item-count", "1", *IN_MEMORY]) == 0
+                     "iso", "--min-item-count", "1", *IN_MEMORY]) == 1  # (nothing to train on)
     stats = schema.read_stats(str(tmp_path / "out"))
     assert stats["rows_written"] == 12 and stats["cutoffs"]["t_valid"] == 1614697211  # 15:00:11 UTC
     assert stats["splits"]["train"]["events"] == 0
-    assert "warning: the train split is empty" in capsys.readouterr().err
+    assert "error: the train split is empty" in capsys.readouterr().err
+
+
+def test_a_failed_run_never_replaces_an_earlier_output(tmp_path, capsys):
+    """--overwrite with a typo in --filter (no event) or a threshold above every item (an
+    empty train split): exit 1, the earlier output as it was, the run's own output left
+    aside (its stats.json and malformed/ say why)."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + k) % 5},{1_600_000_000 + 86_400 * u + 60 * k}\n"
+        for u in range(20) for k in range(4)))
+    out = tmp_path / "out"
+    args = ["--input", str(log), "--output", str(out), "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main(args) == 0
+    before = {p: (out / p).read_bytes() for p in ("stats.json", "items.tsv")}
+    for extra, said in ((["--filter", "user=nosuchuser"], "error: no event was written"),
+                        (["--min-item-count", "1000"], "error: the train split is empty")):
+        capsys.readouterr()
+        assert cli.main([*args, "--overwrite", *extra]) == 1
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert {p: (out / p).read_bytes() for p in before} == before
+        aside = re.search(r"its own output is in (\S+) \(delete it when done\)", err)
+        assert aside and err.rstrip().endswith(
+            f"error: this run failed, so it did not replace {out}, which is unchanged; its own "
+            f"output is in {aside.group(1)} (delete it when done)"), err
+        assert cli.failed(schema.read_stats(aside.group(1)))
+        shutil.rmtree(aside.group(1))
 
 
 def test_a_runner_that_cannot_start_is_one_line(tmp_path, capsys):
@@ -1221,16 +1252,33 @@ def test_overwrite_only_replaces_an_earlier_output(tmp_path, capsys):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     cases.append((other, "is not a pipeline output"))
+    # a model.train run folder holds items.tsv, and so may a folder of other things
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("items.tsv", "config.json", "train_summary.json"):
+        (run / name).write_text("x")
+    cases.append((run, f"output {run} holds checkpoints, config.json, train_summary.json, "
+                       "which the pipeline does not write (a model.train run folder?): "
+                       "--overwrite would delete them"))
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    (home / "items.tsv").write_text("x")
+    (home / "notes.txt").write_text("mine")
+    cases.append((home, f"output {home} holds notes.txt, src, which the pipeline does not "
+                        "write: --overwrite would delete them"))
     for output, message in cases:
         assert cli.main(["--input", str(log), "--output", str(output), "--overwrite"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
-    for output, message in cases[1:2] + cases[3:]:  # without --overwrite: not suggested
+    for output, message in cases[1:2] + cases[3:4]:  # without --overwrite: not suggested
         assert cli.main(["--input", str(log), "--output", str(output)]) == 2
         err = capsys.readouterr().err
         assert message in err and "pass --overwrite" not in err, err
     assert log.read_text() == "user,item,time\nu,a,1\n"
     assert (other / "notes.txt").read_text() == "mine" and (tmp_path / "a_file").exists()
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "items.tsv",
+                                       "train_summary.json"]
+    assert (home / "notes.txt").read_text() == "mine" and (home / "src").is_dir()
 
 
 def test_seconds_given_as_milliseconds_get_a_note(capsys):
