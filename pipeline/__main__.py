@@ -1032,9 +1032,9 @@ def run(args, output: str, files, config, options) -> dict:
         outputs.remove(work)
         outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
                            json.dumps(stats, indent=2) + "\n")
-        if failed(stats) and outputs.exists(output):
-            # a failed run (a typo in --filter, a threshold above every item) never replaces
-            # a good earlier output: that stays, and this run's is left aside to be read
+        if failed(stats) and outputs.exists(output) and outputs.files_under(output):
+            # a failed run (a typo in --filter) never replaces a good earlier output: that
+            # stays, and this run's is left aside to be read
             return dict(stats, left_aside=tmp)
         outputs.commit(tmp, output)
     except BaseException:
@@ -1044,9 +1044,10 @@ def run(args, output: str, files, config, options) -> dict:
 
 
 def failed(stats: dict) -> bool:
-    """A run whose output nothing can train on: no event written, or an empty train split
-    (its exit status is 1, so that a scheduler does not go on to train)."""
-    return not stats["rows_written"] or not stats["splits"]["train"]["events"]
+    """A run that wrote no event (its exit status is 1, so that a scheduler does not go on
+    to train). An empty train split with events in valid or test is a warning, not a
+    failure: model.train refuses it with its own line."""
+    return not stats["rows_written"]
 
 
 def _summary(stats: dict, output: str, seconds: float) -> str:
@@ -1134,7 +1135,7 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      "user's events one session; a log whose user column holds session ids "
                      "is a session log (gru4rec and sknn suit it)")
     if stats["rows_written"] and not splits["train"]["events"]:
-        lines.append(f"error: the train split is empty ({stats['items']:,} items in the "
+        lines.append(f"warning: the train split is empty ({stats['items']:,} items in the "
                      f"vocabulary, cut-offs {stats['cutoffs']}): model.train has nothing to train "
                      "on; check --min-item-count and that the sessions' start times spread out")
     elif splits["train"]["events"] and options.get("split", "time") == "time":
@@ -1242,8 +1243,8 @@ def main(argv=None) -> int:
     if aside:
         print(f"error: this run failed, so it did not replace {output}, which is unchanged; "
               f"its own output is in {aside} (delete it when done)", file=sys.stderr)
-    # a run that wrote no event or no train event failed at its task, whatever its output
-    # says: a scheduler must not start the training on it
+    # a run that wrote no event failed at its task, whatever its output says: a scheduler
+    # must not start the training on it
     return 1 if failed(stats) else 0
 
 

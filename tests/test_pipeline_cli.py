@@ -1020,17 +1020,16 @@ def test_database_utc_times_and_an_empty_train_split(tmp_path, capsys):
     log.write_text("user,item,time\n" + "".join(
         f"u{u},i{k},2021-03-02 15:0{k}:11.000000 UTC\n" for u in range(4) for k in range(3)))
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--time-unit",
-                     "iso", "--min-item-count", "1", *IN_MEMORY]) == 1  # (nothing to train on)
+                     "iso", "--min-item-count", "1", *IN_MEMORY]) == 0
     stats = schema.read_stats(str(tmp_path / "out"))
     assert stats["rows_written"] == 12 and stats["cutoffs"]["t_valid"] == 1614697211  # 15:00:11 UTC
     assert stats["splits"]["train"]["events"] == 0
-    assert "error: the train split is empty" in capsys.readouterr().err
+    assert "warning: the train split is empty" in capsys.readouterr().err
 
 
 def test_a_failed_run_never_replaces_an_earlier_output(tmp_path, capsys):
-    """--overwrite with a typo in --filter (no event) or a threshold above every item (an
-    empty train split): exit 1, the earlier output as it was, the run's own output left
-    aside (its stats.json and malformed/ say why)."""
+    """--overwrite with a typo in --filter (no event written): exit 1, the earlier output
+    as it was, the run's own output left aside (its stats.json and malformed/ say why)."""
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "".join(
         f"u{u},i{(u + k) % 5},{1_600_000_000 + 86_400 * u + 60 * k}\n"
@@ -1040,7 +1039,8 @@ def test_a_failed_run_never_replaces_an_earlier_output(tmp_path, capsys):
     assert cli.main(args) == 0
     before = {p: (out / p).read_bytes() for p in ("stats.json", "items.tsv")}
     for extra, said in ((["--filter", "user=nosuchuser"], "error: no event was written"),
-                        (["--min-item-count", "1000"], "error: the train split is empty")):
+                        (["--filter", "user=u1", "--exclude", "user=u1"],
+                         "error: no event was written")):
         capsys.readouterr()
         assert cli.main([*args, "--overwrite", *extra]) == 1
         err = capsys.readouterr().err
