@@ -459,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if schema.is_remote(args.data):
         quiet.import_tensorflow()
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
-    result = None
+    result = per_user = None
     try:
         if not schema.is_folder(args.data):
             what = "is a file, not a folder" if os.path.isfile(args.data) else "no such folder"
@@ -495,10 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(note, file=sys.stderr)
         else:
             scorer = baselines.fit(args.model, args.data, remind=args.remind)
-        if args.output and args.per_user_output and os.path.exists(args.output):
-            # a pair: the old metrics go first, so a run that fails between writing the
-            # new per-user file and the new metrics never leaves two runs' files side by side
-            os.remove(args.output)
+        # the per-user sums go to a name of their own until the evaluation is done: a
+        # failed or killed evaluation leaves the earlier pair as it was
+        per_user = (None if not args.per_user_output else
+                    f"{args.per_user_output}.partial-{os.getpid()}.npz")
         user_ids = None
         if args.sample_users:
             sample = sample_users(args.data, args.split, args.sample_users)
@@ -509,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(scorer, args.data, args.split, batch_size=args.batch_size,
                           max_users=args.max_users, user_ids=user_ids,
                           progress=not args.no_progress,
-                          per_user_output=args.per_user_output,
+                          per_user_output=per_user,
                           rule_out_current=args.rule_out_current,
                           rule_out_seen=args.rule_out_seen)
         if args.sample_users:
@@ -520,6 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "
                   "not a score; see first_item", file=sys.stderr)
+        if per_user:
+            if args.output and os.path.exists(args.output):
+                # a pair: the old metrics go first, so a run that fails between putting the
+                # new per-user file in place and writing the new metrics never leaves two
+                # runs' files side by side
+                os.remove(args.output)
+            os.replace(per_user, args.per_user_output)
         if args.output:
             write_json(args.output, result)
     except user_errors as e:
@@ -535,10 +542,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ("; the metrics are printed above" if result is not None else ""),
               file=sys.stderr)
         return 2 if where else 1
+    finally:
+        if per_user and os.path.exists(per_user):  # (a failure before it was put in place)
+            os.remove(per_user)
     print(json.dumps(result, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    argtypes.interrupts_in_one_line("interrupted: no metrics were written")
+    argtypes.interrupts_in_one_line("interrupted: no metrics were written (an earlier "
+                                    "--output is as it was)")
     sys.exit(main())

@@ -365,6 +365,17 @@ def test_cli_empty_or_damaged_split_is_one_line(full_data, tmp_path, capsys):
                     "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"cannot read the test split of {damaged}: " in err and err.count("\n") == 1, err
+    # an earlier pair of files stays as it was when the evaluation fails (it used to lose
+    # its metrics before the evaluation began)
+    out, users = tmp_path / "m.json", tmp_path / "m_users.npz"
+    pair = ["--output", str(out), "--per-user-output", str(users), "--no-progress"]
+    assert ev.main(["--data", full_data, "--split", "test", "--model", "popularity", *pair]) == 0
+    before = (out.read_bytes(), users.read_bytes())
+    capsys.readouterr()
+    assert ev.main(["--data", str(damaged), "--split", "test", "--model", "popularity",
+                    *pair]) == 2
+    assert (out.read_bytes(), users.read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["damaged", "empty", "m.json", "m_users.npz"]
 
 
 def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_path):
@@ -382,6 +393,7 @@ def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_
            "--no-progress"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run(cmd, cwd=repo, capture_output=True, timeout=300).returncode == 0
+    before = (out.read_bytes(), users.read_bytes())
     res = subprocess.run(file_size_limited(1024, cmd), cwd=repo, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1, res.stderr
@@ -389,8 +401,10 @@ def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_
     assert res.stderr.splitlines()[-1] == (
         f"python -m model.evaluate: error: cannot write {users} and {out}: File too large")
     assert "Traceback" not in res.stderr
-    assert not out.exists()  # the old metrics went before the new per-user file was written
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    # the new per-user file could not be written: the earlier pair is as it was, and no
+    # partial file is left
+    assert (out.read_bytes(), users.read_bytes()) == before
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m_users.npz"]
 
 
 def test_an_output_that_cannot_be_written_is_said_before_the_evaluation(full_data, tmp_path,
