@@ -17,9 +17,12 @@ from __future__ import annotations
 if __name__ == "__main__":
     import sys
 
-    from model import cli, quiet
+    from model import cli, processes, quiet
     from pipeline import argtypes
 
+    # the stop path saves a checkpoint even where the reader of the output is gone (`| tee`
+    # stopped by the same Ctrl-C, model.compare killed)
+    processes.survive_closed_output()
     # a usage error, --help or a missing local data folder at once, before TensorFlow loads
     cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
     argtypes.interrupts_in_one_line("interrupted: the run folder keeps its last checkpoint, "
@@ -1203,6 +1206,10 @@ def _main(args: argparse.Namespace) -> int:
                                 "it: pass a run folder of its own (the run would write into "
                                 "the pipeline's output, which a rerun with --overwrite "
                                 "replaces)")
+        kind = storage.folder_kind(args.model_dir)
+        if kind is not None and kind != "a model.train run folder":
+            raise TrainingError(f"--model-dir {args.model_dir} is {kind}: pass a run folder "
+                                "of its own (created if missing)")
         config = resolve_config(args)
         summary = train(args.data, args.model_dir, config, progress=not args.no_progress)
     except (schema.DataError, config_lib.ConfigError, registry.RunError, TrainingError) as e:

@@ -77,3 +77,29 @@ def within(path: str, folder: str) -> bool:
     """Whether local `path` is `folder` or lies inside it (links resolved)."""
     path, folder = (os.path.realpath(p).rstrip(os.sep) + os.sep for p in (path, folder))
     return path.startswith(folder)
+
+
+def folder_kind(path: str) -> str | None:
+    """What this project's commands wrote in local folder `path`, said for an error: "a
+    pipeline output", "a model.train run folder", "a SavedModel version folder", "an export
+    base (SavedModel versions)", "a model.compare output"; None for anything else (missing,
+    empty, a file, other files)."""
+    if not os.path.isdir(path):
+        return None
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return None
+    if "saved_model.pb" in names:
+        return "a SavedModel version folder"
+    if {"stats.json", "items.tsv"} <= names and names & {"train", "valid", "test"}:
+        return "a pipeline output"
+    if "config.json" in names and names & {"checkpoints", "best", "train_summary.json"}:
+        return "a model.train run folder"
+    if "compare.log" in names or ("runs" in names and names & {"results.json",
+                                                                "results_valid.json"}):
+        return "a model.compare output"
+    if any(n.isdigit() and os.path.isfile(os.path.join(path, n, "saved_model.pb"))
+           for n in names):
+        return "an export base (SavedModel versions)"
+    return None

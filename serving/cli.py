@@ -68,6 +68,12 @@ def export_error(args: argparse.Namespace) -> str | None:
     if storage.within(base, args.model_dir):
         return (f"--export-base {base} is inside the run folder {args.model_dir}: pass a "
                 "folder of its own (TF Serving's --model_base_path)")
+    kind = storage.folder_kind(base)
+    if kind is not None and kind != "an export base (SavedModel versions)":
+        what = ("; its parent may be the export base" if kind.startswith("a SavedModel")
+                else "")
+        return (f"--export-base {base} is {kind}{what}: pass the folder TF Serving watches "
+                "(--model_base_path), one of its own")
     return None
 
 

@@ -204,6 +204,26 @@ def test_rule_out_current_has_its_own_files_beside_the_plain_evaluation(tmp_path
     assert ruled["models"]["mv"]["mrr@20"] > json.loads(plain)["models"]["mv"]["mrr@20"]
 
 
+def test_an_output_that_is_another_commands_folder_is_refused_before_anything_runs(
+        tmp_path, capsys):
+    """--output inside --data (the runs would be deleted with the next pipeline
+    --overwrite), or a model.train run folder: one line, nothing written."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    before = sorted(os.listdir(data))
+    for output, said in ((data, f"--output {data} is the --data folder or inside it"),
+                         (os.path.join(data, "cmp"), "is the --data folder or inside it"),
+                         (run, f"--output {run} is a model.train run folder")):
+        assert compare.main(["--data", data, "--models", "popularity",
+                             "--output", str(output)]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(os.listdir(data)) == before and sorted(os.listdir(run)) == [
+        "checkpoints", "config.json"]
+
+
 def test_rule_out_seen_has_its_own_files_and_excludes_the_other_rule(tmp_path, capsys):
     data = write_data(str(tmp_path / "data"), 20, planted_users(30),
                       valid=[(3, u[:4]) for u in planted_users(6, seed=1)],

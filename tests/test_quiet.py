@@ -59,6 +59,12 @@ def test_a_missing_local_folder_is_said_before_tensorflow_loads(tmp_path):
     run_folder, a_file = tmp_path / "r", tmp_path / "log.csv"
     run_folder.mkdir()
     a_file.write_text("")
+    data, version = tmp_path / "data", tmp_path / "exports" / "1"
+    (data / "train").mkdir(parents=True)
+    for name in ("stats.json", "items.tsv"):
+        (data / name).write_text("")
+    version.mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
     for command, args, message in [
             ("model.train", ["--data", missing, "--model-dir", str(tmp_path / "run")],
              f"error: data folder {missing} not found"),
@@ -70,7 +76,14 @@ def test_a_missing_local_folder_is_said_before_tensorflow_loads(tmp_path):
                                 str(run_folder / "exports")],
              f"error: --export-base {run_folder}/exports is inside the run folder {run_folder}"),
             ("serving.export", ["--model-dir", str(run_folder), "--export-base", str(a_file)],
-             f"error: --export-base {a_file} is a file, not a folder")]:
+             f"error: --export-base {a_file} is a file, not a folder"),
+            # another command's folder: a pipeline output, a version folder (one level deep)
+            ("serving.export", ["--model-dir", str(run_folder), "--export-base", str(data)],
+             f"error: --export-base {data} is a pipeline output: pass the folder TF Serving "
+             "watches"),
+            ("serving.export", ["--model-dir", str(run_folder), "--export-base", str(version)],
+             f"error: --export-base {version} is a SavedModel version folder; its parent may "
+             "be the export base")]:
         proc = subprocess.run([sys.executable, "-c", RUN_AND_SAY_IF_TENSORFLOW_LOADED, command,
                                *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.stdout.splitlines()[-1] == "exit 2 False", (command, proc)

@@ -462,6 +462,11 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         json.dump({"items": 20}, f)  # an edited or foreign stats.json
     not_utf8 = tmp_path / "latin1.json"
     not_utf8.write_bytes(b'{"train": "\xe9"}')
+    exports, compared = tmp_path / "exports", tmp_path / "compared"  # (other commands' folders)
+    (exports / "1").mkdir(parents=True)
+    (exports / "1" / "saved_model.pb").write_bytes(b"")
+    (compared / "runs").mkdir(parents=True)
+    (compared / "compare.log").write_text("")
     cases = [
         (_args(data, run, config_file, "--strategy", "one_device:bogus"),
          "strategy 'one_device:bogus': 'bogus' is not a device"),
@@ -476,6 +481,10 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         (_args(data, str(a_file), config_file), f"--model-dir {a_file} is a file: pass a run folder"),
         (_args(data, data, config_file), f"--model-dir {data} is the --data folder or inside it"),
         (_args(data, os.path.join(data, "run"), config_file), "is the --data folder or inside it"),
+        (_args(data, str(exports), config_file),
+         f"--model-dir {exports} is an export base (SavedModel versions): pass a run folder"),
+        (_args(data, str(compared), config_file),
+         f"--model-dir {compared} is a model.compare output: pass a run folder"),
         (_args(data, str(blocked), config_file, "--steps", "2", "--eval-every", "0"),
          f"cannot write to {blocked}: {blocked}/checkpoints is not a directory"),
         (_args(data, run, str(tmp_path)), f"cannot read config file {tmp_path}: Is a directory"),

@@ -272,6 +272,47 @@ def test_sigterm_to_a_training_process_checkpoints_exits_130_and_the_same_comman
     assert registry.training_note(run) is None
 
 
+def test_a_stop_with_the_outputs_reader_gone_still_checkpoints(data, config_file, tmp_path):
+    """`model.train ... 2>&1 | tee log` stopped by Ctrl-C: tee dies with it, and the stop
+    path's first line meets a closed pipe. It used to end there in a BrokenPipeError (exit
+    1, every step since the last checkpoint lost); the output is dropped instead and the
+    checkpoint written (exit 130)."""
+    run = str(tmp_path / "teed")
+    checkpoints = os.path.join(run, "checkpoints")
+    cmd = [sys.executable, "-m", "model.train",
+           *_args(data, run, config_file, "--steps", "300", "--checkpoint-every", "20",
+                  "--eval-every", "25", "--patience", "0")]
+    read, write = os.pipe()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=write, stderr=write)
+    os.close(write)
+    os.set_blocking(read, False)
+    said = []
+    try:
+        marker = os.path.join(run, registry.BEST_DIR, "ckpt-25.index")
+        deadline = time.monotonic() + 240
+        while not os.path.exists(marker):
+            try:  # (drained as tee would: the pipe never fills)
+                said.append(os.read(read, 65536))
+            except BlockingIOError:
+                pass
+            assert proc.poll() is None, b"".join(said)[-3000:]
+            assert time.monotonic() < deadline, b"".join(said)[-3000:]
+            time.sleep(0.01)
+        os.close(read)  # tee is gone: every write from now on meets a closed pipe
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert returncode == 130
+    with open(os.path.join(run, train_lib.SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    assert summary["stopped_by"] == "interrupted" and summary["steps"] >= 25
+    assert tf.train.latest_checkpoint(checkpoints).endswith(f"ckpt-{summary['steps']}")
+
+
 def test_an_interrupt_before_the_first_step_or_with_evaluations_due(data, config_file, tmp_path,
                                                                     monkeypatch, capsys):
     run = str(tmp_path / "run")
