@@ -311,9 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ServingError, schema.DataError, BackfillError, ValueError) as e:
         hint = ("; pass a smaller --batch-users" if "batch size" in str(e) else "")
+        then = ("once the folder is mended (a rerun of the pipeline), the same command goes "
+                "on from there" if isinstance(e, schema.DataError) else
+                "the same command goes on from there")
         print(f"error: {e}{hint}"
-              + (f" ({counts.users:,} users stored before it; the same command goes on from "
-                 "there)" if counts.users else ""), file=sys.stderr)
+              + (f" ({counts.users:,} users stored before it; {then})" if counts.users else ""),
+              file=sys.stderr)
         return 1
     result = {"model": args.model_name, "version": version, "data": args.data,
               "state_db": args.state_db, **dataclasses.asdict(counts)}

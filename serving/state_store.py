@@ -273,6 +273,11 @@ class SQLiteStateStore(StateStore):
                         pass
                 columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
         except sqlite3.DatabaseError as e:
+            if "not a database" in str(e) and not _sqlite_header(path):
+                self._db.close()  # (another file, not a damaged database: said so)
+                raise ValueError(f"{path} is not a SQLite database (a CSV, a log?): pass the "
+                                 "state file as --state-db, or a new name to start one") \
+                    from None
             advice = ("its disk is full: make room there" if _disk_full(path)
                       else _advice(e))
             raise ValueError(f"cannot open state database {path}: {e}; {advice}") from None
@@ -435,6 +440,15 @@ def _advice(e: sqlite3.DatabaseError) -> str:
         return ("the file is damaged: restore it from a backup or pass another --state-db "
                 "(`sqlite3 FILE .recover` salvages what it can)")
     return "pass another --state-db"
+
+
+def _sqlite_header(path: str) -> bool:
+    """Whether the file begins as every SQLite database does (a damaged one still does)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return True  # (not readable: said by SQLite's own error)
 
 
 def _locked(e: Exception) -> bool:

@@ -478,6 +478,18 @@ def test_a_damaged_file_is_one_error_that_says_so(tmp_path):
                 s.get(f"user{i}", 1)
 
 
+def test_a_file_that_is_no_database_is_said_to_be_another_file(tmp_path):
+    """A CSV passed as the state file is not "damaged": the error says what it is, and
+    the file is left as it was."""
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,time\n" + "u,a,1\n" * 200)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"log.csv is not a SQLite database \(a CSV, a log\?\): "
+                                         r"pass the state file as --state-db"):
+        SQLiteStateStore(str(path))
+    assert path.read_bytes() == before
+
+
 def test_forget_deletes_a_users_records_without_a_server(tmp_path, capsys):
     from serving import client
     path = str(tmp_path / "s.sqlite")
