@@ -360,17 +360,25 @@ class UserSample(NamedTuple):
     all_events: int
 
 
-def sample_users(data_dir: str, split: str, count: int, max_events: int = 0) -> UserSample:
+# `--sample-users`' hash salt (`sample_users`)
+SAMPLE_SALT = "model.evaluate --sample-users:"
+
+
+def sample_users(data_dir: str, split: str, count: int, max_events: int = 0,
+                 salt: str = "") -> UserSample:
     """A split's users taken in the order of a hash of their ids
     (`batching.user_order_key`: the same users whatever order the pipeline wrote them in)
     until `count` users (0: no limit) or, before the user that would pass it, `max_events`
-    target events (0: no limit; the first user is always taken)."""
+    target events (0: no limit; the first user is always taken). `salt` (prefixed to each
+    id before hashing) gives another order: `model.evaluate --sample-users` uses one, so
+    that its users are not the ones training takes first (training orders the train
+    split's users by the unsalted hash)."""
     from model.batching import user_order_key
 
     users = [(u.user_id, sum(len(s) for s in u.sessions[u.num_context_sessions:]))
              for u in schema.iter_users(data_dir, split)]
     chosen, events = [], 0
-    for user_id, n in sorted(users, key=lambda u: user_order_key(u[0])):
+    for user_id, n in sorted(users, key=lambda u: (user_order_key(salt + u[0]), u[0])):
         if (count and len(chosen) >= count) or (max_events and chosen and events + n > max_events):
             break
         chosen.append(user_id)
@@ -501,7 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{args.per_user_output}.partial-{os.getpid()}.npz")
         user_ids = None
         if args.sample_users:
-            sample = sample_users(args.data, args.split, args.sample_users)
+            sample = sample_users(args.data, args.split, args.sample_users,
+                                  salt=SAMPLE_SALT)
             user_ids = sample.ids
             print(f"evaluating {sample.users:,} of the {sample.all_users:,} {args.split} users "
                   f"({sample.events:,} of {sample.all_events:,} target events), chosen by a "

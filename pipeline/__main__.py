@@ -928,7 +928,8 @@ def _check_replaceable(output: str, inputs: list[str]) -> None:
         raise UsageError(f"output {output} is not a pipeline output (no {schema.STATS_FILE}, "
                          f"{schema.ITEMS_FILE} or split folders): --overwrite only replaces "
                          "an earlier run's output; pick another --output")
-    others = sorted(names - ours)
+    # (dot-files: a desktop's or a notebook's own, .DS_Store, .ipynb_checkpoints)
+    others = sorted(n for n in names - ours if not n.startswith("."))
     if others:
         # (a model.train run folder holds items.tsv too: replacing it would lose the run)
         what = (" (a model.train run folder?)" if {"checkpoints", "config.json"} & set(others)

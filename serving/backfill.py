@@ -46,6 +46,8 @@ class BackfillCounts:
     users: int = 0  # stored
     kept: int = 0  # already in the store (another version's newest record too), left as is
     kept_older: int = 0  # of `kept`: their newest record is an older version's (`refresh`)
+    kept_uncounted: int = 0  # of `kept_older`: without a session count (`refresh` cannot)
+    changed: int = 0  # of `kept`: written meanwhile (a live end-session); a rerun retries
     refreshed: int = 0  # of `users`: stored over an older version's newest record
     sessions: int = 0  # folded in
     events: int = 0
@@ -146,6 +148,8 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
                 if not (refresh and older):
                     counts.kept += 1
                     counts.kept_older += stored.version < version
+                    counts.kept_uncounted += (stored.version < version
+                                              and stored.sessions_total is None)
                     if on_users:
                         on_users(1)
                     continue
@@ -199,6 +203,7 @@ def _store(client, store: state_store.StateStore, batch: list, version: int, sta
                       sessions_total=total, known=known)
         except state_store.StateConflict:  # written meanwhile (a live end-session): newer
             counts.kept += 1
+            counts.changed += 1
             continue
         counts.users += 1
         counts.refreshed += stored is not None and stored.version < version
@@ -320,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     result = {"model": args.model_name, "version": version, "data": args.data,
               "state_db": args.state_db, **dataclasses.asdict(counts)}
-    same = counts.kept - counts.kept_older
+    same = counts.kept - counts.kept_older - counts.changed
+    older = counts.kept_older - (counts.kept_uncounted if args.refresh else 0)
     print(json.dumps(result) if args.json else
           f"stored {counts.users:,} users' states ({counts.sessions:,} sessions, "
           f"{counts.events:,} events) for {args.model_name} version {version} in "
@@ -329,10 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
              else "")
           + (f"; {same:,} users already there were kept (a record of this version, which "
              "--replace overwrites, or of a newer one)" if same else "")
-          + (f"; {counts.kept_older:,} users whose newest record is an older version's were "
-             "kept: this version rebuilds each from its stored recent sessions on its first "
-             "request (--refresh folds the log for them, then the sessions stored since)"
-             if counts.kept_older else ""))
+          + (f"; {older:,} users whose newest record is an older version's were kept: this "
+             "version rebuilds each from its stored recent sessions on its first request "
+             "(--refresh folds the log for them, then the sessions stored since)"
+             if older else "")
+          + (f"; {counts.kept_uncounted:,} users whose newest record is an older version's "
+             "without a session count (written before the store counted sessions) were kept: "
+             "nothing says which of their stored sessions the log holds"
+             if args.refresh and counts.kept_uncounted else "")
+          + (f"; {counts.changed:,} users' records changed while this ran (a live "
+             "end-session) and were kept: the same command again handles them"
+             if counts.changed else ""))
     return 0
 
 

@@ -654,6 +654,14 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
         assert got.version == version and got.sessions == want.sessions == (
             ("item7", "item8"), ("item3",)) and got.sessions_total == 2
         np.testing.assert_allclose(got.state, want.state, rtol=1e-5, atol=1e-6)
+        # an older version's record without a session count (an earlier store's): kept even
+        # with --refresh, and said so (nothing aligns the log with its sessions)
+        filled.put("train2", 1, np.zeros(c.state_size(), np.float32), [["item9"]])
+    assert backfill.main([a for a in argv if a != "--json"] + ["--refresh"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(
+        "; 1 users whose newest record is an older version's without a session count (written "
+        "before the store counted sessions) were kept: nothing says which of their stored "
+        "sessions the log holds")
     other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
     fresh = tmp_path / "fresh.sqlite"
     assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1

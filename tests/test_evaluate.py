@@ -272,7 +272,7 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
 def test_cli_sample_users_evaluates_the_hash_chosen_users(full_data, tmp_path, capsys):
     """--sample-users N: the users `sample_users` takes (by a hash of the ids, not the
     files' first ones), said on stderr and recorded in the output."""
-    sample = ev.sample_users(full_data, "test", 1)
+    sample = ev.sample_users(full_data, "test", 1, salt=ev.SAMPLE_SALT)
     assert ev.main(["--data", full_data, "--split", "test", "--model", "popularity",
                     "--sample-users", "1", "--no-progress"]) == 0
     out, err = capsys.readouterr()
