@@ -1825,3 +1825,33 @@ def test_a_log_whose_users_each_have_one_session_gets_a_note(tmp_path, capsys):
         assert cli.main(["--input", str(log), "--output", str(tmp_path / unit), "--time-unit",
                          unit, "--min-item-count", "1", "--split", "users", *IN_MEMORY]) == 0
         assert (said in capsys.readouterr().err) == noted
+
+
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp_path):
+    """A scheduler's SIGTERM: exit 130 with the one line Ctrl-C gets, and the temporary
+    output removed (the default action left a full-size copy beside the output)."""
+    import signal
+    import time
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 50},{1_600_000_000 + 86_400 * (u % 30) + 60 * k}\n"
+        for u in range(4000) for k in range(10)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
+                             str(out), *IN_MEMORY], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.rstrip().endswith(f"interrupted: nothing was written to {out}"), err
+    assert sorted(os.listdir(tmp_path)) == ["log.csv"]
