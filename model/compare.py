@@ -701,14 +701,10 @@ def _main(args: argparse.Namespace) -> int:
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise CompareError(f"--output {args.output} is a file: pass a folder (created if "
                                "missing)")
-        if not schema.is_remote(args.data) and storage.within(args.output, args.data):
-            raise CompareError(f"--output {args.output} is the --data folder or inside it: "
-                               "pass a folder of its own (the runs would write into the "
-                               "pipeline's output, which a rerun with --overwrite replaces)")
-        kind = storage.folder_kind(args.output)
-        if kind is not None and kind != "a model.compare output":
-            raise CompareError(f"--output {args.output} is {kind}: pass a folder of its own "
-                               "(created if missing)")
+        wrong = storage.output_folder_error("--output", args.output, args.data,
+                                            "a model.compare output", "a folder")
+        if wrong:
+            raise CompareError(wrong)
         _preflight(names, args)
         os.makedirs(args.output, exist_ok=True)
         log_path = os.path.join(args.output, "compare.log")

@@ -1201,15 +1201,10 @@ def _main(args: argparse.Namespace) -> int:
         if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
             raise TrainingError(f"--model-dir {args.model_dir} is a file: pass a run folder "
                                 "(created if missing)")
-        if not schema.is_remote(args.data) and storage.within(args.model_dir, args.data):
-            raise TrainingError(f"--model-dir {args.model_dir} is the --data folder or inside "
-                                "it: pass a run folder of its own (the run would write into "
-                                "the pipeline's output, which a rerun with --overwrite "
-                                "replaces)")
-        kind = storage.folder_kind(args.model_dir)
-        if kind is not None and kind != "a model.train run folder":
-            raise TrainingError(f"--model-dir {args.model_dir} is {kind}: pass a run folder "
-                                "of its own (created if missing)")
+        wrong = storage.output_folder_error("--model-dir", args.model_dir, args.data,
+                                            "a model.train run folder", "a run folder")
+        if wrong:
+            raise TrainingError(wrong)
         config = resolve_config(args)
         summary = train(args.data, args.model_dir, config, progress=not args.no_progress)
     except (schema.DataError, config_lib.ConfigError, registry.RunError, TrainingError) as e:

@@ -103,3 +103,18 @@ def folder_kind(path: str) -> str | None:
            for n in names):
         return "an export base (SavedModel versions)"
     return None
+
+
+def output_folder_error(option: str, path: str, data: str, own: str, what: str) -> str | None:
+    """Why a command's output folder `path` (given as `option`) must not be used: it is
+    the local `data` folder or lies inside it (a pipeline rerun with --overwrite would
+    delete it), or another command's folder (`folder_kind`, other than `own`, the kind
+    this command writes); `what` names what to pass instead. None when it may be used."""
+    if "://" not in data and within(path, data):
+        return (f"{option} {path} is the --data folder or inside it: pass {what} of its own "
+                "(it would write into the pipeline's output, which a rerun with --overwrite "
+                "replaces)")
+    kind = folder_kind(path)
+    if kind is not None and kind != own:
+        return f"{option} {path} is {kind}: pass {what} of its own (created if missing)"
+    return None
