@@ -215,7 +215,7 @@ def test_bad_arguments(tmp_path):
         SQLiteStateStore(str(tmp_path / "x.sqlite"), history_items=0)
     bad = tmp_path / "not_a_db.sqlite"
     bad.write_bytes(b"garbage" * 100)
-    with pytest.raises(ValueError, match="cannot open state database"):
+    with pytest.raises(ValueError, match="not_a_db.sqlite is not a SQLite database"):
         SQLiteStateStore(str(bad))
     with SQLiteStateStore(str(tmp_path / "y.sqlite")) as s:
         with pytest.raises(ValueError, match="one user's vector"):
