@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import re
 import signal
@@ -168,8 +169,6 @@ class _SurvivesClosedOutput:
 
 def _gone(error: OSError) -> bool:
     """Whether a write failed because its reader is gone (a pipe, a hung-up terminal)."""
-    import errno
-
     return isinstance(error, BrokenPipeError) or error.errno in (errno.EPIPE, errno.EIO)
 
 

@@ -141,9 +141,9 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
                 break
             seen.add(record.user_id)
             stored = store.latest(record.user_id)
-            sessions = [[names[i] for i in session] for session in record.sessions]
-            total = len(sessions)
-            if stored is not None and not (replace and stored.version == version):
+            # (a record this run does not overwrite: kept, or refreshed over)
+            over = stored is not None and not (replace and stored.version == version)
+            if over:
                 older = stored.version < version and stored.sessions_total is not None
                 if not (refresh and older):
                     counts.kept += 1
@@ -153,6 +153,9 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
                     if on_users:
                         on_users(1)
                     continue
+            sessions = [[names[i] for i in session] for session in record.sessions]
+            total = len(sessions)
+            if over:
                 # the sessions ended since the log: the stored count beyond the log's (the
                 # newest record holds the last few; an older one cut to the history bound)
                 total = max(stored.sessions_total, total)
