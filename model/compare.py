@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import sys
-import threading
 import time
 from typing import Sequence
 
@@ -596,10 +595,6 @@ COMPARE_SETS = ("--model", "--seed", "--eval-every", "--patience", "--max-minute
                 "--data", "--model-dir", "--config")
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argtypes.Parser(prog="python -m model.compare", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="pipeline output folder")
@@ -647,13 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rule_out_seen and args.rule_out_current:
         p.error("--rule-out-seen rules out the item the session is on as well: pass one of "
                 "--rule-out-seen and --rule-out-current")
-    if threading.current_thread() is not threading.main_thread():
+    with argtypes.sigterm_as_interrupt():  # a preempted job stops as on Ctrl-C
         return _main(args)
-    previous = signal.signal(signal.SIGTERM, _stop)  # a preempted job stops as on Ctrl-C
-    try:
-        return _main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def results_files(output: str, split: str) -> list[str]:

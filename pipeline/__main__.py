@@ -1191,25 +1191,12 @@ def _float_id_pairs(output: str) -> list[tuple[str, str]]:
     return sorted((w, i) for i, w in whole.items() if w != i and w in ids)
 
 
-def _terminate(signum, frame):
-    """SIGTERM (a scheduler's stop) as Ctrl-C: the run stops and removes its temporary
-    output, where the default action left a full-size copy beside the output."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None) -> int:
     """Entry point; returns the exit code (2 for a usage error, 130 when interrupted by
-    Ctrl-C or SIGTERM)."""
-    import signal
-
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
+    Ctrl-C or SIGTERM, which removes the temporary output: the default action of SIGTERM
+    left a full-size copy beside the output)."""
+    with argtypes.sigterm_as_interrupt():
         return _main(argv)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv=None) -> int:

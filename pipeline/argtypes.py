@@ -5,6 +5,7 @@ errors are one line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from typing import Callable
@@ -92,3 +93,26 @@ def interrupts_in_one_line(message: str) -> None:
             previous(kind, value, traceback)
 
     sys.excepthook = hook
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within it, SIGTERM (a scheduler's stop, a preempted job) is Ctrl-C: a
+    KeyboardInterrupt that the command's own handling turns into a clean stop (exit 130).
+    The handler before it is given back after; nothing off the main thread, where Python
+    takes no signal handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

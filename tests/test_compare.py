@@ -311,10 +311,10 @@ def _stand_in(tmp_path, name: str, saving_seconds: float):
              "open(sys.argv[1], 'a').write('started\\n'); time.sleep(60)\n")
     parent = subprocess.Popen(
         [sys.executable, "-c",
-         "import signal, sys; from model import compare; "
-         "signal.signal(signal.SIGTERM, compare._stop); "
-         "signal.signal(signal.SIGINT, signal.default_int_handler); "
-         f"compare._run([sys.executable, '-c', {child!r}, {str(record)!r}], {str(tmp_path / 'log')!r})"],
+         "import signal, sys; from model import compare; from pipeline import argtypes; "
+         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+         "with argtypes.sigterm_as_interrupt():\n"
+         f"    compare._run([sys.executable, '-c', {child!r}, {str(record)!r}], {str(tmp_path / 'log')!r})"],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         stderr=subprocess.PIPE, text=True)
     _wait_for(record, "started")
