@@ -448,6 +448,14 @@ def _to_utf8(path: str, source: str = "cp1252") -> str:
             + (" (Windows-1252 or Latin-1 text)" if source == "cp1252" else ""))
 
 
+def _utf16_like(line: bytes) -> bool:
+    """Whether `line` reads as UTF-16 text of mostly ASCII characters: a NUL byte in at
+    least a third of its bytes, nearly all of them at even offsets or nearly all at odd."""
+    odd = line[1::2].count(b"\x00")
+    even = line[0::2].count(b"\x00")
+    return len(line) >= 4 and 3 * (odd + even) >= len(line) and 10 * min(odd, even) <= odd + even
+
+
 def _check_encoding(path: str, lines: list[bytes]) -> None:
     """Stops a text input whose first lines are not UTF-8: UTF-16 or UTF-32 (a byte-order
     mark, or NULs between the characters), or lines of bytes beyond ASCII none of which
@@ -458,10 +466,14 @@ def _check_encoding(path: str, lines: list[bytes]) -> None:
     if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
         raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32')}")
     # UTF-16: a byte-order mark, or a NUL in every other byte of text (a lone NUL in a
-    # UTF-8 row is that row's damage, not the file's encoding)
-    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or any(
-            len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines):
+    # UTF-8 row is that row's damage, not the file's encoding); NULs without that rhythm
+    # are a binary file's (a compressed or executable file passed by mistake)
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or any(map(_utf16_like, lines)):
         raise UsageError(f"{path} is UTF-16; {_to_utf8(path, 'utf-16')}")
+    if any(len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines):
+        raise UsageError(f"{path} is not a text file (NUL bytes in its first lines: binary "
+                         "data): pass the log itself, as text (CSV, TSV, JSON lines), "
+                         "Parquet or Avro")
     bad, beyond_ascii = [], 0
     for line in lines:
         try:

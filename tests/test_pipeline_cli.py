@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -241,6 +242,12 @@ def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_
              "file first, e.g. iconv -f utf-16 -t utf-8 LOG > LOG.utf8"),
             ("utf16le.csv", text.encode("utf-16-le"),  # no byte-order mark
              "utf16le.csv is UTF-16; the pipeline reads UTF-8"),
+            ("utf16be.csv", text.encode("utf-16-be"), "utf16be.csv is UTF-16; the pipeline"),
+            # a binary file (little-endian integers: NULs, but not in every other byte) is
+            # said to be one, not UTF-16
+            ("events.csv", b"\x7fELF" + struct.pack("<400I", *range(400)),
+             "events.csv is not a text file (NUL bytes in its first lines: binary data): pass "
+             "the log itself, as text (CSV, TSV, JSON lines), Parquet or Avro"),
             ("utf32.csv", text.encode("utf-32"), "utf32.csv is UTF-32; the pipeline reads UTF-8")):
         log = tmp_path / name
         log.write_bytes(data)
