@@ -54,8 +54,12 @@ def native_notes_dropped(noise=NOISE + CUDA_NOISE):
         return
     try:
         read_end, write_end = os.pipe()
+        # in a session of its own: a Ctrl-C or SIGTERM to the process group (a terminal, a
+        # scheduler) is this process's to handle, not a traceback of the filter's beside
+        # its one-line message; the filter ends when the pipe's last write end closes
         filt = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, *noise],
-                                stdin=read_end, stdout=saved, stderr=saved, close_fds=True)
+                                stdin=read_end, stdout=saved, stderr=saved, close_fds=True,
+                                start_new_session=True)
     except OSError:  # no process to spare: no filtering either
         os.close(saved)
         yield

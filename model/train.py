@@ -14,6 +14,10 @@ checkpoint) and in the summary's `best`; `model.registry.load_model` loads them.
 """
 from __future__ import annotations
 
+# what a stop before the training loop (whose stop saves a checkpoint) leaves behind
+INTERRUPTED = ("interrupted: the run folder keeps its last checkpoint, if any; the same command "
+               "resumes")
+
 if __name__ == "__main__":
     import sys
 
@@ -25,8 +29,7 @@ if __name__ == "__main__":
     processes.survive_closed_output()
     # a usage error, --help or a missing local data folder at once, before TensorFlow loads
     cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
-    argtypes.interrupts_in_one_line("interrupted: the run folder keeps its last checkpoint, "
-                                    "if any; the same command resumes")
+    argtypes.interrupts_in_one_line(INTERRUPTED)
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import argparse
@@ -1150,6 +1153,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _interrupt_in_chain(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt (Ctrl-C, or SIGTERM through
+    `_interrupt`) was being handled or caused it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _already_stopping(signum, frame):
     print("already stopping: the checkpoint is being written (SIGKILL stops without it)",
           file=sys.stderr)
@@ -1190,6 +1205,13 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
             signal.signal(signal.SIGINT, _interrupt)
     try:
         return _main(args)
+    except Exception as e:
+        # a stop signal during the set-up, raised inside TensorFlow's Python calls, can come
+        # out as another error (SystemError, ValueError) with the interrupt as its context
+        if not _interrupt_in_chain(e):
+            raise
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     finally:
         for sig, handler in handlers.items():
             if handler is not None:  # (None: not set from Python; left as it is)
@@ -1229,4 +1251,9 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(restore_signals=False))
+    _status = main(restore_signals=False)
+    # the work is done and said: a stop signal during the interpreter's shutdown (TensorFlow's
+    # clean-up) must not turn a finished run's status into "killed by SIGINT"
+    for _stop in _STOP_SIGNALS:
+        signal.signal(_stop, signal.SIG_IGN)
+    sys.exit(_status)

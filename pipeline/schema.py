@@ -123,6 +123,15 @@ def open_text(path: str, mode: str = "r"):
     return open(path, mode, encoding="utf-8", newline="")
 
 
+def open_to_read(path: str):
+    """`open_text(path)` of a data folder's file, a local file that cannot be opened (no
+    permission to read it, a folder of that name) raised as a one-line DataError."""
+    try:
+        return open_text(path)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def vocabulary_text(items: Sequence[tuple[str, int]]) -> str:
     """`items.tsv`'s text from (item_id, count) pairs already in index order from 2."""
     out = io.StringIO()
@@ -153,7 +162,7 @@ def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
     if not file_exists(path):
         raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
     ids, counts = [], []
-    with open_text(path) as f:
+    with open_to_read(path) as f:
         try:
             rows = csv.reader(f, delimiter="\t")
             header = next(rows, None)
@@ -190,12 +199,12 @@ def read_stats(data_dir: str) -> dict:
     path = os.path.join(data_dir, STATS_FILE)
     if not file_exists(path):
         raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
-    try:
-        with open_text(path) as f:
+    with open_to_read(path) as f:
+        try:
             stats = json.loads(f.read())
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
-        raise DataError(f"{path} is not valid JSON ({e}): write the folder again with "
-                        "`python -m pipeline`") from None
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+            raise DataError(f"{path} is not valid JSON ({e}): write the folder again with "
+                            "`python -m pipeline`") from None
     if not isinstance(stats, dict):
         raise DataError(f"{path} must hold a JSON object, got {type(stats).__name__}")
     return stats
@@ -503,13 +512,20 @@ def _read_or_explain(batches, data_dir: str, split: str):
 
     try:
         yield from batches
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
+            tf.errors.PermissionDeniedError, tf.errors.NotFoundError) as e:
         import re
 
         message = re.sub(r"\{\{function_node[^}]*\}\}\s*|\s*\[Op:.*$", "",
                          e.message.splitlines()[0])
-        raise DataError(f"cannot read the {split} split of {data_dir}: {message} (a damaged "
-                        "or truncated file: run the pipeline again)") from None
+        if isinstance(e, tf.errors.PermissionDeniedError):
+            advice = "this user may not read it"
+        elif isinstance(e, tf.errors.NotFoundError):
+            advice = "a file removed while it was read: copy the folder again"
+        else:
+            advice = "a damaged or truncated file: run the pipeline again"
+        raise DataError(f"cannot read the {split} split of {data_dir}: {message} "
+                        f"({advice})") from None
 
 
 def iter_users(data_dir: str, split: str) -> Iterator[UserRecord]:

@@ -658,5 +658,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: the temporary folder goes
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    sys.exit(main())
+    # and the same line says so (exit 130)
+    with argtypes.sigterm_as_interrupt():
+        _status = main()
+    # done and said: a stop signal during the interpreter's shutdown changes nothing now
+    for _stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_stop, signal.SIG_IGN)
+    sys.exit(_status)

@@ -378,6 +378,49 @@ def test_cli_empty_or_damaged_split_is_one_line(full_data, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["damaged", "empty", "m.json", "m_users.npz"]
 
 
+def test_a_data_file_that_cannot_be_read_is_a_read_error_in_one_line(full_data, tmp_path,
+                                                                       capsys):
+    """A data file that cannot be read was said as "cannot write the results" (stats.json)
+    or as a TensorFlow traceback (a shard this user may not read, one removed meanwhile)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "d"
+    shutil.copytree(full_data, folder)
+    (folder / "stats.json").rename(tmp_path / "stats.json")
+    (folder / "stats.json").mkdir()  # a folder where the file should be
+    assert ev.main(["--data", str(folder), "--split", "test", "--model", "popularity",
+                    "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"python -m model.evaluate: error: cannot read {folder}/stats.json: Is a "
+                   "directory\n"), err
+    (folder / "stats.json").rmdir()
+    (tmp_path / "stats.json").rename(folder / "stats.json")
+    read = schema.user_reader(str(folder), "test")  # (lists the shards)
+    shard = folder / "test" / "part-00000.tfrecord.gz"
+    shard.rename(tmp_path / "shard")
+    with pytest.raises(schema.DataError, match=re.escape(
+            f"cannot read the test split of {folder}: ") + r".*\(a file removed while it was "
+            r"read: copy the folder again\)$"):
+        list(read())
+    (tmp_path / "shard").rename(shard)
+    # a shard this user may not read: root reads everything, so where the tests run as
+    # root, the command runs without the capabilities that let it
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root without setpriv: no way to be refused a read")
+    drop = (["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+             "-dac_override,-dac_read_search"] if os.geteuid() == 0 else [])
+    shard.chmod(0)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([*drop, sys.executable, "-m", "model.evaluate", "--data", str(folder),
+                          "--split", "test", "--model", "popularity", "--no-progress"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.splitlines() == [
+        f"python -m model.evaluate: error: cannot read the test split of {folder}: {shard}; "
+        "Permission denied (this user may not read it)"], res.stderr[-3000:]
+
+
 def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_path):
     """`--output` with `--per-user-output` over an earlier pair, the disk full (here a
     file-size limit) when the new files are written: one line, exit 1, and no metrics file

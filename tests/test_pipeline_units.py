@@ -780,6 +780,16 @@ def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
                           text=True, timeout=60)
     assert proc.stderr == message + "\n"
     assert proc.returncode == -2  # killed by SIGINT, as an unhandled Ctrl-C ends
+    if command == "serving.export":  # SIGTERM (a scheduler's stop) says the same line
+        with open(path) as f:
+            assert "with argtypes.sigterm_as_interrupt():" in f.read()
+        code = ("import os, signal, time\nfrom pipeline import argtypes\n"
+                f"argtypes.interrupts_in_one_line({message!r})\n"
+                "with argtypes.sigterm_as_interrupt():\n"
+                "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.stderr == message + "\n" and proc.returncode == -2
     failing = subprocess.run([sys.executable, "-c", "from pipeline import argtypes\n"
                               "argtypes.interrupts_in_one_line('x')\nraise ValueError('bad')"],
                              cwd=repo, capture_output=True, text=True, timeout=60)

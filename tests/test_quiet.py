@@ -115,3 +115,31 @@ def test_a_fatal_line_before_an_abort_and_a_closed_stderr(tmp_path):
     closed = subprocess.run(f"{sys.executable} -m model.train --help 2>&-", shell=True, cwd=REPO,
                             capture_output=False, stdout=subprocess.PIPE, text=True, timeout=120)
     assert closed.returncode == 0 and "--model-dir" in closed.stdout
+
+
+def test_a_ctrl_c_to_the_process_group_is_the_commands_alone(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, the filter process too: it
+    printed a KeyboardInterrupt traceback of its own beside the command's one-line message
+    (TensorFlow's import is seconds long, so a Ctrl-C at a command's start lands there)."""
+    import signal
+    import time
+
+    code = ("import os, sys\nfrom model import quiet\ntry:\n"
+            "    with quiet.native_notes_dropped():\n"
+            "        print('ready', flush=True)\n"
+            "        while True:\n"  # (TensorFlow's import writing its notes meanwhile)
+            "            os.write(2, quiet.NOISE[0].encode() + b'\\n')\n"
+            "except KeyboardInterrupt:\n    print('interrupted: one line', file=sys.stderr)\n"
+            "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        time.sleep(0.5)  # (the filter process is up: it started before the block)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and err == "interrupted: one line\n", err

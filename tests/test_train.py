@@ -460,6 +460,10 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     write_data(no_counts, 20, planted_users(10))
     with open(os.path.join(no_counts, "stats.json"), "w") as f:
         json.dump({"items": 20}, f)  # an edited or foreign stats.json
+    stats_folder = str(tmp_path / "stats_folder")  # a data file that cannot be read
+    write_data(stats_folder, 20, planted_users(10))
+    os.remove(os.path.join(stats_folder, "stats.json"))
+    os.mkdir(os.path.join(stats_folder, "stats.json"))
     not_utf8 = tmp_path / "latin1.json"
     not_utf8.write_bytes(b'{"train": "\xe9"}')
     exports, compared = tmp_path / "exports", tmp_path / "compared"  # (other commands' folders)
@@ -490,6 +494,9 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         (_args(data, run, str(tmp_path)), f"cannot read config file {tmp_path}: Is a directory"),
         (_args(data, run, str(not_utf8)), f"config file {not_utf8} is not valid JSON: 'utf-8'"),
         (_args(empty, run + "2", config_file), "the train split of " + empty + " has no events"),
+        # (said as "cannot write to RUN: Is a directory: DATA/stats.json" before)
+        (_args(stats_folder, run + "6", config_file),
+         f"error: cannot read {stats_folder}/stats.json: Is a directory"),
         (_args(damaged, run + "3", config_file, "--steps", "5"),
          f"cannot read the train split of {damaged}: truncated record"),
     ]
