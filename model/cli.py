@@ -80,8 +80,12 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         f"is ranked against the whole catalogue, {config_lib.EVAL_SCORES:,} "
                         f"event-item pairs at most, and at least {config_lib.EVAL_EVENTS_MIN:,} "
                         "events)")
-    p.add_argument("--checkpoint-every", type=int,
+    p.add_argument("--checkpoint-every", type=argtypes.positive_int,
                    help=f"steps between checkpoints (default {TRAIN.checkpoint_every})")
+    p.add_argument("--keep-checkpoints", type=argtypes.positive_int,
+                   help="periodic checkpoints kept, the newest (default "
+                        f"{TRAIN.keep_checkpoints}; each holds the weights and the optimizer's "
+                        "two slots: three times the weights; best/ holds the best weights apart)")
     head = p.add_mutually_exclusive_group()
     head.add_argument("--repeat-head", action="store_true",
                       help="hiertcn: mix in attention over the user's last items (RepeatNet-style; "

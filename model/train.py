@@ -120,6 +120,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
              "optimizer": args.optimizer, "seed": args.seed, "eval_every": args.eval_every,
              "eval_users": args.eval_users, "eval_events": args.eval_events,
              "checkpoint_every": args.checkpoint_every,
+             "keep_checkpoints": args.keep_checkpoints,
              "strategy": args.strategy, "patience": args.patience}
     train.update({k: v for k, v in flags.items() if v is not None})
     if args.epochs is not None:

@@ -720,3 +720,21 @@ def test_unknown_targets_note_names_the_threshold_only_where_it_can_help(
                            "recall@20 can reach 0.4000 at most; ")
     assert line.endswith("see the pipeline's --min-item-count)" if min_count > 1 else
                          "items that train never holds, --min-item-count is 1)")
+
+
+def test_keep_checkpoints_bounds_the_periodic_checkpoints_on_disk(data, config_file, tmp_path,
+                                                                  capsys):
+    """Each periodic checkpoint is three times the weights (Adam's two slots): on a large
+    catalogue users bound their number with `--keep-checkpoints N` (a config file was the
+    only way); the newest are kept and the run resumes from the last."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "8", "--eval-every", "0",
+                                "--checkpoint-every", "2", "--keep-checkpoints", "2")) == 0
+    names = sorted(f for f in os.listdir(os.path.join(run, "checkpoints")) if f.endswith(".index"))
+    assert names == ["ckpt-6.index", "ckpt-8.index"]
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["train"]["keep_checkpoints"] == 2
+    with pytest.raises(SystemExit) as exit_:
+        train_lib.main(_args(data, str(tmp_path / "x"), config_file, "--keep-checkpoints", "0"))
+    assert exit_.value.code == 2
+    assert "argument --keep-checkpoints: must be >= 1, got 0" in capsys.readouterr().err
