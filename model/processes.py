@@ -180,3 +180,23 @@ def survive_closed_output() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, _SurvivesClosedOutput):
             setattr(sys, name, _SurvivesClosedOutput(stream))
+
+
+def exit_now(status: int) -> None:
+    """Ends a command whose work is done and said, with `status`: the exit handlers run
+    (stop signals ignored meanwhile; they are bounded: the batch producer's stop waits a
+    few seconds at most), the output is flushed, and the interpreter's teardown is skipped.
+    In the teardown a Ctrl-C or SIGTERM turned a finished run's status into "killed by
+    SIGINT", and a tf.data thread that asks for the GIL there can hang the process for good,
+    where signals would then be ignored."""
+    import atexit
+
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # (a closed reader, a closed stream: nothing to keep)
+            pass
+    os._exit(status)

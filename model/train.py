@@ -30,6 +30,7 @@ if __name__ == "__main__":
     # a usage error, --help or a missing local data folder at once, before TensorFlow loads
     cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
     argtypes.interrupts_in_one_line(INTERRUPTED)
+    argtypes.sigterm_until_handled()  # (TensorFlow's import: seconds)
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import argparse
@@ -56,7 +57,7 @@ from model import losses
 from model import registry
 from model.atomic import write_json, write_text
 from model.keras_scorer import KerasScorer
-from pipeline import schema, storage
+from pipeline import argtypes, schema, storage
 
 EVALUATION_DUE = "evaluation_due_at"  # key of a checkpoint's position: see `save`
 # key of a checkpoint's position: the run's training up to it, over every process that
@@ -1053,6 +1054,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON
         "valid": valid, "best": best}
+    writer.flush()  # (the last evaluation's scalars: the command skips the teardown)
     write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
 
@@ -1154,18 +1156,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _interrupt_in_chain(error: BaseException) -> bool:
-    """Whether `error` was raised while a KeyboardInterrupt (Ctrl-C, or SIGTERM through
-    `_interrupt`) was being handled or caused it."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def _already_stopping(signum, frame):
     print("already stopping: the checkpoint is being written (SIGKILL stops without it)",
           file=sys.stderr)
@@ -1209,7 +1199,7 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
     except Exception as e:
         # a stop signal during the set-up, raised inside TensorFlow's Python calls, can come
         # out as another error (SystemError, ValueError) with the interrupt as its context
-        if not _interrupt_in_chain(e):
+        if not argtypes.interrupt_in_chain(e):
             raise
         print(INTERRUPTED, file=sys.stderr)
         return 130
@@ -1253,8 +1243,4 @@ def _main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     _status = main(restore_signals=False)
-    # the work is done and said: a stop signal during the interpreter's shutdown (TensorFlow's
-    # clean-up) must not turn a finished run's status into "killed by SIGINT"
-    for _stop in _STOP_SIGNALS:
-        signal.signal(_stop, signal.SIG_IGN)
-    sys.exit(_status)
+    processes.exit_now(_status)

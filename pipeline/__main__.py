@@ -448,12 +448,17 @@ def _to_utf8(path: str, source: str = "cp1252") -> str:
             + (" (Windows-1252 or Latin-1 text)" if source == "cp1252" else ""))
 
 
-def _utf16_like(line: bytes) -> bool:
-    """Whether `line` reads as UTF-16 text of mostly ASCII characters: a NUL byte in at
-    least a third of its bytes, nearly all of them at even offsets or nearly all at odd."""
-    odd = line[1::2].count(b"\x00")
-    even = line[0::2].count(b"\x00")
-    return len(line) >= 4 and 3 * (odd + even) >= len(line) and 10 * min(odd, even) <= odd + even
+def _decodes_as(lines: list[bytes], encodings: tuple[str, ...], width: int) -> bool:
+    """Whether the first lines, joined back as they were in the file, decode in one of
+    `encodings` to text: printable characters and white space (U+3000 too), not the NULs,
+    control characters and invalid sequences a binary file decodes to."""
+    data = b"\n".join(lines)
+    for encoding in encodings:
+        text = data[:len(data) // width * width].decode(encoding, "replace")
+        good = sum((c.isprintable() or c.isspace()) and c != "\ufffd" for c in text)
+        if text and good >= 0.95 * len(text):
+            return True
+    return False
 
 
 def _check_encoding(path: str, lines: list[bytes]) -> None:
@@ -463,14 +468,17 @@ def _check_encoding(path: str, lines: list[bytes]) -> None:
     to malformed/ as "bad UTF-8", after the whole run). A UTF-8 log with a damaged row or
     two among rows that decode goes on: those rows are malformed, the rest are read."""
     first = lines[0] if lines else b""
-    if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+    # NULs in a third of a line's bytes: UTF-16 or UTF-32 text (with or without a byte-order
+    # mark), else binary data (a compressed or executable file passed by mistake); a lone
+    # NUL in a UTF-8 row is that row's damage, not the file's encoding
+    nuls = any(len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines)
+    if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or (
+            nuls and _decodes_as(lines, ("utf-32-le", "utf-32-be"), 4)):
         raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32')}")
-    # UTF-16: a byte-order mark, or a NUL in every other byte of text (a lone NUL in a
-    # UTF-8 row is that row's damage, not the file's encoding); NULs without that rhythm
-    # are a binary file's (a compressed or executable file passed by mistake)
-    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or any(map(_utf16_like, lines)):
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+            nuls and _decodes_as(lines, ("utf-16-le", "utf-16-be"), 2)):
         raise UsageError(f"{path} is UTF-16; {_to_utf8(path, 'utf-16')}")
-    if any(len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines):
+    if nuls:
         raise UsageError(f"{path} is not a text file (NUL bytes in its first lines: binary "
                          "data): pass the log itself, as text (CSV, TSV, JSON lines), "
                          "Parquet or Avro")

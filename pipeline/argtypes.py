@@ -99,6 +99,28 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def interrupt_in_chain(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt (Ctrl-C, or SIGTERM turned into
+    one) was being handled, or was caused by one: a stop signal that lands inside a
+    TensorFlow call can come out as another error (a SystemError, a ValueError)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def sigterm_until_handled() -> None:
+    """SIGTERM as Ctrl-C from now until the command installs its own handling: in a
+    command's start-up (TensorFlow's import, seconds long) a scheduler's stop was a silent
+    exit where Ctrl-C says what it leaves behind (`interrupts_in_one_line`)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Within it, SIGTERM (a scheduler's stop, a preempted job) is Ctrl-C: a

@@ -123,6 +123,29 @@ def open_text(path: str, mode: str = "r"):
     return open(path, mode, encoding="utf-8", newline="")
 
 
+def _check_present(path: str) -> None:
+    """A DataError when a data folder's file is not there, or when this user may not look
+    (a folder above it it may not open: said as such, not as a missing file)."""
+    if is_remote(path):
+        if not file_exists(path):
+            raise DataError(f"{path} not found: is this a folder written by `python -m "
+                            "pipeline`?")
+        return
+    try:
+        os.stat(path)
+    except PermissionError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    except OSError:
+        raise DataError(f"{path} not found: is this a folder written by `python -m "
+                        "pipeline`?") from None
+
+
+def _through_file_system(call, path: str):
+    """`call(path)`; on a remote path TensorFlow's errors as one-line DataErrors (a remote
+    file opens lazily: its errors come at the first read)."""
+    return _remote(call, path) if is_remote(path) else call(path)
+
+
 def open_to_read(path: str):
     """`open_text(path)` of a data folder's file, a local file that cannot be opened (no
     permission to read it, a folder of that name) raised as a one-line DataError."""
@@ -159,8 +182,11 @@ def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
     path = data_dir_or_file
     if is_folder(path):
         path = os.path.join(path, ITEMS_FILE)
-    if not file_exists(path):
-        raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
+    _check_present(path)
+    return _through_file_system(_parse_vocabulary, path)
+
+
+def _parse_vocabulary(path: str) -> Vocabulary:
     ids, counts = [], []
     with open_to_read(path) as f:
         try:
@@ -197,11 +223,12 @@ def read_stats(data_dir: str) -> dict:
       DataError: the file is missing or is not a JSON object.
     """
     path = os.path.join(data_dir, STATS_FILE)
-    if not file_exists(path):
-        raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
+    _check_present(path)
     with open_to_read(path) as f:
         try:
-            stats = json.loads(f.read())
+            stats = json.loads(_through_file_system(lambda _: f.read(), path))
+        except DataError:  # (cannot be read: said as such)
+            raise
         except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
             raise DataError(f"{path} is not valid JSON ({e}): write the folder again with "
                             "`python -m pipeline`") from None
@@ -220,6 +247,13 @@ def shard_files(data_dir: str, split: str) -> list[str]:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     pattern = os.path.join(data_dir, split, "*" + SHARD_SUFFIX)
     files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(pattern))
+    if not files and not is_remote(pattern):
+        try:
+            os.listdir(os.path.join(data_dir, split))
+        except PermissionError as e:  # (glob finds nothing where it may not look)
+            raise DataError(f"cannot read {os.path.join(data_dir, split)}: {e.strerror}") from None
+        except OSError:
+            pass
     if not files:
         raise DataError(
             f"no {split} shards in {os.path.join(data_dir, split)}: "
@@ -521,7 +555,7 @@ def _read_or_explain(batches, data_dir: str, split: str):
         if isinstance(e, tf.errors.PermissionDeniedError):
             advice = "this user may not read it"
         elif isinstance(e, tf.errors.NotFoundError):
-            advice = "a file removed while it was read: copy the folder again"
+            advice = "a file removed while it was read: restore the folder or run the pipeline again"
         else:
             advice = "a damaged or truncated file: run the pipeline again"
         raise DataError(f"cannot read the {split} split of {data_dir}: {message} "

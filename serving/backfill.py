@@ -319,8 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ServingError, schema.DataError, BackfillError, ValueError) as e:
         hint = ("; pass a smaller --batch-users" if "batch size" in str(e) else "")
-        then = ("once the folder is mended (a rerun of the pipeline), the same command goes "
-                "on from there" if isinstance(e, schema.DataError) else
+        then = ("once the folder can be read whole (its permissions, a restored copy, a "
+                "rerun of the pipeline), the same command goes on from there"
+                if isinstance(e, schema.DataError) else
                 "the same command goes on from there")
         print(f"error: {e}{hint}"
               + (f" ({counts.users:,} users stored before it; {then})" if counts.users else ""),

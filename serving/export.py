@@ -28,7 +28,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     import sys
 
-    from model import quiet
+    from model import processes, quiet
     from pipeline import argtypes
     from serving import cli
 
@@ -38,6 +38,7 @@ if __name__ == "__main__":
         print(f"error: {_error}", file=sys.stderr)
         sys.exit(2)
     argtypes.interrupts_in_one_line("interrupted: no version was published")
+    argtypes.sigterm_until_handled()  # (TensorFlow's import: seconds)
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
 import contextlib
@@ -47,7 +48,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -63,7 +63,7 @@ except ImportError:  # Windows: abandoned temporaries are not removed
 import numpy as np
 import tensorflow as tf
 
-from pipeline import schema, storage
+from pipeline import argtypes, schema, storage
 from serving import cli, protos
 
 VOCAB_ASSET = "item_ids.txt"
@@ -495,6 +495,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         while True:
             try:
                 os.rename(out, final)
+                PUBLISHED.append(final)
                 _sync_dir(export_base)
                 break
             except OSError:
@@ -512,6 +513,10 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         if lock is not None:
             os.close(lock)
     return final
+
+
+# The versions this process has published (renamed into place), for what an interrupt says.
+PUBLISHED: list[str] = []
 
 
 def _sync_dir(path: str) -> None:
@@ -616,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    published_before = len(PUBLISHED)
     try:
         checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)
         step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint.rsplit("-", 1)[-1].isdigit() \
@@ -640,10 +646,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
         path = export_model(model, vocabulary, args.export_base, args.version, config, source,
                             collapse=False if args.keep_repeats else None)
+    except KeyboardInterrupt:
+        if len(PUBLISHED) == published_before:  # (the hook says "no version was published")
+            raise
+        print(f"interrupted after {PUBLISHED[-1]} was published: that version is complete",
+              file=sys.stderr)
+        return 130
     except ValueError as e:  # ExportError, RunError, ConfigError, DataError: user mistakes
+        if argtypes.interrupt_in_chain(e):  # a stop signal inside a TensorFlow call
+            raise KeyboardInterrupt from None
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, tf.errors.OpError) as e:  # a full disk, a folder we may not write
+        if argtypes.interrupt_in_chain(e):
+            raise KeyboardInterrupt from None
         reason = storage.storage_error(e)
         if reason is None and not isinstance(e, OSError):
             raise
@@ -661,7 +677,4 @@ if __name__ == "__main__":
     # and the same line says so (exit 130)
     with argtypes.sigterm_as_interrupt():
         _status = main()
-    # done and said: a stop signal during the interpreter's shutdown changes nothing now
-    for _stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_stop, signal.SIG_IGN)
-    sys.exit(_status)
+    processes.exit_now(_status)  # done and said: no teardown for a signal to land in

@@ -401,7 +401,7 @@ def test_a_data_file_that_cannot_be_read_is_a_read_error_in_one_line(full_data, 
     shard.rename(tmp_path / "shard")
     with pytest.raises(schema.DataError, match=re.escape(
             f"cannot read the test split of {folder}: ") + r".*\(a file removed while it was "
-            r"read: copy the folder again\)$"):
+            r"read: restore the folder or run the pipeline again\)$"):
         list(read())
     (tmp_path / "shard").rename(shard)
     # a shard this user may not read: root reads everything, so where the tests run as
@@ -419,6 +419,15 @@ def test_a_data_file_that_cannot_be_read_is_a_read_error_in_one_line(full_data, 
     assert res.stderr.splitlines() == [
         f"python -m model.evaluate: error: cannot read the test split of {folder}: {shard}; "
         "Permission denied (this user may not read it)"], res.stderr[-3000:]
+    shard.chmod(0o644)
+    (folder / "test").chmod(0)  # a split folder it may not list: not "no shards"
+    res = subprocess.run([*drop, sys.executable, "-m", "model.evaluate", "--data", str(folder),
+                          "--split", "test", "--model", "popularity", "--no-progress"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    (folder / "test").chmod(0o755)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        f"python -m model.evaluate: error: cannot read {folder}/test: Permission denied"], \
+        res.stderr[-3000:]
 
 
 def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_path):

@@ -243,6 +243,12 @@ def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_
             ("utf16le.csv", text.encode("utf-16-le"),  # no byte-order mark
              "utf16le.csv is UTF-16; the pipeline reads UTF-8"),
             ("utf16be.csv", text.encode("utf-16-be"), "utf16be.csv is UTF-16; the pipeline"),
+            # without a byte-order mark or an ASCII line: characters whose low byte is 0
+            # (一 U+4E00, the ideographic space U+3000) put NULs at both parities
+            ("cjk.tsv", "".join(f"{u}\t無印良品\u3000一台{k}\t{1000 * u + k}\n" for u in range(9)
+                                for k in range(3)).encode("utf-16-le"),
+             "cjk.tsv is UTF-16; the pipeline reads UTF-8"),
+            ("utf32le.csv", text.encode("utf-32-le"), "utf32le.csv is UTF-32; the pipeline"),
             # a binary file (little-endian integers: NULs, but not in every other byte) is
             # said to be one, not UTF-16
             ("events.csv", b"\x7fELF" + struct.pack("<400I", *range(400)),

@@ -35,6 +35,23 @@ def test_read_stats_rejects_damaged_files(tmp_path):
         (b"\xff", "is not valid JSON")])
 
 
+def test_a_file_that_cannot_be_read_is_a_data_error_local_or_remote(tmp_path):
+    """A data file that cannot be read (here a folder of its name) is a one-line DataError
+    naming it: locally at the open, and through TensorFlow's file systems (`file://`, as
+    gs:// goes), where a file opens lazily and the error came at the read as a TensorFlow
+    traceback. A missing one is "not found"."""
+    (tmp_path / schema.STATS_FILE).mkdir()
+    (tmp_path / schema.ITEMS_FILE).mkdir()
+    for folder, read, name in ((str(tmp_path), schema.read_stats, schema.STATS_FILE),
+                               (str(tmp_path), schema.read_vocabulary, schema.ITEMS_FILE),
+                               (f"file://{tmp_path}", schema.read_stats, schema.STATS_FILE)):
+        with pytest.raises(schema.DataError, match=f"^cannot read {folder}/{name}: .*"
+                                                   "(Is a directory|is a directory)"):
+            read(folder)
+    with pytest.raises(schema.DataError, match="not found: is this a folder written by"):
+        schema.read_stats(str(tmp_path / "missing"))
+
+
 def _each_is_a_data_error(read, path, cases):
     for content, match in cases:
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)

@@ -24,7 +24,7 @@ def run(*args: str, cwd: str) -> str:
     return done.stdout
 
 
-def test_two_sessions_through_the_served_model(tmp_path):
+def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     work = str(tmp_path)
     with open(os.path.join(work, "tiny.json"), "w", encoding="utf-8") as f:
         json.dump(TINY_RUN, f)
@@ -74,6 +74,27 @@ def test_two_sessions_through_the_served_model(tmp_path):
                                           "export already: nothing exported (--version N "
                                           "exports it again)")
     assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
+    # a stop (Ctrl-C, SIGTERM) right after the rename that publishes a version said "no
+    # version was published" beside a complete one
+    from serving import export as export_lib
+
+    real_sync = export_lib._sync_dir
+
+    def stopped_once_published(path):
+        real_sync(path)
+        if export_lib.PUBLISHED:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_lib, "PUBLISHED", [])
+    monkeypatch.setattr(export_lib, "_sync_dir", stopped_once_published)
+    stopped = os.path.join(work, "export_stopped")
+    assert export_lib.main(["--model-dir", os.path.join(work, "run"), "--export-base",
+                            stopped]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted after {stopped}/1 was published: that version is complete")
+    assert os.listdir(stopped) == ["1"] and os.path.isfile(
+        os.path.join(stopped, "1", "assets.extra", "export_config.json"))
+    monkeypatch.undo()
     # the same weights read with the sessions' immediate repeats (records not from the
     # pipeline): another export, which says so in its config
     run("serving.export", "--model-dir", "run", "--export-base", "export_keep", cwd=work)
