@@ -559,6 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from model import processes
+
     argtypes.interrupts_in_one_line("interrupted: no metrics were written (an earlier "
                                     "--output is as it was)")
-    sys.exit(main())
+    argtypes.sigterm_until_handled()
+    # (the metrics written and printed: a signal in the teardown changes nothing)
+    processes.exit_now(main())

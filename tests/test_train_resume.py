@@ -717,3 +717,40 @@ def test_a_stop_signal_inside_tensorflows_set_up_calls_is_the_one_line_interrupt
     monkeypatch.setattr(train_lib, "_main", failing)
     with pytest.raises(SystemError, match="a real one"):
         train_lib.main(_args(data, str(tmp_path / "run"), config_file))
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler of its own for `signum` (Linux's /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("command, message", [
+    ("model.train", train_lib.INTERRUPTED),
+    ("model.evaluate", "interrupted: no metrics were written (an earlier --output is as it "
+                       "was)")])
+def test_a_sigterm_during_the_start_up_says_the_interrupt_line(data, config_file, tmp_path,
+                                                               command, message):
+    """A scheduler's SIGTERM in a command's first seconds (TensorFlow's import) was a silent
+    exit where Ctrl-C says what it leaves behind; evaluate had no SIGTERM handling at all."""
+    args = (_args(data, str(tmp_path / "run"), config_file) if command == "model.train" else
+            ["--data", data, "--split", "test", "--model", "popularity", "--no-progress",
+             "--output", str(tmp_path / "m.json"), "--per-user-output", str(tmp_path / "u.npz")])
+    proc = subprocess.Popen([sys.executable, "-m", command, *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and not _catches(proc.pid, signal.SIGTERM):
+            assert time.monotonic() < deadline, "no SIGTERM handler within 60 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (-2, 130) and err.splitlines()[-1] == message, err[-3000:]
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "m.json")
+    assert [f for f in os.listdir(tmp_path) if f.startswith("u.npz")] == []
