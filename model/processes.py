@@ -191,6 +191,8 @@ def exit_now(status: int) -> None:
     where signals would then be ignored."""
     import atexit
 
+    if "tensorflow" not in sys.modules:  # (an early error: a teardown with nothing to fear)
+        sys.exit(status)
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
     atexit._run_exitfuncs()

@@ -124,7 +124,10 @@ def test_a_ctrl_c_to_the_process_group_is_the_commands_alone(tmp_path):
     import signal
     import time
 
-    code = ("import os, sys\nfrom model import quiet\ntry:\n"
+    # (Ctrl-C as a terminal's shell leaves it: pytest-xdist's workers start their children
+    # with SIGINT ignored, which the filter would inherit)
+    code = ("import os, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from model import quiet\ntry:\n"
             "    with quiet.native_notes_dropped():\n"
             "        print('ready', flush=True)\n"
             "        while True:\n"  # (TensorFlow's import writing its notes meanwhile)
