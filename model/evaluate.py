@@ -400,8 +400,11 @@ def _check_writable(path: str) -> None:
         pass
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: evaluate a trained run or a baseline; prints the metrics JSON."""
+def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
+    """Command line: evaluate a trained run or a baseline; prints the metrics JSON.
+    `command` (`python -m model.evaluate`): once the metrics are computed, Ctrl-C and
+    SIGTERM are ignored (the files are written in moments, and an interrupt then would
+    leave a half-replaced pair or say "no metrics were written" of written ones)."""
     from model import baselines
 
     parser = argtypes.Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0],
@@ -521,6 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                           per_user_output=per_user,
                           rule_out_current=args.rule_out_current,
                           rule_out_seen=args.rule_out_seen)
+        if command:
+            from model import processes
+
+            processes.ignore_stop_signals()
         if args.sample_users:
             result["sample"] = {"users": sample.users, "of_users": sample.all_users,
                                 "target_events": sample.events,
@@ -551,6 +558,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               + ("; the metrics are printed above" if result is not None else ""),
               file=sys.stderr)
         return 2 if where else 1
+    except Exception as e:
+        if argtypes.interrupt_in_chain(e):  # a stop signal inside a TensorFlow call
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if per_user and os.path.exists(per_user):  # (a failure before it was put in place)
             os.remove(per_user)
@@ -565,4 +576,4 @@ if __name__ == "__main__":
                                     "--output is as it was)")
     argtypes.sigterm_until_handled()
     # (the metrics written and printed: a signal in the teardown changes nothing)
-    processes.exit_now(main())
+    processes.exit_now(main(command=True))

@@ -182,23 +182,44 @@ def survive_closed_output() -> None:
             setattr(sys, name, _SurvivesClosedOutput(stream))
 
 
+def ignore_stop_signals() -> None:
+    """From here on this process ignores Ctrl-C and SIGTERM: a command's work is done (or
+    being made permanent), and an interrupt could only make what it says untrue (a
+    finished run said to be interrupted). Off the main thread, nothing."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+
+
 def exit_now(status: int) -> None:
     """Ends a command whose work is done and said, with `status`: the exit handlers run
     (stop signals ignored meanwhile; they are bounded: the batch producer's stop waits a
     few seconds at most), the output is flushed, and the interpreter's teardown is skipped.
     In the teardown a Ctrl-C or SIGTERM turned a finished run's status into "killed by
     SIGINT", and a tf.data thread that asks for the GIL there can hang the process for good,
-    where signals would then be ignored."""
+    where signals would then be ignored. An output that cannot be flushed (a full disk, not
+    a reader that is gone) is said, and the status is then at least 1."""
     import atexit
 
     if "tensorflow" not in sys.modules:  # (an early error: a teardown with nothing to fear)
         sys.exit(status)
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
+    ignore_stop_signals()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # (a descriptor closed at the start: `>&-`, `2>&-`)
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # (a closed reader, a closed stream: nothing to keep)
+        except ValueError:  # (closed)
             pass
+        except OSError as e:
+            if _gone(e):
+                continue
+            status = status or 1
+            try:
+                os.write(2, f"error: cannot write the output: {e.strerror or e}\n".encode())
+            except OSError:
+                pass
     os._exit(status)

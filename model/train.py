@@ -54,6 +54,7 @@ from model import batching
 from model import cli
 from model import config as config_lib
 from model import losses
+from model import processes
 from model import registry
 from model.atomic import write_json, write_text
 from model.keras_scorer import KerasScorer
@@ -1195,7 +1196,7 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
                                                _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
     try:
-        return _main(args)
+        return _main(args, command=not restore_signals)
     except Exception as e:
         # a stop signal during the set-up, raised inside TensorFlow's Python calls, can come
         # out as another error (SystemError, ValueError) with the interrupt as its context
@@ -1209,7 +1210,7 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
                 signal.signal(sig, handler)
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, command: bool = False) -> int:
     try:
         if os.path.exists(args.model_dir) and not os.path.isdir(args.model_dir):
             raise TrainingError(f"--model-dir {args.model_dir} is a file: pass a run folder "
@@ -1237,6 +1238,8 @@ def _main(args: argparse.Namespace) -> int:
                  "no checkpoint was complete, so any steps trained are lost: make room and "
                  "rerun the same command to start again"), file=sys.stderr)
         return 1
+    if command:  # done: a stop signal now would only say "interrupted" of a finished run
+        processes.ignore_stop_signals()
     print(json.dumps(summary))
     return 130 if summary.get("stopped_by") == "interrupted" else 0
 

@@ -448,17 +448,36 @@ def _to_utf8(path: str, source: str = "cp1252") -> str:
             + (" (Windows-1252 or Latin-1 text)" if source == "cp1252" else ""))
 
 
-def _decodes_as(lines: list[bytes], encodings: tuple[str, ...], width: int) -> bool:
-    """Whether the first lines, joined back as they were in the file, decode in one of
-    `encodings` to text: printable characters and white space (U+3000 too), not the NULs,
-    control characters and invalid sequences a binary file decodes to."""
+def _decodes_as(lines: list[bytes], width: int) -> bool:
+    """Whether the first lines read as UTF-16 (`width` 2) or UTF-32 (4) text of either byte
+    order: most of their 0x0A bytes (where they were split) are that encoding's line break
+    at a character boundary (a few can be a byte of another character: U+4E0A), and the
+    lines joined back decode to printable characters and white space (U+3000 too), not
+    the NULs, control characters and invalid sequences of a binary file or of a UTF-8 one
+    (pairs of ASCII bytes decode as UTF-16 CJK)."""
     data = b"\n".join(lines)
-    for encoding in encodings:
-        text = data[:len(data) // width * width].decode(encoding, "replace")
+    breaks = [m.start() for m in re.finditer(b"\n", data)]
+    pad = b"\x00" * (width - 1)
+    for order in ("le", "be"):
+        if order == "le":
+            aligned = sum(i % width == 0 and data[i + 1:i + width] == pad for i in breaks)
+        else:
+            aligned = sum(i % width == width - 1 and data[i - width + 1:i] == pad for i in breaks)
+        if breaks and 2 * aligned < len(breaks):
+            continue
+        text = data[:len(data) // width * width].decode(f"utf-{8 * width}-{order}", "replace")
         good = sum((c.isprintable() or c.isspace()) and c != "\ufffd" for c in text)
         if text and good >= 0.95 * len(text):
             return True
     return False
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _check_encoding(path: str, lines: list[bytes]) -> None:
@@ -472,11 +491,12 @@ def _check_encoding(path: str, lines: list[bytes]) -> None:
     # mark), else binary data (a compressed or executable file passed by mistake); a lone
     # NUL in a UTF-8 row is that row's damage, not the file's encoding
     nuls = any(len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines)
+    # (text of mostly CJK characters in UTF-16 has few NULs, but is not UTF-8 either)
+    wide = nuls or not all(map(_is_utf8, lines))
     if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or (
-            nuls and _decodes_as(lines, ("utf-32-le", "utf-32-be"), 4)):
+            wide and _decodes_as(lines, 4)):
         raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32')}")
-    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or (
-            nuls and _decodes_as(lines, ("utf-16-le", "utf-16-be"), 2)):
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or (wide and _decodes_as(lines, 2)):
         raise UsageError(f"{path} is UTF-16; {_to_utf8(path, 'utf-16')}")
     if nuls:
         raise UsageError(f"{path} is not a text file (NUL bytes in its first lines: binary "

@@ -124,20 +124,53 @@ def open_text(path: str, mode: str = "r"):
 
 
 def _check_present(path: str) -> None:
-    """A DataError when a data folder's file is not there, or when this user may not look
-    (a folder above it it may not open: said as such, not as a missing file)."""
+    """A DataError when a data folder's file is not there, is a folder, or when this user
+    may not look (a folder above it it may not open: said as such, not as a missing
+    file); on a remote path through TensorFlow's file systems."""
+    missing = DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
     if is_remote(path):
-        if not file_exists(path):
-            raise DataError(f"{path} not found: is this a folder written by `python -m "
-                            "pipeline`?")
+        import tensorflow as tf
+
+        def look(p):
+            try:
+                return _gfile().stat(p)
+            except tf.errors.NotFoundError:
+                return None
+
+        stat = _remote(look, path)
+        if stat is None:
+            raise missing
+        if stat.is_directory:
+            raise DataError(f"cannot read {path}: it is a folder")
         return
     try:
         os.stat(path)
     except PermissionError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     except OSError:
-        raise DataError(f"{path} not found: is this a folder written by `python -m "
-                        "pipeline`?") from None
+        raise missing from None
+
+
+def _check_listable(folder: str) -> None:
+    """A DataError when `folder` is there but this user may not list it (a glob then finds
+    nothing, which would be said as a folder without shards)."""
+    if is_remote(folder):
+        import tensorflow as tf
+
+        def listing(p):
+            try:
+                _gfile().listdir(p)
+            except tf.errors.NotFoundError:
+                pass
+
+        _remote(listing, folder)
+        return
+    try:
+        os.listdir(folder)
+    except PermissionError as e:
+        raise DataError(f"cannot read {folder}: {e.strerror}") from None
+    except OSError:
+        pass
 
 
 def _through_file_system(call, path: str):
@@ -247,14 +280,8 @@ def shard_files(data_dir: str, split: str) -> list[str]:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     pattern = os.path.join(data_dir, split, "*" + SHARD_SUFFIX)
     files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(pattern))
-    if not files and not is_remote(pattern):
-        try:
-            os.listdir(os.path.join(data_dir, split))
-        except PermissionError as e:  # (glob finds nothing where it may not look)
-            raise DataError(f"cannot read {os.path.join(data_dir, split)}: {e.strerror}") from None
-        except OSError:
-            pass
     if not files:
+        _check_listable(os.path.join(data_dir, split))
         raise DataError(
             f"no {split} shards in {os.path.join(data_dir, split)}: "
             "is this a folder written by `python -m pipeline`?")

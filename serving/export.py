@@ -28,7 +28,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     import sys
 
-    from model import processes, quiet
+    from model import quiet
     from pipeline import argtypes
     from serving import cli
 
@@ -48,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -63,6 +64,7 @@ except ImportError:  # Windows: abandoned temporaries are not removed
 import numpy as np
 import tensorflow as tf
 
+from model import processes
 from pipeline import argtypes, schema, storage
 from serving import cli, protos
 
@@ -494,8 +496,11 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
         while True:
             try:
-                os.rename(out, final)
-                PUBLISHED.append(final)
+                # a stop signal waits until the rename is recorded: what an interrupt says
+                # follows PUBLISHED
+                with _stop_signals_held():
+                    os.rename(out, final)
+                    PUBLISHED.append(final)
                 _sync_dir(export_base)
                 break
             except OSError:
@@ -513,6 +518,18 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         if lock is not None:
             os.close(lock)
     return final
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Ctrl-C and SIGTERM are held (blocked for this thread) within the block, delivered
+    after it."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 # The versions this process has published (renamed into place), for what an interrupt says.
@@ -612,8 +629,10 @@ def _set_version(config_file: str, version: int) -> None:
     _sync_dir(os.path.dirname(config_file))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
+    """CLI entry point; returns the exit status. `command` (`python -m serving.export`):
+    once the version is published, Ctrl-C and SIGTERM are ignored (nothing is left to
+    stop, and an interrupt then could only make what it says untrue)."""
     args = cli.export_args(argv)
     from model import registry  # the model package owns how a run folder is restored
 
@@ -646,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
         path = export_model(model, vocabulary, args.export_base, args.version, config, source,
                             collapse=False if args.keep_repeats else None)
+        if command:
+            processes.ignore_stop_signals()
     except KeyboardInterrupt:
         if len(PUBLISHED) == published_before:  # (the hook says "no version was published")
             raise
@@ -676,5 +697,5 @@ if __name__ == "__main__":
     # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: the temporary folder goes
     # and the same line says so (exit 130)
     with argtypes.sigterm_as_interrupt():
-        _status = main()
+        _status = main(command=True)
     processes.exit_now(_status)  # done and said: no teardown for a signal to land in

@@ -579,3 +579,53 @@ def test_a_split_without_a_position_to_score_says_its_zeros_are_no_score(tmp_pat
     assert ev.main(["--data", data, "--split", "valid", "--model", "popularity",
                     "--no-progress"]) == 0
     assert "no event at position >= 2" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_the_command_says_a_result_it_cannot_print_and_runs_with_its_output_closed(full_data,
+                                                                                   tmp_path):
+    """The command skips the interpreter's teardown once done: its last flush of stdout
+    must still say a full disk (`> metrics.json` on a full disk: exit 1 and one line, not
+    0 and nothing), and a closed stdout (`>&-`) is no error (the --output file holds the
+    metrics)."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = (f"{sys.executable} -m model.evaluate --data {full_data} --split test --model "
+           f"popularity --no-progress --output {tmp_path / 'm.json'}")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    full = subprocess.run(cmd + " > /dev/full", shell=True, cwd=repo, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert full.stderr.splitlines()[-1] == ("error: cannot write the output: No space left on "
+                                            "device"), full.stderr[-3000:]
+    closed = subprocess.run(cmd + " >&-", shell=True, cwd=repo, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert closed.returncode == 0 and closed.stderr == "", closed.stderr[-3000:]
+    assert json.loads((tmp_path / "m.json").read_text())["model"] == "popularity"
+
+
+def test_a_stop_signal_once_the_metrics_are_computed_changes_nothing(full_data, tmp_path):
+    """Once the metrics are computed the command writes its pair of files and prints them:
+    a SIGTERM then (here sent by the command to itself as it writes --output) was an
+    interrupt that could leave --output deleted beside this run's per-user file, or say
+    "no metrics were written" of written ones. It is ignored now: the run finishes."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import os, runpy, signal, sys\nfrom model import atomic\nreal = atomic.write_json\n"
+            "def stopped_while_writing(*args, **kwargs):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*args, **kwargs)\n"
+            "atomic.write_json = stopped_while_writing\n"
+            "sys.argv = ['model.evaluate', *sys.argv[1:]]\n"
+            "runpy.run_module('model.evaluate', run_name='__main__', alter_sys=True)\n")
+    out, users = tmp_path / "m.json", tmp_path / "u.npz"
+    res = subprocess.run([sys.executable, "-c", code, "--data", full_data, "--split", "test",
+                          "--model", "popularity", "--no-progress", "--output", str(out),
+                          "--per-user-output", str(users)], cwd=repo, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "interrupted" not in res.stderr, res.stderr[-3000:]
+    assert json.loads(out.read_text()) == json.loads(res.stdout)
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "u.npz"]

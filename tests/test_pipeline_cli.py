@@ -249,6 +249,14 @@ def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_
                                 for k in range(3)).encode("utf-16-le"),
              "cjk.tsv is UTF-16; the pipeline reads UTF-8"),
             ("utf32le.csv", text.encode("utf-32-le"), "utf32le.csv is UTF-32; the pipeline"),
+            # mostly CJK: no line is a third NULs, but none is UTF-8 either
+            ("names.tsv", "".join(f"{u}\t無印良品アロマディフューザー{k}\t{1000 * u + k}\n"
+                                  for u in range(9) for k in range(3)).encode("utf-16-le"),
+             "names.tsv is UTF-16; the pipeline reads UTF-8"),
+            # a UTF-8 log with a row of NULs (a crash's hole): pairs of ASCII bytes decode
+            # as printable UTF-16, but its line breaks are not UTF-16's
+            ("hole.csv", text.encode().replace(text.splitlines()[2].encode(), b"\x00" * 20, 1),
+             "hole.csv is not a text file (NUL bytes in its first lines: binary data)"),
             # a binary file (little-endian integers: NULs, but not in every other byte) is
             # said to be one, not UTF-16
             ("events.csv", b"\x7fELF" + struct.pack("<400I", *range(400)),

@@ -702,7 +702,7 @@ def test_a_stop_signal_inside_tensorflows_set_up_calls_is_the_one_line_interrupt
     """A SIGTERM during the set-up (tf.data, the first traces), raised inside a TensorFlow
     call, can come out as another error with the interrupt as its context (a SystemError,
     a ValueError): a 40-line traceback and exit 1 where a stop is one line and 130."""
-    def set_up(args):  # what such a signal leaves: not reproducible at will in a test
+    def set_up(args, command=False):  # what such a signal leaves: not reproducible at will
         try:
             raise KeyboardInterrupt("signal 15")
         except KeyboardInterrupt:
@@ -712,7 +712,7 @@ def test_a_stop_signal_inside_tensorflows_set_up_calls_is_the_one_line_interrupt
     assert train_lib.main(_args(data, str(tmp_path / "run"), config_file)) == 130
     assert capsys.readouterr().err == train_lib.INTERRUPTED + "\n"
 
-    def failing(args):  # any other error is not taken for an interrupt
+    def failing(args, command=False):  # any other error is not taken for an interrupt
         raise SystemError("a real one")
 
     monkeypatch.setattr(train_lib, "_main", failing)
