@@ -523,7 +523,10 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
 @contextlib.contextmanager
 def _stop_signals_held():
     """Ctrl-C and SIGTERM are held (blocked for this thread) within the block, delivered
-    after it."""
+    after it (where the platform has signal masks)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     stops = {signal.SIGINT, signal.SIGTERM}
     before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
