@@ -220,6 +220,7 @@ def read_vocabulary(data_dir_or_file: str) -> Vocabulary:
 
 
 def _parse_vocabulary(path: str) -> Vocabulary:
+    """`read_vocabulary`'s reading and checks of the file at `path`."""
     ids, counts = [], []
     with open_to_read(path) as f:
         try:
@@ -582,7 +583,8 @@ def _read_or_explain(batches, data_dir: str, split: str):
         if isinstance(e, tf.errors.PermissionDeniedError):
             advice = "this user may not read it"
         elif isinstance(e, tf.errors.NotFoundError):
-            advice = "a file removed while it was read: restore the folder or run the pipeline again"
+            advice = ("a file removed while it was read: restore the folder or run the "
+                      "pipeline again")
         else:
             advice = "a damaged or truncated file: run the pipeline again"
         raise DataError(f"cannot read the {split} split of {data_dir}: {message} "
