@@ -123,54 +123,37 @@ def open_text(path: str, mode: str = "r"):
     return open(path, mode, encoding="utf-8", newline="")
 
 
-def _check_present(path: str) -> None:
-    """A DataError when a data folder's file is not there, is a folder, or when this user
-    may not look (a folder above it it may not open: said as such, not as a missing
-    file); on a remote path through TensorFlow's file systems."""
-    missing = DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
+def _looked_up(path: str, remote_call, local_call):
+    """`remote_call(path)` on a remote path (TensorFlow's errors as one-line DataErrors),
+    else `local_call(path)`; None where the path is not there. A path this user may not
+    look at is a DataError, not a missing one."""
     if is_remote(path):
         import tensorflow as tf
 
-        def look(p):
+        def call(p):
             try:
-                return _gfile().stat(p)
+                return remote_call(p)
             except tf.errors.NotFoundError:
                 return None
 
-        stat = _remote(look, path)
-        if stat is None:
-            raise missing
-        if stat.is_directory:
-            raise DataError(f"cannot read {path}: it is a folder")
-        return
+        return _remote(call, path)
     try:
-        os.stat(path)
+        return local_call(path)
     except PermissionError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     except OSError:
-        raise missing from None
+        return None
 
 
-def _check_listable(folder: str) -> None:
-    """A DataError when `folder` is there but this user may not list it (a glob then finds
-    nothing, which would be said as a folder without shards)."""
-    if is_remote(folder):
-        import tensorflow as tf
-
-        def listing(p):
-            try:
-                _gfile().listdir(p)
-            except tf.errors.NotFoundError:
-                pass
-
-        _remote(listing, folder)
-        return
-    try:
-        os.listdir(folder)
-    except PermissionError as e:
-        raise DataError(f"cannot read {folder}: {e.strerror}") from None
-    except OSError:
-        pass
+def _check_present(path: str) -> None:
+    """A DataError when a data folder's file is not there, is a folder (said here where
+    remote: a remote file opens lazily), or when this user may not look (a folder above it
+    it may not open: said as such, not as a missing file)."""
+    stat = _looked_up(path, lambda p: _gfile().stat(p), os.stat)
+    if stat is None:
+        raise DataError(f"{path} not found: is this a folder written by `python -m pipeline`?")
+    if is_remote(path) and stat.is_directory:
+        raise DataError(f"cannot read {path}: it is a folder")
 
 
 def _through_file_system(call, path: str):
@@ -281,8 +264,8 @@ def shard_files(data_dir: str, split: str) -> list[str]:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     pattern = os.path.join(data_dir, split, "*" + SHARD_SUFFIX)
     files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(pattern))
-    if not files:
-        _check_listable(os.path.join(data_dir, split))
+    if not files:  # (a glob finds nothing where it may not look: said as such)
+        _looked_up(os.path.join(data_dir, split), lambda p: _gfile().listdir(p), os.listdir)
         raise DataError(
             f"no {split} shards in {os.path.join(data_dir, split)}: "
             "is this a folder written by `python -m pipeline`?")
