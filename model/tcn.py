@@ -19,7 +19,8 @@ user's part of a row is packed into its own sequence (left-aligned, right-padded
 causal convolutions never see another user or the padding). A session that the generator
 split into chunks continues without a separator (the cache remembers that the row's last
 slot ended inside a session). So while N >= receptive field - 1, training computes
-exactly the outputs that evaluation and serving compute. Data memory per batch:
+exactly the outputs that evaluation and serving compute (`model.train` refuses a smaller
+N: it would train on more history than evaluation keeps). Data memory per batch:
 B x (N + S (L + 1)) indices, against HierTCN's B x S x L indices + B x H floats.
 
 Not XLA-compilable (`--jit-compile`): the packing has data-dependent shapes.

@@ -135,6 +135,7 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     if config.train.steps == 0 and config.train.epochs == 0:
         config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
     _check_high_level_trains(config)
+    _check_tcn_history(config)
     return config
 
 
@@ -180,6 +181,21 @@ def _check_high_level_trains(config: config_lib.RunConfig) -> None:
             "state is carried between batches without gradient, so it learns only from a "
             f"batch that holds a session after an earlier one): use 2 or more, the more the "
             f"longer the sessions (the default is 10){ablation}")
+
+
+def _check_tcn_history(config: config_lib.RunConfig) -> None:
+    """The flat TCN trains over its cached last N tokens followed by the batch's slots, so
+    a position there sees up to receptive field - 1 tokens before it, while evaluation and
+    serving see the last N only: with N below that the model would be trained on more
+    history than it is evaluated with."""
+    model = config.model
+    if config.model_name == "tcn" and model.history_length < model.receptive_field - 1:
+        raise config_lib.ConfigError(
+            f"model.history_length {model.history_length} is below the flat TCN's receptive "
+            f"field - 1 ({model.receptive_field - 1}: kernel {model.kernel_size}, "
+            f"{len(model.channels)} blocks): training would see more history than "
+            f"evaluation and serving keep; raise history_length or use fewer or narrower "
+            f"blocks")
 
 
 # The command-line options that set a model config key (`resolve_config`): (the key, the

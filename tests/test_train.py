@@ -619,6 +619,27 @@ def test_tf_keras_bound_to_keras_3_before_the_import_is_refused():
             "TF_USE_LEGACY_KERAS=1) before tf.keras is first used" in res.stderr), res.stderr
 
 
+def test_a_flat_tcn_history_shorter_than_its_receptive_field_is_refused(data, tmp_path, capsys):
+    """The flat TCN trains over its cached last N tokens and then the batch, so a position
+    there sees receptive field - 1 tokens before it; evaluation keeps N: a shorter N would
+    train the model on more history than it is evaluated with."""
+    config = str(tmp_path / "tcn.json")
+    tcn = {"embedding_dim": 8, "channels": [8, 8, 8], "kernel_size": 2}  # receptive field 8
+    for n, code in ((6, 2), (7, 0)):
+        with open(config, "w") as f:
+            json.dump({"model_name": "tcn", "model": dict(tcn, history_length=n),
+                       "train": TINY["train"]}, f)
+        run = str(tmp_path / f"tcn-{n}")
+        assert train_lib.main(_args(data, run, config, "--steps", "1", "--eval-every", "0")) == code
+        err = capsys.readouterr().err.strip()
+        if code:
+            assert err == ("error: model.history_length 6 is below the flat TCN's receptive "
+                           "field - 1 (7: kernel 2, 3 blocks): training would see more history "
+                           "than evaluation and serving keep; raise history_length or use fewer "
+                           "or narrower blocks"), err
+            assert not os.path.exists(run)
+
+
 def test_one_session_per_row_is_refused_where_a_gru_over_sessions_would_not_train(
         data, config_file, tmp_path, capsys):
     """The state cache carries the high-level state between batches without gradient, so
