@@ -153,14 +153,27 @@ def _note_high_level_share(config: config_lib.RunConfig, users: batching.CachedU
                            data_dir: str) -> None:
     """Says when few slots train the GRU over sessions: sessions long against S x L leave
     few batches that hold a session after an earlier one's end (none at all where every
-    session takes exactly S slots). Only for a train split kept in memory (a larger one
-    is not read for it)."""
+    session takes exactly S slots), or few sessions after a user's first, whatever S (a
+    session log: the user column holds session ids). Only for a train split kept in
+    memory (a larger one is not read for it)."""
     tc = config.train
     events = schema.read_stats(data_dir)["splits"]["train"].get("events", 0)
     if not _has_high_level(config) or events > tc.cache_events:
         return
     share = users.high_level_share(tc.sessions_per_batch, tc.max_session_length)
-    if share is not None and share < HIGH_LEVEL_SHARE_NOTE:
+    if share is None or share >= HIGH_LEVEL_SHARE_NOTE:
+        return
+    # with every slot of a row in one batch: the chunks of the sessions after a user's first
+    ceiling = users.high_level_share(2 ** 62, tc.max_session_length)
+    if ceiling < HIGH_LEVEL_SHARE_NOTE:
+        print(f"note: about {ceiling:.1%} of the train split's session chunks belong to a "
+              f"session after an earlier one of the same user, the only ones the "
+              f"{config.model_name} GRU over sessions can learn from, whatever "
+              "--sessions-per-batch: most train events are in their user's first session (a "
+              "log whose user column holds session ids is a session log: gru4rec and sknn "
+              "suit it)",
+              file=sys.stderr)
+    else:
         print(f"note: about {share:.1%} of the train split's session chunks follow a session "
               f"end in their batch, the only ones the {config.model_name} GRU over sessions "
               f"learns from (S = {tc.sessions_per_batch} chunks of L = "

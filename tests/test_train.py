@@ -619,6 +619,26 @@ def test_tf_keras_bound_to_keras_3_before_the_import_is_refused():
             "TF_USE_LEGACY_KERAS=1) before tf.keras is first used" in res.stderr), res.stderr
 
 
+def test_a_log_of_one_session_users_is_named_as_such_not_as_long_sessions(
+        tmp_path, config_file, capsys):
+    """Where nearly every train event is in its user's first session (a session log, the
+    session id as the user) the GRU over sessions has nothing to learn whatever S: the note
+    says so, and does not send the user to a larger --sessions-per-batch."""
+    users = planted_users(40, sessions=1) + planted_users(1, sessions=2, seed=3)
+    data = write_data(str(tmp_path / "one"), 20, users,
+                      valid=[(0, u) for u in planted_users(4, sessions=1, seed=1)])
+    for s_per_batch in ("10", "40"):
+        assert train_lib.main(_args(data, str(tmp_path / f"r{s_per_batch}"), config_file,
+                                    "--sessions-per-batch", s_per_batch, "--steps", "1",
+                                    "--eval-every", "0")) == 0
+        err = capsys.readouterr().err
+        assert ("note: about 2.4% of the train split's session chunks belong to a session after "
+                "an earlier one of the same user, the only ones the hiertcn GRU over sessions "
+                "can learn from, whatever --sessions-per-batch: most train events are in their "
+                "user's first session") in err, err
+        assert "a larger --sessions-per-batch" not in err
+
+
 def test_a_flat_tcn_history_shorter_than_its_receptive_field_is_refused(data, tmp_path, capsys):
     """The flat TCN trains over its cached last N tokens and then the batch, so a position
     there sees receptive field - 1 tokens before it; evaluation keeps N: a shorter N would
