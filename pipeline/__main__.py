@@ -1152,18 +1152,20 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                             "items that train never holds (new items, or a time split after "
                             "a catalogue change)"))
     log_users = max(splits[name]["users"] for name in schema.SPLITS)
-    for name in schema.SPLITS[1:]:
+    for name in schema.SPLITS:
         events, users = splits[name]["events"], splits[name]["users"]
         heaviest = stats["max_user_events"][name]
         if log_users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
             who = stats.get("heaviest_user", {}).get(name)
             leave_out = (f"--exclude {shlex.quote(options.get('user_col', 'user') + '=' + who)}"
                          if who is not None and "," not in who else "--exclude COLUMN=ID")
+            effect = ("training learns mostly from that user's events"
+                      if name == "train" else
+                      "the metrics average over events, so that user decides them")
             lines.append(f"note: one user{f' ({who})' if who is not None else ''} holds "
                          f"{heaviest / events:.0%} of the {name} split's "
                          f"events ({heaviest:,} of {events:,}, {users:,} "
-                         f"user{'s' * (users != 1)}): the metrics "
-                         f"average over events, so that user decides them; a crawler? {leave_out} "
+                         f"user{'s' * (users != 1)}): {effect}; a crawler? {leave_out} "
                          "leaves a user out, --max-events-per-user N keeps each user's "
                          "N most recent events")
     train_users = splits["train"]["users"]

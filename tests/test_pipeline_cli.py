@@ -611,6 +611,29 @@ def test_a_crawler_that_would_decide_the_test_metrics_gets_a_note(tmp_path, caps
     assert stats["heaviest_user"]["test"] == "bot" and stats["heaviest_user"]["train"] == "u9"
 
 
+def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):
+    """A bot clicking all along the log holds most of the train events (not of valid or
+    test, where the users' own last sessions are): training would learn from it."""
+    day = 86_400
+    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
+            for k in range(3)]
+    rows += [f"bot,i{k % 9},{600 * k}" for k in range(1200)]  # one session over 8 days
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    train = stats["splits"]["train"]
+    assert stats["heaviest_user"]["train"] == "bot"
+    bot = stats["max_user_events"]["train"]
+    assert bot > train["events"] / 2
+    err = capsys.readouterr().err
+    assert (f"note: one user (bot) holds {bot / train['events']:.0%} of the train split's "
+            f"events ({bot:,} of {train['events']:,}, {train['users']:,} users): training "
+            "learns mostly from that user's events; a crawler? --exclude user=bot leaves a "
+            "user out") in err, err
+
+
 def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, capsys):
     """The note looks at the log's size, not the split's: a crawler active after everyone
     else is the only user of valid and test (100% of their events), in a log of 41 users."""
