@@ -1143,7 +1143,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      f"collapsing immediate repeats) and were dropped: {how}")
     for name in schema.SPLITS[1:]:
         events, unknown = splits[name]["events"], stats["unknown_target_events"][name]
-        if events and unknown > UNKNOWN_NOTE_SHARE * events:
+        if events and unknown > UNKNOWN_NOTE_SHARE * events and splits["train"]["events"]:
+            # (an empty train split has its own warning below: no item is known)
             count = options.get("min_item_count", 5)
             lines.append(f"note: {unknown:,} of the {name} split's {events:,} events are items "
                          "outside the vocabulary, misses for every model: "
