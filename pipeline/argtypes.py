@@ -60,7 +60,7 @@ positive_int = number(int, 1)
 non_negative_int = number(int, 0)
 positive_float = number(float, 0.0, strict=True)
 port = number(int, 0, high=65535)  # 0: any free port
-count_int32 = number(int, 0, high=2**31 - 1)  # a count that goes into an int32 tensor
+top_k = number(int, 1, high=2**31 - 1)  # how many items: into an int32 tensor, none is no answer
 message_mb = number(int, 1, high=2047)  # gRPC's message size limit is an int of bytes
 
 

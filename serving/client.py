@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     given.add_argument("--items", default="", help="the current session so far: a,b,c")
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
-    rec.add_argument("-k", type=argtypes.count_int32, default=10, help="how many items")
+    rec.add_argument("-k", type=argtypes.top_k, default=10, help="how many items")
     rec.add_argument("--keep-last", action="store_true",
                      help="keep the session's last item in the answer (left out by default: "
                           "the pipeline collapses immediate repeats, so it is never the next "

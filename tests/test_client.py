@@ -368,9 +368,9 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["recommend", "--user", "ann", "-k", "-1"], "-k: must be from 0 to 2147483647, got -1"),
+    (["recommend", "--user", "ann", "-k", "0"], "-k: must be from 1 to 2147483647, got 0"),
     (["recommend", "--user", "ann", "-k", "3000000000"],
-     "-k: must be from 0 to 2147483647, got 3000000000"),
+     "-k: must be from 1 to 2147483647, got 3000000000"),
     (["--session-width", "0", "end-session", "--user", "ann", "--items", "a"],
      "--session-width: must be >= 1, got 0"),
     (["--history-width", "-1", "recommend", "--user", "ann"],
