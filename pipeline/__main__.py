@@ -42,6 +42,11 @@ UNKNOWN_NOTE_SHARE = 0.25
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
 MALFORMED_NOTE_SHARE = 0.1
+# stats.json's malformed_reasons: this many kinds of reason, the rest summed under OTHER_KINDS
+MALFORMED_KINDS = 20
+OTHER_KINDS = "(other reasons)"
+# the malformed-rows note names this many of them
+MALFORMED_NOTE_KINDS = 3
 # The first bytes of a compressed file or an archive, and what it is: a file whose name
 # does not end in its compression's extension is read as text (`sources`).
 COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic, what, advice in (
@@ -992,6 +997,16 @@ def _nest(flat: dict) -> tuple[dict, dict]:
     return dict(sorted(filtered.items())), splits
 
 
+def _most_first(counts: dict[str, int], keep: int) -> dict[str, int]:
+    """The `keep` largest counts, largest first (ties by key), the rest summed under
+    OTHER_KINDS."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = dict(ranked[:keep])
+    if len(ranked) > keep:
+        out[OTHER_KINDS] = sum(n for _, n in ranked[keep:])
+    return out
+
+
 def _read_single(path: str):
     return json.loads(outputs.read_text(path))
 
@@ -1005,8 +1020,8 @@ def run(args, output: str, files, config, options) -> dict:
     import apache_beam as beam
 
     from pipeline import beam_fixes, sources
-    from pipeline.transforms import (HEAVIEST_PREFIX, LONGEST_PREFIX, MAX_PREFIX,
-                                     UNKNOWN_PREFIX, SessionRecords)
+    from pipeline.transforms import (HEAVIEST_PREFIX, LONGEST_PREFIX, MALFORMED_PREFIX,
+                                     MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     try:
@@ -1068,6 +1083,10 @@ def run(args, output: str, files, config, options) -> dict:
         # valid and test events whose item is outside the vocabulary: misses for any model
         stats["unknown_target_events"] = {name: counts.get(UNKNOWN_PREFIX + name, 0)
                                           for name in schema.SPLITS[1:]}
+        # the malformed rows by kind of reason, most first (malformed/ holds each row)
+        stats["malformed_reasons"] = _most_first(
+            {k[len(MALFORMED_PREFIX):]: n for k, n in counts.items()
+             if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
         outputs.remove(work)
@@ -1117,9 +1136,15 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      "whole as its history, events after its own start included; time gaps "
                      "(--session-gap) have no such overlap")
     if stats["rows_read"] and stats["rows_malformed"] > MALFORMED_NOTE_SHARE * stats["rows_read"]:
+        kinds = list(stats.get("malformed_reasons", {}).items())
+        most = ", ".join(f"{kind} ({n:,})" for kind, n in kinds[:MALFORMED_NOTE_KINDS])
+        anonymous = bool(kinds) and kinds[0][0].startswith(("empty user", "missing user"))
         lines.append(f"note: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows read "
-                     f"({stats['rows_malformed'] / stats['rows_read']:.0%}) are malformed: "
-                     f"{schema.MALFORMED_DIR}/ under {output} holds each with its reason")
+                     f"({stats['rows_malformed'] / stats['rows_read']:.0%}) are malformed"
+                     + (f", most for: {most}" if most else "")
+                     + ("; a log of mostly anonymous sessions can take its session id column "
+                        "as --user-col (a session log)" if anonymous else "")
+                     + f": {schema.MALFORMED_DIR}/ under {output} holds each with its reason")
     # the events that reached the sessions (not malformed, not left out by --filter, not
     # copies or past the per-user cap)
     sessionized = (stats["rows_read"] - stats["rows_malformed"] - dropped.get(transforms.FILTER, 0)

@@ -431,6 +431,30 @@ def _event(user, item, t, session, fmt: RowFormat, check_range: bool) -> tuple:
     return (user, item, ms, session) if fmt.session_col else (user, item, ms)
 
 
+# a Python repr of a row's value in a reason (`value!r`; a bytes one too), and a JSON
+# decoding error's position: what `reason_kind` leaves out
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+_JSON_POSITION = re.compile(r":? line \d+ column \d+ \(char \d+\)")
+_MAX_KIND = 120
+
+
+# a time's value that is not text (a number, None, a Decimal: `{value!r}` unquoted), and an
+# id's value of another type (a list, an object)
+_TIME_VALUE = re.compile(r"\btime (?!…)\S+")
+_ID_VALUE = re.compile(r"^(\w+) .+ (is not a string or number)$")
+
+
+def reason_kind(reason: str) -> str:
+    """A malformed row's reason without the row's own values (each value as `…`, a JSON
+    error's position left out), so that rows rejected for the same cause count together,
+    whatever the value and whether it was text or a number: `missing user ('NA', a
+    missing-value marker)` → `missing user (…, a missing-value marker)`, `negative time
+    -3` and `negative time '-3'` → `negative time …`."""
+    kind = _JSON_POSITION.sub("", _QUOTED.sub("…", reason))
+    kind = _ID_VALUE.sub(r"\1 … \2", _TIME_VALUE.sub("time …", kind))
+    return kind[:_MAX_KIND]
+
+
 def malformed_record(source: str, line: int, reason: str, raw: str) -> dict:
     """The dead-letter JSON object of a rejected row (raw text truncated to 1000 chars)."""
     return {"source": source, "line": line, "reason": reason, "raw": raw[:_MAX_RAW]}

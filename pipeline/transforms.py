@@ -39,6 +39,8 @@ HEAVIEST_PREFIX = "heaviest_user/"
 # stats key prefix of a split's target events that are items outside the vocabulary
 UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
+# stats key prefix of the malformed rows of one kind of reason (`parse.reason_kind`)
+MALFORMED_PREFIX = "malformed_reasons/"
 # rows_filtered reason of the rows that --filter leaves out
 FILTER = "filter"
 NEWLINES = "newlines"
@@ -143,6 +145,8 @@ class _ParseRanges(beam.DoFn):
         if block.filtered:
             counts[f"rows_filtered/{FILTER}"] = block.filtered
         _count("parse", counts)
+        kinds = collections.Counter(parse.reason_kind(reason) for _, reason, _ in block.malformed)
+        counts.update((MALFORMED_PREFIX + kind, n) for kind, n in kinds.items())
         yield pvalue.TaggedOutput(STATS, counts)
         yield from block.by_user.items()
 

@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m pipeline` on real and corrupted logs."""
 import bz2
+import collections
 import gzip
 import json
 import os
@@ -1365,6 +1366,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
     check_output(str(out))
 
 
+# `_events_with_bad_rows`' malformed rows by kind of reason, but for the missing user
+MALFORMED_KINDS = {"empty item": 1, "item id … is reserved (items.tsv rows 0 and 1)": 1,
+                   "negative time …": 1}
+
+
 def _events_with_bad_rows():
     """(user, item, unix seconds) rows of 9 users, with 4 bad ones among them: a missing
     user, an empty item, a reserved item id and a negative time."""
@@ -1426,6 +1432,11 @@ def test_parquet_gives_the_csv_logs_output(tmp_path):
     for s in stats.values():
         del s["options"]["input"], s["options"]["output"], s["options"]["format"]
         del s["options"]["header"]
+    # the same kinds of reason but for the missing user, a null here and text there
+    assert stats["csv"].pop("malformed_reasons") == dict(MALFORMED_KINDS, **{
+        "missing user (…, a missing-value marker)": 1})
+    assert stats["parquet"].pop("malformed_reasons") == dict(MALFORMED_KINDS, **{
+        "missing user (null)": 1})
     assert stats["csv"] == stats["parquet"] and stats["csv"]["rows_malformed"] == 4
     assert stats["parquet"]["rows_read"] == 600
     assert _records(str(outs["csv"])) == _records(str(outs["parquet"])) == _records(
@@ -1663,6 +1674,9 @@ def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
     for s in stats:
         for key in ("input", "output", "format", "header"):
             del s["options"][key]
+    assert stats[1].pop("malformed_reasons") == dict(MALFORMED_KINDS, **{
+        "missing user (null)": 1})
+    del stats[0]["malformed_reasons"]  # ('NULL', a missing-value marker)
     assert stats[0] == stats[1] and stats[1]["rows_read"] == 600
     assert _records(str(tmp_path / "csv")) == _records(str(tmp_path / "avro"))
     bad = _malformed(tmp_path / "avro")
@@ -1784,6 +1798,48 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
     assert stats["cutoffs"]["t_valid"] == stats["cutoffs"]["t_test"]
     assert stats["splits"]["valid"]["events"] == 0 and stats["splits"]["test"]["events"] > 0
     assert ("warning: the valid split is empty (cut-offs " in capsys.readouterr().err)
+
+
+def test_malformed_rows_are_counted_by_kind_of_reason_and_the_note_names_the_most(
+        tmp_path, capsys):
+    """A Diginetica-like log (`;`, most users anonymous: `NA` or empty) with a few bad
+    times: stats.json counts the malformed rows by reason without the rows' own values, and
+    the note names the commonest, with the session id as the user for such a log."""
+    rows = [f"s{k // 4};{'NA' if k % 3 else ''};i{k % 7};{1000 + 60 * k}" for k in range(600)]
+    rows += [f"s{k // 4};u{k % 25};i{k % 7};{1000 + 60 * k}" for k in range(600, 700)]
+    rows += [f"s0;u1;i1;-{k}" for k in range(5, 8)] + ["s0;u1;i1;soon"]
+    log = tmp_path / "views.csv"
+    log.write_text("sessionId;userId;itemId;timeframe\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--delimiter", ";",
+                     "--user-col", "userId", "--item-col", "itemId", "--time-col", "timeframe",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["rows_malformed"] == 604
+    assert stats["malformed_reasons"] == {
+        "missing user (…, a missing-value marker)": 400, "empty user": 200,
+        "negative time …": 3, "unparseable time … (--time-unit s)": 1}
+    assert list(stats["malformed_reasons"])[0].startswith("missing user")  # most first
+    err = capsys.readouterr().err
+    assert ("note: 604 of the 704 rows read (86%) are malformed, most for: missing user (…, a "
+            "missing-value marker) (400), empty user (200), negative time … (3); a log of "
+            "mostly anonymous sessions can take its session id column as --user-col (a "
+            f"session log): malformed/ under {out} holds each with its reason") in err, err
+    # the dead letters keep each row's own reason
+    reasons = collections.Counter()
+    for name in os.listdir(out / "malformed"):
+        with open(out / "malformed" / name, encoding="utf-8") as f:
+            reasons.update(json.loads(line)["reason"] for line in f)
+    assert reasons["missing user ('NA', a missing-value marker)"] == 400
+    assert reasons["negative time '-5'"] == 1
+
+
+def test_malformed_reasons_keep_the_commonest_kinds():
+    counts = {f"kind{k:02d}": 100 - k for k in range(25)}
+    kept = cli._most_first(counts, 20)
+    assert list(kept)[:20] == [f"kind{k:02d}" for k in range(20)]
+    assert kept["(other reasons)"] == sum(100 - k for k in range(20, 25))
+    assert cli._most_first({"b": 2, "a": 2, "c": 3}, 20) == {"c": 3, "a": 2, "b": 2}
 
 
 def test_notes_on_a_finished_runs_counts(tmp_path):

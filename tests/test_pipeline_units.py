@@ -826,3 +826,24 @@ def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
         {"max_user_events/test": 7, "heaviest_user/test": (7, "c"), "heaviest_user/train": (1, "z")}])
     assert merged == {"rows_read": 5, "max_user_events/test": 7, "heaviest_user/test": (7, "c"),
                       "heaviest_user/train": (1, "z")}
+
+
+@pytest.mark.parametrize("reason, kind", [
+    ("missing user ('NA', a missing-value marker)", "missing user (…, a missing-value marker)"),
+    ("negative time '-3'", "negative time …"),  # CSV text
+    ("negative time -3", "negative time …"),  # a Parquet or JSON number
+    ("time inf is not finite", "time … is not finite"),
+    ("time Decimal('NaN') is not finite", "time … is not finite"),
+    ("unparseable time '2021-13-01' (--time-unit iso)", "unparseable time … (--time-unit iso)"),
+    ("time 100000000000000 is past 10^11 unix seconds, the year 5138 (--time-unit s)",
+     "time … is past 10^11 unix seconds, the year 5138 (--time-unit s)"),
+    ("bad JSON: Expecting ',' delimiter: line 1 column 57 (char 56)",
+     "bad JSON: Expecting … delimiter"),
+    ("user [1, 2] is not a string or number", "user … is not a string or number"),
+    ("item b'\\xff\\xfe' is not UTF-8", "item … is not UTF-8"),
+    ("item 'it\\'s' has a line break", "item … has a line break"),
+    ("wrong column count: expected 3, got 1", "wrong column count: expected 3, got 1"),
+    ("empty user", "empty user"),
+])
+def test_reason_kind_leaves_out_the_rows_own_values(reason, kind):
+    assert parse.reason_kind(reason) == kind
