@@ -220,6 +220,12 @@ class UserPop(BlockScorer):
         return push_history(state, _known(sessions))
 
 
+# V-SKNN's defaults (Ludewig & Jannach's): neighbours, and the most recent sessions sharing
+# an item they are drawn from
+SKNN_K = 100
+SKNN_SAMPLE_SIZE = 500
+
+
 class SessionKNN(BlockScorer):
     """`sknn`: V-SKNN (Ludewig & Jannach 2018, "Evaluation of session-based recommendation
     algorithms") as that paper defines it. Their session-rec `VMContextKNN` (with
@@ -262,8 +268,8 @@ class SessionKNN(BlockScorer):
 
     name = "sknn"
 
-    def __init__(self, sessions: sp.csr_matrix, counts: np.ndarray, k: int = 100,
-                 sample_size: int = 500, remind: bool = True):
+    def __init__(self, sessions: sp.csr_matrix, counts: np.ndarray, k: int = SKNN_K,
+                 sample_size: int = SKNN_SAMPLE_SIZE, remind: bool = True):
         """Args:
           sessions: [past sessions, V] binary item matrix, rows oldest to newest.
           counts: int [V] train event counts.
@@ -285,7 +291,7 @@ class SessionKNN(BlockScorer):
         self.k, self.sample_size = k, sample_size
 
     @classmethod
-    def fit(cls, data_dir: str, k: int = 100, sample_size: int = 500,
+    def fit(cls, data_dir: str, k: int = SKNN_K, sample_size: int = SKNN_SAMPLE_SIZE,
             remind: bool = True) -> "SessionKNN":
         """Reads the train sessions, ordered by the time of their last event."""
         vocab = schema.read_vocabulary(data_dir)
@@ -403,18 +409,19 @@ _CLASSES = {"popularity": Popularity, "sknn": SessionKNN, "spop": SessionPop,
             "upop": UserPop, "mv": MovingAverage}
 
 
-def fit(name: str, data_dir: str, remind: bool = True) -> Scorer:
-    """Fits the baseline `name` (one of NAMES) on the train split of `data_dir`; `remind`
-    is sknn's (`SessionKNN`).
+def fit(name: str, data_dir: str, remind: bool = True, k: int = SKNN_K,
+        sample_size: int = SKNN_SAMPLE_SIZE) -> Scorer:
+    """Fits the baseline `name` (one of NAMES) on the train split of `data_dir`; `remind`,
+    `k` and `sample_size` are sknn's (`SessionKNN`).
 
     Raises:
-      ValueError: unknown name, or remind=False for another baseline than sknn.
+      ValueError: unknown name, or an sknn option for another baseline.
       schema.DataError: the folder is not a pipeline output.
     """
     if name not in _CLASSES:
         raise ValueError(f"unknown baseline {name!r}: choose one of {', '.join(NAMES)}")
     if name == "sknn":
-        return SessionKNN.fit(data_dir, remind=remind)
-    if not remind:
-        raise ValueError(f"remind=False is an option of sknn, not of {name}")
+        return SessionKNN.fit(data_dir, k=k, sample_size=sample_size, remind=remind)
+    if not remind or k != SKNN_K or sample_size != SKNN_SAMPLE_SIZE:
+        raise ValueError(f"remind, k and sample_size are options of sknn, not of {name}")
     return _CLASSES[name].fit(data_dir)

@@ -424,6 +424,13 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                         help="with --model sknn: the session's own items get no neighbour "
                              "score (session-rec's remind=False), for logs where an item is "
                              "consumed once; choose it on --split valid")
+    parser.add_argument("--neighbours", type=argtypes.positive_int, metavar="K",
+                        help=f"with --model sknn: neighbour sessions per prediction (default "
+                             f"{baselines.SKNN_K}); choose it on --split valid")
+    parser.add_argument("--sample-size", type=argtypes.positive_int, metavar="N",
+                        help=f"with --model sknn: the neighbours are drawn from the N most "
+                             f"recent train sessions sharing an item with the session so far "
+                             f"(default {baselines.SKNN_SAMPLE_SIZE})")
     parser.add_argument("--checkpoint", choices=("best", "latest"),
                         help="with --model-dir: the best-on-valid weights (the latest when the "
                              "run never evaluated on valid; the default) or the latest")
@@ -456,8 +463,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     if args.checkpoint and args.model:
         parser.error(f"--checkpoint applies to --model-dir, not to a baseline (--model "
                      f"{args.model} is fitted here)")
-    if not args.remind and args.model != "sknn":
-        parser.error("--no-remind is an option of --model sknn")
+    for given, option in ((not args.remind, "--no-remind"), (args.neighbours, "--neighbours"),
+                          (args.sample_size, "--sample-size")):
+        if given and args.model != "sknn":
+            parser.error(f"{option} is an option of --model sknn")
     if args.sample_users and args.max_users:
         parser.error("pass one of --sample-users and --max-users")
     if args.rule_out_seen and args.rule_out_current:
@@ -505,7 +514,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             if note:
                 print(note, file=sys.stderr)
         else:
-            scorer = baselines.fit(args.model, args.data, remind=args.remind)
+            sknn = ({"k": args.neighbours or baselines.SKNN_K,
+                     "sample_size": args.sample_size or baselines.SKNN_SAMPLE_SIZE}
+                    if args.model == "sknn" else {})
+            scorer = baselines.fit(args.model, args.data, remind=args.remind, **sknn)
         # the per-user sums go to a name of their own until the evaluation is done: a
         # failed or killed evaluation leaves the earlier pair as it was
         per_user = (None if not args.per_user_output else

@@ -1,4 +1,6 @@
 """model.baselines on hand-made sessions: hand-computed neighbours, scores and rankings."""
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -163,11 +165,16 @@ def test_sknn_without_remind_equals_its_definition_in_blocks_of_any_width(width)
             np.testing.assert_allclose(scores[r, t] - knn.pop, want, atol=1e-3)
 
 
-def test_remind_is_an_option_of_sknn_only(knn_data):
-    with pytest.raises(ValueError, match="option of sknn"):
+def test_remind_is_an_option_of_sknn_only(knn_data, capsys):
+    with pytest.raises(ValueError, match="options? of sknn"):
         baselines.fit("upop", knn_data, remind=False)
-    with pytest.raises(SystemExit):
-        ev.main(["--data", knn_data, "--split", "valid", "--model", "upop", "--no-remind"])
+    with pytest.raises(ValueError, match="options? of sknn"):
+        baselines.fit("upop", knn_data, k=5)
+    for option, value in (("--no-remind", ()), ("--neighbours", ("5",)),
+                          ("--sample-size", ("5",))):
+        with pytest.raises(SystemExit):
+            ev.main(["--data", knn_data, "--split", "valid", "--model", "upop", option, *value])
+        assert f"error: {option} is an option of --model sknn" in capsys.readouterr().err
 
 
 def test_rule_out_seen_and_rule_out_current_are_one_or_the_other(knn_data, capsys):
@@ -258,6 +265,24 @@ def small_data(tmp_path_factory):
     test = {"a": ([[5, 6], [7, 8], [2, 3, 4], [9, 10]], [[2, 3, 5]]), "b": ([[2, 3]], [[4, 5, 4, 2]])}
     return write_data(tmp_path_factory.mktemp("small"), {"train": train, "test": test}, vocab_size=V,
                       counts=list(COUNTS))
+
+
+def test_sknn_neighbours_and_sample_size_from_the_command_line(small_data, tmp_path):
+    """`model.evaluate --model sknn --neighbours K --sample-size N` is V-SKNN with those k
+    and sample size (so that they can be chosen on valid): the metrics of SessionKNN(k=1,
+    sample_size=1), which differ from the defaults' here."""
+    got = {}
+    for name, extra in (("small", ["--neighbours", "1", "--sample-size", "1"]), ("default", [])):
+        out = tmp_path / f"{name}.json"
+        assert ev.main(["--data", small_data, "--split", "test", "--model", "sknn",
+                        "--output", str(out), "--no-progress", *extra]) == 0
+        got[name] = json.loads(out.read_text())
+    want = ev.evaluate(baselines.SessionKNN.fit(small_data, k=1, sample_size=1), small_data, "test",
+                       progress=False)
+    for key in ("recall@5", "mrr@5", "mrr@20"):
+        assert got["small"][key] == pytest.approx(want[key])
+    assert any(got["small"][key] != pytest.approx(got["default"][key])
+               for key in ("recall@5", "mrr@5", "mrr@20"))
 
 
 def test_popularity_end_to_end_hand_computed(small_data):
