@@ -180,9 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              "--output", path], capture=True)
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
-        print(f"  {name:<11} Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f}  "
-              f"(first item of a session: Recall@20 {m['first_item']['recall@20']:.4f}; "
-              f"{m['events']} scored events)")
+        print(f"  {name:<11} Recall@20 {m['recall@20']:.4f}  MRR@20 {m['mrr@20']:.4f} over "
+              f"{m['events']:,} next items in sessions; first items of "
+              f"{m['first_item']['events']:,} sessions: Recall@20 "
+              f"{m['first_item']['recall@20']:.4f}")
 
     say("5/7 Exporting a SavedModel for TensorFlow Serving (signatures update_state, "
         "next_items, user_embedding, known_items)")
