@@ -49,6 +49,9 @@ RECORD = "compare_run.json"
 SUMMARY = "train_summary.json"  # model.train's, written when a run ends (finished or stopped)
 # stats.json options that do not change the data written (where and how the pipeline ran)
 NOT_DATA = ("input", "output", "runner", "beam_logs")
+# stats.json keys that describe the input's rejected rows, not the data written (added
+# in a later version: a folder rebuilt with it is the same data)
+NOT_DATA_STATS = ("malformed_reasons",)
 
 
 class CompareError(ValueError):
@@ -441,6 +444,8 @@ def data_fingerprint(data: str) -> str:
         raise CompareError(str(e)) from None
     stats = dict(stats, options={k: v for k, v in stats.get("options", {}).items()
                                  if k not in NOT_DATA})
+    for key in NOT_DATA_STATS:
+        stats.pop(key, None)
     return hashlib.sha256(json.dumps(stats, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 

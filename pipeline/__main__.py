@@ -31,9 +31,9 @@ from pipeline import argtypes, outputs, parse, schema, sessions, split, storage
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
-# A note when one user holds more than this share of the valid or test events (in a log
-# with at least this many users in one of its splits; a split may hold the crawler alone):
-# a crawler that would decide the metrics.
+# A note when one user holds more than this share of a split's events (in a log with at
+# least this many users in one of its splits; a split may hold the crawler alone): a
+# crawler that would decide the metrics, or that training would learn mostly from.
 HEAVY_USER_SHARE = 0.25
 HEAVY_USER_MIN_USERS = 20
 # A note when more than this share of the valid or test events are unknown items.
@@ -42,9 +42,9 @@ UNKNOWN_NOTE_SHARE = 0.25
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
 MALFORMED_NOTE_SHARE = 0.1
-# stats.json's malformed_reasons: this many kinds of reason, the rest summed under OTHER_KINDS
+# stats.json's malformed_reasons: this many kinds of reason, the rest summed under
+# parse.OTHER_REASONS
 MALFORMED_KINDS = 20
-OTHER_KINDS = "(other reasons)"
 # the malformed-rows note names this many of them
 MALFORMED_NOTE_KINDS = 3
 # The first bytes of a compressed file or an archive, and what it is: a file whose name
@@ -999,11 +999,14 @@ def _nest(flat: dict) -> tuple[dict, dict]:
 
 def _most_first(counts: dict[str, int], keep: int) -> dict[str, int]:
     """The `keep` largest counts, largest first (ties by key), the rest summed under
-    OTHER_KINDS."""
+    parse.OTHER_REASONS (with what the blocks counted there)."""
+    counts = dict(counts)
+    other = counts.pop(parse.OTHER_REASONS, 0)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     out = dict(ranked[:keep])
-    if len(ranked) > keep:
-        out[OTHER_KINDS] = sum(n for _, n in ranked[keep:])
+    other += sum(n for _, n in ranked[keep:])
+    if other:
+        out[parse.OTHER_REASONS] = other
     return out
 
 
@@ -1138,7 +1141,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     if stats["rows_read"] and stats["rows_malformed"] > MALFORMED_NOTE_SHARE * stats["rows_read"]:
         kinds = list(stats.get("malformed_reasons", {}).items())
         most = ", ".join(f"{kind} ({n:,})" for kind, n in kinds[:MALFORMED_NOTE_KINDS])
-        anonymous = bool(kinds) and kinds[0][0].startswith(("empty user", "missing user"))
+        user_key = f"missing key {options.get('user_col', 'user')!r}"  # (jsonl)
+        anonymous = bool(kinds) and (kinds[0][0].startswith(("empty user", "missing user"))
+                                     or kinds[0][0] == user_key)
         lines.append(f"note: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows read "
                      f"({stats['rows_malformed'] / stats['rows_read']:.0%}) are malformed"
                      + (f", most for: {most}" if most else "")

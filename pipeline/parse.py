@@ -435,24 +435,37 @@ def _event(user, item, t, session, fmt: RowFormat, check_range: bool) -> tuple:
 # decoding error's position: what `reason_kind` leaves out
 _QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
 _JSON_POSITION = re.compile(r":? line \d+ column \d+ \(char \d+\)")
+# the reasons that hold a value of any type (`{value!r}` of a number, None, a list, a JSON
+# object such as MongoDB's {"$date": ...}, a Decimal or a datetime.time), by what stands
+# around the value: the value goes, the rest stays
+_VALUE_BETWEEN = (
+    (re.compile(r"^(time ).+?( is (?:not|past) .*)$", re.S), r"\1…\2"),
+    (re.compile(r"^(negative time ).+$", re.S), r"\1…"),
+    (re.compile(r"^(unparseable time ).+?( \(--time-[^()]*\))$", re.S), r"\1…\2"),
+    (re.compile(r"^(\w+ ).+?( is not (?:a string or number|UTF-8|valid Unicode.*))$", re.S),
+     r"\1…\2"),
+)
+# a reason that names a column or key (`missing key 'user'`): that name is kept
+_NAMES_A_KEY = "missing key "
 _MAX_KIND = 120
-
-
-# a time's value that is not text (a number, None, a Decimal: `{value!r}` unquoted), and an
-# id's value of another type (a list, an object)
-_TIME_VALUE = re.compile(r"\btime (?!…)\S+")
-_ID_VALUE = re.compile(r"^(\w+) .+ (is not a string or number)$")
+# where the malformed rows of the less common kinds are counted together
+OTHER_REASONS = "(other reasons)"
 
 
 def reason_kind(reason: str) -> str:
     """A malformed row's reason without the row's own values (each value as `…`, a JSON
     error's position left out), so that rows rejected for the same cause count together,
-    whatever the value and whether it was text or a number: `missing user ('NA', a
-    missing-value marker)` → `missing user (…, a missing-value marker)`, `negative time
-    -3` and `negative time '-3'` → `negative time …`."""
-    kind = _JSON_POSITION.sub("", _QUOTED.sub("…", reason))
-    kind = _ID_VALUE.sub(r"\1 … \2", _TIME_VALUE.sub("time …", kind))
-    return kind[:_MAX_KIND]
+    whatever the value and its type: `missing user ('NA', a missing-value marker)` →
+    `missing user (…, a missing-value marker)`, `negative time -3` and `negative time
+    '-3'` → `negative time …`, `time {'$date': 16...} is not a number` → `time … is not a
+    number`; a missing key keeps its name (`missing key 'user'`)."""
+    if reason.startswith(_NAMES_A_KEY):
+        return reason[:_MAX_KIND]
+    for pattern, replacement in _VALUE_BETWEEN:
+        kind, done = pattern.subn(replacement, reason)
+        if done:
+            return kind[:_MAX_KIND]
+    return _JSON_POSITION.sub("", _QUOTED.sub("…", reason))[:_MAX_KIND]
 
 
 def malformed_record(source: str, line: int, reason: str, raw: str) -> dict:

@@ -41,6 +41,8 @@ UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
 # stats key prefix of the malformed rows of one kind of reason (`parse.reason_kind`)
 MALFORMED_PREFIX = "malformed_reasons/"
+# ... of at most this many kinds a block (the rest under parse.OTHER_REASONS)
+MALFORMED_KINDS = 20
 # rows_filtered reason of the rows that --filter leaves out
 FILTER = "filter"
 NEWLINES = "newlines"
@@ -146,6 +148,10 @@ class _ParseRanges(beam.DoFn):
             counts[f"rows_filtered/{FILTER}"] = block.filtered
         _count("parse", counts)
         kinds = collections.Counter(parse.reason_kind(reason) for _, reason, _ in block.malformed)
+        if len(kinds) > MALFORMED_KINDS:  # (a bound on the keys the stats carry)
+            kept = dict(kinds.most_common(MALFORMED_KINDS))
+            kept[parse.OTHER_REASONS] = sum(kinds.values()) - sum(kept.values())
+            kinds = kept
         counts.update((MALFORMED_PREFIX + kind, n) for kind, n in kinds.items())
         yield pvalue.TaggedOutput(STATS, counts)
         yield from block.by_user.items()

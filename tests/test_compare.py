@@ -578,3 +578,17 @@ def test_a_failed_command_keeps_its_kind_of_exit_code(tmp_path, code):
                                                    r"write to run: File too large\)") as e:
         compare._run(cmd, log)
     assert e.value.exit_code == code
+
+
+def test_the_data_fingerprint_leaves_out_the_rejected_rows_kinds(tmp_path):
+    """stats.json's malformed_reasons (new in a later version) describes the input's
+    rejected rows, not the data written: a folder rebuilt with it keeps its fingerprint, so
+    that compare reuses the runs trained on it; its counts still count."""
+    stats = {"rows_read": 10, "rows_malformed": 2, "splits": {}, "options": {"input": ["a"]}}
+    fingerprints = []
+    for extra in ({}, {"malformed_reasons": {"empty user": 2}}, {"rows_malformed": 3}):
+        folder = tmp_path / str(len(fingerprints))
+        folder.mkdir()
+        (folder / "stats.json").write_text(json.dumps(dict(stats, **extra)))
+        fingerprints.append(compare.data_fingerprint(str(folder)))
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]

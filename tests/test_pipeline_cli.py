@@ -1676,7 +1676,8 @@ def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
             del s["options"][key]
     assert stats[1].pop("malformed_reasons") == dict(MALFORMED_KINDS, **{
         "missing user (null)": 1})
-    del stats[0]["malformed_reasons"]  # ('NULL', a missing-value marker)
+    assert stats[0].pop("malformed_reasons") == dict(MALFORMED_KINDS, **{
+        "missing user (…, a missing-value marker)": 1})  # ('NULL')
     assert stats[0] == stats[1] and stats[1]["rows_read"] == 600
     assert _records(str(tmp_path / "csv")) == _records(str(tmp_path / "avro"))
     bad = _malformed(tmp_path / "avro")
@@ -1840,6 +1841,46 @@ def test_malformed_reasons_keep_the_commonest_kinds():
     assert list(kept)[:20] == [f"kind{k:02d}" for k in range(20)]
     assert kept["(other reasons)"] == sum(100 - k for k in range(20, 25))
     assert cli._most_first({"b": 2, "a": 2, "c": 3}, 20) == {"c": 3, "a": 2, "b": 2}
+    # what the blocks already counted as other reasons joins the rest, last, not ranked
+    assert cli._most_first({"(other reasons)": 50, "a": 2, "c": 3}, 1) == {
+        "c": 3, "(other reasons)": 52}
+
+
+def test_malformed_json_lines_count_by_kind_whatever_the_values(tmp_path, capsys):
+    """A JSON-lines export whose anonymous events leave the user key out and some of
+    whose times are MongoDB's {"$date": ms} objects: one kind per cause (not one per row,
+    which would also grow the stats without bound), the missing key named; a block with
+    more kinds than the bound counts the rest together."""
+    rows = [{"sid": f"s{k // 4}", "item": f"i{k % 7}", "time": 1000 + 60 * k} for k in range(600)]
+    rows += [{"user": f"u{k % 25}", "item": f"i{k % 7}", "time": 1000 + 60 * k}
+             for k in range(600, 700)]
+    rows += [{"user": "u1", "item": "i1", "time": {"$date": 1614697271000 + k}} for k in range(30)]
+    rows += [{"user": "u1", "item": "i1", "time": [k]} for k in range(2)]
+    log = tmp_path / "events.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--format", "jsonl",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["malformed_reasons"] == {"missing key 'user'": 600,
+                                          "time … is not a number": 32}
+    err = capsys.readouterr().err
+    assert ("are malformed, most for: missing key 'user' (600), time … is not a number (32); a "
+            "log of mostly anonymous sessions can take its session id column as --user-col") \
+        in err, err
+    # more kinds in a block than the bound: the rest counted together (here all of them)
+    bad = [f'{{"user": "u{k}", "item": "i1", "time": {1000 + k}, "x{k}": {"[" * (k + 1)}'
+           for k in range(30)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows[600:700]) + "\n".join(bad) + "\n")
+    original = transforms.MALFORMED_KINDS
+    transforms.MALFORMED_KINDS = 0
+    try:
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / "out2"), "--format",
+                         "jsonl", "--min-item-count", "1", *IN_MEMORY]) == 0
+    finally:
+        transforms.MALFORMED_KINDS = original
+    assert schema.read_stats(str(tmp_path / "out2"))["malformed_reasons"] == {
+        "(other reasons)": 30}
 
 
 def test_notes_on_a_finished_runs_counts(tmp_path):

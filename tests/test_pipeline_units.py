@@ -844,6 +844,14 @@ def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
     ("item 'it\\'s' has a line break", "item … has a line break"),
     ("wrong column count: expected 3, got 1", "wrong column count: expected 3, got 1"),
     ("empty user", "empty user"),
+    # values of any type, whole: a MongoDB export's {"$date": ...}, a list, a Parquet time64
+    ("time {'$date': 1614697271000} is not a number", "time … is not a number"),
+    ("time [1, 2] is not a number", "time … is not a number"),
+    ("time datetime.time(10, 0) is not a number", "time … is not a number"),
+    ("unparseable time {'$date': 5} (--time-unit iso)", "unparseable time … (--time-unit iso)"),
+    ("user {'id': 'a b'} is not a string or number", "user … is not a string or number"),
+    # a key's name is the column's, not a row's value
+    ("missing key 'user'", "missing key 'user'"),
 ])
 def test_reason_kind_leaves_out_the_rows_own_values(reason, kind):
     assert parse.reason_kind(reason) == kind
