@@ -205,10 +205,11 @@ def _check_tcn_history(config: config_lib.RunConfig) -> None:
     if config.model_name == "tcn" and model.history_length < model.receptive_field - 1:
         raise config_lib.ConfigError(
             f"model.history_length {model.history_length} is below the flat TCN's receptive "
-            f"field - 1 ({model.receptive_field - 1}: kernel {model.kernel_size}, "
-            f"{len(model.channels)} blocks): training would see more history than "
-            f"evaluation and serving keep; raise history_length or use fewer or narrower "
-            f"blocks")
+            f"field - 1 ({model.receptive_field - 1}: kernel_size {model.kernel_size}, "
+            f"{model.convs_per_block} conv(s) per block, {len(model.channels)} blocks of "
+            f"dilations 1 to {2 ** (len(model.channels) - 1)}): training would see more "
+            f"history than evaluation and serving keep; raise history_length, or lower "
+            f"kernel_size, convs_per_block or the number of blocks (entries in channels)")
 
 
 # The command-line options that set a model config key (`resolve_config`): (the key, the
@@ -890,9 +891,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             if sample.ids is not None:  # which limit bound, and what the evaluations skip
                 limit = (f"--eval-users {tc.eval_users:,}" if 0 < tc.eval_users <= sample.users
                          else f"--eval-events {budget:,}")
+                over = (f"; {sample.over_budget:,} user{'s' * (sample.over_budget != 1)} "
+                        f"holding over {budget:,} valid events alone left out: a crawler?"
+                        if sample.over_budget else "")
                 print(f"valid evaluations: {sample.users:,} of {sample.all_users:,} users, "
-                      f"{sample.events:,} of {sample.all_events:,} events ({limit}; each "
-                      f"event is ranked against {items:,} items)", file=sys.stderr)
+                      f"{sample.events:,} of {sample.all_events:,} events ({limit}{over}; "
+                      f"each event is ranked against {items:,} items)", file=sys.stderr)
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 

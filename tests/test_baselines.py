@@ -171,7 +171,7 @@ def test_remind_is_an_option_of_sknn_only(knn_data, capsys):
     with pytest.raises(ValueError, match="options? of sknn"):
         baselines.fit("upop", knn_data, k=5)
     for option, value in (("--no-remind", ()), ("--neighbours", ("5",)),
-                          ("--sample-size", ("5",))):
+                          ("--neighbour-sample", ("5",))):
         with pytest.raises(SystemExit):
             ev.main(["--data", knn_data, "--split", "valid", "--model", "upop", option, *value])
         assert f"error: {option} is an option of --model sknn" in capsys.readouterr().err
@@ -268,11 +268,13 @@ def small_data(tmp_path_factory):
 
 
 def test_sknn_neighbours_and_sample_size_from_the_command_line(small_data, tmp_path):
-    """`model.evaluate --model sknn --neighbours K --sample-size N` is V-SKNN with those k
-    and sample size (so that they can be chosen on valid): the metrics of SessionKNN(k=1,
-    sample_size=1), which differ from the defaults' here."""
+    """`model.evaluate --model sknn --neighbours K --neighbour-sample N` is V-SKNN with
+    those k and sample size (so that they can be chosen on valid): the metrics of
+    SessionKNN(k=1, sample_size=1), which differ from the defaults' here; `--sample` still
+    abbreviates `--sample-users` alone."""
     got = {}
-    for name, extra in (("small", ["--neighbours", "1", "--sample-size", "1"]), ("default", [])):
+    for name, extra in (("small", ["--neighbours", "1", "--neighbour-sample", "1"]),
+                        ("default", ["--sample", "2"])):
         out = tmp_path / f"{name}.json"
         assert ev.main(["--data", small_data, "--split", "test", "--model", "sknn",
                         "--output", str(out), "--no-progress", *extra]) == 0

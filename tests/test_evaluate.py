@@ -204,9 +204,9 @@ def test_sample_users_are_the_same_whatever_the_file_order(tmp_path):
     sample = ev.sample_users(a, "valid", 5)
     chosen = sample.ids
     assert len(chosen) == 5 and sample == ev.sample_users(b, "valid", 5)
-    assert sample[1:] == (5, 10, 12, 24)  # 5 of 12 users, 10 of 24 target events
+    assert sample[1:] == (5, 10, 12, 24, 0)  # 5 of 12 users, 10 of 24 target events
     all_users = ev.sample_users(a, "valid", 12)
-    assert all_users.ids is None and all_users[1:] == (12, 24, 12, 24)  # all: no filter
+    assert all_users.ids is None and all_users[1:] == (12, 24, 12, 24, 0)  # all: no filter
     scorer = NextIndex()
     out_a = ev.evaluate(scorer, a, "valid", user_ids=chosen, progress=False)
     evaluated = {u for call, ids in scorer.calls if call == "init" for u in ids}
@@ -225,15 +225,39 @@ def test_sample_users_stop_before_the_event_budget(tmp_path):
     sizes = [int(u[1:]) + 1 for u in order]
     budget = sizes[0] + sizes[1] + sizes[2]
     sample = ev.sample_users(data, "valid", 0, budget)  # no user limit: the events stop it
-    assert sample.ids == frozenset(order[:3]) and sample[1:] == (3, budget, 8, 36)
+    assert sample.ids == frozenset(order[:3]) and sample[1:] == (3, budget, 8, 36, 0)
     # one event short of the third user: two users; the user limit binds first when lower
     assert ev.sample_users(data, "valid", 0, budget - 1).ids == frozenset(order[:2])
     assert ev.sample_users(data, "valid", 1, budget).ids == frozenset(order[:1])
-    # a budget below the first user's events still evaluates that user
-    assert ev.sample_users(data, "valid", 0, 1).ids == frozenset(order[:1])
+    # a budget of one event: the one user who holds one, the others passed over
+    assert ev.sample_users(data, "valid", 0, 1).ids == frozenset({"u0"})
+    assert ev.sample_users(data, "valid", 0, 1).over_budget == 7
+    # below every user's events: the first user, still (a sample is never empty)
+    assert ev.sample_users(data, "valid", 0, 0.5).ids == frozenset(order[:1])
     assert ev.sample_users(data, "valid", 0, 36).ids is None  # every event: every user
     out = ev.evaluate(NextIndex(), data, "valid", user_ids=sample.ids, progress=False)
     assert out["events"] + out["first_item"]["events"] == budget
+
+
+def test_a_user_over_the_event_budget_alone_is_passed_over_not_stopped_at(tmp_path):
+    """A crawler with more valid events than the whole budget: first in the hash order it
+    made every evaluation its own, later it stopped the sample there; it is left out and
+    the users after it are taken, up to the budget, and the sample counts it."""
+    from model.batching import user_order_key
+
+    names = [f"u{k}" for k in range(12)]
+    order = sorted(names, key=user_order_key)
+    for at in (0, 3):  # the crawler first, then fourth in the hash order
+        users = {u: ([], [[2, 3, 4]]) for u in names}  # 3 target events each
+        users[order[at]] = ([], [[2 + j % 5 for j in range(500)]])
+        (tmp_path / f"at{at}").mkdir()
+        data = write_data(str(tmp_path / f"at{at}"), {"valid": users})
+        sample = ev.sample_users(data, "valid", 0, 20)
+        others = [u for u in order if u != order[at]]
+        assert sample.ids == frozenset(others[:6]), (at, sorted(sample.ids))
+        assert (sample.users, sample.events, sample.over_budget) == (6, 18, 1)
+        # and without a budget the crawler counts like anyone
+        assert ev.sample_users(data, "valid", 0).ids is None
 
 
 def test_bad_arguments_raise(data, tmp_path):

@@ -195,6 +195,20 @@ def test_eval_events_bounds_the_valid_users(data, config_file, tmp_path, capsys)
             in capsys.readouterr().err)
 
 
+def test_a_crawler_over_the_event_budget_is_left_out_of_the_valid_evaluations(
+        tmp_path, config_file, capsys):
+    """A valid user with more events than --eval-events alone is passed over (it made
+    every evaluation its own, or stopped the sample where it stood), and the run says so."""
+    valid = [(3, u[:4]) for u in planted_users(6, seed=1)]  # 5 target events each
+    valid.append((0, [[2 + j % 19 for j in range(300)]]))  # the crawler: 300
+    data = write_data(str(tmp_path / "d"), 20, planted_users(40), valid=valid)
+    assert _train(data, str(tmp_path / "run"), config_file, "--steps", "2", "--eval-every",
+                  "2", "--eval-events", "100") == 0
+    assert ("valid evaluations: 6 of 7 users, 30 of 330 events (--eval-events 100; 1 user "
+            "holding over 100 valid events alone left out: a crawler?;"
+            ) in capsys.readouterr().err
+
+
 def test_training_stops_once_valid_has_not_improved_for_patience_evaluations(
         data, config_file, tmp_path, capsys):
     """--patience 1 with an evaluation every 2 steps: the run stops at the first evaluation

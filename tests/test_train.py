@@ -654,9 +654,10 @@ def test_a_flat_tcn_history_shorter_than_its_receptive_field_is_refused(data, tm
         err = capsys.readouterr().err.strip()
         if code:
             assert err == ("error: model.history_length 6 is below the flat TCN's receptive "
-                           "field - 1 (7: kernel 2, 3 blocks): training would see more history "
-                           "than evaluation and serving keep; raise history_length or use fewer "
-                           "or narrower blocks"), err
+                           "field - 1 (7: kernel_size 2, 1 conv(s) per block, 3 blocks of "
+                           "dilations 1 to 4): training would see more history than evaluation "
+                           "and serving keep; raise history_length, or lower kernel_size, "
+                           "convs_per_block or the number of blocks (entries in channels)"), err
             assert not os.path.exists(run)
 
 
