@@ -41,6 +41,7 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from model.config import HierTCNConfig
+from pipeline import schema
 
 log = logging.getLogger("serving.state_store")
 
@@ -109,13 +110,16 @@ class UserState:
 
 def collapse_repeats(items: Sequence[str]) -> list[str]:
     """A session as the pipeline writes it and the export reads it: padding ("") left out,
-    then each id equal to the one before it (a reload, a double click).
+    then each id equal to the one before it (a reload, a double click), but `[UNK]`, an
+    unknown item whose raw id a data folder lost (`serving.backfill`): two of them are two
+    items, as the folder's records hold them.
 
-    >>> collapse_repeats(["a", "a", "b", "", "b", "a"])
-    ['a', 'b', 'a']
+    >>> collapse_repeats(["a", "a", "b", "", "b", "a", "[UNK]", "[UNK]"])
+    ['a', 'b', 'a', '[UNK]', '[UNK]']
     """
     items = [item for item in items if item != ""]
-    return [item for k, item in enumerate(items) if k == 0 or item != items[k - 1]]
+    return [item for k, item in enumerate(items)
+            if k == 0 or item != items[k - 1] or item == schema.UNKNOWN_TOKEN]
 
 
 def trim_sessions(sessions: Sequence[Sequence[str]], max_items: int,

@@ -429,6 +429,13 @@ def test_immediate_repeats_read_as_the_pipeline_writes_sessions(exported, tmp_pa
         np.testing.assert_array_equal(got.numpy(), want.numpy())
     with open(os.path.join(path, export.ASSETS_EXTRA, export.CONFIG_FILE)) as f:
         assert json.load(f)["collapses_repeats"] is True
+    # "[UNK]" twice (how serving.backfill stores a data folder's unknown items, whose raw
+    # ids the folder lost): two unknown items, as the folder's records and so the
+    # evaluator hold them; an unknown raw id twice is one item repeated
+    unknowns = np.array([["[UNK]", "[UNK]", "item5"], ["nope", "nope", "item5"],
+                         ["item0", "[UNK]", "[UNK]"]], dtype=object)
+    want = model.update_state(STATE, np.array([[1, 1, 7], [1, 7, 0], [2, 1, 1]])).numpy()
+    np.testing.assert_allclose(_outputs(path, unknowns)[0].numpy(), want, rtol=1e-5, atol=1e-6)
     keep = lib.tiny_model(vocab, session_summary=model.config.session_summary,
                           exclude_current=False)
     keep.set_weights(model.get_weights())

@@ -51,6 +51,10 @@ def test_end_session_folds_and_stores_the_session_as_the_pipeline_writes_it(stor
     _, record = state_store.end_session(store, "v", 1, 1, update, ["a", "a"], collapse=False)
     assert record.history == ["a", "a"]
     assert state_store.collapse_repeats([]) == []
+    # "[UNK]", a data folder's unknown item whose raw id it lost (serving.backfill): two
+    # of them are two items, as the folder's records hold them
+    assert state_store.collapse_repeats(["[UNK]", "[UNK]", "a", "[UNK]", "x", "x"]) == [
+        "[UNK]", "[UNK]", "a", "[UNK]", "x"]
 
 
 def test_end_session_with_the_known_ids_stores_the_newest_known_history(tmp_path):
