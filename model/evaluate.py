@@ -204,6 +204,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     users = itertools.islice(users, max_users)
     acc = metrics.MetricsAccumulator()
     ids: list[str] = []
+    heaviest = (0, "")  # the user with the most target events (a crawler's share)
+    events = 0
     desc = f"evaluate {scorer.name} on {split}"
     # Progress and its time estimate go by target events where their total is known: the
     # users are taken most events first (`_most_events_first`), and one heavy user can hold
@@ -218,9 +220,15 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
             _evaluate_batch(scorer, batch, vocab.size, acc, len(ids), rule_out_current,
                             rule_out_seen)
             ids.extend(u.user_id for u in batch)
-            bar.update(len(batch), sum(_target_events(u) for u in batch))
+            sizes = [(_target_events(u), u.user_id) for u in batch]
+            heaviest = max([heaviest, *sizes])
+            events += sum(n for n, _ in sizes)
+            bar.update(len(batch), sum(n for n, _ in sizes))
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
+    if heaviest[0]:
+        out["heaviest_user"] = {"user": heaviest[1], "target_events": heaviest[0],
+                                "of_users": len(ids), "of_target_events": events}
     if rule_out_current:
         out["rule_out_current"] = True
     if rule_out_seen:
@@ -228,6 +236,25 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     if per_user_output:
         write_per_user(per_user_output, ids, acc.per_user(len(ids)))
     return out
+
+
+# A note when one user holds more than this share of the evaluated target events, among
+# at least this many users (the pipeline's crawler note, for the users evaluated)
+HEAVY_USER_SHARE = 0.25
+HEAVY_USER_MIN_USERS = 20
+
+
+def heavy_user_note(result: dict) -> str | None:
+    """A note on `evaluate`'s result where one user holds most of what it scored (a
+    crawler: the metrics average over events, so they are mostly that user's)."""
+    heavy = result.get("heaviest_user") or {}
+    n, total, users = (heavy.get(k, 0) for k in ("target_events", "of_target_events",
+                                                  "of_users"))
+    if users < HEAVY_USER_MIN_USERS or n <= HEAVY_USER_SHARE * total:
+        return None
+    return (f"note: one user ({heavy['user']}) holds {n / total:.0%} of the {total:,} target "
+            f"events evaluated ({users:,} users): the metrics average over events, so they "
+            "are mostly that user's; a crawler? the pipeline's --exclude leaves a user out")
 
 
 def _target_events(user: schema.UserRecord) -> int:
@@ -558,6 +585,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             result["sample"] = {"users": sample.users, "of_users": sample.all_users,
                                 "target_events": sample.events,
                                 "of_target_events": sample.all_events}
+        note = heavy_user_note(result)
+        if note:
+            print(note, file=sys.stderr)
         if not result["events"]:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "

@@ -117,6 +117,9 @@ def _expected():
 def test_metrics_match_hand_computed_for_any_batch_size(data, batch_size):
     out = ev.evaluate(NextIndex(), data, "valid", batch_size=batch_size, progress=False)
     expected = dict(_expected(), model="next-index", split="valid", data=data)
+    # a's 5 target events are the most; 12 in all, first items included
+    expected["heaviest_user"] = {"user": "a", "target_events": 5, "of_users": 3,
+                                 "of_target_events": 12}
     assert out.keys() == expected.keys()
     for key, value in expected.items():
         assert out[key] == (pytest.approx(value) if not isinstance(value, str) else value), key
@@ -283,7 +286,8 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
     written = json.loads(path.read_text())
     assert json.loads(capsys.readouterr().out) == written
     keys = set(metrics.METRIC_KEYS) | set(metrics.COUNT_KEYS)
-    assert set(written) == keys | set(metrics.GROUPS) | {"model", "split", "data"}
+    assert set(written) == keys | set(metrics.GROUPS) | {"model", "split", "data",
+                                                         "heaviest_user"}
     for group in metrics.GROUPS:
         assert set(written[group]) == keys
     assert (written["model"], written["split"], written["data"]) == ("popularity", "test", full_data)
@@ -653,3 +657,26 @@ def test_a_stop_signal_once_the_metrics_are_computed_changes_nothing(full_data, 
     assert res.returncode == 0 and "interrupted" not in res.stderr, res.stderr[-3000:]
     assert json.loads(out.read_text()) == json.loads(res.stdout)
     assert sorted(os.listdir(tmp_path)) == ["m.json", "u.npz"]
+
+
+def test_a_user_holding_most_of_the_evaluated_events_gets_a_note(tmp_path, capsys):
+    """The pipeline notes a crawler in its stats; the evaluation says it of the users it
+    evaluated too (a folder from elsewhere, a --sample-users draw): the metrics are then
+    mostly that user's. Not for a split of few users, nor where no user dominates."""
+    users = {f"u{k}": ([], [[2, 3, 4]]) for k in range(25)}  # 3 target events each
+    for name, crawler in (("even", [2, 3, 4]), ("crawled", [2 + j % 9 for j in range(200)])):
+        (tmp_path / name).mkdir()
+        data = write_data(str(tmp_path / name), {"test": dict(users, bot=([], [crawler]))})
+        out = tmp_path / f"{name}.json"
+        assert ev.main(["--data", data, "--split", "test", "--model", "popularity",
+                        "--output", str(out), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        heavy = json.loads(out.read_text())["heaviest_user"]
+        if name == "even":
+            assert "note: one user" not in err and heavy["of_users"] == 26
+        else:
+            assert heavy == {"user": "bot", "target_events": 200, "of_users": 26,
+                             "of_target_events": 275}
+            assert ("note: one user (bot) holds 73% of the 275 target events evaluated (26 "
+                    "users): the metrics average over events, so they are mostly that user's; "
+                    "a crawler? the pipeline's --exclude leaves a user out") in err, err
