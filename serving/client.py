@@ -452,12 +452,26 @@ def _items(args: argparse.Namespace) -> list[str]:
 
 
 def _json_items(text: str) -> list[str]:
+    """A JSON list of item ids, or `@FILE` (`@-`: standard input) holding one: a session of
+    many thousand ids does not fit a command line (one argument is at most 128 KB)."""
+    given = text
+    if text.startswith("@"):
+        try:
+            if text == "@-":
+                text = sys.stdin.read()
+            else:
+                with open(text[1:], encoding="utf-8") as f:
+                    text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+            raise argparse.ArgumentTypeError(f"cannot read {given[1:]}: {reason}") from None
     try:
         items = json.loads(text)
     except ValueError:
         items = None
     if not (isinstance(items, list) and all(isinstance(i, str) and i for i in items)):
-        raise argparse.ArgumentTypeError(f"must be a JSON list of item ids, got {text!r}")
+        shown = given if given.startswith("@") else repr(text[:200])
+        raise argparse.ArgumentTypeError(f"must be a JSON list of item ids, got {shown}")
     return items
 
 
@@ -480,7 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = rec.add_mutually_exclusive_group()
     given.add_argument("--items", default="", help="the current session so far: a,b,c")
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
-                       help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
+                       help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'; '
+                            '@FILE reads it from a file (@-: standard input), for a long '
+                            'session')
     rec.add_argument("-k", type=argtypes.top_k, default=10, help="how many items")
     rec.add_argument("--keep-last", action="store_true",
                      help="keep the session's last item in the answer (left out by default: "
@@ -491,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = end.add_mutually_exclusive_group(required=True)
     given.add_argument("--items", help="the finished session: a,b,c")
     given.add_argument("--items-json", type=_json_items, metavar="JSON",
-                       help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'')
+                       help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'; '
+                            '@FILE reads it from a file (@-: standard input), for a long '
+                            'session')
     commands.add_parser("status", help="the versions the server lists: AVAILABLE, LOADING, or END (unloaded, or failed to load)")
     forget = commands.add_parser("forget", help="delete a user's stored states and history "
                                  "(in --state-db; no server needed)")

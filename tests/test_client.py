@@ -306,6 +306,12 @@ def _cli_carries_state_and_rebuilds_it(capsys, served, db):
     ended = run_cli(capsys, served, db, "end-session", "--user", "bob", "--items-json",
                     '["item1", "x,y"]')
     assert ended["history"] == ["item1", "x,y"]
+    # and from a file, for a session longer than a command line holds (128 KB an argument)
+    long_session = db.parent / "session.json"
+    long_session.write_text(json.dumps([f"item{k % 12}" for k in range(30_000)]))
+    ended = run_cli(capsys, served, db, "end-session", "--user", "cat", "--items-json",
+                    f"@{long_session}")
+    assert ended["history"][-3:] == ["item9", "item10", "item11"]
 
 
 def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, tmp_path):
@@ -386,6 +392,8 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
     (["--tls-ca", "ca.pem", "status"], "--tls-ca and --tls-server-name need --tls"),
     (["end-session", "--user", "ann", "--items-json", "[1]"],
      "--items-json: must be a JSON list of item ids, got '[1]'"),
+    (["end-session", "--user", "ann", "--items-json", "@no-such-session.json"],
+     "--items-json: cannot read no-such-session.json: No such file or directory"),
 ])
 def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_:
