@@ -139,6 +139,12 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     return config
 
 
+# A checkpoint at least this often (seconds of the run, evaluations included) besides
+# every --checkpoint-every steps: a kill (the OOM killer, a preempted VM) loses at most
+# this much of a slow run (500 steps of 2.3 s each, the full softmax over 200k items, are
+# 19 minutes)
+CHECKPOINT_SECONDS = 600.0
+
 # Below this share of slots that train the GRU over sessions, model.train says so.
 HIGH_LEVEL_SHARE_NOTE = 0.1
 
@@ -873,6 +879,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     # The batch index of this process's first step: the batcher's next batch, since only
     # the dataset draws from it. Each step consumes one batch, in order.
     first_index, last_saved = batcher.batch_index, start_step
+    last_saved_at = time.monotonic()
     config_saved = False  # whether this command's config is recorded (at its first step)
     last_trained = None  # what the last checkpoint of this process recorded (`trained`)
     valid_users = None  # the users of every valid evaluation (None: all)
@@ -901,7 +908,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 
     def save(step: int, evaluation_follows: bool, trained_now: dict | None = None) -> None:
-        nonlocal last_saved, last_trained
+        nonlocal last_saved, last_trained, last_saved_at
         steps_done = int(state.step.numpy()) - start_step
         if steps_done > 0:
             record_config()
@@ -914,7 +921,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             state.position.assign(json.dumps(after))
         writer.flush()  # first: once a checkpoint exists, the curve up to it is on disk
         manager.save(checkpoint_number=step)
-        last_saved = step
+        last_saved, last_saved_at = step, time.monotonic()
 
     def record_config() -> None:
         """Records this command's config once it has trained a step (`save_config`)."""
@@ -1004,7 +1011,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)
-                if step % tc.checkpoint_every == 0:
+                if (step % tc.checkpoint_every == 0
+                        or time.monotonic() - last_saved_at >= CHECKPOINT_SECONDS):
                     save(step, bool(tc.eval_every) and (step % tc.eval_every == 0 or
                                                         bool(tc.steps and step >= tc.steps)))
                 if tc.eval_every and step % tc.eval_every == 0:

@@ -764,6 +764,25 @@ def test_unknown_targets_note_names_the_threshold_only_where_it_can_help(
                          "items that train never holds, --min-item-count is 1)")
 
 
+def test_a_slow_run_checkpoints_every_so_often_besides_every_n_steps(
+        data, config_file, tmp_path, monkeypatch):
+    """Besides every --checkpoint-every steps, a checkpoint at least every
+    CHECKPOINT_SECONDS: a run killed before its 500th step lost every step until then.
+    Here every step is over that time, so each step checkpoints (the newest 3 kept)."""
+    monkeypatch.setattr(train_lib, "CHECKPOINT_SECONDS", 0.0)
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "5", "--eval-every", "0",
+                                "--checkpoint-every", "100")) == 0
+    names = sorted(f for f in os.listdir(os.path.join(run, "checkpoints")) if f.endswith(".index"))
+    assert names == ["ckpt-3.index", "ckpt-4.index", "ckpt-5.index"]
+    monkeypatch.setattr(train_lib, "CHECKPOINT_SECONDS", 600.0)
+    run = str(tmp_path / "steps")  # (a quick run: the steps alone, and the end)
+    assert train_lib.main(_args(data, run, config_file, "--steps", "5", "--eval-every", "0",
+                                "--checkpoint-every", "2")) == 0
+    names = sorted(f for f in os.listdir(os.path.join(run, "checkpoints")) if f.endswith(".index"))
+    assert names == ["ckpt-2.index", "ckpt-4.index", "ckpt-5.index"]
+
+
 def test_keep_checkpoints_bounds_the_periodic_checkpoints_on_disk(data, config_file, tmp_path,
                                                                   capsys):
     """Each periodic checkpoint is three times the weights (Adam's two slots): on a large
