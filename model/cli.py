@@ -82,7 +82,7 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "events)")
     p.add_argument("--checkpoint-every", type=argtypes.positive_int,
                    help=f"steps between checkpoints (default {TRAIN.checkpoint_every}; "
-                        f"and one at least every 10 minutes)")
+                        "and one at least every 10 minutes)")
     p.add_argument("--keep-checkpoints", type=argtypes.positive_int,
                    help="periodic checkpoints kept, the newest (default "
                         f"{TRAIN.keep_checkpoints}; each holds the weights and the optimizer's "
