@@ -461,11 +461,12 @@ def reason_kind(reason: str) -> str:
     number`; a missing key keeps its name (`missing key 'user'`)."""
     if reason.startswith(_NAMES_A_KEY):
         return reason[:_MAX_KIND]
+    kind = _QUOTED.sub("…", reason)  # first: a quoted value may hold " is not " itself
     for pattern, replacement in _VALUE_BETWEEN:
-        kind, done = pattern.subn(replacement, reason)
+        kind, done = pattern.subn(replacement, kind)
         if done:
             return kind[:_MAX_KIND]
-    return _JSON_POSITION.sub("", _QUOTED.sub("…", reason))[:_MAX_KIND]
+    return _JSON_POSITION.sub("", kind)[:_MAX_KIND]
 
 
 def malformed_record(source: str, line: int, reason: str, raw: str) -> dict:

@@ -852,6 +852,8 @@ def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
     ("user {'id': 'a b'} is not a string or number", "user … is not a string or number"),
     # a key's name is the column's, not a row's value
     ("missing key 'user'", "missing key 'user'"),
+    # a quoted value holding the words that end it
+    ("time 'x is not y' is not an ISO 8601 string", "time … is not an ISO 8601 string"),
 ])
 def test_reason_kind_leaves_out_the_rows_own_values(reason, kind):
     assert parse.reason_kind(reason) == kind
