@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -456,15 +457,22 @@ def _json_items(text: str) -> list[str]:
     many thousand ids does not fit a command line (one argument is at most 128 KB)."""
     given = text
     if text.startswith("@"):
+        where = "standard input" if text == "@-" else text[1:]
         try:
+            if not where:
+                raise argparse.ArgumentTypeError("@ needs a file name: @FILE, or @- for "
+                                                 "standard input")
             if text == "@-":
+                if sys.stdin is None:  # (closed: `<&-`)
+                    raise OSError(errno.EBADF, os.strerror(errno.EBADF))
                 text = sys.stdin.read()
             else:
-                with open(text[1:], encoding="utf-8") as f:
+                # (utf-8-sig: a byte-order mark, as Windows tools write, is not content)
+                with open(where, encoding="utf-8-sig") as f:
                     text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
-            raise argparse.ArgumentTypeError(f"cannot read {given[1:]}: {reason}") from None
+            raise argparse.ArgumentTypeError(f"cannot read {where}: {reason}") from None
     try:
         items = json.loads(text)
     except ValueError:

@@ -312,6 +312,11 @@ def _cli_carries_state_and_rebuilds_it(capsys, served, db):
     ended = run_cli(capsys, served, db, "end-session", "--user", "cat", "--items-json",
                     f"@{long_session}")
     assert ended["history"][-3:] == ["item9", "item10", "item11"]
+    # a file with a byte-order mark (PowerShell's utf8), and standard input
+    long_session.write_text('["item3", "item4"]', encoding="utf-8-sig")
+    ended = run_cli(capsys, served, db, "end-session", "--user", "dan", "--items-json",
+                    f"@{long_session}")
+    assert ended["history"] == ["item3", "item4"]
 
 
 def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, tmp_path):
@@ -394,6 +399,8 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
      "--items-json: must be a JSON list of item ids, got '[1]'"),
     (["end-session", "--user", "ann", "--items-json", "@no-such-session.json"],
      "--items-json: cannot read no-such-session.json: No such file or directory"),
+    (["end-session", "--user", "ann", "--items-json", "@"],
+     "--items-json: @ needs a file name: @FILE, or @- for standard input"),
 ])
 def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_:
@@ -691,3 +698,17 @@ def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "backfill: 30 users handled (40 stored, 2 kept) in 31 s",
         "backfill: 47 users handled (40 stored, 2 kept) in 62 s"]
+
+
+def test_items_json_from_standard_input(monkeypatch):
+    """`--items-json @-` reads the list from standard input; with standard input closed
+    (`<&-`) it is one line, not a traceback."""
+    import argparse
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO('["a", "b,c"]'))
+    assert client_lib._json_items("@-") == ["a", "b,c"]
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match="^cannot read standard input: Bad file descriptor$"):
+        client_lib._json_items("@-")
