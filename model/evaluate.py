@@ -402,7 +402,7 @@ def sample_users(data_dir: str, split: str, count: int, max_events: int = 0,
     is passed over, not taken nor stopped at: one such user first in the order made every
     valid evaluation of a training run that user's alone, and one later stopped the sample
     there (30 users of a split's 81, 863 of its 2,271 other events). Where every user
-    holds more, the first is taken (a sample is never empty). `salt` (prefixed to each id
+    holds more, the one with the fewest is taken (a sample is never empty). `salt` (prefixed to each id
     before hashing) gives another order: `model.evaluate --sample-users` uses one, so that
     its users are not the ones training takes first (training orders the train split's
     users by the unsalted hash)."""
@@ -422,8 +422,9 @@ def sample_users(data_dir: str, split: str, count: int, max_events: int = 0,
             break
         chosen.append(user_id)
         events += n
-    if not chosen and ordered:
-        chosen, events, over = [ordered[0][0]], ordered[0][1], over - 1
+    if not chosen and ordered:  # the smallest (the first in the order of those)
+        user_id, n = min(ordered, key=lambda u: u[1])
+        chosen, events, over = [user_id], n, over - 1
     ids = None if len(chosen) == len(users) else frozenset(chosen)
     return UserSample(ids, len(chosen), events, len(users), sum(n for _, n in users), over)
 

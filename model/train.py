@@ -901,6 +901,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 over = (f"; {sample.over_budget:,} user{'s' * (sample.over_budget != 1)} "
                         f"holding over {budget:,} valid events alone left out: a crawler?"
                         if sample.over_budget else "")
+                if budget and sample.events > budget:  # (every user holds more)
+                    over = (f"; every valid user holds over {budget:,} events: the one with "
+                            "the fewest is evaluated")
                 print(f"valid evaluations: {sample.users:,} of {sample.all_users:,} users, "
                       f"{sample.events:,} of {sample.all_events:,} events ({limit}{over}; "
                       f"each event is ranked against {items:,} items)", file=sys.stderr)

@@ -235,8 +235,13 @@ def test_sample_users_stop_before_the_event_budget(tmp_path):
     # a budget of one event: the one user who holds one, the others passed over
     assert ev.sample_users(data, "valid", 0, 1).ids == frozenset({"u0"})
     assert ev.sample_users(data, "valid", 0, 1).over_budget == 7
-    # below every user's events: the first user, still (a sample is never empty)
-    assert ev.sample_users(data, "valid", 0, 0.5).ids == frozenset(order[:1])
+    # below every user's events: the one with the fewest, still (a sample is never empty;
+    # the first in the order could be a crawler many times the budget)
+    without_u0 = {u: s for u, s in users.items() if u != "u0"}
+    (tmp_path / "no_u0").mkdir()
+    no_u0 = write_data(str(tmp_path / "no_u0"), {"valid": without_u0})
+    smallest = ev.sample_users(no_u0, "valid", 0, 1)
+    assert smallest.ids == frozenset({"u1"}) and smallest[1:] == (1, 2, 7, 35, 6)
     assert ev.sample_users(data, "valid", 0, 36).ids is None  # every event: every user
     out = ev.evaluate(NextIndex(), data, "valid", user_ids=sample.ids, progress=False)
     assert out["events"] + out["first_item"]["events"] == budget

@@ -207,6 +207,12 @@ def test_a_crawler_over_the_event_budget_is_left_out_of_the_valid_evaluations(
     assert ("valid evaluations: 6 of 7 users, 30 of 330 events (--eval-events 100; 1 user "
             "holding over 100 valid events alone left out: a crawler?;"
             ) in capsys.readouterr().err
+    # a budget below every user's events: the smallest user, and the run says so
+    assert _train(data, str(tmp_path / "tiny"), config_file, "--steps", "2", "--eval-every",
+                  "2", "--eval-events", "2") == 0
+    assert ("valid evaluations: 1 of 7 users, 5 of 330 events (--eval-events 2; every valid "
+            "user holds over 2 events: the one with the fewest is evaluated;"
+            ) in capsys.readouterr().err
 
 
 def test_training_stops_once_valid_has_not_improved_for_patience_evaluations(
