@@ -402,10 +402,10 @@ def sample_users(data_dir: str, split: str, count: int, max_events: int = 0,
     is passed over, not taken nor stopped at: one such user first in the order made every
     valid evaluation of a training run that user's alone, and one later stopped the sample
     there (30 users of a split's 81, 863 of its 2,271 other events). Where every user
-    holds more, the one with the fewest is taken (a sample is never empty). `salt` (prefixed to each id
-    before hashing) gives another order: `model.evaluate --sample-users` uses one, so that
-    its users are not the ones training takes first (training orders the train split's
-    users by the unsalted hash)."""
+    holds more, the one with the fewest is taken (a sample is never empty). `salt`
+    (prefixed to each id before hashing) gives another order: `model.evaluate
+    --sample-users` uses one, so that its users are not the ones training takes first
+    (training orders the train split's users by the unsalted hash)."""
     from model.batching import user_order_key
 
     users = [(u.user_id, sum(len(s) for s in u.sessions[u.num_context_sessions:]))
