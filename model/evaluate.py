@@ -222,8 +222,9 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
             ids.extend(u.user_id for u in batch)
             sizes = [(_target_events(u), u.user_id) for u in batch]
             heaviest = max([heaviest, *sizes])
-            events += sum(n for n, _ in sizes)
-            bar.update(len(batch), sum(n for n, _ in sizes))
+            batch_events = sum(n for n, _ in sizes)
+            events += batch_events
+            bar.update(len(batch), batch_events)
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
     if heaviest[0]:
