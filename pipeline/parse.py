@@ -12,6 +12,7 @@ order and the session gap is compared exactly; records store unix seconds (floor
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import datetime
@@ -41,6 +42,42 @@ MAX_TIME_MS = MAX_PLAUSIBLE_UNIX_SECONDS * 1000
 # A row is one line, read whole before it is split: csv's own 128 KiB cap on a field (a
 # big JSON "properties" column) would only turn good events into errors.
 csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+
+_NO_VALUE = object()
+# the stats' kind of a malformed row whose error is not a `RowError` (none is known)
+_UNEXPECTED = "unexpected error ({})"
+_MAX_KIND = 120
+# where the malformed rows of the less common kinds are counted together
+OTHER_REASONS = "(other reasons)"
+
+
+class RowError(ValueError):
+    """A malformed row: `str(e)` is the reason, with the row's value in it (for the
+    dead-letter record); `kind` is the same reason without the value (for the stats'
+    counts by kind, so that rows rejected for the same cause count together whatever the
+    value and its type, and no row's value reaches the stats).
+
+    `RowError("empty user")`: a reason without a value, its own kind;
+    `RowError("negative time ", value)`: `negative time '-3'`, of kind `negative time …`;
+    `RowError("time ", value, " is not finite")`: `time inf is not finite`, of kind
+    `time … is not finite`.
+    """
+
+    def __init__(self, before: str, value: object = _NO_VALUE, after: str = "",
+                 kind: str | None = None):
+        if value is _NO_VALUE:
+            super().__init__(before + after)
+            self.kind = kind or before + after
+        else:
+            super().__init__(f"{before}{value!r}{after}")
+            self.kind = kind or f"{before}…{after}"
+
+
+def error_kind(error: Exception) -> str:
+    """The stats' kind of a malformed row's error (`RowError.kind`; another error, by its
+    type alone), at most 120 characters."""
+    kind = getattr(error, "kind", None) or _UNEXPECTED.format(type(error).__name__)
+    return kind[:_MAX_KIND]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +165,7 @@ def split_fields(line: str, delimiter: str, quoted: bool = True) -> list[str]:
     try:
         return next(csv.reader([line], delimiter=delimiter), [])
     except csv.Error as e:
-        raise ValueError(f"bad quoting: {e}") from None
+        raise RowError(f"bad quoting: {e}") from None  # (csv's words, not the row's)
 
 
 def parse_header(line: str, delimiter: str, quoted: bool = True) -> tuple[str, ...]:
@@ -205,17 +242,17 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     """
     if is_time_format(unit):  # --time-format: Python's strptime directives
         if not isinstance(value, str):
-            raise ValueError(f"time {value!r} is not text (--time-format {unit})")
+            raise RowError("time ", value, f" is not text (--time-format {unit})")
         try:
             dt = datetime.datetime.strptime(value.strip(), unit)
         except ValueError:  # ("time data ... does not match format ...")
-            raise ValueError(f"unparseable time {value!r} ({time_option(unit)})") from None
+            raise RowError("unparseable time ", value, f" ({time_option(unit)})") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=datetime.timezone.utc)
         ms = (dt - _EPOCH) // datetime.timedelta(milliseconds=1)
     elif unit == "iso":
         if not isinstance(value, str):
-            raise ValueError(f"time {value!r} is not an ISO 8601 string")
+            raise RowError("time ", value, " is not an ISO 8601 string")
         text = value.strip()
         if text[-4:].upper() == " UTC":  # BigQuery's and many databases' exports
             text = text[:-4] + "+00:00"
@@ -227,10 +264,10 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         scale = 1000 if unit == "s" else 1
         if isinstance(value, decimal.Decimal):  # a Parquet or Avro decimal column
             if not value.is_finite():
-                raise ValueError(f"time {value!r} is not finite")
+                raise RowError("time ", value, " is not finite")
             value = str(value)  # read exactly, as the text of a CSV file is
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(f"time {value!r} is not a number")
+            raise RowError("time ", value, " is not a number")
         try:
             if isinstance(value, float):  # a JSON number with a fraction: keep the fraction
                 raise ValueError
@@ -238,14 +275,14 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         except ValueError:
             number = float(value) * scale
             if not math.isfinite(number):  # inf, nan, or a huge number that overflows
-                raise ValueError(f"time {value!r} is not finite") from None
+                raise RowError("time ", value, " is not finite") from None
             ms = math.floor(number)
     if ms < 0:
-        raise ValueError(f"negative time {value!r}")
+        raise RowError("negative time ", value)
     if check_range and ms > MAX_TIME_MS:
         hint = {"s": "; milli- or microseconds? see --time-unit", "ms": "; microseconds?"}
-        raise ValueError(f"time {value!r} is past 10^11 unix seconds, the year 5138 "
-                         f"({time_option(unit)})" + hint.get(unit, ""))
+        raise RowError("time ", value, " is past 10^11 unix seconds, the year 5138 "
+                       f"({time_option(unit)})" + hint.get(unit, ""))
     return ms
 
 
@@ -286,29 +323,29 @@ def is_missing(text: str) -> bool:
 
 def _id(value: object, name: str) -> str:
     if value is None:  # JSON null, a Parquet null
-        raise ValueError(f"missing {name} (null)")
+        raise RowError(f"missing {name} (null)")
     if isinstance(value, bytes):  # a Parquet binary column
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{name} {value[:50]!r} is not UTF-8") from None
+            raise RowError(f"{name} ", value[:50], " is not UTF-8") from None
     elif isinstance(value, decimal.Decimal):  # a Parquet decimal column (a database NUMERIC)
         value = int(value) if value.is_finite() and value == value.to_integral_value() \
             else str(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{name} {value!r} is not a string or number")
+        raise RowError(f"{name} ", value, " is not a string or number")
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # a JSON 20.0 (pandas writes ints as floats beside a NaN) is 20
     text = value.strip() if isinstance(value, str) else str(value)
     if not text:
-        raise ValueError(f"empty {name}")
+        raise RowError(f"empty {name}")
     if is_missing(text):
-        raise ValueError(f"missing {name} ({text!r}, a missing-value marker)")
+        raise RowError(f"missing {name} (", text, ", a missing-value marker)")
     if isinstance(value, str):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON's "\ud83d": half of a character, cut off
-            raise ValueError(f"{name} {text!r} is not valid Unicode (a lone surrogate)") from None
+            raise RowError(f"{name} ", text, " is not valid Unicode (a lone surrogate)") from None
     return text
 
 
@@ -374,21 +411,21 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
     is not wanted is not malformed for lacking an item).
 
     Raises:
-      ValueError: the row is malformed; the message is the reason.
+      RowError (a ValueError): the row is malformed; the message is the reason.
     """
     if fmt.objects:  # a JSON line (or a Parquet row written as one: start-up checks)
         try:
             obj = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"bad JSON: {e}") from None
+        except ValueError as e:  # (a decoding error's `msg`: without its position)
+            raise RowError(f"bad JSON: {e}", kind=f"bad JSON: {getattr(e, 'msg', e)}") from None
         except RecursionError:
-            raise ValueError("bad JSON: nested too deeply") from None
+            raise RowError("bad JSON: nested too deeply") from None
         if not isinstance(obj, dict):
-            raise ValueError("JSON line is not an object")
+            raise RowError("JSON line is not an object")
         return parse_object(obj, fmt, check_range, apply_filters)
     fields = split_fields(line, fmt.separator, fmt.quoted)
     if len(fields) != len(fmt.columns):
-        raise ValueError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
+        raise RowError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
     if apply_filters and not passes_filters(filter_values(fields, fmt), fmt):
         return None
     u, i, t_ = fmt.indices()
@@ -404,7 +441,7 @@ def parse_object(obj: dict, fmt: RowFormat, check_range: bool = True,
         return None
     for key in fmt.wanted:
         if key not in obj:
-            raise ValueError(f"missing key {key!r}")
+            raise RowError(f"missing key {key!r}")  # (a column's name, not a row's value)
     session = obj[fmt.session_col] if fmt.session_col else None
     return _event(obj[fmt.user_col], obj[fmt.item_col], obj[fmt.time_col], session, fmt,
                   check_range)
@@ -418,55 +455,17 @@ def _event(user, item, t, session, fmt: RowFormat, check_range: bool) -> tuple:
         session = _id(session, "session")
     item = _id(item, "item")
     if item in RESERVED_ITEM_IDS:
-        raise ValueError(f"item id {item!r} is reserved (items.tsv rows 0 and 1)")
+        raise RowError("item id ", item, " is reserved (items.tsv rows 0 and 1)")
     if "\n" in item or "\r" in item:
-        raise ValueError(f"item id {item!r} has a line break (items.tsv and the export's "
-                         "vocabulary hold one id per line)")
+        raise RowError("item id ", item, " has a line break (items.tsv and the export's "
+                       "vocabulary hold one id per line)")
     try:
         ms = parse_time_ms(t, fmt.time_unit, check_range)
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith(("negative", "time")) else
-                         f"unparseable time {t!r} ({time_option(fmt.time_unit)})") from None
+    except RowError:
+        raise
+    except (ValueError, OverflowError):  # fromisoformat's, float()'s own words
+        raise RowError("unparseable time ", t, f" ({time_option(fmt.time_unit)})") from None
     return (user, item, ms, session) if fmt.session_col else (user, item, ms)
-
-
-# a Python repr of a row's value in a reason (`value!r`; a bytes one too), and a JSON
-# decoding error's position: what `reason_kind` leaves out
-_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
-_JSON_POSITION = re.compile(r":? line \d+ column \d+ \(char \d+\)")
-# the reasons that hold a value of any type (`{value!r}` of a number, None, a list, a JSON
-# object such as MongoDB's {"$date": ...}, a Decimal or a datetime.time), by what stands
-# around the value: the value goes, the rest stays
-_VALUE_BETWEEN = (
-    (re.compile(r"^(time ).+?( is (?:not|past) .*)$", re.S), r"\1…\2"),
-    (re.compile(r"^(negative time ).+$", re.S), r"\1…"),
-    (re.compile(r"^(unparseable time ).+?( \(--time-[^()]*\))$", re.S), r"\1…\2"),
-    (re.compile(r"^(\w+ ).+?( is not (?:a string or number|UTF-8|valid Unicode.*))$", re.S),
-     r"\1…\2"),
-)
-# a reason that names a column or key (`missing key 'user'`): that name is kept
-_NAMES_A_KEY = "missing key "
-_MAX_KIND = 120
-# where the malformed rows of the less common kinds are counted together
-OTHER_REASONS = "(other reasons)"
-
-
-def reason_kind(reason: str) -> str:
-    """A malformed row's reason without the row's own values (each value as `…`, a JSON
-    error's position left out), so that rows rejected for the same cause count together,
-    whatever the value and its type: `missing user ('NA', a missing-value marker)` →
-    `missing user (…, a missing-value marker)`, `negative time -3` and `negative time
-    '-3'` → `negative time …`, `time {'$date': 16...} is not a number` → `time … is not a
-    number`; a missing key keeps its name (`missing key 'user'`)."""
-    if reason.startswith(_NAMES_A_KEY):
-        return reason[:_MAX_KIND]
-    kind = _QUOTED.sub("…", reason)  # first: a quoted value may hold " is not " itself
-    for pattern, replacement in _VALUE_BETWEEN:
-        kind, done = pattern.subn(replacement, kind)
-        if done:
-            return kind[:_MAX_KIND]
-    return _JSON_POSITION.sub("", kind)[:_MAX_KIND]
 
 
 def malformed_record(source: str, line: int, reason: str, raw: str) -> dict:
@@ -483,12 +482,14 @@ class ParsedBlock(NamedTuple):
       malformed: (local line index, reason, raw text) of rejected rows.
       rows: number of rows seen (non-blank lines, header excluded).
       filtered: rows that `fmt.filters` left out.
+      malformed_kinds: the rejected rows counted by kind of reason (`RowError.kind`).
     """
 
     by_user: dict[str, tuple[list, ...]]
     malformed: list[tuple[int, str, str]]
     rows: int
     filtered: int = 0
+    malformed_kinds: dict[str, int] = {}
 
 
 def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
@@ -509,6 +510,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     with_sessions = bool(fmt.session_col)
     session = None
     malformed: list[tuple[int, str, str]] = []
+    kinds: collections.Counter = collections.Counter()
     rows = filtered = 0
     filters = fmt.filters
     try:
@@ -531,6 +533,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         if line is None:
             rows += 1
             malformed.append((k, "bad UTF-8", lines[k].decode("utf-8", "replace")))
+            kinds["bad UTF-8"] += 1
             continue
         line = line.rstrip("\r")
         if line.startswith("\ufeff"):  # a byte-order mark (a file's first line)
@@ -563,6 +566,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
                 parsed = parse_line(line, fmt, apply_filters=bool(filters))
             except (ValueError, OverflowError) as e:  # whatever the row, never the job
                 malformed.append((k, str(e), line))
+                kinds[error_kind(e)] += 1
                 continue
             if parsed is None:
                 filtered += 1
@@ -571,7 +575,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             if with_sessions:
                 session = session_id[0]
         _add_event(by_user, user, item, ms, first_order + k, session if with_sessions else None)
-    return ParsedBlock(by_user, malformed, rows, filtered)
+    return ParsedBlock(by_user, malformed, rows, filtered, dict(kinds))
 
 
 def _add_event(by_user: dict[str, tuple[list, ...]], user: str, item: str, ms: int, order: int,
@@ -600,6 +604,7 @@ def parse_columns(columns: dict[str, list], fmt: RowFormat, first_order: int) ->
     by_user: dict[str, tuple[list, ...]] = {}
     with_sessions = bool(fmt.session_col)
     malformed: list[tuple[int, str, str]] = []
+    kinds: collections.Counter = collections.Counter()
     filtered = 0
     users, items, times = columns[fmt.user_col], columns[fmt.item_col], columns[fmt.time_col]
     sessions = columns[fmt.session_col] if with_sessions else items
@@ -631,11 +636,12 @@ def parse_columns(columns: dict[str, list], fmt: RowFormat, first_order: int) ->
                 user, item, ms, *session_id = parse_object(row, fmt)
             except (ValueError, OverflowError) as e:  # whatever the row, never the job
                 malformed.append((k, str(e), row_text(row)))
+                kinds[error_kind(e)] += 1
                 continue
             if with_sessions:
                 session = session_id[0]
         _add_event(by_user, user, item, ms, first_order + k, session if with_sessions else None)
-    return ParsedBlock(by_user, malformed, len(users), filtered)
+    return ParsedBlock(by_user, malformed, len(users), filtered, dict(kinds))
 
 
 def row_text(row: dict) -> str:

@@ -39,7 +39,7 @@ HEAVIEST_PREFIX = "heaviest_user/"
 # stats key prefix of a split's target events that are items outside the vocabulary
 UNKNOWN_PREFIX = "unknown_target_events/"
 MALFORMED = "malformed"
-# stats key prefix of the malformed rows of one kind of reason (`parse.reason_kind`)
+# stats key prefix of the malformed rows of one kind of reason (`parse.RowError.kind`)
 MALFORMED_PREFIX = "malformed_reasons/"
 # ... of at most this many kinds a block (the rest under parse.OTHER_REASONS)
 MALFORMED_KINDS = 20
@@ -147,7 +147,7 @@ class _ParseRanges(beam.DoFn):
         if block.filtered:
             counts[f"rows_filtered/{FILTER}"] = block.filtered
         _count("parse", counts)
-        kinds = collections.Counter(parse.reason_kind(reason) for _, reason, _ in block.malformed)
+        kinds = collections.Counter(block.malformed_kinds)
         if len(kinds) > MALFORMED_KINDS:  # (a bound on the keys the stats carry)
             kept = dict(kinds.most_common(MALFORMED_KINDS))
             kept[parse.OTHER_REASONS] = sum(kinds.values()) - sum(kept.values())

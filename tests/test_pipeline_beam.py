@@ -68,7 +68,7 @@ def test_session_records_on_hand_written_events(tmp_path):
         assert_that(out["vocabulary"], equal_to([[("x", 3), ("y", 2)]]), label="vocab")
         assert_that(out["stats"], equal_to([{
             "rows_read": 14, "rows_malformed": 2, "rows_filtered/immediate_repeat": 1,
-            # the malformed rows by kind of reason (`parse.reason_kind`)
+            # the malformed rows by kind of reason (`parse.RowError.kind`)
             "malformed_reasons/wrong column count: expected 3, got 1": 1,
             "malformed_reasons/negative time …": 1,
             "rows_written": 11, "splits/train/users": 2, "splits/train/sessions": 2,

@@ -1,5 +1,6 @@
 """Pure functions of the pipeline: parsing, sessionization, split, vocabulary, records."""
 import bz2
+import datetime
 import decimal
 import gzip
 import json
@@ -828,32 +829,69 @@ def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
                       "heaviest_user/train": (1, "z")}
 
 
-@pytest.mark.parametrize("reason, kind", [
-    ("missing user ('NA', a missing-value marker)", "missing user (…, a missing-value marker)"),
-    ("negative time '-3'", "negative time …"),  # CSV text
-    ("negative time -3", "negative time …"),  # a Parquet or JSON number
-    ("time inf is not finite", "time … is not finite"),
-    ("time Decimal('NaN') is not finite", "time … is not finite"),
-    ("unparseable time '2021-13-01' (--time-unit iso)", "unparseable time … (--time-unit iso)"),
-    ("time 100000000000000 is past 10^11 unix seconds, the year 5138 (--time-unit s)",
-     "time … is past 10^11 unix seconds, the year 5138 (--time-unit s)"),
-    ("bad JSON: Expecting ',' delimiter: line 1 column 57 (char 56)",
-     "bad JSON: Expecting … delimiter"),
-    ("user [1, 2] is not a string or number", "user … is not a string or number"),
-    ("item b'\\xff\\xfe' is not UTF-8", "item … is not UTF-8"),
-    ("item 'it\\'s' has a line break", "item … has a line break"),
-    ("wrong column count: expected 3, got 1", "wrong column count: expected 3, got 1"),
-    ("empty user", "empty user"),
+JSONL = parse.RowFormat("jsonl", "s", "user", "item", "time", ())
+ISO = parse.RowFormat("jsonl", "iso", "user", "item", "time", ())
+
+
+@pytest.mark.parametrize("row, fmt, reason, kind", [
+    ("NA,a,5", CSV, "missing user ('NA', a missing-value marker)",
+     "missing user (…, a missing-value marker)"),
+    ("u,a,-3", CSV, "negative time '-3'", "negative time …"),  # CSV text
+    ({"user": "u", "item": "a", "time": -3}, JSONL, "negative time -3", "negative time …"),
+    ("u,a,inf", CSV, "time 'inf' is not finite", "time … is not finite"),
+    ({"user": "u", "item": "a", "time": decimal.Decimal("NaN")}, JSONL,
+     "time Decimal('NaN') is not finite", "time … is not finite"),
+    ({"user": "u", "item": "a", "time": "2021-13-01"}, ISO,
+     "unparseable time '2021-13-01' (--time-unit iso)", "unparseable time … (--time-unit iso)"),
+    ("u,a,100000000000000", CSV,
+     "time '100000000000000' is past 10^11 unix seconds, the year 5138 (--time-unit s); "
+     "milli- or microseconds? see --time-unit",
+     "time … is past 10^11 unix seconds, the year 5138 (--time-unit s); "
+     "milli- or microseconds? see --time-unit"),
+    ('{"user": "u" "item": "a"}', JSONL, "bad JSON: Expecting ',' delimiter: line 1 column 14 "
+     "(char 13)", "bad JSON: Expecting ',' delimiter"),
+    ({"user": [1, 2], "item": "a", "time": 5}, JSONL, "user [1, 2] is not a string or number",
+     "user … is not a string or number"),
+    ({"user": "u", "item": b"\xff\xfe", "time": 5}, JSONL, "item b'\\xff\\xfe' is not UTF-8",
+     "item … is not UTF-8"),
+    ({"user": "u", "item": "it's\nb", "time": 5}, JSONL,
+     "item id \"it's\\nb\" has a line break (items.tsv and the export's vocabulary hold one id "
+     "per line)",
+     "item id … has a line break (items.tsv and the export's vocabulary hold one id per line)"),
+    ("u,a", CSV, "wrong column count: expected 3, got 2", "wrong column count: expected 3, got 2"),
+    (" ,a,5", CSV, "empty user", "empty user"),
     # values of any type, whole: a MongoDB export's {"$date": ...}, a list, a Parquet time64
-    ("time {'$date': 1614697271000} is not a number", "time … is not a number"),
-    ("time [1, 2] is not a number", "time … is not a number"),
-    ("time datetime.time(10, 0) is not a number", "time … is not a number"),
-    ("unparseable time {'$date': 5} (--time-unit iso)", "unparseable time … (--time-unit iso)"),
-    ("user {'id': 'a b'} is not a string or number", "user … is not a string or number"),
+    ({"user": "u", "item": "a", "time": {"$date": 1614697271000}}, JSONL,
+     "time {'$date': 1614697271000} is not a number", "time … is not a number"),
+    ({"user": "u", "item": "a", "time": [1, 2]}, JSONL, "time [1, 2] is not a number",
+     "time … is not a number"),
+    ({"user": "u", "item": "a", "time": datetime.time(10)}, JSONL,
+     "time datetime.time(10, 0) is not a number", "time … is not a number"),
+    ({"user": "u", "item": "a", "time": {"$date": 5}}, ISO,
+     "time {'$date': 5} is not an ISO 8601 string", "time … is not an ISO 8601 string"),
+    ({"user": {"id": "a b"}, "item": "a", "time": 5}, JSONL,
+     "user {'id': 'a b'} is not a string or number", "user … is not a string or number"),
     # a key's name is the column's, not a row's value
-    ("missing key 'user'", "missing key 'user'"),
-    # a quoted value holding the words that end it
-    ("time 'x is not y' is not an ISO 8601 string", "time … is not an ISO 8601 string"),
+    ({"item": "a", "time": 5}, JSONL, "missing key 'user'", "missing key 'user'"),
+    # a value holding the words that end its reason
+    ({"user": "u", "item": "a", "time": "x is not y"}, ISO,
+     "unparseable time 'x is not y' (--time-unit iso)", "unparseable time … (--time-unit iso)"),
 ])
-def test_reason_kind_leaves_out_the_rows_own_values(reason, kind):
-    assert parse.reason_kind(reason) == kind
+def test_a_malformed_rows_kind_leaves_out_its_own_value(row, fmt, reason, kind):
+    """The stats count malformed rows by `RowError.kind`: the reason with the row's value
+    left out, whatever the value and its type, given where the error is raised."""
+    with pytest.raises(parse.RowError) as raised:
+        if isinstance(row, dict):
+            parse.parse_object(row, fmt)
+        else:
+            parse.parse_line(row, fmt)
+    assert (str(raised.value), raised.value.kind) == (reason, kind)
+    # a block counts its rows by kind
+    if isinstance(row, dict):
+        block = parse.parse_columns({c: [row.get(c)] * 2 for c in fmt.read}, fmt, 0)
+        if "missing key" in reason:
+            return  # (a column is never missing from a Parquet or Avro batch)
+    else:
+        block = parse.parse_block([row.encode()] * 2, fmt, 0)
+    assert block.malformed_kinds == {kind: 2}
+    assert [r for _, r, _ in block.malformed] == [reason] * 2
