@@ -239,10 +239,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     return out
 
 
-# A note when one user holds more than this share of the evaluated target events, among
-# at least this many users (the pipeline's crawler note, for the users evaluated)
-HEAVY_USER_SHARE = 0.25
-HEAVY_USER_MIN_USERS = 20
+# The pipeline's crawler note, for the users evaluated
+HEAVY_USER_SHARE, HEAVY_USER_MIN_USERS = schema.HEAVY_USER_SHARE, schema.HEAVY_USER_MIN_USERS
 
 
 def heavy_user_note(result: dict) -> str | None:

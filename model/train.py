@@ -1146,7 +1146,7 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
 
 
 # `_log_valid` notes the unknown targets when they are more than this share of the events.
-UNKNOWN_NOTE_SHARE = 0.25
+UNKNOWN_NOTE_SHARE = schema.UNKNOWN_NOTE_SHARE
 
 
 def _summary_is_current(run_dir: str, step: int) -> bool:

@@ -31,20 +31,13 @@ from pipeline import argtypes, outputs, parse, schema, sessions, split, storage
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
-# A note when one user holds more than this share of a split's events (in a log with at
-# least this many users in one of its splits; a split may hold the crawler alone): a
-# crawler that would decide the metrics, or that training would learn mostly from.
-HEAVY_USER_SHARE = 0.25
-HEAVY_USER_MIN_USERS = 20
-# A note when more than this share of the valid or test events are unknown items.
-UNKNOWN_NOTE_SHARE = 0.25
+# (the crawler and unknown-items notes' thresholds: schema.HEAVY_USER_SHARE and others)
+HEAVY_USER_SHARE, HEAVY_USER_MIN_USERS = schema.HEAVY_USER_SHARE, schema.HEAVY_USER_MIN_USERS
+UNKNOWN_NOTE_SHARE = schema.UNKNOWN_NOTE_SHARE
 # A note when more than this share of the events are dropped in too short sessions, or of
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
 MALFORMED_NOTE_SHARE = 0.1
-# stats.json's malformed_reasons: this many kinds of reason, the rest summed under
-# parse.OTHER_REASONS
-MALFORMED_KINDS = 20
 # the malformed-rows note names this many of them
 MALFORMED_NOTE_KINDS = 3
 # The first bytes of a compressed file or an archive, and what it is: a file whose name
@@ -1023,8 +1016,9 @@ def run(args, output: str, files, config, options) -> dict:
     import apache_beam as beam
 
     from pipeline import beam_fixes, sources
-    from pipeline.transforms import (HEAVIEST_PREFIX, LONGEST_PREFIX, MALFORMED_PREFIX,
-                                     MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords)
+    from pipeline.transforms import (HEAVIEST_PREFIX, LONGEST_PREFIX, MALFORMED_KINDS,
+                                     MALFORMED_PREFIX, MAX_PREFIX, UNKNOWN_PREFIX,
+                                     SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     try:

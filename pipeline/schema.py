@@ -48,6 +48,15 @@ SHARD_SUFFIX = ".tfrecord.gz"
 COMPRESSION = "GZIP"
 ITEMS_HEADER = ("index", "item_id", "count")
 
+# Notes to the user, the same in the pipeline, training and evaluation:
+# - one user holds more than this share of a split's events, or of the evaluated target
+#   events (among at least this many users: a split may hold the crawler alone): a crawler
+#   that would decide the metrics, or that training would learn mostly from;
+HEAVY_USER_SHARE = 0.25
+HEAVY_USER_MIN_USERS = 20
+# - more than this share of the valid or test target events are unknown items (misses).
+UNKNOWN_NOTE_SHARE = 0.25
+
 
 class DataError(ValueError):
     """A data folder or file that does not follow this contract."""
