@@ -299,16 +299,22 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
                     vocab: schema.Vocabulary) -> dict:
     """Creates RUN or checks that a resumed RUN matches this data, model config and batch
     geometry; returns the other training options this command changes
-    ({option: [was, now]}; e.g. a lower learning rate after a NaN loss)."""
+    ({option: [was, now]}; e.g. a lower learning rate after a NaN loss).
+
+    Only a RUN that holds a training checkpoint is held to its vocabulary and config: one
+    whose earlier command was refused or stopped before its first checkpoint (a damaged
+    shard found while reading the train split, a kill at start-up) trained nothing, and
+    takes this command's data and options as a new RUN would."""
     os.makedirs(run_dir, exist_ok=True)
+    trained = tf.train.latest_checkpoint(os.path.join(run_dir, registry.CHECKPOINT_DIR))
     items_path = os.path.join(run_dir, schema.ITEMS_FILE)
-    if os.path.exists(items_path):
+    if trained and os.path.exists(items_path):
         registry.check_vocabulary(schema.read_vocabulary(run_dir), vocab, run_dir, data_dir)
     else:
         with schema.open_text(os.path.join(data_dir, schema.ITEMS_FILE)) as f:
             write_text(items_path, f.read())
     config_path = os.path.join(run_dir, registry.CONFIG_FILE)
-    if os.path.exists(config_path):
+    if trained and os.path.exists(config_path):
         saved = registry.load_saved_config(config_path)
         fixed = ("batch_size", "sessions_per_batch", "max_session_length")
         now = config.to_dict()
@@ -317,6 +323,8 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
                                     "train": {k: saved.get("train", {}).get(k) for k in fixed}},
                                    {"model_name": now["model_name"], "model": now["model"],
                                     "train": {k: now["train"][k] for k in fixed}})
+        # another model first: its config's keys all differ, and are not the point
+        differences.sort(key=lambda d: not d.startswith("model_name "))
         if differences:
             raise registry.RunError(
                 f"{run_dir} holds a run with another model config or batch geometry "

@@ -3,6 +3,7 @@ errors, the config contract."""
 import json
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -161,6 +162,31 @@ def test_one_line_errors(data, config_file, tmp_path, capsys):
                                 "--dropout", "0.25")) == 2
     err = capsys.readouterr().err
     assert "(model.dropout 0.3 -> 0.25; train.batch_size 4 -> 3; see" in err, err
+
+
+def test_a_run_folder_without_a_checkpoint_takes_new_data_and_options(data, config_file,
+                                                                       tmp_path, capsys):
+    """A command refused or killed before its first checkpoint (a damaged train shard found
+    while reading the split, a kill at start-up) leaves items.tsv and config.json in RUN:
+    the next command, on the rebuilt data (another vocabulary) or with other options,
+    trains there as in a new folder; it was refused as if a model had been trained."""
+    run = tmp_path / "run"
+    run.mkdir()
+    other = write_data(str(tmp_path / "other"), 21, planted_users(8, num_items=21))
+    shutil.copy(os.path.join(other, "items.tsv"), run / "items.tsv")
+    gru4rec = config_lib.RunConfig.from_dict(json.loads(open(_gru4rec_file(tmp_path)).read()),
+                                             registry.config_classes())
+    config_lib.save_json(gru4rec, str(run / "config.json"))
+    assert train_lib.main(_args(data, str(run), config_file, "--steps", "2")) == 0, \
+        capsys.readouterr().err
+    assert (run / "items.tsv").read_text() == open(os.path.join(data, "items.tsv")).read()
+    assert json.loads((run / "config.json").read_text())["model_name"] == "hiertcn"
+    # once it holds a checkpoint, RUN is held to them; another model is said first
+    capsys.readouterr()
+    assert train_lib.main(["--data", data, "--model-dir", str(run), "--config",
+                           _gru4rec_file(tmp_path), "--no-progress", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "another model config or batch geometry (model_name 'hiertcn' -> 'gru4rec'; " in err, err
 
 
 def test_config_is_strict_and_round_trips(tmp_path):
