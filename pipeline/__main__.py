@@ -1281,7 +1281,12 @@ def _main(argv=None) -> int:
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
           f"runner {options.get_all_options()['runner']}", file=sys.stderr)
     stale = outputs.leftovers(output)
-    if stale:
+    replaced = outputs.replaced_output(output)
+    if replaced:
+        print(f"note: {output} is missing, and {replaced} holds its previous complete output "
+              "(a run killed while replacing it): to keep it, stop this run and move it back "
+              f"(mv {shlex.quote(replaced)} {shlex.quote(output)})", file=sys.stderr)
+    elif stale:
         size = sum(outputs.folder_bytes(f) for f in stale)
         print(f"note: {len(stale)} temporary folder(s) of runs that did not finish lie beside "
               f"{output} ({size / 1e6:,.1f} MB): {', '.join(os.path.basename(f) for f in stale)}"

@@ -99,6 +99,19 @@ def make_temp(output: str) -> str:
     return FileSystems.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
 
 
+def replaced_output(output: str) -> str | None:
+    """The folder that holds a local `output`'s previous complete output where `output`
+    itself is missing: a run killed (kill -9) between moving the old output aside and
+    putting its own in place left it as a `.NAME.tmp-*.old-*` folder."""
+    if not is_local(output) or os.path.exists(output):
+        return None
+    for folder in leftovers(output):
+        if ".old-" in os.path.basename(folder) and os.path.isfile(
+                os.path.join(folder, schema.STATS_FILE)):
+            return folder
+    return None
+
+
 def leftovers(output: str) -> list[str]:
     """Temporary folders of earlier runs beside a local `output` that never finished (a
     killed process cannot remove its own): `.NAME.tmp-*` and their `.old-*` twins. A run
@@ -169,8 +182,13 @@ def commit(tmp: str, output: str) -> None:
     if is_local(output):
         if os.path.exists(output):
             trash = f"{tmp}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output, trash)
-            os.rename(tmp, output)
+            try:
+                os.rename(output, trash)
+                os.rename(tmp, output)
+            except BaseException:  # Ctrl-C or SIGTERM between the two: the old one back
+                if os.path.isdir(trash) and not os.path.exists(output):
+                    os.rename(trash, output)
+                raise
             try:
                 shutil.rmtree(trash, ignore_errors=True)
             except KeyboardInterrupt:

@@ -910,6 +910,43 @@ def test_ctrl_c_while_the_replaced_output_is_deleted_says_the_new_one_is_complet
     assert len(leftover) == 1 and leftover[0] in err
 
 
+def test_ctrl_c_between_the_two_renames_of_overwrite_keeps_the_old_output(
+        tmp_path, monkeypatch, capsys):
+    """--overwrite moves the old output aside, then the new one in place: a Ctrl-C or
+    SIGTERM between the two lost both (DIR gone, the old output hidden in a `.old-`
+    folder, "nothing was written"); now the old output is moved back. And where a kill -9
+    there left DIR missing, the next run says which folder holds the old output."""
+    log = _log_with_bad_rows(tmp_path)
+    out = tmp_path / "out"
+    args = ["--input", str(log), "--output", str(out), *IN_MEMORY]
+    assert cli.main(args) == 0
+    before = schema.read_stats(str(out))
+    real = os.rename
+    calls = []
+
+    def interrupted_after_the_first(src, dst):  # (the run's other renames go through)
+        real(src, dst)
+        if ".old-" in os.path.basename(dst):
+            calls.append(dst)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.os, "rename", interrupted_after_the_first)
+    capsys.readouterr()
+    assert cli.main([*args, "--overwrite", "--min-item-count", "1"]) == 130
+    monkeypatch.setattr(outputs.os, "rename", real)
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "(what was there is unchanged)" in err, err
+    assert schema.read_stats(str(out)) == before
+    assert not [f for f in outputs.leftovers(str(out)) if ".old-" in f]
+    # a kill -9 at that moment (simulated): DIR missing, the old output in a .old- folder
+    hidden = tmp_path / ".out.tmp-0123.old-4567"
+    real(out, hidden)
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {out} is missing, and {hidden} holds its previous complete output" in err
+            and f"mv {hidden} {out}" in err), err
+
+
 def test_object_store_output_is_refused_replaced_and_never_half_complete(tmp_path, store,
                                                                          monkeypatch, capsys):
     import object_store
