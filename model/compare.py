@@ -630,12 +630,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rule-out-current", action="store_true",
                    help="evaluate every model without the item each session is on among the "
                         "candidates (model.evaluate --rule-out-current; HierTCN's default head "
-                        "does so itself): results_*_ruled_out.*, beside the plain ones")
+                        "does so itself): results_*_ruled_out.*, beside the plain ones of a run "
+                        "without it")
     p.add_argument("--rule-out-seen", action="store_true",
                    help="evaluate every model without the items each user has had before "
                         "among the candidates (model.evaluate --rule-out-seen: the filter of "
                         "already-rated items, for logs where an item is consumed once): "
-                        "results_*_seen_ruled_out.*, beside the plain ones")
+                        "results_*_seen_ruled_out.*, beside the plain ones of a run without it")
     p.add_argument("--config", action="append", default=[], metavar="MODEL=FILE",
                    help="a config JSON for one model, or for every variant of a base name (repeatable)")
     p.add_argument("--train-args", action="append", default=[], metavar="MODEL=ARGS",

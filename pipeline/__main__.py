@@ -1144,6 +1144,13 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      + ("; a log of mostly anonymous sessions can take its session id column "
                         "as --user-col (a session log)" if anonymous else "")
                      + f": {schema.MALFORMED_DIR}/ under {output} holds each with its reason")
+    not_utf8 = stats.get("malformed_reasons", {}).get(parse.NOT_UTF8, 0)
+    if not_utf8:  # (a file stops at start only where its first lines say so)
+        lines.append(f"note: {not_utf8:,} rows are not UTF-8 (\"{parse.NOT_UTF8}\" in "
+                     f"{schema.MALFORMED_DIR}/), and only their bytes say what they hold: rows of "
+                     "a Latin-1 or Windows-1252 export (an accent, a symbol)? the pipeline reads "
+                     "UTF-8: convert such a file first (iconv -f cp1252 -t utf-8 FILE > "
+                     "FILE.utf8) and run again")
     # the events that reached the sessions (not malformed, not left out by --filter, not
     # copies or past the per-user cap)
     sessionized = (stats["rows_read"] - stats["rows_malformed"] - dropped.get(transforms.FILTER, 0)

@@ -49,6 +49,8 @@ _UNEXPECTED = "unexpected error ({})"
 _MAX_KIND = 120
 # where the malformed rows of the less common kinds are counted together
 OTHER_REASONS = "(other reasons)"
+# the reason of a text row that does not decode as UTF-8
+NOT_UTF8 = "bad UTF-8"
 
 
 class RowError(ValueError):
@@ -532,8 +534,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             continue
         if line is None:
             rows += 1
-            malformed.append((k, "bad UTF-8", lines[k].decode("utf-8", "replace")))
-            kinds["bad UTF-8"] += 1
+            malformed.append((k, NOT_UTF8, lines[k].decode("utf-8", "replace")))
+            kinds[NOT_UTF8] += 1
             continue
         line = line.rstrip("\r")
         if line.startswith("\ufeff"):  # a byte-order mark (a file's first line)
