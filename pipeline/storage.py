@@ -63,6 +63,10 @@ def path_error(e: BaseException) -> str | None:
     """"Permission denied: run/ckpt", "Is a directory: out.json", ... when `e` is an OSError
     (or TensorFlow's error from its file ops) about a path that cannot be written as asked:
     no permission, a file where a folder is needed or the other way round; else None."""
+    if (isinstance(e, OSError) and e.errno == errno.EEXIST and e.filename
+            and os.path.lexists(e.filename) and not os.path.isdir(e.filename)):
+        # makedirs of a folder whose path is a file's: "File exists" says the opposite
+        return f"{e.filename} is a file where a folder is needed"
     if isinstance(e, OSError) and e.errno in PATH_ERRNOS:
         return f"{os.strerror(e.errno)}: {e.filename}" if e.filename else os.strerror(e.errno)
     if type(e).__module__.startswith("tensorflow") and type(e).__name__ in (

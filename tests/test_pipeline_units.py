@@ -593,7 +593,7 @@ def test_storage_error_finds_a_full_disk_through_every_layer():
         reason_or_raise(ValueError("bad value"))
 
 
-def test_path_error_names_a_path_that_cannot_be_written_as_asked():
+def test_path_error_names_a_path_that_cannot_be_written_as_asked(tmp_path):
     import errno
 
     from pipeline.storage import path_error
@@ -605,6 +605,14 @@ def test_path_error_names_a_path_that_cannot_be_written_as_asked():
     assert path_error(OSError(errno.ENOSPC, "No space left on device")) is None  # room: storage_error
     assert path_error(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
     assert path_error(ValueError("Permission denied")) is None
+    # a folder to make (the parent of an --output file) where a file is: not "File exists"
+    (tmp_path / "demo.log").write_text("x")
+    with pytest.raises(OSError) as raised:
+        os.makedirs(tmp_path / "demo.log", exist_ok=True)
+    assert path_error(raised.value) == f"{tmp_path / 'demo.log'} is a file where a folder is needed"
+    os.makedirs(tmp_path / "folder")
+    assert path_error(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "folder"))) == \
+        f"File exists: {tmp_path / 'folder'}"
 
 
 def test_parquet_rows_give_instants_as_unix_milliseconds(tmp_path):
