@@ -47,7 +47,7 @@ class BackfillCounts:
     kept: int = 0  # already in the store (another version's newest record too), left as is
     kept_older: int = 0  # of `kept`: their newest record is an older version's (`refresh`)
     kept_uncounted: int = 0  # of `kept_older`: without a session count (`refresh` cannot)
-    changed: int = 0  # of `kept`: written meanwhile (a live end-session); a rerun retries
+    changed: int = 0  # of `kept`: written meanwhile (end-session, a backfill); rerun retries
     refreshed: int = 0  # of `users`: stored over an older version's newest record
     sessions: int = 0  # folded in
     events: int = 0
@@ -204,7 +204,7 @@ def _store(client, store: state_store.StateStore, batch: list, version: int, sta
         try:
             store.put(user, version, state, sessions, expected=stored, fingerprint=fingerprint,
                       sessions_total=total, known=known)
-        except state_store.StateConflict:  # written meanwhile (a live end-session): newer
+        except state_store.StateConflict:  # written meanwhile (end-session, a backfill)
             counts.kept += 1
             counts.changed += 1
             continue
@@ -347,8 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              "without a session count (written before the store counted sessions) were kept: "
              "nothing says which of their stored sessions the log holds"
              if args.refresh and counts.kept_uncounted else "")
-          + (f"; {counts.changed:,} users' records changed while this ran (a live "
-             "end-session) and were kept: the same command again handles them"
+          + (f"; {counts.changed:,} users' records changed while this ran (written by a "
+             "live end-session or another backfill) and were kept: the same command again "
+             "handles them"
              if counts.changed else ""))
     return 0
 

@@ -11,6 +11,11 @@ EXPORT_DESCRIPTION = ("Exports a trained model as a TF Serving SavedModel versio
                       "(README § 3. Serving).")
 SERVER_DESCRIPTION = ("A TF Serving–compatible gRPC server for local use and tests "
                       "(README § 3. Serving).")
+# serving.server's bounds on one item-id input of a request: its width and its item slots
+# (rows x width). A session wider than the first is refused (update_state needs every item
+# of a session: the client does not cut it); the second bounds a request of many rows.
+MAX_SEQUENCE_WIDTH = 100_000
+MAX_SEQUENCE_ITEMS = 1_000_000
 
 
 def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
@@ -102,6 +107,15 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="how often the base path is scanned for new versions")
     parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,
                         help="request and response size cap")
+    parser.add_argument("--max-sequence-width", type=argtypes.positive_int,
+                        default=MAX_SEQUENCE_WIDTH,
+                        help="the widest item-id input (session_items, history_items) a "
+                             "request may send; wider is RESOURCE_EXHAUSTED (the model's work "
+                             "grows with the width, padding included)")
+    parser.add_argument("--max-sequence-items", type=argtypes.positive_int,
+                        default=MAX_SEQUENCE_ITEMS,
+                        help="the most item slots (rows x width) one item-id input may hold; "
+                             "more is RESOURCE_EXHAUSTED, and a merged batch holds no more")
     parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")

@@ -477,9 +477,18 @@ def _json_items(text: str) -> list[str]:
         items = json.loads(text)
     except ValueError:
         items = None
-    if not (isinstance(items, list) and all(isinstance(i, str) and i for i in items)):
-        shown = given if given.startswith("@") else repr(text[:200])
+    shown = given if given.startswith("@") else repr(text[:200])
+    if not isinstance(items, list):
         raise argparse.ArgumentTypeError(f"must be a JSON list of item ids, got {shown}")
+    bad = [i for i in items if not isinstance(i, str)]
+    if bad:
+        # (a number is not the id the catalogue holds: items.tsv's ids are strings)
+        number = json.dumps(bad[0]) if isinstance(bad[0], (int, float)) \
+            and not isinstance(bad[0], bool) else "1"
+        raise argparse.ArgumentTypeError(f"item ids must be JSON strings ({json.dumps(number)}, "
+                                         f"not {number}), got {shown}")
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"item ids must not be empty (\"\" pads), got {shown}")
     return items
 
 

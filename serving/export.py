@@ -92,6 +92,11 @@ KNOWN = "known"
 # Name of the model method that scores with the user's history (every SequenceModel has
 # it; a model without a repeat head ignores the history).
 HISTORY_SCORER = "item_scores_with_history"
+# Python's `str.isspace()` characters (the pipeline's `str.strip()` takes them off an id's
+# ends) as an RE2 class: ASCII whitespace, the information separators \x1c-\x1f, NEL and
+# Unicode's separators (\p{Z}: no-break and ideographic spaces, line and paragraph seps).
+_WHITESPACE = r"[\t\n\x0b\f\r\x1c-\x1f\x{85}\p{Z}]"
+STRIP_PATTERN = rf"^{_WHITESPACE}+|{_WHITESPACE}+$"
 
 
 class ExportError(ValueError):
@@ -177,7 +182,17 @@ class ServingModule(tf.Module):
         k_spec = tf.TensorSpec(None, tf.int32, name=K)
         use_history = callable(getattr(model, HISTORY_SCORER, None))
 
+        def canonical(ids):
+            """Ids as the pipeline writes them (its `str.strip()`): whitespace at either
+            end taken off, but for an id of whitespace only (an unknown item, not the
+            padding "")."""
+            stripped = tf.strings.regex_replace(ids, STRIP_PATTERN, "")
+            return tf.where(tf.equal(stripped, ""), ids, stripped)
+
         def lookup(ids):
+            return lookup_canonical(canonical(ids))
+
+        def lookup_canonical(ids):
             # "" pads; any other id not in the catalogue (the reserved rows' tokens
             # included) is unknown
             index = self.id_to_index.lookup(ids)
@@ -192,6 +207,7 @@ class ServingModule(tf.Module):
             start), an id equal to the one before it left out as the pipeline does
             (`collapses_repeats`; a reload, a double click), and at least one column
             wide."""
+            ids = canonical(ids)
             if collapse:
                 # the raw ids (two unknown ones are two items), padding out of the way
                 order = tf.argsort(tf.cast(tf.equal(ids, schema.SERVING_PAD_ID), tf.int32),
@@ -206,7 +222,7 @@ class ServingModule(tf.Module):
                                    tf.not_equal(ids[:, 1:], schema.UNKNOWN_TOKEN)))
                 repeat = tf.concat([tf.zeros_like(ids[:, :1], tf.bool), repeat], axis=1)
                 ids = tf.where(repeat, tf.constant(schema.SERVING_PAD_ID), ids)
-            items = lookup(ids)
+            items = lookup_canonical(ids)
             order = tf.argsort(tf.cast(items == schema.PAD_INDEX, tf.int32), axis=1,
                                stable=True)
             items = tf.gather(items, order, batch_dims=1)
@@ -623,6 +639,89 @@ def remove_abandoned_temporaries(export_base: str) -> list[str]:
     return removed
 
 
+# A temporary folder this old is named as left over even where its process may live on
+# (another host's, one without a lock file, a process id reused since).
+LEFTOVER_AFTER_S = 6 * 3600
+_ANY_TEMPORARY = re.compile(r"^\.tmp-\d+-")
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process (EPERM): alive
+        return False
+    return False
+
+
+def _lock_held(folder: str) -> bool:
+    """Whether a live export holds `folder`'s lock (False without a lock file or flock)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _tree_bytes(folder: str) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def leftover_temporaries(export_base: str) -> list[tuple[str, int]]:
+    """(name, bytes) of the temporary folders under `export_base` of exports that did not
+    finish (a SIGKILL, a crash) and that `remove_abandoned_temporaries` leaves: on this host
+    one whose process is gone and whose lock nobody holds, however fresh; any other one
+    (another host's, without a lock file) unchanged for `LEFTOVER_AFTER_S`. Never removes
+    anything: the caller says so, and a person decides."""
+    try:
+        names = sorted(os.listdir(export_base))
+    except OSError:
+        return []
+    left = []
+    for name in names:
+        folder = os.path.join(export_base, name)
+        if not _ANY_TEMPORARY.match(name) or not os.path.isdir(folder) or _lock_held(folder):
+            continue
+        match = _TEMPORARY.match(name)
+        try:
+            old = time.time() - os.stat(folder).st_mtime > LEFTOVER_AFTER_S
+        except OSError:
+            continue
+        gone = bool(match) and match["host"] == _HOST and _process_gone(int(match["pid"]))
+        if gone or old:
+            left.append((name, _tree_bytes(folder)))
+    return left
+
+
+def leftovers_note(export_base: str) -> str | None:
+    """One line naming `leftover_temporaries` with their sizes, or None."""
+    left = leftover_temporaries(export_base)
+    if not left:
+        return None
+    shown = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in left[:5])
+    more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+    them = "them" if len(left) > 1 else "it"
+    return (f"note: {export_base} holds {len(left)} temporary folder{'s' * (len(left) > 1)} "
+            f"of exports that did not finish (killed?): {shown}{more}; delete {them} unless "
+            "another export is writing there now")
+
+
 def _set_version(config_file: str, version: int) -> None:
     """Rewrites the config's version, on disk before the next rename publishes the folder
     (as `_sync_tree` makes the rest): a new file moved over the old one, then synced."""
@@ -669,6 +768,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             print(f"{args.model_dir}'s {args.checkpoint} checkpoint (step {step}) is version "
                   f"{same} under {args.export_base} already: nothing exported (--version N "
                   "exports it again)", file=sys.stderr)
+            _say_leftovers(args.export_base)
             return 0
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
         path = export_model(model, vocabulary, args.export_base, args.version, config, source,
@@ -698,7 +798,14 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     kind = ("the best on valid" if os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
             else "the latest")
     print(f"exported {args.model_dir} (step {step}, {kind} checkpoint) to {path}")
+    _say_leftovers(args.export_base)
     return 0
+
+
+def _say_leftovers(export_base: str) -> None:
+    note = leftovers_note(export_base)
+    if note:
+        print(note, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ if __name__ == "__main__":
 
 import collections
 import concurrent.futures
+import errno
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc, status_pb2)
 
+from pipeline import storage
 from serving import cli, export, protos
 
 log = logging.getLogger("serving.server")
@@ -131,13 +133,20 @@ class Signature:
         self._function = function
         self._captured = list(function.captured_inputs)
 
-    def parse_inputs(self, inputs: Any, max_elements: int | None = None) -> dict[str, np.ndarray]:
+    def parse_inputs(self, inputs: Any, max_elements: int | None = None,
+                     max_width: int | None = None,
+                     max_items: int | None = None) -> dict[str, np.ndarray]:
         """Checks a request's inputs against the signature and decodes them.
 
         Args:
           inputs: the request's `map<string, TensorProto>`.
           max_elements: the most elements one input may have (None: no limit); a larger
             shape is RESOURCE_EXHAUSTED before anything is allocated.
+          max_width, max_items: the widest an item-id input (a string tensor of rank 2:
+            `session_items`, `history_items`, `items`) may be, and the most item slots
+            (rows × width) it may hold (None: no limit): the model's work grows with
+            them, padding included, so a wider or larger one is RESOURCE_EXHAUSTED,
+            read from the shape before anything is decoded.
 
         Returns:
           name → numpy array, in the signature's (sorted) input order.
@@ -165,6 +174,7 @@ class Signature:
                     f"input {key!r} of signature {self.name!r} expects "
                     f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
                     "is provided")
+            _check_sequence(key, self.name, proto, max_width, max_items)
             try:
                 arr = protos.from_proto(proto, max_elements)
             except protos.TensorTooLarge as e:
@@ -205,6 +215,33 @@ class Signature:
             raise RequestError(_GRPC_CODES.get(e.error_code, grpc.StatusCode.INTERNAL),
                                graph_error_line(e.message)) from None
         return {key: value.numpy() for key, value in out.items()}
+
+
+MAX_SEQUENCE_WIDTH = cli.MAX_SEQUENCE_WIDTH
+MAX_SEQUENCE_ITEMS = cli.MAX_SEQUENCE_ITEMS
+
+
+def _check_sequence(key: str, signature: str, proto: Any, max_width: int | None,
+                    max_items: int | None) -> None:
+    """RESOURCE_EXHAUSTED for an item-id input (string, rank 2) wider than `max_width` or
+    of more item slots than `max_items`, from its shape alone (a few bytes of a request
+    can name millions of "" ids, each a position the model runs over)."""
+    dims = proto.tensor_shape.dim
+    if proto.dtype != tf.string.as_datatype_enum or len(dims) != 2 \
+            or proto.tensor_shape.unknown_rank:
+        return
+    rows, width = int(dims[0].size), int(dims[1].size)
+    if max_width is not None and width > max_width:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"input {key!r} of signature {signature!r} is {width} items wide, more than "
+            f"this server's --max-sequence-width {max_width}: send a user's newest items")
+    if max_items is not None and rows > 0 and width > 0 and rows * width > max_items:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"input {key!r} of signature {signature!r} holds {rows} x {width} item slots, "
+            f"more than this server's --max-sequence-items {max_items}: send fewer rows "
+            "per request")
 
 
 class Servable:
@@ -284,6 +321,12 @@ def _pad_strings(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+# A request joins a batch only while padding its item-id inputs to the widest adds at
+# most this many slots, or this share of the requests' own slots if more (Batcher._fits).
+PADDING_FREE = 4096
+PADDING_ALLOWED = 0.25
+
+
 class Batcher:
     """Merges concurrent requests to the same version and signature into one model call.
 
@@ -295,7 +338,8 @@ class Batcher:
     dimension, the same number of rows in each (a scalar input such as a scalar `k` is
     INVALID_ARGUMENT: send one value per row), and all of them are concatenated. A batch
     takes every waiting request with the same key (version, signature, non-batch shapes)
-    up to `max_batch_size` rows; a request of more rows is INVALID_ARGUMENT, as TF Serving
+    up to `max_batch_size` rows and, padded, `max_items` item slots per input, but one
+    whose width would pad the batch well beyond its own items (`_fits`); a request of more rows is INVALID_ARGUMENT, as TF Serving
     refuses it without `enable_large_batch_splitting`. String inputs of rank 2 (item ids) join whatever their
     length: they are padded at the end with "" (the serving pad id), which the signatures
     ignore (TF Serving pads only with `pad_variable_length_inputs: true`, and with the
@@ -306,8 +350,10 @@ class Batcher:
     halves. A failing batch is rerun request by request so one bad request fails alone.
     """
 
-    def __init__(self, max_batch_size: int, timeout_s: float, num_threads: int = 1):
+    def __init__(self, max_batch_size: int, timeout_s: float, num_threads: int = 1,
+                 max_items: int | None = None):
         self._max_rows = max_batch_size
+        self._max_items = max_items
         self._timeout = timeout_s
         self._num_threads = num_threads
         self._running = 0
@@ -393,24 +439,49 @@ class Batcher:
         with self._cv:
             self._stopped = True
 
-    def _take(self, key: tuple, rows: int) -> list[_Task]:
+    @classmethod
+    def _slots(cls, task: _Task) -> dict[str, tuple[int, int]]:
+        """(rows, width) of each of a request's item-id inputs (those padded when merged)."""
+        return {k: arr.shape for k, arr in task.arrays.items() if cls._padded(arr)}
+
+    def _fits(self, slots: dict[str, list[int]], task: _Task) -> bool:
+        """Whether `task` may join a batch whose item-id inputs have `slots` (name ->
+        [rows, widest, own item slots]): padded to the widest, the batch holds at most
+        `max_items` slots per input and padding adds at most PADDING_ALLOWED of its own
+        slots beyond PADDING_FREE (a request far wider than the others runs apart
+        instead of making each of them as wide: one 300,000-item session among 3-item
+        ones made a batch of millions of padding positions)."""
+        for k, (rows, width) in self._slots(task).items():
+            total_rows, widest, own = slots[k]
+            total_rows, widest, own = total_rows + rows, max(widest, width), own + rows * width
+            padded = total_rows * widest
+            if (self._max_items is not None and padded > self._max_items) or \
+                    padded - own > PADDING_FREE + own * PADDING_ALLOWED:
+                return False
+        return True
+
+    def _take(self, key: tuple, rows: int, slots: dict[str, list[int]]) -> list[_Task]:
         taken = []
         for task in list(self._queue):
-            if task.key == key and rows + task.rows <= self._max_rows:
+            if task.key == key and rows + task.rows <= self._max_rows \
+                    and self._fits(slots, task):
                 self._queue.remove(task)
                 taken.append(task)
                 rows += task.rows
+                for k, (r, w) in self._slots(task).items():
+                    slots[k] = [slots[k][0] + r, max(slots[k][1], w), slots[k][2] + r * w]
         return taken
 
     def _form_batch(self) -> list[_Task]:
         """Pops the oldest request and its companions (called holding the lock)."""
         first = self._queue.popleft()
         key, batch, rows = first.key, [first], first.rows
+        slots = {k: [r, w, r * w] for k, (r, w) in self._slots(first).items()}
         peaks = self._peak.setdefault(first.sig, {})
         expected = min(self._max_rows, peaks.get(key, 1))
         deadline = time.monotonic() + self._timeout
         while True:
-            more = self._take(key, rows)
+            more = self._take(key, rows, slots)
             batch += more
             rows += sum(t.rows for t in more)
             left = deadline - time.monotonic()
@@ -453,20 +524,39 @@ class Batcher:
             t.done = True
 
 
-def _bind_advice(host: str) -> str:
-    """What to change when gRPC cannot bind host:port: --host when no socket can be bound
-    to that host at all (not an address of this machine, or not one at all), else --port."""
+def host_port(host: str, port: int) -> str:
+    """gRPC's HOST:PORT, an IPv6 literal in brackets (`::1` → `[::1]:8500`; `[::1]` and
+    names as given): unbracketed, gRPC reads the address's last colon as the port's."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _bind_advice(host: str, port: int) -> str | None:
+    """What to change when gRPC cannot bind host:port, from binding it here: --port when
+    that port is in use (or privileged), --host when no socket can be bound to that host
+    at all (not an address of this machine, or not one at all); None when it can be bound
+    (gRPC refused it for a reason of its own, said in its error)."""
     try:
-        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return f"--host {host} does not resolve: pass an address of this machine (0.0.0.0 for all)"
+    bound = False
     for family, kind, proto, _, address in infos:
         try:
             with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(address)
-            return "pick a free --port"
-        except OSError:
+            bound = True
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} is in use: pick a free --port (0: any free one)"
+            if e.errno == errno.EACCES:
+                return (f"port {port} needs privileges this process lacks: pick a --port "
+                        "from 1024")
             continue
+    if bound:
+        return None
     return f"--host {host} is not an address of this machine: pass one of its own (0.0.0.0 for all)"
 
 
@@ -665,10 +755,13 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
     """gRPC methods: thin wrappers that map RequestError to status codes."""
 
     def __init__(self, manager: ModelManager, batcher: Batcher | None,
-                 max_elements: int | None = None):
+                 max_elements: int | None = None, max_width: int | None = None,
+                 max_items: int | None = None):
         self._manager = manager
         self._batcher = batcher
         self._max_elements = max_elements
+        self._max_width = max_width
+        self._max_items = max_items
 
     @staticmethod
     def _model_spec(request) -> model_pb2.ModelSpec:
@@ -707,7 +800,8 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                 if key in request.output_filter[:i]:  # as TF Serving's predict_util
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"duplicate output tensor alias: {key}")
-            arrays = sig.parse_inputs(request.inputs, self._max_elements)
+            arrays = sig.parse_inputs(request.inputs, self._max_elements, self._max_width,
+                                      self._max_items)
             if self._batcher is not None:
                 out = self._batcher.submit(sig, arrays)
             else:
@@ -817,7 +911,9 @@ class ModelServer:
                  port: int = 8500, enable_batching: bool = False, max_batch_size: int = 64,
                  batch_timeout_micros: int = 0, poll_seconds: float = 1.0,
                  max_message_mb: int = 16, num_versions: int = 1, num_batch_threads: int = 1,
-                 tls_cert: str | None = None, tls_key: str | None = None):
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 max_sequence_width: int = MAX_SEQUENCE_WIDTH,
+                 max_sequence_items: int = MAX_SEQUENCE_ITEMS):
         """Binds the port; call `start()` to load versions and serve.
 
         With `tls_cert` and `tls_key` (PEM files: the server's certificate chain and private
@@ -847,17 +943,20 @@ class ModelServer:
             raise ValueError(f"--model-base-path {model_base_path} is one version's folder: "
                              "pass the folder that holds the numbered versions (its parent, "
                              "the --export-base of serving.export)")
-        if min(max_batch_size, max_message_mb, num_versions, num_batch_threads) < 1 \
+        if min(max_batch_size, max_message_mb, num_versions, num_batch_threads,
+               max_sequence_width, max_sequence_items) < 1 \
                 or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535 \
                 or max_message_mb > 2047:
-            raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb and "
+            raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb, "
+                             "--max-sequence-width, --max-sequence-items and "
                              "--num-versions must be >= 1, --poll-seconds > 0, "
                              "--batch-timeout-micros >= 0, --port from 0 to 65535 and "
                              "--max-message-mb at most 2047")
         self.ready = threading.Event()
         self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready,
                                     batching=enable_batching)
-        self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads)
+        self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads,
+                                max_items=max_sequence_items)
                         if enable_batching else None)
         self._poll_seconds = poll_seconds
         self._stop = threading.Event()
@@ -869,26 +968,33 @@ class ModelServer:
                      ("grpc.so_reuseport", 0)])
         # A tensor of a request within the size cap has at most one element per byte (the
         # *_val forms may ask for more by repeating their last value: refused beyond that).
-        handlers = _Handlers(self.manager, self.batcher, max_elements=limit)
+        # An item-id input also has a width and a number of item slots that bound the
+        # model's work (--max-sequence-width, --max-sequence-items), padding included.
+        handlers = _Handlers(self.manager, self.batcher, max_elements=limit,
+                             max_width=max_sequence_width, max_items=max_sequence_items)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handlers, self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(handlers, self._grpc)
+        address = host_port(host, port)
         try:
-            address = f"{host}:{port}"
             self.port = (self._grpc.add_insecure_port(address) if credentials is None
                          else self._grpc.add_secure_port(address, credentials))
         except RuntimeError as e:
+            advice = _bind_advice(host, port)
             if credentials is not None:
-                raise ValueError(f"cannot serve TLS on {host}:{port} ({e}): check that --tls-key "
-                                 "is the private key of --tls-cert, or pick a free --port") from None
-            raise ValueError(f"cannot bind {host}:{port} ({e}): {_bind_advice(host)}") from None
+                raise ValueError(f"cannot serve TLS on {address} ({e}): "
+                                 + (advice or "check that --tls-key is the private key of "
+                                    "--tls-cert")) from None
+            raise ValueError(f"cannot bind {address} ({e})"
+                             + (f": {advice}" if advice else "")) from None
         if not self.port:
-            raise ValueError(f"cannot bind {host}:{port}: {_bind_advice(host)}")
+            advice = _bind_advice(host, port)
+            raise ValueError(f"cannot bind {address}" + (f": {advice}" if advice else ""))
         self.host = host
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
 
     def _on_ready(self, version: int) -> None:
-        print(f"serving {self.manager.name} version {version} on {self.host}:{self.port}",
-              flush=True)
+        print(f"serving {self.manager.name} version {version} on "
+              f"{host_port(self.host, self.port)}", flush=True)
         self.ready.set()
 
     def _poll_loop(self) -> None:
@@ -915,7 +1021,7 @@ class ModelServer:
 
 def _not_a_base_path(path: str) -> str | None:
     """Why a local folder is plainly not a base path of versions (a training run folder, a
-    SavedModel itself), where waiting for a version to appear would wait forever."""
+    pipeline's data folder, a SavedModel itself), where waiting for a version to appear would wait forever."""
     if not os.path.isdir(path) or list_versions(path):
         return None
     if (os.path.exists(os.path.join(path, "saved_model.pb"))
@@ -926,6 +1032,10 @@ def _not_a_base_path(path: str) -> str | None:
             os.path.join(path, "config.json")):
         return ("is a model.train run folder: export it first (python -m serving.export "
                 f"--model-dir {path} --export-base BASE) and serve BASE")
+    if storage.folder_kind(path) == "a pipeline output":
+        return ("is a pipeline output (session records): train a model on it (python -m "
+                f"model.train --data {path} --model-dir RUN), export the run (python -m "
+                "serving.export --model-dir RUN --export-base BASE) and serve BASE")
     return None
 
 
@@ -942,7 +1052,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.enable_batching, args.max_batch_size,
                              args.batch_timeout_micros, args.poll_seconds, args.max_message_mb,
                              args.num_versions, args.num_batch_threads, args.tls_cert,
-                             args.tls_key)
+                             args.tls_key, args.max_sequence_width, args.max_sequence_items)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -952,8 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     if not list_versions(args.model_base_path):
         # (the port is said now: with --port 0 nothing else would say which one it is)
-        log.warning("no version under %s yet; waiting for one (listening on %s:%d)",
-                    args.model_base_path, server.host, server.port)
+        log.warning("no version under %s yet; waiting for one (listening on %s)",
+                    args.model_base_path, host_port(server.host, server.port))
     while not stop.wait(1.0):
         pass
     log.info("shutting down")

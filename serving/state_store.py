@@ -114,12 +114,16 @@ def collapse_repeats(items: Sequence[str]) -> list[str]:
     unknown item whose raw id a data folder lost (`serving.backfill`): two of them are two
     items, as the folder's records hold them.
 
-    >>> collapse_repeats(["a", "a", "b", "", "b", "a", "[UNK]", "[UNK]"])
-    ['a', 'b', 'a', '[UNK]', '[UNK]']
+    Ids are compared as the export looks them up: whitespace at their ends left out (the
+    pipeline's `str.strip()`), but for an id of whitespace only.
+
+    >>> collapse_repeats(["a", "a", "b", "", "b", "a", "[UNK]", "[UNK]", " a", "a "])
+    ['a', 'b', 'a', '[UNK]', '[UNK]', ' a']
     """
     items = [item for item in items if item != ""]
+    keys = [item.strip() or item for item in items]
     return [item for k, item in enumerate(items)
-            if k == 0 or item != items[k - 1] or item == schema.UNKNOWN_TOKEN]
+            if k == 0 or keys[k] != keys[k - 1] or keys[k] == schema.UNKNOWN_TOKEN]
 
 
 def trim_sessions(sessions: Sequence[Sequence[str]], max_items: int,

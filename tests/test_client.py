@@ -396,7 +396,11 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
     (["end-session", "--user", "ann", "--items", "a,\udcff"], "--items is not UTF-8 text"),
     (["--tls-ca", "ca.pem", "status"], "--tls-ca and --tls-server-name need --tls"),
     (["end-session", "--user", "ann", "--items-json", "[1]"],
-     "--items-json: must be a JSON list of item ids, got '[1]'"),
+     "--items-json: item ids must be JSON strings (\"1\", not 1), got '[1]'"),
+    (["end-session", "--user", "ann", "--items-json", '["a", 2]'],
+     "--items-json: item ids must be JSON strings (\"2\", not 2)"),
+    (["end-session", "--user", "ann", "--items-json", '{"a": 1}'],
+     "--items-json: must be a JSON list of item ids, got '{\"a\": 1}'"),
     (["end-session", "--user", "ann", "--items-json", "@no-such-session.json"],
      "--items-json: cannot read no-such-session.json: No such file or directory"),
     (["end-session", "--user", "ann", "--items-json", "@"],
@@ -683,6 +687,34 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert capsys.readouterr().err.startswith(
         f"error: 20 of the 30 most frequent items of {other} are unknown to version 2")
     assert not fresh.exists()  # nothing made
+
+
+def test_backfill_says_a_record_written_meanwhile_may_be_another_backfills(capsys, served,
+                                                                          tmp_path, monkeypatch):
+    """A user written while the backfill ran is kept; the summary names both writers that
+    can do it (it said "a live end-session" when another backfill run had written it)."""
+    from serving import backfill, state_store
+    from tiny_logs import write_data
+
+    data = write_data(str(tmp_path / "data"), 10, [[[2, 3, 4]], [[5, 6]]])
+    db = str(tmp_path / "states.sqlite")
+    real_store = backfill._store
+
+    def other_backfill_writes(client, store, batch, version, *args):
+        # after this run read the users' records, before it writes them
+        with state_store.SQLiteStateStore(db) as other:
+            if other.latest("train0") is None:
+                other.put("train0", version, client.zero_states(1)[0], [["item2"]],
+                          fingerprint=client.fingerprint(), sessions_total=1)
+        return real_store(client, store, batch, version, *args)
+
+    monkeypatch.setattr(backfill, "_store", other_backfill_writes)
+    assert backfill.main(["--data", data, "--target", served["server"].target, "--model-name",
+                          NAME, "--state-db", db, "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("; 1 users' records changed while this ran (written by a live "
+                        "end-session or another backfill) and were kept: the same command "
+                        "again handles them"), out
 
 
 def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):

@@ -480,6 +480,73 @@ def test_known_items_says_which_ids_are_in_the_catalogue(exported):
     assert run_tf1(path, "known_items", {"items": everything})["known"].all()
 
 
+def test_ids_are_looked_up_as_the_pipeline_strips_them(exported):
+    """The pipeline writes a log's " item0" as item0 (Python's str.strip()): every signature
+    reads an id so, with str.strip()'s whitespace (Unicode's spaces and separators, NEL,
+    \\x1c-\\x1f); an id of whitespace only stays an unknown item, not padding. As TF Serving
+    runs it (TF1 session) and in TF2."""
+    _, _, _, path = exported
+    ends = [" ", "\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\x85", "\xa0",
+            "\u1680", "\u2003", "\u2028", "\u2029", "\u202f", "\u205f", "\u3000"]
+    assert all(c.isspace() and ("a" + c).strip() == "a" for c in ends)
+    padded = [e + "item0" + e for e in ends] + ["item0 \u3000\t", "\x1e\x1dnope "]
+    known = run_tf1(path, "known_items", {"items": np.array([padded + [" ", "\u3000\n", "item 0",
+                                                                      "\u200bitem0"]],
+                                                            dtype=object)})["known"]
+    assert known.tolist() == [[True] * len(ends) + [True, False, False, False, False, False]]
+    spaced = np.array([[" item0", "item3\u3000", ""], ["\tnope ", "item5\xa0", "\nitem1"],
+                       ["", "", ""]], dtype=object)
+    for got, want in zip(_outputs(path, spaced), _outputs(path, SESSIONS)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # stripped ids are compared for the pipeline's repeat collapse; whitespace only is an
+    # unknown item (here, after item0, as after a typo), never padding
+    repeated = np.array([["item0", " item0 ", "item3"], ["nope", "item5", "item1"],
+                         ["", "", ""]], dtype=object)
+    for got, want in zip(_outputs(path, repeated), _outputs(path, SESSIONS)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    blank = np.array([["item0", " ", "item3"]] * 3, dtype=object)
+    unknown = np.array([["item0", "nope", "item3"]] * 3, dtype=object)
+    np.testing.assert_array_equal(_outputs(path, blank)[0].numpy(),
+                                  _outputs(path, unknown)[0].numpy())
+    assert np.abs(_outputs(path, blank)[0].numpy() - _outputs(
+        path, np.array([["item0", "", "item3"]] * 3, dtype=object))[0].numpy()).max() > 1e-6
+
+
+def test_a_killed_exports_leftover_folder_is_named_never_removed(exported, tmp_path):
+    """A kill -9 leaves a whole model's copy in a hidden folder; one whose process is gone
+    (however fresh) or, of another host or without a lock, older than LEFTOVER_AFTER_S is
+    named in one line with its size, never deleted; a live export's is not named."""
+    base = tmp_path / "base"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    old = time.time() - 2 * export.LEFTOVER_AFTER_S
+    host = export._HOST
+    names = {f".tmp-2-{host}-{gone.pid}-abc": "dead", f".tmp-3-{host}-{os.getpid()}-live": "live",
+             f".tmp-4-{host}-{os.getpid()}-held": "held", ".tmp-5-otherhost-1-x": "other",
+             ".tmp-6-otherhost-1-y": "other old", ".tmp-7-oldname": "old, no lock"}
+    held = None
+    for name, why in names.items():
+        folder = base / name
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "saved_model.pb").write_bytes(b"x" * 2_000_000)
+        if why in ("dead", "live", "held"):
+            (folder / export.LOCK_FILE).touch()
+        if why == "held":
+            held = export._hold_lock(str(folder))
+        if "old" in why:
+            os.utime(folder, (old, old))
+    try:
+        note = export.leftovers_note(str(base))
+    finally:
+        os.close(held)
+    assert note == (f"note: {base} holds 3 temporary folders of exports that did not finish "
+                    f"(killed?): .tmp-2-{host}-{gone.pid}-abc (2.0 MB), .tmp-6-otherhost-1-y "
+                    "(2.0 MB), .tmp-7-oldname (2.0 MB); delete them unless another export is "
+                    "writing there now")
+    assert sorted(os.listdir(base)) == sorted(names)  # nothing removed
+    assert export.leftovers_note(str(tmp_path / "missing")) is None
+
+
 @pytest.mark.parametrize("item", ["[UNK]", "[PAD]", "item0"])
 def test_a_vocabulary_with_a_repeated_or_reserved_id_is_rejected(tmp_path, item):
     vocab = lib.tiny_vocabulary(3)

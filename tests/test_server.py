@@ -154,6 +154,22 @@ def _huge_shape_request():
     return req
 
 
+def _empty_ids_request(signature, shape):
+    """A request whose session_items names `shape` and holds no string_val (all "")."""
+    inputs = {**INPUTS[signature], "user_state": np.zeros([shape[0], H], np.float32)}
+    if "k" in inputs:
+        inputs["k"] = np.int32([2] * shape[0])
+    if "history_items" in inputs:
+        inputs["history_items"] = np.full([shape[0], 1], "", dtype=object)
+    req = request(signature, inputs)
+    items = req.inputs["session_items"]
+    items.Clear()
+    items.dtype = tf.string.as_datatype_enum
+    for d in shape:
+        items.tensor_shape.dim.add().size = d
+    return req
+
+
 BAD_REQUESTS = {
     "unknown model": (request("next_items", INPUTS["next_items"], name="nope"),
                       grpc.StatusCode.NOT_FOUND, "Latest(nope)"),
@@ -192,6 +208,16 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT, "Task size 65 is larger than maximum input batch size 64"),
     "huge shape in a small message": (_huge_shape_request(), grpc.StatusCode.RESOURCE_EXHAUSTED,
                                       "'user_state': tensor shape [2147483648, 8] has"),
+    # a few bytes name a session of 200,001 "" (TF fills a short string_val): each one a
+    # position the model would run over (16.7M of them took 15 GB and 45 s of CPU)
+    "wider than --max-sequence-width": (
+        _empty_ids_request("next_items", [1, 200_001]), grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "input 'session_items' of signature 'next_items' is 200001 items wide, more than this "
+        "server's --max-sequence-width 100000"),
+    "more item slots than --max-sequence-items": (
+        _empty_ids_request("update_state", [11, 95_000]), grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "input 'session_items' of signature 'update_state' holds 11 x 95000 item slots, more "
+        "than this server's --max-sequence-items 1000000"),
     "too large": (request("update_state", {"user_state": np.zeros([40000, H], np.float32),
                                            "session_items": np.full([40000, 1], "", dtype=object)}),
                   grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
@@ -448,6 +474,96 @@ def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path):
         np.testing.assert_array_equal(out, r * 10.0)
 
 
+def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_path):
+    """Merged item-id inputs are padded to the widest: a 50,000-item session among 3-item
+    ones made each of them 50,000 wide (a 300,000-item one: 2.4 GB, the small ones 0.8 s
+    late). It runs apart; the narrow ones still go together, and no merged batch holds more
+    item slots than --max-sequence-items allows one request."""
+    module = tf.Module()
+    module.run = tf.function(
+        lambda items: {"n": tf.reduce_sum(tf.cast(tf.not_equal(items, ""), tf.int32), axis=1)},
+        input_signature=[tf.TensorSpec([None, None], tf.string, name="items")])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    sig = server.Servable("ids", 1, str(tmp_path / "1")).signature("")
+    calls, first_running, release = [], threading.Event(), threading.Event()
+    real_run = sig.run
+
+    def spy(arrays):
+        calls.append(arrays["items"].shape)
+        if len(calls) == 1:
+            first_running.set()
+            release.wait(30)
+        return real_run(arrays)
+
+    sig.run = spy
+
+    def ids(width, n):
+        return {"items": np.array([[f"i{j}" for j in range(n)] + [""] * (width - n)],
+                                  dtype=object)}
+
+    def run(batcher, first, rest):
+        calls.clear()
+        first_running.clear()
+        release.clear()
+        with concurrent.futures.ThreadPoolExecutor(len(rest) + 1) as pool:
+            futures = [pool.submit(batcher.submit, sig, first)]
+            assert first_running.wait(30)
+            futures += [pool.submit(batcher.submit, sig, r) for r in rest]
+            deadline = time.monotonic() + 30
+            while len(batcher._queue) < len(rest) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            release.set()
+            return [int(f.result(timeout=30)["n"][0]) for f in futures]
+
+    narrow = [ids(3, 1 + i % 3) for i in range(6)]
+    outs = run(server.Batcher(max_batch_size=16, timeout_s=0.0, max_items=10**6),
+               ids(3, 2), [ids(50_000, 7)] + narrow)
+    assert outs == [2, 7] + [1 + i % 3 for i in range(6)]
+    assert calls == [(1, 3), (1, 50_000), (6, 3)]
+    # equal widths, but together more item slots than one request may hold: apart
+    outs = run(server.Batcher(max_batch_size=16, timeout_s=0.0, max_items=100),
+               ids(60, 1), [ids(60, 2), ids(60, 3)])
+    assert outs == [1, 2, 3] and calls == [(1, 60)] * 3
+
+
+def test_ipv6_literal_hosts_are_bracketed(tmp_path, capsys):
+    """`--host ::1` bound "::1:8500", which gRPC cannot parse, and the error blamed the
+    port; an IPv6 literal goes in brackets (a bracketed one stays as it is), and a port in
+    use on it is said as such."""
+    assert server.host_port("::1", 8500) == "[::1]:8500"
+    assert server.host_port("fe80::1", 0) == "[fe80::1]:0"
+    assert server.host_port("[::1]", 8500) == "[::1]:8500"
+    assert server.host_port("localhost", 8500) == "localhost:8500"
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    for host in ("::1", "[::1]"):
+        s = server.ModelServer(NAME, str(tmp_path), host=host, port=0)
+        try:
+            assert s.port > 0
+            s.start()
+            channel = grpc.insecure_channel(f"[::1]:{s.port}")
+            req = get_model_status_pb2.GetModelStatusRequest()
+            req.model_spec.name = NAME
+            with pytest.raises(grpc.RpcError) as err:  # no version yet: the server answers
+                model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(req, timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            channel.close()
+        finally:
+            s.stop(0)
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert server.main(["--model-base-path", str(tmp_path), "--model-name", NAME,
+                            "--host", "::1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot bind [::1]:{port}") and err[-1].endswith(
+        f"port {port} is in use: pick a free --port (0: any free one)"), err
+
+
 def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
     version = tmp_path / "exports" / "1"
     version.mkdir(parents=True)
@@ -458,7 +574,13 @@ def test_bad_base_paths_are_one_line_errors(tmp_path, capsys):
     run = tmp_path / "run"  # a model.train run folder
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")
+    data = tmp_path / "data"  # the pipeline's output (it waited for a version forever)
+    (data / "train").mkdir(parents=True)
+    (data / "stats.json").write_text("{}")
+    (data / "items.tsv").write_text("index\titem_id\tcount\n")
     for path, message in ((tmp_path / "missing", "is not a folder"),
+                          (data, "is a pipeline output (session records): train a model on "
+                                 "it (python -m model.train --data"),
                           (version, "is one version's folder: pass the folder that holds"),
                           (saved, "is a SavedModel itself: a base path holds numbered versions"),
                           (run, "is a model.train run folder: export it first")):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,13 +57,29 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
         source = json.load(f)["source"]
     assert (source["step"], source["which"]) == (3, "best")
     assert source["checkpoint"].startswith(os.path.join(work, "run", "best"))
-    # the same weights again: no second version (clients would rebuild every user's state)
+    # the same weights again: no second version (clients would rebuild every user's state);
+    # the copy a killed export left (kill -9: its process gone) is named, not removed
+    from serving import export as export_lib
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = os.path.join(work, "export", f".tmp-2-{export_lib._HOST}-{dead.pid}-killed")
+    os.makedirs(os.path.join(left, "model"))
+    with open(os.path.join(left, "model", "saved_model.pb"), "wb") as f:
+        f.write(b"x" * 300_000)
+    open(os.path.join(left, export_lib.LOCK_FILE), "w").close()
     again = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
                             "--export-base", "export"], cwd=work, capture_output=True, text=True,
                            timeout=300, env=dict(os.environ, PYTHONPATH=lib.REPO))
     assert again.returncode == 0 and again.stdout == "", again.stderr
-    assert again.stderr.strip() == ("run's best checkpoint (step 3) is version 1 under export "
-                                    "already: nothing exported (--version N exports it again)")
+    assert again.stderr.strip().splitlines() == [
+        "run's best checkpoint (step 3) is version 1 under export already: nothing exported "
+        "(--version N exports it again)",
+        f"note: export holds 1 temporary folder of exports that did not finish (killed?): "
+        f"{os.path.basename(left)} (0.3 MB); delete it unless another export is writing there "
+        "now"]
+    assert os.path.isdir(left)
+    shutil.rmtree(left)
     # the latest checkpoint of the step the best one is of: the same weights (the index
     # files differ: the latest also holds the optimizer's slots and the training state)
     latest = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
@@ -76,8 +93,6 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
     # a stop (Ctrl-C, SIGTERM) right after the rename that publishes a version said "no
     # version was published" beside a complete one
-    from serving import export as export_lib
-
     real_sync = export_lib._sync_dir
 
     def stopped_once_published(path):
