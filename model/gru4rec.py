@@ -12,9 +12,9 @@ state is not used: it has width 1 and `update_state` returns it unchanged.
 Position 0 (the first item of a session, before any item is seen): a session-only model
 has nothing to go on there, and DESIGN §6 has such models scored by popularity: the
 evaluator (`KerasScorer`) ranks first items by the train counts (`first_item_scores`,
-the `popularity` baseline's scores), so `first_item` metrics are popularity's. The start
-vector's output (a learned constant) still starts the GRU and is what serving returns
-for an empty session.
+the `popularity` baseline's scores), so `first_item` metrics are popularity's, and the
+export's `next_items` returns the same scores for an empty session. The start vector's
+output (a learned constant) still starts the GRU.
 """
 from __future__ import annotations
 

@@ -181,6 +181,12 @@ class ServingModule(tf.Module):
         # batch dimension on every input and concatenates them); the rows get the largest.
         k_spec = tf.TensorSpec(None, tf.int32, name=K)
         use_history = callable(getattr(model, HISTORY_SCORER, None))
+        # A session-only model's scores before a session's first item are popularity's, as
+        # `model.evaluate` ranks first items (DESIGN §6; `KerasScorer`, for a model without
+        # a repeat head), not its start vector's: what is served is what was measured.
+        first = getattr(model, "first_item_scores", None)
+        first = (None if first is None or getattr(model, "history_size", 0)
+                 else tf.constant(first, tf.float32))
 
         def canonical(ids):
             """Ids as the pipeline writes them (its `str.strip()`): whitespace at either
@@ -295,8 +301,12 @@ class ServingModule(tf.Module):
                 scores = getattr(model, HISTORY_SCORER)(u, history, user_state, current)
             else:
                 scores = model.item_logits(u)
+            scores = tf.cast(scores, tf.float32)
+            if first is not None:  # an empty session: the first item's (popularity) scores
+                empty = tf.reduce_all(tf.equal(items, schema.PAD_INDEX), axis=1)
+                scores = tf.where(empty[:, None], first[None, :], scores)
             # Columns 0 (padding) and 1 (unknown) are cut off, so they are never returned.
-            real = tf.cast(scores, tf.float32)[:rows, schema.NUM_RESERVED:]
+            real = scores[:rows, schema.NUM_RESERVED:]
             top = tf.math.top_k(real, k=tf.minimum(k, tf.shape(real)[1]))
             ids = self.index_to_id.lookup(tf.cast(top.indices, tf.int64) + schema.NUM_RESERVED)
             return {ITEM_IDS: ids, SCORES: top.values}

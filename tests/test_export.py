@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from model import registry
+from pipeline import schema
 from serving import export
 
 STATE = np.random.default_rng(0).normal(size=[3, 8]).astype(np.float32)
@@ -132,6 +133,44 @@ def test_the_baselines_and_a_tied_output_export_and_score_as_the_model(name, con
     weights.assign_add(tf.ones_like(weights))
     np.testing.assert_allclose(model.item_logits(tf.constant(u)).numpy(),
                                u @ (vectors + 1).T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("gru4rec", {"embedding_dim": 8, "units": 8}),
+    ("hiertcn", {"high_level": False, "repeat_head": False}),  # the session-only ablation
+])
+def test_a_session_only_exports_first_items_are_ranked_as_evaluated(name, config, tmp_path):
+    """`model.evaluate` ranks a session-only model's first items by popularity (DESIGN §6,
+    `first_item_scores`); its export returned the start vector's scores for an empty
+    session (25 of 182 first items' top 1 differed): now the same scores as evaluated."""
+    counts = np.array([0, 0, 5, 9, 1, 9, 0, 3, 7, 2, 8, 4, 6, 1], np.int64)
+    vocab = schema.Vocabulary(ids=lib.tiny_vocabulary().ids, counts=counts)
+    tf.keras.utils.set_random_seed(0)
+    if name == "hiertcn":
+        model = lib.tiny_model(vocab, **config)
+        model = registry.build_model("hiertcn", model.config, vocab.size, item_counts=counts)
+    else:
+        cls = registry.config_classes()[name]
+        model = registry.build_model(name, cls().replace(config), vocab.size, item_counts=counts)
+    assert model.first_item_scores is not None
+    path = export.export_model(model, vocab, str(tmp_path))
+    got = run_tf1(path, "next_items", {"user_state": np.zeros([3, model.state_size], np.float32),
+                                       "session_items": SESSIONS, "history_items": HISTORY,
+                                       "k": np.int32(4)})
+    # the empty session (row 2): popularity's order and scores, as `KerasScorer` ranks them
+    from model.keras_scorer import KerasScorer
+
+    evaluated = KerasScorer(model).score(KerasScorer(model).initial_state(["a"]),
+                                         np.zeros([1, 1], np.int64))[0, 0, 2:]
+    order = np.argsort(-evaluated, kind="stable")[:4]
+    assert got["item_ids"][2].astype(str).tolist() == [vocab.ids[2 + i] for i in order]
+    assert [vocab.ids[2 + i] for i in order] == ["item1", "item3", "item8", "item6"]
+    np.testing.assert_allclose(got["scores"][2], evaluated[order], rtol=1e-6)
+    # the other rows: the model's own scores after their items
+    u = model.last_user_embedding(np.zeros([3, model.state_size], np.float32), INDICES)
+    logits = model.item_logits(u).numpy()[:2, 2:]
+    np.testing.assert_allclose(got["scores"][:2], -np.sort(-logits, axis=1)[:, :4],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_tf1_session_loader_equals_eager_model(exported):
