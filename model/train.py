@@ -879,11 +879,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     # what the processes before this one trained, up to the checkpoint resumed from: a
     # run's time limit and its reported time and rate are the whole run's
     before = {"seconds": 0.0, "step_seconds": 0.0, "events": 0, **position.get(TRAINED, {})}
+    # (and the loss of its last step: the summary's of a run resumed with no step left)
+    if before.get("loss") is not None:
+        last_loss = float(before["loss"])
 
     def trained() -> dict:
         return {"seconds": before["seconds"] + time.perf_counter() - wall_start - eval_seconds,
                 "step_seconds": before["step_seconds"] + step_seconds,
-                "events": before["events"] + events}
+                "events": before["events"] + events,
+                "loss": last_loss if math.isfinite(last_loss) else None}
     # The batch index of this process's first step: the batcher's next batch, since only
     # the dataset draws from it. Each step consumes one batch, in order.
     first_index, last_saved = batcher.batch_index, start_step

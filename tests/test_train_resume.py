@@ -422,6 +422,8 @@ def test_a_lost_or_stale_summary_of_a_finished_run_is_written_again(data, config
         assert summary["steps"] == 20 and summary["stopped_by"] == "steps"
         assert summary["steps_this_run"] == 0 and summary["best"] == first["best"]
         assert summary["valid"] == first["valid"]  # the last evaluation, done again
+        # the last step's loss, from the checkpoint (it was null: no step in this process)
+        assert summary["final_loss"] == first["final_loss"] is not None
     # and now the run is whole: nothing to do
     assert train_lib.main(_args(data, run, config_file, *args)) == 0
     assert "already holds 20 steps; nothing to do" in capsys.readouterr().err
