@@ -301,12 +301,12 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
     geometry; returns the other training options this command changes
     ({option: [was, now]}; e.g. a lower learning rate after a NaN loss).
 
-    Only a RUN that holds a training checkpoint is held to its vocabulary and config: one
-    whose earlier command was refused or stopped before its first checkpoint (a damaged
-    shard found while reading the train split, a kill at start-up) trained nothing, and
-    takes this command's data and options as a new RUN would."""
+    Only a RUN that holds a model (`_holds_a_model`) is held to its vocabulary and config:
+    one whose earlier command was refused or stopped before its first checkpoint (a
+    damaged shard found while reading the train split, a kill at start-up) trained
+    nothing, and takes this command's data and options as a new RUN would."""
     os.makedirs(run_dir, exist_ok=True)
-    trained = tf.train.latest_checkpoint(os.path.join(run_dir, registry.CHECKPOINT_DIR))
+    trained = _holds_a_model(run_dir)
     items_path = os.path.join(run_dir, schema.ITEMS_FILE)
     if trained and os.path.exists(items_path):
         registry.check_vocabulary(schema.read_vocabulary(run_dir), vocab, run_dir, data_dir)
@@ -333,6 +333,17 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
         return {k: [saved["train"][k], v] for k, v in now["train"].items()
                 if k in saved.get("train", {}) and saved["train"][k] != v}
     return {}
+
+
+def _holds_a_model(run_dir: str) -> bool:
+    """Whether RUN holds a training checkpoint, or a best one (or its record): evaluation
+    and export load `best/` alone, as in a folder whose checkpoints/ was deleted to save
+    room, so such a folder is a trained run too."""
+    if tf.train.latest_checkpoint(os.path.join(run_dir, registry.CHECKPOINT_DIR)):
+        return True
+    best = os.path.join(run_dir, registry.BEST_DIR)
+    return os.path.isdir(best) and any(name.endswith(".index") or name == registry.BEST_FILE
+                                       for name in os.listdir(best))
 
 
 def _differences(was, now, where: str = "") -> list[str]:

@@ -187,6 +187,17 @@ def test_a_run_folder_without_a_checkpoint_takes_new_data_and_options(data, conf
                            _gru4rec_file(tmp_path), "--no-progress", "--steps", "4"]) == 2
     err = capsys.readouterr().err
     assert "another model config or batch geometry (model_name 'hiertcn' -> 'gru4rec'; " in err, err
+    # and so is a folder of a best checkpoint alone (checkpoints/ deleted to save room:
+    # evaluation and export load best/), which a new run would have discarded
+    assert train_lib.main(_args(data, str(run), config_file, "--steps", "4", "--eval-every",
+                                "2")) == 0
+    shutil.rmtree(run / "checkpoints")
+    best = sorted(os.listdir(run / "best"))
+    capsys.readouterr()
+    assert train_lib.main(_args(other, str(run), config_file, "--steps", "4")) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert sorted(os.listdir(run / "best")) == best
+    assert (run / "items.tsv").read_text() == open(os.path.join(data, "items.tsv")).read()
 
 
 def test_config_is_strict_and_round_trips(tmp_path):
