@@ -105,11 +105,10 @@ def replaced_output(output: str) -> str | None:
     putting its own in place left it as a `.NAME.tmp-*.old-*` folder."""
     if not is_local(output) or os.path.exists(output):
         return None
-    for folder in leftovers(output):
-        if ".old-" in os.path.basename(folder) and os.path.isfile(
-                os.path.join(folder, schema.STATS_FILE)):
-            return folder
-    return None
+    replaced = [folder for folder in leftovers(output) if ".old-" in os.path.basename(folder)
+                and os.path.isfile(os.path.join(folder, schema.STATS_FILE))]
+    # (two kills there, a run between them: the newest is the previous output)
+    return max(replaced, key=os.path.getmtime, default=None)
 
 
 def leftovers(output: str) -> list[str]:

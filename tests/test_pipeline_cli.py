@@ -964,6 +964,19 @@ def test_ctrl_c_between_the_two_renames_of_overwrite_keeps_the_old_output(
             and f"mv {hidden} {out}" in err), err
 
 
+def test_of_two_replaced_outputs_the_newest_is_named(tmp_path):
+    """Two kills between the renames, a run between them: the newest `.old-` folder holds
+    the previous output (names are random: the first by name was the older one)."""
+    for name, when in ((".out.tmp-aaaa.old-1111", 1_000_000), (".out.tmp-ffff.old-2222", 2_000_000),
+                       (".out.tmp-bbbb.old-3333", 1_500_000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stats.json").write_text("{}")
+        os.utime(tmp_path / name, (when, when))
+    assert outputs.replaced_output(str(tmp_path / "out")) == str(tmp_path / ".out.tmp-ffff.old-2222")
+    (tmp_path / "out").mkdir()
+    assert outputs.replaced_output(str(tmp_path / "out")) is None
+
+
 def test_object_store_output_is_refused_replaced_and_never_half_complete(tmp_path, store,
                                                                          monkeypatch, capsys):
     import object_store
