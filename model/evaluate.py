@@ -239,17 +239,14 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     return out
 
 
-# The pipeline's crawler note, for the users evaluated
-HEAVY_USER_SHARE, HEAVY_USER_MIN_USERS = schema.HEAVY_USER_SHARE, schema.HEAVY_USER_MIN_USERS
-
-
 def heavy_user_note(result: dict) -> str | None:
     """A note on `evaluate`'s result where one user holds most of what it scored (a
-    crawler: the metrics average over events, so they are mostly that user's)."""
+    crawler: the metrics average over events, so they are mostly that user's; the
+    pipeline's crawler note, for the users evaluated)."""
     heavy = result.get("heaviest_user") or {}
     n, total, users = (heavy.get(k, 0) for k in ("target_events", "of_target_events",
                                                   "of_users"))
-    if users < HEAVY_USER_MIN_USERS or n <= HEAVY_USER_SHARE * total:
+    if users < schema.HEAVY_USER_MIN_USERS or n <= schema.HEAVY_USER_SHARE * total:
         return None
     return (f"note: one user ({heavy['user']}) holds {n / total:.0%} of the {total:,} target "
             f"events evaluated ({users:,} users): the metrics average over events, so they "
@@ -407,8 +404,7 @@ def sample_users(data_dir: str, split: str, count: int, max_events: int = 0,
     (training orders the train split's users by the unsalted hash)."""
     from model.batching import user_order_key
 
-    users = [(u.user_id, sum(len(s) for s in u.sessions[u.num_context_sessions:]))
-             for u in schema.iter_users(data_dir, split)]
+    users = [(u.user_id, _target_events(u)) for u in schema.iter_users(data_dir, split)]
     ordered = sorted(users, key=lambda u: (user_order_key(salt + u[0]), u[0]))
     chosen, events, over = [], 0, 0
     for user_id, n in ordered:

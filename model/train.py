@@ -1157,7 +1157,7 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
         _scalar(f"valid/{key}", metrics[key], step=step)
     events, unknown = metrics["events"], metrics["unknown_targets"]
     note = ""
-    if events and unknown > UNKNOWN_NOTE_SHARE * events:
+    if events and unknown > schema.UNKNOWN_NOTE_SHARE * events:
         count = schema.read_stats(data_dir).get("options", {}).get("min_item_count", 5)
         note = (f" ({unknown:,} of {events:,} targets are items outside the vocabulary, "
                 f"misses for every model: recall@20 can reach {1 - unknown / events:.4f} at "
@@ -1166,10 +1166,6 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
     print(f"{lead}step {step}: valid recall@20 {metrics['recall@20']:.4f} "
           f"mrr@20 {metrics['mrr@20']:.4f}{note}", file=sys.stderr)
     return {k: metrics[k] for k in ("recall@20", "mrr@20", "events", "unknown_targets")}
-
-
-# `_log_valid` notes the unknown targets when they are more than this share of the events.
-UNKNOWN_NOTE_SHARE = schema.UNKNOWN_NOTE_SHARE
 
 
 def _summary_is_current(run_dir: str, step: int) -> bool:

@@ -31,9 +31,6 @@ from pipeline import argtypes, outputs, parse, schema, sessions, split, storage
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
-# (the crawler and unknown-items notes' thresholds: schema.HEAVY_USER_SHARE and others)
-HEAVY_USER_SHARE, HEAVY_USER_MIN_USERS = schema.HEAVY_USER_SHARE, schema.HEAVY_USER_MIN_USERS
-UNKNOWN_NOTE_SHARE = schema.UNKNOWN_NOTE_SHARE
 # A note when more than this share of the events are dropped in too short sessions, or of
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
@@ -990,19 +987,6 @@ def _nest(flat: dict) -> tuple[dict, dict]:
     return dict(sorted(filtered.items())), splits
 
 
-def _most_first(counts: dict[str, int], keep: int) -> dict[str, int]:
-    """The `keep` largest counts, largest first (ties by key), the rest summed under
-    parse.OTHER_REASONS (with what the blocks counted there)."""
-    counts = dict(counts)
-    other = counts.pop(parse.OTHER_REASONS, 0)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    out = dict(ranked[:keep])
-    other += sum(n for _, n in ranked[keep:])
-    if other:
-        out[parse.OTHER_REASONS] = other
-    return out
-
-
 def _read_single(path: str):
     return json.loads(outputs.read_text(path))
 
@@ -1081,7 +1065,7 @@ def run(args, output: str, files, config, options) -> dict:
         stats["unknown_target_events"] = {name: counts.get(UNKNOWN_PREFIX + name, 0)
                                           for name in schema.SPLITS[1:]}
         # the malformed rows by kind of reason, most first (malformed/ holds each row)
-        stats["malformed_reasons"] = _most_first(
+        stats["malformed_reasons"] = parse.most_common_kinds(
             {k[len(MALFORMED_PREFIX):]: n for k, n in counts.items()
              if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
         if config.session_ids:
@@ -1174,7 +1158,7 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      f"collapsing immediate repeats) and were dropped: {how}")
     for name in schema.SPLITS[1:]:
         events, unknown = splits[name]["events"], stats["unknown_target_events"][name]
-        if events and unknown > UNKNOWN_NOTE_SHARE * events and splits["train"]["events"]:
+        if events and unknown > schema.UNKNOWN_NOTE_SHARE * events and splits["train"]["events"]:
             # (an empty train split has its own warning below: no item is known)
             count = options.get("min_item_count", 5)
             lines.append(f"note: {unknown:,} of the {name} split's {events:,} events are items "
@@ -1187,7 +1171,7 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     for name in schema.SPLITS:
         events, users = splits[name]["events"], splits[name]["users"]
         heaviest = stats["max_user_events"][name]
-        if log_users >= HEAVY_USER_MIN_USERS and heaviest > HEAVY_USER_SHARE * events:
+        if log_users >= schema.HEAVY_USER_MIN_USERS and heaviest > schema.HEAVY_USER_SHARE * events:
             who = stats.get("heaviest_user", {}).get(name)
             leave_out = (f"--exclude {shlex.quote(options.get('user_col', 'user') + '=' + who)}"
                          if who is not None and "," not in who else "--exclude COLUMN=ID")
@@ -1201,7 +1185,7 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                          "leaves a user out, --max-events-per-user N keeps each user's "
                          "N most recent events")
     train_users = splits["train"]["users"]
-    if (train_users >= HEAVY_USER_MIN_USERS and splits["train"]["sessions"] == train_users
+    if (train_users >= schema.HEAVY_USER_MIN_USERS and splits["train"]["sessions"] == train_users
             and not options.get("session_col")):
         lines.append(f"note: each of the {train_users:,} train users has one session: the "
                      "GRU over sessions has no earlier session to carry in training; a "
@@ -1294,7 +1278,7 @@ def _main(argv=None) -> int:
               "(a run killed while replacing it): to keep it, stop this run and move it back "
               f"(mv {shlex.quote(replaced)} {shlex.quote(output)})", file=sys.stderr)
     elif stale:
-        size = sum(outputs.folder_bytes(f) for f in stale)
+        size = sum(storage.folder_bytes(f) for f in stale)
         print(f"note: {len(stale)} temporary folder(s) of runs that did not finish lie beside "
               f"{output} ({size / 1e6:,.1f} MB): {', '.join(os.path.basename(f) for f in stale)}"
               "; delete them unless another run is writing this output now", file=sys.stderr)

@@ -127,10 +127,6 @@ def leftovers(output: str) -> list[str]:
                   if n.startswith(prefix) and os.path.isdir(os.path.join(parent, n)))
 
 
-def folder_bytes(folder: str) -> int:
-    return sum(os.path.getsize(f) for f in files_under(folder) if os.path.isfile(f))
-
-
 def read_text(path: str) -> str:
     if is_local(path):
         with open(path, encoding="utf-8") as f:

@@ -75,6 +75,19 @@ class RowError(ValueError):
             self.kind = kind or f"{before}…{after}"
 
 
+def most_common_kinds(counts: dict[str, int], keep: int) -> dict[str, int]:
+    """The `keep` largest counts of malformed rows by kind, largest first (ties by kind),
+    the rest summed under OTHER_REASONS (with what was counted there already)."""
+    counts = dict(counts)
+    other = counts.pop(OTHER_REASONS, 0)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = dict(ranked[:keep])
+    other += sum(n for _, n in ranked[keep:])
+    if other:
+        out[OTHER_REASONS] = other
+    return out
+
+
 def error_kind(error: Exception) -> str:
     """The stats' kind of a malformed row's error (`RowError.kind`; another error, by its
     type alone), at most 120 characters."""

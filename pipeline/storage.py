@@ -59,6 +59,19 @@ def reason_or_raise(e: BaseException) -> str:
 _PATH_PHRASES = tuple(os.strerror(n) for n in sorted(PATH_ERRNOS)) + ("is not a directory",)
 
 
+def folder_bytes(folder: str) -> int:
+    """Bytes of the files below a local folder (one removed meanwhile, by the process that
+    writes there, counts 0); without Beam, which `pipeline.outputs` would import."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def path_error(e: BaseException) -> str | None:
     """"Permission denied: run/ckpt", "Is a directory: out.json", ... when `e` is an OSError
     (or TensorFlow's error from its file ops) about a path that cannot be written as asked:

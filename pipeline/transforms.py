@@ -147,11 +147,8 @@ class _ParseRanges(beam.DoFn):
         if block.filtered:
             counts[f"rows_filtered/{FILTER}"] = block.filtered
         _count("parse", counts)
-        kinds = collections.Counter(block.malformed_kinds)
-        if len(kinds) > MALFORMED_KINDS:  # (a bound on the keys the stats carry)
-            kept = dict(kinds.most_common(MALFORMED_KINDS))
-            kept[parse.OTHER_REASONS] = sum(kinds.values()) - sum(kept.values())
-            kinds = kept
+        # (a bound on the keys the stats carry)
+        kinds = parse.most_common_kinds(block.malformed_kinds, MALFORMED_KINDS)
         counts.update((MALFORMED_PREFIX + kind, n) for kind, n in kinds.items())
         yield pvalue.TaggedOutput(STATS, counts)
         yield from block.by_user.items()

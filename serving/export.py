@@ -635,15 +635,10 @@ def remove_abandoned_temporaries(export_base: str) -> list[str]:
         try:
             if time.time() - os.stat(folder).st_mtime < ABANDONED_AFTER_S:
                 continue
-            fd = os.open(os.path.join(folder, LOCK_FILE), os.O_WRONLY)
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # held: a live export
-        finally:
-            os.close(fd)  # (releases the lock taken, if any)
+        if _lock_held(folder) is not False:  # held (a live export), or no lock file
+            continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(name)
     return removed
@@ -665,32 +660,22 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
-def _lock_held(folder: str) -> bool:
-    """Whether a live export holds `folder`'s lock (False without a lock file or flock)."""
+def _lock_held(folder: str) -> bool | None:
+    """Whether a live export holds `folder`'s lock (True) or nobody does (False); None
+    without a lock file (or flock)."""
     if fcntl is None:
-        return False
+        return None
     try:
         fd = os.open(os.path.join(folder, LOCK_FILE), os.O_WRONLY)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:
-        os.close(fd)
+        os.close(fd)  # (releases the lock taken, if any)
     return False
-
-
-def _tree_bytes(folder: str) -> int:
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def leftover_temporaries(export_base: str) -> list[tuple[str, int]]:
@@ -715,7 +700,7 @@ def leftover_temporaries(export_base: str) -> list[tuple[str, int]]:
             continue
         gone = bool(match) and match["host"] == _HOST and _process_gone(int(match["pid"]))
         if gone or old:
-            left.append((name, _tree_bytes(folder)))
+            left.append((name, storage.folder_bytes(folder)))
     return left
 
 

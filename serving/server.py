@@ -322,7 +322,7 @@ def _pad_strings(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 # A request joins a batch only while padding its item-id inputs to the widest adds at
-# most this many slots, or this share of the requests' own slots if more (Batcher._fits).
+# most this many slots, or this share of the requests' own slots if more (Batcher._joined).
 PADDING_FREE = 4096
 PADDING_ALLOWED = 0.25
 
@@ -339,8 +339,9 @@ class Batcher:
     INVALID_ARGUMENT: send one value per row), and all of them are concatenated. A batch
     takes every waiting request with the same key (version, signature, non-batch shapes)
     up to `max_batch_size` rows and, padded, `max_items` item slots per input, but one
-    whose width would pad the batch well beyond its own items (`_fits`); a request of more rows is INVALID_ARGUMENT, as TF Serving
-    refuses it without `enable_large_batch_splitting`. String inputs of rank 2 (item ids) join whatever their
+    whose width would pad the batch well beyond its own items (`_joined`); a request of
+    more rows is INVALID_ARGUMENT, as TF Serving refuses it without
+    `enable_large_batch_splitting`. String inputs of rank 2 (item ids) join whatever their
     length: they are padded at the end with "" (the serving pad id), which the signatures
     ignore (TF Serving pads only with `pad_variable_length_inputs: true`, and with the
     request's first value: the client's fixed widths put "" first). With `timeout_s` > 0
@@ -444,39 +445,45 @@ class Batcher:
         """(rows, width) of each of a request's item-id inputs (those padded when merged)."""
         return {k: arr.shape for k, arr in task.arrays.items() if cls._padded(arr)}
 
-    def _fits(self, slots: dict[str, list[int]], task: _Task) -> bool:
-        """Whether `task` may join a batch whose item-id inputs have `slots` (name ->
-        [rows, widest, own item slots]): padded to the widest, the batch holds at most
+    def _joined(self, slots: dict[str, tuple[int, int, int]],
+                task: _Task) -> dict[str, tuple[int, int, int]] | None:
+        """The `slots` of a batch whose item-id inputs have `slots` (name -> (rows, widest,
+        own item slots)) once `task` joins it, or None where it may not: padded to the
+        widest, the batch holds at most
         `max_items` slots per input and padding adds at most PADDING_ALLOWED of its own
         slots beyond PADDING_FREE (a request far wider than the others runs apart
         instead of making each of them as wide: one 300,000-item session among 3-item
         ones made a batch of millions of padding positions)."""
+        joined = {}
         for k, (rows, width) in self._slots(task).items():
             total_rows, widest, own = slots[k]
             total_rows, widest, own = total_rows + rows, max(widest, width), own + rows * width
             padded = total_rows * widest
             if (self._max_items is not None and padded > self._max_items) or \
                     padded - own > PADDING_FREE + own * PADDING_ALLOWED:
-                return False
-        return True
+                return None
+            joined[k] = (total_rows, widest, own)
+        return joined
 
-    def _take(self, key: tuple, rows: int, slots: dict[str, list[int]]) -> list[_Task]:
+    def _take(self, key: tuple, rows: int, slots: dict[str, tuple[int, int, int]]) -> list[_Task]:
         taken = []
         for task in list(self._queue):
-            if task.key == key and rows + task.rows <= self._max_rows \
-                    and self._fits(slots, task):
-                self._queue.remove(task)
-                taken.append(task)
-                rows += task.rows
-                for k, (r, w) in self._slots(task).items():
-                    slots[k] = [slots[k][0] + r, max(slots[k][1], w), slots[k][2] + r * w]
+            if task.key != key or rows + task.rows > self._max_rows:
+                continue
+            joined = self._joined(slots, task)
+            if joined is None:
+                continue
+            self._queue.remove(task)
+            taken.append(task)
+            rows += task.rows
+            slots.update(joined)
         return taken
 
     def _form_batch(self) -> list[_Task]:
         """Pops the oldest request and its companions (called holding the lock)."""
         first = self._queue.popleft()
         key, batch, rows = first.key, [first], first.rows
-        slots = {k: [r, w, r * w] for k, (r, w) in self._slots(first).items()}
+        slots = {k: (r, w, r * w) for k, (r, w) in self._slots(first).items()}
         peaks = self._peak.setdefault(first.sig, {})
         expected = min(self._max_rows, peaks.get(key, 1))
         deadline = time.monotonic() + self._timeout

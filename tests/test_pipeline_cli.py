@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import outputs, schema, sources, transforms
+from pipeline import outputs, parse, schema, sources, transforms
 from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1904,12 +1904,12 @@ def test_malformed_rows_are_counted_by_kind_of_reason_and_the_note_names_the_mos
 
 def test_malformed_reasons_keep_the_commonest_kinds():
     counts = {f"kind{k:02d}": 100 - k for k in range(25)}
-    kept = cli._most_first(counts, 20)
+    kept = parse.most_common_kinds(counts, 20)
     assert list(kept)[:20] == [f"kind{k:02d}" for k in range(20)]
     assert kept["(other reasons)"] == sum(100 - k for k in range(20, 25))
-    assert cli._most_first({"b": 2, "a": 2, "c": 3}, 20) == {"c": 3, "a": 2, "b": 2}
+    assert parse.most_common_kinds({"b": 2, "a": 2, "c": 3}, 20) == {"c": 3, "a": 2, "b": 2}
     # what the blocks already counted as other reasons joins the rest, last, not ranked
-    assert cli._most_first({"(other reasons)": 50, "a": 2, "c": 3}, 1) == {
+    assert parse.most_common_kinds({"(other reasons)": 50, "a": 2, "c": 3}, 1) == {
         "c": 3, "(other reasons)": 52}
 
 
