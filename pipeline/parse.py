@@ -77,12 +77,16 @@ class RowError(ValueError):
 
 def most_common_kinds(counts: dict[str, int], keep: int) -> dict[str, int]:
     """The `keep` largest counts of malformed rows by kind, largest first (ties by kind),
-    the rest summed under OTHER_REASONS (with what was counted there already)."""
+    the rest summed under OTHER_REASONS (with what was counted there already). NOT_UTF8 is
+    kept whatever its count: the run's closing note on encodings reads it."""
     counts = dict(counts)
     other = counts.pop(OTHER_REASONS, 0)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     out = dict(ranked[:keep])
-    other += sum(n for _, n in ranked[keep:])
+    folded = [(kind, n) for kind, n in ranked[keep:] if kind != NOT_UTF8]
+    if len(folded) < len(ranked[keep:]):
+        out[NOT_UTF8] = counts[NOT_UTF8]
+    other += sum(n for _, n in folded)
     if other:
         out[OTHER_REASONS] = other
     return out

@@ -1911,6 +1911,10 @@ def test_malformed_reasons_keep_the_commonest_kinds():
     # what the blocks already counted as other reasons joins the rest, last, not ranked
     assert parse.most_common_kinds({"(other reasons)": 50, "a": 2, "c": 3}, 1) == {
         "c": 3, "(other reasons)": 52}
+    # rows that are not UTF-8 are never folded: the closing note on encodings reads them
+    kept = parse.most_common_kinds({**counts, parse.NOT_UTF8: 1}, 20)
+    assert kept[parse.NOT_UTF8] == 1 and len(kept) == 22
+    assert kept["(other reasons)"] == sum(100 - k for k in range(20, 25))
 
 
 def test_malformed_json_lines_count_by_kind_whatever_the_values(tmp_path, capsys):
