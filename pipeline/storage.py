@@ -79,7 +79,8 @@ def path_error(e: BaseException) -> str | None:
     if (isinstance(e, OSError) and e.errno == errno.EEXIST and e.filename
             and os.path.lexists(e.filename) and not os.path.isdir(e.filename)):
         # makedirs of a folder whose path is a file's: "File exists" says the opposite
-        return f"{e.filename} is a file where a folder is needed"
+        what = "a link to nothing" if not os.path.exists(e.filename) else "a file"
+        return f"{e.filename} is {what} where a folder is needed"
     if isinstance(e, OSError) and e.errno in PATH_ERRNOS:
         return f"{os.strerror(e.errno)}: {e.filename}" if e.filename else os.strerror(e.errno)
     if type(e).__module__.startswith("tensorflow") and type(e).__name__ in (

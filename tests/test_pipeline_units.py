@@ -610,6 +610,11 @@ def test_path_error_names_a_path_that_cannot_be_written_as_asked(tmp_path):
     with pytest.raises(OSError) as raised:
         os.makedirs(tmp_path / "demo.log", exist_ok=True)
     assert path_error(raised.value) == f"{tmp_path / 'demo.log'} is a file where a folder is needed"
+    # a link to a path that is gone: not "a file"
+    os.symlink(tmp_path / "gone", tmp_path / "runs")
+    with pytest.raises(OSError) as raised:
+        os.makedirs(tmp_path / "runs", exist_ok=True)
+    assert path_error(raised.value) == f"{tmp_path / 'runs'} is a link to nothing where a folder is needed"
     os.makedirs(tmp_path / "folder")
     assert path_error(FileExistsError(errno.EEXIST, "File exists", str(tmp_path / "folder"))) == \
         f"File exists: {tmp_path / 'folder'}"
