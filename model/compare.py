@@ -248,6 +248,9 @@ def markdown_table(results: dict) -> str:
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2)"
                  f"{cold_text}, full-catalogue ranking, conservative ties{ruled} (README § "
                  "Evaluation protocol).")
+    if results.get("split") == "valid" and any(m.get("parameters") for m in models.values()):
+        lines.append("The trained models' checkpoints were chosen on this split (their figures "
+                     "lean optimistic against the fitted baselines'): compare on `test`.")
     return "\n".join(lines) + "\n"
 
 

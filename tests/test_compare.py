@@ -114,6 +114,8 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
     # looking at valid never replaces the test table: each split has its own results files
     assert json.loads((out / "results_valid.json").read_text())["split"] == "valid"
     assert "Split `valid`" in (out / "results_valid.md").read_text()
+    # (no trained model among them: nothing was chosen on valid)
+    assert "checkpoints were chosen" not in (out / "results_valid.md").read_text()
     assert "Split `test`" in (out / "results.md").read_text() and (out / "results_valid.png").exists()
     # other data in the same folder: the fitted model is evaluated again, and its
     # evaluation of the other split, made on the old data, is gone
@@ -443,6 +445,9 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
     new = (out / "compare.log").read_text()[len(log):]
     assert new.count("$ ") == 2 and "model.train" not in new and new.count("--split valid") == 2
     assert json.loads((out / "runs" / "hiertcn" / "seed0" / "valid.json").read_text())["split"] == "valid"
+    # the table says its checkpoints were chosen on the split it reports; the test table not
+    assert "checkpoints were chosen on this split" in (out / "results_valid.md").read_text()
+    assert "checkpoints were chosen" not in (out / "results.md").read_text()
     capsys.readouterr()
 
 
