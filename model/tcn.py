@@ -18,9 +18,10 @@ and the loss is on the new events only. A row can switch users inside a batch: e
 user's part of a row is packed into its own sequence (left-aligned, right-padded, so the
 causal convolutions never see another user or the padding). A session that the generator
 split into chunks continues without a separator (the cache remembers that the row's last
-slot ended inside a session). So while N >= receptive field - 1, training computes
-exactly the outputs that evaluation and serving compute (`model.train` refuses a smaller
-N: it would train on more history than evaluation keeps). Data memory per batch:
+slot ended inside a session; its first item is predicted from the output at the cache's
+last token, which sees the N tokens alone). So while N >= receptive field, training
+computes exactly the outputs that evaluation and serving compute (`model.train` refuses a
+smaller N). Data memory per batch:
 B x (N + S (L + 1)) indices, against HierTCN's B x S x L indices + B x H floats.
 
 Not XLA-compilable (`--jit-compile`): the packing has data-dependent shapes.

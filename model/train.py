@@ -204,17 +204,18 @@ def _check_high_level_trains(config: config_lib.RunConfig) -> None:
 
 def _check_tcn_history(config: config_lib.RunConfig) -> None:
     """The flat TCN trains over its cached last N tokens followed by the batch's slots, so
-    a position there sees up to receptive field - 1 tokens before it, while evaluation and
-    serving see the last N only: with N below that the model would be trained on more
-    history than it is evaluated with."""
+    a position there sees up to receptive field - 1 tokens before it, and a session chunk
+    that continues at a batch's first slot is predicted from the output at the cache's
+    last token, computed from the N tokens alone: evaluation and serving compute the same
+    outputs only while N >= the receptive field."""
     model = config.model
-    if config.model_name == "tcn" and model.history_length < model.receptive_field - 1:
+    if config.model_name == "tcn" and model.history_length < model.receptive_field:
         raise config_lib.ConfigError(
             f"model.history_length {model.history_length} is below the flat TCN's receptive "
-            f"field - 1 ({model.receptive_field - 1}: kernel_size {model.kernel_size}, "
+            f"field ({model.receptive_field}: kernel_size {model.kernel_size}, "
             f"{model.convs_per_block} conv(s) per block, {len(model.channels)} blocks of "
-            f"dilations 1 to {2 ** (len(model.channels) - 1)}): training would see more "
-            f"history than evaluation and serving keep; raise history_length, or lower "
+            f"dilations 1 to {2 ** (len(model.channels) - 1)}): training would not compute "
+            f"what evaluation and serving compute; raise history_length, or lower "
             f"kernel_size, convs_per_block or the number of blocks (entries in channels)")
 
 

@@ -166,7 +166,7 @@ def _expected_user_vectors(model, users_per_row):
 
 @pytest.mark.parametrize("name,overrides", [("gru4rec", {}), ("hrnn", {}), ("tcn", {"history_length": 8})])
 def test_training_matches_evaluation_over_chunks_batches_and_user_switches(name, overrides):
-    model = _model(name, **overrides)  # TCN: N >= receptive field - 1, so truncation is exact
+    model = _model(name, **overrides)  # TCN: N >= receptive field, so truncation is exact
     # row 0: user A [2 3 4 5 6] (chunks [2 3 4], [5 6]), [7 8], [9 10 11 12] (two chunks);
     # row 1: user B [3 4], then user C [5 6 7] [8 9] [10 2 3 4] — a switch inside a batch.
     batches = [
@@ -192,6 +192,30 @@ def test_training_matches_evaluation_over_chunks_batches_and_user_switches(name,
         assert len(got[r]) == len(expected[r])
         for g, e in zip(got[r], expected[r]):
             np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_tcn_chunk_continued_at_a_batch_start_matches_evaluation_with_n_at_the_receptive_field():
+    """A session the generator cut into two chunks, the second at the next batch's first
+    slot: its first item is predicted from the cache's last token, computed from the N
+    cached tokens alone. With N = receptive field (the least model.train accepts) every
+    training vector is evaluation's (with N = receptive field - 1 the fifth differed)."""
+    from model import batching
+    tf.keras.utils.set_random_seed(0)
+    model = registry.build_model("tcn", TCNConfig(embedding_dim=8, channels=(8, 8), kernel_size=2,
+                                                  history_length=4), 20)  # receptive field 4
+    assert model.config.receptive_field == 4
+    rng = np.random.default_rng(0)
+    for v in model.trainable_variables:  # weights large enough that no path hides
+        v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
+    session = np.arange(2, 10, dtype=np.int64)  # 8 items, L = 4: two chunks in two batches
+    cache, trained = model.train_cache(1), []
+    for batch in batching.QueueBatcher(lambda: [[session]], 1, 1, 4, epochs=1):
+        u, cache = model.encode_events({k: tf.constant(v) for k, v in batch.items()}, cache, False)
+        trained.append(u.numpy())
+    trained = np.concatenate(trained)
+    evaluated = model.user_embeddings(model.initial_state(1), session[None, :-1])[0].numpy()
+    assert trained.shape == evaluated.shape == (8, 8)
+    np.testing.assert_allclose(trained, evaluated, atol=1e-4)
 
 
 def test_tcn_state_is_the_last_n_tokens_and_outputs_are_causal():
@@ -226,7 +250,7 @@ def test_tcn_rejects_a_vocabulary_too_large_for_float32_indices():
 
 def test_models_are_registered():
     assert {"gru4rec": GRU4Rec, "hrnn": HRNN, "tcn": FlatTCN}.items() <= registry.MODELS.items()
-    assert TCNConfig().receptive_field == 253 and TCNConfig().history_length >= 252
+    assert TCNConfig().receptive_field == 253 and TCNConfig().history_length >= 253
 
 
 def test_session_only_hiertcn_scores_first_items_by_popularity(data):

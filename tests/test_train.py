@@ -677,12 +677,13 @@ def test_a_log_of_one_session_users_is_named_as_such_not_as_long_sessions(
 
 
 def test_a_flat_tcn_history_shorter_than_its_receptive_field_is_refused(data, tmp_path, capsys):
-    """The flat TCN trains over its cached last N tokens and then the batch, so a position
-    there sees receptive field - 1 tokens before it; evaluation keeps N: a shorter N would
-    train the model on more history than it is evaluated with."""
+    """The flat TCN trains over its cached last N tokens and then the batch; a session
+    chunk continued at a batch's first slot is predicted from the output at the cache's
+    last token, which sees N - 1 tokens before it where evaluation sees the receptive
+    field's: with N = receptive field - 1 a training vector differed from evaluation's."""
     config = str(tmp_path / "tcn.json")
     tcn = {"embedding_dim": 8, "channels": [8, 8, 8], "kernel_size": 2}  # receptive field 8
-    for n, code in ((6, 2), (7, 0)):
+    for n, code in ((7, 2), (8, 0)):
         with open(config, "w") as f:
             json.dump({"model_name": "tcn", "model": dict(tcn, history_length=n),
                        "train": TINY["train"]}, f)
@@ -690,10 +691,10 @@ def test_a_flat_tcn_history_shorter_than_its_receptive_field_is_refused(data, tm
         assert train_lib.main(_args(data, run, config, "--steps", "1", "--eval-every", "0")) == code
         err = capsys.readouterr().err.strip()
         if code:
-            assert err == ("error: model.history_length 6 is below the flat TCN's receptive "
-                           "field - 1 (7: kernel_size 2, 1 conv(s) per block, 3 blocks of "
-                           "dilations 1 to 4): training would see more history than evaluation "
-                           "and serving keep; raise history_length, or lower kernel_size, "
+            assert err == ("error: model.history_length 7 is below the flat TCN's receptive "
+                           "field (8: kernel_size 2, 1 conv(s) per block, 3 blocks of "
+                           "dilations 1 to 4): training would not compute what evaluation "
+                           "and serving compute; raise history_length, or lower kernel_size, "
                            "convs_per_block or the number of blocks (entries in channels)"), err
             assert not os.path.exists(run)
 
