@@ -182,6 +182,14 @@ def split_fields(line: str, delimiter: str, quoted: bool = True) -> list[str]:
     if not quoted or '"' not in line or len(delimiter) > 1:
         return line.split(delimiter)
     try:
+        # strict: a quote left open at the end of the line is an error (non-strict csv ends
+        # the field there: the first line of a quoted field with a line break would pass)
+        return next(csv.reader([line], delimiter=delimiter, strict=True), [])
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise RowError("a quoted field is not closed on its line (a line break inside "
+                           "quotes? a row is one line)") from None
+    try:  # other quoting csv reads as it always has ('"Heroes" song' is 'Heroes song')
         return next(csv.reader([line], delimiter=delimiter), [])
     except csv.Error as e:
         raise RowError(f"bad quoting: {e}") from None  # (csv's words, not the row's)

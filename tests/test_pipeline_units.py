@@ -554,6 +554,18 @@ def test_delimiters_split_parse_and_guess():
     block = parse.parse_block([b"1::10::5::100", b"1::11::3::200", b"1::11::3"], dat, 0)
     assert block.by_user == {"1": (["10", "11"], [100_000, 200_000], [0, 1])}
     assert block.malformed == [(2, "wrong column count: expected 4, got 3", "1::11::3")]
+    # a quoted field with a line break, in the last column: both lines are malformed (the
+    # first was a row whose item ended at the line's end, "Lamp" for "Lamp\nRed" and "Lamp\nBlue")
+    csv_ = parse.RowFormat("csv", "s", "user", "title", "time", ("user", "time", "title"), ",")
+    block = parse.parse_block([b'u0,1700000060,"Lamp', b'Red"', b'u0,1700000180,"Lamp',
+                               b'Blue"', b'u0,1700000240,"Lamp ""Red"""'], csv_, 0)
+    assert block.by_user == {"u0": (['Lamp "Red"'], [1700000240000], [4])}
+    assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
+        (0, "a quoted field is not closed on its line"), (1, "wrong column count: expected 3, got 1"),
+        (2, "a quoted field is not closed on its line"), (3, "wrong column count: expected 3, got 1")]
+    # other loose quoting is read as before: a quote inside a field, text after a closing quote
+    assert parse.split_fields('a,b"c,d', ",") == ["a", 'b"c', "d"]
+    assert parse.split_fields('u,"Heroes" song,5', ",") == ["u", "Heroes song", "5"]
     assert [parse.parse_delimiter(t) for t in ("\\t", "tab", ";", "::")] == ["\t", "\t", ";", "::"]
     for bad in ("", '"', "a\nb"):
         with pytest.raises(ValueError, match="--delimiter must be"):
