@@ -48,6 +48,9 @@ COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic,
 # --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
+# --time-unit s: a median of the first rows below this (1980) gets a note that the times
+# may be relative (seconds since a session's or the log's start).
+LIKELY_RELATIVE_SECONDS = 315_532_800
 WORK_DIR = "_work"
 # cgroup v2's CPU quota of this process's container ("max" or "QUOTA PERIOD")
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
@@ -529,8 +532,9 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
             else:
-                row = parse.split_fields(text, fmt.separator, fmt.quoted)
-                if len(row) != len(fmt.columns):
+                row = parse.fit_fields(parse.split_fields(text, fmt.separator, fmt.quoted),
+                                       len(fmt.columns))
+                if row is None:
                     raise ValueError("wrong column count")
         except (ValueError, RecursionError):  # malformed rows: said elsewhere
             kept.append(line)
@@ -572,7 +576,8 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
         return
     for text in texts:
         try:
-            if len(parse.split_fields(text, fmt.separator, fmt.quoted)) == len(fmt.columns):
+            if parse.fit_fields(parse.split_fields(text, fmt.separator, fmt.quoted),
+                                len(fmt.columns)) is not None:
                 return
         except ValueError:
             continue
@@ -661,7 +666,7 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
         except UnicodeDecodeError:
             continue  # a bad row goes to malformed/ in the run
         try:
-            times.append(parse.parse_line(text, fmt, check_range=False)[2] // 1000)
+            times.append(parse.parse_line(text, fmt, check_range=False)[2])  # (ms)
         except ValueError:
             value = _raw_time(text, fmt)
             if value is not None:
@@ -686,17 +691,20 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
                          f"{bad_times[0]!r}){hint}")
     if fmt.time_unit not in ("s", "ms"):  # (text times: no unit to mistake)
         return
-    median = sorted(times)[len(times) // 2] if times else 0
+    raw = sorted(times)[len(times) // 2] if times else 0  # the median as written
+    if fmt.time_unit == "s":
+        raw //= 1000
+    median = raw if fmt.time_unit == "s" else raw // 1000  # (seconds)
     if fmt.time_unit == "ms" and median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
-        raise UsageError(f"{path}: times like {median * 1000} read as milliseconds are after "
-                         f"the year 5138; they look like {_finer_unit(median * 1000)}: convert "
+        raise UsageError(f"{path}: times like {raw} read as milliseconds are after "
+                         f"the year 5138; they look like {_finer_unit(raw)}: convert "
                          "them to milliseconds or seconds")
     if fmt.time_unit == "ms":
         # Seconds read as milliseconds fall in January 1970 and their gaps shrink 1000
         # times (whole days become one session); relative times (since a log's start)
         # look the same, so this is a note, not an error.
         if times and 0 < median < LIKELY_SECONDS_AS_MS:
-            print(f"note: {path}: times like {median * 1000} read as milliseconds fall in "
+            print(f"note: {path}: times like {raw} read as milliseconds fall in "
                   "early 1970: unix seconds? pass --time-unit s; times since a session's or "
                   "the log's start? they cannot order a user's sessions or split by time: "
                   "use the log's absolute times", file=sys.stderr)
@@ -705,8 +713,12 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
         unit = _finer_unit(median)
         hint = ("they look like milliseconds: pass --time-unit ms" if unit == "milliseconds"
                 else f"they look like {unit}: convert them to seconds or milliseconds")
-        raise UsageError(f"{path}: times like {median} are not unix seconds (that is after "
+        raise UsageError(f"{path}: times like {raw} are not unix seconds (that is after "
                          f"the year 5138); {hint}")
+    if 0 < median < LIKELY_RELATIVE_SECONDS:
+        print(f"note: {path}: times like {raw} read as seconds fall in the 1970s: times since "
+              "a session's or the log's start? they cannot order a user's sessions or split "
+              "by time: use the log's absolute times", file=sys.stderr)
 
 
 def _raw_time(line: str, fmt) -> object:
@@ -716,9 +728,9 @@ def _raw_time(line: str, fmt) -> object:
         if fmt.objects:
             value = json.loads(line).get(fmt.time_col)
         else:
-            fields = parse.split_fields(line.rstrip("\r"), fmt.separator, fmt.quoted)
-            value = fields[fmt.columns.index(fmt.time_col)] if len(fields) == len(fmt.columns) \
-                else None
+            fields = parse.fit_fields(parse.split_fields(line.rstrip("\r"), fmt.separator,
+                                                         fmt.quoted), len(fmt.columns))
+            value = fields[fmt.columns.index(fmt.time_col)] if fields is not None else None
     except (ValueError, AttributeError):
         return None
     if isinstance(value, str) and (not value.strip() or parse.is_missing(value.strip())):

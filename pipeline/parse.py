@@ -195,6 +195,14 @@ def split_fields(line: str, delimiter: str, quoted: bool = True) -> list[str]:
         raise RowError(f"bad quoting: {e}") from None  # (csv's words, not the row's)
 
 
+def fit_fields(fields: list[str], width: int) -> list[str] | None:
+    """A row's fields as its `width` columns: the empty field after a trailing delimiter
+    (some exporters end every row with one) is dropped; None for another count."""
+    if len(fields) == width + 1 and not fields[-1].strip():
+        return fields[:-1]
+    return fields if len(fields) == width else None
+
+
 def parse_header(line: str, delimiter: str, quoted: bool = True) -> tuple[str, ...]:
     """Column names from a header line (a UTF-8 byte-order mark is dropped)."""
     return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"),
@@ -450,9 +458,10 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
         if not isinstance(obj, dict):
             raise RowError("JSON line is not an object")
         return parse_object(obj, fmt, check_range, apply_filters)
-    fields = split_fields(line, fmt.separator, fmt.quoted)
-    if len(fields) != len(fmt.columns):
-        raise RowError(f"wrong column count: expected {len(fmt.columns)}, got {len(fields)}")
+    split = split_fields(line, fmt.separator, fmt.quoted)
+    fields = fit_fields(split, len(fmt.columns))
+    if fields is None:
+        raise RowError(f"wrong column count: expected {len(fmt.columns)}, got {len(split)}")
     if apply_filters and not passes_filters(filter_values(fields, fmt), fmt):
         return None
     u, i, t_ = fmt.indices()
@@ -571,6 +580,8 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
         ms = -1
         if fast and (not quoted or '"' not in line):
             fields = line.split(delimiter)
+            if len(fields) == width + 1 and not fields[-1].strip():
+                fields.pop()  # (a trailing delimiter: fit_fields)
             if len(fields) == width:
                 if filters and any(whole_number_text(fields[c].strip()) not in values
                                    for c, values in f_cols):

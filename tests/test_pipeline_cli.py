@@ -200,7 +200,8 @@ def test_corrupted_file_goes_to_malformed_and_reconciles(tmp_path):
            (b",a,100", "empty user"), (b"u1,,100", "empty item"),
            (b"u1,a,yesterday", "unparseable time 'yesterday' (--time-unit s)"),
            (b"u1,a,-7", "negative time '-7'"), (b"u1,\xe9t\xe9,100", "bad UTF-8"),
-           (b'u1,"a,100', "wrong column count: expected 3, got 2")]
+           (b'u1,"a,100', "a quoted field is not closed on its line (a line break inside "
+                          "quotes? a row is one line)")]
     lines = [b"user,item,time"]
     expected = []
     for k, (u, i, t) in enumerate(GOOD):
@@ -1190,7 +1191,7 @@ def test_a_damaged_input_with_the_default_runner_is_one_line(tmp_path):
     """With worker processes, Beam prints the workers' tracebacks to stderr; the run still
     ends with the one line that names the file, and nothing else."""
     log = tmp_path / "log.csv.gz"
-    log.write_bytes(gzip.compress(b"user,item,time\n" + b"u,a,1\n" * 3000)[:-30])
+    log.write_bytes(gzip.compress(b"user,item,time\n" + b"u,a,1700000000\n" * 3000)[:-30])
     res = run_cli("--input", str(log), "--output", str(tmp_path / "out"))
     assert res.returncode == 1
     lines = res.stderr.splitlines()
@@ -1274,7 +1275,7 @@ def test_progress_of_a_local_run(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(transforms, "USERS_PER_REPORT", 10)
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "".join(  # (a longer gap every 370 rows: sessions)
-        f"u{k % 37},i{k % 11},{10 * k + 2000 * (k // 370)}\n" for k in range(3000)))
+        f"u{k % 37},i{k % 11},{1_700_000_000 + 10 * k + 2000 * (k // 370)}\n" for k in range(3000)))
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
                      "--min-item-count", "1", *IN_MEMORY]) == 0
     err = capfd.readouterr().err.splitlines()
@@ -1404,11 +1405,20 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
     seconds = [f"u,a,{1441864236 + 60 * k}".encode() for k in range(20)]
     cli._check_time_unit("log.csv", seconds, fmt)
     assert capsys.readouterr().err == (
-        "note: log.csv: times like 1441864000 read as milliseconds fall in early 1970: unix "
+        "note: log.csv: times like 1441864836 read as milliseconds fall in early 1970: unix "
         "seconds? pass --time-unit s; times since a session's or the log's start? they cannot "
         "order a user's sessions or split by time: use the log's absolute times\n")
     millis = [f"u,a,{1441864236661 + 60 * k}".encode() for k in range(20)]
     cli._check_time_unit("log.csv", millis, fmt)
+    assert capsys.readouterr().err == ""
+    # relative times read as seconds (DIGINETICA's timeframe): a note too, quoting the file
+    fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"))
+    cli._check_time_unit("views.csv", [f"u,a,{711961 + 60 * k}".encode() for k in range(20)], fmt)
+    assert capsys.readouterr().err == (
+        "note: views.csv: times like 712561 read as seconds fall in the 1970s: times since a "
+        "session's or the log's start? they cannot order a user's sessions or split by time: "
+        "use the log's absolute times\n")
+    cli._check_time_unit("log.csv", seconds, fmt)
     assert capsys.readouterr().err == ""
 
 
@@ -1418,10 +1428,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
     line, exit 1, no output and no temporary folder; the same command then succeeds."""
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "".join(
-        f"u{u},i{(u * 7 + k) % 40},{1000 * u + 10 * k}\n" for u in range(60) for k in range(40)))
+        f"u{u},i{(u * 7 + k) % 40},{1_700_000_000 + 1000 * u + 10 * k}\n"
+        for u in range(60) for k in range(40)))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out), *IN_MEMORY]
-    res = subprocess.run(file_size_limited(4096, cmd), cwd=REPO, capture_output=True, text=True,
+    res = subprocess.run(file_size_limited(2048, cmd), cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1, res.stderr
     lines = [line for line in res.stderr.splitlines() if not line.startswith("pipeline: ")]
@@ -1988,8 +1999,9 @@ def test_a_disk_without_room_for_a_temporary_file_is_one_line(tmp_path, command)
     """Beam's pipeline and TensorFlow's import each make a temporary file first; on a full
     disk Python's tempfile raised "No usable temporary directory found" (the disk's own
     error swallowed) as a traceback from deep inside them."""
-    log = tmp_path / "log.csv"
-    log.write_text("user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in GOOD))
+    log = tmp_path / "log.csv"  # (unix times of 2023: times of the 1970s get a note)
+    log.write_text("user,item,time\n" + "".join(f"{u},{i},{1_700_000_000 + t}\n"
+                                                 for u, i, t in GOOD))
     out = tmp_path / "out"
     data = tmp_path / "data"
     if command[0] == "model.evaluate":

@@ -563,6 +563,13 @@ def test_delimiters_split_parse_and_guess():
     assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
         (0, "a quoted field is not closed on its line"), (1, "wrong column count: expected 3, got 1"),
         (2, "a quoted field is not closed on its line"), (3, "wrong column count: expected 3, got 1")]
+    # a trailing delimiter after every row (some exporters write one): its empty field is
+    # not a column; a non-empty fourth field still is one too many
+    block = parse.parse_block([b"u0,1700000060,lamp,", b'u0,1700000120,"lamp, red",',
+                               b"u0,1700000180,lamp,x", b"u0,1700000240,lamp, "], csv_, 0)
+    assert block.by_user == {"u0": (["lamp", "lamp, red", "lamp"], [1700000060000, 1700000120000,
+                                                                     1700000240000], [0, 1, 3])}
+    assert block.malformed == [(2, "wrong column count: expected 3, got 4", "u0,1700000180,lamp,x")]
     # other loose quoting is read as before: a quote inside a field, text after a closing quote
     assert parse.split_fields('a,b"c,d', ",") == ["a", 'b"c', "d"]
     assert parse.split_fields('u,"Heroes" song,5', ",") == ["u", "Heroes song", "5"]
