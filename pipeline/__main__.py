@@ -407,9 +407,14 @@ def _row_formats(args, files, heads) -> dict:
                 where = f"the header of {path}"
             missing = [c for c in wanted if c not in columns]
             if missing:
+                options = dict(zip(wanted, ("--user-col", "--item-col", "--time-col",
+                                            "--session-col")))
+                alike = [f"{options[c]} {col}? " for c in missing for col in columns
+                         if col.lower().replace("_", "") == c.lower().replace("_", "")]
                 raise UsageError(
                     f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
-                    "set --user-col/--item-col/--time-col"
+                    + (f"names are case-sensitive: {''.join(alike)}" if alike else "")
+                    + "set --user-col/--item-col/--time-col"
                     + ("/--session-col" if args.session_col else "")
                     + (", or --columns for files without a header"
                        + _delimiter_hint(first, separator, args.format) if text else ""))
@@ -617,7 +622,7 @@ def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
                 "python -c 'import ast, json, sys; [print(json.dumps(ast.literal_eval(l))) "
                 "for l in sys.stdin]'" if _python_dict(texts[0]) else
                 "; it looks like one JSON document (an array?): write one object per line, "
-                "e.g. jq -c '.[]'" if texts[0][:1] in "[{" else "")
+                "e.g. jq -c '.[]'" if texts[0][:1] in "[{" else _rows_hint(texts[0]))
         raise UsageError(f"{path}: none of the first {len(texts)} lines is a JSON object "
                          f"(--format jsonl reads one object per line){hint}")
     missing = [k for k in fmt.wanted if k not in first_keys]
@@ -631,6 +636,16 @@ def _check_json_keys(path: str, lines: list[bytes], fmt) -> None:
               file=sys.stderr)
         return
     raise UsageError(f"{path}: {said}: set {options}{nested}")
+
+
+def _rows_hint(text: str) -> str:
+    """"; they look like ','-separated rows: pass --format csv" for a delimited line read as
+    JSON lines; "" when it does not look delimited."""
+    guess = parse.guess_delimiter(text)
+    if guess is None:
+        return ""
+    advice = {",": "--format csv", "\t": "--format tsv"}.get(guess, f"--format csv --delimiter {guess!r}")
+    return f"; they look like {guess!r}-separated rows: pass {advice}"
 
 
 def _python_dict(text: str) -> bool:

