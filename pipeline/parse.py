@@ -323,7 +323,7 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
 
 # The common ISO 8601 forms that Python 3.10's fromisoformat refuses (3.11 takes them):
 # a "Z", a fraction of other than 3 or 6 digits (cut to microseconds), "+HHMM" or "+HH".
-_ISO = re.compile(r"(\d{4}-\d\d-\d\d(?:[T ]\d\d(?::\d\d(?::\d\d)?)?)?)(?:[.,](\d+))?"
+_ISO = re.compile(r"(\d{4}-\d\d-\d\d(?:[Tt ]\d\d(?::\d\d(?::\d\d)?)?)?)(?:[.,](\d+))?"
                   r"(?:([Zz])|([+-]\d\d)(?::?(\d\d))?)?")
 
 
@@ -333,7 +333,7 @@ def _iso_for_python(text: str) -> str:
     if m is None:
         return text  # fromisoformat says what is wrong
     main, fraction, zulu, hours, minutes = m.groups()
-    out = main
+    out = main.replace("t", "T")  # (RFC 3339 allows a lower-case t and z)
     if fraction is not None:
         out += "." + fraction[:6].ljust(6, "0")
     if zulu:

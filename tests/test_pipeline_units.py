@@ -430,6 +430,7 @@ def test_json_whole_number_floats_are_the_same_ids_as_ints():
     ("2015-06-04 06:16:22,5", 1433398582500),
     ("2015-06-04", 1433376000000),
     ("2015-06-04T06:16", 1433398560000),
+    ("2015-06-04t06:16:22.483z", 1433398582483),          # RFC 3339's lower case
 ])
 def test_iso_times_in_the_forms_python_3_10_refuses_too(text, ms):
     assert parse.parse_time_ms(text, "iso") == ms
