@@ -885,6 +885,11 @@ def _resolve(argv):
                              "from time gaps or from the log's own ids")
     elif args.session_gap is None:
         args.session_gap = 1800
+        if args.user_col.lower().replace("_", "") in ("session", "sessionid"):
+            print(f"note: --user-col {args.user_col} names session ids (a log of sessions "
+                  "without users?): each one's events are still cut at gaps over --session-gap "
+                  "1800 s; a gap longer than any session (--session-gap 1000000000) keeps each "
+                  "whole", file=sys.stderr)
     if args.time_format is not None:
         if args.time_unit is not None:
             raise UsageError("--time-format and --time-unit exclude each other: a format reads "

@@ -2092,3 +2092,19 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp
     assert proc.returncode == 130, err
     assert err.rstrip().endswith(f"interrupted: nothing was written to {out}"), err
     assert sorted(os.listdir(tmp_path)) == ["log.csv"]
+
+
+def test_a_session_id_column_as_the_user_gets_a_note_on_the_gap(tmp_path, capsys):
+    """YOOCHOOSE-like clicks keyed by session id: with the default gap each session is
+    still cut at 30-minute pauses; a note says how to keep each whole (not with a gap given)."""
+    log = tmp_path / "clicks.csv"
+    log.write_text("session_id,item,time\n" + "".join(
+        f"s{k % 7},i{k % 5},{1_700_000_000 + 60 * k}\n" for k in range(140)))
+    note = ("note: --user-col session_id names session ids (a log of sessions without users?): "
+            "each one's events are still cut at gaps over --session-gap 1800 s; a gap longer "
+            "than any session (--session-gap 1000000000) keeps each whole")
+    for extra, said in (([], True), (["--session-gap", "1000000000"], False)):
+        out = tmp_path / f"out{len(extra)}"
+        assert cli.main(["--input", str(log), "--output", str(out), "--user-col", "session_id",
+                         "--min-item-count", "1", *extra, *IN_MEMORY]) == 0
+        assert (note in capsys.readouterr().err) == said
