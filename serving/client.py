@@ -514,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'; '
                             '@FILE reads it from a file (@-: standard input), for a long '
                             'session')
-    rec.add_argument("-k", type=argtypes.top_k, default=10, help="how many items")
+    rec.add_argument("-k", type=argtypes.top_k, default=10, help="how many items (default: 10)")
     rec.add_argument("--keep-last", action="store_true",
                      help="keep the session's last item in the answer (left out by default: "
                           "the pipeline collapses immediate repeats, so it is never the next "
