@@ -413,7 +413,7 @@ def _row_formats(args, files, heads) -> dict:
                          if col.lower().replace("_", "") == c.lower().replace("_", "")]
                 raise UsageError(
                     f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
-                    + (f"names are case-sensitive: {''.join(alike)}" if alike else "")
+                    + (f"names must match exactly: {''.join(alike)}" if alike else "")
                     + "set --user-col/--item-col/--time-col"
                     + ("/--session-col" if args.session_col else "")
                     + (", or --columns for files without a header"
@@ -442,6 +442,12 @@ def _row_formats(args, files, heads) -> dict:
         elif args.format == "jsonl":  # (a Parquet or Avro file's columns are in its schema)
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
+        if (getattr(args, "gap_by_default", False) and rank == 0
+                and args.user_col.lower().replace("_", "") in ("session", "sessionid")):
+            print(f"note: --user-col {args.user_col} names session ids (a log of sessions "
+                  "without users?): each one's events are still cut at gaps over "
+                  "--session-gap 1800 s; a gap longer than any session (--session-gap "
+                  "1000000000) keeps each whole", file=sys.stderr)
     return formats
 
 
@@ -885,11 +891,7 @@ def _resolve(argv):
                              "from time gaps or from the log's own ids")
     elif args.session_gap is None:
         args.session_gap = 1800
-        if args.user_col.lower().replace("_", "") in ("session", "sessionid"):
-            print(f"note: --user-col {args.user_col} names session ids (a log of sessions "
-                  "without users?): each one's events are still cut at gaps over --session-gap "
-                  "1800 s; a gap longer than any session (--session-gap 1000000000) keeps each "
-                  "whole", file=sys.stderr)
+        args.gap_by_default = True  # (a note where --user-col names session ids: _row_formats)
     if args.time_format is not None:
         if args.time_unit is not None:
             raise UsageError("--time-format and --time-unit exclude each other: a format reads "

@@ -561,9 +561,17 @@ def test_delimiters_split_parse_and_guess():
     block = parse.parse_block([b'u0,1700000060,"Lamp', b'Red"', b'u0,1700000180,"Lamp',
                                b'Blue"', b'u0,1700000240,"Lamp ""Red"""'], csv_, 0)
     assert block.by_user == {"u0": (['Lamp "Red"'], [1700000240000], [4])}
+    opened, closed = "a quoted field is not closed on its line", "a quoted field ends on this line without its start"
     assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
-        (0, "a quoted field is not closed on its line"), (1, "wrong column count: expected 3, got 1"),
-        (2, "a quoted field is not closed on its line"), (3, "wrong column count: expected 3, got 1")]
+        (0, opened), (1, closed), (2, opened), (3, closed)]
+    # the break in another column: the second line has the row's column count, and is no row
+    users = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"), ",")
+    block = parse.parse_block([b'"Ann', b'Lee",lamp,1700000000', b'"Bo', b'Li",lamp,1700000060,'],
+                              users, 0)
+    assert block.by_user == {} and [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
+        (0, opened), (1, closed), (2, opened), (3, closed)]
+    # a header is read as before: a stray quote does not stop the run
+    assert parse.parse_header('user,item,"time', ",") == ("user", "item", "time")
     # a trailing delimiter after every row (some exporters write one): its empty field is
     # not a column; a non-empty fourth field still is one too many
     block = parse.parse_block([b"u0,1700000060,lamp,", b'u0,1700000120,"lamp, red",',
