@@ -355,15 +355,41 @@ def _differences(was, now, where: str = "") -> list[str]:
     return [] if was == now else [f"{where.rstrip('.')} {was!r} -> {now!r}"]
 
 
-def save_config(run_dir: str, config: config_lib.RunConfig, step: int, changed: dict) -> None:
+def rate_change(train: config_lib.TrainConfig, changed: dict, step: int, total_steps: int) -> str:
+    """"; the learning rate from step N is X (Y in the run so far): ..." where options
+    changed on resuming move the step schedule's rate at `step` (its decay points are
+    fractions of the run's length: more --steps put them later), else ""."""
+    keys = {"steps", "epochs", "learning_rate", "lr_schedule", "lr_decay_at", "lr_decay_factor"}
+    if not keys & set(changed):
+        return ""
+
+    def rate(tc: config_lib.TrainConfig, total: int) -> float:
+        schedule = learning_rate(tc, total)
+        return float(schedule(step) if callable(schedule) else schedule)
+
+    was = {k: tuple(a) if isinstance(a, list) else a for k, (a, _) in changed.items()
+           if k in keys}
+    before = dataclasses.replace(train, **was)
+    now = rate(train, total_steps)
+    then = rate(before, before.steps) if before.steps or before.lr_schedule == "constant" else None
+    if then is not None and math.isclose(now, then, rel_tol=1e-6):
+        return ""
+    return (f"; the learning rate from step {step + 1} is {now:.3g}"
+            + (f" ({then:.3g} in the run so far)" if then is not None else "")
+            + (": the schedule's decay points are fractions of the run's length"
+               if train.lr_schedule != "constant" else ""))
+
+
+def save_config(run_dir: str, config: config_lib.RunConfig, step: int, changed: dict,
+                rate_note: str = "") -> None:
     """Records the config of the run once it is known that this command trains: config.json
-    is the latest command's; training options changed on resuming are said on stderr and
-    kept in RUN/resumes.jsonl (`{"step": N, "changed": {option: [was, now]}}`), so that the
-    run's history stays readable."""
+    is the latest command's; training options changed on resuming are said on stderr (with
+    `rate_change`'s note) and kept in RUN/resumes.jsonl (`{"step": N, "changed": {option:
+    [was, now]}}`), so that the run's history stays readable."""
     if changed:
         told = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        print(f"resuming {run_dir} at step {step} with other training options: {told}",
-              file=sys.stderr)
+        print(f"resuming {run_dir} at step {step} with other training options: {told}"
+              f"{rate_note}", file=sys.stderr)
         with open(os.path.join(run_dir, RESUMES_FILE), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "changed": changed}) + "\n")
     config_lib.save_json(config, os.path.join(run_dir, registry.CONFIG_FILE))
@@ -954,7 +980,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         """Records this command's config once it has trained a step (`save_config`)."""
         nonlocal config_saved, best
         if not config_saved:
-            save_config(run_dir, config, start_step, changed)
+            save_config(run_dir, config, start_step, changed,
+                        rate_change(tc, changed, start_step, total_steps))
             if not tc.eval_every and best is not None:
                 # --eval-every 0 means the last weights are used: an earlier process's best
                 # would otherwise go on being what evaluate and export load, the steps
