@@ -40,6 +40,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -1315,6 +1316,17 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
     except (schema.DataError, config_lib.ConfigError, registry.RunError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except tf.errors.ResourceExhaustedError as e:  # (a native bad_alloc aborts instead)
+        shape = re.search(r"shape ?\[[\d, ]+\]", str(e.message))
+        kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
+        print(f"error: out of memory in training"
+              + (f" (a tensor of {shape.group(0)})" if shape else "")
+              + ": lower --batch-size (or --sessions-per-batch, --max-session-length); with "
+              "the full softmax each of the B x S x L positions scores the whole catalogue, "
+              "--loss sampled needs far less"
+              + (f" (another batch geometry than its {os.path.basename(kept)}'s: a new "
+                 "--model-dir)" if kept else ""), file=sys.stderr)
+        return 1
     except (OSError, tf.errors.OpError) as e:
         where = storage.path_error(e)
         if where:

@@ -837,3 +837,22 @@ def test_keep_checkpoints_bounds_the_periodic_checkpoints_on_disk(data, config_f
         train_lib.main(_args(data, str(tmp_path / "x"), config_file, "--keep-checkpoints", "0"))
     assert exit_.value.code == 2
     assert "argument --keep-checkpoints: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line_that_names_the_options(data, config_file, tmp_path, capsys,
+                                                           monkeypatch):
+    """TensorFlow's OOM (a batch too large for the memory: B x S x L positions each scoring
+    the catalogue) was forty lines of traceback; it cannot be caused safely here, so the
+    training is made to raise TensorFlow's error as a step does."""
+    def oom(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "OOM when allocating tensor with shape[30123,28369] and type float on "
+            "/job:localhost/replica:0/task:0/device:CPU:0 by allocator cpu")
+
+    monkeypatch.setattr(train_lib, "train", oom)
+    assert train_lib.main(_args(data, str(tmp_path / "run"), config_file, "--steps", "2")) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: out of memory in training (a tensor of shape[30123,28369]): lower "
+                   "--batch-size (or --sessions-per-batch, --max-session-length); with the full "
+                   "softmax each of the B x S x L positions scores the whole catalogue, --loss "
+                   "sampled needs far less\n"), err
