@@ -457,17 +457,22 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
     """` (about N epochs)` for a run of `train.steps` steps (nothing for a run in epochs),
     with a hint when that is less than one pass over the train split (a large log). The
     slots of a pass, from `stats.json`: a session of n items takes ceil(n / L) slots, which
-    lies between max(sessions, events / L) and sessions + events / L; their midpoint."""
+    lies between max(sessions, events / L) and sessions + events / L; their midpoint, or
+    the sessions where the longest session fits one slot."""
     if not train.steps:
         return ""
-    split = schema.read_stats(data_dir)["splits"]["train"]
+    stats = schema.read_stats(data_dir)
+    split = stats["splits"]["train"]
     sessions, chunks = split.get("sessions", 0), split.get("events", 0) / train.max_session_length
     slots = (max(sessions, chunks) + sessions + chunks) / 2
+    if 0 < stats.get("max_session_events", {}).get("train", 0) <= train.max_session_length:
+        slots = sessions  # (every session fits one slot: exact)
     if not slots:
         return ""
     passes = total_steps * train.batch_size * train.sessions_per_batch / slots
     hint = "; --epochs 1 for one pass" if passes < 1 else ""
-    return f" (about {_about(passes)} epochs of the train split{hint})"
+    about = _about(passes)
+    return f" (about {about} epoch{'' if about == '1' else 's'} of the train split{hint})"
 
 
 def _about(number: float) -> str:

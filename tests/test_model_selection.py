@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from model import config as config_lib
 from model import evaluate as evaluate_lib
 from model import registry
 from model import train as train_lib
@@ -152,6 +153,16 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
             "batches of 4 x 3 x 4") in out.err
     record = registry.read_best(run)
     assert record["step"] == 7 and record["events"] > record["unknown_targets"]
+    # where the longest session fits one slot (the pipeline's stats say 5, L = 5), a pass
+    # is the sessions exactly (the midpoint said 0.67 epochs for a whole one)
+    with open(os.path.join(data, "stats.json")) as f:
+        stats = json.load(f)
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    (exact / "stats.json").write_text(json.dumps(dict(stats, max_session_events={"train": 5})))
+    one_slot = config_lib.TrainConfig(batch_size=4, sessions_per_batch=3, max_session_length=5,
+                                      steps=20)
+    assert train_lib._passes_text(str(exact), one_slot, 20) == " (about 1 epoch of the train split)"
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
     with open(os.path.join(run, "config.json")) as f:
         train = json.load(f)["train"]
