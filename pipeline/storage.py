@@ -128,7 +128,8 @@ def output_folder_error(option: str, path: str, data: str, own: str, what: str) 
     the local `data` folder or lies inside it (a pipeline rerun with --overwrite would
     delete it), or another command's folder (`folder_kind`, other than `own`, the kind
     this command writes); `what` names what to pass instead. None when it may be used."""
-    if "://" not in data and within(path, data):
+    if "://" not in data and within(path, data) and folder_kind(data) == "a pipeline output":
+        # (else --data is no pipeline output: the command's own check of it says so)
         return (f"{option} {path} is the --data folder or inside it: pass {what} of its own "
                 "(it would write into the pipeline's output, which a rerun with --overwrite "
                 "replaces)")

@@ -522,6 +522,9 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         (_args(data, str(a_file), config_file), f"--model-dir {a_file} is a file: pass a run folder"),
         (_args(data, data, config_file), f"--model-dir {data} is the --data folder or inside it"),
         (_args(data, os.path.join(data, "run"), config_file), "is the --data folder or inside it"),
+        # a --data that is no pipeline output (a folder of runs): that is what is wrong
+        (_args(str(tmp_path), os.path.join(str(tmp_path), "runs", "x"), config_file),
+         f"{tmp_path}/items.tsv not found: is this a folder written by `python -m pipeline`?"),
         (_args(data, str(exports), config_file),
          f"--model-dir {exports} is an export base (SavedModel versions): pass a run folder"),
         (_args(data, str(compared), config_file),
