@@ -133,6 +133,10 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     if args.jit_compile:
         train["jit_compile"] = True
     config = config.replace({"model": model, "train": train})
+    if args.patience and config.train.eval_every == 0:
+        raise config_lib.ConfigError(
+            f"--patience {args.patience} stops on valid evaluations, which --eval-every 0 "
+            "turns off: leave one of them out")
     if config.train.steps == 0 and config.train.epochs == 0:
         config = config.replace({"train": {"steps": config_lib.DEFAULT_STEPS}})
     _check_high_level_trains(config)

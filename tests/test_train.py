@@ -517,6 +517,9 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         (_args(no_counts, run + "5", config_file, "--steps", "2"),
          f"{no_counts}/stats.json has no counts of the train split (splits.train: users, "
          "sessions, events)"),
+        (_args(data, run + "8", config_file, "--patience", "3", "--eval-every", "0"),
+         "--patience 3 stops on valid evaluations, which --eval-every 0 turns off: leave one "
+         "of them out"),
         (_args(data, run + "4", config_file, "--seed", str(2**32)),
          "train.seed must be < 2**32 (TensorFlow's and numpy's seeds are 32-bit), got 4294967296"),
         (_args(data, str(a_file), config_file), f"--model-dir {a_file} is a file: pass a run folder"),
