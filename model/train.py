@@ -1328,7 +1328,7 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
     except tf.errors.ResourceExhaustedError as e:  # (a native bad_alloc aborts instead)
         shape = re.search(r"shape ?\[[\d, ]+\]", str(e.message))
         kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
-        print(f"error: out of memory in training"
+        print("error: out of memory in training"
               + (f" (a tensor of {shape.group(0)})" if shape else "")
               + ": lower --batch-size (or --sessions-per-batch, --max-session-length); with "
               "the full softmax each of the B x S x L positions scores the whole catalogue, "
