@@ -89,10 +89,15 @@ class TrainingError(RuntimeError):
 parse_args = cli.train_args  # (the command line is read before TensorFlow loads)
 
 
-def _update_bar(bar, current: int, values: list, texts: dict[str, str]) -> None:
+def _update_bar(bar, current: int, values: list, texts: dict[str, str | None]) -> None:
     """`bar.update(current, values)` of a Keras progress bar, with `texts` ({name: text})
     shown after the values as they are (Keras prints any value with four decimals:
-    `events/s: 19194.0000`)."""
+    `events/s: 19194.0000`); a text None takes its name off the bar."""
+    for name, text in texts.items():
+        if text is None and name in bar._values_order:
+            bar._values_order.remove(name)
+            bar._values.pop(name, None)
+    texts = {k: v for k, v in texts.items() if v is not None}
     for name in [n for n, _ in values] + list(texts):
         if name not in bar._values_order:
             bar._values_order.append(name)
@@ -1070,8 +1075,13 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     bar._time_after_first_step = time.time()
                 else:
                     with contextlib.redirect_stdout(sys.stderr):
+                        # (Keras's ETA is the time per step so far: the valid
+                        # evaluations are in it once one has run in this process)
+                        untimed = (bool(tc.eval_every) and evaluated_step is None
+                                   and step < total_steps)
                         _update_bar(bar, step - start_step, [("loss", last_loss)],
-                                    {"events/s": f"{rate:,.0f}"})
+                                    {"events/s": f"{rate:,.0f}",
+                                     "valid": "not in the ETA yet" if untimed else None})
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)

@@ -46,6 +46,21 @@ def _weights(run):
     return [v.numpy() for v in model.variables]
 
 
+def test_the_bar_says_when_its_time_left_lacks_the_valid_evaluations(data, config_file, tmp_path,
+                                                                     capsys, monkeypatch):
+    """Keras's ETA is the time per step so far: until a valid evaluation has run in this
+    process it leaves them out (half a run's time on a large catalogue), and says so."""
+    monkeypatch.setattr(train_lib, "LOG_FILE_SECONDS", 0.0)  # a line per step
+    run = str(tmp_path / "run")
+    args = [a for a in _args(data, run, config_file, "--steps", "12", "--eval-every", "6")
+            if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    bar = {int(line.split("/")[0]): line for line in capsys.readouterr().err.splitlines()
+           if re.match(r" ?\d+/12 \[", line)}
+    assert all("valid: not in the ETA yet" in bar[step] for step in range(2, 7)), bar
+    assert not any("valid:" in bar[step] for step in range(7, 13)), bar
+
+
 def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = [a for a in _args(data, run, config_file, "--steps", "60", "--eval-every", "60")
