@@ -366,7 +366,7 @@ def _differences(was, now, where: str = "") -> list[str]:
 
 
 def rate_change(train: config_lib.TrainConfig, changed: dict, step: int, total_steps: int) -> str:
-    """"; the learning rate from step N is X (Y in the run so far): ..." where options
+    """"; the learning rate from step N is X (Y under the earlier options): ..." where options
     changed on resuming move the step schedule's rate at `step` (its decay points are
     fractions of the run's length: more --steps put them later), else ""."""
     keys = {"steps", "epochs", "learning_rate", "lr_schedule", "lr_decay_at", "lr_decay_factor"}
@@ -384,10 +384,10 @@ def rate_change(train: config_lib.TrainConfig, changed: dict, step: int, total_s
     then = rate(before, before.steps) if before.steps or before.lr_schedule == "constant" else None
     if then is not None and math.isclose(now, then, rel_tol=1e-6):
         return ""
-    return (f"; the learning rate from step {step + 1} is {now:.3g}"
-            + (f" ({then:.3g} in the run so far)" if then is not None else "")
+    return (f"; the learning rate from step {step + 1} is {now:.4g}"
+            + (f" ({then:.4g} under the earlier options)" if then is not None else "")
             + (": the schedule's decay points are fractions of the run's length"
-               if train.lr_schedule != "constant" else ""))
+               if train.lr_schedule != "constant" and train.lr_decay_at else ""))
 
 
 def save_config(run_dir: str, config: config_lib.RunConfig, step: int, changed: dict,
@@ -1077,8 +1077,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     with contextlib.redirect_stdout(sys.stderr):
                         # (Keras's ETA is the time per step so far: the valid
                         # evaluations are in it once one has run in this process)
-                        untimed = (bool(tc.eval_every) and evaluated_step is None
-                                   and step < total_steps)
+                        # (an evaluation owed at the start is not in Keras's time)
+                        untimed = (bool(tc.eval_every) and step < total_steps
+                                   and (evaluated_step or 0) <= start_step)
                         _update_bar(bar, step - start_step, [("loss", last_loss)],
                                     {"events/s": f"{rate:,.0f}",
                                      "valid": "not in the ETA yet" if untimed else None})
@@ -1336,6 +1337,8 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except tf.errors.ResourceExhaustedError as e:  # (a native bad_alloc aborts instead)
+        if storage.storage_error(e) or storage.path_error(e):
+            return _storage_failure(args, e)  # (a full disk or a quota: TensorFlow's same class)
         shape = re.search(r"shape ?\[[\d, ]+\]", str(e.message))
         kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
         print("error: out of memory in training"
@@ -1347,23 +1350,29 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
                  "--model-dir)" if kept else ""), file=sys.stderr)
         return 1
     except (OSError, tf.errors.OpError) as e:
-        where = storage.path_error(e)
-        if where:
-            print(f"error: cannot write to {args.model_dir}: {where}", file=sys.stderr)
-            return 2
-        reason = storage.reason_or_raise(e)
-        _remove_partial_saves(args.model_dir)
-        kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
-        print(f"error: cannot write to {args.model_dir}: {reason}; "
-              + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): make room "
-                 "and rerun the same command to resume" if kept else
-                 "no checkpoint was complete, so any steps trained are lost: make room and "
-                 "rerun the same command to start again"), file=sys.stderr)
-        return 1
+        return _storage_failure(args, e)
     if command:  # done: a stop signal now would only say "interrupted" of a finished run
         processes.ignore_stop_signals()
     print(json.dumps(summary))
     return 130 if summary.get("stopped_by") == "interrupted" else 0
+
+
+def _storage_failure(args: argparse.Namespace, e: BaseException) -> int:
+    """The one line (and status) of a write that failed in the run folder; any other
+    error is raised again."""
+    where = storage.path_error(e)
+    if where:
+        print(f"error: cannot write to {args.model_dir}: {where}", file=sys.stderr)
+        return 2
+    reason = storage.reason_or_raise(e)
+    _remove_partial_saves(args.model_dir)
+    kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
+    print(f"error: cannot write to {args.model_dir}: {reason}; "
+          + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): make room "
+             "and rerun the same command to resume" if kept else
+             "no checkpoint was complete, so any steps trained are lost: make room and "
+             "rerun the same command to start again"), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`python -m model.train` on tiny logs written with the schema module: learning, resume,
 errors, the config contract."""
+import errno
 import json
 import os
 import re
@@ -59,6 +60,26 @@ def test_the_bar_says_when_its_time_left_lacks_the_valid_evaluations(data, confi
            if re.match(r" ?\d+/12 \[", line)}
     assert all("valid: not in the ETA yet" in bar[step] for step in range(2, 7)), bar
     assert not any("valid:" in bar[step] for step in range(7, 13)), bar
+    # a rerun that owes an evaluation first (a full disk stopped the one at step 6): that
+    # one runs before the bar starts, so the label stays until one runs among the steps
+    real = train_lib._log_valid
+
+    def full_disk_at_6(model, data_dir, user_ids, step, *rest, **named):
+        if step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, data_dir, user_ids, step, *rest, **named)
+
+    run = str(tmp_path / "owed")
+    args = [a for a in _args(data, run, config_file, "--steps", "12", "--eval-every", "6",
+                             "--checkpoint-every", "6") if a != "--no-progress"]
+    monkeypatch.setattr(train_lib, "_log_valid", full_disk_at_6)
+    assert train_lib.main(args) == 1
+    capsys.readouterr()
+    monkeypatch.setattr(train_lib, "_log_valid", real)
+    assert train_lib.main(args) == 0
+    bar = {int(line.split("/")[0]): line for line in capsys.readouterr().err.splitlines()
+           if re.match(r" ?\d/6 \[", line)}
+    assert all("valid: not in the ETA yet" in bar[step] for step in range(2, 6)), bar
 
 
 def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
@@ -877,3 +898,15 @@ def test_out_of_memory_is_one_line_that_names_the_options(data, config_file, tmp
                    "--batch-size (or --sessions-per-batch, --max-session-length); with the full "
                    "softmax each of the B x S x L positions scores the whole catalogue, --loss "
                    "sampled needs far less\n"), err
+    # a full disk is TensorFlow's same class of error: said as a full disk, not memory
+    def full(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(
+            None, None, "run/checkpoints/ckpt-1_temp/part-00000-of-00001.data-00000-of-00001."
+            "tempstate1; No space left on device")
+
+    monkeypatch.setattr(train_lib, "train", full)
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "2")) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write to {run}: No space left on device; no checkpoint was complete, so "
+        "any steps trained are lost: make room and rerun the same command to start again\n")

@@ -143,8 +143,8 @@ def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp
              for n in (10, 12)]
     assert rates == [pytest.approx(0.01), pytest.approx(0.005)]  # the new rate is the one used
     assert ("resuming " + run + " at step 10 with other training options: learning_rate 0.01 "
-            "-> 0.005, steps 10 -> 12; the learning rate from step 11 is 0.005 (0.01 in the run "
-            "so far)\n") in capsys.readouterr().err
+            "-> 0.005, steps 10 -> 12; the learning rate from step 11 is 0.005 (0.01 under the "
+            "earlier options)\n") in capsys.readouterr().err
     with open(os.path.join(run, train_lib.RESUMES_FILE)) as f:
         assert [json.loads(line) for line in f] == [
             {"step": 10, "changed": {"learning_rate": [0.01, 0.005], "steps": [10, 12]}}]
@@ -165,8 +165,8 @@ def test_more_steps_on_resume_say_that_the_step_schedule_moves():
     tc = config_lib.TrainConfig(learning_rate=0.01, lr_schedule="step", lr_decay_at=(0.3, 0.6),
                                 lr_decay_factor=5.0, steps=700)
     assert train_lib.rate_change(tc, {"steps": [200, 700]}, 200, 700) == (
-        "; the learning rate from step 201 is 0.01 (0.0004 in the run so far): the schedule's "
-        "decay points are fractions of the run's length")
+        "; the learning rate from step 201 is 0.01 (0.0004 under the earlier options): the "
+        "schedule's decay points are fractions of the run's length")
     # a change that leaves the rate where it was, or no schedule option changed: nothing
     assert train_lib.rate_change(tc, {"steps": [650, 700]}, 500, 700) == ""
     assert train_lib.rate_change(tc, {"eval_every": [10, 20]}, 200, 700) == ""
