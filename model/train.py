@@ -1076,8 +1076,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 else:
                     with contextlib.redirect_stdout(sys.stderr):
                         # (Keras's ETA is the time per step so far: the valid
-                        # evaluations are in it once one has run in this process)
-                        # (an evaluation owed at the start is not in Keras's time)
+                        # evaluations are in it once one has run among this process's
+                        # steps; one owed at the start is not)
                         untimed = (bool(tc.eval_every) and step < total_steps
                                    and (evaluated_step or 0) <= start_step)
                         _update_bar(bar, step - start_step, [("loss", last_loss)],
