@@ -426,7 +426,7 @@ def _row_formats(args, files, heads) -> dict:
                                      f"{list(columns)}")
             if len(set(columns)) != len(columns):
                 raise UsageError(f"duplicate column names in {where}: {list(columns)}")
-            sessions_column = [c for c in columns if c.lower().replace("_", "") in ("session", "sessionid")
+            sessions_column = [c for c in columns if _names_sessions(c)
                                and c not in wanted]  # (a session log's session id as the user)
             if not args.session_col and sessions_column and rank == 0:
                 print(f"note: the log has a column {sessions_column[0]!r}: sessions come from time "
@@ -442,13 +442,17 @@ def _row_formats(args, files, heads) -> dict:
         elif args.format == "jsonl":  # (a Parquet or Avro file's columns are in its schema)
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
-        if (getattr(args, "gap_by_default", False) and rank == 0
-                and args.user_col.lower().replace("_", "") in ("session", "sessionid")):
-            print(f"note: --user-col {args.user_col} names session ids (a log of sessions "
-                  "without users?): each one's events are still cut at gaps over "
-                  "--session-gap 1800 s; a gap longer than any session (--session-gap "
-                  "1000000000) keeps each whole", file=sys.stderr)
+    if getattr(args, "gap_by_default", False) and _names_sessions(args.user_col):
+        print(f"note: --user-col {args.user_col} names session ids (a log of sessions "
+              "without users?): each one's events are still cut at gaps over --session-gap "
+              "1800 s; a gap longer than any session (--session-gap 1000000000) keeps each "
+              "whole", file=sys.stderr)
     return formats
+
+
+def _names_sessions(column: str) -> bool:
+    """Whether a column name says it holds session ids (session, session_id, sessionId)."""
+    return column.lower().replace("_", "") in ("session", "sessionid")
 
 
 def _to_utf8(path: str, source: str = "cp1252") -> str:
@@ -543,8 +547,7 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
                 if not isinstance(row, dict):
                     raise ValueError("not an object")
             else:
-                row = parse.fit_fields(parse.split_fields(text, fmt.separator, fmt.quoted),
-                                       len(fmt.columns))
+                row = parse.row_fields(text, fmt)
                 if row is None:
                     raise ValueError("wrong column count")
         except (ValueError, RecursionError):  # malformed rows: said elsewhere
@@ -587,8 +590,7 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
         return
     for text in texts:
         try:
-            if parse.fit_fields(parse.split_fields(text, fmt.separator, fmt.quoted),
-                                len(fmt.columns)) is not None:
+            if parse.row_fields(text, fmt) is not None:
                 return
         except ValueError:
             continue
@@ -712,10 +714,9 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
                          f"{bad_times[0]!r}){hint}")
     if fmt.time_unit not in ("s", "ms"):  # (text times: no unit to mistake)
         return
-    raw = sorted(times)[len(times) // 2] if times else 0  # the median as written
-    if fmt.time_unit == "s":
-        raw //= 1000
-    median = raw if fmt.time_unit == "s" else raw // 1000  # (seconds)
+    median_ms = sorted(times)[len(times) // 2] if times else 0
+    raw = median_ms // 1000 if fmt.time_unit == "s" else median_ms  # (as the file has it)
+    median = median_ms // 1000  # (seconds)
     if fmt.time_unit == "ms" and median > parse.MAX_PLAUSIBLE_UNIX_SECONDS:
         raise UsageError(f"{path}: times like {raw} read as milliseconds are after "
                          f"the year 5138; they look like {_finer_unit(raw)}: convert "
@@ -749,8 +750,7 @@ def _raw_time(line: str, fmt) -> object:
         if fmt.objects:
             value = json.loads(line).get(fmt.time_col)
         else:
-            fields = parse.fit_fields(parse.split_fields(line.rstrip("\r"), fmt.separator,
-                                                         fmt.quoted), len(fmt.columns))
+            fields = parse.row_fields(line.rstrip("\r"), fmt)
             value = fields[fmt.columns.index(fmt.time_col)] if fields is not None else None
     except (ValueError, AttributeError):
         return None

@@ -220,6 +220,15 @@ def fit_fields(fields: list[str], width: int) -> list[str] | None:
     return fields if len(fields) == width else None
 
 
+def row_fields(line: str, fmt: RowFormat) -> list[str] | None:
+    """A csv/tsv line's fields as `fmt`'s columns (`fit_fields`), None for another count.
+
+    Raises:
+      RowError: the line's quoting (`split_fields`).
+    """
+    return fit_fields(split_fields(line, fmt.separator, fmt.quoted), len(fmt.columns))
+
+
 def parse_header(line: str, delimiter: str, quoted: bool = True) -> tuple[str, ...]:
     """Column names from a header line (a UTF-8 byte-order mark is dropped)."""
     return tuple(f.strip() for f in split_fields(line.lstrip("\ufeff").rstrip("\r\n"),
