@@ -428,7 +428,7 @@ class HierTCNClient:
 
 def _resolve(client: HierTCNClient, store: state_store.StateStore,
              user: str) -> state_store.ResolvedState:
-    version = client.pin()
+    version = client.pinned_version if client.pinned_version is not None else client.pin()
     update = lambda state, session: client.update_state(state[None], [session])[0]  # noqa: E731
     args = (store, user, version, client.state_size(), update)
     kwargs = dict(fingerprint=client.fingerprint(), known_items=_known_items(client))
@@ -581,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "status":
                 result, text = _status(client)
             else:
+                client.pin()  # (an unreachable server stops here, before the store is created)
                 with state_store.SQLiteStateStore(args.state_db) as store:
                     command = _recommend if args.command == "recommend" else _end_session
                     result, text = command(client, store, args)
@@ -647,7 +648,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     """Folds the finished session into the user's state and stores it with the history
     (`state_store.end_session`: a concurrent end-session of the same user is not lost)."""
     items = _items(args)
-    version = client.pin()
+    version = client.pinned_version if client.pinned_version is not None else client.pin()
     unknown = _unknown_ids(client, items)  # (before the write: a failure here stores nothing)
     resolved, record = state_store.end_session(
         store, args.user, version, client.state_size(),

@@ -528,6 +528,22 @@ def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
     assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_an_unreachable_server_creates_no_state_database(capsys, tmp_path):
+    """recommend and end-session against a server that is not there fail with one line and
+    leave no `--state-db` behind (the default `user_states.sqlite` appeared in the folder
+    the command was run from)."""
+    db = tmp_path / "states.sqlite"
+    with socket.socket() as s:  # a port nobody listens on (held, not listening, meanwhile)
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+        for command in (["recommend", "--user", "u", "--items", "a"],
+                        ["end-session", "--user", "u", "--items", "a,b"]):
+            assert client_lib.main(["--target", target, "--model-name", NAME, "--timeout", "2",
+                                    "--state-db", str(db), *command]) == 1
+            assert capsys.readouterr().err.startswith("error: UNAVAILABLE")
+            assert not db.exists()
+
+
 def test_json_goes_before_or_after_the_command(capsys, served, tmp_path):
     """`--json` is an option of the command line as a whole: written after the command (as
     the README's examples read) it is the same, and without it the answer is text."""
