@@ -39,6 +39,7 @@ import numpy as np
 from model import config as config_lib, processes
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
+from model import evaluate
 from model.evaluate import read_per_user
 from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
 from pipeline import argtypes, schema, storage
@@ -360,7 +361,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
                 if stale.endswith((".json", "_users.npz")):
                     os.remove(os.path.join(folder, stale))
             write_json(os.path.join(folder, RECORD), record, sort_keys=True)
-        if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+        if not _evaluated(out):
             args.status.start(f"{args.label} fitting and evaluating on {args.split}")
             _evaluate(args, log_path, out, "--model", base, *extra)
         with open(out, encoding="utf-8") as f:
@@ -374,7 +375,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
         record = _neural_record(name, seed, args)
         options = record["train"]
         _check_or_write_record(run_dir, record)
-        if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+        if not _evaluated(out):
             what = f"{args.label} seed {seed + 1}/{args.seeds}"
             if not _finished(run_dir):  # a finished run is evaluated as it is (--split valid)
                 args.status.start(f"{what} training")
@@ -393,6 +394,19 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     entry["steps"] = [s["steps"] for s in summaries]
     entry["best_steps"] = [(s.get("best") or {}).get("step") for s in summaries]
     return entry
+
+
+def _evaluated(out: str) -> bool:
+    """A run's metrics file and its per-user sums are there, made by this code
+    (`evaluate.code_digest`); one from before a change to the code is evaluated again."""
+    if not (os.path.exists(out) and os.path.exists(_users_file(out))):
+        return False
+    with open(out, encoding="utf-8") as f:
+        if json.load(f).get("code") == evaluate.code_digest():
+            return True
+    print(f"note: {out} was evaluated by other code (model/ changed since, or an older "
+          "version): evaluating it again", file=sys.stderr)
+    return False
 
 
 def _finished(run_dir: str) -> bool:

@@ -21,6 +21,8 @@ Usage:
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import os
@@ -41,6 +43,24 @@ EVAL_SPLITS = ("valid", "test")
 SORT_WINDOW = 1024
 # progress in a log file (not a terminal): a line this often, as `model.train`'s
 LOG_FILE_SECONDS = 30.0
+
+
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """A digest of the code an evaluation's figures can depend on: the modules of `model/`
+    (`model/compare.py`, which only reports them, aside) and `pipeline/schema.py`, which
+    reads the records. Written into each metrics file as `code`: `model.compare`
+    evaluates a run again when its file carries another one (made before a code change),
+    rather than mixing two versions' figures in one table."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = sorted(os.path.join(here, n) for n in os.listdir(here)
+                   if n.endswith(".py") and n != "compare.py")
+    files.append(os.path.join(os.path.dirname(here), "pipeline", "schema.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def _pad(sessions: Sequence[np.ndarray]) -> np.ndarray:
@@ -596,6 +616,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                 os.remove(args.output)
             os.replace(per_user, args.per_user_output)
         if args.output:
+            result["code"] = code_digest()
             write_json(args.output, result)
     except user_errors as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

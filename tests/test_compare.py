@@ -429,7 +429,18 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
     assert compare.main(argv) == 0
     assert json.loads((out / "results.json").read_text()) == results
     assert (out / "compare.log").read_text() == log
+    # a test.json made by other code (before a change to model/) is evaluated again: its
+    # checkpoint as it is, not trained again
+    stale = out / "runs" / "hiertcn" / "seed0" / "test.json"
+    stale.write_text(json.dumps(dict(json.loads(stale.read_text()), code="0" * 16)))
     capsys.readouterr()
+    assert compare.main(argv) == 0
+    assert "seed0/test.json was evaluated by other code" in capsys.readouterr().err
+    new = (out / "compare.log").read_text()[len(log):]
+    assert new.count("$ ") == 1 and "model.evaluate" in new and "seed0" in new, new
+    assert json.loads(stale.read_text())["code"] == evaluate_lib.code_digest()
+    assert json.loads((out / "results.json").read_text()) == results
+    log = (out / "compare.log").read_text()
     # a rerun with another budget or another config does not reuse the runs trained before
     record = json.loads((out / "runs" / "hiertcn" / "seed0" / compare.RECORD).read_text())
     assert record["config"] == TINY and "--steps" in record["train"]

@@ -292,7 +292,8 @@ def test_cli_writes_every_key(full_data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == written
     keys = set(metrics.METRIC_KEYS) | set(metrics.COUNT_KEYS)
     assert set(written) == keys | set(metrics.GROUPS) | {"model", "split", "data",
-                                                         "heaviest_user"}
+                                                         "heaviest_user", "code"}
+    assert written["code"] == ev.code_digest() and len(written["code"]) == 16
     for group in metrics.GROUPS:
         assert set(written[group]) == keys
     assert (written["model"], written["split"], written["data"]) == ("popularity", "test", full_data)
