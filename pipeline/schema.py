@@ -121,10 +121,6 @@ def is_folder(path: str) -> bool:
     return _remote(lambda p: _gfile().exists(p) and _gfile().isdir(p), path)
 
 
-def file_exists(path: str) -> bool:
-    return _remote(_gfile().exists, path) if is_remote(path) else os.path.exists(path)
-
-
 def open_text(path: str, mode: str = "r"):
     """A text file, local or remote (newlines untranslated, UTF-8)."""
     if is_remote(path):
