@@ -1112,10 +1112,35 @@ def run(args, output: str, files, config, options) -> dict:
             # stays, and this run's is left aside to be read
             return dict(stats, left_aside=tmp)
         outputs.commit(tmp, output)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            _end_child_processes()
         outputs.remove(tmp)
         raise
     return stats
+
+
+def _end_child_processes() -> None:
+    """Kills this process's children (a local runner's SDK workers) after a stop signal:
+    one that outlived it (a SIGTERM to the process group while the runner started it) kept
+    the interpreter from exiting, after "interrupted" was said, until a SIGKILL (Beam's
+    thread that waits for it is not a daemon). Linux (/proc) only."""
+    import signal
+
+    me = str(os.getpid()).encode()
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            # "PID (COMMAND) STATE PPID ...": the command may hold spaces and parentheses
+            if stat[stat.rfind(b")") + 2:].split()[1] == me:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, IndexError):  # (gone meanwhile)
+            continue
 
 
 def failed(stats: dict) -> bool:

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import math
 import sys
+import time
 from typing import Callable
 
 
@@ -95,8 +96,72 @@ def interrupts_in_one_line(message: str) -> None:
     sys.excepthook = hook
 
 
+# when the main thread last ran a stop signal's handler (`MainThreadRelay`)
+_handled_at = [-math.inf]
+
+
+def stop_signal_handled() -> None:
+    """Called by a stop signal's handler (it runs in the main thread): `MainThreadRelay`
+    then leaves that signal alone."""
+    _handled_at[0] = time.monotonic()
+
+
 def _terminate(signum, frame):
+    stop_signal_handled()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+class MainThreadRelay:
+    """Hands a stop signal to the main thread when another thread took it.
+
+    The kernel may give a signal sent to the process (or its group) to any of its threads;
+    Python then runs the handler in the main thread, but only once that thread runs Python
+    code again. Blocked in a lock's wait (Beam's runner waiting for a bundle from workers
+    that the same SIGTERM to the process group killed) it never does: the pipeline hung
+    until SIGKILL. This thread hears each handled signal through `signal.set_wakeup_fd`
+    and, where the main thread has not run a stop handler within `grace` seconds, sends
+    the signal to the main thread itself (`signal.pthread_kill`), which ends the wait.
+    The handlers of `signals` must call `stop_signal_handled`; made and closed in the
+    main thread.
+    """
+
+    def __init__(self, signals, grace: float = 1.0):
+        import os
+        import signal
+        import threading
+
+        self.signals, self.grace = set(signals), grace
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.write_end, False)
+        self.previous = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
+        self.main = threading.main_thread().ident
+        self.thread = threading.Thread(target=self._run, name="stop-signal-relay", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import os
+        import signal
+
+        while True:
+            data = os.read(self.read_end, 64)
+            if not data or 0 in data:  # (`close`)
+                return
+            arrived = time.monotonic()
+            for signum in set(data) & self.signals:
+                time.sleep(self.grace)
+                if _handled_at[0] < arrived - self.grace:  # not handled around its arrival
+                    signal.pthread_kill(self.main, signum)
+
+    def close(self) -> None:
+        import os
+        import signal
+
+        signal.set_wakeup_fd(self.previous)
+        os.write(self.write_end, b"\0")
+        self.thread.join(timeout=2 * self.grace + 1)
+        os.close(self.write_end)
+        if not self.thread.is_alive():
+            os.close(self.read_end)
 
 
 def interrupt_in_chain(error: BaseException) -> bool:
@@ -124,17 +189,23 @@ def sigterm_until_handled() -> None:
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Within it, SIGTERM (a scheduler's stop, a preempted job) is Ctrl-C: a
-    KeyboardInterrupt that the command's own handling turns into a clean stop (exit 130).
-    The handler before it is given back after; nothing off the main thread, where Python
-    takes no signal handler."""
+    KeyboardInterrupt that the command's own handling turns into a clean stop (exit 130),
+    even where another thread took the signal (`MainThreadRelay`; Ctrl-C too, unless it
+    is ignored). The handlers before it are given back after; nothing off the main
+    thread, where Python takes no signal handler."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not an ignored one)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _terminate)
+    relay = MainThreadRelay(previous)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        relay.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

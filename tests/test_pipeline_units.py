@@ -838,6 +838,47 @@ def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
     assert failing.returncode == 1 and "Traceback" in failing.stderr  # other errors as before
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signame):
+    """The kernel may hand a signal sent to the process group to any thread; Python runs
+    the handler in the main thread only when that thread runs Python code again, which a
+    main thread blocked in a lock's wait (Beam's runner waiting for a bundle from the
+    workers the same SIGTERM killed) never did: the pipeline hung until SIGKILL. Here a
+    thread sends the signal to itself while the main thread waits on a lock for good."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import signal, sys, threading, time\nfrom pipeline import argtypes\n"
+            "lock = threading.Lock()\nlock.acquire()\n"
+            "def other():\n"
+            "    time.sleep(0.5)  # (the main thread waits by then)\n"
+            f"    signal.pthread_kill(threading.get_ident(), signal.{signame})\n"
+            "with argtypes.sigterm_as_interrupt():\n"
+            "    try:\n"
+            "        threading.Thread(target=other).start()\n"
+            "        lock.acquire()\n"
+            "    except KeyboardInterrupt as e:\n"
+            "        print('interrupted:', e)\n"
+            "        sys.exit(130)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+    import signal
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stdout == f"interrupted: signal {int(getattr(signal, signame))}\n"
+
+
+def test_the_pipeline_ends_its_child_processes_after_a_stop():
+    """After a stop signal the pipeline kills its children (a local runner's workers): one
+    that outlived the stop kept the interpreter from exiting. Only its own children."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import subprocess, sys\nfrom pipeline import __main__ as cli\n"
+            "children = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+            " for _ in range(2)]\n"
+            "cli._end_child_processes()\n"
+            "print([c.wait(timeout=30) for c in children])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "[-9, -9]\n", proc.stderr
+
+
 @pytest.mark.parametrize("command", [
     ["model.train", "--data", "DATA", "--model-dir", "gs://bucket/run"],
     ["model.evaluate", "--data", "DATA", "--split", "test", "--model", "popularity",
