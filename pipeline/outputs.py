@@ -12,6 +12,7 @@ failed run never leaves a DIR that looks complete:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -185,6 +186,10 @@ def commit(tmp: str, output: str) -> None:
                     os.rename(trash, output)
                 raise
             try:
+                # its stats.json first: a deletion cut short never leaves a folder that
+                # `replaced_output` would name as a complete output
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(trash, schema.STATS_FILE))
                 shutil.rmtree(trash, ignore_errors=True)
             except KeyboardInterrupt:
                 raise InterruptedAfterCommit(trash) from None

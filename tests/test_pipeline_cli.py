@@ -2064,6 +2064,35 @@ def test_a_log_whose_users_each_have_one_session_gets_a_note(tmp_path, capsys):
         assert (said in capsys.readouterr().err) == noted
 
 
+def test_a_replaced_output_whose_deletion_was_cut_short_is_never_named_complete(
+        tmp_path, monkeypatch):
+    """A kill while the replaced output is deleted (after the new one is in place) leaves a
+    partly deleted `.old-` folder; it loses its stats.json first, so a later kill between
+    two renames names the folder that really holds the previous output (the partial one
+    kept stats.json, and as the newest it was named: "mv it back")."""
+    out = tmp_path / "out"
+    for folder in (out, tmp_path / ".out.tmp-new"):
+        (folder / "train").mkdir(parents=True)
+        for name in ("stats.json", "items.tsv", "train/part-0.tfrecord.gz"):
+            (folder / name).write_text(name)
+
+    def cut_short(path, ignore_errors=False):
+        os.remove(os.path.join(path, "items.tsv"))  # one entry deleted, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", cut_short)
+    with pytest.raises(outputs.InterruptedAfterCommit) as caught:
+        outputs.commit(str(tmp_path / ".out.tmp-new"), str(out))
+    monkeypatch.undo()
+    partial = caught.value.leftover
+    assert (out / "stats.json").exists() and not os.path.exists(os.path.join(partial, "stats.json"))
+    # a later run killed between its two renames: its `.old-` folder is the one to move back
+    whole = tmp_path / ".out.tmp-later.old-1"
+    os.rename(out, whole)
+    os.utime(whole, (1_000_000, 1_000_000))  # (older than the partial one)
+    assert outputs.replaced_output(str(out)) == str(whole)
+
+
 def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp_path):
     """A scheduler's SIGTERM: exit 130 with the one line Ctrl-C gets, and the temporary
     output removed (the default action left a full-size copy beside the output)."""
