@@ -52,6 +52,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import types
 from typing import Any, Sequence
@@ -553,17 +554,35 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
 
 @contextlib.contextmanager
 def _stop_signals_held():
-    """Ctrl-C and SIGTERM are held (blocked for this thread) within the block, delivered
-    after it (where the platform has signal masks)."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """Ctrl-C and SIGTERM that arrive within the block are handled after it: their handlers
+    are swapped for one that notes them. (A signal mask held them for the main thread
+    only: the process's other threads, TensorFlow's, took them, and Python ran the
+    handler in the main thread inside the block all the same.) Off the main thread,
+    where Python takes no handler, nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stops = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    held: list[int] = []
+
+    def note(signum, frame):
+        argtypes.stop_signal_handled()
+        held.append(signum)
+
+    previous = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    previous = {stop: handler for stop, handler in previous.items()
+                if handler not in (signal.SIG_IGN, None)}  # (None: not set from Python)
+    for stop in previous:
+        signal.signal(stop, note)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        if held:
+            if callable(previous[held[0]]):
+                previous[held[0]](held[0], None)
+            else:  # SIG_DFL: the default action, now
+                signal.raise_signal(held[0])
 
 
 # The versions this process has published (renamed into place), for what an interrupt says.

@@ -619,3 +619,35 @@ def test_a_version_taken_by_another_export_meanwhile(exported, tmp_path, monkeyp
         export.export_model(model, vocab, base, version=5)  # asked for: not moved
     assert sorted(os.listdir(base)) == ["1", "2", "5"]
     assert os.listdir(os.path.join(base, "5")) == ["variables"]  # the other export's, untouched
+
+
+def test_a_stop_signal_during_the_publishing_rename_is_handled_after_it():
+    """The rename that publishes a version and its record in PUBLISHED are one step for a
+    stop signal, whichever thread takes it (a signal mask held it for the main thread
+    only: a thread started before, as TensorFlow's are, took it, and the handler ran
+    inside the block)."""
+    import signal
+    import threading
+
+    from pipeline import argtypes
+
+    go = threading.Event()
+
+    def other():  # started before the block
+        go.wait()
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    done = []
+    with argtypes.sigterm_as_interrupt():
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            with export._stop_signals_held():
+                go.set()
+                thread.join()
+                time.sleep(0.2)  # (a handler would run here, in the main thread)
+                done.append("another thread's")
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                time.sleep(0.2)
+                done.append("this thread's")
+    assert done == ["another thread's", "this thread's"]
