@@ -1047,6 +1047,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             # the step fetches its batch from the iterator itself (`make_train_step`)
             batches = iter(dataset) if not finished else None
             while batches is not None:
+                if _stop_signal[0] is not None:  # taken, and its KeyboardInterrupt lost
+                    raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
                 t0 = time.perf_counter()
                 try:
                     loss, n = train_step(batches)
@@ -1110,6 +1112,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         except tf.errors.OpError:
             batching.raise_producer_error(batcher)  # the batcher's own error, when it is one
             raise
+        if _stop_signal[0] is not None:  # (a stop whose KeyboardInterrupt was lost)
+            stop_reason = "interrupted"
         step = int(state.step.numpy())
         if stop_reason == "time" and step > start_step:
             # said, as the other early stops are: the bar's last line (up to 30 s old in
@@ -1263,6 +1267,8 @@ def _interrupt(signum, frame):
     checkpoint is written are noted and ignored (a second Ctrl-C, or a scheduler's signal to
     the process group and to the process, arrives within milliseconds: it used to land
     between the stop and the save and lose every step since the last checkpoint)."""
+    argtypes.stop_signal_handled()
+    _stop_signal[0] = signum
     for stop in _STOP_SIGNALS:
         if signal.getsignal(stop) is _interrupt:
             signal.signal(stop, _already_stopping)
@@ -1270,11 +1276,17 @@ def _interrupt(signum, frame):
 
 
 def _already_stopping(signum, frame):
+    argtypes.stop_signal_handled()
     print("already stopping: the checkpoint is being written (SIGKILL stops without it)",
           file=sys.stderr)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The stop signal `_interrupt` took since `main` began (None: none). Its KeyboardInterrupt
+# can be lost: raised while Python runs a finalizer (a `__del__`), it is printed and
+# dropped, and the run went on to its last step with every later stop signal only noted
+# (`_already_stopping`); the training loop looks here between steps as well.
+_stop_signal: list[int | None] = [None]
 
 
 def _events(path: str):
@@ -1298,6 +1310,8 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
     still a note, not a traceback or a kill."""
     args = parse_args(argv)
     handlers = {}  # the caller's, given back on return
+    relay = None
+    _stop_signal[0] = None
     if threading.current_thread() is threading.main_thread():
         if restore_signals:
             handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -1307,6 +1321,8 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,
                                                _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
+        # (a signal that another thread took reaches the main thread)
+        relay = argtypes.MainThreadRelay(_STOP_SIGNALS)
     try:
         return _main(args, command=not restore_signals)
     except Exception as e:
@@ -1317,6 +1333,8 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
+        if relay is not None:
+            relay.close()
         for sig, handler in handlers.items():
             if handler is not None:  # (None: not set from Python; left as it is)
                 signal.signal(sig, handler)

@@ -127,6 +127,33 @@ def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_fil
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_stop_signal_whose_interrupt_python_dropped_still_stops_the_run(
+        data, config_file, tmp_path, monkeypatch, capsys):
+    """The handler's KeyboardInterrupt, raised while Python ran a finalizer (a `__del__`),
+    is printed and dropped: the run went on to its last step, every later stop signal only
+    noted. The loop stops at the next step with a checkpoint, as on any stop."""
+    real = train_lib._scalar
+
+    def dropped(name, value, step):
+        if step == 10 and name == "loss":
+            try:
+                train_lib._interrupt(signal.SIGTERM, None)
+            except KeyboardInterrupt:
+                pass  # (as in a finalizer)
+        real(name, value, step)
+
+    monkeypatch.setattr(train_lib, "_scalar", dropped)
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 130
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "interrupted"
+    assert "interrupted at step 10: no step since the last checkpoint" in err  # (every 5)
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-10")
+    # the next run in this process starts without it
+    monkeypatch.setattr(train_lib, "_scalar", real)
+    assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 0
+
+
 def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp_path, capsys):
     # a constant learning rate: a variable the checkpoint holds (the step schedule is not)
     config_file = str(tmp_path / "constant.json")
