@@ -26,6 +26,11 @@ def test_user_slots_split_long_sessions_into_chunks():
     assert [(s.items.tolist(), s.reset, s.session_end) for s in slots] == [
         ([2, 3, 4], True, False), ([5], False, True), ([6, 7], False, True)]
     assert all(s.items.dtype == np.int64 for s in slots)
+    # a session of exactly two and of three chunks: the last full chunk ends it
+    slots = batching.user_slots([[2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]], 3)
+    assert [(s.items.tolist(), s.session_end) for s in slots] == [
+        ([2, 3, 4], False), ([5, 6, 7], True), ([8, 9, 10], False), ([11, 12, 13], False),
+        ([14], True)]
 
 
 def test_batches_on_hand_made_log():

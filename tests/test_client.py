@@ -80,6 +80,23 @@ def test_status_metadata_and_pinning(client, served):
     assert version == 1  # pinned: every call of this user runs on version 1
 
 
+def test_an_answer_batched_with_a_larger_k_is_cut_back_to_its_own(client, monkeypatch):
+    """TF Serving's batching answers each row with the batch's largest k (it cannot run
+    here: the request is widened as it would be); the client returns its own k, the
+    best ones."""
+    states = client.zero_states(1)
+    want_ids, want_scores = client.next_items(states, [["item3"]], k=3)
+    real = client.predict
+
+    def batched(signature, inputs, version=None):
+        return real(signature, dict(inputs, k=np.full_like(inputs["k"], 9)), version)
+
+    monkeypatch.setattr(client, "predict", batched)
+    ids, scores = client.next_items(states, [["item3"]], k=3)
+    assert ids == want_ids and len(ids[0]) == 3 and scores.shape == (1, 3)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
 def test_ragged_batches_equal_one_user_at_a_time(client):
     client.pin(2)
     states = np.random.default_rng(0).normal(size=[3, 8]).astype(np.float32)

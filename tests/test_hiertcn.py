@@ -124,6 +124,32 @@ def test_sampled_loss_and_tied_output():
         registry.build_model("hiertcn", TINY.replace({"loss": "sampled"}), V)
 
 
+def test_the_sampled_loss_is_its_formula_with_log_q_and_accidental_hits_removed():
+    """The baselines' sampled softmax, computed by hand from the same draw: each logit less
+    the log of its expected count (the log-Q correction), and a negative that is the row's
+    own target left out of the denominator (an accidental hit)."""
+    from model import losses
+
+    counts = np.array([0, 0, 50, 20, 10, 5, 3, 1])
+    loss_fn = losses.make_loss("sampled", len(counts), num_negatives=5, item_counts=counts)
+    drawn, real = [], loss_fn.sampler.candidates
+    loss_fn.sampler.candidates = lambda labels: drawn.append(real(labels)) or drawn[-1]
+    rng = np.random.default_rng(0)
+    user = rng.normal(size=[4, 3]).astype(np.float32)
+    vectors = rng.normal(size=[len(counts), 3]).astype(np.float32)
+    bias = rng.normal(size=[len(counts)]).astype(np.float32)
+    targets = np.array([2, 3, 4, 7])
+    got = loss_fn(user, tf.constant(targets), vectors, bias, True).numpy()
+    sampled, true_expected, sampled_expected = (t.numpy() for t in drawn[0])
+    assert set(targets) & set(sampled)  # (5 of the 6 items: hits are certain)
+    logits = user.astype(np.float64) @ vectors.T + bias
+    for r, t in enumerate(targets):
+        true_logit = logits[r, t] - np.log(true_expected[r, 0])
+        negatives = [logits[r, s] - np.log(e) for s, e in zip(sampled, sampled_expected) if s != t]
+        assert got[r] == pytest.approx(np.logaddexp.reduce([true_logit, *negatives]) - true_logit,
+                                       rel=1e-4)
+
+
 def test_negative_exponent_flattens_the_sampling():
     counts = np.array([0, 0] + [1] + [100] * (V - 3))
     rare = {}

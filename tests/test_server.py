@@ -420,6 +420,22 @@ def test_a_runtime_error_of_the_graph_answers_its_own_code_as_tf_serving_does(tm
         "out"] == 4
 
 
+def test_the_sequence_limits_are_inclusive():
+    """--max-sequence-width 5 serves 5 items and refuses 6; --max-sequence-items 10 serves
+    2 x 5 slots and refuses 2 x 6 (the limits were only tested far beyond them)."""
+    def check(shape, max_width, max_items):
+        proto = _empty_ids_request("next_items", shape).inputs["session_items"]
+        server._check_sequence("session_items", "next_items", proto, max_width, max_items)
+
+    check([1, 5], 5, None)
+    check([2, 5], None, 10)
+    for shape, max_width, max_items, said in (([1, 6], 5, None, "6 items wide"),
+                                              ([2, 6], None, 10, "holds 2 x 6 item slots")):
+        with pytest.raises(server.RequestError, match=said) as caught:
+            check(shape, max_width, max_items)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_batcher_forgets_an_unloaded_version(tmp_path):
     """The batcher's per-signature bookkeeping goes with the signature: nothing accumulates
     over version reloads and a new signature never inherits an old one's batch size."""
@@ -439,9 +455,15 @@ def test_batcher_forgets_an_unloaded_version(tmp_path):
     assert len(batcher._peak) == 0
 
 
-def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path):
+@pytest.mark.parametrize("max_batch_size, sizes, expected", [
+    (16, [1, 2] * 4, [1, 11]),  # two calls for eight requests
+    (4, [1] * 8, [1, 4, 3]),    # never more rows in one call than --max_batch_size
+])
+def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path, max_batch_size,
+                                                               sizes, expected):
     """The Batcher runs concurrent requests as one model call: while a first call runs,
-    the requests that arrive queue up and go together in the next (each gets its rows)."""
+    the requests that arrive queue up and go together in the next (each gets its rows),
+    as many rows at a time as the batch size allows."""
     module = tf.Module()
     module.run = tf.function(lambda x: {"out": x * 10.0},
                              input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
@@ -458,8 +480,8 @@ def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path):
         return real_run(arrays)
 
     sig.run = spy
-    batcher = server.Batcher(max_batch_size=16, timeout_s=0.0)
-    rows = [np.float32([i, i + 0.5][: 1 + i % 2]) for i in range(8)]
+    batcher = server.Batcher(max_batch_size=max_batch_size, timeout_s=0.0)
+    rows = [np.float32([i, i + 0.5][:n]) for i, n in enumerate(sizes)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         first = pool.submit(batcher.submit, sig, {"x": rows[0]})
         assert first_running.wait(30)
@@ -469,7 +491,7 @@ def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path):
             time.sleep(0.01)
         release.set()
         outs = [f.result(timeout=30)["out"] for f in [first] + rest]
-    assert calls == [1, sum(len(r) for r in rows[1:])]  # two calls for eight requests
+    assert calls == expected
     for r, out in zip(rows, outs):
         np.testing.assert_array_equal(out, r * 10.0)
 

@@ -1,6 +1,7 @@
 """serving.state_store on a real SQLite file: upserts, WAL, version-keyed states."""
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -230,7 +231,17 @@ def test_bad_arguments(tmp_path):
     assert s.history_items == state_store.DEFAULT_HISTORY_ITEMS
 
 
-def test_conditional_put_writes_only_over_the_record_it_was_computed_from(store):
+@pytest.mark.parametrize("clock", ["real", "frozen", "backwards"])
+def test_conditional_put_writes_only_over_the_record_it_was_computed_from(store, monkeypatch,
+                                                                          clock):
+    """Also where the clock stands still (a coarse one) or steps back (NTP): each record
+    is stamped after the one it replaces, so `latest` is the newest write and a write
+    computed from the replaced record is refused."""
+    if clock == "frozen":
+        monkeypatch.setattr(state_store.time, "time", lambda: 1e6)
+    elif clock == "backwards":
+        ticks = itertools.count(10**6, -1)
+        monkeypatch.setattr(state_store.time, "time", lambda: float(next(ticks)))
     first = store.put("u", 1, np.zeros(2, np.float32), [["a"]], expected=None)
     with pytest.raises(state_store.StateConflict):
         store.put("u", 1, np.ones(2, np.float32), [["x"]], expected=None)  # not new any more
