@@ -552,6 +552,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                 and os.path.abspath(args.output) == os.path.abspath(args.per_user_output)):
             raise schema.DataError(f"--per-user-output {args.per_user_output} is --output's "
                                    "file too: the one would replace the other; pass two names")
+        code = code_digest()  # (of the code this process runs: read now, before a long run)
         schema.read_vocabulary(args.data)
         schema.shard_files(args.data, args.split)
         users = schema.read_stats(args.data).get("splits", {}).get(args.split, {}).get("users")
@@ -616,7 +617,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                 os.remove(args.output)
             os.replace(per_user, args.per_user_output)
         if args.output:
-            result["code"] = code_digest()
+            result["code"] = code
             write_json(args.output, result)
     except user_errors as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

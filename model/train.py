@@ -1262,6 +1262,7 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([latest[s][1] for s in steps], np.float64)
 
 
+@argtypes.noting
 def _interrupt(signum, frame):
     """The first Ctrl-C or SIGTERM: stops training; the signals that follow while the
     checkpoint is written are noted and ignored (a second Ctrl-C, or a scheduler's signal to
@@ -1275,6 +1276,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@argtypes.noting
 def _already_stopping(signum, frame):
     argtypes.stop_signal_handled()
     print("already stopping: the checkpoint is being written (SIGKILL stops without it)",
@@ -1312,7 +1314,8 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
     handlers = {}  # the caller's, given back on return
     relay = None
     _stop_signal[0] = None
-    if threading.current_thread() is threading.main_thread():
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
         if restore_signals:
             handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
@@ -1321,9 +1324,9 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,
                                                _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
-        # (a signal that another thread took reaches the main thread)
-        relay = argtypes.MainThreadRelay(_STOP_SIGNALS)
     try:
+        if in_main_thread:  # (a signal that another thread took reaches the main thread)
+            relay = argtypes.MainThreadRelay.start(_STOP_SIGNALS)
         return _main(args, command=not restore_signals)
     except Exception as e:
         # a stop signal during the set-up, raised inside TensorFlow's Python calls, can come
@@ -1333,11 +1336,13 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
-        if relay is not None:
-            relay.close()
-        for sig, handler in handlers.items():
-            if handler is not None:  # (None: not set from Python; left as it is)
-                signal.signal(sig, handler)
+        try:
+            if relay is not None:
+                relay.close()
+        finally:
+            for sig, handler in handlers.items():
+                if handler is not None:  # (None: not set from Python; left as it is)
+                    signal.signal(sig, handler)
 
 
 def _main(args: argparse.Namespace, command: bool = False) -> int:

@@ -1039,6 +1039,7 @@ def run(args, output: str, files, config, options) -> dict:
                                      SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
+    children = _child_processes()  # (the caller's: an interrupt kills only the run's own)
     try:
         tmp = outputs.make_temp(output)
     except OSError as e:  # a file where a folder must be, no permission, ...
@@ -1114,33 +1115,43 @@ def run(args, output: str, files, config, options) -> dict:
         outputs.commit(tmp, output)
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
-            _end_child_processes()
+            _end_child_processes(children)
         outputs.remove(tmp)
         raise
     return stats
 
 
-def _end_child_processes() -> None:
-    """Kills this process's children (a local runner's SDK workers) after a stop signal:
-    one that outlived it (a SIGTERM to the process group while the runner started it) kept
-    the interpreter from exiting, after "interrupted" was said, until a SIGKILL (Beam's
-    thread that waits for it is not a daemon). Linux (/proc) only."""
-    import signal
-
+def _child_processes() -> set[tuple[int, bytes]]:
+    """(pid, start time) of this process's children, from /proc (Linux; elsewhere none)."""
     me = str(os.getpid()).encode()
     try:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
-        return
+        return set()
+    children = set()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-            # "PID (COMMAND) STATE PPID ...": the command may hold spaces and parentheses
-            if stat[stat.rfind(b")") + 2:].split()[1] == me:
-                os.kill(int(pid), signal.SIGKILL)
-        except (OSError, IndexError):  # (gone meanwhile)
+        except OSError:  # (gone meanwhile)
             continue
+        # "PID (COMMAND) STATE PPID ... STARTTIME (field 22)": COMMAND may hold anything
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 19 and fields[1] == me:
+            children.add((int(pid), fields[19]))
+    return children
+
+
+def _end_child_processes(before: set[tuple[int, bytes]]) -> None:
+    """Kills the children this run started (a local runner's SDK workers; not those in
+    `before`) after a stop signal: one that outlived it (a SIGTERM to the process group
+    while the runner started it) kept the interpreter from exiting, after "interrupted"
+    was said, until a SIGKILL (Beam's thread that waits for it is not a daemon)."""
+    import signal
+
+    for pid, _ in _child_processes() - before:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def failed(stats: dict) -> bool:

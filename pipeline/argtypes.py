@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
-import time
 from typing import Callable
 
 
@@ -96,16 +96,26 @@ def interrupts_in_one_line(message: str) -> None:
     sys.excepthook = hook
 
 
-# when the main thread last ran a stop signal's handler (`MainThreadRelay`)
-_handled_at = [-math.inf]
+# how many times a stop handler of this project has run (`MainThreadRelay`)
+_handled = [0]
+# the handlers that count themselves there: the only ones the relay sends a signal on for
+_NOTING: set = set()
+
+
+def noting(handler):
+    """Marks `handler` (a stop signal's handler that calls `stop_signal_handled`) as one
+    that `MainThreadRelay` may send a signal on for; returns it."""
+    _NOTING.add(handler)
+    return handler
 
 
 def stop_signal_handled() -> None:
     """Called by a stop signal's handler (it runs in the main thread): `MainThreadRelay`
-    then leaves that signal alone."""
-    _handled_at[0] = time.monotonic()
+    then leaves the signal alone."""
+    _handled[0] += 1
 
 
+@noting
 def _terminate(signum, frame):
     stop_signal_handled()
     raise KeyboardInterrupt(f"signal {signum}")
@@ -119,49 +129,94 @@ class MainThreadRelay:
     code again. Blocked in a lock's wait (Beam's runner waiting for a bundle from workers
     that the same SIGTERM to the process group killed) it never does: the pipeline hung
     until SIGKILL. This thread hears each handled signal through `signal.set_wakeup_fd`
-    and, where the main thread has not run a stop handler within `grace` seconds, sends
-    the signal to the main thread itself (`signal.pthread_kill`), which ends the wait.
-    The handlers of `signals` must call `stop_signal_handled`; made and closed in the
-    main thread.
+    (passing the bytes on to an earlier owner of it, asyncio's) and, where no handler of
+    `_NOTING` has run within `grace` seconds while one is installed for it, sends the
+    signal to the main thread itself (`signal.pthread_kill`), which ends the wait: once
+    for each signal that arrived, never for its own. Made and closed in the main thread;
+    `start` gives None where the platform lacks what it needs (Windows).
     """
 
     def __init__(self, signals, grace: float = 1.0):
-        import os
         import signal
         import threading
 
         self.signals, self.grace = set(signals), grace
+        self.closing = threading.Event()
+        self.own: dict[int, int] = {}  # signals the relay sent, whose bytes are still to come
         self.read_end, self.write_end = os.pipe()
         os.set_blocking(self.write_end, False)
         self.previous = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
         self.main = threading.main_thread().ident
         self.thread = threading.Thread(target=self._run, name="stop-signal-relay", daemon=True)
         self.thread.start()
+        _RELAYS.add(self)
+
+    @classmethod
+    def start(cls, signals, grace: float = 1.0) -> "MainThreadRelay | None":
+        import signal
+
+        if sys.platform == "win32" or not hasattr(signal, "pthread_kill"):
+            return None
+        return cls(signals, grace)
 
     def _run(self) -> None:
-        import os
         import signal
 
-        while True:
-            data = os.read(self.read_end, 64)
-            if not data or 0 in data:  # (`close`)
-                return
-            arrived = time.monotonic()
-            for signum in set(data) & self.signals:
-                time.sleep(self.grace)
-                if _handled_at[0] < arrived - self.grace:  # not handled around its arrival
-                    signal.pthread_kill(self.main, signum)
+        try:
+            while True:
+                handled = _handled[0]
+                data = os.read(self.read_end, 64)
+                if not data or self.closing.is_set():
+                    return
+                came = bytearray()
+                for signum in data:  # (less the relay's own sending)
+                    if self.own.get(signum):
+                        self.own[signum] -= 1
+                    else:
+                        came.append(signum)
+                if self.previous >= 0 and came:  # (an earlier owner's signals: asyncio's)
+                    with contextlib.suppress(OSError):
+                        os.write(self.previous, came)
+                arrived = set(came) & self.signals
+                if not arrived or self.closing.wait(self.grace):
+                    continue
+                for signum in arrived:
+                    if _handled[0] == handled and signal.getsignal(signum) in _NOTING \
+                            and not self.closing.is_set():
+                        self.own[signum] = self.own.get(signum, 0) + 1
+                        signal.pthread_kill(self.main, signum)
+        finally:
+            os.close(self.read_end)
 
     def close(self) -> None:
-        import os
         import signal
 
-        signal.set_wakeup_fd(self.previous)
-        os.write(self.write_end, b"\0")
-        self.thread.join(timeout=2 * self.grace + 1)
-        os.close(self.write_end)
-        if not self.thread.is_alive():
-            os.close(self.read_end)
+        _RELAYS.discard(self)
+        self.closing.set()
+        try:
+            signal.set_wakeup_fd(self.previous)
+        finally:
+            with contextlib.suppress(OSError):
+                os.write(self.write_end, b"\0")  # (ends the thread's read)
+            os.close(self.write_end)
+
+
+# the relays open now: a child forked meanwhile gives up their wakeup fd (its signals
+# would reach this process's relay through the shared pipe)
+_RELAYS: set = set()
+
+
+def _after_fork_in_child() -> None:
+    import signal
+
+    if _RELAYS:
+        _RELAYS.clear()
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def interrupt_in_chain(error: BaseException) -> bool:
@@ -202,10 +257,17 @@ def sigterm_as_interrupt():
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not an ignored one)
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _terminate)
-    relay = MainThreadRelay(previous)
+    relay = None
     try:
+        relay = MainThreadRelay.start(previous)
         yield
     finally:
-        relay.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        try:
+            if relay is not None:
+                relay.close()
+        finally:
+            for signum, handler in previous.items():
+                # (one the command set meanwhile stays: `processes.ignore_stop_signals`
+                # once its work is done)
+                if signal.getsignal(signum) is _terminate:
+                    signal.signal(signum, handler)

@@ -865,18 +865,111 @@ def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signa
     assert proc.stdout == f"interrupted: signal {int(getattr(signal, signame))}\n"
 
 
+RELAY_CHECK = """
+import json, os, signal, sys, threading, time
+from pipeline import argtypes
+
+calls = []
+t0 = time.monotonic()
+
+
+def other(signum, frame):  # a handler of someone else's: never sent on
+    calls.append(("other", time.monotonic() - t0))
+
+
+@argtypes.noting
+def stop(signum, frame):
+    argtypes.stop_signal_handled()
+    calls.append(("stop", time.monotonic() - t0))
+
+
+def from_another_thread(signum):
+    time.sleep(0.3)  # (the main thread waits by then)
+    signal.pthread_kill(threading.get_ident(), signum)
+
+
+signal.signal(signal.SIGUSR1, other)
+signal.signal(signal.SIGUSR2, stop)
+earlier_r, earlier_w = os.pipe()  # an earlier owner of the wakeup fd (asyncio's)
+os.set_blocking(earlier_w, False)
+signal.set_wakeup_fd(earlier_w)
+relay = argtypes.MainThreadRelay({signal.SIGUSR1, signal.SIGUSR2}, grace=0.3)
+pid = os.fork()
+if pid == 0:  # a forked child's own signal is its own
+    signal.raise_signal(signal.SIGUSR2)
+    os._exit(0)
+os.waitpid(pid, 0)
+for signum in (signal.SIGUSR1, signal.SIGUSR2):
+    t0 = time.monotonic()
+    thread = threading.Thread(target=from_another_thread, args=(signum,))
+    thread.start()
+    threading.Event().wait(2.0)  # the main thread waits in a lock meanwhile
+    thread.join()
+relay.close()
+assert signal.set_wakeup_fd(-1) == earlier_w
+os.set_blocking(earlier_r, False)
+print(json.dumps([calls, sorted(os.read(earlier_r, 64))]))
+"""
+
+
+def test_the_relay_sends_a_stop_signal_on_once_and_leaves_the_others_alone():
+    """MainThreadRelay: a stop handler's signal that another thread took reaches the main
+    thread, blocked in a lock, after the grace period, once (its own sending is not sent on
+    again); another handler's waits for the main thread (it was sent on every second);
+    a forked child's signal stays the child's; each signal still reaches the earlier
+    owner of the wakeup fd (asyncio's), the relay's own sending not."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", RELAY_CHECK], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls, forwarded = json.loads(proc.stdout)
+    assert [name for name, _ in calls] == ["other", "stop"], calls
+    other, stop = (at for _, at in calls)
+    assert other >= 1.9 and 0.5 <= stop < 1.5, calls  # (the wait's end; 0.3 s + the grace)
+    assert forwarded == [10, 12]  # SIGUSR1, SIGUSR2
+
+
+def test_a_handler_a_command_sets_inside_sigterm_as_interrupt_stays():
+    """`serving.export` ignores stop signals once its version is published
+    (`processes.ignore_stop_signals`): leaving the context kept that, not the handler from
+    before it (a late Ctrl-C then called a finished export interrupted)."""
+    import signal
+
+    from pipeline import argtypes
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with argtypes.sigterm_as_interrupt():
+            for s in before:
+                signal.signal(s, signal.SIG_IGN)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+        with argtypes.sigterm_as_interrupt():
+            pass
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    with argtypes.sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) is argtypes._terminate
+    assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+
+
 def test_the_pipeline_ends_its_child_processes_after_a_stop():
     """After a stop signal the pipeline kills its children (a local runner's workers): one
     that outlived the stop kept the interpreter from exiting. Only its own children."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import subprocess, sys\nfrom pipeline import __main__ as cli\n"
-            "children = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
-            " for _ in range(2)]\n"
-            "cli._end_child_processes()\n"
-            "print([c.wait(timeout=30) for c in children])\n")
+            "def child():\n"
+            "    return subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "callers = child()\n"
+            "before = cli._child_processes()\n"
+            "runs = [child(), child()]\n"
+            "cli._end_child_processes(before)\n"
+            "print([c.wait(timeout=30) for c in runs], callers.poll())\n"
+            "callers.kill()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout == "[-9, -9]\n", proc.stderr
+    assert proc.returncode == 0 and proc.stdout == "[-9, -9] None\n", proc.stderr
 
 
 @pytest.mark.parametrize("command", [
