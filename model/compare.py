@@ -617,7 +617,9 @@ COMPARE_SETS = ("--model", "--seed", "--eval-every", "--patience", "--max-minute
                 "--data", "--model-dir", "--config")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
+    """Entry point; returns the exit status. `command` (`python -m model.compare`): once
+    the results are written, stop signals are ignored."""
     p = argtypes.Parser(prog="python -m model.compare", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="pipeline output folder")
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
@@ -666,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--rule-out-seen rules out the item the session is on as well: pass one of "
                 "--rule-out-seen and --rule-out-current")
     with argtypes.sigterm_as_interrupt():  # a preempted job stops as on Ctrl-C
-        return _main(args)
+        return _main(args, command)
 
 
 def results_files(output: str, split: str) -> list[str]:
@@ -678,7 +680,7 @@ def results_files(output: str, split: str) -> list[str]:
     return [os.path.join(output, f"{stem}.{kind}") for kind in ("md", "png", "json")]
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, command: bool = False) -> int:
     try:
         names = parse_model_names(args.models)
         if not schema.is_folder(args.data):
@@ -748,6 +750,8 @@ def _main(args: argparse.Namespace) -> int:
         write_text(outputs[0], md)
         bar_chart(results, outputs[1])
         write_json(outputs[2], results, sort_keys=True)
+        if command:  # done: a stop signal now would only kill a finished command
+            processes.ignore_stop_signals()
         print(md)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -771,4 +775,4 @@ if __name__ == "__main__":
     # (`| tee` stopped by the same Ctrl-C: compare still stops its training run at a
     # checkpoint, and waits for it)
     processes.survive_closed_output()
-    sys.exit(main())
+    sys.exit(main(command=True))

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import IO, Callable, Sequence
 
+from pipeline import argtypes
+
 
 # Run as `python -c _DYING_WITH_PARENT PARENT_PID CMD...`: asks for SIGTERM when the parent
 # dies, then becomes CMD (the request survives the exec).
@@ -182,15 +184,7 @@ def survive_closed_output() -> None:
             setattr(sys, name, _SurvivesClosedOutput(stream))
 
 
-def ignore_stop_signals() -> None:
-    """From here on this process ignores Ctrl-C and SIGTERM: a command's work is done (or
-    being made permanent), and an interrupt could only make what it says untrue (a
-    finished run said to be interrupted). Off the main thread, nothing."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, signal.SIG_IGN)
+ignore_stop_signals = argtypes.ignore_stop_signals
 
 
 def exit_now(status: int) -> None:

@@ -1156,11 +1156,17 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         else:
             whole = last_trained or trained()
         seconds = whole["seconds"] - before["seconds"]
+        if _stop_signal[0] is not None and stop_reason != "interrupted":  # (lost in the save)
+            stop_reason = "interrupted"
+            print(f"{after_bar}interrupted at step {step}: its checkpoint is written; the "
+                  "same command resumes from it", file=sys.stderr)
         # the last evaluation, unless interrupted (a stop signal's grace period is short)
         if tc.eval_every and step and evaluated_step != step and stop_reason != "interrupted":
             t1 = time.perf_counter()
             valid = evaluate_and_select(step)
             eval_seconds += time.perf_counter() - t1
+            if _stop_signal[0] is not None:  # (its KeyboardInterrupt lost in the evaluation)
+                raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
     summary = {
         "model": config.model_name, "steps": step, "steps_this_run": step - start_step,
         "stopped_by": stop_reason, "seconds": round(whole["seconds"], 3),
@@ -1276,6 +1282,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _lost_interrupts_unsaid(unraisable) -> None:
+    """`sys.unraisablehook` while `main` runs: a stop signal's KeyboardInterrupt raised in a
+    finalizer, which Python drops, is not printed as "Exception ignored" with a traceback
+    (`_stop_signal` keeps it); anything else goes to the hook before."""
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _stop_signal[0] is not None):
+        _previous_unraisablehook[0](unraisable)
+
+
+_previous_unraisablehook = [sys.unraisablehook]
+
+
 @argtypes.noting
 def _already_stopping(signum, frame):
     argtypes.stop_signal_handled()
@@ -1324,6 +1341,8 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,
                                                _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
+    _previous_unraisablehook[0] = sys.unraisablehook
+    sys.unraisablehook = _lost_interrupts_unsaid
     try:
         if in_main_thread:  # (a signal that another thread took reaches the main thread)
             relay = argtypes.MainThreadRelay.start(_STOP_SIGNALS)
@@ -1336,6 +1355,7 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
+        sys.unraisablehook = _previous_unraisablehook[0]
         try:
             if relay is not None:
                 relay.close()

@@ -1319,15 +1319,21 @@ def _float_id_pairs(output: str) -> list[tuple[str, str]]:
     return sorted((w, i) for i, w in whole.items() if w != i and w in ids)
 
 
-def main(argv=None) -> int:
+def main(argv=None, command: bool = False) -> int:
     """Entry point; returns the exit code (2 for a usage error, 130 when interrupted by
     Ctrl-C or SIGTERM, which removes the temporary output: the default action of SIGTERM
-    left a full-size copy beside the output)."""
+    left a full-size copy beside the output). `command` (`python -m pipeline`): once the
+    output is in place, stop signals are ignored (one then killed the finished run
+    without a word, or raised a traceback)."""
     with argtypes.sigterm_as_interrupt():
-        return _main(argv)
+        try:
+            return _main(argv, command)
+        except KeyboardInterrupt:  # before the run began (Beam's import takes a while)
+            print("\ninterrupted: nothing was written", file=sys.stderr)
+            return 130
 
 
-def _main(argv=None) -> int:
+def _main(argv=None, command: bool = False) -> int:
     start = time.perf_counter()
     logging.getLogger().addFilter(_DropBeamImportNotice())
     try:
@@ -1356,6 +1362,8 @@ def _main(argv=None) -> int:
 
     try:
         stats = run(args, output, files, config, options)
+        if command:
+            argtypes.ignore_stop_signals()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1390,4 +1398,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(command=True))

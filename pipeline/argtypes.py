@@ -242,6 +242,55 @@ def sigterm_until_handled() -> None:
 
 
 @contextlib.contextmanager
+def stop_signals_held(deliver: bool = True):
+    """Ctrl-C and SIGTERM that arrive within the block are handled after it (`deliver`) or
+    not at all: their handlers are swapped for one that notes them. (A signal mask holds
+    them for the main thread only: the process's other threads, TensorFlow's or gRPC's,
+    take them, and Python runs the handler in the main thread inside the block all the
+    same.) Off the main thread, where Python takes no handler, nothing is changed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def note(signum, frame):
+        stop_signal_handled()
+        held.append(signum)
+
+    previous = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    previous = {stop: handler for stop, handler in previous.items()
+                if handler not in (signal.SIG_IGN, None)}  # (None: not set from Python)
+    for stop in previous:
+        signal.signal(stop, note)
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        if held and deliver:
+            if callable(previous[held[0]]):
+                previous[held[0]](held[0], None)
+            else:  # SIG_DFL: the default action, now
+                signal.raise_signal(held[0])
+
+
+def ignore_stop_signals() -> None:
+    """From here on this process ignores Ctrl-C and SIGTERM: a command's work is done (or
+    being made permanent), and an interrupt could only make what it says untrue (a
+    finished run said to be interrupted, or killed with no word). Off the main thread,
+    nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
 def sigterm_as_interrupt():
     """Within it, SIGTERM (a scheduler's stop, a preempted job) is Ctrl-C: a
     KeyboardInterrupt that the command's own handling turns into a clean stop (exit 130),

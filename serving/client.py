@@ -27,7 +27,11 @@ import sys
 from typing import Any, Sequence
 
 if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
+    from pipeline import argtypes as _argtypes
     from serving import quiet
+
+    _argtypes.interrupts_in_one_line("interrupted: nothing was stored")  # (in the imports)
+    _argtypes.sigterm_until_handled()
 
     if not quiet.tensorflow_protos_only():
         with quiet.native_notes_dropped():  # its import-time CUDA notes are noise here
@@ -574,20 +578,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"user": args.user, "deleted": deleted}) if args.json else text)
         return 0
     try:
-        with HierTCNClient(args.target, args.model_name, args.timeout,
-                           session_width=args.session_width,
-                           history_width=args.history_width, tls=args.tls,
-                           tls_ca=args.tls_ca, tls_server_name=args.tls_server_name) as client:
+        with argtypes.sigterm_as_interrupt(), \
+                HierTCNClient(args.target, args.model_name, args.timeout,
+                              session_width=args.session_width,
+                              history_width=args.history_width, tls=args.tls,
+                              tls_ca=args.tls_ca, tls_server_name=args.tls_server_name) as client:
             if args.command == "status":
                 result, text = _status(client)
             else:
                 client.pin()  # (an unreachable server stops here, before the store is created)
                 with state_store.SQLiteStateStore(args.state_db) as store:
-                    command = _recommend if args.command == "recommend" else _end_session
-                    result, text = command(client, store, args)
+                    if args.command == "recommend":
+                        result, text = _recommend(client, store, args)
+                    else:
+                        # stored and said, or neither: a stop signal meanwhile is dropped
+                        # (bounded by --timeout); one that said "interrupted" of a stored
+                        # session made a retry store it twice
+                        with argtypes.stop_signals_held(deliver=False):
+                            result, text = _end_session(client, store, args)
+                            print(json.dumps(result) if args.json else text, flush=True)
+                        return 0
     except (ServingError, ValueError, state_store.StateConflict) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        print("interrupted" + ("; nothing was stored" if args.command == "end-session" else ""),
+              file=sys.stderr)
+        return 130
     print(json.dumps(result) if args.json else text)
     return 0
 

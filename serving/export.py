@@ -48,11 +48,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 import types
 from typing import Any, Sequence
@@ -530,7 +528,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
             try:
                 # a stop signal waits until the rename is recorded: what an interrupt says
                 # follows PUBLISHED
-                with _stop_signals_held():
+                with argtypes.stop_signals_held():
                     os.rename(out, final)
                     PUBLISHED.append(final)
                 _sync_dir(export_base)
@@ -550,39 +548,6 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         if lock is not None:
             os.close(lock)
     return final
-
-
-@contextlib.contextmanager
-def _stop_signals_held():
-    """Ctrl-C and SIGTERM that arrive within the block are handled after it: their handlers
-    are swapped for one that notes them. (A signal mask held them for the main thread
-    only: the process's other threads, TensorFlow's, took them, and Python ran the
-    handler in the main thread inside the block all the same.) Off the main thread,
-    where Python takes no handler, nothing is changed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-
-    def note(signum, frame):
-        argtypes.stop_signal_handled()
-        held.append(signum)
-
-    previous = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
-    previous = {stop: handler for stop, handler in previous.items()
-                if handler not in (signal.SIG_IGN, None)}  # (None: not set from Python)
-    for stop in previous:
-        signal.signal(stop, note)
-    try:
-        yield
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-        if held:
-            if callable(previous[held[0]]):
-                previous[held[0]](held[0], None)
-            else:  # SIG_DFL: the default action, now
-                signal.raise_signal(held[0])
 
 
 # The versions this process has published (renamed into place), for what an interrupt says.

@@ -545,6 +545,38 @@ def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
     assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_a_stop_signal_stores_a_session_whole_or_not_at_all(capsys, served, tmp_path,
+                                                            monkeypatch):
+    """SIGTERM (or Ctrl-C) during recommend is one line and exit 130; during end-session
+    it waits until the session is stored and said, then is dropped: exit 0 (it said
+    "interrupted" of a stored session, so a caller's retry stored it twice)."""
+    import signal
+
+    from serving import state_store
+
+    db = tmp_path / "s.sqlite"
+    base = ["--target", served["server"].target, "--model-name", NAME, "--state-db", str(db)]
+    real_recommend, real_end = client_lib._recommend, state_store.end_session
+
+    def stopped(real):
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)  # once the work is done, before it is said
+            time.sleep(0.2)
+            return out
+        return call
+
+    monkeypatch.setattr(client_lib, "_recommend", stopped(real_recommend))
+    assert client_lib.main([*base, "recommend", "--user", "u", "--items", "item3"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    monkeypatch.setattr(state_store, "end_session", stopped(real_end))
+    assert client_lib.main([*base, "--json", "end-session", "--user", "u", "--items",
+                            "item3,item4"]) == 0
+    assert json.loads(capsys.readouterr().out)["sessions"] == 1
+    with state_store.SQLiteStateStore(str(db)) as store:
+        assert store.latest("u").sessions == (("item3", "item4"),)
+
+
 def test_an_unreachable_server_creates_no_state_database(capsys, tmp_path):
     """recommend and end-session against a server that is not there fail with one line and
     leave no `--state-db` behind (the default `user_states.sqlite` appeared in the folder

@@ -157,6 +157,21 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
     assert f"--output {out}/results.json is a file: pass a folder" in capsys.readouterr().err
 
 
+def test_the_command_ignores_stop_signals_once_its_results_are_written(tmp_path):
+    """A SIGTERM just after results.json was written killed the finished command with no
+    word (exit 143) or raised a traceback: `python -m model.compare` ignores them then."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(10),
+                      test=[(3, u[:4]) for u in planted_users(4, seed=2)])
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert compare.main(["--data", data, "--models", "popularity", "--output",
+                             str(tmp_path / "cmp")], command=True) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_eval_args_make_a_fitted_variant_that_equals_model_evaluate(tmp_path, capsys):
     """`--eval-args 'sknn:noremind=--no-remind'`: the variant is model.evaluate with that
     option, beside the default sknn; a change of its arguments evaluates it again."""

@@ -642,7 +642,7 @@ def test_a_stop_signal_during_the_publishing_rename_is_handled_after_it():
     done = []
     with argtypes.sigterm_as_interrupt():
         with pytest.raises(KeyboardInterrupt, match="signal 15"):
-            with export._stop_signals_held():
+            with argtypes.stop_signals_held():
                 go.set()
                 thread.join()
                 time.sleep(0.2)  # (a handler would run here, in the main thread)

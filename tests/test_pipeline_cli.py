@@ -2093,6 +2093,33 @@ def test_a_replaced_output_whose_deletion_was_cut_short_is_never_named_complete(
     assert outputs.replaced_output(str(out)) == str(whole)
 
 
+def test_a_stop_before_the_run_and_after_it_is_one_line_or_nothing(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A stop signal while the options are read (Beam's import takes a while) is one line
+    and exit 130 (it was a traceback); once the output is in place the command ignores
+    them (one killed a finished run without a word, or raised a traceback)."""
+    import signal
+
+    def stopped(argv):
+        raise KeyboardInterrupt("signal 15")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_resolve", stopped)
+        assert cli.main(["--input", "x", "--output", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted: nothing was written"
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"u{u},i{k},{1_600_000_000 + 60 * k}\n"
+                                                for u in range(3) for k in range(4)))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
+                         "--min-item-count", "1", *IN_MEMORY], command=True) == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp_path):
     """A scheduler's SIGTERM: exit 130 with the one line Ctrl-C gets, and the temporary
     output removed (the default action left a full-size copy beside the output)."""

@@ -132,26 +132,39 @@ def test_a_stop_signal_whose_interrupt_python_dropped_still_stops_the_run(
     """The handler's KeyboardInterrupt, raised while Python ran a finalizer (a `__del__`),
     is printed and dropped: the run went on to its last step, every later stop signal only
     noted. The loop stops at the next step with a checkpoint, as on any stop."""
+    class Finalized:
+        def __del__(self):  # the signal lands here: Python drops what it raises
+            train_lib._interrupt(signal.SIGTERM, None)
+
+    def dropping_at(function, at):
+        def dropping(*args, **kwargs):
+            if any(type(a) is int and a == at for a in (*args, *kwargs.values())):  # step
+                Finalized()  # (made and finalized at once)
+            return function(*args, **kwargs)
+        return dropping
+
+    unraisable = []  # what Python hands the hook (it prints "Exception ignored" and a traceback)
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
     real = train_lib._scalar
-
-    def dropped(name, value, step):
-        if step == 10 and name == "loss":
-            try:
-                train_lib._interrupt(signal.SIGTERM, None)
-            except KeyboardInterrupt:
-                pass  # (as in a finalizer)
-        real(name, value, step)
-
-    monkeypatch.setattr(train_lib, "_scalar", dropped)
+    monkeypatch.setattr(train_lib, "_scalar", dropping_at(real, 10))
     run = str(tmp_path / "run")
     assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 130
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["stopped_by"] == "interrupted"
     assert "interrupted at step 10: no step since the last checkpoint" in err  # (every 5)
+    assert unraisable == []  # (not printed as "Exception ignored" with a traceback)
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-10")
     # the next run in this process starts without it
     monkeypatch.setattr(train_lib, "_scalar", real)
     assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 0
+    # dropped in the last valid evaluation: stopped there, as an interrupt that is not
+    # dropped stops it (no summary: the rerun evaluates again)
+    monkeypatch.setattr(train_lib, "_log_valid", dropping_at(train_lib._log_valid, 30))
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        train_lib.main(_args(data, run, config_file, "--steps", "30", "--eval-every", "7",
+                             "--dropout", "0"))
+    assert not os.path.exists(os.path.join(run, "train_summary.json"))
+    assert unraisable == []  # (said by the stop, not as a traceback)
 
 
 def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp_path, capsys):
