@@ -1283,9 +1283,10 @@ def _interrupt(signum, frame):
 
 
 def _lost_interrupts_unsaid(unraisable) -> None:
-    """`sys.unraisablehook` while `main` runs: a stop signal's KeyboardInterrupt raised in a
-    finalizer, which Python drops, is not printed as "Exception ignored" with a traceback
-    (`_stop_signal` keeps it); anything else goes to the hook before."""
+    """`sys.unraisablehook` while `main` runs in the main thread (where stop signals are
+    handled): a stop signal's KeyboardInterrupt raised in a finalizer, which Python drops,
+    is not printed as "Exception ignored" with a traceback (`_stop_signal` keeps it);
+    anything else goes to the hook before."""
     if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _stop_signal[0] is not None):
         _previous_unraisablehook[0](unraisable)
 
@@ -1341,8 +1342,11 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,
                                                _already_stopping):
             signal.signal(signal.SIGINT, _interrupt)
-    _previous_unraisablehook[0] = sys.unraisablehook
-    sys.unraisablehook = _lost_interrupts_unsaid
+    previous_hook = sys.unraisablehook
+    hooked = in_main_thread and previous_hook is not _lost_interrupts_unsaid
+    if hooked:
+        _previous_unraisablehook[0] = previous_hook
+        sys.unraisablehook = _lost_interrupts_unsaid
     try:
         if in_main_thread:  # (a signal that another thread took reaches the main thread)
             relay = argtypes.MainThreadRelay.start(_STOP_SIGNALS)
@@ -1355,7 +1359,8 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
         print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
-        sys.unraisablehook = _previous_unraisablehook[0]
+        if hooked and sys.unraisablehook is _lost_interrupts_unsaid:
+            sys.unraisablehook = previous_hook
         try:
             if relay is not None:
                 relay.close()

@@ -1025,8 +1025,9 @@ def _read_single(path: str):
     return json.loads(outputs.read_text(path))
 
 
-def run(args, output: str, files, config, options) -> dict:
-    """Builds and runs the pipeline into a temporary folder, then renames it to `output`.
+def run(args, output: str, files, config, options, command: bool = False) -> dict:
+    """Builds and runs the pipeline into a temporary folder, then renames it to `output`;
+    `command`: stop signals are ignored from then on.
 
     Returns:
       The stats written to `stats.json`.
@@ -1113,6 +1114,8 @@ def run(args, output: str, files, config, options) -> dict:
             # stays, and this run's is left aside to be read
             return dict(stats, left_aside=tmp)
         outputs.commit(tmp, output)
+        if command:  # done: a stop signal now would only kill a finished run
+            argtypes.ignore_stop_signals()
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             _end_child_processes(children)
@@ -1326,11 +1329,7 @@ def main(argv=None, command: bool = False) -> int:
     output is in place, stop signals are ignored (one then killed the finished run
     without a word, or raised a traceback)."""
     with argtypes.sigterm_as_interrupt():
-        try:
-            return _main(argv, command)
-        except KeyboardInterrupt:  # before the run began (Beam's import takes a while)
-            print("\ninterrupted: nothing was written", file=sys.stderr)
-            return 130
+        return _main(argv, command)
 
 
 def _main(argv=None, command: bool = False) -> int:
@@ -1341,6 +1340,9 @@ def _main(argv=None, command: bool = False) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (reading the options imports Beam: seconds)
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
     reason = storage.temp_dir_error()  # Beam's pipeline makes one at its start
     if reason:
         print(f"error: {reason}; nothing was written to {output}", file=sys.stderr)
@@ -1361,9 +1363,7 @@ def _main(argv=None, command: bool = False) -> int:
     from pipeline import sources
 
     try:
-        stats = run(args, output, files, config, options)
-        if command:
-            argtypes.ignore_stop_signals()
+        stats = run(args, output, files, config, options, command)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -268,8 +268,19 @@ def stop_signals_held(deliver: bool = True):
     try:
         yield
     finally:
+        # given back where still ours, all of them even if a signal lands meanwhile (a
+        # SIGINT after its own handler was back, raised here, left SIGTERM noted for good)
+        stopped = None
         for stop, handler in previous.items():
-            signal.signal(stop, handler)
+            while True:
+                try:
+                    if signal.getsignal(stop) is note:
+                        signal.signal(stop, handler)
+                    break
+                except KeyboardInterrupt as e:
+                    stopped = e
+        if stopped is not None:
+            raise stopped
         if held and deliver:
             if callable(previous[held[0]]):
                 previous[held[0]](held[0], None)

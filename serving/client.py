@@ -18,6 +18,7 @@ CLI (state kept in SQLite by serving.state_store):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -496,8 +497,9 @@ def _json_items(text: str) -> list[str]:
     return items
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
+    """CLI entry point; returns the exit status. `command` (`python -m serving.client`):
+    stop signals are ignored once an end-session is stored."""
     parser = argtypes.Parser(prog="python -m serving.client",
                                      description="Query a served HierTCN model over gRPC.",
                                      formatter_class=argtypes.DefaultsHelpFormatter)
@@ -577,8 +579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"from {args.state_db}")
         print(json.dumps({"user": args.user, "deleted": deleted}) if args.json else text)
         return 0
+    # end-session: stored and said, or neither. A stop signal from its start to its answer
+    # is dropped (one that said "interrupted" of a stored session made a retry store it
+    # twice); as a command, the process then ignores them until it exits.
+    held, said = contextlib.ExitStack(), False
     try:
-        with argtypes.sigterm_as_interrupt(), \
+        with argtypes.sigterm_as_interrupt(), held, \
                 HierTCNClient(args.target, args.model_name, args.timeout,
                               session_width=args.session_width,
                               history_width=args.history_width, tls=args.tls,
@@ -591,17 +597,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.command == "recommend":
                         result, text = _recommend(client, store, args)
                     else:
-                        # stored and said, or neither: a stop signal meanwhile is dropped
-                        # (bounded by --timeout); one that said "interrupted" of a stored
-                        # session made a retry store it twice
-                        with argtypes.stop_signals_held(deliver=False):
-                            result, text = _end_session(client, store, args)
-                            print(json.dumps(result) if args.json else text, flush=True)
-                        return 0
+                        held.enter_context(argtypes.stop_signals_held(deliver=False))
+                        result, text = _end_session(client, store, args)
+                        if command:
+                            held.callback(argtypes.ignore_stop_signals)
+            if args.command == "end-session":
+                print(json.dumps(result) if args.json else text, flush=True)
+                said = True
+                return 0
     except (ServingError, ValueError, state_store.StateConflict) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        if said:  # (as the call ended, in a process that goes on: stored and said)
+            return 0
         print("interrupted" + ("; nothing was stored" if args.command == "end-session" else ""),
               file=sys.stderr)
         return 130
@@ -680,4 +689,4 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(command=True))

@@ -573,8 +573,14 @@ def test_a_stop_signal_stores_a_session_whole_or_not_at_all(capsys, served, tmp_
     assert client_lib.main([*base, "--json", "end-session", "--user", "u", "--items",
                             "item3,item4"]) == 0
     assert json.loads(capsys.readouterr().out)["sessions"] == 1
+    # the same as the connection closes, after the answer
+    monkeypatch.setattr(state_store, "end_session", real_end)
+    monkeypatch.setattr(HierTCNClient, "close", stopped(HierTCNClient.close))
+    assert client_lib.main([*base, "--json", "end-session", "--user", "u", "--items",
+                            "item5"]) == 0
+    assert json.loads(capsys.readouterr().out)["sessions"] == 2
     with state_store.SQLiteStateStore(str(db)) as store:
-        assert store.latest("u").sessions == (("item3", "item4"),)
+        assert store.latest("u").sessions == (("item3", "item4"), ("item5",))
 
 
 def test_an_unreachable_server_creates_no_state_database(capsys, tmp_path):

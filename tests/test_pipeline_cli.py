@@ -2100,7 +2100,7 @@ def test_a_stop_before_the_run_and_after_it_is_one_line_or_nothing(tmp_path, mon
     them (one killed a finished run without a word, or raised a traceback)."""
     import signal
 
-    def stopped(argv):
+    def stopped(*args):
         raise KeyboardInterrupt("signal 15")
 
     with monkeypatch.context() as m:
@@ -2118,6 +2118,14 @@ def test_a_stop_before_the_run_and_after_it_is_one_line_or_nothing(tmp_path, mon
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+    # called from Python, a stop once the output is in place is not "nothing was written"
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_summary", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--overwrite",
+                  "--min-item-count", "1", *IN_MEMORY])
+    assert "nothing was written" not in capsys.readouterr().err
+    assert (tmp_path / "out" / "stats.json").exists()
 
 
 def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp_path):
