@@ -838,6 +838,13 @@ def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
     assert failing.returncode == 1 and "Traceback" in failing.stderr  # other errors as before
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`python -c code` in the repository (its own process: its signals and children)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                          text=True, timeout=60)
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signame):
     """The kernel may hand a signal sent to the process group to any thread; Python runs
@@ -845,7 +852,8 @@ def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signa
     main thread blocked in a lock's wait (Beam's runner waiting for a bundle from the
     workers the same SIGTERM killed) never did: the pipeline hung until SIGKILL. Here a
     thread sends the signal to itself while the main thread waits on a lock for good."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import signal
+
     code = ("import signal, sys, threading, time\nfrom pipeline import argtypes\n"
             "lock = threading.Lock()\nlock.acquire()\n"
             "def other():\n"
@@ -858,9 +866,7 @@ def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signa
             "    except KeyboardInterrupt as e:\n"
             "        print('interrupted:', e)\n"
             "        sys.exit(130)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
-                          text=True, timeout=60)
-    import signal
+    proc = _python(code)
     assert proc.returncode == 130, proc.stderr
     assert proc.stdout == f"interrupted: signal {int(getattr(signal, signame))}\n"
 
@@ -918,9 +924,7 @@ def test_the_relay_sends_a_stop_signal_on_once_and_leaves_the_others_alone():
     again); another handler's waits for the main thread (it was sent on every second);
     a forked child's signal stays the child's; each signal still reaches the earlier
     owner of the wakeup fd (asyncio's), the relay's own sending not."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", RELAY_CHECK], cwd=repo, capture_output=True,
-                          text=True, timeout=60)
+    proc = _python(RELAY_CHECK)
     assert proc.returncode == 0, proc.stderr
     calls, forwarded = json.loads(proc.stdout)
     assert [name for name, _ in calls] == ["other", "stop"], calls
@@ -957,7 +961,6 @@ def test_a_handler_a_command_sets_inside_sigterm_as_interrupt_stays():
 def test_the_pipeline_ends_its_child_processes_after_a_stop():
     """After a stop signal the pipeline kills its children (a local runner's workers): one
     that outlived the stop kept the interpreter from exiting. Only its own children."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import subprocess, sys\nfrom pipeline import __main__ as cli\n"
             "def child():\n"
             "    return subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
@@ -967,8 +970,7 @@ def test_the_pipeline_ends_its_child_processes_after_a_stop():
             "cli._end_child_processes(before)\n"
             "print([c.wait(timeout=30) for c in runs], callers.poll())\n"
             "callers.kill()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
-                          text=True, timeout=60)
+    proc = _python(code)
     assert proc.returncode == 0 and proc.stdout == "[-9, -9] None\n", proc.stderr
 
 
