@@ -39,8 +39,7 @@ import numpy as np
 from model import config as config_lib, processes
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
-from model import evaluate
-from model.evaluate import read_per_user
+from model.evaluate import code_digest, read_per_user
 from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
 from pipeline import argtypes, schema, storage
 
@@ -402,7 +401,7 @@ def _evaluated(out: str) -> bool:
     if not (os.path.exists(out) and os.path.exists(_users_file(out))):
         return False
     with open(out, encoding="utf-8") as f:
-        if json.load(f).get("code") == evaluate.code_digest():
+        if json.load(f).get("code") == code_digest():
             return True
     print(f"note: {out} was evaluated by other code (model/ changed since, or an older "
           "version): evaluating it again", file=sys.stderr)

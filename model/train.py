@@ -1274,7 +1274,6 @@ def _interrupt(signum, frame):
     checkpoint is written are noted and ignored (a second Ctrl-C, or a scheduler's signal to
     the process group and to the process, arrives within milliseconds: it used to land
     between the stop and the save and lose every step since the last checkpoint)."""
-    argtypes.stop_signal_handled()
     _stop_signal[0] = signum
     for stop in _STOP_SIGNALS:
         if signal.getsignal(stop) is _interrupt:
@@ -1296,7 +1295,6 @@ _previous_unraisablehook = [sys.unraisablehook]
 
 @argtypes.noting
 def _already_stopping(signum, frame):
-    argtypes.stop_signal_handled()
     print("already stopping: the checkpoint is being written (SIGKILL stops without it)",
           file=sys.stderr)
 

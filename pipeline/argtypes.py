@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -102,22 +103,26 @@ _handled = [0]
 _NOTING: set = set()
 
 
-def noting(handler):
-    """Marks `handler` (a stop signal's handler that calls `stop_signal_handled`) as one
-    that `MainThreadRelay` may send a signal on for; returns it."""
-    _NOTING.add(handler)
-    return handler
-
-
 def stop_signal_handled() -> None:
-    """Called by a stop signal's handler (it runs in the main thread): `MainThreadRelay`
+    """Counts a stop signal's handler having run (in the main thread): `MainThreadRelay`
     then leaves the signal alone."""
     _handled[0] += 1
 
 
+def noting(handler):
+    """A stop signal's `handler` that counts itself (`stop_signal_handled`) before it runs,
+    and that `MainThreadRelay` may send a signal on for."""
+    @functools.wraps(handler)
+    def counted(signum, frame):
+        stop_signal_handled()
+        return handler(signum, frame)
+
+    _NOTING.add(counted)
+    return counted
+
+
 @noting
 def _terminate(signum, frame):
-    stop_signal_handled()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -327,7 +332,7 @@ def sigterm_as_interrupt():
                 relay.close()
         finally:
             for signum, handler in previous.items():
-                # (one the command set meanwhile stays: `processes.ignore_stop_signals`
-                # once its work is done)
+                # (one the command set meanwhile stays: `ignore_stop_signals` once its
+                # work is done)
                 if signal.getsignal(signum) is _terminate:
                     signal.signal(signum, handler)

@@ -433,7 +433,7 @@ class HierTCNClient:
 
 def _resolve(client: HierTCNClient, store: state_store.StateStore,
              user: str) -> state_store.ResolvedState:
-    version = client.pinned_version if client.pinned_version is not None else client.pin()
+    version = client.pinned_version  # (pinned by `main` before the store was opened)
     update = lambda state, session: client.update_state(state[None], [session])[0]  # noqa: E731
     args = (store, user, version, client.state_size(), update)
     kwargs = dict(fingerprint=client.fingerprint(), known_items=_known_items(client))
@@ -674,7 +674,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     """Folds the finished session into the user's state and stores it with the history
     (`state_store.end_session`: a concurrent end-session of the same user is not lost)."""
     items = _items(args)
-    version = client.pinned_version if client.pinned_version is not None else client.pin()
+    version = client.pinned_version  # (pinned by `main` before the store was opened)
     unknown = _unknown_ids(client, items)  # (before the write: a failure here stores nothing)
     resolved, record = state_store.end_session(
         store, args.user, version, client.state_size(),
