@@ -1332,21 +1332,8 @@ def main(argv=None, command: bool = False) -> int:
         return _main(argv, command)
 
 
-def _main(argv=None, command: bool = False) -> int:
-    start = time.perf_counter()
-    logging.getLogger().addFilter(_DropBeamImportNotice())
-    try:
-        args, output, files, config, options = _resolve(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # (reading the options imports Beam: seconds)
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        return 130
-    reason = storage.temp_dir_error()  # Beam's pipeline makes one at its start
-    if reason:
-        print(f"error: {reason}; nothing was written to {output}", file=sys.stderr)
-        return 1
+def _say_start(output: str, files, options) -> None:
+    """The start line, and a note on what earlier runs left beside `output`."""
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
           f"runner {options.get_all_options()['runner']}", file=sys.stderr)
     stale = outputs.leftovers(output)
@@ -1360,8 +1347,26 @@ def _main(argv=None, command: bool = False) -> int:
         print(f"note: {len(stale)} temporary folder(s) of runs that did not finish lie beside "
               f"{output} ({size / 1e6:,.1f} MB): {', '.join(os.path.basename(f) for f in stale)}"
               "; delete them unless another run is writing this output now", file=sys.stderr)
-    from pipeline import sources
 
+
+def _main(argv=None, command: bool = False) -> int:
+    start = time.perf_counter()
+    logging.getLogger().addFilter(_DropBeamImportNotice())
+    try:
+        args, output, files, config, options = _resolve(argv)
+        from pipeline import sources
+        reason = storage.temp_dir_error()  # Beam's pipeline makes one at its start
+        if not reason:
+            _say_start(output, files, options)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # (reading the options imports Beam: seconds)
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    if reason:
+        print(f"error: {reason}; nothing was written to {output}", file=sys.stderr)
+        return 1
     try:
         stats = run(args, output, files, config, options, command)
     except UsageError as e:

@@ -2108,6 +2108,16 @@ def test_a_stop_before_the_run_and_after_it_is_one_line_or_nothing(tmp_path, mon
         assert cli.main(["--input", "x", "--output", str(tmp_path / "o")]) == 130
     assert capsys.readouterr().err.strip() == "interrupted: nothing was written"
     log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu,i,1600000000\n")
+    # ... and while the start line is said and earlier runs' leftovers looked for (it was a
+    # traceback)
+    with monkeypatch.context() as m:
+        m.setattr(cli.outputs, "leftovers", stopped)
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("pipeline: 1 input file(s)"), err
+    assert err.rstrip().endswith("\ninterrupted: nothing was written"), err
+    assert not (tmp_path / "o").exists()
     log.write_text("user,item,time\n" + "".join(f"u{u},i{k},{1_600_000_000 + 60 * k}\n"
                                                 for u in range(3) for k in range(4)))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
