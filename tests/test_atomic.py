@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -53,3 +54,57 @@ def test_files_get_the_mode_open_would_give(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == \
         (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_killed_writers_temporary_file_goes_with_the_next_write_a_live_ones_stays(tmp_path):
+    """A SIGKILL mid-write left a hidden `.tmp-*` file for good (`model.compare` killed
+    while it drew results.png); the next write into the folder removes it, never a
+    temporary file that a live writer, in this process or another, is still writing."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    code = ("import sys, time\nfrom model import atomic\n"
+            "def stall(f):\n    f.write(b'half')\n    f.flush()\n"
+            "    print('writing', flush=True)\n    time.sleep(120)\n"
+            "atomic.write_atomically(sys.argv[1], stall, binary=True)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    writer = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "results.png")],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        [left] = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+        assert left.endswith(".png")
+        old = time.time() - 3600
+        os.utime(tmp_path / left, (old, old))  # (past the grace for a file just created)
+        # a live writer of this process stalls the same way
+        started, release = threading.Event(), threading.Event()
+
+        def wait(f):
+            f.write("{")
+            started.set()
+            release.wait(60)
+            f.write("}")
+
+        mine = threading.Thread(target=atomic.write_atomically,
+                                args=(str(tmp_path / "mine.json"), wait))
+        mine.start()
+        assert started.wait(60)
+        [own] = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") and n != left]
+        os.utime(tmp_path / own, (old, old))
+        atomic.write_json(str(tmp_path / "a.json"), {})
+        assert sorted(os.listdir(tmp_path)) == sorted([left, own, "a.json"])  # both live
+        release.set()
+        mine.join(60)
+        assert json.loads((tmp_path / "mine.json").read_text()) == {}
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(60)
+        fresh = tmp_path / ".tmp-0123456789abcdef0123456789abcdef.json"
+        fresh.write_text("")  # one a writer may have created a moment ago: left alone
+        atomic.write_json(str(tmp_path / "b.json"), {})
+        assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, "a.json", "b.json",
+                                                       "mine.json"])
+    finally:
+        writer.kill()
+        writer.wait()
