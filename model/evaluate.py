@@ -224,7 +224,7 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     users = itertools.islice(users, max_users)
     acc = metrics.MetricsAccumulator()
     ids: list[str] = []
-    heaviest = (0, "")  # the user with the most target events (a crawler's share)
+    heaviest = (0, "")  # the user with the most of the headline events (a crawler's share)
     events = 0
     desc = f"evaluate {scorer.name} on {split}"
     # Progress and its time estimate go by target events where their total is known: the
@@ -240,16 +240,15 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
             _evaluate_batch(scorer, batch, vocab.size, acc, len(ids), rule_out_current,
                             rule_out_seen)
             ids.extend(u.user_id for u in batch)
-            sizes = [(_target_events(u), u.user_id) for u in batch]
+            sizes = [(_scored_events(u), u.user_id) for u in batch]
             heaviest = max([heaviest, *sizes])
-            batch_events = sum(n for n, _ in sizes)
-            events += batch_events
-            bar.update(len(batch), batch_events)
+            events += sum(n for n, _ in sizes)
+            bar.update(len(batch), sum(_target_events(u) for u in batch))
     out = acc.result()
     out.update(model=scorer.name, split=split, data=data_dir)
     if heaviest[0]:
-        out["heaviest_user"] = {"user": heaviest[1], "target_events": heaviest[0],
-                                "of_users": len(ids), "of_target_events": events}
+        out["heaviest_user"] = {"user": heaviest[1], "events": heaviest[0],
+                                "of_users": len(ids), "of_events": events}
     if rule_out_current:
         out["rule_out_current"] = True
     if rule_out_seen:
@@ -264,18 +263,23 @@ def heavy_user_note(result: dict) -> str | None:
     crawler: the metrics average over events, so they are mostly that user's; the
     pipeline's crawler note, for the users evaluated)."""
     heavy = result.get("heaviest_user") or {}
-    n, total, users = (heavy.get(k, 0) for k in ("target_events", "of_target_events",
-                                                  "of_users"))
+    n, total, users = (heavy.get(k, 0) for k in ("events", "of_events", "of_users"))
     if users < schema.HEAVY_USER_MIN_USERS or n <= schema.HEAVY_USER_SHARE * total:
         return None
-    return (f"note: one user ({heavy['user']}) holds {n / total:.0%} of the {total:,} target "
-            f"events evaluated ({users:,} users): the metrics average over events, so they "
-            "are mostly that user's; a crawler? the pipeline's --exclude leaves a user out")
+    return (f"note: one user ({heavy['user']}) holds {n / total:.0%} of the {total:,} events "
+            f"the metrics average over ({users:,} users): they are mostly that user's; a "
+            "crawler? the pipeline's --exclude leaves a user out")
 
 
 def _target_events(user: schema.UserRecord) -> int:
     """Events of a user's target sessions (what the evaluation ranks)."""
     return sum(len(s) for s in user.sessions[user.num_context_sessions:])
+
+
+def _scored_events(user: schema.UserRecord) -> int:
+    """A user's events in the headline metrics (`events`): its target sessions' events
+    from each one's second on."""
+    return sum(max(len(s) - 1, 0) for s in user.sessions[user.num_context_sessions:])
 
 
 class LineProgress:

@@ -117,9 +117,8 @@ def _expected():
 def test_metrics_match_hand_computed_for_any_batch_size(data, batch_size):
     out = ev.evaluate(NextIndex(), data, "valid", batch_size=batch_size, progress=False)
     expected = dict(_expected(), model="next-index", split="valid", data=data)
-    # a's 5 target events are the most; 12 in all, first items included
-    expected["heaviest_user"] = {"user": "a", "target_events": 5, "of_users": 3,
-                                 "of_target_events": 12}
+    # a's 3 events past its sessions' first items are the most, of the headline's 7
+    expected["heaviest_user"] = {"user": "a", "events": 3, "of_users": 3, "of_events": 7}
     assert out.keys() == expected.keys()
     for key, value in expected.items():
         assert out[key] == (pytest.approx(value) if not isinstance(value, str) else value), key
@@ -681,8 +680,9 @@ def test_a_user_holding_most_of_the_evaluated_events_gets_a_note(tmp_path, capsy
         if name == "even":
             assert "note: one user" not in err and heavy["of_users"] == 26
         else:
-            assert heavy == {"user": "bot", "target_events": 200, "of_users": 26,
-                             "of_target_events": 275}
-            assert ("note: one user (bot) holds 73% of the 275 target events evaluated (26 "
-                    "users): the metrics average over events, so they are mostly that user's; "
-                    "a crawler? the pipeline's --exclude leaves a user out") in err, err
+            # counted as the headline's `events` (a session's first item is not in it)
+            assert heavy == {"user": "bot", "events": 199, "of_users": 26, "of_events": 249}
+            assert json.loads(out.read_text())["events"] == 249
+            assert ("note: one user (bot) holds 80% of the 249 events the metrics average "
+                    "over (26 users): they are mostly that user's; a crawler? the "
+                    "pipeline's --exclude leaves a user out") in err, err
