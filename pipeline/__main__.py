@@ -34,6 +34,8 @@ TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at 
 # A note when more than this share of the events are dropped in too short sessions, or of
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
+# a note where this share of the consecutive events in sessions are at the same time
+SAME_TIME_NOTE_SHARE = 0.25
 MALFORMED_NOTE_SHARE = 0.1
 # the malformed-rows note names this many of them
 MALFORMED_NOTE_KINDS = 3
@@ -1106,6 +1108,9 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
              if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
+        # consecutive events in sessions, and those at one time (ordered as the input was)
+        for key in (sessions.PAIRS, sessions.SAME_TIME_PAIRS):
+            stats[key] = counts.get(key, 0)
         outputs.remove(work)
         outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
                            json.dumps(stats, indent=2) + "\n")
@@ -1229,6 +1234,21 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         lines.append(f"note: {short:,} of the {sessionized:,} events ({short / sessionized:.0%}) "
                      f"were in sessions shorter than --min-session-length {length} (after "
                      f"collapsing immediate repeats) and were dropped: {how}")
+    pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
+    if pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
+        lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
+                     f"({tied / pairs:.0%}) are at the same time, and the input's order orders "
+                     "them: the models learn that order and are scored on it, so it should be "
+                     "the order the events happened in (a log of whole-day or whole-second "
+                     "times written in event order is fine; one sorted by item id within a "
+                     "user or a day is not: give finer times, or sort the file by its real "
+                     "order first)")
+    capped = dropped.get(sessions.CAPPED, 0)
+    if capped:
+        cap = options.get("max_events_per_user", 100_000)
+        lines.append(f"note: {capped:,} events ({capped / stats['rows_read']:.0%} of the rows "
+                     f"read) were the older ones of users with more than --max-events-per-user "
+                     f"{cap:,} and were dropped (a crawler's, or a cap too low for this log)")
     for name in schema.SPLITS[1:]:
         events, unknown = splits[name]["events"], stats["unknown_target_events"][name]
         if events and unknown > schema.UNKNOWN_NOTE_SHARE * events and splits["train"]["events"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import operator
 from typing import NamedTuple, Sequence
 
 # rows_filtered reasons counted by this module.
@@ -18,6 +19,10 @@ REPEAT = "immediate_repeat"
 SHORT = "short_session"
 # stats.json: sessions (by --session-col) that start before an earlier one of their user ended
 OVERLAPPING = "sessions_overlapping"
+# stats.json: consecutive events within the sessions (as sessionized, before the vocabulary
+# cut), and those of them at the same time (to the millisecond: their order is the input's)
+PAIRS = "session_event_pairs"
+SAME_TIME_PAIRS = "same_time_pairs"
 
 RawEvent = tuple  # (time_ms, order, item) or (time_ms, order, item, session_id)
 
@@ -180,7 +185,8 @@ def collapse_repeats(events: Sequence[RawEvent]) -> tuple[list[RawEvent], int]:
 
 
 def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
-               max_events: int, session_ids: bool = False) -> tuple[list[Session], collections.Counter]:
+               max_events: int, session_ids: bool = False,
+               pairs: collections.Counter | None = None) -> tuple[list[Session], collections.Counter]:
     """One user's events → sessions (DESIGN.md §6 steps 1-4).
 
     Args:
@@ -190,6 +196,8 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
       min_length: sessions shorter than this after collapsing are dropped.
       max_events: only the most recent events are kept (bounded per-user state), after
         dropping duplicates (`drop_duplicates`).
+      pairs: where given, `PAIRS` and `SAME_TIME_PAIRS` in it are increased by the kept
+        sessions' consecutive events and those at the same time.
 
     Returns:
       (sessions in time order, rows_filtered counts by reason).
@@ -203,5 +211,9 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
         if len(kept) < min_length:
             filtered[SHORT] += len(kept)
             continue
-        sessions.append(Session([e[2] for e in kept], [e[0] // 1000 for e in kept]))
+        ms = [e[0] for e in kept]
+        if pairs is not None:
+            pairs[PAIRS] += len(ms) - 1
+            pairs[SAME_TIME_PAIRS] += sum(map(operator.eq, ms, ms[1:]))
+        sessions.append(Session([e[2] for e in kept], [t // 1000 for t in ms]))
     return sessions, +filtered

@@ -164,6 +164,7 @@ class _Sessionize(beam.DoFn):
         self._filtered = collections.Counter()
         self._starts = array.array("q")  # int64: 8 bytes a session
         self._overlapping = 0
+        self._pairs = collections.Counter()
 
     def process(self, element):
         user, chunks = element
@@ -181,7 +182,7 @@ class _Sessionize(beam.DoFn):
                 bound = 2 * max(cap, len(events))  # (many rows at one time: no re-sorting per chunk)
         user_sessions, filtered = sessions.sessionize(
             events, self._config.session_gap, self._config.min_session_length, cap,
-            session_ids=self._config.session_ids)
+            session_ids=self._config.session_ids, pairs=self._pairs)
         filtered[sessions.DUPLICATE] += duplicates
         filtered[sessions.CAPPED] += capped
         self._filtered.update(filtered)
@@ -195,6 +196,7 @@ class _Sessionize(beam.DoFn):
         counts = {f"rows_filtered/{k}": v for k, v in self._filtered.items() if v}
         if self._overlapping:
             counts[sessions.OVERLAPPING] = self._overlapping
+        counts.update((k, n) for k, n in self._pairs.items() if n)
         _count("sessionize", counts)
         yield pvalue.TaggedOutput(STATS, _global(counts))
         # one int64 array per bundle: 8 bytes a session, in transit and in the combine

@@ -84,7 +84,9 @@ def test_session_records_on_hand_written_events(tmp_path):
             "max_session_events/test": 2,
             # whose: u1, u2, and of test's tie the greater id, u3
             "heaviest_user/train": (3, "u1"), "heaviest_user/valid": (2, "u2"),
-            "heaviest_user/test": (2, "u3")}]), label="stats")
+            "heaviest_user/test": (2, "u3"),
+            # 6 consecutive pairs in the five sessions; x@100 y@100 and y x@99999 at one time
+            "session_event_pairs": 6, "same_time_pairs": 2}]), label="stats")
         assert_that(out["malformed"] | beam.Map(json.loads), equal_to([
             {"source": files[0][0], "line": 9, "reason": "wrong column count: expected 3, got 1",
              "raw": "bad row"},

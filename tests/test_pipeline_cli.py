@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import outputs, parse, schema, sources, transforms
+from pipeline import outputs, parse, schema, sessions, sources, transforms
 from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -611,6 +611,40 @@ def test_a_crawler_that_would_decide_the_test_metrics_gets_a_note(tmp_path, caps
     assert "of the valid split" not in err
     # train's users have 30 events each: the most events, then the greatest id
     assert stats["heaviest_user"]["test"] == "bot" and stats["heaviest_user"]["train"] == "u9"
+
+
+def test_times_that_leave_the_order_to_the_input_and_a_cap_that_cuts_get_notes(tmp_path,
+                                                                             capsys):
+    """A log of whole-day times (reviews) sorted by item within a user: the sessions' order
+    is the file's, which the models learn and are scored on, and nothing said so; nor
+    that --max-events-per-user dropped half a log (only a count in the summary's dict)."""
+    day, T0 = 86_400, 1_600_000_000
+    rows = [f"u{u},i{k},{T0 + (u % 7 + 2 * d) * day}" for u in range(30) for d in range(6)
+            for k in sorted((u + d + j) % 40 for j in range(4))]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--session-gap", "86400",
+                     "--min-item-count", "1", "--max-events-per-user", "12", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    # 30 users x 3 kept days x 3 pairs a day, all tied; 30 x 12 events capped
+    assert stats[sessions.PAIRS] == stats[sessions.SAME_TIME_PAIRS] == 270
+    assert stats["rows_filtered"][sessions.CAPPED] == 360
+    err = capsys.readouterr().err
+    assert ("note: 270 of the 270 consecutive events within sessions (100%) are at the same "
+            "time, and the input's order orders them: the models learn that order") in err, err
+    assert ("note: 360 events (50% of the rows read) were the older ones of users with more "
+            "than --max-events-per-user 12 and were dropped") in err, err
+    # a log whose times order its events: neither note
+    rows = [f"u{u},i{(u + k) % 40},{T0 + u * day + 60 * k}" for u in range(30)
+            for k in range(8)]
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "timed"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "timed"))
+    assert stats[sessions.PAIRS] == 30 * 7 and stats[sessions.SAME_TIME_PAIRS] == 0
+    err = capsys.readouterr().err
+    assert "at the same time" not in err and "were the older ones" not in err, err
 
 
 def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Pure functions of the pipeline: parsing, sessionization, split, vocabulary, records."""
+import collections
 import bz2
 import datetime
 import decimal
@@ -270,6 +271,20 @@ def test_ties_in_time_follow_input_order_and_out_of_order_input_is_sorted():
     out, filtered = sessions.sessionize(events, 1800, 1, 100)
     assert out == [Session(["a", "b", "c", "d"], [0, 10, 10, 50])]
     assert filtered == {}
+
+
+def test_consecutive_events_at_one_time_are_counted_to_the_millisecond():
+    """The pairs of consecutive events in the sessions kept, and those whose order only the
+    input gives (the same millisecond), for the pipeline's note on tied times."""
+    events = [(0, 0, "a"), (0, 1, "b"), (1, 2, "c"), (1, 3, "c"), (5000, 4, "d"),  # a b c (c) d
+              (9_000_000, 5, "x"),                                                  # dropped: short
+              (20_000_000, 6, "p"), (20_000_000, 7, "q"), (20_000_000, 8, "r")]
+    pairs = collections.Counter()
+    out, filtered = sessions.sessionize(events, 1800, 2, 100, pairs=pairs)
+    assert [s.items for s in out] == [["a", "b", "c", "d"], ["p", "q", "r"]]
+    assert out[0].times == [0, 0, 0, 5]  # (seconds: a-b tie, b-c do not)
+    assert pairs == {sessions.PAIRS: 3 + 2, sessions.SAME_TIME_PAIRS: 1 + 2}
+    assert filtered == {sessions.REPEAT: 1, sessions.SHORT: 1}
 
 
 def test_immediate_repeats_collapse_and_short_sessions_drop():
