@@ -959,6 +959,11 @@ class ModelServer:
                              "--num-versions must be >= 1, --poll-seconds > 0, "
                              "--batch-timeout-micros >= 0, --port from 0 to 65535 and "
                              "--max-message-mb at most 2047")
+        # a port in use or a host not of this machine, found before gRPC's core logs its
+        # own failure to stderr (a line of C++ log above the one-line error)
+        advice = _bind_advice(host, port)
+        if advice:
+            raise ValueError(f"cannot bind {host_port(host, port)}: {advice}")
         self.ready = threading.Event()
         self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready,
                                     batching=enable_batching)

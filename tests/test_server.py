@@ -629,6 +629,26 @@ def test_a_port_taken_or_a_host_not_of_this_machine_names_the_option_to_change(t
             assert err[-1].startswith("error: cannot bind") and message in err[-1], err
 
 
+def test_the_command_says_a_port_in_use_in_its_one_line_only(tmp_path):
+    """gRPC's core logged its own failure to bind (a line of C++ log) above the command's
+    one-line error; the port is probed first now."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "serving.server", "--model-base-path",
+                               str(tmp_path), "--model-name", NAME, "--host", "127.0.0.1",
+                               "--port", str(port)], cwd=root, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: cannot bind 127.0.0.1:{port}: port {port} is in use: pick "
+                           "a free --port (0: any free one)\n"), done.stderr
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--port", "99999", "--port: must be from 0 to 65535, got 99999"),
     ("--max-message-mb", "2048", "--max-message-mb: must be from 1 to 2047, got 2048"),
