@@ -644,7 +644,7 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     unknown = _unknown_ids(client, items)
     result["unknown_items"] = unknown
     lines = [f"{resolved.message}; model {client.model_name} version {client.pinned_version}"]
-    lines += _unknown_note(client, items, unknown)
+    lines += _unknown_note(client, items, unknown, unknown and _cut_at_commas(client, args))
     lines += [f"{r + 1:3d}. {e['item']}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
 
@@ -657,16 +657,31 @@ def _unknown_ids(client: HierTCNClient, items: Sequence[str]) -> list[str] | Non
 
 
 def _unknown_note(client: HierTCNClient, items: Sequence[str],
-                  unknown: list[str] | None) -> list[str]:
+                  unknown: list[str] | None, cut: str | None = None) -> list[str]:
     """A line naming the session's items the pinned version does not know: they are read
     as the unknown item, so an id in the wrong case or form gives a generic answer without
-    a word."""
+    a word; and `cut`, an id of the catalogue that --items cut at its commas."""
     if not unknown:
         return []
     shown = ", ".join(repr(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
     return [f"note: {len(unknown)} of the session's {len(set(items))} distinct items are not "
             f"in version {client.pinned_version}'s catalogue ({shown}): each is read as the "
-            "unknown item; ids are matched exactly (case and form as in the training log)"]
+            "unknown item; ids are matched exactly (case and form as in the training log)"
+            + (f"; --items cut {cut!r}, an id of the catalogue, at its commas: pass the "
+               "session as --items-json '[\"a, b\", \"c\"]'" if cut else "")]
+
+
+def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace) -> str | None:
+    """An id of the pinned version's catalogue that --items cut at its commas (two or three
+    of its pieces joined again), or None."""
+    text = getattr(args, "items", None)
+    if getattr(args, "items_json", None) is not None or not text or "," not in text:
+        return None
+    pieces = text.split(",")
+    joined = list(dict.fromkeys(",".join(pieces[i:i + n]).strip() for n in (2, 3)
+                                for i in range(len(pieces) - n + 1)))
+    known = client.known_ids(joined, client.pinned_version)
+    return next((j for j in joined if j in known), None) if known else None
 
 
 def _end_session(client: HierTCNClient, store: state_store.StateStore,
@@ -675,7 +690,13 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     (`state_store.end_session`: a concurrent end-session of the same user is not lost)."""
     items = _items(args)
     version = client.pinned_version  # (pinned by `main` before the store was opened)
-    unknown = _unknown_ids(client, items)  # (before the write: a failure here stores nothing)
+    # (before the write: a failure here stores nothing)
+    unknown = _unknown_ids(client, items)
+    cut = unknown and _cut_at_commas(client, args)
+    if cut:  # (a state folded from the pieces would stay in the store)
+        raise ValueError(f"--items cut {cut!r}, an id of version {version}'s catalogue, at "
+                         "its commas: pass the session as --items-json '[\"a, b\", \"c\"]'; "
+                         "nothing was stored")
     resolved, record = state_store.end_session(
         store, args.user, version, client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,

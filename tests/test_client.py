@@ -656,6 +656,42 @@ def test_recommend_and_end_session_name_the_items_the_version_does_not_know(caps
     assert ended["unknown_items"] == ["nope"]
 
 
+def test_an_id_that_items_cut_at_its_commas_is_named(capsys, tmp_path):
+    """--items 'Crosby, Stills & Nash' is two unknown ids: the note said so, not that the
+    catalogue holds the whole id (--items-json passes it); end-session stored the pieces'
+    state for good, and now refuses them."""
+    from pipeline import schema
+
+    ids = (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN, "Crosby, Stills & Nash", "b", "c, d, e", "x")
+    vocab = schema.Vocabulary(ids=ids, counts=np.zeros(len(ids), np.int64))
+    base = str(tmp_path / "models")
+    export.export_model(lib.tiny_model(vocab), vocab, base)
+    server = lib.ServerProcess(base, NAME)
+    try:
+        server.wait_version(1)
+        db = tmp_path / "s.sqlite"
+        args = ["--target", server.target, "--model-name", NAME, "--state-db", str(db)]
+        for items, cut in (("b,Crosby, Stills & Nash", "Crosby, Stills & Nash"),
+                           ("c, d, e,x", "c, d, e"), ("b,nope,x", None)):
+            assert client_lib.main([*args, "recommend", "--user", "u", "--items", items]) == 0
+            note = capsys.readouterr().out.splitlines()[1]
+            assert note.startswith("note: ") and (
+                (f"; --items cut {cut!r}, an id of the catalogue, at its commas: pass the "
+                 "session as --items-json '[\"a, b\", \"c\"]'") in note) == (cut is not None), note
+        assert client_lib.main([*args, "end-session", "--user", "u", "--items",
+                                "b,Crosby, Stills & Nash"]) == 1
+        assert capsys.readouterr().err == (
+            "error: --items cut 'Crosby, Stills & Nash', an id of version 1's catalogue, at "
+            "its commas: pass the session as --items-json '[\"a, b\", \"c\"]'; nothing was "
+            "stored\n")
+        assert client_lib.main([*args, "--json", "end-session", "--user", "u", "--items-json",
+                                '["b", "Crosby, Stills & Nash"]']) == 0
+        stored = json.loads(capsys.readouterr().out)
+        assert stored["sessions"] == 1 and stored["unknown_items"] == []
+    finally:
+        server.stop()
+
+
 def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path, monkeypatch):
     """`serving.backfill` folds every user's sessions of a data folder (the last split
     holding the user: its record carries the earlier ones) in batches, and stores the
