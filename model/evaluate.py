@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from typing import Collection, Iterable, Iterator, NamedTuple, Sequence
 
@@ -284,7 +285,8 @@ def _scored_events(user: schema.UserRecord) -> int:
 
 class LineProgress:
     """Progress for a log file, not a terminal: a line every `every` seconds (a bar
-    redrawn with carriage returns shows nothing to `tail -f` until it ends).
+    redrawn with carriage returns shows nothing to `tail -f` until it ends), from a thread
+    of its own while a batch takes longer (one heavy user's: minutes without a line).
 
     With `total_events` (the split's target events) the share done and the time left are
     those of the events, not of the users: users differ in size by orders of magnitude
@@ -297,12 +299,22 @@ class LineProgress:
         self.out = out or sys.stderr
         self.done = self.events = 0
         self.start = self.last = time.monotonic()
+        self._said = None  # (done, events) of the last line
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._beat = None
 
     def __enter__(self) -> "LineProgress":
+        if self.every > 0:
+            self._beat = threading.Thread(target=self._heartbeat, name="progress", daemon=True)
+            self._beat.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if exc[0] is None:
+        self._ended.set()
+        if self._beat is not None:
+            self._beat.join()
+        if exc[0] is None and self._said != (self.done, self.events):
             self._line()
 
     def update(self, n: int, events: int = 0) -> None:
@@ -311,8 +323,18 @@ class LineProgress:
         if time.monotonic() - self.last >= self.every:
             self._line()
 
+    def _heartbeat(self) -> None:
+        while not self._ended.wait(max(self.last + self.every - time.monotonic(), 0.01)):
+            if time.monotonic() - self.last >= self.every:
+                self._line()
+
     def _line(self) -> None:
+        with self._lock:
+            self._say()
+
+    def _say(self) -> None:
         self.last = now = time.monotonic()
+        self._said = (self.done, self.events)
         elapsed = now - self.start
         of = ""
         if self.total_events and self.total:
@@ -650,8 +672,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
 if __name__ == "__main__":
     from model import processes
 
-    argtypes.interrupts_in_one_line("interrupted: no metrics were written (an earlier "
-                                    "--output is as it was)")
+    _INTERRUPTED = "interrupted: no metrics were written (an earlier --output is as it was)"
+    argtypes.interrupts_in_one_line(_INTERRUPTED)
     argtypes.sigterm_until_handled()
-    # (the metrics written and printed: a signal in the teardown changes nothing)
-    processes.exit_now(main(command=True))
+    # (the metrics written and printed: a signal in the teardown changes nothing; and a
+    # stop is said and ends the process at once: the interpreter's teardown waited up to a
+    # minute for the TensorFlow call the stop left running)
+    processes.exit_now(processes.interrupted_is(_INTERRUPTED, lambda: main(command=True)))

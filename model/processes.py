@@ -187,6 +187,19 @@ def survive_closed_output() -> None:
 ignore_stop_signals = argtypes.ignore_stop_signals
 
 
+def interrupted_is(message: str, run: Callable[[], int]) -> int:
+    """`run()`'s status, or 130 after saying `message` where a stop signal's
+    KeyboardInterrupt ends it, for `exit_now` to end the process with: raised to the top,
+    the interrupt went through the interpreter's teardown, which waits for the TensorFlow
+    call that the stop cut short (a full-catalogue evaluation: 35 to 56 s after the line was
+    said; a scheduler's grace period is 30 s)."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(message, file=sys.stderr)
+        return 130
+
+
 def exit_now(status: int) -> None:
     """Ends a command whose work is done and said, with `status`: the exit handlers run
     (stop signals ignored meanwhile; they are bounded: the batch producer's stop waits a

@@ -1422,5 +1422,5 @@ def _storage_failure(args: argparse.Namespace, e: BaseException) -> int:
 
 
 if __name__ == "__main__":
-    _status = main(restore_signals=False)
+    _status = processes.interrupted_is(INTERRUPTED, lambda: main(restore_signals=False))
     processes.exit_now(_status)

@@ -37,7 +37,8 @@ if __name__ == "__main__":
     if _error:
         print(f"error: {_error}", file=sys.stderr)
         sys.exit(2)
-    argtypes.interrupts_in_one_line("interrupted: no version was published")
+    _INTERRUPTED = "interrupted: no version was published"
+    argtypes.interrupts_in_one_line(_INTERRUPTED)
     argtypes.sigterm_until_handled()  # (TensorFlow's import: seconds)
     quiet.import_tensorflow()  # its start-up notes held back where they are noise
 
@@ -791,5 +792,5 @@ if __name__ == "__main__":
     # SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: the temporary folder goes
     # and the same line says so (exit 130)
     with argtypes.sigterm_as_interrupt():
-        _status = main(command=True)
+        _status = processes.interrupted_is(_INTERRUPTED, lambda: main(command=True))
     processes.exit_now(_status)  # done and said: no teardown for a signal to land in

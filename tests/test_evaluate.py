@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -542,7 +543,26 @@ def test_progress_in_a_log_file_is_a_line_at_a_time():
     lines = out.getvalue().splitlines()
     assert re.fullmatch(r"evaluate m on test: 4 users of 10 \(40%\), about 0:\d\d left, 0:\d\d "
                         r"elapsed", lines[0]), lines
-    assert lines[1].startswith("evaluate m on test: 10 users of 10 (100%), 0:") and len(lines) == 3
+    # (the end says the last line again only where it is not the state already said)
+    assert lines[1].startswith("evaluate m on test: 10 users of 10 (100%), 0:") and len(lines) == 2
+
+
+def test_progress_in_a_log_file_goes_on_while_one_batch_takes_long():
+    """A heavy user's batch (a 500,000-event crawler: 3 minutes) printed no line until it
+    was done, then the same line twice: a log file that should hear every 30 s heard
+    nothing for minutes."""
+    out = io.StringIO()
+    with ev.LineProgress(3, "evaluate m on test", every=0.2, out=out, total_events=90) as bar:
+        bar.update(1, 30)
+        time.sleep(0.9)  # the next batch, scored for longer than `every`
+        beats = out.getvalue().splitlines()
+        bar.update(2, 60)
+    lines = out.getvalue().splitlines()
+    assert len(beats) >= 3, beats
+    assert all(re.fullmatch(r"evaluate m on test: 1 users of 3, 30 of 90 target events \(33%\), "
+                            r"about 0:0\d left, 0:0\d elapsed", line) for line in lines[:-1])
+    assert lines[:len(beats)] == beats and lines[-1].startswith(
+        "evaluate m on test: 3 users of 3, 90 of 90 target events (100%), 0:0"), lines
 
 
 def test_progress_time_left_goes_by_target_events_not_users():
@@ -637,6 +657,49 @@ def test_the_command_says_a_result_it_cannot_print_and_runs_with_its_output_clos
                             timeout=300, env=env)
     assert closed.returncode == 0 and closed.stderr == "", closed.stderr[-3000:]
     assert json.loads((tmp_path / "m.json").read_text())["model"] == "popularity"
+
+
+def test_a_stop_signal_ends_the_command_at_once_whatever_the_teardown_would_wait_for(
+        full_data, tmp_path):
+    """A SIGTERM in a full-catalogue evaluation said "interrupted" at once, but the process
+    lived on for 35 to 56 s: its KeyboardInterrupt went up through the interpreter's
+    teardown, which waited for the TensorFlow call the stop had cut short (past a
+    scheduler's 30 s grace). Here a thread that the teardown would join for two minutes
+    stands in for that call; the evaluation stalls in its first batch, where the signal
+    lands."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import runpy, sys, threading, time\nfrom model import baselines\n"
+            "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+            "def stalled(*args, **kwargs):\n    print('scoring', file=sys.stderr, flush=True)\n"
+            "    time.sleep(120)\n"
+            "fit = baselines.fit\n"
+            "def fit_stalling(*args, **kwargs):\n    scorer = fit(*args, **kwargs)\n"
+            "    scorer.ranks = stalled\n    return scorer\n"
+            "baselines.fit = fit_stalling\n"
+            "sys.argv = ['model.evaluate', *sys.argv[1:]]\n"
+            "runpy.run_module('model.evaluate', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--data", full_data, "--split",
+                             "test", "--model", "popularity", "--no-progress", "--output",
+                             str(tmp_path / "m.json")], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.stderr.readline() != "scoring\n":
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - sent < 30
+        assert proc.stderr.read() == ("interrupted: no metrics were written (an earlier "
+                                      "--output is as it was)\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_stop_signal_once_the_metrics_are_computed_changes_nothing(full_data, tmp_path):
