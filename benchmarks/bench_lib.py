@@ -93,8 +93,8 @@ def make_synthetic(out_dir: str, users: int, max_events: int | None = None, seed
     from pipeline import synthetic
 
     log = out_dir.rstrip("/") + ".csv"
-    synthetic.write_csv(log, synthetic.generate(users=users, seed=seed, max_events=max_events,
-                                                 sessions=sessions))
+    synthetic.write_csv(log, synthetic.generate_arrays(users=users, seed=seed,
+                                                        max_events=max_events, sessions=sessions))
     cmd = [sys.executable, "-m", "pipeline", "--input", log, "--output", out_dir, "--overwrite",
            *(IN_MEMORY if in_memory else [])]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
