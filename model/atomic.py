@@ -38,8 +38,7 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
     held = None
     try:
         if fcntl is not None:  # held through the rename: a live writer's file is not swept
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held = os.dup(fd)
+            held = _locked_copy(fd)
         with os.fdopen(fd, "wb" if binary else "w",
                        **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
@@ -51,6 +50,17 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
     finally:
         if held is not None:
             os.close(held)
+
+
+def _locked_copy(fd: int) -> int | None:
+    """A duplicate of `fd` holding an exclusive flock on its file until it is closed; None
+    where the file system takes no locks (some network and FUSE mounts: ENOLCK), whose
+    temporary files are then not told from a live writer's and never swept."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file just made: no one holds it)
+    except OSError:
+        return None
+    return os.dup(fd)
 
 
 def remove_abandoned_temporaries(folder: str) -> list[str]:

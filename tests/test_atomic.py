@@ -108,3 +108,21 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write_a_live_ones_st
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_file_system_without_locks_still_takes_writes(tmp_path, monkeypatch):
+    """Some network and FUSE mounts refuse flock (ENOLCK): the write goes on unlocked (it
+    failed), and the sweep, which cannot tell such a file from a live writer's, keeps it."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    left = tmp_path / ".tmp-0123456789abcdef0123456789abcdef.json"
+    left.write_text("{")
+    old = time.time() - 3600
+    os.utime(left, (old, old))
+    atomic.write_json(str(tmp_path / "a.json"), {"a": 1})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == [left.name, "a.json"]
