@@ -313,7 +313,7 @@ class LineProgress:
     def __exit__(self, *exc) -> None:
         self._ended.set()
         if self._beat is not None:
-            self._beat.join()
+            self._beat.join(1.0)  # (a daemon: one blocked on a stalled stderr is left)
         if exc[0] is None and self._said != (self.done, self.events):
             self._line()
 
