@@ -49,9 +49,10 @@ RECORD = "compare_run.json"
 SUMMARY = "train_summary.json"  # model.train's, written when a run ends (finished or stopped)
 # stats.json options that do not change the data written (where and how the pipeline ran)
 NOT_DATA = ("input", "output", "runner", "beam_logs")
-# stats.json keys that describe the input's rejected rows, not the data written (added
-# in a later version: a folder rebuilt with it is the same data)
-NOT_DATA_STATS = ("malformed_reasons",)
+# stats.json keys that describe the input's rejected rows or its times, which the input
+# and options already decide (added in later versions: a folder rebuilt with one is the
+# same data)
+NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs")
 
 
 class CompareError(ValueError):
