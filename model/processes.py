@@ -207,7 +207,8 @@ def exit_now(status: int) -> None:
     In the teardown a Ctrl-C or SIGTERM turned a finished run's status into "killed by
     SIGINT", and a tf.data thread that asks for the GIL there can hang the process for good,
     where signals would then be ignored. An output that cannot be flushed (a full disk, not
-    a reader that is gone) is said, and the status is then at least 1."""
+    a reader that is gone) is said, and the status is then at least 1. Status 130 after a
+    Ctrl-C ends the process as killed by SIGINT (`argtypes.exit_interrupted`)."""
     import atexit
 
     if "tensorflow" not in sys.modules:  # (an early error: a teardown with nothing to fear)
@@ -229,4 +230,6 @@ def exit_now(status: int) -> None:
                 os.write(2, f"error: cannot write the output: {e.strerror or e}\n".encode())
             except OSError:
                 pass
+    if status == 130:  # (a stop: a Ctrl-C ends the process as killed by SIGINT)
+        argtypes.exit_interrupted()
     os._exit(status)

@@ -109,16 +109,36 @@ def stop_signal_handled() -> None:
     _handled[0] += 1
 
 
+# the first stop signal a handler of `noting` took in this process (None: none; a Ctrl-C
+# that Python's own handler took leaves it so)
+_first_stop: list = [None]
+
+
 def noting(handler):
     """A stop signal's `handler` that counts itself (`stop_signal_handled`) before it runs,
     and that `MainThreadRelay` may send a signal on for."""
     @functools.wraps(handler)
     def counted(signum, frame):
         stop_signal_handled()
+        if _first_stop[0] is None:
+            _first_stop[0] = signum
         return handler(signum, frame)
 
     _NOTING.add(counted)
     return counted
+
+
+def exit_interrupted(status: int = 130) -> None:
+    """Ends the process after a stop, its output flushed by the caller: killed by SIGINT
+    where the stop was a Ctrl-C, as Python ends on an unhandled one (a shell running the
+    command in a loop or a script then stops too; an exit status of 130 made bash go on
+    to the next command), with `status` where it was SIGTERM."""
+    import signal
+
+    if _first_stop[0] in (None, signal.SIGINT):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status)
 
 
 @noting
