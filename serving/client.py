@@ -644,7 +644,9 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     unknown = _unknown_ids(client, items)
     result["unknown_items"] = unknown
     lines = [f"{resolved.message}; model {client.model_name} version {client.pinned_version}"]
-    lines += _unknown_note(client, items, unknown, unknown and _cut_at_commas(client, args))
+    cut = _cut_at_commas(client, args, unknown or ())
+    result["cut_at_commas"] = cut
+    lines += _unknown_note(client, items, unknown, cut)
     lines += [f"{r + 1:3d}. {e['item']}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
 
@@ -671,17 +673,25 @@ def _unknown_note(client: HierTCNClient, items: Sequence[str],
                "session as --items-json '[\"a, b\", \"c\"]'" if cut else "")]
 
 
-def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace) -> str | None:
+def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace,
+                   unknown: Sequence[str]) -> str | None:
     """An id of the pinned version's catalogue that --items cut at its commas (two or three
-    of its pieces joined again), or None."""
+    of its pieces joined again, one of them an `unknown` id), or None."""
     text = getattr(args, "items", None)
-    if getattr(args, "items_json", None) is not None or not text or "," not in text:
+    if getattr(args, "items_json", None) is not None or not text or not unknown:
         return None
-    pieces = text.split(",")
-    joined = list(dict.fromkeys(",".join(pieces[i:i + n]).strip() for n in (2, 3)
-                                for i in range(len(pieces) - n + 1)))
-    known = client.known_ids(joined, client.pinned_version)
-    return next((j for j in joined if j in known), None) if known else None
+    pieces, unknown = text.split(","), set(unknown)
+    joined = list(dict.fromkeys(
+        ",".join(pieces[i:i + n]).strip() for n in (2, 3) for i in range(len(pieces) - n + 1)
+        if unknown.intersection(p.strip() for p in pieces[i:i + n])))
+    # (a few a piece unknown, in calls no wider than the session: a server's width bound)
+    width = max(sum(1 for p in pieces if p.strip()), 1)
+    for at in range(0, len(joined), width):
+        known = client.known_ids(joined[at:at + width], client.pinned_version)
+        cut = next((j for j in joined[at:at + width] if j in (known or ())), None)
+        if cut is not None:
+            return cut
+    return None
 
 
 def _end_session(client: HierTCNClient, store: state_store.StateStore,
@@ -692,7 +702,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     version = client.pinned_version  # (pinned by `main` before the store was opened)
     # (before the write: a failure here stores nothing)
     unknown = _unknown_ids(client, items)
-    cut = unknown and _cut_at_commas(client, args)
+    cut = _cut_at_commas(client, args, unknown or ())
     if cut:  # (a state folded from the pieces would stay in the store)
         raise ValueError(f"--items cut {cut!r}, an id of version {version}'s catalogue, at "
                          "its commas: pass the session as --items-json '[\"a, b\", \"c\"]'; "

@@ -662,22 +662,33 @@ def test_an_id_that_items_cut_at_its_commas_is_named(capsys, tmp_path):
     state for good, and now refuses them."""
     from pipeline import schema
 
-    ids = (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN, "Crosby, Stills & Nash", "b", "c, d, e", "x")
+    ids = (schema.PAD_TOKEN, schema.UNKNOWN_TOKEN, "Crosby, Stills & Nash", "b", "c, d, e", "x",
+           "Rock", "Pop", "Rock,Pop")
     vocab = schema.Vocabulary(ids=ids, counts=np.zeros(len(ids), np.int64))
     base = str(tmp_path / "models")
     export.export_model(lib.tiny_model(vocab), vocab, base)
-    server = lib.ServerProcess(base, NAME)
+    # (a narrow server: the joins are asked no wider than the session)
+    server = lib.ServerProcess(base, NAME, "--max-sequence-width", "8")
     try:
         server.wait_version(1)
         db = tmp_path / "s.sqlite"
         args = ["--target", server.target, "--model-name", NAME, "--state-db", str(db)]
         for items, cut in (("b,Crosby, Stills & Nash", "Crosby, Stills & Nash"),
-                           ("c, d, e,x", "c, d, e"), ("b,nope,x", None)):
+                           ("c, d, e,x", "c, d, e"), ("b,nope,x", None),
+                           # Rock and Pop meant apart: known, so "Rock,Pop" was not cut
+                           ("Rock,Pop,NewBand", None),
+                           ("x,b,x,b,x,b,Crosby, Stills & Nash", "Crosby, Stills & Nash")):
             assert client_lib.main([*args, "recommend", "--user", "u", "--items", items]) == 0
             note = capsys.readouterr().out.splitlines()[1]
             assert note.startswith("note: ") and (
                 (f"; --items cut {cut!r}, an id of the catalogue, at its commas: pass the "
                  "session as --items-json '[\"a, b\", \"c\"]'") in note) == (cut is not None), note
+            assert client_lib.main([*args, "--json", "recommend", "--user", "u", "--items",
+                                    items]) == 0
+            assert json.loads(capsys.readouterr().out)["cut_at_commas"] == cut
+        assert client_lib.main([*args, "end-session", "--user", "v", "--items",
+                                "Rock,Pop,NewBand"]) == 0
+        capsys.readouterr()
         assert client_lib.main([*args, "end-session", "--user", "u", "--items",
                                 "b,Crosby, Stills & Nash"]) == 1
         assert capsys.readouterr().err == (
