@@ -58,9 +58,9 @@ def _locked_copy(fd: int) -> int | None:
     temporary files are then not told from a live writer's and never swept."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a file just made: no one holds it)
-    except OSError:
+        return os.dup(fd)
+    except OSError:  # (or no descriptor left to copy it to: written unlocked then)
         return None
-    return os.dup(fd)
 
 
 def remove_abandoned_temporaries(folder: str) -> list[str]:

@@ -313,20 +313,22 @@ class LineProgress:
     def __exit__(self, *exc) -> None:
         self._ended.set()
         if self._beat is not None:
-            self._beat.join(1.0)  # (a daemon: one blocked on a stalled stderr is left)
+            self._beat.join()
         if exc[0] is None and self._said != (self.done, self.events):
             self._line()
 
     def update(self, n: int, events: int = 0) -> None:
-        self.done += n
-        self.events += events
-        if time.monotonic() - self.last >= self.every:
-            self._line()
+        with self._lock:  # (the heartbeat reads both counts, and says a line once)
+            self.done += n
+            self.events += events
+            if time.monotonic() - self.last >= self.every:
+                self._say()
 
     def _heartbeat(self) -> None:
         while not self._ended.wait(max(self.last + self.every - time.monotonic(), 0.01)):
-            if time.monotonic() - self.last >= self.every:
-                self._line()
+            with self._lock:
+                if time.monotonic() - self.last >= self.every:
+                    self._say()
 
     def _line(self) -> None:
         with self._lock:

@@ -205,6 +205,7 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
     filtered: collections.Counter = collections.Counter()
     events, filtered[DUPLICATE], filtered[CAPPED] = bound_events(events, max_events)
     sessions = []
+    consecutive = same_time = 0
     for raw in group_by_session(events) if session_ids else split_at_gaps(events, gap_seconds):
         kept, repeats = collapse_repeats(raw)
         filtered[REPEAT] += repeats
@@ -212,8 +213,10 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
             filtered[SHORT] += len(kept)
             continue
         ms = [e[0] for e in kept]
-        if pairs is not None:
-            pairs[PAIRS] += len(ms) - 1
-            pairs[SAME_TIME_PAIRS] += sum(map(operator.eq, ms, ms[1:]))
+        consecutive += len(ms) - 1
+        same_time += sum(map(operator.eq, ms, ms[1:]))
         sessions.append(Session([e[2] for e in kept], [t // 1000 for t in ms]))
+    if pairs is not None:
+        pairs[PAIRS] += consecutive
+        pairs[SAME_TIME_PAIRS] += same_time
     return sessions, +filtered

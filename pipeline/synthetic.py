@@ -190,8 +190,10 @@ def write_csv(path: str, rows) -> None:
     """Writes rows (a list of `Row`s, or `generate_arrays`' arrays) as CSV with header
     `user,item,time` (its folder created when missing), through a hidden file beside it and
     a rename: a kill never leaves a cut log."""
-    if isinstance(rows, tuple):  # (user, item, time) arrays: rows a block at a time
+    if isinstance(rows, tuple) and rows and isinstance(rows[0], np.ndarray):  # (generate_arrays')
         rows = _ArrayRows(rows)
+    elif not isinstance(rows, list):  # (an iterable of rows)
+        rows = list(rows)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
