@@ -1423,4 +1423,4 @@ def _main(argv=None, command: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(command=True))
+    argtypes.exit_with(main(command=True))

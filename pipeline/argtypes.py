@@ -141,6 +141,25 @@ def exit_interrupted(status: int = 130) -> None:
     os._exit(status)
 
 
+def exit_with(status: int) -> None:
+    """Ends a command (`pipeline`, `serving.client`) with the status its `main` returned,
+    where 130 (stopped) ends it as `exit_interrupted` does once the exit handlers have run
+    and the output is flushed, stop signals ignored meanwhile."""
+    if status != 130:
+        sys.exit(status)
+    import atexit
+
+    ignore_stop_signals()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # (a reader gone, a stream closed)
+            pass
+    exit_interrupted(status)
+
+
 @noting
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")

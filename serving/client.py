@@ -720,4 +720,4 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
 
 
 if __name__ == "__main__":
-    sys.exit(main(command=True))
+    argtypes.exit_with(main(command=True))

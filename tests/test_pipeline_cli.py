@@ -2172,9 +2172,13 @@ def test_a_stop_before_the_run_and_after_it_is_one_line_or_nothing(tmp_path, mon
     assert (tmp_path / "out" / "stats.json").exists()
 
 
-def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp_path,
+                                                                            signame):
     """A scheduler's SIGTERM: exit 130 with the one line Ctrl-C gets, and the temporary
-    output removed (the default action left a full-size copy beside the output)."""
+    output removed (the default action left a full-size copy beside the output). A Ctrl-C
+    ends the process as killed by SIGINT (a shell reads 130 too), so that a script or a
+    loop running it stops as well (its exit status 130 let bash go on)."""
     import signal
     import time
 
@@ -2183,7 +2187,11 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp
         f"u{u},i{(u * 7 + k) % 50},{1_600_000_000 + 86_400 * (u % 30) + 60 * k}\n"
         for u in range(4000) for k in range(10)))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
+    # (pytest-xdist's workers start their children with SIGINT ignored: a terminal's own)
+    code = ("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "sys.argv = ['pipeline', *sys.argv[1:]]\n"
+            "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--input", str(log), "--output",
                              str(out), *IN_MEMORY], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -2191,13 +2199,13 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_and_leaves_no_temporary_output(tmp
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signame))
         err = proc.communicate(timeout=120)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == (130 if signame == "SIGTERM" else -signal.SIGINT), err
     assert err.rstrip().endswith(f"interrupted: nothing was written to {out}"), err
     assert sorted(os.listdir(tmp_path)) == ["log.csv"]
 

@@ -860,6 +860,25 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
+@pytest.mark.parametrize("stop, status, returncode", [
+    ("SIGTERM", 130, 130), ("SIGINT", 130, -2), (None, 130, -2), ("SIGTERM", 2, 2),
+    (None, 0, 0)])
+def test_a_command_stopped_by_ctrl_c_ends_as_killed_by_sigint(stop, status, returncode):
+    """`exit_with` (the pipeline's and the client's end; `model.processes.exit_now` the
+    others'): status 130 after a Ctrl-C (a handler of ours that took SIGINT first, or
+    Python's own: no stop noted) ends the process as killed by SIGINT, so that a shell
+    script or loop running the command stops too; after a SIGTERM it is 130. The exit
+    handlers run and the output is flushed first."""
+    code = ("import atexit, signal, sys\nfrom pipeline import argtypes\n"
+            f"argtypes._first_stop[0] = {'signal.' + stop if stop else None}\n"
+            "atexit.register(lambda: print('exit handler ran'))\n"
+            "sys.stdout.write('unflushed')\n"
+            f"argtypes.exit_with({status})\n")
+    proc = _python(code)
+    assert proc.returncode == returncode, proc.stderr
+    assert proc.stdout == "unflushedexit handler ran\n"
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signame):
     """The kernel may hand a signal sent to the process group to any thread; Python runs
