@@ -212,7 +212,7 @@ def exit_now(status: int) -> None:
     import atexit
 
     if "tensorflow" not in sys.modules:  # (an early error: a teardown with nothing to fear)
-        sys.exit(status)
+        argtypes.exit_with(status)  # (130: a stop in the start-up, a Ctrl-C's as one)
     ignore_stop_signals()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

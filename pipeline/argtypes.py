@@ -91,6 +91,9 @@ def interrupts_in_one_line(message: str) -> None:
     def hook(kind, value, traceback):
         if issubclass(kind, KeyboardInterrupt):
             print(message, file=sys.stderr)
+            # (Python's own end of an unhandled one is a death by SIGINT: after a SIGTERM,
+            # in TensorFlow's import say, the status is 130 as the commands document)
+            exit_with(130)
         else:
             previous(kind, value, traceback)
 
@@ -135,7 +138,8 @@ def exit_interrupted(status: int = 130) -> None:
     to the next command), with `status` where it was SIGTERM."""
     import signal
 
-    if _first_stop[0] in (None, signal.SIGINT):
+    # (on Windows os.kill with SIGINT ends the process with exit code 2)
+    if _first_stop[0] in (None, signal.SIGINT) and os.name == "posix":
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
