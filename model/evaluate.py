@@ -312,8 +312,8 @@ class LineProgress:
 
     def __exit__(self, *exc) -> None:
         self._ended.set()
-        if self._beat is not None:
-            self._beat.join()
+        if self._beat is not None:  # (a stop may have left the lock taken: a second then)
+            self._beat.join(None if exc[0] is None else 1.0)
         if exc[0] is None and self._said != (self.done, self.events):
             self._line()
 

@@ -685,7 +685,7 @@ def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace,
         ",".join(pieces[i:i + n]).strip() for n in (2, 3) for i in range(len(pieces) - n + 1)
         if unknown.intersection(p.strip() for p in pieces[i:i + n])))
     # (a few a piece unknown, in calls no wider than the session: a server's width bound)
-    width = max(sum(1 for p in pieces if p.strip()), 1)
+    width = max(len(dict.fromkeys(_items(args))), 1)  # (the distinct ids known_ids took)
     for at in range(0, len(joined), width):
         known = client.known_ids(joined[at:at + width], client.pinned_version)
         cut = next((j for j in joined[at:at + width] if j in (known or ())), None)

@@ -688,6 +688,10 @@ def test_an_id_that_items_cut_at_its_commas_is_named(capsys, tmp_path):
             assert json.loads(capsys.readouterr().out)["cut_at_commas"] == cut
         assert client_lib.main([*args, "end-session", "--user", "v", "--items",
                                 "Rock,Pop,NewBand"]) == 0
+        # ten pieces, five ids, none known: the joins go five at a time, as wide as the
+        # ids known_items took (ten were more than this server's width)
+        assert client_lib.main([*args, "end-session", "--user", "w", "--items",
+                                "n1,n1,n2,n2,n3,n3,n4,n4,n5,n5"]) == 0, capsys.readouterr().err
         capsys.readouterr()
         assert client_lib.main([*args, "end-session", "--user", "u", "--items",
                                 "b,Crosby, Stills & Nash"]) == 1
