@@ -89,7 +89,9 @@ def interrupts_in_one_line(message: str) -> None:
     previous = sys.excepthook
 
     def hook(kind, value, traceback):
-        if issubclass(kind, KeyboardInterrupt):
+        # (or another error after a stop signal: TensorFlow turns a KeyboardInterrupt in its
+        # tracing into a TypeError, with no chain to it, at times)
+        if issubclass(kind, KeyboardInterrupt) or _first_stop[0] is not None:
             print(message, file=sys.stderr)
             # (Python's own end of an unhandled one is a death by SIGINT: after a SIGTERM,
             # in TensorFlow's import say, the status is 130 as the commands document)
@@ -283,10 +285,13 @@ def interrupt_in_chain(error: BaseException) -> bool:
 def sigterm_until_handled() -> None:
     """SIGTERM as Ctrl-C from now until the command installs its own handling: in a
     command's start-up (TensorFlow's import, seconds long) a scheduler's stop was a silent
-    exit where Ctrl-C says what it leaves behind (`interrupts_in_one_line`)."""
+    exit where Ctrl-C says what it leaves behind (`interrupts_in_one_line`). Ctrl-C too goes
+    through a handler that notes it (`_first_stop`)."""
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (noted, the same)
+        signal.signal(signal.SIGINT, _terminate)
 
 
 @contextlib.contextmanager
