@@ -853,8 +853,7 @@ def test_a_ctrl_c_at_the_top_of_a_command_is_one_line(command, message):
             f"argtypes.interrupts_in_one_line({message!r})\nargtypes.sigterm_until_handled()\n"
             "try:\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n"
             "except KeyboardInterrupt:\n    raise TypeError('converted') from None\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
-                          text=True, timeout=60)
+    proc = _python(code)
     assert proc.stderr == message + "\n" and proc.returncode == 130
     failing = subprocess.run([sys.executable, "-c", "from pipeline import argtypes\n"
                               "argtypes.interrupts_in_one_line('x')\nraise ValueError('bad')"],
