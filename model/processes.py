@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import codecs
-import errno
 import os
 import re
 import signal
@@ -148,7 +147,7 @@ class _SurvivesClosedOutput:
         try:
             return self._stream.write(text)
         except OSError as e:
-            if not _gone(e):
+            if not argtypes.output_gone(e):
                 raise
             self._closed()
             return len(text)
@@ -157,7 +156,7 @@ class _SurvivesClosedOutput:
         try:
             self._stream.flush()
         except OSError as e:
-            if not _gone(e):
+            if not argtypes.output_gone(e):
                 raise
             self._closed()
             try:  # what the buffer held goes to /dev/null now
@@ -167,11 +166,6 @@ class _SurvivesClosedOutput:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
-
-
-def _gone(error: OSError) -> bool:
-    """Whether a write failed because its reader is gone (a pipe, a hung-up terminal)."""
-    return isinstance(error, BrokenPipeError) or error.errno in (errno.EPIPE, errno.EIO)
 
 
 def survive_closed_output() -> None:
@@ -209,27 +203,6 @@ def exit_now(status: int) -> None:
     where signals would then be ignored. An output that cannot be flushed (a full disk, not
     a reader that is gone) is said, and the status is then at least 1. Status 130 after a
     Ctrl-C ends the process as killed by SIGINT (`argtypes.exit_interrupted`)."""
-    import atexit
-
     if "tensorflow" not in sys.modules:  # (an early error: a teardown with nothing to fear)
         argtypes.exit_with(status)  # (130: a stop in the start-up, a Ctrl-C's as one)
-    ignore_stop_signals()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        if stream is None:  # (a descriptor closed at the start: `>&-`, `2>&-`)
-            continue
-        try:
-            stream.flush()
-        except ValueError:  # (closed)
-            pass
-        except OSError as e:
-            if _gone(e):
-                continue
-            status = status or 1
-            try:
-                os.write(2, f"error: cannot write the output: {e.strerror or e}\n".encode())
-            except OSError:
-                pass
-    if status == 130:  # (a stop: a Ctrl-C ends the process as killed by SIGINT)
-        argtypes.exit_interrupted()
-    os._exit(status)
+    argtypes.finish(status)

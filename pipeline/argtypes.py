@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -147,23 +148,47 @@ def exit_interrupted(status: int = 130) -> None:
     os._exit(status)
 
 
-def exit_with(status: int) -> None:
-    """Ends a command (`pipeline`, `serving.client`) with the status its `main` returned,
-    where 130 (stopped) ends it as `exit_interrupted` does once the exit handlers have run
-    and the output is flushed, stop signals ignored meanwhile."""
-    if status != 130:
-        sys.exit(status)
+def output_gone(error: OSError) -> bool:
+    """Whether a write failed because its reader is gone (a pipe, a hung-up terminal)."""
+    return isinstance(error, BrokenPipeError) or error.errno in (errno.EPIPE, errno.EIO)
+
+
+def finish(status: int) -> None:
+    """Ends the process with `status`, the interpreter's teardown skipped: the exit
+    handlers run (stop signals ignored meanwhile), the output is flushed (one that cannot
+    be, a full disk rather than a reader that is gone, is said, and the status is then at
+    least 1), and 130 (stopped) ends it as `exit_interrupted` does."""
     import atexit
 
     ignore_stop_signals()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # (a descriptor closed at the start: `>&-`, `2>&-`)
+            continue
         try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):  # (a reader gone, a stream closed)
+            stream.flush()
+        except ValueError:  # (closed)
             pass
-    exit_interrupted(status)
+        except OSError as e:
+            if output_gone(e):
+                continue
+            status = status or 1
+            try:
+                os.write(2, f"error: cannot write the output: {e.strerror or e}\n".encode())
+            except OSError:
+                pass
+    if status == 130:
+        exit_interrupted(status)
+    os._exit(status)
+
+
+def exit_with(status: int) -> None:
+    """Ends a command (`pipeline`, `serving.client`) with the status its `main` returned:
+    `sys.exit`, but for 130 (stopped), which `finish` ends (a Ctrl-C as killed by
+    SIGINT)."""
+    if status != 130:
+        sys.exit(status)
+    finish(status)
 
 
 @noting

@@ -659,6 +659,19 @@ def test_the_command_says_a_result_it_cannot_print_and_runs_with_its_output_clos
     assert json.loads((tmp_path / "m.json").read_text())["model"] == "popularity"
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _patched_evaluate(patch: str, *args: str) -> list[str]:
+    """The command line of `python -m model.evaluate ARGS` in a process that runs the
+    Python code `patch` first (a stand-in for a stall, a signal at a chosen moment)."""
+    import sys
+
+    code = (patch + "import runpy, sys\nsys.argv = ['model.evaluate', *sys.argv[1:]]\n"
+            "runpy.run_module('model.evaluate', run_name='__main__', alter_sys=True)\n")
+    return [sys.executable, "-c", code, *args]
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_stop_signal_ends_the_command_at_once_whatever_the_teardown_would_wait_for(
         full_data, tmp_path, signame):
@@ -671,25 +684,22 @@ def test_a_stop_signal_ends_the_command_at_once_whatever_the_teardown_would_wait
     go on to its next command), a SIGTERM with status 130."""
     import signal
     import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import runpy, signal, sys, threading, time\nfrom model import baselines\n"
-            # (pytest-xdist's workers start their children with SIGINT ignored)
-            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "threading.Thread(target=time.sleep, args=(120,)).start()\n"
-            "def stalled(*args, **kwargs):\n    print('scoring', file=sys.stderr, flush=True)\n"
-            "    time.sleep(120)\n"
-            "fit = baselines.fit\n"
-            "def fit_stalling(*args, **kwargs):\n    scorer = fit(*args, **kwargs)\n"
-            "    scorer.ranks = stalled\n    return scorer\n"
-            "baselines.fit = fit_stalling\n"
-            "sys.argv = ['model.evaluate', *sys.argv[1:]]\n"
-            "runpy.run_module('model.evaluate', run_name='__main__', alter_sys=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--data", full_data, "--split",
-                             "test", "--model", "popularity", "--no-progress", "--output",
-                             str(tmp_path / "m.json")], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    patch = ("import signal, sys, threading, time\nfrom model import baselines\n"
+             # (pytest-xdist's workers start their children with SIGINT ignored)
+             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+             "def stalled(*args, **kwargs):\n    print('scoring', file=sys.stderr, flush=True)\n"
+             "    time.sleep(120)\n"
+             "fit = baselines.fit\n"
+             "def fit_stalling(*args, **kwargs):\n    scorer = fit(*args, **kwargs)\n"
+             "    scorer.ranks = stalled\n    return scorer\n"
+             "baselines.fit = fit_stalling\n")
+    proc = subprocess.Popen(_patched_evaluate(patch, "--data", full_data, "--split", "test",
+                                              "--model", "popularity", "--no-progress",
+                                              "--output", str(tmp_path / "m.json")),
+                            cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         while proc.stderr.readline() != "scoring\n":
             assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -712,20 +722,17 @@ def test_a_stop_signal_once_the_metrics_are_computed_changes_nothing(full_data, 
     interrupt that could leave --output deleted beside this run's per-user file, or say
     "no metrics were written" of written ones. It is ignored now: the run finishes."""
     import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import os, runpy, signal, sys\nfrom model import atomic\nreal = atomic.write_json\n"
-            "def stopped_while_writing(*args, **kwargs):\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*args, **kwargs)\n"
-            "atomic.write_json = stopped_while_writing\n"
-            "sys.argv = ['model.evaluate', *sys.argv[1:]]\n"
-            "runpy.run_module('model.evaluate', run_name='__main__', alter_sys=True)\n")
+    patch = ("import os, signal\nfrom model import atomic\nreal = atomic.write_json\n"
+             "def stopped_while_writing(*args, **kwargs):\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n    return real(*args, **kwargs)\n"
+             "atomic.write_json = stopped_while_writing\n")
     out, users = tmp_path / "m.json", tmp_path / "u.npz"
-    res = subprocess.run([sys.executable, "-c", code, "--data", full_data, "--split", "test",
-                          "--model", "popularity", "--no-progress", "--output", str(out),
-                          "--per-user-output", str(users)], cwd=repo, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(_patched_evaluate(patch, "--data", full_data, "--split", "test",
+                                           "--model", "popularity", "--no-progress",
+                                           "--output", str(out), "--per-user-output",
+                                           str(users)),
+                         cwd=_REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "interrupted" not in res.stderr, res.stderr[-3000:]
     assert json.loads(out.read_text()) == json.loads(res.stdout)
     assert sorted(os.listdir(tmp_path)) == ["m.json", "u.npz"]
