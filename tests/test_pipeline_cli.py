@@ -1134,7 +1134,12 @@ def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times
      "'2021/03/02 15:08'); ISO 8601 looks like"),
     (["2021-03-02T15:08:11"] * 5, [], "text times need --time-unit iso"),
     ([1441864236661000 + 9000 * k for k in range(5)], ["--time-unit", "ms"],
-     "read as milliseconds are after the year 5138; they look like microseconds")])
+     "read as milliseconds are after the year 5138; they look like microseconds"),
+    ([-34559827.085 + 60 * k for k in range(5)], [],
+     "parses as --time-unit s (5 like '-34559827.085'); times before 1970-01-01 "
+     "(negative unix times) are not read"),
+    (["1969-12-31T23:59:00Z"] * 5, ["--time-unit", "iso"],
+     "(negative unix times) are not read")])
 def test_times_that_cannot_be_right_stop_the_run_with_one_line(tmp_path, capsys, times,
                                                                 options, message):
     """Every row would be malformed (a date format that is not ISO 8601, text times read as
