@@ -247,9 +247,13 @@ class HierTCNClient:
             raise cls(f"{code.name}: {e.details()} (model {self.model_name!r} at {self.target})",
                       code) from None
 
-    def _spec(self, spec, version: int | None, signature: str | None = None) -> None:
+    def _spec(self, spec, version: int | None, signature: str | None = None,
+              pinned: bool = True) -> None:
+        """Fills a request's model spec: `version`, else the pinned one (with `pinned`), else
+        none (the server's latest)."""
         spec.name = self.model_name
-        version = self.pinned_version if version is None else version
+        if pinned and version is None:
+            version = self.pinned_version
         if version is not None:
             spec.version.value = _version_value(version)
         if signature:
@@ -268,10 +272,11 @@ class HierTCNClient:
         return [{"version": s.version, "state": states.Name(s.state),
                  "error": s.status.error_message} for s in response.model_version_status]
 
-    def metadata(self, version: int | None = None) -> ModelInfo:
-        """The signatures and state size of a version (pinned, or latest when None)."""
+    def metadata(self, version: int | None = None, pinned: bool = True) -> ModelInfo:
+        """The signatures and state size of a version (None: the pinned one, or the latest
+        when none is pinned or not `pinned`)."""
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        self._spec(request.model_spec, version)
+        self._spec(request.model_spec, version, pinned=pinned)
         response = self._call(self._predict.GetModelMetadata, request)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(sig_map)
@@ -294,11 +299,12 @@ class HierTCNClient:
         return info
 
     def pin(self, version: int | None = None) -> int:
-        """Pins `version` (default: the server's latest) for every later call; returns it."""
+        """Pins `version` (default: the server's latest) for every later call; returns it.
+        A failed call (a bad number, a version not served, the server out of reach) leaves
+        the pin as it was, and calls of other threads meanwhile keep it."""
         if version is not None:
-            _version_value(version)  # a bad number leaves the pin as it was
-        self.pinned_version = None
-        self.pinned_version = self.metadata(version).version
+            _version_value(version)
+        self.pinned_version = self.metadata(version, pinned=False).version
         self._fingerprints.pop(self.pinned_version, None)  # its folder may have been replaced
         return self.pinned_version
 

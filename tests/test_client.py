@@ -67,6 +67,14 @@ def test_status_metadata_and_pinning(client, served):
         with pytest.raises(ValueError, match=f"from 0 to {2 ** 63 - 1} .* got {bad}"):
             client.pin(bad)
     assert client.pinned_version == 1  # and the pin stays
+    with pytest.raises(ModelNotFound):  # a version not served: the pin stays too
+        client.pin(77)
+    assert client.pinned_version == 1
+    assert client.predict("user_embedding", {
+        "user_state": client.zero_states(1), "session_items": np.array([["item3"]], dtype=object),
+        "history_items": np.array([[""]], dtype=object)})[1] == 1
+    with HierTCNClient(client.target, NAME, timeout=30) as other:  # pin(): the latest
+        assert other.pin(1) == 1 and other.pin() == 2 and other.pinned_version == 2
     states = client.zero_states(1)
     ids, scores = client.next_items(states, [["item3"]], k=4)
     want = in_process(served["base"], 1, "next_items", user_state=states,
