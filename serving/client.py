@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -562,6 +563,11 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         if scheme in ("http", "https", "grpc", "grpcs"):
             parser.error(f"--target {args.target} is a URL: pass HOST:PORT of the gRPC port "
                          "(e.g. localhost:8500; --tls for TLS)")
+        port = args.target.rsplit(":", 1)[-1]
+        if (":" in args.target and not args.target.startswith("unix")
+                and re.fullmatch(r"-?\d+", port) and not 1 <= int(port) <= 65535):
+            # (gRPC reads the port modulo 65536: 74036 would reach a server on 8500)
+            parser.error(f"--target {args.target}: the port must be from 1 to 65535")
     if args.command != "status":
         if not args.user.strip():
             parser.error("--user must not be empty")
