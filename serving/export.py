@@ -751,8 +751,15 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             _say_leftovers(args.export_base)
             return 0
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
+        newest = next_version(args.export_base) - 1
         path = export_model(model, vocabulary, args.export_base, args.version, config, source,
                             collapse=False if args.keep_repeats else None)
+        if args.version is not None and args.version < newest:
+            print(f"note: version {args.version} is below the newest one under "
+                  f"{args.export_base} ({newest}): TensorFlow Serving's default version policy "
+                  "(latest) and serving.server serve the newest versions only (a specific "
+                  "version policy, or serving.server --num-versions, serves it)",
+                  file=sys.stderr)
         if command:
             processes.ignore_stop_signals()
     except KeyboardInterrupt:

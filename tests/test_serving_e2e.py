@@ -110,6 +110,14 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     assert os.listdir(stopped) == ["1"] and os.path.isfile(
         os.path.join(stopped, "1", "assets.extra", "export_config.json"))
     monkeypatch.undo()
+    # a --version below the newest one is published with a note: it will not be served
+    low = os.path.join(work, "export_low")
+    os.makedirs(os.path.join(low, "9"))
+    assert export_lib.main(["--model-dir", os.path.join(work, "run"), "--export-base", low,
+                            "--version", "3"]) == 0
+    assert (f"note: version 3 is below the newest one under {low} (9): TensorFlow Serving's "
+            "default version policy (latest)") in capsys.readouterr().err
+    assert sorted(os.listdir(low)) == ["3", "9"]
     # the same weights read with the sessions' immediate repeats (records not from the
     # pipeline): another export, which says so in its config
     run("serving.export", "--model-dir", "run", "--export-base", "export_keep", cwd=work)
