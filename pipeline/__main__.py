@@ -36,6 +36,10 @@ TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at 
 SHORT_NOTE_SHARE = 0.5
 # a note where this share of the consecutive events in sessions are at the same time
 SAME_TIME_NOTE_SHARE = 0.25
+# a note where train sessions hold more events past the valid (test) cut-off than this
+# share of the valid (test) split's events (a session that spans a cut-off by minutes is
+# every log's: sessions are never cut)
+LATE_NOTE_SHARE = 0.01
 MALFORMED_NOTE_SHARE = 0.1
 # the malformed-rows note names this many of them
 MALFORMED_NOTE_KINDS = 3
@@ -1040,9 +1044,9 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
     import apache_beam as beam
 
     from pipeline import beam_fixes, sources
-    from pipeline.transforms import (HEAVIEST_PREFIX, LONGEST_PREFIX, MALFORMED_KINDS,
-                                     MALFORMED_PREFIX, MAX_PREFIX, UNKNOWN_PREFIX,
-                                     SessionRecords)
+    from pipeline.transforms import (HEAVIEST_PREFIX, LATE_PREFIX, LONGEST_PREFIX,
+                                     MALFORMED_KINDS, MALFORMED_PREFIX, MAX_PREFIX,
+                                     UNKNOWN_PREFIX, SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     children = _child_processes()  # (the caller's: an interrupt kills only the run's own)
@@ -1111,6 +1115,11 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
              if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
+        if config.split == "time":
+            # events of sessions that run on past a later split's cut-off (a session goes
+            # whole to the split of its start): trained on ahead of the events they overlap
+            stats["late_events"] = {key: counts.get(LATE_PREFIX + key, 0)
+                                    for key in split.LATE_EVENTS}
         # consecutive events in sessions, and those at one time (ordered as the input was)
         for key in (sessions.PAIRS, sessions.SAME_TIME_PAIRS):
             stats[key] = counts.get(key, 0)
@@ -1246,6 +1255,19 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      "times written in event order is fine; one sorted by item id within a "
                      "user or a day is not: give finer times, or sort the file by its real "
                      "order first)")
+    late = stats.get("late_events", {})
+    in_valid, in_test = late.get("train_after_t_valid", 0), late.get("train_after_t_test", 0)
+    if (in_valid > LATE_NOTE_SHARE * splits["valid"]["events"]
+            or in_test > LATE_NOTE_SHARE * splits["test"]["events"]):
+        how = ("--session-col's ids that come back later make one session of them: without "
+               "--session-col, --session-gap splits them" if options.get("session_col") else
+               "sessions that run on for hours or days (a user never idle for --session-gap: "
+               "a crawler?): --exclude leaves a user out, a shorter --session-gap cuts them")
+        lines.append(f"note: {in_valid:,} events of train sessions are at or after the valid "
+                     f"cut-off ({in_test:,} at or after the test cut-off): a session belongs "
+                     "whole to the split it starts in, so these later events are trained on "
+                     "and counted in the vocabulary beside the valid and test events of their "
+                     f"time (stats.json's late_events); {how}")
     capped = dropped.get(sessions.CAPPED, 0)
     if capped:
         cap = options.get("max_events_per_user", 100_000)

@@ -11,6 +11,7 @@ user id, so the assignment does not depend on the data or on the worker.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 from typing import Sequence
 
@@ -56,6 +57,25 @@ def time_split_of(start: int, cutoffs: dict) -> str:
     if t_valid is not None and start >= t_valid:
         return VALID
     return TRAIN
+
+
+# stats keys of the events of a split's sessions at or after a later split's cut-off
+# (sessions go whole to the split of their start: DESIGN §6)
+LATE_EVENTS = ("train_after_t_valid", "train_after_t_test", "valid_after_t_test")
+
+
+def late_events(times: list[int], name: str, cutoffs: dict) -> dict[str, int]:
+    """The events of a session of split `name` (`times`, unix seconds, ascending) at or
+    after the cut-offs of the splits after it, under `LATE_EVENTS` keys (only those > 0)."""
+    late = {}
+    for key in LATE_EVENTS:
+        split_name, cutoff = key.split("_after_")
+        at = cutoffs.get(cutoff)
+        if split_name == name and at is not None:
+            n = len(times) - bisect.bisect_left(times, at)
+            if n:
+                late[key] = n
+    return late
 
 
 def user_split_of(user: str, valid_fraction: float, test_fraction: float, seed: int) -> str:

@@ -38,6 +38,8 @@ MAXIMA = (MAX_PREFIX, LONGEST_PREFIX)
 HEAVIEST_PREFIX = "heaviest_user/"
 # stats key prefix of a split's target events that are items outside the vocabulary
 UNKNOWN_PREFIX = "unknown_target_events/"
+# ... of the events of sessions past a later split's cut-off (`split.LATE_EVENTS` keys)
+LATE_PREFIX = "late_events/"
 MALFORMED = "malformed"
 # stats key prefix of the malformed rows of one kind of reason (`parse.RowError.kind`)
 MALFORMED_PREFIX = "malformed_reasons/"
@@ -247,10 +249,14 @@ class _BuildRecords(beam.DoFn):
         if self._unreported >= USERS_PER_REPORT:
             report_progress("users", self._unreported)
             self._unreported = 0
+        names = _splits_of(self._config, user, user_sessions, cutoffs)
         out = records.build_user_records(
-            user, [sessions.Session(*s) for s in user_sessions],
-            _splits_of(self._config, user, user_sessions, cutoffs), index,
+            user, [sessions.Session(*s) for s in user_sessions], names, index,
             self._config.min_session_length)
+        if self._config.split == "time":
+            for s, name in zip(user_sessions, names):
+                for key, n in split.late_events(s[1], name, cutoffs).items():
+                    self._counts[LATE_PREFIX + key] += n
         for name, record in out.records.items():
             yield pvalue.TaggedOutput(name, record)
             self._counts[f"splits/{name}/users"] += 1

@@ -618,13 +618,15 @@ def test_the_data_fingerprint_leaves_out_the_rejected_rows_kinds(tmp_path):
     stats = {"rows_read": 10, "rows_malformed": 2, "splits": {}, "options": {"input": ["a"]}}
     fingerprints = []
     for extra in ({}, {"malformed_reasons": {"empty user": 2}},
-                  # (the tied-times counts of 2026-12-05 too)
-                  {"session_event_pairs": 7, "same_time_pairs": 3}, {"rows_malformed": 3}):
+                  # (the tied-times counts of 2026-12-05 too, and the late events)
+                  {"session_event_pairs": 7, "same_time_pairs": 3},
+                  {"late_events": {"train_after_t_valid": 4}}, {"rows_malformed": 3}):
         folder = tmp_path / str(len(fingerprints))
         folder.mkdir()
         (folder / "stats.json").write_text(json.dumps(dict(stats, **extra)))
         fingerprints.append(compare.data_fingerprint(str(folder)))
-    assert fingerprints[0] == fingerprints[1] == fingerprints[2] != fingerprints[3]
+    assert fingerprints[0] == fingerprints[1] == fingerprints[2] == fingerprints[3] \
+        != fingerprints[4]
     # the keys the pipeline writes
     from pipeline import sessions
     assert {sessions.PAIRS, sessions.SAME_TIME_PAIRS} <= set(compare.NOT_DATA_STATS)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import outputs, parse, schema, sessions, sources, transforms
+from pipeline import outputs, parse, schema, sessions, sources, split, transforms
 from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -645,6 +645,40 @@ def test_times_that_leave_the_order_to_the_input_and_a_cap_that_cuts_get_notes(t
     assert stats[sessions.PAIRS] == 30 * 7 and stats[sessions.SAME_TIME_PAIRS] == 0
     err = capsys.readouterr().err
     assert "at the same time" not in err and "were the older ones" not in err, err
+
+
+def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_path, capsys):
+    """A session goes whole to the split it starts in (DESIGN §6): one that never pauses
+    for --session-gap (a crawler's) carries events of the valid and test periods into
+    training, which stats.json counts and a note says (audit: nothing did)."""
+    T0, day = 1_600_000_000, 86_400
+    rows = [f"u{u},i{(u + k + d) % 30},{T0 + d * day + u * 600 + 60 * k}"
+            for u in range(40) for d in range(10) for k in range(3)]
+    # from day 1 to past day 9, an event every 20 minutes: one session
+    rows += [f"bot,i{k % 30},{T0 + day + 1200 * k}" for k in range(9 * 72)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "out"))
+    cut = stats["cutoffs"]
+    bot = [T0 + day + 1200 * k for k in range(9 * 72)]
+    late = stats["late_events"]
+    assert late == {"train_after_t_valid": sum(t >= cut["t_valid"] for t in bot),
+                    "train_after_t_test": sum(t >= cut["t_test"] for t in bot),
+                    "valid_after_t_test": 0}
+    assert late["train_after_t_test"] > 0
+    err = capsys.readouterr().err
+    assert (f"note: {late['train_after_t_valid']:,} events of train sessions are at or after "
+            f"the valid cut-off ({late['train_after_t_test']:,} at or after the test cut-off): "
+            "a session belongs whole to the split it starts in") in err, err
+    # the same users without the bot: sessions of minutes, no note
+    log.write_text("user,item,time\n" + "\n".join(rows[:1200]) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "plain"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert "events of train sessions" not in capsys.readouterr().err
+    assert schema.read_stats(str(tmp_path / "plain"))["late_events"] == dict.fromkeys(
+        split.LATE_EVENTS, 0)
 
 
 def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):

@@ -487,6 +487,16 @@ def test_time_cutoffs_edge_cases():
     assert [split.time_split_of(s, no_valid) for s in (7, 8, 9)] == ["train", "test", "test"]
 
 
+def test_late_events_count_a_sessions_events_past_later_cutoffs():
+    cut = {"t_valid": 107, "t_test": 108}
+    assert split.late_events([100, 106, 107, 107, 108, 120], "train", cut) == {
+        "train_after_t_valid": 4, "train_after_t_test": 2}
+    assert split.late_events([107, 107, 109], "valid", cut) == {"valid_after_t_test": 1}
+    assert split.late_events([100, 106], "train", cut) == {}
+    assert split.late_events([108, 200], "test", cut) == {}
+    assert split.late_events([100, 300], "train", {"t_valid": None, "t_test": None}) == {}
+
+
 def test_user_split_is_deterministic_and_proportional():
     names = [split.user_split_of(f"u{k}", 0.2, 0.1, seed=3) for k in range(4000)]
     assert names == [split.user_split_of(f"u{k}", 0.2, 0.1, seed=3) for k in range(4000)]
