@@ -615,6 +615,21 @@ def _parse_pairs(values: Sequence[str], what: str, join: bool = False) -> dict[s
 # the same run, a --patience stops a model before the budget)
 COMPARE_SETS = ("--model", "--seed", "--eval-every", "--patience", "--max-minutes",
                 "--data", "--model-dir", "--config")
+# ... and `model.evaluate` options, in --eval-args: each would evaluate one model on another
+# split, other users or with another filter than the rest, in the same table
+COMPARE_SETS_EVAL = ("--data", "--split", "--model", "--model-dir", "--checkpoint", "--output",
+                     "--per-user-output", "--max-users", "--sample-users", "--rule-out-current",
+                     "--rule-out-seen")
+
+
+def _taken(options: Sequence[str], sets: Sequence[str]) -> str | None:
+    """The first of `options` (argv words) that names one of `sets`, in full or as the
+    abbreviation argparse would take for it (`--spl` for `--split`), else None."""
+    for option in options:
+        key = option.split("=", 1)[0]
+        if key.startswith("--") and len(key) > 2 and any(s.startswith(key) for s in sets):
+            return key
+    return None
 
 
 def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
@@ -691,12 +706,19 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         args.eval_args = {k: v.split() for k, v in
                           _parse_pairs(args.eval_args, "--eval-args", join=True).items()}
         for key, options in args.train_args.items():
-            taken = [o for o in options if o.split("=", 1)[0] in COMPARE_SETS]
+            taken = _taken(options, COMPARE_SETS)
             if taken:
                 raise CompareError(
-                    f"--train-args {key}: {taken[0].split('=', 1)[0]} is set by model.compare "
+                    f"--train-args {key}: {taken} is set by model.compare "
                     "for every run alike (--seeds, --eval-every, --budget-minutes, --config "
                     "MODEL=FILE; every model trains the whole budget)")
+        for key, options in args.eval_args.items():
+            taken = _taken(options, COMPARE_SETS_EVAL)
+            if taken:
+                raise CompareError(
+                    f"--eval-args {key}: {taken} is set by model.compare for every model alike "
+                    "(--split, --rule-out-current, --rule-out-seen; every model is evaluated on "
+                    "the same split and users)")
         trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
         fitted = [n for n in names if n.split(":", 1)[0] in FITTED]
         bases = {n.split(":", 1)[0] for n in trained}

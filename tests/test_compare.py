@@ -138,9 +138,16 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
             (["--train-args", "hiertcn=--dropout 0.3 --seed 7"],
              "--train-args hiertcn: --seed is set by model.compare for every run alike"),
             (["--train-args", "hiertcn=--patience=2"], "--patience is set by model.compare"),
+            (["--train-args", "hiertcn=--pat 2"], "--pat is set by model.compare"),
+            # another split or other users for one model, in one table (audit: the table
+            # compared popularity's valid figures with the others' test ones)
+            (["--eval-args", "popularity=--split=valid"],
+             "--eval-args popularity: --split is set by model.compare for every model alike"),
+            (["--eval-args", "popularity=--sample-users 5"], "--sample-users is set"),
+            (["--eval-args", "popularity=--spl valid"], "--spl is set by model.compare"),
             (["--config", "hiertcn=a.json", "--config", "hiertcn=b.json"],
              "--config names 'hiertcn' twice ('a.json' and 'b.json'): give one")):
-        assert compare.main(["--data", data, "--models", "hiertcn", "--output",
+        assert compare.main(["--data", data, "--models", "hiertcn,popularity", "--output",
                              str(tmp_path / "never"), *option]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
