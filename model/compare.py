@@ -286,7 +286,7 @@ class Status:
     _VALID = re.compile(r"^step (\d+): valid recall@20 (\S+) mrr@20 (\S+)")
 
     def __init__(self, stream=None):
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.label, self.position, self.valid, self.shown = "", "", "", False
 
@@ -755,11 +755,12 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         for i, name in enumerate(names, 1):
             t0 = time.time()
             args.label = f"[{i}/{len(names)}] {name}"
-            print(f"{args.label} ...", flush=True)
+            print(f"{args.label} ...", file=sys.stderr, flush=True)
             results["models"][name] = run_model(name, args, log_path)
             m = results["models"][name]
             print(f"[{i}/{len(names)}] {name}: recall@20 {m['recall@20']:.4f}  "
-                  f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", flush=True)
+                  f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
         results["relative_gain"] = relative_gain(
             results, per_user={n: model_per_user(n, args) for n in names})
         # the earlier results go first and results.json comes last, so a run that fails

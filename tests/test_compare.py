@@ -420,7 +420,10 @@ def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_pa
             "--budget-steps", "6", "--eval-every", "3", "--seeds", "2",
             "--config", f"hiertcn={config}"]
     assert compare.main(argv) == 0
-    said = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    # the progress goes to stderr; stdout is the table alone (`> table.md` holds it)
+    assert printed.out == (out / "results.md").read_text() + "\n"
+    said = printed.err.splitlines()
     # not a terminal: each valid evaluation of a training run, one line each
     evaluations = [line.split(" recall@20 ")[0] for line in said if ": valid recall@20 " in line]
     assert evaluations == [f"[1/2] hiertcn seed {seed}/2 training: step {step}: valid"
