@@ -1023,11 +1023,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
+                valid_split = schema.read_stats(data_dir).get("splits", {}).get("valid", {})
                 why = (f"no known valid targets in {data_dir}" if metrics["events"] else
+                       f"the valid split of {data_dir} has no users (the pipeline's "
+                       "--valid-fraction 0?)" if valid_split.get("users") == 0 else
                        f"no valid position to score in {data_dir} (every valid session holds "
                        "one item: positions from a session's second item on are scored; the "
                        "pipeline's --min-session-length 1 keeps such sessions)")
-                print(f"{why}: no model selection, the last weights are used", file=sys.stderr)
+                print(f"{after_bar}{why}: no model selection, the last weights are used",
+                      file=sys.stderr)
                 told_no_targets = True
         elif is_better(metrics, best):
             path = best_manager.save(checkpoint_number=step)
@@ -1222,8 +1226,9 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
                 f"misses for every model: recall@20 can reach {1 - unknown / events:.4f} at "
                 "most; " + ("see the pipeline's --min-item-count)" if count > 1 else
                             "items that train never holds, --min-item-count is 1)"))
-    print(f"{lead}step {step}: valid recall@20 {metrics['recall@20']:.4f} "
-          f"mrr@20 {metrics['mrr@20']:.4f}{note}", file=sys.stderr)
+    if events:  # (nothing scored: the caller says why, once)
+        print(f"{lead}step {step}: valid recall@20 {metrics['recall@20']:.4f} "
+              f"mrr@20 {metrics['mrr@20']:.4f}{note}", file=sys.stderr)
     return {k: metrics[k] for k in ("recall@20", "mrr@20", "events", "unknown_targets")}
 
 

@@ -11,6 +11,7 @@ from model import config as config_lib
 from model import evaluate as evaluate_lib
 from model import registry
 from model import train as train_lib
+from pipeline import schema
 from tiny_logs import planted_users, write_data
 
 TINY = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16},
@@ -286,3 +287,19 @@ def test_a_valid_split_of_one_item_sessions_is_said_as_such(config_file, tmp_pat
     assert "no known valid targets" not in out.err
     assert registry.read_best(run) is None
     assert json.loads(out.out.strip().splitlines()[-1])["valid"]["events"] == 0
+    assert "valid recall@20" not in out.err  # (no figures of nothing scored)
+
+
+def test_a_pipeline_output_without_a_valid_split_is_said_as_such(config_file, tmp_path, capsys):
+    """--valid-fraction 0: no users to select on, said once (it was blamed on one-item
+    sessions), and no `valid recall@20 0.0000` line at each evaluation (audit)."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(20))
+    assert schema.read_stats(data)["splits"]["valid"]["users"] == 0
+    run = str(tmp_path / "run")
+    assert _train(data, run, config_file, "--steps", "6", "--eval-every", "3") == 0
+    out = capsys.readouterr()
+    assert out.err.count(f"the valid split of {data} has no users (the pipeline's "
+                         "--valid-fraction 0?): no model selection, the last weights are "
+                         "used") == 1, out.err
+    assert "valid recall@20" not in out.err and "no valid position" not in out.err
+    assert registry.read_best(run) is None
