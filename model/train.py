@@ -721,7 +721,14 @@ class RunLock:
         """
         import fcntl
 
-        os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except FileNotFoundError:  # a link to nothing on the way, a file system that refuses
+            parent = os.path.dirname(os.path.abspath(self.run_dir))
+            while not os.path.lexists(parent):
+                parent = os.path.dirname(parent)
+            why = (f": {parent} is a link to nothing" if not os.path.exists(parent) else "")
+            raise registry.RunError(f"cannot create the run folder {self.run_dir}{why}") from None
         fd = os.open(self.run_dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

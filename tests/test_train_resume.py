@@ -625,6 +625,17 @@ def test_a_run_folder_another_process_trains_is_refused(data, config_file, tmp_p
     assert train_lib.main(_args(data, str(run), config_file, "--steps", "3", *EXACT)) == 0
 
 
+def test_a_run_folder_under_a_link_to_nothing_is_refused_in_one_line(data, config_file,
+                                                                     tmp_path, capsys):
+    """--model-dir LINK/run with LINK pointing nowhere: makedirs's FileNotFoundError was a
+    traceback (audit); LINK itself was already said."""
+    (tmp_path / "link").symlink_to(tmp_path / "gone" / "x")
+    run = tmp_path / "link" / "run"
+    assert train_lib.main(_args(data, str(run), config_file, "--steps", "2", *EXACT)) == 2
+    assert capsys.readouterr().err == (f"error: cannot create the run folder {run}: "
+                                       f"{tmp_path / 'link'} is a link to nothing\n")
+
+
 def test_a_best_checkpoint_without_its_training_is_discarded(data, config_file, tmp_path, capsys):
     """A run whose first training checkpoint never completed (a full disk at its save) or
     whose checkpoints were deleted keeps a best/ of training that is gone: the rerun starts
