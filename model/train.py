@@ -63,7 +63,7 @@ from pipeline import argtypes, schema, storage
 
 EVALUATION_DUE = "evaluation_due_at"  # key of a checkpoint's position: see `save`
 # key of a checkpoint's position: the run's training up to it, over every process that
-# trained it ({"seconds", "step_seconds", "events"}: see `save`)
+# trained it ({"seconds", "step_seconds", "events", "timed_events"}: see `save`)
 TRAINED = "trained"
 SUMMARY_FILE = registry.SUMMARY_FILE
 LOG_EVERY = 10
@@ -934,11 +934,15 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         # line redrawn with \r and \b (Keras redraws on any POSIX system)
         bar._dynamic_display, bar.interval = False, LOG_FILE_SECONDS
     dataset = batching.make_dataset(batcher, tc.prefetch)
-    events, step_seconds, last_loss, valid = 0, 0.0, float("nan"), None
+    # every step's events; those of the steps timed in step_seconds (not a process's
+    # first, which traces), the rate's
+    events, timed_events, step_seconds, last_loss, valid = 0, 0, 0.0, float("nan"), None
     wall_start, stop_reason, eval_seconds = time.perf_counter(), "epochs", 0.0
     # what the processes before this one trained, up to the checkpoint resumed from: a
     # run's time limit and its reported time and rate are the whole run's
     before = {"seconds": 0.0, "step_seconds": 0.0, "events": 0, **position.get(TRAINED, {})}
+    # (a checkpoint of an older version counted the timed steps' events alone)
+    before.setdefault("timed_events", before["events"])
     # (and the loss of its last step: the summary's of a run resumed with no step left)
     if before.get("loss") is not None:
         last_loss = float(before["loss"])
@@ -947,6 +951,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         return {"seconds": before["seconds"] + time.perf_counter() - wall_start - eval_seconds,
                 "step_seconds": before["step_seconds"] + step_seconds,
                 "events": before["events"] + events,
+                "timed_events": before["timed_events"] + timed_events,
                 "loss": last_loss if math.isfinite(last_loss) else None}
     # The batch index of this process's first step: the batcher's next batch, since only
     # the dataset draws from it. Each step consumes one batch, in order.
@@ -1069,15 +1074,16 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 record_config()
                 last_loss = float(loss.numpy())
                 step = int(state.step.numpy())
+                events += int(n.numpy())
                 if step > start_step + 1:  # the first step of a process includes tracing
                     step_seconds += time.perf_counter() - t0
-                    events += int(n.numpy())
+                    timed_events += int(n.numpy())
                 if not math.isfinite(last_loss):
                     kept = (f"the last good checkpoint in {manager.directory} is kept"
                             if manager.latest_checkpoint else "no checkpoint was written yet")
                     raise TrainingError(f"loss is {last_loss} at step {step}: stopped; {kept} "
                                         "(try a lower --learning-rate)")
-                rate = events / max(step_seconds, 1e-9)
+                rate = timed_events / max(step_seconds, 1e-9)
                 if (step - start_step == 1 and not bar._dynamic_display
                         and total_steps - start_step > 1):
                     # a log file: its first line waits for the second step, since Keras
@@ -1188,7 +1194,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         "eval_seconds_this_run": round(eval_seconds, 3),
         "step_seconds": round(whole["step_seconds"], 3),
         "events": whole["events"],
-        "events_per_s": round(whole["events"] / max(whole["step_seconds"], 1e-9), 1),
+        "events_per_s": round(whole["timed_events"] / max(whole["step_seconds"], 1e-9), 1),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON
         "valid": valid, "best": best}
