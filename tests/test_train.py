@@ -136,6 +136,19 @@ def test_progress_in_a_log_file_starts_after_the_traced_first_step(data, config_
         == ["1/1 [="], err
 
 
+def test_more_negatives_than_items_are_said_in_the_start_line(data, config_file, tmp_path,
+                                                              capsys):
+    """The sampler draws at most the other items with a train count: --num-negatives above
+    that was cut back with only the drawn number in the start line (audit)."""
+    assert train_lib.main(_args(data, str(tmp_path / "run"), config_file, "--steps", "1",
+                                "--eval-every", "0", "--loss", "sampled",
+                                "--num-negatives", "5000")) == 0
+    start = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("training ")]
+    assert re.search(r"sampled softmax, \d+ negatives of 20 items; --num-negatives 5,000 is "
+                     r"more than there are to draw", start[0]), start
+
+
 def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
     # A process that died after logging steps it had not checkpointed: the resumed
     # process logs them again (another event file), and its values are the ones read.
