@@ -24,6 +24,7 @@ kept per split (`test.json`, `valid.json`).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -696,6 +697,7 @@ def results_files(output: str, split: str) -> list[str]:
 
 
 def _main(args: argparse.Namespace, command: bool = False) -> int:
+    lock = None
     try:
         names = parse_model_names(args.models)
         if not schema.is_folder(args.data):
@@ -744,6 +746,7 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
             raise CompareError(wrong)
         _preflight(names, args)
         os.makedirs(args.output, exist_ok=True)
+        lock = _lock_output(args.output)
         log_path = os.path.join(args.output, "compare.log")
         results = {"data": args.data, "split": args.split,
                    "rule_out_current": args.rule_out_current,
@@ -791,7 +794,36 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         print("interrupted: the finished runs are kept and an unfinished one has its last "
               "checkpoint; the same command resumes", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            os.close(lock)
     return 0
+
+
+def _lock_output(output: str) -> int | None:
+    """Locks --output for this command (an flock on the folder, released when the process
+    ends): a second compare into it would evaluate and train beside the first. Returns the
+    descriptor (None where the file system has no flock).
+
+    Raises:
+      CompareError: another process holds it.
+    """
+    import fcntl
+
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CompareError(f"--output {output} is being written by another model.compare: "
+                           "wait for it to end, or pass another --output") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
+    return fd
 
 
 if __name__ == "__main__":
