@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline import __main__ as cli
-from pipeline import outputs, parse, schema, sessions, sources, split, transforms
+from pipeline import outputs, parse, schema, sessions, sources, transforms
 from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -677,8 +677,10 @@ def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_p
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "plain"),
                      "--min-item-count", "1", *IN_MEMORY]) == 0
     assert "events of train sessions" not in capsys.readouterr().err
+    from pipeline.split import LATE_EVENTS
+
     assert schema.read_stats(str(tmp_path / "plain"))["late_events"] == dict.fromkeys(
-        split.LATE_EVENTS, 0)
+        LATE_EVENTS, 0)
 
 
 def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):
