@@ -1257,17 +1257,22 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      "order first)")
     late = stats.get("late_events", {})
     in_valid, in_test = late.get("train_after_t_valid", 0), late.get("train_after_t_test", 0)
-    if (in_valid > LATE_NOTE_SHARE * splits["valid"]["events"]
+    cutoffs = stats.get("cutoffs", {})
+    # (no valid split: its cut-off is the test one, and the events past it are in_test's)
+    has_valid = splits["valid"]["events"] and cutoffs.get("t_valid") != cutoffs.get("t_test")
+    if ((has_valid and in_valid > LATE_NOTE_SHARE * splits["valid"]["events"])
             or in_test > LATE_NOTE_SHARE * splits["test"]["events"]):
         how = ("--session-col's ids that come back later make one session of them: without "
                "--session-col, --session-gap splits them" if options.get("session_col") else
                "sessions that run on for hours or days (a user never idle for --session-gap: "
                "a crawler?): --exclude leaves a user out, a shorter --session-gap cuts them")
-        lines.append(f"note: {in_valid:,} events of train sessions are at or after the valid "
-                     f"cut-off ({in_test:,} at or after the test cut-off): a session belongs "
-                     "whole to the split it starts in, so these later events are trained on "
-                     "and counted in the vocabulary beside the valid and test events of their "
-                     f"time (stats.json's late_events); {how}")
+        where = (f"{in_valid:,} event{'s' * (in_valid != 1)} of train sessions are at or "
+                 f"after the valid cut-off ({in_test:,} at or after the test cut-off)"
+                 if has_valid else f"{in_test:,} event{'s' * (in_test != 1)} of train "
+                 "sessions are at or after the test cut-off")
+        lines.append(f"note: {where}: a session belongs whole to the split it starts in, so "
+                     "these later events are trained on beside the valid and test events of "
+                     f"their time (stats.json's late_events); {how}")
     capped = dropped.get(sessions.CAPPED, 0)
     if capped:
         cap = options.get("max_events_per_user", 100_000)

@@ -30,6 +30,7 @@ class UserRecords(NamedTuple):
       filtered: rows_filtered counts by reason.
       unknown: split → target events that are items outside the vocabulary (valid, test).
       longest: split → the most events of one target session written.
+      times: split → the unix seconds of each target session's events written.
     """
 
     records: dict[str, bytes]
@@ -38,6 +39,7 @@ class UserRecords(NamedTuple):
     filtered: collections.Counter
     unknown: dict[str, int] = {}
     longest: dict[str, int] = {}
+    times: dict[str, list[list[int]]] = {}
 
 
 def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[str],
@@ -87,4 +89,5 @@ def build_user_records(user: str, sessions: Sequence[Session], splits: Sequence[
             n_events[split] = sum(len(s[0]) for s in own)
             longest[split] = max(len(s[0]) for s in own)
         context += len(own)
-    return UserRecords(records, n_sessions, n_events, +filtered, dict(+unknown), longest)
+    times = {split: [s[1] for s in own] for split, own in targets.items() if own}
+    return UserRecords(records, n_sessions, n_events, +filtered, dict(+unknown), longest, times)

@@ -249,14 +249,15 @@ class _BuildRecords(beam.DoFn):
         if self._unreported >= USERS_PER_REPORT:
             report_progress("users", self._unreported)
             self._unreported = 0
-        names = _splits_of(self._config, user, user_sessions, cutoffs)
         out = records.build_user_records(
-            user, [sessions.Session(*s) for s in user_sessions], names, index,
+            user, [sessions.Session(*s) for s in user_sessions],
+            _splits_of(self._config, user, user_sessions, cutoffs), index,
             self._config.min_session_length)
-        if self._config.split == "time":
-            for s, name in zip(user_sessions, names):
-                for key, n in split.late_events(s[1], name, cutoffs).items():
-                    self._counts[LATE_PREFIX + key] += n
+        if self._config.split == "time":  # (of the events written: trained on, scored)
+            for name, session_times in out.times.items():
+                for times in session_times:
+                    for key, n in split.late_events(times, name, cutoffs).items():
+                        self._counts[LATE_PREFIX + key] += n
         for name, record in out.records.items():
             yield pvalue.TaggedOutput(name, record)
             self._counts[f"splits/{name}/users"] += 1

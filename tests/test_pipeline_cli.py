@@ -671,7 +671,25 @@ def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_p
     err = capsys.readouterr().err
     assert (f"note: {late['train_after_t_valid']:,} events of train sessions are at or after "
             f"the valid cut-off ({late['train_after_t_test']:,} at or after the test cut-off): "
-            "a session belongs whole to the split it starts in") in err, err
+            "a session belongs whole to the split it starts in, so these later events are "
+            "trained on") in err, err
+    # without a valid split (its cut-off is the test one): the test cut-off alone
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "no_valid"),
+                     "--min-item-count", "1", "--valid-fraction", "0", *IN_MEMORY]) == 0
+    late = schema.read_stats(str(tmp_path / "no_valid"))["late_events"]
+    assert late["train_after_t_test"] > 0
+    assert (f"note: {late['train_after_t_test']:,} events of train sessions are at or after "
+            "the test cut-off: a session belongs whole") in capsys.readouterr().err
+    # a bot of items seen once, outside the vocabulary of --min-item-count 2: nothing of
+    # it is trained on, nothing counted (review: the raw session's times were)
+    once = rows[:1200] + [f"bot,b{k},{T0 + day + 1200 * k}" for k in range(9 * 72)]
+    log.write_text("user,item,time\n" + "\n".join(once) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "unknown"),
+                     "--min-item-count", "2", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "unknown"))
+    assert stats["rows_filtered"]["unknown_item_in_train"] >= 9 * 72
+    assert stats["late_events"]["train_after_t_valid"] == 0
+    assert "events of train sessions" not in capsys.readouterr().err
     # the same users without the bot: sessions of minutes, no note
     log.write_text("user,item,time\n" + "\n".join(rows[:1200]) + "\n")
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "plain"),
