@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Sequence
 
 from pipeline import argtypes, storage
@@ -33,10 +34,31 @@ def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None
                         help="the name in the server's certificate, when not the target's host")
 
 
-def connection_error(args: argparse.Namespace) -> str | None:
-    """What is wrong with `add_connection_args`' options, or None."""
+def connection_error(args: argparse.Namespace, server: bool = True) -> str | None:
+    """What is wrong with `add_connection_args`' options, or None (`server`: the command
+    calls the server, so --target is checked too)."""
     if (args.tls_ca or args.tls_server_name) and not args.tls:
         return "--tls-ca and --tls-server-name need --tls"
+    return target_error(args.target) if server else None
+
+
+def target_error(target: str) -> str | None:
+    """What is wrong with a --target that gRPC would not read as meant, or None: empty
+    (gRPC logs lines of its own), a URL (it fails to resolve), a port outside 1-65535 (gRPC
+    reads it modulo 65536: 74036 reaches a server on 8500)."""
+    if not target.strip():
+        return "--target must be HOST:PORT of the server, got ''"
+    scheme = target.split("://", 1)[0].lower() if "://" in target else None
+    if scheme in ("http", "https", "grpc", "grpcs"):
+        return (f"--target {target} is a URL: pass HOST:PORT of the gRPC port "
+                "(e.g. localhost:8500; --tls for TLS)")
+    if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
+        return None  # (socket paths; address lists, whose ports gRPC checks itself)
+    host, colon, port = target.rsplit("/", 1)[-1].rpartition(":")  # (dns:///HOST:PORT)
+    if not colon or (":" in host and not (host.startswith("[") and host.endswith("]"))):
+        return None  # no port, or a bare IPv6 address (gRPC's default port)
+    if re.fullmatch(r"-?\d+", port) and not 1 <= int(port) <= 65535:
+        return f"--target {target}: the port must be from 1 to 65535"
     return None
 
 

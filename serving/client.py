@@ -24,7 +24,6 @@ import errno
 import json
 import logging
 import os
-import re
 import sys
 from typing import Any, Sequence
 
@@ -552,22 +551,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         parser.error(f"{args.command} needs --model-name")
     if args.command == "end-session" and not _items(args):
         parser.error("end-session needs --items a,b,c")
-    wrong = cli.connection_error(args)
+    wrong = cli.connection_error(args, server=args.command != "forget")
     if wrong:
         parser.error(wrong)
-    if args.command != "forget":
-        # (gRPC writes lines of its own to stderr for an empty target; a URL fails to resolve)
-        if not args.target.strip():
-            parser.error("--target must be HOST:PORT of the server, got ''")
-        scheme = args.target.split("://", 1)[0].lower() if "://" in args.target else None
-        if scheme in ("http", "https", "grpc", "grpcs"):
-            parser.error(f"--target {args.target} is a URL: pass HOST:PORT of the gRPC port "
-                         "(e.g. localhost:8500; --tls for TLS)")
-        port = args.target.rsplit(":", 1)[-1]
-        if (":" in args.target and not args.target.startswith("unix")
-                and re.fullmatch(r"-?\d+", port) and not 1 <= int(port) <= 65535):
-            # (gRPC reads the port modulo 65536: 74036 would reach a server on 8500)
-            parser.error(f"--target {args.target}: the port must be from 1 to 65535")
     if args.command != "status":
         if not args.user.strip():
             parser.error("--user must not be empty")

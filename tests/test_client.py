@@ -446,6 +446,36 @@ def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, mes
         HierTCNClient(served["server"].target, NAME, session_width=0)
 
 
+@pytest.mark.parametrize("target, message", [
+    ("127.0.0.1:74036", "--target 127.0.0.1:74036: the port must be from 1 to 65535"),
+    ("localhost:-1", "the port must be from 1 to 65535"),
+    ("[::1]:0", "the port must be from 1 to 65535"),
+    ("dns:///localhost:70000", "the port must be from 1 to 65535"),
+    ("", "--target must be HOST:PORT of the server, got ''"),
+    ("https://h:8500", "is a URL"),
+    # gRPC's own forms: a bare IPv6 address (its default port), socket paths, lists
+    ("2001:db8::0", None), ("::1", None), ("[::1]:8500", None), ("unix:/tmp/s:0", None),
+    ("unixbox:8500", None), ("ipv4:127.0.0.1:1,127.0.0.1:2", None), ("localhost", None),
+    ("dns:///localhost:8500", None)])
+def test_targets_that_grpc_would_misread_are_refused(target, message):
+    from serving import cli as serving_cli
+
+    error = serving_cli.target_error(target)
+    assert (error is None) if message is None else (message in error), error
+
+
+def test_backfill_checks_its_target_as_the_client_does(tmp_path, capsys):
+    """(review: the port check was the client's alone; backfill reached port 8500 too)"""
+    from serving import backfill
+
+    with pytest.raises(SystemExit) as exit_:
+        backfill.main(["--data", str(tmp_path), "--target", "127.0.0.1:74036", "--model-name",
+                       NAME, "--state-db", str(tmp_path / "db.sqlite")])
+    assert exit_.value.code == 2
+    assert "--target 127.0.0.1:74036: the port must be from 1 to 65535" in capsys.readouterr().err
+    assert not (tmp_path / "db.sqlite").exists()
+
+
 def _self_signed(folder, name):
     """A PEM certificate for DNS name `name` and its key (what a TLS deployment holds)."""
     import datetime
