@@ -63,6 +63,29 @@ def _locked_copy(fd: int) -> int | None:
         return None
 
 
+def lock_folder(folder: str) -> int | None:
+    """An exclusive flock on `folder` itself for this process (the system releases it
+    however the process ends; nothing is written into the folder): the descriptor to close
+    to release it, or None where there is no lock to take (Windows; a file system whose
+    flock refuses a folder opened read-only, as NFS's emulation does, or takes no locks).
+
+    Raises:
+      BlockingIOError: another process holds it.
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # ENOLCK, EBADF (NFS: an exclusive lock wants a file open for writing)
+        os.close(fd)
+        return None
+    return fd
+
+
 def remove_abandoned_temporaries(folder: str) -> list[str]:
     """Removes the `.tmp-*` files in `folder` that no live writer holds (a writer killed
     mid-write left them); returns their names. A file written in the last

@@ -24,7 +24,6 @@ kept per split (`test.json`, `valid.json`).
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model import config as config_lib, processes
+from model import atomic, config as config_lib, processes
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import code_digest, read_per_user
@@ -801,29 +800,17 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
 
 
 def _lock_output(output: str) -> int | None:
-    """Locks --output for this command (an flock on the folder, released when the process
-    ends): a second compare into it would evaluate and train beside the first. Returns the
-    descriptor (None where the file system has no flock).
+    """Locks --output for this command (`atomic.lock_folder`): a second compare into it
+    would evaluate and train beside the first. Returns the descriptor to close, or None.
 
     Raises:
       CompareError: another process holds it.
     """
-    import fcntl
-
-    fd = os.open(output, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return atomic.lock_folder(output)
     except BlockingIOError:
-        os.close(fd)
         raise CompareError(f"--output {output} is being written by another model.compare: "
                            "wait for it to end, or pass another --output") from None
-    except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
-            os.close(fd)
-            raise
-        os.close(fd)
-        return None
-    return fd
 
 
 if __name__ == "__main__":

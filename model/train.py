@@ -51,6 +51,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from model import atomic
 from model import batching
 from model import cli
 from model import config as config_lib
@@ -719,8 +720,6 @@ class RunLock:
         Raises:
           RunError: another process holds it.
         """
-        import fcntl
-
         try:
             os.makedirs(self.run_dir, exist_ok=True)
         except FileNotFoundError:  # a link to nothing on the way, a file system that refuses
@@ -729,14 +728,11 @@ class RunLock:
                 parent = os.path.dirname(parent)
             why = (f": {parent} is a link to nothing" if not os.path.exists(parent) else "")
             raise registry.RunError(f"cannot create the run folder {self.run_dir}{why}") from None
-        fd = os.open(self.run_dir, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fd = atomic.lock_folder(self.run_dir)
         except BlockingIOError:
-            os.close(fd)
             raise registry.RunError(f"{self.run_dir} is being trained by another process: wait "
                                     "for it to end, or pass another --model-dir") from None
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -126,3 +126,34 @@ def test_a_file_system_without_locks_still_takes_writes(tmp_path, monkeypatch):
     atomic.write_json(str(tmp_path / "a.json"), {"a": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
     assert sorted(os.listdir(tmp_path)) == [left.name, "a.json"]
+
+
+def test_a_folder_lock_is_one_process_s_and_none_where_flock_refuses_it(tmp_path, monkeypatch):
+    """`lock_folder` (model.train's run folder, model.compare's --output): a second holder
+    is refused while the first lives; NFS's emulated flock refuses a folder opened
+    read-only (EBADF), where the commands go on unlocked (review: compare's traceback)."""
+    import errno
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(BlockingIOError):
+            atomic.lock_folder(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = atomic.lock_folder(str(tmp_path))
+    assert isinstance(fd, int)
+    os.close(fd)
+
+    def nfs(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", nfs)
+    assert atomic.lock_folder(str(tmp_path)) is None
