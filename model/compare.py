@@ -306,7 +306,10 @@ class Status:
             return
         if self.tty:
             text = ", ".join(t for t in (f"{self.label} {self.position}".strip(), self.valid) if t)
-            width = shutil.get_terminal_size().columns - 1
+            try:  # (the stream's terminal: stdout may go to a file)
+                width = os.get_terminal_size(self.stream.fileno()).columns - 1
+            except (OSError, ValueError, AttributeError):
+                width = shutil.get_terminal_size().columns - 1
             self.stream.write("\r" + text[:width] + "\x1b[K")
             self.stream.flush()
             self.shown = True
@@ -717,9 +720,9 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
             taken = _taken(options, COMPARE_SETS_EVAL)
             if taken:
                 raise CompareError(
-                    f"--eval-args {key}: {taken} is set by model.compare for every model alike "
-                    "(--split, --rule-out-current, --rule-out-seen; every model is evaluated on "
-                    "the same split and users)")
+                    f"--eval-args {key}: {taken} would evaluate one model otherwise than the "
+                    "rest: model.compare evaluates every model alike (--split, "
+                    "--rule-out-current, --rule-out-seen; the same split and users)")
         trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
         fitted = [n for n in names if n.split(":", 1)[0] in FITTED]
         bases = {n.split(":", 1)[0] for n in trained}

@@ -1229,9 +1229,10 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
     """Evaluates on valid and prints `step N: valid recall@20 R mrr@20 M` (after `lead`),
     saying so when most targets are items outside the vocabulary (misses by the protocol)."""
     metrics = evaluate_valid(model, data_dir, user_ids, scorer, users)
-    for key in ("recall@20", "mrr@20"):
-        _scalar(f"valid/{key}", metrics[key], step=step)
     events, unknown = metrics["events"], metrics["unknown_targets"]
+    for key in ("recall@20", "mrr@20"):
+        if events:  # (no curve of zeros where nothing was scored)
+            _scalar(f"valid/{key}", metrics[key], step=step)
     note = ""
     if events and unknown > schema.UNKNOWN_NOTE_SHARE * events:
         count = schema.read_stats(data_dir).get("options", {}).get("min_item_count", 5)

@@ -688,7 +688,7 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     Unix seconds pass 1e11 only in the year 5138, so a median of the first rows' times
     above that is a unit mistake, not data.
     """
-    times, bad_times, negative = [], [], False
+    times, bad_times, negative = [], [], []
     for line in lines:
         try:
             text = line.decode("utf-8")
@@ -703,10 +703,10 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
                     parse.parse_time_ms(value, fmt.time_unit, check_range=False)
                 except ValueError as error:
                     bad_times.append(value)
-                    negative |= str(error).startswith("negative time")
+                    negative.append(str(error).startswith("negative time"))
     if bad_times and not times:  # every row with a time would be malformed: say why now
         other = "; for another layout pass --time-format, e.g. '%m/%d/%Y %H:%M:%S'"
-        if negative:
+        if all(negative):  # (the example said is one of them)
             hint = "; times before 1970-01-01 (negative unix times) are not read"
         elif parse.is_time_format(fmt.time_unit):
             hint = ("; its directives are Python's strptime's (%Y year, %m month, %d day, %H "

@@ -142,9 +142,9 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
             # another split or other users for one model, in one table (audit: the table
             # compared popularity's valid figures with the others' test ones)
             (["--eval-args", "popularity=--split=valid"],
-             "--eval-args popularity: --split is set by model.compare for every model alike"),
-            (["--eval-args", "popularity=--sample-users 5"], "--sample-users is set"),
-            (["--eval-args", "popularity=--spl valid"], "--spl is set by model.compare"),
+             "--eval-args popularity: --split would evaluate one model otherwise than the rest"),
+            (["--eval-args", "popularity=--sample-users 5"], "--sample-users would evaluate"),
+            (["--eval-args", "popularity=--spl valid"], "--spl would evaluate one model"),
             (["--config", "hiertcn=a.json", "--config", "hiertcn=b.json"],
              "--config names 'hiertcn' twice ('a.json' and 'b.json'): give one")):
         assert compare.main(["--data", data, "--models", "hiertcn,popularity", "--output",

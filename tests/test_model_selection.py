@@ -303,3 +303,5 @@ def test_a_pipeline_output_without_a_valid_split_is_said_as_such(config_file, tm
                          "used") == 1, out.err
     assert "valid recall@20" not in out.err and "no valid position" not in out.err
     assert registry.read_best(run) is None
+    steps, _ = train_lib.read_scalars(run, "valid/recall@20")
+    assert len(steps) == 0  # (nor a curve of zeros)

@@ -1193,7 +1193,9 @@ def test_a_time_unit_mistake_stops_the_run_with_one_line(tmp_path, capsys, times
      "parses as --time-unit s (5 like '-34559827.085'); times before 1970-01-01 "
      "(negative unix times) are not read"),
     (["1969-12-31T23:59:00Z"] * 5, ["--time-unit", "iso"],
-     "(negative unix times) are not read")])
+     "(negative unix times) are not read"),
+    (["soon", -5, -6, -7, -8], [],  # (the example said is not negative: no such hint)
+     "parses as --time-unit s (5 like 'soon')\n")])
 def test_times_that_cannot_be_right_stop_the_run_with_one_line(tmp_path, capsys, times,
                                                                 options, message):
     """Every row would be malformed (a date format that is not ISO 8601, text times read as
