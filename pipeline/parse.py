@@ -555,7 +555,7 @@ class ParsedBlock(NamedTuple):
 
 
 def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
-                skip_first: bool = False) -> ParsedBlock:
+                skip_first: bool = False, file_start: bool = False) -> ParsedBlock:
     """Parses consecutive raw lines and groups the valid events by user.
 
     Args:
@@ -563,6 +563,7 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
       fmt: the file's row format.
       first_order: input-order key of `lines[0]`; line k gets `first_order + k`.
       skip_first: the first line is the file's header.
+      file_start: the first line is the file's first (a byte-order mark there is not data).
 
     Returns:
       A `ParsedBlock`; blank lines are not rows and are skipped (a line of separators,
@@ -598,7 +599,9 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
             kinds[NOT_UTF8] += 1
             continue
         line = line.rstrip("\r")
-        if line.startswith("\ufeff"):  # a byte-order mark (a file's first line)
+        if line.startswith("\ufeff") and ((k == 0 and file_start) or not separator):
+            # a byte-order mark: a file's first line, or a JSON line's (files joined with
+            # cat); a later csv/tsv line's first field holds U+FEFF as data
             line = line[1:]
         if not line.strip() and not (separator and separator in line):
             continue  # (a TSV line of tabs is a row of empty fields: malformed, counted)

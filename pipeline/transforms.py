@@ -135,7 +135,8 @@ class _ParseRanges(beam.DoFn):
         for index, lines, newlines in blocks:
             yield pvalue.TaggedOutput(NEWLINES, ((r.rank, index), newlines))
             block = parse.parse_block(lines, fmt, sources.first_order(r.rank, index),
-                                      skip_first=self._config.header and index == 0)
+                                      skip_first=self._config.header and index == 0,
+                                      file_start=index == 0)
             yield from self._emit(r, index, block)
         report_progress("read", r.end - r.start)
 

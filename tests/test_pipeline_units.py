@@ -68,9 +68,16 @@ def test_rows_no_parser_could_take_become_malformed_rows():
              "u1,e,12", "u1,[UNK],13", 'u1,"[PAD]",14', "u1,f\rg,15", 'u1,"h\ri",16']
     fmt = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time", "props"))
     block = parse.parse_block([(l + ",p" if k != 1 else l).encode()
-                               for k, l in enumerate(lines)], fmt, first_order=0)
+                               for k, l in enumerate(lines)], fmt, first_order=0,
+                              file_start=True)
     # the byte-order mark of a file without a header is not part of the first user id
     assert block.by_user == {"u1": (["a", "b", "e"], [10_000, 11_000, 12_000], [0, 1, 4])}
+    # ... but U+FEFF at the start of a later line is: a user of its own (audit: merged)
+    later = parse.parse_block(["u1,a,10,p".encode(), "\ufeffu1,b,11,p".encode()], fmt,
+                              first_order=0, file_start=True)
+    assert sorted(later.by_user) == ["u1", "\ufeffu1"]
+    block_after = parse.parse_block(["\ufeffu1,b,11,p".encode()], fmt, first_order=0)
+    assert list(block_after.by_user) == ["\ufeffu1"]  # (a later block of the file)
     assert [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
         (2, "time '1600500000000' is past 10^11 unix seconds, the year 5138"),
         (3, "time '1e19' is past 10^11 unix seconds, the year 5138"),
