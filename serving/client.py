@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from typing import Any, Sequence
 
 if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
@@ -456,6 +457,16 @@ def _known_items(client: HierTCNClient) -> state_store.KnownFn | None:
     return lambda ids: client.known_ids(ids)
 
 
+def _shown(item: str) -> str:
+    """An id for the plain-text output: as it is, or as a Python literal where it holds a
+    tab, a line break or another control or format character (which would break the
+    columns or act on the terminal: ESC sequences, right-to-left overrides); --json has it
+    as it is."""
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in item):
+        return repr(item)
+    return item
+
+
 def _items(args: argparse.Namespace) -> list[str]:
     """--items a,b,c, or --items-json '["a,b", "c"]' for ids with commas in them."""
     if getattr(args, "items_json", None) is not None:
@@ -555,7 +566,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     if wrong:
         parser.error(wrong)
     if args.command != "status":
-        if not args.user.strip():
+        # the pipeline strips ids' ends (spaces, tabs, no-break spaces): ' u1 ' of a log is
+        # the user u1 that serving.backfill stores, so the same user here
+        args.user = args.user.strip()
+        if not args.user:
             parser.error("--user must not be empty")
         for name, text in (("user", args.user), ("items", ",".join(_items(args)))):
             try:
@@ -632,7 +646,7 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     # the item the user is on is never their next one (the pipeline collapses immediate
     # repeats): HierTCN's export already gives it probability 0, a baseline's may rank it
     # first (a new user's only seen item); left out either way
-    left_out = items[-1] if items and not args.keep_last else None
+    left_out = items[-1].strip() if items and not args.keep_last else None  # (as looked up)
     k = min(args.k + (left_out is not None), 2**31 - 1)  # (an int32 input)
     ids, scores = client.next_items(resolved.state[None], [items], k, [resolved.history])
     ranked = [{"item": i, "score": float(s)} for i, s in zip(ids[0], scores[0])
@@ -645,7 +659,7 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     result["cut_at_commas"] = cut
     lines += _unknown_note(client, items, unknown, cut)
-    lines += [f"{r + 1:3d}. {e['item']}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
+    lines += [f"{r + 1:3d}. {_shown(e['item'])}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
 
 
@@ -666,9 +680,10 @@ def _unknown_note(client: HierTCNClient, items: Sequence[str],
     shown = ", ".join(repr(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
     return [f"note: {len(unknown)} of the session's {len(set(items))} distinct items are not "
             f"in version {client.pinned_version}'s catalogue ({shown}): each is read as the "
-            "unknown item; ids are matched exactly (case and form as in the training log)"
+            "unknown item; ids are matched as the pipeline read them: exactly but for "
+            "spaces at their ends (case and form as in the training log)"
             + (f"; --items cut {cut!r}, an id of the catalogue, at its commas: pass the "
-               "session as --items-json '[\"a, b\", \"c\"]'" if cut else "")]
+               f"session as --items-json '[..., {json.dumps(cut)}, ...]'" if cut else "")]
 
 
 def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace,
@@ -703,8 +718,8 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     if cut:  # (a state folded from the pieces would stay in the store)
         raise ValueError(f"--items cut {cut!r}, an id of version {version}'s catalogue, at "
-                         "its commas: pass the session as --items-json '[\"a, b\", \"c\"]'; "
-                         "nothing was stored")
+                         f"its commas: pass the session as --items-json "
+                         f"'[..., {json.dumps(cut)}, ...]'; nothing was stored")
     resolved, record = state_store.end_session(
         store, args.user, version, client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,
