@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import csv
 import glob
 import json
 import logging
@@ -231,12 +232,23 @@ def _fraction(text: str) -> float:
 
 def _filter(text: str) -> tuple[str, tuple[str, ...]]:
     """`COLUMN=VALUE[,VALUE...]` -> (column, values), both stripped (values as the rows'
-    are compared: `parse.whole_number_text`)."""
+    are compared: `parse.whole_number_text`); the values are a CSV row, so a value with a
+    comma is quoted: `user="Crosby, Stills & Nash",bot7`."""
     column, sep, values = text.partition("=")
-    kept = tuple(parse.whole_number_text(v.strip()) for v in values.split(","))
+    try:
+        fields = next(csv.reader([values]), None) or [""]  # ("": no value, refused)
+    except csv.Error:
+        fields = [""]
+    kept = tuple(parse.whole_number_text(v.strip()) for v in fields)
     if not sep or not column.strip() or not all(kept):
         raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE[,VALUE...], got {text!r}")
     return column.strip(), kept
+
+
+def _filter_value(value: str) -> str:
+    """`value` as `--filter`/`--exclude` read it back (`_filter`): quoted where it holds a
+    comma or a quote."""
+    return f'"{value.replace(chr(34), 2 * chr(34))}"' if "," in value or '"' in value else value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1296,8 +1308,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         heaviest = stats["max_user_events"][name]
         if log_users >= schema.HEAVY_USER_MIN_USERS and heaviest > schema.HEAVY_USER_SHARE * events:
             who = stats.get("heaviest_user", {}).get(name)
-            leave_out = (f"--exclude {shlex.quote(options.get('user_col', 'user') + '=' + who)}"
-                         if who is not None and "," not in who else "--exclude COLUMN=ID")
+            leave_out = ("--exclude COLUMN=ID" if who is None else "--exclude " + shlex.quote(
+                options.get("user_col", "user") + "=" + _filter_value(who)))
             effect = ("training learns mostly from that user's events"
                       if name == "train" else
                       "the metrics average over events, so that user decides them")

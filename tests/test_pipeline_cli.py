@@ -724,6 +724,27 @@ def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):
             "user out") in err, err
 
 
+def test_a_crawler_whose_id_has_a_comma_is_named_as_exclude_reads_it(tmp_path, capsys):
+    """--filter/--exclude values are a CSV row: an id with a comma is quoted, which the
+    note's option does (audit: 'u,comma' could not be excluded, and the try left out the
+    users u and comma instead)."""
+    day = 86_400
+    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
+            for k in range(3)]
+    rows += [f"u,i{k % 9},{60 * k}" for k in range(3)] + [f"comma,i{k % 9},{60 * k}"
+                                                            for k in range(3)]
+    rows += [f'"crawl,er",i{k % 9},{600 * k}' for k in range(1200)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert "a crawler? --exclude 'user=\"crawl,er\"' leaves a user out" in err, err
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "without"),
+                     "--exclude", 'user="crawl,er"', *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "without"))
+    assert stats["rows_filtered"]["filter"] == 1200  # that user, not u and comma
+
+
 def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, capsys):
     """The note looks at the log's size, not the split's: a crawler active after everyone
     else is the only user of valid and test (100% of their events), in a log of 41 users."""
