@@ -1318,7 +1318,10 @@ def _already_stopping(signum, frame):
           file=sys.stderr)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal closed (an ssh session dropped) stops a run as Ctrl-C does, with a
+# checkpoint, unless the run was started to outlive it (nohup: ignored, and left so)
+_HANGUP = getattr(signal, "SIGHUP", None)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((_HANGUP,) if _HANGUP else ())
 # The stop signal `_interrupt` took since `main` began (None: none). Its KeyboardInterrupt
 # can be lost: raised while Python runs a finalizer (a `__del__`), it is printed and
 # dropped, and the run went on to its last step with every later stop signal only noted
@@ -1352,8 +1355,11 @@ def main(argv: Sequence[str] | None = None, restore_signals: bool = True) -> int
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
         if restore_signals:
-            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+            handlers = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
         signal.signal(signal.SIGTERM, _interrupt)  # a preempted job saves, as on Ctrl-C
+        if _HANGUP and signal.getsignal(_HANGUP) in (signal.SIG_DFL, _interrupt,
+                                                     _already_stopping):
+            signal.signal(_HANGUP, _interrupt)  # (not where nohup ignores it)
         # Ctrl-C too, except where it is ignored (a background job); a second `main` in
         # one process (a notebook) takes it back from an earlier stop's `_already_stopping`
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt,

@@ -339,6 +339,45 @@ def test_sigterm_to_a_training_process_checkpoints_exits_130_and_the_same_comman
     assert registry.training_note(run) is None
 
 
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_closed_terminal_stops_with_a_checkpoint_unless_nohup(data, config_file, tmp_path,
+                                                                nohup):
+    """SIGHUP (an ssh session dropped) killed the run with every step since the last
+    checkpoint lost (audit): it stops as Ctrl-C does, with a checkpoint and status 130;
+    under nohup (SIGHUP ignored) it trains on."""
+    run = str(tmp_path / "run")
+    steps = "40" if nohup else "100000"
+    cmd = [sys.executable, "-m", "model.train",
+           *_args(data, run, config_file, "--steps", steps, "--eval-every", "0",
+                  "--checkpoint-every", "100000")]
+    hangup = signal.SIG_IGN if nohup else signal.SIG_DFL
+    err_path = tmp_path / "err.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, hangup))
+    try:
+        deadline = time.monotonic() + 240
+        # (the config is recorded once a step is trained)
+        while not os.path.exists(os.path.join(run, "config.json")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(err_path.read_text()[-3000:])
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    summary = json.loads(out.strip().splitlines()[-1])
+    if nohup:
+        assert proc.returncode == 0 and summary["steps"] == 40, err_path.read_text()[-3000:]
+        return
+    assert proc.returncode == 130, err_path.read_text()[-3000:]
+    assert summary["stopped_by"] == "interrupted" and summary["steps"] > 0
+    latest = tf.train.latest_checkpoint(os.path.join(run, "checkpoints"))
+    assert latest.endswith(f"ckpt-{summary['steps']}")
+
+
 def test_a_stop_with_the_outputs_reader_gone_still_checkpoints(data, config_file, tmp_path):
     """`model.train ... 2>&1 | tee log` stopped by Ctrl-C (or a scheduler's SIGTERM to the
     job): tee dies with it, and the stop path's first line meets a closed pipe. It used to
