@@ -1465,4 +1465,5 @@ def _main(argv=None, command: bool = False) -> int:
 
 
 if __name__ == "__main__":
+    argtypes.survive_closed_output()  # (`| head -1`: a finished run's status stays 0)
     argtypes.exit_with(main(command=True))

@@ -153,6 +153,62 @@ def output_gone(error: OSError) -> bool:
     return isinstance(error, BrokenPipeError) or error.errno in (errno.EPIPE, errno.EIO)
 
 
+class _SurvivesClosedOutput:
+    """A text stream (sys.stdout, sys.stderr) whose writes outlive the reader: when the
+    pipe or terminal behind it is gone (`cmd | tee log` stopped by the same Ctrl-C, a
+    parent that died), the first failed write points the file descriptor at /dev/null and
+    the output is dropped from then on, so that the stop path goes on to save, not end in
+    a BrokenPipeError before the checkpoint."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _closed(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            if not output_gone(e):
+                raise
+            self._closed()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if not output_gone(e):
+                raise
+            self._closed()
+            try:  # what the buffer held goes to /dev/null now
+                self._stream.flush()
+            except OSError:
+                pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def survive_closed_output() -> None:
+    """Wraps sys.stdout and sys.stderr in `_SurvivesClosedOutput` (once): a command whose
+    stop path must save its work (model.train, model.compare), or whose work is done when
+    it says so (pipeline, serving.client: `| head -1`), keeps going, and keeps its status,
+    when the reader of its output is gone."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _SurvivesClosedOutput):
+            setattr(sys, name, _SurvivesClosedOutput(stream))
+
+
 def finish(status: int) -> None:
     """Ends the process with `status`, the interpreter's teardown skipped: the exit
     handlers run (stop signals ignored meanwhile), the output is flushed (one that cannot

@@ -733,4 +733,6 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
 
 
 if __name__ == "__main__":
+    # (`end-session | head -1` whose reader left: the session is stored, the status says so)
+    argtypes.survive_closed_output()
     argtypes.exit_with(main(command=True))

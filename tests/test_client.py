@@ -605,6 +605,28 @@ def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
     assert proc.stderr.startswith("error: UNAVAILABLE") and proc.stderr.count("\n") == 1, proc.stderr
 
 
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_an_end_session_whose_reader_is_gone_is_stored_with_status_0(capsys, served, tmp_path,
+                                                                      unbuffered):
+    """`end-session ... | head -1` whose reader left before the answer: the session is
+    stored, so the status is 0 and no traceback (audit: exit 120 or 1, and a caller's
+    retry stored the session twice)."""
+    db = tmp_path / "states.sqlite"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # (the reader gone before the command writes)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "serving.client",
+                               *cli(served, db, "end-session", "--user", "gone", "--items",
+                                    "item1,item2")],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert run_cli(capsys, served, db, "recommend", "--user", "gone")["state"] == "stored"
+
+
 def test_a_stop_signal_stores_a_session_whole_or_not_at_all(capsys, served, tmp_path,
                                                             monkeypatch):
     """SIGTERM (or Ctrl-C) during recommend is one line and exit 130; during end-session

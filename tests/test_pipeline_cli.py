@@ -701,6 +701,25 @@ def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_p
         LATE_EVENTS, 0)
 
 
+def test_a_finished_run_whose_reader_is_gone_keeps_status_0(tmp_path):
+    """`python -m pipeline ... | head -1`: the output is whole, so the status is 0 and no
+    traceback (audit: a BrokenPipeError at the summary, exit 1, a good run read as failed)."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"u{k % 7},i{k % 5},{1_600_000_000 + 60 * k}\n"
+                                                for k in range(200)))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
+                               str(tmp_path / "out"), "--min-item-count", "1", *IN_MEMORY],
+                              cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert schema.read_stats(str(tmp_path / "out"))["rows_written"] > 0
+
+
 def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):
     """A bot clicking all along the log holds most of the train events (not of valid or
     test, where the users' own last sessions are): training would learn from it."""
