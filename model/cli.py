@@ -19,7 +19,8 @@ TRAIN_DESCRIPTION = ("Trains a model on a pipeline data folder: `python -m model
 def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m model.train`'s options; exits with a usage error (status 2) or the help."""
     p = argtypes.Parser(prog="python -m model.train", description=TRAIN_DESCRIPTION)
-    p.add_argument("--data", required=True, help="pipeline output folder")
+    p.add_argument("--data", required=True, type=argtypes.home_path,
+                   help="pipeline output folder")
     p.add_argument("--model",
                    help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default: the "
                         "--config file's model_name, else hiertcn)")

@@ -639,7 +639,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     """Entry point; returns the exit status. `command` (`python -m model.compare`): once
     the results are written, stop signals are ignored."""
     p = argtypes.Parser(prog="python -m model.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="pipeline output folder")
+    p.add_argument("--data", required=True, type=argtypes.home_path,
+                   help="pipeline output folder")
     p.add_argument("--models", default="hiertcn,hrnn,gru4rec,tcn,sknn,popularity",
                    help="comma-separated; a name may carry a label, e.g. hiertcn:deep or "
                         "sknn:noremind, to run one model twice with other --train-args or "

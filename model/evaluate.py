@@ -494,7 +494,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
 
     parser = argtypes.Parser(prog="python -m model.evaluate", description=__doc__.split("\n\n")[0],
                      formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder written by `python -m pipeline`")
+    parser.add_argument("--data", required=True, type=argtypes.home_path,
+                        help="folder written by `python -m pipeline`")
     parser.add_argument("--split", required=True, choices=EVAL_SPLITS,
                         help="valid to choose, test to report (once per model)")
     which = parser.add_mutually_exclusive_group(required=True)

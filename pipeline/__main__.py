@@ -264,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Other --options go to Apache Beam, e.g. --runner DataflowRunner --project P "
                "--region R --temp_location gs://B/tmp; --direct_num_workers N locally.")
     p.add_argument("--input", action="extend", nargs="+", required=True, metavar="GLOB",
+                   type=argtypes.home_path,
                    help="input files (globs or paths, several after one flag or the flag "
                         "repeated; .gz, .bz2 and .xz files are decompressed)")
-    p.add_argument("--output", required=True, metavar="DIR",
+    p.add_argument("--output", required=True, metavar="DIR", type=argtypes.home_path,
                    help="output folder (local, or gs://, s3://... through Beam's file systems)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     p.add_argument("--format", choices=parse.FORMATS, default="csv",

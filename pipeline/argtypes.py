@@ -76,10 +76,20 @@ def local_path(text: str) -> str:
             f"{text} is a remote path: this command writes and reads it on this machine "
             "(remote file systems are for --data and the pipeline's --input and --output); "
             "pass a local path and copy to or from the bucket with its own tool")
-    return text
+    return home_path(text)
 
 
 local_path.__name__ = "local path"
+
+
+def home_path(text: str) -> str:
+    """An argparse `type` for any path: a leading `~` is the home folder, as the shell
+    would have made it (`--output=~/data` reaches the program as it is: it made a folder
+    named `~` here, which the messages wrote as if it were the home folder)."""
+    return os.path.expanduser(text) if text.startswith("~") else text
+
+
+home_path.__name__ = "path"
 
 
 def interrupts_in_one_line(message: str) -> None:

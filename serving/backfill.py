@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "a pipeline output for the served version, so that "
                                          "returning users are served from their past at once.",
                              formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--data", required=True, type=argtypes.home_path,
                         help="the pipeline output the served version was trained on")
     cli.add_connection_args(parser, timeout=60.0)
     parser.add_argument("--model-name", required=True, help="the served model's name")

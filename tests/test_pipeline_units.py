@@ -1130,3 +1130,25 @@ def test_a_malformed_rows_kind_leaves_out_its_own_value(row, fmt, reason, kind):
         block = parse.parse_block([row.encode()] * 2, fmt, 0)
     assert block.malformed_kinds == {kind: 2}
     assert [r for _, r, _ in block.malformed] == [reason] * 2
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_option(monkeypatch, tmp_path):
+    """`--output=~/data` reaches the program unexpanded (no shell word starts with ~): it
+    made a folder named `~` in the current one, which the messages wrote as the home
+    folder (ops audit). Every path option expands it; a tilde inside a name is kept."""
+    from model import cli as model_cli
+    from model import compare
+    from pipeline import __main__ as pipeline_cli
+    from pipeline import argtypes
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    assert argtypes.home_path("~/d") == f"{home}/d" and argtypes.home_path("a~b") == "a~b"
+    assert argtypes.local_path("~/run") == f"{home}/run"
+    args, _ = pipeline_cli.build_parser().parse_known_args(["--input=~/a.csv", "--output=~/d"])
+    assert (args.input, args.output) == ([f"{home}/a.csv"], f"{home}/d")
+    args = model_cli.train_args(["--data=~/d", "--model-dir=~/r"])
+    assert (args.data, args.model_dir) == (f"{home}/d", f"{home}/r")
+    assert compare.main(["--data=~/nothing", "--models", "popularity",
+                         "--output=~/cmp"]) == 2  # (said of the expanded path)
+    assert not os.path.exists("~")
