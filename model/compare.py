@@ -710,20 +710,18 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
                            _parse_pairs(args.train_args, "--train-args", join=True).items()}
         args.eval_args = {k: v.split() for k, v in
                           _parse_pairs(args.eval_args, "--eval-args", join=True).items()}
-        for key, options in args.train_args.items():
-            taken = _taken(options, COMPARE_SETS)
-            if taken:
-                raise CompareError(
-                    f"--train-args {key}: {taken} is set by model.compare "
-                    "for every run alike (--seeds, --eval-every, --budget-minutes, --config "
-                    "MODEL=FILE; every model trains the whole budget)")
-        for key, options in args.eval_args.items():
-            taken = _taken(options, COMPARE_SETS_EVAL)
-            if taken:
-                raise CompareError(
-                    f"--eval-args {key}: {taken} would evaluate one model otherwise than the "
-                    "rest: model.compare evaluates every model alike (--split, "
-                    "--rule-out-current, --rule-out-seen; the same split and users)")
+        for what, given, sets, why in (
+                ("--train-args", args.train_args, COMPARE_SETS,
+                 "is set by model.compare for every run alike (--seeds, --eval-every, "
+                 "--budget-minutes, --config MODEL=FILE; every model trains the whole budget)"),
+                ("--eval-args", args.eval_args, COMPARE_SETS_EVAL,
+                 "would evaluate one model otherwise than the rest: model.compare evaluates "
+                 "every model alike (--split, --rule-out-current, --rule-out-seen; the same "
+                 "split and users)")):
+            for key, options in given.items():
+                taken = _taken(options, sets)
+                if taken:
+                    raise CompareError(f"{what} {key}: {taken} {why}")
         trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
         fitted = [n for n in names if n.split(":", 1)[0] in FITTED]
         bases = {n.split(":", 1)[0] for n in trained}

@@ -319,15 +319,13 @@ def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
     assert compare.main(["--data", empty, "--models", "popularity", "--output", str(out)]) == 2
     assert "the test split of" in capsys.readouterr().err
     assert snapshot() == before
-    # another compare writing into the folder (its flock, held by another process): refused
-    # before anything runs (audit: it evaluated the baselines beside the first)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(out)!r}, os.O_RDONLY)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+    # another compare writing into the folder (its flock, on a descriptor of its own as
+    # another process's is): refused before anything runs (audit: it evaluated the
+    # baselines beside the first)
+    from model import atomic
+
+    held = atomic.lock_folder(str(out))
     try:
-        assert holder.stdout.readline() == "held\n"
         os.remove(out / "runs" / "popularity" / "test.json")  # (popularity would run again)
         before = snapshot()
         assert compare.main(["--data", data, "--models", "popularity", "--output",
@@ -337,8 +335,7 @@ def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
             "to end, or pass another --output\n")
         assert snapshot() == before
     finally:
-        holder.kill()
-        holder.wait()
+        os.close(held)
     assert compare.main(["--data", data, "--models", "popularity", "--output", str(out)]) == 0
 
 
