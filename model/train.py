@@ -1074,10 +1074,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 record_config()
                 last_loss = float(loss.numpy())
                 step = int(state.step.numpy())
-                events += int(n.numpy())
+                step_events = int(n.numpy())
+                events += step_events
                 if step > start_step + 1:  # the first step of a process includes tracing
                     step_seconds += time.perf_counter() - t0
-                    timed_events += int(n.numpy())
+                    timed_events += step_events
                 if not math.isfinite(last_loss):
                     kept = (f"the last good checkpoint in {manager.directory} is kept"
                             if manager.latest_checkpoint else "no checkpoint was written yet")
@@ -1230,8 +1231,8 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
     saying so when most targets are items outside the vocabulary (misses by the protocol)."""
     metrics = evaluate_valid(model, data_dir, user_ids, scorer, users)
     events, unknown = metrics["events"], metrics["unknown_targets"]
-    for key in ("recall@20", "mrr@20"):
-        if events:  # (no curve of zeros where nothing was scored)
+    if events:  # (no curve of zeros where nothing was scored)
+        for key in ("recall@20", "mrr@20"):
             _scalar(f"valid/{key}", metrics[key], step=step)
     note = ""
     if events and unknown > schema.UNKNOWN_NOTE_SHARE * events:

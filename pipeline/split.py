@@ -62,14 +62,14 @@ def time_split_of(start: int, cutoffs: dict) -> str:
 # stats keys of the events of a split's sessions at or after a later split's cut-off
 # (sessions go whole to the split of their start: DESIGN §6)
 LATE_EVENTS = ("train_after_t_valid", "train_after_t_test", "valid_after_t_test")
+_LATE = tuple((key, *key.split("_after_")) for key in LATE_EVENTS)  # (key, split, cut-off)
 
 
 def late_events(times: list[int], name: str, cutoffs: dict) -> dict[str, int]:
     """The events of a session of split `name` (`times`, unix seconds, ascending) at or
     after the cut-offs of the splits after it, under `LATE_EVENTS` keys (only those > 0)."""
     late = {}
-    for key in LATE_EVENTS:
-        split_name, cutoff = key.split("_after_")
+    for key, split_name, cutoff in _LATE:
         at = cutoffs.get(cutoff)
         if split_name == name and at is not None:
             n = len(times) - bisect.bisect_left(times, at)

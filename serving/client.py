@@ -682,8 +682,13 @@ def _unknown_note(client: HierTCNClient, items: Sequence[str],
             f"in version {client.pinned_version}'s catalogue ({shown}): each is read as the "
             "unknown item; ids are matched as the pipeline read them: exactly but for "
             "spaces at their ends (case and form as in the training log)"
-            + (f"; --items cut {cut!r}, an id of the catalogue, at its commas: pass the "
-               f"session as --items-json '[..., {json.dumps(cut)}, ...]'" if cut else "")]
+            + (f"; --items cut {cut!r}, an id of the catalogue, at its commas: "
+               f"{_cut_hint(cut)}" if cut else "")]
+
+
+def _cut_hint(cut: str) -> str:
+    """How to pass a session holding `cut`, an id with commas that --items cut."""
+    return f"pass the session as --items-json '[..., {json.dumps(cut)}, ...]'"
 
 
 def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace,
@@ -718,8 +723,7 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     if cut:  # (a state folded from the pieces would stay in the store)
         raise ValueError(f"--items cut {cut!r}, an id of version {version}'s catalogue, at "
-                         f"its commas: pass the session as --items-json "
-                         f"'[..., {json.dumps(cut)}, ...]'; nothing was stored")
+                         f"its commas: {_cut_hint(cut)}; nothing was stored")
     resolved, record = state_store.end_session(
         store, args.user, version, client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,
