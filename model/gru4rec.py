@@ -14,7 +14,9 @@ has nothing to go on there, and DESIGN §6 has such models scored by popularity:
 evaluator (`KerasScorer`) ranks first items by the train counts (`first_item_scores`,
 the `popularity` baseline's scores), so `first_item` metrics are popularity's, and the
 export's `next_items` returns the same scores for an empty session. The start vector's
-output (a learned constant) still starts the GRU.
+output (a learned constant) still starts the GRU, but a session's first item is no target
+in training (`SequenceModel.train_loss`), as in Hidasi et al., whose session-parallel
+batches never predict it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import tensorflow as tf
 
 from model import layers
 from model.config import ConfigBase, _check, check_loss
-from model.sequence_model import SequenceModel
+from model.sequence_model import SequenceModel, continuing_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +127,10 @@ class SessionRNN(SequenceModel):
     def session_step(self, state: tf.Tensor, final: tf.Tensor) -> tf.Tensor:
         """The user state after a session whose last hidden state is `final` [B, D]."""
         raise NotImplementedError
+
+    def continues_session(self, batch, cache):
+        """See `SequenceModel.continues_session`: for slot 0, the cache's open session."""
+        return continuing_slots(batch["reset"], batch["session_end"], cache[3])
 
     def update_state(self, state, session_items):
         state = tf.convert_to_tensor(state, tf.float32)

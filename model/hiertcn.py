@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from model import batching, layers
 from model.config import ConfigError, HierTCNConfig
-from model.sequence_model import SequenceModel
+from model.sequence_model import SequenceModel, continuing_slots, session_starts
 from pipeline import schema
 
 
@@ -442,7 +442,7 @@ class HierTCN(SequenceModel):
             in_slot = tf.gather(tf.gather(flat_items, where[:, 0]), tf.maximum(before, 0),
                                 batch_dims=1)
             continued = tf.gather(history[:, -1] * tf.cast(
-                self._continues_session(batch, cache), tf.int64), where[:, 0])
+                self.continues_session(batch, cache), tf.int64), where[:, 0])
             on = tf.where(before >= 0, in_slot, continued)
             on = tf.where((on >= schema.NUM_RESERVED) & (on != targets), on, 0)
             # its logit: without the seen bias from its output row; with it, a seen item's,
@@ -476,15 +476,10 @@ class HierTCN(SequenceModel):
         log_on = log_prob(on, on_logit, None if seen is None else tf.ones_like(on_logit))
         return nll + tf.where(on > 0, _log1m_exp(log_on), 0.0)
 
-    def _continues_session(self, batch, cache) -> tf.Tensor:
-        """bool [B * S]: the slots that continue a session begun in an earlier slot (a
-        later chunk of a session longer than L), from the batch's flags and, for slot 0,
-        the cache's running count (`_carried_count`)."""
-        reset, end = batch["reset"], batch["session_end"]
-        carried = cache[2] > 0
-        continues = ~_session_starts(reset, end) & tf.concat(
-            [carried[:, None], tf.ones_like(reset[:, 1:])], axis=1)
-        return tf.reshape(continues, [-1])
+    def continues_session(self, batch, cache) -> tf.Tensor:
+        """See `SequenceModel.continues_session`: for slot 0, the cache's running count
+        (`_carried_count`)."""
+        return continuing_slots(batch["reset"], batch["session_end"], cache[2] > 0)
 
     def _slot_history_columns(self, batch):
         """(each slot's history int64 [B * S, N] as `batching.slot_histories` gives it, the
@@ -628,7 +623,7 @@ class HierTCN(SequenceModel):
           rows' context after the batch: all 0 where the last slot ended its session).
         """
         per_slot, after = batching.slot_histories(
-            context, items, _session_starts(batch["reset"], batch["session_end"]), after=True)
+            context, items, session_starts(batch["reset"], batch["session_end"]), after=True)
         return per_slot, tf.where(batch["session_end"][:, -1:], tf.zeros_like(after), after)
 
     def _chunk_inputs(self, items, batch, context):
@@ -691,9 +686,9 @@ class HierTCN(SequenceModel):
         """The cache with its running count (`cache[2]`, the items of each row's session
         under way) carried through the batch, for a model without the high level or the
         session summary, which keep it with their sums (`_states_from_sums`):
-        `_continues_session` reads it to tell a later chunk in slot 0."""
+        `continues_session` reads it to tell a later chunk in slot 0."""
         counts = tf.reduce_sum(tf.cast(items > 0, tf.float32), axis=2)       # [B, S]
-        starts = _session_starts(batch["reset"], batch["session_end"])
+        starts = session_starts(batch["reset"], batch["session_end"])
         session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
         last = tf.equal(session, session[:, -1:])                            # the last's session
         count = (tf.reduce_sum(tf.where(last, counts, 0.0), axis=1)
@@ -713,7 +708,7 @@ class HierTCN(SequenceModel):
         """
         state, acc, cnt = cache[:3]
         num = reset.shape[1]
-        starts = _session_starts(reset, end)                                 # [B, S]
+        starts = session_starts(reset, end)                                 # [B, S]
         session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
         same = tf.equal(session[:, :, None], session[:, None, :])            # [B, S, S]
         causal = tf.range(num)[None, :] <= tf.range(num)[:, None]            # t <= s
@@ -762,7 +757,7 @@ class HierTCN(SequenceModel):
         # slot 0 starts one).
         memory = cache[0][:, self.gru_size:]
         pending, under_way = cache[3][:, :1], cache[3][:, 1] > 0.5
-        starts = _session_starts(reset, end)
+        starts = session_starts(reset, end)
         new_at = tf.concat([starts[:, :1] | ~under_way[:, None], starts[:, 1:]], axis=1)
         ids = tf.cumsum(tf.cast(new_at, tf.int32), axis=1)
         known = tf.cast(new_at & (first_items > 0), tf.float32)                # [B, S]
@@ -937,12 +932,6 @@ def _with_context(context: tf.Tensor, items: tf.Tensor):
              - lengths[:, None])
     return (tf.where(index < width, tf.gather(both, tf.minimum(index, width - 1), batch_dims=1),
                      tf.zeros_like(both)), lengths)
-
-
-def _session_starts(reset: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
-    """bool [B, S]: the slots that start a session within the batch (at a user boundary
-    or after a slot that ended one); slot 0 only at a reset (the cache knows the rest)."""
-    return reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])
 
 
 def _take_rows(x: tf.Tensor, src: tf.Tensor, dst: tf.Tensor) -> tf.Tensor:

@@ -75,6 +75,12 @@ class SequenceModel(tf.keras.Model):
         then its first items are scored by popularity when evaluated)."""
         return False
 
+    def continues_session(self, batch: dict, cache: tuple) -> tf.Tensor:
+        """bool [B * S]: the batch's slots that continue a session begun in an earlier slot
+        (a later chunk of a session longer than L), from the batch's flags and the cache
+        before it (`train_cache`); needed by a `session_only` model."""
+        raise NotImplementedError
+
     # --- the serving / evaluation API -------------------------------------------------
     @property
     def state_size(self) -> int:
@@ -212,8 +218,9 @@ class SequenceModel(tf.keras.Model):
         """Mean loss over the batch's non-padding targets.
 
         Inputs of a slot are [start, a1..a(m-1)], targets [a1..am]: the first item is
-        predicted from the state alone. Targets are gathered before the output layer,
-        so padding costs no output compute.
+        predicted from the state alone (not by a `session_only` model: a session's first
+        item is no target there). Targets are gathered before the output layer, so padding
+        costs no output compute.
 
         Args:
           batch: a generator batch (see the module docstring).
@@ -224,7 +231,8 @@ class SequenceModel(tf.keras.Model):
             has a dynamic shape, so it stays outside XLA).
 
         Returns:
-          (loss scalar, new cache tuple, number of target events int32).
+          (loss scalar, new cache tuple, number of events int32: every non-padding
+          position, the ones a session-only model does not score included).
         """
         items = tf.cast(batch["items"], tf.int64)
         flat_items = tf.reshape(items, [-1, tf.shape(items)[2]])
@@ -235,14 +243,24 @@ class SequenceModel(tf.keras.Model):
             u, new_cache = encode(batch, cache, training)
             user = tf.gather_nd(u, where)
         targets = tf.gather_nd(flat_items, where)
+        n = tf.shape(targets)[0]
+        if self.session_only():
+            # A session's first item is no target of a session-only model: it has nothing to
+            # go on there, and evaluation and serving score it by popularity
+            # (`first_item_scores`), as Hidasi et al.'s session-parallel batches never
+            # predict it. A later chunk's position 0 continues its session: a target.
+            first = (where[:, 1] == 0) & ~tf.gather(self.continues_session(batch, cache),
+                                                    where[:, 0])
+            kept = tf.where(~first)[:, 0]
+            user, targets = tf.gather(user, kept), tf.gather(targets, kept)
         if self.history_size:
             per_event = self.repeat_losses(user, targets, where, flat_items, batch, cache,
                                             training)
         else:
             item_vectors, bias = self.output_weights()
             per_event = self.loss_fn(user, targets, item_vectors, bias, training)
-        n = tf.shape(targets)[0]
-        loss = tf.reduce_sum(per_event) / tf.maximum(tf.cast(n, tf.float32), 1.0)
+        loss = tf.reduce_sum(per_event) / tf.maximum(tf.cast(tf.shape(targets)[0], tf.float32),
+                                                     1.0)
         return loss, new_cache, n
 
     def get_config(self):
@@ -251,3 +269,18 @@ class SequenceModel(tf.keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         return cls(cls.config_class.from_dict(config["config"]), config["vocab_size"])
+
+
+def session_starts(reset: tf.Tensor, end: tf.Tensor) -> tf.Tensor:
+    """bool [B, S]: the slots that start a session within the batch (at a user boundary
+    or after a slot that ended one); slot 0 only at a reset (the cache knows the rest)."""
+    return reset | tf.pad(end[:, :-1], [[0, 0], [1, 0]])
+
+
+def continuing_slots(reset: tf.Tensor, end: tf.Tensor, carried: tf.Tensor) -> tf.Tensor:
+    """bool [B * S]: the slots that continue a session begun in an earlier slot, from the
+    batch's `reset` and `session_end` [B, S] and bool [B] whether each row's session was
+    under way before the batch."""
+    continues = ~session_starts(reset, end) & tf.concat(
+        [carried[:, None], tf.ones_like(reset[:, 1:])], axis=1)
+    return tf.reshape(continues, [-1])

@@ -272,3 +272,44 @@ def test_session_only_hiertcn_scores_first_items_by_popularity(data):
         assert (model.first_item_scores is not None) == session_only, overrides
         first = evaluate.evaluate(KerasScorer(model), data, "test", progress=False)["first_item"]
         assert (first == popular["first_item"]) == session_only, overrides
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "hiertcn"])
+def test_session_only_models_take_no_loss_on_a_sessions_first_item(name):
+    """A session-only model has nothing to go on at a session's first item, which
+    evaluation scores by popularity: not a target in training (GRU4Rec's session-parallel
+    batches never predict it); a later chunk's position 0 continues its session and is."""
+    if name == "hiertcn":
+        from model.hiertcn import HierTCNConfig
+        tf.keras.utils.set_random_seed(0)
+        model = registry.build_model("hiertcn", HierTCNConfig().replace(
+            {"embedding_dim": 8, "gru_units": 4, "channels": 8, "high_level": False,
+             "repeat_head": False, "dropout": 0.0}), V)
+    else:
+        model = _model(name)
+    assert model.session_only()
+    # one-item sessions: no targets at all (their events still count)
+    loss, _, n = model.train_loss(_batch([[[2, 0, 0], [3, 0, 0]]], [[True, False]],
+                                         [[True, True]]), model.train_cache(1), training=False)
+    assert float(loss) == 0.0 and int(n) == 2
+    # [2 3 4 5 6] cut into [2 3 4] and [5 6], the second chunk at the next batch's slot 0,
+    # after an earlier session [7 8] of the row
+    u = model.user_embeddings(model.initial_state(1), tf.constant([[2, 3, 4, 5]], tf.int64))[0]
+    item_vectors, bias = model.output_weights()
+
+    def mean_loss(positions, targets):
+        return float(tf.reduce_mean(model.loss_fn(tf.gather(u, positions), tf.constant(
+            targets, tf.int64), item_vectors, bias, False)))
+
+    cache = model.train_cache(1)
+    first = _batch([[[7, 8, 0], [2, 3, 4]]], [[True, False]], [[True, False]])
+    loss, cache, n = model.train_loss(first, cache, training=False)
+    assert int(n) == 5
+    got = model.user_embeddings(model.initial_state(1), tf.constant([[7]], tf.int64))[0]
+    expected = (float(model.loss_fn(got[1:], tf.constant([8], tf.int64), item_vectors, bias,
+                                    False)[0]) + 2 * mean_loss([1, 2], [3, 4])) / 3
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    loss, _, n = model.train_loss(_batch([[[5, 6, 0]]], [[False]], [[True]]), cache,
+                                  training=False)
+    assert int(n) == 2
+    np.testing.assert_allclose(float(loss), mean_loss([3, 4], [5, 6]), rtol=1e-5)
