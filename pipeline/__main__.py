@@ -675,10 +675,17 @@ def _rows_hint(text: str) -> str:
     return f"; they look like {guess!r}-separated rows: pass {advice}"
 
 
+# The longest line `_python_dict` tries as a Python literal (a row is far shorter; parsing a
+# long one costs memory hundreds of times its length).
+PYTHON_DICT_MAX_CHARS = 65536
+
+
 def _python_dict(text: str) -> bool:
     """Whether a line is a Python dict literal (as some published logs are written)."""
     import ast
 
+    if len(text) > PYTHON_DICT_MAX_CHARS or not text.lstrip().startswith("{"):
+        return False
     try:
         return isinstance(ast.literal_eval(text), dict)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -774,7 +781,7 @@ def _raw_time(line: str, fmt) -> object:
         else:
             fields = parse.row_fields(line.rstrip("\r"), fmt)
             value = fields[fmt.columns.index(fmt.time_col)] if fields is not None else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     if isinstance(value, str) and (not value.strip() or parse.is_missing(value.strip())):
         return None
@@ -1309,8 +1316,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         heaviest = stats["max_user_events"][name]
         if log_users >= schema.HEAVY_USER_MIN_USERS and heaviest > schema.HEAVY_USER_SHARE * events:
             who = stats.get("heaviest_user", {}).get(name)
-            leave_out = ("--exclude COLUMN=ID" if who is None else "--exclude " + shlex.quote(
+            typable = who is not None and argtypes.shown(who) == who
+            leave_out = ("--exclude COLUMN=ID" if not typable else "--exclude " + shlex.quote(
                 options.get("user_col", "user") + "=" + _filter_value(who)))
+            who = None if who is None else argtypes.shown(who)
             effect = ("training learns mostly from that user's events"
                       if name == "train" else
                       "the metrics average over events, so that user decides them")

@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import sys
+import unicodedata
 from typing import Callable
 
 
@@ -475,3 +476,12 @@ def sigterm_as_interrupt():
                 # work is done)
                 if signal.getsignal(signum) is _terminate:
                     signal.signal(signum, handler)
+
+
+def shown(text: str) -> str:
+    """An id (of a log, a request) for plain-text output: as it is, or as a Python literal
+    where it holds a tab, a line break or another control or format character (which would
+    break the line or act on the terminal: ESC sequences, right-to-left overrides)."""
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text):
+        return repr(text)
+    return text

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import sys
-import unicodedata
 from typing import Any, Sequence
 
 if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
@@ -457,16 +456,6 @@ def _known_items(client: HierTCNClient) -> state_store.KnownFn | None:
     return lambda ids: client.known_ids(ids)
 
 
-def _shown(item: str) -> str:
-    """An id for the plain-text output: as it is, or as a Python literal where it holds a
-    tab, a line break or another control or format character (which would break the
-    columns or act on the terminal: ESC sequences, right-to-left overrides); --json has it
-    as it is."""
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in item):
-        return repr(item)
-    return item
-
-
 def _items(args: argparse.Namespace) -> list[str]:
     """--items a,b,c, or --items-json '["a,b", "c"]' for ids with commas in them."""
     if getattr(args, "items_json", None) is not None:
@@ -659,7 +648,7 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     result["cut_at_commas"] = cut
     lines += _unknown_note(client, items, unknown, cut)
-    lines += [f"{r + 1:3d}. {_shown(e['item'])}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
+    lines += [f"{r + 1:3d}. {argtypes.shown(e['item'])}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
 
 

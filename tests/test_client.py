@@ -357,9 +357,10 @@ def test_cli_reads_ids_as_the_pipeline_does(capsys, served, tmp_path):
     padded = run_cli(capsys, served, db, "recommend", "--user", "eve", "--items-json",
                      '["item1", "item3 "]', "-k", "20")
     assert len(padded["items"]) == 11 and "item3" not in [e["item"] for e in padded["items"]]
-    assert client_lib._shown("item3") == "item3"
+    from pipeline import argtypes
+    assert argtypes.shown("item3") == "item3"
     for odd in ("a\tb", "esc\x1b[31m", "rtl\u202e", "line\u2028"):
-        assert client_lib._shown(odd) == repr(odd)
+        assert argtypes.shown(odd) == repr(odd)
 
 
 def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, tmp_path):

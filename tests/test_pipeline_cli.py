@@ -764,6 +764,23 @@ def test_a_crawler_whose_id_has_a_comma_is_named_as_exclude_reads_it(tmp_path, c
     assert stats["rows_filtered"]["filter"] == 1200  # that user, not u and comma
 
 
+def test_a_crawler_whose_id_holds_terminal_controls_is_named_as_a_literal(tmp_path, capsys):
+    """An id with an ESC sequence was written raw to the terminal (security review): the
+    note shows it as a Python literal, and the --exclude it suggests is the generic one (a
+    shell line cannot carry it as typed)."""
+    day = 86_400
+    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
+            for k in range(3)]
+    rows += [f"\x1b[31mbot\x1b]0;t\x07,i{k % 9},{600 * k}" for k in range(1200)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err, err
+    assert ("note: one user ('\\x1b[31mbot\\x1b]0;t\\x07') holds" in err
+            and "a crawler? --exclude COLUMN=ID leaves a user out" in err), err
+
+
 def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, capsys):
     """The note looks at the log's size, not the split's: a crawler active after everyone
     else is the only user of valid and test (100% of their events), in a log of 41 users."""
@@ -2332,3 +2349,28 @@ def test_a_session_id_column_as_the_user_gets_a_note_on_the_gap(tmp_path, capsys
                      "sessionid", *IN_MEMORY]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: column(s) sessionid not in the header") and err.count("\n") == 1, err
+
+
+def test_a_deeply_nested_first_row_is_one_malformed_row_not_a_traceback(tmp_path, capsys):
+    """The start-up checks read the first rows as the run does: a row nested too deeply
+    for Python's JSON reader is malformed there too (it stopped the run with a
+    RecursionError)."""
+    log = tmp_path / "log.jsonl"
+    rows = ['{"user": ' + "[" * 100_000 + "]" * 100_000 + ', "item": "a", "time": 1600000000}']
+    rows += [json.dumps({"user": f"u{k % 3}", "item": f"i{k % 4}", "time": 1_600_000_000 + 60 * k})
+             for k in range(30)]
+    log.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--format", "jsonl",
+                     "--min-item-count", "1", "--min-session-length", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["rows_malformed"] == 1 and stats["rows_read"] == 31
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_only_a_short_line_is_tried_as_a_python_dict():
+    """(A 10 MB first line of a Python list took 4.9 GB in `ast.literal_eval`.)"""
+    short = "{'user': 'u', 'item': 'a', 'time': 1}"
+    assert cli._python_dict(short)
+    assert not cli._python_dict("{'user': 'u', 'pad': '" + "x" * cli.PYTHON_DICT_MAX_CHARS + "'}")
+    assert not cli._python_dict("[" + "1," * 100 + "]")
