@@ -42,6 +42,7 @@ from __future__ import annotations
 import array
 import os
 import sys
+import uuid
 from typing import NamedTuple
 
 import numpy as np
@@ -196,9 +197,11 @@ def write_csv(path: str, rows) -> None:
         rows = list(rows)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    # (a new file of an unguessable name: a planted link in a shared folder is not followed)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), "w",
+                       encoding="utf-8") as f:
             f.write("user,item,time\n")
             for start in range(0, len(rows), WRITE_BLOCK):  # (not one string of the log)
                 f.write("".join(f"{r.user},{r.item},{r.time}\n"

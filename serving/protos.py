@@ -40,8 +40,14 @@ DTYPE_NAMES = {
 
 
 def dtype_name(dtype: int) -> str:
-    """Readable name of a `types_pb2` enum value (`float32`, `string`, ...)."""
-    return DTYPE_NAMES.get(dtype, types_pb2.DataType.Name(dtype))
+    """Readable name of a `types_pb2` enum value (`float32`, `string`, ...; `dtype 999`
+    for a number no type has)."""
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    try:
+        return types_pb2.DataType.Name(dtype)
+    except ValueError:
+        return f"dtype {dtype}"
 
 
 def to_proto(value: Any) -> tensor_pb2.TensorProto:

@@ -218,6 +218,8 @@ class Signature:
 
 
 MAX_SEQUENCE_WIDTH = cli.MAX_SEQUENCE_WIDTH
+# The longest error message a reply carries (it echoes names from the request).
+MAX_ERROR_CHARS = 1024
 MAX_SEQUENCE_ITEMS = cli.MAX_SEQUENCE_ITEMS
 
 
@@ -789,8 +791,10 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
     def _guard(context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except RequestError as e:
-            context.abort(e.code, e.message)
+        except RequestError as e:  # (a request's names echoed whole could exceed the
+            # trailer's size limit: the client would get an unrelated transport error)
+            context.abort(e.code, e.message if len(e.message) <= MAX_ERROR_CHARS
+                          else e.message[:MAX_ERROR_CHARS - 12] + " ... (cut)")
         except Exception as e:  # noqa: BLE001 - a bug answers INTERNAL, the server lives on
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}".split("\n")[0])

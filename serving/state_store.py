@@ -264,6 +264,7 @@ class SQLiteStateStore(StateStore):
         self.history_items = history_items
         self.versions_kept = versions_kept
         self._lock = threading.Lock()
+        _create_private(path)
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
@@ -448,6 +449,18 @@ def _advice(e: sqlite3.DatabaseError) -> str:
         return ("the file is damaged: restore it from a backup or pass another --state-db "
                 "(`sqlite3 FILE .recover` salvages what it can)")
     return "pass another --state-db"
+
+
+def _create_private(path: str) -> None:
+    """Creates a new store file readable and writable by its owner alone (its users' item
+    histories are personal data; SQLite gives its -wal and -shm files the same mode). An
+    existing file, or one this cannot create (SQLite says why), is left as it is."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        pass
 
 
 def _sqlite_header(path: str) -> bool:

@@ -170,7 +170,23 @@ def _empty_ids_request(signature, shape):
     return req
 
 
+def _unknown_dtype_request():
+    """A user_state of a dtype number no type has (it answered INTERNAL, with a traceback
+    in the server's log)."""
+    req = request("next_items", INPUTS["next_items"])
+    req.inputs["user_state"].dtype = 999
+    return req
+
+
 BAD_REQUESTS = {
+    "unknown dtype": (_unknown_dtype_request(), grpc.StatusCode.INVALID_ARGUMENT,
+                      "'user_state' of signature 'next_items' expects float32 but dtype 999 "
+                      "is provided"),
+    # a long name echoed whole went past the trailer's size limit: the client got an
+    # unrelated transport error instead of the server's answer
+    "a signature name of 100k characters": (
+        request("x" * 100_000, INPUTS["next_items"]), grpc.StatusCode.FAILED_PRECONDITION,
+        "xxxxxxxxxx ... (cut)"),
     "unknown model": (request("next_items", INPUTS["next_items"], name="nope"),
                       grpc.StatusCode.NOT_FOUND, "Latest(nope)"),
     "unknown version": (request("next_items", INPUTS["next_items"], version=7),

@@ -556,3 +556,24 @@ def test_a_write_that_fails_below_sqlite_says_so_not_pass_another_file(tmp_path)
     assert proc.stdout.startswith(f"cannot open state database {path}: disk I/O error; a "
                                   "write to it or to its -wal or -shm file failed"), proc.stdout
     assert "pass another --state-db" not in proc.stdout
+
+
+def test_a_new_store_file_is_its_owners_alone_and_an_existing_one_keeps_its_mode(tmp_path):
+    """Its users' item histories are personal data: a new file (and its WAL) was created
+    readable by everyone under the usual umask 022 (security review)."""
+    path = tmp_path / "states.sqlite"
+    old = os.umask(0o022)
+    try:
+        with SQLiteStateStore(str(path)) as s:
+            s.put("u", 1, np.array([1, 2], np.float32), [["a", "b"]])
+            assert os.stat(path).st_mode & 0o777 == 0o600
+            assert os.stat(f"{path}-wal").st_mode & 0o777 == 0o600
+        shared = tmp_path / "shared.sqlite"
+        sqlite3.connect(shared).close()
+        os.chmod(shared, 0o640)
+        with SQLiteStateStore(str(shared)):
+            pass
+        assert os.stat(shared).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+

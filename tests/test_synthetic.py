@@ -110,3 +110,17 @@ def test_out_of_range_options_are_said_not_numpy_errors(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         synthetic.generate(20, seed=0, **options)
     assert len({r.item for r in synthetic.generate(20, seed=0, topics=3, drift=0.0, items=9)}) <= 9
+
+
+def test_write_csv_never_writes_through_a_planted_link(tmp_path):
+    """The hidden file's name was predictable (the pid): a link planted there in a shared
+    folder made write_csv overwrite the link's target (security review)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    os.symlink(victim, tmp_path / f".tmp-{os.getpid()}-log.csv")
+    synthetic.write_csv(str(tmp_path / "log.csv"), synthetic.generate(3, seed=0))
+    assert victim.read_text() == "keep"
+    assert not os.path.islink(tmp_path / "log.csv")
+    assert (tmp_path / "log.csv").read_text().startswith("user,item,time\n")
+    assert sorted(os.listdir(tmp_path)) == sorted(["victim.txt", f".tmp-{os.getpid()}-log.csv",
+                                                   "log.csv"])
