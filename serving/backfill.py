@@ -156,16 +156,32 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
             sessions = [[names[i] for i in session] for session in record.sessions]
             total = len(sessions)
             if over:
-                # the sessions ended since the log: the stored count beyond the log's (the
-                # newest record holds the last few; an older one cut to the history bound)
-                total = max(stored.sessions_total, total)
-                beyond = min(total - len(sessions), len(stored.sessions))
-                sessions += [list(s) for s in stored.sessions[len(stored.sessions) - beyond:]]
+                sessions, total = with_sessions_since(sessions, stored)
             batch.append((record.user_id, sessions, stored, total))
             if len(batch) >= batch_users:
                 flush()
         flush()
     return counts
+
+
+def with_sessions_since(sessions: list[list[str]], stored: state_store.UserState
+                        ) -> tuple[list[list[str]], int]:
+    """The log's `sessions` of a user, then those its newest stored record (of an older
+    version, counted) holds beyond them, ended since the log was made; and the user's
+    session count after them.
+
+    Those are the stored count beyond the log's, where the stored session before them is
+    the log's last (`state_store.sessions_behind`); else the stored sessions after the
+    log's last one: two pipeline runs, or a one-item session ended live, count differently
+    (re-appending by the counts alone folded a session twice). The newest record holds the
+    last few sessions (an older one cut to the history bound).
+    """
+    counted = max(stored.sessions_total - len(sessions), 0)
+    beyond = state_store.sessions_behind(stored.sessions, sessions[-1] if sessions else (),
+                                         counted)
+    beyond = min(counted if beyond is None else beyond, len(stored.sessions))
+    since = [list(s) for s in stored.sessions[len(stored.sessions) - beyond:]]
+    return sessions + since, max(stored.sessions_total, len(sessions) + beyond)
 
 
 def _calls(rows: list[int], lengths: dict[int, int]) -> list[list[int]]:

@@ -522,6 +522,41 @@ class ResolvedState:
 UpdateFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
+def sessions_behind(sessions: Sequence[Sequence[str]], last: Sequence[str],
+                    count: int | None) -> int | None:
+    """How many of a record's `sessions` (oldest first) came after the session `last` that
+    another record (or a log) ends with.
+
+    `count`, the two session counts apart, where the session before that many is `last`
+    (or there is none left to check it by). The counts can disagree with the contents: two
+    pipeline runs count a user's sessions differently (a session whose items the newer
+    vocabulary keeps too few of is dropped), and a one-item session ended live counts where
+    the pipeline drops it as too short; trusting them folded a session into a state twice.
+    Then: how many follow `last`'s newest occurrence; None where `last` is not among them.
+    An `[UNK]` matches any item (a backfill's item the log's vocabulary did not know), and
+    the oldest session held may be the end of a cut one.
+    """
+    n = len(sessions)
+    if not last:
+        return count
+    if count is not None and count >= 0 and (
+            count >= n or _alike(sessions[n - count - 1], last, n - count - 1 == 0)):
+        return count
+    for j in range(n - 1, -1, -1):
+        if _alike(sessions[j], last, j == 0):
+            return n - 1 - j
+    return None
+
+
+def _alike(held: Sequence[str], session: Sequence[str], maybe_cut: bool) -> bool:
+    """Whether a stored session is `session` (the end of it where `maybe_cut`), an
+    `[UNK]` on either side matching any item."""
+    if maybe_cut and 0 < len(held) < len(session):
+        session = session[len(session) - len(held):]
+    return len(held) == len(session) and all(
+        a == b or schema.UNKNOWN_TOKEN in (a, b) for a, b in zip(held, session))
+
+
 def _may_be_cut(sessions: Sequence[Sequence[str]], history_items: int,
                 known: Collection[str] | None) -> bool:
     """Whether `put` may have cut the oldest of these stored sessions (`trim_sessions`):
@@ -588,6 +623,13 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
     else:
         behind = (0 if own is newest else None if own.sessions_total is None
                   or newest.sessions_total is None else newest.sessions_total - own.sessions_total)
+        counted = behind
+        if own is not newest and behind is not None and own.sessions:
+            behind = sessions_behind(newest.sessions, own.sessions[-1], behind)
+        if behind != counted:
+            log.info("user %s: the records of versions %d and %d are %d sessions apart by "
+                     "their counts, %s by their contents", user_id, int(version),
+                     newest.version, counted, "unaligned" if behind is None else behind)
         if behind == 0:
             return ResolvedState(own.state, newest.sessions, "stored",
                                  f"user {user_id}: stored state of version {version}", newest,
@@ -615,7 +657,9 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
         what = (f"the stored state of version {version} is older than version "
                 f"{newest.version}'s" + (f" by {_plural(behind, 'session')}, more than "
                                          "its recent sessions hold" if behind and behind > 0
-                                         else ""))
+                                         else "" if behind is not None or counted is None
+                                         else ", and its last session is not among that "
+                                         "version's recent ones"))
     sessions = newest.sessions if recent_sessions is None else recent_sessions
     known = _known(known_items, sessions)
     sessions = trim_sessions(sessions, store.history_items, known)

@@ -924,6 +924,31 @@ def test_backfill_says_a_record_written_meanwhile_may_be_another_backfills(capsy
                         "again handles them"), out
 
 
+def test_refresh_appends_the_sessions_stored_after_the_logs_last_one():
+    """Lifecycle audit: `--refresh` re-appended the stored count beyond the log's, which
+    disagrees with the contents where the two pipeline runs or a live one-item session
+    count differently: the same session was folded twice."""
+    import numpy as np
+
+    from serving import backfill, state_store
+
+    def stored(sessions, total):
+        return state_store.UserState(user_id="u", state=np.zeros(1, np.float32), sessions=tuple(
+            tuple(s) for s in sessions), updated=0.0, version=1, sessions_total=total)
+
+    log = [["a", "b"], ["c", "d"], ["e", "f"]]
+    # two sessions ended live since the log: the counts agree with the contents
+    assert backfill.with_sessions_since(log, stored(log + [["g"], ["e", "f"]], 5)) == (
+        log + [["g"], ["e", "f"]], 5)
+    # a one-item session ended live that this log's pipeline run drops as too short
+    assert backfill.with_sessions_since(log, stored([["a", "b"], ["c", "d"], ["x"], ["e", "f"]],
+                                                    4)) == (log, 4)
+    # the older run's log kept a session (its vocabulary's [UNK]) that this one drops
+    assert backfill.with_sessions_since(log[1:], stored(log, 3)) == (log[1:], 3)
+    # nothing aligns: the counts, as before
+    assert backfill.with_sessions_since(log, stored([["y"], ["z"]], 4)) == (log + [["z"]], 4)
+
+
 def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):
     """Not a terminal (a scheduler's log): a line every 30 s, not a redrawn bar."""
     from serving import backfill

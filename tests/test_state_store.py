@@ -577,3 +577,38 @@ def test_a_new_store_file_is_its_owners_alone_and_an_existing_one_keeps_its_mode
     finally:
         os.umask(old)
 
+
+def test_sessions_behind_trusts_the_counts_only_where_the_contents_agree():
+    s = [("a",), ("b", "c"), ("a",), ("d",)]
+    # the counts agree with the contents (the session before the 2 is the last one folded),
+    # even where that session recurs
+    assert state_store.sessions_behind(s, ["b", "c"], 2) == 2
+    assert state_store.sessions_behind(s, ["a"], 1) == 1
+    # they do not: the newest occurrence of the last session folded decides
+    assert state_store.sessions_behind(s, ["b", "c"], 1) == 2
+    assert state_store.sessions_behind(s, ["d"], 1) == 0
+    assert state_store.sessions_behind(s, ["e"], 1) is None
+    # nothing to check the count by: the count
+    assert state_store.sessions_behind(s, ["e"], 4) == 4 and state_store.sessions_behind(s, [], 1) == 1
+    # [UNK] (a backfill's item the log did not know) matches any item; the oldest held
+    # session may be the end of a cut one
+    assert state_store.sessions_behind(s, ["[UNK]", "c"], 0) == 2
+    assert state_store.sessions_behind([("c",), ("d",)], ["b", "c"], 0) == 1
+    assert state_store.sessions_behind([("d",), ("c",)], ["b", "c"], 1) is None
+
+
+def test_a_rolled_back_version_behind_by_count_but_not_by_content_is_served_as_stored(store):
+    """Lifecycle audit: a refresh's backfill from a newer pipeline run counted one session
+    more (an early session the older run had dropped for its vocabulary) for the same
+    history: rolled back, version 1 folded its last session a second time."""
+    update = lambda state, session: state + len(session)  # noqa: E731
+    store.put("u", 1, np.array([5.0], np.float32), [["b", "c", "d"], ["e", "f"]],
+              sessions_total=2)
+    store.put("u", 2, np.array([7.0], np.float32), [["x", "b"], ["b", "c", "d"], ["e", "f"]],
+              sessions_total=3)
+    resolved = resolve_state(store, "u", 1, 1, update)
+    assert resolved.source == "stored" and resolved.state.tolist() == [5.0]
+    # a session ended on version 2 since: version 1 folds that one alone
+    state_store.end_session(store, "u", 2, 1, update, ["g"])
+    resolved = resolve_state(store, "u", 1, 1, update)
+    assert resolved.source == "caught_up" and resolved.state.tolist() == [6.0]
