@@ -52,6 +52,8 @@ _MAX_KIND = 120
 OTHER_REASONS = "(other reasons)"
 # the reason of a text row that does not decode as UTF-8
 NOT_UTF8 = "bad UTF-8"
+# the reason of a line over `sources.MAX_LINE_BYTES` (16 MiB), which the readers read past
+LINE_TOO_LONG = "line longer than 16 MiB"
 
 
 class RowError(ValueError):
@@ -575,6 +577,12 @@ def parse_block(lines: Sequence[bytes], fmt: RowFormat, first_order: int,
     malformed: list[tuple[int, str, str]] = []
     kinds: collections.Counter = collections.Counter()
     rows = filtered = 0
+    # lines over the readers' bound (`sources.Lines`: b"" here, a blank line skipped below)
+    for k, start in sorted(getattr(lines, "long", {}).items()):
+        if not (k == 0 and skip_first):
+            rows += 1
+            malformed.append((k, LINE_TOO_LONG, start.decode("utf-8", "replace") + "..."))
+            kinds[LINE_TOO_LONG] += 1
     filters = fmt.filters
     try:
         text_lines: Iterable[str | None] = b"\n".join(lines).decode("utf-8").split("\n")

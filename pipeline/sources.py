@@ -56,6 +56,43 @@ MAX_RANGE_BYTES = 64 << 20
 AVRO_MAX_RANGE_BYTES = 16 << 20
 # Decompressed bytes read at a time from a compressed input (`read_compressed`).
 COMPRESSED_BLOCK_BYTES = 16 << 20
+# The longest line read as a row. A longer one (megabytes without a newline: a binary file
+# in the folder, a corrupt stretch, a few bytes of gzip that inflate to gigabytes) is one
+# malformed row, read past in bounded pieces: it cost 9 times its length in memory.
+MAX_LINE_BYTES = 16 << 20
+# The start of an over-long line kept for its malformed record.
+LONG_LINE_PREFIX = 1000
+
+
+class Lines(list):
+    """A reader's lines (bytes, without their newline), where `long` maps the index of
+    each line over `MAX_LINE_BYTES` (its entry there is b"") to its first
+    `LONG_LINE_PREFIX` bytes."""
+
+    long: dict[int, bytes] = {}
+
+
+def _lines(lines: list[bytes], long: dict[int, bytes] | None = None,
+           size: int | None = None) -> list[bytes]:
+    """`lines` (of `size` bytes in all, where known) with those over `MAX_LINE_BYTES` set
+    aside (`Lines`), as they are where none is (the usual case: a list)."""
+    long = dict(long or {})
+    if lines and (size is None or size > MAX_LINE_BYTES) and max(map(len, lines)) > MAX_LINE_BYTES:
+        for k, line in enumerate(lines):
+            if len(line) > MAX_LINE_BYTES:
+                long[k] = line[:LONG_LINE_PREFIX]
+                lines[k] = b""
+    if not long:
+        return lines
+    out = Lines(lines)
+    out.long = long
+    return out
+
+
+def _read_past_line(f) -> None:
+    """Reads on to just after the next newline (or the end), a bounded piece at a time."""
+    while (piece := f.readline(MIN_RANGE_BYTES)) and not piece.endswith(b"\n"):
+        pass
 # Rows of a Parquet row group or Avro records converted to Python lists at a time
 # (`read_parquet`, `read_avro`).
 BATCH_ROWS = 1 << 16
@@ -208,7 +245,8 @@ def _match(pattern: str, hidden: list | None = None) -> list[tuple[str, int]]:
 
 def read_first_lines(path: str, n: int) -> list[bytes]:
     """The first `n` lines of a file (fewer if it is shorter), without line ends; also
-    proves the file is readable.
+    proves the file is readable. A line over `MAX_LINE_BYTES` is b"" (the run counts it
+    malformed).
 
     Raises:
       InputError: the file cannot be opened or read.
@@ -217,9 +255,13 @@ def read_first_lines(path: str, n: int) -> list[bytes]:
         lines = []
         with open_input(path) as f:
             for _ in range(n):
-                line = f.readline()
+                line = f.readline(MAX_LINE_BYTES + 1)
                 if not line:
                     break
+                if len(line) > MAX_LINE_BYTES:
+                    if not line.endswith(b"\n"):
+                        _read_past_line(f)
+                    line = b""
                 lines.append(line.rstrip(b"\r\n"))
         return lines
     except Exception as e:  # any I/O failure of any filesystem is the user's to fix
@@ -271,8 +313,9 @@ def read_range(r: ByteRange) -> tuple[list[bytes], int]:
     """Reads the lines a range owns.
 
     Returns:
-      (lines without their newline, newlines counted in [start − 1, end − 1) — or
-      [0, end − 1) for the first range — which `first_line_numbers` sums up).
+      (lines without their newline (`Lines` where some are over `MAX_LINE_BYTES`),
+      newlines counted in [start − 1, end − 1) — or [0, end − 1) for the first range —
+      which `first_line_numbers` sums up).
     """
     with FileSystems.open(r.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         offset = max(r.start - 1, 0)
@@ -283,7 +326,11 @@ def read_range(r: ByteRange) -> tuple[list[bytes], int]:
             cut = data.find(b"\n")
             data = b"" if cut < 0 else data[cut + 1:]
         if data and not data.endswith(b"\n"):
-            data += f.readline()
+            # the range's last line, to its end (read past beyond the longest a row is)
+            tail = f.readline(MAX_LINE_BYTES + 1)
+            if len(tail) > MAX_LINE_BYTES and not tail.endswith(b"\n"):
+                _read_past_line(f)
+            data += tail
     if not data:
         return [], newlines
     lines = data.split(b"\n")
@@ -291,7 +338,7 @@ def read_range(r: ByteRange) -> tuple[list[bytes], int]:
         lines.pop()
     if len(lines) >= MAX_LINES_PER_RANGE:
         raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} lines in one range")
-    return lines, newlines
+    return _lines(lines, size=len(data)), newlines
 
 
 def read_compressed(r: ByteRange, block_bytes: int | None = None
@@ -312,33 +359,49 @@ def read_compressed(r: ByteRange, block_bytes: int | None = None
     if block_bytes < 1:
         raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
     index, rest = 0, b""
+    # the start of an over-long line being read past (None: none), and the starts of such
+    # lines ended since the last block, the next block's first lines
+    skipping: bytes | None = None
+    ended: list[bytes] = []
 
-    def block(lines):
+    def block(lines, size=None):
         if len(lines) >= MAX_LINES_PER_RANGE:
             raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} lines in one block")
         if index >= MAX_RANGES:
             raise InputError(f"{r.path} is too large (more than {MAX_RANGES} blocks of "
                              f"{block_bytes} bytes)")
+        lines = _lines([b""] * len(ended) + lines, dict(enumerate(ended)), size)
+        ended.clear()
         return index, lines, len(lines) - (1 if index == 0 else 0)
 
     try:
         with open_input(r.path) as f:
             while data := f.read(block_bytes):
+                if skipping is not None:  # inside an over-long line: on to its end
+                    cut = data.find(b"\n")
+                    if cut < 0:
+                        continue
+                    ended.append(skipping)
+                    skipping, data = None, data[cut + 1:]
                 data = rest + data
                 cut = data.rfind(b"\n")
-                if cut < 0:  # a line longer than a block: keep reading
+                if cut < 0:  # a line longer than a block: keep reading, up to the longest
+                    if len(data) > MAX_LINE_BYTES:
+                        skipping, data = data[:LONG_LINE_PREFIX], b""
                     rest = data
                     continue
                 rest = data[cut + 1:]
-                yield block(data[:cut].split(b"\n"))
+                yield block(data[:cut].split(b"\n"), cut)
                 index += 1
     except InputError:
         raise
     except Exception as e:  # zlib/bz2/lzma errors, EOFError of a truncated stream, I/O
         raise InputError(f"cannot decompress input file {r.path!r} after {index} block(s) "
                          f"of {block_bytes} bytes: {type(e).__name__}: {e}") from None
-    if rest:
-        yield block([rest])
+    if skipping is not None:  # the file ends inside an over-long line
+        ended.append(skipping)
+    if rest or ended:
+        yield block([rest] if rest else [])
 
 
 def first_line_numbers(newlines: dict[tuple[int, int], int]) -> dict[tuple[int, int], int]:

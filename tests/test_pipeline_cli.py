@@ -2374,3 +2374,23 @@ def test_only_a_short_line_is_tried_as_a_python_dict():
     assert cli._python_dict(short)
     assert not cli._python_dict("{'user': 'u', 'pad': '" + "x" * cli.PYTHON_DICT_MAX_CHARS + "'}")
     assert not cli._python_dict("[" + "1," * 100 + "]")
+
+
+def test_a_line_over_the_bound_is_one_malformed_row_with_its_start(tmp_path, monkeypatch):
+    """Security review: one line of 200 MB (a 204 KB gzip) took 1.7 GB. A line over
+    `sources.MAX_LINE_BYTES` is read past and counted malformed at its line, its start kept."""
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 64)
+    rows = [f"u{k % 4},i{k % 5},{1_600_000_000 + 60 * k}" for k in range(40)]
+    rows[7] = "u1,i2," + "9" * 200
+    path = tmp_path / "log.csv.gz"
+    path.write_bytes(gzip.compress(("user,item,time\n" + "\n".join(rows) + "\n").encode()))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(path), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["rows_read"] == 40 and stats["rows_malformed"] == 1
+    assert stats["malformed_reasons"] == {parse.LINE_TOO_LONG: 1}
+    [bad] = [json.loads(line) for f in sorted(os.listdir(out / "malformed"))
+             for line in open(out / "malformed" / f, encoding="utf-8")]
+    assert (bad["line"], bad["reason"]) == (9, "line longer than 16 MiB")
+    assert bad["raw"] == rows[7][:sources.LONG_LINE_PREFIX] + "..."

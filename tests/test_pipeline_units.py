@@ -1152,3 +1152,47 @@ def test_a_leading_tilde_is_the_home_folder_in_every_path_option(monkeypatch, tm
     assert compare.main(["--data=~/nothing", "--models", "popularity",
                          "--output=~/cmp"]) == 2  # (said of the expanded path)
     assert not os.path.exists("~")
+
+
+def test_lines_over_the_bound_are_read_past_and_numbered_in_place(tmp_path, monkeypatch):
+    """A line over `MAX_LINE_BYTES` (a binary file, a corrupt stretch, a small gzip that
+    inflates to gigabytes) was read whole, at 9 times its length in memory: the readers
+    read past it in bounded pieces and keep its start, in its place among the lines, in
+    plain and compressed files, at any range or block width."""
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 40)
+    monkeypatch.setattr(sources, "LONG_LINE_PREFIX", 5)
+    lines = [f"row{k:03d}".encode() for k in range(30)]
+    for k in (3, 4, 17, 29):  # two in a row, and the last (without its newline)
+        lines[k] = f"big{k:02d}".encode() + b"x" * (41 + 30 * k)
+    data = b"\n".join(lines)
+    want = [(n, b"" if len(line) > 40 else line) for n, line in enumerate(lines, start=1)]
+    long_starts = {n: line[:5] for n, line in enumerate(lines, start=1) if len(line) > 40}
+    path = tmp_path / "f.csv"
+    path.write_bytes(data)
+    size = len(data)
+    for width in (1, 7, 64, size):
+        newlines, got, starts = {}, [], {}
+        for k, s in enumerate(range(0, size, width)):
+            r = sources.ByteRange(str(path), 0, k, s, min(s + width, size))
+            owned, newlines[(0, k)] = sources.read_range(r)
+            got.append((k, owned))
+        first = sources.first_line_numbers(newlines)
+        numbered = [(first[(0, k)] + j, line) for k, owned in got for j, line in enumerate(owned)]
+        for k, owned in got:
+            starts.update({first[(0, k)] + j: s for j, s in getattr(owned, "long", {}).items()})
+        assert numbered == want and starts == long_starts, width
+    gz = tmp_path / "f.csv.gz"
+    gz.write_bytes(gzip.compress(data))
+    r = sources.ByteRange(str(gz), 0, 0, 0, gz.stat().st_size)
+    for block in (3, 16, 50, 4096):
+        newlines, got, starts = {}, [], {}
+        for k, owned, n in sources.read_compressed(r, block):
+            newlines[(0, k)] = n
+            got.append((k, owned))
+        first = sources.first_line_numbers(newlines)
+        numbered = [(first[(0, k)] + j, line) for k, owned in got for j, line in enumerate(owned)]
+        for k, owned in got:
+            starts.update({first[(0, k)] + j: s for j, s in getattr(owned, "long", {}).items()})
+        assert numbered == want and starts == long_starts, block
+    assert sources.read_first_lines(str(gz), 6) == [b"row000", b"row001", b"row002", b"", b"",
+                                                      b"row005"]
