@@ -743,13 +743,18 @@ def test_a_crawler_that_would_dominate_training_gets_a_note(tmp_path, capsys):
             "user out") in err, err
 
 
+def _forty_regular_users():
+    """CSV rows of 40 users, three events a day for ten days (a crawler test's background)."""
+    day = 86_400
+    return [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
+            for k in range(3)]
+
+
 def test_a_crawler_whose_id_has_a_comma_is_named_as_exclude_reads_it(tmp_path, capsys):
     """--filter/--exclude values are a CSV row: an id with a comma is quoted, which the
     note's option does (audit: 'u,comma' could not be excluded, and the try left out the
     users u and comma instead)."""
-    day = 86_400
-    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
-            for k in range(3)]
+    rows = _forty_regular_users()
     rows += [f"u,i{k % 9},{60 * k}" for k in range(3)] + [f"comma,i{k % 9},{60 * k}"
                                                             for k in range(3)]
     rows += [f'"crawl,er",i{k % 9},{600 * k}' for k in range(1200)]
@@ -768,9 +773,7 @@ def test_a_crawler_whose_id_holds_terminal_controls_is_named_as_a_literal(tmp_pa
     """An id with an ESC sequence was written raw to the terminal (security review): the
     note shows it as a Python literal, and the --exclude it suggests is the generic one (a
     shell line cannot carry it as typed)."""
-    day = 86_400
-    rows = [f"u{u},i{(u + k + d) % 9},{d * day + 60 * k}" for u in range(40) for d in range(10)
-            for k in range(3)]
+    rows = _forty_regular_users()
     rows += [f"\x1b[31mbot\x1b]0;t\x07,i{k % 9},{600 * k}" for k in range(1200)]
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "\n".join(rows) + "\n")

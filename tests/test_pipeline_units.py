@@ -1154,6 +1154,16 @@ def test_a_leading_tilde_is_the_home_folder_in_every_path_option(monkeypatch, tm
     assert not os.path.exists("~")
 
 
+def _numbered(got, newlines):
+    """([(line number, line)], {line number: kept start of an over-long line}) of the
+    (range or block index, lines) a reader gave."""
+    first = sources.first_line_numbers(newlines)
+    numbered = [(first[(0, k)] + j, line) for k, owned in got for j, line in enumerate(owned)]
+    starts = {first[(0, k)] + j: s for k, owned in got
+              for j, s in getattr(owned, "long", {}).items()}
+    return numbered, starts
+
+
 def test_lines_over_the_bound_are_read_past_and_numbered_in_place(tmp_path, monkeypatch):
     """A line over `MAX_LINE_BYTES` (a binary file, a corrupt stretch, a small gzip that
     inflates to gigabytes) was read whole, at 9 times its length in memory: the readers
@@ -1171,28 +1181,20 @@ def test_lines_over_the_bound_are_read_past_and_numbered_in_place(tmp_path, monk
     path.write_bytes(data)
     size = len(data)
     for width in (1, 7, 64, size):
-        newlines, got, starts = {}, [], {}
+        newlines, got = {}, []
         for k, s in enumerate(range(0, size, width)):
             r = sources.ByteRange(str(path), 0, k, s, min(s + width, size))
             owned, newlines[(0, k)] = sources.read_range(r)
             got.append((k, owned))
-        first = sources.first_line_numbers(newlines)
-        numbered = [(first[(0, k)] + j, line) for k, owned in got for j, line in enumerate(owned)]
-        for k, owned in got:
-            starts.update({first[(0, k)] + j: s for j, s in getattr(owned, "long", {}).items()})
-        assert numbered == want and starts == long_starts, width
+        assert _numbered(got, newlines) == (want, long_starts), width
     gz = tmp_path / "f.csv.gz"
     gz.write_bytes(gzip.compress(data))
     r = sources.ByteRange(str(gz), 0, 0, 0, gz.stat().st_size)
     for block in (3, 16, 50, 4096):
-        newlines, got, starts = {}, [], {}
+        newlines, got = {}, []
         for k, owned, n in sources.read_compressed(r, block):
             newlines[(0, k)] = n
             got.append((k, owned))
-        first = sources.first_line_numbers(newlines)
-        numbered = [(first[(0, k)] + j, line) for k, owned in got for j, line in enumerate(owned)]
-        for k, owned in got:
-            starts.update({first[(0, k)] + j: s for j, s in getattr(owned, "long", {}).items()})
-        assert numbered == want and starts == long_starts, block
+        assert _numbered(got, newlines) == (want, long_starts), block
     assert sources.read_first_lines(str(gz), 6) == [b"row000", b"row001", b"row002", b"", b"",
                                                       b"row005"]
