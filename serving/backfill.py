@@ -172,13 +172,14 @@ def with_sessions_since(sessions: list[list[str]], stored: state_store.UserState
 
     Those are the stored count beyond the log's, where the stored session before them is
     the log's last (`state_store.sessions_behind`); else the stored sessions after the
-    log's last one: two pipeline runs, or a one-item session ended live, count differently
-    (re-appending by the counts alone folded a session twice). The newest record holds the
+    log's last one (where the log's session before it precedes it there too): two pipeline
+    runs, or a one-item session ended live, count differently (re-appending by the counts
+    alone folded a session twice). The newest record holds the
     last few sessions (an older one cut to the history bound).
     """
     counted = max(stored.sessions_total - len(sessions), 0)
     beyond = state_store.sessions_behind(stored.sessions, sessions[-1] if sessions else (),
-                                         counted)
+                                         counted, sessions[-2] if len(sessions) > 1 else None)
     beyond = min(counted if beyond is None else beyond, len(stored.sessions))
     since = [list(s) for s in stored.sessions[len(stored.sessions) - beyond:]]
     return sessions + since, max(stored.sessions_total, len(sessions) + beyond)

@@ -523,18 +523,21 @@ UpdateFn = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
 def sessions_behind(sessions: Sequence[Sequence[str]], last: Sequence[str],
-                    count: int | None) -> int | None:
+                    count: int | None, before: Sequence[str] | None = None) -> int | None:
     """How many of a record's `sessions` (oldest first) came after the session `last` that
-    another record (or a log) ends with.
+    another record (or a log) ends with, `before` the session it has before `last` (None:
+    none).
 
     `count`, the two session counts apart, where the session before that many is `last`
     (or there is none left to check it by). The counts can disagree with the contents: two
     pipeline runs count a user's sessions differently (a session whose items the newer
     vocabulary keeps too few of is dropped), and a one-item session ended live counts where
     the pipeline drops it as too short; trusting them folded a session into a state twice.
-    Then: how many follow `last`'s newest occurrence; None where `last` is not among them.
-    An `[UNK]` matches any item (a backfill's item the log's vocabulary did not know), and
-    the oldest session held may be the end of a cut one.
+    Then: how many follow the newest occurrence of `last` that has `before` just before it
+    (or one session before that: a session one side dropped; with `before`, an occurrence
+    at the oldest held session is no evidence); None where there is none. An
+    `[UNK]` matches any item (a backfill's item the log's vocabulary did not know), and the
+    oldest session held may be the end of a cut one.
     """
     n = len(sessions)
     if not last:
@@ -543,7 +546,9 @@ def sessions_behind(sessions: Sequence[Sequence[str]], last: Sequence[str],
             count >= n or _alike(sessions[n - count - 1], last, n - count - 1 == 0)):
         return count
     for j in range(n - 1, -1, -1):
-        if _alike(sessions[j], last, j == 0):
+        if _alike(sessions[j], last, j == 0) and (
+                not before
+                or any(_alike(sessions[i], before, i == 0) for i in range(max(j - 2, 0), j))):
             return n - 1 - j
     return None
 
@@ -625,7 +630,8 @@ def resolve_state(store: StateStore, user_id: str, version: int, state_size: int
                   or newest.sessions_total is None else newest.sessions_total - own.sessions_total)
         counted = behind
         if own is not newest and behind is not None and own.sessions:
-            behind = sessions_behind(newest.sessions, own.sessions[-1], behind)
+            behind = sessions_behind(newest.sessions, own.sessions[-1], behind,
+                                     own.sessions[-2] if len(own.sessions) > 1 else None)
         if behind != counted:
             log.info("user %s: the records of versions %d and %d are %d sessions apart by "
                      "their counts, %s by their contents", user_id, int(version),

@@ -947,6 +947,12 @@ def test_refresh_appends_the_sessions_stored_after_the_logs_last_one():
     assert backfill.with_sessions_since(log[1:], stored(log, 3)) == (log[1:], 3)
     # nothing aligns: the counts, as before
     assert backfill.with_sessions_since(log, stored([["y"], ["z"]], 4)) == (log + [["z"]], 4)
+    # the newer run keeps an early session the store's count missed, and one ended since
+    assert backfill.with_sessions_since(log, stored([["c", "d"], ["e", "f"], ["g"]], 3)) == (
+        log + [["g"]], 4)
+    # a repeated session is no alignment without the log's session before it: the counts
+    assert backfill.with_sessions_since(log, stored([["q"], ["e", "f"], ["r"], ["s"]], 3)) == (
+        log, 3)
 
 
 def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):

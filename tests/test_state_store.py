@@ -588,6 +588,11 @@ def test_sessions_behind_trusts_the_counts_only_where_the_contents_agree():
     assert state_store.sessions_behind(s, ["b", "c"], 1) == 2
     assert state_store.sessions_behind(s, ["d"], 1) == 0
     assert state_store.sessions_behind(s, ["e"], 1) is None
+    # where the session before the last one folded is given, it must precede it there
+    # (directly, or with one session between: one a side dropped)
+    assert state_store.sessions_behind(s, ["a"], 0, ["b", "c"]) == 1
+    assert state_store.sessions_behind(s, ["a"], 0, ["x"]) is None
+    assert state_store.sessions_behind(s, ["d"], 0, ["b", "c"]) == 0
     # nothing to check the count by: the count
     assert state_store.sessions_behind(s, ["e"], 4) == 4 and state_store.sessions_behind(s, [], 1) == 1
     # [UNK] (a backfill's item the log did not know) matches any item; the oldest held
