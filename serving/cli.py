@@ -17,6 +17,9 @@ SERVER_DESCRIPTION = ("A TF Serving–compatible gRPC server for local use and t
 # of a session: the client does not cut it); the second bounds a request of many rows.
 MAX_SEQUENCE_WIDTH = 100_000
 MAX_SEQUENCE_ITEMS = 1_000_000
+# The most rows (users) one request may send: `next_items` scores every row over the whole
+# catalogue, so a few bytes naming 60,000 rows (a short *_val list is filled) held 6 GB.
+MAX_REQUEST_ROWS = 1024
 
 
 def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
@@ -138,6 +141,11 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         default=MAX_SEQUENCE_ITEMS,
                         help="the most item slots (rows x width) one item-id input may hold; "
                              "more is RESOURCE_EXHAUSTED, and a merged batch holds no more")
+    parser.add_argument("--max-request-rows", type=argtypes.positive_int,
+                        default=MAX_REQUEST_ROWS,
+                        help="the most rows (users) one request may send; more is "
+                             "RESOURCE_EXHAUSTED (next_items scores each row over the whole "
+                             "catalogue)")
     parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")

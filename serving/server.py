@@ -135,7 +135,8 @@ class Signature:
 
     def parse_inputs(self, inputs: Any, max_elements: int | None = None,
                      max_width: int | None = None,
-                     max_items: int | None = None) -> dict[str, np.ndarray]:
+                     max_items: int | None = None,
+                     max_rows: int | None = None) -> dict[str, np.ndarray]:
         """Checks a request's inputs against the signature and decodes them.
 
         Args:
@@ -147,6 +148,8 @@ class Signature:
             (rows × width) it may hold (None: no limit): the model's work grows with
             them, padding included, so a wider or larger one is RESOURCE_EXHAUSTED,
             read from the shape before anything is decoded.
+          max_rows: the most rows an input with a batch dimension may have (None: no
+            limit); more is RESOURCE_EXHAUSTED, read from the shape.
 
         Returns:
           name → numpy array, in the signature's (sorted) input order.
@@ -175,6 +178,8 @@ class Signature:
                     f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
                     "is provided")
             _check_sequence(key, self.name, proto, max_width, max_items)
+            if max_rows is not None and key in self.batched_inputs:
+                _check_rows(key, self.name, proto, max_rows)
             try:
                 arr = protos.from_proto(proto, max_elements)
             except protos.TensorTooLarge as e:
@@ -244,6 +249,17 @@ def _check_sequence(key: str, signature: str, proto: Any, max_width: int | None,
             f"input {key!r} of signature {signature!r} holds {rows} x {width} item slots, "
             f"more than this server's --max-sequence-items {max_items}: send fewer rows "
             "per request")
+
+
+def _check_rows(key: str, signature: str, proto: Any, max_rows: int) -> None:
+    """RESOURCE_EXHAUSTED for a batched input of more rows than `max_rows`, from its shape
+    alone (`next_items` scores every row over the whole catalogue)."""
+    dims = proto.tensor_shape.dim
+    if dims and not proto.tensor_shape.unknown_rank and int(dims[0].size) > max_rows:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"input {key!r} of signature {signature!r} has {int(dims[0].size)} rows, more "
+            f"than this server's --max-request-rows {max_rows}: send fewer users per request")
 
 
 class Servable:
@@ -765,12 +781,13 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     def __init__(self, manager: ModelManager, batcher: Batcher | None,
                  max_elements: int | None = None, max_width: int | None = None,
-                 max_items: int | None = None):
+                 max_items: int | None = None, max_rows: int | None = None):
         self._manager = manager
         self._batcher = batcher
         self._max_elements = max_elements
         self._max_width = max_width
         self._max_items = max_items
+        self._max_rows = max_rows
 
     @staticmethod
     def _model_spec(request) -> model_pb2.ModelSpec:
@@ -812,7 +829,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"duplicate output tensor alias: {key}")
             arrays = sig.parse_inputs(request.inputs, self._max_elements, self._max_width,
-                                      self._max_items)
+                                      self._max_items, self._max_rows)
             if self._batcher is not None:
                 out = self._batcher.submit(sig, arrays)
             else:
@@ -924,7 +941,8 @@ class ModelServer:
                  max_message_mb: int = 16, num_versions: int = 1, num_batch_threads: int = 1,
                  tls_cert: str | None = None, tls_key: str | None = None,
                  max_sequence_width: int = MAX_SEQUENCE_WIDTH,
-                 max_sequence_items: int = MAX_SEQUENCE_ITEMS):
+                 max_sequence_items: int = MAX_SEQUENCE_ITEMS,
+                 max_request_rows: int = cli.MAX_REQUEST_ROWS):
         """Binds the port; call `start()` to load versions and serve.
 
         With `tls_cert` and `tls_key` (PEM files: the server's certificate chain and private
@@ -955,11 +973,12 @@ class ModelServer:
                              "pass the folder that holds the numbered versions (its parent, "
                              "the --export-base of serving.export)")
         if min(max_batch_size, max_message_mb, num_versions, num_batch_threads,
-               max_sequence_width, max_sequence_items) < 1 \
+               max_sequence_width, max_sequence_items, max_request_rows) < 1 \
                 or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535 \
                 or max_message_mb > 2047:
             raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb, "
-                             "--max-sequence-width, --max-sequence-items and "
+                             "--max-sequence-width, --max-sequence-items, "
+                             "--max-request-rows and "
                              "--num-versions must be >= 1, --poll-seconds > 0, "
                              "--batch-timeout-micros >= 0, --port from 0 to 65535 and "
                              "--max-message-mb at most 2047")
@@ -985,9 +1004,11 @@ class ModelServer:
         # A tensor of a request within the size cap has at most one element per byte (the
         # *_val forms may ask for more by repeating their last value: refused beyond that).
         # An item-id input also has a width and a number of item slots that bound the
-        # model's work (--max-sequence-width, --max-sequence-items), padding included.
+        # model's work (--max-sequence-width, --max-sequence-items), padding included, and
+        # every batched input a number of rows (--max-request-rows).
         handlers = _Handlers(self.manager, self.batcher, max_elements=limit,
-                             max_width=max_sequence_width, max_items=max_sequence_items)
+                             max_width=max_sequence_width, max_items=max_sequence_items,
+                             max_rows=max_request_rows)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(handlers, self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(handlers, self._grpc)
         address = host_port(host, port)
@@ -1068,7 +1089,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.enable_batching, args.max_batch_size,
                              args.batch_timeout_micros, args.poll_seconds, args.max_message_mb,
                              args.num_versions, args.num_batch_threads, args.tls_cert,
-                             args.tls_key, args.max_sequence_width, args.max_sequence_items)
+                             args.tls_key, args.max_sequence_width, args.max_sequence_items,
+                             args.max_request_rows)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -143,13 +143,13 @@ def _with(**changes):
 
 
 def _huge_shape_request():
-    """A few bytes that ask for a 64 GiB tensor (a float_val list repeats its last value)."""
+    """A few bytes that ask for a 256 GiB tensor (a float_val list repeats its last value)."""
     req = request("update_state", INPUTS["update_state"])
     state = req.inputs["user_state"]
     state.Clear()
     state.dtype = tf.float32.as_datatype_enum
     state.float_val.append(0.0)
-    for d in (2 ** 31, H):
+    for d in (1000, 2 ** 26):  # (rows within --max-request-rows)
         state.tensor_shape.dim.add().size = d
     return req
 
@@ -223,7 +223,7 @@ BAD_REQUESTS = {
                                  "session_items": np.full([65, 1], "item0", dtype=object)}),
         grpc.StatusCode.INVALID_ARGUMENT, "Task size 65 is larger than maximum input batch size 64"),
     "huge shape in a small message": (_huge_shape_request(), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                      "'user_state': tensor shape [2147483648, 8] has"),
+                                      "'user_state': tensor shape [1000, 67108864] has"),
     # a few bytes name a session of 200,001 "" (TF fills a short string_val): each one a
     # position the model would run over (16.7M of them took 15 GB and 45 s of CPU)
     "wider than --max-sequence-width": (
@@ -234,6 +234,11 @@ BAD_REQUESTS = {
         _empty_ids_request("update_state", [11, 95_000]), grpc.StatusCode.RESOURCE_EXHAUSTED,
         "input 'session_items' of signature 'update_state' holds 11 x 95000 item slots, more "
         "than this server's --max-sequence-items 1000000"),
+    # a few bytes naming 60,000 rows held 6 GB (next_items scores each over the catalogue)
+    "more rows than --max-request-rows": (
+        _empty_ids_request("next_items", [2000, 1]), grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "has 2000 rows, more than this server's --max-request-rows 1024: send fewer users "
+        "per request"),
     "too large": (request("update_state", {"user_state": np.zeros([40000, H], np.float32),
                                            "session_items": np.full([40000, 1], "", dtype=object)}),
                   grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
