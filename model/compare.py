@@ -52,7 +52,8 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 # stats.json keys that describe the input's rejected rows or its times, which the input
 # and options already decide (added in later versions: a folder rebuilt with one is the
 # same data)
-NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events")
+NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events",
+                  "pipeline_version")
 
 
 class CompareError(ValueError):

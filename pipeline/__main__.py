@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 
+import pipeline
 from pipeline import argtypes, outputs, parse, schema, sessions, split, storage
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Raw interaction logs → TFRecord session sequences (HierTCN).",
         epilog="Other --options go to Apache Beam, e.g. --runner DataflowRunner --project P "
                "--region R --temp_location gs://B/tmp; --direct_num_workers N locally.")
+    argtypes.add_version(p)
     p.add_argument("--input", action="extend", nargs="+", required=True, metavar="GLOB",
                    type=argtypes.home_path,
                    help="input files (globs or paths, several after one flag or the flag "
@@ -1108,6 +1110,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         options_out["header"] = config.header
         options_out["runner"] = options.get_all_options()["runner"]
         stats = {
+            "pipeline_version": pipeline.__version__,
             "rows_read": counts.get("rows_read", 0),
             "rows_malformed": counts.get("rows_malformed", 0),
             "rows_filtered": filtered,

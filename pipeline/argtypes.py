@@ -17,10 +17,25 @@ from typing import Callable
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (`PROG: error: MESSAGE (see --help)`), not the
-    whole usage block before them; its subcommands' parsers are the same kind."""
+    whole usage block before them, and `--version` (`project_version=False`: none, for a
+    command whose --version is a model version); its subcommands' parsers are the same
+    kind."""
+
+    def __init__(self, *args, project_version: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if project_version:
+            add_version(self)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """`--version`: the command and the project's version, then exit 0."""
+    import pipeline
+
+    parser.add_argument("--version", action="version",
+                        version=f"{parser.prog} (hiertcn) {pipeline.__version__}")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -265,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving import cli
 
     parser = argtypes.Parser(prog="python -m serving.backfill",
+                             project_version=False,  # (--version: the model version's)
                              description="Store every user's state and recent sessions from "
                                          "a pipeline output for the served version, so that "
                                          "returning users are served from their past at once.",

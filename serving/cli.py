@@ -67,8 +67,8 @@ def target_error(target: str) -> str | None:
 
 def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m serving.export`'s options; exits with a usage error (status 2) or the help."""
-    parser = argtypes.Parser(prog="python -m serving.export",
-                                     description=EXPORT_DESCRIPTION)
+    parser = argtypes.Parser(prog="python -m serving.export", description=EXPORT_DESCRIPTION,
+                             project_version=False)  # (--version: the model version's)
     parser.add_argument("--model-dir", required=True, type=argtypes.local_path,
                         help="training run folder (model.train --model-dir)")
     parser.add_argument("--export-base", required=True, type=argtypes.local_path,

@@ -65,6 +65,7 @@ import numpy as np
 import tensorflow as tf
 
 from model import processes
+import pipeline
 from pipeline import argtypes, schema, storage
 from serving import cli, protos
 
@@ -523,7 +524,9 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                        "vocabulary_size": vocabulary.size,
                        "collapses_repeats": collapse,
                        "config": _config_dict(config),
-                       "source": source or {}}, f, indent=2, default=str)
+                       "source": source or {},
+                       "code_version": pipeline.__version__,
+                       "tensorflow_version": tf.__version__}, f, indent=2, default=str)
         _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
         while True:
             try:
