@@ -218,8 +218,8 @@ class SequenceModel(tf.keras.Model):
         """Mean loss over the batch's non-padding targets.
 
         Inputs of a slot are [start, a1..a(m-1)], targets [a1..am]: the first item is
-        predicted from the state alone (not by a `session_only` model: a session's first
-        item is no target there). Targets are gathered before the output layer, so padding
+        predicted from the state alone (a `session_only` model's config may leave it out:
+        `first_item_targets`). Targets are gathered before the output layer, so padding
         costs no output compute.
 
         Args:
@@ -244,11 +244,11 @@ class SequenceModel(tf.keras.Model):
             user = tf.gather_nd(u, where)
         targets = tf.gather_nd(flat_items, where)
         n = tf.shape(targets)[0]
-        if self.session_only():
-            # A session's first item is no target of a session-only model: it has nothing to
-            # go on there, and evaluation and serving score it by popularity
-            # (`first_item_scores`), as Hidasi et al.'s session-parallel batches never
-            # predict it. A later chunk's position 0 continues its session: a target.
+        if self.session_only() and not getattr(self.config, "first_item_targets", True):
+            # A session's first item as no target of a session-only model (which evaluation
+            # and serving score by popularity there, `first_item_scores`), as Hidasi et
+            # al.'s session-parallel batches never predict it. A later chunk's position 0
+            # continues its session: a target.
             first = (where[:, 1] == 0) & ~tf.gather(self.continues_session(batch, cache),
                                                     where[:, 0])
             kept = tf.where(~first)[:, 0]

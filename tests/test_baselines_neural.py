@@ -274,24 +274,17 @@ def test_session_only_hiertcn_scores_first_items_by_popularity(data):
         assert (first == popular["first_item"]) == session_only, overrides
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "hiertcn"])
-def test_session_only_models_take_no_loss_on_a_sessions_first_item(name):
-    """A session-only model has nothing to go on at a session's first item, which
-    evaluation scores by popularity: not a target in training (GRU4Rec's session-parallel
-    batches never predict it); a later chunk's position 0 continues its session and is."""
-    if name == "hiertcn":
-        from model.hiertcn import HierTCNConfig
-        tf.keras.utils.set_random_seed(0)
-        model = registry.build_model("hiertcn", HierTCNConfig().replace(
-            {"embedding_dim": 8, "gru_units": 4, "channels": 8, "high_level": False,
-             "repeat_head": False, "dropout": 0.0}), V)
-    else:
-        model = _model(name)
-    assert model.session_only()
-    # one-item sessions: no targets at all (their events still count)
-    loss, _, n = model.train_loss(_batch([[[2, 0, 0], [3, 0, 0]]], [[True, False]],
-                                         [[True, True]]), model.train_cache(1), training=False)
+def test_gru4rec_without_first_item_targets_takes_no_loss_on_a_sessions_first_item():
+    """`first_item_targets=False`: as Hidasi et al.'s session-parallel batches, a session's
+    first item (scored by popularity when evaluated) is no target; a later chunk's
+    position 0 continues its session and is. By default it is a target."""
+    model = _model("gru4rec", first_item_targets=False)
+    # one-item sessions: no targets at all (their events still count); by default, two
+    batch = _batch([[[2, 0, 0], [3, 0, 0]]], [[True, False]], [[True, True]])
+    loss, _, n = model.train_loss(batch, model.train_cache(1), training=False)
     assert float(loss) == 0.0 and int(n) == 2
+    default = _model("gru4rec")
+    assert float(default.train_loss(batch, default.train_cache(1), training=False)[0]) > 0
     # [2 3 4 5 6] cut into [2 3 4] and [5 6], the second chunk at the next batch's slot 0,
     # after an earlier session [7 8] of the row
     u = model.user_embeddings(model.initial_state(1), tf.constant([[2, 3, 4, 5]], tf.int64))[0]
