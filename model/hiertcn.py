@@ -708,7 +708,7 @@ class HierTCN(SequenceModel):
         """
         state, acc, cnt = cache[:3]
         num = reset.shape[1]
-        starts = session_starts(reset, end)                                 # [B, S]
+        starts = session_starts(reset, end)                                  # [B, S]
         session = tf.cumsum(tf.cast(starts, tf.int32), axis=1)               # 0: the cache's
         same = tf.equal(session[:, :, None], session[:, None, :])            # [B, S, S]
         causal = tf.range(num)[None, :] <= tf.range(num)[:, None]            # t <= s

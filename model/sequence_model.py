@@ -232,7 +232,7 @@ class SequenceModel(tf.keras.Model):
 
         Returns:
           (loss scalar, new cache tuple, number of events int32: every non-padding
-          position, the ones a session-only model does not score included).
+          position, first items that `first_item_targets=False` leaves out included).
         """
         items = tf.cast(batch["items"], tf.int64)
         flat_items = tf.reshape(items, [-1, tf.shape(items)[2]])
@@ -245,10 +245,10 @@ class SequenceModel(tf.keras.Model):
         targets = tf.gather_nd(flat_items, where)
         n = tf.shape(targets)[0]
         if self.session_only() and not getattr(self.config, "first_item_targets", True):
-            # A session's first item as no target of a session-only model (which evaluation
-            # and serving score by popularity there, `first_item_scores`), as Hidasi et
-            # al.'s session-parallel batches never predict it. A later chunk's position 0
-            # continues its session: a target.
+            # A session's first item is left out of a session-only model's targets (which
+            # evaluation and serving score by popularity there, `first_item_scores`), as
+            # Hidasi et al.'s session-parallel batches never predict it. A later chunk's
+            # position 0 continues its session: a target.
             first = (where[:, 1] == 0) & ~tf.gather(self.continues_session(batch, cache),
                                                     where[:, 0])
             kept = tf.where(~first)[:, 0]
