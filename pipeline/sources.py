@@ -62,6 +62,9 @@ COMPRESSED_BLOCK_BYTES = 16 << 20
 MAX_LINE_BYTES = 16 << 20
 # The start of an over-long line kept for its malformed record.
 LONG_LINE_PREFIX = 1000
+# Rows of a Parquet row group or Avro records converted to Python lists at a time
+# (`read_parquet`, `read_avro`).
+BATCH_ROWS = 1 << 16
 
 
 class Lines(list):
@@ -69,7 +72,7 @@ class Lines(list):
     each line over `MAX_LINE_BYTES` (its entry there is b"") to its first
     `LONG_LINE_PREFIX` bytes."""
 
-    long: dict[int, bytes] = {}
+    long: dict[int, bytes]
 
 
 def _lines(lines: list[bytes], long: dict[int, bytes] | None = None,
@@ -77,7 +80,8 @@ def _lines(lines: list[bytes], long: dict[int, bytes] | None = None,
     """`lines` (of `size` bytes in all, where known) with those over `MAX_LINE_BYTES` set
     aside (`Lines`), as they are where none is (the usual case: a list)."""
     long = dict(long or {})
-    if lines and (size is None or size > MAX_LINE_BYTES) and max(map(len, lines)) > MAX_LINE_BYTES:
+    if (lines and (size is None or size > MAX_LINE_BYTES)
+            and max(map(len, lines)) > MAX_LINE_BYTES):
         for k, line in enumerate(lines):
             if len(line) > MAX_LINE_BYTES:
                 long[k] = line[:LONG_LINE_PREFIX]
@@ -93,9 +97,6 @@ def _read_past_line(f) -> None:
     """Reads on to just after the next newline (or the end), a bounded piece at a time."""
     while (piece := f.readline(MIN_RANGE_BYTES)) and not piece.endswith(b"\n"):
         pass
-# Rows of a Parquet row group or Avro records converted to Python lists at a time
-# (`read_parquet`, `read_avro`).
-BATCH_ROWS = 1 << 16
 
 
 class InputError(ValueError):
