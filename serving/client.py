@@ -648,7 +648,8 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     result["cut_at_commas"] = cut
     lines += _unknown_note(client, items, unknown, cut)
-    lines += [f"{r + 1:3d}. {argtypes.shown(e['item'])}\t{e['score']:.4f}" for r, e in enumerate(ranked)]
+    lines += [f"{r + 1:3d}. {argtypes.shown(e['item'])}\t{e['score']:.4f}"
+              for r, e in enumerate(ranked)]
     return result, "\n".join(lines)
 
 

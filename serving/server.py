@@ -223,9 +223,9 @@ class Signature:
 
 
 MAX_SEQUENCE_WIDTH = cli.MAX_SEQUENCE_WIDTH
+MAX_SEQUENCE_ITEMS = cli.MAX_SEQUENCE_ITEMS
 # The longest error message a reply carries (it echoes names from the request).
 MAX_ERROR_CHARS = 1024
-MAX_SEQUENCE_ITEMS = cli.MAX_SEQUENCE_ITEMS
 
 
 def _check_sequence(key: str, signature: str, proto: Any, max_width: int | None,
