@@ -9,7 +9,7 @@ once on the test split with `python -m model.evaluate`; the models that need no 
 are fitted inside `model.evaluate`. Model selection uses the valid split only: training
 evaluates on valid every `--eval-every` steps and at the end, and the checkpoint with the
 best valid Recall@20 (`RUN/best/`) is the one tested. Outputs: `results.json` = {"models": {NAME: METRICS + std + train_seconds +
-events_per_s + parameters}}, `results.md` (a table, best value per column in bold, HierTCN's
+events_per_s + parameters}} (train_seconds and events_per_s null for a fitted baseline), `results.md` (a table, best value per column in bold, HierTCN's
 relative gain over the best baseline) and `results.png` (Recall@20 / MRR@20 per model);
 `results_valid.*` with `--split valid`.
 Each test evaluation also writes the users' metric sums (`test_users.npz`), so that
@@ -272,6 +272,10 @@ def bar_chart(results: dict, path: str) -> None:
         ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, yerr=errs, label=key)
     ax.set_xticks(x, names, rotation=20)
     ax.set_ylabel(f"Recall@20 / MRR@20 ({results.get('split', 'test')} split)")
+    ruled_out = ("the current item ruled out" if results.get("rule_out_current") else
+                 "the user's seen items ruled out" if results.get("rule_out_seen") else "")
+    if ruled_out:  # (the plain chart's twin otherwise, beside it)
+        ax.set_title(ruled_out, fontsize=9)
     ax.legend()
     fig.tight_layout()
     write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
@@ -370,7 +374,8 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
             _evaluate(args, log_path, out, "--model", base, *extra)
         with open(out, encoding="utf-8") as f:
             entry = aggregate([json.load(f)])
-        entry.update(train_seconds=0.0, events_per_s=None, parameters=0)
+        # (fitted inside model.evaluate: no training time to report, "–" in the table)
+        entry.update(train_seconds=None, events_per_s=None, parameters=0)
         return entry
     runs, summaries = [], []
     for seed in range(args.seeds):

@@ -108,6 +108,11 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
         metrics = json.loads((out / "runs" / "popularity" / f"{split}.json").read_text())
         assert results["split"] == split == metrics["split"]
         assert results["models"]["popularity"]["events"] == metrics["events"]
+        # a fitted baseline has no training time: null and "–", not a measured 0
+        assert results["models"]["popularity"]["train_seconds"] is None
+        row = next(line for line in (out / name.replace(".json", ".md")).read_text().splitlines()
+                   if line.startswith("| popularity |"))
+        assert row.endswith("| – | – | 0 |"), row
         assert len(evaluate_lib.read_per_user(
             str(out / "runs" / "popularity" / f"{split}_users.npz"))["user_id"]) == users
     assert json.loads((out / "runs" / "popularity" / "valid.json").read_text())["split"] == "valid"
@@ -246,6 +251,18 @@ def test_an_output_that_is_another_commands_folder_is_refused_before_anything_ru
         assert said in capsys.readouterr().err
     assert sorted(os.listdir(data)) == before and sorted(os.listdir(run)) == [
         "checkpoints", "config.json"]
+
+
+def test_a_ruled_out_chart_says_so(tmp_path):
+    """The ruled-out evaluations' charts had the plain chart's labels: one seen alone could
+    not be told from it (analyst audit)."""
+    models = {"a": {"recall@20": 0.3, "mrr@20": 0.1}, "b": {"recall@20": 0.2, "mrr@20": 0.05}}
+    charts = {}
+    for name, flags in (("plain", {}), ("current", {"rule_out_current": True}),
+                        ("seen", {"rule_out_seen": True})):
+        compare.bar_chart({"split": "test", "models": models, **flags}, str(tmp_path / name))
+        charts[name] = (tmp_path / name).read_bytes()
+    assert len(set(charts.values())) == 3
 
 
 def test_rule_out_seen_has_its_own_files_and_excludes_the_other_rule(tmp_path, capsys):
