@@ -279,10 +279,23 @@ def time_format_error(fmt: str) -> str | None:
                 "own zone and then drops: use %z for offsets (+0100, +01:00, Z)")
     if not re.search(r"%[Yy]", fmt):
         return "holds no year (%Y or %y): every time would fall in 1900"
+    directives = re.findall(r"%[^%]", fmt.replace("%%", ""))
+    repeated = sorted({d for d in directives if directives.count(d) > 1})
+    if repeated:
+        return (f"repeats {', '.join(repeated)}: one of them is likely another directive "
+                "(%m is the month, %M the minutes)")
+    # a part without the larger one it belongs to: a month or an hour typed in the wrong
+    # case (%M is minutes): every time would fall in January, or in the first hour
+    for part, needs, name in (("dej", "mbBhj", "a day but no month (%m, %b or %B)"),
+                              ("M", "HIk", "minutes (%M) but no hour (%H or %I)"),
+                              ("S", "M", "seconds (%S) but no minutes (%M)")):
+        if any(f"%{p}" in directives for p in part if p != "j") and not any(
+                f"%{n}" in directives for n in needs):
+            return f"holds {name}: %m is the month, %M the minutes"
     sample = datetime.datetime(2021, 3, 2, 15, 8, 11, 250000, tzinfo=datetime.timezone.utc)
     try:
         datetime.datetime.strptime(sample.strftime(fmt), fmt)
-    except ValueError as e:
+    except (ValueError, re.error) as e:
         return f"cannot read the times it writes ({e})"
     return None
 

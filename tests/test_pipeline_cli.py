@@ -333,7 +333,13 @@ def test_text_times_in_another_layout_with_time_format(tmp_path, capsys):
             ("%m/%d %H:%M", [], "holds no year (%Y or %y): every time would fall in 1900"),
             ("%Y-%m-%d %Z", [], "holds %Z, a zone name, which Python's strptime reads only for "
                                 "the machine's own zone and then drops: use %z"),
-            ("%s %Y", [], "cannot read the times it writes ('s' is a bad directive")):
+            ("%s %Y", [], "cannot read the times it writes ('s' is a bad directive"),
+            # minutes typed for the month read every date as January (time audit), and a
+            # repeated directive was a traceback
+            ("%Y-%M-%d", [], "holds a day but no month (%m, %b or %B): %m is the month, %M "
+                             "the minutes"),
+            ("%Y-%m-%d %H:%m:%S", [], "repeats %m: one of them is likely another directive"),
+            ("%Y-%m-%d %M:%S", [], "holds minutes (%M) but no hour (%H or %I)")):
         assert cli.main(["--input", str(path), "--output", str(tmp_path / "x"), "--time-format",
                          fmt, *extra, *IN_MEMORY]) == 2
         assert said in capsys.readouterr().err
