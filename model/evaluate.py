@@ -255,7 +255,11 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     if rule_out_seen:
         out["rule_out_seen"] = True
     if per_user_output:
-        write_per_user(per_user_output, ids, acc.per_user(len(ids)))
+        try:
+            write_per_user(per_user_output, ids, acc.per_user(len(ids)))
+        except OSError as e:  # (the metrics go with the error: the caller can still say them)
+            e.metrics = out
+            raise
     return out
 
 
@@ -655,6 +659,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         written = " and ".join(p for p in (args.per_user_output, args.output) if p)
         where = storage.path_error(e)
         reason = where or storage.reason_or_raise(e)
+        result = getattr(e, "metrics", result)  # (a per-user file that could not be written)
         if result is not None:  # the metrics are not lost with the file: printed
             print(json.dumps(result, indent=2))
         print(f"{parser.prog}: error: cannot write {written or 'the results'}: {reason}"

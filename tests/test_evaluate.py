@@ -533,6 +533,20 @@ def test_metrics_that_cannot_be_written_after_the_evaluation_are_printed(full_da
     assert res.stderr.splitlines()[-1] == (f"python -m model.evaluate: error: cannot write {out}: "
                                            "File too large; the metrics are printed above")
     assert json.loads(res.stdout)["events"] > 0 and not out.exists()
+    # the per-user file, written first, fails the same way: the metrics were lost with it
+    # (failure-injection audit)
+    users = tmp_path / "u.npz"
+    res = subprocess.run(file_size_limited(256, [
+                             sys.executable, "-m", "model.evaluate", "--data", full_data,
+                             "--split", "test", "--model", "popularity", "--output", str(out),
+                             "--per-user-output", str(users)]),
+                         cwd=repo, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.splitlines()[-1] == (
+        f"python -m model.evaluate: error: cannot write {users} and {out}: File too large; "
+        "the metrics are printed above")
+    assert json.loads(res.stdout)["events"] > 0 and not out.exists() and not users.exists()
+    assert os.listdir(tmp_path) == []
 
 
 def test_progress_in_a_log_file_is_a_line_at_a_time():
