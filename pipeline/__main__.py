@@ -1407,6 +1407,32 @@ def main(argv=None, command: bool = False) -> int:
         return _main(argv, command)
 
 
+# The open files a local run needs at least: its workers, their gRPC channels and the
+# output files (it hung, or failed with tracebacks, under `ulimit -n 20`).
+MIN_OPEN_FILES = 64
+
+
+def _open_files_error() -> str | None:
+    """Raises this process's open-files limit to its hard limit (its workers inherit it);
+    why a local run cannot start under it, or None."""
+    try:
+        import resource
+    except ImportError:  # (not a POSIX system)
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        return (f"this process may open only {soft} files (ulimit -n), and a local run needs "
+                f"at least {MIN_OPEN_FILES}: raise the limit (ulimit -n 1024)")
+    return None
+
+
 def _say_start(output: str, files, options) -> None:
     """The start line, and a note on what earlier runs left beside `output`."""
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
@@ -1431,6 +1457,8 @@ def _main(argv=None, command: bool = False) -> int:
         args, output, files, config, options = _resolve(argv)
         from pipeline import sources
         reason = storage.temp_dir_error()  # Beam's pipeline makes one at its start
+        if not reason and options.get_all_options()["runner"] in LOCAL_RUNNERS:
+            reason = _open_files_error()
         if not reason:
             _say_start(output, files, options)
     except UsageError as e:

@@ -2428,3 +2428,27 @@ def test_every_command_says_its_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         model_cli.train_args(["--version"])
     assert exit_.value.code == 0 and pipeline.__version__ in capsys.readouterr().out
+
+
+def test_a_low_open_files_limit_is_raised_or_said_in_one_line(tmp_path):
+    """Under `ulimit -n 20` a local run hung or ended in tracebacks (failure-injection
+    audit): the soft limit is raised to the hard one, and a hard limit too low is one line."""
+    import resource
+
+    log = _log_with_bad_rows(tmp_path)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limits, out in (((20, 20), "low"), ((20, hard), "raised")):
+        run = subprocess.run([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
+                              str(tmp_path / out), "--min-item-count", "1"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300,
+                             preexec_fn=lambda limits=limits: resource.setrlimit(
+                                 resource.RLIMIT_NOFILE, limits))
+        if out == "low":
+            assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == (
+                "error: this process may open only 20 files (ulimit -n), and a local run needs "
+                f"at least 64: raise the limit (ulimit -n 1024); nothing was written to "
+                f"{tmp_path / out}"), run.stderr
+            assert not (tmp_path / out).exists()
+        else:
+            assert run.returncode == 0, run.stderr[-2000:]
+            assert check_output(str(tmp_path / out))[0]["rows_malformed"] == 1
