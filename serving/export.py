@@ -527,6 +527,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                        "source": source or {},
                        "code_version": pipeline.__version__,
                        "tensorflow_version": tf.__version__}, f, indent=2, default=str)
+        _check_whole(out, vocabulary.size)
         _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
         while True:
             try:
@@ -552,6 +553,26 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         if lock is not None:
             os.close(lock)
     return final
+
+
+def _check_whole(out: str, vocab_size: int) -> None:
+    """Raises ExportError unless `out` holds a whole SavedModel: its graph, its variables'
+    index and the vocabulary asset of `vocab_size` lines. (The temporary folder removed
+    while TensorFlow saved into it, which recreates the folders it writes, published a
+    version without its vocabulary: TensorFlow could not load it.)"""
+    asset = os.path.join(out, "assets", VOCAB_ASSET)
+    missing = [p for p in ("saved_model.pb", os.path.join("variables", "variables.index"),
+                           os.path.join("assets", VOCAB_ASSET))
+               if not os.path.isfile(os.path.join(out, p))]
+    lines = None
+    if not missing:
+        with open(asset, "rb") as f:
+            lines = sum(1 for _ in f)
+    if missing or lines != vocab_size:
+        what = (f"{', '.join(missing)} missing" if missing
+                else f"{VOCAB_ASSET} has {lines} lines, not {vocab_size}")
+        raise ExportError(f"the export is not whole ({what}: was its temporary folder removed "
+                          "meanwhile?); no version was published")
 
 
 # The versions this process has published (renamed into place), for what an interrupt says.

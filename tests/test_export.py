@@ -325,6 +325,26 @@ def test_export_is_atomic_and_refuses_to_overwrite(exported, monkeypatch):
     assert export.next_version(base) == 2
 
 
+def test_an_export_missing_a_file_is_never_published(exported, tmp_path, monkeypatch):
+    """Its temporary folder removed while TensorFlow saved into it (which recreates the
+    folders it writes), an export published a version without its vocabulary, which
+    TensorFlow could not load (failure-injection audit): a version is published whole."""
+    model, vocab, _, _ = exported
+    save = export.ServingModule.save
+
+    def save_then_lose_the_vocabulary(self, path):
+        save(self, path)
+        os.remove(os.path.join(path, "assets", export.VOCAB_ASSET))
+
+    monkeypatch.setattr(export.ServingModule, "save", save_then_lose_the_vocabulary)
+    base = tmp_path / "base"
+    with pytest.raises(export.ExportError, match=r"the export is not whole \(assets/item_ids.txt "
+                       r"missing: was its temporary folder removed meanwhile\?\); no version "
+                       r"was published"):
+        export.export_model(model, vocab, str(base))
+    assert os.listdir(base) == []
+
+
 def test_every_file_is_on_disk_before_the_version_is_published(exported, tmp_path, monkeypatch):
     """A power cut after the rename must not leave a version whose files never reached the
     disk (an empty saved_model.pb in a folder TF Serving loads): each file and folder of the
