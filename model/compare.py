@@ -763,13 +763,13 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
                               "seeds": args.seeds}}
         args.status = Status()
         for i, name in enumerate(names, 1):
-            t0 = time.time()
+            t0 = time.monotonic()
             args.label = f"[{i}/{len(names)}] {name}"
             print(f"{args.label} ...", file=sys.stderr, flush=True)
             results["models"][name] = run_model(name, args, log_path)
             m = results["models"][name]
             print(f"[{i}/{len(names)}] {name}: recall@20 {m['recall@20']:.4f}  "
-                  f"mrr@20 {m['mrr@20']:.4f}  ({time.time() - t0:.0f} s)", file=sys.stderr,
+                  f"mrr@20 {m['mrr@20']:.4f}  ({time.monotonic() - t0:.0f} s)", file=sys.stderr,
                   flush=True)
         results["relative_gain"] = relative_gain(
             results, per_user={n: model_per_user(n, args) for n in names})

@@ -67,9 +67,9 @@ def wait_for_server(proc: subprocess.Popen, output: ServerOutput, model: str,
                     timeout: float = 120) -> str:
     """Waits for the server's address, then polls GetModelStatus until a version is
     AVAILABLE; returns the address."""
-    deadline = time.time() + timeout
+    deadline = time.monotonic() + timeout
     while not output.ready.wait(0.5):
-        if proc.poll() is not None or time.time() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             break
     target = output.target
     if target is None:
@@ -86,7 +86,7 @@ def wait_for_server(proc: subprocess.Popen, output: ServerOutput, model: str,
     from serving.client import HierTCNClient, ServingError
 
     with HierTCNClient(target, model, timeout=2) as client:
-        while time.time() < deadline:
+        while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise SystemExit(f"demo stopped: the server exited with code {proc.returncode}")
             try:

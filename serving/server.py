@@ -1076,10 +1076,21 @@ def _not_a_base_path(path: str) -> str | None:
     return None
 
 
+def _utc_log_handler() -> logging.Handler:
+    """Log lines to stderr stamped in UTC, ISO 8601 with a Z (the machine's local time,
+    unzoned, could not be told from UTC in a log gathered from several machines)."""
+    formatter = logging.Formatter("%(asctime)s.%(msecs)03dZ %(name)s %(levelname)s %(message)s",
+                                  datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
     args = cli.server_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, handlers=[_utc_log_handler()])
     wrong = _not_a_base_path(args.model_base_path)
     if wrong:
         print(f"error: --model-base-path {args.model_base_path} {wrong}", file=sys.stderr)

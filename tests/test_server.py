@@ -913,3 +913,16 @@ def test_classify_regress_and_multi_inference_answer_as_tf_serving_does(served):
     time.sleep(0.5)  # (the server's log lines arrive through a pipe)
     assert not [line for line in served["server"].lines
                 if "Traceback" in line or "Exception calling application" in line]
+
+
+def test_log_lines_are_stamped_in_utc_with_a_z():
+    """They were the machine's local time without a zone (time audit)."""
+    import io
+    import logging
+
+    handler = server._utc_log_handler()
+    handler.stream = io.StringIO()
+    record = logging.LogRecord("serving.server", logging.INFO, __file__, 1, "ready", None, None)
+    record.created, record.msecs = 1_700_000_000.25, 250.0
+    handler.emit(record)
+    assert handler.stream.getvalue() == "2023-11-14T22:13:20.250Z serving.server INFO ready\n"
