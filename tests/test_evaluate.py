@@ -485,7 +485,9 @@ def test_a_full_disk_is_one_line_and_never_leaves_two_runs_files(full_data, tmp_
     assert res.returncode == 1, res.stderr
     # (the last line: TensorFlow's AutoGraph may warn that it cannot write its own files)
     assert res.stderr.splitlines()[-1] == (
-        f"python -m model.evaluate: error: cannot write {users} and {out}: File too large")
+        f"python -m model.evaluate: error: cannot write {users} and {out}: File too large; "
+        "the metrics are printed above")
+    assert json.loads(res.stdout)["events"] > 0
     assert "Traceback" not in res.stderr
     # the new per-user file could not be written: the earlier pair is as it was, and no
     # partial file is left
