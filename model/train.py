@@ -326,7 +326,14 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
         with schema.open_text(os.path.join(data_dir, schema.ITEMS_FILE)) as f:
             write_text(items_path, f.read())
     config_path = os.path.join(run_dir, registry.CONFIG_FILE)
-    if trained and os.path.exists(config_path):
+    if trained and not os.path.exists(config_path):
+        # (its folder removed while it trained: TensorFlow made a new one for the later
+        # checkpoints, without the config evaluation and export read)
+        raise registry.RunError(
+            f"{run_dir} holds checkpoints but no {registry.CONFIG_FILE} (was it removed while "
+            "the run trained?): the config they were trained with is unknown; train into a "
+            "new --model-dir")
+    if trained:
         saved = registry.load_saved_config(config_path)
         fixed = ("batch_size", "sessions_per_batch", "max_session_length")
         now = config.to_dict()
@@ -1200,6 +1207,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON
         "valid": valid, "best": best}
     writer.flush()  # (the last evaluation's scalars: the command skips the teardown)
+    if not os.path.exists(os.path.join(run_dir, registry.CONFIG_FILE)):
+        raise TrainingError(f"{run_dir} was removed while this run trained (its "
+                            f"{registry.CONFIG_FILE} is gone, and evaluation and export need "
+                            "it): train again into a new --model-dir")
     write_json(os.path.join(run_dir, SUMMARY_FILE), summary)
     return summary
 

@@ -213,6 +213,34 @@ def test_one_line_errors(data, config_file, tmp_path, capsys):
     assert "(model.dropout 0.3 -> 0.25; train.batch_size 4 -> 3; see" in err, err
 
 
+def test_a_run_folder_removed_while_it_trains_is_an_error_not_a_finished_run(
+        data, config_file, tmp_path, capsys, monkeypatch):
+    """Its folder removed mid-run, TensorFlow made a new one for the later checkpoints,
+    without config.json: the run and its rerun ("nothing to do") ended with status 0 and a
+    run that neither evaluation nor export could read (failure-injection audit)."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    scalar = train_lib._scalar
+
+    def remove_the_folder_once(name, value, step):
+        scalar(name, value, step)
+        if step == 10 and os.path.exists(os.path.join(run, "config.json")):
+            shutil.rmtree(run)
+
+    monkeypatch.setattr(train_lib, "_scalar", remove_the_folder_once)
+    assert train_lib.main(_args(data, run, config_file, "--steps", "12")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {run} was removed while this run trained (its config.json is "
+                       "gone, and evaluation and export need it): train again into a new "
+                       "--model-dir"), err
+    assert train_lib.main(_args(data, run, config_file, "--steps", "12")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {run} holds checkpoints but no config.json (was it removed while the run "
+        "trained?): the config they were trained with is unknown; train into a new "
+        "--model-dir")
+
+
 def test_a_run_folder_without_a_checkpoint_takes_new_data_and_options(data, config_file,
                                                                        tmp_path, capsys):
     """A command refused or killed before its first checkpoint (a damaged train shard found
