@@ -331,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backfill(client, store, args.data, batch_users=args.batch_users,
                          replace=args.replace, max_users=args.max_users, on_users=on_users,
                          counts=counts, names=names, refresh=args.refresh)
+                if store.moved():
+                    print(f"error: {args.state_db} was removed or replaced while the backfill "
+                          f"ran: the {counts.users:,} users it stored went to a file no one "
+                          "can open now; run it again", file=sys.stderr)
+                    return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "
               "whole); the same command goes on from there", file=sys.stderr)

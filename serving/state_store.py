@@ -268,6 +268,7 @@ class SQLiteStateStore(StateStore):
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
+            self._identity = _identity(path)
             self._wal(max(busy_timeout_s, 1.0))
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(self._SCHEMA)
@@ -311,6 +312,11 @@ class SQLiteStateStore(StateStore):
                 if not _locked(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(random.uniform(0.005, 0.05))
+
+    def moved(self) -> bool:
+        """Whether the path no longer names the file this store opened (removed, or
+        replaced by another): the writes since went to a file no one can open again."""
+        return self._identity is not None and _identity(self.path) != self._identity
 
     def close(self) -> None:
         """Closes the connection."""
@@ -449,6 +455,15 @@ def _advice(e: sqlite3.DatabaseError) -> str:
         return ("the file is damaged: restore it from a backup or pass another --state-db "
                 "(`sqlite3 FILE .recover` salvages what it can)")
     return "pass another --state-db"
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, None for none (or an in-memory database)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _create_private(path: str) -> None:

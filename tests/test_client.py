@@ -924,6 +924,30 @@ def test_backfill_says_a_record_written_meanwhile_may_be_another_backfills(capsy
                         "again handles them"), out
 
 
+def test_backfill_whose_state_file_was_removed_meanwhile_says_so(capsys, served, tmp_path,
+                                                                  monkeypatch):
+    """Its state file removed while it ran, a backfill said it had stored its users (they
+    went to a file no one can open; failure-injection audit)."""
+    from serving import backfill
+    from tiny_logs import write_data
+
+    data = write_data(str(tmp_path / "data"), 10, [[[2, 3, 4]], [[5, 6]]])
+    db = tmp_path / "states.sqlite"
+    real_store = backfill._store
+
+    def store_then_remove_the_file(*args):
+        real_store(*args)
+        if db.exists():
+            os.remove(db)
+
+    monkeypatch.setattr(backfill, "_store", store_then_remove_the_file)
+    assert backfill.main(["--data", data, "--target", served["server"].target, "--model-name",
+                          NAME, "--state-db", str(db), "--no-progress"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {db} was removed or replaced while the backfill ran: the 2 users it stored "
+        "went to a file no one can open now; run it again")
+
+
 def test_refresh_appends_the_sessions_stored_after_the_logs_last_one():
     """Lifecycle audit: `--refresh` re-appended the stored count beyond the log's, which
     disagrees with the contents where the two pipeline runs or a live one-item session

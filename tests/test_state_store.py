@@ -617,3 +617,19 @@ def test_a_rolled_back_version_behind_by_count_but_not_by_content_is_served_as_s
     state_store.end_session(store, "u", 2, 1, update, ["g"])
     resolved = resolve_state(store, "u", 1, 1, update)
     assert resolved.source == "caught_up" and resolved.state.tolist() == [6.0]
+
+
+def test_a_store_knows_when_its_file_was_removed_or_replaced(tmp_path):
+    """A backfill whose state file was removed while it ran said it had stored its users
+    (failure-injection audit): the store can tell, and the backfill says it."""
+    path = tmp_path / "s.sqlite"
+    with SQLiteStateStore(str(path)) as store:
+        store.put("u", 1, np.zeros(2, np.float32), [["a"]])
+        assert not store.moved()
+        os.remove(path)
+        store.put("v", 1, np.zeros(2, np.float32), [["b"]])
+        assert store.moved()
+    with SQLiteStateStore(str(path)) as store:
+        sqlite3.connect(tmp_path / "other.sqlite").close()
+        os.replace(tmp_path / "other.sqlite", path)
+        assert store.moved()
