@@ -794,8 +794,9 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         if where:
             print(f"error: cannot write under {args.output}: {where}", file=sys.stderr)
             return 2
-        print(f"error: cannot write under {args.output}: {storage.reason_or_raise(e)}; the "
-              "finished runs are kept: make room and rerun the same command", file=sys.stderr)
+        reason = storage.reason_or_raise(e)
+        print(f"error: cannot write under {args.output}: {reason}; the finished runs are "
+              f"kept: {storage.remedy(reason)} and rerun the same command", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the finished runs are kept and an unfinished one has its last "

@@ -1451,10 +1451,11 @@ def _storage_failure(args: argparse.Namespace, e: BaseException) -> int:
     reason = storage.reason_or_raise(e)
     _remove_partial_saves(args.model_dir)
     kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
+    fix = storage.remedy(reason)
     print(f"error: cannot write to {args.model_dir}: {reason}; "
-          + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): make room "
+          + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): {fix} "
              "and rerun the same command to resume" if kept else
-             "no checkpoint was complete, so any steps trained are lost: make room and "
+             f"no checkpoint was complete, so any steps trained are lost: {fix} and "
              "rerun the same command to start again"), file=sys.stderr)
     return 1
 

@@ -31,6 +31,12 @@ def storage_error(e: BaseException | None) -> str | None:
     return None
 
 
+def remedy(reason: str) -> str:
+    """What to do about a `storage_error` reason: "make room", or, for a read-only file
+    system, "make it writable"."""
+    return "make it writable" if reason == os.strerror(errno.EROFS) else "make room"
+
+
 def temp_dir_error() -> str | None:
     """Why no temporary folder can be written, when none can: Beam's pipeline and
     TensorFlow's import (absl) need one, and Python's `tempfile` then raises "No usable

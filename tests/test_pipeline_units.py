@@ -645,6 +645,11 @@ def test_storage_error_finds_a_full_disk_through_every_layer():
         assert storage_error(e) == "Disk quota exceeded"
     assert storage_error(OSError(errno.ENOENT, "No such file or directory")) is None
     assert storage_error(ValueError("bad value")) is None and storage_error(None) is None
+    # what to do: a read-only file system wants no room (failure-injection audit: it said so)
+    from pipeline.storage import remedy
+    read_only = storage_error(OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    assert remedy(read_only) == "make it writable"
+    assert remedy("No space left on device") == remedy("File too large") == "make room"
     # an entry point's one line, or the error itself again
     from pipeline.storage import reason_or_raise
 
