@@ -354,26 +354,34 @@ def main(argv: Sequence[str] | None = None) -> int:
               "state_db": args.state_db, **dataclasses.asdict(counts)}
     same = counts.kept - counts.kept_older - counts.changed
     older = counts.kept_older - (counts.kept_uncounted if args.refresh else 0)
+    def users(n: int, rest: str) -> str:
+        """"N users<rest>", or for one "1 user<rest>" with its verbs and nouns singular."""
+        if n != 1:
+            return f"{n:,} users{rest}"
+        for plural, singular in (("' records", "'s record"), (" were ", " was "),
+                                 ("' states", "'s state")):
+            rest = rest.replace(plural, singular)
+        return f"1 user{rest}"
+
     print(json.dumps(result) if args.json else
-          f"stored {counts.users:,} users' states ({counts.sessions:,} sessions, "
+          f"stored {users(counts.users, chr(39) + ' states')} ({counts.sessions:,} sessions, "
           f"{counts.events:,} events) for {args.model_name} version {version} in "
           f"{args.state_db}"
           + (f" ({counts.refreshed:,} over an older version's record)" if counts.refreshed
              else "")
-          + (f"; {same:,} users already there were kept (a record of this version, which "
-             "--replace overwrites, or of a newer one)" if same else "")
-          + (f"; {older:,} users whose newest record is an older version's were kept: this "
-             "version rebuilds each from its stored recent sessions on its first request "
-             "(--refresh folds the log for them, then the sessions stored since)"
-             if older else "")
-          + (f"; {counts.kept_uncounted:,} users whose newest record is an older version's "
-             "without a session count (written before the store counted sessions) were kept: "
-             "nothing says which of their stored sessions the log holds"
-             if args.refresh and counts.kept_uncounted else "")
-          + (f"; {counts.changed:,} users' records changed while this ran (written by a "
-             "live end-session or another backfill) and were kept: the same command again "
-             "handles them"
-             if counts.changed else ""))
+          + ("; " + users(same, " already there were kept (a record of this version, which "
+                                "--replace overwrites, or of a newer one)") if same else "")
+          + ("; " + users(older, " whose newest record is an older version's were kept: this "
+                                 "version rebuilds each from its stored recent sessions on its "
+                                 "first request (--refresh folds the log for them, then the "
+                                 "sessions stored since)") if older else "")
+          + ("; " + users(counts.kept_uncounted, " whose newest record is an older version's "
+                          "without a session count (written before the store counted "
+                          "sessions) were kept: nothing says which of their stored sessions "
+                          "the log holds") if args.refresh and counts.kept_uncounted else "")
+          + ("; " + users(counts.changed, "' records changed while this ran (written by a "
+                          "live end-session or another backfill) and were kept: the same "
+                          "command again handles them") if counts.changed else ""))
     return 0
 
 

@@ -860,8 +860,8 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert backfill.main([a for a in argv if a != "--json"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(
         "; 2 users already there were kept (a record of this version, which --replace "
-        "overwrites, or of a newer one); 1 users whose newest record is an older version's "
-        "were kept: this version rebuilds each from its stored recent sessions on its first "
+        "overwrites, or of a newer one); 1 user whose newest record is an older version's "
+        "was kept: this version rebuilds each from its stored recent sessions on its first "
         "request (--refresh folds the log for them, then the sessions stored since)")
     # --refresh (a model refresh): the log's session, then the one the store ended since
     # (its count beyond the log's): the record of ending both in turn on this version
@@ -885,8 +885,8 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
         filled.put("train2", 1, np.zeros(c.state_size(), np.float32), [["item9"]])
     assert backfill.main([a for a in argv if a != "--json"] + ["--refresh"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(
-        "; 1 users whose newest record is an older version's without a session count (written "
-        "before the store counted sessions) were kept: nothing says which of their stored "
+        "; 1 user whose newest record is an older version's without a session count (written "
+        "before the store counted sessions) was kept: nothing says which of their stored "
         "sessions the log holds")
     other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
     fresh = tmp_path / "fresh.sqlite"
@@ -919,8 +919,8 @@ def test_backfill_says_a_record_written_meanwhile_may_be_another_backfills(capsy
     assert backfill.main(["--data", data, "--target", served["server"].target, "--model-name",
                           NAME, "--state-db", db, "--no-progress"]) == 0
     out = capsys.readouterr().out.strip()
-    assert out.endswith("; 1 users' records changed while this ran (written by a live "
-                        "end-session or another backfill) and were kept: the same command "
+    assert out.endswith("; 1 user's record changed while this ran (written by a live "
+                        "end-session or another backfill) and was kept: the same command "
                         "again handles them"), out
 
 
