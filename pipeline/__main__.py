@@ -354,9 +354,10 @@ def _non_empty(files, fmt: str = "csv") -> tuple[list, dict, list]:
                     for row in read(path, 1 + TIME_SAMPLE_ROWS)] if size else []
         else:
             head = sources.read_first_lines(path, 1 + TIME_SAMPLE_ROWS) if size else []
-            if len(head) < 1 + TIME_SAMPLE_ROWS and not any(
+            if len(head) < 1 + TIME_SAMPLE_ROWS and not getattr(head, "long", None) and not any(
                     line.lstrip(b"\xef\xbb\xbf").strip() for line in head):
                 head = []  # only blank lines (an empty frame's export, `echo > f`): no rows
+                # (a line over sources.MAX_LINE_BYTES is a row: a malformed one)
         if head:
             kept.append((path, size))
             heads[path] = head

@@ -246,25 +246,26 @@ def _match(pattern: str, hidden: list | None = None) -> list[tuple[str, int]]:
 
 def read_first_lines(path: str, n: int) -> list[bytes]:
     """The first `n` lines of a file (fewer if it is shorter), without line ends; also
-    proves the file is readable. A line over `MAX_LINE_BYTES` is b"" (the run counts it
-    malformed).
+    proves the file is readable. A line over `MAX_LINE_BYTES` is b"" there, and in the
+    `long` of the `Lines` returned (the run counts it malformed).
 
     Raises:
       InputError: the file cannot be opened or read.
     """
     try:
-        lines = []
+        lines, long = [], {}
         with open_input(path) as f:
             for _ in range(n):
-                line = f.readline(MAX_LINE_BYTES + 1)
+                line = f.readline(MAX_LINE_BYTES + 2)  # (the longest, its newline, and one)
                 if not line:
                     break
-                if len(line) > MAX_LINE_BYTES:
+                if len(line) - line.endswith(b"\n") > MAX_LINE_BYTES:
                     if not line.endswith(b"\n"):
                         _read_past_line(f)
+                    long[len(lines)] = line[:LONG_LINE_PREFIX]
                     line = b""
                 lines.append(line.rstrip(b"\r\n"))
-        return lines
+        return _lines(lines, long)
     except Exception as e:  # any I/O failure of any filesystem is the user's to fix
         kind = _compression(path)
         hint = ""

@@ -2416,6 +2416,16 @@ def test_a_line_over_the_bound_is_one_malformed_row_with_its_start(tmp_path, mon
              for line in open(out / "malformed" / f, encoding="utf-8")]
     assert (bad["line"], bad["reason"]) == (9, "line longer than 16 MiB")
     assert bad["raw"] == rows[7][:sources.LONG_LINE_PREFIX] + "..."
+    # a file of such lines alone is no empty file to skip: its rows are malformed (review)
+    other = tmp_path / "blob.csv"
+    other.write_text("u9,i9," + "7" * 300 + "\n" + "u9,i8," + "7" * 300)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out2"
+    assert cli.main(["--input", str(plain), "--input", str(other), "--output", str(out),
+                     "--min-item-count", "1", "--columns", "user,item,time", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["rows_malformed"] == 3 and stats["malformed_reasons"] == {parse.LINE_TOO_LONG: 3}
 
 
 def test_every_command_says_its_version(capsys):

@@ -1201,5 +1201,12 @@ def test_lines_over_the_bound_are_read_past_and_numbered_in_place(tmp_path, monk
             newlines[(0, k)] = n
             got.append((k, owned))
         assert _numbered(got, newlines) == (want, long_starts), block
-    assert sources.read_first_lines(str(gz), 6) == [b"row000", b"row001", b"row002", b"", b"",
-                                                      b"row005"]
+    head = sources.read_first_lines(str(gz), 6)
+    assert head == [b"row000", b"row001", b"row002", b"", b"", b"row005"]
+    assert head.long == {3: b"big03", 4: b"big04"}
+    # a line of exactly the bound is a row in every reader, its newline or CRLF aside (review)
+    edge = tmp_path / "edge.csv"
+    edge.write_bytes(b"x" * 40 + b"\n" + b"y" * 39 + b"\r\n" + b"z" * 41 + b"\n")
+    assert sources.read_first_lines(str(edge), 3) == [b"x" * 40, b"y" * 39, b""]
+    owned, _ = sources.read_range(sources.ByteRange(str(edge), 0, 0, 0, edge.stat().st_size))
+    assert owned == [b"x" * 40, b"y" * 39 + b"\r", b""] and owned.long == {2: b"zzzzz"}
