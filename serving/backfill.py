@@ -177,10 +177,13 @@ def with_sessions_since(sessions: list[list[str]], stored: state_store.UserState
     alone folded a session twice). The newest record holds the
     last few sessions (an older one cut to the history bound).
     """
-    counted = max(stored.sessions_total - len(sessions), 0)
-    beyond = state_store.sessions_behind(stored.sessions, sessions[-1] if sessions else (),
-                                         counted, sessions[-2] if len(sessions) > 1 else None)
-    beyond = min(counted if beyond is None else beyond, len(stored.sessions))
+    counted = stored.sessions_total - len(sessions)
+    if counted < 0:  # the store is behind the log (its count must include the log's): none
+        beyond = 0
+    else:
+        beyond = state_store.sessions_behind(stored.sessions, sessions[-1] if sessions else (),
+                                             counted, sessions[-2] if len(sessions) > 1 else None)
+        beyond = min(counted if beyond is None else beyond, len(stored.sessions))
     since = [list(s) for s in stored.sessions[len(stored.sessions) - beyond:]]
     return sessions + since, max(stored.sessions_total, len(sessions) + beyond)
 

@@ -977,6 +977,11 @@ def test_refresh_appends_the_sessions_stored_after_the_logs_last_one():
     # a repeated session is no alignment without the log's session before it: the counts
     assert backfill.with_sessions_since(log, stored([["q"], ["e", "f"], ["r"], ["s"]], 3)) == (
         log, 3)
+    # a store behind the log (fewer sessions counted): nothing, even where a repeated pair
+    # of sessions would line up with an older place (review)
+    repeating = [["p"], ["l"], ["q"], ["p"], ["l"]]
+    assert backfill.with_sessions_since(repeating, stored([["p"], ["l"], ["q"]], 3)) == (
+        repeating, 5)
 
 
 def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):
