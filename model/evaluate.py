@@ -631,10 +631,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             from model import processes
 
             processes.ignore_stop_signals()
-        if args.sample_users:
-            result["sample"] = {"users": sample.users, "of_users": sample.all_users,
-                                "target_events": sample.events,
-                                "of_target_events": sample.all_events}
+        _complete(result, args, sample if args.sample_users else None, code)
         note = heavy_user_note(result)
         if note:
             print(note, file=sys.stderr)
@@ -650,7 +647,6 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                 os.remove(args.output)
             os.replace(per_user, args.per_user_output)
         if args.output:
-            result["code"] = code
             write_json(args.output, result)
     except user_errors as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -659,7 +655,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         written = " and ".join(p for p in (args.per_user_output, args.output) if p)
         where = storage.path_error(e)
         reason = where or storage.reason_or_raise(e)
-        result = getattr(e, "metrics", result)  # (a per-user file that could not be written)
+        if result is None and hasattr(e, "metrics"):  # (a per-user file that failed)
+            result = _complete(e.metrics, args, sample if args.sample_users else None, code)
         if result is not None:  # the metrics are not lost with the file: printed
             print(json.dumps(result, indent=2))
         print(f"{parser.prog}: error: cannot write {written or 'the results'}: {reason}"
@@ -675,6 +672,18 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             os.remove(per_user)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _complete(result: dict, args, sample, code) -> dict:
+    """The metrics as written and printed: with the sample of users they cover (None:
+    every user) and, for a file, the code's digest."""
+    if sample is not None:
+        result["sample"] = {"users": sample.users, "of_users": sample.all_users,
+                            "target_events": sample.events,
+                            "of_target_events": sample.all_events}
+    if args.output:
+        result["code"] = code
+    return result
 
 
 if __name__ == "__main__":

@@ -541,13 +541,17 @@ def test_metrics_that_cannot_be_written_after_the_evaluation_are_printed(full_da
     res = subprocess.run(file_size_limited(256, [
                              sys.executable, "-m", "model.evaluate", "--data", full_data,
                              "--split", "test", "--model", "popularity", "--output", str(out),
-                             "--per-user-output", str(users)]),
+                             "--per-user-output", str(users), "--sample-users", "3"]),
                          cwd=repo, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     assert res.stderr.splitlines()[-1] == (
         f"python -m model.evaluate: error: cannot write {users} and {out}: File too large; "
         "the metrics are printed above")
-    assert json.loads(res.stdout)["events"] > 0 and not out.exists() and not users.exists()
+    printed = json.loads(res.stdout)  # as --output would hold them: the sample said (review)
+    sample = printed["sample"]
+    assert printed["events"] > 0 and sample["users"] == min(3, sample["of_users"])
+    assert "code" in printed
+    assert not out.exists() and not users.exists()
     assert os.listdir(tmp_path) == []
 
 
