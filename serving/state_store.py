@@ -265,6 +265,9 @@ class SQLiteStateStore(StateStore):
         self.versions_kept = versions_kept
         self._lock = threading.Lock()
         _create_private(path)
+        denied = _access_error(path)
+        if denied:
+            raise ValueError(denied)
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
@@ -464,6 +467,37 @@ def _identity(path: str) -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return st.st_dev, st.st_ino
+
+
+def _access_error(path: str) -> str | None:
+    """Why this user cannot use the store file, or None. SQLite in WAL mode writes the
+    file's `-wal` and `-shm` beside it, also to read: a user who may only read it made them
+    as their own, and locked its owner out of the store."""
+    if path == ":memory:" or path.startswith("file:") or not os.path.exists(path):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    effective = os.access in os.supports_effective_ids  # (the ids the process opens with)
+
+    def may(p: str, mode: int) -> bool:
+        return os.access(p, mode, effective_ids=effective)
+
+    if may(path, os.R_OK | os.W_OK) and (
+            may(folder, os.W_OK | os.X_OK)
+            or all(may(path + end, os.R_OK | os.W_OK) for end in ("-wal", "-shm"))):
+        return None
+    try:
+        st = os.stat(path)
+        import pwd
+        owner = f"{pwd.getpwuid(st.st_uid).pw_name}'s"
+    except (ImportError, KeyError, OSError):
+        owner, st = "another user's", None
+    mode = f", mode {st.st_mode & 0o777:o}" if st is not None else ""
+    what = ("this user may not read and write it" if not may(path, os.R_OK | os.W_OK)
+            else f"this user may not write its folder {folder}, where SQLite keeps the "
+                 "-wal and -shm files it needs even to read")
+    return (f"cannot use state database {path} ({owner}{mode}): {what}; ask its owner for "
+            "access (chmod g+rw, the same group, and a group-writable folder) or pass "
+            "another --state-db")
 
 
 def _create_private(path: str) -> None:

@@ -633,3 +633,34 @@ def test_a_store_knows_when_its_file_was_removed_or_replaced(tmp_path):
         sqlite3.connect(tmp_path / "other.sqlite").close()
         os.replace(tmp_path / "other.sqlite", path)
         assert store.moved()
+
+
+def test_a_user_who_may_not_write_the_file_is_refused_before_sqlite_touches_it(tmp_path):
+    """In WAL mode SQLite writes -wal and -shm beside the file even to read: a user who
+    could only read it made them as their own and locked its owner out (unprivileged-user
+    audit). Such a user is refused in one line, and nothing is made beside the file."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, "s.sqlite")
+        with SQLiteStateStore(path) as store:
+            store.put("u", 1, np.zeros(2, np.float32), [["a"]])
+        made = sorted(os.listdir(folder))
+        if os.geteuid() == 0:  # root may write anything: be someone else for the check
+            os.seteuid(65534)
+        else:
+            os.chmod(path, 0o400)
+        try:
+            with pytest.raises(ValueError, match=r"cannot use state database .*s\.sqlite \(\S+ "
+                               r"mode \d+\): this user may not read and write it; ask its "
+                               r"owner for access"):
+                SQLiteStateStore(path)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+        assert sorted(os.listdir(folder)) == made
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
