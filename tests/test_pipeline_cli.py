@@ -2462,3 +2462,43 @@ def test_a_low_open_files_limit_is_raised_or_said_in_one_line(tmp_path):
         else:
             assert run.returncode == 0, run.stderr[-2000:]
             assert check_output(str(tmp_path / out))[0]["rows_malformed"] == 1
+
+
+def test_overwrite_of_an_output_this_user_cannot_remove_is_refused_before_the_run(tmp_path,
+                                                                                  capsys):
+    """Another user's output in a shared folder: the run went through, then ended in a
+    traceback with the old output half replaced (unprivileged-user audit)."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp")
+    try:
+        os.chmod(base, 0o1777)  # a shared, sticky folder (as /tmp)
+        log = os.path.join(base, "log.csv")
+        shutil.copy(_log_with_bad_rows(tmp_path), log)
+        os.chmod(log, 0o644)
+        out = os.path.join(base, "out")
+        argv = ["--input", log, "--output", out, "--min-item-count", "1", *IN_MEMORY]
+        assert cli.main(argv) == 0
+        before = sorted(os.listdir(out))
+        if os.geteuid() == 0:  # root may replace anything: be someone else for the check
+            os.seteuid(65534)
+            said = (f"--overwrite cannot replace {out}: it is another user's, in {base}, where "
+                    "only a folder's owner may move it (the sticky bit, as in /tmp)")
+        else:
+            os.chmod(os.path.join(out, "train"), 0o500)
+            said = (f"--overwrite cannot replace {out}: this user may not delete what "
+                    f"{os.path.join(out, 'train')} holds (another user's?)")
+        try:
+            capsys.readouterr()
+            assert cli.main(argv + ["--overwrite"]) == 2
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+            os.chmod(os.path.join(out, "train"), 0o755)
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {said}: pass another --output, or ask its owner")
+        assert sorted(os.listdir(out)) == before
+        assert [n for n in os.listdir(base) if n.startswith(".")] == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
