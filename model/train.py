@@ -1277,8 +1277,9 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps int64 [n], values float64 [n]) of a scalar the training loop logged to
     RUN/logs for TensorBoard, in step order: `loss` and `events_per_s` (the rate of the
     process that logged it, as its progress bar shows it; `train_summary.json`'s is the
-    whole run's) every `LOG_EVERY` steps, `valid/<metric>` at each valid evaluation. A step logged by more than one process
-    (a resumed run repeats the steps after its last checkpoint) keeps its latest value.
+    whole run's) every `LOG_EVERY` steps, `valid/<metric>` at each valid evaluation. A step
+    logged by more than one process (a resumed run repeats the steps after its last
+    checkpoint) keeps its latest value.
 
     Raises:
       FileNotFoundError: RUN/logs holds no event file.
