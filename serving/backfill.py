@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return f"1 user{rest}"
 
     print(json.dumps(result) if args.json else
-          f"stored {users(counts.users, chr(39) + ' states')} ({counts.sessions:,} sessions, "
+          "stored " + users(counts.users, "' states") + f" ({counts.sessions:,} sessions, "
           f"{counts.events:,} events) for {args.model_name} version {version} in "
           f"{args.state_db}"
           + (f" ({counts.refreshed:,} over an older version's record)" if counts.refreshed
