@@ -67,6 +67,8 @@ EVALUATION_DUE = "evaluation_due_at"  # key of a checkpoint's position: see `sav
 # trained it ({"seconds", "step_seconds", "events", "timed_events"}: see `save`)
 TRAINED = "trained"
 SUMMARY_FILE = registry.SUMMARY_FILE
+# RUN/logs: TensorBoard's event files.
+LOGS_DIR = "logs"
 LOG_EVERY = 10
 
 
@@ -835,6 +837,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     # Two kept: the one best.json names survives until best.json names the next.
     best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                               os.path.join(run_dir, registry.BEST_DIR), max_to_keep=2)
+    # the run's folders made here, as the umask says (TensorFlow makes them 0755 whatever it
+    # says: a group sharing the run with umask 002 could not resume it); best/ when a best
+    # is saved (none: no folder)
+    for folder in (registry.CHECKPOINT_DIR, LOGS_DIR):
+        os.makedirs(os.path.join(run_dir, folder), exist_ok=True)
     _remove_partial_saves(run_dir)
     best = registry.read_best(run_dir)
     if best is not None and not manager.latest_checkpoint:
@@ -929,7 +936,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     print(f"training {config.model_name} ({output}){head}: "
           f"{steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
           f"{data_dir} -> {run_dir}", file=sys.stderr)
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "logs"))
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, LOGS_DIR))
     # The bar counts this process's steps (its time estimate assumes it started at 0) and
     # goes to stderr with the rest of the progress: stdout holds the summary JSON alone.
     bar = tf.keras.utils.Progbar(total_steps - start_step, stateful_metrics=["loss"],
@@ -1053,6 +1060,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                       file=sys.stderr)
                 told_no_targets = True
         elif is_better(metrics, best):
+            os.makedirs(os.path.join(run_dir, registry.BEST_DIR), exist_ok=True)  # (umask's)
             path = best_manager.save(checkpoint_number=step)
             best = {"step": step, "checkpoint": os.path.basename(path), **metrics}
             write_json(os.path.join(run_dir, registry.BEST_DIR, registry.BEST_FILE), best)
@@ -1284,7 +1292,7 @@ def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
     Raises:
       FileNotFoundError: RUN/logs holds no event file.
     """
-    files = tf.io.gfile.glob(os.path.join(run_dir, "logs", "events.out.tfevents.*"))
+    files = tf.io.gfile.glob(os.path.join(run_dir, LOGS_DIR, "events.out.tfevents.*"))
     if not files:
         raise FileNotFoundError(f"no TensorBoard event file in {os.path.join(run_dir, 'logs')}")
     latest: dict[int, tuple[float, float]] = {}  # step -> (wall time, value)

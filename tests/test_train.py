@@ -241,6 +241,20 @@ def test_a_run_folder_removed_while_it_trains_is_an_error_not_a_finished_run(
         "--model-dir")
 
 
+def test_the_run_folders_follow_the_umask(data, config_file, tmp_path):
+    """TensorFlow made checkpoints/, best/ and logs/ 0755 whatever the umask: a group
+    sharing the run with umask 002 could not resume it (unprivileged-user audit)."""
+    run = tmp_path / "run"
+    old = os.umask(0o002)
+    try:
+        assert train_lib.main(_args(data, str(run), config_file, "--steps", "10",
+                                    "--eval-every", "5")) == 0
+    finally:
+        os.umask(old)
+    for folder in ("checkpoints", "best", "logs"):
+        assert (run / folder).stat().st_mode & 0o777 == 0o775, folder
+
+
 def test_a_run_folder_without_a_checkpoint_takes_new_data_and_options(data, config_file,
                                                                        tmp_path, capsys):
     """A command refused or killed before its first checkpoint (a damaged train shard found
@@ -610,7 +624,8 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
         (_args(data, str(compared), config_file),
          f"--model-dir {compared} is a model.compare output: pass a run folder"),
         (_args(data, str(blocked), config_file, "--steps", "2", "--eval-every", "0"),
-         f"cannot write to {blocked}: {blocked}/checkpoints is not a directory"),
+         f"cannot write to {blocked}: {blocked}/checkpoints is a file where a folder is "
+         "needed"),
         (_args(data, run, str(tmp_path)), f"cannot read config file {tmp_path}: Is a directory"),
         (_args(data, run, str(not_utf8)), f"config file {not_utf8} is not valid JSON: 'utf-8'"),
         (_args(empty, run + "2", config_file), "the train split of " + empty + " has no events"),
