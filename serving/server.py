@@ -594,7 +594,20 @@ def version_folders(base_path: str) -> dict[int, str]:
     except OSError:
         return {}
     return {v: n for n in names if (v := export.version_number(n)) is not None
-            and os.path.exists(os.path.join(base_path, n, "saved_model.pb"))}
+            and _holds_saved_model(os.path.join(base_path, n))}
+
+
+def _holds_saved_model(folder: str) -> bool:
+    """Whether a version folder holds a SavedModel; one this process may not read counts (its
+    load fails and says why, the status END with the error, as TF Serving reports it: it
+    was ignored without a word, another user's export made with umask 077)."""
+    try:
+        os.stat(os.path.join(folder, "saved_model.pb"))
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def list_versions(base_path: str) -> list[int]:

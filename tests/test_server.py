@@ -812,6 +812,37 @@ def test_version_folders_with_leading_zeros(tmp_path):
                          in_process(base, "007", "next_items", INPUTS["next_items"]))
 
 
+def test_a_version_folder_this_process_may_not_read_is_a_version_that_fails_to_load(tmp_path):
+    """Another user's export made with umask 077 was ignored without a word (the old
+    version served on, "AVAILABLE"): it is a version whose load fails, its status END with
+    the error, as TF Serving reports it (unprivileged-user audit)."""
+    import shutil
+    import tempfile
+
+    vocab = lib.tiny_vocabulary()
+    base = tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp")
+    try:
+        os.chmod(base, 0o755)
+        export.export_model(lib.tiny_model(vocab, seed=1), vocab, base, version=1)
+        export.export_model(lib.tiny_model(vocab, seed=2), vocab, base, version=2)
+        os.chmod(os.path.join(base, "2"), 0o700 if os.geteuid() == 0 else 0o000)
+        if os.geteuid() == 0:  # root may read anything: be someone else for the check
+            os.seteuid(65534)
+        try:
+            assert server.list_versions(base) == [1, 2]
+            manager = server.ModelManager(NAME, base, num_versions=2)
+            manager.poll()
+            statuses = {s[0]: s for s in _statuses(manager)}
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+        assert statuses[1][1] == "AVAILABLE" and statuses[2][1] == "END", statuses
+        assert "Permission denied" in str(statuses[2]), statuses
+    finally:
+        os.chmod(os.path.join(base, "2"), 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_version_number_beyond_int64_is_no_version(tmp_path):
     """TF Serving reads version folder names as int64 and skips a larger number; served,
     it answered INTERNAL to every call (it does not fit the replies' model_spec.version),
