@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shlex
-import stat
 import sys
 import threading
 import time
@@ -1031,7 +1030,7 @@ def _check_replaceable(output: str, inputs: list[str]) -> None:
                          f"{schema.ITEMS_FILE} or split folders): --overwrite only replaces "
                          "an earlier run's output; pick another --output")
     if local:
-        denied = _removal_error(output)
+        denied = outputs.replace_problem(output)
         if denied:
             raise UsageError(f"--overwrite cannot replace {output}: {denied}: pass another "
                              "--output, or ask its owner")
@@ -1045,34 +1044,6 @@ def _check_replaceable(output: str, inputs: list[str]) -> None:
         raise UsageError(f"output {output} holds {shown}, which the pipeline does not write"
                          f"{what}: --overwrite would delete them; pick another --output (or "
                          "move them out first)")
-
-
-def _removal_error(output: str) -> str | None:
-    """Why this user cannot move a local output folder aside and delete it (another user's,
-    in a folder it may not write or a sticky one like /tmp, or holding folders it may not
-    write), or None. Found after the whole run, it was a traceback with the old output half
-    replaced."""
-    effective = os.access in os.supports_effective_ids
-
-    def may(path: str) -> bool:
-        return os.access(path, os.W_OK | os.X_OK, effective_ids=effective)
-
-    parent = os.path.dirname(os.path.abspath(output))
-    if not may(parent):
-        return f"this user may not write its folder {parent}"
-    try:
-        st, parent_st = os.stat(output), os.stat(parent)
-    except OSError as e:
-        return f"{e.strerror}: {output}"
-    me = os.geteuid()
-    if parent_st.st_mode & stat.S_ISVTX and me not in (0, st.st_uid, parent_st.st_uid):
-        return (f"it is another user's, in {parent}, where only a folder's owner may move it "
-                "(the sticky bit, as in /tmp)")
-    for root, dirs, _ in os.walk(output):
-        for folder in [root] + [os.path.join(root, d) for d in dirs]:
-            if not may(folder):
-                return f"this user may not delete what {folder} holds (another user's?)"
-    return None
 
 
 def _nest(flat: dict) -> tuple[dict, dict]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import uuid
 
-from pipeline import schema
+from pipeline import schema, storage
 
 
 def is_local(path: str) -> bool:
@@ -81,8 +82,28 @@ def local_folder_problem(output: str) -> str | None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not storage.allowed(parent, os.W_OK | os.X_OK):
         return f"no permission to write in {parent}"
+    return None
+
+
+def replace_problem(output: str) -> str | None:
+    """Why this user cannot move an existing local `output` folder aside and delete it
+    (another user's in a sticky folder such as /tmp, or holding folders it may not write;
+    a folder it may not write at all: `local_folder_problem`), or None. Found after the
+    whole run, it was a traceback with the old output half replaced."""
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        st, parent_st = os.stat(output), os.stat(parent)
+    except OSError as e:
+        return f"{e.strerror}: {output}"
+    if parent_st.st_mode & stat.S_ISVTX and os.geteuid() not in (0, st.st_uid, parent_st.st_uid):
+        return (f"it is another user's, in {parent}, where only a folder's owner may move it "
+                "(the sticky bit, as in /tmp)")
+    for root, dirs, _ in os.walk(output):
+        for folder in [root] + [os.path.join(root, d) for d in dirs]:
+            if not storage.allowed(folder, os.W_OK | os.X_OK):
+                return f"this user may not delete what {folder} holds (another user's?)"
     return None
 
 

@@ -31,6 +31,12 @@ def storage_error(e: BaseException | None) -> str | None:
     return None
 
 
+def allowed(path: str, mode: int) -> bool:
+    """`os.access` with the ids this process opens files with (its effective ones, where
+    the system can tell): whether it may read, write or search `path` as `mode` says."""
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
 def remedy(reason: str) -> str:
     """What to do about a `storage_error` reason: "make room", or, for a read-only file
     system, "make it writable"."""

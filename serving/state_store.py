@@ -41,7 +41,7 @@ from typing import Any, Callable, Collection, Sequence
 import numpy as np
 
 from model.config import HierTCNConfig
-from pipeline import schema
+from pipeline import schema, storage
 
 log = logging.getLogger("serving.state_store")
 
@@ -476,11 +476,7 @@ def _access_error(path: str) -> str | None:
     if path == ":memory:" or path.startswith("file:") or not os.path.exists(path):
         return None
     folder = os.path.dirname(os.path.abspath(path))
-    effective = os.access in os.supports_effective_ids  # (the ids the process opens with)
-
-    def may(p: str, mode: int) -> bool:
-        return os.access(p, mode, effective_ids=effective)
-
+    may = storage.allowed
     if may(path, os.R_OK | os.W_OK) and (
             may(folder, os.W_OK | os.X_OK)
             or all(may(path + end, os.R_OK | os.W_OK) for end in ("-wal", "-shm"))):
