@@ -1089,6 +1089,19 @@ def _not_a_base_path(path: str) -> str | None:
     return None
 
 
+def _unlisted(base_path: str) -> str:
+    """Why a base path shows no version where that is not simply "none exported yet": it
+    does not exist, or this process may not list it (the server waited for a version
+    without a word on why, with versions in a folder another user made with umask 077)."""
+    try:
+        os.listdir(base_path)
+    except FileNotFoundError:
+        return " (the folder does not exist yet)"
+    except OSError as e:
+        return f" (this process cannot list it: {e.strerror}; make it readable to this user)"
+    return ""
+
+
 def _utc_log_handler() -> logging.Handler:
     """Log lines to stderr stamped in UTC, ISO 8601 with a Z (the machine's local time,
     unzoned, could not be told from UTC in a log gathered from several machines)."""
@@ -1124,8 +1137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     if not list_versions(args.model_base_path):
         # (the port is said now: with --port 0 nothing else would say which one it is)
-        log.warning("no version under %s yet; waiting for one (listening on %s)",
-                    args.model_base_path, host_port(server.host, server.port))
+        log.warning("no version under %s yet%s; waiting for one (listening on %s)",
+                    args.model_base_path, _unlisted(args.model_base_path),
+                    host_port(server.host, server.port))
     while not stop.wait(1.0):
         pass
     log.info("shutting down")

@@ -843,6 +843,30 @@ def test_a_version_folder_this_process_may_not_read_is_a_version_that_fails_to_l
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_the_waiting_line_says_why_a_base_path_shows_no_version(tmp_path):
+    """A base path this process may not list (another user's, umask 077) showed "no version
+    yet" and waited without a word on why; a missing one says it does not exist yet
+    (unprivileged-user audit, left alone before)."""
+    import tempfile
+
+    assert server._unlisted(str(tmp_path)) == ""
+    assert "does not exist yet" in server._unlisted(str(tmp_path / "missing"))
+    base = tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp")
+    try:
+        os.chmod(base, 0o700 if os.geteuid() == 0 else 0o000)
+        if os.geteuid() == 0:  # root may list anything: be someone else for the check
+            os.seteuid(65534)
+        try:
+            reason = server._unlisted(base)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+        assert "cannot list it: Permission denied" in reason, reason
+    finally:
+        os.chmod(base, 0o755)
+        os.rmdir(base)
+
+
 def test_a_version_number_beyond_int64_is_no_version(tmp_path):
     """TF Serving reads version folder names as int64 and skips a larger number; served,
     it answered INTERNAL to every call (it does not fit the replies' model_spec.version),
