@@ -235,6 +235,11 @@ def _match(pattern: str, hidden: list | None = None) -> list[tuple[str, int]]:
         skipped = [p for p, _ in found if os.path.basename(p).startswith((".", "_"))]
         found = [(p, n) for p, n in found if not os.path.basename(p).startswith((".", "_"))]
     if not found:
+        closed = _closed_folder(pattern) if local else None
+        if closed:
+            raise InputError(f"--input {pattern!r} matches no file this process can see: it "
+                             f"may not list or enter {closed} (permission denied); make it "
+                             "readable to this user")
         raise InputError(f"--input {pattern!r} matches no file"
                          + (f" but {len(skipped)} whose names start with '.' or '_' (markers "
                             "and checksums, skipped)" if skipped else "")
@@ -242,6 +247,26 @@ def _match(pattern: str, hidden: list | None = None) -> list[tuple[str, int]]:
     if hidden is not None:
         hidden.extend(skipped)
     return found
+
+
+def _closed_folder(pattern: str) -> str | None:
+    """The folder on a local pattern's way that this process may not list or enter, if any
+    (a folder of another user's, mode 700: the pattern "matched no file", a wrong path as far
+    as the message told)."""
+    from pipeline import storage
+
+    folder = os.path.abspath(pattern)
+    while glob.has_magic(folder) or not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    if not storage.allowed(folder, os.X_OK):
+        return folder
+    after = os.path.relpath(os.path.abspath(pattern), folder).split(os.sep)[0]
+    if glob.has_magic(after) and not storage.allowed(folder, os.R_OK):
+        return folder  # (a name as it is may be entered without listing the folder)
+    return None
 
 
 def read_first_lines(path: str, n: int) -> list[bytes]:

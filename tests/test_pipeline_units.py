@@ -265,6 +265,43 @@ def test_compressions_that_hide_truncation_are_refused(tmp_path):
         sources.match_inputs([str(tmp_path / "*.zst")])
 
 
+def test_an_input_in_a_folder_this_process_may_not_enter_says_so(tmp_path):
+    """A log in another user's folder (mode 700) "matched no file: check the path or glob",
+    a wrong path as far as the message told (unprivileged-user audit, left alone before)."""
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp")
+    closed = os.path.join(base, "closed")
+    try:
+        os.chmod(base, 0o755)
+        os.makedirs(os.path.join(closed, "sub"))
+        for name in ("a.csv", os.path.join("sub", "b.csv")):
+            with open(os.path.join(closed, name), "w") as f:
+                f.write("user_id,item_id,timestamp\n")
+        os.chmod(closed, 0o700 if os.geteuid() == 0 else 0o000)
+        patterns = [os.path.join(closed, "a.csv"), os.path.join(closed, "*.csv"),
+                    os.path.join(closed, "sub", "*.csv"), os.path.join(closed, "sub")]
+        if os.geteuid() == 0:  # root may enter anything: be someone else for the check
+            os.seteuid(65534)
+        try:
+            said = []
+            for pattern in patterns + [os.path.join(base, "missing", "a.csv")]:
+                with pytest.raises(sources.InputError) as err:
+                    sources.match_inputs([pattern])
+                said.append(str(err.value))
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+        for message in said[:-1]:
+            assert message.endswith(f"may not list or enter {closed} (permission denied); "
+                                    "make it readable to this user"), message
+        assert said[-1].endswith("matches no file: check the path or glob"), said[-1]
+    finally:
+        os.chmod(closed, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 # --- sessionization ------------------------------------------------------------------
 
 def test_gap_boundary_is_strict():
