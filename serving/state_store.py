@@ -126,6 +126,23 @@ def collapse_repeats(items: Sequence[str]) -> list[str]:
             if k == 0 or keys[k] != keys[k - 1] or keys[k] == schema.UNKNOWN_TOKEN]
 
 
+def check_session(items: Sequence[str], what: str) -> None:
+    """Refuses a session that is not a list of string ids: a string is not a list of its
+    characters (it was stored, and folded in, as one item a character), and an integer id
+    is not the string the vocabulary holds.
+
+    Raises:
+      TypeError: naming `what`.
+    """
+    if isinstance(items, (str, bytes)):
+        raise TypeError(f"{what} is the string {items[:40]!r}, not a list of item ids: pass "
+                        f"[{items[:40]!r}] for a session of one item")
+    bad = next((item for item in items if not isinstance(item, str)), None)
+    if bad is not None:
+        raise TypeError(f"{what} holds the {type(bad).__name__} {bad!r}: item ids are "
+                        "strings, as in the pipeline's items.tsv (str(...) them)")
+
+
 def trim_sessions(sessions: Sequence[Sequence[str]], max_items: int,
                   known: Collection[str] | None = None) -> tuple[tuple[str, ...], ...]:
     """Keeps the newest `max_items` ids, session boundaries kept, oldest first.
@@ -378,6 +395,8 @@ class SQLiteStateStore(StateStore):
             fingerprint: np.ndarray | None = None,
             sessions_total: int | None = None,
             known: Collection[str] | None = None) -> UserState:
+        for i, session in enumerate(sessions):
+            check_session(session, f"session {i} of user {user_id!r}")
         state = np.asarray(state, dtype=np.float32)
         if state.ndim != 1:
             raise ValueError(f"state must be one user's vector [H], got shape {state.shape}")
@@ -755,6 +774,7 @@ def end_session(store: StateStore, user_id: str, version: int, state_size: int,
     Raises:
       StateConflict: still conflicting after `RETRY_SECONDS`.
     """
+    check_session(items, f"user {user_id!r}'s session")
     items = collapse_repeats(list(items)) if collapse else list(items)
     if not items:
         raise ValueError(f"user {user_id!r}: an empty session; nothing to fold in")

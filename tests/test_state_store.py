@@ -76,6 +76,22 @@ def test_end_session_with_the_known_ids_stores_the_newest_known_history(tmp_path
         assert record.history == ["new3", "k4"]
 
 
+def test_a_session_that_is_not_a_list_of_string_ids_is_refused_before_anything_is_stored(store):
+    """A string session was stored, and folded in, as one item a character ("4202570" ->
+    "4", "2", ...); an integer id is not the string the vocabulary holds (API audit)."""
+    update = lambda state, session: state + len(session)  # noqa: E731
+    with pytest.raises(TypeError, match=r"user 'u1'\'s session is the string '4202570', not "
+                                        r"a list of item ids: pass \['4202570'\]"):
+        state_store.end_session(store, "u1", 1, 1, update, "4202570")
+    with pytest.raises(TypeError, match="holds the int 42: item ids are strings"):
+        state_store.end_session(store, "u1", 1, 1, update, ["a", 42])
+    with pytest.raises(TypeError, match="session 1 of user 'u1' is the string 'ab'"):
+        store.put("u1", 1, np.zeros(1, np.float32), [["a"], "ab"])
+    assert store.latest("u1") is None
+    _, record = state_store.end_session(store, "u1", 1, 1, update, ("4202570",))
+    assert record.history == ["4202570"]
+
+
 def test_put_get_upsert_and_persistence(store, tmp_path):
     assert store.get("u", 1) is None and store.latest("u") is None
     store.put("u", 1, np.array([1, 2], np.float32), [["a", "b"]])
