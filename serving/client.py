@@ -391,6 +391,8 @@ class HierTCNClient:
         Returns:
           (item ids [B][k'], scores float32 [B, k']), best first.
         """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got the {type(k).__name__} {k!r}")
         inputs = self._scoring_inputs(states, sessions, history)
         info = self.info(version)
         version = info.version  # the version whose signature says how to send k
@@ -425,6 +427,9 @@ class HierTCNClient:
     def _scoring_inputs(self, states: Any, sessions: Sequence[Sequence[str]],
                         history: Sequence[Sequence[str]] | None) -> dict[str, np.ndarray]:
         history = history if history is not None else [[] for _ in sessions]
+        if len(history) != len(sessions):  # (zip below dropped the rows of the longer)
+            raise InvalidRequest(f"{len(sessions)} sessions but {len(history)} histories: "
+                                 "one of each per user")
         if self.session_width is not None:
             # the session's items older than the fixed width go on the end of the history:
             # a repeat head reads history + session, which is then the same sequence (its

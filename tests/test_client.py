@@ -166,6 +166,15 @@ def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):
         assert update["session_items"][:, 0].tolist() == ["", ""]
         assert scoring["k"].dtype == np.int32 and scoring["k"].tolist() == [5, 5]
         assert scoring["session_items"].shape == (2, 4)
+        # refused before any call: a second history row was dropped by the fixed width's
+        # zip (the scores of one row's call), and a float k failed after the call (API audit)
+        sent.clear()
+        with pytest.raises(client_lib.InvalidRequest,
+                           match="1 sessions but 2 histories: one of each per user"):
+            fixed.next_items(state, [session], k=5, history=[["item1"], ["item2"]])
+        with pytest.raises(TypeError, match="k must be an int, got the float 2.7"):
+            fixed.next_items(state, [session], k=2.7)
+        assert sent == []
 
 
 def _repeat_head_export(vocab, history_size, folder):
