@@ -389,4 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from model import processes
+    from pipeline import argtypes
+
+    # SIGTERM (a scheduler's stop) is Ctrl-C: the line that says how many users were
+    # stored, exit 130 (it ended the process without a word, status 143); before the
+    # store is opened (TensorFlow's import) nothing was stored
+    _NOTHING = "interrupted: nothing was stored"
+    argtypes.interrupts_in_one_line(_NOTHING)
+    with argtypes.sigterm_as_interrupt():
+        _status = processes.interrupted_is(_NOTHING, main)
+    processes.exit_now(_status)

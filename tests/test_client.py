@@ -905,6 +905,64 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert not fresh.exists()  # nothing made
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_backfill_stops_on_sigterm_as_on_ctrl_c(served, tmp_path):
+    """A scheduler's SIGTERM ended a backfill without a word, status 143: it is Ctrl-C,
+    the line that says how many users were stored and exit 130, and in the start-up
+    (TensorFlow's import) "nothing was stored" (scheduler audit); the records stored are
+    whole and the same command goes on from there."""
+    import signal
+    import sqlite3
+
+    from tiny_logs import write_data
+
+    data = write_data(str(tmp_path / "data"), 10, [[[2 + u % 9, 3 + u % 7]] for u in range(3000)])
+    db = tmp_path / "s.sqlite"
+    argv = [sys.executable, "-m", "serving.backfill", "--data", data, "--target",
+            served["server"].target, "--model-name", NAME, "--state-db", str(db),
+            "--batch-users", "1"]
+
+    def stopped(ready) -> tuple[int, str]:
+        proc = subprocess.Popen(argv, cwd=lib.REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and not ready(proc.pid):
+                assert time.monotonic() < deadline, "not ready within 120 s"
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return proc.returncode, err
+
+    def catches_sigterm(pid):
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+    status, err = stopped(catches_sigterm)
+    assert (status, err.splitlines()[-1]) == (130, "interrupted: nothing was stored"), err
+    def storing(pid):
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                return conn.execute("SELECT COUNT(*) FROM user_states").fetchone()[0] > 0
+        except sqlite3.Error:  # (not made yet)
+            return False
+
+    status, err = stopped(storing)
+    assert status == 130 and "Traceback" not in err, err
+    said = err.splitlines()[-1]
+    assert said.startswith("interrupted: ") and said.endswith(
+        f"users stored in {db} (each record whole); the same command goes on from there"), err
+    stored = int(said.split()[1].replace(",", ""))
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # (users with a record)
+        assert conn.execute("SELECT COUNT(DISTINCT user_id) FROM user_states").fetchone()[0] \
+            == stored < 3000
+
+
 def test_backfill_says_a_record_written_meanwhile_may_be_another_backfills(capsys, served,
                                                                           tmp_path, monkeypatch):
     """A user written while the backfill ran is kept; the summary names both writers that
