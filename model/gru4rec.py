@@ -141,17 +141,15 @@ class SessionRNN(SequenceModel):
         return continuing_slots(batch["reset"], batch["session_end"], cache[3])
 
     def update_state(self, state, session_items):
-        state = tf.convert_to_tensor(state, tf.float32)
-        items = tf.convert_to_tensor(session_items, tf.int64)
+        state, items = self.checked_inputs(state, session_items)
         h = self.session_gru(self.item_embedding(items), self.session_initial(state))
         length = tf.reduce_sum(tf.cast(items > 0, tf.int32), axis=1)
         new = self.session_step(state, _at(h, length))
         return tf.where((length > 0)[:, None], new, state)
 
     def user_embeddings(self, state, prefix, training=False):
-        state = tf.convert_to_tensor(state, tf.float32)
-        h = self.session_gru(self.item_embedding(tf.convert_to_tensor(prefix, tf.int64)),
-                             self.session_initial(state))
+        state, prefix = self.checked_inputs(state, prefix, "prefix")
+        h = self.session_gru(self.item_embedding(prefix), self.session_initial(state))
         return tf.cast(self.drop(h, training=training), tf.float32)
 
     def train_cache(self, batch_size: int):
@@ -230,7 +228,7 @@ class GRU4Rec(SessionRNN):
         return state
 
     def update_state(self, state, session_items):
-        return tf.convert_to_tensor(state, tf.float32)
+        return self.checked_inputs(state, session_items)[0]
 
     def output_weights(self):
         return self.scorer.item_vectors(), self.scorer.bias

@@ -136,24 +136,22 @@ class HierTCN(SequenceModel):
         return tf.cast(self.gru(self.aggregator(sums, counts), state), tf.float32)
 
     def update_state(self, state, session_items):
-        state = tf.convert_to_tensor(state, tf.float32)
+        state, items = self.checked_inputs(state, session_items)
         if not self.config.high_level:
             return state
-        items = tf.convert_to_tensor(session_items, tf.int64)
         sums, counts = self._sums(items)
         new = self._gru_step(state[:, :self.gru_size], sums, counts)
         if self.num_start_items:
-            first = tf.cast(items[:, 0], tf.float32)
+            first = tf.cast(tf.reduce_sum(items[:, :1], axis=1), tf.float32)  # (0: T = 0)
             new = tf.concat([new, self._push_start(state[:, self.gru_size:], first)], axis=1)
         return tf.where((counts > 0)[:, None], new, state)
 
     def user_embeddings(self, state, prefix, training=False, carried=None):
         """See `SequenceModel.user_embeddings`; `carried` (sum of embeddings [B, E], count
         [B]) is the part of the session before `prefix` (a later chunk in training)."""
-        state = tf.convert_to_tensor(state, tf.float32)
+        state, prefix = self.checked_inputs(state, prefix, "prefix")
         if not self.config.high_level:
             state = tf.zeros_like(state)
-        prefix = tf.convert_to_tensor(prefix, tf.int64)
         emb = self.item_embedding(prefix)
         # the TCN sees the GRU state (the start items are read by the repeat head only)
         x = self.input_projection((emb, tf.cast(state[:, :self.gru_size], emb.dtype)))

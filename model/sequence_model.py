@@ -92,12 +92,41 @@ class SequenceModel(tf.keras.Model):
         return tf.zeros([batch_size, self.state_size], tf.float32)
 
     def update_state(self, state: tf.Tensor, session_items: tf.Tensor) -> tf.Tensor:
-        """[B, H], int64 [B, T] -> [B, H] after the session; all-padding rows unchanged."""
+        """[B, H], int64 [B, T] (padded with 0 at the end) -> [B, H] after the session;
+        all-padding rows unchanged."""
         raise NotImplementedError
 
     def user_embeddings(self, state: tf.Tensor, prefix: tf.Tensor, training=False) -> tf.Tensor:
-        """[B, H], int64 [B, T] -> float32 [B, T + 1, D]; position t = after prefix[:, :t]."""
+        """[B, H], int64 [B, T] (padded with 0 at the end) -> float32 [B, T + 1, D];
+        position t = after prefix[:, :t]."""
         raise NotImplementedError
+
+    def checked_inputs(self, state, items, name: str = "session_items"
+                       ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(float32 [B, H], int64 [B, T]) of `update_state`'s and `user_embeddings`'s
+        arguments, after the checks their static shapes allow (a library user's wrong
+        width or batch was read as another user's state, float ids cut to integers).
+
+        Raises:
+          TypeError: item ids that are not integers.
+          ValueError: a state that is not [B, H], items not [B, T], or their B differ.
+        """
+        state = tf.convert_to_tensor(state, tf.float32)
+        ids = items if isinstance(items, tf.Tensor) else tf.convert_to_tensor(items)
+        if not ids.dtype.is_integer and ids.shape.num_elements() != 0:  # ([[]] is float32)
+            raise TypeError(f"{name} must be integer item indices, got {ids.dtype.name}")
+        ids = tf.cast(ids, tf.int64)
+        if state.shape.rank is not None and (state.shape.rank != 2 or state.shape[1] not in (
+                None, self.state_size)):
+            raise ValueError(f"the state must be [batch, {self.state_size}] (the model's "
+                             f"state_size), got {state.shape}")
+        if ids.shape.rank is not None and ids.shape.rank != 2:
+            raise ValueError(f"{name} must be [batch, length] item indices, got {ids.shape}")
+        if None not in (state.shape[:1].num_elements(), ids.shape[:1].num_elements()) and (
+                state.shape[0] != ids.shape[0]):
+            raise ValueError(f"the state has {state.shape[0]} rows but {name} has "
+                             f"{ids.shape[0]}: one row per user")
+        return state, ids
 
     def item_logits(self, user: tf.Tensor) -> tf.Tensor:
         """float32 [..., D] -> [..., V] scores over the whole vocabulary."""
@@ -170,7 +199,7 @@ class SequenceModel(tf.keras.Model):
     def last_user_embedding(self, state: tf.Tensor, session_items: tf.Tensor) -> tf.Tensor:
         """[B, H], int64 [B, T] (padded at the end) -> [B, D]: the user after the session's
         last item (the start position for an empty session)."""
-        session_items = tf.convert_to_tensor(session_items, tf.int64)
+        state, session_items = self.checked_inputs(state, session_items)
         u = self.user_embeddings(state, session_items)
         length = tf.reduce_sum(tf.cast(session_items > 0, tf.int32), axis=1)
         return tf.gather(u, length, axis=1, batch_dims=1)

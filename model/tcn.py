@@ -174,15 +174,15 @@ class FlatTCN(SequenceModel):
         return tf.gather(out, tf.maximum(before_row + tf.cumsum(kept, axis=1) - 1, 0))
 
     def update_state(self, state, session_items):
-        buffer = tf.cast(tf.convert_to_tensor(state, tf.float32), tf.int64)
-        items = tf.convert_to_tensor(session_items, tf.int64)
+        state, items = self.checked_inputs(state, session_items)
+        buffer = tf.cast(state, tf.int64)
         sep = tf.where(tf.reduce_any(items > 0, axis=1, keepdims=True), self.sep, 0)
         tokens = tf.concat([buffer, tf.cast(sep, tf.int64), items], axis=1)
         return tf.cast(last_tokens(tokens, tokens > 0, self.config.history_length), tf.float32)
 
     def user_embeddings(self, state, prefix, training=False):
-        buffer = tf.cast(tf.convert_to_tensor(state, tf.float32), tf.int64)
-        prefix = tf.convert_to_tensor(prefix, tf.int64)
+        state, prefix = self.checked_inputs(state, prefix, "prefix")
+        buffer = tf.cast(state, tf.int64)
         sep = tf.fill([tf.shape(prefix)[0], 1], tf.constant(self.sep, tf.int64))
         tokens = tf.concat([buffer, sep, prefix], axis=1)
         rows = tf.range(tf.shape(tokens, tf.int64)[0])[:, None] * tf.ones_like(tokens)

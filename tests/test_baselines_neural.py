@@ -306,3 +306,33 @@ def test_gru4rec_without_first_item_targets_takes_no_loss_on_a_sessions_first_it
                                   training=False)
     assert int(n) == 2
     np.testing.assert_allclose(float(loss), mean_loss([3, 4], [5, 6]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hiertcn", "gru4rec", "hrnn", "tcn"])
+def test_the_state_api_refuses_what_it_would_misread(name):
+    """Called as a library: another row count than the state's scored the second user with
+    the first one's state, a state of another width was taken (HierTCN), float ids were cut
+    to integers (API audit); each is a one-line error, and a right call is unchanged."""
+    from model.config import HierTCNConfig
+
+    if name == "hiertcn":
+        tf.keras.utils.set_random_seed(0)
+        model = registry.build_model("hiertcn", HierTCNConfig(
+            embedding_dim=8, gru_units=4, gru_layers=1, channels=8, kernel_size=2,
+            num_blocks=2), V)
+    else:
+        model = _model(name)
+    items = np.array([[2, 3, 0], [4, 5, 6]], np.int64)
+    state = model.update_state(model.initial_state(2), items)
+    h = model.state_size
+    for call in (model.update_state, model.user_embeddings, model.last_user_embedding):
+        with pytest.raises(ValueError, match="the state has 1 rows but .* has 2: one row per user"):
+            call(state[:1], items)
+        with pytest.raises(ValueError, match=rf"the state must be \[batch, {h}\]"):
+            call(tf.ones([2, h + 3]), items)
+        with pytest.raises(TypeError, match="must be integer item indices, got float64"):
+            call(state, items.astype(float) + 0.9)
+    # lists, int32 and an empty session are still taken as they were
+    np.testing.assert_allclose(model.update_state(state.numpy().tolist(), items.tolist()),
+                               model.update_state(state, tf.constant(items, tf.int32)))
+    np.testing.assert_allclose(model.update_state(state[:1], [[]]), state[:1])
