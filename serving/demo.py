@@ -132,7 +132,10 @@ def prepare_output(out: str) -> None:
 
 
 def _stop(signum, frame):
-    raise SystemExit(f"demo stopped by signal {signum}")
+    """SIGTERM: the running step and the server are stopped (the `finally`s), exit 130 as
+    every command of the project stops (it was 1, a failed step's)."""
+    print(f"demo stopped by signal {signum}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,6 +75,22 @@ def test_the_demo_runs_end_to_end_and_leaves_no_server(tmp_path):
     assert not _servers_of(out)
 
 
+def test_a_sigterm_stops_the_demo_with_exit_130(tmp_path):
+    """A scheduler's stop ended the demo with status 1, a failed step's (scheduler audit):
+    130, as every command stops, with the step it ran stopped too."""
+    proc = _demo(str(tmp_path / "demo_out"))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("$ "):  # the first step's command is running
+            proc.send_signal(signal.SIGTERM)
+            break
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + log
+    assert log.rstrip().endswith("demo stopped by signal 15"), log
+    assert "=== 2/7" not in log
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_the_server_dies_with_a_killed_demo():
     """What the demo starts its server with: SIGKILL the parent, the child goes too."""
