@@ -772,6 +772,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             print(f"{args.model_dir}'s {args.checkpoint} checkpoint (step {step}) is version "
                   f"{same} under {args.export_base} already: nothing exported (--version N "
                   "exports it again)", file=sys.stderr)
+            # (stdout names the version's folder as an export does: a script's
+            # $(python -m serving.export ...) got nothing on a retry)
+            print(f"already exported {args.model_dir} (step {step}, {_kind(checkpoint)}) to "
+                  f"{os.path.join(args.export_base, str(same))}")
             _say_leftovers(args.export_base)
             return 0
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
@@ -806,11 +810,17 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         print(f"error: cannot write the export under {args.export_base}: {reason or e}; no "
               "version was published", file=sys.stderr)
         return 1
-    kind = ("the best on valid" if os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
-            else "the latest")
-    print(f"exported {args.model_dir} (step {step}, {kind} checkpoint) to {path}")
+    print(f"exported {args.model_dir} (step {step}, {_kind(checkpoint)}) to {path}")
     _say_leftovers(args.export_base)
     return 0
+
+
+def _kind(checkpoint: str) -> str:
+    """ "the best on valid checkpoint" or "the latest checkpoint", of a checkpoint's path."""
+    from model import registry
+
+    best = os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
+    return f"{'the best on valid' if best else 'the latest'} checkpoint"
 
 
 def _say_leftovers(export_base: str) -> None:

@@ -71,7 +71,10 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     again = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
                             "--export-base", "export"], cwd=work, capture_output=True, text=True,
                            timeout=300, env=dict(os.environ, PYTHONPATH=lib.REPO))
-    assert again.returncode == 0 and again.stdout == "", again.stderr
+    assert again.returncode == 0, again.stderr
+    # (stdout names the version, as an export does: a script's $(...) got nothing)
+    assert again.stdout == ("already exported run (step 3, the best on valid checkpoint) to "
+                            f"{os.path.join('export', '1')}\n")
     assert again.stderr.strip().splitlines() == [
         "run's best checkpoint (step 3) is version 1 under export already: nothing exported "
         "(--version N exports it again)",
@@ -86,7 +89,9 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
                              "--export-base", "export", "--checkpoint", "latest"], cwd=work,
                             capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=lib.REPO))
-    assert latest.returncode == 0 and latest.stdout == "", latest.stderr
+    assert latest.returncode == 0, latest.stderr
+    assert latest.stdout == ("already exported run (step 3, the latest checkpoint) to "
+                             f"{os.path.join('export', '1')}\n")
     assert latest.stderr.strip().endswith("run's latest checkpoint (step 3) is version 1 under "
                                           "export already: nothing exported (--version N "
                                           "exports it again)")
