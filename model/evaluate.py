@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     if schema.is_remote(args.data):
         quiet.import_tensorflow()
     user_errors: tuple[type[Exception], ...] = (schema.DataError, FileNotFoundError)
-    result = per_user = None
+    result = per_user = run = None
     try:
         if not schema.is_folder(args.data):
             what = "is a file, not a folder" if os.path.isfile(args.data) else "no such folder"
@@ -604,6 +604,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             note = registry.training_note(args.model_dir, args.checkpoint)
             if note:
                 print(note, file=sys.stderr)
+            run = _run_identity(args.model_dir, scorer.model.restored_checkpoint, note)
         else:
             sknn = ({"k": args.neighbours or baselines.SKNN_K,
                      "sample_size": args.neighbour_sample or baselines.SKNN_SAMPLE_SIZE}
@@ -631,7 +632,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             from model import processes
 
             processes.ignore_stop_signals()
-        _complete(result, args, sample if args.sample_users else None, code)
+        _complete(result, args, sample if args.sample_users else None, code, run)
         note = heavy_user_note(result)
         if note:
             print(note, file=sys.stderr)
@@ -656,7 +657,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         where = storage.path_error(e)
         reason = where or storage.reason_or_raise(e)
         if result is None and hasattr(e, "metrics"):  # (a per-user file that failed)
-            result = _complete(e.metrics, args, sample if args.sample_users else None, code)
+            result = _complete(e.metrics, args, sample if args.sample_users else None, code,
+                               run)
         if result is not None:  # the metrics are not lost with the file: printed
             print(json.dumps(result, indent=2))
         print(f"{parser.prog}: error: cannot write {written or 'the results'}: {reason}"
@@ -674,9 +676,21 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     return 0
 
 
-def _complete(result: dict, args, sample, code) -> dict:
-    """The metrics as written and printed: with the sample of users they cover (None:
-    every user) and, for a file, the code's digest."""
+def _run_identity(model_dir: str, checkpoint: str, note: str | None) -> dict:
+    """Which trained model the metrics are of (a scheduled evaluate after a killed training
+    wrote metrics that nothing tied to a checkpoint): its run folder, checkpoint and step,
+    and whether its training had finished (`note`: `registry.training_note`'s)."""
+    step = checkpoint.rsplit("-", 1)[-1]
+    return {"model_dir": os.path.abspath(model_dir), "checkpoint": os.path.abspath(checkpoint),
+            "step": int(step) if step.isdigit() else None, "training_finished": note is None}
+
+
+def _complete(result: dict, args, sample, code, run: dict | None = None) -> dict:
+    """The metrics as written and printed: with the run they are of (`_run_identity`; None:
+    a baseline), the sample of users they cover (None: every user) and, for a file, the
+    code's digest."""
+    if run is not None:
+        result["run"] = run
     if sample is not None:
         result["sample"] = {"users": sample.users, "of_users": sample.all_users,
                             "target_events": sample.events,

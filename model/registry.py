@@ -182,6 +182,7 @@ def load_model(run_dir: str, which: str = "best"
         raise RunError(f"{checkpoint} does not hold every variable of the "
                        f"{config.model_name} model this code builds (saved by another "
                        f"version?): {str(e).splitlines()[0][:200]}") from None
+    model.restored_checkpoint = checkpoint  # (which one it is: a report names it)
     return model, config, vocab
 
 

@@ -118,6 +118,17 @@ def test_resume_keeps_an_unbeaten_best_and_latest_is_an_option(data, config_file
     capsys.readouterr()
     assert outs["latest"]["recall@20"] == pytest.approx(summary["valid"]["recall@20"], abs=1e-9)
     assert outs["best"]["recall@20"] == pytest.approx(record["recall@20"], abs=1e-9)
+    # the metrics say which model they are of (scheduler audit: nothing tied them to a
+    # checkpoint, or said that its training had not finished)
+    assert outs["best"]["run"] == {
+        "model_dir": os.path.abspath(run), "step": record["step"], "training_finished": True,
+        "checkpoint": os.path.abspath(registry.checkpoint_path(run, "best"))}
+    assert (outs["latest"]["run"]["step"], outs["latest"]["run"]["checkpoint"]) == (
+        20, os.path.abspath(os.path.join(run, "checkpoints", "ckpt-20")))
+    os.remove(os.path.join(run, registry.SUMMARY_FILE))  # (killed, or still training)
+    assert evaluate_lib.main(["--data", data, "--split", "valid", "--model-dir", run,
+                              "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["training_finished"] is False
 
 
 def test_without_valid_evaluation_the_latest_is_loaded(data, config_file, tmp_path):
