@@ -330,8 +330,18 @@ def _run(cmd: list[str], log_path: str, status: Status | None = None) -> None:
     """Runs one command, its output appended to a log (and shown by `status`); a failure
     raises CompareError, an interrupted command (exit 130: it saved a checkpoint)
     KeyboardInterrupt."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(-1, os.SEEK_END)
+            cut = log.read(1) != b"\n"
+    except OSError:  # (no log yet, or an empty one)
+        cut = False
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+        # when it began (a log of several attempts, a scheduler's, said none); a line a
+        # killed attempt cut short is ended first (the next command was stuck to it)
+        log.write(("\n" if cut else "")
+                  + time.strftime("# %Y-%m-%dT%H:%M:%SZ\n", time.gmtime())
+                  + "$ " + " ".join(cmd) + "\n")
         log.flush()
         start = os.path.getsize(log_path)
         try:

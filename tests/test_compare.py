@@ -642,6 +642,23 @@ def test_a_childs_output_reaches_the_log_whole_and_the_display_line_by_line(tmp_
     assert not runner.is_alive() and len(raised) == 1 and raised[0].errno == errno.ENOSPC
 
 
+def test_each_command_in_the_log_says_when_it_began_on_a_line_of_its_own(tmp_path):
+    """compare.log said nothing of when each attempt ran, and after a kill -9 the next
+    command's line was stuck to the cut progress line (scheduler audit)."""
+    import re
+
+    log = tmp_path / "compare.log"
+    log.write_text("$ first\nstep 40/100, valid: not in the ETA yet")  # (killed mid-line)
+    compare._run([sys.executable, "-c", "print('done')"], str(log))
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["$ first", "step 40/100, valid: not in the ETA yet"], lines
+    assert re.fullmatch(r"# \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lines[2]), lines
+    assert lines[3] == f"$ {sys.executable} -c print('done')" and lines[4:] == ["done"], lines
+    fresh = tmp_path / "fresh.log"
+    compare._run([sys.executable, "-c", "pass"], str(fresh))
+    assert fresh.read_text().startswith("# ")
+
+
 @pytest.mark.parametrize("code", [1, 2])
 def test_a_failed_command_keeps_its_kind_of_exit_code(tmp_path, code):
     """A command that failed for want of room (exit 1) made compare exit 2, its code for a
