@@ -652,6 +652,23 @@ def deep_dilations_note(config, longest: int | None) -> str | None:
             "only padding at a memory cost that doubles with every block")
 
 
+# the chunk length beyond which the repeat head's memory is noted (one step of the default
+# batch took 1.7 GB at L = 200, 5 GB at 500, 17 GB at 1,000 on a 40-item catalogue)
+LONG_CHUNKS = 200
+
+
+def long_chunks_note(config, max_session_length: int) -> str | None:
+    """A note for a HierTCN with the repeat head on chunks longer than `LONG_CHUNKS`: the
+    head attends, at each position, over the session so far, so a step's memory grows with
+    L^2 (a user who raised L to 30,000 saw the process killed at 24 GB without a word)."""
+    if not config.uses_repeat_head or max_session_length <= LONG_CHUNKS:
+        return None
+    return (f"note: --max-session-length {max_session_length:,} with the repeat head: it "
+            "attends over the session so far at every position, so a step's memory grows "
+            "with the square of L (the default batch took 1.7 GB at L = 200, 5 GB at 500, "
+            "17 GB at 1,000); a longer session is trained in chunks of L in any case")
+
+
 def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16: bool,
                     jit_compile: bool = False):
     """A compiled step: loss, gradients, Adam update, state cache carried without gradient.
@@ -849,9 +866,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if hasattr(model, "skip_chunk_context"):  # (HierTCN: no context work on short sessions)
         longest = longest_train_session(data_dir, tc, users)
         model.skip_chunk_context(longest, tc.max_session_length)
-        note = deep_dilations_note(model.config, longest)
-        if note:
-            print(note, file=sys.stderr)
+        for note in (deep_dilations_note(model.config, longest),
+                     long_chunks_note(model.config, tc.max_session_length)):
+            if note:
+                print(note, file=sys.stderr)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, train_state=state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(run_dir, registry.CHECKPOINT_DIR),
                                          max_to_keep=tc.keep_checkpoints)

@@ -990,3 +990,14 @@ def test_a_run_notes_its_deep_dilations(data, tmp_path, capsys):
     assert train_lib.main(["--data", data, "--model-dir", str(tmp_path / "run"), "--config",
                            str(path), "--steps", "1", "--eval-every", "0"]) == 0
     assert "note: model.num_blocks 8 gives the TCN a receptive field of" in capsys.readouterr().err
+
+
+def test_long_chunks_with_the_repeat_head_are_noted():
+    """The repeat head's memory grows with L^2: L = 1,000 took 17 GB for one step, 30,000
+    was killed at 24 GB without a word (extremes audit)."""
+    base = config_lib.HierTCNConfig()
+    assert base.uses_repeat_head
+    note = train_lib.long_chunks_note(base, 1000)
+    assert note.startswith("note: --max-session-length 1,000 with the repeat head: it attends")
+    assert train_lib.long_chunks_note(base, train_lib.LONG_CHUNKS) is None
+    assert train_lib.long_chunks_note(base.replace({"repeat_head": False}), 1000) is None
