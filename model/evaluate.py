@@ -271,9 +271,9 @@ def heavy_user_note(result: dict) -> str | None:
     n, total, users = (heavy.get(k, 0) for k in ("events", "of_events", "of_users"))
     if users < schema.HEAVY_USER_MIN_USERS or n <= schema.HEAVY_USER_SHARE * total:
         return None
-    return (f"note: one user ({heavy['user']}) holds {n / total:.0%} of the {total:,} events "
-            f"the metrics average over ({users:,} users): they are mostly that user's; a "
-            "crawler? the pipeline's --exclude leaves a user out")
+    return (f"note: one user ({heavy['user']}) holds {argtypes.share(n, total)} of the "
+            f"{total:,} events the metrics average over ({users:,} users): they are mostly "
+            "that user's; a crawler? the pipeline's --exclude leaves a user out")
 
 
 def _target_events(user: schema.UserRecord) -> int:
@@ -636,6 +636,11 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         note = heavy_user_note(result)
         if note:
             print(note, file=sys.stderr)
+        if result["events"] and result.get("unknown_targets") == result["events"]:
+            print(f"note: every one of the {args.split} split's {result['events']:,} targets is "
+                  "outside the training vocabulary (its items.tsv): the metrics are 0 for any "
+                  "model, not a score (a --min-item-count that kept no item of these?)",
+                  file=sys.stderr)
         if not result["events"]:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "

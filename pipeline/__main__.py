@@ -1241,8 +1241,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         user_key = f"missing key {options.get('user_col', 'user')!r}"  # (jsonl)
         anonymous = bool(kinds) and (kinds[0][0].startswith(("empty user", "missing user"))
                                      or kinds[0][0] == user_key)
+        malformed = argtypes.share(stats['rows_malformed'], stats['rows_read'])
         lines.append(f"note: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows read "
-                     f"({stats['rows_malformed'] / stats['rows_read']:.0%}) are malformed"
+                     f"({malformed}) are malformed"
                      + (f", most for: {most}" if most else "")
                      + ("; a log of mostly anonymous sessions can take its session id column "
                         "as --user-col (a session log)" if anonymous else "")
@@ -1272,13 +1273,15 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                + (", or --min-session-length 1 to keep one-event sessions (they join the users' "
                   "histories and the first-item metrics; positions from a session's second "
                   "event on are the ones scored)" if length > 1 else ""))
-        lines.append(f"note: {short:,} of the {sessionized:,} events ({short / sessionized:.0%}) "
+        lines.append(f"note: {short:,} of the {sessionized:,} events "
+                     f"({argtypes.share(short, sessionized)}) "
                      f"were in sessions shorter than --min-session-length {length} (after "
                      f"collapsing immediate repeats) and were dropped: {how}")
     pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
     if pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
         lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
-                     f"({tied / pairs:.0%}) are at the same time, and the input's order orders "
+                     f"({argtypes.share(tied, pairs)}) are at the same time, and the input's "
+                     "order orders "
                      "them: the models learn that order and are scored on it, so it should be "
                      "the order the events happened in (a log of whole-day or whole-second "
                      "times written in event order is fine; one sorted by item id within a "
@@ -1305,7 +1308,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     capped = dropped.get(sessions.CAPPED, 0)
     if capped:
         cap = options.get("max_events_per_user", 100_000)
-        lines.append(f"note: {capped:,} events ({capped / stats['rows_read']:.0%} of the rows "
+        lines.append(f"note: {capped:,} events ({argtypes.share(capped, stats['rows_read'])} "
+                     "of the rows "
                      f"read) were the older ones of users with more than --max-events-per-user "
                      f"{cap:,} and were dropped (a crawler's, or a cap too low for this log)")
     for name in schema.SPLITS[1:]:
@@ -1333,7 +1337,7 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                       if name == "train" else
                       "the metrics average over events, so that user decides them")
             lines.append(f"note: one user{f' ({who})' if who is not None else ''} holds "
-                         f"{heaviest / events:.0%} of the {name} split's "
+                         f"{argtypes.share(heaviest, events)} of the {name} split's "
                          f"events ({heaviest:,} of {events:,}, {users:,} "
                          f"user{'s' * (users != 1)}): {effect}; a crawler? {leave_out} "
                          "leaves a user out, --max-events-per-user N keeps each user's "

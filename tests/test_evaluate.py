@@ -654,6 +654,24 @@ def test_a_split_without_a_position_to_score_says_its_zeros_are_no_score(tmp_pat
     assert "no event at position >= 2" not in capsys.readouterr().err
 
 
+def test_a_split_whose_targets_are_all_unknown_says_its_zeros_are_no_score(tmp_path, capsys):
+    """A vocabulary that keeps none of the split's items (--min-item-count past them all)
+    scored every model 0 with exit 0 and no word (extremes audit)."""
+    train = {"a": ([], [[5, 6], [7, 8]]), "b": ([], [[2, 3]])}
+    test = {"a": ([[5, 6], [7, 8]], [[1, 1, 1]]), "b": ([[2, 3]], [[1, 1]])}
+    data = write_data(tmp_path, {"train": train, "valid": VALID, "test": test})
+    assert ev.main(["--data", data, "--split", "test", "--model", "popularity",
+                    "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["events"] == result["unknown_targets"] == 3
+    assert ("note: every one of the test split's 3 targets is outside the training vocabulary "
+            "(its items.tsv): the metrics are 0 for any model, not a score") in captured.err
+    assert ev.main(["--data", data, "--split", "valid", "--model", "popularity",
+                    "--no-progress"]) == 0
+    assert "outside the training vocabulary" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_the_command_says_a_result_it_cannot_print_and_runs_with_its_output_closed(full_data,
                                                                                    tmp_path):

@@ -1247,3 +1247,12 @@ def test_lines_over_the_bound_are_read_past_and_numbered_in_place(tmp_path, monk
     assert sources.read_first_lines(str(edge), 3) == [b"x" * 40, b"y" * 39, b""]
     owned, _ = sources.read_range(sources.ByteRange(str(edge), 0, 0, 0, edge.stat().st_size))
     assert owned == [b"x" * 40, b"y" * 39 + b"\r", b""] and owned.long == {2: b"zzzzz"}
+
+
+def test_a_share_in_a_note_is_never_0_or_100_percent_unless_it_is():
+    """19,999 of 20,095 events read "holds 100%" of them (extremes audit)."""
+    from pipeline import argtypes
+
+    assert [argtypes.share(p, w) for p, w in ((19_999, 20_095), (1, 1000), (0, 5), (5, 5),
+                                              (1, 3), (994, 1000), (99_999, 100_000))] == [
+        "99.5%", "under 1%", "0%", "100%", "33%", "99%", "99.9%"]
