@@ -193,9 +193,13 @@ def _get(d: dict, dotted: str):
 def _value(m: dict, key: str):
     """A model's value of a dotted key; None when missing or when the key is a metric of a
     group without events (a group's 0.0 then means nothing: no repeats in MovieLens, no
-    cold users in a log whose users are all active before the split)."""
+    cold users in a log whose users are all active before the split), or a headline metric
+    of a split without a scored event (its 0.0 is a convention, which was bolded as the
+    best)."""
     group = key.split(".", 1)[0] if "." in key else None
     if group is not None and _get(m, f"{group}.events") == 0:
+        return None
+    if group is None and key in METRIC_KEYS and m.get("events") == 0:
         return None
     return _get(m, key)
 
@@ -408,7 +412,8 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
             summaries.append(json.load(f))
     entry = aggregate(runs)
     entry["train_seconds"] = float(np.mean([s["seconds"] for s in summaries]))
-    entry["events_per_s"] = float(np.mean([s["events_per_s"] for s in summaries]))
+    rates = [s["events_per_s"] for s in summaries if s.get("events_per_s") is not None]
+    entry["events_per_s"] = float(np.mean(rates)) if rates else None  # (None: no step timed)
     entry["parameters"] = int(summaries[0]["parameters"])
     entry["steps"] = [s["steps"] for s in summaries]
     entry["best_steps"] = [(s.get("best") or {}).get("step") for s in summaries]

@@ -1260,7 +1260,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         "eval_seconds_this_run": round(eval_seconds, 3),
         "step_seconds": round(whole["step_seconds"], 3),
         "events": whole["events"],
-        "events_per_s": round(whole["timed_events"] / max(whole["step_seconds"], 1e-9), 1),
+        # (null where no step was timed: a process's first step includes tracing)
+        "events_per_s": (round(whole["timed_events"] / max(whole["step_seconds"], 1e-9), 1)
+                         if whole["timed_events"] else None),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # strict JSON
         "valid": valid, "best": best}

@@ -95,6 +95,31 @@ def test_table_has_user_group_columns_and_counts_cold_events():
     assert "100 scored events (positions >= 2), 60 of them of cold users" in md[-1]
 
 
+def test_a_split_without_scored_events_has_no_headline_figures_to_bold():
+    """A split of one-item sessions scores nothing at position >= 2: its 0.0000 (a
+    convention) was bolded as every model's best (extremes audit); the first-item figures
+    stay, and the train figures."""
+    empty = [_metrics(0.0, 0.0), _metrics(0.0, 0.0)]
+    for m in empty:
+        m["events"], m["first_item"]["recall@20"] = 0, 0.25
+        for g in ("repeat", "new", "returning_users", "cold_users"):
+            m[g]["events"] = 0
+    results = {"models": {"hiertcn": compare.aggregate([empty[0]]),
+                          "popularity": compare.aggregate([empty[1]])}}
+    results["models"]["hiertcn"].update(train_seconds=2.0, events_per_s=10.0, parameters=5)
+    md = compare.markdown_table(results).splitlines()
+    header = [c.strip() for c in md[0].strip("|").split("|")]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in md[2:4]}
+    assert cells["hiertcn"][header.index("R@20")] == "–"
+    assert cells["popularity"][header.index("MRR@20")] == "–"
+    labels = [k.replace("recall", "R").replace("mrr", "MRR") for k in compare.METRIC_KEYS]
+    assert [cells[m][header.index(label)] for m in cells for label in labels] == ["–"] * (
+        2 * len(labels))
+    assert cells["hiertcn"][header.index("first R@20")] == "**0.2500**"
+    assert cells["hiertcn"][header.index("train s")] == "2"
+
+
 def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, capsys):
     data = write_data(str(tmp_path / "data"), 20, planted_users(30),
                       valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
