@@ -72,6 +72,13 @@ def check_vocabulary(run_vocab: schema.Vocabulary, data_vocab: schema.Vocabulary
                      run_dir: str, data_dir: str) -> None:
     """Raises RunError when a data folder's items.tsv differs from the run's."""
     if run_vocab.ids != data_vocab.ids:
+        if run_vocab.size == data_vocab.size:  # (the sizes alone said "42 ... (42)")
+            at = next(i for i, (a, b) in enumerate(zip(data_vocab.ids, run_vocab.ids)) if a != b)
+            differ = (f"as many entries ({data_vocab.size}), but entry {at} is "
+                      f"{data_vocab.ids[at]!r} there and {run_vocab.ids[at]!r} in the run")
+            raise RunError(f"the vocabulary of {data_dir} does not match the one {run_dir} was "
+                           f"trained on: {differ}; use the data folder the model was trained "
+                           "on, or a new --model-dir")
         raise RunError(
             f"the vocabulary of {data_dir} ({data_vocab.size} entries) does not match the one "
             f"{run_dir} was trained on ({run_vocab.size}): use the data folder the model was "

@@ -323,3 +323,22 @@ def test_a_pipeline_output_without_a_valid_split_is_said_as_such(config_file, tm
     assert registry.read_best(run) is None
     steps, _ = train_lib.read_scalars(run, "valid/recall@20")
     assert len(steps) == 0  # (nor a curve of zeros)
+
+
+def test_a_vocabulary_of_the_same_size_names_the_first_entry_that_differs():
+    """Two vocabularies of 42 entries read "(42 entries) does not match ... (42)" (extremes
+    audit): the entry where they part is named."""
+    import numpy as np
+
+    from pipeline import schema
+
+    def vocab(ids):
+        return schema.Vocabulary(ids=("[PAD]", "[UNK]", *ids),
+                                 counts=np.zeros(len(ids) + 2, np.int64))
+
+    with pytest.raises(registry.RunError, match=r"does not match the one run was trained on: "
+                       r"as many entries \(5\), but entry 3 is 'c' there and 'x' in the run"):
+        registry.check_vocabulary(vocab(["a", "x", "b"]), vocab(["a", "c", "b"]), "run", "data")
+    with pytest.raises(registry.RunError, match=r"\(4 entries\) does not match .* \(5\)"):
+        registry.check_vocabulary(vocab(["a", "x", "b"]), vocab(["a", "c"]), "run", "data")
+    registry.check_vocabulary(vocab(["a"]), vocab(["a"]), "run", "data")
