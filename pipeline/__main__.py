@@ -1159,6 +1159,11 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
             # a failed run (a typo in --filter) never replaces a good earlier output: that
             # stays, and this run's is left aside to be read
             return dict(stats, left_aside=tmp)
+        if not args.overwrite and outputs.exists(output):
+            # another run wrote it while this one ran (the check at the start saw none):
+            # without --overwrite it is not replaced (it was, without a word); this run's
+            # output is left aside, whole
+            return dict(stats, left_aside=tmp, written_meanwhile=True)
         outputs.commit(tmp, output)
         if command:  # done: a stop signal now would only kill a finished run
             argtypes.ignore_stop_signals()
@@ -1504,9 +1509,16 @@ def _main(argv=None, command: bool = False) -> int:
               file=sys.stderr)
         return 1
     aside = stats.pop("left_aside", None)
+    meanwhile = stats.pop("written_meanwhile", False)
     print(_summary(stats, aside or output, time.perf_counter() - start))
     for line in _notes(stats, aside or output, aside=aside is not None):
         print(line, file=sys.stderr)
+    if meanwhile:
+        print(f"error: another run wrote {output} while this one ran, and this one has no "
+              f"--overwrite: {output} is as that run left it; this run's own output is whole "
+              f"in {aside} (move it where you want it, or run again with --overwrite)",
+              file=sys.stderr)
+        return 1
     if aside:
         print(f"error: this run failed, so it did not replace {output}, which is unchanged; "
               f"its own output is in {aside} (delete it when done)", file=sys.stderr)

@@ -819,6 +819,46 @@ def test_a_crawler_alone_in_the_valid_and_test_splits_gets_a_note(tmp_path, caps
     assert stats["heaviest_user"]["valid"] == stats["heaviest_user"]["test"] == "bot"
 
 
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite(
+        tmp_path, capsys, monkeypatch):
+    """Two runs into one new --output: the check at the start saw none, and the second to
+    finish replaced the first one's complete output without --overwrite and without a word
+    (concurrency audit). It is left as the other run wrote it; this run's output is kept
+    whole beside it, and said, with exit 1."""
+    import shutil
+
+    from pipeline import outputs
+
+    log = _log_with_bad_rows(tmp_path)
+    other, out = tmp_path / "other", tmp_path / "out"
+    argv = ["--input", str(log), "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main([*argv, "--output", str(other), "--session-gap", "7200"]) == 0
+    real_write = outputs.write_text
+
+    def the_other_run_finishes_first(path, text):
+        if path.endswith("stats.json") and not out.exists():
+            shutil.copytree(other, out)
+        return real_write(path, text)
+
+    monkeypatch.setattr(outputs, "write_text", the_other_run_finishes_first)
+    capsys.readouterr()
+    assert cli.main([*argv, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    aside = re.search(r"this run's own output is whole in (\S+) ", err).group(1)
+    assert err == (f"error: another run wrote {out} while this one ran, and this one has no "
+                   f"--overwrite: {out} is as that run left it; this run's own output is whole "
+                   f"in {aside} (move it where you want it, or run again with --overwrite)")
+    assert (out / "stats.json").read_text() == (other / "stats.json").read_text()
+    mine = json.loads(open(os.path.join(aside, "stats.json")).read())
+    assert mine["options"]["session_gap"] != json.loads(
+        (other / "stats.json").read_text())["options"]["session_gap"]
+    # with --overwrite it is replaced, as asked
+    shutil.rmtree(aside)
+    shutil.rmtree(out)
+    assert cli.main([*argv, "--output", str(out), "--overwrite"]) == 0
+    assert (out / "stats.json").read_text() != (other / "stats.json").read_text()
+
+
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\nu,a,1\n")
