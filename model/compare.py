@@ -833,8 +833,9 @@ def _lock_output(output: str) -> int | None:
     try:
         return atomic.lock_folder(output)
     except BlockingIOError:
-        raise CompareError(f"--output {output} is being written by another model.compare: "
-                           "wait for it to end, or pass another --output") from None
+        raise CompareError(f"--output {output} is being written by another model.compare"
+                           f"{atomic.lock_holder(output)}: wait for it to end, or pass another "
+                           "--output") from None
 
 
 if __name__ == "__main__":

@@ -786,8 +786,10 @@ class RunLock:
         try:
             self._fd = atomic.lock_folder(self.run_dir)
         except BlockingIOError:
-            raise registry.RunError(f"{self.run_dir} is being trained by another process: wait "
-                                    "for it to end, or pass another --model-dir") from None
+            raise registry.RunError(
+                f"{self.run_dir} is being trained by another process"
+                f"{atomic.lock_holder(self.run_dir)}: wait for it to end, or pass another "
+                "--model-dir") from None
 
     def release(self) -> None:
         if self._fd is not None:

@@ -373,8 +373,8 @@ def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
         assert compare.main(["--data", data, "--models", "popularity", "--output",
                              str(out)]) == 2
         assert capsys.readouterr().err == (
-            f"error: --output {out} is being written by another model.compare: wait for it "
-            "to end, or pass another --output\n")
+            f"error: --output {out} is being written by another model.compare (process "
+            f"{os.getpid()}): wait for it to end, or pass another --output\n")  # (its holder)
         assert snapshot() == before
     finally:
         os.close(held)

@@ -662,8 +662,9 @@ def test_a_run_folder_another_process_trains_is_refused(data, config_file, tmp_p
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert train_lib.main(_args(data, str(run), config_file, "--steps", "2", *EXACT)) == 2
         err = capsys.readouterr().err
-        assert err == (f"error: {run} is being trained by another process: wait for it to end, "
-                       "or pass another --model-dir\n")
+        # (the holder named, as /proc/locks names it; concurrency audit)
+        assert err == (f"error: {run} is being trained by another process (process "
+                       f"{os.getpid()}): wait for it to end, or pass another --model-dir\n")
         assert os.listdir(run) == []
     finally:
         os.close(fd)
