@@ -36,6 +36,20 @@ class RunError(ValueError):
     """A run folder that is missing, incomplete or does not match the data."""
 
 
+class CheckpointGone(RunError):
+    """The checkpoint chosen was removed before it was read: a training run still writing
+    the folder keeps only its newest ones (`--keep-checkpoints`)."""
+
+    def __init__(self, checkpoint: str, run_dir: str):
+        super().__init__(f"{checkpoint} was removed while it was read (a training run still "
+                         f"writing {run_dir} keeps only its newest checkpoints): run the "
+                         "command again, or once the training is done")
+
+
+# tries of `load_model` at the checkpoint it chooses, where training removes them meanwhile
+LOAD_TRIES = 3
+
+
 def config_classes() -> dict[str, type]:
     return {name: cls.config_class for name, cls in MODELS.items()}
 
@@ -157,20 +171,24 @@ def load_saved_config(path: str) -> dict:
     return saved
 
 
-def load_model(run_dir: str, which: str = "best"
+def load_model(run_dir: str, which: str = "best", checkpoint: str | None = None
                ) -> tuple[SequenceModel, config_lib.RunConfig, schema.Vocabulary]:
-    """Restores a run folder's model.
+    """Restores a run folder's model (`model.restored_checkpoint` says from which one).
 
     Args:
       run_dir: a folder written by `python -m model.train`.
       which: `best` = the checkpoint with the best valid Recall@20 seen during training
         (the latest when the run never evaluated on valid), or `latest`.
+      checkpoint: this checkpoint of the run (a path prefix `which` chose earlier, whose
+        digest a caller recorded), instead of choosing one now.
 
     Returns:
       (model, resolved config, vocabulary of the run).
 
     Raises:
       RunError: no run folder, config or checkpoint, or an unknown `which`.
+      CheckpointGone: `checkpoint` was removed (or, chosen here, the ones chosen in
+        `LOAD_TRIES` tries) before it was read.
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -178,10 +196,17 @@ def load_model(run_dir: str, which: str = "best"
     saved = load_saved_config(path)
     config = config_lib.RunConfig.from_dict(saved, config_classes())
     vocab = schema.read_vocabulary(run_dir)
-    checkpoint = checkpoint_path(run_dir, which)
-    model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,
-                        load_pretrained=False)
-    status = tf.train.Checkpoint(model=model).restore(checkpoint)
+    for attempt in range(1, LOAD_TRIES + 1):
+        chosen = checkpoint or checkpoint_path(run_dir, which)
+        model = build_model(config.model_name, config.model, vocab.size,
+                            item_counts=vocab.counts, load_pretrained=False)
+        try:
+            status = tf.train.Checkpoint(model=model).restore(chosen)
+            break
+        except tf.errors.NotFoundError:  # training removed it since it was chosen
+            if checkpoint is not None or attempt == LOAD_TRIES:
+                raise CheckpointGone(chosen, run_dir) from None
+    checkpoint = chosen
     status.expect_partial()  # (a training checkpoint also holds the optimizer's slots)
     try:  # every variable of the model, though: none may keep its initial value
         status.assert_existing_objects_matched()

@@ -752,20 +752,38 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     published_before = len(PUBLISHED)
+    held = None
     try:
-        checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)
-        step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint.rsplit("-", 1)[-1].isdigit() \
-            else None
-        source = {"model_dir": os.path.abspath(args.model_dir),
-                  "checkpoint": os.path.abspath(checkpoint),
-                  "step": step, "which": args.checkpoint,
-                  "checkpoint_digest": checkpoint_digest(checkpoint),
-                  "weights_digest": weights_digest(checkpoint),
-                  "keep_repeats": args.keep_repeats}
+        # one export at a time under a base: two at once of the same weights both found
+        # none of them there and published two versions (every client rebuilds its users'
+        # states for a new one)
+        held = _one_export_at_a_time(args.export_base)
         note = registry.training_note(args.model_dir, args.checkpoint)
         if note:
             print(note, file=sys.stderr)
-        same = None if args.version is not None else newest_with(args.export_base, source)
+        for attempt in range(1, registry.LOAD_TRIES + 1):
+            # the checkpoint whose digests are recorded is the one loaded (chosen twice, a
+            # training run's newer one was published labelled as the one before it); one
+            # that training removed meanwhile is chosen again
+            checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)
+            step = int(checkpoint.rsplit("-", 1)[-1]) \
+                if checkpoint.rsplit("-", 1)[-1].isdigit() else None
+            source = {"model_dir": os.path.abspath(args.model_dir),
+                      "checkpoint": os.path.abspath(checkpoint),
+                      "step": step, "which": args.checkpoint,
+                      "checkpoint_digest": checkpoint_digest(checkpoint),
+                      "weights_digest": weights_digest(checkpoint),
+                      "keep_repeats": args.keep_repeats}
+            same = None if args.version is not None else newest_with(args.export_base, source)
+            if same is not None:
+                break
+            try:
+                model, config, vocabulary = registry.load_model(
+                    args.model_dir, args.checkpoint, checkpoint=checkpoint)
+                break
+            except registry.CheckpointGone:
+                if attempt == registry.LOAD_TRIES:
+                    raise
         if same is not None:
             # a new version of the same weights would only make every client rebuild its
             # users' states (from their recent items: longer histories are lost)
@@ -778,7 +796,6 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                   f"{os.path.join(args.export_base, str(same))}")
             _say_leftovers(args.export_base)
             return 0
-        model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
         newest = next_version(args.export_base) - 1
         path = export_model(model, vocabulary, args.export_base, args.version, config, source,
                             collapse=False if args.keep_repeats else None)
@@ -810,9 +827,41 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         print(f"error: cannot write the export under {args.export_base}: {reason or e}; no "
               "version was published", file=sys.stderr)
         return 1
+    finally:
+        _let_others_export(args.export_base, held)
     print(f"exported {args.model_dir} (step {step}, {_kind(checkpoint)}) to {path}")
     _say_leftovers(args.export_base)
     return 0
+
+
+def _one_export_at_a_time(export_base: str) -> tuple[int | None, bool]:
+    """Takes an exclusive lock on the export base folder itself (`flock` of its descriptor:
+    no file in it for TF Serving to see), waiting for another export that holds it; makes
+    the folder when missing. Returns (the descriptor, None where the platform or file
+    system has no such lock; whether the folder was made) for `_let_others_export`."""
+    from model import atomic
+
+    made = not os.path.isdir(export_base)
+    os.makedirs(export_base, exist_ok=True)
+    try:
+        return atomic.lock_folder(export_base), made
+    except BlockingIOError:
+        print(f"waiting for another export under {export_base}"
+              f"{atomic.lock_holder(export_base)} to finish", file=sys.stderr, flush=True)
+        return atomic.lock_folder(export_base, wait=True), made
+
+
+def _let_others_export(export_base: str, held: tuple[int | None, bool] | None) -> None:
+    """Releases `_one_export_at_a_time`'s lock; a folder it made that nothing was exported
+    to is removed again."""
+    if held is None:
+        return
+    fd, made = held
+    if fd is not None:
+        os.close(fd)
+    if made:
+        with contextlib.suppress(OSError):
+            os.rmdir(export_base)  # (only while empty)
 
 
 def _kind(checkpoint: str) -> str:

@@ -342,3 +342,26 @@ def test_a_vocabulary_of_the_same_size_names_the_first_entry_that_differs():
     with pytest.raises(registry.RunError, match=r"\(4 entries\) does not match .* \(5\)"):
         registry.check_vocabulary(vocab(["a", "x", "b"]), vocab(["a", "c"]), "run", "data")
     registry.check_vocabulary(vocab(["a"]), vocab(["a"]), "run", "data")
+
+
+def test_a_checkpoint_training_removed_meanwhile_is_chosen_again_or_said(data, config_file,
+                                                                          tmp_path, monkeypatch):
+    """evaluate and export --checkpoint latest beside a training run that keeps its newest
+    checkpoints: the one chosen was removed before it was read, a NotFoundError traceback
+    (concurrency audit). The newest is chosen again; a given one that is gone is one line."""
+    run = str(tmp_path / "run")
+    assert _train(data, run, config_file, "--steps", "5", "--eval-every", "0") == 0
+    real = registry.checkpoint_path
+    latest = real(run, "latest")
+    gone = latest.replace("ckpt-5", "ckpt-4")  # (kept 3: removed by the next save, as here)
+    for suffix in (".index", ".data-00000-of-00001"):
+        if os.path.exists(gone + suffix):
+            os.remove(gone + suffix)
+    chosen = iter([gone])
+    monkeypatch.setattr(registry, "checkpoint_path",
+                        lambda run_dir, which="best": next(chosen, None) or real(run_dir, which))
+    model, _, _ = registry.load_model(run, "latest")
+    assert model.restored_checkpoint == latest
+    with pytest.raises(registry.CheckpointGone, match=r"ckpt-4 was removed while it was read \(a "
+                       r"training run still writing .* keeps only its newest checkpoints\)"):
+        registry.load_model(run, "latest", checkpoint=gone)

@@ -51,8 +51,18 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
             failed.stderr
     assert not os.path.exists(os.path.join(work, "export")) or not os.listdir(
         os.path.join(work, "export"))
-    exported = run("serving.export", "--model-dir", "run", "--export-base", "export", cwd=work)
+    # two exports of the run at once (a scheduler's retry beside the first attempt): one
+    # version (both found none and published two of the same weights; concurrency audit)
+    both = [subprocess.Popen([sys.executable, "-m", "serving.export", "--model-dir", "run",
+                              "--export-base", "export"], cwd=work, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=lib.REPO)) for _ in range(2)]
+    said = sorted((p.communicate(timeout=300), p.returncode) for p in both)
+    assert [rc for _, rc in said] == [0, 0], said
+    exported, again = said[1][0][0], said[0][0][0]
+    assert again.startswith("already exported run (step 3, the best on valid checkpoint)"), said
     assert "export/1" in exported and "(step 3, the best on valid checkpoint)" in exported
+    assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
     with open(os.path.join(work, "export", "1", "assets.extra", "export_config.json")) as f:
         source = json.load(f)["source"]
     assert (source["step"], source["which"]) == (3, "best")
