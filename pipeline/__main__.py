@@ -1452,6 +1452,10 @@ def _say_start(output: str, files, options) -> None:
     """The start line, and a note on what earlier runs left beside `output`."""
     print(f"pipeline: {len(files)} input file(s), {sum(s for _, s in files):,} bytes, "
           f"runner {options.get_all_options()['runner']}", file=sys.stderr)
+    gone = outputs.remove_abandoned(output)
+    if gone:
+        print(f"note: removed {len(gone)} temporary folder(s) beside {output} of runs that "
+              f"were killed: {', '.join(os.path.basename(f) for f in gone)}", file=sys.stderr)
     stale = outputs.leftovers(output)
     replaced = outputs.replaced_output(output)
     if replaced:

@@ -16,9 +16,20 @@ import contextlib
 import os
 import shutil
 import stat
+import time
 import uuid
 
 from pipeline import schema, storage
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no flock; temporary folders are only named, not removed)
+    fcntl = None
+
+# a temporary folder no live run holds, this old, is a killed run's (`remove_abandoned`)
+ABANDONED_AFTER_S = 60.0
+# temporary folder: the descriptor whose flock says a live run writes it (`make_temp`)
+_HELD: dict[str, int] = {}
 
 
 def is_local(path: str) -> bool:
@@ -114,6 +125,13 @@ def make_temp(output: str) -> str:
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex[:12]}")
         os.mkdir(tmp)  # 0777 less the umask, as the output's own folders (mkdtemp: 0700)
+        if fcntl is not None:  # held while this process lives: a killed run's lets go
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _HELD[tmp] = fd
+            except OSError:  # (a file system without flock: its folders are only named)
+                os.close(fd)
         return tmp
     from apache_beam.io.filesystems import FileSystems
 
@@ -131,6 +149,44 @@ def replaced_output(output: str) -> str | None:
                 and os.path.isfile(os.path.join(folder, schema.STATS_FILE))]
     # (two kills there, a run between them: the newest is the previous output)
     return max(replaced, key=os.path.getmtime, default=None)
+
+
+def _let_go(tmp: str) -> None:
+    """Releases `make_temp`'s hold on `tmp` (removed, or in place as the output)."""
+    fd = _HELD.pop(tmp, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def remove_abandoned(output: str) -> list[str]:
+    """Removes the temporary folders beside a local `output` of runs that were killed (a
+    scheduler's kill -9 left a whole output's copy each time, named by every later run and
+    never removed): those no live process holds (`make_temp`'s flock) and untouched for
+    `ABANDONED_AFTER_S`; not the `.old-*` folders, one of which may hold the previous
+    output (`replaced_output`). Returns the folders removed."""
+    if fcntl is None or not is_local(output):
+        return []
+    removed = []
+    for folder in leftovers(output):
+        if ".old-" in os.path.basename(folder):
+            continue
+        try:
+            if os.stat(folder).st_mtime > time.time() - ABANDONED_AFTER_S:
+                continue
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a live run holds it)
+        except OSError:
+            continue
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not os.path.exists(folder):
+                removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def leftovers(output: str) -> list[str]:
@@ -177,6 +233,7 @@ def remove(folder: str) -> None:
     """Deletes `folder` and everything below it (nothing if it does not exist)."""
     if is_local(folder):
         shutil.rmtree(folder, ignore_errors=True)
+        _let_go(folder)
         return
     from apache_beam.io.filesystems import FileSystems
 
@@ -197,6 +254,9 @@ class InterruptedAfterCommit(KeyboardInterrupt):
 def commit(tmp: str, output: str) -> None:
     """Puts the finished folder `tmp` in place as `output`, replacing an existing one."""
     if is_local(output):
+        # (its hold let go first: stats.json written just now, no one takes it for a
+        # killed run's, `remove_abandoned`)
+        _let_go(tmp)
         if os.path.exists(output):
             trash = f"{tmp}.old-{uuid.uuid4().hex[:8]}"
             try:
@@ -232,3 +292,4 @@ def commit(tmp: str, output: str) -> None:
     if stale:
         FileSystems.delete(stale)
     FileSystems.rename([stats_new], [stats_old])  # last: the output is complete
+

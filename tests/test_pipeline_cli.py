@@ -1479,6 +1479,26 @@ def test_a_killed_run_leaves_no_output_and_the_next_run_names_its_leftovers(tmp_
     note = res.stderr.splitlines()[1]
     assert note.startswith("note: 1 temporary folder(s) of runs that did not finish") and left[0] in note
     assert check_output(str(out))[0]["rows_read"] == 200_000
+    # a minute on, no process holding it, it is removed (under cron each kill left a whole
+    # output's copy, named by every later run and never removed; scheduler audit); one a
+    # live run holds (its flock) is only named
+    import fcntl
+
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        for name in (left[0], live.name):
+            os.utime(tmp_path / name, (time.time() - 120, time.time() - 120))
+        res = run_cli("--input", str(log), "--output", str(out), "--overwrite")
+    finally:
+        os.close(held)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (f"note: removed 1 temporary folder(s) beside {out} of runs that were killed: "
+            f"{left[0]}") in res.stderr.splitlines()
+    assert "note: 1 temporary folder(s) of runs that did not finish" in res.stderr
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")) == [live.name]
 
 
 def test_progress_of_a_local_run(tmp_path, monkeypatch, capfd):
