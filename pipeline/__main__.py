@@ -213,6 +213,16 @@ def _said_in_one_line(e: BaseException) -> str | None:
         return (f"{str(e).splitlines()[0]} (--runner PrismRunner downloads its binary when it "
                 "starts: pass --prism_location with a prism binary or its release zip, or "
                 "leave out --runner for the local FnApiRunner)")
+    if message is None and isinstance(e, RuntimeError) and (
+            "Unable to fetch remote job server jar" in str(e)):
+        # FlinkRunner and SparkRunner fetch their job server's jar from Maven when they
+        # start (196 lines of seven tracebacks where there is no network)
+        url = re.search(r"jar at (\S+?\.jar)", str(e))
+        return (f"cannot fetch the runner's job server jar{f' ({url.group(1)})' if url else ''}: "
+                "the runner downloads it when it starts; pass --flink_job_server_jar "
+                "(FlinkRunner) or --spark_job_server_jar (SparkRunner) with a local copy, or "
+                "--job_endpoint of a running job server, or leave out --runner for the local "
+                "FnApiRunner")
     reason = storage.storage_error(e) if message is None else None
     return f"cannot write: {reason}" if reason else message
 
@@ -272,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", type=argtypes.home_path,
                    help="output folder (local, or gs://, s3://... through Beam's file systems)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    p.add_argument("--shared-mount", action="store_true",
+                   help="a --runner whose workers run on other machines mounts the local "
+                        "paths of --input and --output at the same place (NFS, /dbfs): "
+                        "allow them (they are refused with such a runner otherwise)")
     p.add_argument("--format", choices=parse.FORMATS, default="csv",
                    help="input format: csv (CSV quoting), tsv (no quoting: a tab-separated "
                         "file with quoting is csv with --delimiter tab), jsonl (one JSON "
@@ -834,13 +848,28 @@ def _usable_cpus() -> int:
     return max(1, cpus)
 
 
+def _runner_class(runner) -> str:
+    """The class name of the runner a `--runner` value makes (Beam takes `direct`,
+    `fnapirunner`, a dotted path: each was read as a runner of other machines and refused);
+    the value itself where Beam makes none of it."""
+    if not isinstance(runner, str):
+        return type(runner).__name__
+    if runner in LOCAL_RUNNERS:
+        return runner
+    from apache_beam.runners import runner as runners
+
+    try:
+        return type(runners.create_runner(runner)).__name__
+    except Exception:  # (said by `_check_runner`)
+        return runner
+
+
 def _runs_elsewhere(options) -> str | None:
     """The runner's name when its workers run on other machines (Dataflow, a Flink or
     Spark cluster, a portable runner's Docker workers), else None (the local runners, and
     any runner with --environment_type LOOPBACK, whose workers run in this process)."""
     values = options.get_all_options()
-    runner = values.get("runner") or "FnApiRunner"
-    name = runner if isinstance(runner, str) else type(runner).__name__
+    name = _runner_class(values.get("runner") or "FnApiRunner")
     if name in LOCAL_RUNNERS or name in ("PrismRunner", "InteractiveRunner"):
         return None
     if str(values.get("environment_type") or "").upper() == "LOOPBACK":
@@ -868,12 +897,16 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
     for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)
     _, unknown = parser.parse_known_args(beam_args)
+    beam_flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     for k, arg in enumerate(unknown):
         previous = unknown[k - 1] if k else ""
         if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
             raise UsageError(f"unexpected argument {arg!r} (not the value of an option)")
         name = arg.split("=")[0]
-        hint = difflib.get_close_matches(name, own_flags, n=1, cutoff=0.8)
+        # a near miss of Beam's own flags too (--runer DataflowRunner ran the job here,
+        # after Beam's "Discarding unparseable args"), closer than a plug-in's own would be
+        hint = (difflib.get_close_matches(name, own_flags, n=1, cutoff=0.8)
+                or difflib.get_close_matches(name, beam_flags, n=1, cutoff=0.9))
         if arg.startswith("--") and ("-" in name[2:] or hint):
             raise UsageError(f"unknown option {name}" + (f": did you mean {hint[0]}?" if hint else
                                                          " (see python -m pipeline --help)"))
@@ -948,12 +981,12 @@ def _resolve(argv):
         raise UsageError(f"--output: {e}") from None
     elsewhere = _runs_elsewhere(options)
     local = [p for p in [*args.input, output] if outputs.is_local(p)]
-    if elsewhere and local:
+    if elsewhere and local and not args.shared_mount:
         raise UsageError(
             f"--runner {elsewhere} runs the job's workers on other machines, which cannot read "
             f"or write this machine's {local[0]}: pass --input and --output on a file system "
-            "they share (gs://, s3://, hdfs://), or --environment_type LOOPBACK to run the "
-            "workers here")
+            "they share (gs://, s3://, hdfs://), --shared-mount where the workers mount these "
+            "paths too (NFS, /dbfs), or --environment_type LOOPBACK to run the workers here")
     if outputs.is_local(output):
         if os.path.islink(output):
             # the run replaces the folder the link names (the link stays), not the link
@@ -1086,7 +1119,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
     try:
         work = outputs.join(tmp, WORK_DIR)
         runner = options.get_all_options()["runner"]
-        with _quiet_beam_stderr(runner in LOCAL_RUNNERS and not args.beam_logs,
+        with _quiet_beam_stderr(_runner_class(runner) in LOCAL_RUNNERS and not args.beam_logs,
                                 sum(size for _, size in files)), \
                 beam.Pipeline(options=options) as p:
             out = (p
@@ -1112,7 +1145,8 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         # (--exclude and --time-format are absent when unused, so data made before the
         # options digests the same)
         options_out = {k: v for k, v in vars(args).items()
-                       if k != "overwrite" and not (k in ("exclude", "time_format") and v is None)}
+                       if k not in ("overwrite", "shared_mount")
+                       and not (k in ("exclude", "time_format") and v is None)}
         options_out["header"] = config.header
         options_out["runner"] = options.get_all_options()["runner"]
         stats = {
@@ -1476,7 +1510,7 @@ def _main(argv=None, command: bool = False) -> int:
         args, output, files, config, options = _resolve(argv)
         from pipeline import sources
         reason = storage.temp_dir_error()  # Beam's pipeline makes one at its start
-        if not reason and options.get_all_options()["runner"] in LOCAL_RUNNERS:
+        if not reason and _runner_class(options.get_all_options()["runner"]) in LOCAL_RUNNERS:
             reason = _open_files_error()
         if not reason:
             _say_start(output, files, options)
