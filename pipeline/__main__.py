@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-events-per-user", type=argtypes.positive_int,
                    default=DEFAULT_MAX_EVENTS_PER_USER,
                    help="keep each user's most recent events only (counted in stats)")
+    p.add_argument("--max-malformed-fraction", type=_fraction, default=None, metavar="F",
+                   help="fail the run (exit 1; an earlier output is not replaced) when more "
+                        "than this fraction of the rows read are malformed (default: no "
+                        "limit; a bad row never stops the job, and malformed/ keeps it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --split users hash")
     p.add_argument("--beam-logs", action="store_true",
                    help="show Apache Beam's own INFO and WARNING log lines of a local run "
@@ -1146,7 +1150,8 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         # options digests the same)
         options_out = {k: v for k, v in vars(args).items()
                        if k not in ("overwrite", "shared_mount")
-                       and not (k in ("exclude", "time_format") and v is None)}
+                       and not (k in ("exclude", "time_format", "max_malformed_fraction")
+                                and v is None)}
         options_out["header"] = config.header
         options_out["runner"] = options.get_all_options()["runner"]
         stats = {
@@ -1243,10 +1248,18 @@ def _end_child_processes(before: set[tuple[int, bytes]]) -> None:
 
 
 def failed(stats: dict) -> bool:
-    """A run that wrote no event (its exit status is 1, so that a scheduler does not go on
-    to train). An empty train split with events in valid or test is a warning, not a
-    failure: model.train refuses it with its own line."""
-    return not stats["rows_written"]
+    """A run that wrote no event, or more malformed rows than --max-malformed-fraction
+    allows (its exit status is 1, so that a scheduler does not go on to train). An empty
+    train split with events in valid or test is a warning, not a failure: model.train
+    refuses it with its own line."""
+    return not stats["rows_written"] or too_malformed(stats)
+
+
+def too_malformed(stats: dict) -> bool:
+    """Whether more of the rows read are malformed than --max-malformed-fraction allows."""
+    limit = stats.get("options", {}).get("max_malformed_fraction")
+    return (limit is not None and stats["rows_read"] > 0
+            and stats["rows_malformed"] > limit * stats["rows_read"])
 
 
 def _summary(stats: dict, output: str, seconds: float) -> str:
@@ -1425,6 +1438,13 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                          "two items each here; a file written from a float column (pandas "
                          "writes an integer column with a missing value as floats)? Write "
                          "the ids as integers")
+    if stats["rows_written"] and too_malformed(stats):  # (the exit status is then 1)
+        lines.append(f"error: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows "
+                     f"read ({argtypes.share(stats['rows_malformed'], stats['rows_read'])}) "
+                     "are malformed, more than --max-malformed-fraction "
+                     f"{stats['options']['max_malformed_fraction']} allows: check the input and "
+                     f"the options; {schema.MALFORMED_DIR}/ under {output} says why rows were "
+                     "rejected")
     if not stats["rows_written"]:  # (the exit status is then 1)
         why = (f"; {schema.MALFORMED_DIR}/ under {output} says why rows were rejected"
                if stats["rows_malformed"] else "")

@@ -863,6 +863,28 @@ def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite
     assert (out / "stats.json").read_text() != (other / "stats.json").read_text()
 
 
+def test_max_malformed_fraction_fails_a_run_of_too_many_bad_rows(tmp_path, capsys):
+    """A scheduler's bound on bad rows: with half the rows malformed the run exited 0, and
+    a --max-malformed-fraction had no place (scheduler audit). Over it the run fails (exit
+    1), and an earlier output stays; within it, or without it, the run goes as before."""
+    log = _log_with_bad_rows(tmp_path)  # 1 malformed of 400
+    out = tmp_path / "out"
+    argv = ["--input", str(log), "--output", str(out), "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main([*argv, "--max-malformed-fraction", "0.01"]) == 0
+    before = (out / "stats.json").read_text()
+    assert "max_malformed_fraction" in json.loads(before)["options"]
+    capsys.readouterr()
+    assert cli.main([*argv, "--overwrite", "--max-malformed-fraction", "0"]) == 1
+    err = capsys.readouterr().err
+    assert ("error: 1 of the 400 rows read (under 1%) are malformed, more than "
+            "--max-malformed-fraction 0.0 allows") in err, err
+    assert "this run failed, so it did not replace" in err
+    assert (out / "stats.json").read_text() == before
+    # unused, it leaves the options (and the data's digest) as they were
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert "max_malformed_fraction" not in json.loads((out / "stats.json").read_text())["options"]
+
+
 def test_existing_output_refused_without_overwrite(tmp_path, capsys):
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\nu,a,1\n")
