@@ -653,6 +653,11 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     result["cut_at_commas"] = cut
     lines += _unknown_note(client, items, unknown, cut)
+    if len(ranked) < args.k and len(ids[0]) < k:  # (a catalogue of fewer: said, not bare)
+        lines.append(f"note: {len(ranked)} of the {args.k:,} asked: version "
+                     f"{client.pinned_version}'s catalogue holds {len(ids[0]):,} items"
+                     + (", and the one the session is on is left out (--keep-last keeps it)"
+                        if left_out in ids[0] else ""))
     lines += [f"{r + 1:3d}. {argtypes.shown(e['item'])}\t{e['score']:.4f}"
               for r, e in enumerate(ranked)]
     return result, "\n".join(lines)

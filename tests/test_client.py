@@ -726,6 +726,14 @@ def test_recommend_leaves_out_the_item_the_session_is_on(capsys, served, tmp_pat
     assert [e["item"] for e in kept["items"]] == ids[0][:3]
     left = run_cli(capsys, served, db, "recommend", "--user", "new2", "--items", item, "-k", "3")
     assert [e["item"] for e in left["items"]] == [i for i in ids[0] if i != item][:3]
+    # more than the catalogue holds: said (a 1-item catalogue answered nothing without a
+    # word; extremes audit)
+    assert client_lib.main([a for a in cli(served, db, "recommend", "--user", "new3",
+                                           "--items", item, "-k", "50") if a != "--json"]) == 0
+    size = served["vocab"].size - 2
+    assert (f"note: {size - 1} of the 50 asked: version 2's catalogue holds {size} items, and "
+            "the one the session is on is left out (--keep-last keeps it)"
+            ) in capsys.readouterr().out
 
 
 def test_recommend_and_end_session_name_the_items_the_version_does_not_know(capsys, served,
