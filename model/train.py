@@ -653,9 +653,9 @@ def deep_dilations_note(config, longest: int | None) -> str | None:
     the blocks are of use, or the longest session is not known."""
     if not longest or not config.num_blocks > 1:
         return None
-    useful = next(k for k in range(1, config.num_blocks + 1)
-                  if config.replace({"num_blocks": k}).receptive_field >= longest)
-    if config.num_blocks <= useful + 1:  # (one more block than needed is a fair choice)
+    useful = next((k for k in range(1, config.num_blocks + 1)
+                   if config.replace({"num_blocks": k}).receptive_field >= longest), None)
+    if useful is None or config.num_blocks <= useful + 1:  # (one more than needed: fair)
         return None
     return (f"note: model.num_blocks {config.num_blocks} gives the TCN a receptive field of "
             f"{config.receptive_field:,} positions, and the longest train session has "

@@ -87,7 +87,8 @@ def test_a_sigterm_stops_the_demo_with_exit_130(tmp_path):
             break
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(lines) + log
-    assert log.rstrip().endswith("demo stopped by signal 15"), log
+    # (the step's own last line may come after it: the child shares the output)
+    assert "demo stopped by signal 15" in log.splitlines(), log
     assert "=== 2/7" not in log
 
 

@@ -978,7 +978,8 @@ def test_dilations_far_past_the_longest_session_are_noted():
                     "positions, and the longest train session has 5 events: 2 blocks see all "
                     "of it, and each further one reads only padding at a memory cost that "
                     "doubles with every block")
-    for blocks, longest in ((3, 5), (2, 5), (1, 5), (16, None), (12, 4096)):
+    # (and none for a receptive field short of the longest session: the quickstart's)
+    for blocks, longest in ((3, 5), (2, 5), (1, 5), (16, None), (12, 4096), (2, 100)):
         assert train_lib.deep_dilations_note(base.replace({"num_blocks": blocks}), longest) \
             is None, (blocks, longest)
 
