@@ -125,13 +125,7 @@ def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None,
         vocabulary holds: it would be scored as an unknown item).
     """
     for i, row in enumerate(rows):
-        if isinstance(row, (str, bytes)):
-            raise TypeError(f"row {i} is the string {row[:40]!r}, not a list of item ids: "
-                            f"pass [[{row[:40]!r}]] for one user's one item")
-        bad = next((item for item in row if not isinstance(item, str)), None)
-        if bad is not None:
-            raise TypeError(f"row {i} holds the {type(bad).__name__} {bad!r}: item ids are "
-                            "strings, as in the pipeline's items.tsv (str(...) them)")
+        state_store.check_session(row, f"row {i}")
     longest = max([len(r) for r in rows] + [1])
     if width is None:
         cols = longest
