@@ -63,54 +63,6 @@ def _locked_copy(fd: int) -> int | None:
         return None
 
 
-def lock_folder(folder: str, wait: bool = False) -> int | None:
-    """An exclusive flock on `folder` itself for this process (the system releases it
-    however the process ends; nothing is written into the folder): the descriptor to close
-    to release it, or None where there is no lock to take (Windows; a file system whose
-    flock refuses a folder opened read-only, as NFS's emulation does, or takes no locks).
-    With `wait`, until another process that holds it lets it go.
-
-    Raises:
-      BlockingIOError: another process holds it (without `wait`).
-    """
-    if fcntl is None:
-        return None
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
-        raise
-    except OSError:  # ENOLCK, EBADF (NFS: an exclusive lock wants a file open for writing)
-        os.close(fd)
-        return None
-    except BaseException:  # (Ctrl-C while it waits)
-        os.close(fd)
-        raise
-    return fd
-
-
-def lock_holder(folder: str) -> str:
-    """" (process N)" for the process that holds `lock_folder`'s lock on `folder`, as
-    Linux's /proc/locks names it (a message that named no holder sent a user looking for
-    it), or "" where that cannot be told (another system, a process of another machine or
-    PID namespace)."""
-    try:
-        st = os.stat(folder)
-        with open("/proc/locks", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in lines:
-        fields = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 00:2f:567 0 EOF" ("->" before a waiter's)
-        if "->" not in fields and len(fields) >= 6 and fields[1] == "FLOCK" \
-                and fields[5] == inode and fields[4].isdigit():
-            return f" (process {fields[4]})"
-    return ""
-
-
 def remove_abandoned_temporaries(folder: str) -> list[str]:
     """Removes the `.tmp-*` files in `folder` that no live writer holds (a writer killed
     mid-write left them); returns their names. A file written in the last

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model import atomic, config as config_lib, processes
+from model import config as config_lib, processes
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import code_digest, read_per_user
@@ -824,17 +824,17 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
 
 
 def _lock_output(output: str) -> int | None:
-    """Locks --output for this command (`atomic.lock_folder`): a second compare into it
+    """Locks --output for this command (`storage.lock_folder`): a second compare into it
     would evaluate and train beside the first. Returns the descriptor to close, or None.
 
     Raises:
       CompareError: another process holds it.
     """
     try:
-        return atomic.lock_folder(output)
+        return storage.lock_folder(output)
     except BlockingIOError:
         raise CompareError(f"--output {output} is being written by another model.compare"
-                           f"{atomic.lock_holder(output)}: wait for it to end, or pass another "
+                           f"{storage.lock_holder(output)}: wait for it to end, or pass another "
                            "--output") from None
 
 

@@ -685,9 +685,10 @@ def _run_identity(model_dir: str, checkpoint: str, note: str | None) -> dict:
     """Which trained model the metrics are of (a scheduled evaluate after a killed training
     wrote metrics that nothing tied to a checkpoint): its run folder, checkpoint and step,
     and whether its training had finished (`note`: `registry.training_note`'s)."""
-    step = checkpoint.rsplit("-", 1)[-1]
+    from model import registry
+
     return {"model_dir": os.path.abspath(model_dir), "checkpoint": os.path.abspath(checkpoint),
-            "step": int(step) if step.isdigit() else None, "training_finished": note is None}
+            "step": registry.checkpoint_step(checkpoint), "training_finished": note is None}
 
 
 def _complete(result: dict, args, sample, code, run: dict | None = None) -> dict:

@@ -171,7 +171,13 @@ def load_saved_config(path: str) -> dict:
     return saved
 
 
-def load_model(run_dir: str, which: str = "best", checkpoint: str | None = None
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The step a checkpoint path prefix (`.../ckpt-200`) was saved at, or None."""
+    step = checkpoint.rsplit("-", 1)[-1]
+    return int(step) if step.isdigit() else None
+
+
+def load_model(run_dir: str, which: str = "best"
                ) -> tuple[SequenceModel, config_lib.RunConfig, schema.Vocabulary]:
     """Restores a run folder's model (`model.restored_checkpoint` says from which one).
 
@@ -179,16 +185,14 @@ def load_model(run_dir: str, which: str = "best", checkpoint: str | None = None
       run_dir: a folder written by `python -m model.train`.
       which: `best` = the checkpoint with the best valid Recall@20 seen during training
         (the latest when the run never evaluated on valid), or `latest`.
-      checkpoint: this checkpoint of the run (a path prefix `which` chose earlier, whose
-        digest a caller recorded), instead of choosing one now.
 
     Returns:
       (model, resolved config, vocabulary of the run).
 
     Raises:
       RunError: no run folder, config or checkpoint, or an unknown `which`.
-      CheckpointGone: `checkpoint` was removed (or, chosen here, the ones chosen in
-        `LOAD_TRIES` tries) before it was read.
+      CheckpointGone: the checkpoints chosen in `LOAD_TRIES` tries were each removed
+        before they were read (a training run keeps only its newest ones).
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -196,17 +200,16 @@ def load_model(run_dir: str, which: str = "best", checkpoint: str | None = None
     saved = load_saved_config(path)
     config = config_lib.RunConfig.from_dict(saved, config_classes())
     vocab = schema.read_vocabulary(run_dir)
+    model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,
+                        load_pretrained=False)
     for attempt in range(1, LOAD_TRIES + 1):
-        chosen = checkpoint or checkpoint_path(run_dir, which)
-        model = build_model(config.model_name, config.model, vocab.size,
-                            item_counts=vocab.counts, load_pretrained=False)
+        checkpoint = checkpoint_path(run_dir, which)
         try:
-            status = tf.train.Checkpoint(model=model).restore(chosen)
+            status = tf.train.Checkpoint(model=model).restore(checkpoint)
             break
         except tf.errors.NotFoundError:  # training removed it since it was chosen
-            if checkpoint is not None or attempt == LOAD_TRIES:
-                raise CheckpointGone(chosen, run_dir) from None
-    checkpoint = chosen
+            if attempt == LOAD_TRIES:
+                raise CheckpointGone(checkpoint, run_dir) from None
     status.expect_partial()  # (a training checkpoint also holds the optimizer's slots)
     try:  # every variable of the model, though: none may keep its initial value
         status.assert_existing_objects_matched()

@@ -51,7 +51,6 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from model import atomic
 from model import batching
 from model import cli
 from model import config as config_lib
@@ -784,11 +783,11 @@ class RunLock:
             why = (f": {parent} is a link to nothing" if not os.path.exists(parent) else "")
             raise registry.RunError(f"cannot create the run folder {self.run_dir}{why}") from None
         try:
-            self._fd = atomic.lock_folder(self.run_dir)
+            self._fd = storage.lock_folder(self.run_dir)
         except BlockingIOError:
             raise registry.RunError(
                 f"{self.run_dir} is being trained by another process"
-                f"{atomic.lock_holder(self.run_dir)}: wait for it to end, or pass another "
+                f"{storage.lock_holder(self.run_dir)}: wait for it to end, or pass another "
                 "--model-dir") from None
 
     def release(self) -> None:

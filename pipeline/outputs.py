@@ -21,11 +21,6 @@ import uuid
 
 from pipeline import schema, storage
 
-try:
-    import fcntl
-except ImportError:  # (Windows: no flock; temporary folders are only named, not removed)
-    fcntl = None
-
 # a temporary folder no live run holds, this old, is a killed run's (`remove_abandoned`)
 ABANDONED_AFTER_S = 60.0
 # temporary folder: the descriptor whose flock says a live run writes it (`make_temp`)
@@ -125,13 +120,9 @@ def make_temp(output: str) -> str:
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{uuid.uuid4().hex[:12]}")
         os.mkdir(tmp)  # 0777 less the umask, as the output's own folders (mkdtemp: 0700)
-        if fcntl is not None:  # held while this process lives: a killed run's lets go
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _HELD[tmp] = fd
-            except OSError:  # (a file system without flock: its folders are only named)
-                os.close(fd)
+        fd = storage.lock_folder(tmp)  # held while this process lives: a killed run's lets go
+        if fd is not None:  # (None: no flock here; such folders are only named)
+            _HELD[tmp] = fd
         return tmp
     from apache_beam.io.filesystems import FileSystems
 
@@ -164,8 +155,6 @@ def remove_abandoned(output: str) -> list[str]:
     never removed): those no live process holds (`make_temp`'s flock) and untouched for
     `ABANDONED_AFTER_S`; not the `.old-*` folders, one of which may hold the previous
     output (`replaced_output`). Returns the folders removed."""
-    if fcntl is None or not is_local(output):
-        return []
     removed = []
     for folder in leftovers(output):
         if ".old-" in os.path.basename(folder):
@@ -173,14 +162,12 @@ def remove_abandoned(output: str) -> list[str]:
         try:
             if os.stat(folder).st_mtime > time.time() - ABANDONED_AFTER_S:
                 continue
-            fd = os.open(folder, os.O_RDONLY)
-        except OSError:
+            fd = storage.lock_folder(folder)
+        except OSError:  # (BlockingIOError: a live run holds it)
+            continue
+        if fd is None:  # (no flock here: whose it is cannot be told)
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a live run holds it)
-        except OSError:
-            continue
-        else:
             shutil.rmtree(folder, ignore_errors=True)
             if not os.path.exists(folder):
                 removed.append(folder)
@@ -292,4 +279,3 @@ def commit(tmp: str, output: str) -> None:
     if stale:
         FileSystems.delete(stale)
     FileSystems.rename([stats_new], [stats_old])  # last: the output is complete
-

@@ -761,29 +761,18 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         note = registry.training_note(args.model_dir, args.checkpoint)
         if note:
             print(note, file=sys.stderr)
-        for attempt in range(1, registry.LOAD_TRIES + 1):
-            # the checkpoint whose digests are recorded is the one loaded (chosen twice, a
-            # training run's newer one was published labelled as the one before it); one
-            # that training removed meanwhile is chosen again
-            checkpoint = registry.checkpoint_path(args.model_dir, args.checkpoint)
-            step = int(checkpoint.rsplit("-", 1)[-1]) \
-                if checkpoint.rsplit("-", 1)[-1].isdigit() else None
-            source = {"model_dir": os.path.abspath(args.model_dir),
-                      "checkpoint": os.path.abspath(checkpoint),
-                      "step": step, "which": args.checkpoint,
-                      "checkpoint_digest": checkpoint_digest(checkpoint),
-                      "weights_digest": weights_digest(checkpoint),
-                      "keep_repeats": args.keep_repeats}
-            same = None if args.version is not None else newest_with(args.export_base, source)
-            if same is not None:
-                break
-            try:
-                model, config, vocabulary = registry.load_model(
-                    args.model_dir, args.checkpoint, checkpoint=checkpoint)
-                break
-            except registry.CheckpointGone:
-                if attempt == registry.LOAD_TRIES:
-                    raise
+        # the checkpoint whose digests are recorded is the one loaded (chosen twice, a
+        # training run's newer one was published labelled as the one before it)
+        model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)
+        checkpoint = model.restored_checkpoint
+        step = registry.checkpoint_step(checkpoint)
+        source = {"model_dir": os.path.abspath(args.model_dir),
+                  "checkpoint": os.path.abspath(checkpoint),
+                  "step": step, "which": args.checkpoint,
+                  "checkpoint_digest": checkpoint_digest(checkpoint),
+                  "weights_digest": weights_digest(checkpoint),
+                  "keep_repeats": args.keep_repeats}
+        same = None if args.version is not None else newest_with(args.export_base, source)
         if same is not None:
             # a new version of the same weights would only make every client rebuild its
             # users' states (from their recent items: longer histories are lost)
@@ -839,16 +828,14 @@ def _one_export_at_a_time(export_base: str) -> tuple[int | None, bool]:
     no file in it for TF Serving to see), waiting for another export that holds it; makes
     the folder when missing. Returns (the descriptor, None where the platform or file
     system has no such lock; whether the folder was made) for `_let_others_export`."""
-    from model import atomic
-
     made = not os.path.isdir(export_base)
     os.makedirs(export_base, exist_ok=True)
     try:
-        return atomic.lock_folder(export_base), made
+        return storage.lock_folder(export_base), made
     except BlockingIOError:
         print(f"waiting for another export under {export_base}"
-              f"{atomic.lock_holder(export_base)} to finish", file=sys.stderr, flush=True)
-        return atomic.lock_folder(export_base, wait=True), made
+              f"{storage.lock_holder(export_base)} to finish", file=sys.stderr, flush=True)
+        return storage.lock_folder(export_base, wait=True), made
 
 
 def _let_others_export(export_base: str, held: tuple[int | None, bool] | None) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from model import atomic
+from pipeline import storage
 
 
 def test_write_json_round_trip_creates_the_folder(tmp_path):
@@ -135,18 +136,18 @@ def test_a_folder_lock_is_one_process_s_and_none_where_flock_refuses_it(tmp_path
     import errno
 
     # (another holder: a descriptor of its own, as another process's is)
-    held = atomic.lock_folder(str(tmp_path))
+    held = storage.lock_folder(str(tmp_path))
     try:
         with pytest.raises(BlockingIOError):
-            atomic.lock_folder(str(tmp_path))
+            storage.lock_folder(str(tmp_path))
     finally:
         os.close(held)
-    fd = atomic.lock_folder(str(tmp_path))
+    fd = storage.lock_folder(str(tmp_path))
     assert isinstance(fd, int)
     os.close(fd)
 
     def nfs(fd, operation):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(atomic.fcntl, "flock", nfs)
-    assert atomic.lock_folder(str(tmp_path)) is None
+    monkeypatch.setattr(storage.fcntl, "flock", nfs)
+    assert storage.lock_folder(str(tmp_path)) is None

@@ -364,9 +364,9 @@ def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
     # another compare writing into the folder (its flock, on a descriptor of its own as
     # another process's is): refused before anything runs (audit: it evaluated the
     # baselines beside the first)
-    from model import atomic
+    from pipeline import storage
 
-    held = atomic.lock_folder(str(out))
+    held = storage.lock_folder(str(out))
     try:
         os.remove(out / "runs" / "popularity" / "test.json")  # (popularity would run again)
         before = snapshot()
