@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import types
 import typing
@@ -64,6 +65,16 @@ def check_loss(loss: str, negative_exponent: float) -> None:
 class ConfigBase:
     """Strict dict conversion and validation shared by every config dataclass."""
 
+    def __post_init__(self) -> None:
+        # built directly (`HierTCNConfig(channels=64)`) as `from_dict` builds it: each value
+        # of its field's type (a list becomes a tuple), in range, or a ConfigError now
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, ConfigBase):
+                object.__setattr__(self, field.name, _coerce(field.name, value, hints[field.name]))
+        self.validate()
+
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -93,16 +104,14 @@ class ConfigBase:
                 updates[key] = current.replace(value)
             else:
                 updates[key] = _coerce(key, value, hints[key])
-        new = dataclasses.replace(self, **updates)
-        new.validate()
-        return new
+        return dataclasses.replace(self, **updates)  # checked by __post_init__
 
     def validate(self) -> None:
         """Raises ConfigError for a value out of range (overridden per config)."""
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks a JSON value against a field's type (ints are accepted for floats)."""
+    """Checks a value against a field's type (ints are accepted for floats, numpy numbers too)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):  # X | None
         if value is None:
@@ -113,8 +122,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key!r} must be a list, got {value!r}")
         return tuple(_coerce(key, v, typing.get_args(hint)[0]) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral) or hint is float:
+            return hint(value)  # numpy numbers too
     if hint in (int, float, str, bool) and (
             not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key!r} must be {hint.__name__}, got {value!r}")

@@ -301,6 +301,18 @@ def test_config_is_strict_and_round_trips(tmp_path):
         cfg.replace({"train": {"batch_size": "x"}})
     with pytest.raises(config_lib.ConfigError, match="tied_output needs embedding_dim == channels"):
         cfg.replace({"model": {"tied_output": True, "channels": 8}})
+    # a config built directly is checked as from_dict checks it (numpy numbers are numbers)
+    with pytest.raises(config_lib.ConfigError, match="model.num_blocks must be >= 1, got 0"):
+        config_lib.HierTCNConfig(num_blocks=0)
+    with pytest.raises(config_lib.ConfigError, match="'channels' must be int, got '64'"):
+        config_lib.HierTCNConfig(channels="64")
+    with pytest.raises(config_lib.ConfigError, match="'dropout' must be float, got True"):
+        config_lib.HierTCNConfig(dropout=True)
+    with pytest.raises(config_lib.ConfigError, match="learning_rate"):
+        config_lib.TrainConfig(learning_rate=-1.0)
+    direct = config_lib.TrainConfig(batch_size=np.int64(8), lr_decay_at=[0.5])
+    assert direct == config_lib.TrainConfig().replace({"batch_size": 8, "lr_decay_at": [0.5]})
+    assert type(direct.batch_size) is int and direct.lr_decay_at == (0.5,)
     assert config_lib.HierTCNConfig().receptive_field == 13
     assert config_lib.HierTCNConfig().replace(config_lib.DEEP_PRESET).receptive_field == 25
     path = str(tmp_path / "c.json")
@@ -495,7 +507,7 @@ def test_auto_loss_is_the_full_softmax_up_to_the_threshold(monkeypatch):
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         losses.resolve_loss("hinge", 3)
     with pytest.raises(config_lib.ConfigError, match="'auto', 'softmax' or 'sampled'"):
-        config_lib.HierTCNConfig(loss="hinge").validate()
+        config_lib.HierTCNConfig(loss="hinge")
     # a model built with `auto` over a large catalogue samples (and needs the counts)
     monkeypatch.setattr(losses, "AUTO_SOFTMAX_MAX_ITEMS", 10)
     tiny = {"embedding_dim": 8, "gru_units": 4, "channels": 8}
