@@ -545,9 +545,9 @@ class HierTCN(SequenceModel):
         Z = the exact terms of the target and of the distinct items the event has seen (so
         the seen bias's q is exact given Z) + an importance-sampling estimate of the rest:
         each of the batch's negatives that is neither, weighted by 1 / its inclusion
-        probability (unbiased for the sum over the other items). Args as in
-        `repeat_losses`; `seen_logits`, `once` [N, N + T] and `target_seen` [N] at the
-        targets, None without the seen bias; `on` [N] the item each event is on (0: none)
+        probability (nearly unbiased for the sum over the other items: `Sampler.__call__`).
+        Args as in `repeat_losses`; `seen_logits`, `once` [N, N + T] and `target_seen` [N]
+        at the targets, None without the seen bias; `on` [N] the item each event is on (0: none)
         and `on_logit` its logit, counted exactly too (without the seen bias; with it, it
         is a seen item), so that p(current), which conditions the likelihood, is exact
         given Z: estimated, it would mostly lack its own term and exceed 1.

@@ -93,7 +93,10 @@ class Sampler:
     def __call__(self, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """(sampled items int64 [k], log of each one's inclusion probability float32 [k]):
         exp(logit - log inclusion) summed over the sample estimates the sum over the
-        catalogue without bias (importance sampling)."""
+        catalogue (importance sampling). Nearly without bias: the inclusion probabilities
+        are TF's, 1 - (1 - p)^tries given the draws it took to find k distinct items,
+        which overstate the exact ones a little when k is a large share of the items (an
+        independent check: Z 3.5% low with 5 negatives of 20 items)."""
         sampled, _, expected = self.candidates(tf.cast(targets, tf.int64)[:, None])
         return sampled, tf.math.log(tf.cast(expected, tf.float32))
 
