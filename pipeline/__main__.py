@@ -1136,7 +1136,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
                     compression_type=beam.io.filesystem.CompressionTypes.GZIP)
             _ = out["malformed"] | "WriteMalformed" >> beam.io.WriteToText(
                 outputs.join(tmp, schema.MALFORMED_DIR, "part"), file_name_suffix=".jsonl")
-            for name in ("stats", "vocabulary", "cutoffs"):
+            for name in ("stats", "vocabulary", "cutoffs", "float_users"):
                 _ = (out[name]
                      | f"{name.title()}Json" >> beam.Map(json.dumps)
                      | f"Write{name.title()}" >> beam.io.WriteToText(
@@ -1144,6 +1144,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         counts = _read_single(outputs.join(work, "stats"))
         vocab = _read_single(outputs.join(work, "vocabulary"))
         cutoffs = _read_single(outputs.join(work, "cutoffs"))
+        float_users = _read_single(outputs.join(work, "float_users"))
         outputs.write_text(outputs.join(tmp, schema.ITEMS_FILE), schema.vocabulary_text(vocab))
         filtered, splits = _nest(counts)
         # (--exclude and --time-format are absent when unused, so data made before the
@@ -1181,6 +1182,8 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         stats["malformed_reasons"] = parse.most_common_kinds(
             {k[len(MALFORMED_PREFIX):]: n for k, n in counts.items()
              if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
+        # users written both as N and as N.0 (two users each; among FLOAT_USER_SAMPLE N.0 ids)
+        stats["float_user_pairs"] = {"count": len(float_users), "examples": float_users[:3]}
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
         if config.split == "time":
@@ -1438,6 +1441,15 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                          "two items each here; a file written from a float column (pandas "
                          "writes an integer column with a missing value as floats)? Write "
                          "the ids as integers")
+    twins = stats.get("float_user_pairs") or {"count": 0}
+    if twins["count"]:
+        shown = ", ".join(f"{a!r} and {b!r}" for a, b in twins["examples"])
+        more = twins["count"] - len(twins["examples"])
+        lines.append(f"note: users written both as integers and as floats ({shown}"
+                     f"{f' and {more:,} more pairs' if more > 0 else ''}): two users each "
+                     "here, each with part of the history; a file written from a float column "
+                     "(pandas writes an integer column with a missing value as floats)? Write "
+                     "the ids as integers")
     if stats["rows_written"] and too_malformed(stats):  # (the exit status is then 1)
         lines.append(f"error: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows "
                      f"read ({argtypes.share(stats['rows_malformed'], stats['rows_read'])}) "

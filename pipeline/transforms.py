@@ -49,6 +49,10 @@ MALFORMED_KINDS = 20
 FILTER = "filter"
 NEWLINES = "newlines"
 STARTS = "starts"
+# The users written as a whole-number float (`229.0`) whose integer form (`229`) is a user
+# too (one user made two by a file written from a float column, as pandas writes an integer
+# column with a missing value), looked for among a sample of this many `N.0` ids.
+FLOAT_USER_SAMPLE = 10_000
 # Progress lines for a local launcher that reads our stderr (`pipeline.__main__`): written
 # only when it sets PROGRESS_ENV, so that remote workers' logs stay clean.
 PROGRESS_ENV = "HIERTCN_PIPELINE_PROGRESS"
@@ -330,12 +334,24 @@ def _malformed_json(row, first_lines: dict) -> str:
                       ensure_ascii=False)
 
 
+def _float_user_wholes(float_ids: list) -> dict:
+    """{integer form: id} of user ids written as whole-number floats."""
+    return {parse.whole_number_text(u): u for u in float_ids}
+
+
+def _float_twin(user: str, wholes: dict):
+    """[user, its float form] when `user` is the integer form of a float-written user."""
+    if user in wholes:
+        yield [user, wholes[user]]
+
+
 class SessionRecords(beam.PTransform):
     """Byte ranges → user records per split, malformed rows, counts and vocabulary.
 
     Returns a dict of PCollections: `train`, `valid`, `test` (serialized
     SequenceExamples), `malformed` (JSON lines), `stats` (one dict of summed counts),
-    `vocabulary` (one list of (item id, count) in index order) and `cutoffs` (one dict).
+    `vocabulary` (one list of (item id, count) in index order), `cutoffs` (one dict) and
+    `float_users` (one sorted list of [user id N, user id N.0] pairs: `FLOAT_USER_SAMPLE`).
     """
 
     def __init__(self, config: Config):
@@ -372,9 +388,22 @@ class SessionRecords(beam.PTransform):
                        | "FirstLines" >> beam.Map(sources.first_line_numbers))
         malformed = parsed[MALFORMED] | "MalformedJson" >> beam.Map(
             _malformed_json, beam.pvalue.AsSingleton(first_lines))
+        user_ids = user_sessions.users | "UserIds" >> beam.Keys()
+        float_wholes = (user_ids
+                        | "FloatUserIds" >> beam.Filter(
+                            lambda u: parse.whole_number_text(u) != u)
+                        | "SampleFloatUserIds" >> beam.combiners.Sample.FixedSizeGlobally(
+                            FLOAT_USER_SAMPLE)
+                        | "FloatUserWholes" >> beam.Map(_float_user_wholes))
+        float_users = (user_ids
+                       | "FloatUserTwins" >> beam.FlatMap(_float_twin,
+                                                          beam.pvalue.AsSingleton(float_wholes))
+                       | "CollectFloatUsers" >> beam.combiners.ToList()
+                       | "SortFloatUsers" >> beam.Map(sorted))
         stats = ((parsed[STATS], user_sessions[STATS], built[STATS])
                  | "FlattenStats" >> beam.Flatten()
                  | "SumStats" >> beam.CombineGlobally(_sum_counts))
         out = {name: built[name] for name in schema.SPLITS}
-        out.update(malformed=malformed, stats=stats, vocabulary=vocab, cutoffs=cutoffs)
+        out.update(malformed=malformed, stats=stats, vocabulary=vocab, cutoffs=cutoffs,
+                   float_users=float_users)
         return out

@@ -2123,6 +2123,37 @@ def test_filter_compares_whole_numbers_by_value_and_exclude_leaves_values_out(tm
     assert "exclude" not in options and "time_format" not in options  # digests as before
 
 
+def test_users_written_as_integers_and_as_floats_are_named(tmp_path, capsys):
+    """An export written from a float column (`7.0`) beside one written from an integer
+    column (`7`) makes two users of each; the run says which (ids like `v1.0` are not
+    numbers, and `80.0` without an `80` is one user)."""
+    day = 86_400
+    rows = [(u, f"i{(u + k) % 6}", 1_600_000_000 + day * d + 3600 * u + 60 * k)
+            for u in range(1, 13) for d in range(4) for k in range(3)]
+    (tmp_path / "a.csv").write_text("user,item,time\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, t in rows if t < 1_600_000_000 + 2 * day))
+    (tmp_path / "b.csv").write_text("user,item,time\n" + "".join(
+        f"{u}.0,{i},{t}\n" if u < 11 else f"v{u}.0,{i},{t}\n"
+        for u, i, t in rows if t >= 1_600_000_000 + 2 * day) + "".join(
+        f"80.0,i{k},{1_600_000_000 + 60 * k}\n" for k in range(3)))
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(tmp_path / "*.csv"), "--output", str(out),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert schema.read_stats(str(out))["float_user_pairs"] == {
+        "count": 10, "examples": [["1", "1.0"], ["10", "10.0"], ["2", "2.0"]]}
+    assert ("note: users written both as integers and as floats ('1' and '1.0', '10' and "
+            "'10.0', '2' and '2.0' and 7 more pairs): two users each here, each with part of "
+            "the history; a file written from a float column (pandas writes an integer "
+            "column with a missing value as floats)? Write the ids as integers\n"
+            ) in capsys.readouterr().err
+    (tmp_path / "b.csv").unlink()
+    assert cli.main(["--input", str(tmp_path / "a.csv"), "--output", str(tmp_path / "one"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert schema.read_stats(str(tmp_path / "one"))["float_user_pairs"] == {
+        "count": 0, "examples": []}
+    assert "floats" not in capsys.readouterr().err
+
+
 def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsys):
     """A log of reviews (one every few days per user) under the 30-minute gap: nearly all
     sessions are one event long. Times of whole days: both cut-offs fall on one day."""
