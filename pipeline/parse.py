@@ -502,7 +502,14 @@ def parse_line(line: str, fmt: RowFormat, check_range: bool = True,
     split = split_fields(line, fmt.separator, fmt.quoted)
     fields = fit_fields(split, len(fmt.columns))
     if fields is None:
-        raise RowError(f"wrong column count: expected {len(fmt.columns)}, got {len(split)}")
+        hint = ""
+        if fmt.quoted and '"' in line and fit_fields(line.split(fmt.separator),
+                                                     len(fmt.columns)) is not None:
+            # a field such as `"Heroes" tribute` read as quoted swallowed the delimiters
+            hint = " (a quote runs past a delimiter" + (
+                ": --format tsv reads quotes as text)" if fmt.separator == "\t" else ")")
+        raise RowError(f"wrong column count: expected {len(fmt.columns)}, got {len(split)}"
+                       f"{hint}")
     if apply_filters and not passes_filters(filter_values(fields, fmt), fmt):
         return None
     u, i, t_ = fmt.indices()

@@ -1108,6 +1108,11 @@ def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
 
 JSONL = parse.RowFormat("jsonl", "s", "user", "item", "time", ())
 ISO = parse.RowFormat("jsonl", "iso", "user", "item", "time", ())
+# csv with a name column, read with a tab (`--delimiter tab`) and with a semicolon
+TABBED = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time", "name"),
+                         delimiter="\t")
+SEMI = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time", "name"),
+                       delimiter=";")
 
 
 @pytest.mark.parametrize("row, fmt, reason, kind", [
@@ -1136,6 +1141,16 @@ ISO = parse.RowFormat("jsonl", "iso", "user", "item", "time", ())
      "per line)",
      "item id … has a line break (items.tsv and the export's vocabulary hold one id per line)"),
     ("u,a", CSV, "wrong column count: expected 3, got 2", "wrong column count: expected 3, got 2"),
+    # a field that opens a quote (`"Heroes tribute`) closed in a later one swallows the
+    # delimiters between them
+    ('u\t"Heroes x\t5\tSong "5", part 9', TABBED, "wrong column count: expected 4, got 2 (a "
+     "quote runs past a delimiter: --format tsv reads quotes as text)", "wrong column count: "
+     "expected 4, got 2 (a quote runs past a delimiter: --format tsv reads quotes as text)"),
+    ('u;"Heroes x;5;Song "5", part 9', SEMI, "wrong column count: expected 4, got 2 (a quote "
+     "runs past a delimiter)", "wrong column count: expected 4, got 2 (a quote runs past a "
+     "delimiter)"),
+    ('u;"a";5', SEMI, "wrong column count: expected 4, got 3", "wrong column count: expected "
+     "4, got 3"),
     (" ,a,5", CSV, "empty user", "empty user"),
     # values of any type, whole: a MongoDB export's {"$date": ...}, a list, a Parquet time64
     ({"user": "u", "item": "a", "time": {"$date": 1614697271000}}, JSONL,
