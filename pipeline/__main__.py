@@ -739,9 +739,9 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
             times.append(parse.parse_line(text, fmt, check_range=False)[2])  # (ms)
         except ValueError:
             value = _raw_time(text, fmt)
-            if value is not None:
-                try:
-                    parse.parse_time_ms(value, fmt.time_unit, check_range=False)
+            if value is not None:  # (a row malformed for another reason, such as an `NA`
+                try:               # user, still shows the unit of its time)
+                    times.append(parse.parse_time_ms(value, fmt.time_unit, check_range=False))
                 except ValueError as error:
                     bad_times.append(value)
                     negative.append(str(error).startswith("negative time"))

@@ -1670,6 +1670,11 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
         "note: log.csv: times like 1441864836 read as milliseconds fall in early 1970: unix "
         "seconds? pass --time-unit s; times since a session's or the log's start? they cannot "
         "order a user's sessions or split by time: use the log's absolute times\n")
+    # ... also where the first rows are malformed for another reason (anonymous `NA` users)
+    cli._check_time_unit("log.csv", [f"NA,a,{1441864236 + 60 * k}".encode()
+                                     for k in range(20)], fmt)
+    assert "times like 1441864836 read as milliseconds fall in early 1970" in (
+        capsys.readouterr().err)
     millis = [f"u,a,{1441864236661 + 60 * k}".encode() for k in range(20)]
     cli._check_time_unit("log.csv", millis, fmt)
     assert capsys.readouterr().err == ""
