@@ -167,6 +167,11 @@ def _has_high_level(config: config_lib.RunConfig) -> bool:
             "hrnn": True}.get(config.model_name, False)
 
 
+def _about_share(share: float) -> str:
+    """A share for a note: "none", "under 0.1%" or "about 2.4%" (never "about 0.0%")."""
+    return "none" if share == 0 else "under 0.1%" if share < 0.0005 else f"about {share:.1%}"
+
+
 def _note_high_level_share(config: config_lib.RunConfig, users: batching.CachedUsers,
                            data_dir: str) -> None:
     """Says when few slots train the GRU over sessions: sessions long against S x L leave
@@ -184,17 +189,17 @@ def _note_high_level_share(config: config_lib.RunConfig, users: batching.CachedU
     # with every slot of a row in one batch: the chunks of the sessions after a user's first
     ceiling = users.high_level_share(2 ** 62, tc.max_session_length)
     if ceiling < HIGH_LEVEL_SHARE_NOTE:
-        print(f"note: about {ceiling:.1%} of the train split's session chunks belong to a "
-              f"session after an earlier one of the same user, the only ones the "
+        print(f"note: {_about_share(ceiling)} of the train split's session chunks belong to "
+              f"a session after an earlier one of the same user, the only ones the "
               f"{config.model_name} GRU over sessions can learn from, whatever "
               "--sessions-per-batch: most train events are in their user's first session (a "
               "log whose user column holds session ids is a session log: gru4rec and sknn "
               "suit it)",
               file=sys.stderr)
     else:
-        print(f"note: about {share:.1%} of the train split's session chunks follow a session "
-              f"end in their batch, the only ones the {config.model_name} GRU over sessions "
-              f"learns from (S = {tc.sessions_per_batch} chunks of L = "
+        print(f"note: {_about_share(share)} of the train split's session chunks follow a "
+              f"session end in their batch, the only ones the {config.model_name} GRU over "
+              f"sessions learns from (S = {tc.sessions_per_batch} chunks of L = "
               f"{tc.max_session_length} items a row per batch): this log's sessions are "
               "long for them; a larger --sessions-per-batch trains it more", file=sys.stderr)
 

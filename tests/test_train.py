@@ -784,6 +784,13 @@ def test_a_log_of_one_session_users_is_named_as_such_not_as_long_sessions(
                 "can learn from, whatever --sessions-per-batch: most train events are in their "
                 "user's first session") in err, err
         assert "a larger --sessions-per-batch" not in err
+    # a log of one-session users only: none (not "about 0.0%")
+    data = write_data(str(tmp_path / "none"), 20, planted_users(40, sessions=1),
+                      valid=[(0, u) for u in planted_users(4, sessions=1, seed=1)])
+    assert train_lib.main(_args(data, str(tmp_path / "r-none"), config_file, "--steps", "1",
+                                "--eval-every", "0")) == 0
+    assert ("note: none of the train split's session chunks belong to a session after an "
+            "earlier one") in capsys.readouterr().err
 
 
 def test_a_flat_tcn_history_shorter_than_its_receptive_field_is_refused(data, tmp_path, capsys):
