@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
     from pipeline import argtypes as _argtypes
@@ -75,7 +75,8 @@ class InvalidRequest(ServingError):
 
 
 class ServerUnavailable(ServingError):
-    """No answer in time or no server at the target (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+    """No answer in time, no server at the target or none ready (UNAVAILABLE,
+    DEADLINE_EXCEEDED), or a server that stopped during the call (CANCELLED)."""
 
 
 _ERRORS = {
@@ -85,6 +86,7 @@ _ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidRequest,
     grpc.StatusCode.UNAVAILABLE: ServerUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable,
+    grpc.StatusCode.CANCELLED: ServerUnavailable,  # (this client cancels no call)
 }
 
 
@@ -595,10 +597,11 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                 client.pin()  # (an unreachable server stops here, before the store is created)
                 with state_store.SQLiteStateStore(args.state_db) as store:
                     if args.command == "recommend":
-                        result, text = _recommend(client, store, args)
+                        result, text = _on_latest(client, lambda: _recommend(client, store, args))
                     else:
                         held.enter_context(argtypes.stop_signals_held(deliver=False))
-                        result, text = _end_session(client, store, args)
+                        result, text = _on_latest(
+                            client, lambda: _end_session(client, store, args))
                         if command:
                             held.callback(argtypes.ignore_stop_signals)
             if args.command == "end-session":
@@ -704,6 +707,19 @@ def _cut_at_commas(client: HierTCNClient, args: argparse.Namespace,
         if cut is not None:
             return cut
     return None
+
+
+def _on_latest(client: HierTCNClient, call: Callable[[], Any]) -> Any:
+    """`call()` on the pinned version; where the server unloaded that version meanwhile (a
+    newer one replaced it: NOT_FOUND for it, as TF Serving answers), pins the new latest
+    and calls once more (a failed call stores nothing: its write comes after its calls)."""
+    pinned = client.pinned_version
+    try:
+        return call()
+    except ModelNotFound:
+        if client.pin() == pinned:  # (still served: the NOT_FOUND was another one)
+            raise
+        return call()
 
 
 def _end_session(client: HierTCNClient, store: state_store.StateStore,

@@ -735,13 +735,23 @@ class ModelManager:
         """The servable for a version (None = latest loaded).
 
         Raises:
-          RequestError: NOT_FOUND when that version is not loaded.
+          RequestError: NOT_FOUND when that version is not loaded; UNAVAILABLE while no
+            version has loaded yet (TF Serving opens its port only once the first one has:
+            a client retries UNAVAILABLE, where NOT_FOUND reads as a wrong model name).
         """
         with self._lock:
             if version is None and self._servables:
                 return self._servables[max(self._servables)]
             if version is not None and version in self._servables:
                 return self._servables[version]
+            starting = not self._servables
+            loading, failed = sorted(self._loading), sorted(self._failed)
+        if starting:
+            why = (f"loading version {loading[-1]}" if loading else
+                   f"version {failed[-1]} failed to load: GetModelStatus says why" if failed
+                   else f"waiting for one under {self.base_path}")
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"model {self.name}: no version is loaded yet ({why}); try again")
         what = f"Latest({self.name})" if version is None else f"Specific({self.name}, {version})"
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}")
 

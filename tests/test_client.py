@@ -1,6 +1,7 @@
 """serving.client against a real server process: calls, version pinning, errors, CLI."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -17,7 +18,7 @@ import serving_testlib as lib
 import tensorflow as tf
 
 from serving import client as client_lib
-from serving import export
+from serving import export, state_store
 from serving.client import HierTCNClient, InvalidRequest, ModelNotFound, ServerUnavailable
 
 NAME = "tiny"
@@ -301,6 +302,31 @@ def test_errors_are_mapped(client, served):
                 dead.status()
 
 
+def test_a_call_the_server_cancels_is_server_unavailable():
+    """A call that a stopping server cancels (CANCELLED, seen for a request that arrived
+    as the server shut down) is `ServerUnavailable`, which callers retry, not a bare
+    `ServingError` outside the documented three."""
+    import concurrent.futures
+
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    class Stopping(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            context.abort(grpc.StatusCode.CANCELLED, "shutting down")
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Stopping(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with HierTCNClient(f"127.0.0.1:{port}", NAME, timeout=30) as client:
+            with pytest.raises(ServerUnavailable, match="CANCELLED: shutting down"):
+                client.update_state(np.zeros([1, 4], np.float32), [["item1"]], version=1)
+    finally:
+        server.stop(0)
+
+
 def cli(served, db, *args):
     return ["--target", served["server"].target, "--model-name", NAME, "--state-db", str(db),
             "--json", *args]
@@ -331,8 +357,19 @@ def _cli_carries_state_and_rebuilds_it(capsys, served, db):
         ids, _ = c.next_items(state, [[]], k=3, history=[["item1", "item2", "item5"]])
     assert [e["item"] for e in second["items"]] == ids[0]
 
-    export.export_model(lib.tiny_model(served["vocab"], seed=3), served["vocab"], served["base"])
-    served["server"].wait_version(3)
+    # a version unloaded after the CLI pinned it (v3 arrives, v1 goes: --num-versions 2)
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c, \
+            state_store.SQLiteStateStore(str(db)) as store:
+        c.pin(1)
+        export.export_model(lib.tiny_model(served["vocab"], seed=3), served["vocab"],
+                            served["base"])
+        served["server"].wait_version(3)
+        args = argparse.Namespace(user="eve", items="item1,item2", items_json=None)
+        with pytest.raises(ModelNotFound, match=r"Specific\(tiny, 1\)"):
+            client_lib._end_session(c, store, args)
+        assert store.latest("eve") is None  # (nothing stored by the failed call)
+        result, _ = client_lib._on_latest(c, lambda: client_lib._end_session(c, store, args))
+        assert result["version"] == c.pinned_version == 3 and store.latest("eve").version == 3
     third = run_cli(capsys, served, db, "recommend", "--user", "ann", "-k", "3")
     assert third["version"] == 3 and third["state"] == "rebuilt"
     assert run_cli(capsys, served, db, "status")["versions"][-1]["version"] == 3

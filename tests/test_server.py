@@ -734,6 +734,36 @@ def test_a_version_being_loaded_is_loading_in_the_status(tmp_path):
                     ((1, "AVAILABLE"), (2, "LOADING")), ((1, "AVAILABLE"), (2, "AVAILABLE"))]
 
 
+def test_requests_before_the_first_version_loads_are_unavailable(tmp_path):
+    """Until its first version has loaded, the server answers a request UNAVAILABLE (which
+    a client retries: TF Serving's port is not open yet then), not NOT_FOUND, which reads
+    as a wrong model name; a broken only version says where to look. Once one serves, a
+    version that is not loaded is NOT_FOUND, as before."""
+    vocab = lib.tiny_vocabulary()
+    base = tmp_path / "base"
+    base.mkdir()
+    manager = server.ModelManager(NAME, str(base), num_versions=1)
+    for version in (None, 1):
+        with pytest.raises(server.RequestError) as err:
+            manager.get(version)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert str(err.value.message) == (f"model {NAME}: no version is loaded yet (waiting "
+                                          f"for one under {base}); try again")
+    (base / "1").mkdir()
+    (base / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    manager.poll()
+    with pytest.raises(server.RequestError, match=r"no version is loaded yet \(version 1 "
+                       r"failed to load: GetModelStatus says why\)") as err:
+        manager.get(None)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, str(base), version=2)
+    manager.poll()
+    assert manager.get(None) is manager.get(2)
+    with pytest.raises(server.RequestError, match=r"Specific\(tiny, 1\)") as err:
+        manager.get(1)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_a_version_changed_on_disk_is_loaded_again(tmp_path):
     """A version folder replaced (a new export base numbering from 1 again, a copy over the
     old files) is loaded again: the server never keeps answering with the files it first
