@@ -334,7 +334,8 @@ def test_a_full_database_is_one_error_and_keeps_what_was_stored(store):
     store._db.execute(f"PRAGMA max_page_count = {pages}")
     big = np.random.default_rng(0).random(20_000).astype(np.float32)  # 80 KB: new pages
     with pytest.raises(ValueError, match="cannot write to state database .*database or disk "
-                                         "is full; the records stored before are kept"):
+                                         "is full; the records stored before are kept; make "
+                                         "room or fix the disk"):
         store.put("new", 1, big, [["c"]])
     assert not store._db.in_transaction
     np.testing.assert_array_equal(store.get("kept", 1).state, np.arange(4))
@@ -572,6 +573,41 @@ def test_a_write_that_fails_below_sqlite_says_so_not_pass_another_file(tmp_path)
     assert proc.stdout.startswith(f"cannot open state database {path}: disk I/O error; a "
                                   "write to it or to its -wal or -shm file failed"), proc.stdout
     assert "pass another --state-db" not in proc.stdout
+    # ... and a write to a store that opened: the same advice after the records kept
+    code = ("import numpy as np\nfrom serving import state_store\n"
+            f"s = state_store.SQLiteStateStore({str(path)!r})\n"
+            "try:\n    s.put('u', 1, np.ones(300_000, np.float32), [['a']])\n"
+            "except ValueError as e:\n    print(e)\n")
+    path.unlink()
+    proc = subprocess.run(file_size_limited(200_000, [sys.executable, "-c", code]), cwd=repo,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"cannot write to state database {path}: disk I/O error; "
+                                  "the records stored before are kept; make room or fix the "
+                                  "disk"), proc.stdout
+
+
+def test_the_wal_file_shrinks_back_after_a_long_reader(tmp_path, monkeypatch):
+    """A reader that holds a snapshot makes the -wal file grow with every write meanwhile;
+    SQLite kept that peak on disk for as long as the store stayed open (78 MB after 12,000
+    writes beside one reader): it is cut back to WAL_SIZE_LIMIT once checkpointed."""
+    monkeypatch.setattr(state_store, "WAL_SIZE_LIMIT", 2 ** 20)
+    path = tmp_path / "states.sqlite"
+    state = np.ones(1000, np.float32)
+    with SQLiteStateStore(str(path)) as store:
+        reader = sqlite3.connect(path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM user_states").fetchall()  # holds a snapshot
+        for k in range(1500):
+            store.put(f"u{k}", 1, state, [["a"]])
+        peak = os.path.getsize(f"{path}-wal")
+        assert peak > 5 * 2 ** 20
+        reader.execute("COMMIT")
+        reader.close()
+        for k in range(1500):  # past the next automatic checkpoint
+            store.put(f"v{k}", 1, state, [["a"]])
+        assert os.path.getsize(f"{path}-wal") < peak / 2
+        assert store.get("u7", 1) is not None and store.get("v1499", 1) is not None
 
 
 def test_a_new_store_file_is_its_owners_alone_and_an_existing_one_keeps_its_mode(tmp_path):
