@@ -71,6 +71,19 @@ def test_sknn_equal_similarity_prefers_the_recent_session(knn_data):
     np.testing.assert_allclose(scores[1], np.broadcast_to(knn.pop, (2, V)))  # nothing to predict
 
 
+def test_sknn_orders_sessions_by_their_last_event_not_their_start(tmp_path):
+    """A long session that starts first and ends last is the newer neighbour: u1's
+    [2..11] runs from 0 to 9, u2's [3, 4] from 5 to 6. With equal similarity and k=1 the
+    newer one, u1's, is the neighbour (by start it would be u2's)."""
+    data = write_data(tmp_path, {"train": {"u1": ([], [list(range(2, 12))], 0),
+                                           "u2": ([], [[3, 4]], 5)}},
+                      vocab_size=V, counts=list(COUNTS))
+    knn = baselines.SessionKNN.fit(data, k=1)
+    assert [list(knn.sessions[i].indices) for i in range(2)] == [[3, 4], list(range(2, 12))]
+    neighbour = knn.score(None, np.array([[3, 2]]))[0, 1] - knn.pop  # after item 3
+    assert sorted(np.flatnonzero(neighbour > 1e-6)) == list(range(2, 12))
+
+
 def test_sknn_repeated_item_takes_its_latest_weight(knn_data):
     # Prefix [2, 4, 2]: 2 weighs 3 (not 1 + 3), 4 weighs 2: s2 {2,4} 5, s0 {2} 3, s1 {4} 2.
     knn = baselines.SessionKNN.fit(knn_data)

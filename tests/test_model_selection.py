@@ -91,6 +91,24 @@ def test_best_checkpoint_is_the_argmax_of_valid_and_is_loaded(data, config_file,
     assert latest["recall@20"] == pytest.approx(summary["valid"]["recall@20"], abs=1e-9)
 
 
+def test_selection_reads_the_valid_split_when_it_is_not_kept_in_memory(data, tmp_path):
+    """A valid split over `train.cache_events` is not preloaded: each evaluation reads it
+    from disk by name, and that must be the valid split's (the test split is touched
+    once, by model.evaluate): the recorded metrics are the best weights' on valid."""
+    config = str(tmp_path / "streamed.json")
+    with open(config, "w") as f:
+        json.dump({"model": TINY["model"], "train": dict(TINY["train"], cache_events=1)}, f)
+    run = str(tmp_path / "run")
+    assert _train(data, run, config, "--steps", "10", "--eval-every", "5") == 0
+    record = registry.read_best(run)
+    valid = _valid_recall(run, data, "best")
+    test = evaluate_lib.evaluate(registry.load_scorer(run, data, "best"), data, "test",
+                                 progress=False)
+    assert record["recall@20"] == pytest.approx(valid["recall@20"], abs=1e-9)
+    assert record["mrr@20"] == pytest.approx(valid["mrr@20"], abs=1e-9)
+    assert abs(record["mrr@20"] - test["mrr@20"]) > 1e-3  # (the two splits tell apart here)
+
+
 def test_resume_keeps_an_unbeaten_best_and_latest_is_an_option(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "resume")
     assert _train(data, run, config_file, "--steps", "10", "--eval-every", "5") == 0

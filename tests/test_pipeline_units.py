@@ -546,6 +546,9 @@ def test_user_split_is_deterministic_and_proportional():
     assert names == [split.user_split_of(f"u{k}", 0.2, 0.1, seed=3) for k in range(4000)]
     assert 0.08 < names.count("test") / 4000 < 0.12
     assert 0.17 < names.count("valid") / 4000 < 0.23
+    # another --seed draws other users: about 1 - (0.7^2 + 0.2^2 + 0.1^2) = 46% move
+    other = [split.user_split_of(f"u{k}", 0.2, 0.1, seed=4) for k in range(4000)]
+    assert 0.4 < sum(a != b for a, b in zip(names, other)) / 4000 < 0.52
 
 
 # --- vocabulary and records ------------------------------------------------------------

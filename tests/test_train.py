@@ -145,7 +145,7 @@ def test_more_negatives_than_items_are_said_in_the_start_line(data, config_file,
                                 "--num-negatives", "5000")) == 0
     start = [line for line in capsys.readouterr().err.splitlines()
              if line.startswith("training ")]
-    assert re.search(r"sampled softmax, \d+ negatives of 20 items; --num-negatives 5,000 is "
+    assert re.search(r"sampled softmax, 19 negatives of 20 items; --num-negatives 5,000 is "
                      r"more than there are to draw", start[0]), start
 
 
