@@ -129,9 +129,11 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
     state = scorer.initial_state([u.user_id for u in users])
     seen = [np.zeros(0, dtype=np.int64) for _ in users]
     empty = np.zeros(0, dtype=np.int64)
+    # (the known items of all a user's context sessions at once: one union, not one per step)
+    seen = [_seen_after(s, np.concatenate(u.sessions[:u.num_context_sessions]))
+            if u.num_context_sessions else s for s, u in zip(seen, users)]
     for step in range(max(u.num_context_sessions for u in users)):
         rows = [u.sessions[step] if step < u.num_context_sessions else empty for u in users]
-        seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
         state = scorer.update(state, _pad(rows))
     targets = [u.sessions[u.num_context_sessions:] for u in users]
     cold = np.array([u.num_context_sessions == 0 for u in users])
@@ -140,7 +142,8 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
         sessions = _pad(rows)
         repeat = np.zeros(sessions.shape, dtype=bool)
         for r, row in enumerate(rows):
-            repeat[r, :len(row)] = _repeat_flags(row, seen[r])
+            if len(row):  # (a row whose target sessions have ended: padding, no flags)
+                repeat[r, :len(row)] = _repeat_flags(row, seen[r])
         if rule_out_seen:  # (it holds the item the session is on: no `excluded` needed)
             rank = scorer.ranks(state, sessions, vocab_size,
                                 seen=metrics.seen_items(seen, sessions))
@@ -149,7 +152,7 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
                                 excluded=metrics.previous_items(sessions))
         else:
             rank = scorer.ranks(state, sessions, vocab_size)
-        seen = [_seen_after(s, r) for s, r in zip(seen, rows)]
+        seen = [_seen_after(s, r) if len(r) else s for s, r in zip(seen, rows)]
         first = np.zeros(sessions.shape, dtype=bool)
         first[:, 0] = True
         user = np.repeat(np.arange(first_user, first_user + len(users)), sessions.shape[1])
