@@ -287,7 +287,12 @@ class SessionKNN(BlockScorer):
         m.sum_duplicates()
         m.data[:] = 1.0
         self.sessions = m
-        self.sessions_t = _newest_per_row(m.T.tocsr(), sample_size)
+        newest = _newest_per_row(m.T.tocsr(), sample_size)  # [V, past sessions]
+        self.doc_freq = np.diff(newest.indptr)  # (each item's sessions there)
+        # held transposed, [past sessions, V]: the similarities are (newest.T @ query.T).T,
+        # whose conversion to csr orders each prefix's sessions (a linear transposition)
+        # where query @ newest would need a sort of every row's entries
+        self.newest_t = newest.T.tocsr()
         self.k, self.sample_size = k, sample_size
 
     @classmethod
@@ -352,14 +357,16 @@ class SessionKNN(BlockScorer):
 
     def _neighbour_scores(self, query: sp.csr_matrix) -> sp.csr_matrix:
         """Item scores [N, V] of a chunk of prefix vectors [N, V]."""
-        sim = (query @ self.sessions_t).tocsr()
-        sim.sort_indices()
+        sim = (self.newest_t @ query.T.tocsr()).T.tocsr()  # (indices sorted)
         n = sim.shape[0]
-        per_row = np.diff(sim.indptr)
-        row = np.repeat(np.arange(n), per_row)
-        rank_from_end = sim.indptr[1:][row] - 1 - np.arange(sim.nnz)
-        keep = rank_from_end < self.sample_size  # the most recent sessions of each row
-        row, col, val = row[keep], sim.indices[keep], sim.data[keep]
+        # the most recent sessions of each row: its last `sample_size` entries (indexed
+        # directly, without a pass over all of the row's entries)
+        ends = sim.indptr[1:].astype(np.int64)
+        begins = np.maximum(sim.indptr[:-1], ends - self.sample_size)
+        counts = ends - begins
+        row = np.repeat(np.arange(n), counts)
+        at = np.arange(len(row)) + np.repeat(begins - (np.cumsum(counts) - counts), counts)
+        col, val = sim.indices[at], sim.data[at]
         order = np.lexsort((-col, -val, row))
         row, col, val = row[order], col[order], val[order]
         start = np.searchsorted(row, np.arange(n))
@@ -371,7 +378,7 @@ class SessionKNN(BlockScorer):
         sessions = np.asarray(sessions, dtype=np.int64)
         rows, steps = sessions.shape
         vocab = len(self.pop)
-        doc_freq = np.diff(self.sessions_t.indptr)
+        doc_freq = self.doc_freq
         for first, last in blocks(steps, width):
             out = _scores_with_popularity(self.pop, (rows, last - first))
             positions, query = self._queries(sessions, first, last)
