@@ -287,12 +287,14 @@ class SessionKNN(BlockScorer):
         m.sum_duplicates()
         m.data[:] = 1.0
         self.sessions = m
-        newest = _newest_per_row(m.T.tocsr(), sample_size)  # [V, past sessions]
-        self.doc_freq = np.diff(newest.indptr)  # (each item's sessions there)
-        # held transposed, [past sessions, V]: the similarities are (newest.T @ query.T).T,
-        # whose conversion to csr orders each prefix's sessions (a linear transposition)
-        # where query @ newest would need a sort of every row's entries
-        self.newest_t = newest.T.tocsr()
+        # each item's newest sessions [V, past sessions], and the same transposed: the
+        # similarities are (newest_t[candidates] @ query.T).T, whose conversion to csr
+        # orders each prefix's sessions (a linear transposition) where query @ newest would
+        # need a sort of every row's entries; the candidates (the sessions of the query's
+        # items) keep its cost that of the products, whatever the number of past sessions
+        self.newest = _newest_per_row(m.T.tocsr(), sample_size)
+        self.doc_freq = np.diff(self.newest.indptr)  # (each item's sessions there)
+        self.newest_t = self.newest.T.tocsr()
         self.k, self.sample_size = k, sample_size
 
     @classmethod
@@ -357,7 +359,8 @@ class SessionKNN(BlockScorer):
 
     def _neighbour_scores(self, query: sp.csr_matrix) -> sp.csr_matrix:
         """Item scores [N, V] of a chunk of prefix vectors [N, V]."""
-        sim = (self.newest_t @ query.T.tocsr()).T.tocsr()  # (indices sorted)
+        candidates = np.unique(self.newest[np.unique(query.indices)].indices)  # (sorted)
+        sim = (self.newest_t[candidates] @ query.T.tocsr()).T.tocsr()  # (indices sorted)
         n = sim.shape[0]
         # the most recent sessions of each row: its last `sample_size` entries (indexed
         # directly, without a pass over all of the row's entries)
@@ -366,12 +369,13 @@ class SessionKNN(BlockScorer):
         counts = ends - begins
         row = np.repeat(np.arange(n), counts)
         at = np.arange(len(row)) + np.repeat(begins - (np.cumsum(counts) - counts), counts)
-        col, val = sim.indices[at], sim.data[at]
+        col, val = candidates[sim.indices[at]], sim.data[at]
         order = np.lexsort((-col, -val, row))
         row, col, val = row[order], col[order], val[order]
         start = np.searchsorted(row, np.arange(n))
         top = np.arange(len(row)) - start[row] < self.k
-        weights = sp.csr_matrix((val[top], (row[top], col[top])), shape=sim.shape)
+        weights = sp.csr_matrix((val[top], (row[top], col[top])),
+                                shape=(n, self.sessions.shape[0]))
         return (weights @ self.sessions).tocsr()
 
     def score_blocks(self, state, sessions, width):
