@@ -53,7 +53,7 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 # and options already decide (added in later versions: a folder rebuilt with one is the
 # same data)
 NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events",
-                  "pipeline_version")
+                  "pipeline_version", "float_user_pairs")
 
 
 class CompareError(ValueError):

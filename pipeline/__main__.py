@@ -1182,8 +1182,8 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         stats["malformed_reasons"] = parse.most_common_kinds(
             {k[len(MALFORMED_PREFIX):]: n for k, n in counts.items()
              if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
-        # users written both as N and as N.0 (two users each; among FLOAT_USER_SAMPLE N.0 ids)
-        stats["float_user_pairs"] = {"count": len(float_users), "examples": float_users[:3]}
+        # users written both as N and as N.0: two users each (their count, the first pairs)
+        stats["float_user_pairs"] = float_users
         if config.session_ids:
             stats[sessions.OVERLAPPING] = counts.get(sessions.OVERLAPPING, 0)
         if config.split == "time":

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 from typing import Iterable
 
 import apache_beam as beam
@@ -49,10 +50,12 @@ MALFORMED_KINDS = 20
 FILTER = "filter"
 NEWLINES = "newlines"
 STARTS = "starts"
-# The users written as a whole-number float (`229.0`) whose integer form (`229`) is a user
-# too (one user made two by a file written from a float column, as pandas writes an integer
-# column with a missing value), looked for among a sample of this many `N.0` ids.
-FLOAT_USER_SAMPLE = 10_000
+# A user id that is an integer or a whole number written as a float (`229`, `229.0`): one
+# user made two where both forms are users (a file written from a float column, as pandas
+# writes an integer column with a missing value, beside one written from an integer one).
+_NUMBER_ID = re.compile(r"[+-]?\d+(?:\.0*)?")
+# ... of which the run names this many pairs (and counts them all)
+FLOAT_USER_EXAMPLES = 3
 # Progress lines for a local launcher that reads our stderr (`pipeline.__main__`): written
 # only when it sets PROGRESS_ENV, so that remote workers' logs stay clean.
 PROGRESS_ENV = "HIERTCN_PIPELINE_PROGRESS"
@@ -334,15 +337,48 @@ def _malformed_json(row, first_lines: dict) -> str:
                       ensure_ascii=False)
 
 
-def _float_user_wholes(float_ids: list) -> dict:
-    """{integer form: id} of user ids written as whole-number floats."""
-    return {parse.whole_number_text(u): u for u in float_ids}
+class _NumberForms(beam.CombineFn):
+    """The user ids of one whole number → (whether its integer form is one, the smallest
+    of its float forms or None)."""
+
+    def create_accumulator(self):
+        return False, None
+
+    def add_input(self, acc, user):
+        if parse.whole_number_text(user) == user:
+            return True, acc[1]
+        return acc[0], user if acc[1] is None else min(acc[1], user)
+
+    def merge_accumulators(self, accs):
+        forms = [f for _, f in accs if f is not None]
+        return any(h for h, _ in accs), (min(forms) if forms else None)
+
+    def extract_output(self, acc):
+        return acc
 
 
-def _float_twin(user: str, wholes: dict):
-    """[user, its float form] when `user` is the integer form of a float-written user."""
-    if user in wholes:
-        yield [user, wholes[user]]
+def _both_forms(number_forms):
+    """[integer form, float form] of a whole number both forms of which are users."""
+    number, (integer, float_form) = number_forms
+    if integer and float_form is not None:
+        yield [number, float_form]
+
+
+class _CountAndFirst(beam.CombineFn):
+    """Pairs → {"count": all of them, "examples": the FLOAT_USER_EXAMPLES smallest}."""
+
+    def create_accumulator(self):
+        return 0, []
+
+    def add_input(self, acc, pair):
+        return acc[0] + 1, sorted(acc[1] + [pair])[:FLOAT_USER_EXAMPLES]
+
+    def merge_accumulators(self, accs):
+        return (sum(n for n, _ in accs),
+                sorted(p for _, first in accs for p in first)[:FLOAT_USER_EXAMPLES])
+
+    def extract_output(self, acc):
+        return {"count": acc[0], "examples": acc[1]}
 
 
 class SessionRecords(beam.PTransform):
@@ -351,7 +387,7 @@ class SessionRecords(beam.PTransform):
     Returns a dict of PCollections: `train`, `valid`, `test` (serialized
     SequenceExamples), `malformed` (JSON lines), `stats` (one dict of summed counts),
     `vocabulary` (one list of (item id, count) in index order), `cutoffs` (one dict) and
-    `float_users` (one sorted list of [user id N, user id N.0] pairs: `FLOAT_USER_SAMPLE`).
+    `float_users` (one dict: the users written both as N and as N.0, `_CountAndFirst`).
     """
 
     def __init__(self, config: Config):
@@ -388,18 +424,13 @@ class SessionRecords(beam.PTransform):
                        | "FirstLines" >> beam.Map(sources.first_line_numbers))
         malformed = parsed[MALFORMED] | "MalformedJson" >> beam.Map(
             _malformed_json, beam.pvalue.AsSingleton(first_lines))
-        user_ids = user_sessions.users | "UserIds" >> beam.Keys()
-        float_wholes = (user_ids
-                        | "FloatUserIds" >> beam.Filter(
-                            lambda u: parse.whole_number_text(u) != u)
-                        | "SampleFloatUserIds" >> beam.combiners.Sample.FixedSizeGlobally(
-                            FLOAT_USER_SAMPLE)
-                        | "FloatUserWholes" >> beam.Map(_float_user_wholes))
-        float_users = (user_ids
-                       | "FloatUserTwins" >> beam.FlatMap(_float_twin,
-                                                          beam.pvalue.AsSingleton(float_wholes))
-                       | "CollectFloatUsers" >> beam.combiners.ToList()
-                       | "SortFloatUsers" >> beam.Map(sorted))
+        float_users = (user_sessions.users
+                       | "UserIds" >> beam.Keys()
+                       | "NumberUserIds" >> beam.Filter(lambda u: _NUMBER_ID.fullmatch(u))
+                       | "ByNumber" >> beam.Map(lambda u: (parse.whole_number_text(u), u))
+                       | "FormsOfNumber" >> beam.CombinePerKey(_NumberForms())
+                       | "BothForms" >> beam.FlatMap(_both_forms)
+                       | "CountFloatUsers" >> beam.CombineGlobally(_CountAndFirst()))
         stats = ((parsed[STATS], user_sessions[STATS], built[STATS])
                  | "FlattenStats" >> beam.Flatten()
                  | "SumStats" >> beam.CombineGlobally(_sum_counts))

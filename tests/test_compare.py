@@ -707,7 +707,10 @@ def test_the_data_fingerprint_leaves_out_the_rejected_rows_kinds(tmp_path):
     for extra in ({}, {"malformed_reasons": {"empty user": 2}},
                   # (the tied-times counts of 2026-12-05 too, and the late events)
                   {"session_event_pairs": 7, "same_time_pairs": 3},
-                  {"late_events": {"train_after_t_valid": 4}}, {"rows_malformed": 3}):
+                  {"late_events": {"train_after_t_valid": 4},
+                   # (and users written as N and N.0, of 2026-12-05 evening)
+                   "float_user_pairs": {"count": 2, "examples": [["1", "1.0"], ["2", "2.0"]]}},
+                  {"rows_malformed": 3}):
         folder = tmp_path / str(len(fingerprints))
         folder.mkdir()
         (folder / "stats.json").write_text(json.dumps(dict(stats, **extra)))
