@@ -21,6 +21,8 @@ import types
 import typing
 from typing import Any, Mapping
 
+import numpy as np
+
 from model import atomic
 
 
@@ -122,6 +124,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key!r} must be a list, got {value!r}")
         return tuple(_coerce(key, v, typing.get_args(hint)[0]) for v in value)
+    if hint is bool and isinstance(value, np.bool_):
+        return bool(value)
     if hint in (int, float) and isinstance(value, numbers.Real) and not isinstance(value, bool):
         if isinstance(value, numbers.Integral) or hint is float:
             return hint(value)  # numpy numbers too

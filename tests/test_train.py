@@ -310,6 +310,7 @@ def test_config_is_strict_and_round_trips(tmp_path):
         config_lib.HierTCNConfig(dropout=True)
     with pytest.raises(config_lib.ConfigError, match="learning_rate"):
         config_lib.TrainConfig(learning_rate=-1.0)
+    assert config_lib.HierTCNConfig(high_level=np.bool_(False)).high_level is False
     direct = config_lib.TrainConfig(batch_size=np.int64(8), lr_decay_at=[0.5])
     assert direct == config_lib.TrainConfig().replace({"batch_size": 8, "lr_decay_at": [0.5]})
     assert type(direct.batch_size) is int and direct.lr_decay_at == (0.5,)
