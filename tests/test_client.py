@@ -758,11 +758,15 @@ def test_recommend_leaves_out_the_item_the_session_is_on(capsys, served, tmp_pat
                 break
         else:
             pytest.fail("no item ranks itself in the top 3 of this model")
+        far = next(i for i in served["vocab"].ids[2:]  # one outside its own top 4
+                   if i not in c.next_items(zero, [[i]], k=4, history=[[]])[0][0])
     kept = run_cli(capsys, served, db, "recommend", "--user", "new1", "--items", item, "-k", "3",
                    "--keep-last")
     assert [e["item"] for e in kept["items"]] == ids[0][:3]
     left = run_cli(capsys, served, db, "recommend", "--user", "new2", "--items", item, "-k", "3")
     assert [e["item"] for e in left["items"]] == [i for i in ids[0] if i != item][:3]
+    assert len(run_cli(capsys, served, db, "recommend", "--user", "new4", "--items", far,
+                       "-k", "3")["items"]) == 3  # (nothing left out: still k items)
     # more than the catalogue holds: said (a 1-item catalogue answered nothing without a
     # word; extremes audit)
     assert client_lib.main([a for a in cli(served, db, "recommend", "--user", "new3",

@@ -663,6 +663,21 @@ def test_times_that_leave_the_order_to_the_input_and_a_cap_that_cuts_get_notes(t
     assert "at the same time" not in err and "were the older ones" not in err, err
 
 
+def test_unknown_targets_of_every_user_are_counted(tmp_path):
+    """Each of 40 users ends with an item train never holds: 40 unknown test targets (a
+    count kept per bundle must add up over its users, not keep the last one's)."""
+    T0, day = 1_600_000_000, 86_400
+    rows = [f"u{u},i{(u + k + d) % 30},{T0 + d * day + u * 600 + 60 * k}"
+            for u in range(40) for d in range(10) for k in range(3)]
+    rows += [f"u{u},{item},{T0 + 10 * day + u * 600 + 60 * k}"
+             for u in range(40) for k, item in enumerate(("i1", f"new{u}"))]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert schema.read_stats(str(tmp_path / "out"))["unknown_target_events"]["test"] == 40
+
+
 def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_path, capsys):
     """A session goes whole to the split it starts in (DESIGN §6): one that never pauses
     for --session-gap (a crawler's) carries events of the valid and test periods into
@@ -670,15 +685,17 @@ def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_p
     T0, day = 1_600_000_000, 86_400
     rows = [f"u{u},i{(u + k + d) % 30},{T0 + d * day + u * 600 + 60 * k}"
             for u in range(40) for d in range(10) for k in range(3)]
-    # from day 1 to past day 9, an event every 20 minutes: one session
-    rows += [f"bot,i{k % 30},{T0 + day + 1200 * k}" for k in range(9 * 72)]
+    # from day 1 to past day 9, an event every 20 minutes: one session (three such bots:
+    # the counts of every user add up)
+    rows += [f"bot{b},i{k % 30},{T0 + day + 1200 * k + b}" for b in range(3)
+             for k in range(9 * 72)]
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"),
                      "--min-item-count", "1", *IN_MEMORY]) == 0
     stats = schema.read_stats(str(tmp_path / "out"))
     cut = stats["cutoffs"]
-    bot = [T0 + day + 1200 * k for k in range(9 * 72)]
+    bot = [T0 + day + 1200 * k + b for b in range(3) for k in range(9 * 72)]
     late = stats["late_events"]
     assert late == {"train_after_t_valid": sum(t >= cut["t_valid"] for t in bot),
                     "train_after_t_test": sum(t >= cut["t_test"] for t in bot),

@@ -10,12 +10,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from tensorflow.core.example import example_pb2
 
-from pipeline import parse, records, schema, sessions, sources, split, vocabulary
+from pipeline import outputs, parse, records, schema, sessions, sources, split, storage, vocabulary
 from pipeline.sessions import Session
 
 CSV = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"))
@@ -37,7 +38,10 @@ def ev(t_s, order, item):
     # --time-format (strptime): naive times are UTC, an offset is kept
     ("01/02/1970 00:00:01", "%m/%d/%Y %H:%M:%S", 86_401_000),
     (" 02.01.1970 01:00 +0100 ", "%d.%m.%Y %H:%M %z", 86_400_000),
-    ("1970-01-01 00:00:00.250", "%Y-%m-%d %H:%M:%S.%f", 250)])
+    ("1970-01-01 00:00:00.250", "%Y-%m-%d %H:%M:%S.%f", 250),
+    # an offset's minutes count (India's +05:30)
+    ("2021-01-01T00:00:00+05:30", "iso", 1_609_439_400_000),
+    ("2021-01-01T00:00:00+0530", "iso", 1_609_439_400_000)])
 def test_parse_time_ms(value, unit, ms):
     assert parse.parse_time_ms(value, unit) == ms
 
@@ -46,7 +50,9 @@ def test_parse_time_ms(value, unit, ms):
                                         ("inf", "s"), ("2020-13-01", "iso"), (None, "s"),
                                         (decimal.Decimal("NaN"), "s"),
                                         ("1970-01-02", "%m/%d/%Y"), (86400, "%m/%d/%Y"),
-                                        (decimal.Decimal("-1"), "ms")])
+                                        (decimal.Decimal("-1"), "ms"),
+                                        # before 1970 by less than a millisecond too
+                                        ("-0.0001", "s"), (-0.4, "ms")])
 def test_parse_time_ms_rejects(value, unit):
     with pytest.raises(ValueError):
         parse.parse_time_ms(value, unit)
@@ -539,6 +545,33 @@ def test_late_events_count_a_sessions_events_past_later_cutoffs():
     assert split.late_events([100, 106], "train", cut) == {}
     assert split.late_events([108, 200], "test", cut) == {}
     assert split.late_events([100, 300], "train", {"t_valid": None, "t_test": None}) == {}
+
+
+def test_small_parsing_and_planning_edges():
+    """Edges a mutation audit found untested: a UTF-8 byte-order mark before the header (an
+    Excel export), a trailing delimiter followed by spaces, `5.` as a whole number, a large
+    compressed file as one range, `within` for a sibling folder sharing a prefix."""
+    assert parse.parse_header("\ufeffuser,item,time\r\n", ",") == ("user", "item", "time")
+    assert parse.parse_line("u1,a,100, ", CSV) == ("u1", "a", 100_000)
+    assert parse.whole_number_text("5.") == "5"
+    (whole,) = sources.plan_ranges([("big.csv.gz", 10 << 20)], 8)
+    assert (whole.start, whole.end) == (0, 10 << 20)
+    assert len(sources.plan_ranges([("big.csv", 10 << 20)], 8)) == 8
+    assert not storage.within("/x/data2", "/x/data")
+    assert storage.within("/x/data/run", "/x/data") and storage.within("/x/data", "/x/data")
+
+
+def test_a_killed_runs_old_output_is_not_removed_as_abandoned(tmp_path):
+    """`remove_abandoned` leaves `.old-*` folders: after a kill -9 between moving the
+    previous output aside and putting the new one in place, one holds the only copy."""
+    out = tmp_path / "data"
+    old = tmp_path / ".data.tmp-abc.old-1234"
+    old.mkdir()
+    (old / "stats.json").write_text("{}")
+    past = time.time() - 10 * outputs.ABANDONED_AFTER_S
+    os.utime(old, (past, past))
+    assert outputs.remove_abandoned(str(out)) == []
+    assert outputs.replaced_output(str(out)) == str(old)
 
 
 def test_user_split_is_deterministic_and_proportional():

@@ -450,6 +450,12 @@ def test_the_sequence_limits_are_inclusive():
 
     check([1, 5], 5, None)
     check([2, 5], None, 10)
+    # --max-request-rows 5 serves 5 rows and refuses 6
+    proto = _empty_ids_request("next_items", [5, 1]).inputs["user_state"]
+    server._check_rows("user_state", "next_items", proto, 5)
+    with pytest.raises(server.RequestError, match="has 5 rows, more than this server's "
+                                                  "--max-request-rows 4"):
+        server._check_rows("user_state", "next_items", proto, 4)
     for shape, max_width, max_items, said in (([1, 6], 5, None, "6 items wide"),
                                               ([2, 6], None, 10, "holds 2 x 6 item slots")):
         with pytest.raises(server.RequestError, match=said) as caught:
@@ -478,6 +484,8 @@ def test_batcher_forgets_an_unloaded_version(tmp_path):
 
 @pytest.mark.parametrize("max_batch_size, sizes, expected", [
     (16, [1, 2] * 4, [1, 11]),  # two calls for eight requests
+    (16, [1, 1, 2, 2, 1, 2, 2, 2], [1, 12]),  # (sizes in no symmetric order: rows go back
+                                              # to their own request)
     (4, [1] * 8, [1, 4, 3]),    # never more rows in one call than --max_batch_size
 ])
 def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path, max_batch_size,
@@ -515,6 +523,51 @@ def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path, max_bat
     assert calls == expected
     for r, out in zip(rows, outs):
         np.testing.assert_array_equal(out, r * 10.0)
+
+
+def test_a_failing_batch_is_rerun_request_by_request(tmp_path):
+    """A merged call that fails (one request's bad input) is run again request by request:
+    the good requests of the batch are answered, only the bad one fails; and a request of
+    exactly --max-batch-size rows is served (one more is refused)."""
+    module = tf.Module()
+
+    def run(x):
+        with tf.control_dependencies([tf.debugging.assert_non_negative(x, message="negative")]):
+            return {"out": x * 10.0}
+
+    module.run = tf.function(run, input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    sig = server.Servable("rows", 1, str(tmp_path / "1")).signature("")
+    calls, first_running, release = [], threading.Event(), threading.Event()
+    real_run = sig.run
+
+    def spy(arrays):
+        calls.append(len(arrays["x"]))
+        if len(calls) == 1:  # hold the first call until the others are queued
+            first_running.set()
+            release.wait(30)
+        return real_run(arrays)
+
+    sig.run = spy
+    batcher = server.Batcher(max_batch_size=4, timeout_s=0.0)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.submit, sig, {"x": np.float32([1])})
+        assert first_running.wait(30)
+        good = pool.submit(batcher.submit, sig, {"x": np.float32([2, 3])})
+        bad = pool.submit(batcher.submit, sig, {"x": np.float32([-1])})
+        deadline = time.monotonic() + 30
+        while len(batcher._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        np.testing.assert_array_equal(first.result(timeout=30)["out"], [10])
+        np.testing.assert_array_equal(good.result(timeout=30)["out"], [20, 30])
+        with pytest.raises(Exception, match="negative"):
+            bad.result(timeout=30)
+    assert calls[:2] == [1, 3] and sorted(calls[2:]) == [1, 2]  # merged, then one by one
+    np.testing.assert_array_equal(batcher.submit(sig, {"x": np.float32([1, 2, 3, 4])})["out"],
+                                  [10, 20, 30, 40])
+    with pytest.raises(server.RequestError, match="Task size 5 is larger than maximum"):
+        batcher.submit(sig, {"x": np.float32([1, 2, 3, 4, 5])})
 
 
 def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_path):
@@ -835,6 +888,11 @@ def test_version_folders_with_leading_zeros(tmp_path):
     export.export_model(lib.tiny_model(vocab, seed=1), vocab, base, version=7)
     os.rename(os.path.join(base, "7"), os.path.join(base, "007"))
     assert server.list_versions(base) == [7]
+    both = tmp_path / "both"  # `7` wins over `007`, whichever is listed first
+    for name in ("007", "7", "0007"):
+        (both / name).mkdir(parents=True)
+        (both / name / "saved_model.pb").write_bytes(b"")
+    assert server.version_folders(str(both)) == {7: "7"}
     manager = server.ModelManager(NAME, base)
     manager.poll()
     assert [s[:2] for s in _statuses(manager)] == [(7, "AVAILABLE")]

@@ -321,6 +321,17 @@ def test_config_is_strict_and_round_trips(tmp_path):
     assert config_lib.load_json(path) == cfg.to_dict()
 
 
+def test_the_step_decay_falls_at_its_fractions_of_the_run():
+    """`--lr-schedule step` divides the rate by lr_decay_factor after each fraction of the
+    steps: with decay at 0.5 and 0.75 of 100 steps, steps 1-50, 51-75, 76-100."""
+    tc = config_lib.TrainConfig(learning_rate=0.1, lr_schedule="step", lr_decay_at=(0.5, 0.75),
+                                lr_decay_factor=5.0)
+    schedule = train_lib.learning_rate(tc, 100)
+    rates = [float(schedule(step)) for step in (1, 50, 51, 75, 76, 100)]
+    np.testing.assert_allclose(rates, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004], rtol=1e-6)
+    assert train_lib.learning_rate(tc.replace({"lr_schedule": "constant"}), 100) == 0.1
+
+
 def _small_steps(name: str, count: int = 2) -> list:
     """`count` identical small models of `name` (20 items, 2 rows), each with its state,
     optimizer and compiled training step (`make_train_step`)."""
