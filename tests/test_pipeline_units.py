@@ -559,6 +559,16 @@ def test_small_parsing_and_planning_edges():
     assert len(sources.plan_ranges([("big.csv", 10 << 20)], 8)) == 8
     assert not storage.within("/x/data2", "/x/data")
     assert storage.within("/x/data/run", "/x/data") and storage.within("/x/data", "/x/data")
+    # a full disk met while handling another error (a cleanup) is still a full disk
+    import errno
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "write")
+        except OSError:
+            raise RuntimeError("cleanup failed")
+    except RuntimeError as e:
+        assert storage.storage_error(e) == os.strerror(errno.ENOSPC)
+    assert storage.storage_error(RuntimeError("other")) is None
 
 
 def test_a_killed_runs_old_output_is_not_removed_as_abandoned(tmp_path):
