@@ -93,7 +93,6 @@ class ConfigBase:
           ConfigError: unknown key, wrong type or value out of range.
         """
         fields = {f.name: f for f in dataclasses.fields(self)}
-        hints = typing.get_type_hints(type(self))
         updates = {}
         for key, value in values.items():
             if key not in fields:
@@ -105,8 +104,8 @@ class ConfigBase:
                     raise ConfigError(f"{key!r} must be an object, got {value!r}")
                 updates[key] = current.replace(value)
             else:
-                updates[key] = _coerce(key, value, hints[key])
-        return dataclasses.replace(self, **updates)  # checked by __post_init__
+                updates[key] = value
+        return dataclasses.replace(self, **updates)  # typed and checked by __post_init__
 
     def validate(self) -> None:
         """Raises ConfigError for a value out of range (overridden per config)."""

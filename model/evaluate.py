@@ -127,11 +127,10 @@ def _evaluate_batch(scorer: Scorer, users: list[schema.UserRecord], vocab_size: 
     """History first, then target sessions in lock-step: score, accumulate, update (each
     event tagged with its user's index, `first_user` + row)."""
     state = scorer.initial_state([u.user_id for u in users])
-    seen = [np.zeros(0, dtype=np.int64) for _ in users]
     empty = np.zeros(0, dtype=np.int64)
     # (the known items of all a user's context sessions at once: one union, not one per step)
-    seen = [_seen_after(s, np.concatenate(u.sessions[:u.num_context_sessions]))
-            if u.num_context_sessions else s for s, u in zip(seen, users)]
+    seen = [_seen_after(empty, np.concatenate(u.sessions[:u.num_context_sessions]))
+            if u.num_context_sessions else empty for u in users]
     for step in range(max(u.num_context_sessions for u in users)):
         rows = [u.sessions[step] if step < u.num_context_sessions else empty for u in users]
         state = scorer.update(state, _pad(rows))

@@ -482,6 +482,42 @@ def test_batcher_forgets_an_unloaded_version(tmp_path):
     assert len(batcher._peak) == 0
 
 
+def _hold_first_call(sig, size):
+    """Makes `sig.run` record `size(arrays)` of each call and hold the first one until
+    released; returns (the recorded sizes, the first call's running event, its release)."""
+    calls, first_running, release = [], threading.Event(), threading.Event()
+    real_run = sig.run
+
+    def spy(arrays):
+        calls.append(size(arrays))
+        if len(calls) == 1:  # hold the first call until every other request is queued
+            first_running.set()
+            release.wait(30)
+        return real_run(arrays)
+
+    sig.run = spy
+    return calls, first_running, release
+
+
+def _queued_behind_the_first(batcher, sig, held, requests):
+    """Submits the first request, and once its call runs (held by `_hold_first_call`)
+    the others, which queue up; releases the first once they all wait, so that they go
+    in the batches the batcher forms from its queue. Returns the futures, done."""
+    calls, first_running, release = held
+    calls.clear()
+    first_running.clear()
+    release.clear()
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(batcher.submit, sig, requests[0])]
+        assert first_running.wait(30)
+        futures += [pool.submit(batcher.submit, sig, r) for r in requests[1:]]
+        deadline = time.monotonic() + 30
+        while len(batcher._queue) < len(requests) - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+    return futures
+
+
 @pytest.mark.parametrize("max_batch_size, sizes, expected", [
     (16, [1, 2] * 4, [1, 11]),  # two calls for eight requests
     (16, [1, 1, 2, 2, 1, 2, 2, 2], [1, 12]),  # (sizes in no symmetric order: rows go back
@@ -498,29 +534,12 @@ def test_concurrent_requests_are_merged_into_fewer_model_calls(tmp_path, max_bat
                              input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
     tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
     sig = server.Servable("rows", 1, str(tmp_path / "1")).signature("")
-    calls, first_running, release = [], threading.Event(), threading.Event()
-    real_run = sig.run
-
-    def spy(arrays):
-        calls.append(len(arrays["x"]))
-        if len(calls) == 1:  # hold the first call until every other request is queued
-            first_running.set()
-            release.wait(30)
-        return real_run(arrays)
-
-    sig.run = spy
+    held = _hold_first_call(sig, lambda arrays: len(arrays["x"]))
     batcher = server.Batcher(max_batch_size=max_batch_size, timeout_s=0.0)
     rows = [np.float32([i, i + 0.5][:n]) for i, n in enumerate(sizes)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        first = pool.submit(batcher.submit, sig, {"x": rows[0]})
-        assert first_running.wait(30)
-        rest = [pool.submit(batcher.submit, sig, {"x": r}) for r in rows[1:]]
-        deadline = time.monotonic() + 30
-        while len(batcher._queue) < 7 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        release.set()
-        outs = [f.result(timeout=30)["out"] for f in [first] + rest]
-    assert calls == expected
+    futures = _queued_behind_the_first(batcher, sig, held, [{"x": r} for r in rows])
+    outs = [f.result()["out"] for f in futures]
+    assert held[0] == expected
     for r, out in zip(rows, outs):
         np.testing.assert_array_equal(out, r * 10.0)
 
@@ -538,31 +557,15 @@ def test_a_failing_batch_is_rerun_request_by_request(tmp_path):
     module.run = tf.function(run, input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
     tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
     sig = server.Servable("rows", 1, str(tmp_path / "1")).signature("")
-    calls, first_running, release = [], threading.Event(), threading.Event()
-    real_run = sig.run
-
-    def spy(arrays):
-        calls.append(len(arrays["x"]))
-        if len(calls) == 1:  # hold the first call until the others are queued
-            first_running.set()
-            release.wait(30)
-        return real_run(arrays)
-
-    sig.run = spy
+    held = _hold_first_call(sig, lambda arrays: len(arrays["x"]))
     batcher = server.Batcher(max_batch_size=4, timeout_s=0.0)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        first = pool.submit(batcher.submit, sig, {"x": np.float32([1])})
-        assert first_running.wait(30)
-        good = pool.submit(batcher.submit, sig, {"x": np.float32([2, 3])})
-        bad = pool.submit(batcher.submit, sig, {"x": np.float32([-1])})
-        deadline = time.monotonic() + 30
-        while len(batcher._queue) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        release.set()
-        np.testing.assert_array_equal(first.result(timeout=30)["out"], [10])
-        np.testing.assert_array_equal(good.result(timeout=30)["out"], [20, 30])
-        with pytest.raises(Exception, match="negative"):
-            bad.result(timeout=30)
+    first, good, bad = _queued_behind_the_first(
+        batcher, sig, held, [{"x": np.float32(x)} for x in ([1], [2, 3], [-1])])
+    np.testing.assert_array_equal(first.result()["out"], [10])
+    np.testing.assert_array_equal(good.result()["out"], [20, 30])
+    with pytest.raises(Exception, match="negative"):
+        bad.result()
+    calls = held[0]
     assert calls[:2] == [1, 3] and sorted(calls[2:]) == [1, 2]  # merged, then one by one
     np.testing.assert_array_equal(batcher.submit(sig, {"x": np.float32([1, 2, 3, 4])})["out"],
                                   [10, 20, 30, 40])
@@ -581,35 +584,16 @@ def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_
         input_signature=[tf.TensorSpec([None, None], tf.string, name="items")])
     tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
     sig = server.Servable("ids", 1, str(tmp_path / "1")).signature("")
-    calls, first_running, release = [], threading.Event(), threading.Event()
-    real_run = sig.run
-
-    def spy(arrays):
-        calls.append(arrays["items"].shape)
-        if len(calls) == 1:
-            first_running.set()
-            release.wait(30)
-        return real_run(arrays)
-
-    sig.run = spy
+    held = _hold_first_call(sig, lambda arrays: arrays["items"].shape)
+    calls = held[0]
 
     def ids(width, n):
         return {"items": np.array([[f"i{j}" for j in range(n)] + [""] * (width - n)],
                                   dtype=object)}
 
     def run(batcher, first, rest):
-        calls.clear()
-        first_running.clear()
-        release.clear()
-        with concurrent.futures.ThreadPoolExecutor(len(rest) + 1) as pool:
-            futures = [pool.submit(batcher.submit, sig, first)]
-            assert first_running.wait(30)
-            futures += [pool.submit(batcher.submit, sig, r) for r in rest]
-            deadline = time.monotonic() + 30
-            while len(batcher._queue) < len(rest) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            release.set()
-            return [int(f.result(timeout=30)["n"][0]) for f in futures]
+        futures = _queued_behind_the_first(batcher, sig, held, [first] + rest)
+        return [int(f.result()["n"][0]) for f in futures]
 
     narrow = [ids(3, 1 + i % 3) for i in range(6)]
     outs = run(server.Batcher(max_batch_size=16, timeout_s=0.0, max_items=10**6),
