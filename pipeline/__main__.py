@@ -1006,7 +1006,7 @@ def _resolve(argv):
 
         hint = ("; s3:// needs pip install 'apache-beam[aws]'" if output.startswith("s3://")
                 and importlib.util.find_spec("boto3") is None else "")
-        raise UsageError(f"--output: cannot look at {output}: {str(e).splitlines()[0]}{hint}"
+        raise UsageError(f"--output: cannot look at {output}: {argtypes.first_line(e)}{hint}"
                          ) from None
     if exists and not args.overwrite:
         _check_replaceable(output, [])  # (a file, a folder of other things: not replaceable)

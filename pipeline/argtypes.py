@@ -30,6 +30,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message for a one-line error, or its type's name where
+    the message is empty (a bare `KeyError()` from a file system's client)."""
+    lines = str(error).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(error).__name__
+
+
 def share(part: float, whole: float) -> str:
     """`part / whole` as a percentage for a note: whole percents, but never "0%" or "100%"
     for a share that is neither (19,999 of 20,095 events read "100%" of them)."""

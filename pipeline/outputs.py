@@ -19,7 +19,7 @@ import stat
 import time
 import uuid
 
-from pipeline import schema, storage
+from pipeline import argtypes, schema, storage
 
 # a temporary folder no live run holds, this old, is a killed run's (`remove_abandoned`)
 ABANDONED_AFTER_S = 60.0
@@ -44,7 +44,7 @@ def check_writable_scheme(path: str) -> None:
     try:
         FileSystems.get_filesystem(path)
     except Exception as e:  # ValueError or BeamIOError, by scheme
-        raise ValueError(f"no file system for {path}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"no file system for {path}: {argtypes.first_line(e)}") from None
 
 
 def join(folder: str, *parts: str) -> str:

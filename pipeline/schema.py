@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline import argtypes
+
 USER_ID = "user_id"
 NUM_CONTEXT_SESSIONS = "num_context_sessions"
 ITEMS = "items"
@@ -110,7 +112,7 @@ def _remote(call, path: str):
         raise DataError(f"{path}: TensorFlow has no file system for this scheme (gs:// is "
                         "built in; s3:// and hdfs:// need `pip install tensorflow-io`)") from None
     except tf.errors.OpError as e:
-        raise DataError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot read {path}: {argtypes.first_line(e)}") from None
 
 
 def is_folder(path: str) -> bool:

@@ -44,6 +44,8 @@ from typing import BinaryIO, Iterator, Sequence
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import argtypes
+
 MAX_FILES = 1 << 20
 MAX_RANGES = 1 << 19
 MAX_LINES_PER_RANGE = 1 << 24
@@ -500,7 +502,7 @@ def _parquet_file(path: str):
             pf = pq.ParquetFile(raw)
         except Exception as e:  # ArrowInvalid: no magic bytes, a damaged footer
             raise InputError(f"{path}: not a Parquet file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else e}); --format parquet "
+                             f"{argtypes.first_line(e)}); --format parquet "
                              "reads Parquet files only") from None
         yield pf
 

@@ -12,7 +12,6 @@ line needs the messages only: `tensorflow_protos_only` lets them import on their
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import types
 

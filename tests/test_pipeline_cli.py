@@ -1287,6 +1287,22 @@ def test_an_output_beam_cannot_reach_is_a_usage_error(tmp_path, monkeypatch, cap
     assert err.startswith(f"error: --output: {message}") and err.count("\n") == 1
 
 
+def test_an_error_without_a_message_from_a_file_system_is_named_by_its_type(monkeypatch):
+    """A file system plug-in that raises a bare `KeyError()` when Beam looks it up (static
+    audit: the one-line error took the first line of an empty message: an IndexError and
+    a traceback instead)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline import outputs
+
+    def fail(path):
+        raise KeyError()
+
+    monkeypatch.setattr(FileSystems, "get_filesystem", fail)
+    with pytest.raises(ValueError, match=r"^no file system for objstore://bucket/out: KeyError$"):
+        outputs.check_writable_scheme("objstore://bucket/out")
+
+
 def test_setup_file_packages_the_pipeline_for_remote_workers(tmp_path):
     """`--setup_file ./setup.py` (README § 1, Dataflow): the package Beam builds from it, and
     installs on each worker, runs the pipeline without this checkout on the path."""
