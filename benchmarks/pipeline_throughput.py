@@ -28,24 +28,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
-    """Runs a command; returns (seconds, peak RSS MiB of it and its children, stderr)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = root.memory_info().rss + sum(
-                c.memory_info().rss for c in root.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    seconds = time.perf_counter() - start
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"pipeline failed ({proc.returncode}):\n{err[-3000:]}")
-    return seconds, peak / 2 ** 20, out
+    """Runs a command; returns (seconds, peak RSS MiB of it and its children, stdout). Its
+    output goes to files, not pipes read after it ends: a pipe holds 64 KiB, and a run
+    writing more (Beam's INFO lines with `-- --beam-logs`) would wait on it for ever."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True)
+        root = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                rss = root.memory_info().rss + sum(
+                    c.memory_info().rss for c in root.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"pipeline failed ({proc.returncode}):\n{err.read()[-3000:]}")
+        return seconds, peak / 2 ** 20, out.read()
 
 
 def _to_parquet(csv_path: str) -> str:
