@@ -375,6 +375,8 @@ def _iso_for_python(text: str) -> str:
         return text  # fromisoformat says what is wrong
     main, fraction, zulu, hours, minutes = m.groups()
     out = main.replace("t", "T")  # (RFC 3339 allows a lower-case t and z)
+    if len(main) == 10 and (zulu or hours):  # a date with a zone (XML Schema's xs:date):
+        out += "T00:00"  # its midnight there (fromisoformat took "+05:00" as the time)
     if fraction is not None:
         out += "." + fraction[:6].ljust(6, "0")
     if zulu:

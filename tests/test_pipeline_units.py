@@ -496,13 +496,19 @@ def test_json_whole_number_floats_are_the_same_ids_as_ints():
     ("2015-06-04", 1433376000000),
     ("2015-06-04T06:16", 1433398560000),
     ("2015-06-04t06:16:22.483z", 1433398582483),          # RFC 3339's lower case
+    # a date with a zone (XML Schema's xs:date) is its midnight there (property-based
+    # audit: "+05:00" was read as the time of day, 10 hours late)
+    ("2015-06-04+05:00", 1433358000000),
+    ("2015-06-04+0530", 1433356200000),
+    ("2015-06-04-05", 1433394000000),
+    ("2015-06-04Z", 1433376000000),
 ])
 def test_iso_times_in_the_forms_python_3_10_refuses_too(text, ms):
     assert parse.parse_time_ms(text, "iso") == ms
     import datetime
     datetime.datetime.fromisoformat(parse._iso_for_python(text))  # what 3.10 reads
     assert re.fullmatch(r"\d{4}-\d\d-\d\d([T ]\d\d(:\d\d(:\d\d(\.\d{6})?)?)?)?"
-                        r"(\+\d\d:\d\d)?", parse._iso_for_python(text))
+                        r"([+-]\d\d:\d\d)?", parse._iso_for_python(text))
 
 
 def test_session_column_is_parsed_and_required():
