@@ -300,6 +300,10 @@ def time_format_error(fmt: str) -> str | None:
     return None
 
 
+# Times with a fraction are scaled to milliseconds in decimal, exact to 60 digits.
+_EXACT = decimal.Context(prec=60)
+
+
 def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
     """Unix milliseconds of a raw time value.
 
@@ -352,7 +356,12 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
             number = float(value) * scale
             if not math.isfinite(number):  # inf, nan, or a huge number that overflows
                 raise RowError("time ", value, " is not finite") from None
-            ms = math.floor(number)
+            try:  # the number's own digits: float's 1.001 * 1000 is 1000.99999..., 1000 ms
+                exact = decimal.Decimal(value if isinstance(value, str) else repr(value))
+            except decimal.InvalidOperation:  # (a form float reads and Decimal does not)
+                ms = math.floor(number)
+            else:
+                ms = math.floor(exact.scaleb(3 if scale == 1000 else 0, _EXACT))
     if ms < 0:
         raise RowError("negative time ", value)
     if check_range and ms > MAX_TIME_MS:

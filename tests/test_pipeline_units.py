@@ -41,7 +41,12 @@ def ev(t_s, order, item):
     ("1970-01-01 00:00:00.250", "%Y-%m-%d %H:%M:%S.%f", 250),
     # an offset's minutes count (India's +05:30)
     ("2021-01-01T00:00:00+05:30", "iso", 1_609_439_400_000),
-    ("2021-01-01T00:00:00+0530", "iso", 1_609_439_400_000)])
+    ("2021-01-01T00:00:00+0530", "iso", 1_609_439_400_000),
+    # a fraction's digits are kept as written (property-based audit: float's 1.001 * 1000
+    # is 1000.999..., 0.6% of such times lost a millisecond); a JSON number's too
+    ("1.001", "s", 1001), ("1073741824.001", "s", 1_073_741_824_001), (1.001, "s", 1001),
+    (" 1_600_000_000.009 ", "s", 1_600_000_000_009), ("1.0019999", "ms", 1),
+    ("1e-999999999", "s", 0)])
 def test_parse_time_ms(value, unit, ms):
     assert parse.parse_time_ms(value, unit) == ms
 
