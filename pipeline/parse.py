@@ -195,6 +195,7 @@ def split_fields(line: str, delimiter: str, quoted: bool = True, strict: bool = 
     'Heroes song', 'a"b' is 'a"b')."""
     if not quoted or '"' not in line or len(delimiter) > 1:
         return line.split(delimiter)
+    fields = None
     if strict:
         try:  # (non-strict csv ends a field left open at the line's end)
             fields = next(csv.reader([line], _dialect(delimiter, True)), [])
@@ -202,16 +203,17 @@ def split_fields(line: str, delimiter: str, quoted: bool = True, strict: bool = 
             if "unexpected end of data" in str(e):
                 raise RowError("a quoted field is not closed on its line (a line break "
                                "inside quotes? a row is one line)") from None
-        else:
-            if line.count('"') % 2 and any(f.endswith('"') and not f.startswith('"')
-                                           for f in fields):
-                raise RowError("a quoted field ends on this line without its start (the "
-                               "second line of a field with a line break? a row is one line)")
-            return fields
-    try:
-        return next(csv.reader([line], _dialect(delimiter, False)), [])
-    except csv.Error as e:
-        raise RowError(f"bad quoting: {e}") from None  # (csv's words, not the row's)
+    if fields is None:
+        try:
+            fields = next(csv.reader([line], _dialect(delimiter, False)), [])
+        except csv.Error as e:
+            raise RowError(f"bad quoting: {e}") from None  # (csv's words, not the row's)
+    # (also where strict csv stopped early: the second line of '"\n""a"' is '""a",...')
+    if strict and line.count('"') % 2 and any(f.endswith('"') and not f.startswith('"')
+                                              for f in fields):
+        raise RowError("a quoted field ends on this line without its start (the second "
+                       "line of a field with a line break? a row is one line)")
+    return fields
 
 
 def fit_fields(fields: list[str], width: int) -> list[str] | None:

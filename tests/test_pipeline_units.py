@@ -696,6 +696,12 @@ def test_delimiters_split_parse_and_guess():
                               users, 0)
     assert block.by_user == {} and [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
         (0, opened), (1, closed), (2, opened), (3, closed)]
+    # the second line starting with an escaped quote, where strict csv stops early: user
+    # '\n"0' (property-based audit: '""0",i1,...' became an event of user '0"')
+    block = parse.parse_block([b'"', b'""0",i1,1700000000', b'"great,',
+                               b'""Heroes"", live",lamp,1700000060'], users, 0)
+    assert block.by_user == {} and [(k, r.split(" (")[0]) for k, r, _ in block.malformed] == [
+        (0, opened), (1, closed), (2, opened), (3, closed)]
     # a header is read as before: a stray quote does not stop the run
     assert parse.parse_header('user,item,"time', ",") == ("user", "item", "time")
     # a trailing delimiter after every row (some exporters write one): its empty field is
