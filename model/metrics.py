@@ -83,7 +83,10 @@ def ranks(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None =
         if excluded is not None:
             e = excluded[start:start + rows]
             out_of = e >= schema.NUM_RESERVED
-            ge -= out_of & (e != t) & (s[at, e] >= target_scores[:, 0])
+            counted = out_of & (e != t) & (s[at, e] >= target_scores[:, 0])
+            if masked is not None:  # (a masked item is not in `above`: not taken out twice)
+                counted &= ~m[at, e]
+            ge -= counted
             known &= ~(out_of & (e == t))
         out[start:start + rows][known] = ge[known]
     return out

@@ -57,6 +57,17 @@ def test_masked_items_leave_the_candidates_and_a_masked_target_is_a_ruled_out_mi
     assert out["recall@20"] == pytest.approx(1 / 3)
 
 
+def test_an_item_both_excluded_and_masked_leaves_the_candidates_once():
+    """Row 0, target 2 (0.5) below 3 (0.9) and tied with 4: excluding and masking 3 gives
+    rank 2 as either alone does; 4 excluded and 3 masked, rank 1 (property-based audit:
+    an item both excluded and masked was taken out twice, a rank of 1 became 0)."""
+    masked = np.zeros((3, 6), bool)
+    masked[0, 3] = masked[1, 3] = masked[2, 4] = True
+    r = metrics.ranks(SCORES[[0, 0, 0]], np.array([2, 2, 2]), excluded=np.array([3, 4, 3]),
+                      masked=masked)
+    np.testing.assert_array_equal(r, [2, 1, 1])
+
+
 def test_seen_items_rule_out_earlier_items_from_the_position_after_them():
     # row 0: 4 and 7 seen before (1 unknown, 0 padding, 4 twice: once), then the session
     # 5 4 6 5: 5 from position 1 on, 6 from 3 on (4 was seen before; 5 again: once)
