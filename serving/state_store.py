@@ -287,6 +287,7 @@ class SQLiteStateStore(StateStore):
         denied = _access_error(path)
         if denied:
             raise ValueError(denied)
+        self._db = None
         try:
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
                                        check_same_thread=False)
@@ -307,9 +308,13 @@ class SQLiteStateStore(StateStore):
                     except sqlite3.OperationalError:  # another process added it meanwhile
                         pass
                 columns = [row[1] for row in self._db.execute("PRAGMA table_info(user_states)")]
-        except sqlite3.DatabaseError as e:
+        except BaseException as e:
+            if self._db is not None:  # (the error's traceback would keep it open)
+                self._db.close()
+            if not isinstance(e, sqlite3.DatabaseError):
+                raise
             if "not a database" in str(e) and not _sqlite_header(path):
-                self._db.close()  # (another file, not a damaged database: said so)
+                # (another file, not a damaged database: said so)
                 raise ValueError(f"{path} is not a SQLite database (a CSV, a log?): pass the "
                                  "state file as --state-db, or a new name to start one") \
                     from None

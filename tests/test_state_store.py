@@ -510,6 +510,26 @@ def test_a_damaged_file_is_one_error_that_says_so(tmp_path):
                 s.get(f"user{i}", 1)
 
 
+def test_a_store_that_fails_to_open_closes_its_connection(tmp_path):
+    """A caller that keeps the error (a retry loop's last error) holds no open file (static
+    audit: the error's traceback kept the connection of a damaged file open)."""
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4080)  # a header, a damaged page 1
+
+    def open_files():
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path))
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    errors = []
+    for _ in range(3):
+        try:
+            SQLiteStateStore(str(path))
+        except ValueError as e:
+            errors.append(e)
+    assert len(errors) == 3 and "cannot open state database" in str(errors[0])
+    assert open_files() == 0
+
+
 def test_a_file_that_is_no_database_is_said_to_be_another_file(tmp_path):
     """A CSV passed as the state file is not "damaged": the error says what it is, and
     the file is left as it was."""
