@@ -28,12 +28,16 @@ SCORE_BUDGET = 1 << 25
 
 
 def popularity_term(counts: np.ndarray) -> np.ndarray:
-    """float32 [V] in [0, 0.5): `0.5 * count / (max_count + 1)`, reserved indices 0: the
+    """float32 [V] in [0, 0.5): `0.5 * rank / (max_rank + 1)`, where an item's rank is its
+    count's among the distinct counts (0 for a count of 0; reserved indices count 0): the
     popularity scores (`popularity`), and where session-only models score a session's
-    first item (DESIGN §6)."""
-    counts = np.asarray(counts, dtype=np.float64).copy()
+    first item (DESIGN §6). Ranks, not counts: float32 tells apart every pair of fewer
+    than 2**24 distinct counts, however large (counts themselves lose their last digits
+    above 2**24, and the most popular items of a large log tied)."""
+    counts = np.asarray(counts, dtype=np.int64).copy()
     counts[:schema.NUM_RESERVED] = 0
-    return (0.5 * counts / (counts.max(initial=0.0) + 1.0)).astype(np.float32)
+    ranks = np.unique(counts, return_inverse=True)[1].reshape(counts.shape)
+    return (0.5 * ranks / (ranks.max(initial=0) + 1.0)).astype(np.float32)
 
 
 def block_width(rows: int, vocab_size: int) -> int:

@@ -8,14 +8,15 @@
 
 Ordering rule shared by all: a baseline's own score decides first; ties and every item it
 does not score are ordered by global popularity. The popularity part is an additive term
-`0.5 * count / (max_count + 1)`, in [0, 0.5): strictly smaller than the smallest step of
+`0.5 * rank / (max_rank + 1)` (`model.base.popularity_term`: the rank of an item's train
+count among the distinct counts), in [0, 0.5): strictly smaller than the smallest step of
 the integer primary scores (`sknn`, `spop`, `mv`), and added only to unscored items by
 `upop`, whose scored items all exceed 1. Items with equal counts keep equal terms, and the
 conservative rank of `model.metrics` counts such ties against the target. Scores are
 float32 (the `Scorer` contract): the primary scores are exact below 2**22, but beside a
-primary score S the popularity terms resolve steps of about S * 2**-24 only, so two items
-of nearly equal counts can tie there (counted against the target: a metric can only come
-out slightly low, never high).
+primary score S the popularity terms resolve steps of about S * 2**-24 only, so items of
+adjacent ranks can tie there among more than about 2**23 / S distinct counts (counted
+against the target: a metric can only come out slightly low, never high).
 
 All are vectorized over rows, positions and items (numpy and scipy.sparse); the Python
 loops run over positions or sessions, never over items. Each computes its scores block by
@@ -55,8 +56,7 @@ class Popularity(BlockScorer):
 
     def __init__(self, counts: np.ndarray):
         """Args: counts: int [V] train event counts by vocabulary index."""
-        self.counts = np.asarray(counts, dtype=np.float32).copy()
-        self.counts[:schema.NUM_RESERVED] = 0
+        self.pop = popularity_term(counts)  # (float32 counts tied above 2**24)
 
     @classmethod
     def fit(cls, data_dir: str) -> "Popularity":
@@ -69,7 +69,7 @@ class Popularity(BlockScorer):
     def score_blocks(self, state, sessions, width):
         rows, steps = np.shape(sessions)
         for start, stop in blocks(steps, width):
-            yield _scores_with_popularity(self.counts, (rows, stop - start))
+            yield _scores_with_popularity(self.pop, (rows, stop - start))
 
     def update(self, state: State, sessions: np.ndarray) -> State:
         return state

@@ -7,6 +7,8 @@ import scipy.sparse as sp
 
 from model import baselines
 from model import evaluate as ev
+from model import metrics
+from model.base import popularity_term
 from pipeline import schema
 from test_evaluate import write_data
 
@@ -201,7 +203,19 @@ def test_popularity():
     pop = baselines.Popularity(COUNTS)
     scores = pop.score(None, np.array([[5, 3]]))
     assert scores.shape == (1, 2, V) and ranking(scores[0, 1]) == REST
-    assert scores[0, 0, 2] == COUNTS[2]
+    np.testing.assert_array_equal(scores[0, 0], popularity_term(COUNTS))
+
+
+def test_popularity_tells_apart_counts_float32_cannot():
+    """Counts above 2**24 (a top item of a large log): the most popular item ranks first
+    (static audit: float32 counts 2**24 + 1 and 2**24 tied, and the conservative rank put
+    it second); equal counts still tie; the term of a count of 0 is 0."""
+    counts = np.array([0, 0, 2 ** 24 + 1, 2 ** 24, 2 ** 24, 3, 0], np.int64)
+    for model in (baselines.Popularity(counts), baselines.SessionPop(counts)):
+        scores = model.score(model.initial_state(["u"]), np.array([[6]]))[0, 0]
+        assert metrics.ranks(scores[None], np.array([2])).tolist() == [1.0]
+        assert metrics.ranks(scores[None], np.array([3])).tolist() == [3.0]  # tied with 4
+        assert scores[6] == 0 < scores[5] < scores[4] == scores[3] < scores[2] < 0.5
 
 
 def test_spop_ranks_session_counts_then_popularity():

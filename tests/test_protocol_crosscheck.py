@@ -228,11 +228,13 @@ def test_upop_equals_brute_force(data, tmp_path, split, rule_out):
     """`upop` as model/baselines.py's docstring defines it: the user's last 200 known
     events of earlier sessions and the known events of the session so far weigh 0.95 ** age
     (age 0: the latest; unknown items take no place), those of the session 2 × more; an item of weight r > 0 scores 1 + r, any other
-    0.5 · count / (max count + 1). History walks every earlier session of the user in time
-    order, the split's earlier target sessions included."""
+    0.5 · rank / (max rank + 1), the rank of its count among the distinct counts (0 for
+    0). History walks every earlier session of the user in time order, the split's earlier
+    target sessions included."""
     raw, out = data
     users, vocab, counts = protocol(raw)
-    top = max(counts[i] for i in vocab)
+    distinct = sorted({0} | {counts[i] for i in vocab})
+    rank = {c: k for k, c in enumerate(distinct)}
 
     def score(history, prefix):
         events = ([(i, 1.0) for i in [i for i in history if i is not UNK][-200:]]
@@ -240,7 +242,8 @@ def test_upop_equals_brute_force(data, tmp_path, split, rule_out):
         r = collections.Counter()
         for age, (item, weight) in enumerate(reversed(events)):
             r[item] += weight * 0.95 ** age
-        return {i: float(np.float32(1.0 + r[i] if r[i] > 0 else 0.5 * counts[i] / (top + 1)))
+        return {i: float(np.float32(1.0 + r[i] if r[i] > 0
+                                    else 0.5 * rank[counts[i]] / len(distinct)))
                 for i in vocab}
 
     assert_same(brute_force(users, vocab, split, score, rule_out),
