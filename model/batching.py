@@ -149,6 +149,8 @@ class QueueBatcher:
         self.n = history_size
         self.histories = [collections.deque(maxlen=history_size) for _ in range(batch_size)]
         self.epoch, self.consumed, self.batch_index, self.finished = 0, 0, 0, False
+        # whether the epoch under way has given a slot (a restored position's: taken as so)
+        self._epoch_fed = False
         # (seed, shuffle buffer) of the epoch under way: a run resumed with other ones
         # keeps the earlier ones until that epoch ends (the users it consumed are skipped
         # by replaying the same stream)
@@ -201,6 +203,7 @@ class QueueBatcher:
                      for row in position["rows"]]
         histories = position.get("histories") or [[] for _ in range(self.b)]
         self.histories = [collections.deque(h, maxlen=self.n) for h in histories]
+        self._epoch_fed = True
         # (a position from before these keys: the batcher's own, as it was read then)
         self._epoch_order = (position.get("epoch_seed", self.seed),
                              position.get("epoch_shuffle_buffer", self.shuffle_buffer))
@@ -222,8 +225,10 @@ class QueueBatcher:
             if user is not None:
                 self.consumed += 1
                 return user
-            empty_epoch = self.consumed == 0
+            # (a pass of users without a session item: more passes would give none either)
+            empty_epoch = not self._epoch_fed
             self.epoch, self.consumed, self._stream = self.epoch + 1, 0, None
+            self._epoch_fed = False
             if empty_epoch or (self.epochs is not None and self.epoch >= self.epochs):
                 self.finished = True
         return None
@@ -236,6 +241,7 @@ class QueueBatcher:
                 return
             slots = user_slots(user, self.l)
             if slots:
+                self._epoch_fed = True
                 row = pending.index(min(pending))  # the shortest row; ties: the lowest
                 self.rows[row].extend(slots)
                 pending[row] += len(slots)

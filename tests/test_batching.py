@@ -135,6 +135,25 @@ def test_a_finished_run_resumed_with_more_epochs_or_in_steps_goes_on():
     assert endless.next_batch() is not None
 
 
+def test_a_split_without_a_session_item_ends_in_steps_too():
+    """Users whose sessions are all empty: a run in steps (epochs=None) ends as a run in
+    epochs does, with users before or after them fed (property-based audit: the batcher
+    went from pass to pass for ever, counting users, not slots)."""
+    empty = [[np.zeros(0, np.int64)], [np.zeros(0, np.int64), np.zeros(0, np.int64)]]
+    result = {}
+
+    def run():
+        result["batch"] = batching.QueueBatcher(lambda: iter(empty), 2, 2, 3).next_batch()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive() and result["batch"] is None
+    fed = batching.QueueBatcher(lambda: iter(empty + [[np.array([5, 6])]] + empty), 2, 2, 3)
+    batches = [fed.next_batch() for _ in range(4)]  # (pass after pass)
+    assert all(b["items"][0, 0].tolist() == [5, 6, 0] for b in batches)
+
+
 def test_bad_arguments_and_batch_size_change():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         batching.QueueBatcher(lambda: iter(USERS), 0, 2, 3)
