@@ -161,10 +161,11 @@ class MovingAverage(BlockScorer):
 class UserPop(BlockScorer):
     """`upop`: the user's recent items by recency-weighted count, then popularity.
 
-    Each of the user's last `history` known events (across sessions) weighs `decay **
-    age`, age 0 for the latest known event before the scored position (an unknown item,
-    never a candidate, takes no place and no age, as in HierTCN's repeat head); events of
-    the current session weigh `session_weight` times more. An item's weight r is the sum over its events; items
+    The user's last `history` known events of earlier sessions and every known event of
+    the current session so far each weigh `decay ** age`, age 0 for the latest known event
+    before the scored position (an unknown item, never a candidate, takes no place and no
+    age, as in HierTCN's repeat head); events of the current session weigh
+    `session_weight` times more. An item's weight r is the sum over its events; items
     with r > 0 score 1 + r, every other item its popularity term (< 0.5), so the user's
     items come first. State: int64 [rows, history], the last events, oldest first.
     """
