@@ -1110,8 +1110,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
 
     from pipeline import beam_fixes, sources
     from pipeline.transforms import (HEAVIEST_PREFIX, LATE_PREFIX, LONGEST_PREFIX,
-                                     MALFORMED_KINDS, MALFORMED_PREFIX, MAX_PREFIX,
-                                     UNKNOWN_PREFIX, SessionRecords)
+                                     MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     children = _child_processes()  # (the caller's: an interrupt kills only the run's own)
@@ -1136,7 +1135,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
                     compression_type=beam.io.filesystem.CompressionTypes.GZIP)
             _ = out["malformed"] | "WriteMalformed" >> beam.io.WriteToText(
                 outputs.join(tmp, schema.MALFORMED_DIR, "part"), file_name_suffix=".jsonl")
-            for name in ("stats", "vocabulary", "cutoffs", "float_users"):
+            for name in ("stats", "vocabulary", "cutoffs", "float_users", "malformed_kinds"):
                 _ = (out[name]
                      | f"{name.title()}Json" >> beam.Map(json.dumps)
                      | f"Write{name.title()}" >> beam.io.WriteToText(
@@ -1145,6 +1144,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         vocab = _read_single(outputs.join(work, "vocabulary"))
         cutoffs = _read_single(outputs.join(work, "cutoffs"))
         float_users = _read_single(outputs.join(work, "float_users"))
+        malformed_kinds = _read_single(outputs.join(work, "malformed_kinds"))
         outputs.write_text(outputs.join(tmp, schema.ITEMS_FILE), schema.vocabulary_text(vocab))
         filtered, splits = _nest(counts)
         # (--exclude and --time-format are absent when unused, so data made before the
@@ -1179,9 +1179,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         stats["unknown_target_events"] = {name: counts.get(UNKNOWN_PREFIX + name, 0)
                                           for name in schema.SPLITS[1:]}
         # the malformed rows by kind of reason, most first (malformed/ holds each row)
-        stats["malformed_reasons"] = parse.most_common_kinds(
-            {k[len(MALFORMED_PREFIX):]: n for k, n in counts.items()
-             if k.startswith(MALFORMED_PREFIX)}, MALFORMED_KINDS)
+        stats["malformed_reasons"] = malformed_kinds
         # users written both as N and as N.0: two users each (their count, the first pairs)
         stats["float_user_pairs"] = float_users
         if config.session_ids:

@@ -42,9 +42,9 @@ UNKNOWN_PREFIX = "unknown_target_events/"
 # ... of the events of sessions past a later split's cut-off (`split.LATE_EVENTS` keys)
 LATE_PREFIX = "late_events/"
 MALFORMED = "malformed"
-# stats key prefix of the malformed rows of one kind of reason (`parse.RowError.kind`)
-MALFORMED_PREFIX = "malformed_reasons/"
-# ... of at most this many kinds a block (the rest under parse.OTHER_REASONS)
+# (kind of reason (`parse.RowError.kind`), malformed rows of that kind in a block)
+KINDS = "malformed_kinds"
+# the stats name this many kinds of reason, the commonest (the rest: parse.OTHER_REASONS)
 MALFORMED_KINDS = 20
 # rows_filtered reason of the rows that --filter leaves out
 FILTER = "filter"
@@ -157,9 +157,10 @@ class _ParseRanges(beam.DoFn):
         if block.filtered:
             counts[f"rows_filtered/{FILTER}"] = block.filtered
         _count("parse", counts)
-        # (a bound on the keys the stats carry)
-        kinds = parse.most_common_kinds(block.malformed_kinds, MALFORMED_KINDS)
-        counts.update((MALFORMED_PREFIX + kind, n) for kind, n in kinds.items())
+        # every kind, summed over the blocks before the commonest are chosen (a block's
+        # own commonest ranked counts of other blocks that had gone to "(other reasons)")
+        for kind, n in block.malformed_kinds.items():
+            yield pvalue.TaggedOutput(KINDS, (kind, n))
         yield pvalue.TaggedOutput(STATS, counts)
         yield from block.by_user.items()
 
@@ -331,6 +332,32 @@ def _sum_counts(dicts: Iterable[dict]) -> dict:
     return dict(total)
 
 
+class _CommonKinds(beam.CombineFn):
+    """(kind, malformed rows), each kind once → `parse.most_common_kinds` of them all. An
+    accumulator keeps its `keep` commonest kinds and sums the rest: a kind it folds is
+    behind `keep` others in the whole count too, the kinds being distinct."""
+
+    def __init__(self, keep: int):
+        self._keep = keep
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, kind_count):
+        kind, n = kind_count
+        acc[kind] = acc.get(kind, 0) + n
+        return parse.most_common_kinds(acc, self._keep) if len(acc) > 4 * self._keep else acc
+
+    def merge_accumulators(self, accumulators):
+        total = collections.Counter()
+        for acc in accumulators:
+            total.update(acc)
+        return parse.most_common_kinds(total, self._keep)
+
+    def extract_output(self, acc):
+        return parse.most_common_kinds(acc, self._keep)
+
+
 def _malformed_json(row, first_lines: dict) -> str:
     path, rank, index, local, reason, raw = row
     return json.dumps(parse.malformed_record(path, first_lines[(rank, index)] + local, reason, raw),
@@ -386,8 +413,9 @@ class SessionRecords(beam.PTransform):
 
     Returns a dict of PCollections: `train`, `valid`, `test` (serialized
     SequenceExamples), `malformed` (JSON lines), `stats` (one dict of summed counts),
-    `vocabulary` (one list of (item id, count) in index order), `cutoffs` (one dict) and
-    `float_users` (one dict: the users written both as N and as N.0, `_CountAndFirst`).
+    `vocabulary` (one list of (item id, count) in index order), `cutoffs` (one dict),
+    `float_users` (one dict: the users written both as N and as N.0, `_CountAndFirst`) and
+    `malformed_kinds` (one dict: the commonest kinds of reason, `_CommonKinds`).
     """
 
     def __init__(self, config: Config):
@@ -397,7 +425,7 @@ class SessionRecords(beam.PTransform):
     def expand(self, ranges):
         c = self._config
         parsed = ranges | "Parse" >> beam.ParDo(_ParseRanges(c)).with_outputs(
-            STATS, MALFORMED, NEWLINES, main="events")
+            STATS, MALFORMED, NEWLINES, KINDS, main="events")
         user_sessions = (
             parsed.events
             | "GroupByUser" >> beam.GroupByKey()
@@ -435,6 +463,9 @@ class SessionRecords(beam.PTransform):
                  | "FlattenStats" >> beam.Flatten()
                  | "SumStats" >> beam.CombineGlobally(_sum_counts))
         out = {name: built[name] for name in schema.SPLITS}
+        kinds = (parsed[KINDS]
+                 | "SumKinds" >> beam.CombinePerKey(sum)
+                 | "CommonKinds" >> beam.CombineGlobally(_CommonKinds(MALFORMED_KINDS)))
         out.update(malformed=malformed, stats=stats, vocabulary=vocab, cutoffs=cutoffs,
-                   float_users=float_users)
+                   float_users=float_users, malformed_kinds=kinds)
         return out
