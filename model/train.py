@@ -1133,15 +1133,18 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 eval_seconds += time.perf_counter() - t1
             # the step fetches its batch from the iterator itself (`make_train_step`)
             batches = iter(dataset) if not finished else None
+            traced = False
             while batches is not None:
                 if _stop_signal[0] is not None:  # taken, and its KeyboardInterrupt lost
                     raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
                 t0 = time.perf_counter()
+                _counting_step[0] = traced
                 try:
                     loss, n = train_step(batches)
                 except tf.errors.OutOfRangeError:  # the last epoch is done
                     batching.raise_producer_error(batcher)  # (unless the batcher failed)
                     break
+                traced = True
                 record_config()
                 last_loss = float(loss.numpy())
                 step = int(state.step.numpy())
@@ -1177,6 +1180,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)
+                _counting_step[0] = False
+                if _stop_signal[0] is not None:  # (noted while the step was counted)
+                    raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
                 if (step % tc.checkpoint_every == 0
                         or time.monotonic() - last_saved_at >= CHECKPOINT_SECONDS):
                     save(step, bool(tc.eval_every) and (step % tc.eval_every == 0 or
@@ -1201,6 +1207,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         except tf.errors.OpError:
             batching.raise_producer_error(batcher)  # the batcher's own error, when it is one
             raise
+        finally:
+            _counting_step[0] = False
         if _stop_signal[0] is not None:  # (a stop whose KeyboardInterrupt was lost)
             stop_reason = "interrupted"
         step = int(state.step.numpy())
@@ -1377,6 +1385,8 @@ def _interrupt(signum, frame):
     for stop in _STOP_SIGNALS:
         if signal.getsignal(stop) is _interrupt:
             signal.signal(stop, _already_stopping)
+    if _counting_step[0]:
+        return  # (the training loop stops once the step is counted)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -1407,6 +1417,11 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((_HANGUP,) if _HANGUP else ()
 # dropped, and the run went on to its last step with every later stop signal only noted
 # (`_already_stopping`); the training loop looks here between steps as well.
 _stop_signal: list[int | None] = [None]
+# While a traced training step runs and is counted, a stop signal only notes itself: the
+# loop stops right after the count (a KeyboardInterrupt raised as the step returned lost
+# its events, loss and logged scalar: an interrupted run's totals came out a batch short).
+# Not while the first step of a process traces: a stop then is taken at once.
+_counting_step = [False]
 
 
 def _events(path: str):

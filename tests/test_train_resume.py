@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from model import batching
 from model import config as config_lib
 from model import registry
 from model import train as train_lib
@@ -134,6 +135,37 @@ def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_fil
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_stop_signal_as_a_step_returns_counts_that_step(data, config_file, tmp_path,
+                                                        monkeypatch, capsys):
+    """SIGTERM (or Ctrl-C) handled as a traced step returns, before the loop has its
+    results: the run stops after counting it, its events, loss and logged scalar in the
+    summary (training soak: the KeyboardInterrupt raised there lost them, and an
+    interrupted run's events came out a batch short for good)."""
+    real = train_lib.make_train_step
+    returned = []
+
+    def make(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def stepped(batches):
+            loss, n = step(batches)
+            returned.append((float(loss.numpy()), int(n.numpy())))
+            if len(returned) == 10:  # the signal lands here, as the step returns
+                signal.raise_signal(signal.SIGTERM)
+            return loss, n
+        return stepped
+
+    monkeypatch.setattr(train_lib, "make_train_step", make)
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 130
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["stopped_by"] == "interrupted" and summary["steps"] == len(returned) == 10
+    assert summary["events"] == sum(n for _, n in returned)
+    assert summary["final_loss"] == pytest.approx(returned[-1][0])
+    steps, _ = train_lib.read_scalars(run, "loss")
+    assert steps[-1] == 10
+
+
 def test_a_stop_signal_whose_interrupt_python_dropped_still_stops_the_run(
         data, config_file, tmp_path, monkeypatch, capsys):
     """The handler's KeyboardInterrupt, raised while Python ran a finalizer (a `__del__`),
@@ -152,8 +184,10 @@ def test_a_stop_signal_whose_interrupt_python_dropped_still_stops_the_run(
 
     unraisable = []  # what Python hands the hook (it prints "Exception ignored" and a traceback)
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
-    real = train_lib._scalar
-    monkeypatch.setattr(train_lib, "_scalar", dropping_at(real, 10))
+    # (in the step's checkpoint: a stop while a step is counted raises nothing, see
+    # test_a_stop_signal_as_a_step_returns_counts_that_step)
+    real = batching.QueueBatcher.position_after
+    monkeypatch.setattr(batching.QueueBatcher, "position_after", dropping_at(real, 9))
     run = str(tmp_path / "run")
     assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 130
     out, err = capsys.readouterr()
@@ -163,7 +197,7 @@ def test_a_stop_signal_whose_interrupt_python_dropped_still_stops_the_run(
     # as "Exception ignored" with a traceback)
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith("ckpt-10")
     # the next run in this process starts without it
-    monkeypatch.setattr(train_lib, "_scalar", real)
+    monkeypatch.setattr(batching.QueueBatcher, "position_after", real)
     assert train_lib.main(_args(data, run, config_file, "--steps", "25", *EXACT)) == 0
     # dropped in the last valid evaluation: stopped there, as an interrupt that is not
     # dropped stops it (no summary: the rerun evaluates again)
