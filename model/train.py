@@ -1209,6 +1209,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             raise
         finally:
             _counting_step[0] = False
+            batching.stop_feeds(batcher)  # (done with the dataset: its iterator goes quickly)
         if _stop_signal[0] is not None:  # (a stop whose KeyboardInterrupt was lost)
             stop_reason = "interrupted"
         step = int(state.step.numpy())
