@@ -137,7 +137,8 @@ def test_pipeline_throughput_reads_a_run_that_writes_more_than_a_pipe_holds():
     import threading
 
     bench = _benchmark_module("pipeline_throughput")
-    child = "import sys; sys.stderr.write('x' * 300_000 + 'END'); print('y' * 300_000); sys.exit({})"
+    child = ("import sys; sys.stderr.write('x' * 300_000 + 'END'); print('y' * 300_000); "
+             "sys.exit({})")
     result = {}
 
     def run():
