@@ -236,7 +236,7 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     # with a few power users: "12 users of 1,593 (1%), about 1:06:55 left" after 30 s of a
     # 1 min 28 s evaluation).
     with (_BarProgress(tqdm, total, total_events, desc, disable=not progress)
-          if not progress or sys.stderr.isatty() or "ipykernel" in sys.modules
+          if not progress or sys.stderr.isatty() or argtypes.in_notebook()
           else LineProgress(total, desc, total_events=total_events)) as bar:
         for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
                                    vocab.size):

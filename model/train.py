@@ -999,7 +999,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                                  verbose=1 if progress else 0, unit_name="step")
     # the line a step or an interruption line starts with: ends the bar's line
     after_bar = "\n" if progress else ""
-    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):
+    if not (sys.stderr.isatty() or argtypes.in_notebook()):
         # a log file, not a terminal: a line every LOG_FILE_SECONDS instead of one
         # line redrawn with \r and \b (Keras redraws on any POSIX system)
         bar._dynamic_display, bar.interval = False, LOG_FILE_SECONDS

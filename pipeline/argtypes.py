@@ -30,6 +30,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel, its stderr a notebook cell's output (a
+    progress bar redrawn in place shows there): a running IPython kernel, not ipykernel
+    merely imported (jupyter_client's kernel lookup imports it into a process that runs a
+    notebook in another one, and its log file then got a terminal's bar)."""
+    if "ipykernel" not in sys.modules or "IPython" not in sys.modules:
+        return False
+    shell = sys.modules["IPython"].get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an error's message for a one-line error, or its type's name where
     the message is empty (a bare `KeyError()` from a file system's client)."""

@@ -1,5 +1,6 @@
 """The quickstart notebook runs top to bottom in the project's environment, on small data."""
 import os
+import signal
 
 import nbformat
 from nbclient import NotebookClient
@@ -23,8 +24,12 @@ def test_quickstart_notebook_executes(monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    sigint = signal.getsignal(signal.SIGINT)  # (the client sets its own: given back)
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "session 2 after 0 items" in outputs
     assert "'AVAILABLE'" in outputs

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from tensorflow.core.example import example_pb2
 
-from pipeline import outputs, parse, records, schema, sessions, sources, split, storage, vocabulary
+from pipeline import (argtypes, outputs, parse, records, schema, sessions, sources, split,
+                      storage, vocabulary)
 from pipeline.sessions import Session
 
 CSV = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "time"))
@@ -1019,6 +1020,9 @@ def test_a_stop_signal_another_thread_took_reaches_the_blocked_main_thread(signa
     import signal
 
     code = ("import signal, sys, threading, time\nfrom pipeline import argtypes\n"
+            # (a terminal's Ctrl-C: a test run started in the background passes on its
+            # ignored SIGINT, which the command leaves ignored: the test waited 60 s)
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "lock = threading.Lock()\nlock.acquire()\n"
             "def other():\n"
             "    time.sleep(0.5)  # (the main thread waits by then)\n"
@@ -1334,3 +1338,20 @@ def test_a_share_in_a_note_is_never_0_or_100_percent_unless_it_is():
     assert [argtypes.share(p, w) for p, w in ((19_999, 20_095), (1, 1000), (0, 5), (5, 5),
                                               (1, 3), (994, 1000), (99_999, 100_000))] == [
         "99.5%", "under 1%", "0%", "100%", "33%", "99%", "99.9%"]
+
+
+def test_progress_is_a_notebook_s_only_in_a_running_kernel(monkeypatch):
+    """ipykernel imported is not a notebook (jupyter_client's kernel lookup imports it into
+    a process that runs a notebook in another: the progress tests after the notebook's in
+    one pytest process got a terminal's bar; a test isolation audit's find); a running
+    IPython kernel is."""
+    import types
+
+    import IPython
+    import ipykernel  # noqa: F401 - what the kernel lookup imports
+
+    assert not argtypes.in_notebook()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace(kernel=object()))
+    assert argtypes.in_notebook()
+    monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace())  # a terminal's
+    assert not argtypes.in_notebook()
