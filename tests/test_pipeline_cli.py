@@ -1444,9 +1444,10 @@ def test_a_failed_run_never_replaces_an_earlier_output(tmp_path, capsys):
         shutil.rmtree(aside.group(1))
 
 
-def test_a_runner_that_cannot_start_is_one_line(tmp_path, capsys):
+def test_a_runner_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     """Dataflow without its required options (Beam's own validator, before the run), and
     PrismRunner unable to fetch its binary (no network), are one line each, not tracebacks."""
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # (Beam asks gcloud: logs)
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\nu,a,1\nu,b,2\n")
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "o"),
