@@ -213,18 +213,19 @@ def test_a_dataset_whose_feeds_are_stopped_is_deleted_without_waiting_for_the_pr
     generator)."""
     def users():
         yield from ([[2, 3, 4]] for _ in range(4))
-        time.sleep(30)  # (the producer making its next chunk)
+        time.sleep(60)  # (the producer making its next chunk)
         yield [[5, 6, 7]]
 
-    batcher = batching.QueueBatcher(users, 1, 1, 3)
+    batcher = batching.QueueBatcher(users, 1, 1, 3, shuffle_buffer=1)
     it = iter(batching.make_dataset(batcher, prefetch=1, chunk=1))
-    assert next(it)["items"].numpy().tolist() == [[[2, 3, 4]]]
-    time.sleep(0.5)  # (tf.data's prefetch thread is in the generator, waiting)
-    batching.stop_feeds(batcher)
     start = time.monotonic()
+    assert [next(it)["items"].numpy().tolist() for _ in range(3)] == [[[[2, 3, 4]]]] * 3
+    time.sleep(0.5)  # (tf.data's prefetch thread is in the generator, waiting for the 4th:
+    # a shuffle buffer of 1 gives user 4 once it has read user 5)
+    batching.stop_feeds(batcher)
     del it
     gc.collect()
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 30  # (the producer's chunk: 60 s)
 
 
 def test_tf_dataset_raises_the_generators_error():
