@@ -712,6 +712,7 @@ if __name__ == "__main__":
     from model import processes
 
     _INTERRUPTED = "interrupted: no metrics were written (an earlier --output is as it was)"
+    argtypes.survive_closed_output()  # (a full disk under `> log`: said at the end)
     argtypes.interrupts_in_one_line(_INTERRUPTED)
     argtypes.sigterm_until_handled()
     # (the metrics written and printed: a signal in the teardown changes nothing; and a

@@ -208,17 +208,27 @@ def output_gone(error: OSError) -> bool:
     return isinstance(error, BrokenPipeError) or error.errno in (errno.EPIPE, errno.EIO)
 
 
+# Writes to stdout or stderr that failed other than by a reader gone (a full disk under
+# `> log`): `finish` and `exit_with` say the first and end with a status of at least 1.
+_LOST_OUTPUT: list[OSError] = []
+
+
 class _SurvivesClosedOutput:
     """A text stream (sys.stdout, sys.stderr) whose writes outlive the reader: when the
     pipe or terminal behind it is gone (`cmd | tee log` stopped by the same Ctrl-C, a
     parent that died), the first failed write points the file descriptor at /dev/null and
     the output is dropped from then on, so that the stop path goes on to save, not end in
-    a BrokenPipeError before the checkpoint."""
+    a BrokenPipeError before the checkpoint. A write that fails otherwise (a full disk
+    under `> log`) is dropped likewise, and the error kept for the command's last line:
+    the work goes on to its end (a finished pipeline's or export's print of its summary
+    raised a traceback after the output was in place)."""
 
     def __init__(self, stream):
         self._stream = stream
 
-    def _closed(self) -> None:
+    def _closed(self, error: OSError) -> None:
+        if not output_gone(error):
+            _LOST_OUTPUT.append(error)
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:
@@ -232,18 +242,14 @@ class _SurvivesClosedOutput:
         try:
             return self._stream.write(text)
         except OSError as e:
-            if not output_gone(e):
-                raise
-            self._closed()
+            self._closed(e)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
         except OSError as e:
-            if not output_gone(e):
-                raise
-            self._closed()
+            self._closed(e)
             try:  # what the buffer held goes to /dev/null now
                 self._stream.flush()
             except OSError:
@@ -257,11 +263,36 @@ def survive_closed_output() -> None:
     """Wraps sys.stdout and sys.stderr in `_SurvivesClosedOutput` (once): a command whose
     stop path must save its work (model.train, model.compare), or whose work is done when
     it says so (pipeline, serving.client: `| head -1`), keeps going, and keeps its status,
-    when the reader of its output is gone."""
+    when the reader of its output is gone; an output that cannot be written (a full disk)
+    is said in one line at the end, and the status is then at least 1."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, _SurvivesClosedOutput):
             setattr(sys, name, _SurvivesClosedOutput(stream))
+
+
+def say_lost_output(status: int) -> int:
+    """Flushes stdout and stderr; where one could not be written (not a reader gone),
+    says so on stderr (the raw descriptor) and gives a status of at least 1."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # (a descriptor closed at the start: `>&-`, `2>&-`)
+            continue
+        try:
+            stream.flush()
+        except ValueError:  # (closed)
+            pass
+        except OSError as e:  # (a stream not wrapped by `survive_closed_output`)
+            if not output_gone(e):
+                _LOST_OUTPUT.append(e)
+    if not _LOST_OUTPUT:
+        return status
+    e = _LOST_OUTPUT[0]
+    done = "; the command's work is done: only what it printed is lost" if status == 0 else ""
+    try:
+        os.write(2, f"error: cannot write the output: {e.strerror or e}{done}\n".encode())
+    except OSError:
+        pass
+    return status or 1
 
 
 def finish(status: int) -> None:
@@ -273,21 +304,7 @@ def finish(status: int) -> None:
 
     ignore_stop_signals()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        if stream is None:  # (a descriptor closed at the start: `>&-`, `2>&-`)
-            continue
-        try:
-            stream.flush()
-        except ValueError:  # (closed)
-            pass
-        except OSError as e:
-            if output_gone(e):
-                continue
-            status = status or 1
-            try:
-                os.write(2, f"error: cannot write the output: {e.strerror or e}\n".encode())
-            except OSError:
-                pass
+    status = say_lost_output(status)
     if status == 130:
         exit_interrupted(status)
     os._exit(status)
@@ -296,9 +313,9 @@ def finish(status: int) -> None:
 def exit_with(status: int) -> None:
     """Ends a command (`pipeline`, `serving.client`) with the status its `main` returned:
     `sys.exit`, but for 130 (stopped), which `finish` ends (a Ctrl-C as killed by
-    SIGINT)."""
+    SIGINT); an output that could not be written is said (`finish`)."""
     if status != 130:
-        sys.exit(status)
+        sys.exit(say_lost_output(status))
     finish(status)
 
 

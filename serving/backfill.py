@@ -396,6 +396,7 @@ if __name__ == "__main__":
     # stored, exit 130 (it ended the process without a word, status 143); before the
     # store is opened (TensorFlow's import) nothing was stored
     _NOTHING = "interrupted: nothing was stored"
+    argtypes.survive_closed_output()  # (a full disk under `> log`: said at the end)
     argtypes.interrupts_in_one_line(_NOTHING)
     with argtypes.sigterm_as_interrupt():
         _status = processes.interrupted_is(_NOTHING, main)

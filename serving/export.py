@@ -30,6 +30,10 @@ if __name__ == "__main__":
 
     from model import quiet
     from pipeline import argtypes
+
+    # a summary that cannot be printed (a full disk under `> log`) is said at the end, not
+    # a traceback after the version was published
+    argtypes.survive_closed_output()
     from serving import cli
 
     # a usage error, --help or a missing run folder at once, before TensorFlow loads

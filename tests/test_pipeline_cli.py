@@ -1745,6 +1745,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
     check_output(str(out))
 
 
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_summary_it_cannot_print_is_one_line_after_the_output_is_in_place(tmp_path):
+    """stdout on a full disk (`> log`, here /dev/full): the run's output is committed and
+    whole, then one line says the summary is lost (exit 1); the print of the summary raised
+    a traceback there."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 40},{1_700_000_000 + 1000 * u + 10 * k}\n"
+        for u in range(60) for k in range(40)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out), *IN_MEMORY]
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(cmd, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == ("error: cannot write the output: No space left on "
+                                           "device; the command's work is done: only what it "
+                                           "printed is lost"), res.stderr
+    check_output(str(out))
+
 # `_events_with_bad_rows`' malformed rows by kind of reason, but for the missing user
 MALFORMED_KINDS = {"empty item": 1, "item id … is reserved (items.tsv rows 0 and 1)": 1,
                    "negative time …": 1}
