@@ -32,6 +32,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from typing import Sequence
 
 import numpy as np
@@ -720,6 +721,30 @@ def results_files(output: str, split: str) -> list[str]:
     return [os.path.join(output, f"{stem}.{kind}") for kind in ("md", "png", "json")]
 
 
+def _replace_results(outputs: list[str], md: str, results: dict) -> None:
+    """Writes the table, chart and results.json (`outputs`) in place of an earlier run's:
+    the new ones are written whole beside them first (hidden `.tmp-*` files), then the old
+    results.json goes and each new file is renamed over its old one, results.json last. A
+    run that fails while writing them (a full disk) keeps the earlier results as they were
+    (they were removed first: a disk that another writer filled meanwhile lost them), and
+    one killed among the renames never leaves a table beside another run's results.json."""
+    folder = os.path.dirname(outputs[0])
+    staged = [os.path.join(folder, f".tmp-{uuid.uuid4().hex}{os.path.splitext(p)[1]}")
+              for p in outputs]
+    try:
+        write_text(staged[0], md)
+        bar_chart(results, staged[1])
+        write_json(staged[2], results, sort_keys=True)
+        if os.path.exists(outputs[2]):
+            os.remove(outputs[2])
+        for new, path in zip(staged, outputs):
+            os.replace(new, path)
+    finally:
+        for new in staged:
+            if os.path.exists(new):
+                os.remove(new)
+
+
 def _main(args: argparse.Namespace, command: bool = False) -> int:
     lock = None
     try:
@@ -788,16 +813,8 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
                   flush=True)
         results["relative_gain"] = relative_gain(
             results, per_user={n: model_per_user(n, args) for n in names})
-        # the earlier results go first and results.json comes last, so a run that fails
-        # while writing them never leaves one run's table beside another's results
-        outputs = results_files(args.output, _variant(args))
-        for path in outputs:
-            if os.path.exists(path):
-                os.remove(path)
         md = markdown_table(results)
-        write_text(outputs[0], md)
-        bar_chart(results, outputs[1])
-        write_json(outputs[2], results, sort_keys=True)
+        _replace_results(results_files(args.output, _variant(args)), md, results)
         if command:  # done: a stop signal now would only kill a finished command
             processes.ignore_stop_signals()
         print(md)
@@ -842,4 +859,5 @@ if __name__ == "__main__":
     # (`| tee` stopped by the same Ctrl-C: compare still stops its training run at a
     # checkpoint, and waits for it)
     processes.survive_closed_output()
-    sys.exit(main(command=True))
+    # (a result it cannot print, a full disk under `> log`: one line, status 1)
+    sys.exit(processes.argtypes.say_lost_output(main(command=True)))

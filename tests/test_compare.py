@@ -120,6 +120,45 @@ def test_a_split_without_scored_events_has_no_headline_figures_to_bold():
     assert cells["hiertcn"][header.index("train s")] == "2"
 
 
+def test_a_failed_write_of_the_results_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
+    """A full disk while the results are written: the earlier run's table, chart and
+    results.json stay as they were (they were removed first, then lost), and no temporary
+    file is left; with room, the next run replaces them. stdout on a full disk: the results
+    are written, and one line says that only the printed table is lost (it said that the
+    results could not be written under --output)."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    out = tmp_path / "cmp"
+    argv = ["--data", data, "--models", "popularity", "--output", str(out)]
+    assert compare.main(argv) == 0
+    names = ("results.md", "results.png", "results.json")
+    before = {name: (out / name).read_bytes() for name in names}
+
+    def full(results, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compare, "bar_chart", full)
+    capsys.readouterr()
+    assert compare.main(["--data", data, "--models", "popularity,sknn",
+                         "--output", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in names} == before
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
+    monkeypatch.undo()
+    os.remove(out / "results.json")
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as stdout:
+            res = subprocess.run([sys.executable, "-m", "model.compare", *argv],
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.splitlines()[-1] == (
+            "error: cannot write the output: No space left on device; the command's work is "
+            "done: only what it printed is lost"), res.stderr
+        assert json.loads((out / "results.json").read_text())["models"]["popularity"]
+
+
 def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, capsys):
     data = write_data(str(tmp_path / "data"), 20, planted_users(30),
                       valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
