@@ -1535,11 +1535,24 @@ def _storage_failure(args: argparse.Namespace, e: BaseException) -> int:
     _remove_partial_saves(args.model_dir)
     kept = tf.train.latest_checkpoint(os.path.join(args.model_dir, registry.CHECKPOINT_DIR))
     fix = storage.remedy(reason)
-    print(f"error: cannot write to {args.model_dir}: {reason}; "
-          + (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): {fix} "
-             "and rerun the same command to resume" if kept else
-             f"no checkpoint was complete, so any steps trained are lost: {fix} and "
-             "rerun the same command to start again"), file=sys.stderr)
+    try:
+        best = None if kept else registry.read_best(args.model_dir)
+    except (OSError, ValueError):
+        best = None
+    if kept:
+        said = (f"it keeps its last complete checkpoint ({os.path.basename(kept)}): {fix} "
+                "and rerun the same command to resume")
+    elif best is not None:  # (the best-on-valid copy was saved, the training one was not)
+        said = (f"no training checkpoint was complete, so a rerun of the same command starts "
+                f"again from step 0 ({fix} first); until then best/ holds the best-on-valid "
+                f"weights of step {best.get('step')}, which model.evaluate and serving.export "
+                "read")
+    elif storage.read_only(args.model_dir):
+        said = f"nothing could be written there: {fix} and rerun the same command"
+    else:
+        said = (f"no checkpoint was complete, so any steps trained are lost: {fix} and "
+                "rerun the same command to start again")
+    print(f"error: cannot write to {args.model_dir}: {reason}; {said}", file=sys.stderr)
     return 1
 
 

@@ -89,6 +89,8 @@ def local_folder_problem(output: str) -> str | None:
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
     if not storage.allowed(parent, os.W_OK | os.X_OK):
+        if storage.read_only(parent):
+            return f"{parent} is on a read-only file system"
         return f"no permission to write in {parent}"
     return None
 

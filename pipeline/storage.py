@@ -44,6 +44,19 @@ def allowed(path: str, mode: int) -> bool:
     return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
 
 
+def read_only(path: str) -> bool:
+    """Whether `path`, or the nearest folder above it where it does not exist, is on a file
+    system mounted read-only (where `allowed` says no write for every user: a permission's
+    advice would mislead)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # (gone meanwhile; no statvfs on Windows)
+        return False
+
+
 def remedy(reason: str) -> str:
     """What to do about a `storage_error` reason: "make room", or, for a read-only file
     system, "make it writable"."""

@@ -518,6 +518,10 @@ def _access_error(path: str) -> str | None:
             may(folder, os.W_OK | os.X_OK)
             or all(may(path + end, os.R_OK | os.W_OK) for end in ("-wal", "-shm"))):
         return None
+    if storage.read_only(path):
+        return (f"cannot use state database {path}: it is on a read-only file system, and "
+                "SQLite writes beside it (its -wal and -shm files) even to read; make it "
+                "writable, or copy the file to a writable folder and pass that --state-db")
     try:
         st = os.stat(path)
         import pwd

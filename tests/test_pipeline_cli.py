@@ -1723,6 +1723,19 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_an_output_on_a_read_only_file_system_is_said_so(read_only_mount, tmp_path):
+    """--output on a file system mounted read-only: the usage error names it (it said "no
+    permission to write", which sent root to chmod), before any work."""
+    mnt, remount_read_only = read_only_mount
+    remount_read_only()
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\nu1,i1,1700000000\nu1,i2,1700000100\n")
+    res = run_cli("--input", str(log), "--output", str(mnt / "out"), *IN_MEMORY)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1].endswith(f"{mnt} is on a read-only file system"), \
+        res.stderr
+
+
 def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
     """A write that fails for want of room (here a file-size limit: "File too large", as a
     full disk fails with "No space left on device") while Beam writes the records: one

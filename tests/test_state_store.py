@@ -736,3 +736,17 @@ def test_a_user_who_may_not_write_the_file_is_refused_before_sqlite_touches_it(t
     finally:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_store_on_a_read_only_file_system_is_said_so(read_only_mount):
+    """A store file on a file system mounted read-only (SQLite writes -wal and -shm beside
+    it even to read): the error says so, not that this user lacks permission (root was told
+    to ask the owner for chmod g+rw)."""
+    mnt, remount_read_only = read_only_mount
+    path = str(mnt / "s.sqlite")
+    with SQLiteStateStore(path) as store:
+        store.put("u1", 1, np.ones(4, np.float32), [["a", "b"]])
+    remount_read_only()
+    with pytest.raises(ValueError, match="read-only file system") as raised:
+        SQLiteStateStore(path)
+    assert "ask its owner" not in str(raised.value)

@@ -789,6 +789,36 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_kept(data, config_
     assert tf.train.latest_checkpoint(ckpts) is None
 
 
+def test_a_full_disk_after_the_best_copy_names_it_and_a_read_only_folder_trained_nothing(
+        data, config_file, tmp_path, read_only_mount, capsys):
+    """The storage failure's line where the best-on-valid copy was saved and no training
+    checkpoint was (the disk filled between them): it names best/'s step, which evaluate
+    and export read, not "any steps trained are lost"; a run folder on a read-only file
+    system says that nothing could be written there."""
+    import argparse
+    import errno
+
+    run = tmp_path / "run"
+    (run / registry.BEST_DIR).mkdir(parents=True)
+    (run / registry.BEST_DIR / registry.BEST_FILE).write_text(json.dumps(
+        {"step": 10, "checkpoint": "ckpt-1", "recall@20": 0.1, "mrr@20": 0.05}))
+    args = argparse.Namespace(model_dir=str(run))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert train_lib._storage_failure(args, full) == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot write to {run}: No space left on device; no training checkpoint was "
+        "complete, so a rerun of the same command starts again from step 0 (make room "
+        "first); until then best/ holds the best-on-valid weights of step 10, which "
+        "model.evaluate and serving.export read\n")
+    mnt, remount_read_only = read_only_mount
+    remount_read_only()
+    assert train_lib.main(_args(data, str(mnt / "run"), config_file, "--steps", "3",
+                                *EXACT)) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "Read-only file system; nothing could be written there: make it writable and rerun "
+        "the same command")
+
+
 def test_an_interrupt_while_the_best_is_recorded_leaves_that_evaluation_due(
         data, config_file, tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM lands while the step-15 evaluation (not a checkpoint step) records
