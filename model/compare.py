@@ -55,6 +55,17 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 # same data)
 NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events",
                   "pipeline_version", "float_user_pairs")
+# stats.json keys ("stats", KEY) and pipeline options ("options", KEY) added since runs
+# first recorded their data's digest (2026-12-01), newest first: an older version's record
+# holds the digest without those added after it, which the same log rebuilt by this
+# version's pipeline gives when they are left out (`data_fingerprints`; its runs were
+# refused as "trained on other data"). A key added to stats.json goes first here (a test
+# holds the pipeline's keys to this list).
+LATER_KEYS = (("options", "gap_by_default"), ("stats", "heaviest_user"),
+              ("stats", "max_session_events"), ("options", "filter"),
+              ("stats", "unknown_target_events"), ("stats", "max_user_events"),
+              ("stats", "sessions_overlapping"), ("options", "session_col"),
+              ("options", "delimiter"))
 
 
 class CompareError(ValueError):
@@ -398,7 +409,7 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
         out = _split_file(run_dir, _variant(args))
         record = _neural_record(name, seed, args)
         options = record["train"]
-        _check_or_write_record(run_dir, record)
+        _check_or_write_record(run_dir, record, args.data_alike)
         if not _evaluated(out):
             what = f"{args.label} seed {seed + 1}/{args.seeds}"
             if not _finished(run_dir):  # a finished run is evaluated as it is (--split valid)
@@ -480,13 +491,28 @@ def data_fingerprint(data: str) -> str:
     """A digest of the data folder's `stats.json` (its counts, cut-offs and the options that
     shape the data): a pipeline rerun into the same folder with other options or input
     changes it; the same data rebuilt elsewhere or with another runner does not."""
+    return _digest(_read_stats(data), ())
+
+
+def data_fingerprints(data: str) -> frozenset[str]:
+    """The digests a run record of this data may hold: this version's, and each older
+    version's (without the `LATER_KEYS` added after it)."""
+    stats = _read_stats(data)
+    return frozenset(_digest(stats, LATER_KEYS[:k]) for k in range(len(LATER_KEYS) + 1))
+
+
+def _read_stats(data: str) -> dict:
     try:
-        stats = schema.read_stats(data)
+        return schema.read_stats(data)
     except schema.DataError as e:
         raise CompareError(str(e)) from None
+
+
+def _digest(stats: dict, left_out: Sequence[tuple[str, str]]) -> str:
+    options = NOT_DATA + tuple(key for kind, key in left_out if kind == "options")
     stats = dict(stats, options={k: v for k, v in stats.get("options", {}).items()
-                                 if k not in NOT_DATA})
-    for key in NOT_DATA_STATS:
+                                 if k not in options})
+    for key in NOT_DATA_STATS + tuple(key for kind, key in left_out if kind == "stats"):
         stats.pop(key, None)
     return hashlib.sha256(json.dumps(stats, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
@@ -502,10 +528,20 @@ def _read_record(folder: str) -> dict | None:
         return {}
 
 
-def _record_conflict(run_dir: str, record: dict) -> str | None:
+def _read_record_of(run_dir: str, record: dict, alike: frozenset[str]) -> dict | None:
+    """A run folder's record, its data digest read as `record`'s where it is one of the
+    same data's (`alike`: `data_fingerprints`, an older version's digest among them)."""
+    old = _read_record(run_dir)
+    if old is not None and old.get("data") in alike:
+        old = dict(old, data=record["data"])
+    return old
+
+
+def _record_conflict(run_dir: str, record: dict, alike: frozenset[str] = frozenset()
+                     ) -> str | None:
     """Why this command must not use a run folder (its recorded options or data differ
     from `record` and it holds a checkpoint, trained under them), else None."""
-    old = _read_record(run_dir)
+    old = _read_record_of(run_dir, record, alike)
     if old is None or old == record or not _trained(run_dir):
         return None
     if old.get("data") != record["data"]:
@@ -518,16 +554,17 @@ def _record_conflict(run_dir: str, record: dict) -> str | None:
             f"{os.path.dirname(run_dir)} to train it again")
 
 
-def _check_or_write_record(run_dir: str, record: dict) -> None:
+def _check_or_write_record(run_dir: str, record: dict, alike: frozenset[str] = frozenset()
+                           ) -> None:
     """Records a run's options before it trains; refuses a run folder whose recorded
     options or data differ from this command's once it holds a checkpoint (trained under
     those options). A folder from a version without records is reused as it is."""
-    old = _read_record(run_dir)
+    old = _read_record_of(run_dir, record, alike)
     if old is None and _trained(run_dir):
         print(f"note: {run_dir} has no record of its training options (an older version's "
               "run); reusing it as it is", file=sys.stderr)
         return
-    conflict = _record_conflict(run_dir, record)
+    conflict = _record_conflict(run_dir, record, alike)
     if conflict:
         raise CompareError(conflict)
     if old != record:  # new, or an attempt that failed before a checkpoint
@@ -556,7 +593,7 @@ def _preflight(names: Sequence[str], args: argparse.Namespace) -> None:
         for seed in range(args.seeds):
             record = _neural_record(name, seed, args)  # (a missing --config file: said here)
             conflict = _record_conflict(os.path.join(args.output, "runs", name, f"seed{seed}"),
-                                        record)
+                                        record, args.data_alike)
             if conflict:
                 raise CompareError(conflict)
 
@@ -784,6 +821,7 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         if not schema.is_remote(args.data):
             args.data = os.path.abspath(args.data)
         args.data_fingerprint = data_fingerprint(args.data)
+        args.data_alike = data_fingerprints(args.data)
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise CompareError(f"--output {args.output} is a file: pass a folder (created if "
                                "missing)")

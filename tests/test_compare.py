@@ -367,6 +367,69 @@ def test_a_run_folder_without_a_checkpoint_takes_the_new_options(tmp_path):
         compare._check_or_write_record(str(run), first)
 
 
+def test_runs_recorded_by_an_older_version_match_the_same_data_rebuilt(tmp_path):
+    """A run record made before stats.json gained keys the input decides (heaviest_user,
+    max_session_events, the gap_by_default option, ...) holds a digest without them: the
+    same log rebuilt by this version's pipeline is the same data (its runs were refused as
+    "trained on other data"); other counts are still other data."""
+    older = {"rows_read": 10, "rows_malformed": 0, "rows_written": 10, "items": 4,
+             "splits": {"train": {"users": 2, "events": 8}}, "cutoffs": {},
+             "options": {"input": ["a.csv"], "gap_minutes": 30}}
+    rebuilt = dict(older, heaviest_user={"train": "u1"}, max_session_events={"train": 5},
+                   options=dict(older["options"], gap_by_default=True, filter=None))
+    other = dict(rebuilt, rows_written=9)
+    folders = {}
+    for name, stats in (("older", older), ("rebuilt", rebuilt), ("other", other)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "stats.json").write_text(json.dumps(stats))
+    run = tmp_path / "seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "ckpt-5.index").write_bytes(b"")
+    train = ["--model", "hiertcn", "--steps", "5"]
+    (run / compare.RECORD).write_text(json.dumps(
+        {"data": compare.data_fingerprint(str(folders["older"])), "train": train,
+         "config": None}))
+    for name in ("rebuilt", "other"):
+        record = {"data": compare.data_fingerprint(str(folders[name])), "train": train,
+                  "config": None}
+        conflict = compare._record_conflict(str(run), record,
+                                            compare.data_fingerprints(str(folders[name])))
+        assert (conflict is None) == (name == "rebuilt"), conflict
+    assert "trained on other data" in conflict
+    # this version's digest is as it was (records made by it stay valid)
+    assert compare.data_fingerprint(str(folders["rebuilt"])) != compare.data_fingerprint(
+        str(folders["older"]))
+
+
+def test_every_stats_key_the_pipeline_writes_is_in_the_digest_or_dated(tmp_path):
+    """A key the pipeline writes into stats.json (or an option it records) that runs'
+    records from 2026-12-01 did not digest must be in LATER_KEYS (newest first), or
+    NOT_DATA(_STATS): else the same log rebuilt after the key came would not match
+    those runs' records."""
+    from pipeline import sessions
+    from pipeline.__main__ import main as pipeline_main
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + k) % 7},{1_700_000_000 + 100_000 * u + 60 * k}\n"
+        for u in range(12) for k in range(6)))
+    assert pipeline_main(["--input", str(log), "--output", str(tmp_path / "out"),
+                          "--direct_running_mode", "in_memory", "--direct_num_workers", "1"]) == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    first_stats = {"rows_read", "rows_malformed", "rows_filtered", "rows_written", "splits",
+                   "items", "cutoffs", "options"}
+    first_options = {"input", "output", "format", "header", "columns", "user_col", "item_col",
+                     "time_col", "time_unit", "session_gap", "min_item_count",
+                     "min_session_length", "split", "valid_fraction", "test_fraction",
+                     "max_events_per_user", "seed", "runner"}
+    later = {kind: {key for k, key in compare.LATER_KEYS if k == kind}
+             for kind in ("stats", "options")}
+    assert set(stats) - first_stats - set(compare.NOT_DATA_STATS) <= later["stats"], stats
+    assert set(stats["options"]) - first_options - set(compare.NOT_DATA) <= later["options"]
+    assert sessions.OVERLAPPING in later["stats"]  # (with --session-col only)
+
+
 def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
     """What refuses a command is found before any model runs: a neural run trained on
     other data (listed after a baseline, which was refitted on the new data first), a
