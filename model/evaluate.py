@@ -604,8 +604,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             user_errors += (registry.RunError, config_lib.ConfigError)
             scorer = registry.load_scorer(args.model_dir, args.data, args.checkpoint)
             note = registry.training_note(args.model_dir, args.checkpoint)
-            if note:
-                print(note, file=sys.stderr)
+            for said in (note, registry.older_config_note(args.model_dir)):
+                if said:
+                    print(said, file=sys.stderr)
             run = _run_identity(args.model_dir, scorer.model.restored_checkpoint, note)
         else:
             sknn = ({"k": args.neighbours or baselines.SKNN_K,

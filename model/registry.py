@@ -7,6 +7,7 @@ Recall@20 so far and `best/best.json` naming them) and `train_summary.json`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -165,10 +166,40 @@ def load_saved_config(path: str) -> dict:
     saved = config_lib.load_json(path)
     model_keys = saved.get("model")
     if saved.get("model_name") == "hiertcn" and isinstance(model_keys, dict):
-        # runs saved before the option existed were trained without it
+        # runs saved before the option existed were trained without it (exclude_current:
+        # before 2026-12-03 midday; evaluation and export took this version's default, on,
+        # and scored such a run as another model)
         model_keys.setdefault("transition_bias", False)
         model_keys.setdefault("chunk_context", False)
+        model_keys.setdefault("exclude_current", False)
     return saved
+
+
+def older_config_keys(saved: dict) -> dict:
+    """{key: this version's default} of the model options that a run's config.json (as
+    `load_saved_config` reads it) lacks: a run of an older version, saved before they
+    existed, whose training they may not describe; {} for an unknown model."""
+    cls = config_classes().get(saved.get("model_name"))
+    model_keys = saved.get("model")
+    if cls is None or not isinstance(model_keys, dict):
+        return {}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls) if f.name not in model_keys}
+
+
+def older_config_note(run_dir: str) -> str | None:
+    """One line for a command about to use a run whose config.json lacks model options
+    (`older_config_keys`): they take this version's defaults, which it names; or None."""
+    try:
+        missing = older_config_keys(load_saved_config(os.path.join(run_dir, CONFIG_FILE)))
+    except (OSError, ValueError, config_lib.ConfigError):
+        return None
+    if not missing:
+        return None
+    taken = ", ".join(f"{key} = {value!r}" for key, value in missing.items())
+    return (f"note: {run_dir}: its {CONFIG_FILE}, an older version's, lacks the model "
+            f"option(s) added since, taken as this version's defaults ({taken}): where the run "
+            f"was trained otherwise, add them to its {CONFIG_FILE} as it was")
 
 
 def checkpoint_step(checkpoint: str) -> int | None:

@@ -343,13 +343,26 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
         saved = registry.load_saved_config(config_path)
         fixed = ("batch_size", "sessions_per_batch", "max_session_length")
         now = config.to_dict()
+        older = (registry.older_config_keys(saved)
+                 if saved.get("model_name") == now["model_name"] else {})
         differences = _differences({"model_name": saved.get("model_name"),
                                     "model": saved.get("model"),
                                     "train": {k: saved.get("train", {}).get(k) for k in fixed}},
-                                   {"model_name": now["model_name"], "model": now["model"],
+                                   {"model_name": now["model_name"],
+                                    "model": {k: v for k, v in now["model"].items()
+                                              if k not in older},
                                     "train": {k: now["train"][k] for k in fixed}})
         # another model first: its config's keys all differ, and are not the point
         differences.sort(key=lambda d: not d.startswith("model_name "))
+        if older:
+            # (a run of an older version: no option gives a value its config.json lacks)
+            raise registry.RunError(
+                f"{run_dir} holds a run of an older version: its {registry.CONFIG_FILE} lacks "
+                f"the model option(s) {', '.join('model.' + k for k in older)}, added since"
+                + (f" (and differs: {'; '.join(differences)})" if differences else "")
+                + f"; add each to its {registry.CONFIG_FILE} with the value the run was "
+                "trained with (the option's off value where it did not exist then) to resume "
+                "it, or use a new --model-dir")
         if differences:
             raise registry.RunError(
                 f"{run_dir} holds a run with another model config or batch geometry "

@@ -762,9 +762,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         # none of them there and published two versions (every client rebuilds its users'
         # states for a new one)
         held = _one_export_at_a_time(args.export_base)
-        note = registry.training_note(args.model_dir, args.checkpoint)
-        if note:
-            print(note, file=sys.stderr)
+        for note in (registry.training_note(args.model_dir, args.checkpoint),
+                     registry.older_config_note(args.model_dir)):
+            if note:
+                print(note, file=sys.stderr)
         # the checkpoint whose digests are recorded is the one loaded (chosen twice, a
         # training run's newer one was published labelled as the one before it)
         model, config, vocabulary = registry.load_model(args.model_dir, args.checkpoint)

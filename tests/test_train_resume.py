@@ -819,6 +819,43 @@ def test_a_full_disk_after_the_best_copy_names_it_and_a_read_only_folder_trained
         "the same command")
 
 
+def test_a_run_of_an_older_version_is_read_as_it_was_trained(data, config_file, tmp_path,
+                                                              capsys):
+    """A run saved before model.exclude_current existed (config.json without it, trained
+    without ruling out the current item) is evaluated, exported and resumed with it off:
+    this version's default (on) scored it as another model, and its resume was refused
+    with "None -> True", which no option gives. A model option the loader cannot date is
+    named in a note, and the resume says to add it to config.json."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "3", "--keep-current",
+                                *EXACT)) == 0
+    path = os.path.join(run, registry.CONFIG_FILE)
+    saved = json.loads(open(path).read())
+    assert saved["model"].pop("exclude_current") is False
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    model, _, _ = registry.load_model(run)
+    assert model.config.exclude_current is False
+    assert registry.older_config_note(run) is None
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "5", "--keep-current",
+                                *EXACT)) == 0
+    # an option without a date in the loader: named, and the resume says what to do
+    saved = json.loads(open(path).read())
+    saved["model"].pop("session_summary")
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    note = registry.older_config_note(run)
+    assert note.startswith(f"note: {run}: its config.json, an older version's, lacks") and \
+        "(session_summary = False)" in note, note
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "7", "--keep-current",
+                                *EXACT)) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of an older version: its config.json lacks the model option(s) " \
+           "model.session_summary, added since; add each" in err, err
+
+
 def test_an_interrupt_while_the_best_is_recorded_leaves_that_evaluation_due(
         data, config_file, tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM lands while the step-15 evaluation (not a checkpoint step) records
