@@ -76,6 +76,12 @@ from serving import cli, protos
 VOCAB_ASSET = "item_ids.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
 CONFIG_FILE = "export_config.json"
+# The export's format, recorded in export_config.json (1 for exports without it): raised
+# whenever a change to the serving graph, its signatures or assets makes an export of the
+# same weights serve otherwise, so that exporting an unchanged run after an upgrade
+# publishes a new version (it said "nothing exported" and kept the older graph). 2: known_items,
+# repeats collapsed in the graph, ids stripped, request bounds (2026-12-04/05) and after.
+EXPORT_FORMAT = 2
 ASSETS_EXTRA = "assets.extra"
 
 SIG_UPDATE_STATE = "update_state"
@@ -376,23 +382,29 @@ def weights_digest(checkpoint: str) -> str | None:
         return None
 
 
-def newest_with(export_base: str, source: dict) -> int | None:
-    """The newest version under `export_base` when it was exported from the same weights
+def newest_with(export_base: str, source: dict) -> tuple[int | None, int | None]:
+    """(the newest version under `export_base` when it was exported from the same weights
     as `source` (`weights_digest`; `checkpoint_digest` for a version exported before that
-    was recorded); None otherwise, or when that is not known."""
+    was recorded) in this version's `EXPORT_FORMAT`, else None; that version when it holds
+    the same weights in an older format, which a new export replaces, else None)."""
     newest = next_version(export_base) - 1
     if not newest:
-        return None
+        return None, None
     path = os.path.join(export_base, str(newest), ASSETS_EXTRA, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
-            old = json.load(f).get("source", {})
+            written = json.load(f)
+        old = written.get("source", {})
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, None
     key = "weights_digest" if old.get("weights_digest") else "checkpoint_digest"
     same = (source.get(key) and old.get(key) == source[key]
             and bool(old.get("keep_repeats")) == bool(source.get("keep_repeats")))
-    return newest if same else None
+    if not same:
+        return None, None
+    if written.get("export_format", 1) != EXPORT_FORMAT:
+        return None, newest
+    return newest, None
 
 
 def version_number(name: str) -> int | None:
@@ -530,6 +542,7 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
                        "config": _config_dict(config),
                        "source": source or {},
                        "code_version": pipeline.__version__,
+                       "export_format": EXPORT_FORMAT,
                        "tensorflow_version": tf.__version__}, f, indent=2, default=str)
         _check_whole(out, vocabulary.size)
         _sync_tree(out)  # on disk before the rename publishes it (a power cut, an OS crash)
@@ -777,7 +790,12 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                   "checkpoint_digest": checkpoint_digest(checkpoint),
                   "weights_digest": weights_digest(checkpoint),
                   "keep_repeats": args.keep_repeats}
-        same = None if args.version is not None else newest_with(args.export_base, source)
+        same, older = (None, None) if args.version is not None else \
+            newest_with(args.export_base, source)
+        if older is not None:
+            print(f"note: version {older} under {args.export_base} holds the same weights, "
+                  "exported by an older version of serving.export (its serving graph lacks "
+                  f"later changes): exporting them again as version {older + 1}", file=sys.stderr)
         if same is not None:
             # a new version of the same weights would only make every client rebuild its
             # users' states (from their recent items: longer histories are lost)

@@ -106,6 +106,24 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
                                           "export already: nothing exported (--version N "
                                           "exports it again)")
     assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
+    # the same weights in an older export format (an export made before an upgrade: no
+    # export_format in its config): exported again as a new version, and said (it said
+    # "nothing exported" and kept the older serving graph)
+    older = os.path.join(work, "export_older")
+    shutil.copytree(os.path.join(work, "export", "1"), os.path.join(older, "1"))
+    config_path = os.path.join(older, "1", "assets.extra", "export_config.json")
+    with open(config_path) as f:
+        written = json.load(f)
+    assert written.pop("export_format") == export_lib.EXPORT_FORMAT
+    with open(config_path, "w") as f:
+        json.dump(written, f)
+    capsys.readouterr()
+    assert export_lib.main(["--model-dir", os.path.join(work, "run"), "--export-base",
+                            older]) == 0
+    assert sorted(os.listdir(older)) == ["1", "2"]
+    assert (f"note: version 1 under {older} holds the same weights, exported by an older "
+            "version of serving.export (its serving graph lacks later changes): exporting "
+            "them again as version 2") in capsys.readouterr().err
     # a stop (Ctrl-C, SIGTERM) right after the rename that publishes a version said "no
     # version was published" beside a complete one
     real_sync = export_lib._sync_dir
