@@ -47,6 +47,9 @@ class BackfillCounts:
     kept: int = 0  # already in the store (another version's newest record too), left as is
     kept_older: int = 0  # of `kept`: their newest record is an older version's (`refresh`)
     kept_uncounted: int = 0  # of `kept_older`: without a session count (`refresh` cannot)
+    # of `kept_older`: counting fewer sessions than the log, yet its newest session is not
+    # the log's (`refresh` cannot tell which sessions came after the log's)
+    kept_unaligned: int = 0
     changed: int = 0  # of `kept`: written meanwhile (end-session, a backfill); rerun retries
     refreshed: int = 0  # of `users`: stored over an older version's newest record
     sessions: int = 0  # folded in
@@ -156,7 +159,15 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
             sessions = [[names[i] for i in session] for session in record.sessions]
             total = len(sessions)
             if over:
-                sessions, total = with_sessions_since(sessions, stored)
+                since = with_sessions_since(sessions, stored)
+                if since is None:  # (its sessions since the log cannot be told: kept)
+                    counts.kept += 1
+                    counts.kept_older += 1
+                    counts.kept_unaligned += 1
+                    if on_users:
+                        on_users(1)
+                    continue
+                sessions, total = since
             batch.append((record.user_id, sessions, stored, total))
             if len(batch) >= batch_users:
                 flush()
@@ -165,10 +176,13 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
 
 
 def with_sessions_since(sessions: list[list[str]], stored: state_store.UserState
-                        ) -> tuple[list[list[str]], int]:
+                        ) -> tuple[list[list[str]], int] | None:
     """The log's `sessions` of a user, then those its newest stored record (of an older
     version, counted) holds beyond them, ended since the log was made; and the user's
-    session count after them.
+    session count after them. None where the record counts fewer sessions than the log
+    yet its newest session is not among the log's: a store that never took the log (a
+    file of a version before backfill, or live sessions only) counts its own sessions,
+    which may all have ended after the log's (appending none lost them, without a word).
 
     Those are the stored count beyond the log's, where the stored session before them is
     the log's last (`state_store.sessions_behind`); else the stored sessions after the
@@ -178,7 +192,11 @@ def with_sessions_since(sessions: list[list[str]], stored: state_store.UserState
     last few sessions (an older one cut to the history bound).
     """
     counted = stored.sessions_total - len(sessions)
-    if counted < 0:  # the store is behind the log (its count must include the log's): none
+    if counted < 0:  # the store is behind the log (its count must include the log's): none,
+        # where the log holds its newest session
+        newest, cut = stored.sessions[-1] if stored.sessions else (), len(stored.sessions) == 1
+        if newest and not any(state_store._alike(newest, s, cut) for s in sessions):
+            return None
         beyond = 0
     else:
         beyond = state_store.sessions_behind(stored.sessions, sessions[-1] if sessions else (),
@@ -356,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"model": args.model_name, "version": version, "data": args.data,
               "state_db": args.state_db, **dataclasses.asdict(counts)}
     same = counts.kept - counts.kept_older - counts.changed
-    older = counts.kept_older - (counts.kept_uncounted if args.refresh else 0)
+    older = counts.kept_older - (counts.kept_uncounted if args.refresh else 0) \
+        - counts.kept_unaligned
     def users(n: int, rest: str) -> str:
         """"N users<rest>", or for one "1 user<rest>" with its verbs and nouns singular."""
         if n != 1:
@@ -382,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "without a session count (written before the store counted "
                           "sessions) were kept: nothing says which of their stored sessions "
                           "the log holds") if args.refresh and counts.kept_uncounted else "")
+          + ("; " + users(counts.kept_unaligned, " whose newest record is an older version's, "
+                          "counting fewer sessions than the log but ending with a session "
+                          "the log does not hold (a store that never took the log), were "
+                          "kept: nothing says which of their stored sessions came after the "
+                          "log's") if counts.kept_unaligned else "")
           + ("; " + users(counts.changed, "' records changed while this ran (written by a "
                           "live end-session or another backfill) and were kept: the same "
                           "command again handles them") if counts.changed else ""))

@@ -946,6 +946,17 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
         "; 1 user whose newest record is an older version's without a session count (written "
         "before the store counted sessions) was kept: nothing says which of their stored "
         "sessions the log holds")
+    # an older version's counted record, fewer sessions than the log's, whose newest the
+    # log does not hold (a store that never took the log: its live sessions may all have
+    # ended after the log's, and refreshing dropped them): kept, and said so
+    with state_store.SQLiteStateStore(str(db)) as filled:
+        filled.put("train0", 1, np.zeros(filled.latest("train0").state.size, np.float32),
+                   [["item29", "item28", "item27"]], sessions_total=1)
+    assert backfill.main(argv + ["--refresh"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["users"], out["kept_unaligned"]) == (0, 1), out
+    with state_store.SQLiteStateStore(str(db)) as filled:
+        assert filled.latest("train0").sessions == (("item29", "item28", "item27"),)
     other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
     fresh = tmp_path / "fresh.sqlite"
     assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1
@@ -1098,6 +1109,13 @@ def test_refresh_appends_the_sessions_stored_after_the_logs_last_one():
     repeating = [["p"], ["l"], ["q"], ["p"], ["l"]]
     assert backfill.with_sessions_since(repeating, stored([["p"], ["l"], ["q"]], 3)) == (
         repeating, 5)
+    # fewer sessions counted than the log's, but the newest is not the log's (a store that
+    # never took the log, counting its live sessions alone: they may all have ended after
+    # the log's, and refreshing over them lost them; upgrade audit): not refreshed
+    assert backfill.with_sessions_since(log, stored([["g", "h"]], 1)) is None
+    assert backfill.with_sessions_since(log, stored([["c", "d"], ["g"]], 2)) is None
+    # its newest is the log's: behind the log, as before
+    assert backfill.with_sessions_since(log, stored([["c", "d"]], 1)) == (log, 3)
 
 
 def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):
