@@ -590,7 +590,11 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         code = code_digest()  # (of the code this process runs: read now, before a long run)
         schema.read_vocabulary(args.data)
         schema.shard_files(args.data, args.split)
-        users = schema.read_stats(args.data).get("splits", {}).get(args.split, {}).get("users")
+        stats = schema.read_stats(args.data)
+        users = stats.get("splits", {}).get(args.split, {}).get("users")
+        older = schema.older_pipeline_note(args.data, stats)
+        if older:
+            print(older, file=sys.stderr)
         if users == 0:
             raise schema.DataError(f"the {args.split} split of {args.data} has no users (see "
                                    f"its {schema.STATS_FILE}): nothing to evaluate")

@@ -838,11 +838,16 @@ def check_current_rule(data_dir: str, model_config) -> None:
         if users >= REPEAT_CHECK_USERS:
             break
     if repeats:
+        older = "pipeline_version" not in schema.read_stats(data_dir)
         raise config_lib.ConfigError(
             f"{data_dir}: train events that repeat the item before them: {repeats:,} in the "
             f"first {users:,} users (user {example[0]!r}, item index {example[1]}); the model "
             "rules out the item a session is on as its next (the pipeline collapses immediate "
-            "repeats): pass --keep-current to train on such records")
+            "repeats): "
+            + ("the folder's stats.json has no pipeline_version (an older pipeline, which "
+               "kept the repeats that dropping unknown items leaves, or another tool): "
+               "`python -m pipeline ... --overwrite` writes it again; or " if older else "")
+            + "pass --keep-current to train on such records")
 
 
 def _remove_partial_saves(run_dir: str) -> None:

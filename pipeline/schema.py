@@ -240,6 +240,18 @@ def _is_int(text: str) -> bool:
     return True
 
 
+def older_pipeline_note(data_dir: str, stats: dict) -> str | None:
+    """A note where a data folder's stats.json has no `pipeline_version` (written by a
+    pipeline before 2026-12-05, or by another tool): its records may differ from what this
+    version's pipeline writes from the same log; None otherwise."""
+    if "pipeline_version" in stats:
+        return None
+    return (f"note: {data_dir} was written by an older pipeline (before 2026-12-05) or "
+            "another tool (its stats.json has no pipeline_version): its records may differ "
+            "from this version's (until 2026-12-03, immediate repeats left by dropping unknown "
+            "items were kept); `python -m pipeline ... --overwrite` writes them again")
+
+
 def read_stats(data_dir: str) -> dict:
     """Reads `stats.json` of a data folder.
 

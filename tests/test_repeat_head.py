@@ -1,6 +1,7 @@
 """The repeat-aware HierTCN head: a proper mixture distribution, history buffers that reset at
 user boundaries (generator and online scorer alike), training and evaluation end to end."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from model import metrics
 from model import registry
 from model import train as train_lib
 from model.hrnn import HRNNConfig
+from pipeline import schema
 from model.base import push_history
 from model.hiertcn import _last_columns, _log1m_exp, _right_aligned
 from model import keras_scorer
@@ -639,6 +641,21 @@ def test_records_with_immediate_repeats_are_refused_unless_kept(tmp_path, capsys
     with pytest.raises(config_lib.ConfigError, match=r"train events that repeat the item before "
                        r"them: 1 in the first 12 users \(user 'train5', item index 7\).*--keep-current"):
         train_lib.check_current_rule(data, config_lib.HierTCNConfig())
+    # a folder of an older pipeline (before 2026-12-03 it kept the repeats that dropping
+    # unknown items leaves; no pipeline_version): the refusal says to write it again
+    stats_path = os.path.join(data, "stats.json")
+    with open(stats_path) as f:
+        stats = json.load(f)
+    del stats["pipeline_version"]
+    with open(stats_path, "w") as f:
+        json.dump(stats, f)
+    with pytest.raises(config_lib.ConfigError, match=r"has no pipeline_version \(an older "
+                       r"pipeline.*`python -m pipeline \.\.\. --overwrite` writes it again; or "
+                       r"pass --keep-current"):
+        train_lib.check_current_rule(data, config_lib.HierTCNConfig())
+    assert schema.older_pipeline_note(data, stats).startswith(f"note: {data} was written by "
+                                                              "an older pipeline")
+    assert schema.older_pipeline_note(data, dict(stats, pipeline_version="0.1.0")) is None
     train_lib.check_current_rule(data, config_lib.HierTCNConfig(exclude_current=False))
     train_lib.check_current_rule(data, config_lib.HierTCNConfig(repeat_head=False))
     train_lib.check_current_rule(data, HRNNConfig())  # no such rule

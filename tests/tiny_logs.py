@@ -27,7 +27,10 @@ def write_data(path: str, num_items: int, train: Sequence[Sessions],
     schema.write_vocabulary(os.path.join(path, schema.ITEMS_FILE),
                             [(f"item{i}", max(counts[i], 1)) for i in range(2, num_items + 2)])
     splits = {"train": [(0, u) for u in train], "valid": list(valid), "test": list(test)}
-    stats = {"splits": {}, "items": num_items}
+    import pipeline
+
+    # (as this version's pipeline writes it: an older one's gets a note)
+    stats = {"pipeline_version": pipeline.__version__, "splits": {}, "items": num_items}
     for split, users in splits.items():
         os.makedirs(os.path.join(path, split), exist_ok=True)
         opts = tf.io.TFRecordOptions(compression_type=schema.COMPRESSION)
