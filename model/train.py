@@ -354,6 +354,12 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
                                     "train": {k: now["train"][k] for k in fixed}})
         # another model first: its config's keys all differ, and are not the point
         differences.sort(key=lambda d: not d.startswith("model_name "))
+        # each with the option that sets it (an older run's chunk_context False -> True
+        # did not say --no-chunk-context)
+        flags = {f"model.{key}": flag for key, flag, _ in _MODEL_OPTIONS}
+        flags.update({f"train.{key}": "--" + key.replace("_", "-") for key in fixed})
+        differences = [f"{d} ({flags[d.split(' ', 1)[0]]})" if d.split(" ", 1)[0] in flags
+                       else d for d in differences]
         if older:
             # (a run of an older version: no option gives a value its config.json lacks)
             raise registry.RunError(

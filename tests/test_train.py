@@ -205,12 +205,13 @@ def test_one_line_errors(data, config_file, tmp_path, capsys):
     assert train_lib.main(_args(other, run, config_file, "--steps", "4")) == 2
     assert "does not match" in capsys.readouterr().err
     assert train_lib.main(_args(data, run, config_file, "--steps", "4", "--no-high-level")) == 2
-    assert ("another model config or batch geometry (model.high_level True -> False; see "
-            "its config.json)") in capsys.readouterr().err
+    assert ("another model config or batch geometry (model.high_level True -> False "
+            "(--no-high-level); see its config.json)") in capsys.readouterr().err
     assert train_lib.main(_args(data, run, config_file, "--steps", "4", "--batch-size", "3",
                                 "--dropout", "0.25")) == 2
     err = capsys.readouterr().err
-    assert "(model.dropout 0.3 -> 0.25; train.batch_size 4 -> 3; see" in err, err
+    assert ("(model.dropout 0.3 -> 0.25 (--dropout); train.batch_size 4 -> 3 (--batch-size); "
+            "see") in err, err
 
 
 def test_a_run_folder_removed_while_it_trains_is_an_error_not_a_finished_run(
