@@ -312,7 +312,12 @@ class Servable:
             sig = self.signature(entry.predict_log.request.model_spec.signature_name)
             arrays = sig.parse_inputs(entry.predict_log.request.inputs)
             if batching:
-                Batcher.batch_rows(arrays)
+                try:
+                    Batcher.batch_rows(arrays)
+                except RequestError as e:  # (an export's own requests: not the caller's)
+                    raise RequestError(e.code, f"{e} in the export's warm-up requests: an "
+                                       "export made before 2026-12-02 takes a scalar k, which "
+                                       "batching refuses; export the run again") from None
             sig.run(arrays)
             n += 1
         return n

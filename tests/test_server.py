@@ -423,6 +423,33 @@ def test_servable_calls_signatures_with_any_input_names_in_process(tmp_path):
     assert sig.batched_outputs == {"out"}
 
 
+def test_a_warm_up_request_batching_refuses_says_to_export_again(tmp_path):
+    """An export made before 2026-12-02 warms up with a scalar k, which TF Serving's
+    batching session refuses, so the version fails to load: the reason says that the
+    export, not the caller, must change (it read as advice to send one value per row)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    module = _OddNames()
+    path = tmp_path / "1"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.run})
+    (path / export.ASSETS_EXTRA).mkdir()
+    inputs = {"userState": np.float32([1, 2]), "b-x": np.float32([3, 4]),
+              "9lives": np.float32([0, 1]), "Bonus": np.int32(5)}
+    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(
+        request=request("serving_default", inputs)))
+    with tf.io.TFRecordWriter(str(path / export.ASSETS_EXTRA / export.WARMUP_FILE)) as writer:
+        writer.write(log.SerializeToString())
+    servable = server.Servable("odd", 1, str(path))
+    assert servable.warm_up(batching=False) == 1
+    with pytest.raises(server.RequestError) as err:
+        servable.warm_up(batching=True)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(err.value).endswith(
+        "(input 'Bonus': with batching, send one value per row) in the export's warm-up "
+        "requests: an export made before 2026-12-02 takes a scalar k, which batching "
+        "refuses; export the run again"), str(err.value)
+
+
 def test_a_runtime_error_of_the_graph_answers_its_own_code_as_tf_serving_does(tmp_path):
     """Not INTERNAL: TF Serving passes the runtime's status on (an out-of-memory
     RESOURCE_EXHAUSTED, here a NOT_FOUND of a file the graph reads)."""
