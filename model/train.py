@@ -1035,6 +1035,21 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     # what the processes before this one trained, up to the checkpoint resumed from: a
     # run's time limit and its reported time and rate are the whole run's
     before = {"seconds": 0.0, "step_seconds": 0.0, "events": 0, **position.get(TRAINED, {})}
+    if TRAINED not in position and start_step:
+        # a checkpoint of a version before 2026-12-03 records no totals: the summary of the
+        # run that ended at its step has them (else this process's alone are counted)
+        try:
+            with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
+                ended = json.load(f)
+        except (OSError, ValueError):
+            ended = None
+        if isinstance(ended, dict) and ended.get("steps") == start_step:
+            before.update({key: ended[key] for key in ("seconds", "step_seconds", "events")
+                           if isinstance(ended.get(key), (int, float))})
+        else:
+            print(f"note: {run_dir}'s checkpoint of step {start_step} (an older version's) "
+                  "records no training totals: the summary's events, seconds and "
+                  "--max-minutes count this command's steps alone", file=sys.stderr)
     # (a checkpoint of an older version counted the timed steps' events alone)
     before.setdefault("timed_events", before["events"])
     # (and the loss of its last step: the summary's of a run resumed with no step left)

@@ -856,6 +856,29 @@ def test_a_run_of_an_older_version_is_read_as_it_was_trained(data, config_file, 
            "model.session_summary, added since; add each" in err, err
 
 
+def test_a_checkpoint_without_training_totals_takes_them_from_the_runs_summary(
+        data, config_file, tmp_path, monkeypatch, capsys):
+    """A checkpoint of a version before 2026-12-03 records no totals (`TRAINED`, here read
+    under another key): the resumed run's events and seconds are the whole run's, from the
+    summary of the run that ended at that step (they counted the resuming process alone);
+    without such a summary a note says so."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "3", *EXACT)) == 0
+    first = json.loads(open(os.path.join(run, train_lib.SUMMARY_FILE)).read())
+    monkeypatch.setattr(train_lib, "TRAINED", "not-recorded-then")
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "5", *EXACT)) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["steps_this_run"] == 2
+    this_run = resumed["events"] - first["events"]
+    assert 0 < this_run < first["events"] and resumed["seconds"] > first["seconds"]
+    os.remove(os.path.join(run, train_lib.SUMMARY_FILE))
+    monkeypatch.setattr(train_lib, "TRAINED", "not-recorded-either")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "6", *EXACT)) == 0
+    assert (f"note: {run}'s checkpoint of step 5 (an older version's) records no training "
+            "totals") in capsys.readouterr().err
+
+
 def test_an_interrupt_while_the_best_is_recorded_leaves_that_evaluation_due(
         data, config_file, tmp_path, monkeypatch, capsys):
     """Ctrl-C or SIGTERM lands while the step-15 evaluation (not a checkpoint step) records
