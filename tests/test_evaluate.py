@@ -42,7 +42,7 @@ def write_data(root, splits: dict, vocab_size: int = VOCAB, counts=None) -> str:
         counts = list(range(vocab_size, 0, -1))
     schema.write_vocabulary(os.path.join(root, schema.ITEMS_FILE),
                             [(f"i{i}", counts[i]) for i in range(2, vocab_size)])
-    stats = {"splits": {}}
+    stats = {"pipeline_version": "0.1.0", "splits": {}}  # (as this version's pipeline writes)
     for split, users in splits.items():
         os.makedirs(os.path.join(root, split))
         path = os.path.join(root, split, "part-00000" + schema.SHARD_SUFFIX)
