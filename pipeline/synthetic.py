@@ -56,6 +56,16 @@ START_TIME = 1_600_000_000
 # rows written a block at a time
 WRITE_BLOCK = 100_000
 
+# The command's bounds: the log is built in memory (24 bytes an event) before it is written,
+# so a size it cannot hold is refused up front rather than run for hours into an
+# out-of-memory kill (`--users 10**30` hung). The default user has about 122 events (17.5
+# sessions of 7 events): 10 million users are about 1.2 billion events.
+MAX_USERS = 10_000_000
+MAX_ITEMS = 10_000_000  # (the catalogue's own arrays: popularity, chains, topics)
+MAX_SESSIONS = 100_000  # per user
+MAX_LOG_EVENTS = 1_000_000_000  # about 24 GB of arrays
+EVENTS_PER_SESSION = 7  # 1 + Poisson(6), on average
+
 
 class Row(NamedTuple):
     """One raw event."""
@@ -239,33 +249,54 @@ def parse_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def expected_events(users: int, sessions: tuple[int, int]) -> int:
+    """About how many events `generate_arrays` makes for `users` users (no `max_events`)."""
+    return round(users * (sessions[0] + sessions[1]) / 2 * EVENTS_PER_SESSION)
+
+
 def main(argv=None) -> int:
     """CLI entry point."""
     p = argtypes.Parser(prog="python -m pipeline.synthetic",
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argtypes.DefaultsHelpFormatter)
     p.add_argument("--output", required=True, metavar="FILE", type=argtypes.local_path)
-    p.add_argument("--users", type=argtypes.positive_int, default=DEFAULT_USERS, help="number of users")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same log)")
-    p.add_argument("--items", type=argtypes.positive_int, default=5000, help="catalogue size")
-    p.add_argument("--topics", type=argtypes.positive_int, default=50, help="number of latent topics")
+    p.add_argument("--users", type=argtypes.number(int, 1, high=MAX_USERS), default=DEFAULT_USERS,
+                   help="number of users")
+    p.add_argument("--seed", type=argtypes.non_negative_int, default=0,
+                   help="random seed (same seed, same log)")
+    p.add_argument("--items", type=argtypes.number(int, 1, high=MAX_ITEMS), default=5000,
+                   help="catalogue size")
+    p.add_argument("--topics", type=argtypes.number(int, 1, high=MAX_ITEMS), default=50,
+                   help="number of latent topics")
     p.add_argument("--repeat-prob", type=float, default=0.3,
                    help="probability that an event revisits an item of the user's history")
     p.add_argument("--drift", type=float, default=0.1,
                    help="per-session probability that one long-term interest is replaced")
-    p.add_argument("--zipf", type=float, default=1.0,
+    # (an exponent beyond 10 makes the popularity of a large catalogue's tail 0 in float64:
+    # nan and inf were numpy's "Probabilities contain NaN")
+    p.add_argument("--zipf", type=argtypes.number(float, -10.0, high=10.0), default=1.0,
                    help="exponent of the global popularity law")
     p.add_argument("--sessions", default="5,30", metavar="MIN,MAX",
                    help="sessions per user, drawn uniformly from MIN..MAX")
     p.add_argument("--max-events", type=argtypes.positive_int, default=None,
                    help="stop after this many events (for sizing benchmarks)")
     args = p.parse_args(argv)
+    if not args.output:  # (it wrote a hidden file in the parent of the current folder)
+        p.error("--output is empty: name the CSV file to write")
     if os.path.isdir(args.output):
         p.error(f"--output {args.output} is a folder: name the CSV file to write")
     try:
         sessions = parse_range(args.sessions)
     except ValueError as e:
         p.error(f"--sessions {e}")
+    if not 1 <= sessions[0] <= sessions[1] <= MAX_SESSIONS:
+        p.error(f"--sessions must be MIN,MAX with 1 <= MIN <= MAX <= {MAX_SESSIONS:,}, "
+                f"got {args.sessions}")
+    events = expected_events(args.users, sessions)
+    if min(events, args.max_events or events) > MAX_LOG_EVENTS:
+        p.error(f"--users {args.users} with --sessions {args.sessions} make about {events:,} "
+                f"events, over the {MAX_LOG_EVENTS:,} this command holds in memory (24 bytes "
+                "each): pass fewer users or sessions, or --max-events")
     try:
         rows = generate_arrays(args.users, seed=args.seed, items=args.items, topics=args.topics,
                         repeat_prob=args.repeat_prob, drift=args.drift, zipf=args.zipf,

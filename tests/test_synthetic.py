@@ -112,6 +112,41 @@ def test_out_of_range_options_are_said_not_numpy_errors(options, message):
     assert len({r.item for r in synthetic.generate(20, seed=0, topics=3, drift=0.0, items=9)}) <= 9
 
 
+@pytest.mark.parametrize("args, message", [
+    # (--users 10**30 hung building the log in memory; the others were numpy's words)
+    (["--users", str(10**30)], "argument --users: must be from 1 to 10000000, got 1" + "0" * 30),
+    (["--users", "10000000"], "--users 10000000 with --sessions 5,30 make about 1,225,000,000 "
+                              "events, over the 1,000,000,000 this command holds in memory"),
+    (["--users", "10000", "--sessions", "1,100000"],
+     "--users 10000 with --sessions 1,100000 make about 3,500,035,000 events"),
+    (["--zipf", "nan"], "argument --zipf: must be from -10.0 to 10.0, got nan"),
+    (["--zipf", "inf"], "argument --zipf: must be from -10.0 to 10.0, got inf"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--sessions", f"1,{10**20}"], "--sessions must be MIN,MAX with 1 <= MIN <= MAX <= 100,000"),
+    (["--sessions", "0,3"], "--sessions must be MIN,MAX with 1 <= MIN <= MAX"),
+    (["--items", str(10**20)], "argument --items: must be from 1 to 10000000"),
+    (["--output", ""], "--output is empty: name the CSV file to write"),
+])
+def test_out_of_range_command_options_are_one_line(tmp_path, monkeypatch, capsys, args, message):
+    """Each bad value is one usage error naming its option, before any work; an empty
+    --output wrote its temporary file in the parent of the current folder."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main(["--output", "x.csv", "--users", "2", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == ["work"] and not os.listdir(work)
+
+
+def test_many_users_with_max_events_are_accepted(tmp_path):
+    """--max-events bounds the log: the users' bound on the expected size does not apply."""
+    assert synthetic.main(["--output", str(tmp_path / "x.csv"), "--users", "10000000",
+                           "--max-events", "5"]) == 0
+    assert len((tmp_path / "x.csv").read_text().splitlines()) == 6
+
+
 def test_write_csv_never_writes_through_a_planted_link(tmp_path):
     """The hidden file's name was predictable (the pid): a link planted there in a shared
     folder made write_csv overwrite the link's target (security review)."""
