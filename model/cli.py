@@ -12,6 +12,12 @@ from model import config as config_lib
 from pipeline import argtypes
 
 TRAIN = config_lib.TrainConfig()  # the defaults --help names
+# model.train's integers: sizes (tensor shapes, 32-bit) and counts of steps or events
+# (int64), bounded when read (`--batch-size 10**30` was a traceback after TensorFlow's
+# start); their lower bounds are the config's, named by key (`config.TrainConfig.validate`)
+SIZE, COUNT = argtypes.at_most(argtypes.INT32_MAX), argtypes.at_most(argtypes.INT64_MAX)
+POSITIVE_SIZE = argtypes.at_most(argtypes.INT32_MAX, argtypes.positive_int)
+POSITIVE_COUNT = argtypes.at_most(argtypes.INT64_MAX, argtypes.positive_int)
 TRAIN_DESCRIPTION = ("Trains a model on a pipeline data folder: `python -m model.train --data DIR "
                      "--model-dir RUN`.")
 
@@ -30,19 +36,19 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=["deep"],
                    help="deep: 2 blocks x 2 convs, receptive field 25 >= L = 20")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=argtypes.positive_int,
+    budget.add_argument("--steps", type=POSITIVE_COUNT,
                         help=f"training steps (default {config_lib.DEFAULT_STEPS})")
-    budget.add_argument("--epochs", type=argtypes.positive_int,
+    budget.add_argument("--epochs", type=POSITIVE_SIZE,
                         help="passes over the training users")
     p.add_argument("--max-minutes", type=float,
                    help="stop (with a checkpoint) after this much wall time of training "
                         "(valid evaluations not counted); the steps (default "
                         f"{config_lib.DEFAULT_STEPS}) or epochs still end a faster run and size "
                         "the learning-rate decay (0: no time limit, the default)")
-    p.add_argument("--batch-size", type=int, help=f"B rows (default {TRAIN.batch_size})")
-    p.add_argument("--sessions-per-batch", type=int,
+    p.add_argument("--batch-size", type=SIZE, help=f"B rows (default {TRAIN.batch_size})")
+    p.add_argument("--sessions-per-batch", type=SIZE,
                    help=f"S sessions per row per batch (default {TRAIN.sessions_per_batch})")
-    p.add_argument("--max-session-length", type=int,
+    p.add_argument("--max-session-length", type=SIZE,
                    help=f"L items per session chunk (default {TRAIN.max_session_length})")
     p.add_argument("--learning-rate", type=float,
                    help=f"Adam's initial rate, divided by {TRAIN.lr_decay_factor:g} at "
@@ -54,7 +60,7 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--loss", choices=list(config_lib.LOSSES),
                    help="softmax (full), sampled (sampled softmax over --num-negatives) or "
                         f"auto (default: full up to {config_lib.AUTO_SOFTMAX_MAX_ITEMS:,} items)")
-    p.add_argument("--num-negatives", type=argtypes.positive_int,
+    p.add_argument("--num-negatives", type=POSITIVE_SIZE,
                    help="negatives per batch of the sampled loss (256)")
     p.add_argument("--negative-exponent", type=float,
                    help="the sampled loss draws negatives by train count ** this (0.5; "
@@ -64,27 +70,27 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "0.3; hrnn, gru4rec: on the GRU outputs, default 0; tcn: 0)")
     p.add_argument("--seed", type=int,
                    help=f"initial weights and batch order (default {TRAIN.seed})")
-    p.add_argument("--eval-every", type=int,
+    p.add_argument("--eval-every", type=COUNT,
                    help="steps between valid evaluations, and one at the end; the best valid "
                         f"weights are kept (default {TRAIN.eval_every}; 0: off, the last "
                         "weights are used)")
-    p.add_argument("--patience", type=int,
+    p.add_argument("--patience", type=COUNT,
                    help="stop once the best valid evaluation is this many evaluations old "
                         f"(default {TRAIN.patience}; 0: run every step)")
-    p.add_argument("--eval-users", type=int,
+    p.add_argument("--eval-users", type=COUNT,
                    help="valid users per evaluation, the same each time, chosen by a hash of "
                         f"their ids (0: all; default {TRAIN.eval_users:,})")
-    p.add_argument("--eval-events", type=int,
+    p.add_argument("--eval-events", type=COUNT,
                    help="and only as many of them as hold this many valid events (0: no limit; "
                         f"default {config_lib.EVAL_EVENTS:,}, fewer above "
                         f"{config_lib.EVAL_SCORES // config_lib.EVAL_EVENTS:,} items: each event "
                         f"is ranked against the whole catalogue, {config_lib.EVAL_SCORES:,} "
                         f"event-item pairs at most, and at least {config_lib.EVAL_EVENTS_MIN:,} "
                         "events)")
-    p.add_argument("--checkpoint-every", type=argtypes.positive_int,
+    p.add_argument("--checkpoint-every", type=POSITIVE_COUNT,
                    help=f"steps between checkpoints (default {TRAIN.checkpoint_every}; "
                         "and one at least every 10 minutes)")
-    p.add_argument("--keep-checkpoints", type=argtypes.positive_int,
+    p.add_argument("--keep-checkpoints", type=POSITIVE_SIZE,
                    help="periodic checkpoints kept, the newest (default "
                         f"{TRAIN.keep_checkpoints}; each holds the weights and the optimizer's "
                         "two slots: three times the weights; best/ holds the best weights apart)")
@@ -94,7 +100,7 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "the default)")
     head.add_argument("--no-repeat-head", action="store_true",
                       help="hiertcn: the published model, without the repeat head")
-    p.add_argument("--start-items", type=int,
+    p.add_argument("--start-items", type=SIZE,
                    help="hiertcn: first items of the user's last N sessions the repeat head also "
                         "points at (default 20; 0: off)")
     p.add_argument("--no-seen-bias", action="store_true",

@@ -67,6 +67,14 @@ def check_loss(loss: str, negative_exponent: float) -> None:
 class ConfigBase:
     """Strict dict conversion and validation shared by every config dataclass."""
 
+    # the section its keys are named by in messages (`model.channels`, `train.steps`)
+    SECTION = "model"
+    # Integer keys that count steps or events (< 2**63: TensorFlow's and numpy's int64);
+    # every other integer key is a size (< 2**31: tensor shapes and Keras' layer sizes are
+    # 32-bit). A larger value was a traceback after TensorFlow's start ("Can't convert
+    # Python sequence with out-of-range integer to Tensor").
+    INT64_KEYS: tuple[str, ...] = ()
+
     def __post_init__(self) -> None:
         # built directly (`HierTCNConfig(channels=64)`) as `from_dict` builds it: each value
         # of its field's type (a list becomes a tuple), in range, or a ConfigError now
@@ -74,7 +82,12 @@ class ConfigBase:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, ConfigBase):
-                object.__setattr__(self, field.name, _coerce(field.name, value, hints[field.name]))
+                value = _coerce(field.name, value, hints[field.name])
+                object.__setattr__(self, field.name, value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                bits = 63 if field.name in self.INT64_KEYS else 31
+                _check(value < 2**bits, f"{self.SECTION}.{field.name} must be < 2**{bits}, "
+                       f"got {value}")
         self.validate()
 
     def to_dict(self) -> dict:
@@ -355,6 +368,11 @@ class TrainConfig(ConfigBase):
     jit_compile: bool = False
     strategy: str = "default"
     prefetch: int = 4
+
+    SECTION = "train"
+    # (epochs, a size: epochs x batches per pass must still fit the int64 step counter)
+    INT64_KEYS = ("steps", "seed", "shuffle_buffer", "cache_events", "checkpoint_every",
+                  "eval_every", "patience", "eval_users", "eval_events")
 
     def validate(self) -> None:
         for key in ("batch_size", "sessions_per_batch", "max_session_length", "shuffle_buffer",

@@ -104,6 +104,29 @@ def number(kind: type, low: float, strict: bool = False,
     return parse
 
 
+def at_most(high: int, base: Callable[[str], int] | None = None) -> Callable[[str], int]:
+    """An argparse `type` for integers <= `high`, read by `base` first (its lower bound and
+    message, e.g. `positive_int`; none: any integer, for an option whose lower bound is
+    checked later with its config key's name, `model.train`'s sizes): a value past what
+    the code can hold (`--batch-size 10**30`, a traceback after TensorFlow's start) is one
+    line at once."""
+    def parse(text: str) -> int:
+        if base is not None:
+            value = base(text)
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    parse.__name__ = f"int <= {high}"
+    return parse
+
+
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 positive_int = number(int, 1)
 non_negative_int = number(int, 0)
 positive_float = number(float, 0.0, strict=True)

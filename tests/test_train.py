@@ -591,6 +591,49 @@ def test_a_remote_data_folder_trains_and_evaluates_like_the_local_one(data, conf
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--steps", str(10**30), f"argument --steps: must be <= {2**63 - 1}, got 1{'0' * 30}"),
+    ("--epochs", str(2**31), f"argument --epochs: must be <= {2**31 - 1}, got {2**31}"),
+    ("--batch-size", str(10**30),
+     f"argument --batch-size: must be <= {2**31 - 1}, got 1{'0' * 30}"),
+    ("--sessions-per-batch", str(2**31), "argument --sessions-per-batch: must be <= 2147483647"),
+    ("--max-session-length", str(10**30), "argument --max-session-length: must be <= 2147483647"),
+    ("--start-items", str(10**30), "argument --start-items: must be <= 2147483647"),
+    ("--num-negatives", str(2**31), "argument --num-negatives: must be <= 2147483647"),
+    ("--eval-users", str(2**63), f"argument --eval-users: must be <= {2**63 - 1}, got {2**63}"),
+    ("--batch-size", "x", "argument --batch-size: 'x' is not an integer"),
+])
+def test_sizes_and_counts_past_what_tensorflow_holds_are_usage_errors(flag, value, message,
+                                                                      capsys):
+    """An integer past TensorFlow's int32 sizes or int64 step counter was a traceback after
+    TensorFlow's start ("Can't convert Python sequence with out-of-range integer to
+    Tensor"): now one usage line when the command line is read (before TensorFlow loads)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.train_args(["--data", "d", "--model-dir", "r", flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    if flag in ("--batch-size", "--start-items"):  # (the lower bound: the config's, by key)
+        assert cli.train_args(["--data", "d", "--model-dir", "r", flag, "-1"])
+
+
+def test_config_files_are_held_to_the_same_bounds():
+    """A --config file's integers are held to the same bounds as the options."""
+    classes = registry.config_classes()
+    for values, message in (
+            ({"train": {"steps": 2**63}}, f"train.steps must be < 2\\*\\*63, got {2**63}"),
+            ({"train": {"epochs": 2**31}}, "train.epochs must be < 2\\*\\*31"),
+            ({"train": {"batch_size": 10**30}}, "train.batch_size must be < 2\\*\\*31"),
+            ({"train": {"eval_events": 2**63}}, "train.eval_events must be < 2\\*\\*63"),
+            ({"model": {"start_items": 2**31}}, "model.start_items must be < 2\\*\\*31"),
+            ({"model_name": "tcn", "model": {"history_length": 2**31}},
+             "model.history_length must be < 2\\*\\*31")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.RunConfig.from_dict(values, classes)
+    most = config_lib.RunConfig.from_dict({"train": {"steps": 2**63 - 1, "batch_size": 2**31 - 1},
+                                           "model": {"start_items": 2**31 - 1}}, classes)
+    assert most.train.steps == 2**63 - 1 and most.model.start_items == 2**31 - 1
+
+
 def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "err")
     for flag in ("--steps", "--epochs"):
