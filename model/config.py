@@ -54,6 +54,8 @@ def eval_event_budget(eval_events: int | None, items: int) -> int:
     return max(EVAL_EVENTS_MIN, min(EVAL_EVENTS, EVAL_SCORES // max(items, 1)))
 
 
+MAX_LEARNING_RATE = 1.0  # (`TrainConfig.validate`)
+
 MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")  # model.registry.MODELS' names, in order
 
 
@@ -385,7 +387,12 @@ class TrainConfig(ConfigBase):
                f"seeds are 32-bit), got {self.seed}")
         _check(self.eval_events is None or self.eval_events >= 0,
                f"train.eval_events must be >= 0 (or null: the default), got {self.eval_events}")
-        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        # Adam moves each weight by about the rate at every step: above 1 (ten times the
+        # largest rate this project has tried, 0.1) a run diverges at once; inf, nan and
+        # 1e30 were accepted and trained to nan
+        _check(0 < self.learning_rate <= MAX_LEARNING_RATE,
+               f"train.learning_rate must be > 0 and <= {MAX_LEARNING_RATE:g}, got "
+               f"{self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
         _check(self.clipnorm >= 0, f"train.clipnorm must be >= 0, got {self.clipnorm}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")

@@ -616,6 +616,17 @@ def test_sizes_and_counts_past_what_tensorflow_holds_are_usage_errors(flag, valu
         assert cli.train_args(["--data", "d", "--model-dir", "r", flag, "-1"])
 
 
+@pytest.mark.parametrize("rate", ["inf", "1e30", "nan", "1.5"])
+def test_a_learning_rate_that_cannot_train_is_refused(rate):
+    """Adam moves each weight by about the rate each step: inf and 1e30 were accepted (and
+    trained to a nan loss); the rate is at most 1, ten times the largest one tried."""
+    args = train_lib.parse_args(["--data", "d", "--model-dir", "r", "--learning-rate", rate])
+    said = f"train.learning_rate must be > 0 and <= 1, got {float(rate)}"
+    with pytest.raises(config_lib.ConfigError, match=re.escape(said)):
+        train_lib.resolve_config(args)
+    assert config_lib.TrainConfig(learning_rate=1.0).learning_rate == 1.0
+
+
 def test_config_files_are_held_to_the_same_bounds():
     """A --config file's integers are held to the same bounds as the options."""
     classes = registry.config_classes()
