@@ -900,7 +900,12 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
     parser.error = fail
     for cls in {str(c): c for c in po.PipelineOptions.__subclasses__()}.values():
         cls._add_argparse_args(parser)
-    _, unknown = parser.parse_known_args(beam_args)
+    known, unknown = parser.parse_known_args(beam_args)
+    if (getattr(known, "direct_num_workers", None) or 0) < 0:
+        # (0: one worker per core, Beam's own meaning; a negative number was an IndexError
+        # traceback from Beam's runner)
+        fail(f"--direct_num_workers must be >= 0 (0: one per core), got "
+             f"{known.direct_num_workers}")
     beam_flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     for k, arg in enumerate(unknown):
         previous = unknown[k - 1] if k else ""

@@ -361,6 +361,9 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["--user-col", "visitor"], "column(s) visitor not in the header"),
     (["--format", "jsonl", "--columns", "a,b,c"], "--columns is for csv/tsv"),
     (["--direct_num_workers", "two"], "bad Beam option"),
+    # (an IndexError traceback from Beam's runner; fuzzing audit)
+    (["--direct_num_workers", "-1"], "bad Beam option: --direct_num_workers must be >= 0 "
+                                     "(0: one per core), got -1"),
     # a near miss of Beam's own flags ran the job locally after Beam's "Discarding
     # unparseable args" (Beam-user audit)
     (["--runer", "DataflowRunner"], "unknown option --runer: did you mean --runner?"),
