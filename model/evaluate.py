@@ -516,10 +516,14 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                         help="with --model sknn: the session's own items get no neighbour "
                              "score (session-rec's remind=False), for logs where an item is "
                              "consumed once; choose it on --split valid")
-    parser.add_argument("--neighbours", type=argtypes.positive_int, metavar="K",
+    # (sizes are bounded as 32-bit, counts of users by islice's int64: --neighbour-sample
+    # 10**30 was an OverflowError traceback, --max-users 10**30 islice's ValueError)
+    size = argtypes.at_most(argtypes.INT32_MAX, argtypes.positive_int)
+    count = argtypes.at_most(argtypes.INT64_MAX, argtypes.positive_int)
+    parser.add_argument("--neighbours", type=size, metavar="K",
                         help=f"with --model sknn: neighbour sessions per prediction (default "
                              f"{baselines.SKNN_K}); choose it on --split valid")
-    parser.add_argument("--neighbour-sample", type=argtypes.positive_int, metavar="N",
+    parser.add_argument("--neighbour-sample", type=size, metavar="N",
                         help=f"with --model sknn: the neighbours are drawn from the N most "
                              f"recent train sessions sharing an item with the session so far "
                              f"(default {baselines.SKNN_SAMPLE_SIZE})")
@@ -531,11 +535,11 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     parser.add_argument("--per-user-output", metavar="FILE.npz", type=argtypes.local_path,
                         help="also write each user's events and metric sums here (for paired "
                              "significance tests between models, as model.compare does)")
-    parser.add_argument("--batch-size", type=argtypes.positive_int, default=64,
+    parser.add_argument("--batch-size", type=size, default=64,
                         help="users side by side")
-    parser.add_argument("--max-users", type=argtypes.positive_int,
+    parser.add_argument("--max-users", type=count,
                         help="evaluate only the first N users (in the order of the files)")
-    parser.add_argument("--sample-users", type=argtypes.positive_int, metavar="N",
+    parser.add_argument("--sample-users", type=count, metavar="N",
                         help="evaluate N users chosen by a hash of their ids: the same users "
                              "for every model and pipeline run, not the first ones the files "
                              "hold (for a quicker figure on a large split)")

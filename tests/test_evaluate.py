@@ -332,6 +332,13 @@ def test_cli_sample_users_evaluates_the_hash_chosen_users(full_data, tmp_path, c
      "--checkpoint applies to --model-dir, not to a baseline"),
     (["--data", "DATA", "--split", "test", "--model", "mv", "--max-users", "1",
       "--sample-users", "1"], "pass one of --sample-users and --max-users"),
+    # (an OverflowError and islice's ValueError, tracebacks; fuzzing audit)
+    (["--data", "DATA", "--split", "test", "--model", "sknn", "--neighbour-sample", str(10**30)],
+     f"argument --neighbour-sample: must be <= 2147483647, got 1{'0' * 30}"),
+    (["--data", "DATA", "--split", "test", "--model", "popularity", "--max-users", str(10**30)],
+     f"argument --max-users: must be <= {2**63 - 1}, got 1{'0' * 30}"),
+    (["--data", "DATA", "--split", "test", "--model", "popularity", "--sample-users", str(2**63)],
+     f"argument --sample-users: must be <= {2**63 - 1}, got {2**63}"),
 ])
 def test_cli_bad_options_give_one_line_errors(full_data, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
