@@ -830,7 +830,14 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
         if wrong:
             raise CompareError(wrong)
         _preflight(names, args)
-        os.makedirs(args.output, exist_ok=True)
+        try:
+            os.makedirs(args.output, exist_ok=True)
+        except OSError as e:  # (a full disk, no permission: said below, as for a later write)
+            if storage.storage_error(e) is not None or storage.path_error(e) is not None:
+                raise
+            # (a folder that cannot be made: /proc/nope/x was a FileNotFoundError traceback)
+            raise CompareError(f"cannot make --output {args.output}: {e.strerror or e}"
+                               + (f": {e.filename}" if e.filename else "")) from None
         lock = _lock_output(args.output)
         log_path = os.path.join(args.output, "compare.log")
         results = {"data": args.data, "split": args.split,

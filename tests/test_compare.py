@@ -571,6 +571,19 @@ def test_model_names_are_validated():
         compare.parse_model_names("sknn,sknn")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    """/proc takes no new folders: --output under it was a FileNotFoundError traceback."""
+    data = write_data(str(tmp_path / "data"), 20, planted_users(8),
+                      valid=[(3, u[:4]) for u in planted_users(3, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(3, seed=2)])
+    assert compare.main(["--data", data, "--models", "popularity",
+                         "--output", "/proc/hiertcn-nope/x"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: cannot make --output /proc/hiertcn-nope/x: No such file or "
+                   "directory: /proc/hiertcn-nope\n"), err
+
+
 def test_compare_run_reports_a_paired_bootstrap_against_the_best_baseline(tmp_path, capsys):
     data = write_data(str(tmp_path / "data"), 20, planted_users(40),
                       valid=[(3, u[:4]) for u in planted_users(8, seed=1)],
