@@ -80,11 +80,18 @@ class CompareError(ValueError):
 
 def parse_model_names(text: str) -> list[str]:
     """Splits and validates `--models` (neural names may carry a variant suffix)."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    given = [n.strip() for n in text.split(",")]
+    names = [n for n in given if n]
     if not names:
         raise CompareError("--models is empty: name at least one model")
+    if len(names) < len(given):  # (it was dropped: a typo's missing model went unsaid)
+        raise CompareError(f"--models {text!r} holds an empty name (two commas in a row, or "
+                           "one at an end): name each model between commas")
     for n in names:
-        base = n.split(":", 1)[0]
+        base, colon, label = n.partition(":")
+        if colon and (not label.strip() or ":" in label):
+            raise CompareError(f"--models {n!r}: a variant is MODEL:LABEL, one non-empty label "
+                               "after one colon (e.g. hiertcn:plain)")
         if base not in NEURAL + FITTED:
             raise CompareError(
                 f"unknown model {n!r} in --models: choose from {', '.join(NEURAL + FITTED)}")

@@ -569,6 +569,13 @@ def test_model_names_are_validated():
         compare.parse_model_names("hiertcn,bert4rec")
     with pytest.raises(compare.CompareError, match="twice"):
         compare.parse_model_names("sknn,sknn")
+    # (an empty name was dropped, an empty label or a second colon accepted; fuzzing audit)
+    for text, said in (("popularity,,sknn", "holds an empty name"),
+                       ("popularity,", "holds an empty name"),
+                       ("hiertcn:", "'hiertcn:': a variant is MODEL:LABEL"),
+                       ("popularity:a:b", "'popularity:a:b': a variant is MODEL:LABEL")):
+        with pytest.raises(compare.CompareError, match=said):
+            compare.parse_model_names(text)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
