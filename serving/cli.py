@@ -22,12 +22,18 @@ MAX_SEQUENCE_ITEMS = 1_000_000
 MAX_REQUEST_ROWS = 1024
 
 
+# The longest --timeout: a day. gRPC's deadline is a time point in int64 nanoseconds or
+# seconds: a larger one (--timeout 1e30) overflowed into a deadline already past, and every
+# call failed at once with DEADLINE_EXCEEDED; a call that takes a day has hung.
+MAX_TIMEOUT_S = 86_400.0
+TIMEOUT = argtypes.number(float, 0.0, strict=True, high=MAX_TIMEOUT_S)
+
+
 def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
     """The options of a gRPC client command (`serving.client`, `serving.backfill`): the
     server, the time per call, a fixed session width and TLS (`connection_error`)."""
     parser.add_argument("--target", default="127.0.0.1:8500", help="HOST:PORT of the server")
-    parser.add_argument("--timeout", type=argtypes.positive_float, default=timeout,
-                        help="seconds per call")
+    parser.add_argument("--timeout", type=TIMEOUT, default=timeout, help="seconds per call")
     parser.add_argument("--session-width", type=argtypes.positive_int, default=None,
                         help="fixed session_items width (for TF Serving with --enable_batching)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")

@@ -476,7 +476,7 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
      "--session-width: must be >= 1, got 0"),
     (["--history-width", "-1", "recommend", "--user", "ann"],
      "--history-width: must be >= 1, got -1"),
-    (["--timeout", "nan", "status"], "--timeout: must be > 0.0, got nan"),
+    (["--timeout", "nan", "status"], "--timeout: must be > 0.0 and <= 86400.0, got nan"),
     (["--timeout", "soon", "status"], "--timeout: 'soon' is not a number"),
     (["recommend", "--user", " "], "--user must not be empty"),
     (["--target", "", "status"], "--target must be HOST:PORT of the server, got ''"),
@@ -539,6 +539,25 @@ def test_backfill_checks_its_target_as_the_client_does(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "--target 127.0.0.1:74036: the port must be from 1 to 65535" in capsys.readouterr().err
     assert not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.parametrize("command", ["client", "backfill"])
+def test_a_timeout_past_what_grpc_holds_is_a_usage_error(tmp_path, capsys, command):
+    """--timeout 1e30 overflowed gRPC's deadline into one already past: every call was
+    DEADLINE_EXCEEDED at once. At most a day, in one line before anything is opened."""
+    from serving import backfill
+
+    db = str(tmp_path / "db.sqlite")
+    common = ["--target", "127.0.0.1:1", "--model-name", NAME, "--timeout", "1e30"]
+    with pytest.raises(SystemExit) as exit_:
+        if command == "client":
+            client_lib.main([*common, "--state-db", db, "status"])
+        else:
+            backfill.main(["--data", str(tmp_path), *common, "--state-db", db])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert "argument --timeout: must be > 0.0 and <= 86400.0, got 1e30" in err
+    assert not os.path.exists(db)
 
 
 def _self_signed(folder, name):
