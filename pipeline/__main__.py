@@ -955,6 +955,10 @@ def _resolve(argv):
             "be written")
     named = {"jsonl": "JSON lines name their keys", "parquet": "a Parquet file names its columns",
              "avro": "an Avro file names its fields"}
+    if args.columns is not None and not args.columns.replace(",", "").strip():
+        # (it was taken as no --columns: the file's first line read as its header)
+        raise UsageError(f"--columns {args.columns!r} names no column: name the file's "
+                         "columns in order, e.g. user,item,time")
     if args.format in parse.OBJECT_FORMATS and args.columns:
         raise UsageError(f"--columns is for csv/tsv; {named[args.format]}")
     if args.session_col is not None:

@@ -360,6 +360,9 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     (["--min-item-count", "0"], "must be >= 1"),
     (["--user-col", "visitor"], "column(s) visitor not in the header"),
     (["--format", "jsonl", "--columns", "a,b,c"], "--columns is for csv/tsv"),
+    # (an empty value was taken as no --columns: the first line read as the header)
+    (["--columns", ""], "--columns '' names no column: name the file's columns in order"),
+    (["--columns", " , "], "--columns ' , ' names no column"),
     (["--direct_num_workers", "two"], "bad Beam option"),
     # (an IndexError traceback from Beam's runner; fuzzing audit)
     (["--direct_num_workers", "-1"], "bad Beam option: --direct_num_workers must be >= 0 "
