@@ -27,12 +27,13 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argtypes.Parser(prog="python -m model.train", description=TRAIN_DESCRIPTION)
     p.add_argument("--data", required=True, type=argtypes.home_path,
                    help="pipeline output folder")
-    p.add_argument("--model",
+    p.add_argument("--model", type=argtypes.non_empty,
                    help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default: the "
                         "--config file's model_name, else hiertcn)")
     p.add_argument("--model-dir", required=True, type=argtypes.local_path,
                    help="run folder (created; reused to resume)")
-    p.add_argument("--config", help="JSON config file (see model/config.py)")
+    p.add_argument("--config", type=argtypes.non_empty,
+                   help="JSON config file (see model/config.py)")
     p.add_argument("--preset", choices=["deep"],
                    help="deep: 2 blocks x 2 convs, receptive field 25 >= L = 20")
     budget = p.add_mutually_exclusive_group()

@@ -135,6 +135,17 @@ top_k = number(int, 1, high=2**31 - 1)  # how many items: into an int32 tensor, 
 message_mb = number(int, 1, high=2047)  # gRPC's message size limit is an int of bytes
 
 
+def non_empty(text: str) -> str:
+    """An argparse `type` for a name or path that must be given: an empty value (`--model ''`,
+    a variable that was not set) is refused, not taken as the option left out."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+non_empty.__name__ = "non-empty text"
+
+
 def local_path(text: str) -> str:
     """An argparse `type` for a path this project writes or reads with Python's own file
     calls (run folders, exports, reports, the state store): a `scheme://` path would become

@@ -627,6 +627,18 @@ def test_a_learning_rate_that_cannot_train_is_refused(rate):
     assert config_lib.TrainConfig(learning_rate=1.0).learning_rate == 1.0
 
 
+@pytest.mark.parametrize("flag", ["--model", "--config"])
+def test_an_empty_model_or_config_is_refused(flag, capsys):
+    """--model '' trained hiertcn and --config '' ran without a config file (an unset
+    variable in a script): an empty value is refused, not taken as the option left out."""
+    for value in ("", " "):
+        with pytest.raises(SystemExit) as exit_:
+            cli.train_args(["--data", "d", "--model-dir", "r", flag, value])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {flag}: must not be empty" in err, err
+        assert err.count("\n") == 1
+
+
 def test_config_files_are_held_to_the_same_bounds():
     """A --config file's integers are held to the same bounds as the options."""
     classes = registry.config_classes()
