@@ -383,6 +383,13 @@ class TrainConfig(ConfigBase):
         for key in ("steps", "epochs", "eval_every", "eval_users", "seed", "cache_events",
                     "patience"):
             _check(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
+        positions = self.batch_size * self.sessions_per_batch * self.max_session_length
+        # (TensorFlow computes a batch's shapes in 32 bits: B x S or S x L past 2**31 was a
+        # traceback, "Dimension size ... must be non-negative but is -32"; 2**30 leaves room
+        # for the next-item shift)
+        _check(positions <= 2**30, f"train.batch_size x sessions_per_batch x "
+               f"max_session_length must be at most 2**30 positions a batch, got "
+               f"{self.batch_size} x {self.sessions_per_batch} x {self.max_session_length}")
         _check(self.seed < 2**32, f"train.seed must be < 2**32 (TensorFlow's and numpy's "
                f"seeds are 32-bit), got {self.seed}")
         _check(self.eval_events is None or self.eval_events >= 0,

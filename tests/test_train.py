@@ -652,9 +652,17 @@ def test_config_files_are_held_to_the_same_bounds():
              "model.history_length must be < 2\\*\\*31")):
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.RunConfig.from_dict(values, classes)
-    most = config_lib.RunConfig.from_dict({"train": {"steps": 2**63 - 1, "batch_size": 2**31 - 1},
-                                           "model": {"start_items": 2**31 - 1}}, classes)
+    most = config_lib.RunConfig.from_dict(
+        {"train": {"steps": 2**63 - 1, "batch_size": 2**30, "sessions_per_batch": 1,
+                   "max_session_length": 1}, "model": {"start_items": 2**31 - 1}}, classes)
     assert most.train.steps == 2**63 - 1 and most.model.start_items == 2**31 - 1
+    # (each size fits, their product not: TensorFlow's 32-bit shapes, "Dimension size must
+    # be non-negative but is -32" after TensorFlow's start)
+    for sizes in ({"sessions_per_batch": 2**31 - 1}, {"max_session_length": 2**31 - 1},
+                  {"batch_size": 2**16, "sessions_per_batch": 2**10, "max_session_length": 20}):
+        with pytest.raises(config_lib.ConfigError, match="train.batch_size x sessions_per_batch "
+                           "x max_session_length must be at most 2\\*\\*30 positions a batch"):
+            config_lib.RunConfig.from_dict({"train": sizes}, classes)
 
 
 def test_more_one_line_errors(data, config_file, tmp_path, capsys):
