@@ -1742,16 +1742,22 @@ def test_an_output_on_a_read_only_file_system_is_said_so(read_only_mount, tmp_pa
         res.stderr
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
-    """A write that fails for want of room (here a file-size limit: "File too large", as a
-    full disk fails with "No space left on device") while Beam writes the records: one
-    line, exit 1, no output and no temporary folder; the same command then succeeds."""
+def _small_log_command(tmp_path):
+    """(the output folder, the pipeline's command) of a log of 60 users, 2,400 rows."""
     log = tmp_path / "log.csv"
     log.write_text("user,item,time\n" + "".join(
         f"u{u},i{(u * 7 + k) % 40},{1_700_000_000 + 1000 * u + 10 * k}\n"
         for u in range(60) for k in range(40)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out), *IN_MEMORY]
+    return out, [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out),
+                 *IN_MEMORY]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
+    """A write that fails for want of room (here a file-size limit: "File too large", as a
+    full disk fails with "No space left on device") while Beam writes the records: one
+    line, exit 1, no output and no temporary folder; the same command then succeeds."""
+    out, cmd = _small_log_command(tmp_path)
     res = subprocess.run(file_size_limited(2048, cmd), cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 1, res.stderr
@@ -1764,18 +1770,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path):
     check_output(str(out))
 
 
-
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_summary_it_cannot_print_is_one_line_after_the_output_is_in_place(tmp_path):
     """stdout on a full disk (`> log`, here /dev/full): the run's output is committed and
     whole, then one line says the summary is lost (exit 1); the print of the summary raised
     a traceback there."""
-    log = tmp_path / "log.csv"
-    log.write_text("user,item,time\n" + "".join(
-        f"u{u},i{(u * 7 + k) % 40},{1_700_000_000 + 1000 * u + 10 * k}\n"
-        for u in range(60) for k in range(40)))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline", "--input", str(log), "--output", str(out), *IN_MEMORY]
+    out, cmd = _small_log_command(tmp_path)
     with open("/dev/full", "w") as full:
         res = subprocess.run(cmd, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True,
                              timeout=300)
