@@ -294,10 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", required=True, type=argtypes.home_path,
                         help="the pipeline output the served version was trained on")
     cli.add_connection_args(parser, timeout=60.0)
-    parser.add_argument("--model-name", required=True, help="the served model's name")
+    parser.add_argument("--model-name", required=True, type=cli.model_name,
+                        help="the served model's name")
     parser.add_argument("--version", type=argtypes.positive_int, default=None,
                         help="the version to store states for (default: the latest)")
-    parser.add_argument("--state-db", default="user_states.sqlite", type=argtypes.local_path,
+    parser.add_argument("--state-db", default="user_states.sqlite", type=cli.state_db,
                         help="SQLite file of user states (created when missing)")
     parser.add_argument("--replace", action="store_true",
                         help="overwrite the users whose newest record is this version's (kept "

@@ -29,6 +29,37 @@ MAX_TIMEOUT_S = 86_400.0
 TIMEOUT = argtypes.number(float, 0.0, strict=True, high=MAX_TIMEOUT_S)
 
 
+def model_name(text: str) -> str:
+    """An argparse `type` for a served model's name (model_spec.name): neither empty nor
+    holding spaces (`--model-name ''` served a model no client can name: the client refuses
+    an empty one, and the demo waited two minutes for a server line it could not read)."""
+    if not text or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be a non-empty name without spaces, got {text!r}")
+    return text
+
+
+model_name.__name__ = "model name"
+
+
+def state_db(text: str) -> str:
+    """An argparse `type` for the state store's file: a local path, not empty (SQLite opens
+    '' as a temporary database, deleted on close: a backfill into it was lost) and not a
+    folder."""
+    path = argtypes.local_path(argtypes.non_empty(text))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is a folder: pass the path of a SQLite file")
+    return path
+
+
+state_db.__name__ = "state database path"
+# serving.server's bounds on its counts and times: past them a value was a traceback in a
+# thread (--poll-seconds 1e30: "timestamp out of range", the poller gone for good) or a
+# poll loop that spun (--poll-seconds 1e-300: 72% of a core while idle)
+SERVER_COUNT = argtypes.at_most(argtypes.INT32_MAX, argtypes.positive_int)
+POLL_SECONDS = argtypes.number(float, 0.01, high=86_400.0)
+BATCH_TIMEOUT_MICROS = argtypes.at_most(3_600_000_000, argtypes.non_negative_int)
+
+
 def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
     """The options of a gRPC client command (`serving.client`, `serving.backfill`): the
     server, the time per call, a fixed session width and TLS (`connection_error`)."""
@@ -120,39 +151,40 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     parser.add_argument("--model-base-path", required=True, type=argtypes.local_path,
                         help="folder of integer versions")
-    parser.add_argument("--model-name", required=True, help="name clients put in model_spec.name")
+    parser.add_argument("--model-name", required=True, type=model_name,
+                        help="name clients put in model_spec.name")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (127.0.0.1: loopback only)")
     parser.add_argument("--port", type=argtypes.port, default=8500,
                         help="gRPC port (0 = any free port)")
     parser.add_argument("--enable-batching", action="store_true",
                         help="merge concurrent requests into one model call")
-    parser.add_argument("--max-batch-size", type=argtypes.positive_int, default=64,
+    parser.add_argument("--max-batch-size", type=SERVER_COUNT, default=64,
                         help="rows per merged call (a request of more rows is "
                              "INVALID_ARGUMENT, as TF Serving's)")
-    parser.add_argument("--batch-timeout-micros", type=argtypes.non_negative_int, default=0,
+    parser.add_argument("--batch-timeout-micros", type=BATCH_TIMEOUT_MICROS, default=0,
                         help="how long a batch waits for more requests (0 = take what is queued)")
-    parser.add_argument("--num-batch-threads", type=argtypes.positive_int, default=1,
+    parser.add_argument("--num-batch-threads", type=SERVER_COUNT, default=1,
                         help="merged calls that may run at the same time")
-    parser.add_argument("--poll-seconds", type=argtypes.positive_float, default=1.0,
+    parser.add_argument("--poll-seconds", type=POLL_SECONDS, default=1.0,
                         help="how often the base path is scanned for new versions")
     parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,
                         help="request and response size cap")
-    parser.add_argument("--max-sequence-width", type=argtypes.positive_int,
+    parser.add_argument("--max-sequence-width", type=SERVER_COUNT,
                         default=MAX_SEQUENCE_WIDTH,
                         help="the widest item-id input (session_items, history_items) a "
                              "request may send; wider is RESOURCE_EXHAUSTED (the model's work "
                              "grows with the width, padding included)")
-    parser.add_argument("--max-sequence-items", type=argtypes.positive_int,
+    parser.add_argument("--max-sequence-items", type=SERVER_COUNT,
                         default=MAX_SEQUENCE_ITEMS,
                         help="the most item slots (rows x width) one item-id input may hold; "
                              "more is RESOURCE_EXHAUSTED, and a merged batch holds no more")
-    parser.add_argument("--max-request-rows", type=argtypes.positive_int,
+    parser.add_argument("--max-request-rows", type=SERVER_COUNT,
                         default=MAX_REQUEST_ROWS,
                         help="the most rows (users) one request may send; more is "
                              "RESOURCE_EXHAUSTED (next_items scores each row over the whole "
                              "catalogue)")
-    parser.add_argument("--num-versions", type=argtypes.positive_int, default=1,
+    parser.add_argument("--num-versions", type=SERVER_COUNT, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")

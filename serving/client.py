@@ -511,8 +511,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                                      description="Query a served HierTCN model over gRPC.",
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     cli.add_connection_args(parser, timeout=10.0)
-    parser.add_argument("--model-name", help="the served model's name (required but for forget)")
-    parser.add_argument("--state-db", default="user_states.sqlite", type=argtypes.local_path,
+    parser.add_argument("--model-name", type=cli.model_name,
+                        help="the served model's name (required but for forget)")
+    parser.add_argument("--state-db", default="user_states.sqlite", type=cli.state_db,
                         help="SQLite file of user states (created when missing, but by "
                              "forget)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

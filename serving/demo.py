@@ -19,6 +19,7 @@ from typing import Sequence
 
 from model import processes
 from pipeline import argtypes, schema
+from serving import cli
 
 PY = sys.executable
 # A demo folder holds this file: only such a folder is replaced by the next demo.
@@ -126,9 +127,13 @@ def prepare_output(out: str) -> None:
             raise SystemExit(f"demo stopped: {out} exists and is not a demo's folder; pass "
                              "another --output (make demo DEMO_DIR=...) or remove it yourself")
         shutil.rmtree(out)
-    os.makedirs(out)
-    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
-        f.write("written by `python -m serving.demo`: the next demo replaces this folder\n")
+    try:
+        os.makedirs(out)
+        with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
+            f.write("written by `python -m serving.demo`: the next demo replaces this folder\n")
+    except OSError as e:  # (a parent that cannot hold folders: a traceback before)
+        raise SystemExit(f"demo stopped: cannot create {out}: {e.strerror or e}; pass another "
+                         "--output (make demo DEMO_DIR=...)") from None
 
 
 def _stop(signum, frame):
@@ -147,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="synthetic users (default: the generator's demo size)")
     p.add_argument("--steps", type=argtypes.positive_int, default=600,
                    help="training steps (a short CPU run)")
-    p.add_argument("--model-name", default="hiertcn", help="the served model's name")
+    p.add_argument("--model-name", default="hiertcn", type=cli.model_name,
+                   help="the served model's name")
     args = p.parse_args(argv)
     out = os.path.abspath(args.output)
     prepare_output(out)

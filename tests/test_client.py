@@ -499,6 +499,11 @@ def test_cli_rebuilds_the_state_of_another_model_under_the_same_version(capsys, 
      "--items-json: cannot read no-such-session.json: No such file or directory"),
     (["end-session", "--user", "ann", "--items-json", "@"],
      "--items-json: @ needs a file name: @FILE, or @- for standard input"),
+    # (fuzzing audit) a blank model name; a state file that is a folder or empty (SQLite
+    # opens '' as a temporary database, lost at the end)
+    (["--model-name", " ", "status"], "--model-name: must be a non-empty name without spaces"),
+    (["--state-db", "", "status"], "--state-db: must not be empty"),
+    (["--state-db", ".", "status"], "is a folder: pass the path of a SQLite file"),
 ])
 def test_cli_refuses_bad_numbers_in_one_line(capsys, served, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_:
@@ -530,14 +535,22 @@ def test_targets_that_grpc_would_misread_are_refused(target, message):
 
 
 def test_backfill_checks_its_target_as_the_client_does(tmp_path, capsys):
-    """(review: the port check was the client's alone; backfill reached port 8500 too)"""
+    """(review: the port check was the client's alone; backfill reached port 8500 too; a
+    fuzzing audit: an empty --model-name or --state-db, a folder as the state file, went on
+    to connect, and '' would have backfilled into SQLite's temporary database)"""
     from serving import backfill
 
-    with pytest.raises(SystemExit) as exit_:
-        backfill.main(["--data", str(tmp_path), "--target", "127.0.0.1:74036", "--model-name",
-                       NAME, "--state-db", str(tmp_path / "db.sqlite")])
-    assert exit_.value.code == 2
-    assert "--target 127.0.0.1:74036: the port must be from 1 to 65535" in capsys.readouterr().err
+    for options, said in (
+            (["--target", "127.0.0.1:74036"],
+             "--target 127.0.0.1:74036: the port must be from 1 to 65535"),
+            (["--model-name", ""], "--model-name: must be a non-empty name without spaces"),
+            (["--state-db", ""], "--state-db: must not be empty"),
+            (["--state-db", str(tmp_path)], "is a folder: pass the path of a SQLite file")):
+        with pytest.raises(SystemExit) as exit_:
+            backfill.main(["--data", str(tmp_path), "--target", "127.0.0.1:1", "--model-name",
+                           NAME, "--state-db", str(tmp_path / "db.sqlite"), *options])
+        assert exit_.value.code == 2
+        assert said in capsys.readouterr().err
     assert not (tmp_path / "db.sqlite").exists()
 
 

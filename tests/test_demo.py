@@ -54,6 +54,14 @@ def test_prepare_output_replaces_only_a_demo_folder(tmp_path):
     with pytest.raises(SystemExit, match="a_file is a file; pass another --output"):
         demo.prepare_output(str(a_file))
     assert a_file.read_text() == "mine"
+    # a folder that cannot be made (fuzzing audit: a FileNotFoundError traceback)
+    with pytest.raises(SystemExit, match=r"demo stopped: cannot create .*inside: Not a "
+                                         r"directory; pass another --output"):
+        demo.prepare_output(str(a_file / "inside"))
+    # a model name the server's ready line cannot show (the demo waited two minutes)
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--output", str(tmp_path / "named"), "--model-name", "a b"])
+    assert exit_.value.code == 2 and not (tmp_path / "named").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")

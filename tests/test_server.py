@@ -739,8 +739,18 @@ def test_the_command_says_a_port_in_use_in_its_one_line_only(tmp_path):
     ("--max-message-mb", "2048", "--max-message-mb: must be from 1 to 2047, got 2048"),
     ("--port", "-5", "--port: must be from 0 to 65535, got -5"),
     ("--max-batch-size", "0", "--max-batch-size: must be >= 1, got 0"),
-    ("--poll-seconds", "0", "--poll-seconds: must be > 0.0, got 0"),
-    ("--batch-timeout-micros", "x", "--batch-timeout-micros: 'x' is not an integer")])
+    ("--poll-seconds", "0", "--poll-seconds: must be from 0.01 to 86400.0, got 0"),
+    ("--batch-timeout-micros", "x", "--batch-timeout-micros: 'x' is not an integer"),
+    # (fuzzing audit: 1e30 was a traceback in the poller thread, which was gone for good;
+    # 1e-300 a poll loop that spun; 10**30 rows, threads or micros started the server)
+    ("--poll-seconds", "1e30", "--poll-seconds: must be from 0.01 to 86400.0, got 1e30"),
+    ("--poll-seconds", "1e-300", "--poll-seconds: must be from 0.01 to 86400.0, got 1e-300"),
+    ("--max-batch-size", str(10**30), f"--max-batch-size: must be <= 2147483647, got {10**30}"),
+    ("--num-versions", str(2**31), f"--num-versions: must be <= 2147483647, got {2**31}"),
+    ("--batch-timeout-micros", str(10**30), "--batch-timeout-micros: must be <= 3600000000"),
+    # an empty name served a model no client could name
+    ("--model-name", "", "--model-name: must be a non-empty name without spaces, got ''"),
+    ("--model-name", "a b", "--model-name: must be a non-empty name without spaces")])
 def test_bad_numbers_are_one_line_usage_errors(tmp_path, capsys, option, value, message):
     """gRPC takes a port number modulo 65536 or binds any free port for one it cannot use
     (-5 served on 65531): a bad number is refused before anything is loaded."""
