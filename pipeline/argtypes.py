@@ -245,6 +245,8 @@ def output_gone(error: OSError) -> bool:
 # Writes to stdout or stderr that failed other than by a reader gone (a full disk under
 # `> log`): `finish` and `exit_with` say the first and end with a status of at least 1.
 _LOST_OUTPUT: list[OSError] = []
+# the errors of an output that has no room (`storage.ROOM_ERRNOS`); any other is raised
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
 class _SurvivesClosedOutput:
@@ -276,6 +278,8 @@ class _SurvivesClosedOutput:
         try:
             return self._stream.write(text)
         except OSError as e:
+            if not (output_gone(e) or e.errno in _NO_ROOM):
+                raise
             self._closed(e)
             return len(text)
 
@@ -283,6 +287,8 @@ class _SurvivesClosedOutput:
         try:
             self._stream.flush()
         except OSError as e:
+            if not (output_gone(e) or e.errno in _NO_ROOM):
+                raise
             self._closed(e)
             try:  # what the buffer held goes to /dev/null now
                 self._stream.flush()

@@ -1355,3 +1355,27 @@ def test_progress_is_a_notebook_s_only_in_a_running_kernel(monkeypatch):
     assert argtypes.in_notebook()
     monkeypatch.setattr(IPython, "get_ipython", lambda: types.SimpleNamespace())  # a terminal's
     assert not argtypes.in_notebook()
+
+
+def test_an_output_without_room_is_dropped_and_said_and_other_errors_are_raised(monkeypatch):
+    """stdout on a full disk: the write is dropped (the command goes on to its end) and
+    kept for its last line; an error that is neither a reader gone nor a want of room is
+    raised as before, not hidden."""
+    import errno as errno_lib
+
+    class Failing:
+        def __init__(self, code):
+            self.code = code
+
+        def write(self, text):
+            raise OSError(self.code, os.strerror(self.code))
+
+    monkeypatch.setattr(argtypes, "_LOST_OUTPUT", [])
+    full = argtypes._SurvivesClosedOutput(Failing(errno_lib.ENOSPC))
+    assert full.write("summary\n") == len("summary\n")
+    assert [e.errno for e in argtypes._LOST_OUTPUT] == [errno_lib.ENOSPC]
+    gone = argtypes._SurvivesClosedOutput(Failing(errno_lib.EPIPE))
+    assert gone.write("x") == 1 and len(argtypes._LOST_OUTPUT) == 1  # (a reader gone: silent)
+    with pytest.raises(OSError) as raised:
+        argtypes._SurvivesClosedOutput(Failing(errno_lib.EINVAL)).write("x")
+    assert raised.value.errno == errno_lib.EINVAL
