@@ -19,7 +19,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from pipeline.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402,F401
+from pipeline.argtypes import INT32_MAX, INT64_MAX, at_most, non_empty, number  # noqa: E402,F401
 from pipeline.argtypes import Parser  # noqa: E402,F401 - one-line usage errors
+from pipeline.synthetic import MAX_USERS  # noqa: E402
+
+# argparse types of the benchmarks' sizes, bounded so that a value past what the code can
+# hold is one usage line at once, not a traceback (or hours of work) after the start:
+# synthetic users as `pipeline.synthetic --users` takes them, but at least 2: one user's
+# sessions all fall in the pipeline's valid and test splits (its time split), and an empty
+# train split has no batch to train on
+user_count = number(int, 2, high=MAX_USERS)
+# a tensor's dimension (batch rows, sessions, items per session, negatives, a catalogue):
+# TensorFlow holds shapes in 32 bits
+dimension = number(int, 1, high=INT32_MAX)
+# steps (a Python count, which the training step's counter holds in 64 bits)
+step_count = at_most(INT64_MAX, positive_int)
+non_negative_step_count = at_most(INT64_MAX, non_negative_int)
 MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width
 _START = time.perf_counter()
@@ -35,6 +50,38 @@ def quick_values(parser, argv, args, **values) -> None:
     for key, value in values.items():
         if getattr(seen, key) is unset:
             setattr(args, key, value)
+
+
+def check_data(parser, option: str, data_dir: str) -> None:
+    """A data folder the command line gave (`--data DIR`) is a pipeline output, checked
+    before any other work: `parser.error` (one usage line) where it is not."""
+    from pipeline import schema
+
+    try:
+        schema.read_stats(data_dir)
+        schema.read_vocabulary(data_dir)
+    except schema.DataError as e:
+        parser.error(f"{option}: {e}")
+
+
+def check_log_size(parser, option: str, users: int, sessions: tuple[int, int] = (5, 30)) -> None:
+    """A synthetic log of `users` users that `pipeline.synthetic` would hold in memory
+    (its `MAX_LOG_EVENTS`), or `parser.error` naming `option`."""
+    from pipeline import synthetic
+
+    events = synthetic.expected_events(users, sessions)
+    if events > synthetic.MAX_LOG_EVENTS:
+        parser.error(f"{option} {users} makes a synthetic log of about {events:,} events, over "
+                     f"the {synthetic.MAX_LOG_EVENTS:,} that pipeline.synthetic holds in memory")
+
+
+def check_batch(parser, batch_size: int, sessions_per_batch: int, max_session_length: int) -> None:
+    """A batch of at most 2**30 positions (B x S x L), as `model.train` takes (TensorFlow
+    computes a batch's shapes in 32 bits), or `parser.error`."""
+    positions = batch_size * sessions_per_batch * max_session_length
+    if positions > 2**30:
+        parser.error(f"--batch-size x --sessions-per-batch x --max-session-length must be at "
+                     f"most 2**30 positions a batch, got {positions:,}")
 
 
 def log(message: str) -> None:
@@ -329,10 +376,15 @@ def prebuilt_batches(users, batch_size: int, sessions: int, length: int, count: 
 
     from model import batching
 
+    from pipeline import schema
+
     batcher = batching.QueueBatcher(lambda: users, batch_size, sessions, length, seed=seed)
     out = []
     for _ in range(count):
-        out.append({k: tf.constant(v) for k, v in batcher.next_batch().items()})
+        batch = batcher.next_batch()
+        if batch is None:  # (an epoch without a session item: so are all the others)
+            raise schema.DataError("the train split has no session items: no batch to train on")
+        out.append({k: tf.constant(v) for k, v in batch.items()})
     return out
 
 
