@@ -25,6 +25,10 @@ import psutil
 import bench_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the log is held as a list of rows (about 200 bytes an event) before it is written
+MAX_EVENTS = 100_000_000
+# the pipeline's options that the benchmark sets itself (not to be given after --)
+OWN_OPTIONS = ("--input", "--output", "--format")
 
 
 def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
@@ -83,18 +87,31 @@ def _to_avro(csv_path: str, rows) -> str:
     return path
 
 
-def main(argv=None) -> int:
-    """Generates the log, runs the pipeline, prints the JSON line."""
+def parse_args(argv=None):
     p = bench_lib.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--events", type=bench_lib.positive_int, default=1_000_000)
+    p.add_argument("--events", type=bench_lib.at_most(MAX_EVENTS, bench_lib.positive_int),
+                   default=1_000_000)
     p.add_argument("--quick", action="store_true", help="50,000 events (unless --events)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=bench_lib.non_negative_int, default=0)
     p.add_argument("--format", choices=("csv", "parquet", "avro"), default="csv",
                    help="the log's file format")
-    p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after --")
+    p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after -- "
+                   f"(not {', '.join(OWN_OPTIONS)}: this script gives them)")
     args = p.parse_args(argv)
+    for arg in args.pipeline_args:
+        name = arg.split("=", 1)[0]
+        # (the pipeline takes an option's unique prefix too: --out for --output)
+        if len(name) > 2 and name.startswith("--") and any(o.startswith(name) for o in OWN_OPTIONS):
+            p.error(f"{arg} after --: the benchmark gives the pipeline its own "
+                    f"{', '.join(OWN_OPTIONS)} (its log's format: --format before --)")
     if args.quick:
         bench_lib.quick_values(p, argv, args, events=50_000)
+    return args
+
+
+def main(argv=None) -> int:
+    """Generates the log, runs the pipeline, prints the JSON line."""
+    args = parse_args(argv)
     n = args.events
     sys.path.insert(0, REPO)
     from pipeline import synthetic
