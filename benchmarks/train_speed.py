@@ -49,29 +49,32 @@ import tempfile
 import time
 
 import bench_lib
+from pipeline.synthetic import MAX_ITEMS
 
 SETTINGS = ("softmax", "sampled")
 
 
 def parse_args(argv):
     p = bench_lib.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", help="pipeline output folder (default: a fresh synthetic log)")
+    p.add_argument("--data", type=bench_lib.non_empty,
+                   help="pipeline output folder (default: a fresh synthetic log)")
     p.add_argument("--quick", action="store_true", help="small data and few steps (< 2 min)")
-    p.add_argument("--users", type=bench_lib.positive_int, default=2300,
+    p.add_argument("--users", type=bench_lib.user_count, default=2300,
                    help="synthetic users without --data")
-    p.add_argument("--steps", type=bench_lib.positive_int,
+    p.add_argument("--steps", type=bench_lib.step_count,
                    help="timed steps per model and setting (default 120)")
     p.add_argument("--rounds", type=bench_lib.positive_int,
                    help="turns the timed steps are split into (default 6)")
-    p.add_argument("--warmup", type=bench_lib.non_negative_int, default=3,
+    p.add_argument("--warmup", type=bench_lib.non_negative_step_count, default=3,
                    help="untimed steps first (tracing)")
-    p.add_argument("--batch-size", type=bench_lib.positive_int, default=32)
-    p.add_argument("--sessions-per-batch", type=bench_lib.positive_int, default=10)
-    p.add_argument("--max-session-length", type=bench_lib.positive_int, default=20)
-    p.add_argument("--num-negatives", type=bench_lib.positive_int, default=256)
-    p.add_argument("--catalogue", type=bench_lib.positive_int,
+    p.add_argument("--batch-size", type=bench_lib.dimension, default=32)
+    p.add_argument("--sessions-per-batch", type=bench_lib.dimension, default=10)
+    p.add_argument("--max-session-length", type=bench_lib.dimension, default=20)
+    p.add_argument("--num-negatives", type=bench_lib.dimension, default=256)
+    # (the item tables of this many rows, 128 wide, and their optimizer's moments)
+    p.add_argument("--catalogue", type=bench_lib.number(int, 1, high=MAX_ITEMS),
                    help="items of the large-catalogue setting (default 500,000; 20,000 with --quick)")
-    p.add_argument("--input-pairs", type=bench_lib.positive_int,
+    p.add_argument("--input-pairs", type=bench_lib.step_count,
                    help="pairs of 10-step blocks of the input measurement (default 48; "
                         "2 with --quick)")
     p.add_argument("--probe", action="store_true",
@@ -91,6 +94,11 @@ def parse_args(argv):
         # (S = 2: each slot of HRNN and GRU4Rec costs over a second of tracing per setting)
         bench_lib.quick_values(p, argv, args, users=100, warmup=1, batch_size=16,
                                sessions_per_batch=2)
+    bench_lib.check_batch(p, args.batch_size, args.sessions_per_batch, args.max_session_length)
+    if args.data is None:
+        bench_lib.check_log_size(p, "--users", args.users)
+    else:  # a bad folder is said here, before TensorFlow's start
+        bench_lib.check_data(p, "--data", args.data)
     return args
 
 
@@ -372,7 +380,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bench_lib.start(args)
 
-    if args.data:
+    if args.data is not None:
         result = measure(args, args.data)
     else:
         with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
