@@ -56,22 +56,25 @@ PROBES = ("hiertcn", "tcn_streaming", "tcn_whole_history")
 
 def parse_args(argv):
     p = bench_lib.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--ml1m", help="pipeline output of ml-1m (default: built from "
-                                  "../shared/data/ml-1m; --quick: its first 30,000 rows)")
-    p.add_argument("--synthetic", help="pipeline output of a synthetic log (default: built)")
+    p.add_argument("--ml1m", type=bench_lib.non_empty,
+                   help="pipeline output of ml-1m (default: built from ../shared/data/ml-1m; "
+                        "--quick: its first 30,000 rows)")
+    p.add_argument("--synthetic", type=bench_lib.non_empty,
+                   help="pipeline output of a synthetic log (default: built)")
     p.add_argument("--quick", action="store_true", help="small data, few steps (< 2 min)")
-    p.add_argument("--users", type=bench_lib.positive_int, default=2000,
+    p.add_argument("--users", type=bench_lib.user_count, default=2000,
                    help="synthetic users when built")
-    p.add_argument("--long-users", type=bench_lib.positive_int, default=200,
+    p.add_argument("--long-users", type=bench_lib.user_count, default=200,
                    help="users of the long-history synthetic log when built")
-    p.add_argument("--long-sessions", default="400,600", metavar="MIN,MAX",
+    p.add_argument("--long-sessions", type=session_range, default="400,600", metavar="MIN,MAX",
                    help="sessions per user of the long-history synthetic log")
-    p.add_argument("--batch-size", type=bench_lib.positive_int, default=32)
-    p.add_argument("--sessions-per-batch", type=bench_lib.positive_int, default=10)
-    p.add_argument("--max-session-length", type=bench_lib.positive_int, default=20)
-    p.add_argument("--truncation", type=bench_lib.non_negative_int, default=0,
+    p.add_argument("--batch-size", type=bench_lib.dimension, default=32)
+    p.add_argument("--sessions-per-batch", type=bench_lib.dimension, default=10)
+    p.add_argument("--max-session-length", type=bench_lib.dimension, default=20)
+    p.add_argument("--truncation", type=bench_lib.at_most(bench_lib.INT32_MAX,
+                                                          bench_lib.non_negative_int), default=0,
                    help="flat TCN history cap in tokens (0: whole histories)")
-    p.add_argument("--steps", type=bench_lib.positive_int,
+    p.add_argument("--steps", type=bench_lib.step_count,
                    help="training steps of each peak-memory probe (default 20)")
     p.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -80,7 +83,32 @@ def parse_args(argv):
         args.steps = 3 if args.quick else 20
     if args.quick:
         bench_lib.quick_values(p, argv, args, users=150, long_users=8)
+    bench_lib.check_batch(p, args.batch_size, args.sessions_per_batch, args.max_session_length)
+    if args.probe is None:
+        # the given folders before the minutes of building the others (a bad one was said
+        # only when it was read, after them)
+        for option, data_dir in (("--ml1m", args.ml1m), ("--synthetic", args.synthetic)):
+            if data_dir is not None:
+                bench_lib.check_data(p, option, data_dir)
+        if args.synthetic is None:
+            bench_lib.check_log_size(p, "--users", args.users)
+        bench_lib.check_log_size(p, "--long-users", args.long_users, args.long_sessions)
     return args
+
+
+def session_range(text: str) -> tuple[int, int]:
+    """`--long-sessions`: MIN,MAX sessions per user, 1 <= MIN <= MAX, as
+    `pipeline.synthetic --sessions` takes them."""
+    from pipeline import synthetic
+
+    try:
+        low, high = synthetic.parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 1 <= low <= high <= synthetic.MAX_SESSIONS:
+        raise argparse.ArgumentTypeError(
+            f"must be MIN,MAX with 1 <= MIN <= MAX <= {synthetic.MAX_SESSIONS:,}, got {text!r}")
+    return low, high
 
 
 def history_tokens(sessions) -> int:
@@ -230,18 +258,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if bench_lib.start(args, probe):
         return 0
-    from pipeline import synthetic
-
-    try:
-        args.long_sessions = synthetic.parse_range(args.long_sessions)
-    except ValueError as e:
-        print(f"error: --long-sessions {e}", file=sys.stderr)
-        return 2
     result = {"benchmark": "data_memory"}
     with tempfile.TemporaryDirectory(prefix="data-memory-") as tmp:
         bench_lib.log("data")
-        sets = {"ml1m": args.ml1m or ml1m_data(tmp, args.quick)}
-        if args.synthetic:
+        sets = {"ml1m": args.ml1m if args.ml1m is not None else ml1m_data(tmp, args.quick)}
+        if args.synthetic is not None:
             sets["synthetic"] = args.synthetic
         else:
             sets["synthetic"] = os.path.join(tmp, "syn")
