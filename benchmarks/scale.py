@@ -34,13 +34,15 @@ import bench_lib
 
 
 def user_counts(text: str) -> list[int]:
-    """`--sizes`: comma-separated user counts, each >= 1."""
+    """`--sizes`: comma-separated user counts, each from 1 to `pipeline.synthetic`'s
+    most users (a stream of more would take hours to walk to its middle)."""
     try:
         sizes = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"every size must be >= 1, got {text!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) > bench_lib.MAX_USERS:
+        raise argparse.ArgumentTypeError(
+            f"every size must be from 1 to {bench_lib.MAX_USERS}, got {text!r}")
     if len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(f"each size once, got {text!r}")
     return sorted(sizes)  # memory_growth and the rate ratio: the largest over the smallest
@@ -50,21 +52,25 @@ def parse_args(argv):
     p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=user_counts, default="10000,100000,1000000",
                    help="users per size, comma-separated")
-    p.add_argument("--base-users", type=bench_lib.positive_int, default=1000,
+    p.add_argument("--base-users", type=bench_lib.user_count, default=1000,
                    help="synthetic users in the base population")
-    p.add_argument("--data", help="pipeline folder of the base population (default: built)")
-    p.add_argument("--steps", type=bench_lib.positive_int, help="timed steps per size (default 40)")
-    p.add_argument("--warmup", type=bench_lib.non_negative_int, default=3)
+    p.add_argument("--data", type=bench_lib.non_empty,
+                   help="pipeline folder of the base population (default: built)")
+    p.add_argument("--steps", type=bench_lib.step_count, help="timed steps per size (default 40)")
+    p.add_argument("--warmup", type=bench_lib.non_negative_step_count, default=3)
     p.add_argument("--repeats", type=int, choices=[1, 2], default=2,
                    help="processes per size (2: sizes in order, then in reverse)")
     p.add_argument("--quick", action="store_true", help="sizes 1k, 10k; few steps (< 2 min)")
-    p.add_argument("--probe", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--probe", type=bench_lib.number(int, 1, high=bench_lib.MAX_USERS),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 5 if args.quick else 40
     if args.quick:
         bench_lib.quick_values(p, argv, args, sizes=[1000, 10000], base_users=300, warmup=1,
                                repeats=1)
+    if args.data is None:
+        bench_lib.check_log_size(p, "--base-users", args.base_users)
     return args
 
 
@@ -116,14 +122,14 @@ def main(argv=None) -> int:
     if bench_lib.start(args, probe):
         return 0
     sizes = args.sizes
-    if args.data:  # a bad folder is said here, not in each probe's traceback
+    if args.data is not None:  # a bad folder is said here, not in each probe's traceback
         from pipeline import schema
 
         schema.read_stats(args.data)
         schema.read_vocabulary(args.data)
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         data = args.data
-        if not data:
+        if data is None:
             bench_lib.log(f"base population: {args.base_users} synthetic users through the pipeline")
             data = os.path.join(tmp, "base")
             bench_lib.make_synthetic(data, args.base_users, in_memory=args.quick)
