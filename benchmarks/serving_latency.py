@@ -44,6 +44,7 @@ import bench_lib  # noqa: E402 - this folder
 ITEMS = 50_000
 SESSION_LENGTH = 10
 K = 20
+MAX_HISTORY_ITEMS = 100_000
 CLIENTS = 8
 BATCH_TIMEOUT_MICROS = 5000  # only waited for while other clients' requests are in flight
 NAME = "hiertcn"
@@ -114,12 +115,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
     parser.add_argument("--repeat-head", action="store_true",
                         help="the default model with the repeat head (requests carry its history_size items)")
-    parser.add_argument("--history-items", type=int,
+    # (each request carries them as strings: 64 requests are built, and one request over
+    # gRPC's message size limit would fail)
+    parser.add_argument("--history-items", type=bench_lib.at_most(MAX_HISTORY_ITEMS,
+                                                                  bench_lib.non_negative_int),
                         help="with --repeat-head: history items per request (default: the "
                              "model's history_size)")
     args = parser.parse_args(argv)
-    if args.history_items is not None and (args.history_items < 0 or not args.repeat_head):
-        parser.error("--history-items needs --repeat-head and a count >= 0")
+    if args.history_items is not None and not args.repeat_head:
+        parser.error("--history-items needs --repeat-head")
     history = HierTCNConfig().history_size if args.repeat_head else 0
     if args.history_items is not None:
         history = args.history_items
