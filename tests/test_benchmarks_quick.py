@@ -204,3 +204,93 @@ def test_flat_tcn_taps_on_its_users_left_padding_are_not_counted():
         3 * (1.25 * taps * 2 * 128 * 128 + 2 * 128 * 257))
     assert bench_lib.flops_per_event("tcn", config, 1000, 0.25) == pytest.approx(
         3 * (1.25 * 30 * 2 * 128 * 128 + 2 * 128 * 257))
+
+
+HUGE = str(10 ** 30)
+
+
+def _usage_error(capsys, name: str, argv: list[str], option: str) -> str:
+    """`name`'s parse_args on `argv` ends in one `error:` line naming `option` (status 2),
+    before any work: the line."""
+    module = _benchmark_module(name)
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{os.path.basename(sys.argv[0])}: error: ")
+    assert option in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--quick", "--seed", "-1"], "--seed"),
+    (["--events", HUGE], "--events"),
+    (["--quick", "--", "--output", "/tmp/x"], "--output"),
+    (["--quick", "--", "--input=log.csv"], "--input"),
+    (["--quick", "--", "--out", "/tmp/x"], "--out"),
+    (["--", "--format", "csv"], "--format"),
+])
+def test_pipeline_throughput_refuses_bad_options_at_once(capsys, argv, option):
+    """(--seed -1 was numpy's ValueError traceback; --output after -- a FileNotFoundError
+    after the whole run: the script gives the pipeline its --input, --output and --format)"""
+    _usage_error(capsys, "pipeline_throughput", argv, option)
+
+
+def test_pipeline_throughput_passes_other_options_on():
+    args = _benchmark_module("pipeline_throughput").parse_args(
+        ["--quick", "--", "--overwrite", "--direct_num_workers", "1"])
+    assert args.pipeline_args == ["--overwrite", "--direct_num_workers", "1"]
+
+
+@pytest.mark.parametrize("name, option", [
+    ("train_speed", "--data"), ("scale", "--data"),
+    ("data_memory", "--ml1m"), ("data_memory", "--synthetic")])
+def test_an_empty_data_folder_is_refused(capsys, name, option):
+    """(an empty value was taken as the option left out: the script built its own data)"""
+    _usage_error(capsys, name, [option, ""], option)
+
+
+@pytest.mark.parametrize("name, option", [
+    *[("train_speed", o) for o in ("--users", "--steps", "--batch-size", "--sessions-per-batch",
+                                   "--input-pairs", "--warmup", "--max-session-length",
+                                   "--num-negatives", "--catalogue")],
+    *[("data_memory", o) for o in ("--users", "--long-users", "--batch-size",
+                                   "--sessions-per-batch", "--steps", "--truncation",
+                                   "--max-session-length")],
+    *[("scale", o) for o in ("--sizes", "--base-users", "--steps", "--warmup")]])
+def test_a_huge_count_is_refused(capsys, name, option):
+    """(each started real work, or ended in a traceback after TensorFlow's start)"""
+    _usage_error(capsys, name, [option, HUGE], option)
+
+
+@pytest.mark.parametrize("name, argv, option", [
+    ("train_speed", ["--users", "1"], "--users"),  # (an empty train split: no batch)
+    ("train_speed", ["--users", "9999999"], "--users"),  # (over synthetic's events in memory)
+    ("train_speed", ["--batch-size", "65536", "--sessions-per-batch", "65536"], "--batch-size"),
+    ("data_memory", ["--max-session-length", "65536", "--batch-size", "65536"], "--batch-size"),
+    *[("data_memory", ["--long-sessions", v], "--long-sessions")
+      for v in ("600,400", "0,0", f"1,{HUGE}", "400")]])
+def test_sizes_the_scripts_cannot_run_with_are_refused(capsys, name, argv, option):
+    _usage_error(capsys, name, argv, option)
+
+
+def test_data_memory_checks_given_folders_first(capsys, tmp_path):
+    """(a missing folder, a file or a folder that is no pipeline output was said only when
+    read, after minutes of building the other data sets)"""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for option in ("--ml1m", "--synthetic"):
+        for path in ("missing", "file", "empty"):
+            err = _usage_error(capsys, "data_memory", [option, str(tmp_path / path)], option)
+            assert "stats.json" in err
+
+
+def test_serving_latency_refuses_a_huge_history_at_once():
+    """(--history-items 10**30 was a traceback after the export was built)"""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serving_latency.py"),
+                           "--repeat-head", "--history-items", HUGE], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("serving_latency.py: error: argument --history-items"), proc.stderr
+    assert "Traceback" not in proc.stderr
