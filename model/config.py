@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import types
@@ -401,15 +402,20 @@ class TrainConfig(ConfigBase):
                f"train.learning_rate must be > 0 and <= {MAX_LEARNING_RATE:g}, got "
                f"{self.learning_rate}")
         _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
-        _check(self.clipnorm >= 0, f"train.clipnorm must be >= 0, got {self.clipnorm}")
-        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        # (inf was accepted: a weight decay of inf trains to nan, a decay factor of inf sets
+        # the rate to 0 at the first decay point; clipnorm inf is no clipping, which 0 says)
+        _check(0 <= self.clipnorm < math.inf,
+               f"train.clipnorm must be >= 0 and finite, got {self.clipnorm}")
+        _check(0 <= self.weight_decay < math.inf,
+               f"train.weight_decay must be >= 0 and finite, got {self.weight_decay}")
         _check(self.optimizer in ("lazy_adam", "adam"),
                f"train.optimizer must be 'lazy_adam' or 'adam', got {self.optimizer!r}")
         _check(self.lr_schedule in ("step", "constant"),
                f"train.lr_schedule must be 'step' or 'constant', got {self.lr_schedule!r}")
         _check(all(0 < f < 1 for f in self.lr_decay_at),
                f"train.lr_decay_at must be fractions in (0, 1), got {list(self.lr_decay_at)}")
-        _check(self.lr_decay_factor >= 1, f"train.lr_decay_factor must be >= 1, got {self.lr_decay_factor}")
+        _check(1 <= self.lr_decay_factor < math.inf,
+               f"train.lr_decay_factor must be >= 1 and finite, got {self.lr_decay_factor}")
         _check(self.strategy in ("default", "mirrored") or self.strategy.startswith("one_device:"),
                f"train.strategy must be 'default', 'mirrored' or 'one_device:DEVICE', got {self.strategy!r}")
 
