@@ -20,6 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from pipeline.argtypes import non_negative_int, positive_float, positive_int  # noqa: E402,F401
 from pipeline.argtypes import INT32_MAX, INT64_MAX, at_most, non_empty, number  # noqa: E402,F401
+from pipeline.argtypes import positive_count  # noqa: E402
 from pipeline.argtypes import Parser  # noqa: E402,F401 - one-line usage errors
 from pipeline.synthetic import MAX_USERS  # noqa: E402
 
@@ -33,7 +34,7 @@ user_count = number(int, 2, high=MAX_USERS)
 # TensorFlow holds shapes in 32 bits
 dimension = number(int, 1, high=INT32_MAX)
 # steps (a Python count, which the training step's counter holds in 64 bits)
-step_count = at_most(INT64_MAX, positive_int)
+step_count = positive_count
 non_negative_step_count = at_most(INT64_MAX, non_negative_int)
 MODEL_NAMES = ("hiertcn", "hrnn", "gru4rec", "tcn")
 HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width

@@ -16,8 +16,7 @@ TRAIN = config_lib.TrainConfig()  # the defaults --help names
 # (int64), bounded when read (`--batch-size 10**30` was a traceback after TensorFlow's
 # start); their lower bounds are the config's, named by key (`config.TrainConfig.validate`)
 SIZE, COUNT = argtypes.at_most(argtypes.INT32_MAX), argtypes.at_most(argtypes.INT64_MAX)
-POSITIVE_SIZE = argtypes.at_most(argtypes.INT32_MAX, argtypes.positive_int)
-POSITIVE_COUNT = argtypes.at_most(argtypes.INT64_MAX, argtypes.positive_int)
+POSITIVE_SIZE, POSITIVE_COUNT = argtypes.positive_size, argtypes.positive_count
 TRAIN_DESCRIPTION = ("Trains a model on a pipeline data folder: `python -m model.train --data DIR "
                      "--model-dir RUN`.")
 

@@ -518,8 +518,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                              "consumed once; choose it on --split valid")
     # (sizes are bounded as 32-bit, counts of users by islice's int64: --neighbour-sample
     # 10**30 was an OverflowError traceback, --max-users 10**30 islice's ValueError)
-    size = argtypes.at_most(argtypes.INT32_MAX, argtypes.positive_int)
-    count = argtypes.at_most(argtypes.INT64_MAX, argtypes.positive_int)
+    size, count = argtypes.positive_size, argtypes.positive_count
     parser.add_argument("--neighbours", type=size, metavar="K",
                         help=f"with --model sknn: neighbour sessions per prediction (default "
                              f"{baselines.SKNN_K}); choose it on --split valid")

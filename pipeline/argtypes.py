@@ -14,6 +14,8 @@ import sys
 import unicodedata
 from typing import Callable
 
+from pipeline import storage
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (`PROG: error: MESSAGE (see --help)`), not the
@@ -129,6 +131,10 @@ def at_most(high: int, base: Callable[[str], int] | None = None) -> Callable[[st
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 positive_int = number(int, 1)
 non_negative_int = number(int, 0)
+# a positive size (a tensor's dimension, a count of threads or rows: 32 bits) and a positive
+# count of steps, events or users (64 bits), bounded so that a value past them is one line
+positive_size = at_most(INT32_MAX, positive_int)
+positive_count = at_most(INT64_MAX, positive_int)
 positive_float = number(float, 0.0, strict=True)
 port = number(int, 0, high=65535)  # 0: any free port
 top_k = number(int, 1, high=2**31 - 1)  # how many items: into an int32 tensor, none is no answer
@@ -245,8 +251,6 @@ def output_gone(error: OSError) -> bool:
 # Writes to stdout or stderr that failed other than by a reader gone (a full disk under
 # `> log`): `finish` and `exit_with` say the first and end with a status of at least 1.
 _LOST_OUTPUT: list[OSError] = []
-# the errors of an output that has no room (`storage.ROOM_ERRNOS`); any other is raised
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
 class _SurvivesClosedOutput:
@@ -278,7 +282,7 @@ class _SurvivesClosedOutput:
         try:
             return self._stream.write(text)
         except OSError as e:
-            if not (output_gone(e) or e.errno in _NO_ROOM):
+            if not (output_gone(e) or e.errno in storage.ROOM_ERRNOS):
                 raise
             self._closed(e)
             return len(text)
@@ -287,7 +291,7 @@ class _SurvivesClosedOutput:
         try:
             self._stream.flush()
         except OSError as e:
-            if not (output_gone(e) or e.errno in _NO_ROOM):
+            if not (output_gone(e) or e.errno in storage.ROOM_ERRNOS):
                 raise
             self._closed(e)
             try:  # what the buffer held goes to /dev/null now

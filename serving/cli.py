@@ -55,7 +55,7 @@ state_db.__name__ = "state database path"
 # serving.server's bounds on its counts and times: past them a value was a traceback in a
 # thread (--poll-seconds 1e30: "timestamp out of range", the poller gone for good) or a
 # poll loop that spun (--poll-seconds 1e-300: 72% of a core while idle)
-SERVER_COUNT = argtypes.at_most(argtypes.INT32_MAX, argtypes.positive_int)
+SERVER_COUNT = argtypes.positive_size
 POLL_SECONDS = argtypes.number(float, 0.01, high=86_400.0)
 BATCH_TIMEOUT_MICROS = argtypes.at_most(3_600_000_000, argtypes.non_negative_int)
 
