@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
@@ -504,6 +505,11 @@ def _json_items(text: str) -> list[str]:
     return items
 
 
+# prune --inactive-days: more than 0 (a user is inactive from the moment of a write) and at
+# most 100,000 days (274 years: a cut-off time before the epoch keeps everyone)
+INACTIVE_DAYS = argtypes.number(float, 0.0, strict=True, high=100_000.0)
+
+
 def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     """CLI entry point; returns the exit status. `command` (`python -m serving.client`):
     stop signals are ignored once an end-session is stored."""
@@ -512,10 +518,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                                      formatter_class=argtypes.DefaultsHelpFormatter)
     cli.add_connection_args(parser, timeout=10.0)
     parser.add_argument("--model-name", type=cli.model_name,
-                        help="the served model's name (required but for forget)")
+                        help="the served model's name (required but for forget and prune)")
     parser.add_argument("--state-db", default="user_states.sqlite", type=cli.state_db,
                         help="SQLite file of user states (created when missing, but by "
-                             "forget)")
+                             "forget and prune)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--history-width", type=argtypes.positive_int, default=None,
                         help="fixed history_items width (for TF Serving with --enable_batching)")
@@ -545,10 +551,23 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     forget = commands.add_parser("forget", help="delete a user's stored states and history "
                                  "(in --state-db; no server needed)")
     forget.add_argument("--user", required=True)
+    prune = commands.add_parser(
+        "prune", help="delete the records of users whose newest record is older than "
+        "--inactive-days (in --state-db; no server needed)")
+    prune.add_argument("--inactive-days", type=INACTIVE_DAYS, required=True, metavar="DAYS",
+                       help="a user whose newest record (end-session, backfill or a "
+                            "rebuild by recommend) was written more than DAYS days ago goes")
+    prune.add_argument("--dry-run", action="store_true", help="count them, delete nothing")
+    prune.add_argument("--vacuum", action="store_true",
+                       help="then give the freed space back to the disk (rewrites the file: "
+                            "it needs as much room free, and writers wait while it runs)")
+    prune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     for sub in commands.choices.values():  # --json after the command as well as before it
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                          help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.command == "prune":
+        return _prune(args)
     if args.command != "forget" and not args.model_name:
         parser.error(f"{args.command} needs --model-name")
     if args.command == "end-session" and not _items(args):
@@ -619,6 +638,57 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
               file=sys.stderr)
         return 130
     print(json.dumps(result) if args.json else text)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """`prune`: the records of users inactive for `--inactive-days`, deleted in batches (a
+    stop keeps the batches done: run it again to go on), then `--vacuum`."""
+    if not os.path.isfile(args.state_db):
+        print(f"error: state database {args.state_db} does not exist", file=sys.stderr)
+        return 1
+    before = time.time() - args.inactive_days * 86_400
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(before))
+    done = None
+    from tqdm import tqdm
+    bar = tqdm(desc="prune", unit="user", file=sys.stderr, mininterval=1.0,
+               disable=args.no_progress or args.json or not sys.stderr.isatty())
+    try:
+        with argtypes.sigterm_as_interrupt(), bar, \
+                state_store.SQLiteStateStore(args.state_db) as store:
+            done = store.prune(before, dry_run=args.dry_run, progress=bar.update)
+            size = os.path.getsize(args.state_db)
+            free = store.free_bytes()
+            if args.vacuum and not args.dry_run:
+                store.vacuum()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted" + ("" if args.dry_run else
+                               "; the users pruned so far stay deleted: run it again to go on"),
+              file=sys.stderr)
+        return 130
+    vacuumed = args.vacuum and not args.dry_run
+    after = os.path.getsize(args.state_db) if vacuumed else size
+    result = {"state_db": args.state_db, "before": when, "dry_run": args.dry_run,
+              "users": done.users, "records": done.records, "kept_users": done.kept_users,
+              "free_bytes": free, "file_bytes": after, "vacuumed": vacuumed}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    verb = "would prune" if args.dry_run else "pruned"
+    text = (f"{verb} {done.users:,} user{'s' * (done.users != 1)} ({done.records:,} "
+            f"record{'s' * (done.records != 1)}) whose newest record was written before "
+            f"{when}; {done.kept_users:,} kept: {args.state_db}")
+    if args.dry_run:
+        text += " (--dry-run: nothing deleted)"
+    elif vacuumed:
+        text += f"; vacuumed: {size / 2**20:,.1f} MB -> {after / 2**20:,.1f} MB"
+    elif free:
+        text += (f"; {free / 2**20:,.1f} MB free inside the file, reused by later writes "
+                 "(--vacuum gives it back to the disk)")
+    print(text)
     return 0
 
 

@@ -14,7 +14,8 @@ replaced in place), so each record also keeps the model's fingerprint (its outpu
 fixed probe, `serving.client.HierTCNClient.fingerprint`): a record of the same version
 number from another model is rebuilt the same way.
 
-`StateStore` is the small interface (get / latest / put / delete); `SQLiteStateStore` is
+`StateStore` is the small interface (get / latest / put / delete, and prune: the users
+inactive since a cut-off, a retention limit); `SQLiteStateStore` is
 the default (one file, WAL journal, one atomic write per put). A write can be made
 conditional on the user's newest record (`put(..., expected=record)`), so that two
 processes ending sessions of one user at the same time never lose one of them:
@@ -236,6 +237,33 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, user_id: str) -> int:
         """Deletes every record of the user; returns how many there were."""
+
+    def prune(self, before: float, dry_run: bool = False,
+              progress: Callable[[int], None] | None = None) -> "Pruned":
+        """Deletes every record of the users whose newest record was written before
+        `before` (seconds since the epoch; `UserState.updated`): users who ended no
+        session since, a retention limit on personal data. A user with one recent record
+        keeps all of them.
+
+        Args:
+          before: the cut-off time.
+          dry_run: count them, delete nothing.
+          progress: called with the number of users looked at since its last call.
+
+        Returns:
+          What was (or, with `dry_run`, would be) deleted, and what is kept.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot prune")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    """What `StateStore.prune` deleted (or would delete, `dry_run`)."""
+
+    users: int  # users whose records went
+    records: int  # their records (a user keeps up to `versions_kept`)
+    kept_users: int  # users with a record written since the cut-off
+    dry_run: bool
 
 
 class SQLiteStateStore(StateStore):
@@ -471,6 +499,70 @@ class SQLiteStateStore(StateStore):
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cannot write to state database {self.path}: {e}; "
                              f"{_advice(e)}") from None
+
+
+    # users looked at per transaction of `prune`: the write lock is held for one batch at a
+    # time, so live end-sessions wait milliseconds, not the whole prune
+    PRUNE_BATCH = 1000
+
+    def prune(self, before: float, dry_run: bool = False,
+              progress: Callable[[int], None] | None = None) -> Pruned:
+        if not isinstance(before, (int, float)) or before != before:
+            raise ValueError(f"before must be a time in seconds, got {before!r}")
+        users = records = kept = 0
+        after = None  # the last user id looked at: batches walk the primary key in order
+        while True:
+            with self._lock:
+                try:
+                    # one transaction per batch: its users' newest records are read and
+                    # deleted under the write lock, so an end-session that wrote since the
+                    # batch was read is never lost (a dry run takes no write lock)
+                    self._db.execute("BEGIN" if dry_run else "BEGIN IMMEDIATE")
+                    rows = self._db.execute(
+                        "SELECT user_id, MAX(updated), COUNT(*) FROM user_states "
+                        + ("" if after is None else "WHERE user_id > ? ")
+                        + "GROUP BY user_id ORDER BY user_id LIMIT ?",
+                        (() if after is None else (after,)) + (self.PRUNE_BATCH,)).fetchall()
+                    old = [(user, count) for user, newest, count in rows if newest < before]
+                    if old and not dry_run:
+                        self._db.executemany("DELETE FROM user_states WHERE user_id = ?",
+                                             [(user,) for user, _ in old])
+                    self._db.execute("COMMIT")
+                except BaseException as e:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    if isinstance(e, sqlite3.DatabaseError):
+                        raise ValueError(
+                            f"cannot prune state database {self.path}: {e}; the {users:,} "
+                            "users pruned before it stay deleted, the rest are kept"
+                            + _write_advice(e)) from e
+                    raise
+            if not rows:
+                return Pruned(users, records, kept, dry_run)
+            users += len(old)
+            records += sum(count for _, count in old)
+            kept += len(rows) - len(old)
+            after = rows[-1][0]
+            if progress is not None:
+                progress(len(rows))
+
+    def free_bytes(self) -> int:
+        """Bytes of the file's free pages (after deletes): later writes reuse them, and
+        `vacuum` gives them back to the disk."""
+        pages = self._read("PRAGMA freelist_count", ())[0]
+        return int(pages) * int(self._read("PRAGMA page_size", ())[0])
+
+    def vacuum(self) -> None:
+        """Rewrites the file without its free pages (SQLite's VACUUM), then empties the
+        -wal file. It writes a copy of the live data first (the disk needs that much room
+        free) and holds the write lock while it runs: writers wait (up to the busy timeout)."""
+        try:
+            with self._lock:
+                self._db.execute("VACUUM")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"cannot vacuum state database {self.path}: {e}; its records "
+                             "are unchanged" + _write_advice(e)) from None
 
 
 def _advice(e: sqlite3.DatabaseError) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sqlite3
 import threading
@@ -750,3 +751,101 @@ def test_a_store_on_a_read_only_file_system_is_said_so(read_only_mount):
     with pytest.raises(ValueError, match="read-only file system") as raised:
         SQLiteStateStore(path)
     assert "ask its owner" not in str(raised.value)
+
+
+def _age(path, seconds, where, params=()):
+    """Moves records' write times `seconds` into the past."""
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE user_states SET updated = updated - ? WHERE {where}",
+                   (seconds, *params))
+
+
+def test_prune_deletes_the_users_whose_newest_record_is_older_than_the_cut_off(tmp_path):
+    """A user goes with all their records when the newest is older than the cut-off; a user
+    with one recent record keeps the old ones too. Batches of 2 users walk the whole
+    table; a user written between two batches (a live end-session) is kept."""
+    path = str(tmp_path / "s.sqlite")
+    day = 86_400
+    with SQLiteStateStore(path) as store:
+        store.PRUNE_BATCH = 2
+        for user in ("a", "b", "c", "d", "e", "f", "g"):
+            store.put(user, 1, np.ones(2, np.float32), [["x"]], sessions_total=1)
+        store.put("b", 2, np.ones(2, np.float32), [["x"]], sessions_total=1)
+        store.put("d", 2, np.ones(2, np.float32), [["x"]], sessions_total=1)
+        _age(path, 40 * day, "user_id IN ('a', 'b', 'f', 'g')")
+        _age(path, 40 * day, "user_id = 'd' AND model_version = 1")  # d's v2 is recent
+        before = time.time() - 30 * day
+        seen = []
+        dry = store.prune(before, dry_run=True, progress=seen.append)
+        assert (dry.users, dry.records, dry.kept_users, dry.dry_run) == (4, 5, 3, True)
+        assert seen == [2, 2, 2, 1]
+        assert store._db.execute("SELECT COUNT(*) FROM user_states").fetchone()[0] == 9
+
+        def live_write(n):  # after the first batch, g ends a session
+            if not seen:
+                store.put("g", 1, np.zeros(2, np.float32), [["y"]], sessions_total=2)
+            seen.append(n)
+        seen.clear()
+        done = store.prune(before, progress=live_write)
+        assert (done.users, done.records, done.kept_users, done.dry_run) == (3, 4, 4, False)
+        left = store._db.execute("SELECT user_id, model_version FROM user_states "
+                                 "ORDER BY user_id, model_version").fetchall()
+        assert left == [("c", 1), ("d", 1), ("d", 2), ("e", 1), ("g", 1)]
+        assert store.latest("g").history == ["y"]
+        assert store.prune(before).users == 0
+    with pytest.raises(ValueError, match="before must be a time"):
+        SQLiteStateStore(path).prune(float("nan"))
+
+
+def test_prune_waits_out_a_writer_then_says_the_lock_in_one_error(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    with SQLiteStateStore(path, busy_timeout_s=0.2) as store:
+        store.put("u", 1, np.ones(2, np.float32), [["a"]])
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(ValueError, match="cannot prune state database .*database is "
+                                                 "locked.*try again"):
+                store.prune(time.time() + 10)
+            assert store.prune(time.time() + 10, dry_run=True).users == 1  # (no write lock)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert store.latest("u") is not None
+
+
+def test_prune_command_without_a_server(tmp_path, capsys):
+    from serving import client
+    path = str(tmp_path / "s.sqlite")
+    with SQLiteStateStore(path) as store:
+        big = np.zeros(4096, np.float32)  # 16 KB a record: pages to free
+        for i in range(60):
+            store.put(f"u{i:02d}", 1, big, [["a", "b"]], sessions_total=1)
+    _age(path, 10 * 86_400, "user_id < 'u40'")
+    assert client.main(["--state-db", path, "prune", "--inactive-days", "7", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("would prune 40 users (40 records) whose newest record was written "
+                          "before 20") and out.endswith(f"; 20 kept: {path} (--dry-run: "
+                                                        "nothing deleted)")
+    assert client.main(["--state-db", path, "prune", "--inactive-days", "7"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("pruned 40 users (40 records)")
+    assert "MB free inside the file, reused by later writes (--vacuum gives it back" in out
+    size = os.path.getsize(path)
+    assert client.main(["--state-db", path, "prune", "--inactive-days", "7", "--vacuum",
+                        "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["users"], result["kept_users"], result["vacuumed"]) == (0, 20, True)
+    assert result["free_bytes"] >= 40 * 16_384
+    assert os.path.getsize(path) == result["file_bytes"] < size - 40 * 16_384
+    with SQLiteStateStore(path) as store:
+        assert store.free_bytes() == 0
+        assert store.latest("u59").history == ["a", "b"] and store.latest("u00") is None
+    assert client.main(["--state-db", str(tmp_path / "none.sqlite"), "prune",
+                        "--inactive-days", "1"]) == 1
+    assert "none.sqlite does not exist" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "none.sqlite")
+    for bad in ("0", "-1", "nan", "inf", "1e6"):
+        with pytest.raises(SystemExit):
+            client.main(["--state-db", path, "prune", "--inactive-days", bad])
+        assert "--inactive-days: must be > 0.0 and <= 100000.0" in capsys.readouterr().err
