@@ -401,7 +401,10 @@ class TrainConfig(ConfigBase):
         _check(0 < self.learning_rate <= MAX_LEARNING_RATE,
                f"train.learning_rate must be > 0 and <= {MAX_LEARNING_RATE:g}, got "
                f"{self.learning_rate}")
-        _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0, got {self.max_minutes}")
+        # (inf was accepted as no limit, which 0 says, and written to config.json as
+        # Infinity, which strict JSON readers refuse)
+        _check(0 <= self.max_minutes < math.inf,
+               f"train.max_minutes must be >= 0 (0: no limit) and finite, got {self.max_minutes}")
         # (inf was accepted: a weight decay of inf trains to nan, a decay factor of inf sets
         # the rate to 0 at the first decay point; clipnorm inf is no clipping, which 0 says)
         _check(0 <= self.clipnorm < math.inf,

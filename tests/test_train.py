@@ -627,10 +627,11 @@ def test_a_learning_rate_that_cannot_train_is_refused(rate):
     assert config_lib.TrainConfig(learning_rate=1.0).learning_rate == 1.0
 
 
-@pytest.mark.parametrize("key", ["clipnorm", "weight_decay", "lr_decay_factor"])
+@pytest.mark.parametrize("key", ["clipnorm", "weight_decay", "lr_decay_factor", "max_minutes"])
 def test_an_infinite_training_option_is_refused(key):
     """inf passed `>= 0` (`>= 1`): a weight decay of inf trained to nan, a decay factor of
-    inf set the rate to 0 at its first decay point (fuzzing audit's leftovers)."""
+    inf set the rate to 0 at its first decay point (fuzzing audit's leftovers), a
+    --max-minutes of inf went into config.json as Infinity, which strict JSON refuses."""
     with pytest.raises(config_lib.ConfigError, match=f"train.{key} must be .* and finite, "
                                                      "got inf"):
         config_lib.TrainConfig().replace({key: float("inf")})
