@@ -58,6 +58,8 @@ state_db.__name__ = "state database path"
 SERVER_COUNT = argtypes.positive_size
 POLL_SECONDS = argtypes.number(float, 0.01, high=86_400.0)
 BATCH_TIMEOUT_MICROS = argtypes.at_most(3_600_000_000, argtypes.non_negative_int)
+# the batching options' defaults: given without --enable-batching, they are refused
+BATCHING_DEFAULTS = {"max_batch_size": 64, "batch_timeout_micros": 0, "num_batch_threads": 1}
 
 
 def add_connection_args(parser: argparse.ArgumentParser, timeout: float) -> None:
@@ -159,13 +161,17 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="gRPC port (0 = any free port)")
     parser.add_argument("--enable-batching", action="store_true",
                         help="merge concurrent requests into one model call")
-    parser.add_argument("--max-batch-size", type=SERVER_COUNT, default=64,
-                        help="rows per merged call (a request of more rows is "
-                             "INVALID_ARGUMENT, as TF Serving's)")
-    parser.add_argument("--batch-timeout-micros", type=BATCH_TIMEOUT_MICROS, default=0,
-                        help="how long a batch waits for more requests (0 = take what is queued)")
-    parser.add_argument("--num-batch-threads", type=SERVER_COUNT, default=1,
-                        help="merged calls that may run at the same time")
+    parser.add_argument("--max-batch-size", type=SERVER_COUNT,
+                        help="with --enable-batching: rows per merged call (a request of more "
+                             "rows is INVALID_ARGUMENT, as TF Serving's; default: "
+                             f"{BATCHING_DEFAULTS['max_batch_size']})")
+    parser.add_argument("--batch-timeout-micros", type=BATCH_TIMEOUT_MICROS,
+                        help="with --enable-batching: how long a batch waits for more requests "
+                             "(0 = take what is queued; default: "
+                             f"{BATCHING_DEFAULTS['batch_timeout_micros']})")
+    parser.add_argument("--num-batch-threads", type=SERVER_COUNT,
+                        help="with --enable-batching: merged calls that may run at the same "
+                             f"time (default: {BATCHING_DEFAULTS['num_batch_threads']})")
     parser.add_argument("--poll-seconds", type=POLL_SECONDS, default=1.0,
                         help="how often the base path is scanned for new versions")
     parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,
@@ -189,4 +195,14 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [f"--{key.replace('_', '-')}" for key in BATCHING_DEFAULTS
+             if getattr(args, key) is not None]
+    if given and not args.enable_batching:  # (they were taken and did nothing)
+        parser.error(f"{' and '.join(given)} set{'s' * (len(given) == 1)} how requests are "
+                     "merged, which only --enable-batching does: add it, or leave "
+                     f"{'them' if len(given) > 1 else 'it'} out")
+    for key, default in BATCHING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    return args

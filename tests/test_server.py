@@ -759,6 +759,26 @@ def test_bad_numbers_are_one_line_usage_errors(tmp_path, capsys, option, value, 
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--max-batch-size", "8"], "--max-batch-size sets"),
+    (["--batch-timeout-micros", "0", "--num-batch-threads", "2"],
+     "--batch-timeout-micros and --num-batch-threads set")])
+def test_batching_options_without_batching_are_refused(tmp_path, capsys, options, named):
+    """They were taken and did nothing: a server started with --max-batch-size alone merged
+    no requests, without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        server.main(["--model-base-path", str(tmp_path), "--model-name", NAME, *options])
+    assert exit_.value.code == 2
+    assert f"{named} how requests are merged, which only --enable-batching does" \
+        in capsys.readouterr().err
+    from serving import cli
+    args = cli.server_args(["--model-base-path", str(tmp_path), "--model-name", NAME,
+                            "--enable-batching", "--max-batch-size", "8"])
+    assert (args.max_batch_size, args.batch_timeout_micros, args.num_batch_threads) == (8, 0, 1)
+    args = cli.server_args(["--model-base-path", str(tmp_path), "--model-name", NAME])
+    assert (args.max_batch_size, args.batch_timeout_micros, args.num_batch_threads) == (64, 0, 1)
+
+
 def _manager_outputs(manager, version=None):
     sig = manager.get(version).signature("next_items")
     return sig.run(sig.parse_inputs(request("next_items", INPUTS["next_items"]).inputs))
