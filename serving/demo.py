@@ -18,7 +18,7 @@ import time
 from typing import Sequence
 
 from model import processes
-from pipeline import argtypes, schema
+from pipeline import argtypes, schema, synthetic
 from serving import cli
 
 PY = sys.executable
@@ -148,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argtypes.DefaultsHelpFormatter)
     p.add_argument("--output", default="demo_out", type=argtypes.local_path,
                    help="folder for everything the demo writes")
-    p.add_argument("--users", type=argtypes.positive_int, default=None,
-                   help="synthetic users (default: the generator's demo size)")
+    # (one user's log leaves the train split empty: the demo failed after its pipeline)
+    p.add_argument("--users", type=argtypes.number(int, 2, high=synthetic.MAX_USERS),
+                   default=None, help="synthetic users (default: the generator's demo size)")
     p.add_argument("--steps", type=argtypes.positive_int, default=600,
                    help="training steps (a short CPU run)")
     p.add_argument("--model-name", default="hiertcn", type=cli.model_name,

@@ -62,6 +62,10 @@ def test_prepare_output_replaces_only_a_demo_folder(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         demo.main(["--output", str(tmp_path / "named"), "--model-name", "a b"])
     assert exit_.value.code == 2 and not (tmp_path / "named").exists()
+    # one user's log has an empty train split: refused before anything runs
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--output", str(tmp_path / "one"), "--users", "1"])
+    assert exit_.value.code == 2 and not (tmp_path / "one").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="lists processes through /proc")
