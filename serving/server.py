@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -48,7 +49,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_log_pb2, prediction_service_pb2_grpc, status_pb2)
 
-from pipeline import storage
+from pipeline import argtypes, storage
 from serving import cli, export, protos
 
 log = logging.getLogger("serving.server")
@@ -119,6 +120,12 @@ class Signature:
         self.batched_inputs = frozenset(n for n, (_, d) in self.inputs.items() if d and d[0] < 0)
         self.batched_outputs = frozenset(n for n, t in signature_def.outputs.items()
                                          if (_dims(t) or [0])[0] < 0)
+        # a top-k signature (`next_items`): its [B, k] outputs, which a merged batch computes
+        # at the largest k of its requests and `Batcher` cuts back to each request's own
+        self.k_input = export.K if export.K in self.inputs \
+            and self.inputs[export.K][0] == tf.int32.as_datatype_enum else None
+        self.k_outputs = frozenset(n for n, t in signature_def.outputs.items()
+                                   if self.k_input and _dims(t) == [-1, -1])
         params = function.function_type.parameters
         if {_param_name(k) for k in self.inputs} != set(params) or not all(
                 p.kind is p.KEYWORD_ONLY and isinstance(p.type_constraint, tf.TensorSpec)
@@ -165,8 +172,8 @@ class Signature:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input size does not match signature {self.name!r}: "
                 f"{len(sent)}!={len(expected)} "
-                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"len({{{','.join(map(argtypes.shown, sorted(sent)))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"Sent extra: {{{','.join(map(argtypes.shown, sorted(sent - expected)))}}}. "
                 f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
         arrays, batch = {}, None
         for key, (dtype, dims) in specs.items():
@@ -177,6 +184,7 @@ class Signature:
                     f"input {key!r} of signature {self.name!r} expects "
                     f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
                     "is provided")
+            _check_rank(key, self.name, proto, dims)
             _check_sequence(key, self.name, proto, max_width, max_items)
             if max_rows is not None and key in self.batched_inputs:
                 _check_rows(key, self.name, proto, max_rows)
@@ -224,8 +232,18 @@ class Signature:
 
 MAX_SEQUENCE_WIDTH = cli.MAX_SEQUENCE_WIDTH
 MAX_SEQUENCE_ITEMS = cli.MAX_SEQUENCE_ITEMS
-# The longest error message a reply carries (it echoes names from the request).
-MAX_ERROR_CHARS = 1024
+# The longest error message a reply carries, in UTF-8 bytes (it echoes names from the
+# request; gRPC sends it percent-encoded, up to 3 characters a byte, in a trailer that
+# clients refuse past 8 KB: 1,024 emoji, counted as characters, lost the status's code).
+MAX_ERROR_BYTES = 1024
+
+
+def _cut_message(message: str) -> str:
+    """`message`, cut to MAX_ERROR_BYTES of UTF-8 with a mark where it was cut."""
+    data = message.encode("utf-8", "backslashreplace")
+    if len(data) <= MAX_ERROR_BYTES:
+        return message
+    return data[:MAX_ERROR_BYTES - 12].decode("utf-8", "ignore") + " ... (cut)"
 
 
 def _check_sequence(key: str, signature: str, proto: Any, max_width: int | None,
@@ -249,6 +267,21 @@ def _check_sequence(key: str, signature: str, proto: Any, max_width: int | None,
             f"input {key!r} of signature {signature!r} holds {rows} x {width} item slots, "
             f"more than this server's --max-sequence-items {max_items}: send fewer rows "
             "per request")
+
+
+def _check_rank(key: str, signature: str, proto: Any, dims: list[int] | None) -> None:
+    """INVALID_ARGUMENT for an input whose shape (as the request states it) has another rank
+    or fixed dimension than the signature's, before it is decoded (a 52-byte request of
+    shape [1, 1, 16777216] made 128 MB of "" ids before the shape was looked at)."""
+    shape = proto.tensor_shape
+    if dims is None or shape.unknown_rank:
+        return
+    sent = [int(d.size) for d in shape.dim]
+    if len(sent) != len(dims) or any(d >= 0 and d != n for d, n in zip(dims, sent)):
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input {key!r} of signature {signature!r} has shape {sent} but the signature "
+            f"expects {_fmt_shape(dims)}")
 
 
 def _check_rows(key: str, signature: str, proto: Any, max_rows: int) -> None:
@@ -295,7 +328,7 @@ class Servable:
             return self._signatures[name]
         except KeyError:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f'Serving signature key "{name}" not found. '
+                               f'Serving signature key "{argtypes.shown(name)}" not found. '
                                f"Available: {self._available}") from None
 
     def warm_up(self, batching: bool = False) -> int:
@@ -324,10 +357,12 @@ class Servable:
 
 
 class _Task:
-    __slots__ = ("sig", "key", "arrays", "rows", "done", "result", "error")
+    __slots__ = ("sig", "key", "arrays", "rows", "done", "result", "error", "alive")
 
-    def __init__(self, sig: Signature, key: tuple, arrays: dict[str, np.ndarray], rows: int):
+    def __init__(self, sig: Signature, key: tuple, arrays: dict[str, np.ndarray], rows: int,
+                 alive: Callable[[], bool] | None = None):
         self.sig, self.key, self.arrays, self.rows = sig, key, arrays, rows
+        self.alive = alive  # whether its caller still waits (None: always)
         self.done = False
         self.result: dict[str, np.ndarray] | None = None
         self.error: Exception | None = None
@@ -416,8 +451,12 @@ class Batcher:
     def _padded(arr: np.ndarray) -> bool:
         return arr.dtype == object and arr.ndim == 2
 
-    def submit(self, sig: Signature, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def submit(self, sig: Signature, arrays: dict[str, np.ndarray],
+               alive: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
         """Queues one request (inputs from `Signature.parse_inputs`); returns its result rows.
+        `alive`: whether its caller still waits for it (a gRPC context's `is_active`); a
+        request whose caller has gone (its deadline passed, or cancelled) while it was
+        queued is dropped, not run.
 
         Raises:
           RequestError: the server is stopping, or the request's own error.
@@ -429,7 +468,7 @@ class Batcher:
                                f"{self._max_rows} (--max-batch-size): send fewer rows per request")
         key = (id(sig), tuple((k, arr.dtype.str, arr.ndim if self._padded(arr) else arr.shape[1:])
                               for k, arr in arrays.items()))  # sorted by name
-        task = _Task(sig, key, arrays, rows)
+        task = _Task(sig, key, arrays, rows, alive)
         with self._cv:
             if self._stopped:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
@@ -488,10 +527,22 @@ class Batcher:
             joined[k] = (total_rows, widest, own)
         return joined
 
+    def _drop_if_gone(self, task: _Task) -> bool:
+        """Whether a queued task's caller has gone; if so it is taken off the queue and
+        ended with an error no one reads (called holding the lock)."""
+        if task.alive is None or task.alive():
+            return False
+        self._queue.remove(task)
+        task.error = RequestError(grpc.StatusCode.CANCELLED, "the request's deadline passed "
+                                  "or it was cancelled while it waited in the batching queue")
+        task.done = True
+        self._cv.notify_all()
+        return True
+
     def _take(self, key: tuple, rows: int, slots: dict[str, tuple[int, int, int]]) -> list[_Task]:
         taken = []
         for task in list(self._queue):
-            if task.key != key or rows + task.rows > self._max_rows:
+            if task.key != key or rows + task.rows > self._max_rows or self._drop_if_gone(task):
                 continue
             joined = self._joined(slots, task)
             if joined is None:
@@ -503,7 +554,12 @@ class Batcher:
         return taken
 
     def _form_batch(self) -> list[_Task]:
-        """Pops the oldest request and its companions (called holding the lock)."""
+        """Pops the oldest request and its companions (called holding the lock); none
+        when every queued one's caller has gone."""
+        while self._queue and self._drop_if_gone(self._queue[0]):
+            pass
+        if not self._queue:
+            return []
         first = self._queue.popleft()
         key, batch, rows = first.key, [first], first.rows
         slots = {k: (r, w, r * w) for k, (r, w) in self._slots(first).items()}
@@ -530,6 +586,8 @@ class Batcher:
         task.done = True
 
     def _run(self, batch: list[_Task]) -> None:
+        if not batch:
+            return
         first = batch[0]
         if len(batch) == 1:
             self._run_one(first)
@@ -551,6 +609,16 @@ class Batcher:
         offsets = np.cumsum([0] + [t.rows for t in batch])
         for t, lo, hi in zip(batch, offsets[:-1], offsets[1:]):
             t.result = {k: (v[lo:hi] if k in sig.batched_outputs else v) for k, v in out.items()}
+            if sig.k_input is not None:
+                # every row was scored at the batch's largest k: a request gets its own
+                # columns, as alone (top_k's order is stable, so they are the same ones; TF
+                # Serving's batching gives each the largest, and its width then depends on
+                # the requests it met: a reply over the message cap failed a request that
+                # succeeds alone)
+                ks = t.arrays[sig.k_input]
+                own = max(int(ks.max()), 0) if ks.size else 0
+                for k in sig.k_outputs:
+                    t.result[k] = t.result[k][:, :own]
             t.done = True
 
 
@@ -798,7 +866,8 @@ def _version_of(spec: model_pb2.ModelSpec) -> int | None:
         return int(spec.version.value)
     if choice == "version_label":
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"Unrecognized servable version label: {spec.version_label} "
+                           "Unrecognized servable version label: "
+                           f"{argtypes.shown(spec.version_label)} "
                            "(this server has no labels; pin a version number)")
     return None
 
@@ -827,8 +896,9 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     def _servable(self, spec: model_pb2.ModelSpec) -> Servable:
         if spec.name != self._manager.name:
-            what = (f"Latest({spec.name})" if spec.WhichOneof("version_choice") is None
-                    else f"Specific({spec.name}, {spec.version.value})")
+            name = argtypes.shown(spec.name)  # (a line break or NUL would break the line)
+            what = (f"Latest({name})" if spec.WhichOneof("version_choice") is None
+                    else f"Specific({name}, {spec.version.value})")
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {what}")
         return self._manager.get(_version_of(spec))
 
@@ -838,8 +908,7 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
             return fn()
         except RequestError as e:  # (a request's names echoed whole could exceed the
             # trailer's size limit: the client would get an unrelated transport error)
-            context.abort(e.code, e.message if len(e.message) <= MAX_ERROR_CHARS
-                          else e.message[:MAX_ERROR_CHARS - 12] + " ... (cut)")
+            context.abort(e.code, _cut_message(e.message))
         except Exception as e:  # noqa: BLE001 - a bug answers INTERNAL, the server lives on
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}".split("\n")[0])
@@ -851,15 +920,20 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
             for i, key in enumerate(request.output_filter):
                 if key not in sig.outputs:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"output tensor alias not found in signature: {key} "
+                                       "output tensor alias not found in signature: "
+                                       f"{argtypes.shown(key)} "
                                        f"(outputs: {', '.join(sorted(sig.outputs))})")
                 if key in request.output_filter[:i]:  # as TF Serving's predict_util
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"duplicate output tensor alias: {key}")
+                                       f"duplicate output tensor alias: {argtypes.shown(key)}")
             arrays = sig.parse_inputs(request.inputs, self._max_elements, self._max_width,
                                       self._max_items, self._max_rows)
+            if not context.is_active():  # (its deadline passed, or it was cancelled, while
+                # its inputs were read: the model does not run for no one)
+                raise RequestError(grpc.StatusCode.CANCELLED, "the request's deadline passed "
+                                   "or it was cancelled before the model ran")
             if self._batcher is not None:
-                out = self._batcher.submit(sig, arrays)
+                out = self._batcher.submit(sig, arrays, context.is_active)
             else:
                 out = sig.run(arrays)
             response = predict_pb2.PredictResponse()
@@ -897,8 +971,8 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         def status():
             spec = self._model_spec(request)
             if spec.name != self._manager.name:
-                raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                   f"Could not find any versions of model {spec.name}")
+                raise RequestError(grpc.StatusCode.NOT_FOUND, "Could not find any versions of "
+                                   f"model {argtypes.shown(spec.name)}")
             response = get_model_status_pb2.GetModelStatusResponse()
             # (TF Serving reads only `version` here: a `version_label` lists every version)
             version = spec.version.value if spec.WhichOneof("version_choice") == "version" \
@@ -960,6 +1034,46 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         return self._guard(context, refuse)
 
 
+class _UndecodableRequests(logging.Filter):
+    """gRPC logs every request body it cannot parse as its method's message (random bytes,
+    a truncated or corrupt message) with a 6-line traceback at ERROR, and answers INTERNAL:
+    a client's error, not the server's. Said instead in one line, at most once a minute,
+    with how many came since (2,000 junk requests wrote 12,000 log lines)."""
+
+    MESSAGE = "Exception deserializing message!"
+    EVERY_S = 60.0
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._count = 0
+        self._said = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._said < self.EVERY_S:
+                return False
+            n, self._count, self._said = self._count, 0, now
+        record.msg = (f"{n} request{'s' * (n != 1)} that {'are' if n != 1 else 'is'} not a "
+                      "valid protobuf message of the method called (answered INTERNAL "
+                      "\"Exception deserializing request!\", as gRPC does; said at most once a "
+                      "minute)")
+        record.args, record.exc_info, record.exc_text = (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _quiet_undecodable_requests() -> None:
+    """Installs `_UndecodableRequests` on gRPC's logger, once."""
+    logger = logging.getLogger("grpc._common")
+    if not any(isinstance(f, _UndecodableRequests) for f in logger.filters):
+        logger.addFilter(_UndecodableRequests())
+
+
 class ModelServer:
     """The gRPC server, its version poller and (optionally) its batcher."""
 
@@ -1015,6 +1129,7 @@ class ModelServer:
         advice = _bind_advice(host, port)
         if advice:
             raise ValueError(f"cannot bind {host_port(host, port)}: {advice}")
+        _quiet_undecodable_requests()
         self.ready = threading.Event()
         self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready,
                                     batching=enable_batching)

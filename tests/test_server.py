@@ -142,15 +142,22 @@ def _with(**changes):
     return {**INPUTS["next_items"], **changes}
 
 
-def _huge_shape_request():
-    """A few bytes that ask for a 256 GiB tensor (a float_val list repeats its last value)."""
-    req = request("update_state", INPUTS["update_state"])
-    state = req.inputs["user_state"]
-    state.Clear()
-    state.dtype = tf.float32.as_datatype_enum
-    state.float_val.append(0.0)
-    for d in (1000, 2 ** 26):  # (rows within --max-request-rows)
-        state.tensor_shape.dim.add().size = d
+def _huge_shape_request(signature="update_state", key="user_state", dims=(1000, 2 ** 26)):
+    """A few bytes that ask for a huge tensor (a float_val or int_val list repeats its last
+    value; strings left out are "")."""
+    inputs = dict(INPUTS.get(signature, {}))
+    inputs.setdefault(key, np.array([[""]], dtype=object))
+    req = request(signature, inputs)
+    tensor = req.inputs[key]
+    dtype = tensor.dtype
+    tensor.Clear()
+    tensor.dtype = dtype
+    if dtype == tf.float32.as_datatype_enum:
+        tensor.float_val.append(0.0)
+    elif dtype == tf.int32.as_datatype_enum:
+        tensor.int_val.append(5)
+    for d in dims:
+        tensor.tensor_shape.dim.add().size = d
     return req
 
 
@@ -222,8 +229,21 @@ BAD_REQUESTS = {
         request("update_state", {"user_state": np.zeros([65, H], np.float32),
                                  "session_items": np.full([65, 1], "item0", dtype=object)}),
         grpc.StatusCode.INVALID_ARGUMENT, "Task size 65 is larger than maximum input batch size 64"),
-    "huge shape in a small message": (_huge_shape_request(), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                      "'user_state': tensor shape [1000, 67108864] has"),
+    # (`k` has no fixed rank: its shape is read only as it is decoded)
+    "huge shape in a small message": (_huge_shape_request("next_items", "k", [2 ** 33]),
+                                      grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      "'k': tensor shape [8589934592] has"),
+    # refused from the shape the request states, before it is decoded (a 52-byte request
+    # of [1, 1, 16777216] "" ids made 128 MB of them before its rank was looked at)
+    "huge shape of another width": (
+        _huge_shape_request(), grpc.StatusCode.INVALID_ARGUMENT,
+        "'user_state' of signature 'update_state' has shape [1000, 67108864] but the "
+        "signature expects [?, 8]"),
+    "huge shape of another rank": (
+        _huge_shape_request("known_items", "items", [1, 1, 2 ** 24]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'items' of signature 'known_items' has shape [1, 1, 16777216] but the signature "
+        "expects [?, ?]"),
     # a few bytes name a session of 200,001 "" (TF fills a short string_val): each one a
     # position the model would run over (16.7M of them took 15 GB and 45 s of CPU)
     "wider than --max-sequence-width": (
@@ -254,6 +274,37 @@ def test_bad_requests_get_tf_serving_codes_and_server_keeps_serving(served, case
     assert message in err.value.details()
     ok = served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
     assert ok.model_spec.version.value == 1
+
+
+def test_undecodable_bodies_are_one_log_line_and_long_names_keep_their_status(served):
+    """Random bytes for a request: INTERNAL, as gRPC answers, and one warning line a minute
+    in the log instead of a traceback per request; an error message that echoes a long
+    name of 4-byte characters is cut by its bytes, so the status code arrives (cut by
+    characters, its percent-encoded trailer passed the client's 8 KB limit and the client
+    got RESOURCE_EXHAUSTED instead); a name with a line break is shown as a literal."""
+    raw = served["channel"].unary_unary("/tensorflow.serving.PredictionService/Predict")
+    before = len(served["server"].lines)
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\xff" * 10, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+    served["predict"].Predict(request("next_items", INPUTS["next_items"]), timeout=30)
+    time.sleep(0.2)
+    logged = served["server"].lines[before:]
+    assert not any("Traceback" in line for line in logged), logged
+    said = [line for line in logged if "not a valid protobuf message" in line]
+    assert len(said) == 1 and " WARNING 1 request that is not" in said[0], logged
+    for _ in range(10):  # (the trailer's limit is enforced at random: 10 tries)
+        with pytest.raises(grpc.RpcError) as err:
+            served["predict"].Predict(request("\U0001F642" * 2000, INPUTS["next_items"]),
+                                      timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.details().endswith(" ... (cut)")
+    with pytest.raises(grpc.RpcError) as err:
+        served["predict"].Predict(request("next_items", INPUTS["next_items"], name="a\nb"),
+                                  timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details() == "Servable not found for request: Latest('a\\nb')"
 
 
 def test_metadata_needs_signature_def_field(served):
@@ -598,6 +649,69 @@ def test_a_failing_batch_is_rerun_request_by_request(tmp_path):
                                   [10, 20, 30, 40])
     with pytest.raises(server.RequestError, match="Task size 5 is larger than maximum"):
         batcher.submit(sig, {"x": np.float32([1, 2, 3, 4, 5])})
+
+
+def _top_k_signature(tmp_path):
+    """A next_items-like signature: `k` int32 [B] and [B, k] outputs at the largest k."""
+    module = tf.Module()
+
+    def run(x, k):
+        top = tf.math.top_k(x, k=tf.minimum(tf.reduce_max(tf.concat([k, [0]], 0)),
+                                            tf.shape(x)[1]))
+        return {"item_ids": top.indices, "scores": top.values}
+
+    module.run = tf.function(run, input_signature=[tf.TensorSpec([None, 6], tf.float32, name="x"),
+                                                   tf.TensorSpec([None], tf.int32, name="k")])
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.run})
+    return server.Servable("top", 1, str(tmp_path / "1")).signature("")
+
+
+def test_each_request_of_a_merged_batch_gets_its_own_k(tmp_path):
+    """A merged batch is scored at its largest k: each request gets the columns it would
+    get alone (a request of k=5 merged with one of k=2**31-1 got the whole catalogue, and
+    a reply over the message cap failed it, though it succeeds alone)."""
+    sig = _top_k_signature(tmp_path)
+    assert sig.k_input == "k" and sig.k_outputs == {"item_ids", "scores"}
+    held = _hold_first_call(sig, lambda arrays: len(arrays["x"]))
+    batcher = server.Batcher(max_batch_size=16, timeout_s=0.0)
+    rng = np.random.default_rng(0)
+    requests = [{"x": rng.normal(size=[n, 6]).astype(np.float32), "k": np.int32([k] * n)}
+                for n, k in ((1, 1), (2, 2), (1, 5), (2, 2**31 - 1), (1, 0))]
+    requests[2]["k"] = np.int32([5])
+    requests[3]["k"] = np.int32([3, 2**31 - 1])
+    futures = _queued_behind_the_first(batcher, sig, held, requests)
+    assert held[0] == [1, 6]  # merged
+    for r, f in zip(requests, futures):
+        alone, merged = sig.run(r), f.result()
+        width = min(int(r["k"].max()), 6)
+        for key in ("item_ids", "scores"):
+            assert merged[key].shape == alone[key].shape == (len(r["x"]), width)
+            np.testing.assert_array_equal(merged[key], alone[key])
+
+
+def test_a_queued_request_whose_caller_has_gone_is_not_run(tmp_path):
+    """A request whose deadline passed (or that was cancelled) while it waited in the
+    batching queue is dropped with CANCELLED, not run: abandoned heavy requests held the
+    model for the live ones behind them."""
+    sig = _top_k_signature(tmp_path)
+    calls, first_running, release = _hold_first_call(sig, lambda arrays: len(arrays["x"]))
+    batcher = server.Batcher(max_batch_size=16, timeout_s=0.0)
+    x = np.ones([2, 6], np.float32)
+    arrays = {"x": x, "k": np.int32([2, 2])}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(batcher.submit, sig, arrays)
+        assert first_running.wait(30)
+        gone = pool.submit(batcher.submit, sig, arrays, lambda: False)
+        live = pool.submit(batcher.submit, sig, arrays, lambda: True)
+        deadline = time.monotonic() + 30
+        while len(batcher._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+    assert first.result()["scores"].shape == live.result()["scores"].shape == (2, 2)
+    with pytest.raises(server.RequestError, match="deadline passed or it was cancelled") as e:
+        gone.result()
+    assert e.value.code == grpc.StatusCode.CANCELLED
+    assert calls == [2, 2]  # the live one ran alone: the gone one never did
 
 
 def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_path):
