@@ -182,6 +182,10 @@ class HierTCN(SequenceModel):
         tied = self.item_embedding.embeddings if self.config.tied_output else None
         return self.scorer(user, tied)
 
+    def output_rows(self, indices):
+        tied = self.item_embedding.embeddings if self.config.tied_output else None
+        return self.scorer.rows(indices, tied)
+
     @property
     def history_size(self) -> int:
         return self.config.history_size if self.config.uses_repeat_head else 0

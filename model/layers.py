@@ -292,6 +292,17 @@ class ItemScorer(tf.keras.layers.Layer):
             return tied_vectors
         return self.kernel
 
+    def rows(self, indices: tf.Tensor, tied_vectors: tf.Tensor | None = None
+             ) -> tuple[tf.Tensor, tf.Tensor]:
+        """(item vectors float32 [N, D], bias [N]) of the items `indices` int64 [N]: a score
+        is u . v + b. Inside `serving_layout` they are read from the copy W^T (an export
+        does not hold W)."""
+        if self._serving.kernel_t is not None:
+            vectors = tf.transpose(tf.gather(self._serving.kernel_t, indices, axis=1))
+        else:
+            vectors = tf.gather(self.item_vectors(tied_vectors), indices)
+        return tf.cast(vectors, tf.float32), tf.gather(tf.cast(self.bias, tf.float32), indices)
+
     def transposed_copy(self) -> tf.Variable | None:
         """For an export: a new variable holding W transposed, [D, vocab]
         (`serving_layout`); None for a tied scorer, whose W is the input embedding,

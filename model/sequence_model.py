@@ -136,6 +136,12 @@ class SequenceModel(tf.keras.Model):
         """(item vectors [V, D], bias [V]) of the output layer, for the training loss."""
         raise NotImplementedError
 
+    def output_rows(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(item vectors float32 [N, D], bias [N]) of the output layer's rows `indices`
+        int64 [N]: `item_logits(u)[:, i]` is u . v_i + b_i, what an external
+        nearest-neighbour index over the catalogue needs beside `last_user_embedding`."""
+        return self.scorer.rows(indices)
+
     @property
     def history_size(self) -> int:
         """N, the user's recent items the scores also depend on (a repeat head); 0 when

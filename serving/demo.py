@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{m['first_item']['recall@20']:.4f}")
 
     say("5/7 Exporting a SavedModel for TensorFlow Serving (signatures update_state, "
-        "next_items, user_embedding, known_items)")
+        "next_items, user_embedding, known_items, item_vectors)")
     run([PY, "-m", "serving.export", "--model-dir", run_dir, "--export-base", export])
     print("versions:", sorted(os.listdir(export)))
 

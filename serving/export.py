@@ -1,7 +1,7 @@
 """Exports a trained model as a TF Serving SavedModel version (README § 3. Serving).
 
 `python -m serving.export --model-dir RUN --export-base EXPORT [--version N]` writes
-`EXPORT/<version>/` with four signatures over raw string item ids:
+`EXPORT/<version>/` with five signatures over raw string item ids:
 
 * `update_state`: `user_state` float32 [B, H], `session_items` string [B, T]
   → `user_state` float32 [B, H] (the high-level GRU step after a session).
@@ -14,6 +14,10 @@
   version's catalogue (padding and unknown ids: false). The user-state store keeps the
   newest `history_size` known ids with the unknown ones among them, as the repeat head
   reads the history (`serving.state_store.trim_sessions`).
+* `item_vectors`: `items` string [B] → `vectors` float32 [B, D], `bias` float32 [B], the
+  output layer's rows: without a repeat head, an item's `next_items` score is
+  embedding . vector + bias, for an external nearest-neighbour index (an id not in the
+  catalogue gets zeros).
 
 Every signature refuses a `user_state` holding NaN or infinite values (INVALID_ARGUMENT),
 and reads `session_items` with immediate repeats collapsed, as the pipeline writes every
@@ -58,7 +62,7 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 try:
     import fcntl
@@ -81,13 +85,15 @@ CONFIG_FILE = "export_config.json"
 # same weights serve otherwise, so that exporting an unchanged run after an upgrade
 # publishes a new version (it said "nothing exported" and kept the older graph). 2: known_items,
 # repeats collapsed in the graph, ids stripped, request bounds (2026-12-04/05) and after.
-EXPORT_FORMAT = 2
+# 3: item_vectors (2026-12-06).
+EXPORT_FORMAT = 3
 ASSETS_EXTRA = "assets.extra"
 
 SIG_UPDATE_STATE = "update_state"
 SIG_NEXT_ITEMS = "next_items"
 SIG_USER_EMBEDDING = "user_embedding"
 SIG_KNOWN_ITEMS = "known_items"
+SIG_ITEM_VECTORS = "item_vectors"
 SIG_DEFAULT = "serving_default"
 
 USER_STATE = "user_state"
@@ -99,6 +105,8 @@ SCORES = "scores"
 EMBEDDING = "embedding"
 ITEMS = "items"
 KNOWN = "known"
+VECTORS = "vectors"
+BIAS = "bias"
 
 # Name of the model method that scores with the user's history (every SequenceModel has
 # it; a model without a repeat head ignores the history).
@@ -327,6 +335,22 @@ class ServingModule(tf.Module):
 
         self.known_items = tf.function(known_items, autograph=False, input_signature=[
             tf.TensorSpec([None, None], tf.string, name=ITEMS)])
+
+        def item_vectors(items):
+            """The output layer's rows of the items: `next_items`' score of an item,
+            without a repeat head, is embedding . vector + bias (`user_embedding`), what an
+            external nearest-neighbour index needs; an id not in the catalogue (padding
+            too) gets zeros."""
+            index = lookup(items)
+            known = index >= schema.NUM_RESERVED
+            vectors, bias = model.output_rows(tf.where(known, index, 0))
+            return {VECTORS: tf.where(known[:, None], vectors, 0.0),
+                    BIAS: tf.where(known, bias, 0.0)}
+
+        self.item_vectors = None
+        if callable(getattr(model, "output_rows", None)):
+            self.item_vectors = tf.function(item_vectors, autograph=False, input_signature=[
+                tf.TensorSpec([None], tf.string, name=ITEMS)])
         self.update_state = tf.function(update_state, autograph=False, input_signature=[state_spec, session_spec])
         self.user_embedding = tf.function(
             user_embedding, autograph=False, input_signature=[state_spec, session_spec, history_spec])
@@ -342,6 +366,8 @@ class ServingModule(tf.Module):
             SIG_UPDATE_STATE: self.update_state.get_concrete_function(),
             SIG_USER_EMBEDDING: self.user_embedding.get_concrete_function(),
             SIG_KNOWN_ITEMS: self.known_items.get_concrete_function(),
+            **({SIG_ITEM_VECTORS: self.item_vectors.get_concrete_function()}
+               if self.item_vectors is not None else {}),
         }
 
 
@@ -446,8 +472,10 @@ def write_vocabulary_asset(path: str, vocabulary: schema.Vocabulary) -> None:
 
 
 def warmup_requests(vocabulary: schema.Vocabulary, state_size: int,
-                    model_name: str = "hiertcn") -> list[bytes]:
-    """One serialized `PredictionLog` per signature, batch 1, for TF Serving's warm-up."""
+                    model_name: str = "hiertcn",
+                    signatures: Collection[str] | None = None) -> list[bytes]:
+    """One serialized `PredictionLog` per signature (of `signatures`; None: all), batch 1,
+    for TF Serving's warm-up."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     item = vocabulary.ids[schema.NUM_RESERVED] if vocabulary.num_items else schema.SERVING_PAD_ID
@@ -462,9 +490,12 @@ def warmup_requests(vocabulary: schema.Vocabulary, state_size: int,
         SIG_NEXT_ITEMS: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history, K: k},
         SIG_USER_EMBEDDING: {USER_STATE: state, SESSION_ITEMS: session, HISTORY_ITEMS: history},
         SIG_KNOWN_ITEMS: {ITEMS: session},
+        SIG_ITEM_VECTORS: {ITEMS: tf.make_tensor_proto(np.array([item], dtype=object))},
     }
     records = []
     for signature, tensors in inputs.items():
+        if signatures is not None and signature not in signatures:
+            continue
         request = predict_pb2.PredictRequest()
         request.model_spec.name = model_name
         request.model_spec.signature_name = signature
@@ -533,7 +564,10 @@ def export_model(model: Any, vocabulary: schema.Vocabulary, export_base: str,
         extra = os.path.join(out, ASSETS_EXTRA)
         os.makedirs(extra)
         with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:
-            for record in warmup_requests(vocabulary, int(model.state_size)):
+            for record in warmup_requests(vocabulary, int(model.state_size), signatures=None
+                                          if module.item_vectors is not None else
+                                          {SIG_UPDATE_STATE, SIG_NEXT_ITEMS,
+                                           SIG_USER_EMBEDDING, SIG_KNOWN_ITEMS}):
                 writer.write(record)
         with open(os.path.join(extra, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump({"version": version, "state_size": int(model.state_size),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -75,7 +76,8 @@ def test_layout_and_signature_shapes(exported):
         assert f.read().split("\n")[:3] == ["[PAD]", "[UNK]", "item0"]
     loaded = tf.saved_model.load(path)
     assert set(loaded.signatures) == {
-        "serving_default", "next_items", "update_state", "user_embedding", "known_items"}
+        "serving_default", "next_items", "update_state", "user_embedding", "known_items",
+        "item_vectors"}
     spec = loaded.signatures["update_state"].structured_input_signature[1]["user_state"]
     assert spec.shape.as_list() == [None, model.state_size] and spec.dtype == tf.float32
     assert set(loaded.signatures["next_items"].structured_input_signature[1]) == {
@@ -125,6 +127,9 @@ def test_the_baselines_and_a_tied_output_export_and_score_as_the_model(name, con
     assert (got["item_ids"].astype(str) == np.array(vocab.ids[2:])[order]).all()
     np.testing.assert_allclose(got["scores"], np.take_along_axis(logits, order, 1),
                                rtol=1e-5, atol=1e-6)
+    rows = run_tf1(path, "item_vectors", {"items": np.array(vocab.ids[2:], dtype=object)})
+    np.testing.assert_array_equal(rows["vectors"], vectors[2:])
+    np.testing.assert_array_equal(rows["bias"], bias[2:])
     saved = {tuple(shape) for _, shape in
              tf.train.list_variables(os.path.join(path, "variables", "variables"))}
     assert (tuple(vectors.shape[::-1]) in saved) == (name != "hiertcn")
@@ -289,7 +294,7 @@ def test_warmup_records_cover_every_signature(exported):
         os.path.join(path, export.ASSETS_EXTRA, export.WARMUP_FILE)).as_numpy_iterator()
     logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in records]
     assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == [
-        "known_items", "next_items", "update_state", "user_embedding"]
+        "item_vectors", "known_items", "next_items", "update_state", "user_embedding"]
     for log in logs:
         for name, proto in log.predict_log.request.inputs.items():
             assert [d.size for d in proto.tensor_shape.dim][:1] == [1], name
@@ -524,6 +529,51 @@ def test_reserved_tokens_sent_as_item_ids_are_unknown_items(exported):
     tokens[1, 0] = "[UNK]"
     np.testing.assert_array_equal(_outputs(path, tokens)[0].numpy(),
                                   _outputs(path, unknown)[0].numpy())
+
+
+def test_item_vectors_and_the_user_embedding_give_next_items_scores(tmp_path):
+    """What an external nearest-neighbour index needs (DESIGN §7's `user_embedding`): the
+    output layer's rows, as TF Serving runs the signatures; embedding . vector + bias is
+    `next_items`' score of each item (a model without the repeat head), the bias counted;
+    an id not in the catalogue gets zeros. The same with a tied output layer."""
+    vocab = lib.tiny_vocabulary()
+    for config in ({}, {"tied_output": True}):
+        model = lib.tiny_model(vocab, **config)
+        model.scorer.bias.assign(np.random.default_rng(2).normal(size=vocab.size))
+        path = export.export_model(model, vocab, str(tmp_path / str(len(config))))
+        feeds = {"user_state": STATE, "session_items": SESSIONS, "history_items": HISTORY}
+        embedding = run_tf1(path, "user_embedding", feeds)["embedding"]
+        top = run_tf1(path, "next_items", {**feeds, "k": np.int32(vocab.num_items)})
+        for row in range(len(STATE)):
+            got = run_tf1(path, "item_vectors", {"items": top["item_ids"][row]})
+            assert got["vectors"].shape == (vocab.num_items, embedding.shape[1])
+            np.testing.assert_allclose(got["vectors"] @ embedding[row] + got["bias"],
+                                       top["scores"][row], rtol=1e-5, atol=1e-5)
+        odd = run_tf1(path, "item_vectors", {"items": np.array(["nope", "", "[UNK]", " item2"],
+                                                               dtype=object)})
+        assert not odd["vectors"][:3].any() and not odd["bias"][:3].any()
+        vectors, bias = (x.numpy() for x in model.output_weights())
+        np.testing.assert_array_equal(odd["vectors"][3], vectors[vocab.ids.index("item2")])
+        assert odd["bias"][3] == np.float32(bias[vocab.ids.index("item2")])
+
+
+def test_the_readmes_nearest_neighbour_snippet_reads_the_catalogues_rows(exported, tmp_path,
+                                                                      monkeypatch):
+    """README § 3's Python block that builds an index's matrix from an export runs as
+    written (in a folder with exports/hiertcn/1) and gives one row per catalogue item."""
+    model, vocab, _, path = exported
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"),
+                  encoding="utf-8").read()
+    code = re.search(r"```python\n(import tensorflow as tf\nversion = .*?)```", readme,
+                     re.S).group(1)
+    shutil.copytree(path, tmp_path / "exports" / "hiertcn" / "1")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code, scope)  # noqa: S102 - the README's own snippet
+    assert scope["ids"] == list(vocab.ids[2:])
+    vectors, bias = (x.numpy() for x in model.output_weights())
+    np.testing.assert_array_equal(scope["vectors"], np.concatenate([vectors, bias[:, None]],
+                                                                   axis=1)[2:])
 
 
 def test_known_items_says_which_ids_are_in_the_catalogue(exported):

@@ -20,7 +20,10 @@ BEAM_FLAGS = {"--runner", "--project", "--region", "--temp_location", "--setup_f
 
 def _commands():
     text = open(README, encoding="utf-8").read()
-    blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+    # (every fenced block, whatever its language, so that one's closing fence is never
+    # read as the next one's opening; the shell ones hold the commands)
+    blocks = [body for tag, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+              if tag in ("", "bash")]
     lines = []
     for block in blocks:
         joined = block.replace("\\\n", " ")
