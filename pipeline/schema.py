@@ -286,7 +286,7 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     if not files:  # (a glob finds nothing where it may not look: said as such)
         _looked_up(os.path.join(data_dir, split), lambda p: _gfile().listdir(p), os.listdir)
         raise DataError(
-            f"no {split} shards in {os.path.join(data_dir, split)}: "
+            f"no {split} shards (*{SHARD_SUFFIX}) in {os.path.join(data_dir, split)}: "
             "is this a folder written by `python -m pipeline`?")
     _check_shard_set(files, os.path.join(data_dir, split))
     return files
