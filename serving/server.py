@@ -185,6 +185,8 @@ class Signature:
                     f"{protos.dtype_name(dtype)} but {protos.dtype_name(proto.dtype)} "
                     "is provided")
             _check_rank(key, self.name, proto, dims)
+            if key == self.k_input:
+                _check_k(key, proto)
             _check_sequence(key, self.name, proto, max_width, max_items)
             if max_rows is not None and key in self.batched_inputs:
                 _check_rows(key, self.name, proto, max_rows)
@@ -282,6 +284,18 @@ def _check_rank(key: str, signature: str, proto: Any, dims: list[int] | None) ->
             grpc.StatusCode.INVALID_ARGUMENT,
             f"input {key!r} of signature {signature!r} has shape {sent} but the signature "
             f"expects {_fmt_shape(dims)}")
+
+
+def _check_k(key: str, proto: Any) -> None:
+    """INVALID_ARGUMENT for a top-k signature's `k` that is neither a scalar nor one value per
+    row, from its shape before it is decoded: its signature's shape is unknown (either is
+    allowed), so a [4096, 4096] k of a 1 KB request was decoded and reached the graph's
+    check (0.3 s of CPU and 200 MB) before it was refused with the same words."""
+    shape = proto.tensor_shape
+    if not shape.unknown_rank and len(shape.dim) > 1:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{key} must be a scalar or one value per row of user_state ([B]), "
+                           f"got shape {[int(d.size) for d in shape.dim]}")
 
 
 def _check_rows(key: str, signature: str, proto: Any, max_rows: int) -> None:

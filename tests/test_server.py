@@ -235,6 +235,11 @@ BAD_REQUESTS = {
                                       "'k': tensor shape [8589934592] has"),
     # refused from the shape the request states, before it is decoded (a 52-byte request
     # of [1, 1, 16777216] "" ids made 128 MB of them before its rank was looked at)
+    # (refused from its shape: decoded, it reached the graph's check, 0.3 s and 200 MB)
+    "k of rank 2": (_huge_shape_request("next_items", "k", [4096, 4096]),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "k must be a scalar or one value per row of user_state ([B]), got shape "
+                    "[4096, 4096]"),
     "huge shape of another width": (
         _huge_shape_request(), grpc.StatusCode.INVALID_ARGUMENT,
         "'user_state' of signature 'update_state' has shape [1000, 67108864] but the "
