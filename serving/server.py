@@ -172,7 +172,8 @@ class Signature:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"input size does not match signature {self.name!r}: "
                 f"{len(sent)}!={len(expected)} "
-                f"len({{{','.join(map(argtypes.shown, sorted(sent)))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"len({{{','.join(map(argtypes.shown, sorted(sent)))}}}) != "
+                f"len({{{','.join(sorted(expected))}}}). "
                 f"Sent extra: {{{','.join(map(argtypes.shown, sorted(sent - expected)))}}}. "
                 f"Missing but required: {{{','.join(sorted(expected - sent))}}}.")
         arrays, batch = {}, None
