@@ -660,7 +660,8 @@ def _avro_type_text(avro_type) -> str:
     return str(avro_type)
 
 
-# The logical types that fastavro reads as datetimes or dates (`_instant_ms` converts them).
+# The logical types that fastavro reads as datetimes or dates (`_raw_instants` reads the
+# fields `avro_schema` names so raw; `_instant_ms` converts those it reads elsewhere).
 _AVRO_INSTANTS = ("timestamp-millis", "timestamp-micros", "local-timestamp-millis",
                   "local-timestamp-micros", "date")
 
@@ -677,11 +678,13 @@ def avro_head(path: str, n: int) -> list[dict]:
     """The first `n` records of an Avro file, their instants as unix milliseconds."""
     out = []
     with _avro_file(path) as (reader, _):
+        instants = _raw_instants(reader.writer_schema)
         try:
             for record in reader:
                 if len(out) >= n:
                     break
-                out.append({k: _instant_ms(v) for k, v in record.items()}
+                out.append({k: _avro_ms([v], instants[k])[0] if k in instants
+                            else _instant_ms(v) for k, v in record.items()}
                            if isinstance(record, dict) else {"": record})
         except Exception as e:  # a damaged first block, a codec without its library
             raise InputError(f"cannot read the first records of input file {path!r}: "
@@ -713,6 +716,7 @@ def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = Non
         # the block reader has read the header; it reads each next block from where the
         # file stands, and gives its offset in the file
         with _avro_file(r.path, blocks=True) as (blocks, raw):
+            instants = _raw_instants(blocks.writer_schema)
             header_end = raw.tell()
             raw.seek(header_end - AVRO_SYNC_BYTES)  # the header ends with the sync marker
             sync = raw.read(AVRO_SYNC_BYTES)
@@ -728,7 +732,7 @@ def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = Non
                 for record in block:
                     batch.append(record)
                     if len(batch) == batch_rows:
-                        yield done, _record_columns(batch, columns), progress()
+                        yield done, _record_columns(batch, columns, instants), progress()
                         done, batch = done + len(batch), []
                 if done + len(batch) >= MAX_LINES_PER_RANGE:
                     raise InputError(f"{r.path}: more than {MAX_LINES_PER_RANGE} records in "
@@ -736,7 +740,7 @@ def read_avro(r: ByteRange, columns: Sequence[str], batch_rows: int | None = Non
                 if raw.tell() >= r.end:  # the next block starts in the next range
                     break
             if batch:
-                yield done, _record_columns(batch, columns), progress()
+                yield done, _record_columns(batch, columns, instants), progress()
     except InputError:
         raise
     except Exception as e:  # a damaged block, a truncated file, an unknown codec
@@ -765,9 +769,53 @@ def _avro_first_block(raw: BinaryIO, sync: bytes, begin: int, end: int) -> int |
     return None
 
 
-def _record_columns(records: list, columns: Sequence[str]) -> dict[str, list]:
-    return {c: [_instant_ms(rec.get(c)) if isinstance(rec, dict) else None for rec in records]
-            for c in columns}
+def _raw_instants(schema) -> dict[str, str]:
+    """Makes a reader give the fields that `avro_schema` calls instants as their raw
+    numbers, by dropping their logical type from its parsed writer schema: as datetimes,
+    one value out of Python's years 1 to 9999 (a garbage value, a unit mix-up) failed the
+    whole file; raw, it is one malformed row (`_avro_ms`; a Parquet file's is too).
+    (fastavro converts by the writer schema's logical type: a reader schema cannot stop it.)
+
+    Returns:
+      {field name: its logical type} of those fields.
+    """
+    def strip(avro_type):
+        if isinstance(avro_type, list):
+            for branch in avro_type:
+                strip(branch)
+        elif isinstance(avro_type, dict):
+            if avro_type.get("logicalType") in _AVRO_INSTANTS:
+                del avro_type["logicalType"]
+            strip(avro_type.get("type"))
+
+    instants = {}
+    for field in schema.get("fields", []) if isinstance(schema, dict) else []:
+        logical = _avro_type_text(field["type"])
+        if logical in _AVRO_INSTANTS:
+            strip(field["type"])
+            instants[field["name"]] = logical
+    return instants
+
+
+def _avro_ms(values: list, logical: str) -> list:
+    """Raw values of an Avro instant field (`_raw_instants`) as unix milliseconds: a
+    timestamp's whole milliseconds (floored, as a datetime's are), a date's midnight (UTC);
+    anything else (null) as `_instant_ms` gives it."""
+    if logical == "date":
+        return [v * 86_400_000 if type(v) is int else _instant_ms(v) for v in values]
+    if logical.endswith("-micros"):
+        return [v // 1000 if type(v) is int else _instant_ms(v) for v in values]
+    return [v if type(v) is int else _instant_ms(v) for v in values]
+
+
+def _record_columns(records: list, columns: Sequence[str],
+                    instants: dict[str, str]) -> dict[str, list]:
+    out = {}
+    for c in columns:
+        values = [rec.get(c) if isinstance(rec, dict) else None for rec in records]
+        out[c] = (_avro_ms(values, instants[c]) if c in instants
+                  else [_instant_ms(v) for v in values])
+    return out
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

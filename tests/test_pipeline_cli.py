@@ -2082,6 +2082,30 @@ def _write_avro(path, rows, time_type="long", codec="deflate"):
                         codec=codec, sync_interval=2000)
 
 
+def test_an_avro_time_out_of_pythons_range_is_a_malformed_row(tmp_path):
+    """A timestamp-millis time no datetime holds, in the first record (read at start) and
+    later, is a malformed row each, as a Parquet file's; the run goes on (audit: exit 2 at
+    start, or 1 later, "OverflowError: date value out of range")."""
+    import fastavro
+
+    rows = [(u, i, t * 1000) for u, i, t in _events_with_bad_rows()
+            if u and i not in ("", "[PAD]") and t >= 0]
+    rows[0] = (rows[0][0], rows[0][1], -(2**62))
+    rows[300] = (rows[300][0], rows[300][1], 300_000_000_000_000)
+    schema = fastavro.parse_schema({"type": "record", "name": "Event", "fields": [
+        {"name": "user", "type": "string"}, {"name": "item", "type": "string"},
+        {"name": "time", "type": {"type": "long", "logicalType": "timestamp-millis"}}]})
+    with open(tmp_path / "log.avro", "wb") as f:
+        fastavro.writer(f, schema, [{"user": u, "item": i, "time": t} for u, i, t in rows])
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(tmp_path / "log.avro"), "--output", str(out), "--format",
+                     "avro", "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert [(line, reason.split(" (")[0]) for line, reason, _ in _malformed(out)] == [
+        (1, f"negative time {-(2**62)}"),
+        (301, "time 300000000000000 is past 10^11 unix seconds, the year 5138")]
+    assert check_output(str(out))[0]["rows_read"] == len(rows)
+
+
 def test_avro_gives_the_csv_logs_output(tmp_path, capsys):
     """--format avro: the records and stats of the same events as CSV, read in byte ranges
     and batches of records numbered across the file; bad rows in malformed/ with their

@@ -892,6 +892,47 @@ def test_avro_fields_and_instants(tmp_path):
                                            "day": 1614643200000, "nanos": 5, "user": None}]
 
 
+def test_avro_instants_out_of_pythons_range_are_malformed_rows(tmp_path):
+    """An Avro timestamp or date that no datetime holds (past the year 9999, before the
+    year 1: a garbage value, a unit mix-up) is one malformed row, as a Parquet file's is
+    (audit: the whole run failed, "OverflowError: date value out of range", at start
+    when among the first records); valid instants are the milliseconds fastavro's own
+    datetimes give."""
+    import fastavro
+
+    fields = [("user", "string"), ("item", "string"),
+              ("time", {"type": "long", "logicalType": "timestamp-millis"}),
+              ("us", ["null", {"type": "long", "logicalType": "timestamp-micros"}]),
+              ("day", {"type": "int", "logicalType": "date"})]
+    schema = fastavro.parse_schema({"type": "record", "name": "E",
+                                    "fields": [{"name": n, "type": t} for n, t in fields]})
+    good = [{"user": f"u{k}", "item": "a", "time": 1_614_697_691_250 + k,
+             "us": 1_614_697_691_250_999 - k if k % 2 else None, "day": 18_688 - k}
+            for k in range(5)]
+    bad = [dict(good[0], time=-(2**62)), dict(good[0], time=300_000_000_000_000),
+           dict(good[0], us=-(2**62)), dict(good[0], day=-(2**31))]
+    path = str(tmp_path / "e.avro")
+    with open(path, "wb") as f:
+        fastavro.writer(f, schema, bad + good)
+    with open(tmp_path / "good.avro", "wb") as f:
+        fastavro.writer(f, schema, good)
+    with open(tmp_path / "good.avro", "rb") as f:
+        want = [{k: sources._instant_ms(v) for k, v in r.items()} for r in fastavro.reader(f)]
+    r = sources.ByteRange(path, 0, 0, 0, os.path.getsize(path))
+    (_, columns, _), = sources.read_avro(r, [n for n, _ in fields])
+    got = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    assert got[4:] == want == sources.avro_head(path, 9)[4:]
+    assert got[:4] == sources.avro_head(path, 4)
+    assert [g["time"] for g in got[:2]] == [-(2**62), 300_000_000_000_000]
+    assert (got[2]["us"], got[3]["day"]) == (-(2**62) // 1000, -(2**31) * 86_400_000)
+    fmt = parse.RowFormat("avro", "ms", "user", "item", "time", tuple(columns))
+    block = parse.parse_columns(columns, fmt, 0)
+    assert [(k, reason.split(" (")[0]) for k, reason, _ in block.malformed] == [
+        (0, f"negative time {-(2**62)}"),
+        (1, "time 300000000000000 is past 10^11 unix seconds, the year 5138")]
+    assert sum(len(v[0]) for v in block.by_user.values()) == 7
+
+
 def test_avro_ranges_read_every_block_once(tmp_path, monkeypatch):
     """An Avro file cut into byte ranges anywhere (inside the header, a block or a sync
     marker, exactly at a block's start) reads every record once, in file order: a range
