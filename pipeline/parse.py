@@ -423,6 +423,8 @@ def _id(value: object, name: str) -> str:
             else str(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RowError(f"{name} ", value, " is not a string or number")
+    if isinstance(value, float) and math.isinf(value):  # a JSON 1e400, a double column's inf
+        raise RowError(f"{name} ", value, " is not finite")  # (not a user called "inf")
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # a JSON 20.0 (pandas writes ints as floats beside a NaN) is 20
     text = value.strip() if isinstance(value, str) else str(value)

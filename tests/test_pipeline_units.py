@@ -492,6 +492,31 @@ def test_json_whole_number_floats_are_the_same_ids_as_ints():
     assert parse.parse_line('{"user": "u", "item": "20.0", "time": 1}', fmt)[1] == "20.0"
 
 
+def test_infinite_numbers_are_not_ids(tmp_path):
+    """A JSON 1e400 (or Infinity) and a Parquet double column's inf are malformed rows, not
+    a user or item called "inf" (audit: taken as ids)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fmt = parse.RowFormat("jsonl", "s", "user", "item", "time")
+    block = parse.parse_block([b'{"user": 1e400, "item": 1, "time": 1}',
+                               b'{"user": 2, "item": -Infinity, "time": 1}',
+                               b'{"user": 2, "item": 1e300, "time": 1}'], fmt, 0)
+    assert [(k, r) for k, r, _ in block.malformed] == [
+        (0, "user inf is not finite"), (1, "item -inf is not finite")]
+    assert list(block.by_user) == ["2"]
+    path = str(tmp_path / "e.parquet")
+    pq.write_table(pa.table({"user": [1.0, float("inf"), 2.5], "item": ["a", "b", "c"],
+                             "time": [1, 2, 3]}), path)
+    r = sources.ByteRange(path, 0, 0, 0, 1, rows=3)
+    (_, columns, _), = sources.read_parquet(r, ["user", "item", "time"])
+    fmt = parse.RowFormat("parquet", "s", "user", "item", "time", tuple(columns))
+    block = parse.parse_columns(columns, fmt, 0)
+    assert [(k, r) for k, r, _ in block.malformed] == [(1, "user inf is not finite")]
+    assert sorted(block.by_user) == ["1", "2.5"]
+    assert block.malformed_kinds == {"user … is not finite": 1}
+
+
 @pytest.mark.parametrize("text, ms", [
     ("2015-06-04T06:16:22.483Z", 1433398582483),          # YooChoose
     ("2015-06-04T06:16:22.483123456Z", 1433398582483),    # nanoseconds (cut)
