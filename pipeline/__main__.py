@@ -419,6 +419,12 @@ def _row_formats(args, files, heads) -> dict:
             if magic.match(first):
                 raise UsageError(f"{path} holds {what}, but its name does not say so (the "
                                  f"compression is read from the name): {advice}")
+        if text or args.format == "jsonl":
+            line = getattr(head, "long", {}).get(0, first)  # (a first line over 16 MiB)
+            if len(head) == 1 and b"\r" in line:  # no line feed: the whole file is one line
+                raise UsageError(f"{path}: its lines end in a carriage return alone (\\r, as "
+                                 "classic Mac OS wrote them), which is not a line end here: "
+                                 f"convert it first, e.g. tr '\\r' '\\n' < {path} > {path}.lf")
         if args.format in ("csv", "tsv") and first.lstrip(b"\xef\xbb\xbf \t").startswith(b"{"):
             raise UsageError(f"{path} holds JSON objects, not {args.format} rows: pass "
                              "--format jsonl")
@@ -452,7 +458,7 @@ def _row_formats(args, files, heads) -> dict:
                 alike = [f"{options[c]} {col}? " for c in missing for col in columns
                          if col.lower().replace("_", "") == c.lower().replace("_", "")]
                 raise UsageError(
-                    f"column(s) {', '.join(missing)} not in {where} {list(columns)}: "
+                    f"column(s) {', '.join(missing)} not in {where} {_listed(columns)}: "
                     + (f"names must match exactly: {''.join(alike)}" if alike else "")
                     + "set --user-col/--item-col/--time-col"
                     + ("/--session-col" if args.session_col else "")
@@ -463,9 +469,11 @@ def _row_formats(args, files, heads) -> dict:
                            and isinstance(values, parse.AllBut) == (option == "--exclude")]
                 if missing:
                     raise UsageError(f"{option} column(s) {', '.join(missing)} not in {where} "
-                                     f"{list(columns)}")
+                                     f"{_listed(columns)}")
             if len(set(columns)) != len(columns):
-                raise UsageError(f"duplicate column names in {where}: {list(columns)}")
+                twice = [c for c, n in collections.Counter(columns).items() if n > 1]
+                raise UsageError(f"duplicate column names in {where}: {', '.join(twice)} (in "
+                                 f"{_listed(columns)})")
             sessions_column = [c for c in columns if _names_sessions(c)
                                and c not in wanted]  # (a session log's session id as the user)
             if not args.session_col and sessions_column and rank == 0:
@@ -493,6 +501,20 @@ def _row_formats(args, files, heads) -> dict:
 def _names_sessions(column: str) -> bool:
     """Whether a column name says it holds session ids (session, session_id, sessionId)."""
     return column.lower().replace("_", "") in ("session", "sessionid")
+
+
+# The most column names an error lists: a header line that is not one (a file whose lines
+# a line feed does not end, a binary file) can hold thousands.
+MAX_LISTED_COLUMNS = 20
+
+
+def _listed(columns) -> str:
+    """Column names as an error lists them: the first `MAX_LISTED_COLUMNS`, then how many
+    more."""
+    names = list(columns)
+    if len(names) <= MAX_LISTED_COLUMNS:
+        return str(names)
+    return f"{str(names[:MAX_LISTED_COLUMNS])[:-1]}, ... {len(names) - MAX_LISTED_COLUMNS} more]"
 
 
 def _to_utf8(path: str, source: str = "cp1252") -> str:

@@ -353,6 +353,36 @@ def test_usage_error_is_one_line_without_output(tmp_path):
     assert not out.exists()
 
 
+def test_lone_carriage_return_line_ends_are_said_in_one_short_line(tmp_path, capsys):
+    """A file whose lines end in a carriage return alone (classic Mac OS; `tr '\\n' '\\r'`)
+    stops the run with the command that converts it (audit: "column(s) time not in the
+    header ... ['user', 'item', 'time\\r5', ...]", every field of the file on one line);
+    an error lists at most 20 column names."""
+    rows = "".join(f"u{k % 7},i{k % 5},{1_600_000_000 + 60 * k}\n" for k in range(300))
+    (tmp_path / "cr.csv").write_bytes(("user,item,time\n" + rows).replace("\n", "\r").encode())
+    (tmp_path / "cr.jsonl").write_bytes(b'{"user": "u", "item": "a", "time": 1}\r' * 3)
+    wide = ",".join(f"c{k}" for k in range(50))
+    (tmp_path / "wide.csv").write_text(f"user,item,{wide}\nu,a{',0' * 50}\n")
+    (tmp_path / "dup.csv").write_text("user,item,time,c1,c1\nu,a,1,0,0\n")
+    for name, extra, said in (
+            ("cr.csv", [], "cr.csv: its lines end in a carriage return alone (\\r, as classic "
+             "Mac OS wrote them), which is not a line end here: convert it first, e.g. "
+             "tr '\\r' '\\n' < {path} > {path}.lf"),
+            ("cr.jsonl", ["--format", "jsonl"], "e.g. tr '\\r' '\\n' < {path} > {path}.lf"),
+            ("wide.csv", [], "column(s) time not in the header of {path} ['user', 'item', "
+             + ", ".join(f"'c{k}'" for k in range(18)) + ", ... 32 more]: set "),
+            ("dup.csv", [], "duplicate column names in the header of {path}: c1 (in ['user', "
+             "'item', 'time', 'c1', 'c1'])")):
+        path = str(tmp_path / name)
+        assert cli.main(["--input", path, "--output", str(tmp_path / "x"), *extra,
+                         *IN_MEMORY]) == 2
+        err = capsys.readouterr().err
+        assert said.format(path=path) in err and err.count("\n") == 1 and len(err) < 1000, err
+    (tmp_path / "cr.csv").write_bytes((tmp_path / "cr.csv").read_bytes().replace(b"\r", b"\n"))
+    assert cli.main(["--input", str(tmp_path / "cr.csv"), "--output", str(tmp_path / "x"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0  # (the file converted)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--time-unit", "hours"], "invalid choice: 'hours'"),
     (["--sesion-gap", "60"], "did you mean --session-gap"),
