@@ -523,9 +523,9 @@ def _to_utf8(path: str, source: str = "cp1252") -> str:
             + (" (Windows-1252 or Latin-1 text)" if source == "cp1252" else ""))
 
 
-def _decodes_as(lines: list[bytes], width: int) -> bool:
-    """Whether the first lines read as UTF-16 (`width` 2) or UTF-32 (4) text of either byte
-    order: most of their 0x0A bytes (where they were split) are that encoding's line break
+def _decodes_as(lines: list[bytes], width: int) -> str | None:
+    """The byte order ("le" or "be"; None: neither) in which the first lines read as UTF-16
+    (`width` 2) or UTF-32 (4) text: most of their 0x0A bytes (where they were split) are that encoding's line break
     at a character boundary (a few can be a byte of another character: U+4E0A), and the
     lines joined back decode to printable characters and white space (U+3000 too), not
     the NULs, control characters and invalid sequences of a binary file or of a UTF-8 one
@@ -543,8 +543,8 @@ def _decodes_as(lines: list[bytes], width: int) -> bool:
         text = data[:len(data) // width * width].decode(f"utf-{8 * width}-{order}", "replace")
         good = sum((c.isprintable() or c.isspace()) and c != "\ufffd" for c in text)
         if text and good >= 0.95 * len(text):
-            return True
-    return False
+            return order
+    return None
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -568,11 +568,18 @@ def _check_encoding(path: str, lines: list[bytes]) -> None:
     nuls = any(len(line) >= 4 and 3 * line.count(b"\x00") >= len(line) for line in lines)
     # (text of mostly CJK characters in UTF-16 has few NULs, but is not UTF-8 either)
     wide = nuls or not all(map(_is_utf8, lines))
-    if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) or (
-            wide and _decodes_as(lines, 4)):
+    # (with a byte-order mark, iconv's utf-16 and utf-32 read either order; without one,
+    # glibc's read little-endian, and big-endian text becomes garbage: name the order)
+    if first.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
         raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32')}")
-    if first.startswith((b"\xff\xfe", b"\xfe\xff")) or (wide and _decodes_as(lines, 2)):
+    order = _decodes_as(lines, 4) if wide else None
+    if order:
+        raise UsageError(f"{path} is UTF-32; {_to_utf8(path, 'utf-32' + order)}")
+    if first.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise UsageError(f"{path} is UTF-16; {_to_utf8(path, 'utf-16')}")
+    order = _decodes_as(lines, 2) if wide else None
+    if order:
+        raise UsageError(f"{path} is UTF-16; {_to_utf8(path, 'utf-16' + order)}")
     if nuls:
         raise UsageError(f"{path} is not a text file (NUL bytes in its first lines: binary "
                          "data): pass the log itself, as text (CSV, TSV, JSON lines), "

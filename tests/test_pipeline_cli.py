@@ -248,15 +248,24 @@ def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_
             ("utf16.csv", text.encode("utf-16"),
              "utf16.csv is UTF-16; the pipeline reads UTF-8 (ASCII is UTF-8): convert the "
              "file first, e.g. iconv -f utf-16 -t utf-8 LOG > LOG.utf8"),
-            ("utf16le.csv", text.encode("utf-16-le"),  # no byte-order mark
-             "utf16le.csv is UTF-16; the pipeline reads UTF-8"),
-            ("utf16be.csv", text.encode("utf-16-be"), "utf16be.csv is UTF-16; the pipeline"),
+            # without a byte-order mark, the byte order named (audit: iconv -f utf-16, which
+            # reads such a file as little-endian, turned big-endian text into garbage)
+            ("utf16le.csv", text.encode("utf-16-le"),
+             "utf16le.csv is UTF-16; the pipeline reads UTF-8 (ASCII is UTF-8): convert the "
+             "file first, e.g. iconv -f utf-16le -t utf-8 LOG > LOG.utf8"),
+            ("utf16be.csv", text.encode("utf-16-be"),
+             "utf16be.csv is UTF-16; the pipeline reads UTF-8 (ASCII is UTF-8): convert the "
+             "file first, e.g. iconv -f utf-16be -t utf-8 LOG > LOG.utf8"),
+            ("utf32be.csv", text.encode("utf-32-be"), "utf32be.csv is UTF-32; the pipeline "
+             "reads UTF-8 (ASCII is UTF-8): convert the file first, e.g. iconv -f utf-32be"),
             # without a byte-order mark or an ASCII line: characters whose low byte is 0
             # (一 U+4E00, the ideographic space U+3000) put NULs at both parities
             ("cjk.tsv", "".join(f"{u}\t無印良品\u3000一台{k}\t{1000 * u + k}\n" for u in range(9)
                                 for k in range(3)).encode("utf-16-le"),
-             "cjk.tsv is UTF-16; the pipeline reads UTF-8"),
-            ("utf32le.csv", text.encode("utf-32-le"), "utf32le.csv is UTF-32; the pipeline"),
+             "cjk.tsv is UTF-16; the pipeline reads UTF-8 (ASCII is UTF-8): convert the file "
+             "first, e.g. iconv -f utf-16le"),
+            ("utf32le.csv", text.encode("utf-32-le"), "utf32le.csv is UTF-32; the pipeline "
+             "reads UTF-8 (ASCII is UTF-8): convert the file first, e.g. iconv -f utf-32le"),
             # mostly CJK: no line is a third NULs, but none is UTF-8 either
             ("names.tsv", "".join(f"{u}\t無印良品アロマディフューザー{k}\t{1000 * u + k}\n"
                                   for u in range(9) for k in range(3)).encode("utf-16-le"),
@@ -279,6 +288,9 @@ def test_a_log_in_another_encoding_stops_before_the_run_with_the_conversion(tmp_
         said = said.replace("LOG", str(log)).replace(name, str(log), 1)
         assert err.startswith("error: " + said) and err.count("\n") == 1, err
         assert not (tmp_path / "out").exists()
+        if "iconv -f utf-" in err:  # the command converts the file (iconv reads as Python)
+            source = err.split("iconv -f ")[1].split()[0]
+            assert data.decode(source).lstrip("\ufeff").startswith(("user,", "0\t")), source
     damaged = tmp_path / "damaged.csv"
     lines = text.encode("utf-8").split(b"\n")
     for k in (1, 5):  # (rows with an accent)
