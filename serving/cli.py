@@ -46,6 +46,9 @@ def state_db(text: str) -> str:
     '' as a temporary database, deleted on close: a backfill into it was lost) and not a
     folder."""
     path = argtypes.local_path(argtypes.non_empty(text))
+    if path.startswith("file:"):  # (SQLite reads it as a URI: the file made was 0644, and
+        # forget and prune, which look for the path, did not find it)
+        raise argparse.ArgumentTypeError(f"{path} is an SQLite URI: pass the file's path")
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path} is a folder: pass the path of a SQLite file")
     return path

@@ -505,6 +505,10 @@ def _json_items(text: str) -> list[str]:
     return items
 
 
+# forget and prune, where another process's read kept the -wal file from being emptied
+JOURNAL_KEPT = ("note: another process was reading {path}: its -wal file may still hold "
+                "the deleted records' old pages; run this command again once that process "
+                "is done to empty it")
 # prune --inactive-days: more than 0 (a user is inactive from the moment of a write) and at
 # most 100,000 days (274 years: a cut-off time before the epoch keeps everyone)
 INACTIVE_DAYS = argtypes.number(float, 0.0, strict=True, high=100_000.0)
@@ -594,12 +598,16 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         try:
             with state_store.SQLiteStateStore(args.state_db) as store:
                 deleted = store.delete(args.user)
+                erased = store.journal_erased if deleted else store.erase_journal()
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         text = (f"user {args.user}: deleted {deleted} stored record{'s' * (deleted != 1)} "
                 f"from {args.state_db}")
-        print(json.dumps({"user": args.user, "deleted": deleted}) if args.json else text)
+        if not erased:
+            print(JOURNAL_KEPT.format(path=args.state_db), file=sys.stderr)
+        print(json.dumps({"user": args.user, "deleted": deleted, "journal_erased": erased})
+              if args.json else text)
         return 0
     # end-session: stored and said, or neither. A stop signal from its start to its answer
     # is dropped (one that said "interrupted" of a stored session made a retry store it
@@ -661,6 +669,7 @@ def _prune(args: argparse.Namespace) -> int:
             free = store.free_bytes()
             if args.vacuum and not args.dry_run:
                 store.vacuum()
+            erased = args.dry_run or store.erase_journal()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -671,6 +680,8 @@ def _prune(args: argparse.Namespace) -> int:
         return 130
     vacuumed = args.vacuum and not args.dry_run
     after = os.path.getsize(args.state_db) if vacuumed else size
+    if not erased:
+        print(JOURNAL_KEPT.format(path=args.state_db), file=sys.stderr)
     result = {"state_db": args.state_db, "before": when, "dry_run": args.dry_run,
               "users": done.users, "records": done.records, "kept_users": done.kept_users,
               "free_bytes": free, "file_bytes": after, "vacuumed": vacuumed}

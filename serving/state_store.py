@@ -73,6 +73,8 @@ def same_model(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 DEFAULT_HISTORY_ITEMS = HierTCNConfig().history_size
 # bytes the -wal file is cut back to after a checkpoint (SQLite keeps its peak otherwise)
 WAL_SIZE_LIMIT = 16 * 2 ** 20
+# How long `erase_journal` waits for other processes' reads to end.
+JOURNAL_WAIT_MS = 1000
 # With the ids the model knows at hand, the store keeps the newest `history_items` known
 # ids and the unknown ones among them (the head reads the newest known items, so unknown
 # ones must not push known ones out), at most this many times `history_items` ids in all.
@@ -310,6 +312,8 @@ class SQLiteStateStore(StateStore):
         self.path = path
         self.history_items = history_items
         self.versions_kept = versions_kept
+        self._busy_ms = int(busy_timeout_s * 1000)
+        self.journal_erased: bool | None = None  # by the last `erase_journal`
         self._lock = threading.Lock()
         _create_private(path)
         denied = _access_error(path)
@@ -322,6 +326,10 @@ class SQLiteStateStore(StateStore):
             self._identity = _identity(path)
             self._wal(max(busy_timeout_s, 1.0))
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # a deleted or replaced record's bytes are overwritten, not left in free pages
+            # (users' histories are personal data: a `forget`ed user's ids stayed in the
+            # file where SQLite is built without SECURE_DELETE, as upstream's is)
+            self._db.execute("PRAGMA secure_delete=ON")
             # the -wal file back to at most this size after a checkpoint (a reader that held
             # a snapshot through 12,000 writes left 78 MB on disk while the store was open)
             self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -494,11 +502,35 @@ class SQLiteStateStore(StateStore):
     def delete(self, user_id: str) -> int:
         try:
             with self._lock:
-                return self._db.execute("DELETE FROM user_states WHERE user_id = ?",
-                                        (user_id,)).rowcount
+                deleted = self._db.execute("DELETE FROM user_states WHERE user_id = ?",
+                                           (user_id,)).rowcount
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cannot write to state database {self.path}: {e}; "
                              f"{_advice(e)}") from None
+        if deleted:
+            self.erase_journal()
+        return deleted
+
+    def erase_journal(self) -> bool:
+        """Copies the -wal file's pages into the database and empties it (SQLite's
+        TRUNCATE checkpoint): until then it holds the records as they were before a delete
+        (a `forget`ed user's ids stayed in it while any other process had the store
+        open). Returns False where another process's read kept it from being emptied
+        (those pages go once it is checkpointed again)."""
+        try:
+            with self._lock:
+                # (the checkpoint waits for readers' transactions: a second at most, not
+                # the busy timeout of writes)
+                self._db.execute(f"PRAGMA busy_timeout={JOURNAL_WAIT_MS}")
+                try:
+                    busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        except sqlite3.DatabaseError as e:
+            log.warning("state database %s: the -wal file was not emptied: %s", self.path, e)
+            busy = True
+        self.journal_erased = not busy
+        return self.journal_erased
 
 
     # users looked at per transaction of `prune`: the write lock is held for one batch at a
@@ -538,6 +570,8 @@ class SQLiteStateStore(StateStore):
                             + _write_advice(e)) from e
                     raise
             if not rows:
+                if users and not dry_run:
+                    self.erase_journal()
                 return Pruned(users, records, kept, dry_run)
             users += len(old)
             records += sum(count for _, count in old)

@@ -849,3 +849,58 @@ def test_prune_command_without_a_server(tmp_path, capsys):
         with pytest.raises(SystemExit):
             client.main(["--state-db", path, "prune", "--inactive-days", bad])
         assert "--inactive-days: must be > 0.0 and <= 100000.0" in capsys.readouterr().err
+
+
+def _holds(path, text):
+    """Whether the store's file or its -wal file holds `text`'s bytes anywhere (free pages
+    and old frames included)."""
+    found = False
+    for name in (path, path + "-wal"):
+        if os.path.exists(name):
+            with open(name, "rb") as f:
+                found |= text.encode() in f.read()
+    return found
+
+
+def test_a_forgotten_users_ids_are_gone_from_the_file_and_its_journal(tmp_path, capsys):
+    """Users' histories are personal data: after `forget` (and `prune`), while another
+    process has the store open, neither the file's free pages nor the -wal file keep the
+    user's id or items (the -wal file kept them until the last connection closed, and the
+    file's free pages kept them where SQLite is built without SECURE_DELETE)."""
+    from serving import client
+    path = str(tmp_path / "s.sqlite")
+    other = SQLiteStateStore(path)  # another process's store, open all along
+    try:
+        with SQLiteStateStore(path) as store:
+            assert store._db.execute("PRAGMA secure_delete").fetchone() == (1,)
+            for i in range(50):
+                store.put(f"user{i}", 1, np.zeros(64, np.float32), [["common"]],
+                          sessions_total=1)
+            store.put("victim_u1", 1, np.zeros(64, np.float32), [["secret_item_a", "b"]],
+                      sessions_total=1)
+            store.put("victim_u2", 1, np.zeros(64, np.float32), [["secret_item_c", "d"]],
+                      sessions_total=1)
+        assert other.latest("victim_u1") is not None
+        assert _holds(path, "victim_u1") and _holds(path, "secret_item_a")
+        assert client.main(["--state-db", path, "--json", "forget", "--user", "victim_u1"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"user": "victim_u1", "deleted": 1,
+                                                       "journal_erased": True}
+        assert not _holds(path, "victim_u1") and not _holds(path, "secret_item_a")
+        _age(path, 400 * 86_400, "user_id = 'victim_u2'")
+        assert client.main(["--state-db", path, "prune", "--inactive-days", "365"]) == 0
+        assert capsys.readouterr().out.startswith("pruned 1 user (1 record)")
+        assert not _holds(path, "victim_u2") and not _holds(path, "secret_item_c")
+        assert other.latest("user7") is not None
+        # a reader inside a transaction keeps its snapshot's pages: said
+        other._db.execute("BEGIN")
+        other._db.execute("SELECT COUNT(*) FROM user_states").fetchone()
+        assert client.main(["--state-db", path, "forget", "--user", "user3"]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.strip() == f"user user3: deleted 1 stored record from {path}"
+        assert "note: another process was reading" in captured.err
+        other._db.execute("COMMIT")
+    finally:
+        other.close()
+    with pytest.raises(SystemExit):
+        client.main(["--state-db", f"file:{path}", "forget", "--user", "u"])
+    assert "is an SQLite URI: pass the file's path" in capsys.readouterr().err
