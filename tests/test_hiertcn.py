@@ -124,6 +124,32 @@ def test_sampled_loss_and_tied_output():
         registry.build_model("hiertcn", TINY.replace({"loss": "sampled"}), V)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 7, 13])
+def test_the_full_softmax_in_slices_is_the_whole_ones_loss_and_gradients(rows):
+    """The full softmax runs over SOFTMAX_PARTS slices of the rows (independent ops, which
+    TensorFlow's inter-op threads run at once): each row's loss and every gradient are the
+    whole computation's, for any number of rows (fewer rows than slices too)."""
+    from model import losses
+
+    rng = np.random.default_rng(rows)
+    user = tf.constant(rng.normal(size=[rows, 5]), tf.float32)
+    vectors = tf.Variable(rng.normal(size=[11, 5]).astype(np.float32))
+    bias = tf.Variable(rng.normal(size=[11]).astype(np.float32))
+    targets = tf.constant(rng.integers(2, 11, size=rows))
+    loss_fn = losses.make_loss("softmax", 11)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(user)
+        got = loss_fn(user, targets, vectors, bias, True)
+        whole = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=targets, logits=tf.matmul(user, vectors, transpose_b=True) + bias)
+        got_sum, whole_sum = tf.reduce_sum(got), tf.reduce_sum(whole)
+    assert losses.SOFTMAX_PARTS > 1 and got.shape == [rows]
+    np.testing.assert_allclose(got.numpy(), whole.numpy(), rtol=1e-5, atol=1e-6)
+    for x in (user, vectors, bias):
+        np.testing.assert_allclose(tape.gradient(got_sum, x).numpy(),
+                                   tape.gradient(whole_sum, x).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_the_sampled_loss_is_its_formula_with_log_q_and_accidental_hits_removed():
     """The baselines' sampled softmax, computed by hand from the same draw: each logit less
     the log of its expected count (the log-Q correction), and a negative that is the row's
