@@ -150,6 +150,22 @@ def test_the_full_softmax_in_slices_is_the_whole_ones_loss_and_gradients(rows):
                                    tape.gradient(whole_sum, x).numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_the_full_softmax_of_a_large_catalogue_is_one_piece(monkeypatch):
+    """Above SOFTMAX_SPLIT_MAX_ITEMS each slice's gradient of the output matrix would be a
+    [V, D] temporary of its own: one matmul there, SOFTMAX_PARTS below."""
+    from model import losses
+
+    def matmuls():
+        graph = tf.function(losses._softmax_loss).get_concrete_function(
+            tf.TensorSpec([None, 5], tf.float32), tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([11, 5], tf.float32), tf.TensorSpec([11], tf.float32), True).graph
+        return sum(op.type in ("MatMul", "BatchMatMulV2") for op in graph.get_operations())
+
+    assert matmuls() == losses.SOFTMAX_PARTS
+    monkeypatch.setattr(losses, "SOFTMAX_SPLIT_MAX_ITEMS", 10)
+    assert matmuls() == 1
+
+
 def test_the_sampled_loss_is_its_formula_with_log_q_and_accidental_hits_removed():
     """The baselines' sampled softmax, computed by hand from the same draw: each logit less
     the log of its expected count (the log-Q correction), and a negative that is the row's
