@@ -598,7 +598,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         try:
             with state_store.SQLiteStateStore(args.state_db) as store:
                 deleted = store.delete(args.user)
-                erased = store.journal_erased if deleted else store.erase_journal()
+                erased = _journal_erased(store)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -649,6 +649,12 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     return 0
 
 
+def _journal_erased(store: state_store.SQLiteStateStore) -> bool:
+    """Whether the store's -wal file was emptied after its deletes: as the store's own
+    delete, prune or vacuum left it, or emptied now where none of them ran."""
+    return store.journal_erased if store.journal_erased is not None else store.erase_journal()
+
+
 def _prune(args: argparse.Namespace) -> int:
     """`prune`: the records of users inactive for `--inactive-days`, deleted in batches (a
     stop keeps the batches done: run it again to go on), then `--vacuum`."""
@@ -669,7 +675,7 @@ def _prune(args: argparse.Namespace) -> int:
             free = store.free_bytes()
             if args.vacuum and not args.dry_run:
                 store.vacuum()
-            erased = args.dry_run or store.erase_journal()
+            erased = args.dry_run or _journal_erased(store)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -593,10 +593,10 @@ class SQLiteStateStore(StateStore):
         try:
             with self._lock:
                 self._db.execute("VACUUM")
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError as e:
             raise ValueError(f"cannot vacuum state database {self.path}: {e}; its records "
                              "are unchanged" + _write_advice(e)) from None
+        self.erase_journal()
 
 
 def _advice(e: sqlite3.DatabaseError) -> str:

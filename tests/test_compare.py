@@ -25,6 +25,13 @@ TINY = {"model": {"embedding_dim": 16, "gru_units": 8, "channels": 16},
                   "shuffle_buffer": 16, "eval_users": 0}}
 
 
+def _small_data(tmp_path):
+    """A pipeline folder of 30 planted train users, 6 valid and 9 test ones, 20 items."""
+    return write_data(str(tmp_path / "data"), 20, planted_users(30),
+                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
+                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+
+
 def _metrics(r20, m20, first=0.1):
     keys = {k: 0.0 for k in compare.METRIC_KEYS}
     keys.update({"recall@20": r20, "mrr@20": m20, "events": 100, "unknown_targets": 2})
@@ -126,9 +133,7 @@ def test_a_failed_write_of_the_results_keeps_the_earlier_ones(tmp_path, monkeypa
     file is left; with room, the next run replaces them. stdout on a full disk: the results
     are written, and one line says that only the printed table is lost (it said that the
     results could not be written under --output)."""
-    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
-                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
-                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    data = _small_data(tmp_path)
     out = tmp_path / "cmp"
     argv = ["--data", data, "--models", "popularity", "--output", str(out)]
     assert compare.main(argv) == 0
@@ -160,9 +165,7 @@ def test_a_failed_write_of_the_results_keeps_the_earlier_ones(tmp_path, monkeypa
 
 
 def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, capsys):
-    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
-                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
-                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    data = _small_data(tmp_path)
     out = tmp_path / "cmp"
     for split, users in (("valid", 6), ("test", 9)):
         assert compare.main(["--data", data, "--models", "popularity", "--output", str(out),
@@ -251,9 +254,7 @@ def test_the_command_ignores_stop_signals_once_its_results_are_written(tmp_path)
 def test_eval_args_make_a_fitted_variant_that_equals_model_evaluate(tmp_path, capsys):
     """`--eval-args 'sknn:noremind=--no-remind'`: the variant is model.evaluate with that
     option, beside the default sknn; a change of its arguments evaluates it again."""
-    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
-                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
-                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    data = _small_data(tmp_path)
     out = tmp_path / "cmp"
     argv = ["--data", data, "--models", "sknn,sknn:noremind", "--output", str(out)]
     assert compare.main(argv + ["--eval-args", "sknn:noremind=--no-remind"]) == 0
@@ -277,9 +278,7 @@ def test_eval_args_make_a_fitted_variant_that_equals_model_evaluate(tmp_path, ca
 
 
 def test_rule_out_current_has_its_own_files_beside_the_plain_evaluation(tmp_path):
-    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
-                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
-                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    data = _small_data(tmp_path)
     out = tmp_path / "cmp"
     argv = ["--data", data, "--models", "popularity,mv", "--output", str(out)]
     assert compare.main(argv) == 0
@@ -330,9 +329,7 @@ def test_a_ruled_out_chart_says_so(tmp_path):
 
 
 def test_rule_out_seen_has_its_own_files_and_excludes_the_other_rule(tmp_path, capsys):
-    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
-                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
-                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    data = _small_data(tmp_path)
     out = tmp_path / "cmp"
     argv = ["--data", data, "--models", "popularity,mv", "--output", str(out)]
     with pytest.raises(SystemExit):
@@ -434,9 +431,7 @@ def test_a_refused_command_changes_nothing_under_its_output(tmp_path, capsys):
     """What refuses a command is found before any model runs: a neural run trained on
     other data (listed after a baseline, which was refitted on the new data first), a
     missing --config file, an empty split."""
-    data = write_data(str(tmp_path / "data"), 20, planted_users(30),
-                      valid=[(3, u[:4]) for u in planted_users(6, seed=1)],
-                      test=[(3, u[:4]) for u in planted_users(9, seed=2)])
+    data = _small_data(tmp_path)
     out = tmp_path / "cmp"
     assert compare.main(["--data", data, "--models", "popularity", "--output", str(out)]) == 0
     run = out / "runs" / "hiertcn" / "seed0"  # a checkpoint trained on other data
