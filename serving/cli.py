@@ -59,6 +59,7 @@ state_db.__name__ = "state database path"
 # thread (--poll-seconds 1e30: "timestamp out of range", the poller gone for good) or a
 # poll loop that spun (--poll-seconds 1e-300: 72% of a core while idle)
 SERVER_COUNT = argtypes.positive_size
+GRPC_THREADS = argtypes.at_most(10_000, argtypes.positive_int)
 POLL_SECONDS = argtypes.number(float, 0.01, high=86_400.0)
 BATCH_TIMEOUT_MICROS = argtypes.at_most(3_600_000_000, argtypes.non_negative_int)
 # the batching options' defaults: given without --enable-batching, they are refused
@@ -175,6 +176,11 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-batch-threads", type=SERVER_COUNT,
                         help="with --enable-batching: merged calls that may run at the same "
                              f"time (default: {BATCHING_DEFAULTS['num_batch_threads']})")
+    parser.add_argument("--grpc-max-threads", type=GRPC_THREADS, default=None,
+                        help="calls served at once (TF Serving's --grpc_max_threads); more "
+                             "wait their turn. Without --enable-batching it bounds the model "
+                             "calls running at once and their memory; with it, the requests "
+                             "one merged call can hold (default: 4 per CPU, at least 8)")
     parser.add_argument("--poll-seconds", type=POLL_SECONDS, default=1.0,
                         help="how often the base path is scanned for new versions")
     parser.add_argument("--max-message-mb", type=argtypes.message_mb, default=16,

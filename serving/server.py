@@ -62,7 +62,18 @@ _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 SIGNATURE_DEF_FIELD = "signature_def"
-WORKER_THREADS = 32
+
+
+def default_grpc_threads() -> int:
+    """`--grpc-max-threads`' default: 4 per CPU this process may use, at least 8. Each
+    thread runs one call at a time, so it bounds the model calls running at once without
+    --enable-batching (a call of the largest allowed request holds ~200 MB: 32 of them
+    took 6 GB, which the allocator kept) and the requests one merged call can hold with it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        cpus = os.cpu_count() or 1
+    return max(8, 4 * cpus)
 
 
 class RequestError(Exception):
@@ -1099,8 +1110,13 @@ class ModelServer:
                  tls_cert: str | None = None, tls_key: str | None = None,
                  max_sequence_width: int = MAX_SEQUENCE_WIDTH,
                  max_sequence_items: int = MAX_SEQUENCE_ITEMS,
-                 max_request_rows: int = cli.MAX_REQUEST_ROWS):
+                 max_request_rows: int = cli.MAX_REQUEST_ROWS,
+                 grpc_max_threads: int | None = None):
         """Binds the port; call `start()` to load versions and serve.
+
+        `grpc_max_threads` (default `default_grpc_threads()`): calls served at once, as TF
+        Serving's --grpc_max_threads; more wait their turn (one whose caller has gone by
+        then is not run).
 
         With `tls_cert` and `tls_key` (PEM files: the server's certificate chain and private
         key) the port speaks TLS, as TF Serving's `--ssl_config_file` makes it.
@@ -1129,11 +1145,15 @@ class ModelServer:
             raise ValueError(f"--model-base-path {model_base_path} is one version's folder: "
                              "pass the folder that holds the numbered versions (its parent, "
                              "the --export-base of serving.export)")
+        if grpc_max_threads is None:
+            grpc_max_threads = default_grpc_threads()
         if min(max_batch_size, max_message_mb, num_versions, num_batch_threads,
-               max_sequence_width, max_sequence_items, max_request_rows) < 1 \
+               max_sequence_width, max_sequence_items, max_request_rows,
+               grpc_max_threads) < 1 \
                 or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535 \
                 or max_message_mb > 2047:
-            raise ValueError("--max-batch-size, --num-batch-threads, --max-message-mb, "
+            raise ValueError("--max-batch-size, --num-batch-threads, --grpc-max-threads, "
+                             "--max-message-mb, "
                              "--max-sequence-width, --max-sequence-items, "
                              "--max-request-rows and "
                              "--num-versions must be >= 1, --poll-seconds > 0, "
@@ -1155,7 +1175,7 @@ class ModelServer:
         self._stop = threading.Event()
         limit = max_message_mb * 1024 * 1024
         self._grpc = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=WORKER_THREADS),
+            concurrent.futures.ThreadPoolExecutor(max_workers=grpc_max_threads),
             options=[("grpc.max_receive_message_length", limit),
                      ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
@@ -1272,7 +1292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.batch_timeout_micros, args.poll_seconds, args.max_message_mb,
                              args.num_versions, args.num_batch_threads, args.tls_cert,
                              args.tls_key, args.max_sequence_width, args.max_sequence_items,
-                             args.max_request_rows)
+                             args.max_request_rows, args.grpc_max_threads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -752,6 +752,50 @@ def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_
     assert outs == [1, 2, 3] and calls == [(1, 60)] * 3
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+def test_grpc_max_threads_bounds_the_model_calls_running_at_once(tmp_path, monkeypatch,
+                                                                 threads):
+    """Without batching each call ran its model at once in one of 32 gRPC threads (32
+    largest requests held 6 GB); --grpc-max-threads N (TF Serving's --grpc_max_threads)
+    runs N at a time, and the others wait their turn and are answered."""
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path / "models")
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
+    running, most, lock = [0], [0], threading.Lock()
+    real_run = server.Signature.run
+
+    def slow_run(self, arrays):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.4)
+            return real_run(self, arrays)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(server.Signature, "run", slow_run)
+    s = server.ModelServer(NAME, base, port=0, grpc_max_threads=threads)
+    try:
+        s.start()
+        assert s.ready.wait(60)
+        channel = grpc.insecure_channel(f"127.0.0.1:{s.port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        req = request("next_items", INPUTS["next_items"])
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: stub.Predict(req, timeout=60), range(8)))
+        channel.close()
+    finally:
+        s.stop(0)
+    assert [a.model_spec.version.value for a in answers] == [1] * 8
+    assert most[0] == threads
+    with pytest.raises(SystemExit) as bad:
+        server.cli.server_args(["--model-base-path", base, "--model-name", NAME,
+                                "--grpc-max-threads", "0"])
+    assert bad.value.code == 2
+
+
 def test_ipv6_literal_hosts_are_bracketed(tmp_path, capsys):
     """`--host ::1` bound "::1:8500", which gRPC cannot parse, and the error blamed the
     port; an IPv6 literal goes in brackets (a bracketed one stays as it is), and a port in
