@@ -1092,6 +1092,15 @@ class _UndecodableRequests(logging.Filter):
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
+    def flush(self) -> None:
+        """Says the requests counted since the last line (at shutdown: they were not said)."""
+        with self._lock:
+            n, self._count = self._count, 0
+        if n:
+            log.warning("%d more request%s that %s not a valid protobuf message of the method "
+                        "called since the last such line", n, "s" * (n != 1),
+                        "are" if n != 1 else "is")
+
 
 def _quiet_undecodable_requests() -> None:
     """Installs `_UndecodableRequests` on gRPC's logger, once."""
@@ -1232,6 +1241,9 @@ class ModelServer:
         if self.batcher is not None:
             self.batcher.stop()
         self._poller.join(timeout=grace)
+        for f in logging.getLogger("grpc._common").filters:
+            if isinstance(f, _UndecodableRequests):
+                f.flush()
 
 
 def _not_a_base_path(path: str) -> str | None:

@@ -5,6 +5,7 @@ import concurrent.futures
 import contextlib
 import functools
 import gc
+import logging
 import os
 import shutil
 import socket
@@ -750,6 +751,25 @@ def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_
     outs = run(server.Batcher(max_batch_size=16, timeout_s=0.0, max_items=100),
                ids(60, 1), [ids(60, 2), ids(60, 3)])
     assert outs == [1, 2, 3] and calls == [(1, 60)] * 3
+
+
+def test_undecodable_count_not_yet_said_is_said_at_shutdown(caplog):
+    """The count of undecodable requests since the last (once a minute) line was lost when
+    the server stopped; stop() says it."""
+    quiet = server._UndecodableRequests()
+
+    def record():
+        return logging.LogRecord("grpc._common", logging.ERROR, __file__, 1,
+                                 quiet.MESSAGE, (), None)
+
+    assert quiet.filter(record())  # the first is said, the next two counted
+    assert not quiet.filter(record()) and not quiet.filter(record())
+    with caplog.at_level(logging.WARNING, logger="serving.server"):
+        quiet.flush()
+        quiet.flush()  # nothing more to say
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["2 more requests that are not a valid protobuf message of the method "
+                    "called since the last such line"], said
 
 
 @pytest.mark.parametrize("threads", [2, 4])
