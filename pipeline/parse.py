@@ -322,6 +322,8 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
       ValueError: unparseable, non-finite, negative or implausibly late (past 10^11 unix
         seconds, the year 5138) time.
     """
+    if value is None:  # JSON null, a Parquet or Avro null
+        raise RowError("missing time (null)")
     if is_time_format(unit):  # --time-format: Python's strptime directives
         if not isinstance(value, str):
             raise RowError("time ", value, f" is not text (--time-format {unit})")

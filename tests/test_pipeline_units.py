@@ -1290,6 +1290,10 @@ SEMI = parse.RowFormat("csv", "s", "user", "item", "time", ("user", "item", "tim
      "time {'$date': 1614697271000} is not a number", "time … is not a number"),
     ({"user": "u", "item": "a", "time": [1, 2]}, JSONL, "time [1, 2] is not a number",
      "time … is not a number"),
+    # a null time is missing, as a null id is (it read "time None is not a number")
+    ({"user": "u", "item": "a", "time": None}, JSONL, "missing time (null)",
+     "missing time (null)"),
+    ({"user": "u", "item": "a", "time": None}, ISO, "missing time (null)", "missing time (null)"),
     ({"user": "u", "item": "a", "time": datetime.time(10)}, JSONL,
      "time datetime.time(10, 0) is not a number", "time … is not a number"),
     ({"user": "u", "item": "a", "time": {"$date": 5}}, ISO,
