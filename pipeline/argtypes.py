@@ -308,11 +308,26 @@ def survive_closed_output() -> None:
     stop path must save its work (model.train, model.compare), or whose work is done when
     it says so (pipeline, serving.client: `| head -1`), keeps going, and keeps its status,
     when the reader of its output is gone; an output that cannot be written (a full disk)
-    is said in one line at the end, and the status is then at least 1."""
+    is said in one line at the end, and the status is then at least 1.
+
+    A stream closed at the start (`2>&-`: Python's is None, and `sys.stderr.isatty()` ended
+    the command with status 1 and no word) is /dev/null instead, which also keeps the
+    descriptor from being the next file opened; and a character the stream's encoding
+    cannot write (`PYTHONIOENCODING=ascii`, a C locale: an arrow in a summary, an id) is
+    written as a backslash escape, not a UnicodeEncodeError once the work was done (an
+    end-session stored its session, then said "error" and exited 1: a retry stored it
+    twice)."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, _SurvivesClosedOutput):
-            setattr(sys, name, _SurvivesClosedOutput(stream))
+        if stream is None:
+            stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the process's
+        if isinstance(stream, _SurvivesClosedOutput):
+            continue
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # (not a TextIOWrapper, or closed)
+            pass
+        setattr(sys, name, _SurvivesClosedOutput(stream))
 
 
 def say_lost_output(status: int) -> int:

@@ -315,4 +315,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    argtypes.survive_closed_output()  # (`2>&-`, an ASCII-only stdout: the log is written)
     sys.exit(main())

@@ -1293,6 +1293,7 @@ def _utc_log_handler() -> logging.Handler:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; serves until SIGTERM or SIGINT, returns the exit status."""
     args = cli.server_args(argv)
+    argtypes.survive_closed_output()  # (an ASCII-only stderr: a model name's ü is escaped)
     logging.basicConfig(level=logging.INFO, handlers=[_utc_log_handler()])
     wrong = _not_a_base_path(args.model_base_path)
     if wrong:

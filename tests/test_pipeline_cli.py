@@ -2808,3 +2808,27 @@ def test_overwrite_of_an_output_this_user_cannot_remove_is_refused_before_the_ru
         assert [n for n in os.listdir(base) if n.startswith(".")] == []
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_ascii_only_output_and_a_closed_stderr_lose_no_finished_work(tmp_path):
+    """With an output encoding that cannot write the summary's arrow or an id
+    (PYTHONIOENCODING=ascii, a C locale) the log and the pipeline's output were written and
+    then the command ended in a UnicodeEncodeError, status 1 (a retry was refused: the
+    output exists); with stderr closed (`2>&-`) the pipeline and model.evaluate ended with
+    status 1 and no word. Now: escapes, and status 0."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    log, out = tmp_path / "log.csv", tmp_path / "out"
+    made = subprocess.run([sys.executable, "-m", "pipeline.synthetic", "--users", "30",
+                           "--output", str(log)], cwd=REPO, env=env, capture_output=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert b"\\u2192" in made.stdout
+    ran = subprocess.run(f"{sys.executable} -m pipeline --input {log} --output {out} "
+                         f"{' '.join(IN_MEMORY)} 2>&-", shell=True, cwd=REPO, env=env,
+                         capture_output=False, stdout=subprocess.PIPE, timeout=300)
+    assert ran.returncode == 0
+    assert b"\\u2192" in ran.stdout and check_output(str(out))[0]["rows_read"] > 0
+    scored = subprocess.run(f"{sys.executable} -m model.evaluate --data {out} --split test "
+                            "--model popularity 2>&-", shell=True, cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, timeout=300)
+    assert scored.returncode == 0 and b'"popularity"' in scored.stdout
