@@ -29,7 +29,7 @@ def train_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=argtypes.non_empty,
                    help=f"model name ({', '.join(config_lib.MODEL_NAMES)}; default: the "
                         "--config file's model_name, else hiertcn)")
-    p.add_argument("--model-dir", required=True, type=argtypes.local_path,
+    p.add_argument("--model-dir", required=True, type=argtypes.tensorflow_folder,
                    help="run folder (created; reused to resume)")
     p.add_argument("--config", type=argtypes.non_empty,
                    help="JSON config file (see model/config.py)")

@@ -711,7 +711,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                    help="comma-separated; a name may carry a label, e.g. hiertcn:deep or "
                         "sknn:noremind, to run one model twice with other --train-args or "
                         "--eval-args (default: %(default)s)")
-    p.add_argument("--output", required=True, type=argtypes.local_path,
+    p.add_argument("--output", required=True, type=argtypes.tensorflow_folder,
                    help="folder for runs/ and results.json, .md, .png (results_valid.* with "
                         "--split valid)")
     budget = p.add_mutually_exclusive_group()

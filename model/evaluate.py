@@ -505,7 +505,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     parser.add_argument("--split", required=True, choices=EVAL_SPLITS,
                         help="valid to choose, test to report (once per model)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model-dir", type=argtypes.local_path,
+    which.add_argument("--model-dir", type=argtypes.tensorflow_folder,
                        help="a training run folder (python -m model.train)")
     which.add_argument("--model", choices=baselines.NAMES,
                        help="a baseline, fitted here on the train split only: popularity (train "

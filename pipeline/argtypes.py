@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import glob
 import math
 import os
 import sys
@@ -165,6 +166,23 @@ def local_path(text: str) -> str:
 
 
 local_path.__name__ = "local path"
+
+
+def tensorflow_folder(text: str) -> str:
+    """An argparse `type` for a local folder that holds (or will hold) checkpoints or
+    SavedModels: TensorFlow finds their files by a file pattern made from the path, where
+    `*`, `?` and `[ ]` match other names (a run folder `m [v1]` trained, then its resume
+    failed in a traceback and its export said the checkpoint was removed while it was
+    read; a served version under such a folder failed to load): refused at once."""
+    path = local_path(text)
+    if glob.has_magic(path):
+        raise argparse.ArgumentTypeError(
+            f"{path} has *, ? or [ ] in it, which TensorFlow's checkpoint and SavedModel "
+            "readers take as a file pattern: choose a folder without them")
+    return path
+
+
+tensorflow_folder.__name__ = "local path"
 
 
 def home_path(text: str) -> str:

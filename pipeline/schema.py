@@ -282,7 +282,9 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     pattern = os.path.join(data_dir, split, "*" + SHARD_SUFFIX)
-    files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(pattern))
+    # (a local folder's name is escaped: `d[1]` read the shards of a sibling `d1`)
+    files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(
+        os.path.join(glob.escape(os.path.join(data_dir, split)), "*" + SHARD_SUFFIX)))
     if not files:  # (a glob finds nothing where it may not look: said as such)
         _looked_up(os.path.join(data_dir, split), lambda p: _gfile().listdir(p), os.listdir)
         raise DataError(

@@ -112,9 +112,9 @@ def export_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """`python -m serving.export`'s options; exits with a usage error (status 2) or the help."""
     parser = argtypes.Parser(prog="python -m serving.export", description=EXPORT_DESCRIPTION,
                              project_version=False)  # (--version: the model version's)
-    parser.add_argument("--model-dir", required=True, type=argtypes.local_path,
+    parser.add_argument("--model-dir", required=True, type=argtypes.tensorflow_folder,
                         help="training run folder (model.train --model-dir)")
-    parser.add_argument("--export-base", required=True, type=argtypes.local_path,
+    parser.add_argument("--export-base", required=True, type=argtypes.tensorflow_folder,
                         help="folder of versions, TF Serving's model_base_path")
     parser.add_argument("--version", type=int, default=None,
                         help="version number (default: next integer)")
@@ -155,7 +155,7 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argtypes.Parser(prog="python -m serving.server",
                                      description=SERVER_DESCRIPTION,
                                      formatter_class=argtypes.DefaultsHelpFormatter)
-    parser.add_argument("--model-base-path", required=True, type=argtypes.local_path,
+    parser.add_argument("--model-base-path", required=True, type=argtypes.tensorflow_folder,
                         help="folder of integer versions")
     parser.add_argument("--model-name", required=True, type=model_name,
                         help="name clients put in model_spec.name")

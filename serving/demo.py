@@ -146,7 +146,7 @@ def _stop(signum, frame):
 def main(argv: Sequence[str] | None = None) -> int:
     p = argtypes.Parser(prog="python -m serving.demo", description=__doc__.split("\n")[0],
                                 formatter_class=argtypes.DefaultsHelpFormatter)
-    p.add_argument("--output", default="demo_out", type=argtypes.local_path,
+    p.add_argument("--output", default="demo_out", type=argtypes.tensorflow_folder,
                    help="folder for everything the demo writes")
     # (one user's log leaves the train split empty: the demo failed after its pipeline)
     p.add_argument("--users", type=argtypes.number(int, 2, high=synthetic.MAX_USERS),

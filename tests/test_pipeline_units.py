@@ -1228,6 +1228,29 @@ def test_local_only_paths_refuse_a_remote_one_in_one_line(tmp_path, command):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", [
+    ["model.train", "--data", "DATA", "--model-dir", "m [v1]/run"],
+    ["model.evaluate", "--data", "DATA", "--split", "test", "--model-dir", "run*"],
+    ["model.compare", "--data", "DATA", "--models", "hiertcn", "--output", "cmp[1]"],
+    ["serving.export", "--model-dir", "run?", "--export-base", "models"],
+    ["serving.export", "--model-dir", "run", "--export-base", "models[2]"],
+    ["serving.server", "--model-base-path", "models[2]", "--model-name", "m"],
+    ["serving.demo", "--output", "demo[1]"],
+])
+def test_tensorflow_folders_with_glob_characters_are_one_line(tmp_path, command):
+    """TensorFlow finds a checkpoint's or SavedModel's files by a pattern made from the
+    path: a run folder `m [v1]/run` trained, then its resume was a NotFoundError traceback,
+    its evaluation and export said the checkpoint was removed while it was read, and a
+    version under `models[2]` failed to load. Refused at once, in one line."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": repo})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has *, ? or [ ] in it" in lines[0], proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_stats_merge_sums_counts_keeps_maxima_and_the_heaviest_user():
     from pipeline import transforms
 

@@ -82,6 +82,19 @@ def test_shard_files_names_the_problem(tmp_path):
         schema.shard_files(str(tmp_path), "train")
 
 
+def test_shard_files_of_a_folder_whose_name_is_a_glob_pattern(tmp_path):
+    """A data folder named `d[1]` beside a `d1` read d1's shards (with d[1]'s items.tsv:
+    other metrics, exit 0); a folder's name is not a pattern."""
+    for folder, shards in (("d[1]", 2), ("d1", 3)):
+        (tmp_path / folder / "train").mkdir(parents=True)
+        for k in range(shards):
+            (tmp_path / folder / "train" /
+             f"part-{k:05d}-of-{shards:05d}{schema.SHARD_SUFFIX}").write_bytes(b"")
+    files = schema.shard_files(str(tmp_path / "d[1]"), "train")
+    assert files == [str(tmp_path / "d[1]" / "train" / f"part-{k:05d}-of-00002"
+                         f"{schema.SHARD_SUFFIX}") for k in range(2)]
+
+
 def test_users_parsed_in_reads_keep_every_user_and_session(tmp_path, monkeypatch):
     """Users are parsed several at a time and split back by their row splits: across read
     boundaries, with users of one or many sessions and sessions of any length, every user
