@@ -103,7 +103,7 @@ def start(args, probe=None) -> bool:
     sys.path.insert(0, REPO)
     from model import quiet  # (the `model` package sets TF_USE_LEGACY_KERAS first)
 
-    quiet.import_tensorflow()  # without its start-up notes
+    quiet.import_tensorflow(keras=True)  # without its start-up notes
     # Every `Trainer` traces a step function of its own from `model.train`'s one Python
     # function, which TensorFlow's retracing detector reports as a retracing loop.
     import tensorflow as tf

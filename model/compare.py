@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model import config as config_lib, processes
+from model import config as config_lib, processes, quiet
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import code_digest, read_per_user
@@ -597,6 +597,8 @@ def _preflight(names: Sequence[str], args: argparse.Namespace) -> None:
     for name in names:
         if name.split(":", 1)[0] in FITTED:
             continue
+        if quiet.keras_env_error():  # (each training would fail in turn)
+            raise CompareError(quiet.keras_env_error())
         for seed in range(args.seeds):
             record = _neural_record(name, seed, args)  # (a missing --config file: said here)
             conflict = _record_conflict(os.path.join(args.output, "runs", name, f"seed{seed}"),

@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         if args.model_dir is not None and not os.path.isdir(args.model_dir):
             raise schema.DataError(f"--model-dir {args.model_dir}: no such folder; "
                                    "train one with `python -m model.train`")
-        quiet.import_tensorflow()
+        quiet.import_tensorflow(keras=args.model_dir is not None)
         if args.model_dir is not None:
             from model import config as config_lib, registry
 

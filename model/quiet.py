@@ -81,9 +81,28 @@ def has_nvidia_device() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
-def import_tensorflow() -> None:
+# The values of TF_USE_LEGACY_KERAS with which TensorFlow's tf.keras is tf-keras (Keras 2).
+LEGACY_KERAS_VALUES = ("true", "True", "1")
+
+
+def keras_env_error() -> str | None:
+    """Why these models cannot be built in this environment: a TF_USE_LEGACY_KERAS the user
+    set to another value (`import model` sets it to 1 only where it is not set), with which
+    tf.keras is Keras 3."""
+    value = os.environ.get("TF_USE_LEGACY_KERAS")
+    if value is None or value in LEGACY_KERAS_VALUES:
+        return None
+    return (f"TF_USE_LEGACY_KERAS={value} is set in this environment, which makes tf.keras "
+            "Keras 3; these models need tf-keras (Keras 2): unset it, or set it to 1")
+
+
+def import_tensorflow(keras: bool = False) -> None:
     """Imports TensorFlow and lists its GPUs (where CUDA says it has none) with the start-up
-    notes held back; nothing when TensorFlow is already imported."""
+    notes held back; nothing when TensorFlow is already imported. With `keras` (a command
+    that builds the models) a TF_USE_LEGACY_KERAS that makes tf.keras Keras 3 ends the
+    command first, in one line (`keras_env_error`)."""
+    if keras and keras_env_error():
+        raise SystemExit(f"error: {keras_env_error()}")
     if "tensorflow" in sys.modules:
         return
     from pipeline import storage

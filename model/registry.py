@@ -14,7 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from model import config as config_lib
+from model import config as config_lib, quiet
 from model.gru4rec import GRU4Rec
 from model.hiertcn import HierTCN
 from model.hrnn import HRNN
@@ -80,7 +80,8 @@ def check_keras() -> None:
         raise RuntimeError(
             f"tf.keras is Keras {version} in this process, and these models need tf-keras "
             "(Keras 2): `import model` (or set TF_USE_LEGACY_KERAS=1) before tf.keras is first "
-            "used, e.g. in the notebook's first cell, and restart the process")
+            "used, e.g. in the notebook's first cell, and restart the process"
+            + (f" ({quiet.keras_env_error()})" if quiet.keras_env_error() else ""))
 
 
 def check_vocabulary(run_vocab: schema.Vocabulary, data_vocab: schema.Vocabulary,

@@ -31,7 +31,7 @@ if __name__ == "__main__":
     cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
     argtypes.interrupts_in_one_line(INTERRUPTED)
     argtypes.sigterm_until_handled()  # (TensorFlow's import: seconds)
-    quiet.import_tensorflow()  # its start-up notes held back where they are noise
+    quiet.import_tensorflow(keras=True)  # its start-up notes held back where they are noise
 
 import argparse
 import contextlib

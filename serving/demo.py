@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Sequence
 
-from model import processes
+from model import processes, quiet
 from pipeline import argtypes, schema, synthetic
 from serving import cli
 
@@ -156,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-name", default="hiertcn", type=cli.model_name,
                    help="the served model's name")
     args = p.parse_args(argv)
+    if quiet.keras_env_error():  # (said before the log and the pipeline, not by the training)
+        p.error(quiet.keras_env_error())
     out = os.path.abspath(args.output)
     prepare_output(out)
     import signal

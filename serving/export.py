@@ -48,7 +48,7 @@ if __name__ == "__main__":
     _INTERRUPTED = "interrupted: no version was published"
     argtypes.interrupts_in_one_line(_INTERRUPTED)
     argtypes.sigterm_until_handled()  # (TensorFlow's import: seconds)
-    quiet.import_tensorflow()  # its start-up notes held back where they are noise
+    quiet.import_tensorflow(keras=True)  # its start-up notes held back where they are noise
 
 import contextlib
 import dataclasses

@@ -864,6 +864,29 @@ def test_tf_keras_bound_to_keras_3_before_the_import_is_refused():
             "TF_USE_LEGACY_KERAS=1) before tf.keras is first used" in res.stderr), res.stderr
 
 
+@pytest.mark.parametrize("command", [
+    ["model.train", "--data", "DATA", "--model-dir", "run"],
+    ["serving.export", "--model-dir", "run", "--export-base", "models"],
+])
+def test_a_users_tf_use_legacy_keras_that_means_keras_3_is_one_line(tmp_path, command):
+    """`import model` sets TF_USE_LEGACY_KERAS=1 only where it is not set: a user's own 0
+    was an 11-frame traceback that blamed the import order, after the run folder was made."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "DATA").mkdir()
+    (tmp_path / "run").mkdir()
+    res = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300,
+                         env={**os.environ, "TF_USE_LEGACY_KERAS": "0", "PYTHONPATH": repo})
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "error: TF_USE_LEGACY_KERAS=0 is set in this environment, which makes tf.keras Keras 3; "
+        "these models need tf-keras (Keras 2): unset it, or set it to 1"], res.stderr
+    assert sorted(os.listdir(tmp_path)) == ["DATA", "run"] and not os.listdir(tmp_path / "run")
+
+
 def test_a_log_of_one_session_users_is_named_as_such_not_as_long_sessions(
         tmp_path, config_file, capsys):
     """Where nearly every train event is in its user's first session (a session log, the
