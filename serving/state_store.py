@@ -669,8 +669,9 @@ def _create_private(path: str) -> None:
     existing file, or one this cannot create (SQLite says why), is left as it is."""
     if path == ":memory:" or path.startswith("file:"):
         return
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:  # (through a link to a file not made yet: O_EXCL refuses the link itself, and
+        # SQLite then made the file with the umask's mode, 0644)
+        os.close(os.open(os.path.realpath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError:
         pass
 

@@ -652,6 +652,12 @@ def test_a_new_store_file_is_its_owners_alone_and_an_existing_one_keeps_its_mode
         with SQLiteStateStore(str(shared)):
             pass
         assert os.stat(shared).st_mode & 0o777 == 0o640
+        # through a link to a file not made yet (SQLite made it 0644)
+        (tmp_path / "real").mkdir()
+        os.symlink(tmp_path / "real" / "linked.sqlite", tmp_path / "link.sqlite")
+        with SQLiteStateStore(str(tmp_path / "link.sqlite")) as s:
+            s.put("u", 1, np.array([1, 2], np.float32), [["a", "b"]])
+        assert os.stat(tmp_path / "real" / "linked.sqlite").st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
 
