@@ -1217,6 +1217,8 @@ class ModelServer:
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
 
     def _on_ready(self, version: int) -> None:
+        if self._stop.is_set():  # (a stop during the first load: no "serving" line after
+            return               # "shutting down", which a script waiting for it believed)
         print(f"serving {self.manager.name} version {version} on "
               f"{host_port(self.host, self.port)}", flush=True)
         self.ready.set()
@@ -1234,13 +1236,19 @@ class ModelServer:
         self._grpc.start()
         self._poller.start()
 
+    def stopping(self) -> None:
+        """Marks the server as stopping (a signal came): a version that finishes loading
+        from now on is not announced as served."""
+        self._stop.set()
+
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting requests, finishes those in flight, stops the threads."""
         self._stop.set()
         self._grpc.stop(grace).wait()
         if self.batcher is not None:
             self.batcher.stop()
-        self._poller.join(timeout=grace)
+        if self._poller.ident is not None:  # (started)
+            self._poller.join(timeout=grace)
         for f in logging.getLogger("grpc._common").filters:
             if isinstance(f, _UndecodableRequests):
                 f.flush()
@@ -1310,8 +1318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stop = threading.Event()
+    def on_signal(*_):
+        stop.set()
+        server.stopping()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     server.start()
     if not list_versions(args.model_base_path):
         # (the port is said now: with --port 0 nothing else would say which one it is)

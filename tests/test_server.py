@@ -753,6 +753,24 @@ def test_a_request_far_wider_than_the_others_is_not_padded_into_their_batch(tmp_
     assert outs == [1, 2, 3] and calls == [(1, 60)] * 3
 
 
+def test_a_version_loaded_after_a_stop_signal_is_not_announced(tmp_path, capsys):
+    """A SIGTERM during the first load: the log said "shutting down", then stdout said
+    "serving m version 1 on ...", which a script waiting for that line believed."""
+    s = server.ModelServer(NAME, str(tmp_path), port=0)
+    try:
+        s.stopping()
+        s._on_ready(1)
+        assert not s.ready.is_set() and capsys.readouterr().out == ""
+    finally:
+        s.stop(0)
+    s = server.ModelServer(NAME, str(tmp_path), port=0)
+    try:
+        s._on_ready(1)
+        assert s.ready.is_set() and capsys.readouterr().out.startswith(f"serving {NAME} version 1")
+    finally:
+        s.stop(0)
+
+
 def test_undecodable_count_not_yet_said_is_said_at_shutdown(caplog):
     """The count of undecodable requests since the last (once a minute) line was lost when
     the server stopped; stop() says it."""
