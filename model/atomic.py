@@ -27,7 +27,11 @@ ABANDONED_AFTER_S = 10.0
 
 def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False) -> None:
     """Calls `write(file)` on a temporary file in `path`'s folder (created if missing), then
-    renames it to `path`; on any failure the temporary file is removed."""
+    renames it to `path`; on any failure the temporary file is removed. A `path` that is a
+    link is written where it points (the rename replaced the link with a file, and the
+    file it pointed to stayed as it was), as the folder outputs are."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_abandoned_temporaries(folder)

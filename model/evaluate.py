@@ -485,9 +485,13 @@ def _check_writable(path: str) -> None:
     Raises:
       OSError: the folder cannot be made or written.
     """
+    if os.path.islink(path):  # (written where it points: `atomic.write_atomically`)
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{os.path.basename(path)}.probe-"):
+    # (a short name: one made from the file's own name passed the 255-byte limit where the
+    # file's did not, a traceback)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
         pass
 
 

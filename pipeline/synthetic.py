@@ -205,10 +205,13 @@ def write_csv(path: str, rows) -> None:
         rows = _ArrayRows(rows)
     elif not isinstance(rows, list):  # (an iterable of rows)
         rows = list(rows)
+    if os.path.islink(path):  # written where it points (the rename replaced the link)
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # (a new file of an unguessable name: a planted link in a shared folder is not followed)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    # (a new file of an unguessable name: a planted link in a shared folder is not followed;
+    # short: one made from the log's own name passed the 255-byte limit where the log's did not)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{os.path.splitext(path)[1][:16]}")
     try:
         with os.fdopen(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), "w",
                        encoding="utf-8") as f:

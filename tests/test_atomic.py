@@ -151,3 +151,27 @@ def test_a_folder_lock_is_one_process_s_and_none_where_flock_refuses_it(tmp_path
 
     monkeypatch.setattr(storage.fcntl, "flock", nfs)
     assert storage.lock_folder(str(tmp_path)) is None
+
+
+def test_a_file_output_that_is_a_link_is_written_where_it_points(tmp_path):
+    """`model.evaluate --output m.json` and `pipeline.synthetic --output log.csv` where the
+    name is a link: the rename replaced the link with a file, and the file it pointed to
+    stayed as it was (the folder outputs are written where their link points); a name of
+    245 bytes is written (the synthetic log's temporary name, and evaluate's probe of its
+    folder, were made from it and passed the 255-byte limit: a traceback)."""
+    from model import evaluate
+    from pipeline import synthetic
+
+    (tmp_path / "real").mkdir()
+    for name, write in (("m.json", lambda p: atomic.write_json(p, {"a": 1})),
+                        ("log.csv", lambda p: synthetic.write_csv(p, [synthetic.Row("u", "i", 5)]))):
+        target = tmp_path / "real" / name
+        target.write_text("old")
+        os.symlink(target, tmp_path / name)
+        write(str(tmp_path / name))
+        assert os.path.islink(tmp_path / name) and target.read_text() != "old"
+    assert json.loads((tmp_path / "real" / "m.json").read_text()) == {"a": 1}
+    long = str(tmp_path / ("e" * 240 + ".json"))
+    evaluate._check_writable(long)
+    synthetic.write_csv(str(tmp_path / ("l" * 241 + ".csv")), [synthetic.Row("u", "i", 5)])
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == []
