@@ -470,7 +470,8 @@ def _json_items(text: str) -> list[str]:
     many thousand ids does not fit a command line (one argument is at most 128 KB)."""
     given = text
     if text.startswith("@"):
-        where = "standard input" if text == "@-" else text[1:]
+        # (`@~/f.json`: the shell expands no ~ after the @; the home folder, as every path)
+        where = "standard input" if text == "@-" else argtypes.home_path(text[1:])
         try:
             if not where:
                 raise argparse.ArgumentTypeError("@ needs a file name: @FILE, or @- for "

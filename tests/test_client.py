@@ -1177,3 +1177,11 @@ def test_items_json_from_standard_input(monkeypatch):
     with pytest.raises(argparse.ArgumentTypeError,
                        match="^cannot read standard input: Bad file descriptor$"):
         client_lib._json_items("@-")
+
+
+def test_items_json_file_under_the_home_folder(tmp_path, monkeypatch):
+    """`--items-json @~/session.json`: the shell expands no ~ after the @ (it said `cannot
+    read ~/session.json`); it is the home folder, as in every path option."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "session.json").write_text('["a", "b,c"]')
+    assert client_lib._json_items("@~/session.json") == ["a", "b,c"]
