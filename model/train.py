@@ -536,10 +536,12 @@ def _about(number: float) -> str:
 
 
 def learning_rate(train: config_lib.TrainConfig, total_steps: int):
-    """Adam's learning rate: constant, or the authors' step decay at fractions of the run."""
+    """Adam's learning rate: constant, or the authors' step decay at fractions of the run.
+    The schedule is read at the optimizer's iteration count, the steps done before the one
+    it updates: a decay at 30% of 700 steps starts at step 211 (it started at 212)."""
     if train.lr_schedule == "constant" or not train.lr_decay_at:
         return train.learning_rate
-    bounds = sorted({max(1, int(f * total_steps)) for f in train.lr_decay_at})
+    bounds = sorted({max(0, int(f * total_steps) - 1) for f in train.lr_decay_at})
     values = [train.learning_rate / train.lr_decay_factor ** i for i in range(len(bounds) + 1)]
     return tf.keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
 

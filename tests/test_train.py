@@ -324,12 +324,21 @@ def test_config_is_strict_and_round_trips(tmp_path):
 
 def test_the_step_decay_falls_at_its_fractions_of_the_run():
     """`--lr-schedule step` divides the rate by lr_decay_factor after each fraction of the
-    steps: with decay at 0.5 and 0.75 of 100 steps, steps 1-50, 51-75, 76-100."""
+    steps: with decay at 0.5 and 0.75 of 100 steps, steps 1-50, 51-75, 76-100. The optimizer
+    reads the schedule at its iteration count, the steps done before (step 51 read 50, and
+    the decay began a step late, at 52)."""
     tc = config_lib.TrainConfig(learning_rate=0.1, lr_schedule="step", lr_decay_at=(0.5, 0.75),
                                 lr_decay_factor=5.0)
-    schedule = train_lib.learning_rate(tc, 100)
-    rates = [float(schedule(step)) for step in (1, 50, 51, 75, 76, 100)]
-    np.testing.assert_allclose(rates, [0.1, 0.1, 0.02, 0.02, 0.004, 0.004], rtol=1e-6)
+    import tensorflow as tf
+
+    optimizer = train_lib.make_optimizer(tc, 100)
+    weight = tf.Variable([0.0])
+    rates = {}
+    for step in range(1, 101):  # the rate each step's update took
+        optimizer.apply_gradients([(tf.constant([1.0]), weight)])
+        rates[step] = float(optimizer.learning_rate)
+    np.testing.assert_allclose([rates[s] for s in (1, 50, 51, 75, 76, 100)],
+                               [0.1, 0.1, 0.02, 0.02, 0.004, 0.004], rtol=1e-6)
     assert train_lib.learning_rate(tc.replace({"lr_schedule": "constant"}), 100) == 0.1
 
 
