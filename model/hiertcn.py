@@ -451,14 +451,20 @@ class HierTCN(SequenceModel):
             # the slot's own column before the event or its history's newest (column N - 1)
             on_logit = (logit(on) if seen is None else tf.gather(
                 seen_logits, self.config.history_size + before, batch_dims=1))
+        log_norm_off = None  # log Z without the current item's term (`on`)
         if training and self.sampler is not None:
-            log_norm = self._sampled_log_norm(user, targets, target_logit, vectors, bias,
-                                              where, seen, seen_logits, once, target_seen,
-                                              on, on_logit)
+            log_norm, log_norm_off = self._sampled_log_norm(
+                user, targets, target_logit, vectors, bias, where, seen, seen_logits, once,
+                target_seen, on, on_logit)
         else:
-            log_norm = tf.reduce_logsumexp(self.item_logits(user) + self.reserved_mask, axis=-1)
+            logits = self.item_logits(user) + self.reserved_mask
+            log_norm = tf.reduce_logsumexp(logits, axis=-1)
+            if on is not None:
+                log_norm_off = self._log_norm_off(user, log_norm, on, on_logit)
+        log_keep_raw = shift = log_keep
         if seen is not None:
-            log_keep -= self._seen_shift(once, seen_logits - log_norm[:, None])
+            shift = self._seen_shift(once, seen_logits - log_norm[:, None])
+            log_keep -= shift
 
         def log_prob(items, items_logit, items_seen):
             """log p of the mixture at each event for items [N]."""
@@ -474,9 +480,38 @@ class HierTCN(SequenceModel):
             return nll
         # The next item is known not to be the one the event is on (the pipeline collapses
         # immediate repeats), so the likelihood is conditioned on that:
-        # log p(target) - log(1 - p(current)). (With the seen bias the item is seen once.)
-        log_on = log_prob(on, on_logit, None if seen is None else tf.ones_like(on_logit))
-        return nll + tf.where(on > 0, _log1m_exp(log_on), 0.0)
+        # log p(target) - log(1 - p(current)), 1 - p(current) summed over the other items
+        # (not taken from p(current): where p(current) nears 1 that difference is lost to
+        # float32, and a clamp then held it at 1e-6; long runs diverged there, the loss in
+        # the thousands). The catalogue's part: its normaliser without the current item's
+        # term (with the seen bias, the seen items' share without it too); the repeat
+        # part's: the attention on the context positions of other items.
+        log_off_cat = log_norm_off - log_norm
+        if seen is not None:
+            once_off = once * tf.cast(seen_items != on[:, None], tf.float32)
+            log_off_cat += self._seen_shift(once_off, seen_logits - log_norm_off[:, None])
+            log_off_cat -= shift
+        log_off_rep = tf.reduce_logsumexp(
+            tf.where(slot_context != on[:, None], log_att, layers.NEG_LOGIT), axis=1)
+        log_off = tf.reduce_logsumexp(tf.stack([log_keep_raw + log_off_cat,
+                                                log_w + log_off_rep]), axis=0)
+        return nll + tf.where(on > 0, log_off, 0.0)
+
+    def _log_norm_off(self, user, log_norm, on, on_logit):
+        """log Z without the current item's term [N], from the user vectors [N, D] and log
+        Z [N]: log Z + log(1 - p), p the item's catalogue probability, where p <= SURE (off
+        by at most p / (1 - p) times log p's float32 error, below 1e-3 for logits up to a
+        hundred), and the sum over the other items where p is more (the difference
+        cancels), for those rows alone (a masked pass over every row cost 17% of a step,
+        and a gather from the [N, V] logits a dense gradient of their size: these rows'
+        logits are computed again instead)."""
+        log_sure = np.log(SURE)
+        log_p = tf.minimum(on_logit - log_norm, log_sure)
+        off = log_norm + tf.math.log1p(-tf.exp(log_p))
+        rows = tf.where((on > 0) & (on_logit - log_norm > log_sure))                  # [K, 1]
+        sure = self.item_logits(tf.gather_nd(user, rows)) + self.reserved_mask + tf.one_hot(
+            tf.gather_nd(on, rows), self.vocab_size, on_value=layers.NEG_LOGIT, off_value=0.0)
+        return tf.tensor_scatter_nd_update(off, rows, tf.reduce_logsumexp(sure, axis=-1))
 
     def continues_session(self, batch, cache) -> tf.Tensor:
         """See `SequenceModel.continues_session`: for slot 0, the cache's running count
@@ -567,6 +602,7 @@ class HierTCN(SequenceModel):
             # each seen item's column in the sample (-1: not sampled), per event
             column = tf.scatter_nd(ids[:, None], tf.range(1, k + 1), [self.vocab_size]) - 1
             seen_column = tf.gather(tf.gather(column, seen_items), where[:, 0])     # [N, N + T]
+            seen_items_at = tf.gather(seen_items, where[:, 0])                      # [N, N + T]
             hits = tf.where((once > 0) & (seen_column >= 0))                        # [H, 2]
             exact |= tf.scatter_nd(
                 tf.stack([hits[:, 0], tf.cast(tf.gather_nd(seen_column, hits), tf.int64)], 1),
@@ -575,9 +611,20 @@ class HierTCN(SequenceModel):
                      tf.where(once > 0, seen_logits, layers.NEG_LOGIT)]
         elif on is not None:  # (0 where it is the target or there is none)
             exact |= (ids[None, :] == on[:, None]) & (on > 0)[:, None]
-            terms.append(tf.where(on > 0, on_logit, layers.NEG_LOGIT)[:, None])
         terms.append(tf.where(exact, layers.NEG_LOGIT, sample_logits))
-        return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1)
+        if on is None:
+            return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1), None
+        # Z without the current item's term (`repeat_losses`), and Z
+        if seen is not None:  # (the current item is a seen one: its column left out)
+            off_terms = terms[:1] + [tf.where(seen_items_at == on[:, None], layers.NEG_LOGIT,
+                                              terms[1])] + terms[2:]
+        else:
+            off_terms = terms
+        log_norm_off = tf.reduce_logsumexp(tf.concat(off_terms, axis=1), axis=1)
+        if seen is not None:
+            return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1), log_norm_off
+        on_term = tf.where(on > 0, on_logit, layers.NEG_LOGIT)
+        return tf.reduce_logsumexp(tf.stack([log_norm_off, on_term]), axis=0), log_norm_off
 
     def train_cache(self, batch_size: int):
         """(state [B, H], running AGG sum [B, E], running count [B]) per row.
@@ -879,6 +926,11 @@ class HierTCN(SequenceModel):
             x = packed_block(block, x, packed, training, [rows, *outs])
             rows = outs[-1]
         return rows.to_row_major(tf.cast(x, tf.float32)), new_cache + (after,)
+
+
+# `_log_norm_off`: the catalogue probability of the current item above which the normaliser
+# without it is summed, not taken from the probability.
+SURE = 0.99
 
 
 def _log1m_exp(log_p: tf.Tensor) -> tf.Tensor:

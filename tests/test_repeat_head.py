@@ -329,6 +329,37 @@ def test_train_loss_is_the_mixture_log_likelihood(seen_bias, window, exclude, ta
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["softmax", "sampled"])
+def test_the_conditioned_loss_is_exact_where_the_current_item_is_all_but_certain(loss):
+    """log(1 - p(current)) was taken from p(current): where p(current) nears 1 the
+    difference is lost to float32 and a clamp held it at 1e-6, so the loss was off by tens
+    (long runs diverged there, the loss in the thousands). Summed over the other items,
+    it is exact: here against float64, the repeat part off (w = e^-100), the current item 5
+    made all but certain by its output bias."""
+    config = HEAD.replace({"seen_bias": False, "loss": loss, "num_negatives": 5})
+    model = registry.build_model("hiertcn", config, V, item_counts=COUNTS)
+    _set_head(model, gate_bias=-100.0)  # (w p_rep far below even p(target) here)
+    model.scorer.bias.assign(tf.tensor_scatter_nd_add(model.scorer.bias, [[5]], [40.0]))
+    batch = _batch([[[5, 7, 5, 9]]], [[False]], [[True]], [[9, 0, 7, 9]])
+    if loss == "sampled":  # (every item in the "sample": the estimate is the exact Z)
+        model.sampler = _WholeCatalogue()
+    got, _, n = model.train_loss(batch, model.train_cache(1), training=loss == "sampled")
+    assert int(n) == 4
+    prefix = tf.constant([[5, 7, 5]], tf.int64)
+    u = model.user_embeddings(tf.zeros([1, model.state_size]), prefix).numpy()[0]
+    vectors, bias = (w.numpy().astype(np.float64) for w in model.output_weights())
+    logits = u.astype(np.float64) @ vectors.T + bias                             # [4, V]
+    known = np.arange(V) >= schema.NUM_RESERVED
+    want = []
+    for position, (target, on) in enumerate(zip([5, 7, 5, 9], [0, 5, 7, 5])):
+        others = known & (np.arange(V) != on)
+        top = logits[position, others].max()
+        log_z = top + np.log(np.exp(logits[position, others] - top).sum())
+        want.append(log_z - logits[position, target])
+    # (positions 1 and 3: p(current) = 1 - e^-40 or so, p(target) about e^-42)
+    np.testing.assert_allclose(float(got), np.mean(want), rtol=1e-4)
+
+
 @pytest.mark.parametrize("seen_bias,under_way,tau", [(-1.5, False, None), (None, False, None),
                                                      (0.8, True, None), (-1.5, False, 1.5),
                                                      (None, True, 2.0)])
@@ -498,7 +529,8 @@ def test_sampled_head_normaliser_is_unbiased(exponent):
     tf.random.set_seed(0)
     draws = np.stack([model._sampled_log_norm(user, targets, tf.gather(logits, targets,
                                                                        batch_dims=1),
-                                              vectors, bias, where, None, None, None, None)
+                                              vectors, bias, where, None, None, None,
+                                              None)[0]
                       for _ in range(3000)])
     assert draws.std(axis=0).min() > 0.1  # really a random estimate (5 of 10 items)
     z = np.exp(draws - exact)  # the estimates over the exact Z
