@@ -1207,47 +1207,40 @@ def test_the_pipeline_ends_its_child_processes_after_a_stop():
     assert proc.returncode == 0 and proc.stdout == "[-9, -9] None\n", proc.stderr
 
 
-@pytest.mark.parametrize("command", [
-    ["model.train", "--data", "DATA", "--model-dir", "gs://bucket/run"],
-    ["model.evaluate", "--data", "DATA", "--split", "test", "--model", "popularity",
-     "--output", "s3://bucket/metrics.json"],
-    ["model.compare", "--data", "DATA", "--models", "popularity", "--output", "gs://bucket/cmp"],
-    ["serving.export", "--model-dir", "RUN", "--export-base", "gs://bucket/models"],
-    ["serving.server", "--model-base-path", "gs://bucket/models", "--model-name", "m"],
+REMOTE = "is a remote path"
+GLOB = "has *, ? or [ ] in it"
+
+
+@pytest.mark.parametrize("command, said", [
+    (["model.train", "--data", "DATA", "--model-dir", "gs://bucket/run"], REMOTE),
+    (["model.evaluate", "--data", "DATA", "--split", "test", "--model", "popularity",
+      "--output", "s3://bucket/metrics.json"], REMOTE),
+    (["model.compare", "--data", "DATA", "--models", "popularity", "--output",
+      "gs://bucket/cmp"], REMOTE),
+    (["serving.export", "--model-dir", "RUN", "--export-base", "gs://bucket/models"], REMOTE),
+    (["serving.server", "--model-base-path", "gs://bucket/models", "--model-name", "m"], REMOTE),
+    (["model.train", "--data", "DATA", "--model-dir", "m [v1]/run"], GLOB),
+    (["model.evaluate", "--data", "DATA", "--split", "test", "--model-dir", "run*"], GLOB),
+    (["model.compare", "--data", "DATA", "--models", "hiertcn", "--output", "cmp[1]"], GLOB),
+    (["serving.export", "--model-dir", "run?", "--export-base", "models"], GLOB),
+    (["serving.export", "--model-dir", "run", "--export-base", "models[2]"], GLOB),
+    (["serving.server", "--model-base-path", "models[2]", "--model-name", "m"], GLOB),
+    (["serving.demo", "--output", "demo[1]"], GLOB),
 ])
-def test_local_only_paths_refuse_a_remote_one_in_one_line(tmp_path, command):
+def test_local_only_paths_refuse_a_remote_or_pattern_one_in_one_line(tmp_path, command, said):
     """Run folders, reports and exports are written with Python's own file calls: a
     `gs://` path was a local folder named `gs:` (or a TensorFlow traceback), now a usage
-    error that names the option, and nothing is written."""
+    error that names the option, and nothing is written. TensorFlow finds a checkpoint's
+    or SavedModel's files by a pattern made from the path: a run folder `m [v1]/run`
+    trained, then its resume was a NotFoundError traceback, its evaluation and export said
+    the checkpoint was removed while it was read, and a version under `models[2]` failed
+    to load; such folders are refused at once too."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": repo})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is a remote path" in lines[0], proc.stderr
-    assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize("command", [
-    ["model.train", "--data", "DATA", "--model-dir", "m [v1]/run"],
-    ["model.evaluate", "--data", "DATA", "--split", "test", "--model-dir", "run*"],
-    ["model.compare", "--data", "DATA", "--models", "hiertcn", "--output", "cmp[1]"],
-    ["serving.export", "--model-dir", "run?", "--export-base", "models"],
-    ["serving.export", "--model-dir", "run", "--export-base", "models[2]"],
-    ["serving.server", "--model-base-path", "models[2]", "--model-name", "m"],
-    ["serving.demo", "--output", "demo[1]"],
-])
-def test_tensorflow_folders_with_glob_characters_are_one_line(tmp_path, command):
-    """TensorFlow finds a checkpoint's or SavedModel's files by a pattern made from the
-    path: a run folder `m [v1]/run` trained, then its resume was a NotFoundError traceback,
-    its evaluation and export said the checkpoint was removed while it was read, and a
-    version under `models[2]` failed to load. Refused at once, in one line."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", *command], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": repo})
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "has *, ? or [ ] in it" in lines[0], proc.stderr
+    assert len(lines) == 1 and said in lines[0], proc.stderr
     assert os.listdir(tmp_path) == []
 
 
