@@ -14,6 +14,8 @@ import time
 import uuid
 from typing import Callable, IO
 
+from pipeline import storage
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock, so a killed writer's temporary file stays
@@ -30,8 +32,7 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
     renames it to `path`; on any failure the temporary file is removed. A `path` that is a
     link is written where it points (the rename replaced the link with a file, and the
     file it pointed to stayed as it was), as the folder outputs are."""
-    if os.path.islink(path):
-        path = os.path.realpath(path)
+    path = storage.link_target(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_abandoned_temporaries(folder)

@@ -594,11 +594,10 @@ def _preflight(names: Sequence[str], args: argparse.Namespace) -> None:
     if users == 0:
         raise CompareError(f"the {args.split} split of {args.data} has no users (see its "
                            f"{schema.STATS_FILE}): nothing to evaluate")
-    for name in names:
-        if name.split(":", 1)[0] in FITTED:
-            continue
-        if quiet.keras_env_error():  # (each training would fail in turn)
-            raise CompareError(quiet.keras_env_error())
+    neural = [name for name in names if name.split(":", 1)[0] not in FITTED]
+    if neural and (error := quiet.keras_env_error()):  # (each training would fail in turn)
+        raise CompareError(error)
+    for name in neural:
         for seed in range(args.seeds):
             record = _neural_record(name, seed, args)  # (a missing --config file: said here)
             conflict = _record_conflict(os.path.join(args.output, "runs", name, f"seed{seed}"),

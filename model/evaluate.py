@@ -485,9 +485,7 @@ def _check_writable(path: str) -> None:
     Raises:
       OSError: the folder cannot be made or written.
     """
-    if os.path.islink(path):  # (written where it points: `atomic.write_atomically`)
-        path = os.path.realpath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(os.path.abspath(storage.link_target(path)))
     os.makedirs(folder, exist_ok=True)
     # (a short name: one made from the file's own name passed the 255-byte limit where the
     # file's did not, a traceback)

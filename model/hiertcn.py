@@ -614,15 +614,10 @@ class HierTCN(SequenceModel):
         terms.append(tf.where(exact, layers.NEG_LOGIT, sample_logits))
         if on is None:
             return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1), None
-        # Z without the current item's term (`repeat_losses`), and Z
+        # Z without the current item's term (`repeat_losses`), then Z with it
         if seen is not None:  # (the current item is a seen one: its column left out)
-            off_terms = terms[:1] + [tf.where(seen_items_at == on[:, None], layers.NEG_LOGIT,
-                                              terms[1])] + terms[2:]
-        else:
-            off_terms = terms
-        log_norm_off = tf.reduce_logsumexp(tf.concat(off_terms, axis=1), axis=1)
-        if seen is not None:
-            return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1), log_norm_off
+            terms[1] = tf.where(seen_items_at == on[:, None], layers.NEG_LOGIT, terms[1])
+        log_norm_off = tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1)
         on_term = tf.where(on > 0, on_logit, layers.NEG_LOGIT)
         return tf.reduce_logsumexp(tf.stack([log_norm_off, on_term]), axis=0), log_norm_off
 

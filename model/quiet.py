@@ -101,8 +101,8 @@ def import_tensorflow(keras: bool = False) -> None:
     notes held back; nothing when TensorFlow is already imported. With `keras` (a command
     that builds the models) a TF_USE_LEGACY_KERAS that makes tf.keras Keras 3 ends the
     command first, in one line (`keras_env_error`)."""
-    if keras and keras_env_error():
-        raise SystemExit(f"error: {keras_env_error()}")
+    if keras and (error := keras_env_error()):
+        raise SystemExit(f"error: {error}")
     if "tensorflow" in sys.modules:
         return
     from pipeline import storage

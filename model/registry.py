@@ -77,11 +77,12 @@ def check_keras() -> None:
     would restore into a Keras 3 model only in part, without an error."""
     if not tf.keras.layers.Layer.__module__.startswith("tf_keras"):
         version = getattr(tf.keras, "__version__", "3")
+        env = quiet.keras_env_error()
         raise RuntimeError(
             f"tf.keras is Keras {version} in this process, and these models need tf-keras "
             "(Keras 2): `import model` (or set TF_USE_LEGACY_KERAS=1) before tf.keras is first "
             "used, e.g. in the notebook's first cell, and restart the process"
-            + (f" ({quiet.keras_env_error()})" if quiet.keras_env_error() else ""))
+            + (f" ({env})" if env else ""))
 
 
 def check_vocabulary(run_vocab: schema.Vocabulary, data_vocab: schema.Vocabulary,

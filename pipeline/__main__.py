@@ -60,8 +60,6 @@ LIKELY_SECONDS_AS_MS = 10**7
 # may be relative (seconds since a session's or the log's start).
 LIKELY_RELATIVE_SECONDS = 315_532_800
 WORK_DIR = "_work"
-# cgroup v2's CPU quota of this process's container ("max" or "QUOTA PERIOD")
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 # Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 STDERR_KEPT_BYTES = 1 << 20  # the last 1 MB of a run's held-back stderr is shown
@@ -864,23 +862,6 @@ def _check_runner(name, beam_args: list[str]) -> None:
         raise UsageError(f"--runner {name}: " + " ".join(e.strip() for e in errors))
 
 
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: `taskset`, a container's cpuset),
-    at most its cgroup's CPU quota (a container's --cpus), not the host's count."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # (not on macOS or Windows)
-        cpus = os.cpu_count() or 1
-    try:
-        with open(CGROUP_CPU_MAX, encoding="ascii") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
-
-
 def _runner_class(runner) -> str:
     """The class name of the runner a `--runner` value makes (Beam takes `direct`,
     `fnapirunner`, a dotted path: each was read as a runner of other machines and refused);
@@ -960,7 +941,7 @@ def _beam_options(beam_args: list[str], own_flags: list[str]):
         if not given("--direct_running_mode"):
             args += ["--direct_running_mode", "multi_processing"]
         if not given("--direct_num_workers"):
-            args += ["--direct_num_workers", str(_usable_cpus())]
+            args += ["--direct_num_workers", str(storage.usable_cpus())]
     if not given("--default_sdk_harness_log_level"):
         args += ["--default_sdk_harness_log_level", "ERROR"]
     return po.PipelineOptions(args)

@@ -281,16 +281,17 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    pattern = os.path.join(data_dir, split, "*" + SHARD_SUFFIX)
-    # (a local folder's name is escaped: `d[1]` read the shards of a sibling `d1`)
-    files = sorted(_remote(_gfile().glob, pattern) if is_remote(pattern) else glob.glob(
-        os.path.join(glob.escape(os.path.join(data_dir, split)), "*" + SHARD_SUFFIX)))
+    folder = os.path.join(data_dir, split)
+    if is_remote(folder):
+        files = _remote(_gfile().glob, os.path.join(folder, "*" + SHARD_SUFFIX))
+    else:  # (the folder's name escaped: `d[1]` read the shards of a sibling `d1`)
+        files = glob.glob(os.path.join(glob.escape(folder), "*" + SHARD_SUFFIX))
+    files.sort()
     if not files:  # (a glob finds nothing where it may not look: said as such)
-        _looked_up(os.path.join(data_dir, split), lambda p: _gfile().listdir(p), os.listdir)
-        raise DataError(
-            f"no {split} shards (*{SHARD_SUFFIX}) in {os.path.join(data_dir, split)}: "
-            "is this a folder written by `python -m pipeline`?")
-    _check_shard_set(files, os.path.join(data_dir, split))
+        _looked_up(folder, lambda p: _gfile().listdir(p), os.listdir)
+        raise DataError(f"no {split} shards (*{SHARD_SUFFIX}) in {folder}: is this a folder "
+                        "written by `python -m pipeline`?")
+    _check_shard_set(files, folder)
     return files
 
 

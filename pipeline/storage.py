@@ -3,8 +3,8 @@ read-only file system) from other errors, whichever layer reports it: Python's O
 TensorFlow's file ops (`ResourceExhaustedError: ...; No space left on device`), SQLite
 (`database or disk is full`) or Beam, which hands a worker's error back as the text of a
 RuntimeError. The entry points say such a failure in one line instead of a traceback.
-Also the access checks and the folder locks every command shares (`allowed`,
-`lock_folder`)."""
+Also the access checks, the folder locks and the CPU count every command shares
+(`allowed`, `lock_folder`, `usable_cpus`)."""
 from __future__ import annotations
 
 import errno
@@ -19,6 +19,8 @@ ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 # a path the user named that cannot be written as asked: not a bug to show a traceback for
 PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
 _PHRASES = tuple(os.strerror(n) for n in sorted(ROOM_ERRNOS)) + ("database or disk is full",)
+# cgroup v2's CPU quota of this process's container ("max" or "QUOTA PERIOD")
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
 def storage_error(e: BaseException | None) -> str | None:
@@ -217,3 +219,27 @@ def lock_holder(folder: str) -> str:
                 and fields[5] == inode and fields[4].isdigit():
             return f" (process {fields[4]})"
     return ""
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: `taskset`, a container's cpuset),
+    at most its cgroup's CPU quota (a container's --cpus), not the host's count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not on macOS or Windows)
+        cpus = os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def link_target(path: str) -> str:
+    """Where a file output named `path` is written: the file a link there points to (a
+    rename onto the link replaced it with a file, and the file it pointed to stayed as it
+    was), else `path`; as the folder outputs are written where their link points."""
+    return os.path.realpath(path) if os.path.islink(path) else path

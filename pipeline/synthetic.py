@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline import argtypes
+from pipeline import argtypes, storage
 
 DEFAULT_USERS = 700
 START_TIME = 1_600_000_000
@@ -205,8 +205,7 @@ def write_csv(path: str, rows) -> None:
         rows = _ArrayRows(rows)
     elif not isinstance(rows, list):  # (an iterable of rows)
         rows = list(rows)
-    if os.path.islink(path):  # written where it points (the rename replaced the link)
-        path = os.path.realpath(path)
+    path = storage.link_target(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # (a new file of an unguessable name: a planted link in a shared folder is not followed;

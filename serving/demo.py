@@ -156,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model-name", default="hiertcn", type=cli.model_name,
                    help="the served model's name")
     args = p.parse_args(argv)
-    if quiet.keras_env_error():  # (said before the log and the pipeline, not by the training)
-        p.error(quiet.keras_env_error())
+    # (said before the log and the pipeline, not by the training)
+    if error := quiet.keras_env_error():
+        p.error(error)
     out = os.path.abspath(args.output)
     prepare_output(out)
     import signal

@@ -69,11 +69,7 @@ def default_grpc_threads() -> int:
     thread runs one call at a time, so it bounds the model calls running at once without
     --enable-batching (a call of the largest allowed request holds ~200 MB: 32 of them
     took 6 GB, which the allocator kept) and the requests one merged call can hold with it."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        cpus = os.cpu_count() or 1
-    return max(8, 4 * cpus)
+    return max(8, 4 * storage.usable_cpus())
 
 
 class RequestError(Exception):

@@ -14,7 +14,7 @@ import pytest
 
 import pipeline
 from pipeline import __main__ as cli
-from pipeline import outputs, parse, schema, sessions, sources, transforms
+from pipeline import outputs, parse, schema, sessions, sources, storage, transforms
 from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1982,16 +1982,16 @@ def test_the_local_workers_are_the_cpus_this_process_may_use(tmp_path, monkeypat
     host (a 2-CPU container on a 64-core host started 64 workers of ~160 MB)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     quota = tmp_path / "cpu.max"
-    monkeypatch.setattr(cli, "CGROUP_CPU_MAX", str(quota))
+    monkeypatch.setattr(storage, "CGROUP_CPU_MAX", str(quota))
     quota.write_text("250000 100000\n")
-    assert cli._usable_cpus() == 2
+    assert storage.usable_cpus() == 2
     quota.write_text("max 100000\n")
-    assert cli._usable_cpus() == 64
+    assert storage.usable_cpus() == 64
     quota.write_text("50000 100000\n")  # half a CPU: one worker
-    assert cli._usable_cpus() == 1
+    assert storage.usable_cpus() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     quota.unlink()
-    assert cli._usable_cpus() == 1
+    assert storage.usable_cpus() == 1
     options = cli._beam_options([], []).get_all_options()
     assert options["direct_num_workers"] == 1
 
