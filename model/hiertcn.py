@@ -386,10 +386,14 @@ class HierTCN(SequenceModel):
                 else tf.gather_nd(tf.concat([on, prefix], axis=1), positions)[:, None]
             on = on[..., None]                                                     # [B, P, 1]
             known = on >= schema.NUM_RESERVED
-            log_on = tf.gather(out, on, batch_dims=2)
-            out -= tf.where(known, _log1m_exp(log_on), 0.0)
-            out = tf.tensor_scatter_nd_update(out, _scatter_index(on), tf.where(
-                known, layers.NEG_LOGIT, tf.gather(out, on, batch_dims=2)))
+            # log(1 - p(current)) summed over the other items, not taken from p(current)
+            # (where p(current) nears 1 that difference is lost to float32: the scores'
+            # values were off by tens, as the training loss was before `_log_norm_off`)
+            index = _scatter_index(on)
+            off = tf.where(known, layers.NEG_LOGIT, tf.gather(out, on, batch_dims=2))
+            log_off = tf.reduce_logsumexp(tf.tensor_scatter_nd_update(out, index, off),
+                                          axis=-1, keepdims=True)
+            out = tf.tensor_scatter_nd_update(out - tf.where(known, log_off, 0.0), index, off)
         return out if positions is None else out[:, 0]
 
     def repeat_losses(self, user, targets, where, flat_items, batch, cache, training=True):
@@ -926,16 +930,6 @@ class HierTCN(SequenceModel):
 # `_log_norm_off`: the catalogue probability of the current item above which the normaliser
 # without it is summed, not taken from the probability.
 SURE = 0.99
-
-
-def _log1m_exp(log_p: tf.Tensor) -> tf.Tensor:
-    """log(1 - p) from log p, with p kept at most 1 - 1e-6 (finite however sure p is):
-    log(-expm1(x)) near p = 1, log1p(-exp(x)) below 1/2 (each exact where the other
-    cancels)."""
-    x = tf.minimum(log_p, np.log1p(-1e-6))
-    near_one = x > -np.log(2.0)
-    return tf.where(near_one, tf.math.log(-tf.math.expm1(tf.where(near_one, x, -1.0))),
-                    tf.math.log1p(-tf.exp(tf.where(near_one, -1.0, x))))
 
 
 def _right_aligned(history: tf.Tensor) -> tf.Tensor:

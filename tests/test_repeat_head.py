@@ -15,7 +15,7 @@ from model import train as train_lib
 from model.hrnn import HRNNConfig
 from pipeline import schema
 from model.base import push_history
-from model.hiertcn import _last_columns, _log1m_exp, _right_aligned
+from model.hiertcn import _last_columns, _right_aligned
 from model import keras_scorer
 from model.keras_scorer import KerasScorer
 from tiny_logs import planted_users, write_data
@@ -451,13 +451,32 @@ def test_transition_bias_is_the_same_however_the_session_is_split_or_served(
         np.testing.assert_allclose(np.exp(served.numpy()[0]), whole[p], atol=1e-6)
 
 
-def test_log1m_exp_is_exact_near_one_and_bounded():
-    p = np.array([1e-9, 0.01, 0.4, 0.5, 0.6, 0.99, 1 - 1e-5, 1 - 1e-7, 1.0])
-    got = _log1m_exp(tf.constant(np.log(p), tf.float32)).numpy()
-    want = np.log1p(-np.minimum(p, 1 - 1e-6))
-    np.testing.assert_allclose(got[:7], want[:7], rtol=1e-5)
-    # p at most 1 - 1e-6: finite however sure p is
-    np.testing.assert_allclose(got[7:], np.log(1e-6), rtol=1e-3)
+def test_scores_given_the_current_item_are_exact_where_it_is_all_but_certain():
+    """The evaluator's and the export's scores took log(1 - p(current)) from p(current),
+    as the loss did: where p(current) nears 1 the scores of every other item were off by
+    tens (ranks unaffected, values not). Against float64, as the loss's test above."""
+    config = HEAD.replace({"seen_bias": False})
+    model = registry.build_model("hiertcn", config, V)
+    _set_head(model, gate_bias=-100.0)
+    model.scorer.bias.assign(tf.tensor_scatter_nd_add(model.scorer.bias, [[5]], [40.0]))
+    prefix = tf.constant([[5, 7, 5]], tf.int64)
+    u = model.user_embeddings(tf.zeros([1, model.state_size]), prefix)
+    got = model.item_log_probs(u, tf.zeros([1, 0], tf.int64), prefix).numpy()[0]   # [4, V]
+    vectors, bias = (w.numpy().astype(np.float64) for w in model.output_weights())
+    logits = u.numpy()[0].astype(np.float64) @ vectors.T + bias
+    known = np.arange(V) >= schema.NUM_RESERVED
+    for position, on in enumerate([0, 5, 7, 5]):
+        others = known & (np.arange(V) != on)
+        top = logits[position, others].max()
+        want = logits[position] - top - np.log(np.exp(logits[position, others] - top).sum())
+        np.testing.assert_allclose(got[position, others], want[others], rtol=1e-4, atol=1e-4)
+        if on:
+            assert got[position, on] <= -1e8
+    # (positions 1 and 3: p(current) = 1 - e^-40 or so; the same through the chosen
+    # positions the evaluator scores)
+    chosen = model.item_log_probs(u, tf.zeros([1, 0], tf.int64), prefix,
+                                  positions=tf.constant([[0, 1], [0, 3]], tf.int64)).numpy()
+    np.testing.assert_allclose(chosen, got[[1, 3]], rtol=1e-6)
 
 
 class _CatalogueWithout:
