@@ -315,7 +315,7 @@ class SQLiteStateStore(StateStore):
         self._busy_ms = int(busy_timeout_s * 1000)
         self.journal_erased: bool | None = None  # by the last `erase_journal`
         self._lock = threading.Lock()
-        _create_private(path)
+        created = _create_private(path)
         denied = _access_error(path)
         if denied:
             raise ValueError(denied)
@@ -347,6 +347,8 @@ class SQLiteStateStore(StateStore):
         except BaseException as e:
             if self._db is not None:  # (the error's traceback would keep it open)
                 self._db.close()
+            if created:  # (a file this made, still empty: not left behind as if a store)
+                _remove_if_empty(path)
             if not isinstance(e, sqlite3.DatabaseError):
                 raise
             if "not a database" in str(e) and not _sqlite_header(path):
@@ -355,7 +357,7 @@ class SQLiteStateStore(StateStore):
                                  "state file as --state-db, or a new name to start one") \
                     from None
             advice = ("its disk is full: make room there" if _disk_full(path)
-                      else _advice(e))
+                      else _path_advice(path, e) or _advice(e))
             raise ValueError(f"cannot open state database {path}: {e}; {advice}") from None
         if columns != list(self._COLUMNS):
             self._db.close()
@@ -663,17 +665,42 @@ def _access_error(path: str) -> str | None:
             "another --state-db")
 
 
-def _create_private(path: str) -> None:
+def _create_private(path: str) -> bool:
     """Creates a new store file readable and writable by its owner alone (its users' item
-    histories are personal data; SQLite gives its -wal and -shm files the same mode). An
-    existing file, or one this cannot create (SQLite says why), is left as it is."""
+    histories are personal data; SQLite gives its -wal and -shm files the same mode):
+    whether it did. An existing file, or one this cannot create (SQLite says why), is left
+    as it is."""
     if path == ":memory:" or path.startswith("file:"):
-        return
+        return False
     try:  # (through a link to a file not made yet: O_EXCL refuses the link itself, and
         # SQLite then made the file with the umask's mode, 0644)
         os.close(os.open(os.path.realpath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError:
+        return False
+    return True
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        if os.path.getsize(path) == 0:
+            os.unlink(os.path.realpath(path))
+    except OSError:
         pass
+
+
+# The longest full path SQLite's unix VFS opens with its journal names beside it (its
+# MAX_PATHNAME, 512 bytes, less the "-journal" suffix): 504 bytes with SQLite 3.40.
+SQLITE_PATH_BYTES = 504
+
+
+def _path_advice(path: str, e: sqlite3.DatabaseError) -> str:
+    """What to do when SQLite could not open a file whose full path is too long for it
+    (it says only "unable to open database file"); "" for any other case."""
+    full = len(os.fsencode(os.path.abspath(os.path.realpath(path))))
+    if "unable to open" not in str(e) or full <= SQLITE_PATH_BYTES:
+        return ""
+    return (f"its full path is {full} bytes, and SQLite opens a file whose path is at most "
+            f"about {SQLITE_PATH_BYTES}: pass a --state-db in a folder with a shorter path")
 
 
 def _sqlite_header(path: str) -> bool:

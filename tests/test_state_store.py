@@ -536,6 +536,27 @@ def test_a_store_that_fails_to_open_closes_its_connection(tmp_path):
     assert open_files() == 0
 
 
+def test_a_path_too_long_for_sqlite_says_so_and_leaves_no_empty_file(tmp_path):
+    """SQLite opens no file whose full path passes about 504 bytes and says only "unable
+    to open database file" (paths audit); the 0-byte file made before it stayed behind."""
+    folder = tmp_path
+    while len(os.fsencode(str(folder))) < 420:
+        folder = folder / ("d" * 60)
+    folder.mkdir(parents=True)
+    long_path = folder / ("s" * (530 - len(os.fsencode(str(folder)))) + ".sqlite")
+    assert len(os.fsencode(str(long_path))) > state_store.SQLITE_PATH_BYTES
+    with pytest.raises(ValueError, match=r"cannot open state database .*unable to open database "
+                                         r"file; its full path is \d+ bytes, and SQLite opens a "
+                                         r"file whose path is at most about 504: pass a "
+                                         r"--state-db in a folder with a shorter path"):
+        SQLiteStateStore(str(long_path))
+    assert os.listdir(folder) == []
+    # at the limit it opens
+    fits = folder / ("t" * (state_store.SQLITE_PATH_BYTES - len(os.fsencode(str(folder))) - 1))
+    SQLiteStateStore(str(fits)).close()
+    assert os.path.getsize(fits) > 0
+
+
 def test_a_file_that_is_no_database_is_said_to_be_another_file(tmp_path):
     """A CSV passed as the state file is not "damaged": the error says what it is, and
     the file is left as it was."""
@@ -604,7 +625,7 @@ def test_a_write_that_fails_below_sqlite_says_so_not_pass_another_file(tmp_path)
             f"s = state_store.SQLiteStateStore({str(path)!r})\n"
             "try:\n    s.put('u', 1, np.ones(300_000, np.float32), [['a']])\n"
             "except ValueError as e:\n    print(e)\n")
-    path.unlink()
+    assert not path.exists()  # (the empty file made before SQLite failed is not left)
     proc = subprocess.run(file_size_limited(200_000, [sys.executable, "-c", code]), cwd=repo,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
