@@ -1006,12 +1006,14 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         if getattr(mc, "seen_bias", False):
             head += f", seen bias over the last {model.history_size}"
     items = vocab.size - schema.NUM_RESERVED
-    output = (f"full softmax over {items:,} items" if model.sampler is None else
-              f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items")
     asked = getattr(config.model, "num_negatives", None)
-    if model.sampler is not None and asked and model.sampler.num_sampled < asked:
-        # (drawn without replacement among the items with a train count, the target's aside)
-        output += f"; --num-negatives {asked:,} is more than there are to draw"
+    if model.sampler is None:
+        output = f"full softmax over {items:,} items"
+    elif model.sampler.exact:
+        output = (f"sampled softmax: --num-negatives {asked:,} is every item, so the exact "
+                  f"softmax over {model.sampler.num_sampled:,} items")
+    else:
+        output = f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items"
     steps = (f"steps {start_step + 1}-{total_steps}{_passes_text(data_dir, tc, total_steps)}"
              if not finished else
              f"its {start_step} steps are trained; writing the summary it lacks")

@@ -139,14 +139,15 @@ def test_progress_in_a_log_file_starts_after_the_traced_first_step(data, config_
 def test_more_negatives_than_items_are_said_in_the_start_line(data, config_file, tmp_path,
                                                               capsys):
     """The sampler draws at most the other items with a train count: --num-negatives above
-    that was cut back with only the drawn number in the start line (audit)."""
+    that was cut back with only the drawn number in the start line (audit); it is now the
+    exact softmax over every item, and says so."""
     assert train_lib.main(_args(data, str(tmp_path / "run"), config_file, "--steps", "1",
                                 "--eval-every", "0", "--loss", "sampled",
                                 "--num-negatives", "5000")) == 0
     start = [line for line in capsys.readouterr().err.splitlines()
              if line.startswith("training ")]
-    assert re.search(r"sampled softmax, 19 negatives of 20 items; --num-negatives 5,000 is "
-                     r"more than there are to draw", start[0]), start
+    assert re.search(r"sampled softmax: --num-negatives 5,000 is every item, so the exact "
+                     r"softmax over 20 items", start[0]), start
 
 
 def test_read_scalars_keeps_the_latest_value_of_a_step_logged_twice(tmp_path):
