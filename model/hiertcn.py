@@ -321,13 +321,40 @@ class HierTCN(SequenceModel):
         once = tf.cast(tf.concat([history_once, prefix_once], axis=2), tf.float32)
         return tf.concat([history, prefix], axis=1), once
 
-    def _seen_shift(self, once, log_cat_seen):
-        """log of the biased catalogue's normaliser, log(1 + (e^beta - 1) q) [...], with q
-        the catalogue probability of the seen items (`once` [..., N + T], their log
-        probabilities `log_cat_seen`). The biased catalogue is log_cat + beta [seen] - shift."""
+    def _seen_shift(self, log_q, log_unseen):
+        """log of the biased catalogue's normaliser, log((1 - q) + e^beta q) [...], from
+        log q, q the catalogue probability of the seen items (`_seen_log_q`), and log(1 - q)
+        summed over the other items (`_log_unseen`). The biased catalogue is
+        log_cat + beta [seen] - shift. In log space: from q, log1p((e^beta - 1) q) lost the
+        1 - q part to float32 where q nears 1 and beta is very negative (off by tens), and
+        e^beta overflowed past beta = 88 (NaN losses and scores; numerics audit)."""
         beta = self.repeat_head.seen_bias
-        q = tf.reduce_sum(once * tf.exp(tf.minimum(log_cat_seen, 0.0)), axis=-1)
-        return tf.math.log1p(tf.maximum(tf.math.expm1(beta) * q, -1.0 + 1e-6))
+        return tf.reduce_logsumexp(tf.stack([log_unseen, beta + log_q]), axis=0)
+
+    @staticmethod
+    def _seen_log_q(once, log_cat_seen):
+        """log q [...]: the catalogue log-probability of the seen items (`once`
+        [..., N + T] marks each one's entry, `log_cat_seen` their log-probabilities)."""
+        return tf.reduce_logsumexp(
+            tf.where(once > 0, tf.minimum(log_cat_seen, 0.0), layers.NEG_LOGIT), axis=-1)
+
+    def _log_unseen(self, user, log_norm, log_q, seen_items, once):
+        """log(1 - q) [N] of `_seen_shift` at the events (user vectors [N, D], log Z [N],
+        their seen items and `once` [N, N + T]): from q where q <= SURE, as the sum over
+        the unseen items where it is more (those rows' logits computed again, as in
+        `_log_norm_off`)."""
+        log_sure = np.log(SURE)
+        off = tf.math.log1p(-tf.exp(tf.minimum(log_q, log_sure)))
+        rows = tf.where(log_q > log_sure)                                            # [K, 1]
+        items = tf.gather_nd(seen_items, rows)                                      # [K, S]
+        k = tf.shape(items, out_type=tf.int64)[0]
+        index = tf.stack([tf.broadcast_to(tf.range(k)[:, None], tf.shape(items, tf.int64)),
+                          items], axis=-1)
+        seen_mask = tf.scatter_nd(index, tf.gather_nd(once, rows) * layers.NEG_LOGIT,
+                                  [k, self.vocab_size])
+        unseen = self.item_logits(tf.gather_nd(user, rows)) + self.reserved_mask + seen_mask
+        return tf.tensor_scatter_nd_update(off, rows, tf.reduce_logsumexp(unseen, axis=-1)
+                                           - tf.gather_nd(log_norm, rows))
 
     def _catalogue_log_probs(self, user):
         """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
@@ -367,7 +394,12 @@ class HierTCN(SequenceModel):
         if seen is not None:  # the seen bias: beta on each seen item once, a new normaliser
             s = tf.shape(seen_items)[1]
             seen_items = tf.broadcast_to(seen_items[:, None, :], [b, p, s])
-            shift = self._seen_shift(once, tf.gather(log_cat, seen_items, batch_dims=2))
+            # log(1 - q) summed over the unseen items: the seen ones' entries masked
+            seen_mask = tf.tensor_scatter_nd_add(tf.zeros_like(log_cat), _scatter_index(
+                seen_items), once * layers.NEG_LOGIT)
+            shift = self._seen_shift(
+                self._seen_log_q(once, tf.gather(log_cat, seen_items, batch_dims=2)),
+                tf.reduce_logsumexp(log_cat + seen_mask, axis=-1))
             log_base = tf.tensor_scatter_nd_add(
                 log_base - shift[..., None], _scatter_index(seen_items),
                 once * self.repeat_head.seen_bias)
@@ -456,8 +488,9 @@ class HierTCN(SequenceModel):
             on_logit = (logit(on) if seen is None else tf.gather(
                 seen_logits, self.config.history_size + before, batch_dims=1))
         log_norm_off = None  # log Z without the current item's term (`on`)
+        log_unseen = None  # log of the unseen items' share of Z (with the seen bias)
         if training and self.sampler is not None:
-            log_norm, log_norm_off = self._sampled_log_norm(
+            log_norm, log_norm_off, log_unseen = self._sampled_log_norm(
                 user, targets, target_logit, vectors, bias, where, seen, seen_logits, once,
                 target_seen, on, on_logit)
         else:
@@ -467,7 +500,10 @@ class HierTCN(SequenceModel):
                 log_norm_off = self._log_norm_off(user, log_norm, on, on_logit)
         log_keep_raw = shift = log_keep
         if seen is not None:
-            shift = self._seen_shift(once, seen_logits - log_norm[:, None])
+            log_q = self._seen_log_q(once, seen_logits - log_norm[:, None])
+            if log_unseen is None:
+                log_unseen = self._log_unseen(user, log_norm, log_q, seen_items, once)
+            shift = self._seen_shift(log_q, log_unseen)
             log_keep -= shift
 
         def log_prob(items, items_logit, items_seen):
@@ -492,8 +528,11 @@ class HierTCN(SequenceModel):
         # part's: the attention on the context positions of other items.
         log_off_cat = log_norm_off - log_norm
         if seen is not None:
+            # (the unseen items are the same: the current item is a seen one)
             once_off = once * tf.cast(seen_items != on[:, None], tf.float32)
-            log_off_cat += self._seen_shift(once_off, seen_logits - log_norm_off[:, None])
+            log_off_cat += self._seen_shift(
+                self._seen_log_q(once_off, seen_logits - log_norm_off[:, None]),
+                log_unseen + log_norm - log_norm_off)
             log_off_cat -= shift
         log_off_rep = tf.reduce_logsumexp(
             tf.where(slot_context != on[:, None], log_att, layers.NEG_LOGIT), axis=1)
@@ -594,6 +633,10 @@ class HierTCN(SequenceModel):
         and `on_logit` its logit, counted exactly too (without the seen bias; with it, it
         is a seen item), so that p(current), which conditions the likelihood, is exact
         given Z: estimated, it would mostly lack its own term and exceed 1.
+
+        Returns:
+          (log Z [N], log Z without `on`'s term [N] or None without `on`, log of the unseen
+          items' share of Z [N] or None without the seen bias).
         """
         ids, log_inclusion = self.sampler(targets)                                  # [k]
         sample_logits = (tf.matmul(user, tf.gather(vectors, ids), transpose_b=True)
@@ -616,14 +659,22 @@ class HierTCN(SequenceModel):
         elif on is not None:  # (0 where it is the target or there is none)
             exact |= (ids[None, :] == on[:, None]) & (on > 0)[:, None]
         terms.append(tf.where(exact, layers.NEG_LOGIT, sample_logits))
-        if on is None:
-            return tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1), None
-        # Z without the current item's term (`repeat_losses`), then Z with it
-        if seen is not None:  # (the current item is a seen one: its column left out)
+        # With `on`: Z without the current item's term first (`repeat_losses`), then Z
+        if seen is not None and on is not None:  # (a seen item: its column left out)
             terms[1] = tf.where(seen_items_at == on[:, None], layers.NEG_LOGIT, terms[1])
-        log_norm_off = tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1)
-        on_term = tf.where(on > 0, on_logit, layers.NEG_LOGIT)
-        return tf.reduce_logsumexp(tf.stack([log_norm_off, on_term]), axis=0), log_norm_off
+        log_unseen = None
+        if seen is None:
+            log_norm = tf.reduce_logsumexp(tf.concat(terms, axis=1), axis=1)
+        else:  # the unseen items' part apart (the target's where unseen, the sample's):
+            # `_seen_shift` takes 1 - q from it
+            log_unseen = tf.reduce_logsumexp(tf.concat([terms[0], terms[2]], axis=1), axis=1)
+            log_norm = tf.reduce_logsumexp(
+                tf.stack([log_unseen, tf.reduce_logsumexp(terms[1], axis=1)]), axis=0)
+        log_norm_off = None
+        if on is not None:
+            log_norm_off, on_term = log_norm, tf.where(on > 0, on_logit, layers.NEG_LOGIT)
+            log_norm = tf.reduce_logsumexp(tf.stack([log_norm_off, on_term]), axis=0)
+        return log_norm, log_norm_off, None if seen is None else log_unseen - log_norm
 
     def train_cache(self, batch_size: int):
         """(state [B, H], running AGG sum [B, E], running count [B]) per row.

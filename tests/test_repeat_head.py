@@ -17,6 +17,7 @@ from pipeline import schema
 from model.base import push_history
 from model.hiertcn import _last_columns, _right_aligned
 from model import keras_scorer
+from model import layers
 from model.keras_scorer import KerasScorer
 from tiny_logs import planted_users, write_data
 
@@ -358,6 +359,50 @@ def test_the_conditioned_loss_is_exact_where_the_current_item_is_all_but_certain
         want.append(log_z - logits[position, target])
     # (positions 1 and 3: p(current) = 1 - e^-40 or so, p(target) about e^-42)
     np.testing.assert_allclose(float(got), np.mean(want), rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sampled"])
+@pytest.mark.parametrize("beta", [-25.0, 95.0])
+def test_the_seen_bias_is_exact_however_sure_the_seen_items_and_however_large_beta(loss, beta):
+    """The seen bias's normaliser log((1 - q) + e^beta q) was taken from q: where the seen
+    items hold nearly all the catalogue's probability and beta is very negative, 1 - q was
+    lost to float32 (loss and scores off by tens), and e^beta overflowed past beta = 88
+    (NaN: `--learning-rate 1` ended in a NaN loss at step 13; numerics audit). Against
+    float64, the repeat part off, items 7 and 9 (the user's) 40 above the others."""
+    config = HEAD.replace({"loss": loss, "num_negatives": 5})
+    model = registry.build_model("hiertcn", config, V, item_counts=COUNTS)
+    _set_head(model, gate_bias=-100.0)
+    model.repeat_head.set_seen_bias(beta)
+    model.scorer.bias.assign(tf.tensor_scatter_nd_add(model.scorer.bias, [[7], [9]], [40.0, 40.0]))
+    if loss == "sampled":  # (every item in the "sample": the estimate is the exact Z)
+        model.sampler = _WholeCatalogue()
+    history, session = [9, 0, 7, 9], [5, 7, 5, 9]
+    with tf.GradientTape() as tape:
+        got, _, _ = model.train_loss(_batch([[session]], [[False]], [[True]], [history]),
+                                     model.train_cache(1), training=loss == "sampled")
+    gradient = tape.gradient(got, model.repeat_head.seen_bias_unscaled)
+    prefix = tf.constant([session[:3]], tf.int64)
+    u = model.user_embeddings(tf.zeros([1, model.state_size]), prefix)
+    scores = model.item_log_probs(u, tf.constant([history], tf.int64), prefix).numpy()[0]
+    vectors, bias = (w.numpy().astype(np.float64) for w in model.output_weights())
+    logits = u.numpy()[0].astype(np.float64) @ vectors.T + bias                 # [4, V]
+    want, d_beta = [], []
+    for position, on in enumerate([0] + session[:3]):
+        seen = {i for i in history + session[:position] if i >= schema.NUM_RESERVED}
+        x = logits[position].copy()
+        x[:schema.NUM_RESERVED] = x[on] = -np.inf  # (on 0: a reserved index anyway)
+        x[sorted(seen - {on})] += beta
+        log_p = x - x.max() - np.log(np.exp(x - x.max()).sum())
+        want.append(log_p)
+        d_beta.append(np.exp(log_p[sorted(seen - {on})]).sum()
+                      - (session[position] in seen))  # d(-log p(target)) / d beta
+    want = np.array(want)
+    known = np.isfinite(want)
+    np.testing.assert_allclose(scores[known], want[known], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(got), -np.mean(want[range(4), session]), rtol=1e-4)
+    # the gradient too (past beta = 87 it had the wrong sign, pushing beta further up)
+    np.testing.assert_allclose(float(gradient), layers.SEEN_BIAS_SCALE * np.mean(d_beta),
+                               rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("seen_bias,under_way,tau", [(-1.5, False, None), (None, False, None),
