@@ -212,7 +212,8 @@ class GRU4Rec(SessionRNN):
         self.item_embedding = layers.item_embedding(vocab_size, config.embedding_dim)
         self.session_gru = SessionGRU(config.units, name="session_gru")
         self.drop = tf.keras.layers.Dropout(config.dropout)
-        self.scorer = layers.ItemScorer(vocab_size, use_bias=config.output_bias, name="item_scorer")
+        self.scorer = layers.ItemScorer(vocab_size, use_bias=config.output_bias, dtype="float32",
+                                        name="item_scorer")
 
     def session_only(self) -> bool:
         return True

@@ -84,7 +84,8 @@ class HRNN(SessionRNN):
         self.init = tf.keras.layers.Dense(c.session_units, activation="tanh", name="session_init")
         self.user_gru = layers.StackedGRU(c.user_units, c.user_layers, name="user_gru")
         self.drop = tf.keras.layers.Dropout(c.dropout)
-        self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, name="item_scorer")
+        self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, dtype="float32",
+                                        name="item_scorer")
 
     @property
     def state_size(self) -> int:

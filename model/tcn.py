@@ -135,7 +135,8 @@ class FlatTCN(SequenceModel):
         self.blocks = [layers.TemporalBlock(width, c.kernel_size, 2 ** i, c.convs_per_block,
                                             c.dropout, name=f"tcn_block_{i}")
                        for i, width in enumerate(c.channels)]
-        self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, name="item_scorer")
+        self.scorer = layers.ItemScorer(vocab_size, use_bias=c.output_bias, dtype="float32",
+                                        name="item_scorer")
 
     @property
     def state_size(self) -> int:
