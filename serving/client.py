@@ -358,7 +358,7 @@ class HierTCNClient:
         if self.session_width is not None:
             # "" first: TF Serving's batching pads a narrower request with its first value
             # (`pad_variable_length_inputs`), which is then the pad id the export ignores
-            sessions = [[PAD, *s] for s in sessions]
+            sessions = _pad_first(sessions)
         out, _ = self.predict(SIG_UPDATE_STATE, {
             "user_state": np.asarray(states, np.float32),
             "session_items": pad_rows(sessions, self.session_width)}, version)
@@ -424,13 +424,18 @@ class HierTCNClient:
         # session summary read every item of the session (GRU4Rec on ML-100K: 5,599 of
         # 8,824 ranks moved), and a stored history holds the newest known ids with the
         # unknown ones among them, which pushed known ones out (parity audit).
-        if self.session_width is not None:
-            sessions = [[PAD, *s] for s in sessions]
-        if self.history_width is not None:
-            history = [[PAD, *h] for h in history]
+        if self.session_width is not None or self.history_width is not None:
+            sessions, history = _pad_first(sessions), _pad_first(history)
         return {"user_state": np.asarray(states, np.float32),
                 "session_items": pad_rows(sessions, self.session_width),
                 "history_items": pad_rows(history, self.history_width)}
+
+
+def _pad_first(rows: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Each row with the pad id "" first (each checked first: a string is not a row)."""
+    for i, row in enumerate(rows):
+        state_store.check_session(row, f"row {i}")
+    return [[PAD, *row] for row in rows]
 
 
 def _resolve(client: HierTCNClient, store: state_store.StateStore,

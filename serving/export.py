@@ -341,8 +341,8 @@ class ServingModule(tf.Module):
             """The output layer's rows of the items: `next_items`' score of an item,
             without a repeat head, is embedding . vector + bias (`user_embedding`), what an
             external nearest-neighbour index needs (but for a session-only model's empty
-            session, scored by popularity, and up to rounding under mixed precision, whose
-            matmul is not float32); an id not in the catalogue (padding too) gets zeros."""
+            session, scored by popularity); an id not in the catalogue (padding too) gets
+            zeros."""
             index = lookup(items)
             known = index >= schema.NUM_RESERVED
             vectors, bias = model.output_rows(tf.where(known, index, 0))

@@ -221,6 +221,21 @@ def test_fixed_widths_are_exact_for_the_repeat_head_too(tmp_path):
     assert np.abs(scores.numpy()[2] - outputs[0]["scores"].numpy()[2]).max() > 1e-3
 
 
+def test_fixed_widths_refuse_a_string_row_and_pad_both_inputs_first():
+    """A string for a row is refused with a fixed width too (the "" put first made it a
+    list of its characters; review), and with one width alone both inputs start with the
+    pad id, which TF Serving's batching pads a narrower request with."""
+    state = np.zeros([1, 8], np.float32)
+    for widths in ({"history_width": 3}, {"session_width": 3}):
+        with HierTCNClient("127.0.0.1:1", NAME, **widths) as c:  # no call goes out
+            with pytest.raises(TypeError, match="row 0 is the string '190', not a list"):
+                c._scoring_inputs(state, [["a"]], ["190"])
+            with pytest.raises(TypeError, match="row 0 is the string 'ab', not a list"):
+                c._scoring_inputs(state, ["ab"], [["a"]])
+            inputs = c._scoring_inputs(state, [["a", "b"]], [["c"]])
+        assert inputs["session_items"][0, 0] == "" and inputs["history_items"][0, 0] == ""
+
+
 @pytest.mark.parametrize("name,config", [
     ("gru4rec", {"embedding_dim": 8, "units": 8}),
     ("hrnn", {"embedding_dim": 8, "session_units": 8, "user_units": 4}),
