@@ -375,8 +375,7 @@ class HierTCN(SequenceModel):
         # Only the M context items get a repeat part, so the mixture is the scaled catalogue
         # with those few entries replaced (no [B, P, V] repeat tensor): p_rep of the item
         # at each context position is the attention summed over every position holding it.
-        same = tf.cast(tf.equal(context[:, :, None], context[:, None, :]), tf.float32)
-        log_rep = log_w[..., None] + tf.math.log(tf.matmul(tf.exp(log_att), same))  # [B, P, M]
+        log_rep = log_w[..., None] + _log_sum_by_item(log_att, context)           # [B, P, M]
         seen_items, once = seen if seen is not None else (None, None)
         if positions is not None:
             # Each chosen position becomes a row of its own ([n, 1, ...]): the [.., V]
@@ -981,6 +980,24 @@ class HierTCN(SequenceModel):
 # `_log_norm_off`: the catalogue probability of the current item above which the normaliser
 # without it is summed, not taken from the probability.
 SURE = 0.99
+
+
+def _log_sum_by_item(log_att: tf.Tensor, context: tf.Tensor) -> tf.Tensor:
+    """float32 [B, P, M]: at each context position, the log of the attention [B, P, M]
+    summed over the row's positions holding the same item (`context` int64 [B, M]), a
+    log-sum-exp per item (the sum of exp(attention) underflowed below e^-87 where training's
+    log-sum-exp did not: an item's score then fell to the catalogue part's alone)."""
+    b, p, m = tf.shape(log_att)[0], tf.shape(log_att)[1], tf.shape(log_att)[2]
+    # each position's group: the first position of the row holding its item
+    first = tf.argmax(tf.cast(tf.equal(context[:, :, None], context[:, None, :]), tf.int32),
+                      axis=2, output_type=tf.int32)                                  # [B, M]
+    rows = tf.range(b * p)[:, None] * m                                         # [B * P, 1]
+    group = rows + tf.reshape(tf.broadcast_to(first[:, None, :], [b, p, m]), [b * p, m])
+    flat = tf.reshape(log_att, [b * p, m])
+    top = tf.stop_gradient(tf.gather(tf.math.unsorted_segment_max(flat, group, b * p * m),
+                                     group))
+    total = tf.math.unsorted_segment_sum(tf.exp(flat - top), group, b * p * m)
+    return tf.reshape(top + tf.math.log(tf.gather(total, group)), [b, p, m])
 
 
 def _right_aligned(history: tf.Tensor) -> tf.Tensor:

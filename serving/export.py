@@ -86,7 +86,8 @@ CONFIG_FILE = "export_config.json"
 # publishes a new version (it said "nothing exported" and kept the older graph). 2: known_items,
 # repeats collapsed in the graph, ids stripped, request bounds (2026-12-04/05) and after.
 # 3: item_vectors (2026-12-06). 4: a repeat head's scores exact where the current item or
-# the seen items are all but certain, and with a seen bias past 88 (2026-12-06).
+# the seen items are all but certain, with a seen bias past 88, and with a repeat part
+# below e^-87 (2026-12-06).
 EXPORT_FORMAT = 4
 ASSETS_EXTRA = "assets.extra"
 

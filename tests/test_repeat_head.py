@@ -361,6 +361,28 @@ def test_the_conditioned_loss_is_exact_where_the_current_item_is_all_but_certain
     np.testing.assert_allclose(float(got), np.mean(want), rtol=1e-4)
 
 
+def test_scores_keep_a_repeat_part_far_below_float32s_smallest_number():
+    """The scores summed exp(attention) over the positions holding an item, which
+    underflowed below e^-87 (training's loss takes a log-sum-exp): with the gate all on the
+    repeat part, an old item's score fell to its catalogue term (-202 against -90) and its
+    rank moved (numerics audit). Against float64: the context 9 5 7 5 (9 the oldest, its
+    recency -90), w = sigmoid(200)."""
+    model = _model(HEAD.replace({"exclude_current": False, "seen_bias": False}))
+    _set_head(model, gate_bias=200.0, recency=[0.0] + [-90.0] * (model.repeat_head.max_age - 1))
+    prefix = tf.constant([[5, 7, 5]], tf.int64)
+    u = model.user_embeddings(tf.zeros([1, model.state_size]), prefix)
+    got = model.item_log_probs(u, tf.constant([[0, 0, 0, 9]], tf.int64), prefix).numpy()[0, 3]
+    vectors, bias = (w.numpy().astype(np.float64) for w in model.output_weights())
+    logits = u.numpy()[0, 3].astype(np.float64) @ vectors.T + bias
+    log_cat = logits - np.logaddexp.reduce(logits[2:])
+    att = np.array([-90.0, -90.0, -90.0, 0.0])  # 9, 5, 7, 5 at ages 3, 2, 1, 0
+    att -= np.logaddexp.reduce(att)
+    log_w, log_keep = -np.logaddexp(0, -200.0), -np.logaddexp(0, 200.0)
+    for item, log_rep in ((9, att[0]), (7, att[2]), (5, np.logaddexp(att[1], att[3]))):
+        assert got[item] == pytest.approx(np.logaddexp(log_keep + log_cat[item], log_w + log_rep),
+                                          abs=1e-4)
+
+
 @pytest.mark.parametrize("loss", ["softmax", "sampled"])
 @pytest.mark.parametrize("beta", [-25.0, 95.0])
 def test_the_seen_bias_is_exact_however_sure_the_seen_items_and_however_large_beta(loss, beta):
