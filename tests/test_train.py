@@ -531,13 +531,16 @@ def test_auto_loss_is_the_full_softmax_up_to_the_threshold(monkeypatch):
         losses.resolve_loss("hinge", 3)
     with pytest.raises(config_lib.ConfigError, match="'auto', 'softmax' or 'sampled'"):
         config_lib.HierTCNConfig(loss="hinge")
-    # a model built with `auto` over a large catalogue samples (and needs the counts)
+    # a model built with `auto` over a large catalogue samples (and needs the counts; here
+    # the default 256 negatives are every one of its 11 items: the exact softmax)
     monkeypatch.setattr(losses, "AUTO_SOFTMAX_MAX_ITEMS", 10)
     tiny = {"embedding_dim": 8, "gru_units": 4, "channels": 8}
     config = config_lib.HierTCNConfig().replace(tiny)
     assert registry.build_model("hiertcn", config, 12).sampler is None
     big = registry.build_model("hiertcn", config, 13, item_counts=np.ones(13, np.int64))
-    assert big.sampler is not None and big.sampler.num_sampled == 10
+    assert big.sampler is not None and big.sampler.exact and big.sampler.num_sampled == 11
+    assert not registry.build_model("hiertcn", config.replace({"num_negatives": 9}), 13,
+                                    item_counts=np.ones(13, np.int64)).sampler.exact
     flags = train_lib.resolve_config(train_lib.parse_args(
         ["--data", "d", "--model-dir", "r", "--model", "hrnn", "--loss", "sampled",
          "--num-negatives", "64", "--negative-exponent", "0.75"])).model
