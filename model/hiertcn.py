@@ -90,8 +90,7 @@ class HierTCN(SequenceModel):
         # encoder skips the context's work (about 6% of a step), with the same results.
         self.reads_chunk_context = bool(self.context_size)
         # Added to the catalogue logits of the mixture: the reserved indices get probability 0.
-        self.reserved_mask = tf.constant(
-            [layers.NEG_LOGIT] * schema.NUM_RESERVED + [0.0] * (vocab_size - schema.NUM_RESERVED))
+        self.reserved_mask = layers.reserved_mask(vocab_size)
 
     def session_only(self) -> bool:
         """Without the high level and the repeat head (the ablation) nothing before the

@@ -12,6 +12,8 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
+from pipeline import schema
+
 
 def item_embedding(vocab_size: int, dim: int, pretrained: np.ndarray | None = None,
                    frozen: bool = False) -> tf.keras.layers.Embedding:
@@ -460,3 +462,10 @@ SEEN_BIAS_SCALE = 10.0
 # A finite "minus infinity" for masked logits: exp() of it is exactly 0 in float32 and,
 # unlike -inf, it keeps gradients and log-sum-exps finite.
 NEG_LOGIT = -1e9
+
+
+def reserved_mask(vocab_size) -> tf.Tensor:
+    """float32 [V], added to catalogue logits: `NEG_LOGIT` at the reserved indices (which
+    evaluation never ranks and no target holds), 0 at the items."""
+    return tf.concat([tf.fill([schema.NUM_RESERVED], NEG_LOGIT),
+                      tf.zeros([vocab_size - schema.NUM_RESERVED], tf.float32)], axis=0)

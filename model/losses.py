@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from model.config import AUTO_SOFTMAX_MAX_ITEMS, LOSSES
-from model.layers import NEG_LOGIT
+from model.layers import reserved_mask
 from pipeline import schema
 
 LossFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, bool], tf.Tensor]
@@ -163,7 +163,7 @@ def _softmax_loss(user, targets, item_vectors, bias, training):
     del training
     user = tf.cast(user, tf.float32)
     item_vectors = tf.cast(item_vectors, tf.float32)
-    bias = tf.cast(bias, tf.float32) + _reserved_mask(tf.shape(bias)[0])
+    bias = tf.cast(bias, tf.float32) + reserved_mask(tf.shape(bias)[0])
     rows = tf.shape(user)[0]
     items = item_vectors.shape[0]
     parts = SOFTMAX_PARTS if items is not None and items <= SOFTMAX_SPLIT_MAX_ITEMS else 1
@@ -174,9 +174,3 @@ def _softmax_loss(user, targets, item_vectors, bias, training):
         losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
             labels=targets[lo:hi], logits=logits))
     return tf.concat(losses, axis=0)
-
-
-def _reserved_mask(vocab_size) -> tf.Tensor:
-    """float32 [V]: `layers.NEG_LOGIT` at the reserved indices, 0 at the items."""
-    return tf.concat([tf.fill([schema.NUM_RESERVED], NEG_LOGIT),
-                      tf.zeros([vocab_size - schema.NUM_RESERVED], tf.float32)], axis=0)
