@@ -1449,8 +1449,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                                 if name == "valid" else "model.evaluate has nothing to score")
                              + f"; with few users try another --seed or a larger "
                              f"--{fraction.replace('_', '-')}, or --split time")
-    if stats["rows_written"]:
-        pairs = _float_id_pairs(output)
+    ids = _vocabulary_ids(output) if stats["rows_written"] else set()
+    if ids:
+        pairs = _float_id_pairs(ids)
         if pairs:
             lines.append(f"note: the vocabulary holds items written both as integers and as "
                          f"floats ({', '.join(f'{a!r} and {b!r}' for a, b in pairs[:3])}"
@@ -1458,6 +1459,14 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                          "two items each here; a file written from a float column (pandas "
                          "writes an integer column with a missing value as floats)? Write "
                          "the ids as integers")
+        groups = _case_twins(ids)
+        if groups:
+            shown = ", ".join(" and ".join(map(repr, g)) for g in groups[:3])
+            more = f" and {len(groups) - 3:,} more" if len(groups) > 3 else ""
+            lines.append(f"note: the vocabulary holds {len(groups):,} group"
+                         f"{'s' * (len(groups) != 1)} of item ids that differ only in letter "
+                         f"case ({shown}{more}): separate items here, each with part of the "
+                         "events; if a group is one item, write its ids in one case")
     twins = stats.get("float_user_pairs") or {"count": 0}
     if twins["count"]:
         shown = ", ".join(f"{a!r} and {b!r}" for a, b in twins["examples"])
@@ -1484,15 +1493,28 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     return lines
 
 
-def _float_id_pairs(output: str) -> list[tuple[str, str]]:
-    """Item ids of the output's vocabulary held both as `N` and as `N.0` (the same item
-    written once from an integer, once from a float column)."""
+def _vocabulary_ids(output: str) -> set[str]:
+    """The item ids of the output's vocabulary (none where it cannot be read)."""
     try:
-        ids = set(schema.read_vocabulary(output).ids)
+        return set(schema.read_vocabulary(output).ids)
     except (schema.DataError, OSError):
-        return []
+        return set()
+
+
+def _float_id_pairs(ids: set[str]) -> list[tuple[str, str]]:
+    """Item ids held both as `N` and as `N.0` (the same item written once from an integer,
+    once from a float column)."""
     whole = {i: parse.whole_number_text(i) for i in ids}
     return sorted((w, i) for i, w in whole.items() if w != i and w in ids)
+
+
+def _case_twins(ids: set[str]) -> list[tuple[str, ...]]:
+    """Groups of item ids that differ only in letter case (`SKU-7` and `sku-7`: one item
+    written by two systems?), each sorted, in order."""
+    groups: dict[str, list[str]] = {}
+    for i in ids:
+        groups.setdefault(i.casefold(), []).append(i)
+    return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
 
 
 def main(argv=None, command: bool = False) -> int:

@@ -2458,9 +2458,11 @@ def test_the_commonest_kinds_of_reason_are_counted_over_the_whole_log(tmp_path):
 
 def test_notes_on_a_finished_runs_counts(tmp_path):
     """`_notes` from stats.json's counts: malformed rows, unknown targets with
-    --min-item-count 1, and items written both as 7 and 7.0."""
+    --min-item-count 1, items written both as 7 and 7.0, and ids that differ only in case."""
     schema.write_vocabulary(str(tmp_path / "items.tsv"),
-                            [("7", 5), ("7.0", 4), ("8", 3), ("x.0", 2), ("9.5", 1), ("9", 1)])
+                            [("7", 5), ("7.0", 4), ("8", 3), ("x.0", 2), ("9.5", 1), ("9", 1),
+                             ("SKU-1", 1), ("sku-1", 1), ("Sku-1", 1), ("A", 1), ("a", 1),
+                             ("b", 1), ("ß", 1), ("SS", 1)])
     splits = {name: {"users": 30, "sessions": 40, "events": 100} for name in schema.SPLITS}
     stats = {"rows_read": 1000, "rows_malformed": 200, "rows_written": 300,
              "rows_filtered": {"short_session": 100, "filter": 400}, "splits": splits,
@@ -2478,7 +2480,10 @@ def test_notes_on_a_finished_runs_counts(tmp_path):
         "catalogue change)",
         "note: the vocabulary holds items written both as integers and as floats ('7' and "
         "'7.0'): two items each here; a file written from a float column (pandas writes an "
-        "integer column with a missing value as floats)? Write the ids as integers"]
+        "integer column with a missing value as floats)? Write the ids as integers",
+        "note: the vocabulary holds 3 groups of item ids that differ only in letter case "
+        "('A' and 'a', 'SKU-1' and 'Sku-1' and 'sku-1', 'SS' and 'ß'): separate items here, "
+        "each with part of the events; if a group is one item, write its ids in one case"]
 
 
 @pytest.mark.parametrize("command", [
