@@ -1,7 +1,8 @@
 """Throughput of `python -m pipeline` on a synthetic log (issue 2).
 
-Workload: `pipeline.synthetic` log of N events (default 1,000,000; `--quick`: 50,000) in
-one CSV file (`--format parquet`: the same events as one Parquet file written by pyarrow,
+Workload: `pipeline.synthetic` log of N events (default 1,000,000; `--quick`: 50,000;
+`--sessions MIN,MAX` sessions per user, default 5,30: `--sessions 1,3` makes a clickstream's
+many light users, ten times as many users for the same events) in one CSV file (`--format parquet`: the same events as one Parquet file written by pyarrow,
 string ids, typed second timestamps, row groups of 131,072 rows; `--format avro`: as one
 Avro file written by fastavro, deflate blocks, string ids, `timestamp-millis` times), run
 through the pipeline CLI with its default local runner (FnApiRunner,
@@ -13,6 +14,7 @@ The last line printed is one JSON object.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -87,6 +89,21 @@ def _to_avro(csv_path: str, rows) -> str:
     return path
 
 
+def _sessions(text: str) -> tuple[int, int]:
+    """`--sessions MIN,MAX` as `pipeline.synthetic` takes it."""
+    sys.path.insert(0, REPO)
+    from pipeline import synthetic
+
+    try:
+        low, high = synthetic.parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 1 <= low <= high <= synthetic.MAX_SESSIONS:
+        raise argparse.ArgumentTypeError(
+            f"must be MIN,MAX with 1 <= MIN <= MAX <= {synthetic.MAX_SESSIONS:,}, got {text!r}")
+    return low, high
+
+
 def parse_args(argv=None):
     p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--events", type=bench_lib.at_most(MAX_EVENTS, bench_lib.positive_int),
@@ -95,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=bench_lib.non_negative_int, default=0)
     p.add_argument("--format", choices=("csv", "parquet", "avro"), default="csv",
                    help="the log's file format")
+    p.add_argument("--sessions", type=_sessions, default=(5, 30), metavar="MIN,MAX",
+                   help="sessions per user, drawn uniformly (default 5,30; 1,3: many light "
+                   "users, whose per-user work costs more per event)")
     p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after -- "
                    f"(not {', '.join(OWN_OPTIONS)}: this script gives them)")
     args = p.parse_args(argv)
@@ -119,7 +139,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         log = os.path.join(tmp, "log.csv")
         t0 = time.perf_counter()
-        rows = synthetic.generate(users=10 ** 9, seed=args.seed, max_events=n)
+        rows = synthetic.generate(users=10 ** 9, seed=args.seed, max_events=n,
+                                  sessions=args.sessions)
         synthetic.write_csv(log, rows)
         if args.format == "parquet":
             log = _to_parquet(log)
@@ -146,7 +167,8 @@ def main(argv=None) -> int:
         "generate_seconds": round(gen_s, 2),
         "format": args.format,
         "input_bytes": input_bytes,
-        "workload": f"synthetic log, {events} events, {len({r.user for r in rows})} users, "
+        "workload": f"synthetic log, {events} events, {len({r.user for r in rows})} users "
+                    f"of {args.sessions[0]} to {args.sessions[1]} sessions, "
                     f"1 {dict(csv='CSV', parquet='Parquet', avro='Avro')[args.format]} file, "
                     "default pipeline options; wall time of the CLI incl. start-up",
     }))

@@ -229,6 +229,9 @@ def _usage_error(capsys, name: str, argv: list[str], option: str) -> str:
     (["--quick", "--", "--input=log.csv"], "--input"),
     (["--quick", "--", "--out", "/tmp/x"], "--out"),
     (["--", "--format", "csv"], "--format"),
+    (["--quick", "--sessions", "3,1"], "--sessions"),
+    (["--quick", "--sessions", "0,3"], "--sessions"),
+    (["--quick", "--sessions", "1"], "--sessions"),
 ])
 def test_pipeline_throughput_refuses_bad_options_at_once(capsys, argv, option):
     """(--seed -1 was numpy's ValueError traceback; --output after -- a FileNotFoundError
@@ -240,6 +243,9 @@ def test_pipeline_throughput_passes_other_options_on():
     args = _benchmark_module("pipeline_throughput").parse_args(
         ["--quick", "--", "--overwrite", "--direct_num_workers", "1"])
     assert args.pipeline_args == ["--overwrite", "--direct_num_workers", "1"]
+    assert args.sessions == (5, 30)
+    assert _benchmark_module("pipeline_throughput").parse_args(
+        ["--quick", "--sessions", "1,3"]).sessions == (1, 3)
 
 
 @pytest.mark.parametrize("name, option", [
