@@ -1,8 +1,9 @@
 """Throughput of `python -m pipeline` on a synthetic log (issue 2).
 
 Workload: `pipeline.synthetic` log of N events (default 1,000,000; `--quick`: 50,000;
-`--sessions MIN,MAX` sessions per user, default 5,30: `--sessions 1,3` makes a clickstream's
-many light users, ten times as many users for the same events) in one CSV file (`--format parquet`: the same events as one Parquet file written by pyarrow,
+`--sessions MIN,MAX` sessions per user, default 5,30: `--sessions 1,3` makes a
+clickstream's many light users, about nine times as many for the same events) in one CSV
+file (`--format parquet`: the same events as one Parquet file written by pyarrow,
 string ids, typed second timestamps, row groups of 131,072 rows; `--format avro`: as one
 Avro file written by fastavro, deflate blocks, string ids, `timestamp-millis` times), run
 through the pipeline CLI with its default local runner (FnApiRunner,
@@ -166,6 +167,7 @@ def main(argv=None) -> int:
         "rows_written": stats["rows_written"],
         "generate_seconds": round(gen_s, 2),
         "format": args.format,
+        "sessions_per_user": list(args.sessions),
         "input_bytes": input_bytes,
         "workload": f"synthetic log, {events} events, {len({r.user for r in rows})} users "
                     f"of {args.sessions[0]} to {args.sessions[1]} sessions, "

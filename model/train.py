@@ -1095,8 +1095,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     over = (f"; every valid user holds over {budget:,} events: the one with "
                             "the fewest is evaluated")
                 print(f"valid evaluations: {sample.users:,} of {sample.all_users:,} users, "
-                      f"{sample.events:,} of {sample.all_events:,} events ({limit}{over}; "
-                      f"each event is ranked against {items:,} items)", file=sys.stderr)
+                      f"{sample.events:,} of {sample.all_events:,} target events ({limit}"
+                      f"{over}; each target event is ranked against {items:,} items; the "
+                      "metrics average over those after each session's first)",
+                      file=sys.stderr)
         valid_scorer = KerasScorer(model, name=config.model_name)
         valid_records = evaluate.load_users(data_dir, "valid", valid_users, tc.cache_events)
 

@@ -1461,8 +1461,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                          "the ids as integers")
         groups = _case_twins(ids)
         if groups:
-            shown = ", ".join(" and ".join(map(repr, g)) for g in groups[:3])
-            more = f" and {len(groups) - 3:,} more" if len(groups) > 3 else ""
+            shown = "; ".join(" and ".join(map(repr, g)) for g in groups[:3])
+            rest = len(groups) - 3
+            more = f"; {rest:,} more group{'s' * (rest != 1)}" if rest > 0 else ""
             lines.append(f"note: the vocabulary holds {len(groups):,} group"
                          f"{'s' * (len(groups) != 1)} of item ids that differ only in letter "
                          f"case ({shown}{more}): separate items here, each with part of the "
@@ -1496,7 +1497,7 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
 def _vocabulary_ids(output: str) -> set[str]:
     """The item ids of the output's vocabulary (none where it cannot be read)."""
     try:
-        return set(schema.read_vocabulary(output).ids)
+        return set(schema.read_vocabulary(output).ids[schema.NUM_RESERVED:])
     except (schema.DataError, OSError):
         return set()
 
@@ -1510,10 +1511,14 @@ def _float_id_pairs(ids: set[str]) -> list[tuple[str, str]]:
 
 def _case_twins(ids: set[str]) -> list[tuple[str, ...]]:
     """Groups of item ids that differ only in letter case (`SKU-7` and `sku-7`: one item
-    written by two systems?), each sorted, in order."""
+    written by two systems?), each sorted, in order. (`str.lower`, not `casefold`: `SS`
+    and `ß` are two spellings, not two cases.)"""
+    lowered = [i.lower() for i in ids]
+    if len(set(lowered)) == len(ids):  # (nearly every log: no group built)
+        return []
     groups: dict[str, list[str]] = {}
-    for i in ids:
-        groups.setdefault(i.casefold(), []).append(i)
+    for low, i in zip(lowered, ids):
+        groups.setdefault(low, []).append(i)
     return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
 
 

@@ -111,6 +111,7 @@ def test_pipeline_throughput_quick_in_every_file_format():
         assert result["benchmark"] == "pipeline_throughput" and result["format"] == fmt
         assert result["events"] == 50_000 and result["events_per_s"] > 0
         assert 0 < result["peak_rss_mb"] < 4096 and result["input_bytes"] > 0
+        assert result["sessions_per_user"] == [5, 30]
     assert len({r["rows_written"] for r in runs.values()}) == 1
     assert runs["csv"]["rows_written"] > 40_000
 

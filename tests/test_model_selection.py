@@ -228,7 +228,7 @@ def test_eval_events_bounds_the_valid_users(data, config_file, tmp_path, capsys)
     assert _train(data, run, config_file, "--steps", "4", "--eval-every", "2",
                   "--eval-events", "12") == 0
     out = capsys.readouterr()
-    assert "valid evaluations: 2 of 6 users, 10 of 30 events (--eval-events 12;" in out.err
+    assert "valid evaluations: 2 of 6 users, 10 of 30 target events (--eval-events 12;" in out.err
     record = registry.read_best(run)
     scorer = registry.load_scorer(run, data, "best")
     expected = evaluate_lib.evaluate(scorer, data, "valid", user_ids=sample.ids, progress=False)
@@ -239,7 +239,7 @@ def test_eval_events_bounds_the_valid_users(data, config_file, tmp_path, capsys)
     # events per user: 1,000 of them held 5,022 of a session log's 124,332 valid events)
     assert _train(data, str(tmp_path / "users"), config_file, "--steps", "2", "--eval-every",
                   "2", "--eval-users", "3") == 0
-    assert ("valid evaluations: 3 of 6 users, 15 of 30 events (--eval-users 3;"
+    assert ("valid evaluations: 3 of 6 users, 15 of 30 target events (--eval-users 3;"
             in capsys.readouterr().err)
 
 
@@ -252,13 +252,13 @@ def test_a_crawler_over_the_event_budget_is_left_out_of_the_valid_evaluations(
     data = write_data(str(tmp_path / "d"), 20, planted_users(40), valid=valid)
     assert _train(data, str(tmp_path / "run"), config_file, "--steps", "2", "--eval-every",
                   "2", "--eval-events", "100") == 0
-    assert ("valid evaluations: 6 of 7 users, 30 of 330 events (--eval-events 100; 1 user "
+    assert ("valid evaluations: 6 of 7 users, 30 of 330 target events (--eval-events 100; 1 user "
             "holding over 100 valid events alone left out: a crawler?;"
             ) in capsys.readouterr().err
     # a budget below every user's events: the smallest user, and the run says so
     assert _train(data, str(tmp_path / "tiny"), config_file, "--steps", "2", "--eval-every",
                   "2", "--eval-events", "2") == 0
-    assert ("valid evaluations: 1 of 7 users, 5 of 330 events (--eval-events 2; every valid "
+    assert ("valid evaluations: 1 of 7 users, 5 of 330 target events (--eval-events 2; every valid "
             "user holds over 2 events: the one with the fewest is evaluated;"
             ) in capsys.readouterr().err
 

@@ -2462,7 +2462,8 @@ def test_notes_on_a_finished_runs_counts(tmp_path):
     schema.write_vocabulary(str(tmp_path / "items.tsv"),
                             [("7", 5), ("7.0", 4), ("8", 3), ("x.0", 2), ("9.5", 1), ("9", 1),
                              ("SKU-1", 1), ("sku-1", 1), ("Sku-1", 1), ("A", 1), ("a", 1),
-                             ("b", 1), ("ß", 1), ("SS", 1)])
+                             ("b", 1), ("ß", 1), ("SS", 1), ("[pad]", 1), ("Ω", 1), ("ω", 1),
+                             ("c", 1), ("C", 1)])
     splits = {name: {"users": 30, "sessions": 40, "events": 100} for name in schema.SPLITS}
     stats = {"rows_read": 1000, "rows_malformed": 200, "rows_written": 300,
              "rows_filtered": {"short_session": 100, "filter": 400}, "splits": splits,
@@ -2481,9 +2482,10 @@ def test_notes_on_a_finished_runs_counts(tmp_path):
         "note: the vocabulary holds items written both as integers and as floats ('7' and "
         "'7.0'): two items each here; a file written from a float column (pandas writes an "
         "integer column with a missing value as floats)? Write the ids as integers",
-        "note: the vocabulary holds 3 groups of item ids that differ only in letter case "
-        "('A' and 'a', 'SKU-1' and 'Sku-1' and 'sku-1', 'SS' and 'ß'): separate items here, "
-        "each with part of the events; if a group is one item, write its ids in one case"]
+        "note: the vocabulary holds 4 groups of item ids that differ only in letter case "
+        "('A' and 'a'; 'C' and 'c'; 'SKU-1' and 'Sku-1' and 'sku-1'; 1 more group): separate "
+        "items here, each with part of the events; if a group is one item, write its ids in "
+        "one case"]
 
 
 @pytest.mark.parametrize("command", [
