@@ -41,6 +41,24 @@ HIDDEN = 128  # item embedding, every GRU layer and every TCN channel width
 _START = time.perf_counter()
 
 
+def session_range(text: str) -> tuple[int, int]:
+    """MIN,MAX sessions per user, 1 <= MIN <= MAX, as `pipeline.synthetic --sessions` takes
+    them (an argparse type: `data_memory.py --long-sessions`, `pipeline_throughput.py
+    --sessions`)."""
+    import argparse
+
+    from pipeline import synthetic
+
+    try:
+        low, high = synthetic.parse_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not 1 <= low <= high <= synthetic.MAX_SESSIONS:
+        raise argparse.ArgumentTypeError(
+            f"must be MIN,MAX with 1 <= MIN <= MAX <= {synthetic.MAX_SESSIONS:,}, got {text!r}")
+    return low, high
+
+
 def quick_values(parser, argv, args, **values) -> None:
     """--quick's small sizes, for the options the command line did not give (a value the
     user passed is kept)."""

@@ -66,7 +66,7 @@ def parse_args(argv):
                    help="synthetic users when built")
     p.add_argument("--long-users", type=bench_lib.user_count, default=200,
                    help="users of the long-history synthetic log when built")
-    p.add_argument("--long-sessions", type=session_range, default="400,600", metavar="MIN,MAX",
+    p.add_argument("--long-sessions", type=bench_lib.session_range, default="400,600", metavar="MIN,MAX",
                    help="sessions per user of the long-history synthetic log")
     p.add_argument("--batch-size", type=bench_lib.dimension, default=32)
     p.add_argument("--sessions-per-batch", type=bench_lib.dimension, default=10)
@@ -94,21 +94,6 @@ def parse_args(argv):
             bench_lib.check_log_size(p, "--users", args.users)
         bench_lib.check_log_size(p, "--long-users", args.long_users, args.long_sessions)
     return args
-
-
-def session_range(text: str) -> tuple[int, int]:
-    """`--long-sessions`: MIN,MAX sessions per user, 1 <= MIN <= MAX, as
-    `pipeline.synthetic --sessions` takes them."""
-    from pipeline import synthetic
-
-    try:
-        low, high = synthetic.parse_range(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if not 1 <= low <= high <= synthetic.MAX_SESSIONS:
-        raise argparse.ArgumentTypeError(
-            f"must be MIN,MAX with 1 <= MIN <= MAX <= {synthetic.MAX_SESSIONS:,}, got {text!r}")
-    return low, high
 
 
 def history_tokens(sessions) -> int:

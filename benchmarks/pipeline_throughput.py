@@ -15,7 +15,6 @@ The last line printed is one JSON object.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -90,21 +89,6 @@ def _to_avro(csv_path: str, rows) -> str:
     return path
 
 
-def _sessions(text: str) -> tuple[int, int]:
-    """`--sessions MIN,MAX` as `pipeline.synthetic` takes it."""
-    sys.path.insert(0, REPO)
-    from pipeline import synthetic
-
-    try:
-        low, high = synthetic.parse_range(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if not 1 <= low <= high <= synthetic.MAX_SESSIONS:
-        raise argparse.ArgumentTypeError(
-            f"must be MIN,MAX with 1 <= MIN <= MAX <= {synthetic.MAX_SESSIONS:,}, got {text!r}")
-    return low, high
-
-
 def parse_args(argv=None):
     p = bench_lib.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--events", type=bench_lib.at_most(MAX_EVENTS, bench_lib.positive_int),
@@ -113,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=bench_lib.non_negative_int, default=0)
     p.add_argument("--format", choices=("csv", "parquet", "avro"), default="csv",
                    help="the log's file format")
-    p.add_argument("--sessions", type=_sessions, default=(5, 30), metavar="MIN,MAX",
+    p.add_argument("--sessions", type=bench_lib.session_range, default=(5, 30), metavar="MIN,MAX",
                    help="sessions per user, drawn uniformly (default 5,30; 1,3: many light "
                    "users, whose per-user work costs more per event)")
     p.add_argument("pipeline_args", nargs="*", help="extra pipeline/Beam options after -- "
