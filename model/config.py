@@ -46,9 +46,10 @@ AUTO_SOFTMAX_MAX_ITEMS = 50_000
 # target events, fewer above 25,000 items so that an evaluation ranks at most 1.25 billion
 # (event, item) pairs, and never fewer than 1,000 events. Its time depends on the model and
 # the log as much as on the pairs: about 8 s on a 2-core CPU when it was set, but with
-# the default head on a clickstream of short sessions (25,690 items, 48,657 events: rows
-# padded to the batch's longest session, one update per history session) 65 s with another
-# job on the cores, 1.3 ms an event (an audit of 2026-12-06): `--eval-events` sets it.
+# the default head on a clickstream of short sessions (25,690 items, 48,657 events: the
+# head's mixture over the catalogue for each scored event, one update per history session)
+# 65 s with another job on the cores, 1.3 ms an event (an audit of 2026-12-06):
+# `--eval-events` sets it.
 EVAL_EVENTS, EVAL_SCORES, EVAL_EVENTS_MIN = 50_000, 1_250_000_000, 1_000
 
 
