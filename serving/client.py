@@ -109,13 +109,15 @@ class ModelInfo:
     k_per_row: bool = False
 
 
-def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None) -> np.ndarray:
+def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None,
+             pad_first: bool = False) -> np.ndarray:
     """Ragged id lists → object array [B, W] padded with "" at the end.
 
     Args:
       rows: B lists of item ids.
       width: None: W = the longest row (at least 1). Else W = width, or, for rows longer
         than `width`, the next multiple of it.
+      pad_first: each row gets the pad id "" before its ids (counted in the width).
 
     Returns:
       object [B, W].
@@ -127,6 +129,8 @@ def pad_rows(rows: Sequence[Sequence[str]], width: int | None = None) -> np.ndar
     """
     for i, row in enumerate(rows):
         state_store.check_session(row, f"row {i}")
+    if pad_first:
+        rows = [[PAD, *row] for row in rows]
     longest = max([len(r) for r in rows] + [1])
     if width is None:
         cols = longest
@@ -355,13 +359,12 @@ class HierTCNClient:
         Returns:
           float32 [B, H].
         """
-        if self.session_width is not None:
-            # "" first: TF Serving's batching pads a narrower request with its first value
-            # (`pad_variable_length_inputs`), which is then the pad id the export ignores
-            sessions = _pad_first(sessions)
+        # "" first with a fixed width: TF Serving's batching pads a narrower request with its
+        # first value (`pad_variable_length_inputs`), which is then the pad id the export ignores
         out, _ = self.predict(SIG_UPDATE_STATE, {
             "user_state": np.asarray(states, np.float32),
-            "session_items": pad_rows(sessions, self.session_width)}, version)
+            "session_items": pad_rows(sessions, self.session_width,
+                                      pad_first=self.session_width is not None)}, version)
         return out["user_state"]
 
     def next_items(self, states: Any, sessions: Sequence[Sequence[str]], k: int = 10,
@@ -424,18 +427,10 @@ class HierTCNClient:
         # session summary read every item of the session (GRU4Rec on ML-100K: 5,599 of
         # 8,824 ranks moved), and a stored history holds the newest known ids with the
         # unknown ones among them, which pushed known ones out (parity audit).
-        if self.session_width is not None or self.history_width is not None:
-            sessions, history = _pad_first(sessions), _pad_first(history)
+        first = self.session_width is not None or self.history_width is not None
         return {"user_state": np.asarray(states, np.float32),
-                "session_items": pad_rows(sessions, self.session_width),
-                "history_items": pad_rows(history, self.history_width)}
-
-
-def _pad_first(rows: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Each row with the pad id "" first (each checked first: a string is not a row)."""
-    for i, row in enumerate(rows):
-        state_store.check_session(row, f"row {i}")
-    return [[PAD, *row] for row in rows]
+                "session_items": pad_rows(sessions, self.session_width, pad_first=first),
+                "history_items": pad_rows(history, self.history_width, pad_first=first)}
 
 
 def _resolve(client: HierTCNClient, store: state_store.StateStore,
