@@ -75,6 +75,34 @@ def test_sequence_example_round_trip_through_the_tf_data_parser(tmp_path):
     assert users[1].sessions[0].dtype == np.int64
 
 
+
+@pytest.mark.parametrize("python_varints", [0, 10 ** 9])
+def test_records_encode_every_int64_as_tensorflow_does_in_python_and_in_numpy(
+        monkeypatch, python_varints):
+    """`encode_int64_features` encodes small inputs in Python (a light user's record) and
+    large ones with numpy: each path, on short and long sessions (a body past the
+    one-byte length prefixes), the int64 extremes and negative times, parses to the
+    message TensorFlow's own protobuf classes build."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(schema, "PYTHON_VARINTS", python_varints)
+    rng = np.random.default_rng(0)
+    sessions = [[2, 3, 127, 128, 16383, 16384, 2 ** 31], list(rng.integers(2, 10 ** 7, 300)),
+                [5]]
+    times = [[-1, 0, 2 ** 63 - 1, -2 ** 63, 1_600_000_000_000, -62_135_596_800, 7],
+             list(1_600_000_000 + np.cumsum(rng.integers(0, 10 ** 6, 300))), [2 ** 40]]
+    got = tf.train.SequenceExample.FromString(
+        schema.make_sequence_example("u\u00e9", 2, sessions, times))
+    want = tf.train.SequenceExample()
+    want.context.feature[schema.USER_ID].bytes_list.value.append("u\u00e9".encode())
+    want.context.feature[schema.NUM_CONTEXT_SESSIONS].int64_list.value.append(2)
+    for key, lists in ((schema.ITEMS, sessions), (schema.TIMES, times)):
+        for values in lists:
+            want.feature_lists.feature_list[key].feature.add().int64_list.value.extend(
+                int(v) for v in values)
+    assert got == want
+
+
 def test_shard_files_names_the_problem(tmp_path):
     with pytest.raises(schema.DataError, match="unknown split 'dev'"):
         schema.shard_files(str(tmp_path), "dev")
