@@ -342,18 +342,12 @@ class HierTCN(SequenceModel):
         their seen items and `once` [N, N + T]): from q where q <= SURE, as the sum over
         the unseen items where it is more (those rows' logits computed again, as in
         `_log_norm_off`)."""
-        log_sure = np.log(SURE)
-        off = tf.math.log1p(-tf.exp(tf.minimum(log_q, log_sure)))
-        rows = tf.where(log_q > log_sure)                                            # [K, 1]
-        items = tf.gather_nd(seen_items, rows)                                      # [K, S]
-        k = tf.shape(items, out_type=tf.int64)[0]
-        index = tf.stack([tf.broadcast_to(tf.range(k)[:, None], tf.shape(items, tf.int64)),
-                          items], axis=-1)
-        seen_mask = tf.scatter_nd(index, tf.gather_nd(once, rows) * layers.NEG_LOGIT,
-                                  [k, self.vocab_size])
-        unseen = self.item_logits(tf.gather_nd(user, rows)) + self.reserved_mask + seen_mask
-        return tf.tensor_scatter_nd_update(off, rows, tf.reduce_logsumexp(unseen, axis=-1)
-                                           - tf.gather_nd(log_norm, rows))
+        def exact(rows):
+            unseen = _rows_with(self.item_logits(tf.gather_nd(user, rows)) + self.reserved_mask,
+                                tf.gather_nd(seen_items, rows),
+                                tf.gather_nd(once, rows) * layers.NEG_LOGIT, add=True)
+            return tf.reduce_logsumexp(unseen, axis=-1) - tf.gather_nd(log_norm, rows)
+        return _log_complement(log_q, exact)
 
     def _catalogue_log_probs(self, user):
         """[..., D] -> [..., V] log-softmax of the catalogue scores, reserved indices ~ -1e9."""
@@ -434,14 +428,12 @@ class HierTCN(SequenceModel):
         out = tf.tensor_scatter_nd_update(out, _scatter_index(items), mixed)
         return out if positions is None else out[:, 0]
 
-    def _log_unseen_rows(self, log_cat, log_q, seen_items, once):
+    @staticmethod
+    def _log_unseen_rows(log_cat, log_q, seen_items, once):
         """log(1 - q) [B, P] of `_seen_shift` from the catalogue's log-probabilities
         `log_cat` [B, P, V]: from q where q <= SURE, as the sum over the unseen items (their
         rows alone) where it is more (`_log_unseen` at training)."""
-        log_sure = np.log(SURE)
-        off = tf.math.log1p(-tf.exp(tf.minimum(log_q, log_sure)))
-        rows = tf.where(log_q > log_sure)                                            # [K, 2]
-        return tf.tensor_scatter_nd_update(off, rows, tf.reduce_logsumexp(_rows_with(
+        return _log_complement(log_q, lambda rows: tf.reduce_logsumexp(_rows_with(
             tf.gather_nd(log_cat, rows), tf.gather_nd(seen_items, rows),
             tf.gather_nd(once, rows) * layers.NEG_LOGIT, add=True), axis=-1))
 
@@ -451,15 +443,13 @@ class HierTCN(SequenceModel):
         SURE, as the sum over the other items where it is more (those rows alone: with the
         mixture's values `mixed` [B, P, M] at `items` set into `out` [B, P, V], `on`
         [B, P, 1] at NEG_LOGIT; where p nears 1, 1 - p is lost to float32)."""
-        log_sure = np.log(SURE)
-        off = tf.math.log1p(-tf.exp(tf.minimum(log_p, log_sure)))
-        rows = tf.where(log_p[..., 0] > log_sure)                                    # [K, 2]
-        full = _rows_with(tf.gather_nd(out, rows), tf.gather_nd(items, rows),
-                          tf.gather_nd(mixed, rows))
-        full = _rows_with(full, tf.gather_nd(on, rows),
-                          tf.fill(tf.shape(rows[:, :1]), layers.NEG_LOGIT))
-        return tf.tensor_scatter_nd_update(off, rows, tf.reduce_logsumexp(full, axis=-1,
-                                                                          keepdims=True))
+        def exact(rows):
+            full = _rows_with(tf.gather_nd(out, rows), tf.gather_nd(items, rows),
+                              tf.gather_nd(mixed, rows))
+            full = _rows_with(full, tf.gather_nd(on, rows),
+                              tf.fill(tf.shape(rows[:, :1]), layers.NEG_LOGIT))
+            return tf.reduce_logsumexp(full, axis=-1)
+        return _log_complement(log_p[..., 0], exact)[..., None]
 
     def repeat_losses(self, user, targets, where, flat_items, batch, cache, training=True):
         user = tf.cast(user, tf.float32)
@@ -1064,6 +1054,15 @@ def _scatter_index(items: tf.Tensor) -> tf.Tensor:
                      tf.broadcast_to(tf.range(p, dtype=tf.int64)[None, :, None], [b, p, m]),
                      tf.cast(items, tf.int64)], axis=-1)
 
+
+def _log_complement(log_p: tf.Tensor, exact) -> tf.Tensor:
+    """log(1 - p) [...] from log p [...]: log1p(-p) where p <= SURE, and where p is more
+    (1 - p lost to float32) `exact(rows)` [K], the caller's sum over the other items for
+    those rows alone (`rows` int64 [K, rank] indices of `log_p`)."""
+    log_sure = np.log(SURE)
+    off = tf.math.log1p(-tf.exp(tf.minimum(log_p, log_sure)))
+    rows = tf.where(log_p > log_sure)
+    return tf.tensor_scatter_nd_update(off, rows, exact(rows))
 
 def _rows_with(rows: tf.Tensor, columns: tf.Tensor, values: tf.Tensor, add: bool = False
                ) -> tf.Tensor:

@@ -330,15 +330,9 @@ def split_users(data_dir: str, split: str) -> int | None:
 
 def _varint(value: int) -> bytes:
     """Protobuf base-128 varint of an int64 (negative values as 10-byte two's complement)."""
-    value &= 0xFFFFFFFFFFFFFFFF
-    if value < 0x80:
+    if 0 <= value < 0x80:
         return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return _varints((value,))
 
 
 def _field(number: int, payload: bytes) -> bytes:
