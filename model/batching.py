@@ -112,6 +112,40 @@ def shuffled(items: Iterable, buffer_size: int, rng: np.random.Generator) -> Ite
     yield from buf
 
 
+def count_batches(slot_counts: Sequence[int], batch_size: int, sessions_per_batch: int, *,
+                  seed: int = 0, shuffle_buffer: int = 1000, epochs: int = 1) -> int:
+    """The batches `QueueBatcher(..., epochs=epochs)` makes over users with these slot
+    counts (in the users factory's order), counted without making them: the same shuffle
+    per epoch, each user's slots to the shortest row, S slots a row per batch, the next
+    pass's users filling the rows as the last one's drain; a pass without a slot ends."""
+    b, s = batch_size, sessions_per_batch
+
+    def stream() -> Iterator[int]:
+        for epoch in range(epochs):
+            fed = False
+            for count in shuffled(slot_counts, shuffle_buffer,
+                                  np.random.default_rng([seed, epoch])):
+                fed = fed or count > 0
+                yield count
+            if not fed:
+                return
+
+    counts, pending, batches, exhausted = stream(), [0] * b, 0, False
+    while True:
+        shortest = min(pending)
+        while shortest < s and not exhausted:
+            count = next(counts, None)
+            if count is None:
+                exhausted = True
+            elif count:
+                pending[pending.index(shortest)] += count
+                shortest = min(pending)
+        if exhausted and not any(pending):
+            return batches
+        pending = [p - s if p > s else 0 for p in pending]
+        batches += 1
+
+
 class QueueBatcher:
     """Yields training batches as dicts of numpy arrays.
 
@@ -562,15 +596,15 @@ class CachedUsers:
             return (user.sessions for user in self._read())
         return self._first_pass()
 
-    def slot_count(self, max_session_length: int) -> int | None:
-        """The slots (session chunks of at most L items) of one pass, read now if the first
-        pass has not been (the split is then in memory for training); None for a split
-        over the bound, which streams (this does not read it)."""
+    def slot_counts(self, max_session_length: int) -> list[int] | None:
+        """Each user's slots (session chunks of at most L items), in the order of a pass,
+        read now if the first pass has not been (the split is then in memory for
+        training); None for a split over the bound, which streams (this does not read it)."""
         self._read_once()
         if self.cached is None:
             return None
         length = max_session_length
-        return sum(-(-len(s) // length) for sessions in self.cached for s in sessions)
+        return [sum(-(-len(s) // length) for s in sessions) for sessions in self.cached]
 
     def high_level_share(self, sessions_per_batch: int, max_session_length: int,
                          max_users: int = 20_000) -> float | None:
@@ -579,7 +613,7 @@ class CachedUsers:
         (the state cache carries it between batches without gradient), so the only ones a
         GRU over sessions learns from. Estimated over the first `max_users` users as one
         queue cut into batches of S slots (a row's queue is such a run of users). Reads
-        the split now if no pass has (as `slot_count`: callers check that it fits the
+        the split now if no pass has (as `slot_counts`: callers check that it fits the
         bound); None for a split over the bound."""
         self._read_once()
         if self.cached is None:

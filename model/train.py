@@ -160,6 +160,11 @@ CHECKPOINT_SECONDS = 600.0
 # Below this share of slots that train the GRU over sessions, model.train says so.
 HIGH_LEVEL_SHARE_NOTE = 0.1
 
+# `estimate_steps` replays the generator's fill over at most this many users (passes x
+# users; about 3.5 s a million): `--epochs 20` over 1M users counts 2 passes, the rest
+# of the run in full batches
+COUNTED_USERS = 2_000_000
+
 
 def _has_high_level(config: config_lib.RunConfig) -> bool:
     """Whether the model has a GRU over sessions that training must reach."""
@@ -476,23 +481,26 @@ def estimate_steps(data_dir: str, train: config_lib.TrainConfig,
                    users: batching.CachedUsers | None = None) -> int:
     """Steps for `train.epochs` passes (where the learning rate decays; the progress bar's
     end). When the split fits `train.cache_events` and `users` is given (its first pass is
-    then read now): the batches of one pass of the queue generator, counted by running it
-    (a user's slots all go to one row, so a heavy user's row drains last), plus the full
-    batches of the other passes, whose users follow without a gap (every session of n
-    items is ceil(n / L) slots). Else from `stats.json`: at least one slot per session, at
-    most L items each, over the B x S slots of a batch."""
+    then read now): the batches the queue generator will make, counted from each user's
+    slots by replaying its shuffles and its rows (`batching.count_batches`: a user's slots
+    all go to one row, so a heavy user's row drains last, and the next pass's users fill
+    the rows that drain), over as many passes as `COUNTED_USERS` users allow (at least
+    one), plus the full batches of the passes beyond (every session of n items is
+    ceil(n / L) slots). Else from `stats.json`: at least one slot per session, at most L
+    items each, over the B x S slots of a batch."""
     split = schema.read_stats(data_dir)["splits"]["train"]
     per_batch = train.batch_size * train.sessions_per_batch
-    slots = None
+    counts = None
     if users is not None and split.get("events", 0) <= train.cache_events:
-        slots = users.slot_count(train.max_session_length)
-    if slots is None:
+        counts = users.slot_counts(train.max_session_length)
+    if counts is None:
         slots = max(split["sessions"], math.ceil(split["events"] / train.max_session_length))
         return max(1, math.ceil(train.epochs * slots / per_batch))
-    one_pass = sum(1 for _ in batching.QueueBatcher(
-        users, train.batch_size, train.sessions_per_batch, train.max_session_length,
-        seed=train.seed, shuffle_buffer=train.shuffle_buffer, epochs=1))
-    return max(1, one_pass + math.ceil((train.epochs - 1) * slots / per_batch))
+    passes = min(train.epochs, max(1, COUNTED_USERS // max(1, len(counts))))
+    counted = batching.count_batches(counts, train.batch_size, train.sessions_per_batch,
+                                     seed=train.seed, shuffle_buffer=train.shuffle_buffer,
+                                     epochs=passes)
+    return max(1, counted + math.ceil((train.epochs - passes) * sum(counts) / per_batch))
 
 
 def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int) -> str:
@@ -1204,13 +1212,13 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     raise TrainingError(f"loss is {last_loss} at step {step}: stopped; {kept} "
                                         "(try a lower --learning-rate)")
                 rate = timed_events / max(step_seconds, 1e-9)
-                if (step - start_step == 1 and not bar._dynamic_display
-                        and total_steps - start_step > 1):
-                    # a log file: its first line waits for the second step, since Keras
+                if step - start_step == 1 and total_steps - start_step > 1:
+                    # the bar's first line waits for the second step, since Keras
                     # estimates the time left at step 1 from that step, whose tracing
                     # takes 100 times a step ("1/2000 ... ETA: 5:33:07" for a run of 3
-                    # minutes, in the log for the 30 s until the next line); from step 2
-                    # on it times the steps after the first, as a terminal's bar shows
+                    # minutes, in a log file for the 30 s until the next line; on a
+                    # terminal "1/80 ... ETA: 8:15 - events/s: 0" of a run of 40 s, until
+                    # the next step); from step 2 on it times the steps after the first
                     bar._time_after_first_step = time.time()
                 else:
                     with contextlib.redirect_stdout(sys.stderr):

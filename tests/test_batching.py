@@ -154,6 +154,29 @@ def test_a_split_without_a_session_item_ends_in_steps_too():
     assert all(b["items"][0, 0].tolist() == [5, 6, 0] for b in batches)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_count_batches_is_the_generators_count_without_making_them(seed):
+    """`count_batches` (the steps `--epochs` runs for) against the generator itself on
+    random logs: heavy users, long sessions cut into chunks, empty users, several passes,
+    shuffle buffers small and large."""
+    rng = np.random.default_rng(seed)
+    users = []
+    for _ in range(int(rng.integers(1, 60))):
+        sizes = rng.integers(0, 15, size=int(rng.integers(1, 4 if rng.random() < 0.9 else 40)))
+        users.append([rng.integers(2, 9, size=int(n)) for n in sizes])
+    b, s, length = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.integers(1, 8))
+    counts = [len(batching.user_slots(u, length)) for u in users]
+    for epochs in (1, 2, 3):
+        for buffer in (1, 3, 1000):
+            made = sum(1 for _ in batching.QueueBatcher(lambda: iter(users), b, s, length,
+                                                        seed=seed, shuffle_buffer=buffer,
+                                                        epochs=epochs))
+            counted = batching.count_batches(counts, b, s, seed=seed, shuffle_buffer=buffer,
+                                             epochs=epochs)
+            assert counted == made, (epochs, buffer, counted, made)
+    assert batching.count_batches([0, 0], 2, 2, epochs=3) == 0  # nothing to train on
+
+
 def test_bad_arguments_and_batch_size_change():
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         batching.QueueBatcher(lambda: iter(USERS), 0, 2, 3)

@@ -113,8 +113,8 @@ def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, 
     assert scorer.score(state, np.array([[2, 3, 4]])).shape == (1, 3, 22)
 
 
-def test_progress_in_a_log_file_starts_after_the_traced_first_step(data, config_file, tmp_path,
-                                                                   capsys):
+def test_progress_starts_after_the_traced_first_step(data, config_file, tmp_path, capsys,
+                                                    monkeypatch):
     """stderr not a terminal: the first line is the second step's, whose time left comes
     from the steps after the first (the first, traced, takes 100 times a step: a line "1/2000
     ... ETA: 5:33:07" opened a log of a 3-minute run); a run of one step still ends with it."""
@@ -134,6 +134,17 @@ def test_progress_in_a_log_file_starts_after_the_traced_first_step(data, config_
     err = capsys.readouterr().err
     assert [line.strip()[:6] for line in err.splitlines() if re.match(r"\s*\d+/1 \[", line)] \
         == ["1/1 [="], err
+    # a terminal's (or a notebook's) bar, redrawn in place, waits for the second step too:
+    # a resumed run showed "1/80 ... ETA: 8:15 ... events/s: 0" for a step
+    monkeypatch.setattr(train_lib.argtypes, "in_notebook", lambda: True)
+    args = [a for a in _args(data, str(tmp_path / "tty"), config_file, "--steps", "4",
+                             "--eval-every", "0") if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err or "\b" in err, err  # (redrawn: the terminal's display)
+    drawn = [part.strip() for part in re.split(r"[\r\b\n]+", err)
+             if re.match(r"\s*\d+/4 \[", part)]
+    assert drawn and drawn[0].startswith("2/4 [") and drawn[-1].startswith("4/4 ["), drawn
 
 
 def test_more_negatives_than_items_are_said_in_the_start_line(data, config_file, tmp_path,
@@ -768,28 +779,35 @@ def test_more_one_line_errors(data, config_file, tmp_path, capsys):
     assert not os.path.exists(run + "7")
 
 
-def test_epochs_are_counted_in_the_batches_the_generator_makes(tmp_path):
+def test_epochs_are_counted_in_the_batches_the_generator_makes(tmp_path, monkeypatch):
     """`--epochs`: the learning-rate decay points and the progress bar's end come from the
     steps the run will take. Sessions longer than L are several slots, and a heavy user's
     slots all go to one row, which drains last: the count from stats.json alone (one slot
-    per session) said 6 steps where an epoch takes 12 here."""
+    per session) said 6 steps where an epoch takes 12 here. Over several passes the next
+    pass's users fill the rows the last one drains: one pass counted and the others in
+    full batches said 65 steps for the demo's 2 epochs, which took 63."""
     from model import batching
 
     rng = np.random.default_rng(0)
     users = [[list(rng.integers(2, 12, size=7)) for _ in range(3)] for _ in range(12)]
     users.append([list(rng.integers(2, 12, size=45)) for _ in range(8)])  # heavy, long sessions
     data = write_data(str(tmp_path / "d"), 10, users)
-    for epochs in (1, 3):
+    for epochs in (1, 3, 5):
         train = config_lib.TrainConfig(epochs=epochs, steps=0, batch_size=4,
-                                       sessions_per_batch=2, max_session_length=20)
+                                       sessions_per_batch=2, max_session_length=20,
+                                       seed=3, shuffle_buffer=4)
         cached = batching.CachedUsers(data, "train", train.cache_events)
         estimate = train_lib.estimate_steps(data, train, cached)
-        actual = sum(1 for _ in batching.QueueBatcher(cached, 4, 2, 20, epochs=epochs))
+        actual = sum(1 for _ in batching.QueueBatcher(cached, 4, 2, 20, seed=3,
+                                                      shuffle_buffer=4, epochs=epochs))
+        assert estimate == actual, (epochs, estimate, actual)
         if epochs == 1:
-            assert estimate == actual
             assert train_lib.estimate_steps(data, train) <= actual / 2  # stats.json alone
-        else:  # the passes follow each other without a gap: within a few steps
-            assert abs(estimate - actual) <= 0.1 * actual, (estimate, actual)
+        else:  # over the bound on replayed users: two passes, the rest in full batches
+            monkeypatch.setattr(train_lib, "COUNTED_USERS", 2 * len(users))
+            bounded = train_lib.estimate_steps(data, train, cached)
+            monkeypatch.undo()
+            assert abs(bounded - actual) <= 0.1 * actual, (bounded, actual)
 
 
 def test_the_longest_train_session_comes_from_stats_json_else_from_a_split_in_memory(tmp_path):
