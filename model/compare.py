@@ -41,7 +41,7 @@ from model import config as config_lib, processes, quiet
 from model.atomic import write_atomically, write_json, write_text
 from model.baselines import NAMES as FITTED
 from model.evaluate import code_digest, read_per_user
-from model.metrics import GROUPS, METRIC_KEYS, paired_bootstrap
+from model.metrics import GROUPS, METRIC_KEYS, p_floor, paired_bootstrap
 from pipeline import argtypes, schema, storage
 
 NEURAL = config_lib.MODEL_NAMES  # trained with model.train; FITTED: fitted in model.evaluate
@@ -184,9 +184,11 @@ def _significance(g: dict) -> str:
     # no resample crossed 0: the p-value is below what the resamples can resolve
     p_text = (f"p < {2 / p['rounds']:.2g}" if p["p_value"] == 0
               else f"p = {p['p_value']:.3f}")
+    users = f"{p['users']:,} user{'' if p['users'] == 1 else 's'}"
+    if 0 < p["p_value"] == p_floor(p["users"]):
+        p_text += f" (the least a paired test over {users} can give)"
     return (f"; difference {p['difference']:+.4f}, 95% CI [{p['ci95'][0]:+.4f}, "
-            f"{p['ci95'][1]:+.4f}], {p_text} by a paired bootstrap over "
-            f"{p['users']:,} users: {verdict}")
+            f"{p['ci95'][1]:+.4f}], {p_text} by a paired bootstrap over {users}: {verdict}")
 
 
 def _columns() -> list[tuple[str, str, bool]]:

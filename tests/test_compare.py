@@ -689,6 +689,11 @@ def test_significance_in_words():
     assert "95% CI [+0.0494, +0.0734], p < 0.001 " in text and text.endswith(": significant")
     text = compare._significance({"paired": dict(paired, ci95=[-0.01, 0.02], p_value=0.31)})
     assert "p = 0.310" in text and text.endswith(": not significant")
+    # one user (a log of one user), every resample the same: no test of one user can say
+    text = compare._significance({"paired": dict(paired, ci95=[0.05, 0.05], p_value=1.0,
+                                                 users=1)})
+    assert text.endswith("p = 1.000 (the least a paired test over 1 user can give) by a "
+                         "paired bootstrap over 1 user: not significant"), text
 
 
 class _Terminal(io.StringIO):

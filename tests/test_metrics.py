@@ -191,6 +191,14 @@ def test_paired_bootstrap_difference_interval_and_p_value():
     assert better["difference"] == pytest.approx(0.1)
     assert better["ci95"] == pytest.approx([0.1, 0.1]) and better["p_value"] == 0.0
     assert better["users"] == 60 and better["rounds"] == 2000
+    # a few users, all better: every resample is, yet a sign-flip test of U users cannot go
+    # below 2 / 2^U (one user was "p < 0.001: significant"); from 11 users on that is
+    # under the 2,000 resamples' resolution and the bootstrap's p stands
+    for users, floor in ((1, 1.0), (2, 0.5), (5, 0.0625), (11, 2.0 ** -10)):
+        few = metrics.paired_bootstrap(theirs[:users] + 1, theirs[:users], events[:users])
+        assert few["ci95"] == pytest.approx([0.1, 0.1]) and few["p_value"] == floor, few
+    assert metrics.paired_bootstrap(theirs[:12] + 1, theirs[:12], events[:12])["p_value"] == 0
+    assert metrics.p_floor(60) == 2.0 ** -59
     # the same total gain from one user's habit: a third of the resamples leave that user
     # out, so the interval reaches 0 and the difference is not significant
     one = theirs.copy()
