@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 if __name__ == "__main__":  # the command line needs TensorFlow's messages, not its runtime
     from pipeline import argtypes as _argtypes
@@ -369,7 +369,9 @@ class HierTCNClient:
 
     def next_items(self, states: Any, sessions: Sequence[Sequence[str]], k: int = 10,
                    history: Sequence[Sequence[str]] | None = None,
-                   version: int | None = None) -> tuple[list[list[str]], np.ndarray]:
+                   version: int | None = None,
+                   exclude: Sequence[Iterable[str]] | None = None
+                   ) -> tuple[list[list[str]], np.ndarray]:
         """Top-k next items.
 
         Args:
@@ -378,21 +380,44 @@ class HierTCNClient:
           k: items per user (the server clamps to the catalogue size).
           history: B lists of the users' recent item ids, newest last (optional).
           version: overrides the pinned version.
+          exclude: B collections of item ids not to answer (the items a user already
+            bought or rated: `model.evaluate --rule-out-seen`'s filter), or None. The
+            server is asked for k plus the longest one and each row's are dropped here.
 
         Returns:
-          (item ids [B][k'], scores float32 [B, k']), best first.
+          (item ids [B][k'], scores float32 [B, k']), best first; k' < k only where the
+          catalogue, less a row's excluded items, holds fewer (then the fewest of a row).
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise TypeError(f"k must be an int, got the {type(k).__name__} {k!r}")
+        if k < 0:  # (the server's answer was the export's graph assertion, verbatim)
+            raise InvalidRequest(f"k must be >= 0, got {k}")
+        drop = None
+        if exclude is not None:
+            if isinstance(exclude, (str, bytes)) or len(exclude) != len(sessions):
+                given = "a string" if isinstance(exclude, (str, bytes)) else len(exclude)
+                raise InvalidRequest(f"{len(sessions)} sessions but {given} exclude lists: one "
+                                     "collection of ids per user")
+            # (ids as the export reads them: exactly but for spaces at their ends)
+            drop = [{str(i).strip() for i in row} for row in exclude]
+        asked = min(k + max(map(len, drop), default=0), 2**31 - 1) if drop else k
         inputs = self._scoring_inputs(states, sessions, history)
         info = self.info(version)
         version = info.version  # the version whose signature says how to send k
         # one k per row where the export takes it: TF Serving's batching needs it, and
         # then answers each row with the batch's largest k (cut back to ours below)
-        inputs["k"] = (np.full([len(inputs["user_state"])], k, np.int32) if info.k_per_row
-                       else np.int32(k))
+        inputs["k"] = (np.full([len(inputs["user_state"])], asked, np.int32)
+                       if info.k_per_row else np.int32(asked))
         out, _ = self.predict(SIG_NEXT_ITEMS, inputs, version)
-        return _decode_ids(out["item_ids"][:, :k]), out["scores"][:, :k]
+        ids, scores = _decode_ids(out["item_ids"][:, :asked]), out["scores"][:, :asked]
+        if drop is None:
+            return ids, scores
+        kept = [[j for j, i in enumerate(row) if i not in d] for row, d in zip(ids, drop)]
+        width = min([k] + [len(row) for row in kept])
+        kept = [row[:width] for row in kept]
+        return ([[row[j] for j in at] for row, at in zip(ids, kept)],
+                np.asarray([scores[r, at] for r, at in enumerate(kept)],
+                           np.float32).reshape(len(kept), width))
 
     def user_embedding(self, states: Any, sessions: Sequence[Sequence[str]],
                        history: Sequence[Sequence[str]] | None = None,
@@ -538,6 +563,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                      help="keep the session's last item in the answer (left out by default: "
                           "the pipeline collapses immediate repeats, so it is never the next "
                           "item the model was trained to predict)")
+    rec.add_argument("--exclude-seen", action="store_true",
+                     help="leave out every item of the session and of the user's stored "
+                          "history (the store's last N items; the 'already bought or rated' "
+                          "filter: HierTCNClient.next_items(exclude=...) takes a whole list)")
     end = commands.add_parser("end-session", help="fold a finished session into the user's state")
     end.add_argument("--user", required=True)
     given = end.add_mutually_exclusive_group(required=True)
@@ -721,10 +750,14 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     # repeats): HierTCN's export already gives it probability 0, a baseline's may rank it
     # first (a new user's only seen item); left out either way
     left_out = items[-1].strip() if items and not args.keep_last else None  # (as looked up)
-    k = min(args.k + (left_out is not None), 2**31 - 1)  # (an int32 input)
+    drop = {left_out} - {None}
+    if args.exclude_seen:
+        drop.update(i.strip() for i in items)
+        drop.update(resolved.history)
+    k = min(args.k + len(drop), 2**31 - 1)  # (an int32 input)
     ids, scores = client.next_items(resolved.state[None], [items], k, [resolved.history])
     ranked = [{"item": i, "score": float(s)} for i, s in zip(ids[0], scores[0])
-              if i != left_out][:args.k]
+              if i not in drop][:args.k]
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
               "session": items, "items": ranked}
     unknown = _unknown_ids(client, items)
@@ -734,9 +767,12 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     result["cut_at_commas"] = cut
     lines += _unknown_note(client, items, unknown, cut)
     if len(ranked) < args.k and len(ids[0]) < k:  # (a catalogue of fewer: said, not bare)
+        dropped = len(drop.intersection(ids[0]))
         lines.append(f"note: {len(ranked)} of the {args.k:,} asked: version "
                      f"{client.pinned_version}'s catalogue holds {len(ids[0]):,} items"
-                     + (", and the one the session is on is left out (--keep-last keeps it)"
+                     + (f", and the {dropped:,} seen in the session or the stored history "
+                        "are left out (--exclude-seen)" if args.exclude_seen and dropped else
+                        ", and the one the session is on is left out (--keep-last keeps it)"
                         if left_out in ids[0] else ""))
     lines += [f"{r + 1:3d}. {argtypes.shown(e['item'])}\t{e['score']:.4f}"
               for r, e in enumerate(ranked)]

@@ -175,6 +175,8 @@ def test_fixed_widths_for_tf_serving_batching_are_exact(client, served):
             fixed.next_items(state, [session], k=5, history=[["item1"], ["item2"]])
         with pytest.raises(TypeError, match="k must be an int, got the float 2.7"):
             fixed.next_items(state, [session], k=2.7)
+        with pytest.raises(client_lib.InvalidRequest, match="^k must be >= 0, got -1$"):
+            fixed.next_items(state, [session], k=-1)
         assert sent == []
 
 
@@ -333,6 +335,28 @@ def test_a_model_that_is_not_a_hiertcn_export_is_said_in_one_line(tmp_path):
 def test_k_larger_than_catalogue_clamps(client, served):
     ids, _ = client.next_items(client.zero_states(1), [[]], k=1000)
     assert sorted(ids[0]) == sorted(served["vocab"].ids[2:])
+
+
+def test_next_items_leaves_out_each_rows_excluded_ids(client, served):
+    """`exclude`: each row's ids are dropped from the model's own ranking, which still
+    answers k items (the server asked for k plus the longest list); ids it does not know
+    drop nothing; past the catalogue every row is cut to the fewest a row keeps."""
+    size = served["vocab"].size - 2
+    states, sessions, history = client.zero_states(2), [["item1", "item2"], []], [[], ["item3"]]
+    full, full_scores = client.next_items(states, sessions, k=size, history=history)
+    exclude = [full[0][:3] + ["no-such-id"], (" " + full[1][1] + " ",)]  # (a tuple; spaces)
+    ids, scores = client.next_items(states, sessions, k=4, history=history, exclude=exclude)
+    for r, gone in enumerate(({*full[0][:3]}, {full[1][1]})):
+        want = [j for j, i in enumerate(full[r]) if i not in gone][:4]
+        assert ids[r] == [full[r][j] for j in want], (r, ids[r])
+        np.testing.assert_array_equal(scores[r], full_scores[r, want])
+    ids, scores = client.next_items(states, sessions, k=size, history=history, exclude=exclude)
+    assert [len(row) for row in ids] == [size - 3] * 2 and scores.shape == (2, size - 3)
+    assert client.next_items(states, sessions, k=3, history=history,
+                             exclude=[[], []])[0] == [row[:3] for row in full]
+    for bad, given in ((["item1"], "1"), ("item1", "a string")):
+        with pytest.raises(InvalidRequest, match=f"^2 sessions but {given} exclude lists: "):
+            client.next_items(states, sessions, k=3, history=history, exclude=bad)
 
 
 def test_errors_are_mapped(client, served):
@@ -855,6 +879,22 @@ def test_recommend_leaves_out_the_item_the_session_is_on(capsys, served, tmp_pat
     size = served["vocab"].size - 2
     assert (f"note: {size - 1} of the 50 asked: version 2's catalogue holds {size} items, and "
             "the one the session is on is left out (--keep-last keeps it)"
+            ) in capsys.readouterr().out
+    # --exclude-seen: nor the session's other items, nor the stored history's
+    run_cli(capsys, served, db, "end-session", "--user", "seen", "--items", "item4,item5")
+    session = [i for i in served["vocab"].ids[2:] if i not in ("item4", "item5")][:2]
+    own = run_cli(capsys, served, db, "recommend", "--user", "seen", "--items", ",".join(session),
+                  "-k", "50", "--keep-last")
+    seen = {"item4", "item5", *session}
+    got = run_cli(capsys, served, db, "recommend", "--user", "seen", "--items",
+                  ",".join(session), "-k", "3", "--exclude-seen")
+    assert [e["item"] for e in got["items"]] == [e["item"] for e in own["items"]
+                                                 if e["item"] not in seen][:3]
+    assert client_lib.main([a for a in cli(served, db, "recommend", "--user", "seen", "--items",
+                                           ",".join(session), "-k", "50", "--exclude-seen")
+                            if a != "--json"]) == 0
+    assert (f"note: {size - 4} of the 50 asked: version 2's catalogue holds {size} items, and "
+            "the 4 seen in the session or the stored history are left out (--exclude-seen)"
             ) in capsys.readouterr().out
 
 
