@@ -299,7 +299,7 @@ def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, events: np.ndarray,
       {"difference": ours - theirs on all events, "ci95": [low, high] (percentiles of the
       resampled differences), "p_value": two-sided bootstrap p-value of a zero
       difference, at least `p_floor(U)` where that is within the resamples' resolution,
-      "users": U, "rounds": rounds}.
+      "users": U (those with a scored event: the others are left out), "rounds": rounds}.
     """
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     events = np.asarray(events, np.float64)
@@ -308,6 +308,11 @@ def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, events: np.ndarray,
                          f"{events.shape}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    # a user without a scored event (sessions of one item) adds nothing to either sum: a
+    # user of the test only in name, whose resamples of none but such users differ by 0
+    # (20 of them beside 5 users, all better: p = 0.004 "over 25 users", not 0.0625)
+    scored = events > 0
+    ours, theirs, events = ours[scored], theirs[scored], events[scored]
     total = events.sum()
     if total <= 0:
         raise ValueError("no events to compare")

@@ -198,6 +198,13 @@ def test_paired_bootstrap_difference_interval_and_p_value():
         few = metrics.paired_bootstrap(theirs[:users] + 1, theirs[:users], events[:users])
         assert few["ci95"] == pytest.approx([0.1, 0.1]) and few["p_value"] == floor, few
     assert metrics.paired_bootstrap(theirs[:12] + 1, theirs[:12], events[:12])["p_value"] == 0
+    # users without a scored event add nothing: left out, not resampled as zero differences
+    # (20 of them beside 5 users, all better, made p = 0.004 "over 25 users"; audit)
+    pad = np.zeros(20)
+    mixed = metrics.paired_bootstrap(np.concatenate([theirs[:5] + 1, pad]),
+                                     np.concatenate([theirs[:5], pad]),
+                                     np.concatenate([events[:5], pad.astype(int)]))
+    assert mixed["users"] == 5 and mixed["p_value"] == 0.0625, mixed
     assert metrics.p_floor(60) == 2.0 ** -59
     # the same total gain from one user's habit: a third of the resamples leave that user
     # out, so the interval reaches 0 and the difference is not significant
