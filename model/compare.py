@@ -815,6 +815,12 @@ def _main(args: argparse.Namespace, command: bool = False) -> int:
                 taken = _taken(options, sets)
                 if taken:
                     raise CompareError(f"{what} {key}: {taken} {why}")
+        for key, options in args.train_args.items():  # (under --budget-minutes they size
+            taken = args.budget_steps and _taken(options, ("--steps", "--epochs"))  # the decay)
+            if taken:
+                raise CompareError(f"--train-args {key}: {taken} is set by --budget-steps "
+                                   f"{args.budget_steps} for every model alike (argparse's "
+                                   "last value would win, and results.json says the budget)")
         trained = [n for n in names if n.split(":", 1)[0] in NEURAL]
         fitted = [n for n in names if n.split(":", 1)[0] in FITTED]
         bases = {n.split(":", 1)[0] for n in trained}

@@ -211,6 +211,12 @@ def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, c
              "--train-args hiertcn: --seed is set by model.compare for every run alike"),
             (["--train-args", "hiertcn=--patience=2"], "--patience is set by model.compare"),
             (["--train-args", "hiertcn=--pat 2"], "--pat is set by model.compare"),
+            # steps under --budget-steps (audit: the last --steps won, results.json said
+            # the budget); under --budget-minutes they size the learning-rate decay
+            (["--budget-steps", "6", "--train-args", "hiertcn=--steps 3"],
+             "--train-args hiertcn: --steps is set by --budget-steps 6 for every model alike"),
+            (["--budget-steps", "6", "--train-args", "hiertcn=--epochs=2"],
+             "--train-args hiertcn: --epochs is set by --budget-steps 6"),
             # another split or other users for one model, in one table (audit: the table
             # compared popularity's valid figures with the others' test ones)
             (["--eval-args", "popularity=--split=valid"],
