@@ -45,13 +45,15 @@ class BackfillError(ValueError):
 class BackfillCounts:
     users: int = 0  # stored
     kept: int = 0  # already in the store (another version's newest record too), left as is
-    kept_older: int = 0  # of `kept`: their newest record is an older version's (`refresh`)
+    # of `kept`: their newest record is an older version's, or another model's of this
+    # version's number (`refresh`)
+    kept_older: int = 0
     kept_uncounted: int = 0  # of `kept_older`: without a session count (`refresh` cannot)
     # of `kept_older`: counting fewer sessions than the log, yet its newest session is not
     # the log's (`refresh` cannot tell which sessions came after the log's)
     kept_unaligned: int = 0
     changed: int = 0  # of `kept`: written meanwhile (end-session, a backfill); rerun retries
-    refreshed: int = 0  # of `users`: stored over an older version's newest record
+    refreshed: int = 0  # of `users`: stored over a `kept_older` kind of newest record
     sessions: int = 0  # folded in
     events: int = 0
 
@@ -147,12 +149,12 @@ def backfill(client, store: state_store.StateStore, data_dir: str, *,
             # (a record this run does not overwrite: kept, or refreshed over)
             over = stored is not None and not (replace and stored.version == version)
             if over:
-                older = stored.version < version and stored.sessions_total is not None
+                stale = _stale(stored, version, state_size, fingerprint)
+                older = stale and stored.sessions_total is not None
                 if not (refresh and older):
                     counts.kept += 1
-                    counts.kept_older += stored.version < version
-                    counts.kept_uncounted += (stored.version < version
-                                              and stored.sessions_total is None)
+                    counts.kept_older += stale
+                    counts.kept_uncounted += stale and stored.sessions_total is None
                     if on_users:
                         on_users(1)
                     continue
@@ -218,6 +220,17 @@ def _calls(rows: list[int], lengths: dict[int, int]) -> list[list[int]]:
     return groups
 
 
+def _stale(stored: state_store.UserState, version: int, state_size: int,
+           fingerprint: np.ndarray | None) -> bool:
+    """Whether a stored record is an older version's, or another model's exported under
+    this version's number (its fingerprint or state size differs: a new export base numbers
+    from 1 again), whose state means nothing to this model; such a record of this number
+    was "kept (a record of this version)" and --refresh passed it by (audit)."""
+    return stored.version < version or (stored.version == version and (
+        stored.state.shape != (state_size,)
+        or not state_store.same_model(stored.fingerprint, fingerprint)))
+
+
 def _store(client, store: state_store.StateStore, batch: list, version: int, state_size: int,
            fingerprint: np.ndarray, counts: BackfillCounts) -> None:
     """Folds the batch's sessions position by position and writes each user's record, on
@@ -247,7 +260,8 @@ def _store(client, store: state_store.StateStore, batch: list, version: int, sta
             counts.changed += 1
             continue
         counts.users += 1
-        counts.refreshed += stored is not None and stored.version < version
+        counts.refreshed += stored is not None and _stale(stored, version, state_size,
+                                                          fingerprint)
         counts.sessions += len(sessions)
         counts.events += sum(len(s) for s in sessions)
 
@@ -280,6 +294,7 @@ class _ProgressLines:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m serving.backfill`; returns the exit status."""
     import json
+    import os
     import sys
 
     from pipeline import argtypes
@@ -334,7 +349,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     counts, version = BackfillCounts(), None
     try:
-        names = item_names(args.data)  # a wrong folder: said before anything is made
+        # a wrong folder, or a file (the raw log, its items.tsv): said before anything is made
+        if not schema.is_folder(args.data):
+            what = "is a file, not a folder" if os.path.isfile(args.data) else "not found"
+            raise schema.DataError(f"data folder {args.data} {what}: pass the --output folder "
+                                   "of `python -m pipeline`")
+        names = item_names(args.data)
+        for split in schema.SPLITS:  # (a split without shards failed once the store was made)
+            schema.shard_files(args.data, split)
         with HierTCNClient(args.target, args.model_name, args.timeout,
                            session_width=args.session_width, tls=args.tls, tls_ca=args.tls_ca,
                            tls_server_name=args.tls_server_name) as client:
@@ -390,11 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           "stored " + users(counts.users, "' states") + f" ({counts.sessions:,} sessions, "
           f"{counts.events:,} events) for {args.model_name} version {version} in "
           f"{args.state_db}"
-          + (f" ({counts.refreshed:,} over an older version's record)" if counts.refreshed
-             else "")
+          + (f" ({counts.refreshed:,} over an older version's record, or another model's "
+             "of this number)" if counts.refreshed else "")
           + ("; " + users(same, " already there were kept (a record of this version, which "
                                 "--replace overwrites, or of a newer one)") if same else "")
-          + ("; " + users(older, " whose newest record is an older version's were kept: this "
+          + ("; " + users(older, " whose newest record is an older version's (or another "
+                                 "model's of this number) were kept: this "
                                  "version rebuilds each from its stored recent sessions on its "
                                  "first request (--refresh folds the log for them, then the "
                                  "sessions stored since)") if older else "")

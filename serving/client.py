@@ -398,6 +398,10 @@ class HierTCNClient:
                 given = "a string" if isinstance(exclude, (str, bytes)) else len(exclude)
                 raise InvalidRequest(f"{len(sessions)} sessions but {given} exclude lists: one "
                                      "collection of ids per user")
+            for r, row in enumerate(exclude):  # (a string's characters are not its ids)
+                if isinstance(row, (str, bytes)):
+                    raise InvalidRequest(f"exclude's row {r} is the string {row!r}: one "
+                                         "collection of ids per user, e.g. [[\"a\", \"b\"], []]")
             # (ids as the export reads them: exactly but for spaces at their ends)
             drop = [{str(i).strip() for i in row} for row in exclude]
         asked = min(k + max(map(len, drop), default=0), 2**31 - 1) if drop else k

@@ -357,6 +357,8 @@ def test_next_items_leaves_out_each_rows_excluded_ids(client, served):
     for bad, given in ((["item1"], "1"), ("item1", "a string")):
         with pytest.raises(InvalidRequest, match=f"^2 sessions but {given} exclude lists: "):
             client.next_items(states, sessions, k=3, history=history, exclude=bad)
+    with pytest.raises(InvalidRequest, match="^exclude's row 1 is the string 'item2': "):
+        client.next_items(states, sessions, k=3, history=history, exclude=[["item1"], "item2"])
 
 
 def test_errors_are_mapped(client, served):
@@ -1040,8 +1042,9 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert capsys.readouterr().out.rstrip().endswith(
         "; 2 users already there were kept (a record of this version, which --replace "
         "overwrites, or of a newer one); 1 user whose newest record is an older version's "
-        "was kept: this version rebuilds each from its stored recent sessions on its first "
-        "request (--refresh folds the log for them, then the sessions stored since)")
+        "(or another model's of this number) was kept: this version rebuilds each from its "
+        "stored recent sessions on its first request (--refresh folds the log for them, then "
+        "the sessions stored since)")
     # --refresh (a model refresh): the log's session, then the one the store ended since
     # (its count beyond the log's): the record of ending both in turn on this version
     assert backfill.main([*argv, "--refresh"]) == 0
@@ -1078,12 +1081,41 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert (out["users"], out["kept_unaligned"]) == (0, 1), out
     with state_store.SQLiteStateStore(str(db)) as filled:
         assert filled.latest("train0").sessions == (("item29", "item28", "item27"),)
+    # a record of this version's number from another model (a new export base numbers
+    # from 1 again): as an older version's, not "a record of this version" kept (audit)
+    assert backfill.main(argv) == 0
+    before = json.loads(capsys.readouterr().out)
+    with state_store.SQLiteStateStore(str(db)) as filled:
+        user, mine = next((u, r) for u in ("train0", "train1", "train2")
+                          for r in [filled.latest(u)] if r.version == 2 and r.sessions_total)
+        filled.put(user, 2, mine.state + 1, mine.sessions, expected=mine,
+                   fingerprint=np.ones_like(mine.fingerprint), sessions_total=mine.sessions_total)
+    out = json.loads((backfill.main(argv), capsys.readouterr().out)[1])
+    assert (out["users"], out["kept_older"]) == (0, before["kept_older"] + 1), (before, out)
+    out = json.loads((backfill.main([*argv, "--refresh"]), capsys.readouterr().out)[1])
+    assert out["refreshed"] >= 1, out
+    with state_store.SQLiteStateStore(str(db)) as filled:
+        np.testing.assert_array_equal(filled.latest(user).fingerprint, mine.fingerprint)
+        np.testing.assert_allclose(filled.latest(user).state, mine.state, rtol=1e-5, atol=1e-6)
     other = write_data(str(tmp_path / "other"), 30, [[[20, 21]]])  # item2..item31: 10 known
     fresh = tmp_path / "fresh.sqlite"
     assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1
     assert capsys.readouterr().err.startswith(
         f"error: 20 of the 30 most frequent items of {other} are unknown to version 2")
     assert not fresh.exists()  # nothing made
+    # a file for the folder (its items.tsv, the raw log): said first, nothing made (the
+    # items.tsv made an empty store, then failed on "no test shards in .../items.tsv/test")
+    for path in (os.path.join(other, "items.tsv"), str(tmp_path / "log.csv")):
+        open(path, "a").close()
+        assert backfill.main(["--data", path, *argv[2:6], "--state-db", str(fresh)]) == 1
+        assert capsys.readouterr().err == (f"error: data folder {path} is a file, not a "
+                                           "folder: pass the --output folder of `python -m "
+                                           "pipeline`\n")
+        assert not fresh.exists()
+    shutil.rmtree(os.path.join(other, "valid"))  # a split without shards: the same
+    assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1
+    assert f"no valid shards (*.tfrecord.gz) in {other}/valid" in capsys.readouterr().err
+    assert not fresh.exists()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
