@@ -261,8 +261,10 @@ class HierTCNClient:
         request.model_spec.name = self.model_name
         response = self._call(self._models.GetModelStatus, request)
         states = get_model_status_pb2.ModelVersionStatus.State
+        # (ascending whichever order the server lists them: TF Serving's is newest first)
         return [{"version": s.version, "state": states.Name(s.state),
-                 "error": s.status.error_message} for s in response.model_version_status]
+                 "error": s.status.error_message}
+                for s in sorted(response.model_version_status, key=lambda s: s.version)]
 
     def metadata(self, version: int | None = None, pinned: bool = True) -> ModelInfo:
         """The signatures and state size of a version (None: the pinned one, or the latest

@@ -1,9 +1,10 @@
 """numpy ↔ `tensorflow.TensorProto` for the dtypes of the serving signatures.
 
 Used by both ends of the gRPC link (serving.server, serving.client). Encoding writes
-numeric tensors as `tensor_content` bytes (as `tf.make_tensor_proto` does), strings as
-`string_val`. Decoding also accepts the `*_val` forms: TF Serving's Predict replies carry
-numbers in `float_val` and the like.
+numeric tensors as `tensor_content` bytes (as `tf.make_tensor_proto` does: a client's
+requests), or, for a reply, in the `*_val` lists (`float_val` and the like, as TF Serving's
+Predict answers by default: its `kAsProtoField`, what a generic client reads); strings as
+`string_val`. Decoding accepts both forms.
 """
 from __future__ import annotations
 
@@ -61,8 +62,14 @@ def to_proto(value: Any) -> tensor_pb2.TensorProto:
     return proto
 
 
-def fill_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
+def fill_proto(proto: tensor_pb2.TensorProto, value: Any, as_fields: bool = False) -> None:
     """Encodes an array into a TensorProto in place (e.g. a response's output entry).
+
+    Args:
+      proto: the message to fill (cleared first).
+      value: the array.
+      as_fields: numbers in the dtype's `*_val` list, as TF Serving's replies (a client
+        reading `outputs["scores"].float_val` found it empty here); else `tensor_content`.
 
     Raises:
       TypeError: an unsupported dtype.
@@ -75,7 +82,10 @@ def fill_proto(proto: tensor_pb2.TensorProto, value: Any) -> None:
             [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in arr.ravel().tolist()])
     elif arr.dtype in _NUMERIC:
         proto.dtype = _NUMERIC[arr.dtype]
-        proto.tensor_content = np.ascontiguousarray(arr).tobytes()
+        if as_fields:
+            getattr(proto, _VAL_FIELD[proto.dtype]).extend(arr.ravel().tolist())
+        else:
+            proto.tensor_content = np.ascontiguousarray(arr).tobytes()
     else:
         raise TypeError(f"cannot send a {arr.dtype} tensor: use float32, int32, int64, bool or "
                         "strings")

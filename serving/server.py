@@ -869,11 +869,14 @@ class ModelManager:
             entries += [(v, state.END, None) for v in self._ended
                         if v not in self._servables and v not in self._failed
                         and v not in self._loading]
-        entries = sorted(e for e in entries if version is None or e[0] == version)
+        # newest first, as TF Serving's version map (`std::greater<Version>`) lists them
+        entries = sorted((e for e in entries if version is None or e[0] == version),
+                         reverse=True)
         if not entries:
-            what = self.name if version is None else f"{self.name} version {version}"
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"Could not find any versions of model {what}")
+                               f"Could not find any versions of model {self.name}"
+                               if version is None else
+                               f"Could not find version {version} of model {self.name}")
         out = []
         for v, s, message in entries:
             status = status_pb2.StatusProto(error_code=2 if message else 0,  # 2 = UNKNOWN
@@ -917,6 +920,11 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
         return request.model_spec
 
     def _servable(self, spec: model_pb2.ModelSpec) -> Servable:
+        # TF Serving's order (ServableRequestFromModelSpec): the name given, a label resolved
+        if not spec.name:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified.")
+        if spec.WhichOneof("version_choice") == "version_label":
+            _version_of(spec)  # (INVALID_ARGUMENT: this server has no labels)
         if spec.name != self._manager.name:
             name = argtypes.shown(spec.name)  # (a line break or NUL would break the line)
             what = (f"Latest({name})" if spec.WhichOneof("version_choice") is None
@@ -962,8 +970,8 @@ class _Handlers(prediction_service_pb2_grpc.PredictionServiceServicer,
             response.model_spec.name = servable.name
             response.model_spec.version.value = servable.version
             response.model_spec.signature_name = sig.name
-            for key in request.output_filter or out:
-                protos.fill_proto(response.outputs[key], out[key])
+            for key in request.output_filter or out:  # (numbers as TF Serving's float_val..)
+                protos.fill_proto(response.outputs[key], out[key], as_fields=True)
             return response
         return self._guard(context, predict)
 

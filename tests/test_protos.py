@@ -42,6 +42,18 @@ def test_fill_proto_writes_a_response_entry_in_place():
     again = predict_pb2.PredictResponse.FromString(response.SerializeToString())
     assert protos.from_proto(again.outputs["item_ids"]).tolist() == [[b"x", b"y"]]
     assert protos.from_proto(again.outputs["scores"]).tolist() == [[0.5, 0.25]]
+    # a reply's numbers in the *_val lists, as TF Serving answers (a generic client reads
+    # `float_val`; it found none in tensor_content): the same values back
+    for value, field in ((np.array([[0.5, 0.25]], np.float32), "float_val"),
+                         (np.array([[True, False]]), "bool_val"),
+                         (np.array([[3, -1]], np.int32), "int_val"),
+                         (np.array([[2**40, 7]], np.int64), "int64_val"),
+                         (np.array([[1.5, 2.0]], np.float64), "double_val")):
+        protos.fill_proto(response.outputs["x"], value, as_fields=True)
+        entry = response.outputs["x"]
+        assert list(getattr(entry, field)) == value.ravel().tolist() and not entry.tensor_content
+        back = protos.from_proto(entry)
+        assert back.dtype == value.dtype and back.tolist() == value.tolist()
 
 
 def test_val_fields_from_other_clients_including_one_value_broadcast():

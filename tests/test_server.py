@@ -101,6 +101,11 @@ def test_predict_equals_in_process_savedmodel(served, signature):
             response.model_spec.signature_name) == (NAME, 1, signature)
     got = {k: protos.from_proto(v) for k, v in response.outputs.items()}
     assert_outputs_equal(got, in_process(served["base"], 1, signature, inputs))
+    # numbers in the *_val lists, as TF Serving's replies carry them (by default)
+    for value in response.outputs.values():
+        assert not value.tensor_content, value
+        assert len(value.float_val) + len(value.string_val) == np.prod(
+            [d.size for d in value.tensor_shape.dim]), value
 
 
 def test_default_signature_and_output_filter(served):
@@ -334,6 +339,17 @@ def test_a_request_without_model_spec_is_invalid_argument_as_in_tf_serving(serve
             method(req, timeout=30)
         assert (err.value.code(), err.value.details()) == (
             grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"), type(req).__name__
+    # a ModelSpec without a name: INVALID_ARGUMENT (TF Serving's ServableRequestFromModelSpec;
+    # NOT_FOUND "Latest()" here read as a model not served), a label before the name
+    empty = request("next_items", INPUTS["next_items"], name="")
+    labelled = request("next_items", INPUTS["next_items"], name="nope")
+    labelled.model_spec.version_label = "stable"
+    for req, message in ((empty, "ModelSpec has no name specified."),
+                         (labelled, "Unrecognized servable version label: stable")):
+        with pytest.raises(grpc.RpcError) as err:
+            served["predict"].Predict(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(message), err.value.details()
 
 
 def test_status_with_a_version_label_lists_every_version_as_in_tf_serving(served):
@@ -426,8 +442,9 @@ def test_versions_come_and_go_without_dropping_requests_then_sigterm(lifecycle):
     status = get_model_status_pb2.GetModelStatusRequest()
     status.model_spec.name = NAME
     state = get_model_status_pb2.ModelVersionStatus.State
+    # (ascending here; the server lists them newest first, as TF Serving does)
     listed = lambda vs: [(v.version, state.Name(v.state), bool(v.status.error_message))  # noqa: E731
-                         for v in vs]
+                         for v in sorted(vs, key=lambda v: v.version)]
     # (version 1, unloaded when 2 loaded, stays END with no error, as TF Serving lists it;
     # version 3 is LOADING for a moment first)
     failed = [(1, "END", False), (2, "AVAILABLE", False), (3, "END", True)]
@@ -448,6 +465,12 @@ def test_versions_come_and_go_without_dropping_requests_then_sigterm(lifecycle):
             break
         time.sleep(0.1)
     assert listed(versions) == [(1, "END", False), (2, "END", False), (3, "AVAILABLE", False)]
+    assert [v.version for v in versions] == [3, 2, 1]  # (TF Serving's order: newest first)
+    status.model_spec.version.value = 7
+    with pytest.raises(grpc.RpcError) as e:
+        lifecycle["models"].GetModelStatus(status, timeout=30)
+    assert (e.value.code(), e.value.details()) == (
+        grpc.StatusCode.NOT_FOUND, f"Could not find version 7 of model {NAME}")
     assert stub.Predict(good, timeout=30).model_spec.version.value == 3
     assert lifecycle["server"].stop() == 0
 
@@ -988,7 +1011,7 @@ def _manager_outputs(manager, version=None):
 def _statuses(manager):
     state = get_model_status_pb2.ModelVersionStatus.State
     return [(s.version, state.Name(s.state), s.status.error_message)
-            for s in manager.statuses(None)]
+            for s in reversed(manager.statuses(None))]  # (ascending: listed newest first)
 
 
 def test_a_version_being_loaded_is_loading_in_the_status(tmp_path):
