@@ -48,12 +48,16 @@ def test_fill_proto_writes_a_response_entry_in_place():
                          (np.array([[True, False]]), "bool_val"),
                          (np.array([[3, -1]], np.int32), "int_val"),
                          (np.array([[2**40, 7]], np.int64), "int64_val"),
-                         (np.array([[1.5, 2.0]], np.float64), "double_val")):
+                         (np.array([[1.5, 2.0]], np.float64), "double_val"),
+                         # (a packed field of 4,000 bytes: its length a two-byte varint)
+                         (np.arange(1000, dtype=np.float32).reshape(10, 100) / 7, "float_val"),
+                         (np.zeros([0, 3], np.float32), "float_val")):
         protos.fill_proto(response.outputs["x"], value, as_fields=True)
         entry = response.outputs["x"]
         assert list(getattr(entry, field)) == value.ravel().tolist() and not entry.tensor_content
         back = protos.from_proto(entry)
         assert back.dtype == value.dtype and back.tolist() == value.tolist()
+        assert [d.size for d in entry.tensor_shape.dim] == list(value.shape)
 
 
 def test_val_fields_from_other_clients_including_one_value_broadcast():
