@@ -1064,6 +1064,7 @@ def _log_complement(log_p: tf.Tensor, exact) -> tf.Tensor:
     rows = tf.where(log_p > log_sure)
     return tf.tensor_scatter_nd_update(off, rows, exact(rows))
 
+
 def _rows_with(rows: tf.Tensor, columns: tf.Tensor, values: tf.Tensor, add: bool = False
                ) -> tf.Tensor:
     """rows [K, V] with `values` [K, C] set at (or with `add`, added to) the columns

@@ -335,8 +335,9 @@ def _varint(value: int) -> bytes:
     return _varints((value,))
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
+def proto_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): its key, length and `payload` (also
+    a packed repeated field's wire form, `serving.protos`' replies)."""
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
@@ -397,7 +398,7 @@ def encode_int64_features(lists: Sequence[Sequence[int]]) -> list[bytes]:
             size = len(body)
             out.append(bytes((10, size + 4, 26, size + 2, 10, size)) + body)
         else:
-            out.append(_field(1, _field(3, _field(1, body) if body else b"")))
+            out.append(proto_field(1, proto_field(3, proto_field(1, body) if body else b"")))
     return out
 
 
@@ -409,15 +410,15 @@ def assemble_sequence_example(user_id: str, num_context_sessions: int,
     # context=1 feature_lists=2; Features.feature=1 and FeatureLists.feature_list=1 are
     # maps (entries: key=1, value=2); Feature.bytes_list=1, int64_list=3; BytesList and
     # Int64List value=1; FeatureList.feature=1.
-    user_feature = _field(1, _field(1, user_id.encode("utf-8")))
+    user_feature = proto_field(1, proto_field(1, user_id.encode("utf-8")))
     context = (
-        _field(1, _field(1, USER_ID.encode()) + _field(2, user_feature))
-        + _field(1, _field(1, NUM_CONTEXT_SESSIONS.encode())
-                 + _field(2, _field(3, _field(1, _varint(int(num_context_sessions)))))))
+        proto_field(1, proto_field(1, USER_ID.encode()) + proto_field(2, user_feature))
+        + proto_field(1, proto_field(1, NUM_CONTEXT_SESSIONS.encode())
+                 + proto_field(2, proto_field(3, proto_field(1, _varint(int(num_context_sessions)))))))
     feature_lists = (
-        _field(1, _field(1, ITEMS.encode()) + _field(2, b"".join(item_features)))
-        + _field(1, _field(1, TIMES.encode()) + _field(2, b"".join(time_features))))
-    return _field(1, context) + _field(2, feature_lists)
+        proto_field(1, proto_field(1, ITEMS.encode()) + proto_field(2, b"".join(item_features)))
+        + proto_field(1, proto_field(1, TIMES.encode()) + proto_field(2, b"".join(time_features))))
+    return proto_field(1, context) + proto_field(2, feature_lists)
 
 
 def make_sequence_example(user_id: str, num_context_sessions: int,

@@ -294,9 +294,9 @@ class _ProgressLines:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m serving.backfill`; returns the exit status."""
     import json
-    import os
     import sys
 
+    from model import cli as model_cli
     from pipeline import argtypes
     from serving import cli
 
@@ -350,10 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts, version = BackfillCounts(), None
     try:
         # a wrong folder, or a file (the raw log, its items.tsv): said before anything is made
-        if not schema.is_folder(args.data):
-            what = "is a file, not a folder" if os.path.isfile(args.data) else "not found"
-            raise schema.DataError(f"data folder {args.data} {what}: pass the --output folder "
-                                   "of `python -m pipeline`")
+        model_cli.check_data_folder(args.data)
         names = item_names(args.data)
         for split in schema.SPLITS:  # (a split without shards failed once the store was made)
             schema.shard_files(args.data, split)
