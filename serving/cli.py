@@ -62,6 +62,8 @@ SERVER_COUNT = argtypes.positive_size
 GRPC_THREADS = argtypes.at_most(10_000, argtypes.positive_int)
 POLL_SECONDS = argtypes.number(float, 0.01, high=86_400.0)
 BATCH_TIMEOUT_MICROS = argtypes.at_most(3_600_000_000, argtypes.non_negative_int)
+LOAD_RETRIES = argtypes.at_most(1_000_000, argtypes.non_negative_int)
+LOAD_RETRY_INTERVAL_MICROS = argtypes.at_most(86_400_000_000, argtypes.non_negative_int)
 # the batching options' defaults: given without --enable-batching, they are refused
 BATCHING_DEFAULTS = {"max_batch_size": 64, "batch_timeout_micros": 0, "num_batch_threads": 1}
 
@@ -202,6 +204,15 @@ def server_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-versions", type=SERVER_COUNT, default=1,
                         help="how many of the newest versions stay loaded (TF Serving's "
                              "latest{num_versions}); >1 lets pinned clients finish on the old one")
+    parser.add_argument("--max-num-load-retries", type=LOAD_RETRIES, default=5,
+                        help="times a version that failed to load is tried again, "
+                             "--load-retry-interval-micros apart (TF Serving's "
+                             "--max_num_load_retries); a version whose files change is tried "
+                             "again at once")
+    parser.add_argument("--load-retry-interval-micros", type=LOAD_RETRY_INTERVAL_MICROS,
+                        default=60_000_000,
+                        help="wait between those tries (TF Serving's "
+                             "--load_retry_interval_micros)")
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     parser.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import grpc
 import numpy as np
@@ -62,6 +62,10 @@ _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 SIGNATURE_DEF_FIELD = "signature_def"
+# TF Serving's defaults for a version that fails to load (--max_num_load_retries,
+# --load_retry_interval_micros)
+MAX_LOAD_RETRIES = 5
+LOAD_RETRY_INTERVAL_S = 60.0
 
 
 def default_grpc_threads() -> int:
@@ -173,7 +177,14 @@ class Signature:
             mis-shaped input, or inputs whose batch sizes differ.
         """
         specs = self.inputs
-        if len(inputs) != len(specs) or any(key not in inputs for key in specs):
+        if len(inputs) == len(specs) and any(key not in specs for key in inputs):
+            alias = min(key for key in inputs if key not in specs)  # (TF Serving's wording)
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input tensor alias not found in signature {self.name!r}: "
+                f"{argtypes.shown(alias)}. Inputs expected to be in the set "
+                f"{{{','.join(sorted(specs))}}}.")
+        if len(inputs) != len(specs):
             sent, expected = set(inputs.keys()), set(specs)
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -725,27 +736,60 @@ def folder_state(path: str) -> tuple:
     return tuple(sorted(entries))
 
 
+class _Failure(NamedTuple):
+    """A version's failed load: the error, its canonical code, the folder's files then, how
+    many retries of the same files had failed before it, and when (the manager's clock)."""
+    error: str
+    code: int
+    state: tuple
+    retries: int
+    at: float
+
+
+def load_error_code(error: BaseException) -> int:
+    """The canonical error code (google.rpc.Code) of a failed load, as TF Serving reports
+    it: a TensorFlow error's own; for an OSError NOT_FOUND (5) or PERMISSION_DENIED (7)
+    where its errno says so; else UNKNOWN (2)."""
+    if isinstance(error, tf.errors.OpError):
+        return int(error.error_code)
+    if isinstance(error, OSError):
+        if error.errno == errno.ENOENT:
+            return 5
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return 7
+    return 2
+
+
 class ModelManager:
     """The versions of one model under TF Serving's `latest {num_versions: N}` policy.
 
     Availability first: a new version is loaded and warmed up while the old ones keep
     serving; old versions are unloaded only once a wanted version is available. A version
-    that fails to load is reported in the status (END with the error) and loaded again
-    once its folder's files change (a copy that was still under way, a fixed export);
-    an unchanged folder is not retried. A loaded version whose files change (copied in
+    that fails to load is reported in the status (END with the error and its code) and
+    loaded again at once when its folder's files change (a copy that was still under way,
+    a fixed export); an unchanged folder is retried `max_load_retries` times,
+    `load_retry_interval_s` apart (TF Serving's --max_num_load_retries and
+    --load_retry_interval_micros: a permission fixed, memory freed), then left until its
+    files change. A loaded version whose files change (copied in
     place over the old files, or a folder replaced) is loaded again and replaces the one
     served once it has loaded; a load during which the files changed does not count.
     """
 
     def __init__(self, name: str, base_path: str, num_versions: int = 1,
-                 on_ready: Callable[[int], None] | None = None, batching: bool = False):
+                 on_ready: Callable[[int], None] | None = None, batching: bool = False,
+                 max_load_retries: int = MAX_LOAD_RETRIES,
+                 load_retry_interval_s: float = LOAD_RETRY_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.name = name
+        self.max_load_retries = max_load_retries
+        self.load_retry_interval_s = load_retry_interval_s
+        self._clock = clock
         self.batching = batching
         self.base_path = base_path
         self.num_versions = num_versions
         self._servables: dict[int, Servable] = {}
         self._loaded_state: dict[int, tuple] = {}  # version: folder_state when it loaded
-        self._failed: dict[int, tuple[str, tuple]] = {}  # version: (error, folder_state)
+        self._failed: dict[int, _Failure] = {}
         self._folders: dict[int, str] = {}  # version: folder name, from the last scan
         self._ended: set[int] = set()  # versions unloaded (END in the status, as TF Serving)
         self._loading: set[int] = set()  # versions being loaded (LOADING, as TF Serving)
@@ -755,7 +799,8 @@ class ModelManager:
     def _path(self, version: int) -> str:
         return os.path.join(self.base_path, self._folders.get(version, str(version)))
 
-    def _load(self, version: int) -> None:
+    def _load(self, version: int, retries: int = 0) -> None:
+        """Loads a version; `retries`: how many loads of these same files failed before."""
         path = self._path(version)
         before = folder_state(path)
         with self._lock:
@@ -768,10 +813,16 @@ class ModelManager:
                               "it loads again once they stop changing")
         except Exception as e:  # noqa: BLE001 - a bad export must not stop serving
             error = f"{type(e).__name__}: {graph_error_line(str(e))}"
-            log.error("version %d of %s failed to load: %s", version, self.name, error)
+            again = (f"; loading it again in {self.load_retry_interval_s:g} s (retry "
+                     f"{retries + 1} of {self.max_load_retries}) or when its files change"
+                     if retries < self.max_load_retries else
+                     "; loading it again when its files change" + (
+                         f" ({retries} retries failed)" if retries else ""))
+            log.error("version %d of %s failed to load: %s%s", version, self.name, error, again)
             with self._lock:
                 # the state before the load: files that changed during it are retried
-                self._failed[version] = (error, before)
+                self._failed[version] = _Failure(error, load_error_code(e), before, retries,
+                                                 self._clock())
                 self._loading.discard(version)
             return
         log.info("loaded %s version %d (%d warm-up requests)", self.name, version, warmed)
@@ -782,22 +833,29 @@ class ModelManager:
             self._failed.pop(version, None)
             self._ended.discard(version)
 
-    def _should_load(self, version: int) -> bool:
+    def _should_load(self, version: int) -> int | None:
+        """None: leave the version as it is; else load it, the count of failed retries of
+        the same files before (0 for new or changed files)."""
         state = folder_state(self._path(version))
         with self._lock:
             failed = self._failed.get(version)
             loaded = self._loaded_state.get(version) if version in self._servables else None
-        if failed is not None and state == failed[1]:
-            return False  # not retried until its files change
+        if failed is not None and state == failed.state:
+            if (failed.retries < self.max_load_retries
+                    and self._clock() - failed.at >= self.load_retry_interval_s):
+                log.info("loading version %d of %s again (retry %d of %d)", version,
+                         self.name, failed.retries + 1, self.max_load_retries)
+                return failed.retries + 1
+            return None  # retried later, or once its files change
         if loaded is not None:
             if state == loaded:
-                return False
+                return None
             log.info("version %d of %s changed on disk since it loaded: loading it again",
                      version, self.name)
         elif failed is not None:
             log.info("version %d of %s changed since it failed to load: loading it again",
                      version, self.name)
-        return True
+        return 0
 
     def poll(self) -> None:
         """One scan of the base path: load wanted versions (newest first), unload the rest.
@@ -812,8 +870,9 @@ class ModelManager:
                 del self._failed[v]
         wanted = sorted(self._folders)[-self.num_versions:]
         for version in reversed(wanted):
-            if self._should_load(version):
-                self._load(version)
+            retries = self._should_load(version)
+            if retries is not None:
+                self._load(version, retries)
         with self._lock:
             if any(v in self._servables for v in wanted):
                 for v in [v for v in self._servables if v not in wanted]:
@@ -864,7 +923,7 @@ class ModelManager:
             entries = [(v, state.AVAILABLE, None) for v in self._servables]
             entries += [(v, state.LOADING, None) for v in self._loading
                         if v not in self._servables]
-            entries += [(v, state.END, m) for v, (m, _) in self._failed.items()
+            entries += [(v, state.END, f) for v, f in self._failed.items()
                         if v not in self._servables and v not in self._loading]
             entries += [(v, state.END, None) for v in self._ended
                         if v not in self._servables and v not in self._failed
@@ -878,9 +937,9 @@ class ModelManager:
                                if version is None else
                                f"Could not find version {version} of model {self.name}")
         out = []
-        for v, s, message in entries:
-            status = status_pb2.StatusProto(error_code=2 if message else 0,  # 2 = UNKNOWN
-                                            error_message=message or "")
+        for v, s, failure in entries:
+            status = status_pb2.StatusProto(error_code=failure.code if failure else 0,
+                                            error_message=failure.error if failure else "")
             out.append(get_model_status_pb2.ModelVersionStatus(version=v, state=s, status=status))
         return out
 
@@ -1124,12 +1183,18 @@ class ModelServer:
                  max_sequence_width: int = MAX_SEQUENCE_WIDTH,
                  max_sequence_items: int = MAX_SEQUENCE_ITEMS,
                  max_request_rows: int = cli.MAX_REQUEST_ROWS,
-                 grpc_max_threads: int | None = None):
+                 grpc_max_threads: int | None = None,
+                 max_num_load_retries: int = MAX_LOAD_RETRIES,
+                 load_retry_interval_micros: int = int(LOAD_RETRY_INTERVAL_S * 1e6)):
         """Binds the port; call `start()` to load versions and serve.
 
         `grpc_max_threads` (default `default_grpc_threads()`): calls served at once, as TF
         Serving's --grpc_max_threads; more wait their turn (one whose caller has gone by
         then is not run).
+
+        A version that fails to load is tried again `max_num_load_retries` times,
+        `load_retry_interval_micros` apart, as TF Serving does (and at once when its files
+        change).
 
         With `tls_cert` and `tls_key` (PEM files: the server's certificate chain and private
         key) the port speaks TLS, as TF Serving's `--ssl_config_file` makes it.
@@ -1164,13 +1229,15 @@ class ModelServer:
                max_sequence_width, max_sequence_items, max_request_rows,
                grpc_max_threads) < 1 \
                 or poll_seconds <= 0 or batch_timeout_micros < 0 or not 0 <= port <= 65535 \
-                or max_message_mb > 2047:
+                or max_message_mb > 2047 or max_num_load_retries < 0 \
+                or load_retry_interval_micros < 0:
             raise ValueError("--max-batch-size, --num-batch-threads, --grpc-max-threads, "
                              "--max-message-mb, "
                              "--max-sequence-width, --max-sequence-items, "
                              "--max-request-rows and "
                              "--num-versions must be >= 1, --poll-seconds > 0, "
-                             "--batch-timeout-micros >= 0, --port from 0 to 65535 and "
+                             "--batch-timeout-micros, --max-num-load-retries and "
+                             "--load-retry-interval-micros >= 0, --port from 0 to 65535 and "
                              "--max-message-mb at most 2047")
         # a port in use or a host not of this machine, found before gRPC's core logs its
         # own failure to stderr (a line of C++ log above the one-line error)
@@ -1180,7 +1247,9 @@ class ModelServer:
         _quiet_undecodable_requests()
         self.ready = threading.Event()
         self.manager = ModelManager(model_name, model_base_path, num_versions, self._on_ready,
-                                    batching=enable_batching)
+                                    batching=enable_batching,
+                                    max_load_retries=max_num_load_retries,
+                                    load_retry_interval_s=load_retry_interval_micros / 1e6)
         self.batcher = (Batcher(max_batch_size, batch_timeout_micros / 1e6, num_batch_threads,
                                 max_items=max_sequence_items)
                         if enable_batching else None)
@@ -1317,7 +1386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.batch_timeout_micros, args.poll_seconds, args.max_message_mb,
                              args.num_versions, args.num_batch_threads, args.tls_cert,
                              args.tls_key, args.max_sequence_width, args.max_sequence_items,
-                             args.max_request_rows, args.grpc_max_threads)
+                             args.max_request_rows, args.grpc_max_threads,
+                             args.max_num_load_retries, args.load_retry_interval_micros)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

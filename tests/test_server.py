@@ -210,6 +210,13 @@ BAD_REQUESTS = {
                       grpc.StatusCode.INVALID_ARGUMENT, "Missing but required: {history_items}"),
     "extra input": (request("next_items", _with(foo=np.int32(1))),
                     grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {foo}"),
+    # as many inputs as the signature's, one misspelt: TF Serving's own wording (the count's
+    # read "4!=4")
+    "renamed input": (request("next_items", dict(_without("history_items"),
+                                                  history_item=np.array([["item0"]] * 2))),
+                      grpc.StatusCode.INVALID_ARGUMENT,
+                      "input tensor alias not found in signature 'next_items': history_item. "
+                      "Inputs expected to be in the set {"),
     "wrong dtype": (request("next_items", _with(user_state=STATE.astype(np.int32))),
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "'user_state' of signature 'next_items' expects float32"),
@@ -1193,6 +1200,78 @@ def test_a_version_folder_this_process_may_not_read_is_a_version_that_fails_to_l
         assert "Permission denied" in str(statuses[2]), statuses
     finally:
         os.chmod(os.path.join(base, "2"), 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_version_that_failed_to_load_is_tried_again_on_a_timer(tmp_path):
+    """TF Serving tries a failed load again (--max_num_load_retries, 5 by default, a minute
+    apart); a version failed here stayed failed until its files changed, so a permission
+    fixed with chmod (no file's size or mtime changes) was never loaded. Its status carries
+    the error's own code, PERMISSION_DENIED, where it said UNKNOWN."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    vocab = lib.tiny_vocabulary()
+    base = tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp")
+    folder = os.path.join(base, "1")
+
+    @contextlib.contextmanager
+    def unprivileged():  # root may read anything: be someone else while polling
+        if os.getuid() == 0:
+            os.seteuid(65534)
+        try:
+            yield
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+
+    def lock(locked):  # the file, not the folder: a folder that cannot be listed changes
+        # its listed files when it opens again, which loads it at once
+        os.chmod(os.path.join(folder, "saved_model.pb"),
+                 (0o600 if os.geteuid() == 0 else 0o000) if locked else 0o644)
+
+    def poll_at(manager, when):
+        now[0] = when
+        with unprivileged():
+            manager.poll()
+        (status,) = manager.statuses(None)
+        return get_model_status_pb2.ModelVersionStatus.State.Name(status.state), status.status
+
+    try:
+        os.chmod(base, 0o755)
+        export.export_model(lib.tiny_model(vocab, seed=1), vocab, base, version=1)
+        lock(True)
+        now = [0.0]
+        manager = server.ModelManager(NAME, base, max_load_retries=2, load_retry_interval_s=60,
+                                      clock=lambda: now[0])
+        state, status = poll_at(manager, 0)
+        assert state == "END" and status.error_code == 7, status  # PERMISSION_DENIED
+        assert "Permission denied" in status.error_message
+        assert poll_at(manager, 59)[0] == "END"
+        assert poll_at(manager, 60)[0] == "END"  # retry 1 of 2 fails: still locked
+        lock(False)
+        assert poll_at(manager, 119)[0] == "END"  # not before the interval
+        state, status = poll_at(manager, 120)  # retry 2 of 2: loads
+        assert state == "AVAILABLE" and status.error_code == 0, status
+        assert_outputs_equal(_manager_outputs(manager),
+                             in_process(base, 1, "next_items", INPUTS["next_items"]))
+
+        # the retries spent: left until its files change
+        shutil.rmtree(folder)
+        export.export_model(lib.tiny_model(vocab, seed=2), vocab, base, version=2)
+        folder = os.path.join(base, "2")
+        lock(True)
+        manager = server.ModelManager(NAME, base, max_load_retries=1, load_retry_interval_s=60,
+                                      clock=lambda: now[0])
+        assert poll_at(manager, 0)[0] == "END"
+        assert poll_at(manager, 60)[0] == "END"  # the one retry fails
+        lock(False)
+        state, status = poll_at(manager, 10_000)
+        assert state == "END" and "Permission denied" in status.error_message
+        os.utime(os.path.join(folder, "saved_model.pb"))  # its files change: loaded at once
+        assert poll_at(manager, 10_001)[0] == "AVAILABLE"
+    finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
