@@ -74,9 +74,11 @@ def quick_values(parser, argv, args, **values) -> None:
 def check_data(parser, option: str, data_dir: str) -> None:
     """A data folder the command line gave (`--data DIR`) is a pipeline output, checked
     before any other work: `parser.error` (one usage line) where it is not."""
+    from model import cli as model_cli
     from pipeline import schema
 
     try:
+        model_cli.check_data_folder(data_dir)  # (a file: "FILE/stats.json not found")
         schema.read_stats(data_dir)
         schema.read_vocabulary(data_dir)
     except schema.DataError as e:

@@ -29,17 +29,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import serving  # noqa: E402,F401 - sets the Keras mode before TensorFlow is imported
-import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
-from model import registry  # noqa: E402
+from model import quiet  # noqa: E402
 from model.config import HierTCNConfig  # noqa: E402
 from pipeline import schema  # noqa: E402
-from serving import export, protos  # noqa: E402
 
 import bench_lib  # noqa: E402 - this folder
+
+# imported by `_import_tensorflow`, once the options are read: a bad option is one line at
+# once, not after TensorFlow's start and its notes
+grpc = tf = predict_pb2 = prediction_service_pb2_grpc = registry = export = protos = None
+
+
+def _import_tensorflow() -> None:
+    global grpc, tf, predict_pb2, prediction_service_pb2_grpc, registry, export, protos
+    quiet.import_tensorflow(keras=True)
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from model import registry
+    from serving import export, protos
 
 ITEMS = 50_000
 SESSION_LENGTH = 10
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
         history = args.history_items
     starts = HierTCNConfig().start_items if args.repeat_head else 0
     n_latency, qps_seconds = (300, 5.0) if args.quick else (2000, 20.0)
+    _import_tensorflow()
 
     with tempfile.TemporaryDirectory() as base:
         path, vocab = build_export(base, args.repeat_head)

@@ -123,6 +123,8 @@ def training_note(run_dir: str, which: str = "best") -> str | None:
     killed or still running), saying also when it holds no best-on-valid checkpoint yet;
     None for a finished run (one that never evaluates on valid, `--eval-every 0`, uses
     its last weights as documented)."""
+    if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
+        return None  # not a run folder: loading it says so
     notes = []
     try:
         with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
@@ -156,10 +158,56 @@ def checkpoint_path(run_dir: str, which: str = "best") -> str:
     best = read_best(run_dir) if which == "best" else None
     if best is not None:
         return os.path.join(run_dir, BEST_DIR, os.path.basename(best["checkpoint"]))
-    latest = tf.train.latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
-    if latest is None:
-        raise RunError(f"no checkpoint in {os.path.join(run_dir, CHECKPOINT_DIR)}: train first")
+    folder = os.path.join(run_dir, CHECKPOINT_DIR)
+    # (read here, not by tf.train.latest_checkpoint: it logs an ERROR line of its own for a
+    # checkpoint whose files are missing, and says None as for no checkpoint at all)
+    try:
+        state = tf.train.get_checkpoint_state(folder)
+    except (tf.errors.OpError, ValueError):  # (a `checkpoint` file that does not parse)
+        state = None
+    if state is None or not state.model_checkpoint_path:
+        raise RunError(f"no checkpoint in {folder}: train first")
+    latest = os.path.join(folder, os.path.basename(state.model_checkpoint_path))
+    if not tf.io.gfile.exists(latest + ".index"):
+        raise checkpoint_missing(latest, run_dir)
     return latest
+
+
+def checkpoint_missing(checkpoint: str, run_dir: str) -> RunError:
+    """The checkpoint a run folder names has no files (removed by hand, or a copy of the
+    folder without them)."""
+    return RunError(f"{checkpoint}, the checkpoint {run_dir} names, has no files (removed, "
+                    "or the folder copied without them): restore them, or train again")
+
+
+def checkpoint_unreadable(checkpoint: str, error: BaseException, model_name: str) -> RunError:
+    """A checkpoint whose files are there but cannot be restored into the model built from
+    the run's config.json: damaged or truncated files (TensorFlow's DataLossError, an
+    index that is not one, a short read), or weights of other shapes (a config.json
+    edited since, or saved by another version)."""
+    line = (getattr(error, "message", None) or str(error) or type(error).__name__)
+    line = line.strip().splitlines()[0][:200] if line.strip() else type(error).__name__
+    if isinstance(error, ValueError) and not isinstance(error, tf.errors.OpError):
+        return RunError(f"{checkpoint} does not match the {model_name} model its run's "
+                        f"{CONFIG_FILE} describes ({line}): was {CONFIG_FILE} edited, or the "
+                        "run saved by another version? Restore its config.json, or train again")
+    return RunError(f"{checkpoint} cannot be read ({line}): its files are damaged or "
+                    "truncated; restore them from a copy, or train again")
+
+
+class _TensorFlowWarningsHeld:
+    """TensorFlow's Python log at ERROR and above only: a restore that failed leaves a
+    half-restored object whose deletion logs a warning per value it did not read."""
+
+    def __enter__(self):
+        self._logger = tf.get_logger()
+        self._level = self._logger.level
+        self._logger.setLevel("ERROR")
+
+    def __exit__(self, *exc):
+        import gc
+        gc.collect()  # (the half-restored objects go now, their warnings unheard)
+        self._logger.setLevel(self._level)
 
 
 def load_saved_config(path: str) -> dict:
@@ -235,14 +283,24 @@ def load_model(run_dir: str, which: str = "best"
     vocab = schema.read_vocabulary(run_dir)
     model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,
                         load_pretrained=False)
-    for attempt in range(1, LOAD_TRIES + 1):
-        checkpoint = checkpoint_path(run_dir, which)
-        try:
-            status = tf.train.Checkpoint(model=model).restore(checkpoint)
-            break
-        except tf.errors.NotFoundError:  # training removed it since it was chosen
-            if attempt == LOAD_TRIES:
-                raise CheckpointGone(checkpoint, run_dir) from None
+    chosen, failure = set(), None
+    with _TensorFlowWarningsHeld():
+        for attempt in range(1, LOAD_TRIES + 1):
+            checkpoint = checkpoint_path(run_dir, which)
+            chosen.add(checkpoint)
+            try:
+                status = tf.train.Checkpoint(model=model).restore(checkpoint)
+                break
+            except tf.errors.NotFoundError:  # training removed it since it was chosen
+                if attempt == LOAD_TRIES:
+                    # the same one each time: its files are missing, not replaced by a run
+                    failure = (checkpoint_missing(checkpoint, run_dir) if len(chosen) == 1
+                               else CheckpointGone(checkpoint, run_dir))
+            except (tf.errors.OpError, IndexError, ValueError) as e:
+                failure = checkpoint_unreadable(checkpoint, e, config.model_name)
+                break
+    if failure is not None:
+        raise failure
     status.expect_partial()  # (a training checkpoint also holds the optimizer's slots)
     try:  # every variable of the model, though: none may keep its initial value
         status.assert_existing_objects_matched()

@@ -388,8 +388,9 @@ def _holds_a_model(run_dir: str) -> bool:
     """Whether RUN holds a training checkpoint, or a best one (or its record): evaluation
     and export load `best/` alone, as in a folder whose checkpoints/ was deleted to save
     room, so such a folder is a trained run too."""
-    if tf.train.latest_checkpoint(os.path.join(run_dir, registry.CHECKPOINT_DIR)):
-        return True
+    state = tf.train.get_checkpoint_state(os.path.join(run_dir, registry.CHECKPOINT_DIR))
+    if state is not None and state.model_checkpoint_path:  # (its files there or not: the
+        return True  # resume says which; tf.train.latest_checkpoint logs an ERROR line)
     best = os.path.join(run_dir, registry.BEST_DIR)
     return os.path.isdir(best) and any(name.endswith(".index") or name == registry.BEST_FILE
                                        for name in os.listdir(best))
@@ -933,6 +934,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     for folder in (registry.CHECKPOINT_DIR, LOGS_DIR):
         os.makedirs(os.path.join(run_dir, folder), exist_ok=True)
     _remove_partial_saves(run_dir)
+    if manager.latest_checkpoint and not tf.io.gfile.exists(manager.latest_checkpoint + ".index"):
+        # (removed by hand, or a copy without them: a kill while saving leaves the index on the
+        # one before) refused before anything of the run's is changed for it
+        raise registry.checkpoint_missing(manager.latest_checkpoint, run_dir)
     best = registry.read_best(run_dir)
     if best is not None and not manager.latest_checkpoint:
         # the training that chose it is gone (its first checkpoint never completed, or the
@@ -962,6 +967,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         try:
             restored = ckpt.restore(manager.latest_checkpoint)
             restored.assert_existing_objects_matched()
+        except tf.errors.NotFoundError:
+            raise registry.checkpoint_missing(manager.latest_checkpoint, run_dir) from None
+        except (tf.errors.OpError, IndexError) as e:  # damaged or truncated files
+            raise registry.checkpoint_unreadable(manager.latest_checkpoint, e,
+                                                 config.model_name) from None
         except (AssertionError, ValueError) as e:
             if restored is not None:
                 restored.expect_partial()  # no warning per unread value at exit

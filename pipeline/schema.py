@@ -600,6 +600,9 @@ def _read_or_explain(batches, data_dir: str, split: str):
 
         message = re.sub(r"\{\{function_node[^}]*\}\}\s*|\s*\[Op:.*$", "",
                          e.message.splitlines()[0])
+        # (TensorFlow's own text has a stray quote: "truncated record at 14984' failed with
+        # EOF reached")
+        message = re.sub(r"^(truncated record at \d+)' failed with ", r"\1: ", message)
         if isinstance(e, tf.errors.PermissionDeniedError):
             advice = "this user may not read it"
         elif isinstance(e, tf.errors.NotFoundError):

@@ -294,6 +294,8 @@ def main(argv=None) -> int:
     if not 1 <= sessions[0] <= sessions[1] <= MAX_SESSIONS:
         p.error(f"--sessions must be MIN,MAX with 1 <= MIN <= MAX <= {MAX_SESSIONS:,}, "
                 f"got {args.sessions}")
+    # (a Ctrl-C printed a traceback; the log is written through a hidden file and a rename)
+    argtypes.interrupts_in_one_line(f"\ninterrupted: nothing was written to {args.output}")
     events = expected_events(args.users, sessions)
     if min(events, args.max_events or events) > MAX_LOG_EVENTS:
         p.error(f"--users {args.users} with --sessions {args.sessions} make about {events:,} "

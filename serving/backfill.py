@@ -21,6 +21,7 @@ every version reads as unknown.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -291,6 +292,31 @@ class _ProgressLines:
               flush=True)
 
 
+def _remove_if_empty(path: str) -> None:
+    """Removes a state database this command made that holds no record (it failed before
+    storing one: an empty file would look like a backfill's result), with its -wal and
+    -shm files; anything else is left."""
+    import sqlite3
+    import urllib.parse
+
+    try:
+        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute("SELECT COUNT(*) FROM user_states").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return
+    if rows:
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m serving.backfill`; returns the exit status."""
     import json
@@ -348,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from serving.client import HierTCNClient, ServingError
 
     counts, version = BackfillCounts(), None
+    new_store = not os.path.lexists(args.state_db)
     try:
         # a wrong folder, or a file (the raw log, its items.tsv): said before anything is made
         model_cli.check_data_folder(args.data)
@@ -378,10 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "can open now; run it again", file=sys.stderr)
                     return 1
     except KeyboardInterrupt:
+        if new_store and not counts.users:
+            _remove_if_empty(args.state_db)
         print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "
               "whole); the same command goes on from there", file=sys.stderr)
         return 130
     except (ServingError, schema.DataError, BackfillError, ValueError) as e:
+        if new_store and not counts.users:  # (a damaged shard found on the first read)
+            _remove_if_empty(args.state_db)
         hint = ("; pass a smaller --batch-users" if "batch size" in str(e) else "")
         then = ("once the folder can be read whole (its permissions, a restored copy, a "
                 "rerun of the pipeline), the same command goes on from there"

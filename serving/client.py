@@ -581,7 +581,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                        help='the same as a JSON list, for ids with commas: \'["a,b", "c"]\'; '
                             '@FILE reads it from a file (@-: standard input), for a long '
                             'session')
-    commands.add_parser("status", help="the versions the server lists: AVAILABLE, LOADING, or END (unloaded, or failed to load)")
+    commands.add_parser("status", help="the versions the server lists: AVAILABLE, LOADING, or END (unloaded, or failed to load); exit status 1 when none is AVAILABLE")
     forget = commands.add_parser("forget", help="delete a user's stored states and history "
                                  "(in --state-db; no server needed)")
     forget.add_argument("--user", required=True)
@@ -676,6 +676,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
               file=sys.stderr)
         return 130
     print(json.dumps(result) if args.json else text)
+    if args.command == "status" and not any(v["state"] == "AVAILABLE"
+                                            for v in result["versions"]):
+        return 1  # (a health check: nothing serves; the report above says why)
     return 0
 
 

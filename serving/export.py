@@ -812,8 +812,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         # none of them there and published two versions (every client rebuilds its users'
         # states for a new one)
         held = _one_export_at_a_time(args.export_base)
-        for note in (registry.training_note(args.model_dir, args.checkpoint),
-                     registry.older_config_note(args.model_dir)):
+        unfinished = registry.training_note(args.model_dir, args.checkpoint)
+        for note in (unfinished, registry.older_config_note(args.model_dir)):
             if note:
                 print(note, file=sys.stderr)
         # the checkpoint whose digests are recorded is the one loaded (chosen twice, a
@@ -823,7 +823,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         step = registry.checkpoint_step(checkpoint)
         source = {"model_dir": os.path.abspath(args.model_dir),
                   "checkpoint": os.path.abspath(checkpoint),
-                  "step": step, "which": args.checkpoint,
+                  # the kind loaded (`best` falls back to the latest where the run has no
+                  # best yet) and whether its training had finished, as evaluate records it
+                  "step": step, "which": "best" if _is_best(checkpoint) else "latest",
+                  "training_finished": unfinished is None,
                   "checkpoint_digest": checkpoint_digest(checkpoint),
                   "weights_digest": weights_digest(checkpoint),
                   "keep_repeats": args.keep_repeats}
@@ -911,12 +914,16 @@ def _let_others_export(export_base: str, held: tuple[int | None, bool] | None) -
             os.rmdir(export_base)  # (only while empty)
 
 
-def _kind(checkpoint: str) -> str:
-    """ "the best on valid checkpoint" or "the latest checkpoint", of a checkpoint's path."""
+def _is_best(checkpoint: str) -> bool:
+    """Whether a checkpoint's path is a run's best on valid (else its latest)."""
     from model import registry
 
-    best = os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
-    return f"{'the best on valid' if best else 'the latest'} checkpoint"
+    return os.path.basename(os.path.dirname(checkpoint)) == registry.BEST_DIR
+
+
+def _kind(checkpoint: str) -> str:
+    """ "the best on valid checkpoint" or "the latest checkpoint", of a checkpoint's path."""
+    return f"{'the best on valid' if _is_best(checkpoint) else 'the latest'} checkpoint"
 
 
 def _say_leftovers(export_base: str) -> None:

@@ -1116,6 +1116,16 @@ def test_backfill_stores_what_ending_each_session_would(capsys, served, tmp_path
     assert backfill.main(["--data", other, *argv[2:6], "--state-db", str(fresh)]) == 1
     assert f"no valid shards (*.tfrecord.gz) in {other}/valid" in capsys.readouterr().err
     assert not fresh.exists()
+    # a damaged shard, found as the first users are read: no empty store left behind, which
+    # looked like a backfill's result (audit)
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(data, damaged)
+    shard = os.path.join(damaged, "test", "part-00000" + schema.SHARD_SUFFIX)
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    assert backfill.main(["--data", damaged, *argv[2:6], "--state-db", str(fresh)]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not fresh.exists() and not os.path.exists(str(fresh) + "-wal")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -1306,3 +1316,35 @@ def test_items_json_file_under_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "session.json").write_text('["a", "b,c"]')
     assert client_lib._json_items("@~/session.json") == ["a", "b,c"]
+
+
+def test_status_exits_1_when_no_version_is_available(tmp_path, capsys):
+    """`status` said END (the load's error) and exited 0, so a health check running it
+    passed while nothing could serve (audit): 1 when no version is AVAILABLE, the report
+    printed as before."""
+    from serving import server as server_lib
+
+    base = tmp_path / "models"
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "saved_model.pb").write_bytes(b"not a saved model")
+    served = server_lib.ModelServer(NAME, str(base), port=0)
+    served.start()
+    try:
+        target = f"127.0.0.1:{served.port}"
+        deadline = time.monotonic() + 60
+        while True:  # the first scan's failed load
+            try:
+                if [s for s in served.manager.statuses(None) if s.status.error_message]:
+                    break  # (not while it is LOADING)
+            except server_lib.RequestError:  # (NOT_FOUND before the first scan)
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client_lib.main(["--target", target, "--model-name", NAME, "status"]) == 1
+        out = capsys.readouterr().out
+        assert out.startswith(f"{NAME} version 1: END (") and "DecodeError" in out, out
+        assert client_lib.main(["--target", target, "--model-name", NAME, "--json",
+                                "status"]) == 1
+        assert json.loads(capsys.readouterr().out)["versions"][0]["state"] == "END"
+    finally:
+        served.stop()

@@ -159,3 +159,37 @@ def test_write_csv_never_writes_through_a_planted_link(tmp_path):
     assert (tmp_path / "log.csv").read_text().startswith("user,item,time\n")
     assert sorted(os.listdir(tmp_path)) == sorted(["victim.txt", f".tmp-{os.getpid()}-log.csv",
                                                    "log.csv"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_is_one_line_and_writes_nothing(tmp_path):
+    """A Ctrl-C while the log is generated printed a traceback of 14-22 lines (audit): one
+    line as the pipeline's, the process ended as killed by SIGINT, and no file."""
+    import signal
+    import time
+
+    out = tmp_path / "log.csv"
+    # (pytest-xdist's workers start their children with SIGINT ignored: a terminal's own)
+    code = ("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "sys.argv = ['pipeline.synthetic', *sys.argv[1:]]\n"
+            "runpy.run_module('pipeline.synthetic', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--users", "200000", "--output",
+                             str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # past its start (1.5 s of CPU): generating
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[11]) + int(fields[12]) >= 1.5 * os.sysconf("SC_CLK_TCK"):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGINT, err
+    assert err.strip() == f"interrupted: nothing was written to {out}", err
+    assert os.listdir(tmp_path) == []

@@ -1035,3 +1035,105 @@ def test_a_sigterm_during_the_start_up_says_the_interrupt_line(data, config_file
     assert err.splitlines()[-1] == message, err[-3000:]
     assert "Traceback" not in err and not os.path.exists(tmp_path / "m.json")
     assert [f for f in os.listdir(tmp_path) if f.startswith("u.npz")] == []
+
+
+def test_a_damaged_or_missing_checkpoint_is_one_line_in_every_command(data, config_file,
+                                                                      tmp_path, capsys):
+    """A truncated data file, an index that is not one, files removed by hand, or a
+    config.json edited since training: `model.evaluate`, `serving.export` and a resumed
+    `model.train` printed a Python traceback (a short read's IndexError, "file is too
+    short to be an sstable", "Received incompatible tensor"), or said that a training run
+    had removed the files while none was running (audit). Each is one line, status 2, and
+    the resume changes nothing of the run before saying so."""
+    import shutil
+
+    from model import evaluate
+    from serving import export
+
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "5",
+                                "--patience", "0")) == 0
+    capsys.readouterr()
+
+    def damaged(name, change):
+        copy = str(tmp_path / name)
+        shutil.copytree(run, copy)
+        for folder in ("best", "checkpoints"):
+            prefix = os.path.join(copy, folder, os.path.basename(
+                registry.checkpoint_path(run, "best" if folder == "best" else "latest")))
+            change(copy, prefix)
+        return copy
+
+    def truncate(_, prefix):
+        with open(prefix + ".data-00000-of-00001", "r+b") as f:
+            f.truncate(os.path.getsize(prefix + ".data-00000-of-00001") // 2)
+
+    def garble_index(_, prefix):
+        with open(prefix + ".index", "wb") as f:
+            f.write(b"garbage\n")
+
+    def remove(_, prefix):
+        for name in os.listdir(os.path.dirname(prefix)):
+            if name.startswith(os.path.basename(prefix) + "."):
+                os.remove(os.path.join(os.path.dirname(prefix), name))
+
+    def edit_config(copy, _):
+        path = os.path.join(copy, registry.CONFIG_FILE)
+        with open(path) as f:
+            saved = json.load(f)
+        saved["model"]["gru_units"] = 2 * saved["model"]["gru_units"]
+        with open(path, "w") as f:
+            json.dump(saved, f)
+
+    cases = {"truncated": (truncate, "cannot be read (", "damaged or truncated"),
+             "garbled index": (garble_index, "cannot be read (", "damaged or truncated"),
+             "removed": (remove, "has no files (removed", "restore them, or train again"),
+             "edited config": (edit_config, "does not match the hiertcn model its run's "
+                               "config.json describes (", "was config.json edited")}
+    for name, (change, *said) in cases.items():
+        copy = damaged(name.replace(" ", "_"), change)
+        before = sorted(os.listdir(copy)), sorted(os.listdir(os.path.join(copy, "best")))
+        commands = {
+            "evaluate": lambda: evaluate.main(["--data", data, "--split", "test",
+                                               "--model-dir", copy, "--no-progress"]),
+            "export": lambda: export.main(["--model-dir", copy, "--export-base",
+                                           str(tmp_path / f"exports_{id(copy)}")]),
+            "export latest": lambda: export.main(["--model-dir", copy, "--checkpoint", "latest",
+                                                  "--export-base", str(tmp_path / "x")]),
+        }
+        if name != "edited config":  # (a changed option of the model is refused before)
+            commands["train"] = lambda: train_lib.main(_args(data, copy, config_file,
+                                                             "--steps", "20"))
+        for command, call in commands.items():
+            assert call() == 2, (name, command)
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if not line.startswith("note:")]
+            assert len(lines) == 1 and lines[0].startswith(("error:", "python -m")), \
+                (name, command, err)
+            assert all(part in lines[0] for part in said), (name, command, err)
+            assert "Traceback" not in err and "WARNING" not in err and "ERROR:" not in err
+        assert (sorted(os.listdir(copy)), sorted(os.listdir(os.path.join(copy, "best")))) \
+            == before, name
+
+
+def test_an_export_records_the_checkpoint_it_loaded_and_an_unfinished_training(
+        data, config_file, tmp_path, capsys):
+    """`export_config.json` said "which": "best" for a run without a best, whose latest
+    checkpoint was exported, and nothing in it said the training had not finished (audit):
+    both as loaded, as `model.evaluate --output` records them."""
+    from serving import export
+
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
+
+    def exported(base):
+        assert export.main(["--model-dir", run, "--export-base", base]) == 0
+        with open(os.path.join(base, "1", "assets.extra", "export_config.json")) as f:
+            return json.load(f)["source"]
+
+    source = exported(str(tmp_path / "finished"))
+    assert (source["which"], source["training_finished"], source["step"]) == ("latest", True, 10)
+    os.remove(os.path.join(run, train_lib.SUMMARY_FILE))  # as a killed run leaves it
+    source = exported(str(tmp_path / "killed"))
+    assert (source["which"], source["training_finished"]) == ("latest", False)
+    assert "its training has not finished" in capsys.readouterr().err
