@@ -2839,3 +2839,60 @@ def test_an_ascii_only_output_and_a_closed_stderr_lose_no_finished_work(tmp_path
                             "--model popularity 2>&-", shell=True, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, timeout=300)
     assert scored.returncode == 0 and b'"popularity"' in scored.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; prctl")
+def test_the_workers_of_a_killed_run_end_with_it(tmp_path):
+    """`kill -9` of a run left its SDK worker processes (~160 MB each, behind a /bin/sh of
+    their own) running about two minutes (audit): each is its own process (`exec`), given
+    the parent-death signal, and ends with the run."""
+    import signal
+    import time
+
+    from pipeline import beam_fixes
+
+    beam = f"{sys.executable} -m apache_beam.runners.worker.sdk_worker_main"
+    wrapped = beam_fixes.worker_command(beam.encode(), 4242)
+    assert wrapped.startswith(b"exec ") and b"prctl(1, signal.SIGKILL)" in wrapped
+    assert b"os.getppid() != 4242" in wrapped
+    assert beam_fixes.worker_command("python other.py", 1) == "python other.py"
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u * 7 + k) % 50},{1_600_000_000 + 86_400 * (u % 30) + 60 * k}\n"
+        for u in range(4000) for k in range(10)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--input", str(log), "--output",
+                             str(tmp_path / "out"), "--direct_num_workers", "2"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers():
+        found = set()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if (int(stat[stat.rfind(b")") + 2:].split()[1]) == proc.pid
+                    and b"sdk_worker_main" in cmdline):
+                found.add(int(pid))
+        return found
+
+    try:
+        deadline = time.monotonic() + 120
+        while len(started := workers()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no workers started"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while left := [pid for pid in started if os.path.exists(f"/proc/{pid}")
+                       and not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")]:
+            assert time.monotonic() < deadline, f"workers {left} outlived the killed run"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
