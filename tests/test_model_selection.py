@@ -380,8 +380,15 @@ def test_a_checkpoint_training_removed_meanwhile_is_chosen_again_or_said(data, c
                         lambda run_dir, which="best": next(chosen, None) or real(run_dir, which))
     model, _, _ = registry.load_model(run, "latest")
     assert model.restored_checkpoint == latest
-    # gone each time it is chosen: one line after LOAD_TRIES tries
+    # another one chosen at each try, each gone when read (a run saving faster than the
+    # reads): one line after LOAD_TRIES tries
+    others = iter(latest.replace("ckpt-5", f"ckpt-{step}") for step in (101, 102, 103))
+    monkeypatch.setattr(registry, "checkpoint_path", lambda run_dir, which="best": next(others))
+    with pytest.raises(registry.CheckpointGone, match=r"ckpt-103 was removed while it was read "
+                       r"\(a training run still writing .* keeps only its newest checkpoints\)"):
+        registry.load_model(run, "latest")
+    # the same one at every try: the folder names it but its files are missing (a training
+    # run names its new checkpoint before it removes the old), not a run removing it
     monkeypatch.setattr(registry, "checkpoint_path", lambda run_dir, which="best": gone)
-    with pytest.raises(registry.CheckpointGone, match=r"ckpt-4 was removed while it was read \(a "
-                       r"training run still writing .* keeps only its newest checkpoints\)"):
+    with pytest.raises(registry.RunError, match=r"ckpt-4, the checkpoint .* names, has no files"):
         registry.load_model(run, "latest")
