@@ -7,9 +7,12 @@ Recall@20 so far and `best/best.json` naming them) and `train_summary.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -159,18 +162,43 @@ def checkpoint_path(run_dir: str, which: str = "best") -> str:
     if best is not None:
         return os.path.join(run_dir, BEST_DIR, os.path.basename(best["checkpoint"]))
     folder = os.path.join(run_dir, CHECKPOINT_DIR)
-    # (read here, not by tf.train.latest_checkpoint: it logs an ERROR line of its own for a
-    # checkpoint whose files are missing, and says None as for no checkpoint at all)
-    try:
-        state = tf.train.get_checkpoint_state(folder)
-    except (tf.errors.OpError, ValueError):  # (a `checkpoint` file that does not parse)
-        state = None
-    if state is None or not state.model_checkpoint_path:
+    latest = named_checkpoint(folder)
+    if latest is None:
         raise RunError(f"no checkpoint in {folder}: train first")
-    latest = os.path.join(folder, os.path.basename(state.model_checkpoint_path))
     if not tf.io.gfile.exists(latest + ".index"):
         raise checkpoint_missing(latest, run_dir)
     return latest
+
+
+def named_checkpoint(folder: str) -> str | None:
+    """The checkpoint prefix that FOLDER's `checkpoint` file (TensorFlow's CheckpointState)
+    names as the latest, its files there or not; None where the folder has no such file.
+
+    Read here, not by `tf.train.latest_checkpoint`, which logs an ERROR line for a
+    checkpoint whose files are missing and says None as for none at all; and a damaged
+    `checkpoint` file is an error, not "no checkpoint": a resumed training took it for a
+    new run, started again from step 0 and deleted the checkpoints it did not see.
+
+    Raises:
+      RunError: a `checkpoint` file that does not parse or names no checkpoint.
+    """
+    state_file = os.path.join(folder, "checkpoint")
+    if not tf.io.gfile.exists(state_file):
+        return None
+    with _tensorflow_warnings_held(collect=False):  # (its ParseError and "Checkpoint ignored" lines)
+        try:
+            state = tf.train.get_checkpoint_state(folder)
+        except (tf.errors.OpError, ValueError):
+            state = None
+    if state is None or not state.model_checkpoint_path:
+        steps = [int(m.group(1)) for m in (re.fullmatch(r"ckpt-(\d+)\.index", name)
+                                           for name in tf.io.gfile.listdir(folder)) if m]
+        fix = (f"restore it, or write the line model_checkpoint_path: \"ckpt-{max(steps)}\" "
+               "into it (the newest checkpoint there)" if steps else
+               "restore it, or remove it to train from step 0")
+        raise RunError(f"{state_file} is damaged (it names the latest checkpoint, and does "
+                       f"not parse): {fix}")
+    return os.path.join(folder, os.path.basename(state.model_checkpoint_path))
 
 
 def checkpoint_missing(checkpoint: str, run_dir: str) -> RunError:
@@ -195,19 +223,20 @@ def checkpoint_unreadable(checkpoint: str, error: BaseException, model_name: str
                     "truncated; restore them from a copy, or train again")
 
 
-class _TensorFlowWarningsHeld:
+@contextlib.contextmanager
+def _tensorflow_warnings_held(collect: bool = True):
     """TensorFlow's Python log at ERROR and above only: a restore that failed leaves a
-    half-restored object whose deletion logs a warning per value it did not read."""
-
-    def __enter__(self):
-        self._logger = tf.get_logger()
-        self._level = self._logger.level
-        self._logger.setLevel("ERROR")
-
-    def __exit__(self, *exc):
-        import gc
-        gc.collect()  # (the half-restored objects go now, their warnings unheard)
-        self._logger.setLevel(self._level)
+    half-restored object whose deletion logs a warning per value it did not read (COLLECT:
+    they are deleted before the log's level is given back)."""
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        if collect:
+            gc.collect()  # (the half-restored objects go now, their warnings unheard)
+        logger.setLevel(level)
 
 
 def load_saved_config(path: str) -> dict:
@@ -284,7 +313,7 @@ def load_model(run_dir: str, which: str = "best"
     model = build_model(config.model_name, config.model, vocab.size, item_counts=vocab.counts,
                         load_pretrained=False)
     chosen, failure = set(), None
-    with _TensorFlowWarningsHeld():
+    with _tensorflow_warnings_held():
         for attempt in range(1, LOAD_TRIES + 1):
             checkpoint = checkpoint_path(run_dir, which)
             chosen.add(checkpoint)

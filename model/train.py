@@ -388,9 +388,8 @@ def _holds_a_model(run_dir: str) -> bool:
     """Whether RUN holds a training checkpoint, or a best one (or its record): evaluation
     and export load `best/` alone, as in a folder whose checkpoints/ was deleted to save
     room, so such a folder is a trained run too."""
-    state = tf.train.get_checkpoint_state(os.path.join(run_dir, registry.CHECKPOINT_DIR))
-    if state is not None and state.model_checkpoint_path:  # (its files there or not: the
-        return True  # resume says which; tf.train.latest_checkpoint logs an ERROR line)
+    if registry.named_checkpoint(os.path.join(run_dir, registry.CHECKPOINT_DIR)):
+        return True  # (its files there or not: the resume says which)
     best = os.path.join(run_dir, registry.BEST_DIR)
     return os.path.isdir(best) and any(name.endswith(".index") or name == registry.BEST_FILE
                                        for name in os.listdir(best))

@@ -1116,6 +1116,40 @@ def test_a_damaged_or_missing_checkpoint_is_one_line_in_every_command(data, conf
             == before, name
 
 
+def test_a_damaged_checkpoint_state_file_is_refused_not_taken_for_a_new_run(
+        data, config_file, tmp_path, capsys):
+    """`checkpoints/checkpoint` (the file naming the latest checkpoint) garbled or emptied:
+    a resumed training took the run for a new one, trained from step 0 and deleted the
+    checkpoints it had not seen, with TensorFlow's "ParseError" and "Checkpoint ignored"
+    warnings; evaluation said "no checkpoint: train first". Each is one line naming the
+    newest checkpoint there, and nothing of the run changes."""
+    from model import evaluate
+
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "3", "--eval-every", "0")) == 0
+    state_file = os.path.join(run, registry.CHECKPOINT_DIR, "checkpoint")
+    said = (f"error: {state_file} is damaged (it names the latest checkpoint, and does not "
+            'parse): restore it, or write the line model_checkpoint_path: "ckpt-3" into it '
+            "(the newest checkpoint there)")
+    for content in ("model_checkpoint_path: {{ garbled\n", ""):
+        with open(state_file, "w") as f:
+            f.write(content)
+        capsys.readouterr()
+        before = sorted(os.listdir(os.path.join(run, registry.CHECKPOINT_DIR)))
+        assert train_lib.main(_args(data, run, config_file, "--steps", "6",
+                                    "--eval-every", "0")) == 2
+        assert capsys.readouterr().err.strip() == said
+        assert sorted(os.listdir(os.path.join(run, registry.CHECKPOINT_DIR))) == before
+        assert evaluate.main(["--data", data, "--split", "valid", "--model-dir", run,
+                              "--no-progress"]) == 2
+        assert capsys.readouterr().err.strip() == "python -m model.evaluate: " + said
+    # written as the file says, the run resumes from its step 3
+    with open(state_file, "w") as f:
+        f.write('model_checkpoint_path: "ckpt-3"\n')
+    assert train_lib.main(_args(data, run, config_file, "--steps", "6", "--eval-every", "0")) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps_this_run"] == 3
+
+
 def test_an_export_records_the_checkpoint_it_loaded_and_an_unfinished_training(
         data, config_file, tmp_path, capsys):
     """`export_config.json` said "which": "best" for a run without a best, whose latest
