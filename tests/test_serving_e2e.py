@@ -78,14 +78,16 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     with open(os.path.join(left, "model", "saved_model.pb"), "wb") as f:
         f.write(b"x" * 300_000)
     open(os.path.join(left, export_lib.LOCK_FILE), "w").close()
-    again = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
-                            "--export-base", "export"], cwd=work, capture_output=True, text=True,
-                           timeout=300, env=dict(os.environ, PYTHONPATH=lib.REPO))
-    assert again.returncode == 0, again.stderr
+    # (from here on the exports run in this process, as `main` of the command: each
+    # subprocess cost a TensorFlow import)
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    assert export_lib.main(["--model-dir", "run", "--export-base", "export"]) == 0
+    again = capsys.readouterr()
     # (stdout names the version, as an export does: a script's $(...) got nothing)
-    assert again.stdout == ("already exported run (step 3, the best on valid checkpoint) to "
-                            f"{os.path.join('export', '1')}\n")
-    assert again.stderr.strip().splitlines() == [
+    assert again.out == ("already exported run (step 3, the best on valid checkpoint) to "
+                         f"{os.path.join('export', '1')}\n")
+    assert again.err.strip().splitlines() == [
         "run's best checkpoint (step 3) is version 1 under export already: nothing exported "
         "(--version N exports it again)",
         f"note: export holds 1 temporary folder of exports that did not finish (killed?): "
@@ -95,14 +97,12 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     shutil.rmtree(left)
     # the latest checkpoint of the step the best one is of: the same weights (the index
     # files differ: the latest also holds the optimizer's slots and the training state)
-    latest = subprocess.run([sys.executable, "-m", "serving.export", "--model-dir", "run",
-                             "--export-base", "export", "--checkpoint", "latest"], cwd=work,
-                            capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=lib.REPO))
-    assert latest.returncode == 0, latest.stderr
-    assert latest.stdout == ("already exported run (step 3, the latest checkpoint) to "
-                             f"{os.path.join('export', '1')}\n")
-    assert latest.stderr.strip().endswith("run's latest checkpoint (step 3) is version 1 under "
+    assert export_lib.main(["--model-dir", "run", "--export-base", "export",
+                            "--checkpoint", "latest"]) == 0
+    latest = capsys.readouterr()
+    assert latest.out == ("already exported run (step 3, the latest checkpoint) to "
+                          f"{os.path.join('export', '1')}\n")
+    assert latest.err.strip().endswith("run's latest checkpoint (step 3) is version 1 under "
                                           "export already: nothing exported (--version N "
                                           "exports it again)")
     assert sorted(os.listdir(os.path.join(work, "export"))) == ["1"]
@@ -143,6 +143,7 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     assert os.listdir(stopped) == ["1"] and os.path.isfile(
         os.path.join(stopped, "1", "assets.extra", "export_config.json"))
     monkeypatch.undo()
+    monkeypatch.chdir(work)
     # a --version below the newest one is published with a note: it will not be served
     low = os.path.join(work, "export_low")
     os.makedirs(os.path.join(low, "9"))
@@ -153,9 +154,9 @@ def test_two_sessions_through_the_served_model(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(low)) == ["3", "9"]
     # the same weights read with the sessions' immediate repeats (records not from the
     # pipeline): another export, which says so in its config
-    run("serving.export", "--model-dir", "run", "--export-base", "export_keep", cwd=work)
-    run("serving.export", "--model-dir", "run", "--export-base", "export_keep",
-        "--keep-repeats", cwd=work)
+    assert export_lib.main(["--model-dir", "run", "--export-base", "export_keep"]) == 0
+    assert export_lib.main(["--model-dir", "run", "--export-base", "export_keep",
+                            "--keep-repeats"]) == 0
     for version, collapses in (("1", True), ("2", False)):
         with open(os.path.join(work, "export_keep", version, "assets.extra",
                                "export_config.json")) as f:
