@@ -117,8 +117,19 @@ def read_best(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, BEST_DIR, BEST_FILE)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            best = json.load(f)
+    except ValueError as e:  # (not JSON, or not UTF-8: a traceback in evaluate and train)
+        best = e
+    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str) \
+            or not isinstance(best.get("step"), int):
+        why = (str(best).splitlines()[0][:120] if isinstance(best, ValueError)
+               else "no checkpoint and step in it")
+        raise RunError(f"{path} is damaged ({why}): restore it, or remove it (evaluation and "
+                       "export then use the latest checkpoint, and a resumed training "
+                       "chooses the best again at its next valid evaluation)")
+    return best
 
 
 def training_note(run_dir: str, which: str = "best") -> str | None:

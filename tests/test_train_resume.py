@@ -1150,6 +1150,42 @@ def test_a_damaged_checkpoint_state_file_is_refused_not_taken_for_a_new_run(
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps_this_run"] == 3
 
 
+def test_a_damaged_best_record_is_one_line_in_every_command(data, config_file, tmp_path,
+                                                           capsys):
+    """`best/best.json` that is not JSON (or not a record) gave a JSONDecodeError traceback
+    in `model.evaluate` and a resumed `model.train`, and "error: Invalid control character
+    at: ..." in `serving.export`: one line naming the file and the way out, and the run
+    unchanged."""
+    from model import evaluate
+    from serving import export
+
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "6", "--eval-every", "3")) == 0
+    record = os.path.join(run, registry.BEST_DIR, registry.BEST_FILE)
+    for content, why in (('{"step": 6, "checkp\x01', "Invalid control character at"),
+                         ("[6]", "no checkpoint and step in it")):
+        with open(record, "w") as f:
+            f.write(content)
+        before = sorted(os.listdir(run)), sorted(os.listdir(os.path.join(run, "best")))
+        capsys.readouterr()
+        for name, call in (
+                ("evaluate", lambda: evaluate.main(["--data", data, "--split", "valid",
+                                                    "--model-dir", run, "--no-progress"])),
+                ("export", lambda: export.main(["--model-dir", run, "--export-base",
+                                                str(tmp_path / "exports")])),
+                ("train", lambda: train_lib.main(_args(data, run, config_file, "--steps", "9",
+                                                       "--eval-every", "3")))):
+            assert call() == 2, name
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and f"error: {record} is damaged ({why}" in lines[0], lines
+            assert lines[0].endswith("restore it, or remove it (evaluation and export then use "
+                                     "the latest checkpoint, and a resumed training chooses "
+                                     "the best again at its next valid evaluation)")
+        assert (sorted(os.listdir(run)), sorted(os.listdir(os.path.join(run, "best")))) == before
+        with open(record) as f:
+            assert f.read() == content
+
+
 def test_an_export_records_the_checkpoint_it_loaded_and_an_unfinished_training(
         data, config_file, tmp_path, capsys):
     """`export_config.json` said "which": "best" for a run without a best, whose latest
