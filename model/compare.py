@@ -446,9 +446,18 @@ def _evaluated(out: str) -> bool:
     (`evaluate.code_digest`); one from before a change to the code is evaluated again."""
     if not (os.path.exists(out) and os.path.exists(_users_file(out))):
         return False
-    with open(out, encoding="utf-8") as f:
-        if json.load(f).get("code") == code_digest():
-            return True
+    try:
+        with open(out, encoding="utf-8") as f:
+            metrics = json.load(f)
+        why = None if isinstance(metrics, dict) else "not a record of metrics"
+    except (OSError, ValueError) as e:  # (not JSON: a traceback)
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+    if why:
+        print(f"note: {out} cannot be read ({why}): evaluating it again", file=sys.stderr)
+        return False
+    code = metrics.get("code")
+    if code == code_digest():
+        return True
     print(f"note: {out} was evaluated by other code (model/ changed since, or an older "
           "version): evaluating it again", file=sys.stderr)
     return False

@@ -164,6 +164,26 @@ def test_a_failed_write_of_the_results_keeps_the_earlier_ones(tmp_path, monkeypa
         assert json.loads((out / "results.json").read_text())["models"]["popularity"]
 
 
+def test_a_damaged_metrics_file_is_evaluated_again(tmp_path, capsys):
+    """A run's test.json that is not JSON (or not a record) under --output: the rerun gave a
+    JSONDecodeError traceback; it is evaluated again, with a note, to the same results."""
+    data = _small_data(tmp_path)
+    out = tmp_path / "cmp"
+    argv = ["--data", data, "--models", "popularity", "--output", str(out)]
+    assert compare.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    metrics = out / "runs" / "popularity" / "test.json"
+    for content, said in (('{"recall@20": 0.', "Expecting ',' delimiter: line 1"),
+                          ("[]", "not a record of metrics)")):
+        metrics.write_text(content)
+        capsys.readouterr()
+        assert compare.main(argv) == 0
+        assert f"note: {metrics} cannot be read ({said}" in capsys.readouterr().err
+        assert json.loads((out / "results.json").read_text())["models"] == results["models"]
+        assert json.loads(metrics.read_text())["events"] == \
+            results["models"]["popularity"]["events"]
+
+
 def test_results_are_kept_per_split_and_options_name_compared_models(tmp_path, capsys):
     data = _small_data(tmp_path)
     out = tmp_path / "cmp"
