@@ -143,11 +143,16 @@ def training_note(run_dir: str, which: str = "best") -> str | None:
     try:
         with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
             summary = json.load(f)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         summary = None
+    except (OSError, ValueError):
+        summary = "damaged"
     if summary is None:
         notes.append("its training has not finished (no train_summary.json: still running, "
                      "or killed)")
+    elif not isinstance(summary, dict):  # (not JSON, not a record: it was a traceback)
+        notes.append("its train_summary.json cannot be read: whether its training finished "
+                     "is unknown (the same model.train command writes it again)")
     elif summary.get("stopped_by") == "interrupted":
         notes.append(f"its training was interrupted at step {summary.get('steps')} (the same "
                      "model.train command resumes it)")

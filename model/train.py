@@ -1403,11 +1403,17 @@ def _summary_is_current(run_dir: str, step: int) -> bool:
 
 
 def _read_summary(run_dir: str) -> dict:
+    """RUN/train_summary.json; {} where there is none, or one that is damaged (not JSON,
+    not a record: a traceback in the resume), which the resume then writes again."""
     path = os.path.join(run_dir, SUMMARY_FILE)
-    if not os.path.exists(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except FileNotFoundError:
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    except ValueError:
+        summary = None
+    return summary if isinstance(summary, dict) else {}
 
 
 def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:

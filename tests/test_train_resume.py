@@ -549,19 +549,29 @@ def test_an_evaluation_lost_after_its_checkpoint_is_done_on_resume(data, config_
 def test_a_lost_or_stale_summary_of_a_finished_run_is_written_again(data, config_file, tmp_path,
                                                                     capsys):
     """A finished run whose train_summary.json was not written (a full disk, a kill right
-    before it) or is an earlier interrupted process's: the rerun writes the summary of the
-    finished run (model.compare reads it) instead of returning what is there."""
+    before it), is an earlier interrupted process's, or is damaged: the rerun writes the
+    summary of the finished run (model.compare reads it) instead of returning what is
+    there."""
+    from model import evaluate
+
     run = str(tmp_path / "run")
     args = ("--steps", "20", "--eval-every", "10", *EXACT[:2])
     assert train_lib.main(_args(data, run, config_file, *args)) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     path = os.path.join(run, train_lib.SUMMARY_FILE)
-    for damage in ("remove", "interrupted"):
+    for damage in ("remove", "interrupted", "not JSON", "not a record"):
         if damage == "remove":
             os.remove(path)
-        else:
+        elif damage == "interrupted":
             with open(path, "w") as f:
                 json.dump({"model": "hiertcn", "steps": 5, "stopped_by": "interrupted"}, f)
+        else:  # (a JSONDecodeError or AttributeError traceback)
+            with open(path, "w") as f:
+                f.write('{"steps": 2' if damage == "not JSON" else "[20]")
+            assert evaluate.main(["--data", data, "--split", "valid", "--model-dir", run,
+                                  "--no-progress"]) == 0
+            assert (f"note: {run}: its train_summary.json cannot be read: whether its "
+                    "training finished is unknown") in capsys.readouterr().err
         assert train_lib.main(_args(data, run, config_file, *args)) == 0
         out, err = capsys.readouterr()
         assert "nothing to do" not in err
