@@ -122,10 +122,11 @@ def read_best(run_dir: str) -> dict | None:
             best = json.load(f)
     except ValueError as e:  # (not JSON, or not UTF-8: a traceback in evaluate and train)
         best = e
-    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str) \
-            or not isinstance(best.get("step"), int):
+    numbers = ("step", "recall@20", "mrr@20")  # (what training compares and reports)
+    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str) or not all(
+            isinstance(best.get(key), (int, float)) for key in numbers):
         why = (str(best).splitlines()[0][:120] if isinstance(best, ValueError)
-               else "no checkpoint and step in it")
+               else "no checkpoint, step, recall@20 and mrr@20 in it")
         raise RunError(f"{path} is damaged ({why}): restore it, or remove it (evaluation and "
                        "export then use the latest checkpoint, and a resumed training "
                        "chooses the best again at its next valid evaluation)")
@@ -201,7 +202,8 @@ def named_checkpoint(folder: str) -> str | None:
     state_file = os.path.join(folder, "checkpoint")
     if not tf.io.gfile.exists(state_file):
         return None
-    with _tensorflow_warnings_held(collect=False):  # (its ParseError and "Checkpoint ignored" lines)
+    # (without its ParseError and "Checkpoint ignored" warnings)
+    with _tensorflow_warnings_held(collect=False):
         try:
             state = tf.train.get_checkpoint_state(folder)
         except (tf.errors.OpError, ValueError):

@@ -1173,7 +1173,8 @@ def test_a_damaged_best_record_is_one_line_in_every_command(data, config_file, t
     assert train_lib.main(_args(data, run, config_file, "--steps", "6", "--eval-every", "3")) == 0
     record = os.path.join(run, registry.BEST_DIR, registry.BEST_FILE)
     for content, why in (('{"step": 6, "checkp\x01', "Invalid control character at"),
-                         ("[6]", "no checkpoint and step in it")):
+                         ("[6]", "no checkpoint, step, recall@20 and mrr@20 in it"),
+                         ('{"step": 6, "checkpoint": "ckpt-6"}', "no checkpoint, step")):
         with open(record, "w") as f:
             f.write(content)
         before = sorted(os.listdir(run)), sorted(os.listdir(os.path.join(run, "best")))
