@@ -117,20 +117,35 @@ def read_best(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, BEST_DIR, BEST_FILE)
     if not os.path.exists(path):
         return None
+
+    def damaged(why: str) -> RunError:
+        return RunError(f"{path} is damaged ({why}): restore it, or remove it (evaluation and "
+                        "export then use the latest checkpoint, and a resumed training "
+                        "chooses the best again at its next valid evaluation)")
+
     try:
         with open(path, encoding="utf-8") as f:
             best = json.load(f)
     except ValueError as e:  # (not JSON, or not UTF-8: a traceback in evaluate and train)
-        best = e
+        raise damaged(str(e).splitlines()[0][:120]) from None
     numbers = ("step", "recall@20", "mrr@20")  # (what training compares and reports)
     if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str) or not all(
             isinstance(best.get(key), (int, float)) for key in numbers):
-        why = (str(best).splitlines()[0][:120] if isinstance(best, ValueError)
-               else "no checkpoint, step, recall@20 and mrr@20 in it")
-        raise RunError(f"{path} is damaged ({why}): restore it, or remove it (evaluation and "
-                       "export then use the latest checkpoint, and a resumed training "
-                       "chooses the best again at its next valid evaluation)")
+        raise damaged("no checkpoint, step, recall@20 and mrr@20 in it")
     return best
+
+
+def read_summary(run_dir: str) -> dict | None:
+    """RUN/train_summary.json (written by model.train at the end of each process); None
+    where there is none, {} where it cannot be read (not JSON, not a record: damaged)."""
+    try:
+        with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def training_note(run_dir: str, which: str = "best") -> str | None:
@@ -141,17 +156,11 @@ def training_note(run_dir: str, which: str = "best") -> str | None:
     if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)):
         return None  # not a run folder: loading it says so
     notes = []
-    try:
-        with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
-            summary = json.load(f)
-    except FileNotFoundError:
-        summary = None
-    except (OSError, ValueError):
-        summary = "damaged"
+    summary = read_summary(run_dir)
     if summary is None:
         notes.append("its training has not finished (no train_summary.json: still running, "
                      "or killed)")
-    elif not isinstance(summary, dict):  # (not JSON, not a record: it was a traceback)
+    elif not summary:  # (not JSON, not a record: it was a traceback)
         notes.append("its train_summary.json cannot be read: whether its training finished "
                      "is unknown (the same model.train command writes it again)")
     elif summary.get("stopped_by") == "interrupted":

@@ -1009,7 +1009,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
               + (f", trained for its --max-minutes {tc.max_minutes:g}" if out_of_time else "")
               + "; nothing to do", file=sys.stderr)
         restored.expect_partial()  # Adam's slots are made by a step: none was run
-        return _read_summary(run_dir)
+        return registry.read_summary(run_dir) or {}
 
     train_step = make_train_step(model, optimizer, state, strategy, mixed_float16, tc.jit_compile)
     # the run's first line, with or without the progress bar
@@ -1059,12 +1059,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if TRAINED not in position and start_step:
         # a checkpoint of a version before 2026-12-03 records no totals: the summary of the
         # run that ended at its step has them (else this process's alone are counted)
-        try:
-            with open(os.path.join(run_dir, SUMMARY_FILE), encoding="utf-8") as f:
-                ended = json.load(f)
-        except (OSError, ValueError):
-            ended = None
-        if isinstance(ended, dict) and ended.get("steps") == start_step:
+        ended = registry.read_summary(run_dir) or {}
+        if ended.get("steps") == start_step:
             before.update({key: ended[key] for key in ("seconds", "step_seconds", "events")
                            if isinstance(ended.get(key), (int, float))})
         else:
@@ -1296,7 +1292,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
             if start_step and evaluated_step is None and _summary_is_current(run_dir, step):
                 print(f"{run_dir} already holds {start_step} steps, all its epochs; nothing "
                       "to do", file=sys.stderr)
-                return _read_summary(run_dir)
+                return registry.read_summary(run_dir) or {}
             if finished:
                 stop_reason = ("no_improvement" if stalled else "epochs" if passes_done else "steps")
         # The summary says what the last checkpoint records (its figures taken as it
@@ -1398,22 +1394,8 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
 def _summary_is_current(run_dir: str, step: int) -> bool:
     """Whether RUN/train_summary.json is that of a run that ended at `step` (not one left
     by an earlier, interrupted process when the last one failed before writing its own)."""
-    summary = _read_summary(run_dir)
+    summary = registry.read_summary(run_dir) or {}
     return summary.get("steps") == step and summary.get("stopped_by") != "interrupted"
-
-
-def _read_summary(run_dir: str) -> dict:
-    """RUN/train_summary.json; {} where there is none, or one that is damaged (not JSON,
-    not a record: a traceback in the resume), which the resume then writes again."""
-    path = os.path.join(run_dir, SUMMARY_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        summary = None
-    return summary if isinstance(summary, dict) else {}
 
 
 def read_scalars(run_dir: str, tag: str) -> tuple[np.ndarray, np.ndarray]:
