@@ -71,6 +71,8 @@ def parse_args(argv):
                                repeats=1)
     if args.data is None:
         bench_lib.check_log_size(p, "--base-users", args.base_users)
+    elif args.probe is None:
+        bench_lib.check_data(p, "--data", args.data)
     return args
 
 
@@ -122,11 +124,6 @@ def main(argv=None) -> int:
     if bench_lib.start(args, probe):
         return 0
     sizes = args.sizes
-    if args.data is not None:  # a bad folder is said here, not in each probe's traceback
-        from pipeline import schema
-
-        schema.read_stats(args.data)
-        schema.read_vocabulary(args.data)
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         data = args.data
         if data is None:

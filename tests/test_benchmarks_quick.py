@@ -293,6 +293,18 @@ def test_data_memory_checks_given_folders_first(capsys, tmp_path):
             assert said in err, err
 
 
+def test_scale_checks_its_data_folder_and_data_memory_names_its_own(capsys, tmp_path):
+    """(scale.py's --data was read only after parsing, a bare "error: ..." without its usage
+    line or status 2; data_memory.py took --data, its probes' option, and ran its default
+    data sets for minutes)"""
+    (tmp_path / "empty").mkdir()
+    for path, said in (("missing", "not found"), ("empty", "stats.json")):
+        err = _usage_error(capsys, "scale", ["--data", str(tmp_path / path)], "--data")
+        assert said in err, err
+    err = _usage_error(capsys, "data_memory", ["--data", str(tmp_path)], "unrecognized")
+    assert "--ml1m DIR and --synthetic DIR" in err, err
+
+
 def test_serving_latency_refuses_a_huge_history_at_once():
     """(--history-items 10**30 was a traceback after the export was built; a bad option
     came after TensorFlow's start and its notes, about 10 s)"""
