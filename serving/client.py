@@ -803,8 +803,12 @@ def _unknown_note(client: HierTCNClient, items: Sequence[str],
     if not unknown:
         return []
     shown = ", ".join(repr(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-    return [f"note: {len(unknown)} of the session's {len(set(items))} distinct items are not "
-            f"in version {client.pinned_version}'s catalogue ({shown}): each is read as the "
+    distinct = len(set(items))
+    which = ("the session's one item is" if distinct == 1 else
+             f"{len(unknown)} of the session's {distinct} distinct items "
+             + ("is" if len(unknown) == 1 else "are"))
+    return [f"note: {which} not in version {client.pinned_version}'s catalogue ({shown}): "
+            f"{'it' if len(unknown) == 1 else 'each'} is read as the "
             "unknown item; ids are matched as the pipeline read them: exactly but for "
             "spaces at their ends (case and form as in the training log)"
             + (f"; --items cut {cut!r}, an id of the catalogue, at its commas: "

@@ -915,6 +915,15 @@ def test_recommend_and_end_session_name_the_items_the_version_does_not_know(caps
                         "item; ids are matched as the pipeline read them: exactly but for "
                         "spaces at their ends (case and form as in the training log)")
     assert len(lines) == 4  # the state line, the note, two items
+    # (one unknown id: "1 of the session's 1 distinct items are")
+    for items, said in (("nope", "the session's one item is"),
+                        (f"{known},nope,{served['vocab'].ids[3]}",
+                         "1 of the session's 3 distinct items is")):
+        assert client_lib.main([*args, "recommend", "--user", "v", "--items", items]) == 0
+        assert capsys.readouterr().out.splitlines()[1] == (
+            f"note: {said} not in version 2's catalogue ('nope'): it is read as the unknown "
+            "item; ids are matched as the pipeline read them: exactly but for spaces at their "
+            "ends (case and form as in the training log)")
     answer = run_cli(capsys, served, db, "recommend", "--user", "u", "--items", known, "-k", "2")
     assert answer["unknown_items"] == []
     ended = run_cli(capsys, served, db, "end-session", "--user", "u", "--items", f"{known},nope")
