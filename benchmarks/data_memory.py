@@ -84,10 +84,10 @@ def parse_args(argv):
     if args.quick:
         bench_lib.quick_values(p, argv, args, users=150, long_users=8)
     bench_lib.check_batch(p, args.batch_size, args.sessions_per_batch, args.max_session_length)
-    if args.probe is None and args.data is not None:  # (the probes' own option)
-        p.error("unrecognized arguments: --data (the data folders are --ml1m DIR and "
-                "--synthetic DIR)")
     if args.probe is None:
+        if args.data is not None:  # (the probes' own option)
+            p.error("unrecognized arguments: --data (the data folders are --ml1m DIR and "
+                    "--synthetic DIR)")
         # the given folders before the minutes of building the others (a bad one was said
         # only when it was read, after them)
         for option, data_dir in (("--ml1m", args.ml1m), ("--synthetic", args.synthetic)):

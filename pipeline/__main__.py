@@ -1165,7 +1165,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
             _ = out["malformed"] | "WriteMalformed" >> beam.io.WriteToText(
                 outputs.join(tmp, schema.MALFORMED_DIR, "part"), file_name_suffix=".jsonl")
             # the run's five single values, one line [name, value] each, through one write
-            # (a write is ~10 transforms: five of them were a fifth of a small run's time)
+            # (a write is ~10 transforms: five of them were a third of a small run's time)
             _ = ([out[name] | f"{name.title()}Json" >> beam.Map(_named_json, name)
                   for name in SINGLE_VALUES]
                  | "SingleValues" >> beam.Flatten()
