@@ -133,16 +133,9 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
         return
     from pipeline import transforms
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
     kept: collections.deque[bytes] = collections.deque()
     size = [0]
     mark = transforms.PROGRESS_MARK
-    progress = _Progress(saved, total_bytes, mark)
-    os.environ[transforms.PROGRESS_ENV] = "1"
 
     def collect():
         # (this thread must keep draining the pipe whatever it reads: a full pipe would
@@ -162,25 +155,38 @@ def _quiet_beam_stderr(enabled: bool, total_bytes: int = 0):
                 while size[0] > STDERR_KEPT_BYTES and len(kept) > 1:
                     size[0] -= len(kept.popleft())
 
-    thread = threading.Thread(target=collect, name="beam-stderr", daemon=True)
-    thread.start()
-
     def restore():
-        os.environ.pop(transforms.PROGRESS_ENV, None)
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe ends when the workers, holding it too, have exited
+        with argtypes.stop_signals_held():  # (a second stop here: after fd 2 is back)
+            os.environ.pop(transforms.PROGRESS_ENV, None)
+            sys.stderr.flush()
+            os.dup2(saved, 2)  # the pipe ends when the workers, holding it too, have exited
         thread.join(timeout=10)
         progress.close()
         os.close(saved)
 
-    failure = None
+    failure, set_up = None, False
     try:
+        # (a Ctrl-C or SIGTERM in the set-up waits for its end: one that landed with the
+        # pipe in place and its reader not started left fd 2 on the pipe, and the
+        # command's "interrupted" line went where nobody reads it)
+        with argtypes.stop_signals_held():
+            sys.stderr.flush()
+            saved = os.dup(2)
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, 2)
+            os.close(write_end)
+            progress = _Progress(saved, total_bytes, mark)
+            os.environ[transforms.PROGRESS_ENV] = "1"
+            thread = threading.Thread(target=collect, name="beam-stderr", daemon=True)
+            thread.start()
+            set_up = True
         yield
     except BaseException as e:
         failure = e
         raise
     finally:
-        restore()
+        if set_up:
+            restore()
         # (an interrupt's are the workers' KeyboardInterrupt tracebacks: `main` says it)
         if failure is None or (_said_in_one_line(failure) is None
                                and not isinstance(failure, KeyboardInterrupt)):

@@ -14,7 +14,7 @@ import pytest
 
 import pipeline
 from pipeline import __main__ as cli
-from pipeline import outputs, parse, schema, sessions, sources, storage, transforms
+from pipeline import argtypes, outputs, parse, schema, sessions, sources, storage, transforms
 from tiny_logs import file_size_limited
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1551,6 +1551,39 @@ def test_held_back_stderr_shows_errors_of_a_failed_run_and_drops_chatter(capfd):
     with cli._quiet_beam_stderr(True):  # a run that succeeds shows what is not chatter
         subprocess.run([sys.executable, "-c", child], check=True)
     assert capfd.readouterr().err == "ERROR:apache_beam.worker:it broke\nTraceback: detail\n"
+
+
+@pytest.mark.parametrize("point", ["progress", "thread"])
+def test_a_stop_signal_inside_the_held_back_stderr_set_up_gives_fd_2_back(point, monkeypatch,
+                                                                          capfd):
+    """A Ctrl-C or SIGTERM that landed while `_quiet_beam_stderr` was redirecting fd 2 (the
+    pipe in place, its reader not yet started) left fd 2 on that pipe: the command's
+    "interrupted: nothing was written" line went into it and was never shown (a flaky
+    failure of the SIGINT test below, seen once in CI). The signal now waits for the set-up
+    to finish, and the interrupt's unwinding gives fd 2 back."""
+    import signal
+    import threading
+
+    before = os.fstat(2)
+    where = {"progress": (cli, "_Progress"), "thread": (threading, "Thread")}[point]
+    real = getattr(*where)
+
+    def signalled(*args, **kwargs):  # the signal lands in the middle of the set-up
+        signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(argtypes, "_first_stop", [None])  # (this process's record of it)
+    ran = []
+    with argtypes.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(*where, signalled)  # (after the relay's own thread)
+        with cli._quiet_beam_stderr(True):
+            ran.append(True)
+    monkeypatch.undo()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert ran == []  # the block did not run: the stop came first
+    os.write(2, b"the command's last line\n")
+    assert capfd.readouterr().err == "the command's last line\n"
 
 
 def test_a_killed_run_leaves_no_output_and_the_next_run_names_its_leftovers(tmp_path):
