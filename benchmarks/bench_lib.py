@@ -121,8 +121,9 @@ def start(args, probe=None) -> bool:
     import json
 
     sys.path.insert(0, REPO)
-    from model import quiet  # (the `model` package sets TF_USE_LEGACY_KERAS first)
+    from model import malloc, quiet  # (the `model` package sets TF_USE_LEGACY_KERAS first)
 
+    malloc.keep_freed_memory()  # as `model.train` and `model.evaluate` run
     quiet.import_tensorflow(keras=True)  # without its start-up notes
     # Every `Trainer` traces a step function of its own from `model.train`'s one Python
     # function, which TensorFlow's retracing detector reports as a retracing loop.

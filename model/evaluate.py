@@ -34,7 +34,7 @@ from typing import Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from model import base, metrics, quiet
+from model import base, malloc, metrics, quiet
 from model.atomic import write_atomically, write_json
 from model.base import Scorer
 from pipeline import argtypes, schema, storage
@@ -570,6 +570,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         parser.error("--rule-out-seen rules out the item the session is on as well: pass "
                      "one of --rule-out-seen and --rule-out-current")
     args.checkpoint = args.checkpoint or "best"
+    if command:  # (full-catalogue scores over 32 MB a batch: no fresh pages every batch)
+        malloc.keep_freed_memory()
     # TensorFlow loads once the command line and a local data folder are checked (their
     # errors are said at once), with its start-up notes held back where they are noise;
     # a remote folder is read through TensorFlow's file systems

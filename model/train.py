@@ -21,7 +21,7 @@ INTERRUPTED = ("interrupted: the run folder keeps its last checkpoint, if any; t
 if __name__ == "__main__":
     import sys
 
-    from model import cli, processes, quiet
+    from model import cli, malloc, processes, quiet
     from pipeline import argtypes
 
     # the stop path saves a checkpoint even where the reader of the output is gone (`| tee`
@@ -31,6 +31,7 @@ if __name__ == "__main__":
     cli.exit_on_data_error(cli.train_args(sys.argv[1:]).data)
     argtypes.interrupts_in_one_line(INTERRUPTED)
     argtypes.sigterm_until_handled()  # (TensorFlow's import: seconds)
+    malloc.keep_freed_memory()  # (a step's large tensors: no fresh pages every step)
     quiet.import_tensorflow(keras=True)  # its start-up notes held back where they are noise
 
 import argparse
