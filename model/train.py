@@ -108,6 +108,15 @@ def _update_bar(bar, current: int, values: list, texts: dict[str, str | None]) -
     bar.update(current, values=values)
 
 
+def _time_left_text(seconds: float) -> str:
+    """The training time left under --max-minutes, as the bar shows it: "7:05 left",
+    "1:02:03 left"."""
+    seconds = max(0, int(seconds))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}") + " left"
+
+
 def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
     """Defaults <- --config FILE <- --preset <- command-line options (all strict)."""
     values = config_lib.load_json(args.config) if args.config else {}
@@ -1035,6 +1044,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     steps = (f"steps {start_step + 1}-{total_steps}{_passes_text(data_dir, tc, total_steps)}"
              if not finished else
              f"its {start_step} steps are trained; writing the summary it lacks")
+    if tc.max_minutes and not finished:  # (the bar's ETA is the steps' end: the cap is said)
+        steps += f" or --max-minutes {tc.max_minutes:g} of training, whichever comes first"
     print(f"training {config.model_name} ({output}){head}: "
           f"{steps}, batches of {tc.batch_size} x {tc.sessions_per_batch} x {tc.max_session_length}, "
           f"{data_dir} -> {run_dir}", file=sys.stderr)
@@ -1235,7 +1246,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                                    and (evaluated_step or 0) <= start_step)
                         _update_bar(bar, step - start_step, [("loss", last_loss)],
                                     {"events/s": f"{rate:,.0f}",
-                                     "valid": "not in the ETA yet" if untimed else None})
+                                     "valid": "not in the ETA yet" if untimed else None,
+                                     # (the ETA is the steps' end, which the cap may cut)
+                                     "--max-minutes": _time_left_text(
+                                         60 * tc.max_minutes - trained()["seconds"])
+                                     if tc.max_minutes else None})
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)

@@ -82,6 +82,33 @@ def test_the_bar_says_when_its_time_left_lacks_the_valid_evaluations(data, confi
     assert all("valid: not in the ETA yet" in bar[step] for step in range(2, 6)), bar
 
 
+def test_the_bar_and_the_first_line_say_the_time_cap(data, config_file, tmp_path, capsys,
+                                                    monkeypatch):
+    """--max-minutes: the bar's ETA is the time to the last step, which the cap may cut (an
+    audit's bar said "ETA: 24:38" in a run capped at 12 minutes): the first line says the
+    cap, and the bar the training time left under it."""
+    monkeypatch.setattr(train_lib, "LOG_FILE_SECONDS", 0.0)  # a line per step
+    args = [a for a in _args(data, str(tmp_path / "run"), config_file, "--steps", "5",
+                             "--eval-every", "0", "--max-minutes", "30") if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err
+    first = err.splitlines()[0]
+    assert re.search(r": steps 1-5( \([^)]*\))? or --max-minutes 30 of training, whichever "
+                     "comes first, batches of ", first), first
+    bar = [line for line in err.splitlines() if re.match(r" ?\d/5 \[", line)]
+    assert len(bar) == 4, err  # (from the second step on)
+    left = [re.search(r"--max-minutes: (\d+):(\d\d) left", line) for line in bar]
+    assert all(left), bar
+    assert all(29 * 60 <= int(m[1]) * 60 + int(m[2]) <= 30 * 60 for m in left), bar
+    assert train_lib._time_left_text(3723.4) == "1:02:03 left"
+    assert train_lib._time_left_text(-5) == "0:00 left"
+    # without the cap, neither
+    args = [a for a in _args(data, str(tmp_path / "plain"), config_file, "--steps", "3",
+                             "--eval-every", "0") if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    assert "max-minutes" not in capsys.readouterr().err
+
+
 def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = [a for a in _args(data, run, config_file, "--steps", "60", "--eval-every", "60")
