@@ -61,7 +61,8 @@ NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs",
 # version's pipeline gives when they are left out (`data_fingerprints`; its runs were
 # refused as "trained on other data"). A key added to stats.json goes first here (a test
 # holds the pipeline's keys to this list).
-LATER_KEYS = (("options", "gap_by_default"), ("stats", "heaviest_user"),
+LATER_KEYS = (("stats", "train_items_below_min_count"),
+              ("options", "gap_by_default"), ("stats", "heaviest_user"),
               ("stats", "max_session_events"), ("options", "filter"),
               ("stats", "unknown_target_events"), ("stats", "max_user_events"),
               ("stats", "sessions_overlapping"), ("options", "session_col"),

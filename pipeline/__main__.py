@@ -1144,8 +1144,9 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
     import apache_beam as beam
 
     from pipeline import beam_fixes, sources
-    from pipeline.transforms import (HEAVIEST_PREFIX, LATE_PREFIX, LONGEST_PREFIX,
-                                     MAX_PREFIX, UNKNOWN_PREFIX, SessionRecords)
+    from pipeline.transforms import (HEAVIEST_PREFIX, ITEMS_BELOW_MIN_COUNT, LATE_PREFIX,
+                                     LONGEST_PREFIX, MAX_PREFIX, UNKNOWN_PREFIX,
+                                     SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
     children = _child_processes()  # (the caller's: an interrupt kills only the run's own)
@@ -1197,6 +1198,8 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
             "rows_written": counts.get("rows_written", 0),
             "splits": splits,
             "items": len(vocab),
+            # the items the vocabulary left out (unknown in valid and test)
+            ITEMS_BELOW_MIN_COUNT: counts.get(ITEMS_BELOW_MIN_COUNT, 0),
             "cutoffs": cutoffs,
             "options": options_out,
         }
@@ -1297,12 +1300,21 @@ def too_malformed(stats: dict) -> bool:
             and stats["rows_malformed"] > limit * stats["rows_read"])
 
 
+def _below_text(stats: dict) -> str:
+    """The summary's word on the items with train events that the vocabulary left out."""
+    below = stats.get("train_items_below_min_count")
+    if not below:
+        return ""
+    return (f" ({below:,} more in train, each seen fewer than --min-item-count "
+            f"{stats['options']['min_item_count']} times: unknown items)")
+
+
 def _summary(stats: dict, output: str, seconds: float) -> str:
     s = stats["splits"]
     lines = [f"pipeline: {stats['rows_read']:,} rows read in {seconds:.1f} s → {output}",
              f"  written {stats['rows_written']:,}, malformed {stats['rows_malformed']:,}, "
              f"filtered {sum(stats['rows_filtered'].values()):,} {stats['rows_filtered']}",
-             f"  items {stats['items']:,}; cutoffs {stats['cutoffs']}"]
+             f"  items {stats['items']:,}{_below_text(stats)}; cutoffs {stats['cutoffs']}"]
     lines += [f"  {name:5s}: {s[name]['users']:,} users, {s[name]['sessions']:,} sessions, "
               f"{s[name]['events']:,} events" for name in schema.SPLITS]
     return "\n".join(lines)

@@ -41,6 +41,9 @@ HEAVIEST_PREFIX = "heaviest_user/"
 UNKNOWN_PREFIX = "unknown_target_events/"
 # ... of the events of sessions past a later split's cut-off (`split.LATE_EVENTS` keys)
 LATE_PREFIX = "late_events/"
+# stats key of the items with train events, but fewer than --min-item-count: left out of
+# the vocabulary
+ITEMS_BELOW_MIN_COUNT = "train_items_below_min_count"
 MALFORMED = "malformed"
 # (kind of reason (`parse.RowError.kind`), malformed rows of that kind in a block)
 KINDS = "malformed_kinds"
@@ -242,6 +245,29 @@ class _CountTrainItems(beam.DoFn):
             yield _global((item, n))
 
 
+class _MinCount(beam.DoFn):
+    """(item, train count) → the pairs of at least `min_count` events; the items with fewer
+    (unknown items from then on) are counted per bundle, as `ITEMS_BELOW_MIN_COUNT`."""
+
+    def __init__(self, min_count: int):
+        self._min_count = min_count
+
+    def start_bundle(self):
+        self._below = 0
+
+    def process(self, pair):
+        if pair[1] >= self._min_count:
+            yield pair
+        else:
+            self._below += 1
+
+    def finish_bundle(self):
+        if self._below:
+            counts = {ITEMS_BELOW_MIN_COUNT: self._below}
+            _count("vocabulary", counts)
+            yield pvalue.TaggedOutput(STATS, _global(counts))
+
+
 class _BuildRecords(beam.DoFn):
     """(user, sessions) → serialized records tagged by split, plus per-bundle counts."""
 
@@ -436,13 +462,15 @@ class SessionRecords(beam.PTransform):
         else:
             cutoffs = ranges.pipeline | "Cutoffs" >> beam.Create([{"split": "users", "seed": c.seed}])
         cutoffs_side = beam.pvalue.AsSingleton(cutoffs)
-        vocab = (
+        counted = (
             user_sessions.users
             | "CountTrainItems" >> beam.ParDo(_CountTrainItems(c), cutoffs_side)
             | "SumCounts" >> beam.CombinePerKey(sum)
-            | "MinCount" >> beam.Filter(lambda kv, m: kv[1] >= m, c.min_item_count)
-            | "Collect" >> beam.combiners.ToList()
-            | "Sort" >> beam.Map(vocabulary.build_vocabulary, c.min_item_count))
+            | "MinCount" >> beam.ParDo(_MinCount(c.min_item_count)).with_outputs(
+                STATS, main="kept"))
+        vocab = (counted.kept
+                 | "Collect" >> beam.combiners.ToList()
+                 | "Sort" >> beam.Map(vocabulary.build_vocabulary, c.min_item_count))
         index = vocab | "Index" >> beam.Map(vocabulary.index_of)
         built = user_sessions.users | "BuildRecords" >> beam.ParDo(
             _BuildRecords(c), cutoffs_side, beam.pvalue.AsSingleton(index)).with_outputs(
@@ -459,7 +487,7 @@ class SessionRecords(beam.PTransform):
                        | "FormsOfNumber" >> beam.CombinePerKey(_NumberForms())
                        | "BothForms" >> beam.FlatMap(_both_forms)
                        | "CountFloatUsers" >> beam.CombineGlobally(_CountAndFirst()))
-        stats = ((parsed[STATS], user_sessions[STATS], built[STATS])
+        stats = ((parsed[STATS], user_sessions[STATS], counted[STATS], built[STATS])
                  | "FlattenStats" >> beam.Flatten()
                  | "SumStats" >> beam.CombineGlobally(_sum_counts))
         out = {name: built[name] for name in schema.SPLITS}

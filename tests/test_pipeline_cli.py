@@ -726,6 +726,30 @@ def test_unknown_targets_of_every_user_are_counted(tmp_path):
     assert schema.read_stats(str(tmp_path / "out"))["unknown_target_events"]["test"] == 40
 
 
+def test_the_items_below_the_minimum_count_are_counted_and_said(tmp_path, capsys):
+    """How many items --min-item-count left out was nowhere (an audit's log kept 7,689 of
+    some 62,000): `stats.json` counts the distinct items with train events but fewer than
+    the minimum, and the summary says it beside the vocabulary's size."""
+    T0, day = 1_600_000_000, 86_400
+    # one session of 3 distinct items a day for 30 users; item x{n} comes up about 8 times
+    # in all, so a minimum of 7 leaves some out of train's counts and keeps others
+    rows = [(f"u{u}", f"x{(u * 3 + k) % 11}", T0 + u * day + 60 * k)
+            for u in range(30) for k in range(3)]
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    out = str(tmp_path / "out")
+    assert cli.main(["--input", str(log), "--output", out, "--min-item-count", "7",
+                     *IN_MEMORY]) == 0
+    stats = schema.read_stats(out)
+    # train: the sessions that start before the valid cut-off (each is one day's)
+    train = collections.Counter(i for _, i, t in rows if t < stats["cutoffs"]["t_valid"])
+    assert stats["items"] == sum(n >= 7 for n in train.values()) >= 1
+    below = sum(n < 7 for n in train.values())
+    assert stats["train_items_below_min_count"] == below >= 1
+    assert (f"  items {stats['items']} ({below} more in train, each seen fewer than "
+            "--min-item-count 7 times: unknown items); cutoffs") in capsys.readouterr().out
+
+
 def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_path, capsys):
     """A session goes whole to the split it starts in (DESIGN §6): one that never pauses
     for --session-gap (a crawler's) carries events of the valid and test periods into
