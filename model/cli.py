@@ -11,6 +11,14 @@ from typing import Sequence
 from model import config as config_lib
 from pipeline import argtypes
 
+
+def clock(seconds: float) -> str:
+    """A duration as a progress line shows it: "0:05", "7:05", "1:02:03" (none below 0)."""
+    minutes, seconds = divmod(max(0, int(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
+        else f"{minutes}:{seconds:02d}"
+
+
 TRAIN = config_lib.TrainConfig()  # the defaults --help names
 # model.train's integers: sizes (tensor shapes, 32-bit) and counts of steps or events
 # (int64), bounded when read (`--batch-size 10**30` was a traceback after TensorFlow's

@@ -34,7 +34,7 @@ from typing import Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from model import base, malloc, metrics, quiet
+from model import base, cli, malloc, metrics, quiet
 from model.atomic import write_atomically, write_json
 from model.base import Scorer
 from pipeline import argtypes, schema, storage
@@ -353,8 +353,8 @@ class LineProgress:
             done, total = self.done, self.total
             of = f" of {self.total:,} ({done / total:.0%})"
         if self.total and 0 < done < total and self.done < self.total:
-            of += f", about {_clock(elapsed * (total - done) / done)} left"
-        print(f"{self.desc}: {self.done:,} users{of}, {_clock(elapsed)} elapsed",
+            of += f", about {cli.clock(elapsed * (total - done) / done)} left"
+        print(f"{self.desc}: {self.done:,} users{of}, {cli.clock(elapsed)} elapsed",
               file=self.out, flush=True)
 
 
@@ -385,12 +385,6 @@ class _BarProgress:
             self.bar.update(events)
         else:
             self.bar.update(n)
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 \
-        else f"{minutes}:{seconds:02d}"
 
 
 def write_per_user(path: str, user_ids: Sequence[str], sums: dict[str, np.ndarray]) -> None:

@@ -13,7 +13,9 @@ the freed blocks kept, 30.2-36.1 s, 2.6-2.9 s and 0.2 million, at a peak RSS of
 `keep_freed_memory` has glibc serve every block from its heap and keep what is freed there
 (mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD its maximum): the process's memory stays at its
 peak, which a training or an evaluation reaches in its first steps. The commands that
-train and evaluate call it; a library user's process is left as it is.
+train and evaluate call it; a library user's process is left as it is. (A block over 64 MB
+made in another thread's arena may still be mapped afresh, by a reading of glibc's
+`sysmalloc`: `train_speed.py`'s full softmax did not speed up; docs/performance.md.)
 """
 from __future__ import annotations
 

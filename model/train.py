@@ -111,10 +111,7 @@ def _update_bar(bar, current: int, values: list, texts: dict[str, str | None]) -
 def _time_left_text(seconds: float) -> str:
     """The training time left under --max-minutes, as the bar shows it: "7:05 left",
     "1:02:03 left"."""
-    seconds = max(0, int(seconds))
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return (f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}") + " left"
+    return f"{cli.clock(seconds)} left"
 
 
 def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
