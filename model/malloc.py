@@ -11,11 +11,15 @@ the freed blocks kept, 30.2-36.1 s, 2.6-2.9 s and 0.2 million, at a peak RSS of
 1,037-1,097 MB against 936-937 (docs/performance.md, 2026-12-07).
 
 `keep_freed_memory` has glibc serve every block from its heap and keep what is freed there
-(mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD its maximum): the process's memory stays at its
-peak, which a training or an evaluation reaches in its first steps. The commands that
-train and evaluate call it; a library user's process is left as it is. (A block over 64 MB
-made in another thread's arena may still be mapped afresh, by a reading of glibc's
-`sysmalloc`: `train_speed.py`'s full softmax did not speed up; docs/performance.md.)
+(mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD its maximum), and from one arena, the main one
+(M_ARENA_MAX 1): a thread's own arena grows in heaps of at most 64 MB, so a larger block
+made in one of TensorFlow's pool threads (Keras's Adam over a 500,000-item table: its
+256 MB slot updates) was mapped afresh every step whatever M_MMAP_MAX says; on the main
+arena's heap it is kept too (`train_speed.py`'s Keras-Adam setting: 578 -> 1,863 events/s,
+system time 38.8 -> 5.5 s; docs/performance.md). The process's memory stays at its peak,
+which a training or an evaluation reaches in its first steps. The commands that train and
+evaluate call it, before TensorFlow starts its threads; a library user's process is left
+as it is.
 """
 from __future__ import annotations
 
@@ -23,22 +27,24 @@ import ctypes
 import os
 import sys
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 # HIERTCN_MALLOC=system: leave malloc as the environment has it
 ENV = "HIERTCN_MALLOC"
 
 
 def own_settings() -> bool:
-    """Whether the environment sets malloc itself: glibc's MALLOC_..._ variables or its
-    malloc tunables, or HIERTCN_MALLOC=system."""
+    """Whether the environment sets malloc itself: glibc's MALLOC_..._ variables (and
+    MALLOC_ARENA_MAX, MALLOC_ARENA_TEST) or its malloc tunables, or HIERTCN_MALLOC=system."""
     return (os.environ.get(ENV, "").strip().lower() == "system"
-            or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ)
+            or any(k.startswith("MALLOC_") and (k.endswith("_") or k.startswith("MALLOC_ARENA_"))
+                   for k in os.environ)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def keep_freed_memory() -> bool:
     """Makes this process's glibc malloc keep freed blocks for the next ones instead of
-    mapping and unmapping each large one (see the module docstring). Returns whether it
+    mapping and unmapping each large one, in every thread (see the module docstring); call
+    it before the process starts threads that allocate. Returns whether it
     did: not off Linux's glibc (musl's mallopt does nothing; an allocator preloaded in its
     place ignores glibc's settings), nor where the environment sets malloc itself
     (`own_settings`)."""
@@ -52,4 +58,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    # (M_ARENA_MAX counts when a thread first needs an arena: before TensorFlow's threads)
+    return all([mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 2**31 - 1),
+                mallopt(M_ARENA_MAX, 1)])
