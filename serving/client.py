@@ -775,6 +775,7 @@ def _recommend(client: HierTCNClient, store: state_store.StateStore,
     cut = _cut_at_commas(client, args, unknown or ())
     result["cut_at_commas"] = cut
     lines += _unknown_note(client, items, unknown, cut)
+    lines += _new_user_note(resolved, resolved.source == "new" and store.holds_any() is False)
     if len(ranked) < args.k and len(ids[0]) < k:  # (a catalogue of fewer: said, not bare)
         dropped = len(drop.intersection(ids[0]))
         lines.append(f"note: {len(ranked)} of the {args.k:,} asked: version "
@@ -866,16 +867,35 @@ def _end_session(client: HierTCNClient, store: state_store.StateStore,
     if cut:  # (a state folded from the pieces would stay in the store)
         raise ValueError(f"--items cut {cut!r}, an id of version {version}'s catalogue, at "
                          f"its commas: {_cut_hint(cut)}; nothing was stored")
+    empty = store.holds_any() is False  # (before this user's record is written)
     resolved, record = state_store.end_session(
         store, args.user, version, client.state_size(),
         lambda state, session: client.update_state(state[None], [session])[0], items,
         fingerprint=client.fingerprint(), known_items=_known_items(client))
+    folded = len(state_store.collapse_repeats(list(items)))  # (as end_session folds it)
+    # "sessions": the recent sessions stored with the state; "sessions_total": all the
+    # user's (None where the record is uncounted)
     result = {"user": args.user, "version": client.pinned_version, "state": resolved.source,
-              "sessions": len(record.sessions), "history": record.history,
+              "session_items": folded, "sessions": len(record.sessions),
+              "sessions_total": record.sessions_total, "history": record.history,
               "unknown_items": unknown}
-    text = (f"{resolved.message}; stored the state after {len(items)} item{'s' * (len(items) != 1)} for version "
-            f"{client.pinned_version} ({len(record.history)} recent items kept)")
-    return result, "\n".join([text, *_unknown_note(client, items, unknown)])
+    repeats = len(items) - folded
+    text = (f"{resolved.message}; stored the state after {folded} item{'s' * (folded != 1)}"
+            + (f" ({repeats} immediate repeat{'s' * (repeats != 1)} left out, as the "
+               "pipeline does)" if repeats else "")
+            + f" for version {client.pinned_version} ({len(record.history)} recent items kept)")
+    return result, "\n".join([text, *_unknown_note(client, items, unknown),
+                              *_new_user_note(resolved, empty)])
+
+
+def _new_user_note(resolved: state_store.ResolvedState, empty: bool) -> list[str]:
+    """A note where a new user's state started at zeros because the store holds no user
+    at all: a deployment whose store was never loaded with the users' pasts."""
+    if resolved.source != "new" or not empty:
+        return []
+    return ["note: the state store holds no user yet, so every user starts at zeros: "
+            "`python -m serving.backfill --data DIR` stores the users' states from the "
+            "pipeline output the version was trained on"]
 
 
 if __name__ == "__main__":

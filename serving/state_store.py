@@ -240,6 +240,11 @@ class StateStore(abc.ABC):
     def delete(self, user_id: str) -> int:
         """Deletes every record of the user; returns how many there were."""
 
+    def holds_any(self) -> bool | None:
+        """Whether the store holds any user's record (None: this store cannot say cheaply);
+        the client's hint that an empty store wants `serving.backfill`."""
+        return None
+
     def prune(self, before: float, dry_run: bool = False,
               progress: Callable[[int], None] | None = None) -> "Pruned":
         """Deletes every record of the users whose newest record was written before
@@ -500,6 +505,9 @@ class SQLiteStateStore(StateStore):
                                      "records stored before are kept" + _write_advice(e)) from e
                 raise
         return record
+
+    def holds_any(self) -> bool:
+        return self._read("SELECT EXISTS (SELECT 1 FROM user_states)", ())[0] == 1
 
     def delete(self, user_id: str) -> int:
         try:
