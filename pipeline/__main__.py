@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import datetime
 import glob
 import json
 import logging
@@ -1309,12 +1310,39 @@ def _below_text(stats: dict) -> str:
             f"{stats['options']['min_item_count']} times: unknown items)")
 
 
+def _counts_text(counts: dict, most: int = 4) -> str:
+    """` (reason 98,267, other 259, ...)`: the largest counts first, the rest summed."""
+    ranked = sorted(((n, k) for k, n in counts.items() if n), key=lambda c: (-c[0], c[1]))
+    if not ranked:
+        return ""
+    shown = [f"{k} {n:,}" for n, k in ranked[:most]]
+    rest = sum(n for n, _ in ranked[most:])
+    return f" ({', '.join(shown)}" + (f", other {rest:,}" if rest else "") + ")"
+
+
+def _cutoffs_text(cutoffs: dict) -> str:
+    """`valid from 2007-08-31 05:46:39, test from ... (UTC)`: the time split's start times."""
+    def when(t) -> str:
+        if t is None:
+            return "none"
+        try:
+            return datetime.datetime.fromtimestamp(
+                int(t), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        except (OverflowError, OSError, ValueError):  # (a time past what a date holds)
+            return str(t)
+    return (f"valid from {when(cutoffs.get('t_valid'))}, test from "
+            f"{when(cutoffs.get('t_test'))} (UTC)")
+
+
 def _summary(stats: dict, output: str, seconds: float) -> str:
     s = stats["splits"]
     lines = [f"pipeline: {stats['rows_read']:,} rows read in {seconds:.1f} s → {output}",
-             f"  written {stats['rows_written']:,}, malformed {stats['rows_malformed']:,}, "
-             f"filtered {sum(stats['rows_filtered'].values()):,} {stats['rows_filtered']}",
-             f"  items {stats['items']:,}{_below_text(stats)}; cutoffs {stats['cutoffs']}"]
+             f"  written {stats['rows_written']:,}, malformed {stats['rows_malformed']:,}"
+             f"{_counts_text(stats.get('malformed_reasons', {}), 2)}, "
+             f"filtered {sum(stats['rows_filtered'].values()):,}"
+             f"{_counts_text(stats['rows_filtered'])}",
+             f"  items {stats['items']:,}{_below_text(stats)}; cutoffs: "
+             f"{_cutoffs_text(stats['cutoffs'])}"]
     lines += [f"  {name:5s}: {s[name]['users']:,} users, {s[name]['sessions']:,} sessions, "
               f"{s[name]['events']:,} events" for name in schema.SPLITS]
     return "\n".join(lines)

@@ -750,6 +750,31 @@ def test_the_items_below_the_minimum_count_are_counted_and_said(tmp_path, capsys
             "--min-item-count 7 times: unknown items); cutoffs") in capsys.readouterr().out
 
 
+def test_the_summary_says_counts_and_cutoffs_in_words():
+    """The summary's filtered and malformed counts and the time split's cut-offs: a raw
+    dict ({'immediate_repeat': 98267, ...}, unix seconds) before a Last.fm-shaped audit."""
+    stats = {"rows_read": 1_913_915, "rows_written": 1_727_355, "rows_malformed": 38_506,
+             "malformed_reasons": {"empty item": 38_476, "unparseable time": 15,
+                                   "expected 6 columns, got 5": 6, "got 7": 9},
+             "rows_filtered": {"immediate_repeat": 98_267, "short_session": 10,
+                               "unknown_item_in_train": 49_518, "filter": 0,
+                               "immediate_repeat_after_vocabulary": 259, "late": 7, "x": 3},
+             "items": 41_285, "cutoffs": {"t_valid": 1188539199, "t_test": 1198485477},
+             "splits": {name: {"users": 1, "sessions": 2, "events": 3} for name in schema.SPLITS}}
+    lines = cli._summary(stats, "out", 31.9).splitlines()
+    assert lines[1] == ("  written 1,727,355, malformed 38,506 (empty item 38,476, unparseable "
+                        "time 15, other 15), filtered 148,064 (immediate_repeat 98,267, "
+                        "unknown_item_in_train 49,518, immediate_repeat_after_vocabulary 259, "
+                        "short_session 10, other 10)")
+    assert lines[2] == ("  items 41,285; cutoffs: valid from 2007-08-31 05:46:39, test from "
+                        "2007-12-24 08:37:57 (UTC)")
+    stats.update(rows_malformed=0, malformed_reasons={}, rows_filtered={"filter": 0},
+                 cutoffs={"t_valid": None, "t_test": 2**62})
+    lines = cli._summary(stats, "out", 1.0).splitlines()
+    assert lines[1] == "  written 1,727,355, malformed 0, filtered 0"
+    assert lines[2] == f"  items 41,285; cutoffs: valid from none, test from {2**62} (UTC)"
+
+
 def test_train_sessions_that_run_on_past_the_cutoffs_are_counted_and_noted(tmp_path, capsys):
     """A session goes whole to the split it starts in (DESIGN §6): one that never pauses
     for --session-gap (a crawler's) carries events of the valid and test periods into
