@@ -163,6 +163,12 @@ def resolve_config(args: argparse.Namespace) -> config_lib.RunConfig:
 # this much of a slow run (500 steps of 2.3 s each, the full softmax over 200k items, are
 # 19 minutes)
 CHECKPOINT_SECONDS = 600.0
+# --max-minutes: the note that the cap ends the run before its last step comes after this
+# much of timed steps (or a tenth of the cap, if less)
+CAP_NOTE_SECONDS = 30.0
+# ... and names --loss sampled where the full softmax is over at least this many items (a
+# Last.fm-shaped log's 41,285: 4.7 s a step, 1.0k events/s against 13.3k sampled, on one core)
+SLOW_SOFTMAX_ITEMS = 20_000
 
 # Below this share of slots that train the GRU over sessions, model.train says so.
 HIGH_LEVEL_SHARE_NOTE = 0.1
@@ -541,6 +547,34 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
     hint = "; --epochs 1 for one pass" if passes < 1 else ""
     about = _about(passes)
     return f" (about {about} epoch{'' if about == '1' else 's'} of the train split{hint})"
+
+
+def _epochs_text(data_dir: str, events: int) -> str:
+    """`about N epochs of the train split` for `events` trained ('' where stats.json has no
+    train events)."""
+    total = schema.read_stats(data_dir)["splits"]["train"].get("events", 0)
+    if not total:
+        return ""
+    about = _about(events / total)
+    return f"about {about} epoch{'' if about == '1' else 's'} of the train split"
+
+
+def _cap_note(tc: config_lib.TrainConfig, step: int, total_steps: int, seconds_left: float,
+              per_step: float, events_done: int, events_per_step: float, data_dir: str,
+              full_softmax_items: int | None) -> str | None:
+    """The note that --max-minutes will end the run well before its last step, with the
+    step and the epochs it reaches at this rate (None where it does not cut the run)."""
+    reach = step + int(max(seconds_left, 0.0) / max(per_step, 1e-9))
+    if reach >= total_steps:
+        return None
+    epochs = _epochs_text(data_dir, events_done + round((reach - step) * events_per_step))
+    text = (f"note: at {per_step:.2g} s a step, --max-minutes {tc.max_minutes:g} ends the run "
+            f"near step {reach:,} of {total_steps:,}" + (f" ({epochs})" if epochs else ""))
+    if full_softmax_items and full_softmax_items >= SLOW_SOFTMAX_ITEMS:
+        text += (f"; the full softmax over {full_softmax_items:,} items is a large part of "
+                 "each step: --loss sampled trains faster (README § Repeat consumption "
+                 "compares the two)")
+    return text
 
 
 def _about(number: float) -> str:
@@ -1200,7 +1234,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 eval_seconds += time.perf_counter() - t1
             # the step fetches its batch from the iterator itself (`make_train_step`)
             batches = iter(dataset) if not finished else None
-            traced = False
+            traced = cap_noted = False
             while batches is not None:
                 if _stop_signal[0] is not None:  # taken, and its KeyboardInterrupt lost
                     raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
@@ -1220,6 +1254,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 if step > start_step + 1:  # the first step of a process includes tracing
                     step_seconds += time.perf_counter() - t0
                     timed_events += step_events
+                else:  # (where the steps after it start, for the cap's note)
+                    cap_clock = (time.perf_counter(), eval_seconds)
                 if not math.isfinite(last_loss):
                     kept = (f"the last good checkpoint in {manager.directory} is kept"
                             if manager.latest_checkpoint else "no checkpoint was written yet")
@@ -1248,6 +1284,20 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                                      "--max-minutes": _time_left_text(
                                          60 * tc.max_minutes - trained()["seconds"])
                                      if tc.max_minutes else None})
+                if (tc.max_minutes and not cap_noted and step - start_step > 1
+                        and step_seconds >= min(CAP_NOTE_SECONDS, 6 * tc.max_minutes)):
+                    cap_noted = True
+                    timed_steps = step - start_step - 1
+                    # (a step's wall time as the cap counts it: the loop's and the
+                    # checkpoints' time too, not only the compiled step's)
+                    wall = time.perf_counter() - cap_clock[0] - (eval_seconds - cap_clock[1])
+                    note = _cap_note(tc, step, total_steps,
+                                     60 * tc.max_minutes - trained()["seconds"],
+                                     wall / timed_steps, trained()["events"],
+                                     timed_events / timed_steps, data_dir,
+                                     items if model.sampler is None else None)
+                    if note:
+                        print(f"{after_bar}{note}", file=sys.stderr)
                 if step % LOG_EVERY == 0:
                     _scalar("loss", last_loss, step=step)
                     _scalar("events_per_s", rate, step=step)
@@ -1287,8 +1337,10 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         if stop_reason == "time" and step > start_step:
             # said, as the other early stops are: the bar's last line (up to 30 s old in
             # a log file) shows an earlier step and the time left to the steps' end
+            epochs = _epochs_text(data_dir, trained()["events"])
             print(f"{after_bar}stopping at step {step}: --max-minutes {tc.max_minutes:g} "
-                  f"reached ({trained()['seconds']:.0f} s of training); the latest "
+                  f"reached ({trained()['seconds']:.0f} s of training"
+                  + (f", {epochs}" if epochs else "") + "); the latest "
                   "weights are checkpointed, a larger --max-minutes trains on",
                   file=sys.stderr)
         if stop_reason == "interrupted":

@@ -109,6 +109,37 @@ def test_the_bar_and_the_first_line_say_the_time_cap(data, config_file, tmp_path
     assert "max-minutes" not in capsys.readouterr().err
 
 
+def test_a_cap_that_ends_the_run_early_is_said_with_the_step_and_epochs_it_reaches(
+        data, config_file, tmp_path, capsys, monkeypatch):
+    """--max-minutes far short of --steps: a note once the rate is known says near which
+    step the cap ends the run and how many epochs that is (an audit's first line said "about
+    6.9 epochs" of a run that trained 0.52, with nothing after it saying so)."""
+    monkeypatch.setattr(train_lib, "CAP_NOTE_SECONDS", 0.5)
+    assert train_lib.main(_args(data, str(tmp_path / "run"), config_file, "--steps", "100000",
+                                "--eval-every", "0", "--max-minutes", "0.2")) == 0
+    err = capsys.readouterr().err
+    notes = re.findall(r"^note: at ([\d.e-]+) s a step, --max-minutes 0.2 ends the run near "
+                       r"step ([\d,]+) of 100,000 \(about ([\d.,]+) epochs? of the train "
+                       r"split\)$", err, re.M)
+    assert len(notes) == 1, err
+    stop = re.search(r"^stopping at step (\d+): --max-minutes 0.2 reached \(\d+ s of "
+                     r"training, about ([\d.,]+) epochs? of the train split\)", err, re.M)
+    assert stop, err
+    # the projection is of the same order as where the cap did end the run
+    reach, stopped = int(notes[0][1].replace(",", "")), int(stop[1])
+    assert stopped / 3 <= reach <= stopped * 3, (reach, stopped)
+    # a full softmax over a large catalogue names --loss sampled; a sampled one, or a cap
+    # that the steps end before, says nothing
+    tc = config_lib.TrainConfig(max_minutes=12)
+    note = train_lib._cap_note(tc, 116, 2000, 133.0, 4.7, 556_000, 4794.0,
+                               data, 41_285)
+    assert note.startswith("note: at 4.7 s a step, --max-minutes 12 ends the run near step 144 "
+                           "of 2,000 (about ") and "--loss sampled trains faster" in note
+    assert "--loss sampled" not in train_lib._cap_note(tc, 116, 2000, 133.0, 4.7, 556_000,
+                                                       4794.0, data, None)
+    assert train_lib._cap_note(tc, 116, 200, 600.0, 4.7, 556_000, 4794.0, data, 41_285) is None
+
+
 def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = [a for a in _args(data, run, config_file, "--steps", "60", "--eval-every", "60")

@@ -689,9 +689,12 @@ def test_a_resumed_run_s_time_limit_and_figures_are_the_whole_run_s(data, config
     assert second["stopped_by"] == "time" and second["steps"] == 101
     # the stop is said on stderr, as an early stop is (the bar's last line in a log file
     # can be 30 s old and shows the time left to --steps)
+    # (and how far it got: a capped audit run said "about 6.9 epochs" at its start and
+    # trained 0.52)
     assert re.search(rf"^stopping at step 101: --max-minutes {float(limit):g} reached \(\d+ s of "
-                     r"training\); the latest weights are checkpointed, a larger "
-                     r"--max-minutes trains on$", capsys.readouterr().err, re.M)
+                     r"training, about [\d.,]+ epochs of the train split\); the latest weights "
+                     r"are checkpointed, a larger --max-minutes trains on$",
+                     capsys.readouterr().err, re.M)
     # (what a checkpoint records is what its process's summary said: exact, however long
     # the last save took; 3 decimals each)
     assert second["seconds"] == pytest.approx(first["seconds"] + second["seconds_this_run"],
