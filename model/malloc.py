@@ -11,19 +11,16 @@ the freed blocks kept, 30.2-36.1 s, 2.6-2.9 s and 0.2 million, at a peak RSS of
 1,037-1,097 MB against 936-937 (docs/performance.md, 2026-12-07).
 
 `keep_freed_memory` has glibc serve every block from its heap and keep what is freed there
-(mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD its maximum), and, on a machine of at most
-`ONE_ARENA_MAX_CPUS` CPUs, from one arena, the main one (M_ARENA_MAX 1): a thread's own
-arena grows in heaps of at most 64 MB, so a larger block made in one of TensorFlow's pool
-threads (Keras's Adam over a 500,000-item table: its 256 MB slot updates) was mapped
-afresh every step whatever M_MMAP_MAX says; on the main arena's heap it is kept too
-(`train_speed.py`'s Keras-Adam setting on 2 cores: 620 -> 1,821 events/s, system time
-32.0 -> 5.3 s; docs/performance.md). With more CPUs, more threads would wait on that one
-arena's lock (Hadoop's MALLOC_ARENA_MAX=4 slowed TensorFlow's training threefold: TonY
-issue 346), which was not measured here, so their arenas are left as glibc makes them.
-The process's memory stays at its peak,
-which a training or an evaluation reaches in its first steps. The commands that train and
-evaluate call it, before TensorFlow starts its threads; a library user's process is left
-as it is.
+(mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD its maximum): the process's memory stays at its
+peak, which a training or an evaluation reaches in its first steps. The commands that
+train and evaluate call it; a library user's process is left as it is. (A block over 64 MB
+made in another thread's arena, whose heaps hold 64 MB at most, is still mapped afresh
+every step: Keras's Adam over `train_speed.py`'s 500,000-item table, 620 events/s. One
+arena for every thread (M_ARENA_MAX 1) keeps those too, 1,821 events/s, but costs the
+default path 14% on 2 quiet cores, its lock contended (sampled HierTCN, four pairs in
+turn: median 41k against 47.6k events/s; docs/performance.md, 2026-12-07), so it is not
+set here; `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647` in the
+environment sets all three for such a run.)
 """
 from __future__ import annotations
 
@@ -31,20 +28,9 @@ import ctypes
 import os
 import sys
 
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 # HIERTCN_MALLOC=system: leave malloc as the environment has it
 ENV = "HIERTCN_MALLOC"
-# one arena up to this many usable CPUs (measured on 2: level or faster, and Keras's Adam
-# over 500,000 items 2.9x; see the module docstring for more)
-ONE_ARENA_MAX_CPUS = 2
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def own_settings() -> bool:
@@ -56,11 +42,9 @@ def own_settings() -> bool:
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
-def keep_freed_memory(one_arena: bool | None = None) -> bool:
+def keep_freed_memory() -> bool:
     """Makes this process's glibc malloc keep freed blocks for the next ones instead of
-    mapping and unmapping each large one, with `one_arena` in every thread too (None: where
-    the process has at most `ONE_ARENA_MAX_CPUS` CPUs; see the module docstring); call it
-    before the process starts threads that allocate. Returns whether it
+    mapping and unmapping each large one (see the module docstring). Returns whether it
     did: not off Linux's glibc (musl's mallopt does nothing; an allocator preloaded in its
     place ignores glibc's settings), nor where the environment sets malloc itself
     (`own_settings`)."""
@@ -74,8 +58,4 @@ def keep_freed_memory(one_arena: bool | None = None) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    kept = all([mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 2**31 - 1)])
-    if one_arena is None:
-        one_arena = usable_cpus() <= ONE_ARENA_MAX_CPUS
-    # (M_ARENA_MAX counts when a thread first needs an arena: before TensorFlow's threads)
-    return bool(mallopt(M_ARENA_MAX, 1)) and kept if one_arena else kept
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
