@@ -562,7 +562,7 @@ def _epochs_text(data_dir: str, events: int) -> str:
 def _cap_note(tc: config_lib.TrainConfig, step: int, total_steps: int, seconds_left: float,
               per_step: float, events_done: int, events_per_step: float, data_dir: str,
               full_softmax_items: int | None) -> str | None:
-    """The note that --max-minutes will end the run well before its last step, with the
+    """The note that --max-minutes will end the run before its last step, with the
     step and the epochs it reaches at this rate (None where it does not cut the run)."""
     reach = step + int(max(seconds_left, 0.0) / max(per_step, 1e-9))
     if reach >= total_steps:
