@@ -545,18 +545,20 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
         steps_per_pass = max(steps_per_pass, heaviest / per_slot / train.sessions_per_batch)
     passes = total_steps / steps_per_pass
     hint = "; --epochs 1 for one pass" if passes < 1 else ""
+    return f" ({_epochs_phrase(passes)}{hint})"
+
+
+def _epochs_phrase(passes: float) -> str:
+    """`about 6.9 epochs of the train split`."""
     about = _about(passes)
-    return f" (about {about} epoch{'' if about == '1' else 's'} of the train split{hint})"
+    return f"about {about} epoch{'' if about == '1' else 's'} of the train split"
 
 
 def _epochs_text(data_dir: str, events: int) -> str:
     """`about N epochs of the train split` for `events` trained ('' where stats.json has no
     train events)."""
     total = schema.read_stats(data_dir)["splits"]["train"].get("events", 0)
-    if not total:
-        return ""
-    about = _about(events / total)
-    return f"about {about} epoch{'' if about == '1' else 's'} of the train split"
+    return _epochs_phrase(events / total) if total else ""
 
 
 def _cap_note(tc: config_lib.TrainConfig, step: int, total_steps: int, seconds_left: float,
