@@ -16,7 +16,7 @@ from model import batching
 from model import config as config_lib
 from model import registry
 from model import train as train_lib
-from test_train import TINY, _args, _weights, config_file, data  # noqa: F401 - fixtures
+from test_train import PLAIN, TINY, _args, _weights, config_file, data, head_config_file  # noqa: F401 - fixtures
 
 
 # Without dropout (whose masks a new process draws afresh) a resumed run is exact.
@@ -36,7 +36,10 @@ def straight(data, tmp_path_factory):
     return run
 
 
-def test_resume_equals_uninterrupted_run(data, config_file, straight, tmp_path):
+def test_resume_equals_uninterrupted_run(data, head_config_file, straight, tmp_path):
+    """The default model, with the repeat head (whose history, session starts and chunk
+    context ride in the state cache): resumed, it equals the uninterrupted run."""
+    config_file = head_config_file
     resumed = str(tmp_path / "resumed")
     exact = EXACT
     # an interrupted run (stopped by the time limit right after its first steps) ...
@@ -113,10 +116,12 @@ def _interrupt_at(monkeypatch, at: int):
     return real
 
 
-def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, config_file, straight,
+def test_an_interrupt_saves_a_checkpoint_and_the_rerun_is_exact(data, head_config_file, straight,
                                                                 tmp_path, monkeypatch, capsys):
-    """Ctrl-C (or SIGTERM, which `main` turns into the same) lands at step 10 between the
-    step and its bookkeeping: the checkpoint still holds the position after batch 10."""
+    """The default model, with the repeat head. Ctrl-C (or SIGTERM, which `main` turns into
+    the same) lands at step 10 between the step and its bookkeeping: the checkpoint still
+    holds the position after batch 10."""
+    config_file = head_config_file
     resumed = str(tmp_path / "resumed")
     exact = EXACT
     real = _interrupt_at(monkeypatch, 10)
@@ -216,7 +221,7 @@ def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp
     # a constant learning rate: a variable the checkpoint holds (the step schedule is not)
     config_file = str(tmp_path / "constant.json")
     with open(config_file, "w") as f:
-        json.dump({**TINY, "train": {**TINY["train"], "lr_schedule": "constant"}}, f)
+        json.dump({**PLAIN, "train": {**PLAIN["train"], "lr_schedule": "constant"}}, f)
     run = str(tmp_path / "run")
     assert train_lib.main(_args(data, run, config_file, "--steps", "10", "--eval-every", "0")) == 0
     capsys.readouterr()
