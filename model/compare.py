@@ -54,7 +54,7 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 # and options already decide (added in later versions: a folder rebuilt with one is the
 # same data)
 NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events",
-                  "pipeline_version", "float_user_pairs")
+                  "pipeline_version", "float_user_pairs", "same_time_pairs_in_id_order")
 # stats.json keys ("stats", KEY) and pipeline options ("options", KEY) added since runs
 # first recorded their data's digest (2026-12-01), newest first: an older version's record
 # holds the digest without those added after it, which the same log rebuilt by this

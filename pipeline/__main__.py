@@ -39,6 +39,10 @@ TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at 
 SHORT_NOTE_SHARE = 0.5
 # a note where this share of the consecutive events in sessions are at the same time
 SAME_TIME_NOTE_SHARE = 0.25
+# ... and says the file looks sorted by item id where this share of those are in one order
+# of their ids (about half each way where another order ties them), of at least this many
+ID_ORDER_SHARE = 0.9
+ID_ORDER_MIN_PAIRS = 20
 # a note where train sessions hold more events past the valid (test) cut-off than this
 # share of the valid (test) split's events (a session that spans a cut-off by minutes is
 # every log's: sessions are never cut)
@@ -1230,6 +1234,9 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         # consecutive events in sessions, and those at one time (ordered as the input was)
         for key in (sessions.PAIRS, sessions.SAME_TIME_PAIRS):
             stats[key] = counts.get(key, 0)
+        # ... and of those, the ones in item-id order (a file sorted by item id)
+        stats[sessions.ID_ORDER] = {order: counts.get(f"{sessions.ID_ORDER}.{order}", 0)
+                                    for order in sessions.ID_ORDERS}
         outputs.remove(work)
         outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
                            json.dumps(stats, indent=2) + "\n")
@@ -1308,6 +1315,21 @@ def _below_text(stats: dict) -> str:
         return ""
     return (f" ({below:,} more in train, each seen fewer than --min-item-count "
             f"{stats['options']['min_item_count']} times: unknown items)")
+
+
+def _id_order(counts: dict, tied: int) -> str:
+    """'N of them (X%) in ascending item-id order' where at least ID_ORDER_SHARE of the
+    `tied` same-time pairs (at least ID_ORDER_MIN_PAIRS) are in one order of their ids
+    (`sessions.ID_ORDERS`), '' otherwise."""
+    if tied < ID_ORDER_MIN_PAIRS or not counts:
+        return ""
+    order, n = max(counts.items(), key=lambda kv: kv[1])
+    if n < ID_ORDER_SHARE * tied:
+        return ""
+    words = order.replace("_by_length", "").replace("_", " ")
+    how = " (by length, then as text: numbers in numeric order)" if "_by_length" in order \
+        else ""
+    return f"{n:,} of them ({argtypes.share(n, tied)}) in {words} item-id order{how}"
 
 
 def _counts_text(counts: dict, most: int = 4) -> str:
@@ -1405,7 +1427,15 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      f"were in sessions shorter than --min-session-length {length} (after "
                      f"collapsing immediate repeats) and were dropped: {how}")
     pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
-    if pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
+    by_id = _id_order(stats.get(sessions.ID_ORDER) or {}, tied)
+    if pairs and tied > SAME_TIME_NOTE_SHARE * pairs and by_id:
+        lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
+                     f"({argtypes.share(tied, pairs)}) are at the same time, and {by_id}: "
+                     "the file looks sorted by item id within each time (Amazon's review "
+                     "files are), an order the models would learn and the metrics reward: "
+                     "shuffle the file's rows first (`shuf log.csv -o shuffled.csv` for a "
+                     "file without a header) or give finer times")
+    elif pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
         lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
                      f"({argtypes.share(tied, pairs)}) are at the same time, and the input's "
                      "order orders "

@@ -23,6 +23,13 @@ OVERLAPPING = "sessions_overlapping"
 # cut), and those of them at the same time (to the millisecond: their order is the input's)
 PAIRS = "session_event_pairs"
 SAME_TIME_PAIRS = "same_time_pairs"
+# stats.json: of the same-time pairs, those whose two item ids are in ascending or
+# descending order, as text and as (length, text) (numbers of any width in their numeric
+# order): near all of them one way, the file was sorted by item id within a time (Amazon's
+# review files are), an order the models would learn and the metrics reward; about half
+# each way where the input's order is another
+ID_ORDER = "same_time_pairs_in_id_order"
+ID_ORDERS = ("ascending", "descending", "ascending_by_length", "descending_by_length")
 
 RawEvent = tuple  # (time_ms, order, item) or (time_ms, order, item, session_id)
 
@@ -197,7 +204,8 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
       max_events: only the most recent events are kept (bounded per-user state), after
         dropping duplicates (`drop_duplicates`).
       pairs: where given, `PAIRS` and `SAME_TIME_PAIRS` in it are increased by the kept
-        sessions' consecutive events and those at the same time.
+        sessions' consecutive events and those at the same time, and `ID_ORDER + "." +
+        order` by those of the latter in each of `ID_ORDERS`.
 
     Returns:
       (sessions in time order, rows_filtered counts by reason).
@@ -206,6 +214,7 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
     events, filtered[DUPLICATE], filtered[CAPPED] = bound_events(events, max_events)
     sessions = []
     consecutive = same_time = 0
+    id_order = [0] * len(ID_ORDERS)
     for raw in group_by_session(events) if session_ids else split_at_gaps(events, gap_seconds):
         kept, repeats = collapse_repeats(raw)
         filtered[REPEAT] += repeats
@@ -214,9 +223,25 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
             continue
         ms = [e[0] for e in kept]
         consecutive += len(ms) - 1
-        same_time += sum(map(operator.eq, ms, ms[1:]))
+        tied = sum(map(operator.eq, ms, ms[1:]))
+        if tied:
+            same_time += tied
+            _count_id_order(kept, id_order)
         sessions.append(Session([e[2] for e in kept], [t // 1000 for t in ms]))
     if pairs is not None:
         pairs[PAIRS] += consecutive
         pairs[SAME_TIME_PAIRS] += same_time
+        for order, n in zip(ID_ORDERS, id_order):
+            pairs[f"{ID_ORDER}.{order}"] += n
     return sessions, +filtered
+
+
+def _count_id_order(kept: Sequence[RawEvent], counts: list[int]) -> None:
+    """Adds to `counts` (as `ID_ORDERS`) the same-time pairs of one session whose item ids
+    are in each order (after collapsing, no pair holds one item twice)."""
+    for a, b in zip(kept, kept[1:]):
+        if a[0] != b[0]:
+            continue
+        x, y = a[2], b[2]
+        counts[0 if x < y else 1] += 1
+        counts[2 if (len(x), x) < (len(y), y) else 3] += 1

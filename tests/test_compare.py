@@ -869,4 +869,5 @@ def test_the_data_fingerprint_leaves_out_the_rejected_rows_kinds(tmp_path):
         != fingerprints[4]
     # the keys the pipeline writes
     from pipeline import sessions
-    assert {sessions.PAIRS, sessions.SAME_TIME_PAIRS} <= set(compare.NOT_DATA_STATS)
+    assert {sessions.PAIRS, sessions.SAME_TIME_PAIRS, sessions.ID_ORDER} <= set(
+        compare.NOT_DATA_STATS)

@@ -83,7 +83,12 @@ def test_session_records_on_hand_written_events(tmp_path):
             "heaviest_user/train": (3, "u1"), "heaviest_user/valid": (2, "u2"),
             "heaviest_user/test": (2, "u3"),
             # 6 consecutive pairs in the five sessions; x@100 y@100 and y x@99999 at one time
-            "session_event_pairs": 6, "same_time_pairs": 2}]), label="stats")
+            "session_event_pairs": 6, "same_time_pairs": 2,
+            # of which x y in the ids' order, y x the other way (as text and by length)
+            "same_time_pairs_in_id_order.ascending": 1,
+            "same_time_pairs_in_id_order.descending": 1,
+            "same_time_pairs_in_id_order.ascending_by_length": 1,
+            "same_time_pairs_in_id_order.descending_by_length": 1}]), label="stats")
         # the malformed rows by kind of reason (`parse.RowError.kind`), the commonest first
         assert_that(out["malformed_kinds"], equal_to([{
             "negative time …": 1, "wrong column count: expected 3, got 1": 1}]), label="kinds")

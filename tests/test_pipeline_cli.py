@@ -4,6 +4,7 @@ import collections
 import gzip
 import json
 import os
+import random
 import re
 import shutil
 import struct
@@ -695,10 +696,32 @@ def test_times_that_leave_the_order_to_the_input_and_a_cap_that_cuts_get_notes(t
     assert stats[sessions.PAIRS] == stats[sessions.SAME_TIME_PAIRS] == 270
     assert stats["rows_filtered"][sessions.CAPPED] == 360
     err = capsys.readouterr().err
+    # (sorted by number: "i3" before "i12", the ids' order by length then text)
+    assert stats[sessions.ID_ORDER] == {"ascending": 270 - stats[sessions.ID_ORDER]["descending"],
+                                        "descending": stats[sessions.ID_ORDER]["descending"],
+                                        "ascending_by_length": 270, "descending_by_length": 0}
     assert ("note: 270 of the 270 consecutive events within sessions (100%) are at the same "
-            "time, and the input's order orders them: the models learn that order") in err, err
+            "time, and 270 of them (100%) in ascending item-id order (by length, then as "
+            "text: numbers in numeric order): the file looks sorted by item id within each time "
+            "(Amazon's review files are), an order the models would learn and the metrics "
+            "reward: shuffle the file's rows first") in err, err
     assert ("note: 360 events (50% of the rows read) were the older ones of users with more "
             "than --max-events-per-user 12 and were dropped") in err, err
+    # the same events, each day's in an order of their own (not the ids'): the note on
+    # the input's order, not on ids
+    shuffle = random.Random(0).sample
+    rows = [f"u{u},i{k},{T0 + (u % 7 + 2 * d) * day}" for u in range(30) for d in range(6)
+            for k in shuffle([(u + d + j) % 40 for j in range(4)], 4)]
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "shuffled"),
+                     "--session-gap", "86400", "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "shuffled"))
+    orders = stats[sessions.ID_ORDER]
+    assert orders["ascending"] + orders["descending"] == stats[sessions.SAME_TIME_PAIRS] \
+        == orders["ascending_by_length"] + orders["descending_by_length"] > 100
+    err = capsys.readouterr().err
+    assert ("are at the same time, and the input's order orders them: the models learn that "
+            "order") in err and "item-id order" not in err, err
     # a log whose times order its events: neither note
     rows = [f"u{u},i{(u + k) % 40},{T0 + u * day + 60 * k}" for u in range(30)
             for k in range(8)]

@@ -334,12 +334,16 @@ def test_consecutive_events_at_one_time_are_counted_to_the_millisecond():
     input gives (the same millisecond), for the pipeline's note on tied times."""
     events = [(0, 0, "a"), (0, 1, "b"), (1, 2, "c"), (1, 3, "c"), (5000, 4, "d"),  # a b c (c) d
               (9_000_000, 5, "x"),                                                  # dropped: short
-              (20_000_000, 6, "p"), (20_000_000, 7, "q"), (20_000_000, 8, "r")]
+              (20_000_000, 6, "p"), (20_000_000, 7, "q"), (20_000_000, 8, "r"),
+              (30_000_000, 9, "i9"), (30_000_000, 10, "i10")]  # as text down, by length up
     pairs = collections.Counter()
     out, filtered = sessions.sessionize(events, 1800, 2, 100, pairs=pairs)
-    assert [s.items for s in out] == [["a", "b", "c", "d"], ["p", "q", "r"]]
+    assert [s.items for s in out] == [["a", "b", "c", "d"], ["p", "q", "r"], ["i9", "i10"]]
     assert out[0].times == [0, 0, 0, 5]  # (seconds: a-b tie, b-c do not)
-    assert pairs == {sessions.PAIRS: 3 + 2, sessions.SAME_TIME_PAIRS: 1 + 2}
+    order = {f"{sessions.ID_ORDER}.{k}": n for k, n in (
+        ("ascending", 3), ("descending", 1), ("ascending_by_length", 4),
+        ("descending_by_length", 0))}
+    assert pairs == {sessions.PAIRS: 3 + 2 + 1, sessions.SAME_TIME_PAIRS: 1 + 2 + 1, **order}
     assert filtered == {sessions.REPEAT: 1, sessions.SHORT: 1}
 
 
