@@ -1427,23 +1427,19 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      f"were in sessions shorter than --min-session-length {length} (after "
                      f"collapsing immediate repeats) and were dropped: {how}")
     pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
-    by_id = _id_order(stats.get(sessions.ID_ORDER) or {}, tied)
-    if pairs and tied > SAME_TIME_NOTE_SHARE * pairs and by_id:
+    if pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
+        by_id = _id_order(stats.get(sessions.ID_ORDER) or {}, tied)
+        why = (f"{by_id}: the file looks sorted by item id within each time (Amazon's review "
+               "files are), an order the models would learn and the metrics reward: shuffle "
+               "the file's rows first (`shuf log.csv -o shuffled.csv` for a file without a "
+               "header) or give finer times" if by_id else
+               "the input's order orders them: the models learn that order and are scored "
+               "on it, so it should be the order the events happened in (a log of whole-day "
+               "or whole-second times written in event order is fine; one sorted by item id "
+               "within a user or a day is not: give finer times, or sort the file by its "
+               "real order first)")
         lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
-                     f"({argtypes.share(tied, pairs)}) are at the same time, and {by_id}: "
-                     "the file looks sorted by item id within each time (Amazon's review "
-                     "files are), an order the models would learn and the metrics reward: "
-                     "shuffle the file's rows first (`shuf log.csv -o shuffled.csv` for a "
-                     "file without a header) or give finer times")
-    elif pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
-        lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
-                     f"({argtypes.share(tied, pairs)}) are at the same time, and the input's "
-                     "order orders "
-                     "them: the models learn that order and are scored on it, so it should be "
-                     "the order the events happened in (a log of whole-day or whole-second "
-                     "times written in event order is fine; one sorted by item id within a "
-                     "user or a day is not: give finer times, or sort the file by its real "
-                     "order first)")
+                     f"({argtypes.share(tied, pairs)}) are at the same time, and {why}")
     late = stats.get("late_events", {})
     in_valid, in_test = late.get("train_after_t_valid", 0), late.get("train_after_t_test", 0)
     cutoffs = stats.get("cutoffs", {})
