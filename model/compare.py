@@ -54,14 +54,15 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 # and options already decide (added in later versions: a folder rebuilt with one is the
 # same data)
 NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events",
-                  "pipeline_version", "float_user_pairs", "same_time_pairs_in_id_order")
+                  "pipeline_version", "float_user_pairs", "same_time_pairs_in_id_order",
+                  "users_sessionized", "users_with_no_session")
 # stats.json keys ("stats", KEY) and pipeline options ("options", KEY) added since runs
 # first recorded their data's digest (2026-12-01), newest first: an older version's record
 # holds the digest without those added after it, which the same log rebuilt by this
 # version's pipeline gives when they are left out (`data_fingerprints`; its runs were
 # refused as "trained on other data"). A key added to stats.json goes first here (a test
 # holds the pipeline's keys to this list).
-LATER_KEYS = (("stats", "train_items_below_min_count"),
+LATER_KEYS = (("stats", "users_written"), ("stats", "train_items_below_min_count"),
               ("options", "gap_by_default"), ("stats", "heaviest_user"),
               ("stats", "max_session_events"), ("options", "filter"),
               ("stats", "unknown_target_events"), ("stats", "max_user_events"),

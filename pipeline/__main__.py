@@ -37,6 +37,9 @@ TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at 
 # A note when more than this share of the events are dropped in too short sessions, or of
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
+# ... or of the users (of at least this many) are left with no session (a sparse log's
+# one-event users: 72% of an Amazon-shaped log's users with 41% of its events)
+SHORT_NOTE_MIN_USERS = 20
 # a note where this share of the consecutive events in sessions are at the same time
 SAME_TIME_NOTE_SHARE = 0.25
 # ... and says the file looks sorted by item id where this share of those are in one order
@@ -1201,6 +1204,7 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
             "rows_malformed": counts.get("rows_malformed", 0),
             "rows_filtered": filtered,
             "rows_written": counts.get("rows_written", 0),
+            schema.USERS_WRITTEN: counts.get(schema.USERS_WRITTEN, 0),
             "splits": splits,
             "items": len(vocab),
             # the items the vocabulary left out (unknown in valid and test)
@@ -1233,6 +1237,9 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
                                     for key in split.LATE_EVENTS}
         # consecutive events in sessions, and those at one time (ordered as the input was)
         for key in (sessions.PAIRS, sessions.SAME_TIME_PAIRS):
+            stats[key] = counts.get(key, 0)
+        # the users whose events were sessionized, and those of them with no session kept
+        for key in (sessions.USERS_SESSIONIZED, sessions.USERS_WITH_NO_SESSION):
             stats[key] = counts.get(key, 0)
         # ... and of those, the ones in item-id order (a file sorted by item id)
         stats[sessions.ID_ORDER] = {order: counts.get(f"{sessions.ID_ORDER}.{order}", 0)
@@ -1370,6 +1377,20 @@ def _summary(stats: dict, output: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _seconds_as_ms(stats: dict) -> str:
+    """Where times read as milliseconds put the test cut-off in early 1970 (unix seconds
+    given as --time-unit ms: the start's note said so, and the run's end repeats it, since
+    the notes there follow from it), what to say; '' otherwise."""
+    t_test = stats.get("cutoffs", {}).get("t_test")
+    if stats["options"].get("time_unit") != "ms" or not t_test or t_test >= LIKELY_SECONDS_AS_MS:
+        return ""
+    day = time.strftime("%Y-%m-%d", time.gmtime(t_test))
+    return (f"the test cut-off read as milliseconds is on {day}: are the times unix seconds? "
+            "then every gap here is 1000 times shorter than in the log (days of a user "
+            "fall within one --session-gap) and the sessions are wrong: rerun with "
+            "--time-unit s")
+
+
 def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     """Notes and warnings on a finished run's counts: what in the log or the options made
     the output smaller or stranger than the user may think, and what to change (`aside`:
@@ -1409,7 +1430,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     sessionized = (stats["rows_read"] - stats["rows_malformed"] - dropped.get(transforms.FILTER, 0)
                    - dropped.get(sessions.DUPLICATE, 0) - dropped.get(sessions.CAPPED, 0))
     short = dropped.get(sessions.SHORT, 0)
-    if sessionized and short > SHORT_NOTE_SHARE * sessionized:
+    users = stats.get(sessions.USERS_SESSIONIZED, 0)
+    users_out = stats.get(sessions.USERS_WITH_NO_SESSION, 0)
+    if ((sessionized and short > SHORT_NOTE_SHARE * sessionized)
+            or (users >= SHORT_NOTE_MIN_USERS and users_out > SHORT_NOTE_SHARE * users)):
         length = options.get("min_session_length", 2)
         gap = options.get("session_gap", 1800)
         longer = [f"{g}: a {unit}" for g, unit in ((86400, "day"), (604800, "week")) if g > gap]
@@ -1425,7 +1449,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         lines.append(f"note: {short:,} of the {sessionized:,} events "
                      f"({argtypes.share(short, sessionized)}) "
                      f"were in sessions shorter than --min-session-length {length} (after "
-                     f"collapsing immediate repeats) and were dropped: {how}")
+                     f"collapsing immediate repeats) and were dropped"
+                     + (f", and with them {users_out:,} of the {users:,} users "
+                        f"({argtypes.share(users_out, users)}), who had no longer session"
+                        if users_out else "") + f": {how}")
     pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
     if pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
         by_id = _id_order(stats.get(sessions.ID_ORDER) or {}, tied)
@@ -1440,6 +1467,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                "real order first)")
         lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
                      f"({argtypes.share(tied, pairs)}) are at the same time, and {why}")
+    seconds_as_ms = _seconds_as_ms(stats)
+    if seconds_as_ms:
+        lines.append(f"note: {seconds_as_ms}")
     late = stats.get("late_events", {})
     in_valid, in_test = late.get("train_after_t_valid", 0), late.get("train_after_t_test", 0)
     cutoffs = stats.get("cutoffs", {})
@@ -1449,6 +1479,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
             or in_test > LATE_NOTE_SHARE * splits["test"]["events"]):
         how = ("--session-col's ids that come back later make one session of them: without "
                "--session-col, --session-gap splits them" if options.get("session_col") else
+               "seconds read as --time-unit ms (the note above) make a user's days one "
+               "session" if seconds_as_ms else
                "sessions that run on for hours or days (a user never idle for --session-gap: "
                "a crawler?): --exclude leaves a user out, a shorter --session-gap cuts them")
         where = (f"{in_valid:,} event{'s' * (in_valid != 1)} of train sessions are at or "

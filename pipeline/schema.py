@@ -45,6 +45,8 @@ SERVING_PAD_ID = ""
 SPLITS = ("train", "valid", "test")
 ITEMS_FILE = "items.tsv"
 STATS_FILE = "stats.json"
+# stats.json: the users with a record in any split (each once; a backfill's total)
+USERS_WRITTEN = "users_written"
 MALFORMED_DIR = "malformed"
 SHARD_SUFFIX = ".tfrecord.gz"
 COMPRESSION = "GZIP"

@@ -30,6 +30,12 @@ SAME_TIME_PAIRS = "same_time_pairs"
 # each way where the input's order is another
 ID_ORDER = "same_time_pairs_in_id_order"
 ID_ORDERS = ("ascending", "descending", "ascending_by_length", "descending_by_length")
+# stats.json: the users whose events reached sessionization (well-formed rows that --filter
+# kept), and those of them left with no session (every one shorter than
+# --min-session-length): a sparse log (reviews, purchases) can lose most of its users so
+# while it keeps most of its events
+USERS_SESSIONIZED = "users_sessionized"
+USERS_WITH_NO_SESSION = "users_with_no_session"
 
 RawEvent = tuple  # (time_ms, order, item) or (time_ms, order, item, session_id)
 

@@ -179,9 +179,11 @@ class _Sessionize(beam.DoFn):
         self._starts = array.array("q")  # int64: 8 bytes a session
         self._overlapping = 0
         self._pairs = collections.Counter()
+        self._users = self._users_with_no_session = 0
 
     def process(self, element):
         user, chunks = element
+        self._users += 1
         cap = self._config.max_events_per_user
         events, duplicates, capped, bound = [], 0, 0, 2 * cap
         for items, times, orders, *session_ids in chunks:
@@ -205,9 +207,14 @@ class _Sessionize(beam.DoFn):
             if self._config.session_ids:
                 self._overlapping += sessions.overlapping(user_sessions)
             yield user, [tuple(s) for s in user_sessions]
+        else:
+            self._users_with_no_session += 1
 
     def finish_bundle(self):
         counts = {f"rows_filtered/{k}": v for k, v in self._filtered.items() if v}
+        counts[sessions.USERS_SESSIONIZED] = self._users
+        if self._users_with_no_session:
+            counts[sessions.USERS_WITH_NO_SESSION] = self._users_with_no_session
         if self._overlapping:
             counts[sessions.OVERLAPPING] = self._overlapping
         counts.update((k, n) for k, n in self._pairs.items() if n)
@@ -293,6 +300,8 @@ class _BuildRecords(beam.DoFn):
                 for times in session_times:
                     for key, n in split.late_events(times, name, cutoffs).items():
                         self._counts[LATE_PREFIX + key] += n
+        if out.records:
+            self._counts[schema.USERS_WRITTEN] += 1
         for name, record in out.records.items():
             yield pvalue.TaggedOutput(name, record)
             self._counts[f"splits/{name}/users"] += 1

@@ -271,10 +271,11 @@ class _ProgressLines:
     """Progress as a line every `every` seconds, for a stderr that is not a terminal (a
     scheduler's log), where a bar redrawn with carriage returns would be one long line."""
 
-    def __init__(self, counts: BackfillCounts, disabled: bool, every: float = 30.0):
+    def __init__(self, counts: BackfillCounts, disabled: bool, every: float = 30.0,
+                 total: int | None = None):
         import time
 
-        self.counts, self.disabled, self.every = counts, disabled, every
+        self.counts, self.disabled, self.every, self.total = counts, disabled, every, total
         self.clock = time.monotonic
         self.start = self.shown = self.clock()
         self.handled = 0
@@ -287,9 +288,26 @@ class _ProgressLines:
         if self.disabled or now - self.shown < self.every:
             return
         self.shown = now
-        print(f"backfill: {self.handled:,} users handled ({self.counts.users:,} stored, "
-              f"{self.counts.kept:,} kept) in {now - self.start:.0f} s", file=sys.stderr,
+        spent = now - self.start
+        of, left = "", ""
+        if self.total:
+            of = f" of {self.total:,}"
+            if self.handled < self.total:
+                left = f", about {(self.total - self.handled) * spent / self.handled:.0f} s left"
+        print(f"backfill: {self.handled:,}{of} users handled ({self.counts.users:,} stored, "
+              f"{self.counts.kept:,} kept) in {spent:.0f} s{left}", file=sys.stderr,
               flush=True)
+
+
+def _users_to_handle(data_dir: str, max_users: int | None) -> int | None:
+    """The users the backfill goes through: stats.json's count of users written (None for
+    a folder from a pipeline before it counted them: the progress has no total)."""
+    from pipeline import schema
+
+    written = schema.read_stats(data_dir).get(schema.USERS_WRITTEN)
+    if not isinstance(written, int) or isinstance(written, bool) or written <= 0:
+        return None
+    return written if max_users is None else min(written, max_users)
 
 
 def _remove_if_empty(path: str) -> None:
@@ -387,9 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             version = client.pin(args.version)
             check_catalogue(client, args.data, names)
             tty = sys.stderr.isatty()
+            total = _users_to_handle(args.data, args.max_users)
             bar = tqdm(desc=f"backfill version {version}", unit="user", file=sys.stderr,
-                       disable=args.no_progress or not tty, mininterval=1.0)
-            lines = _ProgressLines(counts, args.no_progress or tty)  # (a log: a line a while)
+                       disable=args.no_progress or not tty, mininterval=1.0, total=total)
+            lines = _ProgressLines(counts, args.no_progress or tty,  # (a log: a line a while)
+                                   total=total)
 
             def on_users(n: int) -> None:
                 bar.update(n)

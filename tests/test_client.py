@@ -1305,6 +1305,30 @@ def test_backfill_progress_in_a_log_is_a_line_a_while(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "backfill: 30 users handled (40 stored, 2 kept) in 31 s",
         "backfill: 47 users handled (40 stored, 2 kept) in 62 s"]
+    # with stats.json's count of the users: of how many, and the time left at this rate
+    lines = backfill._ProgressLines(counts, disabled=False, every=30.0, total=94)
+    clock = iter([31.0, 62.0, 95.0])
+    lines.clock, lines.start, lines.shown = (lambda: next(clock)), 0.0, 0.0
+    for n in (30, 17, 47):
+        lines.update(n)
+    assert capsys.readouterr().err.splitlines() == [
+        "backfill: 30 of 94 users handled (40 stored, 2 kept) in 31 s, about 66 s left",
+        "backfill: 47 of 94 users handled (40 stored, 2 kept) in 62 s, about 62 s left",
+        "backfill: 94 of 94 users handled (40 stored, 2 kept) in 95 s"]
+
+
+def test_backfill_takes_its_total_from_the_pipelines_count_of_users(tmp_path):
+    """stats.json's users_written (capped by --max-users); none from a folder whose
+    pipeline did not count them."""
+    from pipeline import schema
+    from serving import backfill
+
+    (tmp_path / schema.STATS_FILE).write_text(json.dumps({schema.USERS_WRITTEN: 120}))
+    assert backfill._users_to_handle(str(tmp_path), None) == 120
+    assert backfill._users_to_handle(str(tmp_path), 50) == 50
+    assert backfill._users_to_handle(str(tmp_path), 500) == 120
+    (tmp_path / schema.STATS_FILE).write_text(json.dumps({"rows_written": 7}))
+    assert backfill._users_to_handle(str(tmp_path), None) is None
 
 
 def test_items_json_from_standard_input(monkeypatch):

@@ -72,6 +72,8 @@ def test_session_records_on_hand_written_events(tmp_path):
             "splits/train/events": 5, "splits/valid/users": 1, "splits/valid/sessions": 1,
             "splits/valid/events": 2, "splits/test/users": 2, "splits/test/sessions": 2,
             "splits/test/events": 4,
+            # u1, u2, u3 written (each once, whatever its splits), of three sessionized
+            "users_written": 3, "users_sessionized": 3,
             # the most events of one user per split: u1's 3 in train, u2's 2 in valid,
             # 2 each in test
             "max_user_events/train": 3, "max_user_events/valid": 2,

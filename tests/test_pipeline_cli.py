@@ -1876,6 +1876,32 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_seconds_given_as_milliseconds_are_named_again_at_the_end(tmp_path, capsys):
+    """A log in unix seconds run with --time-unit ms: the start's note is one line among
+    the progress, and the notes at the end follow from the mistake (sessions that span
+    days, train events past the cut-offs): the end repeats it and the late events' note
+    names it as their reason, not a crawler."""
+    day = 86_400
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + 3 * d + k) % 13},{1_600_000_000 + day * d + 3600 * u + 60 * k}\n"
+        for u in range(30) for d in range(6) for k in range(4)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "ms"), "--time-unit", "ms",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert ("note: the test cut-off read as milliseconds is on 1970-01-19: are the times unix "
+            "seconds? then every gap here is 1000 times shorter than in the log (days of a "
+            "user fall within one --session-gap) and the sessions are wrong: rerun with "
+            "--time-unit s\n") in err, err
+    assert ("(stats.json's late_events); seconds read as --time-unit ms (the note above) make "
+            "a user's days one session\n") in err and "crawler?" not in err.split(
+                "late_events")[1].split("\n")[0]
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "s"), "--time-unit", "s",
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert "1970" not in err and "milliseconds" not in err, err
+
+
 def test_an_output_on_a_read_only_file_system_is_said_so(read_only_mount, tmp_path):
     """--output on a file system mounted read-only: the usage error names it (it said "no
     permission to write", which sent root to chmod), before any work."""
@@ -2417,7 +2443,8 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
     assert cli.main(["--input", str(reviews), "--output", str(out), *IN_MEMORY]) == 1
     err = capsys.readouterr().err
     assert ("note: 240 of the 240 events (100%) were in sessions shorter than "
-            "--min-session-length 2 (after collapsing immediate repeats) and were dropped: a gap "
+            "--min-session-length 2 (after collapsing immediate repeats) and were dropped, and "
+            "with them 30 of the 30 users (100%), who had no longer session: a gap "
             "over --session-gap 1800 s starts a new session; for a log of sparse events "
             "(reviews, ratings, purchases) pass a longer --session-gap (86400: a day, 604800: a "
             "week), or --min-session-length 1 to keep one-event sessions (they join the users' "
@@ -2426,7 +2453,9 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
     assert err.endswith(f"error: no event was written (0 rows malformed, filtered "
                         f"{{'short_session': 240}}): check the options against the log ({out} "
                         "holds its stats.json; a rerun into it needs --overwrite)\n"), err
-    assert schema.read_stats(str(out))["rows_filtered"] == {"short_session": 240}
+    stats = schema.read_stats(str(out))
+    assert stats["rows_filtered"] == {"short_session": 240}
+    assert (stats["users_sessionized"], stats["users_with_no_session"]) == (30, 30)
     # a longer gap that is still too short: only longer ones are suggested, then none
     sparse = tmp_path / "sparse.csv"  # one event every 10 days
     sparse.write_text("user,item,time\n" + "".join(
@@ -2450,6 +2479,35 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
     assert stats["cutoffs"]["t_valid"] == stats["cutoffs"]["t_test"]
     assert stats["splits"]["valid"]["events"] == 0 and stats["splits"]["test"]["events"] > 0
     assert ("warning: the valid split is empty (cut-offs " in capsys.readouterr().err)
+
+
+def test_a_log_that_keeps_most_events_but_drops_most_users_has_the_note(tmp_path, capsys):
+    """An Amazon-shaped log: most users review once (a one-event session, dropped), a few
+    review a lot; 40% of the events are dropped (under the events' share of the note) with
+    75% of the users: the note says so, with the users' count; stats.json counts both."""
+    rows = [f"once{u},i{u % 9},{1_600_000_000 + 3600 * u}" for u in range(60)]
+    rows += [f"many{u},i{(u + k) % 9},{1_600_000_000 + 3600 * u + 60 * k}"
+             for u in range(20) for k in range(5)]
+    log = tmp_path / "reviews.csv"
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["--input", str(log), "--output", str(out), "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(out))
+    assert stats["rows_filtered"]["short_session"] == 60 and stats["rows_written"] == 100
+    assert (stats["users_sessionized"], stats["users_with_no_session"]) == (80, 60)
+    assert ("note: 60 of the 160 events (38%) were in sessions shorter than "
+            "--min-session-length 2 (after collapsing immediate repeats) and were dropped, and "
+            "with them 60 of the 80 users (75%), who had no longer session: a gap over "
+            "--session-gap 1800 s starts a new session; ") in capsys.readouterr().err
+    # the users who stay (a one-event user among longer ones): no note
+    rows = rows[:10] + rows[60:]
+    log.write_text("user,item,time\n" + "\n".join(rows) + "\n")
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "most"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    stats = schema.read_stats(str(tmp_path / "most"))
+    assert (stats["users_sessionized"], stats["users_with_no_session"]) == (30, 10)
+    assert "shorter than --min-session-length" not in capsys.readouterr().err
 
 
 def test_malformed_rows_are_counted_by_kind_of_reason_and_the_note_names_the_most(
@@ -2951,7 +3009,6 @@ def test_the_workers_of_a_killed_run_end_with_it(tmp_path):
     """`kill -9` of a run left its SDK worker processes (~160 MB each, behind a /bin/sh of
     their own) running about two minutes (audit): each is its own process (`exec`), given
     the parent-death signal, and ends with the run."""
-    import signal
     import time
 
     from pipeline import beam_fixes
