@@ -170,6 +170,15 @@ CAP_NOTE_SECONDS = 30.0
 # Last.fm-shaped log's 41,285: 4.7 s a step, 1.0k events/s against 13.3k sampled, on one core)
 SLOW_SOFTMAX_ITEMS = 20_000
 
+# A note where a valid evaluation takes at least this many seconds and more than this share
+# of the time of the --eval-every steps between two (a large catalogue under the sampled
+# loss: the steps' cost does not grow with it, each evaluation's does; an audit's 165k
+# items: 58 s an evaluation against 24 s for its 100 steps, 70% of the run's time), naming
+# an --eval-every that would spend about EVAL_TARGET_SHARE of the time on them
+EVAL_NOTE_SECONDS = 10.0
+EVAL_NOTE_SHARE = 0.5
+EVAL_TARGET_SHARE = 0.2
+
 # Below this share of slots that train the GRU over sessions, model.train says so.
 HIGH_LEVEL_SHARE_NOTE = 0.1
 
@@ -577,6 +586,30 @@ def _cap_note(tc: config_lib.TrainConfig, step: int, total_steps: int, seconds_l
                  "each step: --loss sampled trains faster (README § Repeat consumption "
                  "compares the two)")
     return text
+
+
+def _eval_note(tc: config_lib.TrainConfig, eval_s: float, per_step: float, events: int,
+               items: int) -> str | None:
+    """The note that valid evaluations take most of the run's time (an evaluation of
+    `eval_s` seconds that ranked `events` events against `items` items, steps of
+    `per_step` seconds), with an --eval-every that would spend EVAL_TARGET_SHARE on them;
+    None where they do not."""
+    interval = per_step * tc.eval_every
+    if eval_s < EVAL_NOTE_SECONDS or eval_s <= EVAL_NOTE_SHARE * interval:
+        return None
+    share = eval_s / (eval_s + interval)
+    # the steps whose time is (1 - target) / target times an evaluation's, rounded up to
+    # 1, 2 or 5 times a power of ten
+    every = max(eval_s * (1 - EVAL_TARGET_SHARE) / EVAL_TARGET_SHARE / max(per_step, 1e-9),
+                tc.eval_every + 1)
+    power = 10 ** math.floor(math.log10(every))
+    every = next(m * power for m in (1, 2, 5, 10) if m * power >= every)
+    return (f"note: a valid evaluation took {eval_s:.0f} s ({events:,} events ranked against "
+            f"{items:,} items) against {interval:.0f} s for the {tc.eval_every:,} steps "
+            f"between two: evaluations are {share:.0%} of this run's time"
+            + (", and --max-minutes does not count them" if tc.max_minutes else "")
+            + f"; --eval-every {every:,} would make them about {EVAL_TARGET_SHARE:.0%} "
+            "(or a smaller --eval-events: fewer events, a noisier choice of the best step)")
 
 
 def _about(number: float) -> str:
@@ -1236,7 +1269,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 eval_seconds += time.perf_counter() - t1
             # the step fetches its batch from the iterator itself (`make_train_step`)
             batches = iter(dataset) if not finished else None
-            traced = cap_noted = False
+            traced = cap_noted = eval_noted = False
             while batches is not None:
                 if _stop_signal[0] is not None:  # taken, and its KeyboardInterrupt lost
                     raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
@@ -1313,7 +1346,18 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 if tc.eval_every and step % tc.eval_every == 0:
                     t1 = time.perf_counter()
                     valid = evaluate_and_select(step)
-                    eval_seconds += time.perf_counter() - t1
+                    took = time.perf_counter() - t1
+                    # (the steps' wall time as the cap's note counts it, the
+                    # evaluations' left out; after a whole interval of this process)
+                    if (not eval_noted and step - start_step > tc.eval_every
+                            and step < total_steps and valid.get("events")):
+                        eval_noted = True
+                        wall = t1 - cap_clock[0] - (eval_seconds - cap_clock[1])
+                        note = _eval_note(tc, took, wall / (step - start_step - 1),
+                                          valid["events"], items)
+                        if note:
+                            print(f"{after_bar}{note}", file=sys.stderr)
+                    eval_seconds += took
                     if _stalled(tc, best, step) and not (tc.steps and step >= tc.steps):
                         print(f"stopping at step {step}: {_stall_text(tc, best)}",
                               file=sys.stderr)

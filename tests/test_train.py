@@ -156,6 +156,35 @@ def test_a_cap_that_ends_the_run_early_is_said_with_the_step_and_epochs_it_reach
     assert train_lib._cap_note(tc, 116, 200, 600.0, 4.7, 556_000, 4794.0, data, 41_285) is None
 
 
+def test_evaluations_that_take_most_of_the_run_are_said_once_with_an_eval_every(
+        data, config_file, tmp_path, capsys, monkeypatch):
+    """A large catalogue under the sampled loss: each valid evaluation ranks against every
+    item, the steps do not (an audit's 165k items: 58 s an evaluation against 24 s for the
+    100 steps between two, 70% of the wall time, and --max-minutes 10 ran 28 minutes). The
+    note comes once, after an evaluation that followed a whole interval of steps."""
+    tc = config_lib.TrainConfig(eval_every=100)
+    assert train_lib._eval_note(tc, 58.0, 0.24, 7_575, 165_302) == (
+        "note: a valid evaluation took 58 s (7,575 events ranked against 165,302 items) "
+        "against 24 s for the 100 steps between two: evaluations are 71% of this run's time; "
+        "--eval-every 1,000 would make them about 20% (or a smaller --eval-events: fewer "
+        "events, a noisier choice of the best step)")
+    capped = config_lib.TrainConfig(eval_every=100, max_minutes=10)
+    assert ", and --max-minutes does not count them;" in train_lib._eval_note(
+        capped, 58.0, 0.24, 7_575, 165_302)
+    assert train_lib._eval_note(tc, 9.0, 0.01, 7_575, 165_302) is None  # quick: no note
+    assert train_lib._eval_note(tc, 20.0, 0.5, 7_575, 165_302) is None  # 29% of the time
+    # the run's own figures: the tiny run's evaluations count as slow here
+    monkeypatch.setattr(train_lib, "EVAL_NOTE_SECONDS", 0.0)
+    monkeypatch.setattr(train_lib, "EVAL_NOTE_SHARE", 0.0)
+    assert train_lib.main(_args(data, str(tmp_path / "run"), config_file, "--steps", "8",
+                                "--eval-every", "2")) == 0
+    notes = re.findall(r"^note: a valid evaluation took \d+ s \(([\d,]+) events ranked "
+                       r"against 20 items\) against \d+ s for the 2 steps between two: "
+                       r"evaluations are \d+% of this run's time; --eval-every ([125]0*) would ",
+                       capsys.readouterr().err, re.M)
+    assert len(notes) == 1 and int(notes[0][0]) > 0 and int(notes[0][1]) > 2, notes
+
+
 def test_loss_decreases_and_run_folder_is_complete(data, config_file, tmp_path, capsys):
     run = str(tmp_path / "run")
     args = [a for a in _args(data, run, config_file, "--steps", "60", "--eval-every", "60")
