@@ -38,7 +38,7 @@ TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at 
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
 # ... or of the users (of at least this many) are left with no session (a sparse log's
-# one-event users: 72% of an Amazon-shaped log's users with 41% of its events)
+# one-event users: 67% of an Amazon-shaped log's users with 41% of its events)
 SHORT_NOTE_MIN_USERS = 20
 # a note where this share of the consecutive events in sessions are at the same time
 SAME_TIME_NOTE_SHARE = 0.25
