@@ -564,8 +564,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         parser.error("--rule-out-seen rules out the item the session is on as well: pass "
                      "one of --rule-out-seen and --rule-out-current")
     args.checkpoint = args.checkpoint or "best"
-    if command:  # (full-catalogue scores over 32 MB a batch: no fresh pages every batch)
-        malloc.keep_freed_memory()
+    if command:  # (full-catalogue scores over 32 MB a batch: no fresh pages every batch,
+        # and one arena for TensorFlow's threads, whose blocks over 64 MB were mapped afresh)
+        malloc.keep_freed_memory(one_arena=True)
     # TensorFlow loads once the command line and a local data folder are checked (their
     # errors are said at once), with its start-up notes held back where they are noise;
     # a remote folder is read through TensorFlow's file systems

@@ -739,6 +739,32 @@ def test_the_command_line_answers_without_tensorflows_runtime(served, tmp_path, 
     assert json.loads(answer) == expected
 
 
+def test_a_library_user_can_call_the_model_without_tensorflows_runtime(served):
+    """README: a process that runs no TensorFlow op (a web service that calls the model)
+    calls `serving.quiet.tensorflow_protos_only()` before importing the client, which then
+    loads TF Serving's messages alone and answers as the client with TensorFlow loaded."""
+    script = ("import json, sys\n"
+              "from serving import quiet\n"
+              "assert quiet.tensorflow_protos_only()\n"
+              "from serving.client import HierTCNClient\n"
+              f"with HierTCNClient({served['server'].target!r}, {NAME!r}, timeout=30) as c:\n"
+              "    c.pin()\n"
+              "    ids, scores = c.next_items(c.zero_states(1), [['item3']], k=4)\n"
+              "print(json.dumps([ids, scores.tolist()]))\n"
+              "print(sorted(m for m in sys.modules if m.startswith('tensorflow.python')))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    answer, modules = proc.stdout.strip().splitlines()[-2:]
+    assert modules == "[]"
+    with HierTCNClient(served["server"].target, NAME, timeout=30) as c:
+        c.pin()
+        ids, scores = c.next_items(c.zero_states(1), [["item3"]], k=4)
+    got_ids, got_scores = json.loads(answer)
+    assert got_ids == ids
+    np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
+
+
 def test_the_cli_drops_tensorflows_import_notes_and_keeps_the_rest(capfd):
     from serving.quiet import native_notes_dropped
 
