@@ -718,6 +718,19 @@ def test_tls_server_and_client(served, tmp_path, capsys):
             raise AssertionError("\n".join(bad.lines))
 
 
+# (a script's last line: the TensorFlow runtime modules it loaded)
+_PRINT_RUNTIME = "print(sorted(m for m in sys.modules if m.startswith('tensorflow.python')))"
+
+
+def _last_two_lines(script: str, quiet: bool = False) -> list[str]:
+    """The last two lines a Python script prints, run from the repository root (`quiet`:
+    it must write nothing to stderr)."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and (proc.stderr == "" or not quiet), proc.stderr
+    return proc.stdout.strip().splitlines()[-2:]
+
+
 def test_the_command_line_answers_without_tensorflows_runtime(served, tmp_path, capsys):
     """`python -m serving.client` imports TensorFlow's message modules only (0.3 s instead
     of 5-7 s per call) and answers exactly as the in-process client."""
@@ -729,12 +742,9 @@ def test_the_command_line_answers_without_tensorflows_runtime(served, tmp_path, 
               "    runpy.run_module('serving.client', run_name='__main__', alter_sys=True)\n"
               "except SystemExit as e:\n"
               "    assert not e.code, e.code\n"
-              "print('runtime', sorted(m for m in sys.modules if m.startswith('tensorflow.python')))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    answer, modules = proc.stdout.strip().splitlines()[-2:]
-    assert modules == "runtime []"
+              f"{_PRINT_RUNTIME}\n")
+    answer, modules = _last_two_lines(script, quiet=True)
+    assert modules == "[]"
     expected = run_cli(capsys, served, tmp_path / "in-process.sqlite", *args[6:])
     assert json.loads(answer) == expected
 
@@ -751,11 +761,8 @@ def test_a_library_user_can_call_the_model_without_tensorflows_runtime(served):
               "    c.pin()\n"
               "    ids, scores = c.next_items(c.zero_states(1), [['item3']], k=4)\n"
               "print(json.dumps([ids, scores.tolist()]))\n"
-              "print(sorted(m for m in sys.modules if m.startswith('tensorflow.python')))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stderr
-    answer, modules = proc.stdout.strip().splitlines()[-2:]
+              f"{_PRINT_RUNTIME}\n")
+    answer, modules = _last_two_lines(script)
     assert modules == "[]"
     with HierTCNClient(served["server"].target, NAME, timeout=30) as c:
         c.pin()
