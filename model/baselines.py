@@ -57,6 +57,7 @@ class Popularity(BlockScorer):
     def __init__(self, counts: np.ndarray):
         """Args: counts: int [V] train event counts by vocabulary index."""
         self.pop = popularity_term(counts)  # (float32 counts tied above 2**24)
+        self._sorted = np.sort(self.pop[schema.NUM_RESERVED:])  # the candidates' scores
 
     @classmethod
     def fit(cls, data_dir: str) -> "Popularity":
@@ -65,6 +66,23 @@ class Popularity(BlockScorer):
 
     def initial_state(self, user_ids: list[str]) -> State:
         return None
+
+    def ranks(self, state, sessions, vocab_size, excluded=None, seen=None):
+        """`Scorer.ranks` without the [rows, steps, V] score blocks: every position scores
+        the items alike, so a target's conservative rank is the number of candidates
+        scoring at least its score, one lookup in their sorted scores (a 164k-item
+        catalogue's test split took 114 s of CPU filling and counting the blocks). With
+        items ruled out (`excluded`, `seen`), or arguments the blocks would refuse, the
+        blocks."""
+        sessions = np.asarray(sessions, dtype=np.int64)
+        if (excluded is not None or seen is not None or len(self.pop) != vocab_size
+                or (sessions.size and (sessions.min() < 0 or sessions.max() >= vocab_size))):
+            return super().ranks(state, sessions, vocab_size, excluded, seen)
+        below = np.searchsorted(self._sorted, self.pop[sessions], side="left")
+        out = (len(self._sorted) - below).astype(np.float64)
+        out[sessions == schema.UNKNOWN_INDEX] = np.inf
+        out[sessions == schema.PAD_INDEX] = 0.0
+        return out
 
     def score_blocks(self, state, sessions, width):
         rows, steps = np.shape(sessions)

@@ -218,6 +218,32 @@ def test_popularity_tells_apart_counts_float32_cannot():
         assert scores[6] == 0 < scores[5] < scores[4] == scores[3] < scores[2] < 0.5
 
 
+def test_popularitys_sorted_lookup_gives_the_blocks_ranks():
+    """`Popularity.ranks` looks each target up in the sorted scores instead of filling
+    [rows, steps, V] blocks: the same ranks as the blocks' (`Scorer.ranks`), ties, padding,
+    unknown targets and float32's ties above 2**24 included; with items ruled out it is
+    the blocks'."""
+    from model import base
+
+    rng = np.random.default_rng(3)
+    counts = np.concatenate([[0, 0], rng.integers(0, 6, 300), [2 ** 24 + 1, 2 ** 24]])
+    model = baselines.Popularity(counts)
+    sessions = rng.integers(1, len(counts), (7, 9))
+    sessions[2, 5:] = 0  # padding
+    sessions[0, 3] = sessions[4, 0] = 1  # unknown
+    blocks = base.Scorer.ranks(model, None, sessions, len(counts))
+    fast = model.ranks(None, sessions, len(counts))
+    np.testing.assert_array_equal(fast, blocks)
+    assert np.isinf(fast[0, 3]) and np.isinf(fast[4, 0]) and fast[2, 6] == 0
+    assert model.ranks(None, np.array([[len(counts) - 2]]), len(counts)).tolist() == [[1.0]]
+    excluded = metrics.previous_items(sessions)
+    np.testing.assert_array_equal(
+        model.ranks(None, sessions, len(counts), excluded=excluded),
+        base.Scorer.ranks(model, None, sessions, len(counts), excluded=excluded))
+    with pytest.raises(ValueError, match="targets must lie in"):  # as the blocks say it
+        model.ranks(None, np.array([[len(counts)]]), len(counts))
+
+
 def test_spop_ranks_session_counts_then_popularity():
     spop = baselines.SessionPop(COUNTS)
     scores = spop.score(None, np.array([[5, 7, 5, 3]]))
