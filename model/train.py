@@ -589,7 +589,7 @@ def _cap_note(tc: config_lib.TrainConfig, step: int, total_steps: int, seconds_l
 
 
 def _eval_note(tc: config_lib.TrainConfig, eval_s: float, per_step: float, events: int,
-               items: int) -> str | None:
+               items: int, total_steps: int | None = None) -> str | None:
     """The note that valid evaluations take most of the run's time (an evaluation of
     `eval_s` seconds that ranked `events` events against `items` items, steps of
     `per_step` seconds), with an --eval-every that would spend EVAL_TARGET_SHARE on them;
@@ -608,8 +608,11 @@ def _eval_note(tc: config_lib.TrainConfig, eval_s: float, per_step: float, event
             f"{items:,} items) against {interval:.0f} s for the {tc.eval_every:,} steps "
             f"between two: evaluations are {share:.0%} of this run's time"
             + (", and --max-minutes does not count them" if tc.max_minutes else "")
-            + f"; --eval-every {every:,} would make them about {EVAL_TARGET_SHARE:.0%} "
-            "(or a smaller --eval-events: fewer events, a noisier choice of the best step)")
+            + f"; --eval-every {every:,} would make them about {EVAL_TARGET_SHARE:.0%}"
+            + (f" (a run of {total_steps:,} steps then evaluates at its end alone: more "
+               "--steps or --epochs go with it)" if total_steps and every >= total_steps else "")
+            + ", and a smaller --eval-events less (fewer events: a noisier choice of the "
+            "best step)")
 
 
 def _about(number: float) -> str:
@@ -1354,7 +1357,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                         eval_noted = True
                         wall = t1 - cap_clock[0] - (eval_seconds - cap_clock[1])
                         note = _eval_note(tc, took, wall / (step - start_step - 1),
-                                          valid["events"], items)
+                                          valid["events"], items, total_steps)
                         if note:
                             print(f"{after_bar}{note}", file=sys.stderr)
                     eval_seconds += took

@@ -166,11 +166,18 @@ def test_evaluations_that_take_most_of_the_run_are_said_once_with_an_eval_every(
     assert train_lib._eval_note(tc, 58.0, 0.24, 7_575, 165_302) == (
         "note: a valid evaluation took 58 s (7,575 events ranked against 165,302 items) "
         "against 24 s for the 100 steps between two: evaluations are 71% of this run's time; "
-        "--eval-every 1,000 would make them about 20% (or a smaller --eval-events: fewer "
-        "events, a noisier choice of the best step)")
+        "--eval-every 1,000 would make them about 20%, and a smaller --eval-events less "
+        "(fewer events: a noisier choice of the best step)")
     capped = config_lib.TrainConfig(eval_every=100, max_minutes=10)
     assert ", and --max-minutes does not count them;" in train_lib._eval_note(
         capped, 58.0, 0.24, 7_575, 165_302)
+    assert train_lib._eval_note(tc, 58.0, 0.24, 7_575, 165_302, 2_000).endswith(
+        "--eval-every 1,000 would make them about 20%, and a smaller --eval-events less "
+        "(fewer events: a noisier choice of the best step)")
+    assert train_lib._eval_note(tc, 34.0, 0.13, 6_495, 164_192, 2_000).endswith(
+        "--eval-every 2,000 would make them about 20% (a run of 2,000 steps then evaluates "
+        "at its end alone: more --steps or --epochs go with it), and a smaller --eval-events "
+        "less (fewer events: a noisier choice of the best step)")
     assert train_lib._eval_note(tc, 9.0, 0.01, 7_575, 165_302) is None  # quick: no note
     assert train_lib._eval_note(tc, 20.0, 0.5, 7_575, 165_302) is None  # 29% of the time
     # the run's own figures: the tiny run's evaluations count as slow here
