@@ -172,7 +172,7 @@ SLOW_SOFTMAX_ITEMS = 20_000
 
 # A note where a valid evaluation takes at least this many seconds and more than this share
 # of the time of the --eval-every steps between two (a large catalogue under the sampled
-# loss: the steps' cost does not grow with it, each evaluation's does; an audit's 165k
+# loss: the steps' cost does not grow with it, each evaluation's does; an audit's 164k
 # items: 58 s an evaluation against 24 s for its 100 steps, 70% of the run's time), naming
 # an --eval-every that would spend about EVAL_TARGET_SHARE of the time on them
 EVAL_NOTE_SECONDS = 10.0

@@ -159,7 +159,7 @@ def test_a_cap_that_ends_the_run_early_is_said_with_the_step_and_epochs_it_reach
 def test_evaluations_that_take_most_of_the_run_are_said_once_with_an_eval_every(
         data, config_file, tmp_path, capsys, monkeypatch):
     """A large catalogue under the sampled loss: each valid evaluation ranks against every
-    item, the steps do not (an audit's 165k items: 58 s an evaluation against 24 s for the
+    item, the steps do not (an audit's 164k items: 58 s an evaluation against 24 s for the
     100 steps between two, 70% of the wall time, and --max-minutes 10 ran 28 minutes). The
     note comes once, after an evaluation that followed a whole interval of steps."""
     tc = config_lib.TrainConfig(eval_every=100)
