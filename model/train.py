@@ -1154,6 +1154,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     if before.get("loss") is not None:
         last_loss = float(before["loss"])
 
+    def wall_per_step(now: float) -> float:
+        """Wall seconds a step of this process since its first (which traces), up to `now`,
+        as --max-minutes counts them: the loop's and the checkpoints' time included, the
+        valid evaluations' not (for the cap's and the evaluations' notes)."""
+        return (now - cap_clock[0] - (eval_seconds - cap_clock[1])) / (step - start_step - 1)
+
     def trained() -> dict:
         return {"seconds": before["seconds"] + time.perf_counter() - wall_start - eval_seconds,
                 "step_seconds": before["step_seconds"] + step_seconds,
@@ -1326,12 +1332,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                         and step_seconds >= min(CAP_NOTE_SECONDS, 6 * tc.max_minutes)):
                     cap_noted = True
                     timed_steps = step - start_step - 1
-                    # (a step's wall time as the cap counts it: the loop's and the
-                    # checkpoints' time too, not only the compiled step's)
-                    wall = time.perf_counter() - cap_clock[0] - (eval_seconds - cap_clock[1])
                     note = _cap_note(tc, step, total_steps,
                                      60 * tc.max_minutes - trained()["seconds"],
-                                     wall / timed_steps, trained()["events"],
+                                     wall_per_step(time.perf_counter()), trained()["events"],
                                      timed_events / timed_steps, data_dir,
                                      items if model.sampler is None else None)
                     if note:
@@ -1350,14 +1353,12 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                     t1 = time.perf_counter()
                     valid = evaluate_and_select(step)
                     took = time.perf_counter() - t1
-                    # (the steps' wall time as the cap's note counts it, the
-                    # evaluations' left out; after a whole interval of this process)
+                    # (after a whole interval of this process's steps)
                     if (not eval_noted and step - start_step > tc.eval_every
                             and step < total_steps and valid.get("events")):
                         eval_noted = True
-                        wall = t1 - cap_clock[0] - (eval_seconds - cap_clock[1])
-                        note = _eval_note(tc, took, wall / (step - start_step - 1),
-                                          valid["events"], items, total_steps)
+                        note = _eval_note(tc, took, wall_per_step(t1), valid["events"], items,
+                                          total_steps)
                         if note:
                             print(f"{after_bar}{note}", file=sys.stderr)
                     eval_seconds += took
