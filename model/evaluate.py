@@ -44,6 +44,9 @@ EVAL_SPLITS = ("valid", "test")
 SORT_WINDOW = 1024
 # progress in a log file (not a terminal): a line this often, as `model.train`'s
 LOG_FILE_SECONDS = 30.0
+# a transient bar (`evaluate(transient=True)`: training's valid evaluations) shows on a
+# terminal once an evaluation has taken this long
+TRANSIENT_DELAY_SECONDS = 2.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,7 +167,8 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
              max_users: int | None = None, user_ids: Collection[str] | None = None,
              progress: bool = True, users: Sequence[schema.UserRecord] | None = None,
              per_user_output: str | None = None, rule_out_current: bool = False,
-             rule_out_seen: bool = False) -> dict:
+             rule_out_seen: bool = False, transient: bool = False,
+             progress_out=None) -> dict:
     """Evaluates a scorer online on the target sessions of a split.
 
     Args:
@@ -176,6 +180,13 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
       max_users: evaluate only the first N users of the split (all when None).
       user_ids: evaluate only these users (all when None; see `sample_users`).
       progress: show a progress bar over users.
+      transient: progress that leaves nothing behind for an evaluation whose caller says
+        its result next (`model.train`'s valid evaluations): on a terminal, a bar shown
+        once the evaluation has taken `TRANSIENT_DELAY_SECONDS` and cleared at its end; in
+        a log file, a line every `LOG_FILE_SECONDS` (none for a shorter evaluation)
+        without a last one at the end.
+      progress_out: the stream the progress goes to (default sys.stderr, whose being a
+        terminal or not chooses the bar or the lines).
       users: the split's user records, already read (`load_users`), instead of reading
         them from `data_dir` (`max_users` and `user_ids` still apply).
       per_user_output: also write each user's event count and metric sums here (an
@@ -235,9 +246,11 @@ def evaluate(scorer: Scorer, data_dir: str, split: str, *, batch_size: int = 64,
     # more of the work than a thousand light ones, so a count of users misleads (a log
     # with a few power users: "12 users of 1,593 (1%), about 1:06:55 left" after 30 s of a
     # 1 min 28 s evaluation).
-    with (_BarProgress(tqdm, total, total_events, desc, disable=not progress)
+    with (_BarProgress(tqdm, total, total_events, desc, disable=not progress,
+                       transient=transient, out=progress_out)
           if not progress or sys.stderr.isatty() or argtypes.in_notebook()
-          else LineProgress(total, desc, total_events=total_events)) as bar:
+          else LineProgress(total, desc, out=progress_out, total_events=total_events,
+                            last_line=not transient)) as bar:
         for batch in _user_batches(_most_events_first(users, SORT_WINDOW), batch_size,
                                    vocab.size):
             _evaluate_batch(scorer, batch, vocab.size, acc, len(ids), rule_out_current,
@@ -296,12 +309,15 @@ class LineProgress:
 
     With `total_events` (the split's target events) the share done and the time left are
     those of the events, not of the users: users differ in size by orders of magnitude
-    and are taken most events first."""
+    and are taken most events first. `last_line` False: no line at the end (the caller
+    says the result next), so an evaluation shorter than `every` prints nothing."""
 
-    def __init__(self, total: int | None, desc: str, every: float = LOG_FILE_SECONDS,
-                 out=None, total_events: int | None = None):
-        self.total, self.desc, self.every = total, desc, every
+    def __init__(self, total: int | None, desc: str, every: float | None = None,
+                 out=None, total_events: int | None = None, last_line: bool = True):
+        self.total, self.desc = total, desc
+        self.every = LOG_FILE_SECONDS if every is None else every
         self.total_events = total_events
+        self.last_line = last_line
         self.out = out or sys.stderr
         self.done = self.events = 0
         self.start = self.last = time.monotonic()
@@ -320,7 +336,7 @@ class LineProgress:
         self._ended.set()
         if self._beat is not None:  # (a stop may have left the lock taken: a second then)
             self._beat.join(None if exc[0] is None else 1.0)
-        if exc[0] is None and self._said != (self.done, self.events):
+        if exc[0] is None and self.last_line and self._said != (self.done, self.events):
             self._line()
 
     def update(self, n: int, events: int = 0) -> None:
@@ -360,16 +376,19 @@ class LineProgress:
 
 class _BarProgress:
     """A tqdm bar on a terminal: over target events when their total is known (its rate
-    and time left are then the events'), with the users done beside it; else over users."""
+    and time left are then the events'), with the users done beside it; else over users.
+    `transient`: shown only after `TRANSIENT_DELAY_SECONDS`, and cleared at the end."""
 
     def __init__(self, tqdm, total: int | None, total_events: int | None, desc: str,
-                 disable: bool):
+                 disable: bool, transient: bool = False, out=None):
         self.by_events = bool(total_events and total)
         self.total = total
         self.done = 0
-        self.bar = (tqdm(total=total_events, unit="event", unit_scale=True, desc=desc,
-                         disable=disable) if self.by_events else
-                    tqdm(total=total, unit="user", desc=desc, disable=disable))
+        common = {"desc": desc, "disable": disable, "file": out}
+        if transient:
+            common.update(leave=False, delay=TRANSIENT_DELAY_SECONDS)
+        self.bar = (tqdm(total=total_events, unit="event", unit_scale=True, **common)
+                    if self.by_events else tqdm(total=total, unit="user", **common))
 
     def __enter__(self) -> "_BarProgress":
         self.bar.__enter__()

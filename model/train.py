@@ -837,16 +837,39 @@ def make_train_step(model, optimizer, state: TrainState, strategy, mixed_float16
     return train_step
 
 
-def evaluate_valid(model, data_dir: str, user_ids=None, scorer=None, users=None) -> dict:
+def evaluate_valid(model, data_dir: str, user_ids=None, scorer=None, users=None,
+                   progress_out=None) -> dict:
     """Valid metrics of the in-memory model through `model.evaluate` (imported lazily), on
     the users `user_ids` (all when None); `scorer` (a `KerasScorer` of `model`, whose
     compiled functions read the current weights) and `users` (their records,
-    `evaluate.load_users`) can be kept from one evaluation to the next."""
+    `evaluate.load_users`) can be kept from one evaluation to the next. With
+    `progress_out` (a stream), an evaluation that takes long shows its progress there
+    and leaves nothing of it behind (`evaluate.evaluate`'s `transient`)."""
     from model import evaluate
 
     scorer = scorer or KerasScorer(model, name=type(model).__name__.lower())
-    return evaluate.evaluate(scorer, data_dir, "valid", user_ids=user_ids, progress=False,
-                             users=users)
+    return evaluate.evaluate(scorer, data_dir, "valid", user_ids=user_ids,
+                             progress=progress_out is not None, users=users,
+                             transient=True, progress_out=progress_out)
+
+
+class _LeadOnce:
+    """stderr for a valid evaluation's progress inside training: `lead` (the newline that
+    ends the training bar's line) is written before the first progress output, once;
+    `used` says whether it was."""
+
+    def __init__(self, lead: str, stream=None):
+        self.lead, self.used = lead, False
+        self._stream = stream or sys.stderr
+
+    def write(self, text: str) -> int:
+        if not self.used and text:
+            self.used = True
+            self._stream.write(self.lead)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, encoding: the stream's
+        return getattr(self._stream, name)
 
 
 def train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: bool = True) -> dict:
@@ -1245,8 +1268,11 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
 
     def evaluate_and_select(step: int) -> dict:
         nonlocal best, told_no_targets, evaluated_step
+        # (a long evaluation's progress ends the bar's line: the lines after it do not)
+        out = _LeadOnce(after_bar) if progress else None
         metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records,
-                             lead=after_bar)
+                             lead=after_bar, progress_out=out)
+        lead = "" if out is not None and out.used else after_bar
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
@@ -1257,7 +1283,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                        f"no valid position to score in {data_dir} (every valid session holds "
                        "one item: positions from a session's second item on are scored; the "
                        "pipeline's --min-session-length 1 keeps such sessions)")
-                print(f"{after_bar}{why}: no model selection, the last weights are used",
+                print(f"{lead}{why}: no model selection, the last weights are used",
                       file=sys.stderr)
                 told_no_targets = True
         elif is_better(metrics, best):
@@ -1485,10 +1511,14 @@ def is_better(metrics: dict, best: dict | None) -> bool:
 
 
 def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=None,
-               lead: str = "") -> dict:
+               lead: str = "", progress_out: _LeadOnce | None = None) -> dict:
     """Evaluates on valid and prints `step N: valid recall@20 R mrr@20 M` (after `lead`),
-    saying so when most targets are items outside the vocabulary (misses by the protocol)."""
-    metrics = evaluate_valid(model, data_dir, user_ids, scorer, users)
+    saying so when most targets are items outside the vocabulary (misses by the protocol).
+    `progress_out`: an evaluation that takes long shows its progress there meanwhile
+    (after its lead, the line then without `lead`), cleared when it ends."""
+    metrics = evaluate_valid(model, data_dir, user_ids, scorer, users, progress_out)
+    if progress_out is not None and progress_out.used:
+        lead = ""
     events, unknown = metrics["events"], metrics["unknown_targets"]
     if events:  # (no curve of zeros where nothing was scored)
         for key in ("recall@20", "mrr@20"):

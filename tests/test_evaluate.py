@@ -642,6 +642,40 @@ def test_evaluation_progress_counts_the_splits_target_events(tmp_path, capsys):
                      r"\(100%\)", err, re.M), err
 
 
+def test_transient_progress_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Training's valid evaluations (`transient`): on a large catalogue one took 34-59 s
+    without a word, the training bar frozen. Now a bar once one has taken a while, cleared
+    at its end, and in a log file a line every LOG_FILE_SECONDS without a last one (the
+    caller's `step N: valid ...` line says the result); a short one prints nothing."""
+    from tqdm import tqdm
+
+    data = write_data(tmp_path, {"valid": {f"u{k}": ([], [[3, 4], [5, 6, 7]]) for k in range(30)}})
+    # a log file: a short evaluation says nothing, not even its end
+    out = io.StringIO()
+    ev.evaluate(NextIndex(), data, "valid", batch_size=4, transient=True, progress_out=out)
+    assert out.getvalue() == ""
+    # ... a long one a line at a time (every 0 s here), without repeating the last at the end
+    monkeypatch.setattr(ev, "LOG_FILE_SECONDS", 0.0)
+    result = ev.evaluate(NextIndex(), data, "valid", batch_size=4, transient=True,
+                         progress_out=out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 8 and lines[-1].startswith(
+        "evaluate next-index on valid: 30 users of 30 (100%)"), lines
+    assert result == ev.evaluate(NextIndex(), data, "valid", batch_size=4, progress=False)
+    # a terminal's bar: shown once the evaluation has taken TRANSIENT_DELAY_SECONDS (none
+    # for a quick one), and cleared at the end (tqdm's leave=False: no line left)
+    for delay, shown in ((ev.TRANSIENT_DELAY_SECONDS, False), (0.0, True)):
+        monkeypatch.setattr(ev, "TRANSIENT_DELAY_SECONDS", delay)
+        out = io.StringIO()
+        with ev._BarProgress(tqdm, 30, 150, "evaluate m on valid", disable=False,
+                             transient=True, out=out) as bar:
+            for _ in range(3):
+                bar.update(10, 50)
+        text = out.getvalue()
+        assert ("evaluate m on valid" in text) == shown, text
+        assert "\n" not in text and (not shown or text.endswith("\r")), repr(text)
+
+
 def test_a_split_without_a_position_to_score_says_its_zeros_are_no_score(tmp_path, capsys):
     """A log of one-item sessions (--min-session-length 1) has nothing at position >= 2:
     the headline metrics are 0 by convention, which read as a score without a note."""

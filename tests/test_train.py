@@ -98,6 +98,38 @@ def test_the_bar_says_when_its_time_left_lacks_the_valid_evaluations(data, confi
     assert all("valid: not in the ETA yet" in bar[step] for step in range(2, 6)), bar
 
 
+def test_a_long_valid_evaluation_shows_its_progress_then_its_line(data, config_file, tmp_path,
+                                                                   capsys, monkeypatch):
+    """A valid evaluation inside training (34-59 s each on a 164k-item log) showed nothing
+    until its result: now its progress (here a line per batch: a log file's line every 0 s
+    instead of 30), each line whole, then the result's line after the last of them,
+    without a line of its own for the end."""
+    from model import evaluate
+
+    monkeypatch.setattr(train_lib, "LOG_FILE_SECONDS", 0.0)
+    monkeypatch.setattr(evaluate, "LOG_FILE_SECONDS", 0.0)
+    run = str(tmp_path / "run")
+    args = [a for a in _args(data, run, config_file, "--steps", "6", "--eval-every", "6")
+            if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    at = next(i for i, line in enumerate(err) if line.startswith("step 6: valid recall@20"))
+    before = err[:at]
+    progress = [line for line in before if line.startswith("evaluate hiertcn on valid: ")]
+    assert progress and progress[-1] == before[-1], before
+    assert re.match(r"evaluate hiertcn on valid: 6 users of 6, \d+ of \d+ target events "
+                    r"\(100%\)", progress[-1]), progress
+    assert all(re.match(r"evaluate hiertcn on valid: \d users of 6", line) for line in progress)
+    # a quick evaluation with the log file's default 30 s: nothing but the result's line
+    monkeypatch.setattr(evaluate, "LOG_FILE_SECONDS", 30.0)
+    run = str(tmp_path / "run2")
+    args = [a for a in _args(data, run, config_file, "--steps", "6", "--eval-every", "6")
+            if a != "--no-progress"]
+    assert train_lib.main(args) == 0
+    err = capsys.readouterr().err
+    assert "evaluate hiertcn" not in err and "\nstep 6: valid recall@20" in err
+
+
 def test_the_bar_and_the_first_line_say_the_time_cap(data, config_file, tmp_path, capsys,
                                                     monkeypatch):
     """--max-minutes: the bar's ETA is the time to the last step, which the cap may cut (an
