@@ -48,6 +48,7 @@ NEURAL = config_lib.MODEL_NAMES  # trained with model.train; FITTED: fitted in m
 HEADLINE = ("recall@20", "mrr@20")
 RECORD = "compare_run.json"
 SUMMARY = "train_summary.json"  # model.train's, written when a run ends (finished or stopped)
+RUN_CONFIG = "config.json"  # model.train's (registry.CONFIG_FILE; registry loads TensorFlow)
 # stats.json options that do not change the data written (where and how the pipeline ran)
 NOT_DATA = ("input", "output", "runner", "beam_logs")
 # stats.json keys that describe the input's rejected rows or its times, which the input
@@ -277,6 +278,14 @@ def markdown_table(results: dict) -> str:
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2)"
                  f"{cold_text}, full-catalogue ranking, conservative ties{ruled} (README § "
                  "Evaluation protocol).")
+    ruling = [name for name, m in models.items() if m.get("rules_out_current")]
+    if (ruling and len(ruling) < len(models) and not results.get("rule_out_current")
+            and not results.get("rule_out_seen")):
+        lines.append(f"{', '.join(f'`{n}`' for n in ruling)} rule{'s' if len(ruling) == 1 else ''} "
+                     "out the item each event is on (HierTCN's head: the pipeline collapses "
+                     "immediate repeats, so that item is never next); the other models rank "
+                     "it as published. `--rule-out-current` gives every model that rule: the "
+                     "like-for-like comparison (README § Repeat consumption).")
     if results.get("split") == "valid" and any(m.get("parameters") for m in models.values()):
         lines.append("The trained models' checkpoints were chosen on this split (their figures "
                      "lean optimistic against the fitted baselines'): compare on `test`.")
@@ -440,7 +449,21 @@ def run_model(name: str, args: argparse.Namespace, log_path: str) -> dict:
     entry["parameters"] = int(summaries[0]["parameters"])
     entry["steps"] = [s["steps"] for s in summaries]
     entry["best_steps"] = [(s.get("best") or {}).get("step") for s in summaries]
+    entry["rules_out_current"] = _rules_out_current(run_dir)
     return entry
+
+
+def _rules_out_current(run_dir: str) -> bool:
+    """Whether the run's model rules out the item each event is on by itself (HierTCN's
+    repeat head with `exclude_current`), from its config.json (a run saved before the
+    option existed was trained without it)."""
+    saved = config_lib.load_json(os.path.join(run_dir, RUN_CONFIG))
+    model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    head = model.get("repeat_head")
+    if head is None:  # (resolved when saved; `None` is the sampled loss's off)
+        head = model.get("loss") != "sampled"
+    return (saved.get("model_name") == "hiertcn" and bool(head)
+            and bool(model.get("exclude_current", False)))
 
 
 def _evaluated(out: str) -> bool:
