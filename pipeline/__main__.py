@@ -413,7 +413,7 @@ def _row_formats(args, files, heads) -> dict:
                          + (f"; for a log of sessions without users, leave out --session-col: "
                             f"the {args.user_col} column's ids are then the users, each one's "
                             "events split into sessions by --session-gap (a large one, "
-                            "e.g. --session-gap 100000000, keeps them in one)"
+                            "e.g. --session-gap 1000000000, keeps them in one)"
                             if same_session else ""))
     text = args.format in ("csv", "tsv")
     separator = parse.separator_of(args.format, args.delimiter or "") if text else ""
@@ -1340,10 +1340,13 @@ def _id_order(counts: dict, tied: int) -> str:
 
 
 def _counts_text(counts: dict, most: int = 4) -> str:
-    """` (reason 98,267, other 259, ...)`: the largest counts first, the rest summed."""
+    """` (reason 98,267, other 259, ...)`: the largest counts first, the rest summed (a
+    single one left named, not `other`)."""
     ranked = sorted(((n, k) for k, n in counts.items() if n), key=lambda c: (-c[0], c[1]))
     if not ranked:
         return ""
+    if len(ranked) == most + 1:
+        most += 1
     shown = [f"{k} {n:,}" for n, k in ranked[:most]]
     rest = sum(n for n, _ in ranked[most:])
     return f" ({', '.join(shown)}" + (f", other {rest:,}" if rest else "") + ")"

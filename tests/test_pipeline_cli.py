@@ -791,6 +791,12 @@ def test_the_summary_says_counts_and_cutoffs_in_words():
                         "short_session 10, other 10)")
     assert lines[2] == ("  items 41,285; cutoffs: valid from 2007-08-31 05:46:39, test from "
                         "2007-12-24 08:37:57 (UTC)")
+    # one reason past the shown ones is named, not `other 91` (a Diginetica-like audit)
+    stats["rows_filtered"] = {"immediate_repeat": 8_381, "unknown_item_in_train": 5_000,
+                              "late": 400, "short_session": 300, "immediate_repeat_after_vocabulary": 91}
+    assert cli._summary(stats, "out", 1.0).splitlines()[1].endswith(
+        "filtered 14,172 (immediate_repeat 8,381, unknown_item_in_train 5,000, late 400, "
+        "short_session 300, immediate_repeat_after_vocabulary 91)")
     stats.update(rows_malformed=0, malformed_reasons={}, rows_filtered={"filter": 0},
                  cutoffs={"t_valid": None, "t_test": 2**62})
     lines = cli._summary(stats, "out", 1.0).splitlines()
