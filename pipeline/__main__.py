@@ -253,19 +253,27 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _filter(text: str) -> tuple[str, tuple[str, ...]]:
+def _filter(text: str, empty: bool = False) -> tuple[str, tuple[str, ...]]:
     """`COLUMN=VALUE[,VALUE...]` -> (column, values), both stripped (values as the rows'
     are compared: `parse.whole_number_text`); the values are a CSV row, so a value with a
-    comma is quoted: `user="Crosby, Stills & Nash",bot7`."""
+    comma is quoted: `user="Crosby, Stills & Nash",bot7`. `empty`: an empty value is
+    one (`--exclude`'s: the rows whose column is empty), else refused (a `--filter`
+    without its value would keep nothing but empty rows)."""
     column, sep, values = text.partition("=")
     try:
-        fields = next(csv.reader([values]), None) or [""]  # ("": no value, refused)
+        fields = next(csv.reader([values]), None) or [""]
     except csv.Error:
-        fields = [""]
-    kept = tuple(parse.whole_number_text(v.strip()) for v in fields)
-    if not sep or not column.strip() or not all(kept):
+        fields = [None]  # (refused)
+    kept = tuple(None if v is None else parse.whole_number_text(v.strip()) for v in fields)
+    if not sep or not column.strip() or None in kept or not (empty or all(kept)):
         raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE[,VALUE...], got {text!r}")
     return column.strip(), kept
+
+
+def _exclusion(text: str) -> tuple[str, tuple[str, ...]]:
+    """`--exclude`'s `_filter`: an empty value (`userId=`, `userId=,NA`) is the rows whose
+    column is empty (JSON: null or missing)."""
+    return _filter(text, empty=True)
 
 
 def _filter_value(value: str) -> str:
@@ -332,10 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the rows whose COLUMN (jsonl: key) holds one of the values, "
                         "e.g. --filter event=view,addtocart (repeatable: every filter must hold); "
                         "the others are counted in stats.json's rows_filtered.filter")
-    p.add_argument("--exclude", action="append", type=_filter, metavar="COLUMN=VALUE[,VALUE...]",
+    p.add_argument("--exclude", action="append", type=_exclusion, metavar="COLUMN=VALUE[,VALUE...]",
                    help="leave out the rows whose COLUMN (jsonl: key) holds one of the values, "
                         "e.g. --exclude user=crawler7 (repeatable; compared as --filter "
-                        "compares); counted in stats.json's rows_filtered.filter")
+                        "compares; an empty value, --exclude user=, is the rows whose COLUMN "
+                        "is empty: the anonymous rows of a log of logged-in and anonymous "
+                        "users); counted in stats.json's rows_filtered.filter")
     p.add_argument("--min-item-count", type=argtypes.positive_int, default=5,
                    help="vocabulary threshold on train events")
     p.add_argument("--min-session-length", type=argtypes.positive_int, default=2,
@@ -1411,7 +1421,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     if stats["rows_read"] and stats["rows_malformed"] > MALFORMED_NOTE_SHARE * stats["rows_read"]:
         kinds = list(stats.get("malformed_reasons", {}).items())
         most = ", ".join(f"{kind} ({n:,})" for kind, n in kinds[:MALFORMED_NOTE_KINDS])
-        user_key = f"missing key {options.get('user_col', 'user')!r}"  # (jsonl)
+        user_col = options.get("user_col", "user")
+        user_key = f"missing key {user_col!r}"  # (jsonl)
         anonymous = bool(kinds) and (kinds[0][0].startswith(("empty user", "missing user"))
                                      or kinds[0][0] == user_key)
         malformed = argtypes.share(stats['rows_malformed'], stats['rows_read'])
@@ -1419,7 +1430,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      f"({malformed}) are malformed"
                      + (f", most for: {most}" if most else "")
                      + ("; a log of mostly anonymous sessions can take its session id column "
-                        "as --user-col (a session log)" if anonymous else "")
+                        "as --user-col (a session log), or keep its known users alone: "
+                        f"--exclude {shlex.quote(user_col + '=')} leaves out the rows without "
+                        f"one, as filtered (a marker too: --exclude "
+                        f"{shlex.quote(user_col + '=,NA')})" if anonymous else "")
                      + f": {schema.MALFORMED_DIR}/ under {output} holds each with its reason")
     not_utf8 = stats.get("malformed_reasons", {}).get(parse.NOT_UTF8, 0)
     if not_utf8:  # (a file stops at start only where its first lines say so)

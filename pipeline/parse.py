@@ -445,10 +445,11 @@ def _id(value: object, name: str) -> str:
 class AllBut(frozenset):
     """The values a filter keeps when it names the ones it leaves out (`--exclude`):
     `value in AllBut({"a"})` is True for every value but "a", so that a filter's check is
-    `value in kept` whichever way it was given."""
+    `value in kept` whichever way it was given. A JSON null or missing key (None) is
+    the empty value: `None in AllBut({""})` is False."""
 
     def __contains__(self, value: object) -> bool:
-        return not frozenset.__contains__(self, value)
+        return not frozenset.__contains__(self, "" if value is None else value)
 
     def __repr__(self) -> str:
         return f"AllBut({set(self)!r})"

@@ -2406,6 +2406,41 @@ def test_filter_compares_whole_numbers_by_value_and_exclude_leaves_values_out(tm
     assert "exclude" not in options and "time_format" not in options  # digests as before
 
 
+def test_exclude_with_an_empty_value_leaves_out_the_anonymous_rows(tmp_path, capsys):
+    """A Diginetica-like log: 90% of its rows have an empty userId (anonymous sessions).
+    Keeping its logged-in users took `--exclude userId=`, which was refused, so the
+    anonymous rows could only be malformed (a run "90% malformed", a malformed/ folder
+    three times the input, a --max-malformed-fraction failure). An empty value now names
+    them, as a JSON null or missing key, and they are counted as filtered."""
+    rows = [(f"u{k % 4}", f"i{k % 5}", 1_600_000_000 + 60 * k) for k in range(40)]
+    anonymous = [("", f"i{k % 5}", 1_600_000_000 + 30 * k) for k in range(30)]
+    marked = [("NA", f"i{k % 5}", 1_600_000_000 + 40 * k) for k in range(7)]
+    log, jlog = tmp_path / "v.csv", tmp_path / "v.jsonl"
+    log.write_text("userId,item,time\n" + "".join(f"{u},{i},{t}\n"
+                                                  for u, i, t in rows + anonymous + marked))
+    jlog.write_text("".join(json.dumps({"userId": u, "item": i, "time": t}) + "\n" for u, i, t in rows)
+                    + "".join(json.dumps({"item": i, "time": t}) + "\n" for _, i, t in anonymous[:20])
+                    + "".join(json.dumps({"userId": None, "item": i, "time": t}) + "\n"
+                              for _, i, t in anonymous[20:])
+                    + "".join(json.dumps({"userId": u, "item": i, "time": t}) + "\n"
+                              for u, i, t in marked))
+    common = ["--user-col", "userId", "--min-item-count", "1", *IN_MEMORY]
+    for path, extra in ((log, []), (jlog, ["--format", "jsonl"])):
+        for exclude, filtered, malformed in (("userId=", 30, 7), ("userId=,NA", 37, 0)):
+            out = tmp_path / f"out_{path.suffix[1:]}_{len(exclude)}"
+            assert cli.main(["--input", str(path), "--output", str(out), "--exclude", exclude,
+                             *common, *extra]) == 0
+            stats, recs = check_output(str(out))
+            assert (stats["rows_filtered"]["filter"], stats["rows_malformed"]) == (filtered, malformed)
+            assert stats["options"]["exclude"] == [["userId", ["", "NA"][:1 + exclude.count(",")]]]
+            assert sorted({u for split in recs.values() for u in split}) == ["u0", "u1", "u2", "u3"]
+    capsys.readouterr()
+    # --filter without a value still refused: it would keep nothing but the empty rows
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "x"), "--filter", "userId=",
+                     *common]) == 2
+    assert "argument --filter: expected COLUMN=VALUE[,VALUE...], got 'userId='" in capsys.readouterr().err
+
+
 def test_users_written_as_integers_and_as_floats_are_named(tmp_path, capsys):
     """An export written from a float column (`7.0`) beside one written from an integer
     column (`7`) makes two users of each; the run says which (ids like `v1.0` are not
@@ -2540,7 +2575,9 @@ def test_malformed_rows_are_counted_by_kind_of_reason_and_the_note_names_the_mos
     assert ("note: 604 of the 704 rows read (86%) are malformed, most for: missing user (…, a "
             "missing-value marker) (400), empty user (200), negative time … (3); a log of "
             "mostly anonymous sessions can take its session id column as --user-col (a "
-            f"session log): malformed/ under {out} holds each with its reason") in err, err
+            "session log), or keep its known users alone: --exclude userId= leaves out the rows "
+            "without one, as filtered (a marker too: --exclude userId=,NA): malformed/ under "
+            f"{out} holds each with its reason") in err, err
     # the dead letters keep each row's own reason
     reasons = collections.Counter()
     for name in os.listdir(out / "malformed"):
