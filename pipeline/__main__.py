@@ -1404,6 +1404,20 @@ def _seconds_as_ms(stats: dict) -> str:
             "--time-unit s")
 
 
+def _times_before_1980(stats: dict) -> str:
+    """Where the test cut-off falls before 1980 (times since each session's start, as
+    Diginetica's timeframe, or since the log's: the start's note said so) and not because
+    of seconds read as ms (`_seconds_as_ms`), what to say; '' otherwise."""
+    t_test = stats.get("cutoffs", {}).get("t_test")
+    if not t_test or t_test >= LIKELY_RELATIVE_SECONDS or _seconds_as_ms(stats):
+        return ""
+    day = time.strftime("%Y-%m-%d", time.gmtime(t_test))
+    return (f"the test cut-off is on {day}: are the times offsets (since each session's "
+            "start, say)? such times cannot order a user's sessions nor split the log by "
+            "time, and the notes here follow from them: give the pipeline the log's absolute "
+            "times (a date plus the offset, summed first)")
+
+
 def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     """Notes and warnings on a finished run's counts: what in the log or the options made
     the output smaller or stranger than the user may think, and what to change (`aside`:
@@ -1454,7 +1468,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         length = options.get("min_session_length", 2)
         gap = options.get("session_gap", 1800)
         longer = [f"{g}: a {unit}" for g, unit in ((86400, "day"), (604800, "week")) if g > gap]
-        how = (f"the log's sessions (--session-col {options['session_col']}) mostly hold fewer "
+        relative = _times_before_1980(stats)
+        how = ("the times fall before 1980 (the note below): absolute times first"
+               if relative else
+               f"the log's sessions (--session-col {options['session_col']}) mostly hold fewer "
                f"events: --min-session-length {length - 1} keeps more" if options.get("session_col")
                else f"a gap over --session-gap {gap:g} s starts a new session; "
                + (f"for a log of sparse events (reviews, ratings, purchases) pass a longer "
@@ -1487,6 +1504,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     seconds_as_ms = _seconds_as_ms(stats)
     if seconds_as_ms:
         lines.append(f"note: {seconds_as_ms}")
+    relative = _times_before_1980(stats)
+    if relative:
+        lines.append(f"note: {relative}")
     late = stats.get("late_events", {})
     in_valid, in_test = late.get("train_after_t_valid", 0), late.get("train_after_t_test", 0)
     cutoffs = stats.get("cutoffs", {})
@@ -1498,6 +1518,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                "--session-col, --session-gap splits them" if options.get("session_col") else
                "seconds read as --time-unit ms (the note above) make a user's days one "
                "session" if seconds_as_ms else
+               "times before 1980 (the note above): offsets, not the log's times?"
+               if relative else
                "sessions that run on for hours or days (a user never idle for --session-gap: "
                "a crawler?): --exclude leaves a user out, a shorter --session-gap cuts them")
         where = (f"{in_valid:,} event{'s' * (in_valid != 1)} of train sessions are at or "

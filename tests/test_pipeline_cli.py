@@ -1882,6 +1882,35 @@ def test_seconds_given_as_milliseconds_get_a_note(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_times_before_1980_are_named_at_the_end_and_the_notes_defer_to_them(tmp_path, capsys):
+    """Diginetica's `timeframe` (an offset since the session's start) taken as the time
+    column: the start's note said the times fall in the 1970s, but the end's notes then
+    advised a longer --session-gap for the short sessions, which would hide the mistake.
+    The end names the cut-off's 1970 date and the other notes defer to it."""
+    log = tmp_path / "views.csv"
+    log.write_text("user,item,timeframe\n" + "".join(
+        f"u{u},i{(u + k) % 11},{(60 if u < 10 else 4000) * k + 7 * u}\n" for u in range(40)
+        for k in range(6)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--time-col",
+                     "timeframe", "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert ("note: the test cut-off is on 1970-01-01: are the times offsets (since each "
+            "session's start, say)? such times cannot order a user's sessions nor split the "
+            "log by time, and the notes here follow from them: give the pipeline the log's "
+            "absolute times (a date plus the offset, summed first)\n") in err, err
+    assert ("were dropped, and with them 30 of the 40 users (75%), who had no longer session: "
+            "the times fall before 1980 (the note below): absolute times first\n") in err, err
+    assert "--session-gap (86400" not in err
+    # absolute times: no such note
+    log.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + k) % 11},{1_600_000_000 + (60 if u < 10 else 4000) * k + 7 * u}\n"
+        for u in range(40) for k in range(6)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "abs"),
+                     "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert "1970" not in err and "before 1980" not in err and "--session-gap (86400" in err, err
+
+
 def test_seconds_given_as_milliseconds_are_named_again_at_the_end(tmp_path, capsys):
     """A log in unix seconds run with --time-unit ms: the start's note is one line among
     the progress, and the notes at the end follow from the mistake (sessions that span
