@@ -67,6 +67,9 @@ LIKELY_SECONDS_AS_MS = 10**7
 # --time-unit s: a median of the first rows below this (1980) gets a note that the times
 # may be relative (seconds since a session's or the log's start).
 LIKELY_RELATIVE_SECONDS = 315_532_800
+# a --session-gap of this many seconds (3 years) or more keeps each user's events in one
+# session: a session log (README § 1), whose late events are no crawler's
+SESSION_LOG_GAP = 10**8
 WORK_DIR = "_work"
 # Runners whose workers are processes of this machine sharing our stderr (`_quiet_beam_stderr`).
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
@@ -1520,6 +1523,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                "session" if seconds_as_ms else
                "times before 1980 (the note above): offsets, not the log's times?"
                if relative else
+               "a session log (each user one session, --session-gap "
+               f"{options.get('session_gap', 0)}): its sessions that began before a cut-off "
+               "and ran past it"
+               if options.get("session_gap", 0) >= SESSION_LOG_GAP else
                "sessions that run on for hours or days (a user never idle for --session-gap: "
                "a crawler?): --exclude leaves a user out, a shorter --session-gap cuts them")
         where = (f"{in_valid:,} event{'s' * (in_valid != 1)} of train sessions are at or "

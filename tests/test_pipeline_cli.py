@@ -1911,6 +1911,25 @@ def test_times_before_1980_are_named_at_the_end_and_the_notes_defer_to_them(tmp_
     assert "1970" not in err and "before 1980" not in err and "--session-gap (86400" in err, err
 
 
+def test_a_session_logs_late_events_are_not_blamed_on_a_crawler(tmp_path, capsys):
+    """A session log as README § 1 runs it (the session id as --user-col, a --session-gap
+    longer than any session): the sessions that straddle a cut-off gave the late-events
+    note "a crawler? ... a shorter --session-gap cuts them", advice against the README's
+    own setup."""
+    log = tmp_path / "sessions.csv"
+    log.write_text("session,item,time\n" + "".join(
+        f"s{s},i{(s + k) % 9},{1_600_000_000 + 1200 * s + 600 * k}\n"
+        for s in range(60) for k in range(8)))
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--user-col",
+                     "session", "--session-gap", "1000000000", "--min-item-count", "1",
+                     *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    late = next(line for line in err.splitlines() if "late_events" in line)
+    assert late.endswith("(stats.json's late_events); a session log (each user one session, "
+                         "--session-gap 1000000000): its sessions that began before a cut-off "
+                         "and ran past it"), late
+
+
 def test_seconds_given_as_milliseconds_are_named_again_at_the_end(tmp_path, capsys):
     """A log in unix seconds run with --time-unit ms: the start's note is one line among
     the progress, and the notes at the end follow from the mistake (sessions that span
@@ -2702,7 +2721,7 @@ def test_notes_on_a_finished_runs_counts(tmp_path):
     splits = {name: {"users": 30, "sessions": 40, "events": 100} for name in schema.SPLITS}
     stats = {"rows_read": 1000, "rows_malformed": 200, "rows_written": 300,
              "rows_filtered": {"short_session": 100, "filter": 400}, "splits": splits,
-             "items": 6, "cutoffs": {"t_valid": 5, "t_test": 9},
+             "items": 6, "cutoffs": {"t_valid": 1_600_000_000, "t_test": 1_600_086_400},
              "options": {"min_item_count": 1, "session_gap": 1800, "min_session_length": 2,
                          "split": "time", "valid_fraction": 0.1, "test_fraction": 0.1},
              "max_user_events": {"train": 5, "valid": 5, "test": 5},
