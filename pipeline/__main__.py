@@ -64,6 +64,9 @@ COMPRESSED_MAGIC = tuple((re.compile(magic, re.DOTALL), what, advice) for magic,
 # --time-unit ms: a median of the first rows below this many seconds (April 1970) gets a
 # note that the times may be seconds (unix seconds of 2001-2033 read as ms: 1e6-2e6).
 LIKELY_SECONDS_AS_MS = 10**7
+# ... and unix seconds of 2000 or later read as ms are at least this many seconds (12 days
+# into 1970): a cut-off before it is no such mistake but times since a session's start
+YEAR_2000_SECONDS_AS_MS = 946_684
 # --time-unit s: a median of the first rows below this (1980) gets a note that the times
 # may be relative (seconds since a session's or the log's start).
 LIKELY_RELATIVE_SECONDS = 315_532_800
@@ -1398,7 +1401,8 @@ def _seconds_as_ms(stats: dict) -> str:
     given as --time-unit ms: the start's note said so, and the run's end repeats it, since
     the notes there follow from it), what to say; '' otherwise."""
     t_test = stats.get("cutoffs", {}).get("t_test")
-    if stats["options"].get("time_unit") != "ms" or not t_test or t_test >= LIKELY_SECONDS_AS_MS:
+    if (stats["options"].get("time_unit") != "ms" or not t_test or t_test >= LIKELY_SECONDS_AS_MS
+            or t_test < YEAR_2000_SECONDS_AS_MS):  # (earlier: offsets, `_times_before_1980`)
         return ""
     day = time.strftime("%Y-%m-%d", time.gmtime(t_test))
     return (f"the test cut-off read as milliseconds is on {day}: are the times unix seconds? "

@@ -1901,6 +1901,17 @@ def test_times_before_1980_are_named_at_the_end_and_the_notes_defer_to_them(tmp_
     assert ("were dropped, and with them 30 of the 40 users (75%), who had no longer session: "
             "the times fall before 1980 (the note below): absolute times first\n") in err, err
     assert "--session-gap (86400" not in err
+    # the same offsets in milliseconds (Diginetica's): not "are the times unix seconds?"
+    # (those read as ms fall from 1970-01-12 on), the offsets' note
+    millis = tmp_path / "views_ms.csv"
+    millis.write_text("user,item,timeframe\n" + "".join(
+        f"u{u},i{(u + k) % 11},{1000 * ((60 if u < 10 else 4000) * k + 7 * u)}\n"
+        for u in range(40) for k in range(6)))
+    assert cli.main(["--input", str(millis), "--output", str(tmp_path / "ms"), "--time-col",
+                     "timeframe", "--time-unit", "ms", "--min-item-count", "1", *IN_MEMORY]) == 0
+    err = capsys.readouterr().err
+    assert "note: the test cut-off is on 1970-01-01: are the times offsets" in err, err
+    assert "unix seconds? then" not in err
     # absolute times: no such note
     log.write_text("user,item,time\n" + "".join(
         f"u{u},i{(u + k) % 11},{1_600_000_000 + (60 if u < 10 else 4000) * k + 7 * u}\n"
