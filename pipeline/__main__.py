@@ -1414,9 +1414,12 @@ def _seconds_as_ms(stats: dict) -> str:
 def _times_before_1980(stats: dict) -> str:
     """Where the test cut-off falls before 1980 (times since each session's start, as
     Diginetica's timeframe, or since the log's: the start's note said so) and not because
-    of seconds read as ms (`_seconds_as_ms`), what to say; '' otherwise."""
+    of seconds read as ms (`_seconds_as_ms`), what to say; '' otherwise (and for text
+    times: a date before 1980 written as one is the log's)."""
     t_test = stats.get("cutoffs", {}).get("t_test")
-    if not t_test or t_test >= LIKELY_RELATIVE_SECONDS or _seconds_as_ms(stats):
+    options = stats["options"]
+    if (not t_test or t_test >= LIKELY_RELATIVE_SECONDS or _seconds_as_ms(stats)
+            or options.get("time_unit", "s") not in ("s", "ms") or options.get("time_format")):
         return ""
     day = time.strftime("%Y-%m-%d", time.gmtime(t_test))
     return (f"the test cut-off is on {day}: are the times offsets (since each session's "

@@ -1912,6 +1912,14 @@ def test_times_before_1980_are_named_at_the_end_and_the_notes_defer_to_them(tmp_
     err = capsys.readouterr().err
     assert "note: the test cut-off is on 1970-01-01: are the times offsets" in err, err
     assert "unix seconds? then" not in err
+    # dates written out before 1980 are the log's own: no such note
+    dated = tmp_path / "dated.csv"
+    dated.write_text("user,item,time\n" + "".join(
+        f"u{u},i{(u + k) % 11},1975-03-{1 + u % 20:02d}T10:{k:02d}:{u % 60:02d}Z\n"
+        for u in range(40) for k in range(6)))
+    assert cli.main(["--input", str(dated), "--output", str(tmp_path / "dated"), "--time-unit",
+                     "iso", "--min-item-count", "1", *IN_MEMORY]) == 0
+    assert "offsets" not in capsys.readouterr().err
     # absolute times: no such note
     log.write_text("user,item,time\n" + "".join(
         f"u{u},i{(u + k) % 11},{1_600_000_000 + (60 if u < 10 else 4000) * k + 7 * u}\n"
