@@ -856,7 +856,7 @@ def evaluate_valid(model, data_dir: str, user_ids=None, scorer=None, users=None,
 class _LeadOnce:
     """stderr for a valid evaluation's progress inside training: `lead` (the newline that
     ends the training bar's line) is written before the first progress output, once;
-    `used` says whether it was."""
+    `rest` is what a line after the evaluation still needs of it."""
 
     def __init__(self, lead: str, stream=None):
         self.lead, self.used = lead, False
@@ -867,6 +867,10 @@ class _LeadOnce:
             self.used = True
             self._stream.write(self.lead)
         return self._stream.write(text)
+
+    @property
+    def rest(self) -> str:
+        return "" if self.used else self.lead
 
     def __getattr__(self, name):  # flush, isatty, encoding: the stream's
         return getattr(self._stream, name)
@@ -1272,7 +1276,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         out = _LeadOnce(after_bar) if progress else None
         metrics = _log_valid(model, data_dir, valid_users, step, valid_scorer, valid_records,
                              lead=after_bar, progress_out=out)
-        lead = "" if out is not None and out.used else after_bar
+        lead = after_bar if out is None else out.rest
         if metrics["events"] <= metrics["unknown_targets"]:
             # nothing to select on: keep no best, so the last weights are the ones used
             if not told_no_targets:
@@ -1515,10 +1519,11 @@ def _log_valid(model, data_dir: str, user_ids, step: int, scorer=None, users=Non
     """Evaluates on valid and prints `step N: valid recall@20 R mrr@20 M` (after `lead`),
     saying so when most targets are items outside the vocabulary (misses by the protocol).
     `progress_out`: an evaluation that takes long shows its progress there meanwhile
-    (after its lead, the line then without `lead`), cleared when it ends."""
+    (after its lead; the line then starts with what is left of that lead, `rest`, instead
+    of `lead`), cleared when it ends."""
     metrics = evaluate_valid(model, data_dir, user_ids, scorer, users, progress_out)
-    if progress_out is not None and progress_out.used:
-        lead = ""
+    if progress_out is not None:
+        lead = progress_out.rest
     events, unknown = metrics["events"], metrics["unknown_targets"]
     if events:  # (no curve of zeros where nothing was scored)
         for key in ("recall@20", "mrr@20"):

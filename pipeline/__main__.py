@@ -1396,15 +1396,20 @@ def _summary(stats: dict, output: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def _test_cutoff(stats: dict) -> tuple[int | None, str]:
+    """(the test cut-off in unix seconds, None without one; its UTC date, '' then)."""
+    t_test = stats.get("cutoffs", {}).get("t_test")
+    return t_test, time.strftime("%Y-%m-%d", time.gmtime(t_test)) if t_test else ""
+
+
 def _seconds_as_ms(stats: dict) -> str:
     """Where times read as milliseconds put the test cut-off in early 1970 (unix seconds
     given as --time-unit ms: the start's note said so, and the run's end repeats it, since
     the notes there follow from it), what to say; '' otherwise."""
-    t_test = stats.get("cutoffs", {}).get("t_test")
+    t_test, day = _test_cutoff(stats)
     if (stats["options"].get("time_unit") != "ms" or not t_test or t_test >= LIKELY_SECONDS_AS_MS
             or t_test < YEAR_2000_SECONDS_AS_MS):  # (earlier: offsets, `_times_before_1980`)
         return ""
-    day = time.strftime("%Y-%m-%d", time.gmtime(t_test))
     return (f"the test cut-off read as milliseconds is on {day}: are the times unix seconds? "
             "then every gap here is 1000 times shorter than in the log (days of a user "
             "fall within one --session-gap) and the sessions are wrong: rerun with "
@@ -1416,12 +1421,11 @@ def _times_before_1980(stats: dict) -> str:
     Diginetica's timeframe, or since the log's: the start's note said so) and not because
     of seconds read as ms (`_seconds_as_ms`), what to say; '' otherwise (and for text
     times: a date before 1980 written as one is the log's)."""
-    t_test = stats.get("cutoffs", {}).get("t_test")
+    t_test, day = _test_cutoff(stats)
     options = stats["options"]
     if (not t_test or t_test >= LIKELY_RELATIVE_SECONDS or _seconds_as_ms(stats)
             or options.get("time_unit", "s") not in ("s", "ms") or options.get("time_format")):
         return ""
-    day = time.strftime("%Y-%m-%d", time.gmtime(t_test))
     return (f"the test cut-off is on {day}: are the times offsets (since each session's "
             "start, say)? such times cannot order a user's sessions nor split the log by "
             "time, and the notes here follow from them: give the pipeline the log's absolute "
@@ -1466,6 +1470,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      "a Latin-1 or Windows-1252 export (an accent, a symbol)? the pipeline reads "
                      "UTF-8: convert such a file first (iconv -f cp1252 -t utf-8 FILE > "
                      "FILE.utf8) and run again")
+    # what the times say when they are not the log's (said once, below the notes that
+    # follow from them, which point at it)
+    seconds_as_ms, relative = _seconds_as_ms(stats), _times_before_1980(stats)
     # the events that reached the sessions (not malformed, not left out by --filter, not
     # copies or past the per-user cap)
     sessionized = (stats["rows_read"] - stats["rows_malformed"] - dropped.get(transforms.FILTER, 0)
@@ -1478,7 +1485,6 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         length = options.get("min_session_length", 2)
         gap = options.get("session_gap", 1800)
         longer = [f"{g}: a {unit}" for g, unit in ((86400, "day"), (604800, "week")) if g > gap]
-        relative = _times_before_1980(stats)
         how = ("the times fall before 1980 (the note below): absolute times first"
                if relative else
                f"the log's sessions (--session-col {options['session_col']}) mostly hold fewer "
@@ -1511,10 +1517,8 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                "real order first)")
         lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
                      f"({argtypes.share(tied, pairs)}) are at the same time, and {why}")
-    seconds_as_ms = _seconds_as_ms(stats)
     if seconds_as_ms:
         lines.append(f"note: {seconds_as_ms}")
-    relative = _times_before_1980(stats)
     if relative:
         lines.append(f"note: {relative}")
     late = stats.get("late_events", {})

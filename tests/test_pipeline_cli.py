@@ -1887,10 +1887,15 @@ def test_times_before_1980_are_named_at_the_end_and_the_notes_defer_to_them(tmp_
     column: the start's note said the times fall in the 1970s, but the end's notes then
     advised a longer --session-gap for the short sessions, which would hide the mistake.
     The end names the cut-off's 1970 date and the other notes defer to it."""
-    log = tmp_path / "views.csv"
-    log.write_text("user,item,timeframe\n" + "".join(
-        f"u{u},i{(u + k) % 11},{(60 if u < 10 else 4000) * k + 7 * u}\n" for u in range(40)
-        for k in range(6)))
+    def views(name, column, time_of):
+        """40 users of 6 views: 10 a minute apart, 30 over an hour apart (short sessions)."""
+        path = tmp_path / name
+        path.write_text(f"user,item,{column}\n" + "".join(
+            f"u{u},i{(u + k) % 11},{time_of((60 if u < 10 else 4000) * k + 7 * u, u, k)}\n"
+            for u in range(40) for k in range(6)))
+        return path
+
+    log = views("views.csv", "timeframe", lambda offset, u, k: offset)
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "out"), "--time-col",
                      "timeframe", "--min-item-count", "1", *IN_MEMORY]) == 0
     err = capsys.readouterr().err
@@ -1903,27 +1908,20 @@ def test_times_before_1980_are_named_at_the_end_and_the_notes_defer_to_them(tmp_
     assert "--session-gap (86400" not in err
     # the same offsets in milliseconds (Diginetica's): not "are the times unix seconds?"
     # (those read as ms fall from 1970-01-12 on), the offsets' note
-    millis = tmp_path / "views_ms.csv"
-    millis.write_text("user,item,timeframe\n" + "".join(
-        f"u{u},i{(u + k) % 11},{1000 * ((60 if u < 10 else 4000) * k + 7 * u)}\n"
-        for u in range(40) for k in range(6)))
+    millis = views("views_ms.csv", "timeframe", lambda offset, u, k: 1000 * offset)
     assert cli.main(["--input", str(millis), "--output", str(tmp_path / "ms"), "--time-col",
                      "timeframe", "--time-unit", "ms", "--min-item-count", "1", *IN_MEMORY]) == 0
     err = capsys.readouterr().err
     assert "note: the test cut-off is on 1970-01-01: are the times offsets" in err, err
     assert "unix seconds? then" not in err
     # dates written out before 1980 are the log's own: no such note
-    dated = tmp_path / "dated.csv"
-    dated.write_text("user,item,time\n" + "".join(
-        f"u{u},i{(u + k) % 11},1975-03-{1 + u % 20:02d}T10:{k:02d}:{u % 60:02d}Z\n"
-        for u in range(40) for k in range(6)))
+    dated = views("dated.csv", "time",
+                  lambda offset, u, k: f"1975-03-{1 + u % 20:02d}T10:{k:02d}:{u % 60:02d}Z")
     assert cli.main(["--input", str(dated), "--output", str(tmp_path / "dated"), "--time-unit",
                      "iso", "--min-item-count", "1", *IN_MEMORY]) == 0
     assert "offsets" not in capsys.readouterr().err
     # absolute times: no such note
-    log.write_text("user,item,time\n" + "".join(
-        f"u{u},i{(u + k) % 11},{1_600_000_000 + (60 if u < 10 else 4000) * k + 7 * u}\n"
-        for u in range(40) for k in range(6)))
+    log = views("absolute.csv", "time", lambda offset, u, k: 1_600_000_000 + offset)
     assert cli.main(["--input", str(log), "--output", str(tmp_path / "abs"),
                      "--min-item-count", "1", *IN_MEMORY]) == 0
     err = capsys.readouterr().err
