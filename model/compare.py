@@ -56,7 +56,8 @@ NOT_DATA = ("input", "output", "runner", "beam_logs")
 # same data)
 NOT_DATA_STATS = ("malformed_reasons", "session_event_pairs", "same_time_pairs", "late_events",
                   "pipeline_version", "float_user_pairs", "same_time_pairs_in_id_order",
-                  "users_sessionized", "users_with_no_session")
+                  "users_sessionized", "users_with_no_session",
+                  "time_ordered_pairs_by_input_order", "same_time_pairs_by_split")
 # stats.json keys ("stats", KEY) and pipeline options ("options", KEY) added since runs
 # first recorded their data's digest (2026-12-01), newest first: an older version's record
 # holds the digest without those added after it, which the same log rebuilt by this

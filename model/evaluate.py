@@ -506,6 +506,22 @@ def _check_writable(path: str) -> None:
         pass
 
 
+def _baseline_name(text: str) -> str:
+    """`--model`: a baseline's name; a neural model's gets where its figures come from."""
+    import argparse
+
+    from model import baselines, config as config_lib
+
+    if text in baselines.NAMES:
+        return text
+    if text in config_lib.MODEL_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text} is trained, not fitted here: evaluate its run folder, --model-dir RUN "
+            f"(python -m model.train --model {text} --model-dir RUN trains one)")
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                     f"{', '.join(map(repr, baselines.NAMES))})")
+
+
 def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     """Command line: evaluate a trained run or a baseline; prints the metrics JSON.
     `command` (`python -m model.evaluate`): once the metrics are computed, Ctrl-C and
@@ -522,7 +538,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-dir", type=argtypes.tensorflow_folder,
                        help="a training run folder (python -m model.train)")
-    which.add_argument("--model", choices=baselines.NAMES,
+    which.add_argument("--model", type=_baseline_name, metavar="{%s}" % ",".join(baselines.NAMES),
                        help="a baseline, fitted here on the train split only: popularity (train "
                             "counts), sknn (V-SKNN session kNN), spop (counts in the session), "
                             "upop (the user's recency-weighted counts), mv (counts among the "

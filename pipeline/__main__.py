@@ -19,6 +19,7 @@ import collections
 import contextlib
 import csv
 import datetime
+import difflib
 import glob
 import json
 import logging
@@ -34,6 +35,9 @@ from pipeline import argtypes, outputs, parse, schema, sessions, split, storage
 
 DEFAULT_MAX_EVENTS_PER_USER = 100_000
 TIME_SAMPLE_ROWS = 20  # rows per input file checked for a time unit mistake at start
+# a run stops at start where at least this many of a file's first rows all split into one
+# other number of columns than named (a column missing from --columns)
+SAME_WIDTH_MIN_ROWS = 5
 # A note when more than this share of the events are dropped in too short sessions, or of
 # the rows read are malformed.
 SHORT_NOTE_SHARE = 0.5
@@ -46,11 +50,25 @@ SAME_TIME_NOTE_SHARE = 0.25
 # of their ids (about half each way where another order ties them), of at least this many
 ID_ORDER_SHARE = 0.9
 ID_ORDER_MIN_PAIRS = 20
+# ... and that the file lists events newest first where this share of the pairs at
+# different times (of at least ID_ORDER_MIN_PAIRS) came in reverse input order
+NEWEST_FIRST_SHARE = 0.9
+# ... with each split's share where one is this far from the whole log's
+SPLIT_SHARE_APART = 0.1
+# ... and names bulk additions where a session holds this many events in a row at one time
+BULK_RUN_EVENTS = 50
+# stats.json: per split, the pairs, the same-time ones and the longest same-time run
+SAME_TIME_BY_SPLIT = "same_time_pairs_by_split"
 # a note where train sessions hold more events past the valid (test) cut-off than this
 # share of the valid (test) split's events (a session that spans a cut-off by minutes is
 # every log's: sessions are never cut)
 LATE_NOTE_SHARE = 0.01
 MALFORMED_NOTE_SHARE = 0.1
+# a note on days and months swapped where more than this share of the rows read are
+# malformed for a time that the swapped format reads
+SWAPPED_NOTE_SHARE = 0.05
+# no note on short sessions where more than this share of the rows read are malformed
+MOSTLY_MALFORMED_SHARE = 0.9
 # the malformed-rows note names this many of them
 MALFORMED_NOTE_KINDS = 3
 # The first bytes of a compressed file or an archive, and what it is: a file whose name
@@ -483,7 +501,7 @@ def _row_formats(args, files, heads) -> dict:
             if missing:
                 options = dict(zip(wanted, ("--user-col", "--item-col", "--time-col",
                                             "--session-col")))
-                alike = [f"{options[c]} {col}? " for c in missing for col in columns
+                alike = [f"{options[c]} {shlex.quote(col)}? " for c in missing for col in columns
                          if col.lower().replace("_", "") == c.lower().replace("_", "")]
                 raise UsageError(
                     f"column(s) {', '.join(missing)} not in {where} {_listed(columns)}: "
@@ -514,7 +532,7 @@ def _row_formats(args, files, heads) -> dict:
         has_header = text and not args.columns
         rows = _check_filters(path, head[1:] if has_header else head, formats[rank])
         if text:
-            _check_column_count(path, rows, formats[rank])
+            _check_column_count(path, rows, formats[rank], where)
         elif args.format == "jsonl":  # (a Parquet or Avro file's columns are in its schema)
             _check_json_keys(path, rows, formats[rank])
         _check_time_unit(path, rows, formats[rank])
@@ -634,6 +652,7 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
         return lines
     seen: dict[str, collections.Counter] = {c: collections.Counter() for c, _ in fmt.filters}
     kept, rows, passed = [], 0, False
+    keys: dict[str, None] = {}  # (the JSON objects' keys, in the order first met)
     for line in lines:
         text = line.decode("utf-8", "replace").strip().lstrip("\ufeff")
         try:
@@ -651,6 +670,8 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
             kept.append(line)
             continue
         rows += 1
+        if fmt.objects:
+            keys.update(dict.fromkeys(row))
         values = parse.filter_values(row, fmt)
         if parse.passes_filters(values, fmt):
             kept.append(line)
@@ -659,7 +680,17 @@ def _check_filters(path: str, lines: list[bytes], fmt) -> list[bytes]:
         for (c, _), value in zip(fmt.filters, values):
             seen[c][value] += 1
     if rows and not passed:
-        held = "; ".join(f"{c}: {', '.join(repr(v) for v, _ in seen[c].most_common(5))}"
+        absent = [c for c, values in fmt.filters if c not in keys
+                  and not isinstance(values, parse.AllBut)] if fmt.objects else []
+        alike = {c: difflib.get_close_matches(c, list(keys), 1, 0.75) for c in absent}
+        if any(alike.values()):  # (a misspelt key: every row would be filtered out)
+            said = "; ".join(f"--filter {c}=...: did you mean {alike[c][0]!r}?"
+                             for c in absent if alike[c])
+            raise UsageError(f"{path}: none of the first {rows} JSON objects has the --filter "
+                             f"key(s) {', '.join(absent)} (they have {_listed(list(keys))}): "
+                             f"{said}")
+        held = "; ".join(f"{c}: no such key" if c in absent else
+                         f"{c}: {', '.join(repr(v) for v, _ in seen[c].most_common(5))}"
                          for c in seen)
         print(f"note: {path}: none of the first {rows} rows passes --filter (they hold {held}): "
               "rows whose values are not listed are filtered out", file=sys.stderr)
@@ -677,9 +708,10 @@ def _delimiter_hint(line: bytes, separator: str, fmt: str, what: str = "the head
     return f"; {what} {guess!r}-separated: pass {advice}"
 
 
-def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
+def _check_column_count(path: str, lines: list[bytes], fmt, where: str = "") -> None:
     """When none of a file's first rows splits into the expected columns: stops the run
-    where the rows look separated by another separator (every row would be malformed; the
+    where the rows look separated by another separator, or all hold one other number of
+    columns than `where` (--columns, the header) names (every row would be malformed; the
     error names the option), a note otherwise (later rows may split)."""
     texts = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
     texts = [t for t in texts if t.strip()]
@@ -696,6 +728,20 @@ def _check_column_count(path: str, lines: list[bytes], fmt) -> None:
     hint = _delimiter_hint(texts[0].encode("utf-8"), fmt.separator, fmt.format, "they look")
     if hint:
         raise UsageError(f"{said} (every row would be malformed){hint}")
+    counts = set()
+    for text in texts:
+        try:
+            counts.add(len(parse.split_fields(text, fmt.separator, fmt.quoted)))
+        except ValueError:
+            counts.add(None)
+    if len(texts) >= SAME_WIDTH_MIN_ROWS and len(counts) == 1 and None not in counts:
+        # (a column left out of --columns, or one too many: the whole log malformed)
+        how = ("name each of them in --columns, in order (one the run does not read too)"
+               if where == "--columns" else "the rows and the header disagree")
+        raise UsageError(f"{path}: each of its first {len(texts)} rows has {counts.pop()} "
+                         f"{fmt.separator!r}-separated columns, where {where or 'the header'} "
+                         f"names {len(fmt.columns)} {_listed(fmt.columns)} (every row would be "
+                         f"malformed): {how}")
     print(f"note: {said} (they are malformed rows)", file=sys.stderr)
 
 
@@ -787,11 +833,15 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
     above that is a unit mistake, not data.
     """
     times, bad_times, negative = [], [], []
+    swapped = parse.days_months_swapped(fmt.time_unit)
+    written = []  # (with `swapped`: the times as written)
     for line in lines:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             continue  # a bad row goes to malformed/ in the run
+        if swapped:
+            written.append(_raw_time(text, fmt))
         try:
             times.append(parse.parse_line(text, fmt, check_range=False)[2])  # (ms)
         except ValueError:
@@ -802,6 +852,15 @@ def _check_time_unit(path: str, lines: list[bytes], fmt) -> None:
                 except ValueError as error:
                     bad_times.append(value)
                     negative.append(str(error).startswith("negative time"))
+    if swapped and len(bad_times) >= 2 and all(parse.strptime_reads(v, swapped)
+                                               for v in written if v is not None):
+        # (a day/month/year log read as month/day/year: the days after the 12th malformed,
+        # the others read with their day as the month)
+        raise UsageError(f"{path}: {len(bad_times)} of the {len(bad_times) + len(times)} times "
+                         "of its first rows do not parse "
+                         f"as {parse.time_option(fmt.time_unit)} (like {bad_times[0]!r}), and "
+                         f"every one parses as {swapped!r}: days before months? pass "
+                         f"--time-format {shlex.quote(swapped)}")
     if bad_times and not times:  # every row with a time would be malformed: say why now
         other = "; for another layout pass --time-format, e.g. '%m/%d/%Y %H:%M:%S'"
         if all(negative):  # (the example said is one of them)
@@ -1016,8 +1075,8 @@ def _resolve(argv):
                              "text times, --time-unit numbers or ISO 8601 text")
         wrong = parse.time_format_error(args.time_format)
         if wrong:
-            raise UsageError(f"--time-format {args.time_format!r} {wrong}; e.g. "
-                             "'%m/%d/%Y %H:%M:%S'")
+            raise UsageError(f"--time-format {args.time_format!r} {wrong}"
+                             + ("" if "%Z" in args.time_format else "; e.g. '%m/%d/%Y %H:%M:%S'"))
         args.time_unit = args.time_format
     args.time_unit = args.time_unit or "s"
     if args.delimiter is not None:
@@ -1169,7 +1228,8 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
 
     from pipeline import beam_fixes, sources
     from pipeline.transforms import (HEAVIEST_PREFIX, ITEMS_BELOW_MIN_COUNT, LATE_PREFIX,
-                                     LONGEST_PREFIX, MAX_PREFIX, UNKNOWN_PREFIX,
+                                     LONGEST_PREFIX, MAX_PREFIX, SAME_TIME_RUN_PREFIX,
+                                     SPLIT_PAIRS_PREFIX, SPLIT_SAME_TIME_PREFIX, UNKNOWN_PREFIX,
                                      SessionRecords)
 
     beam_fixes.apply()  # a local run that fails early must not wait forever for a worker
@@ -1260,6 +1320,16 @@ def run(args, output: str, files, config, options, command: bool = False) -> dic
         # ... and of those, the ones in item-id order (a file sorted by item id)
         stats[sessions.ID_ORDER] = {order: counts.get(f"{sessions.ID_ORDER}.{order}", 0)
                                     for order in sessions.ID_ORDERS}
+        # ... the others, in the input's order or reversed (a file written newest first)
+        stats[sessions.INPUT_ORDER] = {order: counts.get(f"{sessions.INPUT_ORDER}.{order}", 0)
+                                       for order in sessions.INPUT_ORDERS}
+        # both per split (by the split of each session), with the most events in a row at
+        # one time (bulk additions), before the vocabulary cut
+        stats[SAME_TIME_BY_SPLIT] = {
+            name: {"pairs": counts.get(SPLIT_PAIRS_PREFIX + name, 0),
+                   "same_time": counts.get(SPLIT_SAME_TIME_PREFIX + name, 0),
+                   "longest_run": counts.get(SAME_TIME_RUN_PREFIX + name, 0)}
+            for name in schema.SPLITS}
         outputs.remove(work)
         outputs.write_text(outputs.join(tmp, schema.STATS_FILE),
                            json.dumps(stats, indent=2) + "\n")
@@ -1353,6 +1423,59 @@ def _id_order(counts: dict, tied: int) -> str:
     how = " (by length, then as text: numbers in numeric order)" if "_by_length" in order \
         else ""
     return f"{n:,} of them ({argtypes.share(n, tied)}) in {words} item-id order{how}"
+
+
+def _same_time(stats: dict) -> str:
+    """What the note on events at one time says: where more than SAME_TIME_NOTE_SHARE of
+    the consecutive events within sessions are at the same time, in all or in the valid or
+    test split (whose metrics score them), how many, why their order may be wrong (a file
+    sorted by item id within a time, or written newest first) and the bulk additions among
+    them; '' otherwise."""
+    pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
+    by_split = stats.get(SAME_TIME_BY_SPLIT) or {}
+    scored = [name for name in schema.SPLITS[1:] if by_split.get(name, {}).get("pairs", 0)
+              >= ID_ORDER_MIN_PAIRS and by_split[name]["same_time"]
+              > SAME_TIME_NOTE_SHARE * by_split[name]["pairs"]]
+    if not pairs or (tied <= SAME_TIME_NOTE_SHARE * pairs and not scored):
+        return ""
+    # (per split where a split's share stands out)
+    counted = {name: c for name, c in by_split.items() if c["pairs"]}
+    shares = ", ".join(f"{name} {argtypes.share(c['same_time'], c['pairs'])}"
+                       for name, c in counted.items()) if any(
+        abs(c["same_time"] / c["pairs"] - tied / pairs) > SPLIT_SHARE_APART
+        for c in counted.values()) else ""
+    by_id = _id_order(stats.get(sessions.ID_ORDER) or {}, tied)
+    forward, backward = ((stats.get(sessions.INPUT_ORDER) or {}).get(order, 0)
+                         for order in sessions.INPUT_ORDERS)
+    if by_id:
+        why = (f"{by_id}: the file looks sorted by item id within each time (Amazon's review "
+               "files are), an order the models would learn and the metrics reward: shuffle "
+               "the file's rows first (`shuf log.csv -o shuffled.csv` for a file without a "
+               "header) or give finer times")
+    elif forward + backward >= ID_ORDER_MIN_PAIRS and backward >= NEWEST_FIRST_SHARE * (
+            forward + backward):
+        why = (f"the file lists events newest first ({backward:,} of the {forward + backward:,} "
+               "pairs at different times come in reverse input order), so the same-time ones, "
+               "kept in input order, are read newest first: the models learn that order and "
+               "are scored on it: write the log oldest first (`tac log.csv > "
+               "oldest_first.csv` for a file without a header) and run again")
+    else:
+        why = ("the input's order orders them: the models learn that order and are scored "
+               "on it, so it should be the order the events happened in (a log of whole-day "
+               "or whole-second times written in event order is fine; one sorted by item id "
+               "within a user or a day is not: give finer times, or sort the file by its "
+               "real order first)")
+    runs = {name: c.get("longest_run", 0) for name, c in by_split.items()}
+    bulk = ""
+    if max(runs.values(), default=0) >= BULK_RUN_EVENTS:
+        where = ", ".join(f"{name} {n:,}" for name, n in runs.items() if n >= BULK_RUN_EVENTS)
+        bulk = (f"; sessions hold up to {max(runs.values()):,} events in a row at one time "
+                f"({where}): bulk additions (an import, a batch job)? they have no order of "
+                "their own, yet every event after a run's first is a scored next item: leave "
+                "such rows out of the log")
+    return (f"{tied:,} of the {pairs:,} consecutive events within sessions "
+            f"({argtypes.share(tied, pairs)}"
+            + (f"; {shares}" if shares else "") + f") are at the same time, and {why}{bulk}")
 
 
 def _counts_text(counts: dict, most: int = 4) -> str:
@@ -1453,6 +1576,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
         user_key = f"missing key {user_col!r}"  # (jsonl)
         anonymous = bool(kinds) and (kinds[0][0].startswith(("empty user", "missing user"))
                                      or kinds[0][0] == user_key)
+        time_col = options.get("time_col", "time")
+        timeless = bool(kinds) and kinds[0][0] in ("empty time", "missing time (null)",
+                                                   f"missing key {time_col!r}")
         malformed = argtypes.share(stats['rows_malformed'], stats['rows_read'])
         lines.append(f"note: {stats['rows_malformed']:,} of the {stats['rows_read']:,} rows read "
                      f"({malformed}) are malformed"
@@ -1462,7 +1588,25 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                         f"--exclude {shlex.quote(user_col + '=')} leaves out the rows without "
                         f"one, as filtered (a marker too: --exclude "
                         f"{shlex.quote(user_col + '=,NA')})" if anonymous else "")
+                     + ("; --format tsv reads no quotes: --format csv --delimiter "
+                        f"{shlex.quote(options['delimiter'])} reads quoted fields"
+                        if options.get("format") == "tsv" and options.get("delimiter")
+                        not in (None, "\t") and kinds[0][0].startswith("wrong column count")
+                        else "")
+                     + ("; rows without a time (an event that has not happened yet?) are left "
+                        f"out as filtered with --exclude {shlex.quote(time_col + '=')}"
+                        if timeless else "")
                      + f": {schema.MALFORMED_DIR}/ under {output} holds each with its reason")
+    swapped = sum(n for kind, n in stats.get("malformed_reasons", {}).items()
+                  if kind.endswith(f"{parse.DAYS_MONTHS}?)"))
+    options_format = options.get("time_format") or options.get("time_unit") or ""
+    if swapped > SWAPPED_NOTE_SHARE * stats["rows_read"] and parse.days_months_swapped(
+            options_format):  # (a few rows of another layout in a log read right: no note)
+        other = parse.days_months_swapped(options_format)
+        lines.append(f"note: the times of {swapped:,} malformed rows parse with days and months "
+                     f"swapped ({other!r}): a day-first log? then the rows read were read with "
+                     "their day (12 or less) as the month: rerun with --time-format "
+                     f"{shlex.quote(other)}")
     not_utf8 = stats.get("malformed_reasons", {}).get(parse.NOT_UTF8, 0)
     if not_utf8:  # (a file stops at start only where its first lines say so)
         lines.append(f"note: {not_utf8:,} rows are not UTF-8 (\"{parse.NOT_UTF8}\" in "
@@ -1480,7 +1624,10 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     short = dropped.get(sessions.SHORT, 0)
     users = stats.get(sessions.USERS_SESSIONIZED, 0)
     users_out = stats.get(sessions.USERS_WITH_NO_SESSION, 0)
-    if ((sessionized and short > SHORT_NOTE_SHARE * sessionized)
+    # (a run whose rows are near all malformed: its few events say nothing of sessions)
+    mostly_malformed = stats["rows_malformed"] > MOSTLY_MALFORMED_SHARE * stats["rows_read"]
+    if not mostly_malformed and (
+            (sessionized and short > SHORT_NOTE_SHARE * sessionized)
             or (users >= SHORT_NOTE_MIN_USERS and users_out > SHORT_NOTE_SHARE * users)):
         length = options.get("min_session_length", 2)
         gap = options.get("session_gap", 1800)
@@ -1503,20 +1650,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
                      + (f", and with them {users_out:,} of the {users:,} users "
                         f"({argtypes.share(users_out, users)}), who had no longer session"
                         if users_out else "") + f": {how}")
-    pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
-    if pairs and tied > SAME_TIME_NOTE_SHARE * pairs:
-        by_id = _id_order(stats.get(sessions.ID_ORDER) or {}, tied)
-        why = (f"{by_id}: the file looks sorted by item id within each time (Amazon's review "
-               "files are), an order the models would learn and the metrics reward: shuffle "
-               "the file's rows first (`shuf log.csv -o shuffled.csv` for a file without a "
-               "header) or give finer times" if by_id else
-               "the input's order orders them: the models learn that order and are scored "
-               "on it, so it should be the order the events happened in (a log of whole-day "
-               "or whole-second times written in event order is fine; one sorted by item id "
-               "within a user or a day is not: give finer times, or sort the file by its "
-               "real order first)")
-        lines.append(f"note: {tied:,} of the {pairs:,} consecutive events within sessions "
-                     f"({argtypes.share(tied, pairs)}) are at the same time, and {why}")
+    same_time = _same_time(stats)
+    if same_time:
+        lines.append(f"note: {same_time}")
     if seconds_as_ms:
         lines.append(f"note: {seconds_as_ms}")
     if relative:
@@ -1575,13 +1711,16 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
             leave_out = ("--exclude COLUMN=ID" if not typable else "--exclude " + shlex.quote(
                 options.get("user_col", "user") + "=" + _filter_value(who)))
             who = None if who is None else argtypes.shown(who)
+            bulk = (stats.get(SAME_TIME_BY_SPLIT) or {}).get(name, {}).get("longest_run", 0)
+            kind = ("a bulk import (the note on events at one time) or a crawler?"
+                    if bulk >= BULK_RUN_EVENTS else "a crawler?")
             effect = ("training learns mostly from that user's events"
                       if name == "train" else
                       "the metrics average over events, so that user decides them")
             lines.append(f"note: one user{f' ({who})' if who is not None else ''} holds "
                          f"{argtypes.share(heaviest, events)} of the {name} split's "
                          f"events ({heaviest:,} of {events:,}, {users:,} "
-                         f"user{'s' * (users != 1)}): {effect}; a crawler? {leave_out} "
+                         f"user{'s' * (users != 1)}): {effect}; {kind} {leave_out} "
                          "leaves a user out, --max-events-per-user N keeps each user's "
                          "N most recent events")
     train_users = splits["train"]["users"]

@@ -269,6 +269,27 @@ def time_option(unit: str) -> str:
     return f"--time-format {unit!r}" if is_time_format(unit) else f"--time-unit {unit}"
 
 
+# the end of a malformed row's reason whose time parses with --time-format's %d and %m
+# swapped (a day/month/year log read as month/day/year: its days up to 12 read as months)
+DAYS_MONTHS = "days and months swapped"
+
+
+def days_months_swapped(fmt: str) -> str | None:
+    """`fmt` with its %d and %m exchanged, or None where it lacks either."""
+    if not is_time_format(fmt) or "%d" not in fmt or "%m" not in fmt:
+        return None
+    return fmt.replace("%d", "\0").replace("%m", "%d").replace("\0", "%m")
+
+
+def strptime_reads(value: object, fmt: str) -> bool:
+    """Whether `fmt` reads the text `value` as a time."""
+    try:
+        datetime.datetime.strptime(str(value).strip(), fmt)
+    except ValueError:
+        return False
+    return True
+
+
 def time_format_error(fmt: str) -> str | None:
     """Why a `--time-format` cannot read times right, or None: no strptime directive, no
     year (every time would fall in 1900), `%Z` (a zone name: strptime takes only the
@@ -279,7 +300,7 @@ def time_format_error(fmt: str) -> str | None:
     if "%Z" in fmt:
         return ("holds %Z, a zone name, which Python's strptime reads only for the machine's "
                 "own zone and then drops: use %z for offsets (+0100, +01:00, Z)")
-    if not re.search(r"%[Yy]", fmt):
+    if not re.search(r"%[Yycx]", fmt):  # (%c and %x: the locale's date, with its year)
         return "holds no year (%Y or %y): every time would fall in 1900"
     directives = re.findall(r"%[^%]", fmt.replace("%%", ""))
     repeated = sorted({d for d in directives if directives.count(d) > 1})
@@ -330,6 +351,10 @@ def parse_time_ms(value: object, unit: str, check_range: bool = True) -> int:
         try:
             dt = datetime.datetime.strptime(value.strip(), unit)
         except ValueError:  # ("time data ... does not match format ...")
+            swapped = days_months_swapped(unit)
+            if swapped and strptime_reads(value, swapped):
+                raise RowError("unparseable time ", value, f" ({time_option(unit)}; "
+                               f"{swapped!r} reads it: {DAYS_MONTHS}?)") from None
             raise RowError("unparseable time ", value, f" ({time_option(unit)})") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=datetime.timezone.utc)
@@ -556,6 +581,8 @@ def _event(user, item, t, session, fmt: RowFormat, check_range: bool) -> tuple:
     if fmt.session_col:
         session = _id(session, "session")
     item = _id(item, "item")
+    if isinstance(t, str) and not t.strip():
+        raise RowError("empty time")
     if item in RESERVED_ITEM_IDS:
         raise RowError("item id ", item, " is reserved (items.tsv rows 0 and 1)")
     if "\n" in item or "\r" in item:

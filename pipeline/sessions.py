@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import operator
 from typing import NamedTuple, Sequence
 
 # rows_filtered reasons counted by this module.
@@ -30,6 +29,11 @@ SAME_TIME_PAIRS = "same_time_pairs"
 # each way where the input's order is another
 ID_ORDER = "same_time_pairs_in_id_order"
 ID_ORDERS = ("ascending", "descending", "ascending_by_length", "descending_by_length")
+# stats.json: consecutive events within the sessions at different times whose rows came in
+# the input's order ("forward") and in reverse ("backward"): near all backward, the file
+# lists events newest first, and so its same-time events (kept in input order) are reversed
+INPUT_ORDER = "time_ordered_pairs_by_input_order"
+INPUT_ORDERS = ("forward", "backward")
 # stats.json: the users whose events reached sessionization (well-formed rows that --filter
 # kept), and those of them left with no session (every one shorter than
 # --min-session-length): a sparse log (reviews, purchases) can lose most of its users so
@@ -46,10 +50,14 @@ class Session(NamedTuple):
     Attributes:
       items: raw item ids in order.
       times: unix seconds per event (floor of the milliseconds).
+      tied: consecutive events at the same time (to the millisecond: in input order).
+      run: the most events in a row at one time.
     """
 
     items: list[str]
     times: list[int]
+    tied: int = 0
+    run: int = 1
 
     @property
     def start(self) -> int:
@@ -210,8 +218,9 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
       max_events: only the most recent events are kept (bounded per-user state), after
         dropping duplicates (`drop_duplicates`).
       pairs: where given, `PAIRS` and `SAME_TIME_PAIRS` in it are increased by the kept
-        sessions' consecutive events and those at the same time, and `ID_ORDER + "." +
-        order` by those of the latter in each of `ID_ORDERS`.
+        sessions' consecutive events and those at the same time, `ID_ORDER + "." + order`
+        by those of the latter in each of `ID_ORDERS`, and `INPUT_ORDER + "." + order` by
+        the others in each of `INPUT_ORDERS`.
 
     Returns:
       (sessions in time order, rows_filtered counts by reason).
@@ -221,6 +230,7 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
     sessions = []
     consecutive = same_time = 0
     id_order = [0] * len(ID_ORDERS)
+    input_order = [0] * len(INPUT_ORDERS)
     for raw in group_by_session(events) if session_ids else split_at_gaps(events, gap_seconds):
         kept, repeats = collapse_repeats(raw)
         filtered[REPEAT] += repeats
@@ -229,17 +239,35 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
             continue
         ms = [e[0] for e in kept]
         consecutive += len(ms) - 1
-        tied = sum(map(operator.eq, ms, ms[1:]))
+        tied, run = _ties(kept, input_order)
         if tied:
             same_time += tied
             _count_id_order(kept, id_order)
-        sessions.append(Session([e[2] for e in kept], [t // 1000 for t in ms]))
+        sessions.append(Session([e[2] for e in kept], [t // 1000 for t in ms], tied, run))
     if pairs is not None:
         pairs[PAIRS] += consecutive
         pairs[SAME_TIME_PAIRS] += same_time
-        for order, n in zip(ID_ORDERS, id_order):
-            pairs[f"{ID_ORDER}.{order}"] += n
+        for prefix, names, counts in ((ID_ORDER, ID_ORDERS, id_order),
+                                      (INPUT_ORDER, INPUT_ORDERS, input_order)):
+            for order, n in zip(names, counts):
+                pairs[f"{prefix}.{order}"] += n
     return sessions, +filtered
+
+
+def _ties(kept: Sequence[RawEvent], input_order: list[int]) -> tuple[int, int]:
+    """(consecutive events of one session at the same time, the most in a row at one
+    time); adds to `input_order` (as `INPUT_ORDERS`) its pairs at different times whose
+    rows came in input order and in reverse."""
+    tied, run, longest = 0, 1, 1
+    for a, b in zip(kept, kept[1:]):
+        if a[0] == b[0]:
+            tied += 1
+            run += 1
+            longest = max(longest, run)
+        else:
+            run = 1
+            input_order[a[1] > b[1]] += 1
+    return tied, longest
 
 
 def _count_id_order(kept: Sequence[RawEvent], counts: list[int]) -> None:

@@ -34,7 +34,13 @@ STATS = "stats"
 MAX_PREFIX = "max_user_events/"
 # ... and of a split's longest session (events; max, not summed): LONGEST_PREFIX + split
 LONGEST_PREFIX = "max_session_events/"
-MAXIMA = (MAX_PREFIX, LONGEST_PREFIX)
+# ... and its most events in a row at one time within a session (bulk additions: an import)
+SAME_TIME_RUN_PREFIX = "max_same_time_run/"
+MAXIMA = (MAX_PREFIX, LONGEST_PREFIX, SAME_TIME_RUN_PREFIX)
+# stats key prefixes of a split's consecutive events within sessions, and of those at one
+# time (as sessionized, before the vocabulary cut): SPLIT_PAIRS_PREFIX + split
+SPLIT_PAIRS_PREFIX = "session_event_pairs/"
+SPLIT_SAME_TIME_PREFIX = "same_time_pairs/"
 # ... and of a split's user with the most events: [events, user id] (the larger pair wins)
 HEAVIEST_PREFIX = "heaviest_user/"
 # stats key prefix of a split's target events that are items outside the vocabulary
@@ -291,10 +297,16 @@ class _BuildRecords(beam.DoFn):
         if self._unreported >= USERS_PER_REPORT:
             report_progress("users", self._unreported)
             self._unreported = 0
-        out = records.build_user_records(
-            user, [sessions.Session(*s) for s in user_sessions],
-            _splits_of(self._config, user, user_sessions, cutoffs), index,
-            self._config.min_session_length)
+        user_sessions = [sessions.Session(*s) for s in user_sessions]
+        names = _splits_of(self._config, user, user_sessions, cutoffs)
+        for s, name in zip(user_sessions, names):
+            self._counts[SPLIT_PAIRS_PREFIX + name] += len(s.items) - 1
+            if s.tied:
+                self._counts[SPLIT_SAME_TIME_PREFIX + name] += s.tied
+                key = SAME_TIME_RUN_PREFIX + name
+                self._counts[key] = max(self._counts[key], s.run)
+        out = records.build_user_records(user, user_sessions, names, index,
+                                         self._config.min_session_length)
         if self._config.split == "time":  # (of the events written: trained on, scored)
             for name, session_times in out.times.items():
                 for times in session_times:

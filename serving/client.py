@@ -893,7 +893,8 @@ def _new_user_note(resolved: state_store.ResolvedState, empty: bool) -> list[str
     at all: a deployment whose store was never loaded with the users' pasts."""
     if resolved.source != "new" or not empty:
         return []
-    return ["note: the state store holds no user yet, so every user starts at zeros: "
+    return ["note: the state store held no user before this call, so this user started at "
+            "zeros, as every user new to it does: "
             "`python -m serving.backfill --data DIR` stores the users' states from the "
             "pipeline output the version was trained on"]
 

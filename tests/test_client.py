@@ -943,7 +943,7 @@ def test_recommend_and_end_session_name_the_items_the_version_does_not_know(caps
     assert client_lib.main([*args, "recommend", "--user", "u", "--items",
                             f"{known},{known.upper()},nope,nope", "-k", "2"]) == 0
     # (the store holds nobody: the note that names serving.backfill is left aside here)
-    notes = lambda out: [line for line in out.splitlines() if "holds no user yet" not in line]  # noqa: E731
+    notes = lambda out: [line for line in out.splitlines() if "held no user before this call" not in line]  # noqa: E731
     lines = notes(capsys.readouterr().out)
     assert lines[1] == (f"note: 2 of the session's 3 distinct items are not in version 2's "
                         f"catalogue ('{known.upper()}', 'nope'): each is read as the unknown "
@@ -1428,12 +1428,12 @@ def test_end_session_counts_what_it_stored_and_an_empty_store_points_to_backfill
     text = lambda *args: (client_lib.main([a for a in cli(served, db, *args) if a != "--json"]),  # noqa: E731
                           capsys.readouterr().out)
     status, out = text("recommend", "--user", "u", "--items", "item1,item2", "-k", "2")
-    assert status == 0 and "note: the state store holds no user yet" in out
+    assert status == 0 and "note: the state store held no user before this call" in out
     assert "serving.backfill" in out
     status, out = text("end-session", "--user", "u", "--items", "item1,item2,item3,item3")
     assert status == 0, out
     assert ("stored the state after 3 items (1 immediate repeat left out, as the pipeline "
-            "does) for version 2") in out and "holds no user yet" in out
+            "does) for version 2") in out and "held no user before this call" in out
     ended = run_cli(capsys, served, db, "end-session", "--user", "u", "--items", "item4,item5")
     assert (ended["session_items"], ended["sessions"], ended["sessions_total"]) == (2, 2, 2)
     with state_store.SQLiteStateStore(str(db)) as store:
@@ -1442,6 +1442,6 @@ def test_end_session_counts_what_it_stored_and_an_empty_store_points_to_backfill
                  ("end-session", "--user", "w", "--items", "item1,item2")):
         status, out = text(*args)
         assert status == 0 and "new user, state starts at zeros" in out
-        assert "holds no user yet" not in out
+        assert "held no user before this call" not in out
     status, out = text("end-session", "--user", "u", "--items", "item2,item6")
     assert "stored the state after 2 items for version 2" in out and "left out" not in out

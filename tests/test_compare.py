@@ -903,5 +903,6 @@ def test_the_data_fingerprint_leaves_out_the_rejected_rows_kinds(tmp_path):
         != fingerprints[4]
     # the keys the pipeline writes
     from pipeline import sessions
-    assert {sessions.PAIRS, sessions.SAME_TIME_PAIRS, sessions.ID_ORDER} <= set(
-        compare.NOT_DATA_STATS)
+    from pipeline.__main__ import SAME_TIME_BY_SPLIT
+    assert {sessions.PAIRS, sessions.SAME_TIME_PAIRS, sessions.ID_ORDER, sessions.INPUT_ORDER,
+            SAME_TIME_BY_SPLIT} <= set(compare.NOT_DATA_STATS)

@@ -324,6 +324,10 @@ def test_cli_sample_users_evaluates_the_hash_chosen_users(full_data, tmp_path, c
     (["--split", "valid", "--model", "popularity"], "the following arguments are required: --data"),
     (["--data", "DATA", "--split", "train", "--model", "popularity"], "invalid choice: 'train'"),
     (["--data", "DATA", "--split", "test", "--model", "bert"], "invalid choice: 'bert'"),
+    # (a neural model's name: where its figures come from, not "invalid choice")
+    (["--data", "DATA", "--split", "test", "--model", "gru4rec"],
+     "argument --model: gru4rec is trained, not fitted here: evaluate its run folder, "
+     "--model-dir RUN (python -m model.train --model gru4rec --model-dir RUN trains one)"),
     (["--data", "DATA", "--split", "test", "--model", "mv", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     (["--data", "DATA", "--split", "test", "--model", "mv", "--max-users", "x"],
      "--max-users: 'x' is not an integer"),

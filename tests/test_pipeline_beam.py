@@ -90,7 +90,16 @@ def test_session_records_on_hand_written_events(tmp_path):
             "same_time_pairs_in_id_order.ascending": 1,
             "same_time_pairs_in_id_order.descending": 1,
             "same_time_pairs_in_id_order.ascending_by_length": 1,
-            "same_time_pairs_in_id_order.descending_by_length": 1}]), label="stats")
+            "same_time_pairs_in_id_order.descending_by_length": 1,
+            # the other 4 in the input's order but b.csv's y@100 → a.csv's x@105
+            "time_ordered_pairs_by_input_order.forward": 3,
+            "time_ordered_pairs_by_input_order.backward": 1,
+            # per split: train u1 [x y x], u2 [y x]; valid u2 [y x]; test u1 [y x], u3 [x y],
+            # a tie in train and one in test, runs of 2 events at one time
+            "session_event_pairs/train": 3, "session_event_pairs/valid": 1,
+            "session_event_pairs/test": 2, "same_time_pairs/train": 1,
+            "same_time_pairs/test": 1, "max_same_time_run/train": 2,
+            "max_same_time_run/test": 2}]), label="stats")
         # the malformed rows by kind of reason (`parse.RowError.kind`), the commonest first
         assert_that(out["malformed_kinds"], equal_to([{
             "negative time …": 1, "wrong column count: expected 3, got 1": 1}]), label="kinds")

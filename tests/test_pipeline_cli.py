@@ -358,6 +358,68 @@ def test_text_times_in_another_layout_with_time_format(tmp_path, capsys):
         assert said in capsys.readouterr().err
 
 
+def test_day_first_dates_read_month_first_are_caught_and_empty_times_named(tmp_path, capsys):
+    """A day/month/year export read with '%m/%d/%Y %H:%M' (audit of an Excel CSV): the
+    start-up check stopped a run only where none of the first rows parsed, so with half of
+    them parsing it ran, wrote the days after the 12th as malformed and the others with
+    day and month swapped, and nothing said so; empty times counted as unparseable ones."""
+    import datetime as dt
+
+    start = dt.datetime(2026, 3, 10, 9, 0)
+    rows = [(f"u{k % 9}", f"i{k % 13}", start + dt.timedelta(hours=7 * k)) for k in range(400)]
+    log = tmp_path / "export.csv"
+    log.write_text("user;item;when\n" + "".join(f"{u};{i};{t:%d/%m/%Y %H:%M}\n"
+                                                for u, i, t in rows))
+    options = ["--delimiter", ";", "--time-col", "when", "--min-item-count", "1",
+               "--session-gap", "604800", *IN_MEMORY]
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "x"),
+                     "--time-format", "%m/%d/%Y %H:%M", *options]) == 2
+    err = capsys.readouterr().err
+    assert (f"{log}: 11 of the 20 times of its first rows do not parse as --time-format "
+            "'%m/%d/%Y %H:%M' (like '13/03/2026 00:00'), and every one parses as '%d/%m/%Y "
+            "%H:%M': days before months? pass --time-format '%d/%m/%Y %H:%M'") in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "x").exists()
+    # first rows all on days up to the 12th (a log sorted by time): the run goes on, and
+    # the end names the swap; 3 rows without a time are their own kind, with the option
+    rows.sort(key=lambda r: (r[2].day > 12, r[2]))
+    log.write_text("user;item;when\n" + "".join(f"{u};{i};{t:%d/%m/%Y %H:%M}\n"
+                                                for u, i, t in rows) + "u1;i1;\n" * 3)
+    late = sum(t.day > 12 for _, _, t in rows)
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "y"),
+                     "--time-format", "%m/%d/%Y %H:%M", *options]) == 0
+    stats = schema.read_stats(str(tmp_path / "y"))
+    kinds = stats["malformed_reasons"]
+    assert kinds == {"unparseable time … (--time-format '%m/%d/%Y %H:%M'; '%d/%m/%Y %H:%M' "
+                     "reads it: days and months swapped?)": late, "empty time": 3}, kinds
+    err = capsys.readouterr().err
+    assert (f"note: the times of {late:,} malformed rows parse with days and months swapped "
+            "('%d/%m/%Y %H:%M'): a day-first log? then the rows read were read with their day "
+            "(12 or less) as the month: rerun with --time-format '%d/%m/%Y %H:%M'") in err, err
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "z"),
+                     "--time-format", "%d/%m/%Y %H:%M", *options]) == 0
+    stats = schema.read_stats(str(tmp_path / "z"))
+    assert stats["rows_malformed"] == 3 and "days and months" not in capsys.readouterr().err
+
+
+def test_quoted_fields_read_as_tsv_get_the_csv_hint(tmp_path, capsys):
+    """An Excel export separated by ';' with quoted fields that hold a ';', read as
+    --format tsv --delimiter ';' (no quoting): those rows are malformed, and the note says
+    which option reads them."""
+    rows = [f'u{k % 5};"Item; {k % 4}";{1_600_000_000 + 60 * k}' if k % 3 == 0 else
+            f"u{k % 5};i{k % 4};{1_600_000_000 + 60 * k}" for k in range(90)]
+    log = tmp_path / "export.csv"
+    log.write_text("user;item;time\n" + "\n".join(rows) + "\n")
+    common = ["--delimiter", ";", "--min-item-count", "1", *IN_MEMORY]
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "tsv"), "--format", "tsv",
+                     *common]) == 0
+    err = capsys.readouterr().err
+    assert ("wrong column count: expected 3, got 4 (30); --format tsv reads no quotes: "
+            "--format csv --delimiter ';' reads quoted fields") in err, err
+    assert cli.main(["--input", str(log), "--output", str(tmp_path / "csv"), *common]) == 0
+    assert schema.read_stats(str(tmp_path / "csv"))["rows_malformed"] == 0
+    assert "reads no quotes" not in capsys.readouterr().err
+
+
 def test_usage_error_is_one_line_without_output(tmp_path):
     out = tmp_path / "never"
     res = run_cli("--input", str(tmp_path / "missing-*.csv"), "--output", str(out))
@@ -563,14 +625,36 @@ def test_filter_keeps_the_event_types_asked_for(tmp_path, capsys):
     assert cli.main([*json_options, "--output", str(tmp_path / "j1"), "--filter", "event=click"]) == 0
     stats, _ = check_output(str(tmp_path / "j1"))
     assert (stats["rows_read"], stats["rows_malformed"], stats["rows_filtered"]["filter"]) == (37, 0, 25)
+    capsys.readouterr()
+    # a misspelt key (Goodreads' is_read): a refusal naming the key the objects have, where
+    # the run read every row, then wrote nothing ("they hold israed: None")
+    reads = tmp_path / "reads.jsonl"
+    reads.write_text("".join(json.dumps({"user_id": f"u{k % 3}", "book_id": f"b{k % 5}",
+                                         "date": 100 + k, "is_read": k % 2 == 0}) + "\n"
+                             for k in range(30)))
+    reads_options = ["--input", str(reads), "--format", "jsonl", "--user-col", "user_id",
+                     "--item-col", "book_id", "--time-col", "date", *IN_MEMORY]
+    assert cli.main([*reads_options, "--output", str(tmp_path / "r0"),
+                     "--filter", "israed=true"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{reads}: none of the first 21 JSON objects has the --filter key(s) israed (they "
+            "have ['user_id', 'book_id', 'date', 'is_read']): --filter israed=...: did you mean "
+            "'is_read'?") in err and err.count("\n") == 1, err
+    # a key like none of theirs: a note that says so, and the run goes on
+    assert cli.main([*reads_options, "--output", str(tmp_path / "r1"), "--filter", "shelf=read"]) == 1
+    assert (f"note: {reads}: none of the first 21 rows passes --filter (they hold shelf: no such "
+            "key)") in capsys.readouterr().err
 
 
 def test_first_rows_that_do_not_split_without_another_separator_in_sight_get_a_note(
         tmp_path, capsys):
-    """A file whose first rows lack a column (a truncated export's head, say) but whose
-    later rows are whole: no separator to suggest, so a note, and the whole rows are read."""
+    """A file whose first rows lack a column or two (a damaged export's head, say) but
+    whose later rows are whole: no separator to suggest, so a note, and the whole rows are
+    read. First rows that all hold one other number of columns (YooChoose's clicks with
+    its category column left out of --columns): a refusal, where the run read the whole log
+    into a malformed/ folder four times its size."""
     log = tmp_path / "log.csv"
-    log.write_text("".join(f"u{k},i{k % 3}\n" for k in range(25))
+    log.write_text("".join(f"u{k},i{k % 3}\n" if k % 2 else f"u{k}\n" for k in range(25))
                    + "".join(f"u{k % 2},i{k % 3},{100 + k}\n" for k in range(12)))
     out = tmp_path / "out"
     assert cli.main(["--input", str(log), "--output", str(out), "--columns", "user,item,time",
@@ -578,6 +662,19 @@ def test_first_rows_that_do_not_split_without_another_separator_in_sight_get_a_n
     err = capsys.readouterr().err
     assert (f"note: {log}: none of the first 21 rows has 3 ','-separated columns (they are "
             "malformed rows)") in err
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("".join(f"s{k // 4},2014-04-0{1 + k // 50}T10:51:{k % 60:02d}.277Z,"
+                              f"2145{k % 7},{'S' if k % 5 else 0}\n" for k in range(200)))
+    for columns in ("session,time,item", "session,time,item,category,extra"):
+        assert cli.main(["--input", str(clicks), "--output", str(tmp_path / "x"), "--columns",
+                         columns, "--user-col", "session", "--time-unit", "iso",
+                         *IN_MEMORY]) == 2
+        err = capsys.readouterr().err
+        names = columns.split(",")
+        assert (f"{clicks}: each of its first 21 rows has 4 ','-separated columns, where "
+                f"--columns names {len(names)} {names} (every row would be malformed): name "
+                "each of them in --columns, in order (one the run does not read too)") in err, err
+        assert err.count("\n") == 1 and not (tmp_path / "x").exists()
     stats = schema.read_stats(str(out))
     assert (stats["rows_read"], stats["rows_malformed"]) == (37, 25)
 
@@ -732,6 +829,57 @@ def test_times_that_leave_the_order_to_the_input_and_a_cap_that_cuts_get_notes(t
     assert stats[sessions.PAIRS] == 30 * 7 and stats[sessions.SAME_TIME_PAIRS] == 0
     err = capsys.readouterr().err
     assert "at the same time" not in err and "were the older ones" not in err, err
+
+
+def test_a_newest_first_file_and_a_bulk_import_in_valid_get_the_same_time_note(tmp_path,
+                                                                                capsys):
+    """A Goodreads-shaped log: each user's rows newest first, and one user's library added
+    in bulk at one second inside the valid period. Only 7% of all pairs tie, under the
+    note's share, but 44% of valid's (the split that chooses the checkpoint) do, and the
+    same-time rows are read in reverse: the note said nothing of either."""
+    day, T0 = 86_400, 1_600_000_000
+    rows = []
+    for u in range(40):
+        for d in range(8):
+            start = T0 + (u % 7 + d) * day + 3600 * (u % 5)
+            rows += [(f"u{u}", f"i{(u * 3 + d * 7 + k) % 60}", start + 60 * k) for k in range(5)]
+    bulk = T0 + 9 * day + 14400  # (in the valid split's days; asserted below)
+    rows += [("importer", f"i{k * 37 % 60}", bulk) for k in range(100)]
+    rows += [("importer", f"i{k}", T0 + 2 * day + 60 * k) for k in range(5)]
+
+    def run(name, newest_first):
+        by_user = collections.defaultdict(list)
+        for row in rows:
+            by_user[row[0]].append(row)
+        lines = [f"{u},{i},{t}" for user in by_user.values()
+                 for u, i, t in sorted(user, key=lambda r: -r[2] if newest_first else r[2])]
+        log = tmp_path / f"{name}.csv"
+        log.write_text("user,item,time\n" + "\n".join(lines) + "\n")
+        assert cli.main(["--input", str(log), "--output", str(tmp_path / name),
+                         "--min-item-count", "1", *IN_MEMORY]) == 0
+        return schema.read_stats(str(tmp_path / name)), capsys.readouterr().err
+
+    stats, err = run("newest", True)
+    by_split = stats[cli.SAME_TIME_BY_SPLIT]
+    assert by_split["valid"]["longest_run"] == 100 and by_split["valid"]["same_time"] == 99
+    assert by_split["train"]["same_time"] == by_split["test"]["same_time"] == 0
+    assert sum(c["pairs"] for c in by_split.values()) == stats[sessions.PAIRS] == 1280 + 4 + 99
+    valid_share = argtypes.share(99, by_split["valid"]["pairs"])
+    assert stats[sessions.INPUT_ORDER] == {"forward": 0, "backward": 1284}
+    assert (f"note: 99 of the 1,383 consecutive events within sessions (7%; train 0%, valid "
+            f"{valid_share}, test 0%) are at the same time, and the file lists events newest "
+            "first (1,284 of the 1,284 pairs at different times come in reverse input order), "
+            "so the same-time ones, kept in input order, are read newest first") in err, err
+    assert ("sessions hold up to 100 events in a row at one time (valid 100): bulk additions "
+            "(an import, a batch job)? they have no order of their own") in err, err
+    assert ("of the valid split's events (100 of 245, 25 users): the metrics average over "
+            "events, so that user decides them; a bulk import (the note on events at one time) "
+            "or a crawler? --exclude user=importer") in err, err
+    # written oldest first: the note on the bulk import alone, with the input's order
+    stats, err = run("oldest", False)
+    assert stats[sessions.INPUT_ORDER] == {"forward": 1284, "backward": 0}
+    assert "newest first" not in err and ("are at the same time, and the input's order "
+                                          "orders them") in err and "(valid 100)" in err, err
 
 
 def test_unknown_targets_of_every_user_are_counted(tmp_path):
@@ -2562,6 +2710,14 @@ def test_notes_name_what_to_change_when_most_of_a_log_is_dropped(tmp_path, capsy
     stats = schema.read_stats(str(out))
     assert stats["rows_filtered"] == {"short_session": 240}
     assert (stats["users_sessionized"], stats["users_with_no_session"]) == (30, 30)
+    # the same reviews behind 30 whole rows and 2,400 malformed ones: their few events say
+    # nothing of sessions (an audit's one parsed row of 300,151 got this gap advice)
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(reviews.read_text() + "".join(f"u{k},i{k}\n" for k in range(2400)))
+    assert cli.main(["--input", str(mixed), "--output", str(tmp_path / "bad"),
+                     *IN_MEMORY]) == 1
+    err = capsys.readouterr().err
+    assert "91%) are malformed" in err and "sessions shorter than" not in err, err
     # a longer gap that is still too short: only longer ones are suggested, then none
     sparse = tmp_path / "sparse.csv"  # one event every 10 days
     sparse.write_text("user,item,time\n" + "".join(

@@ -325,7 +325,7 @@ def test_gap_boundary_is_strict():
 def test_ties_in_time_follow_input_order_and_out_of_order_input_is_sorted():
     events = [ev(50, 3, "d"), ev(10, 2, "c"), ev(10, 1, "b"), ev(0, 0, "a")]
     out, filtered = sessions.sessionize(events, 1800, 1, 100)
-    assert out == [Session(["a", "b", "c", "d"], [0, 10, 10, 50])]
+    assert out == [Session(["a", "b", "c", "d"], [0, 10, 10, 50], 1, 2)]
     assert filtered == {}
 
 
@@ -343,8 +343,24 @@ def test_consecutive_events_at_one_time_are_counted_to_the_millisecond():
     order = {f"{sessions.ID_ORDER}.{k}": n for k, n in (
         ("ascending", 3), ("descending", 1), ("ascending_by_length", 4),
         ("descending_by_length", 0))}
+    # b-c and c-d at different times, each in the input's order
+    order.update({f"{sessions.INPUT_ORDER}.forward": 2, f"{sessions.INPUT_ORDER}.backward": 0})
     assert pairs == {sessions.PAIRS: 3 + 2 + 1, sessions.SAME_TIME_PAIRS: 1 + 2 + 1, **order}
     assert filtered == {sessions.REPEAT: 1, sessions.SHORT: 1}
+    # each session's ties and its most events in a row at one time
+    assert [(s.tied, s.run) for s in out] == [(1, 2), (2, 3), (1, 2)]
+
+
+def test_a_file_written_newest_first_is_counted_as_such():
+    """Pairs at different times whose rows came in reverse input order: a file listing each
+    user's events newest first (the Goodreads dump does), whose same-time events are then
+    read in reverse; and a run of events at one time (a bulk import) measured."""
+    events = [(5000, 0, "d"), (1000, 1, "c"), (1000, 2, "b"), (1000, 3, "x"), (0, 4, "a")]
+    pairs = collections.Counter()
+    out, _ = sessions.sessionize(events, 1800, 2, 100, pairs=pairs)
+    assert out[0].items == ["a", "c", "b", "x", "d"] and (out[0].tied, out[0].run) == (2, 3)
+    assert pairs[f"{sessions.INPUT_ORDER}.backward"] == 2  # a-c, x-d
+    assert pairs[f"{sessions.INPUT_ORDER}.forward"] == 0
 
 
 def test_immediate_repeats_collapse_and_short_sessions_drop():
@@ -424,7 +440,7 @@ def test_a_row_read_twice_is_one_event_even_between_others_at_the_same_time():
     rows = [(60_000, k, item) for k, item in enumerate("abc")]
     again = [(60_000, second + k, item) for k, item in enumerate("abc")]
     out, filtered = sessions.sessionize(rows + again + [(120_000, 20, "d")], 1800, 1, 100)
-    assert out == [Session(["a", "b", "c", "d"], [60, 60, 60, 120])]
+    assert out == [Session(["a", "b", "c", "d"], [60, 60, 60, 120], 2, 3)]
     assert filtered == {sessions.DUPLICATE: 3}
     # the same item at another time, or in another session, is another event
     out, filtered = sessions.sessionize([(0, 0, "a"), (1000, 1, "b"), (2000, 2, "a")], 1800, 1, 100)
@@ -446,7 +462,7 @@ def test_a_row_repeated_within_one_file_is_a_repeat_and_its_copy_elsewhere_is_no
     day = 86_400_000
     one = [(day, 0, "a"), (day, 1, "b"), (day, 2, "a"), (2 * day, 3, "c")]
     out, filtered = sessions.sessionize(one, 3600, 1, 100)
-    assert out == [Session(["a", "b", "a"], [86_400] * 3), Session(["c"], [172_800])]
+    assert out == [Session(["a", "b", "a"], [86_400] * 3, 2, 3), Session(["c"], [172_800])]
     assert not filtered
     copy = [(t, sources.first_order(1, 0) + k, item) for t, k, item in one]
     for events in (one + copy, copy + one, copy[::-1] + one[::-1]):  # any input order
