@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import operator
 from typing import NamedTuple, Sequence
 
 # rows_filtered reasons counted by this module.
@@ -237,13 +238,12 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
         if len(kept) < min_length:
             filtered[SHORT] += len(kept)
             continue
-        ms = [e[0] for e in kept]
-        consecutive += len(ms) - 1
+        consecutive += len(kept) - 1
         tied, run = _ties(kept, input_order)
         if tied:
             same_time += tied
             _count_id_order(kept, id_order)
-        sessions.append(Session([e[2] for e in kept], [t // 1000 for t in ms], tied, run))
+        sessions.append(Session([e[2] for e in kept], [e[0] // 1000 for e in kept], tied, run))
     if pairs is not None:
         pairs[PAIRS] += consecutive
         pairs[SAME_TIME_PAIRS] += same_time
@@ -257,16 +257,20 @@ def sessionize(events: list[RawEvent], gap_seconds: int, min_length: int,
 def _ties(kept: Sequence[RawEvent], input_order: list[int]) -> tuple[int, int]:
     """(consecutive events of one session at the same time, the most in a row at one
     time); adds to `input_order` (as `INPUT_ORDERS`) its pairs at different times whose
-    rows came in input order and in reverse."""
-    tied, run, longest = 0, 1, 1
-    for a, b in zip(kept, kept[1:]):
-        if a[0] == b[0]:
-            tied += 1
-            run += 1
-            longest = max(longest, run)
-        else:
-            run = 1
-            input_order[a[1] > b[1]] += 1
+    rows came in input order and in reverse (a tie is always in input order: events sort
+    by (time, order))."""
+    ms = [e[0] for e in kept]
+    orders = [e[1] for e in kept]
+    tied = sum(map(operator.eq, ms, ms[1:]))
+    backward = sum(map(operator.gt, orders, orders[1:]))
+    input_order[0] += len(ms) - 1 - tied - backward
+    input_order[1] += backward
+    if not tied:
+        return 0, 1
+    run = longest = 1
+    for a, b in zip(ms, ms[1:]):
+        run = run + 1 if a == b else 1
+        longest = max(longest, run)
     return tied, longest
 
 
