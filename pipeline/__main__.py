@@ -1428,7 +1428,8 @@ def _id_order(counts: dict, tied: int) -> str:
 def _same_time(stats: dict) -> str:
     """What the note on events at one time says: where more than SAME_TIME_NOTE_SHARE of
     the consecutive events within sessions are at the same time, in all or in the valid or
-    test split (whose metrics score them), how many, why their order may be wrong (a file
+    test split (whose metrics score them), or a session holds BULK_RUN_EVENTS in a row at
+    one time, how many, why their order may be wrong (a file
     sorted by item id within a time, or written newest first) and the bulk additions among
     them; '' otherwise."""
     pairs, tied = stats.get(sessions.PAIRS, 0), stats.get(sessions.SAME_TIME_PAIRS, 0)
@@ -1436,7 +1437,9 @@ def _same_time(stats: dict) -> str:
     scored = [name for name in schema.SPLITS[1:] if by_split.get(name, {}).get("pairs", 0)
               >= ID_ORDER_MIN_PAIRS and by_split[name]["same_time"]
               > SAME_TIME_NOTE_SHARE * by_split[name]["pairs"]]
-    if not pairs or (tied <= SAME_TIME_NOTE_SHARE * pairs and not scored):
+    runs = {name: c.get("longest_run", 0) for name, c in by_split.items()}
+    bulky = max(runs.values(), default=0) >= BULK_RUN_EVENTS
+    if not pairs or (tied <= SAME_TIME_NOTE_SHARE * pairs and not scored and not bulky):
         return ""
     # (per split where a split's share stands out)
     counted = {name: c for name, c in by_split.items() if c["pairs"]}
@@ -1465,9 +1468,8 @@ def _same_time(stats: dict) -> str:
                "or whole-second times written in event order is fine; one sorted by item id "
                "within a user or a day is not: give finer times, or sort the file by its "
                "real order first)")
-    runs = {name: c.get("longest_run", 0) for name, c in by_split.items()}
     bulk = ""
-    if max(runs.values(), default=0) >= BULK_RUN_EVENTS:
+    if bulky:
         where = ", ".join(f"{name} {n:,}" for name, n in runs.items() if n >= BULK_RUN_EVENTS)
         bulk = (f"; sessions hold up to {max(runs.values()):,} events in a row at one time "
                 f"({where}): bulk additions (an import, a batch job)? they have no order of "

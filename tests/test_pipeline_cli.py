@@ -882,6 +882,21 @@ def test_a_newest_first_file_and_a_bulk_import_in_valid_get_the_same_time_note(t
                                           "orders them") in err and "(valid 100)" in err, err
 
 
+def test_a_bulk_run_in_train_alone_gets_the_same_time_note():
+    """A run of 60 events at one time in train, under every share: the note still comes
+    (the heavy-user note points at it), and nothing under the bulk size brings it."""
+    stats = {sessions.PAIRS: 10_000, sessions.SAME_TIME_PAIRS: 59,
+             cli.SAME_TIME_BY_SPLIT: {
+                 "train": {"pairs": 8_000, "same_time": 59, "longest_run": 60},
+                 "valid": {"pairs": 1_000, "same_time": 0, "longest_run": 0},
+                 "test": {"pairs": 1_000, "same_time": 0, "longest_run": 0}}}
+    said = cli._same_time(stats)
+    assert said.startswith("59 of the 10,000 consecutive events within sessions (under 1%) "
+                           "are at the same time") and "(train 60)" in said, said
+    stats[cli.SAME_TIME_BY_SPLIT]["train"]["longest_run"] = cli.BULK_RUN_EVENTS - 1
+    assert cli._same_time(stats) == ""
+
+
 def test_unknown_targets_of_every_user_are_counted(tmp_path):
     """Each of 40 users ends with an item train never holds: 40 unknown test targets (a
     count kept per bundle must add up over its users, not keep the last one's)."""
