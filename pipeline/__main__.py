@@ -1473,8 +1473,8 @@ def _same_time(stats: dict) -> str:
         where = ", ".join(f"{name} {n:,}" for name, n in runs.items() if n >= BULK_RUN_EVENTS)
         bulk = (f"; sessions hold up to {max(runs.values()):,} events in a row at one time "
                 f"({where}): bulk additions (an import, a batch job)? they have no order of "
-                "their own, yet every event after a run's first is a scored next item: leave "
-                "such rows out of the log")
+                "their own, yet every event after a run's first is a next item trained on or "
+                "scored: leave such rows out of the log")
     return (f"{tied:,} of the {pairs:,} consecutive events within sessions "
             f"({argtypes.share(tied, pairs)}"
             + (f"; {shares}" if shares else "") + f") are at the same time, and {why}{bulk}")

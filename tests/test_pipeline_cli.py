@@ -891,7 +891,7 @@ def test_a_bulk_run_in_train_alone_gets_the_same_time_note():
                  "valid": {"pairs": 1_000, "same_time": 0, "longest_run": 0},
                  "test": {"pairs": 1_000, "same_time": 0, "longest_run": 0}}}
     said = cli._same_time(stats)
-    assert said.startswith("59 of the 10,000 consecutive events within sessions (under 1%) "
+    assert said.startswith("59 of the 10,000 consecutive events within sessions (1%) "
                            "are at the same time") and "(train 60)" in said, said
     stats[cli.SAME_TIME_BY_SPLIT]["train"]["longest_run"] = cli.BULK_RUN_EVENTS - 1
     assert cli._same_time(stats) == ""
