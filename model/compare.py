@@ -279,6 +279,10 @@ def markdown_table(results: dict) -> str:
     lines.append(f"Split `{results.get('split', 'test')}`, {events:,.0f} scored events (positions >= 2)"
                  f"{cold_text}, full-catalogue ranking, conservative ties{ruled} (README § "
                  "Evaluation protocol).")
+    if events and first.get("unknown_targets") == events:
+        lines.append(f"Every one of the {events:,.0f} targets is outside the training vocabulary "
+                     "(the run folders' items.tsv): every figure is 0 for any model, not a "
+                     "score.")
     ruling = [name for name, m in models.items() if m.get("rules_out_current")]
     if (ruling and len(ruling) < len(models) and not results.get("rule_out_current")
             and not results.get("rule_out_seen")):

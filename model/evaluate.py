@@ -681,10 +681,12 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         if note:
             print(note, file=sys.stderr)
         if result["events"] and result.get("unknown_targets") == result["events"]:
+            options = schema.read_stats(args.data).get("options", {})
             print(f"note: every one of the {args.split} split's {result['events']:,} targets is "
                   "outside the training vocabulary (its items.tsv): the metrics are 0 for any "
-                  "model, not a score (a --min-item-count that kept no item of these?)",
-                  file=sys.stderr)
+                  "model, not a score"
+                  + (" (a --min-item-count that kept no item of these?)"
+                     if options.get("min_item_count", 5) > 1 else ""), file=sys.stderr)
         if not result["events"]:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "

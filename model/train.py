@@ -379,8 +379,8 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
                                     "model": {k: v for k, v in now["model"].items()
                                               if k not in older},
                                     "train": {k: now["train"][k] for k in fixed}})
-        # another model first: its config's keys all differ, and are not the point
-        differences.sort(key=lambda d: not d.startswith("model_name "))
+        # another model: its config's keys all differ, and are not the point
+        differences = [d for d in differences if d.startswith("model_name ")] or differences
         # each with the option that sets it (an older run's chunk_context False -> True
         # did not say --no-chunk-context)
         flags = {f"model.{key}": flag for key, flag, _ in _MODEL_OPTIONS}
@@ -401,9 +401,33 @@ def prepare_run_dir(run_dir: str, config: config_lib.RunConfig, data_dir: str,
                 f"{run_dir} holds a run with another model config or batch geometry "
                 f"({'; '.join(differences)}; see its {registry.CONFIG_FILE}): use a new "
                 "--model-dir or the same options")
-        return {k: [saved["train"][k], v] for k, v in now["train"].items()
-                if k in saved.get("train", {}) and saved["train"][k] != v}
+        changed = {k: [saved["train"][k], v] for k, v in now["train"].items()
+                   if k in saved.get("train", {}) and saved["train"][k] != v}
+        _check_valid_sample(run_dir, changed)
+        return changed
     return {}
+
+
+# training options that choose the valid events each evaluation scores
+VALID_SAMPLE_OPTIONS = ("eval_users", "eval_events")
+
+
+def _check_valid_sample(run_dir: str, changed: dict) -> None:
+    """Refuses a resume that changes which valid events are scored while the run holds a
+    best checkpoint: its figure, measured on the other sample, would be compared with the
+    new ones (16 events' Recall@20 0.50 replaced 351 events' 0.36 as the best)."""
+    moved = [k for k in VALID_SAMPLE_OPTIONS if k in changed]
+    best = registry.read_best(run_dir) if moved else None
+    if not best or "recall@20" not in best:
+        return
+    told = ", ".join(f"--{k.replace('_', '-')} {changed[k][1]} (the run's: {changed[k][0]})"
+                     for k in moved)
+    was = " ".join(f"--{k.replace('_', '-')} {changed[k][0]}" for k in moved)
+    raise registry.RunError(
+        f"{run_dir}: {told} would score other valid events than its best checkpoint's (step "
+        f"{best.get('step')}, recall@20 {best['recall@20']:.4f} on {best.get('events', 0):,} "
+        f"events), and the two figures would not compare: resume with {was}, or train into "
+        "a new --model-dir")
 
 
 def _holds_a_model(run_dir: str) -> bool:
@@ -526,7 +550,8 @@ def estimate_steps(data_dir: str, train: config_lib.TrainConfig,
 
 
 def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int) -> str:
-    """` (about N epochs)` for a run of `train.steps` steps (nothing for a run in epochs),
+    """` (about N epochs)` for a run of `train.steps` steps (nothing for a run in epochs):
+    the train split's events trained on over and over, as the run's summary counts them,
     with a hint when that is less than one pass over the train split (a large log). The
     slots of a pass, from `stats.json`: a session of n items takes ceil(n / L) slots, which
     lies between max(sessions, events / L) and sessions + events / L; their midpoint, or
@@ -542,19 +567,23 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
     if not slots:
         return ""
     steps_per_pass = slots / (train.batch_size * train.sessions_per_batch)
-    # a user's slots all go to one row, S a step: a pass lasts at least as long as the
-    # heaviest user's row (one user of 3,000 sessions among 300 of one: "about 0.24 epochs"
-    # for 2 steps, where a pass took 242); its slots, at least its events over the longest
-    # a slot holds (its sessions' length where the longest fits one slot)
+    passes = total_steps / steps_per_pass
+    # a user's slots all go to one row, S a step, while the other rows go on to the next
+    # pass's users: a pass over every user lasts at least as long as the heaviest user's
+    # row (one user of 3,000 sessions among 300 of one: a pass took 242 steps, where the
+    # events of one took 10), its slots at least its events over the longest a slot holds
     heaviest = stats.get("max_user_events", {}).get("train", 0)
     longest = stats.get("max_session_events", {}).get("train", 0)
+    every_user = steps_per_pass
     if isinstance(heaviest, int) and heaviest > 0:
         per_slot = min(train.max_session_length, longest) if longest > 0 else \
             train.max_session_length
-        steps_per_pass = max(steps_per_pass, heaviest / per_slot / train.sessions_per_batch)
-    passes = total_steps / steps_per_pass
-    hint = "; --epochs 1 for one pass" if passes < 1 else ""
-    return f" ({_epochs_phrase(passes)}{hint})"
+        every_user = max(steps_per_pass, heaviest / per_slot / train.sessions_per_batch)
+    row = (f"; a pass over every user takes about {_about(every_user)} steps, the heaviest "
+           f"user's {heaviest:,} events filling one row" if every_user > 1.5 * steps_per_pass
+           else "")
+    hint = "; --epochs 1 for one pass" if total_steps < every_user else ""
+    return f" ({_epochs_phrase(passes)}{row}{hint})"
 
 
 def _epochs_phrase(passes: float) -> str:
@@ -1109,7 +1138,7 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
     finished = (bool(tc.steps and start_step >= tc.steps) or stalled or passes_done
                 or out_of_time)
     if finished and current:
-        print(f"{run_dir} already holds {start_step} steps"
+        print(f"{run_dir} already holds {start_step} step{'s' * (start_step != 1)}"
               + (f", {_stall_text(tc, best)}" if stalled else "")
               + (f", more than --epochs {tc.epochs}" if passes_done else "")
               + (f", trained for its --max-minutes {tc.max_minutes:g}" if out_of_time else "")
@@ -1136,7 +1165,9 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         output = (f"sampled softmax: --num-negatives {asked:,} is every item, so the exact "
                   f"softmax over {model.sampler.num_sampled:,} items")
     else:
-        output = f"sampled softmax, {model.sampler.num_sampled} negatives of {items:,} items"
+        negatives = model.sampler.num_sampled
+        output = (f"sampled softmax, {negatives} negative{'s' * (negatives != 1)} of "
+                  f"{items:,} items")
     steps = (f"steps {start_step + 1}-{total_steps}{_passes_text(data_dir, tc, total_steps)}"
              if not finished else
              f"its {start_step} steps are trained; writing the summary it lacks")
@@ -1435,7 +1466,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
                 return {"model": config.model_name, "steps": step, "steps_this_run": 0,
                         "stopped_by": stop_reason}
             if start_step and evaluated_step is None and _summary_is_current(run_dir, step):
-                print(f"{run_dir} already holds {start_step} steps, all its epochs; nothing "
+                print(f"{run_dir} already holds {start_step} step{'s' * (start_step != 1)}, "
+                      "all its epochs; nothing "
                       "to do", file=sys.stderr)
                 return registry.read_summary(run_dir) or {}
             if finished:
@@ -1502,7 +1534,7 @@ def _stalled(tc: config_lib.TrainConfig, best: dict | None, step: int) -> bool:
 def _stall_text(tc: config_lib.TrainConfig, best: dict) -> str:
     evaluations = "evaluation" if tc.patience == 1 else "evaluations"
     return (f"valid has not improved (recall@20, then mrr@20) for {tc.patience} {evaluations} "
-            f"{tc.eval_every} steps apart since its best, at step {best['step']} (recall@20 "
+            f"{tc.eval_every} step{'s' * (tc.eval_every != 1)} apart since its best, at step {best['step']} (recall@20 "
             f"{best['recall@20']:.4f}), whose weights are used (--patience 0 trains every "
             "step)")
 

@@ -53,6 +53,12 @@ def test_aggregate_means_and_population_std_over_seeds():
     agg.update(train_seconds=1.0, events_per_s=10.0, parameters=5)
     md = compare.markdown_table({"models": {"x": agg}})
     assert "0.3000 ± 0.1000" in md and "0.1000 ± 0.0000" in md  # seeds that agree say so too
+    assert "outside the training vocabulary" not in md
+    # every target unknown: bold zeros said to be no score (the note reached compare.log only)
+    agg.update({key: 0.0 for key in ("recall@20", "mrr@20")}, unknown_targets=100)
+    assert ("Every one of the 100 targets is outside the training vocabulary (the run folders' "
+            "items.tsv): every figure is 0 for any model, not a score.") in \
+        compare.markdown_table({"models": {"x": agg}})
 
 
 def test_relative_gain_and_table_mark_the_best_value():

@@ -210,13 +210,19 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
     one_slot = config_lib.TrainConfig(batch_size=4, sessions_per_batch=3, max_session_length=5,
                                       steps=20)
     assert train_lib._passes_text(str(exact), one_slot, 20) == " (about 1 epoch of the train split)"
-    # a pass lasts at least as long as the heaviest user's row: 600 events in sessions of
-    # at most 5 are 120 slots or more, 3 a step (extremes audit: a pass of 242 steps was
-    # "about 0.24 epochs" after 2)
+    # a pass over every user lasts at least as long as the heaviest user's row: 600 events
+    # in sessions of at most 5 are 120 slots or more, 3 a step; the epochs are still the
+    # events trained on, as the run's summary counts them (extremes audit: a pass of 242
+    # steps was "about 0.24 epochs" after 2; a later audit: one user's 100 steps were
+    # "about 6.3 epochs" where the summary counted 201)
     (exact / "stats.json").write_text(json.dumps(dict(
         stats, max_session_events={"train": 5}, max_user_events={"train": 600})))
     assert train_lib._passes_text(str(exact), one_slot, 20) == (
-        " (about 0.5 epochs of the train split; --epochs 1 for one pass)")
+        " (about 1 epoch of the train split; a pass over every user takes about 40 steps, the "
+        "heaviest user's 600 events filling one row; --epochs 1 for one pass)")
+    assert train_lib._passes_text(str(exact), one_slot, 80) == (
+        " (about 4 epochs of the train split; a pass over every user takes about 40 steps, the "
+        "heaviest user's 600 events filling one row)")
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
     with open(os.path.join(run, "config.json")) as f:
         train = json.load(f)["train"]

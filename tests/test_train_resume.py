@@ -249,6 +249,29 @@ def test_changed_training_options_on_resume_are_said_recorded_and_used(data, tmp
         assert len(f.readlines()) == 1
 
 
+def test_a_resume_that_scores_other_valid_events_than_the_best_is_refused(data, config_file,
+                                                                         tmp_path, capsys):
+    """--eval-users changed on resume: the best checkpoint's figure, measured on the other
+    valid sample, was compared with the new ones (an audit's 16 events' R@20 0.50 replaced
+    351 events' 0.36 as the best, which export and evaluation then loaded)."""
+    run = str(tmp_path / "run")
+    assert train_lib.main(_args(data, run, config_file, "--steps", "4", "--eval-every",
+                                "2")) == 0
+    best = registry.read_best(run)
+    capsys.readouterr()
+    assert train_lib.main(_args(data, run, config_file, "--steps", "6", "--eval-every", "2",
+                                "--eval-users", "1")) == 2
+    err = capsys.readouterr().err
+    assert (f"{run}: --eval-users 1 (the run's: 10000) would score other valid events than "
+            f"its best checkpoint's (step {best['step']}, recall@20 {best['recall@20']:.4f} on "
+            f"{best['events']:,} events), and the two figures would not compare: resume with "
+            "--eval-users 10000, or train into a new --model-dir") in err, err
+    assert err.count("\n") == 1 and registry.read_best(run) == best
+    # the same sample: the resume trains on
+    assert train_lib.main(_args(data, run, config_file, "--steps", "6", "--eval-every",
+                                "2")) == 0
+
+
 def test_more_steps_on_resume_say_that_the_step_schedule_moves():
     """The step schedule decays at fractions of the run: a finished 200-step run (rate
     0.01 / 25 at its end) resumed with --steps 700 trains its next steps at 0.01 again."""
