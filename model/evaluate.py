@@ -650,6 +650,10 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                     print(said, file=sys.stderr)
             run = _run_identity(args.model_dir, scorer.model.restored_checkpoint, note)
         else:
+            if stats.get("splits", {}).get("train", {}).get("events") == 0:
+                # (every figure 0 with exit 0, where model.train refuses the folder)
+                raise schema.DataError(f"the train split of {args.data} has no events (see its "
+                                       f"{schema.STATS_FILE}): nothing to fit {args.model} on")
             sknn = ({"k": args.neighbours or baselines.SKNN_K,
                      "sample_size": args.neighbour_sample or baselines.SKNN_SAMPLE_SIZE}
                     if args.model == "sknn" else {})

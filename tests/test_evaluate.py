@@ -715,6 +715,19 @@ def test_a_split_whose_targets_are_all_unknown_says_its_zeros_are_no_score(tmp_p
     assert ev.main(["--data", data, "--split", "valid", "--model", "popularity",
                     "--no-progress"]) == 0
     assert "outside the training vocabulary" not in capsys.readouterr().err
+    # an empty train split: a baseline is refused as model.train refuses the folder (every
+    # figure was 0 with exit 0; edge-case audit)
+    with open(os.path.join(data, "stats.json")) as f:
+        stats = json.load(f)
+    stats["splits"]["train"]["events"] = 0
+    with open(os.path.join(data, "stats.json"), "w") as f:
+        json.dump(stats, f)
+    for model in ("popularity", "sknn"):
+        assert ev.main(["--data", data, "--split", "test", "--model", model,
+                        "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert (f"the train split of {data} has no events (see its stats.json): nothing to fit "
+                f"{model} on") in err and err.count("\n") == 1, err
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
