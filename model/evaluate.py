@@ -625,7 +625,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
             raise schema.DataError(f"--per-user-output {args.per_user_output} is --output's "
                                    "file too: the one would replace the other; pass two names")
         code = code_digest()  # (of the code this process runs: read now, before a long run)
-        schema.read_vocabulary(args.data)
+        catalogue = schema.read_vocabulary(args.data).num_items
         schema.shard_files(args.data, args.split)
         stats = schema.read_stats(args.data)
         users = stats.get("splits", {}).get(args.split, {}).get("users")
@@ -691,6 +691,13 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                   "model, not a score"
                   + (" (a --min-item-count that kept no item of these?)"
                      if options.get("min_item_count", 5) > 1 else ""), file=sys.stderr)
+        small = [k for k in metrics.KS if k >= catalogue]
+        if result["events"] and small:  # (every known item within the cut-off: all hits)
+            print(f"note: the catalogue holds {catalogue:,} item{'s' * (catalogue != 1)}, no "
+                  f"more than the cut-off of recall@{small[0]}"
+                  + (" and above" if len(small) > 1 else "")
+                  + ": every item ranks within it for any model, so those recalls say "
+                  "nothing of the ranking (the MRRs do)", file=sys.stderr)
         if not result["events"]:
             print(f"note: the {args.split} split has no event at position >= 2 to score (every "
                   "target session holds one item): the headline metrics are 0 by convention, "

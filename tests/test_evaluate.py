@@ -714,7 +714,18 @@ def test_a_split_whose_targets_are_all_unknown_says_its_zeros_are_no_score(tmp_p
             "(its items.tsv): the metrics are 0 for any model, not a score") in captured.err
     assert ev.main(["--data", data, "--split", "valid", "--model", "popularity",
                     "--no-progress"]) == 0
-    assert "outside the training vocabulary" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "outside the training vocabulary" not in err
+    assert "note: the catalogue holds" not in err  # (29 items)
+    # a catalogue of 8 items, no larger than recall@10's and @20's cut-offs: those recalls
+    # are 1 whatever the ranking (all bold in compare's table; edge-case audit)
+    (tmp_path / "small").mkdir()
+    small = write_data(tmp_path / "small", {"train": train, "test": test}, vocab_size=10)
+    assert ev.main(["--data", small, "--split", "test", "--model", "popularity",
+                    "--no-progress"]) == 0
+    assert ("note: the catalogue holds 8 items, no more than the cut-off of recall@10 and "
+            "above: every item ranks within it for any model, so those recalls say nothing of "
+            "the ranking (the MRRs do)") in capsys.readouterr().err
     # an empty train split: a baseline is refused as model.train refuses the folder (every
     # figure was 0 with exit 0; edge-case audit)
     with open(os.path.join(data, "stats.json")) as f:
