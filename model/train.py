@@ -549,8 +549,10 @@ def estimate_steps(data_dir: str, train: config_lib.TrainConfig,
     return max(1, counted + math.ceil((train.epochs - passes) * sum(counts) / per_batch))
 
 
-def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int) -> str:
-    """` (about N epochs)` for a run of `train.steps` steps (nothing for a run in epochs):
+def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int,
+                 start_step: int = 0) -> str:
+    """` (about N epochs)` for a run of `train.steps` steps (nothing for a run in epochs),
+    ` (about N more epochs)` for the steps after `start_step` of a resumed one:
     the train split's events trained on over and over, as the run's summary counts them,
     with a hint when that is less than one pass over the train split (a large log). The
     slots of a pass, from `stats.json`: a session of n items takes ceil(n / L) slots, which
@@ -567,7 +569,7 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
     if not slots:
         return ""
     steps_per_pass = slots / (train.batch_size * train.sessions_per_batch)
-    passes = total_steps / steps_per_pass
+    passes = (total_steps - start_step) / steps_per_pass
     # a user's slots all go to one row, S a step, while the other rows go on to the next
     # pass's users: a pass over every user lasts at least as long as the heaviest user's
     # row (one user of 3,000 sessions among 300 of one: a pass took 242 steps, where the
@@ -583,13 +585,14 @@ def _passes_text(data_dir: str, train: config_lib.TrainConfig, total_steps: int)
            f"user's {heaviest:,} events filling one row" if every_user > 1.5 * steps_per_pass
            else "")
     hint = "; --epochs 1 for one pass" if total_steps < every_user else ""
-    return f" ({_epochs_phrase(passes)}{row}{hint})"
+    return f" ({_epochs_phrase(passes, more=start_step > 0)}{row}{hint})"
 
 
-def _epochs_phrase(passes: float) -> str:
-    """`about 6.9 epochs of the train split`."""
+def _epochs_phrase(passes: float, more: bool = False) -> str:
+    """`about 6.9 epochs of the train split` (`more`: `about 6.9 more epochs ...`)."""
     about = _about(passes)
-    return f"about {about} epoch{'' if about == '1' else 's'} of the train split"
+    return (f"about {about} {'more ' * more}epoch{'' if about == '1' else 's'} of the train "
+            "split")
 
 
 def _epochs_text(data_dir: str, events: int) -> str:
@@ -1168,7 +1171,8 @@ def _train(data_dir: str, run_dir: str, config: config_lib.RunConfig, progress: 
         negatives = model.sampler.num_sampled
         output = (f"sampled softmax, {negatives} negative{'s' * (negatives != 1)} of "
                   f"{items:,} items")
-    steps = (f"steps {start_step + 1}-{total_steps}{_passes_text(data_dir, tc, total_steps)}"
+    steps = (f"steps {start_step + 1}-{total_steps}"
+             f"{_passes_text(data_dir, tc, total_steps, start_step)}"
              if not finished else
              f"its {start_step} steps are trained; writing the summary it lacks")
     if tc.max_minutes and not finished:  # (the bar's ETA is the steps' end: the cap is said)

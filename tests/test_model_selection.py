@@ -223,6 +223,9 @@ def test_selection_on_valid_is_the_default(data, config_file, tmp_path, capsys):
     assert train_lib._passes_text(str(exact), one_slot, 80) == (
         " (about 4 epochs of the train split; a pass over every user takes about 40 steps, the "
         "heaviest user's 600 events filling one row)")
+    # a resumed run's steps 41-80: the epochs they add, not the whole run's
+    assert train_lib._passes_text(str(exact), one_slot, 80, 40).startswith(
+        " (about 2 more epochs of the train split; ")
     assert json.loads(out.out.strip().splitlines()[-1])["best"] == record
     with open(os.path.join(run, "config.json")) as f:
         train = json.load(f)["train"]
