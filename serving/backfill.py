@@ -310,31 +310,6 @@ def _users_to_handle(data_dir: str, max_users: int | None) -> int | None:
     return written if max_users is None else min(written, max_users)
 
 
-def _remove_if_empty(path: str) -> None:
-    """Removes a state database this command made that holds no record (it failed before
-    storing one: an empty file would look like a backfill's result), with its -wal and
-    -shm files; anything else is left."""
-    import sqlite3
-    import urllib.parse
-
-    try:
-        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
-        db = sqlite3.connect(uri, uri=True)
-        try:
-            rows = db.execute("SELECT COUNT(*) FROM user_states").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return
-    if rows:
-        return
-    for name in (path, path + "-wal", path + "-shm"):
-        try:
-            os.remove(name)
-        except FileNotFoundError:
-            pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m serving.backfill`; returns the exit status."""
     import json
@@ -416,23 +391,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lines.update(n)
 
             with state_store.SQLiteStateStore(args.state_db) as store, bar:
-                backfill(client, store, args.data, batch_users=args.batch_users,
-                         replace=args.replace, max_users=args.max_users, on_users=on_users,
-                         counts=counts, names=names, refresh=args.refresh)
+                try:
+                    backfill(client, store, args.data, batch_users=args.batch_users,
+                             replace=args.replace, max_users=args.max_users,
+                             on_users=on_users, counts=counts, names=names,
+                             refresh=args.refresh)
+                except ValueError:
+                    if not store.moved():  # (the store refuses to write on: said below)
+                        raise
                 if store.moved():
                     print(f"error: {args.state_db} was removed or replaced while the backfill "
-                          f"ran: the {counts.users:,} users it stored went to a file no one "
-                          "can open now; run it again", file=sys.stderr)
+                          f"ran: the {counts.users:,} user{'s' * (counts.users != 1)} it "
+                          "stored went to a file no one can open now; run it again",
+                          file=sys.stderr)
                     return 1
     except KeyboardInterrupt:
         if new_store and not counts.users:
-            _remove_if_empty(args.state_db)
+            state_store.remove_if_no_record(args.state_db)
         print(f"\ninterrupted: {counts.users:,} users stored in {args.state_db} (each record "
               "whole); the same command goes on from there", file=sys.stderr)
         return 130
     except (ServingError, schema.DataError, BackfillError, ValueError) as e:
         if new_store and not counts.users:  # (a damaged shard found on the first read)
-            _remove_if_empty(args.state_db)
+            state_store.remove_if_no_record(args.state_db)
         hint = ("; pass a smaller --batch-users" if "batch size" in str(e) else "")
         then = ("once the folder can be read whole (its permissions, a restored copy, a "
                 "rerun of the pipeline), the same command goes on from there"

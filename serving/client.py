@@ -643,6 +643,9 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
     # is dropped (one that said "interrupted" of a stored session made a retry store it
     # twice); as a command, the process then ignores them until it exits.
     held, said = contextlib.ExitStack(), False
+    # (a store this command makes, removed again where the call fails before it holds a
+    # record: a deadline passed after the pin left an empty file)
+    new_store = args.command != "status" and not os.path.exists(args.state_db)
     try:
         with argtypes.sigterm_as_interrupt(), held, \
                 HierTCNClient(args.target, args.model_name, args.timeout,
@@ -667,6 +670,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
                 said = True
                 return 0
     except (ServingError, ValueError, state_store.StateConflict) as e:
+        if new_store:
+            state_store.remove_if_no_record(args.state_db)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
@@ -796,6 +801,10 @@ def _unknown_ids(client: HierTCNClient, items: Sequence[str]) -> list[str] | Non
     return None if known is None else list(dict.fromkeys(i for i in items if i not in known))
 
 
+# the most characters of an id a note shows (a 2,000,000-character id was a line that long)
+SHOWN_ID_CHARS = 100
+
+
 def _unknown_note(client: HierTCNClient, items: Sequence[str],
                   unknown: list[str] | None, cut: str | None = None) -> list[str]:
     """A line naming the session's items the pinned version does not know: they are read
@@ -803,7 +812,8 @@ def _unknown_note(client: HierTCNClient, items: Sequence[str],
     a word; and `cut`, an id of the catalogue that --items cut at its commas."""
     if not unknown:
         return []
-    shown = ", ".join(repr(i) for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    shown = ", ".join(repr(i if len(i) <= SHOWN_ID_CHARS else i[:SHOWN_ID_CHARS] + "...")
+                      for i in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
     distinct = len(set(items))
     which = ("the session's one item is" if distinct == 1 else
              f"{len(unknown)} of the session's {distinct} distinct items "

@@ -391,6 +391,15 @@ class SQLiteStateStore(StateStore):
         replaced by another): the writes since went to a file no one can open again."""
         return self._identity is not None and _identity(self.path) != self._identity
 
+    def _check_not_moved(self) -> None:
+        """Refuses a write once the path names another file than the one opened (a long-
+        lived store whose file was removed: its writes succeeded into a file no one could
+        open again, and were lost without a word)."""
+        if self.moved():
+            raise ValueError(f"cannot write to state database {self.path}: the file was removed "
+                             "or replaced since this store opened it, so the write would go to "
+                             "a file no one can open again; not stored: open the store again")
+
     def close(self) -> None:
         """Closes the connection."""
         with self._lock:
@@ -458,6 +467,7 @@ class SQLiteStateStore(StateStore):
         if fingerprint is not None:
             fingerprint = np.asarray(fingerprint, dtype=np.float32).ravel().copy()
         kept = trim_sessions(sessions, self.history_items, known)
+        self._check_not_moved()
         with self._lock:
             try:
                 # the write lock, until COMMIT / ROLLBACK (SQLITE_BUSY after the busy timeout)
@@ -510,6 +520,7 @@ class SQLiteStateStore(StateStore):
         return self._read("SELECT EXISTS (SELECT 1 FROM user_states)", ())[0] == 1
 
     def delete(self, user_id: str) -> int:
+        self._check_not_moved()
         try:
             with self._lock:
                 deleted = self._db.execute("DELETE FROM user_states WHERE user_id = ?",
@@ -686,6 +697,30 @@ def _create_private(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def remove_if_no_record(path: str) -> None:
+    """Removes a state database a command made that holds no record (it failed before
+    storing one: an empty file would look like a backfill's result, or a store the client
+    wrote to), with its -wal and -shm files; anything else is left."""
+    import urllib.parse
+
+    try:
+        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            rows = db.execute("SELECT COUNT(*) FROM user_states").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return
+    if rows:
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
 
 
 def _remove_if_empty(path: str) -> None:

@@ -959,10 +959,39 @@ def test_recommend_and_end_session_name_the_items_the_version_does_not_know(caps
             f"note: {said} not in version 2's catalogue ('nope'): it is read as the unknown "
             "item; ids are matched as the pipeline read them: exactly but for spaces at their "
             "ends (case and form as in the training log)")
+    # a very long unknown id is shown cut (a 2,000,000-character one made a note that long)
+    assert client_lib.main([*args, "recommend", "--user", "v", "--items", "x" * 5000]) == 0
+    assert (f"('{'x' * client_lib.SHOWN_ID_CHARS}...')" in notes(capsys.readouterr().out)[1])
     answer = run_cli(capsys, served, db, "recommend", "--user", "u", "--items", known, "-k", "2")
     assert answer["unknown_items"] == []
     ended = run_cli(capsys, served, db, "end-session", "--user", "u", "--items", f"{known},nope")
     assert ended["unknown_items"] == ["nope"]
+
+
+def test_a_call_that_fails_after_the_pin_leaves_no_empty_store(capsys, served, tmp_path,
+                                                               monkeypatch):
+    """A deadline passed after the version was pinned left an empty --state-db behind
+    (serving audit; the README says an unreachable server makes none); a store that held
+    records before is left as it was."""
+    db = tmp_path / "s.sqlite"
+    args = ["--target", served["server"].target, "--model-name", NAME, "--state-db", str(db)]
+    known = served["vocab"].ids[2]
+
+    def late(*_):
+        raise client_lib.ServerUnavailable("deadline exceeded")
+
+    monkeypatch.setattr(client_lib, "_end_session", late)
+    monkeypatch.setattr(client_lib, "_recommend", late)
+    for command in ("recommend", "end-session"):
+        assert client_lib.main([*args, command, "--user", "u", "--items", known]) == 1
+        assert "error: deadline exceeded" in capsys.readouterr().err
+        assert not [p for p in os.listdir(tmp_path) if p.startswith("s.sqlite")]
+    monkeypatch.undo()
+    assert client_lib.main([*args, "end-session", "--user", "u", "--items", known]) == 0
+    monkeypatch.setattr(client_lib, "_recommend", late)
+    assert client_lib.main([*args, "recommend", "--user", "u", "--items", known]) == 1
+    with state_store.SQLiteStateStore(str(db)) as store:
+        assert store.latest("u") is not None
 
 
 def test_an_id_that_items_cut_at_its_commas_is_named(capsys, tmp_path):
@@ -1279,6 +1308,14 @@ def test_backfill_whose_state_file_was_removed_meanwhile_says_so(capsys, served,
                           NAME, "--state-db", str(db), "--no-progress"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {db} was removed or replaced while the backfill ran: the 2 users it stored "
+        "went to a file no one can open now; run it again")
+    # removed after the first of two batches: the second is refused (the store no longer
+    # writes into a removed file), and the run says the same
+    assert backfill.main(["--data", data, "--target", served["server"].target, "--model-name",
+                          NAME, "--state-db", str(db), "--no-progress",
+                          "--batch-users", "1"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {db} was removed or replaced while the backfill ran: the 1 user it stored "
         "went to a file no one can open now; run it again")
 
 

@@ -732,8 +732,16 @@ def test_a_store_knows_when_its_file_was_removed_or_replaced(tmp_path):
         store.put("u", 1, np.zeros(2, np.float32), [["a"]])
         assert not store.moved()
         os.remove(path)
-        store.put("v", 1, np.zeros(2, np.float32), [["b"]])
         assert store.moved()
+        # and refuses to write on: a long-lived store (a web service's) went on storing
+        # into the removed file, each write said to succeed (serving audit)
+        for write in (lambda: store.put("v", 1, np.zeros(2, np.float32), [["b"]]),
+                      lambda: state_store.end_session(store, "v", 1, 2, lambda s, x: s, ["b"]),
+                      lambda: store.delete("u")):
+            with pytest.raises(ValueError, match="the file was removed or replaced since this "
+                               "store opened it, so the write would go to a file no one can "
+                               "open again; not stored: open the store again"):
+                write()
     with SQLiteStateStore(str(path)) as store:
         sqlite3.connect(tmp_path / "other.sqlite").close()
         os.replace(tmp_path / "other.sqlite", path)
