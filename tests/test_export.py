@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -312,6 +313,17 @@ def test_saved_model_cli_show_and_run(exported):
          "--input_exprs", f"user_state=[{[0.0] * 8}];session_items=[['item0','']];"
          "history_items=[['']];k=3"],
         capture_output=True, text=True, env=env, check=True).stdout
+    assert "item_ids" in run and "scores" in run and "[PAD]" not in run
+    # the README's --inputs form: .npy files of the state width `show` prints
+    tmp = tempfile.mkdtemp()  # (not beside the export: the fixture's base holds versions)
+    for name, value in (("us", np.zeros((1, 8), np.float32)), ("si", np.array([["item0", ""]])),
+                        ("hi", np.array([[""]])), ("k", np.array(3))):
+        np.save(os.path.join(tmp, f"{name}.npy"), value)
+    files = ";".join(f"{key}={os.path.join(tmp, name)}.npy" for key, name in (
+        ("user_state", "us"), ("session_items", "si"), ("history_items", "hi"), ("k", "k")))
+    run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                          "next_items", "--inputs", files],
+                         capture_output=True, text=True, env=env, check=True).stdout
     assert "item_ids" in run and "scores" in run and "[PAD]" not in run
 
 
