@@ -792,6 +792,7 @@ class ModelManager:
         self._failed: dict[int, _Failure] = {}
         self._folders: dict[int, str] = {}  # version: folder name, from the last scan
         self._ended: set[int] = set()  # versions unloaded (END in the status, as TF Serving)
+        self._gone_said: set[int] = set()  # served versions whose folder is gone, logged once
         self._loading: set[int] = set()  # versions being loaded (LOADING, as TF Serving)
         self._lock = threading.Lock()
         self._on_ready = on_ready
@@ -880,7 +881,14 @@ class ModelManager:
                     self._loaded_state.pop(v, None)
                     self._ended.add(v)
                     log.info("unloaded %s version %d", self.name, v)
-            # else: keep serving what we have until a wanted version is available
+            else:  # keep serving what we have until a wanted version is available
+                gone = sorted(v for v in self._servables
+                              if v not in self._folders and v not in self._gone_said)
+                if gone:  # (said once: a served version's folder removed left no word)
+                    self._gone_said.update(gone)
+                    log.warning("%s version(s) %s: folder gone from %s; still served from "
+                                "memory until a version there loads", self.name,
+                                ", ".join(map(str, gone)), self.base_path)
             newest = max(self._servables, default=None)
         if newest is not None and newest != newest_before and self._on_ready:
             self._on_ready(newest)

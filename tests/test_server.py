@@ -1089,6 +1089,26 @@ def test_requests_before_the_first_version_loads_are_unavailable(tmp_path):
     assert err.value.code == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_served_version_whose_folder_is_gone_is_logged_once(tmp_path, caplog):
+    """The only served version's folder removed: it is still served from memory, as TF
+    Serving does until another loads, and the log now says so once (serving audit: status
+    stayed AVAILABLE without a word)."""
+    vocab = lib.tiny_vocabulary()
+    base = str(tmp_path / "base")
+    export.export_model(lib.tiny_model(vocab, seed=1), vocab, base)
+    manager = server.ModelManager(NAME, base)
+    manager.poll()
+    served = manager.get(1)
+    shutil.rmtree(os.path.join(base, "1"))
+    with caplog.at_level(logging.WARNING):
+        manager.poll()
+        manager.poll()
+    said = [r.getMessage() for r in caplog.records if "folder gone" in r.getMessage()]
+    assert said == [f"{NAME} version(s) 1: folder gone from {base}; still served from memory "
+                    "until a version there loads"], caplog.records
+    assert manager.get(None) is served
+
+
 def test_a_version_changed_on_disk_is_loaded_again(tmp_path):
     """A version folder replaced (a new export base numbering from 1 again, a copy over the
     old files) is loaded again: the server never keeps answering with the files it first
