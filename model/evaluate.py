@@ -685,7 +685,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> int:
         if note:
             print(note, file=sys.stderr)
         if result["events"] and result.get("unknown_targets") == result["events"]:
-            options = schema.read_stats(args.data).get("options", {})
+            options = stats.get("options", {})
             print(f"note: every one of the {args.split} split's {result['events']:,} targets is "
                   "outside the training vocabulary (its items.tsv): the metrics are 0 for any "
                   "model, not a score"

@@ -1602,9 +1602,9 @@ def _notes(stats: dict, output: str, aside: bool = False) -> list[str]:
     swapped = sum(n for kind, n in stats.get("malformed_reasons", {}).items()
                   if kind.endswith(f"{parse.DAYS_MONTHS}?)"))
     options_format = options.get("time_format") or options.get("time_unit") or ""
-    if swapped > SWAPPED_NOTE_SHARE * stats["rows_read"] and parse.days_months_swapped(
-            options_format):  # (a few rows of another layout in a log read right: no note)
-        other = parse.days_months_swapped(options_format)
+    other = parse.days_months_swapped(options_format)
+    if swapped > SWAPPED_NOTE_SHARE * stats["rows_read"] and other:
+        # (a few rows of another layout in a log read right: no note)
         lines.append(f"note: the times of {swapped:,} malformed rows parse with days and months "
                      f"swapped ({other!r}): a day-first log? then the rows read were read with "
                      "their day (12 or less) as the month: rerun with --time-format "
